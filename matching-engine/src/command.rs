@@ -1,0 +1,211 @@
+//! Commands: the only way to change the engine. Each is applied atomically by the single writer:
+//! accepted in full, or rejected with a [`RejectCode`](crate::RejectCode) and no change at all.
+
+use crate::units::{
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty,
+    Side, Timestamp, WithdrawalId,
+};
+use serde::{Deserialize, Serialize};
+
+/// How long a limit order may rest.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum TimeInForce {
+    /// Good till cancelled.
+    Gtc,
+    /// Immediate or cancel: fill what can be filled now, cancel the rest.
+    Ioc,
+    /// Fill or kill: fill all of it now, or reject the whole order.
+    Fok,
+    /// Good till date: rests until cancelled or until this time, then expires.
+    Gtd(Timestamp),
+}
+
+/// Self-trade prevention: what happens when a taker would trade with a resting order of its own
+/// account. The taker's mode decides.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default, Serialize, Deserialize)]
+pub enum StpMode {
+    /// Allow the self-trade.
+    None,
+    /// Expire the rest of the taker order.
+    #[default]
+    ExpireTaker,
+    /// Expire the resting (maker) order and keep matching.
+    ExpireMaker,
+    /// Expire both.
+    ExpireBoth,
+}
+
+/// What is being ordered.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum OrderType {
+    /// A limit order.
+    Limit {
+        /// Limit price.
+        price: Price,
+        /// Quantity.
+        qty: Qty,
+    },
+    /// A market order for a quantity of base (the rest is cancelled when the book runs out).
+    Market {
+        /// Quantity.
+        qty: Qty,
+    },
+    /// A market order for an amount of quote: a buy spends at most `budget` (fees included), a
+    /// sell sells until it has received `budget` before fees (Binance's `quoteOrderQty`).
+    MarketBudget {
+        /// Quote amount.
+        budget: Amount,
+    },
+    /// A limit order that is placed when the last trade price reaches `stop` (at or above it for
+    /// a buy, at or below for a sell).
+    StopLimit {
+        /// Trigger price.
+        stop: Price,
+        /// Limit price once triggered.
+        price: Price,
+        /// Quantity.
+        qty: Qty,
+    },
+    /// A market order for `qty` placed when the last trade price reaches `stop`.
+    StopMarket {
+        /// Trigger price.
+        stop: Price,
+        /// Quantity.
+        qty: Qty,
+    },
+}
+
+/// A new order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewOrder {
+    /// Owner.
+    pub account: AccountId,
+    /// Market.
+    pub market: MarketId,
+    /// Buy or sell.
+    pub side: Side,
+    /// Type, price and quantity.
+    pub order_type: OrderType,
+    /// Time in force (limit and stop-limit orders; market orders are always IOC).
+    pub tif: TimeInForce,
+    /// Rejected instead of taking liquidity (limit orders only).
+    pub post_only: bool,
+    /// Self-trade prevention mode.
+    pub stp: StpMode,
+    /// Optional client order id, unique among the account's open orders.
+    pub client_id: Option<ClientOrderId>,
+}
+
+/// Which order a cancel or amend is about.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum OrderRef {
+    /// By engine order id.
+    Id(OrderId),
+    /// By client order id (among the account's open orders).
+    Client(ClientOrderId),
+}
+
+/// A command to the engine.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Command {
+    /// Opens a new account; the engine assigns its id.
+    CreateAccount,
+    /// Places an order.
+    NewOrder(NewOrder),
+    /// Cancels one open order of `account`.
+    Cancel {
+        /// Owner.
+        account: AccountId,
+        /// Market.
+        market: MarketId,
+        /// Which order.
+        order: OrderRef,
+    },
+    /// Cancels all open orders of `account`, in one market or in all.
+    CancelAll {
+        /// Owner.
+        account: AccountId,
+        /// Only this market, or all.
+        market: Option<MarketId>,
+    },
+    /// Changes a resting limit order. Lowering the quantity keeps time priority; a new price or a
+    /// higher quantity loses it (and a new price may trade at once).
+    Amend {
+        /// Owner.
+        account: AccountId,
+        /// Market.
+        market: MarketId,
+        /// Which order.
+        order: OrderRef,
+        /// New limit price, or unchanged.
+        new_price: Option<Price>,
+        /// New total quantity (filled included, as Binance), or unchanged.
+        new_qty: Option<Qty>,
+    },
+    /// Credits a deposit. Idempotent: a second credit with the same key changes nothing and is
+    /// accepted as a duplicate.
+    Credit {
+        /// Beneficiary.
+        account: AccountId,
+        /// Asset.
+        asset: AssetId,
+        /// Amount (more than zero).
+        amount: Amount,
+        /// E.g. the deposit's outpoint.
+        key: IdempotencyKey,
+    },
+    /// Holds `amount + fee` of `account` for a withdrawal.
+    WithdrawHold {
+        /// Owner.
+        account: AccountId,
+        /// Asset.
+        asset: AssetId,
+        /// Amount paid out.
+        amount: Amount,
+        /// Flat withdrawal fee charged to the user.
+        fee: Amount,
+        /// Unique id chosen by the custody service.
+        id: WithdrawalId,
+    },
+    /// Gives a held withdrawal back to the account (it could not be paid).
+    WithdrawRelease {
+        /// The withdrawal.
+        id: WithdrawalId,
+    },
+    /// Completes a held withdrawal: `amount` leaves the ledger, `network_fee` (at most the flat
+    /// fee) leaves it too, and the rest of the flat fee goes to the fee account.
+    WithdrawComplete {
+        /// The withdrawal.
+        id: WithdrawalId,
+        /// Its share of the network fee actually paid.
+        network_fee: Amount,
+    },
+    /// Moves `amount` from one account to another at once. Idempotent by `key`.
+    Transfer {
+        /// Payer.
+        from: AccountId,
+        /// Payee.
+        to: AccountId,
+        /// Asset.
+        asset: AssetId,
+        /// Amount (more than zero).
+        amount: Amount,
+        /// Idempotency key.
+        key: IdempotencyKey,
+    },
+    /// Advances time only: expires GTD orders whose time has come.
+    Tick,
+}
+
+impl Command {
+    /// True for commands that place or change orders (the order path).
+    pub fn is_order_path(&self) -> bool {
+        matches!(
+            self,
+            Command::NewOrder(_)
+                | Command::Cancel { .. }
+                | Command::CancelAll { .. }
+                | Command::Amend { .. }
+        )
+    }
+}

@@ -1,0 +1,224 @@
+//! Events: everything the engine did, in order. A consumer holding the events can rebuild balances,
+//! orders and every book exactly.
+
+use crate::command::{OrderType, StpMode, TimeInForce};
+use crate::reject::RejectCode;
+use crate::units::{
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty,
+    Side, Timestamp, TradeId, WithdrawalId,
+};
+use serde::{Deserialize, Serialize};
+
+/// Why an order left the book (or never entered it).
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum DoneReason {
+    /// Completely filled.
+    Filled,
+    /// Cancelled by its owner (cancel or cancel-all).
+    Cancelled,
+    /// An IOC or market order's unfilled rest.
+    IocRemainder,
+    /// A GTD order reached its expiry time.
+    Expired,
+    /// Expired by self-trade prevention.
+    SelfTrade,
+    /// A market order (or triggered stop-market) that could not be paid for or priced.
+    InsufficientBalance,
+}
+
+/// A change of one order's state.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct OrderInfo {
+    /// Order id.
+    pub order: OrderId,
+    /// Owner.
+    pub account: AccountId,
+    /// Market.
+    pub market: MarketId,
+    /// Side.
+    pub side: Side,
+    /// Client order id, if any.
+    pub client_id: Option<ClientOrderId>,
+}
+
+/// Something that happened.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Event {
+    /// The command was accepted (the first event of every accepted command). `order` is the new
+    /// order's id for `NewOrder`, the new account for `CreateAccount`.
+    Accepted {
+        /// Engine sequence number of the command (gap-free over accepted commands).
+        seq: u64,
+        /// Time of the command.
+        time: Timestamp,
+        /// The new order, if the command created one.
+        order: Option<OrderId>,
+        /// The new account, if the command created one.
+        account: Option<AccountId>,
+        /// True when an idempotent command had been applied already (and changed nothing now).
+        duplicate: bool,
+    },
+    /// The command was rejected and changed nothing (the only event of a rejected command).
+    Rejected {
+        /// Why.
+        code: RejectCode,
+    },
+    /// An order was accepted into the engine (it may trade at once, rest, or wait as a stop).
+    OrderNew {
+        /// Which order.
+        info: OrderInfo,
+        /// Type, price and quantity as placed.
+        order_type: OrderType,
+        /// Time in force.
+        tif: TimeInForce,
+        /// Post-only.
+        post_only: bool,
+        /// Self-trade prevention.
+        stp: StpMode,
+    },
+    /// A stop order was triggered by the last trade price and now acts as its limit or market order.
+    OrderTriggered {
+        /// Which order.
+        info: OrderInfo,
+        /// The last trade price that triggered it.
+        last_price: Price,
+    },
+    /// A resting order was amended.
+    OrderAmended {
+        /// Which order.
+        info: OrderInfo,
+        /// Its (possibly new) limit price.
+        price: Price,
+        /// Its new total quantity (filled included).
+        qty: Qty,
+        /// Its open quantity now.
+        remaining: Qty,
+        /// True when it kept its time priority.
+        kept_priority: bool,
+    },
+    /// A trade. Trades happen at the maker's price.
+    Trade {
+        /// Trade id.
+        trade: TradeId,
+        /// Market.
+        market: MarketId,
+        /// Price (the maker's).
+        price: Price,
+        /// Quantity.
+        qty: Qty,
+        /// The taker's side.
+        taker_side: Side,
+        /// Resting order.
+        maker_order: OrderId,
+        /// Incoming order.
+        taker_order: OrderId,
+        /// Resting order's owner.
+        maker_account: AccountId,
+        /// Incoming order's owner.
+        taker_account: AccountId,
+        /// Fee paid by the maker, in quote.
+        maker_fee: Amount,
+        /// Fee paid by the taker, in quote.
+        taker_fee: Amount,
+        /// Quote value of the trade (`price * qty * tick_size`).
+        notional: Amount,
+        /// The maker's open quantity after this trade.
+        maker_remaining: Qty,
+        /// The taker's open quantity after this trade.
+        taker_remaining: Qty,
+    },
+    /// An order left the book, or ended without resting.
+    OrderDone {
+        /// Which order.
+        info: OrderInfo,
+        /// Why.
+        reason: DoneReason,
+        /// Quantity filled over its life.
+        filled: Qty,
+        /// Quantity that was still open and is now gone (zero when filled).
+        remaining: Qty,
+    },
+    /// An account's balance of one asset changed; the new values.
+    Balance {
+        /// Account.
+        account: AccountId,
+        /// Asset.
+        asset: AssetId,
+        /// Available (free) balance.
+        available: Amount,
+        /// Held balance (open orders and withdrawals).
+        held: Amount,
+    },
+    /// An aggregated price level changed. `seq` is gap-free per market, so a client holding a
+    /// depth snapshot at sequence `s` applies the diffs `s+1, s+2, ...` and has the book exactly.
+    Depth {
+        /// Market.
+        market: MarketId,
+        /// Per-market depth sequence number.
+        seq: u64,
+        /// Side of the level.
+        side: Side,
+        /// Price of the level.
+        price: Price,
+        /// Total open quantity at the level now (zero: the level is gone).
+        qty: Qty,
+    },
+    /// An account was created.
+    AccountCreated {
+        /// Its id.
+        account: AccountId,
+    },
+    /// A deposit was credited.
+    Credited {
+        /// Beneficiary.
+        account: AccountId,
+        /// Asset.
+        asset: AssetId,
+        /// Amount.
+        amount: Amount,
+        /// Idempotency key.
+        key: IdempotencyKey,
+    },
+    /// Funds were held for a withdrawal.
+    WithdrawalHeld {
+        /// Withdrawal id.
+        id: WithdrawalId,
+        /// Owner.
+        account: AccountId,
+        /// Asset.
+        asset: AssetId,
+        /// Amount.
+        amount: Amount,
+        /// Flat fee.
+        fee: Amount,
+    },
+    /// A held withdrawal was given back.
+    WithdrawalReleased {
+        /// Withdrawal id.
+        id: WithdrawalId,
+        /// Owner.
+        account: AccountId,
+    },
+    /// A withdrawal was paid and left the ledger.
+    WithdrawalCompleted {
+        /// Withdrawal id.
+        id: WithdrawalId,
+        /// Owner.
+        account: AccountId,
+        /// Network fee share that left the ledger with it.
+        network_fee: Amount,
+    },
+    /// An instant transfer.
+    Transferred {
+        /// Payer.
+        from: AccountId,
+        /// Payee.
+        to: AccountId,
+        /// Asset.
+        asset: AssetId,
+        /// Amount.
+        amount: Amount,
+        /// Idempotency key.
+        key: IdempotencyKey,
+    },
+}

@@ -13,6 +13,7 @@
 
 #![warn(missing_docs)]
 
+pub mod book;
 pub mod command;
 pub mod config;
 pub mod event;

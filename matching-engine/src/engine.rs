@@ -529,6 +529,7 @@ impl Engine {
         now: Timestamp,
         out: &mut Vec<Event>,
     ) -> Result<(), RejectCode> {
+        let prev_now = self.now;
         if now > self.now {
             self.now = now;
         }
@@ -547,6 +548,7 @@ impl Engine {
                 if acc.duplicate {
                     debug_assert_eq!(out.len(), at + 1, "a duplicate changes nothing");
                     if !expired {
+                        self.now = prev_now;
                         out[at] = Event::Accepted {
                             seq: self.seq,
                             time: self.now,
@@ -573,6 +575,8 @@ impl Engine {
                 out.truncate(at);
                 if expired {
                     self.seq += 1;
+                } else {
+                    self.now = prev_now;
                 }
                 out.push(Event::Rejected { code });
                 Err(code)

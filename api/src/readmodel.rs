@@ -1,0 +1,987 @@
+//! Read models built from the engine's event stream: balances, open orders, order and trade
+//! history (SQLite), public trades, klines, 24h statistics and the depth book. The engine cannot
+//! be queried from API threads; everything the API reads is here.
+//!
+//! **Architecture invariant:** one applier thread applies batches in sequence order; after a
+//! group of batches is in memory *and* committed to SQLite, [`ReadModel::applied`] advances to the
+//! group's last `seq`, then the WebSocket messages of the group are published. A handler that got
+//! a reply with `seq` waits for `applied >= seq` before answering (read-your-writes).
+
+use crate::core::EventBatch;
+use crate::market::Markets;
+use crate::store::Store;
+use matching_engine::{
+    DoneReason, Event, MarketId, OrderType, Price, Qty, Side, StpMode, TimeInForce,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use tokio::sync::{broadcast, watch};
+
+/// Binance order types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrdKind {
+    /// LIMIT
+    Limit,
+    /// MARKET
+    Market,
+    /// LIMIT_MAKER
+    LimitMaker,
+    /// STOP_LOSS
+    StopLoss,
+    /// STOP_LOSS_LIMIT
+    StopLossLimit,
+}
+
+impl OrdKind {
+    /// Binance's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrdKind::Limit => "LIMIT",
+            OrdKind::Market => "MARKET",
+            OrdKind::LimitMaker => "LIMIT_MAKER",
+            OrdKind::StopLoss => "STOP_LOSS",
+            OrdKind::StopLossLimit => "STOP_LOSS_LIMIT",
+        }
+    }
+}
+
+/// Binance order statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrdStatus {
+    /// NEW
+    New,
+    /// PARTIALLY_FILLED
+    PartiallyFilled,
+    /// FILLED
+    Filled,
+    /// CANCELED
+    Canceled,
+    /// EXPIRED
+    Expired,
+    /// EXPIRED_IN_MATCH (self-trade prevention)
+    ExpiredInMatch,
+}
+
+impl OrdStatus {
+    /// Binance's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrdStatus::New => "NEW",
+            OrdStatus::PartiallyFilled => "PARTIALLY_FILLED",
+            OrdStatus::Filled => "FILLED",
+            OrdStatus::Canceled => "CANCELED",
+            OrdStatus::Expired => "EXPIRED",
+            OrdStatus::ExpiredInMatch => "EXPIRED_IN_MATCH",
+        }
+    }
+}
+
+/// Binance's name of a time in force.
+pub fn tif_str(t: TimeInForce) -> &'static str {
+    match t {
+        TimeInForce::Gtc => "GTC",
+        TimeInForce::Ioc => "IOC",
+        TimeInForce::Fok => "FOK",
+        TimeInForce::Gtd(_) => "GTD",
+    }
+}
+
+/// Binance's name of a self-trade prevention mode.
+pub fn stp_str(s: StpMode) -> &'static str {
+    match s {
+        StpMode::None => "NONE",
+        StpMode::ExpireTaker => "EXPIRE_TAKER",
+        StpMode::ExpireMaker => "EXPIRE_MAKER",
+        StpMode::ExpireBoth => "EXPIRE_BOTH",
+    }
+}
+
+/// Binance's name of a side.
+pub fn side_str(s: Side) -> &'static str {
+    match s {
+        Side::Buy => "BUY",
+        Side::Sell => "SELL",
+    }
+}
+
+/// An order as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRec {
+    /// Order id.
+    pub id: u64,
+    /// Owner.
+    pub account: u32,
+    /// Market.
+    pub market: u16,
+    /// Client order id.
+    pub client_id: String,
+    /// Side.
+    pub side: Side,
+    /// Type.
+    pub kind: OrdKind,
+    /// Time in force.
+    pub tif: TimeInForce,
+    /// Limit price in ticks (0 for market orders).
+    pub price: u64,
+    /// Stop price in ticks (0 for none).
+    pub stop: u64,
+    /// Original quantity in lots (for a quote-budget order: 0 until done, then the executed qty).
+    pub orig_qty: u64,
+    /// Quote budget (`quoteOrderQty`), 0 for none.
+    pub orig_quote: u64,
+    /// Executed quantity in lots.
+    pub executed: u64,
+    /// Cumulative quote quantity in quote units.
+    pub cum_quote: u64,
+    /// Status.
+    pub status: OrdStatus,
+    /// Self-trade prevention mode.
+    pub stp: StpMode,
+    /// Creation time.
+    pub time_ms: u64,
+    /// Last update time.
+    pub update_ms: u64,
+    /// When it started working (stops: when triggered), `None` while waiting.
+    pub working_ms: Option<u64>,
+}
+
+impl OrderRec {
+    /// True while the order is open.
+    pub fn is_open(&self) -> bool {
+        matches!(self.status, OrdStatus::New | OrdStatus::PartiallyFilled)
+    }
+}
+
+/// A trade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TradeRec {
+    /// Trade id.
+    pub id: u64,
+    /// Market.
+    pub market: u16,
+    /// Price in ticks.
+    pub price: u64,
+    /// Quantity in lots.
+    pub qty: u64,
+    /// Quote amount.
+    pub quote: u64,
+    /// Taker's side.
+    pub taker_side: Side,
+    /// Maker order.
+    pub maker_order: u64,
+    /// Taker order.
+    pub taker_order: u64,
+    /// Maker account.
+    pub maker_account: u32,
+    /// Taker account.
+    pub taker_account: u32,
+    /// Maker fee (quote).
+    pub maker_fee: u64,
+    /// Taker fee (quote).
+    pub taker_fee: u64,
+    /// Time.
+    pub time_ms: u64,
+}
+
+/// A kline (candle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Kline {
+    /// Open time.
+    pub open_ms: u64,
+    /// Close time (open + interval - 1).
+    pub close_ms: u64,
+    /// Open price (ticks).
+    pub open: u64,
+    /// High.
+    pub high: u64,
+    /// Low.
+    pub low: u64,
+    /// Close.
+    pub close: u64,
+    /// Base volume (lots).
+    pub volume: u128,
+    /// Quote volume (quote units).
+    pub quote: u128,
+    /// Number of trades.
+    pub trades: u64,
+    /// Taker-buy base volume (lots).
+    pub taker_buy_volume: u128,
+    /// Taker-buy quote volume.
+    pub taker_buy_quote: u128,
+    /// First trade id.
+    pub first_id: u64,
+    /// Last trade id.
+    pub last_id: u64,
+}
+
+/// The kline intervals (Binance names and lengths in ms). `1M` is not offered.
+pub const INTERVALS: &[(&str, u64)] = &[
+    ("1s", 1_000),
+    ("1m", 60_000),
+    ("3m", 180_000),
+    ("5m", 300_000),
+    ("15m", 900_000),
+    ("30m", 1_800_000),
+    ("1h", 3_600_000),
+    ("2h", 7_200_000),
+    ("4h", 14_400_000),
+    ("6h", 21_600_000),
+    ("8h", 28_800_000),
+    ("12h", 43_200_000),
+    ("1d", 86_400_000),
+    ("3d", 259_200_000),
+    ("1w", 604_800_000),
+];
+
+/// Index of an interval by name.
+pub fn interval_index(name: &str) -> Option<usize> {
+    INTERVALS.iter().position(|(n, _)| *n == name)
+}
+
+/// Open time of the interval containing `t`. Weeks start on Monday, as on Binance.
+pub fn bucket_start(t: u64, len: u64) -> u64 {
+    if len == 604_800_000 {
+        let monday = 4 * 86_400_000; // 1970-01-05
+        if t < monday {
+            return 0;
+        }
+        return (t - monday) / len * len + monday;
+    }
+    t / len * len
+}
+
+const KLINES_KEPT: usize = 1_500;
+const TRADES_KEPT: usize = 1_000;
+
+/// One market's public state.
+#[derive(Debug, Default)]
+pub struct MarketState {
+    /// Bids: price → qty.
+    pub bids: BTreeMap<Price, Qty>,
+    /// Asks.
+    pub asks: BTreeMap<Price, Qty>,
+    /// The market's depth sequence (Binance's `lastUpdateId`).
+    pub depth_seq: u64,
+    /// Recent trades, oldest first.
+    pub trades: VecDeque<TradeRec>,
+    /// Klines per interval, oldest first.
+    pub klines: Vec<VecDeque<Kline>>,
+}
+
+impl MarketState {
+    /// Best bid and ask.
+    pub fn best(&self) -> (Option<(Price, Qty)>, Option<(Price, Qty)>) {
+        (
+            self.bids.iter().next_back().map(|(p, q)| (*p, *q)),
+            self.asks.iter().next().map(|(p, q)| (*p, *q)),
+        )
+    }
+}
+
+/// Everything in memory.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Balances: account → per asset (available, held).
+    pub balances: HashMap<u32, Vec<(u64, u64)>>,
+    /// Open orders by id.
+    pub open: HashMap<u64, OrderRec>,
+    /// Open order ids per account.
+    pub open_by_account: HashMap<u32, BTreeSet<u64>>,
+    /// Orders finished in the group being committed (read until SQLite has them).
+    pub recent_done: HashMap<u64, OrderRec>,
+    /// Markets.
+    pub markets: Vec<MarketState>,
+    /// Known accounts.
+    pub accounts: BTreeSet<u32>,
+    /// Counters for `/metrics`.
+    pub counters: Counters,
+}
+
+/// Monotonic counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    /// Orders accepted.
+    pub orders: u64,
+    /// Trades.
+    pub trades: u64,
+    /// Batches applied.
+    pub batches: u64,
+}
+
+/// A public market message (already JSON).
+#[derive(Debug, Clone)]
+pub struct MarketMsg {
+    /// What it is.
+    pub kind: MarketMsgKind,
+    /// The payload (Binance's `data`).
+    pub json: String,
+}
+
+/// Kinds of pushed market messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarketMsgKind {
+    /// `depthUpdate` diff.
+    Depth,
+    /// `trade`.
+    Trade,
+    /// `bookTicker`.
+    BookTicker,
+}
+
+/// A user-data message for one account.
+#[derive(Debug, Clone)]
+pub struct UserMsg {
+    /// Account.
+    pub account: u32,
+    /// The payload.
+    pub json: String,
+}
+
+/// The read models and their publishers.
+#[derive(Debug)]
+pub struct ReadModel {
+    state: RwLock<State>,
+    applied: watch::Sender<u64>,
+    /// Market messages per market.
+    pub market_tx: Vec<broadcast::Sender<Arc<MarketMsg>>>,
+    /// User messages.
+    pub user_tx: broadcast::Sender<Arc<UserMsg>>,
+    /// Specs.
+    pub markets: Arc<Markets>,
+    /// History.
+    pub store: Arc<Store>,
+}
+
+/// Capacity of each broadcast channel: a WebSocket that falls this far behind is disconnected.
+pub const WS_QUEUE: usize = 4_096;
+
+#[derive(Default)]
+struct Out {
+    orders: Vec<OrderRec>,
+    trades: Vec<TradeRec>,
+    market: Vec<(usize, MarketMsg)>,
+    user: Vec<UserMsg>,
+}
+
+impl ReadModel {
+    /// Empty read models over a store.
+    pub fn new(markets: Arc<Markets>, store: Arc<Store>) -> Self {
+        let mut st = State::default();
+        for _ in &markets.markets {
+            st.markets.push(MarketState {
+                klines: vec![VecDeque::new(); INTERVALS.len()],
+                ..Default::default()
+            });
+        }
+        Self {
+            state: RwLock::new(st),
+            applied: watch::channel(0).0,
+            market_tx: markets
+                .markets
+                .iter()
+                .map(|_| broadcast::channel(WS_QUEUE).0)
+                .collect(),
+            user_tx: broadcast::channel(WS_QUEUE).0,
+            markets,
+            store,
+        }
+    }
+
+    /// Reads the state.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last applied sequence number.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until batches up to `seq` are applied (or 5 seconds pass: then false).
+    pub async fn wait_for(&self, seq: u64) -> bool {
+        let mut rx = self.applied.subscribe();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rx.wait_for(|&s| s >= seq),
+        )
+        .await;
+        matches!(r, Ok(Ok(_)))
+    }
+
+    /// Runs the applier on the current thread until the sink is dropped.
+    pub fn run(&self, rx: crossbeam::channel::Receiver<EventBatch>) {
+        let mut conn = match self.store.connect() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "read model cannot open the database");
+                return;
+            }
+        };
+        let mut group = Vec::with_capacity(256);
+        while let Ok(first) = rx.recv() {
+            group.clear();
+            group.push(first);
+            while group.len() < 256 {
+                match rx.try_recv() {
+                    Ok(b) => group.push(b),
+                    Err(_) => break,
+                }
+            }
+            let mut out = Out::default();
+            {
+                let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+                st.recent_done.clear();
+                for b in &group {
+                    apply_batch(&mut st, &self.markets, b, &mut out);
+                }
+            }
+            if let Err(e) = Store::write_history(&mut conn, &out.orders, &out.trades) {
+                tracing::error!(error = %e, "writing history failed");
+            }
+            let last = group.last().map_or(0, |b| b.seq);
+            self.applied.send_if_modified(|s| {
+                if last > *s {
+                    *s = last;
+                    true
+                } else {
+                    false
+                }
+            });
+            for (m, msg) in out.market {
+                let _ = self.market_tx[m].send(Arc::new(msg));
+            }
+            for msg in out.user {
+                let _ = self.user_tx.send(Arc::new(msg));
+            }
+        }
+    }
+
+    /// An order of an account: open, just finished, or from history.
+    pub fn find_order(
+        &self,
+        account: u32,
+        id: u64,
+    ) -> Result<Option<OrderRec>, crate::store::StoreError> {
+        {
+            let st = self.read();
+            if let Some(o) = st.open.get(&id).or_else(|| st.recent_done.get(&id)) {
+                return Ok((o.account == account).then(|| o.clone()));
+            }
+        }
+        self.store.order(account, id)
+    }
+
+    /// An order by client id: an open one first, else the latest in history.
+    pub fn find_order_by_client(
+        &self,
+        account: u32,
+        client: &str,
+    ) -> Result<Option<OrderRec>, crate::store::StoreError> {
+        {
+            let st = self.read();
+            if let Some(ids) = st.open_by_account.get(&account) {
+                for id in ids.iter().rev() {
+                    if let Some(o) = st.open.get(id) {
+                        if o.client_id == client {
+                            return Ok(Some(o.clone()));
+                        }
+                    }
+                }
+            }
+            if let Some(o) = st
+                .recent_done
+                .values()
+                .find(|o| o.account == account && o.client_id == client)
+            {
+                return Ok(Some(o.clone()));
+            }
+        }
+        self.store.order_by_client(account, client)
+    }
+}
+
+fn kind_of(t: &OrderType, post_only: bool) -> (OrdKind, u64, u64, u64, u64) {
+    match *t {
+        OrderType::Limit { price, qty } => (
+            if post_only {
+                OrdKind::LimitMaker
+            } else {
+                OrdKind::Limit
+            },
+            price.0,
+            0,
+            qty.0,
+            0,
+        ),
+        OrderType::Market { qty } => (OrdKind::Market, 0, 0, qty.0, 0),
+        OrderType::MarketBudget { budget } => (OrdKind::Market, 0, 0, 0, budget.0),
+        OrderType::StopLimit { stop, price, qty } => {
+            (OrdKind::StopLossLimit, price.0, stop.0, qty.0, 0)
+        }
+        OrderType::StopMarket { stop, qty } => (OrdKind::StopLoss, 0, stop.0, qty.0, 0),
+    }
+}
+
+/// Binance's `executionReport` for an order after an event.
+pub fn execution_report(
+    markets: &Markets,
+    o: &OrderRec,
+    exec_type: &str,
+    time_ms: u64,
+    trade: Option<(&TradeRec, bool)>,
+) -> String {
+    let m = markets.get(MarketId(o.market));
+    let (last_qty, last_price, fee, trade_id, is_maker, last_quote) = match trade {
+        Some((t, maker)) => (
+            t.qty,
+            t.price,
+            if maker { t.maker_fee } else { t.taker_fee },
+            t.id as i64,
+            maker,
+            t.quote,
+        ),
+        None => (0, 0, 0, -1, false, 0),
+    };
+    json!({
+        "e": "executionReport",
+        "E": time_ms,
+        "s": m.symbol,
+        "c": o.client_id,
+        "S": side_str(o.side),
+        "o": o.kind.as_str(),
+        "f": tif_str(o.tif),
+        "q": m.fmt_qty(Qty(o.orig_qty)),
+        "p": m.fmt_price(Price(o.price)),
+        "P": m.fmt_price(Price(o.stop)),
+        "F": "0.00000000",
+        "g": -1,
+        "C": if exec_type == "CANCELED" { o.client_id.as_str() } else { "" },
+        "x": exec_type,
+        "X": o.status.as_str(),
+        "r": "NONE",
+        "i": o.id,
+        "l": m.fmt_qty(Qty(last_qty)),
+        "z": m.fmt_qty(Qty(o.executed)),
+        "L": m.fmt_price(Price(last_price)),
+        "n": m.fmt_quote(u128::from(fee)),
+        "N": if trade.is_some() { Some(m.quote.symbol.as_str()) } else { None },
+        "T": time_ms,
+        "t": trade_id,
+        "v": 0,
+        "I": 0,
+        "w": o.is_open() && o.working_ms.is_some(),
+        "m": is_maker,
+        "M": false,
+        "O": o.time_ms,
+        "Z": m.fmt_quote(u128::from(o.cum_quote)),
+        "Y": m.fmt_quote(u128::from(last_quote)),
+        "Q": m.fmt_quote(u128::from(o.orig_quote)),
+        "W": o.working_ms.map_or(-1, |w| w as i64),
+        "V": stp_str(o.stp),
+    })
+    .to_string()
+}
+
+fn finish(st: &mut State, id: u64, out: &mut Out) -> Option<OrderRec> {
+    let o = st.open.remove(&id)?;
+    if let Some(ids) = st.open_by_account.get_mut(&o.account) {
+        ids.remove(&id);
+    }
+    st.recent_done.insert(id, o.clone());
+    out.orders.push(o.clone());
+    Some(o)
+}
+
+fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out) {
+    let ms = b.time.as_millis();
+    st.counters.batches += 1;
+    // Depth diffs of this batch per market: (first seq, last seq, bids, asks).
+    let mut depth: BTreeMap<usize, (u64, u64, Vec<[String; 2]>, Vec<[String; 2]>)> =
+        BTreeMap::new();
+    let mut touched_best: BTreeSet<usize> = BTreeSet::new();
+    let mut balances_changed: BTreeMap<u32, BTreeSet<u16>> = BTreeMap::new();
+    for ev in b.events.iter() {
+        match *ev {
+            Event::AccountCreated { account } => {
+                st.accounts.insert(account.0);
+                st.balances
+                    .entry(account.0)
+                    .or_insert_with(|| vec![(0, 0); markets.assets.len()]);
+            }
+            Event::OrderNew {
+                info,
+                order_type,
+                tif,
+                post_only,
+                stp,
+            } => {
+                st.counters.orders += 1;
+                let (kind, price, stop, qty, quote) = kind_of(&order_type, post_only);
+                let o = OrderRec {
+                    id: info.order.0,
+                    account: info.account.0,
+                    market: info.market.0,
+                    client_id: info
+                        .client_id
+                        .map(|c| c.as_str().to_owned())
+                        .unwrap_or_default(),
+                    side: info.side,
+                    kind,
+                    tif: if matches!(kind, OrdKind::Market | OrdKind::StopLoss) {
+                        TimeInForce::Gtc
+                    } else {
+                        tif
+                    },
+                    price,
+                    stop,
+                    orig_qty: qty,
+                    orig_quote: quote,
+                    executed: 0,
+                    cum_quote: 0,
+                    status: OrdStatus::New,
+                    stp,
+                    time_ms: ms,
+                    update_ms: ms,
+                    working_ms: if stop == 0 { Some(ms) } else { None },
+                };
+                out.user.push(UserMsg {
+                    account: o.account,
+                    json: execution_report(markets, &o, "NEW", ms, None),
+                });
+                out.orders.push(o.clone());
+                st.open_by_account
+                    .entry(o.account)
+                    .or_default()
+                    .insert(o.id);
+                st.open.insert(o.id, o);
+            }
+            Event::OrderTriggered { info, .. } => {
+                if let Some(o) = st.open.get_mut(&info.order.0) {
+                    o.working_ms = Some(ms);
+                    o.update_ms = ms;
+                }
+            }
+            Event::OrderAmended {
+                info, price, qty, ..
+            } => {
+                if let Some(o) = st.open.get_mut(&info.order.0) {
+                    o.price = price.0;
+                    o.orig_qty = qty.0;
+                    o.update_ms = ms;
+                    let o = o.clone();
+                    out.user.push(UserMsg {
+                        account: o.account,
+                        json: execution_report(markets, &o, "REPLACED", ms, None),
+                    });
+                    out.orders.push(o);
+                }
+            }
+            Event::Trade {
+                trade,
+                market,
+                price,
+                qty,
+                taker_side,
+                maker_order,
+                taker_order,
+                maker_account,
+                taker_account,
+                maker_fee,
+                taker_fee,
+                notional,
+                maker_remaining,
+                taker_remaining,
+            } => {
+                st.counters.trades += 1;
+                let t = TradeRec {
+                    id: trade.0,
+                    market: market.0,
+                    price: price.0,
+                    qty: qty.0,
+                    quote: notional.0,
+                    taker_side,
+                    maker_order: maker_order.0,
+                    taker_order: taker_order.0,
+                    maker_account: maker_account.0,
+                    taker_account: taker_account.0,
+                    maker_fee: maker_fee.0,
+                    taker_fee: taker_fee.0,
+                    time_ms: ms,
+                };
+                for (oid, remaining, maker) in [
+                    (maker_order.0, maker_remaining, true),
+                    (taker_order.0, taker_remaining, false),
+                ] {
+                    if let Some(o) = st.open.get_mut(&oid) {
+                        o.executed += qty.0;
+                        o.cum_quote = o.cum_quote.saturating_add(notional.0);
+                        o.update_ms = ms;
+                        o.status = if remaining.is_zero() && o.orig_quote == 0 {
+                            OrdStatus::Filled
+                        } else {
+                            OrdStatus::PartiallyFilled
+                        };
+                        if o.orig_quote != 0 {
+                            o.orig_qty = o.executed;
+                        }
+                        out.user.push(UserMsg {
+                            account: o.account,
+                            json: execution_report(markets, o, "TRADE", ms, Some((&t, maker))),
+                        });
+                    }
+                }
+                let mi = usize::from(market.0);
+                let spec = markets.get(market);
+                out.market.push((
+                    mi,
+                    MarketMsg {
+                        kind: MarketMsgKind::Trade,
+                        json: json!({
+                            "e": "trade", "E": ms, "s": spec.symbol, "t": t.id,
+                            "p": spec.fmt_price(price), "q": spec.fmt_qty(qty), "T": ms,
+                            "m": taker_side == Side::Sell, "M": true,
+                        })
+                        .to_string(),
+                    },
+                ));
+                let ms_state = &mut st.markets[mi];
+                for (i, (_, len)) in INTERVALS.iter().enumerate() {
+                    let open = bucket_start(ms, *len);
+                    let ks = &mut ms_state.klines[i];
+                    let need_new = ks.back().is_none_or(|k| k.open_ms != open);
+                    if need_new {
+                        let prev_close = ks.back().map(|k| k.close);
+                        let _ = prev_close;
+                        ks.push_back(Kline {
+                            open_ms: open,
+                            close_ms: open + len - 1,
+                            open: price.0,
+                            high: price.0,
+                            low: price.0,
+                            close: price.0,
+                            first_id: t.id,
+                            ..Default::default()
+                        });
+                        if ks.len() > KLINES_KEPT {
+                            ks.pop_front();
+                        }
+                    }
+                    if let Some(k) = ks.back_mut() {
+                        k.high = k.high.max(price.0);
+                        k.low = k.low.min(price.0);
+                        k.close = price.0;
+                        k.volume += u128::from(qty.0);
+                        k.quote += u128::from(notional.0);
+                        k.trades += 1;
+                        k.last_id = t.id;
+                        if taker_side == Side::Buy {
+                            k.taker_buy_volume += u128::from(qty.0);
+                            k.taker_buy_quote += u128::from(notional.0);
+                        }
+                    }
+                }
+                ms_state.trades.push_back(t.clone());
+                if ms_state.trades.len() > TRADES_KEPT {
+                    ms_state.trades.pop_front();
+                }
+                out.trades.push(t);
+            }
+            Event::OrderDone { info, reason, .. } => {
+                let id = info.order.0;
+                if let Some(o) = st.open.get_mut(&id) {
+                    let budget = o.orig_quote != 0;
+                    let (status, exec) = match reason {
+                        DoneReason::Filled => (OrdStatus::Filled, None),
+                        DoneReason::Cancelled => (OrdStatus::Canceled, Some("CANCELED")),
+                        DoneReason::IocRemainder | DoneReason::InsufficientBalance
+                            if budget && o.executed > 0 =>
+                        {
+                            (OrdStatus::Filled, None)
+                        }
+                        DoneReason::IocRemainder
+                        | DoneReason::Expired
+                        | DoneReason::InsufficientBalance => (OrdStatus::Expired, Some("EXPIRED")),
+                        DoneReason::SelfTrade => {
+                            (OrdStatus::ExpiredInMatch, Some("TRADE_PREVENTION"))
+                        }
+                    };
+                    o.status = status;
+                    o.update_ms = ms;
+                    if let Some(x) = exec {
+                        out.user.push(UserMsg {
+                            account: o.account,
+                            json: execution_report(markets, o, x, ms, None),
+                        });
+                    }
+                }
+                finish(st, id, out);
+            }
+            Event::Balance {
+                account,
+                asset,
+                available,
+                held,
+            } => {
+                let v = st
+                    .balances
+                    .entry(account.0)
+                    .or_insert_with(|| vec![(0, 0); markets.assets.len()]);
+                if let Some(slot) = v.get_mut(usize::from(asset.0)) {
+                    *slot = (available.0, held.0);
+                }
+                balances_changed
+                    .entry(account.0)
+                    .or_default()
+                    .insert(asset.0);
+            }
+            Event::Depth {
+                market,
+                seq,
+                side,
+                price,
+                qty,
+            } => {
+                let mi = usize::from(market.0);
+                let m = &mut st.markets[mi];
+                let book = if side == Side::Buy {
+                    &mut m.bids
+                } else {
+                    &mut m.asks
+                };
+                if qty.is_zero() {
+                    book.remove(&price);
+                } else {
+                    book.insert(price, qty);
+                }
+                m.depth_seq = seq;
+                touched_best.insert(mi);
+                let spec = markets.get(market);
+                let e = depth
+                    .entry(mi)
+                    .or_insert((seq, seq, Vec::new(), Vec::new()));
+                e.1 = seq;
+                let level = [spec.fmt_price(price), spec.fmt_qty(qty)];
+                if side == Side::Buy {
+                    e.2.push(level);
+                } else {
+                    e.3.push(level);
+                }
+            }
+            Event::Credited {
+                account,
+                asset,
+                amount,
+                ..
+            } => {
+                out.user.push(UserMsg {
+                    account: account.0,
+                    json: json!({
+                        "e": "balanceUpdate", "E": ms,
+                        "a": markets.assets[usize::from(asset.0)].symbol,
+                        "d": markets.fmt_amount(asset, amount.0), "T": ms,
+                    })
+                    .to_string(),
+                });
+            }
+            Event::Transferred {
+                from,
+                to,
+                asset,
+                amount,
+                ..
+            } => {
+                let a = &markets.assets[usize::from(asset.0)].symbol;
+                let d = markets.fmt_amount(asset, amount.0);
+                out.user.push(UserMsg {
+                    account: from.0,
+                    json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": format!("-{d}"), "T": ms})
+                        .to_string(),
+                });
+                out.user.push(UserMsg {
+                    account: to.0,
+                    json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": d, "T": ms})
+                        .to_string(),
+                });
+            }
+            Event::Accepted { .. }
+            | Event::Rejected { .. }
+            | Event::WithdrawalHeld { .. }
+            | Event::WithdrawalReleased { .. }
+            | Event::WithdrawalCompleted { .. } => {}
+        }
+    }
+    for (mi, (first, last, b_levels, a_levels)) in depth {
+        let spec = &markets.markets[mi];
+        out.market.push((
+            mi,
+            MarketMsg {
+                kind: MarketMsgKind::Depth,
+                json: json!({
+                    "e": "depthUpdate", "E": ms, "s": spec.symbol,
+                    "U": first, "u": last, "b": b_levels, "a": a_levels,
+                })
+                .to_string(),
+            },
+        ));
+    }
+    for mi in touched_best {
+        let spec = &markets.markets[mi];
+        let m = &st.markets[mi];
+        let (bid, ask) = m.best();
+        let fmt = |x: Option<(Price, Qty)>| {
+            x.map_or(
+                ("0.00000000".to_owned(), "0.00000000".to_owned()),
+                |(p, q)| (spec.fmt_price(p), spec.fmt_qty(q)),
+            )
+        };
+        let (bp, bq) = fmt(bid);
+        let (ap, aq) = fmt(ask);
+        out.market.push((
+            mi,
+            MarketMsg {
+                kind: MarketMsgKind::BookTicker,
+                json:
+                    json!({"u": m.depth_seq, "s": spec.symbol, "b": bp, "B": bq, "a": ap, "A": aq})
+                        .to_string(),
+            },
+        ));
+    }
+    for (account, assets) in balances_changed {
+        let Some(v) = st.balances.get(&account) else {
+            continue;
+        };
+        let list: Vec<_> = assets
+            .iter()
+            .filter_map(|a| {
+                let (f, l) = *v.get(usize::from(*a))?;
+                let spec = &markets.assets[usize::from(*a)];
+                Some(json!({
+                    "a": spec.symbol,
+                    "f": crate::decimal::format_units(f, spec.decimals),
+                    "l": crate::decimal::format_units(l, spec.decimals),
+                }))
+            })
+            .collect();
+        out.user.push(UserMsg {
+            account,
+            json: json!({"e": "outboundAccountPosition", "E": ms, "u": ms, "B": list}).to_string(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets() {
+        assert_eq!(bucket_start(61_000, 60_000), 60_000);
+        // 1970-01-12 (a Monday) 10:00.
+        let t = 11 * 86_400_000 + 36_000_000;
+        assert_eq!(bucket_start(t, 604_800_000), 11 * 86_400_000);
+        assert_eq!(interval_index("1h"), Some(6));
+        assert_eq!(interval_index("1M"), None);
+    }
+}

@@ -21,3 +21,13 @@ pub mod params;
 pub mod ratelimit;
 pub mod readmodel;
 pub mod store;
+pub mod app;
+pub mod metrics;
+pub mod native;
+pub mod openapi;
+pub mod public;
+pub mod trade;
+pub mod ws;
+
+pub use app::{app, open, open_local, serve, ApiConfig, AppState};
+pub use core::{CoreError, EventBatch, EventSink, ExchangeCore, LocalCore, Reply};

@@ -255,6 +255,12 @@ pub fn bucket_start(t: u64, len: u64) -> u64 {
 const KLINES_KEPT: usize = 1_500;
 const TRADES_KEPT: usize = 1_000;
 
+/// A price level: price and total quantity.
+pub type Level = (Price, Qty);
+
+/// A depth diff being built: first and last seq, bid and ask levels.
+type DiffBuild = (u64, u64, Vec<[String; 2]>, Vec<[String; 2]>);
+
 /// One market's public state.
 #[derive(Debug, Default)]
 pub struct MarketState {
@@ -272,7 +278,7 @@ pub struct MarketState {
 
 impl MarketState {
     /// Best bid and ask.
-    pub fn best(&self) -> (Option<(Price, Qty)>, Option<(Price, Qty)>) {
+    pub fn best(&self) -> (Option<Level>, Option<Level>) {
         (
             self.bids.iter().next_back().map(|(p, q)| (*p, *q)),
             self.asks.iter().next().map(|(p, q)| (*p, *q)),
@@ -313,6 +319,8 @@ pub struct Counters {
 /// A public market message (already JSON).
 #[derive(Debug, Clone)]
 pub struct MarketMsg {
+    /// Market index.
+    pub market: usize,
     /// What it is.
     pub kind: MarketMsgKind,
     /// The payload (Binance's `data`).
@@ -344,8 +352,8 @@ pub struct UserMsg {
 pub struct ReadModel {
     state: RwLock<State>,
     applied: watch::Sender<u64>,
-    /// Market messages per market.
-    pub market_tx: Vec<broadcast::Sender<Arc<MarketMsg>>>,
+    /// Market messages (all markets).
+    pub market_tx: broadcast::Sender<Arc<MarketMsg>>,
     /// User messages.
     pub user_tx: broadcast::Sender<Arc<UserMsg>>,
     /// Specs.
@@ -361,7 +369,7 @@ pub const WS_QUEUE: usize = 4_096;
 struct Out {
     orders: Vec<OrderRec>,
     trades: Vec<TradeRec>,
-    market: Vec<(usize, MarketMsg)>,
+    market: Vec<MarketMsg>,
     user: Vec<UserMsg>,
 }
 
@@ -378,11 +386,7 @@ impl ReadModel {
         Self {
             state: RwLock::new(st),
             applied: watch::channel(0).0,
-            market_tx: markets
-                .markets
-                .iter()
-                .map(|_| broadcast::channel(WS_QUEUE).0)
-                .collect(),
+            market_tx: broadcast::channel(WS_QUEUE).0,
             user_tx: broadcast::channel(WS_QUEUE).0,
             markets,
             store,
@@ -449,8 +453,8 @@ impl ReadModel {
                     false
                 }
             });
-            for (m, msg) in out.market {
-                let _ = self.market_tx[m].send(Arc::new(msg));
+            for msg in out.market {
+                let _ = self.market_tx.send(Arc::new(msg));
             }
             for msg in out.user {
                 let _ = self.user_tx.send(Arc::new(msg));
@@ -598,8 +602,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
     let ms = b.time.as_millis();
     st.counters.batches += 1;
     // Depth diffs of this batch per market: (first seq, last seq, bids, asks).
-    let mut depth: BTreeMap<usize, (u64, u64, Vec<[String; 2]>, Vec<[String; 2]>)> =
-        BTreeMap::new();
+    let mut depth: BTreeMap<usize, DiffBuild> = BTreeMap::new();
     let mut touched_best: BTreeSet<usize> = BTreeSet::new();
     let mut balances_changed: BTreeMap<u32, BTreeSet<u16>> = BTreeMap::new();
     for ev in b.events.iter() {
@@ -734,9 +737,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 }
                 let mi = usize::from(market.0);
                 let spec = markets.get(market);
-                out.market.push((
-                    mi,
-                    MarketMsg {
+                out.market.push(MarketMsg {
+                        market: mi,
                         kind: MarketMsgKind::Trade,
                         json: json!({
                             "e": "trade", "E": ms, "s": spec.symbol, "t": t.id,
@@ -744,8 +746,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                             "m": taker_side == Side::Sell, "M": true,
                         })
                         .to_string(),
-                    },
-                ));
+                    });
                 let ms_state = &mut st.markets[mi];
                 for (i, (_, len)) in INTERVALS.iter().enumerate() {
                     let open = bucket_start(ms, *len);
@@ -914,17 +915,15 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
     }
     for (mi, (first, last, b_levels, a_levels)) in depth {
         let spec = &markets.markets[mi];
-        out.market.push((
-            mi,
-            MarketMsg {
+        out.market.push(MarketMsg {
+                market: mi,
                 kind: MarketMsgKind::Depth,
                 json: json!({
                     "e": "depthUpdate", "E": ms, "s": spec.symbol,
                     "U": first, "u": last, "b": b_levels, "a": a_levels,
                 })
                 .to_string(),
-            },
-        ));
+            });
     }
     for mi in touched_best {
         let spec = &markets.markets[mi];
@@ -938,15 +937,13 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
         };
         let (bp, bq) = fmt(bid);
         let (ap, aq) = fmt(ask);
-        out.market.push((
-            mi,
-            MarketMsg {
+        out.market.push(MarketMsg {
+                market: mi,
                 kind: MarketMsgKind::BookTicker,
                 json:
                     json!({"u": m.depth_seq, "s": spec.symbol, "b": bp, "B": bq, "a": ap, "A": aq})
                         .to_string(),
-            },
-        ));
+            });
     }
     for (account, assets) in balances_changed {
         let Some(v) = st.balances.get(&account) else {

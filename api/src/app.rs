@@ -228,11 +228,16 @@ impl AppState {
     }
 
     /// Creates an API key directly (operator tooling and tests). Returns (apiKey, secret).
-    pub fn create_key(&self, account: u32, perms: Perms, label: &str) -> Result<(String, String), SetupError> {
-        let (k, s) = self
-            .0
-            .keys
-            .create(&self.0.store, account, perms, label, crate::core::now_ms())?;
+    pub fn create_key(
+        &self,
+        account: u32,
+        perms: Perms,
+        label: &str,
+    ) -> Result<(String, String), SetupError> {
+        let (k, s) =
+            self.0
+                .keys
+                .create(&self.0.store, account, perms, label, crate::core::now_ms())?;
         Ok((k.api_key, s))
     }
 
@@ -347,11 +352,18 @@ pub const MAX_RECV_WINDOW: u64 = 60_000;
 
 impl AppState {
     fn charge_ip(&self, req: &Req, weight: u64) -> Result<Ctx, ApiError> {
-        match self.0.ip_limiter.charge(&req.ip, weight, crate::core::now_ms()) {
+        match self
+            .0
+            .ip_limiter
+            .charge(&req.ip, weight, crate::core::now_ms())
+        {
             Charge::Ok(used) => Ok(Ctx { used }),
             Charge::Limited { retry_after, .. } => {
                 self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-                Err(ApiError::rate_limited(self.0.ip_limiter.limit(), retry_after))
+                Err(ApiError::rate_limited(
+                    self.0.ip_limiter.limit(),
+                    retry_after,
+                ))
             }
         }
     }
@@ -373,11 +385,18 @@ impl AppState {
             return Err(ApiError::key_format());
         }
         let key = self.0.keys.get(raw).ok_or_else(ApiError::key_rejected)?;
-        match self.0.key_limiter.charge(&key.api_key, weight, crate::core::now_ms()) {
+        match self
+            .0
+            .key_limiter
+            .charge(&key.api_key, weight, crate::core::now_ms())
+        {
             Charge::Ok(_) => Ok(key),
             Charge::Limited { retry_after, .. } => {
                 self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-                Err(ApiError::rate_limited(self.0.key_limiter.limit(), retry_after))
+                Err(ApiError::rate_limited(
+                    self.0.key_limiter.limit(),
+                    retry_after,
+                ))
             }
         }
     }
@@ -426,7 +445,9 @@ impl AppState {
         p.req("signature")?;
         let (q, sig_q) = split_signature(&req.query);
         let (b, sig_b) = split_signature(&req.body);
-        let sig = sig_q.or(sig_b).ok_or_else(|| ApiError::missing("signature"))?;
+        let sig = sig_q
+            .or(sig_b)
+            .ok_or_else(|| ApiError::missing("signature"))?;
         let payload = format!("{q}{b}");
         if !key.verify(payload.as_bytes(), &sig) {
             return Err(ApiError::bad_signature());
@@ -472,7 +493,11 @@ async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) ->
     let elapsed = t0.elapsed();
     st.0.metrics.http(res.status(), elapsed);
     span.in_scope(|| {
-        tracing::debug!(status = res.status().as_u16(), micros = elapsed.as_micros() as u64, "done")
+        tracing::debug!(
+            status = res.status().as_u16(),
+            micros = elapsed.as_micros() as u64,
+            "done"
+        )
     });
     if let Ok(h) = HeaderValue::from_str(&id.to_string()) {
         res.headers_mut().insert("x-request-id", h);
@@ -510,7 +535,9 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v3/uiKlines", get(public::klines))
         .route(
             "/api/v3/order",
-            post(trade::new_order).get(trade::get_order).delete(trade::cancel_order),
+            post(trade::new_order)
+                .get(trade::get_order)
+                .delete(trade::cancel_order),
         )
         .route("/api/v3/order/test", post(trade::test_order))
         .route(
@@ -522,12 +549,16 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v3/myTrades", get(trade::my_trades))
         .route(
             "/api/v3/userDataStream",
-            post(ws::listen_key_new).put(ws::listen_key_keepalive).delete(ws::listen_key_close),
+            post(ws::listen_key_new)
+                .put(ws::listen_key_keepalive)
+                .delete(ws::listen_key_close),
         )
         .route("/mapi/v1/transfer", post(native::transfer))
         .route(
             "/mapi/v1/apiKey",
-            get(native::list_keys).post(native::create_own_key).delete(native::revoke_key),
+            get(native::list_keys)
+                .post(native::create_own_key)
+                .delete(native::revoke_key),
         )
         .route("/mapi/v1/admin/account", post(native::admin_create_account))
         .route("/mapi/v1/admin/apiKey", post(native::admin_create_key))
@@ -539,7 +570,10 @@ pub fn app(state: AppState) -> Router {
         .route("/openapi.json", get(crate::openapi::openapi))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
-        .layer(axum::middleware::from_fn_with_state(state.clone(), request_id))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_id,
+        ))
         .with_state(state)
 }
 

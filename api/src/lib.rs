@@ -12,20 +12,20 @@
 
 #![warn(missing_docs)]
 
+pub mod app;
 pub mod core;
 pub mod decimal;
 pub mod error;
 pub mod keys;
 pub mod market;
-pub mod params;
-pub mod ratelimit;
-pub mod readmodel;
-pub mod store;
-pub mod app;
 pub mod metrics;
 pub mod native;
 pub mod openapi;
+pub mod params;
 pub mod public;
+pub mod ratelimit;
+pub mod readmodel;
+pub mod store;
 pub mod trade;
 pub mod ws;
 

@@ -96,25 +96,80 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
     let mut out = String::with_capacity(4096);
     let counters = st.0.rm.read().counters;
     let mut line = |name: &str, kind: &str, help: &str, v: u64| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
     };
-    line("mediator_orders_total", "counter", "Orders accepted by the engine.", counters.orders);
-    line("mediator_trades_total", "counter", "Trades.", counters.trades);
-    line("mediator_event_batches_total", "counter", "Event batches applied to the read models.", counters.batches);
-    line("mediator_read_model_seq", "gauge", "Engine sequence number applied by the read models.", st.0.rm.applied());
-    line("mediator_engine_queue_depth", "gauge", "Commands waiting in the engine's input queue.", st.0.core.queue_depth() as u64);
-    line("mediator_ws_connections", "gauge", "Open WebSocket connections.", m.ws_connections.load(Ordering::Relaxed));
-    line("mediator_ws_slow_disconnects_total", "counter", "WebSockets closed for falling behind.", m.ws_slow_disconnects.load(Ordering::Relaxed));
-    line("mediator_http_rate_limited_total", "counter", "Requests refused with 429.", m.rate_limited.load(Ordering::Relaxed));
+    line(
+        "mediator_orders_total",
+        "counter",
+        "Orders accepted by the engine.",
+        counters.orders,
+    );
+    line(
+        "mediator_trades_total",
+        "counter",
+        "Trades.",
+        counters.trades,
+    );
+    line(
+        "mediator_event_batches_total",
+        "counter",
+        "Event batches applied to the read models.",
+        counters.batches,
+    );
+    line(
+        "mediator_read_model_seq",
+        "gauge",
+        "Engine sequence number applied by the read models.",
+        st.0.rm.applied(),
+    );
+    line(
+        "mediator_engine_queue_depth",
+        "gauge",
+        "Commands waiting in the engine's input queue.",
+        st.0.core.queue_depth() as u64,
+    );
+    line(
+        "mediator_ws_connections",
+        "gauge",
+        "Open WebSocket connections.",
+        m.ws_connections.load(Ordering::Relaxed),
+    );
+    line(
+        "mediator_ws_slow_disconnects_total",
+        "counter",
+        "WebSockets closed for falling behind.",
+        m.ws_slow_disconnects.load(Ordering::Relaxed),
+    );
+    line(
+        "mediator_http_rate_limited_total",
+        "counter",
+        "Requests refused with 429.",
+        m.rate_limited.load(Ordering::Relaxed),
+    );
     let _ = writeln!(out, "# HELP mediator_http_responses_total HTTP responses by status class.\n# TYPE mediator_http_responses_total counter");
-    for (class, c) in [("2xx", &m.http_2xx), ("4xx", &m.http_4xx), ("5xx", &m.http_5xx)] {
-        let _ = writeln!(out, "mediator_http_responses_total{{class=\"{class}\"}} {}", c.load(Ordering::Relaxed));
+    for (class, c) in [
+        ("2xx", &m.http_2xx),
+        ("4xx", &m.http_4xx),
+        ("5xx", &m.http_5xx),
+    ] {
+        let _ = writeln!(
+            out,
+            "mediator_http_responses_total{{class=\"{class}\"}} {}",
+            c.load(Ordering::Relaxed)
+        );
     }
-    m.http_latency.render("mediator_http_request_duration_seconds", "HTTP request latency.", &mut out);
-    m.engine_latency.render("mediator_engine_command_duration_seconds", "Engine command latency until the read models applied it.", &mut out);
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        out,
-    )
-        .into_response()
+    m.http_latency.render(
+        "mediator_http_request_duration_seconds",
+        "HTTP request latency.",
+        &mut out,
+    );
+    m.engine_latency.render(
+        "mediator_engine_command_duration_seconds",
+        "Engine command latency until the read models applied it.",
+        &mut out,
+    );
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out).into_response()
 }

@@ -10,7 +10,10 @@ use axum::response::Response;
 use matching_engine::{AccountId, Amount, Command, Event, IdempotencyKey};
 use serde_json::json;
 
-fn asset_amount(st: &AppState, p: &mut Params) -> Result<(matching_engine::AssetId, u8, Amount), ApiError> {
+fn asset_amount(
+    st: &AppState,
+    p: &mut Params,
+) -> Result<(matching_engine::AssetId, u8, Amount), ApiError> {
     let asset = p.req("asset")?;
     let a = st
         .markets()
@@ -44,9 +47,15 @@ fn reference(p: &mut Params, name: &str) -> Result<String, ApiError> {
 }
 
 fn duplicate(events: &[Event]) -> bool {
-    events
-        .iter()
-        .any(|e| matches!(e, Event::Accepted { duplicate: true, .. }))
+    events.iter().any(|e| {
+        matches!(
+            e,
+            Event::Accepted {
+                duplicate: true,
+                ..
+            }
+        )
+    })
 }
 
 /// `POST /mapi/v1/transfer` (TRADE): moves `amount` of `asset` to `toAccount` at once.
@@ -98,7 +107,12 @@ fn key_json(k: &crate::keys::ApiKey) -> serde_json::Value {
 pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, p, ctx) = st.signed(&req, Perms::READ, 5)?;
     p.finish()?;
-    let v: Vec<_> = st.0.keys.of_account(key.account).iter().map(key_json).collect();
+    let v: Vec<_> =
+        st.0.keys
+            .of_account(key.account)
+            .iter()
+            .map(key_json)
+            .collect();
     Ok(ok_json(&ctx, serde_json::Value::Array(v)))
 }
 
@@ -108,14 +122,13 @@ fn create_key(
     perms: Perms,
     label: &str,
 ) -> Result<serde_json::Value, ApiError> {
-    let (k, secret) = st
-        .0
-        .keys
-        .create(&st.0.store, account, perms, label, crate::core::now_ms())
-        .map_err(|e| {
-            tracing::error!(error = %e, "creating an API key failed");
-            ApiError::internal()
-        })?;
+    let (k, secret) =
+        st.0.keys
+            .create(&st.0.store, account, perms, label, crate::core::now_ms())
+            .map_err(|e| {
+                tracing::error!(error = %e, "creating an API key failed");
+                ApiError::internal()
+            })?;
     let mut v = key_json(&k);
     v["secretKey"] = json!(secret);
     Ok(v)
@@ -151,11 +164,10 @@ pub async fn revoke_key(State(st): State<AppState>, req: Req) -> Result<Response
     let (key, mut p, ctx) = st.signed(&req, Perms::READ, 5)?;
     let target = p.req("apiKey")?;
     p.finish()?;
-    let owned = st
-        .0
-        .keys
-        .get(&target)
-        .is_some_and(|k| k.account == key.account || key.perms.has(Perms::ADMIN));
+    let owned =
+        st.0.keys
+            .get(&target)
+            .is_some_and(|k| k.account == key.account || key.perms.has(Perms::ADMIN));
     if !owned {
         return Err(ApiError::bad(-2008, "Invalid Api-Key ID."));
     }
@@ -167,7 +179,10 @@ pub async fn revoke_key(State(st): State<AppState>, req: Req) -> Result<Response
 }
 
 /// `POST /mapi/v1/admin/account` (ADMIN): opens an account.
-pub async fn admin_create_account(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+pub async fn admin_create_account(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
     let (_, p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
     p.finish()?;
     let reply = st.submit(Command::CreateAccount).await?;

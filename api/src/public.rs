@@ -21,7 +21,10 @@ pub async fn ping(State(st): State<AppState>, req: Req) -> Result<Response, ApiE
 pub async fn time(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (p, ctx) = st.public(&req, 1)?;
     p.finish()?;
-    Ok(ok_json(&ctx, json!({ "serverTime": crate::core::now_ms() })))
+    Ok(ok_json(
+        &ctx,
+        json!({ "serverTime": crate::core::now_ms() }),
+    ))
 }
 
 /// Resolves `symbol` / `symbols` (a JSON array) into markets; `None` means all.
@@ -38,7 +41,10 @@ fn resolve(
         (Some(s), None) => Ok(Some(vec![st.markets().by_symbol(&s)?])),
         (None, Some(list)) => {
             let names: Vec<String> = serde_json::from_str(&list).map_err(|_| {
-                ApiError::illegal("symbols", "^\\[\"[A-Z0-9-_.]{1,20}\"(,\"[A-Z0-9-_.]{1,20}\"){0,}\\]$")
+                ApiError::illegal(
+                    "symbols",
+                    "^\\[\"[A-Z0-9-_.]{1,20}\"(,\"[A-Z0-9-_.]{1,20}\"){0,}\\]$",
+                )
             })?;
             if names.is_empty() || names.len() > 100 {
                 return Err(ApiError::invalid_value("symbols"));
@@ -114,8 +120,14 @@ pub async fn exchange_info(State(st): State<AppState>, req: Req) -> Result<Respo
     ))
 }
 
-fn levels<'a>(m: &MarketSpec, it: impl Iterator<Item = (&'a Price, &'a Qty)>, n: usize) -> Vec<[String; 2]> {
-    it.take(n).map(|(p, q)| [m.fmt_price(*p), m.fmt_qty(*q)]).collect()
+fn levels<'a>(
+    m: &MarketSpec,
+    it: impl Iterator<Item = (&'a Price, &'a Qty)>,
+    n: usize,
+) -> Vec<[String; 2]> {
+    it.take(n)
+        .map(|(p, q)| [m.fmt_price(*p), m.fmt_qty(*q)])
+        .collect()
 }
 
 /// A depth snapshot: `lastUpdateId` is the market's depth sequence, consistent with the `U`/`u`
@@ -143,7 +155,10 @@ pub async fn depth(State(st): State<AppState>, req: Req) -> Result<Response, Api
     let (_, ctx) = st.public(&req, weight)?;
     let m = st.markets().by_symbol(&sym)?;
     let rm = st.read_model().read();
-    Ok(ok_json(&ctx, depth_json(m, &rm.markets[usize::from(m.id.0)], limit as usize)))
+    Ok(ok_json(
+        &ctx,
+        depth_json(m, &rm.markets[usize::from(m.id.0)], limit as usize),
+    ))
 }
 
 /// `GET /api/v3/trades`.
@@ -286,27 +301,41 @@ pub async fn ticker_24hr(State(st): State<AppState>, req: Req) -> Result<Respons
 
 /// `GET /api/v3/ticker/price`.
 pub async fn ticker_price(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (v, ctx) = single_or_list(&st, &req, Params::parse(&req.query, &req.body)?, 2, 4, |m, s| {
-        json!({
-            "symbol": m.symbol,
-            "price": m.fmt_price(Price(s.trades.back().map_or(0, |t| t.price))),
-        })
-    })?;
+    let (v, ctx) = single_or_list(
+        &st,
+        &req,
+        Params::parse(&req.query, &req.body)?,
+        2,
+        4,
+        |m, s| {
+            json!({
+                "symbol": m.symbol,
+                "price": m.fmt_price(Price(s.trades.back().map_or(0, |t| t.price))),
+            })
+        },
+    )?;
     Ok(ok_json(&ctx, v))
 }
 
 /// `GET /api/v3/ticker/bookTicker`.
 pub async fn book_ticker(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (v, ctx) = single_or_list(&st, &req, Params::parse(&req.query, &req.body)?, 2, 4, |m, s| {
-        let (bid, ask) = s.best();
-        json!({
-            "symbol": m.symbol,
-            "bidPrice": m.fmt_price(bid.map_or(Price(0), |b| b.0)),
-            "bidQty": m.fmt_qty(bid.map_or(Qty(0), |b| b.1)),
-            "askPrice": m.fmt_price(ask.map_or(Price(0), |a| a.0)),
-            "askQty": m.fmt_qty(ask.map_or(Qty(0), |a| a.1)),
-        })
-    })?;
+    let (v, ctx) = single_or_list(
+        &st,
+        &req,
+        Params::parse(&req.query, &req.body)?,
+        2,
+        4,
+        |m, s| {
+            let (bid, ask) = s.best();
+            json!({
+                "symbol": m.symbol,
+                "bidPrice": m.fmt_price(bid.map_or(Price(0), |b| b.0)),
+                "bidQty": m.fmt_qty(bid.map_or(Qty(0), |b| b.1)),
+                "askPrice": m.fmt_price(ask.map_or(Price(0), |a| a.0)),
+                "askQty": m.fmt_qty(ask.map_or(Qty(0), |a| a.1)),
+            })
+        },
+    )?;
     Ok(ok_json(&ctx, v))
 }
 
@@ -353,10 +382,16 @@ pub async fn klines(State(st): State<AppState>, req: Req) -> Result<Response, Ap
         .filter(|k| start.is_none_or(|s| k.open_ms >= s) && end.is_none_or(|e| k.open_ms <= e))
         .collect();
     let sel: Vec<Value> = if start.is_some() {
-        sel.into_iter().take(limit).map(|k| kline_array(m, k)).collect()
+        sel.into_iter()
+            .take(limit)
+            .map(|k| kline_array(m, k))
+            .collect()
     } else {
         let skip = sel.len().saturating_sub(limit);
-        sel.into_iter().skip(skip).map(|k| kline_array(m, k)).collect()
+        sel.into_iter()
+            .skip(skip)
+            .map(|k| kline_array(m, k))
+            .collect()
     };
     Ok(ok_json(&ctx, Value::Array(sel)))
 }

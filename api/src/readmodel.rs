@@ -738,15 +738,15 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 let mi = usize::from(market.0);
                 let spec = markets.get(market);
                 out.market.push(MarketMsg {
-                        market: mi,
-                        kind: MarketMsgKind::Trade,
-                        json: json!({
-                            "e": "trade", "E": ms, "s": spec.symbol, "t": t.id,
-                            "p": spec.fmt_price(price), "q": spec.fmt_qty(qty), "T": ms,
-                            "m": taker_side == Side::Sell, "M": true,
-                        })
-                        .to_string(),
-                    });
+                    market: mi,
+                    kind: MarketMsgKind::Trade,
+                    json: json!({
+                        "e": "trade", "E": ms, "s": spec.symbol, "t": t.id,
+                        "p": spec.fmt_price(price), "q": spec.fmt_qty(qty), "T": ms,
+                        "m": taker_side == Side::Sell, "M": true,
+                    })
+                    .to_string(),
+                });
                 let ms_state = &mut st.markets[mi];
                 for (i, (_, len)) in INTERVALS.iter().enumerate() {
                     let open = bucket_start(ms, *len);
@@ -916,14 +916,14 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
     for (mi, (first, last, b_levels, a_levels)) in depth {
         let spec = &markets.markets[mi];
         out.market.push(MarketMsg {
-                market: mi,
-                kind: MarketMsgKind::Depth,
-                json: json!({
-                    "e": "depthUpdate", "E": ms, "s": spec.symbol,
-                    "U": first, "u": last, "b": b_levels, "a": a_levels,
-                })
-                .to_string(),
-            });
+            market: mi,
+            kind: MarketMsgKind::Depth,
+            json: json!({
+                "e": "depthUpdate", "E": ms, "s": spec.symbol,
+                "U": first, "u": last, "b": b_levels, "a": a_levels,
+            })
+            .to_string(),
+        });
     }
     for mi in touched_best {
         let spec = &markets.markets[mi];
@@ -938,12 +938,11 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
         let (bp, bq) = fmt(bid);
         let (ap, aq) = fmt(ask);
         out.market.push(MarketMsg {
-                market: mi,
-                kind: MarketMsgKind::BookTicker,
-                json:
-                    json!({"u": m.depth_seq, "s": spec.symbol, "b": bp, "B": bq, "a": ap, "A": aq})
-                        .to_string(),
-            });
+            market: mi,
+            kind: MarketMsgKind::BookTicker,
+            json: json!({"u": m.depth_seq, "s": spec.symbol, "b": bp, "B": bq, "a": ap, "A": aq})
+                .to_string(),
+        });
     }
     for (account, assets) in balances_changed {
         let Some(v) = st.balances.get(&account) else {

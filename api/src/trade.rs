@@ -96,7 +96,10 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
         }
     };
     let need_qty = |q: &Option<String>| -> Result<Qty, ApiError> {
-        m.parse_qty("quantity", q.as_deref().ok_or_else(|| ApiError::missing("quantity"))?)
+        m.parse_qty(
+            "quantity",
+            q.as_deref().ok_or_else(|| ApiError::missing("quantity"))?,
+        )
     };
     let need_price = |name: &str, v: &Option<String>| -> Result<Price, ApiError> {
         m.parse_price(name, v.as_deref().ok_or_else(|| ApiError::missing(name))?)
@@ -115,7 +118,12 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
             let t = parse_tif(tif)?;
             let (pr, q) = (need_price("price", &price)?, need_qty(&qty)?);
             m.check_notional(pr, q)?;
-            (OrderType::Limit { price: pr, qty: q }, t, false, RespType::Full)
+            (
+                OrderType::Limit { price: pr, qty: q },
+                t,
+                false,
+                RespType::Full,
+            )
         }
         "LIMIT_MAKER" => {
             forbid("stopPrice", &stop)?;
@@ -123,24 +131,29 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
             forbid("timeInForce", &tif)?;
             let (pr, q) = (need_price("price", &price)?, need_qty(&qty)?);
             m.check_notional(pr, q)?;
-            (OrderType::Limit { price: pr, qty: q }, TimeInForce::Gtc, true, RespType::Ack)
+            (
+                OrderType::Limit { price: pr, qty: q },
+                TimeInForce::Gtc,
+                true,
+                RespType::Ack,
+            )
         }
         "MARKET" => {
             forbid("price", &price)?;
             forbid("stopPrice", &stop)?;
             forbid("timeInForce", &tif)?;
             let ot = match (&qty, &quote) {
-                (Some(_), None) => OrderType::Market { qty: need_qty(&qty)? },
+                (Some(_), None) => OrderType::Market {
+                    qty: need_qty(&qty)?,
+                },
                 (None, Some(qq)) => OrderType::MarketBudget {
                     budget: m.parse_quote("quoteOrderQty", qq)?,
                 },
                 (Some(_), Some(_)) => return Err(ApiError::bad_combination()),
-                (None, None) => {
-                    return Err(ApiError::bad(
-                        -1102,
-                        "Param 'quantity' or 'quoteOrderQty' must be sent, but both were empty/null!",
-                    ))
-                }
+                (None, None) => return Err(ApiError::bad(
+                    -1102,
+                    "Param 'quantity' or 'quoteOrderQty' must be sent, but both were empty/null!",
+                )),
             };
             (ot, TimeInForce::Ioc, false, RespType::Full)
         }
@@ -149,7 +162,12 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
             forbid("quoteOrderQty", &quote)?;
             forbid("timeInForce", &tif)?;
             let (sp, q) = (need_price("stopPrice", &stop)?, need_qty(&qty)?);
-            (OrderType::StopMarket { stop: sp, qty: q }, TimeInForce::Gtc, false, RespType::Ack)
+            (
+                OrderType::StopMarket { stop: sp, qty: q },
+                TimeInForce::Gtc,
+                false,
+                RespType::Ack,
+            )
         }
         "STOP_LOSS_LIMIT" => {
             forbid("quoteOrderQty", &quote)?;
@@ -219,7 +237,11 @@ fn order_from_events(events: &[Event], id: OrderId, ms: u64) -> Option<(OrderRec
             } if info.order == id => {
                 let (kind, price, stop, qty, quote) = match order_type {
                     OrderType::Limit { price, qty } => (
-                        if post_only { OrdKind::LimitMaker } else { OrdKind::Limit },
+                        if post_only {
+                            OrdKind::LimitMaker
+                        } else {
+                            OrdKind::Limit
+                        },
                         price.0,
                         0,
                         qty.0,
@@ -236,7 +258,10 @@ fn order_from_events(events: &[Event], id: OrderId, ms: u64) -> Option<(OrderRec
                     id: id.0,
                     account: info.account.0,
                     market: info.market.0,
-                    client_id: info.client_id.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+                    client_id: info
+                        .client_id
+                        .map(|c| c.as_str().to_owned())
+                        .unwrap_or_default(),
                     side: info.side,
                     kind,
                     tif: if matches!(kind, OrdKind::Market | OrdKind::StopLoss) {
@@ -508,13 +533,18 @@ pub async fn cancel_order(State(st): State<AppState>, req: Req) -> Result<Respon
     if let Err(code) = reply.result {
         return Err(ApiError::cancel_rejected(code));
     }
-    let id = *done_ids(&reply.events).first().ok_or_else(ApiError::internal)?;
+    let id = *done_ids(&reply.events)
+        .first()
+        .ok_or_else(ApiError::internal)?;
     let o = st
         .read_model()
         .find_order(key.account, id)
         .map_err(internal)?
         .ok_or_else(ApiError::internal)?;
-    Ok(ok_json(&ctx, cancel_json(m, &o, &cancel_client, accepted_ms(&reply.events))))
+    Ok(ok_json(
+        &ctx,
+        cancel_json(m, &o, &cancel_client, accepted_ms(&reply.events)),
+    ))
 }
 
 /// `GET /api/v3/openOrders`.
@@ -524,7 +554,9 @@ pub async fn open_orders(State(st): State<AppState>, req: Req) -> Result<Respons
     let (key, mut p, ctx) = st.signed(&req, Perms::READ, weight)?;
     let sym = p.opt("symbol")?;
     p.finish()?;
-    let market = sym.map(|s| st.markets().by_symbol(&s).map(|m| m.id.0)).transpose()?;
+    let market = sym
+        .map(|s| st.markets().by_symbol(&s).map(|m| m.id.0))
+        .transpose()?;
     let rm = st.read_model().read();
     let v: Vec<Value> = rm
         .open_by_account
@@ -539,7 +571,10 @@ pub async fn open_orders(State(st): State<AppState>, req: Req) -> Result<Respons
 }
 
 /// `DELETE /api/v3/openOrders`.
-pub async fn cancel_open_orders(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+pub async fn cancel_open_orders(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
     let sym = p.req("symbol")?;
     p.finish()?;
@@ -560,7 +595,11 @@ pub async fn cancel_open_orders(State(st): State<AppState>, req: Req) -> Result<
     let ms = accepted_ms(&reply.events);
     let mut v = Vec::with_capacity(ids.len());
     for id in ids {
-        if let Some(o) = st.read_model().find_order(key.account, id).map_err(internal)? {
+        if let Some(o) = st
+            .read_model()
+            .find_order(key.account, id)
+            .map_err(internal)?
+        {
             let c = st.gen_client_id();
             v.push(cancel_json(m, &o, &c, ms));
         }
@@ -576,7 +615,10 @@ fn time_range(p: &mut Params) -> Result<(Option<u64>, Option<u64>), ApiError> {
             return Err(ApiError::invalid_value("endTime"));
         }
         if e - s > 24 * 3_600_000 {
-            return Err(ApiError::bad(-1127, "More than 24 hours between startTime and endTime."));
+            return Err(ApiError::bad(
+                -1127,
+                "More than 24 hours between startTime and endTime.",
+            ));
         }
     }
     Ok((s, e))
@@ -682,12 +724,23 @@ pub async fn my_trades(State(st): State<AppState>, req: Req) -> Result<Response,
     let rows = st
         .read_model()
         .store
-        .trades(acct, m.id.0, from, s, e, if order.is_some() { 100_000 } else { limit })
+        .trades(
+            acct,
+            m.id.0,
+            from,
+            s,
+            e,
+            if order.is_some() { 100_000 } else { limit },
+        )
         .map_err(internal)?;
     let mut v = Vec::new();
     for t in &rows {
         for (maker, oid) in [(true, t.maker_order), (false, t.taker_order)] {
-            let who = if maker { t.maker_account } else { t.taker_account };
+            let who = if maker {
+                t.maker_account
+            } else {
+                t.taker_account
+            };
             if who != acct || order.is_some_and(|o| o != oid) {
                 continue;
             }

@@ -28,11 +28,21 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Stream {
     Diff(usize),
-    Partial { market: usize, levels: usize, every_ms: u64 },
+    Partial {
+        market: usize,
+        levels: usize,
+        every_ms: u64,
+    },
     Trade(usize),
     BookTicker(usize),
-    Kline { market: usize, interval: usize },
-    User { account: u32, listen_key: String },
+    Kline {
+        market: usize,
+        interval: usize,
+    },
+    User {
+        account: u32,
+        listen_key: String,
+    },
 }
 
 fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
@@ -55,7 +65,10 @@ fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
         "bookTicker" => Some(Stream::BookTicker(m)),
         _ => {
             if let Some(iv) = rest.strip_prefix("kline_") {
-                return interval_index(iv).map(|interval| Stream::Kline { market: m, interval });
+                return interval_index(iv).map(|interval| Stream::Kline {
+                    market: m,
+                    interval,
+                });
             }
             let d = rest.strip_prefix("depth")?;
             let (lv, speed) = match d.split_once('@') {
@@ -126,7 +139,12 @@ pub async fn ws_combined(
     Ok(upgrade(st, ws, subs, true))
 }
 
-fn upgrade(st: AppState, ws: WebSocketUpgrade, subs: Vec<(String, Stream)>, combined: bool) -> Response {
+fn upgrade(
+    st: AppState,
+    ws: WebSocketUpgrade,
+    subs: Vec<(String, Stream)>,
+    combined: bool,
+) -> Response {
     ws.max_message_size(64 * 1024)
         .on_upgrade(move |socket| async move {
             st.0.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
@@ -171,7 +189,11 @@ fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> Strin
     let names: Vec<String> = v
         .get("params")
         .and_then(|p| p.as_array())
-        .map(|a| a.iter().filter_map(|x| x.as_str().map(str::to_owned)).collect())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
         .unwrap_or_default();
     match v.get("method").and_then(|m| m.as_str()) {
         Some("SUBSCRIBE") => {
@@ -185,7 +207,9 @@ fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> Strin
                     }
                     json!({"result": null, "id": id}).to_string()
                 }
-                Ok(_) => json!({"error": {"code": 2, "msg": "Too many streams"}, "id": id}).to_string(),
+                Ok(_) => {
+                    json!({"error": {"code": 2, "msg": "Too many streams"}, "id": id}).to_string()
+                }
                 Err(e) => json!({"error": {"code": 2, "msg": e.msg}, "id": id}).to_string(),
             }
         }
@@ -197,11 +221,17 @@ fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> Strin
             let l: Vec<&str> = subs.iter().map(|(n, _)| n.as_str()).collect();
             json!({"result": l, "id": id}).to_string()
         }
-        _ => json!({"error": {"code": 2, "msg": "Invalid request: unknown method"}, "id": id}).to_string(),
+        _ => json!({"error": {"code": 2, "msg": "Invalid request: unknown method"}, "id": id})
+            .to_string(),
     }
 }
 
-async fn run(st: &AppState, mut socket: WebSocket, mut subs: Vec<(String, Stream)>, combined: bool) {
+async fn run(
+    st: &AppState,
+    mut socket: WebSocket,
+    mut subs: Vec<(String, Stream)>,
+    combined: bool,
+) {
     let mut mrx = st.0.rm.market_tx.subscribe();
     let mut urx = st.0.rm.user_tx.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
@@ -209,7 +239,9 @@ async fn run(st: &AppState, mut socket: WebSocket, mut subs: Vec<(String, Stream
     // Last push per periodic stream: (time, what was pushed).
     let mut last: HashMap<String, (u64, u64)> = HashMap::new();
     let slow = |st: &AppState| {
-        st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
+        st.0.metrics
+            .ws_slow_disconnects
+            .fetch_add(1, Ordering::Relaxed);
     };
     loop {
         tokio::select! {
@@ -375,7 +407,10 @@ fn touch(st: &AppState, req: &Req, remove: bool) -> Result<Response, ApiError> {
 }
 
 /// `PUT /api/v3/userDataStream`: keeps a listenKey alive for another 60 minutes.
-pub async fn listen_key_keepalive(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+pub async fn listen_key_keepalive(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
     touch(&st, &req, false)
 }
 

@@ -36,6 +36,11 @@ pub struct ApiConfig {
     pub max_connections: usize,
     /// Lifetime of a listenKey without keep-alive, in ms.
     pub listen_key_ttl_ms: u64,
+    /// Messages a WebSocket may fall behind before it is disconnected.
+    pub ws_queue: usize,
+    /// `SO_SNDBUF` of accepted connections, bounding what a slow reader can leave in the
+    /// kernel; `None` keeps the kernel's autotuning.
+    pub socket_send_buffer: Option<u32>,
 }
 
 impl Default for ApiConfig {
@@ -46,6 +51,8 @@ impl Default for ApiConfig {
             max_body_bytes: 64 * 1024,
             max_connections: 4_096,
             listen_key_ttl_ms: 60 * 60 * 1000,
+            ws_queue: crate::readmodel::WS_QUEUE,
+            socket_send_buffer: None,
         }
     }
 }
@@ -121,7 +128,7 @@ pub fn open(
     let master = crate::keys::load_or_create_master(&data_dir.join("api-master.key"))?;
     let keys = KeyStore::load(master, &store)?;
     let markets = Arc::new(Markets::new(engine_config)?);
-    let rm = Arc::new(ReadModel::new(markets.clone(), store.clone()));
+    let rm = Arc::new(ReadModel::new(markets.clone(), store.clone(), cfg.ws_queue));
     let (tx, rx) = crossbeam::channel::bounded::<EventBatch>(65_536);
     let rm2 = rm.clone();
     std::thread::Builder::new()
@@ -583,16 +590,32 @@ pub fn app(state: AppState) -> Router {
 pub struct LimitedListener {
     inner: tokio::net::TcpListener,
     permits: Arc<tokio::sync::Semaphore>,
+    send_buffer: Option<u32>,
 }
 
 impl LimitedListener {
     /// Wraps a bound listener.
-    pub fn new(inner: tokio::net::TcpListener, max_connections: usize) -> Self {
+    pub fn new(
+        inner: tokio::net::TcpListener,
+        max_connections: usize,
+        send_buffer: Option<u32>,
+    ) -> Self {
         Self {
             inner,
             permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            send_buffer,
         }
     }
+}
+
+/// Sets `SO_SNDBUF` on a connected stream (through a duplicate of its descriptor).
+fn set_send_buffer(
+    stream: tokio::net::TcpStream,
+    size: u32,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let std = stream.into_std()?;
+    tokio::net::TcpSocket::from_std_stream(std.try_clone()?).set_send_buffer_size(size)?;
+    tokio::net::TcpStream::from_std(std)
 }
 
 /// A connection and its permit.
@@ -647,6 +670,16 @@ impl axum::serve::Listener for LimitedListener {
             match self.inner.accept().await {
                 Ok((stream, addr)) => {
                     let _ = stream.set_nodelay(true);
+                    let stream = match self.send_buffer {
+                        None => stream,
+                        Some(n) => match set_send_buffer(stream, n) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "setting SO_SNDBUF failed");
+                                continue;
+                            }
+                        },
+                    };
                     return (
                         LimitedStream {
                             stream,
@@ -684,9 +717,10 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let max = state.0.cfg.max_connections;
+    let sndbuf = state.0.cfg.socket_send_buffer;
     let router = app(state);
     axum::serve(
-        LimitedListener::new(listener, max),
+        LimitedListener::new(listener, max, sndbuf),
         router.into_make_service_with_connect_info::<PeerAddr>(),
     )
     .with_graceful_shutdown(shutdown)

@@ -362,7 +362,8 @@ pub struct ReadModel {
     pub store: Arc<Store>,
 }
 
-/// Capacity of each broadcast channel: a WebSocket that falls this far behind is disconnected.
+/// Default capacity of each broadcast channel: a WebSocket that falls this far behind is
+/// disconnected.
 pub const WS_QUEUE: usize = 4_096;
 
 #[derive(Default)]
@@ -375,7 +376,7 @@ struct Out {
 
 impl ReadModel {
     /// Empty read models over a store.
-    pub fn new(markets: Arc<Markets>, store: Arc<Store>) -> Self {
+    pub fn new(markets: Arc<Markets>, store: Arc<Store>, ws_queue: usize) -> Self {
         let mut st = State::default();
         for _ in &markets.markets {
             st.markets.push(MarketState {
@@ -386,8 +387,8 @@ impl ReadModel {
         Self {
             state: RwLock::new(st),
             applied: watch::channel(0).0,
-            market_tx: broadcast::channel(WS_QUEUE).0,
-            user_tx: broadcast::channel(WS_QUEUE).0,
+            market_tx: broadcast::channel(ws_queue.max(1)).0,
+            user_tx: broadcast::channel(ws_queue.max(1)).0,
             markets,
             store,
         }

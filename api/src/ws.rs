@@ -2,7 +2,7 @@
 //! `userDataStream` endpoints.
 //!
 //! Each connection reads from broadcast channels with a bounded backlog
-//! ([`crate::readmodel::WS_QUEUE`]); a connection that falls behind by more than that, or whose
+//! ([`crate::ApiConfig::ws_queue`]); a connection that falls behind by more than that, or whose
 //! socket does not accept a message within 5 seconds, is closed with code 1008 and a reason. The
 //! publisher never waits for a connection.
 

@@ -19,6 +19,7 @@ pub mod config;
 pub mod engine;
 pub mod event;
 mod ledger;
+pub mod market_data;
 pub mod reject;
 pub mod units;
 

@@ -56,7 +56,11 @@ impl MarketConfig {
     /// Quote units of `qty` lots at `price`, `None` on overflow.
     #[inline]
     pub fn notional(&self, price: Price, qty: Qty) -> Option<Amount> {
-        price.0.checked_mul(qty.0)?.checked_mul(self.tick_size).map(Amount)
+        price
+            .0
+            .checked_mul(qty.0)?
+            .checked_mul(self.tick_size)
+            .map(Amount)
     }
 
     /// A fee of `bps` basis points on `notional`, rounded down (so that fees of partial fills never
@@ -106,8 +110,14 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             assets: vec![
-                AssetConfig { symbol: "BTC".into(), decimals: 8 },
-                AssetConfig { symbol: "USD".into(), decimals: 8 },
+                AssetConfig {
+                    symbol: "BTC".into(),
+                    decimals: 8,
+                },
+                AssetConfig {
+                    symbol: "USD".into(),
+                    decimals: 8,
+                },
             ],
             markets: vec![MarketConfig {
                 symbol: "BTCUSD".into(),

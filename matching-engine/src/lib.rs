@@ -16,7 +16,10 @@
 pub mod command;
 pub mod config;
 pub mod event;
+pub mod journal;
+pub mod recovery;
 pub mod reject;
+pub mod snapshot;
 pub mod units;
 
 pub use command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
@@ -24,8 +27,8 @@ pub use config::{AssetConfig, EngineConfig, Limits, MarketConfig};
 pub use event::{DoneReason, Event, OrderInfo};
 pub use reject::RejectCode;
 pub use units::{
-    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty,
-    Side, Timestamp, TradeId, WithdrawalId,
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
+    Timestamp, TradeId, WithdrawalId,
 };
 
 /// A deterministic state machine that the sequencer drives and the journal replays.

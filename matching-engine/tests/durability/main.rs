@@ -1,0 +1,6 @@
+//! Durability and concurrency tests of the journal, snapshots, recovery, sequencer and fan-out,
+//! driven by a small deterministic bank (`bank.rs`).
+
+mod bank;
+mod journal_cut;
+mod recovery;

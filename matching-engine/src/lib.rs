@@ -13,12 +13,15 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod command;
 pub mod config;
 pub mod event;
+pub mod fanout;
 pub mod journal;
 pub mod recovery;
 pub mod reject;
+pub mod sequencer;
 pub mod snapshot;
 pub mod units;
 

@@ -22,14 +22,16 @@ pub enum BankCmd {
         producer: u32,
         n: u64,
     },
+    /// Panics in `apply`: stands for a bug in the state machine.
+    Explode { producer: u32, n: u64 },
 }
 
 impl BankCmd {
     pub fn origin(&self) -> (u32, u64) {
         match *self {
-            BankCmd::Deposit { producer, n, .. } | BankCmd::Transfer { producer, n, .. } => {
-                (producer, n)
-            }
+            BankCmd::Deposit { producer, n, .. }
+            | BankCmd::Transfer { producer, n, .. }
+            | BankCmd::Explode { producer, n } => (producer, n),
         }
     }
 }
@@ -150,6 +152,7 @@ impl StateMachine for Bank {
                     amount,
                 });
             }
+            BankCmd::Explode { .. } => panic!("the bank exploded"),
         }
         if n <= self.last_n[producer] {
             self.disorder += 1;

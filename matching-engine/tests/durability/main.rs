@@ -2,5 +2,7 @@
 //! driven by a small deterministic bank (`bank.rs`).
 
 mod bank;
+mod fanout;
 mod journal_cut;
 mod recovery;
+mod sequencer;

@@ -2,6 +2,8 @@
 //! driven by a small deterministic bank (`bank.rs`).
 
 mod bank;
+mod bench;
+mod crash;
 mod fanout;
 mod journal_cut;
 mod recovery;

@@ -304,16 +304,10 @@ impl JournalWriter {
         assert_eq!(seq, self.next_seq, "journal records must be gap-free");
         let start = self.buf.len();
         self.buf.extend_from_slice(&[0u8; RECORD_HEADER_BYTES]);
-        let buf = std::mem::take(&mut self.buf);
-        self.buf = match postcard::to_extend(&(now, cmd), buf) {
-            Ok(buf) => buf,
-            Err(source) => {
-                // The buffer was consumed: everything not yet written is gone, so nothing more
-                // may be appended to this segment.
-                self.poisoned = true;
-                return Err(JournalError::Encode { seq, source });
-            }
-        };
+        if let Err(source) = postcard::to_io(&(now, cmd), &mut self.buf) {
+            self.buf.truncate(start);
+            return Err(JournalError::Encode { seq, source });
+        }
         let len = self.buf.len() - start - RECORD_HEADER_BYTES;
         if len == 0 || len > MAX_PAYLOAD_BYTES as usize {
             self.buf.truncate(start);
@@ -617,6 +611,34 @@ mod tests {
         assert_eq!(r.next_record().unwrap(), None);
         assert_eq!(r.defect(), Some(TailDefect::BadChecksum));
         assert_eq!(r.valid_len(), SEGMENT_HEADER_BYTES);
+    }
+
+    struct Unencodable;
+
+    impl Serialize for Unencodable {
+        fn serialize<S: serde::Serializer>(&self, _: S) -> Result<S::Ok, S::Error> {
+            Err(serde::ser::Error::custom("refuses"))
+        }
+    }
+
+    #[test]
+    fn a_failed_encoding_leaves_the_buffer_and_sequence_intact() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::create(dir.path(), 1).unwrap();
+        w.append(1, Timestamp(1), &7u8).unwrap();
+        assert!(matches!(
+            w.append(2, Timestamp(2), &Unencodable),
+            Err(JournalError::Encode { seq: 2, .. })
+        ));
+        w.append(2, Timestamp(3), &8u8).unwrap();
+        w.sync().unwrap();
+        let mut r = SegmentReader::open(w.path(), 1).unwrap();
+        let mut got = Vec::new();
+        while r.next_record().unwrap().is_some() {
+            got.push(r.decode::<u8>().unwrap());
+        }
+        assert_eq!(got, vec![(Timestamp(1), 7), (Timestamp(3), 8)]);
+        assert_eq!(r.defect(), None);
     }
 
     #[test]

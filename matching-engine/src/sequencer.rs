@@ -34,6 +34,15 @@
 //! fan-out publishes, one allocation per batch) and the command's range in it. So steady state
 //! allocates once per batch, never per command.
 //!
+//! # Snapshots
+//!
+//! In durable mode the engine thread takes a snapshot between two batches when
+//! [`StoreConfig::snapshot_every`](crate::recovery::StoreConfig::snapshot_every) commands were
+//! accepted since the last one, or when [`SequencerHandle::request_snapshot`] asked for one.
+//! Submissions wait in the queue meanwhile (copy, encode, write and fsync of the whole state), so
+//! latency shows a spike per snapshot; a failed snapshot is logged and counted, and the engine
+//! goes on (the journal is intact).
+//!
 //! # Failure
 //!
 //! If the journal fails (write, `fdatasync`, encoding), the engine stops: the commands of the
@@ -157,7 +166,8 @@ pub enum Outcome<E> {
         /// Its events.
         events: Events<E>,
     },
-    /// Rejected; nothing changed.
+    /// Rejected; nothing changed. Events the state machine pushed before rejecting are
+    /// discarded.
     Rejected(RejectCode),
     /// The engine stopped before applying it; nothing changed.
     NotApplied,

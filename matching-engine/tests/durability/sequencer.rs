@@ -11,6 +11,15 @@ use matching_engine::{RejectCode, StateMachine, Timestamp};
 use std::collections::VecDeque;
 use std::path::Path;
 
+/// Handles move across threads.
+const _: () = {
+    const fn send<T: Send>() {}
+    send::<matching_engine::sequencer::Producer<Bank>>();
+    send::<matching_engine::sequencer::SequencerHandle<Bank>>();
+    send::<matching_engine::sequencer::Reply<BankEvent>>();
+    send::<matching_engine::fanout::Subscriber<BankEvent>>();
+};
+
 const PRODUCERS: u32 = 4;
 const PER_PRODUCER: u64 = 10_000;
 

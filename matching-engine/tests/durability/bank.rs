@@ -24,6 +24,19 @@ pub enum BankCmd {
     },
     /// Panics in `apply`: stands for a bug in the state machine.
     Explode { producer: u32, n: u64 },
+    /// Accepted, but refuses to be encoded: stands for a journal that fails.
+    Unjournalable {
+        producer: u32,
+        n: u64,
+        #[serde(serialize_with = "refuse")]
+        poison: (),
+    },
+}
+
+fn refuse<S: serde::Serializer>(_: &(), _: S) -> Result<S::Ok, S::Error> {
+    Err(serde::ser::Error::custom(
+        "this command cannot be journaled",
+    ))
 }
 
 impl BankCmd {
@@ -31,7 +44,8 @@ impl BankCmd {
         match *self {
             BankCmd::Deposit { producer, n, .. }
             | BankCmd::Transfer { producer, n, .. }
-            | BankCmd::Explode { producer, n } => (producer, n),
+            | BankCmd::Explode { producer, n }
+            | BankCmd::Unjournalable { producer, n, .. } => (producer, n),
         }
     }
 }
@@ -153,6 +167,7 @@ impl StateMachine for Bank {
                 });
             }
             BankCmd::Explode { .. } => panic!("the bank exploded"),
+            BankCmd::Unjournalable { .. } => {}
         }
         if n <= self.last_n[producer] {
             self.disorder += 1;

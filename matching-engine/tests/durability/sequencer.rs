@@ -345,3 +345,66 @@ fn a_panicking_state_machine_still_answers_every_submission() {
     assert!(failed > 0);
     assert!(matches!(seq.shutdown(), Err(SequencerError::Panicked)));
 }
+
+#[test]
+fn a_journal_failure_stops_the_engine_and_answers_everyone() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = Sequencer::durable(
+        open(dir.path(), StoreConfig::default()),
+        clock(),
+        SequencerConfig::default(),
+    )
+    .unwrap();
+    let mut producer = seq.producer();
+    for n in 1..=4 {
+        producer.submit_wait(command(0, n)).unwrap();
+    }
+    let mut poison_ticket = None;
+    for n in 5..=40 {
+        let cmd = if n == 8 {
+            BankCmd::Unjournalable {
+                producer: 0,
+                n,
+                poison: (),
+            }
+        } else {
+            command(0, n)
+        };
+        match producer.try_submit(cmd) {
+            Ok(ticket) if n == 8 => poison_ticket = Some(ticket),
+            Ok(_) => {}
+            Err(SubmitError::Stopped) => break,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    let mut accepted = 4;
+    let mut poison_answered = false;
+    while let Some(reply) = producer.recv() {
+        let is_poison = Some(reply.ticket) == poison_ticket;
+        match reply.outcome {
+            Outcome::Accepted { .. } => {
+                assert!(
+                    Some(reply.ticket) < poison_ticket,
+                    "nothing after it is applied"
+                );
+                accepted += 1;
+            }
+            Outcome::Indeterminate => poison_answered |= is_poison,
+            Outcome::Rejected(_) | Outcome::NotApplied => assert!(!is_poison),
+        }
+    }
+    assert!(poison_answered, "the failed command is indeterminate");
+    assert_eq!(
+        producer.try_submit(command(0, 41)).err(),
+        Some(SubmitError::Stopped)
+    );
+    assert!(matches!(
+        seq.shutdown(),
+        Err(SequencerError::Journal(
+            matching_engine::journal::JournalError::Encode { .. }
+        ))
+    ));
+    // Exactly the commands answered as accepted survive: the failed batch never reached the file.
+    let recovered = open(dir.path(), StoreConfig::default());
+    assert_eq!(recovered.state.seq(), accepted);
+}

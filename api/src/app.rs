@@ -148,6 +148,12 @@ pub fn open(
 }
 
 impl PendingApi {
+    /// Seeds the read models from a recovered engine, before the core starts (see
+    /// [`crate::readmodel::ReadModel::seed`]).
+    pub fn seed(&self, engine: &Engine) -> Result<(), SetupError> {
+        Ok(self.rm.seed(engine)?)
+    }
+
     /// Attaches the core.
     pub fn start(self, core: Arc<dyn ExchangeCore>) -> AppState {
         let seed = crate::keys::random_bytes::<8>()

@@ -25,9 +25,11 @@ pub mod params;
 pub mod public;
 pub mod ratelimit;
 pub mod readmodel;
+pub mod seqcore;
 pub mod store;
 pub mod trade;
 pub mod ws;
 
 pub use app::{app, open, open_local, serve, ApiConfig, AppState};
 pub use core::{CoreError, EventBatch, EventSink, ExchangeCore, LocalCore, Reply};
+pub use seqcore::SequencerCore;

@@ -463,6 +463,86 @@ impl ReadModel {
         }
     }
 
+    /// Seeds the in-memory models from a recovered engine (balances, open orders, books, depth
+    /// sequences) and the public trade history from SQLite. Call before the first batch: the
+    /// sequencer publishes only the events of new commands, not those of journal replay.
+    pub fn seed(&self, engine: &matching_engine::Engine) -> Result<(), crate::store::StoreError> {
+        use matching_engine::{AccountId, AssetId};
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let n_assets = self.markets.assets.len();
+        for a in 0..engine.account_count() as u32 {
+            if !engine.account_exists(AccountId(a)) {
+                continue;
+            }
+            st.accounts.insert(a);
+            let bal: Vec<(u64, u64)> = (0..n_assets)
+                .map(|i| {
+                    engine
+                        .balance(AccountId(a), AssetId(i as u16))
+                        .map_or((0, 0), |(f, h)| (f.0, h.0))
+                })
+                .collect();
+            st.balances.insert(a, bal);
+            for v in engine.open_orders(AccountId(a), None) {
+                let stored = self.store.order(a, v.id.0)?;
+                let kind = match (v.stop, v.meta.post_only, v.price.0) {
+                    (Some(_), _, 0) => OrdKind::StopLoss,
+                    (Some(_), _, _) => OrdKind::StopLossLimit,
+                    (None, true, _) => OrdKind::LimitMaker,
+                    (None, false, _) => OrdKind::Limit,
+                };
+                let mut o = stored.unwrap_or(OrderRec {
+                    id: v.id.0,
+                    account: a,
+                    market: v.market.0,
+                    client_id: v
+                        .meta
+                        .client_id
+                        .map(|c| c.as_str().to_owned())
+                        .unwrap_or_default(),
+                    side: v.side,
+                    kind,
+                    tif: v.meta.tif,
+                    price: v.price.0,
+                    stop: v.stop.map_or(0, |p| p.0),
+                    orig_qty: v.meta.orig_qty.0,
+                    orig_quote: 0,
+                    executed: 0,
+                    cum_quote: 0,
+                    status: OrdStatus::New,
+                    stp: v.meta.stp,
+                    time_ms: 0,
+                    update_ms: 0,
+                    working_ms: None,
+                });
+                o.price = v.price.0;
+                o.executed = v.meta.filled.0;
+                o.orig_qty = v.meta.orig_qty.0;
+                o.status = if o.executed > 0 {
+                    OrdStatus::PartiallyFilled
+                } else {
+                    OrdStatus::New
+                };
+                st.open_by_account.entry(a).or_default().insert(o.id);
+                st.open.insert(o.id, o);
+            }
+        }
+        for (i, spec) in self.markets.markets.iter().enumerate() {
+            let m = &mut st.markets[i];
+            if let Some(book) = engine.book(spec.id) {
+                m.bids = book.levels(Side::Buy).collect();
+                m.asks = book.levels(Side::Sell).collect();
+            }
+            m.depth_seq = engine.depth_seq(spec.id);
+            for t in self.store.recent_trades(spec.id.0, 20_000)? {
+                add_trade(m, &t);
+            }
+        }
+        drop(st);
+        self.applied.send_replace(engine.seq());
+        Ok(())
+    }
+
     /// An order of an account: open, just finished, or from history.
     pub fn find_order(
         &self,
@@ -589,6 +669,46 @@ pub fn execution_report(
     .to_string()
 }
 
+/// Adds a trade to a market's recent trades and klines.
+fn add_trade(m: &mut MarketState, t: &TradeRec) {
+    for (i, (_, len)) in INTERVALS.iter().enumerate() {
+        let open = bucket_start(t.time_ms, *len);
+        let ks = &mut m.klines[i];
+        if ks.back().is_none_or(|k| k.open_ms != open) {
+            ks.push_back(Kline {
+                open_ms: open,
+                close_ms: open + len - 1,
+                open: t.price,
+                high: t.price,
+                low: t.price,
+                close: t.price,
+                first_id: t.id,
+                ..Default::default()
+            });
+            if ks.len() > KLINES_KEPT {
+                ks.pop_front();
+            }
+        }
+        if let Some(k) = ks.back_mut() {
+            k.high = k.high.max(t.price);
+            k.low = k.low.min(t.price);
+            k.close = t.price;
+            k.volume += u128::from(t.qty);
+            k.quote += u128::from(t.quote);
+            k.trades += 1;
+            k.last_id = t.id;
+            if t.taker_side == Side::Buy {
+                k.taker_buy_volume += u128::from(t.qty);
+                k.taker_buy_quote += u128::from(t.quote);
+            }
+        }
+    }
+    m.trades.push_back(t.clone());
+    if m.trades.len() > TRADES_KEPT {
+        m.trades.pop_front();
+    }
+}
+
 fn finish(st: &mut State, id: u64, out: &mut Out) -> Option<OrderRec> {
     let o = st.open.remove(&id)?;
     if let Some(ids) = st.open_by_account.get_mut(&o.account) {
@@ -600,7 +720,7 @@ fn finish(st: &mut State, id: u64, out: &mut Out) -> Option<OrderRec> {
 }
 
 fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out) {
-    let ms = b.time.as_millis();
+    let mut ms = b.time.as_millis();
     st.counters.batches += 1;
     // Depth diffs of this batch per market: (first seq, last seq, bids, asks).
     let mut depth: BTreeMap<usize, DiffBuild> = BTreeMap::new();
@@ -608,6 +728,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
     let mut balances_changed: BTreeMap<u32, BTreeSet<u16>> = BTreeMap::new();
     for ev in b.events.iter() {
         match *ev {
+            Event::Accepted { time, .. } => ms = time.as_millis(),
             Event::AccountCreated { account } => {
                 st.accounts.insert(account.0);
                 st.balances
@@ -734,6 +855,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                             account: o.account,
                             json: execution_report(markets, o, "TRADE", ms, Some((&t, maker))),
                         });
+                        out.orders.push(o.clone());
                     }
                 }
                 let mi = usize::from(market.0);
@@ -748,46 +870,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                     })
                     .to_string(),
                 });
-                let ms_state = &mut st.markets[mi];
-                for (i, (_, len)) in INTERVALS.iter().enumerate() {
-                    let open = bucket_start(ms, *len);
-                    let ks = &mut ms_state.klines[i];
-                    let need_new = ks.back().is_none_or(|k| k.open_ms != open);
-                    if need_new {
-                        let prev_close = ks.back().map(|k| k.close);
-                        let _ = prev_close;
-                        ks.push_back(Kline {
-                            open_ms: open,
-                            close_ms: open + len - 1,
-                            open: price.0,
-                            high: price.0,
-                            low: price.0,
-                            close: price.0,
-                            first_id: t.id,
-                            ..Default::default()
-                        });
-                        if ks.len() > KLINES_KEPT {
-                            ks.pop_front();
-                        }
-                    }
-                    if let Some(k) = ks.back_mut() {
-                        k.high = k.high.max(price.0);
-                        k.low = k.low.min(price.0);
-                        k.close = price.0;
-                        k.volume += u128::from(qty.0);
-                        k.quote += u128::from(notional.0);
-                        k.trades += 1;
-                        k.last_id = t.id;
-                        if taker_side == Side::Buy {
-                            k.taker_buy_volume += u128::from(qty.0);
-                            k.taker_buy_quote += u128::from(notional.0);
-                        }
-                    }
-                }
-                ms_state.trades.push_back(t.clone());
-                if ms_state.trades.len() > TRADES_KEPT {
-                    ms_state.trades.pop_front();
-                }
+                add_trade(&mut st.markets[mi], &t);
                 out.trades.push(t);
             }
             Event::OrderDone { info, reason, .. } => {
@@ -907,8 +990,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                         .to_string(),
                 });
             }
-            Event::Accepted { .. }
-            | Event::Rejected { .. }
+            Event::Rejected { .. }
             | Event::WithdrawalHeld { .. }
             | Event::WithdrawalReleased { .. }
             | Event::WithdrawalCompleted { .. } => {}

@@ -253,6 +253,23 @@ impl Store {
         Ok(v)
     }
 
+    /// The latest `limit` trades of a market, oldest first.
+    pub fn recent_trades(&self, market: u16, limit: u32) -> Result<Vec<TradeRec>, StoreError> {
+        let mut v: Vec<TradeRec> = self
+            .with(|c| {
+                let mut st = c.prepare_cached(
+                    "SELECT data FROM trades WHERE market=?1 ORDER BY trade_id DESC LIMIT ?2",
+                )?;
+                let rows = st.query_map(params![market, limit], |r| r.get::<_, String>(0))?;
+                rows.collect::<rusqlite::Result<Vec<String>>>()
+            })?
+            .into_iter()
+            .filter_map(|s| serde_json::from_str(&s).ok())
+            .collect();
+        v.reverse();
+        Ok(v)
+    }
+
     /// Trades of an account in a market, oldest first.
     pub fn trades(
         &self,

@@ -192,7 +192,7 @@ pub async fn trades(State(st): State<AppState>, req: Req) -> Result<Response, Ap
 /// Formats `num/den` as a signed decimal with `dec` places (statistics only, not money).
 fn ratio(num: i128, den: i128, dec: u32) -> String {
     if den == 0 {
-        return format!("{:.*}", dec as usize, 0);
+        return ratio(0, 1, dec);
     }
     let scale = 10i128.pow(dec);
     let v = num * scale / den;

@@ -189,6 +189,84 @@ pub async fn trades(State(st): State<AppState>, req: Req) -> Result<Response, Ap
     Ok(ok_json(&ctx, Value::Array(v)))
 }
 
+/// `GET /api/v3/aggTrades`: each trade is its own aggregate (ccxt's default `fetchTrades`).
+pub async fn agg_trades(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 4)?;
+    let sym = p.req("symbol")?;
+    let from = p.opt_u64("fromId")?;
+    let start = p.opt_u64("startTime")?;
+    let end = p.opt_u64("endTime")?;
+    let limit = p.limit(500, 1000)? as usize;
+    p.finish()?;
+    if let (Some(s), Some(e)) = (start, end) {
+        if e < s || e - s > 3_600_000 {
+            return Err(ApiError::invalid_value("endTime"));
+        }
+    }
+    let m = st.markets().by_symbol(&sym)?;
+    let rm = st.read_model().read();
+    let sel: Vec<_> = rm.markets[usize::from(m.id.0)]
+        .trades
+        .iter()
+        .filter(|t| {
+            from.is_none_or(|f| t.id >= f)
+                && start.is_none_or(|s| t.time_ms >= s)
+                && end.is_none_or(|e| t.time_ms <= e)
+        })
+        .collect();
+    let bounded = from.is_some() || start.is_some();
+    let skip = if bounded {
+        0
+    } else {
+        sel.len().saturating_sub(limit)
+    };
+    let v: Vec<Value> = sel
+        .into_iter()
+        .skip(skip)
+        .take(limit)
+        .map(|t| {
+            json!({
+                "a": t.id, "p": m.fmt_price(Price(t.price)), "q": m.fmt_qty(Qty(t.qty)),
+                "f": t.id, "l": t.id, "T": t.time_ms,
+                "m": t.taker_side == matching_engine::Side::Sell, "M": true,
+            })
+        })
+        .collect();
+    Ok(ok_json(&ctx, Value::Array(v)))
+}
+
+/// `GET /api/v3/avgPrice`: volume-weighted price of the last 5 minutes of trades.
+pub async fn avg_price(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 2)?;
+    let sym = p.req("symbol")?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let rm = st.read_model().read();
+    let ms = &rm.markets[usize::from(m.id.0)];
+    let now = crate::core::now_ms();
+    let recent: Vec<_> = ms
+        .trades
+        .iter()
+        .filter(|t| t.time_ms + 300_000 >= now)
+        .collect();
+    let qd = u32::from(m.quote.decimals);
+    let price = if recent.is_empty() {
+        m.fmt_price(Price(ms.trades.back().map_or(0, |t| t.price)))
+    } else {
+        let quote: i128 = recent.iter().map(|t| i128::from(t.quote)).sum();
+        let base: i128 = recent
+            .iter()
+            .map(|t| i128::from(t.qty) * i128::from(m.cfg.lot_size))
+            .sum();
+        let whole = 10i128.pow(u32::from(m.base.decimals));
+        ratio(quote * whole, base * 10i128.pow(qd), qd)
+    };
+    Ok(ok_json(
+        &ctx,
+        json!({ "mins": 5, "price": price, "closeTime": ms.trades.back().map_or(0, |t| t.time_ms) }),
+    ))
+}
+
 /// Formats `num/den` as a signed decimal with `dec` places (statistics only, not money).
 fn ratio(num: i128, den: i128, dec: u32) -> String {
     if den == 0 {

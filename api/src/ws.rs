@@ -111,13 +111,19 @@ pub async fn ws_root(State(st): State<AppState>, ws: WebSocketUpgrade) -> Respon
     upgrade(st, ws, Vec::new(), false)
 }
 
-/// `GET /ws/<stream>`: one raw stream (a market stream or a listenKey).
+/// `GET /ws/<stream>`: one raw stream (a market stream or a listenKey). A name of digits only
+/// opens a raw connection without streams, for `SUBSCRIBE` (ccxt connects to `/ws/<n>`).
 pub async fn ws_path(
     State(st): State<AppState>,
     Path(stream): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let subs = parse_list(&st, &[stream.as_str()])?;
+    let subs =
+        if !stream.is_empty() && stream.len() <= 20 && stream.bytes().all(|b| b.is_ascii_digit()) {
+            Vec::new()
+        } else {
+            parse_list(&st, &[stream.as_str()])?
+        };
     Ok(upgrade(st, ws, subs, false))
 }
 

@@ -127,6 +127,12 @@ async fn public_endpoints_reject_bad_input() {
         ),
         ("/api/v3/depth?symbol=%ZZ", StatusCode::BAD_REQUEST, -1100),
         ("/api/v3/nothing", StatusCode::NOT_FOUND, -1000),
+        (
+            "/api/v3/aggTrades?symbol=BTCUSD&startTime=10&endTime=5",
+            StatusCode::BAD_REQUEST,
+            -1130,
+        ),
+        ("/api/v3/avgPrice", StatusCode::BAD_REQUEST, -1102),
     ];
     for (uri, status, code) in cases {
         let r = h.get(uri).await;
@@ -489,6 +495,17 @@ async fn trading_flow_orders_trades_balances() {
     assert_eq!(
         (bt["askPrice"].as_str(), bt["askQty"].as_str()),
         (Some("30000.00000000"), Some("0.00500000"))
+    );
+    let ag = h.get("/api/v3/aggTrades?symbol=BTCUSD&limit=10").await.json;
+    assert_eq!(
+        (ag[0]["p"].as_str(), ag[0]["q"].as_str()),
+        (Some("30000.00000000"), Some("0.00500000"))
+    );
+    assert_eq!(ag[0]["f"], ag[0]["l"]);
+    let ap = h.get("/api/v3/avgPrice?symbol=BTCUSD").await.json;
+    assert_eq!(
+        (ap["mins"].as_u64(), ap["price"].as_str()),
+        (Some(5), Some("30000.00000000"))
     );
     let tk = h.get("/api/v3/ticker/24hr?symbol=BTCUSD").await.json;
     assert_eq!(

@@ -30,6 +30,8 @@ pub struct ApiConfig {
     pub ip_weight_per_min: u64,
     /// Request weight per minute per API key.
     pub key_weight_per_min: u64,
+    /// New orders per 10 seconds per account (Binance's `ORDERS` limit, `-1015`).
+    pub orders_per_10s: u64,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
     /// Most concurrent connections (HTTP and WebSocket).
@@ -48,6 +50,7 @@ impl Default for ApiConfig {
         Self {
             ip_weight_per_min: 6_000,
             key_weight_per_min: 6_000,
+            orders_per_10s: 100,
             max_body_bytes: 64 * 1024,
             max_connections: 4_096,
             listen_key_ttl_ms: 60 * 60 * 1000,
@@ -91,6 +94,7 @@ pub(crate) struct Inner {
     pub store: Arc<Store>,
     pub ip_limiter: Limiter,
     pub key_limiter: Limiter,
+    pub order_limiter: Limiter,
     pub listen_keys: RwLock<HashMap<String, (u32, u64)>>,
     pub metrics: Metrics,
     pub cfg: ApiConfig,
@@ -167,6 +171,7 @@ impl PendingApi {
             store: self.store,
             ip_limiter: Limiter::new(self.cfg.ip_weight_per_min),
             key_limiter: Limiter::new(self.cfg.key_weight_per_min),
+            order_limiter: Limiter::with_window(self.cfg.orders_per_10s, 10_000),
             listen_keys: RwLock::new(HashMap::new()),
             metrics: Metrics::default(),
             cfg: self.cfg,
@@ -469,6 +474,30 @@ impl AppState {
             return Err(ApiError::key_rejected());
         }
         Ok((key, p, ctx))
+    }
+
+    /// Counts one new order of `account` against the 10-second order limit (`-1015`, 429).
+    pub fn charge_order(&self, account: u32) -> Result<u64, ApiError> {
+        match self
+            .0
+            .order_limiter
+            .charge(&account.to_string(), 1, crate::core::now_ms())
+        {
+            Charge::Ok(n) => Ok(n),
+            Charge::Limited { retry_after, .. } => {
+                self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    code: -1015,
+                    msg: format!(
+                        "Too many new orders; current limit is {} orders per 10 SECOND.",
+                        self.0.order_limiter.limit()
+                    )
+                    .into(),
+                    retry_after: Some(retry_after),
+                })
+            }
+        }
     }
 
     /// The markets.

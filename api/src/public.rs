@@ -113,6 +113,7 @@ pub async fn exchange_info(State(st): State<AppState>, req: Req) -> Result<Respo
             "serverTime": crate::core::now_ms(),
             "rateLimits": [
                 {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": st.0.cfg.ip_weight_per_min},
+                {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": st.0.cfg.orders_per_10s},
             ],
             "exchangeFilters": [],
             "symbols": list,

@@ -352,6 +352,7 @@ pub async fn new_order(State(st): State<AppState>, req: Req) -> Result<Response,
     let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
     let parsed = parse_new_order(&st, &key, &mut p)?;
     p.finish()?;
+    let orders = st.charge_order(key.account)?;
     let reply = st.submit(Command::NewOrder(parsed.order)).await?;
     if let Err(code) = reply.result {
         return Err(ApiError::new_order_rejected(code));
@@ -413,7 +414,11 @@ pub async fn new_order(State(st): State<AppState>, req: Req) -> Result<Response,
             .collect();
         v["fills"] = Value::Array(fills);
     }
-    Ok(ok_json(&ctx, v))
+    let mut res = ok_json(&ctx, v);
+    if let Ok(h) = axum::http::HeaderValue::from_str(&orders.to_string()) {
+        res.headers_mut().insert("x-mbx-order-count-10s", h);
+    }
+    Ok(res)
 }
 
 /// `POST /api/v3/order/test`: validates like a new order, sends nothing to the engine.

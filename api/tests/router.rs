@@ -936,6 +936,24 @@ async fn rate_limits_answer_429_with_retry_after() {
 }
 
 #[tokio::test]
+async fn order_count_limit_per_account() {
+    let h = Harness::with_config(api::ApiConfig {
+        orders_per_10s: 2,
+        ..Default::default()
+    });
+    let (_, k) = h.trader("1", "0").await;
+    let p = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000";
+    let r = h.signed("POST", "/api/v3/order", p, &k).await;
+    assert_eq!(r.headers["x-mbx-order-count-10s"], "1");
+    h.ok("POST", "/api/v3/order", p, &k).await;
+    let r = h.signed("POST", "/api/v3/order", p, &k).await;
+    assert_eq!((r.status, r.code()), (StatusCode::TOO_MANY_REQUESTS, -1015));
+    assert!(r.headers.contains_key("retry-after"));
+    // Queries are not orders.
+    h.ok("GET", "/api/v3/openOrders", "", &k).await;
+}
+
+#[tokio::test]
 async fn bodies_are_bounded_and_form_encoded() {
     let h = Harness::with_config(api::ApiConfig {
         max_body_bytes: 1024,

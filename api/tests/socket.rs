@@ -127,7 +127,13 @@ async fn http_and_websocket_depth_trades_and_user_data() {
     ))
     .await
     .unwrap();
-    assert_eq!(next_json(&mut sub).await["error"]["code"], 2);
+    loop {
+        let m = next_json(&mut sub).await;
+        if m["id"] == 8 {
+            assert_eq!(m["error"]["code"], 2);
+            break;
+        }
+    }
     assert!(
         tokio_tungstenite::connect_async(format!("ws://{addr}/ws/btcusd@nope"))
             .await
@@ -249,6 +255,7 @@ async fn http_and_websocket_depth_trades_and_user_data() {
 async fn slow_websocket_consumer_is_disconnected_without_slowing_others() {
     let h = Harness::with_config(api::ApiConfig {
         ws_queue: 64,
+        orders_per_10s: 1_000_000,
         socket_send_buffer: Some(4096),
         ..Default::default()
     });

@@ -42,7 +42,10 @@ pub fn now_ms() -> u64 {
 
 impl Harness {
     pub fn new() -> Self {
-        Self::with_config(ApiConfig::default())
+        Self::with_config(ApiConfig {
+            orders_per_10s: 1_000_000,
+            ..ApiConfig::default()
+        })
     }
 
     pub fn with_config(cfg: ApiConfig) -> Self {

@@ -366,12 +366,30 @@ pub struct ReadModel {
 /// disconnected.
 pub const WS_QUEUE: usize = 4_096;
 
+/// What applying a group of batches produces. Order rows are deduplicated per group (an order
+/// placed and filled in one group is written once); messages are only built when someone
+/// listens.
 #[derive(Default)]
 struct Out {
-    orders: Vec<OrderRec>,
+    orders: BTreeMap<u64, OrderRec>,
     trades: Vec<TradeRec>,
     market: Vec<MarketMsg>,
     user: Vec<UserMsg>,
+    want_market: bool,
+    want_user: bool,
+}
+
+impl Out {
+    fn push_user(&mut self, f: impl FnOnce() -> UserMsg) {
+        if self.want_user {
+            self.user.push(f());
+        }
+    }
+    fn push_market(&mut self, f: impl FnOnce() -> MarketMsg) {
+        if self.want_market {
+            self.market.push(f());
+        }
+    }
 }
 
 impl ReadModel {
@@ -434,7 +452,11 @@ impl ReadModel {
                     Err(_) => break,
                 }
             }
-            let mut out = Out::default();
+            let mut out = Out {
+                want_market: self.market_tx.receiver_count() > 0,
+                want_user: self.user_tx.receiver_count() > 0,
+                ..Out::default()
+            };
             {
                 let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
                 st.recent_done.clear();
@@ -442,7 +464,8 @@ impl ReadModel {
                     apply_batch(&mut st, &self.markets, b, &mut out);
                 }
             }
-            if let Err(e) = Store::write_history(&mut conn, &out.orders, &out.trades) {
+            let orders: Vec<OrderRec> = std::mem::take(&mut out.orders).into_values().collect();
+            if let Err(e) = Store::write_history(&mut conn, &orders, &out.trades) {
                 tracing::error!(error = %e, "writing history failed");
             }
             let last = group.last().map_or(0, |b| b.seq);
@@ -715,7 +738,7 @@ fn finish(st: &mut State, id: u64, out: &mut Out) -> Option<OrderRec> {
         ids.remove(&id);
     }
     st.recent_done.insert(id, o.clone());
-    out.orders.push(o.clone());
+    out.orders.insert(o.id, o.clone());
     Some(o)
 }
 
@@ -771,11 +794,11 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                     update_ms: ms,
                     working_ms: if stop == 0 { Some(ms) } else { None },
                 };
-                out.user.push(UserMsg {
+                out.push_user(|| UserMsg {
                     account: o.account,
                     json: execution_report(markets, &o, "NEW", ms, None),
                 });
-                out.orders.push(o.clone());
+                out.orders.insert(o.id, o.clone());
                 st.open_by_account
                     .entry(o.account)
                     .or_default()
@@ -796,11 +819,11 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                     o.orig_qty = qty.0;
                     o.update_ms = ms;
                     let o = o.clone();
-                    out.user.push(UserMsg {
+                    out.push_user(|| UserMsg {
                         account: o.account,
                         json: execution_report(markets, &o, "REPLACED", ms, None),
                     });
-                    out.orders.push(o);
+                    out.orders.insert(o.id, o);
                 }
             }
             Event::Trade {
@@ -851,16 +874,16 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                         if o.orig_quote != 0 {
                             o.orig_qty = o.executed;
                         }
-                        out.user.push(UserMsg {
+                        out.push_user(|| UserMsg {
                             account: o.account,
                             json: execution_report(markets, o, "TRADE", ms, Some((&t, maker))),
                         });
-                        out.orders.push(o.clone());
+                        out.orders.insert(o.id, o.clone());
                     }
                 }
                 let mi = usize::from(market.0);
                 let spec = markets.get(market);
-                out.market.push(MarketMsg {
+                out.push_market(|| MarketMsg {
                     market: mi,
                     kind: MarketMsgKind::Trade,
                     json: json!({
@@ -895,7 +918,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                     o.status = status;
                     o.update_ms = ms;
                     if let Some(x) = exec {
-                        out.user.push(UserMsg {
+                        out.push_user(|| UserMsg {
                             account: o.account,
                             json: execution_report(markets, o, x, ms, None),
                         });
@@ -942,16 +965,18 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 }
                 m.depth_seq = seq;
                 touched_best.insert(mi);
-                let spec = markets.get(market);
-                let e = depth
-                    .entry(mi)
-                    .or_insert((seq, seq, Vec::new(), Vec::new()));
-                e.1 = seq;
-                let level = [spec.fmt_price(price), spec.fmt_qty(qty)];
-                if side == Side::Buy {
-                    e.2.push(level);
-                } else {
-                    e.3.push(level);
+                if out.want_market {
+                    let spec = markets.get(market);
+                    let e = depth
+                        .entry(mi)
+                        .or_insert((seq, seq, Vec::new(), Vec::new()));
+                    e.1 = seq;
+                    let level = [spec.fmt_price(price), spec.fmt_qty(qty)];
+                    if side == Side::Buy {
+                        e.2.push(level);
+                    } else {
+                        e.3.push(level);
+                    }
                 }
             }
             Event::Credited {
@@ -960,7 +985,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 amount,
                 ..
             } => {
-                out.user.push(UserMsg {
+                out.push_user(|| UserMsg {
                     account: account.0,
                     json: json!({
                         "e": "balanceUpdate", "E": ms,
@@ -979,12 +1004,12 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
             } => {
                 let a = &markets.assets[usize::from(asset.0)].symbol;
                 let d = markets.fmt_amount(asset, amount.0);
-                out.user.push(UserMsg {
+                out.push_user(|| UserMsg {
                     account: from.0,
                     json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": format!("-{d}"), "T": ms})
                         .to_string(),
                 });
-                out.user.push(UserMsg {
+                out.push_user(|| UserMsg {
                     account: to.0,
                     json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": d, "T": ms})
                         .to_string(),
@@ -998,7 +1023,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
     }
     for (mi, (first, last, b_levels, a_levels)) in depth {
         let spec = &markets.markets[mi];
-        out.market.push(MarketMsg {
+        out.push_market(|| MarketMsg {
             market: mi,
             kind: MarketMsgKind::Depth,
             json: json!({
@@ -1008,7 +1033,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
             .to_string(),
         });
     }
-    for mi in touched_best {
+    let want_market = out.want_market;
+    for mi in touched_best.into_iter().filter(|_| want_market) {
         let spec = &markets.markets[mi];
         let m = &st.markets[mi];
         let (bid, ask) = m.best();
@@ -1020,12 +1046,15 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
         };
         let (bp, bq) = fmt(bid);
         let (ap, aq) = fmt(ask);
-        out.market.push(MarketMsg {
+        out.push_market(|| MarketMsg {
             market: mi,
             kind: MarketMsgKind::BookTicker,
             json: json!({"u": m.depth_seq, "s": spec.symbol, "b": bp, "B": bq, "a": ap, "A": aq})
                 .to_string(),
         });
+    }
+    if !out.want_user {
+        return;
     }
     for (account, assets) in balances_changed {
         let Some(v) = st.balances.get(&account) else {
@@ -1043,7 +1072,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 }))
             })
             .collect();
-        out.user.push(UserMsg {
+        out.push_user(|| UserMsg {
             account,
             json: json!({"e": "outboundAccountPosition", "E": ms, "u": ms, "B": list}).to_string(),
         });

@@ -6,7 +6,7 @@
 //! secret is shown once, when the key is created. Whoever can read the master key file can derive
 //! every secret (exactly as with an encryption key); a leaked database alone reveals none. A key
 //! is revoked by deleting its row; a new key gets a new random id, hence a new secret.
-//! See `docs/adr/0004-api-secrets.md`.
+//! See `docs/adr/0005-api-secrets-derived-from-a-master-key.md`.
 
 use crate::store::{KeyRow, Store, StoreError};
 use hmac::{Hmac, Mac};

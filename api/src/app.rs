@@ -584,6 +584,7 @@ pub fn app(state: AppState) -> Router {
                 .delete(trade::cancel_order),
         )
         .route("/api/v3/order/test", post(trade::test_order))
+        .route("/api/v3/order/cancelReplace", post(trade::cancel_replace))
         .route(
             "/api/v3/openOrders",
             get(trade::open_orders).delete(trade::cancel_open_orders),

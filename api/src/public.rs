@@ -82,7 +82,7 @@ fn symbol_info(m: &MarketSpec) -> Value {
         "otoAllowed": false,
         "quoteOrderQtyMarketAllowed": true,
         "allowTrailingStop": false,
-        "cancelReplaceAllowed": false,
+        "cancelReplaceAllowed": true,
         "amendAllowed": false,
         "isSpotTradingAllowed": true,
         "isMarginTradingAllowed": false,

@@ -347,12 +347,8 @@ fn order_from_events(events: &[Event], id: OrderId, ms: u64) -> Option<(OrderRec
     rec.map(|r| (r, fills))
 }
 
-/// `POST /api/v3/order`.
-pub async fn new_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
-    let parsed = parse_new_order(&st, &key, &mut p)?;
-    p.finish()?;
-    let orders = st.charge_order(key.account)?;
+/// Places a parsed order; the Binance answer for its response type.
+async fn place(st: &AppState, parsed: &Parsed) -> Result<Value, ApiError> {
     let reply = st.submit(Command::NewOrder(parsed.order)).await?;
     if let Err(code) = reply.result {
         return Err(ApiError::new_order_rejected(code));
@@ -414,11 +410,177 @@ pub async fn new_order(State(st): State<AppState>, req: Req) -> Result<Response,
             .collect();
         v["fills"] = Value::Array(fills);
     }
-    let mut res = ok_json(&ctx, v);
+    Ok(v)
+}
+
+fn with_order_count(mut res: Response, orders: u64) -> Response {
     if let Ok(h) = axum::http::HeaderValue::from_str(&orders.to_string()) {
         res.headers_mut().insert("x-mbx-order-count-10s", h);
     }
-    Ok(res)
+    res
+}
+
+/// `POST /api/v3/order`.
+pub async fn new_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let parsed = parse_new_order(&st, &key, &mut p)?;
+    p.finish()?;
+    let orders = st.charge_order(key.account)?;
+    let v = place(&st, &parsed).await?;
+    Ok(with_order_count(ok_json(&ctx, v), orders))
+}
+
+/// Cancels one order; Binance's cancel answer.
+async fn cancel(
+    st: &AppState,
+    account: u32,
+    m: &MarketSpec,
+    r: OrderRef,
+    cancel_client: &str,
+) -> Result<Value, ApiError> {
+    let reply = st
+        .submit(Command::Cancel {
+            account: AccountId(account),
+            market: m.id,
+            order: r,
+        })
+        .await?;
+    if let Err(code) = reply.result {
+        return Err(ApiError::cancel_rejected(code));
+    }
+    let id = *done_ids(&reply.events)
+        .first()
+        .ok_or_else(ApiError::internal)?;
+    let o = st
+        .read_model()
+        .find_order(account, id)
+        .map_err(internal)?
+        .ok_or_else(ApiError::internal)?;
+    Ok(cancel_json(
+        m,
+        &o,
+        cancel_client,
+        accepted_ms(&reply.events),
+    ))
+}
+
+fn err_json(e: &ApiError) -> Value {
+    json!({"code": e.code, "msg": e.msg})
+}
+
+/// `POST /api/v3/order/cancelReplace` (ccxt's `editOrder`): cancels an order, then places a
+/// new one (two engine commands; `STOP_ON_FAILURE` skips the new order when the cancel fails,
+/// `ALLOW_FAILURE` places it anyway).
+pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let mode = p.req("cancelReplaceMode")?;
+    let allow_failure = match mode.as_str() {
+        "STOP_ON_FAILURE" => false,
+        "ALLOW_FAILURE" => true,
+        _ => return Err(ApiError::invalid_value("cancelReplaceMode")),
+    };
+    let id = p.opt_u64("cancelOrderId")?;
+    let orig = p.opt("cancelOrigClientOrderId")?;
+    let r = match (id, orig) {
+        (Some(id), _) => OrderRef::Id(OrderId(id)),
+        (None, Some(c)) => OrderRef::Client(ClientOrderId::new(&c).map_err(|_| {
+            ApiError::illegal("cancelOrigClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$")
+        })?),
+        (None, None) => {
+            return Err(ApiError::bad(
+                -1102,
+                "Param 'cancelOrigClientOrderId' or 'cancelOrderId' must be sent, but both were empty/null!",
+            ))
+        }
+    };
+    let cancel_client = match p.opt("cancelNewClientOrderId")? {
+        Some(c) => {
+            ClientOrderId::new(&c).map_err(|_| {
+                ApiError::illegal("cancelNewClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$")
+            })?;
+            c
+        }
+        None => st.gen_client_id(),
+    };
+    let parsed = parse_new_order(&st, &key, &mut p)?;
+    p.finish()?;
+    let orders = st.charge_order(key.account)?;
+    let m = &st.markets().markets[parsed.market];
+    let cancelled = cancel(&st, key.account, m, r, &cancel_client).await;
+    let placed = if cancelled.is_ok() || allow_failure {
+        Some(place(&st, &parsed).await)
+    } else {
+        None
+    };
+    let (status, body) = match (&cancelled, &placed) {
+        (Ok(c), Some(Ok(n))) => {
+            return Ok(with_order_count(
+                ok_json(
+                    &ctx,
+                    json!({
+                        "cancelResult": "SUCCESS",
+                        "newOrderResult": "SUCCESS",
+                        "cancelResponse": c,
+                        "newOrderResponse": n,
+                    }),
+                ),
+                orders,
+            ))
+        }
+        (Err(ce), None) => (
+            axum::http::StatusCode::BAD_REQUEST,
+            json!({
+                "code": -2022,
+                "msg": "Order cancel-replace failed.",
+                "data": {
+                    "cancelResult": "FAILURE",
+                    "newOrderResult": "NOT_ATTEMPTED",
+                    "cancelResponse": err_json(ce),
+                    "newOrderResponse": null,
+                },
+            }),
+        ),
+        (Err(ce), Some(Err(ne))) => (
+            axum::http::StatusCode::BAD_REQUEST,
+            json!({
+                "code": -2022,
+                "msg": "Order cancel-replace failed.",
+                "data": {
+                    "cancelResult": "FAILURE",
+                    "newOrderResult": "FAILURE",
+                    "cancelResponse": err_json(ce),
+                    "newOrderResponse": err_json(ne),
+                },
+            }),
+        ),
+        (c, n) => {
+            let (cr, cv) = match c {
+                Ok(v) => ("SUCCESS", v.clone()),
+                Err(e) => ("FAILURE", err_json(e)),
+            };
+            let (nr, nv) = match n {
+                Some(Ok(v)) => ("SUCCESS", v.clone()),
+                Some(Err(e)) => ("FAILURE", err_json(e)),
+                None => ("NOT_ATTEMPTED", Value::Null),
+            };
+            (
+                axum::http::StatusCode::CONFLICT,
+                json!({
+                    "code": -2021,
+                    "msg": "Order cancel-replace partially failed.",
+                    "data": {
+                        "cancelResult": cr,
+                        "newOrderResult": nr,
+                        "cancelResponse": cv,
+                        "newOrderResponse": nv,
+                    },
+                }),
+            )
+        }
+    };
+    let mut res = ok_json(&ctx, body);
+    *res.status_mut() = status;
+    Ok(with_order_count(res, orders))
 }
 
 /// `POST /api/v3/order/test`: validates like a new order, sends nothing to the engine.
@@ -528,28 +690,8 @@ pub async fn cancel_order(State(st): State<AppState>, req: Req) -> Result<Respon
     };
     p.finish()?;
     let m = st.markets().by_symbol(&sym)?;
-    let reply = st
-        .submit(Command::Cancel {
-            account: AccountId(key.account),
-            market: m.id,
-            order: r,
-        })
-        .await?;
-    if let Err(code) = reply.result {
-        return Err(ApiError::cancel_rejected(code));
-    }
-    let id = *done_ids(&reply.events)
-        .first()
-        .ok_or_else(ApiError::internal)?;
-    let o = st
-        .read_model()
-        .find_order(key.account, id)
-        .map_err(internal)?
-        .ok_or_else(ApiError::internal)?;
-    Ok(ok_json(
-        &ctx,
-        cancel_json(m, &o, &cancel_client, accepted_ms(&reply.events)),
-    ))
+    let v = cancel(&st, key.account, m, r, &cancel_client).await?;
+    Ok(ok_json(&ctx, v))
 }
 
 /// `GET /api/v3/openOrders`.

@@ -709,6 +709,49 @@ async fn order_types_and_rejections() {
 }
 
 #[tokio::test]
+async fn cancel_replace() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "0").await;
+    let o = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000&newClientOrderId=a", &k).await;
+    let r = h
+        .ok("POST", "/api/v3/order/cancelReplace", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.02&price=31000&cancelReplaceMode=STOP_ON_FAILURE&cancelOrigClientOrderId=a&newClientOrderId=b", &k)
+        .await;
+    assert_eq!(
+        (r["cancelResult"].as_str(), r["newOrderResult"].as_str()),
+        (Some("SUCCESS"), Some("SUCCESS"))
+    );
+    assert_eq!(r["cancelResponse"]["orderId"], o["orderId"]);
+    assert_eq!(r["cancelResponse"]["status"], "CANCELED");
+    assert_eq!(r["newOrderResponse"]["clientOrderId"], "b");
+    assert_eq!(r["newOrderResponse"]["price"], "31000.00000000");
+    // The old order is gone: STOP_ON_FAILURE places nothing.
+    let r = h
+        .signed("POST", "/api/v3/order/cancelReplace", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=32000&cancelReplaceMode=STOP_ON_FAILURE&cancelOrigClientOrderId=a", &k)
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, -2022));
+    assert_eq!(r.json["data"]["cancelResponse"]["code"], -2011);
+    assert_eq!(r.json["data"]["newOrderResult"], "NOT_ATTEMPTED");
+    // ALLOW_FAILURE places it anyway: 409, partially failed.
+    let r = h
+        .signed("POST", "/api/v3/order/cancelReplace", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=32000&cancelReplaceMode=ALLOW_FAILURE&cancelOrderId=999999", &k)
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, -2021));
+    assert_eq!(r.json["data"]["newOrderResult"], "SUCCESS");
+    assert_eq!(
+        h.ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &k)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let r = h
+        .signed("POST", "/api/v3/order/cancelReplace", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=32000&cancelReplaceMode=MAYBE&cancelOrderId=1", &k)
+        .await;
+    assert_eq!(r.code(), -1130);
+}
+
+#[tokio::test]
 async fn native_endpoints_transfer_keys_admin() {
     let h = Harness::new();
     let (a, ka) = h.trader("0", "100").await;

@@ -277,6 +277,18 @@ impl AppState {
         Ok(r)
     }
 
+    /// Sets a gauge shown on `/metrics` (e.g. `mediator_wallet_sync_height`,
+    /// `mediator_reconciliation_gap_sats`), for the parts of the server outside this crate.
+    /// `name` must be a valid Prometheus metric name.
+    pub fn set_gauge(&self, name: &'static str, help: &'static str, value: i64) {
+        self.0
+            .metrics
+            .external
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, (help, value));
+    }
+
     /// A fresh client order id (22 characters of `[A-Za-z0-9]`, like Binance's).
     pub fn gen_client_id(&self) -> String {
         let n = self.0.id_counter.fetch_add(1, Ordering::Relaxed);

@@ -147,6 +147,36 @@ mod tests {
         );
     }
 
+    proptest::proptest! {
+        #[test]
+        fn round_trip_any_value(v: u64, d in 0u8..=18) {
+            proptest::prop_assert_eq!(parse_units(&format_units(v, d), d), Ok(v));
+        }
+
+        #[test]
+        fn parse_matches_a_reference(int in "[0-9]{1,12}", frac in "[0-9]{0,12}", d in 0u8..=12) {
+            let s = if frac.is_empty() { int.clone() } else { format!("{int}.{frac}") };
+            // Reference: exact rational arithmetic in u128.
+            let significant = frac.trim_end_matches('0');
+            let want = if significant.len() > usize::from(d) {
+                Err(DecimalError::TooPrecise)
+            } else {
+                let mut padded = significant.to_owned();
+                while padded.len() < usize::from(d) {
+                    padded.push('0');
+                }
+                let v: u128 = format!("{int}{padded}").parse().unwrap_or(u128::MAX);
+                u64::try_from(v).map_err(|_| DecimalError::TooLarge)
+            };
+            proptest::prop_assert_eq!(parse_units(&s, d), want);
+        }
+
+        #[test]
+        fn never_panics(s in "\\PC{0,45}", d in 0u8..=30) {
+            let _ = parse_units(&s, d);
+        }
+    }
+
     #[test]
     fn round_trip_every_small_value_and_edges() {
         for d in [0u8, 2, 8, 18] {

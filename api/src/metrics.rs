@@ -75,6 +75,8 @@ pub struct Metrics {
     pub ws_connections: AtomicU64,
     /// WebSockets closed for being too slow.
     pub ws_slow_disconnects: AtomicU64,
+    /// Gauges set by other parts of the server (wallet sync height, reconciliation gap, ...).
+    pub external: std::sync::RwLock<std::collections::BTreeMap<&'static str, (&'static str, i64)>>,
 }
 
 impl Metrics {
@@ -160,6 +162,9 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
             "mediator_http_responses_total{{class=\"{class}\"}} {}",
             c.load(Ordering::Relaxed)
         );
+    }
+    for (name, (help, v)) in m.external.read().unwrap_or_else(|e| e.into_inner()).iter() {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {v}");
     }
     m.http_latency.render(
         "mediator_http_request_duration_seconds",

@@ -1030,11 +1030,14 @@ async fn metrics_and_openapi() {
         &k,
     )
     .await;
+    h.state
+        .set_gauge("mediator_wallet_sync_height", "Wallet sync height.", 812);
     let m = h.get("/metrics").await.json;
     let text = m.as_str().unwrap();
     assert!(text.contains("mediator_orders_total 1"), "{text}");
     assert!(text.contains("mediator_http_request_duration_seconds_bucket{le=\"+Inf\"}"));
     assert!(text.contains("mediator_engine_queue_depth"));
+    assert!(text.contains("\nmediator_wallet_sync_height 812\n"));
     let o = h.get("/openapi.json").await.json;
     assert_eq!(o["openapi"], "3.0.3");
     assert!(o["paths"]["/api/v3/order"]["post"].is_object());

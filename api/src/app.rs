@@ -323,6 +323,27 @@ pub struct Req {
     pub ip: String,
 }
 
+/// The client's IP (or `local` without a socket), as an extractor.
+#[derive(Debug, Clone)]
+pub struct ClientIp(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(
+            parts
+                .extensions
+                .get::<ConnectInfo<PeerAddr>>()
+                .map(|c| c.0 .0.ip().to_string())
+                .unwrap_or_else(|| "local".to_owned()),
+        ))
+    }
+}
+
 /// The peer address of a connection (set by [`serve`]).
 #[derive(Debug, Clone, Copy)]
 pub struct PeerAddr(pub SocketAddr);
@@ -382,11 +403,12 @@ pub const MAX_RECV_WINDOW: u64 = 60_000;
 
 impl AppState {
     fn charge_ip(&self, req: &Req, weight: u64) -> Result<Ctx, ApiError> {
-        match self
-            .0
-            .ip_limiter
-            .charge(&req.ip, weight, crate::core::now_ms())
-        {
+        self.charge_ip_addr(&req.ip, weight)
+    }
+
+    /// Charges weight to a client IP.
+    pub fn charge_ip_addr(&self, ip: &str, weight: u64) -> Result<Ctx, ApiError> {
+        match self.0.ip_limiter.charge(ip, weight, crate::core::now_ms()) {
             Charge::Ok(used) => Ok(Ctx { used }),
             Charge::Limited { retry_after, .. } => {
                 self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
@@ -396,6 +418,28 @@ impl AppState {
                 ))
             }
         }
+    }
+
+    /// Checks `timestamp` against the server clock and `recvWindow` (`-1021`, `-1131`).
+    pub fn check_time(&self, ts: u64, recv_window: Option<u64>) -> Result<(), ApiError> {
+        let recv = recv_window.unwrap_or(5_000);
+        if recv > MAX_RECV_WINDOW {
+            return Err(ApiError::bad(-1131, "recvWindow must be less than 60000"));
+        }
+        let now = crate::core::now_ms();
+        if ts > now + 1_000 {
+            return Err(ApiError::bad(
+                -1021,
+                "Timestamp for this request was 1000ms ahead of the server's time.",
+            ));
+        }
+        if now - ts > recv {
+            return Err(ApiError::bad(
+                -1021,
+                "Timestamp for this request is outside of the recvWindow.",
+            ));
+        }
+        Ok(())
     }
 
     /// A public request: charges weight and parses parameters.
@@ -411,6 +455,11 @@ impl AppState {
             .ok_or_else(ApiError::key_format)?
             .to_str()
             .map_err(|_| ApiError::key_format())?;
+        self.lookup_key(raw, weight)
+    }
+
+    /// A live key by its public id, charged `weight` against its limit (`-2014`, `-2015`, 429).
+    pub fn lookup_key(&self, raw: &str, weight: u64) -> Result<ApiKey, ApiError> {
         if raw.is_empty() || raw.len() > 128 || !raw.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(ApiError::key_format());
         }
@@ -455,23 +504,8 @@ impl AppState {
             .ok()
             .filter(|_| ts.len() <= 20 && ts.bytes().all(|b| b.is_ascii_digit()))
             .ok_or_else(|| ApiError::missing("timestamp"))?;
-        let recv = p.opt_u64("recvWindow")?.unwrap_or(5_000);
-        if recv > MAX_RECV_WINDOW {
-            return Err(ApiError::bad(-1131, "recvWindow must be less than 60000"));
-        }
-        let now = crate::core::now_ms();
-        if ts > now + 1_000 {
-            return Err(ApiError::bad(
-                -1021,
-                "Timestamp for this request was 1000ms ahead of the server's time.",
-            ));
-        }
-        if now - ts > recv {
-            return Err(ApiError::bad(
-                -1021,
-                "Timestamp for this request is outside of the recvWindow.",
-            ));
-        }
+        let recv = p.opt_u64("recvWindow")?;
+        self.check_time(ts, recv)?;
         p.req("signature")?;
         let (q, sig_q) = split_signature(&req.query);
         let (b, sig_b) = split_signature(&req.body);
@@ -623,6 +657,7 @@ pub fn app(state: AppState) -> Router {
         .route("/ws", get(ws::ws_root))
         .route("/ws/{streams}", get(ws::ws_path))
         .route("/stream", get(ws::ws_combined))
+        .route("/ws-api/v3", get(ws::ws_api))
         .route("/metrics", get(crate::metrics::metrics))
         .route("/openapi.json", get(crate::openapi::openapi))
         .fallback(not_found)

@@ -424,3 +424,149 @@ pub async fn listen_key_keepalive(
 pub async fn listen_key_close(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     touch(&st, &req, true)
 }
+
+/// `GET /ws-api/v3`: Binance's WebSocket API, the requests needed for user data without a
+/// listenKey: `ping`, `time`, `userDataStream.subscribe.signature` (HMAC-SHA256 over the
+/// parameters sorted by name, as Binance's WebSocket API signs), `userDataStream.unsubscribe`.
+/// Events arrive as `{"subscriptionId":n,"event":{...}}`.
+pub async fn ws_api(
+    State(st): State<AppState>,
+    crate::app::ClientIp(ip): crate::app::ClientIp,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ws.max_message_size(64 * 1024)
+        .on_upgrade(move |socket| async move {
+            st.0.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
+            run_ws_api(&st, socket, &ip).await;
+            st.0.metrics.ws_connections.fetch_sub(1, Ordering::Relaxed);
+        })
+        .into_response()
+}
+
+fn ws_error(id: &Value, e: &ApiError) -> String {
+    json!({"id": id, "status": e.status.as_u16(), "error": {"code": e.code, "msg": e.msg}})
+        .to_string()
+}
+
+fn param_str(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Verifies a signed WebSocket API request; returns the key.
+fn ws_signed(
+    st: &AppState,
+    params: &serde_json::Map<String, Value>,
+) -> Result<crate::keys::ApiKey, ApiError> {
+    let api_key = params
+        .get("apiKey")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::missing("apiKey"))?;
+    let key = st.lookup_key(api_key, 2)?;
+    let ts = params
+        .get("timestamp")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| ApiError::missing("timestamp"))?;
+    let recv = match params.get("recvWindow") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| ApiError::invalid_value("recvWindow"))?,
+        ),
+    };
+    st.check_time(ts, recv)?;
+    let sig = params
+        .get("signature")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::missing("signature"))?;
+    let mut pairs: Vec<(&String, String)> = Vec::new();
+    for (k, v) in params {
+        if k == "signature" {
+            continue;
+        }
+        let s = param_str(v).ok_or_else(|| ApiError::invalid_value(k))?;
+        pairs.push((k, s));
+    }
+    pairs.sort();
+    let payload: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !key.verify(payload.join("&").as_bytes(), sig) {
+        return Err(ApiError::bad_signature());
+    }
+    if !key.perms.has(Perms::READ) {
+        return Err(ApiError::key_rejected());
+    }
+    Ok(key)
+}
+
+async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
+    let mut urx = st.0.rm.user_tx.subscribe();
+    // (subscription id, account)
+    let mut subs: Vec<(u64, u32)> = Vec::new();
+    let mut next_id = 0u64;
+    loop {
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                Some(Ok(Message::Text(t))) => {
+                    let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
+                        let e = ApiError::bad(-1100, "Malformed request.");
+                        if !send(&mut socket, ws_error(&Value::Null, &e)).await { break; }
+                        continue;
+                    };
+                    let id = v.get("id").cloned().unwrap_or(Value::Null);
+                    let params = v.get("params").and_then(Value::as_object).cloned().unwrap_or_default();
+                    let answer = match st.charge_ip_addr(ip, 2) {
+                        Err(e) => ws_error(&id, &e),
+                        Ok(_) => match v.get("method").and_then(Value::as_str) {
+                            Some("ping") => json!({"id": id, "status": 200, "result": {}}).to_string(),
+                            Some("time") => json!({"id": id, "status": 200, "result": {"serverTime": crate::core::now_ms()}}).to_string(),
+                            Some("userDataStream.subscribe.signature") => match ws_signed(st, &params) {
+                                Ok(key) => {
+                                    let sid = next_id;
+                                    next_id += 1;
+                                    subs.push((sid, key.account));
+                                    json!({"id": id, "status": 200, "result": {"subscriptionId": sid}}).to_string()
+                                }
+                                Err(e) => ws_error(&id, &e),
+                            },
+                            Some("userDataStream.unsubscribe") => {
+                                match params.get("subscriptionId").and_then(Value::as_u64) {
+                                    Some(sid) => subs.retain(|(s, _)| *s != sid),
+                                    None => subs.clear(),
+                                }
+                                json!({"id": id, "status": 200, "result": {}}).to_string()
+                            }
+                            _ => ws_error(&id, &ApiError::bad(-1100, "Unknown or unsupported method.")),
+                        },
+                    };
+                    if !send(&mut socket, answer).await {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            r = urx.recv() => match r {
+                Ok(u) => {
+                    for (sid, account) in &subs {
+                        if *account == u.account {
+                            let text = format!("{{\"subscriptionId\":{sid},\"event\":{}}}", u.json);
+                            if !send(&mut socket, text).await {
+                                st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                                return close(&mut socket, "slow consumer: send timed out".into()).await;
+                            }
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                    return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
+                }
+                Err(RecvError::Closed) => break,
+            },
+        }
+    }
+}

@@ -246,6 +246,58 @@ async fn http_and_websocket_depth_trades_and_user_data() {
             break;
         }
     }
+    // The WebSocket API: user data without a listenKey.
+    let (mut wsapi, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws-api/v3"))
+        .await
+        .unwrap();
+    let ts = now_ms();
+    let payload = format!("apiKey={}&recvWindow=5000&timestamp={ts}", buyer.0);
+    let req = serde_json::json!({
+        "id": "s1",
+        "method": "userDataStream.subscribe.signature",
+        "params": {"apiKey": buyer.0, "timestamp": ts, "recvWindow": 5000, "signature": sign(&buyer.1, &payload)},
+    });
+    wsapi
+        .send(Message::Text(req.to_string().into()))
+        .await
+        .unwrap();
+    let ack = next_json(&mut wsapi).await;
+    assert_eq!(
+        (ack["id"].as_str(), ack["status"].as_u64()),
+        (Some("s1"), Some(200)),
+        "{ack}"
+    );
+    let sid = ack["result"]["subscriptionId"].as_u64().unwrap();
+    let bad = serde_json::json!({
+        "id": 2, "method": "userDataStream.subscribe.signature",
+        "params": {"apiKey": buyer.0, "timestamp": ts, "signature": sign("wrong", &payload)},
+    });
+    wsapi
+        .send(Message::Text(bad.to_string().into()))
+        .await
+        .unwrap();
+    let nack = next_json(&mut wsapi).await;
+    assert_eq!(
+        (nack["status"].as_u64(), nack["error"]["code"].as_i64()),
+        (Some(400), Some(-1022))
+    );
+    let (status, _) = signed_post(
+        addr,
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=29000",
+        &buyer,
+    )
+    .await;
+    assert_eq!(status, 200);
+    loop {
+        let m = next_json(&mut wsapi).await;
+        assert_eq!(m["subscriptionId"].as_u64(), Some(sid));
+        if m["event"]["e"] == "executionReport" {
+            assert_eq!(m["event"]["x"], "NEW");
+            assert_eq!(m["event"]["p"], "29000.00000000");
+            break;
+        }
+    }
     let (_, metrics_status) = (0, http(addr, "GET", "/metrics", "", None).await.0);
     assert_eq!(metrics_status, 200);
     let _ = stop.send(());

@@ -79,6 +79,17 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
     let stop = p.opt("stopPrice")?;
     let client = p.opt("newClientOrderId")?;
     let resp = p.opt("newOrderRespType")?;
+    for unsupported in [
+        "icebergQty",
+        "trailingDelta",
+        "pegPriceType",
+        "pegOffsetValue",
+        "pegOffsetType",
+    ] {
+        if p.opt(unsupported)?.is_some() {
+            return Err(ApiError::bad(-1014, "Unsupported order combination."));
+        }
+    }
     let stp = match p.opt("selfTradePreventionMode")?.as_deref() {
         None | Some("EXPIRE_TAKER") => StpMode::ExpireTaker,
         Some("NONE") => StpMode::None,

@@ -339,7 +339,8 @@ async fn order_input_validation() {
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&newClientOrderId=has%20space", -1100, ""),
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&selfTradePreventionMode=DECREMENT", -1130, ""),
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&newOrderRespType=XML", -1130, ""),
-        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&icebergQty=1", -1104, ""),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&icebergQty=1", -1014, "Unsupported order combination."),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&foo=1", -1104, ""),
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=&price=30000", -1105, ""),
     ];
     for (params, code, msg) in cases {

@@ -242,8 +242,10 @@ async fn run(
     let mut urx = st.0.rm.user_tx.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    // Last push per periodic stream: (time, what was pushed).
+    // Last push per partial-depth stream: (time, depth seq pushed).
     let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+    // Last push per kline stream: (open time, pushed as closed, last trade id, time).
+    let mut kstate: HashMap<String, (u64, bool, u64, u64)> = HashMap::new();
     let slow = |st: &AppState| {
         st.0.metrics
             .ws_slow_disconnects
@@ -318,24 +320,29 @@ async fn run(
                             }
                             Stream::Kline { market, interval } => {
                                 let ms = &rm.markets[*market];
-                                let Some(k) = ms.klines[*interval].back() else { continue };
-                                let stamp = k.last_id ^ (k.open_ms << 20);
-                                let prev = last.get(name).copied();
-                                if prev.is_none_or(|(t, s)| now >= t + 1000 && s != stamp) {
-                                    last.insert(name.clone(), (now, stamp));
-                                    let m = &st.markets().markets[*market];
-                                    let a = kline_array(m, k);
-                                    let data = json!({
-                                        "e": "kline", "E": now, "s": m.symbol,
-                                        "k": {
-                                            "t": a[0], "T": a[6], "s": m.symbol, "i": INTERVALS[*interval].0,
-                                            "f": k.first_id, "L": k.last_id,
-                                            "o": a[1], "c": a[4], "h": a[2], "l": a[3], "v": a[5],
-                                            "n": k.trades, "x": now > k.close_ms, "q": a[7],
-                                            "V": a[9], "Q": a[10], "B": "0",
+                                let ks = &ms.klines[*interval];
+                                let Some(k) = ks.back() else { continue };
+                                let m = &st.markets().markets[*market];
+                                let iv = INTERVALS[*interval].0;
+                                let prev = kstate.get(name).copied();
+                                // The previous candle's final update (x = true) once a new one opened.
+                                if let Some((popen, pclosed, _, _)) = prev {
+                                    if popen != k.open_ms && !pclosed {
+                                        if let Some(pk) = ks.iter().rev().find(|x| x.open_ms == popen) {
+                                            out.push(frame(combined, name, &kline_event(m, iv, pk, true, now)));
                                         }
-                                    });
-                                    out.push(frame(combined, name, &data.to_string()));
+                                    }
+                                }
+                                let stamp = k.last_id;
+                                let closed = now > k.close_ms;
+                                let due = prev.is_none_or(|(popen, pclosed, pstamp, t)| {
+                                    popen != k.open_ms
+                                        || (closed && !pclosed)
+                                        || (pstamp != stamp && now >= t + 1000)
+                                });
+                                if due {
+                                    kstate.insert(name.clone(), (k.open_ms, closed, stamp, now));
+                                    out.push(frame(combined, name, &kline_event(m, iv, k, closed, now)));
                                 }
                             }
                             Stream::User { listen_key, .. } => {
@@ -361,6 +368,28 @@ async fn run(
             }
         }
     }
+}
+
+/// Binance's `kline` event.
+fn kline_event(
+    m: &crate::market::MarketSpec,
+    interval: &str,
+    k: &crate::readmodel::Kline,
+    closed: bool,
+    now: u64,
+) -> String {
+    let a = kline_array(m, k);
+    json!({
+        "e": "kline", "E": now, "s": m.symbol,
+        "k": {
+            "t": a[0], "T": a[6], "s": m.symbol, "i": interval,
+            "f": k.first_id, "L": k.last_id,
+            "o": a[1], "c": a[4], "h": a[2], "l": a[3], "v": a[5],
+            "n": k.trades, "x": closed, "q": a[7],
+            "V": a[9], "Q": a[10], "B": "0",
+        }
+    })
+    .to_string()
 }
 
 fn new_listen_key() -> Result<String, ApiError> {

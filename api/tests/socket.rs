@@ -408,3 +408,44 @@ async fn slow_websocket_consumer_is_disconnected_without_slowing_others() {
     );
     let _ = stop.send(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kline_stream_sends_the_closed_candle() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/btcusd@kline_1s"))
+        .await
+        .unwrap();
+    let trade = |price: u32| {
+        let (b, s) = (buyer.clone(), seller.clone());
+        async move {
+            signed_post(addr, "/api/v3/order", &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price={price}"), &s).await;
+            let (st, v) = signed_post(addr, "/api/v3/order", &format!("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price={price}"), &b).await;
+            assert_eq!((st, v["status"].as_str()), (200, Some("FILLED")));
+        }
+    };
+    trade(30000).await;
+    let first = next_json(&mut ws).await;
+    assert_eq!(
+        (first["k"]["i"].as_str(), first["k"]["c"].as_str()),
+        (Some("1s"), Some("30000.00000000"))
+    );
+    let open = first["k"]["t"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    trade(30001).await;
+    let mut closed = false;
+    let mut next = false;
+    while !(closed && next) {
+        let m = next_json(&mut ws).await;
+        let t = m["k"]["t"].as_u64().unwrap();
+        if t == open && m["k"]["x"] == true {
+            closed = true;
+        }
+        if t > open && m["k"]["c"] == "30001.00000000" {
+            next = true;
+        }
+    }
+    let _ = stop.send(());
+}

@@ -96,7 +96,10 @@ impl Metrics {
 pub async fn metrics(State(st): State<AppState>) -> Response {
     let m = &st.0.metrics;
     let mut out = String::with_capacity(4096);
-    let counters = st.0.rm.read().counters;
+    let (counters, history_gap) = {
+        let r = st.0.rm.read();
+        (r.counters, r.history_gap)
+    };
     let mut line = |name: &str, kind: &str, help: &str, v: u64| {
         let _ = writeln!(
             out,
@@ -120,6 +123,12 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
         "counter",
         "Event batches applied to the read models.",
         counters.batches,
+    );
+    line(
+        "mediator_history_gap_commands",
+        "gauge",
+        "Journaled commands missing from the order and trade history since start-up.",
+        history_gap,
     );
     line(
         "mediator_read_model_seq",

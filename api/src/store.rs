@@ -47,6 +47,7 @@ CREATE TABLE IF NOT EXISTS orders(
   client_id TEXT NOT NULL, time_ms INTEGER NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS orders_by_account ON orders(account, market, order_id);
 CREATE INDEX IF NOT EXISTS orders_by_client ON orders(account, client_id);
+CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS trades(
   trade_id INTEGER PRIMARY KEY, market INTEGER NOT NULL, maker_account INTEGER NOT NULL,
   taker_account INTEGER NOT NULL, time_ms INTEGER NOT NULL, data TEXT NOT NULL);
@@ -138,16 +139,19 @@ impl Store {
         })
     }
 
-    /// Writes order and trade rows in one transaction (upserts: replays are idempotent).
+    /// Writes order and trade rows and the engine sequence number they reach, in one
+    /// transaction (upserts: replays are idempotent).
     pub fn write_history(
         conn: &mut Connection,
         orders: &[OrderRec],
         trades: &[TradeRec],
+        seq: u64,
     ) -> Result<(), StoreError> {
-        if orders.is_empty() && trades.is_empty() {
-            return Ok(());
-        }
         let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO meta(name, value) VALUES ('history_seq', ?1) ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
+            params![to_sql(seq)],
+        )?;
         {
             let mut o = tx.prepare_cached(
                 "INSERT OR REPLACE INTO orders(order_id, account, market, client_id, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6)",
@@ -180,6 +184,19 @@ impl Store {
         }
         tx.commit()?;
         Ok(())
+    }
+
+    /// The engine sequence number the stored history reaches (0 when empty).
+    pub fn history_seq(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT value FROM meta WHERE name = 'history_seq'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+        })
+        .map(|v| v.map_or(0, |v| v as u64))
     }
 
     /// One order of an account by id.

@@ -189,6 +189,19 @@ async fn trading_through_the_sequencer_survives_a_restart() {
             .len(),
         1
     );
+    // The history is complete: nothing journaled is missing from SQLite.
+    let res = s
+        .router
+        .clone()
+        .oneshot(Request::get("/metrics").body(Body::empty()).unwrap())
+        .await
+        .unwrap();
+    let text =
+        String::from_utf8(res.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+    assert!(
+        text.contains("\nmediator_history_gap_commands 0\n"),
+        "{text}"
+    );
     // Trading goes on against the recovered book.
     let buy = call(
         &s,

@@ -17,6 +17,7 @@ pub mod book;
 pub mod command;
 pub mod config;
 pub mod event;
+pub mod feed;
 pub mod reject;
 pub mod units;
 
@@ -25,8 +26,8 @@ pub use config::{AssetConfig, EngineConfig, Limits, MarketConfig};
 pub use event::{DoneReason, Event, OrderInfo};
 pub use reject::RejectCode;
 pub use units::{
-    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty,
-    Side, Timestamp, TradeId, WithdrawalId,
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
+    Timestamp, TradeId, WithdrawalId,
 };
 
 /// A deterministic state machine that the sequencer drives and the journal replays.

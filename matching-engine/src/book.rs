@@ -34,13 +34,28 @@ struct Level {
     qty: u64,
 }
 
-const EMPTY_LEVEL: Level = Level { head: NIL, tail: NIL, qty: 0 };
+const EMPTY_LEVEL: Level = Level {
+    head: NIL,
+    tail: NIL,
+    qty: 0,
+};
 
 #[derive(Debug)]
 struct Page {
     /// Bottom layer of the occupancy bitmap: bit `i` of word `w` is level `w * 64 + i`.
     words: [u64; PAGE_WORDS],
-    levels: [Level; PAGE_LEVELS],
+    /// `PAGE_LEVELS` levels, allocated on the heap directly (never built on the stack).
+    levels: Box<[Level]>,
+}
+
+/// A new empty page. Out of line and cold: pages are made once per 4,096 prices.
+#[cold]
+#[inline(never)]
+fn new_page() -> Box<Page> {
+    Box::new(Page {
+        words: [0; PAGE_WORDS],
+        levels: vec![EMPTY_LEVEL; PAGE_LEVELS].into_boxed_slice(),
+    })
 }
 
 /// Price levels addressed by price, with a hierarchical occupancy bitmap.
@@ -65,7 +80,10 @@ impl Levels {
             }
             bits = words;
         }
-        Self { pages: (0..pages).map(|_| None).collect(), upper }
+        Self {
+            pages: (0..pages).map(|_| None).collect(),
+            upper,
+        }
     }
 
     #[inline]
@@ -78,10 +96,23 @@ impl Levels {
 
     #[inline]
     fn level_mut(&mut self, price: u64) -> &mut Level {
-        let page = self.pages[(price >> PAGE_SHIFT) as usize].get_or_insert_with(|| {
-            Box::new(Page { words: [0; PAGE_WORDS], levels: [EMPTY_LEVEL; PAGE_LEVELS] })
-        });
-        &mut page.levels[price as usize & (PAGE_LEVELS - 1)]
+        let page = &mut self.pages[(price >> PAGE_SHIFT) as usize];
+        if page.is_none() {
+            *page = Some(new_page());
+        }
+        match page {
+            Some(p) => &mut p.levels[price as usize & (PAGE_LEVELS - 1)],
+            None => unreachable!("made above"),
+        }
+    }
+
+    /// The level at `price`, whose page exists (it holds or held an order).
+    #[inline]
+    fn level_existing(&mut self, price: u64) -> &mut Level {
+        match &mut self.pages[(price >> PAGE_SHIFT) as usize] {
+            Some(p) => &mut p.levels[price as usize & (PAGE_LEVELS - 1)],
+            None => unreachable!("an order's level page exists"),
+        }
     }
 
     /// Word `w` of layer `layer` (0 = bottom).
@@ -108,7 +139,9 @@ impl Levels {
 
     fn set(&mut self, price: u64) {
         let w = (price >> 6) as usize;
-        let page = self.pages[w / PAGE_WORDS].as_mut().expect("level page exists when set");
+        let page = self.pages[w / PAGE_WORDS]
+            .as_mut()
+            .expect("level page exists when set");
         let word = &mut page.words[w % PAGE_WORDS];
         let was_zero = *word == 0;
         *word |= 1 << (price & 63);
@@ -129,7 +162,9 @@ impl Levels {
 
     fn clear(&mut self, price: u64) {
         let w = (price >> 6) as usize;
-        let page = self.pages[w / PAGE_WORDS].as_mut().expect("level page exists when cleared");
+        let page = self.pages[w / PAGE_WORDS]
+            .as_mut()
+            .expect("level page exists when cleared");
         let word = &mut page.words[w % PAGE_WORDS];
         *word &= !(1 << (price & 63));
         if *word != 0 {
@@ -255,7 +290,10 @@ pub struct Book<T> {
 impl<T: Copy + Default> Book<T> {
     /// A book for prices `1..=max_price` with room for `capacity` resting orders, all allocated now.
     pub fn new(max_price: Price, capacity: u32) -> Self {
-        assert!(max_price.0 >= 1 && max_price.0 <= u64::from(u32::MAX), "max_price out of range");
+        assert!(
+            max_price.0 >= 1 && max_price.0 <= u64::from(u32::MAX),
+            "max_price out of range"
+        );
         let nodes = (0..capacity)
             .map(|i| Node {
                 id: OrderId(0),
@@ -430,7 +468,15 @@ impl<T: Copy> Book<T> {
         } else {
             self.nodes[tail as usize].next = slot;
         }
-        self.nodes[slot as usize] = Node { id, price, qty, side, prev: tail, next: NIL, data };
+        self.nodes[slot as usize] = Node {
+            id,
+            price,
+            qty,
+            side,
+            prev: tail,
+            next: NIL,
+            data,
+        };
         let previous = self.index.insert(id, slot);
         debug_assert!(previous.is_none(), "order id reused");
         self.len += 1;
@@ -452,7 +498,7 @@ impl<T: Copy> Book<T> {
         if node.next != NIL {
             self.nodes[node.next as usize].prev = node.prev;
         }
-        let level = self.levels.level_mut(price);
+        let level = self.levels.level_existing(price);
         if node.prev == NIL {
             level.head = node.next;
         }
@@ -498,7 +544,7 @@ impl<T: Copy> Book<T> {
         }
         node.qty.0 -= by.0;
         let price = node.price.0;
-        self.levels.level_mut(price).qty -= by.0;
+        self.levels.level_existing(price).qty -= by.0;
         false
     }
 
@@ -523,7 +569,11 @@ impl<T: Copy> Book<T> {
             let head = self.levels.level(best).head;
             let maker = &self.nodes[head as usize];
             let fill = maker.qty.min(qty);
-            on_fill(Fill { maker: maker.id, price: Price(best), qty: fill });
+            on_fill(Fill {
+                maker: maker.id,
+                price: Price(best),
+                qty: fill,
+            });
             qty.0 -= fill.0;
             self.reduce(head, fill);
         }
@@ -559,7 +609,10 @@ impl<T: Copy> Book<T> {
                     assert_eq!(n.side, side);
                     assert_eq!(n.price, price);
                     assert!(!n.qty.is_zero());
-                    assert_eq!(self.index.get(&n.id).map(|&s| self.nodes[s as usize].id), Some(n.id));
+                    assert_eq!(
+                        self.index.get(&n.id).map(|&s| self.nodes[s as usize].id),
+                        Some(n.id)
+                    );
                     sum += n.qty.0;
                     count += 1;
                 }
@@ -603,24 +656,43 @@ mod tests {
     #[test]
     fn limit_matches_in_price_time_order_at_maker_price() {
         let mut b: Book<()> = Book::new(Price(100_000), 16);
-        b.limit(OrderId(1), Side::Sell, Price(101), Qty(5), (), |_| panic!()).unwrap();
-        b.limit(OrderId(2), Side::Sell, Price(100), Qty(5), (), |_| panic!()).unwrap();
-        b.limit(OrderId(3), Side::Sell, Price(100), Qty(5), (), |_| panic!()).unwrap();
+        b.limit(OrderId(1), Side::Sell, Price(101), Qty(5), (), |_| panic!())
+            .unwrap();
+        b.limit(OrderId(2), Side::Sell, Price(100), Qty(5), (), |_| panic!())
+            .unwrap();
+        b.limit(OrderId(3), Side::Sell, Price(100), Qty(5), (), |_| panic!())
+            .unwrap();
         let mut fills = vec![];
-        b.limit(OrderId(4), Side::Buy, Price(101), Qty(12), (), |f| fills.push(f)).unwrap();
+        b.limit(OrderId(4), Side::Buy, Price(101), Qty(12), (), |f| {
+            fills.push(f)
+        })
+        .unwrap();
         assert_eq!(
             fills,
             vec![
-                Fill { maker: OrderId(2), price: Price(100), qty: Qty(5) },
-                Fill { maker: OrderId(3), price: Price(100), qty: Qty(5) },
-                Fill { maker: OrderId(1), price: Price(101), qty: Qty(2) },
+                Fill {
+                    maker: OrderId(2),
+                    price: Price(100),
+                    qty: Qty(5)
+                },
+                Fill {
+                    maker: OrderId(3),
+                    price: Price(100),
+                    qty: Qty(5)
+                },
+                Fill {
+                    maker: OrderId(1),
+                    price: Price(101),
+                    qty: Qty(2)
+                },
             ]
         );
         assert_eq!(b.best_ask(), Some(Price(101)));
         assert_eq!(b.level_qty(Price(101)), Qty(3));
         assert_eq!(b.best_bid(), None);
         b.check_invariants();
-        b.limit(OrderId(5), Side::Buy, Price(99), Qty(1), (), |_| panic!()).unwrap();
+        b.limit(OrderId(5), Side::Buy, Price(99), Qty(1), (), |_| panic!())
+            .unwrap();
         assert!(b.cancel(OrderId(1)).is_some());
         assert!(b.cancel(OrderId(1)).is_none());
         assert_eq!(b.best_ask(), None);
@@ -631,13 +703,15 @@ mod tests {
     #[test]
     fn full_book_is_an_error_not_a_panic() {
         let mut b: Book<()> = Book::new(Price(10), 1);
-        b.limit(OrderId(1), Side::Buy, Price(5), Qty(1), (), |_| {}).unwrap();
+        b.limit(OrderId(1), Side::Buy, Price(5), Qty(1), (), |_| {})
+            .unwrap();
         assert_eq!(
             b.limit(OrderId(2), Side::Buy, Price(4), Qty(1), (), |_| {}),
             Err(BookFullError)
         );
         assert!(b.cancel(OrderId(1)).is_some());
-        b.limit(OrderId(2), Side::Buy, Price(4), Qty(1), (), |_| {}).unwrap();
+        b.limit(OrderId(2), Side::Buy, Price(4), Qty(1), (), |_| {})
+            .unwrap();
         b.check_invariants();
     }
 }

@@ -16,13 +16,19 @@
 pub mod book;
 pub mod command;
 pub mod config;
+pub mod engine;
 pub mod event;
 pub mod feed;
+mod ledger;
+pub mod market_data;
 pub mod reject;
 pub mod units;
 
 pub use command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
 pub use config::{AssetConfig, EngineConfig, Limits, MarketConfig};
+pub use engine::{
+    Engine, EngineSnapshot, OrderMeta, OrderView, Withdrawal, WithdrawalState, FEE_ACCOUNT,
+};
 pub use event::{DoneReason, Event, OrderInfo};
 pub use reject::RejectCode;
 pub use units::{

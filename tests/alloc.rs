@@ -12,12 +12,15 @@
 // contract is the caller's and `System`'s, which we pass through as is.
 #![allow(unsafe_code)]
 
+#[path = "../benches/support/exchange_mix.rs"]
+mod exchange_mix;
+
 use matching_engine::book::Book;
 use matching_engine::feed::{self, FeedMsg, FeedStats};
 use matching_engine::units::OrderId;
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 struct Counting;
 
@@ -136,4 +139,45 @@ fn book_replay_allocates_nothing_after_warm_up() {
 fn the_counter_sees_allocations() {
     let (n, v) = allocations(|| vec![1u8; 16]);
     assert_eq!((n, v.len()), (1, 16));
+}
+
+#[test]
+fn engine_mix_allocates_nothing_after_warm_up() {
+    // Warm up on the first half of the mix (level pages, the events `Vec`, scratch buffers reach
+    // their working sizes), then count every command of the second half.
+    const HALF: usize = 20_000;
+    let w = exchange_mix::generate(3, 2 * HALF);
+    let (warm, steady) = w.mix.split_at(HALF);
+    let mut engine = exchange_mix::engine_after(&w.setup);
+    let mut events = Vec::with_capacity(4096);
+    let first = w.setup.len() as u64;
+    exchange_mix::apply_all(&mut engine, warm, first, &mut events);
+
+    let mut by_kind = BTreeMap::<exchange_mix::Kind, (u64, u64)>::new();
+    let mut rejects = BTreeMap::new();
+    for (i, cmd) in steady.iter().enumerate() {
+        let now = matching_engine::Timestamp(exchange_mix::T0.0 + first + (HALF + i) as u64);
+        let (n, r) = allocations(|| {
+            events.clear();
+            engine.apply(cmd, now, &mut events)
+        });
+        let e = by_kind.entry(exchange_mix::kind(cmd)).or_default();
+        e.0 += 1;
+        e.1 += n;
+        if let Err(code) = r {
+            *rejects.entry(format!("{code:?}")).or_insert(0u32) += 1;
+        }
+    }
+    engine.check_invariants();
+    let total: u64 = by_kind.values().map(|&(_, n)| n).sum();
+    assert_eq!(
+        total, 0,
+        "(commands, allocations) by kind: {by_kind:?}; rejects {rejects:?}"
+    );
+    let book = engine.book(matching_engine::MarketId(0)).unwrap();
+    assert!(
+        (500..2_000).contains(&book.len()),
+        "book keeps its size: {}",
+        book.len()
+    );
 }

@@ -5,7 +5,8 @@
 //! `../shared/data/quantcup-orders.csv` next to the workspace, else a seeded feed of the same
 //! shape ([`feed::generate`]).
 //!
-//! Run: `cargo bench --bench quantcup` (ns/msg = 1e3 / the reported Melem/s).
+//! Run: `cargo bench --bench quantcup`. Besides criterion's time per replay and Melem/s
+//! (ns/msg = 1e3 / Melem/s), it prints a table of ns/msg (best and median of 15 replays) before timing.
 //!
 //! Each iteration replays the whole, identical message list on a fresh book; building the book
 //! (sized for the feed where the API allows) and dropping it afterwards are outside the timing,
@@ -30,6 +31,7 @@ use matching_engine::units::Side;
 use orderbook_rs::prelude::{Id, StubClock, TimeInForce};
 use std::hint::black_box;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// Seed and size of the generated feed used when no file is found.
 const GEN_SEED: u64 = 2011;
@@ -328,6 +330,61 @@ fn verify(msgs: &[FeedMsg], stats: &FeedStats) {
     }
 }
 
+/// Best and median time of `rounds` calls of `replay` (each on a fresh book from `fresh`), per
+/// message, in tenths of a nanosecond.
+fn best_median_tenths<B, R>(
+    rounds: usize,
+    msgs: usize,
+    mut fresh: impl FnMut() -> B,
+    mut replay: impl FnMut(&mut B) -> R,
+) -> (u128, u128) {
+    let mut times: Vec<Duration> = (0..rounds)
+        .map(|_| {
+            let mut book = fresh();
+            let start = Instant::now();
+            black_box(replay(&mut book));
+            let t = start.elapsed();
+            drop(black_box(book));
+            t
+        })
+        .collect();
+    times.sort_unstable();
+    let n = msgs as u128;
+    let tenths = |t: Duration| (t.as_nanos() * 10 + n / 2) / n;
+    (tenths(times[0]), tenths(times[rounds / 2]))
+}
+
+/// A quick ns/msg table (criterion reports time per replay and messages per second).
+fn ns_per_msg(msgs: &[FeedMsg], stats: &FeedStats, lob: &[lobster::OrderType], ob: &[ObMsg]) {
+    const ROUNDS: usize = 15;
+    let n = msgs.len();
+    let rows = [
+        (
+            "mediator",
+            best_median_tenths(ROUNDS, n, || stats.book(), |b| ours_replay(b, msgs)),
+        ),
+        (
+            "lobster",
+            best_median_tenths(
+                ROUNDS,
+                n,
+                || lobster_book(stats),
+                |b| lobster_replay(b, lob),
+            ),
+        ),
+        (
+            "orderbook-rs",
+            best_median_tenths(ROUNDS, n, ob_book, |b| ob_replay(b, ob)),
+        ),
+    ];
+    println!("ns/msg, {ROUNDS} fresh-book replays each:");
+    println!("  {:<13} {:>8} {:>8}", "", "best", "median");
+    let fmt = |t: u128| format!("{}.{}", t / 10, t % 10);
+    for (name, (best, median)) in rows {
+        println!("  {name:<13} {:>8} {:>8}", fmt(best), fmt(median));
+    }
+}
+
 fn quantcup(c: &mut Criterion) {
     let (source, msgs) = load_feed();
     let stats = FeedStats::of(&msgs);
@@ -339,6 +396,7 @@ fn quantcup(c: &mut Criterion) {
 
     let lob = lobster_msgs(&msgs);
     let ob = ob_msgs(&msgs);
+    ns_per_msg(&msgs, &stats, &lob, &ob);
     let mut group = c.benchmark_group("quantcup");
     group.throughput(Throughput::Elements(msgs.len() as u64));
     group.sample_size(30);

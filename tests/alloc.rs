@@ -1,11 +1,13 @@
 //! No heap allocation per order in steady state: a counting global allocator shows that replaying
 //! a feed on a book created and warmed up beforehand allocates nothing.
 //!
-//! Where a fresh [`Book`] does allocate: everything is allocated in `Book::new` (order arena,
-//! id index reserved for `capacity`, page table and upper bitmap layers) except the price-level
-//! pages of 4,096 levels, each allocated (two allocations) the first time a price in it is used.
-//! Warming up (one replay, then cancelling everything) creates those pages; a replay after that
-//! allocates zero times.
+//! Where a fresh [`Book`] does allocate: `Book::new` allocates the order arena (`capacity`
+//! slots), the page table and the upper bitmap layers, and reserves the id index for
+//! `min(capacity, 4096)` orders. Later, on the order path: each price-level page of 4,096 levels
+//! the first time a price in it is used (two allocations), and the id index when more orders
+//! rest at once than it has room for (a doubling and rehash, a few times at most). Warming up
+//! (one replay, then cancelling everything) does both; the index never shrinks, so a replay after
+//! that allocates zero times.
 
 // Reason: `#[global_allocator]` needs an `unsafe impl GlobalAlloc`. This one only forwards each
 // call unchanged to `std::alloc::System` and counts it in a thread-local counter; the safety
@@ -95,6 +97,9 @@ fn pages_used(msgs: &[FeedMsg]) -> usize {
     pages.len()
 }
 
+/// Doublings of the id index from 4,096 to the most orders resting at once in these feeds.
+const INDEX_GROWTHS_MAX: u64 = 4;
+
 fn cancel_all(book: &mut Book<()>, limits: u32) {
     for id in 1..=u64::from(limits) {
         book.cancel(OrderId(id));
@@ -108,12 +113,12 @@ fn book_replay_allocates_nothing_after_warm_up() {
         let stats = FeedStats::of(&msgs);
         let mut book = stats.book();
 
-        // A fresh book allocates only its level pages, once each: at most two allocations a
-        // page (the `Page` box and its boxed slice of levels).
+        // A fresh book allocates its level pages, once each (two allocations a page: the `Page`
+        // box and its boxed slice of levels), and grows its id index a few times at most.
         let (first, tally) = allocations(|| feed::replay(&mut book, &msgs).unwrap());
         let pages = pages_used(&msgs) as u64;
         assert!(
-            (1..=2 * pages).contains(&first),
+            (1..=2 * pages + INDEX_GROWTHS_MAX).contains(&first),
             "{name}: {first} allocations, {pages} pages"
         );
         let (n, ()) = allocations(|| cancel_all(&mut book, stats.limits));

@@ -305,8 +305,10 @@ impl<T: Copy + Default> Book<T> {
                 data: T::default(),
             })
             .collect();
+        // Sized for a typical book, not the limit: a table sized for a million orders would make
+        // every lookup a cache miss. It grows (rarely, amortised) and then stays.
         let mut index = FxHashMap::default();
-        index.reserve(capacity as usize);
+        index.reserve((capacity as usize).min(1 << 12));
         Self {
             nodes,
             free: if capacity > 0 { 0 } else { NIL },

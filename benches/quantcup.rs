@@ -6,15 +6,17 @@
 //! shape ([`feed::generate`]).
 //!
 //! Run: `cargo bench --bench quantcup`. Besides criterion's time per replay and Melem/s
-//! (ns/msg = 1e3 / Melem/s), it prints a table of ns/msg (best and median of 15 replays) before timing.
+//! (ns/msg = 1e3 / Melem/s), it prints a table of ns/msg (best and median of 15 replays)
+//! before the criterion group.
 //!
 //! Each iteration replays the whole, identical message list on a fresh book; building the book
 //! (sized for the feed where the API allows) and dropping it afterwards are outside the timing,
 //! and so is converting the messages to each API's types. Limits keep the feed's order number as
 //! their id in every book, so a cancel names the same order everywhere.
 //!
-//! Before timing, each book replays the feed once and we print its fills and filled quantity;
-//! a peer that differs from ours is printed as a mismatch, not hidden.
+//! Before timing, each book replays the feed once and we print its fills, its filled quantity
+//! and whether its fill sequence (maker, price, quantity, in order) is the same as ours; a peer
+//! that differs is printed as a MISMATCH, not hidden.
 //!
 //! Peer notes (read from their sources):
 //! * `lobster` returns a `Vec` of fills per matching order (an allocation per match) and cancels

@@ -5,7 +5,7 @@
 //! benchmark). Fees, holds, self-trade prevention and events live in [`crate::engine`].
 //!
 //! Layout, chosen for speed (every order is touched a few times, every price level often):
-//! * Orders live in an arena allocated once (`capacity` slots, a free list), linked into a doubly
+//! * Orders live in an arena allocated up front (`capacity` slots, a free list), linked into a doubly
 //!   linked FIFO per price level, so cancel is O(1). An [`OrderId`] maps to its slot through a hash
 //!   map with a fast non-cryptographic hasher (ids are engine-assigned, not attacker-chosen).
 //! * Price levels are addressed directly by price: pages of 4,096 levels allocated on first use,
@@ -288,7 +288,9 @@ pub struct Book<T> {
 }
 
 impl<T: Copy + Default> Book<T> {
-    /// A book for prices `1..=max_price` with room for `capacity` resting orders, all allocated now.
+    /// A book for prices `1..=max_price` with room for `capacity` resting orders. The order arena
+    /// is allocated now; the id index for up to 65,536 orders (it grows past that); a page of
+    /// 4,096 price levels when an order first rests in it (two allocations, once per page).
     pub fn new(max_price: Price, capacity: u32) -> Self {
         assert!(
             max_price.0 >= 1 && max_price.0 <= u64::from(u32::MAX),
@@ -305,10 +307,11 @@ impl<T: Copy + Default> Book<T> {
                 data: T::default(),
             })
             .collect();
-        // Sized for a typical book, not the limit: a table sized for a million orders would make
-        // every lookup a cache miss. It grows (rarely, amortised) and then stays.
+        // Sized for a busy book (65,536 orders), not the limit: a table sized for a million
+        // orders spreads a small book's ids over megabytes and makes lookups cache misses. Past
+        // that it grows (a rehash on the order path, amortised) and then stays.
         let mut index = FxHashMap::default();
-        index.reserve((capacity as usize).min(1 << 12));
+        index.reserve((capacity as usize).min(1 << 16));
         Self {
             nodes,
             free: if capacity > 0 { 0 } else { NIL },

@@ -20,6 +20,7 @@ pub mod config;
 pub mod engine;
 pub mod event;
 pub mod fanout;
+pub mod feed;
 pub mod journal;
 mod ledger;
 pub mod market_data;

@@ -433,7 +433,7 @@ impl AppState {
                 "Timestamp for this request was 1000ms ahead of the server's time.",
             ));
         }
-        if now - ts > recv {
+        if now.saturating_sub(ts) > recv {
             return Err(ApiError::bad(
                 -1021,
                 "Timestamp for this request is outside of the recvWindow.",

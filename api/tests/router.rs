@@ -211,6 +211,8 @@ async fn auth_failures() {
         (now_ms() - 10_000, None, -1021),
         (now_ms() - 10_000, Some(60_000), 0),
         (now_ms() + 5_000, None, -1021),
+        // A client clock slightly ahead is accepted (up to 1 s).
+        (now_ms() + 500, None, 0),
         (now_ms() - 1_000, Some(70_000), -1131),
     ] {
         let mut q = format!("timestamp={ts}");

@@ -1048,6 +1048,22 @@ async fn metrics_and_openapi() {
 }
 
 #[tokio::test]
+async fn every_documented_endpoint_is_routed() {
+    let h = Harness::new();
+    let doc = h.get("/openapi.json").await.json;
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 25, "{}", paths.len());
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let uri = path.replace("{stream}", "0");
+            let r = h.raw(&method.to_uppercase(), &uri, "", None).await;
+            assert_ne!(r.status, StatusCode::NOT_FOUND, "{method} {path}");
+            assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn history_and_keys_survive_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().to_owned();

@@ -44,6 +44,8 @@ impl Harness {
     pub fn new() -> Self {
         Self::with_config(ApiConfig {
             orders_per_10s: 1_000_000,
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
             ..ApiConfig::default()
         })
     }

@@ -617,6 +617,7 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v3/depth", get(public::depth))
         .route("/api/v3/trades", get(public::trades))
         .route("/api/v3/aggTrades", get(public::agg_trades))
+        .route("/api/v3/historicalTrades", get(public::historical_trades))
         .route("/api/v3/avgPrice", get(public::avg_price))
         .route("/api/v3/ticker/24hr", get(public::ticker_24hr))
         .route("/api/v3/ticker/price", get(public::ticker_price))

@@ -162,6 +162,18 @@ pub async fn depth(State(st): State<AppState>, req: Req) -> Result<Response, Api
     ))
 }
 
+fn trade_json(m: &MarketSpec, t: &crate::readmodel::TradeRec) -> Value {
+    json!({
+        "id": t.id,
+        "price": m.fmt_price(Price(t.price)),
+        "qty": m.fmt_qty(Qty(t.qty)),
+        "quoteQty": m.fmt_quote(u128::from(t.quote)),
+        "time": t.time_ms,
+        "isBuyerMaker": t.taker_side == matching_engine::Side::Sell,
+        "isBestMatch": true,
+    })
+}
+
 /// `GET /api/v3/trades`.
 pub async fn trades(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (mut p, ctx) = st.public(&req, 25)?;
@@ -172,22 +184,31 @@ pub async fn trades(State(st): State<AppState>, req: Req) -> Result<Response, Ap
     let rm = st.read_model().read();
     let ts = &rm.markets[usize::from(m.id.0)].trades;
     let skip = ts.len().saturating_sub(limit);
-    let v: Vec<Value> = ts
-        .iter()
-        .skip(skip)
-        .map(|t| {
-            json!({
-                "id": t.id,
-                "price": m.fmt_price(Price(t.price)),
-                "qty": m.fmt_qty(Qty(t.qty)),
-                "quoteQty": m.fmt_quote(u128::from(t.quote)),
-                "time": t.time_ms,
-                "isBuyerMaker": t.taker_side == matching_engine::Side::Sell,
-                "isBestMatch": true,
-            })
-        })
-        .collect();
+    let v: Vec<Value> = ts.iter().skip(skip).map(|t| trade_json(m, t)).collect();
     Ok(ok_json(&ctx, Value::Array(v)))
+}
+
+/// `GET /api/v3/historicalTrades` (API key, no signature): trades from `fromId`, or the latest.
+pub async fn historical_trades(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.keyed(&req, 25)?;
+    let sym = p.req("symbol")?;
+    let limit = p.limit(500, 1000)?;
+    let from = p.opt_u64("fromId")?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let store = &st.read_model().store;
+    let rows = match from {
+        Some(f) => store.market_trades_from(m.id.0, f, limit),
+        None => store.recent_trades(m.id.0, limit),
+    }
+    .map_err(|e| {
+        tracing::error!(error = %e, "storage failure");
+        ApiError::internal()
+    })?;
+    Ok(ok_json(
+        &ctx,
+        Value::Array(rows.iter().map(|t| trade_json(m, t)).collect()),
+    ))
 }
 
 /// `GET /api/v3/aggTrades`: each trade is its own aggregate (ccxt's default `fetchTrades`).

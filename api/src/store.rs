@@ -287,6 +287,28 @@ impl Store {
         Ok(v)
     }
 
+    /// Trades of a market from `from_id` on, oldest first.
+    pub fn market_trades_from(
+        &self,
+        market: u16,
+        from_id: u64,
+        limit: u32,
+    ) -> Result<Vec<TradeRec>, StoreError> {
+        Ok(self
+            .with(|c| {
+                let mut st = c.prepare_cached(
+                    "SELECT data FROM trades WHERE market=?1 AND trade_id>=?2 ORDER BY trade_id ASC LIMIT ?3",
+                )?;
+                let rows = st.query_map(params![market, to_sql(from_id), limit], |r| {
+                    r.get::<_, String>(0)
+                })?;
+                rows.collect::<rusqlite::Result<Vec<String>>>()
+            })?
+            .into_iter()
+            .filter_map(|s| serde_json::from_str(&s).ok())
+            .collect())
+    }
+
     /// Trades of an account in a market, oldest first.
     pub fn trades(
         &self,

@@ -499,6 +499,19 @@ async fn trading_flow_orders_trades_balances() {
         (bt["askPrice"].as_str(), bt["askQty"].as_str()),
         (Some("30000.00000000"), Some("0.00500000"))
     );
+    let r = h
+        .raw(
+            "GET",
+            "/api/v3/historicalTrades?symbol=BTCUSD&fromId=0",
+            "",
+            Some(&buyer.0),
+        )
+        .await;
+    assert_eq!(r.json[0]["quoteQty"], "150.00000000");
+    let r = h
+        .raw("GET", "/api/v3/historicalTrades?symbol=BTCUSD", "", None)
+        .await;
+    assert_eq!(r.code(), -2014);
     let ag = h.get("/api/v3/aggTrades?symbol=BTCUSD&limit=10").await.json;
     assert_eq!(
         (ag[0]["p"].as_str(), ag[0]["q"].as_str()),

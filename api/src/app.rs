@@ -133,6 +133,7 @@ pub fn open(
     let keys = KeyStore::load(master, &store)?;
     let markets = Arc::new(Markets::new(engine_config)?);
     let rm = Arc::new(ReadModel::new(markets.clone(), store.clone(), cfg.ws_queue));
+    let broken = rm.broken.clone();
     let (tx, rx) = crossbeam::channel::bounded::<EventBatch>(65_536);
     let rm2 = rm.clone();
     std::thread::Builder::new()
@@ -147,7 +148,7 @@ pub fn open(
             cfg,
             data_dir: data_dir.to_owned(),
         },
-        EventSink { tx },
+        EventSink { tx, broken },
     ))
 }
 

@@ -72,9 +72,17 @@ pub struct EventBatch {
 #[derive(Debug, Clone)]
 pub struct EventSink {
     pub(crate) tx: crossbeam::channel::Sender<EventBatch>,
+    pub(crate) broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl EventSink {
+    /// Marks the read models as broken: the core lost events (e.g. the fan-out dropped the
+    /// subscriber). Handlers then answer `-1000` at once instead of waiting, and `/metrics`
+    /// shows `mediator_read_model_broken 1` until a restart resynchronises.
+    pub fn fail(&self) {
+        self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Publishes one batch. Returns false when the API has shut down.
     pub fn publish(&self, batch: EventBatch) -> bool {
         self.tx.send(batch).is_ok()

@@ -125,6 +125,12 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
         counters.batches,
     );
     line(
+        "mediator_read_model_broken",
+        "gauge",
+        "1 when the read models lost engine events and need a restart.",
+        u64::from(st.0.rm.broken.load(Ordering::Relaxed)),
+    );
+    line(
         "mediator_history_gap_commands",
         "gauge",
         "Journaled commands missing from the order and trade history since start-up.",

@@ -363,6 +363,8 @@ pub struct ReadModel {
     pub markets: Arc<Markets>,
     /// History.
     pub store: Arc<Store>,
+    /// Set when events were lost (see [`crate::core::EventSink::fail`]).
+    pub broken: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// Default capacity of each broadcast channel: a WebSocket that falls this far behind is
@@ -412,6 +414,7 @@ impl ReadModel {
             user_tx: broadcast::channel(ws_queue.max(1)).0,
             markets,
             store,
+            broken: Arc::default(),
         }
     }
 
@@ -427,6 +430,9 @@ impl ReadModel {
 
     /// Waits until batches up to `seq` are applied (or 5 seconds pass: then false).
     pub async fn wait_for(&self, seq: u64) -> bool {
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
         let mut rx = self.applied.subscribe();
         let r = tokio::time::timeout(
             std::time::Duration::from_secs(5),

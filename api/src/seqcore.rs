@@ -117,6 +117,7 @@ fn bridge(mut sub: Subscriber<Event>, sink: EventSink) {
                     missed_from_seq,
                     "read models fell behind the engine; restart to resync"
                 );
+                sink.fail();
                 return;
             }
             Err(_) => return,

@@ -1151,3 +1151,38 @@ async fn admin_key_file_is_private_and_created_once() {
     assert!(acct["account"].as_u64().is_some());
     assert!(!h.state.ensure_admin_key().unwrap().created);
 }
+
+#[tokio::test]
+async fn lost_events_fail_fast_and_show_on_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = matching_engine::EngineConfig::default();
+    let (pending, sink) = api::open(dir.path(), &cfg, api::ApiConfig::default()).unwrap();
+    let engine = matching_engine::Engine::new(cfg).unwrap();
+    let core = api::LocalCore::spawn(engine, sink.clone(), 16).unwrap();
+    let state = pending.start(std::sync::Arc::new(core));
+    let admin = state
+        .create_key(0, Perms(Perms::ADMIN.0 | Perms::READ.0), "a")
+        .unwrap();
+    let h = Harness {
+        router: api::app(state.clone()),
+        state,
+        dir,
+        admin,
+    };
+    h.ok("POST", "/mapi/v1/admin/account", "", &h.admin).await;
+    sink.fail();
+    let t0 = std::time::Instant::now();
+    let r = h
+        .signed("POST", "/mapi/v1/admin/account", "", &h.admin)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::INTERNAL_SERVER_ERROR, -1000)
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+    let m = h.get("/metrics").await.json;
+    assert!(m
+        .as_str()
+        .unwrap()
+        .contains("\nmediator_read_model_broken 1\n"));
+}

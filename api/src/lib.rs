@@ -20,6 +20,7 @@ pub mod keys;
 pub mod market;
 pub mod metrics;
 pub mod native;
+pub mod node;
 pub mod openapi;
 pub mod params;
 pub mod public;
@@ -32,4 +33,5 @@ pub mod ws;
 
 pub use app::{app, open, open_local, serve, ApiConfig, AppState};
 pub use core::{CoreError, EventBatch, EventSink, ExchangeCore, LocalCore, Reply};
+pub use node::{start_node, Node, NodeConfig};
 pub use seqcore::SequencerCore;

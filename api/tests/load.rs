@@ -10,10 +10,7 @@ mod common;
 
 use api::keys::{sign, Perms};
 use common::now_ms;
-use matching_engine::recovery::{Store, StoreConfig};
-use matching_engine::sequencer::{Sequencer, SequencerConfig, SystemClock};
-use matching_engine::{Engine, EngineConfig};
-use std::sync::Arc;
+use matching_engine::recovery::StoreConfig;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 
@@ -60,28 +57,24 @@ async fn signed_order_placement_over_keep_alive() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let dir = tempfile::tempdir().unwrap();
-    let cfg = EngineConfig::default();
-    let c2 = cfg.clone();
-    let recovered = Store::open(
-        &dir.path().join("journal"),
-        StoreConfig {
-            snapshot_every: 0,
-            snapshots_kept: 2,
+    let node = api::start_node(
+        dir.path(),
+        api::NodeConfig {
+            api: api::ApiConfig {
+                ip_weight_per_min: u64::MAX / 4,
+                key_weight_per_min: u64::MAX / 4,
+                orders_per_10s: u64::MAX / 4,
+                ..Default::default()
+            },
+            store: StoreConfig {
+                snapshot_every: 0,
+                snapshots_kept: 2,
+            },
+            ..Default::default()
         },
-        move || Engine::new(c2).unwrap(),
     )
     .unwrap();
-    let api_cfg = api::ApiConfig {
-        ip_weight_per_min: u64::MAX / 4,
-        key_weight_per_min: u64::MAX / 4,
-        orders_per_10s: u64::MAX / 4,
-        ..Default::default()
-    };
-    let (pending, sink) = api::open(&dir.path().join("api"), &cfg, api_cfg).unwrap();
-    pending.seed(&recovered.state).unwrap();
-    let seq = Sequencer::durable(recovered, SystemClock, SequencerConfig::default()).unwrap();
-    let core = api::SequencerCore::start(seq.handle(), cfg, sink, 1 << 16, 1 << 16).unwrap();
-    let state = pending.start(Arc::new(core));
+    let state = node.state.clone();
     let admin = state
         .create_key(0, Perms(Perms::ADMIN.0 | Perms::READ.0), "admin")
         .unwrap();
@@ -184,5 +177,5 @@ async fn signed_order_placement_over_keep_alive() {
     let _ = stop_tx.send(());
     let _ = server.await;
     drop(state);
-    seq.shutdown().unwrap();
+    node.shutdown().unwrap();
 }

@@ -3,41 +3,25 @@
 
 mod common;
 
-use api::keys::{sign, Perms};
+use api::keys::sign;
 use axum::body::Body;
 use axum::http::Request;
 use common::now_ms;
 use http_body_util::BodyExt;
-use matching_engine::recovery::{Store, StoreConfig};
-use matching_engine::sequencer::{Sequencer, SequencerConfig, SystemClock};
-use matching_engine::{Engine, EngineConfig};
 use serde_json::Value;
 use std::path::Path;
-use std::sync::Arc;
 use tower::ServiceExt;
 
 struct Server {
-    seq: Sequencer<Engine>,
+    node: api::Node,
     router: axum::Router,
-    state: api::AppState,
 }
 
 fn boot(dir: &Path) -> Server {
-    let cfg = EngineConfig::default();
-    let c2 = cfg.clone();
-    let recovered = Store::open(&dir.join("journal"), StoreConfig::default(), move || {
-        Engine::new(c2).unwrap()
-    })
-    .unwrap();
-    let (pending, sink) = api::open(&dir.join("api"), &cfg, api::ApiConfig::default()).unwrap();
-    pending.seed(&recovered.state).unwrap();
-    let seq = Sequencer::durable(recovered, SystemClock, SequencerConfig::default()).unwrap();
-    let core = api::SequencerCore::start(seq.handle(), cfg, sink, 4096, 1 << 16).unwrap();
-    let state = pending.start(Arc::new(core));
+    let node = api::start_node(dir, api::NodeConfig::default()).unwrap();
     Server {
-        seq,
-        router: api::app(state.clone()),
-        state,
+        router: api::app(node.state.clone()),
+        node,
     }
 }
 
@@ -82,10 +66,14 @@ async fn public(s: &Server, uri: &str) -> Value {
 async fn trading_through_the_sequencer_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let s = boot(dir.path());
-    let admin = s
-        .state
-        .create_key(0, Perms(Perms::ADMIN.0 | Perms::READ.0), "admin")
-        .unwrap();
+    // The admin key file written on first start works.
+    let v: Value =
+        serde_json::from_str(&std::fs::read_to_string(&s.node.admin_key.path).unwrap()).unwrap();
+    assert!(s.node.admin_key.created);
+    let admin = (
+        v["apiKey"].as_str().unwrap().to_owned(),
+        v["secretKey"].as_str().unwrap().to_owned(),
+    );
     let mut keys = Vec::new();
     for (btc, usd) in [("0", "100000"), ("1", "0")] {
         let a = call(&s, "POST", "/mapi/v1/admin/account", "", &admin).await["account"]
@@ -159,11 +147,11 @@ async fn trading_through_the_sequencer_survives_a_restart() {
         serde_json::json!([["30000.00000000", "0.00600000"]])
     );
     drop(s.router);
-    drop(s.state);
-    s.seq.shutdown().unwrap();
+    s.node.shutdown().unwrap();
 
     // Restart on the same directory.
     let s = boot(dir.path());
+    assert!(!s.node.admin_key.created);
     assert_eq!(
         call(&s, "GET", "/api/v3/account", "", &seller).await["balances"],
         before_acct
@@ -224,6 +212,5 @@ async fn trading_through_the_sequencer_survives_a_restart() {
     let d = public(&s, "/api/v3/depth?symbol=BTCUSD").await;
     assert!(d["lastUpdateId"].as_u64().unwrap() > before_depth["lastUpdateId"].as_u64().unwrap());
     drop(s.router);
-    drop(s.state);
-    s.seq.shutdown().unwrap();
+    s.node.shutdown().unwrap();
 }

@@ -22,6 +22,61 @@ use tokio::sync::broadcast::error::RecvError;
 
 /// Most streams on one connection.
 pub const MAX_STREAMS: usize = 1024;
+/// Most messages a client may send per second (Binance allows 5; pongs count too).
+pub const MAX_IN_PER_SEC: u32 = 10;
+/// The server pings this often...
+const PING_EVERY_MS: u64 = 20_000;
+/// ...and closes a connection silent for this long.
+const DEAD_AFTER_MS: u64 = 60_000;
+
+/// Liveness and inbound rate of one connection.
+#[derive(Debug)]
+struct Alive {
+    last_heard: u64,
+    last_ping: u64,
+    second: u64,
+    in_this_second: u32,
+}
+
+enum Liveness {
+    Fine,
+    PingDue,
+    Dead,
+}
+
+impl Alive {
+    fn new(now: u64) -> Self {
+        Self {
+            last_heard: now,
+            last_ping: now,
+            second: now / 1000,
+            in_this_second: 0,
+        }
+    }
+
+    /// Records a message from the client; false when it sends too fast.
+    fn heard(&mut self, _m: &Message) -> bool {
+        let now = crate::core::now_ms();
+        self.last_heard = now;
+        if now / 1000 != self.second {
+            self.second = now / 1000;
+            self.in_this_second = 0;
+        }
+        self.in_this_second += 1;
+        self.in_this_second <= MAX_IN_PER_SEC
+    }
+
+    fn check(&mut self, now: u64) -> Liveness {
+        if now.saturating_sub(self.last_heard) > DEAD_AFTER_MS {
+            Liveness::Dead
+        } else if now.saturating_sub(self.last_ping) >= PING_EVERY_MS {
+            self.last_ping = now;
+            Liveness::PingDue
+        } else {
+            Liveness::Fine
+        }
+    }
+}
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One subscribed stream.
@@ -242,6 +297,7 @@ async fn run(
     let mut urx = st.0.rm.user_tx.subscribe();
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut alive = Alive::new(crate::core::now_ms());
     // Last push per partial-depth stream: (time, depth seq pushed).
     let mut last: HashMap<String, (u64, u64)> = HashMap::new();
     // Last push per kline stream: (open time, pushed as closed, last trade id, time).
@@ -254,6 +310,9 @@ async fn run(
     loop {
         tokio::select! {
             msg = socket.recv() => match msg {
+                Some(Ok(m)) if !alive.heard(&m) => {
+                    return close(&mut socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
+                }
                 Some(Ok(Message::Text(t))) => {
                     let answer = control(st, &mut subs, t.as_str());
                     if !send(&mut socket, answer).await {
@@ -303,6 +362,15 @@ async fn run(
             },
             _ = tick.tick() => {
                 let now = crate::core::now_ms();
+                match alive.check(now) {
+                    Liveness::Dead => return close(&mut socket, "no pong: connection idle".into()).await,
+                    Liveness::PingDue => {
+                        if !matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
+                            break;
+                        }
+                    }
+                    Liveness::Fine => {}
+                }
                 let mut out = Vec::new();
                 let mut expired = Vec::new();
                 {
@@ -533,12 +601,18 @@ fn ws_signed(
 
 async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
     let mut urx = st.0.rm.user_tx.subscribe();
+    let mut alive = Alive::new(crate::core::now_ms());
+    let mut tick = tokio::time::interval(Duration::from_millis(1000));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     // (subscription id, account)
     let mut subs: Vec<(u64, u32)> = Vec::new();
     let mut next_id = 0u64;
     loop {
         tokio::select! {
             msg = socket.recv() => match msg {
+                Some(Ok(m)) if !alive.heard(&m) => {
+                    return close(&mut socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
+                }
                 Some(Ok(Message::Text(t))) => {
                     let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
                         let e = ApiError::bad(-1100, "Malformed request.");
@@ -595,6 +669,15 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                     return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
                 }
                 Err(RecvError::Closed) => break,
+            },
+            _ = tick.tick() => match alive.check(crate::core::now_ms()) {
+                Liveness::Dead => return close(&mut socket, "no pong: connection idle".into()).await,
+                Liveness::PingDue => {
+                    if !matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
+                        break;
+                    }
+                }
+                Liveness::Fine => {}
             },
         }
     }

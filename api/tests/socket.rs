@@ -450,3 +450,29 @@ async fn kline_stream_sends_the_closed_candle() {
     }
     let _ = stop.send(());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_clients_that_send_too_fast_are_closed_with_a_reason() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    for i in 0..30 {
+        let m = format!(r#"{{"method":"LIST_SUBSCRIPTIONS","id":{i}}}"#);
+        if ws.send(Message::Text(m.into())).await.is_err() {
+            break;
+        }
+    }
+    let mut reason = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        if let Message::Close(Some(f)) = m {
+            reason = Some((u16::from(f.code), f.reason.as_str().to_owned()));
+            break;
+        }
+    }
+    let (code, text) = reason.expect("a close frame");
+    assert_eq!(code, 1008);
+    assert!(text.starts_with("too many messages"), "{text}");
+    let _ = stop.send(());
+}

@@ -570,6 +570,9 @@ pub fn ok_json(ctx: &Ctx, v: serde_json::Value) -> Response {
 
 static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The longest a request may take (`-1007` after it).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let id = REQUEST_ID.fetch_add(1, Ordering::Relaxed);
     let method = req.method().clone();
@@ -578,7 +581,20 @@ async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) ->
     req.extensions_mut().insert(RequestId(id));
     let span = tracing::info_span!("request", id, %method, %path);
     let t0 = Instant::now();
-    let mut res = tracing::Instrument::instrument(next.run(req), span.clone()).await;
+    let run = tracing::Instrument::instrument(next.run(req), span.clone());
+    let mut res = match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
+        Ok(res) => res,
+        Err(_) => {
+            span.in_scope(|| tracing::warn!("request timed out"));
+            ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: -1007,
+                msg: "Timeout waiting for response from backend server. Send status unknown; execution status unknown.".into(),
+                retry_after: None,
+            }
+            .into_response()
+        }
+    };
     let elapsed = t0.elapsed();
     st.0.metrics.http(res.status(), elapsed);
     span.in_scope(|| {

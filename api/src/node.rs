@@ -15,7 +15,7 @@ use std::sync::Arc;
 /// A running engine with its API state.
 #[derive(Debug)]
 pub struct Node {
-    /// The API's state: pass it to [`crate::serve`] or [`crate::app`].
+    /// The API's state: pass it to [`crate::serve`] or [`crate::app()`].
     pub state: AppState,
     /// The sequencer (engine thread, journal).
     pub sequencer: Sequencer<Engine>,

@@ -337,6 +337,11 @@ fn order_from_events(events: &[Event], id: OrderId, ms: u64) -> Option<(OrderRec
                     time_ms: ms,
                 });
             }
+            Event::OrderTriggered { info, .. } if info.order == id => {
+                if let Some(o) = rec.as_mut() {
+                    o.working_ms = Some(ms);
+                }
+            }
             Event::OrderDone { info, reason, .. } if info.order == id => {
                 if let Some(o) = rec.as_mut() {
                     o.status = match reason {

@@ -40,8 +40,8 @@ fn account_param(p: &mut Params, name: &str) -> Result<AccountId, ApiError> {
 
 fn reference(p: &mut Params, name: &str) -> Result<String, ApiError> {
     let r = p.req(name)?;
-    if r.len() > 128 || !r.bytes().all(|b| b.is_ascii_graphic()) {
-        return Err(ApiError::illegal(name, "^[!-~]{1,128}$"));
+    if r.len() > 128 || !r.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(ApiError::illegal(name, "^[ -~]{1,128}$"));
     }
     Ok(r)
 }

@@ -177,6 +177,62 @@ async fn trading_through_the_sequencer_survives_a_restart() {
             .len(),
         1
     );
+    // The admin client (what the `mediator` admin commands use) over a real socket.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(listener, s.node.state.clone(), async {
+        let _ = stopped.await;
+    }));
+    let admin_client = api::client::Client::from_key_file(addr, &s.node.admin_key.path).unwrap();
+    let acct = admin_client
+        .signed("POST", "/mapi/v1/admin/account", &[])
+        .await
+        .unwrap();
+    let acct = acct["account"].as_u64().unwrap().to_string();
+    let c = admin_client
+        .signed(
+            "POST",
+            "/mapi/v1/admin/credit",
+            &[
+                ("account", &acct),
+                ("asset", "USD"),
+                ("amount", "10.5"),
+                ("reference", "wire #7"),
+            ],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (c["amount"].as_str(), c["reference"].as_str()),
+        (Some("10.50000000"), Some("wire #7"))
+    );
+    let e = admin_client
+        .signed(
+            "POST",
+            "/mapi/v1/admin/credit",
+            &[
+                ("account", &acct),
+                ("asset", "EUR"),
+                ("amount", "1"),
+                ("reference", "x"),
+            ],
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            api::client::ClientError::Api {
+                status: 400,
+                code: -1130,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let _ = stop.send(());
+    server.await.unwrap().unwrap();
     // The history is complete: nothing journaled is missing from SQLite.
     let res = s
         .router

@@ -99,6 +99,7 @@ pub(crate) struct Inner {
     pub metrics: Metrics,
     pub cfg: ApiConfig,
     pub data_dir: PathBuf,
+    pub applier: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     id_seed: u64,
     id_counter: AtomicU64,
 }
@@ -118,6 +119,7 @@ pub struct PendingApi {
     store: Arc<Store>,
     cfg: ApiConfig,
     data_dir: PathBuf,
+    applier: std::thread::JoinHandle<()>,
 }
 
 /// Opens the API's storage in `data_dir` (`api.sqlite`, `api-master.key`) and starts the
@@ -136,7 +138,7 @@ pub fn open(
     let broken = rm.broken.clone();
     let (tx, rx) = crossbeam::channel::bounded::<EventBatch>(65_536);
     let rm2 = rm.clone();
-    std::thread::Builder::new()
+    let applier = std::thread::Builder::new()
         .name("read-model".into())
         .spawn(move || rm2.run(rx))?;
     Ok((
@@ -147,6 +149,7 @@ pub fn open(
             store,
             cfg,
             data_dir: data_dir.to_owned(),
+            applier,
         },
         EventSink { tx, broken },
     ))
@@ -177,6 +180,7 @@ impl PendingApi {
             metrics: Metrics::default(),
             cfg: self.cfg,
             data_dir: self.data_dir,
+            applier: std::sync::Mutex::new(Some(self.applier)),
             id_seed: seed,
             id_counter: AtomicU64::new(0),
         }))
@@ -258,6 +262,16 @@ impl AppState {
                 .keys
                 .create(&self.0.store, account, perms, label, crate::core::now_ms())?;
         Ok((k.api_key, s))
+    }
+
+    /// The read-model thread, to join at shutdown: it writes the last history rows and exits once
+    /// the core dropped its [`EventSink`] (e.g. after the sequencer shut down).
+    pub fn take_read_model_thread(&self) -> Option<std::thread::JoinHandle<()>> {
+        self.0
+            .applier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     /// Submits a command and waits until the read models have applied it (read-your-writes).

@@ -89,7 +89,15 @@ impl Node {
     /// Stops the engine after the API stopped: commits everything taken, then joins the engine
     /// thread. Call after [`crate::serve`] returned.
     pub fn shutdown(self) -> Result<(), SequencerError> {
+        let applier = self.state.take_read_model_thread();
         drop(self.state);
-        self.sequencer.shutdown().map(drop)
+        let r = self.sequencer.shutdown().map(drop);
+        // The fan-out closed: the read models write their last history rows and stop.
+        if let Some(h) = applier {
+            if h.join().is_err() {
+                tracing::error!("the read-model thread panicked");
+            }
+        }
+        r
     }
 }

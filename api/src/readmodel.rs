@@ -295,8 +295,10 @@ pub struct State {
     pub open: HashMap<u64, OrderRec>,
     /// Open order ids per account.
     pub open_by_account: HashMap<u32, BTreeSet<u64>>,
-    /// Orders finished in the group being committed (read until SQLite has them).
-    pub recent_done: HashMap<u64, OrderRec>,
+    /// Order rows not yet in SQLite (the latest version of each), read before SQLite.
+    pub unpersisted_orders: HashMap<u64, OrderRec>,
+    /// Trades not yet in SQLite.
+    pub unpersisted_trades: Vec<TradeRec>,
     /// Markets.
     pub markets: Vec<MarketState>,
     /// Known accounts.
@@ -355,6 +357,7 @@ pub struct UserMsg {
 pub struct ReadModel {
     state: RwLock<State>,
     applied: watch::Sender<u64>,
+    persisted: watch::Sender<u64>,
     /// Market messages (all markets).
     pub market_tx: broadcast::Sender<Arc<MarketMsg>>,
     /// User messages.
@@ -365,6 +368,23 @@ pub struct ReadModel {
     pub store: Arc<Store>,
     /// Set when events were lost (see [`crate::core::EventSink::fail`]).
     pub broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// How long history rows may wait in memory before they are written to SQLite.
+pub const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+/// How many history rows may wait in memory before they are written to SQLite.
+pub const PERSIST_ROWS: usize = 8_192;
+
+/// The first `limit` rows (ascending from a start id) or the last `limit` rows.
+fn take_limit<T>(mut v: Vec<T>, from_start: bool, limit: u32) -> Vec<T> {
+    let limit = limit as usize;
+    if from_start {
+        v.truncate(limit);
+        v
+    } else {
+        let skip = v.len().saturating_sub(limit);
+        v.split_off(skip)
+    }
 }
 
 /// Default capacity of each broadcast channel: a WebSocket that falls this far behind is
@@ -410,6 +430,7 @@ impl ReadModel {
         Self {
             state: RwLock::new(st),
             applied: watch::channel(0).0,
+            persisted: watch::channel(0).0,
             market_tx: broadcast::channel(ws_queue.max(1)).0,
             user_tx: broadcast::channel(ws_queue.max(1)).0,
             markets,
@@ -443,6 +464,11 @@ impl ReadModel {
     }
 
     /// Runs the applier on the current thread until the sink is dropped.
+    ///
+    /// Batches are applied to memory at once and `applied` advances (handlers read their own
+    /// writes from memory: open orders, and rows not yet in SQLite). History rows go to SQLite in
+    /// one transaction every [`PERSIST_EVERY`] (or [`PERSIST_ROWS`] rows), which keeps the
+    /// number of commits, not the number of orders, what SQLite pays for.
     pub fn run(&self, rx: crossbeam::channel::Receiver<EventBatch>) {
         let mut conn = match self.store.connect() {
             Ok(c) => c,
@@ -452,7 +478,27 @@ impl ReadModel {
             }
         };
         let mut group = Vec::with_capacity(256);
-        while let Ok(first) = rx.recv() {
+        let mut dirty_since: Option<std::time::Instant> = None;
+        let mut last_seq = self.applied();
+        loop {
+            let first = match dirty_since {
+                None => match rx.recv() {
+                    Ok(b) => b,
+                    Err(_) => break,
+                },
+                Some(t) => {
+                    let wait = PERSIST_EVERY.saturating_sub(t.elapsed());
+                    match rx.recv_timeout(wait) {
+                        Ok(b) => b,
+                        Err(crossbeam::channel::RecvTimeoutError::Timeout) => {
+                            self.persist(&mut conn, last_seq);
+                            dirty_since = None;
+                            continue;
+                        }
+                        Err(crossbeam::channel::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
             group.clear();
             group.push(first);
             while group.len() < 256 {
@@ -466,21 +512,21 @@ impl ReadModel {
                 want_user: self.user_tx.receiver_count() > 0,
                 ..Out::default()
             };
-            {
+            let rows = {
                 let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-                st.recent_done.clear();
                 for b in &group {
                     apply_batch(&mut st, &self.markets, b, &mut out);
                 }
-            }
-            let orders: Vec<OrderRec> = std::mem::take(&mut out.orders).into_values().collect();
-            let last = group.last().map_or(0, |b| b.seq);
-            if let Err(e) = Store::write_history(&mut conn, &orders, &out.trades, last) {
-                tracing::error!(error = %e, "writing history failed");
-            }
+                for (id, o) in std::mem::take(&mut out.orders) {
+                    st.unpersisted_orders.insert(id, o);
+                }
+                st.unpersisted_trades.append(&mut out.trades);
+                st.unpersisted_orders.len() + st.unpersisted_trades.len()
+            };
+            last_seq = group.last().map_or(last_seq, |b| b.seq);
             self.applied.send_if_modified(|s| {
-                if last > *s {
-                    *s = last;
+                if last_seq > *s {
+                    *s = last_seq;
                     true
                 } else {
                     false
@@ -492,7 +538,136 @@ impl ReadModel {
             for msg in out.user {
                 let _ = self.user_tx.send(Arc::new(msg));
             }
+            let since = *dirty_since.get_or_insert_with(std::time::Instant::now);
+            if rows >= PERSIST_ROWS || since.elapsed() >= PERSIST_EVERY {
+                self.persist(&mut conn, last_seq);
+                dirty_since = None;
+            }
         }
+        self.persist(&mut conn, last_seq);
+    }
+
+    /// Writes the unpersisted rows in one transaction, then forgets them (only this thread adds
+    /// rows, so nothing new arrived meanwhile).
+    fn persist(&self, conn: &mut rusqlite::Connection, seq: u64) {
+        let (orders, trades): (Vec<OrderRec>, Vec<TradeRec>) = {
+            let st = self.read();
+            (
+                st.unpersisted_orders.values().cloned().collect(),
+                st.unpersisted_trades.clone(),
+            )
+        };
+        match Store::write_history(conn, &orders, &trades, seq) {
+            Ok(()) => {
+                let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+                st.unpersisted_orders.clear();
+                st.unpersisted_trades.clear();
+                drop(st);
+                self.persisted.send_replace(seq);
+            }
+            // Rows stay in memory and are retried with the next write.
+            Err(e) => tracing::error!(error = %e, "writing history failed"),
+        }
+    }
+
+    /// Waits until everything applied so far is in SQLite (or 5 seconds pass: then false).
+    pub async fn wait_persisted(&self) -> bool {
+        let target = self.applied();
+        let mut rx = self.persisted.subscribe();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rx.wait_for(|&s| s >= target),
+        )
+        .await;
+        matches!(r, Ok(Ok(_)))
+    }
+
+    /// Orders of an account in a market (`allOrders`): SQLite merged with newer rows in memory.
+    pub fn orders_history(
+        &self,
+        account: u32,
+        market: u16,
+        from_id: Option<u64>,
+        start_ms: Option<u64>,
+        end_ms: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<OrderRec>, crate::store::StoreError> {
+        let rows = self
+            .store
+            .orders(account, market, from_id, start_ms, end_ms, limit)?;
+        let st = self.read();
+        let keep = |o: &OrderRec| {
+            o.account == account
+                && o.market == market
+                && from_id.is_none_or(|f| o.id >= f)
+                && start_ms.is_none_or(|s| o.time_ms >= s)
+                && end_ms.is_none_or(|e| o.time_ms <= e)
+        };
+        let mut all: BTreeMap<u64, OrderRec> = rows.into_iter().map(|o| (o.id, o)).collect();
+        for o in st.unpersisted_orders.values().filter(|o| keep(o)) {
+            all.insert(o.id, o.clone());
+        }
+        for id in st.open_by_account.get(&account).into_iter().flatten() {
+            if let Some(o) = st.open.get(id).filter(|o| keep(o)) {
+                all.insert(o.id, o.clone());
+            }
+        }
+        Ok(take_limit(
+            all.into_values().collect(),
+            from_id.is_some(),
+            limit,
+        ))
+    }
+
+    /// Trades of an account in a market (`myTrades`): SQLite merged with trades in memory.
+    pub fn trades_history(
+        &self,
+        account: u32,
+        market: u16,
+        from_id: Option<u64>,
+        start_ms: Option<u64>,
+        end_ms: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<TradeRec>, crate::store::StoreError> {
+        let rows = self
+            .store
+            .trades(account, market, from_id, start_ms, end_ms, limit)?;
+        let st = self.read();
+        let mut all: BTreeMap<u64, TradeRec> = rows.into_iter().map(|t| (t.id, t)).collect();
+        for t in st.unpersisted_trades.iter().filter(|t| {
+            (t.maker_account == account || t.taker_account == account)
+                && t.market == market
+                && from_id.is_none_or(|f| t.id >= f)
+                && start_ms.is_none_or(|s| t.time_ms >= s)
+                && end_ms.is_none_or(|e| t.time_ms <= e)
+        }) {
+            all.insert(t.id, t.clone());
+        }
+        Ok(take_limit(
+            all.into_values().collect(),
+            from_id.is_some(),
+            limit,
+        ))
+    }
+
+    /// Trades of a market from `from_id` on (`historicalTrades`), oldest first.
+    pub fn market_trades_from(
+        &self,
+        market: u16,
+        from_id: u64,
+        limit: u32,
+    ) -> Result<Vec<TradeRec>, crate::store::StoreError> {
+        let rows = self.store.market_trades_from(market, from_id, limit)?;
+        let st = self.read();
+        let mut all: BTreeMap<u64, TradeRec> = rows.into_iter().map(|t| (t.id, t)).collect();
+        for t in st
+            .unpersisted_trades
+            .iter()
+            .filter(|t| t.market == market && t.id >= from_id)
+        {
+            all.insert(t.id, t.clone());
+        }
+        Ok(take_limit(all.into_values().collect(), true, limit))
     }
 
     /// Seeds the in-memory models from a recovered engine (balances, open orders, books, depth
@@ -582,6 +757,7 @@ impl ReadModel {
         }
         drop(st);
         self.applied.send_replace(engine.seq());
+        self.persisted.send_replace(engine.seq());
         Ok(())
     }
 
@@ -593,7 +769,7 @@ impl ReadModel {
     ) -> Result<Option<OrderRec>, crate::store::StoreError> {
         {
             let st = self.read();
-            if let Some(o) = st.open.get(&id).or_else(|| st.recent_done.get(&id)) {
+            if let Some(o) = st.open.get(&id).or_else(|| st.unpersisted_orders.get(&id)) {
                 return Ok((o.account == account).then(|| o.clone()));
             }
         }
@@ -618,9 +794,10 @@ impl ReadModel {
                 }
             }
             if let Some(o) = st
-                .recent_done
+                .unpersisted_orders
                 .values()
-                .find(|o| o.account == account && o.client_id == client)
+                .filter(|o| o.account == account && o.client_id == client)
+                .max_by_key(|o| o.id)
             {
                 return Ok(Some(o.clone()));
             }
@@ -756,7 +933,6 @@ fn finish(st: &mut State, id: u64, out: &mut Out) -> Option<OrderRec> {
     if let Some(ids) = st.open_by_account.get_mut(&o.account) {
         ids.remove(&id);
     }
-    st.recent_done.insert(id, o.clone());
     out.orders.insert(o.id, o.clone());
     Some(o)
 }

@@ -798,17 +798,9 @@ pub async fn all_orders(State(st): State<AppState>, req: Req) -> Result<Response
     let m = st.markets().by_symbol(&sym)?;
     let rows = st
         .read_model()
-        .store
-        .orders(key.account, m.id.0, from, s, e, limit)
+        .orders_history(key.account, m.id.0, from, s, e, limit)
         .map_err(internal)?;
-    let rm = st.read_model().read();
-    let v: Vec<Value> = rows
-        .iter()
-        .map(|o| {
-            let live = rm.open.get(&o.id).or_else(|| rm.recent_done.get(&o.id));
-            order_json(m, live.unwrap_or(o))
-        })
-        .collect();
+    let v: Vec<Value> = rows.iter().map(|o| order_json(m, o)).collect();
     Ok(ok_json(&ctx, Value::Array(v)))
 }
 
@@ -886,8 +878,7 @@ pub async fn my_trades(State(st): State<AppState>, req: Req) -> Result<Response,
     let acct = key.account;
     let rows = st
         .read_model()
-        .store
-        .trades(
+        .trades_history(
             acct,
             m.id.0,
             from,

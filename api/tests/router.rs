@@ -1101,6 +1101,7 @@ async fn history_and_keys_survive_a_restart() {
         )
         .await;
         key = k;
+        assert!(h.state.read_model().wait_persisted().await);
         std::mem::forget(h.dir);
     }
     let state = api::open_local(

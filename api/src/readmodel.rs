@@ -295,10 +295,11 @@ pub struct State {
     pub open: HashMap<u64, OrderRec>,
     /// Open order ids per account.
     pub open_by_account: HashMap<u32, BTreeSet<u64>>,
-    /// Order rows not yet in SQLite (the latest version of each), read before SQLite.
-    pub unpersisted_orders: HashMap<u64, OrderRec>,
-    /// Trades not yet in SQLite.
-    pub unpersisted_trades: Vec<TradeRec>,
+    /// Order rows not yet in SQLite (the latest version of each, with the generation that
+    /// wrote it), read before SQLite.
+    pub unpersisted_orders: HashMap<u64, (OrderRec, u64)>,
+    /// Trades not yet in SQLite, with their generation.
+    pub unpersisted_trades: VecDeque<(TradeRec, u64)>,
     /// Markets.
     pub markets: Vec<MarketState>,
     /// Known accounts.
@@ -368,6 +369,14 @@ pub struct ReadModel {
     pub store: Arc<Store>,
     /// Set when events were lost (see [`crate::core::EventSink::fail`]).
     pub broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// History rows of one group of batches, for the persister.
+struct PersistMsg {
+    generation: u64,
+    seq: u64,
+    orders: Vec<OrderRec>,
+    trades: Vec<TradeRec>,
 }
 
 /// How long history rows may wait in memory before they are written to SQLite.
@@ -466,39 +475,41 @@ impl ReadModel {
     /// Runs the applier on the current thread until the sink is dropped.
     ///
     /// Batches are applied to memory at once and `applied` advances (handlers read their own
-    /// writes from memory: open orders, and rows not yet in SQLite). History rows go to SQLite in
-    /// one transaction every [`PERSIST_EVERY`] (or [`PERSIST_ROWS`] rows), which keeps the
-    /// number of commits, not the number of orders, what SQLite pays for.
+    /// writes from memory: open orders, and rows not yet in SQLite). A persister thread writes
+    /// history rows to SQLite in one transaction every [`PERSIST_EVERY`] (or [`PERSIST_ROWS`]
+    /// rows), so SQLite pays per commit rather than per order, and its commits and checkpoints
+    /// never stall the applier. Its queue is bounded: a persister that cannot keep up slows
+    /// the applier (and so the engine's fan-out), it never loses rows.
     pub fn run(&self, rx: crossbeam::channel::Receiver<EventBatch>) {
-        let mut conn = match self.store.connect() {
+        let conn = match self.store.connect() {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "read model cannot open the database");
                 return;
             }
         };
+        let (ptx, prx) = crossbeam::channel::bounded::<PersistMsg>(4_096);
+        std::thread::scope(|scope| {
+            let persister = std::thread::Builder::new()
+                .name("history".into())
+                .spawn_scoped(scope, move || self.persist_loop(conn, prx));
+            if let Err(e) = persister {
+                tracing::error!(error = %e, "cannot start the history thread");
+                return;
+            }
+            self.apply_loop(&rx, &ptx);
+            drop(ptx);
+        });
+    }
+
+    fn apply_loop(
+        &self,
+        rx: &crossbeam::channel::Receiver<EventBatch>,
+        ptx: &crossbeam::channel::Sender<PersistMsg>,
+    ) {
         let mut group = Vec::with_capacity(256);
-        let mut dirty_since: Option<std::time::Instant> = None;
-        let mut last_seq = self.applied();
-        loop {
-            let first = match dirty_since {
-                None => match rx.recv() {
-                    Ok(b) => b,
-                    Err(_) => break,
-                },
-                Some(t) => {
-                    let wait = PERSIST_EVERY.saturating_sub(t.elapsed());
-                    match rx.recv_timeout(wait) {
-                        Ok(b) => b,
-                        Err(crossbeam::channel::RecvTimeoutError::Timeout) => {
-                            self.persist(&mut conn, last_seq);
-                            dirty_since = None;
-                            continue;
-                        }
-                        Err(crossbeam::channel::RecvTimeoutError::Disconnected) => break,
-                    }
-                }
-            };
+        let mut generation = 0u64;
+        while let Ok(first) = rx.recv() {
             group.clear();
             group.push(first);
             while group.len() < 256 {
@@ -512,18 +523,22 @@ impl ReadModel {
                 want_user: self.user_tx.receiver_count() > 0,
                 ..Out::default()
             };
-            let rows = {
+            generation += 1;
+            let orders: Vec<OrderRec>;
+            {
                 let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
                 for b in &group {
                     apply_batch(&mut st, &self.markets, b, &mut out);
                 }
-                for (id, o) in std::mem::take(&mut out.orders) {
-                    st.unpersisted_orders.insert(id, o);
+                orders = std::mem::take(&mut out.orders).into_values().collect();
+                for o in &orders {
+                    st.unpersisted_orders.insert(o.id, (o.clone(), generation));
                 }
-                st.unpersisted_trades.append(&mut out.trades);
-                st.unpersisted_orders.len() + st.unpersisted_trades.len()
-            };
-            last_seq = group.last().map_or(last_seq, |b| b.seq);
+                for t in &out.trades {
+                    st.unpersisted_trades.push_back((t.clone(), generation));
+                }
+            }
+            let last_seq = group.last().map_or(0, |b| b.seq);
             self.applied.send_if_modified(|s| {
                 if last_seq > *s {
                     *s = last_seq;
@@ -532,41 +547,85 @@ impl ReadModel {
                     false
                 }
             });
-            for msg in out.market {
+            for msg in out.market.drain(..) {
                 let _ = self.market_tx.send(Arc::new(msg));
             }
-            for msg in out.user {
+            for msg in out.user.drain(..) {
                 let _ = self.user_tx.send(Arc::new(msg));
             }
-            let since = *dirty_since.get_or_insert_with(std::time::Instant::now);
-            if rows >= PERSIST_ROWS || since.elapsed() >= PERSIST_EVERY {
-                self.persist(&mut conn, last_seq);
-                dirty_since = None;
+            let msg = PersistMsg {
+                generation,
+                seq: last_seq,
+                orders,
+                trades: std::mem::take(&mut out.trades),
+            };
+            if ptx.send(msg).is_err() {
+                tracing::error!("the history thread stopped");
             }
         }
-        self.persist(&mut conn, last_seq);
     }
 
-    /// Writes the unpersisted rows in one transaction, then forgets them (only this thread adds
-    /// rows, so nothing new arrived meanwhile).
-    fn persist(&self, conn: &mut rusqlite::Connection, seq: u64) {
-        let (orders, trades): (Vec<OrderRec>, Vec<TradeRec>) = {
-            let st = self.read();
-            (
-                st.unpersisted_orders.values().cloned().collect(),
-                st.unpersisted_trades.clone(),
-            )
-        };
-        match Store::write_history(conn, &orders, &trades, seq) {
-            Ok(()) => {
-                let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-                st.unpersisted_orders.clear();
-                st.unpersisted_trades.clear();
-                drop(st);
-                self.persisted.send_replace(seq);
+    /// Writes history rows in batches until the applier stops, then writes the rest.
+    fn persist_loop(
+        &self,
+        mut conn: rusqlite::Connection,
+        rx: crossbeam::channel::Receiver<PersistMsg>,
+    ) {
+        let mut orders: HashMap<u64, OrderRec> = HashMap::new();
+        let mut trades: Vec<TradeRec> = Vec::new();
+        let (mut generation, mut seq) = (0u64, 0u64);
+        let mut since: Option<std::time::Instant> = None;
+        loop {
+            let msg = match since {
+                None => rx.recv().map_err(|_| true),
+                Some(t) => rx
+                    .recv_timeout(PERSIST_EVERY.saturating_sub(t.elapsed()))
+                    .map_err(|e| e.is_disconnected()),
+            };
+            let stop = match msg {
+                Ok(m) => {
+                    for o in m.orders {
+                        orders.insert(o.id, o);
+                    }
+                    trades.extend(m.trades);
+                    generation = m.generation;
+                    seq = seq.max(m.seq);
+                    since.get_or_insert_with(std::time::Instant::now);
+                    false
+                }
+                Err(disconnected) => disconnected,
+            };
+            let due = since.is_some_and(|t| t.elapsed() >= PERSIST_EVERY)
+                || orders.len() + trades.len() >= PERSIST_ROWS;
+            if (due || stop) && since.is_some() {
+                let rows: Vec<OrderRec> = orders.values().cloned().collect();
+                match Store::write_history(&mut conn, &rows, &trades, seq) {
+                    Ok(()) => {
+                        orders.clear();
+                        trades.clear();
+                        since = None;
+                        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+                        st.unpersisted_orders.retain(|_, (_, g)| *g > generation);
+                        while st
+                            .unpersisted_trades
+                            .front()
+                            .is_some_and(|(_, g)| *g <= generation)
+                        {
+                            st.unpersisted_trades.pop_front();
+                        }
+                        drop(st);
+                        self.persisted.send_replace(seq);
+                    }
+                    // Rows stay here and are retried with the next write.
+                    Err(e) => {
+                        tracing::error!(error = %e, "writing history failed");
+                        since = Some(std::time::Instant::now());
+                    }
+                }
             }
-            // Rows stay in memory and are retried with the next write.
-            Err(e) => tracing::error!(error = %e, "writing history failed"),
+            if stop {
+                return;
+            }
         }
     }
 
@@ -604,7 +663,7 @@ impl ReadModel {
                 && end_ms.is_none_or(|e| o.time_ms <= e)
         };
         let mut all: BTreeMap<u64, OrderRec> = rows.into_iter().map(|o| (o.id, o)).collect();
-        for o in st.unpersisted_orders.values().filter(|o| keep(o)) {
+        for (o, _) in st.unpersisted_orders.values().filter(|(o, _)| keep(o)) {
             all.insert(o.id, o.clone());
         }
         for id in st.open_by_account.get(&account).into_iter().flatten() {
@@ -634,7 +693,7 @@ impl ReadModel {
             .trades(account, market, from_id, start_ms, end_ms, limit)?;
         let st = self.read();
         let mut all: BTreeMap<u64, TradeRec> = rows.into_iter().map(|t| (t.id, t)).collect();
-        for t in st.unpersisted_trades.iter().filter(|t| {
+        for (t, _) in st.unpersisted_trades.iter().filter(|(t, _)| {
             (t.maker_account == account || t.taker_account == account)
                 && t.market == market
                 && from_id.is_none_or(|f| t.id >= f)
@@ -663,6 +722,7 @@ impl ReadModel {
         for t in st
             .unpersisted_trades
             .iter()
+            .map(|(t, _)| t)
             .filter(|t| t.market == market && t.id >= from_id)
         {
             all.insert(t.id, t.clone());
@@ -769,7 +829,11 @@ impl ReadModel {
     ) -> Result<Option<OrderRec>, crate::store::StoreError> {
         {
             let st = self.read();
-            if let Some(o) = st.open.get(&id).or_else(|| st.unpersisted_orders.get(&id)) {
+            if let Some(o) = st
+                .open
+                .get(&id)
+                .or_else(|| st.unpersisted_orders.get(&id).map(|(o, _)| o))
+            {
                 return Ok((o.account == account).then(|| o.clone()));
             }
         }
@@ -796,6 +860,7 @@ impl ReadModel {
             if let Some(o) = st
                 .unpersisted_orders
                 .values()
+                .map(|(o, _)| o)
                 .filter(|o| o.account == account && o.client_id == client)
                 .max_by_key(|o| o.id)
             {

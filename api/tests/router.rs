@@ -1187,3 +1187,105 @@ async fn lost_events_fail_fast_and_show_on_metrics() {
         .unwrap()
         .contains("\nmediator_read_model_broken 1\n"));
 }
+
+#[tokio::test]
+async fn history_merges_sqlite_and_rows_not_yet_written() {
+    let h = Harness::new();
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    let mut ids = Vec::new();
+    for round in 0..2 {
+        for i in 0..3 {
+            let p = 20000 + round * 10 + i;
+            let o = h.ok("POST", "/api/v3/order", &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price={p}"), &seller).await;
+            ids.push(o["orderId"].as_u64().unwrap());
+            h.ok(
+                "POST",
+                "/api/v3/order",
+                &format!(
+                    "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price={p}"
+                ),
+                &buyer,
+            )
+            .await;
+        }
+        if round == 0 {
+            assert!(h.state.read_model().wait_persisted().await);
+        }
+    }
+    let all = h
+        .ok("GET", "/api/v3/allOrders", "symbol=BTCUSD&limit=4", &seller)
+        .await;
+    let got: Vec<u64> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["orderId"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, ids[2..].to_vec());
+    assert!(all
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|o| o["status"] == "FILLED"));
+    let from = h
+        .ok(
+            "GET",
+            "/api/v3/allOrders",
+            &format!("symbol=BTCUSD&orderId={}&limit=2", ids[1]),
+            &seller,
+        )
+        .await;
+    let got: Vec<u64> = from
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["orderId"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, ids[1..3].to_vec());
+    let trades = h
+        .ok("GET", "/api/v3/myTrades", "symbol=BTCUSD", &buyer)
+        .await;
+    let tids: Vec<u64> = trades
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(tids.len(), 6);
+    assert!(tids.windows(2).all(|w| w[0] < w[1]));
+    let page = h
+        .ok(
+            "GET",
+            "/api/v3/myTrades",
+            &format!("symbol=BTCUSD&fromId={}&limit=3", tids[2]),
+            &buyer,
+        )
+        .await;
+    let got: Vec<u64> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, tids[2..5].to_vec());
+    let r = h
+        .raw(
+            "GET",
+            &format!(
+                "/api/v3/historicalTrades?symbol=BTCUSD&fromId={}&limit=2",
+                tids[3]
+            ),
+            "",
+            Some(&buyer.0),
+        )
+        .await;
+    let got: Vec<u64> = r
+        .json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, tids[3..5].to_vec());
+}

@@ -1,4 +1,6 @@
 //! SQLite persistence: API keys, order history and trade history, so that a restart keeps them.
+//! History rows carry their record in `data` as postcard bytes (a quarter of the JSON size);
+//! the indexed columns beside it serve the queries.
 //!
 //! Durability: history rows are written by the read-model applier in one transaction per group of
 //! event batches (WAL, `synchronous=NORMAL`); the engine's journal is the source of truth and a
@@ -44,13 +46,13 @@ CREATE TABLE IF NOT EXISTS api_keys(
   label TEXT NOT NULL, created_ms INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS orders(
   order_id INTEGER PRIMARY KEY, account INTEGER NOT NULL, market INTEGER NOT NULL,
-  client_id TEXT NOT NULL, time_ms INTEGER NOT NULL, data TEXT NOT NULL);
+  client_id TEXT NOT NULL, time_ms INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS orders_by_account ON orders(account, market, order_id);
 CREATE INDEX IF NOT EXISTS orders_by_client ON orders(account, client_id);
 CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS trades(
   trade_id INTEGER PRIMARY KEY, market INTEGER NOT NULL, maker_account INTEGER NOT NULL,
-  taker_account INTEGER NOT NULL, time_ms INTEGER NOT NULL, data TEXT NOT NULL);
+  taker_account INTEGER NOT NULL, time_ms INTEGER NOT NULL, data BLOB NOT NULL);
 CREATE INDEX IF NOT EXISTS trades_by_maker ON trades(maker_account, market, trade_id);
 CREATE INDEX IF NOT EXISTS trades_by_taker ON trades(taker_account, market, trade_id);
 ";
@@ -60,6 +62,9 @@ fn open_conn(path: &Path) -> Result<Connection, StoreError> {
     c.busy_timeout(std::time::Duration::from_secs(5))?;
     c.pragma_update(None, "journal_mode", "WAL")?;
     c.pragma_update(None, "synchronous", "NORMAL")?;
+    // Fewer, larger checkpoints and a page cache that holds the hot index pages.
+    c.pragma_update(None, "wal_autocheckpoint", 16_384)?;
+    c.pragma_update(None, "cache_size", -65_536)?;
     Ok(c)
 }
 
@@ -157,7 +162,7 @@ impl Store {
                 "INSERT OR REPLACE INTO orders(order_id, account, market, client_id, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6)",
             )?;
             for r in orders {
-                let data = serde_json::to_string(r).unwrap_or_default();
+                let data = postcard::to_allocvec(r).unwrap_or_default();
                 o.execute(params![
                     to_sql(r.id),
                     r.account,
@@ -171,7 +176,7 @@ impl Store {
                 "INSERT OR REPLACE INTO trades(trade_id, market, maker_account, taker_account, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6)",
             )?;
             for r in trades {
-                let data = serde_json::to_string(r).unwrap_or_default();
+                let data = postcard::to_allocvec(r).unwrap_or_default();
                 t.execute(params![
                     to_sql(r.id),
                     r.market,
@@ -205,11 +210,11 @@ impl Store {
             c.query_row(
                 "SELECT data FROM orders WHERE order_id = ?1 AND account = ?2",
                 params![to_sql(id), account],
-                |r| r.get::<_, String>(0),
+                |r| r.get::<_, Vec<u8>>(0),
             )
             .optional()
         })
-        .map(|o| o.and_then(|s| serde_json::from_str(&s).ok()))
+        .map(|o| o.and_then(|s| postcard::from_bytes(&s).ok()))
     }
 
     /// The latest order of an account with this client id.
@@ -222,11 +227,11 @@ impl Store {
             c.query_row(
                 "SELECT data FROM orders WHERE account = ?1 AND client_id = ?2 ORDER BY order_id DESC LIMIT 1",
                 params![account, client],
-                |r| r.get::<_, String>(0),
+                |r| r.get::<_, Vec<u8>>(0),
             )
             .optional()
         })
-        .map(|o| o.and_then(|s| serde_json::from_str(&s).ok()))
+        .map(|o| o.and_then(|s| postcard::from_bytes(&s).ok()))
     }
 
     /// Orders of an account in a market: ids from `from_id` (or the latest `limit` ones), time
@@ -257,12 +262,12 @@ impl Store {
                         end_ms.map_or(i64::MAX, to_sql),
                         limit
                     ],
-                    |r| r.get::<_, String>(0),
+                    |r| r.get::<_, Vec<u8>>(0),
                 )?;
-                rows.collect::<rusqlite::Result<Vec<String>>>()
+                rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
             })?
             .into_iter()
-            .filter_map(|s| serde_json::from_str(&s).ok())
+            .filter_map(|s| postcard::from_bytes(&s).ok())
             .collect();
         if !asc {
             v.reverse();
@@ -277,11 +282,11 @@ impl Store {
                 let mut st = c.prepare_cached(
                     "SELECT data FROM trades WHERE market=?1 ORDER BY trade_id DESC LIMIT ?2",
                 )?;
-                let rows = st.query_map(params![market, limit], |r| r.get::<_, String>(0))?;
-                rows.collect::<rusqlite::Result<Vec<String>>>()
+                let rows = st.query_map(params![market, limit], |r| r.get::<_, Vec<u8>>(0))?;
+                rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
             })?
             .into_iter()
-            .filter_map(|s| serde_json::from_str(&s).ok())
+            .filter_map(|s| postcard::from_bytes(&s).ok())
             .collect();
         v.reverse();
         Ok(v)
@@ -300,12 +305,12 @@ impl Store {
                     "SELECT data FROM trades WHERE market=?1 AND trade_id>=?2 ORDER BY trade_id ASC LIMIT ?3",
                 )?;
                 let rows = st.query_map(params![market, to_sql(from_id), limit], |r| {
-                    r.get::<_, String>(0)
+                    r.get::<_, Vec<u8>>(0)
                 })?;
-                rows.collect::<rusqlite::Result<Vec<String>>>()
+                rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
             })?
             .into_iter()
-            .filter_map(|s| serde_json::from_str(&s).ok())
+            .filter_map(|s| postcard::from_bytes(&s).ok())
             .collect())
     }
 
@@ -335,12 +340,12 @@ impl Store {
                         end_ms.map_or(i64::MAX, to_sql),
                         limit
                     ],
-                    |r| r.get::<_, String>(0),
+                    |r| r.get::<_, Vec<u8>>(0),
                 )?;
-                rows.collect::<rusqlite::Result<Vec<String>>>()
+                rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
             })?
             .into_iter()
-            .filter_map(|s| serde_json::from_str(&s).ok())
+            .filter_map(|s| postcard::from_bytes(&s).ok())
             .collect();
         if from_id.is_none() {
             v.reverse();

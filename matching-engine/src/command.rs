@@ -2,8 +2,8 @@
 //! accepted in full, or rejected with a [`RejectCode`](crate::RejectCode) and no change at all.
 
 use crate::units::{
-    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty,
-    Side, Timestamp, WithdrawalId,
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
+    Timestamp, WithdrawalId,
 };
 use serde::{Deserialize, Serialize};
 

@@ -56,7 +56,11 @@ impl MarketConfig {
     /// Quote units of `qty` lots at `price`, `None` on overflow.
     #[inline]
     pub fn notional(&self, price: Price, qty: Qty) -> Option<Amount> {
-        price.0.checked_mul(qty.0)?.checked_mul(self.tick_size).map(Amount)
+        price
+            .0
+            .checked_mul(qty.0)?
+            .checked_mul(self.tick_size)
+            .map(Amount)
     }
 
     /// A fee of `bps` basis points on `notional`, rounded down (so that fees of partial fills never
@@ -106,8 +110,14 @@ impl Default for EngineConfig {
     fn default() -> Self {
         Self {
             assets: vec![
-                AssetConfig { symbol: "BTC".into(), decimals: 8 },
-                AssetConfig { symbol: "USD".into(), decimals: 8 },
+                AssetConfig {
+                    symbol: "BTC".into(),
+                    decimals: 8,
+                },
+                AssetConfig {
+                    symbol: "USD".into(),
+                    decimals: 8,
+                },
             ],
             markets: vec![MarketConfig {
                 symbol: "BTCUSD".into(),
@@ -169,6 +179,8 @@ impl EngineConfig {
                 || m.max_price.0 > u64::from(u32::MAX)
                 || m.min_qty.0 == 0
                 || m.max_qty < m.min_qty
+                || m.maker_fee_bps > 10_000
+                || m.taker_fee_bps > 10_000
             {
                 return Err(ConfigError::BadMarket(m.symbol.clone()));
             }

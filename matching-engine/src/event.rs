@@ -4,8 +4,8 @@
 use crate::command::{OrderType, StpMode, TimeInForce};
 use crate::reject::RejectCode;
 use crate::units::{
-    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty,
-    Side, Timestamp, TradeId, WithdrawalId,
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
+    Timestamp, TradeId, WithdrawalId,
 };
 use serde::{Deserialize, Serialize};
 

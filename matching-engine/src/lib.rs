@@ -13,19 +13,25 @@
 
 #![warn(missing_docs)]
 
+pub mod book;
 pub mod command;
 pub mod config;
+pub mod engine;
 pub mod event;
+mod ledger;
 pub mod reject;
 pub mod units;
 
 pub use command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
 pub use config::{AssetConfig, EngineConfig, Limits, MarketConfig};
+pub use engine::{
+    Engine, EngineSnapshot, OrderMeta, OrderView, Withdrawal, WithdrawalState, FEE_ACCOUNT,
+};
 pub use event::{DoneReason, Event, OrderInfo};
 pub use reject::RejectCode;
 pub use units::{
-    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty,
-    Side, Timestamp, TradeId, WithdrawalId,
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
+    Timestamp, TradeId, WithdrawalId,
 };
 
 /// A deterministic state machine that the sequencer drives and the journal replays.

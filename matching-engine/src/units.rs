@@ -123,7 +123,9 @@ id!(
 
 /// Time in nanoseconds since the Unix epoch. The engine never reads a clock: time is passed in with
 /// every command by the sequencer and journaled with it.
-#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Debug, Serialize, Deserialize)]
+#[derive(
+    Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Debug, Serialize, Deserialize,
+)]
 pub struct Timestamp(pub u64);
 
 impl Timestamp {
@@ -192,13 +194,17 @@ impl ClientOrderId {
         let b = s.as_bytes();
         let ok = !b.is_empty()
             && b.len() <= Self::MAX_LEN
-            && b.iter().all(|c| c.is_ascii_alphanumeric() || b"._:/-".contains(c));
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || b"._:/-".contains(c));
         if !ok {
             return Err(ClientOrderIdError(s.to_owned()));
         }
         let mut bytes = [0u8; 36];
         bytes[..b.len()].copy_from_slice(b);
-        Ok(Self { len: b.len() as u8, bytes })
+        Ok(Self {
+            len: b.len() as u8,
+            bytes,
+        })
     }
 
     /// The id as a string.
@@ -286,7 +292,10 @@ mod tests {
 
     #[test]
     fn client_order_id_validation() {
-        assert_eq!(ClientOrderId::new("abc-1.2_3:4/5").unwrap().as_str(), "abc-1.2_3:4/5");
+        assert_eq!(
+            ClientOrderId::new("abc-1.2_3:4/5").unwrap().as_str(),
+            "abc-1.2_3:4/5"
+        );
         assert!(ClientOrderId::new("").is_err());
         assert!(ClientOrderId::new("has space").is_err());
         assert!(ClientOrderId::new(&"x".repeat(37)).is_err());

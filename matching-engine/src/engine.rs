@@ -1,0 +1,2012 @@
+//! The engine: every market's book and the ledger, changed together by one writer.
+//!
+//! [`Engine::apply`] validates a command completely before it changes anything, so a rejection
+//! leaves no trace; then it executes it, settles every fill in the ledger in the same step, and
+//! reports what happened as [`Event`]s. Per command, changed price levels and balances are
+//! reported once each, at the end, in a deterministic order.
+
+use crate::book::Book;
+use crate::command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
+use crate::config::{ConfigError, EngineConfig, MarketConfig};
+use crate::event::{DoneReason, Event, OrderInfo};
+use crate::ledger::{AssetTotals, Balance, Ledger};
+use crate::reject::RejectCode;
+use crate::units::{
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
+    Timestamp, TradeId, WithdrawalId,
+};
+use rustc_hash::{FxHashMap, FxHashSet};
+use serde::{Deserialize, Serialize};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BinaryHeap};
+
+/// The exchange's fee account: created with the engine, receives every trading fee and the flat
+/// part of withdrawal fees that the network did not take.
+pub const FEE_ACCOUNT: AccountId = AccountId(0);
+
+/// What the engine keeps with each resting order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderMeta {
+    /// Owner.
+    pub account: AccountId,
+    /// What is still held for it (quote for a bid, base for an ask).
+    pub hold: Amount,
+    /// Quantity filled so far.
+    pub filled: Qty,
+    /// Total quantity (filled included).
+    pub orig_qty: Qty,
+    /// Self-trade prevention mode.
+    pub stp: StpMode,
+    /// Post-only.
+    pub post_only: bool,
+    /// Time in force (GTC or GTD for a resting order).
+    pub tif: TimeInForce,
+    /// Client order id.
+    pub client_id: Option<ClientOrderId>,
+}
+
+impl Default for OrderMeta {
+    fn default() -> Self {
+        Self {
+            account: AccountId(0),
+            hold: Amount(0),
+            filled: Qty(0),
+            orig_qty: Qty(0),
+            stp: StpMode::None,
+            post_only: false,
+            tif: TimeInForce::Gtc,
+            client_id: None,
+        }
+    }
+}
+
+/// A stop order waiting for its trigger.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StopOrder {
+    /// Its id.
+    pub id: OrderId,
+    /// The order as placed.
+    pub order: NewOrder,
+    /// What is held for it now.
+    pub hold: Amount,
+}
+
+#[derive(Debug)]
+struct Market {
+    book: Book<OrderMeta>,
+    /// Buy stops by (stop price, id): trigger when last >= stop.
+    stop_buys: BTreeMap<(Price, OrderId), StopOrder>,
+    /// Sell stops by (stop price, id): trigger when last <= stop.
+    stop_sells: BTreeMap<(Price, OrderId), StopOrder>,
+    stop_index: FxHashMap<OrderId, (Side, Price)>,
+    depth_seq: u64,
+    last_price: Option<Price>,
+    dirty_levels: Vec<(Side, Price)>,
+}
+
+impl Market {
+    fn open_orders(&self) -> usize {
+        self.book.len() + self.stop_index.len()
+    }
+}
+
+/// A withdrawal's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WithdrawalState {
+    /// Funds are held.
+    Held,
+    /// Given back.
+    Released,
+    /// Paid; left the ledger.
+    Completed,
+}
+
+/// A withdrawal the ledger knows of.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Withdrawal {
+    /// Owner.
+    pub account: AccountId,
+    /// Asset.
+    pub asset: AssetId,
+    /// Amount paid out.
+    pub amount: Amount,
+    /// Flat fee.
+    pub fee: Amount,
+    /// State.
+    pub state: WithdrawalState,
+}
+
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+struct Account {
+    open_orders: u32,
+}
+
+/// An incoming order while it matches.
+#[derive(Clone, Copy, Debug)]
+struct Taker {
+    info: OrderInfo,
+    limit: Option<Price>,
+    remaining: Qty,
+    /// Quote-budget buy: quantity is bounded by `hold` only; reported remaining is 0.
+    budget: bool,
+    filled: Qty,
+    hold: Amount,
+    stp: StpMode,
+}
+
+/// How a taker's matching ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum MatchEnd {
+    /// Nothing left to fill.
+    Filled,
+    /// No more crossing liquidity (or the budget is spent).
+    NoMore,
+    /// Self-trade prevention expired the taker.
+    SelfTrade,
+    /// A quote-budget (or market) buy spent what it held.
+    Budget,
+}
+
+/// The state of one order as a query answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct OrderView {
+    /// Id.
+    pub id: OrderId,
+    /// Market.
+    pub market: MarketId,
+    /// Side.
+    pub side: Side,
+    /// Limit price (stop orders: the limit price, or 0 for stop-market).
+    pub price: Price,
+    /// Open quantity.
+    pub remaining: Qty,
+    /// The engine's data.
+    pub meta: OrderMeta,
+    /// Trigger price for a waiting stop order.
+    pub stop: Option<Price>,
+}
+
+/// Whether an accepted command changed nothing because it had been applied before.
+#[derive(Clone, Copy, Debug, Default)]
+struct Accept {
+    order: Option<OrderId>,
+    account: Option<AccountId>,
+    duplicate: bool,
+}
+
+/// The matching engine and ledger. See the [crate docs](crate).
+#[derive(Debug)]
+pub struct Engine {
+    config: EngineConfig,
+    params: Vec<MarketParams>,
+    seq: u64,
+    next_order_id: u64,
+    next_trade_id: u64,
+    accounts: Vec<Account>,
+    ledger: Ledger,
+    markets: Vec<Market>,
+    client_ids: FxHashMap<(AccountId, ClientOrderId), (MarketId, OrderId)>,
+    credit_keys: FxHashSet<IdempotencyKey>,
+    transfer_keys: FxHashSet<IdempotencyKey>,
+    withdrawals: FxHashMap<WithdrawalId, Withdrawal>,
+    /// GTD expiries `(time, order, market)`; entries of orders that left are skipped when popped.
+    expiries: BinaryHeap<Reverse<(u64, u64, u16)>>,
+    now: Timestamp,
+    scratch_ids: Vec<OrderId>,
+    scratch_balances: Vec<(AccountId, AssetId)>,
+}
+
+/// The numbers of a market the hot path needs, `Copy` so they can be read while the engine is
+/// borrowed mutably.
+#[derive(Clone, Copy, Debug)]
+struct MarketParams {
+    base: AssetId,
+    quote: AssetId,
+    lot_size: u64,
+    tick_size: u64,
+    min_qty: Qty,
+    max_qty: Qty,
+    min_price: Price,
+    max_price: Price,
+    min_notional: Amount,
+    maker_fee_bps: u16,
+    taker_fee_bps: u16,
+}
+
+impl MarketParams {
+    fn of(m: &MarketConfig) -> Self {
+        Self {
+            base: m.base,
+            quote: m.quote,
+            lot_size: m.lot_size,
+            tick_size: m.tick_size,
+            min_qty: m.min_qty,
+            max_qty: m.max_qty,
+            min_price: m.min_price,
+            max_price: m.max_price,
+            min_notional: m.min_notional,
+            maker_fee_bps: m.maker_fee_bps,
+            taker_fee_bps: m.taker_fee_bps,
+        }
+    }
+    #[inline]
+    fn notional(&self, price: Price, qty: Qty) -> Option<Amount> {
+        price
+            .0
+            .checked_mul(qty.0)?
+            .checked_mul(self.tick_size)
+            .map(Amount)
+    }
+    #[inline]
+    fn base_amount(&self, qty: Qty) -> Option<Amount> {
+        qty.0.checked_mul(self.lot_size).map(Amount)
+    }
+    #[inline]
+    fn max_fee_bps(&self) -> u16 {
+        self.maker_fee_bps.max(self.taker_fee_bps)
+    }
+    /// The asset a side holds: quote for a bid, base for an ask.
+    #[inline]
+    fn hold_asset(&self, side: Side) -> AssetId {
+        match side {
+            Side::Buy => self.quote,
+            Side::Sell => self.base,
+        }
+    }
+    fn check_qty(&self, qty: Qty) -> Result<(), RejectCode> {
+        if qty.is_zero() {
+            Err(RejectCode::ZeroQuantity)
+        } else if qty < self.min_qty || qty > self.max_qty {
+            Err(RejectCode::QtyOffLot)
+        } else {
+            Ok(())
+        }
+    }
+    fn check_price(&self, price: Price) -> Result<(), RejectCode> {
+        if price.is_zero() {
+            Err(RejectCode::PriceOffTick)
+        } else if price < self.min_price || price > self.max_price {
+            Err(RejectCode::OutsidePriceBand)
+        } else {
+            Ok(())
+        }
+    }
+    fn check_notional(&self, price: Price, qty: Qty) -> Result<(), RejectCode> {
+        match self.notional(price, qty) {
+            None => Err(RejectCode::InvalidAmount),
+            Some(n) if n < self.min_notional => Err(RejectCode::BelowMinNotional),
+            Some(_) => Ok(()),
+        }
+    }
+}
+
+/// Quote needed for `qty` at `price` including a fee allowance of `bps`.
+#[inline]
+fn worst_cost(cfg: &MarketParams, price: Price, qty: Qty, bps: u16) -> Option<Amount> {
+    let n = cfg.notional(price, qty)?;
+    n.checked_add(MarketConfig::fee(n, bps))
+}
+
+/// The largest quantity whose cost at `price` with taker fee `bps` fits in `budget`.
+#[inline]
+fn affordable(cfg: &MarketParams, price: Price, budget: Amount, bps: u16) -> Qty {
+    let unit = u128::from(price.0) * u128::from(cfg.tick_size);
+    if unit == 0 {
+        return Qty::ZERO;
+    }
+    let mut q = (u128::from(budget.0) * 10_000 / (unit * (10_000 + u128::from(bps)))) as u64;
+    // Fees round down, so a little more may fit.
+    while let Some(c) = worst_cost(cfg, price, Qty(q + 1), bps) {
+        if c > budget {
+            break;
+        }
+        q += 1;
+    }
+    Qty(q)
+}
+
+impl Engine {
+    /// A new engine with no orders; the fee account ([`FEE_ACCOUNT`]) exists.
+    pub fn new(config: EngineConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        let markets = config
+            .markets
+            .iter()
+            .map(|m| Market {
+                book: Book::new(m.max_price, config.limits.max_orders_per_book),
+                stop_buys: BTreeMap::new(),
+                stop_sells: BTreeMap::new(),
+                stop_index: FxHashMap::default(),
+                depth_seq: 0,
+                last_price: None,
+                dirty_levels: Vec::with_capacity(64),
+            })
+            .collect();
+        let mut e = Self {
+            ledger: Ledger::new(config.assets.len()),
+            params: config.markets.iter().map(MarketParams::of).collect(),
+            config,
+            seq: 0,
+            next_order_id: 1,
+            next_trade_id: 1,
+            accounts: Vec::new(),
+            markets,
+            client_ids: FxHashMap::default(),
+            credit_keys: FxHashSet::default(),
+            transfer_keys: FxHashSet::default(),
+            withdrawals: FxHashMap::default(),
+            expiries: BinaryHeap::new(),
+            now: Timestamp(0),
+            scratch_ids: Vec::with_capacity(256),
+            scratch_balances: Vec::with_capacity(64),
+        };
+        e.accounts.push(Account::default());
+        e.ledger.add_account();
+        Ok(e)
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// The number of commands that changed the state (the last journal sequence number).
+    pub fn seq(&self) -> u64 {
+        self.seq
+    }
+
+    /// Time of the last command.
+    pub fn now(&self) -> Timestamp {
+        self.now
+    }
+
+    /// Number of accounts, the fee account included.
+    pub fn account_count(&self) -> usize {
+        self.accounts.len()
+    }
+
+    /// True when the account exists.
+    pub fn account_exists(&self, a: AccountId) -> bool {
+        (a.0 as usize) < self.accounts.len()
+    }
+
+    /// Balance of `asset` of `account`: `(available, held)`.
+    pub fn balance(&self, account: AccountId, asset: AssetId) -> Option<(Amount, Amount)> {
+        if !self.account_exists(account) || asset.0 as usize >= self.config.assets.len() {
+            return None;
+        }
+        let b = self.ledger.get(account, asset);
+        Some((Amount(b.available), Amount(b.held)))
+    }
+
+    /// Sum of all balances of `asset` (available and held, fee account included).
+    pub fn asset_total(&self, asset: AssetId) -> Amount {
+        self.ledger.asset_total_u64(asset)
+    }
+
+    /// Credits and withdrawals of `asset` so far.
+    pub fn asset_totals(&self, asset: AssetId) -> AssetTotals {
+        self.ledger.totals[asset.0 as usize]
+    }
+
+    /// A withdrawal the ledger knows of.
+    pub fn withdrawal(&self, id: WithdrawalId) -> Option<Withdrawal> {
+        self.withdrawals.get(&id).copied()
+    }
+
+    /// Amounts (amount + fee) held for withdrawals of `asset`.
+    pub fn withdrawals_held(&self, asset: AssetId) -> Amount {
+        Amount(
+            self.withdrawals
+                .values()
+                .filter(|w| w.asset == asset && w.state == WithdrawalState::Held)
+                .map(|w| w.amount.0 + w.fee.0)
+                .sum(),
+        )
+    }
+
+    /// The book of a market (read-only).
+    pub fn book(&self, market: MarketId) -> Option<&Book<OrderMeta>> {
+        self.markets.get(market.0 as usize).map(|m| &m.book)
+    }
+
+    /// Last trade price of a market.
+    pub fn last_price(&self, market: MarketId) -> Option<Price> {
+        self.markets
+            .get(market.0 as usize)
+            .and_then(|m| m.last_price)
+    }
+
+    /// The per-market depth sequence number (of the last depth event).
+    pub fn depth_seq(&self, market: MarketId) -> u64 {
+        self.markets
+            .get(market.0 as usize)
+            .map_or(0, |m| m.depth_seq)
+    }
+
+    /// The earliest GTD expiry that is still pending, if any. Whoever drives the engine applies
+    /// a command (e.g. [`Command::Tick`]) at or after that time so the order expires on time.
+    pub fn next_expiry(&mut self) -> Option<Timestamp> {
+        while let Some(Reverse((t, id, m))) = self.expiries.peek().copied() {
+            if self.markets[m as usize].book.slot(OrderId(id)).is_some() {
+                return Some(Timestamp(t));
+            }
+            self.expiries.pop();
+        }
+        None
+    }
+
+    /// An open order (resting or stop).
+    pub fn order(&self, market: MarketId, id: OrderId) -> Option<OrderView> {
+        let m = self.markets.get(market.0 as usize)?;
+        if let Some(slot) = m.book.slot(id) {
+            let n = m.book.node(slot);
+            return Some(OrderView {
+                id,
+                market,
+                side: n.side,
+                price: n.price,
+                remaining: n.qty,
+                meta: n.data,
+                stop: None,
+            });
+        }
+        let &(side, stop) = m.stop_index.get(&id)?;
+        let s = match side {
+            Side::Buy => &m.stop_buys[&(stop, id)],
+            Side::Sell => &m.stop_sells[&(stop, id)],
+        };
+        let (price, qty) = match s.order.order_type {
+            OrderType::StopLimit { price, qty, .. } => (price, qty),
+            OrderType::StopMarket { qty, .. } => (Price(0), qty),
+            _ => unreachable!("only stop orders wait"),
+        };
+        Some(OrderView {
+            id,
+            market,
+            side,
+            price,
+            remaining: qty,
+            meta: OrderMeta {
+                account: s.order.account,
+                hold: s.hold,
+                filled: Qty(0),
+                orig_qty: qty,
+                stp: s.order.stp,
+                post_only: false,
+                tif: s.order.tif,
+                client_id: s.order.client_id,
+            },
+            stop: Some(stop),
+        })
+    }
+
+    /// The open orders of an account (all markets, or one), by id.
+    pub fn open_orders(&self, account: AccountId, market: Option<MarketId>) -> Vec<OrderView> {
+        let mut v = Vec::new();
+        for (i, m) in self.markets.iter().enumerate() {
+            let mid = MarketId(i as u16);
+            if market.is_some_and(|x| x != mid) {
+                continue;
+            }
+            for side in [Side::Buy, Side::Sell] {
+                for (p, _) in m.book.levels(side) {
+                    for n in m.book.orders_at(p) {
+                        if n.data.account == account {
+                            v.extend(self.order(mid, n.id));
+                        }
+                    }
+                }
+            }
+            for s in m.stop_buys.values().chain(m.stop_sells.values()) {
+                if s.order.account == account {
+                    v.extend(self.order(mid, s.id));
+                }
+            }
+        }
+        v.sort_by_key(|o| o.id);
+        v
+    }
+
+    /// Finds an open order of `account` by client order id.
+    pub fn order_by_client_id(
+        &self,
+        account: AccountId,
+        client_id: &ClientOrderId,
+    ) -> Option<(MarketId, OrderId)> {
+        self.client_ids.get(&(account, *client_id)).copied()
+    }
+
+    /// Applies one command at time `now`, appending its events to `out`.
+    ///
+    /// Returns `Ok` when the command was accepted (its first event is [`Event::Accepted`]) and
+    /// `Err` when it was rejected (its last event is [`Event::Rejected`]). A rejected command
+    /// changes nothing, except that GTD orders whose time has come at `now` expire first, whatever
+    /// the command: a driver journals a command whenever [`Engine::seq`] advanced.
+    pub fn apply(
+        &mut self,
+        cmd: &Command,
+        now: Timestamp,
+        out: &mut Vec<Event>,
+    ) -> Result<(), RejectCode> {
+        let prev_now = self.now;
+        if now > self.now {
+            self.now = now;
+        }
+        let expired = self.expire_due(out);
+        let at = out.len();
+        out.push(Event::Accepted {
+            seq: self.seq + 1,
+            time: self.now,
+            order: None,
+            account: None,
+            duplicate: false,
+        });
+        let result = self.execute(cmd, out);
+        match result {
+            Ok(acc) => {
+                if acc.duplicate {
+                    debug_assert_eq!(out.len(), at + 1, "a duplicate changes nothing");
+                    if !expired {
+                        self.now = prev_now;
+                        out[at] = Event::Accepted {
+                            seq: self.seq,
+                            time: self.now,
+                            order: None,
+                            account: acc.account,
+                            duplicate: true,
+                        };
+                        return Ok(());
+                    }
+                }
+                self.seq += 1;
+                out[at] = Event::Accepted {
+                    seq: self.seq,
+                    time: self.now,
+                    order: acc.order,
+                    account: acc.account,
+                    duplicate: acc.duplicate,
+                };
+                self.flush(out);
+                Ok(())
+            }
+            Err(code) => {
+                debug_assert_eq!(out.len(), at + 1, "a rejected command emitted events");
+                out.truncate(at);
+                if expired {
+                    self.seq += 1;
+                } else {
+                    self.now = prev_now;
+                }
+                out.push(Event::Rejected { code });
+                Err(code)
+            }
+        }
+        .inspect(|_| self.debug_check())
+        .inspect_err(|_| self.debug_check())
+    }
+
+    #[inline]
+    fn debug_check(&self) {
+        #[cfg(debug_assertions)]
+        self.ledger.check_conservation();
+    }
+
+    /// Full invariant check (tests): conservation, non-negative balances (by type), holds equal
+    /// what open orders and withdrawals hold, books well-formed, open-order counts right.
+    pub fn check_invariants(&self) {
+        self.ledger.check_conservation();
+        let n_assets = self.config.assets.len();
+        let mut held = vec![0u128; self.accounts.len() * n_assets];
+        let mut open = vec![0u32; self.accounts.len()];
+        for (mi, m) in self.markets.iter().enumerate() {
+            let cfg = &self.params[mi];
+            m.book.check_invariants();
+            for side in [Side::Buy, Side::Sell] {
+                for (p, _) in m.book.levels(side) {
+                    for n in m.book.orders_at(p) {
+                        let a = n.data.account.0 as usize;
+                        let asset = if side == Side::Buy {
+                            cfg.quote
+                        } else {
+                            cfg.base
+                        };
+                        held[a * n_assets + asset.0 as usize] += u128::from(n.data.hold.0);
+                        open[a] += 1;
+                        if side == Side::Buy {
+                            let need = worst_cost(cfg, n.price, n.qty, cfg.max_fee_bps()).unwrap();
+                            assert!(n.data.hold >= need, "bid {} under-held", n.id);
+                        } else {
+                            assert_eq!(n.data.hold, cfg.base_amount(n.qty).unwrap());
+                        }
+                        assert_eq!(n.data.orig_qty.0, n.data.filled.0 + n.qty.0);
+                    }
+                }
+            }
+            for s in m.stop_buys.values().chain(m.stop_sells.values()) {
+                let a = s.order.account.0 as usize;
+                let asset = if s.order.side == Side::Buy {
+                    cfg.quote
+                } else {
+                    cfg.base
+                };
+                held[a * n_assets + asset.0 as usize] += u128::from(s.hold.0);
+                open[a] += 1;
+            }
+            assert_eq!(m.stop_index.len(), m.stop_buys.len() + m.stop_sells.len());
+        }
+        for w in self.withdrawals.values() {
+            if w.state == WithdrawalState::Held {
+                held[w.account.0 as usize * n_assets + w.asset.0 as usize] +=
+                    u128::from(w.amount.0) + u128::from(w.fee.0);
+            }
+        }
+        for (i, b) in self.ledger.balances.iter().enumerate() {
+            assert_eq!(
+                u128::from(b.held),
+                held[i],
+                "held of balance {i} differs from its holds"
+            );
+        }
+        for (i, a) in self.accounts.iter().enumerate() {
+            assert_eq!(a.open_orders, open[i], "open order count of account {i}");
+        }
+    }
+
+    /// Emits depth and balance events for everything this command changed.
+    fn flush(&mut self, out: &mut Vec<Event>) {
+        for (mi, m) in self.markets.iter_mut().enumerate() {
+            if m.dirty_levels.is_empty() {
+                continue;
+            }
+            m.dirty_levels
+                .sort_unstable_by_key(|&(s, p)| (s == Side::Sell, p));
+            m.dirty_levels.dedup();
+            for &(side, price) in &m.dirty_levels {
+                let qty = match m.book.front(price) {
+                    Some(s) if m.book.node(s).side == side => m.book.level_qty(price),
+                    _ => Qty(0),
+                };
+                m.depth_seq += 1;
+                out.push(Event::Depth {
+                    market: MarketId(mi as u16),
+                    seq: m.depth_seq,
+                    side,
+                    price,
+                    qty,
+                });
+            }
+            m.dirty_levels.clear();
+        }
+        let mut dirty = std::mem::take(&mut self.scratch_balances);
+        self.ledger.take_dirty(&mut dirty);
+        for &(account, asset) in &dirty {
+            let b = self.ledger.get(account, asset);
+            out.push(Event::Balance {
+                account,
+                asset,
+                available: Amount(b.available),
+                held: Amount(b.held),
+            });
+        }
+        dirty.clear();
+        self.scratch_balances = dirty;
+    }
+
+    /// Expires GTD orders whose time has come. Returns true when any did.
+    fn expire_due(&mut self, out: &mut Vec<Event>) -> bool {
+        let mut any = false;
+        while let Some(&Reverse((t, id, m))) = self.expiries.peek() {
+            if t > self.now.0 {
+                break;
+            }
+            self.expiries.pop();
+            let market = MarketId(m);
+            if let Some(slot) = self.markets[m as usize].book.slot(OrderId(id)) {
+                self.remove_resting(market, slot, DoneReason::Expired, out);
+                any = true;
+            }
+        }
+        if any {
+            self.flush(out);
+        }
+        any
+    }
+
+    fn execute(&mut self, cmd: &Command, out: &mut Vec<Event>) -> Result<Accept, RejectCode> {
+        match *cmd {
+            Command::CreateAccount => {
+                if self.accounts.len() >= self.config.limits.max_accounts as usize {
+                    return Err(RejectCode::AccountLimit);
+                }
+                let id = AccountId(self.accounts.len() as u32);
+                self.accounts.push(Account::default());
+                self.ledger.add_account();
+                out.push(Event::AccountCreated { account: id });
+                Ok(Accept {
+                    account: Some(id),
+                    ..Accept::default()
+                })
+            }
+            Command::NewOrder(o) => self.new_order(&o, out),
+            Command::Cancel {
+                account,
+                market,
+                order,
+            } => {
+                let (market, id) = self.find_order(account, market, order)?;
+                self.cancel_one(market, id, DoneReason::Cancelled, out);
+                Ok(Accept {
+                    order: Some(id),
+                    ..Accept::default()
+                })
+            }
+            Command::CancelAll { account, market } => self.cancel_all(account, market, out),
+            Command::Amend {
+                account,
+                market,
+                order,
+                new_price,
+                new_qty,
+            } => self.amend(account, market, order, new_price, new_qty, out),
+            Command::Credit {
+                account,
+                asset,
+                amount,
+                key,
+            } => {
+                self.check_account(account)?;
+                self.check_asset(asset)?;
+                if amount.is_zero() {
+                    return Err(RejectCode::ZeroQuantity);
+                }
+                if self.credit_keys.contains(&key) {
+                    return Ok(Accept {
+                        duplicate: true,
+                        ..Accept::default()
+                    });
+                }
+                let t = &self.ledger.totals[asset.0 as usize];
+                let b = self.ledger.get(account, asset);
+                if b.available.checked_add(amount.0).is_none()
+                    || t.credited - t.withdrawn + u128::from(amount.0) > u128::from(u64::MAX)
+                {
+                    return Err(RejectCode::InvalidAmount);
+                }
+                self.credit_keys.insert(key);
+                self.ledger.totals[asset.0 as usize].credited += u128::from(amount.0);
+                self.ledger.add_available(account, asset, amount.0);
+                out.push(Event::Credited {
+                    account,
+                    asset,
+                    amount,
+                    key,
+                });
+                Ok(Accept::default())
+            }
+            Command::WithdrawHold {
+                account,
+                asset,
+                amount,
+                fee,
+                id,
+            } => {
+                self.check_account(account)?;
+                self.check_asset(asset)?;
+                if amount.is_zero() {
+                    return Err(RejectCode::ZeroQuantity);
+                }
+                if self.withdrawals.contains_key(&id) {
+                    return Err(RejectCode::DuplicateWithdrawal);
+                }
+                let total = amount.checked_add(fee).ok_or(RejectCode::InvalidAmount)?;
+                if self.ledger.get(account, asset).available < total.0 {
+                    return Err(RejectCode::InsufficientBalance);
+                }
+                self.ledger.hold(account, asset, total.0);
+                self.withdrawals.insert(
+                    id,
+                    Withdrawal {
+                        account,
+                        asset,
+                        amount,
+                        fee,
+                        state: WithdrawalState::Held,
+                    },
+                );
+                out.push(Event::WithdrawalHeld {
+                    id,
+                    account,
+                    asset,
+                    amount,
+                    fee,
+                });
+                Ok(Accept::default())
+            }
+            Command::WithdrawRelease { id } => {
+                let w = match self.withdrawals.get(&id) {
+                    Some(w) if w.state == WithdrawalState::Held => *w,
+                    _ => return Err(RejectCode::UnknownWithdrawal),
+                };
+                self.ledger
+                    .release(w.account, w.asset, w.amount.0 + w.fee.0);
+                self.withdrawals.get_mut(&id).expect("exists").state = WithdrawalState::Released;
+                out.push(Event::WithdrawalReleased {
+                    id,
+                    account: w.account,
+                });
+                Ok(Accept::default())
+            }
+            Command::WithdrawComplete { id, network_fee } => {
+                let w = match self.withdrawals.get(&id) {
+                    Some(w) if w.state == WithdrawalState::Held => *w,
+                    _ => return Err(RejectCode::UnknownWithdrawal),
+                };
+                if network_fee > w.fee {
+                    return Err(RejectCode::InvalidAmount);
+                }
+                self.ledger
+                    .take_held(w.account, w.asset, w.amount.0 + w.fee.0);
+                self.ledger
+                    .add_available(FEE_ACCOUNT, w.asset, w.fee.0 - network_fee.0);
+                self.ledger.totals[w.asset.0 as usize].withdrawn +=
+                    u128::from(w.amount.0) + u128::from(network_fee.0);
+                self.withdrawals.get_mut(&id).expect("exists").state = WithdrawalState::Completed;
+                out.push(Event::WithdrawalCompleted {
+                    id,
+                    account: w.account,
+                    network_fee,
+                });
+                Ok(Accept::default())
+            }
+            Command::Transfer {
+                from,
+                to,
+                asset,
+                amount,
+                key,
+            } => {
+                self.check_account(from)?;
+                self.check_account(to)?;
+                self.check_asset(asset)?;
+                if from == to {
+                    return Err(RejectCode::SelfTransfer);
+                }
+                if amount.is_zero() {
+                    return Err(RejectCode::ZeroQuantity);
+                }
+                if self.transfer_keys.contains(&key) {
+                    return Ok(Accept {
+                        duplicate: true,
+                        ..Accept::default()
+                    });
+                }
+                if self.ledger.get(from, asset).available < amount.0 {
+                    return Err(RejectCode::InsufficientBalance);
+                }
+                self.transfer_keys.insert(key);
+                self.ledger.take_available(from, asset, amount.0);
+                self.ledger.add_available(to, asset, amount.0);
+                out.push(Event::Transferred {
+                    from,
+                    to,
+                    asset,
+                    amount,
+                    key,
+                });
+                Ok(Accept::default())
+            }
+            Command::Tick => Ok(Accept::default()),
+        }
+    }
+
+    fn check_account(&self, a: AccountId) -> Result<(), RejectCode> {
+        if self.account_exists(a) {
+            Ok(())
+        } else {
+            Err(RejectCode::UnknownAccount)
+        }
+    }
+
+    fn check_asset(&self, a: AssetId) -> Result<(), RejectCode> {
+        if (a.0 as usize) < self.config.assets.len() {
+            Ok(())
+        } else {
+            Err(RejectCode::UnknownAsset)
+        }
+    }
+
+    fn market_cfg(&self, m: MarketId) -> Result<&MarketConfig, RejectCode> {
+        self.config
+            .markets
+            .get(m.0 as usize)
+            .ok_or(RejectCode::UnknownMarket)
+    }
+}
+
+/// Fee of `bps` on `notional`, rounded down.
+#[inline]
+fn fee(notional: Amount, bps: u16) -> Amount {
+    MarketConfig::fee(notional, bps)
+}
+
+impl Engine {
+    fn cancel_all(
+        &mut self,
+        account: AccountId,
+        market: Option<MarketId>,
+        out: &mut Vec<Event>,
+    ) -> Result<Accept, RejectCode> {
+        self.check_account(account)?;
+        if let Some(m) = market {
+            self.market_cfg(m)?;
+        }
+        let mut ids = std::mem::take(&mut self.scratch_ids);
+        for mi in 0..self.markets.len() {
+            let mid = MarketId(mi as u16);
+            if market.is_some_and(|x| x != mid) {
+                continue;
+            }
+            if self.accounts[account.0 as usize].open_orders == 0 {
+                break;
+            }
+            ids.clear();
+            let m = &self.markets[mi];
+            for side in [Side::Buy, Side::Sell] {
+                for (p, _) in m.book.levels(side) {
+                    ids.extend(
+                        m.book
+                            .orders_at(p)
+                            .filter(|n| n.data.account == account)
+                            .map(|n| n.id),
+                    );
+                }
+            }
+            ids.extend(
+                m.stop_buys
+                    .values()
+                    .chain(m.stop_sells.values())
+                    .filter(|s| s.order.account == account)
+                    .map(|s| s.id),
+            );
+            ids.sort_unstable();
+            for &id in &ids {
+                self.cancel_one(mid, id, DoneReason::Cancelled, out);
+            }
+        }
+        ids.clear();
+        self.scratch_ids = ids;
+        Ok(Accept::default())
+    }
+
+    /// Resolves an order reference to an open order owned by `account`.
+    fn find_order(
+        &self,
+        account: AccountId,
+        market: MarketId,
+        r: OrderRef,
+    ) -> Result<(MarketId, OrderId), RejectCode> {
+        self.check_account(account)?;
+        self.market_cfg(market)?;
+        let id = match r {
+            OrderRef::Id(id) => id,
+            OrderRef::Client(c) => match self.client_ids.get(&(account, c)) {
+                Some(&(m, id)) if m == market => id,
+                _ => return Err(RejectCode::UnknownOrder),
+            },
+        };
+        let m = &self.markets[market.0 as usize];
+        let owner = if let Some(slot) = m.book.slot(id) {
+            m.book.node(slot).data.account
+        } else if let Some(&(side, stop)) = m.stop_index.get(&id) {
+            match side {
+                Side::Buy => m.stop_buys[&(stop, id)].order.account,
+                Side::Sell => m.stop_sells[&(stop, id)].order.account,
+            }
+        } else {
+            return Err(RejectCode::UnknownOrder);
+        };
+        if owner == account {
+            Ok((market, id))
+        } else {
+            Err(RejectCode::UnknownOrder)
+        }
+    }
+
+    fn cancel_one(
+        &mut self,
+        market: MarketId,
+        id: OrderId,
+        reason: DoneReason,
+        out: &mut Vec<Event>,
+    ) {
+        if let Some(slot) = self.markets[market.0 as usize].book.slot(id) {
+            self.remove_resting(market, slot, reason, out);
+        } else {
+            self.remove_stop(market, id, reason, out);
+        }
+    }
+
+    fn forget_order(&mut self, account: AccountId, client_id: Option<ClientOrderId>) {
+        self.accounts[account.0 as usize].open_orders -= 1;
+        if let Some(c) = client_id {
+            self.client_ids.remove(&(account, c));
+        }
+    }
+
+    /// Takes a resting order out of the book, releases its hold, reports it done.
+    fn remove_resting(
+        &mut self,
+        market: MarketId,
+        slot: u32,
+        reason: DoneReason,
+        out: &mut Vec<Event>,
+    ) {
+        let p = self.params[market.0 as usize];
+        let m = &mut self.markets[market.0 as usize];
+        let node = m.book.remove(slot);
+        m.dirty_levels.push((node.side, node.price));
+        self.ledger
+            .release(node.data.account, p.hold_asset(node.side), node.data.hold.0);
+        self.forget_order(node.data.account, node.data.client_id);
+        out.push(Event::OrderDone {
+            info: OrderInfo {
+                order: node.id,
+                account: node.data.account,
+                market,
+                side: node.side,
+                client_id: node.data.client_id,
+            },
+            reason,
+            filled: node.data.filled,
+            remaining: node.qty,
+        });
+    }
+
+    fn take_stop(&mut self, market: MarketId, id: OrderId) -> Option<StopOrder> {
+        let m = &mut self.markets[market.0 as usize];
+        let (side, stop) = m.stop_index.remove(&id)?;
+        let s = match side {
+            Side::Buy => m.stop_buys.remove(&(stop, id)),
+            Side::Sell => m.stop_sells.remove(&(stop, id)),
+        }
+        .expect("stop index and maps agree");
+        self.forget_order(s.order.account, s.order.client_id);
+        Some(s)
+    }
+
+    fn remove_stop(
+        &mut self,
+        market: MarketId,
+        id: OrderId,
+        reason: DoneReason,
+        out: &mut Vec<Event>,
+    ) {
+        let Some(s) = self.take_stop(market, id) else {
+            return;
+        };
+        let p = self.params[market.0 as usize];
+        self.ledger
+            .release(s.order.account, p.hold_asset(s.order.side), s.hold.0);
+        let qty = match s.order.order_type {
+            OrderType::StopLimit { qty, .. } | OrderType::StopMarket { qty, .. } => qty,
+            _ => Qty(0),
+        };
+        out.push(Event::OrderDone {
+            info: stop_info(market, &s),
+            reason,
+            filled: Qty(0),
+            remaining: qty,
+        });
+    }
+
+    /// Quote cost (with taker fee) of buying `qty` now, walking the asks.
+    fn walk_buy_cost(&self, mi: usize, qty: Qty) -> Option<Amount> {
+        let p = &self.params[mi];
+        let book = &self.markets[mi].book;
+        let mut left = qty.0;
+        let mut notional = Amount(0);
+        for (price, level) in book.levels(Side::Sell) {
+            let q = Qty(left.min(level.0));
+            notional = notional.checked_add(p.notional(price, q)?)?;
+            left -= q.0;
+            if left == 0 {
+                break;
+            }
+        }
+        notional.checked_add(fee(notional, p.taker_fee_bps))
+    }
+
+    /// Lots to sell now to receive at least `budget` quote (before fees), walking the bids.
+    fn walk_sell_qty(&self, mi: usize, budget: Amount) -> Qty {
+        let p = &self.params[mi];
+        let book = &self.markets[mi].book;
+        let mut left = u128::from(budget.0);
+        let mut qty = 0u64;
+        for (price, level) in book.levels(Side::Buy) {
+            let unit = u128::from(price.0) * u128::from(p.tick_size);
+            let need = left.div_ceil(unit);
+            let take = need.min(u128::from(level.0)) as u64;
+            qty += take;
+            left = left.saturating_sub(unit * u128::from(take));
+            if left == 0 {
+                break;
+            }
+        }
+        Qty(qty)
+    }
+
+    /// Whether a FOK order of `qty` could fill in full now, under its self-trade mode.
+    #[allow(clippy::too_many_arguments)]
+    fn fok_fillable(
+        &self,
+        mi: usize,
+        side: Side,
+        limit: Price,
+        qty: Qty,
+        account: AccountId,
+        stp: StpMode,
+    ) -> bool {
+        let book = &self.markets[mi].book;
+        let mut need = qty.0;
+        for (price, _) in book.levels(side.opposite()) {
+            let crosses = match side {
+                Side::Buy => price <= limit,
+                Side::Sell => price >= limit,
+            };
+            if !crosses {
+                return false;
+            }
+            for n in book.orders_at(price) {
+                if n.data.account == account && stp != StpMode::None {
+                    if stp == StpMode::ExpireMaker {
+                        continue;
+                    }
+                    return false;
+                }
+                need -= need.min(n.qty.0);
+                if need == 0 {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    fn new_order(&mut self, o: &NewOrder, out: &mut Vec<Event>) -> Result<Accept, RejectCode> {
+        self.check_account(o.account)?;
+        let _ = self.market_cfg(o.market)?;
+        if o.account == FEE_ACCOUNT {
+            return Err(RejectCode::FeeAccount);
+        }
+        let mi = o.market.0 as usize;
+        let p = self.params[mi];
+        match o.order_type {
+            OrderType::Limit { price, qty } => {
+                p.check_qty(qty)?;
+                p.check_price(price)?;
+                p.check_notional(price, qty)?;
+            }
+            OrderType::Market { qty } => p.check_qty(qty)?,
+            OrderType::MarketBudget { budget } => {
+                if budget.is_zero() {
+                    return Err(RejectCode::ZeroQuantity);
+                }
+                if budget < p.min_notional {
+                    return Err(RejectCode::BelowMinNotional);
+                }
+            }
+            OrderType::StopLimit { stop, price, qty } => {
+                p.check_qty(qty)?;
+                p.check_price(stop)?;
+                p.check_price(price)?;
+                p.check_notional(price, qty)?;
+            }
+            OrderType::StopMarket { stop, qty } => {
+                p.check_qty(qty)?;
+                p.check_price(stop)?;
+            }
+        }
+        let is_limit = matches!(o.order_type, OrderType::Limit { .. });
+        let is_stop = matches!(
+            o.order_type,
+            OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
+        );
+        let is_market = !is_limit && !is_stop;
+        if o.post_only && (!is_limit || matches!(o.tif, TimeInForce::Ioc | TimeInForce::Fok)) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        match o.tif {
+            TimeInForce::Gtd(t) if t <= self.now || is_market => {
+                return Err(RejectCode::InvalidOrder)
+            }
+            TimeInForce::Fok if is_market => return Err(RejectCode::InvalidOrder),
+            _ => {}
+        }
+        if let Some(c) = o.client_id {
+            if self.client_ids.contains_key(&(o.account, c)) {
+                return Err(RejectCode::DuplicateClientId);
+            }
+        }
+        let can_rest =
+            is_stop || (is_limit && matches!(o.tif, TimeInForce::Gtc | TimeInForce::Gtd(_)));
+        if can_rest {
+            if self.accounts[o.account.0 as usize].open_orders
+                >= self.config.limits.max_open_orders_per_account
+            {
+                return Err(RejectCode::AccountOrderLimit);
+            }
+            if self.markets[mi].open_orders() >= self.config.limits.max_orders_per_book as usize {
+                return Err(RejectCode::BookFull);
+            }
+        }
+        // What to hold, and for a quote-budget sell, how much to sell.
+        let mut market_qty = Qty(0);
+        let hold = match (o.side, o.order_type) {
+            (Side::Buy, OrderType::Limit { price, qty })
+            | (Side::Buy, OrderType::StopLimit { price, qty, .. }) => {
+                worst_cost(&p, price, qty, p.max_fee_bps())
+            }
+            (Side::Buy, OrderType::Market { qty }) => {
+                market_qty = qty;
+                self.walk_buy_cost(mi, qty)
+            }
+            (Side::Buy, OrderType::MarketBudget { budget }) => Some(budget),
+            (Side::Buy, OrderType::StopMarket { .. }) => Some(Amount(0)),
+            (Side::Sell, OrderType::MarketBudget { budget }) => {
+                market_qty = self.walk_sell_qty(mi, budget);
+                p.base_amount(market_qty)
+            }
+            (Side::Sell, OrderType::Market { qty }) => {
+                market_qty = qty;
+                p.base_amount(qty)
+            }
+            (Side::Sell, OrderType::Limit { qty, .. })
+            | (Side::Sell, OrderType::StopLimit { qty, .. })
+            | (Side::Sell, OrderType::StopMarket { qty, .. }) => p.base_amount(qty),
+        }
+        .ok_or(RejectCode::InvalidAmount)?;
+        let asset = p.hold_asset(o.side);
+        if self.ledger.get(o.account, asset).available < hold.0 {
+            return Err(RejectCode::InsufficientBalance);
+        }
+        if let OrderType::Limit { price, qty } = o.order_type {
+            let book = &self.markets[mi].book;
+            let crosses = match o.side {
+                Side::Buy => book.best_ask().is_some_and(|a| a <= price),
+                Side::Sell => book.best_bid().is_some_and(|b| b >= price),
+            };
+            if o.post_only && crosses {
+                return Err(RejectCode::PostOnlyWouldTake);
+            }
+            if o.tif == TimeInForce::Fok
+                && !self.fok_fillable(mi, o.side, price, qty, o.account, o.stp)
+            {
+                return Err(RejectCode::FokCannotFill);
+            }
+        }
+
+        // Validated: from here on the command is accepted and changes the state.
+        let id = OrderId(self.next_order_id);
+        self.next_order_id += 1;
+        let info = OrderInfo {
+            order: id,
+            account: o.account,
+            market: o.market,
+            side: o.side,
+            client_id: o.client_id,
+        };
+        out.push(Event::OrderNew {
+            info,
+            order_type: o.order_type,
+            tif: o.tif,
+            post_only: o.post_only,
+            stp: o.stp,
+        });
+        self.ledger.hold(o.account, asset, hold.0);
+        match o.order_type {
+            OrderType::StopLimit { stop, .. } | OrderType::StopMarket { stop, .. } => {
+                let s = StopOrder {
+                    id,
+                    order: *o,
+                    hold,
+                };
+                let m = &mut self.markets[mi];
+                match o.side {
+                    Side::Buy => m.stop_buys.insert((stop, id), s),
+                    Side::Sell => m.stop_sells.insert((stop, id), s),
+                };
+                m.stop_index.insert(id, (o.side, stop));
+                self.accounts[o.account.0 as usize].open_orders += 1;
+                if let Some(c) = o.client_id {
+                    self.client_ids.insert((o.account, c), (o.market, id));
+                }
+            }
+            OrderType::Limit { price, qty } => {
+                let t = Taker {
+                    info,
+                    limit: Some(price),
+                    remaining: qty,
+                    budget: false,
+                    filled: Qty(0),
+                    hold,
+                    stp: o.stp,
+                };
+                self.run_taker(t, o.tif, o.post_only, out);
+            }
+            OrderType::Market { .. } | OrderType::MarketBudget { .. } => {
+                let budget =
+                    o.side == Side::Buy && matches!(o.order_type, OrderType::MarketBudget { .. });
+                let t = Taker {
+                    info,
+                    limit: None,
+                    remaining: if budget { Qty::MAX } else { market_qty },
+                    budget,
+                    filled: Qty(0),
+                    hold,
+                    stp: o.stp,
+                };
+                self.run_taker(t, TimeInForce::Ioc, false, out);
+            }
+        }
+        self.process_triggers(o.market, out);
+        Ok(Accept {
+            order: Some(id),
+            ..Accept::default()
+        })
+    }
+
+    /// Matches an incoming order, then rests, expires or finishes it.
+    fn run_taker(&mut self, mut t: Taker, tif: TimeInForce, post_only: bool, out: &mut Vec<Event>) {
+        let market = t.info.market;
+        let mi = market.0 as usize;
+        let p = self.params[mi];
+        let end = if t.remaining.is_zero() {
+            MatchEnd::Filled
+        } else {
+            self.match_taker(&mut t, out)
+        };
+        let asset = p.hold_asset(t.info.side);
+        let rests = end == MatchEnd::NoMore
+            && t.limit.is_some()
+            && matches!(tif, TimeInForce::Gtc | TimeInForce::Gtd(_));
+        if rests {
+            let price = t.limit.expect("limit order");
+            let need = match t.info.side {
+                Side::Buy => {
+                    worst_cost(&p, price, t.remaining, p.max_fee_bps()).expect("held before")
+                }
+                Side::Sell => p.base_amount(t.remaining).expect("held before"),
+            };
+            debug_assert!(t.hold >= need);
+            self.ledger
+                .release(t.info.account, asset, t.hold.0 - need.0);
+            let meta = OrderMeta {
+                account: t.info.account,
+                hold: need,
+                filled: t.filled,
+                orig_qty: Qty(t.filled.0 + t.remaining.0),
+                stp: t.stp,
+                post_only,
+                tif,
+                client_id: t.info.client_id,
+            };
+            let m = &mut self.markets[mi];
+            m.book
+                .insert(t.info.order, t.info.side, price, t.remaining, meta)
+                .expect("room was checked when the order was accepted");
+            m.dirty_levels.push((t.info.side, price));
+            self.accounts[t.info.account.0 as usize].open_orders += 1;
+            if let Some(c) = t.info.client_id {
+                self.client_ids
+                    .insert((t.info.account, c), (market, t.info.order));
+            }
+            if let TimeInForce::Gtd(at) = tif {
+                self.expiries
+                    .push(Reverse((at.0, t.info.order.0, market.0)));
+            }
+            return;
+        }
+        self.ledger.release(t.info.account, asset, t.hold.0);
+        let reason = match end {
+            MatchEnd::Filled | MatchEnd::Budget => DoneReason::Filled,
+            MatchEnd::SelfTrade => DoneReason::SelfTrade,
+            MatchEnd::NoMore => DoneReason::IocRemainder,
+        };
+        out.push(Event::OrderDone {
+            info: t.info,
+            reason,
+            filled: t.filled,
+            remaining: if t.budget || end == MatchEnd::Filled {
+                Qty(0)
+            } else {
+                t.remaining
+            },
+        });
+    }
+
+    /// The matching loop: strict price-time priority, trades at the maker's price, every fill
+    /// settled in the ledger at once.
+    fn match_taker(&mut self, t: &mut Taker, out: &mut Vec<Event>) -> MatchEnd {
+        let market = t.info.market;
+        let mi = market.0 as usize;
+        let p = self.params[mi];
+        let side = t.info.side;
+        let bounded_by_hold = side == Side::Buy && t.limit.is_none();
+        loop {
+            if t.remaining.is_zero() {
+                return MatchEnd::Filled;
+            }
+            let m = &mut self.markets[mi];
+            let Some(best) = m.book.best(side.opposite()) else {
+                return MatchEnd::NoMore;
+            };
+            if let Some(limit) = t.limit {
+                let crosses = match side {
+                    Side::Buy => best <= limit,
+                    Side::Sell => best >= limit,
+                };
+                if !crosses {
+                    return MatchEnd::NoMore;
+                }
+            }
+            let slot = m
+                .book
+                .front(best)
+                .expect("an occupied level has a first order");
+            let maker = *m.book.node(slot);
+            if maker.data.account == t.info.account && t.stp != StpMode::None {
+                match t.stp {
+                    StpMode::ExpireTaker => return MatchEnd::SelfTrade,
+                    StpMode::ExpireMaker => {
+                        self.remove_resting(market, slot, DoneReason::SelfTrade, out);
+                        continue;
+                    }
+                    StpMode::ExpireBoth | StpMode::None => {
+                        self.remove_resting(market, slot, DoneReason::SelfTrade, out);
+                        return MatchEnd::SelfTrade;
+                    }
+                }
+            }
+            let mut q = maker.qty.min(t.remaining);
+            if bounded_by_hold {
+                q = q.min(affordable(&p, best, t.hold, p.taker_fee_bps));
+                if q.is_zero() {
+                    return MatchEnd::Budget;
+                }
+            }
+            let notional = p.notional(best, q).expect("bounded by holds");
+            let base = p.base_amount(q).expect("bounded by holds");
+            let taker_fee = fee(notional, p.taker_fee_bps);
+            let maker_fee = fee(notional, p.maker_fee_bps);
+            let maker_acc = maker.data.account;
+            let maker_hold_used = match side {
+                Side::Buy => {
+                    let cost = notional.0 + taker_fee.0;
+                    t.hold.0 = t
+                        .hold
+                        .0
+                        .checked_sub(cost)
+                        .expect("a bid's hold covers its fills");
+                    self.ledger.take_held(t.info.account, p.quote, cost);
+                    self.ledger.add_available(t.info.account, p.base, base.0);
+                    self.ledger.take_held(maker_acc, p.base, base.0);
+                    self.ledger
+                        .add_available(maker_acc, p.quote, notional.0 - maker_fee.0);
+                    base.0
+                }
+                Side::Sell => {
+                    let cost = notional.0 + maker_fee.0;
+                    t.hold.0 = t.hold.0.checked_sub(base.0).expect("an ask holds its base");
+                    self.ledger.take_held(t.info.account, p.base, base.0);
+                    self.ledger
+                        .add_available(t.info.account, p.quote, notional.0 - taker_fee.0);
+                    self.ledger.take_held(maker_acc, p.quote, cost);
+                    self.ledger.add_available(maker_acc, p.base, base.0);
+                    cost
+                }
+            };
+            self.ledger
+                .add_available(FEE_ACCOUNT, p.quote, taker_fee.0 + maker_fee.0);
+            t.remaining.0 -= q.0;
+            t.filled.0 += q.0;
+            let trade = TradeId(self.next_trade_id);
+            self.next_trade_id += 1;
+            let m = &mut self.markets[mi];
+            m.last_price = Some(best);
+            m.dirty_levels.push((side.opposite(), best));
+            let maker_remaining = Qty(maker.qty.0 - q.0);
+            out.push(Event::Trade {
+                trade,
+                market,
+                price: best,
+                qty: q,
+                taker_side: side,
+                maker_order: maker.id,
+                taker_order: t.info.order,
+                maker_account: maker_acc,
+                taker_account: t.info.account,
+                maker_fee,
+                taker_fee,
+                notional,
+                maker_remaining,
+                taker_remaining: if t.budget { Qty(0) } else { t.remaining },
+            });
+            let d = m.book.data_mut(slot);
+            d.filled.0 += q.0;
+            d.hold.0 = d
+                .hold
+                .0
+                .checked_sub(maker_hold_used)
+                .expect("a maker's hold covers its fills");
+            if maker_remaining.is_zero() {
+                let node = m.book.remove(slot);
+                self.ledger
+                    .release(maker_acc, p.hold_asset(maker.side), node.data.hold.0);
+                self.forget_order(maker_acc, node.data.client_id);
+                out.push(Event::OrderDone {
+                    info: OrderInfo {
+                        order: node.id,
+                        account: maker_acc,
+                        market,
+                        side: node.side,
+                        client_id: node.data.client_id,
+                    },
+                    reason: DoneReason::Filled,
+                    filled: node.data.filled,
+                    remaining: Qty(0),
+                });
+            } else {
+                m.book.reduce(slot, q);
+            }
+        }
+    }
+
+    /// Triggers stop orders while the last trade price reaches them: buy stops from the lowest
+    /// trigger price, then sell stops from the highest; equal prices in time order.
+    fn process_triggers(&mut self, market: MarketId, out: &mut Vec<Event>) {
+        let mi = market.0 as usize;
+        loop {
+            let m = &self.markets[mi];
+            let Some(last) = m.last_price else { return };
+            let next = m
+                .stop_buys
+                .first_key_value()
+                .filter(|((stop, _), _)| *stop <= last)
+                .map(|(&(_, id), _)| id)
+                .or_else(|| {
+                    let (&(stop, _), _) = m.stop_sells.last_key_value()?;
+                    if stop < last {
+                        return None;
+                    }
+                    m.stop_sells
+                        .range((stop, OrderId(0))..)
+                        .next()
+                        .map(|(&(_, id), _)| id)
+                });
+            let Some(id) = next else { return };
+            let s = self.take_stop(market, id).expect("found above");
+            let info = stop_info(market, &s);
+            out.push(Event::OrderTriggered {
+                info,
+                last_price: last,
+            });
+            self.run_triggered(info, s, out);
+        }
+    }
+
+    fn run_triggered(&mut self, info: OrderInfo, s: StopOrder, out: &mut Vec<Event>) {
+        let mi = info.market.0 as usize;
+        let p = self.params[mi];
+        let o = s.order;
+        match o.order_type {
+            OrderType::StopLimit { price, qty, .. } => {
+                if o.tif == TimeInForce::Fok
+                    && !self.fok_fillable(mi, o.side, price, qty, o.account, o.stp)
+                {
+                    self.ledger
+                        .release(o.account, p.hold_asset(o.side), s.hold.0);
+                    out.push(Event::OrderDone {
+                        info,
+                        reason: DoneReason::IocRemainder,
+                        filled: Qty(0),
+                        remaining: qty,
+                    });
+                    return;
+                }
+                let t = Taker {
+                    info,
+                    limit: Some(price),
+                    remaining: qty,
+                    budget: false,
+                    filled: Qty(0),
+                    hold: s.hold,
+                    stp: o.stp,
+                };
+                self.run_taker(t, o.tif, false, out);
+            }
+            OrderType::StopMarket { qty, .. } => {
+                let mut hold = s.hold;
+                if o.side == Side::Buy {
+                    // A stop-market buy is priced when it triggers: hold what it costs now, or
+                    // what the account has.
+                    let avail = self.ledger.get(o.account, p.quote).available;
+                    let cost = self
+                        .walk_buy_cost(mi, qty)
+                        .map_or(avail, |c| c.0.min(avail));
+                    self.ledger.hold(o.account, p.quote, cost);
+                    hold = Amount(cost);
+                    if cost == 0 && self.markets[mi].book.best_ask().is_some() {
+                        out.push(Event::OrderDone {
+                            info,
+                            reason: DoneReason::InsufficientBalance,
+                            filled: Qty(0),
+                            remaining: qty,
+                        });
+                        return;
+                    }
+                }
+                let t = Taker {
+                    info,
+                    limit: None,
+                    remaining: qty,
+                    budget: false,
+                    filled: Qty(0),
+                    hold,
+                    stp: o.stp,
+                };
+                self.run_taker(t, TimeInForce::Ioc, false, out);
+            }
+            _ => unreachable!("only stop orders wait for a trigger"),
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn amend(
+        &mut self,
+        account: AccountId,
+        market: MarketId,
+        order: OrderRef,
+        new_price: Option<Price>,
+        new_qty: Option<Qty>,
+        out: &mut Vec<Event>,
+    ) -> Result<Accept, RejectCode> {
+        let (market, id) = self.find_order(account, market, order)?;
+        let mi = market.0 as usize;
+        let p = self.params[mi];
+        let Some(slot) = self.markets[mi].book.slot(id) else {
+            return Err(RejectCode::InvalidAmend);
+        };
+        let node = *self.markets[mi].book.node(slot);
+        if new_price.is_none() && new_qty.is_none() {
+            return Err(RejectCode::InvalidAmend);
+        }
+        let price = new_price.unwrap_or(node.price);
+        p.check_price(price)?;
+        let total = new_qty.unwrap_or(node.data.orig_qty);
+        p.check_qty(total)?;
+        if total <= node.data.filled {
+            return Err(RejectCode::InvalidAmend);
+        }
+        let remaining = Qty(total.0 - node.data.filled.0);
+        let info = OrderInfo {
+            order: id,
+            account,
+            market,
+            side: node.side,
+            client_id: node.data.client_id,
+        };
+        let asset = p.hold_asset(node.side);
+        if price == node.price && remaining <= node.qty {
+            // Down (or unchanged): keeps its place in line.
+            let need = match node.side {
+                Side::Buy => worst_cost(&p, price, remaining, p.max_fee_bps()),
+                Side::Sell => p.base_amount(remaining),
+            }
+            .expect("smaller than what is held");
+            let m = &mut self.markets[mi];
+            if remaining < node.qty {
+                m.book.reduce(slot, Qty(node.qty.0 - remaining.0));
+                m.dirty_levels.push((node.side, price));
+            }
+            let d = m.book.data_mut(slot);
+            let release = d.hold.0 - need.0;
+            d.hold = need;
+            d.orig_qty = total;
+            self.ledger.release(account, asset, release);
+            out.push(Event::OrderAmended {
+                info,
+                price,
+                qty: total,
+                remaining,
+                kept_priority: true,
+            });
+            return Ok(Accept {
+                order: Some(id),
+                ..Accept::default()
+            });
+        }
+        if price != node.price {
+            p.check_notional(price, remaining)?;
+        }
+        let need = match node.side {
+            Side::Buy => worst_cost(&p, price, remaining, p.max_fee_bps()),
+            Side::Sell => p.base_amount(remaining),
+        }
+        .ok_or(RejectCode::InvalidAmount)?;
+        let available = self.ledger.get(account, asset).available;
+        if u128::from(available) + u128::from(node.data.hold.0) < u128::from(need.0) {
+            return Err(RejectCode::InsufficientBalance);
+        }
+        let book = &self.markets[mi].book;
+        let crosses = match node.side {
+            Side::Buy => book.best_ask().is_some_and(|a| a <= price),
+            Side::Sell => book.best_bid().is_some_and(|b| b >= price),
+        };
+        if node.data.post_only && crosses {
+            return Err(RejectCode::PostOnlyWouldTake);
+        }
+        // Accepted: loses priority, re-enters at the new price (and may trade).
+        let m = &mut self.markets[mi];
+        m.book.remove(slot);
+        m.dirty_levels.push((node.side, node.price));
+        self.forget_order(account, node.data.client_id);
+        self.ledger.release(account, asset, node.data.hold.0);
+        self.ledger.hold(account, asset, need.0);
+        out.push(Event::OrderAmended {
+            info,
+            price,
+            qty: total,
+            remaining,
+            kept_priority: false,
+        });
+        let t = Taker {
+            info,
+            limit: Some(price),
+            remaining,
+            budget: false,
+            filled: node.data.filled,
+            hold: need,
+            stp: node.data.stp,
+        };
+        self.run_taker(t, node.data.tif, node.data.post_only, out);
+        self.process_triggers(market, out);
+        Ok(Accept {
+            order: Some(id),
+            ..Accept::default()
+        })
+    }
+}
+
+fn stop_info(market: MarketId, s: &StopOrder) -> OrderInfo {
+    OrderInfo {
+        order: s.id,
+        account: s.order.account,
+        market,
+        side: s.order.side,
+        client_id: s.order.client_id,
+    }
+}
+
+/// A resting order in a snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RestingOrder {
+    /// Id.
+    pub id: OrderId,
+    /// Side.
+    pub side: Side,
+    /// Limit price.
+    pub price: Price,
+    /// Open quantity.
+    pub qty: Qty,
+    /// The engine's data.
+    pub meta: OrderMeta,
+}
+
+/// One market in a snapshot.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MarketSnapshot {
+    /// Depth sequence number.
+    pub depth_seq: u64,
+    /// Last trade price.
+    pub last_price: Option<Price>,
+    /// Resting orders: bids from the best, then asks from the best; each level in time order.
+    pub orders: Vec<RestingOrder>,
+    /// Waiting stop orders: buys by (stop, id), then sells by (stop, id).
+    pub stops: Vec<StopOrder>,
+}
+
+/// The whole engine state, canonical: equal states give equal snapshots (and equal encodings).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EngineSnapshot {
+    /// Configuration.
+    pub config: EngineConfig,
+    /// Sequence number.
+    pub seq: u64,
+    /// Next order id.
+    pub next_order_id: u64,
+    /// Next trade id.
+    pub next_trade_id: u64,
+    /// Time of the last command.
+    pub now: Timestamp,
+    /// Number of accounts.
+    pub accounts: u32,
+    /// Balances, account-major.
+    pub balances: Vec<Balance>,
+    /// Per-asset totals.
+    pub totals: Vec<AssetTotals>,
+    /// Markets.
+    pub markets: Vec<MarketSnapshot>,
+    /// Credit idempotency keys, sorted.
+    pub credit_keys: Vec<IdempotencyKey>,
+    /// Transfer idempotency keys, sorted.
+    pub transfer_keys: Vec<IdempotencyKey>,
+    /// Withdrawals, by id.
+    pub withdrawals: Vec<(WithdrawalId, Withdrawal)>,
+}
+
+/// A snapshot that does not describe a valid engine.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SnapshotError {
+    /// The configuration is invalid.
+    #[error("invalid configuration in snapshot: {0}")]
+    Config(#[from] ConfigError),
+    /// Sizes or contents are inconsistent.
+    #[error("inconsistent snapshot: {0}")]
+    Inconsistent(&'static str),
+}
+
+impl Engine {
+    /// A canonical copy of the whole state.
+    pub fn snapshot(&self) -> EngineSnapshot {
+        let markets = self
+            .markets
+            .iter()
+            .map(|m| {
+                let mut orders = Vec::with_capacity(m.book.len());
+                for side in [Side::Buy, Side::Sell] {
+                    for (price, _) in m.book.levels(side) {
+                        orders.extend(m.book.orders_at(price).map(|n| RestingOrder {
+                            id: n.id,
+                            side: n.side,
+                            price: n.price,
+                            qty: n.qty,
+                            meta: n.data,
+                        }));
+                    }
+                }
+                MarketSnapshot {
+                    depth_seq: m.depth_seq,
+                    last_price: m.last_price,
+                    orders,
+                    stops: m
+                        .stop_buys
+                        .values()
+                        .chain(m.stop_sells.values())
+                        .copied()
+                        .collect(),
+                }
+            })
+            .collect();
+        let mut credit_keys: Vec<_> = self.credit_keys.iter().copied().collect();
+        credit_keys.sort_unstable();
+        let mut transfer_keys: Vec<_> = self.transfer_keys.iter().copied().collect();
+        transfer_keys.sort_unstable();
+        let mut withdrawals: Vec<_> = self.withdrawals.iter().map(|(k, v)| (*k, *v)).collect();
+        withdrawals.sort_unstable_by_key(|(k, _)| *k);
+        EngineSnapshot {
+            config: self.config.clone(),
+            seq: self.seq,
+            next_order_id: self.next_order_id,
+            next_trade_id: self.next_trade_id,
+            now: self.now,
+            accounts: self.accounts.len() as u32,
+            balances: self.ledger.balances.clone(),
+            totals: self.ledger.totals.clone(),
+            markets,
+            credit_keys,
+            transfer_keys,
+            withdrawals,
+        }
+    }
+
+    /// Rebuilds an engine from a snapshot.
+    pub fn from_snapshot(s: EngineSnapshot) -> Result<Self, SnapshotError> {
+        let mut e = Engine::new(s.config)?;
+        let n_assets = e.config.assets.len();
+        if s.balances.len() != s.accounts as usize * n_assets
+            || s.totals.len() != n_assets
+            || s.markets.len() != e.markets.len()
+            || s.accounts == 0
+        {
+            return Err(SnapshotError::Inconsistent("sizes"));
+        }
+        e.seq = s.seq;
+        e.next_order_id = s.next_order_id;
+        e.next_trade_id = s.next_trade_id;
+        e.now = s.now;
+        e.accounts = vec![Account::default(); s.accounts as usize];
+        e.ledger.balances = s.balances;
+        e.ledger.totals = s.totals;
+        for (mi, ms) in s.markets.into_iter().enumerate() {
+            let market = MarketId(mi as u16);
+            let m = &mut e.markets[mi];
+            m.depth_seq = ms.depth_seq;
+            m.last_price = ms.last_price;
+            for o in ms.orders {
+                let account = o.meta.account.0 as usize;
+                if account >= e.accounts.len() || o.price > m.book.max_price() || o.qty.is_zero() {
+                    return Err(SnapshotError::Inconsistent("order"));
+                }
+                m.book
+                    .insert(o.id, o.side, o.price, o.qty, o.meta)
+                    .map_err(|_| SnapshotError::Inconsistent("book full"))?;
+                e.accounts[account].open_orders += 1;
+                if let Some(c) = o.meta.client_id {
+                    e.client_ids.insert((o.meta.account, c), (market, o.id));
+                }
+                if let TimeInForce::Gtd(t) = o.meta.tif {
+                    e.expiries.push(Reverse((t.0, o.id.0, market.0)));
+                }
+            }
+            for st in ms.stops {
+                let account = st.order.account.0 as usize;
+                let stop = match st.order.order_type {
+                    OrderType::StopLimit { stop, .. } | OrderType::StopMarket { stop, .. } => stop,
+                    _ => return Err(SnapshotError::Inconsistent("stop")),
+                };
+                if account >= e.accounts.len() {
+                    return Err(SnapshotError::Inconsistent("stop account"));
+                }
+                match st.order.side {
+                    Side::Buy => m.stop_buys.insert((stop, st.id), st),
+                    Side::Sell => m.stop_sells.insert((stop, st.id), st),
+                };
+                m.stop_index.insert(st.id, (st.order.side, stop));
+                e.accounts[account].open_orders += 1;
+                if let Some(c) = st.order.client_id {
+                    e.client_ids.insert((st.order.account, c), (market, st.id));
+                }
+            }
+        }
+        e.credit_keys = s.credit_keys.into_iter().collect();
+        e.transfer_keys = s.transfer_keys.into_iter().collect();
+        e.withdrawals = s.withdrawals.into_iter().collect();
+        Ok(e)
+    }
+
+    /// SHA-256 of the canonical encoding of the whole state.
+    pub fn state_hash(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let bytes = postcard::to_stdvec(&self.snapshot()).expect("snapshot encodes");
+        Sha256::digest(&bytes).into()
+    }
+}
+
+impl crate::StateMachine for Engine {
+    type Command = Command;
+    type Event = Event;
+    type Snapshot = EngineSnapshot;
+
+    fn apply(
+        &mut self,
+        cmd: &Command,
+        now: Timestamp,
+        out: &mut Vec<Event>,
+    ) -> Result<(), RejectCode> {
+        Engine::apply(self, cmd, now, out)
+    }
+    fn seq(&self) -> u64 {
+        self.seq
+    }
+    fn snapshot(&self) -> EngineSnapshot {
+        Engine::snapshot(self)
+    }
+    fn restore(snapshot: EngineSnapshot) -> Self {
+        Engine::from_snapshot(snapshot).expect("a snapshot written by the engine is valid")
+    }
+    fn state_hash(&self) -> [u8; 32] {
+        Engine::state_hash(self)
+    }
+}

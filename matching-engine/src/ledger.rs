@@ -1,0 +1,161 @@
+//! Balances per account and asset: available and held. Every change marks the balance dirty so the
+//! engine reports it once per command. Conservation: per asset, the sum of all balances equals
+//! credits minus withdrawals (checked by [`Ledger::check_conservation`]).
+
+use crate::units::{AccountId, Amount, AssetId};
+use serde::{Deserialize, Serialize};
+
+/// One account's balance of one asset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Balance {
+    /// Free to use.
+    pub available: u64,
+    /// Held by open orders and withdrawals.
+    pub held: u64,
+}
+
+/// Running totals of what entered and left the ledger, per asset.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AssetTotals {
+    /// Sum of all credits.
+    pub credited: u128,
+    /// Sum of all completed withdrawals (amount plus network fee).
+    pub withdrawn: u128,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Ledger {
+    pub(crate) n_assets: usize,
+    pub(crate) balances: Vec<Balance>,
+    pub(crate) totals: Vec<AssetTotals>,
+    pub(crate) dirty: Vec<(AccountId, AssetId)>,
+}
+
+impl Ledger {
+    pub(crate) fn new(n_assets: usize) -> Self {
+        Self {
+            n_assets,
+            balances: Vec::new(),
+            totals: vec![AssetTotals::default(); n_assets],
+            dirty: Vec::with_capacity(64),
+        }
+    }
+
+    pub(crate) fn add_account(&mut self) {
+        self.balances
+            .extend(std::iter::repeat_n(Balance::default(), self.n_assets));
+    }
+
+    #[inline]
+    fn idx(&self, a: AccountId, asset: AssetId) -> usize {
+        a.0 as usize * self.n_assets + asset.0 as usize
+    }
+
+    #[inline]
+    pub(crate) fn get(&self, a: AccountId, asset: AssetId) -> Balance {
+        self.balances[self.idx(a, asset)]
+    }
+
+    #[inline]
+    fn entry(&mut self, a: AccountId, asset: AssetId) -> &mut Balance {
+        self.dirty.push((a, asset));
+        let i = self.idx(a, asset);
+        &mut self.balances[i]
+    }
+
+    /// Moves `amt` from available to held. The caller has checked `available >= amt`.
+    #[inline]
+    pub(crate) fn hold(&mut self, a: AccountId, asset: AssetId, amt: u64) {
+        if amt == 0 {
+            return;
+        }
+        let b = self.entry(a, asset);
+        b.available = b
+            .available
+            .checked_sub(amt)
+            .expect("hold exceeds available");
+        b.held += amt;
+    }
+
+    /// Moves `amt` from held back to available.
+    #[inline]
+    pub(crate) fn release(&mut self, a: AccountId, asset: AssetId, amt: u64) {
+        if amt == 0 {
+            return;
+        }
+        let b = self.entry(a, asset);
+        b.held = b.held.checked_sub(amt).expect("release exceeds held");
+        b.available += amt;
+    }
+
+    /// Takes `amt` out of held (it moves to another account through [`Ledger::add_available`], or
+    /// leaves the ledger as a withdrawal).
+    #[inline]
+    pub(crate) fn take_held(&mut self, a: AccountId, asset: AssetId, amt: u64) {
+        if amt == 0 {
+            return;
+        }
+        let b = self.entry(a, asset);
+        b.held = b.held.checked_sub(amt).expect("take exceeds held");
+    }
+
+    /// Takes `amt` out of available.
+    #[inline]
+    pub(crate) fn take_available(&mut self, a: AccountId, asset: AssetId, amt: u64) {
+        if amt == 0 {
+            return;
+        }
+        let b = self.entry(a, asset);
+        b.available = b
+            .available
+            .checked_sub(amt)
+            .expect("take exceeds available");
+    }
+
+    /// Adds `amt` to available. Balances are bounded by the asset's total, which is bounded by
+    /// credits checked against overflow, so this cannot overflow.
+    #[inline]
+    pub(crate) fn add_available(&mut self, a: AccountId, asset: AssetId, amt: u64) {
+        if amt == 0 {
+            return;
+        }
+        let b = self.entry(a, asset);
+        b.available = b.available.checked_add(amt).expect("balance overflow");
+    }
+
+    /// Sum of available + held of `asset` over all accounts.
+    pub(crate) fn asset_total(&self, asset: AssetId) -> u128 {
+        self.balances
+            .iter()
+            .skip(asset.0 as usize)
+            .step_by(self.n_assets)
+            .map(|b| u128::from(b.available) + u128::from(b.held))
+            .sum()
+    }
+
+    /// Panics unless, per asset, the sum of all balances equals credits minus withdrawals.
+    pub(crate) fn check_conservation(&self) {
+        for (i, t) in self.totals.iter().enumerate() {
+            let sum = self.asset_total(AssetId(i as u16));
+            assert_eq!(
+                sum,
+                t.credited - t.withdrawn,
+                "conservation broken for asset {i}: balances {sum}, credited {}, withdrawn {}",
+                t.credited,
+                t.withdrawn
+            );
+        }
+    }
+
+    /// Sorted, deduplicated dirty balances, drained.
+    pub(crate) fn take_dirty(&mut self, into: &mut Vec<(AccountId, AssetId)>) {
+        self.dirty.sort_unstable();
+        self.dirty.dedup();
+        into.clear();
+        into.append(&mut self.dirty);
+    }
+
+    pub(crate) fn asset_total_u64(&self, asset: AssetId) -> Amount {
+        Amount(u64::try_from(self.asset_total(asset)).unwrap_or(u64::MAX))
+    }
+}

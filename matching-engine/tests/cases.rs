@@ -1,0 +1,1311 @@
+//! Named case tables: one case per rule, each with its own expected trades, book and balances.
+//! Every command goes through `H::cmd`, which checks all invariants after it and, for a rejected
+//! command, that the state hash did not change.
+
+use matching_engine::config::{AssetConfig, Limits};
+use matching_engine::*;
+
+const BASE: AssetId = AssetId(0);
+const QUOTE: AssetId = AssetId(1);
+const M: MarketId = MarketId(0);
+
+/// lot 1, tick 1, min notional 1, maker 10 bps, taker 20 bps: fees are easy to compute by hand.
+fn config() -> EngineConfig {
+    EngineConfig {
+        assets: vec![
+            AssetConfig {
+                symbol: "BTC".into(),
+                decimals: 8,
+            },
+            AssetConfig {
+                symbol: "USD".into(),
+                decimals: 8,
+            },
+        ],
+        markets: vec![MarketConfig {
+            symbol: "BTCUSD".into(),
+            base: BASE,
+            quote: QUOTE,
+            lot_size: 1,
+            tick_size: 1,
+            min_qty: Qty(1),
+            min_notional: Amount(1),
+            min_price: Price(1),
+            max_price: Price(1_000_000),
+            max_qty: Qty(1_000_000),
+            maker_fee_bps: 10,
+            taker_fee_bps: 20,
+        }],
+        limits: Limits {
+            max_orders_per_book: 1000,
+            max_open_orders_per_account: 50,
+            max_accounts: 100,
+        },
+    }
+}
+
+struct H {
+    e: Engine,
+    now: u64,
+    keys: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct T {
+    price: u64,
+    qty: u64,
+    maker: OrderId,
+    taker: OrderId,
+    maker_fee: u64,
+    taker_fee: u64,
+}
+
+impl H {
+    fn new() -> Self {
+        Self::with(config())
+    }
+    fn with(c: EngineConfig) -> Self {
+        Self {
+            e: Engine::new(c).unwrap(),
+            now: 1_000,
+            keys: 0,
+        }
+    }
+
+    fn cmd(&mut self, c: Command) -> Result<Vec<Event>, RejectCode> {
+        let before = self.e.state_hash();
+        let mut out = Vec::new();
+        self.now += 1;
+        let r = self.e.apply(&c, Timestamp(self.now), &mut out);
+        self.e.check_invariants();
+        match r {
+            Ok(()) => {
+                assert!(
+                    matches!(out[0], Event::Accepted { .. }),
+                    "first event is Accepted: {out:?}"
+                );
+                Ok(out)
+            }
+            Err(code) => {
+                assert_eq!(out, vec![Event::Rejected { code }]);
+                assert_eq!(
+                    before,
+                    self.e.state_hash(),
+                    "rejected {c:?} changed the state"
+                );
+                Err(code)
+            }
+        }
+    }
+
+    fn key(&mut self) -> IdempotencyKey {
+        self.keys += 1;
+        IdempotencyKey::reference(&format!("k{}", self.keys))
+    }
+
+    /// A new account with `base` and `quote` credited.
+    fn account(&mut self, base: u64, quote: u64) -> AccountId {
+        let ev = self.cmd(Command::CreateAccount).unwrap();
+        let Event::Accepted {
+            account: Some(a), ..
+        } = ev[0]
+        else {
+            panic!("{ev:?}")
+        };
+        for (asset, amount) in [(BASE, base), (QUOTE, quote)] {
+            if amount > 0 {
+                let key = self.key();
+                self.cmd(Command::Credit {
+                    account: a,
+                    asset,
+                    amount: Amount(amount),
+                    key,
+                })
+                .unwrap();
+            }
+        }
+        a
+    }
+
+    fn bal(&self, a: AccountId, asset: AssetId) -> (u64, u64) {
+        let (av, h) = self.e.balance(a, asset).unwrap();
+        (av.0, h.0)
+    }
+
+    fn order(&mut self, o: NewOrder) -> Result<(OrderId, Vec<Event>), RejectCode> {
+        let ev = self.cmd(Command::NewOrder(o))?;
+        let Event::Accepted {
+            order: Some(id), ..
+        } = ev[0]
+        else {
+            panic!("{ev:?}")
+        };
+        Ok((id, ev))
+    }
+
+    fn limit(&mut self, a: AccountId, side: Side, price: u64, qty: u64) -> OrderId {
+        self.order(lim(a, side, price, qty)).unwrap().0
+    }
+
+    fn book(&self, side: Side) -> Vec<(u64, u64)> {
+        self.e
+            .book(M)
+            .unwrap()
+            .levels(side)
+            .map(|(p, q)| (p.0, q.0))
+            .collect()
+    }
+
+    fn queue(&self, price: u64) -> Vec<OrderId> {
+        self.e
+            .book(M)
+            .unwrap()
+            .orders_at(Price(price))
+            .map(|n| n.id)
+            .collect()
+    }
+}
+
+fn lim(a: AccountId, side: Side, price: u64, qty: u64) -> NewOrder {
+    NewOrder {
+        account: a,
+        market: M,
+        side,
+        order_type: OrderType::Limit {
+            price: Price(price),
+            qty: Qty(qty),
+        },
+        tif: TimeInForce::Gtc,
+        post_only: false,
+        stp: StpMode::None,
+        client_id: None,
+    }
+}
+
+fn with_tif(mut o: NewOrder, tif: TimeInForce) -> NewOrder {
+    o.tif = tif;
+    o
+}
+
+fn trades(ev: &[Event]) -> Vec<T> {
+    ev.iter()
+        .filter_map(|e| match *e {
+            Event::Trade {
+                price,
+                qty,
+                maker_order,
+                taker_order,
+                maker_fee,
+                taker_fee,
+                ..
+            } => Some(T {
+                price: price.0,
+                qty: qty.0,
+                maker: maker_order,
+                taker: taker_order,
+                maker_fee: maker_fee.0,
+                taker_fee: taker_fee.0,
+            }),
+            _ => None,
+        })
+        .collect()
+}
+
+fn done(ev: &[Event]) -> Vec<(OrderId, DoneReason, u64, u64)> {
+    ev.iter()
+        .filter_map(|e| match *e {
+            Event::OrderDone {
+                info,
+                reason,
+                filled,
+                remaining,
+            } => Some((info.order, reason, filled.0, remaining.0)),
+            _ => None,
+        })
+        .collect()
+}
+
+const FEE: AccountId = FEE_ACCOUNT;
+
+#[test]
+fn resting_bid_holds_notional_plus_fee_allowance() {
+    let mut h = H::new();
+    let a = h.account(0, 10_000);
+    h.limit(a, Side::Buy, 100, 10);
+    // 1000 notional + 20 bps (the larger fee) = 2.
+    assert_eq!(h.bal(a, QUOTE), (10_000 - 1002, 1002));
+    assert_eq!(h.book(Side::Buy), vec![(100, 10)]);
+}
+
+#[test]
+fn full_fill_trades_at_maker_price_and_charges_both_fees() {
+    let mut h = H::new();
+    let s = h.account(10, 0);
+    let b = h.account(0, 10_000);
+    let ask = h.limit(s, Side::Sell, 100, 10);
+    let (bid, ev) = h.order(lim(b, Side::Buy, 105, 10)).unwrap();
+    assert_eq!(
+        trades(&ev),
+        vec![T {
+            price: 100,
+            qty: 10,
+            maker: ask,
+            taker: bid,
+            maker_fee: 1,
+            taker_fee: 2
+        }]
+    );
+    assert_eq!(
+        done(&ev),
+        vec![
+            (ask, DoneReason::Filled, 10, 0),
+            (bid, DoneReason::Filled, 10, 0)
+        ]
+    );
+    assert_eq!(
+        h.bal(b, QUOTE),
+        (10_000 - 1002, 0),
+        "price improvement is released"
+    );
+    assert_eq!(h.bal(b, BASE), (10, 0));
+    assert_eq!(h.bal(s, QUOTE), (999, 0));
+    assert_eq!(h.bal(s, BASE), (0, 0));
+    assert_eq!(h.bal(FEE, QUOTE), (3, 0));
+    assert!(h.book(Side::Buy).is_empty() && h.book(Side::Sell).is_empty());
+    assert_eq!(h.e.last_price(M), Some(Price(100)));
+}
+
+#[test]
+fn partial_fill_rests_the_remainder() {
+    let mut h = H::new();
+    let s = h.account(5, 0);
+    let b = h.account(0, 10_000);
+    let ask = h.limit(s, Side::Sell, 100, 5);
+    let (bid, ev) = h.order(lim(b, Side::Buy, 100, 10)).unwrap();
+    assert_eq!(trades(&ev).len(), 1);
+    assert_eq!(trades(&ev)[0].qty, 5);
+    assert_eq!(done(&ev), vec![(ask, DoneReason::Filled, 5, 0)]);
+    assert_eq!(h.book(Side::Buy), vec![(100, 5)]);
+    let o = h.e.order(M, bid).unwrap();
+    assert_eq!(
+        (o.remaining, o.meta.filled, o.meta.orig_qty),
+        (Qty(5), Qty(5), Qty(10))
+    );
+    // Paid 500 + 1 fee; holds 500 + 1 for the rest.
+    assert_eq!(h.bal(b, QUOTE), (10_000 - 501 - 501, 501));
+}
+
+#[test]
+fn price_then_time_priority() {
+    let mut h = H::new();
+    let s = h.account(100, 0);
+    let b = h.account(0, 100_000);
+    let a1 = h.limit(s, Side::Sell, 100, 5);
+    let a2 = h.limit(s, Side::Sell, 100, 5);
+    let a0 = h.limit(s, Side::Sell, 99, 5);
+    let (_, ev) = h.order(lim(b, Side::Buy, 100, 12)).unwrap();
+    let t: Vec<_> = trades(&ev)
+        .iter()
+        .map(|t| (t.maker, t.price, t.qty))
+        .collect();
+    assert_eq!(t, vec![(a0, 99, 5), (a1, 100, 5), (a2, 100, 2)]);
+    assert_eq!(h.queue(100), vec![a2]);
+    assert_eq!(h.book(Side::Sell), vec![(100, 3)]);
+}
+
+#[test]
+fn ioc_cancels_the_remainder() {
+    let mut h = H::new();
+    let s = h.account(5, 0);
+    let b = h.account(0, 10_000);
+    h.limit(s, Side::Sell, 100, 5);
+    let (id, ev) = h
+        .order(with_tif(lim(b, Side::Buy, 100, 10), TimeInForce::Ioc))
+        .unwrap();
+    assert_eq!(trades(&ev).len(), 1);
+    assert!(done(&ev).contains(&(id, DoneReason::IocRemainder, 5, 5)));
+    assert!(h.book(Side::Buy).is_empty());
+    assert_eq!(h.bal(b, QUOTE), (10_000 - 501, 0));
+}
+
+#[test]
+fn fok_is_all_or_nothing() {
+    let mut h = H::new();
+    let s = h.account(20, 0);
+    let b = h.account(0, 10_000);
+    h.limit(s, Side::Sell, 100, 5);
+    h.limit(s, Side::Sell, 101, 4);
+    let fok = |q| with_tif(lim(b, Side::Buy, 101, q), TimeInForce::Fok);
+    assert_eq!(h.order(fok(10)).unwrap_err(), RejectCode::FokCannotFill);
+    let (id, ev) = h.order(fok(9)).unwrap();
+    assert_eq!(trades(&ev).iter().map(|t| t.qty).sum::<u64>(), 9);
+    assert!(done(&ev).contains(&(id, DoneReason::Filled, 9, 0)));
+}
+
+#[test]
+fn fok_counts_only_what_self_trade_prevention_lets_it_take() {
+    let mut h = H::new();
+    let a = h.account(10, 10_000);
+    let s = h.account(10, 0);
+    h.limit(a, Side::Sell, 100, 5);
+    h.limit(s, Side::Sell, 100, 5);
+    let mut o = with_tif(lim(a, Side::Buy, 100, 6), TimeInForce::Fok);
+    o.stp = StpMode::ExpireMaker;
+    assert_eq!(h.order(o).unwrap_err(), RejectCode::FokCannotFill);
+    o.order_type = OrderType::Limit {
+        price: Price(100),
+        qty: Qty(5),
+    };
+    let (_, ev) = h.order(o).unwrap();
+    assert_eq!(trades(&ev).len(), 1);
+    assert_eq!(
+        done(&ev)
+            .iter()
+            .filter(|d| d.1 == DoneReason::SelfTrade)
+            .count(),
+        1
+    );
+}
+
+#[test]
+fn post_only_rejects_when_it_would_take_and_rests_otherwise() {
+    let mut h = H::new();
+    let s = h.account(5, 0);
+    let b = h.account(0, 10_000);
+    h.limit(s, Side::Sell, 100, 5);
+    let mut o = lim(b, Side::Buy, 100, 1);
+    o.post_only = true;
+    assert_eq!(h.order(o).unwrap_err(), RejectCode::PostOnlyWouldTake);
+    o.order_type = OrderType::Limit {
+        price: Price(99),
+        qty: Qty(1),
+    };
+    h.order(o).unwrap();
+    assert_eq!(h.book(Side::Buy), vec![(99, 1)]);
+    o.tif = TimeInForce::Ioc;
+    assert_eq!(h.order(o).unwrap_err(), RejectCode::InvalidOrder);
+}
+
+#[test]
+fn market_buy_by_quantity_walks_levels_and_holds_exactly() {
+    let mut h = H::new();
+    let s = h.account(10, 0);
+    let b = h.account(0, 10_000);
+    h.limit(s, Side::Sell, 100, 5);
+    h.limit(s, Side::Sell, 101, 5);
+    let mut o = lim(b, Side::Buy, 0, 0);
+    o.order_type = OrderType::Market { qty: Qty(7) };
+    let (id, ev) = h.order(o).unwrap();
+    let t: Vec<_> = trades(&ev)
+        .iter()
+        .map(|t| (t.price, t.qty, t.taker_fee))
+        .collect();
+    assert_eq!(t, vec![(100, 5, 1), (101, 2, 0)]);
+    assert!(done(&ev).contains(&(id, DoneReason::Filled, 7, 0)));
+    assert_eq!(h.bal(b, QUOTE), (10_000 - 500 - 1 - 202, 0));
+    assert_eq!(h.bal(b, BASE), (7, 0));
+}
+
+#[test]
+fn market_buy_without_funds_is_rejected() {
+    let mut h = H::new();
+    let s = h.account(10, 0);
+    let b = h.account(0, 100);
+    h.limit(s, Side::Sell, 100, 5);
+    let mut o = lim(b, Side::Buy, 0, 0);
+    o.order_type = OrderType::Market { qty: Qty(2) };
+    assert_eq!(h.order(o).unwrap_err(), RejectCode::InsufficientBalance);
+}
+
+#[test]
+fn market_buy_by_quote_budget_spends_at_most_the_budget() {
+    let mut h = H::new();
+    let s = h.account(10, 0);
+    let b = h.account(0, 10_000);
+    h.limit(s, Side::Sell, 100, 5);
+    h.limit(s, Side::Sell, 101, 5);
+    let mut o = lim(b, Side::Buy, 0, 0);
+    o.order_type = OrderType::MarketBudget {
+        budget: Amount(700),
+    };
+    let (id, ev) = h.order(o).unwrap();
+    let t: Vec<_> = trades(&ev).iter().map(|t| (t.price, t.qty)).collect();
+    // 5 @ 100 cost 501; 199 left buys 1 @ 101 (101 + fee 0); 98 cannot buy another lot.
+    assert_eq!(t, vec![(100, 5), (101, 1)]);
+    assert!(done(&ev).contains(&(id, DoneReason::Filled, 6, 0)));
+    assert_eq!(h.bal(b, QUOTE), (10_000 - 602, 0));
+}
+
+#[test]
+fn market_sell_by_quote_budget_sells_enough_to_receive_it() {
+    let mut h = H::new();
+    let b = h.account(0, 10_000);
+    let s = h.account(20, 0);
+    h.limit(b, Side::Buy, 100, 5);
+    h.limit(b, Side::Buy, 99, 5);
+    let mut o = lim(s, Side::Sell, 0, 0);
+    o.order_type = OrderType::MarketBudget {
+        budget: Amount(650),
+    };
+    let (_, ev) = h.order(o).unwrap();
+    let t: Vec<_> = trades(&ev).iter().map(|t| (t.price, t.qty)).collect();
+    assert_eq!(t, vec![(100, 5), (99, 2)]);
+    assert_eq!(h.bal(s, BASE), (13, 0));
+}
+
+#[test]
+fn market_order_on_an_empty_book_expires_without_trading() {
+    let mut h = H::new();
+    let b = h.account(0, 10_000);
+    let mut o = lim(b, Side::Buy, 0, 0);
+    o.order_type = OrderType::Market { qty: Qty(3) };
+    let (id, ev) = h.order(o).unwrap();
+    assert_eq!(done(&ev), vec![(id, DoneReason::IocRemainder, 0, 3)]);
+    assert_eq!(h.bal(b, QUOTE), (10_000, 0));
+}
+
+#[test]
+fn stop_limit_buy_triggers_on_last_trade_price() {
+    let mut h = H::new();
+    let s = h.account(100, 0);
+    let b = h.account(0, 100_000);
+    let t = h.account(0, 100_000);
+    let mut stop = lim(t, Side::Buy, 0, 0);
+    stop.order_type = OrderType::StopLimit {
+        stop: Price(105),
+        price: Price(106),
+        qty: Qty(3),
+    };
+    let (sid, ev) = h.order(stop).unwrap();
+    assert!(trades(&ev).is_empty());
+    assert_eq!(
+        h.bal(t, QUOTE),
+        (100_000 - 318, 318),
+        "106 * 3 + fee 0 held"
+    );
+    h.limit(s, Side::Sell, 106, 5);
+    h.limit(s, Side::Sell, 104, 1);
+    // A trade at 104 does not reach 105.
+    let (_, ev) = h.order(lim(b, Side::Buy, 104, 1)).unwrap();
+    assert!(!ev.iter().any(|e| matches!(e, Event::OrderTriggered { .. })));
+    h.limit(s, Side::Sell, 105, 1);
+    let (_, ev) = h.order(lim(b, Side::Buy, 105, 1)).unwrap();
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, Event::OrderTriggered { info, .. } if info.order == sid)));
+    let stop_fills: Vec<_> = trades(&ev)
+        .iter()
+        .filter(|x| x.taker == sid)
+        .map(|x| (x.price, x.qty))
+        .collect();
+    assert_eq!(stop_fills, vec![(106, 3)]);
+    assert_eq!(h.bal(t, BASE), (3, 0));
+}
+
+#[test]
+fn stop_market_sell_triggers_when_price_falls() {
+    let mut h = H::new();
+    let b = h.account(0, 100_000);
+    let s = h.account(100, 0);
+    let t = h.account(10, 0);
+    h.limit(b, Side::Buy, 95, 10);
+    let mut stop = lim(t, Side::Sell, 0, 0);
+    stop.order_type = OrderType::StopMarket {
+        stop: Price(96),
+        qty: Qty(4),
+    };
+    let (sid, _) = h.order(stop).unwrap();
+    assert_eq!(h.bal(t, BASE), (6, 4));
+    h.limit(b, Side::Buy, 96, 1);
+    let (_, ev) = h.order(lim(s, Side::Sell, 96, 1)).unwrap();
+    let fills: Vec<_> = trades(&ev)
+        .iter()
+        .filter(|x| x.taker == sid)
+        .map(|x| (x.price, x.qty))
+        .collect();
+    assert_eq!(fills, vec![(95, 4)]);
+    assert_eq!(h.bal(t, BASE), (6, 0));
+}
+
+#[test]
+fn stop_orders_can_be_cancelled_and_release_their_hold() {
+    let mut h = H::new();
+    let t = h.account(10, 0);
+    let mut stop = lim(t, Side::Sell, 0, 0);
+    stop.order_type = OrderType::StopLimit {
+        stop: Price(90),
+        price: Price(89),
+        qty: Qty(4),
+    };
+    let (sid, _) = h.order(stop).unwrap();
+    assert_eq!(h.bal(t, BASE), (6, 4));
+    assert_eq!(
+        h.cmd(Command::Amend {
+            account: t,
+            market: M,
+            order: OrderRef::Id(sid),
+            new_price: Some(Price(88)),
+            new_qty: None
+        })
+        .unwrap_err(),
+        RejectCode::InvalidAmend
+    );
+    let ev = h
+        .cmd(Command::Cancel {
+            account: t,
+            market: M,
+            order: OrderRef::Id(sid),
+        })
+        .unwrap();
+    assert_eq!(done(&ev), vec![(sid, DoneReason::Cancelled, 0, 4)]);
+    assert_eq!(h.bal(t, BASE), (10, 0));
+}
+
+fn amend(
+    h: &mut H,
+    a: AccountId,
+    id: OrderId,
+    price: Option<u64>,
+    qty: Option<u64>,
+) -> Result<Vec<Event>, RejectCode> {
+    h.cmd(Command::Amend {
+        account: a,
+        market: M,
+        order: OrderRef::Id(id),
+        new_price: price.map(Price),
+        new_qty: qty.map(Qty),
+    })
+}
+
+#[test]
+fn amend_quantity_down_keeps_priority() {
+    let mut h = H::new();
+    let a = h.account(0, 10_000);
+    let b = h.account(0, 10_000);
+    let first = h.limit(a, Side::Buy, 100, 10);
+    let second = h.limit(b, Side::Buy, 100, 10);
+    let ev = amend(&mut h, a, first, None, Some(4)).unwrap();
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::OrderAmended {
+            kept_priority: true,
+            ..
+        }
+    )));
+    assert_eq!(h.queue(100), vec![first, second]);
+    assert_eq!(h.book(Side::Buy), vec![(100, 14)]);
+    // 4 * 100 + fee 0 now held; the rest released.
+    assert_eq!(h.bal(a, QUOTE), (10_000 - 400, 400));
+}
+
+#[test]
+fn amend_quantity_up_or_price_change_loses_priority() {
+    let mut h = H::new();
+    let a = h.account(0, 10_000);
+    let b = h.account(0, 10_000);
+    let first = h.limit(a, Side::Buy, 100, 10);
+    let second = h.limit(b, Side::Buy, 100, 10);
+    let ev = amend(&mut h, a, first, None, Some(12)).unwrap();
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::OrderAmended {
+            kept_priority: false,
+            ..
+        }
+    )));
+    assert_eq!(h.queue(100), vec![second, first]);
+    amend(&mut h, b, second, Some(101), None).unwrap();
+    assert_eq!(h.queue(101), vec![second]);
+    amend(&mut h, b, second, Some(100), None).unwrap();
+    assert_eq!(h.queue(100), vec![first, second]);
+}
+
+#[test]
+fn amend_to_a_crossing_price_trades() {
+    let mut h = H::new();
+    let s = h.account(10, 0);
+    let b = h.account(0, 10_000);
+    let ask = h.limit(s, Side::Sell, 102, 3);
+    let bid = h.limit(b, Side::Buy, 100, 5);
+    let ev = amend(&mut h, b, bid, Some(102), None).unwrap();
+    assert_eq!(
+        trades(&ev),
+        vec![T {
+            price: 102,
+            qty: 3,
+            maker: ask,
+            taker: bid,
+            maker_fee: 0,
+            taker_fee: 0
+        }]
+    );
+    assert_eq!(h.book(Side::Buy), vec![(102, 2)]);
+}
+
+#[test]
+fn amend_rejections_change_nothing() {
+    let mut h = H::new();
+    let s = h.account(10, 0);
+    let b = h.account(0, 1_000);
+    let bid = h.limit(b, Side::Buy, 50, 5);
+    h.limit(s, Side::Sell, 60, 5);
+    // Filled quantity is zero: a new total of zero is not above it.
+    assert_eq!(
+        amend(&mut h, b, bid, None, Some(0)).unwrap_err(),
+        RejectCode::ZeroQuantity
+    );
+    assert_eq!(
+        amend(&mut h, b, bid, None, None).unwrap_err(),
+        RejectCode::InvalidAmend
+    );
+    assert_eq!(
+        amend(&mut h, b, bid, Some(500), None).unwrap_err(),
+        RejectCode::InsufficientBalance
+    );
+    assert_eq!(
+        amend(&mut h, s, bid, Some(40), None).unwrap_err(),
+        RejectCode::UnknownOrder
+    );
+    assert_eq!(
+        amend(&mut h, b, OrderId(999), Some(40), None).unwrap_err(),
+        RejectCode::UnknownOrder
+    );
+}
+
+fn stp_case(mode: StpMode) -> (H, AccountId, OrderId, OrderId, Vec<Event>) {
+    let mut h = H::new();
+    let a = h.account(10, 10_000);
+    let other = h.account(10, 0);
+    let own_ask = h.limit(a, Side::Sell, 100, 3);
+    h.limit(other, Side::Sell, 101, 3);
+    let mut o = lim(a, Side::Buy, 101, 4);
+    o.stp = mode;
+    let (id, ev) = h.order(o).unwrap();
+    (h, a, own_ask, id, ev)
+}
+
+#[test]
+fn stp_none_allows_the_self_trade() {
+    let (h, a, own_ask, id, ev) = stp_case(StpMode::None);
+    let t: Vec<_> = trades(&ev)
+        .iter()
+        .map(|t| (t.maker, t.taker, t.qty))
+        .collect();
+    assert_eq!(t[0], (own_ask, id, 3));
+    assert_eq!(t.len(), 2);
+    // The account paid both fees of the self-trade: 300 notional, 0 + 0 fees (rounded down).
+    assert_eq!(h.bal(a, BASE).0 + h.bal(a, BASE).1, 10 + 1);
+}
+
+#[test]
+fn stp_expire_taker_keeps_the_maker() {
+    let (h, _, own_ask, id, ev) = stp_case(StpMode::ExpireTaker);
+    assert!(trades(&ev).is_empty());
+    assert_eq!(done(&ev), vec![(id, DoneReason::SelfTrade, 0, 4)]);
+    assert_eq!(h.queue(100), vec![own_ask]);
+}
+
+#[test]
+fn stp_expire_maker_removes_it_and_keeps_matching() {
+    let (h, _, own_ask, id, ev) = stp_case(StpMode::ExpireMaker);
+    assert_eq!(done(&ev)[0], (own_ask, DoneReason::SelfTrade, 0, 3));
+    let t: Vec<_> = trades(&ev).iter().map(|t| (t.price, t.qty)).collect();
+    assert_eq!(t, vec![(101, 3)]);
+    assert!(h.queue(100).is_empty());
+    assert_eq!(h.book(Side::Buy), vec![(101, 1)]);
+    assert_eq!(h.e.order(M, id).unwrap().remaining, Qty(1));
+}
+
+#[test]
+fn stp_expire_both_removes_maker_and_taker() {
+    let (h, _, own_ask, id, ev) = stp_case(StpMode::ExpireBoth);
+    assert!(trades(&ev).is_empty());
+    assert_eq!(
+        done(&ev),
+        vec![
+            (own_ask, DoneReason::SelfTrade, 0, 3),
+            (id, DoneReason::SelfTrade, 0, 4)
+        ]
+    );
+    assert!(h.book(Side::Buy).is_empty());
+    assert_eq!(h.book(Side::Sell), vec![(101, 3)]);
+}
+
+#[test]
+fn cancel_releases_and_only_the_owner_can_cancel() {
+    let mut h = H::new();
+    let a = h.account(0, 10_000);
+    let b = h.account(0, 10_000);
+    let id = h.limit(a, Side::Buy, 100, 10);
+    let c = |acc| Command::Cancel {
+        account: acc,
+        market: M,
+        order: OrderRef::Id(id),
+    };
+    assert_eq!(h.cmd(c(b)).unwrap_err(), RejectCode::UnknownOrder);
+    let ev = h.cmd(c(a)).unwrap();
+    assert_eq!(done(&ev), vec![(id, DoneReason::Cancelled, 0, 10)]);
+    assert_eq!(h.bal(a, QUOTE), (10_000, 0));
+    assert_eq!(h.cmd(c(a)).unwrap_err(), RejectCode::UnknownOrder);
+}
+
+#[test]
+fn cancel_all_cancels_every_open_order_of_the_account_only() {
+    let mut h = H::new();
+    let a = h.account(10, 10_000);
+    let b = h.account(0, 10_000);
+    let o1 = h.limit(a, Side::Buy, 90, 1);
+    let o2 = h.limit(a, Side::Sell, 110, 2);
+    let other = h.limit(b, Side::Buy, 90, 1);
+    let ev = h
+        .cmd(Command::CancelAll {
+            account: a,
+            market: Some(M),
+        })
+        .unwrap();
+    let ids: Vec<_> = done(&ev).iter().map(|d| d.0).collect();
+    assert_eq!(ids, vec![o1, o2]);
+    assert_eq!(h.queue(90), vec![other]);
+    assert_eq!(h.bal(a, QUOTE), (10_000, 0));
+    assert_eq!(h.bal(a, BASE), (10, 0));
+    assert_eq!(
+        h.cmd(Command::CancelAll {
+            account: a,
+            market: Some(MarketId(7))
+        })
+        .unwrap_err(),
+        RejectCode::UnknownMarket
+    );
+}
+
+#[test]
+fn client_order_ids_are_unique_among_open_orders() {
+    let mut h = H::new();
+    let a = h.account(0, 10_000);
+    let b = h.account(0, 10_000);
+    let cid = ClientOrderId::new("my-order-1").unwrap();
+    let mut o = lim(a, Side::Buy, 100, 1);
+    o.client_id = Some(cid);
+    let (id, _) = h.order(o).unwrap();
+    assert_eq!(h.order(o).unwrap_err(), RejectCode::DuplicateClientId);
+    // Another account may use the same id.
+    let mut ob = o;
+    ob.account = b;
+    h.order(ob).unwrap();
+    let ev = h
+        .cmd(Command::Cancel {
+            account: a,
+            market: M,
+            order: OrderRef::Client(cid),
+        })
+        .unwrap();
+    assert_eq!(done(&ev)[0].0, id);
+    // Free again once the order is closed.
+    h.order(o).unwrap();
+}
+
+#[test]
+fn gtd_orders_expire_at_their_time() {
+    let mut h = H::new();
+    let a = h.account(0, 10_000);
+    let t = h.now + 100;
+    let (id, _) = h
+        .order(with_tif(
+            lim(a, Side::Buy, 100, 1),
+            TimeInForce::Gtd(Timestamp(t)),
+        ))
+        .unwrap();
+    assert_eq!(h.e.next_expiry(), Some(Timestamp(t)));
+    let mut out = vec![];
+    h.e.apply(&Command::Tick, Timestamp(t - 1), &mut out)
+        .unwrap();
+    assert!(h.e.order(M, id).is_some());
+    out.clear();
+    h.e.apply(&Command::Tick, Timestamp(t), &mut out).unwrap();
+    assert_eq!(done(&out), vec![(id, DoneReason::Expired, 0, 1)]);
+    assert_eq!(h.bal(a, QUOTE), (10_000, 0));
+    h.e.check_invariants();
+    h.now = t;
+    let past = with_tif(lim(a, Side::Buy, 100, 1), TimeInForce::Gtd(Timestamp(t)));
+    assert_eq!(h.order(past).unwrap_err(), RejectCode::InvalidOrder);
+}
+
+#[test]
+fn expiry_happens_before_a_rejected_command_and_is_journaled() {
+    let mut h = H::new();
+    let a = h.account(0, 10_000);
+    let t = h.now + 10;
+    h.order(with_tif(
+        lim(a, Side::Buy, 100, 1),
+        TimeInForce::Gtd(Timestamp(t)),
+    ))
+    .unwrap();
+    let seq = h.e.seq();
+    let mut out = vec![];
+    let r = h.e.apply(
+        &Command::Cancel {
+            account: a,
+            market: M,
+            order: OrderRef::Id(OrderId(999)),
+        },
+        Timestamp(t + 5),
+        &mut out,
+    );
+    assert_eq!(r, Err(RejectCode::UnknownOrder));
+    assert_eq!(
+        h.e.seq(),
+        seq + 1,
+        "the expiry changed the state, so the command must be journaled"
+    );
+    assert!(matches!(out.last(), Some(Event::Rejected { .. })));
+    assert!(out.iter().any(|e| matches!(
+        e,
+        Event::OrderDone {
+            reason: DoneReason::Expired,
+            ..
+        }
+    )));
+}
+
+#[test]
+fn order_validation_table() {
+    let mut h = H::new();
+    let a = h.account(10, 1_000);
+    let cases: Vec<(&str, NewOrder, RejectCode)> = vec![
+        (
+            "zero quantity",
+            lim(a, Side::Buy, 100, 0),
+            RejectCode::ZeroQuantity,
+        ),
+        (
+            "zero price",
+            lim(a, Side::Buy, 0, 1),
+            RejectCode::PriceOffTick,
+        ),
+        (
+            "above the band",
+            lim(a, Side::Buy, 1_000_001, 1),
+            RejectCode::OutsidePriceBand,
+        ),
+        (
+            "above max qty",
+            lim(a, Side::Sell, 1, 1_000_001),
+            RejectCode::QtyOffLot,
+        ),
+        (
+            "insufficient quote",
+            lim(a, Side::Buy, 100, 10),
+            RejectCode::InsufficientBalance,
+        ),
+        (
+            "insufficient base",
+            lim(a, Side::Sell, 100, 11),
+            RejectCode::InsufficientBalance,
+        ),
+        (
+            "unknown market",
+            NewOrder {
+                market: MarketId(3),
+                ..lim(a, Side::Buy, 1, 1)
+            },
+            RejectCode::UnknownMarket,
+        ),
+        (
+            "unknown account",
+            lim(AccountId(77), Side::Buy, 1, 1),
+            RejectCode::UnknownAccount,
+        ),
+        (
+            "fee account",
+            lim(FEE, Side::Buy, 1, 1),
+            RejectCode::FeeAccount,
+        ),
+        (
+            "fok market",
+            with_tif(
+                NewOrder {
+                    order_type: OrderType::Market { qty: Qty(1) },
+                    ..lim(a, Side::Buy, 1, 1)
+                },
+                TimeInForce::Fok,
+            ),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "post-only market",
+            NewOrder {
+                order_type: OrderType::Market { qty: Qty(1) },
+                post_only: true,
+                ..lim(a, Side::Sell, 1, 1)
+            },
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "zero budget",
+            NewOrder {
+                order_type: OrderType::MarketBudget { budget: Amount(0) },
+                ..lim(a, Side::Buy, 1, 1)
+            },
+            RejectCode::ZeroQuantity,
+        ),
+        (
+            "stop price zero",
+            NewOrder {
+                order_type: OrderType::StopMarket {
+                    stop: Price(0),
+                    qty: Qty(1),
+                },
+                ..lim(a, Side::Sell, 1, 1)
+            },
+            RejectCode::PriceOffTick,
+        ),
+    ];
+    for (name, o, code) in cases {
+        assert_eq!(h.order(o).map(|_| ()), Err(code), "case {name}");
+    }
+    let mut strict = config();
+    strict.markets[0].min_notional = Amount(1_000);
+    strict.markets[0].min_qty = Qty(2);
+    let mut h = H::with(strict);
+    let a = h.account(10, 100_000);
+    assert_eq!(
+        h.order(lim(a, Side::Buy, 100, 9)).map(|_| ()),
+        Err(RejectCode::BelowMinNotional)
+    );
+    assert_eq!(
+        h.order(lim(a, Side::Buy, 1000, 1)).map(|_| ()),
+        Err(RejectCode::QtyOffLot)
+    );
+}
+
+#[test]
+fn account_and_book_order_limits() {
+    let mut c = config();
+    c.limits.max_open_orders_per_account = 2;
+    c.limits.max_orders_per_book = 3;
+    let mut h = H::with(c);
+    let a = h.account(0, 100_000);
+    let b = h.account(0, 100_000);
+    h.limit(a, Side::Buy, 10, 1);
+    h.limit(a, Side::Buy, 11, 1);
+    assert_eq!(
+        h.order(lim(a, Side::Buy, 12, 1)).map(|_| ()),
+        Err(RejectCode::AccountOrderLimit)
+    );
+    // An IOC never rests, so the limit does not apply to it.
+    h.order(with_tif(lim(a, Side::Buy, 12, 1), TimeInForce::Ioc))
+        .unwrap();
+    h.limit(b, Side::Buy, 9, 1);
+    assert_eq!(
+        h.order(lim(b, Side::Buy, 8, 1)).map(|_| ()),
+        Err(RejectCode::BookFull)
+    );
+}
+
+#[test]
+fn credit_is_idempotent_by_key() {
+    let mut h = H::new();
+    let a = h.account(0, 0);
+    let key = IdempotencyKey::outpoint([7; 32], 1);
+    let c = Command::Credit {
+        account: a,
+        asset: BASE,
+        amount: Amount(500),
+        key,
+    };
+    h.cmd(c).unwrap();
+    let seq = h.e.seq();
+    let ev = h.cmd(c).unwrap();
+    assert!(matches!(
+        ev[0],
+        Event::Accepted {
+            duplicate: true,
+            ..
+        }
+    ));
+    assert_eq!(ev.len(), 1);
+    assert_eq!(h.e.seq(), seq, "a duplicate is not a new state");
+    assert_eq!(h.bal(a, BASE), (500, 0));
+    assert_eq!(h.e.asset_totals(BASE).credited, 500);
+    for (name, cmd, code) in [
+        (
+            "zero",
+            Command::Credit {
+                account: a,
+                asset: BASE,
+                amount: Amount(0),
+                key: h.key(),
+            },
+            RejectCode::ZeroQuantity,
+        ),
+        (
+            "asset",
+            Command::Credit {
+                account: a,
+                asset: AssetId(9),
+                amount: Amount(1),
+                key: h.key(),
+            },
+            RejectCode::UnknownAsset,
+        ),
+        (
+            "account",
+            Command::Credit {
+                account: AccountId(50),
+                asset: BASE,
+                amount: Amount(1),
+                key: h.key(),
+            },
+            RejectCode::UnknownAccount,
+        ),
+        (
+            "overflow",
+            Command::Credit {
+                account: a,
+                asset: BASE,
+                amount: Amount(u64::MAX),
+                key: h.key(),
+            },
+            RejectCode::InvalidAmount,
+        ),
+    ] {
+        assert_eq!(h.cmd(cmd).map(|_| ()), Err(code), "case {name}");
+    }
+}
+
+#[test]
+fn withdrawal_hold_release_and_complete() {
+    let mut h = H::new();
+    let a = h.account(10_000, 0);
+    let hold = |id, amount| Command::WithdrawHold {
+        account: a,
+        asset: BASE,
+        amount: Amount(amount),
+        fee: Amount(100),
+        id: WithdrawalId(id),
+    };
+    h.cmd(hold(1, 3_000)).unwrap();
+    assert_eq!(h.bal(a, BASE), (6_900, 3_100));
+    assert_eq!(
+        h.cmd(hold(1, 1)).unwrap_err(),
+        RejectCode::DuplicateWithdrawal
+    );
+    assert_eq!(
+        h.cmd(hold(2, 6_850)).unwrap_err(),
+        RejectCode::InsufficientBalance
+    );
+    h.cmd(Command::WithdrawRelease {
+        id: WithdrawalId(1),
+    })
+    .unwrap();
+    assert_eq!(h.bal(a, BASE), (10_000, 0));
+    assert_eq!(
+        h.cmd(Command::WithdrawRelease {
+            id: WithdrawalId(1)
+        })
+        .unwrap_err(),
+        RejectCode::UnknownWithdrawal
+    );
+    assert_eq!(
+        h.cmd(hold(1, 5)).unwrap_err(),
+        RejectCode::DuplicateWithdrawal,
+        "ids are never reused"
+    );
+    h.cmd(hold(2, 4_000)).unwrap();
+    assert_eq!(
+        h.cmd(Command::WithdrawComplete {
+            id: WithdrawalId(2),
+            network_fee: Amount(101)
+        })
+        .unwrap_err(),
+        RejectCode::InvalidAmount
+    );
+    h.cmd(Command::WithdrawComplete {
+        id: WithdrawalId(2),
+        network_fee: Amount(30),
+    })
+    .unwrap();
+    assert_eq!(h.bal(a, BASE), (5_900, 0));
+    assert_eq!(h.bal(FEE, BASE), (70, 0));
+    let t = h.e.asset_totals(BASE);
+    assert_eq!((t.credited, t.withdrawn), (10_000, 4_030));
+    assert_eq!(
+        h.cmd(Command::WithdrawComplete {
+            id: WithdrawalId(2),
+            network_fee: Amount(0)
+        })
+        .unwrap_err(),
+        RejectCode::UnknownWithdrawal
+    );
+}
+
+#[test]
+fn transfers_move_available_funds_once() {
+    let mut h = H::new();
+    let a = h.account(0, 1_000);
+    let b = h.account(0, 0);
+    let key = h.key();
+    let t = |amount| Command::Transfer {
+        from: a,
+        to: b,
+        asset: QUOTE,
+        amount: Amount(amount),
+        key,
+    };
+    h.cmd(t(400)).unwrap();
+    let ev = h.cmd(t(400)).unwrap();
+    assert!(matches!(
+        ev[0],
+        Event::Accepted {
+            duplicate: true,
+            ..
+        }
+    ));
+    assert_eq!(h.bal(a, QUOTE), (600, 0));
+    assert_eq!(h.bal(b, QUOTE), (400, 0));
+    let k2 = h.key();
+    assert_eq!(
+        h.cmd(Command::Transfer {
+            from: a,
+            to: b,
+            asset: QUOTE,
+            amount: Amount(601),
+            key: k2
+        })
+        .unwrap_err(),
+        RejectCode::InsufficientBalance
+    );
+    assert_eq!(
+        h.cmd(Command::Transfer {
+            from: a,
+            to: a,
+            asset: QUOTE,
+            amount: Amount(1),
+            key: k2
+        })
+        .unwrap_err(),
+        RejectCode::SelfTransfer
+    );
+    // Held funds cannot be transferred.
+    h.limit(a, Side::Buy, 100, 5);
+    assert_eq!(
+        h.cmd(Command::Transfer {
+            from: a,
+            to: b,
+            asset: QUOTE,
+            amount: Amount(200),
+            key: k2
+        })
+        .unwrap_err(),
+        RejectCode::InsufficientBalance
+    );
+}
+
+#[test]
+fn depth_diffs_are_gap_free_and_rebuild_the_book() {
+    let mut h = H::new();
+    let s = h.account(100, 0);
+    let b = h.account(0, 100_000);
+    let mut levels: std::collections::BTreeMap<(bool, u64), u64> = Default::default();
+    let mut last_seq = h.e.depth_seq(M);
+    let mut apply = |h: &mut H, c: Command| {
+        let ev = h.cmd(c);
+        for e in ev.iter().flatten() {
+            if let Event::Depth {
+                seq,
+                side,
+                price,
+                qty,
+                ..
+            } = *e
+            {
+                assert_eq!(seq, last_seq + 1, "gap in depth sequence");
+                last_seq = seq;
+                if qty.is_zero() {
+                    levels.remove(&(side == Side::Buy, price.0));
+                } else {
+                    levels.insert((side == Side::Buy, price.0), qty.0);
+                }
+            }
+        }
+        let mut want: std::collections::BTreeMap<(bool, u64), u64> = Default::default();
+        for side in [Side::Buy, Side::Sell] {
+            for (p, q) in h.book(side) {
+                want.insert((side == Side::Buy, p), q);
+            }
+        }
+        assert_eq!(levels, want);
+    };
+    for (side, acc, price, qty) in [
+        (Side::Sell, s, 105, 3),
+        (Side::Sell, s, 104, 2),
+        (Side::Buy, b, 100, 4),
+        (Side::Buy, b, 104, 4),
+        (Side::Buy, b, 106, 6),
+        (Side::Sell, s, 99, 10),
+    ] {
+        apply(&mut h, Command::NewOrder(lim(acc, side, price, qty)));
+    }
+    apply(
+        &mut h,
+        Command::CancelAll {
+            account: b,
+            market: None,
+        },
+    );
+}
+
+#[test]
+fn snapshot_restores_the_same_state_and_continues_identically() {
+    let mut h = H::new();
+    let s = h.account(100, 0);
+    let b = h.account(0, 100_000);
+    h.limit(s, Side::Sell, 105, 3);
+    h.limit(b, Side::Buy, 100, 4);
+    let mut o = lim(b, Side::Buy, 101, 2);
+    o.client_id = Some(ClientOrderId::new("c1").unwrap());
+    o.tif = TimeInForce::Gtd(Timestamp(h.now + 1_000));
+    h.order(o).unwrap();
+    let mut stop = lim(s, Side::Sell, 0, 0);
+    stop.order_type = OrderType::StopLimit {
+        stop: Price(99),
+        price: Price(98),
+        qty: Qty(2),
+    };
+    h.order(stop).unwrap();
+    let snap = h.e.snapshot();
+    let bytes = postcard::to_stdvec(&snap).unwrap();
+    let mut r = Engine::from_snapshot(postcard::from_bytes(&bytes).unwrap()).unwrap();
+    r.check_invariants();
+    assert_eq!(r.state_hash(), h.e.state_hash());
+    for c in [
+        Command::NewOrder(lim(s, Side::Sell, 100, 5)),
+        Command::Cancel {
+            account: b,
+            market: M,
+            order: OrderRef::Client(ClientOrderId::new("c1").unwrap()),
+        },
+        Command::Tick,
+    ] {
+        let (mut x, mut y) = (vec![], vec![]);
+        let t = Timestamp(h.now + 5_000);
+        assert_eq!(h.e.apply(&c, t, &mut x), r.apply(&c, t, &mut y));
+        assert_eq!(x, y);
+        assert_eq!(h.e.state_hash(), r.state_hash());
+    }
+}
+
+#[test]
+fn default_config_is_btcusd_with_sane_units() {
+    let c = EngineConfig::default();
+    c.validate().unwrap();
+    assert_eq!(c.markets.len(), 1);
+    let m = &c.markets[0];
+    assert_eq!(m.symbol, "BTCUSD");
+    // 1 BTC = 100,000 lots; at 50,000.00 USD (5,000,000 ticks) it costs 50,000 USD in 1e-8 units.
+    assert_eq!(
+        m.notional(Price(5_000_000), Qty(100_000)),
+        Some(Amount(50_000 * 100_000_000))
+    );
+    assert_eq!(m.base_amount(Qty(100_000)), Some(Amount(100_000_000)));
+}

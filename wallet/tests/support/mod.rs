@@ -322,3 +322,55 @@ impl World {
         }
     }
 }
+
+/// A bitcoind started by hand on a given data directory and RPC port (to restart a node where it
+/// was); killed on drop.
+pub struct ManualNode {
+    child: std::process::Child,
+    pub rpc: Client,
+}
+
+impl ManualNode {
+    pub fn start(datadir: &Path, rpc_port: u16) -> Self {
+        let child = std::process::Command::new(bitcoind_exe())
+            .arg(format!("-datadir={}", datadir.display()))
+            .arg(format!("-rpcport={rpc_port}"))
+            .args(["-regtest", "-listen=0"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn bitcoind");
+        let cookie = datadir.join("regtest").join(".cookie");
+        let start = Instant::now();
+        loop {
+            let client = Client::new(
+                &format!("http://127.0.0.1:{rpc_port}"),
+                Auth::CookieFile(cookie.clone()),
+            );
+            if let Ok(rpc) = client {
+                if rpc.get_block_count().is_ok() {
+                    return Self { child, rpc };
+                }
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "bitcoind did not come back"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ManualNode {
+    fn drop(&mut self) {
+        let _ = self.rpc.stop();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

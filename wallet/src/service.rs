@@ -38,7 +38,6 @@ pub const DATABASE_FILE: &str = "wallet.sqlite";
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// RPC error codes of bitcoind (`src/rpc/protocol.h`).
 const RPC_VERIFY_ALREADY_IN_CHAIN: i32 = -27;
-const RPC_IN_WARMUP: i32 = -28;
 
 /// A deposit seen, credited or reorged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -501,9 +500,6 @@ impl CustodyService {
                     }
                 }
                 Ok(None) => break,
-                Err(e) if rpc_code(&e) == Some(RPC_IN_WARMUP) => {
-                    return Err(SyncError::Rpc(rpc_err(e)))
-                }
                 Err(e) => return Err(SyncError::Rpc(rpc_err(e))),
             }
         }
@@ -765,19 +761,15 @@ impl CustodyService {
             return Err(WithdrawalError::NotAwaitingApproval(id));
         }
         self.release(id, reason)
-            .map_err(WithdrawalError::LedgerRejected)
     }
 
-    fn release(&mut self, id: WithdrawalId, reason: &str) -> Result<(), RejectCode> {
+    fn release(&mut self, id: WithdrawalId, reason: &str) -> Result<(), WithdrawalError> {
         match self.ledger.submit(Command::WithdrawRelease { id }) {
+            // UnknownWithdrawal: released before a crash that came before our record.
             Ok(()) | Err(RejectCode::UnknownWithdrawal) => {}
-            Err(code) => return Err(code),
+            Err(code) => return Err(WithdrawalError::LedgerRejected(code)),
         }
-        store::set_withdrawal_status(&self.db, id, WithdrawalStatus::Released, Some(reason))
-            .map_err(|e| {
-                tracing::error!(%id, error = %e, "released in the ledger but not recorded");
-                RejectCode::UnknownWithdrawal
-            })?;
+        store::set_withdrawal_status(&self.db, id, WithdrawalStatus::Released, Some(reason))?;
         tracing::warn!(%id, reason, "withdrawal released");
         Ok(())
     }
@@ -877,8 +869,8 @@ impl CustodyService {
                     batch.push(w);
                 }
                 _ => {
-                    if let Err(code) = self.release(w.id, "destination is deny-listed") {
-                        tracing::error!(id = %w.id, %code, "could not release a denied withdrawal");
+                    if let Err(e) = self.release(w.id, "destination is deny-listed") {
+                        tracing::error!(id = %w.id, error = %e, "could not release a denied withdrawal");
                     }
                 }
             }
@@ -902,7 +894,13 @@ impl CustodyService {
             psbt = self.build_psbt(&outputs, Err(bitcoin::Amount::from_sat(budget.0)))?;
         }
         let (tx, fee) = self.sign(psbt)?;
-        debug_assert!(fee <= budget);
+        if fee > budget {
+            // BDK gave a change output below dust to the miners: the fee cannot be split within
+            // the flat fees. Nothing is recorded; the withdrawals wait for more coins or requests.
+            return Err(BatchError::Build(format!(
+                "fee {fee} sat passes the flat fees {budget} sat (change would be dust)"
+            )));
+        }
         let txid = tx.compute_txid();
         let ids: Vec<WithdrawalId> = batch.iter().map(|w| w.id).collect();
         let record = BatchTx {

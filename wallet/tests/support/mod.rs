@@ -111,6 +111,13 @@ impl TestNode {
     }
 }
 
+impl Drop for TestNode {
+    /// Stops the node and reaps its process (corepc-node alone kills without waiting).
+    fn drop(&mut self) {
+        let _ = self.node.stop();
+    }
+}
+
 /// A customer's BDK wallet (in memory) that pays deposits and receives withdrawals.
 pub struct Customer {
     pub wallet: Wallet,
@@ -332,7 +339,7 @@ pub struct ManualNode {
 
 impl ManualNode {
     pub fn start(datadir: &Path, rpc_port: u16) -> Self {
-        let child = std::process::Command::new(bitcoind_exe())
+        let mut child = std::process::Command::new(bitcoind_exe())
             .arg(format!("-datadir={}", datadir.display()))
             .arg(format!("-rpcport={rpc_port}"))
             .args(["-regtest", "-listen=0"])
@@ -340,23 +347,19 @@ impl ManualNode {
             .spawn()
             .expect("spawn bitcoind");
         let cookie = datadir.join("regtest").join(".cookie");
+        let url = format!("http://127.0.0.1:{rpc_port}");
         let start = Instant::now();
-        loop {
-            let client = Client::new(
-                &format!("http://127.0.0.1:{rpc_port}"),
-                Auth::CookieFile(cookie.clone()),
-            );
-            if let Ok(rpc) = client {
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(rpc) = Client::new(&url, Auth::CookieFile(cookie.clone())) {
                 if rpc.get_block_count().is_ok() {
                     return Self { child, rpc };
                 }
             }
-            assert!(
-                start.elapsed() < Duration::from_secs(20),
-                "bitcoind did not come back"
-            );
             std::thread::sleep(Duration::from_millis(100));
         }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("bitcoind did not come back");
     }
 }
 

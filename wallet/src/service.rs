@@ -276,6 +276,11 @@ impl CustodyService {
         let mut db = Connection::open(config.data_dir.join(DATABASE_FILE))
             .map_err(|e| OpenError::Store(e.into()))?;
         store::init(&db)?;
+        // WAL with full sync: each commit is durable (fsync of the log) at one fsync per commit.
+        db.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
+            .map_err(|e| OpenError::Store(e.into()))?;
+        db.execute_batch("PRAGMA synchronous = FULL")
+            .map_err(|e| OpenError::Store(e.into()))?;
         let (external, internal) = key.public_descriptors(config.network)?;
         let loaded = Wallet::load()
             .descriptor(KeychainKind::External, Some(external.clone()))
@@ -391,20 +396,41 @@ impl CustodyService {
         account: AccountId,
         now: Timestamp,
     ) -> Result<Address, DepositAddressError> {
+        let mut v = self.new_deposit_addresses(account, 1, now)?;
+        v.pop()
+            .ok_or(DepositAddressError::Store(crate::StoreError::Corrupt(
+                "no address revealed".into(),
+            )))
+    }
+
+    /// `count` new deposit addresses for `account` at once (one wallet persist, one database
+    /// transaction), e.g. to pre-generate them.
+    pub fn new_deposit_addresses(
+        &mut self,
+        account: AccountId,
+        count: u32,
+        now: Timestamp,
+    ) -> Result<Vec<Address>, DepositAddressError> {
         if !self.ledger.account_exists(account) {
             return Err(DepositAddressError::UnknownAccount(account));
         }
-        let info = self.wallet.reveal_next_address(KeychainKind::External);
-        // The revealed index is durable before it is handed out, so it is never reused.
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let next = self.wallet.next_derivation_index(KeychainKind::External);
+        let last = next.saturating_add(count - 1);
+        let infos: Vec<_> = self
+            .wallet
+            .reveal_addresses_to(KeychainKind::External, last)
+            .collect();
+        // The revealed indexes are durable before they are handed out, so never reused.
         self.wallet.persist(&mut self.db)?;
-        store::insert_deposit_address(
-            &self.db,
-            info.index,
-            account,
-            &info.address.to_string(),
-            now.as_millis(),
-        )?;
-        Ok(info.address)
+        let rows: Vec<(u32, String)> = infos
+            .iter()
+            .map(|i| (i.index, i.address.to_string()))
+            .collect();
+        store::insert_deposit_addresses(&mut self.db, account, &rows, now.as_millis())?;
+        Ok(infos.into_iter().map(|i| i.address).collect())
     }
 
     /// The deposit addresses of `account`, oldest first.
@@ -520,7 +546,25 @@ impl CustodyService {
     /// Finds payments to deposit addresses and credits each, once, when it reaches the configured
     /// confirmations. A credited deposit that a reorg took out of the chain is reported, and its
     /// account flagged.
+    ///
+    /// Runs in one database transaction: a crash after a credit and before the commit credits
+    /// again on restart, which the ledger takes as a duplicate (credits are keyed by outpoint).
     pub fn process_deposits(&mut self, now: Timestamp) -> Result<DepositReport, DepositError> {
+        let sql = |e| DepositError::Store(crate::StoreError::Sqlite(e));
+        self.db.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+        match self.process_deposits_inner(now) {
+            Ok(report) => {
+                self.db.execute_batch("COMMIT").map_err(sql)?;
+                Ok(report)
+            }
+            Err(e) => {
+                let _ = self.db.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    fn process_deposits_inner(&mut self, now: Timestamp) -> Result<DepositReport, DepositError> {
         let tip = self.tip_height();
         let required = self.config.deposit_confirmations.max(1);
         let accounts: HashMap<u32, AccountId> =

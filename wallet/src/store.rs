@@ -83,19 +83,24 @@ fn txid(s: &str) -> Result<Txid, StoreError> {
 // ---------------------------------------------------------------------------------------------
 // Deposit addresses
 
-/// Records that external index `index` belongs to `account`.
-pub(crate) fn insert_deposit_address(
-    db: &Connection,
-    index: u32,
+/// Records that external indexes belong to `account`, in one transaction.
+pub(crate) fn insert_deposit_addresses(
+    db: &mut Connection,
     account: AccountId,
-    address: &str,
+    rows: &[(u32, String)],
     now_ms: u64,
 ) -> Result<(), StoreError> {
-    db.execute(
-        "INSERT INTO mediator_deposit_address (keychain_index, account, address, created_ms)
-         VALUES (?1, ?2, ?3, ?4)",
-        params![index, account.0, address, to_i64(now_ms)],
-    )?;
+    let tx = db.transaction()?;
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO mediator_deposit_address (keychain_index, account, address, created_ms)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (index, address) in rows {
+            st.execute(params![index, account.0, address, to_i64(now_ms)])?;
+        }
+    }
+    tx.commit()?;
     Ok(())
 }
 

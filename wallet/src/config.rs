@@ -115,6 +115,9 @@ pub struct CustodyConfig {
     pub withdrawal_confirmations: u32,
     /// How often [`Runner`](crate::Runner) runs a step.
     pub poll_interval: Duration,
+    /// Blocks below this height are not fetched (the wallet's birthday; 0 on regtest). Used only
+    /// while the wallet has not synced past it.
+    pub sync_start_height: u32,
     /// Withdrawal rules.
     pub withdrawal: WithdrawalPolicy,
     /// Batching rules.
@@ -134,6 +137,7 @@ impl CustodyConfig {
             deposit_confirmations,
             withdrawal_confirmations: 1,
             poll_interval: Duration::from_secs(5),
+            sync_start_height: 0,
             withdrawal: WithdrawalPolicy::default(),
             batch: BatchPolicy::default(),
         }

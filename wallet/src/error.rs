@@ -190,7 +190,7 @@ pub enum WithdrawalError {
     /// No such withdrawal (approve, reject).
     #[error("unknown withdrawal {0}")]
     UnknownWithdrawal(WithdrawalId),
-    /// The withdrawal is not waiting for approval (approve, reject).
+    /// The withdrawal is not waiting for approval (approve), or is batched or done (reject).
     #[error("withdrawal {0} is not awaiting approval")]
     NotAwaitingApproval(WithdrawalId),
     /// The service's tables failed.

@@ -471,7 +471,7 @@ impl CustodyService {
             let emitter = Emitter::new(
                 client.clone(),
                 self.wallet.latest_checkpoint(),
-                0,
+                self.config.sync_start_height,
                 unconfirmed,
             );
             tracing::info!(url = %self.config.rpc.url, "connected to bitcoind");
@@ -794,14 +794,18 @@ impl CustodyService {
         Ok(())
     }
 
-    /// Refuses a withdrawal that waits for approval: the ledger gives the hold back.
+    /// Refuses a withdrawal that is not batched yet (awaiting approval, or pending): the ledger
+    /// gives the hold back and the withdrawal is released with `reason`.
     pub fn reject_withdrawal(
         &mut self,
         id: WithdrawalId,
         reason: &str,
     ) -> Result<(), WithdrawalError> {
         let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
-        if w.status != WithdrawalStatus::AwaitingApproval {
+        if !matches!(
+            w.status,
+            WithdrawalStatus::AwaitingApproval | WithdrawalStatus::Pending
+        ) {
             return Err(WithdrawalError::NotAwaitingApproval(id));
         }
         self.release(id, reason)
@@ -928,8 +932,8 @@ impl CustodyService {
         let fee = sats(psbt.fee().map_err(|e| BatchError::Build(e.to_string()))?);
         if fee > budget {
             // Capped: the flat fees pay the network fee, never more than each withdrawal's own.
-            let vsize = psbt.unsigned_tx.weight() + Weight::from_wu(batch_witness_wu(&psbt));
-            let needed = sats(FeeRate::BROADCAST_MIN * vsize);
+            let weight = psbt.unsigned_tx.weight() + Weight::from_wu(batch_witness_wu(&psbt));
+            let needed = sats(FeeRate::BROADCAST_MIN * weight);
             if budget < needed {
                 tracing::error!(%budget, %needed, "flat fees cannot pay the minimum network fee");
                 return Err(BatchError::FeeBudgetTooLow { budget, needed });

@@ -434,3 +434,103 @@ fn reconciliation_reports_a_shortfall() {
     assert!(r.shortfall);
     assert_eq!(r.surplus_sat, -1_234);
 }
+
+#[test]
+fn batch_fee_is_capped_at_the_flat_fees_and_refused_below_the_relay_minimum() {
+    let mut w = World::new();
+    let mut c = config(&w);
+    c.withdrawal.flat_fee = Amount(300);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(50); // no estimate on regtest
+    let (mut svc, alice) = funded(&w, c, 1_000_000);
+    let mut receiver = Customer::new(14);
+    for i in 0..2 {
+        let to = receiver.address();
+        svc.request_withdrawal(
+            request(alice, &to, 40_000, &format!("cap{i}")),
+            w.clock.now(),
+        )
+        .unwrap();
+    }
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("batch");
+    assert_eq!(batch.fee.0, 600, "capped at the two flat fees");
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        r.withdrawals
+            .completed
+            .iter()
+            .map(|(_, f)| f.0)
+            .collect::<Vec<_>>(),
+        [300, 300]
+    );
+    assert_eq!(
+        w.ledger.btc(FEE_ACCOUNT),
+        (0, 0),
+        "the flat fees all went to the network"
+    );
+    assert_conserved(&w, &svc);
+    drop(svc);
+
+    // A flat fee that cannot pay even 1 sat/vB: the batch is refused, the request waits.
+    let mut c = config(&w);
+    c.withdrawal.flat_fee = Amount(50);
+    let mut svc = w.open(c);
+    let v = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 40_000, "tiny-fee"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let err = svc
+        .build_batch(w.clock.advance(Duration::from_secs(61)))
+        .unwrap_err();
+    assert!(
+        matches!(err, wallet::BatchError::FeeBudgetTooLow { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        svc.withdrawal(v.id).unwrap().unwrap().status,
+        WithdrawalStatus::Pending
+    );
+    assert!(svc.batches_in_flight().unwrap().is_empty());
+    // The operator gives it back.
+    svc.reject_withdrawal(v.id, "fee too low to pay").unwrap();
+    assert_eq!(
+        svc.withdrawal(v.id).unwrap().unwrap().status,
+        WithdrawalStatus::Released
+    );
+    assert_eq!(w.ledger.btc(alice).1, 0);
+    assert_conserved(&w, &svc);
+}
+
+#[test]
+fn a_destination_deny_listed_after_the_request_is_released_with_a_reason() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 1_000_000);
+    let mut receiver = Customer::new(15);
+    let (bad, good) = (receiver.address(), receiver.address());
+    let denied = svc
+        .request_withdrawal(request(alice, &bad, 30_000, "to-bad"), w.clock.now())
+        .unwrap();
+    let paid = svc
+        .request_withdrawal(request(alice, &good, 40_000, "to-good"), w.clock.now())
+        .unwrap();
+    drop(svc);
+
+    let deny = w.dir.path().join("deny.txt");
+    std::fs::write(&deny, format!("{bad}\n")).unwrap();
+    let mut c = config(&w);
+    c.withdrawal.deny_list = Some(deny);
+    let mut svc = w.open(c);
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    assert_eq!(r.batch.unwrap().withdrawals, vec![paid.id]);
+    let v = svc.withdrawal(denied.id).unwrap().unwrap();
+    assert_eq!(v.status, WithdrawalStatus::Released);
+    assert_eq!(v.reason.as_deref(), Some("destination is deny-listed"));
+    assert_eq!(
+        w.ledger.btc(alice),
+        (1_000_000 - 40_000 - FLAT_FEE, 40_000 + FLAT_FEE)
+    );
+    assert_conserved(&w, &svc);
+}

@@ -39,8 +39,8 @@ pub use keys::{KeyError, Passphrase};
 pub use ledger::Ledger;
 pub use runner::{system_now, Runner};
 pub use service::{
-    BatchInfo, CustodyService, DepositEvent, DepositReport, Reconciliation, StepReport, SyncReport,
-    WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
+    BatchInfo, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,
+    StepReport, SyncReport, WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
 };
 pub use store::{DepositStatus, WithdrawalStatus, WithdrawalView};
 

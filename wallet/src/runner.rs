@@ -24,10 +24,15 @@ pub fn system_now() -> Timestamp {
 }
 
 impl Runner {
-    /// Starts a thread that runs a step of `service` every `poll` (the configured poll interval is
-    /// `service.config().poll_interval`). A failed step (bitcoind away, say) is logged and tried
-    /// again at the next tick; the service reconnects by itself.
-    pub fn spawn(service: Arc<Mutex<CustodyService>>, poll: Duration) -> std::io::Result<Self> {
+    /// Starts a thread that runs a step of `service` every configured poll interval
+    /// ([`CustodyConfig::poll_interval`](crate::CustodyConfig::poll_interval)). A failed step
+    /// (bitcoind away, say) is logged and tried again at the next tick; the service reconnects by
+    /// itself.
+    pub fn spawn(service: Arc<Mutex<CustodyService>>) -> std::io::Result<Self> {
+        let poll = match service.lock() {
+            Ok(s) => s.config().poll_interval,
+            Err(poisoned) => poisoned.into_inner().config().poll_interval,
+        };
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::Builder::new()

@@ -52,6 +52,21 @@ pub struct DepositEvent {
     pub confirmations: u32,
 }
 
+/// A deposit as the service knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepositView {
+    /// Beneficiary.
+    pub account: AccountId,
+    /// The paying output.
+    pub outpoint: OutPoint,
+    /// Its value, sats.
+    pub amount: Amount,
+    /// Pending, credited or reorged.
+    pub status: DepositStatus,
+    /// Confirmations now (0: mempool, or no longer in the chain).
+    pub confirmations: u32,
+}
+
 /// What [`CustodyService::process_deposits`] did.
 #[derive(Clone, Debug, Default)]
 pub struct DepositReport {
@@ -439,6 +454,30 @@ impl CustodyService {
         account: AccountId,
     ) -> Result<Vec<String>, DepositAddressError> {
         Ok(store::addresses_of(&self.db, account)?)
+    }
+
+    /// The deposits of `account` (all accounts with `None`) that the service has seen, with their
+    /// confirmations now: pending ones (mempool or below the threshold), credited and reorged.
+    pub fn deposits(&self, account: Option<AccountId>) -> Result<Vec<DepositView>, DepositError> {
+        let tip = self.tip_height();
+        let mut out = Vec::new();
+        for d in store::deposits(&self.db)? {
+            if account.is_some_and(|a| a != d.account) {
+                continue;
+            }
+            let confirmations = self
+                .wallet
+                .get_tx(d.outpoint.txid)
+                .map_or(0, |t| confirmations(&t.chain_position, tip));
+            out.push(DepositView {
+                account: d.account,
+                outpoint: d.outpoint,
+                amount: d.amount,
+                status: d.status,
+                confirmations,
+            });
+        }
+        Ok(out)
     }
 
     /// Accounts flagged for review, with the reason (a credited deposit that a reorg removed).

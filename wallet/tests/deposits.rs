@@ -3,6 +3,7 @@
 mod support;
 
 use support::{Customer, World};
+use wallet::DepositStatus;
 
 #[test]
 fn deposit_is_pending_in_mempool_then_credited_once_across_restarts() {
@@ -25,12 +26,23 @@ fn deposit_is_pending_in_mempool_then_credited_once_across_restarts() {
     assert!(report.deposits.credited.is_empty());
     assert_eq!(w.ledger.btc(alice), (0, 0), "not credited from the mempool");
     assert_eq!(report.reconciliation.uncredited_deposits.0, 1_000_000);
+    let pending = svc.deposits(Some(alice)).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].status, pending[0].confirmations),
+        (DepositStatus::Pending, 0)
+    );
     assert_eq!(report.reconciliation.surplus_sat, 0);
 
     w.node.mine(1);
     let report = svc.step(w.clock.now()).unwrap();
     assert_eq!(report.deposits.credited.len(), 1);
     assert_eq!(w.ledger.btc(alice), (1_000_000, 0));
+    let credited = svc.deposits(None).unwrap();
+    assert_eq!(
+        (credited[0].status, credited[0].confirmations),
+        (DepositStatus::Credited, 1)
+    );
 
     // More blocks, more steps: never a second credit.
     w.node.mine(2);

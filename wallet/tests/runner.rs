@@ -36,7 +36,7 @@ fn bitcoind_stopped_and_restarted_while_the_service_runs() {
     let mut svc = CustodyService::open(config, ledger.clone()).unwrap();
     let addr = svc.new_deposit_address(alice, system_now()).unwrap();
     let service = Arc::new(Mutex::new(svc));
-    let runner = Runner::spawn(service.clone(), poll).unwrap();
+    let runner = Runner::spawn(service.clone()).unwrap();
 
     let mut customer = Customer::new(21);
     customer.fund(&node, 1);

@@ -5,7 +5,7 @@
 //! benchmark). Fees, holds, self-trade prevention and events live in [`crate::engine`].
 //!
 //! Layout, chosen for speed (every order is touched a few times, every price level often):
-//! * Orders live in an arena allocated once (`capacity` slots, a free list), linked into a doubly
+//! * Orders live in an arena allocated up front (`capacity` slots, a free list), linked into a doubly
 //!   linked FIFO per price level, so cancel is O(1). An [`OrderId`] maps to its slot through a hash
 //!   map with a fast non-cryptographic hasher (ids are engine-assigned, not attacker-chosen).
 //! * Price levels are addressed directly by price: pages of 4,096 levels allocated on first use,
@@ -44,7 +44,18 @@ const EMPTY_LEVEL: Level = Level {
 struct Page {
     /// Bottom layer of the occupancy bitmap: bit `i` of word `w` is level `w * 64 + i`.
     words: [u64; PAGE_WORDS],
-    levels: [Level; PAGE_LEVELS],
+    /// `PAGE_LEVELS` levels, allocated on the heap directly (never built on the stack).
+    levels: Box<[Level]>,
+}
+
+/// A new empty page. Out of line and cold: pages are made once per 4,096 prices.
+#[cold]
+#[inline(never)]
+fn new_page() -> Box<Page> {
+    Box::new(Page {
+        words: [0; PAGE_WORDS],
+        levels: vec![EMPTY_LEVEL; PAGE_LEVELS].into_boxed_slice(),
+    })
 }
 
 /// Price levels addressed by price, with a hierarchical occupancy bitmap.
@@ -85,13 +96,23 @@ impl Levels {
 
     #[inline]
     fn level_mut(&mut self, price: u64) -> &mut Level {
-        let page = self.pages[(price >> PAGE_SHIFT) as usize].get_or_insert_with(|| {
-            Box::new(Page {
-                words: [0; PAGE_WORDS],
-                levels: [EMPTY_LEVEL; PAGE_LEVELS],
-            })
-        });
-        &mut page.levels[price as usize & (PAGE_LEVELS - 1)]
+        let page = &mut self.pages[(price >> PAGE_SHIFT) as usize];
+        if page.is_none() {
+            *page = Some(new_page());
+        }
+        match page {
+            Some(p) => &mut p.levels[price as usize & (PAGE_LEVELS - 1)],
+            None => unreachable!("made above"),
+        }
+    }
+
+    /// The level at `price`, whose page exists (it holds or held an order).
+    #[inline]
+    fn level_existing(&mut self, price: u64) -> &mut Level {
+        match &mut self.pages[(price >> PAGE_SHIFT) as usize] {
+            Some(p) => &mut p.levels[price as usize & (PAGE_LEVELS - 1)],
+            None => unreachable!("an order's level page exists"),
+        }
     }
 
     /// Word `w` of layer `layer` (0 = bottom).
@@ -267,7 +288,9 @@ pub struct Book<T> {
 }
 
 impl<T: Copy + Default> Book<T> {
-    /// A book for prices `1..=max_price` with room for `capacity` resting orders, all allocated now.
+    /// A book for prices `1..=max_price` with room for `capacity` resting orders. The order arena
+    /// is allocated now; the id index for up to 65,536 orders (it grows past that); a page of
+    /// 4,096 price levels when an order first rests in it (two allocations, once per page).
     pub fn new(max_price: Price, capacity: u32) -> Self {
         assert!(
             max_price.0 >= 1 && max_price.0 <= u64::from(u32::MAX),
@@ -284,8 +307,11 @@ impl<T: Copy + Default> Book<T> {
                 data: T::default(),
             })
             .collect();
+        // Sized for a busy book (65,536 orders), not the limit: a table sized for a million
+        // orders spreads a small book's ids over megabytes and makes lookups cache misses. Past
+        // that it grows (a rehash on the order path, amortised) and then stays.
         let mut index = FxHashMap::default();
-        index.reserve(capacity as usize);
+        index.reserve((capacity as usize).min(1 << 16));
         Self {
             nodes,
             free: if capacity > 0 { 0 } else { NIL },
@@ -477,7 +503,7 @@ impl<T: Copy> Book<T> {
         if node.next != NIL {
             self.nodes[node.next as usize].prev = node.prev;
         }
-        let level = self.levels.level_mut(price);
+        let level = self.levels.level_existing(price);
         if node.prev == NIL {
             level.head = node.next;
         }
@@ -523,7 +549,7 @@ impl<T: Copy> Book<T> {
         }
         node.qty.0 -= by.0;
         let price = node.price.0;
-        self.levels.level_mut(price).qty -= by.0;
+        self.levels.level_existing(price).qty -= by.0;
         false
     }
 

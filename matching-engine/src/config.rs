@@ -134,7 +134,7 @@ impl Default for EngineConfig {
                 taker_fee_bps: 20,
             }],
             limits: Limits {
-                max_orders_per_book: 1 << 20,
+                max_orders_per_book: 1 << 18,
                 max_open_orders_per_account: 200,
                 max_accounts: 1 << 20,
             },

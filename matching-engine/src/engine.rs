@@ -9,7 +9,7 @@ use crate::book::Book;
 use crate::command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
 use crate::config::{ConfigError, EngineConfig, MarketConfig};
 use crate::event::{DoneReason, Event, OrderInfo};
-use crate::ledger::{AssetTotals, Balance, Ledger};
+use crate::ledger::{dedup_dirty, mark_dirty, AssetTotals, Balance, Ledger};
 use crate::reject::RejectCode;
 use crate::units::{
     AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
@@ -193,7 +193,6 @@ pub struct Engine {
     expiries: BinaryHeap<Reverse<(u64, u64, u16)>>,
     now: Timestamp,
     scratch_ids: Vec<OrderId>,
-    scratch_balances: Vec<(AccountId, AssetId)>,
 }
 
 /// The numbers of a market the hot path needs, `Copy` so they can be read while the engine is
@@ -338,7 +337,6 @@ impl Engine {
             expiries: BinaryHeap::new(),
             now: Timestamp(0),
             scratch_ids: Vec::with_capacity(256),
-            scratch_balances: Vec::with_capacity(64),
         };
         e.accounts.push(Account::default());
         e.ledger.add_account();
@@ -659,13 +657,19 @@ impl Engine {
             if m.dirty_levels.is_empty() {
                 continue;
             }
-            m.dirty_levels
-                .sort_unstable_by_key(|&(s, p)| (s == Side::Sell, p));
-            m.dirty_levels.dedup();
+            dedup_dirty(&mut m.dirty_levels);
+            let (best_bid, best_ask) = (m.book.best_bid(), m.book.best_ask());
             for &(side, price) in &m.dirty_levels {
-                let qty = match m.book.front(price) {
-                    Some(s) if m.book.node(s).side == side => m.book.level_qty(price),
-                    _ => Qty(0),
+                // The book is never crossed: an occupied level at or below the best bid is a bid,
+                // at or above the best ask an ask.
+                let on_side = match side {
+                    Side::Buy => best_bid.is_some_and(|b| price <= b),
+                    Side::Sell => best_ask.is_some_and(|a| price >= a),
+                };
+                let qty = if on_side {
+                    m.book.level_qty(price)
+                } else {
+                    Qty(0)
                 };
                 m.depth_seq += 1;
                 out.push(Event::Depth {
@@ -678,9 +682,8 @@ impl Engine {
             }
             m.dirty_levels.clear();
         }
-        let mut dirty = std::mem::take(&mut self.scratch_balances);
-        self.ledger.take_dirty(&mut dirty);
-        for &(account, asset) in &dirty {
+        dedup_dirty(&mut self.ledger.dirty);
+        for &(account, asset) in &self.ledger.dirty {
             let b = self.ledger.get(account, asset);
             out.push(Event::Balance {
                 account,
@@ -689,8 +692,7 @@ impl Engine {
                 held: Amount(b.held),
             });
         }
-        dirty.clear();
-        self.scratch_balances = dirty;
+        self.ledger.dirty.clear();
     }
 
     /// Expires GTD orders whose time has come. Returns true when any did.
@@ -1045,7 +1047,7 @@ impl Engine {
         let p = self.params[market.0 as usize];
         let m = &mut self.markets[market.0 as usize];
         let node = m.book.remove(slot);
-        m.dirty_levels.push((node.side, node.price));
+        mark_dirty(&mut m.dirty_levels, (node.side, node.price));
         self.ledger
             .release(node.data.account, p.hold_asset(node.side), node.data.hold.0);
         self.forget_order(node.data.account, node.data.client_id);
@@ -1395,7 +1397,7 @@ impl Engine {
             m.book
                 .insert(t.info.order, t.info.side, price, t.remaining, meta)
                 .expect("room was checked when the order was accepted");
-            m.dirty_levels.push((t.info.side, price));
+            mark_dirty(&mut m.dirty_levels, (t.info.side, price));
             self.accounts[t.info.account.0 as usize].open_orders += 1;
             if let Some(c) = t.info.client_id {
                 self.client_ids
@@ -1514,7 +1516,7 @@ impl Engine {
             self.next_trade_id += 1;
             let m = &mut self.markets[mi];
             m.last_price = Some(best);
-            m.dirty_levels.push((side.opposite(), best));
+            mark_dirty(&mut m.dirty_levels, (side.opposite(), best));
             let maker_remaining = Qty(maker.qty.0 - q.0);
             out.push(Event::Trade {
                 trade,
@@ -1566,6 +1568,9 @@ impl Engine {
     /// trigger price, then sell stops from the highest; equal prices in time order.
     fn process_triggers(&mut self, market: MarketId, out: &mut Vec<Event>) {
         let mi = market.0 as usize;
+        if self.markets[mi].stop_index.is_empty() {
+            return;
+        }
         loop {
             let m = &self.markets[mi];
             let Some(last) = m.last_price else { return };
@@ -1707,7 +1712,7 @@ impl Engine {
             let m = &mut self.markets[mi];
             if remaining < node.qty {
                 m.book.reduce(slot, Qty(node.qty.0 - remaining.0));
-                m.dirty_levels.push((node.side, price));
+                mark_dirty(&mut m.dirty_levels, (node.side, price));
             }
             let d = m.book.data_mut(slot);
             let release = d.hold.0 - need.0;
@@ -1749,7 +1754,7 @@ impl Engine {
         // Accepted: loses priority, re-enters at the new price (and may trade).
         let m = &mut self.markets[mi];
         m.book.remove(slot);
-        m.dirty_levels.push((node.side, node.price));
+        mark_dirty(&mut m.dirty_levels, (node.side, node.price));
         self.forget_order(account, node.data.client_id);
         self.ledger.release(account, asset, node.data.hold.0);
         self.ledger.hold(account, asset, need.0);

@@ -56,9 +56,9 @@ impl Ledger {
         self.balances[self.idx(a, asset)]
     }
 
-    #[inline]
+    #[inline(always)]
     fn entry(&mut self, a: AccountId, asset: AssetId) -> &mut Balance {
-        self.dirty.push((a, asset));
+        mark_dirty(&mut self.dirty, (a, asset));
         let i = self.idx(a, asset);
         &mut self.balances[i]
     }
@@ -147,15 +147,30 @@ impl Ledger {
         }
     }
 
-    /// Sorted, deduplicated dirty balances, drained.
-    pub(crate) fn take_dirty(&mut self, into: &mut Vec<(AccountId, AssetId)>) {
-        self.dirty.sort_unstable();
-        self.dirty.dedup();
-        into.clear();
-        into.append(&mut self.dirty);
-    }
-
     pub(crate) fn asset_total_u64(&self, asset: AssetId) -> Amount {
         Amount(u64::try_from(self.asset_total(asset)).unwrap_or(u64::MAX))
+    }
+}
+
+/// Entries kept unique by a linear scan while the list is short (the common case: a command
+/// touches a handful of balances or levels); past that, pushed as they come and deduplicated by
+/// [`dedup_dirty`].
+pub(crate) const DIRTY_SCAN: usize = 16;
+
+/// Marks `x` dirty (see [`DIRTY_SCAN`]).
+#[inline(always)]
+pub(crate) fn mark_dirty<T: PartialEq + Copy>(dirty: &mut Vec<T>, x: T) {
+    if dirty.len() > DIRTY_SCAN || !dirty.contains(&x) {
+        dirty.push(x);
+    }
+}
+
+/// Makes the entries unique. Short lists already are (in first-touch order, deterministic); long
+/// ones are sorted.
+#[inline]
+pub(crate) fn dedup_dirty<T: Ord + Copy>(dirty: &mut Vec<T>) {
+    if dirty.len() > DIRTY_SCAN {
+        dirty.sort_unstable();
+        dirty.dedup();
     }
 }

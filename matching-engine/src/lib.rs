@@ -13,13 +13,21 @@
 
 #![warn(missing_docs)]
 
+pub mod bench;
 pub mod book;
 pub mod command;
 pub mod config;
 pub mod engine;
 pub mod event;
+pub mod fanout;
+pub mod feed;
+pub mod journal;
 mod ledger;
+pub mod market_data;
+pub mod recovery;
 pub mod reject;
+pub mod sequencer;
+pub mod snapshot;
 pub mod units;
 
 pub use command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
@@ -46,8 +54,11 @@ pub trait StateMachine {
     /// A full copy of the state, canonical: equal states give equal snapshots.
     type Snapshot: serde::Serialize + serde::de::DeserializeOwned;
 
-    /// Applies one command at time `now`, appending its events to `out`. `Ok` when accepted (it must
-    /// then be journaled), `Err` when rejected (nothing changed; not journaled).
+    /// Applies one command at time `now`, appending its events to `out`. `Ok` when accepted, `Err`
+    /// when rejected. A command is journaled iff it advanced [`StateMachine::seq`] by one (the
+    /// only other allowed outcome is no change): an accepted idempotent duplicate may leave it,
+    /// and a rejected command may advance it when time-driven changes at `now` (GTD expiries)
+    /// preceded the rejection; its events are then published too.
     fn apply(
         &mut self,
         cmd: &Self::Command,

@@ -140,7 +140,7 @@ impl Timestamp {
 }
 
 /// Buy or sell.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, Debug, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Debug, Serialize, Deserialize)]
 pub enum Side {
     /// A buy order (bid).
     Buy,

@@ -1,0 +1,419 @@
+//! The durable store of one state machine: a directory of journal segments and snapshots, and
+//! recovery from it.
+//!
+//! ```text
+//! <dir>/snapshot-<seq>.bin   full state at seq (see crate::snapshot)
+//! <dir>/journal-<first>.log  records first, first+1, ... (see crate::journal)
+//! ```
+//!
+//! Recovery ([`Store::open`]):
+//! 1. load the newest snapshot that passes its checks; a snapshot that fails them is renamed to
+//!    `*.corrupt` (kept for inspection) and the next older one is tried; with none, start from
+//!    the caller's genesis state;
+//! 2. replay every journal record with a sequence number above the state's through
+//!    [`StateMachine::apply`] with its journaled time. A record that is rejected on replay, or
+//!    that does not move [`StateMachine::seq`] to its own number, is a divergence: an error, never
+//!    skipped;
+//! 3. the last segment is cut after its last valid record (see [`crate::journal`] for what is
+//!    valid); a defect in any other segment is an error, since those were fsync'd whole before the
+//!    next one was started;
+//! 4. the store is then ready to append the next sequence number.
+//!
+//! Pruning: after each snapshot the journal moves to a new segment, then every snapshot but the
+//! newest [`StoreConfig::snapshots_kept`] and every segment whose records all precede the oldest
+//! kept snapshot are deleted, so recovery can always fall back one snapshot.
+
+use crate::journal::{
+    list_segments, sync_dir, JournalError, JournalWriter, SegmentReader, TailDefect,
+};
+use crate::snapshot::{list_snapshots, read_snapshot, write_snapshot, SnapshotError};
+use crate::units::Timestamp;
+use crate::{RejectCode, StateMachine};
+use std::io;
+use std::marker::PhantomData;
+use std::path::{Path, PathBuf};
+
+/// How a [`Store`] takes and keeps snapshots.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct StoreConfig {
+    /// Take a snapshot every this many accepted commands (checked after each group commit);
+    /// zero: only on request.
+    pub snapshot_every: u64,
+    /// How many snapshots to keep, at least 2 so recovery can fall back one.
+    pub snapshots_kept: usize,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            snapshot_every: 100_000,
+            snapshots_kept: 2,
+        }
+    }
+}
+
+/// An error of recovery.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecoveryError {
+    /// An I/O operation on the store's directory failed.
+    #[error("store i/o on {path}: {source}")]
+    Io {
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+    /// Reading or repairing the journal failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Reading a snapshot failed for a reason other than its content.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// A journaled command was rejected on replay: the state machine is not deterministic, or
+    /// the journal does not belong to this state.
+    #[error("replay diverged: journaled command {seq} was rejected with {code}")]
+    Divergence {
+        /// The command's sequence number.
+        seq: u64,
+        /// What it was rejected with.
+        code: RejectCode,
+    },
+    /// A replayed command was accepted but the state's sequence number is not the record's.
+    #[error("replay diverged: record {seq} left the state at sequence number {state_seq}")]
+    SeqMismatch {
+        /// The record's sequence number.
+        seq: u64,
+        /// The state's after applying it.
+        state_seq: u64,
+    },
+    /// The journal misses records the state needs.
+    #[error(
+        "journal gap: the state needs record {expected} but the next segment starts at {found}"
+    )]
+    Gap {
+        /// The next sequence number the state needs.
+        expected: u64,
+        /// The first sequence number of the next segment.
+        found: u64,
+    },
+    /// A segment other than the last is damaged: acknowledged commands would be lost.
+    #[error(
+        "journal segment {path} is damaged at offset {offset} ({defect:?}) and is not the last"
+    )]
+    CorruptSegment {
+        /// The segment.
+        path: PathBuf,
+        /// Where its valid prefix ends.
+        offset: u64,
+        /// What is wrong there.
+        defect: TailDefect,
+    },
+}
+
+/// An error while taking a snapshot.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// Syncing the journal or starting its next segment failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// Writing the snapshot failed.
+    #[error(transparent)]
+    Snapshot(#[from] SnapshotError),
+    /// Deleting an old file failed.
+    #[error("cannot prune {path}: {source}")]
+    Prune {
+        /// The file.
+        path: PathBuf,
+        /// The underlying error.
+        source: io::Error,
+    },
+}
+
+/// The cut-off tail of the last journal segment.
+#[derive(Clone, PartialEq, Eq, Debug)]
+pub struct TruncatedTail {
+    /// The segment.
+    pub segment: PathBuf,
+    /// Its length after the cut.
+    pub valid_len: u64,
+    /// Bytes cut off.
+    pub dropped_bytes: u64,
+    /// Why the valid prefix ended there.
+    pub defect: TailDefect,
+}
+
+/// What recovery found.
+#[derive(Clone, PartialEq, Eq, Debug, Default)]
+pub struct RecoveryReport {
+    /// The sequence number of the snapshot the state was restored from, `None` for genesis.
+    pub snapshot_seq: Option<u64>,
+    /// Journal records applied on top of it.
+    pub replayed: u64,
+    /// The journal tail that was cut off, if any.
+    pub truncated: Option<TruncatedTail>,
+    /// Snapshots that failed their checks, renamed to `*.corrupt`.
+    pub corrupt_snapshots: Vec<PathBuf>,
+    /// The time of the last journaled command, if the journal has any.
+    pub last_time: Option<Timestamp>,
+}
+
+/// A recovered state, ready to go on.
+#[derive(Debug)]
+pub struct Recovered<S: StateMachine> {
+    /// The state after the snapshot and the journal.
+    pub state: S,
+    /// The store, ready to append record `state.seq() + 1`.
+    pub store: Store<S>,
+    /// What recovery found.
+    pub report: RecoveryReport,
+}
+
+/// A directory holding the journal and snapshots of one state machine `S`.
+///
+/// Durability contract: [`append`](Self::append) buffers; commands are durable once
+/// [`sync`](Self::sync) returns `Ok` (see [`JournalWriter`]). [`snapshot`](Self::snapshot) syncs
+/// the journal first, so a snapshot is never ahead of the journal.
+#[derive(Debug)]
+pub struct Store<S: StateMachine> {
+    dir: PathBuf,
+    config: StoreConfig,
+    journal: JournalWriter,
+    last_snapshot_seq: u64,
+    _state: PhantomData<fn() -> S>,
+}
+
+impl<S: StateMachine> Store<S> {
+    /// Recovers the state from `dir` (created if missing), starting from `genesis()` when no valid
+    /// snapshot exists, as described in the [module docs](self).
+    pub fn open(
+        dir: &Path,
+        config: StoreConfig,
+        genesis: impl FnOnce() -> S,
+    ) -> Result<Recovered<S>, RecoveryError> {
+        assert!(config.snapshots_kept >= 2, "keep at least two snapshots");
+        std::fs::create_dir_all(dir).map_err(|source| RecoveryError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let mut report = RecoveryReport::default();
+        let mut restored = None;
+        for (seq, path) in list_snapshots(dir)?.into_iter().rev() {
+            match read_snapshot::<S>(&path, seq) {
+                Ok(state) => {
+                    report.snapshot_seq = Some(seq);
+                    restored = Some(state);
+                    break;
+                }
+                Err(SnapshotError::Invalid { reason, .. }) => {
+                    tracing::warn!(path = %path.display(), reason, "skipping corrupt snapshot");
+                    let mut corrupt = path.clone().into_os_string();
+                    corrupt.push(".corrupt");
+                    std::fs::rename(&path, &corrupt).map_err(|source| RecoveryError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    report.corrupt_snapshots.push(PathBuf::from(corrupt));
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let mut state = restored.unwrap_or_else(genesis);
+        let snapshot_seq = state.seq();
+
+        let segments = list_segments(dir)?;
+        let mut journal = None;
+        let mut events = Vec::new();
+        for (i, (first_seq, path)) in segments.iter().enumerate() {
+            let (first_seq, last) = (*first_seq, i + 1 == segments.len());
+            if first_seq > state.seq() + 1 {
+                return Err(RecoveryError::Gap {
+                    expected: state.seq() + 1,
+                    found: first_seq,
+                });
+            }
+            let mut reader = SegmentReader::open(path, first_seq)?;
+            while let Some(record) = reader.next_record()? {
+                if record.seq <= state.seq() {
+                    report.last_time = Some(reader.decode_time()?);
+                    continue;
+                }
+                debug_assert_eq!(record.seq, state.seq() + 1);
+                let (time, cmd) = reader.decode::<S::Command>()?;
+                events.clear();
+                // Every journaled command changed the state when it ran (see `StateMachine`), so
+                // it must again; it may still have been rejected after time-driven changes.
+                let result = state.apply(&cmd, time, &mut events);
+                if let (Err(code), true) = (result, state.seq() != record.seq) {
+                    return Err(RecoveryError::Divergence {
+                        seq: record.seq,
+                        code,
+                    });
+                }
+                if state.seq() != record.seq {
+                    return Err(RecoveryError::SeqMismatch {
+                        seq: record.seq,
+                        state_seq: state.seq(),
+                    });
+                }
+                report.replayed += 1;
+                report.last_time = Some(time);
+            }
+            let valid_len = reader.valid_len();
+            if let Some(defect) = reader.defect() {
+                if !last {
+                    return Err(RecoveryError::CorruptSegment {
+                        path: path.clone(),
+                        offset: valid_len,
+                        defect,
+                    });
+                }
+                let file_len = std::fs::metadata(path)
+                    .map_err(|source| RecoveryError::Io {
+                        path: path.clone(),
+                        source,
+                    })?
+                    .len();
+                tracing::warn!(
+                    path = %path.display(), valid_len, file_len, ?defect,
+                    "cutting off the journal's torn tail"
+                );
+                report.truncated = Some(TruncatedTail {
+                    segment: path.clone(),
+                    valid_len,
+                    dropped_bytes: file_len - valid_len,
+                    defect,
+                });
+            }
+            if last {
+                let next_seq = reader.next_seq();
+                drop(reader);
+                journal = Some(if next_seq == state.seq() + 1 {
+                    JournalWriter::open_at(path, first_seq, valid_len, next_seq)?
+                } else {
+                    // The journal ends before the snapshot (it can only have lost synced records
+                    // to outside damage): keep its valid records, start anew after the snapshot.
+                    tracing::warn!(path = %path.display(), next_seq, snapshot_seq, "journal ends before the snapshot");
+                    if next_seq == first_seq {
+                        std::fs::remove_file(path).map_err(|source| RecoveryError::Io {
+                            path: path.clone(),
+                            source,
+                        })?;
+                    } else {
+                        drop(JournalWriter::open_at(
+                            path, first_seq, valid_len, next_seq,
+                        )?);
+                    }
+                    JournalWriter::create(dir, state.seq() + 1)?
+                });
+            }
+        }
+        let journal = match journal {
+            Some(journal) => journal,
+            None => JournalWriter::create(dir, state.seq() + 1)?,
+        };
+        assert_eq!(journal.next_seq(), state.seq() + 1);
+        let store = Store {
+            dir: dir.to_path_buf(),
+            config,
+            journal,
+            last_snapshot_seq: snapshot_seq,
+            _state: PhantomData,
+        };
+        Ok(Recovered {
+            state,
+            store,
+            report,
+        })
+    }
+
+    /// The store's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The store's configuration.
+    pub fn config(&self) -> StoreConfig {
+        self.config
+    }
+
+    /// The sequence number of the last snapshot taken or recovered from (0: none).
+    pub fn last_snapshot_seq(&self) -> u64 {
+        self.last_snapshot_seq
+    }
+
+    /// The sequence number the next appended command must carry.
+    pub fn next_seq(&self) -> u64 {
+        self.journal.next_seq()
+    }
+
+    /// Buffers accepted command `seq` with its time. Not durable until [`sync`](Self::sync).
+    pub fn append(
+        &mut self,
+        seq: u64,
+        now: Timestamp,
+        cmd: &S::Command,
+    ) -> Result<(), JournalError> {
+        self.journal.append(seq, now, cmd)
+    }
+
+    /// Makes every appended command durable (write + `fdatasync`).
+    pub fn sync(&mut self) -> Result<(), JournalError> {
+        self.journal.sync()
+    }
+
+    /// True when [`StoreConfig::snapshot_every`] commands were accepted since the last snapshot.
+    pub fn snapshot_due(&self, seq: u64) -> bool {
+        self.config.snapshot_every > 0
+            && seq
+                >= self
+                    .last_snapshot_seq
+                    .saturating_add(self.config.snapshot_every)
+    }
+
+    /// Syncs the journal, writes a durable snapshot of `state` (whose last command must be the
+    /// last appended), starts a new journal segment and prunes old files. On error the store
+    /// stays usable: the journal is intact.
+    pub fn snapshot(&mut self, state: &S) -> Result<PathBuf, StoreError> {
+        self.journal.sync()?;
+        assert_eq!(
+            self.journal.next_seq(),
+            state.seq() + 1,
+            "a snapshot must be of the journaled state"
+        );
+        let path = write_snapshot(&self.dir, state)?;
+        self.last_snapshot_seq = state.seq();
+        if !self.journal.is_empty() {
+            self.journal = JournalWriter::create(&self.dir, state.seq() + 1)?;
+        }
+        self.prune()?;
+        Ok(path)
+    }
+
+    fn prune(&mut self) -> Result<(), StoreError> {
+        let snapshots = list_snapshots(&self.dir)?;
+        let Some(keep_from) = snapshots.len().checked_sub(self.config.snapshots_kept) else {
+            return Ok(());
+        };
+        let oldest_kept = snapshots[keep_from].0;
+        let remove = |path: &Path| {
+            std::fs::remove_file(path).map_err(|source| StoreError::Prune {
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        for (_, path) in &snapshots[..keep_from] {
+            remove(path)?;
+        }
+        let segments = list_segments(&self.dir)?;
+        for pair in segments.windows(2) {
+            let ((_, path), (next_first, _)) = (&pair[0], &pair[1]);
+            if *next_first <= oldest_kept + 1 && path.as_path() != self.journal.path() {
+                remove(path)?;
+            }
+        }
+        sync_dir(&self.dir)?;
+        Ok(())
+    }
+}

@@ -1,0 +1,168 @@
+//! The real engine through the durable sequencer: concurrent producers, GTD expiries that precede
+//! a rejected command, shutdown, and recovery to the same state hash.
+
+use matching_engine::config::{BTC, USD};
+use matching_engine::recovery::{Store, StoreConfig};
+use matching_engine::sequencer::{Outcome, Sequencer, SequencerConfig, StepClock};
+use matching_engine::*;
+
+fn order(a: u32, side: Side, price: u64, qty: u64, tif: TimeInForce) -> Command {
+    Command::NewOrder(NewOrder {
+        account: AccountId(a),
+        market: MarketId(0),
+        side,
+        order_type: OrderType::Limit {
+            price: Price(price),
+            qty: Qty(qty),
+        },
+        tif,
+        post_only: false,
+        stp: StpMode::None,
+        client_id: None,
+    })
+}
+
+#[test]
+fn engine_recovers_to_the_same_hash_including_expiries_before_rejections() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        snapshot_every: 150,
+        snapshots_kept: 2,
+    };
+    let genesis = || Engine::new(EngineConfig::default()).unwrap();
+    let recovered = Store::open(dir.path(), config, genesis).unwrap();
+    // Each clock reading advances 1 ms, so time is a pure function of the command order.
+    let clock = StepClock {
+        next: Timestamp(1_000_000_000),
+        step: 1_000_000,
+    };
+    let seq = Sequencer::durable(recovered, clock, SequencerConfig::default()).unwrap();
+    let mut events = seq.subscribe(1 << 16).unwrap();
+    let mut p = seq.producer();
+    for i in 1..=4u32 {
+        p.submit_wait(Command::CreateAccount).unwrap();
+        for (asset, amount) in [(BTC, 1u64 << 36), (USD, 1u64 << 52)] {
+            let key = IdempotencyKey::reference(&format!("fund-{i}-{}", asset.0));
+            let r = p
+                .submit_wait(Command::Credit {
+                    account: AccountId(i),
+                    asset,
+                    amount: Amount(amount),
+                    key,
+                })
+                .unwrap();
+            assert!(matches!(r.outcome, Outcome::Accepted { .. }), "{r:?}");
+        }
+    }
+    // Two producers trade concurrently.
+    let handle = seq.handle().clone();
+    let threads: Vec<_> = (0..2u32)
+        .map(|t| {
+            let mut p = handle.producer();
+            std::thread::spawn(move || {
+                let mut accepted = 0;
+                for i in 0..300u64 {
+                    let side = if (i + u64::from(t)) % 2 == 0 {
+                        Side::Buy
+                    } else {
+                        Side::Sell
+                    };
+                    let price = 5_000_000 + (i * 7919 % 200) - 100;
+                    let r = p
+                        .submit_wait(order(
+                            1 + t * 2 + (i % 2) as u32,
+                            side,
+                            price,
+                            5 + i % 20,
+                            TimeInForce::Gtc,
+                        ))
+                        .unwrap();
+                    if matches!(r.outcome, Outcome::Accepted { .. }) {
+                        accepted += 1;
+                    }
+                }
+                accepted
+            })
+        })
+        .collect();
+    let accepted: u32 = threads.into_iter().map(|t| t.join().unwrap()).sum();
+    assert!(accepted > 500, "most orders are accepted: {accepted}");
+    // Last: a GTD bid that expires a few clock readings from now, then only rejected commands.
+    // Nothing accepted follows, so unless the rejected command that carried the expiry was
+    // journaled, recovery would bring the order back and the hash would differ.
+    let now = engine_now(&mut p);
+    let expiry = now + 5_000_000;
+    let gtd = match p
+        .submit_wait(order(
+            1,
+            Side::Buy,
+            4_000_000,
+            10,
+            TimeInForce::Gtd(Timestamp(expiry)),
+        ))
+        .unwrap()
+        .outcome
+    {
+        Outcome::Accepted { events, .. } => match events[0] {
+            Event::Accepted {
+                order: Some(id), ..
+            } => id,
+            ref e => panic!("{e:?}"),
+        },
+        o => panic!("{o:?}"),
+    };
+    // Rejected commands until the expiry time has passed; the one at that time carries it.
+    let mut rejected_with_expiry = false;
+    for _ in 0..20 {
+        let r = p
+            .submit_wait(Command::Cancel {
+                account: AccountId(2),
+                market: MarketId(0),
+                order: OrderRef::Id(OrderId(999_999)),
+            })
+            .unwrap();
+        assert!(matches!(
+            r.outcome,
+            Outcome::Rejected(RejectCode::UnknownOrder)
+        ));
+    }
+    drop(p);
+    let engine = seq.shutdown().unwrap();
+    assert!(
+        engine.order(MarketId(0), gtd).is_none(),
+        "the GTD order expired"
+    );
+    // The expiry was published (it happened inside a rejected command).
+    while let Ok(Some(batch)) = events.try_recv() {
+        if batch.events.iter().any(|e| matches!(e, Event::OrderDone { info, reason: DoneReason::Expired, .. } if info.order == gtd)) {
+            rejected_with_expiry = true;
+        }
+    }
+    assert!(rejected_with_expiry, "the expiry's events were published");
+    engine.check_invariants();
+    let hash = engine.state_hash();
+    let again = Store::open(dir.path(), config, genesis).unwrap();
+    assert_eq!(
+        again.state.state_hash(),
+        hash,
+        "recovery reaches the state from before the stop"
+    );
+    assert_eq!(again.state.seq(), engine.seq());
+    assert!(
+        again.report.snapshot_seq.is_some(),
+        "snapshots were taken every 150 commands"
+    );
+    again.state.check_invariants();
+}
+
+/// The engine's time after one more (rejected) command: clock readings are 1 ms apart.
+fn engine_now(p: &mut matching_engine::sequencer::Producer<Engine>) -> u64 {
+    let r = p.submit_wait(Command::Tick).unwrap();
+    match r.outcome {
+        Outcome::Accepted { events, .. } => match events[0] {
+            Event::Accepted { time, .. } => time.0,
+            ref e => panic!("{e:?}"),
+        },
+        o => panic!("{o:?}"),
+    }
+}

@@ -534,3 +534,81 @@ fn a_destination_deny_listed_after_the_request_is_released_with_a_reason() {
     );
     assert_conserved(&w, &svc);
 }
+
+#[test]
+fn mixed_scenario_reconciles_to_the_satoshi_at_every_stage() {
+    let mut w = World::new();
+    let mut c = config(&w);
+    c.batch.max_requests = 4;
+    let (alice, bob) = (w.ledger.create_account(), w.ledger.create_account());
+    let mut svc = w.open(c);
+    let (a, b) = (
+        svc.new_deposit_address(alice, w.clock.now()).unwrap(),
+        svc.new_deposit_address(bob, w.clock.now()).unwrap(),
+    );
+    let mut customer = Customer::new(16);
+    customer.fund(&w.node, 1);
+    let mut receiver = Customer::new(17);
+    let check = |svc: &CustodyService, stage: &str| {
+        let r = svc.reconcile().unwrap();
+        assert_eq!(r.surplus_sat, 0, "{stage}: {r:?}");
+        assert_eq!(
+            w.ledger.btc(FEE_ACCOUNT).0,
+            r.fee_income.0,
+            "{stage}: {r:?}"
+        );
+        r
+    };
+
+    // Two accounts funded in one transaction; a third deposit still in the mempool.
+    customer.pay(&w.node, &[(&a, 600_000), (&b, 400_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    customer.sync(&w.node);
+    customer.pay(&w.node, &[(&b, 123_456)]);
+    svc.step(w.clock.now()).unwrap();
+    let r = check(&svc, "deposits, one pending");
+    assert_eq!(r.uncredited_deposits.0, 123_456);
+
+    // Four withdrawals: one released by the operator, three in a batch in flight.
+    let mut ids = Vec::new();
+    for (i, (acct, amount)) in [
+        (alice, 100_000),
+        (bob, 50_000),
+        (alice, 70_000),
+        (bob, 30_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let to = receiver.address();
+        let v = svc.request_withdrawal(request(acct, &to, amount, &format!("m{i}")), w.clock.now());
+        ids.push(v.unwrap().id);
+    }
+    svc.reject_withdrawal(ids[3], "customer cancelled").unwrap();
+    check(&svc, "held");
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.unwrap();
+    assert_eq!(batch.withdrawals, ids[..3].to_vec());
+    let r = check(&svc, "batch in flight");
+    assert!(r.withdrawals_in_flight.0 > 220_000);
+
+    // Bumped, then confirmed together with the pending deposit.
+    svc.bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(9), w.clock.now())
+        .unwrap();
+    check(&svc, "bumped");
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.withdrawals.completed.len(), 3);
+    assert_eq!(r.deposits.credited.len(), 1);
+    let r = check(&svc, "completed");
+    assert_eq!(r.withdrawals_in_flight.0, 0);
+    assert_eq!(r.uncredited_deposits.0, 0);
+    assert!(r.fee_income.0 > 0);
+    assert_eq!(
+        w.ledger.btc(alice).0 + w.ledger.btc(bob).0 + w.ledger.btc(FEE_ACCOUNT).0,
+        r.wallet_confirmed.0 + r.wallet_pending.0
+    );
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 220_000);
+}

@@ -529,6 +529,9 @@ impl Engine {
         now: Timestamp,
         out: &mut Vec<Event>,
     ) -> Result<(), RejectCode> {
+        // `now` is state (it is in the snapshot): a command that ends up changing nothing must
+        // not move it, or the live state would differ from a replay of the journal.
+        let prev_now = self.now;
         if now > self.now {
             self.now = now;
         }
@@ -547,9 +550,11 @@ impl Engine {
                 if acc.duplicate {
                     debug_assert_eq!(out.len(), at + 1, "a duplicate changes nothing");
                     if !expired {
+                        let time = self.now;
+                        self.now = prev_now;
                         out[at] = Event::Accepted {
                             seq: self.seq,
-                            time: self.now,
+                            time,
                             order: None,
                             account: acc.account,
                             duplicate: true,
@@ -573,6 +578,8 @@ impl Engine {
                 out.truncate(at);
                 if expired {
                     self.seq += 1;
+                } else {
+                    self.now = prev_now;
                 }
                 out.push(Event::Rejected { code });
                 Err(code)

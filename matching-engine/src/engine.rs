@@ -872,6 +872,9 @@ impl Engine {
                 self.check_account(from)?;
                 self.check_account(to)?;
                 self.check_asset(asset)?;
+                if from == FEE_ACCOUNT {
+                    return Err(RejectCode::FeeAccount);
+                }
                 if from == to {
                     return Err(RejectCode::SelfTransfer);
                 }

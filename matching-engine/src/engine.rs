@@ -1229,6 +1229,10 @@ impl Engine {
             TimeInForce::Fok if is_market => return Err(RejectCode::InvalidOrder),
             _ => {}
         }
+        if is_market && self.markets[mi].book.best(o.side.opposite()).is_none() {
+            // Nothing on the other side to price it (RejectCode::InvalidOrder).
+            return Err(RejectCode::InvalidOrder);
+        }
         if let Some(c) = o.client_id {
             if self.client_ids.contains_key(&(o.account, c)) {
                 return Err(RejectCode::DuplicateClientId);

@@ -1419,7 +1419,11 @@ impl Engine {
         }
         self.ledger.release(t.info.account, asset, t.hold.0);
         let reason = match end {
-            MatchEnd::Filled | MatchEnd::Budget => DoneReason::Filled,
+            MatchEnd::Filled => DoneReason::Filled,
+            // A quote-budget buy that spent its budget is done; a market buy by quantity that
+            // cannot pay for more (self-trade prevention expired makers it had priced) is not.
+            MatchEnd::Budget if t.budget => DoneReason::Filled,
+            MatchEnd::Budget => DoneReason::IocRemainder,
             MatchEnd::SelfTrade => DoneReason::SelfTrade,
             MatchEnd::NoMore => DoneReason::IocRemainder,
         };

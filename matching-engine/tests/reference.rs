@@ -611,7 +611,8 @@ impl Reference {
         self.next_order_id += 1;
         evs.push(Ev::New { order: id });
         self.hold(o.account.0, asset, hold);
-        let budget_buy = o.side == Side::Buy && matches!(o.order_type, OrderType::MarketBudget { .. });
+        let budget_buy =
+            o.side == Side::Buy && matches!(o.order_type, OrderType::MarketBudget { .. });
         let (limit, open, tif) = match o.order_type {
             OrderType::Limit { price, qty } => (Some(price.0), qty.0, o.tif),
             _ if budget_buy => (None, u64::MAX, TimeInForce::Ioc),
@@ -899,7 +900,9 @@ fn engine_evs(events: &[Event]) -> (bool, Vec<Ev>) {
     for e in events {
         match *e {
             Event::Accepted { duplicate, .. } => dup = duplicate,
-            Event::OrderNew { info, .. } => v.push(Ev::New { order: info.order.0 }),
+            Event::OrderNew { info, .. } => v.push(Ev::New {
+                order: info.order.0,
+            }),
             Event::Trade {
                 price,
                 qty,
@@ -1145,7 +1148,10 @@ fn resolve(op: &Op, e: &Engine) -> Command {
         let mut open: Vec<_> = [Side::Buy, Side::Sell]
             .into_iter()
             .flat_map(|side| b.levels(side).collect::<Vec<_>>())
-            .flat_map(|(p, _)| b.orders_at(p).map(|n| (n.id, n.data.account, n.data.client_id)))
+            .flat_map(|(p, _)| {
+                b.orders_at(p)
+                    .map(|n| (n.id, n.data.account, n.data.client_id))
+            })
             .collect();
         open.sort_by_key(|o| o.0);
         let &(id, account, client) = open.get(pick % open.len().max(1))?;

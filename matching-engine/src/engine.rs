@@ -428,7 +428,8 @@ impl Engine {
     /// a command (e.g. [`Command::Tick`]) at or after that time so the order expires on time.
     pub fn next_expiry(&mut self) -> Option<Timestamp> {
         while let Some(Reverse((t, id, m))) = self.expiries.peek().copied() {
-            if self.markets[m as usize].book.slot(OrderId(id)).is_some() {
+            let m = &self.markets[m as usize];
+            if m.book.slot(OrderId(id)).is_some() || m.stop_index.contains_key(&OrderId(id)) {
                 return Some(Timestamp(t));
             }
             self.expiries.pop();
@@ -707,6 +708,13 @@ impl Engine {
             let market = MarketId(m);
             if let Some(slot) = self.markets[m as usize].book.slot(OrderId(id)) {
                 self.remove_resting(market, slot, DoneReason::Expired, out);
+                any = true;
+            } else if self.markets[m as usize]
+                .stop_index
+                .contains_key(&OrderId(id))
+            {
+                // A GTD stop order expires while it waits, too.
+                self.remove_stop(market, OrderId(id), DoneReason::Expired, out);
                 any = true;
             }
         }
@@ -1327,6 +1335,9 @@ impl Engine {
                     Side::Sell => m.stop_sells.insert((stop, id), s),
                 };
                 m.stop_index.insert(id, (o.side, stop));
+                if let TimeInForce::Gtd(at) = o.tif {
+                    self.expiries.push(Reverse((at.0, id.0, o.market.0)));
+                }
                 self.accounts[o.account.0 as usize].open_orders += 1;
                 if let Some(c) = o.client_id {
                     self.client_ids.insert((o.account, c), (o.market, id));
@@ -1978,6 +1989,9 @@ impl Engine {
                     Side::Sell => m.stop_sells.insert((stop, st.id), st),
                 };
                 m.stop_index.insert(st.id, (st.order.side, stop));
+                if let TimeInForce::Gtd(t) = st.order.tif {
+                    e.expiries.push(Reverse((t.0, st.id.0, market.0)));
+                }
                 e.accounts[account].open_orders += 1;
                 if let Some(c) = st.order.client_id {
                     e.client_ids.insert((st.order.account, c), (market, st.id));

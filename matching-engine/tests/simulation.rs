@@ -366,6 +366,93 @@ impl DepthObserver {
     }
 }
 
+/// Follows every order through its events: its limit price and GTD time. Checks that trades happen
+/// at the maker's price and within the taker's limit, and that no order outlives its GTD time.
+#[derive(Default)]
+struct OrderTracker {
+    /// Open orders (waiting stops included): (limit price, GTD time).
+    open: BTreeMap<u64, (Option<Price>, Option<Timestamp>)>,
+}
+
+impl OrderTracker {
+    fn event(&mut self, ev: &Event, now: Timestamp) -> Result<(), String> {
+        match *ev {
+            Event::OrderNew {
+                info,
+                order_type,
+                tif,
+                ..
+            } => {
+                let limit = match order_type {
+                    OrderType::Limit { price, .. } | OrderType::StopLimit { price, .. } => {
+                        Some(price)
+                    }
+                    _ => None,
+                };
+                let gtd = match tif {
+                    TimeInForce::Gtd(t) => Some(t),
+                    _ => None,
+                };
+                if self.open.insert(info.order.0, (limit, gtd)).is_some() {
+                    return Err(format!("order id {:?} reused", info.order));
+                }
+            }
+            Event::OrderAmended { info, price, .. } => {
+                let o = self.open.get_mut(&info.order.0).ok_or("amend of unknown order")?;
+                o.0 = Some(price);
+            }
+            Event::OrderDone { info, .. } => {
+                self.open
+                    .remove(&info.order.0)
+                    .ok_or_else(|| format!("done twice: {:?}", info.order))?;
+            }
+            Event::Trade {
+                price,
+                taker_side,
+                maker_order,
+                taker_order,
+                ..
+            } => {
+                for order in [maker_order, taker_order] {
+                    let (_, gtd) = self.open.get(&order.0).ok_or("trade of unknown order")?;
+                    if gtd.is_some_and(|t| t <= now) {
+                        return Err(format!("{order:?} traded after its GTD time {gtd:?}"));
+                    }
+                }
+                let (maker_limit, _) = self.open[&maker_order.0];
+                if maker_limit != Some(price) {
+                    return Err(format!(
+                        "trade at {price:?}, maker {maker_order:?} limit {maker_limit:?}"
+                    ));
+                }
+                if let (Some(limit), _) = self.open[&taker_order.0] {
+                    let ok = match taker_side {
+                        Side::Buy => price <= limit,
+                        Side::Sell => price >= limit,
+                    };
+                    if !ok {
+                        return Err(format!("trade at {price:?} beyond taker limit {limit:?}"));
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// After a command at `now`, every GTD order whose time has come is gone.
+    fn check(&self, now: Timestamp) -> Result<(), String> {
+        match self
+            .open
+            .iter()
+            .find(|(_, (_, gtd))| gtd.is_some_and(|t| t <= now))
+        {
+            Some((id, (_, gtd))) => Err(format!("order {id} still open after its GTD {gtd:?}")),
+            None => Ok(()),
+        }
+    }
+}
+
 /// The workload: picks commands from the current state so most of them are meaningful.
 struct Driver {
     rng: Rng,
@@ -628,6 +715,7 @@ fn run(seed: u64, steps: usize) -> Outcome {
     let mut e = Engine::new(cfg.clone()).unwrap();
     let mut auditor = Auditor::new(cfg.clone());
     let mut depth = DepthObserver::new(&e);
+    let mut orders = OrderTracker::default();
     let mut d = Driver {
         rng: Rng(seed),
         now: 1_700_000_000_000 * MS,
@@ -725,11 +813,13 @@ fn run(seed: u64, steps: usize) -> Outcome {
                 _ => {}
             }
             auditor.event(ev).unwrap_or_else(|m| fail(m));
+            orders.event(ev, now).unwrap_or_else(|m| fail(m));
             depth.event(ev).unwrap_or_else(|m| fail(m));
         }
         e.check_invariants();
         auditor.check(&e).unwrap_or_else(|m| fail(m));
         depth.check(&e).unwrap_or_else(|m| fail(m));
+        orders.check(now).unwrap_or_else(|m| fail(m));
         // Now and then carry on with an engine restored from a snapshot.
         if i % 397 == 0 {
             let hash = e.state_hash();

@@ -1234,7 +1234,7 @@ impl Engine {
             TimeInForce::Gtd(t) if t <= self.now || is_market => {
                 return Err(RejectCode::InvalidOrder)
             }
-            TimeInForce::Fok if is_market => return Err(RejectCode::InvalidOrder),
+            TimeInForce::Fok if is_market || is_stop => return Err(RejectCode::InvalidOrder),
             _ => {}
         }
         if is_market && self.markets[mi].book.best(o.side.opposite()).is_none() {

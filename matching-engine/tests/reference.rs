@@ -24,6 +24,7 @@ use matching_engine::{
     AccountId, Amount, AssetConfig, AssetId, ClientOrderId, Command, DoneReason, Engine,
     EngineConfig, Event, IdempotencyKey, Limits, MarketConfig, MarketId, NewOrder, OrderId,
     OrderRef, OrderType, Price, Qty, RejectCode, Side, StpMode, TimeInForce, Timestamp,
+    WithdrawalId,
 };
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -111,6 +112,10 @@ enum Ev {
         remaining: u64,
         kept_priority: bool,
     },
+    Triggered {
+        order: u64,
+        last_price: u64,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -130,6 +135,41 @@ struct ROrder {
     stp: StpMode,
     tif: TimeInForce,
     client: Option<ClientOrderId>,
+}
+
+/// A stop order waiting for the last trade price to reach `stop`.
+#[derive(Clone, Debug)]
+struct RStop {
+    id: u64,
+    account: u32,
+    side: Side,
+    stop: u64,
+    /// Limit price once triggered; `None` for a stop-market order.
+    limit: Option<u64>,
+    qty: u64,
+    hold: u64,
+    tif: TimeInForce,
+    stp: StpMode,
+    client: Option<ClientOrderId>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum WState {
+    Held,
+    Done,
+}
+
+fn gtd_of(tif: TimeInForce) -> Option<u64> {
+    match tif {
+        TimeInForce::Gtd(t) => Some(t.0),
+        _ => None,
+    }
+}
+
+/// Where `find` found an order.
+enum Found {
+    Resting(usize),
+    Stop(usize),
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -160,6 +200,10 @@ struct Reference {
     bal: BTreeMap<(u32, u16), (u64, u64)>,
     /// All resting orders of both sides, unordered: every query scans.
     orders: Vec<ROrder>,
+    stops: Vec<RStop>,
+    last_price: Option<u64>,
+    /// id -> (account, asset, amount, fee, state).
+    withdrawals: BTreeMap<u64, (u32, u16, u64, u64, WState)>,
     next_order_id: u64,
     next_prio: u64,
     credit_keys: BTreeSet<[u8; 36]>,
@@ -294,6 +338,41 @@ impl Reference {
 
     fn open_count(&self, a: u32) -> usize {
         self.orders.iter().filter(|o| o.account == a).count()
+            + self.stops.iter().filter(|o| o.account == a).count()
+    }
+
+    fn remove_stop(&mut self, i: usize, reason: DoneReason, evs: &mut Vec<Ev>) {
+        let s = self.stops.remove(i);
+        self.release(s.account, hold_asset(s.side), s.hold);
+        evs.push(Ev::Done {
+            order: s.id,
+            reason,
+            filled: 0,
+            remaining: s.qty,
+        });
+    }
+
+    /// Expires every GTD order (resting or waiting stop) whose time has come, earliest first.
+    fn expire_due(&mut self, evs: &mut Vec<Ev>) {
+        let mut due: Vec<(u64, u64)> = self
+            .orders
+            .iter()
+            .filter_map(|o| gtd_of(o.tif).map(|t| (t, o.id)))
+            .chain(
+                self.stops
+                    .iter()
+                    .filter_map(|o| gtd_of(o.tif).map(|t| (t, o.id))),
+            )
+            .filter(|&(t, _)| t <= self.now)
+            .collect();
+        due.sort_unstable();
+        for (_, id) in due {
+            if let Some(i) = self.orders.iter().position(|o| o.id == id) {
+                self.remove(i, DoneReason::Expired, evs);
+            } else if let Some(i) = self.stops.iter().position(|o| o.id == id) {
+                self.remove_stop(i, DoneReason::Expired, evs);
+            }
+        }
     }
 
     /// Removes a resting order, releases what it holds and reports it done.
@@ -308,28 +387,48 @@ impl Reference {
         });
     }
 
-    fn find(&self, account: AccountId, market: MarketId, r: OrderRef) -> Result<usize, RejectCode> {
+    fn find(&self, account: AccountId, market: MarketId, r: OrderRef) -> Result<Found, RejectCode> {
         if !self.exists(account) {
             return Err(RejectCode::UnknownAccount);
         }
         if market != M {
             return Err(RejectCode::UnknownMarket);
         }
-        self.orders
+        let is = |id: u64, a: u32, client: Option<ClientOrderId>| {
+            a == account.0
+                && match r {
+                    OrderRef::Id(x) => x.0 == id,
+                    OrderRef::Client(c) => client == Some(c),
+                }
+        };
+        if let Some(i) = self
+            .orders
             .iter()
-            .position(|o| {
-                o.account == account.0
-                    && match r {
-                        OrderRef::Id(id) => o.id == id.0,
-                        OrderRef::Client(c) => o.client == Some(c),
-                    }
-            })
-            .ok_or(RejectCode::UnknownOrder)
+            .position(|o| is(o.id, o.account, o.client))
+        {
+            return Ok(Found::Resting(i));
+        }
+        if let Some(i) = self
+            .stops
+            .iter()
+            .position(|o| is(o.id, o.account, o.client))
+        {
+            return Ok(Found::Stop(i));
+        }
+        Err(RejectCode::UnknownOrder)
     }
 
-    /// `Ok((duplicate, events))` or the rejection. On `Err` the model is unchanged.
-    fn apply(&mut self, cmd: &Command, now: u64) -> Result<(bool, Vec<Ev>), RejectCode> {
+    /// The events of GTD orders expiring at `now` (whatever the command), then `Ok((duplicate,
+    /// events))` or the rejection. On `Err` nothing but those expiries changed.
+    #[allow(clippy::type_complexity)]
+    fn apply(&mut self, cmd: &Command, now: u64) -> (Vec<Ev>, Result<(bool, Vec<Ev>), RejectCode>) {
         self.now = self.now.max(now);
+        let mut expired = Vec::new();
+        self.expire_due(&mut expired);
+        (expired, self.command(cmd))
+    }
+
+    fn command(&mut self, cmd: &Command) -> Result<(bool, Vec<Ev>), RejectCode> {
         let mut evs = Vec::new();
         match *cmd {
             Command::CreateAccount => {
@@ -397,10 +496,10 @@ impl Reference {
                 account,
                 market,
                 order,
-            } => {
-                let i = self.find(account, market, order)?;
-                self.remove(i, DoneReason::Cancelled, &mut evs);
-            }
+            } => match self.find(account, market, order)? {
+                Found::Resting(i) => self.remove(i, DoneReason::Cancelled, &mut evs),
+                Found::Stop(i) => self.remove_stop(i, DoneReason::Cancelled, &mut evs),
+            },
             Command::CancelAll { account, market } => {
                 if !self.exists(account) {
                     return Err(RejectCode::UnknownAccount);
@@ -413,11 +512,21 @@ impl Reference {
                     .iter()
                     .filter(|o| o.account == account.0)
                     .map(|o| o.id)
+                    .chain(
+                        self.stops
+                            .iter()
+                            .filter(|o| o.account == account.0)
+                            .map(|o| o.id),
+                    )
                     .collect();
                 ids.sort_unstable();
                 for id in ids {
-                    let i = self.orders.iter().position(|o| o.id == id).unwrap();
-                    self.remove(i, DoneReason::Cancelled, &mut evs);
+                    if let Some(i) = self.orders.iter().position(|o| o.id == id) {
+                        self.remove(i, DoneReason::Cancelled, &mut evs);
+                    } else {
+                        let i = self.stops.iter().position(|o| o.id == id).unwrap();
+                        self.remove_stop(i, DoneReason::Cancelled, &mut evs);
+                    }
                 }
             }
             Command::Amend {
@@ -427,8 +536,55 @@ impl Reference {
                 new_price,
                 new_qty,
             } => self.amend(account, market, order, new_price, new_qty, &mut evs)?,
+            Command::WithdrawHold {
+                account,
+                asset,
+                amount,
+                fee,
+                id,
+            } => {
+                if !self.exists(account) {
+                    return Err(RejectCode::UnknownAccount);
+                }
+                if asset.0 >= N_ASSETS {
+                    return Err(RejectCode::UnknownAsset);
+                }
+                if amount.0 == 0 {
+                    return Err(RejectCode::ZeroQuantity);
+                }
+                if self.withdrawals.contains_key(&id.0) {
+                    return Err(RejectCode::DuplicateWithdrawal);
+                }
+                if self.avail(account.0, asset.0) < amount.0 + fee.0 {
+                    return Err(RejectCode::InsufficientBalance);
+                }
+                self.hold(account.0, asset.0, amount.0 + fee.0);
+                self.withdrawals
+                    .insert(id.0, (account.0, asset.0, amount.0, fee.0, WState::Held));
+            }
+            Command::WithdrawRelease { id } => {
+                let w = match self.withdrawals.get(&id.0) {
+                    Some(w) if w.4 == WState::Held => *w,
+                    _ => return Err(RejectCode::UnknownWithdrawal),
+                };
+                self.release(w.0, w.1, w.2 + w.3);
+                self.withdrawals.get_mut(&id.0).unwrap().4 = WState::Done;
+            }
+            Command::WithdrawComplete { id, network_fee } => {
+                let w = match self.withdrawals.get(&id.0) {
+                    Some(w) if w.4 == WState::Held => *w,
+                    _ => return Err(RejectCode::UnknownWithdrawal),
+                };
+                // "network_fee (at most the flat fee) leaves it too, and the rest of the flat
+                // fee goes to the fee account."
+                if network_fee.0 > w.3 {
+                    return Err(RejectCode::InvalidAmount);
+                }
+                self.add_held(w.0, w.1, -i128::from(w.2 + w.3));
+                self.add_avail(0, w.1, i128::from(w.3 - network_fee.0));
+                self.withdrawals.get_mut(&id.0).unwrap().4 = WState::Done;
+            }
             Command::Tick => {}
-            _ => unreachable!("not generated: {cmd:?}"),
         }
         Ok((false, evs))
     }
@@ -521,6 +677,11 @@ impl Reference {
             return Err(RejectCode::FeeAccount);
         }
         let is_limit = matches!(o.order_type, OrderType::Limit { .. });
+        let is_stop = matches!(
+            o.order_type,
+            OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
+        );
+        let is_market = !is_limit && !is_stop;
         match o.order_type {
             OrderType::Limit { price, qty } => {
                 Self::check_qty(qty.0)?;
@@ -536,20 +697,30 @@ impl Reference {
                     return Err(RejectCode::BelowMinNotional);
                 }
             }
-            _ => unreachable!("stops are not generated"),
+            OrderType::StopLimit { stop, price, qty } => {
+                Self::check_qty(qty.0)?;
+                Self::check_price(stop.0)?;
+                Self::check_price(price.0)?;
+                Self::check_notional(price.0, qty.0)?;
+            }
+            OrderType::StopMarket { stop, qty } => {
+                Self::check_qty(qty.0)?;
+                Self::check_price(stop.0)?;
+            }
         }
         if o.post_only && (!is_limit || matches!(o.tif, TimeInForce::Ioc | TimeInForce::Fok)) {
             return Err(RejectCode::InvalidOrder);
         }
         match o.tif {
-            TimeInForce::Gtd(t) if t.0 <= self.now || !is_limit => {
+            TimeInForce::Gtd(t) if t.0 <= self.now || is_market => {
                 return Err(RejectCode::InvalidOrder)
             }
+            // "FOK on a stop order" is invalid; market orders are always IOC.
             TimeInForce::Fok if !is_limit => return Err(RejectCode::InvalidOrder),
             _ => {}
         }
         // "market order with nothing on the other side to price it"
-        if !is_limit && self.best(o.side.opposite()).is_none() {
+        if is_market && self.best(o.side.opposite()).is_none() {
             return Err(RejectCode::InvalidOrder);
         }
         if let Some(c) = o.client_id {
@@ -557,16 +728,21 @@ impl Reference {
                 .orders
                 .iter()
                 .any(|x| x.account == o.account.0 && x.client == Some(c))
+                || self
+                    .stops
+                    .iter()
+                    .any(|x| x.account == o.account.0 && x.client == Some(c))
             {
                 return Err(RejectCode::DuplicateClientId);
             }
         }
-        let can_rest = is_limit && matches!(o.tif, TimeInForce::Gtc | TimeInForce::Gtd(_));
+        let can_rest =
+            is_stop || (is_limit && matches!(o.tif, TimeInForce::Gtc | TimeInForce::Gtd(_)));
         if can_rest {
             if self.open_count(o.account.0) >= MAX_OPEN_PER_ACCOUNT {
                 return Err(RejectCode::AccountOrderLimit);
             }
-            if self.orders.len() >= MAX_BOOK {
+            if self.orders.len() + self.stops.len() >= MAX_BOOK {
                 return Err(RejectCode::BookFull);
             }
         }
@@ -587,7 +763,12 @@ impl Reference {
                 qty.0
             }
             (Side::Sell, OrderType::Limit { qty, .. }) => qty.0,
-            _ => unreachable!(),
+            (Side::Buy, OrderType::StopLimit { price, qty, .. }) => bid_hold(price.0, qty.0),
+            // A stop-market buy is priced (and held for) only when it triggers.
+            (Side::Buy, OrderType::StopMarket { .. }) => 0,
+            (Side::Sell, OrderType::StopLimit { qty, .. } | OrderType::StopMarket { qty, .. }) => {
+                qty.0
+            }
         };
         let asset = hold_asset(o.side);
         if self.avail(o.account.0, asset) < hold {
@@ -611,6 +792,28 @@ impl Reference {
         self.next_order_id += 1;
         evs.push(Ev::New { order: id });
         self.hold(o.account.0, asset, hold);
+        if let OrderType::StopLimit { stop, .. } | OrderType::StopMarket { stop, .. } = o.order_type
+        {
+            let (limit, qty) = match o.order_type {
+                OrderType::StopLimit { price, qty, .. } => (Some(price.0), qty.0),
+                OrderType::StopMarket { qty, .. } => (None, qty.0),
+                _ => unreachable!(),
+            };
+            self.stops.push(RStop {
+                id,
+                account: o.account.0,
+                side: o.side,
+                stop: stop.0,
+                limit,
+                qty,
+                hold,
+                tif: o.tif,
+                stp: o.stp,
+                client: o.client_id,
+            });
+            self.process_triggers(evs);
+            return Ok(());
+        }
         let budget_buy =
             o.side == Side::Buy && matches!(o.order_type, OrderType::MarketBudget { .. });
         let (limit, open, tif) = match o.order_type {
@@ -630,7 +833,62 @@ impl Reference {
             budget_buy,
         };
         self.run_taker(t, tif, o.post_only, o.client_id, evs);
+        self.process_triggers(evs);
         Ok(())
+    }
+
+    /// "A limit order that is placed when the last trade price reaches `stop` (at or above it
+    /// for a buy, at or below for a sell)": buy stops from the lowest trigger price, then sell
+    /// stops from the highest, equal prices in time order, until none is reached.
+    fn process_triggers(&mut self, evs: &mut Vec<Ev>) {
+        loop {
+            let Some(last) = self.last_price else { return };
+            let buy = (0..self.stops.len())
+                .filter(|&i| self.stops[i].side == Side::Buy && self.stops[i].stop <= last)
+                .min_by_key(|&i| (self.stops[i].stop, self.stops[i].id));
+            let sell = (0..self.stops.len())
+                .filter(|&i| self.stops[i].side == Side::Sell && self.stops[i].stop >= last)
+                .min_by_key(|&i| (u64::MAX - self.stops[i].stop, self.stops[i].id));
+            let Some(i) = buy.or(sell) else { return };
+            let s = self.stops.remove(i);
+            evs.push(Ev::Triggered {
+                order: s.id,
+                last_price: last,
+            });
+            let mut hold = s.hold;
+            if s.limit.is_none() && s.side == Side::Buy {
+                // Priced now: hold what buying `qty` costs now, or what the account has.
+                let cost = self.walk_buy_cost(s.qty).min(self.avail(s.account, QUOTE));
+                self.hold(s.account, QUOTE, cost);
+                hold = cost;
+                if cost == 0 && self.best(Side::Sell).is_some() {
+                    evs.push(Ev::Done {
+                        order: s.id,
+                        reason: DoneReason::InsufficientBalance,
+                        filled: 0,
+                        remaining: s.qty,
+                    });
+                    continue;
+                }
+            }
+            let t = Taker {
+                id: s.id,
+                account: s.account,
+                side: s.side,
+                limit: s.limit,
+                open: s.qty,
+                filled: 0,
+                hold,
+                stp: s.stp,
+                budget_buy: false,
+            };
+            let tif = if s.limit.is_some() {
+                s.tif
+            } else {
+                TimeInForce::Ioc
+            };
+            self.run_taker(t, tif, false, s.client, evs);
+        }
     }
 
     fn run_taker(
@@ -745,6 +1003,7 @@ impl Reference {
                 Side::Buy => q,
                 Side::Sell => notional + maker_fee,
             };
+            self.last_price = Some(maker.price);
             t.hold -= taker_paid;
             t.open -= q;
             t.filled += q;
@@ -781,7 +1040,10 @@ impl Reference {
         new_qty: Option<Qty>,
         evs: &mut Vec<Ev>,
     ) -> Result<(), RejectCode> {
-        let i = self.find(account, market, r)?;
+        let i = match self.find(account, market, r)? {
+            Found::Resting(i) => i,
+            Found::Stop(_) => return Err(RejectCode::InvalidAmend),
+        };
         if new_price.is_none() && new_qty.is_none() {
             return Err(RejectCode::InvalidAmend);
         }
@@ -848,6 +1110,7 @@ impl Reference {
             budget_buy: false,
         };
         self.run_taker(t, o.tif, o.post_only, o.client, evs);
+        self.process_triggers(evs);
         Ok(())
     }
 
@@ -871,6 +1134,50 @@ impl Reference {
 }
 
 type Level = (Side, u64, u64, Vec<(u64, u64, u64, u64)>);
+
+/// A waiting stop: (id, account, side, stop, limit or 0, qty, hold).
+type StopRow = (u64, u32, Side, u64, u64, u64, u64);
+
+impl Reference {
+    fn stop_rows(&self) -> Vec<StopRow> {
+        let mut v: Vec<StopRow> = self
+            .stops
+            .iter()
+            .map(|s| {
+                (
+                    s.id,
+                    s.account,
+                    s.side,
+                    s.stop,
+                    s.limit.unwrap_or(0),
+                    s.qty,
+                    s.hold,
+                )
+            })
+            .collect();
+        v.sort_unstable_by_key(|r| r.0);
+        v
+    }
+}
+
+fn engine_stop_rows(e: &Engine) -> Vec<StopRow> {
+    let mut v: Vec<StopRow> = (0..e.account_count() as u32)
+        .flat_map(|a| e.open_orders(AccountId(a), Some(M)))
+        .filter_map(|o| {
+            Some((
+                o.id.0,
+                o.meta.account.0,
+                o.side,
+                o.stop?.0,
+                o.price.0,
+                o.remaining.0,
+                o.meta.hold.0,
+            ))
+        })
+        .collect();
+    v.sort_unstable_by_key(|r| r.0);
+    v
+}
 
 // ---------------------------------------------------------------------------------------------
 // The engine seen the same way.
@@ -939,6 +1246,10 @@ fn engine_evs(events: &[Event]) -> (bool, Vec<Ev>) {
                 reason,
                 filled: filled.0,
                 remaining: remaining.0,
+            }),
+            Event::OrderTriggered { info, last_price } => v.push(Ev::Triggered {
+                order: info.order.0,
+                last_price: last_price.0,
             }),
             Event::OrderAmended {
                 info,
@@ -1016,8 +1327,8 @@ fn arb_tif() -> impl Strategy<Value = TimeInForce> {
         8 => Just(TimeInForce::Gtc),
         2 => Just(TimeInForce::Ioc),
         2 => Just(TimeInForce::Fok),
-        // Never due during a test, or already past.
-        1 => Just(TimeInForce::Gtd(Timestamp(u64::MAX / 2))),
+        // Relative to the step's time (see `resolve`): due within a few steps, or already past.
+        2 => (1u64..=30).prop_map(|steps| TimeInForce::Gtd(Timestamp(steps * STEP_NS - 3))),
         1 => Just(TimeInForce::Gtd(Timestamp(0))),
     ]
 }
@@ -1028,6 +1339,9 @@ fn arb_order_type() -> impl Strategy<Value = OrderType> {
         2 => arb_qty().prop_map(|qty| OrderType::Market { qty }),
         2 => prop_oneof![10 => 500u64..=12_000, 1 => Just(0)]
             .prop_map(|b| OrderType::MarketBudget { budget: Amount(b) }),
+        2 => (arb_price(), arb_price(), arb_qty())
+            .prop_map(|(stop, price, qty)| OrderType::StopLimit { stop, price, qty }),
+        1 => (arb_price(), arb_qty()).prop_map(|(stop, qty)| OrderType::StopMarket { stop, qty }),
     ]
 }
 
@@ -1101,6 +1415,20 @@ fn arb_command() -> impl Strategy<Value = Command> {
         ),
         1 => Just(Command::CreateAccount),
         1 => Just(Command::Tick),
+        1 => (arb_account(), arb_asset(), arb_amount(), 0u64..=50, 1u64..=6).prop_map(
+            |(account, asset, amount, fee, id)| Command::WithdrawHold {
+                account,
+                asset,
+                amount,
+                fee: Amount(fee),
+                id: WithdrawalId(id),
+            }
+        ),
+        1 => (1u64..=7).prop_map(|id| Command::WithdrawRelease { id: WithdrawalId(id) }),
+        1 => (1u64..=7, 0u64..=60).prop_map(|(id, fee)| Command::WithdrawComplete {
+            id: WithdrawalId(id),
+            network_fee: Amount(fee),
+        }),
     ]
 }
 
@@ -1141,8 +1469,9 @@ fn arb_op() -> impl Strategy<Value = Op> {
     ]
 }
 
-/// The command `op` stands for, given the engine's open orders now.
-fn resolve(op: &Op, e: &Engine) -> Command {
+/// The command `op` stands for, given the engine's open orders and the time now (GTD times are
+/// generated relative to it).
+fn resolve(op: &Op, e: &Engine, now: Timestamp) -> Command {
     let pick_order = |pick: usize, by_client: bool| {
         let b = e.book(M).unwrap();
         let mut open: Vec<_> = [Side::Buy, Side::Sell]
@@ -1162,6 +1491,12 @@ fn resolve(op: &Op, e: &Engine) -> Command {
         Some((account, order))
     };
     match *op {
+        Op::Cmd(Command::NewOrder(mut o)) => {
+            if let TimeInForce::Gtd(t) = o.tif {
+                o.tif = TimeInForce::Gtd(Timestamp(now.0 + t.0));
+            }
+            Command::NewOrder(o)
+        }
         Op::Cmd(c) => c,
         Op::CancelOpen { pick, by_client } => match pick_order(pick, by_client) {
             Some((account, order)) => Command::Cancel {
@@ -1215,8 +1550,10 @@ fn arb_scenario() -> impl Strategy<Value = Vec<Op>> {
         })
 }
 
+const STEP_NS: u64 = 10;
+
 fn now_of(step: usize) -> Timestamp {
-    Timestamp(step as u64 + 1)
+    Timestamp((step as u64 + 1) * STEP_NS)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1231,17 +1568,21 @@ proptest! {
         let mut r = Reference::new();
         let mut out = Vec::new();
         for (i, op) in ops.iter().enumerate() {
-            let cmd = &resolve(op, &e);
+            let cmd = &resolve(op, &e, now_of(i));
             out.clear();
             let got = e.apply(cmd, now_of(i), &mut out);
-            let want = r.apply(cmd, now_of(i).0);
+            let (expired, want) = r.apply(cmd, now_of(i).0);
             e.check_invariants();
+            let (gdup, gevs) = engine_evs(&out);
             match (&got, &want) {
-                (Err(g), Err(w)) => prop_assert_eq!(g, w, "step {}: {:?}", i, cmd),
+                (Err(g), Err(w)) => {
+                    prop_assert_eq!(g, w, "step {}: {:?}", i, cmd);
+                    prop_assert_eq!(&gevs, &expired, "step {}: expiries before {:?}", i, cmd);
+                }
                 (Ok(()), Ok((dup, evs))) => {
-                    let (gdup, gevs) = engine_evs(&out);
+                    let want_evs: Vec<Ev> = expired.iter().chain(evs).cloned().collect();
                     prop_assert_eq!(gdup, *dup, "step {}: duplicate flag of {:?}", i, cmd);
-                    prop_assert_eq!(&gevs, evs, "step {}: events of {:?}", i, cmd);
+                    prop_assert_eq!(&gevs, &want_evs, "step {}: events of {:?}", i, cmd);
                 }
                 _ => prop_assert!(
                     false,
@@ -1250,6 +1591,10 @@ proptest! {
                 ),
             }
             prop_assert_eq!(engine_book(&e), r.book(), "step {}: book after {:?}", i, cmd);
+            prop_assert_eq!(
+                engine_stop_rows(&e), r.stop_rows(), "step {}: stops after {:?}", i, cmd
+            );
+            prop_assert_eq!(e.last_price(M).map(|p| p.0), r.last_price, "step {}: last price", i);
             prop_assert_eq!(
                 engine_balances(&e), r.bal.clone(), "step {}: balances after {:?}", i, cmd
             );
@@ -1262,15 +1607,29 @@ proptest! {
         let mut e = Engine::new(config()).unwrap();
         let mut out = Vec::new();
         for (i, op) in ops.iter().enumerate() {
-            let cmd = &resolve(op, &e);
+            let now = now_of(i);
+            let cmd = &resolve(op, &e, now);
             let before = e.state_hash();
+            let snapshot = e.snapshot();
             let seq = e.seq();
             out.clear();
-            if let Err(code) = e.apply(cmd, now_of(i), &mut out) {
-                // No GTD order is ever due here, so nothing may change at all.
-                prop_assert_eq!(e.state_hash(), before, "step {}: {:?} rejected {:?}", i, cmd, code);
-                prop_assert_eq!(e.seq(), seq);
-                prop_assert_eq!(out.as_slice(), &[Event::Rejected { code }][..]);
+            if let Err(code) = e.apply(cmd, now, &mut out) {
+                prop_assert_eq!(out.last(), Some(&Event::Rejected { code }));
+                if out.len() == 1 {
+                    prop_assert_eq!(
+                        e.state_hash(), before, "step {}: {:?} rejected {:?}", i, cmd, code
+                    );
+                    prop_assert_eq!(e.seq(), seq);
+                } else {
+                    // GTD orders due at `now` expired first: the state is exactly that of a
+                    // `Tick` at `now` from the state before.
+                    let mut t = Engine::from_snapshot(snapshot).unwrap();
+                    t.apply(&Command::Tick, now, &mut Vec::new()).unwrap();
+                    prop_assert_eq!(
+                        e.state_hash(), t.state_hash(), "step {}: {:?} rejected {:?}", i, cmd, code
+                    );
+                    prop_assert_eq!(e.seq(), seq + 1);
+                }
             }
         }
     }
@@ -1284,7 +1643,7 @@ proptest! {
         let mut a = Engine::new(config()).unwrap();
         let mut out = Vec::new();
         for (i, op) in before.iter().enumerate() {
-            let cmd = resolve(op, &a);
+            let cmd = resolve(op, &a, now_of(i));
             let _ = a.apply(&cmd, now_of(i), &mut out);
         }
         let mut b = Engine::from_snapshot(a.snapshot()).unwrap();
@@ -1292,8 +1651,8 @@ proptest! {
         b.check_invariants();
         let (mut oa, mut ob) = (Vec::new(), Vec::new());
         for (j, op) in after.iter().enumerate() {
-            let cmd = &resolve(op, &a);
             let now = now_of(before.len() + j);
+            let cmd = &resolve(op, &a, now);
             oa.clear();
             ob.clear();
             let ra = a.apply(cmd, now, &mut oa);

@@ -398,7 +398,10 @@ impl OrderTracker {
                 }
             }
             Event::OrderAmended { info, price, .. } => {
-                let o = self.open.get_mut(&info.order.0).ok_or("amend of unknown order")?;
+                let o = self
+                    .open
+                    .get_mut(&info.order.0)
+                    .ok_or("amend of unknown order")?;
                 o.0 = Some(price);
             }
             Event::OrderDone { info, .. } => {

@@ -901,11 +901,9 @@ impl Reference {
     ) {
         let end = self.match_taker(&mut t, evs);
         let asset = hold_asset(t.side);
-        if end == End::NoMore
-            && t.limit.is_some()
-            && matches!(tif, TimeInForce::Gtc | TimeInForce::Gtd(_))
+        if let (End::NoMore, Some(price), TimeInForce::Gtc | TimeInForce::Gtd(_)) =
+            (&end, t.limit, tif)
         {
-            let price = t.limit.unwrap();
             let need = match t.side {
                 Side::Buy => bid_hold(price, t.open),
                 Side::Sell => t.open,

@@ -278,10 +278,10 @@ impl Auditor {
                 sums[asset as usize] += total;
             }
         }
-        for asset in 0..N_ASSETS as usize {
+        for (asset, &sum) in sums.iter().enumerate() {
             let want = self.credited[asset] as i128 - self.withdrawn[asset] as i128;
             let t = e.asset_totals(AssetId(asset as u16));
-            if sums[asset] != want
+            if sum != want
                 || i128::from(e.asset_total(AssetId(asset as u16)).0) != want
                 || t.credited != self.credited[asset]
                 || t.withdrawn != self.withdrawn[asset]
@@ -289,7 +289,7 @@ impl Auditor {
                 return Err(format!(
                     "conservation of asset {asset}: balances {}, credits {} - withdrawals {}, \
                      engine totals {t:?}",
-                    sums[asset], self.credited[asset], self.withdrawn[asset]
+                    sum, self.credited[asset], self.withdrawn[asset]
                 ));
             }
         }

@@ -938,6 +938,13 @@ impl Engine {
     }
 }
 
+/// The account whose resting orders an incoming order expires instead of trading with
+/// (self-trade prevention `ExpireMaker`): they are no liquidity for it, so market orders walk
+/// past them when they are priced.
+fn expired_makers(stp: StpMode, account: AccountId) -> Option<AccountId> {
+    (stp == StpMode::ExpireMaker).then_some(account)
+}
+
 /// Fee of `bps` on `notional`, rounded down.
 #[inline]
 fn fee(notional: Amount, bps: u16) -> Amount {
@@ -1114,14 +1121,36 @@ impl Engine {
         });
     }
 
-    /// Quote cost (with taker fee) of buying `qty` now, walking the asks.
-    fn walk_buy_cost(&self, mi: usize, qty: Qty) -> Option<Amount> {
+    /// Open quantity at `price` that an order can trade with: all of it, or what is not
+    /// `skip`'s (see [`expired_makers`]).
+    fn tradable_at(&self, mi: usize, price: Price, level: Qty, skip: Option<AccountId>) -> u64 {
+        match skip {
+            None => level.0,
+            Some(a) => self.markets[mi]
+                .book
+                .orders_at(price)
+                .filter(|n| n.data.account != a)
+                .map(|n| n.qty.0)
+                .sum(),
+        }
+    }
+
+    /// Whether `side` has anything an order skipping `skip`'s orders can trade with.
+    fn has_liquidity(&self, mi: usize, side: Side, skip: Option<AccountId>) -> bool {
+        self.markets[mi]
+            .book
+            .levels(side)
+            .any(|(price, level)| self.tradable_at(mi, price, level, skip) > 0)
+    }
+
+    /// Quote cost (with taker fee) of buying `qty` now, walking the asks (not `skip`'s).
+    fn walk_buy_cost(&self, mi: usize, qty: Qty, skip: Option<AccountId>) -> Option<Amount> {
         let p = &self.params[mi];
         let book = &self.markets[mi].book;
         let mut left = qty.0;
         let mut notional = Amount(0);
         for (price, level) in book.levels(Side::Sell) {
-            let q = Qty(left.min(level.0));
+            let q = Qty(left.min(self.tradable_at(mi, price, level, skip)));
             notional = notional.checked_add(p.notional(price, q)?)?;
             left -= q.0;
             if left == 0 {
@@ -1131,8 +1160,9 @@ impl Engine {
         notional.checked_add(fee(notional, p.taker_fee_bps))
     }
 
-    /// Lots to sell now to receive at least `budget` quote (before fees), walking the bids.
-    fn walk_sell_qty(&self, mi: usize, budget: Amount) -> Qty {
+    /// Lots to sell now to receive at least `budget` quote (before fees), walking the bids (not
+    /// `skip`'s).
+    fn walk_sell_qty(&self, mi: usize, budget: Amount, skip: Option<AccountId>) -> Qty {
         let p = &self.params[mi];
         let book = &self.markets[mi].book;
         let mut left = u128::from(budget.0);
@@ -1140,7 +1170,8 @@ impl Engine {
         for (price, level) in book.levels(Side::Buy) {
             let unit = u128::from(price.0) * u128::from(p.tick_size);
             let need = left.div_ceil(unit);
-            let take = need.min(u128::from(level.0)) as u64;
+            let tradable = self.tradable_at(mi, price, level, skip);
+            let take = need.min(u128::from(tradable)) as u64;
             qty += take;
             left = left.saturating_sub(unit * u128::from(take));
             if left == 0 {
@@ -1237,7 +1268,8 @@ impl Engine {
             TimeInForce::Fok if is_market || is_stop => return Err(RejectCode::InvalidOrder),
             _ => {}
         }
-        if is_market && self.markets[mi].book.best(o.side.opposite()).is_none() {
+        if is_market && !self.has_liquidity(mi, o.side.opposite(), expired_makers(o.stp, o.account))
+        {
             // Nothing on the other side to price it (RejectCode::InvalidOrder).
             return Err(RejectCode::InvalidOrder);
         }
@@ -1267,12 +1299,12 @@ impl Engine {
             }
             (Side::Buy, OrderType::Market { qty }) => {
                 market_qty = qty;
-                self.walk_buy_cost(mi, qty)
+                self.walk_buy_cost(mi, qty, expired_makers(o.stp, o.account))
             }
             (Side::Buy, OrderType::MarketBudget { budget }) => Some(budget),
             (Side::Buy, OrderType::StopMarket { .. }) => Some(Amount(0)),
             (Side::Sell, OrderType::MarketBudget { budget }) => {
-                market_qty = self.walk_sell_qty(mi, budget);
+                market_qty = self.walk_sell_qty(mi, budget, expired_makers(o.stp, o.account));
                 p.base_amount(market_qty)
             }
             (Side::Sell, OrderType::Market { qty }) => {
@@ -1656,12 +1688,13 @@ impl Engine {
                     // A stop-market buy is priced when it triggers: hold what it costs now, or
                     // what the account has.
                     let avail = self.ledger.get(o.account, p.quote).available;
+                    let skip = expired_makers(o.stp, o.account);
                     let cost = self
-                        .walk_buy_cost(mi, qty)
+                        .walk_buy_cost(mi, qty, skip)
                         .map_or(avail, |c| c.0.min(avail));
                     self.ledger.hold(o.account, p.quote, cost);
                     hold = Amount(cost);
-                    if cost == 0 && self.markets[mi].book.best_ask().is_some() {
+                    if cost == 0 && self.has_liquidity(mi, Side::Sell, skip) {
                         out.push(Event::OrderDone {
                             info,
                             reason: DoneReason::InsufficientBalance,

@@ -13,7 +13,9 @@
 //! * self-trade prevention decided by the taker's mode;
 //! * market by quantity holds the cost of walking the asks (fee on the total), a buy by quote
 //!   budget holds the budget and spends at most it (fees included); a sell by quote budget sells
-//!   the lots that, walking the bids, bring in at least the budget before fees;
+//!   the lots that, walking the bids, bring in at least the budget before fees; under
+//!   `ExpireMaker` the walks skip the account's own orders (they are expired, not traded), and a
+//!   market order with nothing it could trade with on the other side is invalid;
 //! * amend: lower quantity (same price) keeps priority; a new price or a higher quantity loses it
 //!   and may trade at once;
 //! * a rejected command changes nothing.
@@ -230,6 +232,12 @@ fn hold_asset(side: Side) -> u16 {
         Side::Buy => QUOTE,
         Side::Sell => BASE,
     }
+}
+
+/// The account whose resting orders an incoming order expires rather than trades with: they are
+/// no liquidity for it ("the rest is cancelled when the book runs out").
+fn expired_makers(stp: StpMode, account: u32) -> Option<u32> {
+    (stp == StpMode::ExpireMaker).then_some(account)
 }
 
 fn crosses(side: Side, limit: u64, maker_price: u64) -> bool {
@@ -617,11 +625,22 @@ impl Reference {
         }
     }
 
-    /// Cost (fee on the total) of buying `qty` now from the asks, as far as they go.
-    fn walk_buy_cost(&self, qty: u64) -> u64 {
+    /// Whether `side` has an order not of `skip`.
+    fn has_liquidity(&self, side: Side, skip: Option<u32>) -> bool {
+        self.orders
+            .iter()
+            .any(|o| o.side == side && Some(o.account) != skip)
+    }
+
+    /// Cost (fee on the total) of buying `qty` now from the asks, as far as they go, skipping
+    /// the orders of `skip` (which self-trade prevention will expire instead of trading).
+    fn walk_buy_cost(&self, qty: u64, skip: Option<u32>) -> u64 {
         let mut left = qty;
         let mut notional = 0;
         for o in self.sorted(Side::Sell) {
+            if Some(o.account) == skip {
+                continue;
+            }
             let q = left.min(o.open);
             notional += q * o.price;
             left -= q;
@@ -629,11 +648,15 @@ impl Reference {
         notional + fee(notional, TAKER_BPS)
     }
 
-    /// Lots to sell to bring in at least `budget` before fees, walking the bids.
-    fn walk_sell_qty(&self, budget: u64) -> u64 {
+    /// Lots to sell to bring in at least `budget` before fees, walking the bids (skipping the
+    /// orders of `skip`).
+    fn walk_sell_qty(&self, budget: u64, skip: Option<u32>) -> u64 {
         let mut left = budget;
         let mut qty = 0;
         for o in self.sorted(Side::Buy) {
+            if Some(o.account) == skip {
+                continue;
+            }
             if left == 0 {
                 break;
             }
@@ -720,7 +743,7 @@ impl Reference {
             _ => {}
         }
         // "market order with nothing on the other side to price it"
-        if is_market && self.best(o.side.opposite()).is_none() {
+        if is_market && !self.has_liquidity(o.side.opposite(), expired_makers(o.stp, o.account.0)) {
             return Err(RejectCode::InvalidOrder);
         }
         if let Some(c) = o.client_id {
@@ -751,11 +774,11 @@ impl Reference {
             (Side::Buy, OrderType::Limit { price, qty }) => bid_hold(price.0, qty.0),
             (Side::Buy, OrderType::Market { qty }) => {
                 market_qty = qty.0;
-                self.walk_buy_cost(qty.0)
+                self.walk_buy_cost(qty.0, expired_makers(o.stp, o.account.0))
             }
             (Side::Buy, OrderType::MarketBudget { budget }) => budget.0,
             (Side::Sell, OrderType::MarketBudget { budget }) => {
-                market_qty = self.walk_sell_qty(budget.0);
+                market_qty = self.walk_sell_qty(budget.0, expired_makers(o.stp, o.account.0));
                 market_qty
             }
             (Side::Sell, OrderType::Market { qty }) => {
@@ -858,10 +881,12 @@ impl Reference {
             let mut hold = s.hold;
             if s.limit.is_none() && s.side == Side::Buy {
                 // Priced now: hold what buying `qty` costs now, or what the account has.
-                let cost = self.walk_buy_cost(s.qty).min(self.avail(s.account, QUOTE));
+                let cost = self
+                    .walk_buy_cost(s.qty, expired_makers(s.stp, s.account))
+                    .min(self.avail(s.account, QUOTE));
                 self.hold(s.account, QUOTE, cost);
                 hold = cost;
-                if cost == 0 && self.best(Side::Sell).is_some() {
+                if cost == 0 && self.has_liquidity(Side::Sell, expired_makers(s.stp, s.account)) {
                     evs.push(Ev::Done {
                         order: s.id,
                         reason: DoneReason::InsufficientBalance,

@@ -2,11 +2,12 @@
 //!
 //! The model below is written from the documented rules (the doc comments of `Command`,
 //! `OrderType`, `StpMode`, `RejectCode`, `MarketConfig::fee` and the crate docs), not from the
-//! engine's code, and it uses none of the engine's data structures: each side of the book is a
-//! `Vec` scanned linearly for the best price and then the earliest priority stamp, and balances
-//! live in a `BTreeMap<(account, asset), (available, held)>`.
+//! engine's code, and it uses none of the engine's data structures: resting orders and stops are
+//! plain `Vec`s scanned linearly (best price, then earliest priority stamp), and balances live in
+//! a `BTreeMap<(account, asset), (available, held)>`.
 //!
-//! Rules the model implements (one market, lot 1, tick 1, fees maker 10 / taker 20 bps):
+//! Rules the model implements (one market, lot 1, tick 1, fees maker 10 / taker 20 bps, small
+//! order limits so `BookFull` and `AccountOrderLimit` happen):
 //! * a bid holds `notional + fee(notional, max(maker, taker))`, an ask holds its base; a resting
 //!   bid holds exactly that for its open quantity once it has finished taking;
 //! * trades at the maker's price, strict price-time priority, fees rounded down per fill;
@@ -18,8 +19,15 @@
 //!   market order with nothing it could trade with on the other side is invalid;
 //! * amend: lower quantity (same price) keeps priority; a new price or a higher quantity loses it
 //!   and may trade at once;
-//! * a rejected command changes nothing.
+//! * stops trigger on the last trade price (buys at or above their stop, lowest first; then sells
+//!   at or below, highest first; ties in time order); a stop-market buy is priced when triggered;
+//! * GTD orders, resting or waiting stops, expire at the first command at or after their time;
+//! * withdrawals hold `amount + fee`; completion pays the unused flat fee to the fee account;
+//! * a rejected command changes nothing (but GTD expiries due at its time).
 //!
+//! Properties: `engine_matches_reference` (outcome, reject code, trades, order events, book per
+//! level and order, stops, last price and every balance after every command),
+//! `rejected_changes_nothing` (state hash) and `snapshot_restore_is_identical`.
 //! `PROPTEST_CASES` raises the number of cases (default 256).
 
 use matching_engine::{

@@ -686,6 +686,46 @@ impl Driver {
     }
 }
 
+/// "Per command, changed price levels and balances are reported once each, at the end": in each
+/// flush (the GTD expiries before a command, then the command itself) every balance and level
+/// appears at most once, after all the other events of that part.
+fn reported_once_at_the_end(out: &[Event]) -> Result<(), String> {
+    let split = out
+        .iter()
+        .position(|e| matches!(e, Event::Accepted { .. } | Event::Rejected { .. }))
+        .ok_or("no Accepted or Rejected event")?;
+    for part in [&out[..split], &out[split..]] {
+        let mut seen_balances = std::collections::HashSet::new();
+        let mut seen_levels = std::collections::HashSet::new();
+        let mut in_tail = false;
+        for e in part {
+            match *e {
+                Event::Depth {
+                    market,
+                    side,
+                    price,
+                    ..
+                } => {
+                    in_tail = true;
+                    if !seen_levels.insert((market, side == Side::Buy, price)) {
+                        return Err(format!("level reported twice: {e:?}"));
+                    }
+                }
+                Event::Balance { account, asset, .. } => {
+                    in_tail = true;
+                    if !seen_balances.insert((account, asset)) {
+                        return Err(format!("balance reported twice: {e:?}"));
+                    }
+                }
+                Event::Rejected { .. } => {}
+                _ if in_tail => return Err(format!("{e:?} after the depth and balance events")),
+                _ => {}
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Names the seed and step of a failing run, however it fails (auditor or engine assertion).
 struct Context {
     seed: u64,
@@ -805,6 +845,7 @@ fn run(seed: u64, steps: usize) -> Outcome {
                 }
             }
         }
+        reported_once_at_the_end(&out).unwrap_or_else(|m| fail(m));
         for ev in &out {
             match ev {
                 Event::Trade { .. } => o.trades += 1,

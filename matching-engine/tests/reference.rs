@@ -6,8 +6,8 @@
 //! plain `Vec`s scanned linearly (best price, then earliest priority stamp), and balances live in
 //! a `BTreeMap<(account, asset), (available, held)>`.
 //!
-//! Rules the model implements (one market, lot 1, tick 1, fees maker 10 / taker 20 bps, small
-//! order limits so `BookFull` and `AccountOrderLimit` happen):
+//! Rules the model implements (one market, lot 1, tick 1, fees maker 10 / taker 20 bps and also
+//! maker 35 / taker 5, small order limits so `BookFull` and `AccountOrderLimit` happen):
 //! * a bid holds `notional + fee(notional, max(maker, taker))`, an ask holds its base; a resting
 //!   bid holds exactly that for its open quantity once it has finished taking;
 //! * trades at the maker's price, strict price-time priority, fees rounded down per fill;
@@ -25,7 +25,7 @@
 //! * withdrawals hold `amount + fee`; completion pays the unused flat fee to the fee account;
 //! * a rejected command changes nothing (but GTD expiries due at its time).
 //!
-//! Properties: `engine_matches_reference` (outcome, reject code, trades, order events, book per
+//! Properties: `engine_matches_reference` and `..._maker_fee_above_taker` (outcome, reject code, trades, order events, book per
 //! level and order, stops, last price and every balance after every command),
 //! `rejected_changes_nothing` (state hash) and `snapshot_restore_is_identical`.
 //! `PROPTEST_CASES` raises the number of cases (default 256).
@@ -43,8 +43,10 @@ const M: MarketId = MarketId(0);
 const BASE: u16 = 0;
 const QUOTE: u16 = 1;
 const N_ASSETS: u16 = 2;
-const MAKER_BPS: u64 = 10;
-const TAKER_BPS: u64 = 20;
+/// Fees in basis points: (maker, taker).
+const FEES: (u16, u16) = (10, 20);
+/// Maker above taker: a bid's fee allowance is the maker fee.
+const FEES_MAKER_ABOVE: (u16, u16) = (35, 5);
 const MIN_PRICE: u64 = 1;
 const MAX_PRICE: u64 = 2_000;
 const MAX_QTY: u64 = 1_000;
@@ -52,7 +54,7 @@ const MIN_NOTIONAL: u64 = 1_000;
 const MAX_OPEN_PER_ACCOUNT: usize = 6;
 const MAX_BOOK: usize = 14;
 
-fn config() -> EngineConfig {
+fn config((maker_bps, taker_bps): (u16, u16)) -> EngineConfig {
     EngineConfig {
         assets: vec![
             AssetConfig {
@@ -75,8 +77,8 @@ fn config() -> EngineConfig {
             min_price: Price(MIN_PRICE),
             max_price: Price(MAX_PRICE),
             max_qty: Qty(MAX_QTY),
-            maker_fee_bps: MAKER_BPS as u16,
-            taker_fee_bps: TAKER_BPS as u16,
+            maker_fee_bps: maker_bps,
+            taker_fee_bps: taker_bps,
         }],
         limits: Limits {
             max_orders_per_book: MAX_BOOK as u32,
@@ -219,20 +221,12 @@ struct Reference {
     credit_keys: BTreeSet<[u8; 36]>,
     transfer_keys: BTreeSet<[u8; 36]>,
     now: u64,
+    maker_bps: u64,
+    taker_bps: u64,
 }
 
 fn fee(notional: u64, bps: u64) -> u64 {
     notional * bps / 10_000
-}
-
-fn max_bps() -> u64 {
-    MAKER_BPS.max(TAKER_BPS)
-}
-
-/// What a bid of `qty` at `price` holds.
-fn bid_hold(price: u64, qty: u64) -> u64 {
-    let n = price * qty;
-    n + fee(n, max_bps())
 }
 
 fn hold_asset(side: Side) -> u16 {
@@ -269,16 +263,24 @@ fn done_reason(end: &End, budget_buy: bool) -> DoneReason {
 }
 
 impl Reference {
-    fn new() -> Self {
+    fn new((maker_bps, taker_bps): (u16, u16)) -> Self {
         let mut r = Reference {
             accounts: 1,
             next_order_id: 1,
+            maker_bps: maker_bps.into(),
+            taker_bps: taker_bps.into(),
             ..Reference::default()
         };
         for a in 0..N_ASSETS {
             r.bal.insert((0, a), (0, 0));
         }
         r
+    }
+
+    /// What a bid of `qty` at `price` holds: notional plus the larger fee.
+    fn bid_hold(&self, price: u64, qty: u64) -> u64 {
+        let n = price * qty;
+        n + fee(n, self.maker_bps.max(self.taker_bps))
     }
 
     fn exists(&self, a: AccountId) -> bool {
@@ -653,7 +655,7 @@ impl Reference {
             notional += q * o.price;
             left -= q;
         }
-        notional + fee(notional, TAKER_BPS)
+        notional + fee(notional, self.taker_bps)
     }
 
     /// Lots to sell to bring in at least `budget` before fees, walking the bids (skipping the
@@ -779,7 +781,7 @@ impl Reference {
         }
         let mut market_qty = 0;
         let hold = match (o.side, o.order_type) {
-            (Side::Buy, OrderType::Limit { price, qty }) => bid_hold(price.0, qty.0),
+            (Side::Buy, OrderType::Limit { price, qty }) => self.bid_hold(price.0, qty.0),
             (Side::Buy, OrderType::Market { qty }) => {
                 market_qty = qty.0;
                 self.walk_buy_cost(qty.0, expired_makers(o.stp, o.account.0))
@@ -794,7 +796,7 @@ impl Reference {
                 qty.0
             }
             (Side::Sell, OrderType::Limit { qty, .. }) => qty.0,
-            (Side::Buy, OrderType::StopLimit { price, qty, .. }) => bid_hold(price.0, qty.0),
+            (Side::Buy, OrderType::StopLimit { price, qty, .. }) => self.bid_hold(price.0, qty.0),
             // A stop-market buy is priced (and held for) only when it triggers.
             (Side::Buy, OrderType::StopMarket { .. }) => 0,
             (Side::Sell, OrderType::StopLimit { qty, .. } | OrderType::StopMarket { qty, .. }) => {
@@ -938,7 +940,7 @@ impl Reference {
             (&end, t.limit, tif)
         {
             let need = match t.side {
-                Side::Buy => bid_hold(price, t.open),
+                Side::Buy => self.bid_hold(price, t.open),
                 Side::Sell => t.open,
             };
             self.release(t.account, asset, t.hold - need);
@@ -1003,7 +1005,8 @@ impl Reference {
             let mut q = maker.open.min(t.open);
             if t.side == Side::Buy && t.limit.is_none() {
                 // Largest quantity whose cost, fee included, the taker's hold still covers.
-                let cost = |q: u64| maker.price * q + fee(maker.price * q, TAKER_BPS);
+                let taker_bps = self.taker_bps;
+                let cost = |q: u64| maker.price * q + fee(maker.price * q, taker_bps);
                 let mut fit = 0;
                 while fit < q && cost(fit + 1) <= t.hold {
                     fit += 1;
@@ -1014,8 +1017,8 @@ impl Reference {
                 }
             }
             let notional = maker.price * q;
-            let taker_fee = fee(notional, TAKER_BPS);
-            let maker_fee = fee(notional, MAKER_BPS);
+            let taker_fee = fee(notional, self.taker_bps);
+            let maker_fee = fee(notional, self.maker_bps);
             let (buyer, seller, buyer_fee, seller_fee) = match t.side {
                 Side::Buy => (t.account, maker.account, taker_fee, maker_fee),
                 Side::Sell => (maker.account, t.account, maker_fee, taker_fee),
@@ -1089,7 +1092,7 @@ impl Reference {
         let open = total - o.filled;
         let asset = hold_asset(o.side);
         let need = match o.side {
-            Side::Buy => bid_hold(price, open),
+            Side::Buy => self.bid_hold(price, open),
             Side::Sell => open,
         };
         if price == o.price && open <= o.open {
@@ -1591,51 +1594,86 @@ fn now_of(step: usize) -> Timestamp {
 // Properties.
 // ---------------------------------------------------------------------------------------------
 
+/// Runs `ops` on the engine and the reference side by side, comparing after every command.
+fn check_against_reference(ops: &[Op], fees: (u16, u16)) -> Result<(), TestCaseError> {
+    let mut e = Engine::new(config(fees)).unwrap();
+    let mut r = Reference::new(fees);
+    let mut out = Vec::new();
+    for (i, op) in ops.iter().enumerate() {
+        let cmd = &resolve(op, &e, now_of(i));
+        out.clear();
+        let got = e.apply(cmd, now_of(i), &mut out);
+        let (expired, want) = r.apply(cmd, now_of(i).0);
+        e.check_invariants();
+        let (gdup, gevs) = engine_evs(&out);
+        match (&got, &want) {
+            (Err(g), Err(w)) => {
+                prop_assert_eq!(g, w, "step {}: {:?}", i, cmd);
+                prop_assert_eq!(&gevs, &expired, "step {}: expiries before {:?}", i, cmd);
+            }
+            (Ok(()), Ok((dup, evs))) => {
+                let want_evs: Vec<Ev> = expired.iter().chain(evs).cloned().collect();
+                prop_assert_eq!(gdup, *dup, "step {}: duplicate flag of {:?}", i, cmd);
+                prop_assert_eq!(&gevs, &want_evs, "step {}: events of {:?}", i, cmd);
+            }
+            _ => prop_assert!(
+                false,
+                "step {}: {:?}: engine {:?}, reference {:?}, events {:?}",
+                i,
+                cmd,
+                got,
+                want.as_ref().map(|x| &x.1),
+                out
+            ),
+        }
+        prop_assert_eq!(
+            engine_book(&e),
+            r.book(),
+            "step {}: book after {:?}",
+            i,
+            cmd
+        );
+        prop_assert_eq!(
+            engine_stop_rows(&e),
+            r.stop_rows(),
+            "step {}: stops after {:?}",
+            i,
+            cmd
+        );
+        prop_assert_eq!(
+            e.last_price(M).map(|p| p.0),
+            r.last_price,
+            "step {}: last price",
+            i
+        );
+        prop_assert_eq!(
+            engine_balances(&e),
+            r.bal.clone(),
+            "step {}: balances after {:?}",
+            i,
+            cmd
+        );
+    }
+    Ok(())
+}
+
 proptest! {
     /// Engine and reference agree on every outcome, trade, book level and balance.
     #[test]
     fn engine_matches_reference(ops in arb_scenario()) {
-        let mut e = Engine::new(config()).unwrap();
-        let mut r = Reference::new();
-        let mut out = Vec::new();
-        for (i, op) in ops.iter().enumerate() {
-            let cmd = &resolve(op, &e, now_of(i));
-            out.clear();
-            let got = e.apply(cmd, now_of(i), &mut out);
-            let (expired, want) = r.apply(cmd, now_of(i).0);
-            e.check_invariants();
-            let (gdup, gevs) = engine_evs(&out);
-            match (&got, &want) {
-                (Err(g), Err(w)) => {
-                    prop_assert_eq!(g, w, "step {}: {:?}", i, cmd);
-                    prop_assert_eq!(&gevs, &expired, "step {}: expiries before {:?}", i, cmd);
-                }
-                (Ok(()), Ok((dup, evs))) => {
-                    let want_evs: Vec<Ev> = expired.iter().chain(evs).cloned().collect();
-                    prop_assert_eq!(gdup, *dup, "step {}: duplicate flag of {:?}", i, cmd);
-                    prop_assert_eq!(&gevs, &want_evs, "step {}: events of {:?}", i, cmd);
-                }
-                _ => prop_assert!(
-                    false,
-                    "step {}: {:?}: engine {:?}, reference {:?}, events {:?}",
-                    i, cmd, got, want.as_ref().map(|x| &x.1), out
-                ),
-            }
-            prop_assert_eq!(engine_book(&e), r.book(), "step {}: book after {:?}", i, cmd);
-            prop_assert_eq!(
-                engine_stop_rows(&e), r.stop_rows(), "step {}: stops after {:?}", i, cmd
-            );
-            prop_assert_eq!(e.last_price(M).map(|p| p.0), r.last_price, "step {}: last price", i);
-            prop_assert_eq!(
-                engine_balances(&e), r.bal.clone(), "step {}: balances after {:?}", i, cmd
-            );
-        }
+        check_against_reference(&ops, FEES)?;
+    }
+
+    /// The same with the maker fee above the taker fee (a bid's fee allowance is the maker's).
+    #[test]
+    fn engine_matches_reference_maker_fee_above_taker(ops in arb_scenario()) {
+        check_against_reference(&ops, FEES_MAKER_ABOVE)?;
     }
 
     /// A rejected command leaves the state exactly as it was.
     #[test]
     fn rejected_changes_nothing(ops in arb_scenario()) {
-        let mut e = Engine::new(config()).unwrap();
+        let mut e = Engine::new(config(FEES)).unwrap();
         let mut out = Vec::new();
         for (i, op) in ops.iter().enumerate() {
             let now = now_of(i);
@@ -1671,7 +1709,7 @@ proptest! {
         before in arb_scenario(),
         after in prop::collection::vec(arb_op(), 1..60),
     ) {
-        let mut a = Engine::new(config()).unwrap();
+        let mut a = Engine::new(config(FEES)).unwrap();
         let mut out = Vec::new();
         for (i, op) in before.iter().enumerate() {
             let cmd = resolve(op, &a, now_of(i));

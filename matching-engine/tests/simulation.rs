@@ -443,8 +443,17 @@ impl OrderTracker {
         Ok(())
     }
 
-    /// After a command at `now`, every GTD order whose time has come is gone.
-    fn check(&self, now: Timestamp) -> Result<(), String> {
+    /// After a command at `now`, every GTD order whose time has come is gone, and the engine's
+    /// next expiry (which its driver relies on to expire orders on time) is the earliest GTD time
+    /// of the open orders.
+    fn check(&self, now: Timestamp, e: &mut Engine) -> Result<(), String> {
+        let earliest = self.open.values().filter_map(|&(_, gtd)| gtd).min();
+        if e.next_expiry() != earliest {
+            return Err(format!(
+                "next expiry {:?}, open orders' earliest GTD {earliest:?}",
+                e.next_expiry()
+            ));
+        }
         match self
             .open
             .iter()
@@ -863,7 +872,7 @@ fn run(seed: u64, steps: usize) -> Outcome {
         e.check_invariants();
         auditor.check(&e).unwrap_or_else(|m| fail(m));
         depth.check(&e).unwrap_or_else(|m| fail(m));
-        orders.check(now).unwrap_or_else(|m| fail(m));
+        orders.check(now, &mut e).unwrap_or_else(|m| fail(m));
         // Now and then carry on with an engine restored from a snapshot.
         if i % 397 == 0 {
             let hash = e.state_hash();

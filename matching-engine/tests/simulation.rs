@@ -8,6 +8,10 @@
 //!   checks every trade's notional and fees against the market's configuration;
 //! * a **depth observer** that took a depth snapshot at the start and applies only `Depth` diffs
 //!   (gap-free `seq`) must hold exactly the engine's price levels;
+//! * an **order tracker** following orders through their events checks that trades happen at the
+//!   maker's price within the taker's limit, that no GTD order (resting or waiting stop) outlives
+//!   its time, and that `next_expiry` is the earliest GTD time still open;
+//! * balances and price levels are reported once per flush, after the other events;
 //! * `Engine::check_invariants` holds.
 //!
 //! Every few hundred steps the engine is replaced by one restored from its snapshot, and at the

@@ -763,9 +763,14 @@ struct Outcome {
     trades: usize,
     triggered: usize,
     expired: usize,
+    /// Rejections for balance, and market orders ended for balance.
+    insufficient: usize,
 }
 
-fn run(seed: u64, steps: usize) -> Outcome {
+/// Runs one seeded simulation. `funds_divisor` scales the accounts' starting funds down: with
+/// tight funds most orders, amends, withdrawals and triggered stop-market buys hit the balance
+/// checks.
+fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
     let mut ctx = Context { seed, step: 0 };
     let cfg = config();
     let mut e = Engine::new(cfg.clone()).unwrap();
@@ -790,6 +795,7 @@ fn run(seed: u64, steps: usize) -> Outcome {
         trades: 0,
         triggered: 0,
         expired: 0,
+        insufficient: 0,
     };
     // Open and fund the accounts.
     let mut setup = Vec::new();
@@ -800,7 +806,7 @@ fn run(seed: u64, steps: usize) -> Outcome {
             setup.push(Command::Credit {
                 account: AccountId(a),
                 asset: AssetId(asset),
-                amount: Amount(d.rng.range(max / 10, max)),
+                amount: Amount(d.rng.range(max / 10, max) / funds_divisor + 1),
                 key: key(d.next_key - 1),
             });
         }
@@ -850,6 +856,7 @@ fn run(seed: u64, steps: usize) -> Outcome {
             }
             Err(code) => {
                 o.rejected += 1;
+                o.insufficient += usize::from(code == RejectCode::InsufficientBalance);
                 if out.last() != Some(&Event::Rejected { code }) {
                     fail(format!("rejection not reported last: {out:?}"));
                 }
@@ -867,6 +874,10 @@ fn run(seed: u64, steps: usize) -> Outcome {
                     reason: matching_engine::DoneReason::Expired,
                     ..
                 } => o.expired += 1,
+                Event::OrderDone {
+                    reason: matching_engine::DoneReason::InsufficientBalance,
+                    ..
+                } => o.insufficient += 1,
                 _ => {}
             }
             auditor.event(ev).unwrap_or_else(|m| fail(m));
@@ -921,7 +932,7 @@ fn steps() -> usize {
 #[test]
 fn simulation_with_auditor() {
     for seed in seeds() {
-        let o = run(seed, steps());
+        let o = run(seed, steps(), 1);
         eprintln!(
             "seed {seed}: {} accepted, {} rejected, {} trades, {} stops triggered, {} expired",
             o.accepted, o.rejected, o.trades, o.triggered, o.expired
@@ -938,7 +949,22 @@ fn simulation_with_auditor() {
 #[test]
 fn same_seed_same_run() {
     let seed = seeds()[0];
-    let a = run(seed, 300);
-    let b = run(seed, 300);
+    let a = run(seed, 300, 1);
+    let b = run(seed, 300, 1);
     assert_eq!(a.hash, b.hash, "seed {seed}: two runs differ");
+}
+
+#[test]
+fn simulation_with_auditor_tight_funds() {
+    for seed in seeds() {
+        let o = run(seed, steps() / 2, 40);
+        eprintln!(
+            "seed {seed} (tight funds): {} accepted, {} rejected, {} trades, {} insufficient",
+            o.accepted, o.rejected, o.trades, o.insufficient
+        );
+        assert!(
+            o.trades > 0 && o.insufficient > 0,
+            "seed {seed}: weak workload"
+        );
+    }
 }

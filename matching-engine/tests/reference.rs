@@ -1670,7 +1670,7 @@ proptest! {
         check_against_reference(&ops, FEES_MAKER_ABOVE)?;
     }
 
-    /// A rejected command leaves the state exactly as it was.
+    /// A rejected command (or a duplicate) leaves the state exactly as it was.
     #[test]
     fn rejected_changes_nothing(ops in arb_scenario()) {
         let mut e = Engine::new(config(FEES)).unwrap();
@@ -1682,7 +1682,13 @@ proptest! {
             let snapshot = e.snapshot();
             let seq = e.seq();
             out.clear();
-            if let Err(code) = e.apply(cmd, now, &mut out) {
+            let result = e.apply(cmd, now, &mut out);
+            if let [Event::Accepted { duplicate: true, .. }] = out.as_slice() {
+                // A duplicate credit or transfer is accepted but changes nothing either.
+                prop_assert_eq!(e.state_hash(), before, "step {}: duplicate {:?}", i, cmd);
+                prop_assert_eq!(e.seq(), seq);
+            }
+            if let Err(code) = result {
                 prop_assert_eq!(out.last(), Some(&Event::Rejected { code }));
                 if out.len() == 1 {
                     prop_assert_eq!(

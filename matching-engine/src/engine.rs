@@ -1464,7 +1464,8 @@ impl Engine {
         let reason = match end {
             MatchEnd::Filled => DoneReason::Filled,
             // A quote-budget buy that spent its budget is done; a market buy by quantity that
-            // cannot pay for more (self-trade prevention expired makers it had priced) is not.
+            // cannot pay for more (a triggered stop-market buy holding only what the account
+            // had) has its rest cancelled.
             MatchEnd::Budget if t.budget => DoneReason::Filled,
             MatchEnd::Budget => DoneReason::IocRemainder,
             MatchEnd::SelfTrade => DoneReason::SelfTrade,

@@ -18,6 +18,9 @@
 //! end a fresh engine replaying the journal (the commands that advanced `seq`) must reach the same
 //! state hash.
 //!
+//! The workload runs with ample funds and again with tight funds (so that balance checks,
+//! including those of triggered stop-market buys, are hit).
+//!
 //! A failure prints the seed and step; `MEDIATOR_SEED=<seed>` replays exactly that run
 //! (`MEDIATOR_STEPS=<n>` changes the number of steps, default 2,000).
 
@@ -743,14 +746,23 @@ fn reported_once_at_the_end(out: &[Event]) -> Result<(), String> {
 struct Context {
     seed: u64,
     step: usize,
+    steps: usize,
+    funds_divisor: u64,
 }
 
 impl Drop for Context {
     fn drop(&mut self) {
         if std::thread::panicking() {
             eprintln!(
-                "simulation failed at seed {} step {}: replay with MEDIATOR_SEED={}",
-                self.seed, self.step, self.seed
+                "simulation failed at seed {} step {} (run of {} steps, funds divisor {}): \
+                 replay with MEDIATOR_SEED={} MEDIATOR_STEPS={} cargo test -p matching-engine \
+                 --test simulation",
+                self.seed,
+                self.step,
+                self.steps,
+                self.funds_divisor,
+                self.seed,
+                steps()
             );
         }
     }
@@ -771,7 +783,12 @@ struct Outcome {
 /// tight funds most orders, amends, withdrawals and triggered stop-market buys hit the balance
 /// checks.
 fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
-    let mut ctx = Context { seed, step: 0 };
+    let mut ctx = Context {
+        seed,
+        step: 0,
+        steps,
+        funds_divisor,
+    };
     let cfg = config();
     let mut e = Engine::new(cfg.clone()).unwrap();
     let mut auditor = Auditor::new(cfg.clone());

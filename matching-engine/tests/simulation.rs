@@ -472,6 +472,39 @@ impl OrderTracker {
     }
 }
 
+impl OrderTracker {
+    /// The open orders known from events are exactly the engine's, at the same limit prices.
+    fn check_open_set(&self, e: &Engine) -> Result<(), String> {
+        let mut engine_open = BTreeMap::new();
+        for a in 0..e.account_count() as u32 {
+            for o in e.open_orders(AccountId(a), None) {
+                let price = (o.price.0 != 0).then_some(o.price);
+                engine_open.insert(o.id.0, price);
+            }
+        }
+        let tracked: BTreeMap<u64, Option<Price>> = self
+            .open
+            .iter()
+            .map(|(&id, &(price, _))| (id, price))
+            .collect();
+        if engine_open != tracked {
+            let missing: Vec<_> = tracked
+                .keys()
+                .filter(|k| !engine_open.contains_key(k))
+                .collect();
+            let extra: Vec<_> = engine_open
+                .keys()
+                .filter(|k| !tracked.contains_key(k))
+                .collect();
+            return Err(format!(
+                "open orders differ from events: open in the engine only {extra:?}, gone without \
+                 OrderDone {missing:?} (or a limit price differs)"
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The workload: picks commands from the current state so most of them are meaningful.
 struct Driver {
     rng: Rng,
@@ -905,6 +938,9 @@ fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
         auditor.check(&e).unwrap_or_else(|m| fail(m));
         depth.check(&e).unwrap_or_else(|m| fail(m));
         orders.check(now, &mut e).unwrap_or_else(|m| fail(m));
+        if i % 50 == 0 {
+            orders.check_open_set(&e).unwrap_or_else(|m| fail(m));
+        }
         // Now and then carry on with an engine restored from a snapshot.
         if i % 397 == 0 {
             let hash = e.state_hash();

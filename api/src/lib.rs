@@ -1,1 +1,38 @@
-//! placeholder
+//! Mediator's trader API: Binance-spot-compatible REST and WebSocket, API keys and permissions,
+//! rate limits, and the read models that answer queries.
+//!
+//! **Architecture invariants:**
+//! * `api` is the only crate that knows JSON and HTTP; it talks to the engine only through
+//!   [`core::ExchangeCore`] (commands in, one reply each) and [`core::EventSink`] (events out).
+//! * No floats on the money path: decimal strings convert exactly to ticks, lots and amounts
+//!   ([`decimal`], [`market`]).
+//! * Every error is a Binance `{"code":..,"msg":..}` ([`error::ApiError`]); internals are logged,
+//!   never answered.
+//! * No secret is stored or logged: API secrets are derived from a master key ([`keys`]).
+
+#![warn(missing_docs)]
+
+pub mod app;
+pub mod client;
+pub mod core;
+pub mod decimal;
+pub mod error;
+pub mod keys;
+pub mod market;
+pub mod metrics;
+pub mod native;
+pub mod node;
+pub mod openapi;
+pub mod params;
+pub mod public;
+pub mod ratelimit;
+pub mod readmodel;
+pub mod seqcore;
+pub mod store;
+pub mod trade;
+pub mod ws;
+
+pub use app::{app, open, open_local, serve, ApiConfig, AppState};
+pub use core::{CoreError, EventBatch, EventSink, ExchangeCore, LocalCore, Reply};
+pub use node::{start_node, Node, NodeConfig};
+pub use seqcore::SequencerCore;

@@ -518,8 +518,9 @@ impl Engine {
 
     /// Applies one command at time `now`, appending its events to `out`.
     ///
-    /// Returns `Ok` when the command was accepted (its first event is [`Event::Accepted`]) and
-    /// `Err` when it was rejected (its last event is [`Event::Rejected`]). A rejected command
+    /// Returns `Ok` when the command was accepted (its events start with [`Event::Accepted`]) and
+    /// `Err` when it was rejected (its only event is [`Event::Rejected`]); the events of GTD
+    /// orders expiring at `now` come before either. A rejected command
     /// changes nothing, except that GTD orders whose time has come at `now` expire first, whatever
     /// the command: a driver journals a command whenever [`Engine::seq`] advanced.
     pub fn apply(

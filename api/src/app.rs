@@ -1,0 +1,845 @@
+//! Application state, setup, the router, middleware (request ids, metrics) and a bounded server.
+
+use crate::core::{EventBatch, EventSink, ExchangeCore, LocalCore};
+use crate::error::ApiError;
+use crate::keys::{ApiKey, KeyStore, Perms};
+use crate::market::Markets;
+use crate::metrics::Metrics;
+use crate::params::{split_signature, Params};
+use crate::ratelimit::{Charge, Limiter};
+use crate::readmodel::ReadModel;
+use crate::store::Store;
+use axum::extract::{ConnectInfo, FromRequest, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use matching_engine::{Command, Engine, EngineConfig};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+/// API settings.
+#[derive(Debug, Clone)]
+pub struct ApiConfig {
+    /// Request weight per minute per IP.
+    pub ip_weight_per_min: u64,
+    /// Request weight per minute per API key.
+    pub key_weight_per_min: u64,
+    /// New orders per 10 seconds per account (Binance's `ORDERS` limit, `-1015`).
+    pub orders_per_10s: u64,
+    /// Largest request body in bytes.
+    pub max_body_bytes: usize,
+    /// Most concurrent connections (HTTP and WebSocket).
+    pub max_connections: usize,
+    /// Lifetime of a listenKey without keep-alive, in ms.
+    pub listen_key_ttl_ms: u64,
+    /// Messages a WebSocket may fall behind before it is disconnected.
+    pub ws_queue: usize,
+    /// `SO_SNDBUF` of accepted connections, bounding what a slow reader can leave in the
+    /// kernel; `None` keeps the kernel's autotuning.
+    pub socket_send_buffer: Option<u32>,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            ip_weight_per_min: 6_000,
+            key_weight_per_min: 6_000,
+            orders_per_10s: 100,
+            max_body_bytes: 64 * 1024,
+            max_connections: 4_096,
+            listen_key_ttl_ms: 60 * 60 * 1000,
+            ws_queue: crate::readmodel::WS_QUEUE,
+            socket_send_buffer: None,
+        }
+    }
+}
+
+/// A setup failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SetupError {
+    /// Database.
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    /// Keys.
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
+    /// Markets.
+    #[error(transparent)]
+    Market(#[from] crate::market::MarketSpecError),
+    /// Engine configuration.
+    #[error("engine configuration: {0}")]
+    Engine(String),
+    /// Files and threads.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Everything the handlers share. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState(pub(crate) Arc<Inner>);
+
+#[derive(Debug)]
+pub(crate) struct Inner {
+    pub core: Arc<dyn ExchangeCore>,
+    pub rm: Arc<ReadModel>,
+    pub markets: Arc<Markets>,
+    pub keys: KeyStore,
+    pub store: Arc<Store>,
+    pub ip_limiter: Limiter,
+    pub key_limiter: Limiter,
+    pub order_limiter: Limiter,
+    pub listen_keys: RwLock<HashMap<String, (u32, u64)>>,
+    pub metrics: Metrics,
+    pub cfg: ApiConfig,
+    pub data_dir: PathBuf,
+    pub applier: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
+    id_seed: u64,
+    id_counter: AtomicU64,
+}
+
+impl std::fmt::Debug for dyn ExchangeCore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ExchangeCore")
+    }
+}
+
+/// The API opened on its data directory, waiting for its core.
+#[derive(Debug)]
+pub struct PendingApi {
+    rm: Arc<ReadModel>,
+    markets: Arc<Markets>,
+    keys: KeyStore,
+    store: Arc<Store>,
+    cfg: ApiConfig,
+    data_dir: PathBuf,
+    applier: std::thread::JoinHandle<()>,
+}
+
+/// Opens the API's storage in `data_dir` (`api.sqlite`, `api-master.key`) and starts the
+/// read-model applier thread. Returns the sink the core must publish every event batch to.
+pub fn open(
+    data_dir: &Path,
+    engine_config: &EngineConfig,
+    cfg: ApiConfig,
+) -> Result<(PendingApi, EventSink), SetupError> {
+    std::fs::create_dir_all(data_dir)?;
+    let store = Arc::new(Store::open(&data_dir.join("api.sqlite"))?);
+    let master = crate::keys::load_or_create_master(&data_dir.join("api-master.key"))?;
+    let keys = KeyStore::load(master, &store)?;
+    let markets = Arc::new(Markets::new(engine_config)?);
+    let rm = Arc::new(ReadModel::new(markets.clone(), store.clone(), cfg.ws_queue));
+    let broken = rm.broken.clone();
+    let (tx, rx) = crossbeam::channel::bounded::<EventBatch>(65_536);
+    let rm2 = rm.clone();
+    let applier = std::thread::Builder::new()
+        .name("read-model".into())
+        .spawn(move || rm2.run(rx))?;
+    Ok((
+        PendingApi {
+            rm,
+            markets,
+            keys,
+            store,
+            cfg,
+            data_dir: data_dir.to_owned(),
+            applier,
+        },
+        EventSink { tx, broken },
+    ))
+}
+
+impl PendingApi {
+    /// Seeds the read models from a recovered engine, before the core starts (see
+    /// [`crate::readmodel::ReadModel::seed`]).
+    pub fn seed(&self, engine: &Engine) -> Result<(), SetupError> {
+        Ok(self.rm.seed(engine)?)
+    }
+
+    /// Attaches the core.
+    pub fn start(self, core: Arc<dyn ExchangeCore>) -> AppState {
+        let seed = crate::keys::random_bytes::<8>()
+            .map(u64::from_le_bytes)
+            .unwrap_or(0x9E37_79B9_7F4A_7C15);
+        AppState(Arc::new(Inner {
+            core,
+            rm: self.rm,
+            markets: self.markets,
+            keys: self.keys,
+            store: self.store,
+            ip_limiter: Limiter::new(self.cfg.ip_weight_per_min),
+            key_limiter: Limiter::new(self.cfg.key_weight_per_min),
+            order_limiter: Limiter::with_window(self.cfg.orders_per_10s, 10_000),
+            listen_keys: RwLock::new(HashMap::new()),
+            metrics: Metrics::default(),
+            cfg: self.cfg,
+            data_dir: self.data_dir,
+            applier: std::sync::Mutex::new(Some(self.applier)),
+            id_seed: seed,
+            id_counter: AtomicU64::new(0),
+        }))
+    }
+}
+
+/// An API over an in-process [`LocalCore`] (no journal): for tests and demos.
+pub fn open_local(
+    data_dir: &Path,
+    engine_config: EngineConfig,
+    cfg: ApiConfig,
+) -> Result<AppState, SetupError> {
+    let (pending, sink) = open(data_dir, &engine_config, cfg)?;
+    let engine = Engine::new(engine_config).map_err(|e| SetupError::Engine(e.to_string()))?;
+    let core = LocalCore::spawn(engine, sink, 65_536)?;
+    Ok(pending.start(Arc::new(core)))
+}
+
+/// The admin key written on first start.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdminKeyFile {
+    /// Where it is.
+    pub path: PathBuf,
+    /// True when it was created now.
+    pub created: bool,
+}
+
+impl AppState {
+    /// Creates an admin key (on the fee account 0) if no admin key exists, and writes it to
+    /// `admin-key.json` (mode 0600) in the data directory.
+    pub fn ensure_admin_key(&self) -> Result<AdminKeyFile, SetupError> {
+        let path = self.0.data_dir.join("admin-key.json");
+        let has = self
+            .0
+            .keys
+            .of_account(0)
+            .iter()
+            .any(|k| k.perms.has(Perms::ADMIN));
+        if has && path.exists() {
+            return Ok(AdminKeyFile {
+                path,
+                created: false,
+            });
+        }
+        let (k, secret) = self.0.keys.create(
+            &self.0.store,
+            0,
+            Perms(Perms::ADMIN.0 | Perms::READ.0),
+            "admin",
+            crate::core::now_ms(),
+        )?;
+        let body = serde_json::json!({"apiKey": k.api_key, "secretKey": secret}).to_string();
+        let mut opts = std::fs::OpenOptions::new();
+        opts.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::OpenOptionsExt;
+            opts.mode(0o600);
+        }
+        use std::io::Write;
+        let mut f = opts.open(&path)?;
+        f.write_all(body.as_bytes())?;
+        f.sync_all()?;
+        Ok(AdminKeyFile {
+            path,
+            created: true,
+        })
+    }
+
+    /// Creates an API key directly (operator tooling and tests). Returns (apiKey, secret).
+    pub fn create_key(
+        &self,
+        account: u32,
+        perms: Perms,
+        label: &str,
+    ) -> Result<(String, String), SetupError> {
+        let (k, s) =
+            self.0
+                .keys
+                .create(&self.0.store, account, perms, label, crate::core::now_ms())?;
+        Ok((k.api_key, s))
+    }
+
+    /// The read-model thread, to join at shutdown: it writes the last history rows and exits once
+    /// the core dropped its [`EventSink`] (e.g. after the sequencer shut down).
+    pub fn take_read_model_thread(&self) -> Option<std::thread::JoinHandle<()>> {
+        self.0
+            .applier
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+    }
+
+    /// Submits a command and waits until the read models have applied it (read-your-writes).
+    pub async fn submit(&self, cmd: Command) -> Result<crate::core::Reply, ApiError> {
+        let t0 = Instant::now();
+        let r = self.0.core.submit(cmd).await.map_err(|e| match e {
+            crate::core::CoreError::Busy => ApiError::busy(),
+            other => {
+                tracing::error!(error = %other, "engine unavailable");
+                ApiError::internal()
+            }
+        })?;
+        if !self.0.rm.wait_for(r.seq).await {
+            tracing::error!(seq = r.seq, "read model did not catch up");
+            return Err(ApiError::internal());
+        }
+        self.0.metrics.engine_latency.record(t0.elapsed());
+        Ok(r)
+    }
+
+    /// Sets a gauge shown on `/metrics` (e.g. `mediator_wallet_sync_height`,
+    /// `mediator_reconciliation_gap_sats`), for the parts of the server outside this crate.
+    /// `name` must be a valid Prometheus metric name.
+    pub fn set_gauge(&self, name: &'static str, help: &'static str, value: i64) {
+        self.0
+            .metrics
+            .external
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(name, (help, value));
+    }
+
+    /// A fresh client order id (22 characters of `[A-Za-z0-9]`, like Binance's).
+    pub fn gen_client_id(&self) -> String {
+        let n = self.0.id_counter.fetch_add(1, Ordering::Relaxed);
+        let mut x = self.0.id_seed ^ n.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let mut y = n ^ self.0.id_seed.rotate_left(17);
+        const A: &[u8] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+        let mut s = String::with_capacity(22);
+        for i in 0..22 {
+            let v = if i < 11 { &mut x } else { &mut y };
+            // splitmix64 step
+            *v = v.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = *v;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^= z >> 31;
+            s.push(A[(z % 62) as usize] as char);
+        }
+        s
+    }
+}
+
+/// A request as the handlers see it: raw query and form body (bounded), headers and client IP.
+#[derive(Debug)]
+pub struct Req {
+    /// Headers.
+    pub headers: HeaderMap,
+    /// Raw query string.
+    pub query: String,
+    /// Raw body.
+    pub body: String,
+    /// Client IP (or `local` without a socket).
+    pub ip: String,
+}
+
+/// The client's IP (or `local` without a socket), as an extractor.
+#[derive(Debug, Clone)]
+pub struct ClientIp(pub String);
+
+impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(ClientIp(
+            parts
+                .extensions
+                .get::<ConnectInfo<PeerAddr>>()
+                .map(|c| c.0 .0.ip().to_string())
+                .unwrap_or_else(|| "local".to_owned()),
+        ))
+    }
+}
+
+/// The peer address of a connection (set by [`serve`]).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerAddr(pub SocketAddr);
+
+impl FromRequest<AppState> for Req {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
+        let (parts, body) = req.into_parts();
+        let ip = parts
+            .extensions
+            .get::<ConnectInfo<PeerAddr>>()
+            .map(|c| c.0 .0.ip().to_string())
+            .unwrap_or_else(|| "local".to_owned());
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        let bytes = axum::body::to_bytes(body, state.0.cfg.max_body_bytes)
+            .await
+            .map_err(|_| ApiError {
+                status: StatusCode::PAYLOAD_TOO_LARGE,
+                code: -1000,
+                msg: "Request body too large.".into(),
+                retry_after: None,
+            })?;
+        if !bytes.is_empty() {
+            let ct = parts
+                .headers
+                .get(axum::http::header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if !ct.is_empty() && !ct.starts_with("application/x-www-form-urlencoded") {
+                return Err(ApiError::bad(
+                    -1100,
+                    "Illegal request body; send parameters as application/x-www-form-urlencoded.",
+                ));
+            }
+        }
+        let body = String::from_utf8(bytes.to_vec())
+            .map_err(|_| ApiError::bad(-1100, "Illegal characters found in the request body."))?;
+        Ok(Req {
+            headers: parts.headers,
+            query,
+            body,
+            ip,
+        })
+    }
+}
+
+/// Rate-limit bookkeeping of one request.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Ctx {
+    /// Weight used by this IP in the current minute.
+    pub used: u64,
+}
+
+/// The most a signed request's `recvWindow` may be.
+pub const MAX_RECV_WINDOW: u64 = 60_000;
+
+impl AppState {
+    fn charge_ip(&self, req: &Req, weight: u64) -> Result<Ctx, ApiError> {
+        self.charge_ip_addr(&req.ip, weight)
+    }
+
+    /// Charges weight to a client IP.
+    pub fn charge_ip_addr(&self, ip: &str, weight: u64) -> Result<Ctx, ApiError> {
+        match self.0.ip_limiter.charge(ip, weight, crate::core::now_ms()) {
+            Charge::Ok(used) => Ok(Ctx { used }),
+            Charge::Limited { retry_after, .. } => {
+                self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError::rate_limited(
+                    self.0.ip_limiter.limit(),
+                    retry_after,
+                ))
+            }
+        }
+    }
+
+    /// Checks `timestamp` against the server clock and `recvWindow` (`-1021`, `-1131`).
+    pub fn check_time(&self, ts: u64, recv_window: Option<u64>) -> Result<(), ApiError> {
+        let recv = recv_window.unwrap_or(5_000);
+        if recv > MAX_RECV_WINDOW {
+            return Err(ApiError::bad(-1131, "recvWindow must be less than 60000"));
+        }
+        let now = crate::core::now_ms();
+        if ts > now + 1_000 {
+            return Err(ApiError::bad(
+                -1021,
+                "Timestamp for this request was 1000ms ahead of the server's time.",
+            ));
+        }
+        if now.saturating_sub(ts) > recv {
+            return Err(ApiError::bad(
+                -1021,
+                "Timestamp for this request is outside of the recvWindow.",
+            ));
+        }
+        Ok(())
+    }
+
+    /// A public request: charges weight and parses parameters.
+    pub fn public(&self, req: &Req, weight: u64) -> Result<(Params, Ctx), ApiError> {
+        let ctx = self.charge_ip(req, weight)?;
+        Ok((Params::parse(&req.query, &req.body)?, ctx))
+    }
+
+    fn api_key(&self, req: &Req, weight: u64) -> Result<ApiKey, ApiError> {
+        let raw = req
+            .headers
+            .get("x-mbx-apikey")
+            .ok_or_else(ApiError::key_format)?
+            .to_str()
+            .map_err(|_| ApiError::key_format())?;
+        self.lookup_key(raw, weight)
+    }
+
+    /// A live key by its public id, charged `weight` against its limit (`-2014`, `-2015`, 429).
+    pub fn lookup_key(&self, raw: &str, weight: u64) -> Result<ApiKey, ApiError> {
+        if raw.is_empty() || raw.len() > 128 || !raw.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(ApiError::key_format());
+        }
+        let key = self.0.keys.get(raw).ok_or_else(ApiError::key_rejected)?;
+        match self
+            .0
+            .key_limiter
+            .charge(&key.api_key, weight, crate::core::now_ms())
+        {
+            Charge::Ok(_) => Ok(key),
+            Charge::Limited { retry_after, .. } => {
+                self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError::rate_limited(
+                    self.0.key_limiter.limit(),
+                    retry_after,
+                ))
+            }
+        }
+    }
+
+    /// A request with an API key but no signature (`userDataStream`).
+    pub fn keyed(&self, req: &Req, weight: u64) -> Result<(ApiKey, Params, Ctx), ApiError> {
+        let ctx = self.charge_ip(req, weight)?;
+        let key = self.api_key(req, weight)?;
+        Ok((key, Params::parse(&req.query, &req.body)?, ctx))
+    }
+
+    /// A signed request: key, permission, timestamp and recvWindow, HMAC-SHA256 signature over
+    /// the exact query string followed by the exact body (the `signature` pair removed).
+    pub fn signed(
+        &self,
+        req: &Req,
+        perm: Perms,
+        weight: u64,
+    ) -> Result<(ApiKey, Params, Ctx), ApiError> {
+        let ctx = self.charge_ip(req, weight)?;
+        let key = self.api_key(req, weight)?;
+        let mut p = Params::parse(&req.query, &req.body)?;
+        let ts = p.req("timestamp")?;
+        let ts: u64 = ts
+            .parse()
+            .ok()
+            .filter(|_| ts.len() <= 20 && ts.bytes().all(|b| b.is_ascii_digit()))
+            .ok_or_else(|| ApiError::missing("timestamp"))?;
+        let recv = p.opt_u64("recvWindow")?;
+        self.check_time(ts, recv)?;
+        p.req("signature")?;
+        let (q, sig_q) = split_signature(&req.query);
+        let (b, sig_b) = split_signature(&req.body);
+        let sig = sig_q
+            .or(sig_b)
+            .ok_or_else(|| ApiError::missing("signature"))?;
+        let payload = format!("{q}{b}");
+        if !key.verify(payload.as_bytes(), &sig) {
+            return Err(ApiError::bad_signature());
+        }
+        if !key.perms.has(perm) {
+            return Err(ApiError::key_rejected());
+        }
+        Ok((key, p, ctx))
+    }
+
+    /// Counts one new order of `account` against the 10-second order limit (`-1015`, 429).
+    pub fn charge_order(&self, account: u32) -> Result<u64, ApiError> {
+        match self
+            .0
+            .order_limiter
+            .charge(&account.to_string(), 1, crate::core::now_ms())
+        {
+            Charge::Ok(n) => Ok(n),
+            Charge::Limited { retry_after, .. } => {
+                self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+                Err(ApiError {
+                    status: StatusCode::TOO_MANY_REQUESTS,
+                    code: -1015,
+                    msg: format!(
+                        "Too many new orders; current limit is {} orders per 10 SECOND.",
+                        self.0.order_limiter.limit()
+                    )
+                    .into(),
+                    retry_after: Some(retry_after),
+                })
+            }
+        }
+    }
+
+    /// The markets.
+    pub fn markets(&self) -> &Markets {
+        &self.0.markets
+    }
+
+    /// The read models.
+    pub fn read_model(&self) -> &ReadModel {
+        &self.0.rm
+    }
+}
+
+/// A JSON answer with Binance's used-weight header.
+pub fn ok_json(ctx: &Ctx, v: serde_json::Value) -> Response {
+    let mut r = axum::Json(v).into_response();
+    if let Ok(h) = HeaderValue::from_str(&ctx.used.to_string()) {
+        r.headers_mut().insert("x-mbx-used-weight-1m", h.clone());
+        r.headers_mut().insert("x-mbx-used-weight", h);
+    }
+    r
+}
+
+static REQUEST_ID: AtomicU64 = AtomicU64::new(1);
+
+/// The longest a request may take (`-1007` after it).
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
+async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
+    let id = REQUEST_ID.fetch_add(1, Ordering::Relaxed);
+    let method = req.method().clone();
+    // The path only: query strings carry signatures and account data.
+    let path = req.uri().path().to_owned();
+    req.extensions_mut().insert(RequestId(id));
+    let span = tracing::info_span!("request", id, %method, %path);
+    let t0 = Instant::now();
+    let run = tracing::Instrument::instrument(next.run(req), span.clone());
+    let mut res = match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
+        Ok(res) => res,
+        Err(_) => {
+            span.in_scope(|| tracing::warn!("request timed out"));
+            ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: -1007,
+                msg: "Timeout waiting for response from backend server. Send status unknown; execution status unknown.".into(),
+                retry_after: None,
+            }
+            .into_response()
+        }
+    };
+    let elapsed = t0.elapsed();
+    st.0.metrics.http(res.status(), elapsed);
+    span.in_scope(|| {
+        tracing::debug!(
+            status = res.status().as_u16(),
+            micros = elapsed.as_micros() as u64,
+            "done"
+        )
+    });
+    if let Ok(h) = HeaderValue::from_str(&id.to_string()) {
+        res.headers_mut().insert("x-request-id", h);
+    }
+    res
+}
+
+/// A request's id (also in its `x-request-id` response header and its log span).
+#[derive(Debug, Clone, Copy)]
+pub struct RequestId(pub u64);
+
+async fn not_found() -> ApiError {
+    ApiError {
+        status: StatusCode::NOT_FOUND,
+        code: -1000,
+        msg: "Unknown endpoint.".into(),
+        retry_after: None,
+    }
+}
+
+/// The router: every endpoint, request ids, body limit.
+pub fn app(state: AppState) -> Router {
+    use crate::{native, public, trade, ws};
+    let body_limit = state.0.cfg.max_body_bytes;
+    Router::new()
+        .route("/api/v3/ping", get(public::ping))
+        .route("/api/v3/time", get(public::time))
+        .route("/api/v3/exchangeInfo", get(public::exchange_info))
+        .route("/api/v3/depth", get(public::depth))
+        .route("/api/v3/trades", get(public::trades))
+        .route("/api/v3/aggTrades", get(public::agg_trades))
+        .route("/api/v3/historicalTrades", get(public::historical_trades))
+        .route("/api/v3/avgPrice", get(public::avg_price))
+        .route("/api/v3/ticker/24hr", get(public::ticker_24hr))
+        .route("/api/v3/ticker/price", get(public::ticker_price))
+        .route("/api/v3/ticker/bookTicker", get(public::book_ticker))
+        .route("/api/v3/klines", get(public::klines))
+        .route("/api/v3/uiKlines", get(public::klines))
+        .route(
+            "/api/v3/order",
+            post(trade::new_order)
+                .get(trade::get_order)
+                .delete(trade::cancel_order),
+        )
+        .route("/api/v3/order/test", post(trade::test_order))
+        .route("/api/v3/order/cancelReplace", post(trade::cancel_replace))
+        .route(
+            "/api/v3/openOrders",
+            get(trade::open_orders).delete(trade::cancel_open_orders),
+        )
+        .route("/api/v3/allOrders", get(trade::all_orders))
+        .route("/api/v3/account", get(trade::account))
+        .route("/api/v3/myTrades", get(trade::my_trades))
+        .route(
+            "/api/v3/userDataStream",
+            post(ws::listen_key_new)
+                .put(ws::listen_key_keepalive)
+                .delete(ws::listen_key_close),
+        )
+        .route("/mapi/v1/transfer", post(native::transfer))
+        .route(
+            "/mapi/v1/apiKey",
+            get(native::list_keys)
+                .post(native::create_own_key)
+                .delete(native::revoke_key),
+        )
+        .route("/mapi/v1/admin/account", post(native::admin_create_account))
+        .route("/mapi/v1/admin/apiKey", post(native::admin_create_key))
+        .route("/mapi/v1/admin/credit", post(native::admin_credit))
+        .route("/ws", get(ws::ws_root))
+        .route("/ws/{streams}", get(ws::ws_path))
+        .route("/stream", get(ws::ws_combined))
+        .route("/ws-api/v3", get(ws::ws_api))
+        .route("/metrics", get(crate::metrics::metrics))
+        .route("/openapi.json", get(crate::openapi::openapi))
+        .fallback(not_found)
+        .layer(axum::extract::DefaultBodyLimit::max(body_limit))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            request_id,
+        ))
+        .with_state(state)
+}
+
+/// A listener that holds one permit of a semaphore per open connection: at most
+/// `max_connections` at once; further connections wait in the kernel's backlog.
+#[derive(Debug)]
+pub struct LimitedListener {
+    inner: tokio::net::TcpListener,
+    permits: Arc<tokio::sync::Semaphore>,
+    send_buffer: Option<u32>,
+}
+
+impl LimitedListener {
+    /// Wraps a bound listener.
+    pub fn new(
+        inner: tokio::net::TcpListener,
+        max_connections: usize,
+        send_buffer: Option<u32>,
+    ) -> Self {
+        Self {
+            inner,
+            permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
+            send_buffer,
+        }
+    }
+}
+
+/// Sets `SO_SNDBUF` on a connected stream (through a duplicate of its descriptor).
+fn set_send_buffer(
+    stream: tokio::net::TcpStream,
+    size: u32,
+) -> std::io::Result<tokio::net::TcpStream> {
+    let std = stream.into_std()?;
+    tokio::net::TcpSocket::from_std_stream(std.try_clone()?).set_send_buffer_size(size)?;
+    tokio::net::TcpStream::from_std(std)
+}
+
+/// A connection and its permit.
+#[derive(Debug)]
+pub struct LimitedStream {
+    stream: tokio::net::TcpStream,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl tokio::io::AsyncRead for LimitedStream {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+    }
+}
+
+impl tokio::io::AsyncWrite for LimitedStream {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.stream).poll_shutdown(cx)
+    }
+}
+
+impl axum::serve::Listener for LimitedListener {
+    type Io = LimitedStream;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        loop {
+            let Ok(permit) = self.permits.clone().acquire_owned().await else {
+                std::future::pending::<()>().await;
+                continue;
+            };
+            match self.inner.accept().await {
+                Ok((stream, addr)) => {
+                    let _ = stream.set_nodelay(true);
+                    let stream = match self.send_buffer {
+                        None => stream,
+                        Some(n) => match set_send_buffer(stream, n) {
+                            Ok(s) => s,
+                            Err(e) => {
+                                tracing::warn!(error = %e, "setting SO_SNDBUF failed");
+                                continue;
+                            }
+                        },
+                    };
+                    return (
+                        LimitedStream {
+                            stream,
+                            _permit: permit,
+                        },
+                        addr,
+                    );
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        self.inner.local_addr()
+    }
+}
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, LimitedListener>>
+    for PeerAddr
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, LimitedListener>) -> Self {
+        PeerAddr(*stream.remote_addr())
+    }
+}
+
+/// Serves `state` on a bound listener until `shutdown` resolves, then finishes in-flight
+/// requests (graceful shutdown).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let max = state.0.cfg.max_connections;
+    let sndbuf = state.0.cfg.socket_send_buffer;
+    let router = app(state);
+    axum::serve(
+        LimitedListener::new(listener, max, sndbuf),
+        router.into_make_service_with_connect_info::<PeerAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}

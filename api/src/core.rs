@@ -1,0 +1,173 @@
+//! The boundary between the API and the engine process: [`ExchangeCore`] takes commands and
+//! replies once each is durable; an [`EventSink`] receives every event batch in order.
+//!
+//! **Contract for an implementation** (the sequencer in `mediator serve`, or [`LocalCore`] here):
+//! * `submit` replies exactly once per command, after the command is durable (journaled and
+//!   fsynced) when it changed state. `Reply::seq` is the engine's sequence number after the
+//!   command ([`matching_engine::Engine::seq`]).
+//! * For every command that advanced the engine's sequence, the events are published to the
+//!   [`EventSink`] as one [`EventBatch`] with that `seq`, in sequence order, with no gaps, **before
+//!   or concurrently with** the reply (the API waits for the read model to reach `Reply::seq`
+//!   before answering, so publishing after replying only delays the answer).
+//! * On start, the batches of the whole history are published (journal replay), so that the read
+//!   models rebuild books, balances and open orders; history already in SQLite is upserted again,
+//!   which is idempotent.
+
+use matching_engine::{Command, Engine, EngineConfig, Event, RejectCode, Timestamp};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+/// The answer to one command.
+#[derive(Debug, Clone)]
+pub struct Reply {
+    /// Accepted, or rejected with a code (a rejected command changed nothing it was asked to do).
+    pub result: Result<(), RejectCode>,
+    /// The command's events (for a rejection: possibly GTD expiries, then `Rejected`).
+    pub events: Vec<Event>,
+    /// The engine's sequence number after the command.
+    pub seq: u64,
+}
+
+/// Why a command got no reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum CoreError {
+    /// The input queue is full: try again later (HTTP 503, `-1008`).
+    #[error("engine busy")]
+    Busy,
+    /// The engine stopped (shutdown or a fatal journal error).
+    #[error("engine stopped")]
+    Stopped,
+}
+
+/// A boxed future, for an object-safe trait.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The engine process as the API sees it.
+pub trait ExchangeCore: Send + Sync + 'static {
+    /// Submits a command; resolves once it is durable, with its events.
+    fn submit(&self, cmd: Command) -> BoxFuture<'_, Result<Reply, CoreError>>;
+    /// The engine's configuration (markets and assets).
+    fn config(&self) -> &EngineConfig;
+    /// Commands waiting in the input queue (for `/metrics`).
+    fn queue_depth(&self) -> usize {
+        0
+    }
+}
+
+/// The events of one command that advanced the engine's sequence.
+#[derive(Debug, Clone)]
+pub struct EventBatch {
+    /// The engine's sequence number after the command.
+    pub seq: u64,
+    /// Time of the command.
+    pub time: Timestamp,
+    /// Its events, in order.
+    pub events: Arc<[Event]>,
+}
+
+/// Where the core publishes event batches: the read models' input. Cloneable; `publish` blocks
+/// when the read models are a full queue behind (backpressure on the engine, never loss).
+#[derive(Debug, Clone)]
+pub struct EventSink {
+    pub(crate) tx: crossbeam::channel::Sender<EventBatch>,
+    pub(crate) broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl EventSink {
+    /// Marks the read models as broken: the core lost events (e.g. the fan-out dropped the
+    /// subscriber). Handlers then answer `-1000` at once instead of waiting, and `/metrics`
+    /// shows `mediator_read_model_broken 1` until a restart resynchronises.
+    pub fn fail(&self) {
+        self.broken.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// Publishes one batch. Returns false when the API has shut down.
+    pub fn publish(&self, batch: EventBatch) -> bool {
+        self.tx.send(batch).is_ok()
+    }
+}
+
+type Job = (Command, tokio::sync::oneshot::Sender<Reply>);
+
+/// An in-process core for tests and single-process use without a journal: the [`Engine`] is
+/// owned by one dedicated thread fed by a bounded channel (an actor; no lock around the engine).
+/// It is **not durable**: replies do not wait for any fsync.
+#[derive(Debug)]
+pub struct LocalCore {
+    tx: tokio::sync::mpsc::Sender<Job>,
+    config: EngineConfig,
+}
+
+impl LocalCore {
+    /// Starts the engine thread with an input queue of `capacity` commands. The engine's time is
+    /// the wall clock, never going backwards.
+    pub fn spawn(engine: Engine, sink: EventSink, capacity: usize) -> std::io::Result<Self> {
+        let config = engine.config().clone();
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Job>(capacity);
+        std::thread::Builder::new()
+            .name("engine".into())
+            .spawn(move || {
+                let mut engine = engine;
+                let mut out = Vec::with_capacity(64);
+                while let Some((cmd, reply)) = rx.blocking_recv() {
+                    let now = Timestamp(wall_clock_nanos().max(engine.now().0));
+                    let before = engine.seq();
+                    out.clear();
+                    let result = engine.apply(&cmd, now, &mut out);
+                    let seq = engine.seq();
+                    if seq != before {
+                        let batch = EventBatch {
+                            seq,
+                            time: engine.now(),
+                            events: out.clone().into(),
+                        };
+                        if !sink.publish(batch) {
+                            break;
+                        }
+                    }
+                    let _ = reply.send(Reply {
+                        result,
+                        events: out.clone(),
+                        seq,
+                    });
+                }
+            })?;
+        Ok(Self { tx, config })
+    }
+}
+
+impl ExchangeCore for LocalCore {
+    fn submit(&self, cmd: Command) -> BoxFuture<'_, Result<Reply, CoreError>> {
+        Box::pin(async move {
+            let (otx, orx) = tokio::sync::oneshot::channel();
+            self.tx.try_send((cmd, otx)).map_err(|e| match e {
+                tokio::sync::mpsc::error::TrySendError::Full(_) => CoreError::Busy,
+                tokio::sync::mpsc::error::TrySendError::Closed(_) => CoreError::Stopped,
+            })?;
+            orx.await.map_err(|_| CoreError::Stopped)
+        })
+    }
+
+    fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    fn queue_depth(&self) -> usize {
+        self.tx.max_capacity() - self.tx.capacity()
+    }
+}
+
+/// Nanoseconds since the Unix epoch (0 if the clock is before it).
+pub fn wall_clock_nanos() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    wall_clock_nanos() / 1_000_000
+}

@@ -1,0 +1,326 @@
+//! API keys, permissions and request signatures.
+//!
+//! **Secrets at rest: none.** A key's secret is `hex(HMAC-SHA256(master, "mediator/api-secret/v1/"
+//! || api_key))`, derived on demand from a 32-byte server master key kept in a `0600` file in the
+//! data directory. SQLite holds only the public key, its account, permissions and label; the
+//! secret is shown once, when the key is created. Whoever can read the master key file can derive
+//! every secret (exactly as with an encryption key); a leaked database alone reveals none. A key
+//! is revoked by deleting its row; a new key gets a new random id, hence a new secret.
+//! See `docs/adr/0005-api-secrets-derived-from-a-master-key.md`.
+
+use crate::store::{KeyRow, Store, StoreError};
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::RwLock;
+
+type HmacSha256 = Hmac<Sha256>;
+
+/// Permission bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Perms(pub u8);
+
+impl Perms {
+    /// Read account data.
+    pub const READ: Perms = Perms(1);
+    /// Place and cancel orders, transfer.
+    pub const TRADE: Perms = Perms(2);
+    /// Withdraw.
+    pub const WITHDRAW: Perms = Perms(4);
+    /// Receive merchant payments.
+    pub const MERCHANT: Perms = Perms(8);
+    /// Operator: create accounts and keys, credit deposits.
+    pub const ADMIN: Perms = Perms(16);
+
+    const NAMES: [(&'static str, Perms); 5] = [
+        ("read", Perms::READ),
+        ("trade", Perms::TRADE),
+        ("withdraw", Perms::WITHDRAW),
+        ("merchant", Perms::MERCHANT),
+        ("admin", Perms::ADMIN),
+    ];
+
+    /// True when every bit of `p` is set.
+    pub fn has(self, p: Perms) -> bool {
+        self.0 & p.0 == p.0
+    }
+
+    /// Parses `read,trade,...`.
+    pub fn parse(s: &str) -> Option<Perms> {
+        let mut bits = 0u8;
+        for part in s.split(',') {
+            let (_, p) = Self::NAMES.iter().find(|(n, _)| *n == part.trim())?;
+            bits |= p.0;
+        }
+        Some(Perms(bits))
+    }
+
+    /// Names of the set bits.
+    pub fn names(self) -> Vec<&'static str> {
+        Self::NAMES
+            .iter()
+            .filter(|(_, p)| self.has(*p))
+            .map(|(n, _)| *n)
+            .collect()
+    }
+}
+
+/// A live key as the API holds it in memory.
+#[derive(Clone)]
+pub struct ApiKey {
+    /// The public key.
+    pub api_key: String,
+    /// Its account.
+    pub account: u32,
+    /// Permissions.
+    pub perms: Perms,
+    /// Label.
+    pub label: String,
+    /// Creation time.
+    pub created_ms: u64,
+    secret: [u8; 64],
+}
+
+impl std::fmt::Debug for ApiKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiKey")
+            .field("api_key", &self.api_key)
+            .field("account", &self.account)
+            .field("perms", &self.perms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ApiKey {
+    /// True when `signature_hex` is the HMAC-SHA256 of `payload` under this key's secret,
+    /// compared in constant time.
+    pub fn verify(&self, payload: &[u8], signature_hex: &str) -> bool {
+        let Ok(sig) = hex::decode(signature_hex) else {
+            return false;
+        };
+        let Ok(mut mac) = HmacSha256::new_from_slice(&self.secret) else {
+            return false;
+        };
+        mac.update(payload);
+        mac.verify_slice(&sig).is_ok()
+    }
+}
+
+/// A key-store failure.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// Database.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// Master key file.
+    #[error("master key file: {0}")]
+    Io(#[from] std::io::Error),
+    /// No randomness.
+    #[error("no randomness available")]
+    Random,
+}
+
+/// All live keys (in memory, backed by SQLite).
+pub struct KeyStore {
+    master: [u8; 32],
+    keys: RwLock<HashMap<String, ApiKey>>,
+}
+
+impl std::fmt::Debug for KeyStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KeyStore").finish_non_exhaustive()
+    }
+}
+
+/// Random bytes from the OS.
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], KeyError> {
+    let mut b = [0u8; N];
+    getrandom::getrandom(&mut b).map_err(|_| KeyError::Random)?;
+    Ok(b)
+}
+
+/// Reads the master key from `path`, creating it (mode 0600) when absent.
+pub fn load_or_create_master(path: &Path) -> Result<[u8; 32], KeyError> {
+    if let Ok(s) = std::fs::read_to_string(path) {
+        let v = hex::decode(s.trim()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not 64 hex characters")
+        })?;
+        return v.try_into().map_err(|_| {
+            KeyError::Io(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                "not 32 bytes",
+            ))
+        });
+    }
+    let key = random_bytes::<32>()?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    use std::io::Write;
+    let mut f = opts.open(path)?;
+    f.write_all(hex::encode(key).as_bytes())?;
+    f.sync_all()?;
+    Ok(key)
+}
+
+impl KeyStore {
+    /// Loads every live key from the store.
+    pub fn load(master: [u8; 32], store: &Store) -> Result<Self, KeyError> {
+        let ks = Self {
+            master,
+            keys: RwLock::new(HashMap::new()),
+        };
+        for row in store.keys()? {
+            ks.insert_row(row);
+        }
+        Ok(ks)
+    }
+
+    fn derive(&self, api_key: &str) -> [u8; 64] {
+        let mut mac = HmacSha256::new_from_slice(&self.master).expect("hmac takes any key length");
+        mac.update(b"mediator/api-secret/v1/");
+        mac.update(api_key.as_bytes());
+        let d = mac.finalize().into_bytes();
+        let mut out = [0u8; 64];
+        hex::encode_to_slice(d, &mut out).expect("32 bytes are 64 hex characters");
+        out
+    }
+
+    fn insert_row(&self, row: KeyRow) {
+        let secret = self.derive(&row.api_key);
+        let k = ApiKey {
+            api_key: row.api_key.clone(),
+            account: row.account,
+            perms: Perms(row.perms),
+            label: row.label,
+            created_ms: row.created_ms,
+            secret,
+        };
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(row.api_key, k);
+    }
+
+    /// Creates a key; returns it and its secret (the only time the secret is shown).
+    pub fn create(
+        &self,
+        store: &Store,
+        account: u32,
+        perms: Perms,
+        label: &str,
+        now_ms: u64,
+    ) -> Result<(ApiKey, String), KeyError> {
+        let api_key = hex::encode(random_bytes::<32>()?);
+        let row = KeyRow {
+            api_key: api_key.clone(),
+            account,
+            perms: perms.0,
+            label: label.to_owned(),
+            created_ms: now_ms,
+        };
+        store.insert_key(&row)?;
+        self.insert_row(row);
+        let k = self.get(&api_key).ok_or(KeyError::Random)?;
+        let secret = String::from_utf8_lossy(&k.secret).into_owned();
+        Ok((k, secret))
+    }
+
+    /// Revokes a key.
+    pub fn revoke(&self, store: &Store, api_key: &str) -> Result<bool, KeyError> {
+        let found = store.revoke_key(api_key)?;
+        self.keys
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(api_key);
+        Ok(found)
+    }
+
+    /// A live key.
+    pub fn get(&self, api_key: &str) -> Option<ApiKey> {
+        self.keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(api_key)
+            .cloned()
+    }
+
+    /// Keys of an account.
+    pub fn of_account(&self, account: u32) -> Vec<ApiKey> {
+        let mut v: Vec<ApiKey> = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|k| k.account == account)
+            .cloned()
+            .collect();
+        v.sort_by_key(|k| k.created_ms);
+        v
+    }
+}
+
+/// Signs a payload (for tests and clients).
+pub fn sign(secret: &str, payload: &str) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret.as_bytes()).expect("any key length");
+    mac.update(payload.as_bytes());
+    hex::encode(mac.finalize().into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn perms_parse() {
+        let p = Perms::parse("read,trade").unwrap();
+        assert!(p.has(Perms::READ) && p.has(Perms::TRADE) && !p.has(Perms::WITHDRAW));
+        assert_eq!(p.names(), vec!["read", "trade"]);
+        assert!(Perms::parse("read,root").is_none());
+    }
+
+    #[test]
+    fn create_verify_revoke_and_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let master = load_or_create_master(&dir.path().join("m.key")).unwrap();
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(dir.path().join("m.key"))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        assert_eq!(
+            load_or_create_master(&dir.path().join("m.key")).unwrap(),
+            master
+        );
+        let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
+        let ks = KeyStore::load(master, &store).unwrap();
+        let (k, secret) = ks.create(&store, 7, Perms::READ, "bot", 1).unwrap();
+        let sig = sign(&secret, "a=1&timestamp=5");
+        assert!(k.verify(b"a=1&timestamp=5", &sig));
+        assert!(!k.verify(b"a=2&timestamp=5", &sig));
+        assert!(!k.verify(b"a=1&timestamp=5", "zz"));
+        // Nothing secret in the database file.
+        let raw = std::fs::read(dir.path().join("db.sqlite")).unwrap();
+        assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()));
+        let again = KeyStore::load(master, &store).unwrap();
+        assert!(again
+            .get(&k.api_key)
+            .unwrap()
+            .verify(b"a=1&timestamp=5", &sig));
+        assert!(ks.revoke(&store, &k.api_key).unwrap());
+        assert!(KeyStore::load(master, &store)
+            .unwrap()
+            .get(&k.api_key)
+            .is_none());
+    }
+}

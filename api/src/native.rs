@@ -1,0 +1,245 @@
+//! Native endpoints (no Binance equivalent), in the same style (`/mapi/v1/...`, signed, Binance
+//! error format): internal transfers, API key management, and operator (admin) endpoints.
+
+use crate::app::{ok_json, AppState, Req};
+use crate::error::ApiError;
+use crate::keys::Perms;
+use crate::params::Params;
+use axum::extract::State;
+use axum::response::Response;
+use matching_engine::{AccountId, Amount, Command, Event, IdempotencyKey};
+use serde_json::json;
+
+fn asset_amount(
+    st: &AppState,
+    p: &mut Params,
+) -> Result<(matching_engine::AssetId, u8, Amount), ApiError> {
+    let asset = p.req("asset")?;
+    let a = st
+        .markets()
+        .asset(&asset)
+        .ok_or_else(|| ApiError::bad(-1130, "Invalid asset."))?
+        .clone();
+    let amount = p.req("amount")?;
+    let v = crate::decimal::parse_units(&amount, a.decimals).map_err(|e| match e {
+        crate::decimal::DecimalError::TooPrecise => ApiError::precision("amount"),
+        _ => ApiError::illegal("amount", crate::market::DECIMAL_RANGE),
+    })?;
+    if v == 0 {
+        return Err(ApiError::invalid_value("amount"));
+    }
+    Ok((a.id, a.decimals, Amount(v)))
+}
+
+fn account_param(p: &mut Params, name: &str) -> Result<AccountId, ApiError> {
+    let v = p.opt_u64(name)?.ok_or_else(|| ApiError::missing(name))?;
+    u32::try_from(v)
+        .map(AccountId)
+        .map_err(|_| ApiError::invalid_value(name))
+}
+
+fn reference(p: &mut Params, name: &str) -> Result<String, ApiError> {
+    let r = p.req(name)?;
+    if r.len() > 128 || !r.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(ApiError::illegal(name, "^[ -~]{1,128}$"));
+    }
+    Ok(r)
+}
+
+fn duplicate(events: &[Event]) -> bool {
+    events.iter().any(|e| {
+        matches!(
+            e,
+            Event::Accepted {
+                duplicate: true,
+                ..
+            }
+        )
+    })
+}
+
+/// `POST /mapi/v1/transfer` (TRADE): moves `amount` of `asset` to `toAccount` at once.
+/// Idempotent by `clientTranId` (per sending account).
+pub async fn transfer(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let to = account_param(&mut p, "toAccount")?;
+    let (asset, decimals, amount) = asset_amount(&st, &mut p)?;
+    let tran = reference(&mut p, "clientTranId")?;
+    p.finish()?;
+    let k = IdempotencyKey::reference(&format!("transfer/{}/{tran}", key.account));
+    let reply = st
+        .submit(Command::Transfer {
+            from: AccountId(key.account),
+            to,
+            asset,
+            amount,
+            key: k,
+        })
+        .await?;
+    if let Err(code) = reply.result {
+        return Err(ApiError::command_rejected(code));
+    }
+    Ok(ok_json(
+        &ctx,
+        json!({
+            "tranId": reply.seq,
+            "clientTranId": tran,
+            "fromAccount": key.account,
+            "toAccount": to.0,
+            "asset": st.markets().assets[usize::from(asset.0)].symbol,
+            "amount": crate::decimal::format_units(amount.0, decimals),
+            "duplicate": duplicate(&reply.events),
+        }),
+    ))
+}
+
+fn key_json(k: &crate::keys::ApiKey) -> serde_json::Value {
+    json!({
+        "apiKey": k.api_key,
+        "account": k.account,
+        "permissions": k.perms.names(),
+        "label": k.label,
+        "createTime": k.created_ms,
+    })
+}
+
+/// `GET /mapi/v1/apiKey` (READ): the account's keys (never secrets).
+pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, p, ctx) = st.signed(&req, Perms::READ, 5)?;
+    p.finish()?;
+    let v: Vec<_> =
+        st.0.keys
+            .of_account(key.account)
+            .iter()
+            .map(key_json)
+            .collect();
+    Ok(ok_json(&ctx, serde_json::Value::Array(v)))
+}
+
+fn create_key(
+    st: &AppState,
+    account: u32,
+    perms: Perms,
+    label: &str,
+) -> Result<serde_json::Value, ApiError> {
+    let (k, secret) =
+        st.0.keys
+            .create(&st.0.store, account, perms, label, crate::core::now_ms())
+            .map_err(|e| {
+                tracing::error!(error = %e, "creating an API key failed");
+                ApiError::internal()
+            })?;
+    let mut v = key_json(&k);
+    v["secretKey"] = json!(secret);
+    Ok(v)
+}
+
+fn perms_param(p: &mut Params) -> Result<Perms, ApiError> {
+    Perms::parse(&p.req("permissions")?).ok_or_else(|| ApiError::invalid_value("permissions"))
+}
+
+fn label_param(p: &mut Params) -> Result<String, ApiError> {
+    let l = p.opt("label")?.unwrap_or_default();
+    if l.len() > 64 || !l.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(ApiError::illegal("label", "^[ -~]{0,64}$"));
+    }
+    Ok(l)
+}
+
+/// `POST /mapi/v1/apiKey`: creates a key for the caller's own account with at most the caller's
+/// permissions. The secret is in this answer only.
+pub async fn create_own_key(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 5)?;
+    let perms = perms_param(&mut p)?;
+    let label = label_param(&mut p)?;
+    p.finish()?;
+    if perms.0 & !key.perms.0 != 0 {
+        return Err(ApiError::key_rejected());
+    }
+    Ok(ok_json(&ctx, create_key(&st, key.account, perms, &label)?))
+}
+
+/// `DELETE /mapi/v1/apiKey`: revokes one of the account's keys.
+pub async fn revoke_key(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 5)?;
+    let target = p.req("apiKey")?;
+    p.finish()?;
+    let owned =
+        st.0.keys
+            .get(&target)
+            .is_some_and(|k| k.account == key.account || key.perms.has(Perms::ADMIN));
+    if !owned {
+        return Err(ApiError::bad(-2008, "Invalid Api-Key ID."));
+    }
+    st.0.keys.revoke(&st.0.store, &target).map_err(|e| {
+        tracing::error!(error = %e, "revoking an API key failed");
+        ApiError::internal()
+    })?;
+    Ok(ok_json(&ctx, json!({})))
+}
+
+/// `POST /mapi/v1/admin/account` (ADMIN): opens an account.
+pub async fn admin_create_account(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    p.finish()?;
+    let reply = st.submit(Command::CreateAccount).await?;
+    if let Err(code) = reply.result {
+        return Err(ApiError::command_rejected(code));
+    }
+    let account = reply
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::Accepted { account, .. } => *account,
+            _ => None,
+        })
+        .ok_or_else(ApiError::internal)?;
+    Ok(ok_json(&ctx, json!({ "account": account.0 })))
+}
+
+/// `POST /mapi/v1/admin/apiKey` (ADMIN): creates a key for any existing account.
+pub async fn admin_create_key(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let account = account_param(&mut p, "account")?;
+    let perms = perms_param(&mut p)?;
+    let label = label_param(&mut p)?;
+    p.finish()?;
+    if !st.read_model().read().accounts.contains(&account.0) {
+        return Err(ApiError::bad(-1130, "Unknown account."));
+    }
+    Ok(ok_json(&ctx, create_key(&st, account.0, perms, &label)?))
+}
+
+/// `POST /mapi/v1/admin/credit` (ADMIN): records an operator deposit (e.g. quote currency
+/// received off-chain). Idempotent by `reference`.
+pub async fn admin_credit(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let account = account_param(&mut p, "account")?;
+    let (asset, decimals, amount) = asset_amount(&st, &mut p)?;
+    let r = reference(&mut p, "reference")?;
+    p.finish()?;
+    let reply = st
+        .submit(Command::Credit {
+            account,
+            asset,
+            amount,
+            key: IdempotencyKey::reference(&r),
+        })
+        .await?;
+    if let Err(code) = reply.result {
+        return Err(ApiError::command_rejected(code));
+    }
+    Ok(ok_json(
+        &ctx,
+        json!({
+            "account": account.0,
+            "asset": st.markets().assets[usize::from(asset.0)].symbol,
+            "amount": crate::decimal::format_units(amount.0, decimals),
+            "reference": r,
+            "duplicate": duplicate(&reply.events),
+        }),
+    ))
+}

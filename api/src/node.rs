@@ -1,0 +1,103 @@
+//! The engine and the API together, durable, in one call: what `mediator serve` needs besides
+//! the custody service, the listener and signal handling.
+//!
+//! Layout under the data directory: `journal/` (engine journal and snapshots) and `api/`
+//! (`api.sqlite`, `api-master.key`, `admin-key.json`).
+
+use crate::app::{AdminKeyFile, ApiConfig, AppState, SetupError};
+use crate::seqcore::{SeqCoreError, SequencerCore};
+use matching_engine::recovery::{RecoveryReport, Store, StoreConfig};
+use matching_engine::sequencer::{Sequencer, SequencerConfig, SequencerError, SystemClock};
+use matching_engine::{Engine, EngineConfig};
+use std::path::Path;
+use std::sync::Arc;
+
+/// A running engine with its API state.
+#[derive(Debug)]
+pub struct Node {
+    /// The API's state: pass it to [`crate::serve`] or [`crate::app()`].
+    pub state: AppState,
+    /// The sequencer (engine thread, journal).
+    pub sequencer: Sequencer<Engine>,
+    /// Where the admin key is.
+    pub admin_key: AdminKeyFile,
+    /// What journal recovery found.
+    pub recovery: RecoveryReport,
+}
+
+/// Why the node could not start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NodeError {
+    /// The engine configuration is invalid.
+    #[error("engine configuration: {0}")]
+    Config(String),
+    /// Journal recovery failed.
+    #[error(transparent)]
+    Recovery(#[from] matching_engine::recovery::RecoveryError),
+    /// The API's storage.
+    #[error(transparent)]
+    Setup(#[from] SetupError),
+    /// The sequencer.
+    #[error(transparent)]
+    Sequencer(#[from] SequencerError),
+    /// The API's core.
+    #[error(transparent)]
+    Core(#[from] SeqCoreError),
+}
+
+/// Knobs of [`start_node`].
+#[derive(Debug, Clone, Default)]
+pub struct NodeConfig {
+    /// Markets and assets.
+    pub engine: EngineConfig,
+    /// The API.
+    pub api: ApiConfig,
+    /// Snapshots.
+    pub store: StoreConfig,
+    /// The sequencer.
+    pub sequencer: SequencerConfig,
+}
+
+/// Recovers the engine from `data_dir/journal`, opens the API in `data_dir/api`, seeds the read
+/// models from the recovered engine, starts the durable sequencer and the API's core, and makes
+/// sure an admin key exists.
+pub fn start_node(data_dir: &Path, cfg: NodeConfig) -> Result<Node, NodeError> {
+    cfg.engine
+        .validate()
+        .map_err(|e| NodeError::Config(e.to_string()))?;
+    let genesis_cfg = cfg.engine.clone();
+    let recovered = Store::open(&data_dir.join("journal"), cfg.store, move || {
+        Engine::new(genesis_cfg).expect("validated above")
+    })?;
+    let (pending, sink) = crate::app::open(&data_dir.join("api"), &cfg.engine, cfg.api)?;
+    pending.seed(&recovered.state)?;
+    let recovery = recovered.report.clone();
+    let sequencer = Sequencer::durable(recovered, SystemClock, cfg.sequencer)?;
+    let core = SequencerCore::start(sequencer.handle(), cfg.engine, sink, 65_536, 1 << 16)?;
+    let state = pending.start(Arc::new(core));
+    let admin_key = state.ensure_admin_key()?;
+    Ok(Node {
+        state,
+        sequencer,
+        admin_key,
+        recovery,
+    })
+}
+
+impl Node {
+    /// Stops the engine after the API stopped: commits everything taken, then joins the engine
+    /// thread. Call after [`crate::serve`] returned.
+    pub fn shutdown(self) -> Result<(), SequencerError> {
+        let applier = self.state.take_read_model_thread();
+        drop(self.state);
+        let r = self.sequencer.shutdown().map(drop);
+        // The fan-out closed: the read models write their last history rows and stop.
+        if let Some(h) = applier {
+            if h.join().is_err() {
+                tracing::error!("the read-model thread panicked");
+            }
+        }
+        r
+    }
+}

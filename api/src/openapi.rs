@@ -1,0 +1,325 @@
+//! `GET /openapi.json`: an OpenAPI 3.0 description of every endpoint.
+
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Map, Value};
+
+/// (method, path, summary, security, parameters: name and required).
+type Op = (
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static str,
+    &'static [(&'static str, bool)],
+);
+
+const SIGNED: &[(&str, bool)] = &[
+    ("timestamp", true),
+    ("recvWindow", false),
+    ("signature", true),
+];
+
+const OPS: &[Op] = &[
+    ("get", "/api/v3/ping", "Test connectivity.", "none", &[]),
+    ("get", "/api/v3/time", "Server time.", "none", &[]),
+    (
+        "get",
+        "/api/v3/exchangeInfo",
+        "Symbols and filters.",
+        "none",
+        &[("symbol", false), ("symbols", false)],
+    ),
+    (
+        "get",
+        "/api/v3/depth",
+        "Order book snapshot; lastUpdateId matches @depth U/u.",
+        "none",
+        &[("symbol", true), ("limit", false)],
+    ),
+    (
+        "get",
+        "/api/v3/trades",
+        "Recent trades.",
+        "none",
+        &[("symbol", true), ("limit", false)],
+    ),
+    (
+        "get",
+        "/api/v3/ticker/24hr",
+        "24h rolling statistics.",
+        "none",
+        &[("symbol", false), ("symbols", false), ("type", false)],
+    ),
+    (
+        "get",
+        "/api/v3/ticker/price",
+        "Last price.",
+        "none",
+        &[("symbol", false), ("symbols", false)],
+    ),
+    (
+        "get",
+        "/api/v3/ticker/bookTicker",
+        "Best bid and ask.",
+        "none",
+        &[("symbol", false), ("symbols", false)],
+    ),
+    (
+        "get",
+        "/api/v3/klines",
+        "Candlesticks (1s to 1w).",
+        "none",
+        &[
+            ("symbol", true),
+            ("interval", true),
+            ("startTime", false),
+            ("endTime", false),
+            ("limit", false),
+        ],
+    ),
+    (
+        "post",
+        "/api/v3/order",
+        "New order (LIMIT, MARKET, LIMIT_MAKER, STOP_LOSS, STOP_LOSS_LIMIT).",
+        "trade",
+        &[
+            ("symbol", true),
+            ("side", true),
+            ("type", true),
+            ("timeInForce", false),
+            ("quantity", false),
+            ("quoteOrderQty", false),
+            ("price", false),
+            ("stopPrice", false),
+            ("newClientOrderId", false),
+            ("selfTradePreventionMode", false),
+            ("newOrderRespType", false),
+        ],
+    ),
+    (
+        "post",
+        "/api/v3/order/test",
+        "Validate a new order without placing it.",
+        "trade",
+        &[("symbol", true), ("side", true), ("type", true)],
+    ),
+    (
+        "get",
+        "/api/v3/order",
+        "Query an order.",
+        "read",
+        &[
+            ("symbol", true),
+            ("orderId", false),
+            ("origClientOrderId", false),
+        ],
+    ),
+    (
+        "delete",
+        "/api/v3/order",
+        "Cancel an order.",
+        "trade",
+        &[
+            ("symbol", true),
+            ("orderId", false),
+            ("origClientOrderId", false),
+            ("newClientOrderId", false),
+        ],
+    ),
+    (
+        "get",
+        "/api/v3/openOrders",
+        "Open orders.",
+        "read",
+        &[("symbol", false)],
+    ),
+    (
+        "delete",
+        "/api/v3/openOrders",
+        "Cancel all open orders of a symbol.",
+        "trade",
+        &[("symbol", true)],
+    ),
+    (
+        "get",
+        "/api/v3/allOrders",
+        "Order history.",
+        "read",
+        &[
+            ("symbol", true),
+            ("orderId", false),
+            ("startTime", false),
+            ("endTime", false),
+            ("limit", false),
+        ],
+    ),
+    (
+        "get",
+        "/api/v3/account",
+        "Balances and commission rates.",
+        "read",
+        &[("omitZeroBalances", false)],
+    ),
+    (
+        "get",
+        "/api/v3/myTrades",
+        "Trade history.",
+        "read",
+        &[
+            ("symbol", true),
+            ("orderId", false),
+            ("fromId", false),
+            ("startTime", false),
+            ("endTime", false),
+            ("limit", false),
+        ],
+    ),
+    (
+        "post",
+        "/api/v3/userDataStream",
+        "Create a listenKey (API key only).",
+        "key",
+        &[],
+    ),
+    (
+        "put",
+        "/api/v3/userDataStream",
+        "Keep a listenKey alive.",
+        "key",
+        &[("listenKey", true)],
+    ),
+    (
+        "delete",
+        "/api/v3/userDataStream",
+        "Close a listenKey.",
+        "key",
+        &[("listenKey", true)],
+    ),
+    (
+        "post",
+        "/mapi/v1/transfer",
+        "Instant transfer to another account (idempotent by clientTranId).",
+        "trade",
+        &[
+            ("toAccount", true),
+            ("asset", true),
+            ("amount", true),
+            ("clientTranId", true),
+        ],
+    ),
+    (
+        "get",
+        "/mapi/v1/apiKey",
+        "List the account's API keys.",
+        "read",
+        &[],
+    ),
+    (
+        "post",
+        "/mapi/v1/apiKey",
+        "Create an API key for the own account (secret shown once).",
+        "read",
+        &[("permissions", true), ("label", false)],
+    ),
+    (
+        "delete",
+        "/mapi/v1/apiKey",
+        "Revoke an API key.",
+        "read",
+        &[("apiKey", true)],
+    ),
+    (
+        "post",
+        "/mapi/v1/admin/account",
+        "Create an account.",
+        "admin",
+        &[],
+    ),
+    (
+        "post",
+        "/mapi/v1/admin/apiKey",
+        "Create an API key for an account.",
+        "admin",
+        &[("account", true), ("permissions", true), ("label", false)],
+    ),
+    (
+        "post",
+        "/mapi/v1/admin/credit",
+        "Record an operator deposit (idempotent by reference).",
+        "admin",
+        &[
+            ("account", true),
+            ("asset", true),
+            ("amount", true),
+            ("reference", true),
+        ],
+    ),
+    (
+        "get",
+        "/ws",
+        "WebSocket: raw streams via SUBSCRIBE.",
+        "none",
+        &[],
+    ),
+    (
+        "get",
+        "/ws/{stream}",
+        "WebSocket: one raw stream or a listenKey.",
+        "none",
+        &[],
+    ),
+    (
+        "get",
+        "/stream",
+        "WebSocket: combined streams.",
+        "none",
+        &[("streams", false)],
+    ),
+    ("get", "/metrics", "Prometheus metrics.", "none", &[]),
+];
+
+/// The document.
+pub fn document() -> Value {
+    let mut paths = Map::new();
+    for (method, path, summary, sec, params) in OPS {
+        let mut ps: Vec<Value> = params
+            .iter()
+            .map(|(n, req)| json!({"name": n, "in": "query", "required": req, "schema": {"type": "string"}}))
+            .collect();
+        if !matches!(*sec, "none" | "key") {
+            ps.extend(SIGNED.iter().map(|(n, req)| {
+                json!({"name": n, "in": "query", "required": req, "schema": {"type": "string"}})
+            }));
+        }
+        let mut op = json!({
+            "summary": summary,
+            "parameters": ps,
+            "responses": {
+                "200": {"description": "Binance-compatible JSON."},
+                "400": {"description": "{\"code\": <Binance code>, \"msg\": ...}"},
+                "401": {"description": "-2014 / -2015: bad API key or permission."},
+                "429": {"description": "-1003: rate limited (Retry-After)."}
+            },
+        });
+        if *sec != "none" {
+            op["security"] = json!([{"ApiKey": []}]);
+            op["x-permission"] = json!(sec);
+        }
+        let entry = paths
+            .entry(path.to_string())
+            .or_insert_with(|| Value::Object(Map::new()));
+        if let Value::Object(m) = entry {
+            m.insert((*method).to_owned(), op);
+        }
+    }
+    json!({
+        "openapi": "3.0.3",
+        "info": {"title": "Mediator trader API (Binance spot compatible)", "version": env!("CARGO_PKG_VERSION")},
+        "components": {"securitySchemes": {"ApiKey": {"type": "apiKey", "in": "header", "name": "X-MBX-APIKEY"}}},
+        "paths": paths,
+    })
+}
+
+/// `GET /openapi.json`.
+pub async fn openapi() -> Response {
+    axum::Json(document()).into_response()
+}

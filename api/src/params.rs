@@ -1,0 +1,213 @@
+//! Request parameters as Binance reads them: from the query string and a form body, each name at
+//! most once; every parameter sent must be read (`-1104`).
+
+use crate::error::ApiError;
+
+/// Parsed parameters, in order.
+#[derive(Debug, Default)]
+pub struct Params {
+    items: Vec<(String, String, bool)>,
+}
+
+/// The longest accepted parameter value.
+pub const MAX_VALUE_LEN: usize = 1024;
+/// The most parameters accepted.
+pub const MAX_PARAMS: usize = 32;
+
+fn hexval(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Percent-decodes a form component (`+` is a space).
+pub fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => {
+                let h = hexval(*b.get(i + 1)?)?;
+                let l = hexval(*b.get(i + 2)?)?;
+                out.push(h * 16 + l);
+                i += 2;
+            }
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8(out).ok()
+}
+
+impl Params {
+    /// Parses query string and form body together.
+    pub fn parse(query: &str, body: &str) -> Result<Self, ApiError> {
+        let mut p = Params::default();
+        for part in query.split('&').chain(body.split('&')) {
+            if part.is_empty() {
+                continue;
+            }
+            let (k, v) = part.split_once('=').unwrap_or((part, ""));
+            let k = percent_decode(k).ok_or_else(|| ApiError::illegal(k, "^[A-Za-z0-9]{1,64}$"))?;
+            if k.is_empty() || k.len() > 64 || !k.bytes().all(|c| c.is_ascii_alphanumeric()) {
+                return Err(ApiError::bad(
+                    -1100,
+                    "Illegal characters found in a parameter name.",
+                ));
+            }
+            let v = percent_decode(v).ok_or_else(|| ApiError::illegal(&k, "UTF-8 text"))?;
+            if v.len() > MAX_VALUE_LEN {
+                return Err(ApiError::illegal(&k, "at most 1024 characters"));
+            }
+            if p.items.iter().any(|(n, _, _)| *n == k) {
+                return Err(ApiError::bad(
+                    -1101,
+                    "Duplicate values for a parameter detected.",
+                ));
+            }
+            p.items.push((k, v, false));
+            if p.items.len() > MAX_PARAMS {
+                return Err(ApiError::bad(
+                    -1101,
+                    format!(
+                        "Too many parameters; expected '{MAX_PARAMS}' and received '{}'.",
+                        p.items.len()
+                    ),
+                ));
+            }
+        }
+        Ok(p)
+    }
+
+    /// An optional parameter (empty counts as absent, and is an error: `-1105`).
+    pub fn opt(&mut self, name: &str) -> Result<Option<String>, ApiError> {
+        match self.items.iter_mut().find(|(n, _, _)| n == name) {
+            Some((_, v, used)) => {
+                *used = true;
+                if v.is_empty() {
+                    return Err(ApiError::bad(
+                        -1105,
+                        format!("Parameter '{name}' was empty."),
+                    ));
+                }
+                Ok(Some(v.clone()))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// A mandatory parameter (`-1102` when missing).
+    pub fn req(&mut self, name: &str) -> Result<String, ApiError> {
+        self.opt(name)?.ok_or_else(|| ApiError::missing(name))
+    }
+
+    /// An optional unsigned integer.
+    pub fn opt_u64(&mut self, name: &str) -> Result<Option<u64>, ApiError> {
+        match self.opt(name)? {
+            None => Ok(None),
+            Some(v) => {
+                if v.len() > 20 || !v.bytes().all(|c| c.is_ascii_digit()) {
+                    return Err(ApiError::illegal(name, "^[0-9]{1,20}$"));
+                }
+                v.parse::<u64>()
+                    .map(Some)
+                    .map_err(|_| ApiError::illegal(name, "^[0-9]{1,20}$"))
+            }
+        }
+    }
+
+    /// A `limit` with a default and a maximum (`-1130`-style error above it... Binance clamps
+    /// some; here values above `max` are refused).
+    pub fn limit(&mut self, default: u32, max: u32) -> Result<u32, ApiError> {
+        match self.opt_u64("limit")? {
+            None => Ok(default),
+            Some(0) => Err(ApiError::invalid_value("limit")),
+            Some(v) if v > u64::from(max) => Err(ApiError::invalid_value("limit")),
+            Some(v) => Ok(v as u32),
+        }
+    }
+
+    /// Marks a parameter read without using it.
+    pub fn skip(&mut self, name: &str) {
+        if let Some((_, _, used)) = self.items.iter_mut().find(|(n, _, _)| n == name) {
+            *used = true;
+        }
+    }
+
+    /// Fails with `-1104` when a parameter was sent but not read.
+    pub fn finish(&self) -> Result<(), ApiError> {
+        let read = self.items.iter().filter(|(_, _, u)| *u).count();
+        if read != self.items.len() {
+            return Err(ApiError::bad(
+                -1104,
+                format!(
+                    "Not all sent parameters were read; read '{read}' parameter(s) but was sent '{}'.",
+                    self.items.len()
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Removes the `signature=...` pair from a raw query or body, returning the rest (exact bytes)
+/// and the signature.
+pub fn split_signature(raw: &str) -> (String, Option<String>) {
+    let mut sig = None;
+    let mut rest: Vec<&str> = Vec::new();
+    for part in raw.split('&') {
+        if let Some(s) = part.strip_prefix("signature=") {
+            sig = Some(s.to_owned());
+        } else {
+            rest.push(part);
+        }
+    }
+    (rest.join("&"), sig)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_read() {
+        let mut p = Params::parse("symbol=BTCUSD&limit=5", "side=BUY&x=a%2Bb+c").unwrap();
+        assert_eq!(p.req("symbol").unwrap(), "BTCUSD");
+        assert_eq!(p.limit(100, 1000).unwrap(), 5);
+        assert_eq!(p.opt("x").unwrap().unwrap(), "a+b c");
+        assert_eq!(p.finish().unwrap_err().code, -1104);
+        p.skip("side");
+        p.finish().unwrap();
+        assert_eq!(p.req("missing").unwrap_err().code, -1102);
+    }
+
+    #[test]
+    fn malformed() {
+        assert_eq!(Params::parse("a=1&a=2", "").unwrap_err().code, -1101);
+        assert_eq!(Params::parse("a=1", "a=2").unwrap_err().code, -1101);
+        assert_eq!(Params::parse("a%zz=1", "").unwrap_err().code, -1100);
+        assert_eq!(Params::parse("a-b=1", "").unwrap_err().code, -1100);
+        assert_eq!(Params::parse("a=%ff", "").unwrap_err().code, -1100);
+        let mut p = Params::parse("limit=abc&recvWindow=", "").unwrap();
+        assert_eq!(p.limit(1, 2).unwrap_err().code, -1100);
+        assert_eq!(p.opt("recvWindow").unwrap_err().code, -1105);
+        let many: Vec<String> = (0..40).map(|i| format!("p{i}=1")).collect();
+        assert_eq!(Params::parse(&many.join("&"), "").unwrap_err().code, -1101);
+    }
+
+    #[test]
+    fn signature_split_keeps_exact_bytes() {
+        let (rest, sig) = split_signature("symbol=BTCUSD&timestamp=1&signature=ab");
+        assert_eq!(
+            (rest.as_str(), sig.as_deref()),
+            ("symbol=BTCUSD&timestamp=1", Some("ab"))
+        );
+        let (rest, sig) = split_signature("a=%20x");
+        assert_eq!((rest.as_str(), sig), ("a=%20x", None));
+    }
+}

@@ -1,0 +1,520 @@
+//! Public market-data endpoints (Binance spot v3 shapes).
+
+use crate::app::{ok_json, AppState, Ctx, Req};
+use crate::error::ApiError;
+use crate::market::MarketSpec;
+use crate::params::Params;
+use crate::readmodel::{interval_index, Kline, MarketState, INTERVALS};
+use axum::extract::State;
+use axum::response::Response;
+use matching_engine::{Price, Qty};
+use serde_json::{json, Value};
+
+/// `GET /api/v3/ping`.
+pub async fn ping(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (p, ctx) = st.public(&req, 1)?;
+    p.finish()?;
+    Ok(ok_json(&ctx, json!({})))
+}
+
+/// `GET /api/v3/time`.
+pub async fn time(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (p, ctx) = st.public(&req, 1)?;
+    p.finish()?;
+    Ok(ok_json(
+        &ctx,
+        json!({ "serverTime": crate::core::now_ms() }),
+    ))
+}
+
+/// Resolves `symbol` / `symbols` (a JSON array) into markets; `None` means all.
+fn resolve(
+    st: &AppState,
+    one: Option<String>,
+    many: Option<String>,
+) -> Result<Option<Vec<&MarketSpec>>, ApiError> {
+    match (one, many) {
+        (Some(_), Some(_)) => Err(ApiError::bad(
+            -1101,
+            "Parameter 'symbol' and 'symbols' cannot be sent together.",
+        )),
+        (Some(s), None) => Ok(Some(vec![st.markets().by_symbol(&s)?])),
+        (None, Some(list)) => {
+            let names: Vec<String> = serde_json::from_str(&list).map_err(|_| {
+                ApiError::illegal(
+                    "symbols",
+                    "^\\[\"[A-Z0-9-_.]{1,20}\"(,\"[A-Z0-9-_.]{1,20}\"){0,}\\]$",
+                )
+            })?;
+            if names.is_empty() || names.len() > 100 {
+                return Err(ApiError::invalid_value("symbols"));
+            }
+            names
+                .iter()
+                .map(|n| st.markets().by_symbol(n))
+                .collect::<Result<Vec<_>, _>>()
+                .map(Some)
+        }
+        (None, None) => Ok(None),
+    }
+}
+
+fn symbols<'a>(st: &'a AppState, p: &mut Params) -> Result<Option<Vec<&'a MarketSpec>>, ApiError> {
+    let one = p.opt("symbol")?;
+    let many = p.opt("symbols")?;
+    resolve(st, one, many)
+}
+
+fn symbol_info(m: &MarketSpec) -> Value {
+    json!({
+        "symbol": m.symbol,
+        "status": "TRADING",
+        "baseAsset": m.base.symbol,
+        "baseAssetPrecision": m.base.decimals,
+        "quoteAsset": m.quote.symbol,
+        "quotePrecision": m.quote.decimals,
+        "quoteAssetPrecision": m.quote.decimals,
+        "baseCommissionPrecision": m.base.decimals,
+        "quoteCommissionPrecision": m.quote.decimals,
+        "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET", "STOP_LOSS", "STOP_LOSS_LIMIT"],
+        "icebergAllowed": false,
+        "ocoAllowed": false,
+        "otoAllowed": false,
+        "quoteOrderQtyMarketAllowed": true,
+        "allowTrailingStop": false,
+        "cancelReplaceAllowed": true,
+        "amendAllowed": false,
+        "isSpotTradingAllowed": true,
+        "isMarginTradingAllowed": false,
+        "filters": m.filters(),
+        "permissions": [],
+        "permissionSets": [["SPOT"]],
+        "defaultSelfTradePreventionMode": "EXPIRE_TAKER",
+        "allowedSelfTradePreventionModes": ["NONE", "EXPIRE_TAKER", "EXPIRE_MAKER", "EXPIRE_BOTH"],
+    })
+}
+
+/// `GET /api/v3/exchangeInfo`.
+pub async fn exchange_info(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 20)?;
+    let sel = symbols(&st, &mut p)?;
+    p.skip("permissions");
+    p.skip("showPermissionSets");
+    p.skip("symbolStatus");
+    p.finish()?;
+    let list: Vec<Value> = match sel {
+        Some(v) => v.into_iter().map(symbol_info).collect(),
+        None => st.markets().markets.iter().map(symbol_info).collect(),
+    };
+    Ok(ok_json(
+        &ctx,
+        json!({
+            "timezone": "UTC",
+            "serverTime": crate::core::now_ms(),
+            "rateLimits": [
+                {"rateLimitType": "REQUEST_WEIGHT", "interval": "MINUTE", "intervalNum": 1, "limit": st.0.cfg.ip_weight_per_min},
+                {"rateLimitType": "ORDERS", "interval": "SECOND", "intervalNum": 10, "limit": st.0.cfg.orders_per_10s},
+            ],
+            "exchangeFilters": [],
+            "symbols": list,
+        }),
+    ))
+}
+
+fn levels<'a>(
+    m: &MarketSpec,
+    it: impl Iterator<Item = (&'a Price, &'a Qty)>,
+    n: usize,
+) -> Vec<[String; 2]> {
+    it.take(n)
+        .map(|(p, q)| [m.fmt_price(*p), m.fmt_qty(*q)])
+        .collect()
+}
+
+/// A depth snapshot: `lastUpdateId` is the market's depth sequence, consistent with the `U`/`u`
+/// of `@depth` diffs.
+pub fn depth_json(m: &MarketSpec, s: &MarketState, n: usize) -> Value {
+    json!({
+        "lastUpdateId": s.depth_seq,
+        "bids": levels(m, s.bids.iter().rev(), n),
+        "asks": levels(m, s.asks.iter(), n),
+    })
+}
+
+/// `GET /api/v3/depth`.
+pub async fn depth(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, _) = st.public(&req, 0)?;
+    let sym = p.req("symbol")?;
+    let limit = p.limit(100, 5000)?;
+    p.finish()?;
+    let weight = match limit {
+        0..=100 => 5,
+        101..=500 => 25,
+        501..=1000 => 50,
+        _ => 250,
+    };
+    let (_, ctx) = st.public(&req, weight)?;
+    let m = st.markets().by_symbol(&sym)?;
+    let rm = st.read_model().read();
+    Ok(ok_json(
+        &ctx,
+        depth_json(m, &rm.markets[usize::from(m.id.0)], limit as usize),
+    ))
+}
+
+fn trade_json(m: &MarketSpec, t: &crate::readmodel::TradeRec) -> Value {
+    json!({
+        "id": t.id,
+        "price": m.fmt_price(Price(t.price)),
+        "qty": m.fmt_qty(Qty(t.qty)),
+        "quoteQty": m.fmt_quote(u128::from(t.quote)),
+        "time": t.time_ms,
+        "isBuyerMaker": t.taker_side == matching_engine::Side::Sell,
+        "isBestMatch": true,
+    })
+}
+
+/// `GET /api/v3/trades`.
+pub async fn trades(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 25)?;
+    let sym = p.req("symbol")?;
+    let limit = p.limit(500, 1000)? as usize;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let rm = st.read_model().read();
+    let ts = &rm.markets[usize::from(m.id.0)].trades;
+    let skip = ts.len().saturating_sub(limit);
+    let v: Vec<Value> = ts.iter().skip(skip).map(|t| trade_json(m, t)).collect();
+    Ok(ok_json(&ctx, Value::Array(v)))
+}
+
+/// `GET /api/v3/historicalTrades` (API key, no signature): trades from `fromId`, or the latest.
+pub async fn historical_trades(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.keyed(&req, 25)?;
+    let sym = p.req("symbol")?;
+    let limit = p.limit(500, 1000)?;
+    let from = p.opt_u64("fromId")?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let rm = st.read_model();
+    let rows = match from {
+        Some(f) => rm.market_trades_from(m.id.0, f, limit),
+        None => {
+            let r = rm.read();
+            let ts = &r.markets[usize::from(m.id.0)].trades;
+            if ts.len() >= limit as usize || ts.len() < 1_000 {
+                let skip = ts.len().saturating_sub(limit as usize);
+                Ok(ts.iter().skip(skip).cloned().collect())
+            } else {
+                drop(r);
+                rm.store.recent_trades(m.id.0, limit)
+            }
+        }
+    }
+    .map_err(|e| {
+        tracing::error!(error = %e, "storage failure");
+        ApiError::internal()
+    })?;
+    Ok(ok_json(
+        &ctx,
+        Value::Array(rows.iter().map(|t| trade_json(m, t)).collect()),
+    ))
+}
+
+/// `GET /api/v3/aggTrades`: each trade is its own aggregate (ccxt's default `fetchTrades`).
+pub async fn agg_trades(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 4)?;
+    let sym = p.req("symbol")?;
+    let from = p.opt_u64("fromId")?;
+    let start = p.opt_u64("startTime")?;
+    let end = p.opt_u64("endTime")?;
+    let limit = p.limit(500, 1000)? as usize;
+    p.finish()?;
+    if let (Some(s), Some(e)) = (start, end) {
+        if e < s || e - s > 3_600_000 {
+            return Err(ApiError::invalid_value("endTime"));
+        }
+    }
+    let m = st.markets().by_symbol(&sym)?;
+    let rm = st.read_model().read();
+    let sel: Vec<_> = rm.markets[usize::from(m.id.0)]
+        .trades
+        .iter()
+        .filter(|t| {
+            from.is_none_or(|f| t.id >= f)
+                && start.is_none_or(|s| t.time_ms >= s)
+                && end.is_none_or(|e| t.time_ms <= e)
+        })
+        .collect();
+    let bounded = from.is_some() || start.is_some();
+    let skip = if bounded {
+        0
+    } else {
+        sel.len().saturating_sub(limit)
+    };
+    let v: Vec<Value> = sel
+        .into_iter()
+        .skip(skip)
+        .take(limit)
+        .map(|t| {
+            json!({
+                "a": t.id, "p": m.fmt_price(Price(t.price)), "q": m.fmt_qty(Qty(t.qty)),
+                "f": t.id, "l": t.id, "T": t.time_ms,
+                "m": t.taker_side == matching_engine::Side::Sell, "M": true,
+            })
+        })
+        .collect();
+    Ok(ok_json(&ctx, Value::Array(v)))
+}
+
+/// `GET /api/v3/avgPrice`: volume-weighted price of the last 5 minutes of trades.
+pub async fn avg_price(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 2)?;
+    let sym = p.req("symbol")?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let rm = st.read_model().read();
+    let ms = &rm.markets[usize::from(m.id.0)];
+    let now = crate::core::now_ms();
+    let recent: Vec<_> = ms
+        .trades
+        .iter()
+        .filter(|t| t.time_ms + 300_000 >= now)
+        .collect();
+    let qd = u32::from(m.quote.decimals);
+    let price = if recent.is_empty() {
+        m.fmt_price(Price(ms.trades.back().map_or(0, |t| t.price)))
+    } else {
+        let quote: i128 = recent.iter().map(|t| i128::from(t.quote)).sum();
+        let base: i128 = recent
+            .iter()
+            .map(|t| i128::from(t.qty) * i128::from(m.cfg.lot_size))
+            .sum();
+        let whole = 10i128.pow(u32::from(m.base.decimals));
+        ratio(quote * whole, base * 10i128.pow(qd), qd)
+    };
+    Ok(ok_json(
+        &ctx,
+        json!({ "mins": 5, "price": price, "closeTime": ms.trades.back().map_or(0, |t| t.time_ms) }),
+    ))
+}
+
+/// Formats `num/den` as a signed decimal with `dec` places (statistics only, not money).
+fn ratio(num: i128, den: i128, dec: u32) -> String {
+    if den == 0 {
+        return ratio(0, 1, dec);
+    }
+    let scale = 10i128.pow(dec);
+    let v = num * scale / den;
+    let sign = if v < 0 { "-" } else { "" };
+    let a = v.unsigned_abs();
+    let s = scale as u128;
+    if dec == 0 {
+        return format!("{sign}{a}");
+    }
+    format!("{sign}{}.{:0w$}", a / s, a % s, w = dec as usize)
+}
+
+/// 24h rolling statistics from the 1-minute klines.
+fn ticker(m: &MarketSpec, s: &MarketState, now: u64, mini: bool) -> Value {
+    let from = now.saturating_sub(86_400_000);
+    let ks: Vec<&Kline> = s.klines[1].iter().filter(|k| k.close_ms >= from).collect();
+    let (bid, ask) = s.best();
+    let last = s.trades.back();
+    let open = ks.first().map_or(0, |k| k.open);
+    let close = ks.last().map_or(0, |k| k.close);
+    let high = ks.iter().map(|k| k.high).max().unwrap_or(0);
+    let low = ks.iter().map(|k| k.low).min().unwrap_or(0);
+    let vol: u128 = ks.iter().map(|k| k.volume).sum();
+    let qvol: u128 = ks.iter().map(|k| k.quote).sum();
+    let count: u64 = ks.iter().map(|k| k.trades).sum();
+    let first_id = ks.first().map_or(-1, |k| k.first_id as i64);
+    let last_id = ks.last().map_or(-1, |k| k.last_id as i64);
+    let base_units = vol * u128::from(m.cfg.lot_size);
+    let mut v = json!({
+        "symbol": m.symbol,
+        "openPrice": m.fmt_price(Price(open)),
+        "highPrice": m.fmt_price(Price(high)),
+        "lowPrice": m.fmt_price(Price(low)),
+        "lastPrice": m.fmt_price(Price(close)),
+        "volume": m.fmt_base(base_units),
+        "quoteVolume": m.fmt_quote(qvol),
+        "openTime": ks.first().map_or(from, |k| k.open_ms),
+        "closeTime": now,
+        "firstId": first_id,
+        "lastId": last_id,
+        "count": count,
+    });
+    if !mini {
+        let change = i128::from(close) - i128::from(open);
+        let ppt = m.price_units_per_tick as i128;
+        let qd = u32::from(m.quote.decimals);
+        let whole = 10i128.pow(u32::from(m.base.decimals));
+        let extra = json!({
+            "priceChange": ratio(change * ppt, 10i128.pow(qd), qd),
+            "priceChangePercent": ratio(change * 100, i128::from(open), 3),
+            "weightedAvgPrice": ratio(qvol as i128 * whole, base_units as i128 * 10i128.pow(qd), qd),
+            "prevClosePrice": m.fmt_price(Price(open)),
+            "lastQty": m.fmt_qty(Qty(last.map_or(0, |t| t.qty))),
+            "bidPrice": m.fmt_price(bid.map_or(Price(0), |b| b.0)),
+            "bidQty": m.fmt_qty(bid.map_or(Qty(0), |b| b.1)),
+            "askPrice": m.fmt_price(ask.map_or(Price(0), |a| a.0)),
+            "askQty": m.fmt_qty(ask.map_or(Qty(0), |a| a.1)),
+        });
+        if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+    }
+    v
+}
+
+fn single_or_list(
+    st: &AppState,
+    req: &Req,
+    mut p: Params,
+    w_one: u64,
+    w_all: u64,
+    f: impl Fn(&MarketSpec, &MarketState) -> Value,
+) -> Result<(Value, Ctx), ApiError> {
+    let sym = p.opt("symbol")?;
+    let list = p.opt("symbols")?;
+    p.finish()?;
+    let single = sym.is_some();
+    let (_, ctx) = st.public(req, if single { w_one } else { w_all })?;
+    let sel = resolve(st, sym, list)?;
+    let rm = st.read_model().read();
+    let one = |m: &MarketSpec| f(m, &rm.markets[usize::from(m.id.0)]);
+    let v = match sel {
+        Some(ms) if single => one(ms[0]),
+        Some(ms) => Value::Array(ms.into_iter().map(one).collect()),
+        None => Value::Array(st.markets().markets.iter().map(one).collect()),
+    };
+    Ok((v, ctx))
+}
+
+/// `GET /api/v3/ticker/24hr`.
+pub async fn ticker_24hr(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let mut p = Params::parse(&req.query, &req.body)?;
+    let mini = p
+        .opt("type")?
+        .map(|t| match t.as_str() {
+            "FULL" => Ok(false),
+            "MINI" => Ok(true),
+            _ => Err(ApiError::invalid_value("type")),
+        })
+        .transpose()?
+        .unwrap_or(false);
+    let now = crate::core::now_ms();
+    let (v, ctx) = single_or_list(&st, &req, p, 2, 80, |m, s| ticker(m, s, now, mini))?;
+    Ok(ok_json(&ctx, v))
+}
+
+/// `GET /api/v3/ticker/price`.
+pub async fn ticker_price(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (v, ctx) = single_or_list(
+        &st,
+        &req,
+        Params::parse(&req.query, &req.body)?,
+        2,
+        4,
+        |m, s| {
+            json!({
+                "symbol": m.symbol,
+                "price": m.fmt_price(Price(s.trades.back().map_or(0, |t| t.price))),
+            })
+        },
+    )?;
+    Ok(ok_json(&ctx, v))
+}
+
+/// `GET /api/v3/ticker/bookTicker`.
+pub async fn book_ticker(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (v, ctx) = single_or_list(
+        &st,
+        &req,
+        Params::parse(&req.query, &req.body)?,
+        2,
+        4,
+        |m, s| {
+            let (bid, ask) = s.best();
+            json!({
+                "symbol": m.symbol,
+                "bidPrice": m.fmt_price(bid.map_or(Price(0), |b| b.0)),
+                "bidQty": m.fmt_qty(bid.map_or(Qty(0), |b| b.1)),
+                "askPrice": m.fmt_price(ask.map_or(Price(0), |a| a.0)),
+                "askQty": m.fmt_qty(ask.map_or(Qty(0), |a| a.1)),
+            })
+        },
+    )?;
+    Ok(ok_json(&ctx, v))
+}
+
+/// A kline as Binance's array.
+pub fn kline_array(m: &MarketSpec, k: &Kline) -> Value {
+    let lot = u128::from(m.cfg.lot_size);
+    json!([
+        k.open_ms,
+        m.fmt_price(Price(k.open)),
+        m.fmt_price(Price(k.high)),
+        m.fmt_price(Price(k.low)),
+        m.fmt_price(Price(k.close)),
+        m.fmt_base(k.volume * lot),
+        k.close_ms,
+        m.fmt_quote(k.quote),
+        k.trades,
+        m.fmt_base(k.taker_buy_volume * lot),
+        m.fmt_quote(k.taker_buy_quote),
+        "0",
+    ])
+}
+
+/// `GET /api/v3/klines`.
+pub async fn klines(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 2)?;
+    let sym = p.req("symbol")?;
+    let iv = p.req("interval")?;
+    let start = p.opt_u64("startTime")?;
+    let end = p.opt_u64("endTime")?;
+    if let Some(tz) = p.opt("timeZone")? {
+        if tz != "0" && tz != "+0" && tz != "0:00" {
+            return Err(ApiError::invalid_value("timeZone"));
+        }
+    }
+    let limit = p.limit(500, 1000)? as usize;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let i = interval_index(&iv).ok_or_else(|| ApiError::bad(-1120, "Invalid interval."))?;
+    let _ = INTERVALS[i];
+    let rm = st.read_model().read();
+    let ks = &rm.markets[usize::from(m.id.0)].klines[i];
+    let sel: Vec<&Kline> = ks
+        .iter()
+        .filter(|k| start.is_none_or(|s| k.open_ms >= s) && end.is_none_or(|e| k.open_ms <= e))
+        .collect();
+    let sel: Vec<Value> = if start.is_some() {
+        sel.into_iter()
+            .take(limit)
+            .map(|k| kline_array(m, k))
+            .collect()
+    } else {
+        let skip = sel.len().saturating_sub(limit);
+        sel.into_iter()
+            .skip(skip)
+            .map(|k| kline_array(m, k))
+            .collect()
+    };
+    Ok(ok_json(&ctx, Value::Array(sel)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ratio;
+
+    #[test]
+    fn ratios() {
+        assert_eq!(ratio(1, 3, 3), "0.333");
+        assert_eq!(ratio(-5, 2, 2), "-2.50");
+        assert_eq!(ratio(5, 0, 2), "0.00");
+        assert_eq!(ratio(7, 1, 0), "7");
+    }
+}

@@ -1,0 +1,1355 @@
+//! Read models built from the engine's event stream: balances, open orders, order and trade
+//! history (SQLite), public trades, klines, 24h statistics and the depth book. The engine cannot
+//! be queried from API threads; everything the API reads is here.
+//!
+//! **Architecture invariant:** one applier thread applies batches in sequence order; after a
+//! group of batches is in memory *and* committed to SQLite, [`ReadModel::applied`] advances to the
+//! group's last `seq`, then the WebSocket messages of the group are published. A handler that got
+//! a reply with `seq` waits for `applied >= seq` before answering (read-your-writes).
+
+use crate::core::EventBatch;
+use crate::market::Markets;
+use crate::store::Store;
+use matching_engine::{
+    DoneReason, Event, MarketId, OrderType, Price, Qty, Side, StpMode, TimeInForce,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+use tokio::sync::{broadcast, watch};
+
+/// Binance order types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrdKind {
+    /// LIMIT
+    Limit,
+    /// MARKET
+    Market,
+    /// LIMIT_MAKER
+    LimitMaker,
+    /// STOP_LOSS
+    StopLoss,
+    /// STOP_LOSS_LIMIT
+    StopLossLimit,
+}
+
+impl OrdKind {
+    /// Binance's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrdKind::Limit => "LIMIT",
+            OrdKind::Market => "MARKET",
+            OrdKind::LimitMaker => "LIMIT_MAKER",
+            OrdKind::StopLoss => "STOP_LOSS",
+            OrdKind::StopLossLimit => "STOP_LOSS_LIMIT",
+        }
+    }
+}
+
+/// Binance order statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OrdStatus {
+    /// NEW
+    New,
+    /// PARTIALLY_FILLED
+    PartiallyFilled,
+    /// FILLED
+    Filled,
+    /// CANCELED
+    Canceled,
+    /// EXPIRED
+    Expired,
+    /// EXPIRED_IN_MATCH (self-trade prevention)
+    ExpiredInMatch,
+}
+
+impl OrdStatus {
+    /// Binance's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OrdStatus::New => "NEW",
+            OrdStatus::PartiallyFilled => "PARTIALLY_FILLED",
+            OrdStatus::Filled => "FILLED",
+            OrdStatus::Canceled => "CANCELED",
+            OrdStatus::Expired => "EXPIRED",
+            OrdStatus::ExpiredInMatch => "EXPIRED_IN_MATCH",
+        }
+    }
+}
+
+/// Binance's name of a time in force.
+pub fn tif_str(t: TimeInForce) -> &'static str {
+    match t {
+        TimeInForce::Gtc => "GTC",
+        TimeInForce::Ioc => "IOC",
+        TimeInForce::Fok => "FOK",
+        TimeInForce::Gtd(_) => "GTD",
+    }
+}
+
+/// Binance's name of a self-trade prevention mode.
+pub fn stp_str(s: StpMode) -> &'static str {
+    match s {
+        StpMode::None => "NONE",
+        StpMode::ExpireTaker => "EXPIRE_TAKER",
+        StpMode::ExpireMaker => "EXPIRE_MAKER",
+        StpMode::ExpireBoth => "EXPIRE_BOTH",
+    }
+}
+
+/// Binance's name of a side.
+pub fn side_str(s: Side) -> &'static str {
+    match s {
+        Side::Buy => "BUY",
+        Side::Sell => "SELL",
+    }
+}
+
+/// An order as the API reports it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderRec {
+    /// Order id.
+    pub id: u64,
+    /// Owner.
+    pub account: u32,
+    /// Market.
+    pub market: u16,
+    /// Client order id.
+    pub client_id: String,
+    /// Side.
+    pub side: Side,
+    /// Type.
+    pub kind: OrdKind,
+    /// Time in force.
+    pub tif: TimeInForce,
+    /// Limit price in ticks (0 for market orders).
+    pub price: u64,
+    /// Stop price in ticks (0 for none).
+    pub stop: u64,
+    /// Original quantity in lots (for a quote-budget order: 0 until done, then the executed qty).
+    pub orig_qty: u64,
+    /// Quote budget (`quoteOrderQty`), 0 for none.
+    pub orig_quote: u64,
+    /// Executed quantity in lots.
+    pub executed: u64,
+    /// Cumulative quote quantity in quote units.
+    pub cum_quote: u64,
+    /// Status.
+    pub status: OrdStatus,
+    /// Self-trade prevention mode.
+    pub stp: StpMode,
+    /// Creation time.
+    pub time_ms: u64,
+    /// Last update time.
+    pub update_ms: u64,
+    /// When it started working (stops: when triggered), `None` while waiting.
+    pub working_ms: Option<u64>,
+}
+
+impl OrderRec {
+    /// True while the order is open.
+    pub fn is_open(&self) -> bool {
+        matches!(self.status, OrdStatus::New | OrdStatus::PartiallyFilled)
+    }
+}
+
+/// A trade.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TradeRec {
+    /// Trade id.
+    pub id: u64,
+    /// Market.
+    pub market: u16,
+    /// Price in ticks.
+    pub price: u64,
+    /// Quantity in lots.
+    pub qty: u64,
+    /// Quote amount.
+    pub quote: u64,
+    /// Taker's side.
+    pub taker_side: Side,
+    /// Maker order.
+    pub maker_order: u64,
+    /// Taker order.
+    pub taker_order: u64,
+    /// Maker account.
+    pub maker_account: u32,
+    /// Taker account.
+    pub taker_account: u32,
+    /// Maker fee (quote).
+    pub maker_fee: u64,
+    /// Taker fee (quote).
+    pub taker_fee: u64,
+    /// Time.
+    pub time_ms: u64,
+}
+
+/// A kline (candle).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Kline {
+    /// Open time.
+    pub open_ms: u64,
+    /// Close time (open + interval - 1).
+    pub close_ms: u64,
+    /// Open price (ticks).
+    pub open: u64,
+    /// High.
+    pub high: u64,
+    /// Low.
+    pub low: u64,
+    /// Close.
+    pub close: u64,
+    /// Base volume (lots).
+    pub volume: u128,
+    /// Quote volume (quote units).
+    pub quote: u128,
+    /// Number of trades.
+    pub trades: u64,
+    /// Taker-buy base volume (lots).
+    pub taker_buy_volume: u128,
+    /// Taker-buy quote volume.
+    pub taker_buy_quote: u128,
+    /// First trade id.
+    pub first_id: u64,
+    /// Last trade id.
+    pub last_id: u64,
+}
+
+/// The kline intervals (Binance names and lengths in ms). `1M` is not offered.
+pub const INTERVALS: &[(&str, u64)] = &[
+    ("1s", 1_000),
+    ("1m", 60_000),
+    ("3m", 180_000),
+    ("5m", 300_000),
+    ("15m", 900_000),
+    ("30m", 1_800_000),
+    ("1h", 3_600_000),
+    ("2h", 7_200_000),
+    ("4h", 14_400_000),
+    ("6h", 21_600_000),
+    ("8h", 28_800_000),
+    ("12h", 43_200_000),
+    ("1d", 86_400_000),
+    ("3d", 259_200_000),
+    ("1w", 604_800_000),
+];
+
+/// Index of an interval by name.
+pub fn interval_index(name: &str) -> Option<usize> {
+    INTERVALS.iter().position(|(n, _)| *n == name)
+}
+
+/// Open time of the interval containing `t`. Weeks start on Monday, as on Binance.
+pub fn bucket_start(t: u64, len: u64) -> u64 {
+    if len == 604_800_000 {
+        let monday = 4 * 86_400_000; // 1970-01-05
+        if t < monday {
+            return 0;
+        }
+        return (t - monday) / len * len + monday;
+    }
+    t / len * len
+}
+
+const KLINES_KEPT: usize = 1_500;
+const TRADES_KEPT: usize = 1_000;
+
+/// A price level: price and total quantity.
+pub type Level = (Price, Qty);
+
+/// A depth diff being built: first and last seq, bid and ask levels.
+type DiffBuild = (u64, u64, Vec<[String; 2]>, Vec<[String; 2]>);
+
+/// One market's public state.
+#[derive(Debug, Default)]
+pub struct MarketState {
+    /// Bids: price → qty.
+    pub bids: BTreeMap<Price, Qty>,
+    /// Asks.
+    pub asks: BTreeMap<Price, Qty>,
+    /// The market's depth sequence (Binance's `lastUpdateId`).
+    pub depth_seq: u64,
+    /// Recent trades, oldest first.
+    pub trades: VecDeque<TradeRec>,
+    /// Klines per interval, oldest first.
+    pub klines: Vec<VecDeque<Kline>>,
+}
+
+impl MarketState {
+    /// Best bid and ask.
+    pub fn best(&self) -> (Option<Level>, Option<Level>) {
+        (
+            self.bids.iter().next_back().map(|(p, q)| (*p, *q)),
+            self.asks.iter().next().map(|(p, q)| (*p, *q)),
+        )
+    }
+}
+
+/// Everything in memory.
+#[derive(Debug, Default)]
+pub struct State {
+    /// Balances: account → per asset (available, held).
+    pub balances: HashMap<u32, Vec<(u64, u64)>>,
+    /// Open orders by id.
+    pub open: HashMap<u64, OrderRec>,
+    /// Open order ids per account.
+    pub open_by_account: HashMap<u32, BTreeSet<u64>>,
+    /// Order rows not yet in SQLite (the latest version of each, with the generation that
+    /// wrote it), read before SQLite.
+    pub unpersisted_orders: HashMap<u64, (OrderRec, u64)>,
+    /// Trades not yet in SQLite, with their generation.
+    pub unpersisted_trades: VecDeque<(TradeRec, u64)>,
+    /// Markets.
+    pub markets: Vec<MarketState>,
+    /// Known accounts.
+    pub accounts: BTreeSet<u32>,
+    /// Counters for `/metrics`.
+    pub counters: Counters,
+    /// Journaled commands whose orders and trades are missing from the SQLite history (found at
+    /// start-up: a crash between the journal's fsync and the history's commit).
+    pub history_gap: u64,
+}
+
+/// Monotonic counters.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Counters {
+    /// Orders accepted.
+    pub orders: u64,
+    /// Trades.
+    pub trades: u64,
+    /// Batches applied.
+    pub batches: u64,
+}
+
+/// A public market message (already JSON).
+#[derive(Debug, Clone)]
+pub struct MarketMsg {
+    /// Market index.
+    pub market: usize,
+    /// What it is.
+    pub kind: MarketMsgKind,
+    /// The payload (Binance's `data`).
+    pub json: String,
+}
+
+/// Kinds of pushed market messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarketMsgKind {
+    /// `depthUpdate` diff.
+    Depth,
+    /// `trade`.
+    Trade,
+    /// `bookTicker`.
+    BookTicker,
+}
+
+/// A user-data message for one account.
+#[derive(Debug, Clone)]
+pub struct UserMsg {
+    /// Account.
+    pub account: u32,
+    /// The payload.
+    pub json: String,
+}
+
+/// The read models and their publishers.
+#[derive(Debug)]
+pub struct ReadModel {
+    state: RwLock<State>,
+    applied: watch::Sender<u64>,
+    persisted: watch::Sender<u64>,
+    /// Market messages (all markets).
+    pub market_tx: broadcast::Sender<Arc<MarketMsg>>,
+    /// User messages.
+    pub user_tx: broadcast::Sender<Arc<UserMsg>>,
+    /// Specs.
+    pub markets: Arc<Markets>,
+    /// History.
+    pub store: Arc<Store>,
+    /// Set when events were lost (see [`crate::core::EventSink::fail`]).
+    pub broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// History rows of one group of batches, for the persister.
+struct PersistMsg {
+    generation: u64,
+    seq: u64,
+    orders: Vec<OrderRec>,
+    trades: Vec<TradeRec>,
+}
+
+/// How long history rows may wait in memory before they are written to SQLite.
+pub const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_millis(20);
+/// How many history rows may wait in memory before they are written to SQLite.
+pub const PERSIST_ROWS: usize = 8_192;
+
+/// The first `limit` rows (ascending from a start id) or the last `limit` rows.
+fn take_limit<T>(mut v: Vec<T>, from_start: bool, limit: u32) -> Vec<T> {
+    let limit = limit as usize;
+    if from_start {
+        v.truncate(limit);
+        v
+    } else {
+        let skip = v.len().saturating_sub(limit);
+        v.split_off(skip)
+    }
+}
+
+/// Default capacity of each broadcast channel: a WebSocket that falls this far behind is
+/// disconnected.
+pub const WS_QUEUE: usize = 4_096;
+
+/// What applying a group of batches produces. Order rows are deduplicated per group (an order
+/// placed and filled in one group is written once); messages are only built when someone
+/// listens.
+#[derive(Default)]
+struct Out {
+    orders: BTreeMap<u64, OrderRec>,
+    trades: Vec<TradeRec>,
+    market: Vec<MarketMsg>,
+    user: Vec<UserMsg>,
+    want_market: bool,
+    want_user: bool,
+}
+
+impl Out {
+    fn push_user(&mut self, f: impl FnOnce() -> UserMsg) {
+        if self.want_user {
+            self.user.push(f());
+        }
+    }
+    fn push_market(&mut self, f: impl FnOnce() -> MarketMsg) {
+        if self.want_market {
+            self.market.push(f());
+        }
+    }
+}
+
+impl ReadModel {
+    /// Empty read models over a store.
+    pub fn new(markets: Arc<Markets>, store: Arc<Store>, ws_queue: usize) -> Self {
+        let mut st = State::default();
+        for _ in &markets.markets {
+            st.markets.push(MarketState {
+                klines: vec![VecDeque::new(); INTERVALS.len()],
+                ..Default::default()
+            });
+        }
+        Self {
+            state: RwLock::new(st),
+            applied: watch::channel(0).0,
+            persisted: watch::channel(0).0,
+            market_tx: broadcast::channel(ws_queue.max(1)).0,
+            user_tx: broadcast::channel(ws_queue.max(1)).0,
+            markets,
+            store,
+            broken: Arc::default(),
+        }
+    }
+
+    /// Reads the state.
+    pub fn read(&self) -> RwLockReadGuard<'_, State> {
+        self.state.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// The last applied sequence number.
+    pub fn applied(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// Waits until batches up to `seq` are applied (or 5 seconds pass: then false).
+    pub async fn wait_for(&self, seq: u64) -> bool {
+        if self.broken.load(std::sync::atomic::Ordering::Relaxed) {
+            return false;
+        }
+        let mut rx = self.applied.subscribe();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rx.wait_for(|&s| s >= seq),
+        )
+        .await;
+        matches!(r, Ok(Ok(_)))
+    }
+
+    /// Runs the applier on the current thread until the sink is dropped.
+    ///
+    /// Batches are applied to memory at once and `applied` advances (handlers read their own
+    /// writes from memory: open orders, and rows not yet in SQLite). A persister thread writes
+    /// history rows to SQLite in one transaction every [`PERSIST_EVERY`] (or [`PERSIST_ROWS`]
+    /// rows), so SQLite pays per commit rather than per order, and its commits and checkpoints
+    /// never stall the applier. Its queue is bounded: a persister that cannot keep up slows
+    /// the applier (and so the engine's fan-out), it never loses rows.
+    pub fn run(&self, rx: crossbeam::channel::Receiver<EventBatch>) {
+        let conn = match self.store.connect() {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "read model cannot open the database");
+                return;
+            }
+        };
+        let (ptx, prx) = crossbeam::channel::bounded::<PersistMsg>(4_096);
+        std::thread::scope(|scope| {
+            let persister = std::thread::Builder::new()
+                .name("history".into())
+                .spawn_scoped(scope, move || self.persist_loop(conn, prx));
+            if let Err(e) = persister {
+                tracing::error!(error = %e, "cannot start the history thread");
+                return;
+            }
+            self.apply_loop(&rx, &ptx);
+            drop(ptx);
+        });
+    }
+
+    fn apply_loop(
+        &self,
+        rx: &crossbeam::channel::Receiver<EventBatch>,
+        ptx: &crossbeam::channel::Sender<PersistMsg>,
+    ) {
+        let mut group = Vec::with_capacity(256);
+        let mut generation = 0u64;
+        while let Ok(first) = rx.recv() {
+            group.clear();
+            group.push(first);
+            while group.len() < 256 {
+                match rx.try_recv() {
+                    Ok(b) => group.push(b),
+                    Err(_) => break,
+                }
+            }
+            let mut out = Out {
+                want_market: self.market_tx.receiver_count() > 0,
+                want_user: self.user_tx.receiver_count() > 0,
+                ..Out::default()
+            };
+            generation += 1;
+            let orders: Vec<OrderRec>;
+            {
+                let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+                for b in &group {
+                    apply_batch(&mut st, &self.markets, b, &mut out);
+                }
+                orders = std::mem::take(&mut out.orders).into_values().collect();
+                for o in &orders {
+                    st.unpersisted_orders.insert(o.id, (o.clone(), generation));
+                }
+                for t in &out.trades {
+                    st.unpersisted_trades.push_back((t.clone(), generation));
+                }
+            }
+            let last_seq = group.last().map_or(0, |b| b.seq);
+            self.applied.send_if_modified(|s| {
+                if last_seq > *s {
+                    *s = last_seq;
+                    true
+                } else {
+                    false
+                }
+            });
+            for msg in out.market.drain(..) {
+                let _ = self.market_tx.send(Arc::new(msg));
+            }
+            for msg in out.user.drain(..) {
+                let _ = self.user_tx.send(Arc::new(msg));
+            }
+            let msg = PersistMsg {
+                generation,
+                seq: last_seq,
+                orders,
+                trades: std::mem::take(&mut out.trades),
+            };
+            if ptx.send(msg).is_err() {
+                tracing::error!("the history thread stopped");
+            }
+        }
+    }
+
+    /// Writes history rows in batches until the applier stops, then writes the rest.
+    fn persist_loop(
+        &self,
+        mut conn: rusqlite::Connection,
+        rx: crossbeam::channel::Receiver<PersistMsg>,
+    ) {
+        let mut orders: HashMap<u64, OrderRec> = HashMap::new();
+        let mut trades: Vec<TradeRec> = Vec::new();
+        let (mut generation, mut seq) = (0u64, 0u64);
+        let mut since: Option<std::time::Instant> = None;
+        loop {
+            let msg = match since {
+                None => rx.recv().map_err(|_| true),
+                Some(t) => rx
+                    .recv_timeout(PERSIST_EVERY.saturating_sub(t.elapsed()))
+                    .map_err(|e| e.is_disconnected()),
+            };
+            let stop = match msg {
+                Ok(m) => {
+                    for o in m.orders {
+                        orders.insert(o.id, o);
+                    }
+                    trades.extend(m.trades);
+                    generation = m.generation;
+                    seq = seq.max(m.seq);
+                    since.get_or_insert_with(std::time::Instant::now);
+                    false
+                }
+                Err(disconnected) => disconnected,
+            };
+            let due = since.is_some_and(|t| t.elapsed() >= PERSIST_EVERY)
+                || orders.len() + trades.len() >= PERSIST_ROWS;
+            if (due || stop) && since.is_some() {
+                let rows: Vec<OrderRec> = orders.values().cloned().collect();
+                match Store::write_history(&mut conn, &rows, &trades, seq) {
+                    Ok(()) => {
+                        orders.clear();
+                        trades.clear();
+                        since = None;
+                        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+                        st.unpersisted_orders.retain(|_, (_, g)| *g > generation);
+                        while st
+                            .unpersisted_trades
+                            .front()
+                            .is_some_and(|(_, g)| *g <= generation)
+                        {
+                            st.unpersisted_trades.pop_front();
+                        }
+                        drop(st);
+                        self.persisted.send_replace(seq);
+                    }
+                    // Rows stay here and are retried with the next write.
+                    Err(e) => {
+                        tracing::error!(error = %e, "writing history failed");
+                        since = Some(std::time::Instant::now());
+                    }
+                }
+            }
+            if stop {
+                return;
+            }
+        }
+    }
+
+    /// Waits until everything applied so far is in SQLite (or 5 seconds pass: then false).
+    pub async fn wait_persisted(&self) -> bool {
+        let target = self.applied();
+        let mut rx = self.persisted.subscribe();
+        let r = tokio::time::timeout(
+            std::time::Duration::from_secs(5),
+            rx.wait_for(|&s| s >= target),
+        )
+        .await;
+        matches!(r, Ok(Ok(_)))
+    }
+
+    /// Orders of an account in a market (`allOrders`): SQLite merged with newer rows in memory.
+    pub fn orders_history(
+        &self,
+        account: u32,
+        market: u16,
+        from_id: Option<u64>,
+        start_ms: Option<u64>,
+        end_ms: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<OrderRec>, crate::store::StoreError> {
+        let rows = self
+            .store
+            .orders(account, market, from_id, start_ms, end_ms, limit)?;
+        let st = self.read();
+        let keep = |o: &OrderRec| {
+            o.account == account
+                && o.market == market
+                && from_id.is_none_or(|f| o.id >= f)
+                && start_ms.is_none_or(|s| o.time_ms >= s)
+                && end_ms.is_none_or(|e| o.time_ms <= e)
+        };
+        let mut all: BTreeMap<u64, OrderRec> = rows.into_iter().map(|o| (o.id, o)).collect();
+        for (o, _) in st.unpersisted_orders.values().filter(|(o, _)| keep(o)) {
+            all.insert(o.id, o.clone());
+        }
+        for id in st.open_by_account.get(&account).into_iter().flatten() {
+            if let Some(o) = st.open.get(id).filter(|o| keep(o)) {
+                all.insert(o.id, o.clone());
+            }
+        }
+        Ok(take_limit(
+            all.into_values().collect(),
+            from_id.is_some(),
+            limit,
+        ))
+    }
+
+    /// Trades of an account in a market (`myTrades`): SQLite merged with trades in memory.
+    pub fn trades_history(
+        &self,
+        account: u32,
+        market: u16,
+        from_id: Option<u64>,
+        start_ms: Option<u64>,
+        end_ms: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<TradeRec>, crate::store::StoreError> {
+        let rows = self
+            .store
+            .trades(account, market, from_id, start_ms, end_ms, limit)?;
+        let st = self.read();
+        let mut all: BTreeMap<u64, TradeRec> = rows.into_iter().map(|t| (t.id, t)).collect();
+        for (t, _) in st.unpersisted_trades.iter().filter(|(t, _)| {
+            (t.maker_account == account || t.taker_account == account)
+                && t.market == market
+                && from_id.is_none_or(|f| t.id >= f)
+                && start_ms.is_none_or(|s| t.time_ms >= s)
+                && end_ms.is_none_or(|e| t.time_ms <= e)
+        }) {
+            all.insert(t.id, t.clone());
+        }
+        Ok(take_limit(
+            all.into_values().collect(),
+            from_id.is_some(),
+            limit,
+        ))
+    }
+
+    /// Trades of a market from `from_id` on (`historicalTrades`), oldest first.
+    pub fn market_trades_from(
+        &self,
+        market: u16,
+        from_id: u64,
+        limit: u32,
+    ) -> Result<Vec<TradeRec>, crate::store::StoreError> {
+        let rows = self.store.market_trades_from(market, from_id, limit)?;
+        let st = self.read();
+        let mut all: BTreeMap<u64, TradeRec> = rows.into_iter().map(|t| (t.id, t)).collect();
+        for t in st
+            .unpersisted_trades
+            .iter()
+            .map(|(t, _)| t)
+            .filter(|t| t.market == market && t.id >= from_id)
+        {
+            all.insert(t.id, t.clone());
+        }
+        Ok(take_limit(all.into_values().collect(), true, limit))
+    }
+
+    /// Seeds the in-memory models from a recovered engine (balances, open orders, books, depth
+    /// sequences) and the public trade history from SQLite. Call before the first batch: the
+    /// sequencer publishes only the events of new commands, not those of journal replay.
+    pub fn seed(&self, engine: &matching_engine::Engine) -> Result<(), crate::store::StoreError> {
+        use matching_engine::{AccountId, AssetId};
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        let n_assets = self.markets.assets.len();
+        for a in 0..engine.account_count() as u32 {
+            if !engine.account_exists(AccountId(a)) {
+                continue;
+            }
+            st.accounts.insert(a);
+            let bal: Vec<(u64, u64)> = (0..n_assets)
+                .map(|i| {
+                    engine
+                        .balance(AccountId(a), AssetId(i as u16))
+                        .map_or((0, 0), |(f, h)| (f.0, h.0))
+                })
+                .collect();
+            st.balances.insert(a, bal);
+            for v in engine.open_orders(AccountId(a), None) {
+                let stored = self.store.order(a, v.id.0)?;
+                let kind = match (v.stop, v.meta.post_only, v.price.0) {
+                    (Some(_), _, 0) => OrdKind::StopLoss,
+                    (Some(_), _, _) => OrdKind::StopLossLimit,
+                    (None, true, _) => OrdKind::LimitMaker,
+                    (None, false, _) => OrdKind::Limit,
+                };
+                let mut o = stored.unwrap_or(OrderRec {
+                    id: v.id.0,
+                    account: a,
+                    market: v.market.0,
+                    client_id: v
+                        .meta
+                        .client_id
+                        .map(|c| c.as_str().to_owned())
+                        .unwrap_or_default(),
+                    side: v.side,
+                    kind,
+                    tif: v.meta.tif,
+                    price: v.price.0,
+                    stop: v.stop.map_or(0, |p| p.0),
+                    orig_qty: v.meta.orig_qty.0,
+                    orig_quote: 0,
+                    executed: 0,
+                    cum_quote: 0,
+                    status: OrdStatus::New,
+                    stp: v.meta.stp,
+                    time_ms: 0,
+                    update_ms: 0,
+                    working_ms: None,
+                });
+                o.price = v.price.0;
+                o.executed = v.meta.filled.0;
+                o.orig_qty = v.meta.orig_qty.0;
+                o.status = if o.executed > 0 {
+                    OrdStatus::PartiallyFilled
+                } else {
+                    OrdStatus::New
+                };
+                st.open_by_account.entry(a).or_default().insert(o.id);
+                st.open.insert(o.id, o);
+            }
+        }
+        for (i, spec) in self.markets.markets.iter().enumerate() {
+            let m = &mut st.markets[i];
+            if let Some(book) = engine.book(spec.id) {
+                m.bids = book.levels(Side::Buy).collect();
+                m.asks = book.levels(Side::Sell).collect();
+            }
+            m.depth_seq = engine.depth_seq(spec.id);
+            for t in self.store.recent_trades(spec.id.0, 20_000)? {
+                add_trade(m, &t);
+            }
+        }
+        let stored = self.store.history_seq()?;
+        st.history_gap = engine.seq().saturating_sub(stored);
+        if st.history_gap > 0 && stored > 0 {
+            tracing::warn!(
+                from_seq = stored + 1,
+                to_seq = engine.seq(),
+                "order and trade history misses the commands journaled after its last commit; \
+                 balances, open orders and books are exact"
+            );
+        }
+        drop(st);
+        self.applied.send_replace(engine.seq());
+        self.persisted.send_replace(engine.seq());
+        Ok(())
+    }
+
+    /// An order of an account: open, just finished, or from history.
+    pub fn find_order(
+        &self,
+        account: u32,
+        id: u64,
+    ) -> Result<Option<OrderRec>, crate::store::StoreError> {
+        {
+            let st = self.read();
+            if let Some(o) = st
+                .open
+                .get(&id)
+                .or_else(|| st.unpersisted_orders.get(&id).map(|(o, _)| o))
+            {
+                return Ok((o.account == account).then(|| o.clone()));
+            }
+        }
+        self.store.order(account, id)
+    }
+
+    /// An order by client id: an open one first, else the latest in history.
+    pub fn find_order_by_client(
+        &self,
+        account: u32,
+        client: &str,
+    ) -> Result<Option<OrderRec>, crate::store::StoreError> {
+        {
+            let st = self.read();
+            if let Some(ids) = st.open_by_account.get(&account) {
+                for id in ids.iter().rev() {
+                    if let Some(o) = st.open.get(id) {
+                        if o.client_id == client {
+                            return Ok(Some(o.clone()));
+                        }
+                    }
+                }
+            }
+            if let Some(o) = st
+                .unpersisted_orders
+                .values()
+                .map(|(o, _)| o)
+                .filter(|o| o.account == account && o.client_id == client)
+                .max_by_key(|o| o.id)
+            {
+                return Ok(Some(o.clone()));
+            }
+        }
+        self.store.order_by_client(account, client)
+    }
+}
+
+fn kind_of(t: &OrderType, post_only: bool) -> (OrdKind, u64, u64, u64, u64) {
+    match *t {
+        OrderType::Limit { price, qty } => (
+            if post_only {
+                OrdKind::LimitMaker
+            } else {
+                OrdKind::Limit
+            },
+            price.0,
+            0,
+            qty.0,
+            0,
+        ),
+        OrderType::Market { qty } => (OrdKind::Market, 0, 0, qty.0, 0),
+        OrderType::MarketBudget { budget } => (OrdKind::Market, 0, 0, 0, budget.0),
+        OrderType::StopLimit { stop, price, qty } => {
+            (OrdKind::StopLossLimit, price.0, stop.0, qty.0, 0)
+        }
+        OrderType::StopMarket { stop, qty } => (OrdKind::StopLoss, 0, stop.0, qty.0, 0),
+    }
+}
+
+/// Binance's `executionReport` for an order after an event.
+pub fn execution_report(
+    markets: &Markets,
+    o: &OrderRec,
+    exec_type: &str,
+    time_ms: u64,
+    trade: Option<(&TradeRec, bool)>,
+) -> String {
+    let m = markets.get(MarketId(o.market));
+    let (last_qty, last_price, fee, trade_id, is_maker, last_quote) = match trade {
+        Some((t, maker)) => (
+            t.qty,
+            t.price,
+            if maker { t.maker_fee } else { t.taker_fee },
+            t.id as i64,
+            maker,
+            t.quote,
+        ),
+        None => (0, 0, 0, -1, false, 0),
+    };
+    json!({
+        "e": "executionReport",
+        "E": time_ms,
+        "s": m.symbol,
+        "c": o.client_id,
+        "S": side_str(o.side),
+        "o": o.kind.as_str(),
+        "f": tif_str(o.tif),
+        "q": m.fmt_qty(Qty(o.orig_qty)),
+        "p": m.fmt_price(Price(o.price)),
+        "P": m.fmt_price(Price(o.stop)),
+        "F": "0.00000000",
+        "g": -1,
+        "C": if exec_type == "CANCELED" { o.client_id.as_str() } else { "" },
+        "x": exec_type,
+        "X": o.status.as_str(),
+        "r": "NONE",
+        "i": o.id,
+        "l": m.fmt_qty(Qty(last_qty)),
+        "z": m.fmt_qty(Qty(o.executed)),
+        "L": m.fmt_price(Price(last_price)),
+        "n": m.fmt_quote(u128::from(fee)),
+        "N": if trade.is_some() { Some(m.quote.symbol.as_str()) } else { None },
+        "T": time_ms,
+        "t": trade_id,
+        "v": 0,
+        "I": 0,
+        "w": o.is_open() && o.working_ms.is_some(),
+        "m": is_maker,
+        "M": false,
+        "O": o.time_ms,
+        "Z": m.fmt_quote(u128::from(o.cum_quote)),
+        "Y": m.fmt_quote(u128::from(last_quote)),
+        "Q": m.fmt_quote(u128::from(o.orig_quote)),
+        "W": o.working_ms.map_or(-1, |w| w as i64),
+        "V": stp_str(o.stp),
+    })
+    .to_string()
+}
+
+/// Adds a trade to a market's recent trades and klines.
+fn add_trade(m: &mut MarketState, t: &TradeRec) {
+    for (i, (_, len)) in INTERVALS.iter().enumerate() {
+        let open = bucket_start(t.time_ms, *len);
+        let ks = &mut m.klines[i];
+        if ks.back().is_none_or(|k| k.open_ms != open) {
+            ks.push_back(Kline {
+                open_ms: open,
+                close_ms: open + len - 1,
+                open: t.price,
+                high: t.price,
+                low: t.price,
+                close: t.price,
+                first_id: t.id,
+                ..Default::default()
+            });
+            if ks.len() > KLINES_KEPT {
+                ks.pop_front();
+            }
+        }
+        if let Some(k) = ks.back_mut() {
+            k.high = k.high.max(t.price);
+            k.low = k.low.min(t.price);
+            k.close = t.price;
+            k.volume += u128::from(t.qty);
+            k.quote += u128::from(t.quote);
+            k.trades += 1;
+            k.last_id = t.id;
+            if t.taker_side == Side::Buy {
+                k.taker_buy_volume += u128::from(t.qty);
+                k.taker_buy_quote += u128::from(t.quote);
+            }
+        }
+    }
+    m.trades.push_back(t.clone());
+    if m.trades.len() > TRADES_KEPT {
+        m.trades.pop_front();
+    }
+}
+
+fn finish(st: &mut State, id: u64, out: &mut Out) -> Option<OrderRec> {
+    let o = st.open.remove(&id)?;
+    if let Some(ids) = st.open_by_account.get_mut(&o.account) {
+        ids.remove(&id);
+    }
+    out.orders.insert(o.id, o.clone());
+    Some(o)
+}
+
+fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out) {
+    let mut ms = b.time.as_millis();
+    st.counters.batches += 1;
+    // Depth diffs of this batch per market: (first seq, last seq, bids, asks).
+    let mut depth: BTreeMap<usize, DiffBuild> = BTreeMap::new();
+    let mut touched_best: BTreeSet<usize> = BTreeSet::new();
+    let mut balances_changed: BTreeMap<u32, BTreeSet<u16>> = BTreeMap::new();
+    for ev in b.events.iter() {
+        match *ev {
+            Event::Accepted { time, .. } => ms = time.as_millis(),
+            Event::AccountCreated { account } => {
+                st.accounts.insert(account.0);
+                st.balances
+                    .entry(account.0)
+                    .or_insert_with(|| vec![(0, 0); markets.assets.len()]);
+            }
+            Event::OrderNew {
+                info,
+                order_type,
+                tif,
+                post_only,
+                stp,
+            } => {
+                st.counters.orders += 1;
+                let (kind, price, stop, qty, quote) = kind_of(&order_type, post_only);
+                let o = OrderRec {
+                    id: info.order.0,
+                    account: info.account.0,
+                    market: info.market.0,
+                    client_id: info
+                        .client_id
+                        .map(|c| c.as_str().to_owned())
+                        .unwrap_or_default(),
+                    side: info.side,
+                    kind,
+                    tif: if matches!(kind, OrdKind::Market | OrdKind::StopLoss) {
+                        TimeInForce::Gtc
+                    } else {
+                        tif
+                    },
+                    price,
+                    stop,
+                    orig_qty: qty,
+                    orig_quote: quote,
+                    executed: 0,
+                    cum_quote: 0,
+                    status: OrdStatus::New,
+                    stp,
+                    time_ms: ms,
+                    update_ms: ms,
+                    working_ms: if stop == 0 { Some(ms) } else { None },
+                };
+                out.push_user(|| UserMsg {
+                    account: o.account,
+                    json: execution_report(markets, &o, "NEW", ms, None),
+                });
+                out.orders.insert(o.id, o.clone());
+                st.open_by_account
+                    .entry(o.account)
+                    .or_default()
+                    .insert(o.id);
+                st.open.insert(o.id, o);
+            }
+            Event::OrderTriggered { info, .. } => {
+                if let Some(o) = st.open.get_mut(&info.order.0) {
+                    o.working_ms = Some(ms);
+                    o.update_ms = ms;
+                }
+            }
+            Event::OrderAmended {
+                info, price, qty, ..
+            } => {
+                if let Some(o) = st.open.get_mut(&info.order.0) {
+                    o.price = price.0;
+                    o.orig_qty = qty.0;
+                    o.update_ms = ms;
+                    let o = o.clone();
+                    out.push_user(|| UserMsg {
+                        account: o.account,
+                        json: execution_report(markets, &o, "REPLACED", ms, None),
+                    });
+                    out.orders.insert(o.id, o);
+                }
+            }
+            Event::Trade {
+                trade,
+                market,
+                price,
+                qty,
+                taker_side,
+                maker_order,
+                taker_order,
+                maker_account,
+                taker_account,
+                maker_fee,
+                taker_fee,
+                notional,
+                maker_remaining,
+                taker_remaining,
+            } => {
+                st.counters.trades += 1;
+                let t = TradeRec {
+                    id: trade.0,
+                    market: market.0,
+                    price: price.0,
+                    qty: qty.0,
+                    quote: notional.0,
+                    taker_side,
+                    maker_order: maker_order.0,
+                    taker_order: taker_order.0,
+                    maker_account: maker_account.0,
+                    taker_account: taker_account.0,
+                    maker_fee: maker_fee.0,
+                    taker_fee: taker_fee.0,
+                    time_ms: ms,
+                };
+                for (oid, remaining, maker) in [
+                    (maker_order.0, maker_remaining, true),
+                    (taker_order.0, taker_remaining, false),
+                ] {
+                    if let Some(o) = st.open.get_mut(&oid) {
+                        o.executed += qty.0;
+                        o.cum_quote = o.cum_quote.saturating_add(notional.0);
+                        o.update_ms = ms;
+                        o.status = if remaining.is_zero() && o.orig_quote == 0 {
+                            OrdStatus::Filled
+                        } else {
+                            OrdStatus::PartiallyFilled
+                        };
+                        if o.orig_quote != 0 {
+                            o.orig_qty = o.executed;
+                        }
+                        out.push_user(|| UserMsg {
+                            account: o.account,
+                            json: execution_report(markets, o, "TRADE", ms, Some((&t, maker))),
+                        });
+                        out.orders.insert(o.id, o.clone());
+                    }
+                }
+                let mi = usize::from(market.0);
+                let spec = markets.get(market);
+                out.push_market(|| MarketMsg {
+                    market: mi,
+                    kind: MarketMsgKind::Trade,
+                    json: json!({
+                        "e": "trade", "E": ms, "s": spec.symbol, "t": t.id,
+                        "p": spec.fmt_price(price), "q": spec.fmt_qty(qty), "T": ms,
+                        "m": taker_side == Side::Sell, "M": true,
+                    })
+                    .to_string(),
+                });
+                add_trade(&mut st.markets[mi], &t);
+                out.trades.push(t);
+            }
+            Event::OrderDone { info, reason, .. } => {
+                let id = info.order.0;
+                if let Some(o) = st.open.get_mut(&id) {
+                    let budget = o.orig_quote != 0;
+                    let (status, exec) = match reason {
+                        DoneReason::Filled => (OrdStatus::Filled, None),
+                        DoneReason::Cancelled => (OrdStatus::Canceled, Some("CANCELED")),
+                        DoneReason::IocRemainder | DoneReason::InsufficientBalance
+                            if budget && o.executed > 0 =>
+                        {
+                            (OrdStatus::Filled, None)
+                        }
+                        DoneReason::IocRemainder
+                        | DoneReason::Expired
+                        | DoneReason::InsufficientBalance => (OrdStatus::Expired, Some("EXPIRED")),
+                        DoneReason::SelfTrade => {
+                            (OrdStatus::ExpiredInMatch, Some("TRADE_PREVENTION"))
+                        }
+                    };
+                    o.status = status;
+                    o.update_ms = ms;
+                    if let Some(x) = exec {
+                        out.push_user(|| UserMsg {
+                            account: o.account,
+                            json: execution_report(markets, o, x, ms, None),
+                        });
+                    }
+                }
+                finish(st, id, out);
+            }
+            Event::Balance {
+                account,
+                asset,
+                available,
+                held,
+            } => {
+                let v = st
+                    .balances
+                    .entry(account.0)
+                    .or_insert_with(|| vec![(0, 0); markets.assets.len()]);
+                if let Some(slot) = v.get_mut(usize::from(asset.0)) {
+                    *slot = (available.0, held.0);
+                }
+                balances_changed
+                    .entry(account.0)
+                    .or_default()
+                    .insert(asset.0);
+            }
+            Event::Depth {
+                market,
+                seq,
+                side,
+                price,
+                qty,
+            } => {
+                let mi = usize::from(market.0);
+                let m = &mut st.markets[mi];
+                let book = if side == Side::Buy {
+                    &mut m.bids
+                } else {
+                    &mut m.asks
+                };
+                if qty.is_zero() {
+                    book.remove(&price);
+                } else {
+                    book.insert(price, qty);
+                }
+                m.depth_seq = seq;
+                touched_best.insert(mi);
+                if out.want_market {
+                    let spec = markets.get(market);
+                    let e = depth
+                        .entry(mi)
+                        .or_insert((seq, seq, Vec::new(), Vec::new()));
+                    e.1 = seq;
+                    let level = [spec.fmt_price(price), spec.fmt_qty(qty)];
+                    if side == Side::Buy {
+                        e.2.push(level);
+                    } else {
+                        e.3.push(level);
+                    }
+                }
+            }
+            Event::Credited {
+                account,
+                asset,
+                amount,
+                ..
+            } => {
+                out.push_user(|| UserMsg {
+                    account: account.0,
+                    json: json!({
+                        "e": "balanceUpdate", "E": ms,
+                        "a": markets.assets[usize::from(asset.0)].symbol,
+                        "d": markets.fmt_amount(asset, amount.0), "T": ms,
+                    })
+                    .to_string(),
+                });
+            }
+            Event::Transferred {
+                from,
+                to,
+                asset,
+                amount,
+                ..
+            } => {
+                let a = &markets.assets[usize::from(asset.0)].symbol;
+                let d = markets.fmt_amount(asset, amount.0);
+                out.push_user(|| UserMsg {
+                    account: from.0,
+                    json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": format!("-{d}"), "T": ms})
+                        .to_string(),
+                });
+                out.push_user(|| UserMsg {
+                    account: to.0,
+                    json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": d, "T": ms})
+                        .to_string(),
+                });
+            }
+            Event::Rejected { .. }
+            | Event::WithdrawalHeld { .. }
+            | Event::WithdrawalReleased { .. }
+            | Event::WithdrawalCompleted { .. } => {}
+        }
+    }
+    for (mi, (first, last, b_levels, a_levels)) in depth {
+        let spec = &markets.markets[mi];
+        out.push_market(|| MarketMsg {
+            market: mi,
+            kind: MarketMsgKind::Depth,
+            json: json!({
+                "e": "depthUpdate", "E": ms, "s": spec.symbol,
+                "U": first, "u": last, "b": b_levels, "a": a_levels,
+            })
+            .to_string(),
+        });
+    }
+    let want_market = out.want_market;
+    for mi in touched_best.into_iter().filter(|_| want_market) {
+        let spec = &markets.markets[mi];
+        let m = &st.markets[mi];
+        let (bid, ask) = m.best();
+        let fmt = |x: Option<(Price, Qty)>| {
+            x.map_or(
+                ("0.00000000".to_owned(), "0.00000000".to_owned()),
+                |(p, q)| (spec.fmt_price(p), spec.fmt_qty(q)),
+            )
+        };
+        let (bp, bq) = fmt(bid);
+        let (ap, aq) = fmt(ask);
+        out.push_market(|| MarketMsg {
+            market: mi,
+            kind: MarketMsgKind::BookTicker,
+            json: json!({"u": m.depth_seq, "s": spec.symbol, "b": bp, "B": bq, "a": ap, "A": aq})
+                .to_string(),
+        });
+    }
+    if !out.want_user {
+        return;
+    }
+    for (account, assets) in balances_changed {
+        let Some(v) = st.balances.get(&account) else {
+            continue;
+        };
+        let list: Vec<_> = assets
+            .iter()
+            .filter_map(|a| {
+                let (f, l) = *v.get(usize::from(*a))?;
+                let spec = &markets.assets[usize::from(*a)];
+                Some(json!({
+                    "a": spec.symbol,
+                    "f": crate::decimal::format_units(f, spec.decimals),
+                    "l": crate::decimal::format_units(l, spec.decimals),
+                }))
+            })
+            .collect();
+        out.push_user(|| UserMsg {
+            account,
+            json: json!({"e": "outboundAccountPosition", "E": ms, "u": ms, "B": list}).to_string(),
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets() {
+        assert_eq!(bucket_start(61_000, 60_000), 60_000);
+        // 1970-01-12 (a Monday) 10:00.
+        let t = 11 * 86_400_000 + 36_000_000;
+        assert_eq!(bucket_start(t, 604_800_000), 11 * 86_400_000);
+        assert_eq!(interval_index("1h"), Some(6));
+        assert_eq!(interval_index("1M"), None);
+    }
+}

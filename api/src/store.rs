@@ -1,0 +1,350 @@
+//! SQLite persistence: API keys, order history and trade history, so that a restart keeps them.
+//!
+//! Durability: history rows are written by the read-model applier in one transaction per group of
+//! event batches (WAL, `synchronous=NORMAL`); the engine's journal is the source of truth and a
+//! replay upserts the same rows again. API keys are written with `synchronous=FULL` semantics by
+//! their own transaction before the key is shown.
+
+use crate::readmodel::{OrderRec, TradeRec};
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// A storage failure (logged, answered as `-1000`).
+#[derive(Debug, thiserror::Error)]
+#[error("storage: {0}")]
+#[non_exhaustive]
+pub struct StoreError(#[from] pub rusqlite::Error);
+
+/// A stored API key (never the secret: secrets are derived, see [`crate::keys`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    /// The public key.
+    pub api_key: String,
+    /// Its account.
+    pub account: u32,
+    /// Permission bits.
+    pub perms: u8,
+    /// A label.
+    pub label: String,
+    /// Creation time.
+    pub created_ms: u64,
+}
+
+/// The database: a small pool of connections to one file.
+#[derive(Debug)]
+pub struct Store {
+    path: PathBuf,
+    pool: Mutex<Vec<Connection>>,
+}
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS api_keys(
+  api_key TEXT PRIMARY KEY, account INTEGER NOT NULL, perms INTEGER NOT NULL,
+  label TEXT NOT NULL, created_ms INTEGER NOT NULL, revoked INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS orders(
+  order_id INTEGER PRIMARY KEY, account INTEGER NOT NULL, market INTEGER NOT NULL,
+  client_id TEXT NOT NULL, time_ms INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS orders_by_account ON orders(account, market, order_id);
+CREATE INDEX IF NOT EXISTS orders_by_client ON orders(account, client_id);
+CREATE TABLE IF NOT EXISTS meta(name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS trades(
+  trade_id INTEGER PRIMARY KEY, market INTEGER NOT NULL, maker_account INTEGER NOT NULL,
+  taker_account INTEGER NOT NULL, time_ms INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS trades_by_maker ON trades(maker_account, market, trade_id);
+CREATE INDEX IF NOT EXISTS trades_by_taker ON trades(taker_account, market, trade_id);
+";
+
+fn open_conn(path: &Path) -> Result<Connection, StoreError> {
+    let c = Connection::open(path)?;
+    c.busy_timeout(std::time::Duration::from_secs(5))?;
+    c.pragma_update(None, "journal_mode", "WAL")?;
+    c.pragma_update(None, "synchronous", "NORMAL")?;
+    Ok(c)
+}
+
+/// i64 columns hold u64 values bit for bit.
+fn to_sql(v: u64) -> i64 {
+    v as i64
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path`.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let c = open_conn(path)?;
+        c.execute_batch(SCHEMA)?;
+        Ok(Self {
+            path: path.to_owned(),
+            pool: Mutex::new(vec![c]),
+        })
+    }
+
+    /// Opens a fresh connection (the applier's writer).
+    pub fn connect(&self) -> Result<Connection, StoreError> {
+        open_conn(&self.path)
+    }
+
+    fn with<T>(&self, f: impl FnOnce(&Connection) -> rusqlite::Result<T>) -> Result<T, StoreError> {
+        let conn = self.pool.lock().unwrap_or_else(|e| e.into_inner()).pop();
+        let conn = match conn {
+            Some(c) => c,
+            None => open_conn(&self.path)?,
+        };
+        let r = f(&conn);
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        if pool.len() < 8 {
+            pool.push(conn);
+        }
+        Ok(r?)
+    }
+
+    /// Inserts a key.
+    pub fn insert_key(&self, k: &KeyRow) -> Result<(), StoreError> {
+        self.with(|c| {
+            c.execute(
+                "INSERT INTO api_keys(api_key, account, perms, label, created_ms) VALUES (?1,?2,?3,?4,?5)",
+                params![k.api_key, k.account, k.perms, k.label, to_sql(k.created_ms)],
+            )
+            .map(drop)
+        })
+    }
+
+    /// Revokes a key; false if there was no such live key.
+    pub fn revoke_key(&self, api_key: &str) -> Result<bool, StoreError> {
+        self.with(|c| {
+            c.execute(
+                "UPDATE api_keys SET revoked = 1 WHERE api_key = ?1 AND revoked = 0",
+                params![api_key],
+            )
+            .map(|n| n == 1)
+        })
+    }
+
+    /// Every live key.
+    pub fn keys(&self) -> Result<Vec<KeyRow>, StoreError> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT api_key, account, perms, label, created_ms FROM api_keys WHERE revoked = 0",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(KeyRow {
+                    api_key: r.get(0)?,
+                    account: r.get(1)?,
+                    perms: r.get(2)?,
+                    label: r.get(3)?,
+                    created_ms: r.get::<_, i64>(4)? as u64,
+                })
+            })?;
+            rows.collect()
+        })
+    }
+
+    /// Writes order and trade rows and the engine sequence number they reach, in one
+    /// transaction (upserts: replays are idempotent).
+    pub fn write_history(
+        conn: &mut Connection,
+        orders: &[OrderRec],
+        trades: &[TradeRec],
+        seq: u64,
+    ) -> Result<(), StoreError> {
+        let tx = conn.transaction()?;
+        tx.execute(
+            "INSERT INTO meta(name, value) VALUES ('history_seq', ?1) ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
+            params![to_sql(seq)],
+        )?;
+        {
+            let mut o = tx.prepare_cached(
+                "INSERT OR REPLACE INTO orders(order_id, account, market, client_id, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6)",
+            )?;
+            for r in orders {
+                let data = serde_json::to_string(r).unwrap_or_default();
+                o.execute(params![
+                    to_sql(r.id),
+                    r.account,
+                    r.market,
+                    r.client_id,
+                    to_sql(r.time_ms),
+                    data
+                ])?;
+            }
+            let mut t = tx.prepare_cached(
+                "INSERT OR REPLACE INTO trades(trade_id, market, maker_account, taker_account, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6)",
+            )?;
+            for r in trades {
+                let data = serde_json::to_string(r).unwrap_or_default();
+                t.execute(params![
+                    to_sql(r.id),
+                    r.market,
+                    r.maker_account,
+                    r.taker_account,
+                    to_sql(r.time_ms),
+                    data
+                ])?;
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// The engine sequence number the stored history reaches (0 when empty).
+    pub fn history_seq(&self) -> Result<u64, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT value FROM meta WHERE name = 'history_seq'",
+                [],
+                |r| r.get::<_, i64>(0),
+            )
+            .optional()
+        })
+        .map(|v| v.map_or(0, |v| v as u64))
+    }
+
+    /// One order of an account by id.
+    pub fn order(&self, account: u32, id: u64) -> Result<Option<OrderRec>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT data FROM orders WHERE order_id = ?1 AND account = ?2",
+                params![to_sql(id), account],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+        })
+        .map(|o| o.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    /// The latest order of an account with this client id.
+    pub fn order_by_client(
+        &self,
+        account: u32,
+        client: &str,
+    ) -> Result<Option<OrderRec>, StoreError> {
+        self.with(|c| {
+            c.query_row(
+                "SELECT data FROM orders WHERE account = ?1 AND client_id = ?2 ORDER BY order_id DESC LIMIT 1",
+                params![account, client],
+                |r| r.get::<_, String>(0),
+            )
+            .optional()
+        })
+        .map(|o| o.and_then(|s| serde_json::from_str(&s).ok()))
+    }
+
+    /// Orders of an account in a market: ids from `from_id` (or the latest `limit` ones), time
+    /// range, oldest first.
+    pub fn orders(
+        &self,
+        account: u32,
+        market: u16,
+        from_id: Option<u64>,
+        start_ms: Option<u64>,
+        end_ms: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<OrderRec>, StoreError> {
+        let (sql, asc) = if from_id.is_some() {
+            ("SELECT data FROM orders WHERE account=?1 AND market=?2 AND order_id>=?3 AND time_ms>=?4 AND time_ms<=?5 ORDER BY order_id ASC LIMIT ?6", true)
+        } else {
+            ("SELECT data FROM orders WHERE account=?1 AND market=?2 AND order_id>=?3 AND time_ms>=?4 AND time_ms<=?5 ORDER BY order_id DESC LIMIT ?6", false)
+        };
+        let mut v: Vec<OrderRec> = self
+            .with(|c| {
+                let mut st = c.prepare_cached(sql)?;
+                let rows = st.query_map(
+                    params![
+                        account,
+                        market,
+                        to_sql(from_id.unwrap_or(0)),
+                        start_ms.map_or(0, to_sql),
+                        end_ms.map_or(i64::MAX, to_sql),
+                        limit
+                    ],
+                    |r| r.get::<_, String>(0),
+                )?;
+                rows.collect::<rusqlite::Result<Vec<String>>>()
+            })?
+            .into_iter()
+            .filter_map(|s| serde_json::from_str(&s).ok())
+            .collect();
+        if !asc {
+            v.reverse();
+        }
+        Ok(v)
+    }
+
+    /// The latest `limit` trades of a market, oldest first.
+    pub fn recent_trades(&self, market: u16, limit: u32) -> Result<Vec<TradeRec>, StoreError> {
+        let mut v: Vec<TradeRec> = self
+            .with(|c| {
+                let mut st = c.prepare_cached(
+                    "SELECT data FROM trades WHERE market=?1 ORDER BY trade_id DESC LIMIT ?2",
+                )?;
+                let rows = st.query_map(params![market, limit], |r| r.get::<_, String>(0))?;
+                rows.collect::<rusqlite::Result<Vec<String>>>()
+            })?
+            .into_iter()
+            .filter_map(|s| serde_json::from_str(&s).ok())
+            .collect();
+        v.reverse();
+        Ok(v)
+    }
+
+    /// Trades of a market from `from_id` on, oldest first.
+    pub fn market_trades_from(
+        &self,
+        market: u16,
+        from_id: u64,
+        limit: u32,
+    ) -> Result<Vec<TradeRec>, StoreError> {
+        Ok(self
+            .with(|c| {
+                let mut st = c.prepare_cached(
+                    "SELECT data FROM trades WHERE market=?1 AND trade_id>=?2 ORDER BY trade_id ASC LIMIT ?3",
+                )?;
+                let rows = st.query_map(params![market, to_sql(from_id), limit], |r| {
+                    r.get::<_, String>(0)
+                })?;
+                rows.collect::<rusqlite::Result<Vec<String>>>()
+            })?
+            .into_iter()
+            .filter_map(|s| serde_json::from_str(&s).ok())
+            .collect())
+    }
+
+    /// Trades of an account in a market, oldest first.
+    pub fn trades(
+        &self,
+        account: u32,
+        market: u16,
+        from_id: Option<u64>,
+        start_ms: Option<u64>,
+        end_ms: Option<u64>,
+        limit: u32,
+    ) -> Result<Vec<TradeRec>, StoreError> {
+        let order = if from_id.is_some() { "ASC" } else { "DESC" };
+        let sql = format!(
+            "SELECT data FROM trades WHERE (maker_account=?1 OR taker_account=?1) AND market=?2 AND trade_id>=?3 AND time_ms>=?4 AND time_ms<=?5 ORDER BY trade_id {order} LIMIT ?6"
+        );
+        let mut v: Vec<TradeRec> = self
+            .with(|c| {
+                let mut st = c.prepare_cached(&sql)?;
+                let rows = st.query_map(
+                    params![
+                        account,
+                        market,
+                        to_sql(from_id.unwrap_or(0)),
+                        start_ms.map_or(0, to_sql),
+                        end_ms.map_or(i64::MAX, to_sql),
+                        limit
+                    ],
+                    |r| r.get::<_, String>(0),
+                )?;
+                rows.collect::<rusqlite::Result<Vec<String>>>()
+            })?
+            .into_iter()
+            .filter_map(|s| serde_json::from_str(&s).ok())
+            .collect();
+        if from_id.is_none() {
+            v.reverse();
+        }
+        Ok(v)
+    }
+}

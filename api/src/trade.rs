@@ -1,0 +1,921 @@
+//! Signed trading endpoints: orders, open orders, history, account, trades.
+
+use crate::app::{ok_json, AppState, Req};
+use crate::error::ApiError;
+use crate::keys::{ApiKey, Perms};
+use crate::market::MarketSpec;
+use crate::params::Params;
+use crate::readmodel::{side_str, stp_str, tif_str, OrdKind, OrdStatus, OrderRec, TradeRec};
+use axum::extract::State;
+use axum::response::Response;
+use matching_engine::{
+    AccountId, ClientOrderId, Command, DoneReason, Event, NewOrder, OrderId, OrderRef, OrderType,
+    Price, Qty, Side, StpMode, TimeInForce,
+};
+use serde_json::{json, Value};
+
+fn internal(e: impl std::fmt::Display) -> ApiError {
+    tracing::error!(error = %e, "storage failure");
+    ApiError::internal()
+}
+
+/// Binance's order object (`GET /api/v3/order`, `openOrders`, `allOrders`).
+pub fn order_json(m: &MarketSpec, o: &OrderRec) -> Value {
+    json!({
+        "symbol": m.symbol,
+        "orderId": o.id,
+        "orderListId": -1,
+        "clientOrderId": o.client_id,
+        "price": m.fmt_price(Price(o.price)),
+        "origQty": m.fmt_qty(Qty(o.orig_qty)),
+        "executedQty": m.fmt_qty(Qty(o.executed)),
+        "cummulativeQuoteQty": m.fmt_quote(u128::from(o.cum_quote)),
+        "status": o.status.as_str(),
+        "timeInForce": tif_str(o.tif),
+        "type": o.kind.as_str(),
+        "side": side_str(o.side),
+        "stopPrice": m.fmt_price(Price(o.stop)),
+        "icebergQty": m.fmt_qty(Qty(0)),
+        "time": o.time_ms,
+        "updateTime": o.update_ms,
+        "isWorking": o.working_ms.is_some(),
+        "workingTime": o.working_ms.map_or(-1, |w| w as i64),
+        "origQuoteOrderQty": m.fmt_quote(u128::from(o.orig_quote)),
+        "selfTradePreventionMode": stp_str(o.stp),
+    })
+}
+
+/// What a parsed new-order request holds.
+struct Parsed {
+    order: NewOrder,
+    resp: RespType,
+    market: usize,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum RespType {
+    Ack,
+    Result,
+    Full,
+}
+
+fn not_required(name: &str) -> ApiError {
+    ApiError::bad(-1106, format!("Parameter '{name}' sent when not required."))
+}
+
+fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed, ApiError> {
+    let sym = p.req("symbol")?;
+    let side = match p.req("side")?.as_str() {
+        "BUY" => Side::Buy,
+        "SELL" => Side::Sell,
+        _ => return Err(ApiError::bad(-1117, "Invalid side.")),
+    };
+    let ty = p.req("type")?;
+    let m = st.markets().by_symbol(&sym)?;
+    let tif = p.opt("timeInForce")?;
+    let qty = p.opt("quantity")?;
+    let quote = p.opt("quoteOrderQty")?;
+    let price = p.opt("price")?;
+    let stop = p.opt("stopPrice")?;
+    let client = p.opt("newClientOrderId")?;
+    let resp = p.opt("newOrderRespType")?;
+    for unsupported in [
+        "icebergQty",
+        "trailingDelta",
+        "pegPriceType",
+        "pegOffsetValue",
+        "pegOffsetType",
+    ] {
+        if p.opt(unsupported)?.is_some() {
+            return Err(ApiError::bad(-1014, "Unsupported order combination."));
+        }
+    }
+    let stp = match p.opt("selfTradePreventionMode")?.as_deref() {
+        None | Some("EXPIRE_TAKER") => StpMode::ExpireTaker,
+        Some("NONE") => StpMode::None,
+        Some("EXPIRE_MAKER") => StpMode::ExpireMaker,
+        Some("EXPIRE_BOTH") => StpMode::ExpireBoth,
+        Some(_) => return Err(ApiError::invalid_value("selfTradePreventionMode")),
+    };
+    let parse_tif = |t: Option<String>| -> Result<TimeInForce, ApiError> {
+        match t.as_deref() {
+            None => Err(ApiError::missing("timeInForce")),
+            Some("GTC") => Ok(TimeInForce::Gtc),
+            Some("IOC") => Ok(TimeInForce::Ioc),
+            Some("FOK") => Ok(TimeInForce::Fok),
+            Some(_) => Err(ApiError::bad(-1115, "Invalid timeInForce.")),
+        }
+    };
+    let need_qty = |q: &Option<String>| -> Result<Qty, ApiError> {
+        m.parse_qty(
+            "quantity",
+            q.as_deref().ok_or_else(|| ApiError::missing("quantity"))?,
+        )
+    };
+    let need_price = |name: &str, v: &Option<String>| -> Result<Price, ApiError> {
+        m.parse_price(name, v.as_deref().ok_or_else(|| ApiError::missing(name))?)
+    };
+    let forbid = |name: &str, v: &Option<String>| -> Result<(), ApiError> {
+        if v.is_some() {
+            Err(not_required(name))
+        } else {
+            Ok(())
+        }
+    };
+    let (order_type, tif, post_only, default_resp) = match ty.as_str() {
+        "LIMIT" => {
+            forbid("stopPrice", &stop)?;
+            forbid("quoteOrderQty", &quote)?;
+            let t = parse_tif(tif)?;
+            let (pr, q) = (need_price("price", &price)?, need_qty(&qty)?);
+            m.check_notional(pr, q)?;
+            (
+                OrderType::Limit { price: pr, qty: q },
+                t,
+                false,
+                RespType::Full,
+            )
+        }
+        "LIMIT_MAKER" => {
+            forbid("stopPrice", &stop)?;
+            forbid("quoteOrderQty", &quote)?;
+            forbid("timeInForce", &tif)?;
+            let (pr, q) = (need_price("price", &price)?, need_qty(&qty)?);
+            m.check_notional(pr, q)?;
+            (
+                OrderType::Limit { price: pr, qty: q },
+                TimeInForce::Gtc,
+                true,
+                RespType::Ack,
+            )
+        }
+        "MARKET" => {
+            forbid("price", &price)?;
+            forbid("stopPrice", &stop)?;
+            forbid("timeInForce", &tif)?;
+            let ot = match (&qty, &quote) {
+                (Some(_), None) => OrderType::Market {
+                    qty: need_qty(&qty)?,
+                },
+                (None, Some(qq)) => OrderType::MarketBudget {
+                    budget: m.parse_quote("quoteOrderQty", qq)?,
+                },
+                (Some(_), Some(_)) => return Err(ApiError::bad_combination()),
+                (None, None) => return Err(ApiError::bad(
+                    -1102,
+                    "Param 'quantity' or 'quoteOrderQty' must be sent, but both were empty/null!",
+                )),
+            };
+            (ot, TimeInForce::Ioc, false, RespType::Full)
+        }
+        "STOP_LOSS" => {
+            forbid("price", &price)?;
+            forbid("quoteOrderQty", &quote)?;
+            forbid("timeInForce", &tif)?;
+            let (sp, q) = (need_price("stopPrice", &stop)?, need_qty(&qty)?);
+            (
+                OrderType::StopMarket { stop: sp, qty: q },
+                TimeInForce::Gtc,
+                false,
+                RespType::Ack,
+            )
+        }
+        "STOP_LOSS_LIMIT" => {
+            forbid("quoteOrderQty", &quote)?;
+            let t = parse_tif(tif)?;
+            let (sp, pr, q) = (
+                need_price("stopPrice", &stop)?,
+                need_price("price", &price)?,
+                need_qty(&qty)?,
+            );
+            m.check_notional(pr, q)?;
+            (
+                OrderType::StopLimit {
+                    stop: sp,
+                    price: pr,
+                    qty: q,
+                },
+                t,
+                false,
+                RespType::Ack,
+            )
+        }
+        "TAKE_PROFIT" | "TAKE_PROFIT_LIMIT" => {
+            return Err(ApiError::bad(-1014, "Unsupported order combination."))
+        }
+        _ => return Err(ApiError::bad(-1116, "Invalid orderType.")),
+    };
+    let resp = match resp.as_deref() {
+        None => default_resp,
+        Some("ACK") => RespType::Ack,
+        Some("RESULT") => RespType::Result,
+        Some("FULL") => RespType::Full,
+        Some(_) => return Err(ApiError::invalid_value("newOrderRespType")),
+    };
+    let client = match client {
+        Some(c) => ClientOrderId::new(&c)
+            .map_err(|_| ApiError::illegal("newClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$"))?,
+        None => ClientOrderId::new(&st.gen_client_id()).map_err(|_| ApiError::internal())?,
+    };
+    Ok(Parsed {
+        order: NewOrder {
+            account: AccountId(key.account),
+            market: m.id,
+            side,
+            order_type,
+            tif,
+            post_only,
+            stp,
+            client_id: Some(client),
+        },
+        resp,
+        market: usize::from(m.id.0),
+    })
+}
+
+/// The new order's state after its own command, from the command's events.
+fn order_from_events(events: &[Event], id: OrderId, ms: u64) -> Option<(OrderRec, Vec<TradeRec>)> {
+    let mut rec: Option<OrderRec> = None;
+    let mut fills = Vec::new();
+    for ev in events {
+        match *ev {
+            Event::OrderNew {
+                info,
+                order_type,
+                tif,
+                post_only,
+                stp,
+            } if info.order == id => {
+                let (kind, price, stop, qty, quote) = match order_type {
+                    OrderType::Limit { price, qty } => (
+                        if post_only {
+                            OrdKind::LimitMaker
+                        } else {
+                            OrdKind::Limit
+                        },
+                        price.0,
+                        0,
+                        qty.0,
+                        0,
+                    ),
+                    OrderType::Market { qty } => (OrdKind::Market, 0, 0, qty.0, 0),
+                    OrderType::MarketBudget { budget } => (OrdKind::Market, 0, 0, 0, budget.0),
+                    OrderType::StopLimit { stop, price, qty } => {
+                        (OrdKind::StopLossLimit, price.0, stop.0, qty.0, 0)
+                    }
+                    OrderType::StopMarket { stop, qty } => (OrdKind::StopLoss, 0, stop.0, qty.0, 0),
+                };
+                rec = Some(OrderRec {
+                    id: id.0,
+                    account: info.account.0,
+                    market: info.market.0,
+                    client_id: info
+                        .client_id
+                        .map(|c| c.as_str().to_owned())
+                        .unwrap_or_default(),
+                    side: info.side,
+                    kind,
+                    tif: if matches!(kind, OrdKind::Market | OrdKind::StopLoss) {
+                        TimeInForce::Gtc
+                    } else {
+                        tif
+                    },
+                    price,
+                    stop,
+                    orig_qty: qty,
+                    orig_quote: quote,
+                    executed: 0,
+                    cum_quote: 0,
+                    status: OrdStatus::New,
+                    stp,
+                    time_ms: ms,
+                    update_ms: ms,
+                    working_ms: if stop == 0 { Some(ms) } else { None },
+                });
+            }
+            Event::Trade {
+                trade,
+                market,
+                price,
+                qty,
+                taker_side,
+                maker_order,
+                taker_order,
+                maker_account,
+                taker_account,
+                maker_fee,
+                taker_fee,
+                notional,
+                taker_remaining,
+                ..
+            } if taker_order == id => {
+                if let Some(o) = rec.as_mut() {
+                    o.executed += qty.0;
+                    o.cum_quote = o.cum_quote.saturating_add(notional.0);
+                    o.status = if taker_remaining.is_zero() && o.orig_quote == 0 {
+                        OrdStatus::Filled
+                    } else {
+                        OrdStatus::PartiallyFilled
+                    };
+                    if o.orig_quote != 0 {
+                        o.orig_qty = o.executed;
+                    }
+                }
+                fills.push(TradeRec {
+                    id: trade.0,
+                    market: market.0,
+                    price: price.0,
+                    qty: qty.0,
+                    quote: notional.0,
+                    taker_side,
+                    maker_order: maker_order.0,
+                    taker_order: taker_order.0,
+                    maker_account: maker_account.0,
+                    taker_account: taker_account.0,
+                    maker_fee: maker_fee.0,
+                    taker_fee: taker_fee.0,
+                    time_ms: ms,
+                });
+            }
+            Event::OrderTriggered { info, .. } if info.order == id => {
+                if let Some(o) = rec.as_mut() {
+                    o.working_ms = Some(ms);
+                }
+            }
+            Event::OrderDone { info, reason, .. } if info.order == id => {
+                if let Some(o) = rec.as_mut() {
+                    o.status = match reason {
+                        DoneReason::Filled => OrdStatus::Filled,
+                        DoneReason::Cancelled => OrdStatus::Canceled,
+                        DoneReason::IocRemainder | DoneReason::InsufficientBalance
+                            if o.orig_quote != 0 && o.executed > 0 =>
+                        {
+                            OrdStatus::Filled
+                        }
+                        DoneReason::SelfTrade => OrdStatus::ExpiredInMatch,
+                        _ => OrdStatus::Expired,
+                    };
+                }
+            }
+            _ => {}
+        }
+    }
+    rec.map(|r| (r, fills))
+}
+
+/// Places a parsed order; the Binance answer for its response type.
+async fn place(st: &AppState, parsed: &Parsed) -> Result<Value, ApiError> {
+    let reply = st.submit(Command::NewOrder(parsed.order)).await?;
+    if let Err(code) = reply.result {
+        return Err(ApiError::new_order_rejected(code));
+    }
+    let (id, ms) = reply
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::Accepted { order, time, .. } => order.map(|o| (o, time.as_millis())),
+            _ => None,
+        })
+        .ok_or_else(ApiError::internal)?;
+    let m = &st.markets().markets[parsed.market];
+    let (o, fills) = order_from_events(&reply.events, id, ms).ok_or_else(ApiError::internal)?;
+    let mut v = json!({
+        "symbol": m.symbol,
+        "orderId": o.id,
+        "orderListId": -1,
+        "clientOrderId": o.client_id,
+        "transactTime": ms,
+    });
+    if parsed.resp != RespType::Ack {
+        let full = order_json(m, &o);
+        if let (Some(obj), Value::Object(f)) = (v.as_object_mut(), full) {
+            for k in [
+                "price",
+                "origQty",
+                "executedQty",
+                "origQuoteOrderQty",
+                "cummulativeQuoteQty",
+                "status",
+                "timeInForce",
+                "type",
+                "side",
+                "workingTime",
+                "selfTradePreventionMode",
+            ] {
+                if let Some(x) = f.get(k) {
+                    obj.insert(k.to_owned(), x.clone());
+                }
+            }
+            if o.stop != 0 {
+                obj.insert("stopPrice".into(), f["stopPrice"].clone());
+            }
+        }
+    }
+    if parsed.resp == RespType::Full {
+        let fills: Vec<Value> = fills
+            .iter()
+            .map(|t| {
+                json!({
+                    "price": m.fmt_price(Price(t.price)),
+                    "qty": m.fmt_qty(Qty(t.qty)),
+                    "commission": m.fmt_quote(u128::from(t.taker_fee)),
+                    "commissionAsset": m.quote.symbol,
+                    "tradeId": t.id,
+                })
+            })
+            .collect();
+        v["fills"] = Value::Array(fills);
+    }
+    Ok(v)
+}
+
+fn with_order_count(mut res: Response, orders: u64) -> Response {
+    if let Ok(h) = axum::http::HeaderValue::from_str(&orders.to_string()) {
+        res.headers_mut().insert("x-mbx-order-count-10s", h);
+    }
+    res
+}
+
+/// `POST /api/v3/order`.
+pub async fn new_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let parsed = parse_new_order(&st, &key, &mut p)?;
+    p.finish()?;
+    let orders = st.charge_order(key.account)?;
+    let v = place(&st, &parsed).await?;
+    Ok(with_order_count(ok_json(&ctx, v), orders))
+}
+
+/// Cancels one order; Binance's cancel answer.
+async fn cancel(
+    st: &AppState,
+    account: u32,
+    m: &MarketSpec,
+    r: OrderRef,
+    cancel_client: &str,
+) -> Result<Value, ApiError> {
+    let reply = st
+        .submit(Command::Cancel {
+            account: AccountId(account),
+            market: m.id,
+            order: r,
+        })
+        .await?;
+    if let Err(code) = reply.result {
+        return Err(ApiError::cancel_rejected(code));
+    }
+    let id = *done_ids(&reply.events)
+        .first()
+        .ok_or_else(ApiError::internal)?;
+    let o = st
+        .read_model()
+        .find_order(account, id)
+        .map_err(internal)?
+        .ok_or_else(ApiError::internal)?;
+    Ok(cancel_json(
+        m,
+        &o,
+        cancel_client,
+        accepted_ms(&reply.events),
+    ))
+}
+
+fn err_json(e: &ApiError) -> Value {
+    json!({"code": e.code, "msg": e.msg})
+}
+
+/// `POST /api/v3/order/cancelReplace` (ccxt's `editOrder`): cancels an order, then places a
+/// new one (two engine commands; `STOP_ON_FAILURE` skips the new order when the cancel fails,
+/// `ALLOW_FAILURE` places it anyway).
+pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let mode = p.req("cancelReplaceMode")?;
+    let allow_failure = match mode.as_str() {
+        "STOP_ON_FAILURE" => false,
+        "ALLOW_FAILURE" => true,
+        _ => return Err(ApiError::invalid_value("cancelReplaceMode")),
+    };
+    let id = p.opt_u64("cancelOrderId")?;
+    let orig = p.opt("cancelOrigClientOrderId")?;
+    let r = match (id, orig) {
+        (Some(id), _) => OrderRef::Id(OrderId(id)),
+        (None, Some(c)) => OrderRef::Client(ClientOrderId::new(&c).map_err(|_| {
+            ApiError::illegal("cancelOrigClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$")
+        })?),
+        (None, None) => {
+            return Err(ApiError::bad(
+                -1102,
+                "Param 'cancelOrigClientOrderId' or 'cancelOrderId' must be sent, but both were empty/null!",
+            ))
+        }
+    };
+    let cancel_client = match p.opt("cancelNewClientOrderId")? {
+        Some(c) => {
+            ClientOrderId::new(&c).map_err(|_| {
+                ApiError::illegal("cancelNewClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$")
+            })?;
+            c
+        }
+        None => st.gen_client_id(),
+    };
+    let parsed = parse_new_order(&st, &key, &mut p)?;
+    p.finish()?;
+    let orders = st.charge_order(key.account)?;
+    let m = &st.markets().markets[parsed.market];
+    let cancelled = cancel(&st, key.account, m, r, &cancel_client).await;
+    let placed = if cancelled.is_ok() || allow_failure {
+        Some(place(&st, &parsed).await)
+    } else {
+        None
+    };
+    let (status, body) = match (&cancelled, &placed) {
+        (Ok(c), Some(Ok(n))) => {
+            return Ok(with_order_count(
+                ok_json(
+                    &ctx,
+                    json!({
+                        "cancelResult": "SUCCESS",
+                        "newOrderResult": "SUCCESS",
+                        "cancelResponse": c,
+                        "newOrderResponse": n,
+                    }),
+                ),
+                orders,
+            ))
+        }
+        (Err(ce), None) => (
+            axum::http::StatusCode::BAD_REQUEST,
+            json!({
+                "code": -2022,
+                "msg": "Order cancel-replace failed.",
+                "data": {
+                    "cancelResult": "FAILURE",
+                    "newOrderResult": "NOT_ATTEMPTED",
+                    "cancelResponse": err_json(ce),
+                    "newOrderResponse": null,
+                },
+            }),
+        ),
+        (Err(ce), Some(Err(ne))) => (
+            axum::http::StatusCode::BAD_REQUEST,
+            json!({
+                "code": -2022,
+                "msg": "Order cancel-replace failed.",
+                "data": {
+                    "cancelResult": "FAILURE",
+                    "newOrderResult": "FAILURE",
+                    "cancelResponse": err_json(ce),
+                    "newOrderResponse": err_json(ne),
+                },
+            }),
+        ),
+        (c, n) => {
+            let (cr, cv) = match c {
+                Ok(v) => ("SUCCESS", v.clone()),
+                Err(e) => ("FAILURE", err_json(e)),
+            };
+            let (nr, nv) = match n {
+                Some(Ok(v)) => ("SUCCESS", v.clone()),
+                Some(Err(e)) => ("FAILURE", err_json(e)),
+                None => ("NOT_ATTEMPTED", Value::Null),
+            };
+            (
+                axum::http::StatusCode::CONFLICT,
+                json!({
+                    "code": -2021,
+                    "msg": "Order cancel-replace partially failed.",
+                    "data": {
+                        "cancelResult": cr,
+                        "newOrderResult": nr,
+                        "cancelResponse": cv,
+                        "newOrderResponse": nv,
+                    },
+                }),
+            )
+        }
+    };
+    let mut res = ok_json(&ctx, body);
+    *res.status_mut() = status;
+    Ok(with_order_count(res, orders))
+}
+
+/// `POST /api/v3/order/test`: validates like a new order, sends nothing to the engine.
+pub async fn test_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    parse_new_order(&st, &key, &mut p)?;
+    p.finish()?;
+    Ok(ok_json(&ctx, json!({})))
+}
+
+/// Reads `orderId` / `origClientOrderId`.
+fn order_ref(p: &mut Params) -> Result<OrderRef, ApiError> {
+    let id = p.opt_u64("orderId")?;
+    let client = p.opt("origClientOrderId")?;
+    match (id, client) {
+        (Some(id), _) => Ok(OrderRef::Id(OrderId(id))),
+        (None, Some(c)) => ClientOrderId::new(&c)
+            .map(OrderRef::Client)
+            .map_err(|_| ApiError::illegal("origClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$")),
+        (None, None) => Err(ApiError::bad(
+            -1102,
+            "Param 'origClientOrderId' or 'orderId' must be sent, but both were empty/null!",
+        )),
+    }
+}
+
+fn lookup(st: &AppState, account: u32, r: OrderRef) -> Result<Option<OrderRec>, ApiError> {
+    let rm = st.read_model();
+    match r {
+        OrderRef::Id(id) => rm.find_order(account, id.0),
+        OrderRef::Client(c) => rm.find_order_by_client(account, c.as_str()),
+    }
+    .map_err(internal)
+}
+
+/// `GET /api/v3/order`.
+pub async fn get_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 4)?;
+    let sym = p.req("symbol")?;
+    let r = order_ref(&mut p)?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let o = lookup(&st, key.account, r)?
+        .filter(|o| o.market == m.id.0)
+        .ok_or_else(ApiError::no_such_order)?;
+    Ok(ok_json(&ctx, order_json(m, &o)))
+}
+
+fn cancel_json(m: &MarketSpec, o: &OrderRec, cancel_client: &str, ms: u64) -> Value {
+    json!({
+        "symbol": m.symbol,
+        "origClientOrderId": o.client_id,
+        "orderId": o.id,
+        "orderListId": -1,
+        "clientOrderId": cancel_client,
+        "transactTime": ms,
+        "price": m.fmt_price(Price(o.price)),
+        "origQty": m.fmt_qty(Qty(o.orig_qty)),
+        "executedQty": m.fmt_qty(Qty(o.executed)),
+        "origQuoteOrderQty": m.fmt_quote(u128::from(o.orig_quote)),
+        "cummulativeQuoteQty": m.fmt_quote(u128::from(o.cum_quote)),
+        "status": o.status.as_str(),
+        "timeInForce": tif_str(o.tif),
+        "type": o.kind.as_str(),
+        "side": side_str(o.side),
+        "stopPrice": m.fmt_price(Price(o.stop)),
+        "selfTradePreventionMode": stp_str(o.stp),
+    })
+}
+
+fn done_ids(events: &[Event]) -> Vec<u64> {
+    events
+        .iter()
+        .filter_map(|e| match e {
+            Event::OrderDone {
+                info,
+                reason: DoneReason::Cancelled,
+                ..
+            } => Some(info.order.0),
+            _ => None,
+        })
+        .collect()
+}
+
+fn accepted_ms(events: &[Event]) -> u64 {
+    events
+        .iter()
+        .find_map(|e| match e {
+            Event::Accepted { time, .. } => Some(time.as_millis()),
+            _ => None,
+        })
+        .unwrap_or_else(crate::core::now_ms)
+}
+
+/// `DELETE /api/v3/order`.
+pub async fn cancel_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let sym = p.req("symbol")?;
+    let r = order_ref(&mut p)?;
+    let cancel_client = match p.opt("newClientOrderId")? {
+        Some(c) => {
+            ClientOrderId::new(&c)
+                .map_err(|_| ApiError::illegal("newClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$"))?;
+            c
+        }
+        None => st.gen_client_id(),
+    };
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let v = cancel(&st, key.account, m, r, &cancel_client).await?;
+    Ok(ok_json(&ctx, v))
+}
+
+/// `GET /api/v3/openOrders`.
+pub async fn open_orders(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p0, _) = st.public(&req, 0)?;
+    let weight = if p0.opt("symbol")?.is_some() { 6 } else { 80 };
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, weight)?;
+    let sym = p.opt("symbol")?;
+    p.finish()?;
+    let market = sym
+        .map(|s| st.markets().by_symbol(&s).map(|m| m.id.0))
+        .transpose()?;
+    let rm = st.read_model().read();
+    let v: Vec<Value> = rm
+        .open_by_account
+        .get(&key.account)
+        .into_iter()
+        .flatten()
+        .filter_map(|id| rm.open.get(id))
+        .filter(|o| market.is_none_or(|m| o.market == m))
+        .map(|o| order_json(st.markets().get(matching_engine::MarketId(o.market)), o))
+        .collect();
+    Ok(ok_json(&ctx, Value::Array(v)))
+}
+
+/// `DELETE /api/v3/openOrders`.
+pub async fn cancel_open_orders(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let sym = p.req("symbol")?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let reply = st
+        .submit(Command::CancelAll {
+            account: AccountId(key.account),
+            market: Some(m.id),
+        })
+        .await?;
+    if let Err(code) = reply.result {
+        return Err(ApiError::cancel_rejected(code));
+    }
+    let ids = done_ids(&reply.events);
+    if ids.is_empty() {
+        return Err(ApiError::bad(-2011, "Unknown order sent."));
+    }
+    let ms = accepted_ms(&reply.events);
+    let mut v = Vec::with_capacity(ids.len());
+    for id in ids {
+        if let Some(o) = st
+            .read_model()
+            .find_order(key.account, id)
+            .map_err(internal)?
+        {
+            let c = st.gen_client_id();
+            v.push(cancel_json(m, &o, &c, ms));
+        }
+    }
+    Ok(ok_json(&ctx, Value::Array(v)))
+}
+
+fn time_range(p: &mut Params) -> Result<(Option<u64>, Option<u64>), ApiError> {
+    let s = p.opt_u64("startTime")?;
+    let e = p.opt_u64("endTime")?;
+    if let (Some(s), Some(e)) = (s, e) {
+        if e < s {
+            return Err(ApiError::invalid_value("endTime"));
+        }
+        if e - s > 24 * 3_600_000 {
+            return Err(ApiError::bad(
+                -1127,
+                "More than 24 hours between startTime and endTime.",
+            ));
+        }
+    }
+    Ok((s, e))
+}
+
+/// `GET /api/v3/allOrders`.
+pub async fn all_orders(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 20)?;
+    let sym = p.req("symbol")?;
+    let from = p.opt_u64("orderId")?;
+    let (s, e) = time_range(&mut p)?;
+    let limit = p.limit(500, 1000)?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let rows = st
+        .read_model()
+        .orders_history(key.account, m.id.0, from, s, e, limit)
+        .map_err(internal)?;
+    let v: Vec<Value> = rows.iter().map(|o| order_json(m, o)).collect();
+    Ok(ok_json(&ctx, Value::Array(v)))
+}
+
+/// `GET /api/v3/account`.
+pub async fn account(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 20)?;
+    let omit_zero = match p.opt("omitZeroBalances")?.as_deref() {
+        None | Some("false") => false,
+        Some("true") => true,
+        Some(_) => return Err(ApiError::invalid_value("omitZeroBalances")),
+    };
+    p.finish()?;
+    let mk = st.markets();
+    let (maker, taker) = mk
+        .markets
+        .first()
+        .map_or((0, 0), |m| (m.cfg.maker_fee_bps, m.cfg.taker_fee_bps));
+    let rm = st.read_model().read();
+    let bal = rm.balances.get(&key.account);
+    let balances: Vec<Value> = mk
+        .assets
+        .iter()
+        .enumerate()
+        .filter_map(|(i, a)| {
+            let (f, l) = bal.and_then(|b| b.get(i).copied()).unwrap_or((0, 0));
+            if omit_zero && f == 0 && l == 0 {
+                return None;
+            }
+            Some(json!({
+                "asset": a.symbol,
+                "free": crate::decimal::format_units(f, a.decimals),
+                "locked": crate::decimal::format_units(l, a.decimals),
+            }))
+        })
+        .collect();
+    let rate = |bps: u16| crate::decimal::format_units(u64::from(bps) * 10_000, 8);
+    Ok(ok_json(
+        &ctx,
+        json!({
+            "makerCommission": maker,
+            "takerCommission": taker,
+            "buyerCommission": 0,
+            "sellerCommission": 0,
+            "commissionRates": {
+                "maker": rate(maker),
+                "taker": rate(taker),
+                "buyer": "0.00000000",
+                "seller": "0.00000000",
+            },
+            "canTrade": key.perms.has(Perms::TRADE),
+            "canWithdraw": key.perms.has(Perms::WITHDRAW),
+            "canDeposit": true,
+            "brokered": false,
+            "requireSelfTradePrevention": false,
+            "preventSor": false,
+            "updateTime": crate::core::now_ms(),
+            "accountType": "SPOT",
+            "balances": balances,
+            "permissions": ["SPOT"],
+            "uid": key.account,
+        }),
+    ))
+}
+
+/// `GET /api/v3/myTrades`.
+pub async fn my_trades(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 20)?;
+    let sym = p.req("symbol")?;
+    let order = p.opt_u64("orderId")?;
+    let from = p.opt_u64("fromId")?;
+    let (s, e) = time_range(&mut p)?;
+    let limit = p.limit(500, 1000)?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let acct = key.account;
+    let rows = st
+        .read_model()
+        .trades_history(
+            acct,
+            m.id.0,
+            from,
+            s,
+            e,
+            if order.is_some() { 100_000 } else { limit },
+        )
+        .map_err(internal)?;
+    let mut v = Vec::new();
+    for t in &rows {
+        for (maker, oid) in [(true, t.maker_order), (false, t.taker_order)] {
+            let who = if maker {
+                t.maker_account
+            } else {
+                t.taker_account
+            };
+            if who != acct || order.is_some_and(|o| o != oid) {
+                continue;
+            }
+            let is_buyer = (t.taker_side == Side::Buy) != maker;
+            v.push(json!({
+                "symbol": m.symbol,
+                "id": t.id,
+                "orderId": oid,
+                "orderListId": -1,
+                "price": m.fmt_price(Price(t.price)),
+                "qty": m.fmt_qty(Qty(t.qty)),
+                "quoteQty": m.fmt_quote(u128::from(t.quote)),
+                "commission": m.fmt_quote(u128::from(if maker { t.maker_fee } else { t.taker_fee })),
+                "commissionAsset": m.quote.symbol,
+                "time": t.time_ms,
+                "isBuyer": is_buyer,
+                "isMaker": maker,
+                "isBestMatch": true,
+            }));
+        }
+    }
+    v.truncate(limit as usize);
+    Ok(ok_json(&ctx, Value::Array(v)))
+}

@@ -1,0 +1,684 @@
+//! WebSocket streams (Binance's market streams and the listenKey user-data stream) and the
+//! `userDataStream` endpoints.
+//!
+//! Each connection reads from broadcast channels with a bounded backlog
+//! ([`crate::ApiConfig::ws_queue`]); a connection that falls behind by more than that, or whose
+//! socket does not accept a message within 5 seconds, is closed with code 1008 and a reason. The
+//! publisher never waits for a connection.
+
+use crate::app::{ok_json, AppState, Req};
+use crate::error::ApiError;
+use crate::keys::Perms;
+use crate::public::{depth_json, kline_array};
+use crate::readmodel::{interval_index, MarketMsgKind, INTERVALS};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Path, Query, State};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use tokio::sync::broadcast::error::RecvError;
+
+/// Most streams on one connection.
+pub const MAX_STREAMS: usize = 1024;
+/// Most messages a client may send per second (Binance allows 5; pongs count too).
+pub const MAX_IN_PER_SEC: u32 = 10;
+/// The server pings this often...
+const PING_EVERY_MS: u64 = 20_000;
+/// ...and closes a connection silent for this long.
+const DEAD_AFTER_MS: u64 = 60_000;
+
+/// Liveness and inbound rate of one connection.
+#[derive(Debug)]
+struct Alive {
+    last_heard: u64,
+    last_ping: u64,
+    second: u64,
+    in_this_second: u32,
+}
+
+enum Liveness {
+    Fine,
+    PingDue,
+    Dead,
+}
+
+impl Alive {
+    fn new(now: u64) -> Self {
+        Self {
+            last_heard: now,
+            last_ping: now,
+            second: now / 1000,
+            in_this_second: 0,
+        }
+    }
+
+    /// Records a message from the client; false when it sends too fast.
+    fn heard(&mut self, _m: &Message) -> bool {
+        let now = crate::core::now_ms();
+        self.last_heard = now;
+        if now / 1000 != self.second {
+            self.second = now / 1000;
+            self.in_this_second = 0;
+        }
+        self.in_this_second += 1;
+        self.in_this_second <= MAX_IN_PER_SEC
+    }
+
+    fn check(&mut self, now: u64) -> Liveness {
+        if now.saturating_sub(self.last_heard) > DEAD_AFTER_MS {
+            Liveness::Dead
+        } else if now.saturating_sub(self.last_ping) >= PING_EVERY_MS {
+            self.last_ping = now;
+            Liveness::PingDue
+        } else {
+            Liveness::Fine
+        }
+    }
+}
+const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// One subscribed stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Stream {
+    Diff(usize),
+    Partial {
+        market: usize,
+        levels: usize,
+        every_ms: u64,
+    },
+    Trade(usize),
+    BookTicker(usize),
+    Kline {
+        market: usize,
+        interval: usize,
+    },
+    User {
+        account: u32,
+        listen_key: String,
+    },
+}
+
+fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
+    let Some((sym, rest)) = name.split_once('@') else {
+        let lk = st.0.listen_keys.read().unwrap_or_else(|e| e.into_inner());
+        let (account, exp) = *lk.get(name)?;
+        return (exp > crate::core::now_ms()).then(|| Stream::User {
+            account,
+            listen_key: name.to_owned(),
+        });
+    };
+    let m = st
+        .markets()
+        .markets
+        .iter()
+        .position(|m| m.stream_symbol == sym)?;
+    match rest {
+        "depth" | "depth@100ms" | "depth@1000ms" => Some(Stream::Diff(m)),
+        "trade" => Some(Stream::Trade(m)),
+        "bookTicker" => Some(Stream::BookTicker(m)),
+        _ => {
+            if let Some(iv) = rest.strip_prefix("kline_") {
+                return interval_index(iv).map(|interval| Stream::Kline {
+                    market: m,
+                    interval,
+                });
+            }
+            let d = rest.strip_prefix("depth")?;
+            let (lv, speed) = match d.split_once('@') {
+                Some((l, "100ms")) => (l, 100),
+                Some((l, "1000ms")) => (l, 1000),
+                Some(_) => return None,
+                None => (d, 1000),
+            };
+            let levels = match lv {
+                "5" => 5,
+                "10" => 10,
+                "20" => 20,
+                _ => return None,
+            };
+            Some(Stream::Partial {
+                market: m,
+                levels,
+                every_ms: speed,
+            })
+        }
+    }
+}
+
+fn parse_list(st: &AppState, names: &[&str]) -> Result<Vec<(String, Stream)>, ApiError> {
+    if names.is_empty() || names.len() > MAX_STREAMS {
+        return Err(ApiError::invalid_value("streams"));
+    }
+    names
+        .iter()
+        .map(|n| {
+            parse_stream(st, n)
+                .map(|s| ((*n).to_owned(), s))
+                .ok_or_else(|| ApiError::bad(-1100, format!("Invalid stream name '{n}'.")))
+        })
+        .collect()
+}
+
+/// `GET /ws`: a raw connection; streams are added with `SUBSCRIBE`.
+pub async fn ws_root(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
+    upgrade(st, ws, Vec::new(), false)
+}
+
+/// `GET /ws/<stream>`: one raw stream (a market stream or a listenKey). A name of digits only
+/// opens a raw connection without streams, for `SUBSCRIBE` (ccxt connects to `/ws/<n>`).
+pub async fn ws_path(
+    State(st): State<AppState>,
+    Path(stream): Path<String>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let subs =
+        if !stream.is_empty() && stream.len() <= 20 && stream.bytes().all(|b| b.is_ascii_digit()) {
+            Vec::new()
+        } else {
+            parse_list(&st, &[stream.as_str()])?
+        };
+    Ok(upgrade(st, ws, subs, false))
+}
+
+/// `GET /stream?streams=a/b/c`: combined streams (`{"stream":..,"data":..}`).
+pub async fn ws_combined(
+    State(st): State<AppState>,
+    Query(q): Query<HashMap<String, String>>,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let names: Vec<&str> = q
+        .get("streams")
+        .map(|s| s.split('/').filter(|x| !x.is_empty()).collect())
+        .unwrap_or_default();
+    let subs = if names.is_empty() {
+        Vec::new()
+    } else {
+        parse_list(&st, &names)?
+    };
+    Ok(upgrade(st, ws, subs, true))
+}
+
+fn upgrade(
+    st: AppState,
+    ws: WebSocketUpgrade,
+    subs: Vec<(String, Stream)>,
+    combined: bool,
+) -> Response {
+    ws.max_message_size(64 * 1024)
+        .on_upgrade(move |socket| async move {
+            st.0.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
+            run(&st, socket, subs, combined).await;
+            st.0.metrics.ws_connections.fetch_sub(1, Ordering::Relaxed);
+        })
+        .into_response()
+}
+
+async fn send(socket: &mut WebSocket, text: String) -> bool {
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await,
+        Ok(Ok(()))
+    )
+}
+
+fn frame(combined: bool, name: &str, data: &str) -> String {
+    if combined {
+        format!("{{\"stream\":\"{name}\",\"data\":{data}}}")
+    } else {
+        data.to_owned()
+    }
+}
+
+async fn close(socket: &mut WebSocket, reason: String) {
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        socket.send(Message::Close(Some(CloseFrame {
+            code: 1008,
+            reason: reason.into(),
+        }))),
+    )
+    .await;
+}
+
+/// Handles a `SUBSCRIBE` / `UNSUBSCRIBE` / `LIST_SUBSCRIPTIONS` request; returns the answer.
+fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(text) else {
+        return json!({"error": {"code": 3, "msg": "Invalid JSON"}, "id": null}).to_string();
+    };
+    let id = v.get("id").cloned().unwrap_or(Value::Null);
+    let names: Vec<String> = v
+        .get("params")
+        .and_then(|p| p.as_array())
+        .map(|a| {
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    match v.get("method").and_then(|m| m.as_str()) {
+        Some("SUBSCRIBE") => {
+            let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+            match parse_list(st, &refs) {
+                Ok(new) if subs.len() + new.len() <= MAX_STREAMS => {
+                    for (n, s) in new {
+                        if !subs.iter().any(|(x, _)| *x == n) {
+                            subs.push((n, s));
+                        }
+                    }
+                    json!({"result": null, "id": id}).to_string()
+                }
+                Ok(_) => {
+                    json!({"error": {"code": 2, "msg": "Too many streams"}, "id": id}).to_string()
+                }
+                Err(e) => json!({"error": {"code": 2, "msg": e.msg}, "id": id}).to_string(),
+            }
+        }
+        Some("UNSUBSCRIBE") => {
+            subs.retain(|(n, _)| !names.contains(n));
+            json!({"result": null, "id": id}).to_string()
+        }
+        Some("LIST_SUBSCRIPTIONS") => {
+            let l: Vec<&str> = subs.iter().map(|(n, _)| n.as_str()).collect();
+            json!({"result": l, "id": id}).to_string()
+        }
+        _ => json!({"error": {"code": 2, "msg": "Invalid request: unknown method"}, "id": id})
+            .to_string(),
+    }
+}
+
+async fn run(
+    st: &AppState,
+    mut socket: WebSocket,
+    mut subs: Vec<(String, Stream)>,
+    combined: bool,
+) {
+    let mut mrx = st.0.rm.market_tx.subscribe();
+    let mut urx = st.0.rm.user_tx.subscribe();
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut alive = Alive::new(crate::core::now_ms());
+    // Last push per partial-depth stream: (time, depth seq pushed).
+    let mut last: HashMap<String, (u64, u64)> = HashMap::new();
+    // Last push per kline stream: (open time, pushed as closed, last trade id, time).
+    let mut kstate: HashMap<String, (u64, bool, u64, u64)> = HashMap::new();
+    let slow = |st: &AppState| {
+        st.0.metrics
+            .ws_slow_disconnects
+            .fetch_add(1, Ordering::Relaxed);
+    };
+    loop {
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                Some(Ok(m)) if !alive.heard(&m) => {
+                    return close(&mut socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
+                }
+                Some(Ok(Message::Text(t))) => {
+                    let answer = control(st, &mut subs, t.as_str());
+                    if !send(&mut socket, answer).await {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            r = mrx.recv() => match r {
+                Ok(m) => {
+                    for (name, s) in &subs {
+                        let hit = match (s, m.kind) {
+                            (Stream::Diff(x), MarketMsgKind::Depth)
+                            | (Stream::Trade(x), MarketMsgKind::Trade)
+                            | (Stream::BookTicker(x), MarketMsgKind::BookTicker) => *x == m.market,
+                            _ => false,
+                        };
+                        if hit && !send(&mut socket, frame(combined, name, &m.json)).await {
+                            slow(st);
+                            return close(&mut socket, "slow consumer: send timed out".into()).await;
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    slow(st);
+                    return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
+                }
+                Err(RecvError::Closed) => break,
+            },
+            r = urx.recv() => match r {
+                Ok(u) => {
+                    for (name, s) in &subs {
+                        if matches!(s, Stream::User { account, .. } if *account == u.account)
+                            && !send(&mut socket, frame(combined, name, &u.json)).await
+                        {
+                            slow(st);
+                            return close(&mut socket, "slow consumer: send timed out".into()).await;
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    slow(st);
+                    return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
+                }
+                Err(RecvError::Closed) => break,
+            },
+            _ = tick.tick() => {
+                let now = crate::core::now_ms();
+                match alive.check(now) {
+                    Liveness::Dead => return close(&mut socket, "no pong: connection idle".into()).await,
+                    Liveness::PingDue => {
+                        if !matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
+                            break;
+                        }
+                    }
+                    Liveness::Fine => {}
+                }
+                let mut out = Vec::new();
+                let mut expired = Vec::new();
+                {
+                    let rm = st.0.rm.read();
+                    for (name, s) in &subs {
+                        match s {
+                            Stream::Partial { market, levels, every_ms } => {
+                                let ms = &rm.markets[*market];
+                                let prev = last.get(name).copied();
+                                if prev.is_none_or(|(t, seq)| now >= t + every_ms && seq != ms.depth_seq) {
+                                    last.insert(name.clone(), (now, ms.depth_seq));
+                                    let m = &st.markets().markets[*market];
+                                    out.push(frame(combined, name, &depth_json(m, ms, *levels).to_string()));
+                                }
+                            }
+                            Stream::Kline { market, interval } => {
+                                let ms = &rm.markets[*market];
+                                let ks = &ms.klines[*interval];
+                                let Some(k) = ks.back() else { continue };
+                                let m = &st.markets().markets[*market];
+                                let iv = INTERVALS[*interval].0;
+                                let prev = kstate.get(name).copied();
+                                // The previous candle's final update (x = true) once a new one opened.
+                                if let Some((popen, pclosed, _, _)) = prev {
+                                    if popen != k.open_ms && !pclosed {
+                                        if let Some(pk) = ks.iter().rev().find(|x| x.open_ms == popen) {
+                                            out.push(frame(combined, name, &kline_event(m, iv, pk, true, now)));
+                                        }
+                                    }
+                                }
+                                let stamp = k.last_id;
+                                let closed = now > k.close_ms;
+                                let due = prev.is_none_or(|(popen, pclosed, pstamp, t)| {
+                                    popen != k.open_ms
+                                        || (closed && !pclosed)
+                                        || (pstamp != stamp && now >= t + 1000)
+                                });
+                                if due {
+                                    kstate.insert(name.clone(), (k.open_ms, closed, stamp, now));
+                                    out.push(frame(combined, name, &kline_event(m, iv, k, closed, now)));
+                                }
+                            }
+                            Stream::User { listen_key, .. } => {
+                                let lk = st.0.listen_keys.read().unwrap_or_else(|e| e.into_inner());
+                                if lk.get(listen_key).is_none_or(|(_, exp)| *exp <= now) {
+                                    expired.push(name.clone());
+                                    out.push(frame(combined, name, &json!({
+                                        "e": "listenKeyExpired", "E": now, "listenKey": listen_key,
+                                    }).to_string()));
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                subs.retain(|(n, _)| !expired.contains(n));
+                for text in out {
+                    if !send(&mut socket, text).await {
+                        slow(st);
+                        return close(&mut socket, "slow consumer: send timed out".into()).await;
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Binance's `kline` event.
+fn kline_event(
+    m: &crate::market::MarketSpec,
+    interval: &str,
+    k: &crate::readmodel::Kline,
+    closed: bool,
+    now: u64,
+) -> String {
+    let a = kline_array(m, k);
+    json!({
+        "e": "kline", "E": now, "s": m.symbol,
+        "k": {
+            "t": a[0], "T": a[6], "s": m.symbol, "i": interval,
+            "f": k.first_id, "L": k.last_id,
+            "o": a[1], "c": a[4], "h": a[2], "l": a[3], "v": a[5],
+            "n": k.trades, "x": closed, "q": a[7],
+            "V": a[9], "Q": a[10], "B": "0",
+        }
+    })
+    .to_string()
+}
+
+fn new_listen_key() -> Result<String, ApiError> {
+    crate::keys::random_bytes::<30>()
+        .map(hex::encode)
+        .map_err(|_| ApiError::internal())
+}
+
+/// `POST /api/v3/userDataStream` (API key, no signature): a listenKey for the key's account,
+/// valid for 60 minutes unless kept alive. An account's live listenKey is returned again.
+pub async fn listen_key_new(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, p, ctx) = st.keyed(&req, 2)?;
+    p.finish()?;
+    if !key.perms.has(Perms::READ) {
+        return Err(ApiError::key_rejected());
+    }
+    let now = crate::core::now_ms();
+    let ttl = st.0.cfg.listen_key_ttl_ms;
+    let mut lk = st.0.listen_keys.write().unwrap_or_else(|e| e.into_inner());
+    lk.retain(|_, (_, exp)| *exp > now);
+    let existing = lk
+        .iter()
+        .find(|(_, (a, _))| *a == key.account)
+        .map(|(k, _)| k.clone());
+    let k = match existing {
+        Some(k) => k,
+        None => new_listen_key()?,
+    };
+    lk.insert(k.clone(), (key.account, now + ttl));
+    Ok(ok_json(&ctx, json!({ "listenKey": k })))
+}
+
+fn touch(st: &AppState, req: &Req, remove: bool) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.keyed(req, 2)?;
+    let k = p.req("listenKey")?;
+    p.finish()?;
+    let now = crate::core::now_ms();
+    let mut lk = st.0.listen_keys.write().unwrap_or_else(|e| e.into_inner());
+    match lk.get_mut(&k) {
+        Some((a, exp)) if *a == key.account && *exp > now => {
+            if remove {
+                lk.remove(&k);
+            } else {
+                *exp = now + st.0.cfg.listen_key_ttl_ms;
+            }
+            Ok(ok_json(&ctx, json!({})))
+        }
+        _ => Err(ApiError::bad_listen_key()),
+    }
+}
+
+/// `PUT /api/v3/userDataStream`: keeps a listenKey alive for another 60 minutes.
+pub async fn listen_key_keepalive(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    touch(&st, &req, false)
+}
+
+/// `DELETE /api/v3/userDataStream`: closes a listenKey.
+pub async fn listen_key_close(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    touch(&st, &req, true)
+}
+
+/// `GET /ws-api/v3`: Binance's WebSocket API, the requests needed for user data without a
+/// listenKey: `ping`, `time`, `userDataStream.subscribe.signature` (HMAC-SHA256 over the
+/// parameters sorted by name, as Binance's WebSocket API signs), `userDataStream.unsubscribe`.
+/// Events arrive as `{"subscriptionId":n,"event":{...}}`.
+pub async fn ws_api(
+    State(st): State<AppState>,
+    crate::app::ClientIp(ip): crate::app::ClientIp,
+    ws: WebSocketUpgrade,
+) -> Response {
+    ws.max_message_size(64 * 1024)
+        .on_upgrade(move |socket| async move {
+            st.0.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
+            run_ws_api(&st, socket, &ip).await;
+            st.0.metrics.ws_connections.fetch_sub(1, Ordering::Relaxed);
+        })
+        .into_response()
+}
+
+fn ws_error(id: &Value, e: &ApiError) -> String {
+    json!({"id": id, "status": e.status.as_u16(), "error": {"code": e.code, "msg": e.msg}})
+        .to_string()
+}
+
+fn param_str(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Verifies a signed WebSocket API request; returns the key.
+fn ws_signed(
+    st: &AppState,
+    params: &serde_json::Map<String, Value>,
+) -> Result<crate::keys::ApiKey, ApiError> {
+    let api_key = params
+        .get("apiKey")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::missing("apiKey"))?;
+    let key = st.lookup_key(api_key, 2)?;
+    let ts = params
+        .get("timestamp")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| ApiError::missing("timestamp"))?;
+    let recv = match params.get("recvWindow") {
+        None => None,
+        Some(v) => Some(
+            v.as_u64()
+                .ok_or_else(|| ApiError::invalid_value("recvWindow"))?,
+        ),
+    };
+    st.check_time(ts, recv)?;
+    let sig = params
+        .get("signature")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::missing("signature"))?;
+    let mut pairs: Vec<(&String, String)> = Vec::new();
+    for (k, v) in params {
+        if k == "signature" {
+            continue;
+        }
+        let s = param_str(v).ok_or_else(|| ApiError::invalid_value(k))?;
+        pairs.push((k, s));
+    }
+    pairs.sort();
+    let payload: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if !key.verify(payload.join("&").as_bytes(), sig) {
+        return Err(ApiError::bad_signature());
+    }
+    if !key.perms.has(Perms::READ) {
+        return Err(ApiError::key_rejected());
+    }
+    Ok(key)
+}
+
+async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
+    let mut urx = st.0.rm.user_tx.subscribe();
+    let mut alive = Alive::new(crate::core::now_ms());
+    let mut tick = tokio::time::interval(Duration::from_millis(1000));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    // (subscription id, account)
+    let mut subs: Vec<(u64, u32)> = Vec::new();
+    let mut next_id = 0u64;
+    loop {
+        tokio::select! {
+            msg = socket.recv() => match msg {
+                Some(Ok(m)) if !alive.heard(&m) => {
+                    return close(&mut socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
+                }
+                Some(Ok(Message::Text(t))) => {
+                    let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
+                        let e = ApiError::bad(-1100, "Malformed request.");
+                        if !send(&mut socket, ws_error(&Value::Null, &e)).await { break; }
+                        continue;
+                    };
+                    let id = v.get("id").cloned().unwrap_or(Value::Null);
+                    let params = v.get("params").and_then(Value::as_object).cloned().unwrap_or_default();
+                    let answer = match st.charge_ip_addr(ip, 2) {
+                        Err(e) => ws_error(&id, &e),
+                        Ok(_) => match v.get("method").and_then(Value::as_str) {
+                            Some("ping") => json!({"id": id, "status": 200, "result": {}}).to_string(),
+                            Some("time") => json!({"id": id, "status": 200, "result": {"serverTime": crate::core::now_ms()}}).to_string(),
+                            Some("userDataStream.subscribe.signature") => match ws_signed(st, &params) {
+                                Ok(key) => {
+                                    let sid = next_id;
+                                    next_id += 1;
+                                    subs.push((sid, key.account));
+                                    json!({"id": id, "status": 200, "result": {"subscriptionId": sid}}).to_string()
+                                }
+                                Err(e) => ws_error(&id, &e),
+                            },
+                            Some("userDataStream.unsubscribe") => {
+                                match params.get("subscriptionId").and_then(Value::as_u64) {
+                                    Some(sid) => subs.retain(|(s, _)| *s != sid),
+                                    None => subs.clear(),
+                                }
+                                json!({"id": id, "status": 200, "result": {}}).to_string()
+                            }
+                            _ => ws_error(&id, &ApiError::bad(-1100, "Unknown or unsupported method.")),
+                        },
+                    };
+                    if !send(&mut socket, answer).await {
+                        break;
+                    }
+                }
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(_)) => {}
+            },
+            r = urx.recv() => match r {
+                Ok(u) => {
+                    for (sid, account) in &subs {
+                        if *account == u.account {
+                            let text = format!("{{\"subscriptionId\":{sid},\"event\":{}}}", u.json);
+                            if !send(&mut socket, text).await {
+                                st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                                return close(&mut socket, "slow consumer: send timed out".into()).await;
+                            }
+                        }
+                    }
+                }
+                Err(RecvError::Lagged(n)) => {
+                    st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                    return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
+                }
+                Err(RecvError::Closed) => break,
+            },
+            _ = tick.tick() => match alive.check(crate::core::now_ms()) {
+                Liveness::Dead => return close(&mut socket, "no pong: connection idle".into()).await,
+                Liveness::PingDue => {
+                    if !matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
+                        break;
+                    }
+                }
+                Liveness::Fine => {}
+            },
+        }
+    }
+}

@@ -1,0 +1,190 @@
+//! Test harness: an API over a local engine in a temporary directory.
+#![allow(dead_code, missing_docs)]
+
+use api::keys::{sign, Perms};
+use api::{app, open_local, ApiConfig, AppState};
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use axum::Router;
+use http_body_util::BodyExt;
+use matching_engine::EngineConfig;
+use serde_json::Value;
+use tower::ServiceExt;
+
+pub struct Harness {
+    pub state: AppState,
+    pub router: Router,
+    pub dir: tempfile::TempDir,
+    pub admin: (String, String),
+}
+
+pub struct Resp {
+    pub status: StatusCode,
+    pub headers: axum::http::HeaderMap,
+    pub json: Value,
+}
+
+impl Resp {
+    pub fn code(&self) -> i64 {
+        self.json["code"].as_i64().unwrap_or(0)
+    }
+    pub fn msg(&self) -> &str {
+        self.json["msg"].as_str().unwrap_or("")
+    }
+}
+
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+impl Harness {
+    pub fn new() -> Self {
+        Self::with_config(ApiConfig {
+            orders_per_10s: 1_000_000,
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..ApiConfig::default()
+        })
+    }
+
+    pub fn with_config(cfg: ApiConfig) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        Self::in_dir(dir, cfg)
+    }
+
+    pub fn in_dir(dir: tempfile::TempDir, cfg: ApiConfig) -> Self {
+        let state = open_local(dir.path(), EngineConfig::default(), cfg).unwrap();
+        let admin = state
+            .create_key(0, Perms(Perms::ADMIN.0 | Perms::READ.0), "admin")
+            .unwrap();
+        Self {
+            router: app(state.clone()),
+            state,
+            dir,
+            admin,
+        }
+    }
+
+    pub async fn raw(&self, method: &str, uri: &str, body: &str, key: Option<&str>) -> Resp {
+        let mut b = Request::builder().method(method).uri(uri);
+        if let Some(k) = key {
+            b = b.header("X-MBX-APIKEY", k);
+        }
+        if !body.is_empty() {
+            b = b.header("content-type", "application/x-www-form-urlencoded");
+        }
+        let res = self
+            .router
+            .clone()
+            .oneshot(b.body(Body::from(body.to_owned())).unwrap())
+            .await
+            .unwrap();
+        let status = res.status();
+        let headers = res.headers().clone();
+        let bytes = res.into_body().collect().await.unwrap().to_bytes();
+        let json = serde_json::from_slice(&bytes)
+            .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        Resp {
+            status,
+            headers,
+            json,
+        }
+    }
+
+    pub async fn get(&self, uri: &str) -> Resp {
+        self.raw("GET", uri, "", None).await
+    }
+
+    /// A signed request: parameters in the query for GET/DELETE, in the body for POST/PUT
+    /// (as ccxt and python-binance send them).
+    pub async fn signed(
+        &self,
+        method: &str,
+        path: &str,
+        params: &str,
+        key: &(String, String),
+    ) -> Resp {
+        let mut q = params.to_owned();
+        if !q.is_empty() {
+            q.push('&');
+        }
+        q.push_str(&format!("timestamp={}", now_ms()));
+        let sig = sign(&key.1, &q);
+        let full = format!("{q}&signature={sig}");
+        if method == "POST" || method == "PUT" {
+            self.raw(method, path, &full, Some(&key.0)).await
+        } else {
+            self.raw(method, &format!("{path}?{full}"), "", Some(&key.0))
+                .await
+        }
+    }
+
+    pub async fn ok(
+        &self,
+        method: &str,
+        path: &str,
+        params: &str,
+        key: &(String, String),
+    ) -> Value {
+        let r = self.signed(method, path, params, key).await;
+        assert_eq!(
+            r.status,
+            StatusCode::OK,
+            "{method} {path} {params}: {}",
+            r.json
+        );
+        r.json
+    }
+
+    /// A new account with a trade+read key, credited with `btc` and `usd` (decimal strings).
+    pub async fn trader(&self, btc: &str, usd: &str) -> (u32, (String, String)) {
+        let acct = self
+            .ok("POST", "/mapi/v1/admin/account", "", &self.admin)
+            .await["account"]
+            .as_u64()
+            .unwrap() as u32;
+        let k = self
+            .ok(
+                "POST",
+                "/mapi/v1/admin/apiKey",
+                &format!("account={acct}&permissions=read,trade&label=t"),
+                &self.admin,
+            )
+            .await;
+        let key = (
+            k["apiKey"].as_str().unwrap().to_owned(),
+            k["secretKey"].as_str().unwrap().to_owned(),
+        );
+        for (asset, amount) in [("BTC", btc), ("USD", usd)] {
+            if amount != "0" {
+                self.ok(
+                    "POST",
+                    "/mapi/v1/admin/credit",
+                    &format!(
+                        "account={acct}&asset={asset}&amount={amount}&reference=dep-{acct}-{asset}"
+                    ),
+                    &self.admin,
+                )
+                .await;
+            }
+        }
+        (acct, key)
+    }
+
+    pub async fn balance(&self, key: &(String, String), asset: &str) -> (String, String) {
+        let a = self.ok("GET", "/api/v3/account", "", key).await;
+        let b = a["balances"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|b| b["asset"] == asset)
+            .unwrap();
+        (
+            b["free"].as_str().unwrap().to_owned(),
+            b["locked"].as_str().unwrap().to_owned(),
+        )
+    }
+}

@@ -1,0 +1,181 @@
+//! A load measurement (ignored by default; run in release):
+//! `cargo test --release -p api --test load -- --ignored --nocapture`
+//!
+//! Boots the API over the durable sequencer (journal with fdatasync) on 127.0.0.1:0 and drives
+//! signed `POST /api/v3/order` over keep-alive HTTP/1.1 connections, one account per connection,
+//! alternating buys and sells at one price (self-trades allowed) so that books stay small. The
+//! load generator shares the machine's cores with the server.
+
+mod common;
+
+use api::keys::{sign, Perms};
+use common::now_ms;
+use matching_engine::recovery::StoreConfig;
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+async fn request(
+    r: &mut BufReader<tokio::net::TcpStream>,
+    method: &str,
+    path: &str,
+    body: &str,
+    key: &str,
+) -> (u16, String) {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nX-MBX-APIKEY: {key}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    r.get_mut().write_all(req.as_bytes()).await.unwrap();
+    let mut line = String::new();
+    r.read_line(&mut line).await.unwrap();
+    let status: u16 = line[9..12].parse().unwrap();
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        r.read_line(&mut line).await.unwrap();
+        if line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut buf = vec![0u8; len];
+    r.read_exact(&mut buf).await.unwrap();
+    (status, String::from_utf8(buf).unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement; run in release with --ignored --nocapture"]
+async fn signed_order_placement_over_keep_alive() {
+    let connections: usize = std::env::var("LOAD_CONNECTIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(64);
+    let seconds: u64 = std::env::var("LOAD_SECONDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(10);
+    let dir = tempfile::tempdir().unwrap();
+    let node = api::start_node(
+        dir.path(),
+        api::NodeConfig {
+            api: api::ApiConfig {
+                ip_weight_per_min: u64::MAX / 4,
+                key_weight_per_min: u64::MAX / 4,
+                orders_per_10s: u64::MAX / 4,
+                ..Default::default()
+            },
+            store: StoreConfig {
+                snapshot_every: 0,
+                snapshots_kept: 2,
+            },
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let state = node.state.clone();
+    let admin = state
+        .create_key(0, Perms(Perms::ADMIN.0 | Perms::READ.0), "admin")
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(api::serve(listener, state.clone(), async {
+        let _ = stop_rx.await;
+    }));
+
+    let signed = |params: &str, secret: &str| {
+        let sep = if params.is_empty() { "" } else { "&" };
+        let q = format!("{params}{sep}timestamp={}&recvWindow=60000", now_ms());
+        format!("{q}&signature={}", sign(secret, &q))
+    };
+    // One account and key per connection, funded.
+    let mut accounts = Vec::new();
+    let mut admin_conn = BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    for i in 0..connections {
+        let (s, a) = request(
+            &mut admin_conn,
+            "POST",
+            "/mapi/v1/admin/account",
+            &signed("", &admin.1),
+            &admin.0,
+        )
+        .await;
+        assert_eq!(s, 200, "{a}");
+        let acct = serde_json::from_str::<serde_json::Value>(&a).unwrap()["account"]
+            .as_u64()
+            .unwrap();
+        let _ = i;
+        let (_, k) = request(
+            &mut admin_conn,
+            "POST",
+            "/mapi/v1/admin/apiKey",
+            &signed(&format!("account={acct}&permissions=read,trade"), &admin.1),
+            &admin.0,
+        )
+        .await;
+        let k: serde_json::Value = serde_json::from_str(&k).unwrap();
+        for (asset, amt) in [("BTC", "1000"), ("USD", "100000000")] {
+            let (s, b) = request(
+                &mut admin_conn,
+                "POST",
+                "/mapi/v1/admin/credit",
+                &signed(
+                    &format!("account={acct}&asset={asset}&amount={amt}&reference=l{acct}{asset}"),
+                    &admin.1,
+                ),
+                &admin.0,
+            )
+            .await;
+            assert_eq!(s, 200, "{b}");
+        }
+        accounts.push((
+            k["apiKey"].as_str().unwrap().to_owned(),
+            k["secretKey"].as_str().unwrap().to_owned(),
+        ));
+    }
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for key in accounts {
+        tasks.push(tokio::spawn(async move {
+            let mut c = BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+            let mut lat = Vec::with_capacity(100_000);
+            let mut i = 0u64;
+            while Instant::now() < deadline {
+                let side = if i % 2 == 0 { "BUY" } else { "SELL" };
+                let p = format!("symbol=BTCUSD&side={side}&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&selfTradePreventionMode=NONE&newOrderRespType=ACK");
+                let body = {
+                    let q = format!("{p}&timestamp={}", now_ms());
+                    format!("{q}&signature={}", sign(&key.1, &q))
+                };
+                let t0 = Instant::now();
+                let (s, b) = request(&mut c, "POST", "/api/v3/order", &body, &key.0).await;
+                lat.push(t0.elapsed());
+                assert_eq!(s, 200, "{b}");
+                i += 1;
+            }
+            lat
+        }));
+    }
+    let t0 = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let elapsed = t0.elapsed().as_secs_f64();
+    all.sort();
+    let n = all.len();
+    let pct = |p: usize| all[(n * p / 100).min(n - 1)];
+    println!(
+        "connections={connections} orders={n} seconds={elapsed:.1} orders/s={:.0} p50={:?} p99={:?} max={:?}",
+        n as f64 / elapsed,
+        pct(50),
+        pct(99),
+        all[n - 1]
+    );
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    drop(state);
+    node.shutdown().unwrap();
+}

@@ -1,0 +1,1291 @@
+//! Router tests through `oneshot`: every endpoint, auth failures, malformed input.
+
+mod common;
+
+use api::keys::{sign, Perms};
+use axum::http::StatusCode;
+use common::{now_ms, Harness};
+use serde_json::Value;
+
+#[tokio::test]
+async fn public_endpoints_answer_binance_shapes() {
+    let h = Harness::new();
+    let r = h.get("/api/v3/ping").await;
+    assert_eq!(
+        (r.status, r.json.clone()),
+        (StatusCode::OK, serde_json::json!({}))
+    );
+    assert!(r.headers.contains_key("x-mbx-used-weight-1m"));
+    assert!(r.headers.contains_key("x-request-id"));
+    let t = h.get("/api/v3/time").await.json["serverTime"]
+        .as_u64()
+        .unwrap();
+    assert!(t.abs_diff(now_ms()) < 5_000);
+    let info = h.get("/api/v3/exchangeInfo").await.json;
+    let s = &info["symbols"][0];
+    assert_eq!(s["symbol"], "BTCUSD");
+    assert_eq!(s["baseAsset"], "BTC");
+    assert_eq!(s["quoteAsset"], "USD");
+    let f = s["filters"].as_array().unwrap();
+    let by = |t: &str| f.iter().find(|x| x["filterType"] == t).unwrap().clone();
+    assert_eq!(by("PRICE_FILTER")["tickSize"], "0.01000000");
+    assert_eq!(by("LOT_SIZE")["stepSize"], "0.00001000");
+    assert_eq!(by("NOTIONAL")["minNotional"], "1.00000000");
+    let one = h.get("/api/v3/exchangeInfo?symbol=BTCUSD").await.json;
+    assert_eq!(one["symbols"].as_array().unwrap().len(), 1);
+    let many = h
+        .get("/api/v3/exchangeInfo?symbols=%5B%22BTCUSD%22%5D")
+        .await
+        .json;
+    assert_eq!(many["symbols"].as_array().unwrap().len(), 1);
+    let d = h.get("/api/v3/depth?symbol=BTCUSD&limit=5").await.json;
+    assert_eq!(d["lastUpdateId"], 0);
+    assert_eq!(d["bids"], serde_json::json!([]));
+    assert_eq!(
+        h.get("/api/v3/trades?symbol=BTCUSD").await.json,
+        serde_json::json!([])
+    );
+    assert_eq!(
+        h.get("/api/v3/klines?symbol=BTCUSD&interval=1m").await.json,
+        serde_json::json!([])
+    );
+    let t = h.get("/api/v3/ticker/24hr?symbol=BTCUSD").await.json;
+    assert_eq!(t["symbol"], "BTCUSD");
+    assert_eq!(t["count"], 0);
+    assert!(h.get("/api/v3/ticker/24hr").await.json.is_array());
+    assert_eq!(
+        h.get("/api/v3/ticker/price?symbol=BTCUSD").await.json["price"],
+        "0.00000000"
+    );
+    assert_eq!(
+        h.get("/api/v3/ticker/bookTicker?symbol=BTCUSD").await.json["bidQty"],
+        "0.00000000"
+    );
+    assert!(h.get("/api/v3/ticker/price").await.json.is_array());
+}
+
+#[tokio::test]
+async fn public_endpoints_reject_bad_input() {
+    let h = Harness::new();
+    let cases: &[(&str, StatusCode, i64)] = &[
+        (
+            "/api/v3/depth?symbol=ETHUSD",
+            StatusCode::BAD_REQUEST,
+            -1121,
+        ),
+        ("/api/v3/depth", StatusCode::BAD_REQUEST, -1102),
+        (
+            "/api/v3/depth?symbol=BTCUSD&limit=abc",
+            StatusCode::BAD_REQUEST,
+            -1100,
+        ),
+        (
+            "/api/v3/depth?symbol=BTCUSD&limit=6000",
+            StatusCode::BAD_REQUEST,
+            -1130,
+        ),
+        (
+            "/api/v3/depth?symbol=BTCUSD&symbol=BTCUSD",
+            StatusCode::BAD_REQUEST,
+            -1101,
+        ),
+        (
+            "/api/v3/depth?symbol=BTCUSD&foo=1",
+            StatusCode::BAD_REQUEST,
+            -1104,
+        ),
+        ("/api/v3/ping?x=1", StatusCode::BAD_REQUEST, -1104),
+        (
+            "/api/v3/klines?symbol=BTCUSD&interval=7m",
+            StatusCode::BAD_REQUEST,
+            -1120,
+        ),
+        (
+            "/api/v3/klines?symbol=BTCUSD",
+            StatusCode::BAD_REQUEST,
+            -1102,
+        ),
+        (
+            "/api/v3/trades?symbol=btcusd",
+            StatusCode::BAD_REQUEST,
+            -1121,
+        ),
+        (
+            "/api/v3/ticker/24hr?symbol=BTCUSD&symbols=%5B%5D",
+            StatusCode::BAD_REQUEST,
+            -1101,
+        ),
+        (
+            "/api/v3/ticker/price?symbols=notjson",
+            StatusCode::BAD_REQUEST,
+            -1100,
+        ),
+        (
+            "/api/v3/exchangeInfo?symbols=%5B%22NOPE%22%5D",
+            StatusCode::BAD_REQUEST,
+            -1121,
+        ),
+        ("/api/v3/depth?symbol=%ZZ", StatusCode::BAD_REQUEST, -1100),
+        ("/api/v3/nothing", StatusCode::NOT_FOUND, -1000),
+        (
+            "/api/v3/aggTrades?symbol=BTCUSD&startTime=10&endTime=5",
+            StatusCode::BAD_REQUEST,
+            -1130,
+        ),
+        ("/api/v3/avgPrice", StatusCode::BAD_REQUEST, -1102),
+    ];
+    for (uri, status, code) in cases {
+        let r = h.get(uri).await;
+        assert_eq!((r.status, r.code()), (*status, *code), "{uri}: {}", r.json);
+    }
+}
+
+#[tokio::test]
+async fn auth_failures() {
+    let h = Harness::new();
+    let (_, key) = h.trader("1", "0").await;
+    // Missing key, malformed key, unknown key.
+    let r = h
+        .raw("GET", "/api/v3/account?timestamp=1&signature=00", "", None)
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, -2014));
+    let r = h
+        .raw(
+            "GET",
+            "/api/v3/account?timestamp=1&signature=00",
+            "",
+            Some("bad key!"),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, -2014));
+    let r = h
+        .raw(
+            "GET",
+            "/api/v3/account?timestamp=1&signature=00",
+            "",
+            Some("abcdef"),
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, -2015));
+    // Bad signature: signed with another secret, or a tampered parameter.
+    let q = format!("timestamp={}", now_ms());
+    let r = h
+        .raw(
+            "GET",
+            &format!("/api/v3/account?{q}&signature={}", sign("wrong", &q)),
+            "",
+            Some(&key.0),
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code(), r.msg()),
+        (
+            StatusCode::BAD_REQUEST,
+            -1022,
+            "Signature for this request is not valid."
+        )
+    );
+    let q = format!("omitZeroBalances=true&timestamp={}", now_ms());
+    let sig = sign(&key.1, &q);
+    let tampered = q.replace("true", "false");
+    let r = h
+        .raw(
+            "GET",
+            &format!("/api/v3/account?{tampered}&signature={sig}"),
+            "",
+            Some(&key.0),
+        )
+        .await;
+    assert_eq!(r.code(), -1022);
+    let r = h
+        .raw(
+            "GET",
+            &format!("/api/v3/account?{q}&signature=zz"),
+            "",
+            Some(&key.0),
+        )
+        .await;
+    assert_eq!(r.code(), -1022);
+    // Stale, future, missing, malformed timestamps; recvWindow bounds.
+    for (ts, recv, code) in [
+        (now_ms() - 10_000, None, -1021),
+        (now_ms() - 10_000, Some(60_000), 0),
+        (now_ms() + 5_000, None, -1021),
+        // A client clock slightly ahead is accepted (up to 1 s).
+        (now_ms() + 500, None, 0),
+        (now_ms() - 1_000, Some(70_000), -1131),
+    ] {
+        let mut q = format!("timestamp={ts}");
+        if let Some(w) = recv {
+            q.push_str(&format!("&recvWindow={w}"));
+        }
+        let r = h
+            .raw(
+                "GET",
+                &format!("/api/v3/account?{q}&signature={}", sign(&key.1, &q)),
+                "",
+                Some(&key.0),
+            )
+            .await;
+        assert_eq!(r.code(), code, "{q}: {}", r.json);
+    }
+    let q = "recvWindow=5000";
+    let r = h
+        .raw(
+            "GET",
+            &format!("/api/v3/account?{q}&signature={}", sign(&key.1, q)),
+            "",
+            Some(&key.0),
+        )
+        .await;
+    assert_eq!(
+        (r.code(), r.msg()),
+        (
+            -1102,
+            "Mandatory parameter 'timestamp' was not sent, was empty/null, or malformed."
+        )
+    );
+    let q = "timestamp=12x";
+    let r = h
+        .raw(
+            "GET",
+            &format!("/api/v3/account?{q}&signature={}", sign(&key.1, q)),
+            "",
+            Some(&key.0),
+        )
+        .await;
+    assert_eq!(r.code(), -1102);
+    let q = format!("timestamp={}", now_ms());
+    let r = h
+        .raw("GET", &format!("/api/v3/account?{q}"), "", Some(&key.0))
+        .await;
+    assert_eq!(r.code(), -1102);
+    // Duplicate and extra parameters.
+    let q = format!("timestamp={}&timestamp={}", now_ms(), now_ms());
+    let r = h
+        .raw(
+            "GET",
+            &format!("/api/v3/account?{q}&signature={}", sign(&key.1, &q)),
+            "",
+            Some(&key.0),
+        )
+        .await;
+    assert_eq!(r.code(), -1101);
+    let r = h.signed("GET", "/api/v3/account", "bogus=1", &key).await;
+    assert_eq!(r.code(), -1104);
+    // Query + body signed together (Binance's "mixed" example): signature over query then body.
+    let q = "symbol=BTCUSD&side=BUY&type=LIMIT".to_owned();
+    let b = format!(
+        "timeInForce=GTC&quantity=0.001&price=30000&timestamp={}",
+        now_ms()
+    );
+    let sig = sign(&key.1, &format!("{q}{b}"));
+    let r = h
+        .raw(
+            "POST",
+            &format!("/api/v3/order/test?{q}"),
+            &format!("{b}&signature={sig}"),
+            Some(&key.0),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    // Wrong permission: a read-only key cannot trade; a trader cannot use admin endpoints.
+    let (ro_key, ro_secret) = h.state.create_key(1, Perms::READ, "ro").unwrap();
+    let ro = (ro_key, ro_secret);
+    let r = h
+        .signed(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000",
+            &ro,
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, -2015));
+    let r = h.signed("POST", "/mapi/v1/admin/account", "", &key).await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, -2015));
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/admin/credit",
+            "account=1&asset=BTC&amount=1&reference=x",
+            &key,
+        )
+        .await;
+    assert_eq!(r.code(), -2015);
+}
+
+#[tokio::test]
+async fn order_input_validation() {
+    let h = Harness::new();
+    let (_, key) = h.trader("1", "100000").await;
+    let base = "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC";
+    let cases: &[(&str, i64, &str)] = &[
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000.001", -1013, "Filter failure: PRICE_FILTER"),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.000015&price=30000", -1013, "Filter failure: LOT_SIZE"),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.00001&price=1", -1013, "Filter failure: NOTIONAL"),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=1e4", -1100, ""),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=-1&price=30000", -1100, ""),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000.000000001", -1111, "Parameter 'price' has too much precision."),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=99999999999999999999&price=30000", -1100, ""),
+        ("symbol=ETHUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000", -1121, "Invalid symbol."),
+        ("symbol=BTCUSD&side=HOLD&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000", -1117, "Invalid side."),
+        ("symbol=BTCUSD&side=BUY&type=ICEBERG&quantity=0.001&price=30000", -1116, "Invalid orderType."),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTX&quantity=0.001&price=30000", -1115, "Invalid timeInForce."),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&quantity=0.001&price=30000", -1102, "Mandatory parameter 'timeInForce' was not sent, was empty/null, or malformed."),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&price=30000", -1102, "Mandatory parameter 'quantity' was not sent, was empty/null, or malformed."),
+        ("symbol=BTCUSD&side=BUY&type=MARKET&quantity=0.001&price=30000", -1106, "Parameter 'price' sent when not required."),
+        ("symbol=BTCUSD&side=BUY&type=MARKET&quantity=0.001&quoteOrderQty=10", -1128, ""),
+        ("symbol=BTCUSD&side=BUY&type=MARKET", -1102, ""),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT_MAKER&timeInForce=GTC&quantity=0.001&price=30000", -1106, ""),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT&quantity=0.001&stopPrice=30000", -1014, ""),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&newClientOrderId=has%20space", -1100, ""),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&selfTradePreventionMode=DECREMENT", -1130, ""),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&newOrderRespType=XML", -1130, ""),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&icebergQty=1", -1014, "Unsupported order combination."),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&foo=1", -1104, ""),
+        ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=&price=30000", -1105, ""),
+    ];
+    for (params, code, msg) in cases {
+        for path in ["/api/v3/order", "/api/v3/order/test"] {
+            let r = h.signed("POST", path, params, &key).await;
+            assert_eq!(
+                r.status,
+                StatusCode::BAD_REQUEST,
+                "{path} {params}: {}",
+                r.json
+            );
+            assert_eq!(r.code(), *code, "{path} {params}: {}", r.json);
+            if !msg.is_empty() {
+                assert_eq!(r.msg(), *msg, "{params}");
+            }
+        }
+    }
+    // Nothing was placed.
+    assert_eq!(
+        h.ok("GET", "/api/v3/openOrders", "", &key).await,
+        serde_json::json!([])
+    );
+    assert_eq!(
+        h.balance(&key, "USD").await,
+        ("100000.00000000".into(), "0.00000000".into())
+    );
+    let t = h
+        .signed(
+            "POST",
+            "/api/v3/order/test",
+            &format!("{base}&quantity=0.001&price=30000"),
+            &key,
+        )
+        .await;
+    assert_eq!((t.status, t.json), (StatusCode::OK, serde_json::json!({})));
+}
+
+#[tokio::test]
+async fn trading_flow_orders_trades_balances() {
+    let h = Harness::new();
+    let (a, buyer) = h.trader("0", "100000").await;
+    let (b, seller) = h.trader("1", "0").await;
+    assert_ne!(a, b);
+    // Seller rests 0.01 BTC at 30000.
+    let s = h
+        .ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000&newClientOrderId=sell-1", &seller)
+        .await;
+    assert_eq!(s["status"], "NEW");
+    assert_eq!(s["clientOrderId"], "sell-1");
+    assert_eq!(s["fills"], serde_json::json!([]));
+    let sell_id = s["orderId"].as_u64().unwrap();
+    assert_eq!(
+        h.balance(&seller, "BTC").await,
+        ("0.99000000".into(), "0.01000000".into())
+    );
+    // Buyer takes half.
+    let f = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.005&price=30000",
+            &buyer,
+        )
+        .await;
+    assert_eq!(f["status"], "FILLED");
+    assert_eq!(f["executedQty"], "0.00500000");
+    assert_eq!(f["cummulativeQuoteQty"], "150.00000000");
+    assert_eq!(f["fills"][0]["price"], "30000.00000000");
+    assert_eq!(f["fills"][0]["commission"], "0.30000000");
+    assert_eq!(f["fills"][0]["commissionAsset"], "USD");
+    assert_eq!(f["clientOrderId"].as_str().unwrap().len(), 22);
+    // Balances are exact: 150 USD + 0.2% taker fee.
+    assert_eq!(h.balance(&buyer, "USD").await.0, "99849.70000000");
+    assert_eq!(h.balance(&buyer, "BTC").await.0, "0.00500000");
+    assert_eq!(h.balance(&seller, "USD").await.0, "149.85000000");
+    // Order queries.
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={sell_id}"),
+            &seller,
+        )
+        .await;
+    assert_eq!(
+        (o["status"].as_str(), o["executedQty"].as_str()),
+        (Some("PARTIALLY_FILLED"), Some("0.00500000"))
+    );
+    let o2 = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            "symbol=BTCUSD&origClientOrderId=sell-1",
+            &seller,
+        )
+        .await;
+    assert_eq!(o2["orderId"], sell_id);
+    let r = h
+        .signed(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={sell_id}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!((r.code(), r.msg()), (-2013, "Order does not exist."));
+    let r = h
+        .signed("GET", "/api/v3/order", "symbol=BTCUSD", &buyer)
+        .await;
+    assert_eq!(r.code(), -1102);
+    let open = h
+        .ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &seller)
+        .await;
+    assert_eq!(open.as_array().unwrap().len(), 1);
+    assert_eq!(
+        h.ok("GET", "/api/v3/openOrders", "", &buyer).await,
+        serde_json::json!([])
+    );
+    // Trades from both sides.
+    let mt = h
+        .ok("GET", "/api/v3/myTrades", "symbol=BTCUSD", &buyer)
+        .await;
+    assert_eq!(mt[0]["isBuyer"], true);
+    assert_eq!(mt[0]["isMaker"], false);
+    assert_eq!(mt[0]["quoteQty"], "150.00000000");
+    let mt = h
+        .ok(
+            "GET",
+            "/api/v3/myTrades",
+            &format!("symbol=BTCUSD&orderId={sell_id}"),
+            &seller,
+        )
+        .await;
+    assert_eq!(
+        (mt[0]["isBuyer"].as_bool(), mt[0]["isMaker"].as_bool()),
+        (Some(false), Some(true))
+    );
+    assert_eq!(mt[0]["commission"], "0.15000000");
+    // Public data reflects it.
+    let d = h.get("/api/v3/depth?symbol=BTCUSD").await.json;
+    assert_eq!(
+        d["asks"],
+        serde_json::json!([["30000.00000000", "0.00500000"]])
+    );
+    assert!(d["lastUpdateId"].as_u64().unwrap() >= 2);
+    let t = h.get("/api/v3/trades?symbol=BTCUSD").await.json;
+    assert_eq!(t[0]["isBuyerMaker"], false);
+    assert_eq!(
+        h.get("/api/v3/ticker/price?symbol=BTCUSD").await.json["price"],
+        "30000.00000000"
+    );
+    let bt = h.get("/api/v3/ticker/bookTicker?symbol=BTCUSD").await.json;
+    assert_eq!(
+        (bt["askPrice"].as_str(), bt["askQty"].as_str()),
+        (Some("30000.00000000"), Some("0.00500000"))
+    );
+    let r = h
+        .raw(
+            "GET",
+            "/api/v3/historicalTrades?symbol=BTCUSD&fromId=0",
+            "",
+            Some(&buyer.0),
+        )
+        .await;
+    assert_eq!(r.json[0]["quoteQty"], "150.00000000");
+    let r = h
+        .raw("GET", "/api/v3/historicalTrades?symbol=BTCUSD", "", None)
+        .await;
+    assert_eq!(r.code(), -2014);
+    let ag = h.get("/api/v3/aggTrades?symbol=BTCUSD&limit=10").await.json;
+    assert_eq!(
+        (ag[0]["p"].as_str(), ag[0]["q"].as_str()),
+        (Some("30000.00000000"), Some("0.00500000"))
+    );
+    assert_eq!(ag[0]["f"], ag[0]["l"]);
+    let ap = h.get("/api/v3/avgPrice?symbol=BTCUSD").await.json;
+    assert_eq!(
+        (ap["mins"].as_u64(), ap["price"].as_str()),
+        (Some(5), Some("30000.00000000"))
+    );
+    let tk = h.get("/api/v3/ticker/24hr?symbol=BTCUSD").await.json;
+    assert_eq!(
+        (tk["count"].as_u64(), tk["volume"].as_str()),
+        (Some(1), Some("0.00500000"))
+    );
+    assert_eq!(tk["weightedAvgPrice"], "30000.00000000");
+    let k = h.get("/api/v3/klines?symbol=BTCUSD&interval=1m").await.json;
+    assert_eq!(k[0][1], "30000.00000000");
+    assert_eq!(k[0][5], "0.00500000");
+    assert_eq!(k[0][8], 1);
+    // Cancel the rest, by client id.
+    let c = h
+        .ok(
+            "DELETE",
+            "/api/v3/order",
+            "symbol=BTCUSD&origClientOrderId=sell-1",
+            &seller,
+        )
+        .await;
+    assert_eq!(
+        (c["status"].as_str(), c["executedQty"].as_str()),
+        (Some("CANCELED"), Some("0.00500000"))
+    );
+    assert_eq!(c["origClientOrderId"], "sell-1");
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={sell_id}"),
+            &seller,
+        )
+        .await;
+    assert_eq!((r.code(), r.msg()), (-2011, "Unknown order sent."));
+    let r = h
+        .signed("DELETE", "/api/v3/openOrders", "symbol=BTCUSD", &seller)
+        .await;
+    assert_eq!(r.code(), -2011);
+    assert_eq!(
+        h.balance(&seller, "BTC").await,
+        ("0.99500000".into(), "0.00000000".into())
+    );
+    let all = h
+        .ok("GET", "/api/v3/allOrders", "symbol=BTCUSD", &seller)
+        .await;
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    assert_eq!(all[0]["status"], "CANCELED");
+    // Cancel-all of several open orders.
+    for p in ["29000", "29001"] {
+        h.ok(
+            "POST",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price={p}"),
+            &buyer,
+        )
+        .await;
+    }
+    let cancelled = h
+        .ok("DELETE", "/api/v3/openOrders", "symbol=BTCUSD", &buyer)
+        .await;
+    assert_eq!(cancelled.as_array().unwrap().len(), 2);
+    assert!(cancelled
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|o| o["status"] == "CANCELED"));
+    let all = h
+        .ok("GET", "/api/v3/allOrders", "symbol=BTCUSD&limit=2", &buyer)
+        .await;
+    assert_eq!(all.as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn order_types_and_rejections() {
+    let h = Harness::new();
+    let (_, buyer) = h.trader("0", "1000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1&price=20000",
+        &seller,
+    )
+    .await;
+    // LIMIT_MAKER that would take.
+    let r = h
+        .signed(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT_MAKER&quantity=0.001&price=20000",
+            &buyer,
+        )
+        .await;
+    assert_eq!(
+        (r.code(), r.msg()),
+        (-2010, "Order would immediately match and take.")
+    );
+    // Insufficient balance.
+    let r = h
+        .signed(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.1&price=20000",
+            &buyer,
+        )
+        .await;
+    assert_eq!(
+        (r.code(), r.msg()),
+        (
+            -2010,
+            "Account has insufficient balance for requested action."
+        )
+    );
+    // LIMIT_MAKER resting: ACK by default.
+    let m = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT_MAKER&quantity=0.001&price=19000",
+            &buyer,
+        )
+        .await;
+    assert!(m.get("status").is_none());
+    assert!(m["transactTime"].as_u64().is_some());
+    // Duplicate client id among open orders.
+    h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=18000&newClientOrderId=dup", &buyer).await;
+    let r = h.signed("POST", "/api/v3/order", "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=18000&newClientOrderId=dup", &buyer).await;
+    assert_eq!((r.code(), r.msg()), (-2010, "Duplicate order sent."));
+    // MARKET by quote amount, RESULT.
+    let q = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=MARKET&quoteOrderQty=100&newOrderRespType=RESULT",
+            &buyer,
+        )
+        .await;
+    assert_eq!(q["status"], "FILLED", "{q}");
+    assert_eq!(q["type"], "MARKET");
+    assert_eq!(q["origQuoteOrderQty"], "100.00000000");
+    assert!(q.get("fills").is_none());
+    // MARKET by quantity, FULL by default.
+    let q = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=MARKET&quantity=0.001",
+            &buyer,
+        )
+        .await;
+    assert_eq!(
+        (q["status"].as_str(), q["executedQty"].as_str()),
+        (Some("FILLED"), Some("0.00100000"))
+    );
+    assert_eq!(q["fills"].as_array().unwrap().len(), 1);
+    // IOC remainder expires.
+    let q = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=IOC&quantity=0.001&price=25000",
+            &seller,
+        )
+        .await;
+    assert_eq!(q["status"], "EXPIRED");
+    // Stops: accepted, open, not working yet.
+    let s = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=STOP_LOSS_LIMIT&timeInForce=GTC&quantity=0.01&price=15000&stopPrice=15500", &seller).await;
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={}", s["orderId"]),
+            &seller,
+        )
+        .await;
+    assert_eq!(
+        (
+            o["type"].as_str(),
+            o["stopPrice"].as_str(),
+            o["isWorking"].as_bool()
+        ),
+        (Some("STOP_LOSS_LIMIT"), Some("15500.00000000"), Some(false))
+    );
+    let s2 = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=STOP_LOSS&quantity=0.01&stopPrice=15000&newOrderRespType=RESULT", &seller).await;
+    assert_eq!(
+        (s2["type"].as_str(), s2["status"].as_str()),
+        (Some("STOP_LOSS"), Some("NEW"))
+    );
+    // Self-trade prevention: the taker expires in match.
+    let (_, both) = h.trader("1", "100000").await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price=19500",
+        &both,
+    )
+    .await;
+    let x = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=19500&selfTradePreventionMode=EXPIRE_TAKER", &both).await;
+    assert_eq!(x["status"], "EXPIRED_IN_MATCH");
+    assert_eq!(x["selfTradePreventionMode"], "EXPIRE_TAKER");
+}
+
+#[tokio::test]
+async fn cancel_replace() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "0").await;
+    let o = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000&newClientOrderId=a", &k).await;
+    let r = h
+        .ok("POST", "/api/v3/order/cancelReplace", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.02&price=31000&cancelReplaceMode=STOP_ON_FAILURE&cancelOrigClientOrderId=a&newClientOrderId=b", &k)
+        .await;
+    assert_eq!(
+        (r["cancelResult"].as_str(), r["newOrderResult"].as_str()),
+        (Some("SUCCESS"), Some("SUCCESS"))
+    );
+    assert_eq!(r["cancelResponse"]["orderId"], o["orderId"]);
+    assert_eq!(r["cancelResponse"]["status"], "CANCELED");
+    assert_eq!(r["newOrderResponse"]["clientOrderId"], "b");
+    assert_eq!(r["newOrderResponse"]["price"], "31000.00000000");
+    // The old order is gone: STOP_ON_FAILURE places nothing.
+    let r = h
+        .signed("POST", "/api/v3/order/cancelReplace", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=32000&cancelReplaceMode=STOP_ON_FAILURE&cancelOrigClientOrderId=a", &k)
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::BAD_REQUEST, -2022));
+    assert_eq!(r.json["data"]["cancelResponse"]["code"], -2011);
+    assert_eq!(r.json["data"]["newOrderResult"], "NOT_ATTEMPTED");
+    // ALLOW_FAILURE places it anyway: 409, partially failed.
+    let r = h
+        .signed("POST", "/api/v3/order/cancelReplace", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=32000&cancelReplaceMode=ALLOW_FAILURE&cancelOrderId=999999", &k)
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::CONFLICT, -2021));
+    assert_eq!(r.json["data"]["newOrderResult"], "SUCCESS");
+    assert_eq!(
+        h.ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &k)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        2
+    );
+    let r = h
+        .signed("POST", "/api/v3/order/cancelReplace", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=32000&cancelReplaceMode=MAYBE&cancelOrderId=1", &k)
+        .await;
+    assert_eq!(r.code(), -1130);
+}
+
+#[tokio::test]
+async fn native_endpoints_transfer_keys_admin() {
+    let h = Harness::new();
+    let (a, ka) = h.trader("0", "100").await;
+    let (b, kb) = h.trader("0", "0").await;
+    let t = h
+        .ok(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={b}&asset=USD&amount=12.5&clientTranId=pay-1"),
+            &ka,
+        )
+        .await;
+    assert_eq!(
+        (t["amount"].as_str(), t["duplicate"].as_bool()),
+        (Some("12.50000000"), Some(false))
+    );
+    let t = h
+        .ok(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={b}&asset=USD&amount=12.5&clientTranId=pay-1"),
+            &ka,
+        )
+        .await;
+    assert_eq!(t["duplicate"], true);
+    assert_eq!(h.balance(&ka, "USD").await.0, "87.50000000");
+    assert_eq!(h.balance(&kb, "USD").await.0, "12.50000000");
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={b}&asset=USD&amount=1000&clientTranId=pay-2"),
+            &ka,
+        )
+        .await;
+    assert_eq!(
+        (r.code(), r.msg()),
+        (
+            -2010,
+            "Account has insufficient balance for requested action."
+        )
+    );
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={a}&asset=USD&amount=1&clientTranId=pay-3"),
+            &ka,
+        )
+        .await;
+    assert_eq!(r.code(), -2010);
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={b}&asset=DOGE&amount=1&clientTranId=pay-4"),
+            &ka,
+        )
+        .await;
+    assert_eq!(r.code(), -1130);
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={b}&asset=USD&amount=0.000000001&clientTranId=pay-5"),
+            &ka,
+        )
+        .await;
+    assert_eq!(r.code(), -1111);
+    // Credits are idempotent by reference.
+    let c = h
+        .ok(
+            "POST",
+            "/mapi/v1/admin/credit",
+            &format!("account={b}&asset=BTC&amount=0.5&reference=wire-9"),
+            &h.admin,
+        )
+        .await;
+    assert_eq!(c["duplicate"], false);
+    let c = h
+        .ok(
+            "POST",
+            "/mapi/v1/admin/credit",
+            &format!("account={b}&asset=BTC&amount=0.5&reference=wire-9"),
+            &h.admin,
+        )
+        .await;
+    assert_eq!(c["duplicate"], true);
+    assert_eq!(h.balance(&kb, "BTC").await.0, "0.50000000");
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/admin/credit",
+            "account=999&asset=BTC&amount=1&reference=w",
+            &h.admin,
+        )
+        .await;
+    assert_eq!(r.code(), -2010);
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/admin/apiKey",
+            "account=999&permissions=read",
+            &h.admin,
+        )
+        .await;
+    assert_eq!(r.code(), -1130);
+    // Keys: list, create a narrower one, refuse a wider one, revoke.
+    let list = h.ok("GET", "/mapi/v1/apiKey", "", &ka).await;
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    assert!(list[0].get("secretKey").is_none());
+    let n = h
+        .ok(
+            "POST",
+            "/mapi/v1/apiKey",
+            "permissions=read&label=viewer",
+            &ka,
+        )
+        .await;
+    let nk = (
+        n["apiKey"].as_str().unwrap().to_owned(),
+        n["secretKey"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(
+        h.ok("GET", "/api/v3/account", "", &nk).await["canTrade"],
+        false
+    );
+    let r = h
+        .signed("POST", "/mapi/v1/apiKey", "permissions=read,withdraw", &ka)
+        .await;
+    assert_eq!(r.code(), -2015);
+    let r = h
+        .signed("POST", "/mapi/v1/apiKey", "permissions=root", &ka)
+        .await;
+    assert_eq!(r.code(), -1130);
+    let r = h
+        .signed(
+            "DELETE",
+            "/mapi/v1/apiKey",
+            &format!("apiKey={}", kb.0),
+            &ka,
+        )
+        .await;
+    assert_eq!(r.code(), -2008);
+    h.ok(
+        "DELETE",
+        "/mapi/v1/apiKey",
+        &format!("apiKey={}", nk.0),
+        &ka,
+    )
+    .await;
+    let r = h.signed("GET", "/api/v3/account", "", &nk).await;
+    assert_eq!(r.code(), -2015);
+}
+
+#[tokio::test]
+async fn listen_keys() {
+    let h = Harness::new();
+    let (_, k) = h.trader("0", "0").await;
+    let r = h
+        .raw("POST", "/api/v3/userDataStream", "", Some(&k.0))
+        .await;
+    let lk = r.json["listenKey"].as_str().unwrap().to_owned();
+    let again = h
+        .raw("POST", "/api/v3/userDataStream", "", Some(&k.0))
+        .await;
+    assert_eq!(again.json["listenKey"], lk.as_str());
+    let r = h
+        .raw(
+            "PUT",
+            &format!("/api/v3/userDataStream?listenKey={lk}"),
+            "",
+            Some(&k.0),
+        )
+        .await;
+    assert_eq!(r.json, serde_json::json!({}));
+    let r = h
+        .raw(
+            "PUT",
+            "/api/v3/userDataStream?listenKey=nope",
+            "",
+            Some(&k.0),
+        )
+        .await;
+    assert_eq!(
+        (r.code(), r.msg()),
+        (-1125, "This listenKey does not exist.")
+    );
+    let r = h.raw("POST", "/api/v3/userDataStream", "", None).await;
+    assert_eq!(r.code(), -2014);
+    let r = h
+        .raw(
+            "DELETE",
+            &format!("/api/v3/userDataStream?listenKey={lk}"),
+            "",
+            Some(&k.0),
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK);
+    let r = h
+        .raw(
+            "DELETE",
+            &format!("/api/v3/userDataStream?listenKey={lk}"),
+            "",
+            Some(&k.0),
+        )
+        .await;
+    assert_eq!(r.code(), -1125);
+}
+
+#[tokio::test]
+async fn rate_limits_answer_429_with_retry_after() {
+    let h = Harness::with_config(api::ApiConfig {
+        ip_weight_per_min: 3,
+        ..Default::default()
+    });
+    for used in 1..=3 {
+        let r = h.get("/api/v3/ping").await;
+        assert_eq!(r.headers["x-mbx-used-weight-1m"], used.to_string().as_str());
+    }
+    let r = h.get("/api/v3/ping").await;
+    assert_eq!((r.status, r.code()), (StatusCode::TOO_MANY_REQUESTS, -1003));
+    let after: u64 = r.headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=60).contains(&after));
+}
+
+#[tokio::test]
+async fn order_count_limit_per_account() {
+    let h = Harness::with_config(api::ApiConfig {
+        orders_per_10s: 2,
+        ..Default::default()
+    });
+    let (_, k) = h.trader("1", "0").await;
+    let p = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000";
+    let r = h.signed("POST", "/api/v3/order", p, &k).await;
+    assert_eq!(r.headers["x-mbx-order-count-10s"], "1");
+    h.ok("POST", "/api/v3/order", p, &k).await;
+    let r = h.signed("POST", "/api/v3/order", p, &k).await;
+    assert_eq!((r.status, r.code()), (StatusCode::TOO_MANY_REQUESTS, -1015));
+    assert!(r.headers.contains_key("retry-after"));
+    // Queries are not orders.
+    h.ok("GET", "/api/v3/openOrders", "", &k).await;
+}
+
+#[tokio::test]
+async fn bodies_are_bounded_and_form_encoded() {
+    let h = Harness::with_config(api::ApiConfig {
+        max_body_bytes: 1024,
+        ..Default::default()
+    });
+    let (_, k) = h.trader("0", "0").await;
+    let big = format!("x={}", "a".repeat(4096));
+    let r = h.raw("POST", "/api/v3/order", &big, Some(&k.0)).await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE);
+    let res = tower::ServiceExt::oneshot(
+        h.router.clone(),
+        axum::http::Request::post("/api/v3/order")
+            .header("content-type", "application/json")
+            .header("X-MBX-APIKEY", &k.0)
+            .body(axum::body::Body::from("{\"symbol\":\"BTCUSD\"}"))
+            .unwrap(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res.status(), StatusCode::BAD_REQUEST);
+}
+
+#[tokio::test]
+async fn metrics_and_openapi() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "0").await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000",
+        &k,
+    )
+    .await;
+    h.state
+        .set_gauge("mediator_wallet_sync_height", "Wallet sync height.", 812);
+    let m = h.get("/metrics").await.json;
+    let text = m.as_str().unwrap();
+    assert!(text.contains("mediator_orders_total 1"), "{text}");
+    assert!(text.contains("mediator_http_request_duration_seconds_bucket{le=\"+Inf\"}"));
+    assert!(text.contains("mediator_engine_queue_depth"));
+    assert!(text.contains("\nmediator_wallet_sync_height 812\n"));
+    let o = h.get("/openapi.json").await.json;
+    assert_eq!(o["openapi"], "3.0.3");
+    assert!(o["paths"]["/api/v3/order"]["post"].is_object());
+    assert!(o["paths"]["/api/v3/order"]["delete"].is_object());
+}
+
+#[tokio::test]
+async fn every_documented_endpoint_is_routed() {
+    let h = Harness::new();
+    let doc = h.get("/openapi.json").await.json;
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.len() >= 25, "{}", paths.len());
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let uri = path.replace("{stream}", "0");
+            let r = h.raw(&method.to_uppercase(), &uri, "", None).await;
+            assert_ne!(r.status, StatusCode::NOT_FOUND, "{method} {path}");
+            assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn history_and_keys_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let (key, order_id);
+    {
+        let h = Harness::in_dir(dir, api::ApiConfig::default());
+        let (_, k) = h.trader("1", "0").await;
+        let o = h
+            .ok(
+                "POST",
+                "/api/v3/order",
+                "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000",
+                &k,
+            )
+            .await;
+        order_id = o["orderId"].as_u64().unwrap();
+        h.ok(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={order_id}"),
+            &k,
+        )
+        .await;
+        key = k;
+        assert!(h.state.read_model().wait_persisted().await);
+        std::mem::forget(h.dir);
+    }
+    let state = api::open_local(
+        &path,
+        matching_engine::EngineConfig::default(),
+        api::ApiConfig::default(),
+    )
+    .unwrap();
+    let h2 = Harness {
+        router: api::app(state.clone()),
+        state,
+        dir: tempfile::tempdir().unwrap(),
+        admin: (String::new(), String::new()),
+    };
+    let o = h2
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={order_id}"),
+            &key,
+        )
+        .await;
+    assert_eq!(o["status"], "CANCELED");
+    let all = h2
+        .ok("GET", "/api/v3/allOrders", "symbol=BTCUSD", &key)
+        .await;
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    let _ = std::fs::remove_dir_all(&path);
+}
+
+#[tokio::test]
+async fn admin_key_file_is_private_and_created_once() {
+    let h = Harness::new();
+    let f = h.state.ensure_admin_key().unwrap();
+    assert!(f.created);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&f.path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&f.path).unwrap()).unwrap();
+    let k = (
+        v["apiKey"].as_str().unwrap().to_owned(),
+        v["secretKey"].as_str().unwrap().to_owned(),
+    );
+    let acct = h.ok("POST", "/mapi/v1/admin/account", "", &k).await;
+    assert!(acct["account"].as_u64().is_some());
+    assert!(!h.state.ensure_admin_key().unwrap().created);
+}
+
+#[tokio::test]
+async fn lost_events_fail_fast_and_show_on_metrics() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = matching_engine::EngineConfig::default();
+    let (pending, sink) = api::open(dir.path(), &cfg, api::ApiConfig::default()).unwrap();
+    let engine = matching_engine::Engine::new(cfg).unwrap();
+    let core = api::LocalCore::spawn(engine, sink.clone(), 16).unwrap();
+    let state = pending.start(std::sync::Arc::new(core));
+    let admin = state
+        .create_key(0, Perms(Perms::ADMIN.0 | Perms::READ.0), "a")
+        .unwrap();
+    let h = Harness {
+        router: api::app(state.clone()),
+        state,
+        dir,
+        admin,
+    };
+    h.ok("POST", "/mapi/v1/admin/account", "", &h.admin).await;
+    sink.fail();
+    let t0 = std::time::Instant::now();
+    let r = h
+        .signed("POST", "/mapi/v1/admin/account", "", &h.admin)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::INTERNAL_SERVER_ERROR, -1000)
+    );
+    assert!(t0.elapsed() < std::time::Duration::from_secs(1));
+    let m = h.get("/metrics").await.json;
+    assert!(m
+        .as_str()
+        .unwrap()
+        .contains("\nmediator_read_model_broken 1\n"));
+}
+
+#[tokio::test]
+async fn history_merges_sqlite_and_rows_not_yet_written() {
+    let h = Harness::new();
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    let mut ids = Vec::new();
+    for round in 0..2 {
+        for i in 0..3 {
+            let p = 20000 + round * 10 + i;
+            let o = h.ok("POST", "/api/v3/order", &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price={p}"), &seller).await;
+            ids.push(o["orderId"].as_u64().unwrap());
+            h.ok(
+                "POST",
+                "/api/v3/order",
+                &format!(
+                    "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price={p}"
+                ),
+                &buyer,
+            )
+            .await;
+        }
+        if round == 0 {
+            assert!(h.state.read_model().wait_persisted().await);
+        }
+    }
+    let all = h
+        .ok("GET", "/api/v3/allOrders", "symbol=BTCUSD&limit=4", &seller)
+        .await;
+    let got: Vec<u64> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["orderId"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, ids[2..].to_vec());
+    assert!(all
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|o| o["status"] == "FILLED"));
+    let from = h
+        .ok(
+            "GET",
+            "/api/v3/allOrders",
+            &format!("symbol=BTCUSD&orderId={}&limit=2", ids[1]),
+            &seller,
+        )
+        .await;
+    let got: Vec<u64> = from
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["orderId"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, ids[1..3].to_vec());
+    let trades = h
+        .ok("GET", "/api/v3/myTrades", "symbol=BTCUSD", &buyer)
+        .await;
+    let tids: Vec<u64> = trades
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(tids.len(), 6);
+    assert!(tids.windows(2).all(|w| w[0] < w[1]));
+    let page = h
+        .ok(
+            "GET",
+            "/api/v3/myTrades",
+            &format!("symbol=BTCUSD&fromId={}&limit=3", tids[2]),
+            &buyer,
+        )
+        .await;
+    let got: Vec<u64> = page
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, tids[2..5].to_vec());
+    let r = h
+        .raw(
+            "GET",
+            &format!(
+                "/api/v3/historicalTrades?symbol=BTCUSD&fromId={}&limit=2",
+                tids[3]
+            ),
+            "",
+            Some(&buyer.0),
+        )
+        .await;
+    let got: Vec<u64> = r
+        .json
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["id"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, tids[3..5].to_vec());
+}

@@ -1,0 +1,478 @@
+//! Real-socket tests on 127.0.0.1:0: HTTP/1.1 and WebSocket streams (depth diffs that follow
+//! Binance's snapshot + diff synchronisation, trades, partial depth, user data).
+
+mod common;
+
+use api::keys::sign;
+use common::{now_ms, Harness};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_tungstenite::tungstenite::Message;
+
+async fn start(h: &Harness) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let state = h.state.clone();
+    tokio::spawn(async move {
+        api::serve(listener, state, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    (addr, tx)
+}
+
+/// One HTTP/1.1 request over a fresh connection.
+async fn http(
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    body: &str,
+    key: Option<&str>,
+) -> (u16, Value) {
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        req.push_str(&format!("X-MBX-APIKEY: {k}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned())),
+    )
+}
+
+async fn signed_post(
+    addr: SocketAddr,
+    path: &str,
+    params: &str,
+    key: &(String, String),
+) -> (u16, Value) {
+    let q = format!("{params}&timestamp={}", now_ms());
+    let body = format!("{q}&signature={}", sign(&key.1, &q));
+    http(addr, "POST", path, &body, Some(&key.0)).await
+}
+
+type Ws =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("stream open")
+            .expect("no error");
+        if let Message::Text(t) = m {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_and_websocket_depth_trades_and_user_data() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+
+    let (status, v) = http(addr, "GET", "/api/v3/ping", "", None).await;
+    assert_eq!((status, v), (200, serde_json::json!({})));
+    let (status, v) = http(addr, "GET", "/api/v3/depth?symbol=NOPE", "", None).await;
+    assert_eq!((status, v["code"].as_i64()), (400, Some(-1121)));
+
+    // Subscribe before any order: raw diff stream, combined streams, user data, SUBSCRIBE.
+    let (mut depth, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/btcusd@depth"))
+        .await
+        .unwrap();
+    let (mut combined, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/stream?streams=btcusd@trade/btcusd@bookTicker"
+    ))
+    .await
+    .unwrap();
+    let (_, lk) = http(addr, "POST", "/api/v3/userDataStream", "", Some(&seller.0)).await;
+    let lk = lk["listenKey"].as_str().unwrap().to_owned();
+    let (mut user, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/{lk}"))
+        .await
+        .unwrap();
+    let (mut sub, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    sub.send(Message::Text(
+        r#"{"method":"SUBSCRIBE","params":["btcusd@depth5@100ms","btcusd@kline_1m"],"id":7}"#
+            .into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_json(&mut sub).await,
+        serde_json::json!({"result": null, "id": 7})
+    );
+    sub.send(Message::Text(
+        r#"{"method":"SUBSCRIBE","params":["btcusd@nope"],"id":8}"#.into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let m = next_json(&mut sub).await;
+        if m["id"] == 8 {
+            assert_eq!(m["error"]["code"], 2);
+            break;
+        }
+    }
+    assert!(
+        tokio_tungstenite::connect_async(format!("ws://{addr}/ws/btcusd@nope"))
+            .await
+            .is_err()
+    );
+
+    // A resting sell: one depth diff.
+    let (status, o) = signed_post(
+        addr,
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000",
+        &seller,
+    )
+    .await;
+    assert_eq!(status, 200, "{o}");
+    let d = next_json(&mut depth).await;
+    assert_eq!(d["e"], "depthUpdate");
+    assert_eq!(d["s"], "BTCUSD");
+    assert_eq!(
+        d["a"],
+        serde_json::json!([["30000.00000000", "0.01000000"]])
+    );
+    let first_u = d["u"].as_u64().unwrap();
+    assert_eq!(d["U"].as_u64().unwrap(), 1);
+    // Snapshot after the diff: lastUpdateId is the diff's u.
+    let (_, snap) = http(addr, "GET", "/api/v3/depth?symbol=BTCUSD", "", None).await;
+    assert_eq!(snap["lastUpdateId"].as_u64().unwrap(), first_u);
+
+    // A trade: next diff continues the sequence without a gap.
+    let (status, f) = signed_post(
+        addr,
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.004&price=30000",
+        &buyer,
+    )
+    .await;
+    assert_eq!((status, f["status"].as_str()), (200, Some("FILLED")));
+    let d2 = next_json(&mut depth).await;
+    assert_eq!(d2["U"].as_u64().unwrap(), first_u + 1);
+    assert_eq!(
+        d2["a"],
+        serde_json::json!([["30000.00000000", "0.00600000"]])
+    );
+
+    let mut got_trade = false;
+    let mut got_book = false;
+    while !(got_trade && got_book) {
+        let m = next_json(&mut combined).await;
+        match m["stream"].as_str().unwrap() {
+            "btcusd@trade" => {
+                assert_eq!(m["data"]["e"], "trade");
+                assert_eq!(m["data"]["p"], "30000.00000000");
+                assert_eq!(m["data"]["q"], "0.00400000");
+                assert_eq!(m["data"]["m"], false);
+                got_trade = true;
+            }
+            "btcusd@bookTicker" => {
+                got_book = m["data"]["a"] == "30000.00000000";
+            }
+            other => panic!("unexpected stream {other}"),
+        }
+    }
+
+    // User data: NEW, then TRADE for the seller, with balances.
+    let mut reports = Vec::new();
+    let mut positions = 0;
+    while reports.len() < 2 || positions < 2 {
+        let m = next_json(&mut user).await;
+        match m["e"].as_str().unwrap() {
+            "executionReport" => reports.push(m),
+            "outboundAccountPosition" => positions += 1,
+            other => panic!("unexpected event {other}: {m}"),
+        }
+    }
+    assert_eq!(
+        (reports[0]["x"].as_str(), reports[0]["X"].as_str()),
+        (Some("NEW"), Some("NEW"))
+    );
+    assert_eq!(
+        (reports[1]["x"].as_str(), reports[1]["X"].as_str()),
+        (Some("TRADE"), Some("PARTIALLY_FILLED"))
+    );
+    assert_eq!(reports[1]["l"], "0.00400000");
+    assert_eq!(reports[1]["L"], "30000.00000000");
+    assert_eq!(reports[1]["m"], true);
+    assert_eq!(reports[1]["N"], "USD");
+
+    // Partial depth and kline pushes on the SUBSCRIBE connection.
+    let mut got_partial = false;
+    let mut got_kline = false;
+    while !(got_partial && got_kline) {
+        let m = next_json(&mut sub).await;
+        if m.get("lastUpdateId").is_some() && m["asks"][0][1] == "0.00600000" {
+            got_partial = true;
+        }
+        if m["e"] == "kline" {
+            assert_eq!(m["k"]["i"], "1m");
+            got_kline = m["k"]["n"] == 1;
+        }
+    }
+    sub.send(Message::Text(
+        r#"{"method":"LIST_SUBSCRIPTIONS","id":9}"#.into(),
+    ))
+    .await
+    .unwrap();
+    loop {
+        let m = next_json(&mut sub).await;
+        if m["id"] == 9 {
+            assert_eq!(m["result"].as_array().unwrap().len(), 2);
+            break;
+        }
+    }
+    // The WebSocket API: user data without a listenKey.
+    let (mut wsapi, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws-api/v3"))
+        .await
+        .unwrap();
+    let ts = now_ms();
+    let payload = format!("apiKey={}&recvWindow=5000&timestamp={ts}", buyer.0);
+    let req = serde_json::json!({
+        "id": "s1",
+        "method": "userDataStream.subscribe.signature",
+        "params": {"apiKey": buyer.0, "timestamp": ts, "recvWindow": 5000, "signature": sign(&buyer.1, &payload)},
+    });
+    wsapi
+        .send(Message::Text(req.to_string().into()))
+        .await
+        .unwrap();
+    let ack = next_json(&mut wsapi).await;
+    assert_eq!(
+        (ack["id"].as_str(), ack["status"].as_u64()),
+        (Some("s1"), Some(200)),
+        "{ack}"
+    );
+    let sid = ack["result"]["subscriptionId"].as_u64().unwrap();
+    let bad = serde_json::json!({
+        "id": 2, "method": "userDataStream.subscribe.signature",
+        "params": {"apiKey": buyer.0, "timestamp": ts, "signature": sign("wrong", &payload)},
+    });
+    wsapi
+        .send(Message::Text(bad.to_string().into()))
+        .await
+        .unwrap();
+    let nack = next_json(&mut wsapi).await;
+    assert_eq!(
+        (nack["status"].as_u64(), nack["error"]["code"].as_i64()),
+        (Some(400), Some(-1022))
+    );
+    let (status, _) = signed_post(
+        addr,
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=29000",
+        &buyer,
+    )
+    .await;
+    assert_eq!(status, 200);
+    loop {
+        let m = next_json(&mut wsapi).await;
+        assert_eq!(m["subscriptionId"].as_u64(), Some(sid));
+        if m["event"]["e"] == "executionReport" {
+            assert_eq!(m["event"]["x"], "NEW");
+            assert_eq!(m["event"]["p"], "29000.00000000");
+            break;
+        }
+    }
+    let (_, metrics_status) = (0, http(addr, "GET", "/metrics", "", None).await.0);
+    assert_eq!(metrics_status, 200);
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_websocket_consumer_is_disconnected_without_slowing_others() {
+    let h = Harness::with_config(api::ApiConfig {
+        ws_queue: 1024,
+        orders_per_10s: 1_000_000,
+        socket_send_buffer: Some(4096),
+        ..Default::default()
+    });
+    let (addr, stop) = start(&h).await;
+    let (_, buyer) = h.trader("0", "10000000").await;
+    // A reader that never reads, with a tiny receive buffer.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(2048).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let (mut slow, _) =
+        tokio_tungstenite::client_async(format!("ws://{addr}/ws/btcusd@depth"), stream)
+            .await
+            .unwrap();
+    let (mut fast, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/btcusd@depth"))
+        .await
+        .unwrap();
+    // Many depth diffs: place and cancel, each changes a level.
+    let pairs = 2_000u64;
+    let reader = tokio::spawn(async move {
+        let mut last_u = 0;
+        while last_u < 2 * pairs {
+            let m = next_json(&mut fast).await;
+            assert_eq!(
+                m["U"].as_u64().unwrap(),
+                last_u + 1,
+                "no gap for a fast reader"
+            );
+            last_u = m["u"].as_u64().unwrap();
+        }
+        last_u
+    });
+    let post = |path: &'static str, method: &'static str, params: String| {
+        let router = h.router.clone();
+        let key = buyer.clone();
+        async move {
+            let q = format!("{params}&timestamp={}", now_ms());
+            let signed = format!("{q}&signature={}", sign(&key.1, &q));
+            let req = if method == "POST" {
+                axum::http::Request::post(path)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .header("X-MBX-APIKEY", &key.0)
+                    .body(axum::body::Body::from(signed))
+            } else {
+                axum::http::Request::delete(format!("{path}?{signed}"))
+                    .header("X-MBX-APIKEY", &key.0)
+                    .body(axum::body::Body::empty())
+            };
+            let res = tower::ServiceExt::oneshot(router, req.unwrap())
+                .await
+                .unwrap();
+            assert_eq!(res.status(), 200);
+        }
+    };
+    for i in 0..pairs {
+        let price = 10_000 + i;
+        post(
+            "/api/v3/order",
+            "POST",
+            format!("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.0001&price={price}&newClientOrderId=c{i}&newOrderRespType=ACK"),
+        )
+        .await;
+        post(
+            "/api/v3/order",
+            "DELETE",
+            format!("symbol=BTCUSD&origClientOrderId=c{i}"),
+        )
+        .await;
+    }
+    assert_eq!(reader.await.unwrap(), 2 * pairs);
+    // The slow reader was cut off with a reason, after at most what the buffers held.
+    let mut close = None;
+    let mut n = 0u64;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(10), slow.next()).await {
+        match m {
+            Message::Close(f) => {
+                close = f;
+                break;
+            }
+            _ => n += 1,
+        }
+    }
+    // The close frame itself may not fit in the full socket; when it arrives it says why.
+    if let Some(f) = close {
+        assert_eq!(u16::from(f.code), 1008);
+        assert!(
+            f.reason.as_str().starts_with("slow consumer"),
+            "{}",
+            f.reason
+        );
+    }
+    assert!(n < 2 * pairs, "the slow reader got {n} messages");
+    let (_, m) = http(addr, "GET", "/metrics", "", None).await;
+    assert!(
+        m.as_str()
+            .unwrap()
+            .contains("mediator_ws_slow_disconnects_total 1"),
+        "{m}"
+    );
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kline_stream_sends_the_closed_candle() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/btcusd@kline_1s"))
+        .await
+        .unwrap();
+    let trade = |price: u32| {
+        let (b, s) = (buyer.clone(), seller.clone());
+        async move {
+            signed_post(addr, "/api/v3/order", &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price={price}"), &s).await;
+            let (st, v) = signed_post(addr, "/api/v3/order", &format!("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price={price}"), &b).await;
+            assert_eq!((st, v["status"].as_str()), (200, Some("FILLED")));
+        }
+    };
+    trade(30000).await;
+    let first = next_json(&mut ws).await;
+    assert_eq!(
+        (first["k"]["i"].as_str(), first["k"]["c"].as_str()),
+        (Some("1s"), Some("30000.00000000"))
+    );
+    let open = first["k"]["t"].as_u64().unwrap();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    trade(30001).await;
+    // Under load the first push may already be the final one.
+    let mut closed = first["k"]["x"] == true;
+    let mut next = false;
+    while !(closed && next) {
+        let m = next_json(&mut ws).await;
+        let t = m["k"]["t"].as_u64().unwrap();
+        if t == open && m["k"]["x"] == true {
+            closed = true;
+        }
+        if t > open && m["k"]["c"] == "30001.00000000" {
+            next = true;
+        }
+    }
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_clients_that_send_too_fast_are_closed_with_a_reason() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws"))
+        .await
+        .unwrap();
+    for i in 0..30 {
+        let m = format!(r#"{{"method":"LIST_SUBSCRIPTIONS","id":{i}}}"#);
+        if ws.send(Message::Text(m.into())).await.is_err() {
+            break;
+        }
+    }
+    let mut reason = None;
+    while let Ok(Some(Ok(m))) = tokio::time::timeout(Duration::from_secs(5), ws.next()).await {
+        if let Message::Close(Some(f)) = m {
+            reason = Some((u16::from(f.code), f.reason.as_str().to_owned()));
+            break;
+        }
+    }
+    let (code, text) = reason.expect("a close frame");
+    assert_eq!(code, 1008);
+    assert!(text.starts_with("too many messages"), "{text}");
+    let _ = stop.send(());
+}

@@ -426,7 +426,8 @@ impl Engine {
     /// a command (e.g. [`Command::Tick`]) at or after that time so the order expires on time.
     pub fn next_expiry(&mut self) -> Option<Timestamp> {
         while let Some(Reverse((t, id, m))) = self.expiries.peek().copied() {
-            if self.markets[m as usize].book.slot(OrderId(id)).is_some() {
+            let m = &self.markets[m as usize];
+            if m.book.slot(OrderId(id)).is_some() || m.stop_index.contains_key(&OrderId(id)) {
                 return Some(Timestamp(t));
             }
             self.expiries.pop();
@@ -517,8 +518,9 @@ impl Engine {
 
     /// Applies one command at time `now`, appending its events to `out`.
     ///
-    /// Returns `Ok` when the command was accepted (its first event is [`Event::Accepted`]) and
-    /// `Err` when it was rejected (its last event is [`Event::Rejected`]). A rejected command
+    /// Returns `Ok` when the command was accepted (its events start with [`Event::Accepted`]) and
+    /// `Err` when it was rejected (its only event is [`Event::Rejected`]); the events of GTD
+    /// orders expiring at `now` come before either. A rejected command
     /// changes nothing, except that GTD orders whose time has come at `now` expire first, whatever
     /// the command: a driver journals a command whenever [`Engine::seq`] advanced.
     pub fn apply(
@@ -527,6 +529,8 @@ impl Engine {
         now: Timestamp,
         out: &mut Vec<Event>,
     ) -> Result<(), RejectCode> {
+        // `now` is state (it is in the snapshot): a command that ends up changing nothing must
+        // not move it, or the live state would differ from a replay of the journal.
         let prev_now = self.now;
         if now > self.now {
             self.now = now;
@@ -546,10 +550,11 @@ impl Engine {
                 if acc.duplicate {
                     debug_assert_eq!(out.len(), at + 1, "a duplicate changes nothing");
                     if !expired {
+                        let time = self.now;
                         self.now = prev_now;
                         out[at] = Event::Accepted {
                             seq: self.seq,
-                            time: self.now,
+                            time,
                             order: None,
                             account: acc.account,
                             duplicate: true,
@@ -706,6 +711,13 @@ impl Engine {
             let market = MarketId(m);
             if let Some(slot) = self.markets[m as usize].book.slot(OrderId(id)) {
                 self.remove_resting(market, slot, DoneReason::Expired, out);
+                any = true;
+            } else if self.markets[m as usize]
+                .stop_index
+                .contains_key(&OrderId(id))
+            {
+                // A GTD stop order expires while it waits, too.
+                self.remove_stop(market, OrderId(id), DoneReason::Expired, out);
                 any = true;
             }
         }
@@ -871,6 +883,9 @@ impl Engine {
                 self.check_account(from)?;
                 self.check_account(to)?;
                 self.check_asset(asset)?;
+                if from == FEE_ACCOUNT {
+                    return Err(RejectCode::FeeAccount);
+                }
                 if from == to {
                     return Err(RejectCode::SelfTransfer);
                 }
@@ -924,6 +939,13 @@ impl Engine {
             .get(m.0 as usize)
             .ok_or(RejectCode::UnknownMarket)
     }
+}
+
+/// The account whose resting orders an incoming order expires instead of trading with
+/// (self-trade prevention `ExpireMaker`): they are no liquidity for it, so market orders walk
+/// past them when they are priced.
+fn expired_makers(stp: StpMode, account: AccountId) -> Option<AccountId> {
+    (stp == StpMode::ExpireMaker).then_some(account)
 }
 
 /// Fee of `bps` on `notional`, rounded down.
@@ -1102,14 +1124,36 @@ impl Engine {
         });
     }
 
-    /// Quote cost (with taker fee) of buying `qty` now, walking the asks.
-    fn walk_buy_cost(&self, mi: usize, qty: Qty) -> Option<Amount> {
+    /// Open quantity at `price` that an order can trade with: all of it, or what is not
+    /// `skip`'s (see [`expired_makers`]).
+    fn tradable_at(&self, mi: usize, price: Price, level: Qty, skip: Option<AccountId>) -> u64 {
+        match skip {
+            None => level.0,
+            Some(a) => self.markets[mi]
+                .book
+                .orders_at(price)
+                .filter(|n| n.data.account != a)
+                .map(|n| n.qty.0)
+                .sum(),
+        }
+    }
+
+    /// Whether `side` has anything an order skipping `skip`'s orders can trade with.
+    fn has_liquidity(&self, mi: usize, side: Side, skip: Option<AccountId>) -> bool {
+        self.markets[mi]
+            .book
+            .levels(side)
+            .any(|(price, level)| self.tradable_at(mi, price, level, skip) > 0)
+    }
+
+    /// Quote cost (with taker fee) of buying `qty` now, walking the asks (not `skip`'s).
+    fn walk_buy_cost(&self, mi: usize, qty: Qty, skip: Option<AccountId>) -> Option<Amount> {
         let p = &self.params[mi];
         let book = &self.markets[mi].book;
         let mut left = qty.0;
         let mut notional = Amount(0);
         for (price, level) in book.levels(Side::Sell) {
-            let q = Qty(left.min(level.0));
+            let q = Qty(left.min(self.tradable_at(mi, price, level, skip)));
             notional = notional.checked_add(p.notional(price, q)?)?;
             left -= q.0;
             if left == 0 {
@@ -1119,8 +1163,9 @@ impl Engine {
         notional.checked_add(fee(notional, p.taker_fee_bps))
     }
 
-    /// Lots to sell now to receive at least `budget` quote (before fees), walking the bids.
-    fn walk_sell_qty(&self, mi: usize, budget: Amount) -> Qty {
+    /// Lots to sell now to receive at least `budget` quote (before fees), walking the bids (not
+    /// `skip`'s).
+    fn walk_sell_qty(&self, mi: usize, budget: Amount, skip: Option<AccountId>) -> Qty {
         let p = &self.params[mi];
         let book = &self.markets[mi].book;
         let mut left = u128::from(budget.0);
@@ -1128,7 +1173,8 @@ impl Engine {
         for (price, level) in book.levels(Side::Buy) {
             let unit = u128::from(price.0) * u128::from(p.tick_size);
             let need = left.div_ceil(unit);
-            let take = need.min(u128::from(level.0)) as u64;
+            let tradable = self.tradable_at(mi, price, level, skip);
+            let take = need.min(u128::from(tradable)) as u64;
             qty += take;
             left = left.saturating_sub(unit * u128::from(take));
             if left == 0 {
@@ -1222,8 +1268,13 @@ impl Engine {
             TimeInForce::Gtd(t) if t <= self.now || is_market => {
                 return Err(RejectCode::InvalidOrder)
             }
-            TimeInForce::Fok if is_market => return Err(RejectCode::InvalidOrder),
+            TimeInForce::Fok if is_market || is_stop => return Err(RejectCode::InvalidOrder),
             _ => {}
+        }
+        if is_market && !self.has_liquidity(mi, o.side.opposite(), expired_makers(o.stp, o.account))
+        {
+            // Nothing on the other side to price it (RejectCode::InvalidOrder).
+            return Err(RejectCode::InvalidOrder);
         }
         if let Some(c) = o.client_id {
             if self.client_ids.contains_key(&(o.account, c)) {
@@ -1251,12 +1302,12 @@ impl Engine {
             }
             (Side::Buy, OrderType::Market { qty }) => {
                 market_qty = qty;
-                self.walk_buy_cost(mi, qty)
+                self.walk_buy_cost(mi, qty, expired_makers(o.stp, o.account))
             }
             (Side::Buy, OrderType::MarketBudget { budget }) => Some(budget),
             (Side::Buy, OrderType::StopMarket { .. }) => Some(Amount(0)),
             (Side::Sell, OrderType::MarketBudget { budget }) => {
-                market_qty = self.walk_sell_qty(mi, budget);
+                market_qty = self.walk_sell_qty(mi, budget, expired_makers(o.stp, o.account));
                 p.base_amount(market_qty)
             }
             (Side::Sell, OrderType::Market { qty }) => {
@@ -1319,6 +1370,9 @@ impl Engine {
                     Side::Sell => m.stop_sells.insert((stop, id), s),
                 };
                 m.stop_index.insert(id, (o.side, stop));
+                if let TimeInForce::Gtd(at) = o.tif {
+                    self.expiries.push(Reverse((at.0, id.0, o.market.0)));
+                }
                 self.accounts[o.account.0 as usize].open_orders += 1;
                 if let Some(c) = o.client_id {
                     self.client_ids.insert((o.account, c), (o.market, id));
@@ -1411,7 +1465,12 @@ impl Engine {
         }
         self.ledger.release(t.info.account, asset, t.hold.0);
         let reason = match end {
-            MatchEnd::Filled | MatchEnd::Budget => DoneReason::Filled,
+            MatchEnd::Filled => DoneReason::Filled,
+            // A quote-budget buy that spent its budget is done; a market buy by quantity that
+            // cannot pay for more (a triggered stop-market buy holding only what the account
+            // had) has its rest cancelled.
+            MatchEnd::Budget if t.budget => DoneReason::Filled,
+            MatchEnd::Budget => DoneReason::IocRemainder,
             MatchEnd::SelfTrade => DoneReason::SelfTrade,
             MatchEnd::NoMore => DoneReason::IocRemainder,
         };
@@ -1636,12 +1695,13 @@ impl Engine {
                     // A stop-market buy is priced when it triggers: hold what it costs now, or
                     // what the account has.
                     let avail = self.ledger.get(o.account, p.quote).available;
+                    let skip = expired_makers(o.stp, o.account);
                     let cost = self
-                        .walk_buy_cost(mi, qty)
+                        .walk_buy_cost(mi, qty, skip)
                         .map_or(avail, |c| c.0.min(avail));
                     self.ledger.hold(o.account, p.quote, cost);
                     hold = Amount(cost);
-                    if cost == 0 && self.markets[mi].book.best_ask().is_some() {
+                    if cost == 0 && self.has_liquidity(mi, Side::Sell, skip) {
                         out.push(Event::OrderDone {
                             info,
                             reason: DoneReason::InsufficientBalance,
@@ -1969,6 +2029,9 @@ impl Engine {
                     Side::Sell => m.stop_sells.insert((stop, st.id), st),
                 };
                 m.stop_index.insert(st.id, (st.order.side, stop));
+                if let TimeInForce::Gtd(t) = st.order.tif {
+                    e.expiries.push(Reverse((t.0, st.id.0, market.0)));
+                }
                 e.accounts[account].open_orders += 1;
                 if let Some(c) = st.order.client_id {
                     e.client_ids.insert((st.order.account, c), (market, st.id));

@@ -44,8 +44,9 @@ pub struct OrderInfo {
 /// Something that happened.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Event {
-    /// The command was accepted (the first event of every accepted command). `order` is the new
-    /// order's id for `NewOrder`, the new account for `CreateAccount`.
+    /// The command was accepted: the first event of the command's own events (only the events of
+    /// GTD orders that expired at the command's time come before it). `order` is the new order's
+    /// id for `NewOrder`, `account` the new account for `CreateAccount`.
     Accepted {
         /// Engine sequence number of the command (gap-free over accepted commands).
         seq: u64,
@@ -58,7 +59,8 @@ pub enum Event {
         /// True when an idempotent command had been applied already (and changed nothing now).
         duplicate: bool,
     },
-    /// The command was rejected and changed nothing (the only event of a rejected command).
+    /// The command was rejected and changed nothing: its only event (after the events of GTD
+    /// orders that expired at its time, if any).
     Rejected {
         /// Why.
         code: RejectCode,

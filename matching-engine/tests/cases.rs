@@ -454,14 +454,18 @@ fn market_sell_by_quote_budget_sells_enough_to_receive_it() {
 }
 
 #[test]
-fn market_order_on_an_empty_book_expires_without_trading() {
+fn market_order_with_nothing_to_price_it_is_rejected() {
     let mut h = H::new();
     let b = h.account(0, 10_000);
+    let s = h.account(10, 0);
     let mut o = lim(b, Side::Buy, 0, 0);
     o.order_type = OrderType::Market { qty: Qty(3) };
-    let (id, ev) = h.order(o).unwrap();
-    assert_eq!(done(&ev), vec![(id, DoneReason::IocRemainder, 0, 3)]);
+    assert_eq!(h.order(o).unwrap_err(), RejectCode::InvalidOrder);
+    let mut o = lim(s, Side::Sell, 0, 0);
+    o.order_type = OrderType::MarketBudget { budget: Amount(500) };
+    assert_eq!(h.order(o).unwrap_err(), RejectCode::InvalidOrder);
     assert_eq!(h.bal(b, QUOTE), (10_000, 0));
+    assert_eq!(h.bal(s, BASE), (10, 0));
 }
 
 #[test]

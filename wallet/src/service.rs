@@ -1,0 +1,1311 @@
+//! The custody service: one wallet, one database, one bitcoind connection, step functions.
+
+use crate::config::{CustodyConfig, RpcAuth};
+use crate::error::{
+    BatchError, BumpError, DepositAddressError, DepositError, OpenError, StepError, SyncError,
+    WithdrawalError,
+};
+use crate::keys;
+use crate::ledger::Ledger;
+use crate::store::{self, BatchTx, DepositStatus, WithdrawalStatus, WithdrawalView};
+use bdk_bitcoind_rpc::bitcoincore_rpc::{self, Auth, Client, RpcApi};
+use bdk_bitcoind_rpc::Emitter;
+use bdk_wallet::bitcoin::address::NetworkUnchecked;
+use bdk_wallet::bitcoin::consensus::encode;
+use bdk_wallet::bitcoin::hashes::Hash;
+use bdk_wallet::bitcoin::{
+    self, Address, FeeRate, OutPoint, Psbt, ScriptBuf, Transaction, Txid, Weight,
+};
+use bdk_wallet::chain::{ChainPosition, ConfirmationBlockTime};
+use bdk_wallet::error::CreateTxError;
+use bdk_wallet::rusqlite::Connection;
+use bdk_wallet::{
+    KeychainKind, LoadError, LoadMismatch, LoadWithPersistError, PersistedWallet, SignOptions,
+    Wallet,
+};
+use matching_engine::command::Command;
+use matching_engine::config::BTC;
+use matching_engine::units::{AccountId, Amount, IdempotencyKey, Timestamp, WithdrawalId};
+use matching_engine::RejectCode;
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+
+/// The database file's name in the data directory.
+pub const DATABASE_FILE: &str = "wallet.sqlite";
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+/// RPC error codes of bitcoind (`src/rpc/protocol.h`).
+const RPC_VERIFY_ALREADY_IN_CHAIN: i32 = -27;
+
+/// A deposit seen, credited or reorged.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepositEvent {
+    /// Beneficiary.
+    pub account: AccountId,
+    /// The paying output.
+    pub outpoint: OutPoint,
+    /// Its value, sats.
+    pub amount: Amount,
+    /// Confirmations now (0: mempool or no longer in the chain).
+    pub confirmations: u32,
+}
+
+/// A deposit as the service knows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct DepositView {
+    /// Beneficiary.
+    pub account: AccountId,
+    /// The paying output.
+    pub outpoint: OutPoint,
+    /// Its value, sats.
+    pub amount: Amount,
+    /// Pending, credited or reorged.
+    pub status: DepositStatus,
+    /// Confirmations now (0: mempool, or no longer in the chain).
+    pub confirmations: u32,
+}
+
+/// What [`CustodyService::process_deposits`] did.
+#[derive(Clone, Debug, Default)]
+pub struct DepositReport {
+    /// Deposits seen for the first time (pending).
+    pub seen: Vec<DepositEvent>,
+    /// Deposits credited to the ledger now.
+    pub credited: Vec<DepositEvent>,
+    /// Credited deposits that a reorg took out of the chain: reported, account flagged.
+    pub reorged: Vec<DepositEvent>,
+    /// Reorged deposits that are confirmed again (no second credit).
+    pub reconfirmed: Vec<DepositEvent>,
+    /// Credits the ledger refused (tried again next time).
+    pub rejected: Vec<(DepositEvent, RejectCode)>,
+}
+
+/// What [`CustodyService::sync_once`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Blocks applied (reorged blocks count again).
+    pub blocks: u32,
+    /// Wallet tip height afterwards.
+    pub tip_height: u32,
+    /// Mempool transactions applied.
+    pub mempool_txs: usize,
+    /// Mempool evictions applied.
+    pub evicted: usize,
+}
+
+/// A batch that was built, signed and recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchInfo {
+    /// Batch id.
+    pub id: u64,
+    /// Its transaction.
+    pub txid: Txid,
+    /// Network fee, sats.
+    pub fee: Amount,
+    /// The withdrawals it pays.
+    pub withdrawals: Vec<WithdrawalId>,
+}
+
+/// What [`CustodyService::process_withdrawals`] did.
+#[derive(Clone, Debug, Default)]
+pub struct WithdrawalReport {
+    /// Completed withdrawals with their network fee share.
+    pub completed: Vec<(WithdrawalId, Amount)>,
+    /// Batches confirmed now.
+    pub batches_confirmed: Vec<(u64, Txid)>,
+}
+
+/// What one [`CustodyService::step`] did.
+#[derive(Clone, Debug, Default)]
+pub struct StepReport {
+    /// Chain sync.
+    pub sync: SyncReport,
+    /// Deposits.
+    pub deposits: DepositReport,
+    /// Withdrawal completions.
+    pub withdrawals: WithdrawalReport,
+    /// A batch made in this step.
+    pub batch: Option<BatchInfo>,
+    /// Reconciliation after the step.
+    pub reconciliation: Reconciliation,
+}
+
+/// Wallet assets against ledger liabilities, in sats. Metrics-friendly: plain numbers.
+///
+/// `adjusted_assets = wallet_confirmed + wallet_pending - uncredited_deposits + withdrawals_in_flight`
+/// is what the ledger should owe; `surplus = adjusted_assets - ledger_liabilities` is 0 when both
+/// agree, and negative (a shortfall, logged as an error) when customers are owed more than the
+/// wallet holds. Fee income lives in the ledger's fee account (account 0), so it is part of the
+/// liabilities.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reconciliation {
+    /// Confirmed wallet balance.
+    pub wallet_confirmed: Amount,
+    /// Unconfirmed and immature wallet balance.
+    pub wallet_pending: Amount,
+    /// Deposits in the wallet not yet credited (pending confirmations).
+    pub uncredited_deposits: Amount,
+    /// Amounts plus network fees of batches that left the wallet but are not completed yet.
+    pub withdrawals_in_flight: Amount,
+    /// All BTC balances in the ledger, held included.
+    pub ledger_liabilities: Amount,
+    /// Flat fees minus network fee shares of completed withdrawals (part of the liabilities).
+    pub fee_income: Amount,
+    /// Adjusted assets minus liabilities.
+    pub surplus_sat: i64,
+    /// True when the surplus is negative.
+    pub shortfall: bool,
+}
+
+/// A withdrawal request.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WithdrawalRequest {
+    /// Owner.
+    pub account: AccountId,
+    /// Destination address, as the user gave it.
+    pub address: String,
+    /// Amount to pay out, sats (the flat fee is charged on top).
+    pub amount: Amount,
+    /// Caller's idempotency key, 1 to 64 bytes; a second request with it is refused.
+    pub idempotency_key: String,
+}
+
+struct Rpc {
+    client: Arc<Client>,
+    emitter: Emitter<Arc<Client>>,
+}
+
+/// The custody service. See the crate documentation.
+pub struct CustodyService {
+    config: CustodyConfig,
+    ledger: Arc<dyn Ledger>,
+    db: Connection,
+    wallet: PersistedWallet<Connection>,
+    rpc: Option<Rpc>,
+    deny_list: HashSet<ScriptBuf>,
+    /// The only copy of the private key in the process (BDK's wallet holds public descriptors).
+    key: keys::MasterKey,
+}
+
+impl fmt::Debug for CustodyService {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CustodyService")
+            .field("network", &self.config.network)
+            .field("data_dir", &self.config.data_dir)
+            .field("tip_height", &self.wallet.latest_checkpoint().height())
+            .field("connected", &self.rpc.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+fn confirmations(pos: &ChainPosition<ConfirmationBlockTime>, tip: u32) -> u32 {
+    match pos {
+        ChainPosition::Confirmed { anchor, .. } => {
+            tip.saturating_sub(anchor.block_id.height).saturating_add(1)
+        }
+        ChainPosition::Unconfirmed { .. } => 0,
+    }
+}
+
+fn sats(a: bitcoin::Amount) -> Amount {
+    Amount(a.to_sat())
+}
+
+fn rpc_err(e: bitcoincore_rpc::Error) -> String {
+    e.to_string()
+}
+
+fn rpc_code(e: &bitcoincore_rpc::Error) -> Option<i32> {
+    match e {
+        bitcoincore_rpc::Error::JsonRpc(bitcoincore_rpc::jsonrpc::Error::Rpc(r)) => Some(r.code),
+        _ => None,
+    }
+}
+
+/// Splits a batch's network fee across its withdrawals in proportion to their flat fees, each
+/// share at most its flat fee, the shares adding up to `fee` exactly. `fee` must not exceed the sum
+/// of the flat fees.
+pub(crate) fn split_fee(fee: Amount, flat_fees: &[Amount]) -> Vec<Amount> {
+    let total: u128 = flat_fees.iter().map(|f| u128::from(f.0)).sum();
+    assert!(u128::from(fee.0) <= total, "batch fee above the flat fees");
+    if total == 0 {
+        return vec![Amount::ZERO; flat_fees.len()];
+    }
+    let mut shares: Vec<u64> = flat_fees
+        .iter()
+        .map(|f| (u128::from(fee.0) * u128::from(f.0) / total) as u64)
+        .collect();
+    let mut rest = fee.0 - shares.iter().sum::<u64>();
+    for (share, flat) in shares.iter_mut().zip(flat_fees) {
+        if rest == 0 {
+            break;
+        }
+        let room = flat.0 - *share;
+        let add = room.min(rest);
+        *share += add;
+        rest -= add;
+    }
+    assert_eq!(rest, 0, "fee shares do not add up");
+    shares.into_iter().map(Amount).collect()
+}
+
+fn load_deny_list(path: &Path, network: bitcoin::Network) -> Result<HashSet<ScriptBuf>, OpenError> {
+    let text = std::fs::read_to_string(path).map_err(|e| OpenError::DenyList {
+        path: path.to_owned(),
+        reason: e.to_string(),
+    })?;
+    let mut set = HashSet::new();
+    for (n, line) in text.lines().enumerate() {
+        let line = line.split('#').next().unwrap_or("").trim();
+        if line.is_empty() {
+            continue;
+        }
+        let addr = Address::<NetworkUnchecked>::from_str(line)
+            .ok()
+            .and_then(|a| a.require_network(network).ok())
+            .ok_or_else(|| OpenError::DenyList {
+                path: path.to_owned(),
+                reason: format!("line {} is not an address of {network}", n + 1),
+            })?;
+        set.insert(addr.script_pubkey());
+    }
+    Ok(set)
+}
+
+impl CustodyService {
+    /// Opens the service: creates the data directory, the secret (first start) and the database,
+    /// or loads them and checks network and descriptors. Recovers withdrawals that a crash left
+    /// between the database and the ledger. Does not contact bitcoind.
+    pub fn open(config: CustodyConfig, ledger: Arc<dyn Ledger>) -> Result<Self, OpenError> {
+        std::fs::create_dir_all(&config.data_dir).map_err(|source| OpenError::DataDir {
+            path: config.data_dir.clone(),
+            source,
+        })?;
+        let (key, created) =
+            keys::load_or_create(&config.data_dir, config.network, config.passphrase.as_ref())?;
+        if created {
+            tracing::info!(network = %config.network, "created a new wallet secret");
+        }
+        let mut db = Connection::open(config.data_dir.join(DATABASE_FILE))
+            .map_err(|e| OpenError::Store(e.into()))?;
+        store::init(&db)?;
+        // WAL with full sync: each commit is durable (fsync of the log) at one fsync per commit.
+        db.query_row("PRAGMA journal_mode = WAL", [], |r| r.get::<_, String>(0))
+            .map_err(|e| OpenError::Store(e.into()))?;
+        db.execute_batch("PRAGMA synchronous = FULL")
+            .map_err(|e| OpenError::Store(e.into()))?;
+        let (external, internal) = key.public_descriptors(config.network)?;
+        let loaded = Wallet::load()
+            .descriptor(KeychainKind::External, Some(external.clone()))
+            .descriptor(KeychainKind::Internal, Some(internal.clone()))
+            .check_network(config.network)
+            .load_wallet(&mut db);
+        let wallet = match loaded {
+            Ok(Some(w)) => w,
+            Ok(None) => Wallet::create(external, internal)
+                .network(config.network)
+                .create_wallet(&mut db)
+                .map_err(|e| OpenError::Wallet(e.to_string()))?,
+            Err(LoadWithPersistError::InvalidChangeSet(LoadError::Mismatch(m))) => {
+                return Err(match m {
+                    LoadMismatch::Network { loaded, expected } => OpenError::NetworkMismatch {
+                        found: loaded,
+                        expected,
+                    },
+                    LoadMismatch::Descriptor { keychain, .. } => OpenError::DescriptorMismatch {
+                        keychain: match keychain {
+                            KeychainKind::External => "external",
+                            KeychainKind::Internal => "internal",
+                        },
+                    },
+                    other => OpenError::Wallet(format!("{other:?}")),
+                });
+            }
+            Err(e) => return Err(OpenError::Wallet(e.to_string())),
+        };
+        let deny_list = match &config.withdrawal.deny_list {
+            Some(path) => load_deny_list(path, config.network)?,
+            None => HashSet::new(),
+        };
+        let mut service = Self {
+            config,
+            ledger,
+            db,
+            wallet,
+            rpc: None,
+            deny_list,
+            key,
+        };
+        service.recover_new_withdrawals()?;
+        Ok(service)
+    }
+
+    /// Withdrawals recorded as `new` were written before their ledger hold, and a crash came
+    /// before the outcome was recorded: ask the ledger again.
+    fn recover_new_withdrawals(&mut self) -> Result<(), OpenError> {
+        for w in store::withdrawals_in(&self.db, WithdrawalStatus::New)? {
+            let hold = Command::WithdrawHold {
+                account: w.account,
+                asset: BTC,
+                amount: w.amount,
+                fee: w.fee,
+                id: w.id,
+            };
+            match self.ledger.submit(hold) {
+                Ok(()) | Err(RejectCode::DuplicateWithdrawal) => {
+                    store::set_withdrawal_status(&self.db, w.id, self.held_status(w.amount), None)?
+                }
+                Err(code) => {
+                    tracing::warn!(id = %w.id, %code, "dropping unacknowledged withdrawal request");
+                    store::delete_new_withdrawal(&self.db, w.id)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn held_status(&self, amount: Amount) -> WithdrawalStatus {
+        if amount > self.config.withdrawal.approval_threshold {
+            WithdrawalStatus::AwaitingApproval
+        } else {
+            WithdrawalStatus::Pending
+        }
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &CustodyConfig {
+        &self.config
+    }
+
+    /// The wallet's tip height.
+    pub fn tip_height(&self) -> u32 {
+        self.wallet.latest_checkpoint().height()
+    }
+
+    /// The wallet's tip block hash.
+    pub fn tip_hash(&self) -> bitcoin::BlockHash {
+        self.wallet.latest_checkpoint().hash()
+    }
+
+    /// The wallet's balance.
+    pub fn balance(&self) -> bdk_wallet::Balance {
+        self.wallet.balance()
+    }
+
+    /// A transaction of the wallet as it is in the wallet's canonical view, with its confirmations.
+    pub fn transaction(&self, txid: Txid) -> Option<(Arc<Transaction>, u32)> {
+        let tip = self.tip_height();
+        self.wallet
+            .get_tx(txid)
+            .map(|t| (t.tx_node.tx.clone(), confirmations(&t.chain_position, tip)))
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Deposit addresses
+
+    /// A new deposit address for `account` (its older ones keep working).
+    pub fn new_deposit_address(
+        &mut self,
+        account: AccountId,
+        now: Timestamp,
+    ) -> Result<Address, DepositAddressError> {
+        let mut v = self.new_deposit_addresses(account, 1, now)?;
+        v.pop()
+            .ok_or(DepositAddressError::Store(crate::StoreError::Corrupt(
+                "no address revealed".into(),
+            )))
+    }
+
+    /// `count` new deposit addresses for `account` at once (one wallet persist, one database
+    /// transaction), e.g. to pre-generate them.
+    pub fn new_deposit_addresses(
+        &mut self,
+        account: AccountId,
+        count: u32,
+        now: Timestamp,
+    ) -> Result<Vec<Address>, DepositAddressError> {
+        if !self.ledger.account_exists(account) {
+            return Err(DepositAddressError::UnknownAccount(account));
+        }
+        if count == 0 {
+            return Ok(Vec::new());
+        }
+        let next = self.wallet.next_derivation_index(KeychainKind::External);
+        let last = next.saturating_add(count - 1);
+        let infos: Vec<_> = self
+            .wallet
+            .reveal_addresses_to(KeychainKind::External, last)
+            .collect();
+        // The revealed indexes are durable before they are handed out, so never reused.
+        self.wallet.persist(&mut self.db)?;
+        let rows: Vec<(u32, String)> = infos
+            .iter()
+            .map(|i| (i.index, i.address.to_string()))
+            .collect();
+        store::insert_deposit_addresses(&mut self.db, account, &rows, now.as_millis())?;
+        Ok(infos.into_iter().map(|i| i.address).collect())
+    }
+
+    /// The deposit addresses of `account`, oldest first.
+    pub fn deposit_addresses(
+        &self,
+        account: AccountId,
+    ) -> Result<Vec<String>, DepositAddressError> {
+        Ok(store::addresses_of(&self.db, account)?)
+    }
+
+    /// The deposits of `account` (all accounts with `None`) that the service has seen, with their
+    /// confirmations now: pending ones (mempool or below the threshold), credited and reorged.
+    pub fn deposits(&self, account: Option<AccountId>) -> Result<Vec<DepositView>, DepositError> {
+        let tip = self.tip_height();
+        let mut out = Vec::new();
+        for d in store::deposits(&self.db)? {
+            if account.is_some_and(|a| a != d.account) {
+                continue;
+            }
+            let confirmations = self
+                .wallet
+                .get_tx(d.outpoint.txid)
+                .map_or(0, |t| confirmations(&t.chain_position, tip));
+            out.push(DepositView {
+                account: d.account,
+                outpoint: d.outpoint,
+                amount: d.amount,
+                status: d.status,
+                confirmations,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Accounts flagged for review, with the reason (a credited deposit that a reorg removed).
+    pub fn flagged_accounts(&self) -> Result<Vec<(AccountId, String)>, DepositError> {
+        Ok(store::flagged(&self.db)?)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Chain sync
+
+    fn client(&self) -> Result<Client, String> {
+        let auth = match &self.config.rpc.auth {
+            RpcAuth::CookieFile(p) => Auth::CookieFile(p.clone()),
+            RpcAuth::UserPass { user, password } => Auth::UserPass(user.clone(), password.clone()),
+        };
+        Client::new(&self.config.rpc.url, auth).map_err(rpc_err)
+    }
+
+    fn connect(&mut self) -> Result<&mut Rpc, String> {
+        if self.rpc.is_none() {
+            let client = Arc::new(self.client()?);
+            // Fail fast (and stay disconnected) when bitcoind is not there yet.
+            client.get_block_count().map_err(rpc_err)?;
+            let unconfirmed: Vec<Arc<Transaction>> = self
+                .wallet
+                .transactions()
+                .filter(|t| t.chain_position.is_unconfirmed())
+                .map(|t| t.tx_node.tx.clone())
+                .collect();
+            let emitter = Emitter::new(
+                client.clone(),
+                self.wallet.latest_checkpoint(),
+                self.config.sync_start_height,
+                unconfirmed,
+            );
+            tracing::info!(url = %self.config.rpc.url, "connected to bitcoind");
+            self.rpc = Some(Rpc { client, emitter });
+        }
+        self.rpc.as_mut().ok_or_else(|| "not connected".to_owned())
+    }
+
+    fn disconnect(&mut self, why: &str) {
+        if self.rpc.take().is_some() {
+            tracing::warn!(reason = why, "lost bitcoind; will reconnect");
+        }
+    }
+
+    /// Brings the wallet to bitcoind's best chain (blocks, following reorgs) and mempool, and
+    /// persists it. On an RPC error the connection is dropped and made again on the next call.
+    pub fn sync_once(&mut self, now: Timestamp) -> Result<SyncReport, SyncError> {
+        let mut report = SyncReport::default();
+        let result = self.sync_inner(now, &mut report);
+        // Persist what was applied even when the node went away half-way.
+        self.wallet.persist(&mut self.db)?;
+        match result {
+            Ok(()) => {
+                report.tip_height = self.tip_height();
+                Ok(report)
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                self.disconnect(&msg);
+                Err(e)
+            }
+        }
+    }
+
+    fn sync_inner(&mut self, now: Timestamp, report: &mut SyncReport) -> Result<(), SyncError> {
+        self.connect().map_err(SyncError::Rpc)?;
+        let Self {
+            rpc, wallet, db, ..
+        } = self;
+        let Some(rpc) = rpc.as_mut() else {
+            return Err(SyncError::Rpc("not connected".into()));
+        };
+        loop {
+            match rpc.emitter.next_block() {
+                Ok(Some(ev)) => {
+                    wallet
+                        .apply_block_connected_to(&ev.block, ev.block_height(), ev.connected_to())
+                        .map_err(|e| SyncError::Connect(e.to_string()))?;
+                    report.blocks += 1;
+                    if report.blocks % 256 == 0 {
+                        wallet.persist(db)?;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => return Err(SyncError::Rpc(rpc_err(e))),
+            }
+        }
+        let mempool = rpc
+            .emitter
+            .mempool_at(now.as_millis() / 1000)
+            .map_err(|e| SyncError::Rpc(rpc_err(e)))?;
+        report.mempool_txs = mempool.update.len();
+        report.evicted = mempool.evicted.len();
+        wallet.apply_evicted_txs(mempool.evicted);
+        wallet.apply_unconfirmed_txs(mempool.update);
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Deposits
+
+    /// Finds payments to deposit addresses and credits each, once, when it reaches the configured
+    /// confirmations. A credited deposit that a reorg took out of the chain is reported, and its
+    /// account flagged.
+    ///
+    /// Runs in one database transaction: a crash after a credit and before the commit credits
+    /// again on restart, which the ledger takes as a duplicate (credits are keyed by outpoint).
+    pub fn process_deposits(&mut self, now: Timestamp) -> Result<DepositReport, DepositError> {
+        let sql = |e| DepositError::Store(crate::StoreError::Sqlite(e));
+        self.db.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
+        match self.process_deposits_inner(now) {
+            Ok(report) => {
+                self.db.execute_batch("COMMIT").map_err(sql)?;
+                Ok(report)
+            }
+            Err(e) => {
+                let _ = self.db.execute_batch("ROLLBACK");
+                Err(e)
+            }
+        }
+    }
+
+    fn process_deposits_inner(&mut self, now: Timestamp) -> Result<DepositReport, DepositError> {
+        let tip = self.tip_height();
+        let required = self.config.deposit_confirmations.max(1);
+        let accounts: HashMap<u32, AccountId> =
+            store::deposit_indexes(&self.db)?.into_iter().collect();
+        let known: HashMap<OutPoint, DepositStatus> = store::deposits(&self.db)?
+            .into_iter()
+            .map(|d| (d.outpoint, d.status))
+            .collect();
+        let mut present = HashSet::new();
+        let mut report = DepositReport::default();
+        let outputs: Vec<_> = self
+            .wallet
+            .list_output()
+            .filter(|o| o.keychain == KeychainKind::External)
+            .filter_map(|o| accounts.get(&o.derivation_index).map(|a| (*a, o)))
+            .collect();
+        for (account, out) in outputs {
+            let event = DepositEvent {
+                account,
+                outpoint: out.outpoint,
+                amount: sats(out.txout.value),
+                confirmations: confirmations(&out.chain_position, tip),
+            };
+            present.insert(out.outpoint);
+            let status = match known.get(&out.outpoint) {
+                Some(s) => *s,
+                None => {
+                    store::insert_deposit(
+                        &self.db,
+                        out.outpoint,
+                        account,
+                        event.amount,
+                        now.as_millis(),
+                    )?;
+                    tracing::info!(%account, outpoint = %out.outpoint, amount = %event.amount, "deposit seen");
+                    report.seen.push(event);
+                    DepositStatus::Pending
+                }
+            };
+            match status {
+                DepositStatus::Pending if event.confirmations >= required => {
+                    let key = IdempotencyKey::outpoint(
+                        out.outpoint.txid.to_byte_array(),
+                        out.outpoint.vout,
+                    );
+                    let credit = Command::Credit {
+                        account,
+                        asset: BTC,
+                        amount: event.amount,
+                        key,
+                    };
+                    match self.ledger.submit(credit) {
+                        Ok(()) => {
+                            store::set_deposit_status(
+                                &self.db,
+                                out.outpoint,
+                                DepositStatus::Credited,
+                            )?;
+                            tracing::info!(%account, outpoint = %out.outpoint, amount = %event.amount, "deposit credited");
+                            report.credited.push(event);
+                        }
+                        Err(code) => {
+                            tracing::error!(%account, outpoint = %out.outpoint, %code, "ledger refused a deposit credit");
+                            report.rejected.push((event, code));
+                        }
+                    }
+                }
+                DepositStatus::Credited if event.confirmations == 0 => {
+                    self.deposit_reorged(event, now)?;
+                    report.reorged.push(event);
+                }
+                DepositStatus::Reorged if event.confirmations >= required => {
+                    store::set_deposit_status(&self.db, out.outpoint, DepositStatus::Credited)?;
+                    tracing::warn!(%account, outpoint = %out.outpoint, "reorged deposit confirmed again; not credited twice");
+                    report.reconfirmed.push(event);
+                }
+                _ => {}
+            }
+        }
+        // A credited deposit whose transaction left the wallet's view entirely (double-spent).
+        for d in store::deposits(&self.db)? {
+            if d.status == DepositStatus::Credited && !present.contains(&d.outpoint) {
+                let event = DepositEvent {
+                    account: d.account,
+                    outpoint: d.outpoint,
+                    amount: d.amount,
+                    confirmations: 0,
+                };
+                self.deposit_reorged(event, now)?;
+                report.reorged.push(event);
+            }
+        }
+        Ok(report)
+    }
+
+    fn deposit_reorged(&mut self, event: DepositEvent, now: Timestamp) -> Result<(), DepositError> {
+        store::set_deposit_status(&self.db, event.outpoint, DepositStatus::Reorged)?;
+        let reason = format!(
+            "credited deposit {} of {} sat left the chain in a reorg",
+            event.outpoint, event.amount
+        );
+        store::flag_account(&self.db, event.account, &reason, now.as_millis())?;
+        tracing::error!(account = %event.account, outpoint = %event.outpoint, amount = %event.amount,
+            "credited deposit removed by a reorg; account flagged");
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Withdrawal requests
+
+    /// Validates a request and holds amount plus flat fee in the ledger. Returns the withdrawal,
+    /// pending (or awaiting approval above the configured amount). On error nothing changed.
+    pub fn request_withdrawal(
+        &mut self,
+        req: WithdrawalRequest,
+        now: Timestamp,
+    ) -> Result<WithdrawalView, WithdrawalError> {
+        let policy = &self.config.withdrawal;
+        if req.idempotency_key.is_empty() || req.idempotency_key.len() > 64 {
+            return Err(WithdrawalError::InvalidKey);
+        }
+        if let Some(existing) = store::withdrawal_by_key(&self.db, &req.idempotency_key)? {
+            return Err(WithdrawalError::DuplicateKey {
+                key: req.idempotency_key,
+                existing,
+            });
+        }
+        if !self.ledger.account_exists(req.account) {
+            return Err(WithdrawalError::UnknownAccount(req.account));
+        }
+        let unchecked =
+            Address::<NetworkUnchecked>::from_str(req.address.trim()).map_err(|_| {
+                WithdrawalError::MalformedAddress {
+                    address: req.address.clone(),
+                }
+            })?;
+        let address = unchecked
+            .require_network(self.config.network)
+            .map_err(|_| WithdrawalError::WrongNetwork {
+                address: req.address.clone(),
+                expected: self.config.network,
+            })?;
+        let script = address.script_pubkey();
+        if self.deny_list.contains(&script) {
+            return Err(WithdrawalError::DenyListed {
+                address: address.to_string(),
+            });
+        }
+        let dust_limit = sats(script.minimal_non_dust());
+        if req.amount < dust_limit {
+            return Err(WithdrawalError::Dust {
+                amount: req.amount,
+                dust_limit,
+            });
+        }
+        if req.amount < policy.min_amount {
+            return Err(WithdrawalError::BelowMinimum {
+                amount: req.amount,
+                minimum: policy.min_amount,
+            });
+        }
+        let since = now.as_millis().saturating_sub(DAY_MS);
+        let used = store::withdrawn_since(&self.db, req.account, since)?;
+        if used
+            .checked_add(req.amount)
+            .is_none_or(|t| t > policy.daily_limit)
+        {
+            return Err(WithdrawalError::DailyLimit {
+                amount: req.amount,
+                used,
+                limit: policy.daily_limit,
+            });
+        }
+        let fee = policy.flat_fee;
+        // Recorded first (status `new`), so a crash after the hold is recovered on open.
+        let id = store::insert_withdrawal(
+            &mut self.db,
+            req.account,
+            &address.to_string(),
+            req.amount,
+            fee,
+            &req.idempotency_key,
+            now.as_millis(),
+        )?;
+        let hold = Command::WithdrawHold {
+            account: req.account,
+            asset: BTC,
+            amount: req.amount,
+            fee,
+            id,
+        };
+        if let Err(code) = self.ledger.submit(hold) {
+            store::delete_new_withdrawal(&self.db, id)?;
+            return Err(match code {
+                RejectCode::InsufficientBalance => WithdrawalError::InsufficientBalance {
+                    amount: req.amount,
+                    fee,
+                },
+                RejectCode::UnknownAccount => WithdrawalError::UnknownAccount(req.account),
+                other => WithdrawalError::LedgerRejected(other),
+            });
+        }
+        let status = self.held_status(req.amount);
+        store::set_withdrawal_status(&self.db, id, status, None)?;
+        tracing::info!(%id, account = %req.account, amount = %req.amount, ?status, "withdrawal held");
+        store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))
+    }
+
+    /// One withdrawal.
+    pub fn withdrawal(&self, id: WithdrawalId) -> Result<Option<WithdrawalView>, WithdrawalError> {
+        Ok(store::withdrawal(&self.db, id)?)
+    }
+
+    /// All withdrawals, oldest first.
+    pub fn withdrawals(&self) -> Result<Vec<WithdrawalView>, WithdrawalError> {
+        Ok(store::all_withdrawals(&self.db)?)
+    }
+
+    /// Approves a withdrawal that waits for approval: it joins the next batch.
+    pub fn approve_withdrawal(&mut self, id: WithdrawalId) -> Result<(), WithdrawalError> {
+        let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
+        if w.status != WithdrawalStatus::AwaitingApproval {
+            return Err(WithdrawalError::NotAwaitingApproval(id));
+        }
+        store::set_withdrawal_status(&self.db, id, WithdrawalStatus::Pending, None)?;
+        tracing::info!(%id, "withdrawal approved");
+        Ok(())
+    }
+
+    /// Refuses a withdrawal that is not batched yet (awaiting approval, or pending): the ledger
+    /// gives the hold back and the withdrawal is released with `reason`.
+    pub fn reject_withdrawal(
+        &mut self,
+        id: WithdrawalId,
+        reason: &str,
+    ) -> Result<(), WithdrawalError> {
+        let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
+        if !matches!(
+            w.status,
+            WithdrawalStatus::AwaitingApproval | WithdrawalStatus::Pending
+        ) {
+            return Err(WithdrawalError::NotAwaitingApproval(id));
+        }
+        self.release(id, reason)
+    }
+
+    fn release(&mut self, id: WithdrawalId, reason: &str) -> Result<(), WithdrawalError> {
+        match self.ledger.submit(Command::WithdrawRelease { id }) {
+            // UnknownWithdrawal: released before a crash that came before our record.
+            Ok(()) | Err(RejectCode::UnknownWithdrawal) => {}
+            Err(code) => return Err(WithdrawalError::LedgerRejected(code)),
+        }
+        store::set_withdrawal_status(&self.db, id, WithdrawalStatus::Released, Some(reason))?;
+        tracing::warn!(%id, reason, "withdrawal released");
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Batches
+
+    fn fee_rate(&mut self) -> Result<FeeRate, BatchError> {
+        let target = self.config.batch.confirmation_target;
+        let fallback = self.config.batch.fallback_fee_rate;
+        let rpc = self.connect().map_err(BatchError::Rpc)?;
+        match rpc.client.estimate_smart_fee(target, None) {
+            Ok(est) => Ok(est
+                .fee_rate
+                .map(|per_kvb| FeeRate::from_sat_per_kwu(per_kvb.to_sat() / 4))
+                .unwrap_or(fallback)
+                .max(FeeRate::BROADCAST_MIN)),
+            Err(e) => {
+                let msg = rpc_err(e);
+                self.disconnect(&msg);
+                Err(BatchError::Rpc(msg))
+            }
+        }
+    }
+
+    fn build_psbt(
+        &mut self,
+        outputs: &[(ScriptBuf, bitcoin::Amount)],
+        fee: Result<FeeRate, bitcoin::Amount>,
+    ) -> Result<Psbt, BatchError> {
+        let min_confs = self.config.deposit_confirmations.max(1);
+        let mut builder = self.wallet.build_tx();
+        builder.set_recipients(outputs.to_vec());
+        // Pending deposits are not ours to spend yet: only coins with the deposit confirmations.
+        builder.exclude_below_confirmations(min_confs);
+        match fee {
+            Ok(rate) => builder.fee_rate(rate),
+            Err(abs) => builder.fee_absolute(abs),
+        };
+        builder.finish().map_err(|e| match e {
+            CreateTxError::CoinSelection(e) => BatchError::InsufficientFunds(e.to_string()),
+            other => BatchError::Build(other.to_string()),
+        })
+    }
+
+    fn sign(&self, mut psbt: Psbt) -> Result<(Transaction, Amount), BatchError> {
+        let signed = self.key.sign(&mut psbt).map_err(BatchError::Sign)?;
+        if signed != psbt.inputs.len() {
+            return Err(BatchError::Sign(format!(
+                "signed {signed} of {} inputs",
+                psbt.inputs.len()
+            )));
+        }
+        let finalized = self
+            .wallet
+            .finalize_psbt(&mut psbt, SignOptions::default())
+            .map_err(|e| BatchError::Sign(e.to_string()))?;
+        if !finalized {
+            return Err(BatchError::Sign("inputs left unsigned".into()));
+        }
+        let fee = psbt.fee().map_err(|e| BatchError::Build(e.to_string()))?;
+        let tx = psbt
+            .extract_tx()
+            .map_err(|e| BatchError::Build(e.to_string()))?;
+        Ok((tx, sats(fee)))
+    }
+
+    /// Builds, signs and records a batch when one is due: the oldest pending request waited the
+    /// batch interval, or `max_requests` are pending. Does not broadcast (see
+    /// [`broadcast_pending`](Self::broadcast_pending)): the signed transaction is durable first.
+    /// Only one batch is in flight at a time.
+    pub fn build_batch(&mut self, now: Timestamp) -> Result<Option<BatchInfo>, BatchError> {
+        if !store::inflight_batches(&self.db)?.is_empty() {
+            return Ok(None);
+        }
+        let pending = store::withdrawals_in(&self.db, WithdrawalStatus::Pending)?;
+        let Some(oldest) = pending.first() else {
+            return Ok(None);
+        };
+        let interval_ms = u64::try_from(self.config.batch.interval.as_millis()).unwrap_or(u64::MAX);
+        let max = self.config.batch.max_requests.max(1);
+        let due = pending.len() >= max
+            || oldest.created_ms.saturating_add(interval_ms) <= now.as_millis();
+        if !due {
+            return Ok(None);
+        }
+        let mut batch = Vec::new();
+        let mut outputs = Vec::new();
+        for w in pending.into_iter().take(max) {
+            let script = Address::<NetworkUnchecked>::from_str(&w.address)
+                .ok()
+                .and_then(|a| a.require_network(self.config.network).ok())
+                .map(|a| a.script_pubkey());
+            match script {
+                Some(s) if !self.deny_list.contains(&s) => {
+                    outputs.push((s, bitcoin::Amount::from_sat(w.amount.0)));
+                    batch.push(w);
+                }
+                _ => {
+                    if let Err(e) = self.release(w.id, "destination is deny-listed") {
+                        tracing::error!(id = %w.id, error = %e, "could not release a denied withdrawal");
+                    }
+                }
+            }
+        }
+        if batch.is_empty() {
+            return Ok(None);
+        }
+        let budget = Amount(batch.iter().map(|w| w.fee.0).sum());
+        let rate = self.fee_rate()?;
+        let mut psbt = self.build_psbt(&outputs, Ok(rate))?;
+        let fee = sats(psbt.fee().map_err(|e| BatchError::Build(e.to_string()))?);
+        if fee > budget {
+            // Capped: the flat fees pay the network fee, never more than each withdrawal's own.
+            let weight = psbt.unsigned_tx.weight() + Weight::from_wu(batch_witness_wu(&psbt));
+            let needed = sats(FeeRate::BROADCAST_MIN * weight);
+            if budget < needed {
+                tracing::error!(%budget, %needed, "flat fees cannot pay the minimum network fee");
+                return Err(BatchError::FeeBudgetTooLow { budget, needed });
+            }
+            tracing::warn!(%fee, %budget, "batch fee capped at the flat fees");
+            psbt = self.build_psbt(&outputs, Err(bitcoin::Amount::from_sat(budget.0)))?;
+        }
+        let (tx, fee) = self.sign(psbt)?;
+        if fee > budget {
+            // BDK gave a change output below dust to the miners: the fee cannot be split within
+            // the flat fees. Nothing is recorded; the withdrawals wait for more coins or requests.
+            return Err(BatchError::Build(format!(
+                "fee {fee} sat passes the flat fees {budget} sat (change would be dust)"
+            )));
+        }
+        let txid = tx.compute_txid();
+        let ids: Vec<WithdrawalId> = batch.iter().map(|w| w.id).collect();
+        let record = BatchTx {
+            txid,
+            raw: encode::serialize(&tx),
+            fee,
+        };
+        let id = store::insert_batch(&mut self.db, &ids, &record, now.as_millis())?;
+        // Durable now; the wallet sees its inputs spent (and its change) from here on.
+        self.wallet
+            .apply_unconfirmed_txs([(tx, now.as_millis() / 1000)]);
+        self.wallet.persist(&mut self.db)?;
+        tracing::info!(batch = id, %txid, %fee, withdrawals = ids.len(), "batch signed and recorded");
+        Ok(Some(BatchInfo {
+            id,
+            txid,
+            fee,
+            withdrawals: ids,
+        }))
+    }
+
+    /// Broadcasts the newest transaction of every batch in flight that is not confirmed yet
+    /// (again after a restart: bitcoind answers "already known" or "already in chain" when it has
+    /// it). Returns how many were sent.
+    pub fn broadcast_pending(&mut self, now: Timestamp) -> Result<usize, BatchError> {
+        let mut sent = 0;
+        for batch in store::inflight_batches(&self.db)? {
+            let txs = store::batch_txs(&self.db, batch)?;
+            let tip = self.tip_height();
+            let confirmed = txs.iter().any(|t| {
+                self.wallet
+                    .get_tx(t.txid)
+                    .is_some_and(|w| confirmations(&w.chain_position, tip) > 0)
+            });
+            let Some(latest) = txs.last() else { continue };
+            if confirmed {
+                continue;
+            }
+            let tx: Transaction = encode::deserialize(&latest.raw)
+                .map_err(|e| BatchError::Build(format!("stored batch transaction: {e}")))?;
+            let rpc = self.connect().map_err(BatchError::Rpc)?;
+            match rpc.client.send_raw_transaction(&tx) {
+                Ok(_) => sent += 1,
+                Err(e) if rpc_code(&e) == Some(RPC_VERIFY_ALREADY_IN_CHAIN) => {}
+                Err(e) if rpc_code(&e).is_some() => {
+                    tracing::warn!(batch, txid = %latest.txid, error = %e, "bitcoind refused the batch transaction");
+                    continue;
+                }
+                Err(e) => {
+                    let msg = rpc_err(e);
+                    self.disconnect(&msg);
+                    return Err(BatchError::Rpc(msg));
+                }
+            }
+            let seen = self.last_seen_floor(&txs, now);
+            self.wallet.apply_unconfirmed_txs([(tx, seen)]);
+        }
+        self.wallet.persist(&mut self.db)?;
+        Ok(sent)
+    }
+
+    /// A last-seen time for the newest transaction of a batch that is later than every earlier
+    /// one's, so the wallet prefers it among the conflicting versions.
+    fn last_seen_floor(&self, txs: &[BatchTx], now: Timestamp) -> u64 {
+        let mut seen = now.as_millis() / 1000;
+        let graph = self.wallet.tx_graph();
+        for t in &txs[..txs.len().saturating_sub(1)] {
+            if let Some(s) = graph.get_tx_node(t.txid).and_then(|n| n.last_seen) {
+                seen = seen.max(s.saturating_add(1));
+            }
+        }
+        seen
+    }
+
+    /// [`build_batch`](Self::build_batch) then [`broadcast_pending`](Self::broadcast_pending).
+    pub fn run_batcher(&mut self, now: Timestamp) -> Result<Option<BatchInfo>, BatchError> {
+        let batch = self.build_batch(now)?;
+        self.broadcast_pending(now)?;
+        Ok(batch)
+    }
+
+    /// Completes in the ledger the withdrawals of every batch whose transaction (the original or a
+    /// fee bump) has the configured confirmations, each with its share of the fee actually paid.
+    pub fn process_withdrawals(&mut self, _now: Timestamp) -> Result<WithdrawalReport, BatchError> {
+        let mut report = WithdrawalReport::default();
+        let tip = self.tip_height();
+        let required = self.config.withdrawal_confirmations.max(1);
+        for batch in store::inflight_batches(&self.db)? {
+            let txs = store::batch_txs(&self.db, batch)?;
+            let Some(paid) = txs.iter().find(|t| {
+                self.wallet
+                    .get_tx(t.txid)
+                    .is_some_and(|w| confirmations(&w.chain_position, tip) >= required)
+            }) else {
+                continue;
+            };
+            let ws = store::withdrawals_of_batch(&self.db, batch)?;
+            let flat: Vec<Amount> = ws.iter().map(|w| w.fee).collect();
+            let shares = split_fee(paid.fee, &flat);
+            let mut done = Vec::with_capacity(ws.len());
+            for (w, share) in ws.iter().zip(shares) {
+                if w.status == WithdrawalStatus::Completed {
+                    continue;
+                }
+                match self.ledger.submit(Command::WithdrawComplete {
+                    id: w.id,
+                    network_fee: share,
+                }) {
+                    // UnknownWithdrawal: completed before a crash that came before our record.
+                    Ok(()) | Err(RejectCode::UnknownWithdrawal) => done.push((w.id, share)),
+                    Err(code) => return Err(BatchError::CompleteRejected { id: w.id, code }),
+                }
+            }
+            store::complete_batch(&mut self.db, batch, paid.txid, &done)?;
+            tracing::info!(batch, txid = %paid.txid, fee = %paid.fee, withdrawals = done.len(), "batch confirmed; withdrawals completed");
+            report.batches_confirmed.push((batch, paid.txid));
+            report.completed.extend(done);
+        }
+        Ok(report)
+    }
+
+    /// Ids of batches in flight (signed, not yet completed), oldest first.
+    pub fn batches_in_flight(&self) -> Result<Vec<u64>, BatchError> {
+        Ok(store::inflight_batches(&self.db)?)
+    }
+
+    /// The transactions of a batch: the original first, then its fee bumps.
+    pub fn batch_txids(&self, batch: u64) -> Result<Vec<Txid>, BatchError> {
+        Ok(store::batch_txs(&self.db, batch)?
+            .into_iter()
+            .map(|t| t.txid)
+            .collect())
+    }
+
+    /// Replaces a stuck batch's newest transaction with one paying `fee_rate` (RBF): same
+    /// withdrawal outputs, less change. The fee may not pass the batch's flat fees. The replacement
+    /// is recorded before it is broadcast.
+    pub fn bump_fee(
+        &mut self,
+        batch: u64,
+        fee_rate: FeeRate,
+        now: Timestamp,
+    ) -> Result<Txid, BumpError> {
+        if !store::inflight_batches(&self.db)?.contains(&batch) {
+            return Err(BumpError::NotInFlight(batch));
+        }
+        let txs = store::batch_txs(&self.db, batch)?;
+        let Some(latest) = txs.last() else {
+            return Err(BumpError::NotInFlight(batch));
+        };
+        let budget = Amount(
+            store::withdrawals_of_batch(&self.db, batch)?
+                .iter()
+                .map(|w| w.fee.0)
+                .sum(),
+        );
+        let replaced = latest.txid;
+        let psbt = {
+            let mut builder =
+                self.wallet
+                    .build_fee_bump(replaced)
+                    .map_err(|e| BumpError::Build {
+                        txid: replaced,
+                        reason: e.to_string(),
+                    })?;
+            builder.fee_rate(fee_rate);
+            builder.finish().map_err(|e| BumpError::Build {
+                txid: replaced,
+                reason: e.to_string(),
+            })?
+        };
+        let fee = sats(psbt.fee().map_err(|e| BumpError::Build {
+            txid: replaced,
+            reason: e.to_string(),
+        })?);
+        if fee > budget {
+            return Err(BumpError::FeeBudgetExceeded { fee, budget });
+        }
+        let (tx, fee) = self.sign(psbt)?;
+        let txid = tx.compute_txid();
+        store::insert_batch_tx(
+            &self.db,
+            batch,
+            &BatchTx {
+                txid,
+                raw: encode::serialize(&tx),
+                fee,
+            },
+            now.as_millis(),
+        )?;
+        tracing::info!(batch, %replaced, %txid, %fee, "batch fee bumped");
+        self.broadcast_pending(now)?;
+        Ok(txid)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Reconciliation and the whole step
+
+    /// Wallet assets against ledger liabilities. A shortfall is logged as an error.
+    pub fn reconcile(&self) -> Result<Reconciliation, BatchError> {
+        let balance = self.wallet.balance();
+        let wallet_confirmed = sats(balance.confirmed);
+        let wallet_pending =
+            sats(balance.trusted_pending + balance.untrusted_pending + balance.immature);
+        let accounts: HashSet<u32> = store::deposit_indexes(&self.db)?
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        let credited: HashSet<OutPoint> = store::deposits(&self.db)?
+            .into_iter()
+            .filter(|d| d.status != DepositStatus::Pending)
+            .map(|d| d.outpoint)
+            .collect();
+        let uncredited: u64 = self
+            .wallet
+            .list_unspent()
+            .filter(|o| {
+                o.keychain == KeychainKind::External && accounts.contains(&o.derivation_index)
+            })
+            .filter(|o| !credited.contains(&o.outpoint))
+            .map(|o| o.txout.value.to_sat())
+            .sum();
+        let mut in_flight: u64 = 0;
+        for batch in store::inflight_batches(&self.db)? {
+            for t in store::batch_txs(&self.db, batch)? {
+                if let Some(w) = self.wallet.get_tx(t.txid) {
+                    let (sent, received) = self.wallet.sent_and_received(&w.tx_node.tx);
+                    in_flight += sent.to_sat().saturating_sub(received.to_sat());
+                }
+            }
+        }
+        let fee_income: u64 = store::all_withdrawals(&self.db)?
+            .iter()
+            .filter_map(|w| w.network_fee.map(|n| w.fee.0.saturating_sub(n.0)))
+            .sum();
+        let liabilities = self.ledger.btc_liabilities();
+        let assets = i128::from(wallet_confirmed.0) + i128::from(wallet_pending.0)
+            - i128::from(uncredited)
+            + i128::from(in_flight);
+        let surplus = assets - i128::from(liabilities.0);
+        let surplus_sat =
+            i64::try_from(surplus).unwrap_or(if surplus < 0 { i64::MIN } else { i64::MAX });
+        let report = Reconciliation {
+            wallet_confirmed,
+            wallet_pending,
+            uncredited_deposits: Amount(uncredited),
+            withdrawals_in_flight: Amount(in_flight),
+            ledger_liabilities: liabilities,
+            fee_income: Amount(fee_income),
+            surplus_sat,
+            shortfall: surplus_sat < 0,
+        };
+        if report.shortfall {
+            tracing::error!(
+                ?report,
+                "reconciliation shortfall: the wallet holds less than the ledger owes"
+            );
+        }
+        Ok(report)
+    }
+
+    /// One full step, in order: rebroadcast batches in flight, sync, credit deposits, complete
+    /// withdrawals, batch, reconcile.
+    pub fn step(&mut self, now: Timestamp) -> Result<StepReport, StepError> {
+        self.broadcast_pending(now)?;
+        let sync = self.sync_once(now)?;
+        let deposits = self.process_deposits(now)?;
+        let withdrawals = self.process_withdrawals(now)?;
+        let batch = self.run_batcher(now)?;
+        let reconciliation = self.reconcile()?;
+        Ok(StepReport {
+            sync,
+            deposits,
+            withdrawals,
+            batch,
+            reconciliation,
+        })
+    }
+}
+
+/// Witness weight of the (unsigned) inputs of a BDK psbt: P2WPKH inputs, 1 + 73 + 34 bytes.
+fn batch_witness_wu(psbt: &Psbt) -> u64 {
+    const P2WPKH_WITNESS_WU: u64 = 1 + 1 + 73 + 1 + 33;
+    P2WPKH_WITNESS_WU * psbt.inputs.len() as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::split_fee;
+    use matching_engine::units::Amount;
+
+    #[test]
+    fn fee_split_is_exact_and_within_each_flat_fee() {
+        let cases: &[(u64, &[u64])] = &[
+            (0, &[10, 10]),
+            (7, &[10, 10, 10]),
+            (30, &[10, 10, 10]),
+            (29, &[1, 3, 25]),
+            (1_001, &[1_000, 1, 1]),
+            (5, &[0, 5]),
+        ];
+        for (fee, flats) in cases {
+            let flats: Vec<Amount> = flats.iter().copied().map(Amount).collect();
+            let shares = split_fee(Amount(*fee), &flats);
+            assert_eq!(
+                shares.iter().map(|s| s.0).sum::<u64>(),
+                *fee,
+                "{fee} {flats:?}"
+            );
+            for (s, f) in shares.iter().zip(&flats) {
+                assert!(s <= f, "{fee} {flats:?} {shares:?}");
+            }
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "batch fee above the flat fees")]
+    fn fee_above_flat_fees_is_a_bug() {
+        split_fee(Amount(31), &[Amount(10), Amount(10), Amount(10)]);
+    }
+}

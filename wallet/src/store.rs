@@ -1,0 +1,622 @@
+//! The service's own tables, in the wallet's SQLite database (`mediator_*`, next to BDK's).
+//! Every function here is one statement or one transaction: durable when it returns.
+
+use crate::error::StoreError;
+use bdk_wallet::bitcoin::{OutPoint, Txid};
+use bdk_wallet::rusqlite::{self, params, Connection, OptionalExtension};
+use matching_engine::units::{AccountId, Amount, WithdrawalId};
+use std::str::FromStr;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS mediator_deposit_address (
+    keychain_index INTEGER PRIMARY KEY,
+    account INTEGER NOT NULL,
+    address TEXT NOT NULL UNIQUE,
+    created_ms INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mediator_deposit_address_account ON mediator_deposit_address(account);
+CREATE TABLE IF NOT EXISTS mediator_deposit (
+    txid TEXT NOT NULL,
+    vout INTEGER NOT NULL,
+    account INTEGER NOT NULL,
+    amount_sat INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    first_seen_ms INTEGER NOT NULL,
+    PRIMARY KEY (txid, vout)
+);
+CREATE TABLE IF NOT EXISTS mediator_flagged_account (
+    account INTEGER NOT NULL,
+    reason TEXT NOT NULL,
+    at_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS mediator_withdrawal (
+    id INTEGER PRIMARY KEY,
+    account INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    amount_sat INTEGER NOT NULL,
+    fee_sat INTEGER NOT NULL,
+    idempotency_key TEXT NOT NULL UNIQUE,
+    status TEXT NOT NULL,
+    reason TEXT,
+    created_ms INTEGER NOT NULL,
+    batch_id INTEGER,
+    network_fee_sat INTEGER
+);
+CREATE INDEX IF NOT EXISTS mediator_withdrawal_status ON mediator_withdrawal(status);
+CREATE TABLE IF NOT EXISTS mediator_batch (
+    id INTEGER PRIMARY KEY,
+    status TEXT NOT NULL,
+    created_ms INTEGER NOT NULL,
+    confirmed_txid TEXT
+);
+CREATE TABLE IF NOT EXISTS mediator_batch_tx (
+    txid TEXT PRIMARY KEY,
+    batch_id INTEGER NOT NULL,
+    raw BLOB NOT NULL,
+    fee_sat INTEGER NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+";
+
+/// Creates the tables when missing.
+pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
+    db.execute_batch(SCHEMA)?;
+    Ok(())
+}
+
+fn corrupt(what: &str) -> StoreError {
+    StoreError::Corrupt(what.to_owned())
+}
+
+fn to_i64(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+fn to_u64(v: i64) -> Result<u64, StoreError> {
+    u64::try_from(v).map_err(|_| corrupt("negative amount"))
+}
+
+fn txid(s: &str) -> Result<Txid, StoreError> {
+    Txid::from_str(s).map_err(|_| corrupt("txid"))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deposit addresses
+
+/// Records that external indexes belong to `account`, in one transaction.
+pub(crate) fn insert_deposit_addresses(
+    db: &mut Connection,
+    account: AccountId,
+    rows: &[(u32, String)],
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    let tx = db.transaction()?;
+    {
+        let mut st = tx.prepare_cached(
+            "INSERT INTO mediator_deposit_address (keychain_index, account, address, created_ms)
+             VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for (index, address) in rows {
+            st.execute(params![index, account.0, address, to_i64(now_ms)])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
+}
+
+/// All `(index, account)` pairs.
+pub(crate) fn deposit_indexes(db: &Connection) -> Result<Vec<(u32, AccountId)>, StoreError> {
+    let mut st =
+        db.prepare_cached("SELECT keychain_index, account FROM mediator_deposit_address")?;
+    let rows = st.query_map([], |r| {
+        Ok((r.get::<_, u32>(0)?, AccountId(r.get::<_, u32>(1)?)))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The addresses of one account, oldest first.
+pub(crate) fn addresses_of(db: &Connection, account: AccountId) -> Result<Vec<String>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT address FROM mediator_deposit_address WHERE account = ?1 ORDER BY keychain_index",
+    )?;
+    let rows = st.query_map([account.0], |r| r.get::<_, String>(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Deposits
+
+/// Where a deposit is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DepositStatus {
+    /// Seen (mempool or too few confirmations); not credited.
+    Pending,
+    /// Credited to the ledger.
+    Credited,
+    /// Credited, then a reorg took it out of the chain: reported, account flagged.
+    Reorged,
+}
+
+impl DepositStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            DepositStatus::Pending => "pending",
+            DepositStatus::Credited => "credited",
+            DepositStatus::Reorged => "reorged",
+        }
+    }
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        match s {
+            "pending" => Ok(DepositStatus::Pending),
+            "credited" => Ok(DepositStatus::Credited),
+            "reorged" => Ok(DepositStatus::Reorged),
+            _ => Err(corrupt("deposit status")),
+        }
+    }
+}
+
+/// A deposit row.
+#[derive(Clone, Debug)]
+pub(crate) struct DepositRow {
+    pub outpoint: OutPoint,
+    pub account: AccountId,
+    pub amount: Amount,
+    pub status: DepositStatus,
+}
+
+/// Inserts a new pending deposit (no-op when known).
+pub(crate) fn insert_deposit(
+    db: &Connection,
+    outpoint: OutPoint,
+    account: AccountId,
+    amount: Amount,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT OR IGNORE INTO mediator_deposit (txid, vout, account, amount_sat, status, first_seen_ms)
+         VALUES (?1, ?2, ?3, ?4, 'pending', ?5)",
+        params![outpoint.txid.to_string(), outpoint.vout, account.0, to_i64(amount.0), to_i64(now_ms)],
+    )?;
+    Ok(())
+}
+
+/// Sets a deposit's status.
+pub(crate) fn set_deposit_status(
+    db: &Connection,
+    outpoint: OutPoint,
+    status: DepositStatus,
+) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE mediator_deposit SET status = ?3 WHERE txid = ?1 AND vout = ?2",
+        params![outpoint.txid.to_string(), outpoint.vout, status.as_str()],
+    )?;
+    Ok(())
+}
+
+/// All deposits.
+pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT txid, vout, account, amount_sat, status FROM mediator_deposit ORDER BY rowid",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, u32>(1)?,
+            r.get::<_, u32>(2)?,
+            r.get::<_, i64>(3)?,
+            r.get::<_, String>(4)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (t, vout, account, amount, status) = row?;
+        out.push(DepositRow {
+            outpoint: OutPoint {
+                txid: txid(&t)?,
+                vout,
+            },
+            account: AccountId(account),
+            amount: Amount(to_u64(amount)?),
+            status: DepositStatus::parse(&status)?,
+        });
+    }
+    Ok(out)
+}
+
+/// Flags an account for review.
+pub(crate) fn flag_account(
+    db: &Connection,
+    account: AccountId,
+    reason: &str,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO mediator_flagged_account (account, reason, at_ms) VALUES (?1, ?2, ?3)",
+        params![account.0, reason, to_i64(now_ms)],
+    )?;
+    Ok(())
+}
+
+/// Flagged accounts with their reasons.
+pub(crate) fn flagged(db: &Connection) -> Result<Vec<(AccountId, String)>, StoreError> {
+    let mut st =
+        db.prepare_cached("SELECT account, reason FROM mediator_flagged_account ORDER BY rowid")?;
+    let rows = st.query_map([], |r| {
+        Ok((AccountId(r.get::<_, u32>(0)?), r.get::<_, String>(1)?))
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Withdrawals
+
+/// Where a withdrawal is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum WithdrawalStatus {
+    /// Recorded, ledger hold not yet confirmed (only seen after a crash).
+    New,
+    /// Held; waits for an operator's approval.
+    AwaitingApproval,
+    /// Held; waits for a batch.
+    Pending,
+    /// In a batch transaction that is signed (and broadcast, or about to be).
+    Batched,
+    /// Paid and completed in the ledger.
+    Completed,
+    /// Given back to the account; see its reason.
+    Released,
+}
+
+impl WithdrawalStatus {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            WithdrawalStatus::New => "new",
+            WithdrawalStatus::AwaitingApproval => "awaiting_approval",
+            WithdrawalStatus::Pending => "pending",
+            WithdrawalStatus::Batched => "batched",
+            WithdrawalStatus::Completed => "completed",
+            WithdrawalStatus::Released => "released",
+        }
+    }
+    fn parse(s: &str) -> Result<Self, StoreError> {
+        Ok(match s {
+            "new" => WithdrawalStatus::New,
+            "awaiting_approval" => WithdrawalStatus::AwaitingApproval,
+            "pending" => WithdrawalStatus::Pending,
+            "batched" => WithdrawalStatus::Batched,
+            "completed" => WithdrawalStatus::Completed,
+            "released" => WithdrawalStatus::Released,
+            _ => return Err(corrupt("withdrawal status")),
+        })
+    }
+}
+
+/// A withdrawal as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WithdrawalView {
+    /// Id (also the ledger's withdrawal id).
+    pub id: WithdrawalId,
+    /// Owner.
+    pub account: AccountId,
+    /// Destination address.
+    pub address: String,
+    /// Amount paid out, sats.
+    pub amount: Amount,
+    /// Flat fee charged, sats.
+    pub fee: Amount,
+    /// Caller's idempotency key.
+    pub idempotency_key: String,
+    /// Status.
+    pub status: WithdrawalStatus,
+    /// Why it was released, if it was.
+    pub reason: Option<String>,
+    /// When requested, ms since the epoch.
+    pub created_ms: u64,
+    /// The batch paying it, if any.
+    pub batch_id: Option<u64>,
+    /// Its share of the network fee, once completed.
+    pub network_fee: Option<Amount>,
+}
+
+const W_COLS: &str = "id, account, address, amount_sat, fee_sat, idempotency_key, status, reason,
+    created_ms, batch_id, network_fee_sat";
+
+fn w_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<WithdrawalRaw> {
+    Ok(WithdrawalRaw {
+        id: r.get(0)?,
+        account: r.get(1)?,
+        address: r.get(2)?,
+        amount: r.get(3)?,
+        fee: r.get(4)?,
+        key: r.get(5)?,
+        status: r.get(6)?,
+        reason: r.get(7)?,
+        created_ms: r.get(8)?,
+        batch_id: r.get(9)?,
+        network_fee: r.get(10)?,
+    })
+}
+
+struct WithdrawalRaw {
+    id: i64,
+    account: u32,
+    address: String,
+    amount: i64,
+    fee: i64,
+    key: String,
+    status: String,
+    reason: Option<String>,
+    created_ms: i64,
+    batch_id: Option<i64>,
+    network_fee: Option<i64>,
+}
+
+impl WithdrawalRaw {
+    fn view(self) -> Result<WithdrawalView, StoreError> {
+        Ok(WithdrawalView {
+            id: WithdrawalId(to_u64(self.id)?),
+            account: AccountId(self.account),
+            address: self.address,
+            amount: Amount(to_u64(self.amount)?),
+            fee: Amount(to_u64(self.fee)?),
+            idempotency_key: self.key,
+            status: WithdrawalStatus::parse(&self.status)?,
+            reason: self.reason,
+            created_ms: to_u64(self.created_ms)?,
+            batch_id: self.batch_id.map(to_u64).transpose()?,
+            network_fee: self.network_fee.map(to_u64).transpose()?.map(Amount),
+        })
+    }
+}
+
+fn query_withdrawals(
+    db: &Connection,
+    where_: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<WithdrawalView>, StoreError> {
+    let sql = format!("SELECT {W_COLS} FROM mediator_withdrawal WHERE {where_} ORDER BY id");
+    let mut st = db.prepare_cached(&sql)?;
+    let rows = st.query_map(p, w_row)?;
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row?.view()?);
+    }
+    Ok(out)
+}
+
+/// One withdrawal.
+pub(crate) fn withdrawal(
+    db: &Connection,
+    id: WithdrawalId,
+) -> Result<Option<WithdrawalView>, StoreError> {
+    Ok(query_withdrawals(db, "id = ?1", [to_i64(id.0)])?
+        .into_iter()
+        .next())
+}
+
+/// The withdrawal with this idempotency key.
+pub(crate) fn withdrawal_by_key(
+    db: &Connection,
+    key: &str,
+) -> Result<Option<WithdrawalId>, StoreError> {
+    let id: Option<i64> = db
+        .query_row(
+            "SELECT id FROM mediator_withdrawal WHERE idempotency_key = ?1",
+            [key],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(id.map(to_u64).transpose()?.map(WithdrawalId))
+}
+
+/// Withdrawals in one status, oldest first.
+pub(crate) fn withdrawals_in(
+    db: &Connection,
+    status: WithdrawalStatus,
+) -> Result<Vec<WithdrawalView>, StoreError> {
+    query_withdrawals(db, "status = ?1", [status.as_str()])
+}
+
+/// Withdrawals of one batch.
+pub(crate) fn withdrawals_of_batch(
+    db: &Connection,
+    batch: u64,
+) -> Result<Vec<WithdrawalView>, StoreError> {
+    query_withdrawals(db, "batch_id = ?1", [to_i64(batch)])
+}
+
+/// All withdrawals.
+pub(crate) fn all_withdrawals(db: &Connection) -> Result<Vec<WithdrawalView>, StoreError> {
+    query_withdrawals(db, "1 = 1", [])
+}
+
+/// Sum of amounts an account requested since `since_ms`, released ones excluded.
+pub(crate) fn withdrawn_since(
+    db: &Connection,
+    account: AccountId,
+    since_ms: u64,
+) -> Result<Amount, StoreError> {
+    let sum: i64 = db.query_row(
+        "SELECT COALESCE(SUM(amount_sat), 0) FROM mediator_withdrawal
+         WHERE account = ?1 AND created_ms > ?2 AND status != 'released'",
+        params![account.0, to_i64(since_ms)],
+        |r| r.get(0),
+    )?;
+    Ok(Amount(to_u64(sum)?))
+}
+
+/// Inserts a new withdrawal in status `new` with the next id.
+pub(crate) fn insert_withdrawal(
+    db: &mut Connection,
+    account: AccountId,
+    address: &str,
+    amount: Amount,
+    fee: Amount,
+    key: &str,
+    now_ms: u64,
+) -> Result<WithdrawalId, StoreError> {
+    let tx = db.transaction()?;
+    let next: i64 = tx.query_row(
+        "SELECT COALESCE(MAX(id), 0) + 1 FROM mediator_withdrawal",
+        [],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "INSERT INTO mediator_withdrawal (id, account, address, amount_sat, fee_sat, idempotency_key,
+         status, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'new', ?7)",
+        params![next, account.0, address, to_i64(amount.0), to_i64(fee.0), key, to_i64(now_ms)],
+    )?;
+    tx.commit()?;
+    Ok(WithdrawalId(to_u64(next)?))
+}
+
+/// Deletes a withdrawal that never got its hold.
+pub(crate) fn delete_new_withdrawal(db: &Connection, id: WithdrawalId) -> Result<(), StoreError> {
+    db.execute(
+        "DELETE FROM mediator_withdrawal WHERE id = ?1 AND status = 'new'",
+        [to_i64(id.0)],
+    )?;
+    Ok(())
+}
+
+/// Sets status (and reason) of a withdrawal.
+pub(crate) fn set_withdrawal_status(
+    db: &Connection,
+    id: WithdrawalId,
+    status: WithdrawalStatus,
+    reason: Option<&str>,
+) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE mediator_withdrawal SET status = ?2, reason = COALESCE(?3, reason) WHERE id = ?1",
+        params![to_i64(id.0), status.as_str(), reason],
+    )?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batches
+
+/// A signed transaction of a batch (the first one, or a fee bump).
+#[derive(Clone, Debug)]
+pub(crate) struct BatchTx {
+    pub txid: Txid,
+    pub raw: Vec<u8>,
+    pub fee: Amount,
+}
+
+/// Records a new batch: its signed transaction, and its withdrawals marked batched. One SQLite
+/// transaction: after it returns, the batch is durable and may be broadcast.
+pub(crate) fn insert_batch(
+    db: &mut Connection,
+    withdrawals: &[WithdrawalId],
+    tx_: &BatchTx,
+    now_ms: u64,
+) -> Result<u64, StoreError> {
+    let tx = db.transaction()?;
+    tx.execute(
+        "INSERT INTO mediator_batch (status, created_ms) VALUES ('inflight', ?1)",
+        [to_i64(now_ms)],
+    )?;
+    let batch = tx.last_insert_rowid();
+    tx.execute(
+        "INSERT INTO mediator_batch_tx (txid, batch_id, raw, fee_sat, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            tx_.txid.to_string(),
+            batch,
+            tx_.raw,
+            to_i64(tx_.fee.0),
+            to_i64(now_ms)
+        ],
+    )?;
+    for id in withdrawals {
+        let n = tx.execute(
+            "UPDATE mediator_withdrawal SET status = 'batched', batch_id = ?2
+             WHERE id = ?1 AND status = 'pending'",
+            params![to_i64(id.0), batch],
+        )?;
+        if n != 1 {
+            return Err(corrupt("batched withdrawal was not pending"));
+        }
+    }
+    tx.commit()?;
+    to_u64(batch)
+}
+
+/// Records a replacement transaction of a batch.
+pub(crate) fn insert_batch_tx(
+    db: &Connection,
+    batch: u64,
+    tx_: &BatchTx,
+    now_ms: u64,
+) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO mediator_batch_tx (txid, batch_id, raw, fee_sat, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            tx_.txid.to_string(),
+            to_i64(batch),
+            tx_.raw,
+            to_i64(tx_.fee.0),
+            to_i64(now_ms)
+        ],
+    )?;
+    Ok(())
+}
+
+/// Ids of batches in flight, oldest first.
+pub(crate) fn inflight_batches(db: &Connection) -> Result<Vec<u64>, StoreError> {
+    let mut st =
+        db.prepare_cached("SELECT id FROM mediator_batch WHERE status = 'inflight' ORDER BY id")?;
+    let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
+    rows.map(|r| to_u64(r?)).collect()
+}
+
+/// The transactions of a batch, oldest (original) first.
+pub(crate) fn batch_txs(db: &Connection, batch: u64) -> Result<Vec<BatchTx>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT txid, raw, fee_sat FROM mediator_batch_tx WHERE batch_id = ?1 ORDER BY rowid",
+    )?;
+    let rows = st.query_map([to_i64(batch)], |r| {
+        Ok((
+            r.get::<_, String>(0)?,
+            r.get::<_, Vec<u8>>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (t, raw, fee) = row?;
+        out.push(BatchTx {
+            txid: txid(&t)?,
+            raw,
+            fee: Amount(to_u64(fee)?),
+        });
+    }
+    Ok(out)
+}
+
+/// Completes a batch: the confirmed transaction, and each withdrawal's network fee share. One
+/// SQLite transaction.
+pub(crate) fn complete_batch(
+    db: &mut Connection,
+    batch: u64,
+    confirmed: Txid,
+    shares: &[(WithdrawalId, Amount)],
+) -> Result<(), StoreError> {
+    let tx = db.transaction()?;
+    tx.execute(
+        "UPDATE mediator_batch SET status = 'confirmed', confirmed_txid = ?2 WHERE id = ?1",
+        params![to_i64(batch), confirmed.to_string()],
+    )?;
+    for (id, share) in shares {
+        tx.execute(
+            "UPDATE mediator_withdrawal SET status = 'completed', network_fee_sat = ?2 WHERE id = ?1",
+            params![to_i64(id.0), to_i64(share.0)],
+        )?;
+    }
+    tx.commit()?;
+    Ok(())
+}

@@ -1,0 +1,166 @@
+//! Deposits on regtest against a real bitcoind.
+
+mod support;
+
+use support::{Customer, World};
+use wallet::DepositStatus;
+
+#[test]
+fn deposit_is_pending_in_mempool_then_credited_once_across_restarts() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(1);
+    customer.fund(&w.node, 1);
+
+    let tx = customer.pay(&w.node, &[(&addr, 1_000_000)]);
+    let report = svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        report.deposits.seen.len(),
+        1,
+        "deposit seen from the mempool"
+    );
+    assert_eq!(report.deposits.seen[0].confirmations, 0);
+    assert_eq!(report.deposits.seen[0].outpoint.txid, tx.compute_txid());
+    assert!(report.deposits.credited.is_empty());
+    assert_eq!(w.ledger.btc(alice), (0, 0), "not credited from the mempool");
+    assert_eq!(report.reconciliation.uncredited_deposits.0, 1_000_000);
+    let pending = svc.deposits(Some(alice)).unwrap();
+    assert_eq!(pending.len(), 1);
+    assert_eq!(
+        (pending[0].status, pending[0].confirmations),
+        (DepositStatus::Pending, 0)
+    );
+    assert_eq!(report.reconciliation.surplus_sat, 0);
+
+    w.node.mine(1);
+    let report = svc.step(w.clock.now()).unwrap();
+    assert_eq!(report.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (1_000_000, 0));
+    let credited = svc.deposits(None).unwrap();
+    assert_eq!(
+        (credited[0].status, credited[0].confirmations),
+        (DepositStatus::Credited, 1)
+    );
+
+    // More blocks, more steps: never a second credit.
+    w.node.mine(2);
+    for _ in 0..3 {
+        let report = svc.step(w.clock.now()).unwrap();
+        assert!(report.deposits.credited.is_empty());
+    }
+    assert_eq!(w.ledger.btc(alice), (1_000_000, 0));
+
+    // Restart the service on the same data directory: still credited once.
+    drop(svc);
+    let mut svc = w.open(w.config());
+    w.node.mine(1);
+    let report = svc.step(w.clock.now()).unwrap();
+    assert!(report.deposits.credited.is_empty() && report.deposits.seen.is_empty());
+    assert_eq!(w.ledger.btc(alice), (1_000_000, 0));
+    assert_eq!(report.reconciliation.surplus_sat, 0);
+    assert!(!report.reconciliation.shortfall);
+
+    // A second address for the same account: the old one keeps working.
+    let addr2 = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    assert_ne!(addr, addr2);
+    assert_eq!(svc.deposit_addresses(alice).unwrap().len(), 2);
+    customer.sync(&w.node);
+    customer.pay(&w.node, &[(&addr, 20_000), (&addr2, 30_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(w.ledger.btc(alice), (1_050_000, 0));
+}
+
+#[test]
+fn one_transaction_paying_two_accounts_credits_each() {
+    let w = World::new();
+    let (alice, bob) = (w.ledger.create_account(), w.ledger.create_account());
+    let mut svc = w.open(w.config());
+    let a = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let b = svc.new_deposit_address(bob, w.clock.now()).unwrap();
+    let mut customer = Customer::new(2);
+    customer.fund(&w.node, 1);
+    customer.pay(&w.node, &[(&a, 70_000), (&b, 90_000)]);
+    w.node.mine(1);
+    let report = svc.step(w.clock.now()).unwrap();
+    assert_eq!(report.deposits.credited.len(), 2);
+    assert_eq!(w.ledger.btc(alice), (70_000, 0));
+    assert_eq!(w.ledger.btc(bob), (90_000, 0));
+    assert_eq!(report.reconciliation.surplus_sat, 0);
+}
+
+#[test]
+fn reorg_before_threshold_delays_credit_and_reorg_after_credit_flags_account() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut config = w.config();
+    config.deposit_confirmations = 2;
+    let mut svc = w.open(config);
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(3);
+    customer.fund(&w.node, 1);
+    let tx = customer.pay(&w.node, &[(&addr, 500_000)]);
+    let txid = tx.compute_txid();
+
+    // One confirmation of two.
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.seen[0].confirmations, 1);
+    assert!(r.deposits.credited.is_empty());
+
+    // The block goes away; the transaction is back in the mempool and stays out of new blocks.
+    w.node.invalidate_tip();
+    assert!(w.node.mempool().contains(&txid));
+    w.node.mine_empty(2);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.sync.blocks >= 2, "the wallet followed the new chain");
+    assert_eq!(
+        svc.transaction(txid).unwrap().1,
+        0,
+        "unconfirmed after the reorg"
+    );
+    assert!(r.deposits.credited.is_empty());
+    assert_eq!(
+        w.ledger.btc(alice),
+        (0, 0),
+        "no credit before it confirms again"
+    );
+
+    // Confirmed again, twice: credited once.
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(
+        r.deposits.credited.is_empty(),
+        "one confirmation is not enough"
+    );
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (500_000, 0));
+
+    // A reorg that takes the credited deposit out of the chain: reported, account flagged.
+    w.node.invalidate_tip();
+    w.node.invalidate_tip();
+    assert!(w.node.mempool().contains(&txid));
+    w.node.mine_empty(3);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reorged.len(), 1);
+    assert_eq!(r.deposits.reorged[0].account, alice);
+    let flagged = svc.flagged_accounts().unwrap();
+    assert_eq!(flagged.len(), 1);
+    assert_eq!(flagged[0].0, alice);
+    assert_eq!(
+        w.ledger.btc(alice),
+        (500_000, 0),
+        "the credit is not silently undone"
+    );
+
+    // Mined again: no second credit.
+    w.node.mine(2);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reconfirmed.len(), 1);
+    assert!(r.deposits.credited.is_empty());
+    assert_eq!(w.ledger.btc(alice), (500_000, 0));
+}

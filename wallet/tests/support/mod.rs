@@ -1,0 +1,379 @@
+//! Test support: a regtest bitcoind per test, a "customer" BDK wallet that pays deposits, and the
+//! real matching engine as the ledger.
+#![allow(dead_code)]
+
+use bdk_bitcoind_rpc::bitcoincore_rpc::{Auth, Client, RpcApi};
+use bdk_bitcoind_rpc::Emitter;
+use bdk_wallet::bitcoin::bip32::Xpriv;
+use bdk_wallet::bitcoin::secp256k1::Secp256k1;
+use bdk_wallet::bitcoin::{
+    Address, Amount as BtcAmount, BlockHash, FeeRate, Network, Transaction, Txid,
+};
+use bdk_wallet::template::Bip84;
+use bdk_wallet::{KeychainKind, SignOptions, Wallet};
+use matching_engine::config::BTC;
+use matching_engine::units::{AccountId, Amount, Timestamp};
+use matching_engine::{Command, Engine, EngineConfig, Event, RejectCode};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use wallet::{CustodyConfig, CustodyService, Ledger, RpcAuth, RpcConfig};
+
+/// The bitcoind to test against: `BITCOIND_EXE`, else `bitcoind` on `PATH`.
+pub fn bitcoind_exe() -> String {
+    corepc_node::exe_path().expect("set BITCOIND_EXE or put bitcoind on PATH")
+}
+
+/// A regtest node in a temporary directory on free loopback ports; killed on drop.
+pub struct TestNode {
+    pub node: corepc_node::Node,
+    pub rpc: Client,
+    /// A mining address nobody in the test owns.
+    burn: Address,
+}
+
+fn conf(staticdir: Option<PathBuf>) -> corepc_node::Conf<'static> {
+    let mut conf = corepc_node::Conf::default();
+    conf.wallet = None;
+    conf.args = vec!["-regtest"];
+    conf.staticdir = staticdir;
+    conf
+}
+
+impl TestNode {
+    pub fn start() -> Self {
+        Self::with_conf(&conf(None))
+    }
+
+    /// A node whose data directory survives it (for restarts).
+    pub fn start_in(dir: &Path) -> Self {
+        Self::with_conf(&conf(Some(dir.to_owned())))
+    }
+
+    fn with_conf(conf: &corepc_node::Conf) -> Self {
+        let node = corepc_node::Node::with_conf(bitcoind_exe(), conf).expect("start bitcoind");
+        let rpc = Client::new(
+            &node.rpc_url(),
+            Auth::CookieFile(node.params.cookie_file.clone()),
+        )
+        .expect("rpc client");
+        let burn = Customer::new(250)
+            .wallet
+            .peek_address(KeychainKind::External, 0)
+            .address;
+        Self { node, rpc, burn }
+    }
+
+    pub fn rpc_config(&self) -> RpcConfig {
+        RpcConfig {
+            url: self.node.rpc_url(),
+            auth: RpcAuth::CookieFile(self.node.params.cookie_file.clone()),
+        }
+    }
+
+    pub fn mine(&self, n: u64) -> Vec<BlockHash> {
+        self.rpc
+            .generate_to_address(n, &self.burn)
+            .expect("generatetoaddress")
+    }
+
+    pub fn mine_to(&self, n: u64, to: &Address) -> Vec<BlockHash> {
+        self.rpc
+            .generate_to_address(n, to)
+            .expect("generatetoaddress")
+    }
+
+    /// Mines `n` blocks that leave the mempool alone (`generateblock` with no transactions).
+    pub fn mine_empty(&self, n: u64) {
+        for _ in 0..n {
+            let _: serde_json::Value = self
+                .rpc
+                .call(
+                    "generateblock",
+                    &[self.burn.to_string().into(), serde_json::json!([])],
+                )
+                .expect("generateblock");
+        }
+    }
+
+    pub fn height(&self) -> u64 {
+        self.rpc.get_block_count().expect("getblockcount")
+    }
+
+    pub fn mempool(&self) -> Vec<Txid> {
+        self.rpc.get_raw_mempool().expect("getrawmempool")
+    }
+
+    pub fn invalidate_tip(&self) -> BlockHash {
+        let tip = self.rpc.get_best_block_hash().expect("getbestblockhash");
+        self.rpc.invalidate_block(&tip).expect("invalidateblock");
+        tip
+    }
+}
+
+impl Drop for TestNode {
+    /// Stops the node and reaps its process (corepc-node alone kills without waiting).
+    fn drop(&mut self) {
+        let _ = self.node.stop();
+    }
+}
+
+/// A customer's BDK wallet (in memory) that pays deposits and receives withdrawals.
+pub struct Customer {
+    pub wallet: Wallet,
+    xprv: Xpriv,
+}
+
+impl Customer {
+    pub fn new(seed: u8) -> Self {
+        let xprv = Xpriv::new_master(Network::Regtest, &[seed; 32]).unwrap();
+        let wallet = Wallet::create(
+            Bip84(xprv, KeychainKind::External),
+            Bip84(xprv, KeychainKind::Internal),
+        )
+        .network(Network::Regtest)
+        .create_wallet_no_persist()
+        .unwrap();
+        Self { wallet, xprv }
+    }
+
+    pub fn address(&mut self) -> Address {
+        self.wallet
+            .reveal_next_address(KeychainKind::External)
+            .address
+    }
+
+    pub fn sync(&mut self, node: &TestNode) {
+        let unconfirmed: Vec<Arc<Transaction>> = self
+            .wallet
+            .transactions()
+            .filter(|t| t.chain_position.is_unconfirmed())
+            .map(|t| t.tx_node.tx.clone())
+            .collect();
+        let mut emitter = Emitter::new(&node.rpc, self.wallet.latest_checkpoint(), 0, unconfirmed);
+        while let Some(ev) = emitter.next_block().unwrap() {
+            self.wallet
+                .apply_block_connected_to(&ev.block, ev.block_height(), ev.connected_to())
+                .unwrap();
+        }
+        let mempool = emitter.mempool().unwrap();
+        self.wallet.apply_evicted_txs(mempool.evicted);
+        self.wallet.apply_unconfirmed_txs(mempool.update);
+    }
+
+    /// Mines `blocks` coinbases to this wallet and matures them.
+    pub fn fund(&mut self, node: &TestNode, blocks: u64) {
+        let a = self.address();
+        node.mine_to(blocks, &a);
+        node.mine(100);
+        self.sync(node);
+    }
+
+    /// Pays `outputs` in one transaction, broadcast with `sendrawtransaction`.
+    pub fn pay(&mut self, node: &TestNode, outputs: &[(&Address, u64)]) -> Transaction {
+        let mut b = self.wallet.build_tx();
+        for (a, sat) in outputs {
+            b.add_recipient(a.script_pubkey(), BtcAmount::from_sat(*sat));
+        }
+        b.fee_rate(FeeRate::from_sat_per_vb_u32(2));
+        let mut psbt = b.finish().unwrap();
+        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
+        assert!(self
+            .wallet
+            .finalize_psbt(&mut psbt, SignOptions::default())
+            .unwrap());
+        let tx = psbt.extract_tx().unwrap();
+        node.rpc
+            .send_raw_transaction(&tx)
+            .expect("sendrawtransaction");
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), 0)]);
+        tx
+    }
+
+    /// Confirmed plus pending balance, sats.
+    pub fn balance(&self) -> u64 {
+        self.wallet.balance().total().to_sat()
+    }
+}
+
+/// The real engine as the ledger, behind a mutex.
+pub struct EngineLedger {
+    engine: Mutex<(Engine, u64)>,
+}
+
+impl Default for EngineLedger {
+    fn default() -> Self {
+        Self {
+            engine: Mutex::new((Engine::new(EngineConfig::default()).unwrap(), 0)),
+        }
+    }
+}
+
+impl EngineLedger {
+    fn apply(&self, cmd: Command) -> (Result<(), RejectCode>, Vec<Event>) {
+        let mut g = self.engine.lock().unwrap();
+        g.1 += 1;
+        let now = Timestamp(g.1);
+        let mut events = Vec::new();
+        let r = g.0.apply(&cmd, now, &mut events);
+        (r, events)
+    }
+
+    pub fn create_account(&self) -> AccountId {
+        let (r, events) = self.apply(Command::CreateAccount);
+        r.unwrap();
+        events
+            .iter()
+            .find_map(|e| match e {
+                Event::AccountCreated { account } => Some(*account),
+                _ => None,
+            })
+            .unwrap()
+    }
+
+    /// `(available, held)` BTC of an account.
+    pub fn btc(&self, account: AccountId) -> (u64, u64) {
+        let g = self.engine.lock().unwrap();
+        let (a, h) = g.0.balance(account, BTC).unwrap();
+        (a.0, h.0)
+    }
+
+    /// A user's withdrawal straight into the engine (for a ledger that drifts from the wallet).
+    pub fn raw(&self, cmd: Command) -> Result<(), RejectCode> {
+        self.apply(cmd).0
+    }
+}
+
+impl Ledger for EngineLedger {
+    fn submit(&self, cmd: Command) -> Result<(), RejectCode> {
+        self.apply(cmd).0
+    }
+    fn btc_liabilities(&self) -> Amount {
+        self.engine.lock().unwrap().0.asset_total(BTC)
+    }
+    fn account_exists(&self, account: AccountId) -> bool {
+        self.engine.lock().unwrap().0.account_exists(account)
+    }
+}
+
+/// A test clock: starts at the real time, moves only when told.
+#[derive(Clone, Copy, Debug)]
+pub struct Clock(pub u64);
+
+impl Clock {
+    pub fn new() -> Self {
+        Self(wallet::system_now().as_millis())
+    }
+    pub fn now(&self) -> Timestamp {
+        Timestamp::from_millis(self.0)
+    }
+    pub fn advance(&mut self, d: Duration) -> Timestamp {
+        self.0 += d.as_millis() as u64;
+        self.now()
+    }
+}
+
+/// One test's world: node, ledger, data directory, clock.
+pub struct World {
+    pub node: TestNode,
+    pub ledger: Arc<EngineLedger>,
+    pub dir: tempfile::TempDir,
+    pub clock: Clock,
+}
+
+impl World {
+    pub fn new() -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_test_writer()
+            .with_env_filter("wallet=info")
+            .try_init();
+        Self {
+            node: TestNode::start(),
+            ledger: Arc::new(EngineLedger::default()),
+            dir: tempfile::tempdir().unwrap(),
+            clock: Clock::new(),
+        }
+    }
+
+    pub fn config(&self) -> CustodyConfig {
+        let mut c = CustodyConfig::new(
+            Network::Regtest,
+            self.dir.path().join("custody"),
+            self.node.rpc_config(),
+        );
+        c.poll_interval = Duration::from_millis(100);
+        c
+    }
+
+    pub fn open(&self, config: CustodyConfig) -> CustodyService {
+        CustodyService::open(config, self.ledger.clone()).expect("open custody service")
+    }
+
+    /// Steps the service until `done` holds (at most 10 s).
+    pub fn step_until(
+        &mut self,
+        service: &mut CustodyService,
+        mut done: impl FnMut(&CustodyService) -> bool,
+    ) {
+        let start = Instant::now();
+        loop {
+            service.step(self.clock.now()).expect("step");
+            if done(service) {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "condition not reached"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// A bitcoind started by hand on a given data directory and RPC port (to restart a node where it
+/// was); killed on drop.
+pub struct ManualNode {
+    child: std::process::Child,
+    pub rpc: Client,
+}
+
+impl ManualNode {
+    pub fn start(datadir: &Path, rpc_port: u16) -> Self {
+        let mut child = std::process::Command::new(bitcoind_exe())
+            .arg(format!("-datadir={}", datadir.display()))
+            .arg(format!("-rpcport={rpc_port}"))
+            .args(["-regtest", "-listen=0"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn bitcoind");
+        let cookie = datadir.join("regtest").join(".cookie");
+        let url = format!("http://127.0.0.1:{rpc_port}");
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(20) {
+            if let Ok(rpc) = Client::new(&url, Auth::CookieFile(cookie.clone())) {
+                if rpc.get_block_count().is_ok() {
+                    return Self { child, rpc };
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("bitcoind did not come back");
+    }
+}
+
+impl Drop for ManualNode {
+    fn drop(&mut self) {
+        let _ = self.rpc.stop();
+        let start = Instant::now();
+        while start.elapsed() < Duration::from_secs(10) {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -1,0 +1,614 @@
+//! Withdrawals on regtest against a real bitcoind: batching, completion, fee bumps, crashes,
+//! approvals, bad input, reconciliation.
+
+mod support;
+
+use bdk_wallet::bitcoin::{Address, FeeRate, Transaction};
+use matching_engine::units::{AccountId, Amount, WithdrawalId};
+use matching_engine::FEE_ACCOUNT;
+use std::collections::HashMap;
+use std::time::Duration;
+use support::{Customer, World};
+use wallet::{
+    BumpError, CustodyConfig, CustodyService, WithdrawalError, WithdrawalRequest, WithdrawalStatus,
+};
+
+const FLAT_FEE: u64 = 10_000;
+
+fn request(account: AccountId, to: &Address, amount: u64, key: &str) -> WithdrawalRequest {
+    WithdrawalRequest {
+        account,
+        address: to.to_string(),
+        amount: Amount(amount),
+        idempotency_key: key.to_owned(),
+    }
+}
+
+/// A world with one account holding `deposit` sats, credited through a real deposit.
+fn funded(w: &World, config: CustodyConfig, deposit: u64) -> (CustodyService, AccountId) {
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(config);
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(7);
+    customer.fund(&w.node, 1);
+    customer.pay(&w.node, &[(&addr, deposit)]);
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (deposit, 0));
+    (svc, alice)
+}
+
+fn config(w: &World) -> CustodyConfig {
+    let mut c = w.config();
+    c.withdrawal.flat_fee = Amount(FLAT_FEE);
+    c.withdrawal.min_amount = Amount(1_000);
+    c.batch.max_requests = 50;
+    c.batch.interval = Duration::from_secs(60);
+    c
+}
+
+fn mempool_tx(w: &World, svc: &CustodyService, batch: u64) -> Transaction {
+    let txid = *svc.batch_txids(batch).unwrap().last().unwrap();
+    assert!(
+        w.node.mempool().contains(&txid),
+        "batch transaction in the mempool"
+    );
+    svc.transaction(txid).unwrap().0.as_ref().clone()
+}
+
+/// Ledger and wallet agree to the satoshi, and the fee account holds the fee income.
+fn assert_conserved(w: &World, svc: &CustodyService) {
+    let r = svc.reconcile().unwrap();
+    assert_eq!(r.surplus_sat, 0, "{r:?}");
+    assert!(!r.shortfall);
+    assert_eq!(w.ledger.btc(FEE_ACCOUNT).0, r.fee_income.0, "{r:?}");
+}
+
+#[test]
+fn twenty_requests_become_one_transaction_and_complete_after_confirmation() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 5_000_000);
+    let mut receiver = Customer::new(9);
+    let mut expected: HashMap<Address, u64> = HashMap::new();
+    let mut ids = Vec::new();
+    for i in 0..20u64 {
+        let to = receiver.address();
+        let amount = 50_000 + i * 1_000;
+        expected.insert(to.clone(), amount);
+        let v =
+            svc.request_withdrawal(request(alice, &to, amount, &format!("w{i}")), w.clock.now());
+        let v = v.unwrap();
+        assert_eq!(v.status, WithdrawalStatus::Pending);
+        ids.push(v.id);
+    }
+    let total: u64 = expected.values().sum();
+    assert_eq!(
+        w.ledger.btc(alice),
+        (5_000_000 - total - 20 * FLAT_FEE, total + 20 * FLAT_FEE)
+    );
+
+    // 20 < 50 requests and the interval has not passed: no batch yet.
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.batch.is_none());
+    assert!(svc.batches_in_flight().unwrap().is_empty());
+
+    let now = w.clock.advance(Duration::from_secs(61));
+    let r = svc.step(now).unwrap();
+    let batch = r.batch.expect("a batch after the interval");
+    assert_eq!(batch.withdrawals, ids);
+    let tx = mempool_tx(&w, &svc, batch.id);
+    assert!(tx.is_explicitly_rbf(), "RBF signalled");
+    assert_eq!(tx.output.len(), 21, "20 withdrawals and change");
+    let mut paid: HashMap<Address, u64> = HashMap::new();
+    let mut change = 0;
+    for o in &tx.output {
+        match Address::from_script(&o.script_pubkey, bdk_wallet::bitcoin::Network::Regtest) {
+            Ok(a) if expected.contains_key(&a) => {
+                assert!(paid.insert(a, o.value.to_sat()).is_none());
+            }
+            _ => change += 1,
+        }
+    }
+    assert_eq!(paid, expected, "exactly the requested outputs");
+    assert_eq!(change, 1);
+    assert!(svc
+        .withdrawals()
+        .unwrap()
+        .iter()
+        .all(|v| v.status == WithdrawalStatus::Batched));
+    assert_conserved(&w, &svc);
+
+    // A step before confirmation changes nothing; a block completes them all.
+    assert!(svc
+        .step(w.clock.now())
+        .unwrap()
+        .withdrawals
+        .completed
+        .is_empty());
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.withdrawals.completed.len(), 20);
+    let fee: u64 = r.withdrawals.completed.iter().map(|(_, f)| f.0).sum();
+    assert_eq!(fee, batch.fee.0, "the network fee is split exactly");
+    assert!(r.withdrawals.completed.iter().all(|(_, f)| f.0 <= FLAT_FEE));
+    assert_eq!(w.ledger.btc(alice), (5_000_000 - total - 20 * FLAT_FEE, 0));
+    assert_eq!(w.ledger.btc(FEE_ACCOUNT), (20 * FLAT_FEE - batch.fee.0, 0));
+    assert!(svc
+        .withdrawals()
+        .unwrap()
+        .iter()
+        .all(|v| v.status == WithdrawalStatus::Completed));
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), total);
+    assert_conserved(&w, &svc);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(
+        r.withdrawals.completed.is_empty() && r.batch.is_none(),
+        "completed once"
+    );
+}
+
+#[test]
+fn batch_is_made_at_k_requests_and_a_fee_bump_replaces_it() {
+    let w = World::new();
+    let mut c = config(&w);
+    c.batch.max_requests = 3;
+    let (mut svc, alice) = funded(&w, c, 2_000_000);
+    let mut receiver = Customer::new(10);
+    let mut total = 0;
+    for i in 0..3 {
+        let to = receiver.address();
+        total += 100_000;
+        svc.request_withdrawal(
+            request(alice, &to, 100_000, &format!("k{i}")),
+            w.clock.now(),
+        )
+        .unwrap();
+    }
+    let r = svc.step(w.clock.now()).unwrap();
+    let batch = r.batch.expect("K requests make a batch at once");
+    let original = mempool_tx(&w, &svc, batch.id);
+
+    // Too expensive: the fee would pass the flat fees; nothing changes.
+    let err = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(500), w.clock.now())
+        .unwrap_err();
+    assert!(matches!(err, BumpError::FeeBudgetExceeded { .. }), "{err}");
+    assert_eq!(svc.batch_txids(batch.id).unwrap().len(), 1);
+
+    let new_txid = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(20), w.clock.now())
+        .unwrap();
+    let mempool = w.node.mempool();
+    assert!(mempool.contains(&new_txid));
+    assert!(!mempool.contains(&original.compute_txid()), "replaced");
+    let bumped = mempool_tx(&w, &svc, batch.id);
+    assert_eq!(bumped.compute_txid(), new_txid);
+    let payees = |t: &Transaction| {
+        let mut v: Vec<_> = t
+            .output
+            .iter()
+            .filter(|o| o.value.to_sat() == 100_000)
+            .map(|o| o.script_pubkey.clone())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(
+        payees(&original),
+        payees(&bumped),
+        "same withdrawal outputs"
+    );
+    assert_conserved(&w, &svc);
+
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.withdrawals.batches_confirmed, vec![(batch.id, new_txid)]);
+    let fee: u64 = r.withdrawals.completed.iter().map(|(_, f)| f.0).sum();
+    let bumped_fee = svc.reconcile().unwrap();
+    assert!(
+        fee > batch.fee.0,
+        "the bump's higher fee is what the ledger removes"
+    );
+    assert_eq!(w.ledger.btc(alice), (2_000_000 - total - 3 * FLAT_FEE, 0));
+    assert_eq!(w.ledger.btc(FEE_ACCOUNT).0, 3 * FLAT_FEE - fee);
+    assert_eq!(bumped_fee.surplus_sat, 0);
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), total, "paid once");
+    assert_conserved(&w, &svc);
+}
+
+#[test]
+fn crash_between_signing_and_broadcast_pays_exactly_once() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 1_000_000);
+    let mut receiver = Customer::new(11);
+    let to = receiver.address();
+    svc.request_withdrawal(request(alice, &to, 300_000, "crash"), w.clock.now())
+        .unwrap();
+    let now = w.clock.advance(Duration::from_secs(61));
+    let batch = svc
+        .build_batch(now)
+        .unwrap()
+        .expect("batch built and signed");
+    assert!(w.node.mempool().is_empty(), "not broadcast yet");
+    drop(svc); // the crash
+
+    let mut svc = w.open(config(&w));
+    let r = svc.step(w.clock.advance(Duration::from_secs(1))).unwrap();
+    assert!(r.batch.is_none(), "no second batch for the same withdrawal");
+    assert_eq!(
+        w.node.mempool(),
+        vec![batch.txid],
+        "the recorded transaction is broadcast"
+    );
+    // Restarting again before it confirms: rebroadcast is harmless.
+    drop(svc);
+    let mut svc = w.open(config(&w));
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(w.node.mempool(), vec![batch.txid]);
+    w.node.mine(1);
+    // And once more after it is mined: recognised as mined, completed once.
+    drop(svc);
+    let mut svc = w.open(config(&w));
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.withdrawals.completed.len(), 1);
+    assert!(svc
+        .step(w.clock.now())
+        .unwrap()
+        .withdrawals
+        .completed
+        .is_empty());
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 300_000);
+    assert_eq!(w.ledger.btc(alice), (1_000_000 - 300_000 - FLAT_FEE, 0));
+    assert_conserved(&w, &svc);
+}
+
+#[test]
+fn large_withdrawal_waits_for_approval_and_a_refusal_releases_it() {
+    let mut w = World::new();
+    let mut c = config(&w);
+    c.withdrawal.approval_threshold = Amount(200_000);
+    let (mut svc, alice) = funded(&w, c, 2_000_000);
+    let mut receiver = Customer::new(12);
+    let big = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 500_000, "big"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let refused = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 400_000, "refused"),
+            w.clock.now(),
+        )
+        .unwrap();
+    assert_eq!(big.status, WithdrawalStatus::AwaitingApproval);
+    let r = svc.step(w.clock.advance(Duration::from_secs(120))).unwrap();
+    assert!(r.batch.is_none(), "unapproved requests are not batched");
+
+    svc.reject_withdrawal(refused.id, "operator refused")
+        .unwrap();
+    let v = svc.withdrawal(refused.id).unwrap().unwrap();
+    assert_eq!(v.status, WithdrawalStatus::Released);
+    assert_eq!(v.reason.as_deref(), Some("operator refused"));
+    assert_eq!(
+        w.ledger.btc(alice),
+        (2_000_000 - 500_000 - FLAT_FEE, 500_000 + FLAT_FEE)
+    );
+    assert!(matches!(
+        svc.approve_withdrawal(refused.id),
+        Err(WithdrawalError::NotAwaitingApproval(_))
+    ));
+
+    svc.approve_withdrawal(big.id).unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    assert_eq!(r.batch.unwrap().withdrawals, vec![big.id]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        svc.withdrawal(big.id).unwrap().unwrap().status,
+        WithdrawalStatus::Completed
+    );
+    assert_conserved(&w, &svc);
+}
+
+#[test]
+fn bad_requests_are_clear_errors_and_change_nothing() {
+    let w = World::new();
+    let deny = w.dir.path().join("deny.txt");
+    let mut receiver = Customer::new(13);
+    let denied = receiver.address();
+    std::fs::write(&deny, format!("# sanctioned\n{denied}\n")).unwrap();
+    let mut c = config(&w);
+    c.withdrawal.deny_list = Some(deny);
+    c.withdrawal.daily_limit = Amount(300_000);
+    let (mut svc, alice) = funded(&w, c, 1_000_000);
+    let bob = w.ledger.create_account(); // no balance
+    let good = receiver.address();
+    let ok = svc.request_withdrawal(request(alice, &good, 250_000, "first"), w.clock.now());
+    let first: WithdrawalId = ok.unwrap().id;
+
+    let ledger_before = w.ledger.btc(alice);
+    let rows_before = svc.withdrawals().unwrap();
+    let balance_before = svc.balance();
+    let mempool_before = w.node.mempool();
+    let mut req = |address: &str, amount: u64, key: &str, account: AccountId| {
+        let r = WithdrawalRequest {
+            account,
+            address: address.to_owned(),
+            amount: Amount(amount),
+            idempotency_key: key.to_owned(),
+        };
+        svc.request_withdrawal(r, w.clock.now()).unwrap_err()
+    };
+    let g = good.to_string();
+    let cases: Vec<(&str, WithdrawalError)> = vec![
+        ("malformed", req("not-an-address", 10_000, "a", alice)),
+        (
+            "mainnet",
+            req(
+                "bc1qar0srrr7xfkvy5l643lydnw9re59gtzzwf5mdq",
+                10_000,
+                "b",
+                alice,
+            ),
+        ),
+        (
+            "testnet",
+            req(
+                "tb1qw508d6qejxtdg4y5r3zarvary0c5xw7kxpjzsx",
+                10_000,
+                "c",
+                alice,
+            ),
+        ),
+        ("dust", req(&g, 200, "d", alice)),
+        ("below minimum", req(&g, 500, "e", alice)),
+        ("above balance", req(&g, 10_000, "f", bob)),
+        ("above limit", req(&g, 60_000, "g", alice)),
+        ("deny-listed", req(&denied.to_string(), 10_000, "h", alice)),
+        ("duplicate key", req(&g, 10_000, "first", alice)),
+        ("unknown account", req(&g, 10_000, "i", AccountId(999))),
+        ("empty key", req(&g, 10_000, "", alice)),
+    ];
+    for (name, err) in &cases {
+        let ok = match (name, err) {
+            (&"malformed", WithdrawalError::MalformedAddress { .. }) => true,
+            (&"mainnet" | &"testnet", WithdrawalError::WrongNetwork { .. }) => true,
+            (&"dust", WithdrawalError::Dust { dust_limit, .. }) => dust_limit.0 == 294,
+            (&"below minimum", WithdrawalError::BelowMinimum { .. }) => true,
+            (&"above balance", WithdrawalError::InsufficientBalance { .. }) => true,
+            (&"above limit", WithdrawalError::DailyLimit { used, .. }) => used.0 == 250_000,
+            (&"deny-listed", WithdrawalError::DenyListed { .. }) => true,
+            (&"duplicate key", WithdrawalError::DuplicateKey { existing, .. }) => {
+                *existing == first
+            }
+            (&"unknown account", WithdrawalError::UnknownAccount(_)) => true,
+            (&"empty key", WithdrawalError::InvalidKey) => true,
+            _ => false,
+        };
+        assert!(ok, "{name}: unexpected {err:?}");
+        let msg = err.to_string();
+        assert!(msg.chars().next().unwrap().is_lowercase(), "{msg}");
+    }
+    let mut codes: Vec<u16> = cases.iter().map(|(_, e)| e.code()).collect();
+    codes.sort();
+    codes.dedup();
+    assert_eq!(
+        codes.len(),
+        10,
+        "distinct stable codes (two network cases share one)"
+    );
+    assert_eq!(w.ledger.btc(alice), ledger_before);
+    assert_eq!(w.ledger.btc(bob), (0, 0));
+    assert_eq!(svc.withdrawals().unwrap(), rows_before);
+    assert_eq!(svc.balance(), balance_before);
+    assert_eq!(w.node.mempool(), mempool_before);
+    assert_conserved(&w, &svc);
+
+    // The limit is per 24 hours.
+    let later = support::Clock(w.clock.0 + 24 * 3600 * 1000 + 1);
+    svc.request_withdrawal(request(alice, &good, 60_000, "next-day"), later.now())
+        .unwrap();
+}
+
+#[test]
+fn reconciliation_reports_a_shortfall() {
+    let w = World::new();
+    let (svc, alice) = funded(&w, config(&w), 400_000);
+    assert_conserved(&w, &svc);
+    // A credit the wallet never received: the ledger owes more than the wallet holds.
+    let key = matching_engine::units::IdempotencyKey::reference("phantom");
+    w.ledger
+        .raw(matching_engine::Command::Credit {
+            account: alice,
+            asset: matching_engine::config::BTC,
+            amount: Amount(1_234),
+            key,
+        })
+        .unwrap();
+    let r = svc.reconcile().unwrap();
+    assert!(r.shortfall);
+    assert_eq!(r.surplus_sat, -1_234);
+}
+
+#[test]
+fn batch_fee_is_capped_at_the_flat_fees_and_refused_below_the_relay_minimum() {
+    let mut w = World::new();
+    let mut c = config(&w);
+    c.withdrawal.flat_fee = Amount(300);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(50); // no estimate on regtest
+    let (mut svc, alice) = funded(&w, c, 1_000_000);
+    let mut receiver = Customer::new(14);
+    for i in 0..2 {
+        let to = receiver.address();
+        svc.request_withdrawal(
+            request(alice, &to, 40_000, &format!("cap{i}")),
+            w.clock.now(),
+        )
+        .unwrap();
+    }
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("batch");
+    assert_eq!(batch.fee.0, 600, "capped at the two flat fees");
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        r.withdrawals
+            .completed
+            .iter()
+            .map(|(_, f)| f.0)
+            .collect::<Vec<_>>(),
+        [300, 300]
+    );
+    assert_eq!(
+        w.ledger.btc(FEE_ACCOUNT),
+        (0, 0),
+        "the flat fees all went to the network"
+    );
+    assert_conserved(&w, &svc);
+    drop(svc);
+
+    // A flat fee that cannot pay even 1 sat/vB: the batch is refused, the request waits.
+    let mut c = config(&w);
+    c.withdrawal.flat_fee = Amount(50);
+    let mut svc = w.open(c);
+    let v = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 40_000, "tiny-fee"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let err = svc
+        .build_batch(w.clock.advance(Duration::from_secs(61)))
+        .unwrap_err();
+    assert!(
+        matches!(err, wallet::BatchError::FeeBudgetTooLow { .. }),
+        "{err}"
+    );
+    assert_eq!(
+        svc.withdrawal(v.id).unwrap().unwrap().status,
+        WithdrawalStatus::Pending
+    );
+    assert!(svc.batches_in_flight().unwrap().is_empty());
+    // The operator gives it back.
+    svc.reject_withdrawal(v.id, "fee too low to pay").unwrap();
+    assert_eq!(
+        svc.withdrawal(v.id).unwrap().unwrap().status,
+        WithdrawalStatus::Released
+    );
+    assert_eq!(w.ledger.btc(alice).1, 0);
+    assert_conserved(&w, &svc);
+}
+
+#[test]
+fn a_destination_deny_listed_after_the_request_is_released_with_a_reason() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 1_000_000);
+    let mut receiver = Customer::new(15);
+    let (bad, good) = (receiver.address(), receiver.address());
+    let denied = svc
+        .request_withdrawal(request(alice, &bad, 30_000, "to-bad"), w.clock.now())
+        .unwrap();
+    let paid = svc
+        .request_withdrawal(request(alice, &good, 40_000, "to-good"), w.clock.now())
+        .unwrap();
+    drop(svc);
+
+    let deny = w.dir.path().join("deny.txt");
+    std::fs::write(&deny, format!("{bad}\n")).unwrap();
+    let mut c = config(&w);
+    c.withdrawal.deny_list = Some(deny);
+    let mut svc = w.open(c);
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    assert_eq!(r.batch.unwrap().withdrawals, vec![paid.id]);
+    let v = svc.withdrawal(denied.id).unwrap().unwrap();
+    assert_eq!(v.status, WithdrawalStatus::Released);
+    assert_eq!(v.reason.as_deref(), Some("destination is deny-listed"));
+    assert_eq!(
+        w.ledger.btc(alice),
+        (1_000_000 - 40_000 - FLAT_FEE, 40_000 + FLAT_FEE)
+    );
+    assert_conserved(&w, &svc);
+}
+
+#[test]
+fn mixed_scenario_reconciles_to_the_satoshi_at_every_stage() {
+    let mut w = World::new();
+    let mut c = config(&w);
+    c.batch.max_requests = 4;
+    let (alice, bob) = (w.ledger.create_account(), w.ledger.create_account());
+    let mut svc = w.open(c);
+    let (a, b) = (
+        svc.new_deposit_address(alice, w.clock.now()).unwrap(),
+        svc.new_deposit_address(bob, w.clock.now()).unwrap(),
+    );
+    let mut customer = Customer::new(16);
+    customer.fund(&w.node, 1);
+    let mut receiver = Customer::new(17);
+    let check = |svc: &CustodyService, stage: &str| {
+        let r = svc.reconcile().unwrap();
+        assert_eq!(r.surplus_sat, 0, "{stage}: {r:?}");
+        assert_eq!(
+            w.ledger.btc(FEE_ACCOUNT).0,
+            r.fee_income.0,
+            "{stage}: {r:?}"
+        );
+        r
+    };
+
+    // Two accounts funded in one transaction; a third deposit still in the mempool.
+    customer.pay(&w.node, &[(&a, 600_000), (&b, 400_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    customer.sync(&w.node);
+    customer.pay(&w.node, &[(&b, 123_456)]);
+    svc.step(w.clock.now()).unwrap();
+    let r = check(&svc, "deposits, one pending");
+    assert_eq!(r.uncredited_deposits.0, 123_456);
+
+    // Four withdrawals: one released by the operator, three in a batch in flight.
+    let mut ids = Vec::new();
+    for (i, (acct, amount)) in [
+        (alice, 100_000),
+        (bob, 50_000),
+        (alice, 70_000),
+        (bob, 30_000),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let to = receiver.address();
+        let v = svc.request_withdrawal(request(acct, &to, amount, &format!("m{i}")), w.clock.now());
+        ids.push(v.unwrap().id);
+    }
+    svc.reject_withdrawal(ids[3], "customer cancelled").unwrap();
+    check(&svc, "held");
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.unwrap();
+    assert_eq!(batch.withdrawals, ids[..3].to_vec());
+    let r = check(&svc, "batch in flight");
+    assert!(r.withdrawals_in_flight.0 > 220_000);
+
+    // Bumped, then confirmed together with the pending deposit.
+    svc.bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(9), w.clock.now())
+        .unwrap();
+    check(&svc, "bumped");
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.withdrawals.completed.len(), 3);
+    assert_eq!(r.deposits.credited.len(), 1);
+    let r = check(&svc, "completed");
+    assert_eq!(r.withdrawals_in_flight.0, 0);
+    assert_eq!(r.uncredited_deposits.0, 0);
+    assert!(r.fee_income.0 > 0);
+    assert_eq!(
+        w.ledger.btc(alice).0 + w.ledger.btc(bob).0 + w.ledger.btc(FEE_ACCOUNT).0,
+        r.wallet_confirmed.0 + r.wallet_pending.0
+    );
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 220_000);
+}

@@ -261,7 +261,7 @@ impl AppState {
             self.0
                 .keys
                 .create(&self.0.store, account, perms, label, crate::core::now_ms())?;
-        Ok((k.api_key, s))
+        Ok((k.api_key.clone(), s))
     }
 
     /// The read-model thread, to join at shutdown: it writes the last history rows and exits once
@@ -463,7 +463,7 @@ impl AppState {
         Ok((Params::parse(&req.query, &req.body)?, ctx))
     }
 
-    fn api_key(&self, req: &Req, weight: u64) -> Result<ApiKey, ApiError> {
+    fn api_key(&self, req: &Req, weight: u64) -> Result<Arc<ApiKey>, ApiError> {
         let raw = req
             .headers
             .get("x-mbx-apikey")
@@ -474,7 +474,7 @@ impl AppState {
     }
 
     /// A live key by its public id, charged `weight` against its limit (`-2014`, `-2015`, 429).
-    pub fn lookup_key(&self, raw: &str, weight: u64) -> Result<ApiKey, ApiError> {
+    pub fn lookup_key(&self, raw: &str, weight: u64) -> Result<Arc<ApiKey>, ApiError> {
         if raw.is_empty() || raw.len() > 128 || !raw.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(ApiError::key_format());
         }
@@ -496,7 +496,7 @@ impl AppState {
     }
 
     /// A request with an API key but no signature (`userDataStream`).
-    pub fn keyed(&self, req: &Req, weight: u64) -> Result<(ApiKey, Params, Ctx), ApiError> {
+    pub fn keyed(&self, req: &Req, weight: u64) -> Result<(Arc<ApiKey>, Params, Ctx), ApiError> {
         let ctx = self.charge_ip(req, weight)?;
         let key = self.api_key(req, weight)?;
         Ok((key, Params::parse(&req.query, &req.body)?, ctx))
@@ -509,7 +509,7 @@ impl AppState {
         req: &Req,
         perm: Perms,
         weight: u64,
-    ) -> Result<(ApiKey, Params, Ctx), ApiError> {
+    ) -> Result<(Arc<ApiKey>, Params, Ctx), ApiError> {
         let ctx = self.charge_ip(req, weight)?;
         let key = self.api_key(req, weight)?;
         let mut p = Params::parse(&req.query, &req.body)?;

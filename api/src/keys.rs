@@ -13,7 +13,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -125,7 +125,7 @@ pub enum KeyError {
 /// All live keys (in memory, backed by SQLite).
 pub struct KeyStore {
     master: [u8; 32],
-    keys: RwLock<HashMap<String, ApiKey>>,
+    keys: RwLock<HashMap<String, Arc<ApiKey>>>,
 }
 
 impl std::fmt::Debug for KeyStore {
@@ -205,7 +205,7 @@ impl KeyStore {
         self.keys
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .insert(row.api_key, k);
+            .insert(row.api_key, Arc::new(k));
     }
 
     /// Creates a key; returns it and its secret (the only time the secret is shown).
@@ -216,7 +216,7 @@ impl KeyStore {
         perms: Perms,
         label: &str,
         now_ms: u64,
-    ) -> Result<(ApiKey, String), KeyError> {
+    ) -> Result<(Arc<ApiKey>, String), KeyError> {
         let api_key = hex::encode(random_bytes::<32>()?);
         let row = KeyRow {
             api_key: api_key.clone(),
@@ -243,7 +243,7 @@ impl KeyStore {
     }
 
     /// A live key.
-    pub fn get(&self, api_key: &str) -> Option<ApiKey> {
+    pub fn get(&self, api_key: &str) -> Option<Arc<ApiKey>> {
         self.keys
             .read()
             .unwrap_or_else(|e| e.into_inner())
@@ -252,8 +252,8 @@ impl KeyStore {
     }
 
     /// Keys of an account.
-    pub fn of_account(&self, account: u32) -> Vec<ApiKey> {
-        let mut v: Vec<ApiKey> = self
+    pub fn of_account(&self, account: u32) -> Vec<Arc<ApiKey>> {
+        let mut v: Vec<Arc<ApiKey>> = self
             .keys
             .read()
             .unwrap_or_else(|e| e.into_inner())

@@ -111,7 +111,7 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
         st.0.keys
             .of_account(key.account)
             .iter()
-            .map(key_json)
+            .map(|k| key_json(k))
             .collect();
     Ok(ok_json(&ctx, serde_json::Value::Array(v)))
 }

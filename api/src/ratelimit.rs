@@ -59,7 +59,13 @@ impl Limiter {
         if m.len() > 100_000 {
             m.retain(|_, (w, _)| *w == window);
         }
-        let e = m.entry(client.to_owned()).or_insert((window, 0));
+        // No allocation for a client already counted (the common case).
+        if !m.contains_key(client) {
+            m.insert(client.to_owned(), (window, 0));
+        }
+        let Some(e) = m.get_mut(client) else {
+            return Charge::Ok(0);
+        };
         if e.0 != window {
             *e = (window, 0);
         }

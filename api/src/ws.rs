@@ -558,7 +558,7 @@ fn param_str(v: &Value) -> Option<String> {
 fn ws_signed(
     st: &AppState,
     params: &serde_json::Map<String, Value>,
-) -> Result<crate::keys::ApiKey, ApiError> {
+) -> Result<std::sync::Arc<crate::keys::ApiKey>, ApiError> {
     let api_key = params
         .get("apiKey")
         .and_then(Value::as_str)

@@ -216,7 +216,10 @@ pub struct Kline {
     pub last_id: u64,
 }
 
-/// The kline intervals (Binance names and lengths in ms). `1M` is not offered.
+/// The length that stands for a calendar month (`1M`).
+pub const MONTH: u64 = 0;
+
+/// The kline intervals (Binance names and lengths in ms; `1M` is a calendar month, UTC).
 pub const INTERVALS: &[(&str, u64)] = &[
     ("1s", 1_000),
     ("1m", 60_000),
@@ -233,6 +236,7 @@ pub const INTERVALS: &[(&str, u64)] = &[
     ("1d", 86_400_000),
     ("3d", 259_200_000),
     ("1w", 604_800_000),
+    ("1M", MONTH),
 ];
 
 /// Index of an interval by name.
@@ -240,8 +244,48 @@ pub fn interval_index(name: &str) -> Option<usize> {
     INTERVALS.iter().position(|(n, _)| *n == name)
 }
 
-/// Open time of the interval containing `t`. Weeks start on Monday, as on Binance.
+/// Days since 1970-01-01 of a civil date (proleptic Gregorian; Howard Hinnant's algorithm).
+fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = i64::from((m + 9) % 12);
+    let doy = (153 * mp + 2) / 5 + i64::from(d) - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The civil date (year, month) of a day number.
+fn civil_from_days(z: i64) -> (i64, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m)
+}
+
+/// Open and close time (inclusive) of the interval of length `len` containing `t`.
+pub fn bucket(t: u64, len: u64) -> (u64, u64) {
+    if len == MONTH {
+        let (y, m) = civil_from_days((t / 86_400_000) as i64);
+        let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+        let open = days_from_civil(y, m, 1).max(0) as u64 * 86_400_000;
+        let next = days_from_civil(ny, nm, 1).max(0) as u64 * 86_400_000;
+        return (open, next - 1);
+    }
+    let open = bucket_start(t, len);
+    (open, open + len - 1)
+}
+
+/// Open time of the interval containing `t` (fixed lengths). Weeks start on Monday, as on
+/// Binance.
 pub fn bucket_start(t: u64, len: u64) -> u64 {
+    if len == MONTH {
+        return bucket(t, len).0;
+    }
     if len == 604_800_000 {
         let monday = 4 * 86_400_000; // 1970-01-05
         if t < monday {
@@ -956,12 +1000,12 @@ pub fn execution_report(
 /// Adds a trade to a market's recent trades and klines.
 fn add_trade(m: &mut MarketState, t: &TradeRec) {
     for (i, (_, len)) in INTERVALS.iter().enumerate() {
-        let open = bucket_start(t.time_ms, *len);
+        let (open, close) = bucket(t.time_ms, *len);
         let ks = &mut m.klines[i];
         if ks.back().is_none_or(|k| k.open_ms != open) {
             ks.push_back(Kline {
                 open_ms: open,
-                close_ms: open + len - 1,
+                close_ms: close,
                 open: t.price,
                 high: t.price,
                 low: t.price,
@@ -1350,6 +1394,17 @@ mod tests {
         let t = 11 * 86_400_000 + 36_000_000;
         assert_eq!(bucket_start(t, 604_800_000), 11 * 86_400_000);
         assert_eq!(interval_index("1h"), Some(6));
-        assert_eq!(interval_index("1M"), None);
+        assert_eq!(interval_index("1M"), Some(15));
+        // 2024-02-15 12:00 UTC: February of a leap year.
+        let feb15 = 1_708_000_000_000;
+        assert_eq!(bucket(feb15, MONTH), (1_706_745_600_000, 1_709_251_199_999));
+        // December rolls over to January.
+        let dec31 = 1_704_023_999_000; // 2023-12-31 11:59:59 UTC
+        assert_eq!(bucket(dec31, MONTH), (1_701_388_800_000, 1_704_067_199_999));
+        assert_eq!(bucket(0, MONTH), (0, 2_678_399_999));
+        for d in [0i64, 59, 365, 10_957, 19_723, 47_482] {
+            let (y, m) = civil_from_days(d);
+            assert!(days_from_civil(y, m, 1) <= d && d - days_from_civil(y, m, 1) < 31);
+        }
     }
 }

@@ -529,6 +529,8 @@ async fn trading_flow_orders_trades_balances() {
         (Some(1), Some("0.00500000"))
     );
     assert_eq!(tk["weightedAvgPrice"], "30000.00000000");
+    let month = h.get("/api/v3/klines?symbol=BTCUSD&interval=1M").await.json;
+    assert_eq!(month[0][5], "0.00500000");
     let k = h.get("/api/v3/klines?symbol=BTCUSD&interval=1m").await.json;
     assert_eq!(k[0][1], "30000.00000000");
     assert_eq!(k[0][5], "0.00500000");

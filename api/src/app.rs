@@ -664,6 +664,10 @@ pub fn app(state: AppState) -> Router {
         .route("/api/v3/order/test", post(trade::test_order))
         .route("/api/v3/order/cancelReplace", post(trade::cancel_replace))
         .route(
+            "/api/v3/order/amend/keepPriority",
+            axum::routing::put(trade::amend_keep_priority),
+        )
+        .route(
             "/api/v3/openOrders",
             get(trade::open_orders).delete(trade::cancel_open_orders),
         )

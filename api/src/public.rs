@@ -83,7 +83,7 @@ fn symbol_info(m: &MarketSpec) -> Value {
         "quoteOrderQtyMarketAllowed": true,
         "allowTrailingStop": false,
         "cancelReplaceAllowed": true,
-        "amendAllowed": false,
+        "amendAllowed": true,
         "isSpotTradingAllowed": true,
         "isMarginTradingAllowed": false,
         "filters": m.filters(),

@@ -710,6 +710,80 @@ pub async fn cancel_order(State(st): State<AppState>, req: Req) -> Result<Respon
     Ok(ok_json(&ctx, v))
 }
 
+/// `PUT /api/v3/order/amend/keepPriority`: lowers an open limit order's quantity in place,
+/// keeping its time priority. The client order id stays the order's own: `newClientOrderId`, if
+/// sent, must equal it (the engine keeps one id per order).
+pub async fn amend_keep_priority(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 4)?;
+    let sym = p.req("symbol")?;
+    let r = order_ref(&mut p)?;
+    let new_client = p.opt("newClientOrderId")?;
+    let new_qty = p.req("newQty")?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let qty = m.parse_qty("newQty", &new_qty)?;
+    let current = lookup(&st, key.account, r)?
+        .filter(|o| o.market == m.id.0 && o.is_open())
+        .ok_or_else(|| ApiError::bad(-2013, "Order does not exist."))?;
+    if let Some(c) = &new_client {
+        if *c != current.client_id {
+            return Err(ApiError::bad(-1014, "Unsupported order combination."));
+        }
+    }
+    if qty.0 >= current.orig_qty {
+        return Err(ApiError::invalid_value("newQty"));
+    }
+    let reply = st
+        .submit(Command::Amend {
+            account: AccountId(key.account),
+            market: m.id,
+            order: OrderRef::Id(OrderId(current.id)),
+            new_price: None,
+            new_qty: Some(qty),
+        })
+        .await?;
+    if let Err(code) = reply.result {
+        return Err(match code {
+            matching_engine::RejectCode::UnknownOrder => ApiError::no_such_order(),
+            other => ApiError::new_order_rejected(other),
+        });
+    }
+    let o = st
+        .read_model()
+        .find_order(key.account, current.id)
+        .map_err(internal)?
+        .ok_or_else(ApiError::internal)?;
+    Ok(ok_json(
+        &ctx,
+        json!({
+            "transactTime": accepted_ms(&reply.events),
+            "executionId": reply.seq,
+            "amendedOrder": {
+                "symbol": m.symbol,
+                "orderId": o.id,
+                "orderListId": -1,
+                "origClientOrderId": current.client_id,
+                "clientOrderId": o.client_id,
+                "price": m.fmt_price(Price(o.price)),
+                "qty": m.fmt_qty(Qty(o.orig_qty)),
+                "executedQty": m.fmt_qty(Qty(o.executed)),
+                "preventedQty": m.fmt_qty(Qty(0)),
+                "quoteOrderQty": m.fmt_quote(u128::from(o.orig_quote)),
+                "cumulativeQuoteQty": m.fmt_quote(u128::from(o.cum_quote)),
+                "status": o.status.as_str(),
+                "timeInForce": tif_str(o.tif),
+                "type": o.kind.as_str(),
+                "side": side_str(o.side),
+                "workingTime": o.working_ms.map_or(-1, |w| w as i64),
+                "selfTradePreventionMode": stp_str(o.stp),
+            },
+        }),
+    ))
+}
+
 /// `GET /api/v3/openOrders`.
 pub async fn open_orders(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (mut p0, _) = st.public(&req, 0)?;

@@ -770,6 +770,95 @@ async fn cancel_replace() {
 }
 
 #[tokio::test]
+async fn amend_keep_priority() {
+    let h = Harness::new();
+    let (_, seller) = h.trader("1", "0").await;
+    let (_, other) = h.trader("1", "0").await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let first = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000&newClientOrderId=mine", &seller).await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000",
+        &other,
+    )
+    .await;
+    let a = h
+        .ok(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            "symbol=BTCUSD&origClientOrderId=mine&newQty=0.004",
+            &seller,
+        )
+        .await;
+    assert_eq!(a["amendedOrder"]["orderId"], first["orderId"]);
+    assert_eq!(a["amendedOrder"]["qty"], "0.00400000");
+    assert_eq!(a["amendedOrder"]["clientOrderId"], "mine");
+    assert_eq!(a["amendedOrder"]["status"], "NEW");
+    // Still first in line: a buy of 0.004 fills the amended order, not the other one.
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.004&price=30000",
+        &buyer,
+    )
+    .await;
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            "symbol=BTCUSD&origClientOrderId=mine",
+            &seller,
+        )
+        .await;
+    assert_eq!(o["status"], "FILLED");
+    let d = h.get("/api/v3/depth?symbol=BTCUSD").await.json;
+    assert_eq!(
+        d["asks"],
+        serde_json::json!([["30000.00000000", "0.01000000"]])
+    );
+    // Not lower, other client id, unknown or closed order.
+    let (_, k) = h.trader("1", "0").await;
+    h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=31000&newClientOrderId=x", &k).await;
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            "symbol=BTCUSD&origClientOrderId=x&newQty=0.02",
+            &k,
+        )
+        .await;
+    assert_eq!(r.code(), -1130);
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            "symbol=BTCUSD&origClientOrderId=x&newQty=0.005&newClientOrderId=y",
+            &k,
+        )
+        .await;
+    assert_eq!(r.code(), -1014);
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            "symbol=BTCUSD&origClientOrderId=mine&newQty=0.001",
+            &seller,
+        )
+        .await;
+    assert_eq!(r.code(), -2013);
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            "symbol=BTCUSD&origClientOrderId=x",
+            &k,
+        )
+        .await;
+    assert_eq!(r.code(), -1102);
+}
+
+#[tokio::test]
 async fn native_endpoints_transfer_keys_admin() {
     let h = Harness::new();
     let (a, ka) = h.trader("0", "100").await;

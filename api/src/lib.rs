@@ -15,6 +15,7 @@
 pub mod app;
 pub mod client;
 pub mod core;
+pub mod custody;
 pub mod decimal;
 pub mod error;
 pub mod keys;

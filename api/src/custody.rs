@@ -1,0 +1,167 @@
+//! The custody boundary: what the API needs from the custody service (deposit addresses,
+//! deposits, withdrawals, approvals, reconciliation, and on regtest, mining). The application
+//! implements [`Custody`] over the wallet crate; the API never sees keys or bitcoin types, only
+//! strings and satoshis.
+//!
+//! Every method is blocking (the custody service does disk and RPC I/O): handlers call it on
+//! tokio's blocking pool.
+
+use serde::Serialize;
+
+/// A deposit's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DepositState {
+    /// Seen in the mempool or with fewer confirmations than required; not credited.
+    Pending,
+    /// Credited to the account.
+    Credited,
+    /// Credited, then removed from the chain by a reorg; the account is flagged.
+    Reorged,
+}
+
+/// A deposit.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct DepositInfo {
+    /// Beneficiary account.
+    pub account: u32,
+    /// Transaction id (hex).
+    pub txid: String,
+    /// Output index.
+    pub vout: u32,
+    /// Amount in satoshis.
+    pub amount_sat: u64,
+    /// The deposit address paid.
+    pub address: String,
+    /// State.
+    pub state: DepositState,
+    /// Confirmations now.
+    pub confirmations: u32,
+    /// Confirmations required for the credit.
+    pub required_confirmations: u32,
+    /// When first seen, ms since the epoch.
+    pub seen_ms: u64,
+}
+
+/// A withdrawal's state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WithdrawalState {
+    /// Held, waiting for an operator's approval.
+    AwaitingApproval,
+    /// Held, waiting for the next batch.
+    Pending,
+    /// In a signed (broadcast) batch transaction.
+    Processing,
+    /// Paid and confirmed.
+    Completed,
+    /// Given back to the account (see `reason`).
+    Released,
+}
+
+/// A withdrawal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct WithdrawalInfo {
+    /// Id.
+    pub id: u64,
+    /// Owner.
+    pub account: u32,
+    /// Destination address.
+    pub address: String,
+    /// Amount paid out, satoshis.
+    pub amount_sat: u64,
+    /// Flat fee charged to the account, satoshis.
+    pub fee_sat: u64,
+    /// The caller's idempotency key (Binance's `withdrawOrderId`).
+    pub idempotency_key: String,
+    /// State.
+    pub state: WithdrawalState,
+    /// Why it was released, if it was.
+    pub reason: Option<String>,
+    /// When requested, ms since the epoch.
+    pub created_ms: u64,
+    /// The paying transaction, once batched.
+    pub txid: Option<String>,
+    /// Confirmations of the paying transaction.
+    pub confirmations: u32,
+}
+
+/// Wallet assets against ledger liabilities, in satoshis.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ReconcileInfo {
+    /// Confirmed wallet balance.
+    pub wallet_confirmed_sat: u64,
+    /// Unconfirmed and immature wallet balance.
+    pub wallet_pending_sat: u64,
+    /// Deposits in the wallet not yet credited.
+    pub uncredited_deposits_sat: u64,
+    /// Withdrawals that left the wallet but are not completed in the ledger.
+    pub withdrawals_in_flight_sat: u64,
+    /// All BTC balances in the ledger (held included).
+    pub ledger_liabilities_sat: u64,
+    /// Withdrawal fee income kept by the exchange.
+    pub fee_income_sat: u64,
+    /// Assets minus liabilities (negative: shortfall).
+    pub surplus_sat: i64,
+    /// True on a shortfall.
+    pub shortfall: bool,
+    /// Chain height the wallet has synced to.
+    pub tip_height: u32,
+}
+
+/// A refusal or failure of the custody service. `code` is a Binance-style error code (negative)
+/// and `status` the HTTP status to answer with; `msg` is safe to show to the caller.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{msg} ({code})")]
+#[non_exhaustive]
+pub struct CustodyError {
+    /// Binance-style error code.
+    pub code: i32,
+    /// HTTP status.
+    pub status: u16,
+    /// Message for the caller.
+    pub msg: String,
+}
+
+impl CustodyError {
+    /// A refusal of bad input (HTTP 400).
+    pub fn bad_request(code: i32, msg: impl Into<String>) -> Self {
+        Self { code, status: 400, msg: msg.into() }
+    }
+    /// An internal failure (HTTP 500, Binance's -1001 style); details go to the log, not here.
+    pub fn internal(msg: impl Into<String>) -> Self {
+        Self { code: -1001, status: 500, msg: msg.into() }
+    }
+}
+
+/// The custody service as the API sees it.
+pub trait Custody: Send + Sync + 'static {
+    /// The account's current deposit address (made on first use), or a new one when `new`;
+    /// old addresses keep working.
+    fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError>;
+    /// Deposits, of one account or all.
+    fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError>;
+    /// Requests a withdrawal of `amount_sat` to `address`, idempotent by `idempotency_key`
+    /// (a repeated key is refused). Validated and held at once; paid by a later batch.
+    fn request_withdrawal(
+        &self,
+        account: u32,
+        address: &str,
+        amount_sat: u64,
+        idempotency_key: &str,
+    ) -> Result<WithdrawalInfo, CustodyError>;
+    /// Withdrawals, of one account or all.
+    fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError>;
+    /// Approves a withdrawal that waits for approval.
+    fn approve_withdrawal(&self, id: u64) -> Result<WithdrawalInfo, CustodyError>;
+    /// The flat withdrawal fee and the minimum amount, satoshis.
+    fn withdrawal_terms(&self) -> (u64, u64);
+    /// Wallet assets against ledger liabilities.
+    fn reconcile(&self) -> Result<ReconcileInfo, CustodyError>;
+    /// Regtest only: mines `blocks` blocks (to a throwaway address); the new tip height.
+    fn regtest_mine(&self, blocks: u32) -> Result<u32, CustodyError>;
+    /// Regtest only: mines a block paying its coinbase to the account's deposit address and
+    /// enough blocks after it for the coinbase to mature and the deposit to be credited; the
+    /// amount paid, satoshis.
+    fn regtest_fund(&self, account: u32) -> Result<u64, CustodyError>;
+}

@@ -1,40 +1,251 @@
-//! The `mediator` binary: one subcommand per job (`mediator help` lists them).
+//! The `mediator` binary: `serve` runs everything; the admin commands talk to a running server;
+//! `replay` times the order book on a feed.
 //!
 //! Each subcommand lives in its own module and returns `anyhow::Result`; `main` only dispatches
 //! and turns an error into a message on stderr and exit code 2.
 
+mod admin;
+mod bitcoind;
+mod config;
+mod custody;
 mod replay;
+mod serve;
 
+use clap::{Args, Parser, Subcommand};
+use config::{BitcoindConfig, CustodyKnobs, FileConfig, ServeConfig};
+use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-const USAGE: &str = "\
-usage: mediator <command> [args]
+/// Mediator: a Bitcoin exchange and payment engine.
+#[derive(Debug, Parser)]
+#[command(name = "mediator", version, about)]
+struct Cli {
+    /// Data directory (journal, snapshots, SQLite, keys).
+    #[arg(long, global = true, env = "MEDIATOR_DATA_DIR")]
+    data_dir: Option<PathBuf>,
+    /// The running server, for the admin commands.
+    #[arg(
+        long,
+        global = true,
+        env = "MEDIATOR_SERVER",
+        default_value = "127.0.0.1:8080"
+    )]
+    server: SocketAddr,
+    /// Admin commands: print the server's JSON answer.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
 
-commands:
-  replay FEED.csv [--rounds N]   replay a QuantCup order feed on a fresh book N times (default 20)
-                                 and print the time per message
-  help                           print this message";
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Runs the engine, custody and the HTTP API (regtest with its own bitcoind by default).
+    Serve(ServeArgs),
+    /// Replays a QuantCup order feed on a fresh book per round and prints ns/msg.
+    Replay {
+        /// FEED.csv [--rounds N]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Accounts.
+    Account {
+        #[command(subcommand)]
+        cmd: AccountCmd,
+    },
+    /// API keys.
+    Apikey {
+        #[command(subcommand)]
+        cmd: ApikeyCmd,
+    },
+    /// Prints an account's deposit address (a new one with --new).
+    DepositAddress {
+        /// Account id.
+        account: u32,
+        /// Make a new address (old ones keep working).
+        #[arg(long)]
+        new: bool,
+    },
+    /// Lists withdrawals.
+    Withdrawals {
+        /// Only this account's.
+        #[arg(long)]
+        account: Option<u32>,
+    },
+    /// Approves a withdrawal waiting for approval.
+    Approve {
+        /// Withdrawal id.
+        id: u64,
+    },
+    /// Wallet assets against ledger liabilities.
+    Reconcile,
+    /// Records an operator deposit of an asset (e.g. USD received by wire), idempotent by reference.
+    Credit {
+        /// Account id.
+        account: u32,
+        /// Asset symbol, e.g. USD.
+        asset: String,
+        /// Amount, a decimal, e.g. 1000.50.
+        amount: String,
+        /// External reference; the same reference credits once.
+        #[arg(long)]
+        reference: String,
+    },
+    /// Regtest helpers.
+    Regtest {
+        #[command(subcommand)]
+        cmd: RegtestCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountCmd {
+    /// Opens a new account.
+    Create,
+}
+
+#[derive(Debug, Subcommand)]
+enum ApikeyCmd {
+    /// Creates an API key for an account.
+    Create {
+        /// Account id.
+        #[arg(long)]
+        account: u32,
+        /// Comma-separated: read,trade,withdraw,merchant,admin.
+        #[arg(long, default_value = "read,trade")]
+        permissions: String,
+        /// A label.
+        #[arg(long)]
+        label: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum RegtestCmd {
+    /// Mines N blocks.
+    Mine {
+        /// Blocks.
+        blocks: u32,
+    },
+    /// Mines coins to the account's deposit address (and matures them).
+    Fund {
+        /// Account id.
+        account: u32,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// A TOML configuration file (see README); environment and flags override it.
+    #[arg(long, env = "MEDIATOR_CONFIG")]
+    config: Option<PathBuf>,
+    /// HTTP listen address [default: 127.0.0.1:8080].
+    #[arg(long, env = "MEDIATOR_LISTEN")]
+    listen: Option<SocketAddr>,
+    /// regtest, testnet, testnet4, signet or bitcoin [default: regtest].
+    #[arg(long, env = "MEDIATOR_NETWORK")]
+    network: Option<String>,
+    /// An existing node's RPC URL (otherwise, on regtest, serve starts its own).
+    #[arg(long, env = "MEDIATOR_BITCOIND_RPC_URL")]
+    bitcoind_rpc_url: Option<String>,
+    /// The node's cookie file.
+    #[arg(long, env = "MEDIATOR_BITCOIND_COOKIE")]
+    bitcoind_cookie: Option<PathBuf>,
+    /// The node's RPC user.
+    #[arg(long, env = "MEDIATOR_BITCOIND_RPC_USER")]
+    bitcoind_rpc_user: Option<String>,
+    /// The node's RPC password.
+    #[arg(long, env = "MEDIATOR_BITCOIND_RPC_PASSWORD", hide_env_values = true)]
+    bitcoind_rpc_password: Option<String>,
+    /// Confirmations before a deposit is credited [default: 1 on regtest, 3 elsewhere].
+    #[arg(long, env = "MEDIATOR_DEPOSIT_CONFIRMATIONS")]
+    deposit_confirmations: Option<u32>,
+    /// Custody loop period in milliseconds [default: 1000 on regtest, 5000 elsewhere].
+    #[arg(long, env = "MEDIATOR_POLL_INTERVAL_MS")]
+    poll_interval_ms: Option<u64>,
+    /// Withdrawal batch period in seconds [default: 5 on regtest, 60 elsewhere].
+    #[arg(long, env = "MEDIATOR_BATCH_INTERVAL_SECS")]
+    batch_interval_secs: Option<u64>,
+}
 
 fn main() -> ExitCode {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    let (command, rest) = match args.split_first() {
-        Some((command, rest)) => (command.as_str(), rest),
-        None => ("", &[][..]),
-    };
-    let result = match command {
-        "replay" => replay::run(rest),
-        "help" | "-h" | "--help" => {
-            println!("{USAGE}");
-            Ok(())
-        }
-        "" => Err(anyhow::anyhow!("no command given\n\n{USAGE}")),
-        other => Err(anyhow::anyhow!("unknown command {other:?}\n\n{USAGE}")),
-    };
-    match result {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("mediator: {e:#}");
             ExitCode::from(2)
         }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let data_dir = cli
+        .data_dir
+        .clone()
+        .unwrap_or_else(|| "./mediator-data".into());
+    let (server, json) = (cli.server, cli.json);
+    let admin = || admin::Admin::new(server, &data_dir, json);
+    match cli.command {
+        Cmd::Serve(a) => {
+            let file = match &a.config {
+                Some(p) => FileConfig::load(p)?,
+                None => FileConfig::default(),
+            };
+            let over = FileConfig {
+                data_dir: cli.data_dir,
+                listen: a.listen,
+                network: a.network,
+                bitcoind: BitcoindConfig {
+                    rpc_url: a.bitcoind_rpc_url,
+                    cookie_file: a.bitcoind_cookie,
+                    rpc_user: a.bitcoind_rpc_user,
+                    rpc_password: a.bitcoind_rpc_password,
+                },
+                custody: CustodyKnobs {
+                    deposit_confirmations: a.deposit_confirmations,
+                    poll_interval_ms: a.poll_interval_ms,
+                    batch_interval_secs: a.batch_interval_secs,
+                    ..CustodyKnobs::default()
+                },
+            };
+            serve::run(ServeConfig::resolve(file, over)?)
+        }
+        Cmd::Replay { args } => replay::run(&args),
+        Cmd::Account {
+            cmd: AccountCmd::Create,
+        } => admin::account_create(&admin()?),
+        Cmd::Apikey {
+            cmd:
+                ApikeyCmd::Create {
+                    account,
+                    permissions,
+                    label,
+                },
+        } => admin::apikey_create(&admin()?, account, &permissions, label.as_deref()),
+        Cmd::DepositAddress { account, new } => admin::deposit_address(&admin()?, account, new),
+        Cmd::Withdrawals { account } => admin::withdrawals(&admin()?, account),
+        Cmd::Approve { id } => admin::approve(&admin()?, id),
+        Cmd::Reconcile => admin::reconcile(&admin()?),
+        Cmd::Credit {
+            account,
+            asset,
+            amount,
+            reference,
+        } => admin::credit(&admin()?, account, &asset, &amount, &reference),
+        Cmd::Regtest {
+            cmd: RegtestCmd::Mine { blocks },
+        } => admin::regtest_mine(&admin()?, blocks),
+        Cmd::Regtest {
+            cmd: RegtestCmd::Fund { account },
+        } => admin::regtest_fund(&admin()?, account),
     }
 }

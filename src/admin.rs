@@ -1,0 +1,236 @@
+//! Admin commands: each talks to the running server's admin endpoints, signed with the admin key
+//! that `mediator serve` wrote into the data directory, and prints a short summary (or the JSON
+//! answer with `--json`).
+
+use anyhow::{anyhow, Context};
+use api::client::{Client, ClientError};
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// Where the server is and how to talk to it.
+#[derive(Debug)]
+pub struct Admin {
+    client: Client,
+    json: bool,
+    rt: tokio::runtime::Runtime,
+}
+
+impl Admin {
+    /// A client for the server at `server`, with the admin key in `data_dir/api/admin-key.json`.
+    pub fn new(server: SocketAddr, data_dir: &Path, json: bool) -> anyhow::Result<Self> {
+        let key = data_dir.join("api").join("admin-key.json");
+        let client = Client::from_key_file(server, &key)
+            .map_err(|e| anyhow!("{e}"))
+            .with_context(|| {
+                format!(
+                    "reading the admin key {} (is the data directory right?)",
+                    key.display()
+                )
+            })?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        Ok(Self { client, json, rt })
+    }
+
+    /// A signed admin call.
+    pub fn call(&self, method: &str, path: &str, params: &[(&str, &str)]) -> anyhow::Result<Value> {
+        self.rt
+            .block_on(self.client.signed(method, path, params))
+            .map_err(|e| match e {
+                ClientError::Api { status, code, msg } => {
+                    anyhow!("server refused ({status}, code {code}): {msg}")
+                }
+                other => anyhow!("cannot reach the server: {other}"),
+            })
+    }
+
+    /// Prints `v` as JSON, or `summary(v)`.
+    pub fn print(&self, v: &Value, summary: impl FnOnce(&Value) -> String) {
+        if self.json {
+            println!("{v}");
+        } else {
+            println!("{}", summary(v));
+        }
+    }
+}
+
+fn s(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// `mediator account create`.
+pub fn account_create(a: &Admin) -> anyhow::Result<()> {
+    let v = a.call("POST", "/mapi/v1/admin/account", &[])?;
+    a.print(&v, |v| format!("account {} created", s(&v["account"])));
+    Ok(())
+}
+
+/// `mediator apikey create --account A --permissions P [--label L]`.
+pub fn apikey_create(
+    a: &Admin,
+    account: u32,
+    permissions: &str,
+    label: Option<&str>,
+) -> anyhow::Result<()> {
+    let account = account.to_string();
+    let mut params = vec![("account", account.as_str()), ("permissions", permissions)];
+    if let Some(l) = label {
+        params.push(("label", l));
+    }
+    let v = a.call("POST", "/mapi/v1/admin/apiKey", &params)?;
+    a.print(&v, |v| {
+        format!(
+            "api key for account {}: {}\nsecret (shown once): {}\npermissions: {}",
+            s(&v["account"]),
+            s(&v["apiKey"]),
+            s(&v["secretKey"]),
+            v["permissions"]
+        )
+    });
+    Ok(())
+}
+
+/// `mediator deposit-address A [--new]`.
+pub fn deposit_address(a: &Admin, account: u32, new: bool) -> anyhow::Result<()> {
+    let account = account.to_string();
+    let mut params = vec![("account", account.as_str())];
+    if new {
+        params.push(("new", "true"));
+    }
+    let v = a.call("POST", "/mapi/v1/admin/depositAddress", &params)?;
+    a.print(&v, |v| s(&v["address"]));
+    Ok(())
+}
+
+/// `mediator withdrawals [--account A]`.
+pub fn withdrawals(a: &Admin, account: Option<u32>) -> anyhow::Result<()> {
+    let account = account.map(|x| x.to_string());
+    let params: Vec<(&str, &str)> = account.iter().map(|x| ("account", x.as_str())).collect();
+    let v = a.call("GET", "/mapi/v1/admin/withdrawals", &params)?;
+    a.print(&v, |v| {
+        let rows = v.as_array().cloned().unwrap_or_default();
+        if rows.is_empty() {
+            return "no withdrawals".into();
+        }
+        rows.iter()
+            .map(|w| {
+                format!(
+                    "#{} account {} {} sat to {} [{}]{}",
+                    s(&w["id"]),
+                    s(&w["account"]),
+                    s(&w["amount_sat"]),
+                    s(&w["address"]),
+                    s(&w["state"]),
+                    w["txid"]
+                        .as_str()
+                        .map(|t| format!(" tx {t}"))
+                        .unwrap_or_default()
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
+}
+
+/// `mediator approve ID`.
+pub fn approve(a: &Admin, id: u64) -> anyhow::Result<()> {
+    let id = id.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/withdrawals/approve",
+        &[("id", id.as_str())],
+    )?;
+    a.print(&v, |v| {
+        format!("withdrawal {} approved: {}", s(&v["id"]), s(&v["state"]))
+    });
+    Ok(())
+}
+
+/// `mediator reconcile`.
+pub fn reconcile(a: &Admin) -> anyhow::Result<()> {
+    let v = a.call("GET", "/mapi/v1/admin/reconcile", &[])?;
+    a.print(&v, |v| {
+        format!(
+            "wallet: {} sat confirmed, {} sat pending; ledger liabilities {} sat; in flight {} sat; \
+             surplus {} sat{}",
+            s(&v["wallet_confirmed_sat"]),
+            s(&v["wallet_pending_sat"]),
+            s(&v["ledger_liabilities_sat"]),
+            s(&v["withdrawals_in_flight_sat"]),
+            s(&v["surplus_sat"]),
+            if v["shortfall"].as_bool() == Some(true) { " — SHORTFALL" } else { "" }
+        )
+    });
+    Ok(())
+}
+
+/// `mediator credit ACCOUNT ASSET AMOUNT --reference R`.
+pub fn credit(
+    a: &Admin,
+    account: u32,
+    asset: &str,
+    amount: &str,
+    reference: &str,
+) -> anyhow::Result<()> {
+    let account = account.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/credit",
+        &[
+            ("account", account.as_str()),
+            ("asset", asset),
+            ("amount", amount),
+            ("reference", reference),
+        ],
+    )?;
+    a.print(&v, |v| {
+        format!(
+            "{} {} {} to account {}",
+            if v["duplicate"].as_bool() == Some(true) {
+                "already credited:"
+            } else {
+                "credited"
+            },
+            s(&v["amount"]),
+            s(&v["asset"]),
+            s(&v["account"])
+        )
+    });
+    Ok(())
+}
+
+/// `mediator regtest mine N`.
+pub fn regtest_mine(a: &Admin, blocks: u32) -> anyhow::Result<()> {
+    let blocks = blocks.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/regtest/mine",
+        &[("blocks", blocks.as_str())],
+    )?;
+    a.print(&v, |v| format!("mined; tip height {}", s(&v["tip_height"])));
+    Ok(())
+}
+
+/// `mediator regtest fund ACCOUNT`.
+pub fn regtest_fund(a: &Admin, account: u32) -> anyhow::Result<()> {
+    let account = account.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/regtest/fund",
+        &[("account", account.as_str())],
+    )?;
+    a.print(&v, |v| {
+        format!(
+            "mined {} sat to account {}'s deposit address; it is credited at the custody service's next poll",
+            s(&v["amount_sat"]),
+            s(&v["account"])
+        )
+    });
+    Ok(())
+}

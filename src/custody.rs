@@ -1,0 +1,318 @@
+//! The glue between the custody service (wallet crate) and the rest of the server:
+//! [`EngineLedger`] is the wallet's view of the ledger (commands through the API's core, which
+//! answers once they are durable and applied to the read models), and [`WalletCustody`] is the
+//! API's view of custody (deposit addresses, deposits, withdrawals, reconciliation, regtest
+//! mining).
+
+use api::custody::{
+    Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
+    WithdrawalState,
+};
+use api::AppState;
+use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
+use matching_engine::config::BTC;
+use matching_engine::{AccountId, Amount, Command, RejectCode, WithdrawalId};
+use std::sync::{Arc, Mutex, MutexGuard};
+use wallet::bitcoin::{Address, Network, ScriptBuf};
+use wallet::{
+    system_now, CustodyService, DepositStatus, WithdrawalError, WithdrawalRequest,
+    WithdrawalStatus, WithdrawalView,
+};
+
+/// The ledger as the custody service sees it: every command goes through the API's core (the
+/// sequencer), and is answered once durable and visible in the read models.
+#[derive(Debug)]
+pub struct EngineLedger {
+    state: AppState,
+    rt: tokio::runtime::Handle,
+}
+
+impl EngineLedger {
+    /// Over the API's state; `rt` runs the submissions (the custody thread is not a tokio thread).
+    pub fn new(state: AppState, rt: tokio::runtime::Handle) -> Self {
+        Self { state, rt }
+    }
+}
+
+impl wallet::Ledger for EngineLedger {
+    fn submit(&self, cmd: Command) -> Result<(), RejectCode> {
+        // The engine is the authority: a command that got no answer (busy, stopped) is reported
+        // as busy, so the service tries it again later.
+        match self.rt.block_on(self.state.submit(cmd)) {
+            Ok(reply) => reply.result,
+            Err(_) => Err(RejectCode::EngineBusy),
+        }
+    }
+
+    fn btc_liabilities(&self) -> Amount {
+        let rm = self.state.read_model().read();
+        Amount(
+            rm.balances
+                .values()
+                .filter_map(|v| v.get(BTC.0 as usize))
+                .map(|&(available, held)| available + held)
+                .sum(),
+        )
+    }
+
+    fn account_exists(&self, account: AccountId) -> bool {
+        self.state.read_model().read().accounts.contains(&account.0)
+    }
+}
+
+/// Custody for the API, over the wallet's service (behind a mutex: custody is not on the order
+/// path, and the service runs one step at a time) and the node's RPC.
+pub struct WalletCustody {
+    service: Arc<Mutex<CustodyService>>,
+    rpc: Arc<Client>,
+    network: Network,
+}
+
+impl std::fmt::Debug for WalletCustody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("WalletCustody")
+            .field("network", &self.network)
+            .finish()
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> CustodyError {
+    tracing::error!(error = %e, "custody");
+    CustodyError::internal("custody service error")
+}
+
+/// Binance's codes for the custody refusals: -4026-ish are withdrawal rules; -1102 / -1100 input.
+fn withdrawal_error(e: WithdrawalError) -> CustodyError {
+    let code = match &e {
+        WithdrawalError::MalformedAddress { .. } | WithdrawalError::WrongNetwork { .. } => -4007,
+        WithdrawalError::Dust { .. } | WithdrawalError::BelowMinimum { .. } => -4022,
+        WithdrawalError::DailyLimit { .. } => -4025,
+        WithdrawalError::DenyListed { .. } => -4008,
+        WithdrawalError::DuplicateKey { .. } => -4029,
+        WithdrawalError::InvalidKey => -1100,
+        WithdrawalError::UnknownAccount(_) => -2015,
+        WithdrawalError::InsufficientBalance { .. } => -4026,
+        WithdrawalError::LedgerRejected(_) => -4026,
+        WithdrawalError::UnknownWithdrawal(_) => -4030,
+        WithdrawalError::NotAwaitingApproval(_) => -4031,
+        WithdrawalError::Store(_) => return internal(e),
+        _ => return internal(e),
+    };
+    CustodyError::bad_request(code, e.to_string())
+}
+
+impl WalletCustody {
+    /// Over a running service and its node.
+    pub fn new(service: Arc<Mutex<CustodyService>>, rpc: Arc<Client>, network: Network) -> Self {
+        Self {
+            service,
+            rpc,
+            network,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, CustodyService> {
+        self.service.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn withdrawal_info(&self, s: &CustodyService, w: &WithdrawalView) -> WithdrawalInfo {
+        let txid = w
+            .batch_id
+            .and_then(|b| s.batch_txids(b).ok())
+            .and_then(|v| v.last().copied());
+        let confirmations = txid.and_then(|t| s.transaction(t)).map_or(0, |(_, c)| c);
+        WithdrawalInfo {
+            id: w.id.0,
+            account: w.account.0,
+            address: w.address.clone(),
+            amount_sat: w.amount.0,
+            fee_sat: w.fee.0,
+            idempotency_key: w.idempotency_key.clone(),
+            state: match w.status {
+                WithdrawalStatus::AwaitingApproval => WithdrawalState::AwaitingApproval,
+                WithdrawalStatus::New | WithdrawalStatus::Pending => WithdrawalState::Pending,
+                WithdrawalStatus::Batched => WithdrawalState::Processing,
+                WithdrawalStatus::Completed => WithdrawalState::Completed,
+                WithdrawalStatus::Released => WithdrawalState::Released,
+                // A state added to the wallet later shows as pending until mapped here.
+                _ => WithdrawalState::Pending,
+            },
+            reason: w.reason.clone(),
+            created_ms: w.created_ms,
+            txid: txid.map(|t| t.to_string()),
+            confirmations,
+        }
+    }
+
+    fn ensure_regtest(&self) -> Result<(), CustodyError> {
+        if self.network == Network::Regtest {
+            Ok(())
+        } else {
+            Err(CustodyError::bad_request(-1002, "only on regtest"))
+        }
+    }
+}
+
+/// An address nobody needs to spend from: blocks mined for maturity or confirmations pay it.
+fn throwaway(network: Network) -> Address {
+    Address::p2wsh(&ScriptBuf::from_bytes(vec![0x51]), network)
+}
+
+impl Custody for WalletCustody {
+    fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError> {
+        let mut s = self.lock();
+        let account = AccountId(account);
+        if !new {
+            match s.deposit_addresses(account) {
+                Ok(v) if !v.is_empty() => return Ok(v[v.len() - 1].clone()),
+                Ok(_) => {}
+                Err(e) => return Err(deposit_address_error(e)),
+            }
+        }
+        s.new_deposit_address(account, system_now())
+            .map(|a| a.to_string())
+            .map_err(deposit_address_error)
+    }
+
+    fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError> {
+        let s = self.lock();
+        let required = s.config().deposit_confirmations;
+        let deposits = s.deposits(account.map(AccountId)).map_err(internal)?;
+        Ok(deposits
+            .into_iter()
+            .map(|d| {
+                let address = s
+                    .transaction(d.outpoint.txid)
+                    .and_then(|(tx, _)| {
+                        let out = tx.output.get(d.outpoint.vout as usize)?;
+                        Address::from_script(&out.script_pubkey, self.network).ok()
+                    })
+                    .map(|a| a.to_string())
+                    .unwrap_or_default();
+                DepositInfo {
+                    account: d.account.0,
+                    txid: d.outpoint.txid.to_string(),
+                    vout: d.outpoint.vout,
+                    amount_sat: d.amount.0,
+                    address,
+                    state: match d.status {
+                        DepositStatus::Pending => DepositState::Pending,
+                        DepositStatus::Credited => DepositState::Credited,
+                        DepositStatus::Reorged => DepositState::Reorged,
+                        _ => DepositState::Pending,
+                    },
+                    confirmations: d.confirmations,
+                    required_confirmations: required,
+                    seen_ms: 0,
+                }
+            })
+            .collect())
+    }
+
+    fn request_withdrawal(
+        &self,
+        account: u32,
+        address: &str,
+        amount_sat: u64,
+        idempotency_key: &str,
+    ) -> Result<WithdrawalInfo, CustodyError> {
+        let mut s = self.lock();
+        let req = WithdrawalRequest {
+            account: AccountId(account),
+            address: address.to_owned(),
+            amount: Amount(amount_sat),
+            idempotency_key: idempotency_key.to_owned(),
+        };
+        let w = s
+            .request_withdrawal(req, system_now())
+            .map_err(withdrawal_error)?;
+        Ok(self.withdrawal_info(&s, &w))
+    }
+
+    fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
+        let s = self.lock();
+        let all = s.withdrawals().map_err(withdrawal_error)?;
+        Ok(all
+            .iter()
+            .filter(|w| account.is_none_or(|a| w.account.0 == a))
+            .map(|w| self.withdrawal_info(&s, w))
+            .collect())
+    }
+
+    fn approve_withdrawal(&self, id: u64) -> Result<WithdrawalInfo, CustodyError> {
+        let mut s = self.lock();
+        s.approve_withdrawal(WithdrawalId(id))
+            .map_err(withdrawal_error)?;
+        let w = s
+            .withdrawal(WithdrawalId(id))
+            .map_err(withdrawal_error)?
+            .ok_or_else(|| CustodyError::bad_request(-4030, "unknown withdrawal"))?;
+        Ok(self.withdrawal_info(&s, &w))
+    }
+
+    fn withdrawal_terms(&self) -> (u64, u64) {
+        let s = self.lock();
+        let p = &s.config().withdrawal;
+        (p.flat_fee.0, p.min_amount.0)
+    }
+
+    fn reconcile(&self) -> Result<ReconcileInfo, CustodyError> {
+        let s = self.lock();
+        let r = s.reconcile().map_err(internal)?;
+        Ok(ReconcileInfo {
+            wallet_confirmed_sat: r.wallet_confirmed.0,
+            wallet_pending_sat: r.wallet_pending.0,
+            uncredited_deposits_sat: r.uncredited_deposits.0,
+            withdrawals_in_flight_sat: r.withdrawals_in_flight.0,
+            ledger_liabilities_sat: r.ledger_liabilities.0,
+            fee_income_sat: r.fee_income.0,
+            surplus_sat: r.surplus_sat,
+            shortfall: r.shortfall,
+            tip_height: s.tip_height(),
+        })
+    }
+
+    fn regtest_mine(&self, blocks: u32) -> Result<u32, CustodyError> {
+        self.ensure_regtest()?;
+        self.rpc
+            .generate_to_address(u64::from(blocks), &throwaway(self.network))
+            .map_err(internal)?;
+        let height = self.rpc.get_block_count().map_err(internal)?;
+        Ok(u32::try_from(height).unwrap_or(u32::MAX))
+    }
+
+    fn regtest_fund(&self, account: u32) -> Result<u64, CustodyError> {
+        self.ensure_regtest()?;
+        let address = self.deposit_address(account, false)?;
+        let address: Address = address
+            .parse::<Address<_>>()
+            .map_err(internal)?
+            .require_network(self.network)
+            .map_err(internal)?;
+        let hashes = self
+            .rpc
+            .generate_to_address(1, &address)
+            .map_err(internal)?;
+        let block = self.rpc.get_block(&hashes[0]).map_err(internal)?;
+        let paid: u64 = block.txdata[0]
+            .output
+            .iter()
+            .filter(|o| o.script_pubkey == address.script_pubkey())
+            .map(|o| o.value.to_sat())
+            .sum();
+        // A coinbase can be spent after 100 more blocks: mine them, so the credit is spendable.
+        self.rpc
+            .generate_to_address(100, &throwaway(self.network))
+            .map_err(internal)?;
+        Ok(paid)
+    }
+}
+
+fn deposit_address_error(e: wallet::DepositAddressError) -> CustodyError {
+    match e {
+        wallet::DepositAddressError::UnknownAccount(a) => {
+            CustodyError::bad_request(-2015, format!("unknown account {a}"))
+        }
+        other => internal(other),
+    }
+}

@@ -1,0 +1,187 @@
+//! `mediator serve`: everything in one process with embedded defaults. Start-up order: the
+//! node (started here on regtest when none is configured), journal recovery and the engine
+//! thread, the API's read models, the custody service and its loop, then the HTTP listener.
+//! SIGINT/SIGTERM: stop accepting, finish in-flight requests, stop custody, flush and stop the
+//! engine (journal synced), stop the node we started.
+
+use crate::bitcoind::{find_bitcoind, ManagedNode};
+use crate::config::ServeConfig;
+use crate::custody::{EngineLedger, WalletCustody};
+use anyhow::{anyhow, Context};
+use bdk_bitcoind_rpc::bitcoincore_rpc::{Auth, Client};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use wallet::bitcoin::{FeeRate, Network};
+use wallet::{CustodyConfig, CustodyService, Passphrase, RpcAuth, RpcConfig, Runner};
+
+/// Runs the server until SIGINT or SIGTERM.
+pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
+    std::fs::create_dir_all(&cfg.data_dir)
+        .with_context(|| format!("creating data directory {}", cfg.data_dir.display()))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+
+    // 1. The node.
+    let (managed, rpc) = match &cfg.bitcoind {
+        Some(b) => {
+            let auth = match (&b.cookie_file, &b.rpc_user, &b.rpc_password) {
+                (Some(c), _, _) => RpcAuth::CookieFile(c.clone()),
+                (None, Some(user), Some(password)) => RpcAuth::UserPass {
+                    user: user.clone(),
+                    password: password.clone(),
+                },
+                _ => unreachable!("checked when the configuration was resolved"),
+            };
+            let url = b
+                .rpc_url
+                .clone()
+                .expect("checked when the configuration was resolved");
+            (None, RpcConfig { url, auth })
+        }
+        None => {
+            let exe = find_bitcoind().ok_or_else(|| {
+                anyhow!(
+                    "no bitcoind found: set BITCOIND_EXE, put bitcoind on PATH, or build one with \
+                     scripts/build-bitcoind.sh"
+                )
+            })?;
+            let node = ManagedNode::start(&exe, &cfg.data_dir.join("bitcoind"))?;
+            tracing::info!(exe = %exe.display(), rpc = node.rpc_url(), "started regtest bitcoind");
+            let rpc = RpcConfig {
+                url: node.rpc_url().to_owned(),
+                auth: RpcAuth::CookieFile(node.cookie_file().to_owned()),
+            };
+            (Some(node), rpc)
+        }
+    };
+
+    // 2. Engine (journal recovery first) and API.
+    let node = api::start_node(&cfg.data_dir, api::NodeConfig::default())?;
+    tracing::info!(
+        snapshot = ?node.recovery.snapshot_seq,
+        replayed = node.recovery.replayed,
+        "engine recovered"
+    );
+
+    // 3. Custody.
+    let custody_cfg = custody_config(&cfg, rpc.clone());
+    let ledger = Arc::new(EngineLedger::new(node.state.clone(), rt.handle().clone()));
+    let service = CustodyService::open(custody_cfg.clone(), ledger)
+        .map_err(|e| anyhow!("custody service: {e}"))?;
+    let service = Arc::new(Mutex::new(service));
+    let runner = Runner::spawn(service.clone())?;
+    let client = Arc::new(rpc_client(&rpc)?);
+    node.state
+        .set_custody(Arc::new(WalletCustody::new(
+            service.clone(),
+            client,
+            cfg.network,
+        )))
+        .map_err(|_| anyhow!("custody attached twice"))?;
+
+    // 4. HTTP.
+    let listener = rt
+        .block_on(tokio::net::TcpListener::bind(cfg.listen))
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let addr = listener.local_addr()?;
+    println!(
+        "mediator: serving on http://{addr} (network {})",
+        cfg.network
+    );
+    println!("mediator: admin key in {}", node.admin_key.path.display());
+    println!("mediator: data directory {}", cfg.data_dir.display());
+    let served = rt.block_on(api::serve(listener, node.state.clone(), shutdown_signal()));
+
+    // 5. Stop in reverse order.
+    println!("mediator: shutting down");
+    runner.stop();
+    drop(service);
+    let engine = node.shutdown();
+    drop(rt);
+    if let Some(n) = managed {
+        n.stop()?;
+    }
+    served?;
+    engine.map_err(|e| anyhow!("engine shutdown: {e}"))?;
+    println!("mediator: stopped cleanly");
+    Ok(())
+}
+
+fn rpc_client(rpc: &RpcConfig) -> anyhow::Result<Client> {
+    let auth = match &rpc.auth {
+        RpcAuth::CookieFile(p) => Auth::CookieFile(p.clone()),
+        RpcAuth::UserPass { user, password } => Auth::UserPass(user.clone(), password.clone()),
+        _ => return Err(anyhow!("unsupported rpc authentication")),
+    };
+    Client::new(&rpc.url, auth).map_err(|e| anyhow!("bitcoind rpc: {e}"))
+}
+
+fn custody_config(cfg: &ServeConfig, rpc: RpcConfig) -> CustodyConfig {
+    let mut c = CustodyConfig::new(cfg.network, cfg.data_dir.join("wallet"), rpc);
+    let k = &cfg.custody;
+    c.passphrase = Passphrase::from_env("MEDIATOR_WALLET_PASSPHRASE");
+    if let Some(n) = k.deposit_confirmations {
+        c.deposit_confirmations = n.max(1);
+    }
+    c.poll_interval = Duration::from_millis(k.poll_interval_ms.unwrap_or(
+        if cfg.network == Network::Regtest {
+            1_000
+        } else {
+            5_000
+        },
+    ));
+    if let Some(v) = k.withdrawal_fee_sat {
+        c.withdrawal.flat_fee = matching_engine::Amount(v);
+    }
+    if let Some(v) = k.min_withdrawal_sat {
+        c.withdrawal.min_amount = matching_engine::Amount(v);
+    }
+    if let Some(v) = k.daily_limit_sat {
+        c.withdrawal.daily_limit = matching_engine::Amount(v);
+    }
+    if let Some(v) = k.approval_threshold_sat {
+        c.withdrawal.approval_threshold = matching_engine::Amount(v);
+    }
+    c.withdrawal.deny_list = k.deny_list.clone();
+    c.batch.interval = Duration::from_secs(k.batch_interval_secs.unwrap_or(
+        if cfg.network == Network::Regtest {
+            5
+        } else {
+            60
+        },
+    ));
+    if let Some(v) = k.batch_max_requests {
+        c.batch.max_requests = v.max(1);
+    }
+    if let Some(v) = k.fallback_fee_rate_sat_vb {
+        c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(v);
+    }
+    c
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}

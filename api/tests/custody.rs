@@ -151,6 +151,9 @@ fn deposit(account: u32, n: u8, state: DepositState, seen_ms: u64) -> DepositInf
     }
 }
 
+/// (apiKey, secret).
+type Key = (String, String);
+
 struct Setup {
     h: Harness,
     fake: Arc<Fake>,
@@ -510,7 +513,7 @@ async fn bad_input_is_refused_before_custody() {
     let a = &s.h.admin;
     let apply = "/sapi/v1/capital/withdraw/apply";
     let addr = "/sapi/v1/capital/deposit/address";
-    let cases: &[(&str, &str, &str, &(String, String), i64)] = &[
+    let cases: &[(&str, &str, &str, &Key, i64)] = &[
         ("POST", apply, "address=bcrt1qx&amount=0.1", w, -1102),
         (
             "POST",

@@ -1,0 +1,879 @@
+//! Custody endpoints through `oneshot`, over an in-memory fake `Custody` that records its calls.
+
+mod common;
+
+use api::custody::{
+    Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
+    WithdrawalState,
+};
+use api::keys::Perms;
+use axum::http::StatusCode;
+use common::Harness;
+use serde_json::json;
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+struct Fake {
+    calls: Mutex<Vec<String>>,
+    deposits: Mutex<Vec<DepositInfo>>,
+    withdrawals: Mutex<Vec<WithdrawalInfo>>,
+    fail: Mutex<Option<CustodyError>>,
+}
+
+impl Fake {
+    fn log(&self, call: String) -> Result<(), CustodyError> {
+        self.calls.lock().unwrap().push(call);
+        match self.fail.lock().unwrap().clone() {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+    fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+    fn clear(&self) {
+        self.calls.lock().unwrap().clear();
+    }
+}
+
+fn withdrawal(id: u64, account: u32, state: WithdrawalState, created_ms: u64) -> WithdrawalInfo {
+    WithdrawalInfo {
+        id,
+        account,
+        address: "bcrt1qdest".into(),
+        amount_sat: 12_345_678,
+        fee_sat: 10_000,
+        idempotency_key: format!("key{id}"),
+        state,
+        reason: None,
+        created_ms,
+        txid: None,
+        confirmations: 0,
+    }
+}
+
+impl Custody for Fake {
+    fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError> {
+        self.log(format!("deposit_address({account},{new})"))?;
+        Ok(format!(
+            "bcrt1q{account}{}",
+            if new { "new" } else { "cur" }
+        ))
+    }
+    fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError> {
+        self.log(format!("deposits({account:?})"))?;
+        let d = self.deposits.lock().unwrap();
+        Ok(d.iter()
+            .filter(|x| account.is_none_or(|a| a == x.account))
+            .cloned()
+            .collect())
+    }
+    fn request_withdrawal(
+        &self,
+        account: u32,
+        address: &str,
+        amount_sat: u64,
+        idempotency_key: &str,
+    ) -> Result<WithdrawalInfo, CustodyError> {
+        self.log(format!(
+            "request_withdrawal({account},{address},{amount_sat},{idempotency_key})"
+        ))?;
+        let mut ws = self.withdrawals.lock().unwrap();
+        let mut w = withdrawal(
+            100 + ws.len() as u64,
+            account,
+            WithdrawalState::Pending,
+            1_570_878_722_000,
+        );
+        w.address = address.into();
+        w.amount_sat = amount_sat;
+        w.idempotency_key = idempotency_key.into();
+        ws.push(w.clone());
+        Ok(w)
+    }
+    fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
+        self.log(format!("withdrawals({account:?})"))?;
+        let ws = self.withdrawals.lock().unwrap();
+        Ok(ws
+            .iter()
+            .filter(|x| account.is_none_or(|a| a == x.account))
+            .cloned()
+            .collect())
+    }
+    fn approve_withdrawal(&self, id: u64) -> Result<WithdrawalInfo, CustodyError> {
+        self.log(format!("approve_withdrawal({id})"))?;
+        let mut ws = self.withdrawals.lock().unwrap();
+        let w = ws
+            .iter_mut()
+            .find(|w| w.id == id)
+            .ok_or_else(|| CustodyError::bad_request(-4000, "Unknown withdrawal."))?;
+        w.state = WithdrawalState::Pending;
+        Ok(w.clone())
+    }
+    fn withdrawal_terms(&self) -> (u64, u64) {
+        (10_000, 50_000)
+    }
+    fn reconcile(&self) -> Result<ReconcileInfo, CustodyError> {
+        self.log("reconcile()".into())?;
+        Ok(ReconcileInfo {
+            wallet_confirmed_sat: 5,
+            wallet_pending_sat: 1,
+            uncredited_deposits_sat: 1,
+            withdrawals_in_flight_sat: 0,
+            ledger_liabilities_sat: 4,
+            fee_income_sat: 0,
+            surplus_sat: 1,
+            shortfall: false,
+            tip_height: 321,
+        })
+    }
+    fn regtest_mine(&self, blocks: u32) -> Result<u32, CustodyError> {
+        self.log(format!("regtest_mine({blocks})"))?;
+        Ok(200 + blocks)
+    }
+    fn regtest_fund(&self, account: u32) -> Result<u64, CustodyError> {
+        self.log(format!("regtest_fund({account})"))?;
+        Ok(5_000_000_000)
+    }
+}
+
+fn deposit(account: u32, n: u8, state: DepositState, seen_ms: u64) -> DepositInfo {
+    DepositInfo {
+        account,
+        txid: format!("{n:02x}").repeat(32),
+        vout: u32::from(n),
+        amount_sat: 150_000_000 + u64::from(n),
+        address: format!("bcrt1q{account}cur"),
+        state,
+        confirmations: u32::from(n),
+        required_confirmations: 3,
+        seen_ms,
+    }
+}
+
+/// (apiKey, secret).
+type Key = (String, String);
+
+struct Setup {
+    h: Harness,
+    fake: Arc<Fake>,
+    acct: u32,
+    /// read + trade.
+    trader: (String, String),
+    /// read + withdraw.
+    withdrawer: (String, String),
+}
+
+async fn setup(attach: bool) -> Setup {
+    let h = Harness::new();
+    let (acct, trader) = h.trader("0", "0").await;
+    let withdrawer = h
+        .state
+        .create_key(acct, Perms(Perms::READ.0 | Perms::WITHDRAW.0), "w")
+        .unwrap();
+    let fake = Arc::new(Fake::default());
+    if attach {
+        assert!(h.state.set_custody(fake.clone()).is_ok());
+        assert!(h.state.set_custody(fake.clone()).is_err(), "attach once");
+    }
+    Setup {
+        h,
+        fake,
+        acct,
+        trader,
+        withdrawer,
+    }
+}
+
+#[tokio::test]
+async fn without_custody_every_endpoint_answers_503_minus_1001() {
+    let s = setup(false).await;
+    let cases: &[(&str, &str, &str, bool)] = &[
+        ("GET", "/sapi/v1/capital/deposit/address", "coin=BTC", false),
+        ("GET", "/sapi/v1/capital/deposit/hisrec", "", false),
+        (
+            "POST",
+            "/sapi/v1/capital/withdraw/apply",
+            "coin=BTC&address=bcrt1qx&amount=0.1",
+            false,
+        ),
+        ("GET", "/sapi/v1/capital/withdraw/history", "", false),
+        (
+            "POST",
+            "/mapi/v1/capital/deposit/address",
+            "coin=BTC",
+            false,
+        ),
+        ("GET", "/mapi/v1/admin/reconcile", "", true),
+        ("POST", "/mapi/v1/admin/regtest/mine", "blocks=1", true),
+        ("GET", "/mapi/v1/admin/withdrawals", "", true),
+    ];
+    for &(method, path, params, admin) in cases {
+        let key = if admin { &s.h.admin } else { &s.withdrawer };
+        let r = s.h.signed(method, path, params, key).await;
+        assert_eq!(
+            (r.status, r.code(), r.msg()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                -1001,
+                "Custody is not available."
+            ),
+            "{method} {path}"
+        );
+    }
+    // Attaching later makes them work.
+    assert!(s.h.state.set_custody(s.fake.clone()).is_ok());
+    s.h.ok(
+        "GET",
+        "/sapi/v1/capital/deposit/address",
+        "coin=BTC",
+        &s.trader,
+    )
+    .await;
+    assert_eq!(
+        s.fake.calls(),
+        [format!("deposit_address({},false)", s.acct)]
+    );
+}
+
+#[tokio::test]
+async fn deposit_address_shapes() {
+    let s = setup(true).await;
+    let a =
+        s.h.ok(
+            "GET",
+            "/sapi/v1/capital/deposit/address",
+            "coin=BTC&network=BTC",
+            &s.trader,
+        )
+        .await;
+    let cur = format!("bcrt1q{}cur", s.acct);
+    assert_eq!(
+        a,
+        json!({"coin": "BTC", "address": cur, "tag": "", "url": ""})
+    );
+    let n =
+        s.h.ok(
+            "POST",
+            "/mapi/v1/capital/deposit/address",
+            "coin=BTC",
+            &s.trader,
+        )
+        .await;
+    assert_eq!(n["address"], format!("bcrt1q{}new", s.acct));
+    assert_eq!(
+        s.fake.calls(),
+        [
+            format!("deposit_address({},false)", s.acct),
+            format!("deposit_address({},true)", s.acct)
+        ]
+    );
+}
+
+#[tokio::test]
+async fn deposit_history_shapes_statuses_and_filters() {
+    let s = setup(true).await;
+    *s.fake.deposits.lock().unwrap() = vec![
+        deposit(s.acct, 1, DepositState::Pending, 1_000),
+        deposit(s.acct, 4, DepositState::Credited, 2_000),
+        deposit(s.acct, 5, DepositState::Reorged, 3_000),
+        deposit(s.acct + 1, 6, DepositState::Credited, 2_500),
+    ];
+    let all =
+        s.h.ok(
+            "GET",
+            "/sapi/v1/capital/deposit/hisrec",
+            "coin=BTC",
+            &s.trader,
+        )
+        .await;
+    let all = all.as_array().unwrap();
+    assert_eq!(all.len(), 3, "only the caller's: {all:?}");
+    // Newest first; Binance statuses 7 (reorged), 1 (success), 0 (pending).
+    let st: Vec<_> = all.iter().map(|d| d["status"].as_i64().unwrap()).collect();
+    assert_eq!(st, [7, 1, 0]);
+    assert_eq!(
+        all[1],
+        json!({
+            "id": format!("{}:4", "04".repeat(32)),
+            "amount": "1.50000004",
+            "coin": "BTC",
+            "network": "BTC",
+            "status": 1,
+            "address": format!("bcrt1q{}cur", s.acct),
+            "addressTag": "",
+            "txId": "04".repeat(32),
+            "insertTime": 2_000,
+            "transferType": 0,
+            "confirmTimes": "4/3",
+            "unlockConfirm": 3,
+            "walletType": 0,
+        })
+    );
+    assert_eq!(s.fake.calls(), [format!("deposits(Some({}))", s.acct)]);
+    let q = |params: &'static str| {
+        let h = &s.h;
+        let k = &s.trader;
+        async move {
+            h.ok("GET", "/sapi/v1/capital/deposit/hisrec", params, k)
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["insertTime"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(q("status=0").await, [1_000]);
+    assert_eq!(q("status=1").await, [2_000]);
+    assert_eq!(q("startTime=1500&endTime=2500").await, [2_000]);
+    assert_eq!(q("offset=1&limit=1").await, [2_000]);
+    assert_eq!(q("limit=2").await, [3_000, 2_000]);
+}
+
+#[tokio::test]
+async fn withdraw_apply_and_history_shapes() {
+    let s = setup(true).await;
+    let r =
+        s.h.ok(
+            "POST",
+            "/sapi/v1/capital/withdraw/apply",
+            "coin=BTC&network=BTC&address=bcrt1qdest&amount=0.12345678&withdrawOrderId=my-wd-1",
+            &s.withdrawer,
+        )
+        .await;
+    assert_eq!(r, json!({"id": "100"}));
+    assert_eq!(
+        s.fake.calls(),
+        [format!(
+            "request_withdrawal({},bcrt1qdest,12345678,my-wd-1)",
+            s.acct
+        )]
+    );
+    // Without withdrawOrderId a key is generated; trailing zeros are fine.
+    s.fake.clear();
+    let r =
+        s.h.ok(
+            "POST",
+            "/sapi/v1/capital/withdraw/apply",
+            "coin=BTC&address=bcrt1qdest&amount=2.500000000",
+            &s.withdrawer,
+        )
+        .await;
+    assert_eq!(r, json!({"id": "101"}));
+    let call = s.fake.calls().pop().unwrap();
+    let key = call
+        .strip_prefix(&format!(
+            "request_withdrawal({},bcrt1qdest,250000000,",
+            s.acct
+        ))
+        .and_then(|r| r.strip_suffix(')'))
+        .unwrap_or_else(|| panic!("{call}"));
+    assert_eq!(key.len(), 22);
+    assert!(key.bytes().all(|b| b.is_ascii_alphanumeric()));
+
+    // History: the caller's own, newest first, Binance statuses and fields.
+    {
+        let mut ws = s.fake.withdrawals.lock().unwrap();
+        ws[0].state = WithdrawalState::Completed;
+        ws[0].txid = Some("ab".repeat(32));
+        ws[0].confirmations = 6;
+        ws[1].created_ms = 1_570_878_723_000;
+        ws.push(withdrawal(
+            7,
+            s.acct,
+            WithdrawalState::AwaitingApproval,
+            1_000,
+        ));
+        let mut rel = withdrawal(8, s.acct, WithdrawalState::Released, 2_000);
+        rel.reason = Some("invalid address".into());
+        ws.push(rel);
+        ws.push(withdrawal(9, s.acct, WithdrawalState::Processing, 3_000));
+        ws.push(withdrawal(10, s.acct + 1, WithdrawalState::Pending, 4_000));
+    }
+    let h =
+        s.h.ok("GET", "/sapi/v1/capital/withdraw/history", "", &s.trader)
+            .await;
+    let h = h.as_array().unwrap();
+    let ids: Vec<_> = h.iter().map(|w| w["id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["101", "100", "9", "8", "7"]);
+    let st: Vec<_> = h.iter().map(|w| w["status"].as_i64().unwrap()).collect();
+    assert_eq!(st, [4, 6, 4, 5, 2]);
+    assert_eq!(
+        h[1],
+        json!({
+            "id": "100",
+            "amount": "0.12345678",
+            "transactionFee": "0.00010000",
+            "coin": "BTC",
+            "status": 6,
+            "address": "bcrt1qdest",
+            "txId": "ab".repeat(32),
+            "applyTime": "2019-10-12 11:12:02",
+            "network": "BTC",
+            "transferType": 0,
+            "withdrawOrderId": "my-wd-1",
+            "info": "",
+            "confirmNo": 6,
+            "walletType": 0,
+            "txKey": "",
+        })
+    );
+    assert_eq!(h[3]["info"], "invalid address");
+    assert_eq!(h[4]["txId"], "");
+    let q = |params: &'static str| {
+        let h = &s.h;
+        let k = &s.trader;
+        async move {
+            h.ok("GET", "/sapi/v1/capital/withdraw/history", params, k)
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|d| d["id"].as_str().unwrap().to_owned())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(q("withdrawOrderId=my-wd-1").await, ["100"]);
+    assert_eq!(q("status=4").await, ["101", "9"]);
+    assert_eq!(q("idList=7,8,10").await, ["8", "7"]);
+    assert_eq!(q("coin=BTC&startTime=1500&endTime=3000").await, ["9", "8"]);
+    assert_eq!(q("offset=4&limit=10").await, ["7"]);
+}
+
+#[tokio::test]
+async fn permissions_are_enforced_before_custody() {
+    let s = setup(true).await;
+    // A read+trade key cannot withdraw.
+    let r =
+        s.h.signed(
+            "POST",
+            "/sapi/v1/capital/withdraw/apply",
+            "coin=BTC&address=bcrt1qdest&amount=0.1",
+            &s.trader,
+        )
+        .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, -2015));
+    // A withdraw-only key cannot read.
+    let wonly =
+        s.h.state
+            .create_key(s.acct, Perms::WITHDRAW, "wonly")
+            .unwrap();
+    for path in [
+        "/sapi/v1/capital/deposit/hisrec",
+        "/sapi/v1/capital/withdraw/history",
+    ] {
+        let r = s.h.signed("GET", path, "", &wonly).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::UNAUTHORIZED, -2015),
+            "{path}"
+        );
+    }
+    // Non-admin keys cannot use the admin routes.
+    let acct = s.acct.to_string();
+    let admin: &[(&str, &str, String)] = &[
+        (
+            "POST",
+            "/mapi/v1/admin/depositAddress",
+            format!("account={acct}"),
+        ),
+        ("GET", "/mapi/v1/admin/withdrawals", String::new()),
+        ("POST", "/mapi/v1/admin/withdrawals/approve", "id=1".into()),
+        ("GET", "/mapi/v1/admin/reconcile", String::new()),
+        ("POST", "/mapi/v1/admin/regtest/mine", "blocks=1".into()),
+        (
+            "POST",
+            "/mapi/v1/admin/regtest/fund",
+            format!("account={acct}"),
+        ),
+    ];
+    for (method, path, params) in admin {
+        for key in [&s.trader, &s.withdrawer] {
+            let r = s.h.signed(method, path, params, key).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::UNAUTHORIZED, -2015),
+                "{method} {path}"
+            );
+        }
+    }
+    // No key at all.
+    let r =
+        s.h.raw("GET", "/sapi/v1/capital/deposit/address?coin=BTC", "", None)
+            .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, -2014));
+    assert_eq!(s.fake.calls(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_before_custody() {
+    let s = setup(true).await;
+    let w = &s.withdrawer;
+    let a = &s.h.admin;
+    let apply = "/sapi/v1/capital/withdraw/apply";
+    let addr = "/sapi/v1/capital/deposit/address";
+    let cases: &[(&str, &str, &str, &Key, i64)] = &[
+        ("POST", apply, "address=bcrt1qx&amount=0.1", w, -1102),
+        (
+            "POST",
+            apply,
+            "coin=ETH&address=bcrt1qx&amount=0.1",
+            w,
+            -1130,
+        ),
+        (
+            "POST",
+            apply,
+            "coin=btc&address=bcrt1qx&amount=0.1",
+            w,
+            -1130,
+        ),
+        (
+            "POST",
+            apply,
+            "coin=BTC&network=ETH&address=bcrt1qx&amount=0.1",
+            w,
+            -1130,
+        ),
+        ("POST", apply, "coin=BTC&amount=0.1", w, -1102),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bc1%20x&amount=0.1",
+            w,
+            -1100,
+        ),
+        ("POST", apply, "coin=BTC&address=bcrt1qx", w, -1102),
+        ("POST", apply, "coin=BTC&address=bcrt1qx&amount=", w, -1105),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bcrt1qx&amount=abc",
+            w,
+            -1100,
+        ),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bcrt1qx&amount=1e-3",
+            w,
+            -1100,
+        ),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bcrt1qx&amount=0.1.2",
+            w,
+            -1100,
+        ),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bcrt1qx&amount=-1",
+            w,
+            -1100,
+        ),
+        ("POST", apply, "coin=BTC&address=bcrt1qx&amount=0", w, -1130),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bcrt1qx&amount=0.00000000",
+            w,
+            -1130,
+        ),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bcrt1qx&amount=0.000000001",
+            w,
+            -1111,
+        ),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bcrt1qx&amount=184467440737.09551616",
+            w,
+            -1100,
+        ),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bcrt1qx&amount=0.1&foo=1",
+            w,
+            -1104,
+        ),
+        (
+            "POST",
+            apply,
+            "coin=BTC&address=bcrt1qx&amount=0.1&withdrawOrderId=a%20b",
+            w,
+            -1100,
+        ),
+        ("GET", addr, "", w, -1102),
+        ("GET", addr, "coin=ETH", w, -1130),
+        ("GET", addr, "coin=BTC&network=LN", w, -1130),
+        ("GET", addr, "coin=BTC&foo=1", w, -1104),
+        (
+            "POST",
+            "/mapi/v1/capital/deposit/address",
+            "coin=XBT",
+            w,
+            -1130,
+        ),
+        (
+            "GET",
+            "/sapi/v1/capital/deposit/hisrec",
+            "coin=ETH",
+            w,
+            -1130,
+        ),
+        (
+            "GET",
+            "/sapi/v1/capital/deposit/hisrec",
+            "limit=1001",
+            w,
+            -1130,
+        ),
+        (
+            "GET",
+            "/sapi/v1/capital/deposit/hisrec",
+            "status=x",
+            w,
+            -1100,
+        ),
+        (
+            "GET",
+            "/sapi/v1/capital/deposit/hisrec",
+            "startTime=5&endTime=4",
+            w,
+            -1130,
+        ),
+        (
+            "GET",
+            "/sapi/v1/capital/withdraw/history",
+            "idList=1,x",
+            w,
+            -1100,
+        ),
+        (
+            "GET",
+            "/sapi/v1/capital/withdraw/history",
+            "bar=2",
+            w,
+            -1104,
+        ),
+        ("POST", "/mapi/v1/admin/regtest/mine", "", a, -1102),
+        ("POST", "/mapi/v1/admin/regtest/mine", "blocks=0", a, -1130),
+        (
+            "POST",
+            "/mapi/v1/admin/regtest/mine",
+            "blocks=1001",
+            a,
+            -1130,
+        ),
+        (
+            "POST",
+            "/mapi/v1/admin/regtest/fund",
+            "account=999",
+            a,
+            -1130,
+        ),
+        ("POST", "/mapi/v1/admin/regtest/fund", "", a, -1102),
+        (
+            "POST",
+            "/mapi/v1/admin/depositAddress",
+            "account=999",
+            a,
+            -1130,
+        ),
+        (
+            "POST",
+            "/mapi/v1/admin/depositAddress",
+            "account=1&new=yes",
+            a,
+            -1100,
+        ),
+        ("POST", "/mapi/v1/admin/withdrawals/approve", "", a, -1102),
+        (
+            "POST",
+            "/mapi/v1/admin/withdrawals/approve",
+            "id=x",
+            a,
+            -1100,
+        ),
+        ("GET", "/mapi/v1/admin/reconcile", "x=1", a, -1104),
+    ];
+    for &(method, path, params, key, code) in cases {
+        let r = s.h.signed(method, path, params, key).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, code),
+            "{method} {path} {params}: {}",
+            r.json
+        );
+    }
+    assert_eq!(s.fake.calls(), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn custody_errors_keep_their_code_status_and_message() {
+    let s = setup(true).await;
+    *s.fake.fail.lock().unwrap() = Some(CustodyError::bad_request(
+        -4026,
+        "Amount is below the minimum withdrawal.",
+    ));
+    let r =
+        s.h.signed(
+            "POST",
+            "/sapi/v1/capital/withdraw/apply",
+            "coin=BTC&address=bcrt1qdest&amount=0.00000001",
+            &s.withdrawer,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code(), r.msg()),
+        (
+            StatusCode::BAD_REQUEST,
+            -4026,
+            "Amount is below the minimum withdrawal."
+        )
+    );
+    assert_eq!(s.fake.calls().len(), 1);
+    *s.fake.fail.lock().unwrap() = Some(CustodyError::internal("Custody failed."));
+    let r =
+        s.h.signed("GET", "/sapi/v1/capital/deposit/hisrec", "", &s.trader)
+            .await;
+    assert_eq!(
+        (r.status, r.code(), r.msg()),
+        (StatusCode::INTERNAL_SERVER_ERROR, -1001, "Custody failed.")
+    );
+    let r =
+        s.h.signed("GET", "/mapi/v1/admin/reconcile", "", &s.h.admin)
+            .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::INTERNAL_SERVER_ERROR, -1001)
+    );
+    // An approval of an unknown withdrawal: the fake's own refusal.
+    *s.fake.fail.lock().unwrap() = None;
+    let r =
+        s.h.signed(
+            "POST",
+            "/mapi/v1/admin/withdrawals/approve",
+            "id=42",
+            &s.h.admin,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code(), r.msg()),
+        (StatusCode::BAD_REQUEST, -4000, "Unknown withdrawal.")
+    );
+}
+
+#[tokio::test]
+async fn admin_routes_shapes() {
+    let s = setup(true).await;
+    let a = &s.h.admin;
+    let acct = s.acct;
+    let r =
+        s.h.ok(
+            "POST",
+            "/mapi/v1/admin/depositAddress",
+            &format!("account={acct}&new=true"),
+            a,
+        )
+        .await;
+    assert_eq!(
+        r,
+        json!({"account": acct, "address": format!("bcrt1q{acct}new")})
+    );
+    let r =
+        s.h.ok(
+            "POST",
+            "/mapi/v1/admin/depositAddress",
+            &format!("account={acct}"),
+            a,
+        )
+        .await;
+    assert_eq!(r["address"], format!("bcrt1q{acct}cur"));
+    s.fake.withdrawals.lock().unwrap().extend([
+        withdrawal(1, acct, WithdrawalState::AwaitingApproval, 5),
+        withdrawal(2, acct + 1, WithdrawalState::Completed, 6),
+    ]);
+    let all = s.h.ok("GET", "/mapi/v1/admin/withdrawals", "", a).await;
+    assert_eq!(all.as_array().unwrap().len(), 2);
+    assert_eq!(all[0]["state"], "awaiting_approval");
+    assert_eq!(all[0]["amount_sat"], 12_345_678);
+    let one =
+        s.h.ok(
+            "GET",
+            "/mapi/v1/admin/withdrawals",
+            &format!("account={}", acct + 1),
+            a,
+        )
+        .await;
+    assert_eq!(one.as_array().unwrap().len(), 1);
+    assert_eq!(one[0]["id"], 2);
+    let r =
+        s.h.ok("POST", "/mapi/v1/admin/withdrawals/approve", "id=1", a)
+            .await;
+    assert_eq!(
+        (r["id"].clone(), r["state"].clone()),
+        (json!(1), json!("pending"))
+    );
+    let r = s.h.ok("GET", "/mapi/v1/admin/reconcile", "", a).await;
+    assert_eq!(r["tip_height"], 321);
+    assert_eq!(r["surplus_sat"], 1);
+    assert_eq!(r["shortfall"], false);
+    let r =
+        s.h.ok("POST", "/mapi/v1/admin/regtest/mine", "blocks=1000", a)
+            .await;
+    assert_eq!(r, json!({"tip_height": 1200}));
+    let r =
+        s.h.ok(
+            "POST",
+            "/mapi/v1/admin/regtest/fund",
+            &format!("account={acct}"),
+            a,
+        )
+        .await;
+    assert_eq!(
+        r,
+        json!({"account": acct, "amount_sat": 5_000_000_000u64, "amount": "50.00000000"})
+    );
+    assert_eq!(
+        s.fake.calls(),
+        [
+            format!("deposit_address({acct},true)"),
+            format!("deposit_address({acct},false)"),
+            "withdrawals(None)".to_owned(),
+            format!("withdrawals(Some({}))", acct + 1),
+            "approve_withdrawal(1)".to_owned(),
+            "reconcile()".to_owned(),
+            "regtest_mine(1000)".to_owned(),
+            format!("regtest_fund({acct})"),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn openapi_lists_the_custody_routes() {
+    let h = Harness::new();
+    let doc = h.get("/openapi.json").await.json;
+    for (path, method, perm) in [
+        ("/sapi/v1/capital/deposit/address", "get", "read"),
+        ("/sapi/v1/capital/deposit/hisrec", "get", "read"),
+        ("/sapi/v1/capital/withdraw/apply", "post", "withdraw"),
+        ("/sapi/v1/capital/withdraw/history", "get", "read"),
+        ("/mapi/v1/capital/deposit/address", "post", "read"),
+        ("/mapi/v1/admin/depositAddress", "post", "admin"),
+        ("/mapi/v1/admin/withdrawals", "get", "admin"),
+        ("/mapi/v1/admin/withdrawals/approve", "post", "admin"),
+        ("/mapi/v1/admin/reconcile", "get", "admin"),
+        ("/mapi/v1/admin/regtest/mine", "post", "admin"),
+        ("/mapi/v1/admin/regtest/fund", "post", "admin"),
+    ] {
+        assert_eq!(doc["paths"][path][method]["x-permission"], perm, "{path}");
+    }
+}

@@ -332,11 +332,7 @@ pub async fn deposit_history(State(st): State<AppState>, req: Req) -> Result<Res
             && status.is_none_or(|s| s == u64::from(deposit_status(d.state)))
             && tx.as_deref().is_none_or(|t| t == d.txid)
     });
-<<<<<<< HEAD
-    ds.sort_by_key(|d| std::cmp::Reverse(d.seen_ms));
-=======
     ds.sort_by(|a, b| (b.seen_ms, &b.txid, b.vout).cmp(&(a.seen_ms, &a.txid, a.vout)));
->>>>>>> custody
     Ok(ok_json(&ctx, w.page(ds.iter().map(deposit_json).collect())))
 }
 

@@ -171,7 +171,7 @@ pub async fn deposit_history(State(st): State<AppState>, req: Req) -> Result<Res
 
 /// `POST /sapi/v1/capital/withdraw/apply` (WITHDRAW): `{"id": "..."}`.
 pub async fn withdraw_apply(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::WITHDRAW, 10)?;
+    let (key, mut p, ctx) = st.signed(&req, Perms::WITHDRAW, 900)?;
     coin(&mut p, true)?;
     let address = p.req("address")?;
     let amount = p.req("amount")?;
@@ -206,7 +206,7 @@ pub async fn withdraw_apply(State(st): State<AppState>, req: Req) -> Result<Resp
 
 /// `GET /sapi/v1/capital/withdraw/history` (READ).
 pub async fn withdraw_history(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 10)?;
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 18_000 / 1_000)?;
     coin(&mut p, false)?;
     let status = p.opt_u64("status")?;
     let order_id = p.opt("withdrawOrderId")?;

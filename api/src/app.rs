@@ -100,15 +100,8 @@ pub(crate) struct Inner {
     pub cfg: ApiConfig,
     pub data_dir: PathBuf,
     pub applier: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
-    pub custody: std::sync::OnceLock<Arc<dyn crate::custody::Custody>>,
     id_seed: u64,
     id_counter: AtomicU64,
-}
-
-impl std::fmt::Debug for dyn crate::custody::Custody {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Custody")
-    }
 }
 
 impl std::fmt::Debug for dyn ExchangeCore {
@@ -188,7 +181,6 @@ impl PendingApi {
             cfg: self.cfg,
             data_dir: self.data_dir,
             applier: std::sync::Mutex::new(Some(self.applier)),
-            custody: std::sync::OnceLock::new(),
             id_seed: seed,
             id_counter: AtomicU64::new(0),
         }))
@@ -270,12 +262,6 @@ impl AppState {
                 .keys
                 .create(&self.0.store, account, perms, label, crate::core::now_ms())?;
         Ok((k.api_key.clone(), s))
-    }
-
-    /// Attaches the custody service (once; later calls are ignored and return false). Until
-    /// then the custody endpoints answer `-1001` with 503.
-    pub fn set_custody(&self, custody: Arc<dyn crate::custody::Custody>) -> bool {
-        self.0.custody.set(custody).is_ok()
     }
 
     /// The read-model thread, to join at shutdown: it writes the last history rows and exits once
@@ -653,7 +639,7 @@ async fn not_found() -> ApiError {
 
 /// The router: every endpoint, request ids, body limit.
 pub fn app(state: AppState) -> Router {
-    use crate::{capital, native, public, trade, ws};
+    use crate::{native, public, trade, ws};
     let body_limit = state.0.cfg.max_body_bytes;
     Router::new()
         .route("/api/v3/ping", get(public::ping))
@@ -693,41 +679,6 @@ pub fn app(state: AppState) -> Router {
             post(ws::listen_key_new)
                 .put(ws::listen_key_keepalive)
                 .delete(ws::listen_key_close),
-        )
-        .route(
-            "/sapi/v1/capital/deposit/address",
-            get(capital::deposit_address),
-        )
-        .route(
-            "/sapi/v1/capital/deposit/hisrec",
-            get(capital::deposit_history),
-        )
-        .route(
-            "/sapi/v1/capital/withdraw/apply",
-            post(capital::withdraw_apply),
-        )
-        .route(
-            "/sapi/v1/capital/withdraw/history",
-            get(capital::withdraw_history),
-        )
-        .route(
-            "/mapi/v1/admin/depositAddress",
-            get(capital::admin_deposit_address),
-        )
-        .route("/mapi/v1/admin/deposits", get(capital::admin_deposits))
-        .route(
-            "/mapi/v1/admin/withdrawals",
-            get(capital::admin_withdrawals),
-        )
-        .route("/mapi/v1/admin/approve", post(capital::admin_approve))
-        .route("/mapi/v1/admin/reconcile", get(capital::admin_reconcile))
-        .route(
-            "/mapi/v1/admin/regtest/mine",
-            post(capital::admin_regtest_mine),
-        )
-        .route(
-            "/mapi/v1/admin/regtest/fund",
-            post(capital::admin_regtest_fund),
         )
         .route("/mapi/v1/transfer", post(native::transfer))
         .route(

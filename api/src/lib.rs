@@ -13,7 +13,6 @@
 #![warn(missing_docs)]
 
 pub mod app;
-pub mod capital;
 pub mod client;
 pub mod core;
 pub mod custody;

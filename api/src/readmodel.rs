@@ -267,13 +267,6 @@ fn civil_from_days(z: i64) -> (i64, u32) {
     (yoe + era * 400 + i64::from(m <= 2), m)
 }
 
-/// The civil date (year, month, day) of a day number since 1970-01-01.
-pub fn civil_date(z: i64) -> (i64, u32, u32) {
-    let (y, m) = civil_from_days(z);
-    let d = (z - days_from_civil(y, m, 1)) as u32 + 1;
-    (y, m, d)
-}
-
 /// Open and close time (inclusive) of the interval of length `len` containing `t`.
 pub fn bucket(t: u64, len: u64) -> (u64, u64) {
     if len == MONTH {

@@ -102,6 +102,8 @@ pub(crate) struct Inner {
     pub applier: std::sync::Mutex<Option<std::thread::JoinHandle<()>>>,
     id_seed: u64,
     id_counter: AtomicU64,
+    /// The custody service, attached after start ([`AppState::set_custody`]).
+    pub custody: std::sync::OnceLock<Arc<dyn crate::custody::Custody>>,
 }
 
 impl std::fmt::Debug for dyn ExchangeCore {
@@ -183,6 +185,7 @@ impl PendingApi {
             applier: std::sync::Mutex::new(Some(self.applier)),
             id_seed: seed,
             id_counter: AtomicU64::new(0),
+            custody: std::sync::OnceLock::new(),
         }))
     }
 }
@@ -272,6 +275,16 @@ impl AppState {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .take()
+    }
+
+    /// Attaches the custody service behind the `/sapi/v1/capital/*` and custody admin endpoints
+    /// (see [`crate::capital`]); until then they answer `503` / `-1001`. At most once: a second
+    /// call gives its argument back.
+    pub fn set_custody(
+        &self,
+        custody: Arc<dyn crate::custody::Custody>,
+    ) -> Result<(), Arc<dyn crate::custody::Custody>> {
+        self.0.custody.set(custody)
     }
 
     /// Submits a command and waits until the read models have applied it (read-your-writes).
@@ -690,6 +703,7 @@ pub fn app(state: AppState) -> Router {
         .route("/mapi/v1/admin/account", post(native::admin_create_account))
         .route("/mapi/v1/admin/apiKey", post(native::admin_create_key))
         .route("/mapi/v1/admin/credit", post(native::admin_credit))
+        .merge(crate::capital::routes())
         .route("/ws", get(ws::ws_root))
         .route("/ws/{streams}", get(ws::ws_path))
         .route("/stream", get(ws::ws_combined))

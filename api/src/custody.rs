@@ -126,11 +126,25 @@ pub struct CustodyError {
 impl CustodyError {
     /// A refusal of bad input (HTTP 400).
     pub fn bad_request(code: i32, msg: impl Into<String>) -> Self {
-        Self { code, status: 400, msg: msg.into() }
+        Self {
+            code,
+            status: 400,
+            msg: msg.into(),
+        }
     }
     /// An internal failure (HTTP 500, Binance's -1001 style); details go to the log, not here.
     pub fn internal(msg: impl Into<String>) -> Self {
-        Self { code: -1001, status: 500, msg: msg.into() }
+        Self {
+            code: -1001,
+            status: 500,
+            msg: msg.into(),
+        }
+    }
+}
+
+impl std::fmt::Debug for dyn Custody {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Custody")
     }
 }
 

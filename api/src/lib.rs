@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod capital;
 pub mod client;
 pub mod core;
 pub mod custody;

@@ -462,7 +462,9 @@ fn market_order_with_nothing_to_price_it_is_rejected() {
     o.order_type = OrderType::Market { qty: Qty(3) };
     assert_eq!(h.order(o).unwrap_err(), RejectCode::InvalidOrder);
     let mut o = lim(s, Side::Sell, 0, 0);
-    o.order_type = OrderType::MarketBudget { budget: Amount(500) };
+    o.order_type = OrderType::MarketBudget {
+        budget: Amount(500),
+    };
     assert_eq!(h.order(o).unwrap_err(), RejectCode::InvalidOrder);
     assert_eq!(h.bal(b, QUOTE), (10_000, 0));
     assert_eq!(h.bal(s, BASE), (10, 0));

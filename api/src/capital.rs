@@ -1,0 +1,510 @@
+//! Custody endpoints over [`Custody`]: Binance's SAPI capital endpoints (deposit address, deposit
+//! history, withdraw, withdraw history), a native new-address endpoint, and operator endpoints
+//! (addresses for any account, withdrawals, approvals, reconciliation, regtest mining and funding).
+//!
+//! * The custody service is attached after start ([`AppState::set_custody`]); until then every
+//!   endpoint here answers HTTP **503** with code **-1001** ("Custody is not available."), after
+//!   authentication and parameter checks.
+//! * Every parameter is validated before the custody service is called; the blocking trait
+//!   methods run on tokio's blocking pool.
+//! * A [`CustodyError`] is answered with its own `code`, `status` and `msg`.
+//! * Only `BTC` (coin and network) exists; amounts are exact decimal strings with at most 8
+//!   fractional digits (no floats).
+//!
+//! Status numbers, as Binance documents them:
+//! * deposits: `Pending` → 0 (pending), `Credited` → 1 (success), `Reorged` → 7 (Binance's
+//!   "wrong deposit": credited, then removed from the chain by a reorg);
+//! * withdrawals: `AwaitingApproval` → 2 (awaiting approval), `Pending` and `Processing` → 4
+//!   (processing), `Completed` → 6 (completed), `Released` → 5 (failure; `info` holds the
+//!   reason).
+
+use crate::app::{ok_json, AppState, Req};
+use crate::custody::{
+    Custody, CustodyError, DepositInfo, DepositState, WithdrawalInfo, WithdrawalState,
+};
+use crate::error::ApiError;
+use crate::keys::Perms;
+use crate::params::Params;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+use std::sync::Arc;
+
+/// The only coin and network.
+pub const COIN: &str = "BTC";
+/// Decimal places of a BTC amount (satoshis).
+pub const BTC_DECIMALS: u8 = 8;
+/// The most blocks one `regtest/mine` call may mine.
+pub const MAX_MINE_BLOCKS: u64 = 1_000;
+/// The most records a history answer holds (Binance's maximum `limit`).
+pub const MAX_LIMIT: u32 = 1_000;
+/// The most ids in a withdraw-history `idList` (Binance's limit).
+pub const MAX_ID_LIST: usize = 45;
+
+/// The routes of this module (merged into [`crate::app::app`]).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/sapi/v1/capital/deposit/address", get(deposit_address))
+        .route("/sapi/v1/capital/deposit/hisrec", get(deposit_history))
+        .route("/sapi/v1/capital/withdraw/apply", post(withdraw_apply))
+        .route("/sapi/v1/capital/withdraw/history", get(withdraw_history))
+        .route(
+            "/mapi/v1/capital/deposit/address",
+            post(new_deposit_address),
+        )
+        .route("/mapi/v1/admin/depositAddress", post(admin_deposit_address))
+        .route("/mapi/v1/admin/withdrawals", get(admin_withdrawals))
+        .route("/mapi/v1/admin/withdrawals/approve", post(admin_approve))
+        .route("/mapi/v1/admin/reconcile", get(admin_reconcile))
+        .route("/mapi/v1/admin/regtest/mine", post(admin_mine))
+        .route("/mapi/v1/admin/regtest/fund", post(admin_fund))
+}
+
+/// The answer when no custody service is attached: 503, `-1001`.
+pub fn unavailable() -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: -1001,
+        msg: "Custody is not available.".into(),
+        retry_after: None,
+    }
+}
+
+/// A custody refusal or failure as the Binance error it carries (an unusable status becomes 500).
+pub fn custody_error(e: CustodyError) -> ApiError {
+    let status = StatusCode::from_u16(e.status)
+        .ok()
+        .filter(|s| s.is_client_error() || s.is_server_error())
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    if status.is_server_error() {
+        tracing::warn!(code = e.code, msg = %e.msg, "custody failed");
+    }
+    ApiError {
+        status,
+        code: e.code,
+        msg: e.msg.into(),
+        retry_after: None,
+    }
+}
+
+fn custody(st: &AppState) -> Result<Arc<dyn Custody>, ApiError> {
+    st.0.custody.get().cloned().ok_or_else(unavailable)
+}
+
+/// Runs a blocking custody call on tokio's blocking pool.
+async fn call<T, F>(st: &AppState, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn Custody) -> Result<T, CustodyError> + Send + 'static,
+{
+    let c = custody(st)?;
+    tokio::task::spawn_blocking(move || f(&*c))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "custody task failed");
+            ApiError::internal()
+        })?
+        .map_err(custody_error)
+}
+
+/// `coin` (required) must be `BTC`.
+fn coin_param(p: &mut Params) -> Result<(), ApiError> {
+    if p.req("coin")? != COIN {
+        return Err(ApiError::invalid_value("coin"));
+    }
+    Ok(())
+}
+
+/// `coin` (optional) must be `BTC` when sent.
+fn opt_coin_param(p: &mut Params) -> Result<(), ApiError> {
+    match p.opt("coin")? {
+        Some(c) if c != COIN => Err(ApiError::invalid_value("coin")),
+        _ => Ok(()),
+    }
+}
+
+/// `network` (optional) must be `BTC` when sent.
+fn network_param(p: &mut Params) -> Result<(), ApiError> {
+    match p.opt("network")? {
+        Some(n) if n != COIN => Err(ApiError::invalid_value("network")),
+        _ => Ok(()),
+    }
+}
+
+/// An exact BTC amount in satoshis, above zero, at most 8 decimals.
+pub fn btc_amount(p: &mut Params, name: &str) -> Result<u64, ApiError> {
+    let s = p.req(name)?;
+    let v = crate::decimal::parse_units(&s, BTC_DECIMALS).map_err(|e| match e {
+        crate::decimal::DecimalError::TooPrecise => ApiError::precision(name),
+        _ => ApiError::illegal(name, crate::market::DECIMAL_RANGE),
+    })?;
+    if v == 0 {
+        return Err(ApiError::invalid_value(name));
+    }
+    Ok(v)
+}
+
+fn account_param(st: &AppState, p: &mut Params, name: &str) -> Result<u32, ApiError> {
+    let v = p.opt_u64(name)?.ok_or_else(|| ApiError::missing(name))?;
+    let a = u32::try_from(v).map_err(|_| ApiError::invalid_value(name))?;
+    if !st.read_model().read().accounts.contains(&a) {
+        return Err(ApiError::bad(-1130, "Unknown account."));
+    }
+    Ok(a)
+}
+
+fn bool_param(p: &mut Params, name: &str) -> Result<bool, ApiError> {
+    match p.opt(name)?.as_deref() {
+        None | Some("false") => Ok(false),
+        Some("true") => Ok(true),
+        Some(_) => Err(ApiError::illegal(name, "true|false")),
+    }
+}
+
+/// `[startTime, endTime]` (both optional, inclusive), `offset`, `limit` (1..=1000, default 1000).
+struct Window {
+    start: u64,
+    end: u64,
+    offset: usize,
+    limit: usize,
+}
+
+impl Window {
+    fn parse(p: &mut Params) -> Result<Self, ApiError> {
+        let start = p.opt_u64("startTime")?.unwrap_or(0);
+        let end = p.opt_u64("endTime")?.unwrap_or(u64::MAX);
+        if start > end {
+            return Err(ApiError::invalid_value("startTime"));
+        }
+        let offset = p.opt_u64("offset")?.unwrap_or(0);
+        let offset = usize::try_from(offset).map_err(|_| ApiError::invalid_value("offset"))?;
+        let limit = p.limit(MAX_LIMIT, MAX_LIMIT)? as usize;
+        Ok(Self {
+            start,
+            end,
+            offset,
+            limit,
+        })
+    }
+
+    fn contains(&self, ms: u64) -> bool {
+        (self.start..=self.end).contains(&ms)
+    }
+
+    fn page(&self, v: Vec<Value>) -> Value {
+        Value::Array(v.into_iter().skip(self.offset).take(self.limit).collect())
+    }
+}
+
+/// Binance's deposit status of a deposit state.
+pub fn deposit_status(s: DepositState) -> u8 {
+    match s {
+        DepositState::Pending => 0,
+        DepositState::Credited => 1,
+        DepositState::Reorged => 7,
+    }
+}
+
+/// Binance's withdraw status of a withdrawal state.
+pub fn withdraw_status(s: WithdrawalState) -> u8 {
+    match s {
+        WithdrawalState::AwaitingApproval => 2,
+        WithdrawalState::Pending | WithdrawalState::Processing => 4,
+        WithdrawalState::Completed => 6,
+        WithdrawalState::Released => 5,
+    }
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (UTC) of ms since the epoch, as Binance's `applyTime`.
+pub fn utc_datetime(ms: u64) -> String {
+    let secs = ms / 1000;
+    let days = (secs / 86_400) as i64;
+    let rem = secs % 86_400;
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+fn deposit_json(d: &DepositInfo) -> Value {
+    json!({
+        "id": format!("{}:{}", d.txid, d.vout),
+        "amount": crate::decimal::format_units(d.amount_sat, BTC_DECIMALS),
+        "coin": COIN,
+        "network": COIN,
+        "status": deposit_status(d.state),
+        "address": d.address,
+        "addressTag": "",
+        "txId": d.txid,
+        "insertTime": d.seen_ms,
+        "transferType": 0,
+        "confirmTimes": format!("{}/{}", d.confirmations, d.required_confirmations),
+        "unlockConfirm": d.required_confirmations,
+        "walletType": 0,
+    })
+}
+
+fn withdrawal_json(w: &WithdrawalInfo) -> Value {
+    json!({
+        "id": w.id.to_string(),
+        "amount": crate::decimal::format_units(w.amount_sat, BTC_DECIMALS),
+        "transactionFee": crate::decimal::format_units(w.fee_sat, BTC_DECIMALS),
+        "coin": COIN,
+        "status": withdraw_status(w.state),
+        "address": w.address,
+        "txId": w.txid.clone().unwrap_or_default(),
+        "applyTime": utc_datetime(w.created_ms),
+        "network": COIN,
+        "transferType": 0,
+        "withdrawOrderId": w.idempotency_key,
+        "info": w.reason.clone().unwrap_or_default(),
+        "confirmNo": w.confirmations,
+        "walletType": 0,
+        "txKey": "",
+    })
+}
+
+fn address_json(address: String) -> Value {
+    json!({"coin": COIN, "address": address, "tag": "", "url": ""})
+}
+
+fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| {
+        tracing::error!(error = %e, "serializing custody data failed");
+        ApiError::internal()
+    })
+}
+
+/// `GET /sapi/v1/capital/deposit/address` (READ): the account's current deposit address.
+pub async fn deposit_address(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 10)?;
+    coin_param(&mut p)?;
+    network_param(&mut p)?;
+    p.finish()?;
+    let account = key.account;
+    let a = call(&st, move |c| c.deposit_address(account, false)).await?;
+    Ok(ok_json(&ctx, address_json(a)))
+}
+
+/// `POST /mapi/v1/capital/deposit/address` (READ): a new deposit address (old ones keep
+/// working).
+pub async fn new_deposit_address(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 10)?;
+    coin_param(&mut p)?;
+    network_param(&mut p)?;
+    p.finish()?;
+    let account = key.account;
+    let a = call(&st, move |c| c.deposit_address(account, true)).await?;
+    Ok(ok_json(&ctx, address_json(a)))
+}
+
+/// `GET /sapi/v1/capital/deposit/hisrec` (READ): the account's deposits, newest first.
+pub async fn deposit_history(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 1)?;
+    opt_coin_param(&mut p)?;
+    let status = p.opt_u64("status")?;
+    let tx = p.opt("txId")?;
+    let w = Window::parse(&mut p)?;
+    p.finish()?;
+    let account = key.account;
+    let mut ds = call(&st, move |c| c.deposits(Some(account))).await?;
+    ds.retain(|d| {
+        d.account == account
+            && w.contains(d.seen_ms)
+            && status.is_none_or(|s| s == u64::from(deposit_status(d.state)))
+            && tx.as_deref().is_none_or(|t| t == d.txid)
+    });
+    ds.sort_by(|a, b| b.seen_ms.cmp(&a.seen_ms));
+    Ok(ok_json(&ctx, w.page(ds.iter().map(deposit_json).collect())))
+}
+
+/// `POST /sapi/v1/capital/withdraw/apply` (WITHDRAW): requests a withdrawal; idempotent by
+/// `withdrawOrderId` (generated when not sent).
+pub async fn withdraw_apply(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::WITHDRAW, 1)?;
+    coin_param(&mut p)?;
+    network_param(&mut p)?;
+    let address = p.req("address")?;
+    if address.len() > 128 || !address.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ApiError::illegal("address", "^[A-Za-z0-9]{1,128}$"));
+    }
+    let amount = btc_amount(&mut p, "amount")?;
+    let order_id = match p.opt("withdrawOrderId")? {
+        Some(id) => {
+            if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ApiError::illegal("withdrawOrderId", "^[!-~]{1,64}$"));
+            }
+            id
+        }
+        None => st.gen_client_id(),
+    };
+    p.finish()?;
+    let account = key.account;
+    let w = call(&st, move |c| {
+        c.request_withdrawal(account, &address, amount, &order_id)
+    })
+    .await?;
+    Ok(ok_json(&ctx, json!({"id": w.id.to_string()})))
+}
+
+/// `GET /sapi/v1/capital/withdraw/history` (READ): the account's withdrawals, newest first.
+pub async fn withdraw_history(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 1)?;
+    opt_coin_param(&mut p)?;
+    let order_id = p.opt("withdrawOrderId")?;
+    let status = p.opt_u64("status")?;
+    let ids = match p.opt("idList")? {
+        None => None,
+        Some(l) => {
+            let ids = l
+                .split(',')
+                .map(|s| s.trim().parse::<u64>())
+                .collect::<Result<Vec<_>, _>>()
+                .map_err(|_| ApiError::illegal("idList", "^[0-9]+(,[0-9]+)*$"))?;
+            if ids.len() > MAX_ID_LIST {
+                return Err(ApiError::invalid_value("idList"));
+            }
+            Some(ids)
+        }
+    };
+    let w = Window::parse(&mut p)?;
+    p.finish()?;
+    let account = key.account;
+    let mut ws = call(&st, move |c| c.withdrawals(Some(account))).await?;
+    ws.retain(|x| {
+        x.account == account
+            && w.contains(x.created_ms)
+            && status.is_none_or(|s| s == u64::from(withdraw_status(x.state)))
+            && order_id.as_deref().is_none_or(|o| o == x.idempotency_key)
+            && ids.as_ref().is_none_or(|l| l.contains(&x.id))
+    });
+    ws.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(b.id.cmp(&a.id)));
+    Ok(ok_json(
+        &ctx,
+        w.page(ws.iter().map(withdrawal_json).collect()),
+    ))
+}
+
+/// `POST /mapi/v1/admin/depositAddress` (ADMIN): an account's deposit address (a new one with
+/// `new=true`).
+pub async fn admin_deposit_address(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let account = account_param(&st, &mut p, "account")?;
+    let new = bool_param(&mut p, "new")?;
+    p.finish()?;
+    let a = call(&st, move |c| c.deposit_address(account, new)).await?;
+    Ok(ok_json(&ctx, json!({"account": account, "address": a})))
+}
+
+/// `GET /mapi/v1/admin/withdrawals` (ADMIN): withdrawals of one account or all.
+pub async fn admin_withdrawals(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let account = match p.opt_u64("account")? {
+        None => None,
+        Some(v) => Some(u32::try_from(v).map_err(|_| ApiError::invalid_value("account"))?),
+    };
+    p.finish()?;
+    let ws = call(&st, move |c| c.withdrawals(account)).await?;
+    Ok(ok_json(&ctx, to_json(&ws)?))
+}
+
+/// `POST /mapi/v1/admin/withdrawals/approve` (ADMIN): approves a withdrawal that waits for
+/// approval.
+pub async fn admin_approve(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
+    p.finish()?;
+    let w = call(&st, move |c| c.approve_withdrawal(id)).await?;
+    Ok(ok_json(&ctx, to_json(&w)?))
+}
+
+/// `GET /mapi/v1/admin/reconcile` (ADMIN): wallet assets against ledger liabilities.
+pub async fn admin_reconcile(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    p.finish()?;
+    let r = call(&st, |c| c.reconcile()).await?;
+    Ok(ok_json(&ctx, to_json(&r)?))
+}
+
+/// `POST /mapi/v1/admin/regtest/mine` (ADMIN): mines `blocks` (1..=1000) blocks; answers
+/// `{"tip_height": n}`.
+pub async fn admin_mine(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let blocks = p
+        .opt_u64("blocks")?
+        .ok_or_else(|| ApiError::missing("blocks"))?;
+    if !(1..=MAX_MINE_BLOCKS).contains(&blocks) {
+        return Err(ApiError::invalid_value("blocks"));
+    }
+    p.finish()?;
+    let tip = call(&st, move |c| c.regtest_mine(blocks as u32)).await?;
+    Ok(ok_json(&ctx, json!({ "tip_height": tip })))
+}
+
+/// `POST /mapi/v1/admin/regtest/fund` (ADMIN): pays a coinbase to the account and credits it;
+/// answers `{"account": a, "amount_sat": n, "amount": "50.00000000"}`.
+pub async fn admin_fund(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let account = account_param(&st, &mut p, "account")?;
+    p.finish()?;
+    let sat = call(&st, move |c| c.regtest_fund(account)).await?;
+    Ok(ok_json(
+        &ctx,
+        json!({
+            "account": account,
+            "amount_sat": sat,
+            "amount": crate::decimal::format_units(sat, BTC_DECIMALS),
+        }),
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn utc_datetime_matches_known_dates() {
+        assert_eq!(utc_datetime(0), "1970-01-01 00:00:00");
+        assert_eq!(utc_datetime(1_570_878_722_000), "2019-10-12 11:12:02");
+        assert_eq!(utc_datetime(951_782_400_000), "2000-02-29 00:00:00");
+        assert_eq!(utc_datetime(4_102_444_799_999), "2099-12-31 23:59:59");
+    }
+
+    #[test]
+    fn custody_error_keeps_code_status_and_message() {
+        let e = custody_error(CustodyError::bad_request(-4026, "Amount below minimum."));
+        assert_eq!(
+            (e.status, e.code, e.msg.as_ref()),
+            (StatusCode::BAD_REQUEST, -4026, "Amount below minimum.")
+        );
+        let e = custody_error(CustodyError::internal("wallet down"));
+        assert_eq!(
+            (e.status, e.code),
+            (StatusCode::INTERNAL_SERVER_ERROR, -1001)
+        );
+        let mut odd = CustodyError::internal("x");
+        odd.status = 200;
+        assert_eq!(custody_error(odd).status, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+}

@@ -332,7 +332,7 @@ pub async fn deposit_history(State(st): State<AppState>, req: Req) -> Result<Res
             && status.is_none_or(|s| s == u64::from(deposit_status(d.state)))
             && tx.as_deref().is_none_or(|t| t == d.txid)
     });
-    ds.sort_by(|a, b| b.seen_ms.cmp(&a.seen_ms));
+    ds.sort_by_key(|d| std::cmp::Reverse(d.seen_ms));
     Ok(ok_json(&ctx, w.page(ds.iter().map(deposit_json).collect())))
 }
 
@@ -396,7 +396,7 @@ pub async fn withdraw_history(State(st): State<AppState>, req: Req) -> Result<Re
             && order_id.as_deref().is_none_or(|o| o == x.idempotency_key)
             && ids.as_ref().is_none_or(|l| l.contains(&x.id))
     });
-    ws.sort_by(|a, b| b.created_ms.cmp(&a.created_ms).then(b.id.cmp(&a.id)));
+    ws.sort_by_key(|w| std::cmp::Reverse((w.created_ms, w.id)));
     Ok(ok_json(
         &ctx,
         w.page(ws.iter().map(withdrawal_json).collect()),

@@ -77,13 +77,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let service = Arc::new(Mutex::new(service));
     let runner = Runner::spawn(service.clone())?;
     let client = Arc::new(rpc_client(&rpc)?);
+    let custody = Arc::new(WalletCustody::new(service.clone(), client, cfg.network));
     node.state
-        .set_custody(Arc::new(WalletCustody::new(
-            service.clone(),
-            client,
-            cfg.network,
-        )))
+        .set_custody(custody.clone())
         .map_err(|_| anyhow!("custody attached twice"))?;
+    let gauges = spawn_gauges(node.state.clone(), custody, custody_cfg.poll_interval);
 
     // 4. HTTP.
     let listener = rt
@@ -100,6 +98,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 
     // 5. Stop in reverse order.
     println!("mediator: shutting down");
+    gauges.stop();
     runner.stop();
     drop(service);
     let engine = node.shutdown();
@@ -111,6 +110,53 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     engine.map_err(|e| anyhow!("engine shutdown: {e}"))?;
     println!("mediator: stopped cleanly");
     Ok(())
+}
+
+/// A thread that copies custody health into `/metrics` every poll interval: the wallet's sync
+/// height and the reconciliation surplus (negative: a shortfall, also logged as an error).
+struct Gauges {
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
+}
+
+impl Gauges {
+    fn stop(self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let _ = self.handle.join();
+    }
+}
+
+fn spawn_gauges(state: api::AppState, custody: Arc<WalletCustody>, every: Duration) -> Gauges {
+    use api::custody::Custody;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let handle = std::thread::spawn(move || {
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            match custody.reconcile() {
+                Ok(r) => {
+                    state.set_gauge(
+                        "mediator_wallet_sync_height",
+                        "Chain height the custody wallet has synced to.",
+                        i64::from(r.tip_height),
+                    );
+                    state.set_gauge(
+                        "mediator_reconciliation_gap_sats",
+                        "Wallet assets minus ledger liabilities, satoshis (negative: shortfall).",
+                        r.surplus_sat,
+                    );
+                    if r.shortfall {
+                        tracing::error!(surplus_sat = r.surplus_sat, "custody shortfall");
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "reconciliation failed"),
+            }
+            let start = std::time::Instant::now();
+            while start.elapsed() < every && !flag.load(std::sync::atomic::Ordering::Relaxed) {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    });
+    Gauges { stop, handle }
 }
 
 fn rpc_client(rpc: &RpcConfig) -> anyhow::Result<Client> {

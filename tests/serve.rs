@@ -169,6 +169,19 @@ fn balance(c: &Client, asset: &str) -> (u64, u64) {
         .unwrap_or((0, 0))
 }
 
+fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    s
+}
+
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
@@ -304,6 +317,13 @@ fn fund_trade_withdraw_end_to_end_on_regtest() {
     let rec = s.admin(&["reconcile"]);
     assert_eq!(rec["shortfall"], false, "{rec}");
     assert!(rec["surplus_sat"].as_i64().unwrap() >= 0);
+    // Custody health is on /metrics.
+    wait_until("the custody gauges", 30, || {
+        let m = http_get(s.addr, "/metrics");
+        m.lines()
+            .any(|l| l.starts_with("mediator_wallet_sync_height ") && !l.ends_with(" 0"))
+            && m.contains("mediator_reconciliation_gap_sats ")
+    });
 
     let node = s.bitcoind_pid().expect("the managed node wrote its pid");
     let status = s.terminate();

@@ -496,6 +496,55 @@ impl<T: Copy> Book<T> {
     /// Removes the order in `slot` and returns it.
     pub fn remove(&mut self, slot: u32) -> Node<T> {
         let node = self.nodes[slot as usize];
+        self.unlink(slot);
+        self.index.remove(&node.id);
+        self.nodes[slot as usize].next = self.free;
+        self.nodes[slot as usize].prev = NIL;
+        self.free = slot;
+        self.len -= 1;
+        node
+    }
+
+    /// Moves the order in `slot` to the back of the queue at `price` with open quantity `qty`
+    /// (a price change or a quantity increase: it loses its time priority), keeping its slot and
+    /// id. The caller has checked that `price` does not cross the other side.
+    pub fn relocate(&mut self, slot: u32, price: Price, qty: Qty) {
+        let node = self.nodes[slot as usize];
+        debug_assert!(!qty.is_zero() && price.0 >= 1 && price <= self.max_price);
+        debug_assert!(match node.side {
+            Side::Buy => price.0 < self.best_ask,
+            Side::Sell => price.0 > self.best_bid,
+        });
+        self.unlink(slot);
+        let level = self.levels.level_mut(price.0);
+        let tail = level.tail;
+        let was_empty = tail == NIL;
+        if was_empty {
+            level.head = slot;
+        }
+        level.tail = slot;
+        level.qty += qty.0;
+        if was_empty {
+            self.levels.set(price.0);
+        } else {
+            self.nodes[tail as usize].next = slot;
+        }
+        let n = &mut self.nodes[slot as usize];
+        n.price = price;
+        n.qty = qty;
+        n.prev = tail;
+        n.next = NIL;
+        match node.side {
+            Side::Buy if price.0 > self.best_bid => self.best_bid = price.0,
+            Side::Sell if price.0 < self.best_ask => self.best_ask = price.0,
+            _ => {}
+        }
+    }
+
+    /// Takes the order in `slot` out of its level (the level's quantity, occupancy and the best
+    /// prices follow), leaving the slot and the index untouched.
+    fn unlink(&mut self, slot: u32) {
+        let node = self.nodes[slot as usize];
         let price = node.price.0;
         if node.prev != NIL {
             self.nodes[node.prev as usize].next = node.next;
@@ -529,12 +578,6 @@ impl<T: Copy> Book<T> {
                     .unwrap_or(u64::MAX);
             }
         }
-        self.index.remove(&node.id);
-        self.nodes[slot as usize].next = self.free;
-        self.nodes[slot as usize].prev = NIL;
-        self.free = slot;
-        self.len -= 1;
-        node
     }
 
     /// Lowers the open quantity of the order in `slot` by `by` (a fill or an amend down), keeping

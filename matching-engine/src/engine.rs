@@ -1811,7 +1811,35 @@ impl Engine {
         if node.data.post_only && crosses {
             return Err(RejectCode::PostOnlyWouldTake);
         }
-        // Accepted: loses priority, re-enters at the new price (and may trade).
+        if !crosses {
+            // Accepted; the common case: it rests at the new price, at the back of the queue. It
+            // keeps its slot (no index churn) and its hold is adjusted by the difference.
+            let m = &mut self.markets[mi];
+            m.book.relocate(slot, price, remaining);
+            mark_dirty(&mut m.dirty_levels, (node.side, node.price));
+            mark_dirty(&mut m.dirty_levels, (node.side, price));
+            let d = m.book.data_mut(slot);
+            d.hold = need;
+            d.orig_qty = total;
+            if need > node.data.hold {
+                self.ledger.hold(account, asset, need.0 - node.data.hold.0);
+            } else {
+                self.ledger
+                    .release(account, asset, node.data.hold.0 - need.0);
+            }
+            out.push(Event::OrderAmended {
+                info,
+                price,
+                qty: total,
+                remaining,
+                kept_priority: false,
+            });
+            return Ok(Accept {
+                order: Some(id),
+                ..Accept::default()
+            });
+        }
+        // Accepted: loses priority, re-enters at the new price and trades.
         let m = &mut self.markets[mi];
         m.book.remove(slot);
         mark_dirty(&mut m.dirty_levels, (node.side, node.price));

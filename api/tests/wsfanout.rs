@@ -388,8 +388,9 @@ async fn depth_fanout_to_many_subscribers() {
         f64::from(orders) / orders_s
     );
     println!(
-        "delivered={delivered} diffs (per subscriber min={min_msgs} max={max_msgs}; {:.2} orders per diff); \
+        "delivered={delivered} diffs (per subscriber min={min_msgs} max={max_msgs}; {:.2} orders per diff, mean order-index span {:.1}); \
          slow-consumer disconnects={slow}; other ends={}; missed the last order={missed_last}",
+        f64::from(orders) / max_msgs.max(1) as f64,
         orders_per_msg as f64 / delivered.max(1) as f64,
         other_end.len()
     );

@@ -9,7 +9,7 @@
 use crate::app::{ok_json, AppState, Req};
 use crate::error::ApiError;
 use crate::keys::Perms;
-use crate::public::{depth_json, kline_array};
+use crate::public::{depth_json, kline_array, ticker};
 use crate::readmodel::{interval_index, MarketMsgKind, INTERVALS};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
@@ -90,6 +90,12 @@ enum Stream {
     },
     Trade(usize),
     BookTicker(usize),
+    /// `<symbol>@ticker` (`mini` false) and `<symbol>@miniTicker`: rolling 24 h statistics,
+    /// pushed once a second when the market changed.
+    Ticker {
+        market: usize,
+        mini: bool,
+    },
     Kline {
         market: usize,
         interval: usize,
@@ -118,6 +124,14 @@ fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
         "depth" | "depth@100ms" | "depth@1000ms" => Some(Stream::Diff(m)),
         "trade" => Some(Stream::Trade(m)),
         "bookTicker" => Some(Stream::BookTicker(m)),
+        "ticker" => Some(Stream::Ticker {
+            market: m,
+            mini: false,
+        }),
+        "miniTicker" => Some(Stream::Ticker {
+            market: m,
+            mini: true,
+        }),
         _ => {
             if let Some(iv) = rest.strip_prefix("kline_") {
                 return interval_index(iv).map(|interval| Stream::Kline {
@@ -386,6 +400,15 @@ async fn run(
                                     out.push(frame(combined, name, &depth_json(m, ms, *levels).to_string()));
                                 }
                             }
+                            Stream::Ticker { market, mini } => {
+                                let ms = &rm.markets[*market];
+                                let prev = last.get(name).copied();
+                                if prev.is_none_or(|(t, seq)| now >= t + 1000 && seq != ms.depth_seq) {
+                                    last.insert(name.clone(), (now, ms.depth_seq));
+                                    let m = &st.markets().markets[*market];
+                                    out.push(frame(combined, name, &ticker_event(&ticker(m, ms, now, *mini), *mini, now)));
+                                }
+                            }
                             Stream::Kline { market, interval } => {
                                 let ms = &rm.markets[*market];
                                 let ks = &ms.klines[*interval];
@@ -436,6 +459,28 @@ async fn run(
             }
         }
     }
+}
+
+/// Binance's `24hrTicker` / `24hrMiniTicker` event from the REST `ticker/24hr` object.
+fn ticker_event(t: &Value, mini: bool, now: u64) -> String {
+    let mut v = json!({
+        "e": if mini { "24hrMiniTicker" } else { "24hrTicker" },
+        "E": now,
+        "s": t["symbol"], "c": t["lastPrice"], "o": t["openPrice"], "h": t["highPrice"],
+        "l": t["lowPrice"], "v": t["volume"], "q": t["quoteVolume"],
+    });
+    if !mini {
+        let extra = json!({
+            "p": t["priceChange"], "P": t["priceChangePercent"], "w": t["weightedAvgPrice"],
+            "x": t["prevClosePrice"], "Q": t["lastQty"], "b": t["bidPrice"], "B": t["bidQty"],
+            "a": t["askPrice"], "A": t["askQty"], "O": t["openTime"], "C": t["closeTime"],
+            "F": t["firstId"], "L": t["lastId"], "n": t["count"],
+        });
+        if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+    }
+    v.to_string()
 }
 
 /// Binance's `kline` event.

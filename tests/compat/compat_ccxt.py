@@ -218,7 +218,7 @@ def my_trades():
 
 def orders_history():
     os_ = taker.fetch_orders(SYMBOL)
-    expect(len(os_) - state["orders0"] == 5, os_)
+    expect(len(os_) - state["orders0"] == 6, os_)  # the 5 above and the IOC
     closed = taker.fetch_closed_orders(SYMBOL)
     expect(all(o["status"] == "closed" for o in closed), closed)
     return f"{len(os_)} order(s), {len(closed)} closed"
@@ -242,14 +242,59 @@ def withdraw():
     return f"withdrawal {w['id']}, {len(ws)} in history"
 
 
+def order_options():
+    # postOnly -> LIMIT_MAKER, timeInForce, clientOrderId -> newClientOrderId, triggerPrice ->
+    # STOP_LOSS_LIMIT; fetch and cancel by client order id.
+    p = maker.create_order(SYMBOL, "limit", "buy", 0.01, 20000, {"postOnly": True})
+    expect(p["postOnly"] and p["info"]["type"] == "LIMIT_MAKER" and p["status"] == "open", p)
+    i = taker.create_order(SYMBOL, "limit", "buy", 0.01, 45000, {"timeInForce": "IOC"})
+    expect(i["status"] == "expired" and i["timeInForce"] == "IOC", i)
+    c = maker.create_order(SYMBOL, "limit", "buy", 0.01, 21000, {"clientOrderId": "compat-1"})
+    expect(c["clientOrderId"] == "compat-1", c)
+    f = maker.fetch_order(None, SYMBOL, {"origClientOrderId": "compat-1"})
+    expect(f["id"] == c["id"], f)
+    x = maker.cancel_order(None, SYMBOL, {"origClientOrderId": "compat-1"})
+    expect(x["status"] == "canceled" and x["id"] == c["id"], x)
+    t = maker.create_order(SYMBOL, "limit", "sell", 0.01, 40000, {"triggerPrice": 41000})
+    expect(t["info"]["type"] == "STOP_LOSS_LIMIT" and t["triggerPrice"] == 41000, t)
+    maker.cancel_order(t["id"], SYMBOL)
+    maker.cancel_order(p["id"], SYMBOL)
+    return f"LIMIT_MAKER {p['id']}, IOC {i['status']}, by clientOrderId {x['id']}, stop {t['id']}"
+
+
+def edit_order():
+    o = maker.create_order(SYMBOL, "limit", "buy", 0.01, 22000)
+    e = maker.edit_order(o["id"], SYMBOL, "limit", "buy", 0.02, 22500)
+    expect(e["id"] != o["id"] and e["price"] == 22500 and e["amount"] == 0.02, e)
+    expect(maker.fetch_order(o["id"], SYMBOL)["status"] == "canceled", "replaced order")
+    maker.cancel_order(e["id"], SYMBOL)
+    return f"{o['id']} -> {e['id']}"
+
+
+def more_market_data():
+    ba = taker.fetch_bids_asks([SYMBOL])
+    expect(ba[SYMBOL]["bid"] == 49900 and ba[SYMBOL]["ask"] == 50100, ba)
+    lp = taker.fetch_last_prices([SYMBOL])
+    expect(lp[SYMBOL]["price"] == 50100, lp)  # the last buy by cost
+    since = taker.milliseconds() - 3_600_000
+    c = taker.fetch_ohlcv(SYMBOL, "1h", since, 5)
+    expect(1 <= len(c) <= 5, c)
+    return f"bidsAsks {ba[SYMBOL]['bid']}/{ba[SYMBOL]['ask']}, last {lp[SYMBOL]['price']}"
+
+
 async def pro_streams():
     import ccxt.pro as ccxtpro
 
     ex = ccxtpro.binance(config(os.environ["MEDIATOR_API_KEY"], os.environ["MEDIATOR_API_SECRET"]))
+    done = []
     try:
         await ex.load_markets()
         ob = await asyncio.wait_for(ex.watch_order_book(SYMBOL), 10)
         expect(ob["asks"] and ob["asks"][0][0] == 50100, ob["asks"][:1])
+        done.append("watchOrderBook")
+        t = await asyncio.wait_for(ex.watch_ticker(SYMBOL), 10)
+        expect(t["symbol"] == SYMBOL and t["ask"] == 50100 and t["last"] > 0, t)
+        done.append("watchTicker")
 
         async def trade_soon():
             await asyncio.sleep(0.5)
@@ -260,7 +305,35 @@ async def pro_streams():
         ts = await asyncio.wait_for(ex.watch_trades(SYMBOL), 10)
         await task
         expect(ts and ts[-1]["price"] == 50050, ts)
-        return f"book best ask {ob['asks'][0]}, trade {ts[-1]['price']} x {ts[-1]['amount']}"
+        done.append("watchTrades")
+        k = await asyncio.wait_for(ex.watch_ohlcv(SYMBOL, "1m"), 10)
+        expect(k and k[-1][4] > 0, k)
+        done.append("watchOHLCV")
+
+        # Private: the user data stream (ccxt subscribes through the WebSocket API with a
+        # signature for spot).
+        async def order_soon():
+            await asyncio.sleep(1.0)
+            await asyncio.to_thread(taker.create_order, SYMBOL, "limit", "buy", 0.01, 20000)
+
+        task = asyncio.ensure_future(order_soon())
+        os_ = await asyncio.wait_for(ex.watch_orders(SYMBOL), 10)
+        await task
+        expect(os_ and os_[-1]["price"] == 20000 and os_[-1]["status"] == "open", os_)
+        done.append("watchOrders")
+
+        async def cancel_soon():
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(taker.cancel_order, os_[-1]["id"], SYMBOL)
+
+        task = asyncio.ensure_future(cancel_soon())
+        b = await asyncio.wait_for(ex.watch_balance(), 10)
+        await task
+        expect(b["USD"]["total"] > 0, b)
+        done.append("watchBalance")
+        return ", ".join(done)
+    except Exception as e:
+        raise AssertionError(f"after {done}: {type(e).__name__}: {e}") from e
     finally:
         await ex.close()
 
@@ -281,6 +354,9 @@ check("fetchOHLCV", ohlcv)
 check("createOrder market buy and sell", market_orders)
 check("createMarketBuyOrderWithCost (quoteOrderQty)", market_buy_with_cost)
 check("fetchOpenOrders / cancelOrder", open_orders_and_cancel)
+check("fetchBidsAsks / fetchLastPrices / fetchOHLCV since+limit", more_market_data)
+check("createOrder postOnly / IOC / clientOrderId / triggerPrice", order_options)
+check("editOrder (cancelReplace)", edit_order)
 check("fetchMyTrades", my_trades)
 check("fetchOrders / fetchClosedOrders", orders_history)
 check("fetchDepositAddress", deposit_address)
@@ -292,7 +368,7 @@ except ImportError:
     has_pro = False
     print("skip ccxt.pro: not in this ccxt")
 if has_pro:
-    check("ccxt.pro watchOrderBook / watchTrades", lambda: asyncio.run(pro_streams()))
+    check("ccxt.pro watchOrderBook / watchTicker / watchTrades / watchOHLCV / watchOrders / watchBalance", lambda: asyncio.run(pro_streams()))
 check("cancelAllOrders", cancel_all)
 
 if failures:

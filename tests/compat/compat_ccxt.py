@@ -292,8 +292,12 @@ async def pro_streams():
         ob = await asyncio.wait_for(ex.watch_order_book(SYMBOL), 10)
         expect(ob["asks"] and ob["asks"][0][0] == 50100, ob["asks"][:1])
         done.append("watchOrderBook")
+        # ccxt's default for watchTicker is the <symbol>@miniTicker stream (no bid/ask) ...
         t = await asyncio.wait_for(ex.watch_ticker(SYMBOL), 10)
-        expect(t["symbol"] == SYMBOL and t["ask"] == 50100 and t["last"] > 0, t)
+        expect(t["symbol"] == SYMBOL and t["last"] > 0 and t["baseVolume"] > 0, t)
+        # ... and {"name": "ticker"} selects the full <symbol>@ticker one.
+        t = await asyncio.wait_for(ex.watch_ticker(SYMBOL, {"name": "ticker"}), 10)
+        expect(t["ask"] == 50100 and t["bid"] == 49900 and t["last"] > 0, t)
         done.append("watchTicker")
 
         async def trade_soon():

@@ -15,7 +15,6 @@ use bdk_bitcoind_rpc::bitcoincore_rpc::{json::ScanTxOutRequest, RpcApi};
 use common::{free_port, Server};
 use serde_json::Value;
 use std::path::Path;
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -14,6 +14,7 @@ use crate::readmodel::{interval_index, MarketMsgKind, INTERVALS};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -255,6 +256,14 @@ async fn close(socket: &mut WebSocket, reason: String) {
     .await;
 }
 
+/// The client closed: complete the closing handshake so that it does not wait for our close
+/// frame until its own timeout (10 s in python's `websockets`, which python-binance's and
+/// ccxt's socket managers await on every exit). tungstenite queued the echo of the client's
+/// frame when it read it; closing the sink flushes it (a `send(Close)` would be refused).
+async fn closed_by_peer(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), SinkExt::close(socket)).await;
+}
+
 /// Handles a `SUBSCRIBE` / `UNSUBSCRIBE` / `LIST_SUBSCRIPTIONS` request; returns the answer.
 fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> String {
     let Ok(v) = serde_json::from_str::<Value>(text) else {
@@ -333,7 +342,11 @@ async fn run(
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) => {
+                    closed_by_peer(&mut socket).await;
+                    break;
+                }
+                None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
             r = mrx.recv() => match r {
@@ -694,7 +707,11 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) => {
+                    closed_by_peer(&mut socket).await;
+                    break;
+                }
+                None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
             r = urx.recv() => match r {

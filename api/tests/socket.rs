@@ -524,6 +524,43 @@ async fn ticker_streams_have_binance_shape() {
     let _ = stop.send(());
 }
 
+/// A client's close frame is answered at once (RFC 6455 closing handshake). Without the echo,
+/// python's `websockets` (python-binance, ccxt.pro) waits 10 s on every socket it closes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_is_answered_with_a_close_frame() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    for path in [
+        "/ws/btcusd@trade",
+        "/stream?streams=btcusd@depth",
+        "/ws/1",
+        "/ws-api/v3",
+    ] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+            .await
+            .unwrap();
+        ws.send(Message::Close(None)).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(m) = ws.next().await {
+                if let Ok(Message::Close(_)) = m {
+                    return true;
+                }
+                if m.is_err() {
+                    return false;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(
+            answer,
+            Ok(true),
+            "{path}: the server echoes the close frame"
+        );
+    }
+    let _ = stop.send(());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_clients_that_send_too_fast_are_closed_with_a_reason() {
     let h = Harness::new();

@@ -12,6 +12,7 @@ Exits non-zero when any check fails; prints every check.
 import asyncio
 import os
 import sys
+import time
 import traceback
 
 import ccxt
@@ -50,9 +51,11 @@ failures = []
 
 
 def check(name, fn):
+    t0 = time.monotonic()
     try:
         detail = fn()
-        print(f"ok   {name}" + (f": {detail}" if detail is not None else ""))
+        took = f" [{time.monotonic() - t0:.1f} s]"
+        print(f"ok   {name}{took}" + (f": {detail}" if detail is not None else ""))
         return True
     except Exception as e:  # noqa: BLE001 - report every failure and go on
         failures.append(name)

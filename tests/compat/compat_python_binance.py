@@ -9,6 +9,7 @@ Environment:
   MEDIATOR_WITHDRAW_ADDRESS             optional: a regtest address to withdraw to
 Exits non-zero when any check fails; prints every check.
 """
+import asyncio
 import os
 import sys
 import time
@@ -18,6 +19,7 @@ from importlib.metadata import version
 from binance.client import Client
 
 URL = os.environ["MEDIATOR_URL"].rstrip("/")
+WS = URL.replace("http://", "ws://").replace("https://", "wss://")
 SYMBOL = "BTCUSD"
 
 
@@ -36,9 +38,11 @@ state = {}
 
 
 def check(name, fn):
+    t0 = time.monotonic()
     try:
         detail = fn()
-        print(f"ok   {name}" + (f": {detail}" if detail is not None else ""))
+        took = f" [{time.monotonic() - t0:.1f} s]"
+        print(f"ok   {name}{took}" + (f": {detail}" if detail is not None else ""))
         return True
     except Exception as e:  # noqa: BLE001 - report every failure and go on
         failures.append(name)
@@ -189,6 +193,58 @@ def withdraw():
     return f"withdrawal {w['id']}"
 
 
+async def streams():
+    # The asyncio client and its socket manager, configured through class attributes before
+    # `create` (which pings): REST, and the WebSocket API that `user_socket` subscribes through.
+    from binance import AsyncClient, BinanceSocketManager
+
+    AsyncClient.API_URL = URL + "/api"
+    AsyncClient.MARGIN_API_URL = URL + "/sapi"
+    AsyncClient.WS_API_URL = WS + "/ws-api/v3"
+    c = await AsyncClient.create(os.environ["MEDIATOR_API_KEY"], os.environ["MEDIATOR_API_SECRET"])
+    done = []
+    try:
+        bm = BinanceSocketManager(c)
+        bm.STREAM_URL = WS + "/"
+        # One combined connection (python-binance's read loop notices an exit only after a
+        # message or its 10 s receive timeout, so every socket closed on a quiet stream costs up
+        # to 10 s) and the user data stream through the WebSocket API.
+        names = ["btcusd@depth5", "btcusd@ticker", "btcusd@trade", "btcusd@kline_1m"]
+        async with bm.multiplex_socket(names) as ms, bm.user_socket() as us:
+            first = {}
+            while len(first) < 2:  # the book and ticker are pushed on subscription
+                m = await asyncio.wait_for(ms.recv(), 10)
+                first.setdefault(m["stream"], m["data"])
+            d = first["btcusd@depth5"]
+            expect("bids" in d and "lastUpdateId" in d, d)
+            t = first["btcusd@ticker"]
+            expect(t["e"] == "24hrTicker" and t["s"] == SYMBOL, t)
+            done.append("depth (partial) and 24h ticker streams")
+            # Crosses the maker's resting bid at 59,900.
+            await c.order_limit_sell(symbol=SYMBOL, quantity="0.01", price="59900")
+            trade = kline = None
+            while trade is None or kline is None:
+                m = await asyncio.wait_for(ms.recv(), 10)
+                if m["stream"] == "btcusd@trade":
+                    trade = m["data"]
+                if m["stream"] == "btcusd@kline_1m" and m["data"]["k"]["c"] == "59900.00000000":
+                    kline = m["data"]
+            expect(trade["e"] == "trade" and trade["p"] == "59900.00000000", trade)
+            expect(kline["e"] == "kline" and kline["k"]["i"] == "1m", kline)
+            done.append("trade and kline streams")
+            seen = set()
+            while not {"NEW", "TRADE"} <= seen:
+                u = await asyncio.wait_for(us.recv(), 10)
+                if u.get("e") == "executionReport":
+                    seen.add(u["x"])
+            done.append("user_socket")
+        return ", ".join(done)
+    except Exception as e:
+        raise AssertionError(f"after {done}: {type(e).__name__}: {e}") from e
+    finally:
+        await c.close_connection()
+
+
 print(f"python-binance {version('python-binance')} against {URL}")
 check("cleanup (cancel leftovers)", cleanup)
 check("ping / get_server_time", ping_time)
@@ -204,6 +260,10 @@ check("get_open_orders / cancel_order / get_all_orders", open_and_cancel)
 check("get_my_trades", my_trades)
 check("get_deposit_address / get_deposit_history", deposit_address)
 check("withdraw / get_withdraw_history", withdraw)
+check(
+    "AsyncClient + BinanceSocketManager multiplex (depth5, ticker, trade, kline) and user_socket",
+    lambda: asyncio.run(streams()),
+)
 check("cancel_all_open_orders", cleanup)
 
 if failures:

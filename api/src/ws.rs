@@ -256,10 +256,10 @@ async fn close(socket: &mut WebSocket, reason: String) {
     .await;
 }
 
-/// The client closed: complete the closing handshake so that it does not wait for our close
-/// frame until its own timeout (10 s in python's `websockets`, which python-binance's and
-/// ccxt's socket managers await on every exit). tungstenite queued the echo of the client's
-/// frame when it read it; closing the sink flushes it (a `send(Close)` would be refused).
+/// The client closed: complete the closing handshake (RFC 6455 5.5.1) instead of dropping the
+/// connection, which clients report as a reset (tungstenite: `ResetWithoutClosingHandshake`) and
+/// some wait on until their close timeout. tungstenite queued the echo of the client's frame when
+/// it read it; closing the sink flushes it (a `send(Close)` would be refused).
 async fn closed_by_peer(socket: &mut WebSocket) {
     let _ = tokio::time::timeout(Duration::from_secs(1), SinkExt::close(socket)).await;
 }

@@ -524,8 +524,8 @@ async fn ticker_streams_have_binance_shape() {
     let _ = stop.send(());
 }
 
-/// A client's close frame is answered at once (RFC 6455 closing handshake). Without the echo,
-/// python's `websockets` (python-binance, ccxt.pro) waits 10 s on every socket it closes.
+/// A client's close frame is answered at once (RFC 6455 closing handshake), not with a dropped
+/// connection (which a client sees as a reset and may wait on until its close timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_close_is_answered_with_a_close_frame() {
     let h = Harness::new();

@@ -8,127 +8,16 @@
 //!
 //! Needs bitcoind (`BITCOIND_EXE`, `PATH`, or `scripts/test.sh` finds it).
 
+mod common;
+
 use api::client::Client;
-use bdk_bitcoind_rpc::bitcoincore_rpc::{json::ScanTxOutRequest, Auth, RpcApi};
+use bdk_bitcoind_rpc::bitcoincore_rpc::{json::ScanTxOutRequest, RpcApi};
+use common::{free_port, Server};
 use serde_json::Value;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-const BIN: &str = env!("CARGO_BIN_EXE_mediator");
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Server {
-    child: Child,
-    addr: SocketAddr,
-    dir: PathBuf,
-}
-
-impl Server {
-    fn start(dir: &Path, port: u16) -> Server {
-        let mut child = Command::new(BIN)
-            .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--poll-interval-ms", "200", "--batch-interval-secs", "1"])
-            .arg("--data-dir")
-            .arg(dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start mediator serve");
-        // Wait for the "serving on" line (after recovery, node start and wallet open).
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                let _ = tx.send(line);
-            }
-        });
-        let deadline = Instant::now() + Duration::from_secs(120);
-        loop {
-            match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(line) if line.contains("serving on") => break,
-                Ok(_) => {}
-                Err(_) => {
-                    if let Some(status) = child.try_wait().unwrap() {
-                        panic!("mediator serve exited during start-up: {status}");
-                    }
-                    assert!(Instant::now() < deadline, "mediator serve did not start");
-                }
-            }
-        }
-        std::thread::spawn(move || while rx.recv().is_ok() {});
-        Server {
-            child,
-            addr: SocketAddr::from(([127, 0, 0, 1], port)),
-            dir: dir.to_owned(),
-        }
-    }
-
-    /// An admin command through the binary, `--json`.
-    fn admin(&self, args: &[&str]) -> Value {
-        let out = Command::new(BIN)
-            .args(args)
-            .arg("--json")
-            .args(["--server", &self.addr.to_string()])
-            .arg("--data-dir")
-            .arg(&self.dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mediator {args:?} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        serde_json::from_slice(&out.stdout).unwrap()
-    }
-
-    fn rpc(&self) -> bdk_bitcoind_rpc::bitcoincore_rpc::Client {
-        let url = std::fs::read_to_string(self.dir.join("bitcoind/mediator-rpc-url")).unwrap();
-        let cookie = self.dir.join("bitcoind/regtest/.cookie");
-        bdk_bitcoind_rpc::bitcoincore_rpc::Client::new(&url, Auth::CookieFile(cookie)).unwrap()
-    }
-
-    fn bitcoind_pid(&self) -> Option<u32> {
-        std::fs::read_to_string(self.dir.join("bitcoind/regtest/bitcoind.pid"))
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-    }
-
-    /// SIGTERM, and the exit status.
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let pid = self.child.id().to_string();
-        Command::new("kill").args(["-TERM", &pid]).status().unwrap();
-        self.child.wait().unwrap()
-    }
-
-    /// SIGKILL (no clean-up), and the node it had started is killed too.
-    fn kill(mut self) {
-        let node = self.bitcoind_pid();
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        if let Some(pid) = node {
-            let _ = Command::new("kill")
-                .args(["-KILL", &pid.to_string()])
-                .status();
-            let deadline = Instant::now() + Duration::from_secs(30);
-            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
-                std::thread::sleep(Duration::from_millis(50));
-            }
-        }
-    }
-}
 
 fn client(s: &Server, key: &Value) -> Client {
     Client::new(
@@ -169,7 +58,7 @@ fn balance(c: &Client, asset: &str) -> (u64, u64) {
         .unwrap_or((0, 0))
 }
 
-fn http_get(addr: SocketAddr, path: &str) -> String {
+fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(addr).unwrap();
     write!(

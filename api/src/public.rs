@@ -316,7 +316,7 @@ fn ratio(num: i128, den: i128, dec: u32) -> String {
 }
 
 /// 24h rolling statistics from the 1-minute klines.
-fn ticker(m: &MarketSpec, s: &MarketState, now: u64, mini: bool) -> Value {
+pub fn ticker(m: &MarketSpec, s: &MarketState, now: u64, mini: bool) -> Value {
     let from = now.saturating_sub(86_400_000);
     let ks: Vec<&Kline> = s.klines[1].iter().filter(|k| k.close_ms >= from).collect();
     let (bid, ask) = s.best();

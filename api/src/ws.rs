@@ -9,11 +9,12 @@
 use crate::app::{ok_json, AppState, Req};
 use crate::error::ApiError;
 use crate::keys::Perms;
-use crate::public::{depth_json, kline_array};
+use crate::public::{depth_json, kline_array, ticker};
 use crate::readmodel::{interval_index, MarketMsgKind, INTERVALS};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
+use futures_util::SinkExt;
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -90,6 +91,12 @@ enum Stream {
     },
     Trade(usize),
     BookTicker(usize),
+    /// `<symbol>@ticker` (`mini` false) and `<symbol>@miniTicker`: rolling 24 h statistics,
+    /// pushed once a second when the market changed.
+    Ticker {
+        market: usize,
+        mini: bool,
+    },
     Kline {
         market: usize,
         interval: usize,
@@ -118,6 +125,14 @@ fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
         "depth" | "depth@100ms" | "depth@1000ms" => Some(Stream::Diff(m)),
         "trade" => Some(Stream::Trade(m)),
         "bookTicker" => Some(Stream::BookTicker(m)),
+        "ticker" => Some(Stream::Ticker {
+            market: m,
+            mini: false,
+        }),
+        "miniTicker" => Some(Stream::Ticker {
+            market: m,
+            mini: true,
+        }),
         _ => {
             if let Some(iv) = rest.strip_prefix("kline_") {
                 return interval_index(iv).map(|interval| Stream::Kline {
@@ -246,6 +261,14 @@ async fn close(socket: &mut WebSocket, reason: String) {
     .await;
 }
 
+/// The client closed: complete the closing handshake (RFC 6455 5.5.1) instead of dropping the
+/// connection, which clients report as a reset (tungstenite: `ResetWithoutClosingHandshake`) and
+/// some wait on until their close timeout. tungstenite queued the echo of the client's frame when
+/// it read it; closing the sink flushes it (a `send(Close)` would be refused).
+async fn closed_by_peer(socket: &mut WebSocket) {
+    let _ = tokio::time::timeout(Duration::from_secs(1), SinkExt::close(socket)).await;
+}
+
 /// Handles a `SUBSCRIBE` / `UNSUBSCRIBE` / `LIST_SUBSCRIPTIONS` request; returns the answer.
 fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> String {
     let Ok(v) = serde_json::from_str::<Value>(text) else {
@@ -324,7 +347,11 @@ async fn run(
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) => {
+                    closed_by_peer(&mut socket).await;
+                    break;
+                }
+                None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
             r = mrx.recv() => match r {
@@ -391,6 +418,15 @@ async fn run(
                                     out.push(frame(combined, name, &depth_json(m, ms, *levels).to_string()));
                                 }
                             }
+                            Stream::Ticker { market, mini } => {
+                                let ms = &rm.markets[*market];
+                                let prev = last.get(name).copied();
+                                if prev.is_none_or(|(t, seq)| now >= t + 1000 && seq != ms.depth_seq) {
+                                    last.insert(name.clone(), (now, ms.depth_seq));
+                                    let m = &st.markets().markets[*market];
+                                    out.push(frame(combined, name, &ticker_event(&ticker(m, ms, now, *mini), *mini, now)));
+                                }
+                            }
                             Stream::Kline { market, interval } => {
                                 let ms = &rm.markets[*market];
                                 let ks = &ms.klines[*interval];
@@ -441,6 +477,28 @@ async fn run(
             }
         }
     }
+}
+
+/// Binance's `24hrTicker` / `24hrMiniTicker` event from the REST `ticker/24hr` object.
+fn ticker_event(t: &Value, mini: bool, now: u64) -> String {
+    let mut v = json!({
+        "e": if mini { "24hrMiniTicker" } else { "24hrTicker" },
+        "E": now,
+        "s": t["symbol"], "c": t["lastPrice"], "o": t["openPrice"], "h": t["highPrice"],
+        "l": t["lowPrice"], "v": t["volume"], "q": t["quoteVolume"],
+    });
+    if !mini {
+        let extra = json!({
+            "p": t["priceChange"], "P": t["priceChangePercent"], "w": t["weightedAvgPrice"],
+            "x": t["prevClosePrice"], "Q": t["lastQty"], "b": t["bidPrice"], "B": t["bidQty"],
+            "a": t["askPrice"], "A": t["askQty"], "O": t["openTime"], "C": t["closeTime"],
+            "F": t["firstId"], "L": t["lastId"], "n": t["count"],
+        });
+        if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+    }
+    v.to_string()
 }
 
 /// Binance's `kline` event.
@@ -659,7 +717,11 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                         break;
                     }
                 }
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
+                Some(Ok(Message::Close(_))) => {
+                    closed_by_peer(&mut socket).await;
+                    break;
+                }
+                None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
             r = urx.recv() => match r {

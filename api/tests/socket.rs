@@ -451,6 +451,116 @@ async fn kline_stream_sends_the_closed_candle() {
     let _ = stop.send(());
 }
 
+/// `<symbol>@ticker` and `<symbol>@miniTicker` in Binance's shape (ccxt.pro's `watchTicker`
+/// subscribes `@ticker`; its `watchTickers` on a symbol list `@miniTicker`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ticker_streams_have_binance_shape() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    signed_post(
+        addr,
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.002&price=30000",
+        &seller,
+    )
+    .await;
+    let (st, v) = signed_post(
+        addr,
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000",
+        &buyer,
+    )
+    .await;
+    assert_eq!((st, v["status"].as_str()), (200, Some("FILLED")));
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!(
+        "ws://{addr}/stream?streams=btcusd@ticker/btcusd@miniTicker"
+    ))
+    .await
+    .unwrap();
+    let (mut full, mut mini) = (None, None);
+    while full.is_none() || mini.is_none() {
+        let m = next_json(&mut ws).await;
+        match m["stream"].as_str().unwrap() {
+            "btcusd@ticker" => full = Some(m["data"].clone()),
+            "btcusd@miniTicker" => mini = Some(m["data"].clone()),
+            s => panic!("unexpected stream {s}"),
+        }
+    }
+    let (full, mini) = (full.unwrap(), mini.unwrap());
+    assert_eq!(full["e"], "24hrTicker");
+    assert_eq!(full["s"], "BTCUSD");
+    assert_eq!(full["c"], "30000.00000000");
+    assert_eq!(full["Q"], "0.00100000");
+    assert_eq!(full["a"], "30000.00000000");
+    assert_eq!(full["A"], "0.00100000");
+    assert_eq!(full["b"], "0.00000000");
+    assert_eq!(full["v"], "0.00100000");
+    assert_eq!(full["q"], "30.00000000");
+    assert_eq!(full["n"], 1);
+    for k in ["E", "O", "C", "F", "L"] {
+        assert!(full[k].is_i64(), "{k} is a number: {full}");
+    }
+    for k in ["p", "P", "w", "x", "o", "h", "l", "B"] {
+        assert!(full[k].is_string(), "{k} is a string: {full}");
+    }
+    assert_eq!(mini["e"], "24hrMiniTicker");
+    assert_eq!(
+        (mini["s"].as_str(), mini["c"].as_str(), mini["o"].as_str()),
+        (
+            Some("BTCUSD"),
+            Some("30000.00000000"),
+            Some("30000.00000000")
+        )
+    );
+    for k in ["h", "l", "v", "q"] {
+        assert!(mini[k].is_string(), "{k}: {mini}");
+    }
+    assert!(
+        mini.get("b").is_none() && mini.get("p").is_none(),
+        "mini has no book: {mini}"
+    );
+    let _ = stop.send(());
+}
+
+/// A client's close frame is answered at once (RFC 6455 closing handshake), not with a dropped
+/// connection (which a client sees as a reset and may wait on until its close timeout).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_close_is_answered_with_a_close_frame() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    for path in [
+        "/ws/btcusd@trade",
+        "/stream?streams=btcusd@depth",
+        "/ws/1",
+        "/ws-api/v3",
+    ] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}{path}"))
+            .await
+            .unwrap();
+        ws.send(Message::Close(None)).await.unwrap();
+        let answer = tokio::time::timeout(Duration::from_secs(2), async {
+            while let Some(m) = ws.next().await {
+                if let Ok(Message::Close(_)) = m {
+                    return true;
+                }
+                if m.is_err() {
+                    return false;
+                }
+            }
+            false
+        })
+        .await;
+        assert_eq!(
+            answer,
+            Ok(true),
+            "{path}: the server echoes the close frame"
+        );
+    }
+    let _ = stop.send(());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_clients_that_send_too_fast_are_closed_with_a_reason() {
     let h = Harness::new();

@@ -460,19 +460,7 @@ impl<T: Copy> Book<T> {
             return Err(BookFullError);
         }
         self.free = self.nodes[slot as usize].next;
-        let level = self.levels.level_mut(price.0);
-        let tail = level.tail;
-        let was_empty = tail == NIL;
-        if was_empty {
-            level.head = slot;
-        }
-        level.tail = slot;
-        level.qty += qty.0;
-        if was_empty {
-            self.levels.set(price.0);
-        } else {
-            self.nodes[tail as usize].next = slot;
-        }
+        let tail = self.link_back(slot, price, qty);
         self.nodes[slot as usize] = Node {
             id,
             price,
@@ -516,19 +504,7 @@ impl<T: Copy> Book<T> {
             Side::Sell => price.0 > self.best_bid,
         });
         self.unlink(slot);
-        let level = self.levels.level_mut(price.0);
-        let tail = level.tail;
-        let was_empty = tail == NIL;
-        if was_empty {
-            level.head = slot;
-        }
-        level.tail = slot;
-        level.qty += qty.0;
-        if was_empty {
-            self.levels.set(price.0);
-        } else {
-            self.nodes[tail as usize].next = slot;
-        }
+        let tail = self.link_back(slot, price, qty);
         let n = &mut self.nodes[slot as usize];
         n.price = price;
         n.qty = qty;
@@ -539,6 +515,26 @@ impl<T: Copy> Book<T> {
             Side::Sell if price.0 < self.best_ask => self.best_ask = price.0,
             _ => {}
         }
+    }
+
+    /// Appends `slot` to the queue at `price` (its level's quantity and occupancy follow) and
+    /// returns the previous tail (`NIL` when the level was empty). The node's own fields are the
+    /// caller's to set.
+    #[inline]
+    fn link_back(&mut self, slot: u32, price: Price, qty: Qty) -> u32 {
+        let level = self.levels.level_mut(price.0);
+        let tail = level.tail;
+        if tail == NIL {
+            level.head = slot;
+        }
+        level.tail = slot;
+        level.qty += qty.0;
+        if tail == NIL {
+            self.levels.set(price.0);
+        } else {
+            self.nodes[tail as usize].next = slot;
+        }
+        tail
     }
 
     /// Takes the order in `slot` out of its level (the level's quantity, occupancy and the best

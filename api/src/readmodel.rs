@@ -915,6 +915,47 @@ impl ReadModel {
     }
 }
 
+impl OrderRec {
+    /// The record of an order just placed (`Event::OrderNew`), at `ms`.
+    pub fn placed(
+        info: matching_engine::OrderInfo,
+        order_type: &OrderType,
+        tif: TimeInForce,
+        post_only: bool,
+        stp: StpMode,
+        ms: u64,
+    ) -> Self {
+        let (kind, price, stop, qty, quote) = kind_of(order_type, post_only);
+        OrderRec {
+            id: info.order.0,
+            account: info.account.0,
+            market: info.market.0,
+            client_id: info
+                .client_id
+                .map(|c| c.as_str().to_owned())
+                .unwrap_or_default(),
+            side: info.side,
+            kind,
+            tif: if matches!(kind, OrdKind::Market | OrdKind::StopLoss) {
+                TimeInForce::Gtc
+            } else {
+                tif
+            },
+            price,
+            stop,
+            orig_qty: qty,
+            orig_quote: quote,
+            executed: 0,
+            cum_quote: 0,
+            status: OrdStatus::New,
+            stp,
+            time_ms: ms,
+            update_ms: ms,
+            working_ms: if stop == 0 { Some(ms) } else { None },
+        }
+    }
+}
+
 fn kind_of(t: &OrderType, post_only: bool) -> (OrdKind, u64, u64, u64, u64) {
     match *t {
         OrderType::Limit { price, qty } => (
@@ -1070,34 +1111,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 stp,
             } => {
                 st.counters.orders += 1;
-                let (kind, price, stop, qty, quote) = kind_of(&order_type, post_only);
-                let o = OrderRec {
-                    id: info.order.0,
-                    account: info.account.0,
-                    market: info.market.0,
-                    client_id: info
-                        .client_id
-                        .map(|c| c.as_str().to_owned())
-                        .unwrap_or_default(),
-                    side: info.side,
-                    kind,
-                    tif: if matches!(kind, OrdKind::Market | OrdKind::StopLoss) {
-                        TimeInForce::Gtc
-                    } else {
-                        tif
-                    },
-                    price,
-                    stop,
-                    orig_qty: qty,
-                    orig_quote: quote,
-                    executed: 0,
-                    cum_quote: 0,
-                    status: OrdStatus::New,
-                    stp,
-                    time_ms: ms,
-                    update_ms: ms,
-                    working_ms: if stop == 0 { Some(ms) } else { None },
-                };
+                let o = OrderRec::placed(info, &order_type, tif, post_only, stp, ms);
                 out.push_user(|| UserMsg {
                     account: o.account,
                     json: execution_report(markets, &o, "NEW", ms, None),

@@ -5,7 +5,7 @@ use crate::error::ApiError;
 use crate::keys::{ApiKey, Perms};
 use crate::market::MarketSpec;
 use crate::params::Params;
-use crate::readmodel::{side_str, stp_str, tif_str, OrdKind, OrdStatus, OrderRec, TradeRec};
+use crate::readmodel::{side_str, stp_str, tif_str, OrdStatus, OrderRec, TradeRec};
 use axum::extract::State;
 use axum::response::Response;
 use matching_engine::{
@@ -246,52 +246,7 @@ fn order_from_events(events: &[Event], id: OrderId, ms: u64) -> Option<(OrderRec
                 post_only,
                 stp,
             } if info.order == id => {
-                let (kind, price, stop, qty, quote) = match order_type {
-                    OrderType::Limit { price, qty } => (
-                        if post_only {
-                            OrdKind::LimitMaker
-                        } else {
-                            OrdKind::Limit
-                        },
-                        price.0,
-                        0,
-                        qty.0,
-                        0,
-                    ),
-                    OrderType::Market { qty } => (OrdKind::Market, 0, 0, qty.0, 0),
-                    OrderType::MarketBudget { budget } => (OrdKind::Market, 0, 0, 0, budget.0),
-                    OrderType::StopLimit { stop, price, qty } => {
-                        (OrdKind::StopLossLimit, price.0, stop.0, qty.0, 0)
-                    }
-                    OrderType::StopMarket { stop, qty } => (OrdKind::StopLoss, 0, stop.0, qty.0, 0),
-                };
-                rec = Some(OrderRec {
-                    id: id.0,
-                    account: info.account.0,
-                    market: info.market.0,
-                    client_id: info
-                        .client_id
-                        .map(|c| c.as_str().to_owned())
-                        .unwrap_or_default(),
-                    side: info.side,
-                    kind,
-                    tif: if matches!(kind, OrdKind::Market | OrdKind::StopLoss) {
-                        TimeInForce::Gtc
-                    } else {
-                        tif
-                    },
-                    price,
-                    stop,
-                    orig_qty: qty,
-                    orig_quote: quote,
-                    executed: 0,
-                    cum_quote: 0,
-                    status: OrdStatus::New,
-                    stp,
-                    time_ms: ms,
-                    update_ms: ms,
-                    working_ms: if stop == 0 { Some(ms) } else { None },
-                });
+                rec = Some(OrderRec::placed(info, &order_type, tif, post_only, stp, ms));
             }
             Event::Trade {
                 trade,

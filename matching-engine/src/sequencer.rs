@@ -745,7 +745,12 @@ impl<S: StateMachine, C: Clock> Engine<S, C> {
         // One allocation per batch, shared by the replies and every consumer.
         let events: Arc<[S::Event]> = Arc::from(&self.events[..]);
         self.events.clear();
-        let applied = self.outbox.pending.len() as u64;
+        // Count before answering: a producer that holds its reply must see it counted.
+        let c = &shared.counters;
+        c.batches.fetch_add(1, Relaxed);
+        c.applied
+            .fetch_add(self.outbox.pending.len() as u64, Relaxed);
+        c.accepted.fetch_add(accepted, Relaxed);
         for p in self.outbox.pending.drain(..) {
             let outcome = match p.outcome {
                 PendingOutcome::Accepted { seq, start, end } => Outcome::Accepted {
@@ -771,10 +776,6 @@ impl<S: StateMachine, C: Clock> Engine<S, C> {
                 events,
             });
         }
-        let c = &shared.counters;
-        c.batches.fetch_add(1, Relaxed);
-        c.applied.fetch_add(applied, Relaxed);
-        c.accepted.fetch_add(accepted, Relaxed);
         Ok(())
     }
 

@@ -2,6 +2,8 @@
 //! bitcoind) on a free port and run its admin commands.
 #![allow(dead_code)] // each test binary uses a part
 
+pub mod payer;
+
 use bdk_bitcoind_rpc::bitcoincore_rpc::Auth;
 use serde_json::Value;
 use std::io::{BufRead, BufReader};

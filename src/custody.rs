@@ -174,6 +174,13 @@ impl Custody for WalletCustody {
             .map_err(deposit_address_error)
     }
 
+    fn invoice_address(&self, account: u32) -> Result<String, CustodyError> {
+        self.lock()
+            .new_invoice_address(AccountId(account), system_now())
+            .map(|a| a.to_string())
+            .map_err(deposit_address_error)
+    }
+
     fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError> {
         let s = self.lock();
         let required = s.config().deposit_confirmations;

@@ -153,6 +153,12 @@ pub trait Custody: Send + Sync + 'static {
     /// The account's current deposit address (made on first use), or a new one when `new`;
     /// old addresses keep working.
     fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError>;
+    /// A new address for one merchant invoice of `account`: payments to it are credited to the
+    /// account like deposits, but it is never returned by [`deposit_address`](Self::deposit_address).
+    /// The default hands out a new deposit address (for custody that has no such distinction).
+    fn invoice_address(&self, account: u32) -> Result<String, CustodyError> {
+        self.deposit_address(account, true)
+    }
     /// Deposits, of one account or all.
     fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError>;
     /// Requests a withdrawal of `amount_sat` to `address`, idempotent by `idempotency_key`

@@ -426,6 +426,31 @@ impl CustodyService {
         count: u32,
         now: Timestamp,
     ) -> Result<Vec<Address>, DepositAddressError> {
+        self.reveal_addresses(account, count, store::AddressPurpose::Deposit, now)
+    }
+
+    /// A new address for one merchant invoice of `account`. Payments to it are credited to the
+    /// account like deposits, but it is never shown as the account's deposit address (so the
+    /// merchant's own deposits cannot land on an invoice).
+    pub fn new_invoice_address(
+        &mut self,
+        account: AccountId,
+        now: Timestamp,
+    ) -> Result<Address, DepositAddressError> {
+        let mut v = self.reveal_addresses(account, 1, store::AddressPurpose::Invoice, now)?;
+        v.pop()
+            .ok_or(DepositAddressError::Store(crate::StoreError::Corrupt(
+                "no address revealed".into(),
+            )))
+    }
+
+    fn reveal_addresses(
+        &mut self,
+        account: AccountId,
+        count: u32,
+        purpose: store::AddressPurpose,
+        now: Timestamp,
+    ) -> Result<Vec<Address>, DepositAddressError> {
         if !self.ledger.account_exists(account) {
             return Err(DepositAddressError::UnknownAccount(account));
         }
@@ -444,7 +469,7 @@ impl CustodyService {
             .iter()
             .map(|i| (i.index, i.address.to_string()))
             .collect();
-        store::insert_deposit_addresses(&mut self.db, account, &rows, now.as_millis())?;
+        store::insert_deposit_addresses(&mut self.db, account, &rows, purpose, now.as_millis())?;
         Ok(infos.into_iter().map(|i| i.address).collect())
     }
 

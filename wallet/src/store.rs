@@ -12,7 +12,8 @@ CREATE TABLE IF NOT EXISTS mediator_deposit_address (
     keychain_index INTEGER PRIMARY KEY,
     account INTEGER NOT NULL,
     address TEXT NOT NULL UNIQUE,
-    created_ms INTEGER NOT NULL
+    created_ms INTEGER NOT NULL,
+    purpose TEXT NOT NULL DEFAULT 'deposit'
 );
 CREATE INDEX IF NOT EXISTS mediator_deposit_address_account ON mediator_deposit_address(account);
 CREATE TABLE IF NOT EXISTS mediator_deposit (
@@ -61,6 +62,17 @@ CREATE TABLE IF NOT EXISTS mediator_batch_tx (
 /// Creates the tables when missing.
 pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
     db.execute_batch(SCHEMA)?;
+    // Databases made before addresses had a purpose: every address so far is a deposit address.
+    let has_purpose: bool = db
+        .prepare(
+            "SELECT 1 FROM pragma_table_info('mediator_deposit_address') WHERE name = 'purpose'",
+        )?
+        .exists([])?;
+    if !has_purpose {
+        db.execute_batch(
+            "ALTER TABLE mediator_deposit_address ADD COLUMN purpose TEXT NOT NULL DEFAULT 'deposit'",
+        )?;
+    }
     Ok(())
 }
 
@@ -83,21 +95,47 @@ fn txid(s: &str) -> Result<Txid, StoreError> {
 // ---------------------------------------------------------------------------------------------
 // Deposit addresses
 
+/// What an address was handed out for. Payments to either are credited to its account; only
+/// deposit addresses are shown as the account's deposit address.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum AddressPurpose {
+    /// The account's own deposit address.
+    Deposit,
+    /// One merchant invoice's address (used for that invoice only).
+    Invoice,
+}
+
+impl AddressPurpose {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Deposit => "deposit",
+            Self::Invoice => "invoice",
+        }
+    }
+}
+
 /// Records that external indexes belong to `account`, in one transaction.
 pub(crate) fn insert_deposit_addresses(
     db: &mut Connection,
     account: AccountId,
     rows: &[(u32, String)],
+    purpose: AddressPurpose,
     now_ms: u64,
 ) -> Result<(), StoreError> {
     let tx = db.transaction()?;
     {
         let mut st = tx.prepare_cached(
-            "INSERT INTO mediator_deposit_address (keychain_index, account, address, created_ms)
-             VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO mediator_deposit_address (keychain_index, account, address, created_ms, purpose)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         for (index, address) in rows {
-            st.execute(params![index, account.0, address, to_i64(now_ms)])?;
+            st.execute(params![
+                index,
+                account.0,
+                address,
+                to_i64(now_ms),
+                purpose.as_str()
+            ])?;
         }
     }
     tx.commit()?;
@@ -114,10 +152,11 @@ pub(crate) fn deposit_indexes(db: &Connection) -> Result<Vec<(u32, AccountId)>, 
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
-/// The addresses of one account, oldest first.
+/// The deposit addresses of one account (not its invoice addresses), oldest first.
 pub(crate) fn addresses_of(db: &Connection, account: AccountId) -> Result<Vec<String>, StoreError> {
     let mut st = db.prepare_cached(
-        "SELECT address FROM mediator_deposit_address WHERE account = ?1 ORDER BY keychain_index",
+        "SELECT address FROM mediator_deposit_address WHERE account = ?1 AND purpose = 'deposit'
+         ORDER BY keychain_index",
     )?;
     let rows = st.query_map([account.0], |r| r.get::<_, String>(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -619,4 +658,33 @@ pub(crate) fn complete_batch(
     }
     tx.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_address_table_from_before_purposes_is_migrated_as_deposit_addresses() {
+        let mut db = Connection::open_in_memory().unwrap();
+        db.execute_batch(
+            "CREATE TABLE mediator_deposit_address (
+                 keychain_index INTEGER PRIMARY KEY, account INTEGER NOT NULL,
+                 address TEXT NOT NULL UNIQUE, created_ms INTEGER NOT NULL);
+             INSERT INTO mediator_deposit_address VALUES (0, 7, 'old', 1);",
+        )
+        .unwrap();
+        init(&db).unwrap();
+        init(&db).unwrap(); // idempotent
+        insert_deposit_addresses(
+            &mut db,
+            AccountId(7),
+            &[(1, "inv".into())],
+            AddressPurpose::Invoice,
+            2,
+        )
+        .unwrap();
+        assert_eq!(addresses_of(&db, AccountId(7)).unwrap(), vec!["old"]);
+        assert_eq!(deposit_indexes(&db).unwrap().len(), 2);
+    }
 }

@@ -164,3 +164,39 @@ fn reorg_before_threshold_delays_credit_and_reorg_after_credit_flags_account() {
     assert!(r.deposits.credited.is_empty());
     assert_eq!(w.ledger.btc(alice), (500_000, 0));
 }
+
+#[test]
+fn invoice_addresses_are_credited_but_never_shown_as_the_deposit_address() {
+    let w = World::new();
+    let shop = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let deposit = svc.new_deposit_address(shop, w.clock.now()).unwrap();
+    let invoice = svc.new_invoice_address(shop, w.clock.now()).unwrap();
+    assert_ne!(deposit, invoice);
+    assert_eq!(
+        svc.deposit_addresses(shop).unwrap(),
+        vec![deposit.to_string()],
+        "an invoice address is not a deposit address"
+    );
+    let mut customer = Customer::new(4);
+    customer.fund(&w.node, 1);
+    customer.pay(&w.node, &[(&invoice, 70_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        w.ledger.btc(shop),
+        (70_000, 0),
+        "paid to the invoice: credited"
+    );
+    let deposits = svc.deposits(Some(shop)).unwrap();
+    assert_eq!(deposits.len(), 1);
+    assert_eq!(deposits[0].status, DepositStatus::Credited);
+
+    // Reopened: the purpose is durable.
+    drop(svc);
+    let svc = w.open(w.config());
+    assert_eq!(
+        svc.deposit_addresses(shop).unwrap(),
+        vec![deposit.to_string()]
+    );
+}

@@ -210,7 +210,7 @@ impl Custody for WalletCustody {
                     },
                     confirmations: d.confirmations,
                     required_confirmations: required,
-                    seen_ms: 0,
+                    seen_ms: d.first_seen_ms,
                 }
             })
             .collect())

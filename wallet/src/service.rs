@@ -65,6 +65,8 @@ pub struct DepositView {
     pub status: DepositStatus,
     /// Confirmations now (0: mempool, or no longer in the chain).
     pub confirmations: u32,
+    /// When the service first saw it, ms since the epoch.
+    pub first_seen_ms: u64,
 }
 
 /// What [`CustodyService::process_deposits`] did.
@@ -500,6 +502,7 @@ impl CustodyService {
                 amount: d.amount,
                 status: d.status,
                 confirmations,
+                first_seen_ms: d.first_seen_ms,
             });
         }
         Ok(out)

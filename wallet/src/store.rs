@@ -202,6 +202,7 @@ pub(crate) struct DepositRow {
     pub account: AccountId,
     pub amount: Amount,
     pub status: DepositStatus,
+    pub first_seen_ms: u64,
 }
 
 /// Inserts a new pending deposit (no-op when known).
@@ -236,7 +237,8 @@ pub(crate) fn set_deposit_status(
 /// All deposits.
 pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
     let mut st = db.prepare_cached(
-        "SELECT txid, vout, account, amount_sat, status FROM mediator_deposit ORDER BY rowid",
+        "SELECT txid, vout, account, amount_sat, status, first_seen_ms FROM mediator_deposit
+         ORDER BY rowid",
     )?;
     let rows = st.query_map([], |r| {
         Ok((
@@ -245,11 +247,12 @@ pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
             r.get::<_, u32>(2)?,
             r.get::<_, i64>(3)?,
             r.get::<_, String>(4)?,
+            r.get::<_, i64>(5)?,
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (t, vout, account, amount, status) = row?;
+        let (t, vout, account, amount, status, seen) = row?;
         out.push(DepositRow {
             outpoint: OutPoint {
                 txid: txid(&t)?,
@@ -258,6 +261,7 @@ pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
             account: AccountId(account),
             amount: Amount(to_u64(amount)?),
             status: DepositStatus::parse(&status)?,
+            first_seen_ms: to_u64(seen)?,
         });
     }
     Ok(out)

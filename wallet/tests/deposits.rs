@@ -191,6 +191,7 @@ fn invoice_addresses_are_credited_but_never_shown_as_the_deposit_address() {
     let deposits = svc.deposits(Some(shop)).unwrap();
     assert_eq!(deposits.len(), 1);
     assert_eq!(deposits[0].status, DepositStatus::Credited);
+    assert_eq!(deposits[0].first_seen_ms, w.clock.now().as_millis());
 
     // Reopened: the purpose is durable.
     drop(svc);

@@ -1,0 +1,3 @@
+//! Merchant payments: invoices, BIP21 QR codes, checkout and point-of-sale pages, webhooks.
+
+pub mod qr;

@@ -7,6 +7,9 @@
 //! Chromium and ChromeDriver come from Debian (`scripts/install-browser.sh`). When they are
 //! missing a test fails with that advice, unless `MEDIATOR_SKIP_BROWSER=1` is set.
 
+// Each test binary that includes this module uses a part of it.
+#![allow(dead_code)]
+
 use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use serde_json::{json, Value};

@@ -21,6 +21,7 @@ pub mod decimal;
 pub mod error;
 pub mod keys;
 pub mod market;
+pub mod merchant;
 pub mod metrics;
 pub mod native;
 pub mod node;

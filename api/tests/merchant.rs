@@ -717,3 +717,34 @@ async fn invalid_and_store_settings() {
         (StatusCode::NOT_FOUND, -1161)
     );
 }
+
+#[tokio::test]
+async fn openapi_lists_every_merchant_route() {
+    let h = Harness::new();
+    let doc = h.get("/openapi.json").await.json;
+    for (method, path) in [
+        ("get", "/mapi/v1/merchant/store"),
+        ("post", "/mapi/v1/merchant/store"),
+        ("post", "/mapi/v1/merchant/webhook/secret"),
+        ("post", "/mapi/v1/merchant/invoice"),
+        ("get", "/mapi/v1/merchant/invoice"),
+        ("get", "/mapi/v1/merchant/invoices"),
+        ("post", "/mapi/v1/merchant/invoice/invalid"),
+        ("post", "/mapi/v1/merchant/invoice/refund"),
+        ("post", "/mapi/v1/merchant/invoice/pay"),
+        ("get", "/mapi/v1/merchant/webhook/deliveries"),
+        ("post", "/mapi/v1/merchant/webhook/redeliver"),
+        ("get", "/i/{id}/status"),
+        ("get", "/i/{id}/events"),
+        ("get", "/i/{id}/qr.png"),
+        ("get", "/i/{id}/qr.svg"),
+        ("get", "/pos/{token}/info"),
+        ("post", "/pos/{token}/invoice"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+    }
+    assert_eq!(
+        doc["paths"]["/mapi/v1/merchant/invoice/pay"]["post"]["x-permission"],
+        "trade"
+    );
+}

@@ -209,7 +209,7 @@ async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool
                     .inv
                     .quote
                     .as_ref()
-                    .map_or(true, |q| q.asset == m.quote.symbol)
+                    .is_none_or(|q| q.asset == m.quote.symbol)
         })
         .cloned()
     else {

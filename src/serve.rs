@@ -82,6 +82,11 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .set_custody(custody.clone())
         .map_err(|_| anyhow!("custody attached twice"))?;
     let gauges = spawn_gauges(node.state.clone(), custody, custody_cfg.poll_interval);
+    // Merchant payments: the monitor (custody deposits → invoices) and the webhook dispatcher.
+    let merchant = {
+        let _rt = rt.enter();
+        api::merchant::start(&node.state, custody_cfg.poll_interval)
+    };
 
     // 4. HTTP.
     let listener = rt
@@ -98,6 +103,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 
     // 5. Stop in reverse order.
     println!("mediator: shutting down");
+    rt.block_on(merchant.shutdown());
     gauges.stop();
     runner.stop();
     drop(service);

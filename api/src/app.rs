@@ -79,6 +79,9 @@ pub enum SetupError {
     /// Files and threads.
     #[error(transparent)]
     Io(#[from] std::io::Error),
+    /// The merchant database.
+    #[error("merchant database: {0}")]
+    Merchant(#[from] rusqlite::Error),
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -104,6 +107,8 @@ pub(crate) struct Inner {
     id_counter: AtomicU64,
     /// The custody service, attached after start ([`AppState::set_custody`]).
     pub custody: std::sync::OnceLock<Arc<dyn crate::custody::Custody>>,
+    /// Merchant payments: database, invoice updates, monitor wake-ups ([`crate::merchant`]).
+    pub merchant: crate::merchant::Merchant,
 }
 
 impl std::fmt::Debug for dyn ExchangeCore {
@@ -122,6 +127,7 @@ pub struct PendingApi {
     cfg: ApiConfig,
     data_dir: PathBuf,
     applier: std::thread::JoinHandle<()>,
+    merchant: crate::merchant::Merchant,
 }
 
 /// Opens the API's storage in `data_dir` (`api.sqlite`, `api-master.key`) and starts the
@@ -139,6 +145,7 @@ pub fn open(
     let rm = Arc::new(ReadModel::new(markets.clone(), store.clone(), cfg.ws_queue));
     let broken = rm.broken.clone();
     let (tx, rx) = crossbeam::channel::bounded::<EventBatch>(65_536);
+    let merchant = crate::merchant::Merchant::open(data_dir)?;
     let rm2 = rm.clone();
     let applier = std::thread::Builder::new()
         .name("read-model".into())
@@ -152,6 +159,7 @@ pub fn open(
             cfg,
             data_dir: data_dir.to_owned(),
             applier,
+            merchant,
         },
         EventSink { tx, broken },
     ))
@@ -186,6 +194,7 @@ impl PendingApi {
             id_seed: seed,
             id_counter: AtomicU64::new(0),
             custody: std::sync::OnceLock::new(),
+            merchant: self.merchant,
         }))
     }
 }
@@ -583,6 +592,11 @@ impl AppState {
     pub fn read_model(&self) -> &ReadModel {
         &self.0.rm
     }
+
+    /// Merchant payments (database, invoice updates); see [`crate::merchant`].
+    pub fn merchant(&self) -> &crate::merchant::Merchant {
+        &self.0.merchant
+    }
 }
 
 /// A JSON answer with Binance's used-weight header.
@@ -704,6 +718,7 @@ pub fn app(state: AppState) -> Router {
         .route("/mapi/v1/admin/apiKey", post(native::admin_create_key))
         .route("/mapi/v1/admin/credit", post(native::admin_credit))
         .merge(crate::capital::routes())
+        .merge(crate::merchant::routes())
         .route("/ws", get(ws::ws_root))
         .route("/ws/{streams}", get(ws::ws_path))
         .route("/stream", get(ws::ws_combined))

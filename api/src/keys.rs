@@ -192,6 +192,16 @@ impl KeyStore {
         out
     }
 
+    /// A secret for another purpose than API keys (e.g. `webhook/<account>/<version>`):
+    /// `hex(HMAC-SHA256(master, purpose))`, derived on demand and never stored (ADR 0005).
+    /// Purposes must not start with `mediator/api-secret/` (the API keys' domain).
+    pub fn derive_purpose(&self, purpose: &str) -> String {
+        debug_assert!(!purpose.starts_with("mediator/api-secret/"));
+        let mut mac = HmacSha256::new_from_slice(&self.master).expect("hmac takes any key length");
+        mac.update(purpose.as_bytes());
+        hex::encode(mac.finalize().into_bytes())
+    }
+
     fn insert_row(&self, row: KeyRow) {
         let secret = self.derive(&row.api_key);
         let k = ApiKey {

@@ -1,10 +1,131 @@
-//! Merchant payments (issue 5): invoices paid on chain or from a balance, BIP21 QR codes, a
-//! checkout page and a point-of-sale page, and signed webhooks that tell the merchant's system
-//! what happened. Everything merchant lives in this module tree and shares one SQLite database
-//! (`<data_dir>/merchant.sqlite`); the outbox in [`webhook`] is written in the same transaction
-//! as the invoice change it announces, so an event is delivered at least once even across a
-//! crash.
+//! Merchant payments: stores, invoices (BIP21 address per invoice), payments from the chain or
+//! from an exchange balance, refunds, conversion to the quote asset, signed webhooks, checkout
+//! and point-of-sale pages.
+//!
+//! * [`model`]: the pure invoice state machine (statuses, marks, tolerance, the events of each
+//!   transition).
+//! * [`store`]: SQLite (`<data_dir>/merchant.sqlite`, WAL, `synchronous=FULL`): store settings,
+//!   invoices, payments, refunds, and (through [`webhook::init_schema`]) the webhook outbox.
+//! * [`routes`]: the signed `/mapi/v1/merchant/*` endpoints and the public `/i/{id}` and
+//!   `/pos/{token}` endpoints.
+//! * [`monitor`]: the task that joins custody's deposits to invoices, expires invoices, converts
+//!   settled BTC, and publishes invoice changes to the checkout pages (SSE).
+//! * [`webhook`]: signing, the outbox and the dispatcher; [`qr`]: BIP21 URIs and QR codes;
+//!   [`pages`]: the checkout and point-of-sale pages.
+//!
+//! **Invariants.**
+//! * A status change and the webhook events it causes are committed in one SQLite transaction
+//!   (outbox): a crash loses neither, nor delivers one without the other.
+//! * A payment is never lost: custody credits every output paying an invoice address to the
+//!   merchant's account, whatever the invoice's status; the invoice records it (late ones
+//!   marked `PaidLate`), and it stays refundable.
+//! * Webhook secrets are derived from the API master key (`HMAC(master, "webhook/<account>/
+//!   <version>")`), never stored; rotating bumps the version.
+//! * Money is integers: satoshis, quote units, rates in quote units per BTC. No floats.
 
+pub mod model;
+pub mod monitor;
 pub mod pages;
 pub mod qr;
+pub mod routes;
+pub mod store;
 pub mod webhook;
+
+pub use monitor::{spawn, start, MonitorHandle};
+pub use routes::routes;
+
+use std::sync::{Arc, Mutex};
+
+/// The merchant database: one connection, shared (handlers use it on the blocking pool).
+pub type MerchantDb = Arc<Mutex<rusqlite::Connection>>;
+
+/// A changed invoice for the checkout pages: `(invoice id, PublicInvoice JSON)`.
+pub type InvoiceUpdate = Arc<(String, String)>;
+
+/// How many invoice updates a slow SSE client may fall behind before it misses some (it then
+/// reloads the status).
+pub const UPDATES_QUEUE: usize = 1_024;
+
+/// The merchant part of the application state.
+pub struct Merchant {
+    /// The database.
+    pub db: MerchantDb,
+    /// Invoice changes, for `GET /i/{id}/events`.
+    pub updates: tokio::sync::broadcast::Sender<InvoiceUpdate>,
+    /// Woken after a handler enqueued webhooks, so the monitor wakes the dispatcher at once.
+    pub enqueued: tokio::sync::Notify,
+    /// The monitor asked to run a tick now (e.g. after a balance payment needs conversion).
+    pub kick: tokio::sync::Notify,
+    /// Serializes the read-check-change of invoices by handlers (pay, refund, invalid) and the
+    /// monitor, so two of them never act on the same stale state.
+    pub invoice_lock: tokio::sync::Mutex<()>,
+}
+
+impl std::fmt::Debug for Merchant {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Merchant").finish_non_exhaustive()
+    }
+}
+
+impl Merchant {
+    /// Opens (creating) `<data_dir>/merchant.sqlite`.
+    pub fn open(data_dir: &std::path::Path) -> Result<Self, rusqlite::Error> {
+        let conn = store::open(&data_dir.join("merchant.sqlite"))?;
+        Ok(Self {
+            db: Arc::new(Mutex::new(conn)),
+            updates: tokio::sync::broadcast::channel(UPDATES_QUEUE).0,
+            enqueued: tokio::sync::Notify::new(),
+            kick: tokio::sync::Notify::new(),
+            invoice_lock: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Publishes an invoice change to the checkout pages (no subscriber is fine).
+    pub fn publish(&self, id: &str, public_json: String) {
+        let _ = self.updates.send(Arc::new((id.to_owned(), public_json)));
+    }
+}
+
+/// The webhook endpoints of every merchant, from their store settings and the derived secret.
+#[derive(Clone, Debug)]
+pub struct Endpoints {
+    state: crate::AppState,
+}
+
+impl Endpoints {
+    /// Endpoints over the application's merchant database and master key.
+    pub fn new(state: crate::AppState) -> Self {
+        Self { state }
+    }
+}
+
+impl webhook::WebhookEndpoints for Endpoints {
+    fn endpoint(&self, merchant: u32) -> Option<(String, Vec<u8>)> {
+        let s = {
+            let conn = self
+                .state
+                .merchant()
+                .db
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            store::settings(&conn, merchant).ok()??
+        };
+        let url = s.webhook_url?;
+        if s.secret_version == 0 {
+            return None;
+        }
+        Some((
+            url,
+            webhook_secret(&self.state, merchant, s.secret_version).into_bytes(),
+        ))
+    }
+}
+
+/// The webhook secret of a merchant at a version: `hex(HMAC-SHA256(master,
+/// "webhook/<account>/<version>"))`. The HMAC key for signing deliveries is this string's bytes.
+pub fn webhook_secret(state: &crate::AppState, merchant: u32, version: u32) -> String {
+    state
+        .0
+        .keys
+        .derive_purpose(&format!("webhook/{merchant}/{version}"))
+}

@@ -1,0 +1,323 @@
+//! The merchant monitor: a tokio task that, every `poll` (or at once when a handler asks),
+//! runs one [`tick`]:
+//! 1. custody's deposits (on the blocking pool), joined to invoices by address: new payments,
+//!    confirmations, credits and reorgs → invoice transitions (each committed with its webhooks
+//!    in one transaction, then published to the checkout pages);
+//! 2. invoices past their expiry → `Expired`;
+//! 3. settled invoices of merchants who convert: a market sell of the received BTC (rounded down
+//!    to the market's lot) once every counted chain payment is credited; what the book could not
+//!    take is retried on the next tick.
+//!
+//! It owns the webhook dispatcher: it wakes it after anything was enqueued (by itself or by a
+//! handler, through [`super::Merchant::enqueued`]) and shuts it down last.
+
+use super::model::{Payment, Source};
+use super::routes::{commit, with_db};
+use super::store::{self, ConvState, Record};
+use super::webhook::{Dispatcher, RetryPolicy};
+use crate::custody::DepositState;
+use crate::error::ApiError;
+use crate::AppState;
+use matching_engine::{
+    AccountId, ClientOrderId, Command, Event, NewOrder, OrderType, Qty, Side, StpMode, TimeInForce,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What one tick did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TickReport {
+    /// Invoices whose stored state changed.
+    pub changed: usize,
+    /// Webhook events enqueued.
+    pub events: usize,
+    /// Market sells submitted.
+    pub sells: usize,
+}
+
+/// The running monitor.
+#[derive(Debug)]
+pub struct MonitorHandle {
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl MonitorHandle {
+    /// Stops the monitor (after its current tick), then the dispatcher.
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// Starts the webhook dispatcher (default retry policy, endpoints from the store settings) and
+/// the monitor. Call after custody is attached ([`AppState::set_custody`]); until then ticks do
+/// expiry and conversion only.
+pub fn start(state: &AppState, poll: Duration) -> MonitorHandle {
+    let dispatcher = Dispatcher::spawn(
+        state.merchant().db.clone(),
+        Arc::new(super::Endpoints::new(state.clone())),
+        RetryPolicy::default(),
+    );
+    spawn(state.clone(), poll, Some(dispatcher))
+}
+
+/// Spawns the monitor task on the current tokio runtime.
+pub fn spawn(state: AppState, poll: Duration, dispatcher: Option<Dispatcher>) -> MonitorHandle {
+    let (stop, mut stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(async move {
+        let m = state.merchant();
+        loop {
+            tokio::select! {
+                _ = stopped.changed() => break,
+                _ = m.enqueued.notified() => {
+                    if let Some(d) = &dispatcher { d.wake(); }
+                    continue;
+                }
+                _ = m.kick.notified() => {}
+                _ = tokio::time::sleep(poll) => {}
+            }
+            match tick(&state, crate::core::now_ms()).await {
+                Ok(r) if r.events > 0 => {
+                    if let Some(d) = &dispatcher {
+                        d.wake();
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "merchant monitor tick failed"),
+            }
+        }
+        if let Some(d) = dispatcher {
+            d.shutdown().await;
+        }
+    });
+    MonitorHandle { stop, task }
+}
+
+/// One pass at `now_ms` (also called directly by tests).
+pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError> {
+    let mut report = TickReport::default();
+    let _guard = state.merchant().invoice_lock.lock().await;
+    // 1. Payments from custody.
+    if let Some(custody) = state.0.custody.get().cloned() {
+        let deposits = tokio::task::spawn_blocking(move || custody.deposits(None))
+            .await
+            .map_err(|_| ApiError::internal())?
+            .map_err(crate::capital::custody_error)?;
+        let by_invoice = with_db(state, move |c| {
+            let mut m: BTreeMap<String, (u32, Vec<Payment>)> = BTreeMap::new();
+            for d in deposits {
+                let Some(id) = store::by_address(c, &d.address).map_err(db)? else {
+                    continue;
+                };
+                let outpoint = format!("{}:{}", d.txid, d.vout);
+                let e = m.entry(id).or_insert((d.account, Vec::new()));
+                if e.0 != d.account {
+                    continue;
+                }
+                e.1.push(Payment {
+                    id: outpoint.clone(),
+                    source: Source::Chain { outpoint },
+                    amount_sat: d.amount_sat,
+                    confirmations: d.confirmations,
+                    credited: d.state == DepositState::Credited,
+                    reorged: d.state == DepositState::Reorged,
+                    seen_ms: d.seen_ms,
+                });
+            }
+            Ok(m)
+        })
+        .await?;
+        for (id, (account, payments)) in by_invoice {
+            let Some((rec, name)) = load(state, id).await? else {
+                continue;
+            };
+            if rec.inv.merchant != account {
+                continue;
+            }
+            let mut next = rec.clone();
+            let events = next.inv.observe(&payments, now_ms);
+            if next != rec {
+                report.changed += 1;
+                report.events += events.len();
+                commit(state, next, events, name).await?;
+            }
+        }
+    }
+    // 2. Expiry.
+    let due = with_db(state, move |c| store::due_for_expiry(c, now_ms).map_err(db)).await?;
+    for id in due {
+        let Some((mut rec, name)) = load(state, id).await? else {
+            continue;
+        };
+        let events = rec.inv.observe(&[], now_ms);
+        if !events.is_empty() {
+            report.changed += 1;
+            report.events += events.len();
+            commit(state, rec, events, name).await?;
+        }
+    }
+    // 3. Conversions.
+    let wanted = with_db(state, |c| store::conversions_wanted(c).map_err(db)).await?;
+    for id in wanted {
+        let Some((rec, name)) = load(state, id).await? else {
+            continue;
+        };
+        if convert(state, rec, name).await? {
+            report.sells += 1;
+        }
+    }
+    Ok(report)
+}
+
+fn db(e: rusqlite::Error) -> ApiError {
+    tracing::error!(error = %e, "merchant database failed");
+    ApiError::internal()
+}
+
+async fn load(state: &AppState, id: String) -> Result<Option<(Record, String)>, ApiError> {
+    with_db(state, move |c| {
+        let Some(rec) = store::load(c, &id).map_err(db)? else {
+            return Ok(None);
+        };
+        let name = store::settings_or_default(c, rec.inv.merchant)
+            .map_err(db)?
+            .name;
+        Ok(Some((rec, name)))
+    })
+    .await
+}
+
+async fn save(state: &AppState, rec: Record, name: String) -> Result<(), ApiError> {
+    commit(state, rec, Vec::new(), name).await.map(|_| ())
+}
+
+/// Sells what a settled invoice brought in and is not sold yet. True when a sell was submitted.
+///
+/// Crash safety: the client order id is stored before the sell is submitted; a stored id found
+/// on the next tick is looked up in the order history (its fills recorded, the quote received
+/// then estimated from the taker fee rate) instead of selling again.
+async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool, ApiError> {
+    let Some(m) = state
+        .markets()
+        .markets
+        .iter()
+        .find(|m| {
+            m.base.symbol == "BTC"
+                && rec
+                    .inv
+                    .quote
+                    .as_ref()
+                    .is_none_or(|q| q.asset == m.quote.symbol)
+        })
+        .cloned()
+    else {
+        rec.conv.state = ConvState::Failed;
+        rec.conv.error = Some("no market to sell BTC in".into());
+        save(state, rec, name).await?;
+        return Ok(false);
+    };
+    let merchant = rec.inv.merchant;
+    if let Some(cid) = rec.conv.client_id.take() {
+        let found = state
+            .read_model()
+            .find_order_by_client(merchant, &cid)
+            .map_err(|e| {
+                tracing::error!(error = %e, "order history failed");
+                ApiError::internal()
+            })?;
+        if let Some(o) = found.filter(|o| !o.is_open()) {
+            let fee = u128::from(o.cum_quote) * u128::from(m.cfg.taker_fee_bps) / 10_000;
+            rec.conv.sold_sat += o.executed * m.cfg.lot_size;
+            rec.conv.quote_units += o.cum_quote - fee as u64;
+        }
+        save(state, rec.clone(), name.clone()).await?;
+    }
+    // Wait until every counted chain payment is credited to the merchant's account.
+    let pending = rec
+        .inv
+        .payments
+        .iter()
+        .any(|p| !p.reorged && !p.credited && rec.inv.on_time(p) && !p.is_balance());
+    if pending {
+        return Ok(false);
+    }
+    let credited: u64 = rec
+        .inv
+        .payments
+        .iter()
+        .filter(|p| !p.reorged && p.credited)
+        .map(|p| p.amount_sat)
+        .sum();
+    let to_sell = credited
+        .saturating_sub(rec.inv.refunded_sat)
+        .saturating_sub(rec.conv.sold_sat);
+    let lots = to_sell / m.cfg.lot_size;
+    if lots == 0 {
+        rec.conv.state = ConvState::Done;
+        save(state, rec, name).await?;
+        return Ok(false);
+    }
+    let cid = state.gen_client_id();
+    rec.conv.client_id = Some(cid.clone());
+    save(state, rec.clone(), name.clone()).await?;
+    let client = ClientOrderId::new(&cid).map_err(|_| ApiError::internal())?;
+    let reply = state
+        .submit(Command::NewOrder(NewOrder {
+            account: AccountId(merchant),
+            market: m.id,
+            side: Side::Sell,
+            order_type: OrderType::Market { qty: Qty(lots) },
+            tif: TimeInForce::Ioc,
+            post_only: false,
+            stp: StpMode::ExpireTaker,
+            client_id: Some(client),
+        }))
+        .await;
+    rec.conv.client_id = None;
+    let reply = match reply {
+        Ok(r) => r,
+        Err(e) => {
+            // Busy or down: nothing was sold; try again next tick.
+            save(state, rec, name).await?;
+            return Err(e);
+        }
+    };
+    match reply.result {
+        Err(matching_engine::RejectCode::EngineBusy) => {}
+        Err(code) => {
+            rec.conv.state = ConvState::Failed;
+            rec.conv.error = Some(code.message().to_owned());
+        }
+        Ok(()) => {
+            let order = reply.events.iter().find_map(|e| match e {
+                Event::Accepted { order, .. } => *order,
+                _ => None,
+            });
+            for e in &reply.events {
+                if let Event::Trade {
+                    taker_order,
+                    qty,
+                    notional,
+                    taker_fee,
+                    ..
+                } = e
+                {
+                    if Some(*taker_order) == order {
+                        rec.conv.sold_sat += qty.0 * m.cfg.lot_size;
+                        rec.conv.quote_units += notional.0 - taker_fee.0;
+                    }
+                }
+            }
+            let left = credited
+                .saturating_sub(rec.inv.refunded_sat)
+                .saturating_sub(rec.conv.sold_sat);
+            if left < m.cfg.lot_size {
+                rec.conv.state = ConvState::Done;
+            }
+        }
+    }
+    save(state, rec, name).await?;
+    Ok(true)
+}

@@ -1,0 +1,1240 @@
+//! Merchant endpoints: signed `/mapi/v1/merchant/*` (MERCHANT permission; `invoice/pay` TRADE)
+//! and the public checkout (`/i/{id}...`) and point-of-sale (`/pos/{token}...`) endpoints.
+//!
+//! Every parameter is validated before anything changes; SQLite work runs on tokio's blocking
+//! pool. Merchant error codes are `-1150..=-1163` (see `api/README.md`).
+
+use super::model::{self, Invoice, Marks, Payment, Quote, Status};
+use super::store::{self, ConvState, Conversion, Record, Refund, StoreSettings};
+use super::webhook::{self, EventType};
+use crate::app::{ok_json, AppState, ClientIp, Req};
+use crate::capital::{btc_amount, custody_error, unavailable, BTC_DECIMALS};
+use crate::error::ApiError;
+use crate::keys::Perms;
+use crate::params::Params;
+use axum::extract::{Path, State};
+use axum::http::{header, StatusCode};
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use matching_engine::{AccountId, Amount, Command, IdempotencyKey};
+use rusqlite::Connection;
+use serde_json::{json, Value};
+
+/// Longest invoice lifetime, minutes (7 days).
+pub const MAX_EXPIRY_MIN: u64 = 10_080;
+/// Longest `metadata` (the API's parameter value limit).
+pub const MAX_METADATA: usize = crate::params::MAX_VALUE_LEN;
+/// Most invoices one list answer holds.
+pub const MAX_LIST: u32 = 1_000;
+
+/// The routes (merged into [`crate::app::app`]).
+pub fn routes() -> Router<AppState> {
+    Router::new()
+        .route("/mapi/v1/merchant/store", get(get_store).post(post_store))
+        .route("/mapi/v1/merchant/webhook/secret", post(rotate_secret))
+        .route(
+            "/mapi/v1/merchant/invoice",
+            post(create_invoice).get(get_invoice),
+        )
+        .route("/mapi/v1/merchant/invoices", get(list_invoices))
+        .route("/mapi/v1/merchant/invoice/invalid", post(mark_invalid))
+        .route("/mapi/v1/merchant/invoice/refund", post(refund))
+        .route("/mapi/v1/merchant/invoice/pay", post(pay))
+        .route("/mapi/v1/merchant/webhook/deliveries", get(deliveries))
+        .route("/mapi/v1/merchant/webhook/redeliver", post(redeliver))
+        .route("/i/{id}", get(checkout_page))
+        .route("/i/{id}/status", get(public_status))
+        .route("/i/{id}/events", get(public_events))
+        .route("/i/{id}/qr.png", get(qr_png))
+        .route("/i/{id}/qr.svg", get(qr_svg))
+        .route("/pos/{token}", get(pos_page))
+        .route("/pos/{token}/info", get(pos_info))
+        .route("/pos/{token}/invoice", post(pos_invoice))
+}
+
+// ---- errors ----
+
+fn err(status: StatusCode, code: i32, msg: &'static str) -> ApiError {
+    ApiError {
+        status,
+        code,
+        msg: msg.into(),
+        retry_after: None,
+    }
+}
+
+/// `-1150` (404): no such invoice (of this merchant).
+pub fn unknown_invoice() -> ApiError {
+    err(StatusCode::NOT_FOUND, -1150, "Unknown invoice.")
+}
+fn unknown_currency() -> ApiError {
+    ApiError::bad(-1152, "Unknown currency.")
+}
+fn zero_amount() -> ApiError {
+    ApiError::bad(-1153, "Amount must be more than zero.")
+}
+fn bad_expiry() -> ApiError {
+    ApiError::bad(-1154, "expiryMinutes must be 1..=10080.")
+}
+fn wrong_status(s: Status) -> ApiError {
+    ApiError::bad(
+        -1155,
+        format!("Not allowed while the invoice is {}.", s.as_str()),
+    )
+}
+fn refund_too_large() -> ApiError {
+    ApiError::bad(-1156, "Refund is more than the refundable amount.")
+}
+fn no_price() -> ApiError {
+    err(
+        StatusCode::SERVICE_UNAVAILABLE,
+        -1157,
+        "No market price to convert the amount.",
+    )
+}
+fn bad_metadata() -> ApiError {
+    ApiError::bad(-1158, "metadata must be JSON of at most 1024 bytes.")
+}
+fn not_payer() -> ApiError {
+    ApiError::bad(
+        -1159,
+        "toAccount did not pay this invoice from its balance (or is already refunded).",
+    )
+}
+fn unknown_pos() -> ApiError {
+    err(StatusCode::NOT_FOUND, -1161, "Unknown point of sale.")
+}
+fn expired() -> ApiError {
+    ApiError::bad(-1162, "Invoice expired.")
+}
+fn bad_settings(msg: &'static str) -> ApiError {
+    ApiError::bad(-1163, msg)
+}
+
+fn db_error(e: rusqlite::Error) -> ApiError {
+    tracing::error!(error = %e, "merchant database failed");
+    ApiError::internal()
+}
+
+/// Runs `f` on the merchant database on tokio's blocking pool.
+pub(crate) async fn with_db<T, F>(st: &AppState, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&mut Connection) -> Result<T, ApiError> + Send + 'static,
+{
+    let db = st.merchant().db.clone();
+    tokio::task::spawn_blocking(move || {
+        let mut c = db.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut c)
+    })
+    .await
+    .map_err(|e| {
+        tracing::error!(error = %e, "merchant database task failed");
+        ApiError::internal()
+    })?
+}
+
+fn now_ms() -> u64 {
+    crate::core::now_ms()
+}
+
+// ---- views ----
+
+/// BTC with trailing zeros trimmed (`"0.00025"`, `"0"`).
+pub fn btc(sat: u64) -> String {
+    trim(crate::decimal::format_units(sat, BTC_DECIMALS))
+}
+
+fn trim(s: String) -> String {
+    if !s.contains('.') {
+        return s;
+    }
+    s.trim_end_matches('0').trim_end_matches('.').to_owned()
+}
+
+fn quote_decimals(st: &AppState, asset: &str) -> u8 {
+    st.markets().asset(asset).map_or(8, |a| a.decimals)
+}
+
+/// The BIP21 URI of an invoice: the amount still due (the whole amount when nothing was paid).
+pub fn bip21(rec: &Record) -> String {
+    let due = rec.inv.due_sat();
+    super::qr::bip21_uri(
+        &rec.address,
+        due,
+        rec.label.as_deref(),
+        rec.message.as_deref(),
+    )
+}
+
+/// The PublicInvoice JSON (what the checkout page sees; no order id or metadata).
+pub fn public_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64) -> Value {
+    let i = &rec.inv;
+    let d = i.derive(now_ms);
+    let (quote_asset, amount_quote, rate) = match &i.quote {
+        Some(q) => {
+            let dec = quote_decimals(st, &q.asset);
+            (
+                Value::from(q.asset.clone()),
+                Value::from(trim(crate::decimal::format_units(q.amount_units, dec))),
+                Value::from(trim(crate::decimal::format_units(q.rate_units, dec))),
+            )
+        }
+        None => (Value::Null, Value::Null, Value::Null),
+    };
+    json!({
+        "id": i.id,
+        "storeName": store_name,
+        "status": i.status.as_str(),
+        "marks": i.marks.names(),
+        "currency": i.currency,
+        "amount": i.amount_asked,
+        "amountBtc": btc(i.amount_sat),
+        "quoteAsset": quote_asset,
+        "amountQuote": amount_quote,
+        "rate": rate,
+        "paidBtc": btc(d.paid_sat),
+        "dueBtc": btc(i.amount_sat.saturating_sub(d.paid_sat)),
+        "address": rec.address,
+        "bip21": bip21(rec),
+        "checkoutUrl": format!("/i/{}", i.id),
+        "confirmationsRequired": i.speed,
+        "createdTime": i.created_ms,
+        "expireTime": i.expires_ms,
+        "serverTime": now_ms,
+        "payments": i.payments.iter().filter(|p| !p.reorged).map(|p| json!({
+            "amountBtc": btc(p.amount_sat),
+            "confirmations": if p.is_balance() { Value::Null } else { Value::from(p.confirmations) },
+            "source": if p.is_balance() { "balance" } else { "chain" },
+            "time": p.seen_ms,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// The merchant's view (also the webhook body's `invoice`): the public view plus order id,
+/// metadata, payment details, refunds and conversion.
+pub fn merchant_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64) -> Value {
+    let mut v = public_json(st, rec, store_name, now_ms);
+    let i = &rec.inv;
+    v["merchant"] = json!(i.merchant);
+    v["orderId"] = json!(rec.order_id);
+    v["metadata"] = rec
+        .metadata
+        .as_deref()
+        .and_then(|m| serde_json::from_str(m).ok())
+        .unwrap_or(Value::Null);
+    v["tolerancePercent"] = json!(trim(crate::decimal::format_units(
+        u64::from(i.tolerance_bps),
+        2
+    )));
+    v["refundedBtc"] = json!(btc(i.refunded_sat));
+    v["receivedBtc"] = json!(btc(i.received_sat()));
+    v["payments"] = Value::Array(
+        i.payments
+            .iter()
+            .map(|p| {
+                let (source, payer, outpoint) = match &p.source {
+                    model::Source::Chain { outpoint } => ("chain", None, Some(outpoint.clone())),
+                    model::Source::Balance { payer } => ("balance", Some(*payer), None),
+                };
+                json!({
+                    "amountBtc": btc(p.amount_sat),
+                    "source": source,
+                    "payerAccount": payer,
+                    "outpoint": outpoint,
+                    "confirmations": if p.is_balance() { Value::Null } else { Value::from(p.confirmations) },
+                    "credited": p.credited,
+                    "reorged": p.reorged,
+                    "late": !i.on_time(p),
+                    "time": p.seen_ms,
+                })
+            })
+            .collect(),
+    );
+    v["conversion"] = match rec.conv.state {
+        ConvState::None => Value::Null,
+        s => json!({
+            "state": format!("{s:?}").to_lowercase(),
+            "soldBtc": btc(rec.conv.sold_sat),
+            "quoteReceived": i.quote.as_ref().map_or_else(
+                || crate::decimal::format_units(rec.conv.quote_units, quote_decimals(st, "USD")),
+                |q| crate::decimal::format_units(rec.conv.quote_units, quote_decimals(st, &q.asset)),
+            ),
+            "error": rec.conv.error,
+        }),
+    };
+    v
+}
+
+fn settings_json(s: &StoreSettings) -> Value {
+    json!({
+        "account": s.account,
+        "name": s.name,
+        "defaultCurrency": s.currency,
+        "webhookUrl": s.webhook_url,
+        "webhookSecretVersion": s.secret_version,
+        "tolerancePercent": trim(crate::decimal::format_units(u64::from(s.tolerance_bps), 2)),
+        "speedPolicy": s.speed,
+        "invoiceExpiryMinutes": s.expiry_min,
+        "settlement": if s.convert { "convert" } else { "keep_btc" },
+        "posEnabled": s.pos_token.is_some(),
+        "posUrl": s.pos_token.as_ref().map(|t| format!("/pos/{t}")),
+    })
+}
+
+/// Loads an invoice and its store's name.
+fn load_with_name(conn: &Connection, id: &str) -> Result<Option<(Record, String)>, ApiError> {
+    let Some(rec) = store::load(conn, id).map_err(db_error)? else {
+        return Ok(None);
+    };
+    let name = store::settings_or_default(conn, rec.inv.merchant)
+        .map_err(db_error)?
+        .name;
+    Ok(Some((rec, name)))
+}
+
+// ---- parameters ----
+
+fn text_param(
+    p: &mut Params,
+    name: &str,
+    max: usize,
+    range: &str,
+) -> Result<Option<String>, ApiError> {
+    match p.opt(name)? {
+        Some(v) if v.len() > max || v.chars().any(|c| c.is_control()) => {
+            Err(ApiError::illegal(name, range))
+        }
+        v => Ok(v),
+    }
+}
+
+fn id_param(p: &mut Params, name: &str) -> Result<String, ApiError> {
+    let v = p.req(name)?;
+    if v.len() > 64 || !v.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ApiError::illegal(name, "^[A-Za-z0-9]{1,64}$"));
+    }
+    Ok(v)
+}
+
+/// A currency: `BTC` or the quote asset of a market whose base is BTC.
+fn check_currency(st: &AppState, c: &str) -> Result<(), ApiError> {
+    if c == "BTC"
+        || st
+            .markets()
+            .markets
+            .iter()
+            .any(|m| m.base.symbol == "BTC" && m.quote.symbol == c)
+    {
+        Ok(())
+    } else {
+        Err(unknown_currency())
+    }
+}
+
+/// The current BTC price in `quote`: the last trade, else the mid of the best bid and ask; in
+/// quote units per BTC, with the market's id.
+pub fn current_rate(st: &AppState, quote: &str) -> Result<(u64, usize), ApiError> {
+    let (i, m) = st
+        .markets()
+        .markets
+        .iter()
+        .enumerate()
+        .find(|(_, m)| m.base.symbol == "BTC" && m.quote.symbol == quote)
+        .ok_or_else(unknown_currency)?;
+    let rm = st.read_model().read();
+    let ms = rm.markets.get(i).ok_or_else(no_price)?;
+    let ticks = match ms.trades.back() {
+        Some(t) => t.price,
+        None => match ms.best() {
+            (Some(b), Some(a)) => (b.0 .0 + a.0 .0) / 2,
+            _ => return Err(no_price()),
+        },
+    };
+    let rate = ticks
+        .checked_mul(m.price_units_per_tick)
+        .filter(|r| *r > 0)
+        .ok_or_else(no_price)?;
+    Ok((rate, i))
+}
+
+/// An amount in `currency` → (satoshis due, quote part).
+fn amount_in(
+    st: &AppState,
+    currency: &str,
+    amount: &str,
+) -> Result<(u64, Option<Quote>), ApiError> {
+    check_currency(st, currency)?;
+    let decimals = if currency == "BTC" {
+        BTC_DECIMALS
+    } else {
+        quote_decimals(st, currency)
+    };
+    let units = crate::decimal::parse_units(amount, decimals).map_err(|e| match e {
+        crate::decimal::DecimalError::TooPrecise => ApiError::precision("amount"),
+        _ => ApiError::illegal("amount", crate::market::DECIMAL_RANGE),
+    })?;
+    if units == 0 {
+        return Err(zero_amount());
+    }
+    if currency == "BTC" {
+        return Ok((units, None));
+    }
+    let (rate, _) = current_rate(st, currency)?;
+    let sat = model::quote_to_sat(units, rate).ok_or_else(|| ApiError::invalid_value("amount"))?;
+    Ok((
+        sat,
+        Some(Quote {
+            asset: currency.to_owned(),
+            amount_units: units,
+            rate_units: rate,
+        }),
+    ))
+}
+
+/// What a new invoice is asked for.
+struct NewInvoice {
+    amount: String,
+    currency: Option<String>,
+    order_id: Option<String>,
+    metadata: Option<String>,
+    expiry_min: Option<u64>,
+    idem_key: Option<String>,
+    label: Option<String>,
+    message: Option<String>,
+}
+
+fn random_id() -> Result<String, ApiError> {
+    crate::keys::random_bytes::<16>()
+        .map(hex::encode)
+        .map_err(|_| ApiError::internal())
+}
+
+/// Validates, gets a fresh address from custody, stores the invoice and its `invoice.created`
+/// webhook in one transaction. The same idempotency key returns the existing invoice.
+async fn new_invoice(
+    st: &AppState,
+    settings: &StoreSettings,
+    req: NewInvoice,
+) -> Result<Record, ApiError> {
+    let merchant = settings.account;
+    if let Some(k) = req.idem_key.clone() {
+        let found = with_db(st, move |c| {
+            let id = store::by_idem(c, merchant, &k).map_err(db_error)?;
+            id.map(|id| store::load(c, &id).map_err(db_error))
+                .transpose()
+        })
+        .await?;
+        if let Some(Some(rec)) = found {
+            return Ok(rec);
+        }
+    }
+    let currency = req.currency.unwrap_or_else(|| settings.currency.clone());
+    let (amount_sat, quote) = amount_in(st, &currency, &req.amount)?;
+    let expiry = req.expiry_min.unwrap_or(u64::from(settings.expiry_min));
+    if !(1..=MAX_EXPIRY_MIN).contains(&expiry) {
+        return Err(bad_expiry());
+    }
+    if let Some(m) = &req.metadata {
+        if m.len() > MAX_METADATA || serde_json::from_str::<Value>(m).is_err() {
+            return Err(bad_metadata());
+        }
+    }
+    let custody = st.0.custody.get().cloned().ok_or_else(unavailable)?;
+    let address = tokio::task::spawn_blocking(move || custody.invoice_address(merchant))
+        .await
+        .map_err(|_| ApiError::internal())?
+        .map_err(custody_error)?;
+    let now = now_ms();
+    let label = req.label.or_else(|| Some(settings.name.clone()));
+    let message = req
+        .message
+        .or_else(|| req.order_id.as_ref().map(|o| format!("Order {o}")));
+    let rec = Record {
+        inv: Invoice {
+            id: random_id()?,
+            merchant,
+            amount_sat,
+            currency,
+            amount_asked: req.amount,
+            quote,
+            speed: settings.speed,
+            tolerance_bps: settings.tolerance_bps,
+            created_ms: now,
+            expires_ms: now + expiry * 60_000,
+            status: Status::New,
+            marks: Marks::default(),
+            invalid_ms: None,
+            payments: vec![],
+            refunded_sat: 0,
+        },
+        order_id: req.order_id,
+        metadata: req.metadata,
+        label,
+        message,
+        address,
+        idem_key: req.idem_key,
+        conv: Conversion {
+            state: if settings.convert {
+                ConvState::Wanted
+            } else {
+                ConvState::None
+            },
+            sold_sat: 0,
+            quote_units: 0,
+            client_id: None,
+            error: None,
+        },
+    };
+    let body = merchant_json(st, &rec, &settings.name, now);
+    let rec2 = rec.clone();
+    let out = with_db(st, move |c| {
+        let tx = c.transaction().map_err(db_error)?;
+        match store::insert(&tx, &rec2) {
+            Ok(()) => {}
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation
+                    && rec2.idem_key.is_some() =>
+            {
+                drop(tx);
+                // A concurrent request with the same key won: answer its invoice.
+                let id = store::by_idem(c, merchant, rec2.idem_key.as_deref().unwrap_or(""))
+                    .map_err(db_error)?
+                    .ok_or_else(ApiError::internal)?;
+                return store::load(c, &id)
+                    .map_err(db_error)?
+                    .ok_or_else(ApiError::internal);
+            }
+            Err(e) => return Err(db_error(e)),
+        }
+        webhook::enqueue(
+            &tx,
+            merchant,
+            &rec2.inv.id,
+            EventType::InvoiceCreated,
+            &body,
+            now,
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Ok(rec2)
+    })
+    .await?;
+    st.merchant().enqueued.notify_one();
+    Ok(out)
+}
+
+// ---- signed endpoints ----
+
+/// `GET /mapi/v1/merchant/store` (MERCHANT): the store settings (defaults until saved).
+pub async fn get_store(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    p.finish()?;
+    let a = key.account;
+    let s = with_db(&st, move |c| {
+        store::settings_or_default(c, a).map_err(db_error)
+    })
+    .await?;
+    Ok(ok_json(&ctx, settings_json(&s)))
+}
+
+fn percent_bps(s: &str) -> Result<u16, ApiError> {
+    let v = crate::decimal::parse_units(s, 2).map_err(|e| match e {
+        crate::decimal::DecimalError::TooPrecise => ApiError::precision("tolerancePercent"),
+        _ => ApiError::illegal("tolerancePercent", crate::market::DECIMAL_RANGE),
+    })?;
+    if v > 5_000 {
+        return Err(bad_settings("tolerancePercent must be 0..=50."));
+    }
+    Ok(v as u16)
+}
+
+/// `POST /mapi/v1/merchant/store` (MERCHANT): changes the settings sent (others unchanged).
+/// Setting a webhook URL when no secret exists yet creates version 1 and answers it once as
+/// `webhookSecret`.
+pub async fn post_store(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let name = text_param(&mut p, "name", 64, "1..64 printable characters")?;
+    let currency = p.opt("defaultCurrency")?;
+    let url = p.opt("webhookUrl")?;
+    let tol = p
+        .opt("tolerancePercent")?
+        .map(|t| percent_bps(&t))
+        .transpose()?;
+    let speed = p.opt_u64("speedPolicy")?;
+    let expiry = p.opt_u64("invoiceExpiryMinutes")?;
+    let settlement = p.opt("settlement")?;
+    let pos = p.opt("posEnabled")?;
+    p.finish()?;
+    if let Some(c) = &currency {
+        check_currency(&st, c)?;
+    }
+    if let Some(u) = &url {
+        let ok = (u.starts_with("https://") || u.starts_with("http://"))
+            && u.len() <= 512
+            && !u.chars().any(|c| c.is_control() || c.is_whitespace());
+        if !ok {
+            return Err(bad_settings(
+                "webhookUrl must be an http(s) URL of at most 512 characters.",
+            ));
+        }
+    }
+    let speed = match speed {
+        Some(s) if !model::SPEED_POLICIES.contains(&(s as u32)) || s > 6 => {
+            return Err(bad_settings("speedPolicy must be 0, 1, 2 or 6."))
+        }
+        s => s.map(|s| s as u32),
+    };
+    if expiry.is_some_and(|e| !(1..=MAX_EXPIRY_MIN).contains(&e)) {
+        return Err(bad_expiry());
+    }
+    let convert = match settlement.as_deref() {
+        None => None,
+        Some("keep_btc") => Some(false),
+        Some("convert") => Some(true),
+        Some(_) => return Err(bad_settings("settlement must be keep_btc or convert.")),
+    };
+    let pos = match pos.as_deref() {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => return Err(ApiError::illegal("posEnabled", "true|false")),
+    };
+    let pos_token = random_id()?;
+    let account = key.account;
+    let (s, new_secret) = with_db(&st, move |c| {
+        let mut s = store::settings_or_default(c, account).map_err(db_error)?;
+        let mut new_secret = false;
+        if let Some(n) = name {
+            s.name = n;
+        }
+        if let Some(cur) = currency {
+            s.currency = cur;
+        }
+        if let Some(u) = url {
+            s.webhook_url = Some(u);
+            if s.secret_version == 0 {
+                s.secret_version = 1;
+                new_secret = true;
+            }
+        }
+        if let Some(t) = tol {
+            s.tolerance_bps = t;
+        }
+        if let Some(sp) = speed {
+            s.speed = sp;
+        }
+        if let Some(e) = expiry {
+            s.expiry_min = e as u32;
+        }
+        if let Some(cv) = convert {
+            s.convert = cv;
+        }
+        match pos {
+            Some(true) if s.pos_token.is_none() => s.pos_token = Some(pos_token),
+            Some(false) => s.pos_token = None,
+            _ => {}
+        }
+        store::put_settings(c, &s).map_err(db_error)?;
+        Ok((s, new_secret))
+    })
+    .await?;
+    let mut v = settings_json(&s);
+    if new_secret {
+        v["webhookSecret"] = json!(super::webhook_secret(&st, account, s.secret_version));
+    }
+    Ok(ok_json(&ctx, v))
+}
+
+/// `POST /mapi/v1/merchant/webhook/secret` (MERCHANT): a new webhook secret (the old one stops
+/// signing at once); answered only here.
+pub async fn rotate_secret(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    p.finish()?;
+    let account = key.account;
+    let version = with_db(&st, move |c| {
+        let mut s = store::settings_or_default(c, account).map_err(db_error)?;
+        s.secret_version += 1;
+        store::put_settings(c, &s).map_err(db_error)?;
+        Ok(s.secret_version)
+    })
+    .await?;
+    Ok(ok_json(
+        &ctx,
+        json!({
+            "webhookSecretVersion": version,
+            "webhookSecret": super::webhook_secret(&st, account, version),
+        }),
+    ))
+}
+
+/// `POST /mapi/v1/merchant/invoice` (MERCHANT): a new invoice with its own address.
+pub async fn create_invoice(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let amount = p.req("amount")?;
+    let currency = p.opt("currency")?;
+    let order_id = text_param(&mut p, "orderId", 64, "1..64 characters")?;
+    let metadata = p.opt("metadata")?;
+    let expiry_min = p.opt_u64("expiryMinutes")?;
+    let idem_key = text_param(&mut p, "idempotencyKey", 64, "1..64 characters")?;
+    let label = text_param(&mut p, "label", 128, "1..128 characters")?;
+    let message = text_param(&mut p, "message", 128, "1..128 characters")?;
+    p.finish()?;
+    let account = key.account;
+    let settings = with_db(&st, move |c| {
+        store::settings_or_default(c, account).map_err(db_error)
+    })
+    .await?;
+    let rec = new_invoice(
+        &st,
+        &settings,
+        NewInvoice {
+            amount,
+            currency,
+            order_id,
+            metadata,
+            expiry_min,
+            idem_key,
+            label,
+            message,
+        },
+    )
+    .await?;
+    Ok(ok_json(
+        &ctx,
+        merchant_json(&st, &rec, &settings.name, now_ms()),
+    ))
+}
+
+async fn own_invoice(
+    st: &AppState,
+    merchant: u32,
+    id: String,
+) -> Result<(Record, String), ApiError> {
+    let found = with_db(st, move |c| load_with_name(c, &id)).await?;
+    match found {
+        Some((rec, name)) if rec.inv.merchant == merchant => Ok((rec, name)),
+        _ => Err(unknown_invoice()),
+    }
+}
+
+/// `GET /mapi/v1/merchant/invoice?invoiceId=` (MERCHANT).
+pub async fn get_invoice(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let id = id_param(&mut p, "invoiceId")?;
+    p.finish()?;
+    let (rec, name) = own_invoice(&st, key.account, id).await?;
+    let mut v = merchant_json(&st, &rec, &name, now_ms());
+    let iid = rec.inv.id.clone();
+    let refunds = with_db(&st, move |c| store::refunds(c, &iid).map_err(db_error)).await?;
+    v["refunds"] = refunds_json(&refunds);
+    Ok(ok_json(&ctx, v))
+}
+
+fn refunds_json(rs: &[Refund]) -> Value {
+    Value::Array(
+        rs.iter()
+            .map(|r| {
+                json!({
+                    "n": r.n,
+                    "amountBtc": btc(r.amount_sat),
+                    "toAccount": r.to_account,
+                    "address": r.to_address,
+                    "state": r.state,
+                    "reference": r.reference,
+                    "time": r.created_ms,
+                })
+            })
+            .collect(),
+    )
+}
+
+/// `GET /mapi/v1/merchant/invoices` (MERCHANT): `status`, `startTime`, `endTime`, `limit`
+/// (1..=1000, default 100); newest first.
+pub async fn list_invoices(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 5)?;
+    let status = match p.opt("status")? {
+        None => None,
+        Some(s) => Some(Status::parse(&s).ok_or_else(|| ApiError::invalid_value("status"))?),
+    };
+    let start = p.opt_u64("startTime")?.unwrap_or(0);
+    let end = p.opt_u64("endTime")?.unwrap_or(u64::MAX);
+    if start > end {
+        return Err(ApiError::invalid_value("startTime"));
+    }
+    let limit = p.limit(100, MAX_LIST)?;
+    p.finish()?;
+    let account = key.account;
+    let (recs, name) = with_db(&st, move |c| {
+        let recs = store::list(c, account, status, start, end, limit).map_err(db_error)?;
+        let name = store::settings_or_default(c, account)
+            .map_err(db_error)?
+            .name;
+        Ok((recs, name))
+    })
+    .await?;
+    let now = now_ms();
+    Ok(ok_json(
+        &ctx,
+        Value::Array(
+            recs.iter()
+                .map(|r| merchant_json(&st, r, &name, now))
+                .collect(),
+        ),
+    ))
+}
+
+/// Saves a transition with its webhooks, then tells the checkout pages and the dispatcher.
+pub(crate) async fn commit(
+    st: &AppState,
+    rec: Record,
+    events: Vec<EventType>,
+    name: String,
+) -> Result<Record, ApiError> {
+    let now = now_ms();
+    let body = merchant_json(st, &rec, &name, now);
+    let public = public_json(st, &rec, &name, now).to_string();
+    let r2 = rec.clone();
+    with_db(st, move |c| {
+        store::commit_transition(c, &r2, &events, &body, now).map_err(db_error)
+    })
+    .await?;
+    st.merchant().publish(&rec.inv.id, public);
+    st.merchant().enqueued.notify_one();
+    Ok(rec)
+}
+
+/// `POST /mapi/v1/merchant/invoice/invalid` (MERCHANT): marks a `New` or `Expired` invoice
+/// invalid.
+pub async fn mark_invalid(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let id = id_param(&mut p, "invoiceId")?;
+    p.finish()?;
+    let _guard = st.merchant().invoice_lock.lock().await;
+    let (mut rec, name) = own_invoice(&st, key.account, id).await?;
+    let now = now_ms();
+    // Bring it up to date first (an invoice past its expiry is Expired).
+    let mut events = rec.inv.observe(&[], now);
+    let more = rec
+        .inv
+        .mark_invalid(now)
+        .map_err(|model::TransitionError::WrongStatus(s)| wrong_status(s))?;
+    events.extend(more);
+    let rec = commit(&st, rec, events, name.clone()).await?;
+    Ok(ok_json(&ctx, merchant_json(&st, &rec, &name, now)))
+}
+
+/// `POST /mapi/v1/merchant/invoice/pay` (TRADE): pays what is still due on a `New` invoice
+/// from the caller's BTC balance, in one engine transfer (idempotent by invoice, payer and
+/// amount); the invoice settles at once.
+pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let id = id_param(&mut p, "invoiceId")?;
+    p.finish()?;
+    let _guard = st.merchant().invoice_lock.lock().await;
+    let (rec, name) = with_db(&st, {
+        let id = id.clone();
+        move |c| load_with_name(c, &id)
+    })
+    .await?
+    .ok_or_else(unknown_invoice)?;
+    let now = now_ms();
+    match rec.inv.derive(now).status {
+        Status::New => {}
+        Status::Expired => return Err(expired()),
+        s => return Err(wrong_status(s)),
+    }
+    let due = rec.inv.due_sat();
+    if due == 0 {
+        return Err(wrong_status(Status::Processing));
+    }
+    let btc_asset = st.markets().asset("BTC").ok_or_else(ApiError::internal)?.id;
+    let pid = format!("pay/{}/{}/{due}", rec.inv.id, key.account);
+    let reply = st
+        .submit(Command::Transfer {
+            from: AccountId(key.account),
+            to: AccountId(rec.inv.merchant),
+            asset: btc_asset,
+            amount: Amount(due),
+            key: IdempotencyKey::reference(&format!("merchant/{pid}")),
+        })
+        .await?;
+    if let Err(code) = reply.result {
+        return Err(ApiError::command_rejected(code));
+    }
+    let mut rec = rec;
+    let events = rec
+        .inv
+        .observe(&[Payment::balance(pid, key.account, due, now)], now);
+    let rec = commit(&st, rec, events, name.clone()).await?;
+    if rec.conv.state == ConvState::Wanted {
+        st.merchant().kick.notify_one();
+    }
+    let mut v = public_json(&st, &rec, &name, now);
+    v["paidFromBalanceBtc"] = json!(btc(due));
+    v["tranId"] = json!(reply.seq);
+    Ok(ok_json(&ctx, v))
+}
+
+/// `POST /mapi/v1/merchant/invoice/refund` (MERCHANT): `invoiceId`, `amount` (BTC), and
+/// `address` (through custody's withdrawal path, the merchant pays its fee) or `toAccount` (a
+/// transfer back to an account that paid from its balance).
+pub async fn refund(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let id = id_param(&mut p, "invoiceId")?;
+    let amount = btc_amount(&mut p, "amount")?;
+    let address = p.opt("address")?;
+    let to_account = p.opt_u64("toAccount")?;
+    p.finish()?;
+    if let Some(a) = &address {
+        if a.len() > 128 || !a.bytes().all(|b| b.is_ascii_alphanumeric()) {
+            return Err(ApiError::illegal("address", "^[A-Za-z0-9]{1,128}$"));
+        }
+    }
+    let to_account = to_account
+        .map(|a| u32::try_from(a).map_err(|_| ApiError::invalid_value("toAccount")))
+        .transpose()?;
+    if address.is_some() == to_account.is_some() {
+        return Err(ApiError::bad_combination());
+    }
+    let custody = match &address {
+        Some(_) => Some(st.0.custody.get().cloned().ok_or_else(unavailable)?),
+        None => None,
+    };
+    let merchant = key.account;
+    let _guard = st.merchant().invoice_lock.lock().await;
+    let now = now_ms();
+    // Check and reserve in one transaction.
+    let (rec, name, n) = with_db(&st, {
+        let address = address.clone();
+        move |c| {
+            let (mut rec, name) = match load_with_name(c, &id)? {
+                Some((r, n)) if r.inv.merchant == merchant => (r, n),
+                _ => return Err(unknown_invoice()),
+            };
+            let refundable = rec
+                .inv
+                .refundable_sat()
+                .map_err(|model::TransitionError::WrongStatus(s)| wrong_status(s))?;
+            if amount > refundable {
+                return Err(refund_too_large());
+            }
+            let done = store::refunds(c, &rec.inv.id).map_err(db_error)?;
+            if let Some(acct) = to_account {
+                let paid: u64 = rec
+                    .inv
+                    .payments
+                    .iter()
+                    .filter(|p| p.source == model::Source::Balance { payer: acct })
+                    .map(|p| p.amount_sat)
+                    .sum();
+                let back: u64 = done
+                    .iter()
+                    .filter(|r| r.to_account == Some(acct))
+                    .map(|r| r.amount_sat)
+                    .sum();
+                if amount > paid.saturating_sub(back) {
+                    return Err(not_payer());
+                }
+            }
+            let n = done.len() as u32 + 1;
+            let tx = c.transaction().map_err(db_error)?;
+            let r = Refund {
+                invoice_id: rec.inv.id.clone(),
+                n,
+                amount_sat: amount,
+                to_account,
+                to_address: address,
+                state: "pending".into(),
+                reference: None,
+                created_ms: now,
+            };
+            store::reserve_refund(&tx, &mut rec, &r).map_err(db_error)?;
+            tx.commit().map_err(db_error)?;
+            Ok((rec, name, n))
+        }
+    })
+    .await?;
+    let iid = rec.inv.id.clone();
+    let executed: Result<String, ApiError> = match (to_account, address, custody) {
+        (Some(acct), _, _) => {
+            let btc_asset = st.markets().asset("BTC").ok_or_else(ApiError::internal)?.id;
+            match st
+                .submit(Command::Transfer {
+                    from: AccountId(merchant),
+                    to: AccountId(acct),
+                    asset: btc_asset,
+                    amount: Amount(amount),
+                    key: IdempotencyKey::reference(&format!("merchant/refund/{iid}/{n}")),
+                })
+                .await
+            {
+                Ok(r) => match r.result {
+                    Ok(()) => Ok(format!("transfer:{}", r.seq)),
+                    Err(code) => Err(ApiError::command_rejected(code)),
+                },
+                Err(e) => Err(e),
+            }
+        }
+        (None, Some(addr), Some(c)) => {
+            let key = format!("refund-{iid}-{n}");
+            tokio::task::spawn_blocking(move || c.request_withdrawal(merchant, &addr, amount, &key))
+                .await
+                .map_err(|_| ApiError::internal())
+                .and_then(|r| r.map_err(custody_error))
+                .map(|w| format!("withdrawal:{}", w.id))
+        }
+        _ => Err(ApiError::internal()),
+    };
+    match executed {
+        Err(e) => {
+            let iid = iid.clone();
+            with_db(&st, move |c| {
+                store::cancel_refund(c, &iid, n).map_err(db_error)
+            })
+            .await?;
+            Err(e)
+        }
+        Ok(reference) => {
+            let body = merchant_json(&st, &rec, &name, now);
+            let (r2, ref2) = (rec.clone(), reference.clone());
+            with_db(&st, move |c| {
+                store::finish_refund(c, &r2, n, &ref2, &body, now).map_err(db_error)
+            })
+            .await?;
+            st.merchant().enqueued.notify_one();
+            Ok(ok_json(
+                &ctx,
+                json!({
+                    "invoiceId": iid,
+                    "n": n,
+                    "amountBtc": btc(amount),
+                    "reference": reference,
+                    "refundedBtc": btc(rec.inv.refunded_sat),
+                }),
+            ))
+        }
+    }
+}
+
+/// `GET /mapi/v1/merchant/webhook/deliveries?invoiceId=` (MERCHANT).
+pub async fn deliveries(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let id = id_param(&mut p, "invoiceId")?;
+    p.finish()?;
+    let merchant = key.account;
+    let v = with_db(&st, move |c| {
+        let d = webhook::deliveries(c, merchant, &id).map_err(db_error)?;
+        serde_json::to_value(d).map_err(|_| ApiError::internal())
+    })
+    .await?;
+    Ok(ok_json(&ctx, v))
+}
+
+/// `POST /mapi/v1/merchant/webhook/redeliver?deliveryId=` (MERCHANT): delivers again, due now.
+pub async fn redeliver(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let id = text_param(&mut p, "deliveryId", 64, "1..64 characters")?
+        .ok_or_else(|| ApiError::missing("deliveryId"))?;
+    p.finish()?;
+    let merchant = key.account;
+    let v = with_db(&st, move |c| {
+        match webhook::redeliver(c, merchant, &id, now_ms()) {
+            Ok(d) => serde_json::to_value(d).map_err(|_| ApiError::internal()),
+            Err(webhook::RedeliverError::Db(e)) => Err(db_error(e)),
+            Err(_) => Err(ApiError::bad(-1160, "Unknown delivery.")),
+        }
+    })
+    .await?;
+    st.merchant().enqueued.notify_one();
+    Ok(ok_json(&ctx, v))
+}
+
+// ---- public endpoints ----
+
+fn html(body: &'static str) -> Response {
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        body,
+    )
+        .into_response()
+}
+
+fn valid_public_id(id: &str) -> bool {
+    !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
+}
+
+async fn public_invoice(st: &AppState, ip: &str, id: String) -> Result<(Record, String), ApiError> {
+    st.charge_ip_addr(ip, 1)?;
+    if !valid_public_id(&id) {
+        return Err(unknown_invoice());
+    }
+    with_db(st, move |c| load_with_name(c, &id))
+        .await?
+        .ok_or_else(unknown_invoice)
+}
+
+/// `GET /i/{id}`: the checkout page.
+pub async fn checkout_page(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+) -> Result<Response, ApiError> {
+    st.charge_ip_addr(&ip, 1)?;
+    Ok(html(super::pages::CHECKOUT_HTML))
+}
+
+/// `GET /i/{id}/status`: the PublicInvoice JSON.
+pub async fn public_status(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (rec, name) = public_invoice(&st, &ip, id).await?;
+    Ok(axum::Json(public_json(&st, &rec, &name, now_ms())).into_response())
+}
+
+/// `GET /i/{id}/events`: server-sent events, the PublicInvoice JSON at connect and on every
+/// change (a client that fell behind gets the current state).
+pub async fn public_events(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let rx = st.merchant().updates.subscribe();
+    let (rec, name) = public_invoice(&st, &ip, id.clone()).await?;
+    let first = public_json(&st, &rec, &name, now_ms()).to_string();
+    use futures_util::StreamExt;
+    let initial = futures_util::stream::once(async move {
+        Ok::<_, std::convert::Infallible>(SseEvent::default().data(first))
+    });
+    let updates = futures_util::stream::unfold((rx, st, id), |(mut rx, st, id)| async move {
+        loop {
+            match rx.recv().await {
+                Ok(u) if u.0 == id => {
+                    let ev = SseEvent::default().data(u.1.clone());
+                    return Some((Ok(ev), (rx, st, id)));
+                }
+                Ok(_) => {}
+                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                    let id2 = id.clone();
+                    if let Ok(Some((rec, name))) =
+                        with_db(&st, move |c| load_with_name(c, &id2)).await
+                    {
+                        let ev = SseEvent::default()
+                            .data(public_json(&st, &rec, &name, now_ms()).to_string());
+                        return Some((Ok(ev), (rx, st, id)));
+                    }
+                }
+                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
+            }
+        }
+    });
+    Ok(Sse::new(initial.chain(updates))
+        .keep_alive(KeepAlive::default())
+        .into_response())
+}
+
+/// `GET /i/{id}/qr.png`: the QR code of the invoice's BIP21 URI.
+pub async fn qr_png(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (rec, _) = public_invoice(&st, &ip, id).await?;
+    let png = super::qr::qr_png(&bip21(&rec));
+    Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
+}
+
+/// `GET /i/{id}/qr.svg`.
+pub async fn qr_svg(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let (rec, _) = public_invoice(&st, &ip, id).await?;
+    let svg = super::qr::qr_svg(&bip21(&rec));
+    Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
+}
+
+async fn pos_store(st: &AppState, ip: &str, token: String) -> Result<StoreSettings, ApiError> {
+    st.charge_ip_addr(ip, 1)?;
+    if !valid_public_id(&token) {
+        return Err(unknown_pos());
+    }
+    with_db(st, move |c| {
+        store::settings_by_pos(c, &token).map_err(db_error)
+    })
+    .await?
+    .ok_or_else(unknown_pos)
+}
+
+/// `GET /pos/{token}`: the point-of-sale page.
+pub async fn pos_page(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(token): Path<String>,
+) -> Result<Response, ApiError> {
+    pos_store(&st, &ip, token).await?;
+    Ok(html(super::pages::POS_HTML))
+}
+
+/// `GET /pos/{token}/info`: `{"storeName","currency","decimals"}`.
+pub async fn pos_info(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(token): Path<String>,
+) -> Result<Response, ApiError> {
+    let s = pos_store(&st, &ip, token).await?;
+    let decimals = if s.currency == "BTC" {
+        BTC_DECIMALS
+    } else {
+        quote_decimals(&st, &s.currency)
+    };
+    Ok(
+        axum::Json(json!({"storeName": s.name, "currency": s.currency, "decimals": decimals}))
+            .into_response(),
+    )
+}
+
+/// `POST /pos/{token}/invoice` with `{"amount":"12.50"}` (the store's currency): a new invoice
+/// (201, PublicInvoice JSON).
+pub async fn pos_invoice(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(token): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let s = pos_store(&st, &ip, token).await?;
+    st.charge_ip_addr(&ip, 10)?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad(-1100, "Body must be JSON {\"amount\":\"12.50\"}."))?;
+    let amount = v["amount"]
+        .as_str()
+        .ok_or_else(|| ApiError::missing("amount"))?
+        .to_owned();
+    let rec = new_invoice(
+        &st,
+        &s,
+        NewInvoice {
+            amount,
+            currency: None,
+            order_id: None,
+            metadata: None,
+            expiry_min: None,
+            idem_key: None,
+            label: None,
+            message: None,
+        },
+    )
+    .await?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(public_json(&st, &rec, &s.name, now_ms())),
+    )
+        .into_response())
+}

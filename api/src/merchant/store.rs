@@ -1,0 +1,592 @@
+//! SQLite persistence of stores, invoices, payments and refunds (`merchant.sqlite`, WAL,
+//! `synchronous=FULL`: a committed transaction is on disk when `commit` returns).
+//!
+//! Every function takes a `&Connection` (a `Transaction` derefs to one), so a caller can change an
+//! invoice and enqueue its webhooks ([`super::webhook::enqueue`]) in one transaction
+//! ([`commit_transition`]).
+
+use super::model::{Invoice, Marks, Payment, Quote, Source, Status};
+use super::webhook::{self, EventType};
+use rusqlite::{params, Connection, OptionalExtension, Row};
+
+/// Opens the database, creating the schema (ours and the webhook outbox's).
+pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
+    let conn = Connection::open(path)?;
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS merchant_store (
+            account INTEGER PRIMARY KEY, name TEXT NOT NULL, currency TEXT NOT NULL,
+            webhook_url TEXT, secret_version INTEGER NOT NULL, tolerance_bps INTEGER NOT NULL,
+            speed INTEGER NOT NULL, expiry_min INTEGER NOT NULL, convert INTEGER NOT NULL,
+            pos_token TEXT UNIQUE);
+         CREATE TABLE IF NOT EXISTS invoice (
+            id TEXT PRIMARY KEY, merchant INTEGER NOT NULL, created_ms INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL, status TEXT NOT NULL, marks INTEGER NOT NULL,
+            invalid_ms INTEGER, amount_sat INTEGER NOT NULL, currency TEXT NOT NULL,
+            amount_asked TEXT NOT NULL, quote_asset TEXT, quote_units INTEGER, rate_units INTEGER,
+            speed INTEGER NOT NULL, tolerance_bps INTEGER NOT NULL, refunded_sat INTEGER NOT NULL,
+            order_id TEXT, metadata TEXT, label TEXT, message TEXT, address TEXT NOT NULL UNIQUE,
+            idem_key TEXT, conv_state TEXT NOT NULL, conv_sold_sat INTEGER NOT NULL,
+            conv_quote INTEGER NOT NULL, conv_client_id TEXT, conv_error TEXT,
+            UNIQUE (merchant, idem_key));
+         CREATE INDEX IF NOT EXISTS invoice_merchant_created ON invoice (merchant, created_ms);
+         CREATE INDEX IF NOT EXISTS invoice_status ON invoice (status, expires_ms);
+         CREATE TABLE IF NOT EXISTS invoice_payment (
+            invoice_id TEXT NOT NULL, pid TEXT NOT NULL, payer INTEGER, amount_sat INTEGER NOT NULL,
+            confirmations INTEGER NOT NULL, credited INTEGER NOT NULL, reorged INTEGER NOT NULL,
+            seen_ms INTEGER NOT NULL, n INTEGER NOT NULL, PRIMARY KEY (invoice_id, pid));
+         CREATE TABLE IF NOT EXISTS invoice_refund (
+            invoice_id TEXT NOT NULL, n INTEGER NOT NULL, amount_sat INTEGER NOT NULL,
+            to_account INTEGER, to_address TEXT, state TEXT NOT NULL, reference TEXT,
+            created_ms INTEGER NOT NULL, PRIMARY KEY (invoice_id, n));",
+    )?;
+    webhook::init_schema(&conn)?;
+    Ok(conn)
+}
+
+/// A merchant's store settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoreSettings {
+    /// The merchant's account.
+    pub account: u32,
+    /// Shown on the checkout page and as the BIP21 label.
+    pub name: String,
+    /// Default currency of new invoices and of the point of sale (`BTC` or a quote asset).
+    pub currency: String,
+    /// Where webhooks go.
+    pub webhook_url: Option<String>,
+    /// Version of the derived webhook secret (0: none yet).
+    pub secret_version: u32,
+    /// Payment tolerance, basis points.
+    pub tolerance_bps: u16,
+    /// Confirmations to settle (0, 1, 2 or 6).
+    pub speed: u32,
+    /// Default invoice lifetime, minutes.
+    pub expiry_min: u32,
+    /// Sell received BTC for the quote asset once settled.
+    pub convert: bool,
+    /// The point-of-sale token (None: point of sale disabled).
+    pub pos_token: Option<String>,
+}
+
+impl StoreSettings {
+    /// The settings of a merchant who never configured a store.
+    pub fn default_for(account: u32) -> Self {
+        Self {
+            account,
+            name: format!("Store {account}"),
+            currency: "BTC".into(),
+            webhook_url: None,
+            secret_version: 0,
+            tolerance_bps: 0,
+            speed: 1,
+            expiry_min: 15,
+            convert: false,
+            pos_token: None,
+        }
+    }
+}
+
+fn settings_row(r: &Row<'_>) -> rusqlite::Result<StoreSettings> {
+    Ok(StoreSettings {
+        account: r.get(0)?,
+        name: r.get(1)?,
+        currency: r.get(2)?,
+        webhook_url: r.get(3)?,
+        secret_version: r.get(4)?,
+        tolerance_bps: r.get(5)?,
+        speed: r.get(6)?,
+        expiry_min: r.get(7)?,
+        convert: r.get(8)?,
+        pos_token: r.get(9)?,
+    })
+}
+
+const SETTINGS_COLS: &str = "account, name, currency, webhook_url, secret_version, \
+    tolerance_bps, speed, expiry_min, convert, pos_token";
+
+/// A merchant's settings, if saved.
+pub fn settings(conn: &Connection, account: u32) -> rusqlite::Result<Option<StoreSettings>> {
+    conn.query_row(
+        &format!("SELECT {SETTINGS_COLS} FROM merchant_store WHERE account = ?1"),
+        [account],
+        settings_row,
+    )
+    .optional()
+}
+
+/// A merchant's settings, or the defaults.
+pub fn settings_or_default(conn: &Connection, account: u32) -> rusqlite::Result<StoreSettings> {
+    Ok(settings(conn, account)?.unwrap_or_else(|| StoreSettings::default_for(account)))
+}
+
+/// The store with this point-of-sale token.
+pub fn settings_by_pos(conn: &Connection, token: &str) -> rusqlite::Result<Option<StoreSettings>> {
+    conn.query_row(
+        &format!("SELECT {SETTINGS_COLS} FROM merchant_store WHERE pos_token = ?1"),
+        [token],
+        settings_row,
+    )
+    .optional()
+}
+
+/// Saves settings (insert or replace).
+pub fn put_settings(conn: &Connection, s: &StoreSettings) -> rusqlite::Result<()> {
+    conn.execute(
+        &format!("INSERT OR REPLACE INTO merchant_store ({SETTINGS_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"),
+        params![
+            s.account,
+            s.name,
+            s.currency,
+            s.webhook_url,
+            s.secret_version,
+            s.tolerance_bps,
+            s.speed,
+            s.expiry_min,
+            s.convert,
+            s.pos_token
+        ],
+    )?;
+    Ok(())
+}
+
+/// What happens to received BTC.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConvState {
+    /// Keep BTC.
+    None,
+    /// Convert once settled and credited (retried each monitor tick).
+    Wanted,
+    /// Converted (all that was convertible).
+    Done,
+    /// Refused by the engine for a reason retrying cannot fix (`conv_error`).
+    Failed,
+}
+
+impl ConvState {
+    fn as_str(self) -> &'static str {
+        match self {
+            ConvState::None => "none",
+            ConvState::Wanted => "wanted",
+            ConvState::Done => "done",
+            ConvState::Failed => "failed",
+        }
+    }
+    fn parse(s: &str) -> ConvState {
+        match s {
+            "wanted" => ConvState::Wanted,
+            "done" => ConvState::Done,
+            "failed" => ConvState::Failed,
+            _ => ConvState::None,
+        }
+    }
+}
+
+/// The conversion of an invoice's BTC to the quote asset.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Conversion {
+    /// State.
+    pub state: ConvState,
+    /// Satoshis sold so far.
+    pub sold_sat: u64,
+    /// Quote units received (after fees).
+    pub quote_units: u64,
+    /// The client order id of a sell submitted but not yet recorded (found again after a crash).
+    pub client_id: Option<String>,
+    /// Why it failed.
+    pub error: Option<String>,
+}
+
+/// An invoice with everything stored about it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The state machine's part.
+    pub inv: Invoice,
+    /// The merchant's order id.
+    pub order_id: Option<String>,
+    /// The merchant's metadata (a JSON text).
+    pub metadata: Option<String>,
+    /// BIP21 label.
+    pub label: Option<String>,
+    /// BIP21 message.
+    pub message: Option<String>,
+    /// The invoice's own deposit address.
+    pub address: String,
+    /// The merchant's idempotency key.
+    pub idem_key: Option<String>,
+    /// Conversion.
+    pub conv: Conversion,
+}
+
+const INVOICE_COLS: &str = "id, merchant, created_ms, expires_ms, status, marks, invalid_ms, \
+    amount_sat, currency, amount_asked, quote_asset, quote_units, rate_units, speed, tolerance_bps, \
+    refunded_sat, order_id, metadata, label, message, address, idem_key, conv_state, \
+    conv_sold_sat, conv_quote, conv_client_id, conv_error";
+
+fn record_row(r: &Row<'_>) -> rusqlite::Result<Record> {
+    let status: String = r.get(4)?;
+    let quote_asset: Option<String> = r.get(10)?;
+    let conv: String = r.get(22)?;
+    Ok(Record {
+        inv: Invoice {
+            id: r.get(0)?,
+            merchant: r.get(1)?,
+            created_ms: r.get::<_, i64>(2)? as u64,
+            expires_ms: r.get::<_, i64>(3)? as u64,
+            status: Status::parse(&status).unwrap_or(Status::Invalid),
+            marks: Marks(r.get(5)?),
+            invalid_ms: r.get::<_, Option<i64>>(6)?.map(|v| v as u64),
+            amount_sat: r.get::<_, i64>(7)? as u64,
+            currency: r.get(8)?,
+            amount_asked: r.get(9)?,
+            quote: match quote_asset {
+                Some(asset) => Some(Quote {
+                    asset,
+                    amount_units: r.get::<_, i64>(11)? as u64,
+                    rate_units: r.get::<_, i64>(12)? as u64,
+                }),
+                None => None,
+            },
+            speed: r.get(13)?,
+            tolerance_bps: r.get(14)?,
+            refunded_sat: r.get::<_, i64>(15)? as u64,
+            payments: Vec::new(),
+        },
+        order_id: r.get(16)?,
+        metadata: r.get(17)?,
+        label: r.get(18)?,
+        message: r.get(19)?,
+        address: r.get(20)?,
+        idem_key: r.get(21)?,
+        conv: Conversion {
+            state: ConvState::parse(&conv),
+            sold_sat: r.get::<_, i64>(23)? as u64,
+            quote_units: r.get::<_, i64>(24)? as u64,
+            client_id: r.get(25)?,
+            error: r.get(26)?,
+        },
+    })
+}
+
+fn payments(conn: &Connection, id: &str) -> rusqlite::Result<Vec<Payment>> {
+    let mut s = conn.prepare_cached(
+        "SELECT pid, payer, amount_sat, confirmations, credited, reorged, seen_ms
+         FROM invoice_payment WHERE invoice_id = ?1 ORDER BY n",
+    )?;
+    let rows = s.query_map([id], |r| {
+        let pid: String = r.get(0)?;
+        let payer: Option<u32> = r.get(1)?;
+        Ok(Payment {
+            source: match payer {
+                Some(payer) => Source::Balance { payer },
+                None => Source::Chain {
+                    outpoint: pid.clone(),
+                },
+            },
+            id: pid,
+            amount_sat: r.get::<_, i64>(2)? as u64,
+            confirmations: r.get(3)?,
+            credited: r.get(4)?,
+            reorged: r.get(5)?,
+            seen_ms: r.get::<_, i64>(6)? as u64,
+        })
+    })?;
+    rows.collect()
+}
+
+fn with_payments(conn: &Connection, mut rec: Record) -> rusqlite::Result<Record> {
+    rec.inv.payments = payments(conn, &rec.inv.id)?;
+    Ok(rec)
+}
+
+/// An invoice by id.
+pub fn load(conn: &Connection, id: &str) -> rusqlite::Result<Option<Record>> {
+    let rec = conn
+        .query_row(
+            &format!("SELECT {INVOICE_COLS} FROM invoice WHERE id = ?1"),
+            [id],
+            record_row,
+        )
+        .optional()?;
+    rec.map(|r| with_payments(conn, r)).transpose()
+}
+
+/// The invoice id of a merchant's idempotency key.
+pub fn by_idem(conn: &Connection, merchant: u32, key: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT id FROM invoice WHERE merchant = ?1 AND idem_key = ?2",
+        params![merchant, key],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// The invoice id paid through an address.
+pub fn by_address(conn: &Connection, address: &str) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT id FROM invoice WHERE address = ?1",
+        [address],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Inserts a new invoice (no payments yet).
+pub fn insert(conn: &Connection, rec: &Record) -> rusqlite::Result<()> {
+    let i = &rec.inv;
+    let q = i.quote.as_ref();
+    conn.execute(
+        &format!(
+            "INSERT INTO invoice ({INVOICE_COLS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
+             ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, \
+             ?26, ?27)"
+        ),
+        params![
+            i.id,
+            i.merchant,
+            i.created_ms as i64,
+            i.expires_ms as i64,
+            i.status.as_str(),
+            i.marks.0,
+            i.invalid_ms.map(|v| v as i64),
+            i.amount_sat as i64,
+            i.currency,
+            i.amount_asked,
+            q.map(|q| q.asset.clone()),
+            q.map(|q| q.amount_units as i64),
+            q.map(|q| q.rate_units as i64),
+            i.speed,
+            i.tolerance_bps,
+            i.refunded_sat as i64,
+            rec.order_id,
+            rec.metadata,
+            rec.label,
+            rec.message,
+            rec.address,
+            rec.idem_key,
+            rec.conv.state.as_str(),
+            rec.conv.sold_sat as i64,
+            rec.conv.quote_units as i64,
+            rec.conv.client_id,
+            rec.conv.error,
+        ],
+    )?;
+    Ok(())
+}
+
+/// Saves what can change: status, marks, invalid time, refunds, conversion, payments.
+pub fn save(conn: &Connection, rec: &Record) -> rusqlite::Result<()> {
+    let i = &rec.inv;
+    let n = conn.execute(
+        "UPDATE invoice SET status = ?2, marks = ?3, invalid_ms = ?4, refunded_sat = ?5,
+            conv_state = ?6, conv_sold_sat = ?7, conv_quote = ?8, conv_client_id = ?9,
+            conv_error = ?10 WHERE id = ?1",
+        params![
+            i.id,
+            i.status.as_str(),
+            i.marks.0,
+            i.invalid_ms.map(|v| v as i64),
+            i.refunded_sat as i64,
+            rec.conv.state.as_str(),
+            rec.conv.sold_sat as i64,
+            rec.conv.quote_units as i64,
+            rec.conv.client_id,
+            rec.conv.error,
+        ],
+    )?;
+    if n != 1 {
+        return Err(rusqlite::Error::QueryReturnedNoRows);
+    }
+    let mut s = conn.prepare_cached(
+        "INSERT INTO invoice_payment (invoice_id, pid, payer, amount_sat, confirmations,
+            credited, reorged, seen_ms, n) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+         ON CONFLICT (invoice_id, pid) DO UPDATE SET confirmations = excluded.confirmations,
+            credited = excluded.credited, reorged = excluded.reorged",
+    )?;
+    for (n, p) in i.payments.iter().enumerate() {
+        let payer = match p.source {
+            Source::Balance { payer } => Some(payer),
+            Source::Chain { .. } => None,
+        };
+        s.execute(params![
+            i.id,
+            p.id,
+            payer,
+            p.amount_sat as i64,
+            p.confirmations,
+            p.credited,
+            p.reorged,
+            p.seen_ms as i64,
+            n as i64
+        ])?;
+    }
+    Ok(())
+}
+
+/// Saves `rec` and enqueues one webhook per event (body: `invoice_json`), in one transaction.
+/// Nothing is written when it fails.
+pub fn commit_transition(
+    conn: &mut Connection,
+    rec: &Record,
+    events: &[EventType],
+    invoice_json: &serde_json::Value,
+    now_ms: u64,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    save(&tx, rec)?;
+    for e in events {
+        webhook::enqueue(&tx, rec.inv.merchant, &rec.inv.id, *e, invoice_json, now_ms)?;
+    }
+    tx.commit()
+}
+
+/// A merchant's invoices, newest first: optional status, `created_ms` in `[start, end]`, at most
+/// `limit`.
+pub fn list(
+    conn: &Connection,
+    merchant: u32,
+    status: Option<Status>,
+    start_ms: u64,
+    end_ms: u64,
+    limit: u32,
+) -> rusqlite::Result<Vec<Record>> {
+    let mut s = conn.prepare(&format!(
+        "SELECT {INVOICE_COLS} FROM invoice WHERE merchant = ?1 AND created_ms BETWEEN ?2 AND ?3
+         AND (?4 IS NULL OR status = ?4) ORDER BY created_ms DESC, id LIMIT ?5"
+    ))?;
+    let rows = s
+        .query_map(
+            params![
+                merchant,
+                start_ms.min(i64::MAX as u64) as i64,
+                end_ms.min(i64::MAX as u64) as i64,
+                status.map(|s| s.as_str()),
+                limit
+            ],
+            record_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(|r| with_payments(conn, r)).collect()
+}
+
+/// Ids of invoices `New` with `expires_ms <= now_ms`.
+pub fn due_for_expiry(conn: &Connection, now_ms: u64) -> rusqlite::Result<Vec<String>> {
+    let mut s = conn.prepare_cached(
+        "SELECT id FROM invoice WHERE status = 'New' AND expires_ms <= ?1 ORDER BY expires_ms",
+    )?;
+    let rows = s.query_map([now_ms.min(i64::MAX as u64) as i64], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// Ids of settled invoices whose BTC is still to be converted.
+pub fn conversions_wanted(conn: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut s = conn.prepare_cached(
+        "SELECT id FROM invoice WHERE status = 'Settled' AND conv_state = 'wanted' ORDER BY created_ms",
+    )?;
+    let rows = s.query_map([], |r| r.get(0))?;
+    rows.collect()
+}
+
+/// A refund.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Refund {
+    /// Invoice.
+    pub invoice_id: String,
+    /// Number within the invoice (1, 2, ..).
+    pub n: u32,
+    /// Satoshis.
+    pub amount_sat: u64,
+    /// Back to this account (balance payments).
+    pub to_account: Option<u32>,
+    /// To this address (through custody's withdrawal path).
+    pub to_address: Option<String>,
+    /// `pending` (reserved, being executed), `done`.
+    pub state: String,
+    /// The custody withdrawal id or the engine's transfer sequence number.
+    pub reference: Option<String>,
+    /// When asked.
+    pub created_ms: u64,
+}
+
+/// The refunds of an invoice, in order.
+pub fn refunds(conn: &Connection, invoice_id: &str) -> rusqlite::Result<Vec<Refund>> {
+    let mut s = conn.prepare_cached(
+        "SELECT invoice_id, n, amount_sat, to_account, to_address, state, reference, created_ms
+         FROM invoice_refund WHERE invoice_id = ?1 ORDER BY n",
+    )?;
+    let rows = s.query_map([invoice_id], |r| {
+        Ok(Refund {
+            invoice_id: r.get(0)?,
+            n: r.get(1)?,
+            amount_sat: r.get::<_, i64>(2)? as u64,
+            to_account: r.get(3)?,
+            to_address: r.get(4)?,
+            state: r.get(5)?,
+            reference: r.get(6)?,
+            created_ms: r.get::<_, i64>(7)? as u64,
+        })
+    })?;
+    rows.collect()
+}
+
+/// Reserves a refund (state `pending`) and adds it to the invoice's `refunded_sat`, in the
+/// caller's transaction. A reservation whose execution fails is removed by [`cancel_refund`].
+pub fn reserve_refund(conn: &Connection, rec: &mut Record, r: &Refund) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO invoice_refund (invoice_id, n, amount_sat, to_account, to_address, state,
+            reference, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', NULL, ?6)",
+        params![
+            r.invoice_id,
+            r.n,
+            r.amount_sat as i64,
+            r.to_account,
+            r.to_address,
+            r.created_ms as i64
+        ],
+    )?;
+    rec.inv.refunded_sat += r.amount_sat;
+    save(conn, rec)
+}
+
+/// Gives a failed reservation back.
+pub fn cancel_refund(conn: &mut Connection, invoice_id: &str, n: u32) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    let amount: i64 = tx.query_row(
+        "DELETE FROM invoice_refund WHERE invoice_id = ?1 AND n = ?2 AND state = 'pending'
+         RETURNING amount_sat",
+        params![invoice_id, n],
+        |r| r.get(0),
+    )?;
+    tx.execute(
+        "UPDATE invoice SET refunded_sat = refunded_sat - ?2 WHERE id = ?1",
+        params![invoice_id, amount],
+    )?;
+    tx.commit()
+}
+
+/// Marks a refund done and enqueues `invoice.refunded`, in one transaction.
+pub fn finish_refund(
+    conn: &mut Connection,
+    rec: &Record,
+    n: u32,
+    reference: &str,
+    invoice_json: &serde_json::Value,
+    now_ms: u64,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    tx.execute(
+        "UPDATE invoice_refund SET state = 'done', reference = ?3 WHERE invoice_id = ?1 AND n = ?2",
+        params![rec.inv.id, n, reference],
+    )?;
+    webhook::enqueue(
+        &tx,
+        rec.inv.merchant,
+        &rec.inv.id,
+        EventType::InvoiceRefunded,
+        invoice_json,
+        now_ms,
+    )?;
+    tx.commit()
+}

@@ -1,0 +1,750 @@
+//! Merchant payments through `oneshot`: invoices over a fake `Custody` whose deposits the test
+//! scripts, monitor ticks driven with explicit times, balance payments, refunds, conversion.
+
+mod common;
+
+use api::custody::{
+    Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
+    WithdrawalState,
+};
+use api::merchant::monitor::tick;
+use api::merchant::{store, webhook};
+use axum::http::StatusCode;
+use common::Harness;
+use serde_json::Value;
+use std::sync::{Arc, Mutex};
+
+#[derive(Default)]
+struct Fake {
+    addresses: Mutex<u32>,
+    deposits: Mutex<Vec<DepositInfo>>,
+    withdrawals: Mutex<Vec<WithdrawalInfo>>,
+}
+
+impl Fake {
+    /// Scripts a deposit (or updates its confirmations/state when the outpoint exists).
+    fn pay(&self, account: u32, address: &str, tx: u8, sat: u64, conf: u32, seen_ms: u64) {
+        let mut d = self.deposits.lock().unwrap();
+        let txid = format!("{tx:02x}").repeat(32);
+        d.retain(|x| x.txid != txid);
+        d.push(DepositInfo {
+            account,
+            txid,
+            vout: 0,
+            amount_sat: sat,
+            address: address.into(),
+            state: if conf >= 1 {
+                DepositState::Credited
+            } else {
+                DepositState::Pending
+            },
+            confirmations: conf,
+            required_confirmations: 1,
+            seen_ms,
+        });
+    }
+}
+
+impl Custody for Fake {
+    fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError> {
+        assert!(new, "each invoice needs its own address");
+        let mut n = self.addresses.lock().unwrap();
+        *n += 1;
+        Ok(format!("bcrt1q{account}x{n}"))
+    }
+    fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError> {
+        assert_eq!(account, None);
+        Ok(self.deposits.lock().unwrap().clone())
+    }
+    fn request_withdrawal(
+        &self,
+        account: u32,
+        address: &str,
+        amount_sat: u64,
+        idempotency_key: &str,
+    ) -> Result<WithdrawalInfo, CustodyError> {
+        let mut ws = self.withdrawals.lock().unwrap();
+        let w = WithdrawalInfo {
+            id: 100 + ws.len() as u64,
+            account,
+            address: address.into(),
+            amount_sat,
+            fee_sat: 0,
+            idempotency_key: idempotency_key.into(),
+            state: WithdrawalState::Pending,
+            reason: None,
+            created_ms: 0,
+            txid: None,
+            confirmations: 0,
+        };
+        ws.push(w.clone());
+        Ok(w)
+    }
+    fn withdrawals(&self, _: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
+        Ok(self.withdrawals.lock().unwrap().clone())
+    }
+    fn approve_withdrawal(&self, _: u64) -> Result<WithdrawalInfo, CustodyError> {
+        Err(CustodyError::bad_request(-4000, "no"))
+    }
+    fn withdrawal_terms(&self) -> (u64, u64) {
+        (0, 1)
+    }
+    fn reconcile(&self) -> Result<ReconcileInfo, CustodyError> {
+        Err(CustodyError::internal("no"))
+    }
+    fn regtest_mine(&self, _: u32) -> Result<u32, CustodyError> {
+        Err(CustodyError::internal("no"))
+    }
+    fn regtest_fund(&self, _: u32) -> Result<u64, CustodyError> {
+        Err(CustodyError::internal("no"))
+    }
+}
+
+type Key = (String, String);
+
+struct M {
+    h: Harness,
+    fake: Arc<Fake>,
+    account: u32,
+    key: Key,
+}
+
+async fn setup() -> M {
+    let h = Harness::new();
+    let fake = Arc::new(Fake::default());
+    h.state.set_custody(fake.clone()).ok().unwrap();
+    let (account, _) = h.trader("0", "0").await;
+    let k = h
+        .ok(
+            "POST",
+            "/mapi/v1/admin/apiKey",
+            &format!("account={account}&permissions=read,merchant&label=shop"),
+            &h.admin,
+        )
+        .await;
+    let key = (
+        k["apiKey"].as_str().unwrap().to_owned(),
+        k["secretKey"].as_str().unwrap().to_owned(),
+    );
+    M {
+        h,
+        fake,
+        account,
+        key,
+    }
+}
+
+impl M {
+    async fn invoice(&self, params: &str) -> Value {
+        self.h
+            .ok("POST", "/mapi/v1/merchant/invoice", params, &self.key)
+            .await
+    }
+    async fn get(&self, id: &str) -> Value {
+        self.h
+            .ok(
+                "GET",
+                "/mapi/v1/merchant/invoice",
+                &format!("invoiceId={id}"),
+                &self.key,
+            )
+            .await
+    }
+    async fn tick(&self, now: u64) {
+        tick(&self.h.state, now).await.unwrap();
+    }
+    fn events(&self, id: &str) -> Vec<String> {
+        let db = self.h.state.merchant().db.lock().unwrap();
+        webhook::deliveries(&db, self.account, id)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.event_type)
+            .collect()
+    }
+    fn count(&self) -> usize {
+        let db = self.h.state.merchant().db.lock().unwrap();
+        store::list(&db, self.account, None, 0, u64::MAX, 1000)
+            .unwrap()
+            .len()
+    }
+}
+
+fn s(v: &Value, k: &str) -> String {
+    match &v[k] {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn marks(v: &Value) -> Vec<String> {
+    v["marks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn chain_payment_lifecycles() {
+    let m = setup().await;
+    let now = common::now_ms();
+    // Exact payment, policy 1: Processing at 0 conf, Settled at 1.
+    let inv = m.invoice("amount=0.001&orderId=42").await;
+    let (id, addr) = (s(&inv, "id"), s(&inv, "address"));
+    assert_eq!(s(&inv, "status"), "New");
+    assert_eq!(s(&inv, "amountBtc"), "0.001");
+    assert_eq!(
+        s(&inv, "bip21"),
+        format!(
+            "bitcoin:{addr}?amount=0.001&label=Store%20{}&message=Order%2042",
+            m.account
+        )
+    );
+    m.fake.pay(m.account, &addr, 1, 100_000, 0, now);
+    m.tick(now + 1).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "status"), s(&v, "paidBtc"), s(&v, "dueBtc")),
+        ("Processing".into(), "0.001".into(), "0".into())
+    );
+    m.fake.pay(m.account, &addr, 1, 100_000, 1, now);
+    m.tick(now + 2).await;
+    assert_eq!(s(&m.get(&id).await, "status"), "Settled");
+    assert_eq!(
+        m.events(&id),
+        [
+            "invoice.created",
+            "invoice.payment_received",
+            "invoice.processing",
+            "invoice.settled"
+        ]
+    );
+    // Public status has no order id, same status.
+    let p = m.h.get(&format!("/i/{id}/status")).await;
+    assert_eq!(
+        (p.status, s(&p.json, "status")),
+        (StatusCode::OK, "Settled".into())
+    );
+    assert!(p.json.get("orderId").is_none());
+
+    // Partial, then topped up: PaidPartial, then Processing; both payments add up.
+    let inv = m.invoice("amount=0.002").await;
+    let (id, addr) = (s(&inv, "id"), s(&inv, "address"));
+    m.fake.pay(m.account, &addr, 2, 50_000, 0, now);
+    m.tick(now + 3).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "status"), marks(&v), s(&v, "dueBtc")),
+        (
+            "New".into(),
+            vec!["PaidPartial".to_owned()],
+            "0.0015".into()
+        )
+    );
+    m.fake.pay(m.account, &addr, 3, 150_000, 1, now + 5);
+    m.fake.pay(m.account, &addr, 2, 50_000, 1, now);
+    m.tick(now + 6).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "status"), marks(&v), s(&v, "paidBtc")),
+        ("Settled".into(), Vec::<String>::new(), "0.002".into())
+    );
+
+    // Overpaid.
+    let inv = m.invoice("amount=0.001").await;
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 4, 130_000, 1, now);
+    m.tick(now + 7).await;
+    let v = m.get(&s(&inv, "id")).await;
+    assert_eq!(
+        (s(&v, "status"), marks(&v)),
+        ("Settled".into(), vec!["PaidOver".to_owned()])
+    );
+
+    // Expired, then paid late: Expired + PaidLate, still recorded (and refundable).
+    let inv = m.invoice("amount=0.001&expiryMinutes=1").await;
+    let id = s(&inv, "id");
+    let expire = inv["expireTime"].as_u64().unwrap();
+    m.tick(expire).await;
+    assert_eq!(s(&m.get(&id).await, "status"), "Expired");
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 5, 100_000, 1, expire + 10);
+    m.tick(expire + 20).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "status"), marks(&v), s(&v, "receivedBtc")),
+        (
+            "Expired".into(),
+            vec!["PaidLate".to_owned()],
+            "0.001".into()
+        )
+    );
+    assert_eq!(
+        m.events(&id),
+        [
+            "invoice.created",
+            "invoice.expired",
+            "invoice.payment_received"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn zero_conf_policy_settles_at_once() {
+    let m = setup().await;
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/store",
+        "speedPolicy=0&name=Coffee",
+        &m.key,
+    )
+    .await;
+    let inv = m.invoice("amount=0.0005").await;
+    assert_eq!(inv["confirmationsRequired"], 0);
+    assert_eq!(s(&inv, "storeName"), "Coffee");
+    let now = common::now_ms();
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 9, 50_000, 0, now);
+    m.tick(now + 1).await;
+    assert_eq!(s(&m.get(&s(&inv, "id")).await, "status"), "Settled");
+}
+
+#[tokio::test]
+async fn balance_payment_settles_at_once_and_moves_funds_exactly() {
+    let m = setup().await;
+    let (_, payer) = m.h.trader("1", "0").await;
+    let inv = m.invoice("amount=0.00123").await;
+    let id = s(&inv, "id");
+    let r =
+        m.h.ok(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={id}"),
+            &payer,
+        )
+        .await;
+    assert_eq!(s(&r, "status"), "Settled");
+    assert_eq!(s(&r, "paidFromBalanceBtc"), "0.00123");
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99877000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00123000");
+    assert_eq!(
+        m.events(&id),
+        [
+            "invoice.created",
+            "invoice.payment_received",
+            "invoice.processing",
+            "invoice.settled"
+        ]
+    );
+    // Paying again is refused and moves nothing.
+    let again =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={id}"),
+            &payer,
+        )
+        .await;
+    assert_eq!(again.code(), -1155, "{}", again.json);
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99877000");
+
+    // Refund part back to the paying account, then above what is left: refused.
+    let inv_v = m.get(&id).await;
+    let payer_id = inv_v["payments"][0]["payerAccount"].as_u64().unwrap();
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/invoice/refund",
+        &format!("invoiceId={id}&amount=0.001&toAccount={payer_id}"),
+        &m.key,
+    )
+    .await;
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99977000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00023000");
+    let over =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.00024&toAccount={payer_id}"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(over.code(), -1156, "{}", over.json);
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00023000");
+    let v = m.get(&id).await;
+    assert_eq!(s(&v, "refundedBtc"), "0.001");
+    assert_eq!(v["refunds"].as_array().unwrap().len(), 1);
+    assert_eq!(m.events(&id).last().unwrap(), "invoice.refunded");
+}
+
+#[tokio::test]
+async fn refund_to_address_goes_through_custody() {
+    let m = setup().await;
+    let now = common::now_ms();
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    // Not refundable while New.
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(r.code(), -1155);
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
+    m.tick(now + 1).await;
+    let over =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.00100001&address=bcrt1qdest"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(over.code(), -1156);
+    // toAccount is only for balance payers.
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0001&toAccount=1"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(r.code(), -1159);
+    assert!(m.fake.withdrawals.lock().unwrap().is_empty());
+    let ok =
+        m.h.ok(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0004&address=bcrt1qdest"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(s(&ok, "reference"), "withdrawal:100");
+    let ws = m.fake.withdrawals.lock().unwrap().clone();
+    assert_eq!(ws.len(), 1);
+    assert_eq!(
+        (ws[0].account, ws[0].address.as_str(), ws[0].amount_sat),
+        (m.account, "bcrt1qdest", 40_000)
+    );
+    assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.0004");
+}
+
+#[tokio::test]
+async fn bad_input_is_refused_and_changes_nothing() {
+    let m = setup().await;
+    let (_, trader) = m.h.trader("0", "0").await;
+    let cases: &[(&str, i64)] = &[
+        ("amount=0", -1153),
+        ("amount=-1", -1100),
+        ("amount=0.000000001", -1111),
+        ("amount=1&currency=EUR", -1152),
+        ("amount=1.001&currency=USD", -1157), // no price yet
+        ("amount=1&expiryMinutes=0", -1154),
+        ("amount=1&expiryMinutes=10081", -1154),
+        ("amount=1&metadata=%7Bnot-json", -1158),
+    ];
+    for (params, code) in cases {
+        let r =
+            m.h.signed("POST", "/mapi/v1/merchant/invoice", params, &m.key)
+                .await;
+        assert_eq!(r.code(), *code, "{params}: {}", r.json);
+    }
+    // A key without the merchant permission.
+    let r =
+        m.h.signed("POST", "/mapi/v1/merchant/invoice", "amount=1", &trader)
+            .await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, -2015));
+    assert_eq!(m.count(), 0);
+    assert_eq!(*m.fake.addresses.lock().unwrap(), 0, "no address was taken");
+    // Another merchant's invoice is unknown.
+    let inv = m.invoice("amount=1").await;
+    let r =
+        m.h.signed(
+            "GET",
+            "/mapi/v1/merchant/invoice",
+            &format!("invoiceId={}", s(&inv, "id")),
+            &m.h.admin,
+        )
+        .await;
+    assert_eq!(r.code(), -2015);
+    let unknown = m.h.get("/i/00ff/status").await;
+    assert_eq!(
+        (unknown.status, unknown.code()),
+        (StatusCode::NOT_FOUND, -1150)
+    );
+}
+
+#[tokio::test]
+async fn no_custody_is_a_clear_503() {
+    let h = Harness::new();
+    let (account, _) = h.trader("0", "0").await;
+    let k = h
+        .ok(
+            "POST",
+            "/mapi/v1/admin/apiKey",
+            &format!("account={account}&permissions=merchant"),
+            &h.admin,
+        )
+        .await;
+    let key = (
+        k["apiKey"].as_str().unwrap().to_owned(),
+        k["secretKey"].as_str().unwrap().to_owned(),
+    );
+    let r = h
+        .signed("POST", "/mapi/v1/merchant/invoice", "amount=1", &key)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, -1001)
+    );
+}
+
+#[tokio::test]
+async fn idempotency_key_returns_the_same_invoice() {
+    let m = setup().await;
+    let a = m.invoice("amount=0.01&idempotencyKey=order-7").await;
+    let b = m.invoice("amount=0.02&idempotencyKey=order-7").await;
+    assert_eq!(s(&a, "id"), s(&b, "id"));
+    assert_eq!(s(&b, "amountBtc"), "0.01");
+    let c = m.invoice("amount=0.01&idempotencyKey=order-8").await;
+    assert_ne!(s(&a, "id"), s(&c, "id"));
+    assert_ne!(s(&a, "address"), s(&c, "address"));
+    assert_eq!(m.count(), 2);
+}
+
+/// A trade at `price` between two fresh traders (leaves the rest of the sell on the book).
+async fn trade_at(h: &Harness, price: &str, qty: &str) -> (Key, Key) {
+    let (_, seller) = h.trader("10", "0").await;
+    let (_, buyer) = h.trader("0", "10000000").await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=1&price={price}"),
+        &seller,
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        &format!("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity={qty}&price={price}"),
+        &buyer,
+    )
+    .await;
+    (seller, buyer)
+}
+
+#[tokio::test]
+async fn quote_currency_invoice_locks_the_rate() {
+    let m = setup().await;
+    trade_at(&m.h, "50000", "0.001").await;
+    let inv = m.invoice("amount=12.50&currency=USD").await;
+    assert_eq!(
+        (
+            s(&inv, "currency"),
+            s(&inv, "amount"),
+            s(&inv, "rate"),
+            s(&inv, "amountBtc"),
+            s(&inv, "amountQuote")
+        ),
+        (
+            "USD".into(),
+            "12.50".into(),
+            "50000".into(),
+            "0.00025".into(),
+            "12.5".into()
+        )
+    );
+    // The price moves; the invoice keeps its rate and amount.
+    trade_at(&m.h, "40000", "0.001").await;
+    let v = m.get(&s(&inv, "id")).await;
+    assert_eq!(
+        (s(&v, "rate"), s(&v, "amountBtc")),
+        ("50000".into(), "0.00025".into())
+    );
+    let fresh = m.invoice("amount=12.50&currency=USD").await;
+    assert_eq!(
+        (s(&fresh, "rate"), s(&fresh, "amountBtc")),
+        ("40000".into(), "0.0003125".into())
+    );
+}
+
+#[tokio::test]
+async fn convert_preference_sells_received_btc() {
+    let m = setup().await;
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/store",
+        "settlement=convert&defaultCurrency=USD",
+        &m.key,
+    )
+    .await;
+    // A bid to sell into: 1 BTC at 50,000.
+    let (_, bidder) = m.h.trader("0", "100000").await;
+    m.h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=50000",
+        &bidder,
+    )
+    .await;
+    let (_, asker) = m.h.trader("1", "0").await;
+    m.h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=1&price=60000",
+        &asker,
+    )
+    .await;
+    let (_, payer) = m.h.trader("1", "0").await;
+    let inv = m.invoice("amount=100").await; // USD, the store's default; rate = mid/last
+    assert_eq!(s(&inv, "currency"), "USD");
+    let id = s(&inv, "id");
+    let sat = api::decimal::parse_units(&s(&inv, "amountBtc"), 8).unwrap();
+    // 100 USD at the mid of 50,000 and 60,000, rounded up to the satoshi.
+    assert_eq!(sat, 181_819);
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/invoice/pay",
+        &format!("invoiceId={id}"),
+        &payer,
+    )
+    .await;
+    m.tick(common::now_ms()).await;
+    let v = m.get(&id).await;
+    let conv = &v["conversion"];
+    assert_eq!(s(conv, "state"), "done", "{v}");
+    // Sold the received BTC rounded down to the lot (1,000 sat) at 50,000, taker fee 0.2 %.
+    let lots_sat = sat / 1_000 * 1_000;
+    assert_eq!(s(conv, "soldBtc"), api::merchant::routes::btc(lots_sat));
+    let notional = lots_sat as u128 * 50_000; // quote units: 8 decimals
+    let fee = notional * 20 / 10_000;
+    let want = api::decimal::format_units((notional - fee) as u64, 8);
+    assert_eq!(s(conv, "quoteReceived"), want);
+    assert_eq!(m.h.balance(&m.key, "USD").await.0, want);
+    assert_eq!(
+        m.h.balance(&m.key, "BTC").await.0,
+        api::decimal::format_units(sat - lots_sat, 8)
+    );
+}
+
+#[tokio::test]
+async fn invalid_and_store_settings() {
+    let m = setup().await;
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    let v =
+        m.h.ok(
+            "POST",
+            "/mapi/v1/merchant/invoice/invalid",
+            &format!("invoiceId={id}"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(s(&v, "status"), "Invalid");
+    let again =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/invalid",
+            &format!("invoiceId={id}"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(again.code(), -1155);
+    assert_eq!(m.events(&id), ["invoice.created", "invoice.invalid"]);
+
+    let st =
+        m.h.ok(
+            "POST",
+            "/mapi/v1/merchant/store",
+            "webhookUrl=https%3A%2F%2Fshop.example%2Fhook&tolerancePercent=1.5&posEnabled=true",
+            &m.key,
+        )
+        .await;
+    let secret = s(&st, "webhookSecret");
+    assert_eq!(secret.len(), 64);
+    assert_eq!(s(&st, "tolerancePercent"), "1.5");
+    let st2 = m.h.ok("GET", "/mapi/v1/merchant/store", "", &m.key).await;
+    assert!(st2.get("webhookSecret").is_none());
+    let rot =
+        m.h.ok("POST", "/mapi/v1/merchant/webhook/secret", "", &m.key)
+            .await;
+    assert_ne!(s(&rot, "webhookSecret"), secret);
+    assert_eq!(rot["webhookSecretVersion"], 2);
+    for bad in [
+        "speedPolicy=3",
+        "settlement=gold",
+        "webhookUrl=ftp%3A%2F%2Fx",
+        "tolerancePercent=51",
+    ] {
+        let r =
+            m.h.signed("POST", "/mapi/v1/merchant/store", bad, &m.key)
+                .await;
+        assert_eq!(r.code(), -1163, "{bad}");
+    }
+    // Point of sale: info and an invoice in the store's currency.
+    let pos = s(&st, "posUrl");
+    let info = m.h.get(&format!("{pos}/info")).await;
+    assert_eq!(s(&info.json, "currency"), "BTC");
+    let r =
+        m.h.raw(
+            "POST",
+            &format!("{pos}/invoice"),
+            r#"{"amount":"0.0002"}"#,
+            None,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    assert_eq!(
+        (
+            s(&r.json, "currency"),
+            s(&r.json, "amountBtc"),
+            s(&r.json, "status")
+        ),
+        ("BTC".into(), "0.0002".into(), "New".into())
+    );
+    let bad =
+        m.h.raw("POST", &format!("{pos}/invoice"), r#"{"amount":"0"}"#, None)
+            .await;
+    assert_eq!(bad.code(), -1153);
+    let unknown = m.h.get("/pos/abc/info").await;
+    assert_eq!(
+        (unknown.status, unknown.code()),
+        (StatusCode::NOT_FOUND, -1161)
+    );
+}
+
+#[tokio::test]
+async fn openapi_lists_every_merchant_route() {
+    let h = Harness::new();
+    let doc = h.get("/openapi.json").await.json;
+    for (method, path) in [
+        ("get", "/mapi/v1/merchant/store"),
+        ("post", "/mapi/v1/merchant/store"),
+        ("post", "/mapi/v1/merchant/webhook/secret"),
+        ("post", "/mapi/v1/merchant/invoice"),
+        ("get", "/mapi/v1/merchant/invoice"),
+        ("get", "/mapi/v1/merchant/invoices"),
+        ("post", "/mapi/v1/merchant/invoice/invalid"),
+        ("post", "/mapi/v1/merchant/invoice/refund"),
+        ("post", "/mapi/v1/merchant/invoice/pay"),
+        ("get", "/mapi/v1/merchant/webhook/deliveries"),
+        ("post", "/mapi/v1/merchant/webhook/redeliver"),
+        ("get", "/i/{id}/status"),
+        ("get", "/i/{id}/events"),
+        ("get", "/i/{id}/qr.png"),
+        ("get", "/i/{id}/qr.svg"),
+        ("get", "/pos/{token}/info"),
+        ("post", "/pos/{token}/invoice"),
+    ] {
+        assert!(doc["paths"][path][method].is_object(), "{method} {path}");
+    }
+    assert_eq!(
+        doc["paths"]["/mapi/v1/merchant/invoice/pay"]["post"]["x-permission"],
+        "trade"
+    );
+}

@@ -158,7 +158,7 @@ impl M {
         webhook::deliveries(&db, self.account, id)
             .unwrap()
             .into_iter()
-            .map(|d| d.event_type)
+            .map(|d| d.event.as_str().to_owned())
             .collect()
     }
     fn count(&self) -> usize {

@@ -5,6 +5,7 @@
 //! data_dir = "./mediator-data"
 //! listen = "127.0.0.1:8080"
 //! network = "regtest"              # regtest | testnet | signet | bitcoin
+//! public_url = "https://pay.example.com"   # how customers reach the server [default: http://<listen>]
 //!
 //! [bitcoind]                       # leave out on regtest: serve starts its own node
 //! rpc_url = "http://127.0.0.1:18443"
@@ -78,6 +79,8 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     /// Network.
     pub network: Option<String>,
+    /// The server's address as customers reach it (checkout links).
+    pub public_url: Option<String>,
     /// External node.
     #[serde(default)]
     pub bitcoind: BitcoindConfig,
@@ -104,6 +107,9 @@ pub struct ServeConfig {
     pub listen: SocketAddr,
     /// Bitcoin network.
     pub network: wallet::bitcoin::Network,
+    /// The server's address as customers reach it, without a trailing slash: invoice checkout
+    /// links are absolute under it.
+    pub public_url: String,
     /// External node; `None` on regtest means: start one.
     pub bitcoind: Option<BitcoindConfig>,
     /// Custody knobs.
@@ -154,16 +160,31 @@ impl ServeConfig {
         };
         let c = over.custody;
         let f = file.custody;
+        let listen = over
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let public_url = match over.public_url.or(file.public_url) {
+            Some(u) => {
+                let u = u.trim_end_matches('/').to_owned();
+                let rest = u
+                    .strip_prefix("https://")
+                    .or_else(|| u.strip_prefix("http://"));
+                if rest.is_none_or(|r| r.is_empty() || r.contains(char::is_whitespace)) {
+                    bail!("public_url must be an http:// or https:// URL, got {u:?}");
+                }
+                u
+            }
+            None => format!("http://{listen}"),
+        };
         Ok(Self {
             data_dir: over
                 .data_dir
                 .or(file.data_dir)
                 .unwrap_or_else(|| "./mediator-data".into()),
-            listen: over
-                .listen
-                .or(file.listen)
-                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080))),
+            listen,
             network,
+            public_url,
             bitcoind,
             custody: CustodyKnobs {
                 deposit_confirmations: c.deposit_confirmations.or(f.deposit_confirmations),
@@ -211,6 +232,13 @@ mod tests {
         );
         let d = ServeConfig::resolve(FileConfig::default(), FileConfig::default()).unwrap();
         assert_eq!(d.listen, SocketAddr::from(([127, 0, 0, 1], 8080)));
+        assert_eq!(d.public_url, "http://127.0.0.1:8080");
+        let shop = FileConfig {
+            public_url: Some("https://pay.example.com/".into()),
+            ..FileConfig::default()
+        };
+        let s = ServeConfig::resolve(shop, FileConfig::default()).unwrap();
+        assert_eq!(s.public_url, "https://pay.example.com");
         assert_eq!(d.data_dir, PathBuf::from("./mediator-data"));
     }
 
@@ -236,6 +264,16 @@ mod tests {
             .to_string();
         assert!(e.contains("cookie"), "{e}");
         assert!(parse_network("moon").is_err());
+        for bad in ["pay.example.com", "ftp://x", "https://", "http://a b"] {
+            let f = FileConfig {
+                public_url: Some(bad.into()),
+                ..FileConfig::default()
+            };
+            let e = ServeConfig::resolve(f, FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("public_url"), "{bad}: {e}");
+        }
         assert!(toml::from_str::<FileConfig>("listen = 5\n").is_err());
         assert!(toml::from_str::<FileConfig>("unknown_key = 1\n").is_err());
     }

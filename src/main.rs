@@ -143,6 +143,9 @@ struct ServeArgs {
     /// HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long, env = "MEDIATOR_LISTEN")]
     listen: Option<SocketAddr>,
+    /// How customers reach this server, for invoice checkout links [default: http://<listen>].
+    #[arg(long, env = "MEDIATOR_PUBLIC_URL")]
+    public_url: Option<String>,
     /// regtest, testnet, testnet4, signet or bitcoin [default: regtest].
     #[arg(long, env = "MEDIATOR_NETWORK")]
     network: Option<String>,
@@ -204,6 +207,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 data_dir: cli.data_dir,
                 listen: a.listen,
                 network: a.network,
+                public_url: a.public_url,
                 bitcoind: BitcoindConfig {
                     rpc_url: a.bitcoind_rpc_url,
                     cookie_file: a.bitcoind_cookie,

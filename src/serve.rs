@@ -62,7 +62,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     };
 
     // 2. Engine (journal recovery first) and API.
-    let node = api::start_node(&cfg.data_dir, api::NodeConfig::default())?;
+    let mut node_cfg = api::NodeConfig::default();
+    node_cfg.api.public_url = Some(cfg.public_url.clone());
+    let node = api::start_node(&cfg.data_dir, node_cfg)?;
     tracing::info!(
         snapshot = ?node.recovery.snapshot_seq,
         replayed = node.recovery.replayed,

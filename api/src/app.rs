@@ -43,6 +43,10 @@ pub struct ApiConfig {
     /// `SO_SNDBUF` of accepted connections, bounding what a slow reader can leave in the
     /// kernel; `None` keeps the kernel's autotuning.
     pub socket_send_buffer: Option<u32>,
+    /// The server's address as customers reach it (`https://pay.example.com`, no trailing
+    /// slash): invoice `checkoutUrl`s (API answers and webhooks) are absolute under it. `None`
+    /// gives paths (`/i/<id>`).
+    pub public_url: Option<String>,
 }
 
 impl Default for ApiConfig {
@@ -56,6 +60,7 @@ impl Default for ApiConfig {
             listen_key_ttl_ms: 60 * 60 * 1000,
             ws_queue: crate::readmodel::WS_QUEUE,
             socket_send_buffer: None,
+            public_url: None,
         }
     }
 }

@@ -199,7 +199,7 @@ pub fn public_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64) -
         "dueBtc": btc(i.amount_sat.saturating_sub(d.paid_sat)),
         "address": rec.address,
         "bip21": bip21(rec),
-        "checkoutUrl": format!("/i/{}", i.id),
+        "checkoutUrl": format!("{}/i/{}", st.0.cfg.public_url.as_deref().unwrap_or(""), i.id),
         "confirmationsRequired": i.speed,
         "createdTime": i.created_ms,
         "expireTime": i.expires_ms,

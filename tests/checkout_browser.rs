@@ -340,6 +340,18 @@ fn pos_page_on_the_real_server_charges_and_turns_paid() {
     );
     assert_eq!(store["posEnabled"], true, "{store}");
     let pos_url = store["posUrl"].as_str().expect("a POS URL").to_owned();
+    // A cashier types USD in cents (the market's price tick), not the ledger's 8 decimals.
+    let info: Value =
+        serde_json::from_str(&http(s, "GET", &format!("{pos_url}/info"), "", 200)).unwrap();
+    assert_eq!(info["decimals"], 2, "{info}");
+    let refused = http(
+        s,
+        "POST",
+        &format!("{pos_url}/invoice"),
+        r#"{"amount":"12.509"}"#,
+        400,
+    );
+    assert!(refused.contains("-1111"), "{refused}");
     let mut payer = Payer::new(8);
     payer.fund(&s.rpc());
 
@@ -357,8 +369,9 @@ fn pos_page_on_the_real_server_charges_and_turns_paid() {
             .unwrap(),
         "USD"
     );
+    // 1 2 . 5 0 and a third decimal that a cash currency refuses.
     b.eval(
-        "for (const k of ['1','2','.','5','0']) \
+        "for (const k of ['1','2','.','5','0','9']) \
            document.querySelector(`[data-key=\"${k}\"]`).click(); return true;",
     )
     .unwrap();
@@ -391,7 +404,8 @@ fn pos_page_on_the_real_server_charges_and_turns_paid() {
         .next()
         .unwrap()
         .to_owned();
-    let inv: Value = serde_json::from_str(&http_get_body(s, &format!("/i/{id}/status"))).unwrap();
+    let inv: Value =
+        serde_json::from_str(&http(s, "GET", &format!("/i/{id}/status"), "", 200)).unwrap();
     assert_eq!(inv["status"], "New", "{inv}");
     assert_eq!(inv["amount"], "12.50", "{inv}");
     assert_eq!(inv["currency"], "USD", "{inv}");
@@ -427,18 +441,23 @@ fn pos_page_on_the_real_server_charges_and_turns_paid() {
     server.stop();
 }
 
-/// A plain GET's body (the public endpoints need no signature).
-fn http_get_body(s: &Server, path: &str) -> String {
+/// A plain request to a public endpoint (no signature): the body, after checking the status.
+fn http(s: &Server, method: &str, path: &str, body: &str, status: u16) -> String {
     use std::io::{Read, Write};
     let mut c = std::net::TcpStream::connect(s.addr).unwrap();
     write!(
         c,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
     )
     .unwrap();
     let mut r = String::new();
     c.read_to_string(&mut r).unwrap();
     let (head, body) = r.split_once("\r\n\r\n").unwrap();
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
+    assert!(
+        head.starts_with(&format!("HTTP/1.1 {status}")),
+        "{method} {path}: {head}\n{body}"
+    );
     body.to_owned()
 }

@@ -425,6 +425,12 @@ fn pos_page_on_the_real_server_charges_and_turns_paid() {
     payer.pay(&rpc, inv["address"].as_str().unwrap(), sats("0.00025"));
     b.wait_for_within(CHAIN, "Processing", &status_is("Processing"), DESCRIBE)
         .unwrap();
+    // Received, not final: the mark is there, amber until the confirmation.
+    assert_eq!(
+        b.eval("var m = document.getElementById('paid-mark'); return [m.hidden, m.dataset.tone];")
+            .unwrap(),
+        json!([false, "warn"])
+    );
     b.screenshot("pos-real-processing.png").unwrap();
     s.admin(&["regtest", "mine", "1"]);
     b.wait_for_within(CHAIN, "Settled", &status_is("Settled"), DESCRIBE)
@@ -436,6 +442,11 @@ fn pos_page_on_the_real_server_charges_and_turns_paid() {
         )
         .unwrap();
     assert_eq!(paid, json!([false, true, "still here"]));
+    assert_eq!(
+        b.eval("return document.getElementById('paid-mark').dataset.tone;")
+            .unwrap(),
+        "ok"
+    );
     b.screenshot("pos-real-paid.png").unwrap();
     drop(b);
     server.stop();

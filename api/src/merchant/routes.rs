@@ -1183,18 +1183,37 @@ pub async fn pos_page(
     Ok(html(super::pages::POS_HTML))
 }
 
-/// `GET /pos/{token}/info`: `{"storeName","currency","decimals"}`.
+/// The decimals a cashier may type in `currency`: BTC's 8; for a quote asset, those of its BTC
+/// market's price tick (USD ticks 0.01: 2), not the ledger's (USD has 8 there, and a point of
+/// sale that takes "12.509" USD is not one a cashier expects).
+fn pos_decimals(st: &AppState, currency: &str) -> u8 {
+    if currency == "BTC" {
+        return BTC_DECIMALS;
+    }
+    let mut decimals = quote_decimals(st, currency);
+    if let Some(m) = st
+        .markets()
+        .markets
+        .iter()
+        .find(|m| m.base.symbol == "BTC" && m.quote.symbol == currency)
+    {
+        let mut per_tick = m.price_units_per_tick;
+        while decimals > 0 && per_tick >= 10 && per_tick % 10 == 0 {
+            per_tick /= 10;
+            decimals -= 1;
+        }
+    }
+    decimals
+}
+
+/// `GET /pos/{token}/info`: `{"storeName","currency","decimals"}` (see [`pos_decimals`]).
 pub async fn pos_info(
     ClientIp(ip): ClientIp,
     State(st): State<AppState>,
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
     let s = pos_store(&st, &ip, token).await?;
-    let decimals = if s.currency == "BTC" {
-        BTC_DECIMALS
-    } else {
-        quote_decimals(&st, &s.currency)
-    };
+    let decimals = pos_decimals(&st, &s.currency);
     Ok(
         axum::Json(json!({"storeName": s.name, "currency": s.currency, "decimals": decimals}))
             .into_response(),
@@ -1217,6 +1236,12 @@ pub async fn pos_invoice(
         .as_str()
         .ok_or_else(|| ApiError::missing("amount"))?
         .to_owned();
+    // The precision /info announced (the signed API takes the ledger's).
+    if crate::decimal::parse_units(&amount, pos_decimals(&st, &s.currency))
+        == Err(crate::decimal::DecimalError::TooPrecise)
+    {
+        return Err(ApiError::precision("amount"));
+    }
     let rec = new_invoice(
         &st,
         &s,

@@ -198,9 +198,21 @@ impl Browser {
         )
     }
 
-    /// Polls `script` until it returns `true`; on timeout the error carries `describe`'s value.
+    /// Polls `script` until it returns `true`, for up to 10 s; on timeout the error carries
+    /// `describe`'s value.
     pub fn wait_for(&self, what: &str, script: &str, describe: &str) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        self.wait_for_within(Duration::from_secs(10), what, script, describe)
+    }
+
+    /// [`Browser::wait_for`] with its own deadline (a real server behind a real chain).
+    pub fn wait_for_within(
+        &self,
+        limit: Duration,
+        what: &str,
+        script: &str,
+        describe: &str,
+    ) -> Result<()> {
+        let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if self.eval(script)? == json!(true) {
                 return Ok(());

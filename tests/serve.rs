@@ -122,6 +122,21 @@ fn fund_trade_withdraw_end_to_end_on_regtest() {
         true
     );
     assert_eq!(balance(&c2, "USD"), (100_000 * 100_000_000, 0));
+    // BTC comes only from the chain: an operator credit of BTC is refused, nothing changes.
+    let refused = std::process::Command::new(common::BIN)
+        .args(["credit", &a2, "BTC", "1", "--reference", "made-up"])
+        .args(["--server", &s.addr.to_string()])
+        .arg("--data-dir")
+        .arg(&s.dir)
+        .output()
+        .unwrap();
+    assert!(!refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&refused.stderr).contains("-1130"),
+        "{}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
+    assert_eq!(balance(&c2, "BTC"), (0, 0));
 
     // Trade 1 BTC at 50,000.00: account 1 sells (maker), account 2 buys (taker).
     let o = [

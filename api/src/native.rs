@@ -221,6 +221,14 @@ pub async fn admin_credit(State(st): State<AppState>, req: Req) -> Result<Respon
     let (asset, decimals, amount) = asset_amount(&st, &mut p)?;
     let r = reference(&mut p, "reference")?;
     p.finish()?;
+    // With custody attached, BTC exists in the ledger only as deposits the wallet holds: an
+    // operator credit would be a liability with no coins behind it (a reconciliation shortfall).
+    if st.0.custody.get().is_some() && st.markets().assets[usize::from(asset.0)].symbol == "BTC" {
+        return Err(ApiError::bad(
+            -1130,
+            "BTC is held by custody: it is credited by on-chain deposits, not by an operator.",
+        ));
+    }
     let reply = st
         .submit(Command::Credit {
             account,

@@ -158,18 +158,31 @@ impl Harness {
             k["apiKey"].as_str().unwrap().to_owned(),
             k["secretKey"].as_str().unwrap().to_owned(),
         );
-        for (asset, amount) in [("BTC", btc), ("USD", usd)] {
-            if amount != "0" {
-                self.ok(
-                    "POST",
-                    "/mapi/v1/admin/credit",
-                    &format!(
-                        "account={acct}&asset={asset}&amount={amount}&reference=dep-{acct}-{asset}"
-                    ),
-                    &self.admin,
-                )
-                .await;
-            }
+        if btc != "0" {
+            // BTC as custody credits a deposit (the admin credit refuses BTC once custody is
+            // attached, and some tests attach a scripted custody).
+            let asset = self.state.markets().asset("BTC").unwrap().id;
+            let amount = api::decimal::parse_units(btc, 8).unwrap();
+            let reply = self
+                .state
+                .submit(matching_engine::Command::Credit {
+                    account: matching_engine::AccountId(acct),
+                    asset,
+                    amount: matching_engine::Amount(amount),
+                    key: matching_engine::IdempotencyKey::reference(&format!("dep-{acct}-BTC")),
+                })
+                .await
+                .unwrap();
+            assert_eq!(reply.result, Ok(()));
+        }
+        if usd != "0" {
+            self.ok(
+                "POST",
+                "/mapi/v1/admin/credit",
+                &format!("account={acct}&asset=USD&amount={usd}&reference=dep-{acct}-USD"),
+                &self.admin,
+            )
+            .await;
         }
         (acct, key)
     }

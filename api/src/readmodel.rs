@@ -10,6 +10,7 @@
 use crate::core::EventBatch;
 use crate::market::Markets;
 use crate::store::Store;
+use axum::extract::ws::Utf8Bytes;
 use matching_engine::{
     DoneReason, Event, MarketId, OrderType, Price, Qty, Side, StpMode, TimeInForce,
 };
@@ -366,7 +367,9 @@ pub struct Counters {
     pub batches: u64,
 }
 
-/// A public market message (already JSON).
+/// A public market message, serialized once when published: every WebSocket connection sends
+/// the same shared bytes (cloning a [`Utf8Bytes`] bumps a reference count; no copy per
+/// subscriber).
 #[derive(Debug, Clone)]
 pub struct MarketMsg {
     /// Market index.
@@ -374,7 +377,7 @@ pub struct MarketMsg {
     /// What it is.
     pub kind: MarketMsgKind,
     /// The payload (Binance's `data`).
-    pub json: String,
+    pub json: Utf8Bytes,
 }
 
 /// Kinds of pushed market messages.
@@ -393,8 +396,8 @@ pub enum MarketMsgKind {
 pub struct UserMsg {
     /// Account.
     pub account: u32,
-    /// The payload.
-    pub json: String,
+    /// The payload, serialized once (shared like [`MarketMsg::json`]).
+    pub json: Utf8Bytes,
 }
 
 /// The read models and their publishers.
@@ -1114,7 +1117,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 let o = OrderRec::placed(info, &order_type, tif, post_only, stp, ms);
                 out.push_user(|| UserMsg {
                     account: o.account,
-                    json: execution_report(markets, &o, "NEW", ms, None),
+                    json: execution_report(markets, &o, "NEW", ms, None).into(),
                 });
                 out.orders.insert(o.id, o.clone());
                 st.open_by_account
@@ -1139,7 +1142,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                     let o = o.clone();
                     out.push_user(|| UserMsg {
                         account: o.account,
-                        json: execution_report(markets, &o, "REPLACED", ms, None),
+                        json: execution_report(markets, &o, "REPLACED", ms, None).into(),
                     });
                     out.orders.insert(o.id, o);
                 }
@@ -1194,7 +1197,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                         }
                         out.push_user(|| UserMsg {
                             account: o.account,
-                            json: execution_report(markets, o, "TRADE", ms, Some((&t, maker))),
+                            json: execution_report(markets, o, "TRADE", ms, Some((&t, maker)))
+                                .into(),
                         });
                         out.orders.insert(o.id, o.clone());
                     }
@@ -1209,7 +1213,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                         "p": spec.fmt_price(price), "q": spec.fmt_qty(qty), "T": ms,
                         "m": taker_side == Side::Sell, "M": true,
                     })
-                    .to_string(),
+                    .to_string()
+                    .into(),
                 });
                 add_trade(&mut st.markets[mi], &t);
                 out.trades.push(t);
@@ -1238,7 +1243,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                     if let Some(x) = exec {
                         out.push_user(|| UserMsg {
                             account: o.account,
-                            json: execution_report(markets, o, x, ms, None),
+                            json: execution_report(markets, o, x, ms, None).into(),
                         });
                     }
                 }
@@ -1310,7 +1315,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                         "a": markets.assets[usize::from(asset.0)].symbol,
                         "d": markets.fmt_amount(asset, amount.0), "T": ms,
                     })
-                    .to_string(),
+                    .to_string()
+                    .into(),
                 });
             }
             Event::Transferred {
@@ -1325,12 +1331,13 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 out.push_user(|| UserMsg {
                     account: from.0,
                     json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": format!("-{d}"), "T": ms})
-                        .to_string(),
+                        .to_string().into(),
                 });
                 out.push_user(|| UserMsg {
                     account: to.0,
                     json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": d, "T": ms})
-                        .to_string(),
+                        .to_string()
+                        .into(),
                 });
             }
             Event::Rejected { .. }
@@ -1348,7 +1355,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 "e": "depthUpdate", "E": ms, "s": spec.symbol,
                 "U": first, "u": last, "b": b_levels, "a": a_levels,
             })
-            .to_string(),
+            .to_string()
+            .into(),
         });
     }
     let want_market = out.want_market;
@@ -1368,7 +1376,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
             market: mi,
             kind: MarketMsgKind::BookTicker,
             json: json!({"u": m.depth_seq, "s": spec.symbol, "b": bp, "B": bq, "a": ap, "A": aq})
-                .to_string(),
+                .to_string()
+                .into(),
         });
     }
     if !out.want_user {
@@ -1392,7 +1401,9 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
             .collect();
         out.push_user(|| UserMsg {
             account,
-            json: json!({"e": "outboundAccountPosition", "E": ms, "u": ms, "B": list}).to_string(),
+            json: json!({"e": "outboundAccountPosition", "E": ms, "u": ms, "B": list})
+                .to_string()
+                .into(),
         });
     }
 }

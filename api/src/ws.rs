@@ -11,7 +11,8 @@ use crate::error::ApiError;
 use crate::keys::Perms;
 use crate::public::{depth_json, kline_array, ticker};
 use crate::readmodel::{interval_index, MarketMsgKind, INTERVALS};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use crate::readmodel::{MarketMsg, UserMsg};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
 use futures_util::SinkExt;
@@ -19,7 +20,7 @@ use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 /// Most streams on one connection.
 pub const MAX_STREAMS: usize = 1024;
@@ -79,6 +80,9 @@ impl Alive {
     }
 }
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most published messages a connection takes from its backlog before writing them with one
+/// flush (one `write` syscall when they fit tungstenite's write buffer).
+const MAX_BATCH: usize = 64;
 
 /// One subscribed stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -235,11 +239,42 @@ fn upgrade(
         .into_response()
 }
 
-async fn send(socket: &mut WebSocket, text: String) -> bool {
-    matches!(
-        tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await,
-        Ok(Ok(()))
-    )
+/// How a send ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Done,
+    /// The socket failed: the client hung up or reset. Not a slow consumer.
+    Gone,
+    /// The socket did not take it within [`SEND_TIMEOUT`]: a slow consumer.
+    Slow,
+}
+
+async fn send(socket: &mut WebSocket, text: impl Into<Utf8Bytes>) -> Sent {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Sent::Done,
+        Ok(Err(_)) => Sent::Gone,
+        Err(_) => Sent::Slow,
+    }
+}
+
+/// Writes every queued message and flushes once (empty: nothing happens). `out` is left empty.
+async fn send_all(socket: &mut WebSocket, out: &mut Vec<Message>) -> Sent {
+    if out.is_empty() {
+        return Sent::Done;
+    }
+    let r = tokio::time::timeout(SEND_TIMEOUT, async {
+        for m in out.drain(..) {
+            socket.feed(m).await?;
+        }
+        socket.flush().await
+    })
+    .await;
+    out.clear();
+    match r {
+        Ok(Ok(())) => Sent::Done,
+        Ok(Err(_)) => Sent::Gone,
+        Err(_) => Sent::Slow,
+    }
 }
 
 fn frame(combined: bool, name: &str, data: &str) -> String {
@@ -247,6 +282,78 @@ fn frame(combined: bool, name: &str, data: &str) -> String {
         format!("{{\"stream\":\"{name}\",\"data\":{data}}}")
     } else {
         data.to_owned()
+    }
+}
+
+/// A published message for one subscription: a raw stream shares the serialized bytes; a
+/// combined stream wraps them (one copy).
+fn shared(combined: bool, name: &str, data: &Utf8Bytes) -> Message {
+    Message::Text(if combined {
+        frame(true, name, data).into()
+    } else {
+        data.clone()
+    })
+}
+
+/// How taking a receiver's backlog ended.
+enum Drained {
+    /// Up to [`MAX_BATCH`] messages taken; the channel is open.
+    Open,
+    /// The publisher is gone (shutdown).
+    Closed,
+    /// The connection fell this many messages behind.
+    Lagged(u64),
+}
+
+/// Hands `first` and then whatever else is already queued (up to [`MAX_BATCH`] in all) to `each`,
+/// without waiting: one wake-up and one flush serve a whole backlog.
+fn drain<T: Clone>(
+    rx: &mut broadcast::Receiver<T>,
+    first: Result<T, RecvError>,
+    mut each: impl FnMut(&T),
+) -> Drained {
+    let mut next = first;
+    let mut taken = 0;
+    loop {
+        match next {
+            Ok(m) => each(&m),
+            Err(RecvError::Closed) => return Drained::Closed,
+            Err(RecvError::Lagged(n)) => return Drained::Lagged(n),
+        }
+        taken += 1;
+        if taken == MAX_BATCH {
+            return Drained::Open;
+        }
+        next = match rx.try_recv() {
+            Ok(m) => Ok(m),
+            Err(TryRecvError::Empty) => return Drained::Open,
+            Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+        };
+    }
+}
+
+/// Queues a market message for every subscription that wants it.
+fn queue_market(subs: &[(String, Stream)], combined: bool, m: &MarketMsg, out: &mut Vec<Message>) {
+    for (name, s) in subs {
+        let hit = match (s, m.kind) {
+            (Stream::Diff(x), MarketMsgKind::Depth)
+            | (Stream::Trade(x), MarketMsgKind::Trade)
+            | (Stream::BookTicker(x), MarketMsgKind::BookTicker) => *x == m.market,
+            _ => false,
+        };
+        if hit {
+            out.push(shared(combined, name, &m.json));
+        }
+    }
+}
+
+/// Queues a user message for every listenKey stream of its account.
+fn queue_user(subs: &[(String, Stream)], combined: bool, u: &UserMsg, out: &mut Vec<Message>) {
+    for (name, s) in subs {
+        if matches!(s, Stream::User { account, .. } if *account == u.account) {
+            out.push(shared(combined, name, &u.json));
+        }
     }
 }
 
@@ -330,6 +437,10 @@ async fn run(
     let mut last: HashMap<String, (u64, u64)> = HashMap::new();
     // Last push per kline stream: (open time, pushed as closed, last trade id, time).
     let mut kstate: HashMap<String, (u64, bool, u64, u64)> = HashMap::new();
+    // Messages waiting for the next flush (reused: no allocation per message once warm).
+    let mut out: Vec<Message> = Vec::with_capacity(MAX_BATCH);
+    // Only a real slow consumer counts: a backlog overflow or a send that timed out, not a
+    // client that hung up (its sends fail at once).
     let slow = |st: &AppState| {
         st.0.metrics
             .ws_slow_disconnects
@@ -343,7 +454,7 @@ async fn run(
                 }
                 Some(Ok(Message::Text(t))) => {
                     let answer = control(st, &mut subs, t.as_str());
-                    if !send(&mut socket, answer).await {
+                    if send(&mut socket, answer).await != Sent::Done {
                         break;
                     }
                 }
@@ -354,43 +465,41 @@ async fn run(
                 None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
-            r = mrx.recv() => match r {
-                Ok(m) => {
-                    for (name, s) in &subs {
-                        let hit = match (s, m.kind) {
-                            (Stream::Diff(x), MarketMsgKind::Depth)
-                            | (Stream::Trade(x), MarketMsgKind::Trade)
-                            | (Stream::BookTicker(x), MarketMsgKind::BookTicker) => *x == m.market,
-                            _ => false,
-                        };
-                        if hit && !send(&mut socket, frame(combined, name, &m.json)).await {
-                            slow(st);
-                            return close(&mut socket, "slow consumer: send timed out".into()).await;
-                        }
-                    }
-                }
-                Err(RecvError::Lagged(n)) => {
+            r = mrx.recv() => {
+                let d = drain(&mut mrx, r, |m| queue_market(&subs, combined, m, &mut out));
+                if let Drained::Lagged(n) = d {
                     slow(st);
                     return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
                 }
-                Err(RecvError::Closed) => break,
+                match send_all(&mut socket, &mut out).await {
+                    Sent::Done => {}
+                    Sent::Gone => break,
+                    Sent::Slow => {
+                        slow(st);
+                        return close(&mut socket, "slow consumer: send timed out".into()).await;
+                    }
+                }
+                if let Drained::Closed = d {
+                    break;
+                }
             },
-            r = urx.recv() => match r {
-                Ok(u) => {
-                    for (name, s) in &subs {
-                        if matches!(s, Stream::User { account, .. } if *account == u.account)
-                            && !send(&mut socket, frame(combined, name, &u.json)).await
-                        {
-                            slow(st);
-                            return close(&mut socket, "slow consumer: send timed out".into()).await;
-                        }
-                    }
-                }
-                Err(RecvError::Lagged(n)) => {
+            r = urx.recv() => {
+                let d = drain(&mut urx, r, |u| queue_user(&subs, combined, u, &mut out));
+                if let Drained::Lagged(n) = d {
                     slow(st);
                     return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
                 }
-                Err(RecvError::Closed) => break,
+                match send_all(&mut socket, &mut out).await {
+                    Sent::Done => {}
+                    Sent::Gone => break,
+                    Sent::Slow => {
+                        slow(st);
+                        return close(&mut socket, "slow consumer: send timed out".into()).await;
+                    }
+                }
+                if let Drained::Closed = d {
+                    break;
+                }
             },
             _ = tick.tick() => {
                 let now = crate::core::now_ms();
@@ -403,7 +512,6 @@ async fn run(
                     }
                     Liveness::Fine => {}
                 }
-                let mut out = Vec::new();
                 let mut expired = Vec::new();
                 {
                     let rm = st.0.rm.read();
@@ -415,7 +523,7 @@ async fn run(
                                 if prev.is_none_or(|(t, seq)| now >= t + every_ms && seq != ms.depth_seq) {
                                     last.insert(name.clone(), (now, ms.depth_seq));
                                     let m = &st.markets().markets[*market];
-                                    out.push(frame(combined, name, &depth_json(m, ms, *levels).to_string()));
+                                    out.push(Message::Text(frame(combined, name, &depth_json(m, ms, *levels).to_string()).into()));
                                 }
                             }
                             Stream::Ticker { market, mini } => {
@@ -424,7 +532,7 @@ async fn run(
                                 if prev.is_none_or(|(t, seq)| now >= t + 1000 && seq != ms.depth_seq) {
                                     last.insert(name.clone(), (now, ms.depth_seq));
                                     let m = &st.markets().markets[*market];
-                                    out.push(frame(combined, name, &ticker_event(&ticker(m, ms, now, *mini), *mini, now)));
+                                    out.push(Message::Text(frame(combined, name, &ticker_event(&ticker(m, ms, now, *mini), *mini, now)).into()));
                                 }
                             }
                             Stream::Kline { market, interval } => {
@@ -438,7 +546,7 @@ async fn run(
                                 if let Some((popen, pclosed, _, _)) = prev {
                                     if popen != k.open_ms && !pclosed {
                                         if let Some(pk) = ks.iter().rev().find(|x| x.open_ms == popen) {
-                                            out.push(frame(combined, name, &kline_event(m, iv, pk, true, now)));
+                                            out.push(Message::Text(frame(combined, name, &kline_event(m, iv, pk, true, now)).into()));
                                         }
                                     }
                                 }
@@ -451,16 +559,16 @@ async fn run(
                                 });
                                 if due {
                                     kstate.insert(name.clone(), (k.open_ms, closed, stamp, now));
-                                    out.push(frame(combined, name, &kline_event(m, iv, k, closed, now)));
+                                    out.push(Message::Text(frame(combined, name, &kline_event(m, iv, k, closed, now)).into()));
                                 }
                             }
                             Stream::User { listen_key, .. } => {
                                 let lk = st.0.listen_keys.read().unwrap_or_else(|e| e.into_inner());
                                 if lk.get(listen_key).is_none_or(|(_, exp)| *exp <= now) {
                                     expired.push(name.clone());
-                                    out.push(frame(combined, name, &json!({
+                                    out.push(Message::Text(frame(combined, name, &json!({
                                         "e": "listenKeyExpired", "E": now, "listenKey": listen_key,
-                                    }).to_string()));
+                                    }).to_string()).into()));
                                 }
                             }
                             _ => {}
@@ -468,8 +576,10 @@ async fn run(
                     }
                 }
                 subs.retain(|(n, _)| !expired.contains(n));
-                for text in out {
-                    if !send(&mut socket, text).await {
+                match send_all(&mut socket, &mut out).await {
+                    Sent::Done => {}
+                    Sent::Gone => break,
+                    Sent::Slow => {
                         slow(st);
                         return close(&mut socket, "slow consumer: send timed out".into()).await;
                     }
@@ -684,7 +794,7 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                 Some(Ok(Message::Text(t))) => {
                     let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
                         let e = ApiError::bad(-1100, "Malformed request.");
-                        if !send(&mut socket, ws_error(&Value::Null, &e)).await { break; }
+                        if send(&mut socket, ws_error(&Value::Null, &e)).await != Sent::Done { break; }
                         continue;
                     };
                     let id = v.get("id").cloned().unwrap_or(Value::Null);
@@ -713,7 +823,7 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                             _ => ws_error(&id, &ApiError::bad(-1100, "Unknown or unsupported method.")),
                         },
                     };
-                    if !send(&mut socket, answer).await {
+                    if send(&mut socket, answer).await != Sent::Done {
                         break;
                     }
                 }
@@ -729,9 +839,13 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                     for (sid, account) in &subs {
                         if *account == u.account {
                             let text = format!("{{\"subscriptionId\":{sid},\"event\":{}}}", u.json);
-                            if !send(&mut socket, text).await {
-                                st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
-                                return close(&mut socket, "slow consumer: send timed out".into()).await;
+                            match send(&mut socket, text).await {
+                                Sent::Done => {}
+                                Sent::Gone => return,
+                                Sent::Slow => {
+                                    st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                                    return close(&mut socket, "slow consumer: send timed out".into()).await;
+                                }
                             }
                         }
                     }

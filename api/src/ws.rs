@@ -3,8 +3,9 @@
 //!
 //! Each connection reads from broadcast channels with a bounded backlog
 //! ([`crate::ApiConfig::ws_queue`]); a connection that falls behind by more than that, or whose
-//! socket does not accept a message within 5 seconds, is closed with code 1008 and a reason. The
-//! publisher never waits for a connection.
+//! socket does not accept a write within 5 seconds, is closed with code 1008 and a reason. The
+//! publisher never waits for a connection. Published messages are serialized once and shared;
+//! a connection writes what it has pending with one flush.
 
 use crate::app::{ok_json, AppState, Req};
 use crate::error::ApiError;
@@ -15,7 +16,8 @@ use crate::readmodel::{MarketMsg, UserMsg};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::SinkExt;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{Sink, SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
@@ -226,9 +228,9 @@ fn upgrade(
     combined: bool,
 ) -> Response {
     // Clients send only small control messages. tungstenite zero-fills its whole read buffer
-    // (128 KiB by default) each time the socket is polled for input, which this loop does on
-    // every market message (snapview/tungstenite-rs#547): half of all CPU with 1,000 depth
-    // subscribers before this was set.
+    // (128 KiB by default) each time the socket is polled for input (snapview/tungstenite-rs#547):
+    // half of all CPU with 1,000 depth subscribers before this was set, when the connection loop
+    // polled the socket on every market message (now a task of its own reads it, see `run`).
     ws.max_message_size(64 * 1024)
         .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| async move {
@@ -238,6 +240,10 @@ fn upgrade(
         })
         .into_response()
 }
+
+/// The writing side of a connection: the whole [`WebSocket`] or its write half.
+trait WsSink: Sink<Message, Error = axum::Error> + Unpin {}
+impl<S: Sink<Message, Error = axum::Error> + Unpin> WsSink for S {}
 
 /// How a send ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -249,7 +255,7 @@ enum Sent {
     Slow,
 }
 
-async fn send(socket: &mut WebSocket, text: impl Into<Utf8Bytes>) -> Sent {
+async fn send<S: WsSink>(socket: &mut S, text: impl Into<Utf8Bytes>) -> Sent {
     match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
         Ok(Ok(())) => Sent::Done,
         Ok(Err(_)) => Sent::Gone,
@@ -258,7 +264,7 @@ async fn send(socket: &mut WebSocket, text: impl Into<Utf8Bytes>) -> Sent {
 }
 
 /// Writes every queued message and flushes once (empty: nothing happens). `out` is left empty.
-async fn send_all(socket: &mut WebSocket, out: &mut Vec<Message>) -> Sent {
+async fn send_all<S: WsSink>(socket: &mut S, out: &mut Vec<Message>) -> Sent {
     if out.is_empty() {
         return Sent::Done;
     }
@@ -357,7 +363,7 @@ fn queue_user(subs: &[(String, Stream)], combined: bool, u: &UserMsg, out: &mut 
     }
 }
 
-async fn close(socket: &mut WebSocket, reason: String) {
+async fn close<S: WsSink>(socket: &mut S, reason: String) {
     let _ = tokio::time::timeout(
         Duration::from_secs(1),
         socket.send(Message::Close(Some(CloseFrame {
@@ -372,7 +378,7 @@ async fn close(socket: &mut WebSocket, reason: String) {
 /// connection, which clients report as a reset (tungstenite: `ResetWithoutClosingHandshake`) and
 /// some wait on until their close timeout. tungstenite queued the echo of the client's frame when
 /// it read it; closing the sink flushes it (a `send(Close)` would be refused).
-async fn closed_by_peer(socket: &mut WebSocket) {
+async fn closed_by_peer<S: WsSink>(socket: &mut S) {
     let _ = tokio::time::timeout(Duration::from_secs(1), SinkExt::close(socket)).await;
 }
 
@@ -422,9 +428,38 @@ fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> Strin
     }
 }
 
-async fn run(
+/// What the client sent, as the read half's task hands it over.
+type Inbound = tokio::sync::mpsc::Receiver<Result<Message, axum::Error>>;
+
+async fn run(st: &AppState, socket: WebSocket, subs: Vec<(String, Stream)>, combined: bool) {
+    // The read half runs in a task of its own that is woken only when the client sends
+    // something. Polled in the loop below it would be read (and tungstenite's read buffer
+    // zero-filled) on every market message, for every subscriber.
+    let (mut sink, stream) = socket.split();
+    let (tx, mut inbound) = tokio::sync::mpsc::channel(4);
+    let reader = tokio::spawn(read_half(stream, tx));
+    streams(st, &mut sink, &mut inbound, subs, combined).await;
+    reader.abort();
+}
+
+/// Hands every message the client sends to the connection's loop, in order; ends after an error,
+/// at the end of the stream, or when the loop is gone.
+async fn read_half(
+    mut stream: SplitStream<WebSocket>,
+    tx: tokio::sync::mpsc::Sender<Result<Message, axum::Error>>,
+) {
+    while let Some(m) = stream.next().await {
+        let failed = m.is_err();
+        if tx.send(m).await.is_err() || failed {
+            break;
+        }
+    }
+}
+
+async fn streams(
     st: &AppState,
-    mut socket: WebSocket,
+    socket: &mut SplitSink<WebSocket, Message>,
+    inbound: &mut Inbound,
     mut subs: Vec<(String, Stream)>,
     combined: bool,
 ) {
@@ -448,18 +483,18 @@ async fn run(
     };
     loop {
         tokio::select! {
-            msg = socket.recv() => match msg {
+            msg = inbound.recv() => match msg {
                 Some(Ok(m)) if !alive.heard(&m) => {
-                    return close(&mut socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
+                    return close(socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
                 }
                 Some(Ok(Message::Text(t))) => {
                     let answer = control(st, &mut subs, t.as_str());
-                    if send(&mut socket, answer).await != Sent::Done {
+                    if send(socket, answer).await != Sent::Done {
                         break;
                     }
                 }
                 Some(Ok(Message::Close(_))) => {
-                    closed_by_peer(&mut socket).await;
+                    closed_by_peer(socket).await;
                     break;
                 }
                 None | Some(Err(_)) => break,
@@ -469,14 +504,14 @@ async fn run(
                 let d = drain(&mut mrx, r, |m| queue_market(&subs, combined, m, &mut out));
                 if let Drained::Lagged(n) = d {
                     slow(st);
-                    return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
+                    return close(socket, format!("slow consumer: {n} messages behind")).await;
                 }
-                match send_all(&mut socket, &mut out).await {
+                match send_all(socket, &mut out).await {
                     Sent::Done => {}
                     Sent::Gone => break,
                     Sent::Slow => {
                         slow(st);
-                        return close(&mut socket, "slow consumer: send timed out".into()).await;
+                        return close(socket, "slow consumer: send timed out".into()).await;
                     }
                 }
                 if let Drained::Closed = d {
@@ -487,14 +522,14 @@ async fn run(
                 let d = drain(&mut urx, r, |u| queue_user(&subs, combined, u, &mut out));
                 if let Drained::Lagged(n) = d {
                     slow(st);
-                    return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
+                    return close(socket, format!("slow consumer: {n} messages behind")).await;
                 }
-                match send_all(&mut socket, &mut out).await {
+                match send_all(socket, &mut out).await {
                     Sent::Done => {}
                     Sent::Gone => break,
                     Sent::Slow => {
                         slow(st);
-                        return close(&mut socket, "slow consumer: send timed out".into()).await;
+                        return close(socket, "slow consumer: send timed out".into()).await;
                     }
                 }
                 if let Drained::Closed = d {
@@ -504,7 +539,7 @@ async fn run(
             _ = tick.tick() => {
                 let now = crate::core::now_ms();
                 match alive.check(now) {
-                    Liveness::Dead => return close(&mut socket, "no pong: connection idle".into()).await,
+                    Liveness::Dead => return close(socket, "no pong: connection idle".into()).await,
                     Liveness::PingDue => {
                         if !matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
                             break;
@@ -576,12 +611,12 @@ async fn run(
                     }
                 }
                 subs.retain(|(n, _)| !expired.contains(n));
-                match send_all(&mut socket, &mut out).await {
+                match send_all(socket, &mut out).await {
                     Sent::Done => {}
                     Sent::Gone => break,
                     Sent::Slow => {
                         slow(st);
-                        return close(&mut socket, "slow consumer: send timed out".into()).await;
+                        return close(socket, "slow consumer: send timed out".into()).await;
                     }
                 }
             }

@@ -17,7 +17,7 @@ use matching_engine::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
 use tokio::sync::{broadcast, watch};
 
 /// Binance order types.
@@ -378,6 +378,9 @@ pub struct MarketMsg {
     pub kind: MarketMsgKind,
     /// The payload (Binance's `data`).
     pub json: Utf8Bytes,
+    /// The combined-stream frame `{"stream":<name>,"data":<json>}`, made by the first
+    /// connection that needs it and shared by those that name the stream the same way.
+    pub combined: OnceLock<(Box<str>, Utf8Bytes)>,
 }
 
 /// Kinds of pushed market messages.
@@ -1208,6 +1211,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 out.push_market(|| MarketMsg {
                     market: mi,
                     kind: MarketMsgKind::Trade,
+                    combined: OnceLock::new(),
                     json: json!({
                         "e": "trade", "E": ms, "s": spec.symbol, "t": t.id,
                         "p": spec.fmt_price(price), "q": spec.fmt_qty(qty), "T": ms,
@@ -1351,6 +1355,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
         out.push_market(|| MarketMsg {
             market: mi,
             kind: MarketMsgKind::Depth,
+            combined: OnceLock::new(),
             json: json!({
                 "e": "depthUpdate", "E": ms, "s": spec.symbol,
                 "U": first, "u": last, "b": b_levels, "a": a_levels,
@@ -1375,6 +1380,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
         out.push_market(|| MarketMsg {
             market: mi,
             kind: MarketMsgKind::BookTicker,
+            combined: OnceLock::new(),
             json: json!({"u": m.depth_seq, "s": spec.symbol, "b": bp, "B": bq, "a": ap, "A": aq})
                 .to_string()
                 .into(),

@@ -348,9 +348,19 @@ fn queue_market(subs: &[(String, Stream)], combined: bool, m: &MarketMsg, out: &
             | (Stream::BookTicker(x), MarketMsgKind::BookTicker) => *x == m.market,
             _ => false,
         };
-        if hit {
-            out.push(shared(combined, name, &m.json));
+        if !hit {
+            continue;
         }
+        if combined {
+            let (first, text) = m
+                .combined
+                .get_or_init(|| (name.as_str().into(), frame(true, name, &m.json).into()));
+            if **first == **name {
+                out.push(Message::Text(text.clone()));
+                continue;
+            }
+        }
+        out.push(shared(combined, name, &m.json));
     }
 }
 

@@ -10,13 +10,14 @@
 use crate::core::EventBatch;
 use crate::market::Markets;
 use crate::store::Store;
+use axum::extract::ws::Utf8Bytes;
 use matching_engine::{
     DoneReason, Event, MarketId, OrderType, Price, Qty, Side, StpMode, TimeInForce,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
 use tokio::sync::{broadcast, watch};
 
 /// Binance order types.
@@ -366,7 +367,9 @@ pub struct Counters {
     pub batches: u64,
 }
 
-/// A public market message (already JSON).
+/// A public market message, serialized once when published: every WebSocket connection sends
+/// the same shared bytes (cloning a [`Utf8Bytes`] bumps a reference count; no copy per
+/// subscriber).
 #[derive(Debug, Clone)]
 pub struct MarketMsg {
     /// Market index.
@@ -374,7 +377,10 @@ pub struct MarketMsg {
     /// What it is.
     pub kind: MarketMsgKind,
     /// The payload (Binance's `data`).
-    pub json: String,
+    pub json: Utf8Bytes,
+    /// The combined-stream frame `{"stream":<name>,"data":<json>}`, made by the first
+    /// connection that needs it and shared by those that name the stream the same way.
+    pub combined: OnceLock<(Box<str>, Utf8Bytes)>,
 }
 
 /// Kinds of pushed market messages.
@@ -393,8 +399,8 @@ pub enum MarketMsgKind {
 pub struct UserMsg {
     /// Account.
     pub account: u32,
-    /// The payload.
-    pub json: String,
+    /// The payload, serialized once (shared like [`MarketMsg::json`]).
+    pub json: Utf8Bytes,
 }
 
 /// The read models and their publishers.
@@ -1114,7 +1120,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 let o = OrderRec::placed(info, &order_type, tif, post_only, stp, ms);
                 out.push_user(|| UserMsg {
                     account: o.account,
-                    json: execution_report(markets, &o, "NEW", ms, None),
+                    json: execution_report(markets, &o, "NEW", ms, None).into(),
                 });
                 out.orders.insert(o.id, o.clone());
                 st.open_by_account
@@ -1139,7 +1145,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                     let o = o.clone();
                     out.push_user(|| UserMsg {
                         account: o.account,
-                        json: execution_report(markets, &o, "REPLACED", ms, None),
+                        json: execution_report(markets, &o, "REPLACED", ms, None).into(),
                     });
                     out.orders.insert(o.id, o);
                 }
@@ -1194,7 +1200,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                         }
                         out.push_user(|| UserMsg {
                             account: o.account,
-                            json: execution_report(markets, o, "TRADE", ms, Some((&t, maker))),
+                            json: execution_report(markets, o, "TRADE", ms, Some((&t, maker)))
+                                .into(),
                         });
                         out.orders.insert(o.id, o.clone());
                     }
@@ -1204,12 +1211,14 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 out.push_market(|| MarketMsg {
                     market: mi,
                     kind: MarketMsgKind::Trade,
+                    combined: OnceLock::new(),
                     json: json!({
                         "e": "trade", "E": ms, "s": spec.symbol, "t": t.id,
                         "p": spec.fmt_price(price), "q": spec.fmt_qty(qty), "T": ms,
                         "m": taker_side == Side::Sell, "M": true,
                     })
-                    .to_string(),
+                    .to_string()
+                    .into(),
                 });
                 add_trade(&mut st.markets[mi], &t);
                 out.trades.push(t);
@@ -1238,7 +1247,7 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                     if let Some(x) = exec {
                         out.push_user(|| UserMsg {
                             account: o.account,
-                            json: execution_report(markets, o, x, ms, None),
+                            json: execution_report(markets, o, x, ms, None).into(),
                         });
                     }
                 }
@@ -1310,7 +1319,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                         "a": markets.assets[usize::from(asset.0)].symbol,
                         "d": markets.fmt_amount(asset, amount.0), "T": ms,
                     })
-                    .to_string(),
+                    .to_string()
+                    .into(),
                 });
             }
             Event::Transferred {
@@ -1325,12 +1335,13 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
                 out.push_user(|| UserMsg {
                     account: from.0,
                     json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": format!("-{d}"), "T": ms})
-                        .to_string(),
+                        .to_string().into(),
                 });
                 out.push_user(|| UserMsg {
                     account: to.0,
                     json: json!({"e": "balanceUpdate", "E": ms, "a": a, "d": d, "T": ms})
-                        .to_string(),
+                        .to_string()
+                        .into(),
                 });
             }
             Event::Rejected { .. }
@@ -1344,11 +1355,13 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
         out.push_market(|| MarketMsg {
             market: mi,
             kind: MarketMsgKind::Depth,
+            combined: OnceLock::new(),
             json: json!({
                 "e": "depthUpdate", "E": ms, "s": spec.symbol,
                 "U": first, "u": last, "b": b_levels, "a": a_levels,
             })
-            .to_string(),
+            .to_string()
+            .into(),
         });
     }
     let want_market = out.want_market;
@@ -1367,8 +1380,10 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
         out.push_market(|| MarketMsg {
             market: mi,
             kind: MarketMsgKind::BookTicker,
+            combined: OnceLock::new(),
             json: json!({"u": m.depth_seq, "s": spec.symbol, "b": bp, "B": bq, "a": ap, "A": aq})
-                .to_string(),
+                .to_string()
+                .into(),
         });
     }
     if !out.want_user {
@@ -1392,7 +1407,9 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
             .collect();
         out.push_user(|| UserMsg {
             account,
-            json: json!({"e": "outboundAccountPosition", "E": ms, "u": ms, "B": list}).to_string(),
+            json: json!({"e": "outboundAccountPosition", "E": ms, "u": ms, "B": list})
+                .to_string()
+                .into(),
         });
     }
 }

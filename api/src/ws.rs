@@ -3,23 +3,26 @@
 //!
 //! Each connection reads from broadcast channels with a bounded backlog
 //! ([`crate::ApiConfig::ws_queue`]); a connection that falls behind by more than that, or whose
-//! socket does not accept a message within 5 seconds, is closed with code 1008 and a reason. The
-//! publisher never waits for a connection.
+//! socket does not accept a write within 5 seconds, is closed with code 1008 and a reason. The
+//! publisher never waits for a connection. Published messages are serialized once and shared;
+//! a connection writes what it has pending with one flush.
 
 use crate::app::{ok_json, AppState, Req};
 use crate::error::ApiError;
 use crate::keys::Perms;
 use crate::public::{depth_json, kline_array, ticker};
 use crate::readmodel::{interval_index, MarketMsgKind, INTERVALS};
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use crate::readmodel::{MarketMsg, UserMsg};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};
-use futures_util::SinkExt;
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{Sink, SinkExt, StreamExt};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
-use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 /// Most streams on one connection.
 pub const MAX_STREAMS: usize = 1024;
@@ -79,6 +82,9 @@ impl Alive {
     }
 }
 const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+/// Most published messages a connection takes from its backlog before writing them with one
+/// flush (one `write` syscall when they fit tungstenite's write buffer).
+const MAX_BATCH: usize = 64;
 
 /// One subscribed stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,9 +228,9 @@ fn upgrade(
     combined: bool,
 ) -> Response {
     // Clients send only small control messages. tungstenite zero-fills its whole read buffer
-    // (128 KiB by default) each time the socket is polled for input, which this loop does on
-    // every market message (snapview/tungstenite-rs#547): half of all CPU with 1,000 depth
-    // subscribers before this was set.
+    // (128 KiB by default) each time the socket is polled for input (snapview/tungstenite-rs#547):
+    // half of all CPU with 1,000 depth subscribers before this was set, when the connection loop
+    // polled the socket on every market message (now a task of its own reads it, see `run`).
     ws.max_message_size(64 * 1024)
         .read_buffer_size(4 * 1024)
         .on_upgrade(move |socket| async move {
@@ -235,11 +241,46 @@ fn upgrade(
         .into_response()
 }
 
-async fn send(socket: &mut WebSocket, text: String) -> bool {
-    matches!(
-        tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await,
-        Ok(Ok(()))
-    )
+/// The writing side of a connection: the whole [`WebSocket`] or its write half.
+trait WsSink: Sink<Message, Error = axum::Error> + Unpin {}
+impl<S: Sink<Message, Error = axum::Error> + Unpin> WsSink for S {}
+
+/// How a send ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Done,
+    /// The socket failed: the client hung up or reset. Not a slow consumer.
+    Gone,
+    /// The socket did not take it within [`SEND_TIMEOUT`]: a slow consumer.
+    Slow,
+}
+
+async fn send<S: WsSink>(socket: &mut S, text: impl Into<Utf8Bytes>) -> Sent {
+    match tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Text(text.into()))).await {
+        Ok(Ok(())) => Sent::Done,
+        Ok(Err(_)) => Sent::Gone,
+        Err(_) => Sent::Slow,
+    }
+}
+
+/// Writes every queued message and flushes once (empty: nothing happens). `out` is left empty.
+async fn send_all<S: WsSink>(socket: &mut S, out: &mut Vec<Message>) -> Sent {
+    if out.is_empty() {
+        return Sent::Done;
+    }
+    let r = tokio::time::timeout(SEND_TIMEOUT, async {
+        for m in out.drain(..) {
+            socket.feed(m).await?;
+        }
+        socket.flush().await
+    })
+    .await;
+    out.clear();
+    match r {
+        Ok(Ok(())) => Sent::Done,
+        Ok(Err(_)) => Sent::Gone,
+        Err(_) => Sent::Slow,
+    }
 }
 
 fn frame(combined: bool, name: &str, data: &str) -> String {
@@ -250,7 +291,89 @@ fn frame(combined: bool, name: &str, data: &str) -> String {
     }
 }
 
-async fn close(socket: &mut WebSocket, reason: String) {
+/// A published message for one subscription: a raw stream shares the serialized bytes; a
+/// combined stream wraps them (one copy).
+fn shared(combined: bool, name: &str, data: &Utf8Bytes) -> Message {
+    Message::Text(if combined {
+        frame(true, name, data).into()
+    } else {
+        data.clone()
+    })
+}
+
+/// How taking a receiver's backlog ended.
+enum Drained {
+    /// Up to [`MAX_BATCH`] messages taken; the channel is open.
+    Open,
+    /// The publisher is gone (shutdown).
+    Closed,
+    /// The connection fell this many messages behind.
+    Lagged(u64),
+}
+
+/// Hands `first` and then whatever else is already queued (up to [`MAX_BATCH`] in all) to `each`,
+/// without waiting: one wake-up and one flush serve a whole backlog.
+fn drain<T: Clone>(
+    rx: &mut broadcast::Receiver<T>,
+    first: Result<T, RecvError>,
+    mut each: impl FnMut(&T),
+) -> Drained {
+    let mut next = first;
+    let mut taken = 0;
+    loop {
+        match next {
+            Ok(m) => each(&m),
+            Err(RecvError::Closed) => return Drained::Closed,
+            Err(RecvError::Lagged(n)) => return Drained::Lagged(n),
+        }
+        taken += 1;
+        if taken == MAX_BATCH {
+            return Drained::Open;
+        }
+        next = match rx.try_recv() {
+            Ok(m) => Ok(m),
+            Err(TryRecvError::Empty) => return Drained::Open,
+            Err(TryRecvError::Closed) => Err(RecvError::Closed),
+            Err(TryRecvError::Lagged(n)) => Err(RecvError::Lagged(n)),
+        };
+    }
+}
+
+/// Queues a market message for every subscription that wants it.
+fn queue_market(subs: &[(String, Stream)], combined: bool, m: &MarketMsg, out: &mut Vec<Message>) {
+    for (name, s) in subs {
+        let hit = match (s, m.kind) {
+            (Stream::Diff(x), MarketMsgKind::Depth)
+            | (Stream::Trade(x), MarketMsgKind::Trade)
+            | (Stream::BookTicker(x), MarketMsgKind::BookTicker) => *x == m.market,
+            _ => false,
+        };
+        if !hit {
+            continue;
+        }
+        if combined {
+            let (first, text) = m
+                .combined
+                .get_or_init(|| (name.as_str().into(), frame(true, name, &m.json).into()));
+            if **first == **name {
+                out.push(Message::Text(text.clone()));
+                continue;
+            }
+        }
+        out.push(shared(combined, name, &m.json));
+    }
+}
+
+/// Queues a user message for every listenKey stream of its account.
+fn queue_user(subs: &[(String, Stream)], combined: bool, u: &UserMsg, out: &mut Vec<Message>) {
+    for (name, s) in subs {
+        if matches!(s, Stream::User { account, .. } if *account == u.account) {
+            out.push(shared(combined, name, &u.json));
+        }
+    }
+}
+
+async fn close<S: WsSink>(socket: &mut S, reason: String) {
     let _ = tokio::time::timeout(
         Duration::from_secs(1),
         socket.send(Message::Close(Some(CloseFrame {
@@ -265,7 +388,7 @@ async fn close(socket: &mut WebSocket, reason: String) {
 /// connection, which clients report as a reset (tungstenite: `ResetWithoutClosingHandshake`) and
 /// some wait on until their close timeout. tungstenite queued the echo of the client's frame when
 /// it read it; closing the sink flushes it (a `send(Close)` would be refused).
-async fn closed_by_peer(socket: &mut WebSocket) {
+async fn closed_by_peer<S: WsSink>(socket: &mut S) {
     let _ = tokio::time::timeout(Duration::from_secs(1), SinkExt::close(socket)).await;
 }
 
@@ -315,9 +438,38 @@ fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> Strin
     }
 }
 
-async fn run(
+/// What the client sent, as the read half's task hands it over.
+type Inbound = tokio::sync::mpsc::Receiver<Result<Message, axum::Error>>;
+
+async fn run(st: &AppState, socket: WebSocket, subs: Vec<(String, Stream)>, combined: bool) {
+    // The read half runs in a task of its own that is woken only when the client sends
+    // something. Polled in the loop below it would be read (and tungstenite's read buffer
+    // zero-filled) on every market message, for every subscriber.
+    let (mut sink, stream) = socket.split();
+    let (tx, mut inbound) = tokio::sync::mpsc::channel(4);
+    let reader = tokio::spawn(read_half(stream, tx));
+    streams(st, &mut sink, &mut inbound, subs, combined).await;
+    reader.abort();
+}
+
+/// Hands every message the client sends to the connection's loop, in order; ends after an error,
+/// at the end of the stream, or when the loop is gone.
+async fn read_half(
+    mut stream: SplitStream<WebSocket>,
+    tx: tokio::sync::mpsc::Sender<Result<Message, axum::Error>>,
+) {
+    while let Some(m) = stream.next().await {
+        let failed = m.is_err();
+        if tx.send(m).await.is_err() || failed {
+            break;
+        }
+    }
+}
+
+async fn streams(
     st: &AppState,
-    mut socket: WebSocket,
+    socket: &mut SplitSink<WebSocket, Message>,
+    inbound: &mut Inbound,
     mut subs: Vec<(String, Stream)>,
     combined: bool,
 ) {
@@ -330,6 +482,10 @@ async fn run(
     let mut last: HashMap<String, (u64, u64)> = HashMap::new();
     // Last push per kline stream: (open time, pushed as closed, last trade id, time).
     let mut kstate: HashMap<String, (u64, bool, u64, u64)> = HashMap::new();
+    // Messages waiting for the next flush (reused: no allocation per message once warm).
+    let mut out: Vec<Message> = Vec::with_capacity(MAX_BATCH);
+    // Only a real slow consumer counts: a backlog overflow or a send that timed out, not a
+    // client that hung up (its sends fail at once).
     let slow = |st: &AppState| {
         st.0.metrics
             .ws_slow_disconnects
@@ -337,65 +493,63 @@ async fn run(
     };
     loop {
         tokio::select! {
-            msg = socket.recv() => match msg {
+            msg = inbound.recv() => match msg {
                 Some(Ok(m)) if !alive.heard(&m) => {
-                    return close(&mut socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
+                    return close(socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
                 }
                 Some(Ok(Message::Text(t))) => {
                     let answer = control(st, &mut subs, t.as_str());
-                    if !send(&mut socket, answer).await {
+                    if send(socket, answer).await != Sent::Done {
                         break;
                     }
                 }
                 Some(Ok(Message::Close(_))) => {
-                    closed_by_peer(&mut socket).await;
+                    closed_by_peer(socket).await;
                     break;
                 }
                 None | Some(Err(_)) => break,
                 Some(Ok(_)) => {}
             },
-            r = mrx.recv() => match r {
-                Ok(m) => {
-                    for (name, s) in &subs {
-                        let hit = match (s, m.kind) {
-                            (Stream::Diff(x), MarketMsgKind::Depth)
-                            | (Stream::Trade(x), MarketMsgKind::Trade)
-                            | (Stream::BookTicker(x), MarketMsgKind::BookTicker) => *x == m.market,
-                            _ => false,
-                        };
-                        if hit && !send(&mut socket, frame(combined, name, &m.json)).await {
-                            slow(st);
-                            return close(&mut socket, "slow consumer: send timed out".into()).await;
-                        }
+            r = mrx.recv() => {
+                let d = drain(&mut mrx, r, |m| queue_market(&subs, combined, m, &mut out));
+                if let Drained::Lagged(n) = d {
+                    slow(st);
+                    return close(socket, format!("slow consumer: {n} messages behind")).await;
+                }
+                match send_all(socket, &mut out).await {
+                    Sent::Done => {}
+                    Sent::Gone => break,
+                    Sent::Slow => {
+                        slow(st);
+                        return close(socket, "slow consumer: send timed out".into()).await;
                     }
                 }
-                Err(RecvError::Lagged(n)) => {
-                    slow(st);
-                    return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
+                if let Drained::Closed = d {
+                    break;
                 }
-                Err(RecvError::Closed) => break,
             },
-            r = urx.recv() => match r {
-                Ok(u) => {
-                    for (name, s) in &subs {
-                        if matches!(s, Stream::User { account, .. } if *account == u.account)
-                            && !send(&mut socket, frame(combined, name, &u.json)).await
-                        {
-                            slow(st);
-                            return close(&mut socket, "slow consumer: send timed out".into()).await;
-                        }
+            r = urx.recv() => {
+                let d = drain(&mut urx, r, |u| queue_user(&subs, combined, u, &mut out));
+                if let Drained::Lagged(n) = d {
+                    slow(st);
+                    return close(socket, format!("slow consumer: {n} messages behind")).await;
+                }
+                match send_all(socket, &mut out).await {
+                    Sent::Done => {}
+                    Sent::Gone => break,
+                    Sent::Slow => {
+                        slow(st);
+                        return close(socket, "slow consumer: send timed out".into()).await;
                     }
                 }
-                Err(RecvError::Lagged(n)) => {
-                    slow(st);
-                    return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
+                if let Drained::Closed = d {
+                    break;
                 }
-                Err(RecvError::Closed) => break,
             },
             _ = tick.tick() => {
                 let now = crate::core::now_ms();
                 match alive.check(now) {
-                    Liveness::Dead => return close(&mut socket, "no pong: connection idle".into()).await,
+                    Liveness::Dead => return close(socket, "no pong: connection idle".into()).await,
                     Liveness::PingDue => {
                         if !matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
                             break;
@@ -403,7 +557,6 @@ async fn run(
                     }
                     Liveness::Fine => {}
                 }
-                let mut out = Vec::new();
                 let mut expired = Vec::new();
                 {
                     let rm = st.0.rm.read();
@@ -415,7 +568,7 @@ async fn run(
                                 if prev.is_none_or(|(t, seq)| now >= t + every_ms && seq != ms.depth_seq) {
                                     last.insert(name.clone(), (now, ms.depth_seq));
                                     let m = &st.markets().markets[*market];
-                                    out.push(frame(combined, name, &depth_json(m, ms, *levels).to_string()));
+                                    out.push(Message::Text(frame(combined, name, &depth_json(m, ms, *levels).to_string()).into()));
                                 }
                             }
                             Stream::Ticker { market, mini } => {
@@ -424,7 +577,7 @@ async fn run(
                                 if prev.is_none_or(|(t, seq)| now >= t + 1000 && seq != ms.depth_seq) {
                                     last.insert(name.clone(), (now, ms.depth_seq));
                                     let m = &st.markets().markets[*market];
-                                    out.push(frame(combined, name, &ticker_event(&ticker(m, ms, now, *mini), *mini, now)));
+                                    out.push(Message::Text(frame(combined, name, &ticker_event(&ticker(m, ms, now, *mini), *mini, now)).into()));
                                 }
                             }
                             Stream::Kline { market, interval } => {
@@ -438,7 +591,7 @@ async fn run(
                                 if let Some((popen, pclosed, _, _)) = prev {
                                     if popen != k.open_ms && !pclosed {
                                         if let Some(pk) = ks.iter().rev().find(|x| x.open_ms == popen) {
-                                            out.push(frame(combined, name, &kline_event(m, iv, pk, true, now)));
+                                            out.push(Message::Text(frame(combined, name, &kline_event(m, iv, pk, true, now)).into()));
                                         }
                                     }
                                 }
@@ -451,16 +604,16 @@ async fn run(
                                 });
                                 if due {
                                     kstate.insert(name.clone(), (k.open_ms, closed, stamp, now));
-                                    out.push(frame(combined, name, &kline_event(m, iv, k, closed, now)));
+                                    out.push(Message::Text(frame(combined, name, &kline_event(m, iv, k, closed, now)).into()));
                                 }
                             }
                             Stream::User { listen_key, .. } => {
                                 let lk = st.0.listen_keys.read().unwrap_or_else(|e| e.into_inner());
                                 if lk.get(listen_key).is_none_or(|(_, exp)| *exp <= now) {
                                     expired.push(name.clone());
-                                    out.push(frame(combined, name, &json!({
+                                    out.push(Message::Text(frame(combined, name, &json!({
                                         "e": "listenKeyExpired", "E": now, "listenKey": listen_key,
-                                    }).to_string()));
+                                    }).to_string()).into()));
                                 }
                             }
                             _ => {}
@@ -468,10 +621,12 @@ async fn run(
                     }
                 }
                 subs.retain(|(n, _)| !expired.contains(n));
-                for text in out {
-                    if !send(&mut socket, text).await {
+                match send_all(socket, &mut out).await {
+                    Sent::Done => {}
+                    Sent::Gone => break,
+                    Sent::Slow => {
                         slow(st);
-                        return close(&mut socket, "slow consumer: send timed out".into()).await;
+                        return close(socket, "slow consumer: send timed out".into()).await;
                     }
                 }
             }
@@ -684,7 +839,7 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                 Some(Ok(Message::Text(t))) => {
                     let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
                         let e = ApiError::bad(-1100, "Malformed request.");
-                        if !send(&mut socket, ws_error(&Value::Null, &e)).await { break; }
+                        if send(&mut socket, ws_error(&Value::Null, &e)).await != Sent::Done { break; }
                         continue;
                     };
                     let id = v.get("id").cloned().unwrap_or(Value::Null);
@@ -713,7 +868,7 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                             _ => ws_error(&id, &ApiError::bad(-1100, "Unknown or unsupported method.")),
                         },
                     };
-                    if !send(&mut socket, answer).await {
+                    if send(&mut socket, answer).await != Sent::Done {
                         break;
                     }
                 }
@@ -729,9 +884,13 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                     for (sid, account) in &subs {
                         if *account == u.account {
                             let text = format!("{{\"subscriptionId\":{sid},\"event\":{}}}", u.json);
-                            if !send(&mut socket, text).await {
-                                st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
-                                return close(&mut socket, "slow consumer: send timed out".into()).await;
+                            match send(&mut socket, text).await {
+                                Sent::Done => {}
+                                Sent::Gone => return,
+                                Sent::Slow => {
+                                    st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
+                                    return close(&mut socket, "slow consumer: send timed out".into()).await;
+                                }
                             }
                         }
                     }

@@ -527,6 +527,101 @@ async fn ticker_streams_have_binance_shape() {
 /// A client's close frame is answered at once (RFC 6455 closing handshake), not with a dropped
 /// connection (which a client sees as a reset and may wait on until its close timeout).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn combined_streams_name_each_connections_own_stream() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    // The first two share one serialized frame; the third names the stream differently.
+    let mut conns = Vec::new();
+    for name in ["btcusd@depth", "btcusd@depth", "btcusd@depth@100ms"] {
+        let (mut ws, _) =
+            tokio_tungstenite::connect_async(format!("ws://{addr}/stream?streams={name}"))
+                .await
+                .unwrap();
+        // An answer means the connection's loop runs, subscribed.
+        ws.send(Message::Text(
+            r#"{"method":"LIST_SUBSCRIPTIONS","id":1}"#.into(),
+        ))
+        .await
+        .unwrap();
+        assert_eq!(next_json(&mut ws).await["result"][0], name);
+        conns.push((name, ws));
+    }
+    let (status, _) = signed_post(
+        addr,
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=10000",
+        &buyer,
+    )
+    .await;
+    assert_eq!(status, 200);
+    let mut data = Vec::new();
+    for (name, ws) in &mut conns {
+        let m = next_json(ws).await;
+        assert_eq!(m["stream"], *name);
+        assert_eq!(m["data"]["e"], "depthUpdate");
+        data.push(m["data"].clone());
+    }
+    assert!(data.iter().all(|d| *d == data[0]), "{data:?}");
+    let _ = stop.send(());
+}
+
+/// The value of one metric line (`name value`).
+async fn metric(addr: SocketAddr, name: &str) -> Option<u64> {
+    let (_, m) = http(addr, "GET", "/metrics", "", None).await;
+    m.as_str()?.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribers_that_hang_up_are_not_counted_as_slow_consumers() {
+    let h = Harness::with_config(api::ApiConfig {
+        orders_per_10s: 1_000_000,
+        ..Default::default()
+    });
+    let (addr, stop) = start(&h).await;
+    let (_, buyer) = h.trader("0", "10000000").await;
+    let mut subscribers = Vec::new();
+    for _ in 0..20 {
+        let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/btcusd@depth"))
+            .await
+            .unwrap();
+        subscribers.push(ws);
+    }
+    for i in 0..60u64 {
+        if i == 20 {
+            // Hang up mid-stream without a close frame: the server's next sends fail at once.
+            subscribers.clear();
+        }
+        let (status, _) = signed_post(
+            addr,
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.0001&price={}&newOrderRespType=ACK", 10_000 + i),
+            &buyer,
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while metric(addr, "mediator_ws_connections").await != Some(0) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "connections not closed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        metric(addr, "mediator_ws_slow_disconnects_total").await,
+        Some(0),
+        "a client that hung up is not a slow consumer"
+    );
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_close_is_answered_with_a_close_frame() {
     let h = Harness::new();
     let (addr, stop) = start(&h).await;

@@ -28,11 +28,13 @@ struct Env {
     m: Merchant,
     rpc: Rpc,
     payer: Payer,
+    started: std::time::Instant,
 }
 
 impl Env {
     /// Starts a server, creates the merchant with `settings` and funds a payer.
     fn start(seed: u8, settings: &[(&str, &str)]) -> Env {
+        let started = std::time::Instant::now();
         let dir = tempfile::tempdir().unwrap();
         let port = free_port();
         let s = Server::start(dir.path(), port);
@@ -50,6 +52,7 @@ impl Env {
             m,
             rpc,
             payer,
+            started,
         }
     }
 
@@ -87,6 +90,8 @@ impl Drop for Env {
         if let Some(s) = self.server.take() {
             s.kill();
         }
+        let name = std::thread::current().name().unwrap_or("?").to_owned();
+        eprintln!("{name}: {:.1} s", self.started.elapsed().as_secs_f64());
     }
 }
 

@@ -199,7 +199,7 @@ pub fn public_get(addr: SocketAddr, path: &str) -> Value {
 /// One request the webhook receiver got, and what it answered.
 #[derive(Clone, Debug)]
 pub struct Hook {
-    pub headers: Vec<(String, String)>,
+    pub headers: Headers,
     pub body: Vec<u8>,
     pub answered: u16,
 }
@@ -295,7 +295,10 @@ impl HookServer {
     }
 }
 
-fn read_request(conn: &std::net::TcpStream) -> Option<(Vec<(String, String)>, Vec<u8>)> {
+/// Header names and values, in order.
+type Headers = Vec<(String, String)>;
+
+fn read_request(conn: &std::net::TcpStream) -> Option<(Headers, Vec<u8>)> {
     let mut r = BufReader::new(conn);
     let mut line = String::new();
     r.read_line(&mut line).ok()?;

@@ -398,6 +398,14 @@ fn webhooks_are_signed_retried_and_survive_a_restart() {
     let first = hooks.hooks()[0].clone();
     assert_eq!(first.answered, 500);
     assert_eq!(first.header("Mediator-Event"), Some("invoice.created"));
+    // The retry carries the same body under a fresh timestamp.
+    let retry = hooks.delivered(first.header("Mediator-Delivery").unwrap())[0].clone();
+    assert_eq!(retry.body, first.body);
+    let t = |h: &common::merchant::Hook| h.header("Mediator-Signature").unwrap()[..12].to_owned();
+    assert_ne!(t(&retry), t(&first), "a fresh t on every attempt");
+    assert!(first
+        .header("User-Agent")
+        .is_some_and(|u| u.starts_with("Mediator-Webhooks/")));
     for d in &log {
         let did = d["deliveryId"].as_str().unwrap();
         let got = hooks.delivered(did);

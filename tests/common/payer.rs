@@ -69,6 +69,23 @@ impl Payer {
         self.wallet.apply_unconfirmed_txs(mempool.update);
     }
 
+    /// A fresh receiving address of this wallet (e.g. for a refund).
+    pub fn receive_address(&mut self) -> Address {
+        self.wallet
+            .reveal_next_address(KeychainKind::External)
+            .address
+    }
+
+    /// Satoshis of this wallet's unspent outputs paying `address` (after [`Payer::sync`]).
+    pub fn unspent_at(&self, address: &Address) -> u64 {
+        let spk = address.script_pubkey();
+        self.wallet
+            .list_unspent()
+            .filter(|u| u.txout.script_pubkey == spk)
+            .map(|u| u.txout.value.to_sat())
+            .sum()
+    }
+
     /// Pays `sat` to `address` in one transaction, broadcast to the node's mempool.
     pub fn pay(&mut self, rpc: &Client, address: &str, sat: u64) -> Transaction {
         let to = parse_address(address);

@@ -123,3 +123,20 @@ impl Server {
         }
     }
 }
+
+/// A server a test drops without stopping it (a failed assertion, say) is killed with the node
+/// it started, so no process outlives its test (and holds cargo's output pipe open).
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let node = self.bitcoind_pid();
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            if let Some(pid) = node {
+                let _ = Command::new("kill")
+                    .args(["-KILL", &pid.to_string()])
+                    .status();
+            }
+        }
+    }
+}

@@ -311,6 +311,36 @@ enum Drained {
     Lagged(u64),
 }
 
+/// Sends what a drain (or a tick) queued. `false` when the connection is over: the client hung
+/// up, the publisher is gone, or the connection is a slow consumer (then it is closed with the
+/// reason and counted; a client that hung up is not a slow consumer).
+async fn flush<S: WsSink>(
+    st: &AppState,
+    socket: &mut S,
+    out: &mut Vec<Message>,
+    drained: Drained,
+) -> bool {
+    let slow = || {
+        st.0.metrics
+            .ws_slow_disconnects
+            .fetch_add(1, Ordering::Relaxed)
+    };
+    if let Drained::Lagged(n) = drained {
+        slow();
+        close(socket, format!("slow consumer: {n} messages behind")).await;
+        return false;
+    }
+    match send_all(socket, out).await {
+        Sent::Done => !matches!(drained, Drained::Closed),
+        Sent::Gone => false,
+        Sent::Slow => {
+            slow();
+            close(socket, "slow consumer: send timed out".into()).await;
+            false
+        }
+    }
+}
+
 /// Hands `first` and then whatever else is already queued (up to [`MAX_BATCH`] in all) to `each`,
 /// without waiting: one wake-up and one flush serve a whole backlog.
 fn drain<T: Clone>(
@@ -484,13 +514,6 @@ async fn streams(
     let mut kstate: HashMap<String, (u64, bool, u64, u64)> = HashMap::new();
     // Messages waiting for the next flush (reused: no allocation per message once warm).
     let mut out: Vec<Message> = Vec::with_capacity(MAX_BATCH);
-    // Only a real slow consumer counts: a backlog overflow or a send that timed out, not a
-    // client that hung up (its sends fail at once).
-    let slow = |st: &AppState| {
-        st.0.metrics
-            .ws_slow_disconnects
-            .fetch_add(1, Ordering::Relaxed);
-    };
     loop {
         tokio::select! {
             msg = inbound.recv() => match msg {
@@ -512,37 +535,13 @@ async fn streams(
             },
             r = mrx.recv() => {
                 let d = drain(&mut mrx, r, |m| queue_market(&subs, combined, m, &mut out));
-                if let Drained::Lagged(n) = d {
-                    slow(st);
-                    return close(socket, format!("slow consumer: {n} messages behind")).await;
-                }
-                match send_all(socket, &mut out).await {
-                    Sent::Done => {}
-                    Sent::Gone => break,
-                    Sent::Slow => {
-                        slow(st);
-                        return close(socket, "slow consumer: send timed out".into()).await;
-                    }
-                }
-                if let Drained::Closed = d {
+                if !flush(st, socket, &mut out, d).await {
                     break;
                 }
             },
             r = urx.recv() => {
                 let d = drain(&mut urx, r, |u| queue_user(&subs, combined, u, &mut out));
-                if let Drained::Lagged(n) = d {
-                    slow(st);
-                    return close(socket, format!("slow consumer: {n} messages behind")).await;
-                }
-                match send_all(socket, &mut out).await {
-                    Sent::Done => {}
-                    Sent::Gone => break,
-                    Sent::Slow => {
-                        slow(st);
-                        return close(socket, "slow consumer: send timed out".into()).await;
-                    }
-                }
-                if let Drained::Closed = d {
+                if !flush(st, socket, &mut out, d).await {
                     break;
                 }
             },
@@ -621,13 +620,8 @@ async fn streams(
                     }
                 }
                 subs.retain(|(n, _)| !expired.contains(n));
-                match send_all(socket, &mut out).await {
-                    Sent::Done => {}
-                    Sent::Gone => break,
-                    Sent::Slow => {
-                        slow(st);
-                        return close(socket, "slow consumer: send timed out".into()).await;
-                    }
+                if !flush(st, socket, &mut out, Drained::Open).await {
+                    break;
                 }
             }
         }

@@ -202,6 +202,8 @@ pub struct Hook {
     pub headers: Headers,
     pub body: Vec<u8>,
     pub answered: u16,
+    /// When the whole request had arrived.
+    pub at: Instant,
 }
 
 impl Hook {
@@ -242,6 +244,7 @@ impl HookServer {
                 let Some((headers, body)) = read_request(&conn) else {
                     continue;
                 };
+                let at = Instant::now();
                 let failing = fa.load(Ordering::SeqCst)
                     || ff
                         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -252,6 +255,7 @@ impl HookServer {
                     headers,
                     body,
                     answered,
+                    at,
                 });
                 let reason = if failing {
                     "Internal Server Error"

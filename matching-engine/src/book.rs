@@ -497,9 +497,10 @@ impl<T: Copy> Book<T> {
     /// (a price change or a quantity increase: it loses its time priority), keeping its slot and
     /// id. The caller has checked that `price` does not cross the other side.
     pub fn relocate(&mut self, slot: u32, price: Price, qty: Qty) {
-        let node = self.nodes[slot as usize];
+        // Only the side: copying the whole node (with the owner's data) costs more than the move.
+        let side = self.nodes[slot as usize].side;
         debug_assert!(!qty.is_zero() && price.0 >= 1 && price <= self.max_price);
-        debug_assert!(match node.side {
+        debug_assert!(match side {
             Side::Buy => price.0 < self.best_ask,
             Side::Sell => price.0 > self.best_bid,
         });
@@ -510,7 +511,7 @@ impl<T: Copy> Book<T> {
         n.qty = qty;
         n.prev = tail;
         n.next = NIL;
-        match node.side {
+        match side {
             Side::Buy if price.0 > self.best_bid => self.best_bid = price.0,
             Side::Sell if price.0 < self.best_ask => self.best_ask = price.0,
             _ => {}
@@ -539,23 +540,25 @@ impl<T: Copy> Book<T> {
 
     /// Takes the order in `slot` out of its level (the level's quantity, occupancy and the best
     /// prices follow), leaving the slot and the index untouched.
+    #[inline]
     fn unlink(&mut self, slot: u32) {
-        let node = self.nodes[slot as usize];
-        let price = node.price.0;
-        if node.prev != NIL {
-            self.nodes[node.prev as usize].next = node.next;
+        // The links, price and quantity only (not the owner's data).
+        let n = &self.nodes[slot as usize];
+        let (prev, next, price, qty) = (n.prev, n.next, n.price.0, n.qty.0);
+        if prev != NIL {
+            self.nodes[prev as usize].next = next;
         }
-        if node.next != NIL {
-            self.nodes[node.next as usize].prev = node.prev;
+        if next != NIL {
+            self.nodes[next as usize].prev = prev;
         }
         let level = self.levels.level_existing(price);
-        if node.prev == NIL {
-            level.head = node.next;
+        if prev == NIL {
+            level.head = next;
         }
-        if node.next == NIL {
-            level.tail = node.prev;
+        if next == NIL {
+            level.tail = prev;
         }
-        level.qty -= node.qty.0;
+        level.qty -= qty;
         let emptied = level.head == NIL;
         debug_assert!(!emptied || level.qty == 0);
         if emptied {

@@ -748,8 +748,11 @@ impl Engine {
                 market,
                 order,
             } => {
-                let (market, id) = self.find_order(account, market, order)?;
-                self.cancel_one(market, id, DoneReason::Cancelled, out);
+                let (market, id, slot) = self.find_order(account, market, order)?;
+                match slot {
+                    Some(slot) => self.remove_resting(market, slot, DoneReason::Cancelled, out),
+                    None => self.remove_stop(market, id, DoneReason::Cancelled, out),
+                }
                 Ok(Accept {
                     order: Some(id),
                     ..Accept::default()
@@ -1003,13 +1006,15 @@ impl Engine {
         Ok(Accept::default())
     }
 
-    /// Resolves an order reference to an open order owned by `account`.
+    /// Resolves an order reference to an open order owned by `account`: its market, id and its
+    /// book slot when it rests (`None`: a stop order waiting for its trigger).
+    #[inline]
     fn find_order(
         &self,
         account: AccountId,
         market: MarketId,
         r: OrderRef,
-    ) -> Result<(MarketId, OrderId), RejectCode> {
+    ) -> Result<(MarketId, OrderId, Option<u32>), RejectCode> {
         self.check_account(account)?;
         self.market_cfg(market)?;
         let id = match r {
@@ -1020,7 +1025,8 @@ impl Engine {
             },
         };
         let m = &self.markets[market.0 as usize];
-        let owner = if let Some(slot) = m.book.slot(id) {
+        let slot = m.book.slot(id);
+        let owner = if let Some(slot) = slot {
             m.book.node(slot).data.account
         } else if let Some(&(side, stop)) = m.stop_index.get(&id) {
             match side {
@@ -1031,7 +1037,7 @@ impl Engine {
             return Err(RejectCode::UnknownOrder);
         };
         if owner == account {
-            Ok((market, id))
+            Ok((market, id, slot))
         } else {
             Err(RejectCode::UnknownOrder)
         }
@@ -1736,10 +1742,10 @@ impl Engine {
         new_qty: Option<Qty>,
         out: &mut Vec<Event>,
     ) -> Result<Accept, RejectCode> {
-        let (market, id) = self.find_order(account, market, order)?;
+        let (market, id, slot) = self.find_order(account, market, order)?;
         let mi = market.0 as usize;
         let p = self.params[mi];
-        let Some(slot) = self.markets[mi].book.slot(id) else {
+        let Some(slot) = slot else {
             return Err(RejectCode::InvalidAmend);
         };
         let node = *self.markets[mi].book.node(slot);

@@ -44,8 +44,9 @@ const EMPTY_LEVEL: Level = Level {
 struct Page {
     /// Bottom layer of the occupancy bitmap: bit `i` of word `w` is level `w * 64 + i`.
     words: [u64; PAGE_WORDS],
-    /// `PAGE_LEVELS` levels, allocated on the heap directly (never built on the stack).
-    levels: Box<[Level]>,
+    /// `PAGE_LEVELS` levels, allocated on the heap directly (never built on the stack); a fixed
+    /// size, so indexing by the low bits of a price needs no bounds check.
+    levels: Box<[Level; PAGE_LEVELS]>,
 }
 
 /// A new empty page. Out of line and cold: pages are made once per 4,096 prices.
@@ -54,7 +55,10 @@ struct Page {
 fn new_page() -> Box<Page> {
     Box::new(Page {
         words: [0; PAGE_WORDS],
-        levels: vec![EMPTY_LEVEL; PAGE_LEVELS].into_boxed_slice(),
+        levels: vec![EMPTY_LEVEL; PAGE_LEVELS]
+            .into_boxed_slice()
+            .try_into()
+            .expect("PAGE_LEVELS levels"),
     })
 }
 
@@ -496,6 +500,7 @@ impl<T: Copy> Book<T> {
     /// Moves the order in `slot` to the back of the queue at `price` with open quantity `qty`
     /// (a price change or a quantity increase: it loses its time priority), keeping its slot and
     /// id. The caller has checked that `price` does not cross the other side.
+    #[inline]
     pub fn relocate(&mut self, slot: u32, price: Price, qty: Qty) {
         // Only the side: copying the whole node (with the owner's data) costs more than the move.
         let side = self.nodes[slot as usize].side;
@@ -521,7 +526,7 @@ impl<T: Copy> Book<T> {
     /// Appends `slot` to the queue at `price` (its level's quantity and occupancy follow) and
     /// returns the previous tail (`NIL` when the level was empty). The node's own fields are the
     /// caller's to set.
-    #[inline]
+    #[inline(always)]
     fn link_back(&mut self, slot: u32, price: Price, qty: Qty) -> u32 {
         let level = self.levels.level_mut(price.0);
         let tail = level.tail;

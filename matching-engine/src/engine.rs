@@ -727,6 +727,8 @@ impl Engine {
         any
     }
 
+    // One call site (`apply`): inlined, so a command pays one call's prologue and epilogue.
+    #[inline(always)]
     fn execute(&mut self, cmd: &Command, out: &mut Vec<Event>) -> Result<Accept, RejectCode> {
         match *cmd {
             Command::CreateAccount => {

@@ -7,7 +7,8 @@
 //! Layout, chosen for speed (every order is touched a few times, every price level often):
 //! * Orders live in an arena allocated up front (`capacity` slots, a free list), linked into a doubly
 //!   linked FIFO per price level, so cancel is O(1). An [`OrderId`] maps to its slot through a hash
-//!   map with a fast non-cryptographic hasher (ids are engine-assigned, not attacker-chosen).
+//!   map whose hash keeps consecutive ids in neighbouring buckets (`IdHasher`; ids are
+//!   engine-assigned, not attacker-chosen).
 //! * Price levels are addressed directly by price: pages of 4,096 levels allocated on first use,
 //!   so a lookup is two array indexings, and memory grows with the prices actually used.
 //! * Which prices are occupied is a 64-ary hierarchical bitmap (its bottom layer inside the pages),
@@ -19,9 +20,39 @@
 //! order quantities equals the level's quantity, and a level is occupied iff its queue is non-empty.
 
 use crate::units::{OrderId, Price, Qty, Side};
-use rustc_hash::FxHashMap;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 const NIL: u32 = u32::MAX;
+
+/// The hasher of the book's id index. Ids are engine-assigned and consecutive, and the orders
+/// that rest are mostly recent ones, so the hash keeps the id in its low bits (the table's bucket:
+/// recent ids share cache lines instead of being spread over the whole table) and puts a
+/// multiplicative mix in the top 7 bits (the control tag the table compares first, so tags of
+/// neighbouring ids differ). Not for keys an attacker chooses.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by `OrderId` (it hashes as one `u64`); a plain mix for completeness.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        const LOW: u64 = (1 << 57) - 1;
+        (self.0 & LOW) | (self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) & !LOW)
+    }
+}
 const PAGE_SHIFT: u32 = 12;
 const PAGE_LEVELS: usize = 1 << PAGE_SHIFT;
 const PAGE_WORDS: usize = PAGE_LEVELS / 64;
@@ -282,7 +313,7 @@ pub struct Book<T> {
     nodes: Vec<Node<T>>,
     free: u32,
     len: u32,
-    index: FxHashMap<OrderId, u32>,
+    index: HashMap<OrderId, u32, BuildHasherDefault<IdHasher>>,
     levels: Levels,
     /// Best bid price, 0 when there is none (prices start at 1).
     best_bid: u64,
@@ -314,7 +345,7 @@ impl<T: Copy + Default> Book<T> {
         // Sized for a busy book (65,536 orders), not the limit: a table sized for a million
         // orders spreads a small book's ids over megabytes and makes lookups cache misses. Past
         // that it grows (a rehash on the order path, amortised) and then stays.
-        let mut index = FxHashMap::default();
+        let mut index = HashMap::default();
         index.reserve((capacity as usize).min(1 << 16));
         Self {
             nodes,

@@ -7,7 +7,8 @@
 //! Layout, chosen for speed (every order is touched a few times, every price level often):
 //! * Orders live in an arena allocated up front (`capacity` slots, a free list), linked into a doubly
 //!   linked FIFO per price level, so cancel is O(1). An [`OrderId`] maps to its slot through a hash
-//!   map with a fast non-cryptographic hasher (ids are engine-assigned, not attacker-chosen).
+//!   map whose hash keeps consecutive ids in neighbouring buckets (`IdHasher`; ids are
+//!   engine-assigned, not attacker-chosen).
 //! * Price levels are addressed directly by price: pages of 4,096 levels allocated on first use,
 //!   so a lookup is two array indexings, and memory grows with the prices actually used.
 //! * Which prices are occupied is a 64-ary hierarchical bitmap (its bottom layer inside the pages),
@@ -19,9 +20,39 @@
 //! order quantities equals the level's quantity, and a level is occupied iff its queue is non-empty.
 
 use crate::units::{OrderId, Price, Qty, Side};
-use rustc_hash::FxHashMap;
+use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 
 const NIL: u32 = u32::MAX;
+
+/// The hasher of the book's id index. Ids are engine-assigned and consecutive, and the orders
+/// that rest are mostly recent ones, so the hash keeps the id in its low bits (the table's bucket:
+/// recent ids share cache lines instead of being spread over the whole table) and puts a
+/// multiplicative mix in the top 7 bits (the control tag the table compares first, so tags of
+/// neighbouring ids differ). Not for keys an attacker chooses.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct IdHasher(u64);
+
+impl Hasher for IdHasher {
+    #[inline]
+    fn write(&mut self, bytes: &[u8]) {
+        // Not used by `OrderId` (it hashes as one `u64`); a plain mix for completeness.
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    #[inline]
+    fn write_u64(&mut self, n: u64) {
+        self.0 = n;
+    }
+
+    #[inline]
+    fn finish(&self) -> u64 {
+        const LOW: u64 = (1 << 57) - 1;
+        (self.0 & LOW) | (self.0.wrapping_mul(0x9E37_79B9_7F4A_7C15) & !LOW)
+    }
+}
 const PAGE_SHIFT: u32 = 12;
 const PAGE_LEVELS: usize = 1 << PAGE_SHIFT;
 const PAGE_WORDS: usize = PAGE_LEVELS / 64;
@@ -44,8 +75,9 @@ const EMPTY_LEVEL: Level = Level {
 struct Page {
     /// Bottom layer of the occupancy bitmap: bit `i` of word `w` is level `w * 64 + i`.
     words: [u64; PAGE_WORDS],
-    /// `PAGE_LEVELS` levels, allocated on the heap directly (never built on the stack).
-    levels: Box<[Level]>,
+    /// `PAGE_LEVELS` levels, allocated on the heap directly (never built on the stack); a fixed
+    /// size, so indexing by the low bits of a price needs no bounds check.
+    levels: Box<[Level; PAGE_LEVELS]>,
 }
 
 /// A new empty page. Out of line and cold: pages are made once per 4,096 prices.
@@ -54,7 +86,10 @@ struct Page {
 fn new_page() -> Box<Page> {
     Box::new(Page {
         words: [0; PAGE_WORDS],
-        levels: vec![EMPTY_LEVEL; PAGE_LEVELS].into_boxed_slice(),
+        levels: vec![EMPTY_LEVEL; PAGE_LEVELS]
+            .into_boxed_slice()
+            .try_into()
+            .expect("PAGE_LEVELS levels"),
     })
 }
 
@@ -278,7 +313,7 @@ pub struct Book<T> {
     nodes: Vec<Node<T>>,
     free: u32,
     len: u32,
-    index: FxHashMap<OrderId, u32>,
+    index: HashMap<OrderId, u32, BuildHasherDefault<IdHasher>>,
     levels: Levels,
     /// Best bid price, 0 when there is none (prices start at 1).
     best_bid: u64,
@@ -310,7 +345,7 @@ impl<T: Copy + Default> Book<T> {
         // Sized for a busy book (65,536 orders), not the limit: a table sized for a million
         // orders spreads a small book's ids over megabytes and makes lookups cache misses. Past
         // that it grows (a rehash on the order path, amortised) and then stays.
-        let mut index = FxHashMap::default();
+        let mut index = HashMap::default();
         index.reserve((capacity as usize).min(1 << 16));
         Self {
             nodes,
@@ -496,10 +531,12 @@ impl<T: Copy> Book<T> {
     /// Moves the order in `slot` to the back of the queue at `price` with open quantity `qty`
     /// (a price change or a quantity increase: it loses its time priority), keeping its slot and
     /// id. The caller has checked that `price` does not cross the other side.
+    #[inline]
     pub fn relocate(&mut self, slot: u32, price: Price, qty: Qty) {
-        let node = self.nodes[slot as usize];
+        // Only the side: copying the whole node (with the owner's data) costs more than the move.
+        let side = self.nodes[slot as usize].side;
         debug_assert!(!qty.is_zero() && price.0 >= 1 && price <= self.max_price);
-        debug_assert!(match node.side {
+        debug_assert!(match side {
             Side::Buy => price.0 < self.best_ask,
             Side::Sell => price.0 > self.best_bid,
         });
@@ -510,7 +547,7 @@ impl<T: Copy> Book<T> {
         n.qty = qty;
         n.prev = tail;
         n.next = NIL;
-        match node.side {
+        match side {
             Side::Buy if price.0 > self.best_bid => self.best_bid = price.0,
             Side::Sell if price.0 < self.best_ask => self.best_ask = price.0,
             _ => {}
@@ -520,7 +557,7 @@ impl<T: Copy> Book<T> {
     /// Appends `slot` to the queue at `price` (its level's quantity and occupancy follow) and
     /// returns the previous tail (`NIL` when the level was empty). The node's own fields are the
     /// caller's to set.
-    #[inline]
+    #[inline(always)]
     fn link_back(&mut self, slot: u32, price: Price, qty: Qty) -> u32 {
         let level = self.levels.level_mut(price.0);
         let tail = level.tail;
@@ -539,23 +576,25 @@ impl<T: Copy> Book<T> {
 
     /// Takes the order in `slot` out of its level (the level's quantity, occupancy and the best
     /// prices follow), leaving the slot and the index untouched.
+    #[inline]
     fn unlink(&mut self, slot: u32) {
-        let node = self.nodes[slot as usize];
-        let price = node.price.0;
-        if node.prev != NIL {
-            self.nodes[node.prev as usize].next = node.next;
+        // The links, price and quantity only (not the owner's data).
+        let n = &self.nodes[slot as usize];
+        let (prev, next, price, qty) = (n.prev, n.next, n.price.0, n.qty.0);
+        if prev != NIL {
+            self.nodes[prev as usize].next = next;
         }
-        if node.next != NIL {
-            self.nodes[node.next as usize].prev = node.prev;
+        if next != NIL {
+            self.nodes[next as usize].prev = prev;
         }
         let level = self.levels.level_existing(price);
-        if node.prev == NIL {
-            level.head = node.next;
+        if prev == NIL {
+            level.head = next;
         }
-        if node.next == NIL {
-            level.tail = node.prev;
+        if next == NIL {
+            level.tail = prev;
         }
-        level.qty -= node.qty.0;
+        level.qty -= qty;
         let emptied = level.head == NIL;
         debug_assert!(!emptied || level.qty == 0);
         if emptied {

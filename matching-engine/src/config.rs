@@ -67,7 +67,12 @@ impl MarketConfig {
     /// add up to more than the fee of the whole).
     #[inline]
     pub fn fee(notional: Amount, bps: u16) -> Amount {
-        Amount(((u128::from(notional.0) * u128::from(bps)) / 10_000) as u64)
+        // The same value either way; a product that fits in 64 bits (every realistic one) is
+        // divided in 64 bits, by a multiply, not by the 128-bit division routine.
+        match notional.0.checked_mul(u64::from(bps)) {
+            Some(p) => Amount(p / 10_000),
+            None => Amount(((u128::from(notional.0) * u128::from(bps)) / 10_000) as u64),
+        }
     }
 
     /// The larger of the maker and taker fee: what a bid holds as fee allowance.

@@ -31,28 +31,6 @@ const DESCRIBE: &str = "var s = document.getElementById('status'); \
     return {status: s && s.dataset.status, text: s && s.innerText, \
             body: document.body.innerText.slice(0, 600)};";
 
-/// Kills the server (and its bitcoind) if the test panics; `stop` shuts it down cleanly.
-struct Running(Option<Server>);
-
-impl Running {
-    fn get(&self) -> &Server {
-        self.0.as_ref().expect("server running")
-    }
-
-    fn stop(mut self) {
-        let status = self.0.take().expect("server running").terminate();
-        assert!(status.success(), "clean shutdown: {status}");
-    }
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        if let Some(s) = self.0.take() {
-            s.kill();
-        }
-    }
-}
-
 /// Signed calls with a blocking face (the browser and the payer are blocking too).
 struct Api {
     client: Client,
@@ -256,8 +234,9 @@ fn checkout_page_on_the_real_server_turns_paid_without_reload() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = Running(Some(Server::start(dir.path(), free_port())));
-    let s = server.get();
+    // A panicking test drops the server, which kills it and its bitcoind.
+    let server = Server::start(dir.path(), free_port());
+    let s = &server;
     make_usd_price(s);
     let (m, _) = merchant(s, "Corner Café", &[("defaultCurrency", "USD")]);
     let btc_invoice = m.call(
@@ -321,7 +300,8 @@ fn checkout_page_on_the_real_server_turns_paid_without_reload() {
         "{after}"
     );
     drop((desk, phone));
-    server.stop();
+    let status = server.terminate();
+    assert!(status.success(), "clean shutdown: {status}");
 }
 
 #[test]
@@ -330,8 +310,9 @@ fn pos_page_on_the_real_server_charges_and_turns_paid() {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
-    let server = Running(Some(Server::start(dir.path(), free_port())));
-    let s = server.get();
+    // A panicking test drops the server, which kills it and its bitcoind.
+    let server = Server::start(dir.path(), free_port());
+    let s = &server;
     make_usd_price(s);
     let (_m, store) = merchant(
         s,
@@ -449,7 +430,8 @@ fn pos_page_on_the_real_server_charges_and_turns_paid() {
     );
     b.screenshot("pos-real-paid.png").unwrap();
     drop(b);
-    server.stop();
+    let status = server.terminate();
+    assert!(status.success(), "clean shutdown: {status}");
 }
 
 /// A plain request to a public endpoint (no signature): the body, after checking the status.

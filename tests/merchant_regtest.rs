@@ -85,11 +85,10 @@ impl Env {
     }
 }
 
+/// The server kills itself and its bitcoind when dropped (also when a test panics); this
+/// prints each test's wall time.
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some(s) = self.server.take() {
-            s.kill();
-        }
         let name = std::thread::current().name().unwrap_or("?").to_owned();
         eprintln!("{name}: {:.1} s", self.started.elapsed().as_secs_f64());
     }

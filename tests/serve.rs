@@ -12,7 +12,7 @@ mod common;
 
 use api::client::Client;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{json::ScanTxOutRequest, RpcApi};
-use common::{free_port, Server};
+use common::{free_port, http_get, Server};
 use serde_json::Value;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -56,19 +56,6 @@ fn balance(c: &Client, asset: &str) -> (u64, u64) {
             )
         })
         .unwrap_or((0, 0))
-}
-
-fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut s = String::new();
-    c.read_to_string(&mut s).unwrap();
-    s
 }
 
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {

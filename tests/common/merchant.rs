@@ -183,14 +183,7 @@ pub fn marks(v: &Value) -> Vec<String> {
 
 /// `GET path` on the server without a key; the JSON body.
 pub fn public_get(addr: SocketAddr, path: &str) -> Value {
-    let mut c = std::net::TcpStream::connect(addr).unwrap();
-    write!(
-        c,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .unwrap();
-    let mut s = String::new();
-    c.read_to_string(&mut s).unwrap();
+    let s = super::http_get(addr, path);
     assert!(s.starts_with("HTTP/1.1 200"), "GET {path}: {s}");
     let (_, body) = s.split_once("\r\n\r\n").unwrap();
     serde_json::from_str(body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}"))

@@ -23,10 +23,28 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// `GET path` over a fresh connection, without a key: the whole response (status line, headers,
+/// body).
+pub fn http_get(addr: SocketAddr, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut c = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut s = String::new();
+    c.read_to_string(&mut s).unwrap();
+    s
+}
+
 pub struct Server {
     pub child: Child,
     pub addr: SocketAddr,
     pub dir: PathBuf,
+    /// The node `serve` started, read once it serves (its pid file may be gone by the time the
+    /// server is dropped: a test's temporary directory can be deleted first).
+    node_pid: Option<u32>,
 }
 
 impl Server {
@@ -63,11 +81,14 @@ impl Server {
             }
         }
         std::thread::spawn(move || while rx.recv().is_ok() {});
-        Server {
+        let mut server = Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             dir: dir.to_owned(),
-        }
+            node_pid: None,
+        };
+        server.node_pid = server.bitcoind_pid();
+        server
     }
 
     /// An admin command through the binary, `--json`.
@@ -107,12 +128,19 @@ impl Server {
         self.child.wait().unwrap()
     }
 
-    /// SIGKILL (no clean-up), and the node it had started is killed too.
+    /// SIGKILL (no clean-up), and the node it had started is killed too (waited for, so the
+    /// data directory can be used again at once).
     pub fn kill(mut self) {
-        let node = self.bitcoind_pid();
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
-        if let Some(pid) = node {
+        self.kill_both();
+    }
+
+    fn kill_both(&mut self) {
+        if !matches!(self.child.try_wait(), Ok(None)) {
+            return;
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if let Some(pid) = self.node_pid {
             let _ = Command::new("kill")
                 .args(["-KILL", &pid.to_string()])
                 .status();
@@ -128,15 +156,6 @@ impl Server {
 /// it started, so no process outlives its test (and holds cargo's output pipe open).
 impl Drop for Server {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let node = self.bitcoind_pid();
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            if let Some(pid) = node {
-                let _ = Command::new("kill")
-                    .args(["-KILL", &pid.to_string()])
-                    .status();
-            }
-        }
+        self.kill_both();
     }
 }

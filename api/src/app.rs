@@ -1,6 +1,6 @@
 //! Application state, setup, the router, middleware (request ids, metrics) and a bounded server.
 
-use crate::core::{EventBatch, EventSink, ExchangeCore, LocalCore};
+use crate::core::{EventBatch, EventSink, ExchangeCore, LocalCore, Outcome};
 use crate::error::ApiError;
 use crate::keys::{ApiKey, KeyStore, Perms};
 use crate::market::Markets;
@@ -302,21 +302,48 @@ impl AppState {
     }
 
     /// Submits a command and waits until the read models have applied it (read-your-writes).
+    /// A rejection is `Ok` with `reply.result = Err(code)`; `Busy` is `-1008`; an outcome that is
+    /// unknown is `-1007` (never a plain failure: the command may have been applied). See
+    /// [`AppState::submit_outcome`].
     pub async fn submit(&self, cmd: Command) -> Result<crate::core::Reply, ApiError> {
+        match self.submit_outcome(cmd).await {
+            Outcome::Applied(reply) => Ok(reply),
+            Outcome::Rejected(code) => Ok(crate::core::Reply {
+                result: Err(code),
+                events: Vec::new(),
+                seq: 0,
+            }),
+            Outcome::Busy => Err(ApiError::busy()),
+            Outcome::Unknown => Err(ApiError::outcome_unknown()),
+        }
+    }
+
+    /// Submits a command and reports what became of it: applied, rejected, not taken, or
+    /// unknown ([`Outcome`]). An applied command is reported as applied even when the read
+    /// models are slow to show it: their lag is logged, never turned into a failure (the reply
+    /// is durable and authoritative). Callers that move money resolve `Unknown` by idempotency
+    /// key.
+    pub async fn submit_outcome(&self, cmd: Command) -> Outcome {
         let t0 = Instant::now();
-        let r = self.0.core.submit(cmd).await.map_err(|e| match e {
-            crate::core::CoreError::Busy => ApiError::busy(),
-            other => {
-                tracing::error!(error = %other, "engine unavailable");
-                ApiError::internal()
+        let reply = match self.0.core.submit(cmd).await {
+            Ok(reply) => reply,
+            Err(crate::core::CoreError::Busy) => return Outcome::Busy,
+            Err(other) => {
+                tracing::error!(error = %other, "engine unavailable: command outcome unknown");
+                return Outcome::Unknown;
             }
-        })?;
-        if !self.0.rm.wait_for(r.seq).await {
-            tracing::error!(seq = r.seq, "read model did not catch up");
-            return Err(ApiError::internal());
+        };
+        if let Err(code) = reply.result {
+            return Outcome::Rejected(code);
+        }
+        if !self.0.rm.wait_for(reply.seq).await {
+            tracing::warn!(
+                seq = reply.seq,
+                "read model did not catch up with an applied command; answering from the durable reply"
+            );
         }
         self.0.metrics.engine_latency.record(t0.elapsed());
-        Ok(r)
+        Outcome::Applied(reply)
     }
 
     /// Sets a gauge shown on `/metrics` (e.g. `mediator_wallet_sync_height`,

@@ -29,6 +29,26 @@ pub struct Reply {
     pub seq: u64,
 }
 
+/// What became of one submitted command: the three answers of a boundary that can lose its
+/// reply (plus "not taken"). **Contract:** `Applied` and `Rejected` are certain; `Busy` means the
+/// command never entered the engine's queue (nothing changed, safe to retry); `Unknown` means the
+/// command may or may not have been applied (the engine stopped after taking it, or the reply was
+/// lost): a caller that moves money resolves it by asking the engine about the command's
+/// idempotency key (re-submitting the same idempotent command, or a lookup), never by assuming
+/// either answer.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Applied and durable; the reply carries its events and sequence number.
+    Applied(Reply),
+    /// Refused by the engine: it changed nothing it was asked to do.
+    Rejected(RejectCode),
+    /// Not taken (the input queue was full): nothing changed; try again later.
+    Busy,
+    /// Taken, but no answer: applied or not is unknown until resolved by idempotency key.
+    Unknown,
+}
+
 /// Why a command got no reply.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]

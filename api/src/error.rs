@@ -39,6 +39,18 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// `-1007` with 503: the command was taken but its outcome is unknown (Binance: "Timeout
+    /// waiting for response from backend server. Send status unknown; execution status
+    /// unknown."). The client must not treat it as a failure: it looks the order up by its client
+    /// order id (or repeats the request with the same idempotency key).
+    pub fn outcome_unknown() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: -1007,
+            msg: "Timeout waiting for response from backend server. Send status unknown; execution status unknown.".into(),
+            retry_after: None,
+        }
+    }
     /// `-1008`: the engine's queue is full.
     pub fn busy() -> Self {
         Self {

@@ -36,6 +36,6 @@ pub mod trade;
 pub mod ws;
 
 pub use app::{app, open, open_local, serve, ApiConfig, AppState};
-pub use core::{CoreError, EventBatch, EventSink, ExchangeCore, LocalCore, Reply};
+pub use core::{CoreError, EventBatch, EventSink, ExchangeCore, LocalCore, Outcome, Reply};
 pub use node::{start_node, Node, NodeConfig};
 pub use seqcore::SequencerCore;

@@ -659,13 +659,7 @@ async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) ->
         Ok(res) => res,
         Err(_) => {
             span.in_scope(|| tracing::warn!("request timed out"));
-            ApiError {
-                status: StatusCode::SERVICE_UNAVAILABLE,
-                code: -1007,
-                msg: "Timeout waiting for response from backend server. Send status unknown; execution status unknown.".into(),
-                retry_after: None,
-            }
-            .into_response()
+            ApiError::outcome_unknown().into_response()
         }
     };
     let elapsed = t0.elapsed();

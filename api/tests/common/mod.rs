@@ -1,15 +1,57 @@
 //! Test harness: an API over a local engine in a temporary directory.
 #![allow(dead_code, missing_docs)]
 
+use api::core::BoxFuture;
 use api::keys::{sign, Perms};
 use api::{app, open_local, ApiConfig, AppState};
+use api::{CoreError, ExchangeCore, LocalCore, Reply};
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use axum::Router;
 use http_body_util::BodyExt;
-use matching_engine::EngineConfig;
+use matching_engine::{Command, EngineConfig};
 use serde_json::Value;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use tower::ServiceExt;
+
+/// A core that applies every command but loses the replies of the next `lose` applied ones
+/// (answering "stopped": the caller cannot tell whether the command was applied).
+pub struct Lossy {
+    inner: LocalCore,
+    /// Replies still to lose.
+    pub lose: AtomicUsize,
+    /// Replies lost so far.
+    pub lost: AtomicUsize,
+}
+
+impl Lossy {
+    /// Loses the replies of the next `n` applied commands.
+    pub fn lose_next(&self, n: usize) {
+        self.lose.store(n, Ordering::SeqCst);
+    }
+}
+
+impl ExchangeCore for Lossy {
+    fn submit(&self, cmd: Command) -> BoxFuture<'_, Result<Reply, CoreError>> {
+        Box::pin(async move {
+            let reply = self.inner.submit(cmd).await?;
+            let lose = reply.result.is_ok()
+                && self
+                    .lose
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
+            if lose {
+                self.lost.fetch_add(1, Ordering::SeqCst);
+                return Err(CoreError::Stopped);
+            }
+            Ok(reply)
+        })
+    }
+    fn config(&self) -> &EngineConfig {
+        self.inner.config()
+    }
+}
 
 pub struct Harness {
     pub state: AppState,
@@ -57,6 +99,31 @@ impl Harness {
 
     pub fn in_dir(dir: tempfile::TempDir, cfg: ApiConfig) -> Self {
         let state = open_local(dir.path(), EngineConfig::default(), cfg).unwrap();
+        Self::over(dir, state)
+    }
+
+    /// An API over a core that can lose replies ([`Lossy`]): the commands whose replies are lost
+    /// are applied all the same (outcome *unknown* to the caller).
+    pub fn lossy() -> (Self, Arc<Lossy>) {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = ApiConfig {
+            orders_per_10s: 1_000_000,
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..ApiConfig::default()
+        };
+        let (pending, sink) = api::app::open(dir.path(), &EngineConfig::default(), cfg).unwrap();
+        let engine = matching_engine::Engine::new(EngineConfig::default()).unwrap();
+        let core = Arc::new(Lossy {
+            inner: LocalCore::spawn(engine, sink, 65_536).unwrap(),
+            lose: AtomicUsize::new(0),
+            lost: AtomicUsize::new(0),
+        });
+        let state = pending.start(core.clone());
+        (Self::over(dir, state), core)
+    }
+
+    fn over(dir: tempfile::TempDir, state: AppState) -> Self {
         let admin = state
             .create_key(0, Perms(Perms::ADMIN.0 | Perms::READ.0), "admin")
             .unwrap();

@@ -12,6 +12,7 @@ use api::merchant::{store, webhook};
 use axum::http::StatusCode;
 use common::Harness;
 use serde_json::Value;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 #[derive(Default)]
@@ -19,6 +20,9 @@ struct Fake {
     addresses: Mutex<u32>,
     deposits: Mutex<Vec<DepositInfo>>,
     withdrawals: Mutex<Vec<WithdrawalInfo>>,
+    /// Withdrawal requests still to answer with an internal error after recording them (the
+    /// answer is lost: the caller cannot tell whether the withdrawal exists).
+    lose: AtomicUsize,
 }
 
 impl Fake {
@@ -64,6 +68,13 @@ impl Custody for Fake {
         idempotency_key: &str,
     ) -> Result<WithdrawalInfo, CustodyError> {
         let mut ws = self.withdrawals.lock().unwrap();
+        // Keys are unique per account, as in the wallet.
+        if ws
+            .iter()
+            .any(|w| w.account == account && w.idempotency_key == idempotency_key)
+        {
+            return Err(CustodyError::bad_request(-4029, "duplicate key"));
+        }
         let w = WithdrawalInfo {
             id: 100 + ws.len() as u64,
             account,
@@ -78,10 +89,19 @@ impl Custody for Fake {
             confirmations: 0,
         };
         ws.push(w.clone());
+        let lost = self
+            .lose
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+        if lost {
+            return Err(CustodyError::internal("the answer was lost"));
+        }
         Ok(w)
     }
-    fn withdrawals(&self, _: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
-        Ok(self.withdrawals.lock().unwrap().clone())
+    fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
+        let mut ws = self.withdrawals.lock().unwrap().clone();
+        ws.retain(|w| account.is_none_or(|a| w.account == a));
+        Ok(ws)
     }
     fn approve_withdrawal(&self, _: u64) -> Result<WithdrawalInfo, CustodyError> {
         Err(CustodyError::bad_request(-4000, "no"))
@@ -110,7 +130,10 @@ struct M {
 }
 
 async fn setup() -> M {
-    let h = Harness::new();
+    setup_on(Harness::new()).await
+}
+
+async fn setup_on(h: Harness) -> M {
     let fake = Arc::new(Fake::default());
     h.state.set_custody(fake.clone()).ok().unwrap();
     let (account, _) = h.trader("0", "0").await;
@@ -747,4 +770,307 @@ async fn openapi_lists_every_merchant_route() {
         doc["paths"]["/mapi/v1/merchant/invoice/pay"]["post"]["x-permission"],
         "trade"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outcomes that are unknown (issue 13): a reply lost after the money moved.
+
+#[tokio::test]
+async fn a_balance_payment_whose_reply_is_lost_is_recorded_once_by_the_monitor() {
+    let (h, core) = Harness::lossy();
+    let m = setup_on(h).await;
+    let (_, payer) = m.h.trader("1", "0").await;
+    let inv = m.invoice("amount=0.00123").await;
+    let id = s(&inv, "id");
+    core.lose_next(1);
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={id}"),
+            &payer,
+        )
+        .await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    // The monitor asks the engine about the payment's key: it was applied, so it is recorded.
+    m.tick(common::now_ms()).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "status"), s(&v, "paidBtc")),
+        ("Settled".into(), "0.00123".into())
+    );
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99877000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00123000");
+    // Paying again moves nothing; another tick records nothing twice.
+    let again =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={id}"),
+            &payer,
+        )
+        .await;
+    assert_eq!(again.code(), -1155, "{}", again.json);
+    m.tick(common::now_ms()).await;
+    assert_eq!(m.get(&id).await["payments"].as_array().unwrap().len(), 1);
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99877000");
+}
+
+#[tokio::test]
+async fn a_refund_whose_reply_is_lost_stays_reserved_and_its_retry_pays_once() {
+    let (h, core) = Harness::lossy();
+    let m = setup_on(h).await;
+    let (payer_id, payer) = m.h.trader("1", "0").await;
+    let inv = m.invoice("amount=0.002").await;
+    let id = s(&inv, "id");
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/invoice/pay",
+        &format!("invoiceId={id}"),
+        &payer,
+    )
+    .await;
+    let params = format!("invoiceId={id}&amount=0.001&toAccount={payer_id}&idempotencyKey=rf-1");
+    core.lose_next(1);
+    let r =
+        m.h.signed("POST", "/mapi/v1/merchant/invoice/refund", &params, &m.key)
+            .await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    // Still reserved: a second refund cannot take the same money again.
+    let v = m.get(&id).await;
+    assert_eq!(s(&v, "refundedBtc"), "0.001", "{v}");
+    assert_eq!(s(&v["refunds"][0], "state"), "unknown");
+    let over =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0011&toAccount={payer_id}"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(over.code(), -1156, "{}", over.json);
+    // The same request again answers the same refund, moving nothing twice.
+    let again =
+        m.h.ok("POST", "/mapi/v1/merchant/invoice/refund", &params, &m.key)
+            .await;
+    assert_eq!(
+        (again["n"].as_u64(), s(&again, "refundedBtc")),
+        (Some(1), "0.001".into())
+    );
+    assert!(s(&again, "reference").starts_with("transfer:"), "{again}");
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99900000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00100000");
+    m.tick(common::now_ms()).await;
+    let v = m.get(&id).await;
+    assert_eq!(v["refunds"].as_array().unwrap().len(), 1);
+    assert_eq!(s(&v["refunds"][0], "state"), "done");
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99900000");
+    assert_eq!(
+        m.events(&id)
+            .iter()
+            .filter(|e| *e == "invoice.refunded")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn a_refund_to_an_address_whose_custody_answer_is_lost_pays_once() {
+    let m = setup().await;
+    let now = common::now_ms();
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
+    m.tick(now + 1).await;
+    m.fake.lose.store(1, Ordering::SeqCst);
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0004&address=bcrt1qdest"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.0004");
+    // The monitor finds custody's withdrawal by the refund's key: done, not paid again.
+    m.tick(now + 2).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (
+            s(&v["refunds"][0], "state"),
+            s(&v["refunds"][0], "reference")
+        ),
+        ("done".into(), "withdrawal:100".into())
+    );
+    // A new refund gets a new number (and key): never the lost one's.
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/invoice/refund",
+        &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
+        &m.key,
+    )
+    .await;
+    let ws = m.fake.withdrawals.lock().unwrap().clone();
+    let keys: Vec<_> = ws
+        .iter()
+        .map(|w| (w.idempotency_key.clone(), w.amount_sat))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            (format!("refund-{id}-1"), 40_000),
+            (format!("refund-{id}-2"), 10_000)
+        ]
+    );
+    assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.0005");
+}
+
+#[tokio::test]
+async fn only_credited_payments_are_refundable() {
+    let m = setup().await;
+    m.h.ok("POST", "/mapi/v1/merchant/store", "speedPolicy=0", &m.key)
+        .await;
+    let inv = m.invoice("amount=0.0005").await;
+    let (id, addr) = (s(&inv, "id"), s(&inv, "address"));
+    let now = common::now_ms();
+    m.fake.pay(m.account, &addr, 9, 50_000, 0, now);
+    m.tick(now + 1).await;
+    assert_eq!(s(&m.get(&id).await, "status"), "Settled");
+    // Settled at 0 confirmations, but an unconfirmed payment can be replaced: not refundable.
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(r.code(), -1156, "{}", r.json);
+    assert!(m.fake.withdrawals.lock().unwrap().is_empty());
+    m.fake.pay(m.account, &addr, 9, 50_000, 1, now);
+    m.tick(now + 2).await;
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/invoice/refund",
+        &format!("invoiceId={id}&amount=0.0005&address=bcrt1qdest"),
+        &m.key,
+    )
+    .await;
+    assert_eq!(m.fake.withdrawals.lock().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_conversion_whose_reply_is_lost_sells_once() {
+    let (h, core) = Harness::lossy();
+    let m = setup_on(h).await;
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/store",
+        "settlement=convert&defaultCurrency=USD",
+        &m.key,
+    )
+    .await;
+    let (_, bidder) = m.h.trader("0", "100000").await;
+    m.h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=50000",
+        &bidder,
+    )
+    .await;
+    let (_, payer) = m.h.trader("1", "0").await;
+    let inv = m.invoice("amount=0.002&currency=BTC").await;
+    let id = s(&inv, "id");
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/invoice/pay",
+        &format!("invoiceId={id}"),
+        &payer,
+    )
+    .await;
+    // The sell is applied, its reply lost.
+    core.lose_next(1);
+    let first = tick(&m.h.state, common::now_ms()).await;
+    assert!(first.is_err(), "{first:?}");
+    m.tick(common::now_ms()).await;
+    let v = m.get(&id).await;
+    let conv = &v["conversion"];
+    assert_eq!(
+        (s(conv, "state"), s(conv, "soldBtc")),
+        ("done".into(), "0.002".into()),
+        "{v}"
+    );
+    let notional: u128 = 200_000 * 50_000; // sats x USD/BTC = quote units (8 decimals)
+    let want = api::decimal::format_units((notional - notional * 20 / 10_000) as u64, 8);
+    assert_eq!(s(conv, "quoteReceived"), want);
+    assert_eq!(m.h.balance(&m.key, "USD").await.0, want);
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00000000");
+}
+
+#[tokio::test]
+async fn a_payment_runs_to_completion_when_the_client_goes_away() {
+    let m = setup().await;
+    let (_, payer) = m.h.trader("1", "0").await;
+    let inv = m.invoice("amount=0.0002").await;
+    let id = s(&inv, "id");
+    // The client sends the request and hangs up after the first poll.
+    let gone = tokio::time::timeout(
+        std::time::Duration::ZERO,
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={id}"),
+            &payer,
+        ),
+    )
+    .await;
+    assert!(
+        gone.is_err(),
+        "the request should not have finished in one poll"
+    );
+    let mut status = String::new();
+    for _ in 0..500 {
+        status = s(&m.get(&id).await, "status");
+        if status == "Settled" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, "Settled");
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99980000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00020000");
+}
+
+#[tokio::test]
+async fn a_payment_intent_left_by_a_crash_is_recorded_from_the_engine() {
+    let m = setup().await;
+    let (payer_id, payer) = m.h.trader("1", "0").await;
+    let inv = m.invoice("amount=0.0003").await;
+    let id = s(&inv, "id");
+    // As if the process died after the transfer was applied and before the invoice was
+    // updated: the intent is on disk, the engine has the transfer.
+    let intent = store::PayIntent {
+        pid: format!("pay/{id}/{payer_id}/30000"),
+        invoice_id: id.clone(),
+        payer: payer_id,
+        amount_sat: 30_000,
+        created_ms: common::now_ms(),
+    };
+    let cmd = api::merchant::outcome::pay_command(&m.h.state, &intent, m.account).unwrap();
+    m.h.state.submit(cmd).await.unwrap().result.unwrap();
+    store::insert_pay_intent(&m.h.state.merchant().db.lock().unwrap(), &intent).unwrap();
+    m.tick(common::now_ms()).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "status"), s(&v, "paidBtc")),
+        ("Settled".into(), "0.0003".into())
+    );
+    // Moved once: the tick's repeat of the transfer was a duplicate.
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99970000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00030000");
+    assert!(store::pay_intents(&m.h.state.merchant().db.lock().unwrap())
+        .unwrap()
+        .is_empty());
 }

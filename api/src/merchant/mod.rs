@@ -25,6 +25,7 @@
 
 pub mod model;
 pub mod monitor;
+pub mod outcome;
 pub mod pages;
 pub mod qr;
 pub mod routes;

@@ -255,6 +255,15 @@ impl Invoice {
             .sum()
     }
 
+    /// Satoshis received and credited to the merchant's account (balance payments always are).
+    pub fn credited_sat(&self) -> u64 {
+        self.payments
+            .iter()
+            .filter(|p| !p.reorged && p.credited)
+            .map(|p| p.amount_sat)
+            .sum()
+    }
+
     /// Satoshis still to pay for the invoice to count as paid in full (0 when paid).
     pub fn due_sat(&self) -> u64 {
         self.amount_sat.saturating_sub(self.derive(0).paid_sat)
@@ -360,8 +369,9 @@ impl Invoice {
     /// `Invalid` (a `New` or `Processing` invoice may still change).
     pub fn refundable_sat(&self) -> Result<u64, TransitionError> {
         match self.status {
+            // Only credited payments: an unconfirmed (RBF-able) one can still vanish.
             Status::Settled | Status::Expired | Status::Invalid => {
-                Ok(self.received_sat().saturating_sub(self.refunded_sat))
+                Ok(self.credited_sat().saturating_sub(self.refunded_sat))
             }
             s => Err(TransitionError::WrongStatus(s)),
         }

@@ -15,6 +15,7 @@ use super::model::{Payment, Source};
 use super::routes::{commit, with_db};
 use super::store::{self, ConvState, Record};
 use super::webhook::{Dispatcher, RetryPolicy};
+use crate::core::Outcome;
 use crate::custody::DepositState;
 use crate::error::ApiError;
 use crate::AppState;
@@ -99,6 +100,10 @@ pub fn spawn(state: AppState, poll: Duration, dispatcher: Option<Dispatcher>) ->
 pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError> {
     let mut report = TickReport::default();
     let _guard = state.merchant().invoice_lock.lock().await;
+    // 0. Balance payments and refunds whose outcome is unknown (or a crash interrupted).
+    let resolved = super::outcome::resolve(state, now_ms).await?;
+    report.changed += resolved.payments + resolved.refunds_done + resolved.refunds_cancelled;
+    report.events += resolved.payments + resolved.refunds_done;
     // 1. Payments from custody.
     if let Some(custody) = state.0.custody.get().cloned() {
         let deposits = tokio::task::spawn_blocking(move || custody.deposits(None))
@@ -264,7 +269,7 @@ async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool
     save(state, rec.clone(), name.clone()).await?;
     let client = ClientOrderId::new(&cid).map_err(|_| ApiError::internal())?;
     let reply = state
-        .submit(Command::NewOrder(NewOrder {
+        .submit_outcome(Command::NewOrder(NewOrder {
             account: AccountId(merchant),
             market: m.id,
             side: Side::Sell,
@@ -275,17 +280,30 @@ async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool
             client_id: Some(client),
         }))
         .await;
-    rec.conv.client_id = None;
     let reply = match reply {
-        Ok(r) => r,
-        Err(e) => {
-            // Busy or down: nothing was sold; try again next tick.
+        Outcome::Applied(r) => r,
+        Outcome::Rejected(matching_engine::RejectCode::EngineBusy) | Outcome::Busy => {
+            // Not taken: nothing was sold; try again next tick.
+            rec.conv.client_id = None;
             save(state, rec, name).await?;
-            return Err(e);
+            return Ok(false);
+        }
+        Outcome::Rejected(code) => {
+            rec.conv.client_id = None;
+            rec.conv.state = ConvState::Failed;
+            rec.conv.error = Some(code.message().to_owned());
+            save(state, rec, name).await?;
+            return Ok(true);
+        }
+        _ => {
+            // Unknown: the client order id stays stored, so the next tick looks the order up
+            // instead of selling again.
+            tracing::warn!(invoice = %rec.inv.id, "conversion sell outcome unknown");
+            return Err(ApiError::outcome_unknown());
         }
     };
+    rec.conv.client_id = None;
     match reply.result {
-        Err(matching_engine::RejectCode::EngineBusy) => {}
         Err(code) => {
             rec.conv.state = ConvState::Failed;
             rec.conv.error = Some(code.message().to_owned());

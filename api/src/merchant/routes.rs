@@ -4,7 +4,8 @@
 //! Every parameter is validated before anything changes; SQLite work runs on tokio's blocking
 //! pool. Merchant error codes are `-1150..=-1163` (see `api/README.md`).
 
-use super::model::{self, Invoice, Marks, Payment, Quote, Status};
+use super::model::{self, Invoice, Marks, Quote, Status};
+use super::outcome;
 use super::store::{self, ConvState, Conversion, Record, Refund, StoreSettings};
 use super::webhook::{self, EventType};
 use crate::app::{ok_json, AppState, ClientIp, Req};
@@ -18,7 +19,6 @@ use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::Router;
-use matching_engine::{AccountId, Amount, Command, IdempotencyKey};
 use rusqlite::Connection;
 use serde_json::{json, Value};
 
@@ -828,13 +828,22 @@ pub async fn mark_invalid(State(st): State<AppState>, req: Req) -> Result<Respon
 
 /// `POST /mapi/v1/merchant/invoice/pay` (TRADE): pays what is still due on a `New` invoice
 /// from the caller's BTC balance, in one engine transfer (idempotent by invoice, payer and
-/// amount); the invoice settles at once.
+/// amount); the invoice settles at once. Runs to completion even if the client goes away; an
+/// outcome the engine did not answer is `-1007`, resolved by the monitor (see
+/// [`super::outcome`]), and the same request again answers it.
 pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
     let id = id_param(&mut p, "invoiceId")?;
     p.finish()?;
+    let payer = key.account;
+    let st2 = st.clone();
+    let v = outcome::to_completion(async move { pay_invoice(&st2, payer, id).await }).await?;
+    Ok(ok_json(&ctx, v))
+}
+
+async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, ApiError> {
     let _guard = st.merchant().invoice_lock.lock().await;
-    let (rec, name) = with_db(&st, {
+    let (rec, name) = with_db(st, {
         let id = id.clone();
         move |c| load_with_name(c, &id)
     })
@@ -850,47 +859,63 @@ pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiEr
     if due == 0 {
         return Err(wrong_status(Status::Processing));
     }
-    let btc_asset = st.markets().asset("BTC").ok_or_else(ApiError::internal)?.id;
-    let pid = format!("pay/{}/{}/{due}", rec.inv.id, key.account);
-    let reply = st
-        .submit(Command::Transfer {
-            from: AccountId(key.account),
-            to: AccountId(rec.inv.merchant),
-            asset: btc_asset,
-            amount: Amount(due),
-            key: IdempotencyKey::reference(&format!("merchant/{pid}")),
-        })
-        .await?;
-    if let Err(code) = reply.result {
-        return Err(ApiError::command_rejected(code));
-    }
-    let mut rec = rec;
-    let events = rec
-        .inv
-        .observe(&[Payment::balance(pid, key.account, due, now)], now);
-    let rec = commit(&st, rec, events, name.clone()).await?;
-    if rec.conv.state == ConvState::Wanted {
-        st.merchant().kick.notify_one();
-    }
-    let mut v = public_json(&st, &rec, &name, now);
+    let intent = store::PayIntent {
+        pid: format!("pay/{}/{payer}/{due}", rec.inv.id),
+        invoice_id: rec.inv.id.clone(),
+        payer,
+        amount_sat: due,
+        created_ms: now,
+    };
+    // Written down first: a crash or a lost answer from here on is resolved by the monitor.
+    let i2 = intent.clone();
+    with_db(st, move |c| {
+        store::insert_pay_intent(c, &i2).map_err(db_error)
+    })
+    .await?;
+    let tran = match outcome::execute_payment(st, &intent, rec.inv.merchant).await {
+        outcome::Moved::Done(reference) => reference,
+        outcome::Moved::Refused(e) => {
+            let pid = intent.pid.clone();
+            with_db(st, move |c| {
+                store::delete_pay_intent(c, &pid).map_err(db_error)
+            })
+            .await?;
+            return Err(e);
+        }
+        outcome::Moved::Unknown => return Err(ApiError::outcome_unknown()),
+    };
+    let rec = outcome::record_payment(st, rec, name.clone(), &intent, now).await?;
+    let mut v = public_json(st, &rec, &name, now);
     v["paidFromBalanceBtc"] = json!(btc(due));
-    v["tranId"] = json!(reply.seq);
-    Ok(ok_json(&ctx, v))
+    v["tranId"] = json!(tran
+        .strip_prefix("transfer:")
+        .and_then(|s| s.parse::<u64>().ok())
+        .unwrap_or(0));
+    Ok(v)
 }
 
 /// `POST /mapi/v1/merchant/invoice/refund` (MERCHANT): `invoiceId`, `amount` (BTC), and
 /// `address` (through custody's withdrawal path, the merchant pays its fee) or `toAccount` (a
-/// transfer back to an account that paid from its balance).
+/// transfer back to an account that paid from its balance); optional `idempotencyKey` (the same
+/// key again answers the same refund). Only credited payments are refundable. Runs to
+/// completion even if the client goes away; an unanswered execution keeps its reservation and
+/// answers `-1007` (resolved by the monitor, or by the same request with the same key).
 pub async fn refund(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
     let id = id_param(&mut p, "invoiceId")?;
     let amount = btc_amount(&mut p, "amount")?;
     let address = p.opt("address")?;
     let to_account = p.opt_u64("toAccount")?;
+    let idem = p.opt("idempotencyKey")?;
     p.finish()?;
     if let Some(a) = &address {
         if a.len() > 128 || !a.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(ApiError::illegal("address", "^[A-Za-z0-9]{1,128}$"));
+        }
+    }
+    if let Some(k) = &idem {
+        if k.is_empty() || k.len() > 64 || !k.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ApiError::illegal("idempotencyKey", "^[!-~]{1,64}$"));
         }
     }
     let to_account = to_account
@@ -903,120 +928,145 @@ pub async fn refund(State(st): State<AppState>, req: Req) -> Result<Response, Ap
         Some(_) => Some(st.0.custody.get().cloned().ok_or_else(unavailable)?),
         None => None,
     };
-    let merchant = key.account;
+    let ask = RefundAsk {
+        merchant: key.account,
+        id,
+        amount,
+        address,
+        to_account,
+        idem,
+    };
+    let st2 = st.clone();
+    let v = outcome::to_completion(async move { refund_invoice(&st2, ask, custody).await }).await?;
+    Ok(ok_json(&ctx, v))
+}
+
+struct RefundAsk {
+    merchant: u32,
+    id: String,
+    amount: u64,
+    address: Option<String>,
+    to_account: Option<u32>,
+    idem: Option<String>,
+}
+
+/// A refund not yet reserved, or the live one under the merchant's idempotency key.
+enum Reserved {
+    New(Record, String, Refund),
+    Existing(Record, String, Refund),
+}
+
+async fn refund_invoice(
+    st: &AppState,
+    ask: RefundAsk,
+    custody: Option<std::sync::Arc<dyn crate::custody::Custody>>,
+) -> Result<Value, ApiError> {
     let _guard = st.merchant().invoice_lock.lock().await;
     let now = now_ms();
+    let merchant = ask.merchant;
     // Check and reserve in one transaction.
-    let (rec, name, n) = with_db(&st, {
-        let address = address.clone();
-        move |c| {
-            let (mut rec, name) = match load_with_name(c, &id)? {
-                Some((r, n)) if r.inv.merchant == merchant => (r, n),
-                _ => return Err(unknown_invoice()),
-            };
-            let refundable = rec
-                .inv
-                .refundable_sat()
-                .map_err(|model::TransitionError::WrongStatus(s)| wrong_status(s))?;
-            if amount > refundable {
-                return Err(refund_too_large());
-            }
-            let done = store::refunds(c, &rec.inv.id).map_err(db_error)?;
-            if let Some(acct) = to_account {
-                let paid: u64 = rec
-                    .inv
-                    .payments
-                    .iter()
-                    .filter(|p| p.source == model::Source::Balance { payer: acct })
-                    .map(|p| p.amount_sat)
-                    .sum();
-                let back: u64 = done
-                    .iter()
-                    .filter(|r| r.to_account == Some(acct))
-                    .map(|r| r.amount_sat)
-                    .sum();
-                if amount > paid.saturating_sub(back) {
-                    return Err(not_payer());
+    let reserved = with_db(st, move |c| {
+        let (mut rec, name) = match load_with_name(c, &ask.id)? {
+            Some((r, n)) if r.inv.merchant == merchant => (r, n),
+            _ => return Err(unknown_invoice()),
+        };
+        if let Some(k) = &ask.idem {
+            if let Some(r) = store::refund_by_key(c, &rec.inv.id, k).map_err(db_error)? {
+                if r.amount_sat != ask.amount
+                    || r.to_account != ask.to_account
+                    || r.to_address != ask.address
+                {
+                    return Err(ApiError::bad(
+                        -1164,
+                        "idempotencyKey was used for another refund of this invoice.",
+                    ));
                 }
+                return Ok(Reserved::Existing(rec, name, r));
             }
-            let n = done.len() as u32 + 1;
-            let tx = c.transaction().map_err(db_error)?;
-            let r = Refund {
-                invoice_id: rec.inv.id.clone(),
-                n,
-                amount_sat: amount,
-                to_account,
-                to_address: address,
-                state: "pending".into(),
-                reference: None,
-                created_ms: now,
-            };
-            store::reserve_refund(&tx, &mut rec, &r).map_err(db_error)?;
-            tx.commit().map_err(db_error)?;
-            Ok((rec, name, n))
         }
+        let refundable = rec
+            .inv
+            .refundable_sat()
+            .map_err(|model::TransitionError::WrongStatus(s)| wrong_status(s))?;
+        if ask.amount > refundable {
+            return Err(refund_too_large());
+        }
+        let done = store::refunds(c, &rec.inv.id).map_err(db_error)?;
+        if let Some(acct) = ask.to_account {
+            let paid: u64 = rec
+                .inv
+                .payments
+                .iter()
+                .filter(|p| p.source == model::Source::Balance { payer: acct })
+                .map(|p| p.amount_sat)
+                .sum();
+            let back: u64 = done
+                .iter()
+                .filter(|r| r.to_account == Some(acct))
+                .map(|r| r.amount_sat)
+                .sum();
+            if ask.amount > paid.saturating_sub(back) {
+                return Err(not_payer());
+            }
+        }
+        let n = store::next_refund_n(c, &rec.inv.id).map_err(db_error)?;
+        let tx = c.transaction().map_err(db_error)?;
+        let r = Refund {
+            invoice_id: rec.inv.id.clone(),
+            n,
+            amount_sat: ask.amount,
+            to_account: ask.to_account,
+            to_address: ask.address,
+            state: "pending".into(),
+            reference: None,
+            created_ms: now,
+            idem_key: ask.idem,
+        };
+        store::reserve_refund(&tx, &mut rec, &r).map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Ok(Reserved::New(rec, name, r))
     })
     .await?;
-    let iid = rec.inv.id.clone();
-    let executed: Result<String, ApiError> = match (to_account, address, custody) {
-        (Some(acct), _, _) => {
-            let btc_asset = st.markets().asset("BTC").ok_or_else(ApiError::internal)?.id;
-            match st
-                .submit(Command::Transfer {
-                    from: AccountId(merchant),
-                    to: AccountId(acct),
-                    asset: btc_asset,
-                    amount: Amount(amount),
-                    key: IdempotencyKey::reference(&format!("merchant/refund/{iid}/{n}")),
-                })
-                .await
-            {
-                Ok(r) => match r.result {
-                    Ok(()) => Ok(format!("transfer:{}", r.seq)),
-                    Err(code) => Err(ApiError::command_rejected(code)),
-                },
-                Err(e) => Err(e),
-            }
+    let (rec, name, r) = match reserved {
+        Reserved::Existing(rec, _, r) if r.state == "done" => {
+            return Ok(refund_json(&rec, &r, r.reference.as_deref().unwrap_or("")));
         }
-        (None, Some(addr), Some(c)) => {
-            let key = format!("refund-{iid}-{n}");
-            tokio::task::spawn_blocking(move || c.request_withdrawal(merchant, &addr, amount, &key))
-                .await
-                .map_err(|_| ApiError::internal())
-                .and_then(|r| r.map_err(custody_error))
-                .map(|w| format!("withdrawal:{}", w.id))
+        // A live refund under the same key whose outcome is not known yet: ask again.
+        Reserved::Existing(rec, name, r) => {
+            let custody = custody.or_else(|| st.0.custody.get().cloned());
+            let moved = outcome::execute_refund(st, &r, merchant, custody, true).await;
+            return finish_refund_answer(st, &rec, &name, &r, moved, now).await;
         }
-        _ => Err(ApiError::internal()),
+        Reserved::New(rec, name, r) => (rec, name, r),
     };
-    match executed {
-        Err(e) => {
-            let iid = iid.clone();
-            with_db(&st, move |c| {
-                store::cancel_refund(c, &iid, n).map_err(db_error)
-            })
-            .await?;
-            Err(e)
-        }
-        Ok(reference) => {
-            let body = merchant_json(&st, &rec, &name, now);
-            let (r2, ref2) = (rec.clone(), reference.clone());
-            with_db(&st, move |c| {
-                store::finish_refund(c, &r2, n, &ref2, &body, now).map_err(db_error)
-            })
-            .await?;
-            st.merchant().enqueued.notify_one();
-            Ok(ok_json(
-                &ctx,
-                json!({
-                    "invoiceId": iid,
-                    "n": n,
-                    "amountBtc": btc(amount),
-                    "reference": reference,
-                    "refundedBtc": btc(rec.inv.refunded_sat),
-                }),
-            ))
-        }
+    let moved = outcome::execute_refund(st, &r, merchant, custody, false).await;
+    finish_refund_answer(st, &rec, &name, &r, moved, now).await
+}
+
+async fn finish_refund_answer(
+    st: &AppState,
+    rec: &Record,
+    name: &str,
+    r: &Refund,
+    moved: outcome::Moved,
+    now: u64,
+) -> Result<Value, ApiError> {
+    outcome::settle_refund(st, rec, name, r, &moved, now).await?;
+    match moved {
+        outcome::Moved::Done(reference) => Ok(refund_json(rec, r, &reference)),
+        outcome::Moved::Refused(e) => Err(e),
+        outcome::Moved::Unknown => Err(ApiError::outcome_unknown()),
     }
+}
+
+fn refund_json(rec: &Record, r: &Refund, reference: &str) -> Value {
+    json!({
+        "invoiceId": rec.inv.id,
+        "n": r.n,
+        "amountBtc": btc(r.amount_sat),
+        "reference": reference,
+        "refundedBtc": btc(rec.inv.refunded_sat),
+    })
 }
 
 /// `GET /mapi/v1/merchant/webhook/deliveries?invoiceId=` (MERCHANT).

@@ -40,8 +40,18 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
          CREATE TABLE IF NOT EXISTS invoice_refund (
             invoice_id TEXT NOT NULL, n INTEGER NOT NULL, amount_sat INTEGER NOT NULL,
             to_account INTEGER, to_address TEXT, state TEXT NOT NULL, reference TEXT,
-            created_ms INTEGER NOT NULL, PRIMARY KEY (invoice_id, n));",
+            created_ms INTEGER NOT NULL, PRIMARY KEY (invoice_id, n));
+         CREATE TABLE IF NOT EXISTS invoice_pay_intent (
+            pid TEXT PRIMARY KEY, invoice_id TEXT NOT NULL, payer INTEGER NOT NULL,
+            amount_sat INTEGER NOT NULL, created_ms INTEGER NOT NULL);",
     )?;
+    // Databases from before refunds took an idempotency key.
+    let has_key: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('invoice_refund') WHERE name = 'idem_key'")?
+        .exists([])?;
+    if !has_key {
+        conn.execute_batch("ALTER TABLE invoice_refund ADD COLUMN idem_key TEXT")?;
+    }
     webhook::init_schema(&conn)?;
     Ok(conn)
 }
@@ -502,59 +512,177 @@ pub struct Refund {
     pub to_account: Option<u32>,
     /// To this address (through custody's withdrawal path).
     pub to_address: Option<String>,
-    /// `pending` (reserved, being executed), `done`.
+    /// `pending` (reserved, being executed), `unknown` (executed with no answer: resolved by the
+    /// monitor through the refund's idempotency key), `done`, or `cancelled` (refused: nothing
+    /// moved, the reservation given back; its number is never reused).
     pub state: String,
     /// The custody withdrawal id or the engine's transfer sequence number.
     pub reference: Option<String>,
     /// When asked.
     pub created_ms: u64,
+    /// The merchant's idempotency key, if it gave one.
+    pub idem_key: Option<String>,
 }
 
-/// The refunds of an invoice, in order.
-pub fn refunds(conn: &Connection, invoice_id: &str) -> rusqlite::Result<Vec<Refund>> {
-    let mut s = conn.prepare_cached(
-        "SELECT invoice_id, n, amount_sat, to_account, to_address, state, reference, created_ms
-         FROM invoice_refund WHERE invoice_id = ?1 ORDER BY n",
+const REFUND_COLUMNS: &str =
+    "invoice_id, n, amount_sat, to_account, to_address, state, reference, created_ms, idem_key";
+
+fn refund_row(r: &Row) -> rusqlite::Result<Refund> {
+    Ok(Refund {
+        invoice_id: r.get(0)?,
+        n: r.get(1)?,
+        amount_sat: r.get::<_, i64>(2)? as u64,
+        to_account: r.get(3)?,
+        to_address: r.get(4)?,
+        state: r.get(5)?,
+        reference: r.get(6)?,
+        created_ms: r.get::<_, i64>(7)? as u64,
+        idem_key: r.get(8)?,
+    })
+}
+
+/// The next refund number of an invoice: numbers are never reused, not even a cancelled one's
+/// (each is part of an idempotency key that custody or the engine may have seen).
+pub fn next_refund_n(conn: &Connection, invoice_id: &str) -> rusqlite::Result<u32> {
+    conn.query_row(
+        "SELECT COALESCE(MAX(n), 0) + 1 FROM invoice_refund WHERE invoice_id = ?1",
+        [invoice_id],
+        |r| r.get(0),
+    )
+}
+
+/// The live (not cancelled) refund of an invoice with the merchant's idempotency key.
+pub fn refund_by_key(
+    conn: &Connection,
+    invoice_id: &str,
+    key: &str,
+) -> rusqlite::Result<Option<Refund>> {
+    conn.query_row(
+        &format!(
+            "SELECT {REFUND_COLUMNS} FROM invoice_refund
+             WHERE invoice_id = ?1 AND idem_key = ?2 AND state != 'cancelled'"
+        ),
+        params![invoice_id, key],
+        refund_row,
+    )
+    .optional()
+}
+
+/// Refunds whose outcome is not known yet: `unknown` ones, and with `pending_too` also
+/// `pending` ones (at start-up, a `pending` refund is one a crash interrupted).
+pub fn unresolved_refunds(conn: &Connection, pending_too: bool) -> rusqlite::Result<Vec<Refund>> {
+    let mut s = conn.prepare_cached(&format!(
+        "SELECT {REFUND_COLUMNS} FROM invoice_refund
+         WHERE state = 'unknown' OR (?1 AND state = 'pending') ORDER BY created_ms, n"
+    ))?;
+    let rows = s.query_map([pending_too], refund_row)?;
+    rows.collect()
+}
+
+/// Marks a refund whose execution got no answer: it stays reserved until resolved.
+pub fn mark_refund_unknown(conn: &Connection, invoice_id: &str, n: u32) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE invoice_refund SET state = 'unknown'
+         WHERE invoice_id = ?1 AND n = ?2 AND state = 'pending'",
+        params![invoice_id, n],
     )?;
-    let rows = s.query_map([invoice_id], |r| {
-        Ok(Refund {
-            invoice_id: r.get(0)?,
-            n: r.get(1)?,
-            amount_sat: r.get::<_, i64>(2)? as u64,
-            to_account: r.get(3)?,
-            to_address: r.get(4)?,
-            state: r.get(5)?,
-            reference: r.get(6)?,
-            created_ms: r.get::<_, i64>(7)? as u64,
+    Ok(())
+}
+
+/// A balance payment that was submitted to the engine and is not yet recorded on its invoice:
+/// written before the transfer, removed once its outcome is recorded.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayIntent {
+    /// The payment's id within the invoice; the engine transfer's key derives from it.
+    pub pid: String,
+    /// Invoice.
+    pub invoice_id: String,
+    /// The paying account.
+    pub payer: u32,
+    /// Satoshis.
+    pub amount_sat: u64,
+    /// When the payer asked.
+    pub created_ms: u64,
+}
+
+/// Records an intent (a repeat of the same `pid` keeps the first).
+pub fn insert_pay_intent(conn: &Connection, i: &PayIntent) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT OR IGNORE INTO invoice_pay_intent (pid, invoice_id, payer, amount_sat, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            i.pid,
+            i.invoice_id,
+            i.payer,
+            i.amount_sat as i64,
+            i.created_ms as i64
+        ],
+    )?;
+    Ok(())
+}
+
+/// Removes a resolved intent.
+pub fn delete_pay_intent(conn: &Connection, pid: &str) -> rusqlite::Result<()> {
+    conn.execute("DELETE FROM invoice_pay_intent WHERE pid = ?1", [pid])?;
+    Ok(())
+}
+
+/// Every unresolved intent, oldest first.
+pub fn pay_intents(conn: &Connection) -> rusqlite::Result<Vec<PayIntent>> {
+    let mut s = conn.prepare_cached(
+        "SELECT pid, invoice_id, payer, amount_sat, created_ms FROM invoice_pay_intent
+         ORDER BY created_ms, pid",
+    )?;
+    let rows = s.query_map([], |r| {
+        Ok(PayIntent {
+            pid: r.get(0)?,
+            invoice_id: r.get(1)?,
+            payer: r.get(2)?,
+            amount_sat: r.get::<_, i64>(3)? as u64,
+            created_ms: r.get::<_, i64>(4)? as u64,
         })
     })?;
     rows.collect()
 }
 
+/// The refunds of an invoice that are not cancelled, in order.
+pub fn refunds(conn: &Connection, invoice_id: &str) -> rusqlite::Result<Vec<Refund>> {
+    let mut s = conn.prepare_cached(&format!(
+        "SELECT {REFUND_COLUMNS} FROM invoice_refund
+         WHERE invoice_id = ?1 AND state != 'cancelled' ORDER BY n"
+    ))?;
+    let rows = s.query_map([invoice_id], refund_row)?;
+    rows.collect()
+}
+
 /// Reserves a refund (state `pending`) and adds it to the invoice's `refunded_sat`, in the
-/// caller's transaction. A reservation whose execution fails is removed by [`cancel_refund`].
+/// caller's transaction. A reservation whose execution was refused is given back by
+/// [`cancel_refund`]; one whose outcome is unknown stays ([`mark_refund_unknown`]).
 pub fn reserve_refund(conn: &Connection, rec: &mut Record, r: &Refund) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO invoice_refund (invoice_id, n, amount_sat, to_account, to_address, state,
-            reference, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', NULL, ?6)",
+            reference, created_ms, idem_key) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', NULL, ?6, ?7)",
         params![
             r.invoice_id,
             r.n,
             r.amount_sat as i64,
             r.to_account,
             r.to_address,
-            r.created_ms as i64
+            r.created_ms as i64,
+            r.idem_key
         ],
     )?;
     rec.inv.refunded_sat += r.amount_sat;
     save(conn, rec)
 }
 
-/// Gives a failed reservation back.
+/// Gives the reservation of a refused refund back (the row stays, `cancelled`, so its number is
+/// never reused).
 pub fn cancel_refund(conn: &mut Connection, invoice_id: &str, n: u32) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     let amount: i64 = tx.query_row(
-        "DELETE FROM invoice_refund WHERE invoice_id = ?1 AND n = ?2 AND state = 'pending'
+        "UPDATE invoice_refund SET state = 'cancelled'
+         WHERE invoice_id = ?1 AND n = ?2 AND state IN ('pending', 'unknown')
          RETURNING amount_sat",
         params![invoice_id, n],
         |r| r.get(0),
@@ -576,10 +704,15 @@ pub fn finish_refund(
     now_ms: u64,
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
-    tx.execute(
-        "UPDATE invoice_refund SET state = 'done', reference = ?3 WHERE invoice_id = ?1 AND n = ?2",
+    let changed = tx.execute(
+        "UPDATE invoice_refund SET state = 'done', reference = ?3
+         WHERE invoice_id = ?1 AND n = ?2 AND state IN ('pending', 'unknown')",
         params![rec.inv.id, n, reference],
     )?;
+    if changed == 0 {
+        // Already done (or cancelled): nothing to announce again.
+        return Ok(());
+    }
     webhook::enqueue(
         &tx,
         rec.inv.merchant,

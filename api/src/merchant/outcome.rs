@@ -1,0 +1,339 @@
+//! Money that merchant payments move, with every outcome known.
+//!
+//! A balance payment (`invoice/pay`) and a refund each move money through a boundary that can
+//! lose its answer: the engine (a transfer) or custody (a withdrawal). Each is written down
+//! *before* it is executed, under an idempotency key derived from what is written:
+//! * a balance payment as a [`store::PayIntent`] (key `merchant/pay/<invoice>/<payer>/<due>`),
+//! * a refund as a reserved [`store::Refund`] (key `merchant/refund/<invoice>/<n>` for a
+//!   transfer, `refund-<invoice>-<n>` for a custody withdrawal; `n` is never reused).
+//!
+//! The answer is one of *done*, *refused* (nothing moved: the intent is dropped, the
+//! reservation given back) or *unknown* (the record stays). An unknown outcome, and a record
+//! that a crash left behind, is resolved by [`resolve`] (run by every monitor tick) by asking
+//! the other side about the key: the engine answers a repeated transfer key as a duplicate
+//! without moving anything again, custody lists its withdrawals by key. Nothing is ever
+//! assumed done or not done.
+
+use super::model::Payment;
+use super::routes::{commit, with_db};
+use super::store::{self, PayIntent, Record, Refund};
+use crate::capital::custody_error;
+use crate::core::Outcome;
+use crate::custody::{Custody, CustodyError, WithdrawalInfo};
+use crate::error::ApiError;
+use crate::AppState;
+use matching_engine::{AccountId, Amount, Command, IdempotencyKey};
+use std::sync::Arc;
+
+/// What became of one movement of money.
+#[derive(Debug)]
+pub enum Moved {
+    /// Done; a reference to show (`transfer:<seq>` or `withdrawal:<id>`).
+    Done(String),
+    /// Refused: nothing moved.
+    Refused(ApiError),
+    /// No answer: it may or may not have moved.
+    Unknown,
+}
+
+/// Runs `fut` to completion in its own task, even if the caller's future is dropped (the client
+/// went away, or the request timed out): work that moves money must never stop half-way.
+pub async fn to_completion<T: Send + 'static>(
+    fut: impl std::future::Future<Output = Result<T, ApiError>> + Send + 'static,
+) -> Result<T, ApiError> {
+    tokio::spawn(fut).await.unwrap_or_else(|e| {
+        tracing::error!(error = %e, "merchant task failed");
+        Err(ApiError::internal())
+    })
+}
+
+fn btc_asset(st: &AppState) -> Result<matching_engine::AssetId, ApiError> {
+    Ok(st.markets().asset("BTC").ok_or_else(ApiError::internal)?.id)
+}
+
+/// The engine transfer of a balance payment.
+pub fn pay_command(st: &AppState, intent: &PayIntent, merchant: u32) -> Result<Command, ApiError> {
+    Ok(Command::Transfer {
+        from: AccountId(intent.payer),
+        to: AccountId(merchant),
+        asset: btc_asset(st)?,
+        amount: Amount(intent.amount_sat),
+        key: IdempotencyKey::reference(&format!("merchant/{}", intent.pid)),
+    })
+}
+
+/// Executes a balance payment's transfer.
+pub async fn execute_payment(st: &AppState, intent: &PayIntent, merchant: u32) -> Moved {
+    let cmd = match pay_command(st, intent, merchant) {
+        Ok(c) => c,
+        Err(e) => return Moved::Refused(e),
+    };
+    match st.submit_outcome(cmd).await {
+        Outcome::Applied(reply) => Moved::Done(format!("transfer:{}", reply.seq)),
+        Outcome::Rejected(code) => Moved::Refused(ApiError::command_rejected(code)),
+        Outcome::Busy => Moved::Refused(ApiError::busy()),
+        _ => Moved::Unknown,
+    }
+}
+
+/// Records an executed balance payment on its invoice (with its webhooks), then drops the
+/// intent. Idempotent: a payment already on the invoice is not added twice.
+pub async fn record_payment(
+    st: &AppState,
+    mut rec: Record,
+    name: String,
+    intent: &PayIntent,
+    now_ms: u64,
+) -> Result<Record, ApiError> {
+    let known = rec.inv.payments.iter().any(|p| p.id == intent.pid);
+    let rec = if known {
+        rec
+    } else {
+        let payment = Payment::balance(
+            intent.pid.clone(),
+            intent.payer,
+            intent.amount_sat,
+            intent.created_ms,
+        );
+        let events = rec.inv.observe(&[payment], now_ms);
+        commit(st, rec, events, name).await?
+    };
+    let pid = intent.pid.clone();
+    with_db(st, move |c| store::delete_pay_intent(c, &pid).map_err(db)).await?;
+    if rec.conv.state == store::ConvState::Wanted {
+        st.merchant().kick.notify_one();
+    }
+    Ok(rec)
+}
+
+/// The custody idempotency key of a refund to an address.
+pub fn refund_withdrawal_key(r: &Refund) -> String {
+    format!("refund-{}-{}", r.invoice_id, r.n)
+}
+
+/// The engine transfer of a refund to an account.
+fn refund_transfer(st: &AppState, r: &Refund, merchant: u32, to: u32) -> Result<Command, ApiError> {
+    Ok(Command::Transfer {
+        from: AccountId(merchant),
+        to: AccountId(to),
+        asset: btc_asset(st)?,
+        amount: Amount(r.amount_sat),
+        key: IdempotencyKey::reference(&format!("merchant/refund/{}/{}", r.invoice_id, r.n)),
+    })
+}
+
+/// True for a custody answer that does not say whether anything happened.
+fn custody_unknown(e: &CustodyError) -> bool {
+    e.status >= 500
+}
+
+/// Custody's record of the refund's withdrawal, if it has one. `Err` when custody could not be
+/// asked. A record under the refund's key with another account or amount is an alarm (and
+/// counts as unknown: nothing is assumed).
+fn custody_record(
+    custody: &dyn Custody,
+    merchant: u32,
+    r: &Refund,
+) -> Result<Option<WithdrawalInfo>, ()> {
+    let key = refund_withdrawal_key(r);
+    let all = custody.withdrawals(Some(merchant)).map_err(|e| {
+        tracing::warn!(code = e.code, msg = %e.msg, "custody could not list withdrawals");
+    })?;
+    match all.into_iter().find(|w| w.idempotency_key == key) {
+        Some(w) if w.account == merchant && w.amount_sat == r.amount_sat => Ok(Some(w)),
+        Some(w) => {
+            tracing::error!(
+                key,
+                withdrawal = w.id,
+                "a withdrawal under a refund's key does not match the refund"
+            );
+            Err(())
+        }
+        None => Ok(None),
+    }
+}
+
+/// Executes a reserved refund (the first time, or again to resolve it: the key makes a repeat
+/// harmless). `ask_first`: look for custody's record before requesting (resolution).
+pub async fn execute_refund(
+    st: &AppState,
+    r: &Refund,
+    merchant: u32,
+    custody: Option<Arc<dyn Custody>>,
+    ask_first: bool,
+) -> Moved {
+    match (r.to_account, &r.to_address) {
+        (Some(to), _) => {
+            let cmd = match refund_transfer(st, r, merchant, to) {
+                Ok(c) => c,
+                Err(e) => return Moved::Refused(e),
+            };
+            match st.submit_outcome(cmd).await {
+                Outcome::Applied(reply) => Moved::Done(format!("transfer:{}", reply.seq)),
+                Outcome::Rejected(code) => Moved::Refused(ApiError::command_rejected(code)),
+                Outcome::Busy => Moved::Refused(ApiError::busy()),
+                _ => Moved::Unknown,
+            }
+        }
+        (None, Some(addr)) => {
+            let Some(c) = custody else {
+                return if ask_first {
+                    Moved::Unknown
+                } else {
+                    Moved::Refused(crate::capital::unavailable())
+                };
+            };
+            let (r, addr) = (r.clone(), addr.clone());
+            let task = tokio::task::spawn_blocking(move || {
+                if ask_first {
+                    match custody_record(c.as_ref(), merchant, &r) {
+                        Ok(Some(w)) => return Moved::Done(format!("withdrawal:{}", w.id)),
+                        Ok(None) => {}
+                        Err(()) => return Moved::Unknown,
+                    }
+                }
+                let key = refund_withdrawal_key(&r);
+                match c.request_withdrawal(merchant, &addr, r.amount_sat, &key) {
+                    Ok(w) => Moved::Done(format!("withdrawal:{}", w.id)),
+                    Err(e) if custody_unknown(&e) => Moved::Unknown,
+                    // The key is taken: by this refund's own earlier attempt, or not at all.
+                    Err(e) if e.code == DUPLICATE_WITHDRAWAL_KEY => {
+                        match custody_record(c.as_ref(), merchant, &r) {
+                            Ok(Some(w)) => Moved::Done(format!("withdrawal:{}", w.id)),
+                            _ => Moved::Unknown,
+                        }
+                    }
+                    Err(e) => Moved::Refused(custody_error(e)),
+                }
+            });
+            task.await.unwrap_or(Moved::Unknown)
+        }
+        (None, None) => Moved::Refused(ApiError::internal()),
+    }
+}
+
+/// Custody's code for a withdrawal idempotency key already used (`-4029`).
+const DUPLICATE_WITHDRAWAL_KEY: i32 = -4029;
+
+/// Applies the outcome of a refund's execution to its record: done → `done` plus the
+/// `invoice.refunded` webhook; refused → `cancelled`, the reservation given back; unknown →
+/// `unknown`, reserved until resolved.
+pub async fn settle_refund(
+    st: &AppState,
+    rec: &Record,
+    name: &str,
+    r: &Refund,
+    moved: &Moved,
+    now_ms: u64,
+) -> Result<(), ApiError> {
+    let (iid, n) = (r.invoice_id.clone(), r.n);
+    match moved {
+        Moved::Done(reference) => {
+            let body = super::routes::merchant_json(st, rec, name, now_ms);
+            let (r2, ref2) = (rec.clone(), reference.clone());
+            with_db(st, move |c| {
+                store::finish_refund(c, &r2, n, &ref2, &body, now_ms).map_err(db)
+            })
+            .await?;
+            st.merchant().enqueued.notify_one();
+        }
+        Moved::Refused(_) => {
+            with_db(st, move |c| store::cancel_refund(c, &iid, n).map_err(db)).await?;
+        }
+        Moved::Unknown => {
+            tracing::warn!(invoice = %iid, n, "refund outcome unknown; resolved by its key");
+            with_db(st, move |c| {
+                store::mark_refund_unknown(c, &iid, n).map_err(db)
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// What [`resolve`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Resolved {
+    /// Balance payments found done and recorded.
+    pub payments: usize,
+    /// Intents found refused and dropped.
+    pub dropped: usize,
+    /// Refunds found done.
+    pub refunds_done: usize,
+    /// Refunds found refused and given back.
+    pub refunds_cancelled: usize,
+    /// Still unknown (asked again next time).
+    pub unknown: usize,
+}
+
+/// Resolves every outcome left unknown, and every one a crash interrupted, by asking about its
+/// key. The caller holds the invoice lock, which handlers hold from writing an intent or a
+/// reservation down to recording its outcome: so every intent and every `pending` refund seen
+/// here is one whose handler is gone.
+pub async fn resolve(st: &AppState, now_ms: u64) -> Result<Resolved, ApiError> {
+    let mut out = Resolved::default();
+    let intents = with_db(st, |c| store::pay_intents(c).map_err(db)).await?;
+    for intent in intents {
+        let id = intent.invoice_id.clone();
+        let Some((rec, name)) = with_db(st, move |c| load(c, &id)).await? else {
+            tracing::error!(pid = %intent.pid, "a payment intent names no invoice");
+            continue;
+        };
+        if rec.inv.payments.iter().any(|p| p.id == intent.pid) {
+            record_payment(st, rec, name, &intent, now_ms).await?;
+            continue;
+        }
+        match execute_payment(st, &intent, rec.inv.merchant).await {
+            Moved::Done(_) => {
+                record_payment(st, rec, name, &intent, now_ms).await?;
+                out.payments += 1;
+            }
+            Moved::Refused(e) => {
+                tracing::info!(pid = %intent.pid, code = e.code, "payment intent was not executed");
+                let pid = intent.pid.clone();
+                with_db(st, move |c| store::delete_pay_intent(c, &pid).map_err(db)).await?;
+                out.dropped += 1;
+            }
+            Moved::Unknown => out.unknown += 1,
+        }
+    }
+    let refunds = with_db(st, move |c| store::unresolved_refunds(c, true).map_err(db)).await?;
+    for r in refunds {
+        let id = r.invoice_id.clone();
+        let Some((rec, name)) = with_db(st, move |c| load(c, &id)).await? else {
+            continue;
+        };
+        let custody = st.0.custody.get().cloned();
+        let moved = execute_refund(st, &r, rec.inv.merchant, custody, true).await;
+        match &moved {
+            Moved::Done(_) => out.refunds_done += 1,
+            Moved::Refused(_) => out.refunds_cancelled += 1,
+            Moved::Unknown => {
+                out.unknown += 1;
+                continue;
+            }
+        }
+        // The invoice as stored now (the reservation is part of it).
+        let iid = r.invoice_id.clone();
+        let (rec, name) = with_db(st, move |c| load(c, &iid))
+            .await?
+            .unwrap_or((rec, name));
+        settle_refund(st, &rec, &name, &r, &moved, now_ms).await?;
+    }
+    Ok(out)
+}
+
+fn load(c: &mut rusqlite::Connection, id: &str) -> Result<Option<(Record, String)>, ApiError> {
+    let Some(rec) = store::load(c, id).map_err(db)? else {
+        return Ok(None);
+    };
+    let name = store::settings_or_default(c, rec.inv.merchant)
+        .map_err(db)?
+        .name;
+    Ok(Some((rec, name)))
+}
+
+fn db(e: rusqlite::Error) -> ApiError {
+    tracing::error!(error = %e, "merchant database failed");
+    ApiError::internal()
+}

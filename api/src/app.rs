@@ -315,7 +315,13 @@ impl AppState {
             }),
             Outcome::Busy => Err(ApiError::busy()),
             Outcome::Unknown => Err(ApiError::outcome_unknown()),
+            Outcome::Halted => Err(ApiError::halted()),
         }
+    }
+
+    /// What the ledger auditor found, once it tripped the circuit breaker ([`crate::audit`]).
+    pub fn halted(&self) -> Option<&crate::audit::Violation> {
+        self.0.rm.halted.get()
     }
 
     /// Submits a command and reports what became of it: applied, rejected, not taken, or
@@ -324,6 +330,9 @@ impl AppState {
     /// is durable and authoritative). Callers that move money resolve `Unknown` by idempotency
     /// key.
     pub async fn submit_outcome(&self, cmd: Command) -> Outcome {
+        if self.halted().is_some() && moves_money(&cmd) {
+            return Outcome::Halted;
+        }
         let t0 = Instant::now();
         let reply = match self.0.core.submit(cmd).await {
             Ok(reply) => reply,
@@ -377,6 +386,19 @@ impl AppState {
         }
         s
     }
+}
+
+/// True for the commands the circuit breaker stops: everything that can move money or take
+/// on new exposure. Cancels, releases of held withdrawals, account creation and the clock pass.
+fn moves_money(cmd: &Command) -> bool {
+    !matches!(
+        cmd,
+        Command::Cancel { .. }
+            | Command::CancelAll { .. }
+            | Command::WithdrawRelease { .. }
+            | Command::CreateAccount
+            | Command::Tick
+    )
 }
 
 /// A request as the handlers see it: raw query and form body (bounded), headers and client IP.

@@ -47,6 +47,9 @@ pub enum Outcome {
     Busy,
     /// Taken, but no answer: applied or not is unknown until resolved by idempotency key.
     Unknown,
+    /// Refused because the ledger auditor tripped the circuit breaker ([`crate::audit`]):
+    /// nothing changed; commands that move money wait for an operator.
+    Halted,
 }
 
 /// Why a command got no reply.

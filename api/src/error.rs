@@ -51,6 +51,16 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// `-1000` with 503: the ledger auditor tripped the circuit breaker; only cancels pass.
+    pub fn halted() -> Self {
+        Self {
+            status: StatusCode::SERVICE_UNAVAILABLE,
+            code: -1000,
+            msg: "Trading and transfers are halted by the ledger audit; cancels are accepted."
+                .into(),
+            retry_after: None,
+        }
+    }
     /// `-1008`: the engine's queue is full.
     pub fn busy() -> Self {
         Self {

@@ -13,6 +13,7 @@
 #![warn(missing_docs)]
 
 pub mod app;
+pub mod audit;
 pub mod capital;
 pub mod client;
 pub mod core;

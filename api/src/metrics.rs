@@ -131,6 +131,18 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
         u64::from(st.0.rm.broken.load(Ordering::Relaxed)),
     );
     line(
+        "mediator_circuit_breaker",
+        "gauge",
+        "1 when the ledger auditor found money created or destroyed: commands that move money are refused.",
+        u64::from(st.halted().is_some()),
+    );
+    line(
+        "mediator_audited_commands_total",
+        "counter",
+        "Commands whose events the ledger auditor checked since start-up.",
+        st.0.rm.audited(),
+    );
+    line(
         "mediator_history_gap_commands",
         "gauge",
         "Journaled commands missing from the order and trade history since start-up.",

@@ -419,6 +419,10 @@ pub struct ReadModel {
     pub store: Arc<Store>,
     /// Set when events were lost (see [`crate::core::EventSink::fail`]).
     pub broken: Arc<std::sync::atomic::AtomicBool>,
+    /// The release-mode ledger auditor, fed by the applier ([`crate::audit`]).
+    auditor: std::sync::Mutex<crate::audit::Auditor>,
+    /// The circuit breaker: set (once, with what was found) when the auditor finds a violation.
+    pub halted: Arc<std::sync::OnceLock<crate::audit::Violation>>,
 }
 
 /// History rows of one group of batches, for the persister.
@@ -486,7 +490,9 @@ impl ReadModel {
                 ..Default::default()
             });
         }
+        let auditor = crate::audit::Auditor::new(markets.assets.len());
         Self {
+            auditor: std::sync::Mutex::new(auditor),
             state: RwLock::new(st),
             applied: watch::channel(0).0,
             persisted: watch::channel(0).0,
@@ -495,7 +501,30 @@ impl ReadModel {
             markets,
             store,
             broken: Arc::default(),
+            halted: Arc::default(),
         }
+    }
+
+    /// Trips the circuit breaker (the first violation is kept and logged; later ones only
+    /// logged).
+    pub fn trip(&self, v: crate::audit::Violation) {
+        tracing::error!(
+            seq = v.seq,
+            asset = v.asset,
+            balances = %v.balances,
+            supply = %v.supply,
+            "LEDGER AUDIT FAILED: money was created or destroyed; commands that move money are \
+             refused until an operator restarts the server"
+        );
+        let _ = self.halted.set(v);
+    }
+
+    /// Commands the auditor has checked.
+    pub fn audited(&self) -> u64 {
+        self.auditor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .checked()
     }
 
     /// Reads the state.
@@ -577,9 +606,14 @@ impl ReadModel {
             let orders: Vec<OrderRec>;
             {
                 let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+                let mut auditor = self.auditor.lock().unwrap_or_else(|e| e.into_inner());
                 for b in &group {
+                    if let Err(v) = auditor.fold(b) {
+                        self.trip(v);
+                    }
                     apply_batch(&mut st, &self.markets, b, &mut out);
                 }
+                drop(auditor);
                 orders = std::mem::take(&mut out.orders).into_values().collect();
                 for o in &orders {
                     st.unpersisted_orders.insert(o.id, (o.clone(), generation));
@@ -785,6 +819,8 @@ impl ReadModel {
     /// sequencer publishes only the events of new commands, not those of journal replay.
     pub fn seed(&self, engine: &matching_engine::Engine) -> Result<(), crate::store::StoreError> {
         use matching_engine::{AccountId, AssetId};
+        *self.auditor.lock().unwrap_or_else(|e| e.into_inner()) =
+            crate::audit::Auditor::seed(engine);
         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         let n_assets = self.markets.assets.len();
         for a in 0..engine.account_count() as u32 {

@@ -86,3 +86,119 @@ async fn a_transfer_whose_reply_is_lost_answers_1007_and_its_retry_moves_nothing
     assert_eq!(h.balance(&from, "USD").await.0, "750.00000000");
     assert_eq!(h.balance(&to_key, "USD").await.0, "250.00000000");
 }
+
+/// An engine with a bug on demand: the next applied command's first balance event shows one
+/// unit more than the engine holds (money from nowhere, as a settlement bug would make it).
+struct Buggy {
+    engine: std::sync::Mutex<matching_engine::Engine>,
+    sink: api::EventSink,
+    config: matching_engine::EngineConfig,
+    corrupt_next: std::sync::atomic::AtomicBool,
+}
+
+impl api::ExchangeCore for Buggy {
+    fn submit(
+        &self,
+        cmd: matching_engine::Command,
+    ) -> api::core::BoxFuture<'_, Result<api::Reply, api::CoreError>> {
+        use matching_engine::{Amount, Event, Timestamp};
+        Box::pin(async move {
+            let mut e = self.engine.lock().unwrap();
+            let before = e.seq();
+            let now = Timestamp(api::core::wall_clock_nanos().max(e.now().0));
+            let mut out = Vec::new();
+            let result = e.apply(&cmd, now, &mut out);
+            if result.is_ok()
+                && self
+                    .corrupt_next
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                if let Some(Event::Balance { available, .. }) =
+                    out.iter_mut().find(|x| matches!(x, Event::Balance { .. }))
+                {
+                    *available = Amount(available.0 + 1);
+                }
+            }
+            if e.seq() != before {
+                self.sink.publish(api::EventBatch {
+                    seq: e.seq(),
+                    time: e.now(),
+                    events: out.clone().into(),
+                });
+            }
+            Ok(api::Reply {
+                result,
+                events: out,
+                seq: e.seq(),
+            })
+        })
+    }
+    fn config(&self) -> &matching_engine::EngineConfig {
+        &self.config
+    }
+}
+
+#[tokio::test]
+async fn money_from_nowhere_trips_the_circuit_breaker_and_only_cancels_pass() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = api::ApiConfig {
+        orders_per_10s: 1_000_000,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        ..api::ApiConfig::default()
+    };
+    let config = matching_engine::EngineConfig::default();
+    let (pending, sink) = api::app::open(dir.path(), &config, cfg).unwrap();
+    let core = std::sync::Arc::new(Buggy {
+        engine: std::sync::Mutex::new(matching_engine::Engine::new(config.clone()).unwrap()),
+        sink,
+        config,
+        corrupt_next: false.into(),
+    });
+    let h = Harness::over(dir, pending.start(core.clone()));
+    let (_, a) = h.trader("1", "100000").await;
+    let (to, _) = h.trader("0", "0").await;
+    let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1&price=60000";
+    let first = h.ok("POST", "/api/v3/order", sell, &a).await;
+    assert!(h.state.halted().is_none());
+    // The bug strikes on this order's settlement events.
+    core.corrupt_next
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    h.ok("POST", "/api/v3/order", sell, &a).await;
+    let v = h.state.halted().expect("the auditor trips the breaker");
+    assert_eq!(v.asset, 0);
+    assert_eq!(v.balances, v.supply as u128 + 1);
+    let metrics = h.get("/metrics").await.json.as_str().unwrap().to_owned();
+    assert!(
+        metrics.contains("\nmediator_circuit_breaker 1\n"),
+        "{metrics}"
+    );
+    // New orders and transfers are refused and change nothing; a cancel passes.
+    let r = h.signed("POST", "/api/v3/order", sell, &a).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, -1000),
+        "{}",
+        r.json
+    );
+    let t = h
+        .signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={to}&asset=USD&amount=1&clientTranId=t1"),
+            &a,
+        )
+        .await;
+    assert_eq!(t.code(), -1000, "{}", t.json);
+    assert_eq!(h.balance(&a, "USD").await.0, "100000.00000000");
+    let id = first["orderId"].as_u64().unwrap();
+    let c = h
+        .ok(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &a,
+        )
+        .await;
+    assert_eq!(c["status"], "CANCELED");
+}

@@ -123,7 +123,7 @@ impl Harness {
         (Self::over(dir, state), core)
     }
 
-    fn over(dir: tempfile::TempDir, state: AppState) -> Self {
+    pub fn over(dir: tempfile::TempDir, state: AppState) -> Self {
         let admin = state
             .create_key(0, Perms(Perms::ADMIN.0 | Perms::READ.0), "admin")
             .unwrap();

@@ -78,6 +78,37 @@ fn exchange(c: &mut Criterion) {
             BatchSize::PerIteration,
         )
     });
+    // The release-mode ledger auditor (api::audit) on the same commands' events: it runs on the
+    // read model's thread, not the engine's, so the engine's numbers above do not include it;
+    // this is its own cost per command, to compare with the engine's.
+    let mut engine = engine_after(&w.setup);
+    let mut batches = Vec::with_capacity(w.mix.len());
+    for (i, cmd) in w.mix.iter().enumerate() {
+        events.clear();
+        let before = engine.seq();
+        let now = matching_engine::Timestamp(exchange_mix::T0.0 + first + i as u64);
+        let _ = engine.apply(cmd, now, &mut events);
+        if engine.seq() != before {
+            batches.push(api::EventBatch {
+                seq: engine.seq(),
+                time: now,
+                events: events.clone().into(),
+            });
+        }
+    }
+    let seeded = api::audit::Auditor::seed(&engine_after(&w.setup));
+    group.bench_function("auditor", |b| {
+        b.iter_batched(
+            || seeded.clone(),
+            |mut auditor| {
+                for batch in &batches {
+                    auditor.fold(black_box(batch)).expect("the engine conserves money");
+                }
+                auditor
+            },
+            BatchSize::PerIteration,
+        )
+    });
     group.finish();
 }
 

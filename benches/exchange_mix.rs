@@ -102,7 +102,9 @@ fn exchange(c: &mut Criterion) {
             || seeded.clone(),
             |mut auditor| {
                 for batch in &batches {
-                    auditor.fold(black_box(batch)).expect("the engine conserves money");
+                    auditor
+                        .fold(black_box(batch))
+                        .expect("the engine conserves money");
                 }
                 auditor
             },

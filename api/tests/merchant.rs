@@ -3,122 +3,14 @@
 
 mod common;
 
-use api::custody::{
-    Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
-    WithdrawalState,
-};
 use api::merchant::monitor::tick;
 use api::merchant::{store, webhook};
 use axum::http::StatusCode;
+use common::custody::Fake;
 use common::Harness;
 use serde_json::Value;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
-
-#[derive(Default)]
-struct Fake {
-    addresses: Mutex<u32>,
-    deposits: Mutex<Vec<DepositInfo>>,
-    withdrawals: Mutex<Vec<WithdrawalInfo>>,
-    /// Withdrawal requests still to answer with an internal error after recording them (the
-    /// answer is lost: the caller cannot tell whether the withdrawal exists).
-    lose: AtomicUsize,
-}
-
-impl Fake {
-    /// Scripts a deposit (or updates its confirmations/state when the outpoint exists).
-    fn pay(&self, account: u32, address: &str, tx: u8, sat: u64, conf: u32, seen_ms: u64) {
-        let mut d = self.deposits.lock().unwrap();
-        let txid = format!("{tx:02x}").repeat(32);
-        d.retain(|x| x.txid != txid);
-        d.push(DepositInfo {
-            account,
-            txid,
-            vout: 0,
-            amount_sat: sat,
-            address: address.into(),
-            state: if conf >= 1 {
-                DepositState::Credited
-            } else {
-                DepositState::Pending
-            },
-            confirmations: conf,
-            required_confirmations: 1,
-            seen_ms,
-        });
-    }
-}
-
-impl Custody for Fake {
-    fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError> {
-        assert!(new, "each invoice needs its own address");
-        let mut n = self.addresses.lock().unwrap();
-        *n += 1;
-        Ok(format!("bcrt1q{account}x{n}"))
-    }
-    fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError> {
-        assert_eq!(account, None);
-        Ok(self.deposits.lock().unwrap().clone())
-    }
-    fn request_withdrawal(
-        &self,
-        account: u32,
-        address: &str,
-        amount_sat: u64,
-        idempotency_key: &str,
-    ) -> Result<WithdrawalInfo, CustodyError> {
-        let mut ws = self.withdrawals.lock().unwrap();
-        // Keys are unique per account, as in the wallet.
-        if ws
-            .iter()
-            .any(|w| w.account == account && w.idempotency_key == idempotency_key)
-        {
-            return Err(CustodyError::bad_request(-4029, "duplicate key"));
-        }
-        let w = WithdrawalInfo {
-            id: 100 + ws.len() as u64,
-            account,
-            address: address.into(),
-            amount_sat,
-            fee_sat: 0,
-            idempotency_key: idempotency_key.into(),
-            state: WithdrawalState::Pending,
-            reason: None,
-            created_ms: 0,
-            txid: None,
-            confirmations: 0,
-        };
-        ws.push(w.clone());
-        let lost = self
-            .lose
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok();
-        if lost {
-            return Err(CustodyError::internal("the answer was lost"));
-        }
-        Ok(w)
-    }
-    fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
-        let mut ws = self.withdrawals.lock().unwrap().clone();
-        ws.retain(|w| account.is_none_or(|a| w.account == a));
-        Ok(ws)
-    }
-    fn approve_withdrawal(&self, _: u64) -> Result<WithdrawalInfo, CustodyError> {
-        Err(CustodyError::bad_request(-4000, "no"))
-    }
-    fn withdrawal_terms(&self) -> (u64, u64) {
-        (0, 1)
-    }
-    fn reconcile(&self) -> Result<ReconcileInfo, CustodyError> {
-        Err(CustodyError::internal("no"))
-    }
-    fn regtest_mine(&self, _: u32) -> Result<u32, CustodyError> {
-        Err(CustodyError::internal("no"))
-    }
-    fn regtest_fund(&self, _: u32) -> Result<u64, CustodyError> {
-        Err(CustodyError::internal("no"))
-    }
-}
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 type Key = (String, String);
 

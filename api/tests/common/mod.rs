@@ -1,6 +1,8 @@
 //! Test harness: an API over a local engine in a temporary directory.
 #![allow(dead_code, missing_docs)]
 
+pub mod custody;
+
 use api::core::BoxFuture;
 use api::keys::{sign, Perms};
 use api::{app, open_local, ApiConfig, AppState};

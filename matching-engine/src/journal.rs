@@ -186,6 +186,7 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
 
 /// The record format of a segment, named by its header's magic.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum RecordVersion {
     /// `MEDJRNL1`: no group commits recorded.
     V1,
@@ -782,6 +783,41 @@ mod tests {
         }
         assert_eq!(got, vec![(Timestamp(1), 7), (Timestamp(3), 8)]);
         assert_eq!(r.defect(), None);
+    }
+
+    #[test]
+    fn a_failed_sync_poisons_the_writer_and_is_never_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::create(dir.path(), 1).unwrap();
+        w.inject_sync_failure(1);
+        w.append(1, Timestamp(1), &1u8).unwrap();
+        w.sync().unwrap();
+        w.append(2, Timestamp(2), &2u8).unwrap();
+        assert!(matches!(w.sync(), Err(JournalError::Io { .. })));
+        assert!(matches!(w.sync(), Err(JournalError::Poisoned)));
+        assert!(matches!(
+            w.append(3, Timestamp(3), &3u8),
+            Err(JournalError::Poisoned)
+        ));
+    }
+
+    #[test]
+    fn each_record_carries_its_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::create(dir.path(), 1).unwrap();
+        for (seq, sync) in [(1, false), (2, true), (3, true), (4, false), (5, false), (6, true)] {
+            w.append(seq, Timestamp(seq), &seq).unwrap();
+            if sync {
+                w.sync().unwrap();
+            }
+        }
+        let mut r = SegmentReader::open(w.path(), 1).unwrap();
+        let mut groups = Vec::new();
+        while let Some(info) = r.next_record().unwrap() {
+            groups.push(info.group);
+        }
+        assert_eq!(r.version(), RecordVersion::V2);
+        assert_eq!(groups, [1, 1, 3, 4, 4, 4].map(Some));
     }
 
     #[test]

@@ -65,7 +65,10 @@ pub fn repair(data_dir: &Path, truncate_at: &str, confirm: bool) -> anyhow::Resu
     let (segment, offset) = parse_cut(truncate_at)?;
     let check = check_journal(&dir).with_context(|| format!("reading {}", dir.display()))?;
     let Some(damage) = check.damage() else {
-        bail!("the journal in {} has no damage to repair; nothing changed", dir.display());
+        bail!(
+            "the journal in {} has no damage to repair; nothing changed",
+            dir.display()
+        );
     };
     if (damage.segment_first_seq, damage.offset) != (segment, offset) {
         bail!(
@@ -215,7 +218,11 @@ fn print_text(dir: &Path, check: &JournalCheck, snapshots: &[Value]) {
         );
     }
     for s in snapshots {
-        println!("  snapshot {}  {}", s["seq"], s["status"].as_str().unwrap_or(""));
+        println!(
+            "  snapshot {}  {}",
+            s["seq"],
+            s["status"].as_str().unwrap_or("")
+        );
     }
     match check.damage() {
         None => println!("journal ok: `mediator serve` recovers it"),

@@ -102,7 +102,10 @@ fn verify_and_serve_refuse_a_damaged_journal_and_repair_makes_it_start() {
     let err = text(&out.stderr);
     assert!(err.contains(&segment.display().to_string()), "{err}");
     assert!(err.contains(&format!("offset {}", starts[3])), "{err}");
-    assert!(err.contains("4..=8") && err.contains("mediator journal verify"), "{err}");
+    assert!(
+        err.contains("4..=8") && err.contains("mediator journal verify"),
+        "{err}"
+    );
     assert_eq!(std::fs::read(&segment).unwrap(), bytes);
 
     // Repair refuses without the flag, or anywhere but at the damage.
@@ -138,10 +141,18 @@ fn verify_and_serve_refuse_a_damaged_journal_and_repair_makes_it_start() {
     assert!(out.status.success(), "{}", text(&out.stderr));
     let log = std::fs::read_to_string(data.path().join("journal/repair.log")).unwrap();
     assert!(log.contains("records 4..=8"), "{log}");
-    assert_eq!(std::fs::read(&segment).unwrap(), &bytes[..starts[3] as usize]);
+    assert_eq!(
+        std::fs::read(&segment).unwrap(),
+        &bytes[..starts[3] as usize]
+    );
 
     let ok = mediator(data.path(), &["journal", "verify"]);
     assert!(ok.status.success(), "{}", text(&ok.stderr));
-    let r = Store::open(&data.path().join("journal"), StoreConfig::default(), genesis).unwrap();
+    let r = Store::open(
+        &data.path().join("journal"),
+        StoreConfig::default(),
+        genesis,
+    )
+    .unwrap();
     assert_eq!(r.state.seq(), 3);
 }

@@ -2092,7 +2092,9 @@ impl Engine {
         let mut ids = FxHashSet::default();
         let mut new_id = |id: OrderId| {
             if id.0 >= s.next_order_id || !ids.insert(id) {
-                return Err(SnapshotError::Inconsistent("order id reused or not yet issued"));
+                return Err(SnapshotError::Inconsistent(
+                    "order id reused or not yet issued",
+                ));
             }
             Ok(())
         };
@@ -2123,7 +2125,10 @@ impl Engine {
                     .map_err(|_| SnapshotError::Inconsistent("book full"))?;
                 e.accounts[account].open_orders += 1;
                 if let Some(c) = o.meta.client_id {
-                    if e.client_ids.insert((o.meta.account, c), (market, o.id)).is_some() {
+                    if e.client_ids
+                        .insert((o.meta.account, c), (market, o.id))
+                        .is_some()
+                    {
                         return Err(SnapshotError::Inconsistent("client order id reused"));
                     }
                 }

@@ -310,7 +310,13 @@ impl JournalWriter {
             }
             return Err(e);
         }
-        Ok(Self::new(file, path, first_seq, first_seq, SEGMENT_HEADER_BYTES))
+        Ok(Self::new(
+            file,
+            path,
+            first_seq,
+            first_seq,
+            SEGMENT_HEADER_BYTES,
+        ))
     }
 
     fn new(file: File, path: PathBuf, first_seq: u64, next_seq: u64, file_len: u64) -> Self {
@@ -608,7 +614,9 @@ impl SegmentReader {
     }
 
     fn check_record(&mut self, header: &[u8]) -> Result<Option<TailDefect>, JournalError> {
-        let RawHeader { len, seq, group, .. } = parse_header(self.version, header);
+        let RawHeader {
+            len, seq, group, ..
+        } = parse_header(self.version, header);
         if len == 0 || len > MAX_PAYLOAD_BYTES {
             return Ok(Some(TailDefect::BadLength));
         }
@@ -805,7 +813,14 @@ mod tests {
     fn each_record_carries_its_group_commit() {
         let dir = tempfile::tempdir().unwrap();
         let mut w = JournalWriter::create(dir.path(), 1).unwrap();
-        for (seq, sync) in [(1, false), (2, true), (3, true), (4, false), (5, false), (6, true)] {
+        for (seq, sync) in [
+            (1, false),
+            (2, true),
+            (3, true),
+            (4, false),
+            (5, false),
+            (6, true),
+        ] {
             w.append(seq, Timestamp(seq), &seq).unwrap();
             if sync {
                 w.sync().unwrap();

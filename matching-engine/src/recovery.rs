@@ -317,7 +317,8 @@ impl<S: StateMachine> Store<S> {
         }
         let mut journal = None;
         if let Some((segment, next_seq)) = last {
-            let (path, first_seq, valid_len) = (&segment.path, segment.first_seq, segment.valid_len);
+            let (path, first_seq, valid_len) =
+                (&segment.path, segment.first_seq, segment.valid_len);
             if let Some(tail) = &report.truncated {
                 tracing::warn!(
                     path = %path.display(), valid_len, dropped_bytes = tail.dropped_bytes,

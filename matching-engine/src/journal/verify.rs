@@ -20,8 +20,8 @@
 //! disk) are [`SegmentStatus::Empty`]; recovery removes them unless one is the last segment.
 
 use super::{
-    io_err, list_segments, parse_header, record_ok, sync_dir, JournalError,
-    RecordVersion, SegmentReader, TailDefect, MAX_PAYLOAD_BYTES, SEGMENT_HEADER_BYTES,
+    io_err, list_segments, parse_header, record_ok, sync_dir, JournalError, RecordVersion,
+    SegmentReader, TailDefect, MAX_PAYLOAD_BYTES, SEGMENT_HEADER_BYTES,
 };
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Seek, SeekFrom, Write};
@@ -146,9 +146,9 @@ pub fn check_journal(dir: &Path) -> Result<JournalCheck, JournalError> {
     for (i, ((first_seq, path), &file_len)) in segments.iter().zip(&lens).enumerate() {
         let is_last = last.is_none_or(|l| i >= l);
         let next_first = segments.get(i + 1).map(|(f, _)| *f);
-        check
-            .segments
-            .push(check_segment(path, *first_seq, file_len, is_last, next_first)?);
+        check.segments.push(check_segment(
+            path, *first_seq, file_len, is_last, next_first,
+        )?);
     }
     Ok(check)
 }
@@ -335,7 +335,11 @@ pub fn repair_truncate(
 
     // 2. Move later segments aside.
     let mut moved_segments = Vec::new();
-    for s in check.segments.iter().filter(|s| s.first_seq > segment_first_seq) {
+    for s in check
+        .segments
+        .iter()
+        .filter(|s| s.first_seq > segment_first_seq)
+    {
         let to = backup_dir.join(s.path.file_name().expect("a segment has a file name"));
         std::fs::rename(&s.path, &to).map_err(io_err(&s.path))?;
         moved_segments.push(to);

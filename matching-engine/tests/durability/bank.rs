@@ -187,7 +187,12 @@ impl StateMachine for Bank {
     }
 
     fn restore(snapshot: Bank) -> Result<Self, matching_engine::RestoreError> {
-        if snapshot.balances.iter().try_fold(0u64, |a, b| a.checked_add(*b)).is_none() {
+        if snapshot
+            .balances
+            .iter()
+            .try_fold(0u64, |a, b| a.checked_add(*b))
+            .is_none()
+        {
             return Err("balances overflow".into());
         }
         Ok(snapshot)

@@ -193,12 +193,16 @@ fn an_inconsistent_snapshot_is_refused_and_recovery_falls_back_to_the_previous_o
     let genesis = || Engine::new(EngineConfig::default()).unwrap();
     type Tamper = fn(&mut EngineSnapshot);
     let cases: [(&str, Tamper); 4] = [
-        ("an available balance grew", |s| s.balances[2].available += 1),
+        ("an available balance grew", |s| {
+            s.balances[2].available += 1
+        }),
         ("a held balance no order holds", |s| {
             s.balances[2].held += 1;
             s.totals[0].credited += 1;
         }),
-        ("an order's quantity grew", |s| s.markets[0].orders[0].qty.0 += 1),
+        ("an order's quantity grew", |s| {
+            s.markets[0].orders[0].qty.0 += 1
+        }),
         ("a crossed book", |s| {
             let ask = s.markets[0]
                 .orders
@@ -252,7 +256,12 @@ fn an_inconsistent_snapshot_is_refused_and_recovery_falls_back_to_the_previous_o
             } else {
                 (2, Side::Sell, 6_000_000 + i)
             };
-            run(&mut state, &mut store, order(a, side, price, 7, TimeInForce::Gtc), t);
+            run(
+                &mut state,
+                &mut store,
+                order(a, side, price, 7, TimeInForce::Gtc),
+                t,
+            );
         }
         let second = state.seq();
         store.snapshot(&state).unwrap();

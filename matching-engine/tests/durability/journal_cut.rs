@@ -357,7 +357,11 @@ fn a_rotation_that_failed_part_way_leaves_a_journal_that_recovers() {
     let w = write(&workload(12, 0));
     let k = w.ends.len() - 1;
     // The new segment for seq 5 holds 0 or 7 bytes of its header (a full disk), or all of it.
-    for partial in [&b""[..], &b"MEDJRNL"[..], &b"MEDJRNL2\x05\0\0\0\0\0\0\0"[..]] {
+    for partial in [
+        &b""[..],
+        &b"MEDJRNL"[..],
+        &b"MEDJRNL2\x05\0\0\0\0\0\0\0"[..],
+    ] {
         // ... the engine went on in the old segment and crashed inside a write of it,
         let dir = dir_with(&w.bytes[..w.bytes.len() - 3]);
         std::fs::write(dir.path().join(segment_file_name(5)), partial).unwrap();
@@ -467,7 +471,10 @@ fn verify_reports_repair_cuts_with_a_backup_and_then_the_store_opens() {
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
     }
     let d = check_journal(dir.path()).unwrap().damage().unwrap().clone();
-    assert_eq!((d.offset, d.first_lost_seq, d.last_lost_seq), (w.starts[4], 5, n));
+    assert_eq!(
+        (d.offset, d.first_lost_seq, d.last_lost_seq),
+        (w.starts[4], 5, n)
+    );
 
     let repair = repair_truncate(dir.path(), 1, w.starts[4], 1_234).unwrap();
     assert_eq!(repair.cut_bytes, bytes.len() as u64 - w.starts[4]);
@@ -481,7 +488,10 @@ fn verify_reports_repair_cuts_with_a_backup_and_then_the_store_opens() {
     assert_eq!(backup, &bytes[w.starts[4] as usize..]);
     let log = std::fs::read_to_string(dir.path().join("repair.log")).unwrap();
     assert!(log.starts_with("1234 truncated") && log.contains("records 5..="));
-    assert_eq!(std::fs::read(&path).unwrap(), &bytes[..w.starts[4] as usize]);
+    assert_eq!(
+        std::fs::read(&path).unwrap(),
+        &bytes[..w.starts[4] as usize]
+    );
 
     assert!(check_journal(dir.path()).unwrap().damage().is_none());
     let r = open(dir.path());

@@ -311,6 +311,20 @@ fn a_flipped_byte_anywhere_is_cut_in_the_last_group_and_refused_before_it() {
 }
 
 #[test]
+fn a_cut_anywhere_in_a_grouped_journal_recovers_every_whole_record_before_it() {
+    let w = write_grouped(&workload(24, 0), &[3, 1, 2]);
+    for cut in SEGMENT_HEADER_BYTES..=w.bytes.len() as u64 {
+        let dir = dir_with(&w.bytes[..cut as usize]);
+        let check = check_journal(dir.path()).unwrap();
+        assert!(check.damage().is_none(), "cut at {cut}");
+        let k = w.starts.iter().rposition(|&s| s <= cut).unwrap();
+        let r = open(dir.path());
+        assert_eq!(r.state.seq(), k as u64, "cut at {cut}");
+        assert_eq!(r.state.state_hash(), w.hashes[k], "cut at {cut}");
+    }
+}
+
+#[test]
 fn a_zeroed_range_is_refused_before_the_last_group_and_cut_inside_it() {
     let w = write_grouped(&workload(30, 0), &[3]);
     let n = w.groups.len();

@@ -1,5 +1,5 @@
 //! The `mediator` binary: `serve` runs everything; the admin commands talk to a running server;
-//! `replay` times the order book on a feed.
+//! `replay` times the order book on a feed; `journal` checks and repairs the engine's journal.
 //!
 //! Each subcommand lives in its own module and returns `anyhow::Result`; `main` only dispatches
 //! and turns an error into a message on stderr and exit code 2.
@@ -8,6 +8,7 @@ mod admin;
 mod bitcoind;
 mod config;
 mod custody;
+mod journal;
 mod replay;
 mod serve;
 
@@ -32,7 +33,7 @@ struct Cli {
         default_value = "127.0.0.1:8080"
     )]
     server: SocketAddr,
-    /// Admin commands: print the server's JSON answer.
+    /// Admin commands: print the server's JSON answer (`journal verify`: its report as JSON).
     #[arg(long, global = true)]
     json: bool,
     #[command(subcommand)]
@@ -96,6 +97,26 @@ enum Cmd {
     Regtest {
         #[command(subcommand)]
         cmd: RegtestCmd,
+    },
+    /// The engine's journal, offline (`<data-dir>/journal`): verify, repair.
+    Journal {
+        #[command(subcommand)]
+        cmd: JournalCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum JournalCmd {
+    /// Checks every segment and snapshot; changes nothing. Fails when `serve` would refuse.
+    Verify,
+    /// Cuts a damaged journal at the damage `verify` reported; keeps a backup; logs it.
+    Repair {
+        /// SEGMENT:OFFSET as `verify` prints it (SEGMENT: first seq or file name).
+        #[arg(long)]
+        truncate_at: String,
+        /// Required: the records after the cut are lost unless a snapshot holds them.
+        #[arg(long)]
+        confirm_data_loss: bool,
     },
 }
 
@@ -251,5 +272,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Regtest {
             cmd: RegtestCmd::Fund { account },
         } => admin::regtest_fund(&admin()?, account),
+        Cmd::Journal {
+            cmd: JournalCmd::Verify,
+        } => journal::verify(&data_dir, json),
+        Cmd::Journal {
+            cmd:
+                JournalCmd::Repair {
+                    truncate_at,
+                    confirm_data_loss,
+                },
+        } => journal::repair(&data_dir, &truncate_at, confirm_data_loss),
     }
 }

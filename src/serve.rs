@@ -2,7 +2,8 @@
 //! node (started here on regtest when none is configured), journal recovery and the engine
 //! thread, the API's read models, the custody service and its loop, then the HTTP listener.
 //! SIGINT/SIGTERM: stop accepting, finish in-flight requests, stop custody, flush and stop the
-//! engine (journal synced), stop the node we started.
+//! engine (journal synced), stop the node we started. If the engine stops on its own (a journal
+//! write or `fdatasync` failed) the same shutdown runs and the process exits non-zero.
 
 use crate::bitcoind::{find_bitcoind, ManagedNode};
 use crate::config::ServeConfig;
@@ -101,7 +102,15 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     );
     println!("mediator: admin key in {}", node.admin_key.path.display());
     println!("mediator: data directory {}", cfg.data_dir.display());
-    let served = rt.block_on(api::serve(listener, node.state.clone(), shutdown_signal()));
+    let engine_stopped = engine_stopped(node.sequencer.handle().clone());
+    let served = rt.block_on(api::serve(listener, node.state.clone(), async {
+        tokio::select! {
+            () = shutdown_signal() => {},
+            () = engine_stopped => {
+                tracing::error!("the engine stopped (journal failure): shutting down");
+            }
+        }
+    }));
 
     // 5. Stop in reverse order.
     println!("mediator: shutting down");
@@ -217,6 +226,16 @@ fn custody_config(cfg: &ServeConfig, rpc: RpcConfig) -> CustodyConfig {
         c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(v);
     }
     c
+}
+
+/// Resolves when the engine thread stops on its own (a journal write or `fdatasync` failed): the
+/// server then shuts down and exits non-zero (no retry of a failed fsync; a restart recovers).
+async fn engine_stopped(
+    handle: matching_engine::sequencer::SequencerHandle<matching_engine::Engine>,
+) {
+    while !handle.has_stopped() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 async fn shutdown_signal() {

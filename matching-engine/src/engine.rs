@@ -595,65 +595,122 @@ impl Engine {
         self.ledger.check_conservation();
     }
 
-    /// Full invariant check (tests): conservation, non-negative balances (by type), holds equal
-    /// what open orders and withdrawals hold, books well-formed, open-order counts right.
+    /// Full invariant check (tests): panics with the first broken invariant (see
+    /// [`validate`](Self::validate)).
     pub fn check_invariants(&self) {
-        self.ledger.check_conservation();
+        for m in &self.markets {
+            m.book.check_invariants();
+        }
+        if let Err(reason) = self.validate() {
+            panic!("engine invariant broken: {reason}");
+        }
+    }
+
+    /// Checks the invariants that tie the state together, without panicking: per asset the sum of
+    /// balances equals credits minus withdrawals; every held balance equals what its open orders,
+    /// waiting stops and held withdrawals hold; a bid holds at least its worst cost and an ask
+    /// exactly its base amount; `orig_qty = filled + open`; books are not crossed; open-order
+    /// counts are right. [`from_snapshot`](Self::from_snapshot) refuses a snapshot that fails.
+    pub fn validate(&self) -> Result<(), &'static str> {
+        for (i, t) in self.ledger.totals.iter().enumerate() {
+            let outstanding = t
+                .credited
+                .checked_sub(t.withdrawn)
+                .ok_or("more withdrawn than credited")?;
+            if self.ledger.asset_total(AssetId(i as u16)) != outstanding {
+                return Err("balances do not add up to credits minus withdrawals");
+            }
+        }
         let n_assets = self.config.assets.len();
         let mut held = vec![0u128; self.accounts.len() * n_assets];
         let mut open = vec![0u32; self.accounts.len()];
+        let mut add = |account: AccountId, asset: AssetId, amount: u128| {
+            let a = account.0 as usize;
+            let slot = held
+                .get_mut(a * n_assets + asset.0 as usize)
+                .ok_or("a hold of an unknown account or asset")?;
+            *slot += amount;
+            Ok::<(), &'static str>(())
+        };
         for (mi, m) in self.markets.iter().enumerate() {
             let cfg = &self.params[mi];
-            m.book.check_invariants();
+            if let (Some(bid), Some(ask)) = (m.book.best_bid(), m.book.best_ask()) {
+                if bid >= ask {
+                    return Err("crossed book");
+                }
+            }
             for side in [Side::Buy, Side::Sell] {
                 for (p, _) in m.book.levels(side) {
                     for n in m.book.orders_at(p) {
-                        let a = n.data.account.0 as usize;
-                        let asset = if side == Side::Buy {
-                            cfg.quote
-                        } else {
-                            cfg.base
+                        let (asset, need) = match side {
+                            Side::Buy => (
+                                cfg.quote,
+                                worst_cost(cfg, n.price, n.qty, cfg.max_fee_bps())
+                                    .ok_or("a bid's cost overflows")?,
+                            ),
+                            Side::Sell => (
+                                cfg.base,
+                                cfg.base_amount(n.qty).ok_or("an ask's amount overflows")?,
+                            ),
                         };
-                        held[a * n_assets + asset.0 as usize] += u128::from(n.data.hold.0);
-                        open[a] += 1;
-                        if side == Side::Buy {
-                            let need = worst_cost(cfg, n.price, n.qty, cfg.max_fee_bps()).unwrap();
-                            assert!(n.data.hold >= need, "bid {} under-held", n.id);
-                        } else {
-                            assert_eq!(n.data.hold, cfg.base_amount(n.qty).unwrap());
+                        let enough = match side {
+                            Side::Buy => n.data.hold >= need,
+                            Side::Sell => n.data.hold == need,
+                        };
+                        if !enough {
+                            return Err("an order's hold does not cover it");
                         }
-                        assert_eq!(n.data.orig_qty.0, n.data.filled.0 + n.qty.0);
+                        if n.data.filled.0.checked_add(n.qty.0) != Some(n.data.orig_qty.0) {
+                            return Err("an order's filled and open quantities do not add up");
+                        }
+                        add(n.data.account, asset, u128::from(n.data.hold.0))?;
+                        *open
+                            .get_mut(n.data.account.0 as usize)
+                            .ok_or("an order of an unknown account")? += 1;
                     }
                 }
             }
             for s in m.stop_buys.values().chain(m.stop_sells.values()) {
-                let a = s.order.account.0 as usize;
-                let asset = if s.order.side == Side::Buy {
-                    cfg.quote
-                } else {
-                    cfg.base
+                let asset = match s.order.side {
+                    Side::Buy => cfg.quote,
+                    Side::Sell => cfg.base,
                 };
-                held[a * n_assets + asset.0 as usize] += u128::from(s.hold.0);
-                open[a] += 1;
+                add(s.order.account, asset, u128::from(s.hold.0))?;
+                *open
+                    .get_mut(s.order.account.0 as usize)
+                    .ok_or("a stop of an unknown account")? += 1;
             }
-            assert_eq!(m.stop_index.len(), m.stop_buys.len() + m.stop_sells.len());
+            if m.stop_index.len() != m.stop_buys.len() + m.stop_sells.len() {
+                return Err("stop index");
+            }
         }
         for w in self.withdrawals.values() {
             if w.state == WithdrawalState::Held {
-                held[w.account.0 as usize * n_assets + w.asset.0 as usize] +=
-                    u128::from(w.amount.0) + u128::from(w.fee.0);
+                add(
+                    w.account,
+                    w.asset,
+                    u128::from(w.amount.0) + u128::from(w.fee.0),
+                )?;
             }
         }
-        for (i, b) in self.ledger.balances.iter().enumerate() {
-            assert_eq!(
-                u128::from(b.held),
-                held[i],
-                "held of balance {i} differs from its holds"
-            );
+        if self
+            .ledger
+            .balances
+            .iter()
+            .zip(&held)
+            .any(|(b, h)| u128::from(b.held) != *h)
+        {
+            return Err("a held balance differs from what its orders and withdrawals hold");
         }
-        for (i, a) in self.accounts.iter().enumerate() {
-            assert_eq!(a.open_orders, open[i], "open order count of account {i}");
+        if self
+            .accounts
+            .iter()
+            .zip(&open)
+            .any(|(a, n)| a.open_orders != *n)
+        {
+            return Err("open order count");
         }
+        Ok(())
     }
 
     /// Emits depth and balance events for everything this command changed.
@@ -2013,7 +2070,8 @@ impl Engine {
         }
     }
 
-    /// Rebuilds an engine from a snapshot.
+    /// Rebuilds an engine from a snapshot, and refuses one whose contents are inconsistent
+    /// (see [`validate`](Self::validate)) instead of running on a broken ledger.
     pub fn from_snapshot(s: EngineSnapshot) -> Result<Self, SnapshotError> {
         let mut e = Engine::new(s.config)?;
         let n_assets = e.config.assets.len();
@@ -2031,6 +2089,15 @@ impl Engine {
         e.accounts = vec![Account::default(); s.accounts as usize];
         e.ledger.balances = s.balances;
         e.ledger.totals = s.totals;
+        let mut ids = FxHashSet::default();
+        let mut new_id = |id: OrderId| {
+            if id.0 >= s.next_order_id || !ids.insert(id) {
+                return Err(SnapshotError::Inconsistent(
+                    "order id reused or not yet issued",
+                ));
+            }
+            Ok(())
+        };
         for (mi, ms) in s.markets.into_iter().enumerate() {
             let market = MarketId(mi as u16);
             let m = &mut e.markets[mi];
@@ -2038,15 +2105,32 @@ impl Engine {
             m.last_price = ms.last_price;
             for o in ms.orders {
                 let account = o.meta.account.0 as usize;
-                if account >= e.accounts.len() || o.price > m.book.max_price() || o.qty.is_zero() {
+                if account >= e.accounts.len()
+                    || o.price.0 == 0
+                    || o.price > m.book.max_price()
+                    || o.qty.is_zero()
+                {
                     return Err(SnapshotError::Inconsistent("order"));
                 }
+                let crosses = match o.side {
+                    Side::Buy => m.book.best_ask().is_some_and(|a| o.price >= a),
+                    Side::Sell => m.book.best_bid().is_some_and(|b| o.price <= b),
+                };
+                if crosses {
+                    return Err(SnapshotError::Inconsistent("crossed book"));
+                }
+                new_id(o.id)?;
                 m.book
                     .insert(o.id, o.side, o.price, o.qty, o.meta)
                     .map_err(|_| SnapshotError::Inconsistent("book full"))?;
                 e.accounts[account].open_orders += 1;
                 if let Some(c) = o.meta.client_id {
-                    e.client_ids.insert((o.meta.account, c), (market, o.id));
+                    if e.client_ids
+                        .insert((o.meta.account, c), (market, o.id))
+                        .is_some()
+                    {
+                        return Err(SnapshotError::Inconsistent("client order id reused"));
+                    }
                 }
                 if let TimeInForce::Gtd(t) = o.meta.tif {
                     e.expiries.push(Reverse((t.0, o.id.0, market.0)));
@@ -2061,6 +2145,7 @@ impl Engine {
                 if account >= e.accounts.len() {
                     return Err(SnapshotError::Inconsistent("stop account"));
                 }
+                new_id(st.id)?;
                 match st.order.side {
                     Side::Buy => m.stop_buys.insert((stop, st.id), st),
                     Side::Sell => m.stop_sells.insert((stop, st.id), st),
@@ -2071,13 +2156,19 @@ impl Engine {
                 }
                 e.accounts[account].open_orders += 1;
                 if let Some(c) = st.order.client_id {
-                    e.client_ids.insert((st.order.account, c), (market, st.id));
+                    if e.client_ids
+                        .insert((st.order.account, c), (market, st.id))
+                        .is_some()
+                    {
+                        return Err(SnapshotError::Inconsistent("client order id reused"));
+                    }
                 }
             }
         }
         e.credit_keys = s.credit_keys.into_iter().collect();
         e.transfer_keys = s.transfer_keys.into_iter().collect();
         e.withdrawals = s.withdrawals.into_iter().collect();
+        e.validate().map_err(SnapshotError::Inconsistent)?;
         Ok(e)
     }
 
@@ -2108,8 +2199,8 @@ impl crate::StateMachine for Engine {
     fn snapshot(&self) -> EngineSnapshot {
         Engine::snapshot(self)
     }
-    fn restore(snapshot: EngineSnapshot) -> Self {
-        Engine::from_snapshot(snapshot).expect("a snapshot written by the engine is valid")
+    fn restore(snapshot: EngineSnapshot) -> Result<Self, crate::RestoreError> {
+        Engine::from_snapshot(snapshot).map_err(Into::into)
     }
     fn state_hash(&self) -> [u8; 32] {
         Engine::state_hash(self)

@@ -7,37 +7,49 @@
 //! (see [`crate::recovery::Store::snapshot`]), so whole old segments can be deleted.
 //!
 //! Every segment starts with a 16-byte header, then records back to back. All integers are
-//! little-endian.
+//! little-endian. The header's magic names the record format: `MEDJRNL2` (written by this code)
+//! or `MEDJRNL1` (written before group commits were recorded; still read, never appended to).
 //!
 //! ```text
 //! segment header (16 bytes)
-//!   0..8    magic       b"MEDJRNL1"
+//!   0..8    magic       b"MEDJRNL2" (or b"MEDJRNL1")
 //!   8..16   first_seq   u64, the sequence number of the segment's first record
 //!
-//! record (16 + len bytes)
+//! record, version 2 (24 + len bytes)
 //!   0..4    len         u32, payload length in bytes, 1..=MAX_PAYLOAD_BYTES
 //!   4..12   seq         u64, the command's sequence number (StateMachine::seq after it)
-//!   12..16  crc         u32, CRC-32 (IEEE) of bytes 0..12 (len and seq) followed by the payload
-//!   16..    payload     postcard encoding of (Timestamp, S::Command)
+//!   12..20  group       u64, the seq of the first record of this record's group commit
+//!   20..24  crc         u32, CRC-32 (IEEE) of bytes 0..20 followed by the payload
+//!   24..    payload     postcard encoding of (Timestamp, S::Command)
+//!
+//! record, version 1 (16 + len bytes)
+//!   0..4 len, 4..12 seq, 12..16 crc of bytes 0..12 and the payload, 16.. payload
 //! ```
 //!
-//! The checksum covers `len` and `seq` as well as the payload, so a damaged length is caught even
-//! when it still points inside the file.
+//! The checksum covers the header fields as well as the payload, so a damaged length is caught
+//! even when it still points inside the file.
 //!
 //! # Durability
 //!
 //! [`JournalWriter::append`] only encodes into a memory buffer: **nothing is durable until
 //! [`JournalWriter::sync`] returns `Ok`**, which writes the buffer and calls `fdatasync`
 //! (`File::sync_data`). A segment's creation is made durable by an fsync of the file and of its
-//! directory before any record is appended to it.
+//! directory before any record is appended to it. The records appended between two syncs are one
+//! *group commit*; each carries the seq of its group's first record. After a failed write or sync
+//! the writer is poisoned and never syncs again: the page cache may have dropped the data, and
+//! only recovery (which re-reads and re-syncs the file) may decide what is durable.
 //!
-//! # Torn and corrupt records
+//! # Torn tails and damage
 //!
-//! A crash can leave a partly written record at the end of the last segment. [`SegmentReader`]
-//! stops at the first record that is short (the file ends inside it), has a length of zero or
-//! above [`MAX_PAYLOAD_BYTES`], fails its checksum, or does not carry the next sequence number,
-//! and reports where the valid prefix ends ([`SegmentReader::valid_len`]). Recovery truncates the
-//! last segment there: a half-written record is never applied.
+//! [`SegmentReader`] stops at the first record that is short (the file ends inside it), has a
+//! length of zero or above [`MAX_PAYLOAD_BYTES`], fails its checksum, or does not carry the next
+//! sequence number, and reports where the valid prefix ends ([`SegmentReader::valid_len`]).
+//! What that means is decided by [`check_journal`] (see `verify.rs`): group `g + 1` is only
+//! written after group `g`'s `fdatasync` returned, so a valid record *of a later group* after the
+//! bad one proves that the bad record was acknowledged. Then the journal is [`Damaged`]:
+//! recovery refuses to start and changes nothing; an operator decides with
+//! `mediator journal verify` and `mediator journal repair`. Otherwise the bad bytes belong to the
+//! last, unacknowledged group (a torn write) and recovery cuts them off.
 
 use crate::units::Timestamp;
 use serde::de::DeserializeOwned;
@@ -46,12 +58,22 @@ use std::fs::{File, OpenOptions};
 use std::io::{self, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 
-/// The magic bytes that open every journal segment.
-pub const SEGMENT_MAGIC: [u8; 8] = *b"MEDJRNL1";
+mod verify;
+
+pub use verify::{
+    check_journal, repair_truncate, Damage, JournalCheck, Repair, SegmentCheck, SegmentStatus,
+};
+
+/// The magic bytes that open every journal segment written by this code (record version 2).
+pub const SEGMENT_MAGIC: [u8; 8] = *b"MEDJRNL2";
+/// The magic bytes of a segment written before group commits were recorded (record version 1).
+pub const SEGMENT_MAGIC_V1: [u8; 8] = *b"MEDJRNL1";
 /// Length of a segment header in bytes.
 pub const SEGMENT_HEADER_BYTES: u64 = 16;
-/// Length of a record header (`len`, `seq`, `crc`) in bytes.
-pub const RECORD_HEADER_BYTES: usize = 16;
+/// Length of a version 2 record header (`len`, `seq`, `group`, `crc`) in bytes.
+pub const RECORD_HEADER_BYTES: usize = 24;
+/// Length of a version 1 record header (`len`, `seq`, `crc`) in bytes.
+pub const RECORD_HEADER_BYTES_V1: usize = 16;
 /// The largest payload a record may have. A larger `len` is taken as corruption.
 pub const MAX_PAYLOAD_BYTES: u32 = 1 << 20;
 
@@ -108,6 +130,12 @@ pub enum JournalError {
     /// An earlier write or sync failed: the file's tail is unknown and the writer refuses to go on.
     #[error("journal writer is poisoned by an earlier failure")]
     Poisoned,
+    /// A repair was refused; nothing was changed.
+    #[error("journal repair refused, nothing changed: {reason}")]
+    RepairRefused {
+        /// Why.
+        reason: String,
+    },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
@@ -156,11 +184,62 @@ pub(crate) fn fsync_dir(dir: &Path) -> io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
-fn crc_of(header: &[u8], payload: &[u8]) -> u32 {
+/// The record format of a segment, named by its header's magic.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
+pub enum RecordVersion {
+    /// `MEDJRNL1`: no group commits recorded.
+    V1,
+    /// `MEDJRNL2`: every record carries its group commit's first seq.
+    V2,
+}
+
+impl RecordVersion {
+    /// Length of a record header of this version.
+    pub fn header_bytes(self) -> usize {
+        match self {
+            RecordVersion::V1 => RECORD_HEADER_BYTES_V1,
+            RecordVersion::V2 => RECORD_HEADER_BYTES,
+        }
+    }
+
+    fn crc_at(self) -> usize {
+        self.header_bytes() - 4
+    }
+}
+
+fn crc_of(version: RecordVersion, header: &[u8], payload: &[u8]) -> u32 {
     let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&header[0..12]);
+    hasher.update(&header[..version.crc_at()]);
     hasher.update(payload);
     hasher.finalize()
+}
+
+/// The fields of a record header that passed the length check.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) struct RawHeader {
+    pub(crate) len: u32,
+    pub(crate) seq: u64,
+    pub(crate) group: Option<u64>,
+    pub(crate) crc: u32,
+}
+
+/// Parses a record header of `version` (`header` is at least `version.header_bytes()` long).
+pub(crate) fn parse_header(version: RecordVersion, header: &[u8]) -> RawHeader {
+    let u32_at = |at: usize| u32::from_le_bytes(header[at..at + 4].try_into().expect("4 bytes"));
+    let u64_at = |at: usize| u64::from_le_bytes(header[at..at + 8].try_into().expect("8 bytes"));
+    RawHeader {
+        len: u32_at(0),
+        seq: u64_at(4),
+        group: (version == RecordVersion::V2).then(|| u64_at(12)),
+        crc: u32_at(version.crc_at()),
+    }
+}
+
+/// True when a record with this header and payload is intact.
+pub(crate) fn record_ok(version: RecordVersion, header: &[u8], payload: &[u8]) -> bool {
+    let raw = parse_header(version, header);
+    crc_of(version, header, payload) == raw.crc && raw.group.is_none_or(|g| g <= raw.seq)
 }
 
 fn segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
@@ -170,12 +249,24 @@ fn segment_header(first_seq: u64) -> [u8; SEGMENT_HEADER_BYTES as usize] {
     header
 }
 
+/// The record version of a full segment header, `None` when the magic is not a journal's.
+pub(crate) fn header_version(header: &[u8]) -> Option<RecordVersion> {
+    match header[0..8].try_into().expect("8 bytes") {
+        SEGMENT_MAGIC => Some(RecordVersion::V2),
+        SEGMENT_MAGIC_V1 => Some(RecordVersion::V1),
+        _ => None,
+    }
+}
+
 /// Appends records to one segment.
 ///
 /// Durability contract: [`append`](Self::append) buffers in memory; a record is durable only once
 /// a later [`sync`](Self::sync) has returned `Ok`. After any failed write or sync the writer is
 /// poisoned (every later call fails with [`JournalError::Poisoned`]): the state of the file's tail
-/// is unknown, and only recovery may decide it.
+/// is unknown, and only recovery may decide it. A failed `fdatasync` is never retried (the kernel
+/// may have dropped the dirty pages and would report the retry as a success).
+///
+/// Always writes record version 2; the records appended between two syncs form a group commit.
 #[derive(Debug)]
 pub struct JournalWriter {
     file: File,
@@ -183,16 +274,22 @@ pub struct JournalWriter {
     first_seq: u64,
     /// Sequence number the next appended record must carry.
     next_seq: u64,
+    /// The seq of the first record appended since the last sync: the current group's.
+    group: Option<u64>,
     /// Encoded records not yet written to the file.
     buf: Vec<u8>,
     /// Bytes of the file known to be written (header and whole records).
     file_len: u64,
     poisoned: bool,
+    /// Test seam: syncs left before one fails (see [`JournalWriter::inject_sync_failure`]).
+    sync_failure_after: Option<u64>,
 }
 
 impl JournalWriter {
     /// Creates the segment for `first_seq` in `dir`, and makes its creation durable (fsync of the
-    /// file and of `dir`). Fails if the file exists.
+    /// file and of `dir`). Fails if the file exists. When it fails after creating the file (a full
+    /// disk while writing the header, say) it removes the file again, as far as it can; a leftover
+    /// holds no record and recovery removes it.
     pub fn create(dir: &Path, first_seq: u64) -> Result<Self, JournalError> {
         assert!(first_seq >= 1, "sequence numbers start at 1");
         let path = dir.join(segment_file_name(first_seq));
@@ -201,25 +298,54 @@ impl JournalWriter {
             .create_new(true)
             .open(&path)
             .map_err(io_err(&path))?;
-        file.write_all(&segment_header(first_seq))
+        let written = file
+            .write_all(&segment_header(first_seq))
             .and_then(|()| file.sync_all())
-            .map_err(io_err(&path))?;
-        sync_dir(dir)?;
-        Ok(Self {
+            .map_err(io_err(&path))
+            .and_then(|()| sync_dir(dir));
+        if let Err(e) = written {
+            drop(file);
+            if std::fs::remove_file(&path).is_ok() {
+                let _ = fsync_dir(dir);
+            }
+            return Err(e);
+        }
+        Ok(Self::new(
             file,
             path,
             first_seq,
-            next_seq: first_seq,
-            buf: Vec::with_capacity(64 * 1024),
-            file_len: SEGMENT_HEADER_BYTES,
-            poisoned: false,
-        })
+            first_seq,
+            SEGMENT_HEADER_BYTES,
+        ))
     }
 
-    /// Opens an existing segment for appending after its valid prefix of `valid_len` bytes, whose
-    /// last record is `next_seq - 1` (as found by [`SegmentReader`]). Anything after `valid_len`
-    /// is cut off and the cut is made durable. A segment shorter than its header (a crash while it
-    /// was created) gets its header written anew.
+    fn new(file: File, path: PathBuf, first_seq: u64, next_seq: u64, file_len: u64) -> Self {
+        Self {
+            file,
+            path,
+            first_seq,
+            next_seq,
+            group: None,
+            buf: Vec::with_capacity(64 * 1024),
+            file_len,
+            poisoned: false,
+            sync_failure_after: None,
+        }
+    }
+
+    /// Test seam: after `after` more successful syncs, the next one fails as an `fdatasync` error
+    /// would (the records are written, the sync reports an error, the writer is poisoned).
+    #[doc(hidden)]
+    pub fn inject_sync_failure(&mut self, after: u64) {
+        self.sync_failure_after = Some(after);
+    }
+
+    /// Opens an existing version 2 segment for appending after its valid prefix of `valid_len`
+    /// bytes, whose last record is `next_seq - 1` (as found by [`SegmentReader`]). Anything after
+    /// `valid_len` is cut off. The file is fsynced either way (and its directory): what a crashed
+    /// process wrote may still sit in the page cache only, and must be durable before anything
+    /// that depends on it is acknowledged. A segment shorter than its header (a crash while it was
+    /// created) gets its header written anew.
     pub fn open_at(
         path: &Path,
         first_seq: u64,
@@ -246,23 +372,23 @@ impl JournalWriter {
         } else {
             assert!(valid_len <= len, "valid prefix longer than the file");
             if valid_len < len {
-                file.set_len(valid_len)
-                    .and_then(|()| file.sync_all())
-                    .map_err(io_err(path))?;
+                file.set_len(valid_len).map_err(io_err(path))?;
             }
+            file.sync_all().map_err(io_err(path))?;
             valid_len
         };
+        if let Some(dir) = path.parent() {
+            sync_dir(dir)?;
+        }
         file.seek(SeekFrom::Start(valid_len))
             .map_err(io_err(path))?;
-        Ok(Self {
+        Ok(Self::new(
             file,
-            path: path.to_path_buf(),
+            path.to_path_buf(),
             first_seq,
             next_seq,
-            buf: Vec::with_capacity(64 * 1024),
-            file_len: valid_len,
-            poisoned: false,
-        })
+            valid_len,
+        ))
     }
 
     /// The segment file.
@@ -313,11 +439,13 @@ impl JournalWriter {
             self.buf.truncate(start);
             return Err(JournalError::RecordTooLarge { seq, len });
         }
+        let group = *self.group.get_or_insert(seq);
         let (header, payload) = self.buf[start..].split_at_mut(RECORD_HEADER_BYTES);
         header[0..4].copy_from_slice(&(len as u32).to_le_bytes());
         header[4..12].copy_from_slice(&seq.to_le_bytes());
-        let crc = crc_of(header, payload);
-        header[12..16].copy_from_slice(&crc.to_le_bytes());
+        header[12..20].copy_from_slice(&group.to_le_bytes());
+        let crc = crc_of(RecordVersion::V2, header, payload);
+        header[20..24].copy_from_slice(&crc.to_le_bytes());
         self.next_seq += 1;
         Ok(())
     }
@@ -331,10 +459,21 @@ impl JournalWriter {
         if self.buf.is_empty() {
             return Ok(());
         }
-        let result = self
-            .file
-            .write_all(&self.buf)
-            .and_then(|()| self.file.sync_data());
+        let injected = match &mut self.sync_failure_after {
+            Some(0) => true,
+            Some(n) => {
+                *n -= 1;
+                false
+            }
+            None => false,
+        };
+        let result = self.file.write_all(&self.buf).and_then(|()| {
+            if injected {
+                Err(io::Error::other("injected fdatasync failure"))
+            } else {
+                self.file.sync_data()
+            }
+        });
         if let Err(source) = result {
             self.poisoned = true;
             return Err(JournalError::Io {
@@ -344,6 +483,7 @@ impl JournalWriter {
         }
         self.file_len += self.buf.len() as u64;
         self.buf.clear();
+        self.group = None;
         Ok(())
     }
 
@@ -376,6 +516,8 @@ pub struct RecordInfo {
     pub seq: u64,
     /// Offset of the record in the file.
     pub offset: u64,
+    /// The seq of the first record of its group commit (`None` in a version 1 segment).
+    pub group: Option<u64>,
 }
 
 /// Reads the records of one segment, in order, checking each (see the module docs).
@@ -383,6 +525,8 @@ pub struct RecordInfo {
 pub struct SegmentReader {
     reader: BufReader<File>,
     path: PathBuf,
+    version: RecordVersion,
+    group: Option<u64>,
     first_seq: u64,
     next_seq: u64,
     valid_len: u64,
@@ -401,6 +545,8 @@ impl SegmentReader {
         let mut this = Self {
             reader,
             path: path.to_path_buf(),
+            version: RecordVersion::V2,
+            group: None,
             first_seq,
             next_seq: first_seq,
             valid_len: 0,
@@ -414,12 +560,13 @@ impl SegmentReader {
                 this.done = true;
             }
             Filled::Full => {
-                if header[0..8] != SEGMENT_MAGIC {
+                let Some(version) = header_version(&header) else {
                     return Err(JournalError::BadSegment {
                         path: path.to_path_buf(),
                         reason: "bad magic",
                     });
-                }
+                };
+                this.version = version;
                 if header[8..16] != first_seq.to_le_bytes() {
                     return Err(JournalError::BadSegment {
                         path: path.to_path_buf(),
@@ -440,19 +587,21 @@ impl SegmentReader {
             return Ok(None);
         }
         let mut header = [0u8; RECORD_HEADER_BYTES];
-        let filled = read_full(&mut self.reader, &mut header).map_err(io_err(&self.path))?;
+        let header = &mut header[..self.version.header_bytes()];
+        let filled = read_full(&mut self.reader, header).map_err(io_err(&self.path))?;
         let defect = match filled {
             Filled::Short(0) => None,
             Filled::Short(_) => Some(TailDefect::ShortRecord),
-            Filled::Full => self.check_record(&header)?,
+            Filled::Full => self.check_record(header)?,
         };
         match defect {
             None if filled == Filled::Full => {
                 let info = RecordInfo {
                     seq: self.next_seq,
                     offset: self.valid_len,
+                    group: self.group,
                 };
-                self.valid_len += (RECORD_HEADER_BYTES + self.payload.len()) as u64;
+                self.valid_len += (header.len() + self.payload.len()) as u64;
                 self.next_seq += 1;
                 Ok(Some(info))
             }
@@ -464,13 +613,10 @@ impl SegmentReader {
         }
     }
 
-    fn check_record(
-        &mut self,
-        header: &[u8; RECORD_HEADER_BYTES],
-    ) -> Result<Option<TailDefect>, JournalError> {
-        let len = u32::from_le_bytes(header[0..4].try_into().expect("4 bytes"));
-        let seq = u64::from_le_bytes(header[4..12].try_into().expect("8 bytes"));
-        let crc = u32::from_le_bytes(header[12..16].try_into().expect("4 bytes"));
+    fn check_record(&mut self, header: &[u8]) -> Result<Option<TailDefect>, JournalError> {
+        let RawHeader {
+            len, seq, group, ..
+        } = parse_header(self.version, header);
         if len == 0 || len > MAX_PAYLOAD_BYTES {
             return Ok(Some(TailDefect::BadLength));
         }
@@ -480,12 +626,13 @@ impl SegmentReader {
         {
             return Ok(Some(TailDefect::ShortRecord));
         }
-        if crc_of(header, &self.payload) != crc {
+        if !record_ok(self.version, header, &self.payload) {
             return Ok(Some(TailDefect::BadChecksum));
         }
         if seq != self.next_seq {
             return Ok(Some(TailDefect::BadSeq));
         }
+        self.group = group;
         Ok(None)
     }
 
@@ -527,6 +674,11 @@ impl SegmentReader {
     /// The segment's first sequence number.
     pub fn first_seq(&self) -> u64 {
         self.first_seq
+    }
+
+    /// The segment's record format (version 2 until a full header says otherwise).
+    pub fn version(&self) -> RecordVersion {
+        self.version
     }
 
     /// After the end: why the valid prefix ended before the end of the file, `None` when the
@@ -639,6 +791,48 @@ mod tests {
         }
         assert_eq!(got, vec![(Timestamp(1), 7), (Timestamp(3), 8)]);
         assert_eq!(r.defect(), None);
+    }
+
+    #[test]
+    fn a_failed_sync_poisons_the_writer_and_is_never_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::create(dir.path(), 1).unwrap();
+        w.inject_sync_failure(1);
+        w.append(1, Timestamp(1), &1u8).unwrap();
+        w.sync().unwrap();
+        w.append(2, Timestamp(2), &2u8).unwrap();
+        assert!(matches!(w.sync(), Err(JournalError::Io { .. })));
+        assert!(matches!(w.sync(), Err(JournalError::Poisoned)));
+        assert!(matches!(
+            w.append(3, Timestamp(3), &3u8),
+            Err(JournalError::Poisoned)
+        ));
+    }
+
+    #[test]
+    fn each_record_carries_its_group_commit() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::create(dir.path(), 1).unwrap();
+        for (seq, sync) in [
+            (1, false),
+            (2, true),
+            (3, true),
+            (4, false),
+            (5, false),
+            (6, true),
+        ] {
+            w.append(seq, Timestamp(seq), &seq).unwrap();
+            if sync {
+                w.sync().unwrap();
+            }
+        }
+        let mut r = SegmentReader::open(w.path(), 1).unwrap();
+        let mut groups = Vec::new();
+        while let Some(info) = r.next_record().unwrap() {
+            groups.push(info.group);
+        }
+        assert_eq!(r.version(), RecordVersion::V2);
+        assert_eq!(groups, [1, 1, 3, 4, 4, 4].map(Some));
     }
 
     #[test]

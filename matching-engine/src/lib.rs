@@ -42,6 +42,9 @@ pub use units::{
     Timestamp, TradeId, WithdrawalId,
 };
 
+/// Why [`StateMachine::restore`] refused a snapshot.
+pub type RestoreError = Box<dyn std::error::Error + Send + Sync>;
+
 /// A deterministic state machine that the sequencer drives and the journal replays.
 ///
 /// `apply` must be a pure function of the state, the command and `now`: no clock, no randomness,
@@ -69,8 +72,11 @@ pub trait StateMachine {
     fn seq(&self) -> u64;
     /// A canonical copy of the whole state.
     fn snapshot(&self) -> Self::Snapshot;
-    /// Rebuilds the state from a snapshot.
-    fn restore(snapshot: Self::Snapshot) -> Self;
+    /// Rebuilds the state from a snapshot, checking its invariants: a snapshot whose contents are
+    /// inconsistent is an error (recovery then falls back to an older snapshot), never a panic.
+    fn restore(snapshot: Self::Snapshot) -> Result<Self, RestoreError>
+    where
+        Self: Sized;
     /// SHA-256 of the canonical encoding of the state.
     fn state_hash(&self) -> [u8; 32];
 }

@@ -7,24 +7,31 @@
 //! ```
 //!
 //! Recovery ([`Store::open`]):
-//! 1. load the newest snapshot that passes its checks; a snapshot that fails them is renamed to
+//! 1. check the journal ([`check_journal`], read-only): if a bad record hides acknowledged
+//!    records ([`Damage`]: any defect in a segment other than the last, or one followed by a
+//!    later group commit in the last), refuse with [`RecoveryError::Damaged`] **before anything
+//!    on disk is changed**; the operator uses `mediator journal verify` and `repair`;
+//! 2. load the newest snapshot that passes its checks, including the state machine's own
+//!    invariants ([`StateMachine::restore`]); a snapshot that fails them is renamed to
 //!    `*.corrupt` (kept for inspection) and the next older one is tried; with none, start from
 //!    the caller's genesis state;
-//! 2. replay every journal record with a sequence number above the state's through
+//! 3. replay every journal record with a sequence number above the state's through
 //!    [`StateMachine::apply`] with its journaled time. A record that is rejected on replay, or
 //!    that does not move [`StateMachine::seq`] to its own number, is a divergence: an error, never
 //!    skipped;
-//! 3. the last segment is cut after its last valid record (see [`crate::journal`] for what is
-//!    valid); a defect in any other segment is an error, since those were fsync'd whole before the
-//!    next one was started;
-//! 4. the store is then ready to append the next sequence number.
+//! 4. cut the last segment's torn tail (bytes of its last, unacknowledged group commit), remove
+//!    empty segments left by a rotation that failed part-way, and fsync the tail that is kept
+//!    (a crashed process may have left it in the page cache only); a last segment in the old
+//!    record format (version 1) is not appended to: a new segment starts;
+//! 5. the store is then ready to append the next sequence number.
 //!
 //! Pruning: after each snapshot the journal moves to a new segment, then every snapshot but the
 //! newest [`StoreConfig::snapshots_kept`] and every segment whose records all precede the oldest
 //! kept snapshot are deleted, so recovery can always fall back one snapshot.
 
 use crate::journal::{
-    list_segments, sync_dir, JournalError, JournalWriter, SegmentReader, TailDefect,
+    check_journal, list_segments, sync_dir, Damage, JournalError, JournalWriter, RecordVersion,
+    SegmentReader, SegmentStatus, TailDefect,
 };
 use crate::snapshot::{list_snapshots, read_snapshot, write_snapshot, SnapshotError};
 use crate::units::Timestamp;
@@ -97,18 +104,12 @@ pub enum RecoveryError {
         /// The first sequence number of the next segment.
         found: u64,
     },
-    /// A segment other than the last is damaged: acknowledged commands would be lost.
+    /// A bad record hides acknowledged records (see [`crate::journal`]). Nothing was changed.
     #[error(
-        "journal segment {path} is damaged at offset {offset} ({defect:?}) and is not the last"
+        "{0}; nothing was changed. Inspect with `mediator journal verify`; an operator may cut \
+         the journal there with `mediator journal repair`"
     )]
-    CorruptSegment {
-        /// The segment.
-        path: PathBuf,
-        /// Where its valid prefix ends.
-        offset: u64,
-        /// What is wrong there.
-        defect: TailDefect,
-    },
+    Damaged(Damage),
 }
 
 /// An error while taking a snapshot.
@@ -155,6 +156,8 @@ pub struct RecoveryReport {
     pub truncated: Option<TruncatedTail>,
     /// Snapshots that failed their checks, renamed to `*.corrupt`.
     pub corrupt_snapshots: Vec<PathBuf>,
+    /// Empty segments (left by a rotation that failed part-way) that were removed.
+    pub removed_segments: Vec<PathBuf>,
     /// The time of the last journaled command, if the journal has any.
     pub last_time: Option<Timestamp>,
 }
@@ -197,8 +200,17 @@ impl<S: StateMachine> Store<S> {
             path: dir.to_path_buf(),
             source,
         })?;
+        // 1. Read-only: refuse before changing anything when acknowledged records are damaged.
+        let check = check_journal(dir)?;
+        if let Some(damage) = check.damage() {
+            tracing::error!(%damage, "refusing to recover a damaged journal");
+            return Err(RecoveryError::Damaged(damage.clone()));
+        }
+
+        // 2. The newest snapshot that passes its checks (renamed later, once replay succeeded).
         let mut report = RecoveryReport::default();
         let mut restored = None;
+        let mut corrupt = Vec::new();
         for (seq, path) in list_snapshots(dir)?.into_iter().rev() {
             match read_snapshot::<S>(&path, seq) {
                 Ok(state) => {
@@ -208,13 +220,11 @@ impl<S: StateMachine> Store<S> {
                 }
                 Err(SnapshotError::Invalid { reason, .. }) => {
                     tracing::warn!(path = %path.display(), reason, "skipping corrupt snapshot");
-                    let mut corrupt = path.clone().into_os_string();
-                    corrupt.push(".corrupt");
-                    std::fs::rename(&path, &corrupt).map_err(|source| RecoveryError::Io {
-                        path: path.clone(),
-                        source,
-                    })?;
-                    report.corrupt_snapshots.push(PathBuf::from(corrupt));
+                    corrupt.push(path);
+                }
+                Err(SnapshotError::Inconsistent { reason, .. }) => {
+                    tracing::warn!(path = %path.display(), reason, "skipping inconsistent snapshot");
+                    corrupt.push(path);
                 }
                 Err(e) => return Err(e.into()),
             }
@@ -222,11 +232,15 @@ impl<S: StateMachine> Store<S> {
         let mut state = restored.unwrap_or_else(genesis);
         let snapshot_seq = state.seq();
 
-        let segments = list_segments(dir)?;
-        let mut journal = None;
+        // 3. Replay.
+        let last_index = check.last_index();
+        let mut last = None;
         let mut events = Vec::new();
-        for (i, (first_seq, path)) in segments.iter().enumerate() {
-            let (first_seq, last) = (*first_seq, i + 1 == segments.len());
+        for (i, segment) in check.segments.iter().enumerate() {
+            let (first_seq, path) = (segment.first_seq, &segment.path);
+            if segment.status == SegmentStatus::Empty && Some(i) != last_index {
+                continue;
+            }
             if first_seq > state.seq() + 1 {
                 return Err(RecoveryError::Gap {
                     expected: state.seq() + 1,
@@ -260,54 +274,81 @@ impl<S: StateMachine> Store<S> {
                 report.replayed += 1;
                 report.last_time = Some(time);
             }
-            let valid_len = reader.valid_len();
-            if let Some(defect) = reader.defect() {
-                if !last {
-                    return Err(RecoveryError::CorruptSegment {
-                        path: path.clone(),
-                        offset: valid_len,
-                        defect,
-                    });
-                }
-                let file_len = std::fs::metadata(path)
-                    .map_err(|source| RecoveryError::Io {
-                        path: path.clone(),
-                        source,
-                    })?
-                    .len();
-                tracing::warn!(
-                    path = %path.display(), valid_len, file_len, ?defect,
-                    "cutting off the journal's torn tail"
-                );
+            debug_assert_eq!(reader.valid_len(), segment.valid_len);
+            if let SegmentStatus::TornTail {
+                defect,
+                dropped_bytes,
+            } = segment.status
+            {
                 report.truncated = Some(TruncatedTail {
                     segment: path.clone(),
-                    valid_len,
-                    dropped_bytes: file_len - valid_len,
+                    valid_len: segment.valid_len,
+                    dropped_bytes,
                     defect,
                 });
             }
-            if last {
-                let next_seq = reader.next_seq();
-                drop(reader);
-                journal = Some(if next_seq == state.seq() + 1 {
-                    JournalWriter::open_at(path, first_seq, valid_len, next_seq)?
-                } else {
-                    // The journal ends before the snapshot (it can only have lost synced records
-                    // to outside damage): keep its valid records, start anew after the snapshot.
-                    tracing::warn!(path = %path.display(), next_seq, snapshot_seq, "journal ends before the snapshot");
-                    if next_seq == first_seq {
-                        std::fs::remove_file(path).map_err(|source| RecoveryError::Io {
-                            path: path.clone(),
-                            source,
-                        })?;
-                    } else {
-                        drop(JournalWriter::open_at(
-                            path, first_seq, valid_len, next_seq,
-                        )?);
-                    }
-                    JournalWriter::create(dir, state.seq() + 1)?
-                });
+            if Some(i) == last_index {
+                last = Some((segment.clone(), reader.next_seq()));
             }
+        }
+
+        // 4. Changes on disk: set corrupt snapshots aside, remove empty segments, cut the tail.
+        for path in corrupt {
+            let mut renamed = path.clone().into_os_string();
+            renamed.push(".corrupt");
+            std::fs::rename(&path, &renamed).map_err(|source| RecoveryError::Io {
+                path: path.clone(),
+                source,
+            })?;
+            report.corrupt_snapshots.push(PathBuf::from(renamed));
+        }
+        for (i, segment) in check.segments.iter().enumerate() {
+            if segment.status == SegmentStatus::Empty && Some(i) != last_index {
+                tracing::warn!(path = %segment.path.display(), "removing an empty journal segment");
+                std::fs::remove_file(&segment.path).map_err(|source| RecoveryError::Io {
+                    path: segment.path.clone(),
+                    source,
+                })?;
+                report.removed_segments.push(segment.path.clone());
+            }
+        }
+        if !report.removed_segments.is_empty() {
+            sync_dir(dir)?;
+        }
+        let mut journal = None;
+        if let Some((segment, next_seq)) = last {
+            let (path, first_seq, valid_len) =
+                (&segment.path, segment.first_seq, segment.valid_len);
+            if let Some(tail) = &report.truncated {
+                tracing::warn!(
+                    path = %path.display(), valid_len, dropped_bytes = tail.dropped_bytes,
+                    defect = ?tail.defect, "cutting off the journal's torn tail"
+                );
+            }
+            let appendable = segment.version != Some(RecordVersion::V1);
+            journal = Some(if next_seq == state.seq() + 1 && appendable {
+                JournalWriter::open_at(path, first_seq, valid_len, next_seq)?
+            } else {
+                // The journal ends before the snapshot (it can only have lost synced records to
+                // outside damage), or the segment has the old record format: keep its valid
+                // records, start a new segment after the state.
+                if next_seq != state.seq() + 1 {
+                    tracing::warn!(path = %path.display(), next_seq, snapshot_seq, "journal ends before the snapshot");
+                }
+                if next_seq == first_seq {
+                    std::fs::remove_file(path).map_err(|source| RecoveryError::Io {
+                        path: path.clone(),
+                        source,
+                    })?;
+                } else if segment.version == Some(RecordVersion::V1) {
+                    cut_v1(path, valid_len)?;
+                } else {
+                    drop(JournalWriter::open_at(
+                        path, first_seq, valid_len, next_seq,
+                    )?);
+                }
+                JournalWriter::create(dir, state.seq() + 1)?
+            });
         }
         let journal = match journal {
             Some(journal) => journal,
@@ -391,6 +432,12 @@ impl<S: StateMachine> Store<S> {
         Ok(path)
     }
 
+    /// Test seam: see [`JournalWriter::inject_sync_failure`].
+    #[doc(hidden)]
+    pub fn inject_sync_failure(&mut self, after: u64) {
+        self.journal.inject_sync_failure(after);
+    }
+
     fn prune(&mut self) -> Result<(), StoreError> {
         let snapshots = list_snapshots(&self.dir)?;
         let Some(keep_from) = snapshots.len().checked_sub(self.config.snapshots_kept) else {
@@ -416,4 +463,18 @@ impl<S: StateMachine> Store<S> {
         sync_dir(&self.dir)?;
         Ok(())
     }
+}
+
+/// Cuts a version 1 segment after its valid prefix and makes it durable (it is not appended to).
+fn cut_v1(path: &Path, valid_len: u64) -> Result<(), RecoveryError> {
+    let io = |source| RecoveryError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(io)?;
+    file.set_len(valid_len).map_err(io)?;
+    file.sync_all().map_err(io)
 }

@@ -48,8 +48,11 @@
 //! If the journal fails (write, `fdatasync`, encoding), the engine stops: the commands of the
 //! failed batch that were accepted get [`Outcome::Indeterminate`] (they may or may not be in the
 //! journal after a restart), queued commands get [`Outcome::NotApplied`], and
-//! [`Sequencer::shutdown`] returns the error. The in-memory state is then ahead of the journal and
-//! is dropped; restart with [`Store::open`].
+//! [`Sequencer::shutdown`] returns the error. A failed `fdatasync` is never retried (the kernel
+//! may have dropped the dirty pages and report the retry as a success); nothing of the batch is
+//! answered as accepted. The in-memory state is then ahead of the journal and is dropped;
+//! [`SequencerHandle::has_stopped`] turns true, the process is expected to exit, and a restart
+//! recovers with [`Store::open`] (which re-syncs the journal's tail before serving).
 
 pub(crate) mod wait;
 
@@ -369,6 +372,13 @@ impl<S: StateMachine> SequencerHandle<S> {
     /// The sequencer's configuration.
     pub fn config(&self) -> SequencerConfig {
         self.shared.config
+    }
+
+    /// True once the engine thread has stopped taking commands: after a shutdown, or on its own
+    /// after a journal failure (see the module docs). A server watches this to exit instead of
+    /// answering every request with "stopped".
+    pub fn has_stopped(&self) -> bool {
+        self.shared.exited.load(SeqCst)
     }
 }
 

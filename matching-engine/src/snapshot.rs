@@ -19,8 +19,8 @@
 //! [`write_snapshot`] writes `snapshot-<seq>.bin.tmp`, fsyncs it, renames it to its final name and
 //! fsyncs the directory: when it returns `Ok` the snapshot is durable, and a crash at any point
 //! leaves either no snapshot file or a complete one (a stray `.tmp` is ignored and overwritten).
-//! A snapshot that fails any check on reading is skipped by recovery, which falls back to the
-//! previous one.
+//! A snapshot that fails any check on reading (including [`StateMachine::restore`]'s check of the
+//! state's invariants) is skipped by recovery, which falls back to the previous one.
 
 use crate::journal::fsync_dir;
 use crate::StateMachine;
@@ -66,6 +66,15 @@ pub enum SnapshotError {
         path: PathBuf,
         /// What is wrong.
         reason: &'static str,
+    },
+    /// The file is intact but its contents break the state's invariants
+    /// ([`StateMachine::restore`] refused them).
+    #[error("{path} holds an inconsistent state: {reason}")]
+    Inconsistent {
+        /// The file.
+        path: PathBuf,
+        /// What the state machine found.
+        reason: String,
     },
 }
 
@@ -163,7 +172,10 @@ pub fn read_snapshot<S: StateMachine>(path: &Path, seq: u64) -> Result<S, Snapsh
     }
     let snapshot: S::Snapshot =
         postcard::from_bytes(payload).map_err(|_| invalid("payload does not decode"))?;
-    let state = S::restore(snapshot);
+    let state = S::restore(snapshot).map_err(|e| SnapshotError::Inconsistent {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })?;
     if state.seq() != seq {
         return Err(invalid("restored state has another sequence number"));
     }

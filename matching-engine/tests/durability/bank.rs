@@ -186,8 +186,16 @@ impl StateMachine for Bank {
         self.clone()
     }
 
-    fn restore(snapshot: Bank) -> Self {
-        snapshot
+    fn restore(snapshot: Bank) -> Result<Self, matching_engine::RestoreError> {
+        if snapshot
+            .balances
+            .iter()
+            .try_fold(0u64, |a, b| a.checked_add(*b))
+            .is_none()
+        {
+            return Err("balances overflow".into());
+        }
+        Ok(snapshot)
     }
 
     fn state_hash(&self) -> [u8; 32] {

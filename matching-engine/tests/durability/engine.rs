@@ -2,7 +2,7 @@
 //! a rejected command, shutdown, and recovery to the same state hash.
 
 use matching_engine::config::{BTC, USD};
-use matching_engine::recovery::{Store, StoreConfig};
+use matching_engine::recovery::{Recovered, Store, StoreConfig};
 use matching_engine::sequencer::{Outcome, Sequencer, SequencerConfig, StepClock};
 use matching_engine::*;
 
@@ -164,5 +164,118 @@ fn engine_now(p: &mut matching_engine::sequencer::Producer<Engine>) -> u64 {
             ref e => panic!("{e:?}"),
         },
         o => panic!("{o:?}"),
+    }
+}
+
+/// Rewrites the snapshot at `path` with `tamper` applied to its decoded contents, with a valid
+/// header and checksum: only its meaning is wrong.
+fn tamper_snapshot(path: &std::path::Path, tamper: impl FnOnce(&mut EngineSnapshot)) {
+    use matching_engine::snapshot::SNAPSHOT_HEADER_BYTES;
+    use sha2::{Digest, Sha256};
+    let bytes = std::fs::read(path).unwrap();
+    let (header, payload) = bytes.split_at(SNAPSHOT_HEADER_BYTES);
+    let mut s: EngineSnapshot = postcard::from_bytes(payload).unwrap();
+    tamper(&mut s);
+    let payload = postcard::to_stdvec(&s).unwrap();
+    let mut header = header.to_vec();
+    header[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    header[28..60].copy_from_slice(&Sha256::digest(&payload));
+    header.extend_from_slice(&payload);
+    std::fs::write(path, header).unwrap();
+}
+
+#[test]
+fn an_inconsistent_snapshot_is_refused_and_recovery_falls_back_to_the_previous_one() {
+    let config = StoreConfig {
+        snapshot_every: 0,
+        snapshots_kept: 2,
+    };
+    let genesis = || Engine::new(EngineConfig::default()).unwrap();
+    type Tamper = fn(&mut EngineSnapshot);
+    let cases: [(&str, Tamper); 4] = [
+        ("an available balance grew", |s| {
+            s.balances[2].available += 1
+        }),
+        ("a held balance no order holds", |s| {
+            s.balances[2].held += 1;
+            s.totals[0].credited += 1;
+        }),
+        ("an order's quantity grew", |s| {
+            s.markets[0].orders[0].qty.0 += 1
+        }),
+        ("a crossed book", |s| {
+            let ask = s.markets[0]
+                .orders
+                .iter()
+                .find(|o| o.side == Side::Sell)
+                .unwrap()
+                .price;
+            let bid = s.markets[0]
+                .orders
+                .iter_mut()
+                .find(|o| o.side == Side::Buy)
+                .unwrap();
+            bid.price = ask;
+        }),
+    ];
+    for (name, tamper) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let Recovered {
+            mut state,
+            mut store,
+            ..
+        } = Store::open(dir.path(), config, genesis).unwrap();
+        let mut events = Vec::new();
+        let mut run = |state: &mut Engine, store: &mut Store<Engine>, cmd: Command, t: u64| {
+            if state.apply(&cmd, Timestamp(t), &mut events).is_ok() {
+                store.append(state.seq(), Timestamp(t), &cmd).unwrap();
+                store.sync().unwrap();
+            }
+        };
+        let mut t = 1_000;
+        for i in 1..=2u32 {
+            run(&mut state, &mut store, Command::CreateAccount, t);
+            for (asset, amount) in [(BTC, 1u64 << 36), (USD, 1u64 << 52)] {
+                t += 1;
+                let key = IdempotencyKey::reference(&format!("fund-{i}-{}", asset.0));
+                let credit = Command::Credit {
+                    account: AccountId(i),
+                    asset,
+                    amount: Amount(amount),
+                    key,
+                };
+                run(&mut state, &mut store, credit, t);
+            }
+        }
+        let first = state.seq();
+        store.snapshot(&state).unwrap();
+        for i in 0..6u64 {
+            t += 1;
+            let (a, side, price) = if i % 2 == 0 {
+                (1, Side::Buy, 4_000_000 + i)
+            } else {
+                (2, Side::Sell, 6_000_000 + i)
+            };
+            run(
+                &mut state,
+                &mut store,
+                order(a, side, price, 7, TimeInForce::Gtc),
+                t,
+            );
+        }
+        let second = state.seq();
+        store.snapshot(&state).unwrap();
+        let hash = state.state_hash();
+        drop(store);
+        let newest = dir
+            .path()
+            .join(matching_engine::snapshot::snapshot_file_name(second));
+        tamper_snapshot(&newest, tamper);
+
+        let r = Store::open(dir.path(), config, genesis).unwrap();
+        assert_eq!(r.report.snapshot_seq, Some(first), "{name}");
+        assert_eq!(r.report.corrupt_snapshots.len(), 1, "{name}");
+        assert_eq!(r.state.state_hash(), hash, "{name}");
+        r.state.check_invariants();
     }
 }

@@ -159,3 +159,56 @@ fn replay_uses_the_journaled_time() {
     assert_eq!(r.state.state_hash(), before);
     assert_eq!(r.report.last_time, Some(Timestamp(10 * 9 + 7)));
 }
+
+/// Every file name and content in `dir`.
+fn tree(dir: &Path) -> Vec<(std::ffi::OsString, Vec<u8>)> {
+    let mut files: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (e.file_name(), std::fs::read(e.path()).unwrap())
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[test]
+fn damage_in_an_older_segment_refuses_and_changes_no_file() {
+    let dir = tempfile::tempdir().unwrap();
+    run(dir.path(), &workload(60, 0), &[20, 40]);
+    // Also a corrupt newest snapshot: recovery must not even set it aside.
+    let newest = dir.path().join(snapshot_file_name(40));
+    let mut snap = std::fs::read(&newest).unwrap();
+    let last = snap.len() - 1;
+    snap[last] ^= 1;
+    std::fs::write(&newest, &snap).unwrap();
+    let older = dir.path().join(segment_file_name(21));
+    let mut bytes = std::fs::read(&older).unwrap();
+    let mut reader = matching_engine::journal::SegmentReader::open(&older, 21).unwrap();
+    let mut offsets = Vec::new();
+    while let Some(r) = reader.next_record().unwrap() {
+        offsets.push((r.seq, r.offset));
+    }
+    let (seq, offset) = offsets[5];
+    bytes[offset as usize + 30] ^= 0x08;
+    std::fs::write(&older, &bytes).unwrap();
+    let before = tree(dir.path());
+    match open(dir.path()) {
+        Err(RecoveryError::Damaged(d)) => {
+            assert_eq!(d.segment, older);
+            assert_eq!(d.offset, offset);
+            assert_eq!(d.first_lost_seq, seq);
+            assert_eq!(
+                d.last_lost_seq, 40,
+                "through the record before the next segment"
+            );
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(
+        tree(dir.path()),
+        before,
+        "no file was changed, renamed or removed"
+    );
+}

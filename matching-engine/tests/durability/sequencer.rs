@@ -408,3 +408,58 @@ fn a_journal_failure_stops_the_engine_and_answers_everyone() {
     let recovered = open(dir.path(), StoreConfig::default());
     assert_eq!(recovered.state.seq(), accepted);
 }
+
+#[test]
+fn a_failed_fdatasync_stops_the_engine_without_accepting_the_batch() {
+    for durable_batches in [0u64, 3] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut recovered = open(dir.path(), StoreConfig::default());
+        recovered.store.inject_sync_failure(durable_batches);
+        let config = SequencerConfig {
+            max_batch: 4,
+            ..SequencerConfig::default()
+        };
+        let seq = Sequencer::durable(recovered, clock(), config).unwrap();
+        let handle = seq.handle().clone();
+        let mut producer = seq.producer();
+        for n in 1..=durable_batches {
+            let reply = producer.submit_wait(command(0, n * 10 + 1)).unwrap();
+            assert!(matches!(reply.outcome, Outcome::Accepted { .. }));
+        }
+        assert!(!handle.has_stopped());
+        let mut taken = 0;
+        for n in 0..200 {
+            match producer.try_submit(command(0, 1_000 + n)) {
+                Ok(_) => taken += 1,
+                Err(SubmitError::Stopped) => break,
+                Err(SubmitError::Busy | SubmitError::InFlightLimit) => break,
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(taken > 0);
+        let mut indeterminate = 0;
+        while let Some(reply) = producer.recv() {
+            match reply.outcome {
+                Outcome::Accepted { .. } => panic!("a command of a batch whose sync failed"),
+                Outcome::Indeterminate => indeterminate += 1,
+                Outcome::Rejected(_) | Outcome::NotApplied => {}
+            }
+        }
+        assert!(indeterminate > 0, "the failed batch is indeterminate");
+        assert!(handle.has_stopped(), "the engine stopped on its own");
+        assert_eq!(
+            producer.try_submit(command(0, 5_000)).err(),
+            Some(SubmitError::Stopped)
+        );
+        match seq.shutdown() {
+            Err(SequencerError::Journal(matching_engine::journal::JournalError::Io {
+                source,
+                ..
+            })) => assert!(source.to_string().contains("fdatasync")),
+            other => panic!("expected the sync error, got {other:?}"),
+        }
+        // Every acknowledged command survives; the failed batch may or may not.
+        let again = open(dir.path(), StoreConfig::default());
+        assert!(again.state.seq() >= durable_batches);
+    }
+}

@@ -177,6 +177,13 @@ impl PendingApi {
         Ok(self.rm.seed(engine)?)
     }
 
+    /// The read models, before the core starts: for the start-up replay from the history's
+    /// floor ([`crate::readmodel::ReadModel::regenerate`]) that `start_node` runs instead of
+    /// [`PendingApi::seed`].
+    pub fn read_model(&self) -> &ReadModel {
+        &self.rm
+    }
+
     /// Attaches the core.
     pub fn start(self, core: Arc<dyn ExchangeCore>) -> AppState {
         let seed = crate::keys::random_bytes::<8>()

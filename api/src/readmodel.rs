@@ -1095,8 +1095,11 @@ impl Regenerator<'_> {
         let rm = self.rm;
         let mut st = rm.state.write().unwrap_or_else(|e| e.into_inner());
         if let Err(what) = rm.diverges_from(&st, engine) {
-            // A bug: the models must equal the engine's state. Balances, orders and books come
-            // from the engine then; the history rows written stay.
+            // A bug: the models must equal the engine's state (tests stop here). Balances,
+            // orders and books come from the engine then; the history rows written stay.
+            if cfg!(debug_assertions) {
+                panic!("read models after the replay differ from the engine: {what}");
+            }
             tracing::error!(
                 what,
                 "read models after the replay differ from the engine; reseeding"

@@ -1,6 +1,8 @@
 //! `mediator serve`: everything in one process with embedded defaults. Start-up order: the
-//! node (started here on regtest when none is configured), journal recovery and the engine
-//! thread, the API's read models, the custody service and its loop, then the HTTP listener.
+//! node (started here on regtest when none is configured), the API's storage, journal recovery
+//! through the history's floor (the read models and the history rows a crash kept from SQLite are
+//! rebuilt from the replay), the engine thread, the custody service and its loop, then the HTTP
+//! listener.
 //! SIGINT/SIGTERM: stop accepting, finish in-flight requests, stop custody, flush and stop the
 //! engine (journal synced), stop the node we started. If the engine stops on its own (a journal
 //! write or `fdatasync` failed) the same shutdown runs and the process exits non-zero.

@@ -5,6 +5,9 @@
 //!   two accounts, withdraw, and check balances against the chain;
 //! * crash: place orders concurrently, SIGKILL the server mid-load, restart it: every
 //!   acknowledged order is there and balances are conserved.
+//! * crash under crossing load: six accounts trade with each other, SIGKILL at several points,
+//!   restart each time: every acknowledged order is found by id and client order id, every fill
+//!   is in `myTrades`, balances reconcile with credits and trades to the unit, the gap is 0.
 //!
 //! Needs bitcoind (`BITCOIND_EXE`, `PATH`, or `scripts/test.sh` finds it).
 
@@ -14,6 +17,7 @@ use api::client::Client;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{json::ScanTxOutRequest, RpcApi};
 use common::{free_port, http_get, Server};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
@@ -323,5 +327,318 @@ fn sigkill_mid_load_loses_no_acknowledged_order() {
         })
         .sum();
     assert_eq!(locked, held, "locked funds equal what the open orders hold");
+    assert!(s.terminate().success());
+}
+
+/// Units (1e-8) of a decimal string with at most 8 decimals.
+fn units(s: &str) -> u64 {
+    let (i, f) = s.split_once('.').unwrap_or((s, ""));
+    let f = format!("{f:0<8}");
+    i.parse::<u64>().unwrap() * 100_000_000 + f[..8].parse::<u64>().unwrap()
+}
+
+/// A small deterministic generator (SplitMix64) for the order flow of one account.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) % n
+    }
+}
+
+/// An order acknowledged with HTTP 200: account index, order id, client order id, and the
+/// trades it took (trade id, price, qty, commission as strings, as answered).
+#[derive(Clone, Debug)]
+struct Acked {
+    account: usize,
+    order_id: u64,
+    client_id: String,
+    fills: Vec<(u64, String, String, String)>,
+}
+
+/// Every page of a signed list endpoint that takes `fromId`-style paging in `cursor`.
+fn all_pages(c: &Client, path: &str, cursor: &str, id: &str) -> Vec<Value> {
+    let mut out: Vec<Value> = Vec::new();
+    let mut from = 0u64;
+    loop {
+        let from_s = from.to_string();
+        let page = call(
+            c,
+            "GET",
+            path,
+            &[("symbol", "BTCUSD"), (cursor, &from_s), ("limit", "1000")],
+        );
+        let page = page.as_array().unwrap().clone();
+        let n = page.len();
+        if let Some(last) = page.last() {
+            from = last[id].as_u64().unwrap() + 1;
+        }
+        out.extend(page);
+        if n < 1000 {
+            return out;
+        }
+    }
+}
+
+/// After a restart: every acknowledged order is found by id and by client order id (the orders
+/// of `check_each` one by one; all of them in `allOrders`), every fill is in the taker's
+/// `myTrades`, each account's balances are what its credits and its `myTrades` make them to the
+/// unit, the fee account holds exactly the commissions, and the history gap is 0.
+fn check_history(
+    s: &Server,
+    clients: &[Client],
+    admin: &Client,
+    acked: &[Acked],
+    check_each: &[Acked],
+    funded: &[(u64, u64)],
+) {
+    let metrics = http_get(s.addr, "/metrics");
+    assert!(
+        metrics.contains("\nmediator_history_gap_commands 0\n"),
+        "the history misses commands: {}",
+        metrics
+            .lines()
+            .find(|l| l.starts_with("mediator_history_gap_commands"))
+            .unwrap_or("no gauge")
+    );
+    for a in check_each {
+        let c = &clients[a.account];
+        let id = a.order_id.to_string();
+        let by_id = block_on(c.signed(
+            "GET",
+            "/api/v3/order",
+            &[("symbol", "BTCUSD"), ("orderId", &id)],
+        ))
+        .unwrap_or_else(|e| panic!("acknowledged order {} not found: {e}", a.order_id));
+        assert_eq!(by_id["clientOrderId"], a.client_id.as_str());
+        let by_cid = block_on(c.signed(
+            "GET",
+            "/api/v3/order",
+            &[("symbol", "BTCUSD"), ("origClientOrderId", &a.client_id)],
+        ))
+        .unwrap_or_else(|e| panic!("acknowledged order {} not found: {e}", a.client_id));
+        assert_eq!(by_cid["orderId"], a.order_id);
+    }
+    let mut fees = 0u64;
+    for (i, c) in clients.iter().enumerate() {
+        let orders: BTreeMap<u64, Value> = all_pages(c, "/api/v3/allOrders", "orderId", "orderId")
+            .into_iter()
+            .map(|o| (o["orderId"].as_u64().unwrap(), o))
+            .collect();
+        for a in acked.iter().filter(|a| a.account == i) {
+            let o = orders
+                .get(&a.order_id)
+                .unwrap_or_else(|| panic!("acknowledged order {} not in allOrders", a.order_id));
+            assert_eq!(o["clientOrderId"], a.client_id.as_str());
+        }
+        let trades = all_pages(c, "/api/v3/myTrades", "fromId", "id");
+        let by_id: BTreeMap<u64, &Value> = trades
+            .iter()
+            .filter(|t| !t["isMaker"].as_bool().unwrap())
+            .map(|t| (t["id"].as_u64().unwrap(), t))
+            .collect();
+        for a in acked.iter().filter(|a| a.account == i) {
+            for (tid, price, qty, fee) in &a.fills {
+                let t = by_id.get(tid).unwrap_or_else(|| {
+                    panic!("trade {tid} of order {} not in myTrades", a.order_id)
+                });
+                assert_eq!(
+                    (&t["price"], &t["qty"], &t["commission"], &t["orderId"]),
+                    (
+                        &Value::from(price.as_str()),
+                        &Value::from(qty.as_str()),
+                        &Value::from(fee.as_str()),
+                        &Value::from(a.order_id)
+                    )
+                );
+            }
+        }
+        // Balances from credits and trades alone.
+        let (mut btc, mut usd) = (i128::from(funded[i].0), i128::from(funded[i].1));
+        for t in &trades {
+            assert_eq!(t["commissionAsset"], "USD");
+            let (qty, quote) = (
+                i128::from(units(t["qty"].as_str().unwrap())),
+                i128::from(units(t["quoteQty"].as_str().unwrap())),
+            );
+            let fee = units(t["commission"].as_str().unwrap());
+            fees += fee;
+            if t["isBuyer"].as_bool().unwrap() {
+                btc += qty;
+                usd -= quote;
+            } else {
+                btc -= qty;
+                usd += quote;
+            }
+            usd -= i128::from(fee);
+        }
+        let (bf, bl) = balance(c, "BTC");
+        let (uf, ul) = balance(c, "USD");
+        assert_eq!(
+            (i128::from(bf + bl), i128::from(uf + ul)),
+            (btc, usd),
+            "account {i}: balances (BTC, USD) against credits and myTrades"
+        );
+    }
+    let (ff, fl) = balance(admin, "USD");
+    assert_eq!(
+        ff + fl,
+        fees,
+        "the fee account holds exactly the commissions"
+    );
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = T>) -> T {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(f)
+}
+
+/// Six accounts place crossing orders concurrently (limit orders around one price, some IOC
+/// and market orders); the server is SIGKILLed mid-load, at a different point each round, and
+/// restarted on the same directory. After each restart the history is complete
+/// ([`check_history`]). Rounds: (seed, acknowledged orders before the kill, extra delay in ms).
+#[test]
+fn sigkill_under_crossing_load_keeps_the_history_complete() {
+    const ROUNDS: [(u64, usize, u64); 4] = [(1, 40, 0), (2, 150, 3), (3, 90, 11), (4, 250, 1)];
+    const ACCOUNTS: usize = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = Server::start(dir.path(), free_port());
+    let mut keys = Vec::new();
+    let mut funded = Vec::new();
+    for i in 0..ACCOUNTS {
+        let a = s.admin(&["account", "create"])["account"]
+            .as_u64()
+            .unwrap()
+            .to_string();
+        keys.push(s.admin(&[
+            "apikey",
+            "create",
+            "--account",
+            &a,
+            "--permissions",
+            "read,trade",
+        ]));
+        let sat = s.admin(&["regtest", "fund", &a])["amount_sat"]
+            .as_u64()
+            .unwrap();
+        s.admin(&[
+            "credit",
+            &a,
+            "USD",
+            "1000000",
+            "--reference",
+            &format!("usd-{i}"),
+        ]);
+        funded.push((sat, 1_000_000 * 100_000_000));
+    }
+    let mut clients: Vec<Client> = keys.iter().map(|k| client(&s, k)).collect();
+    for (i, c) in clients.iter().enumerate() {
+        wait_until("the deposit credits", 60, || {
+            balance(c, "BTC").0 == funded[i].0
+        });
+    }
+
+    let mut acked: Vec<Acked> = Vec::new();
+    for (round, (seed, kill_after, delay_ms)) in ROUNDS.into_iter().enumerate() {
+        let this_round = Arc::new(Mutex::new(Vec::<Acked>::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let threads: Vec<_> = clients
+            .iter()
+            .cloned()
+            .enumerate()
+            .map(|(account, c)| {
+                let (this_round, stop) = (this_round.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let rt = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .unwrap();
+                    let mut rng = Rng(seed * 1_000 + account as u64);
+                    let mut n = 0u64;
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        let side = if rng.below(2) == 0 { "BUY" } else { "SELL" };
+                        let qty = format!("0.00{}", 1 + rng.below(9));
+                        let price = (29_995 + rng.below(11)).to_string();
+                        let cid = format!("r{round}a{account}n{n}");
+                        let mut p = vec![
+                            ("symbol", "BTCUSD"),
+                            ("side", side),
+                            ("quantity", qty.as_str()),
+                            ("newClientOrderId", cid.as_str()),
+                            ("newOrderRespType", "FULL"),
+                        ];
+                        match rng.below(8) {
+                            0 => p.push(("type", "MARKET")),
+                            k => p.extend([
+                                ("type", "LIMIT"),
+                                ("timeInForce", if k == 1 { "IOC" } else { "GTC" }),
+                                ("price", price.as_str()),
+                            ]),
+                        }
+                        match rt.block_on(c.signed("POST", "/api/v3/order", &p)) {
+                            Ok(v) => {
+                                let fills = v["fills"]
+                                    .as_array()
+                                    .unwrap()
+                                    .iter()
+                                    .map(|f| {
+                                        (
+                                            f["tradeId"].as_u64().unwrap(),
+                                            f["price"].as_str().unwrap().to_owned(),
+                                            f["qty"].as_str().unwrap().to_owned(),
+                                            f["commission"].as_str().unwrap().to_owned(),
+                                        )
+                                    })
+                                    .collect();
+                                this_round.lock().unwrap().push(Acked {
+                                    account,
+                                    order_id: v["orderId"].as_u64().unwrap(),
+                                    client_id: cid,
+                                    fills,
+                                });
+                            }
+                            // The order limit (-1015) or a market order into an empty book:
+                            // nothing was placed.
+                            Err(api::client::ClientError::Api { status, .. })
+                                if status == 429 || status == 400 =>
+                            {
+                                std::thread::sleep(Duration::from_millis(20));
+                            }
+                            // The server is gone (or its answer is): not acknowledged.
+                            Err(_) => break,
+                        }
+                    }
+                })
+            })
+            .collect();
+        wait_until("orders to kill under", 60, || {
+            this_round.lock().unwrap().len() >= kill_after
+        });
+        std::thread::sleep(Duration::from_millis(delay_ms));
+        s.kill();
+        stop.store(true, Ordering::Relaxed);
+        for t in threads {
+            t.join().unwrap();
+        }
+        let this_round = this_round.lock().unwrap().clone();
+        acked.extend(this_round.iter().cloned());
+
+        s = Server::start(dir.path(), free_port());
+        clients = keys.iter().map(|k| client(&s, k)).collect();
+        let admin = Client::from_key_file(s.addr, &dir.path().join("api/admin-key.json")).unwrap();
+        check_history(&s, &clients, &admin, &acked, &this_round, &funded);
+    }
+    assert!(
+        acked.iter().any(|a| !a.fills.is_empty()),
+        "the workload traded"
+    );
     assert!(s.terminate().success());
 }

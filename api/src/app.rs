@@ -177,6 +177,13 @@ impl PendingApi {
         Ok(self.rm.seed(engine)?)
     }
 
+    /// The read models, before the core starts: for the start-up replay from the history's
+    /// floor ([`crate::readmodel::ReadModel::regenerate`]) that `start_node` runs instead of
+    /// [`PendingApi::seed`].
+    pub fn read_model(&self) -> &ReadModel {
+        &self.rm
+    }
+
     /// Attaches the core.
     pub fn start(self, core: Arc<dyn ExchangeCore>) -> AppState {
         let seed = crate::keys::random_bytes::<8>()
@@ -331,6 +338,12 @@ impl AppState {
     /// key.
     pub async fn submit_outcome(&self, cmd: Command) -> Outcome {
         if self.halted().is_some() && moves_money(&cmd) {
+            return Outcome::Halted;
+        }
+        // Read models that lost events cannot show what a command did: refuse before taking it
+        // (nothing changes) rather than apply it and fail to answer.
+        if self.0.rm.broken.load(Ordering::Relaxed) {
+            tracing::error!("read models lost events: refusing commands until a restart");
             return Outcome::Halted;
         }
         let t0 = Instant::now();

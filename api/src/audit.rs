@@ -117,8 +117,13 @@ impl Auditor {
 
     /// Folds one command's events and checks the assets they touched.
     pub fn fold(&mut self, batch: &EventBatch) -> Result<(), Violation> {
+        self.fold_events(batch.seq, &batch.events)
+    }
+
+    /// [`Auditor::fold`] of the events of command `seq`.
+    pub fn fold_events(&mut self, seq: u64, events: &[Event]) -> Result<(), Violation> {
         self.touched.clear();
-        for e in batch.events.iter() {
+        for e in events {
             match *e {
                 Event::Balance {
                     account,
@@ -155,7 +160,7 @@ impl Auditor {
             let (balances, supply) = (self.sums[i], self.supply[i]);
             if supply < 0 || balances != supply as u128 {
                 return Err(Violation {
-                    seq: batch.seq,
+                    seq,
                     asset,
                     balances,
                     supply,

@@ -9,9 +9,9 @@
 //!   [`EventSink`] as one [`EventBatch`] with that `seq`, in sequence order, with no gaps, **before
 //!   or concurrently with** the reply (the API waits for the read model to reach `Reply::seq`
 //!   before answering, so publishing after replying only delays the answer).
-//! * On start, the batches of the whole history are published (journal replay), so that the read
-//!   models rebuild books, balances and open orders; history already in SQLite is upserted again,
-//!   which is idempotent.
+//! * Batches start after the state the read models were given at start-up (a recovered engine:
+//!   [`crate::readmodel::ReadModel::regenerate`] rebuilds them, and the history rows of commands
+//!   the SQLite history had not committed, from the journal replay; upserts, so idempotent).
 
 use matching_engine::{Command, Engine, EngineConfig, Event, RejectCode, Timestamp};
 use std::future::Future;
@@ -47,8 +47,9 @@ pub enum Outcome {
     Busy,
     /// Taken, but no answer: applied or not is unknown until resolved by idempotency key.
     Unknown,
-    /// Refused because the ledger auditor tripped the circuit breaker ([`crate::audit`]):
-    /// nothing changed; commands that move money wait for an operator.
+    /// Refused because a breaker is open: the ledger auditor found a violation
+    /// ([`crate::audit`]; commands that move money wait for an operator), or the read models
+    /// lost events (every command waits for a restart). Nothing changed.
     Halted,
 }
 

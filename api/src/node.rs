@@ -59,19 +59,31 @@ pub struct NodeConfig {
     pub sequencer: SequencerConfig,
 }
 
-/// Recovers the engine from `data_dir/journal`, opens the API in `data_dir/api`, seeds the read
-/// models from the recovered engine, starts the durable sequencer and the API's core, and makes
-/// sure an admin key exists.
+/// Opens the API in `data_dir/api`, recovers the engine from `data_dir/journal` through the
+/// floor of the API's SQLite history and rebuilds the read models and the history rows of every
+/// command after it (see [`crate::readmodel`]), starts the durable sequencer (its store keeps
+/// the snapshots and journal back to the history's floor) and the API's core, and makes sure an
+/// admin key exists.
 pub fn start_node(data_dir: &Path, cfg: NodeConfig) -> Result<Node, NodeError> {
     cfg.engine
         .validate()
         .map_err(|e| NodeError::Config(e.to_string()))?;
-    let genesis_cfg = cfg.engine.clone();
-    let recovered = Store::open(&data_dir.join("journal"), cfg.store, move || {
-        Engine::new(genesis_cfg).expect("validated above")
-    })?;
     let (pending, sink) = crate::app::open(&data_dir.join("api"), &cfg.engine, cfg.api)?;
-    pending.seed(&recovered.state)?;
+    let rm = pending.read_model();
+    let mut regen = rm.regenerate().map_err(SetupError::from)?;
+    let genesis_cfg = cfg.engine.clone();
+    let mut recovered = Store::open_from(
+        &data_dir.join("journal"),
+        cfg.store,
+        move || Engine::new(genesis_cfg).expect("validated above"),
+        regen.floor(),
+        |step| regen.visit(step),
+    )?;
+    let regenerated = regen.finish(&recovered.state).map_err(SetupError::from)?;
+    if regenerated > 0 {
+        tracing::info!(regenerated, "history regenerated from the journal");
+    }
+    recovered.store.retain_from(rm.history_floor());
     let recovery = recovered.report.clone();
     let sequencer = Sequencer::durable(recovered, SystemClock, cfg.sequencer)?;
     let core = SequencerCore::start(sequencer.handle(), cfg.engine, sink, 65_536, 1 << 16)?;

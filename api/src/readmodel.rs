@@ -6,17 +6,31 @@
 //! group of batches is in memory *and* committed to SQLite, [`ReadModel::applied`] advances to the
 //! group's last `seq`, then the WebSocket messages of the group are published. A handler that got
 //! a reply with `seq` waits for `applied >= seq` before answering (read-your-writes).
+//!
+//! **Start-up after any stop** ([`Regenerator`]): the history in SQLite records the last engine
+//! `seq` it committed (`history_seq`); a crash can leave it behind the journal. The engine is
+//! recovered through that floor: the read models are seeded from the engine's state *at* the
+//! floor, then every journaled command above it is replayed through the same applier as live
+//! batches, and its history rows are written to SQLite, all before the API answers. So every
+//! acknowledged order and every fill is in the history and `history_gap` is 0. The persister
+//! publishes its committed `seq` ([`ReadModel::history_floor`]); the engine's store keeps the
+//! snapshots and journal back to it. Only a floor older than every kept file (a database from
+//! before the floor was kept, or lost files) leaves a gap: logged as an error, counted in
+//! `mediator_history_gap_commands`.
 
 use crate::core::EventBatch;
 use crate::market::Markets;
 use crate::store::Store;
 use axum::extract::ws::Utf8Bytes;
+use matching_engine::recovery::Replayed;
 use matching_engine::{
-    DoneReason, Event, MarketId, OrderType, Price, Qty, Side, StpMode, TimeInForce,
+    DoneReason, Engine, Event, MarketId, OrderType, Price, Qty, Side, StpMode, TimeInForce,
+    Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
 use tokio::sync::{broadcast, watch};
 
@@ -423,6 +437,9 @@ pub struct ReadModel {
     auditor: std::sync::Mutex<crate::audit::Auditor>,
     /// The circuit breaker: set (once, with what was found) when the auditor finds a violation.
     pub halted: Arc<std::sync::OnceLock<crate::audit::Violation>>,
+    /// The last engine `seq` whose history rows are committed to SQLite (see
+    /// [`ReadModel::history_floor`]).
+    history_floor: Arc<AtomicU64>,
 }
 
 /// History rows of one group of batches, for the persister.
@@ -502,6 +519,7 @@ impl ReadModel {
             store,
             broken: Arc::default(),
             halted: Arc::default(),
+            history_floor: Arc::default(),
         }
     }
 
@@ -525,6 +543,14 @@ impl ReadModel {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .checked()
+    }
+
+    /// The last engine `seq` whose history rows are committed to SQLite, advanced by the
+    /// history thread after each commit. Give it to the engine's store
+    /// ([`matching_engine::recovery::Store::retain_from`]) so that the next start-up can replay
+    /// from it whatever a crash kept from being committed.
+    pub fn history_floor(&self) -> Arc<AtomicU64> {
+        self.history_floor.clone()
     }
 
     /// Reads the state.
@@ -698,6 +724,7 @@ impl ReadModel {
                             st.unpersisted_trades.pop_front();
                         }
                         drop(st);
+                        self.history_floor.fetch_max(seq, Ordering::Release);
                         self.persisted.send_replace(seq);
                     }
                     // Rows stay here and are retried with the next write.
@@ -815,13 +842,37 @@ impl ReadModel {
     }
 
     /// Seeds the in-memory models from a recovered engine (balances, open orders, books, depth
-    /// sequences) and the public trade history from SQLite. Call before the first batch: the
-    /// sequencer publishes only the events of new commands, not those of journal replay.
-    pub fn seed(&self, engine: &matching_engine::Engine) -> Result<(), crate::store::StoreError> {
+    /// sequences) and the public trade history from SQLite, and reports in `history_gap` the
+    /// commands the SQLite history misses. Call before the first batch. Start-up uses
+    /// [`ReadModel::regenerate`] instead, which fills that gap.
+    pub fn seed(&self, engine: &Engine) -> Result<(), crate::store::StoreError> {
+        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+        self.seed_state(&mut st, engine)?;
+        let stored = self.store.history_seq()?;
+        st.history_gap = engine.seq().saturating_sub(stored);
+        if st.history_gap > 0 && stored > 0 {
+            tracing::error!(
+                from_seq = stored + 1,
+                to_seq = engine.seq(),
+                "order and trade history misses the commands journaled after its last commit \
+                 (the journal no longer reaches back to it); balances, open orders and books \
+                 are exact"
+            );
+        }
+        drop(st);
+        self.history_floor
+            .fetch_max(engine.seq(), Ordering::Release);
+        self.applied.send_replace(engine.seq());
+        self.persisted.send_replace(engine.seq());
+        Ok(())
+    }
+
+    /// The state of `engine` into `st`: accounts, balances, open orders (their records from
+    /// SQLite), books, depth sequences, and recent public trades from SQLite.
+    fn seed_state(&self, st: &mut State, engine: &Engine) -> Result<(), crate::store::StoreError> {
         use matching_engine::{AccountId, AssetId};
         *self.auditor.lock().unwrap_or_else(|e| e.into_inner()) =
             crate::audit::Auditor::seed(engine);
-        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
         let n_assets = self.markets.assets.len();
         for a in 0..engine.account_count() as u32 {
             if !engine.account_exists(AccountId(a)) {
@@ -891,20 +942,36 @@ impl ReadModel {
                 add_trade(m, &t);
             }
         }
-        let stored = self.store.history_seq()?;
-        st.history_gap = engine.seq().saturating_sub(stored);
-        if st.history_gap > 0 && stored > 0 {
-            tracing::warn!(
-                from_seq = stored + 1,
-                to_seq = engine.seq(),
-                "order and trade history misses the commands journaled after its last commit; \
-                 balances, open orders and books are exact"
-            );
-        }
-        drop(st);
-        self.applied.send_replace(engine.seq());
-        self.persisted.send_replace(engine.seq());
         Ok(())
+    }
+
+    /// Empties the in-memory models (before seeding them again).
+    fn reset(&self, st: &mut State) {
+        *st = State::default();
+        for _ in &self.markets.markets {
+            st.markets.push(MarketState {
+                klines: vec![VecDeque::new(); INTERVALS.len()],
+                ..Default::default()
+            });
+        }
+    }
+
+    /// Starts the start-up replay: reads the history's floor (the last `seq` SQLite committed).
+    /// Recover the engine with [`matching_engine::recovery::Store::open_from`] from
+    /// [`Regenerator::floor`], handing every step to [`Regenerator::visit`], then call
+    /// [`Regenerator::finish`] with the recovered engine before the first batch.
+    pub fn regenerate(&self) -> Result<Regenerator<'_>, crate::store::StoreError> {
+        Ok(Regenerator {
+            rm: self,
+            floor: self.store.history_seq()?,
+            conn: self.store.connect()?,
+            orders: BTreeMap::new(),
+            trades: Vec::new(),
+            reached: false,
+            seq: 0,
+            commands: 0,
+            error: None,
+        })
     }
 
     /// An order of an account: open, just finished, or from history.
@@ -954,6 +1021,207 @@ impl ReadModel {
             }
         }
         self.store.order_by_client(account, client)
+    }
+}
+
+/// The start-up replay of the read models from the history's floor (see the module docs and
+/// [`ReadModel::regenerate`]).
+pub struct Regenerator<'a> {
+    rm: &'a ReadModel,
+    floor: u64,
+    conn: rusqlite::Connection,
+    /// Rows not yet written (the latest version of each order).
+    orders: BTreeMap<u64, OrderRec>,
+    trades: Vec<TradeRec>,
+    /// The floor was reached: the models were seeded there.
+    reached: bool,
+    /// The last command applied.
+    seq: u64,
+    /// Commands applied above the floor.
+    commands: u64,
+    /// The first failure (the rest of the replay is then ignored).
+    error: Option<crate::store::StoreError>,
+}
+
+impl std::fmt::Debug for Regenerator<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Regenerator")
+            .field("floor", &self.floor)
+            .field("reached", &self.reached)
+            .field("seq", &self.seq)
+            .field("commands", &self.commands)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Regenerator<'_> {
+    /// The last engine `seq` the SQLite history committed: replay from here.
+    pub fn floor(&self) -> u64 {
+        self.floor
+    }
+
+    /// One step of the engine's recovery: at the floor, seeds the models from the engine there;
+    /// above it, applies the command's events as a live batch and queues its history rows.
+    pub fn visit(&mut self, step: Replayed<'_, Engine>) {
+        if self.error.is_some() {
+            return;
+        }
+        match step {
+            Replayed::Floor(engine) => {
+                let mut st = self.rm.state.write().unwrap_or_else(|e| e.into_inner());
+                self.rm.reset(&mut st);
+                if let Err(e) = self.rm.seed_state(&mut st, engine) {
+                    self.error = Some(e);
+                }
+                self.reached = true;
+                self.seq = engine.seq();
+            }
+            Replayed::Command { seq, time, events } => {
+                if !self.reached {
+                    return;
+                }
+                let mut out = Out::default();
+                {
+                    let mut st = self.rm.state.write().unwrap_or_else(|e| e.into_inner());
+                    let audited = self
+                        .rm
+                        .auditor
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .fold_events(seq, events);
+                    if let Err(v) = audited {
+                        self.rm.trip(v);
+                    }
+                    apply_events(&mut st, &self.rm.markets, time, events, &mut out);
+                }
+                self.orders.append(&mut out.orders);
+                self.trades.append(&mut out.trades);
+                self.seq = seq;
+                self.commands += 1;
+                if self.orders.len() + self.trades.len() >= PERSIST_ROWS {
+                    if let Err(e) = self.write() {
+                        self.error = Some(e);
+                    }
+                }
+            }
+        }
+    }
+
+    fn write(&mut self) -> Result<(), crate::store::StoreError> {
+        let rows: Vec<OrderRec> = std::mem::take(&mut self.orders).into_values().collect();
+        Store::write_history(&mut self.conn, &rows, &self.trades, self.seq)?;
+        self.trades.clear();
+        Ok(())
+    }
+
+    /// Ends the start-up replay with the recovered `engine`: writes the remaining history rows
+    /// (history then reaches `engine.seq()`), checks the models against the engine, and marks
+    /// everything applied. When the floor was not reached, seeds from `engine` and reports the
+    /// gap ([`ReadModel::seed`]). Returns the number of commands whose history was regenerated.
+    pub fn finish(mut self, engine: &Engine) -> Result<u64, crate::store::StoreError> {
+        if let Some(e) = self.error.take() {
+            return Err(e);
+        }
+        if !self.reached {
+            let mut st = self.rm.state.write().unwrap_or_else(|e| e.into_inner());
+            self.rm.reset(&mut st);
+            drop(st);
+            self.rm.seed(engine)?;
+            return Ok(0);
+        }
+        assert_eq!(
+            self.seq,
+            engine.seq(),
+            "the replay reached the engine's state"
+        );
+        if self.commands > 0 {
+            self.write()?;
+        }
+        let rm = self.rm;
+        let mut st = rm.state.write().unwrap_or_else(|e| e.into_inner());
+        if let Err(what) = rm.diverges_from(&st, engine) {
+            // A bug: the models must equal the engine's state (tests stop here). Balances,
+            // orders and books come from the engine then; the history rows written stay.
+            if cfg!(debug_assertions) {
+                panic!("read models after the replay differ from the engine: {what}");
+            }
+            tracing::error!(
+                what,
+                "read models after the replay differ from the engine; reseeding"
+            );
+            rm.reset(&mut st);
+            rm.seed_state(&mut st, engine)?;
+        }
+        st.history_gap = 0;
+        drop(st);
+        if self.commands > 0 {
+            tracing::warn!(
+                from_seq = self.floor + 1,
+                to_seq = engine.seq(),
+                "regenerated the order and trade history of the commands journaled after its \
+                 last commit"
+            );
+        }
+        rm.history_floor.fetch_max(engine.seq(), Ordering::Release);
+        rm.applied.send_replace(engine.seq());
+        rm.persisted.send_replace(engine.seq());
+        Ok(self.commands)
+    }
+}
+
+impl ReadModel {
+    /// `Ok` when the in-memory models hold `engine`'s accounts, balances, open orders, books and
+    /// depth sequences; else what differs first.
+    pub fn check_against(&self, engine: &Engine) -> Result<(), String> {
+        self.diverges_from(&self.read(), engine)
+    }
+
+    fn diverges_from(&self, st: &State, engine: &Engine) -> Result<(), String> {
+        use matching_engine::{AccountId, AssetId};
+        let mut accounts = BTreeSet::new();
+        for a in 0..engine.account_count() as u32 {
+            if !engine.account_exists(AccountId(a)) {
+                continue;
+            }
+            accounts.insert(a);
+            for i in 0..self.markets.assets.len() {
+                let want = engine
+                    .balance(AccountId(a), AssetId(i as u16))
+                    .map_or((0, 0), |(f, h)| (f.0, h.0));
+                let have = st.balances.get(&a).and_then(|v| v.get(i).copied());
+                if have.unwrap_or((0, 0)) != want {
+                    return Err(format!("account {a} asset {i}: {have:?}, engine {want:?}"));
+                }
+            }
+            let want: BTreeSet<u64> = engine
+                .open_orders(AccountId(a), None)
+                .iter()
+                .map(|v| v.id.0)
+                .collect();
+            let have = st.open_by_account.get(&a).cloned().unwrap_or_default();
+            if have != want {
+                return Err(format!(
+                    "account {a} open orders: {have:?}, engine {want:?}"
+                ));
+            }
+        }
+        if st.accounts != accounts {
+            return Err("accounts".into());
+        }
+        for (i, spec) in self.markets.markets.iter().enumerate() {
+            let m = &st.markets[i];
+            if m.depth_seq != engine.depth_seq(spec.id) {
+                return Err(format!("market {i} depth sequence"));
+            }
+            if let Some(book) = engine.book(spec.id) {
+                let bids: BTreeMap<Price, Qty> = book.levels(Side::Buy).collect();
+                let asks: BTreeMap<Price, Qty> = book.levels(Side::Sell).collect();
+                if m.bids != bids || m.asks != asks {
+                    return Err(format!("market {i} book"));
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -1130,13 +1398,23 @@ fn finish(st: &mut State, id: u64, out: &mut Out) -> Option<OrderRec> {
 }
 
 fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out) {
-    let mut ms = b.time.as_millis();
+    apply_events(st, markets, b.time, &b.events, out);
+}
+
+fn apply_events(
+    st: &mut State,
+    markets: &Markets,
+    time: Timestamp,
+    events: &[Event],
+    out: &mut Out,
+) {
+    let mut ms = time.as_millis();
     st.counters.batches += 1;
     // Depth diffs of this batch per market: (first seq, last seq, bids, asks).
     let mut depth: BTreeMap<usize, DiffBuild> = BTreeMap::new();
     let mut touched_best: BTreeSet<usize> = BTreeSet::new();
     let mut balances_changed: BTreeMap<u32, BTreeSet<u16>> = BTreeMap::new();
-    for ev in b.events.iter() {
+    for ev in events {
         match *ev {
             Event::Accepted { time, .. } => ms = time.as_millis(),
             Event::AccountCreated { account } => {

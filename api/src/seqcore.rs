@@ -9,8 +9,11 @@
 //!   read models' [`EventSink`]. If the read models fall so far behind that the fan-out drops
 //!   them, the bridge logs it and stops; the API then answers `-1000` (read model lag) until
 //!   restarted. Size `subscriber_capacity` for bursts.
-//! * **Start-up.** Recover the engine, call [`crate::app::PendingApi::seed`] with it (the
-//!   sequencer does not republish journal replay), then start the sequencer and this core.
+//! * **Start-up.** The sequencer does not republish journal replay: recover the engine through
+//!   the history's floor, feeding the replay to the read models
+//!   ([`crate::readmodel::ReadModel::regenerate`]), give the store the history's floor
+//!   ([`crate::readmodel::ReadModel::history_floor`]), then start the sequencer and this core
+//!   ([`crate::start_node`] does all of it).
 
 use crate::core::{BoxFuture, CoreError, EventBatch, EventSink, ExchangeCore, Reply};
 use matching_engine::fanout::{RecvError, Subscriber};

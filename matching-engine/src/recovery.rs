@@ -28,6 +28,18 @@
 //! Pruning: after each snapshot the journal moves to a new segment, then every snapshot but the
 //! newest [`StoreConfig::snapshots_kept`] and every segment whose records all precede the oldest
 //! kept snapshot are deleted, so recovery can always fall back one snapshot.
+//!
+//! **Replay from a floor** ([`Store::open_from`]): a consumer of the events that persists them
+//! on its own (the API's SQLite history) may be behind the journal after a crash. It names the
+//! last sequence number it committed, the *floor*; recovery then starts from the newest snapshot
+//! at or below the floor (or genesis), shows the consumer the state at the floor, and hands it
+//! the events of every command above the floor as the replay produces them (the same events as
+//! when the commands first ran: the state machine is deterministic). So that the floor stays
+//! reachable, the consumer tells the store its committed floor ([`Store::retain_from`]) and
+//! pruning keeps the newest snapshot at or below it, everything newer, and the journal after it
+//! (the journal from the first record when no snapshot is that old). A floor older than anything
+//! kept (files from before the floor was kept, or damage) is not reachable: recovery says so
+//! ([`RecoveryReport::floor`] is `None`) and restores from the newest snapshot as `open` does.
 
 use crate::journal::{
     check_journal, list_segments, sync_dir, Damage, JournalError, JournalWriter, RecordVersion,
@@ -39,6 +51,8 @@ use crate::{RejectCode, StateMachine};
 use std::io;
 use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 /// How a [`Store`] takes and keeps snapshots.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -160,6 +174,40 @@ pub struct RecoveryReport {
     pub removed_segments: Vec<PathBuf>,
     /// The time of the last journaled command, if the journal has any.
     pub last_time: Option<Timestamp>,
+    /// [`Store::open_from`]: the floor the replay passed through (the visitor was shown the state
+    /// there and the events of every command after it); `None` when no floor was asked for or it
+    /// was not reachable.
+    pub floor: Option<u64>,
+}
+
+/// What [`Store::open_from`] shows its visitor during recovery.
+pub enum Replayed<'a, S: StateMachine> {
+    /// The state at the floor (`seq()` equals it), before any command above it. Shown at most
+    /// once, and only when the floor is reachable.
+    Floor(&'a S),
+    /// A journaled command above the floor was replayed.
+    Command {
+        /// Its sequence number.
+        seq: u64,
+        /// Its journaled time.
+        time: Timestamp,
+        /// The events the replay produced: the events it produced when it first ran.
+        events: &'a [S::Event],
+    },
+}
+
+impl<S: StateMachine> std::fmt::Debug for Replayed<'_, S> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Replayed::Floor(state) => f.debug_tuple("Floor").field(&state.seq()).finish(),
+            Replayed::Command { seq, time, events } => f
+                .debug_struct("Command")
+                .field("seq", seq)
+                .field("time", time)
+                .field("events", &events.len())
+                .finish(),
+        }
+    }
 }
 
 /// A recovered state, ready to go on.
@@ -184,7 +232,22 @@ pub struct Store<S: StateMachine> {
     config: StoreConfig,
     journal: JournalWriter,
     last_snapshot_seq: u64,
+    /// The floor pruning keeps replayable (see [`Store::retain_from`]).
+    retain_floor: Option<Arc<AtomicU64>>,
     _state: PhantomData<fn() -> S>,
+}
+
+/// Shows `visit` the state when it reaches the floor still to reach, once.
+fn reach_floor<S: StateMachine>(
+    floor: &mut Option<u64>,
+    state: &S,
+    visit: &mut dyn FnMut(Replayed<'_, S>),
+    report: &mut RecoveryReport,
+) {
+    if *floor == Some(state.seq()) {
+        visit(Replayed::Floor(state));
+        report.floor = floor.take();
+    }
 }
 
 impl<S: StateMachine> Store<S> {
@@ -194,6 +257,32 @@ impl<S: StateMachine> Store<S> {
         dir: &Path,
         config: StoreConfig,
         genesis: impl FnOnce() -> S,
+    ) -> Result<Recovered<S>, RecoveryError> {
+        Self::recover(dir, config, genesis, None, &mut |_| {})
+    }
+
+    /// Recovers like [`open`](Self::open), but from the newest snapshot at or below `floor` (or
+    /// genesis), and shows `visit` the state at `floor` and then every command replayed above it
+    /// with its events (see the [module docs](self)). When the floor is not reachable (older than
+    /// the kept files, or beyond the journal's end), `visit` is shown no command, the state is
+    /// `open`'s, and [`RecoveryReport::floor`] is `None`; a floor equal to the journal's end shows
+    /// `visit` the final state and no command.
+    pub fn open_from(
+        dir: &Path,
+        config: StoreConfig,
+        genesis: impl FnOnce() -> S,
+        floor: u64,
+        mut visit: impl FnMut(Replayed<'_, S>),
+    ) -> Result<Recovered<S>, RecoveryError> {
+        Self::recover(dir, config, genesis, Some(floor), &mut visit)
+    }
+
+    fn recover(
+        dir: &Path,
+        config: StoreConfig,
+        genesis: impl FnOnce() -> S,
+        floor: Option<u64>,
+        visit: &mut dyn FnMut(Replayed<'_, S>),
     ) -> Result<Recovered<S>, RecoveryError> {
         assert!(config.snapshots_kept >= 2, "keep at least two snapshots");
         std::fs::create_dir_all(dir).map_err(|source| RecoveryError::Io {
@@ -211,7 +300,20 @@ impl<S: StateMachine> Store<S> {
         let mut report = RecoveryReport::default();
         let mut restored = None;
         let mut corrupt = Vec::new();
-        for (seq, path) in list_snapshots(dir)?.into_iter().rev() {
+        let mut snapshots = list_snapshots(dir)?;
+        if let Some(floor) = floor {
+            // Newest first: the snapshots at or below the floor; then, unless the journal still
+            // starts at its first record (genesis reaches the floor), the newer ones.
+            let from_genesis = list_segments(dir)?
+                .first()
+                .is_none_or(|(first, _)| *first == 1);
+            let below = snapshots.iter().filter(|(seq, _)| *seq <= floor).count();
+            let above = snapshots.split_off(below);
+            if !from_genesis {
+                snapshots = above.into_iter().chain(snapshots).collect();
+            }
+        }
+        for (seq, path) in snapshots.into_iter().rev() {
             match read_snapshot::<S>(&path, seq) {
                 Ok(state) => {
                     report.snapshot_seq = Some(seq);
@@ -231,6 +333,20 @@ impl<S: StateMachine> Store<S> {
         }
         let mut state = restored.unwrap_or_else(genesis);
         let snapshot_seq = state.seq();
+        // From here on `floor` is the floor still to reach (shown to `visit` when reached).
+        let mut floor = match floor {
+            Some(f) if f < snapshot_seq => {
+                tracing::error!(
+                    floor = f,
+                    snapshot_seq,
+                    "the replay floor is older than every kept snapshot and the journal: the \
+                     events after it cannot be regenerated"
+                );
+                None
+            }
+            other => other,
+        };
+        reach_floor(&mut floor, &state, visit, &mut report);
 
         // 3. Replay.
         let last_index = check.last_index();
@@ -273,6 +389,14 @@ impl<S: StateMachine> Store<S> {
                 }
                 report.replayed += 1;
                 report.last_time = Some(time);
+                if report.floor.is_some() {
+                    visit(Replayed::Command {
+                        seq: record.seq,
+                        time,
+                        events: &events,
+                    });
+                }
+                reach_floor(&mut floor, &state, visit, &mut report);
             }
             debug_assert_eq!(reader.valid_len(), segment.valid_len);
             if let SegmentStatus::TornTail {
@@ -350,6 +474,13 @@ impl<S: StateMachine> Store<S> {
                 JournalWriter::create(dir, state.seq() + 1)?
             });
         }
+        if let Some(f) = floor {
+            tracing::error!(
+                floor = f,
+                seq = state.seq(),
+                "the replay floor is beyond the journal's end"
+            );
+        }
         let journal = match journal {
             Some(journal) => journal,
             None => JournalWriter::create(dir, state.seq() + 1)?,
@@ -360,6 +491,7 @@ impl<S: StateMachine> Store<S> {
             config,
             journal,
             last_snapshot_seq: snapshot_seq,
+            retain_floor: None,
             _state: PhantomData,
         };
         Ok(Recovered {
@@ -367,6 +499,15 @@ impl<S: StateMachine> Store<S> {
             store,
             report,
         })
+    }
+
+    /// From now on pruning keeps the state at `floor` reachable by [`open_from`](Self::open_from):
+    /// the newest snapshot at or below the value `floor` holds when a snapshot is taken, every
+    /// newer one, and the journal after it (from the first record when no snapshot is that
+    /// old). Whoever persists the events stores its committed sequence number there after each
+    /// commit. While it does not advance, nothing older than it is deleted.
+    pub fn retain_from(&mut self, floor: Arc<AtomicU64>) {
+        self.retain_floor = Some(floor);
     }
 
     /// The store's directory.
@@ -440,9 +581,17 @@ impl<S: StateMachine> Store<S> {
 
     fn prune(&mut self) -> Result<(), StoreError> {
         let snapshots = list_snapshots(&self.dir)?;
-        let Some(keep_from) = snapshots.len().checked_sub(self.config.snapshots_kept) else {
+        let Some(mut keep_from) = snapshots.len().checked_sub(self.config.snapshots_kept) else {
             return Ok(());
         };
+        if let Some(floor) = &self.retain_floor {
+            let floor = floor.load(Ordering::Acquire);
+            match snapshots.iter().rposition(|(seq, _)| *seq <= floor) {
+                Some(at_floor) => keep_from = keep_from.min(at_floor),
+                // Only genesis reaches the floor: keep everything.
+                None => return Ok(()),
+            }
+        }
         let oldest_kept = snapshots[keep_from].0;
         let remove = |path: &Path| {
             std::fs::remove_file(path).map_err(|source| StoreError::Prune {

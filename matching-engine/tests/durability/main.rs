@@ -6,6 +6,7 @@ mod bench;
 mod crash;
 mod engine;
 mod fanout;
+mod floor;
 mod journal_cut;
 mod recovery;
 mod sequencer;

@@ -918,13 +918,15 @@ pub async fn serve(
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let cfg = state.0.cfg.clone();
-    serve_router(listener, app(state), &cfg, shutdown).await
+    let router = app(state.clone());
+    serve_router(listener, router, &state, shutdown).await
 }
 
-/// Serves `router` (HTTP/1.1 with WebSocket upgrades) on a bound listener until `shutdown`
+/// Serves `router` (HTTP/1.1 with WebSocket upgrades; any router over `state`, e.g. a second
+/// listener's) on a bound listener until `shutdown`
 /// resolves, then finishes in-flight requests (waiting at most the request timeout and 5 s:
-/// an SSE stream would never finish). Connection limits and timeouts come from `cfg`:
+/// an SSE stream would never finish). Connection limits and timeouts come from `state`'s
+/// [`ApiConfig`]; refusals and timeouts are counted on `/metrics`:
 /// at most `max_connections` at once (further connections wait in the kernel's backlog), at most
 /// `max_connections_per_ip` per client address ([`client_key`]; one more is answered `429`
 /// `-1034` and closed), `header_read_timeout_ms` for each request head (hyper's timer, which
@@ -934,9 +936,10 @@ pub async fn serve(
 pub async fn serve_router(
     listener: tokio::net::TcpListener,
     router: Router,
-    cfg: &ApiConfig,
+    state: &AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let cfg = &state.0.cfg;
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
     let per_ip = crate::ratelimit::Slots::new(cfg.max_connections_per_ip);
     let timeouts = ConnTimeouts {
@@ -969,6 +972,11 @@ pub async fn serve_router(
         };
         let Some(slot) = per_ip.try_acquire(client_key(peer.ip())) else {
             tracing::debug!(peer = %peer.ip(), "connection refused: too many from its address");
+            state
+                .0
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
             refuse(stream, per_ip.limit());
             continue;
         };
@@ -993,6 +1001,7 @@ pub async fn serve_router(
             io,
             peer,
             router.clone(),
+            state.clone(),
             timeouts,
             stop_rx.clone(),
             done_tx.clone(),
@@ -1023,6 +1032,7 @@ async fn connection(
     io: ConnStream,
     peer: SocketAddr,
     router: Router,
+    state: AppState,
     t: ConnTimeouts,
     mut stop: tokio::sync::watch::Receiver<bool>,
     _done: tokio::sync::mpsc::Sender<()>,
@@ -1045,10 +1055,20 @@ async fn connection(
     let mut check = tokio::time::interval(every);
     check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut stopping = false;
+    let timed_out = || {
+        state
+            .0
+            .metrics
+            .connections_timed_out
+            .fetch_add(1, Ordering::Relaxed)
+    };
     loop {
         tokio::select! {
             r = conn.as_mut() => {
                 if let Err(e) = r {
+                    if e.is_timeout() {
+                        timed_out();
+                    }
                     tracing::debug!(peer = %peer.ip(), error = %e, "connection ended");
                 }
                 break;
@@ -1060,6 +1080,7 @@ async fn connection(
             _ = check.tick() => {
                 if mono_ms().saturating_sub(last_active.load(Ordering::Relaxed)) >= t.idle_ms {
                     tracing::debug!(peer = %peer.ip(), "connection idle: closed");
+                    timed_out();
                     break;
                 }
             }

@@ -197,7 +197,11 @@ fn parse_list(st: &AppState, names: &[&str]) -> Result<Vec<(String, Stream)>, Ap
 /// takes one of the IP's stream places (`429`, `-1003` / `-1034`).
 fn admit(st: &AppState, ip: &str) -> Result<crate::ratelimit::StreamGuard, ApiError> {
     st.charge_ip_addr(ip, CONNECT_WEIGHT)?;
-    st.0.streams.websocket(ip, crate::core::now_ms())
+    st.0.streams
+        .websocket(ip, crate::core::now_ms())
+        .inspect_err(|_| {
+            st.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        })
 }
 
 /// `GET /ws`: a raw connection; streams are added with `SUBSCRIBE`.

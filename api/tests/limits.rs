@@ -108,6 +108,16 @@ async fn closed_by_server(s: &mut TcpStream) -> bool {
     }
 }
 
+/// The value of one line of `/metrics` (`name value`).
+async fn metric(from: Ipv4Addr, addr: SocketAddr, name: &str) -> Option<u64> {
+    let (_, m) = http_from(from, addr, "GET", "/metrics", "", None).await;
+    m.as_str()?.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
 type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
 
 /// A WebSocket handshake from `from`: the stream, or the HTTP status and body it was refused with.
@@ -218,6 +228,10 @@ async fn one_address_holding_idle_and_half_sent_connections_does_not_lock_out_an
     .await;
     let refused: Vec<_> = closed.iter().flatten().collect();
     assert!(refused.len() >= 100 - 16, "{} refused", refused.len());
+    assert!(
+        metric(B, addr, "mediator_connections_refused_total").await >= Some(100 - 16),
+        "refusals are counted"
+    );
     let answered: Vec<_> = refused.iter().filter(|b| !b.is_empty()).collect();
     for b in &answered {
         let text = String::from_utf8_lossy(b);
@@ -285,6 +299,10 @@ async fn idle_half_sent_and_kept_alive_connections_are_closed_after_the_header_t
     .await;
     assert!(end.is_ok(), "a trickled head is never cut");
     trickle.abort();
+    assert!(
+        metric(B, addr, "mediator_connections_timed_out_total").await >= Some(4),
+        "timeouts are counted"
+    );
     // The server still serves.
     let (status, _) = http_from(B, addr, "GET", "/api/v3/ping", "", None).await;
     assert_eq!(status, 200);

@@ -1109,7 +1109,11 @@ pub async fn public_events(
     let (rec, name) = public_invoice(&st, &ip, id.clone()).await?;
     // One of the IP's stream places and one of the invoice's, held by the stream until the
     // client goes (429, -1034 when either is full).
-    let guard = st.0.streams.invoice_events(&ip, &id)?;
+    let guard = st.0.streams.invoice_events(&ip, &id).inspect_err(|_| {
+        st.0.metrics
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })?;
     let first = public_json(&st, &rec, &name, now_ms()).to_string();
     use futures_util::StreamExt;
     let initial = futures_util::stream::once(async move {

@@ -22,6 +22,16 @@
 //! batch_interval_secs = 10
 //! batch_max_requests = 100
 //! fallback_fee_rate_sat_vb = 2
+//!
+//! [limits]                         # connection and stream limits (api/README.md, "Limits")
+//! max_connections = 4096
+//! max_connections_per_ip = 256
+//! header_read_timeout_ms = 20000
+//! idle_timeout_ms = 60000
+//! max_streams_per_ip = 128
+//! max_sse_per_invoice = 16
+//! ws_connects_per_5min = 300
+//! ws_max_message_bytes = 65536
 //! ```
 
 use anyhow::{bail, Context};
@@ -69,6 +79,110 @@ pub struct CustodyKnobs {
     pub fallback_fee_rate_sat_vb: Option<u32>,
 }
 
+/// Connection and stream limits of the HTTP server (`[limits]`; flags `--max-connections` ...,
+/// environment `MEDIATOR_MAX_CONNECTIONS` ...). Unset keys keep [`api::ApiConfig`]'s defaults;
+/// api/README.md ("Limits") describes each.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct LimitKnobs {
+    /// Most concurrent connections [default: 4096].
+    #[arg(long, env = "MEDIATOR_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// Most concurrent connections per client address (IPv4, IPv6 /64) [default: 256].
+    #[arg(long, env = "MEDIATOR_MAX_CONNECTIONS_PER_IP")]
+    pub max_connections_per_ip: Option<usize>,
+    /// Milliseconds to send a complete request head, also the keep-alive idle time [default: 20000].
+    #[arg(long, env = "MEDIATOR_HEADER_READ_TIMEOUT_MS")]
+    pub header_read_timeout_ms: Option<u64>,
+    /// Milliseconds without a byte either way before a connection is closed [default: 60000].
+    #[arg(long, env = "MEDIATOR_IDLE_TIMEOUT_MS")]
+    pub idle_timeout_ms: Option<u64>,
+    /// Most concurrent WebSocket and SSE streams per client IP [default: 128].
+    #[arg(long, env = "MEDIATOR_MAX_STREAMS_PER_IP")]
+    pub max_streams_per_ip: Option<usize>,
+    /// Most concurrent SSE streams of one invoice [default: 16].
+    #[arg(long, env = "MEDIATOR_MAX_SSE_PER_INVOICE")]
+    pub max_sse_per_invoice: Option<usize>,
+    /// WebSocket connection attempts per client IP per 5 minutes [default: 300].
+    #[arg(long = "ws-connects-per-5min", env = "MEDIATOR_WS_CONNECTS_PER_5MIN")]
+    pub ws_connects_per_5min: Option<u64>,
+    /// Largest WebSocket frame and message from a client, in bytes [default: 65536].
+    #[arg(long, env = "MEDIATOR_WS_MAX_MESSAGE_BYTES")]
+    pub ws_max_message_bytes: Option<usize>,
+}
+
+impl LimitKnobs {
+    /// `self`'s keys, then `under`'s.
+    fn or(self, under: Self) -> Self {
+        Self {
+            max_connections: self.max_connections.or(under.max_connections),
+            max_connections_per_ip: self.max_connections_per_ip.or(under.max_connections_per_ip),
+            header_read_timeout_ms: self.header_read_timeout_ms.or(under.header_read_timeout_ms),
+            idle_timeout_ms: self.idle_timeout_ms.or(under.idle_timeout_ms),
+            max_streams_per_ip: self.max_streams_per_ip.or(under.max_streams_per_ip),
+            max_sse_per_invoice: self.max_sse_per_invoice.or(under.max_sse_per_invoice),
+            ws_connects_per_5min: self.ws_connects_per_5min.or(under.ws_connects_per_5min),
+            ws_max_message_bytes: self.ws_max_message_bytes.or(under.ws_max_message_bytes),
+        }
+    }
+
+    /// Refuses values that would lock everyone out or cut healthy connections.
+    fn check(&self) -> anyhow::Result<()> {
+        let counts = [
+            ("max_connections", self.max_connections.map(|v| v as u64)),
+            (
+                "max_connections_per_ip",
+                self.max_connections_per_ip.map(|v| v as u64),
+            ),
+            ("header_read_timeout_ms", self.header_read_timeout_ms),
+            (
+                "max_streams_per_ip",
+                self.max_streams_per_ip.map(|v| v as u64),
+            ),
+            (
+                "max_sse_per_invoice",
+                self.max_sse_per_invoice.map(|v| v as u64),
+            ),
+            ("ws_connects_per_5min", self.ws_connects_per_5min),
+        ];
+        for (name, v) in counts {
+            if v == Some(0) {
+                bail!("limits.{name} must be at least 1");
+            }
+        }
+        let request_ms = api::app::REQUEST_TIMEOUT.as_millis() as u64;
+        if self.idle_timeout_ms.is_some_and(|v| v <= request_ms) {
+            bail!("limits.idle_timeout_ms must be more than the request timeout ({request_ms} ms)");
+        }
+        if self.ws_max_message_bytes.is_some_and(|v| v < 1024) {
+            bail!("limits.ws_max_message_bytes must be at least 1024");
+        }
+        Ok(())
+    }
+
+    /// Sets the keys that are set on `api`.
+    pub fn apply(&self, api: &mut api::ApiConfig) {
+        let Self {
+            max_connections,
+            max_connections_per_ip,
+            header_read_timeout_ms,
+            idle_timeout_ms,
+            max_streams_per_ip,
+            max_sse_per_invoice,
+            ws_connects_per_5min,
+            ws_max_message_bytes,
+        } = self.clone();
+        api.max_connections = max_connections.unwrap_or(api.max_connections);
+        api.max_connections_per_ip = max_connections_per_ip.unwrap_or(api.max_connections_per_ip);
+        api.header_read_timeout_ms = header_read_timeout_ms.unwrap_or(api.header_read_timeout_ms);
+        api.idle_timeout_ms = idle_timeout_ms.unwrap_or(api.idle_timeout_ms);
+        api.max_streams_per_ip = max_streams_per_ip.unwrap_or(api.max_streams_per_ip);
+        api.max_sse_per_invoice = max_sse_per_invoice.unwrap_or(api.max_sse_per_invoice);
+        api.ws_connects_per_5min = ws_connects_per_5min.unwrap_or(api.ws_connects_per_5min);
+        api.ws_max_message_bytes = ws_max_message_bytes.unwrap_or(api.ws_max_message_bytes);
+    }
+}
+
 /// The file's shape (every key optional).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -87,6 +201,9 @@ pub struct FileConfig {
     /// Custody.
     #[serde(default)]
     pub custody: CustodyKnobs,
+    /// Connection and stream limits.
+    #[serde(default)]
+    pub limits: LimitKnobs,
 }
 
 impl FileConfig {
@@ -114,6 +231,9 @@ pub struct ServeConfig {
     pub bitcoind: Option<BitcoindConfig>,
     /// Custody knobs.
     pub custody: CustodyKnobs,
+    /// Connection and stream limits (unset: the API's defaults); apply with
+    /// [`LimitKnobs::apply`].
+    pub limits: LimitKnobs,
 }
 
 /// Parses a network name.
@@ -158,6 +278,8 @@ impl ServeConfig {
             }
             Some(b)
         };
+        let limits = over.limits.or(file.limits);
+        limits.check()?;
         let c = over.custody;
         let f = file.custody;
         let listen = over
@@ -186,6 +308,7 @@ impl ServeConfig {
             network,
             public_url,
             bitcoind,
+            limits,
             custody: CustodyKnobs {
                 deposit_confirmations: c.deposit_confirmations.or(f.deposit_confirmations),
                 poll_interval_ms: c.poll_interval_ms.or(f.poll_interval_ms),
@@ -243,6 +366,32 @@ mod tests {
     }
 
     #[test]
+    fn limits_come_from_defaults_then_file_then_flags() {
+        let file: FileConfig = toml::from_str(
+            "[limits]\nmax_connections_per_ip = 32\nheader_read_timeout_ms = 5000\n",
+        )
+        .unwrap();
+        let over = FileConfig {
+            limits: LimitKnobs {
+                header_read_timeout_ms: Some(7000),
+                ..LimitKnobs::default()
+            },
+            ..FileConfig::default()
+        };
+        let c = ServeConfig::resolve(file, over).unwrap();
+        let mut api = api::ApiConfig::default();
+        let defaults = api.clone();
+        c.limits.apply(&mut api);
+        assert_eq!(api.max_connections_per_ip, 32, "from the file");
+        assert_eq!(api.header_read_timeout_ms, 7000, "flags over the file");
+        assert_eq!(
+            api.idle_timeout_ms, defaults.idle_timeout_ms,
+            "default kept"
+        );
+        assert_eq!(api.max_streams_per_ip, defaults.max_streams_per_ip);
+    }
+
+    #[test]
     fn bad_configurations_are_clear_errors() {
         let mainnet = FileConfig {
             network: Some("bitcoin".into()),
@@ -274,6 +423,24 @@ mod tests {
                 .to_string();
             assert!(e.contains("public_url"), "{bad}: {e}");
         }
+        for (bad, what) in [
+            (
+                "[limits]\nmax_connections_per_ip = 0\n",
+                "max_connections_per_ip",
+            ),
+            ("[limits]\nidle_timeout_ms = 1000\n", "idle_timeout_ms"),
+            (
+                "[limits]\nws_max_message_bytes = 10\n",
+                "ws_max_message_bytes",
+            ),
+        ] {
+            let f: FileConfig = toml::from_str(bad).unwrap();
+            let e = ServeConfig::resolve(f, FileConfig::default())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(what), "{bad}: {e}");
+        }
+        assert!(toml::from_str::<FileConfig>("[limits]\nmax_conections = 5\n").is_err());
         assert!(toml::from_str::<FileConfig>("listen = 5\n").is_err());
         assert!(toml::from_str::<FileConfig>("unknown_key = 1\n").is_err());
     }

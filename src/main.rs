@@ -43,7 +43,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Runs the engine, custody and the HTTP API (regtest with its own bitcoind by default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Replays a QuantCup order feed on a fresh book per round and prints ns/msg.
     Replay {
         /// FEED.csv [--rounds N]
@@ -191,6 +191,9 @@ struct ServeArgs {
     /// Withdrawal batch period in seconds [default: 5 on regtest, 60 elsewhere].
     #[arg(long, env = "MEDIATOR_BATCH_INTERVAL_SECS")]
     batch_interval_secs: Option<u64>,
+    /// Connection and stream limits.
+    #[command(flatten)]
+    limits: config::LimitKnobs,
 }
 
 fn main() -> ExitCode {
@@ -241,6 +244,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     batch_interval_secs: a.batch_interval_secs,
                     ..CustodyKnobs::default()
                 },
+                limits: a.limits,
             };
             serve::run(ServeConfig::resolve(file, over)?)
         }

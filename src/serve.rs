@@ -67,6 +67,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     // 2. Engine (journal recovery first) and API.
     let mut node_cfg = api::NodeConfig::default();
     node_cfg.api.public_url = Some(cfg.public_url.clone());
+    cfg.limits.apply(&mut node_cfg.api);
     let node = api::start_node(&cfg.data_dir, node_cfg)?;
     tracing::info!(
         snapshot = ?node.recovery.snapshot_seq,

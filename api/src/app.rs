@@ -47,6 +47,26 @@ pub struct ApiConfig {
     /// slash): invoice `checkoutUrl`s (API answers and webhooks) are absolute under it. `None`
     /// gives paths (`/i/<id>`).
     pub public_url: Option<String>,
+    /// Most concurrent connections from one client address (IPv4 address, or IPv6 /64). One
+    /// more is answered `429` `-1034` and closed, so one address cannot hold every connection.
+    pub max_connections_per_ip: usize,
+    /// Time a connection has to send a complete request head, counted from when the server is
+    /// ready for it: after accept, and after each response on a kept-alive connection. Bounds
+    /// unfinished headers (slowloris) and idle keep-alive connections alike.
+    pub header_read_timeout_ms: u64,
+    /// A connection on which no byte moved either way for this long is closed: stalled request
+    /// bodies, responses and SSE streams the client stopped reading. (A WebSocket has its own
+    /// ping/pong and send timeout.)
+    pub idle_timeout_ms: u64,
+    /// Most concurrent long-lived streams (WebSocket connections and SSE streams) per client IP.
+    pub max_streams_per_ip: usize,
+    /// Most concurrent SSE streams (`/i/{id}/events`) of one invoice.
+    pub max_sse_per_invoice: usize,
+    /// WebSocket connection attempts per client IP per 5 minutes (Binance: 300).
+    pub ws_connects_per_5min: u64,
+    /// Largest WebSocket frame and message a client may send, in bytes; a larger frame is
+    /// refused from its header, before its payload is read.
+    pub ws_max_message_bytes: usize,
 }
 
 impl Default for ApiConfig {
@@ -61,6 +81,13 @@ impl Default for ApiConfig {
             ws_queue: crate::readmodel::WS_QUEUE,
             socket_send_buffer: None,
             public_url: None,
+            max_connections_per_ip: 256,
+            header_read_timeout_ms: 20_000,
+            idle_timeout_ms: 60_000,
+            max_streams_per_ip: 128,
+            max_sse_per_invoice: 16,
+            ws_connects_per_5min: 300,
+            ws_max_message_bytes: 64 * 1024,
         }
     }
 }
@@ -103,6 +130,8 @@ pub(crate) struct Inner {
     pub ip_limiter: Limiter,
     pub key_limiter: Limiter,
     pub order_limiter: Limiter,
+    /// WebSocket and SSE stream caps and connection attempts ([`crate::ratelimit::StreamLimits`]).
+    pub streams: crate::ratelimit::StreamLimits,
     pub listen_keys: RwLock<HashMap<String, (u32, u64)>>,
     pub metrics: Metrics,
     pub cfg: ApiConfig,
@@ -198,6 +227,7 @@ impl PendingApi {
             ip_limiter: Limiter::new(self.cfg.ip_weight_per_min),
             key_limiter: Limiter::new(self.cfg.key_weight_per_min),
             order_limiter: Limiter::with_window(self.cfg.orders_per_10s, 10_000),
+            streams: crate::ratelimit::StreamLimits::new(&self.cfg),
             listen_keys: RwLock::new(HashMap::new()),
             metrics: Metrics::default(),
             cfg: self.cfg,
@@ -795,27 +825,25 @@ pub fn app(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// A listener that holds one permit of a semaphore per open connection: at most
-/// `max_connections` at once; further connections wait in the kernel's backlog.
-#[derive(Debug)]
-pub struct LimitedListener {
-    inner: tokio::net::TcpListener,
-    permits: Arc<tokio::sync::Semaphore>,
-    send_buffer: Option<u32>,
+/// Milliseconds on a monotonic clock (since the first call), for the idle timeout.
+fn mono_ms() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    u64::try_from(START.get_or_init(Instant::now).elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
-impl LimitedListener {
-    /// Wraps a bound listener.
-    pub fn new(
-        inner: tokio::net::TcpListener,
-        max_connections: usize,
-        send_buffer: Option<u32>,
-    ) -> Self {
-        Self {
-            inner,
-            permits: Arc::new(tokio::sync::Semaphore::new(max_connections)),
-            send_buffer,
-        }
+/// The key a client's connections are counted under: its IPv4 address, or the /64 of an IPv6
+/// address (one subscriber's prefix; an IPv4-mapped address counts as the IPv4 address).
+pub fn client_key(ip: std::net::IpAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv6Addr};
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let s = v6.segments();
+                IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+            }
+        },
     }
 }
 
@@ -829,30 +857,61 @@ fn set_send_buffer(
     tokio::net::TcpStream::from_std(std)
 }
 
-/// A connection and its permit.
+/// An accepted connection: notes when a byte last moved (the idle timeout) and holds the
+/// connection's places, one of the server's `max_connections` and one of its client address's
+/// `max_connections_per_ip`, until it is dropped; after a WebSocket upgrade the WebSocket holds it.
 #[derive(Debug)]
-pub struct LimitedStream {
+struct ConnStream {
     stream: tokio::net::TcpStream,
+    last_active: Arc<AtomicU64>,
     _permit: tokio::sync::OwnedSemaphorePermit,
+    _slot: crate::ratelimit::Slot<std::net::IpAddr>,
 }
 
-impl tokio::io::AsyncRead for LimitedStream {
+impl tokio::io::AsyncRead for ConnStream {
     fn poll_read(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
-        std::pin::Pin::new(&mut self.stream).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let r = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.last_active.store(mono_ms(), Ordering::Relaxed);
+        }
+        r
     }
 }
 
-impl tokio::io::AsyncWrite for LimitedStream {
+impl ConnStream {
+    fn wrote(&self, r: &std::task::Poll<std::io::Result<usize>>) {
+        if matches!(r, std::task::Poll::Ready(Ok(n)) if *n > 0) {
+            self.last_active.store(mono_ms(), Ordering::Relaxed);
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for ConnStream {
     fn poll_write(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
-        std::pin::Pin::new(&mut self.stream).poll_write(cx, buf)
+        let r = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
+        self.wrote(&r);
+        r
+    }
+    fn poll_write_vectored(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        let r = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
+        self.wrote(&r);
+        r
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.stream.is_write_vectored()
     }
     fn poll_flush(
         mut self: std::pin::Pin<&mut Self>,
@@ -868,72 +927,192 @@ impl tokio::io::AsyncWrite for LimitedStream {
     }
 }
 
-impl axum::serve::Listener for LimitedListener {
-    type Io = LimitedStream;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok(permit) = self.permits.clone().acquire_owned().await else {
-                std::future::pending::<()>().await;
-                continue;
-            };
-            match self.inner.accept().await {
-                Ok((stream, addr)) => {
-                    let _ = stream.set_nodelay(true);
-                    let stream = match self.send_buffer {
-                        None => stream,
-                        Some(n) => match set_send_buffer(stream, n) {
-                            Ok(s) => s,
-                            Err(e) => {
-                                tracing::warn!(error = %e, "setting SO_SNDBUF failed");
-                                continue;
-                            }
-                        },
-                    };
-                    return (
-                        LimitedStream {
-                            stream,
-                            _permit: permit,
-                        },
-                        addr,
-                    );
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.inner.local_addr()
-    }
-}
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, LimitedListener>>
-    for PeerAddr
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, LimitedListener>) -> Self {
-        PeerAddr(*stream.remote_addr())
-    }
+/// Answers a connection over its address's limit with `429` / `-1034` (one non-blocking write:
+/// nothing waits for a client that does not read) and closes it.
+fn refuse(stream: tokio::net::TcpStream, limit: usize) {
+    let body = format!(
+        "{{\"code\":-1034,\"msg\":\"Too many concurrent connections; current limit is {limit}.\"}}"
+    );
+    let answer = format!(
+        "HTTP/1.1 429 Too Many Requests\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = stream.try_write(answer.as_bytes());
 }
 
 /// Serves `state` on a bound listener until `shutdown` resolves, then finishes in-flight
-/// requests (graceful shutdown).
+/// requests (graceful shutdown). See [`serve_router`] for the limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let max = state.0.cfg.max_connections;
-    let sndbuf = state.0.cfg.socket_send_buffer;
-    let router = app(state);
-    axum::serve(
-        LimitedListener::new(listener, max, sndbuf),
-        router.into_make_service_with_connect_info::<PeerAddr>(),
-    )
-    .with_graceful_shutdown(shutdown)
-    .await
+    let router = app(state.clone());
+    serve_router(listener, router, &state, shutdown).await
+}
+
+/// Serves `router` (HTTP/1.1 with WebSocket upgrades; any router over `state`, e.g. a second
+/// listener's) on a bound listener until `shutdown`
+/// resolves, then finishes in-flight requests (waiting at most the request timeout and 5 s:
+/// an SSE stream would never finish). Connection limits and timeouts come from `state`'s
+/// [`ApiConfig`]; refusals and timeouts are counted on `/metrics`:
+/// at most `max_connections` at once (further connections wait in the kernel's backlog), at most
+/// `max_connections_per_ip` per client address ([`client_key`]; one more is answered `429`
+/// `-1034` and closed), `header_read_timeout_ms` for each request head (hyper's timer, which
+/// starts when the connection is ready for a request, so it also closes idle keep-alive
+/// connections), and `idle_timeout_ms` without a byte moving either way. Handlers see the peer
+/// as `ConnectInfo<PeerAddr>` ([`ClientIp`]).
+pub async fn serve_router(
+    listener: tokio::net::TcpListener,
+    router: Router,
+    state: &AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let cfg = &state.0.cfg;
+    let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let per_ip = crate::ratelimit::Slots::new(cfg.max_connections_per_ip);
+    let timeouts = ConnTimeouts {
+        header_read: std::time::Duration::from_millis(cfg.header_read_timeout_ms.max(1)),
+        idle_ms: cfg.idle_timeout_ms.max(1),
+    };
+    // Connection tasks watch `stop` and each hold a `done` sender: the loop below ends by
+    // telling them to finish, then waits until the last one dropped its sender.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
+    tokio::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Some(slot) = per_ip.try_acquire(client_key(peer.ip())) else {
+            tracing::debug!(peer = %peer.ip(), "connection refused: too many from its address");
+            state
+                .0
+                .metrics
+                .connections_refused
+                .fetch_add(1, Ordering::Relaxed);
+            refuse(stream, per_ip.limit());
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let stream = match cfg.socket_send_buffer {
+            None => stream,
+            Some(n) => match set_send_buffer(stream, n) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "setting SO_SNDBUF failed");
+                    continue;
+                }
+            },
+        };
+        let io = ConnStream {
+            stream,
+            last_active: Arc::new(AtomicU64::new(mono_ms())),
+            _permit: permit,
+            _slot: slot,
+        };
+        tokio::spawn(connection(
+            io,
+            peer,
+            router.clone(),
+            state.clone(),
+            timeouts,
+            stop_rx.clone(),
+            done_tx.clone(),
+        ));
+    }
+    drop(listener);
+    let _ = stop_tx.send(true);
+    drop(done_tx);
+    // In-flight requests finish within the request timeout; a stream (SSE) never does, so the
+    // wait is bounded.
+    let grace = REQUEST_TIMEOUT + std::time::Duration::from_secs(5);
+    if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
+        tracing::warn!("connections still open after the shutdown grace period; closing them");
+    }
+    Ok(())
+}
+
+#[derive(Debug, Clone, Copy)]
+struct ConnTimeouts {
+    header_read: std::time::Duration,
+    idle_ms: u64,
+}
+
+/// One connection: HTTP/1.1 with upgrades, the header-read timer, the idle check, graceful
+/// shutdown. Ends when the connection closes or is upgraded (the WebSocket then owns the
+/// socket and its places).
+async fn connection(
+    io: ConnStream,
+    peer: SocketAddr,
+    router: Router,
+    state: AppState,
+    t: ConnTimeouts,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+    _done: tokio::sync::mpsc::Sender<()>,
+) {
+    let last_active = io.last_active.clone();
+    let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+        req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+        tower::ServiceExt::oneshot(router.clone(), req)
+    });
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(t.header_read)
+        .keep_alive(true);
+    let conn = builder
+        .serve_connection(hyper_util::rt::TokioIo::new(io), svc)
+        .with_upgrades();
+    tokio::pin!(conn);
+    let every = std::time::Duration::from_millis((t.idle_ms / 4).clamp(10, 5_000));
+    let mut check = tokio::time::interval(every);
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut stopping = false;
+    let timed_out = || {
+        state
+            .0
+            .metrics
+            .connections_timed_out
+            .fetch_add(1, Ordering::Relaxed)
+    };
+    loop {
+        tokio::select! {
+            r = conn.as_mut() => {
+                if let Err(e) = r {
+                    if e.is_timeout() {
+                        timed_out();
+                    }
+                    tracing::debug!(peer = %peer.ip(), error = %e, "connection ended");
+                }
+                break;
+            }
+            _ = stop.changed(), if !stopping => {
+                stopping = true;
+                conn.as_mut().graceful_shutdown();
+            }
+            _ = check.tick() => {
+                if mono_ms().saturating_sub(last_active.load(Ordering::Relaxed)) >= t.idle_ms {
+                    tracing::debug!(peer = %peer.ip(), "connection idle: closed");
+                    timed_out();
+                    break;
+                }
+            }
+        }
+    }
 }

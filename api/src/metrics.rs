@@ -75,6 +75,10 @@ pub struct Metrics {
     pub ws_connections: AtomicU64,
     /// WebSockets closed for being too slow.
     pub ws_slow_disconnects: AtomicU64,
+    /// Connections refused for their address's connection cap.
+    pub connections_refused: AtomicU64,
+    /// Connections closed by the header-read or the idle timeout.
+    pub connections_timed_out: AtomicU64,
     /// Gauges set by other parts of the server (wallet sync height, reconciliation gap, ...).
     pub external: std::sync::RwLock<std::collections::BTreeMap<&'static str, (&'static str, i64)>>,
 }
@@ -171,6 +175,18 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
         "counter",
         "WebSockets closed for falling behind.",
         m.ws_slow_disconnects.load(Ordering::Relaxed),
+    );
+    line(
+        "mediator_connections_refused_total",
+        "counter",
+        "Connections refused: their client address was at max_connections_per_ip.",
+        m.connections_refused.load(Ordering::Relaxed),
+    );
+    line(
+        "mediator_connections_timed_out_total",
+        "counter",
+        "Connections closed by the header-read or the idle timeout.",
+        m.connections_timed_out.load(Ordering::Relaxed),
     );
     line(
         "mediator_http_rate_limited_total",

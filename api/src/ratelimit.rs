@@ -1,9 +1,14 @@
 //! Request-weight limits per IP and per API key over fixed one-minute windows, as Binance's
 //! `X-MBX-USED-WEIGHT-1M`, and order-count limits per account over ten-second windows
-//! (`X-MBX-ORDER-COUNT-10S`).
+//! (`X-MBX-ORDER-COUNT-10S`); concurrency caps per key ([`Slots`]: connections per client
+//! address, streams per IP and per invoice) and the limits on long-lived streams
+//! ([`StreamLimits`]).
 
+use crate::error::ApiError;
+use axum::http::StatusCode;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
 
 const SHARDS: usize = 16;
 
@@ -81,6 +86,163 @@ impl Limiter {
     }
 }
 
+/// At most `limit` concurrent holders per key (a client address, an invoice). A [`Slot`] is one
+/// place, given back when it is dropped; a key with no holder takes no memory.
+#[derive(Debug)]
+pub struct Slots<K: Hash + Eq + Clone> {
+    limit: usize,
+    held: Mutex<HashMap<K, usize>>,
+}
+
+impl<K: Hash + Eq + Clone> Slots<K> {
+    /// At most `limit` holders per key.
+    pub fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit,
+            held: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The limit.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
+    /// A place for `key`, or `None` when `key` holds `limit` already.
+    pub fn try_acquire(self: &Arc<Self>, key: K) -> Option<Slot<K>> {
+        let mut m = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let n = m.get(&key).copied().unwrap_or(0);
+        if n >= self.limit {
+            return None;
+        }
+        m.insert(key.clone(), n + 1);
+        Some(Slot {
+            slots: self.clone(),
+            key,
+        })
+    }
+
+    /// Places `key` holds now.
+    pub fn held(&self, key: &K) -> usize {
+        let m = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        m.get(key).copied().unwrap_or(0)
+    }
+}
+
+/// One place in [`Slots`]; dropping it gives the place back.
+#[derive(Debug)]
+pub struct Slot<K: Hash + Eq + Clone> {
+    slots: Arc<Slots<K>>,
+    key: K,
+}
+
+impl<K: Hash + Eq + Clone> Drop for Slot<K> {
+    fn drop(&mut self) {
+        let mut m = self.slots.held.lock().unwrap_or_else(|e| e.into_inner());
+        match m.get_mut(&self.key) {
+            Some(n) if *n > 1 => *n -= 1,
+            _ => {
+                m.remove(&self.key);
+            }
+        }
+    }
+}
+
+/// `-1034` with 429: too many connections or connection attempts (Binance's
+/// `TOO_MANY_CONNECTIONS`).
+pub fn too_many_connections(msg: String, retry_after: Option<u64>) -> ApiError {
+    ApiError {
+        status: StatusCode::TOO_MANY_REQUESTS,
+        code: -1034,
+        msg: msg.into(),
+        retry_after,
+    }
+}
+
+/// WebSocket connection attempts are counted over windows of this length (Binance: 300 per 5
+/// minutes per IP).
+pub const WS_CONNECT_WINDOW_MS: u64 = 5 * 60_000;
+
+/// The limits on long-lived streams: WebSocket connections and the invoices' SSE streams, per
+/// client IP ([`crate::ApiConfig::max_streams_per_ip`], one count for both kinds), SSE streams
+/// per invoice ([`crate::ApiConfig::max_sse_per_invoice`]) and WebSocket connection attempts
+/// per IP ([`crate::ApiConfig::ws_connects_per_5min`]). Request weight is charged by the
+/// handlers, as for any request.
+#[derive(Debug)]
+pub struct StreamLimits {
+    per_ip: Arc<Slots<String>>,
+    per_invoice: Arc<Slots<String>>,
+    ws_connects: Limiter,
+}
+
+/// The places a stream holds; it keeps them until it is dropped with the stream.
+#[derive(Debug)]
+pub struct StreamGuard {
+    _ip: Slot<String>,
+    _invoice: Option<Slot<String>>,
+}
+
+impl StreamLimits {
+    /// Limits from the configuration.
+    pub fn new(cfg: &crate::ApiConfig) -> Self {
+        Self {
+            per_ip: Slots::new(cfg.max_streams_per_ip),
+            per_invoice: Slots::new(cfg.max_sse_per_invoice),
+            ws_connects: Limiter::with_window(cfg.ws_connects_per_5min, WS_CONNECT_WINDOW_MS),
+        }
+    }
+
+    fn ip_slot(&self, ip: &str) -> Result<Slot<String>, ApiError> {
+        self.per_ip.try_acquire(ip.to_owned()).ok_or_else(|| {
+            too_many_connections(
+                format!(
+                    "Too many concurrent streams from this IP; current limit is {}.",
+                    self.per_ip.limit()
+                ),
+                None,
+            )
+        })
+    }
+
+    /// A WebSocket connection from `ip` at `now_ms`: one attempt counted, one stream place taken.
+    pub fn websocket(&self, ip: &str, now_ms: u64) -> Result<StreamGuard, ApiError> {
+        if let Charge::Limited { retry_after, .. } = self.ws_connects.charge(ip, 1, now_ms) {
+            return Err(too_many_connections(
+                format!(
+                    "Too many connection attempts from IP; current limit is {} per 5 MINUTE.",
+                    self.ws_connects.limit()
+                ),
+                Some(retry_after),
+            ));
+        }
+        Ok(StreamGuard {
+            _ip: self.ip_slot(ip)?,
+            _invoice: None,
+        })
+    }
+
+    /// An SSE stream of `invoice` from `ip`: a place of the IP and one of the invoice.
+    pub fn invoice_events(&self, ip: &str, invoice: &str) -> Result<StreamGuard, ApiError> {
+        let ip_slot = self.ip_slot(ip)?;
+        let inv = self
+            .per_invoice
+            .try_acquire(invoice.to_owned())
+            .ok_or_else(|| {
+                too_many_connections(
+                    format!(
+                        "Too many concurrent streams of this invoice; current limit is {}.",
+                        self.per_invoice.limit()
+                    ),
+                    None,
+                )
+            })?;
+        Ok(StreamGuard {
+            _ip: ip_slot,
+            _invoice: Some(inv),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -110,5 +272,43 @@ mod tests {
             }
         );
         assert_eq!(o.charge("7", 1, 20_000), Charge::Ok(1));
+    }
+
+    #[test]
+    fn slots_cap_each_key_and_give_places_back() {
+        let s = Slots::new(2);
+        let a1 = s.try_acquire("a").unwrap();
+        let _a2 = s.try_acquire("a").unwrap();
+        assert!(s.try_acquire("a").is_none(), "a third place for a");
+        let _b = s.try_acquire("b").expect("b is not affected by a");
+        drop(a1);
+        assert_eq!(s.held(&"a"), 1);
+        let _a3 = s.try_acquire("a").expect("a place was given back");
+        drop(_b);
+        assert_eq!(s.held(&"b"), 0);
+        assert!(s.held.lock().unwrap().get("b").is_none(), "no memory for b");
+    }
+
+    #[test]
+    fn stream_limits_count_attempts_and_places() {
+        let l = StreamLimits::new(&crate::ApiConfig {
+            max_streams_per_ip: 2,
+            max_sse_per_invoice: 1,
+            ws_connects_per_5min: 3,
+            ..crate::ApiConfig::default()
+        });
+        let w1 = l.websocket("1.1.1.1", 0).unwrap();
+        let s1 = l.invoice_events("1.1.1.1", "inv").unwrap();
+        let e = l.websocket("1.1.1.1", 0).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (429, -1034));
+        assert!(e.msg.contains("streams from this IP"), "{}", e.msg);
+        let e = l.invoice_events("2.2.2.2", "inv").unwrap_err();
+        assert!(e.msg.contains("of this invoice"), "{}", e.msg);
+        drop((w1, s1));
+        let _w = l.websocket("1.1.1.1", 0).expect("places given back");
+        // Four attempts in five minutes: the fourth is refused, whatever the places.
+        let e = l.websocket("1.1.1.1", 1).unwrap_err();
+        assert!(e.msg.contains("connection attempts"), "{}", e.msg);
+        assert!(l.websocket("1.1.1.1", WS_CONNECT_WINDOW_MS).is_ok());
     }
 }

@@ -7,7 +7,7 @@
 //! publisher never waits for a connection. Published messages are serialized once and shared;
 //! a connection writes what it has pending with one flush.
 
-use crate::app::{ok_json, AppState, Req};
+use crate::app::{ok_json, AppState, ClientIp, Req};
 use crate::error::ApiError;
 use crate::keys::Perms;
 use crate::public::{depth_json, kline_array, ticker};
@@ -26,8 +26,15 @@ use tokio::sync::broadcast::{self, error::RecvError, error::TryRecvError};
 
 /// Most streams on one connection.
 pub const MAX_STREAMS: usize = 1024;
-/// Most messages a client may send per second (Binance allows 5; pongs count too).
-pub const MAX_IN_PER_SEC: u32 = 10;
+/// Most messages a client may send per second (Binance's limit; pings, pongs and control
+/// messages count). One more closes the connection with code 1008.
+pub const MAX_IN_PER_SEC: u32 = 5;
+/// Request weight of a WebSocket connection (as Binance's WebSocket API charges its connection).
+pub const CONNECT_WEIGHT: u64 = 2;
+/// Most active `userDataStream` subscriptions on one `/ws-api/v3` connection (Binance: 1,000).
+pub const MAX_WS_API_SUBSCRIPTIONS: usize = 1_000;
+/// Most subscriptions one `/ws-api/v3` connection may start over its lifetime (Binance: 65,535).
+pub const MAX_WS_API_SUBSCRIPTION_IDS: u64 = 65_535;
 /// The server pings this often...
 const PING_EVERY_MS: u64 = 20_000;
 /// ...and closes a connection silent for this long.
@@ -168,12 +175,16 @@ fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
     }
 }
 
+/// Parses stream names; a name given twice is kept once (each stream is sent once per
+/// connection). More than [`MAX_STREAMS`] names (duplicates included) are refused.
 fn parse_list(st: &AppState, names: &[&str]) -> Result<Vec<(String, Stream)>, ApiError> {
     if names.is_empty() || names.len() > MAX_STREAMS {
         return Err(ApiError::invalid_value("streams"));
     }
+    let mut seen = std::collections::HashSet::with_capacity(names.len());
     names
         .iter()
+        .filter(|n| seen.insert(**n))
         .map(|n| {
             parse_stream(st, n)
                 .map(|s| ((*n).to_owned(), s))
@@ -182,15 +193,32 @@ fn parse_list(st: &AppState, names: &[&str]) -> Result<Vec<(String, Stream)>, Ap
         .collect()
 }
 
+/// Admits a WebSocket connection from `ip`: charges [`CONNECT_WEIGHT`], counts the attempt and
+/// takes one of the IP's stream places (`429`, `-1003` / `-1034`).
+fn admit(st: &AppState, ip: &str) -> Result<crate::ratelimit::StreamGuard, ApiError> {
+    st.charge_ip_addr(ip, CONNECT_WEIGHT)?;
+    st.0.streams
+        .websocket(ip, crate::core::now_ms())
+        .inspect_err(|_| {
+            st.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
+        })
+}
+
 /// `GET /ws`: a raw connection; streams are added with `SUBSCRIBE`.
-pub async fn ws_root(State(st): State<AppState>, ws: WebSocketUpgrade) -> Response {
-    upgrade(st, ws, Vec::new(), false)
+pub async fn ws_root(
+    State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
+    ws: WebSocketUpgrade,
+) -> Result<Response, ApiError> {
+    let guard = admit(&st, &ip)?;
+    Ok(upgrade(st, ws, Vec::new(), false, guard))
 }
 
 /// `GET /ws/<stream>`: one raw stream (a market stream or a listenKey). A name of digits only
 /// opens a raw connection without streams, for `SUBSCRIBE` (ccxt connects to `/ws/<n>`).
 pub async fn ws_path(
     State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
     Path(stream): Path<String>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -200,12 +228,14 @@ pub async fn ws_path(
         } else {
             parse_list(&st, &[stream.as_str()])?
         };
-    Ok(upgrade(st, ws, subs, false))
+    let guard = admit(&st, &ip)?;
+    Ok(upgrade(st, ws, subs, false, guard))
 }
 
 /// `GET /stream?streams=a/b/c`: combined streams (`{"stream":..,"data":..}`).
 pub async fn ws_combined(
     State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
     Query(q): Query<HashMap<String, String>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -218,7 +248,23 @@ pub async fn ws_combined(
     } else {
         parse_list(&st, &names)?
     };
-    Ok(upgrade(st, ws, subs, true))
+    let guard = admit(&st, &ip)?;
+    Ok(upgrade(st, ws, subs, true, guard))
+}
+
+/// The WebSocket settings of every connection: frames and messages from the client at most
+/// [`crate::ApiConfig::ws_max_message_bytes`] (a larger frame is refused from its header,
+/// before its payload is buffered; tungstenite's default would take 16 MiB frames), and a small
+/// read buffer. Clients send only small control messages. tungstenite zero-fills its whole read
+/// buffer (128 KiB by default) each time the socket is polled for input
+/// (snapview/tungstenite-rs#547): half of all CPU with 1,000 depth subscribers before this was
+/// set, when the connection loop polled the socket on every market message (now a task of its
+/// own reads it, see `run`).
+fn limited(st: &AppState, ws: WebSocketUpgrade) -> WebSocketUpgrade {
+    let max = st.0.cfg.ws_max_message_bytes;
+    ws.max_frame_size(max)
+        .max_message_size(max)
+        .read_buffer_size(4 * 1024)
 }
 
 fn upgrade(
@@ -226,17 +272,14 @@ fn upgrade(
     ws: WebSocketUpgrade,
     subs: Vec<(String, Stream)>,
     combined: bool,
+    guard: crate::ratelimit::StreamGuard,
 ) -> Response {
-    // Clients send only small control messages. tungstenite zero-fills its whole read buffer
-    // (128 KiB by default) each time the socket is polled for input (snapview/tungstenite-rs#547):
-    // half of all CPU with 1,000 depth subscribers before this was set, when the connection loop
-    // polled the socket on every market message (now a task of its own reads it, see `run`).
-    ws.max_message_size(64 * 1024)
-        .read_buffer_size(4 * 1024)
+    limited(&st, ws)
         .on_upgrade(move |socket| async move {
             st.0.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
             run(&st, socket, subs, combined).await;
             st.0.metrics.ws_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(guard);
         })
         .into_response()
 }
@@ -441,16 +484,14 @@ fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> Strin
         Some("SUBSCRIBE") => {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             match parse_list(st, &refs) {
-                Ok(new) if subs.len() + new.len() <= MAX_STREAMS => {
-                    for (n, s) in new {
-                        if !subs.iter().any(|(x, _)| *x == n) {
-                            subs.push((n, s));
-                        }
+                Ok(mut new) => {
+                    new.retain(|(n, _)| !subs.iter().any(|(x, _)| x == n));
+                    if subs.len() + new.len() > MAX_STREAMS {
+                        return json!({"error": {"code": 2, "msg": "Too many streams"}, "id": id})
+                            .to_string();
                     }
+                    subs.extend(new);
                     json!({"result": null, "id": id}).to_string()
-                }
-                Ok(_) => {
-                    json!({"error": {"code": 2, "msg": "Too many streams"}, "id": id}).to_string()
                 }
                 Err(e) => json!({"error": {"code": 2, "msg": e.msg}, "id": id}).to_string(),
             }
@@ -740,21 +781,55 @@ pub async fn listen_key_close(State(st): State<AppState>, req: Req) -> Result<Re
 /// Events arrive as `{"subscriptionId":n,"event":{...}}`.
 pub async fn ws_api(
     State(st): State<AppState>,
-    crate::app::ClientIp(ip): crate::app::ClientIp,
+    ClientIp(ip): ClientIp,
     ws: WebSocketUpgrade,
-) -> Response {
-    // Clients send only small control messages. tungstenite zero-fills its whole read buffer
-    // (128 KiB by default) each time the socket is polled for input, which this loop does on
-    // every market message (snapview/tungstenite-rs#547): half of all CPU with 1,000 depth
-    // subscribers before this was set.
-    ws.max_message_size(64 * 1024)
-        .read_buffer_size(4 * 1024)
+) -> Result<Response, ApiError> {
+    let guard = admit(&st, &ip)?;
+    Ok(limited(&st, ws)
         .on_upgrade(move |socket| async move {
             st.0.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
             run_ws_api(&st, socket, &ip).await;
             st.0.metrics.ws_connections.fetch_sub(1, Ordering::Relaxed);
+            drop(guard);
         })
-        .into_response()
+        .into_response())
+}
+
+/// The `userDataStream` subscriptions of one `/ws-api/v3` connection: one per account (a
+/// second is `-2035`, as Binance), at most [`MAX_WS_API_SUBSCRIPTIONS`] active and
+/// [`MAX_WS_API_SUBSCRIPTION_IDS`] over the connection's life (`-1034`).
+#[derive(Debug, Default)]
+struct Subscriptions {
+    /// (subscription id, account)
+    active: Vec<(u64, u32)>,
+    next_id: u64,
+}
+
+impl Subscriptions {
+    fn add(&mut self, account: u32) -> Result<u64, ApiError> {
+        if self.active.iter().any(|(_, a)| *a == account) {
+            return Err(ApiError::bad(
+                -2035,
+                "User Data Stream subscription already active.",
+            ));
+        }
+        if self.active.len() >= MAX_WS_API_SUBSCRIPTIONS {
+            return Err(crate::ratelimit::too_many_connections(
+                format!("Too many subscriptions on this connection; current limit is {MAX_WS_API_SUBSCRIPTIONS}."),
+                None,
+            ));
+        }
+        if self.next_id >= MAX_WS_API_SUBSCRIPTION_IDS {
+            return Err(crate::ratelimit::too_many_connections(
+                format!("Maximum subscription ID reached for this connection ({MAX_WS_API_SUBSCRIPTION_IDS}); reconnect."),
+                None,
+            ));
+        }
+        let sid = self.next_id;
+        self.next_id += 1;
+        self.active.push((sid, account));
+        Ok(sid)
+    }
 }
 
 fn ws_error(id: &Value, e: &ApiError) -> String {
@@ -821,9 +896,7 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
     let mut alive = Alive::new(crate::core::now_ms());
     let mut tick = tokio::time::interval(Duration::from_millis(1000));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    // (subscription id, account)
-    let mut subs: Vec<(u64, u32)> = Vec::new();
-    let mut next_id = 0u64;
+    let mut subs = Subscriptions::default();
     loop {
         tokio::select! {
             msg = socket.recv() => match msg {
@@ -843,19 +916,14 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                         Ok(_) => match v.get("method").and_then(Value::as_str) {
                             Some("ping") => json!({"id": id, "status": 200, "result": {}}).to_string(),
                             Some("time") => json!({"id": id, "status": 200, "result": {"serverTime": crate::core::now_ms()}}).to_string(),
-                            Some("userDataStream.subscribe.signature") => match ws_signed(st, &params) {
-                                Ok(key) => {
-                                    let sid = next_id;
-                                    next_id += 1;
-                                    subs.push((sid, key.account));
-                                    json!({"id": id, "status": 200, "result": {"subscriptionId": sid}}).to_string()
-                                }
+                            Some("userDataStream.subscribe.signature") => match ws_signed(st, &params).and_then(|key| subs.add(key.account)) {
+                                Ok(sid) => json!({"id": id, "status": 200, "result": {"subscriptionId": sid}}).to_string(),
                                 Err(e) => ws_error(&id, &e),
                             },
                             Some("userDataStream.unsubscribe") => {
                                 match params.get("subscriptionId").and_then(Value::as_u64) {
-                                    Some(sid) => subs.retain(|(s, _)| *s != sid),
-                                    None => subs.clear(),
+                                    Some(sid) => subs.active.retain(|(s, _)| *s != sid),
+                                    None => subs.active.clear(),
                                 }
                                 json!({"id": id, "status": 200, "result": {}}).to_string()
                             }
@@ -875,7 +943,7 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
             },
             r = urx.recv() => match r {
                 Ok(u) => {
-                    for (sid, account) in &subs {
+                    for (sid, account) in &subs.active {
                         if *account == u.account {
                             let text = format!("{{\"subscriptionId\":{sid},\"event\":{}}}", u.json);
                             match send(&mut socket, text).await {
@@ -905,5 +973,34 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                 Liveness::Fine => {}
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ws_api_subscriptions_are_bounded() {
+        let mut s = Subscriptions::default();
+        assert_eq!(s.add(7).unwrap(), 0);
+        assert_eq!(s.add(7).unwrap_err().code, -2035, "one per account");
+        for a in 1..MAX_WS_API_SUBSCRIPTIONS as u32 {
+            s.add(1_000 + a).unwrap();
+        }
+        let e = s.add(5).unwrap_err();
+        assert_eq!((e.status.as_u16(), e.code), (429, -1034), "{}", e.msg);
+        assert_eq!(s.active.len(), MAX_WS_API_SUBSCRIPTIONS);
+        // Unsubscribing frees active places, but ids are not reused past the lifetime bound.
+        let mut s = Subscriptions::default();
+        for _ in 0..MAX_WS_API_SUBSCRIPTION_IDS {
+            s.add(1).unwrap();
+            s.active.clear();
+        }
+        assert!(s
+            .add(1)
+            .unwrap_err()
+            .msg
+            .contains("Maximum subscription ID"));
     }
 }

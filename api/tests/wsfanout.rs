@@ -136,6 +136,10 @@ async fn depth_fanout_to_many_subscribers() {
                 key_weight_per_min: u64::MAX / 4,
                 orders_per_10s: u64::MAX / 4,
                 max_connections: subscribers + 64,
+                // Every subscriber connects from 127.0.0.1.
+                max_connections_per_ip: subscribers + 64,
+                max_streams_per_ip: subscribers,
+                ws_connects_per_5min: subscribers as u64,
                 ..Default::default()
             },
             store: StoreConfig {

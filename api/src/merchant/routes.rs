@@ -1157,33 +1157,41 @@ pub async fn public_events(
 ) -> Result<Response, ApiError> {
     let rx = st.merchant().updates.subscribe();
     let (rec, name) = public_invoice(&st, &ip, id.clone()).await?;
+    // One of the IP's stream places and one of the invoice's, held by the stream until the
+    // client goes (429, -1034 when either is full).
+    let guard = st.0.streams.invoice_events(&ip, &id).inspect_err(|_| {
+        st.0.metrics
+            .rate_limited
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    })?;
     let first = public_json(&st, &rec, &name, now_ms()).to_string();
     use futures_util::StreamExt;
     let initial = futures_util::stream::once(async move {
         Ok::<_, std::convert::Infallible>(SseEvent::default().data(first))
     });
-    let updates = futures_util::stream::unfold((rx, st, id), |(mut rx, st, id)| async move {
-        loop {
-            match rx.recv().await {
-                Ok(u) if u.0 == id => {
-                    let ev = SseEvent::default().data(u.1.clone());
-                    return Some((Ok(ev), (rx, st, id)));
-                }
-                Ok(_) => {}
-                Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
-                    let id2 = id.clone();
-                    if let Ok(Some((rec, name))) =
-                        with_db(&st, move |c| load_with_name(c, &id2)).await
-                    {
-                        let ev = SseEvent::default()
-                            .data(public_json(&st, &rec, &name, now_ms()).to_string());
-                        return Some((Ok(ev), (rx, st, id)));
+    let updates =
+        futures_util::stream::unfold((rx, st, id, guard), |(mut rx, st, id, guard)| async move {
+            loop {
+                match rx.recv().await {
+                    Ok(u) if u.0 == id => {
+                        let ev = SseEvent::default().data(u.1.clone());
+                        return Some((Ok(ev), (rx, st, id, guard)));
                     }
+                    Ok(_) => {}
+                    Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {
+                        let id2 = id.clone();
+                        if let Ok(Some((rec, name))) =
+                            with_db(&st, move |c| load_with_name(c, &id2)).await
+                        {
+                            let ev = SseEvent::default()
+                                .data(public_json(&st, &rec, &name, now_ms()).to_string());
+                            return Some((Ok(ev), (rx, st, id, guard)));
+                        }
+                    }
+                    Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
                 }
-                Err(tokio::sync::broadcast::error::RecvError::Closed) => return None,
             }
-        }
-    });
+        });
     Ok(Sse::new(initial.chain(updates))
         .keep_alive(KeepAlive::default())
         .into_response())

@@ -1,0 +1,737 @@
+//! Real-socket tests of the limits that keep one client from locking out the others: per-address
+//! connection caps, header-read and idle timeouts, WebSocket and SSE stream caps and charges, and
+//! the WebSocket limits (duplicate streams, 1,024 streams, 5 messages per second, frame size,
+//! WebSocket API subscriptions). Clients connect from 127.0.0.1 and 127.0.0.2 (and .3, .4): on
+//! loopback each is a different client address.
+
+mod common;
+
+use api::custody::{Custody, CustodyError, DepositInfo, ReconcileInfo, WithdrawalInfo};
+use api::keys::sign;
+use api::ApiConfig;
+use common::{now_ms, Harness};
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+
+const A: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 1);
+const B: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
+const C: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
+const D: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
+
+/// Generous bound for "eventually".
+const EVENTUALLY: Duration = Duration::from_secs(10);
+
+async fn start(h: &Harness) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let state = h.state.clone();
+    tokio::spawn(async move {
+        api::serve(listener, state, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    (addr, tx)
+}
+
+/// A TCP connection to `addr` from the client address `from`.
+async fn connect_from(from: Ipv4Addr, addr: SocketAddr) -> TcpStream {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(SocketAddr::from((from, 0))).unwrap();
+    sock.connect(addr).await.unwrap()
+}
+
+/// One HTTP/1.1 request from `from` over a fresh connection: (status, body as JSON or string).
+async fn http_from(
+    from: Ipv4Addr,
+    addr: SocketAddr,
+    method: &str,
+    target: &str,
+    body: &str,
+    key: Option<&str>,
+) -> (u16, Value) {
+    let mut s = connect_from(from, addr).await;
+    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    if let Some(k) = key {
+        req.push_str(&format!("X-MBX-APIKEY: {k}\r\n"));
+    }
+    if !body.is_empty() {
+        req.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    let text = String::from_utf8(buf).unwrap();
+    let status: u16 = text[9..12].parse().unwrap();
+    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
+    (
+        status,
+        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned())),
+    )
+}
+
+async fn signed_from(
+    from: Ipv4Addr,
+    addr: SocketAddr,
+    path: &str,
+    params: &str,
+    key: &(String, String),
+) -> (u16, Value) {
+    let q = if params.is_empty() {
+        format!("timestamp={}", now_ms())
+    } else {
+        format!("{params}&timestamp={}", now_ms())
+    };
+    let body = format!("{q}&signature={}", sign(&key.1, &q));
+    http_from(from, addr, "POST", path, &body, Some(&key.0)).await
+}
+
+/// True once the server closed the connection (end of stream or reset) within `EVENTUALLY`;
+/// whatever the server wrote before closing is read and dropped.
+async fn closed_by_server(s: &mut TcpStream) -> bool {
+    let mut buf = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        match tokio::time::timeout_at(deadline, s.read(&mut buf)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+/// The value of one line of `/metrics` (`name value`).
+async fn metric(from: Ipv4Addr, addr: SocketAddr, name: &str) -> Option<u64> {
+    let (_, m) = http_from(from, addr, "GET", "/metrics", "", None).await;
+    m.as_str()?.lines().find_map(|l| {
+        l.strip_prefix(name)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.parse().ok())
+    })
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<TcpStream>;
+
+/// A WebSocket handshake from `from`: the stream, or the HTTP status and body it was refused with.
+async fn ws_from(from: Ipv4Addr, addr: SocketAddr, path: &str) -> Result<Ws, (u16, Value)> {
+    let tcp = connect_from(from, addr).await;
+    match tokio_tungstenite::client_async(format!("ws://{addr}{path}"), tcp).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+            let body = r
+                .body()
+                .as_ref()
+                .and_then(|b| serde_json::from_slice(b).ok())
+                .unwrap_or(Value::Null);
+            Err((r.status().as_u16(), body))
+        }
+        Err(e) => panic!("handshake {path}: {e}"),
+    }
+}
+
+async fn next_json(ws: &mut Ws) -> Value {
+    loop {
+        let m = tokio::time::timeout(Duration::from_secs(5), ws.next())
+            .await
+            .expect("a message within 5 s")
+            .expect("stream open")
+            .expect("no error");
+        if let Message::Text(t) = m {
+            return serde_json::from_str(t.as_str()).unwrap();
+        }
+    }
+}
+
+/// The close frame (code, reason) the server ends a WebSocket with, or `None` if it just dropped
+/// the connection; panics if it stays open.
+async fn close_of(ws: &mut Ws) -> Option<(u16, String)> {
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    loop {
+        match tokio::time::timeout_at(deadline, ws.next()).await {
+            Err(_) => panic!("the server did not close the connection"),
+            Ok(None) | Ok(Some(Err(_))) => return None,
+            Ok(Some(Ok(Message::Close(f)))) => {
+                return f.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()))
+            }
+            Ok(Some(Ok(_))) => {}
+        }
+    }
+}
+
+fn open_config() -> ApiConfig {
+    ApiConfig {
+        orders_per_10s: 1_000_000,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        ..ApiConfig::default()
+    }
+}
+
+const ORDER: &str = "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_address_holding_idle_and_half_sent_connections_does_not_lock_out_another() {
+    let h = Harness::with_config(ApiConfig {
+        max_connections: 64,
+        max_connections_per_ip: 16,
+        ..open_config()
+    });
+    let (addr, stop) = start(&h).await;
+    let (_, trader) = h.trader("0", "100000").await;
+    // 127.0.0.1 opens more connections than the server's whole limit: half of them idle, half
+    // with an unfinished request head.
+    let mut held = Vec::new();
+    for i in 0..100 {
+        let mut s = connect_from(A, addr).await;
+        if i % 2 == 1 {
+            let _ = s
+                .write_all(b"GET /api/v3/ping HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                .await;
+        }
+        held.push(s);
+    }
+    // 127.0.0.2 still trades, and the admin endpoints still answer it.
+    let (status, o) = tokio::time::timeout(
+        EVENTUALLY,
+        signed_from(B, addr, "/api/v3/order", ORDER, &trader),
+    )
+    .await
+    .expect("127.0.0.2 is locked out by 127.0.0.1's connections");
+    assert_eq!(status, 200, "{o}");
+    let (status, a) = tokio::time::timeout(
+        EVENTUALLY,
+        signed_from(B, addr, "/mapi/v1/admin/account", "", &h.admin),
+    )
+    .await
+    .expect("the admin endpoints are locked out by 127.0.0.1's connections");
+    assert_eq!(status, 200, "{a}");
+    // 127.0.0.1's connections beyond its cap were refused and closed.
+    let closed = futures_util::future::join_all(held.iter_mut().map(|s| async move {
+        let mut buf = [0u8; 512];
+        let mut got = Vec::new();
+        loop {
+            match tokio::time::timeout(Duration::from_secs(3), s.read(&mut buf)).await {
+                Err(_) => return None,
+                Ok(Ok(0)) | Ok(Err(_)) => return Some(got),
+                Ok(Ok(n)) => got.extend_from_slice(&buf[..n]),
+            }
+        }
+    }))
+    .await;
+    let refused: Vec<_> = closed.iter().flatten().collect();
+    assert!(refused.len() >= 100 - 16, "{} refused", refused.len());
+    assert!(
+        metric(B, addr, "mediator_connections_refused_total").await >= Some(100 - 16),
+        "refusals are counted"
+    );
+    let answered: Vec<_> = refused.iter().filter(|b| !b.is_empty()).collect();
+    for b in &answered {
+        let text = String::from_utf8_lossy(b);
+        assert!(
+            text.starts_with("HTTP/1.1 429") && text.contains("-1034"),
+            "{text}"
+        );
+    }
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_half_sent_and_kept_alive_connections_are_closed_after_the_header_timeout() {
+    let h = Harness::with_config(ApiConfig {
+        header_read_timeout_ms: 300,
+        ..open_config()
+    });
+    let (addr, stop) = start(&h).await;
+    // Connected, nothing sent.
+    let mut idle = connect_from(A, addr).await;
+    // Half a request head.
+    let mut half = connect_from(A, addr).await;
+    half.write_all(b"GET /api/v3/ping HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // One request answered, then nothing on the kept-alive connection.
+    let mut kept = connect_from(B, addr).await;
+    kept.write_all(b"GET /api/v3/ping HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    while !got.ends_with(b"{}") {
+        let mut buf = [0u8; 1024];
+        let n = tokio::time::timeout(EVENTUALLY, kept.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed before the answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert!(closed_by_server(&mut idle).await, "idle connection kept");
+    assert!(closed_by_server(&mut half).await, "half-sent head kept");
+    assert!(closed_by_server(&mut kept).await, "kept-alive idle kept");
+    // A head trickled one byte at a time is cut too: the timeout is a deadline, not a pause.
+    let (mut r, mut w) = connect_from(A, addr).await.into_split();
+    let trickle = tokio::spawn(async move {
+        let _ = w.write_all(b"GET /api/v3/ping HTTP/1.1\r\n").await;
+        for _ in 0..100 {
+            if w.write_all(b"X").await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    let mut buf = [0u8; 1024];
+    let end = tokio::time::timeout(EVENTUALLY, async {
+        loop {
+            match r.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    })
+    .await;
+    assert!(end.is_ok(), "a trickled head is never cut");
+    trickle.abort();
+    assert!(
+        metric(B, addr, "mediator_connections_timed_out_total").await >= Some(4),
+        "timeouts are counted"
+    );
+    // The server still serves.
+    let (status, _) = http_from(B, addr, "GET", "/api/v3/ping", "", None).await;
+    assert_eq!(status, 200);
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_bodies_are_closed_after_the_idle_timeout() {
+    let h = Harness::with_config(ApiConfig {
+        idle_timeout_ms: 300,
+        ..open_config()
+    });
+    let (addr, stop) = start(&h).await;
+    // A complete head announcing 100 bytes of body, then 10 of them and nothing more: the
+    // request timeout (30 s) would answer it; the idle timeout closes it well before.
+    let mut s = connect_from(A, addr).await;
+    s.write_all(
+        b"POST /api/v3/order HTTP/1.1\r\nHost: x\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 100\r\n\r\nsymbol=BTC",
+    )
+    .await
+    .unwrap();
+    assert!(closed_by_server(&mut s).await, "a stalled body is kept");
+    let (status, _) = http_from(B, addr, "GET", "/api/v3/ping", "", None).await;
+    assert_eq!(status, 200);
+    let _ = stop.send(());
+}
+
+/// A custody that hands out addresses (enough for invoices).
+#[derive(Default)]
+struct Addresses(std::sync::atomic::AtomicU32);
+
+impl Custody for Addresses {
+    fn deposit_address(&self, account: u32, _: bool) -> Result<String, CustodyError> {
+        let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Ok(format!("bcrt1q{account}x{n}"))
+    }
+    fn deposits(&self, _: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError> {
+        Ok(Vec::new())
+    }
+    fn request_withdrawal(
+        &self,
+        _: u32,
+        _: &str,
+        _: u64,
+        _: &str,
+    ) -> Result<WithdrawalInfo, CustodyError> {
+        Err(CustodyError::internal("no"))
+    }
+    fn withdrawals(&self, _: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
+        Ok(Vec::new())
+    }
+    fn approve_withdrawal(&self, _: u64) -> Result<WithdrawalInfo, CustodyError> {
+        Err(CustodyError::internal("no"))
+    }
+    fn withdrawal_terms(&self) -> (u64, u64) {
+        (0, 1)
+    }
+    fn reconcile(&self) -> Result<ReconcileInfo, CustodyError> {
+        Err(CustodyError::internal("no"))
+    }
+    fn regtest_mine(&self, _: u32) -> Result<u32, CustodyError> {
+        Err(CustodyError::internal("no"))
+    }
+    fn regtest_fund(&self, _: u32) -> Result<u64, CustodyError> {
+        Err(CustodyError::internal("no"))
+    }
+}
+
+/// Opens `/i/{id}/events` from `from`: the connection (kept open) and the answer's status.
+async fn sse_from(from: Ipv4Addr, addr: SocketAddr, id: &str) -> (TcpStream, u16, String) {
+    let mut s = connect_from(from, addr).await;
+    s.write_all(format!("GET /i/{id}/events HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 2048];
+    // The head, then for a stream its first event, for a refusal its whole (JSON) body.
+    loop {
+        if let Some(at) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let body = &got[at + 4..];
+            if got.starts_with(b"HTTP/1.1 200") {
+                if body.windows(5).any(|w| w == b"data:") {
+                    break;
+                }
+            } else if body.ends_with(b"}") {
+                break;
+            }
+        }
+        let n = tokio::time::timeout(EVENTUALLY, s.read(&mut buf))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(n > 0, "closed without an answer");
+        got.extend_from_slice(&buf[..n]);
+    }
+    let text = String::from_utf8_lossy(&got).into_owned();
+    let status = text[9..12].parse().unwrap();
+    (s, status, text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_and_sse_streams_are_capped_per_address_and_per_invoice() {
+    let h = Harness::with_config(ApiConfig {
+        max_streams_per_ip: 3,
+        max_sse_per_invoice: 2,
+        ..open_config()
+    });
+    h.state
+        .set_custody(std::sync::Arc::new(Addresses::default()))
+        .ok()
+        .unwrap();
+    let (addr, stop) = start(&h).await;
+    // Three streams from 127.0.0.1; the fourth is refused; 127.0.0.2 is not affected.
+    let mut streams = Vec::new();
+    for path in [
+        "/ws/btcusd@trade",
+        "/stream?streams=btcusd@depth",
+        "/ws-api/v3",
+    ] {
+        streams.push(ws_from(A, addr, path).await.expect("within the cap"));
+    }
+    let (status, body) = ws_from(A, addr, "/ws/btcusd@trade")
+        .await
+        .expect_err("a fourth stream from 127.0.0.1 is refused");
+    assert_eq!(
+        (status, body["code"].as_i64()),
+        (429, Some(-1034)),
+        "{body}"
+    );
+    let b = ws_from(B, addr, "/ws/btcusd@trade").await;
+    assert!(b.is_ok(), "127.0.0.2 refused");
+    // A stream that ends gives its place back.
+    let mut first = streams.remove(0);
+    first.close(None).await.unwrap();
+    while let Some(Ok(_)) = first.next().await {}
+    let deadline = tokio::time::Instant::now() + EVENTUALLY;
+    let again = loop {
+        match ws_from(A, addr, "/ws/btcusd@trade").await {
+            Ok(ws) => break ws,
+            Err(_) if tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => panic!("the place was not given back: {e:?}"),
+        }
+    };
+    streams.push(again);
+
+    // SSE: one invoice's status stream at most twice at once; counted with the WebSockets per IP.
+    let (account, _) = h.trader("0", "0").await;
+    let k = h
+        .ok(
+            "POST",
+            "/mapi/v1/admin/apiKey",
+            &format!("account={account}&permissions=read,merchant&label=shop"),
+            &h.admin,
+        )
+        .await;
+    let shop = (
+        k["apiKey"].as_str().unwrap().to_owned(),
+        k["secretKey"].as_str().unwrap().to_owned(),
+    );
+    let inv = h
+        .ok("POST", "/mapi/v1/merchant/invoice", "amount=0.001", &shop)
+        .await;
+    let id = inv["id"].as_str().unwrap().to_owned();
+    let other = h
+        .ok("POST", "/mapi/v1/merchant/invoice", "amount=0.002", &shop)
+        .await;
+    let other = other["id"].as_str().unwrap().to_owned();
+    let (_s1, st1, _) = sse_from(B, addr, &id).await;
+    let (_s2, st2, _) = sse_from(C, addr, &id).await;
+    assert_eq!((st1, st2), (200, 200));
+    let (_s3, st3, text) = sse_from(D, addr, &id).await;
+    assert_eq!(st3, 429, "a third stream of one invoice: {text}");
+    assert!(text.contains("-1034"), "{text}");
+    let (_s4, st4, text) = sse_from(A, addr, &other).await;
+    assert_eq!(st4, 429, "127.0.0.1 is at its stream cap: {text}");
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_connections_are_charged_and_attempts_limited_per_address() {
+    let h = Harness::with_config(ApiConfig {
+        ws_connects_per_5min: 3,
+        ..open_config()
+    });
+    let (addr, stop) = start(&h).await;
+    for _ in 0..3 {
+        let mut ws = ws_from(A, addr, "/ws/btcusd@trade").await.expect("allowed");
+        ws.close(None).await.unwrap();
+    }
+    let (status, body) = ws_from(A, addr, "/ws/btcusd@trade")
+        .await
+        .expect_err("a fourth attempt within 5 minutes is refused");
+    assert_eq!(
+        (status, body["code"].as_i64()),
+        (429, Some(-1034)),
+        "{body}"
+    );
+    assert!(ws_from(B, addr, "/ws").await.is_ok(), "127.0.0.2 refused");
+    let _ = stop.send(());
+
+    // Each upgrade costs request weight (2, as the WebSocket API's connection does).
+    let h = Harness::with_config(ApiConfig {
+        ip_weight_per_min: 5,
+        ..open_config()
+    });
+    let (addr, stop) = start(&h).await;
+    let _one = ws_from(A, addr, "/ws/btcusd@trade")
+        .await
+        .expect("weight 2");
+    let _two = ws_from(A, addr, "/ws-api/v3").await.expect("weight 4");
+    let (status, body) = ws_from(A, addr, "/stream?streams=btcusd@trade")
+        .await
+        .expect_err("weight 6 > 5 is refused");
+    assert_eq!(
+        (status, body["code"].as_i64()),
+        (429, Some(-1003)),
+        "{body}"
+    );
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_streams_are_removed_and_more_than_1024_refused() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    let names = vec!["btcusd@trade"; 1000].join("/");
+    let mut ws = ws_from(A, addr, &format!("/stream?streams={names}"))
+        .await
+        .expect("connected");
+    ws.send(Message::Text(
+        r#"{"method":"LIST_SUBSCRIPTIONS","id":1}"#.into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"result": ["btcusd@trade"], "id": 1})
+    );
+    // One trade arrives once.
+    for (key, side) in [(&seller, "SELL"), (&buyer, "BUY")] {
+        let (status, o) = signed_from(
+            B,
+            addr,
+            "/api/v3/order",
+            &format!(
+                "symbol=BTCUSD&side={side}&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000"
+            ),
+            key,
+        )
+        .await;
+        assert_eq!(status, 200, "{o}");
+    }
+    let t = next_json(&mut ws).await;
+    assert_eq!(t["stream"], "btcusd@trade", "{t}");
+    ws.send(Message::Text(
+        r#"{"method":"LIST_SUBSCRIPTIONS","id":2}"#.into(),
+    ))
+    .await
+    .unwrap();
+    let next = next_json(&mut ws).await;
+    assert_eq!(next["id"], 2, "a duplicated trade arrived: {next}");
+    // SUBSCRIBE with duplicates adds each stream once.
+    ws.send(Message::Text(
+        r#"{"method":"SUBSCRIBE","params":["btcusd@depth","btcusd@depth","btcusd@trade"],"id":3}"#
+            .into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await, json!({"result": null, "id": 3}));
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    ws.send(Message::Text(
+        r#"{"method":"LIST_SUBSCRIPTIONS","id":4}"#.into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"result": ["btcusd@trade", "btcusd@depth"], "id": 4})
+    );
+    // More than 1,024 streams on one connection: refused.
+    let names = vec!["btcusd@trade"; 1025].join("/");
+    let (status, body) = ws_from(A, addr, &format!("/stream?streams={names}"))
+        .await
+        .expect_err("1,025 streams are refused");
+    assert_eq!(status, 400, "{body}");
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn websocket_clients_sending_more_than_5_messages_a_second_are_closed() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    for path in ["/ws", "/ws-api/v3"] {
+        let mut ws = ws_from(A, addr, path).await.expect("connected");
+        // Six messages in one burst; a burst could straddle a second boundary, so up to three
+        // bursts a second apart (never more than six in any second).
+        let mut reason = None;
+        for burst in 0..3 {
+            for i in 0..6 {
+                let m = if path == "/ws" {
+                    format!(r#"{{"method":"LIST_SUBSCRIPTIONS","id":{i}}}"#)
+                } else {
+                    format!(r#"{{"method":"ping","id":{i}}}"#)
+                };
+                if ws.send(Message::Text(m.into())).await.is_err() {
+                    break;
+                }
+            }
+            let mut answers = 0;
+            while answers < 6 {
+                match tokio::time::timeout(Duration::from_secs(2), ws.next()).await {
+                    Ok(Some(Ok(Message::Close(f)))) => {
+                        reason = f.map(|f| (u16::from(f.code), f.reason.as_str().to_owned()));
+                        break;
+                    }
+                    Ok(Some(Ok(Message::Text(_)))) => answers += 1,
+                    Ok(Some(Ok(_))) => {}
+                    Ok(None) | Ok(Some(Err(_))) | Err(_) => break,
+                }
+            }
+            if reason.is_some() {
+                break;
+            }
+            assert!(burst < 2, "{path}: six messages a second are allowed");
+            tokio::time::sleep(Duration::from_millis(1100)).await;
+        }
+        let (code, text) = reason.expect("a close frame");
+        assert_eq!(code, 1008);
+        assert!(text.starts_with("too many messages"), "{text}");
+    }
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_websocket_frames_are_refused_from_their_header() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    for path in ["/ws", "/ws-api/v3"] {
+        let mut s = connect_from(A, addr).await;
+        s.write_all(
+            format!(
+                "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+                 Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut head = Vec::new();
+        let mut b = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut b).await.unwrap();
+            head.push(b[0]);
+        }
+        assert!(head.starts_with(b"HTTP/1.1 101"), "{path}");
+        // A text frame announcing 16 MiB, masked, then 128 KiB of it: the server must give up
+        // at the header instead of buffering the frame.
+        let mut frame = vec![0x81u8, 0x80 | 127];
+        frame.extend_from_slice(&(16u64 << 20).to_be_bytes());
+        frame.extend_from_slice(&[1, 2, 3, 4]);
+        let _ = s.write_all(&frame).await;
+        let _ = s.write_all(&vec![b'a'; 128 * 1024]).await;
+        assert!(
+            closed_by_server(&mut s).await,
+            "{path}: a 16 MiB frame is being buffered"
+        );
+    }
+    // A message of 64 KiB + 1 in small frames is refused too; a 1 KiB one is fine.
+    let mut ws = ws_from(A, addr, "/ws").await.unwrap();
+    ws.send(Message::Text(
+        format!(
+            r#"{{"method":"LIST_SUBSCRIPTIONS","id":1,"x":"{}"}}"#,
+            "a".repeat(1024)
+        )
+        .into(),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await["id"], 1);
+    let big = "a".repeat(64 * 1024 + 1);
+    let _ = ws.send(Message::Text(big.into())).await;
+    let _ = close_of(&mut ws).await;
+    let _ = stop.send(());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ws_api_allows_one_subscription_per_account() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let mut ws = ws_from(A, addr, "/ws-api/v3").await.unwrap();
+    let subscribe = |id: u32| {
+        let ts = now_ms();
+        let payload = format!("apiKey={}&timestamp={ts}", buyer.0);
+        json!({
+            "id": id,
+            "method": "userDataStream.subscribe.signature",
+            "params": {"apiKey": buyer.0, "timestamp": ts, "signature": sign(&buyer.1, &payload)},
+        })
+        .to_string()
+    };
+    ws.send(Message::Text(subscribe(1).into())).await.unwrap();
+    let ok = next_json(&mut ws).await;
+    assert_eq!(ok["status"], 200, "{ok}");
+    ws.send(Message::Text(subscribe(2).into())).await.unwrap();
+    let again = next_json(&mut ws).await;
+    assert_eq!(
+        (again["id"].as_u64(), again["error"]["code"].as_i64()),
+        (Some(2), Some(-2035)),
+        "{again}"
+    );
+    // Each event arrives once.
+    let (status, _) = signed_from(B, addr, "/api/v3/order", ORDER, &buyer).await;
+    assert_eq!(status, 200);
+    let e = next_json(&mut ws).await;
+    assert_eq!(e["event"]["e"], "executionReport", "{e}");
+    ws.send(Message::Text(r#"{"method":"ping","id":3}"#.into()))
+        .await
+        .unwrap();
+    loop {
+        let m = next_json(&mut ws).await;
+        if m["id"] == 3 {
+            break;
+        }
+        assert_ne!(m["event"]["e"], "executionReport", "an event twice: {m}");
+    }
+    let _ = stop.send(());
+}

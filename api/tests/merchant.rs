@@ -313,7 +313,7 @@ async fn zero_conf_policy_settles_at_once() {
 #[tokio::test]
 async fn balance_payment_settles_at_once_and_moves_funds_exactly() {
     let m = setup().await;
-    let (_, payer) = m.h.trader("1", "0").await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=0.00123").await;
     let id = s(&inv, "id");
     let r =
@@ -380,6 +380,15 @@ async fn balance_payment_settles_at_once_and_moves_funds_exactly() {
 #[tokio::test]
 async fn refund_to_address_goes_through_custody() {
     let m = setup().await;
+    // Refunds to an address need `withdraw` besides `merchant`.
+    let wkey =
+        m.h.state
+            .create_key(
+                m.account,
+                api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+                "refunds",
+            )
+            .unwrap();
     let now = common::now_ms();
     let inv = m.invoice("amount=0.001").await;
     let id = s(&inv, "id");
@@ -389,7 +398,7 @@ async fn refund_to_address_goes_through_custody() {
             "POST",
             "/mapi/v1/merchant/invoice/refund",
             &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
-            &m.key,
+            &wkey,
         )
         .await;
     assert_eq!(r.code(), -1155);
@@ -401,7 +410,7 @@ async fn refund_to_address_goes_through_custody() {
             "POST",
             "/mapi/v1/merchant/invoice/refund",
             &format!("invoiceId={id}&amount=0.00100001&address=bcrt1qdest"),
-            &m.key,
+            &wkey,
         )
         .await;
     assert_eq!(over.code(), -1156);
@@ -421,7 +430,7 @@ async fn refund_to_address_goes_through_custody() {
             "POST",
             "/mapi/v1/merchant/invoice/refund",
             &format!("invoiceId={id}&amount=0.0004&address=bcrt1qdest"),
-            &m.key,
+            &wkey,
         )
         .await;
     assert_eq!(s(&ok, "reference"), "withdrawal:100");
@@ -600,7 +609,7 @@ async fn convert_preference_sells_received_btc() {
         &asker,
     )
     .await;
-    let (_, payer) = m.h.trader("1", "0").await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=100").await; // USD, the store's default; rate = mid/last
     assert_eq!(s(&inv, "currency"), "USD");
     let id = s(&inv, "id");
@@ -745,6 +754,114 @@ async fn openapi_lists_every_merchant_route() {
     }
     assert_eq!(
         doc["paths"]["/mapi/v1/merchant/invoice/pay"]["post"]["x-permission"],
-        "trade"
+        "transfer"
     );
+}
+
+#[tokio::test]
+async fn trade_key_cannot_pay_another_accounts_invoice() {
+    let m = setup().await;
+    let (_, payer) = m.h.trader("1", "0").await; // read,trade: a bot's key
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={id}"),
+            &payer,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, -2015),
+        "{}",
+        r.json
+    );
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "1.00000000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00000000");
+    assert_eq!(s(&m.get(&id).await, "status"), "New");
+}
+
+#[tokio::test]
+async fn merchant_key_cannot_refund_to_an_address_without_withdraw() {
+    let m = setup().await; // read,merchant
+    let now = common::now_ms();
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
+    m.tick(now + 1).await;
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0004&address=bcrt1qthief"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, -2015),
+        "{}",
+        r.json
+    );
+    assert!(m.fake.withdrawals.lock().unwrap().is_empty());
+    let v = m.get(&id).await;
+    assert_eq!(s(&v, "refundedBtc"), "0");
+    assert_eq!(v["refunds"].as_array().unwrap().len(), 0);
+}
+
+/// The directive `name` of a Content-Security-Policy header.
+fn csp_directive(csp: &str, name: &str) -> Option<String> {
+    csp.split(';')
+        .map(str::trim)
+        .find_map(|d| d.strip_prefix(name).map(|v| v.trim().to_owned()))
+}
+
+#[tokio::test]
+async fn checkout_and_pos_pages_send_security_headers() {
+    let m = setup().await;
+    let st =
+        m.h.ok("POST", "/mapi/v1/merchant/store", "posEnabled=true", &m.key)
+            .await;
+    let inv = m.invoice("amount=0.001").await;
+    for path in [format!("/i/{}", s(&inv, "id")), s(&st, "posUrl")] {
+        let r = m.h.get(&path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        let h = |n: &str| {
+            r.headers
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(h("x-content-type-options"), "nosniff", "{path}");
+        let csp = h("content-security-policy");
+        assert_eq!(
+            csp_directive(&csp, "default-src").as_deref(),
+            Some("'none'"),
+            "{path}: {csp}"
+        );
+        let script = csp_directive(&csp, "script-src").unwrap_or_default();
+        assert!(
+            script.starts_with("'sha256-") && !script.contains("unsafe"),
+            "{path}: {csp}"
+        );
+        assert_eq!(
+            csp_directive(&csp, "frame-ancestors").as_deref(),
+            Some("'self'"),
+            "{path}: {csp}"
+        );
+        // The hash is the page's own script's.
+        let page = r.json.as_str().unwrap();
+        let body = page
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .map(|(js, _)| js)
+            .unwrap();
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let want = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
+        assert!(script.contains(&want), "{path}: {csp}");
+    }
 }

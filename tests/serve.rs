@@ -112,7 +112,7 @@ fn fund_trade_withdraw_end_to_end_on_regtest() {
     // BTC comes only from the chain: an operator credit of BTC is refused, nothing changes.
     let refused = std::process::Command::new(common::BIN)
         .args(["credit", &a2, "BTC", "1", "--reference", "made-up"])
-        .args(["--server", &s.addr.to_string()])
+        .args(["--server", &s.admin_addr.to_string()])
         .arg("--data-dir")
         .arg(&s.dir)
         .output()
@@ -208,9 +208,11 @@ fn fund_trade_withdraw_end_to_end_on_regtest() {
     let rec = s.admin(&["reconcile"]);
     assert_eq!(rec["shortfall"], false, "{rec}");
     assert!(rec["surplus_sat"].as_i64().unwrap() >= 0);
-    // Custody health is on /metrics.
+    // Custody health is on /metrics, on the admin listener only.
+    let public = http_get(s.addr, "/metrics");
+    assert!(public.starts_with("HTTP/1.1 404"), "{public}");
     wait_until("the custody gauges", 30, || {
-        let m = http_get(s.addr, "/metrics");
+        let m = http_get(s.admin_addr, "/metrics");
         m.lines()
             .any(|l| l.starts_with("mediator_wallet_sync_height ") && !l.ends_with(" 0"))
             && m.contains("mediator_reconciliation_gap_sats ")

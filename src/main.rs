@@ -44,7 +44,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Runs the engine, custody and the HTTP API (regtest with its own bitcoind by default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Replays a QuantCup order feed on a fresh book per round and prints ns/msg.
     Replay {
         /// FEED.csv [--rounds N]
@@ -215,6 +215,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let admin = || admin::Admin::new(server, &data_dir, json);
     match cli.command {
         Cmd::Serve(a) => {
+            let a = *a;
             let file = match &a.config {
                 Some(p) => FileConfig::load(p)?,
                 None => FileConfig::default(),

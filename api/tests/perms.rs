@@ -76,3 +76,78 @@ async fn bad_signatures_do_not_spend_the_keys_rate_limit() {
     let r = h.signed("GET", "/api/v3/account", "", &k).await;
     assert_eq!((r.status, r.code()), (StatusCode::TOO_MANY_REQUESTS, -1003));
 }
+
+/// `GET /api/v3/ping` (weight 1) from `peer`, with `X-Forwarded-For: xff`.
+async fn ping_from(h: &Harness, peer: &str, xff: &str) -> StatusCode {
+    use tower::ServiceExt;
+    let peer: std::net::SocketAddr = format!("{peer}:40000").parse().unwrap();
+    let mut req = axum::http::Request::get("/api/v3/ping")
+        .header("x-forwarded-for", xff)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(api::app::PeerAddr(peer)));
+    h.router.clone().oneshot(req).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn client_address_comes_from_the_trusted_proxy_header_only() {
+    let h = Harness::with_config(ApiConfig {
+        ip_weight_per_min: 2,
+        trusted_proxy: Some(api::access::TrustedProxy {
+            header: "x-forwarded-for".into(),
+            addresses: vec!["10.0.0.2".parse().unwrap()],
+        }),
+        ..ApiConfig::default()
+    });
+    // Behind the proxy, each client has its own budget (not the proxy's shared one); the last
+    // address is the one the proxy saw, earlier ones are the client's claims.
+    for _ in 0..2 {
+        assert_eq!(
+            ping_from(&h, "10.0.0.2", "1.2.3.4, 203.0.113.1").await,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        ping_from(&h, "10.0.0.2", "203.0.113.1").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        ping_from(&h, "10.0.0.2", "203.0.113.2").await,
+        StatusCode::OK
+    );
+    // Anyone else's header is ignored: a direct client is its own address, whatever it claims.
+    for n in 0..2 {
+        assert_eq!(
+            ping_from(&h, "192.0.2.9", &format!("198.51.100.{n}")).await,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        ping_from(&h, "192.0.2.9", "198.51.100.7").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        ping_from(&h, "10.0.0.2", "198.51.100.0").await,
+        StatusCode::OK,
+        "the claims spent nothing of the claimed addresses' budgets"
+    );
+}
+
+#[tokio::test]
+async fn without_a_trusted_proxy_forwarding_headers_are_ignored() {
+    let h = Harness::with_config(ApiConfig {
+        ip_weight_per_min: 2,
+        ..ApiConfig::default()
+    });
+    for n in 0..2 {
+        assert_eq!(
+            ping_from(&h, "10.0.0.2", &format!("203.0.113.{n}")).await,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        ping_from(&h, "10.0.0.2", "203.0.113.99").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}

@@ -228,3 +228,47 @@ async fn every_route_with_every_permission_set_is_allowed_or_refused_unchanged()
     }
     assert!(checked > 40 * sets.len(), "{checked}");
 }
+
+/// The README's row of a route.
+fn readme_row(r: &api::access::Route) -> String {
+    let names = |p: Perms| {
+        if p == Perms::NONE {
+            "any key".to_owned()
+        } else {
+            p.names().join(",")
+        }
+    };
+    let mut access = match r.access {
+        Access::Public => "public".to_owned(),
+        Access::Key(p) => format!("key: {}", names(p)),
+        Access::Signed(p) => format!("signed: **{}**", names(p)),
+    };
+    if let Some((param, p)) = r.also {
+        access.push_str(&format!(" (+ **{}** with `{param}`)", names(p)));
+    }
+    let weight = r
+        .weight
+        .map(|w| w.to_string())
+        .unwrap_or_else(|| "by handler".into());
+    let listener = match r.listener {
+        Listener::Public => "public",
+        Listener::Admin => "admin",
+    };
+    format!(
+        "| `{}` | `{}` | {access} | {weight} | {listener} |",
+        r.method, r.path
+    )
+}
+
+#[test]
+fn readme_prints_the_permission_table() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rows: Vec<String> = ROUTES.iter().map(readme_row).collect();
+    let missing: Vec<&String> = rows.iter().filter(|r| !readme.contains(*r)).collect();
+    assert!(
+        missing.is_empty(),
+        "api/README.md's permission table is out of date; it should read:\n{}",
+        rows.join("\n")
+    );
+}

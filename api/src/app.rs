@@ -252,6 +252,16 @@ impl AppState {
             .iter()
             .any(|k| k.perms.has(Perms::ADMIN));
         if has && path.exists() {
+            // Found readable by others (a copy, a restore, a hand edit): private again.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the admin key file was readable by others; set to 0600");
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                }
+            }
             return Ok(AdminKeyFile {
                 path,
                 created: false,

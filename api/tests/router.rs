@@ -1412,4 +1412,11 @@ async fn admin_key_file_never_keeps_a_wider_mode() {
     );
     let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert!(v["secretKey"].is_string());
+    // Made readable by others later: the next start makes it private again, same key.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(!state.ensure_admin_key().unwrap().created);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(again, v);
 }

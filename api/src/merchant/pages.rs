@@ -16,6 +16,25 @@ pub const POS_HTML: &str = include_str!("pages/pos.html");
 /// server (status, SSE, invoice creation), no `<base>`, no form posts, and embedding allowed to
 /// `frame_ancestors` only (`ApiConfig::frame_ancestors`, `'self'` by default).
 pub fn content_security_policy(page: &str, frame_ancestors: &str) -> String {
+    static CHECKOUT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    static POS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    let computed;
+    let (script, style) = if std::ptr::eq(page, CHECKOUT_HTML) {
+        CHECKOUT.get_or_init(|| inline_sources(CHECKOUT_HTML))
+    } else if std::ptr::eq(page, POS_HTML) {
+        POS.get_or_init(|| inline_sources(POS_HTML))
+    } else {
+        computed = inline_sources(page);
+        &computed
+    };
+    format!(
+        "default-src 'none'; script-src {script}; style-src {style}; img-src 'self'; \
+         connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors {frame_ancestors}"
+    )
+}
+
+/// The CSP sources of a page's inline `<script>` and `<style>` elements: their hashes.
+fn inline_sources(page: &str) -> (String, String) {
     let hashes = |tag: &str| -> String {
         let open = format!("<{tag}>");
         let close = format!("</{tag}>");
@@ -25,7 +44,10 @@ pub fn content_security_policy(page: &str, frame_ancestors: &str) -> String {
             let Some((body, tail)) = after.split_once(close.as_str()) else {
                 break;
             };
-            out.push(format!("'sha256-{}'", sha256_base64(body.as_bytes())));
+            // The browser hashes the element's text after the HTML parser turned CR LF and CR
+            // into LF (a checkout with CRLF line endings must still match).
+            let text = body.replace("\r\n", "\n").replace('\r', "\n");
+            out.push(format!("'sha256-{}'", sha256_base64(text.as_bytes())));
             rest = tail;
         }
         if out.is_empty() {
@@ -34,12 +56,7 @@ pub fn content_security_policy(page: &str, frame_ancestors: &str) -> String {
             out.join(" ")
         }
     };
-    format!(
-        "default-src 'none'; script-src {}; style-src {}; img-src 'self'; connect-src 'self'; \
-         base-uri 'none'; form-action 'none'; frame-ancestors {frame_ancestors}",
-        hashes("script"),
-        hashes("style"),
-    )
+    (hashes("script"), hashes("style"))
 }
 
 fn sha256_base64(bytes: &[u8]) -> String {
@@ -81,6 +98,8 @@ mod tests {
         assert!(csp.contains(&format!("script-src 'sha256-{}';", sha256_base64(b"x()"))));
         assert!(csp.contains(&format!("style-src 'sha256-{}';", sha256_base64(b"a{}"))));
         assert!(csp.ends_with("frame-ancestors 'self' https://shop.example"));
+        let crlf = content_security_policy("<script>a()\r\nb()</script>", "'self'");
+        assert!(crlf.contains(&sha256_base64(b"a()\nb()")), "{crlf}");
         for page in [CHECKOUT_HTML, POS_HTML] {
             let csp = content_security_policy(page, "'self'");
             assert!(

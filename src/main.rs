@@ -114,7 +114,8 @@ enum ApikeyCmd {
         /// Account id.
         #[arg(long)]
         account: u32,
-        /// Comma-separated: read,trade,withdraw,merchant,admin.
+        /// Comma-separated: read, trade, transfer, withdraw, keys, merchant, admin (trade keeps
+        /// funds in the account; transfer and withdraw move them out; keys manages keys).
         #[arg(long, default_value = "read,trade")]
         permissions: String,
         /// A label.

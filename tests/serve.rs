@@ -69,7 +69,19 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 #[test]
 fn fund_trade_withdraw_end_to_end_on_regtest() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), free_port());
+    let s = Server::start_with(
+        dir.path(),
+        free_port(),
+        &["--frame-ancestors", "'self' https://shop.example"],
+    );
+    // The checkout page carries its security headers, with the configured embedders.
+    let page = http_get(s.addr, "/i/0a1b2c").to_ascii_lowercase();
+    assert!(page.starts_with("http/1.1 200"), "{page}");
+    assert!(page.contains("x-content-type-options: nosniff"), "{page}");
+    assert!(
+        page.contains("frame-ancestors 'self' https://shop.example\r\n"),
+        "{page}"
+    );
     let a1 = s.admin(&["account", "create"])["account"]
         .as_u64()
         .unwrap()

@@ -52,9 +52,15 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path, port: u16) -> Server {
+        Self::start_with(dir, port, &[])
+    }
+
+    /// [`Server::start`] with more `serve` flags.
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Server {
         let admin_port = free_port();
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--poll-interval-ms", "200", "--batch-interval-secs", "1"])
             .arg("--data-dir")

@@ -1,4 +1,5 @@
-//! Admin commands: each talks to the running server's admin endpoints, signed with the admin key
+//! Admin commands: each talks to the running server's admin endpoints (on its admin listener,
+//! `admin_listen`, which `--server` names; default `127.0.0.1:8081`), signed with the admin key
 //! that `mediator serve` wrote into the data directory, and prints a short summary (or the JSON
 //! answer with `--json`).
 

@@ -4,6 +4,7 @@
 //! ```toml
 //! data_dir = "./mediator-data"
 //! listen = "127.0.0.1:8080"
+//! admin_listen = "127.0.0.1:8081"         # /mapi/v1/admin/* and /metrics: keep it private
 //! network = "regtest"              # regtest | testnet | signet | bitcoin
 //! public_url = "https://pay.example.com"   # how customers reach the server [default: http://<listen>]
 //!
@@ -32,6 +33,13 @@
 //! max_sse_per_invoice = 16
 //! ws_connects_per_5min = 300
 //! ws_max_message_bytes = 65536
+//!
+//! [checkout]
+//! frame_ancestors = "'self' https://shop.example.com"   # who may embed checkout/POS pages
+//!
+//! [trusted_proxy]                  # behind a reverse proxy: whose header names the client
+//! header = "x-forwarded-for"       # the last address in it is the one the proxy saw
+//! addresses = ["127.0.0.1"]        # the proxy's own addresses; anyone else's header is ignored
 //! ```
 
 use anyhow::{bail, Context};
@@ -183,6 +191,24 @@ impl LimitKnobs {
     }
 }
 
+/// The checkout and point-of-sale pages.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct CheckoutKnobs {
+    /// CSP `frame-ancestors`: who may embed the pages [default: `'self'`].
+    pub frame_ancestors: Option<String>,
+}
+
+/// A reverse proxy whose header gives the client address.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedProxyKnobs {
+    /// The header, e.g. `x-forwarded-for` or `x-real-ip`.
+    pub header: Option<String>,
+    /// The proxy's own addresses.
+    pub addresses: Option<Vec<std::net::IpAddr>>,
+}
+
 /// The file's shape (every key optional).
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -191,6 +217,8 @@ pub struct FileConfig {
     pub data_dir: Option<PathBuf>,
     /// Listen address.
     pub listen: Option<SocketAddr>,
+    /// The admin listener's address (`/mapi/v1/admin/*`, `/metrics`).
+    pub admin_listen: Option<SocketAddr>,
     /// Network.
     pub network: Option<String>,
     /// The server's address as customers reach it (checkout links).
@@ -204,6 +232,12 @@ pub struct FileConfig {
     /// Connection and stream limits.
     #[serde(default)]
     pub limits: LimitKnobs,
+    /// Checkout pages.
+    #[serde(default)]
+    pub checkout: CheckoutKnobs,
+    /// Reverse proxy.
+    #[serde(default)]
+    pub trusted_proxy: TrustedProxyKnobs,
 }
 
 impl FileConfig {
@@ -220,8 +254,14 @@ impl FileConfig {
 pub struct ServeConfig {
     /// Data directory (journal, snapshots, SQLite, keys, the managed node).
     pub data_dir: PathBuf,
-    /// HTTP listen address.
+    /// HTTP listen address (public: trading, custody, merchant API, checkout pages).
     pub listen: SocketAddr,
+    /// The admin listener: `/mapi/v1/admin/*` and `/metrics` [default: 127.0.0.1:8081].
+    pub admin_listen: SocketAddr,
+    /// CSP `frame-ancestors` of the checkout and point-of-sale pages.
+    pub frame_ancestors: String,
+    /// Behind a reverse proxy: whose header gives the client address.
+    pub trusted_proxy: Option<api::access::TrustedProxy>,
     /// Bitcoin network.
     pub network: wallet::bitcoin::Network,
     /// The server's address as customers reach it, without a trailing slash: invoice checkout
@@ -286,6 +326,48 @@ impl ServeConfig {
             .listen
             .or(file.listen)
             .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8080)));
+        let admin_listen = over
+            .admin_listen
+            .or(file.admin_listen)
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 8081)));
+        if admin_listen == listen {
+            bail!("admin_listen must differ from listen (both {listen}): the admin endpoints are not for the public listener");
+        }
+        if !admin_listen.ip().is_loopback() {
+            tracing::warn!(%admin_listen, "the admin listener is not on a loopback address: firewall it");
+        }
+        let frame_ancestors = over
+            .checkout
+            .frame_ancestors
+            .or(file.checkout.frame_ancestors)
+            .unwrap_or_else(|| "'self'".to_owned());
+        let frame_ancestors = frame_ancestors.trim().to_owned();
+        if frame_ancestors.is_empty()
+            || !frame_ancestors
+                .bytes()
+                .all(|b| (0x20..0x7f).contains(&b) && b != b';' && b != b',')
+        {
+            bail!("checkout.frame_ancestors must be CSP sources separated by spaces (e.g. \"'self' https://shop.example.com\"), got {frame_ancestors:?}");
+        }
+        let header = over.trusted_proxy.header.or(file.trusted_proxy.header);
+        let addresses = over
+            .trusted_proxy
+            .addresses
+            .or(file.trusted_proxy.addresses);
+        let trusted_proxy = match (header, addresses) {
+            (None, None) => None,
+            (Some(h), Some(a)) if !a.is_empty() => {
+                let h = h.trim().to_ascii_lowercase();
+                if h.is_empty() || !h.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+                    bail!("trusted_proxy.header is not a header name: {h:?}");
+                }
+                Some(api::access::TrustedProxy {
+                    header: h,
+                    addresses: a,
+                })
+            }
+            _ => bail!("trusted_proxy needs both header and addresses (the proxy's own addresses)"),
+        };
         let public_url = match over.public_url.or(file.public_url) {
             Some(u) => {
                 let u = u.trim_end_matches('/').to_owned();
@@ -305,6 +387,9 @@ impl ServeConfig {
                 .or(file.data_dir)
                 .unwrap_or_else(|| "./mediator-data".into()),
             listen,
+            admin_listen,
+            frame_ancestors,
+            trusted_proxy,
             network,
             public_url,
             bitcoind,
@@ -363,6 +448,27 @@ mod tests {
         let s = ServeConfig::resolve(shop, FileConfig::default()).unwrap();
         assert_eq!(s.public_url, "https://pay.example.com");
         assert_eq!(d.data_dir, PathBuf::from("./mediator-data"));
+        // The admin listener, the pages' embedding and the proxy.
+        assert_eq!(d.admin_listen, SocketAddr::from(([127, 0, 0, 1], 8081)));
+        assert_eq!(d.frame_ancestors, "'self'");
+        assert_eq!(d.trusted_proxy, None);
+        let file: FileConfig = toml::from_str(
+            "admin_listen = \"127.0.0.1:7001\"\n[checkout]\nframe_ancestors = \"'self' https://shop.example\"\n[trusted_proxy]\nheader = \"X-Forwarded-For\"\naddresses = [\"127.0.0.1\"]\n",
+        )
+        .unwrap();
+        let over = FileConfig {
+            admin_listen: Some("127.0.0.1:7002".parse().unwrap()),
+            ..FileConfig::default()
+        };
+        let c = ServeConfig::resolve(file, over).unwrap();
+        assert_eq!(c.admin_listen.port(), 7002);
+        assert_eq!(c.frame_ancestors, "'self' https://shop.example");
+        let p = c.trusted_proxy.unwrap();
+        assert_eq!(p.header, "x-forwarded-for");
+        assert_eq!(
+            p.addresses,
+            vec!["127.0.0.1".parse::<std::net::IpAddr>().unwrap()]
+        );
     }
 
     #[test]
@@ -432,6 +538,20 @@ mod tests {
             (
                 "[limits]\nws_max_message_bytes = 10\n",
                 "ws_max_message_bytes",
+            ),
+            (
+                "listen = \"127.0.0.1:9000\"\nadmin_listen = \"127.0.0.1:9000\"\n",
+                "admin_listen",
+            ),
+            (
+                "[checkout]\nframe_ancestors = \"'self'; script-src *\"\n",
+                "frame_ancestors",
+            ),
+            ("[checkout]\nframe_ancestors = \"\"\n", "frame_ancestors"),
+            ("[trusted_proxy]\nheader = \"x-real-ip\"\n", "trusted_proxy"),
+            (
+                "[trusted_proxy]\nheader = \"x real ip\"\naddresses = [\"10.0.0.1\"]\n",
+                "header",
             ),
         ] {
             let f: FileConfig = toml::from_str(bad).unwrap();

@@ -13,7 +13,9 @@ mod replay;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
-use config::{BitcoindConfig, CustodyKnobs, FileConfig, ServeConfig};
+use config::{
+    BitcoindConfig, CheckoutKnobs, CustodyKnobs, FileConfig, ServeConfig, TrustedProxyKnobs,
+};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -25,12 +27,12 @@ struct Cli {
     /// Data directory (journal, snapshots, SQLite, keys).
     #[arg(long, global = true, env = "MEDIATOR_DATA_DIR")]
     data_dir: Option<PathBuf>,
-    /// The running server, for the admin commands.
+    /// The running server's admin listener (`admin_listen`), for the admin commands.
     #[arg(
         long,
         global = true,
         env = "MEDIATOR_SERVER",
-        default_value = "127.0.0.1:8080"
+        default_value = "127.0.0.1:8081"
     )]
     server: SocketAddr,
     /// Admin commands: print the server's JSON answer (`journal verify`: its report as JSON).
@@ -133,7 +135,8 @@ enum ApikeyCmd {
         /// Account id.
         #[arg(long)]
         account: u32,
-        /// Comma-separated: read,trade,withdraw,merchant,admin.
+        /// Comma-separated: read, trade, transfer, withdraw, keys, merchant, admin (trade keeps
+        /// funds in the account; transfer and withdraw move them out; keys manages keys).
         #[arg(long, default_value = "read,trade")]
         permissions: String,
         /// A label.
@@ -164,6 +167,20 @@ struct ServeArgs {
     /// HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long, env = "MEDIATOR_LISTEN")]
     listen: Option<SocketAddr>,
+    /// The admin listener: /mapi/v1/admin/* and /metrics [default: 127.0.0.1:8081].
+    #[arg(long, env = "MEDIATOR_ADMIN_LISTEN")]
+    admin_listen: Option<SocketAddr>,
+    /// Who may embed the checkout and point-of-sale pages: CSP frame-ancestors sources
+    /// [default: 'self'].
+    #[arg(long, env = "MEDIATOR_FRAME_ANCESTORS")]
+    frame_ancestors: Option<String>,
+    /// Behind a reverse proxy: the header it sets to the client address (x-forwarded-for,
+    /// x-real-ip); needs --trusted-proxies.
+    #[arg(long, env = "MEDIATOR_TRUSTED_PROXY_HEADER")]
+    trusted_proxy_header: Option<String>,
+    /// The reverse proxy's own addresses, comma-separated: only their header is believed.
+    #[arg(long, env = "MEDIATOR_TRUSTED_PROXIES", value_delimiter = ',')]
+    trusted_proxies: Option<Vec<std::net::IpAddr>>,
     /// How customers reach this server, for invoice checkout links [default: http://<listen>].
     #[arg(long, env = "MEDIATOR_PUBLIC_URL")]
     public_url: Option<String>,
@@ -223,6 +240,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     let admin = || admin::Admin::new(server, &data_dir, json);
     match cli.command {
         Cmd::Serve(a) => {
+            let a = *a;
             let file = match &a.config {
                 Some(p) => FileConfig::load(p)?,
                 None => FileConfig::default(),
@@ -230,6 +248,14 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let over = FileConfig {
                 data_dir: cli.data_dir,
                 listen: a.listen,
+                admin_listen: a.admin_listen,
+                checkout: CheckoutKnobs {
+                    frame_ancestors: a.frame_ancestors,
+                },
+                trusted_proxy: TrustedProxyKnobs {
+                    header: a.trusted_proxy_header,
+                    addresses: a.trusted_proxies,
+                },
                 network: a.network,
                 public_url: a.public_url,
                 bitcoind: BitcoindConfig {

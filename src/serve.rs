@@ -2,7 +2,8 @@
 //! node (started here on regtest when none is configured), the API's storage, journal recovery
 //! through the history's floor (the read models and the history rows a crash kept from SQLite are
 //! rebuilt from the replay), the engine thread, the custody service and its loop, then the HTTP
-//! listener.
+//! listeners: the public one (`listen`) and the admin one (`admin_listen`: `/mapi/v1/admin/*`,
+//! `/metrics`).
 //! SIGINT/SIGTERM: stop accepting, finish in-flight requests, stop custody, flush and stop the
 //! engine (journal synced), stop the node we started. If the engine stops on its own (a journal
 //! write or `fdatasync` failed) the same shutdown runs and the process exits non-zero.
@@ -68,6 +69,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let mut node_cfg = api::NodeConfig::default();
     node_cfg.api.public_url = Some(cfg.public_url.clone());
     cfg.limits.apply(&mut node_cfg.api);
+    node_cfg.api.frame_ancestors = cfg.frame_ancestors.clone();
+    node_cfg.api.trusted_proxy = cfg.trusted_proxy.clone();
     let node = api::start_node(&cfg.data_dir, node_cfg)?;
     tracing::info!(
         snapshot = ?node.recovery.snapshot_seq,
@@ -94,11 +97,16 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         api::merchant::start(&node.state, custody_cfg.poll_interval)
     };
 
-    // 4. HTTP.
+    // 4. HTTP: the public listener, and the admin one (`/mapi/v1/admin/*`, `/metrics`).
     let listener = rt
         .block_on(tokio::net::TcpListener::bind(cfg.listen))
         .with_context(|| format!("binding {}", cfg.listen))?;
+    let admin_listener = rt
+        .block_on(tokio::net::TcpListener::bind(cfg.admin_listen))
+        .with_context(|| format!("binding the admin listener {}", cfg.admin_listen))?;
     let addr = listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+    println!("mediator: admin endpoints and /metrics on http://{admin_addr}");
     println!(
         "mediator: serving on http://{addr} (network {})",
         cfg.network
@@ -106,14 +114,36 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     println!("mediator: admin key in {}", node.admin_key.path.display());
     println!("mediator: data directory {}", cfg.data_dir.display());
     let engine_stopped = engine_stopped(node.sequencer.handle().clone());
-    let served = rt.block_on(api::serve(listener, node.state.clone(), async {
-        tokio::select! {
-            () = shutdown_signal() => {},
-            () = engine_stopped => {
-                tracing::error!("the engine stopped (journal failure): shutting down");
-            }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
         }
-    }));
+    };
+    let stop_tx = Arc::new(stop_tx);
+    let served = rt.block_on(async {
+        let on_signal = stop_tx.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = shutdown_signal() => {},
+                () = engine_stopped => {
+                    tracing::error!("the engine stopped (journal failure): shutting down");
+                }
+            }
+            let _ = on_signal.send(true);
+        });
+        let admin = tokio::spawn(api::serve_admin(
+            admin_listener,
+            node.state.clone(),
+            stopped(),
+        ));
+        let public = api::serve(listener, node.state.clone(), stopped()).await;
+        // Whatever ended the public listener ends the admin one too.
+        let _ = stop_tx.send(true);
+        let admin = admin.await.map_err(std::io::Error::other).and_then(|r| r);
+        public.and(admin)
+    });
 
     // 5. Stop in reverse order.
     println!("mediator: shutting down");

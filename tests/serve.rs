@@ -73,7 +73,19 @@ fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 #[test]
 fn fund_trade_withdraw_end_to_end_on_regtest() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Server::start(dir.path(), free_port());
+    let s = Server::start_with(
+        dir.path(),
+        free_port(),
+        &["--frame-ancestors", "'self' https://shop.example"],
+    );
+    // The checkout page carries its security headers, with the configured embedders.
+    let page = http_get(s.addr, "/i/0a1b2c").to_ascii_lowercase();
+    assert!(page.starts_with("http/1.1 200"), "{page}");
+    assert!(page.contains("x-content-type-options: nosniff"), "{page}");
+    assert!(
+        page.contains("frame-ancestors 'self' https://shop.example\r\n"),
+        "{page}"
+    );
     let a1 = s.admin(&["account", "create"])["account"]
         .as_u64()
         .unwrap()
@@ -116,7 +128,7 @@ fn fund_trade_withdraw_end_to_end_on_regtest() {
     // BTC comes only from the chain: an operator credit of BTC is refused, nothing changes.
     let refused = std::process::Command::new(common::BIN)
         .args(["credit", &a2, "BTC", "1", "--reference", "made-up"])
-        .args(["--server", &s.addr.to_string()])
+        .args(["--server", &s.admin_addr.to_string()])
         .arg("--data-dir")
         .arg(&s.dir)
         .output()
@@ -212,9 +224,11 @@ fn fund_trade_withdraw_end_to_end_on_regtest() {
     let rec = s.admin(&["reconcile"]);
     assert_eq!(rec["shortfall"], false, "{rec}");
     assert!(rec["surplus_sat"].as_i64().unwrap() >= 0);
-    // Custody health is on /metrics.
+    // Custody health is on /metrics, on the admin listener only.
+    let public = http_get(s.addr, "/metrics");
+    assert!(public.starts_with("HTTP/1.1 404"), "{public}");
     wait_until("the custody gauges", 30, || {
-        let m = http_get(s.addr, "/metrics");
+        let m = http_get(s.admin_addr, "/metrics");
         m.lines()
             .any(|l| l.starts_with("mediator_wallet_sync_height ") && !l.ends_with(" 0"))
             && m.contains("mediator_reconciliation_gap_sats ")

@@ -13,7 +13,6 @@ use axum::extract::{ConnectInfo, FromRequest, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
 use axum::Router;
 use matching_engine::{Command, Engine, EngineConfig};
 use std::collections::HashMap;
@@ -67,6 +66,15 @@ pub struct ApiConfig {
     /// Largest WebSocket frame and message a client may send, in bytes; a larger frame is
     /// refused from its header, before its payload is read.
     pub ws_max_message_bytes: usize,
+    /// New deposit addresses (`POST /mapi/v1/capital/deposit/address`) per account per hour
+    /// (`429`, `-1003`): each one is a wallet address to watch forever.
+    pub deposit_addresses_per_hour: u64,
+    /// The checkout and point-of-sale pages' CSP `frame-ancestors`: who may embed them
+    /// (`'self'`; a shop embedding its checkout adds its origin, `'self' https://shop.example`).
+    pub frame_ancestors: String,
+    /// Behind a reverse proxy: whose header gives the client address ([`crate::access`]).
+    /// `None`: the connection's peer address, headers ignored.
+    pub trusted_proxy: Option<crate::access::TrustedProxy>,
 }
 
 impl Default for ApiConfig {
@@ -88,6 +96,9 @@ impl Default for ApiConfig {
             max_sse_per_invoice: 16,
             ws_connects_per_5min: 300,
             ws_max_message_bytes: 64 * 1024,
+            deposit_addresses_per_hour: 20,
+            frame_ancestors: "'self'".to_owned(),
+            trusted_proxy: None,
         }
     }
 }
@@ -132,6 +143,7 @@ pub(crate) struct Inner {
     pub order_limiter: Limiter,
     /// WebSocket and SSE stream caps and connection attempts ([`crate::ratelimit::StreamLimits`]).
     pub streams: crate::ratelimit::StreamLimits,
+    pub address_limiter: Limiter,
     pub listen_keys: RwLock<HashMap<String, (u32, u64)>>,
     pub metrics: Metrics,
     pub cfg: ApiConfig,
@@ -228,6 +240,7 @@ impl PendingApi {
             key_limiter: Limiter::new(self.cfg.key_weight_per_min),
             order_limiter: Limiter::with_window(self.cfg.orders_per_10s, 10_000),
             streams: crate::ratelimit::StreamLimits::new(&self.cfg),
+            address_limiter: Limiter::with_window(self.cfg.deposit_addresses_per_hour, 3_600_000),
             listen_keys: RwLock::new(HashMap::new()),
             metrics: Metrics::default(),
             cfg: self.cfg,
@@ -264,7 +277,9 @@ pub struct AdminKeyFile {
 
 impl AppState {
     /// Creates an admin key (on the fee account 0) if no admin key exists, and writes it to
-    /// `admin-key.json` (mode 0600) in the data directory.
+    /// `admin-key.json` (mode 0600) in the data directory: into a new file created 0600, synced,
+    /// then renamed over the old one, so the secret is never in a file with a wider mode (an
+    /// existing file's mode is not inherited).
     pub fn ensure_admin_key(&self) -> Result<AdminKeyFile, SetupError> {
         let path = self.0.data_dir.join("admin-key.json");
         let has = self
@@ -274,6 +289,16 @@ impl AppState {
             .iter()
             .any(|k| k.perms.has(Perms::ADMIN));
         if has && path.exists() {
+            // Found readable by others (a copy, a restore, a hand edit): private again.
+            #[cfg(unix)]
+            {
+                use std::os::unix::fs::PermissionsExt;
+                let mode = std::fs::metadata(&path)?.permissions().mode();
+                if mode & 0o077 != 0 {
+                    tracing::warn!(path = %path.display(), mode = format!("{:o}", mode & 0o777), "the admin key file was readable by others; set to 0600");
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                }
+            }
             return Ok(AdminKeyFile {
                 path,
                 created: false,
@@ -287,17 +312,7 @@ impl AppState {
             crate::core::now_ms(),
         )?;
         let body = serde_json::json!({"apiKey": k.api_key, "secretKey": secret}).to_string();
-        let mut opts = std::fs::OpenOptions::new();
-        opts.write(true).create(true).truncate(true);
-        #[cfg(unix)]
-        {
-            use std::os::unix::fs::OpenOptionsExt;
-            opts.mode(0o600);
-        }
-        use std::io::Write;
-        let mut f = opts.open(&path)?;
-        f.write_all(body.as_bytes())?;
-        f.sync_all()?;
+        write_private(&path, body.as_bytes())?;
         Ok(AdminKeyFile {
             path,
             created: true,
@@ -444,6 +459,42 @@ fn moves_money(cmd: &Command) -> bool {
     )
 }
 
+/// Writes `bytes` to `path` through a fresh `0600` file in the same directory, synced and
+/// renamed over `path` (then the directory synced): readers see the old file or the new one,
+/// and the new one never had a wider mode.
+fn write_private(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("secret");
+    let tmp = dir.join(format!(
+        ".{name}.{}.tmp",
+        hex::encode(crate::keys::random_bytes::<8>().map_err(std::io::Error::other)?)
+    ));
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let written = (|| {
+        let mut f = opts.open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written?;
+    #[cfg(unix)]
+    std::fs::File::open(dir)?.sync_all()?;
+    Ok(())
+}
+
 /// A request as the handlers see it: raw query and form body (bounded), headers and client IP.
 #[derive(Debug)]
 pub struct Req {
@@ -453,28 +504,36 @@ pub struct Req {
     pub query: String,
     /// Raw body.
     pub body: String,
-    /// Client IP (or `local` without a socket).
+    /// Client IP (or `local` without a socket; see [`crate::access::client_ip`]).
     pub ip: String,
+    /// The route's entry in the permission table ([`crate::access::ROUTES`]).
+    pub route: Option<&'static crate::access::Route>,
+}
+
+/// The client address of a request ([`crate::access::client_ip`]).
+fn request_ip(parts: &axum::http::request::Parts, state: &AppState) -> String {
+    crate::access::client_ip(
+        parts
+            .extensions
+            .get::<ConnectInfo<PeerAddr>>()
+            .map(|c| c.0 .0.ip()),
+        &parts.headers,
+        state.0.cfg.trusted_proxy.as_ref(),
+    )
 }
 
 /// The client's IP (or `local` without a socket), as an extractor.
 #[derive(Debug, Clone)]
 pub struct ClientIp(pub String);
 
-impl<S: Send + Sync> axum::extract::FromRequestParts<S> for ClientIp {
+impl axum::extract::FromRequestParts<AppState> for ClientIp {
     type Rejection = std::convert::Infallible;
 
     async fn from_request_parts(
         parts: &mut axum::http::request::Parts,
-        _: &S,
+        state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        Ok(ClientIp(
-            parts
-                .extensions
-                .get::<ConnectInfo<PeerAddr>>()
-                .map(|c| c.0 .0.ip().to_string())
-                .unwrap_or_else(|| "local".to_owned()),
-        ))
+        Ok(ClientIp(request_ip(parts, state)))
     }
 }
 
@@ -487,11 +546,11 @@ impl FromRequest<AppState> for Req {
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
         let (parts, body) = req.into_parts();
-        let ip = parts
+        let ip = request_ip(&parts, state);
+        let route = parts
             .extensions
-            .get::<ConnectInfo<PeerAddr>>()
-            .map(|c| c.0 .0.ip().to_string())
-            .unwrap_or_else(|| "local".to_owned());
+            .get::<&'static crate::access::Route>()
+            .copied();
         let query = parts.uri.query().unwrap_or("").to_owned();
         let bytes = axum::body::to_bytes(body, state.0.cfg.max_body_bytes)
             .await
@@ -521,6 +580,7 @@ impl FromRequest<AppState> for Req {
             query,
             body,
             ip,
+            route,
         })
     }
 }
@@ -582,28 +642,34 @@ impl AppState {
         Ok((Params::parse(&req.query, &req.body)?, ctx))
     }
 
-    fn api_key(&self, req: &Req, weight: u64) -> Result<Arc<ApiKey>, ApiError> {
+    fn api_key(&self, req: &Req) -> Result<Arc<ApiKey>, ApiError> {
         let raw = req
             .headers
             .get("x-mbx-apikey")
             .ok_or_else(ApiError::key_format)?
             .to_str()
             .map_err(|_| ApiError::key_format())?;
-        self.lookup_key(raw, weight)
+        self.find_key(raw)
     }
 
-    /// A live key by its public id, charged `weight` against its limit (`-2014`, `-2015`, 429).
-    pub fn lookup_key(&self, raw: &str, weight: u64) -> Result<Arc<ApiKey>, ApiError> {
+    /// A live key by its public id (`-2014`, `-2015`). Nothing is charged: whoever knows a key
+    /// id is not its owner; [`AppState::charge_key`] once the request proved it is.
+    pub fn find_key(&self, raw: &str) -> Result<Arc<ApiKey>, ApiError> {
         if raw.is_empty() || raw.len() > 128 || !raw.bytes().all(|b| b.is_ascii_alphanumeric()) {
             return Err(ApiError::key_format());
         }
-        let key = self.0.keys.get(raw).ok_or_else(ApiError::key_rejected)?;
+        self.0.keys.get(raw).ok_or_else(ApiError::key_rejected)
+    }
+
+    /// Charges `weight` against a key's limit (`429`, `-1003`). Call only after the request's
+    /// signature verified.
+    pub fn charge_key(&self, key: &ApiKey, weight: u64) -> Result<(), ApiError> {
         match self
             .0
             .key_limiter
             .charge(&key.api_key, weight, crate::core::now_ms())
         {
-            Charge::Ok(_) => Ok(key),
+            Charge::Ok(_) => Ok(()),
             Charge::Limited { retry_after, .. } => {
                 self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
                 Err(ApiError::rate_limited(
@@ -614,23 +680,57 @@ impl AppState {
         }
     }
 
-    /// A request with an API key but no signature (`userDataStream`).
+    /// The request's entry in the permission table (a handler reached without one is a bug:
+    /// refused, nothing done).
+    fn route_of(req: &Req) -> Result<&'static crate::access::Route, ApiError> {
+        req.route.ok_or_else(|| {
+            tracing::error!("a handler ran without a route table entry");
+            ApiError::internal()
+        })
+    }
+
+    /// A request with an API key but no signature (`userDataStream`, `historicalTrades`): the
+    /// key must hold the route's [`crate::access::Access::Key`] permissions. The weight is
+    /// charged to the IP only: without a signature the caller may not be the key's owner.
     pub fn keyed(&self, req: &Req, weight: u64) -> Result<(Arc<ApiKey>, Params, Ctx), ApiError> {
+        let crate::access::Access::Key(perm) = Self::route_of(req)?.access else {
+            tracing::error!("keyed() on a route that is not Access::Key");
+            return Err(ApiError::internal());
+        };
         let ctx = self.charge_ip(req, weight)?;
-        let key = self.api_key(req, weight)?;
+        let key = self.api_key(req)?;
+        if !key.perms.has(perm) {
+            return Err(ApiError::key_rejected());
+        }
         Ok((key, Params::parse(&req.query, &req.body)?, ctx))
     }
 
-    /// A signed request: key, permission, timestamp and recvWindow, HMAC-SHA256 signature over
-    /// the exact query string followed by the exact body (the `signature` pair removed).
-    pub fn signed(
+    /// A signed request, checked against its route's entry in [`crate::access::ROUTES`]: the
+    /// entry's weight, then the key, timestamp and recvWindow, the HMAC-SHA256 signature over
+    /// the exact query string followed by the exact body (the `signature` pair removed), then
+    /// the key's weight (only now: a bad signature spends nothing of the key's budget), then the
+    /// entry's permission (`-2015`), before the handler reads any parameter.
+    pub fn signed(&self, req: &Req) -> Result<(Arc<ApiKey>, Params, Ctx), ApiError> {
+        let weight = Self::route_of(req)?.weight.ok_or_else(|| {
+            tracing::error!("a signed route without a weight must use signed_weighted()");
+            ApiError::internal()
+        })?;
+        self.signed_weighted(req, weight)
+    }
+
+    /// [`AppState::signed`] with a weight the handler computed (it depends on parameters).
+    pub fn signed_weighted(
         &self,
         req: &Req,
-        perm: Perms,
         weight: u64,
     ) -> Result<(Arc<ApiKey>, Params, Ctx), ApiError> {
+        let route = Self::route_of(req)?;
+        let crate::access::Access::Signed(perm) = route.access else {
+            tracing::error!("signed() on a route that is not Access::Signed");
+            return Err(ApiError::internal());
+        };
         let ctx = self.charge_ip(req, weight)?;
-        let key = self.api_key(req, weight)?;
+        let key = self.api_key(req)?;
         let mut p = Params::parse(&req.query, &req.body)?;
         let ts = p.req("timestamp")?;
         let ts: u64 = ts
@@ -650,8 +750,14 @@ impl AppState {
         if !key.verify(payload.as_bytes(), &sig) {
             return Err(ApiError::bad_signature());
         }
+        self.charge_key(&key, weight)?;
         if !key.perms.has(perm) {
             return Err(ApiError::key_rejected());
+        }
+        if let Some((param, extra)) = route.also {
+            if p.has(param) && !key.perms.has(extra) {
+                return Err(ApiError::key_rejected());
+            }
         }
         Ok((key, p, ctx))
     }
@@ -755,67 +861,26 @@ async fn not_found() -> ApiError {
     }
 }
 
-/// The router: every endpoint, request ids, body limit.
+/// The router of every endpoint of [`crate::access::ROUTES`], both listeners' (tests and
+/// single-listener embedding), with request ids and the body limit. `mediator serve` serves
+/// [`public_app`] and [`admin_app`] on separate addresses instead.
 pub fn app(state: AppState) -> Router {
-    use crate::{native, public, trade, ws};
+    build(state, None)
+}
+
+/// The public listener's routes: everything but `/mapi/v1/admin/*` and `/metrics`.
+pub fn public_app(state: AppState) -> Router {
+    build(state, Some(crate::access::Listener::Public))
+}
+
+/// The admin listener's routes: `/mapi/v1/admin/*` and `/metrics`.
+pub fn admin_app(state: AppState) -> Router {
+    build(state, Some(crate::access::Listener::Admin))
+}
+
+fn build(state: AppState, only: Option<crate::access::Listener>) -> Router {
     let body_limit = state.0.cfg.max_body_bytes;
-    Router::new()
-        .route("/api/v3/ping", get(public::ping))
-        .route("/api/v3/time", get(public::time))
-        .route("/api/v3/exchangeInfo", get(public::exchange_info))
-        .route("/api/v3/depth", get(public::depth))
-        .route("/api/v3/trades", get(public::trades))
-        .route("/api/v3/aggTrades", get(public::agg_trades))
-        .route("/api/v3/historicalTrades", get(public::historical_trades))
-        .route("/api/v3/avgPrice", get(public::avg_price))
-        .route("/api/v3/ticker/24hr", get(public::ticker_24hr))
-        .route("/api/v3/ticker/price", get(public::ticker_price))
-        .route("/api/v3/ticker/bookTicker", get(public::book_ticker))
-        .route("/api/v3/klines", get(public::klines))
-        .route("/api/v3/uiKlines", get(public::klines))
-        .route(
-            "/api/v3/order",
-            post(trade::new_order)
-                .get(trade::get_order)
-                .delete(trade::cancel_order),
-        )
-        .route("/api/v3/order/test", post(trade::test_order))
-        .route("/api/v3/order/cancelReplace", post(trade::cancel_replace))
-        .route(
-            "/api/v3/order/amend/keepPriority",
-            axum::routing::put(trade::amend_keep_priority),
-        )
-        .route(
-            "/api/v3/openOrders",
-            get(trade::open_orders).delete(trade::cancel_open_orders),
-        )
-        .route("/api/v3/allOrders", get(trade::all_orders))
-        .route("/api/v3/account", get(trade::account))
-        .route("/api/v3/myTrades", get(trade::my_trades))
-        .route(
-            "/api/v3/userDataStream",
-            post(ws::listen_key_new)
-                .put(ws::listen_key_keepalive)
-                .delete(ws::listen_key_close),
-        )
-        .route("/mapi/v1/transfer", post(native::transfer))
-        .route(
-            "/mapi/v1/apiKey",
-            get(native::list_keys)
-                .post(native::create_own_key)
-                .delete(native::revoke_key),
-        )
-        .route("/mapi/v1/admin/account", post(native::admin_create_account))
-        .route("/mapi/v1/admin/apiKey", post(native::admin_create_key))
-        .route("/mapi/v1/admin/credit", post(native::admin_credit))
-        .merge(crate::capital::routes())
-        .merge(crate::merchant::routes())
-        .route("/ws", get(ws::ws_root))
-        .route("/ws/{streams}", get(ws::ws_path))
-        .route("/stream", get(ws::ws_combined))
-        .route("/ws-api/v3", get(ws::ws_api))
-        .route("/metrics", get(crate::metrics::metrics))
-        .route("/openapi.json", get(crate::openapi::openapi))
+    crate::access::router(only)
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(
@@ -940,14 +1005,15 @@ fn refuse(stream: tokio::net::TcpStream, limit: usize) {
     let _ = stream.try_write(answer.as_bytes());
 }
 
-/// Serves `state` on a bound listener until `shutdown` resolves, then finishes in-flight
-/// requests (graceful shutdown). See [`serve_router`] for the limits.
+/// Serves `state`'s public routes ([`public_app`]) on a bound listener until `shutdown`
+/// resolves, then finishes in-flight requests (graceful shutdown). See [`serve_router`] for the
+/// limits.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     state: AppState,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let router = app(state.clone());
+    let router = public_app(state.clone());
     serve_router(listener, router, &state, shutdown).await
 }
 
@@ -1115,4 +1181,15 @@ async fn connection(
             }
         }
     }
+}
+
+/// Serves the admin routes ([`admin_app`]: `/mapi/v1/admin/*`, `/metrics`) on their own bound
+/// listener (`admin_listen`, loopback by default) until `shutdown` resolves.
+pub async fn serve_admin(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let router = admin_app(state.clone());
+    serve_router(listener, router, &state, shutdown).await
 }

@@ -23,13 +23,10 @@ use crate::custody::{
     Custody, CustodyError, DepositInfo, DepositState, WithdrawalInfo, WithdrawalState,
 };
 use crate::error::ApiError;
-use crate::keys::Perms;
 use crate::params::Params;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;
-use axum::routing::{get, post};
-use axum::Router;
 use serde_json::{json, Value};
 use std::sync::Arc;
 
@@ -43,25 +40,6 @@ pub const MAX_MINE_BLOCKS: u64 = 1_000;
 pub const MAX_LIMIT: u32 = 1_000;
 /// The most ids in a withdraw-history `idList` (Binance's limit).
 pub const MAX_ID_LIST: usize = 45;
-
-/// The routes of this module (merged into [`crate::app::app`]).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/sapi/v1/capital/deposit/address", get(deposit_address))
-        .route("/sapi/v1/capital/deposit/hisrec", get(deposit_history))
-        .route("/sapi/v1/capital/withdraw/apply", post(withdraw_apply))
-        .route("/sapi/v1/capital/withdraw/history", get(withdraw_history))
-        .route(
-            "/mapi/v1/capital/deposit/address",
-            post(new_deposit_address),
-        )
-        .route("/mapi/v1/admin/depositAddress", post(admin_deposit_address))
-        .route("/mapi/v1/admin/withdrawals", get(admin_withdrawals))
-        .route("/mapi/v1/admin/withdrawals/approve", post(admin_approve))
-        .route("/mapi/v1/admin/reconcile", get(admin_reconcile))
-        .route("/mapi/v1/admin/regtest/mine", post(admin_mine))
-        .route("/mapi/v1/admin/regtest/fund", post(admin_fund))
-}
 
 /// The answer when no custody service is attached: 503, `-1001`.
 pub fn unavailable() -> ApiError {
@@ -292,7 +270,7 @@ fn to_json<T: serde::Serialize>(v: &T) -> Result<Value, ApiError> {
 
 /// `GET /sapi/v1/capital/deposit/address` (READ): the account's current deposit address.
 pub async fn deposit_address(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 10)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     coin_param(&mut p)?;
     network_param(&mut p)?;
     p.finish()?;
@@ -302,23 +280,49 @@ pub async fn deposit_address(State(st): State<AppState>, req: Req) -> Result<Res
 }
 
 /// `POST /mapi/v1/capital/deposit/address` (READ): a new deposit address (old ones keep
-/// working).
+/// working). At most `deposit_addresses_per_hour` per account (`429`, `-1003`): every address
+/// is one the wallet watches for good.
 pub async fn new_deposit_address(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 10)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     coin_param(&mut p)?;
     network_param(&mut p)?;
     p.finish()?;
+    custody(&st)?;
     let account = key.account;
+    charge_new_address(&st, account)?;
     let a = call(&st, move |c| c.deposit_address(account, true)).await?;
     Ok(ok_json(&ctx, address_json(a)))
 }
 
+/// Counts one new deposit address of `account` against its hourly limit (`429`, `-1003`).
+fn charge_new_address(st: &AppState, account: u32) -> Result<(), ApiError> {
+    let limiter = &st.0.address_limiter;
+    match limiter.charge(&account.to_string(), 1, crate::core::now_ms()) {
+        crate::ratelimit::Charge::Ok(_) => Ok(()),
+        crate::ratelimit::Charge::Limited { retry_after, .. } => {
+            st.0.metrics
+                .rate_limited
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(ApiError {
+                status: StatusCode::TOO_MANY_REQUESTS,
+                code: -1003,
+                msg: format!(
+                    "Too many new deposit addresses; current limit is {} per account per HOUR.",
+                    limiter.limit()
+                )
+                .into(),
+                retry_after: Some(retry_after),
+            })
+        }
+    }
+}
+
 /// `GET /sapi/v1/capital/deposit/hisrec` (READ): the account's deposits, newest first.
 pub async fn deposit_history(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     opt_coin_param(&mut p)?;
     let status = p.opt_u64("status")?;
     let tx = p.opt("txId")?;
@@ -339,7 +343,7 @@ pub async fn deposit_history(State(st): State<AppState>, req: Req) -> Result<Res
 /// `POST /sapi/v1/capital/withdraw/apply` (WITHDRAW): requests a withdrawal; idempotent by
 /// `withdrawOrderId` (generated when not sent).
 pub async fn withdraw_apply(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::WITHDRAW, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     coin_param(&mut p)?;
     network_param(&mut p)?;
     let address = p.req("address")?;
@@ -367,7 +371,7 @@ pub async fn withdraw_apply(State(st): State<AppState>, req: Req) -> Result<Resp
 
 /// `GET /sapi/v1/capital/withdraw/history` (READ): the account's withdrawals, newest first.
 pub async fn withdraw_history(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     opt_coin_param(&mut p)?;
     let order_id = p.opt("withdrawOrderId")?;
     let status = p.opt_u64("status")?;
@@ -409,7 +413,7 @@ pub async fn admin_deposit_address(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p, "account")?;
     let new = bool_param(&mut p, "new")?;
     p.finish()?;
@@ -419,7 +423,7 @@ pub async fn admin_deposit_address(
 
 /// `GET /mapi/v1/admin/withdrawals` (ADMIN): withdrawals of one account or all.
 pub async fn admin_withdrawals(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let (_, mut p, ctx) = st.signed(&req)?;
     let account = match p.opt_u64("account")? {
         None => None,
         Some(v) => Some(u32::try_from(v).map_err(|_| ApiError::invalid_value("account"))?),
@@ -432,7 +436,7 @@ pub async fn admin_withdrawals(State(st): State<AppState>, req: Req) -> Result<R
 /// `POST /mapi/v1/admin/withdrawals/approve` (ADMIN): approves a withdrawal that waits for
 /// approval.
 pub async fn admin_approve(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let (_, mut p, ctx) = st.signed(&req)?;
     let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
     p.finish()?;
     let w = call(&st, move |c| c.approve_withdrawal(id)).await?;
@@ -441,7 +445,7 @@ pub async fn admin_approve(State(st): State<AppState>, req: Req) -> Result<Respo
 
 /// `GET /mapi/v1/admin/reconcile` (ADMIN): wallet assets against ledger liabilities.
 pub async fn admin_reconcile(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (_, p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let (_, p, ctx) = st.signed(&req)?;
     p.finish()?;
     let r = call(&st, |c| c.reconcile()).await?;
     Ok(ok_json(&ctx, to_json(&r)?))
@@ -450,7 +454,7 @@ pub async fn admin_reconcile(State(st): State<AppState>, req: Req) -> Result<Res
 /// `POST /mapi/v1/admin/regtest/mine` (ADMIN): mines `blocks` (1..=1000) blocks; answers
 /// `{"tip_height": n}`.
 pub async fn admin_mine(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let (_, mut p, ctx) = st.signed(&req)?;
     let blocks = p
         .opt_u64("blocks")?
         .ok_or_else(|| ApiError::missing("blocks"))?;
@@ -465,7 +469,7 @@ pub async fn admin_mine(State(st): State<AppState>, req: Req) -> Result<Response
 /// `POST /mapi/v1/admin/regtest/fund` (ADMIN): pays a coinbase to the account and credits it;
 /// answers `{"account": a, "amount_sat": n, "amount": "50.00000000"}`.
 pub async fn admin_fund(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p, "account")?;
     p.finish()?;
     let sat = call(&st, move |c| c.regtest_fund(account)).await?;

@@ -22,24 +22,40 @@ type HmacSha256 = Hmac<Sha256>;
 pub struct Perms(pub u8);
 
 impl Perms {
+    /// No permission: any live key (e.g. `historicalTrades`).
+    pub const NONE: Perms = Perms(0);
     /// Read account data.
     pub const READ: Perms = Perms(1);
-    /// Place and cancel orders, transfer.
+    /// Place and cancel orders (funds stay in the account).
     pub const TRADE: Perms = Perms(2);
-    /// Withdraw.
+    /// Withdraw to a Bitcoin address (also: merchant refunds to an address).
     pub const WITHDRAW: Perms = Perms(4);
     /// Receive merchant payments.
     pub const MERCHANT: Perms = Perms(8);
     /// Operator: create accounts and keys, credit deposits.
     pub const ADMIN: Perms = Perms(16);
+    /// Move funds to another account: `POST /mapi/v1/transfer`, paying an invoice from the
+    /// balance. Not implied by `trade`: a trading bot's key cannot drain the account.
+    pub const TRANSFER: Perms = Perms(32);
+    /// Manage the account's API keys: list, create, revoke.
+    pub const KEYS: Perms = Perms(64);
 
-    const NAMES: [(&'static str, Perms); 5] = [
+    /// Every permission, by name (the names a key's `permissions` parameter takes; bits are
+    /// stored in SQLite, so a bit's meaning never changes).
+    pub const NAMES: [(&'static str, Perms); 7] = [
         ("read", Perms::READ),
         ("trade", Perms::TRADE),
         ("withdraw", Perms::WITHDRAW),
         ("merchant", Perms::MERCHANT),
         ("admin", Perms::ADMIN),
+        ("transfer", Perms::TRANSFER),
+        ("keys", Perms::KEYS),
     ];
+
+    /// Both sets of bits.
+    pub const fn with(self, p: Perms) -> Perms {
+        Perms(self.0 | p.0)
+    }
 
     /// True when every bit of `p` is set.
     pub fn has(self, p: Perms) -> bool {
@@ -291,8 +307,25 @@ mod tests {
     fn perms_parse() {
         let p = Perms::parse("read,trade").unwrap();
         assert!(p.has(Perms::READ) && p.has(Perms::TRADE) && !p.has(Perms::WITHDRAW));
+        assert!(!p.has(Perms::TRANSFER) && !p.has(Perms::KEYS));
         assert_eq!(p.names(), vec!["read", "trade"]);
         assert!(Perms::parse("read,root").is_none());
+        // Stored bits keep their meaning: keys created before `transfer` and `keys` existed
+        // parse and print as they did.
+        for (old, bits) in [
+            ("read", 1),
+            ("read,trade", 3),
+            ("read,trade,withdraw", 7),
+            ("read,merchant", 9),
+            ("read,trade,merchant", 11),
+            ("admin,read", 17),
+        ] {
+            assert_eq!(Perms::parse(old), Some(Perms(bits)), "{old}");
+        }
+        assert_eq!(Perms(17).names(), vec!["read", "admin"]);
+        let all = Perms::parse("read,trade,withdraw,merchant,admin,transfer,keys").unwrap();
+        assert_eq!(all, Perms(127));
+        assert_eq!(all.names().len(), Perms::NAMES.len());
     }
 
     #[test]

@@ -12,6 +12,7 @@
 
 #![warn(missing_docs)]
 
+pub mod access;
 pub mod app;
 pub mod audit;
 pub mod capital;
@@ -36,7 +37,9 @@ pub mod store;
 pub mod trade;
 pub mod ws;
 
-pub use app::{app, open, open_local, serve, ApiConfig, AppState};
+pub use app::{
+    admin_app, app, open, open_local, public_app, serve, serve_admin, ApiConfig, AppState,
+};
 pub use core::{CoreError, EventBatch, EventSink, ExchangeCore, LocalCore, Outcome, Reply};
 pub use node::{start_node, Node, NodeConfig};
 pub use seqcore::SequencerCore;

@@ -58,10 +58,10 @@ fn duplicate(events: &[Event]) -> bool {
     })
 }
 
-/// `POST /mapi/v1/transfer` (TRADE): moves `amount` of `asset` to `toAccount` at once.
+/// `POST /mapi/v1/transfer` (TRANSFER, not TRADE: funds leave the account): moves `amount` of `asset` to `toAccount` at once.
 /// Idempotent by `clientTranId` (per sending account).
 pub async fn transfer(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let to = account_param(&mut p, "toAccount")?;
     let (asset, decimals, amount) = asset_amount(&st, &mut p)?;
     let tran = reference(&mut p, "clientTranId")?;
@@ -103,9 +103,9 @@ fn key_json(k: &crate::keys::ApiKey) -> serde_json::Value {
     })
 }
 
-/// `GET /mapi/v1/apiKey` (READ): the account's keys (never secrets).
+/// `GET /mapi/v1/apiKey` (KEYS): the account's keys (never secrets).
 pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, p, ctx) = st.signed(&req, Perms::READ, 5)?;
+    let (key, p, ctx) = st.signed(&req)?;
     p.finish()?;
     let v: Vec<_> =
         st.0.keys
@@ -146,10 +146,10 @@ fn label_param(p: &mut Params) -> Result<String, ApiError> {
     Ok(l)
 }
 
-/// `POST /mapi/v1/apiKey`: creates a key for the caller's own account with at most the caller's
+/// `POST /mapi/v1/apiKey` (KEYS): creates a key for the caller's own account with at most the caller's
 /// permissions. The secret is in this answer only.
 pub async fn create_own_key(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 5)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let perms = perms_param(&mut p)?;
     let label = label_param(&mut p)?;
     p.finish()?;
@@ -159,9 +159,9 @@ pub async fn create_own_key(State(st): State<AppState>, req: Req) -> Result<Resp
     Ok(ok_json(&ctx, create_key(&st, key.account, perms, &label)?))
 }
 
-/// `DELETE /mapi/v1/apiKey`: revokes one of the account's keys.
+/// `DELETE /mapi/v1/apiKey` (KEYS): revokes one of the account's keys.
 pub async fn revoke_key(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 5)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let target = p.req("apiKey")?;
     p.finish()?;
     let owned =
@@ -183,7 +183,7 @@ pub async fn admin_create_account(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    let (_, p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let (_, p, ctx) = st.signed(&req)?;
     p.finish()?;
     let reply = st.submit(Command::CreateAccount).await?;
     if let Err(code) = reply.result {
@@ -202,7 +202,7 @@ pub async fn admin_create_account(
 
 /// `POST /mapi/v1/admin/apiKey` (ADMIN): creates a key for any existing account.
 pub async fn admin_create_key(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&mut p, "account")?;
     let perms = perms_param(&mut p)?;
     let label = label_param(&mut p)?;
@@ -216,7 +216,7 @@ pub async fn admin_create_key(State(st): State<AppState>, req: Req) -> Result<Re
 /// `POST /mapi/v1/admin/credit` (ADMIN): records an operator deposit (e.g. quote currency
 /// received off-chain). Idempotent by `reference`.
 pub async fn admin_credit(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&mut p, "account")?;
     let (asset, decimals, amount) = asset_amount(&st, &mut p)?;
     let r = reference(&mut p, "reference")?;

@@ -1,5 +1,6 @@
 //! `GET /openapi.json`: an OpenAPI 3.0 description of every endpoint.
 
+use crate::access::Access;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
@@ -558,7 +559,12 @@ pub fn document() -> Value {
         });
         if *sec != "none" {
             op["security"] = json!([{"ApiKey": []}]);
-            op["x-permission"] = json!(sec);
+            // The permission table is the one source ([`crate::access::ROUTES`]).
+            let perm = match crate::access::find(method, path).map(|r| r.access) {
+                Some(Access::Signed(p) | Access::Key(p)) => p.names().join(","),
+                _ => (*sec).to_owned(),
+            };
+            op["x-permission"] = json!(perm);
         }
         let entry = paths
             .entry(path.to_string())

@@ -132,6 +132,11 @@ impl Params {
         }
     }
 
+    /// True when `name` was sent (nothing is marked read).
+    pub fn has(&self, name: &str) -> bool {
+        self.items.iter().any(|(n, _, _)| n == name)
+    }
+
     /// Marks a parameter read without using it.
     pub fn skip(&mut self, name: &str) {
         if let Some((_, _, used)) = self.items.iter_mut().find(|(n, _, _)| n == name) {

@@ -393,7 +393,7 @@ fn with_order_count(mut res: Response, orders: u64) -> Response {
 
 /// `POST /api/v3/order`.
 pub async fn new_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let parsed = parse_new_order(&st, &key, &mut p)?;
     p.finish()?;
     let orders = st.charge_order(key.account)?;
@@ -443,7 +443,7 @@ fn err_json(e: &ApiError) -> Value {
 /// new one (two engine commands; `STOP_ON_FAILURE` skips the new order when the cancel fails,
 /// `ALLOW_FAILURE` places it anyway).
 pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let mode = p.req("cancelReplaceMode")?;
     let allow_failure = match mode.as_str() {
         "STOP_ON_FAILURE" => false,
@@ -556,7 +556,7 @@ pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Resp
 
 /// `POST /api/v3/order/test`: validates like a new order, sends nothing to the engine.
 pub async fn test_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     parse_new_order(&st, &key, &mut p)?;
     p.finish()?;
     Ok(ok_json(&ctx, json!({})))
@@ -589,7 +589,7 @@ fn lookup(st: &AppState, account: u32, r: OrderRef) -> Result<Option<OrderRec>, 
 
 /// `GET /api/v3/order`.
 pub async fn get_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 4)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let sym = p.req("symbol")?;
     let r = order_ref(&mut p)?;
     p.finish()?;
@@ -648,7 +648,7 @@ fn accepted_ms(events: &[Event]) -> u64 {
 
 /// `DELETE /api/v3/order`.
 pub async fn cancel_order(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let sym = p.req("symbol")?;
     let r = order_ref(&mut p)?;
     let cancel_client = match p.opt("newClientOrderId")? {
@@ -672,7 +672,7 @@ pub async fn amend_keep_priority(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 4)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let sym = p.req("symbol")?;
     let r = order_ref(&mut p)?;
     let new_client = p.opt("newClientOrderId")?;
@@ -743,7 +743,7 @@ pub async fn amend_keep_priority(
 pub async fn open_orders(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (mut p0, _) = st.public(&req, 0)?;
     let weight = if p0.opt("symbol")?.is_some() { 6 } else { 80 };
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, weight)?;
+    let (key, mut p, ctx) = st.signed_weighted(&req, weight)?;
     let sym = p.opt("symbol")?;
     p.finish()?;
     let market = sym
@@ -767,7 +767,7 @@ pub async fn cancel_open_orders(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let sym = p.req("symbol")?;
     p.finish()?;
     let m = st.markets().by_symbol(&sym)?;
@@ -818,7 +818,7 @@ fn time_range(p: &mut Params) -> Result<(Option<u64>, Option<u64>), ApiError> {
 
 /// `GET /api/v3/allOrders`.
 pub async fn all_orders(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 20)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let sym = p.req("symbol")?;
     let from = p.opt_u64("orderId")?;
     let (s, e) = time_range(&mut p)?;
@@ -835,7 +835,7 @@ pub async fn all_orders(State(st): State<AppState>, req: Req) -> Result<Response
 
 /// `GET /api/v3/account`.
 pub async fn account(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 20)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let omit_zero = match p.opt("omitZeroBalances")?.as_deref() {
         None | Some("false") => false,
         Some("true") => true,
@@ -896,7 +896,7 @@ pub async fn account(State(st): State<AppState>, req: Req) -> Result<Response, A
 
 /// `GET /api/v3/myTrades`.
 pub async fn my_trades(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::READ, 20)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let sym = p.req("symbol")?;
     let order = p.opt_u64("orderId")?;
     let from = p.opt_u64("fromId")?;

@@ -855,7 +855,7 @@ fn ws_signed(
         .get("apiKey")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::missing("apiKey"))?;
-    let key = st.lookup_key(api_key, 2)?;
+    let key = st.find_key(api_key)?;
     let ts = params
         .get("timestamp")
         .and_then(Value::as_u64)
@@ -885,6 +885,7 @@ fn ws_signed(
     if !key.verify(payload.join("&").as_bytes(), sig) {
         return Err(ApiError::bad_signature());
     }
+    st.charge_key(&key, 2)?;
     if !key.perms.has(Perms::READ) {
         return Err(ApiError::key_rejected());
     }

@@ -877,3 +877,52 @@ async fn openapi_lists_the_custody_routes() {
         assert_eq!(doc["paths"][path][method]["x-permission"], perm, "{path}");
     }
 }
+
+#[tokio::test]
+async fn new_deposit_addresses_are_limited_per_account() {
+    let s = setup(true).await;
+    let limit = 20; // ApiConfig::default().deposit_addresses_per_hour
+    for i in 0..limit {
+        let r =
+            s.h.signed(
+                "POST",
+                "/mapi/v1/capital/deposit/address",
+                "coin=BTC",
+                &s.trader,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::OK, "#{i}: {}", r.json);
+    }
+    let r =
+        s.h.signed(
+            "POST",
+            "/mapi/v1/capital/deposit/address",
+            "coin=BTC",
+            &s.trader,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, -1003),
+        "{}",
+        r.json
+    );
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(s.fake.calls().len(), limit, "no address after the limit");
+    // The current address is still answered, and other accounts have their own budget.
+    s.h.ok(
+        "GET",
+        "/sapi/v1/capital/deposit/address",
+        "coin=BTC",
+        &s.trader,
+    )
+    .await;
+    let (_, other) = s.h.trader("0", "0").await;
+    s.h.ok(
+        "POST",
+        "/mapi/v1/capital/deposit/address",
+        "coin=BTC",
+        &other,
+    )
+    .await;
+}

@@ -111,7 +111,7 @@ async fn setup(seed: u64, log: Arc<Mutex<Vec<String>>>) -> World {
         .ok(
             "POST",
             "/mapi/v1/admin/apiKey",
-            &format!("account={macct}&permissions=read,merchant&label=shop"),
+            &format!("account={macct}&permissions=read,merchant,withdraw&label=shop"),
             &h.admin,
         )
         .await;
@@ -131,7 +131,10 @@ async fn setup(seed: u64, log: Arc<Mutex<Vec<String>>>) -> World {
     }
     let mut payers = Vec::new();
     for _ in 0..3 {
-        payers.push(h.trader("1", &PAYER_USD.to_string()).await);
+        payers.push(
+            h.trader_with("1", &PAYER_USD.to_string(), "read,trade,transfer")
+                .await,
+        );
     }
     let mut traders = Vec::new();
     for _ in 0..2 {

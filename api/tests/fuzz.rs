@@ -23,7 +23,7 @@ fn fixture() -> &'static Fixture {
             .build()
             .unwrap();
         let h = Harness::new();
-        let (_, key) = rt.block_on(h.trader("1", "1000"));
+        let (_, key) = rt.block_on(h.trader_with("1", "1000", "read,trade,transfer,keys"));
         Fixture { rt, h, key }
     })
 }

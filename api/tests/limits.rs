@@ -31,8 +31,11 @@ async fn start(h: &Harness) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let state = h.state.clone();
+    // Every route (public and admin) on one listener with the server's connection handling:
+    // the admin listener gets the same limits (`serve_admin` is `serve_router` too).
     tokio::spawn(async move {
-        api::serve(listener, state, async {
+        let router = api::app(state.clone());
+        api::app::serve_router(listener, router, &state, async {
             let _ = rx.await;
         })
         .await

@@ -84,6 +84,14 @@ async fn signed_order_placement_over_keep_alive() {
     let server = tokio::spawn(api::serve(listener, state.clone(), async {
         let _ = stop_rx.await;
     }));
+    // The admin routes are on their own listener.
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_listener.local_addr().unwrap();
+    tokio::spawn(api::serve_admin(
+        admin_listener,
+        state.clone(),
+        std::future::pending(),
+    ));
 
     let signed = |params: &str, secret: &str| {
         let sep = if params.is_empty() { "" } else { "&" };
@@ -92,7 +100,7 @@ async fn signed_order_placement_over_keep_alive() {
     };
     // One account and key per connection, funded.
     let mut accounts = Vec::new();
-    let mut admin_conn = BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    let mut admin_conn = BufReader::new(tokio::net::TcpStream::connect(admin_addr).await.unwrap());
     for i in 0..connections {
         let (s, a) = request(
             &mut admin_conn,

@@ -19,6 +19,8 @@ struct M {
     fake: Arc<Fake>,
     account: u32,
     key: Key,
+    /// The same account's key with `withdraw` too (refunds to an address).
+    wkey: Key,
 }
 
 async fn setup() -> M {
@@ -41,11 +43,20 @@ async fn setup_on(h: Harness) -> M {
         k["apiKey"].as_str().unwrap().to_owned(),
         k["secretKey"].as_str().unwrap().to_owned(),
     );
+    let wkey = h
+        .state
+        .create_key(
+            account,
+            api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+            "refunds",
+        )
+        .unwrap();
     M {
         h,
         fake,
         account,
         key,
+        wkey,
     }
 }
 
@@ -228,7 +239,7 @@ async fn zero_conf_policy_settles_at_once() {
 #[tokio::test]
 async fn balance_payment_settles_at_once_and_moves_funds_exactly() {
     let m = setup().await;
-    let (_, payer) = m.h.trader("1", "0").await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=0.00123").await;
     let id = s(&inv, "id");
     let r =
@@ -304,7 +315,7 @@ async fn refund_to_address_goes_through_custody() {
             "POST",
             "/mapi/v1/merchant/invoice/refund",
             &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
-            &m.key,
+            &m.wkey,
         )
         .await;
     assert_eq!(r.code(), -1155);
@@ -316,7 +327,7 @@ async fn refund_to_address_goes_through_custody() {
             "POST",
             "/mapi/v1/merchant/invoice/refund",
             &format!("invoiceId={id}&amount=0.00100001&address=bcrt1qdest"),
-            &m.key,
+            &m.wkey,
         )
         .await;
     assert_eq!(over.code(), -1156);
@@ -336,7 +347,7 @@ async fn refund_to_address_goes_through_custody() {
             "POST",
             "/mapi/v1/merchant/invoice/refund",
             &format!("invoiceId={id}&amount=0.0004&address=bcrt1qdest"),
-            &m.key,
+            &m.wkey,
         )
         .await;
     assert_eq!(s(&ok, "reference"), "withdrawal:100");
@@ -507,7 +518,7 @@ async fn convert_preference_sells_received_btc() {
         &bidder,
     )
     .await;
-    let (_, asker) = m.h.trader("1", "0").await;
+    let (_, asker) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     m.h.ok(
         "POST",
         "/api/v3/order",
@@ -515,7 +526,7 @@ async fn convert_preference_sells_received_btc() {
         &asker,
     )
     .await;
-    let (_, payer) = m.h.trader("1", "0").await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=100").await; // USD, the store's default; rate = mid/last
     assert_eq!(s(&inv, "currency"), "USD");
     let id = s(&inv, "id");
@@ -660,7 +671,7 @@ async fn openapi_lists_every_merchant_route() {
     }
     assert_eq!(
         doc["paths"]["/mapi/v1/merchant/invoice/pay"]["post"]["x-permission"],
-        "trade"
+        "transfer"
     );
 }
 
@@ -671,7 +682,7 @@ async fn openapi_lists_every_merchant_route() {
 async fn a_balance_payment_whose_reply_is_lost_is_recorded_once_by_the_monitor() {
     let (h, core) = Harness::lossy();
     let m = setup_on(h).await;
-    let (_, payer) = m.h.trader("1", "0").await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=0.00123").await;
     let id = s(&inv, "id");
     core.lose_next(1);
@@ -712,7 +723,7 @@ async fn a_balance_payment_whose_reply_is_lost_is_recorded_once_by_the_monitor()
 async fn a_refund_whose_reply_is_lost_stays_reserved_and_its_retry_pays_once() {
     let (h, core) = Harness::lossy();
     let m = setup_on(h).await;
-    let (payer_id, payer) = m.h.trader("1", "0").await;
+    let (payer_id, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=0.002").await;
     let id = s(&inv, "id");
     m.h.ok(
@@ -781,7 +792,7 @@ async fn a_refund_to_an_address_whose_custody_answer_is_lost_pays_once() {
             "POST",
             "/mapi/v1/merchant/invoice/refund",
             &format!("invoiceId={id}&amount=0.0004&address=bcrt1qdest"),
-            &m.key,
+            &m.wkey,
         )
         .await;
     assert_eq!(r.code(), -1007, "{}", r.json);
@@ -801,7 +812,7 @@ async fn a_refund_to_an_address_whose_custody_answer_is_lost_pays_once() {
         "POST",
         "/mapi/v1/merchant/invoice/refund",
         &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
-        &m.key,
+        &m.wkey,
     )
     .await;
     let ws = m.fake.withdrawals.lock().unwrap().clone();
@@ -836,7 +847,7 @@ async fn only_credited_payments_are_refundable() {
             "POST",
             "/mapi/v1/merchant/invoice/refund",
             &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
-            &m.key,
+            &m.wkey,
         )
         .await;
     assert_eq!(r.code(), -1156, "{}", r.json);
@@ -847,7 +858,7 @@ async fn only_credited_payments_are_refundable() {
         "POST",
         "/mapi/v1/merchant/invoice/refund",
         &format!("invoiceId={id}&amount=0.0005&address=bcrt1qdest"),
-        &m.key,
+        &m.wkey,
     )
     .await;
     assert_eq!(m.fake.withdrawals.lock().unwrap().len(), 1);
@@ -872,7 +883,7 @@ async fn a_conversion_whose_reply_is_lost_sells_once() {
         &bidder,
     )
     .await;
-    let (_, payer) = m.h.trader("1", "0").await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=0.002&currency=BTC").await;
     let id = s(&inv, "id");
     m.h.ok(
@@ -904,7 +915,7 @@ async fn a_conversion_whose_reply_is_lost_sells_once() {
 #[tokio::test]
 async fn a_payment_runs_to_completion_when_the_client_goes_away() {
     let m = setup().await;
-    let (_, payer) = m.h.trader("1", "0").await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=0.0002").await;
     let id = s(&inv, "id");
     // The client sends the request and hangs up after the first poll.
@@ -938,7 +949,7 @@ async fn a_payment_runs_to_completion_when_the_client_goes_away() {
 #[tokio::test]
 async fn a_payment_intent_left_by_a_crash_is_recorded_from_the_engine() {
     let m = setup().await;
-    let (payer_id, payer) = m.h.trader("1", "0").await;
+    let (payer_id, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=0.0003").await;
     let id = s(&inv, "id");
     // As if the process died after the transfer was applied and before the invoice was
@@ -965,4 +976,112 @@ async fn a_payment_intent_left_by_a_crash_is_recorded_from_the_engine() {
     assert!(store::pay_intents(&m.h.state.merchant().db.lock().unwrap())
         .unwrap()
         .is_empty());
+}
+
+#[tokio::test]
+async fn trade_key_cannot_pay_another_accounts_invoice() {
+    let m = setup().await;
+    let (_, payer) = m.h.trader("1", "0").await; // read,trade: a bot's key
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={id}"),
+            &payer,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, -2015),
+        "{}",
+        r.json
+    );
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "1.00000000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00000000");
+    assert_eq!(s(&m.get(&id).await, "status"), "New");
+}
+
+#[tokio::test]
+async fn merchant_key_cannot_refund_to_an_address_without_withdraw() {
+    let m = setup().await; // read,merchant
+    let now = common::now_ms();
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
+    m.tick(now + 1).await;
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0004&address=bcrt1qthief"),
+            &m.key,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, -2015),
+        "{}",
+        r.json
+    );
+    assert!(m.fake.withdrawals.lock().unwrap().is_empty());
+    let v = m.get(&id).await;
+    assert_eq!(s(&v, "refundedBtc"), "0");
+    assert_eq!(v["refunds"].as_array().unwrap().len(), 0);
+}
+
+/// The directive `name` of a Content-Security-Policy header.
+fn csp_directive(csp: &str, name: &str) -> Option<String> {
+    csp.split(';')
+        .map(str::trim)
+        .find_map(|d| d.strip_prefix(name).map(|v| v.trim().to_owned()))
+}
+
+#[tokio::test]
+async fn checkout_and_pos_pages_send_security_headers() {
+    let m = setup().await;
+    let st =
+        m.h.ok("POST", "/mapi/v1/merchant/store", "posEnabled=true", &m.key)
+            .await;
+    let inv = m.invoice("amount=0.001").await;
+    for path in [format!("/i/{}", s(&inv, "id")), s(&st, "posUrl")] {
+        let r = m.h.get(&path).await;
+        assert_eq!(r.status, StatusCode::OK, "{path}");
+        let h = |n: &str| {
+            r.headers
+                .get(n)
+                .map(|v| v.to_str().unwrap().to_owned())
+                .unwrap_or_default()
+        };
+        assert_eq!(h("x-content-type-options"), "nosniff", "{path}");
+        let csp = h("content-security-policy");
+        assert_eq!(
+            csp_directive(&csp, "default-src").as_deref(),
+            Some("'none'"),
+            "{path}: {csp}"
+        );
+        let script = csp_directive(&csp, "script-src").unwrap_or_default();
+        assert!(
+            script.starts_with("'sha256-") && !script.contains("unsafe"),
+            "{path}: {csp}"
+        );
+        assert_eq!(
+            csp_directive(&csp, "frame-ancestors").as_deref(),
+            Some("'self'"),
+            "{path}: {csp}"
+        );
+        // The hash is the page's own script's.
+        let page = r.json.as_str().unwrap();
+        let body = page
+            .split_once("<script>")
+            .and_then(|(_, rest)| rest.split_once("</script>"))
+            .map(|(js, _)| js)
+            .unwrap();
+        use base64::Engine as _;
+        use sha2::Digest as _;
+        let want = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
+        assert!(script.contains(&want), "{path}: {csp}");
+    }
 }

@@ -69,7 +69,7 @@ async fn an_order_whose_reply_is_lost_answers_1007_and_is_found_by_client_order_
 #[tokio::test]
 async fn a_transfer_whose_reply_is_lost_answers_1007_and_its_retry_moves_nothing_twice() {
     let (h, core) = Harness::lossy();
-    let (_, from) = h.trader("0", "1000").await;
+    let (_, from) = h.trader_with("0", "1000", "read,trade,transfer").await;
     let (to, to_key) = h.trader("0", "0").await;
     let params = format!("toAccount={to}&asset=USD&amount=250&clientTranId=rent-1");
     core.lose_next(1);
@@ -156,7 +156,7 @@ async fn money_from_nowhere_trips_the_circuit_breaker_and_only_cancels_pass() {
         corrupt_next: false.into(),
     });
     let h = Harness::over(dir, pending.start(core.clone()));
-    let (_, a) = h.trader("1", "100000").await;
+    let (_, a) = h.trader_with("1", "100000", "read,trade,transfer").await;
     let (to, _) = h.trader("0", "0").await;
     let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1&price=60000";
     let first = h.ok("POST", "/api/v3/order", sell, &a).await;

@@ -861,7 +861,7 @@ async fn amend_keep_priority() {
 #[tokio::test]
 async fn native_endpoints_transfer_keys_admin() {
     let h = Harness::new();
-    let (a, ka) = h.trader("0", "100").await;
+    let (a, ka) = h.trader_with("0", "100", "read,trade,transfer,keys").await;
     let (b, kb) = h.trader("0", "0").await;
     let t = h
         .ok(
@@ -1385,4 +1385,41 @@ async fn history_merges_sqlite_and_rows_not_yet_written() {
         .map(|t| t["id"].as_u64().unwrap())
         .collect();
     assert_eq!(got, tids[3..5].to_vec());
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn admin_key_file_never_keeps_a_wider_mode() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    // A file left with a wide mode (by hand, a backup tool, an old version), and no admin key
+    // in the store yet: a new one is written.
+    let path = dir.path().join("admin-key.json");
+    std::fs::write(&path, "{}").unwrap();
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let state = api::open_local(
+        dir.path(),
+        matching_engine::EngineConfig::default(),
+        api::ApiConfig::default(),
+    )
+    .unwrap();
+    let f = state.ensure_admin_key().unwrap();
+    assert!(f.created);
+    assert_eq!(f.path, path);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(
+        mode & 0o777,
+        0o600,
+        "the secret is in a {:o} file",
+        mode & 0o777
+    );
+    let v: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert!(v["secretKey"].is_string());
+    // Made readable by others later: the next start makes it private again, same key.
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+    assert!(!state.ensure_admin_key().unwrap().created);
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let again: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    assert_eq!(again, v);
 }

@@ -177,11 +177,12 @@ async fn trading_through_the_sequencer_survives_a_restart() {
             .len(),
         1
     );
-    // The admin client (what the `mediator` admin commands use) over a real socket.
+    // The admin client (what the `mediator` admin commands use) over a real socket, on the
+    // admin listener.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(api::serve(listener, s.node.state.clone(), async {
+    let server = tokio::spawn(api::serve_admin(listener, s.node.state.clone(), async {
         let _ = stopped.await;
     }));
     let admin_client = api::client::Client::from_key_file(addr, &s.node.admin_key.path).unwrap();

@@ -27,6 +27,19 @@ async fn start(h: &Harness) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     (addr, tx)
 }
 
+/// The admin listener (`/mapi/v1/admin/*`, `/metrics`) on its own port.
+async fn start_admin(h: &Harness) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let state = h.state.clone();
+    tokio::spawn(async move {
+        api::serve_admin(listener, state, std::future::pending())
+            .await
+            .unwrap();
+    });
+    addr
+}
+
 /// One HTTP/1.1 request over a fresh connection.
 async fn http(
     addr: SocketAddr,
@@ -298,7 +311,8 @@ async fn http_and_websocket_depth_trades_and_user_data() {
             break;
         }
     }
-    let (_, metrics_status) = (0, http(addr, "GET", "/metrics", "", None).await.0);
+    let admin = start_admin(&h).await;
+    let (_, metrics_status) = (0, http(admin, "GET", "/metrics", "", None).await.0);
     assert_eq!(metrics_status, 200);
     let _ = stop.send(());
 }
@@ -399,7 +413,7 @@ async fn slow_websocket_consumer_is_disconnected_without_slowing_others() {
         );
     }
     assert!(n < 2 * pairs, "the slow reader got {n} messages");
-    let (_, m) = http(addr, "GET", "/metrics", "", None).await;
+    let (_, m) = http(start_admin(&h).await, "GET", "/metrics", "", None).await;
     assert!(
         m.as_str()
             .unwrap()
@@ -606,7 +620,8 @@ async fn subscribers_that_hang_up_are_not_counted_as_slow_consumers() {
         assert_eq!(status, 200);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while metric(addr, "mediator_ws_connections").await != Some(0) {
+    let admin = start_admin(&h).await;
+    while metric(admin, "mediator_ws_connections").await != Some(0) {
         assert!(
             tokio::time::Instant::now() < deadline,
             "connections not closed"
@@ -614,7 +629,7 @@ async fn subscribers_that_hang_up_are_not_counted_as_slow_consumers() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(
-        metric(addr, "mediator_ws_slow_disconnects_total").await,
+        metric(admin, "mediator_ws_slow_disconnects_total").await,
         Some(0),
         "a client that hung up is not a slow consumer"
     );
@@ -680,4 +695,40 @@ async fn websocket_clients_that_send_too_fast_are_closed_with_a_reason() {
     assert_eq!(code, 1008);
     assert!(text.starts_with("too many messages"), "{text}");
     let _ = stop.send(());
+}
+
+#[tokio::test]
+async fn public_listener_serves_no_admin_endpoint_and_no_metrics() {
+    let h = Harness::new();
+    let (addr, _stop) = start(&h).await;
+    let (status, _) = http(addr, "GET", "/metrics", "", None).await;
+    assert_eq!(status, 404, "/metrics on the public listener");
+    let q = format!("timestamp={}", now_ms());
+    let body = format!("{q}&signature={}", sign(&h.admin.1, &q));
+    let (status, v) = http(
+        addr,
+        "POST",
+        "/mapi/v1/admin/account",
+        &body,
+        Some(&h.admin.0),
+    )
+    .await;
+    assert_eq!((status, v["code"].as_i64()), (404, Some(-1000)), "{v}");
+    // The public API is there; the admin routes are on the admin listener.
+    assert_eq!(http(addr, "GET", "/api/v3/ping", "", None).await.0, 200);
+    let admin = start_admin(&h).await;
+    assert_eq!(http(admin, "GET", "/metrics", "", None).await.0, 200);
+    let q = format!("timestamp={}", now_ms());
+    let body = format!("{q}&signature={}", sign(&h.admin.1, &q));
+    let (status, v) = http(
+        admin,
+        "POST",
+        "/mapi/v1/admin/account",
+        &body,
+        Some(&h.admin.0),
+    )
+    .await;
+    assert_eq!(status, 200, "{v}");
+    assert!(v["account"].as_u64().is_some(), "{v}");
+    assert_eq!(http(admin, "GET", "/api/v3/ping", "", None).await.0, 404);
 }

@@ -160,16 +160,24 @@ async fn depth_fanout_to_many_subscribers() {
     let server = tokio::spawn(api::serve(listener, state.clone(), async {
         let _ = stop_rx.await;
     }));
+    // The admin routes are on their own listener.
+    let admin_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let admin_addr = admin_listener.local_addr().unwrap();
+    tokio::spawn(api::serve_admin(
+        admin_listener,
+        state.clone(),
+        std::future::pending(),
+    ));
 
     let signed = |params: &str, secret: &str| {
         let sep = if params.is_empty() { "" } else { "&" };
         let q = format!("{params}{sep}timestamp={}&recvWindow=60000", now_ms());
         format!("{q}&signature={}", sign(secret, &q))
     };
-    // One funded trading account.
-    let mut http = BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
+    // One funded trading account (through the admin listener).
+    let mut admin_http = BufReader::new(tokio::net::TcpStream::connect(admin_addr).await.unwrap());
     let (s, a) = request(
-        &mut http,
+        &mut admin_http,
         "POST",
         "/mapi/v1/admin/account",
         &signed("", &admin.1),
@@ -181,7 +189,7 @@ async fn depth_fanout_to_many_subscribers() {
         .as_u64()
         .unwrap();
     let (_, k) = request(
-        &mut http,
+        &mut admin_http,
         "POST",
         "/mapi/v1/admin/apiKey",
         &signed(&format!("account={acct}&permissions=read,trade"), &admin.1),
@@ -190,7 +198,7 @@ async fn depth_fanout_to_many_subscribers() {
     .await;
     let k: serde_json::Value = serde_json::from_str(&k).unwrap();
     let (s, b) = request(
-        &mut http,
+        &mut admin_http,
         "POST",
         "/mapi/v1/admin/credit",
         &signed(
@@ -342,7 +350,7 @@ async fn depth_fanout_to_many_subscribers() {
         results.push(s.await.unwrap());
     }
     let drain_s = t_orders.elapsed().as_secs_f64() - orders_s;
-    let (_, metrics) = request(&mut http, "GET", "/metrics", "", &key.0).await;
+    let (_, metrics) = request(&mut admin_http, "GET", "/metrics", "", &key.0).await;
 
     let new_h = || Histogram::<u64>::new_with_bounds(1, 600_000_000, 3).unwrap();
     let (mut h_submit, mut h_ack, mut h_event) = (new_h(), new_h(), new_h());

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// A merchant: its account and a key with `read,trade,merchant`.
+/// A merchant: its account and a key with `read,trade,merchant,transfer,withdraw` (it also pays
+/// other merchants' invoices from its balance, and refunds to addresses).
 pub struct Merchant {
     pub account: u32,
     pub client: Client,
@@ -26,7 +27,7 @@ impl Merchant {
             "--account",
             &account.to_string(),
             "--permissions",
-            "read,trade,merchant",
+            "read,trade,merchant,transfer,withdraw",
         ]);
         Merchant {
             account: account as u32,

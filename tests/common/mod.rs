@@ -40,7 +40,10 @@ pub fn http_get(addr: SocketAddr, path: &str) -> String {
 
 pub struct Server {
     pub child: Child,
+    /// The public listener.
     pub addr: SocketAddr,
+    /// The admin listener (`/mapi/v1/admin/*`, `/metrics`), what the admin commands talk to.
+    pub admin_addr: SocketAddr,
     pub dir: PathBuf,
     /// The node `serve` started, read once it serves (its pid file may be gone by the time the
     /// server is dropped: a test's temporary directory can be deleted first).
@@ -49,8 +52,16 @@ pub struct Server {
 
 impl Server {
     pub fn start(dir: &Path, port: u16) -> Server {
+        Self::start_with(dir, port, &[])
+    }
+
+    /// [`Server::start`] with more `serve` flags.
+    pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Server {
+        let admin_port = free_port();
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .args(extra)
+            .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
             .args(["--poll-interval-ms", "200", "--batch-interval-secs", "1"])
             .arg("--data-dir")
             .arg(dir)
@@ -84,6 +95,7 @@ impl Server {
         let mut server = Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
+            admin_addr: SocketAddr::from(([127, 0, 0, 1], admin_port)),
             dir: dir.to_owned(),
             node_pid: None,
         };
@@ -96,7 +108,7 @@ impl Server {
         let out = Command::new(BIN)
             .args(args)
             .arg("--json")
-            .args(["--server", &self.addr.to_string()])
+            .args(["--server", &self.admin_addr.to_string()])
             .arg("--data-dir")
             .arg(&self.dir)
             .output()

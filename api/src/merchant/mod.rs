@@ -33,7 +33,6 @@ pub mod store;
 pub mod webhook;
 
 pub use monitor::{spawn, start, MonitorHandle};
-pub use routes::routes;
 
 use std::sync::{Arc, Mutex};
 

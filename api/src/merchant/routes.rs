@@ -1,4 +1,5 @@
-//! Merchant endpoints: signed `/mapi/v1/merchant/*` (MERCHANT permission; `invoice/pay` TRADE)
+//! Merchant endpoints: signed `/mapi/v1/merchant/*` (MERCHANT permission; `invoice/pay` TRANSFER;
+//! a refund to an `address` also WITHDRAW: see [`crate::access::ROUTES`])
 //! and the public checkout (`/i/{id}...`) and point-of-sale (`/pos/{token}...`) endpoints.
 //!
 //! Every parameter is validated before anything changes; SQLite work runs on tokio's blocking
@@ -11,14 +12,11 @@ use super::webhook::{self, EventType};
 use crate::app::{ok_json, AppState, ClientIp, Req};
 use crate::capital::{btc_amount, custody_error, unavailable, BTC_DECIMALS};
 use crate::error::ApiError;
-use crate::keys::Perms;
 use crate::params::Params;
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::Router;
 use rusqlite::Connection;
 use serde_json::{json, Value};
 
@@ -28,31 +26,6 @@ pub const MAX_EXPIRY_MIN: u64 = 10_080;
 pub const MAX_METADATA: usize = crate::params::MAX_VALUE_LEN;
 /// Most invoices one list answer holds.
 pub const MAX_LIST: u32 = 1_000;
-
-/// The routes (merged into [`crate::app::app`]).
-pub fn routes() -> Router<AppState> {
-    Router::new()
-        .route("/mapi/v1/merchant/store", get(get_store).post(post_store))
-        .route("/mapi/v1/merchant/webhook/secret", post(rotate_secret))
-        .route(
-            "/mapi/v1/merchant/invoice",
-            post(create_invoice).get(get_invoice),
-        )
-        .route("/mapi/v1/merchant/invoices", get(list_invoices))
-        .route("/mapi/v1/merchant/invoice/invalid", post(mark_invalid))
-        .route("/mapi/v1/merchant/invoice/refund", post(refund))
-        .route("/mapi/v1/merchant/invoice/pay", post(pay))
-        .route("/mapi/v1/merchant/webhook/deliveries", get(deliveries))
-        .route("/mapi/v1/merchant/webhook/redeliver", post(redeliver))
-        .route("/i/{id}", get(checkout_page))
-        .route("/i/{id}/status", get(public_status))
-        .route("/i/{id}/events", get(public_events))
-        .route("/i/{id}/qr.png", get(qr_png))
-        .route("/i/{id}/qr.svg", get(qr_svg))
-        .route("/pos/{token}", get(pos_page))
-        .route("/pos/{token}/info", get(pos_info))
-        .route("/pos/{token}/invoice", post(pos_invoice))
-}
 
 // ---- errors ----
 
@@ -530,7 +503,7 @@ async fn new_invoice(
 
 /// `GET /mapi/v1/merchant/store` (MERCHANT): the store settings (defaults until saved).
 pub async fn get_store(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let (key, p, ctx) = st.signed(&req)?;
     p.finish()?;
     let a = key.account;
     let s = with_db(&st, move |c| {
@@ -555,7 +528,7 @@ fn percent_bps(s: &str) -> Result<u16, ApiError> {
 /// Setting a webhook URL when no secret exists yet creates version 1 and answers it once as
 /// `webhookSecret`.
 pub async fn post_store(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let name = text_param(&mut p, "name", 64, "1..64 printable characters")?;
     let currency = p.opt("defaultCurrency")?;
     let url = p.opt("webhookUrl")?;
@@ -651,7 +624,7 @@ pub async fn post_store(State(st): State<AppState>, req: Req) -> Result<Response
 /// `POST /mapi/v1/merchant/webhook/secret` (MERCHANT): a new webhook secret (the old one stops
 /// signing at once); answered only here.
 pub async fn rotate_secret(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let (key, p, ctx) = st.signed(&req)?;
     p.finish()?;
     let account = key.account;
     let version = with_db(&st, move |c| {
@@ -672,7 +645,7 @@ pub async fn rotate_secret(State(st): State<AppState>, req: Req) -> Result<Respo
 
 /// `POST /mapi/v1/merchant/invoice` (MERCHANT): a new invoice with its own address.
 pub async fn create_invoice(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let amount = p.req("amount")?;
     let currency = p.opt("currency")?;
     let order_id = text_param(&mut p, "orderId", 64, "1..64 characters")?;
@@ -722,7 +695,7 @@ async fn own_invoice(
 
 /// `GET /mapi/v1/merchant/invoice?invoiceId=` (MERCHANT).
 pub async fn get_invoice(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let id = id_param(&mut p, "invoiceId")?;
     p.finish()?;
     let (rec, name) = own_invoice(&st, key.account, id).await?;
@@ -754,7 +727,7 @@ fn refunds_json(rs: &[Refund]) -> Value {
 /// `GET /mapi/v1/merchant/invoices` (MERCHANT): `status`, `startTime`, `endTime`, `limit`
 /// (1..=1000, default 100); newest first.
 pub async fn list_invoices(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 5)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let status = match p.opt("status")? {
         None => None,
         Some(s) => Some(Status::parse(&s).ok_or_else(|| ApiError::invalid_value("status"))?),
@@ -809,7 +782,7 @@ pub(crate) async fn commit(
 /// `POST /mapi/v1/merchant/invoice/invalid` (MERCHANT): marks a `New` or `Expired` invoice
 /// invalid.
 pub async fn mark_invalid(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let id = id_param(&mut p, "invoiceId")?;
     p.finish()?;
     let _guard = st.merchant().invoice_lock.lock().await;
@@ -826,13 +799,13 @@ pub async fn mark_invalid(State(st): State<AppState>, req: Req) -> Result<Respon
     Ok(ok_json(&ctx, merchant_json(&st, &rec, &name, now)))
 }
 
-/// `POST /mapi/v1/merchant/invoice/pay` (TRADE): pays what is still due on a `New` invoice
+/// `POST /mapi/v1/merchant/invoice/pay` (TRANSFER: funds leave the account): pays what is still due on a `New` invoice
 /// from the caller's BTC balance, in one engine transfer (idempotent by invoice, payer and
 /// amount); the invoice settles at once. Runs to completion even if the client goes away; an
 /// outcome the engine did not answer is `-1007`, resolved by the monitor (see
 /// [`super::outcome`]), and the same request again answers it.
 pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::TRADE, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let id = id_param(&mut p, "invoiceId")?;
     p.finish()?;
     let payer = key.account;
@@ -895,13 +868,14 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
 }
 
 /// `POST /mapi/v1/merchant/invoice/refund` (MERCHANT): `invoiceId`, `amount` (BTC), and
-/// `address` (through custody's withdrawal path, the merchant pays its fee) or `toAccount` (a
-/// transfer back to an account that paid from its balance); optional `idempotencyKey` (the same
-/// key again answers the same refund). Only credited payments are refundable. Runs to
-/// completion even if the client goes away; an unanswered execution keeps its reservation and
-/// answers `-1007` (resolved by the monitor, or by the same request with the same key).
+/// `address` (through custody's withdrawal path, the merchant pays its fee; the key also needs
+/// WITHDRAW) or `toAccount` (a transfer back to an account that paid from its balance); optional
+/// `idempotencyKey` (the same key again answers the same refund). Only credited payments are
+/// refundable. Runs to completion even if the client goes away; an unanswered execution keeps its
+/// reservation and answers `-1007` (resolved by the monitor, or by the same request with the same
+/// key).
 pub async fn refund(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let id = id_param(&mut p, "invoiceId")?;
     let amount = btc_amount(&mut p, "amount")?;
     let address = p.opt("address")?;
@@ -1071,7 +1045,7 @@ fn refund_json(rec: &Record, r: &Refund, reference: &str) -> Value {
 
 /// `GET /mapi/v1/merchant/webhook/deliveries?invoiceId=` (MERCHANT).
 pub async fn deliveries(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let id = id_param(&mut p, "invoiceId")?;
     p.finish()?;
     let merchant = key.account;
@@ -1085,7 +1059,7 @@ pub async fn deliveries(State(st): State<AppState>, req: Req) -> Result<Response
 
 /// `POST /mapi/v1/merchant/webhook/redeliver?deliveryId=` (MERCHANT): delivers again, due now.
 pub async fn redeliver(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (key, mut p, ctx) = st.signed(&req, Perms::MERCHANT, 1)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let id = text_param(&mut p, "deliveryId", 64, "1..64 characters")?
         .ok_or_else(|| ApiError::missing("deliveryId"))?;
     p.finish()?;
@@ -1104,15 +1078,34 @@ pub async fn redeliver(State(st): State<AppState>, req: Req) -> Result<Response,
 
 // ---- public endpoints ----
 
-fn html(body: &'static str) -> Response {
-    (
+/// A page with its security headers: CSP (see [`super::pages::content_security_policy`]),
+/// `nosniff`, no referrer (the path holds the invoice id or point-of-sale token).
+fn html(st: &AppState, body: &'static str) -> Response {
+    let csp = super::pages::content_security_policy(body, &st.0.cfg.frame_ancestors);
+    let mut r = (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
             (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
         ],
         body,
     )
-        .into_response()
+        .into_response();
+    match header::HeaderValue::from_str(&csp) {
+        Ok(v) => {
+            r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+        }
+        // A frame_ancestors value that is not a header value: refuse embedding at all.
+        Err(_) => {
+            tracing::error!("frame_ancestors is not a valid header value; denying framing");
+            let csp = super::pages::content_security_policy(body, "'none'");
+            if let Ok(v) = header::HeaderValue::from_str(&csp) {
+                r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+            }
+        }
+    }
+    r
 }
 
 fn valid_public_id(id: &str) -> bool {
@@ -1135,7 +1128,7 @@ pub async fn checkout_page(
     State(st): State<AppState>,
 ) -> Result<Response, ApiError> {
     st.charge_ip_addr(&ip, 1)?;
-    Ok(html(super::pages::CHECKOUT_HTML))
+    Ok(html(&st, super::pages::CHECKOUT_HTML))
 }
 
 /// `GET /i/{id}/status`: the PublicInvoice JSON.
@@ -1238,7 +1231,7 @@ pub async fn pos_page(
     Path(token): Path<String>,
 ) -> Result<Response, ApiError> {
     pos_store(&st, &ip, token).await?;
-    Ok(html(super::pages::POS_HTML))
+    Ok(html(&st, super::pages::POS_HTML))
 }
 
 /// The decimals a cashier may type in `currency`: BTC's 8; for a quote asset, those of its BTC

@@ -210,6 +210,16 @@ impl Harness {
 
     /// A new account with a trade+read key, credited with `btc` and `usd` (decimal strings).
     pub async fn trader(&self, btc: &str, usd: &str) -> (u32, (String, String)) {
+        self.trader_with(btc, usd, "read,trade").await
+    }
+
+    /// [`Harness::trader`] with a key of the given permissions (`read,trade,transfer`).
+    pub async fn trader_with(
+        &self,
+        btc: &str,
+        usd: &str,
+        permissions: &str,
+    ) -> (u32, (String, String)) {
         let acct = self
             .ok("POST", "/mapi/v1/admin/account", "", &self.admin)
             .await["account"]
@@ -219,7 +229,7 @@ impl Harness {
             .ok(
                 "POST",
                 "/mapi/v1/admin/apiKey",
-                &format!("account={acct}&permissions=read,trade&label=t"),
+                &format!("account={acct}&permissions={permissions}&label=t"),
                 &self.admin,
             )
             .await;

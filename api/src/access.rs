@@ -1,0 +1,613 @@
+//! Who may call what, where, and who is calling.
+//!
+//! * [`ROUTES`] is the one permission table: every endpoint the router serves, with its method,
+//!   its [`Access`] (public, an API key, or a signed request) and the permission the key needs,
+//!   its request weight, and the [`Listener`] it is served on. The router is built from this
+//!   table and nothing else ([`router`]), and [`crate::app::AppState::signed`] takes the
+//!   permission and weight of the matched entry: a handler cannot ask for less. `api/README.md`
+//!   prints the same table; `tests/routes.rs` walks the router against it and runs every route
+//!   with every permission set.
+//! * [`client_ip`]: the client's address, from a trusted reverse proxy's header only when the
+//!   connection comes from that proxy ([`TrustedProxy`]).
+//!
+//! **Architecture invariant:** a route exists only through a [`ROUTES`] entry; a signed route's
+//! permission is checked after its signature verified and before its handler reads a parameter,
+//! so a refused key changes nothing (`-2015`).
+
+use crate::app::AppState;
+use crate::keys::Perms;
+use axum::routing::{delete, get, post, put, MethodRouter};
+use axum::Router;
+use std::net::IpAddr;
+
+/// How a route authenticates its caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// No key: market data, the checkout and point-of-sale pages, WebSocket upgrades (the
+    /// WebSocket API signs its own messages, `read`).
+    Public,
+    /// An API key in `X-MBX-APIKEY` without a signature, holding these permissions
+    /// (Binance's `USER_STREAM` and `MARKET_DATA`). Charged to the IP only.
+    Key(Perms),
+    /// A signed request (`timestamp`, `signature`) whose key holds these permissions.
+    Signed(Perms),
+}
+
+/// Which listener serves a route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    /// The public address (trading, custody, merchant API, checkout pages).
+    Public,
+    /// The operator address (`admin_listen`, default `127.0.0.1:8081`): `/mapi/v1/admin/*` and
+    /// `/metrics`.
+    Admin,
+}
+
+/// One row of the permission table.
+#[derive(Debug)]
+pub struct Route {
+    /// `GET`, `POST`, `PUT` or `DELETE`.
+    pub method: &'static str,
+    /// The path as the router matches it (`/i/{id}`).
+    pub path: &'static str,
+    /// Who may call it.
+    pub access: Access,
+    /// Request weight charged per call to the IP and, once the signature verified, to the key;
+    /// `None`: the handler computes it from its parameters (public market data).
+    pub weight: Option<u64>,
+    /// Where it is served.
+    pub listener: Listener,
+    /// A parameter that, when sent, needs one more permission: a merchant refund to an
+    /// `address` needs `withdraw` (a refund `toAccount` goes back to the payer only).
+    pub also: Option<(&'static str, Perms)>,
+    handler: fn() -> MethodRouter<AppState>,
+}
+
+use Access::{Key, Public, Signed};
+use Listener::Admin as A;
+use Listener::Public as P;
+
+const R: Perms = Perms::READ;
+const T: Perms = Perms::TRADE;
+const W: Perms = Perms::WITHDRAW;
+const M: Perms = Perms::MERCHANT;
+const ADM: Perms = Perms::ADMIN;
+const X: Perms = Perms::TRANSFER;
+const K: Perms = Perms::KEYS;
+
+macro_rules! route {
+    ($m:literal, $path:literal, $access:expr, $w:expr, $l:expr, $h:expr) => {
+        route!($m, $path, $access, $w, $l, $h, None)
+    };
+    ($m:literal, $path:literal, $access:expr, $w:expr, $l:expr, $h:expr, $also:expr) => {
+        Route {
+            method: $m,
+            path: $path,
+            access: $access,
+            weight: $w,
+            listener: $l,
+            also: $also,
+            handler: || match $m {
+                "GET" => get($h),
+                "POST" => post($h),
+                "PUT" => put($h),
+                _ => delete($h),
+            },
+        }
+    };
+}
+
+/// The permission table (printed in `api/README.md`, "Permissions").
+pub static ROUTES: &[Route] = {
+    use crate::capital as c;
+    use crate::merchant::routes as m;
+    use crate::{metrics, native as n, openapi, public as p, trade as t, ws};
+    &[
+        // Market data.
+        route!("GET", "/api/v3/ping", Public, None, P, p::ping),
+        route!("GET", "/api/v3/time", Public, None, P, p::time),
+        route!(
+            "GET",
+            "/api/v3/exchangeInfo",
+            Public,
+            None,
+            P,
+            p::exchange_info
+        ),
+        route!("GET", "/api/v3/depth", Public, None, P, p::depth),
+        route!("GET", "/api/v3/trades", Public, None, P, p::trades),
+        route!("GET", "/api/v3/aggTrades", Public, None, P, p::agg_trades),
+        route!(
+            "GET",
+            "/api/v3/historicalTrades",
+            Key(Perms::NONE),
+            Some(25),
+            P,
+            p::historical_trades
+        ),
+        route!("GET", "/api/v3/avgPrice", Public, None, P, p::avg_price),
+        route!(
+            "GET",
+            "/api/v3/ticker/24hr",
+            Public,
+            None,
+            P,
+            p::ticker_24hr
+        ),
+        route!(
+            "GET",
+            "/api/v3/ticker/price",
+            Public,
+            None,
+            P,
+            p::ticker_price
+        ),
+        route!(
+            "GET",
+            "/api/v3/ticker/bookTicker",
+            Public,
+            None,
+            P,
+            p::book_ticker
+        ),
+        route!("GET", "/api/v3/klines", Public, None, P, p::klines),
+        route!("GET", "/api/v3/uiKlines", Public, None, P, p::klines),
+        // Trading.
+        route!("POST", "/api/v3/order", Signed(T), Some(1), P, t::new_order),
+        route!("GET", "/api/v3/order", Signed(R), Some(4), P, t::get_order),
+        route!(
+            "DELETE",
+            "/api/v3/order",
+            Signed(T),
+            Some(1),
+            P,
+            t::cancel_order
+        ),
+        route!(
+            "POST",
+            "/api/v3/order/test",
+            Signed(T),
+            Some(1),
+            P,
+            t::test_order
+        ),
+        route!(
+            "POST",
+            "/api/v3/order/cancelReplace",
+            Signed(T),
+            Some(1),
+            P,
+            t::cancel_replace
+        ),
+        route!(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            Signed(T),
+            Some(4),
+            P,
+            t::amend_keep_priority
+        ),
+        // Weight 6 with `symbol`, 80 without (the handler charges it).
+        route!(
+            "GET",
+            "/api/v3/openOrders",
+            Signed(R),
+            None,
+            P,
+            t::open_orders
+        ),
+        route!(
+            "DELETE",
+            "/api/v3/openOrders",
+            Signed(T),
+            Some(1),
+            P,
+            t::cancel_open_orders
+        ),
+        route!(
+            "GET",
+            "/api/v3/allOrders",
+            Signed(R),
+            Some(20),
+            P,
+            t::all_orders
+        ),
+        route!("GET", "/api/v3/account", Signed(R), Some(20), P, t::account),
+        route!(
+            "GET",
+            "/api/v3/myTrades",
+            Signed(R),
+            Some(20),
+            P,
+            t::my_trades
+        ),
+        route!(
+            "POST",
+            "/api/v3/userDataStream",
+            Key(R),
+            Some(2),
+            P,
+            ws::listen_key_new
+        ),
+        route!(
+            "PUT",
+            "/api/v3/userDataStream",
+            Key(Perms::NONE),
+            Some(2),
+            P,
+            ws::listen_key_keepalive
+        ),
+        route!(
+            "DELETE",
+            "/api/v3/userDataStream",
+            Key(Perms::NONE),
+            Some(2),
+            P,
+            ws::listen_key_close
+        ),
+        // Native: transfers and keys.
+        route!(
+            "POST",
+            "/mapi/v1/transfer",
+            Signed(X),
+            Some(1),
+            P,
+            n::transfer
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/apiKey",
+            Signed(K),
+            Some(5),
+            P,
+            n::list_keys
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/apiKey",
+            Signed(K),
+            Some(5),
+            P,
+            n::create_own_key
+        ),
+        route!(
+            "DELETE",
+            "/mapi/v1/apiKey",
+            Signed(K),
+            Some(5),
+            P,
+            n::revoke_key
+        ),
+        // Custody.
+        route!(
+            "GET",
+            "/sapi/v1/capital/deposit/address",
+            Signed(R),
+            Some(10),
+            P,
+            c::deposit_address
+        ),
+        route!(
+            "GET",
+            "/sapi/v1/capital/deposit/hisrec",
+            Signed(R),
+            Some(1),
+            P,
+            c::deposit_history
+        ),
+        route!(
+            "POST",
+            "/sapi/v1/capital/withdraw/apply",
+            Signed(W),
+            Some(1),
+            P,
+            c::withdraw_apply
+        ),
+        route!(
+            "GET",
+            "/sapi/v1/capital/withdraw/history",
+            Signed(R),
+            Some(1),
+            P,
+            c::withdraw_history
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/capital/deposit/address",
+            Signed(R),
+            Some(10),
+            P,
+            c::new_deposit_address
+        ),
+        // Merchant payments.
+        route!(
+            "GET",
+            "/mapi/v1/merchant/store",
+            Signed(M),
+            Some(1),
+            P,
+            m::get_store
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/merchant/store",
+            Signed(M),
+            Some(1),
+            P,
+            m::post_store
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/merchant/webhook/secret",
+            Signed(M),
+            Some(1),
+            P,
+            m::rotate_secret
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/merchant/invoice",
+            Signed(M),
+            Some(1),
+            P,
+            m::create_invoice
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/merchant/invoice",
+            Signed(M),
+            Some(1),
+            P,
+            m::get_invoice
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/merchant/invoices",
+            Signed(M),
+            Some(5),
+            P,
+            m::list_invoices
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/merchant/invoice/invalid",
+            Signed(M),
+            Some(1),
+            P,
+            m::mark_invalid
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            Signed(M),
+            Some(1),
+            P,
+            m::refund,
+            Some(("address", W))
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            Signed(X),
+            Some(1),
+            P,
+            m::pay
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/merchant/webhook/deliveries",
+            Signed(M),
+            Some(1),
+            P,
+            m::deliveries
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/merchant/webhook/redeliver",
+            Signed(M),
+            Some(1),
+            P,
+            m::redeliver
+        ),
+        route!("GET", "/i/{id}", Public, None, P, m::checkout_page),
+        route!("GET", "/i/{id}/status", Public, None, P, m::public_status),
+        route!("GET", "/i/{id}/events", Public, None, P, m::public_events),
+        route!("GET", "/i/{id}/qr.png", Public, None, P, m::qr_png),
+        route!("GET", "/i/{id}/qr.svg", Public, None, P, m::qr_svg),
+        route!("GET", "/pos/{token}", Public, None, P, m::pos_page),
+        route!("GET", "/pos/{token}/info", Public, None, P, m::pos_info),
+        route!(
+            "POST",
+            "/pos/{token}/invoice",
+            Public,
+            None,
+            P,
+            m::pos_invoice
+        ),
+        // WebSockets.
+        route!("GET", "/ws", Public, None, P, ws::ws_root),
+        route!("GET", "/ws/{streams}", Public, None, P, ws::ws_path),
+        route!("GET", "/stream", Public, None, P, ws::ws_combined),
+        route!("GET", "/ws-api/v3", Public, None, P, ws::ws_api),
+        route!("GET", "/openapi.json", Public, None, P, openapi::openapi),
+        // Operator.
+        route!(
+            "POST",
+            "/mapi/v1/admin/account",
+            Signed(ADM),
+            Some(1),
+            A,
+            n::admin_create_account
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/apiKey",
+            Signed(ADM),
+            Some(1),
+            A,
+            n::admin_create_key
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/credit",
+            Signed(ADM),
+            Some(1),
+            A,
+            n::admin_credit
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/depositAddress",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_deposit_address
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/withdrawals",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_withdrawals
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/withdrawals/approve",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_approve
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/reconcile",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_reconcile
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/regtest/mine",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_mine
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/regtest/fund",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_fund
+        ),
+        route!("GET", "/metrics", Public, None, A, metrics::metrics),
+    ]
+};
+
+/// The table's entry for `method` and router path `path`.
+pub fn find(method: &str, path: &str) -> Option<&'static Route> {
+    ROUTES
+        .iter()
+        .find(|r| r.method.eq_ignore_ascii_case(method) && r.path == path)
+}
+
+/// The routes of [`ROUTES`] served on `only` (all with `None`), each handler given its entry
+/// (as a request extension, read by [`crate::app::Req`]).
+pub fn router(only: Option<Listener>) -> Router<AppState> {
+    let mut r = Router::new();
+    for route in ROUTES
+        .iter()
+        .filter(|r| only.is_none_or(|l| r.listener == l))
+    {
+        let entry: &'static Route = route;
+        r = r.route(route.path, (route.handler)().layer(axum::Extension(entry)));
+    }
+    r
+}
+
+/// Where the client address comes from behind a reverse proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TrustedProxy {
+    /// The header the proxy sets, e.g. `x-forwarded-for` (the last address of the list is the
+    /// one the proxy saw) or `x-real-ip`. Compared case-insensitively.
+    pub header: String,
+    /// The proxies' own addresses: only a connection from one of these is believed.
+    pub addresses: Vec<IpAddr>,
+}
+
+/// The client's address for rate limits and logs: the peer's, or, when the peer is a trusted
+/// proxy, the last address in the proxy's header (a proxy appends the address it saw, so earlier
+/// entries are the client's claims). A header from anyone else is ignored; a trusted proxy's
+/// request without a readable header counts as the proxy's own. `local` without a socket.
+pub fn client_ip(
+    peer: Option<IpAddr>,
+    headers: &axum::http::HeaderMap,
+    proxy: Option<&TrustedProxy>,
+) -> String {
+    let Some(peer) = peer else {
+        return "local".to_owned();
+    };
+    let forwarded = proxy
+        .filter(|p| p.addresses.contains(&peer))
+        .and_then(|p| headers.get(p.header.as_str()))
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.rsplit(',').next())
+        .and_then(|v| v.trim().parse::<IpAddr>().ok());
+    forwarded.unwrap_or(peer).to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_entry_per_method_and_path() {
+        for (i, a) in ROUTES.iter().enumerate() {
+            assert!(
+                ["GET", "POST", "PUT", "DELETE"].contains(&a.method),
+                "{}",
+                a.path
+            );
+            for b in &ROUTES[i + 1..] {
+                assert!(
+                    !(a.method == b.method && a.path == b.path),
+                    "{} {} twice",
+                    a.method,
+                    a.path
+                );
+            }
+            if a.path.starts_with("/mapi/v1/admin/") {
+                assert_eq!(a.access, Signed(ADM), "{}", a.path);
+                assert_eq!(a.listener, Listener::Admin, "{}", a.path);
+            }
+            if a.listener == Listener::Admin {
+                assert!(a.path.starts_with("/mapi/v1/admin/") || a.path == "/metrics");
+            }
+        }
+    }
+
+    #[test]
+    fn proxy_header_is_believed_from_the_proxy_only() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert(
+            "x-forwarded-for",
+            "198.51.100.9, 203.0.113.7".parse().unwrap(),
+        );
+        let proxy = TrustedProxy {
+            header: "X-Forwarded-For".into(),
+            addresses: vec!["10.0.0.2".parse().unwrap()],
+        };
+        let from_proxy = Some("10.0.0.2".parse().unwrap());
+        let from_other = Some("192.0.2.1".parse().unwrap());
+        assert_eq!(client_ip(from_proxy, &h, Some(&proxy)), "203.0.113.7");
+        assert_eq!(client_ip(from_other, &h, Some(&proxy)), "192.0.2.1");
+        assert_eq!(client_ip(from_proxy, &h, None), "10.0.0.2");
+        assert_eq!(client_ip(None, &h, Some(&proxy)), "local");
+        let mut bad = axum::http::HeaderMap::new();
+        bad.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
+        assert_eq!(client_ip(from_proxy, &bad, Some(&proxy)), "10.0.0.2");
+    }
+}

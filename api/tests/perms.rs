@@ -1,0 +1,153 @@
+//! Permissions (what each kind of key may do) and the per-key rate limit.
+
+mod common;
+
+use api::keys::Perms;
+use api::ApiConfig;
+use axum::http::StatusCode;
+use common::Harness;
+
+#[tokio::test]
+async fn trade_key_cannot_transfer_to_another_account() {
+    let h = Harness::new();
+    let (_, ka) = h.trader("0", "100").await; // read,trade: a bot's key
+    let (b, kb) = h.trader("0", "0").await;
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={b}&asset=USD&amount=10&clientTranId=drain"),
+            &ka,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::UNAUTHORIZED, -2015),
+        "{}",
+        r.json
+    );
+    assert_eq!(h.balance(&ka, "USD").await.0, "100.00000000");
+    assert_eq!(h.balance(&kb, "USD").await.0, "0.00000000");
+}
+
+#[tokio::test]
+async fn read_key_cannot_list_mint_or_revoke_keys() {
+    let h = Harness::new();
+    let (acct, trader) = h.trader("0", "0").await;
+    let reader = h.state.create_key(acct, Perms::READ, "viewer").unwrap();
+    let cases = [
+        ("GET", "/mapi/v1/apiKey", String::new()),
+        ("POST", "/mapi/v1/apiKey", "permissions=read".to_owned()),
+        ("DELETE", "/mapi/v1/apiKey", format!("apiKey={}", trader.0)),
+    ];
+    for (method, path, params) in &cases {
+        let r = h.signed(method, path, params, &reader).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::UNAUTHORIZED, -2015),
+            "{method} {path}: {}",
+            r.json
+        );
+    }
+    // Nothing was revoked.
+    h.ok("GET", "/api/v3/account", "", &trader).await;
+}
+
+#[tokio::test]
+async fn bad_signatures_do_not_spend_the_keys_rate_limit() {
+    let h = Harness::with_config(ApiConfig {
+        orders_per_10s: 1_000_000,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 40,
+        ..ApiConfig::default()
+    });
+    let (_, k) = h.trader("0", "0").await;
+    // Anyone who knows the key id, but not its secret.
+    let forged = (k.0.clone(), "0".repeat(64));
+    for _ in 0..20 {
+        let r = h.signed("GET", "/api/v3/account", "", &forged).await;
+        assert_eq!(r.code(), -1022, "{}", r.json);
+    }
+    // The owner's budget (40 = two account reads of weight 20) is untouched.
+    for _ in 0..2 {
+        let r = h.signed("GET", "/api/v3/account", "", &k).await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    }
+    let r = h.signed("GET", "/api/v3/account", "", &k).await;
+    assert_eq!((r.status, r.code()), (StatusCode::TOO_MANY_REQUESTS, -1003));
+}
+
+/// `GET /api/v3/ping` (weight 1) from `peer`, with `X-Forwarded-For: xff`.
+async fn ping_from(h: &Harness, peer: &str, xff: &str) -> StatusCode {
+    use tower::ServiceExt;
+    let peer: std::net::SocketAddr = format!("{peer}:40000").parse().unwrap();
+    let mut req = axum::http::Request::get("/api/v3/ping")
+        .header("x-forwarded-for", xff)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    req.extensions_mut()
+        .insert(axum::extract::ConnectInfo(api::app::PeerAddr(peer)));
+    h.router.clone().oneshot(req).await.unwrap().status()
+}
+
+#[tokio::test]
+async fn client_address_comes_from_the_trusted_proxy_header_only() {
+    let h = Harness::with_config(ApiConfig {
+        ip_weight_per_min: 2,
+        trusted_proxy: Some(api::access::TrustedProxy {
+            header: "x-forwarded-for".into(),
+            addresses: vec!["10.0.0.2".parse().unwrap()],
+        }),
+        ..ApiConfig::default()
+    });
+    // Behind the proxy, each client has its own budget (not the proxy's shared one); the last
+    // address is the one the proxy saw, earlier ones are the client's claims.
+    for _ in 0..2 {
+        assert_eq!(
+            ping_from(&h, "10.0.0.2", "1.2.3.4, 203.0.113.1").await,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        ping_from(&h, "10.0.0.2", "203.0.113.1").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        ping_from(&h, "10.0.0.2", "203.0.113.2").await,
+        StatusCode::OK
+    );
+    // Anyone else's header is ignored: a direct client is its own address, whatever it claims.
+    for n in 0..2 {
+        assert_eq!(
+            ping_from(&h, "192.0.2.9", &format!("198.51.100.{n}")).await,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        ping_from(&h, "192.0.2.9", "198.51.100.7").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    assert_eq!(
+        ping_from(&h, "10.0.0.2", "198.51.100.0").await,
+        StatusCode::OK,
+        "the claims spent nothing of the claimed addresses' budgets"
+    );
+}
+
+#[tokio::test]
+async fn without_a_trusted_proxy_forwarding_headers_are_ignored() {
+    let h = Harness::with_config(ApiConfig {
+        ip_weight_per_min: 2,
+        ..ApiConfig::default()
+    });
+    for n in 0..2 {
+        assert_eq!(
+            ping_from(&h, "10.0.0.2", &format!("203.0.113.{n}")).await,
+            StatusCode::OK
+        );
+    }
+    assert_eq!(
+        ping_from(&h, "10.0.0.2", "203.0.113.99").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+}

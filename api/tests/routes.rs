@@ -1,0 +1,274 @@
+//! The permission table (`api::access::ROUTES`) against the router: every route the router
+//! serves has an entry, each listener serves its own, and every route answered with every
+//! permission set is either allowed or refused with `-2015` having changed nothing.
+
+mod common;
+
+use api::access::{Access, Listener, ROUTES};
+use api::keys::Perms;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::Harness;
+use tower::ServiceExt;
+
+const METHODS: [&str; 5] = ["GET", "POST", "PUT", "DELETE", "PATCH"];
+
+/// A concrete URI for a router path (`/i/{id}` → `/i/abc`).
+fn concrete(path: &str) -> String {
+    path.split('/')
+        .map(|s| if s.starts_with('{') { "abc" } else { s })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+/// (status, code, msg) of an unauthenticated request through `router`.
+async fn probe(router: &axum::Router, method: &str, uri: &str) -> (StatusCode, i64, String) {
+    let req = Request::builder()
+        .method(method)
+        .uri(uri)
+        .body(Body::empty())
+        .unwrap();
+    let res = router.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let bytes = http_body_util::BodyExt::collect(res.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    (
+        status,
+        v["code"].as_i64().unwrap_or(0),
+        v["msg"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// The table entry of `method` and `path` (placeholder names aside: `{stream}` = `{streams}`).
+fn entry(method: &str, path: &str) -> Option<&'static api::access::Route> {
+    ROUTES
+        .iter()
+        .find(|r| r.method.eq_ignore_ascii_case(method) && concrete(r.path) == concrete(path))
+}
+
+fn is_fallback(r: &(StatusCode, i64, String)) -> bool {
+    r.0 == StatusCode::NOT_FOUND && r.2 == "Unknown endpoint."
+}
+
+#[tokio::test]
+async fn every_served_route_has_a_table_entry_and_its_listener() {
+    let h = Harness::new();
+    let all = api::app(h.state.clone());
+    let public = api::public_app(h.state.clone());
+    let admin = api::admin_app(h.state.clone());
+    let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
+    // Every documented operation is in the table.
+    let doc = h.get("/openapi.json").await.json;
+    for (path, ops) in doc["paths"].as_object().unwrap() {
+        for method in ops.as_object().unwrap().keys() {
+            assert!(
+                entry(method, path).is_some(),
+                "{method} {path} is documented but has no table entry"
+            );
+        }
+        paths.push(path);
+    }
+    for path in paths {
+        let uri = concrete(path);
+        for method in METHODS {
+            let r = probe(&all, method, &uri).await;
+            match entry(method, path) {
+                Some(e) => {
+                    assert!(!is_fallback(&r), "{method} {path}: {r:?}");
+                    assert_ne!(r.0, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                    let (on, off) = match e.listener {
+                        Listener::Public => (&public, &admin),
+                        Listener::Admin => (&admin, &public),
+                    };
+                    let r = probe(on, method, &uri).await;
+                    assert!(!is_fallback(&r), "{method} {path} on its listener: {r:?}");
+                    assert_ne!(r.0, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
+                    let r = probe(off, method, &uri).await;
+                    assert!(
+                        is_fallback(&r) || r.0 == StatusCode::METHOD_NOT_ALLOWED,
+                        "{method} {path} is served on the other listener: {r:?}"
+                    );
+                }
+                // Served without an entry: a route registered around the table.
+                None => assert!(
+                    is_fallback(&r) || r.0 == StatusCode::METHOD_NOT_ALLOWED,
+                    "{method} {path} is served but has no table entry: {r:?}"
+                ),
+            }
+        }
+    }
+}
+
+/// Routes are registered through the table only: no `.route(` anywhere else in the crate.
+#[test]
+fn no_route_is_registered_outside_the_table() {
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                out.push(p);
+            }
+        }
+    }
+    let mut files = Vec::new();
+    walk(
+        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
+        &mut files,
+    );
+    assert!(files.len() > 10);
+    for f in files {
+        if f.ends_with("access.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&f).unwrap();
+        for needle in [".route(", ".nest(", ".route_service("] {
+            assert!(
+                !text.contains(needle),
+                "{} registers a route outside api::access::ROUTES ({needle})",
+                f.display()
+            );
+        }
+    }
+}
+
+/// Everything a refused request could have changed.
+async fn fingerprint(h: &Harness, observer: &(String, String)) -> String {
+    let rm = format!("{:?}", {
+        let s = h.state.read_model().read();
+        let mut b: Vec<_> = s.balances.iter().map(|(a, v)| (*a, v.clone())).collect();
+        b.sort();
+        (b, s.accounts.clone())
+    });
+    let keys = h.ok("GET", "/mapi/v1/apiKey", "", observer).await;
+    let orders = h.ok("GET", "/api/v3/openOrders", "", observer).await;
+    let merchant = {
+        let db = h.state.merchant().db.lock().unwrap();
+        let tables: Vec<String> = db
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .map(Result::unwrap)
+            .collect();
+        tables
+            .iter()
+            .map(|t| {
+                let n: i64 = db
+                    .query_row(&format!("SELECT count(*) FROM \"{t}\""), [], |r| r.get(0))
+                    .unwrap();
+                format!("{t}={n}")
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    format!("{rm}\n{keys}\n{orders}\n{merchant}")
+}
+
+#[tokio::test]
+async fn every_route_with_every_permission_set_is_allowed_or_refused_unchanged() {
+    let h = Harness::new();
+    let (acct, observer) = h.trader_with("1", "1000", "read,keys").await;
+    let all = Perms(Perms::NAMES.iter().fold(0, |b, (_, p)| b | p.0));
+    let mut sets = vec![Perms::NONE, all];
+    for (_, p) in Perms::NAMES {
+        sets.push(p);
+        sets.push(Perms(all.0 & !p.0));
+    }
+    let mut keys = Vec::new();
+    for p in &sets {
+        keys.push((*p, h.state.create_key(acct, *p, "probe").unwrap()));
+    }
+    let mut checked = 0;
+    for route in ROUTES {
+        let (need, signed) = match route.access {
+            Access::Public => continue,
+            Access::Key(p) => (p, false),
+            Access::Signed(p) => (p, true),
+        };
+        // Each route as is, and with the parameter that needs one more permission.
+        let mut variants = vec![(String::new(), need)];
+        if let Some((param, extra)) = route.also {
+            variants.push((format!("{param}=bcrt1qx"), need.with(extra)));
+        }
+        for (params, need) in &variants {
+            for (perms, key) in &keys {
+                let before = fingerprint(&h, &observer).await;
+                let r = if signed {
+                    h.signed(route.method, route.path, params, key).await
+                } else {
+                    h.raw(route.method, route.path, "", Some(&key.0)).await
+                };
+                let what = format!(
+                    "{} {} {params} with {:?}: {} {}",
+                    route.method,
+                    route.path,
+                    perms.names(),
+                    r.status,
+                    r.json
+                );
+                if perms.has(*need) {
+                    assert_ne!(r.code(), -2015, "refused: {what}");
+                    assert_ne!(r.status, StatusCode::UNAUTHORIZED, "{what}");
+                } else {
+                    assert_eq!(
+                        (r.status, r.code()),
+                        (StatusCode::UNAUTHORIZED, -2015),
+                        "allowed: {what}"
+                    );
+                    assert_eq!(fingerprint(&h, &observer).await, before, "changed: {what}");
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked > 40 * sets.len(), "{checked}");
+}
+
+/// The README's row of a route.
+fn readme_row(r: &api::access::Route) -> String {
+    let names = |p: Perms| {
+        if p == Perms::NONE {
+            "any key".to_owned()
+        } else {
+            p.names().join(",")
+        }
+    };
+    let mut access = match r.access {
+        Access::Public => "public".to_owned(),
+        Access::Key(p) => format!("key: {}", names(p)),
+        Access::Signed(p) => format!("signed: **{}**", names(p)),
+    };
+    if let Some((param, p)) = r.also {
+        access.push_str(&format!(" (+ **{}** with `{param}`)", names(p)));
+    }
+    let weight = r
+        .weight
+        .map(|w| w.to_string())
+        .unwrap_or_else(|| "by handler".into());
+    let listener = match r.listener {
+        Listener::Public => "public",
+        Listener::Admin => "admin",
+    };
+    format!(
+        "| `{}` | `{}` | {access} | {weight} | {listener} |",
+        r.method, r.path
+    )
+}
+
+#[test]
+fn readme_prints_the_permission_table() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rows: Vec<String> = ROUTES.iter().map(readme_row).collect();
+    let missing: Vec<&String> = rows.iter().filter(|r| !readme.contains(*r)).collect();
+    assert!(
+        missing.is_empty(),
+        "api/README.md's permission table is out of date; it should read:\n{}",
+        rows.join("\n")
+    );
+}

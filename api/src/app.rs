@@ -376,13 +376,22 @@ impl AppState {
         self.0.rm.halted.get()
     }
 
+    /// True when the circuit breaker is open: the ledger auditor found a violation, or the
+    /// engine's own invariant check failed (after recovery, or before a snapshot). Commands that
+    /// move money are refused until an operator restarts the server.
+    pub fn breaker_open(&self) -> bool {
+        self.halted().is_some()
+            || self.0.rm.engine_invalid.get().is_some()
+            || self.0.core.invariants_broken()
+    }
+
     /// Submits a command and reports what became of it: applied, rejected, not taken, or
     /// unknown ([`Outcome`]). An applied command is reported as applied even when the read
     /// models are slow to show it: their lag is logged, never turned into a failure (the reply
     /// is durable and authoritative). Callers that move money resolve `Unknown` by idempotency
     /// key.
     pub async fn submit_outcome(&self, cmd: Command) -> Outcome {
-        if self.halted().is_some() && moves_money(&cmd) {
+        if self.breaker_open() && moves_money(&cmd) {
             return Outcome::Halted;
         }
         // Read models that lost events cannot show what a command did: refuse before taking it

@@ -78,6 +78,11 @@ pub trait ExchangeCore: Send + Sync + 'static {
     fn queue_depth(&self) -> usize {
         0
     }
+    /// True once the engine's own invariant check failed (before a snapshot): the API's circuit
+    /// breaker then stops commands that move money.
+    fn invariants_broken(&self) -> bool {
+        false
+    }
 }
 
 /// The events of one command that advanced the engine's sequence.

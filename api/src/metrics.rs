@@ -138,7 +138,7 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
         "mediator_circuit_breaker",
         "gauge",
         "1 when the ledger auditor found money created or destroyed: commands that move money are refused.",
-        u64::from(st.halted().is_some()),
+        u64::from(st.breaker_open()),
     );
     line(
         "mediator_audited_commands_total",

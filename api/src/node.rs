@@ -83,6 +83,14 @@ pub fn start_node(data_dir: &Path, cfg: NodeConfig) -> Result<Node, NodeError> {
     if regenerated > 0 {
         tracing::info!(regenerated, "history regenerated from the journal");
     }
+    // The engine's full invariant check after recovery, in release builds too: a state that
+    // fails it starts with the circuit breaker open.
+    if let Err(e) = matching_engine::StateMachine::validate(&recovered.state) {
+        rm.trip_engine(format!(
+            "the recovered state at seq {} fails its invariants: {e}",
+            recovered.state.seq()
+        ));
+    }
     recovered.store.retain_from(rm.history_floor());
     let recovery = recovered.report.clone();
     let sequencer = Sequencer::durable(recovered, SystemClock, cfg.sequencer)?;

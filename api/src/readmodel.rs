@@ -437,6 +437,8 @@ pub struct ReadModel {
     auditor: std::sync::Mutex<crate::audit::Auditor>,
     /// The circuit breaker: set (once, with what was found) when the auditor finds a violation.
     pub halted: Arc<std::sync::OnceLock<crate::audit::Violation>>,
+    /// The circuit breaker, opened by the engine's own invariant check after recovery.
+    pub engine_invalid: std::sync::OnceLock<String>,
     /// The last engine `seq` whose history rows are committed to SQLite (see
     /// [`ReadModel::history_floor`]).
     history_floor: Arc<AtomicU64>,
@@ -519,6 +521,7 @@ impl ReadModel {
             store,
             broken: Arc::default(),
             halted: Arc::default(),
+            engine_invalid: std::sync::OnceLock::new(),
             history_floor: Arc::default(),
         }
     }
@@ -535,6 +538,16 @@ impl ReadModel {
              refused until an operator restarts the server"
         );
         let _ = self.halted.set(v);
+    }
+
+    /// Opens the circuit breaker for a broken engine invariant found outside the auditor (the
+    /// check after recovery).
+    pub fn trip_engine(&self, reason: String) {
+        tracing::error!(
+            reason,
+            "ENGINE INVARIANT CHECK FAILED: commands that move money are refused"
+        );
+        let _ = self.engine_invalid.set(reason);
     }
 
     /// Commands the auditor has checked.

@@ -34,6 +34,7 @@ pub struct SequencerCore {
     tx: crossbeam::channel::Sender<Job>,
     config: EngineConfig,
     waiting: Arc<AtomicUsize>,
+    handle: SequencerHandle<Engine>,
 }
 
 /// Why the core could not start.
@@ -62,7 +63,10 @@ fn to_reply(outcome: Outcome<Event>) -> Result<Reply, CoreError> {
             events: Vec::new(),
             seq: 0,
         }),
-        Outcome::NotApplied | Outcome::Indeterminate => Err(CoreError::Stopped),
+        // The engine stopped before applying it: nothing changed (as a full queue: not taken).
+        Outcome::NotApplied => Err(CoreError::Busy),
+        // Applied, but the journal failed before it was known durable: unknown.
+        Outcome::Indeterminate => Err(CoreError::Stopped),
     }
 }
 
@@ -91,6 +95,7 @@ impl SequencerCore {
             tx,
             config,
             waiting,
+            handle: handle.clone(),
         })
     }
 }
@@ -225,6 +230,10 @@ impl ExchangeCore for SequencerCore {
 
     fn config(&self) -> &EngineConfig {
         &self.config
+    }
+
+    fn invariants_broken(&self) -> bool {
+        self.handle.invariants_broken()
     }
 
     fn queue_depth(&self) -> usize {

@@ -2205,4 +2205,7 @@ impl crate::StateMachine for Engine {
     fn state_hash(&self) -> [u8; 32] {
         Engine::state_hash(self)
     }
+    fn validate(&self) -> Result<(), crate::RestoreError> {
+        Engine::validate(self).map_err(Into::into)
+    }
 }

@@ -79,4 +79,9 @@ pub trait StateMachine {
         Self: Sized;
     /// SHA-256 of the canonical encoding of the state.
     fn state_hash(&self) -> [u8; 32];
+    /// Checks the state's invariants (in release builds too): the sequencer runs it before every
+    /// snapshot, and a server after recovery. The default checks nothing.
+    fn validate(&self) -> Result<(), RestoreError> {
+        Ok(())
+    }
 }

@@ -292,6 +292,8 @@ struct Shared<S: StateMachine> {
     /// The engine thread takes nothing more from the queue.
     exited: AtomicBool,
     snapshot_requested: AtomicBool,
+    /// The state failed its invariant check before a snapshot ([`StateMachine::validate`]).
+    invariants_broken: AtomicBool,
     counters: Counters,
     config: SequencerConfig,
     subscriptions: Subscriptions<S::Event>,
@@ -379,6 +381,13 @@ impl<S: StateMachine> SequencerHandle<S> {
     /// answering every request with "stopped".
     pub fn has_stopped(&self) -> bool {
         self.shared.exited.load(SeqCst)
+    }
+
+    /// True once the state failed its invariant check ([`StateMachine::validate`], run before
+    /// every snapshot; the broken state is not snapshotted). The engine goes on (the journal is
+    /// the record); a server stops commands that move money (a circuit breaker).
+    pub fn invariants_broken(&self) -> bool {
+        self.shared.invariants_broken.load(SeqCst)
     }
 }
 
@@ -531,6 +540,7 @@ impl<S: StateMachine + Send + 'static> Sequencer<S> {
             closing: AtomicBool::new(false),
             exited: AtomicBool::new(false),
             snapshot_requested: AtomicBool::new(false),
+            invariants_broken: AtomicBool::new(false),
             counters: Counters::default(),
             config,
             subscriptions: fanout.subscriptions(),
@@ -681,7 +691,10 @@ impl<S: StateMachine, C: Clock> Engine<S, C> {
         }
         if let Some(store) = &mut self.store {
             store.sync()?;
-            if shared.config.snapshot_on_shutdown && store.last_snapshot_seq() < self.state.seq() {
+            if shared.config.snapshot_on_shutdown
+                && store.last_snapshot_seq() < self.state.seq()
+                && self.state.validate().is_ok()
+            {
                 store.snapshot(&self.state)?;
                 shared.counters.snapshots.fetch_add(1, Relaxed);
             }
@@ -800,6 +813,15 @@ impl<S: StateMachine, C: Clock> Engine<S, C> {
         let seq = self.state.seq();
         let due = store.snapshot_due(seq) || (requested && store.last_snapshot_seq() < seq);
         if !due {
+            return;
+        }
+        // The full invariant check, in release builds too: a state that fails it is never
+        // written as the newest snapshot, and the breaker opens.
+        if let Err(e) = self.state.validate() {
+            shared.counters.snapshot_failures.fetch_add(1, Relaxed);
+            if !shared.invariants_broken.swap(true, SeqCst) {
+                tracing::error!(seq, error = %e, "INVARIANT CHECK FAILED before a snapshot: not snapshotting");
+            }
             return;
         }
         match store.snapshot(&self.state) {

@@ -201,6 +201,15 @@ impl StateMachine for Bank {
     fn state_hash(&self) -> [u8; 32] {
         Sha256::digest(postcard::to_stdvec(self).expect("encodes")).into()
     }
+
+    /// The bank's invariant: each producer's commands arrive in order.
+    fn validate(&self) -> Result<(), matching_engine::RestoreError> {
+        if self.disorder == 0 {
+            Ok(())
+        } else {
+            Err(format!("{} commands applied out of order", self.disorder).into())
+        }
+    }
 }
 
 /// A deterministic command stream: deposits, transfers, and every seventh an overdraft that is

@@ -1347,7 +1347,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
             Event::Rejected { .. }
             | Event::WithdrawalHeld { .. }
             | Event::WithdrawalReleased { .. }
-            | Event::WithdrawalCompleted { .. } => {}
+            | Event::WithdrawalCompleted { .. }
+            | Event::WithdrawalStatus { .. } => {}
         }
     }
     for (mi, (first, last, b_levels, a_levels)) in depth {

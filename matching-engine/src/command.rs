@@ -195,6 +195,14 @@ pub enum Command {
     },
     /// Advances time only: expires GTD orders whose time has come.
     Tick,
+    /// A read-only query: the engine's record of a withdrawal (held, released or completed, with
+    /// account, asset, amount and fee), answered by one [`Event::WithdrawalStatus`](crate::Event).
+    /// It changes nothing: it never advances `seq` or the engine's time, expires nothing, and is
+    /// therefore never journaled. Custody resolves an *unknown* outcome with it.
+    WithdrawalStatus {
+        /// The withdrawal.
+        id: WithdrawalId,
+    },
 }
 
 impl Command {

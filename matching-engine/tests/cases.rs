@@ -1145,6 +1145,75 @@ fn withdrawal_hold_release_and_complete() {
     );
 }
 
+/// Custody resolves an unknown outcome by asking: the engine remembers every withdrawal it held
+/// (held, released or completed, with account and amounts), and the query changes nothing.
+#[test]
+fn withdrawal_status_answers_the_record_and_changes_nothing() {
+    let mut h = H::new();
+    let a = h.account(10_000, 0);
+    let query = |h: &mut H, id| {
+        let before = (h.e.state_hash(), h.e.seq(), h.e.now());
+        let mut out = Vec::new();
+        h.e.apply(
+            &Command::WithdrawalStatus {
+                id: WithdrawalId(id),
+            },
+            Timestamp(h.now + 1_000_000),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            (h.e.state_hash(), h.e.seq(), h.e.now()),
+            before,
+            "a query moves neither state, seq nor time"
+        );
+        match out.as_slice() {
+            [Event::WithdrawalStatus { id: got, withdrawal }] => {
+                assert_eq!(*got, WithdrawalId(id));
+                withdrawal.map(|w| (w.account, w.amount.0, w.fee.0, w.state))
+            }
+            other => panic!("one answer expected: {other:?}"),
+        }
+    };
+    assert_eq!(query(&mut h, 1), None, "never seen");
+    let hold = |id, amount| Command::WithdrawHold {
+        account: a,
+        asset: BASE,
+        amount: Amount(amount),
+        fee: Amount(100),
+        id: WithdrawalId(id),
+    };
+    h.cmd(hold(1, 3_000)).unwrap();
+    h.cmd(hold(2, 2_000)).unwrap();
+    assert_eq!(
+        query(&mut h, 1),
+        Some((a, 3_000, 100, WithdrawalState::Held))
+    );
+    h.cmd(Command::WithdrawRelease {
+        id: WithdrawalId(1),
+    })
+    .unwrap();
+    h.cmd(Command::WithdrawComplete {
+        id: WithdrawalId(2),
+        network_fee: Amount(10),
+    })
+    .unwrap();
+    assert_eq!(
+        query(&mut h, 1),
+        Some((a, 3_000, 100, WithdrawalState::Released))
+    );
+    assert_eq!(
+        query(&mut h, 2),
+        Some((a, 2_000, 100, WithdrawalState::Completed))
+    );
+    // The records survive a snapshot.
+    let restored = Engine::from_snapshot(h.e.snapshot()).unwrap();
+    assert_eq!(
+        restored.withdrawal(WithdrawalId(1)).map(|w| w.state),
+        Some(WithdrawalState::Released)
+    );
+}
+
 #[test]
 fn transfers_move_available_funds_once() {
     let mut h = H::new();

@@ -8,19 +8,20 @@ use api::custody::{
     Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
     WithdrawalState,
 };
+use api::core::Outcome;
 use api::AppState;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
 use matching_engine::config::BTC;
-use matching_engine::{AccountId, Amount, Command, RejectCode, WithdrawalId};
+use matching_engine::{AccountId, Amount, Command, Event, RejectCode, Withdrawal, WithdrawalId};
 use std::sync::{Arc, Mutex, MutexGuard};
 use wallet::bitcoin::{Address, Network, ScriptBuf};
 use wallet::{
-    system_now, CustodyService, DepositStatus, WithdrawalError, WithdrawalRequest,
+    system_now, CustodyService, DepositStatus, LedgerError, WithdrawalError, WithdrawalRequest,
     WithdrawalStatus, WithdrawalView,
 };
 
 /// The ledger as the custody service sees it: every command goes through the API's core (the
-/// sequencer), and is answered once durable and visible in the read models.
+/// sequencer) and is answered applied (durable), refused, or unknown ([`Outcome`]).
 #[derive(Debug)]
 pub struct EngineLedger {
     state: AppState,
@@ -35,12 +36,37 @@ impl EngineLedger {
 }
 
 impl wallet::Ledger for EngineLedger {
-    fn submit(&self, cmd: Command) -> Result<(), RejectCode> {
-        // The engine is the authority: a command that got no answer (busy, stopped) is reported
-        // as busy, so the service tries it again later.
-        match self.rt.block_on(self.state.submit(cmd)) {
-            Ok(reply) => reply.result,
-            Err(_) => Err(RejectCode::EngineBusy),
+    fn submit(&self, cmd: Command) -> Result<(), LedgerError> {
+        // Three answers: applied, refused (nothing changed; "not taken" is a refusal as busy),
+        // or unknown (taken, no answer): the service resolves the last by asking, never assumes.
+        match self.rt.block_on(self.state.submit_outcome(cmd)) {
+            Outcome::Applied(_) => Ok(()),
+            Outcome::Rejected(code) => Err(LedgerError::Rejected(code)),
+            Outcome::Busy => Err(LedgerError::Rejected(RejectCode::EngineBusy)),
+            _ => Err(LedgerError::Unknown),
+        }
+    }
+
+    fn withdrawal(&self, id: WithdrawalId) -> Result<Option<Withdrawal>, LedgerError> {
+        // A read-only query through the sequencer: answered after every command before it, never
+        // journaled.
+        match self
+            .rt
+            .block_on(self.state.submit_outcome(Command::WithdrawalStatus { id }))
+        {
+            Outcome::Applied(reply) => reply
+                .events
+                .iter()
+                .find_map(|e| match e {
+                    Event::WithdrawalStatus { id: got, withdrawal } if *got == id => {
+                        Some(*withdrawal)
+                    }
+                    _ => None,
+                })
+                .ok_or(LedgerError::Unknown),
+            Outcome::Rejected(code) => Err(LedgerError::Rejected(code)),
+            Outcome::Busy => Err(LedgerError::Rejected(RejectCode::EngineBusy)),
+            _ => Err(LedgerError::Unknown),
         }
     }
 

@@ -36,7 +36,7 @@ pub use error::{
     SyncError, WithdrawalError,
 };
 pub use keys::{KeyError, Passphrase};
-pub use ledger::Ledger;
+pub use ledger::{Ledger, LedgerError};
 pub use runner::{system_now, Runner};
 pub use service::{
     BatchInfo, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,

@@ -226,6 +226,16 @@ fn rpc_code(e: &bitcoincore_rpc::Error) -> Option<i32> {
     }
 }
 
+/// The old two-valued answer: an unknown outcome reported as busy (what the application's
+/// ledger used to answer for every error).
+fn legacy(r: Result<(), crate::ledger::LedgerError>) -> Result<(), RejectCode> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(crate::ledger::LedgerError::Rejected(code)) => Err(code),
+        Err(_) => Err(RejectCode::EngineBusy),
+    }
+}
+
 /// Splits a batch's network fee across its withdrawals in proportion to their flat fees, each
 /// share at most its flat fee, the shares adding up to `fee` exactly. `fee` must not exceed the sum
 /// of the flat fees.
@@ -355,7 +365,7 @@ impl CustodyService {
                 fee: w.fee,
                 id: w.id,
             };
-            match self.ledger.submit(hold) {
+            match legacy(self.ledger.submit(hold)) {
                 Ok(()) | Err(RejectCode::DuplicateWithdrawal) => {
                     store::set_withdrawal_status(&self.db, w.id, self.held_status(w.amount), None)?
                 }
@@ -683,7 +693,7 @@ impl CustodyService {
                         amount: event.amount,
                         key,
                     };
-                    match self.ledger.submit(credit) {
+                    match legacy(self.ledger.submit(credit)) {
                         Ok(()) => {
                             store::set_deposit_status(
                                 &self.db,
@@ -823,7 +833,7 @@ impl CustodyService {
             fee,
             id,
         };
-        if let Err(code) = self.ledger.submit(hold) {
+        if let Err(code) = legacy(self.ledger.submit(hold)) {
             store::delete_new_withdrawal(&self.db, id)?;
             return Err(match code {
                 RejectCode::InsufficientBalance => WithdrawalError::InsufficientBalance {
@@ -879,7 +889,7 @@ impl CustodyService {
     }
 
     fn release(&mut self, id: WithdrawalId, reason: &str) -> Result<(), WithdrawalError> {
-        match self.ledger.submit(Command::WithdrawRelease { id }) {
+        match legacy(self.ledger.submit(Command::WithdrawRelease { id })) {
             // UnknownWithdrawal: released before a crash that came before our record.
             Ok(()) | Err(RejectCode::UnknownWithdrawal) => {}
             Err(code) => return Err(WithdrawalError::LedgerRejected(code)),
@@ -1120,10 +1130,10 @@ impl CustodyService {
                 if w.status == WithdrawalStatus::Completed {
                     continue;
                 }
-                match self.ledger.submit(Command::WithdrawComplete {
+                match legacy(self.ledger.submit(Command::WithdrawComplete {
                     id: w.id,
                     network_fee: share,
-                }) {
+                })) {
                     // UnknownWithdrawal: completed before a crash that came before our record.
                     Ok(()) | Err(RejectCode::UnknownWithdrawal) => done.push((w.id, share)),
                     Err(code) => return Err(BatchError::CompleteRejected { id: w.id, code }),

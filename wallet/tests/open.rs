@@ -9,8 +9,16 @@ use wallet::{CustodyConfig, CustodyService, Ledger, OpenError, RpcAuth, RpcConfi
 struct NoLedger;
 
 impl Ledger for NoLedger {
-    fn submit(&self, _: matching_engine::Command) -> Result<(), matching_engine::RejectCode> {
-        Err(matching_engine::RejectCode::UnknownAccount)
+    fn submit(&self, _: matching_engine::Command) -> Result<(), wallet::LedgerError> {
+        Err(wallet::LedgerError::Rejected(
+            matching_engine::RejectCode::UnknownAccount,
+        ))
+    }
+    fn withdrawal(
+        &self,
+        _: matching_engine::WithdrawalId,
+    ) -> Result<Option<matching_engine::Withdrawal>, wallet::LedgerError> {
+        Ok(None)
     }
     fn btc_liabilities(&self) -> matching_engine::units::Amount {
         matching_engine::units::Amount::ZERO

@@ -4,11 +4,11 @@
 //! API's view of custody (deposit addresses, deposits, withdrawals, reconciliation, regtest
 //! mining).
 
+use api::core::Outcome;
 use api::custody::{
     Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
     WithdrawalState,
 };
-use api::core::Outcome;
 use api::AppState;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
 use matching_engine::config::BTC;
@@ -58,9 +58,10 @@ impl wallet::Ledger for EngineLedger {
                 .events
                 .iter()
                 .find_map(|e| match e {
-                    Event::WithdrawalStatus { id: got, withdrawal } if *got == id => {
-                        Some(*withdrawal)
-                    }
+                    Event::WithdrawalStatus {
+                        id: got,
+                        withdrawal,
+                    } if *got == id => Some(*withdrawal),
                     _ => None,
                 })
                 .ok_or(LedgerError::Unknown),
@@ -121,6 +122,9 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::LedgerRejected(_) => -4026,
         WithdrawalError::UnknownWithdrawal(_) => -4030,
         WithdrawalError::NotAwaitingApproval(_) => -4031,
+        WithdrawalError::LedgerMismatch(_) => -4026,
+        // Maybe held: recorded and resolved by custody; the caller asks again (same key).
+        WithdrawalError::LedgerUnknown(_) => return CustodyError::unknown(e.to_string()),
         WithdrawalError::Store(_) => return internal(e),
         _ => return internal(e),
     };
@@ -156,7 +160,10 @@ impl WalletCustody {
             idempotency_key: w.idempotency_key.clone(),
             state: match w.status {
                 WithdrawalStatus::AwaitingApproval => WithdrawalState::AwaitingApproval,
-                WithdrawalStatus::New | WithdrawalStatus::Pending => WithdrawalState::Pending,
+                // `new` and `releasing`: the ledger's answer is being resolved; funds are held.
+                WithdrawalStatus::New | WithdrawalStatus::Pending | WithdrawalStatus::Releasing => {
+                    WithdrawalState::Pending
+                }
                 WithdrawalStatus::Batched => WithdrawalState::Processing,
                 WithdrawalStatus::Completed => WithdrawalState::Completed,
                 WithdrawalStatus::Released => WithdrawalState::Released,

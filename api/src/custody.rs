@@ -132,6 +132,15 @@ impl CustodyError {
             msg: msg.into(),
         }
     }
+    /// The outcome is unknown (HTTP 503, `-1007`): the request is recorded and custody resolves
+    /// it; the caller asks again (the same idempotency key) to learn the outcome.
+    pub fn unknown(msg: impl Into<String>) -> Self {
+        Self {
+            code: -1007,
+            status: 503,
+            msg: msg.into(),
+        }
+    }
     /// An internal failure (HTTP 500, Binance's -1001 style); details go to the log, not here.
     pub fn internal(msg: impl Into<String>) -> Self {
         Self {

@@ -1168,7 +1168,10 @@ fn withdrawal_status_answers_the_record_and_changes_nothing() {
             "a query moves neither state, seq nor time"
         );
         match out.as_slice() {
-            [Event::WithdrawalStatus { id: got, withdrawal }] => {
+            [Event::WithdrawalStatus {
+                id: got,
+                withdrawal,
+            }] => {
                 assert_eq!(*got, WithdrawalId(id));
                 withdrawal.map(|w| (w.account, w.amount.0, w.fee.0, w.state))
             }

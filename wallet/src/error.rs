@@ -196,6 +196,15 @@ pub enum WithdrawalError {
     /// The service's tables failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The ledger's answer is not known (it may or may not have applied the hold or release).
+    /// The withdrawal is recorded and the service resolves it by asking the ledger; ask for the
+    /// withdrawal (or repeat the request with the same key) to learn the outcome.
+    #[error("ledger outcome unknown for withdrawal {0}; it is resolved automatically")]
+    LedgerUnknown(WithdrawalId),
+    /// The ledger's record of this id does not match the request (another withdrawal holds it):
+    /// an alarm is raised; nothing of this request is held.
+    #[error("ledger record of withdrawal {0} does not match it")]
+    LedgerMismatch(WithdrawalId),
 }
 
 impl WithdrawalError {
@@ -216,6 +225,8 @@ impl WithdrawalError {
             WithdrawalError::UnknownWithdrawal(_) => 12,
             WithdrawalError::NotAwaitingApproval(_) => 13,
             WithdrawalError::Store(_) => 14,
+            WithdrawalError::LedgerUnknown(_) => 15,
+            WithdrawalError::LedgerMismatch(_) => 16,
         }
     }
 }
@@ -313,4 +324,7 @@ pub enum StepError {
     /// Withdrawal batches.
     #[error(transparent)]
     Batch(#[from] BatchError),
+    /// Resolving withdrawals whose ledger outcome was unknown.
+    #[error(transparent)]
+    Withdrawal(#[from] WithdrawalError),
 }

@@ -42,7 +42,7 @@ pub use service::{
     BatchInfo, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,
     StepReport, SyncReport, WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
 };
-pub use store::{DepositStatus, WithdrawalStatus, WithdrawalView};
+pub use store::{Alarm, DepositStatus, WithdrawalStatus, WithdrawalView};
 
 /// Re-exported so that callers name the same `bitcoin` types as the wallet.
 pub use bdk_wallet::bitcoin;

@@ -6,8 +6,8 @@ use crate::error::{
     WithdrawalError,
 };
 use crate::keys;
-use crate::ledger::Ledger;
-use crate::store::{self, BatchTx, DepositStatus, WithdrawalStatus, WithdrawalView};
+use crate::ledger::{Ledger, LedgerError};
+use crate::store::{self, Alarm, BatchTx, DepositStatus, WithdrawalStatus, WithdrawalView};
 use bdk_bitcoind_rpc::bitcoincore_rpc::{self, Auth, Client, RpcApi};
 use bdk_bitcoind_rpc::Emitter;
 use bdk_wallet::bitcoin::address::NetworkUnchecked;
@@ -26,7 +26,7 @@ use bdk_wallet::{
 use matching_engine::command::Command;
 use matching_engine::config::BTC;
 use matching_engine::units::{AccountId, Amount, IdempotencyKey, Timestamp, WithdrawalId};
-use matching_engine::RejectCode;
+use matching_engine::{RejectCode, Withdrawal, WithdrawalState};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
@@ -82,6 +82,8 @@ pub struct DepositReport {
     pub reconfirmed: Vec<DepositEvent>,
     /// Credits the ledger refused (tried again next time).
     pub rejected: Vec<(DepositEvent, RejectCode)>,
+    /// Credits whose outcome is unknown (asked again next time; the credit is idempotent).
+    pub unresolved: Vec<DepositEvent>,
 }
 
 /// What [`CustodyService::sync_once`] did.
@@ -117,6 +119,9 @@ pub struct WithdrawalReport {
     pub completed: Vec<(WithdrawalId, Amount)>,
     /// Batches confirmed now.
     pub batches_confirmed: Vec<(u64, Txid)>,
+    /// Withdrawals paid on chain that the ledger did not complete (released, or unknown to
+    /// it): each is an alarm (logged, stored, counted); the withdrawal is not marked completed.
+    pub alarms: Vec<(WithdrawalId, String)>,
 }
 
 /// What one [`CustodyService::step`] did.
@@ -132,6 +137,8 @@ pub struct StepReport {
     pub batch: Option<BatchInfo>,
     /// Reconciliation after the step.
     pub reconciliation: Reconciliation,
+    /// Withdrawals whose hold or release outcome the ledger could not tell yet (retried).
+    pub unresolved_withdrawals: usize,
 }
 
 /// Wallet assets against ledger liabilities, in sats. Metrics-friendly: plain numbers.
@@ -189,6 +196,9 @@ pub struct CustodyService {
     deny_list: HashSet<ScriptBuf>,
     /// The only copy of the private key in the process (BDK's wallet holds public descriptors).
     key: keys::MasterKey,
+    /// The latest `now` a caller passed in (0 before the first): the time stamped on alarms
+    /// raised where no time is passed (the library never reads the clock).
+    last_now_ms: u64,
 }
 
 impl fmt::Debug for CustodyService {
@@ -223,16 +233,6 @@ fn rpc_code(e: &bitcoincore_rpc::Error) -> Option<i32> {
     match e {
         bitcoincore_rpc::Error::JsonRpc(bitcoincore_rpc::jsonrpc::Error::Rpc(r)) => Some(r.code),
         _ => None,
-    }
-}
-
-/// The old two-valued answer: an unknown outcome reported as busy (what the application's
-/// ledger used to answer for every error).
-fn legacy(r: Result<(), crate::ledger::LedgerError>) -> Result<(), RejectCode> {
-    match r {
-        Ok(()) => Ok(()),
-        Err(crate::ledger::LedgerError::Rejected(code)) => Err(code),
-        Err(_) => Err(RejectCode::EngineBusy),
     }
 }
 
@@ -349,33 +349,204 @@ impl CustodyService {
             rpc: None,
             deny_list,
             key,
+            last_now_ms: 0,
         };
-        service.recover_new_withdrawals()?;
+        service.recover_withdrawals()?;
         Ok(service)
     }
 
-    /// Withdrawals recorded as `new` were written before their ledger hold, and a crash came
-    /// before the outcome was recorded: ask the ledger again.
-    fn recover_new_withdrawals(&mut self) -> Result<(), OpenError> {
+    /// Withdrawals recorded as `new` were written before their ledger hold, and `releasing` ones
+    /// before their release; a crash (or an unknown answer) came before the outcome was recorded.
+    /// Resolved by asking the ledger; what the ledger cannot answer now stays for the next step.
+    fn recover_withdrawals(&mut self) -> Result<(), OpenError> {
+        match self.resolve_withdrawals() {
+            Ok(_) => Ok(()),
+            Err(WithdrawalError::Store(e)) => Err(OpenError::Store(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "withdrawals left unresolved at open; retried each step");
+                Ok(())
+            }
+        }
+    }
+
+    /// Resolves every withdrawal whose ledger outcome is not recorded (`new`: the hold;
+    /// `releasing`: the release) by asking the ledger. Returns how many stay unresolved (the
+    /// ledger did not answer); they are tried again at the next step.
+    pub fn resolve_withdrawals(&mut self) -> Result<usize, WithdrawalError> {
+        let mut unresolved = 0;
         for w in store::withdrawals_in(&self.db, WithdrawalStatus::New)? {
-            let hold = Command::WithdrawHold {
-                account: w.account,
-                asset: BTC,
-                amount: w.amount,
-                fee: w.fee,
-                id: w.id,
-            };
-            match legacy(self.ledger.submit(hold)) {
-                Ok(()) | Err(RejectCode::DuplicateWithdrawal) => {
-                    store::set_withdrawal_status(&self.db, w.id, self.held_status(w.amount), None)?
-                }
-                Err(code) => {
-                    tracing::warn!(id = %w.id, %code, "dropping unacknowledged withdrawal request");
-                    store::delete_new_withdrawal(&self.db, w.id)?;
+            match self.settle_hold(&w) {
+                Ok(_) => {}
+                Err(WithdrawalError::LedgerUnknown(_)) => unresolved += 1,
+                Err(WithdrawalError::Store(e)) => return Err(WithdrawalError::Store(e)),
+                Err(e) => tracing::warn!(id = %w.id, error = %e, "withdrawal request dropped"),
+            }
+        }
+        for w in store::withdrawals_in(&self.db, WithdrawalStatus::Releasing)? {
+            match self.settle_release(&w) {
+                Ok(()) => {}
+                Err(WithdrawalError::Store(e)) => return Err(WithdrawalError::Store(e)),
+                Err(e) => {
+                    unresolved += 1;
+                    tracing::warn!(id = %w.id, error = %e, "release not resolved; retried");
                 }
             }
         }
+        Ok(unresolved)
+    }
+
+    fn hold_of(w: &WithdrawalView) -> Command {
+        Command::WithdrawHold {
+            account: w.account,
+            asset: BTC,
+            amount: w.amount,
+            fee: w.fee,
+            id: w.id,
+        }
+    }
+
+    /// True when the ledger's record is this withdrawal (same account, asset and amounts).
+    fn same(w: &WithdrawalView, rec: &Withdrawal) -> bool {
+        rec.account == w.account && rec.asset == BTC && rec.amount == w.amount && rec.fee == w.fee
+    }
+
+    fn alarm(&self, kind: &str, subject: &str, message: &str) -> Result<(), crate::StoreError> {
+        if store::raise_alarm(&self.db, kind, subject, message, self.last_now_ms)? {
+            tracing::error!(kind, subject, message, "custody alarm");
+        }
         Ok(())
+    }
+
+    /// Gets the hold of a `new` withdrawal settled: asks the ledger for its record first (an
+    /// earlier hold may have been applied), and asks for the hold only when there is none.
+    /// `Ok` when held (the row moves on); `Err(LedgerUnknown)` when the ledger did not answer
+    /// (the row stays `new`); any other error when certainly not held (the row is deleted: its
+    /// id is never handed out again).
+    fn settle_hold(&mut self, w: &WithdrawalView) -> Result<WithdrawalStatus, WithdrawalError> {
+        let answer = match self.ledger.withdrawal(w.id) {
+            Ok(Some(rec)) => return self.hold_found(w, &rec),
+            Ok(None) => self.ledger.submit(Self::hold_of(w)),
+            Err(_) => return Err(WithdrawalError::LedgerUnknown(w.id)),
+        };
+        match answer {
+            Ok(()) => {
+                let status = self.held_status(w.amount);
+                store::set_withdrawal_status(&self.db, w.id, status, None)?;
+                Ok(status)
+            }
+            Err(LedgerError::Rejected(RejectCode::DuplicateWithdrawal)) => {
+                match self.ledger.withdrawal(w.id) {
+                    Ok(Some(rec)) => self.hold_found(w, &rec),
+                    _ => Err(WithdrawalError::LedgerUnknown(w.id)),
+                }
+            }
+            Err(LedgerError::Rejected(code)) => {
+                store::delete_new_withdrawal(&self.db, w.id)?;
+                Err(match code {
+                    RejectCode::InsufficientBalance => WithdrawalError::InsufficientBalance {
+                        amount: w.amount,
+                        fee: w.fee,
+                    },
+                    RejectCode::UnknownAccount => WithdrawalError::UnknownAccount(w.account),
+                    other => WithdrawalError::LedgerRejected(other),
+                })
+            }
+            Err(_) => Err(WithdrawalError::LedgerUnknown(w.id)),
+        }
+    }
+
+    /// The ledger has a withdrawal with the id of `w` (a `new` row). It is our hold only when
+    /// account and amounts match (`DuplicateWithdrawal` alone proves nothing).
+    fn hold_found(
+        &mut self,
+        w: &WithdrawalView,
+        rec: &Withdrawal,
+    ) -> Result<WithdrawalStatus, WithdrawalError> {
+        let subject = format!("withdrawal {}", w.id);
+        if !Self::same(w, rec) {
+            // Another withdrawal owns this id in the ledger (an id reused by an older version):
+            // ours is certainly not held. The other's funds stay held: the operator sees it.
+            self.alarm(
+                "withdrawal_id_conflict",
+                &subject,
+                &format!(
+                    "the ledger's withdrawal {} is {rec:?}, not account {} amount {} fee {}; request dropped",
+                    w.id, w.account, w.amount, w.fee
+                ),
+            )?;
+            store::delete_new_withdrawal(&self.db, w.id)?;
+            return Err(WithdrawalError::LedgerMismatch(w.id));
+        }
+        match rec.state {
+            WithdrawalState::Held => {
+                let status = self.held_status(w.amount);
+                store::set_withdrawal_status(&self.db, w.id, status, None)?;
+                Ok(status)
+            }
+            WithdrawalState::Released => {
+                store::set_withdrawal_status(
+                    &self.db,
+                    w.id,
+                    WithdrawalStatus::Released,
+                    Some("released in the ledger"),
+                )?;
+                Ok(WithdrawalStatus::Released)
+            }
+            WithdrawalState::Completed => {
+                // Completed in the ledger, yet never batched here: never pay it.
+                self.alarm(
+                    "withdrawal_completed_unbatched",
+                    &subject,
+                    "the ledger completed a withdrawal that custody never batched",
+                )?;
+                Err(WithdrawalError::LedgerMismatch(w.id))
+            }
+        }
+    }
+
+    /// Gets the release of a `releasing` withdrawal settled: asks for it (idempotent by id: a
+    /// repeat is `UnknownWithdrawal`), and on any answer but *applied* asks the ledger's record.
+    /// Released there: recorded as released. Still held: the release did not happen (retried).
+    /// Completed or unknown to the ledger: an alarm; the row stays `releasing` (never batched).
+    fn settle_release(&mut self, w: &WithdrawalView) -> Result<(), WithdrawalError> {
+        let subject = format!("withdrawal {}", w.id);
+        match self.ledger.submit(Command::WithdrawRelease { id: w.id }) {
+            Ok(()) => {}
+            Err(LedgerError::Rejected(RejectCode::UnknownWithdrawal))
+            | Err(LedgerError::Unknown) => match self.ledger.withdrawal(w.id) {
+                Ok(Some(rec)) if Self::same(w, &rec) => match rec.state {
+                    WithdrawalState::Released => {}
+                    WithdrawalState::Held => return Err(WithdrawalError::LedgerUnknown(w.id)),
+                    WithdrawalState::Completed => {
+                        self.alarm(
+                            "withdrawal_release_after_completion",
+                            &subject,
+                            "a release was asked for a withdrawal the ledger completed",
+                        )?;
+                        return Err(WithdrawalError::LedgerMismatch(w.id));
+                    }
+                },
+                Ok(other) => {
+                    self.alarm(
+                        "withdrawal_release_mismatch",
+                        &subject,
+                        &format!("release asked; the ledger's record is {other:?}"),
+                    )?;
+                    return Err(WithdrawalError::LedgerMismatch(w.id));
+                }
+                Err(_) => return Err(WithdrawalError::LedgerUnknown(w.id)),
+            },
+            Err(LedgerError::Rejected(code)) => return Err(WithdrawalError::LedgerRejected(code)),
+        }
+        store::set_withdrawal_status(&self.db, w.id, WithdrawalStatus::Released, None)?;
+        tracing::warn!(id = %w.id, reason = ?w.reason, "withdrawal released");
+        Ok(())
+    }
+
+    /// Alarms raised by the service (money that moved in one place and not the other), oldest
+    /// first; only the ones not cleared unless `all`.
+    pub fn alarms(&self, all: bool) -> Result<Vec<Alarm>, WithdrawalError> {
+        Ok(store::alarms(&self.db, all)?)
     }
 
     fn held_status(&self, amount: Amount) -> WithdrawalStatus {
@@ -693,7 +864,10 @@ impl CustodyService {
                         amount: event.amount,
                         key,
                     };
-                    match legacy(self.ledger.submit(credit)) {
+                    // Credit is idempotent by key: only an applied (or duplicate) answer marks
+                    // the deposit credited; refused or unknown, it stays pending and is asked
+                    // again at the next step.
+                    match self.ledger.submit(credit) {
                         Ok(()) => {
                             store::set_deposit_status(
                                 &self.db,
@@ -703,9 +877,13 @@ impl CustodyService {
                             tracing::info!(%account, outpoint = %out.outpoint, amount = %event.amount, "deposit credited");
                             report.credited.push(event);
                         }
-                        Err(code) => {
+                        Err(LedgerError::Rejected(code)) => {
                             tracing::error!(%account, outpoint = %out.outpoint, %code, "ledger refused a deposit credit");
                             report.rejected.push((event, code));
+                        }
+                        Err(_) => {
+                            tracing::warn!(%account, outpoint = %out.outpoint, "deposit credit outcome unknown; asked again next step");
+                            report.unresolved.push(event);
                         }
                     }
                 }
@@ -763,7 +941,10 @@ impl CustodyService {
         if req.idempotency_key.is_empty() || req.idempotency_key.len() > 64 {
             return Err(WithdrawalError::InvalidKey);
         }
-        if let Some(existing) = store::withdrawal_by_key(&self.db, &req.idempotency_key)? {
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
+        if let Some(existing) =
+            store::withdrawal_by_key(&self.db, req.account, &req.idempotency_key)?
+        {
             return Err(WithdrawalError::DuplicateKey {
                 key: req.idempotency_key,
                 existing,
@@ -826,26 +1007,35 @@ impl CustodyService {
             &req.idempotency_key,
             now.as_millis(),
         )?;
-        let hold = Command::WithdrawHold {
-            account: req.account,
-            asset: BTC,
-            amount: req.amount,
-            fee,
-            id,
+        let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
+        let status = match self.ledger.submit(Self::hold_of(&w)) {
+            Ok(()) => {
+                let status = self.held_status(req.amount);
+                store::set_withdrawal_status(&self.db, id, status, None)?;
+                status
+            }
+            Err(LedgerError::Rejected(code)) => {
+                // Certainly not held: the row goes (its id is never handed out again).
+                store::delete_new_withdrawal(&self.db, id)?;
+                return Err(match code {
+                    RejectCode::InsufficientBalance => WithdrawalError::InsufficientBalance {
+                        amount: req.amount,
+                        fee,
+                    },
+                    RejectCode::UnknownAccount => WithdrawalError::UnknownAccount(req.account),
+                    other => WithdrawalError::LedgerRejected(other),
+                });
+            }
+            // Maybe held: ask the ledger now; if it cannot say, the row stays `new` (never
+            // deleted while its hold may exist) and is resolved at the next step or open.
+            Err(LedgerError::Unknown) => match self.settle_hold(&w) {
+                Ok(status) => status,
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "withdrawal hold outcome unresolved");
+                    return Err(e);
+                }
+            },
         };
-        if let Err(code) = legacy(self.ledger.submit(hold)) {
-            store::delete_new_withdrawal(&self.db, id)?;
-            return Err(match code {
-                RejectCode::InsufficientBalance => WithdrawalError::InsufficientBalance {
-                    amount: req.amount,
-                    fee,
-                },
-                RejectCode::UnknownAccount => WithdrawalError::UnknownAccount(req.account),
-                other => WithdrawalError::LedgerRejected(other),
-            });
-        }
-        let status = self.held_status(req.amount);
-        store::set_withdrawal_status(&self.db, id, status, None)?;
         tracing::info!(%id, account = %req.account, amount = %req.amount, ?status, "withdrawal held");
         store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))
     }
@@ -881,22 +1071,22 @@ impl CustodyService {
         let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
         if !matches!(
             w.status,
-            WithdrawalStatus::AwaitingApproval | WithdrawalStatus::Pending
+            WithdrawalStatus::AwaitingApproval
+                | WithdrawalStatus::Pending
+                | WithdrawalStatus::Releasing
         ) {
             return Err(WithdrawalError::NotAwaitingApproval(id));
         }
         self.release(id, reason)
     }
 
+    /// Releases a held withdrawal: recorded as `releasing` with its reason first (so it is never
+    /// batched from here on), then released in the ledger; an unknown answer is resolved by
+    /// asking the ledger, now or at a later step.
     fn release(&mut self, id: WithdrawalId, reason: &str) -> Result<(), WithdrawalError> {
-        match legacy(self.ledger.submit(Command::WithdrawRelease { id })) {
-            // UnknownWithdrawal: released before a crash that came before our record.
-            Ok(()) | Err(RejectCode::UnknownWithdrawal) => {}
-            Err(code) => return Err(WithdrawalError::LedgerRejected(code)),
-        }
-        store::set_withdrawal_status(&self.db, id, WithdrawalStatus::Released, Some(reason))?;
-        tracing::warn!(%id, reason, "withdrawal released");
-        Ok(())
+        store::set_withdrawal_status(&self.db, id, WithdrawalStatus::Releasing, Some(reason))?;
+        let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
+        self.settle_release(&w)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1109,7 +1299,8 @@ impl CustodyService {
 
     /// Completes in the ledger the withdrawals of every batch whose transaction (the original or a
     /// fee bump) has the configured confirmations, each with its share of the fee actually paid.
-    pub fn process_withdrawals(&mut self, _now: Timestamp) -> Result<WithdrawalReport, BatchError> {
+    pub fn process_withdrawals(&mut self, now: Timestamp) -> Result<WithdrawalReport, BatchError> {
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
         let mut report = WithdrawalReport::default();
         let tip = self.tip_height();
         let required = self.config.withdrawal_confirmations.max(1);
@@ -1126,21 +1317,67 @@ impl CustodyService {
             let flat: Vec<Amount> = ws.iter().map(|w| w.fee).collect();
             let shares = split_fee(paid.fee, &flat);
             let mut done = Vec::with_capacity(ws.len());
+            let mut unresolved = false;
+            let mut alarmed = false;
             for (w, share) in ws.iter().zip(shares) {
                 if w.status == WithdrawalStatus::Completed {
                     continue;
                 }
-                match legacy(self.ledger.submit(Command::WithdrawComplete {
+                let answer = self.ledger.submit(Command::WithdrawComplete {
                     id: w.id,
                     network_fee: share,
-                })) {
-                    // UnknownWithdrawal: completed before a crash that came before our record.
-                    Ok(()) | Err(RejectCode::UnknownWithdrawal) => done.push((w.id, share)),
-                    Err(code) => return Err(BatchError::CompleteRejected { id: w.id, code }),
+                });
+                match answer {
+                    Ok(()) => done.push((w.id, share)),
+                    // Not held any more, or no answer: ask what became of it. Completed (before
+                    // a crash, or the lost answer) is done; released or never held is an alarm:
+                    // it was paid on chain and the ledger did not take it.
+                    Err(LedgerError::Rejected(RejectCode::UnknownWithdrawal))
+                    | Err(LedgerError::Unknown) => match self.ledger.withdrawal(w.id) {
+                        Ok(Some(rec))
+                            if Self::same(w, &rec) && rec.state == WithdrawalState::Completed =>
+                        {
+                            done.push((w.id, share))
+                        }
+                        Ok(Some(rec))
+                            if Self::same(w, &rec) && rec.state == WithdrawalState::Held =>
+                        {
+                            unresolved = true
+                        }
+                        Ok(other) => {
+                            let message = format!(
+                                "paid on chain by batch {batch} ({}), but the ledger's record is {other:?}",
+                                paid.txid
+                            );
+                            let subject = format!("withdrawal {}", w.id);
+                            self.alarm("withdrawal_not_completed", &subject, &message)?;
+                            report.alarms.push((w.id, message));
+                            alarmed = true;
+                        }
+                        Err(_) => unresolved = true,
+                    },
+                    Err(LedgerError::Rejected(code)) => {
+                        store::complete_batch(&mut self.db, batch, None, &done, false)?;
+                        return Err(BatchError::CompleteRejected { id: w.id, code });
+                    }
                 }
             }
-            store::complete_batch(&mut self.db, batch, paid.txid, &done)?;
-            tracing::info!(batch, txid = %paid.txid, fee = %paid.fee, withdrawals = done.len(), "batch confirmed; withdrawals completed");
+            if unresolved {
+                // Progress is kept; the batch stays in flight and the rest is asked next step.
+                store::complete_batch(&mut self.db, batch, None, &done, false)?;
+                tracing::warn!(
+                    batch,
+                    "batch completion unresolved (no ledger answer); retried"
+                );
+                report.completed.extend(done);
+                continue;
+            }
+            store::complete_batch(&mut self.db, batch, Some(paid.txid), &done, alarmed)?;
+            if alarmed {
+                tracing::error!(batch, txid = %paid.txid, "batch confirmed with withdrawals the ledger did not complete");
+            } else {
+                tracing::info!(batch, txid = %paid.txid, fee = %paid.fee, withdrawals = done.len(), "batch confirmed; withdrawals completed");
+            }
             report.batches_confirmed.push((batch, paid.txid));
             report.completed.extend(done);
         }
@@ -1287,9 +1524,12 @@ impl CustodyService {
         Ok(report)
     }
 
-    /// One full step, in order: rebroadcast batches in flight, sync, credit deposits, complete
+    /// One full step, in order: resolve withdrawals whose ledger outcome is unknown, rebroadcast
+    /// batches in flight, sync, credit deposits, complete
     /// withdrawals, batch, reconcile.
     pub fn step(&mut self, now: Timestamp) -> Result<StepReport, StepError> {
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
+        let unresolved = self.resolve_withdrawals()?;
         self.broadcast_pending(now)?;
         let sync = self.sync_once(now)?;
         let deposits = self.process_deposits(now)?;
@@ -1302,6 +1542,7 @@ impl CustodyService {
             withdrawals,
             batch,
             reconciliation,
+            unresolved_withdrawals: unresolved,
         })
     }
 }

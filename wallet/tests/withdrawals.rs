@@ -612,3 +612,51 @@ fn mixed_scenario_reconciles_to_the_satoshi_at_every_stage() {
     receiver.sync(&w.node);
     assert_eq!(receiver.balance(), 220_000);
 }
+
+/// Defect: a withdrawal released in the ledger (a release applied but answered busy) and then paid
+/// on chain got `UnknownWithdrawal` on completion, which was counted as done: the user was refunded
+/// and paid. It is an alarm, and the withdrawal is not marked completed.
+#[test]
+fn unknown_withdrawal_on_completion_is_an_alarm_not_success() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 1_000_000);
+    let mut receiver = Customer::new(13);
+    let paid = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 200_000, "paid"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let fine = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 100_000, "fine"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    assert_eq!(r.batch.unwrap().withdrawals, vec![paid.id, fine.id]);
+    // The ledger released `paid` behind custody's back (the lost answer of the old code).
+    w.ledger
+        .raw(matching_engine::Command::WithdrawRelease { id: paid.id })
+        .unwrap();
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    let status = |id| svc.withdrawal(id).unwrap().unwrap().status;
+    assert_ne!(
+        status(paid.id),
+        WithdrawalStatus::Completed,
+        "released in the ledger yet paid on chain: not a success"
+    );
+    assert_eq!(status(fine.id), WithdrawalStatus::Completed);
+    assert_eq!(r.withdrawals.completed.len(), 1);
+    assert_eq!(r.withdrawals.alarms.len(), 1, "{:?}", r.withdrawals.alarms);
+    assert_eq!(r.withdrawals.alarms[0].0, paid.id);
+    let alarms = svc.alarms(false).unwrap();
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0].kind, "withdrawal_not_completed");
+    assert!(
+        svc.batches_in_flight().unwrap().is_empty(),
+        "the confirmed batch does not block later ones"
+    );
+    assert!(r.reconciliation.shortfall, "the double payment shows");
+}

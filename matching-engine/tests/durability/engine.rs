@@ -208,7 +208,10 @@ fn withdrawal_status_query_is_answered_and_never_journaled() {
         o => panic!("{o:?}"),
     };
     for (id, want) in [
-        (7, Some((AccountId(1), Amount(10_000), WithdrawalState::Held))),
+        (
+            7,
+            Some((AccountId(1), Amount(10_000), WithdrawalState::Held)),
+        ),
         (8, None),
     ] {
         match p
@@ -236,6 +239,10 @@ fn withdrawal_status_query_is_answered_and_never_journaled() {
     let engine = seq.shutdown().unwrap();
     assert_eq!(engine.seq(), held);
     let again = Store::open(dir.path(), config, genesis).unwrap();
-    assert_eq!(again.state.seq(), held, "nothing after the hold was journaled");
+    assert_eq!(
+        again.state.seq(),
+        held,
+        "nothing after the hold was journaled"
+    );
     assert_eq!(again.state.state_hash(), engine.state_hash());
 }

@@ -123,6 +123,8 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::UnknownWithdrawal(_) => -4030,
         WithdrawalError::NotAwaitingApproval(_) => -4031,
         WithdrawalError::LedgerMismatch(_) => -4026,
+        WithdrawalError::AccountFlagged(_) => -4032,
+        WithdrawalError::NotFlagged(_) => -4033,
         // Maybe held: recorded and resolved by custody; the caller asks again (same key).
         WithdrawalError::LedgerUnknown(_) => return CustodyError::unknown(e.to_string()),
         WithdrawalError::Store(_) => return internal(e),

@@ -202,6 +202,9 @@ fn custody_config(cfg: &ServeConfig, rpc: RpcConfig) -> CustodyConfig {
     if let Some(v) = k.approval_threshold_sat {
         c.withdrawal.approval_threshold = matching_engine::Amount(v);
     }
+    if let Some(v) = k.hot_wallet_daily_limit_sat {
+        c.withdrawal.hot_wallet_daily_limit = matching_engine::Amount(v);
+    }
     c.withdrawal.deny_list = k.deny_list.clone();
     c.batch.interval = Duration::from_secs(k.batch_interval_secs.unwrap_or(
         if cfg.network == Network::Regtest {

@@ -205,6 +205,13 @@ pub enum WithdrawalError {
     /// an alarm is raised; nothing of this request is held.
     #[error("ledger record of withdrawal {0} does not match it")]
     LedgerMismatch(WithdrawalId),
+    /// The account is flagged (a credited deposit left the chain) and cannot withdraw until an
+    /// operator clears it.
+    #[error("account {0} is flagged for review and cannot withdraw")]
+    AccountFlagged(AccountId),
+    /// The account has no flag to clear.
+    #[error("account {0} is not flagged")]
+    NotFlagged(AccountId),
 }
 
 impl WithdrawalError {
@@ -227,6 +234,8 @@ impl WithdrawalError {
             WithdrawalError::Store(_) => 14,
             WithdrawalError::LedgerUnknown(_) => 15,
             WithdrawalError::LedgerMismatch(_) => 16,
+            WithdrawalError::AccountFlagged(_) => 17,
+            WithdrawalError::NotFlagged(_) => 18,
         }
     }
 }

@@ -430,7 +430,7 @@ impl CustodyService {
         };
         match answer {
             Ok(()) => {
-                let status = self.held_status(w.amount);
+                let status = self.held_status(w)?;
                 store::set_withdrawal_status(&self.db, w.id, status, None)?;
                 Ok(status)
             }
@@ -479,7 +479,7 @@ impl CustodyService {
         }
         match rec.state {
             WithdrawalState::Held => {
-                let status = self.held_status(w.amount);
+                let status = self.held_status(w)?;
                 store::set_withdrawal_status(&self.db, w.id, status, None)?;
                 Ok(status)
             }
@@ -549,12 +549,21 @@ impl CustodyService {
         Ok(store::alarms(&self.db, all)?)
     }
 
-    fn held_status(&self, amount: Amount) -> WithdrawalStatus {
-        if amount > self.config.withdrawal.approval_threshold {
-            WithdrawalStatus::AwaitingApproval
-        } else {
-            WithdrawalStatus::Pending
-        }
+    /// Where a freshly held withdrawal goes: it waits for approval when the account's running
+    /// 24-hour total (this one included) passes the approval threshold, or when all accounts'
+    /// 24-hour total passes the hot wallet's exchange-wide limit; otherwise it waits for a batch.
+    fn held_status(&self, w: &WithdrawalView) -> Result<WithdrawalStatus, crate::StoreError> {
+        let policy = &self.config.withdrawal;
+        let since = w.created_ms.saturating_sub(DAY_MS);
+        let account = store::withdrawn_since(&self.db, w.account, since)?;
+        let all = store::withdrawn_since_all(&self.db, since)?;
+        Ok(
+            if account > policy.approval_threshold || all > policy.hot_wallet_daily_limit {
+                WithdrawalStatus::AwaitingApproval
+            } else {
+                WithdrawalStatus::Pending
+            },
+        )
     }
 
     /// The configuration.
@@ -689,7 +698,20 @@ impl CustodyService {
         Ok(out)
     }
 
-    /// Accounts flagged for review, with the reason (a credited deposit that a reorg removed).
+    /// Clears an account's flags (an operator reviewed it): it may withdraw again.
+    pub fn clear_flag(
+        &mut self,
+        account: AccountId,
+        now: Timestamp,
+    ) -> Result<(), WithdrawalError> {
+        if store::clear_flags(&self.db, account, now.as_millis())? == 0 {
+            return Err(WithdrawalError::NotFlagged(account));
+        }
+        tracing::warn!(%account, "account flag cleared by an operator");
+        Ok(())
+    }
+
+    /// Accounts flagged for review (not cleared), with the reason (a credited deposit that a reorg removed).
     pub fn flagged_accounts(&self) -> Result<Vec<(AccountId, String)>, DepositError> {
         Ok(store::flagged(&self.db)?)
     }
@@ -953,6 +975,12 @@ impl CustodyService {
         if !self.ledger.account_exists(req.account) {
             return Err(WithdrawalError::UnknownAccount(req.account));
         }
+        if store::flagged(&self.db)?
+            .iter()
+            .any(|(a, _)| *a == req.account)
+        {
+            return Err(WithdrawalError::AccountFlagged(req.account));
+        }
         let unchecked =
             Address::<NetworkUnchecked>::from_str(req.address.trim()).map_err(|_| {
                 WithdrawalError::MalformedAddress {
@@ -1010,7 +1038,7 @@ impl CustodyService {
         let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
         let status = match self.ledger.submit(Self::hold_of(&w)) {
             Ok(()) => {
-                let status = self.held_status(req.amount);
+                let status = self.held_status(&w)?;
                 store::set_withdrawal_status(&self.db, id, status, None)?;
                 status
             }
@@ -1160,7 +1188,16 @@ impl CustodyService {
         if !store::inflight_batches(&self.db)?.is_empty() {
             return Ok(None);
         }
-        let pending = store::withdrawals_in(&self.db, WithdrawalStatus::Pending)?;
+        // Requests of an account flagged after they were made wait until it is cleared.
+        let flagged: HashSet<AccountId> = store::flagged(&self.db)?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        let pending: Vec<WithdrawalView> =
+            store::withdrawals_in(&self.db, WithdrawalStatus::Pending)?
+                .into_iter()
+                .filter(|w| !flagged.contains(&w.account))
+                .collect();
         let Some(oldest) = pending.first() else {
             return Ok(None);
         };

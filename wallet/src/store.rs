@@ -28,7 +28,8 @@ CREATE TABLE IF NOT EXISTS mediator_deposit (
 CREATE TABLE IF NOT EXISTS mediator_flagged_account (
     account INTEGER NOT NULL,
     reason TEXT NOT NULL,
-    at_ms INTEGER NOT NULL
+    at_ms INTEGER NOT NULL,
+    cleared_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS mediator_withdrawal (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -105,6 +106,15 @@ pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
         [],
         |r| r.get(0),
     )?;
+    // Databases made before an operator could clear a flag.
+    let has_cleared: bool = db
+        .prepare(
+            "SELECT 1 FROM pragma_table_info('mediator_flagged_account') WHERE name = 'cleared_ms'",
+        )?
+        .exists([])?;
+    if !has_cleared {
+        db.execute_batch("ALTER TABLE mediator_flagged_account ADD COLUMN cleared_ms INTEGER")?;
+    }
     if !withdrawal_sql.contains("AUTOINCREMENT") {
         if let Err(e) = db.execute_batch(MIGRATE_WITHDRAWALS) {
             let _ = db.execute_batch("ROLLBACK");
@@ -330,10 +340,25 @@ pub(crate) fn flag_account(
     Ok(())
 }
 
-/// Flagged accounts with their reasons.
+/// Clears every flag of an account. Returns how many there were.
+pub(crate) fn clear_flags(
+    db: &Connection,
+    account: AccountId,
+    now_ms: u64,
+) -> Result<usize, StoreError> {
+    Ok(db.execute(
+        "UPDATE mediator_flagged_account SET cleared_ms = ?2
+         WHERE account = ?1 AND cleared_ms IS NULL",
+        params![account.0, to_i64(now_ms)],
+    )?)
+}
+
+/// Flagged accounts (flags not cleared) with their reasons.
 pub(crate) fn flagged(db: &Connection) -> Result<Vec<(AccountId, String)>, StoreError> {
-    let mut st =
-        db.prepare_cached("SELECT account, reason FROM mediator_flagged_account ORDER BY rowid")?;
+    let mut st = db.prepare_cached(
+        "SELECT account, reason FROM mediator_flagged_account WHERE cleared_ms IS NULL
+         ORDER BY rowid",
+    )?;
     let rows = st.query_map([], |r| {
         Ok((AccountId(r.get::<_, u32>(0)?), r.get::<_, String>(1)?))
     })?;
@@ -540,6 +565,17 @@ pub(crate) fn withdrawn_since(
         "SELECT COALESCE(SUM(amount_sat), 0) FROM mediator_withdrawal
          WHERE account = ?1 AND created_ms > ?2 AND status != 'released'",
         params![account.0, to_i64(since_ms)],
+        |r| r.get(0),
+    )?;
+    Ok(Amount(to_u64(sum)?))
+}
+
+/// Sum of amounts all accounts requested since `since_ms`, released ones excluded.
+pub(crate) fn withdrawn_since_all(db: &Connection, since_ms: u64) -> Result<Amount, StoreError> {
+    let sum: i64 = db.query_row(
+        "SELECT COALESCE(SUM(amount_sat), 0) FROM mediator_withdrawal
+         WHERE created_ms > ?1 AND status != 'released'",
+        [to_i64(since_ms)],
         |r| r.get(0),
     )?;
     Ok(Amount(to_u64(sum)?))

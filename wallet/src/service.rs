@@ -38,6 +38,8 @@ pub const DATABASE_FILE: &str = "wallet.sqlite";
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// RPC error codes of bitcoind (`src/rpc/protocol.h`).
 const RPC_VERIFY_ALREADY_IN_CHAIN: i32 = -27;
+/// Confirmations before a coinbase output can be spent (consensus).
+const COINBASE_MATURITY: u32 = 100;
 
 /// A deposit seen, credited or reorged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -874,8 +876,19 @@ impl CustodyService {
                     DepositStatus::Pending
                 }
             };
+            // A coinbase output can be spent only after COINBASE_MATURITY blocks: not credited
+            // before (a reorg of those blocks would take it back for good).
+            let coinbase = self
+                .wallet
+                .get_tx(out.outpoint.txid)
+                .is_some_and(|t| t.tx_node.tx.is_coinbase());
+            let needed = if coinbase {
+                required.max(COINBASE_MATURITY)
+            } else {
+                required
+            };
             match status {
-                DepositStatus::Pending if event.confirmations >= required => {
+                DepositStatus::Pending if event.confirmations >= needed => {
                     let key = IdempotencyKey::outpoint(
                         out.outpoint.txid.to_byte_array(),
                         out.outpoint.vout,

@@ -201,3 +201,58 @@ fn invoice_addresses_are_credited_but_never_shown_as_the_deposit_address() {
         vec![deposit.to_string()]
     );
 }
+
+/// Defect: a coinbase output paid to a deposit address was credited at the deposit confirmations,
+/// long before it can be spent (100 blocks); a reorg of those blocks loses it for good.
+#[test]
+fn an_immature_coinbase_is_not_credited_before_it_can_be_spent() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    w.node.mine_to(1, &addr);
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.seen.len(), 1);
+    assert!(r.deposits.credited.is_empty(), "2 confirmations: immature");
+    assert_eq!(w.ledger.btc(alice), (0, 0));
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+    w.node.mine(97); // 99 confirmations: still one block short
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.deposits.credited.is_empty(), "99 confirmations: immature");
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1, "mature at 100 confirmations");
+    assert!(w.ledger.btc(alice).0 > 0);
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+}
+
+/// A credit answered *unknown* (applied, answer lost) is not recorded as credited; the next step
+/// credits again, which the ledger takes as a duplicate: credited exactly once.
+#[test]
+fn an_unknown_credit_is_asked_again_and_credited_once() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(2);
+    customer.fund(&w.node, 1);
+    customer.pay(&w.node, &[(&addr, 500_000)]);
+    w.node.mine(1);
+    // Sync first, so that the next submission is the credit.
+    svc.sync_once(w.clock.now()).unwrap();
+    w.ledger.fault_next(support::Fault::ApplyThenUnknown);
+    let r = svc.process_deposits(w.clock.now()).unwrap();
+    assert!(r.credited.is_empty());
+    assert_eq!(r.unresolved.len(), 1);
+    assert_eq!(
+        svc.deposits(None).unwrap()[0].status,
+        DepositStatus::Pending,
+        "not marked credited without an applied answer"
+    );
+    assert_eq!(w.ledger.btc(alice), (500_000, 0), "the ledger applied it");
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (500_000, 0), "credited once");
+    assert_eq!(r.reconciliation.surplus_sat, 0);
+}

@@ -1198,18 +1198,31 @@ impl CustodyService {
     /// [`broadcast_pending`](Self::broadcast_pending)): the signed transaction is durable first.
     /// Only one batch is in flight at a time.
     pub fn build_batch(&mut self, now: Timestamp) -> Result<Option<BatchInfo>, BatchError> {
-        if !store::inflight_batches(&self.db)?.is_empty() {
-            return Ok(None);
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
+        // One batch in flight at a time, except that a batch the node keeps refusing does not
+        // block the others (the wallet counts its inputs as spent, and a new batch spends only
+        // confirmed coins, so the two never conflict).
+        for batch in store::inflight_batches(&self.db)? {
+            if store::batch_broadcast(&self.db, batch)?.refusals == 0 {
+                return Ok(None);
+            }
         }
         // Requests of an account flagged after they were made wait until it is cleared.
         let flagged: HashSet<AccountId> = store::flagged(&self.db)?
             .into_iter()
             .map(|(a, _)| a)
             .collect();
+        // Requests the wallet could not fund wait for their backoff to pass.
+        let deferred = store::deferred(&self.db)?;
         let pending: Vec<WithdrawalView> =
             store::withdrawals_in(&self.db, WithdrawalStatus::Pending)?
                 .into_iter()
                 .filter(|w| !flagged.contains(&w.account))
+                .filter(|w| {
+                    deferred
+                        .get(&w.id)
+                        .is_none_or(|(_, t)| *t <= now.as_millis())
+                })
                 .collect();
         let Some(oldest) = pending.first() else {
             return Ok(None);
@@ -1243,9 +1256,12 @@ impl CustodyService {
         if batch.is_empty() {
             return Ok(None);
         }
-        let budget = Amount(batch.iter().map(|w| w.fee.0).sum());
         let rate = self.fee_rate()?;
-        let mut psbt = self.build_psbt(&outputs, Ok(rate))?;
+        let Some((batch, outputs, psbt)) = self.fundable(batch, outputs, rate, now)? else {
+            return Ok(None); // none can be funded now: each was put off
+        };
+        let budget = Amount(batch.iter().map(|w| w.fee.0).sum());
+        let mut psbt = psbt;
         let fee = sats(psbt.fee().map_err(|e| BatchError::Build(e.to_string()))?);
         if fee > budget {
             // Capped: the flat fees pay the network fee, never more than each withdrawal's own.
@@ -1287,6 +1303,74 @@ impl CustodyService {
         }))
     }
 
+    /// The requests of a batch the wallet can pay: all of them when it can; otherwise, oldest
+    /// first, each one that still fits. One that does not is put off with a backoff (doubling
+    /// from the batch interval, at most a day) and, from its third skip, an alarm; an operator
+    /// may release it (`reject_withdrawal`). `None` when none fits.
+    #[allow(clippy::type_complexity)]
+    fn fundable(
+        &mut self,
+        batch: Vec<WithdrawalView>,
+        outputs: Vec<(ScriptBuf, bitcoin::Amount)>,
+        rate: FeeRate,
+        now: Timestamp,
+    ) -> Result<Option<(Vec<WithdrawalView>, Vec<(ScriptBuf, bitcoin::Amount)>, Psbt)>, BatchError>
+    {
+        match self.build_psbt(&outputs, Ok(rate)) {
+            Ok(psbt) => return Ok(Some((batch, outputs, psbt))),
+            Err(BatchError::InsufficientFunds(e)) => {
+                tracing::warn!(error = %e, "the wallet cannot fund the whole batch; trying each request")
+            }
+            Err(e) => return Err(e),
+        }
+        let mut kept = Vec::new();
+        let mut kept_out = Vec::new();
+        let mut last = None;
+        for (w, out) in batch.into_iter().zip(outputs) {
+            kept_out.push(out);
+            match self.build_psbt(&kept_out, Ok(rate)) {
+                Ok(psbt) => {
+                    kept.push(w);
+                    last = Some(psbt);
+                }
+                Err(BatchError::InsufficientFunds(e)) => {
+                    kept_out.pop();
+                    self.defer_unfundable(&w, &e, now)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(last.map(|psbt| (kept, kept_out, psbt)))
+    }
+
+    fn defer_unfundable(
+        &mut self,
+        w: &WithdrawalView,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), BatchError> {
+        let skips = store::deferred(&self.db)?.get(&w.id).map_or(0, |(s, _)| *s);
+        let interval_ms = u64::try_from(self.config.batch.interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1_000);
+        let backoff = interval_ms
+            .saturating_mul(1u64 << skips.min(20))
+            .min(DAY_MS);
+        let skips =
+            store::defer_withdrawal(&self.db, w.id, now.as_millis().saturating_add(backoff))?;
+        tracing::warn!(id = %w.id, amount = %w.amount, skips, backoff_ms = backoff, reason, "withdrawal cannot be funded now; skipped");
+        if skips >= 3 {
+            self.alarm(
+                "withdrawal_unfundable",
+                &format!("withdrawal {}", w.id),
+                &format!(
+                    "the wallet could not fund it {skips} times: {reason}; release it or add funds"
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Broadcasts the newest transaction of every batch in flight that is not confirmed yet
     /// (again after a restart: bitcoind answers "already known" or "already in chain" when it has
     /// it). Returns how many were sent.
@@ -1304,14 +1388,40 @@ impl CustodyService {
             if confirmed {
                 continue;
             }
+            let state = store::batch_broadcast(&self.db, batch)?;
+            if state.refusals > 0 && now.as_millis() < state.retry_after_ms {
+                continue; // refused before: retried with a backoff
+            }
             let tx: Transaction = encode::deserialize(&latest.raw)
                 .map_err(|e| BatchError::Build(format!("stored batch transaction: {e}")))?;
             let rpc = self.connect().map_err(BatchError::Rpc)?;
             match rpc.client.send_raw_transaction(&tx) {
-                Ok(_) => sent += 1,
+                Ok(_) => {
+                    sent += 1;
+                    if state.refusals > 0 {
+                        store::batch_refused(&self.db, batch, None, 0)?;
+                    }
+                }
                 Err(e) if rpc_code(&e) == Some(RPC_VERIFY_ALREADY_IN_CHAIN) => {}
                 Err(e) if rpc_code(&e).is_some() => {
-                    tracing::warn!(batch, txid = %latest.txid, error = %e, "bitcoind refused the batch transaction");
+                    let msg = e.to_string();
+                    let backoff = 10_000u64
+                        .saturating_mul(1u64 << state.refusals.min(20))
+                        .min(60 * 60 * 1000);
+                    let refusals = store::batch_refused(
+                        &self.db,
+                        batch,
+                        Some(&msg),
+                        now.as_millis().saturating_add(backoff),
+                    )?;
+                    tracing::warn!(batch, txid = %latest.txid, error = %msg, refusals, "bitcoind refused the batch transaction; later batches go on");
+                    if refusals >= 3 {
+                        self.alarm(
+                            "batch_refused",
+                            &format!("batch {batch}"),
+                            &format!("bitcoind refused it {refusals} times: {msg}; bump its fee or investigate"),
+                        )?;
+                    }
                     continue;
                 }
                 Err(e) => {

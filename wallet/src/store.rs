@@ -106,6 +106,31 @@ pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
         [],
         |r| r.get(0),
     )?;
+    // Columns added later: backoff of withdrawals and batches that could not go out.
+    for (table, column, decl) in [
+        ("mediator_withdrawal", "skips", "INTEGER NOT NULL DEFAULT 0"),
+        (
+            "mediator_withdrawal",
+            "retry_after_ms",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        ("mediator_batch", "refusals", "INTEGER NOT NULL DEFAULT 0"),
+        ("mediator_batch", "last_error", "TEXT"),
+        (
+            "mediator_batch",
+            "retry_after_ms",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+    ] {
+        let has: bool = db
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+            ))?
+            .exists([])?;
+        if !has {
+            db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
     // Databases made before an operator could clear a flag.
     let has_cleared: bool = db
         .prepare(
@@ -579,6 +604,96 @@ pub(crate) fn withdrawn_since_all(db: &Connection, since_ms: u64) -> Result<Amou
         |r| r.get(0),
     )?;
     Ok(Amount(to_u64(sum)?))
+}
+
+/// Withdrawals put off by the batcher: id -> (times skipped, not before this time).
+pub(crate) fn deferred(
+    db: &Connection,
+) -> Result<std::collections::HashMap<WithdrawalId, (u32, u64)>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT id, skips, retry_after_ms FROM mediator_withdrawal
+         WHERE status = 'pending' AND skips > 0",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, u32>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut out = std::collections::HashMap::new();
+    for row in rows {
+        let (id, skips, after) = row?;
+        out.insert(WithdrawalId(to_u64(id)?), (skips, to_u64(after)?));
+    }
+    Ok(out)
+}
+
+/// Puts a pending withdrawal off until `retry_after_ms`; returns how often it was skipped.
+pub(crate) fn defer_withdrawal(
+    db: &Connection,
+    id: WithdrawalId,
+    retry_after_ms: u64,
+) -> Result<u32, StoreError> {
+    Ok(db.query_row(
+        "UPDATE mediator_withdrawal SET skips = skips + 1, retry_after_ms = ?2 WHERE id = ?1
+         RETURNING skips",
+        params![to_i64(id.0), to_i64(retry_after_ms)],
+        |r| r.get(0),
+    )?)
+}
+
+/// A batch's broadcast state: refusals by the node in a row, the last error, next attempt.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct BatchBroadcast {
+    pub refusals: u32,
+    pub last_error: Option<String>,
+    pub retry_after_ms: u64,
+}
+
+/// The broadcast state of a batch.
+pub(crate) fn batch_broadcast(db: &Connection, batch: u64) -> Result<BatchBroadcast, StoreError> {
+    let (refusals, last_error, after) = db.query_row(
+        "SELECT refusals, last_error, retry_after_ms FROM mediator_batch WHERE id = ?1",
+        [to_i64(batch)],
+        |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        },
+    )?;
+    Ok(BatchBroadcast {
+        refusals,
+        last_error,
+        retry_after_ms: to_u64(after)?,
+    })
+}
+
+/// Records the node's refusal of a batch (or, with `None`, an accepted broadcast: the count is
+/// reset). Returns the refusals in a row.
+pub(crate) fn batch_refused(
+    db: &Connection,
+    batch: u64,
+    error: Option<&str>,
+    retry_after_ms: u64,
+) -> Result<u32, StoreError> {
+    Ok(match error {
+        Some(e) => db.query_row(
+            "UPDATE mediator_batch SET refusals = refusals + 1, last_error = ?2,
+             retry_after_ms = ?3 WHERE id = ?1 RETURNING refusals",
+            params![to_i64(batch), e, to_i64(retry_after_ms)],
+            |r| r.get(0),
+        )?,
+        None => {
+            db.execute(
+                "UPDATE mediator_batch SET refusals = 0, retry_after_ms = 0 WHERE id = ?1",
+                [to_i64(batch)],
+            )?;
+            0
+        }
+    })
 }
 
 /// Inserts a new withdrawal in status `new`. Its id comes from AUTOINCREMENT: never handed out

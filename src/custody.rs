@@ -6,18 +6,18 @@
 
 use api::core::Outcome;
 use api::custody::{
-    Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
-    WithdrawalState,
+    AlarmInfo, BatchSummary, Custody, CustodyError, DepositInfo, DepositState, FlaggedAccount,
+    ReconcileInfo, WithdrawalInfo, WithdrawalState,
 };
 use api::AppState;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
 use matching_engine::config::BTC;
 use matching_engine::{AccountId, Amount, Command, Event, RejectCode, Withdrawal, WithdrawalId};
 use std::sync::{Arc, Mutex, MutexGuard};
-use wallet::bitcoin::{Address, Network, ScriptBuf};
+use wallet::bitcoin::{Address, FeeRate, Network, ScriptBuf};
 use wallet::{
-    system_now, CustodyService, DepositStatus, LedgerError, WithdrawalError, WithdrawalRequest,
-    WithdrawalStatus, WithdrawalView,
+    system_now, BumpError, CustodyService, DepositStatus, LedgerError, WithdrawalError,
+    WithdrawalRequest, WithdrawalStatus, WithdrawalView,
 };
 
 /// The ledger as the custody service sees it: every command goes through the API's core (the
@@ -292,6 +292,94 @@ impl Custody for WalletCustody {
         Ok(self.withdrawal_info(&s, &w))
     }
 
+    fn reject_withdrawal(&self, id: u64, reason: &str) -> Result<WithdrawalInfo, CustodyError> {
+        let mut s = self.lock();
+        s.reject_withdrawal(WithdrawalId(id), reason)
+            .map_err(withdrawal_error)?;
+        let w = s
+            .withdrawal(WithdrawalId(id))
+            .map_err(withdrawal_error)?
+            .ok_or_else(|| CustodyError::bad_request(-4030, "unknown withdrawal"))?;
+        Ok(self.withdrawal_info(&s, &w))
+    }
+
+    fn bump_withdrawal(&self, id: u64, fee_rate_sat_vb: u64) -> Result<BatchSummary, CustodyError> {
+        let mut s = self.lock();
+        let w = s
+            .withdrawal(WithdrawalId(id))
+            .map_err(withdrawal_error)?
+            .ok_or_else(|| CustodyError::bad_request(-4030, "unknown withdrawal"))?;
+        let batch = match (w.status, w.batch_id) {
+            (WithdrawalStatus::Batched, Some(b)) => b,
+            _ => {
+                return Err(CustodyError::bad_request(
+                    -4034,
+                    "withdrawal is not in a batch in flight",
+                ))
+            }
+        };
+        let rate = FeeRate::from_sat_per_vb(fee_rate_sat_vb)
+            .ok_or_else(|| CustodyError::bad_request(-1100, "invalid fee rate"))?;
+        s.bump_fee(batch, rate, system_now()).map_err(|e| match e {
+            BumpError::FeeBudgetExceeded { .. }
+            | BumpError::Build { .. }
+            | BumpError::NotInFlight(_) => CustodyError::bad_request(-4035, e.to_string()),
+            other => internal(other),
+        })?;
+        let b = s
+            .batches()
+            .map_err(internal)?
+            .into_iter()
+            .find(|b| b.id == batch)
+            .ok_or_else(|| internal("bumped batch not found"))?;
+        Ok(batch_summary(b))
+    }
+
+    fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
+        Ok(self
+            .lock()
+            .flagged_accounts()
+            .map_err(internal)?
+            .into_iter()
+            .map(|(a, reason)| FlaggedAccount {
+                account: a.0,
+                reason,
+            })
+            .collect())
+    }
+
+    fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
+        self.lock()
+            .clear_flag(AccountId(account), system_now())
+            .map_err(withdrawal_error)
+    }
+
+    fn batches(&self) -> Result<Vec<BatchSummary>, CustodyError> {
+        Ok(self
+            .lock()
+            .batches()
+            .map_err(internal)?
+            .into_iter()
+            .map(batch_summary)
+            .collect())
+    }
+
+    fn alarms(&self) -> Result<Vec<AlarmInfo>, CustodyError> {
+        Ok(self
+            .lock()
+            .alarms(false)
+            .map_err(internal)?
+            .into_iter()
+            .map(|a| AlarmInfo {
+                id: a.id,
+                kind: a.kind,
+                subject: a.subject,
+                message: a.message,
+                at_ms: a.at_ms,
+            })
+            .collect())
+    }
+
     fn withdrawal_terms(&self) -> (u64, u64) {
         let s = self.lock();
         let p = &s.config().withdrawal;
@@ -347,6 +435,21 @@ impl Custody for WalletCustody {
             .generate_to_address(100, &throwaway(self.network))
             .map_err(internal)?;
         Ok(paid)
+    }
+}
+
+fn batch_summary(b: wallet::BatchView) -> BatchSummary {
+    BatchSummary {
+        id: b.id,
+        status: b.status,
+        created_ms: b.created_ms,
+        txids: b.txids.iter().map(|t| t.to_string()).collect(),
+        fee_sat: b.fee.0,
+        fee_budget_sat: b.fee_budget.0,
+        withdrawals: b.withdrawals.iter().map(|w| w.0).collect(),
+        confirmed_txid: b.confirmed_txid.map(|t| t.to_string()),
+        refusals: b.refusals,
+        last_error: b.last_error,
     }
 }
 

@@ -97,12 +97,51 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RegtestCmd,
     },
+    /// One withdrawal: refuse it, or bump the fee of the batch paying it.
+    Withdrawal {
+        #[command(subcommand)]
+        cmd: WithdrawalCmd,
+    },
+    /// Accounts: those flagged for review.
+    Accounts {
+        #[command(subcommand)]
+        cmd: AccountsCmd,
+    },
+    /// Withdrawal batches, newest first (status, transactions, fees, refusals).
+    Batches,
+    /// Custody alarms not cleared (money that moved in one place and not the other).
+    Alarms,
+}
+
+#[derive(Debug, Subcommand)]
+enum WithdrawalCmd {
+    /// Refuses a withdrawal not batched yet: the hold is given back with the reason.
+    Reject {
+        id: u64,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Replaces the transaction of the batch paying the withdrawal with one paying this fee
+    /// rate (sat/vB), within the batch's flat fees.
+    Bump {
+        id: u64,
+        #[arg(long)]
+        fee_rate: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountsCmd {
+    /// Accounts flagged for review (a credited deposit left the chain); they cannot withdraw.
+    Flagged,
 }
 
 #[derive(Debug, Subcommand)]
 enum AccountCmd {
     /// Opens a new account.
     Create,
+    /// Clears an account's flag after review: it may withdraw again.
+    ClearFlag { id: u32 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -227,6 +266,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Account {
             cmd: AccountCmd::Create,
         } => admin::account_create(&admin()?),
+        Cmd::Account {
+            cmd: AccountCmd::ClearFlag { id },
+        } => admin::clear_flag(&admin()?, id),
+        Cmd::Withdrawal {
+            cmd: WithdrawalCmd::Reject { id, reason },
+        } => admin::reject(&admin()?, id, &reason),
+        Cmd::Withdrawal {
+            cmd: WithdrawalCmd::Bump { id, fee_rate },
+        } => admin::bump(&admin()?, id, fee_rate),
+        Cmd::Accounts {
+            cmd: AccountsCmd::Flagged,
+        } => admin::flagged(&admin()?),
+        Cmd::Batches => admin::batches(&admin()?),
+        Cmd::Alarms => admin::alarms(&admin()?),
         Cmd::Apikey {
             cmd:
                 ApikeyCmd::Create {

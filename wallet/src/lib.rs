@@ -39,7 +39,7 @@ pub use keys::{KeyError, Passphrase};
 pub use ledger::{Ledger, LedgerError};
 pub use runner::{system_now, Runner};
 pub use service::{
-    BatchInfo, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,
+    BatchInfo, BatchView, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,
     StepReport, SyncReport, WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
 };
 pub use store::{Alarm, DepositStatus, WithdrawalStatus, WithdrawalView};

@@ -114,6 +114,32 @@ pub struct BatchInfo {
     pub withdrawals: Vec<WithdrawalId>,
 }
 
+/// A batch as the operator sees it (`mediator batches`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchView {
+    /// Batch id.
+    pub id: u64,
+    /// `inflight`, `confirmed`, or `alarm` (confirmed, but some withdrawals did not complete in
+    /// the ledger: see the alarms).
+    pub status: String,
+    /// When signed, ms since the epoch.
+    pub created_ms: u64,
+    /// Its transactions, the original first, then fee bumps.
+    pub txids: Vec<Txid>,
+    /// Network fee of the newest transaction, sats.
+    pub fee: Amount,
+    /// Sum of its withdrawals' flat fees: the most any version may pay, sats.
+    pub fee_budget: Amount,
+    /// The withdrawals it pays.
+    pub withdrawals: Vec<WithdrawalId>,
+    /// The transaction that confirmed, once confirmed.
+    pub confirmed_txid: Option<Txid>,
+    /// Times in a row the node refused it (0: accepted or not tried yet).
+    pub refusals: u32,
+    /// The node's last refusal.
+    pub last_error: Option<String>,
+}
+
 /// What [`CustodyService::process_withdrawals`] did.
 #[derive(Clone, Debug, Default)]
 pub struct WithdrawalReport {
@@ -1544,6 +1570,28 @@ impl CustodyService {
         Ok(report)
     }
 
+    /// Every batch, newest first, with its transactions, withdrawals and broadcast state.
+    pub fn batches(&self) -> Result<Vec<BatchView>, BatchError> {
+        let mut out = Vec::new();
+        for b in store::all_batches(&self.db)? {
+            let txs = store::batch_txs(&self.db, b.id)?;
+            let ws = store::withdrawals_of_batch(&self.db, b.id)?;
+            out.push(BatchView {
+                id: b.id,
+                status: b.status,
+                created_ms: b.created_ms,
+                fee: txs.last().map_or(Amount::ZERO, |t| t.fee),
+                txids: txs.iter().map(|t| t.txid).collect(),
+                fee_budget: Amount(ws.iter().map(|w| w.fee.0).sum()),
+                withdrawals: ws.iter().map(|w| w.id).collect(),
+                confirmed_txid: b.confirmed_txid,
+                refusals: b.broadcast.refusals,
+                last_error: b.broadcast.last_error,
+            });
+        }
+        Ok(out)
+    }
+
     /// Ids of batches in flight (signed, not yet completed), oldest first.
     pub fn batches_in_flight(&self) -> Result<Vec<u64>, BatchError> {
         Ok(store::inflight_batches(&self.db)?)
@@ -1589,6 +1637,9 @@ impl CustodyService {
                         reason: e.to_string(),
                     })?;
             builder.fee_rate(fee_rate);
+            // Added inputs (if the change cannot pay) are coins with the deposit confirmations
+            // only: a pending deposit is not ours to spend before it is credited.
+            builder.exclude_below_confirmations(self.config.deposit_confirmations.max(1));
             builder.finish().map_err(|e| BumpError::Build {
                 txid: replaced,
                 reason: e.to_string(),

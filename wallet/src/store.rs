@@ -696,6 +696,51 @@ pub(crate) fn batch_refused(
     })
 }
 
+/// A batch row: id, status (`inflight`, `confirmed`, `alarm`), created, confirmed txid,
+/// broadcast state.
+pub(crate) struct BatchRow {
+    pub id: u64,
+    pub status: String,
+    pub created_ms: u64,
+    pub confirmed_txid: Option<Txid>,
+    pub broadcast: BatchBroadcast,
+}
+
+/// All batches, newest first.
+pub(crate) fn all_batches(db: &Connection) -> Result<Vec<BatchRow>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT id, status, created_ms, confirmed_txid, refusals, last_error, retry_after_ms
+         FROM mediator_batch ORDER BY id DESC",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, u32>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, i64>(6)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, status, created, confirmed, refusals, last_error, after) = row?;
+        out.push(BatchRow {
+            id: to_u64(id)?,
+            status,
+            created_ms: to_u64(created)?,
+            confirmed_txid: confirmed.as_deref().map(txid).transpose()?,
+            broadcast: BatchBroadcast {
+                refusals,
+                last_error,
+                retry_after_ms: to_u64(after)?,
+            },
+        });
+    }
+    Ok(out)
+}
+
 /// Inserts a new withdrawal in status `new`. Its id comes from AUTOINCREMENT: never handed out
 /// again, even after the row is deleted (the ledger may know an id whose row is gone).
 pub(crate) fn insert_withdrawal(

@@ -152,8 +152,31 @@ pub fn approve(a: &Admin, id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `mediator reconcile`.
-pub fn reconcile(a: &Admin) -> anyhow::Result<()> {
+/// `mediator reconcile [--records]`.
+pub fn reconcile(a: &Admin, records: bool) -> anyhow::Result<()> {
+    if records {
+        let v = a.call("GET", "/mapi/v1/admin/reconcile/records", &[])?;
+        a.print(&v, |v| {
+            let rows = v["mismatches"].as_array().cloned().unwrap_or_default();
+            let mut out = format!(
+                "{} deposits and {} completed withdrawals compared ({} unanswered): {} mismatches",
+                s(&v["deposits_checked"]),
+                s(&v["withdrawals_checked"]),
+                s(&v["unanswered"]),
+                rows.len()
+            );
+            for m in rows {
+                out.push_str(&format!(
+                    "\n{} {}: {}",
+                    s(&m["kind"]),
+                    s(&m["subject"]),
+                    s(&m["detail"])
+                ));
+            }
+            out
+        });
+        return Ok(());
+    }
     let v = a.call("GET", "/mapi/v1/admin/reconcile", &[])?;
     a.print(&v, |v| {
         format!(

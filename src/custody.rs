@@ -7,12 +7,14 @@
 use api::core::Outcome;
 use api::custody::{
     AlarmInfo, BatchSummary, Custody, CustodyError, DepositInfo, DepositState, FlaggedAccount,
-    ReconcileInfo, WithdrawalInfo, WithdrawalState,
+    ReconcileInfo, RecordMismatchInfo, RecordsInfo, WithdrawalInfo, WithdrawalState,
 };
 use api::AppState;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
 use matching_engine::config::BTC;
-use matching_engine::{AccountId, Amount, Command, Event, RejectCode, Withdrawal, WithdrawalId};
+use matching_engine::{
+    AccountId, Amount, Command, Event, IdempotencyKey, RejectCode, Withdrawal, WithdrawalId,
+};
 use std::sync::{Arc, Mutex, MutexGuard};
 use wallet::bitcoin::{Address, FeeRate, Network, ScriptBuf};
 use wallet::{
@@ -62,6 +64,25 @@ impl wallet::Ledger for EngineLedger {
                         id: got,
                         withdrawal,
                     } if *got == id => Some(*withdrawal),
+                    _ => None,
+                })
+                .ok_or(LedgerError::Unknown),
+            Outcome::Rejected(code) => Err(LedgerError::Rejected(code)),
+            Outcome::Busy => Err(LedgerError::Rejected(RejectCode::EngineBusy)),
+            _ => Err(LedgerError::Unknown),
+        }
+    }
+
+    fn credited(&self, key: IdempotencyKey) -> Result<bool, LedgerError> {
+        match self
+            .rt
+            .block_on(self.state.submit_outcome(Command::CreditStatus { key }))
+        {
+            Outcome::Applied(reply) => reply
+                .events
+                .iter()
+                .find_map(|e| match e {
+                    Event::CreditStatus { key: k, credited } if *k == key => Some(*credited),
                     _ => None,
                 })
                 .ok_or(LedgerError::Unknown),
@@ -362,6 +383,24 @@ impl Custody for WalletCustody {
             .into_iter()
             .map(batch_summary)
             .collect())
+    }
+
+    fn reconcile_records(&self) -> Result<RecordsInfo, CustodyError> {
+        let r = self.lock().reconcile_records().map_err(internal)?;
+        Ok(RecordsInfo {
+            deposits_checked: r.deposits_checked,
+            withdrawals_checked: r.withdrawals_checked,
+            unanswered: r.unanswered,
+            mismatches: r
+                .mismatches
+                .into_iter()
+                .map(|m| RecordMismatchInfo {
+                    kind: m.kind.to_owned(),
+                    subject: m.subject,
+                    detail: m.detail,
+                })
+                .collect(),
+        })
     }
 
     fn alarms(&self) -> Result<Vec<AlarmInfo>, CustodyError> {

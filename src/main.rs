@@ -79,7 +79,12 @@ enum Cmd {
         id: u64,
     },
     /// Wallet assets against ledger liabilities.
-    Reconcile,
+    Reconcile {
+        /// Also compare every credited deposit and completed withdrawal with the ledger and
+        /// the chain (one ledger query per record), reporting each mismatch by id.
+        #[arg(long)]
+        records: bool,
+    },
     /// Records an operator deposit of an asset (e.g. USD received by wire), idempotent by reference.
     Credit {
         /// Account id.
@@ -291,7 +296,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::DepositAddress { account, new } => admin::deposit_address(&admin()?, account, new),
         Cmd::Withdrawals { account } => admin::withdrawals(&admin()?, account),
         Cmd::Approve { id } => admin::approve(&admin()?, id),
-        Cmd::Reconcile => admin::reconcile(&admin()?),
+        Cmd::Reconcile { records } => admin::reconcile(&admin()?, records),
         Cmd::Credit {
             account,
             asset,

@@ -65,6 +65,10 @@ pub fn routes() -> Router<AppState> {
         .route("/mapi/v1/admin/batches", get(admin_batches))
         .route("/mapi/v1/admin/alarms", get(admin_alarms))
         .route("/mapi/v1/admin/reconcile", get(admin_reconcile))
+        .route(
+            "/mapi/v1/admin/reconcile/records",
+            get(admin_reconcile_records),
+        )
         .route("/mapi/v1/admin/regtest/mine", post(admin_mine))
         .route("/mapi/v1/admin/regtest/fund", post(admin_fund))
 }
@@ -524,6 +528,17 @@ pub async fn admin_reconcile(State(st): State<AppState>, req: Req) -> Result<Res
     let (_, p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
     p.finish()?;
     let r = call(&st, |c| c.reconcile()).await?;
+    Ok(ok_json(&ctx, to_json(&r)?))
+}
+
+/// `GET /mapi/v1/admin/reconcile/records` (ADMIN): the two-sided reconciliation of the records.
+pub async fn admin_reconcile_records(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    p.finish()?;
+    let r = call(&st, |c| c.reconcile_records()).await?;
     Ok(ok_json(&ctx, to_json(&r)?))
 }
 

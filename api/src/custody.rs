@@ -144,6 +144,30 @@ pub struct BatchSummary {
     pub last_error: Option<String>,
 }
 
+/// One record that differs between custody and the ledger or the chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecordMismatchInfo {
+    /// Stable kind, e.g. `deposit_missing_in_ledger`.
+    pub kind: String,
+    /// Which record: `deposit TXID:VOUT` or `withdrawal ID`.
+    pub subject: String,
+    /// What differs.
+    pub detail: String,
+}
+
+/// The two-sided reconciliation of the records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecordsInfo {
+    /// Deposits compared.
+    pub deposits_checked: usize,
+    /// Completed withdrawals compared.
+    pub withdrawals_checked: usize,
+    /// Ledger queries that got no answer.
+    pub unanswered: usize,
+    /// Every mismatch.
+    pub mismatches: Vec<RecordMismatchInfo>,
+}
+
 /// Something an operator must look at (money moved in one place and not the other, a request
 /// that cannot be funded, a batch the node refuses, a reconciliation mismatch).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -264,6 +288,11 @@ pub trait Custody: Send + Sync + 'static {
     }
     /// Withdrawal batches, newest first.
     fn batches(&self) -> Result<Vec<BatchSummary>, CustodyError> {
+        Err(CustodyError::not_supported())
+    }
+    /// Two-sided reconciliation of the records (every credited deposit and completed withdrawal
+    /// against the ledger and the chain); each mismatch by id. Raises an alarm per mismatch.
+    fn reconcile_records(&self) -> Result<RecordsInfo, CustodyError> {
         Err(CustodyError::not_supported())
     }
     /// Alarms not cleared, oldest first.

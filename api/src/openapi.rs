@@ -376,6 +376,13 @@ const OPS: &[Op] = &[
     ),
     (
         "get",
+        "/mapi/v1/admin/reconcile/records",
+        "Every credited deposit and completed withdrawal against the ledger and the chain.",
+        "admin",
+        &[],
+    ),
+    (
+        "get",
         "/mapi/v1/admin/reconcile",
         "Wallet assets against ledger liabilities.",
         "admin",

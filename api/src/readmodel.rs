@@ -1348,7 +1348,8 @@ fn apply_batch(st: &mut State, markets: &Markets, b: &EventBatch, out: &mut Out)
             | Event::WithdrawalHeld { .. }
             | Event::WithdrawalReleased { .. }
             | Event::WithdrawalCompleted { .. }
-            | Event::WithdrawalStatus { .. } => {}
+            | Event::WithdrawalStatus { .. }
+            | Event::CreditStatus { .. } => {}
         }
     }
     for (mi, (first, last, b_levels, a_levels)) in depth {

@@ -203,6 +203,13 @@ pub enum Command {
         /// The withdrawal.
         id: WithdrawalId,
     },
+    /// A read-only query like [`Command::WithdrawalStatus`]: whether a credit with this key was
+    /// applied, answered by one [`Event::CreditStatus`](crate::Event). Custody's reconciliation
+    /// checks every credited deposit with it.
+    CreditStatus {
+        /// The credit's idempotency key.
+        key: IdempotencyKey,
+    },
 }
 
 impl Command {

@@ -524,7 +524,7 @@ impl Engine {
     /// changes nothing, except that GTD orders whose time has come at `now` expire first, whatever
     /// the command: a driver journals a command whenever [`Engine::seq`] advanced.
     ///
-    /// A query ([`Command::WithdrawalStatus`]) is the exception: its only event is its answer, and
+    /// A query ([`Command::WithdrawalStatus`], [`Command::CreditStatus`]) is the exception: its only event is its answer, and
     /// it changes nothing at all (no time, no expiries, no `seq`), so it is never journaled.
     pub fn apply(
         &mut self,
@@ -533,12 +533,22 @@ impl Engine {
         out: &mut Vec<Event>,
     ) -> Result<(), RejectCode> {
         // A query reads and answers; it moves neither time nor `seq`, so it is never journaled.
-        if let Command::WithdrawalStatus { id } = *cmd {
-            out.push(Event::WithdrawalStatus {
-                id,
-                withdrawal: self.withdrawals.get(&id).copied(),
-            });
-            return Ok(());
+        match *cmd {
+            Command::WithdrawalStatus { id } => {
+                out.push(Event::WithdrawalStatus {
+                    id,
+                    withdrawal: self.withdrawals.get(&id).copied(),
+                });
+                return Ok(());
+            }
+            Command::CreditStatus { key } => {
+                out.push(Event::CreditStatus {
+                    key,
+                    credited: self.credit_keys.contains(&key),
+                });
+                return Ok(());
+            }
+            _ => {}
         }
         // `now` is state (it is in the snapshot): a command that ends up changing nothing must
         // not move it, or the live state would differ from a replay of the journal.
@@ -889,7 +899,9 @@ impl Engine {
                 });
                 Ok(Accept::default())
             }
-            Command::WithdrawalStatus { .. } => unreachable!("queries are answered by apply"),
+            Command::WithdrawalStatus { .. } | Command::CreditStatus { .. } => {
+                unreachable!("queries are answered by apply")
+            }
             Command::Transfer {
                 from,
                 to,

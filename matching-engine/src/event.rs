@@ -233,4 +233,11 @@ pub enum Event {
         /// The record, if any.
         withdrawal: Option<Withdrawal>,
     },
+    /// The answer to [`Command::CreditStatus`](crate::Command::CreditStatus).
+    CreditStatus {
+        /// The key asked about.
+        key: IdempotencyKey,
+        /// True when a credit with this key was applied.
+        credited: bool,
+    },
 }

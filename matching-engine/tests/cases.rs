@@ -1387,3 +1387,35 @@ fn default_config_is_btcusd_with_sane_units() {
     );
     assert_eq!(m.base_amount(Qty(100_000)), Some(Amount(100_000_000)));
 }
+
+/// Reconciliation asks whether a credit key was applied; the query changes nothing.
+#[test]
+fn credit_status_answers_whether_a_key_was_credited() {
+    let mut h = H::new();
+    let a = h.account(0, 0);
+    let key = h.key();
+    let query = |h: &mut H, key| {
+        let before = (h.e.state_hash(), h.e.seq(), h.e.now());
+        let mut out = Vec::new();
+        h.e.apply(
+            &Command::CreditStatus { key },
+            Timestamp(h.now + 1_000_000),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!((h.e.state_hash(), h.e.seq(), h.e.now()), before);
+        match out.as_slice() {
+            [Event::CreditStatus { key: k, credited }] if *k == key => *credited,
+            other => panic!("one answer expected: {other:?}"),
+        }
+    };
+    assert!(!query(&mut h, key));
+    h.cmd(Command::Credit {
+        account: a,
+        asset: BASE,
+        amount: Amount(5),
+        key,
+    })
+    .unwrap();
+    assert!(query(&mut h, key));
+}

@@ -128,6 +128,11 @@ enum Ev {
         order: u64,
         last_price: u64,
     },
+    /// The answer to a credit query.
+    CreditStatus {
+        key: [u8; 36],
+        credited: bool,
+    },
     /// The answer to a withdrawal query: (account, asset, amount, fee, state), or none.
     WithdrawalStatus {
         id: u64,
@@ -454,6 +459,19 @@ impl Reference {
                 Ok((false, vec![Ev::WithdrawalStatus { id: id.0, record }])),
             );
         }
+        if let Command::CreditStatus { key } = *cmd {
+            let credited = self.credit_keys.contains(&key.0);
+            return (
+                Vec::new(),
+                Ok((
+                    false,
+                    vec![Ev::CreditStatus {
+                        key: key.0,
+                        credited,
+                    }],
+                )),
+            );
+        }
         self.now = self.now.max(now);
         let mut expired = Vec::new();
         self.expire_due(&mut expired);
@@ -617,7 +635,9 @@ impl Reference {
                 self.withdrawals.get_mut(&id.0).unwrap().4 = WState::Completed;
             }
             Command::Tick => {}
-            Command::WithdrawalStatus { .. } => unreachable!("queries are answered by apply"),
+            Command::WithdrawalStatus { .. } | Command::CreditStatus { .. } => {
+                unreachable!("queries are answered by apply")
+            }
         }
         Ok((false, evs))
     }
@@ -1313,6 +1333,10 @@ fn engine_evs(events: &[Event]) -> (bool, Vec<Ev>) {
                 remaining: remaining.0,
                 kept_priority,
             }),
+            Event::CreditStatus { key, credited } => v.push(Ev::CreditStatus {
+                key: key.0,
+                credited,
+            }),
             Event::WithdrawalStatus { id, withdrawal } => v.push(Ev::WithdrawalStatus {
                 id: id.0,
                 record: withdrawal.map(|w| {
@@ -1486,6 +1510,7 @@ fn arb_command() -> impl Strategy<Value = Command> {
         ),
         1 => (1u64..=7).prop_map(|id| Command::WithdrawRelease { id: WithdrawalId(id) }),
         1 => (1u64..=7).prop_map(|id| Command::WithdrawalStatus { id: WithdrawalId(id) }),
+        1 => (0u8..6).prop_map(|k| Command::CreditStatus { key: key(k) }),
         1 => (1u64..=7, 0u64..=60).prop_map(|(id, fee)| Command::WithdrawComplete {
             id: WithdrawalId(id),
             network_fee: Amount(fee),
@@ -1715,10 +1740,13 @@ proptest! {
                 prop_assert_eq!(e.state_hash(), before, "step {}: duplicate {:?}", i, cmd);
                 prop_assert_eq!(e.seq(), seq);
             }
-            if let Command::WithdrawalStatus { .. } = cmd {
+            if let Command::WithdrawalStatus { .. } | Command::CreditStatus { .. } = cmd {
                 // A query changes nothing, not even time: same hash, same seq, one answer.
                 prop_assert!(result.is_ok());
-                let answered = matches!(out.as_slice(), [Event::WithdrawalStatus { .. }]);
+                let answered = matches!(
+                    out.as_slice(),
+                    [Event::WithdrawalStatus { .. } | Event::CreditStatus { .. }]
+                );
                 prop_assert!(answered, "step {}: events of a query: {:?}", i, out);
                 prop_assert_eq!(e.state_hash(), before, "step {}: query {:?}", i, cmd);
                 prop_assert_eq!(e.seq(), seq);

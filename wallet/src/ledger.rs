@@ -1,7 +1,7 @@
 //! The custody service's only view of the exchange's ledger.
 
 use matching_engine::command::Command;
-use matching_engine::units::{AccountId, Amount, WithdrawalId};
+use matching_engine::units::{AccountId, Amount, IdempotencyKey, WithdrawalId};
 use matching_engine::{RejectCode, Withdrawal};
 
 /// Why a ledger command is not known to be applied: the two answers besides *applied*.
@@ -40,6 +40,8 @@ pub trait Ledger: Send + Sync {
     /// The ledger's record of a withdrawal (`None`: it never held one with this id). Read-only;
     /// the answer reflects every command the ledger answered before it.
     fn withdrawal(&self, id: WithdrawalId) -> Result<Option<Withdrawal>, LedgerError>;
+    /// True when the ledger applied a credit with this key. Read-only (reconciliation).
+    fn credited(&self, key: IdempotencyKey) -> Result<bool, LedgerError>;
     /// Sum of all BTC balances in sats, available and held, the fee account included.
     fn btc_liabilities(&self) -> Amount;
     /// True when the account exists.
@@ -52,6 +54,9 @@ impl<T: Ledger + ?Sized> Ledger for std::sync::Arc<T> {
     }
     fn withdrawal(&self, id: WithdrawalId) -> Result<Option<Withdrawal>, LedgerError> {
         (**self).withdrawal(id)
+    }
+    fn credited(&self, key: IdempotencyKey) -> Result<bool, LedgerError> {
+        (**self).credited(key)
     }
     fn btc_liabilities(&self) -> Amount {
         (**self).btc_liabilities()

@@ -40,7 +40,8 @@ pub use ledger::{Ledger, LedgerError};
 pub use runner::{system_now, Runner};
 pub use service::{
     BatchInfo, BatchView, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,
-    StepReport, SyncReport, WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
+    RecordMismatch, RecordsReport, StepReport, SyncReport, WithdrawalReport, WithdrawalRequest,
+    DATABASE_FILE,
 };
 pub use store::{Alarm, DepositStatus, WithdrawalStatus, WithdrawalView};
 

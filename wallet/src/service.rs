@@ -196,6 +196,31 @@ pub struct Reconciliation {
     pub shortfall: bool,
 }
 
+/// One record that differs between custody and the ledger or the chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordMismatch {
+    /// Stable kind: `deposit_missing_in_ledger`, `deposit_not_recorded_credited`,
+    /// `withdrawal_not_confirmed`, `withdrawal_ledger_mismatch` (also the alarm's kind).
+    pub kind: &'static str,
+    /// Which record: `deposit TXID:VOUT` or `withdrawal ID`.
+    pub subject: String,
+    /// What differs.
+    pub detail: String,
+}
+
+/// What [`CustodyService::reconcile_records`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordsReport {
+    /// Deposits compared with the ledger.
+    pub deposits_checked: usize,
+    /// Completed withdrawals compared with the chain and the ledger.
+    pub withdrawals_checked: usize,
+    /// Ledger queries that got no answer (those records were not compared).
+    pub unanswered: usize,
+    /// Every mismatch, by id (each is also an alarm).
+    pub mismatches: Vec<RecordMismatch>,
+}
+
 /// A withdrawal request.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WithdrawalRequest {
@@ -1732,6 +1757,91 @@ impl CustodyService {
                 "reconciliation shortfall: the wallet holds less than the ledger owes"
             );
         }
+        Ok(report)
+    }
+
+    /// Two-sided reconciliation of the records, beyond the totals of [`reconcile`](Self::reconcile):
+    /// every credited deposit in this database is credited in the ledger (by its key) and every
+    /// deposit the ledger credited is recorded as credited here; every completed withdrawal is
+    /// paid by a confirmed transaction (the batch's, paying its address its amount) and completed
+    /// in the ledger with the same account and amounts. Each mismatch is reported by id and
+    /// raised as an alarm, even when the totals agree. One ledger query per record: an operator
+    /// command, not part of every step.
+    pub fn reconcile_records(&mut self) -> Result<RecordsReport, BatchError> {
+        let mut report = RecordsReport::default();
+        let mut found = Vec::new();
+        for d in store::deposits(&self.db)? {
+            let key = IdempotencyKey::outpoint(d.outpoint.txid.to_byte_array(), d.outpoint.vout);
+            let Ok(in_ledger) = self.ledger.credited(key) else {
+                report.unanswered += 1;
+                continue;
+            };
+            report.deposits_checked += 1;
+            let here = d.status != DepositStatus::Pending;
+            if here && !in_ledger {
+                found.push(RecordMismatch {
+                    kind: "deposit_missing_in_ledger",
+                    subject: format!("deposit {}", d.outpoint),
+                    detail: format!(
+                        "credited here ({} sat to account {}) but not in the ledger",
+                        d.amount, d.account
+                    ),
+                });
+            } else if !here && in_ledger {
+                found.push(RecordMismatch {
+                    kind: "deposit_not_recorded_credited",
+                    subject: format!("deposit {}", d.outpoint),
+                    detail: format!(
+                        "credited in the ledger but pending here ({} sat to account {})",
+                        d.amount, d.account
+                    ),
+                });
+            }
+        }
+        let tip = self.tip_height();
+        let batches: HashMap<u64, Option<Txid>> = store::all_batches(&self.db)?
+            .into_iter()
+            .map(|b| (b.id, b.confirmed_txid))
+            .collect();
+        for w in store::withdrawals_in(&self.db, WithdrawalStatus::Completed)? {
+            let subject = format!("withdrawal {}", w.id);
+            let script = Address::<NetworkUnchecked>::from_str(&w.address)
+                .ok()
+                .and_then(|a| a.require_network(self.config.network).ok())
+                .map(|a| a.script_pubkey());
+            let txid = w.batch_id.and_then(|b| batches.get(&b).copied().flatten());
+            let paid = txid.and_then(|t| self.wallet.get_tx(t)).is_some_and(|t| {
+                confirmations(&t.chain_position, tip) > 0
+                    && t.tx_node.tx.output.iter().any(|o| {
+                        Some(&o.script_pubkey) == script.as_ref() && sats(o.value) == w.amount
+                    })
+            });
+            if !paid {
+                found.push(RecordMismatch {
+                    kind: "withdrawal_not_confirmed",
+                    subject: subject.clone(),
+                    detail: format!(
+                        "completed, but no confirmed transaction pays {} sat to {} (batch {:?}, tx {:?})",
+                        w.amount, w.address, w.batch_id, txid
+                    ),
+                });
+            }
+            match self.ledger.withdrawal(w.id) {
+                Err(_) => report.unanswered += 1,
+                Ok(Some(rec))
+                    if Self::same(&w, &rec) && rec.state == WithdrawalState::Completed => {}
+                Ok(other) => found.push(RecordMismatch {
+                    kind: "withdrawal_ledger_mismatch",
+                    subject,
+                    detail: format!("completed here; the ledger's record is {other:?}"),
+                }),
+            }
+            report.withdrawals_checked += 1;
+        }
+        for m in &found {
+            self.alarm(m.kind, &m.subject, &m.detail)?;
+        }
+        report.mismatches = found;
         Ok(report)
     }
 

@@ -20,6 +20,9 @@ impl Ledger for NoLedger {
     ) -> Result<Option<matching_engine::Withdrawal>, wallet::LedgerError> {
         Ok(None)
     }
+    fn credited(&self, _: matching_engine::IdempotencyKey) -> Result<bool, wallet::LedgerError> {
+        Ok(false)
+    }
     fn btc_liabilities(&self) -> matching_engine::units::Amount {
         matching_engine::units::Amount::ZERO
     }

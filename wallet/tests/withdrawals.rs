@@ -659,6 +659,10 @@ fn unknown_withdrawal_on_completion_is_an_alarm_not_success() {
         "the confirmed batch does not block later ones"
     );
     assert!(r.reconciliation.shortfall, "the double payment shows");
+    // The completed one matches its confirmed transaction and the ledger's record.
+    let records = svc.reconcile_records().unwrap();
+    assert_eq!(records.withdrawals_checked, 1);
+    assert!(records.mismatches.is_empty(), "{records:?}");
 }
 
 /// Defect: one request the wallet could not fund failed the whole batch at every step, so nobody

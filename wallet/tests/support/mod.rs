@@ -301,6 +301,17 @@ impl Ledger for EngineLedger {
             other => panic!("a query answers once: {other:?}"),
         }
     }
+    fn credited(&self, key: matching_engine::IdempotencyKey) -> Result<bool, LedgerError> {
+        if self.lookups_fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LedgerError::Unknown);
+        }
+        let (r, events) = self.apply(Command::CreditStatus { key });
+        r.map_err(LedgerError::Rejected)?;
+        match events.as_slice() {
+            [Event::CreditStatus { credited, .. }] => Ok(*credited),
+            other => panic!("a query answers once: {other:?}"),
+        }
+    }
     fn btc_liabilities(&self) -> Amount {
         self.engine.lock().unwrap().0.asset_total(BTC)
     }

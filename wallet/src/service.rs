@@ -1247,7 +1247,8 @@ impl CustodyService {
     /// Builds, signs and records a batch when one is due: the oldest pending request waited the
     /// batch interval, or `max_requests` are pending. Does not broadcast (see
     /// [`broadcast_pending`](Self::broadcast_pending)): the signed transaction is durable first.
-    /// Only one batch is in flight at a time.
+    /// Only one batch is in flight at a time, except that a batch the node refused does not block
+    /// the next one.
     pub fn build_batch(&mut self, now: Timestamp) -> Result<Option<BatchInfo>, BatchError> {
         self.last_now_ms = self.last_now_ms.max(now.as_millis());
         // One batch in flight at a time, except that a batch the node keeps refusing does not

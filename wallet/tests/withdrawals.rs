@@ -3,6 +3,7 @@
 
 mod support;
 
+use bdk_bitcoind_rpc::bitcoincore_rpc::RpcApi;
 use bdk_wallet::bitcoin::{Address, FeeRate, Transaction};
 use matching_engine::units::{AccountId, Amount, WithdrawalId};
 use matching_engine::FEE_ACCOUNT;
@@ -799,4 +800,82 @@ fn a_batch_the_node_refuses_does_not_block_later_batches() {
     );
     receiver.sync(&w.node);
     assert_eq!(receiver.balance(), 200_000);
+}
+
+/// Defect: a fee bump whose change could not pay the higher fee added any confirmed coin of the
+/// wallet, including a deposit still below the credit threshold (not ours to spend before it is
+/// credited).
+#[test]
+fn a_fee_bump_never_spends_a_deposit_below_the_credit_threshold() {
+    let mut w = World::new();
+    let mut c = config(&w);
+    c.deposit_confirmations = 2;
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(c);
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(18);
+    customer.fund(&w.node, 2);
+    customer.pay(&w.node, &[(&addr, 1_000_000)]);
+    w.node.mine(2);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(w.ledger.btc(alice), (1_000_000, 0));
+    // The ledger holds more for Alice than that one coin, so she may withdraw nearly all of it.
+    w.ledger
+        .raw(matching_engine::Command::Credit {
+            account: alice,
+            asset: matching_engine::config::BTC,
+            amount: Amount(100_000),
+            key: matching_engine::units::IdempotencyKey::reference("extra"),
+        })
+        .unwrap();
+    let mut receiver = Customer::new(17);
+    svc.request_withdrawal(
+        request(alice, &receiver.address(), 999_000, "all"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("batch");
+    // A deposit confirms once, in a block without the batch: below the 2 confirmations.
+    customer.sync(&w.node);
+    let pending = customer.pay(&w.node, &[(&addr, 500_000)]);
+    let _: serde_json::Value = w
+        .node
+        .rpc
+        .call(
+            "generateblock",
+            &[
+                receiver.address().to_string().into(),
+                serde_json::json!([pending.compute_txid().to_string()]),
+            ],
+        )
+        .unwrap();
+    svc.step(w.clock.now()).unwrap();
+    let d = svc.deposits(None).unwrap();
+    assert_eq!(
+        d.iter()
+            .find(|d| d.outpoint.txid == pending.compute_txid())
+            .map(|d| (d.status, d.confirmations)),
+        Some((wallet::DepositStatus::Pending, 1))
+    );
+    assert!(
+        w.node.mempool().contains(&batch.txid),
+        "batch still unconfirmed"
+    );
+    // 40 sat/vB stays within the flat fee, but the small change cannot pay it.
+    let r = svc.bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(40), w.clock.now());
+    if let Ok(txid) = &r {
+        let (tx, _) = svc.transaction(*txid).unwrap();
+        assert!(
+            tx.input
+                .iter()
+                .all(|i| i.previous_output.txid != pending.compute_txid()),
+            "the bump spent the deposit below the credit threshold"
+        );
+    }
+    assert!(
+        matches!(r, Err(BumpError::Build { .. })),
+        "no coin may pay it: {r:?}"
+    );
+    assert_eq!(svc.batch_txids(batch.id).unwrap().len(), 1);
 }

@@ -432,7 +432,7 @@ impl CustodyService {
                 Ok(_) => {}
                 Err(WithdrawalError::LedgerUnknown(_)) => unresolved += 1,
                 Err(WithdrawalError::Store(e)) => return Err(WithdrawalError::Store(e)),
-                Err(e) => tracing::warn!(id = %w.id, error = %e, "withdrawal request dropped"),
+                Err(e) => tracing::warn!(id = %w.id, error = %e, "withdrawal request not held"),
             }
         }
         for w in store::withdrawals_in(&self.db, WithdrawalStatus::Releasing)? {

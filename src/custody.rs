@@ -140,6 +140,12 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::InvalidKey => -1100,
         WithdrawalError::UnknownAccount(_) => -2015,
         WithdrawalError::InsufficientBalance { .. } => -4026,
+        WithdrawalError::LedgerRejected(RejectCode::EngineBusy) => {
+            // Not taken: nothing changed; the caller tries again (Binance's "too much traffic").
+            let mut busy = CustodyError::unknown("engine busy, try again");
+            busy.code = -1008;
+            return busy;
+        }
         WithdrawalError::LedgerRejected(_) => -4026,
         WithdrawalError::UnknownWithdrawal(_) => -4030,
         WithdrawalError::NotAwaitingApproval(_) => -4031,

@@ -506,3 +506,78 @@ fn deposit_address_error(e: wallet::DepositAddressError) -> CustodyError {
         other => internal(other),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::EngineLedger;
+    use matching_engine::config::BTC;
+    use matching_engine::{
+        AccountId, Amount, Command, EngineConfig, IdempotencyKey, RejectCode, WithdrawalId,
+        WithdrawalState,
+    };
+    use wallet::{Ledger, LedgerError};
+
+    /// The wallet's ledger over the API's core: applied, refused, and the two read-only lookups
+    /// (the engine's withdrawal record and credit keys) through the same queue, never journaled.
+    #[test]
+    fn engine_ledger_answers_three_ways_and_looks_up_through_the_api_core() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let state = rt
+            .block_on(async {
+                api::open_local(
+                    dir.path(),
+                    EngineConfig::default(),
+                    api::ApiConfig::default(),
+                )
+            })
+            .unwrap();
+        let ledger = EngineLedger::new(state, rt.handle().clone());
+        ledger.submit(Command::CreateAccount).unwrap();
+        let alice = AccountId(1);
+        assert!(ledger.account_exists(alice));
+        let key = IdempotencyKey::reference("deposit-1");
+        assert_eq!(ledger.credited(key), Ok(false));
+        let credit = Command::Credit {
+            account: alice,
+            asset: BTC,
+            amount: Amount(50_000),
+            key,
+        };
+        ledger.submit(credit).unwrap();
+        ledger.submit(credit).unwrap(); // a duplicate is applied (and changes nothing)
+        assert_eq!(ledger.credited(key), Ok(true));
+        let hold = Command::WithdrawHold {
+            account: alice,
+            asset: BTC,
+            amount: Amount(20_000),
+            fee: Amount(1_000),
+            id: WithdrawalId(9),
+        };
+        ledger.submit(hold).unwrap();
+        assert_eq!(
+            ledger.submit(hold),
+            Err(LedgerError::Rejected(RejectCode::DuplicateWithdrawal))
+        );
+        let rec = ledger.withdrawal(WithdrawalId(9)).unwrap().unwrap();
+        assert_eq!(
+            (rec.account, rec.amount, rec.fee, rec.state),
+            (alice, Amount(20_000), Amount(1_000), WithdrawalState::Held)
+        );
+        assert_eq!(ledger.withdrawal(WithdrawalId(10)), Ok(None));
+        ledger
+            .submit(Command::WithdrawRelease {
+                id: WithdrawalId(9),
+            })
+            .unwrap();
+        assert_eq!(
+            ledger.withdrawal(WithdrawalId(9)).unwrap().map(|w| w.state),
+            Some(WithdrawalState::Released)
+        );
+        assert_eq!(ledger.btc_liabilities(), Amount(50_000));
+    }
+}

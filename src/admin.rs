@@ -391,3 +391,15 @@ pub fn alarms(a: &Admin) -> anyhow::Result<()> {
     });
     Ok(())
 }
+
+/// `mediator alarm clear ID`.
+pub fn clear_alarm(a: &Admin, id: u64) -> anyhow::Result<()> {
+    let id = id.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/alarms/clear",
+        &[("id", id.as_str())],
+    )?;
+    a.print(&v, |v| format!("alarm {} cleared", s(&v["id"])));
+    Ok(())
+}

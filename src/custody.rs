@@ -152,6 +152,7 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::LedgerMismatch(_) => -4026,
         WithdrawalError::AccountFlagged(_) => -4032,
         WithdrawalError::NotFlagged(_) => -4033,
+        WithdrawalError::UnknownAlarm(_) => -4036,
         // Maybe held: recorded and resolved by custody; the caller asks again (same key).
         WithdrawalError::LedgerUnknown(_) => return CustodyError::unknown(e.to_string()),
         WithdrawalError::Store(_) => return internal(e),
@@ -407,6 +408,12 @@ impl Custody for WalletCustody {
                 })
                 .collect(),
         })
+    }
+
+    fn clear_alarm(&self, id: u64) -> Result<(), CustodyError> {
+        self.lock()
+            .clear_alarm(id, system_now())
+            .map_err(withdrawal_error)
     }
 
     fn alarms(&self) -> Result<Vec<AlarmInfo>, CustodyError> {

@@ -116,6 +116,11 @@ enum Cmd {
     Batches,
     /// Custody alarms not cleared (money that moved in one place and not the other).
     Alarms,
+    /// One alarm: clear it once dealt with.
+    Alarm {
+        #[command(subcommand)]
+        cmd: AlarmCmd,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -133,6 +138,12 @@ enum WithdrawalCmd {
         #[arg(long)]
         fee_rate: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum AlarmCmd {
+    /// Clears an alarm an operator dealt with (it is raised again if the cause remains).
+    Clear { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -285,6 +296,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => admin::flagged(&admin()?),
         Cmd::Batches => admin::batches(&admin()?),
         Cmd::Alarms => admin::alarms(&admin()?),
+        Cmd::Alarm {
+            cmd: AlarmCmd::Clear { id },
+        } => admin::clear_alarm(&admin()?, id),
         Cmd::Apikey {
             cmd:
                 ApikeyCmd::Create {

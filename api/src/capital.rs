@@ -64,6 +64,7 @@ pub fn routes() -> Router<AppState> {
         .route("/mapi/v1/admin/accounts/clearFlag", post(admin_clear_flag))
         .route("/mapi/v1/admin/batches", get(admin_batches))
         .route("/mapi/v1/admin/alarms", get(admin_alarms))
+        .route("/mapi/v1/admin/alarms/clear", post(admin_clear_alarm))
         .route("/mapi/v1/admin/reconcile", get(admin_reconcile))
         .route(
             "/mapi/v1/admin/reconcile/records",
@@ -521,6 +522,15 @@ pub async fn admin_alarms(State(st): State<AppState>, req: Req) -> Result<Respon
     p.finish()?;
     let v = call(&st, |c| c.alarms()).await?;
     Ok(ok_json(&ctx, to_json(&v)?))
+}
+
+/// `POST /mapi/v1/admin/alarms/clear` (ADMIN): clears an alarm by `id`.
+pub async fn admin_clear_alarm(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req, Perms::ADMIN, 1)?;
+    let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
+    p.finish()?;
+    call(&st, move |c| c.clear_alarm(id)).await?;
+    Ok(ok_json(&ctx, json!({ "id": id, "cleared": true })))
 }
 
 /// `GET /mapi/v1/admin/reconcile` (ADMIN): wallet assets against ledger liabilities.

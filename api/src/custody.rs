@@ -299,6 +299,11 @@ pub trait Custody: Send + Sync + 'static {
     fn alarms(&self) -> Result<Vec<AlarmInfo>, CustodyError> {
         Err(CustodyError::not_supported())
     }
+    /// Clears an alarm an operator dealt with.
+    fn clear_alarm(&self, id: u64) -> Result<(), CustodyError> {
+        let _ = id;
+        Err(CustodyError::not_supported())
+    }
     /// The flat withdrawal fee and the minimum amount, satoshis.
     fn withdrawal_terms(&self) -> (u64, u64);
     /// Wallet assets against ledger liabilities.

@@ -375,6 +375,13 @@ const OPS: &[Op] = &[
         &[],
     ),
     (
+        "post",
+        "/mapi/v1/admin/alarms/clear",
+        "Clear an alarm an operator dealt with.",
+        "admin",
+        &[("id", true)],
+    ),
+    (
         "get",
         "/mapi/v1/admin/reconcile/records",
         "Every credited deposit and completed withdrawal against the ledger and the chain.",

@@ -169,6 +169,9 @@ impl Custody for Fake {
             at_ms: 5,
         }])
     }
+    fn clear_alarm(&self, id: u64) -> Result<(), CustodyError> {
+        self.log(format!("clear_alarm({id})"))
+    }
     fn reconcile_records(&self) -> Result<RecordsInfo, CustodyError> {
         self.log("reconcile_records()".into())?;
         Ok(RecordsInfo {
@@ -949,6 +952,7 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
         ("GET", "/mapi/v1/admin/batches", ""),
         ("GET", "/mapi/v1/admin/alarms", ""),
         ("GET", "/mapi/v1/admin/reconcile/records", ""),
+        ("POST", "/mapi/v1/admin/alarms/clear", "id=1"),
     ] {
         for key in [&s.trader, &s.withdrawer] {
             let r = s.h.signed(method, path, params, key).await;
@@ -1002,6 +1006,7 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
             -1130,
         ),
         ("GET", "/mapi/v1/admin/batches", "x=1", -1104),
+        ("POST", "/mapi/v1/admin/alarms/clear", "", -1102),
     ] {
         let r = s.h.signed(method, path, params, a).await;
         assert_eq!(
@@ -1052,6 +1057,10 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
         s.h.ok("GET", "/mapi/v1/admin/reconcile/records", "", a)
             .await;
     assert_eq!(r["deposits_checked"], 2);
+    let r =
+        s.h.ok("POST", "/mapi/v1/admin/alarms/clear", "id=1", a)
+            .await;
+    assert_eq!(r, json!({"id": 1, "cleared": true}));
     assert_eq!(
         s.fake.calls(),
         [
@@ -1062,6 +1071,7 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
             "batches()",
             "alarms()",
             "reconcile_records()",
+            "clear_alarm(1)",
         ]
     );
     let doc = s.h.get("/openapi.json").await.json;
@@ -1073,6 +1083,7 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
         ("/mapi/v1/admin/batches", "get"),
         ("/mapi/v1/admin/alarms", "get"),
         ("/mapi/v1/admin/reconcile/records", "get"),
+        ("/mapi/v1/admin/alarms/clear", "post"),
     ] {
         assert_eq!(
             doc["paths"][path][method]["x-permission"], "admin",

@@ -212,6 +212,9 @@ pub enum WithdrawalError {
     /// The account has no flag to clear.
     #[error("account {0} is not flagged")]
     NotFlagged(AccountId),
+    /// No alarm with this id is raised (not cleared).
+    #[error("no alarm {0} to clear")]
+    UnknownAlarm(u64),
 }
 
 impl WithdrawalError {
@@ -236,6 +239,7 @@ impl WithdrawalError {
             WithdrawalError::LedgerMismatch(_) => 16,
             WithdrawalError::AccountFlagged(_) => 17,
             WithdrawalError::NotFlagged(_) => 18,
+            WithdrawalError::UnknownAlarm(_) => 19,
         }
     }
 }

@@ -596,6 +596,16 @@ impl CustodyService {
         Ok(())
     }
 
+    /// Clears an alarm once an operator dealt with it (the same kind and subject may be raised
+    /// again if the cause remains). `UnknownAlarm` when there is no such alarm not cleared.
+    pub fn clear_alarm(&mut self, id: u64, now: Timestamp) -> Result<(), WithdrawalError> {
+        if !store::clear_alarm(&self.db, id, now.as_millis())? {
+            return Err(WithdrawalError::UnknownAlarm(id));
+        }
+        tracing::warn!(alarm = id, "alarm cleared by an operator");
+        Ok(())
+    }
+
     /// Alarms raised by the service (money that moved in one place and not the other), oldest
     /// first; only the ones not cleared unless `all`.
     pub fn alarms(&self, all: bool) -> Result<Vec<Alarm>, WithdrawalError> {

@@ -963,6 +963,14 @@ pub(crate) fn raise_alarm(
     Ok(n == 1)
 }
 
+/// Clears an alarm (an operator dealt with it). False when there is no such alarm not cleared.
+pub(crate) fn clear_alarm(db: &Connection, id: u64, now_ms: u64) -> Result<bool, StoreError> {
+    Ok(db.execute(
+        "UPDATE mediator_alarm SET cleared_ms = ?2 WHERE id = ?1 AND cleared_ms IS NULL",
+        params![to_i64(id), to_i64(now_ms)],
+    )? == 1)
+}
+
 /// Alarms, oldest first; only those not cleared unless `all`.
 pub(crate) fn alarms(db: &Connection, all: bool) -> Result<Vec<Alarm>, StoreError> {
     let mut st = db.prepare_cached(
@@ -1064,5 +1072,13 @@ mod tests {
         let a = alarms(&db, false).unwrap();
         assert_eq!(a.len(), 2);
         assert_eq!((a[0].message.as_str(), a[0].at_ms), ("first", 5));
+        assert!(clear_alarm(&db, a[0].id, 8).unwrap());
+        assert!(!clear_alarm(&db, a[0].id, 9).unwrap(), "cleared once");
+        assert_eq!(alarms(&db, false).unwrap().len(), 1);
+        assert_eq!(alarms(&db, true).unwrap()[0].cleared_ms, Some(8));
+        assert!(
+            raise_alarm(&db, "kind", "withdrawal 1", "back", 10).unwrap(),
+            "raised again"
+        );
     }
 }

@@ -153,8 +153,31 @@ pub fn approve(a: &Admin, id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `mediator reconcile`.
-pub fn reconcile(a: &Admin) -> anyhow::Result<()> {
+/// `mediator reconcile [--records]`.
+pub fn reconcile(a: &Admin, records: bool) -> anyhow::Result<()> {
+    if records {
+        let v = a.call("GET", "/mapi/v1/admin/reconcile/records", &[])?;
+        a.print(&v, |v| {
+            let rows = v["mismatches"].as_array().cloned().unwrap_or_default();
+            let mut out = format!(
+                "{} deposits and {} completed withdrawals compared ({} unanswered): {} mismatches",
+                s(&v["deposits_checked"]),
+                s(&v["withdrawals_checked"]),
+                s(&v["unanswered"]),
+                rows.len()
+            );
+            for m in rows {
+                out.push_str(&format!(
+                    "\n{} {}: {}",
+                    s(&m["kind"]),
+                    s(&m["subject"]),
+                    s(&m["detail"])
+                ));
+            }
+            out
+        });
+        return Ok(());
+    }
     let v = a.call("GET", "/mapi/v1/admin/reconcile", &[])?;
     a.print(&v, |v| {
         format!(
@@ -233,5 +256,151 @@ pub fn regtest_fund(a: &Admin, account: u32) -> anyhow::Result<()> {
             s(&v["account"])
         )
     });
+    Ok(())
+}
+
+/// `mediator withdrawal reject ID --reason R`.
+pub fn reject(a: &Admin, id: u64, reason: &str) -> anyhow::Result<()> {
+    let id = id.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/withdrawals/reject",
+        &[("id", id.as_str()), ("reason", reason)],
+    )?;
+    a.print(&v, |v| {
+        format!(
+            "withdrawal {} refused: {} ({})",
+            s(&v["id"]),
+            s(&v["state"]),
+            s(&v["reason"])
+        )
+    });
+    Ok(())
+}
+
+/// `mediator withdrawal bump ID --fee-rate N`.
+pub fn bump(a: &Admin, id: u64, fee_rate: u64) -> anyhow::Result<()> {
+    let id = id.to_string();
+    let rate = fee_rate.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/withdrawals/bump",
+        &[("id", id.as_str()), ("feeRate", rate.as_str())],
+    )?;
+    a.print(&v, |v| {
+        format!(
+            "batch {} bumped: fee {} sat of at most {} sat; newest tx {}",
+            s(&v["id"]),
+            s(&v["fee_sat"]),
+            s(&v["fee_budget_sat"]),
+            v["txids"]
+                .as_array()
+                .and_then(|t| t.last())
+                .map(s)
+                .unwrap_or_default()
+        )
+    });
+    Ok(())
+}
+
+/// `mediator accounts flagged`.
+pub fn flagged(a: &Admin) -> anyhow::Result<()> {
+    let v = a.call("GET", "/mapi/v1/admin/accounts/flagged", &[])?;
+    a.print(&v, |v| {
+        let rows = v.as_array().cloned().unwrap_or_default();
+        if rows.is_empty() {
+            return "no flagged accounts".into();
+        }
+        rows.iter()
+            .map(|f| format!("account {}: {}", s(&f["account"]), s(&f["reason"])))
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
+}
+
+/// `mediator account clear-flag ID`.
+pub fn clear_flag(a: &Admin, account: u32) -> anyhow::Result<()> {
+    let account = account.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/accounts/clearFlag",
+        &[("account", account.as_str())],
+    )?;
+    a.print(&v, |v| {
+        format!("account {}: flag cleared", s(&v["account"]))
+    });
+    Ok(())
+}
+
+/// `mediator batches`.
+pub fn batches(a: &Admin) -> anyhow::Result<()> {
+    let v = a.call("GET", "/mapi/v1/admin/batches", &[])?;
+    a.print(&v, |v| {
+        let rows = v.as_array().cloned().unwrap_or_default();
+        if rows.is_empty() {
+            return "no batches".into();
+        }
+        rows.iter()
+            .map(|b| {
+                format!(
+                    "batch {} [{}] {} withdrawals, fee {} of {} sat, tx {}{}",
+                    s(&b["id"]),
+                    s(&b["status"]),
+                    b["withdrawals"].as_array().map_or(0, |w| w.len()),
+                    s(&b["fee_sat"]),
+                    s(&b["fee_budget_sat"]),
+                    b["txids"]
+                        .as_array()
+                        .and_then(|t| t.last())
+                        .map(s)
+                        .unwrap_or_default(),
+                    match b["refusals"].as_u64() {
+                        Some(n) if n > 0 => {
+                            format!(" (refused {n} times: {})", s(&b["last_error"]))
+                        }
+                        _ => String::new(),
+                    }
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
+}
+
+/// `mediator alarms`.
+pub fn alarms(a: &Admin) -> anyhow::Result<()> {
+    let v = a.call("GET", "/mapi/v1/admin/alarms", &[])?;
+    a.print(&v, |v| {
+        let rows = v.as_array().cloned().unwrap_or_default();
+        if rows.is_empty() {
+            return "no alarms".into();
+        }
+        rows.iter()
+            .map(|x| {
+                format!(
+                    "#{} {} ({}): {}",
+                    s(&x["id"]),
+                    s(&x["kind"]),
+                    s(&x["subject"]),
+                    s(&x["message"])
+                )
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    });
+    Ok(())
+}
+
+/// `mediator alarm clear ID`.
+pub fn clear_alarm(a: &Admin, id: u64) -> anyhow::Result<()> {
+    let id = id.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/alarms/clear",
+        &[("id", id.as_str())],
+    )?;
+    a.print(&v, |v| format!("alarm {} cleared", s(&v["id"])));
     Ok(())
 }

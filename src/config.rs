@@ -18,7 +18,8 @@
 //! withdrawal_fee_sat = 10000
 //! min_withdrawal_sat = 10000
 //! daily_limit_sat = 1000000000
-//! approval_threshold_sat = 100000000
+//! approval_threshold_sat = 100000000   # of the account's running 24-hour total
+//! hot_wallet_daily_limit_sat = 5000000000   # all accounts, 24 hours; past it: approval
 //! deny_list = "deny.txt"
 //! batch_interval_secs = 10
 //! batch_max_requests = 100
@@ -75,8 +76,10 @@ pub struct CustodyKnobs {
     pub min_withdrawal_sat: Option<u64>,
     /// 24-hour limit per account.
     pub daily_limit_sat: Option<u64>,
-    /// Above this, a withdrawal waits for approval.
+    /// Above this (the account's running 24-hour total), a withdrawal waits for approval.
     pub approval_threshold_sat: Option<u64>,
+    /// Exchange-wide 24-hour total above which every withdrawal waits for approval.
+    pub hot_wallet_daily_limit_sat: Option<u64>,
     /// File of denied addresses.
     pub deny_list: Option<PathBuf>,
     /// Batch every this many seconds...
@@ -401,6 +404,9 @@ impl ServeConfig {
                 min_withdrawal_sat: c.min_withdrawal_sat.or(f.min_withdrawal_sat),
                 daily_limit_sat: c.daily_limit_sat.or(f.daily_limit_sat),
                 approval_threshold_sat: c.approval_threshold_sat.or(f.approval_threshold_sat),
+                hot_wallet_daily_limit_sat: c
+                    .hot_wallet_daily_limit_sat
+                    .or(f.hot_wallet_daily_limit_sat),
                 deny_list: c.deny_list.or(f.deny_list),
                 batch_interval_secs: c.batch_interval_secs.or(f.batch_interval_secs),
                 batch_max_requests: c.batch_max_requests.or(f.batch_max_requests),

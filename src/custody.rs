@@ -4,23 +4,26 @@
 //! API's view of custody (deposit addresses, deposits, withdrawals, reconciliation, regtest
 //! mining).
 
+use api::core::Outcome;
 use api::custody::{
-    Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
-    WithdrawalState,
+    AlarmInfo, BatchSummary, Custody, CustodyError, DepositInfo, DepositState, FlaggedAccount,
+    ReconcileInfo, RecordMismatchInfo, RecordsInfo, WithdrawalInfo, WithdrawalState,
 };
 use api::AppState;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
 use matching_engine::config::BTC;
-use matching_engine::{AccountId, Amount, Command, RejectCode, WithdrawalId};
+use matching_engine::{
+    AccountId, Amount, Command, Event, IdempotencyKey, RejectCode, Withdrawal, WithdrawalId,
+};
 use std::sync::{Arc, Mutex, MutexGuard};
-use wallet::bitcoin::{Address, Network, ScriptBuf};
+use wallet::bitcoin::{Address, FeeRate, Network, ScriptBuf};
 use wallet::{
-    system_now, CustodyService, DepositStatus, WithdrawalError, WithdrawalRequest,
-    WithdrawalStatus, WithdrawalView,
+    system_now, BumpError, CustodyService, DepositStatus, LedgerError, WithdrawalError,
+    WithdrawalRequest, WithdrawalStatus, WithdrawalView,
 };
 
 /// The ledger as the custody service sees it: every command goes through the API's core (the
-/// sequencer), and is answered once durable and visible in the read models.
+/// sequencer) and is answered applied (durable), refused, or unknown ([`Outcome`]).
 #[derive(Debug)]
 pub struct EngineLedger {
     state: AppState,
@@ -35,12 +38,58 @@ impl EngineLedger {
 }
 
 impl wallet::Ledger for EngineLedger {
-    fn submit(&self, cmd: Command) -> Result<(), RejectCode> {
-        // The engine is the authority: a command that got no answer (busy, stopped) is reported
-        // as busy, so the service tries it again later.
-        match self.rt.block_on(self.state.submit(cmd)) {
-            Ok(reply) => reply.result,
-            Err(_) => Err(RejectCode::EngineBusy),
+    fn submit(&self, cmd: Command) -> Result<(), LedgerError> {
+        // Three answers: applied, refused (nothing changed; "not taken" is a refusal as busy),
+        // or unknown (taken, no answer): the service resolves the last by asking, never assumes.
+        match self.rt.block_on(self.state.submit_outcome(cmd)) {
+            Outcome::Applied(_) => Ok(()),
+            Outcome::Rejected(code) => Err(LedgerError::Rejected(code)),
+            // Not taken (queue full, or the circuit breaker is open): nothing changed, retry.
+            Outcome::Busy | Outcome::Halted => Err(LedgerError::Rejected(RejectCode::EngineBusy)),
+            _ => Err(LedgerError::Unknown),
+        }
+    }
+
+    fn withdrawal(&self, id: WithdrawalId) -> Result<Option<Withdrawal>, LedgerError> {
+        // A read-only query through the sequencer: answered after every command before it, never
+        // journaled.
+        match self
+            .rt
+            .block_on(self.state.submit_outcome(Command::WithdrawalStatus { id }))
+        {
+            Outcome::Applied(reply) => reply
+                .events
+                .iter()
+                .find_map(|e| match e {
+                    Event::WithdrawalStatus {
+                        id: got,
+                        withdrawal,
+                    } if *got == id => Some(*withdrawal),
+                    _ => None,
+                })
+                .ok_or(LedgerError::Unknown),
+            Outcome::Rejected(code) => Err(LedgerError::Rejected(code)),
+            Outcome::Busy => Err(LedgerError::Rejected(RejectCode::EngineBusy)),
+            _ => Err(LedgerError::Unknown),
+        }
+    }
+
+    fn credited(&self, key: IdempotencyKey) -> Result<bool, LedgerError> {
+        match self
+            .rt
+            .block_on(self.state.submit_outcome(Command::CreditStatus { key }))
+        {
+            Outcome::Applied(reply) => reply
+                .events
+                .iter()
+                .find_map(|e| match e {
+                    Event::CreditStatus { key: k, credited } if *k == key => Some(*credited),
+                    _ => None,
+                })
+                .ok_or(LedgerError::Unknown),
+            Outcome::Rejected(code) => Err(LedgerError::Rejected(code)),
+            Outcome::Busy => Err(LedgerError::Rejected(RejectCode::EngineBusy)),
+            _ => Err(LedgerError::Unknown),
         }
     }
 
@@ -92,9 +141,21 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::InvalidKey => -1100,
         WithdrawalError::UnknownAccount(_) => -2015,
         WithdrawalError::InsufficientBalance { .. } => -4026,
+        WithdrawalError::LedgerRejected(RejectCode::EngineBusy) => {
+            // Not taken: nothing changed; the caller tries again (Binance's "too much traffic").
+            let mut busy = CustodyError::unknown("engine busy, try again");
+            busy.code = -1008;
+            return busy;
+        }
         WithdrawalError::LedgerRejected(_) => -4026,
         WithdrawalError::UnknownWithdrawal(_) => -4030,
         WithdrawalError::NotAwaitingApproval(_) => -4031,
+        WithdrawalError::LedgerMismatch(_) => -4026,
+        WithdrawalError::AccountFlagged(_) => -4032,
+        WithdrawalError::NotFlagged(_) => -4033,
+        WithdrawalError::UnknownAlarm(_) => -4036,
+        // Maybe held: recorded and resolved by custody; the caller asks again (same key).
+        WithdrawalError::LedgerUnknown(_) => return CustodyError::unknown(e.to_string()),
         WithdrawalError::Store(_) => return internal(e),
         _ => return internal(e),
     };
@@ -130,7 +191,10 @@ impl WalletCustody {
             idempotency_key: w.idempotency_key.clone(),
             state: match w.status {
                 WithdrawalStatus::AwaitingApproval => WithdrawalState::AwaitingApproval,
-                WithdrawalStatus::New | WithdrawalStatus::Pending => WithdrawalState::Pending,
+                // `new` and `releasing`: the ledger's answer is being resolved; funds are held.
+                WithdrawalStatus::New | WithdrawalStatus::Pending | WithdrawalStatus::Releasing => {
+                    WithdrawalState::Pending
+                }
                 WithdrawalStatus::Batched => WithdrawalState::Processing,
                 WithdrawalStatus::Completed => WithdrawalState::Completed,
                 WithdrawalStatus::Released => WithdrawalState::Released,
@@ -257,6 +321,118 @@ impl Custody for WalletCustody {
         Ok(self.withdrawal_info(&s, &w))
     }
 
+    fn reject_withdrawal(&self, id: u64, reason: &str) -> Result<WithdrawalInfo, CustodyError> {
+        let mut s = self.lock();
+        s.reject_withdrawal(WithdrawalId(id), reason)
+            .map_err(withdrawal_error)?;
+        let w = s
+            .withdrawal(WithdrawalId(id))
+            .map_err(withdrawal_error)?
+            .ok_or_else(|| CustodyError::bad_request(-4030, "unknown withdrawal"))?;
+        Ok(self.withdrawal_info(&s, &w))
+    }
+
+    fn bump_withdrawal(&self, id: u64, fee_rate_sat_vb: u64) -> Result<BatchSummary, CustodyError> {
+        let mut s = self.lock();
+        let w = s
+            .withdrawal(WithdrawalId(id))
+            .map_err(withdrawal_error)?
+            .ok_or_else(|| CustodyError::bad_request(-4030, "unknown withdrawal"))?;
+        let batch = match (w.status, w.batch_id) {
+            (WithdrawalStatus::Batched, Some(b)) => b,
+            _ => {
+                return Err(CustodyError::bad_request(
+                    -4034,
+                    "withdrawal is not in a batch in flight",
+                ))
+            }
+        };
+        let rate = FeeRate::from_sat_per_vb(fee_rate_sat_vb)
+            .ok_or_else(|| CustodyError::bad_request(-1100, "invalid fee rate"))?;
+        s.bump_fee(batch, rate, system_now()).map_err(|e| match e {
+            BumpError::FeeBudgetExceeded { .. }
+            | BumpError::Build { .. }
+            | BumpError::NotInFlight(_) => CustodyError::bad_request(-4035, e.to_string()),
+            other => internal(other),
+        })?;
+        let b = s
+            .batches()
+            .map_err(internal)?
+            .into_iter()
+            .find(|b| b.id == batch)
+            .ok_or_else(|| internal("bumped batch not found"))?;
+        Ok(batch_summary(b))
+    }
+
+    fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
+        Ok(self
+            .lock()
+            .flagged_accounts()
+            .map_err(internal)?
+            .into_iter()
+            .map(|(a, reason)| FlaggedAccount {
+                account: a.0,
+                reason,
+            })
+            .collect())
+    }
+
+    fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
+        self.lock()
+            .clear_flag(AccountId(account), system_now())
+            .map_err(withdrawal_error)
+    }
+
+    fn batches(&self) -> Result<Vec<BatchSummary>, CustodyError> {
+        Ok(self
+            .lock()
+            .batches()
+            .map_err(internal)?
+            .into_iter()
+            .map(batch_summary)
+            .collect())
+    }
+
+    fn reconcile_records(&self) -> Result<RecordsInfo, CustodyError> {
+        let r = self.lock().reconcile_records().map_err(internal)?;
+        Ok(RecordsInfo {
+            deposits_checked: r.deposits_checked,
+            withdrawals_checked: r.withdrawals_checked,
+            unanswered: r.unanswered,
+            mismatches: r
+                .mismatches
+                .into_iter()
+                .map(|m| RecordMismatchInfo {
+                    kind: m.kind.to_owned(),
+                    subject: m.subject,
+                    detail: m.detail,
+                })
+                .collect(),
+        })
+    }
+
+    fn clear_alarm(&self, id: u64) -> Result<(), CustodyError> {
+        self.lock()
+            .clear_alarm(id, system_now())
+            .map_err(withdrawal_error)
+    }
+
+    fn alarms(&self) -> Result<Vec<AlarmInfo>, CustodyError> {
+        Ok(self
+            .lock()
+            .alarms(false)
+            .map_err(internal)?
+            .into_iter()
+            .map(|a| AlarmInfo {
+                id: a.id,
+                kind: a.kind,
+                subject: a.subject,
+                message: a.message,
+                at_ms: a.at_ms,
+            })
+            .collect())
+    }
+
     fn withdrawal_terms(&self) -> (u64, u64) {
         let s = self.lock();
         let p = &s.config().withdrawal;
@@ -315,11 +491,101 @@ impl Custody for WalletCustody {
     }
 }
 
+fn batch_summary(b: wallet::BatchView) -> BatchSummary {
+    BatchSummary {
+        id: b.id,
+        status: b.status,
+        created_ms: b.created_ms,
+        txids: b.txids.iter().map(|t| t.to_string()).collect(),
+        fee_sat: b.fee.0,
+        fee_budget_sat: b.fee_budget.0,
+        withdrawals: b.withdrawals.iter().map(|w| w.0).collect(),
+        confirmed_txid: b.confirmed_txid.map(|t| t.to_string()),
+        refusals: b.refusals,
+        last_error: b.last_error,
+    }
+}
+
 fn deposit_address_error(e: wallet::DepositAddressError) -> CustodyError {
     match e {
         wallet::DepositAddressError::UnknownAccount(a) => {
             CustodyError::bad_request(-2015, format!("unknown account {a}"))
         }
         other => internal(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::EngineLedger;
+    use matching_engine::config::BTC;
+    use matching_engine::{
+        AccountId, Amount, Command, EngineConfig, IdempotencyKey, RejectCode, WithdrawalId,
+        WithdrawalState,
+    };
+    use wallet::{Ledger, LedgerError};
+
+    /// The wallet's ledger over the API's core: applied, refused, and the two read-only lookups
+    /// (the engine's withdrawal record and credit keys) through the same queue, never journaled.
+    #[test]
+    fn engine_ledger_answers_three_ways_and_looks_up_through_the_api_core() {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let state = rt
+            .block_on(async {
+                api::open_local(
+                    dir.path(),
+                    EngineConfig::default(),
+                    api::ApiConfig::default(),
+                )
+            })
+            .unwrap();
+        let ledger = EngineLedger::new(state, rt.handle().clone());
+        ledger.submit(Command::CreateAccount).unwrap();
+        let alice = AccountId(1);
+        assert!(ledger.account_exists(alice));
+        let key = IdempotencyKey::reference("deposit-1");
+        assert_eq!(ledger.credited(key), Ok(false));
+        let credit = Command::Credit {
+            account: alice,
+            asset: BTC,
+            amount: Amount(50_000),
+            key,
+        };
+        ledger.submit(credit).unwrap();
+        ledger.submit(credit).unwrap(); // a duplicate is applied (and changes nothing)
+        assert_eq!(ledger.credited(key), Ok(true));
+        let hold = Command::WithdrawHold {
+            account: alice,
+            asset: BTC,
+            amount: Amount(20_000),
+            fee: Amount(1_000),
+            id: WithdrawalId(9),
+        };
+        ledger.submit(hold).unwrap();
+        assert_eq!(
+            ledger.submit(hold),
+            Err(LedgerError::Rejected(RejectCode::DuplicateWithdrawal))
+        );
+        let rec = ledger.withdrawal(WithdrawalId(9)).unwrap().unwrap();
+        assert_eq!(
+            (rec.account, rec.amount, rec.fee, rec.state),
+            (alice, Amount(20_000), Amount(1_000), WithdrawalState::Held)
+        );
+        assert_eq!(ledger.withdrawal(WithdrawalId(10)), Ok(None));
+        ledger
+            .submit(Command::WithdrawRelease {
+                id: WithdrawalId(9),
+            })
+            .unwrap();
+        assert_eq!(
+            ledger.withdrawal(WithdrawalId(9)).unwrap().map(|w| w.state),
+            Some(WithdrawalState::Released)
+        );
+        assert_eq!(ledger.btc_liabilities(), Amount(50_000));
     }
 }

@@ -82,7 +82,12 @@ enum Cmd {
         id: u64,
     },
     /// Wallet assets against ledger liabilities.
-    Reconcile,
+    Reconcile {
+        /// Also compare every credited deposit and completed withdrawal with the ledger and
+        /// the chain (one ledger query per record), reporting each mismatch by id.
+        #[arg(long)]
+        records: bool,
+    },
     /// Records an operator deposit of an asset (e.g. USD received by wire), idempotent by reference.
     Credit {
         /// Account id.
@@ -105,6 +110,25 @@ enum Cmd {
         #[command(subcommand)]
         cmd: JournalCmd,
     },
+    /// One withdrawal: refuse it, or bump the fee of the batch paying it.
+    Withdrawal {
+        #[command(subcommand)]
+        cmd: WithdrawalCmd,
+    },
+    /// Accounts: those flagged for review.
+    Accounts {
+        #[command(subcommand)]
+        cmd: AccountsCmd,
+    },
+    /// Withdrawal batches, newest first (status, transactions, fees, refusals).
+    Batches,
+    /// Custody alarms not cleared (money that moved in one place and not the other).
+    Alarms,
+    /// One alarm: clear it once dealt with.
+    Alarm {
+        #[command(subcommand)]
+        cmd: AlarmCmd,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -123,9 +147,40 @@ enum JournalCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum WithdrawalCmd {
+    /// Refuses a withdrawal not batched yet: the hold is given back with the reason.
+    Reject {
+        id: u64,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Replaces the transaction of the batch paying the withdrawal with one paying this fee
+    /// rate (sat/vB), within the batch's flat fees.
+    Bump {
+        id: u64,
+        #[arg(long)]
+        fee_rate: u64,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum AlarmCmd {
+    /// Clears an alarm an operator dealt with (it is raised again if the cause remains).
+    Clear { id: u64 },
+}
+
+#[derive(Debug, Subcommand)]
+enum AccountsCmd {
+    /// Accounts flagged for review (a credited deposit left the chain); they cannot withdraw.
+    Flagged,
+}
+
+#[derive(Debug, Subcommand)]
 enum AccountCmd {
     /// Opens a new account.
     Create,
+    /// Clears an account's flag after review: it may withdraw again.
+    ClearFlag { id: u32 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -278,6 +333,23 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Account {
             cmd: AccountCmd::Create,
         } => admin::account_create(&admin()?),
+        Cmd::Account {
+            cmd: AccountCmd::ClearFlag { id },
+        } => admin::clear_flag(&admin()?, id),
+        Cmd::Withdrawal {
+            cmd: WithdrawalCmd::Reject { id, reason },
+        } => admin::reject(&admin()?, id, &reason),
+        Cmd::Withdrawal {
+            cmd: WithdrawalCmd::Bump { id, fee_rate },
+        } => admin::bump(&admin()?, id, fee_rate),
+        Cmd::Accounts {
+            cmd: AccountsCmd::Flagged,
+        } => admin::flagged(&admin()?),
+        Cmd::Batches => admin::batches(&admin()?),
+        Cmd::Alarms => admin::alarms(&admin()?),
+        Cmd::Alarm {
+            cmd: AlarmCmd::Clear { id },
+        } => admin::clear_alarm(&admin()?, id),
         Cmd::Apikey {
             cmd:
                 ApikeyCmd::Create {
@@ -289,7 +361,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::DepositAddress { account, new } => admin::deposit_address(&admin()?, account, new),
         Cmd::Withdrawals { account } => admin::withdrawals(&admin()?, account),
         Cmd::Approve { id } => admin::approve(&admin()?, id),
-        Cmd::Reconcile => admin::reconcile(&admin()?),
+        Cmd::Reconcile { records } => admin::reconcile(&admin()?, records),
         Cmd::Credit {
             account,
             asset,

@@ -163,7 +163,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
 }
 
 /// A thread that copies custody health into `/metrics` every poll interval: the wallet's sync
-/// height and the reconciliation surplus (negative: a shortfall, also logged as an error).
+/// height, the reconciliation surplus (negative: a shortfall, also logged as an error) and the
+/// number of custody alarms not cleared.
 struct Gauges {
     stop: Arc<std::sync::atomic::AtomicBool>,
     handle: std::thread::JoinHandle<()>,
@@ -199,6 +200,13 @@ fn spawn_gauges(state: api::AppState, custody: Arc<WalletCustody>, every: Durati
                     }
                 }
                 Err(e) => tracing::warn!(error = %e, "reconciliation failed"),
+            }
+            if let Ok(alarms) = custody.alarms() {
+                state.set_gauge(
+                    "mediator_custody_alarms",
+                    "Custody alarms not cleared (see `mediator alarms`); anything above 0 needs an operator.",
+                    i64::try_from(alarms.len()).unwrap_or(i64::MAX),
+                );
             }
             let start = std::time::Instant::now();
             while start.elapsed() < every && !flag.load(std::sync::atomic::Ordering::Relaxed) {
@@ -243,6 +251,9 @@ fn custody_config(cfg: &ServeConfig, rpc: RpcConfig) -> CustodyConfig {
     }
     if let Some(v) = k.approval_threshold_sat {
         c.withdrawal.approval_threshold = matching_engine::Amount(v);
+    }
+    if let Some(v) = k.hot_wallet_daily_limit_sat {
+        c.withdrawal.hot_wallet_daily_limit = matching_engine::Amount(v);
     }
     c.withdrawal.deny_list = k.deny_list.clone();
     c.batch.interval = Duration::from_secs(k.batch_interval_secs.unwrap_or(

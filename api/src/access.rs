@@ -480,12 +480,76 @@ pub static ROUTES: &[Route] = {
             c::admin_approve
         ),
         route!(
+            "POST",
+            "/mapi/v1/admin/withdrawals/reject",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_reject
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/withdrawals/bump",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_bump
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/accounts/flagged",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_flagged
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/accounts/clearFlag",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_clear_flag
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/batches",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_batches
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/alarms",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_alarms
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/alarms/clear",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_clear_alarm
+        ),
+        route!(
             "GET",
             "/mapi/v1/admin/reconcile",
             Signed(ADM),
             Some(1),
             A,
             c::admin_reconcile
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/reconcile/records",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_reconcile_records
         ),
         route!(
             "POST",

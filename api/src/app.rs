@@ -456,7 +456,8 @@ impl AppState {
 }
 
 /// True for the commands the circuit breaker stops: everything that can move money or take
-/// on new exposure. Cancels, releases of held withdrawals, account creation and the clock pass.
+/// on new exposure. Cancels, releases of held withdrawals, account creation, the clock and the
+/// read-only queries pass.
 fn moves_money(cmd: &Command) -> bool {
     !matches!(
         cmd,
@@ -465,6 +466,8 @@ fn moves_money(cmd: &Command) -> bool {
             | Command::WithdrawRelease { .. }
             | Command::CreateAccount
             | Command::Tick
+            | Command::WithdrawalStatus { .. }
+            | Command::CreditStatus { .. }
     )
 }
 

@@ -443,11 +443,105 @@ pub async fn admin_approve(State(st): State<AppState>, req: Req) -> Result<Respo
     Ok(ok_json(&ctx, to_json(&w)?))
 }
 
+/// The longest release reason (bytes).
+pub const MAX_REASON: usize = 200;
+/// The highest fee rate a bump may ask, sat/vB (the batch's flat fees bound the fee anyway).
+pub const MAX_FEE_RATE: u64 = 10_000;
+
+/// `POST /mapi/v1/admin/withdrawals/reject` (ADMIN): refuses a withdrawal not batched yet with a
+/// `reason` (1 to 200 bytes); the hold is given back.
+pub async fn admin_reject(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
+    let reason = p.req("reason")?;
+    if reason.is_empty() || reason.len() > MAX_REASON {
+        return Err(ApiError::invalid_value("reason"));
+    }
+    p.finish()?;
+    let w = call(&st, move |c| c.reject_withdrawal(id, &reason)).await?;
+    Ok(ok_json(&ctx, to_json(&w)?))
+}
+
+/// `POST /mapi/v1/admin/withdrawals/bump` (ADMIN): bumps the fee of the batch paying withdrawal
+/// `id` to `feeRate` sat/vB (1..=10000), within the batch's flat fees.
+pub async fn admin_bump(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
+    let rate = p
+        .opt_u64("feeRate")?
+        .ok_or_else(|| ApiError::missing("feeRate"))?;
+    if !(1..=MAX_FEE_RATE).contains(&rate) {
+        return Err(ApiError::invalid_value("feeRate"));
+    }
+    p.finish()?;
+    let b = call(&st, move |c| c.bump_withdrawal(id, rate)).await?;
+    Ok(ok_json(&ctx, to_json(&b)?))
+}
+
+/// `GET /mapi/v1/admin/accounts/flagged` (ADMIN): accounts flagged for review.
+pub async fn admin_flagged(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req)?;
+    p.finish()?;
+    let v = call(&st, |c| c.flagged_accounts()).await?;
+    Ok(ok_json(&ctx, to_json(&v)?))
+}
+
+/// `POST /mapi/v1/admin/accounts/clearFlag` (ADMIN): clears an account's flag.
+pub async fn admin_clear_flag(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let account = p
+        .opt_u64("account")?
+        .ok_or_else(|| ApiError::missing("account"))?;
+    let account = u32::try_from(account).map_err(|_| ApiError::invalid_value("account"))?;
+    p.finish()?;
+    call(&st, move |c| c.clear_flag(account)).await?;
+    Ok(ok_json(
+        &ctx,
+        json!({ "account": account, "cleared": true }),
+    ))
+}
+
+/// `GET /mapi/v1/admin/batches` (ADMIN): withdrawal batches, newest first.
+pub async fn admin_batches(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req)?;
+    p.finish()?;
+    let v = call(&st, |c| c.batches()).await?;
+    Ok(ok_json(&ctx, to_json(&v)?))
+}
+
+/// `GET /mapi/v1/admin/alarms` (ADMIN): custody alarms not cleared.
+pub async fn admin_alarms(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req)?;
+    p.finish()?;
+    let v = call(&st, |c| c.alarms()).await?;
+    Ok(ok_json(&ctx, to_json(&v)?))
+}
+
+/// `POST /mapi/v1/admin/alarms/clear` (ADMIN): clears an alarm by `id`.
+pub async fn admin_clear_alarm(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
+    p.finish()?;
+    call(&st, move |c| c.clear_alarm(id)).await?;
+    Ok(ok_json(&ctx, json!({ "id": id, "cleared": true })))
+}
+
 /// `GET /mapi/v1/admin/reconcile` (ADMIN): wallet assets against ledger liabilities.
 pub async fn admin_reconcile(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, p, ctx) = st.signed(&req)?;
     p.finish()?;
     let r = call(&st, |c| c.reconcile()).await?;
+    Ok(ok_json(&ctx, to_json(&r)?))
+}
+
+/// `GET /mapi/v1/admin/reconcile/records` (ADMIN): the two-sided reconciliation of the records.
+pub async fn admin_reconcile_records(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req)?;
+    p.finish()?;
+    let r = call(&st, |c| c.reconcile_records()).await?;
     Ok(ok_json(&ctx, to_json(&r)?))
 }
 

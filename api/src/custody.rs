@@ -109,6 +109,81 @@ pub struct ReconcileInfo {
     pub tip_height: u32,
 }
 
+/// An account flagged for review (a credited deposit left the chain): it cannot withdraw until
+/// an operator clears it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FlaggedAccount {
+    /// The account.
+    pub account: u32,
+    /// Why.
+    pub reason: String,
+}
+
+/// A withdrawal batch, for operators.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct BatchSummary {
+    /// Batch id.
+    pub id: u64,
+    /// `inflight`, `confirmed` or `alarm`.
+    pub status: String,
+    /// When signed, ms since the epoch.
+    pub created_ms: u64,
+    /// Its transactions (hex), the original first, then fee bumps.
+    pub txids: Vec<String>,
+    /// Network fee of the newest transaction, satoshis.
+    pub fee_sat: u64,
+    /// The most a fee bump may pay: the sum of its withdrawals' flat fees, satoshis.
+    pub fee_budget_sat: u64,
+    /// Its withdrawals.
+    pub withdrawals: Vec<u64>,
+    /// The transaction that confirmed.
+    pub confirmed_txid: Option<String>,
+    /// Times in a row the node refused it.
+    pub refusals: u32,
+    /// The node's last refusal.
+    pub last_error: Option<String>,
+}
+
+/// One record that differs between custody and the ledger or the chain.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecordMismatchInfo {
+    /// Stable kind, e.g. `deposit_missing_in_ledger`.
+    pub kind: String,
+    /// Which record: `deposit TXID:VOUT` or `withdrawal ID`.
+    pub subject: String,
+    /// What differs.
+    pub detail: String,
+}
+
+/// The two-sided reconciliation of the records.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct RecordsInfo {
+    /// Deposits compared.
+    pub deposits_checked: usize,
+    /// Completed withdrawals compared.
+    pub withdrawals_checked: usize,
+    /// Ledger queries that got no answer.
+    pub unanswered: usize,
+    /// Every mismatch.
+    pub mismatches: Vec<RecordMismatchInfo>,
+}
+
+/// Something an operator must look at (money moved in one place and not the other, a request
+/// that cannot be funded, a batch the node refuses, a reconciliation mismatch).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct AlarmInfo {
+    /// Id.
+    pub id: u64,
+    /// Stable kind, e.g. `withdrawal_not_completed`.
+    pub kind: String,
+    /// What it is about, e.g. `withdrawal 7`.
+    pub subject: String,
+    /// Details.
+    pub message: String,
+    /// When raised, ms since the epoch.
+    pub at_ms: u64,
+}
+
 /// A refusal or failure of the custody service. `code` is a Binance-style error code (negative)
 /// and `status` the HTTP status to answer with; `msg` is safe to show to the caller.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -130,6 +205,23 @@ impl CustodyError {
             code,
             status: 400,
             msg: msg.into(),
+        }
+    }
+    /// The outcome is unknown (HTTP 503, `-1007`): the request is recorded and custody resolves
+    /// it; the caller asks again (the same idempotency key) to learn the outcome.
+    pub fn unknown(msg: impl Into<String>) -> Self {
+        Self {
+            code: -1007,
+            status: 503,
+            msg: msg.into(),
+        }
+    }
+    /// This custody does not offer the operation (HTTP 503, `-1001`).
+    pub fn not_supported() -> Self {
+        Self {
+            code: -1001,
+            status: 503,
+            msg: "not supported by this custody service".into(),
         }
     }
     /// An internal failure (HTTP 500, Binance's -1001 style); details go to the log, not here.
@@ -174,6 +266,44 @@ pub trait Custody: Send + Sync + 'static {
     fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError>;
     /// Approves a withdrawal that waits for approval.
     fn approve_withdrawal(&self, id: u64) -> Result<WithdrawalInfo, CustodyError>;
+    /// Refuses a withdrawal that is not batched yet: the hold is given back, with `reason`.
+    fn reject_withdrawal(&self, id: u64, reason: &str) -> Result<WithdrawalInfo, CustodyError> {
+        let _ = (id, reason);
+        Err(CustodyError::not_supported())
+    }
+    /// Replaces the transaction of the batch paying withdrawal `id` with one paying
+    /// `fee_rate_sat_vb` (RBF), within the batch's flat fees; the batch afterwards.
+    fn bump_withdrawal(&self, id: u64, fee_rate_sat_vb: u64) -> Result<BatchSummary, CustodyError> {
+        let _ = (id, fee_rate_sat_vb);
+        Err(CustodyError::not_supported())
+    }
+    /// Accounts flagged for review.
+    fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
+        Err(CustodyError::not_supported())
+    }
+    /// Clears an account's flag: it may withdraw again.
+    fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
+        let _ = account;
+        Err(CustodyError::not_supported())
+    }
+    /// Withdrawal batches, newest first.
+    fn batches(&self) -> Result<Vec<BatchSummary>, CustodyError> {
+        Err(CustodyError::not_supported())
+    }
+    /// Two-sided reconciliation of the records (every credited deposit and completed withdrawal
+    /// against the ledger and the chain); each mismatch by id. Raises an alarm per mismatch.
+    fn reconcile_records(&self) -> Result<RecordsInfo, CustodyError> {
+        Err(CustodyError::not_supported())
+    }
+    /// Alarms not cleared, oldest first.
+    fn alarms(&self) -> Result<Vec<AlarmInfo>, CustodyError> {
+        Err(CustodyError::not_supported())
+    }
+    /// Clears an alarm an operator dealt with.
+    fn clear_alarm(&self, id: u64) -> Result<(), CustodyError> {
+        let _ = id;
+        Err(CustodyError::not_supported())
+    }
     /// The flat withdrawal fee and the minimum amount, satoshis.
     fn withdrawal_terms(&self) -> (u64, u64);
     /// Wallet assets against ledger liabilities.

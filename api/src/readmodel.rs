@@ -1674,7 +1674,9 @@ fn apply_events(
             Event::Rejected { .. }
             | Event::WithdrawalHeld { .. }
             | Event::WithdrawalReleased { .. }
-            | Event::WithdrawalCompleted { .. } => {}
+            | Event::WithdrawalCompleted { .. }
+            | Event::WithdrawalStatus { .. }
+            | Event::CreditStatus { .. } => {}
         }
     }
     for (mi, (first, last, b_levels, a_levels)) in depth {

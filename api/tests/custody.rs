@@ -3,8 +3,8 @@
 mod common;
 
 use api::custody::{
-    Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
-    WithdrawalState,
+    AlarmInfo, BatchSummary, Custody, CustodyError, DepositInfo, DepositState, FlaggedAccount,
+    ReconcileInfo, RecordsInfo, WithdrawalInfo, WithdrawalState,
 };
 use api::keys::Perms;
 use axum::http::StatusCode;
@@ -134,6 +134,67 @@ impl Custody for Fake {
     fn regtest_fund(&self, account: u32) -> Result<u64, CustodyError> {
         self.log(format!("regtest_fund({account})"))?;
         Ok(5_000_000_000)
+    }
+    fn reject_withdrawal(&self, id: u64, reason: &str) -> Result<WithdrawalInfo, CustodyError> {
+        self.log(format!("reject_withdrawal({id},{reason})"))?;
+        let mut w = withdrawal(id, 1, WithdrawalState::Released, 5);
+        w.reason = Some(reason.into());
+        Ok(w)
+    }
+    fn bump_withdrawal(&self, id: u64, rate: u64) -> Result<BatchSummary, CustodyError> {
+        self.log(format!("bump_withdrawal({id},{rate})"))?;
+        Ok(batch(3))
+    }
+    fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
+        self.log("flagged_accounts()".into())?;
+        Ok(vec![FlaggedAccount {
+            account: 7,
+            reason: "reorg".into(),
+        }])
+    }
+    fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
+        self.log(format!("clear_flag({account})"))
+    }
+    fn batches(&self) -> Result<Vec<BatchSummary>, CustodyError> {
+        self.log("batches()".into())?;
+        Ok(vec![batch(3)])
+    }
+    fn alarms(&self) -> Result<Vec<AlarmInfo>, CustodyError> {
+        self.log("alarms()".into())?;
+        Ok(vec![AlarmInfo {
+            id: 1,
+            kind: "withdrawal_not_completed".into(),
+            subject: "withdrawal 9".into(),
+            message: "paid on chain, released in the ledger".into(),
+            at_ms: 5,
+        }])
+    }
+    fn clear_alarm(&self, id: u64) -> Result<(), CustodyError> {
+        self.log(format!("clear_alarm({id})"))
+    }
+    fn reconcile_records(&self) -> Result<RecordsInfo, CustodyError> {
+        self.log("reconcile_records()".into())?;
+        Ok(RecordsInfo {
+            deposits_checked: 2,
+            withdrawals_checked: 1,
+            unanswered: 0,
+            mismatches: Vec::new(),
+        })
+    }
+}
+
+fn batch(id: u64) -> BatchSummary {
+    BatchSummary {
+        id,
+        status: "inflight".into(),
+        created_ms: 5,
+        txids: vec!["ab".repeat(32)],
+        fee_sat: 700,
+        fee_budget_sat: 20_000,
+        withdrawals: vec![1, 2],
+        confirmed_txid: None,
+        refusals: 0,
+        last_error: None,
     }
 }
 
@@ -925,4 +986,157 @@ async fn new_deposit_addresses_are_limited_per_account() {
         &other,
     )
     .await;
+}
+
+#[tokio::test]
+async fn operator_routes_reject_bump_flags_batches_alarms_records() {
+    let s = setup(true).await;
+    let a = &s.h.admin;
+    // Admin only.
+    for (method, path, params) in [
+        ("POST", "/mapi/v1/admin/withdrawals/reject", "id=1&reason=r"),
+        ("POST", "/mapi/v1/admin/withdrawals/bump", "id=1&feeRate=5"),
+        ("GET", "/mapi/v1/admin/accounts/flagged", ""),
+        ("POST", "/mapi/v1/admin/accounts/clearFlag", "account=7"),
+        ("GET", "/mapi/v1/admin/batches", ""),
+        ("GET", "/mapi/v1/admin/alarms", ""),
+        ("GET", "/mapi/v1/admin/reconcile/records", ""),
+        ("POST", "/mapi/v1/admin/alarms/clear", "id=1"),
+    ] {
+        for key in [&s.trader, &s.withdrawer] {
+            let r = s.h.signed(method, path, params, key).await;
+            assert_eq!(
+                (r.status, r.code()),
+                (StatusCode::UNAUTHORIZED, -2015),
+                "{method} {path}"
+            );
+        }
+    }
+    // Bad input never reaches custody.
+    let long = format!("id=1&reason={}", "x".repeat(201));
+    for (method, path, params, code) in [
+        ("POST", "/mapi/v1/admin/withdrawals/reject", "id=1", -1102),
+        (
+            "POST",
+            "/mapi/v1/admin/withdrawals/reject",
+            "reason=r",
+            -1102,
+        ),
+        (
+            "POST",
+            "/mapi/v1/admin/withdrawals/reject",
+            "id=1&reason=",
+            -1105,
+        ),
+        (
+            "POST",
+            "/mapi/v1/admin/withdrawals/reject",
+            long.as_str(),
+            -1130,
+        ),
+        ("POST", "/mapi/v1/admin/withdrawals/bump", "id=1", -1102),
+        (
+            "POST",
+            "/mapi/v1/admin/withdrawals/bump",
+            "id=1&feeRate=0",
+            -1130,
+        ),
+        (
+            "POST",
+            "/mapi/v1/admin/withdrawals/bump",
+            "id=1&feeRate=10001",
+            -1130,
+        ),
+        ("POST", "/mapi/v1/admin/accounts/clearFlag", "", -1102),
+        (
+            "POST",
+            "/mapi/v1/admin/accounts/clearFlag",
+            "account=4294967296",
+            -1130,
+        ),
+        ("GET", "/mapi/v1/admin/batches", "x=1", -1104),
+        ("POST", "/mapi/v1/admin/alarms/clear", "", -1102),
+    ] {
+        let r = s.h.signed(method, path, params, a).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, code),
+            "{method} {path} {params}: {}",
+            r.json
+        );
+    }
+    assert_eq!(s.fake.calls(), Vec::<String>::new());
+    let r =
+        s.h.ok(
+            "POST",
+            "/mapi/v1/admin/withdrawals/reject",
+            "id=4&reason=fraud",
+            a,
+        )
+        .await;
+    assert_eq!(
+        (r["state"].clone(), r["reason"].clone()),
+        (json!("released"), json!("fraud"))
+    );
+    let r =
+        s.h.ok(
+            "POST",
+            "/mapi/v1/admin/withdrawals/bump",
+            "id=4&feeRate=25",
+            a,
+        )
+        .await;
+    assert_eq!(
+        (r["id"].clone(), r["fee_budget_sat"].clone()),
+        (json!(3), json!(20_000))
+    );
+    let r =
+        s.h.ok("GET", "/mapi/v1/admin/accounts/flagged", "", a)
+            .await;
+    assert_eq!(r, json!([{"account": 7, "reason": "reorg"}]));
+    let r =
+        s.h.ok("POST", "/mapi/v1/admin/accounts/clearFlag", "account=7", a)
+            .await;
+    assert_eq!(r, json!({"account": 7, "cleared": true}));
+    let r = s.h.ok("GET", "/mapi/v1/admin/batches", "", a).await;
+    assert_eq!(r[0]["withdrawals"], json!([1, 2]));
+    let r = s.h.ok("GET", "/mapi/v1/admin/alarms", "", a).await;
+    assert_eq!(r[0]["kind"], "withdrawal_not_completed");
+    let r =
+        s.h.ok("GET", "/mapi/v1/admin/reconcile/records", "", a)
+            .await;
+    assert_eq!(r["deposits_checked"], 2);
+    let r =
+        s.h.ok("POST", "/mapi/v1/admin/alarms/clear", "id=1", a)
+            .await;
+    assert_eq!(r, json!({"id": 1, "cleared": true}));
+    assert_eq!(
+        s.fake.calls(),
+        [
+            "reject_withdrawal(4,fraud)",
+            "bump_withdrawal(4,25)",
+            "flagged_accounts()",
+            "clear_flag(7)",
+            "batches()",
+            "alarms()",
+            "reconcile_records()",
+            "clear_alarm(1)",
+        ]
+    );
+    let doc = s.h.get("/openapi.json").await.json;
+    for (path, method) in [
+        ("/mapi/v1/admin/withdrawals/reject", "post"),
+        ("/mapi/v1/admin/withdrawals/bump", "post"),
+        ("/mapi/v1/admin/accounts/flagged", "get"),
+        ("/mapi/v1/admin/accounts/clearFlag", "post"),
+        ("/mapi/v1/admin/batches", "get"),
+        ("/mapi/v1/admin/alarms", "get"),
+        ("/mapi/v1/admin/reconcile/records", "get"),
+        ("/mapi/v1/admin/alarms/clear", "post"),
+    ] {
+        assert_eq!(
+            doc["paths"][path][method]["x-permission"], "admin",
+            "{path}"
+        );
+    }
 }

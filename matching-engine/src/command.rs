@@ -195,6 +195,21 @@ pub enum Command {
     },
     /// Advances time only: expires GTD orders whose time has come.
     Tick,
+    /// A read-only query: the engine's record of a withdrawal (held, released or completed, with
+    /// account, asset, amount and fee), answered by one [`Event::WithdrawalStatus`](crate::Event).
+    /// It changes nothing: it never advances `seq` or the engine's time, expires nothing, and is
+    /// therefore never journaled. Custody resolves an *unknown* outcome with it.
+    WithdrawalStatus {
+        /// The withdrawal.
+        id: WithdrawalId,
+    },
+    /// A read-only query like [`Command::WithdrawalStatus`]: whether a credit with this key was
+    /// applied, answered by one [`Event::CreditStatus`](crate::Event). Custody's reconciliation
+    /// checks every credited deposit with it.
+    CreditStatus {
+        /// The credit's idempotency key.
+        key: IdempotencyKey,
+    },
 }
 
 impl Command {

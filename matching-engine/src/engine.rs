@@ -523,12 +523,33 @@ impl Engine {
     /// orders expiring at `now` come before either. A rejected command
     /// changes nothing, except that GTD orders whose time has come at `now` expire first, whatever
     /// the command: a driver journals a command whenever [`Engine::seq`] advanced.
+    ///
+    /// A query ([`Command::WithdrawalStatus`], [`Command::CreditStatus`]) is the exception: its only event is its answer, and
+    /// it changes nothing at all (no time, no expiries, no `seq`), so it is never journaled.
     pub fn apply(
         &mut self,
         cmd: &Command,
         now: Timestamp,
         out: &mut Vec<Event>,
     ) -> Result<(), RejectCode> {
+        // A query reads and answers; it moves neither time nor `seq`, so it is never journaled.
+        match *cmd {
+            Command::WithdrawalStatus { id } => {
+                out.push(Event::WithdrawalStatus {
+                    id,
+                    withdrawal: self.withdrawals.get(&id).copied(),
+                });
+                return Ok(());
+            }
+            Command::CreditStatus { key } => {
+                out.push(Event::CreditStatus {
+                    key,
+                    credited: self.credit_keys.contains(&key),
+                });
+                return Ok(());
+            }
+            _ => {}
+        }
         // `now` is state (it is in the snapshot): a command that ends up changing nothing must
         // not move it, or the live state would differ from a replay of the journal.
         let prev_now = self.now;
@@ -934,6 +955,9 @@ impl Engine {
                     network_fee,
                 });
                 Ok(Accept::default())
+            }
+            Command::WithdrawalStatus { .. } | Command::CreditStatus { .. } => {
+                unreachable!("queries are answered by apply")
             }
             Command::Transfer {
                 from,

@@ -2,6 +2,7 @@
 //! orders and every book exactly.
 
 use crate::command::{OrderType, StpMode, TimeInForce};
+use crate::engine::Withdrawal;
 use crate::reject::RejectCode;
 use crate::units::{
     AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
@@ -222,5 +223,21 @@ pub enum Event {
         amount: Amount,
         /// Idempotency key.
         key: IdempotencyKey,
+    },
+    /// The answer to [`Command::WithdrawalStatus`](crate::Command::WithdrawalStatus): the
+    /// engine's record of the withdrawal, `None` when it never held one with this id. The query's
+    /// only event; it is never part of a published batch's state changes.
+    WithdrawalStatus {
+        /// Withdrawal id.
+        id: WithdrawalId,
+        /// The record, if any.
+        withdrawal: Option<Withdrawal>,
+    },
+    /// The answer to [`Command::CreditStatus`](crate::Command::CreditStatus).
+    CreditStatus {
+        /// The key asked about.
+        key: IdempotencyKey,
+        /// True when a credit with this key was applied.
+        credited: bool,
     },
 }

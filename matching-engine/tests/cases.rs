@@ -1145,6 +1145,78 @@ fn withdrawal_hold_release_and_complete() {
     );
 }
 
+/// Custody resolves an unknown outcome by asking: the engine remembers every withdrawal it held
+/// (held, released or completed, with account and amounts), and the query changes nothing.
+#[test]
+fn withdrawal_status_answers_the_record_and_changes_nothing() {
+    let mut h = H::new();
+    let a = h.account(10_000, 0);
+    let query = |h: &mut H, id| {
+        let before = (h.e.state_hash(), h.e.seq(), h.e.now());
+        let mut out = Vec::new();
+        h.e.apply(
+            &Command::WithdrawalStatus {
+                id: WithdrawalId(id),
+            },
+            Timestamp(h.now + 1_000_000),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(
+            (h.e.state_hash(), h.e.seq(), h.e.now()),
+            before,
+            "a query moves neither state, seq nor time"
+        );
+        match out.as_slice() {
+            [Event::WithdrawalStatus {
+                id: got,
+                withdrawal,
+            }] => {
+                assert_eq!(*got, WithdrawalId(id));
+                withdrawal.map(|w| (w.account, w.amount.0, w.fee.0, w.state))
+            }
+            other => panic!("one answer expected: {other:?}"),
+        }
+    };
+    assert_eq!(query(&mut h, 1), None, "never seen");
+    let hold = |id, amount| Command::WithdrawHold {
+        account: a,
+        asset: BASE,
+        amount: Amount(amount),
+        fee: Amount(100),
+        id: WithdrawalId(id),
+    };
+    h.cmd(hold(1, 3_000)).unwrap();
+    h.cmd(hold(2, 2_000)).unwrap();
+    assert_eq!(
+        query(&mut h, 1),
+        Some((a, 3_000, 100, WithdrawalState::Held))
+    );
+    h.cmd(Command::WithdrawRelease {
+        id: WithdrawalId(1),
+    })
+    .unwrap();
+    h.cmd(Command::WithdrawComplete {
+        id: WithdrawalId(2),
+        network_fee: Amount(10),
+    })
+    .unwrap();
+    assert_eq!(
+        query(&mut h, 1),
+        Some((a, 3_000, 100, WithdrawalState::Released))
+    );
+    assert_eq!(
+        query(&mut h, 2),
+        Some((a, 2_000, 100, WithdrawalState::Completed))
+    );
+    // The records survive a snapshot.
+    let restored = Engine::from_snapshot(h.e.snapshot()).unwrap();
+    assert_eq!(
+        restored.withdrawal(WithdrawalId(1)).map(|w| w.state),
+        Some(WithdrawalState::Released)
+    );
+}
+
 #[test]
 fn transfers_move_available_funds_once() {
     let mut h = H::new();
@@ -1314,4 +1386,36 @@ fn default_config_is_btcusd_with_sane_units() {
         Some(Amount(50_000 * 100_000_000))
     );
     assert_eq!(m.base_amount(Qty(100_000)), Some(Amount(100_000_000)));
+}
+
+/// Reconciliation asks whether a credit key was applied; the query changes nothing.
+#[test]
+fn credit_status_answers_whether_a_key_was_credited() {
+    let mut h = H::new();
+    let a = h.account(0, 0);
+    let key = h.key();
+    let query = |h: &mut H, key| {
+        let before = (h.e.state_hash(), h.e.seq(), h.e.now());
+        let mut out = Vec::new();
+        h.e.apply(
+            &Command::CreditStatus { key },
+            Timestamp(h.now + 1_000_000),
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!((h.e.state_hash(), h.e.seq(), h.e.now()), before);
+        match out.as_slice() {
+            [Event::CreditStatus { key: k, credited }] if *k == key => *credited,
+            other => panic!("one answer expected: {other:?}"),
+        }
+    };
+    assert!(!query(&mut h, key));
+    h.cmd(Command::Credit {
+        account: a,
+        asset: BASE,
+        amount: Amount(5),
+        key,
+    })
+    .unwrap();
+    assert!(query(&mut h, key));
 }

@@ -34,7 +34,7 @@ use matching_engine::{
     AccountId, Amount, AssetConfig, AssetId, ClientOrderId, Command, DoneReason, Engine,
     EngineConfig, Event, IdempotencyKey, Limits, MarketConfig, MarketId, NewOrder, OrderId,
     OrderRef, OrderType, Price, Qty, RejectCode, Side, StpMode, TimeInForce, Timestamp,
-    WithdrawalId,
+    WithdrawalId, WithdrawalState,
 };
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -128,6 +128,16 @@ enum Ev {
         order: u64,
         last_price: u64,
     },
+    /// The answer to a credit query.
+    CreditStatus {
+        key: [u8; 36],
+        credited: bool,
+    },
+    /// The answer to a withdrawal query: (account, asset, amount, fee, state), or none.
+    WithdrawalStatus {
+        id: u64,
+        record: Option<(u32, u16, u64, u64, WState)>,
+    },
 }
 
 #[derive(Clone, Debug)]
@@ -168,7 +178,8 @@ struct RStop {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum WState {
     Held,
-    Done,
+    Released,
+    Completed,
 }
 
 fn gtd_of(tif: TimeInForce) -> Option<u64> {
@@ -440,6 +451,27 @@ impl Reference {
     /// events))` or the rejection. On `Err` nothing but those expiries changed.
     #[allow(clippy::type_complexity)]
     fn apply(&mut self, cmd: &Command, now: u64) -> (Vec<Ev>, Result<(bool, Vec<Ev>), RejectCode>) {
+        // "A read-only query ... never advances `seq` or the engine's time, expires nothing."
+        if let Command::WithdrawalStatus { id } = *cmd {
+            let record = self.withdrawals.get(&id.0).copied();
+            return (
+                Vec::new(),
+                Ok((false, vec![Ev::WithdrawalStatus { id: id.0, record }])),
+            );
+        }
+        if let Command::CreditStatus { key } = *cmd {
+            let credited = self.credit_keys.contains(&key.0);
+            return (
+                Vec::new(),
+                Ok((
+                    false,
+                    vec![Ev::CreditStatus {
+                        key: key.0,
+                        credited,
+                    }],
+                )),
+            );
+        }
         self.now = self.now.max(now);
         let mut expired = Vec::new();
         self.expire_due(&mut expired);
@@ -586,7 +618,7 @@ impl Reference {
                     _ => return Err(RejectCode::UnknownWithdrawal),
                 };
                 self.release(w.0, w.1, w.2 + w.3);
-                self.withdrawals.get_mut(&id.0).unwrap().4 = WState::Done;
+                self.withdrawals.get_mut(&id.0).unwrap().4 = WState::Released;
             }
             Command::WithdrawComplete { id, network_fee } => {
                 let w = match self.withdrawals.get(&id.0) {
@@ -600,9 +632,12 @@ impl Reference {
                 }
                 self.add_held(w.0, w.1, -i128::from(w.2 + w.3));
                 self.add_avail(0, w.1, i128::from(w.3 - network_fee.0));
-                self.withdrawals.get_mut(&id.0).unwrap().4 = WState::Done;
+                self.withdrawals.get_mut(&id.0).unwrap().4 = WState::Completed;
             }
             Command::Tick => {}
+            Command::WithdrawalStatus { .. } | Command::CreditStatus { .. } => {
+                unreachable!("queries are answered by apply")
+            }
         }
         Ok((false, evs))
     }
@@ -1298,6 +1333,21 @@ fn engine_evs(events: &[Event]) -> (bool, Vec<Ev>) {
                 remaining: remaining.0,
                 kept_priority,
             }),
+            Event::CreditStatus { key, credited } => v.push(Ev::CreditStatus {
+                key: key.0,
+                credited,
+            }),
+            Event::WithdrawalStatus { id, withdrawal } => v.push(Ev::WithdrawalStatus {
+                id: id.0,
+                record: withdrawal.map(|w| {
+                    let state = match w.state {
+                        WithdrawalState::Held => WState::Held,
+                        WithdrawalState::Released => WState::Released,
+                        WithdrawalState::Completed => WState::Completed,
+                    };
+                    (w.account.0, w.asset.0, w.amount.0, w.fee.0, state)
+                }),
+            }),
             _ => {}
         }
     }
@@ -1459,6 +1509,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
             }
         ),
         1 => (1u64..=7).prop_map(|id| Command::WithdrawRelease { id: WithdrawalId(id) }),
+        1 => (1u64..=7).prop_map(|id| Command::WithdrawalStatus { id: WithdrawalId(id) }),
+        1 => (0u8..6).prop_map(|k| Command::CreditStatus { key: key(k) }),
         1 => (1u64..=7, 0u64..=60).prop_map(|(id, fee)| Command::WithdrawComplete {
             id: WithdrawalId(id),
             network_fee: Amount(fee),
@@ -1686,6 +1738,17 @@ proptest! {
             if let [Event::Accepted { duplicate: true, .. }] = out.as_slice() {
                 // A duplicate credit or transfer is accepted but changes nothing either.
                 prop_assert_eq!(e.state_hash(), before, "step {}: duplicate {:?}", i, cmd);
+                prop_assert_eq!(e.seq(), seq);
+            }
+            if let Command::WithdrawalStatus { .. } | Command::CreditStatus { .. } = cmd {
+                // A query changes nothing, not even time: same hash, same seq, one answer.
+                prop_assert!(result.is_ok());
+                let answered = matches!(
+                    out.as_slice(),
+                    [Event::WithdrawalStatus { .. } | Event::CreditStatus { .. }]
+                );
+                prop_assert!(answered, "step {}: events of a query: {:?}", i, out);
+                prop_assert_eq!(e.state_hash(), before, "step {}: query {:?}", i, cmd);
                 prop_assert_eq!(e.seq(), seq);
             }
             if let Err(code) = result {

@@ -55,8 +55,13 @@ pub struct WithdrawalPolicy {
     pub min_amount: Amount,
     /// Largest total an account may withdraw in any 24 hours, in sats (released requests excluded).
     pub daily_limit: Amount,
-    /// Requests above this amount wait for [`approve_withdrawal`](crate::CustodyService::approve_withdrawal).
+    /// A request wait for [`approve_withdrawal`](crate::CustodyService::approve_withdrawal) when
+    /// the account's running 24-hour total (this request and every one not released in the 24
+    /// hours before it) passes this amount, in sats.
     pub approval_threshold: Amount,
+    /// The hot wallet's exchange-wide 24-hour limit, in sats: a request that brings the total of
+    /// all accounts' requests in 24 hours (released ones excluded) above it waits for approval.
+    pub hot_wallet_daily_limit: Amount,
     /// A file of denied destination addresses, one a line (`#` starts a comment).
     pub deny_list: Option<PathBuf>,
 }
@@ -68,6 +73,7 @@ impl Default for WithdrawalPolicy {
             min_amount: Amount(10_000),
             daily_limit: Amount(10 * 100_000_000),
             approval_threshold: Amount(100_000_000),
+            hot_wallet_daily_limit: Amount(50 * 100_000_000),
             deny_list: None,
         }
     }

@@ -196,6 +196,25 @@ pub enum WithdrawalError {
     /// The service's tables failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// The ledger's answer is not known (it may or may not have applied the hold or release).
+    /// The withdrawal is recorded and the service resolves it by asking the ledger; ask for the
+    /// withdrawal (or repeat the request with the same key) to learn the outcome.
+    #[error("ledger outcome unknown for withdrawal {0}; it is resolved automatically")]
+    LedgerUnknown(WithdrawalId),
+    /// The ledger's record of this id does not match the request (another withdrawal holds it):
+    /// an alarm is raised; nothing of this request is held.
+    #[error("ledger record of withdrawal {0} does not match it")]
+    LedgerMismatch(WithdrawalId),
+    /// The account is flagged (a credited deposit left the chain) and cannot withdraw until an
+    /// operator clears it.
+    #[error("account {0} is flagged for review and cannot withdraw")]
+    AccountFlagged(AccountId),
+    /// The account has no flag to clear.
+    #[error("account {0} is not flagged")]
+    NotFlagged(AccountId),
+    /// No alarm with this id is raised (not cleared).
+    #[error("no alarm {0} to clear")]
+    UnknownAlarm(u64),
 }
 
 impl WithdrawalError {
@@ -216,6 +235,11 @@ impl WithdrawalError {
             WithdrawalError::UnknownWithdrawal(_) => 12,
             WithdrawalError::NotAwaitingApproval(_) => 13,
             WithdrawalError::Store(_) => 14,
+            WithdrawalError::LedgerUnknown(_) => 15,
+            WithdrawalError::LedgerMismatch(_) => 16,
+            WithdrawalError::AccountFlagged(_) => 17,
+            WithdrawalError::NotFlagged(_) => 18,
+            WithdrawalError::UnknownAlarm(_) => 19,
         }
     }
 }
@@ -313,4 +337,7 @@ pub enum StepError {
     /// Withdrawal batches.
     #[error(transparent)]
     Batch(#[from] BatchError),
+    /// Resolving withdrawals whose ledger outcome was unknown.
+    #[error(transparent)]
+    Withdrawal(#[from] WithdrawalError),
 }

@@ -189,6 +189,12 @@ pub(crate) fn load_or_create(
 /// (temporary file then rename).
 fn write_private(path: &Path, bytes: &[u8]) -> Result<(), KeyError> {
     let tmp = path.with_extension("tmp");
+    // A temporary file is only ever renamed onto `path`; one left over (a crash before the
+    // rename, e.g. during the first start) was never used: remove it instead of failing forever.
+    if tmp.exists() {
+        tracing::warn!(path = %tmp.display(), "removing a stale temporary secret file");
+        fs::remove_file(&tmp).map_err(io(&tmp))?;
+    }
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create_new(true)

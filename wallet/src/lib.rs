@@ -4,7 +4,10 @@
 //! service's own tables (deposit addresses, deposits, withdrawals, batches), and follows a
 //! `bitcoind` over RPC with `bdk_bitcoind_rpc`'s [`Emitter`](bdk_bitcoind_rpc::Emitter). It talks
 //! to the exchange's ledger only through the [`Ledger`] trait, with the engine's own commands:
-//! `Credit` (keyed by outpoint), `WithdrawHold`, `WithdrawRelease` and `WithdrawComplete`.
+//! `Credit` (keyed by outpoint), `WithdrawHold`, `WithdrawRelease` and `WithdrawComplete`, and two
+//! read-only lookups (the engine's record of a withdrawal, whether a credit key was applied). Each
+//! command is answered applied, refused or unknown ([`LedgerError`]); an unknown answer is
+//! resolved by a lookup or by the same idempotent command again, never by assuming.
 //!
 //! The service is a library: it never spawns threads and never reads the clock on its own. Every
 //! step takes `now` and is driven by the caller ([`CustodyService::step`] runs them all, in order);
@@ -36,13 +39,14 @@ pub use error::{
     SyncError, WithdrawalError,
 };
 pub use keys::{KeyError, Passphrase};
-pub use ledger::Ledger;
+pub use ledger::{Ledger, LedgerError};
 pub use runner::{system_now, Runner};
 pub use service::{
-    BatchInfo, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,
-    StepReport, SyncReport, WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
+    BatchInfo, BatchView, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,
+    RecordMismatch, RecordsReport, StepReport, SyncReport, WithdrawalReport, WithdrawalRequest,
+    DATABASE_FILE,
 };
-pub use store::{DepositStatus, WithdrawalStatus, WithdrawalView};
+pub use store::{Alarm, DepositStatus, WithdrawalStatus, WithdrawalView};
 
 /// Re-exported so that callers name the same `bitcoin` types as the wallet.
 pub use bdk_wallet::bitcoin;

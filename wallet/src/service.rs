@@ -6,8 +6,8 @@ use crate::error::{
     WithdrawalError,
 };
 use crate::keys;
-use crate::ledger::Ledger;
-use crate::store::{self, BatchTx, DepositStatus, WithdrawalStatus, WithdrawalView};
+use crate::ledger::{Ledger, LedgerError};
+use crate::store::{self, Alarm, BatchTx, DepositStatus, WithdrawalStatus, WithdrawalView};
 use bdk_bitcoind_rpc::bitcoincore_rpc::{self, Auth, Client, RpcApi};
 use bdk_bitcoind_rpc::Emitter;
 use bdk_wallet::bitcoin::address::NetworkUnchecked;
@@ -26,7 +26,7 @@ use bdk_wallet::{
 use matching_engine::command::Command;
 use matching_engine::config::BTC;
 use matching_engine::units::{AccountId, Amount, IdempotencyKey, Timestamp, WithdrawalId};
-use matching_engine::RejectCode;
+use matching_engine::{RejectCode, Withdrawal, WithdrawalState};
 use std::collections::{HashMap, HashSet};
 use std::fmt;
 use std::path::Path;
@@ -38,6 +38,8 @@ pub const DATABASE_FILE: &str = "wallet.sqlite";
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// RPC error codes of bitcoind (`src/rpc/protocol.h`).
 const RPC_VERIFY_ALREADY_IN_CHAIN: i32 = -27;
+/// Confirmations before a coinbase output can be spent (consensus).
+const COINBASE_MATURITY: u32 = 100;
 
 /// A deposit seen, credited or reorged.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -82,6 +84,8 @@ pub struct DepositReport {
     pub reconfirmed: Vec<DepositEvent>,
     /// Credits the ledger refused (tried again next time).
     pub rejected: Vec<(DepositEvent, RejectCode)>,
+    /// Credits whose outcome is unknown (asked again next time; the credit is idempotent).
+    pub unresolved: Vec<DepositEvent>,
 }
 
 /// What [`CustodyService::sync_once`] did.
@@ -110,6 +114,32 @@ pub struct BatchInfo {
     pub withdrawals: Vec<WithdrawalId>,
 }
 
+/// A batch as the operator sees it (`mediator batches`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BatchView {
+    /// Batch id.
+    pub id: u64,
+    /// `inflight`, `confirmed`, or `alarm` (confirmed, but some withdrawals did not complete in
+    /// the ledger: see the alarms).
+    pub status: String,
+    /// When signed, ms since the epoch.
+    pub created_ms: u64,
+    /// Its transactions, the original first, then fee bumps.
+    pub txids: Vec<Txid>,
+    /// Network fee of the newest transaction, sats.
+    pub fee: Amount,
+    /// Sum of its withdrawals' flat fees: the most any version may pay, sats.
+    pub fee_budget: Amount,
+    /// The withdrawals it pays.
+    pub withdrawals: Vec<WithdrawalId>,
+    /// The transaction that confirmed, once confirmed.
+    pub confirmed_txid: Option<Txid>,
+    /// Times in a row the node refused it (0: accepted or not tried yet).
+    pub refusals: u32,
+    /// The node's last refusal.
+    pub last_error: Option<String>,
+}
+
 /// What [`CustodyService::process_withdrawals`] did.
 #[derive(Clone, Debug, Default)]
 pub struct WithdrawalReport {
@@ -117,6 +147,9 @@ pub struct WithdrawalReport {
     pub completed: Vec<(WithdrawalId, Amount)>,
     /// Batches confirmed now.
     pub batches_confirmed: Vec<(u64, Txid)>,
+    /// Withdrawals paid on chain that the ledger did not complete (released, or unknown to
+    /// it): each is an alarm (logged, stored, counted); the withdrawal is not marked completed.
+    pub alarms: Vec<(WithdrawalId, String)>,
 }
 
 /// What one [`CustodyService::step`] did.
@@ -132,6 +165,8 @@ pub struct StepReport {
     pub batch: Option<BatchInfo>,
     /// Reconciliation after the step.
     pub reconciliation: Reconciliation,
+    /// Withdrawals whose hold or release outcome the ledger could not tell yet (retried).
+    pub unresolved_withdrawals: usize,
 }
 
 /// Wallet assets against ledger liabilities, in sats. Metrics-friendly: plain numbers.
@@ -159,6 +194,31 @@ pub struct Reconciliation {
     pub surplus_sat: i64,
     /// True when the surplus is negative.
     pub shortfall: bool,
+}
+
+/// One record that differs between custody and the ledger or the chain.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RecordMismatch {
+    /// Stable kind: `deposit_missing_in_ledger`, `deposit_not_recorded_credited`,
+    /// `withdrawal_not_confirmed`, `withdrawal_ledger_mismatch` (also the alarm's kind).
+    pub kind: &'static str,
+    /// Which record: `deposit TXID:VOUT` or `withdrawal ID`.
+    pub subject: String,
+    /// What differs.
+    pub detail: String,
+}
+
+/// What [`CustodyService::reconcile_records`] found.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RecordsReport {
+    /// Deposits compared with the ledger.
+    pub deposits_checked: usize,
+    /// Completed withdrawals compared with the chain and the ledger.
+    pub withdrawals_checked: usize,
+    /// Ledger queries that got no answer (those records were not compared).
+    pub unanswered: usize,
+    /// Every mismatch, by id (each is also an alarm).
+    pub mismatches: Vec<RecordMismatch>,
 }
 
 /// A withdrawal request.
@@ -189,6 +249,9 @@ pub struct CustodyService {
     deny_list: HashSet<ScriptBuf>,
     /// The only copy of the private key in the process (BDK's wallet holds public descriptors).
     key: keys::MasterKey,
+    /// The latest `now` a caller passed in (0 before the first): the time stamped on alarms
+    /// raised where no time is passed (the library never reads the clock).
+    last_now_ms: u64,
 }
 
 impl fmt::Debug for CustodyService {
@@ -339,41 +402,231 @@ impl CustodyService {
             rpc: None,
             deny_list,
             key,
+            last_now_ms: 0,
         };
-        service.recover_new_withdrawals()?;
+        service.recover_withdrawals()?;
         Ok(service)
     }
 
-    /// Withdrawals recorded as `new` were written before their ledger hold, and a crash came
-    /// before the outcome was recorded: ask the ledger again.
-    fn recover_new_withdrawals(&mut self) -> Result<(), OpenError> {
+    /// Withdrawals recorded as `new` were written before their ledger hold, and `releasing` ones
+    /// before their release; a crash (or an unknown answer) came before the outcome was recorded.
+    /// Resolved by asking the ledger; what the ledger cannot answer now stays for the next step.
+    fn recover_withdrawals(&mut self) -> Result<(), OpenError> {
+        match self.resolve_withdrawals() {
+            Ok(_) => Ok(()),
+            Err(WithdrawalError::Store(e)) => Err(OpenError::Store(e)),
+            Err(e) => {
+                tracing::warn!(error = %e, "withdrawals left unresolved at open; retried each step");
+                Ok(())
+            }
+        }
+    }
+
+    /// Resolves every withdrawal whose ledger outcome is not recorded (`new`: the hold;
+    /// `releasing`: the release) by asking the ledger. Returns how many stay unresolved (the
+    /// ledger did not answer); they are tried again at the next step.
+    pub fn resolve_withdrawals(&mut self) -> Result<usize, WithdrawalError> {
+        let mut unresolved = 0;
         for w in store::withdrawals_in(&self.db, WithdrawalStatus::New)? {
-            let hold = Command::WithdrawHold {
-                account: w.account,
-                asset: BTC,
-                amount: w.amount,
-                fee: w.fee,
-                id: w.id,
-            };
-            match self.ledger.submit(hold) {
-                Ok(()) | Err(RejectCode::DuplicateWithdrawal) => {
-                    store::set_withdrawal_status(&self.db, w.id, self.held_status(w.amount), None)?
-                }
-                Err(code) => {
-                    tracing::warn!(id = %w.id, %code, "dropping unacknowledged withdrawal request");
-                    store::delete_new_withdrawal(&self.db, w.id)?;
+            match self.settle_hold(&w) {
+                Ok(_) => {}
+                Err(WithdrawalError::LedgerUnknown(_)) => unresolved += 1,
+                Err(WithdrawalError::Store(e)) => return Err(WithdrawalError::Store(e)),
+                Err(e) => tracing::warn!(id = %w.id, error = %e, "withdrawal request not held"),
+            }
+        }
+        for w in store::withdrawals_in(&self.db, WithdrawalStatus::Releasing)? {
+            match self.settle_release(&w) {
+                Ok(()) => {}
+                Err(WithdrawalError::Store(e)) => return Err(WithdrawalError::Store(e)),
+                Err(e) => {
+                    unresolved += 1;
+                    tracing::warn!(id = %w.id, error = %e, "release not resolved; retried");
                 }
             }
+        }
+        Ok(unresolved)
+    }
+
+    fn hold_of(w: &WithdrawalView) -> Command {
+        Command::WithdrawHold {
+            account: w.account,
+            asset: BTC,
+            amount: w.amount,
+            fee: w.fee,
+            id: w.id,
+        }
+    }
+
+    /// True when the ledger's record is this withdrawal (same account, asset and amounts).
+    fn same(w: &WithdrawalView, rec: &Withdrawal) -> bool {
+        rec.account == w.account && rec.asset == BTC && rec.amount == w.amount && rec.fee == w.fee
+    }
+
+    fn alarm(&self, kind: &str, subject: &str, message: &str) -> Result<(), crate::StoreError> {
+        if store::raise_alarm(&self.db, kind, subject, message, self.last_now_ms)? {
+            tracing::error!(kind, subject, message, "custody alarm");
         }
         Ok(())
     }
 
-    fn held_status(&self, amount: Amount) -> WithdrawalStatus {
-        if amount > self.config.withdrawal.approval_threshold {
-            WithdrawalStatus::AwaitingApproval
-        } else {
-            WithdrawalStatus::Pending
+    /// Gets the hold of a `new` withdrawal settled: asks the ledger for its record first (an
+    /// earlier hold may have been applied), and asks for the hold only when there is none.
+    /// `Ok` when held (the row moves on); `Err(LedgerUnknown)` when the ledger did not answer
+    /// (the row stays `new`); any other error when certainly not held (the row is deleted: its
+    /// id is never handed out again).
+    fn settle_hold(&mut self, w: &WithdrawalView) -> Result<WithdrawalStatus, WithdrawalError> {
+        let answer = match self.ledger.withdrawal(w.id) {
+            Ok(Some(rec)) => return self.hold_found(w, &rec),
+            Ok(None) => self.ledger.submit(Self::hold_of(w)),
+            Err(_) => return Err(WithdrawalError::LedgerUnknown(w.id)),
+        };
+        match answer {
+            Ok(()) => {
+                let status = self.held_status(w)?;
+                store::set_withdrawal_status(&self.db, w.id, status, None)?;
+                Ok(status)
+            }
+            Err(LedgerError::Rejected(RejectCode::DuplicateWithdrawal)) => {
+                match self.ledger.withdrawal(w.id) {
+                    Ok(Some(rec)) => self.hold_found(w, &rec),
+                    _ => Err(WithdrawalError::LedgerUnknown(w.id)),
+                }
+            }
+            Err(LedgerError::Rejected(code)) => {
+                store::delete_new_withdrawal(&self.db, w.id)?;
+                Err(match code {
+                    RejectCode::InsufficientBalance => WithdrawalError::InsufficientBalance {
+                        amount: w.amount,
+                        fee: w.fee,
+                    },
+                    RejectCode::UnknownAccount => WithdrawalError::UnknownAccount(w.account),
+                    other => WithdrawalError::LedgerRejected(other),
+                })
+            }
+            Err(_) => Err(WithdrawalError::LedgerUnknown(w.id)),
         }
+    }
+
+    /// The ledger has a withdrawal with the id of `w` (a `new` row). It is our hold only when
+    /// account and amounts match (`DuplicateWithdrawal` alone proves nothing).
+    fn hold_found(
+        &mut self,
+        w: &WithdrawalView,
+        rec: &Withdrawal,
+    ) -> Result<WithdrawalStatus, WithdrawalError> {
+        let subject = format!("withdrawal {}", w.id);
+        if !Self::same(w, rec) {
+            // Another withdrawal owns this id in the ledger (an id reused by an older version):
+            // ours is certainly not held. The other's funds stay held: the operator sees it.
+            self.alarm(
+                "withdrawal_id_conflict",
+                &subject,
+                &format!(
+                    "the ledger's withdrawal {} is {rec:?}, not account {} amount {} fee {}; request dropped",
+                    w.id, w.account, w.amount, w.fee
+                ),
+            )?;
+            store::delete_new_withdrawal(&self.db, w.id)?;
+            return Err(WithdrawalError::LedgerMismatch(w.id));
+        }
+        match rec.state {
+            WithdrawalState::Held => {
+                let status = self.held_status(w)?;
+                store::set_withdrawal_status(&self.db, w.id, status, None)?;
+                Ok(status)
+            }
+            WithdrawalState::Released => {
+                store::set_withdrawal_status(
+                    &self.db,
+                    w.id,
+                    WithdrawalStatus::Released,
+                    Some("released in the ledger"),
+                )?;
+                Ok(WithdrawalStatus::Released)
+            }
+            WithdrawalState::Completed => {
+                // Completed in the ledger, yet never batched here: never pay it.
+                self.alarm(
+                    "withdrawal_completed_unbatched",
+                    &subject,
+                    "the ledger completed a withdrawal that custody never batched",
+                )?;
+                Err(WithdrawalError::LedgerMismatch(w.id))
+            }
+        }
+    }
+
+    /// Gets the release of a `releasing` withdrawal settled: asks for it (idempotent by id: a
+    /// repeat is `UnknownWithdrawal`), and on any answer but *applied* asks the ledger's record.
+    /// Released there: recorded as released. Still held: the release did not happen (retried).
+    /// Completed or unknown to the ledger: an alarm; the row stays `releasing` (never batched).
+    fn settle_release(&mut self, w: &WithdrawalView) -> Result<(), WithdrawalError> {
+        let subject = format!("withdrawal {}", w.id);
+        match self.ledger.submit(Command::WithdrawRelease { id: w.id }) {
+            Ok(()) => {}
+            Err(LedgerError::Rejected(RejectCode::UnknownWithdrawal))
+            | Err(LedgerError::Unknown) => match self.ledger.withdrawal(w.id) {
+                Ok(Some(rec)) if Self::same(w, &rec) => match rec.state {
+                    WithdrawalState::Released => {}
+                    WithdrawalState::Held => return Err(WithdrawalError::LedgerUnknown(w.id)),
+                    WithdrawalState::Completed => {
+                        self.alarm(
+                            "withdrawal_release_after_completion",
+                            &subject,
+                            "a release was asked for a withdrawal the ledger completed",
+                        )?;
+                        return Err(WithdrawalError::LedgerMismatch(w.id));
+                    }
+                },
+                Ok(other) => {
+                    self.alarm(
+                        "withdrawal_release_mismatch",
+                        &subject,
+                        &format!("release asked; the ledger's record is {other:?}"),
+                    )?;
+                    return Err(WithdrawalError::LedgerMismatch(w.id));
+                }
+                Err(_) => return Err(WithdrawalError::LedgerUnknown(w.id)),
+            },
+            Err(LedgerError::Rejected(code)) => return Err(WithdrawalError::LedgerRejected(code)),
+        }
+        store::set_withdrawal_status(&self.db, w.id, WithdrawalStatus::Released, None)?;
+        tracing::warn!(id = %w.id, reason = ?w.reason, "withdrawal released");
+        Ok(())
+    }
+
+    /// Clears an alarm once an operator dealt with it (the same kind and subject may be raised
+    /// again if the cause remains). `UnknownAlarm` when there is no such alarm not cleared.
+    pub fn clear_alarm(&mut self, id: u64, now: Timestamp) -> Result<(), WithdrawalError> {
+        if !store::clear_alarm(&self.db, id, now.as_millis())? {
+            return Err(WithdrawalError::UnknownAlarm(id));
+        }
+        tracing::warn!(alarm = id, "alarm cleared by an operator");
+        Ok(())
+    }
+
+    /// Alarms raised by the service (money that moved in one place and not the other), oldest
+    /// first; only the ones not cleared unless `all`.
+    pub fn alarms(&self, all: bool) -> Result<Vec<Alarm>, WithdrawalError> {
+        Ok(store::alarms(&self.db, all)?)
+    }
+
+    /// Where a freshly held withdrawal goes: it waits for approval when the account's running
+    /// 24-hour total (this one included) passes the approval threshold, or when all accounts'
+    /// 24-hour total passes the hot wallet's exchange-wide limit; otherwise it waits for a batch.
+    fn held_status(&self, w: &WithdrawalView) -> Result<WithdrawalStatus, crate::StoreError> {
+        let policy = &self.config.withdrawal;
+        let since = w.created_ms.saturating_sub(DAY_MS);
+        let account = store::withdrawn_since(&self.db, w.account, since)?;
+        let all = store::withdrawn_since_all(&self.db, since)?;
+        Ok(
+            if account > policy.approval_threshold || all > policy.hot_wallet_daily_limit {
+                WithdrawalStatus::AwaitingApproval
+            } else {
+                WithdrawalStatus::Pending
+            },
+        )
     }
 
     /// The configuration.
@@ -508,7 +761,20 @@ impl CustodyService {
         Ok(out)
     }
 
-    /// Accounts flagged for review, with the reason (a credited deposit that a reorg removed).
+    /// Clears an account's flags (an operator reviewed it): it may withdraw again.
+    pub fn clear_flag(
+        &mut self,
+        account: AccountId,
+        now: Timestamp,
+    ) -> Result<(), WithdrawalError> {
+        if store::clear_flags(&self.db, account, now.as_millis())? == 0 {
+            return Err(WithdrawalError::NotFlagged(account));
+        }
+        tracing::warn!(%account, "account flag cleared by an operator");
+        Ok(())
+    }
+
+    /// Accounts flagged for review (not cleared), with the reason (a credited deposit that a reorg removed).
     pub fn flagged_accounts(&self) -> Result<Vec<(AccountId, String)>, DepositError> {
         Ok(store::flagged(&self.db)?)
     }
@@ -671,8 +937,19 @@ impl CustodyService {
                     DepositStatus::Pending
                 }
             };
+            // A coinbase output can be spent only after COINBASE_MATURITY blocks: not credited
+            // before (a reorg of those blocks would take it back for good).
+            let coinbase = self
+                .wallet
+                .get_tx(out.outpoint.txid)
+                .is_some_and(|t| t.tx_node.tx.is_coinbase());
+            let needed = if coinbase {
+                required.max(COINBASE_MATURITY)
+            } else {
+                required
+            };
             match status {
-                DepositStatus::Pending if event.confirmations >= required => {
+                DepositStatus::Pending if event.confirmations >= needed => {
                     let key = IdempotencyKey::outpoint(
                         out.outpoint.txid.to_byte_array(),
                         out.outpoint.vout,
@@ -683,6 +960,9 @@ impl CustodyService {
                         amount: event.amount,
                         key,
                     };
+                    // Credit is idempotent by key: only an applied (or duplicate) answer marks
+                    // the deposit credited; refused or unknown, it stays pending and is asked
+                    // again at the next step.
                     match self.ledger.submit(credit) {
                         Ok(()) => {
                             store::set_deposit_status(
@@ -693,9 +973,13 @@ impl CustodyService {
                             tracing::info!(%account, outpoint = %out.outpoint, amount = %event.amount, "deposit credited");
                             report.credited.push(event);
                         }
-                        Err(code) => {
+                        Err(LedgerError::Rejected(code)) => {
                             tracing::error!(%account, outpoint = %out.outpoint, %code, "ledger refused a deposit credit");
                             report.rejected.push((event, code));
+                        }
+                        Err(_) => {
+                            tracing::warn!(%account, outpoint = %out.outpoint, "deposit credit outcome unknown; asked again next step");
+                            report.unresolved.push(event);
                         }
                     }
                 }
@@ -753,7 +1037,10 @@ impl CustodyService {
         if req.idempotency_key.is_empty() || req.idempotency_key.len() > 64 {
             return Err(WithdrawalError::InvalidKey);
         }
-        if let Some(existing) = store::withdrawal_by_key(&self.db, &req.idempotency_key)? {
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
+        if let Some(existing) =
+            store::withdrawal_by_key(&self.db, req.account, &req.idempotency_key)?
+        {
             return Err(WithdrawalError::DuplicateKey {
                 key: req.idempotency_key,
                 existing,
@@ -761,6 +1048,12 @@ impl CustodyService {
         }
         if !self.ledger.account_exists(req.account) {
             return Err(WithdrawalError::UnknownAccount(req.account));
+        }
+        if store::flagged(&self.db)?
+            .iter()
+            .any(|(a, _)| *a == req.account)
+        {
+            return Err(WithdrawalError::AccountFlagged(req.account));
         }
         let unchecked =
             Address::<NetworkUnchecked>::from_str(req.address.trim()).map_err(|_| {
@@ -816,26 +1109,35 @@ impl CustodyService {
             &req.idempotency_key,
             now.as_millis(),
         )?;
-        let hold = Command::WithdrawHold {
-            account: req.account,
-            asset: BTC,
-            amount: req.amount,
-            fee,
-            id,
+        let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
+        let status = match self.ledger.submit(Self::hold_of(&w)) {
+            Ok(()) => {
+                let status = self.held_status(&w)?;
+                store::set_withdrawal_status(&self.db, id, status, None)?;
+                status
+            }
+            Err(LedgerError::Rejected(code)) => {
+                // Certainly not held: the row goes (its id is never handed out again).
+                store::delete_new_withdrawal(&self.db, id)?;
+                return Err(match code {
+                    RejectCode::InsufficientBalance => WithdrawalError::InsufficientBalance {
+                        amount: req.amount,
+                        fee,
+                    },
+                    RejectCode::UnknownAccount => WithdrawalError::UnknownAccount(req.account),
+                    other => WithdrawalError::LedgerRejected(other),
+                });
+            }
+            // Maybe held: ask the ledger now; if it cannot say, the row stays `new` (never
+            // deleted while its hold may exist) and is resolved at the next step or open.
+            Err(LedgerError::Unknown) => match self.settle_hold(&w) {
+                Ok(status) => status,
+                Err(e) => {
+                    tracing::warn!(%id, error = %e, "withdrawal hold outcome unresolved");
+                    return Err(e);
+                }
+            },
         };
-        if let Err(code) = self.ledger.submit(hold) {
-            store::delete_new_withdrawal(&self.db, id)?;
-            return Err(match code {
-                RejectCode::InsufficientBalance => WithdrawalError::InsufficientBalance {
-                    amount: req.amount,
-                    fee,
-                },
-                RejectCode::UnknownAccount => WithdrawalError::UnknownAccount(req.account),
-                other => WithdrawalError::LedgerRejected(other),
-            });
-        }
-        let status = self.held_status(req.amount);
-        store::set_withdrawal_status(&self.db, id, status, None)?;
         tracing::info!(%id, account = %req.account, amount = %req.amount, ?status, "withdrawal held");
         store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))
     }
@@ -871,22 +1173,22 @@ impl CustodyService {
         let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
         if !matches!(
             w.status,
-            WithdrawalStatus::AwaitingApproval | WithdrawalStatus::Pending
+            WithdrawalStatus::AwaitingApproval
+                | WithdrawalStatus::Pending
+                | WithdrawalStatus::Releasing
         ) {
             return Err(WithdrawalError::NotAwaitingApproval(id));
         }
         self.release(id, reason)
     }
 
+    /// Releases a held withdrawal: recorded as `releasing` with its reason first (so it is never
+    /// batched from here on), then released in the ledger; an unknown answer is resolved by
+    /// asking the ledger, now or at a later step.
     fn release(&mut self, id: WithdrawalId, reason: &str) -> Result<(), WithdrawalError> {
-        match self.ledger.submit(Command::WithdrawRelease { id }) {
-            // UnknownWithdrawal: released before a crash that came before our record.
-            Ok(()) | Err(RejectCode::UnknownWithdrawal) => {}
-            Err(code) => return Err(WithdrawalError::LedgerRejected(code)),
-        }
-        store::set_withdrawal_status(&self.db, id, WithdrawalStatus::Released, Some(reason))?;
-        tracing::warn!(%id, reason, "withdrawal released");
-        Ok(())
+        store::set_withdrawal_status(&self.db, id, WithdrawalStatus::Releasing, Some(reason))?;
+        let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
+        self.settle_release(&w)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -955,12 +1257,35 @@ impl CustodyService {
     /// Builds, signs and records a batch when one is due: the oldest pending request waited the
     /// batch interval, or `max_requests` are pending. Does not broadcast (see
     /// [`broadcast_pending`](Self::broadcast_pending)): the signed transaction is durable first.
-    /// Only one batch is in flight at a time.
+    /// Only one batch is in flight at a time, except that a batch the node refused does not block
+    /// the next one.
     pub fn build_batch(&mut self, now: Timestamp) -> Result<Option<BatchInfo>, BatchError> {
-        if !store::inflight_batches(&self.db)?.is_empty() {
-            return Ok(None);
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
+        // One batch in flight at a time, except that a batch the node keeps refusing does not
+        // block the others (the wallet counts its inputs as spent, and a new batch spends only
+        // confirmed coins, so the two never conflict).
+        for batch in store::inflight_batches(&self.db)? {
+            if store::batch_broadcast(&self.db, batch)?.refusals == 0 {
+                return Ok(None);
+            }
         }
-        let pending = store::withdrawals_in(&self.db, WithdrawalStatus::Pending)?;
+        // Requests of an account flagged after they were made wait until it is cleared.
+        let flagged: HashSet<AccountId> = store::flagged(&self.db)?
+            .into_iter()
+            .map(|(a, _)| a)
+            .collect();
+        // Requests the wallet could not fund wait for their backoff to pass.
+        let deferred = store::deferred(&self.db)?;
+        let pending: Vec<WithdrawalView> =
+            store::withdrawals_in(&self.db, WithdrawalStatus::Pending)?
+                .into_iter()
+                .filter(|w| !flagged.contains(&w.account))
+                .filter(|w| {
+                    deferred
+                        .get(&w.id)
+                        .is_none_or(|(_, t)| *t <= now.as_millis())
+                })
+                .collect();
         let Some(oldest) = pending.first() else {
             return Ok(None);
         };
@@ -993,9 +1318,12 @@ impl CustodyService {
         if batch.is_empty() {
             return Ok(None);
         }
-        let budget = Amount(batch.iter().map(|w| w.fee.0).sum());
         let rate = self.fee_rate()?;
-        let mut psbt = self.build_psbt(&outputs, Ok(rate))?;
+        let Some((batch, outputs, psbt)) = self.fundable(batch, outputs, rate, now)? else {
+            return Ok(None); // none can be funded now: each was put off
+        };
+        let budget = Amount(batch.iter().map(|w| w.fee.0).sum());
+        let mut psbt = psbt;
         let fee = sats(psbt.fee().map_err(|e| BatchError::Build(e.to_string()))?);
         if fee > budget {
             // Capped: the flat fees pay the network fee, never more than each withdrawal's own.
@@ -1037,6 +1365,74 @@ impl CustodyService {
         }))
     }
 
+    /// The requests of a batch the wallet can pay: all of them when it can; otherwise, oldest
+    /// first, each one that still fits. One that does not is put off with a backoff (doubling
+    /// from the batch interval, at most a day) and, from its third skip, an alarm; an operator
+    /// may release it (`reject_withdrawal`). `None` when none fits.
+    #[allow(clippy::type_complexity)]
+    fn fundable(
+        &mut self,
+        batch: Vec<WithdrawalView>,
+        outputs: Vec<(ScriptBuf, bitcoin::Amount)>,
+        rate: FeeRate,
+        now: Timestamp,
+    ) -> Result<Option<(Vec<WithdrawalView>, Vec<(ScriptBuf, bitcoin::Amount)>, Psbt)>, BatchError>
+    {
+        match self.build_psbt(&outputs, Ok(rate)) {
+            Ok(psbt) => return Ok(Some((batch, outputs, psbt))),
+            Err(BatchError::InsufficientFunds(e)) => {
+                tracing::warn!(error = %e, "the wallet cannot fund the whole batch; trying each request")
+            }
+            Err(e) => return Err(e),
+        }
+        let mut kept = Vec::new();
+        let mut kept_out = Vec::new();
+        let mut last = None;
+        for (w, out) in batch.into_iter().zip(outputs) {
+            kept_out.push(out);
+            match self.build_psbt(&kept_out, Ok(rate)) {
+                Ok(psbt) => {
+                    kept.push(w);
+                    last = Some(psbt);
+                }
+                Err(BatchError::InsufficientFunds(e)) => {
+                    kept_out.pop();
+                    self.defer_unfundable(&w, &e, now)?;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(last.map(|psbt| (kept, kept_out, psbt)))
+    }
+
+    fn defer_unfundable(
+        &mut self,
+        w: &WithdrawalView,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), BatchError> {
+        let skips = store::deferred(&self.db)?.get(&w.id).map_or(0, |(s, _)| *s);
+        let interval_ms = u64::try_from(self.config.batch.interval.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1_000);
+        let backoff = interval_ms
+            .saturating_mul(1u64 << skips.min(20))
+            .min(DAY_MS);
+        let skips =
+            store::defer_withdrawal(&self.db, w.id, now.as_millis().saturating_add(backoff))?;
+        tracing::warn!(id = %w.id, amount = %w.amount, skips, backoff_ms = backoff, reason, "withdrawal cannot be funded now; skipped");
+        if skips >= 3 {
+            self.alarm(
+                "withdrawal_unfundable",
+                &format!("withdrawal {}", w.id),
+                &format!(
+                    "the wallet could not fund it {skips} times: {reason}; release it or add funds"
+                ),
+            )?;
+        }
+        Ok(())
+    }
+
     /// Broadcasts the newest transaction of every batch in flight that is not confirmed yet
     /// (again after a restart: bitcoind answers "already known" or "already in chain" when it has
     /// it). Returns how many were sent.
@@ -1054,14 +1450,40 @@ impl CustodyService {
             if confirmed {
                 continue;
             }
+            let state = store::batch_broadcast(&self.db, batch)?;
+            if state.refusals > 0 && now.as_millis() < state.retry_after_ms {
+                continue; // refused before: retried with a backoff
+            }
             let tx: Transaction = encode::deserialize(&latest.raw)
                 .map_err(|e| BatchError::Build(format!("stored batch transaction: {e}")))?;
             let rpc = self.connect().map_err(BatchError::Rpc)?;
             match rpc.client.send_raw_transaction(&tx) {
-                Ok(_) => sent += 1,
+                Ok(_) => {
+                    sent += 1;
+                    if state.refusals > 0 {
+                        store::batch_refused(&self.db, batch, None, 0)?;
+                    }
+                }
                 Err(e) if rpc_code(&e) == Some(RPC_VERIFY_ALREADY_IN_CHAIN) => {}
                 Err(e) if rpc_code(&e).is_some() => {
-                    tracing::warn!(batch, txid = %latest.txid, error = %e, "bitcoind refused the batch transaction");
+                    let msg = e.to_string();
+                    let backoff = 10_000u64
+                        .saturating_mul(1u64 << state.refusals.min(20))
+                        .min(60 * 60 * 1000);
+                    let refusals = store::batch_refused(
+                        &self.db,
+                        batch,
+                        Some(&msg),
+                        now.as_millis().saturating_add(backoff),
+                    )?;
+                    tracing::warn!(batch, txid = %latest.txid, error = %msg, refusals, "bitcoind refused the batch transaction; later batches go on");
+                    if refusals >= 3 {
+                        self.alarm(
+                            "batch_refused",
+                            &format!("batch {batch}"),
+                            &format!("bitcoind refused it {refusals} times: {msg}; bump its fee or investigate"),
+                        )?;
+                    }
                     continue;
                 }
                 Err(e) => {
@@ -1099,7 +1521,8 @@ impl CustodyService {
 
     /// Completes in the ledger the withdrawals of every batch whose transaction (the original or a
     /// fee bump) has the configured confirmations, each with its share of the fee actually paid.
-    pub fn process_withdrawals(&mut self, _now: Timestamp) -> Result<WithdrawalReport, BatchError> {
+    pub fn process_withdrawals(&mut self, now: Timestamp) -> Result<WithdrawalReport, BatchError> {
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
         let mut report = WithdrawalReport::default();
         let tip = self.tip_height();
         let required = self.config.withdrawal_confirmations.max(1);
@@ -1116,25 +1539,93 @@ impl CustodyService {
             let flat: Vec<Amount> = ws.iter().map(|w| w.fee).collect();
             let shares = split_fee(paid.fee, &flat);
             let mut done = Vec::with_capacity(ws.len());
+            let mut unresolved = false;
+            let mut alarmed = false;
             for (w, share) in ws.iter().zip(shares) {
                 if w.status == WithdrawalStatus::Completed {
                     continue;
                 }
-                match self.ledger.submit(Command::WithdrawComplete {
+                let answer = self.ledger.submit(Command::WithdrawComplete {
                     id: w.id,
                     network_fee: share,
-                }) {
-                    // UnknownWithdrawal: completed before a crash that came before our record.
-                    Ok(()) | Err(RejectCode::UnknownWithdrawal) => done.push((w.id, share)),
-                    Err(code) => return Err(BatchError::CompleteRejected { id: w.id, code }),
+                });
+                match answer {
+                    Ok(()) => done.push((w.id, share)),
+                    // Not held any more, or no answer: ask what became of it. Completed (before
+                    // a crash, or the lost answer) is done; released or never held is an alarm:
+                    // it was paid on chain and the ledger did not take it.
+                    Err(LedgerError::Rejected(RejectCode::UnknownWithdrawal))
+                    | Err(LedgerError::Unknown) => match self.ledger.withdrawal(w.id) {
+                        Ok(Some(rec))
+                            if Self::same(w, &rec) && rec.state == WithdrawalState::Completed =>
+                        {
+                            done.push((w.id, share))
+                        }
+                        Ok(Some(rec))
+                            if Self::same(w, &rec) && rec.state == WithdrawalState::Held =>
+                        {
+                            unresolved = true
+                        }
+                        Ok(other) => {
+                            let message = format!(
+                                "paid on chain by batch {batch} ({}), but the ledger's record is {other:?}",
+                                paid.txid
+                            );
+                            let subject = format!("withdrawal {}", w.id);
+                            self.alarm("withdrawal_not_completed", &subject, &message)?;
+                            report.alarms.push((w.id, message));
+                            alarmed = true;
+                        }
+                        Err(_) => unresolved = true,
+                    },
+                    Err(LedgerError::Rejected(code)) => {
+                        store::complete_batch(&mut self.db, batch, None, &done, false)?;
+                        return Err(BatchError::CompleteRejected { id: w.id, code });
+                    }
                 }
             }
-            store::complete_batch(&mut self.db, batch, paid.txid, &done)?;
-            tracing::info!(batch, txid = %paid.txid, fee = %paid.fee, withdrawals = done.len(), "batch confirmed; withdrawals completed");
+            if unresolved {
+                // Progress is kept; the batch stays in flight and the rest is asked next step.
+                store::complete_batch(&mut self.db, batch, None, &done, false)?;
+                tracing::warn!(
+                    batch,
+                    "batch completion unresolved (no ledger answer); retried"
+                );
+                report.completed.extend(done);
+                continue;
+            }
+            store::complete_batch(&mut self.db, batch, Some(paid.txid), &done, alarmed)?;
+            if alarmed {
+                tracing::error!(batch, txid = %paid.txid, "batch confirmed with withdrawals the ledger did not complete");
+            } else {
+                tracing::info!(batch, txid = %paid.txid, fee = %paid.fee, withdrawals = done.len(), "batch confirmed; withdrawals completed");
+            }
             report.batches_confirmed.push((batch, paid.txid));
             report.completed.extend(done);
         }
         Ok(report)
+    }
+
+    /// Every batch, newest first, with its transactions, withdrawals and broadcast state.
+    pub fn batches(&self) -> Result<Vec<BatchView>, BatchError> {
+        let mut out = Vec::new();
+        for b in store::all_batches(&self.db)? {
+            let txs = store::batch_txs(&self.db, b.id)?;
+            let ws = store::withdrawals_of_batch(&self.db, b.id)?;
+            out.push(BatchView {
+                id: b.id,
+                status: b.status,
+                created_ms: b.created_ms,
+                fee: txs.last().map_or(Amount::ZERO, |t| t.fee),
+                txids: txs.iter().map(|t| t.txid).collect(),
+                fee_budget: Amount(ws.iter().map(|w| w.fee.0).sum()),
+                withdrawals: ws.iter().map(|w| w.id).collect(),
+                confirmed_txid: b.confirmed_txid,
+                refusals: b.broadcast.refusals,
+                last_error: b.broadcast.last_error,
+            });
+        }
+        Ok(out)
     }
 
     /// Ids of batches in flight (signed, not yet completed), oldest first.
@@ -1182,6 +1673,9 @@ impl CustodyService {
                         reason: e.to_string(),
                     })?;
             builder.fee_rate(fee_rate);
+            // Added inputs (if the change cannot pay) are coins with the deposit confirmations
+            // only: a pending deposit is not ours to spend before it is credited.
+            builder.exclude_below_confirmations(self.config.deposit_confirmations.max(1));
             builder.finish().map_err(|e| BumpError::Build {
                 txid: replaced,
                 reason: e.to_string(),
@@ -1277,9 +1771,97 @@ impl CustodyService {
         Ok(report)
     }
 
-    /// One full step, in order: rebroadcast batches in flight, sync, credit deposits, complete
+    /// Two-sided reconciliation of the records, beyond the totals of [`reconcile`](Self::reconcile):
+    /// every credited deposit in this database is credited in the ledger (by its key) and every
+    /// deposit the ledger credited is recorded as credited here; every completed withdrawal is
+    /// paid by a confirmed transaction (the batch's, paying its address its amount) and completed
+    /// in the ledger with the same account and amounts. Each mismatch is reported by id and
+    /// raised as an alarm, even when the totals agree. One ledger query per record: an operator
+    /// command, not part of every step.
+    pub fn reconcile_records(&mut self) -> Result<RecordsReport, BatchError> {
+        let mut report = RecordsReport::default();
+        let mut found = Vec::new();
+        for d in store::deposits(&self.db)? {
+            let key = IdempotencyKey::outpoint(d.outpoint.txid.to_byte_array(), d.outpoint.vout);
+            let Ok(in_ledger) = self.ledger.credited(key) else {
+                report.unanswered += 1;
+                continue;
+            };
+            report.deposits_checked += 1;
+            let here = d.status != DepositStatus::Pending;
+            if here && !in_ledger {
+                found.push(RecordMismatch {
+                    kind: "deposit_missing_in_ledger",
+                    subject: format!("deposit {}", d.outpoint),
+                    detail: format!(
+                        "credited here ({} sat to account {}) but not in the ledger",
+                        d.amount, d.account
+                    ),
+                });
+            } else if !here && in_ledger {
+                found.push(RecordMismatch {
+                    kind: "deposit_not_recorded_credited",
+                    subject: format!("deposit {}", d.outpoint),
+                    detail: format!(
+                        "credited in the ledger but pending here ({} sat to account {})",
+                        d.amount, d.account
+                    ),
+                });
+            }
+        }
+        let tip = self.tip_height();
+        let batches: HashMap<u64, Option<Txid>> = store::all_batches(&self.db)?
+            .into_iter()
+            .map(|b| (b.id, b.confirmed_txid))
+            .collect();
+        for w in store::withdrawals_in(&self.db, WithdrawalStatus::Completed)? {
+            let subject = format!("withdrawal {}", w.id);
+            let script = Address::<NetworkUnchecked>::from_str(&w.address)
+                .ok()
+                .and_then(|a| a.require_network(self.config.network).ok())
+                .map(|a| a.script_pubkey());
+            let txid = w.batch_id.and_then(|b| batches.get(&b).copied().flatten());
+            let paid = txid.and_then(|t| self.wallet.get_tx(t)).is_some_and(|t| {
+                confirmations(&t.chain_position, tip) > 0
+                    && t.tx_node.tx.output.iter().any(|o| {
+                        Some(&o.script_pubkey) == script.as_ref() && sats(o.value) == w.amount
+                    })
+            });
+            if !paid {
+                found.push(RecordMismatch {
+                    kind: "withdrawal_not_confirmed",
+                    subject: subject.clone(),
+                    detail: format!(
+                        "completed, but no confirmed transaction pays {} sat to {} (batch {:?}, tx {:?})",
+                        w.amount, w.address, w.batch_id, txid
+                    ),
+                });
+            }
+            match self.ledger.withdrawal(w.id) {
+                Err(_) => report.unanswered += 1,
+                Ok(Some(rec))
+                    if Self::same(&w, &rec) && rec.state == WithdrawalState::Completed => {}
+                Ok(other) => found.push(RecordMismatch {
+                    kind: "withdrawal_ledger_mismatch",
+                    subject,
+                    detail: format!("completed here; the ledger's record is {other:?}"),
+                }),
+            }
+            report.withdrawals_checked += 1;
+        }
+        for m in &found {
+            self.alarm(m.kind, &m.subject, &m.detail)?;
+        }
+        report.mismatches = found;
+        Ok(report)
+    }
+
+    /// One full step, in order: resolve withdrawals whose ledger outcome is unknown, rebroadcast
+    /// batches in flight, sync, credit deposits, complete
     /// withdrawals, batch, reconcile.
     pub fn step(&mut self, now: Timestamp) -> Result<StepReport, StepError> {
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
+        let unresolved = self.resolve_withdrawals()?;
         self.broadcast_pending(now)?;
         let sync = self.sync_once(now)?;
         let deposits = self.process_deposits(now)?;
@@ -1292,6 +1874,7 @@ impl CustodyService {
             withdrawals,
             batch,
             reconciliation,
+            unresolved_withdrawals: unresolved,
         })
     }
 }

@@ -28,22 +28,32 @@ CREATE TABLE IF NOT EXISTS mediator_deposit (
 CREATE TABLE IF NOT EXISTS mediator_flagged_account (
     account INTEGER NOT NULL,
     reason TEXT NOT NULL,
-    at_ms INTEGER NOT NULL
+    at_ms INTEGER NOT NULL,
+    cleared_ms INTEGER
 );
 CREATE TABLE IF NOT EXISTS mediator_withdrawal (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     account INTEGER NOT NULL,
     address TEXT NOT NULL,
     amount_sat INTEGER NOT NULL,
     fee_sat INTEGER NOT NULL,
-    idempotency_key TEXT NOT NULL UNIQUE,
+    idempotency_key TEXT NOT NULL,
     status TEXT NOT NULL,
     reason TEXT,
     created_ms INTEGER NOT NULL,
     batch_id INTEGER,
-    network_fee_sat INTEGER
+    network_fee_sat INTEGER,
+    UNIQUE (account, idempotency_key)
 );
 CREATE INDEX IF NOT EXISTS mediator_withdrawal_status ON mediator_withdrawal(status);
+CREATE TABLE IF NOT EXISTS mediator_alarm (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    message TEXT NOT NULL,
+    at_ms INTEGER NOT NULL,
+    cleared_ms INTEGER
+);
 CREATE TABLE IF NOT EXISTS mediator_batch (
     id INTEGER PRIMARY KEY,
     status TEXT NOT NULL,
@@ -59,9 +69,83 @@ CREATE TABLE IF NOT EXISTS mediator_batch_tx (
 );
 ";
 
+/// The withdrawal table of databases made before ids came from AUTOINCREMENT and keys were per
+/// account: copied into the current schema in one transaction (ids kept; AUTOINCREMENT continues
+/// above the highest).
+const MIGRATE_WITHDRAWALS: &str = "
+BEGIN IMMEDIATE;
+CREATE TABLE mediator_withdrawal_v2 (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    account INTEGER NOT NULL,
+    address TEXT NOT NULL,
+    amount_sat INTEGER NOT NULL,
+    fee_sat INTEGER NOT NULL,
+    idempotency_key TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    created_ms INTEGER NOT NULL,
+    batch_id INTEGER,
+    network_fee_sat INTEGER,
+    UNIQUE (account, idempotency_key)
+);
+INSERT INTO mediator_withdrawal_v2 (id, account, address, amount_sat, fee_sat, idempotency_key,
+    status, reason, created_ms, batch_id, network_fee_sat)
+    SELECT id, account, address, amount_sat, fee_sat, idempotency_key, status, reason, created_ms,
+    batch_id, network_fee_sat FROM mediator_withdrawal;
+DROP TABLE mediator_withdrawal;
+ALTER TABLE mediator_withdrawal_v2 RENAME TO mediator_withdrawal;
+CREATE INDEX IF NOT EXISTS mediator_withdrawal_status ON mediator_withdrawal(status);
+COMMIT;
+";
+
 /// Creates the tables when missing.
 pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
     db.execute_batch(SCHEMA)?;
+    let withdrawal_sql: String = db.query_row(
+        "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'mediator_withdrawal'",
+        [],
+        |r| r.get(0),
+    )?;
+    // Columns added later: backoff of withdrawals and batches that could not go out.
+    for (table, column, decl) in [
+        ("mediator_withdrawal", "skips", "INTEGER NOT NULL DEFAULT 0"),
+        (
+            "mediator_withdrawal",
+            "retry_after_ms",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        ("mediator_batch", "refusals", "INTEGER NOT NULL DEFAULT 0"),
+        ("mediator_batch", "last_error", "TEXT"),
+        (
+            "mediator_batch",
+            "retry_after_ms",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+    ] {
+        let has: bool = db
+            .prepare(&format!(
+                "SELECT 1 FROM pragma_table_info('{table}') WHERE name = '{column}'"
+            ))?
+            .exists([])?;
+        if !has {
+            db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+        }
+    }
+    // Databases made before an operator could clear a flag.
+    let has_cleared: bool = db
+        .prepare(
+            "SELECT 1 FROM pragma_table_info('mediator_flagged_account') WHERE name = 'cleared_ms'",
+        )?
+        .exists([])?;
+    if !has_cleared {
+        db.execute_batch("ALTER TABLE mediator_flagged_account ADD COLUMN cleared_ms INTEGER")?;
+    }
+    if !withdrawal_sql.contains("AUTOINCREMENT") {
+        if let Err(e) = db.execute_batch(MIGRATE_WITHDRAWALS) {
+            let _ = db.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+    }
     // Databases made before addresses had a purpose: every address so far is a deposit address.
     let has_purpose: bool = db
         .prepare(
@@ -281,10 +365,25 @@ pub(crate) fn flag_account(
     Ok(())
 }
 
-/// Flagged accounts with their reasons.
+/// Clears every flag of an account. Returns how many there were.
+pub(crate) fn clear_flags(
+    db: &Connection,
+    account: AccountId,
+    now_ms: u64,
+) -> Result<usize, StoreError> {
+    Ok(db.execute(
+        "UPDATE mediator_flagged_account SET cleared_ms = ?2
+         WHERE account = ?1 AND cleared_ms IS NULL",
+        params![account.0, to_i64(now_ms)],
+    )?)
+}
+
+/// Flagged accounts (flags not cleared) with their reasons.
 pub(crate) fn flagged(db: &Connection) -> Result<Vec<(AccountId, String)>, StoreError> {
-    let mut st =
-        db.prepare_cached("SELECT account, reason FROM mediator_flagged_account ORDER BY rowid")?;
+    let mut st = db.prepare_cached(
+        "SELECT account, reason FROM mediator_flagged_account WHERE cleared_ms IS NULL
+         ORDER BY rowid",
+    )?;
     let rows = st.query_map([], |r| {
         Ok((AccountId(r.get::<_, u32>(0)?), r.get::<_, String>(1)?))
     })?;
@@ -310,6 +409,9 @@ pub enum WithdrawalStatus {
     Completed,
     /// Given back to the account; see its reason.
     Released,
+    /// A release was asked (reason recorded) and the ledger's answer is not known yet: never
+    /// batched; resolved by asking the ledger (retried every step).
+    Releasing,
 }
 
 impl WithdrawalStatus {
@@ -321,6 +423,7 @@ impl WithdrawalStatus {
             WithdrawalStatus::Batched => "batched",
             WithdrawalStatus::Completed => "completed",
             WithdrawalStatus::Released => "released",
+            WithdrawalStatus::Releasing => "releasing",
         }
     }
     fn parse(s: &str) -> Result<Self, StoreError> {
@@ -331,6 +434,7 @@ impl WithdrawalStatus {
             "batched" => WithdrawalStatus::Batched,
             "completed" => WithdrawalStatus::Completed,
             "released" => WithdrawalStatus::Released,
+            "releasing" => WithdrawalStatus::Releasing,
             _ => return Err(corrupt("withdrawal status")),
         })
     }
@@ -439,15 +543,16 @@ pub(crate) fn withdrawal(
         .next())
 }
 
-/// The withdrawal with this idempotency key.
+/// The account's withdrawal with this idempotency key (keys are per account).
 pub(crate) fn withdrawal_by_key(
     db: &Connection,
+    account: AccountId,
     key: &str,
 ) -> Result<Option<WithdrawalId>, StoreError> {
     let id: Option<i64> = db
         .query_row(
-            "SELECT id FROM mediator_withdrawal WHERE idempotency_key = ?1",
-            [key],
+            "SELECT id FROM mediator_withdrawal WHERE account = ?1 AND idempotency_key = ?2",
+            params![account.0, key],
             |r| r.get(0),
         )
         .optional()?;
@@ -490,7 +595,154 @@ pub(crate) fn withdrawn_since(
     Ok(Amount(to_u64(sum)?))
 }
 
-/// Inserts a new withdrawal in status `new` with the next id.
+/// Sum of amounts all accounts requested since `since_ms`, released ones excluded.
+pub(crate) fn withdrawn_since_all(db: &Connection, since_ms: u64) -> Result<Amount, StoreError> {
+    let sum: i64 = db.query_row(
+        "SELECT COALESCE(SUM(amount_sat), 0) FROM mediator_withdrawal
+         WHERE created_ms > ?1 AND status != 'released'",
+        [to_i64(since_ms)],
+        |r| r.get(0),
+    )?;
+    Ok(Amount(to_u64(sum)?))
+}
+
+/// Withdrawals put off by the batcher: id -> (times skipped, not before this time).
+pub(crate) fn deferred(
+    db: &Connection,
+) -> Result<std::collections::HashMap<WithdrawalId, (u32, u64)>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT id, skips, retry_after_ms FROM mediator_withdrawal
+         WHERE status = 'pending' AND skips > 0",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, u32>(1)?,
+            r.get::<_, i64>(2)?,
+        ))
+    })?;
+    let mut out = std::collections::HashMap::new();
+    for row in rows {
+        let (id, skips, after) = row?;
+        out.insert(WithdrawalId(to_u64(id)?), (skips, to_u64(after)?));
+    }
+    Ok(out)
+}
+
+/// Puts a pending withdrawal off until `retry_after_ms`; returns how often it was skipped.
+pub(crate) fn defer_withdrawal(
+    db: &Connection,
+    id: WithdrawalId,
+    retry_after_ms: u64,
+) -> Result<u32, StoreError> {
+    Ok(db.query_row(
+        "UPDATE mediator_withdrawal SET skips = skips + 1, retry_after_ms = ?2 WHERE id = ?1
+         RETURNING skips",
+        params![to_i64(id.0), to_i64(retry_after_ms)],
+        |r| r.get(0),
+    )?)
+}
+
+/// A batch's broadcast state: refusals by the node in a row, the last error, next attempt.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct BatchBroadcast {
+    pub refusals: u32,
+    pub last_error: Option<String>,
+    pub retry_after_ms: u64,
+}
+
+/// The broadcast state of a batch.
+pub(crate) fn batch_broadcast(db: &Connection, batch: u64) -> Result<BatchBroadcast, StoreError> {
+    let (refusals, last_error, after) = db.query_row(
+        "SELECT refusals, last_error, retry_after_ms FROM mediator_batch WHERE id = ?1",
+        [to_i64(batch)],
+        |r| {
+            Ok((
+                r.get::<_, u32>(0)?,
+                r.get::<_, Option<String>>(1)?,
+                r.get::<_, i64>(2)?,
+            ))
+        },
+    )?;
+    Ok(BatchBroadcast {
+        refusals,
+        last_error,
+        retry_after_ms: to_u64(after)?,
+    })
+}
+
+/// Records the node's refusal of a batch (or, with `None`, an accepted broadcast: the count is
+/// reset). Returns the refusals in a row.
+pub(crate) fn batch_refused(
+    db: &Connection,
+    batch: u64,
+    error: Option<&str>,
+    retry_after_ms: u64,
+) -> Result<u32, StoreError> {
+    Ok(match error {
+        Some(e) => db.query_row(
+            "UPDATE mediator_batch SET refusals = refusals + 1, last_error = ?2,
+             retry_after_ms = ?3 WHERE id = ?1 RETURNING refusals",
+            params![to_i64(batch), e, to_i64(retry_after_ms)],
+            |r| r.get(0),
+        )?,
+        None => {
+            db.execute(
+                "UPDATE mediator_batch SET refusals = 0, retry_after_ms = 0 WHERE id = ?1",
+                [to_i64(batch)],
+            )?;
+            0
+        }
+    })
+}
+
+/// A batch row: id, status (`inflight`, `confirmed`, `alarm`), created, confirmed txid,
+/// broadcast state.
+pub(crate) struct BatchRow {
+    pub id: u64,
+    pub status: String,
+    pub created_ms: u64,
+    pub confirmed_txid: Option<Txid>,
+    pub broadcast: BatchBroadcast,
+}
+
+/// All batches, newest first.
+pub(crate) fn all_batches(db: &Connection) -> Result<Vec<BatchRow>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT id, status, created_ms, confirmed_txid, refusals, last_error, retry_after_ms
+         FROM mediator_batch ORDER BY id DESC",
+    )?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, Option<String>>(3)?,
+            r.get::<_, u32>(4)?,
+            r.get::<_, Option<String>>(5)?,
+            r.get::<_, i64>(6)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, status, created, confirmed, refusals, last_error, after) = row?;
+        out.push(BatchRow {
+            id: to_u64(id)?,
+            status,
+            created_ms: to_u64(created)?,
+            confirmed_txid: confirmed.as_deref().map(txid).transpose()?,
+            broadcast: BatchBroadcast {
+                refusals,
+                last_error,
+                retry_after_ms: to_u64(after)?,
+            },
+        });
+    }
+    Ok(out)
+}
+
+/// Inserts a new withdrawal in status `new`. Its id comes from AUTOINCREMENT: never handed out
+/// again, even after the row is deleted (the ledger may know an id whose row is gone).
 pub(crate) fn insert_withdrawal(
     db: &mut Connection,
     account: AccountId,
@@ -500,19 +752,19 @@ pub(crate) fn insert_withdrawal(
     key: &str,
     now_ms: u64,
 ) -> Result<WithdrawalId, StoreError> {
-    let tx = db.transaction()?;
-    let next: i64 = tx.query_row(
-        "SELECT COALESCE(MAX(id), 0) + 1 FROM mediator_withdrawal",
-        [],
-        |r| r.get(0),
+    db.execute(
+        "INSERT INTO mediator_withdrawal (account, address, amount_sat, fee_sat, idempotency_key,
+         status, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'new', ?6)",
+        params![
+            account.0,
+            address,
+            to_i64(amount.0),
+            to_i64(fee.0),
+            key,
+            to_i64(now_ms)
+        ],
     )?;
-    tx.execute(
-        "INSERT INTO mediator_withdrawal (id, account, address, amount_sat, fee_sat, idempotency_key,
-         status, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'new', ?7)",
-        params![next, account.0, address, to_i64(amount.0), to_i64(fee.0), key, to_i64(now_ms)],
-    )?;
-    tx.commit()?;
-    Ok(WithdrawalId(to_u64(next)?))
+    Ok(WithdrawalId(to_u64(db.last_insert_rowid())?))
 }
 
 /// Deletes a withdrawal that never got its hold.
@@ -642,18 +894,28 @@ pub(crate) fn batch_txs(db: &Connection, batch: u64) -> Result<Vec<BatchTx>, Sto
 }
 
 /// Completes a batch: the confirmed transaction, and each withdrawal's network fee share. One
-/// SQLite transaction.
+/// SQLite transaction. With `alarm`, the batch is recorded as `alarm` instead of `confirmed`:
+/// confirmed on chain, but some of its withdrawals did not complete in the ledger (see the alarms).
+/// `confirmed` is `None` for partial progress: the listed withdrawals are completed and the batch
+/// stays in flight.
 pub(crate) fn complete_batch(
     db: &mut Connection,
     batch: u64,
-    confirmed: Txid,
+    confirmed: Option<Txid>,
     shares: &[(WithdrawalId, Amount)],
+    alarm: bool,
 ) -> Result<(), StoreError> {
     let tx = db.transaction()?;
-    tx.execute(
-        "UPDATE mediator_batch SET status = 'confirmed', confirmed_txid = ?2 WHERE id = ?1",
-        params![to_i64(batch), confirmed.to_string()],
-    )?;
+    if let Some(confirmed) = confirmed {
+        tx.execute(
+            "UPDATE mediator_batch SET status = ?3, confirmed_txid = ?2 WHERE id = ?1",
+            params![
+                to_i64(batch),
+                confirmed.to_string(),
+                if alarm { "alarm" } else { "confirmed" }
+            ],
+        )?;
+    }
     for (id, share) in shares {
         tx.execute(
             "UPDATE mediator_withdrawal SET status = 'completed', network_fee_sat = ?2 WHERE id = ?1",
@@ -662,6 +924,82 @@ pub(crate) fn complete_batch(
     }
     tx.commit()?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// Alarms
+
+/// Something an operator must look at: money that moved in one place and not in the other.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Alarm {
+    /// Id.
+    pub id: u64,
+    /// Stable kind, e.g. `withdrawal_not_completed`, `withdrawal_id_conflict`.
+    pub kind: String,
+    /// What it is about, e.g. `withdrawal 7`.
+    pub subject: String,
+    /// Details.
+    pub message: String,
+    /// When raised (the service's time at its last step), ms since the epoch.
+    pub at_ms: u64,
+    /// When an operator cleared it.
+    pub cleared_ms: Option<u64>,
+}
+
+/// Raises an alarm unless the same kind and subject is raised and not cleared. True when new.
+pub(crate) fn raise_alarm(
+    db: &Connection,
+    kind: &str,
+    subject: &str,
+    message: &str,
+    now_ms: u64,
+) -> Result<bool, StoreError> {
+    let n = db.execute(
+        "INSERT INTO mediator_alarm (kind, subject, message, at_ms)
+         SELECT ?1, ?2, ?3, ?4 WHERE NOT EXISTS (SELECT 1 FROM mediator_alarm
+             WHERE kind = ?1 AND subject = ?2 AND cleared_ms IS NULL)",
+        params![kind, subject, message, to_i64(now_ms)],
+    )?;
+    Ok(n == 1)
+}
+
+/// Clears an alarm (an operator dealt with it). False when there is no such alarm not cleared.
+pub(crate) fn clear_alarm(db: &Connection, id: u64, now_ms: u64) -> Result<bool, StoreError> {
+    Ok(db.execute(
+        "UPDATE mediator_alarm SET cleared_ms = ?2 WHERE id = ?1 AND cleared_ms IS NULL",
+        params![to_i64(id), to_i64(now_ms)],
+    )? == 1)
+}
+
+/// Alarms, oldest first; only those not cleared unless `all`.
+pub(crate) fn alarms(db: &Connection, all: bool) -> Result<Vec<Alarm>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT id, kind, subject, message, at_ms, cleared_ms FROM mediator_alarm
+         WHERE ?1 OR cleared_ms IS NULL ORDER BY id",
+    )?;
+    let rows = st.query_map([all], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, String>(1)?,
+            r.get::<_, String>(2)?,
+            r.get::<_, String>(3)?,
+            r.get::<_, i64>(4)?,
+            r.get::<_, Option<i64>>(5)?,
+        ))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, kind, subject, message, at, cleared) = row?;
+        out.push(Alarm {
+            id: to_u64(id)?,
+            kind,
+            subject,
+            message,
+            at_ms: to_u64(at)?,
+            cleared_ms: cleared.map(to_u64).transpose()?,
+        });
+    }
+    Ok(out)
 }
 
 #[cfg(test)]
@@ -690,5 +1028,57 @@ mod tests {
         .unwrap();
         assert_eq!(addresses_of(&db, AccountId(7)).unwrap(), vec!["old"]);
         assert_eq!(deposit_indexes(&db).unwrap().len(), 2);
+    }
+
+    #[test]
+    fn a_withdrawal_table_from_before_autoincrement_is_migrated_with_per_account_keys() {
+        let mut db = Connection::open_in_memory().unwrap();
+        db.execute_batch(
+            "CREATE TABLE mediator_withdrawal (
+                 id INTEGER PRIMARY KEY, account INTEGER NOT NULL, address TEXT NOT NULL,
+                 amount_sat INTEGER NOT NULL, fee_sat INTEGER NOT NULL,
+                 idempotency_key TEXT NOT NULL UNIQUE, status TEXT NOT NULL, reason TEXT,
+                 created_ms INTEGER NOT NULL, batch_id INTEGER, network_fee_sat INTEGER);
+             INSERT INTO mediator_withdrawal VALUES (1, 7, 'a', 5000, 10, 'k', 'pending', NULL, 1, NULL, NULL);
+             INSERT INTO mediator_withdrawal VALUES (2, 7, 'a', 6000, 10, 'j', 'new', NULL, 1, NULL, NULL);",
+        )
+        .unwrap();
+        init(&db).unwrap();
+        init(&db).unwrap(); // idempotent
+        assert_eq!(all_withdrawals(&db).unwrap().len(), 2, "rows kept");
+        // The highest id is deleted: AUTOINCREMENT still never hands it out again.
+        delete_new_withdrawal(&db, WithdrawalId(2)).unwrap();
+        let id =
+            insert_withdrawal(&mut db, AccountId(8), "b", Amount(1), Amount(1), "k", 2).unwrap();
+        assert_eq!(id, WithdrawalId(3));
+        // Keys are per account: account 8 may use "k"; account 7 may not use it twice.
+        assert_eq!(withdrawal_by_key(&db, AccountId(8), "k").unwrap(), Some(id));
+        assert_eq!(
+            withdrawal_by_key(&db, AccountId(7), "k").unwrap(),
+            Some(WithdrawalId(1))
+        );
+        assert!(
+            insert_withdrawal(&mut db, AccountId(7), "b", Amount(1), Amount(1), "k", 2).is_err()
+        );
+    }
+
+    #[test]
+    fn an_alarm_is_raised_once_until_cleared() {
+        let db = Connection::open_in_memory().unwrap();
+        init(&db).unwrap();
+        assert!(raise_alarm(&db, "kind", "withdrawal 1", "first", 5).unwrap());
+        assert!(!raise_alarm(&db, "kind", "withdrawal 1", "again", 6).unwrap());
+        assert!(raise_alarm(&db, "kind", "withdrawal 2", "other", 7).unwrap());
+        let a = alarms(&db, false).unwrap();
+        assert_eq!(a.len(), 2);
+        assert_eq!((a[0].message.as_str(), a[0].at_ms), ("first", 5));
+        assert!(clear_alarm(&db, a[0].id, 8).unwrap());
+        assert!(!clear_alarm(&db, a[0].id, 9).unwrap(), "cleared once");
+        assert_eq!(alarms(&db, false).unwrap().len(), 1);
+        assert_eq!(alarms(&db, true).unwrap()[0].cleared_ms, Some(8));
+        assert!(
+            raise_alarm(&db, "kind", "withdrawal 1", "back", 10).unwrap(),
+            "raised again"
+        );
     }
 }

@@ -9,8 +9,19 @@ use wallet::{CustodyConfig, CustodyService, Ledger, OpenError, RpcAuth, RpcConfi
 struct NoLedger;
 
 impl Ledger for NoLedger {
-    fn submit(&self, _: matching_engine::Command) -> Result<(), matching_engine::RejectCode> {
-        Err(matching_engine::RejectCode::UnknownAccount)
+    fn submit(&self, _: matching_engine::Command) -> Result<(), wallet::LedgerError> {
+        Err(wallet::LedgerError::Rejected(
+            matching_engine::RejectCode::UnknownAccount,
+        ))
+    }
+    fn withdrawal(
+        &self,
+        _: matching_engine::WithdrawalId,
+    ) -> Result<Option<matching_engine::Withdrawal>, wallet::LedgerError> {
+        Ok(None)
+    }
+    fn credited(&self, _: matching_engine::IdempotencyKey) -> Result<bool, wallet::LedgerError> {
+        Ok(false)
     }
     fn btc_liabilities(&self) -> matching_engine::units::Amount {
         matching_engine::units::Amount::ZERO
@@ -122,4 +133,19 @@ fn a_database_of_another_network_is_a_startup_error() {
         ),
         "{err:?}"
     );
+}
+
+/// Defect: a `wallet.tmp` left by a crash during the first start (before the rename) made every
+/// later start fail (`create_new`). No secret exists then, so nothing used the half-written one.
+#[test]
+fn a_stale_secret_temp_file_from_a_crashed_first_start_does_not_block_the_next() {
+    let dir = tempfile::tempdir().unwrap();
+    let tmp = dir.path().join(SECRET_FILE).with_extension("tmp");
+    std::fs::write(&tmp, b"half-written").unwrap();
+    let s = open(Network::Regtest, dir.path()).expect("starts despite the stale temp file");
+    drop(s);
+    assert!(!tmp.exists(), "the stale temp file is gone");
+    assert!(dir.path().join(SECRET_FILE).exists());
+    // And the secret it made is the one used from now on.
+    drop(open(Network::Regtest, dir.path()).unwrap());
 }

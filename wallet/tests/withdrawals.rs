@@ -3,6 +3,7 @@
 
 mod support;
 
+use bdk_bitcoind_rpc::bitcoincore_rpc::RpcApi;
 use bdk_wallet::bitcoin::{Address, FeeRate, Transaction};
 use matching_engine::units::{AccountId, Amount, WithdrawalId};
 use matching_engine::FEE_ACCOUNT;
@@ -611,4 +612,270 @@ fn mixed_scenario_reconciles_to_the_satoshi_at_every_stage() {
     );
     receiver.sync(&w.node);
     assert_eq!(receiver.balance(), 220_000);
+}
+
+/// Defect: a withdrawal released in the ledger (a release applied but answered busy) and then paid
+/// on chain got `UnknownWithdrawal` on completion, which was counted as done: the user was refunded
+/// and paid. It is an alarm, and the withdrawal is not marked completed.
+#[test]
+fn unknown_withdrawal_on_completion_is_an_alarm_not_success() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 1_000_000);
+    let mut receiver = Customer::new(13);
+    let paid = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 200_000, "paid"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let fine = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 100_000, "fine"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    assert_eq!(r.batch.unwrap().withdrawals, vec![paid.id, fine.id]);
+    // The ledger released `paid` behind custody's back (the lost answer of the old code).
+    w.ledger
+        .raw(matching_engine::Command::WithdrawRelease { id: paid.id })
+        .unwrap();
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    let status = |id| svc.withdrawal(id).unwrap().unwrap().status;
+    assert_ne!(
+        status(paid.id),
+        WithdrawalStatus::Completed,
+        "released in the ledger yet paid on chain: not a success"
+    );
+    assert_eq!(status(fine.id), WithdrawalStatus::Completed);
+    assert_eq!(r.withdrawals.completed.len(), 1);
+    assert_eq!(r.withdrawals.alarms.len(), 1, "{:?}", r.withdrawals.alarms);
+    assert_eq!(r.withdrawals.alarms[0].0, paid.id);
+    let alarms = svc.alarms(false).unwrap();
+    assert_eq!(alarms.len(), 1);
+    assert_eq!(alarms[0].kind, "withdrawal_not_completed");
+    assert!(
+        svc.batches_in_flight().unwrap().is_empty(),
+        "the confirmed batch does not block later ones"
+    );
+    assert!(r.reconciliation.shortfall, "the double payment shows");
+    // The completed one matches its confirmed transaction and the ledger's record.
+    let records = svc.reconcile_records().unwrap();
+    assert_eq!(records.withdrawals_checked, 1);
+    assert!(records.mismatches.is_empty(), "{records:?}");
+}
+
+/// Defect: one request the wallet could not fund failed the whole batch at every step, so nobody
+/// was paid. It is skipped with a backoff, alarmed from its third skip, and the operator may
+/// release it; the others are paid.
+#[test]
+fn an_unfundable_request_does_not_block_the_others() {
+    let mut w = World::new();
+    let mut c = config(&w);
+    c.withdrawal.approval_threshold = Amount(100 * 100_000_000);
+    c.withdrawal.daily_limit = Amount(100 * 100_000_000);
+    let (mut svc, alice) = funded(&w, c, 1_000_000);
+    // Bob's balance exists in the ledger only (more than the wallet holds).
+    let bob = w.ledger.create_account();
+    w.ledger
+        .raw(matching_engine::Command::Credit {
+            account: bob,
+            asset: matching_engine::config::BTC,
+            amount: Amount(10 * 100_000_000),
+            key: matching_engine::units::IdempotencyKey::reference("drift"),
+        })
+        .unwrap();
+    let mut receiver = Customer::new(14);
+    let big = svc
+        .request_withdrawal(
+            request(bob, &receiver.address(), 5 * 100_000_000, "big"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let small = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 100_000, "small"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let r = svc
+        .step(w.clock.advance(Duration::from_secs(61)))
+        .expect("the step goes on");
+    assert_eq!(r.batch.expect("a batch").withdrawals, vec![small.id]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        svc.withdrawal(small.id).unwrap().unwrap().status,
+        WithdrawalStatus::Completed
+    );
+    // Skipped twice more (with a growing backoff), then an alarm.
+    for secs in [61, 121] {
+        let r = svc
+            .step(w.clock.advance(Duration::from_secs(secs)))
+            .unwrap();
+        assert!(r.batch.is_none());
+    }
+    let alarms = svc.alarms(false).unwrap();
+    assert_eq!(alarms.len(), 1, "{alarms:?}");
+    assert_eq!(alarms[0].kind, "withdrawal_unfundable");
+    assert_eq!(alarms[0].subject, format!("withdrawal {}", big.id));
+    svc.reject_withdrawal(big.id, "cannot be funded").unwrap();
+    assert_eq!(w.ledger.btc(bob), (10 * 100_000_000, 0));
+}
+
+/// Defect: a batch the node refused stayed in flight and, one batch at a time, blocked every
+/// later withdrawal. Its rebroadcast backs off, it is alarmed from the third refusal, and later
+/// batches go on.
+#[test]
+fn a_batch_the_node_refuses_does_not_block_later_batches() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 1_000_000);
+    // A second coin, so that a second batch does not need the first one's change.
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(15);
+    customer.fund(&w.node, 1);
+    customer.pay(&w.node, &[(&addr, 1_000_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    let mut receiver = Customer::new(16);
+    svc.request_withdrawal(
+        request(alice, &receiver.address(), 100_000, "first"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let first = svc
+        .build_batch(w.clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .unwrap();
+    // The stored transaction goes bad (its signature no longer matches): the node refuses it.
+    let db = bdk_wallet::rusqlite::Connection::open(
+        w.dir.path().join("custody").join(wallet::DATABASE_FILE),
+    )
+    .unwrap();
+    let mut raw: Vec<u8> = db
+        .query_row(
+            "SELECT raw FROM mediator_batch_tx WHERE batch_id = ?1",
+            [first.id as i64],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let last = raw.len() - 1;
+    raw[last] ^= 1;
+    db.execute(
+        "UPDATE mediator_batch_tx SET raw = ?1 WHERE batch_id = ?2",
+        bdk_wallet::rusqlite::params![raw, first.id as i64],
+    )
+    .unwrap();
+    drop(db);
+    svc.step(w.clock.now()).unwrap();
+    assert!(w.node.mempool().is_empty(), "refused");
+
+    let second = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 200_000, "second"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("a later batch is not blocked");
+    assert_eq!(batch.withdrawals, vec![second.id]);
+    assert_eq!(w.node.mempool(), vec![batch.txid]);
+    for secs in [11, 21, 41] {
+        svc.step(w.clock.advance(Duration::from_secs(secs)))
+            .unwrap();
+    }
+    let alarms = svc.alarms(false).unwrap();
+    assert!(
+        alarms
+            .iter()
+            .any(|a| a.kind == "batch_refused" && a.subject == format!("batch {}", first.id)),
+        "{alarms:?}"
+    );
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        svc.withdrawal(second.id).unwrap().unwrap().status,
+        WithdrawalStatus::Completed
+    );
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 200_000);
+}
+
+/// Defect: a fee bump whose change could not pay the higher fee added any confirmed coin of the
+/// wallet, including a deposit still below the credit threshold (not ours to spend before it is
+/// credited).
+#[test]
+fn a_fee_bump_never_spends_a_deposit_below_the_credit_threshold() {
+    let mut w = World::new();
+    let mut c = config(&w);
+    c.deposit_confirmations = 2;
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(c);
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(18);
+    customer.fund(&w.node, 2);
+    customer.pay(&w.node, &[(&addr, 1_000_000)]);
+    w.node.mine(2);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(w.ledger.btc(alice), (1_000_000, 0));
+    // The ledger holds more for Alice than that one coin, so she may withdraw nearly all of it.
+    w.ledger
+        .raw(matching_engine::Command::Credit {
+            account: alice,
+            asset: matching_engine::config::BTC,
+            amount: Amount(100_000),
+            key: matching_engine::units::IdempotencyKey::reference("extra"),
+        })
+        .unwrap();
+    let mut receiver = Customer::new(17);
+    svc.request_withdrawal(
+        request(alice, &receiver.address(), 999_000, "all"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("batch");
+    // A deposit confirms once, in a block without the batch: below the 2 confirmations.
+    customer.sync(&w.node);
+    let pending = customer.pay(&w.node, &[(&addr, 500_000)]);
+    let _: serde_json::Value = w
+        .node
+        .rpc
+        .call(
+            "generateblock",
+            &[
+                receiver.address().to_string().into(),
+                serde_json::json!([pending.compute_txid().to_string()]),
+            ],
+        )
+        .unwrap();
+    svc.step(w.clock.now()).unwrap();
+    let d = svc.deposits(None).unwrap();
+    assert_eq!(
+        d.iter()
+            .find(|d| d.outpoint.txid == pending.compute_txid())
+            .map(|d| (d.status, d.confirmations)),
+        Some((wallet::DepositStatus::Pending, 1))
+    );
+    assert!(
+        w.node.mempool().contains(&batch.txid),
+        "batch still unconfirmed"
+    );
+    // 40 sat/vB stays within the flat fee, but the small change cannot pay it.
+    let r = svc.bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(40), w.clock.now());
+    if let Ok(txid) = &r {
+        let (tx, _) = svc.transaction(*txid).unwrap();
+        assert!(
+            tx.input
+                .iter()
+                .all(|i| i.previous_output.txid != pending.compute_txid()),
+            "the bump spent the deposit below the credit threshold"
+        );
+    }
+    assert!(
+        matches!(r, Err(BumpError::Build { .. })),
+        "no coin may pay it: {r:?}"
+    );
+    assert_eq!(svc.batch_txids(batch.id).unwrap().len(), 1);
 }

@@ -279,3 +279,83 @@ fn an_inconsistent_snapshot_is_refused_and_recovery_falls_back_to_the_previous_o
         r.state.check_invariants();
     }
 }
+
+/// Custody's lookup through the durable sequencer: answered after the batch is durable, with the
+/// engine's record; it does not advance `seq`, so it is never journaled, and recovery reaches
+/// the same state.
+#[test]
+fn withdrawal_status_query_is_answered_and_never_journaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = StoreConfig {
+        snapshot_every: 1_000,
+        snapshots_kept: 2,
+    };
+    let genesis = || Engine::new(EngineConfig::default()).unwrap();
+    let recovered = Store::open(dir.path(), config, genesis).unwrap();
+    let clock = StepClock {
+        next: Timestamp(1_000_000_000),
+        step: 1_000_000,
+    };
+    let seq = Sequencer::durable(recovered, clock, SequencerConfig::default()).unwrap();
+    let mut p = seq.producer();
+    p.submit_wait(Command::CreateAccount).unwrap();
+    p.submit_wait(Command::Credit {
+        account: AccountId(1),
+        asset: BTC,
+        amount: Amount(50_000),
+        key: IdempotencyKey::reference("fund"),
+    })
+    .unwrap();
+    let held = match p
+        .submit_wait(Command::WithdrawHold {
+            account: AccountId(1),
+            asset: BTC,
+            amount: Amount(10_000),
+            fee: Amount(500),
+            id: WithdrawalId(7),
+        })
+        .unwrap()
+        .outcome
+    {
+        Outcome::Accepted { seq, .. } => seq,
+        o => panic!("{o:?}"),
+    };
+    for (id, want) in [
+        (
+            7,
+            Some((AccountId(1), Amount(10_000), WithdrawalState::Held)),
+        ),
+        (8, None),
+    ] {
+        match p
+            .submit_wait(Command::WithdrawalStatus {
+                id: WithdrawalId(id),
+            })
+            .unwrap()
+            .outcome
+        {
+            Outcome::Accepted { seq, events } => {
+                assert_eq!(seq, held, "a query does not advance seq");
+                match events[..] {
+                    [Event::WithdrawalStatus { withdrawal, .. }] => assert_eq!(
+                        withdrawal.map(|w| (w.account, w.amount, w.state)),
+                        want,
+                        "record of {id}"
+                    ),
+                    ref other => panic!("{other:?}"),
+                }
+            }
+            o => panic!("{o:?}"),
+        }
+    }
+    drop(p);
+    let engine = seq.shutdown().unwrap();
+    assert_eq!(engine.seq(), held);
+    let again = Store::open(dir.path(), config, genesis).unwrap();
+    assert_eq!(
+        again.state.seq(),
+        held,
+        "nothing after the hold was journaled"
+    );
+    assert_eq!(again.state.state_hash(), engine.state_hash());
+}

@@ -12,12 +12,12 @@ use bdk_wallet::bitcoin::{
 use bdk_wallet::template::Bip84;
 use bdk_wallet::{KeychainKind, SignOptions, Wallet};
 use matching_engine::config::BTC;
-use matching_engine::units::{AccountId, Amount, Timestamp};
-use matching_engine::{Command, Engine, EngineConfig, Event, RejectCode};
+use matching_engine::units::{AccountId, Amount, Timestamp, WithdrawalId};
+use matching_engine::{Command, Engine, EngineConfig, Event, RejectCode, Withdrawal};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use wallet::{CustodyConfig, CustodyService, Ledger, RpcAuth, RpcConfig};
+use wallet::{CustodyConfig, CustodyService, Ledger, LedgerError, RpcAuth, RpcConfig};
 
 /// The bitcoind to test against: `BITCOIND_EXE`, else `bitcoind` on `PATH`.
 pub fn bitcoind_exe() -> String {
@@ -199,12 +199,27 @@ impl Customer {
 /// The real engine as the ledger, behind a mutex.
 pub struct EngineLedger {
     engine: Mutex<(Engine, u64)>,
+    faults: Mutex<std::collections::VecDeque<Fault>>,
+    lookups_fail: std::sync::atomic::AtomicBool,
+}
+
+/// How the next submissions answer (one fault per submission, in order; then normal again).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Fault {
+    /// Applies the command, then loses the answer: `Unknown` (the engine stopped after it).
+    ApplyThenUnknown,
+    /// Does not apply it and answers `Unknown` (taken, then lost before it ran).
+    LoseUnknown,
+    /// Not taken: `Rejected(EngineBusy)`.
+    Busy,
 }
 
 impl Default for EngineLedger {
     fn default() -> Self {
         Self {
             engine: Mutex::new((Engine::new(EngineConfig::default()).unwrap(), 0)),
+            faults: Mutex::new(Default::default()),
+            lookups_fail: Default::default(),
         }
     }
 }
@@ -244,9 +259,58 @@ impl EngineLedger {
     }
 }
 
+impl EngineLedger {
+    /// The next submission answers with `fault` (queued after earlier ones).
+    pub fn fault_next(&self, fault: Fault) {
+        self.faults.lock().unwrap().push_back(fault);
+    }
+
+    /// While set, [`Ledger::withdrawal`] answers `Unknown` (the engine is away).
+    pub fn fail_lookups(&self, fail: bool) {
+        self.lookups_fail
+            .store(fail, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The engine's record of a withdrawal.
+    pub fn record(&self, id: WithdrawalId) -> Option<Withdrawal> {
+        self.engine.lock().unwrap().0.withdrawal(id)
+    }
+}
+
 impl Ledger for EngineLedger {
-    fn submit(&self, cmd: Command) -> Result<(), RejectCode> {
-        self.apply(cmd).0
+    fn submit(&self, cmd: Command) -> Result<(), LedgerError> {
+        let fault = self.faults.lock().unwrap().pop_front();
+        match fault {
+            None => self.apply(cmd).0.map_err(LedgerError::Rejected),
+            Some(Fault::ApplyThenUnknown) => {
+                let _ = self.apply(cmd);
+                Err(LedgerError::Unknown)
+            }
+            Some(Fault::LoseUnknown) => Err(LedgerError::Unknown),
+            Some(Fault::Busy) => Err(LedgerError::Rejected(RejectCode::EngineBusy)),
+        }
+    }
+    fn withdrawal(&self, id: WithdrawalId) -> Result<Option<Withdrawal>, LedgerError> {
+        if self.lookups_fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LedgerError::Unknown);
+        }
+        let (r, events) = self.apply(Command::WithdrawalStatus { id });
+        r.map_err(LedgerError::Rejected)?;
+        match events.as_slice() {
+            [Event::WithdrawalStatus { withdrawal, .. }] => Ok(*withdrawal),
+            other => panic!("a query answers once: {other:?}"),
+        }
+    }
+    fn credited(&self, key: matching_engine::IdempotencyKey) -> Result<bool, LedgerError> {
+        if self.lookups_fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LedgerError::Unknown);
+        }
+        let (r, events) = self.apply(Command::CreditStatus { key });
+        r.map_err(LedgerError::Rejected)?;
+        match events.as_slice() {
+            [Event::CreditStatus { credited, .. }] => Ok(*credited),
+            other => panic!("a query answers once: {other:?}"),
+        }
     }
     fn btc_liabilities(&self) -> Amount {
         self.engine.lock().unwrap().0.asset_total(BTC)

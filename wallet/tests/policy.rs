@@ -1,0 +1,178 @@
+//! Withdrawal policy without a chain: idempotency keys per account, flagged accounts, approval by
+//! the running 24-hour total and the exchange-wide limit. No bitcoind needed.
+
+mod support;
+
+use bdk_wallet::bitcoin::Network;
+use matching_engine::config::BTC;
+use matching_engine::units::{AccountId, Amount, IdempotencyKey};
+use matching_engine::Command;
+use std::sync::Arc;
+use support::EngineLedger;
+use wallet::{
+    CustodyConfig, CustodyService, RpcAuth, RpcConfig, WithdrawalError, WithdrawalRequest,
+    WithdrawalStatus,
+};
+
+const ADDRESS: &str = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080";
+const FEE: u64 = 1_000;
+
+fn config(dir: &std::path::Path) -> CustodyConfig {
+    let rpc = RpcConfig {
+        url: "http://127.0.0.1:9".into(),
+        auth: RpcAuth::UserPass {
+            user: "u".into(),
+            password: "p".into(),
+        },
+    };
+    let mut c = CustodyConfig::new(Network::Regtest, dir, rpc);
+    c.withdrawal.flat_fee = Amount(FEE);
+    c.withdrawal.min_amount = Amount(1_000);
+    c
+}
+
+fn funded(ledger: &EngineLedger, sats: u64, key: &str) -> AccountId {
+    let a = ledger.create_account();
+    ledger
+        .raw(Command::Credit {
+            account: a,
+            asset: BTC,
+            amount: Amount(sats),
+            key: IdempotencyKey::reference(key),
+        })
+        .unwrap();
+    a
+}
+
+fn request(account: AccountId, amount: u64, key: &str) -> WithdrawalRequest {
+    WithdrawalRequest {
+        account,
+        address: ADDRESS.into(),
+        amount: Amount(amount),
+        idempotency_key: key.into(),
+    }
+}
+
+fn now() -> matching_engine::units::Timestamp {
+    wallet::system_now()
+}
+
+/// Defect: idempotency keys were global, so one account's `withdrawOrderId` blocked another's
+/// (and anyone could pre-empt a merchant's `refund-<invoice>-<n>`).
+#[test]
+fn idempotency_keys_are_per_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 100_000, "a");
+    let bob = funded(&ledger, 100_000, "b");
+    let mut svc = CustodyService::open(config(dir.path()), ledger.clone()).unwrap();
+    let a = svc
+        .request_withdrawal(request(alice, 10_000, "refund-inv1-1"), now())
+        .unwrap();
+    let b = svc
+        .request_withdrawal(request(bob, 10_000, "refund-inv1-1"), now())
+        .expect("another account's key does not block this one");
+    assert_ne!(a.id, b.id);
+    let again = svc.request_withdrawal(request(alice, 10_000, "refund-inv1-1"), now());
+    assert!(
+        matches!(again, Err(WithdrawalError::DuplicateKey { existing, .. }) if existing == a.id),
+        "{again:?}"
+    );
+}
+
+fn flag(dir: &std::path::Path, account: AccountId) {
+    let db = bdk_wallet::rusqlite::Connection::open(dir.join(wallet::DATABASE_FILE)).unwrap();
+    // What a reorg of a credited deposit records (see `deposits.rs` for the chain part).
+    db.execute(
+        "INSERT INTO mediator_flagged_account (account, reason, at_ms) VALUES (?1, 'reorg', 1)",
+        [account.0],
+    )
+    .unwrap();
+}
+
+/// Defect: an account flagged after a reorg could still withdraw.
+#[test]
+fn a_flagged_account_cannot_withdraw_until_an_operator_clears_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 100_000, "a");
+    let bob = funded(&ledger, 100_000, "b");
+    drop(CustodyService::open(config(dir.path()), ledger.clone()).unwrap());
+    flag(dir.path(), alice);
+    let mut svc = CustodyService::open(config(dir.path()), ledger.clone()).unwrap();
+    let r = svc.request_withdrawal(request(alice, 10_000, "k1"), now());
+    assert!(
+        matches!(r, Err(WithdrawalError::AccountFlagged(a)) if a == alice),
+        "{r:?}"
+    );
+    assert_eq!(ledger.btc(alice), (100_000, 0), "nothing held");
+    svc.request_withdrawal(request(bob, 10_000, "k1"), now())
+        .expect("other accounts are not affected");
+    assert_eq!(svc.flagged_accounts().unwrap().len(), 1);
+    svc.clear_flag(alice, now()).unwrap();
+    assert!(svc.flagged_accounts().unwrap().is_empty());
+    svc.request_withdrawal(request(alice, 10_000, "k1"), now())
+        .expect("cleared by the operator");
+    assert!(matches!(
+        svc.clear_flag(alice, now()),
+        Err(WithdrawalError::NotFlagged(_))
+    ));
+}
+
+/// Defect: approval looked at each request alone, so ten withdrawals of 0.9 BTC passed a 1 BTC
+/// threshold one by one. It is the running 24-hour total of the account that counts.
+#[test]
+fn approval_is_by_the_running_24_hour_total_of_the_account() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 1_000_000, "a");
+    let bob = funded(&ledger, 1_000_000, "b");
+    let mut c = config(dir.path());
+    c.withdrawal.approval_threshold = Amount(100_000);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let t0 = now();
+    let first = svc
+        .request_withdrawal(request(alice, 90_000, "k1"), t0)
+        .unwrap();
+    assert_eq!(first.status, WithdrawalStatus::Pending);
+    let second = svc
+        .request_withdrawal(request(alice, 90_000, "k2"), t0)
+        .unwrap();
+    assert_eq!(
+        second.status,
+        WithdrawalStatus::AwaitingApproval,
+        "180,000 in 24 hours passes the 100,000 threshold"
+    );
+    let other = svc
+        .request_withdrawal(request(bob, 90_000, "k1"), t0)
+        .unwrap();
+    assert_eq!(other.status, WithdrawalStatus::Pending, "per account");
+    // A day later the window has moved on.
+    let later = matching_engine::units::Timestamp::from_millis(t0.as_millis() + 86_400_001);
+    let third = svc
+        .request_withdrawal(request(alice, 90_000, "k3"), later)
+        .unwrap();
+    assert_eq!(third.status, WithdrawalStatus::Pending);
+}
+
+/// The exchange-wide 24-hour limit of the hot wallet: past it, every request waits for an
+/// operator's approval (whoever makes it).
+#[test]
+fn past_the_exchange_wide_24_hour_limit_requests_wait_for_approval() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 1_000_000, "a");
+    let bob = funded(&ledger, 1_000_000, "b");
+    let mut c = config(dir.path());
+    c.withdrawal.hot_wallet_daily_limit = Amount(150_000);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let a = svc
+        .request_withdrawal(request(alice, 100_000, "k1"), now())
+        .unwrap();
+    assert_eq!(a.status, WithdrawalStatus::Pending);
+    let b = svc
+        .request_withdrawal(request(bob, 100_000, "k1"), now())
+        .unwrap();
+    assert_eq!(b.status, WithdrawalStatus::AwaitingApproval);
+    svc.approve_withdrawal(b.id).unwrap();
+}

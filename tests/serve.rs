@@ -410,7 +410,7 @@ fn check_history(
     check_each: &[Acked],
     funded: &[(u64, u64)],
 ) {
-    let metrics = http_get(s.addr, "/metrics");
+    let metrics = http_get(s.admin_addr, "/metrics");
     assert!(
         metrics.contains("\nmediator_history_gap_commands 0\n"),
         "the history misses commands: {}",

@@ -3,59 +3,11 @@
 
 mod support;
 
-use bdk_wallet::bitcoin::Network;
-use matching_engine::config::BTC;
-use matching_engine::units::{AccountId, Amount, IdempotencyKey};
-use matching_engine::Command;
+use matching_engine::units::{AccountId, Amount};
 use std::sync::Arc;
+use support::offline::{config, funded, now, request};
 use support::EngineLedger;
-use wallet::{
-    CustodyConfig, CustodyService, RpcAuth, RpcConfig, WithdrawalError, WithdrawalRequest,
-    WithdrawalStatus,
-};
-
-const ADDRESS: &str = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080";
-const FEE: u64 = 1_000;
-
-fn config(dir: &std::path::Path) -> CustodyConfig {
-    let rpc = RpcConfig {
-        url: "http://127.0.0.1:9".into(),
-        auth: RpcAuth::UserPass {
-            user: "u".into(),
-            password: "p".into(),
-        },
-    };
-    let mut c = CustodyConfig::new(Network::Regtest, dir, rpc);
-    c.withdrawal.flat_fee = Amount(FEE);
-    c.withdrawal.min_amount = Amount(1_000);
-    c
-}
-
-fn funded(ledger: &EngineLedger, sats: u64, key: &str) -> AccountId {
-    let a = ledger.create_account();
-    ledger
-        .raw(Command::Credit {
-            account: a,
-            asset: BTC,
-            amount: Amount(sats),
-            key: IdempotencyKey::reference(key),
-        })
-        .unwrap();
-    a
-}
-
-fn request(account: AccountId, amount: u64, key: &str) -> WithdrawalRequest {
-    WithdrawalRequest {
-        account,
-        address: ADDRESS.into(),
-        amount: Amount(amount),
-        idempotency_key: key.into(),
-    }
-}
-
-fn now() -> matching_engine::units::Timestamp {
-    wallet::system_now()
-}
+use wallet::{CustodyService, WithdrawalError, WithdrawalStatus};
 
 /// Defect: idempotency keys were global, so one account's `withdrawOrderId` blocked another's
 /// (and anyone could pre-empt a merchant's `refund-<invoice>-<n>`).

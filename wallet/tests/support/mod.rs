@@ -2,6 +2,8 @@
 //! real matching engine as the ledger.
 #![allow(dead_code)]
 
+pub mod offline;
+
 use bdk_bitcoind_rpc::bitcoincore_rpc::{Auth, Client, RpcApi};
 use bdk_bitcoind_rpc::Emitter;
 use bdk_wallet::bitcoin::bip32::Xpriv;

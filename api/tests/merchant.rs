@@ -599,6 +599,49 @@ async fn usd_invoice_with_a_stale_last_trade_is_refused() {
     assert_eq!(m.count(), 0);
 }
 
+/// With an operator index (a file), a market price too far from it, or an index that is missing
+/// or unreadable, is `-1157`; near it, the invoice is created at the market's reference.
+#[tokio::test]
+async fn usd_invoice_is_checked_against_the_operators_index() {
+    let index_dir = tempfile::tempdir().unwrap();
+    let file = index_dir.path().join("btcusd.txt");
+    let mut merchant = common::test_merchant_config();
+    merchant.price.index = Some(api::merchant::price::IndexSource::File(file.clone()));
+    let h = Harness::with_config(api::ApiConfig {
+        orders_per_10s: 1_000_000,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        merchant,
+        ..api::ApiConfig::default()
+    });
+    let m = setup_on(h).await;
+    market(&m.h, "49900", "50000", "1").await;
+    let create = || async {
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice",
+            "amount=12.50&currency=USD",
+            &m.key,
+        )
+        .await
+    };
+    let r = create().await;
+    assert_eq!(r.code(), -1157, "no index file: {}", r.json);
+    assert!(r.msg().contains("index"), "{}", r.msg());
+    std::fs::write(&file, "not a price\n").unwrap();
+    assert_eq!(create().await.code(), -1157, "unreadable index");
+    std::fs::write(&file, "45000.00\n").unwrap();
+    let r = create().await;
+    assert_eq!(r.code(), -1157, "11 % from the index: {}", r.json);
+    assert!(r.msg().contains("from the external index"), "{}", r.msg());
+    assert_eq!(m.count(), 0);
+    std::fs::write(&file, "49500.5\n").unwrap();
+    let r = create().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(s(&r.json, "rate"), "50000");
+    assert_eq!(m.count(), 1);
+}
+
 /// Regression (issue 8 §4): conversion was a market sell into whatever bid there was. Now it is
 /// a limit IOC sell at the reference less 1 % (the default slippage): below that nothing is
 /// sold and the next tick tries again.

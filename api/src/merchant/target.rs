@@ -71,13 +71,13 @@ impl TargetPolicy {
 /// A resolver for the HTTP client that answers the checked addresses for any name: the client
 /// can connect nowhere else, whatever the name resolves to by then.
 #[derive(Debug, Clone)]
-pub struct Pinned(pub Arc<[SocketAddr]>);
+pub struct Pinned(pub Vec<SocketAddr>);
 
 impl reqwest::dns::Resolve for Pinned {
     fn resolve(&self, _name: reqwest::dns::Name) -> reqwest::dns::Resolving {
         let addrs = self.0.clone();
         Box::pin(async move {
-            let it: reqwest::dns::Addrs = Box::new(addrs.to_vec().into_iter());
+            let it: reqwest::dns::Addrs = Box::new(addrs.into_iter());
             Ok(it)
         })
     }

@@ -939,7 +939,7 @@ async fn send(target: Target, secret: &[u8], d: &Due, timeout: Duration) -> Outc
         .user_agent(USER_AGENT)
         .redirect(reqwest::redirect::Policy::none())
         .no_proxy()
-        .dns_resolver(Arc::new(Pinned(target.addrs.into())))
+        .dns_resolver(Arc::new(Pinned(target.addrs)))
         .timeout(timeout)
         .connect_timeout(timeout)
         .build();

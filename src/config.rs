@@ -38,6 +38,17 @@
 //! [checkout]
 //! frame_ancestors = "'self' https://shop.example.com"   # who may embed checkout/POS pages
 //!
+//! [merchant]                       # api/README.md, "Webhooks" and "Merchant payments"
+//! allow_private_webhooks = false   # true: webhooks may go to internal addresses (own network, tests)
+//! redeliveries_per_min = 10        # webhook redeliver calls per merchant per minute
+//! price_max_trade_age_ms = 300000  # a USD invoice needs a trade (two accounts) this recent
+//! price_max_spread_bps = 200       # ... a book no wider than this ...
+//! price_min_depth_sat = 1000000    # ... holding this much a side within that band
+//! conversion_slippage_bps = 100    # conversions sell no lower than the reference less this
+//! price_index_file = "/var/lib/mediator/btcusd.txt"   # or price_index_url: one decimal price
+//! price_index_max_deviation_bps = 200
+//! price_index_max_age_ms = 300000
+//!
 //! [trusted_proxy]                  # behind a reverse proxy: whose header names the client
 //! header = "x-forwarded-for"       # the last address in it is the one the proxy saw
 //! addresses = ["127.0.0.1"]        # the proxy's own addresses; anyone else's header is ignored
@@ -194,6 +205,129 @@ impl LimitKnobs {
     }
 }
 
+/// Merchant payments (`[merchant]`; flags `--allow-private-webhooks` ..., environment
+/// `MEDIATOR_ALLOW_PRIVATE_WEBHOOKS=1` ...). Unset keys keep [`api::merchant::MerchantConfig`]'s
+/// defaults; api/README.md ("Webhooks", "Merchant payments") describes each.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq, clap::Args)]
+#[serde(deny_unknown_fields)]
+pub struct MerchantKnobs {
+    /// Let webhooks go to loopback, private and other internal addresses (a shop's own
+    /// network, tests) [default: false].
+    #[arg(
+        long,
+        env = "MEDIATOR_ALLOW_PRIVATE_WEBHOOKS",
+        value_parser = clap::builder::BoolishValueParser::new(),
+        num_args = 0..=1,
+        default_missing_value = "true"
+    )]
+    pub allow_private_webhooks: Option<bool>,
+    /// Webhook redeliver calls per merchant per minute [default: 10].
+    #[arg(long, env = "MEDIATOR_REDELIVERIES_PER_MIN")]
+    pub redeliveries_per_min: Option<u64>,
+    /// Oldest last trade that prices a quote-currency invoice, ms [default: 300000].
+    #[arg(long, env = "MEDIATOR_PRICE_MAX_TRADE_AGE_MS")]
+    pub price_max_trade_age_ms: Option<u64>,
+    /// Widest book spread that still gives a price, basis points [default: 200].
+    #[arg(long, env = "MEDIATOR_PRICE_MAX_SPREAD_BPS")]
+    pub price_max_spread_bps: Option<u64>,
+    /// Least depth a side within the spread band, satoshis [default: 1000000].
+    #[arg(long, env = "MEDIATOR_PRICE_MIN_DEPTH_SAT")]
+    pub price_min_depth_sat: Option<u64>,
+    /// How far below the reference a conversion may sell, basis points [default: 100].
+    #[arg(long, env = "MEDIATOR_CONVERSION_SLIPPAGE_BPS")]
+    pub conversion_slippage_bps: Option<u64>,
+    /// A file holding the operator's external BTC price (one decimal number) [default: none].
+    #[arg(long, env = "MEDIATOR_PRICE_INDEX_FILE")]
+    pub price_index_file: Option<PathBuf>,
+    /// An http(s) URL answering the operator's external BTC price [default: none].
+    #[arg(long, env = "MEDIATOR_PRICE_INDEX_URL")]
+    pub price_index_url: Option<String>,
+    /// Largest distance from the external index, basis points [default: 200].
+    #[arg(long, env = "MEDIATOR_PRICE_INDEX_MAX_DEVIATION_BPS")]
+    pub price_index_max_deviation_bps: Option<u64>,
+    /// Oldest index file that is used, ms [default: 300000].
+    #[arg(long, env = "MEDIATOR_PRICE_INDEX_MAX_AGE_MS")]
+    pub price_index_max_age_ms: Option<u64>,
+}
+
+impl MerchantKnobs {
+    /// `self`'s keys, then `under`'s.
+    fn or(self, under: Self) -> Self {
+        Self {
+            allow_private_webhooks: self.allow_private_webhooks.or(under.allow_private_webhooks),
+            redeliveries_per_min: self.redeliveries_per_min.or(under.redeliveries_per_min),
+            price_max_trade_age_ms: self.price_max_trade_age_ms.or(under.price_max_trade_age_ms),
+            price_max_spread_bps: self.price_max_spread_bps.or(under.price_max_spread_bps),
+            price_min_depth_sat: self.price_min_depth_sat.or(under.price_min_depth_sat),
+            conversion_slippage_bps: self
+                .conversion_slippage_bps
+                .or(under.conversion_slippage_bps),
+            price_index_file: self.price_index_file.or(under.price_index_file),
+            price_index_url: self.price_index_url.or(under.price_index_url),
+            price_index_max_deviation_bps: self
+                .price_index_max_deviation_bps
+                .or(under.price_index_max_deviation_bps),
+            price_index_max_age_ms: self.price_index_max_age_ms.or(under.price_index_max_age_ms),
+        }
+    }
+
+    /// Refuses values that would make every price or every redelivery impossible, or mean
+    /// nothing.
+    fn check(&self) -> anyhow::Result<()> {
+        if self.redeliveries_per_min == Some(0) {
+            bail!("merchant.redeliveries_per_min must be at least 1");
+        }
+        if self.price_max_trade_age_ms == Some(0) {
+            bail!("merchant.price_max_trade_age_ms must be at least 1");
+        }
+        for (name, v) in [
+            ("price_max_spread_bps", self.price_max_spread_bps),
+            ("conversion_slippage_bps", self.conversion_slippage_bps),
+            (
+                "price_index_max_deviation_bps",
+                self.price_index_max_deviation_bps,
+            ),
+        ] {
+            if v.is_some_and(|v| v >= 10_000) {
+                bail!("merchant.{name} must be below 10000 (100 %)");
+            }
+        }
+        if self.price_index_file.is_some() && self.price_index_url.is_some() {
+            bail!("merchant: set price_index_file or price_index_url, not both");
+        }
+        if let Some(u) = &self.price_index_url {
+            if !(u.starts_with("https://") || u.starts_with("http://")) {
+                bail!("merchant.price_index_url must be an http(s) URL, got {u:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Sets the keys that are set on `api`.
+    pub fn apply(&self, api: &mut api::ApiConfig) {
+        let m = &mut api.merchant;
+        if let Some(v) = self.allow_private_webhooks {
+            m.webhook_targets.allow_private = v;
+        }
+        m.redeliveries_per_min = self.redeliveries_per_min.unwrap_or(m.redeliveries_per_min);
+        let p = &mut m.price;
+        p.max_trade_age_ms = self.price_max_trade_age_ms.unwrap_or(p.max_trade_age_ms);
+        p.max_spread_bps = self.price_max_spread_bps.unwrap_or(p.max_spread_bps);
+        p.min_depth_sat = self.price_min_depth_sat.unwrap_or(p.min_depth_sat);
+        p.slippage_bps = self.conversion_slippage_bps.unwrap_or(p.slippage_bps);
+        p.index_max_deviation_bps = self
+            .price_index_max_deviation_bps
+            .unwrap_or(p.index_max_deviation_bps);
+        p.index_max_age_ms = self.price_index_max_age_ms.unwrap_or(p.index_max_age_ms);
+        if let Some(f) = &self.price_index_file {
+            p.index = Some(api::merchant::price::IndexSource::File(f.clone()));
+        }
+        if let Some(u) = &self.price_index_url {
+            p.index = Some(api::merchant::price::IndexSource::Url(u.clone()));
+        }
+    }
+}
+
 /// The checkout and point-of-sale pages.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -241,6 +375,9 @@ pub struct FileConfig {
     /// Reverse proxy.
     #[serde(default)]
     pub trusted_proxy: TrustedProxyKnobs,
+    /// Merchant payments: webhook targets, redeliveries, the reference price.
+    #[serde(default)]
+    pub merchant: MerchantKnobs,
 }
 
 impl FileConfig {
@@ -277,6 +414,8 @@ pub struct ServeConfig {
     /// Connection and stream limits (unset: the API's defaults); apply with
     /// [`LimitKnobs::apply`].
     pub limits: LimitKnobs,
+    /// Merchant settings (unset: the API's defaults); apply with [`MerchantKnobs::apply`].
+    pub merchant: MerchantKnobs,
 }
 
 /// Parses a network name.
@@ -323,6 +462,8 @@ impl ServeConfig {
         };
         let limits = over.limits.or(file.limits);
         limits.check()?;
+        let merchant = over.merchant.or(file.merchant);
+        merchant.check()?;
         let c = over.custody;
         let f = file.custody;
         let listen = over
@@ -397,6 +538,7 @@ impl ServeConfig {
             public_url,
             bitcoind,
             limits,
+            merchant,
             custody: CustodyKnobs {
                 deposit_confirmations: c.deposit_confirmations.or(f.deposit_confirmations),
                 poll_interval_ms: c.poll_interval_ms.or(f.poll_interval_ms),
@@ -504,6 +646,82 @@ mod tests {
     }
 
     #[test]
+    fn merchant_keys_come_from_defaults_then_file_then_flags() {
+        let d = ServeConfig::resolve(FileConfig::default(), FileConfig::default()).unwrap();
+        let mut api = api::ApiConfig::default();
+        d.merchant.apply(&mut api);
+        assert!(
+            !api.merchant.webhook_targets.allow_private,
+            "private webhook targets are off by default"
+        );
+        assert_eq!(
+            api.merchant.price,
+            api::merchant::price::PriceLimits::default()
+        );
+        let file: FileConfig = toml::from_str(
+            "[merchant]\nallow_private_webhooks = true\nprice_max_spread_bps = 50\nprice_index_file = \"/x/btcusd.txt\"\nredeliveries_per_min = 3\n",
+        )
+        .unwrap();
+        let over = FileConfig {
+            merchant: MerchantKnobs {
+                price_max_spread_bps: Some(75),
+                conversion_slippage_bps: Some(30),
+                ..MerchantKnobs::default()
+            },
+            ..FileConfig::default()
+        };
+        let c = ServeConfig::resolve(file, over).unwrap();
+        let mut api = api::ApiConfig::default();
+        c.merchant.apply(&mut api);
+        let m = &api.merchant;
+        assert!(m.webhook_targets.allow_private, "from the file");
+        assert_eq!(m.redeliveries_per_min, 3);
+        assert_eq!(m.price.max_spread_bps, 75, "flags over the file");
+        assert_eq!(m.price.slippage_bps, 30);
+        assert_eq!(
+            m.price.index,
+            Some(api::merchant::price::IndexSource::File(
+                "/x/btcusd.txt".into()
+            ))
+        );
+        assert_eq!(
+            m.price.max_trade_age_ms,
+            api::merchant::price::PriceLimits::default().max_trade_age_ms,
+            "default kept"
+        );
+    }
+
+    #[test]
+    fn the_environment_switch_allows_private_webhooks() {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            merchant: MerchantKnobs,
+        }
+        for (args, want) in [
+            (vec!["x"], None),
+            (vec!["x", "--allow-private-webhooks"], Some(true)),
+            (vec!["x", "--allow-private-webhooks=1"], Some(true)),
+            (vec!["x", "--allow-private-webhooks=false"], Some(false)),
+        ] {
+            let c = Cli::try_parse_from(&args).unwrap();
+            assert_eq!(c.merchant.allow_private_webhooks, want, "{args:?}");
+        }
+        // MEDIATOR_ALLOW_PRIVATE_WEBHOOKS=1 reaches the same argument (clap reads the
+        // environment for it); checked through the value parser clap uses for it.
+        let cmd = <Cli as clap::CommandFactory>::command();
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_id() == "allow_private_webhooks")
+            .unwrap();
+        assert_eq!(
+            arg.get_env().and_then(|e| e.to_str()),
+            Some("MEDIATOR_ALLOW_PRIVATE_WEBHOOKS")
+        );
+    }
+
+    #[test]
     fn bad_configurations_are_clear_errors() {
         let mainnet = FileConfig {
             network: Some("bitcoin".into()),
@@ -555,6 +773,22 @@ mod tests {
             ),
             ("[checkout]\nframe_ancestors = \"\"\n", "frame_ancestors"),
             ("[trusted_proxy]\nheader = \"x-real-ip\"\n", "trusted_proxy"),
+            (
+                "[merchant]\nredeliveries_per_min = 0\n",
+                "redeliveries_per_min",
+            ),
+            (
+                "[merchant]\nconversion_slippage_bps = 10000\n",
+                "conversion_slippage_bps",
+            ),
+            (
+                "[merchant]\nprice_index_file = \"a\"\nprice_index_url = \"https://x\"\n",
+                "not both",
+            ),
+            (
+                "[merchant]\nprice_index_url = \"file:///etc/passwd\"\n",
+                "price_index_url",
+            ),
             (
                 "[trusted_proxy]\nheader = \"x real ip\"\naddresses = [\"10.0.0.1\"]\n",
                 "header",

@@ -266,6 +266,9 @@ struct ServeArgs {
     /// Connection and stream limits.
     #[command(flatten)]
     limits: config::LimitKnobs,
+    /// Merchant payments: webhook targets, redeliveries, the reference price.
+    #[command(flatten)]
+    merchant: config::MerchantKnobs,
 }
 
 fn main() -> ExitCode {
@@ -326,6 +329,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     ..CustodyKnobs::default()
                 },
                 limits: a.limits,
+                merchant: a.merchant,
             };
             serve::run(ServeConfig::resolve(file, over)?)
         }

@@ -69,6 +69,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let mut node_cfg = api::NodeConfig::default();
     node_cfg.api.public_url = Some(cfg.public_url.clone());
     cfg.limits.apply(&mut node_cfg.api);
+    cfg.merchant.apply(&mut node_cfg.api);
     node_cfg.api.frame_ancestors = cfg.frame_ancestors.clone();
     node_cfg.api.trusted_proxy = cfg.trusted_proxy.clone();
     let node = api::start_node(&cfg.data_dir, node_cfg)?;

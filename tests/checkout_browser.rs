@@ -86,31 +86,36 @@ fn make_usd_price(s: &Server) {
         Api::new(s, &key(s, &buyer, "read,trade")),
     );
     s.admin(&["regtest", "fund", &seller]);
-    s.admin(&["credit", &buyer, "USD", "1000", "--reference", "price-usd"]);
+    s.admin(&["credit", &buyer, "USD", "2000", "--reference", "price-usd"]);
     let deadline = std::time::Instant::now() + CHAIN;
-    while free_btc(&sk) < 1_000_000 {
+    while free_btc(&sk) < 2_000_000 {
         assert!(
             std::time::Instant::now() < deadline,
             "the seller's deposit was not credited"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let order = |side: &'static str| {
+    // A USD invoice needs a trade between two accounts inside a deep, narrow book (the
+    // reference price, api/README.md): 0.02 BTC asked at 50,000, half of it bought, and 0.01
+    // BTC bid at 49,900.
+    let order = |side: &'static str, quantity: &'static str, price: &'static str| {
         vec![
             ("symbol", "BTCUSD"),
             ("type", "LIMIT"),
             ("timeInForce", "GTC"),
             ("side", side),
-            ("quantity", "0.01"),
-            ("price", "50000"),
+            ("quantity", quantity),
+            ("price", price),
         ]
     };
     assert_eq!(
-        sk.call("POST", "/api/v3/order", &order("SELL"))["status"],
+        sk.call("POST", "/api/v3/order", &order("SELL", "0.02", "50000"))["status"],
         "NEW"
     );
-    let r = bk.call("POST", "/api/v3/order", &order("BUY"));
+    let r = bk.call("POST", "/api/v3/order", &order("BUY", "0.01", "50000"));
     assert_eq!(r["status"], "FILLED", "{r}");
+    let r = bk.call("POST", "/api/v3/order", &order("BUY", "0.01", "49900"));
+    assert_eq!(r["status"], "NEW", "{r}");
 }
 
 /// The free BTC balance, in satoshis.

@@ -75,6 +75,9 @@ pub struct ApiConfig {
     /// Behind a reverse proxy: whose header gives the client address ([`crate::access`]).
     /// `None`: the connection's peer address, headers ignored.
     pub trusted_proxy: Option<crate::access::TrustedProxy>,
+    /// Merchant payments: webhook targets, the redeliver limit, the reference price
+    /// ([`crate::merchant::MerchantConfig`]).
+    pub merchant: crate::merchant::MerchantConfig,
 }
 
 impl Default for ApiConfig {
@@ -99,6 +102,7 @@ impl Default for ApiConfig {
             deposit_addresses_per_hour: 20,
             frame_ancestors: "'self'".to_owned(),
             trusted_proxy: None,
+            merchant: crate::merchant::MerchantConfig::default(),
         }
     }
 }

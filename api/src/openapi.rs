@@ -441,7 +441,7 @@ const OPS: &[Op] = &[
     (
         "post",
         "/mapi/v1/merchant/store",
-        "Change store settings; the first webhookUrl also answers webhookSecret once.",
+        "Change store settings; the first webhookUrl also answers webhookSecret once. webhookUrl must resolve to public addresses only (-1163).",
         "merchant",
         &[
             ("name", false),
@@ -532,7 +532,7 @@ const OPS: &[Op] = &[
     (
         "post",
         "/mapi/v1/merchant/webhook/redeliver",
-        "Deliver a webhook again.",
+        "Deliver a webhook again (at most 10 per merchant per minute by default: 429, -1003).",
         "merchant",
         &[("deliveryId", true)],
     ),

@@ -443,31 +443,33 @@ async fn idempotency_key_returns_the_same_invoice() {
     assert_eq!(m.count(), 2);
 }
 
-/// A trade at `price` between two fresh traders (leaves the rest of the sell on the book).
-async fn trade_at(h: &Harness, price: &str, qty: &str) -> (Key, Key) {
-    let (_, seller) = h.trader("10", "0").await;
-    let (_, buyer) = h.trader("0", "10000000").await;
+/// Places a limit order of `qty` BTC at `price` from a fresh trader (enough of both assets).
+async fn place(h: &Harness, side: &str, price: &str, qty: &str) -> Key {
+    let (_, k) = h.trader("10", "10000000").await;
     h.ok(
         "POST",
         "/api/v3/order",
-        &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=1&price={price}"),
-        &seller,
+        &format!(
+            "symbol=BTCUSD&side={side}&type=LIMIT&timeInForce=GTC&quantity={qty}&price={price}"
+        ),
+        &k,
     )
     .await;
-    h.ok(
-        "POST",
-        "/api/v3/order",
-        &format!("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity={qty}&price={price}"),
-        &buyer,
-    )
-    .await;
-    (seller, buyer)
+    k
+}
+
+/// A market a reference price can come from: `depth` BTC bid at `bid` and asked at `ask` (new
+/// traders), and a trade of 0.001 BTC at `ask` between two different accounts.
+async fn market(h: &Harness, bid: &str, ask: &str, depth: &str) {
+    place(h, "SELL", ask, depth).await;
+    place(h, "BUY", bid, depth).await;
+    place(h, "BUY", ask, "0.001").await;
 }
 
 #[tokio::test]
 async fn quote_currency_invoice_locks_the_rate() {
     let m = setup().await;
-    trade_at(&m.h, "50000", "0.001").await;
+    market(&m.h, "39900", "40000", "1").await;
     let inv = m.invoice("amount=12.50&currency=USD").await;
     assert_eq!(
         (
@@ -480,22 +482,297 @@ async fn quote_currency_invoice_locks_the_rate() {
         (
             "USD".into(),
             "12.50".into(),
-            "50000".into(),
-            "0.00025".into(),
+            "40000".into(),
+            "0.0003125".into(),
             "12.5".into()
         )
     );
-    // The price moves; the invoice keeps its rate and amount.
-    trade_at(&m.h, "40000", "0.001").await;
+    // The price moves up (the new bid takes the old ask, 2 BTC leave 1.001 resting); the
+    // invoice keeps its rate and amount.
+    market(&m.h, "49900", "50000", "2").await;
     let v = m.get(&s(&inv, "id")).await;
     assert_eq!(
         (s(&v, "rate"), s(&v, "amountBtc")),
-        ("50000".into(), "0.00025".into())
+        ("40000".into(), "0.0003125".into())
     );
     let fresh = m.invoice("amount=12.50&currency=USD").await;
     assert_eq!(
         (s(&fresh, "rate"), s(&fresh, "amountBtc")),
-        ("40000".into(), "0.0003125".into())
+        ("50000".into(), "0.00025".into())
+    );
+}
+
+/// Regression (issue 8 §4): a USD invoice took the last trade at any age (self-trades too),
+/// else the mid of any book. Now the price must come from a trade between two accounts inside a
+/// deep, narrow book; else `-1157` naming why, and no invoice.
+#[tokio::test]
+async fn usd_invoice_without_a_reliable_price_is_refused_and_nothing_changes() {
+    // (what, the market, a word the message names)
+    let only_self_trades = |h: Harness| async move {
+        // A deep, narrow book without trades, then one small self-trade (STP NONE).
+        place(&h, "SELL", "50100", "1").await;
+        place(&h, "BUY", "49900", "1").await;
+        let (_, k) = h.trader("1", "100000").await;
+        for side in ["SELL", "BUY"] {
+            h.ok(
+                "POST",
+                "/api/v3/order",
+                &format!("symbol=BTCUSD&side={side}&type=LIMIT&timeInForce=GTC&quantity=0.001&price=50000&selfTradePreventionMode=NONE"),
+                &k,
+            )
+            .await;
+        }
+        h
+    };
+    let no_book = |h: Harness| async move {
+        // One trade that sweeps a thin book: nothing left on either side.
+        place(&h, "SELL", "50000", "0.001").await;
+        place(&h, "BUY", "50000", "0.001").await;
+        h
+    };
+    let thin = |h: Harness| async move {
+        market(&h, "49900", "50000", "0.005").await;
+        h
+    };
+    let wide = |h: Harness| async move {
+        market(&h, "40000", "60000", "1").await;
+        h
+    };
+    for (what, h, word) in [
+        (
+            "only self-trades",
+            only_self_trades(Harness::new()).await,
+            "self-trades",
+        ),
+        ("no book", no_book(Harness::new()).await, "no bid or no ask"),
+        ("thin book", thin(Harness::new()).await, "too thin"),
+        ("wide book", wide(Harness::new()).await, "spread"),
+    ] {
+        let m = setup_on(h).await;
+        let r =
+            m.h.signed(
+                "POST",
+                "/mapi/v1/merchant/invoice",
+                "amount=12.50&currency=USD",
+                &m.key,
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, -1157),
+            "{what}: {}",
+            r.json
+        );
+        assert!(r.msg().contains(word), "{what}: {}", r.msg());
+        assert_eq!(m.count(), 0, "{what}: no invoice");
+        // A BTC invoice needs no price.
+        m.invoice("amount=0.001").await;
+    }
+}
+
+/// A stale last trade gives no price (`-1157`); a fresh one does. The limit is set to 1 ms here
+/// so the test need not wait minutes.
+#[tokio::test]
+async fn usd_invoice_with_a_stale_last_trade_is_refused() {
+    let mut merchant = common::test_merchant_config();
+    merchant.price.max_trade_age_ms = 1;
+    let h = Harness::with_config(api::ApiConfig {
+        orders_per_10s: 1_000_000,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        merchant,
+        ..api::ApiConfig::default()
+    });
+    let m = setup_on(h).await;
+    market(&m.h, "49900", "50000", "1").await;
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice",
+            "amount=12.50&currency=USD",
+            &m.key,
+        )
+        .await;
+    assert_eq!(r.code(), -1157, "{}", r.json);
+    assert!(r.msg().contains("old"), "{}", r.msg());
+    assert_eq!(m.count(), 0);
+}
+
+/// With an operator index (a file), a market price too far from it, or an index that is missing
+/// or unreadable, is `-1157`; near it, the invoice is created at the market's reference.
+#[tokio::test]
+async fn usd_invoice_is_checked_against_the_operators_index() {
+    let index_dir = tempfile::tempdir().unwrap();
+    let file = index_dir.path().join("btcusd.txt");
+    let mut merchant = common::test_merchant_config();
+    merchant.price.index = Some(api::merchant::price::IndexSource::File(file.clone()));
+    let h = Harness::with_config(api::ApiConfig {
+        orders_per_10s: 1_000_000,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        merchant,
+        ..api::ApiConfig::default()
+    });
+    let m = setup_on(h).await;
+    market(&m.h, "49900", "50000", "1").await;
+    let create = || async {
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice",
+            "amount=12.50&currency=USD",
+            &m.key,
+        )
+        .await
+    };
+    let r = create().await;
+    assert_eq!(r.code(), -1157, "no index file: {}", r.json);
+    assert!(r.msg().contains("index"), "{}", r.msg());
+    std::fs::write(&file, "not a price\n").unwrap();
+    assert_eq!(create().await.code(), -1157, "unreadable index");
+    std::fs::write(&file, "45000.00\n").unwrap();
+    let r = create().await;
+    assert_eq!(r.code(), -1157, "11 % from the index: {}", r.json);
+    assert!(r.msg().contains("from the external index"), "{}", r.msg());
+    assert_eq!(m.count(), 0);
+    std::fs::write(&file, "49500.5\n").unwrap();
+    let r = create().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(s(&r.json, "rate"), "50000");
+    assert_eq!(m.count(), 1);
+}
+
+/// Regression (issue 8 §4): conversion was a market sell into whatever bid there was. Now it is
+/// a limit IOC sell at the reference less 1 % (the default slippage): below that nothing is
+/// sold and the next tick tries again.
+#[tokio::test]
+async fn conversion_never_sells_below_the_worst_acceptable_price() {
+    let m = setup().await;
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/store",
+        "settlement=convert",
+        &m.key,
+    )
+    .await;
+    // Reference 50,000 (the trade, inside [49,400, 50,000]); worst acceptable 49,500.
+    market(&m.h, "49400", "50000", "1").await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
+    let inv = m.invoice("amount=0.002").await;
+    let id = s(&inv, "id");
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/invoice/pay",
+        &format!("invoiceId={id}"),
+        &payer,
+    )
+    .await;
+    for _ in 0..2 {
+        m.tick(common::now_ms()).await;
+        let conv = m.get(&id).await["conversion"].clone();
+        assert_eq!(
+            (s(&conv, "state"), s(&conv, "soldBtc")),
+            ("wanted".into(), "0".into()),
+            "{conv}"
+        );
+    }
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00200000");
+    // A bid at or above the limit comes back: sold there.
+    place(&m.h, "BUY", "49800", "1").await;
+    m.tick(common::now_ms()).await;
+    let conv = m.get(&id).await["conversion"].clone();
+    assert_eq!(
+        (s(&conv, "state"), s(&conv, "soldBtc")),
+        ("done".into(), "0.002".into()),
+        "{conv}"
+    );
+    let notional = 200_000u128 * 49_800; // 0.002 BTC at 49,800, quote units (8 decimals)
+    let fee = notional * 20 / 10_000;
+    assert_eq!(
+        s(&conv, "quoteReceived"),
+        api::decimal::format_units((notional - fee) as u64, 8)
+    );
+}
+
+/// Regression (issue 8 §3): `webhookUrl` could be aimed at the server's own network. Every
+/// spelling of an internal address is refused (`-1163`) and the settings stay unchanged.
+#[tokio::test]
+async fn webhook_url_aimed_inside_is_refused_on_setting() {
+    let m = setup().await;
+    for url in [
+        "http://127.0.0.1/",
+        "http://127.0.0.1:8081/mapi/v1/admin/account",
+        "http://10.1.2.3/",
+        "http://192.168.0.10/",
+        "http://172.20.0.1/",
+        "http://169.254.169.254/latest/meta-data/",
+        "http://0.0.0.0:22/",
+        "http://[::1]/",
+        "http://[fc00::1]/",
+        "http://[fd00:ec2::254]/",
+        "http://[fe80::1]/",
+        "http://[::ffff:127.0.0.1]/",
+        "http://[::ffff:169.254.169.254]/",
+        "http://2130706433/",
+        "http://0x7f.1/",
+        "http://017700000001/",
+        "http://0x7f000001/",
+        "http://127.1/",
+        "http://localhost:8081/",
+    ] {
+        let enc: String = url
+            .bytes()
+            .map(|b| {
+                if b.is_ascii_alphanumeric() {
+                    (b as char).to_string()
+                } else {
+                    format!("%{b:02X}")
+                }
+            })
+            .collect();
+        let r =
+            m.h.signed(
+                "POST",
+                "/mapi/v1/merchant/store",
+                &format!("webhookUrl={enc}"),
+                &m.key,
+            )
+            .await;
+        assert_eq!(r.code(), -1163, "{url}: {}", r.json);
+        let st = m.h.ok("GET", "/mapi/v1/merchant/store", "", &m.key).await;
+        assert!(st["webhookUrl"].is_null(), "{url}: {st}");
+    }
+}
+
+/// Regression (issue 8 §3): `redeliver` was unlimited (thousands of probes a minute). Now 10 a
+/// minute per merchant, then `429` `-1003`.
+#[tokio::test]
+async fn redeliver_is_rate_limited() {
+    let m = setup().await;
+    for i in 0..10 {
+        let r =
+            m.h.signed(
+                "POST",
+                "/mapi/v1/merchant/webhook/redeliver",
+                "deliveryId=nope",
+                &m.key,
+            )
+            .await;
+        assert_eq!(r.code(), -1160, "call {i}");
+    }
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/webhook/redeliver",
+            "deliveryId=nope",
+            &m.key,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, -1003),
+        "{}",
+        r.json
     );
 }
 
@@ -509,30 +786,15 @@ async fn convert_preference_sells_received_btc() {
         &m.key,
     )
     .await;
-    // A bid to sell into: 1 BTC at 50,000.
-    let (_, bidder) = m.h.trader("0", "100000").await;
-    m.h.ok(
-        "POST",
-        "/api/v3/order",
-        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=50000",
-        &bidder,
-    )
-    .await;
-    let (_, asker) = m.h.trader_with("1", "0", "read,trade,transfer").await;
-    m.h.ok(
-        "POST",
-        "/api/v3/order",
-        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=1&price=60000",
-        &asker,
-    )
-    .await;
+    // A bid to sell into: 1 BTC at 50,000; asked at 50,500, last traded there.
+    market(&m.h, "50000", "50500", "1").await;
     let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
-    let inv = m.invoice("amount=100").await; // USD, the store's default; rate = mid/last
+    let inv = m.invoice("amount=100").await; // USD, the store's default; rate = the last trade
     assert_eq!(s(&inv, "currency"), "USD");
     let id = s(&inv, "id");
     let sat = api::decimal::parse_units(&s(&inv, "amountBtc"), 8).unwrap();
-    // 100 USD at the mid of 50,000 and 60,000, rounded up to the satoshi.
-    assert_eq!(sat, 181_819);
+    // 100 USD at 50,500, rounded up to the satoshi.
+    assert_eq!(sat, 198_020);
     m.h.ok(
         "POST",
         "/mapi/v1/merchant/invoice/pay",
@@ -875,14 +1137,8 @@ async fn a_conversion_whose_reply_is_lost_sells_once() {
         &m.key,
     )
     .await;
-    let (_, bidder) = m.h.trader("0", "100000").await;
-    m.h.ok(
-        "POST",
-        "/api/v3/order",
-        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=1&price=50000",
-        &bidder,
-    )
-    .await;
+    // A bid to sell into at 50,000 (the reference: 50,500, last traded; worst 49,995).
+    market(&m.h, "50000", "50500", "1").await;
     let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
     let inv = m.invoice("amount=0.002&currency=BTC").await;
     let id = s(&inv, "id");

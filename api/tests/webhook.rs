@@ -4,6 +4,7 @@
 //! for a condition, with a generous limit.
 #![allow(missing_docs)]
 
+use api::merchant::target::TargetPolicy;
 use api::merchant::webhook::{
     self, DeliveryStatus, DeliveryView, Dispatcher, EventType, RedeliverError, RetryPolicy,
     VerifyError, WebhookEndpoints,
@@ -254,7 +255,7 @@ async fn a_delivery_arrives_signed_over_its_exact_body() {
     let server = Server::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(&dir.path().join("merchant.sqlite"));
-    let d = Dispatcher::spawn(
+    let d = private_dispatcher(
         db.clone(),
         Endpoints::with(7, &format!("{}/hook", server.url)),
         fast_policy(),
@@ -332,7 +333,7 @@ async fn a_500_is_retried_then_delivered_and_the_log_shows_both() {
     let server = Server::start(&[500]).await;
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(&dir.path().join("merchant.sqlite"));
-    let d = Dispatcher::spawn(db.clone(), Endpoints::with(1, &server.url), fast_policy());
+    let d = private_dispatcher(db.clone(), Endpoints::with(1, &server.url), fast_policy());
     let id = enqueue(&db, 1, "inv-r", EventType::PaymentReceived);
     d.wake();
     let view = wait_status(&db, 1, "inv-r", DeliveryStatus::Delivered).await;
@@ -357,7 +358,7 @@ async fn retryable_statuses_are_retried() {
     let server = Server::start(&[408, 429, 503, 302]).await;
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(&dir.path().join("merchant.sqlite"));
-    let d = Dispatcher::spawn(db.clone(), Endpoints::with(1, &server.url), fast_policy());
+    let d = private_dispatcher(db.clone(), Endpoints::with(1, &server.url), fast_policy());
     enqueue(&db, 1, "inv-q", EventType::InvoiceCreated);
     d.wake();
     let view = wait_status(&db, 1, "inv-q", DeliveryStatus::Delivered).await;
@@ -380,7 +381,7 @@ async fn a_restart_between_attempts_still_delivers() {
     };
     let id = {
         let db = open_db(&path);
-        let d = Dispatcher::spawn(db.clone(), Endpoints::with(3, &down), fast_policy());
+        let d = private_dispatcher(db.clone(), Endpoints::with(3, &down), fast_policy());
         let id = enqueue(&db, 3, "inv-x", EventType::InvoiceSettled);
         d.wake();
         wait_until("a failed attempt is recorded", || {
@@ -401,7 +402,7 @@ async fn a_restart_between_attempts_still_delivers() {
 
     let server = Server::start(&[]).await;
     let db = open_db(&path);
-    let d = Dispatcher::spawn(db.clone(), Endpoints::with(3, &server.url), fast_policy());
+    let d = private_dispatcher(db.clone(), Endpoints::with(3, &server.url), fast_policy());
     let view = wait_status(&db, 3, "inv-x", DeliveryStatus::Delivered).await;
     d.shutdown().await;
     let got = server.received();
@@ -421,7 +422,7 @@ async fn a_permanent_4xx_fails_at_once() {
     let server = Server::start(&[404]).await;
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(&dir.path().join("merchant.sqlite"));
-    let d = Dispatcher::spawn(db.clone(), Endpoints::with(1, &server.url), fast_policy());
+    let d = private_dispatcher(db.clone(), Endpoints::with(1, &server.url), fast_policy());
     enqueue(&db, 1, "inv-4", EventType::InvoiceExpired);
     d.wake();
     let view = wait_status(&db, 1, "inv-4", DeliveryStatus::Failed).await;
@@ -441,7 +442,7 @@ async fn max_attempts_then_failed() {
         max_attempts: 3,
         ..fast_policy()
     };
-    let d = Dispatcher::spawn(db.clone(), Endpoints::with(1, &server.url), policy);
+    let d = private_dispatcher(db.clone(), Endpoints::with(1, &server.url), policy);
     enqueue(&db, 1, "inv-m", EventType::InvoiceInvalid);
     d.wake();
     let view = wait_status(&db, 1, "inv-m", DeliveryStatus::Failed).await;
@@ -456,7 +457,7 @@ async fn redeliver_sends_a_delivered_delivery_again() {
     let server = Server::start(&[]).await;
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(&dir.path().join("merchant.sqlite"));
-    let d = Dispatcher::spawn(db.clone(), Endpoints::with(5, &server.url), fast_policy());
+    let d = private_dispatcher(db.clone(), Endpoints::with(5, &server.url), fast_policy());
     let id = enqueue(&db, 5, "inv-d", EventType::InvoiceRefunded);
     d.wake();
     wait_status(&db, 5, "inv-d", DeliveryStatus::Delivered).await;
@@ -496,7 +497,7 @@ async fn no_endpoint_keeps_it_pending_with_a_note_until_one_is_configured() {
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(&dir.path().join("merchant.sqlite"));
     let endpoints = Arc::new(Endpoints::default());
-    let d = Dispatcher::spawn(db.clone(), endpoints.clone(), fast_policy());
+    let d = private_dispatcher(db.clone(), endpoints.clone(), fast_policy());
     enqueue(&db, 9, "inv-n", EventType::InvoiceCreated);
     d.wake();
     wait_until("an attempt without an endpoint is noted", || {
@@ -528,7 +529,7 @@ async fn a_slow_merchant_does_not_hold_up_another() {
         timeout: Duration::from_secs(60),
         ..fast_policy()
     };
-    let d = Dispatcher::spawn(db.clone(), endpoints, policy);
+    let d = private_dispatcher(db.clone(), endpoints, policy);
     for i in 0..12 {
         enqueue(&db, 1, &format!("slow-{i}"), EventType::InvoiceCreated);
     }
@@ -564,4 +565,157 @@ async fn a_slow_merchant_does_not_hold_up_another() {
     }
     releaser.abort();
     d.shutdown().await;
+}
+
+/// Regression (issue 8 §3): the dispatcher delivered to any address, and the log showed the
+/// connect error chain (an internal port scanner). By default an internal target is refused
+/// before any connection: nothing arrives, and the log says only `address not allowed`.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_target_inside_is_refused_at_delivery_and_nothing_is_sent() {
+    let server = Server::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(&dir.path().join("merchant.sqlite"));
+    let urls = [
+        format!("{}/hook", server.url),
+        server.url.replace("127.0.0.1", "[::ffff:127.0.0.1]"),
+        server.url.replace("127.0.0.1", "2130706433"),
+        server.url.replace("127.0.0.1", "0x7f.1"),
+        server.url.replace("127.0.0.1", "017700000001"),
+    ];
+    for (i, url) in urls.iter().enumerate() {
+        let merchant = 20 + i as u32;
+        let d = Dispatcher::spawn(db.clone(), Endpoints::with(merchant, url), fast_policy());
+        let inv = format!("inv-{i}");
+        enqueue(&db, merchant, &inv, EventType::InvoiceSettled);
+        d.wake();
+        wait_until(&format!("an attempt to {url} is recorded"), || {
+            log(&db, merchant, &inv)
+                .first()
+                .is_some_and(|v| !v.attempts.is_empty())
+        })
+        .await;
+        d.shutdown().await;
+        let v = log(&db, merchant, &inv).remove(0);
+        assert_eq!(v.status, DeliveryStatus::Pending, "{url}");
+        assert_eq!(
+            (v.attempts[0].http_status, v.attempts[0].error.as_deref()),
+            (None, Some("address not allowed")),
+            "{url}"
+        );
+    }
+    assert!(server.received().is_empty(), "nothing reached 127.0.0.1");
+}
+
+/// Regression (issue 8 §3): the log showed the error chain ("tcp connect error: Connection
+/// refused (os error 111)"), which tells open ports from closed ones. Now a short category.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_delivery_log_shows_a_category_not_the_error_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(&dir.path().join("merchant.sqlite"));
+    let down = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let d = private_dispatcher(db.clone(), Endpoints::with(4, &down), fast_policy());
+    enqueue(&db, 4, "inv-c", EventType::InvoiceSettled);
+    d.wake();
+    wait_until("a failed attempt is recorded", || {
+        log(&db, 4, "inv-c")
+            .first()
+            .is_some_and(|v| !v.attempts.is_empty())
+    })
+    .await;
+    d.shutdown().await;
+    let v = log(&db, 4, "inv-c").remove(0);
+    assert_eq!(v.attempts[0].error.as_deref(), Some("connection failed"));
+}
+
+/// The dispatcher of these tests: the receiver is on 127.0.0.1, so internal targets are allowed.
+fn private_dispatcher(
+    db: Arc<Mutex<Connection>>,
+    endpoints: Arc<dyn WebhookEndpoints>,
+    policy: RetryPolicy,
+) -> Dispatcher {
+    Dispatcher::spawn_with_targets(db, endpoints, policy, TargetPolicy::allow_private())
+}
+
+/// A resolver that knows one name (nothing leaves the machine).
+fn one_name(name: &'static str, ip: &'static str) -> TargetPolicy {
+    TargetPolicy::default().with_resolver(Arc::new(move |host: &str, port| {
+        if host == name {
+            Ok(vec![std::net::SocketAddr::new(ip.parse().unwrap(), port)])
+        } else {
+            Err(std::io::Error::new(std::io::ErrorKind::NotFound, "unknown"))
+        }
+    }))
+}
+
+/// A host name that resolves to loopback is refused at delivery (checked again at every attempt,
+/// whatever was checked when the URL was set); with the switch on, the delivery goes to exactly
+/// the address checked (the name is resolved only by the test's resolver, never by the system).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_that_resolves_inside_is_refused_at_delivery_and_pinned_when_allowed() {
+    let server = Server::start(&[]).await;
+    let port = server.url.rsplit(':').next().unwrap().to_owned();
+    let url = format!("http://hooks.internal.test:{port}/hook");
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(&dir.path().join("merchant.sqlite"));
+    let d = Dispatcher::spawn_with_targets(
+        db.clone(),
+        Endpoints::with(9, &url),
+        fast_policy(),
+        one_name("hooks.internal.test", "127.0.0.1"),
+    );
+    enqueue(&db, 9, "inv-n", EventType::InvoiceSettled);
+    d.wake();
+    wait_until("an attempt is recorded", || {
+        log(&db, 9, "inv-n")
+            .first()
+            .is_some_and(|v| !v.attempts.is_empty())
+    })
+    .await;
+    d.shutdown().await;
+    let v = log(&db, 9, "inv-n").remove(0);
+    assert_eq!(v.attempts[0].error.as_deref(), Some("address not allowed"));
+    assert!(server.received().is_empty());
+
+    let mut allowed = one_name("hooks.internal.test", "127.0.0.1");
+    allowed.allow_private = true;
+    let d = Dispatcher::spawn_with_targets(
+        db.clone(),
+        Endpoints::with(9, &url),
+        fast_policy(),
+        allowed,
+    );
+    d.wake();
+    wait_status(&db, 9, "inv-n", DeliveryStatus::Delivered).await;
+    d.shutdown().await;
+    let got = server.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(got[0].path, "/hook");
+    assert_eq!(got[0].header("host"), format!("hooks.internal.test:{port}"));
+    assert_signed(&got[0]);
+
+    // A name that does not resolve: a short category, retried.
+    let db2 = open_db(&dir.path().join("other.sqlite"));
+    let d = Dispatcher::spawn_with_targets(
+        db2.clone(),
+        Endpoints::with(9, "http://nowhere.test/hook"),
+        fast_policy(),
+        one_name("hooks.internal.test", "127.0.0.1"),
+    );
+    enqueue(&db2, 9, "inv-u", EventType::InvoiceSettled);
+    d.wake();
+    wait_until("an attempt is recorded", || {
+        log(&db2, 9, "inv-u")
+            .first()
+            .is_some_and(|v| !v.attempts.is_empty())
+    })
+    .await;
+    d.shutdown().await;
+    let v = log(&db2, 9, "inv-u").remove(0);
+    assert_eq!(
+        (v.status, v.attempts[0].error.as_deref()),
+        (DeliveryStatus::Pending, Some("host does not resolve"))
+    );
 }

@@ -66,6 +66,8 @@ impl Server {
             .arg("--data-dir")
             .arg(dir)
             .env("RUST_LOG", "warn")
+            // The tests' webhook receivers listen on 127.0.0.1 (refused by default).
+            .env("MEDIATOR_ALLOW_PRIVATE_WEBHOOKS", "1")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()

@@ -27,14 +27,37 @@ pub mod model;
 pub mod monitor;
 pub mod outcome;
 pub mod pages;
+pub mod price;
 pub mod qr;
 pub mod routes;
 pub mod store;
+pub mod target;
 pub mod webhook;
 
 pub use monitor::{spawn, start, MonitorHandle};
 
 use std::sync::{Arc, Mutex};
+
+/// The merchant settings of [`crate::ApiConfig`] (`[merchant]` in the server's file).
+#[derive(Clone, Debug)]
+pub struct MerchantConfig {
+    /// Where webhooks may go (internal addresses refused unless allowed) and the resolver.
+    pub webhook_targets: target::TargetPolicy,
+    /// `redeliver` calls per merchant per minute (`429`, `-1003` beyond).
+    pub redeliveries_per_min: u64,
+    /// The reference price of quote-currency invoices and conversions.
+    pub price: price::PriceLimits,
+}
+
+impl Default for MerchantConfig {
+    fn default() -> Self {
+        Self {
+            webhook_targets: target::TargetPolicy::default(),
+            redeliveries_per_min: 10,
+            price: price::PriceLimits::default(),
+        }
+    }
+}
 
 /// The merchant database: one connection, shared (handlers use it on the blocking pool).
 pub type MerchantDb = Arc<Mutex<rusqlite::Connection>>;
@@ -59,6 +82,8 @@ pub struct Merchant {
     /// Serializes the read-check-change of invoices by handlers (pay, refund, invalid) and the
     /// monitor, so two of them never act on the same stale state.
     pub invoice_lock: tokio::sync::Mutex<()>,
+    /// `redeliver` calls per merchant (set up on first use from [`MerchantConfig`]).
+    pub redeliveries: std::sync::OnceLock<crate::ratelimit::Limiter>,
 }
 
 impl std::fmt::Debug for Merchant {
@@ -77,6 +102,7 @@ impl Merchant {
             enqueued: tokio::sync::Notify::new(),
             kick: tokio::sync::Notify::new(),
             invoice_lock: tokio::sync::Mutex::new(()),
+            redeliveries: std::sync::OnceLock::new(),
         })
     }
 

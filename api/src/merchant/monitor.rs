@@ -4,9 +4,11 @@
 //!    confirmations, credits and reorgs → invoice transitions (each committed with its webhooks
 //!    in one transaction, then published to the checkout pages);
 //! 2. invoices past their expiry → `Expired`;
-//! 3. settled invoices of merchants who convert: a market sell of the received BTC (rounded down
-//!    to the market's lot) once every counted chain payment is credited; what the book could not
-//!    take is retried on the next tick.
+//! 3. settled invoices of merchants who convert: a limit IOC sell of the received BTC (rounded
+//!    down to the market's lot) at the worst acceptable price (the reference price of
+//!    [`super::price`] less the configured slippage, so it never fills below that) once every
+//!    counted chain payment is credited; what did not fill, or could not be priced (stale, thin
+//!    or wide book), is retried on the next tick.
 //!
 //! It owns the webhook dispatcher: it wakes it after anything was enqueued (by itself or by a
 //! handler, through [`super::Merchant::enqueued`]) and shuts it down last.
@@ -20,7 +22,8 @@ use crate::custody::DepositState;
 use crate::error::ApiError;
 use crate::AppState;
 use matching_engine::{
-    AccountId, ClientOrderId, Command, Event, NewOrder, OrderType, Qty, Side, StpMode, TimeInForce,
+    AccountId, ClientOrderId, Command, Event, NewOrder, OrderType, Price, Qty, Side, StpMode,
+    TimeInForce,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -56,10 +59,11 @@ impl MonitorHandle {
 /// the monitor. Call after custody is attached ([`AppState::set_custody`]); until then ticks do
 /// expiry and conversion only.
 pub fn start(state: &AppState, poll: Duration) -> MonitorHandle {
-    let dispatcher = Dispatcher::spawn(
+    let dispatcher = Dispatcher::spawn_with_targets(
         state.merchant().db.clone(),
         Arc::new(super::Endpoints::new(state.clone())),
         RetryPolicy::default(),
+        state.0.cfg.merchant.webhook_targets.clone(),
     );
     spawn(state.clone(), poll, Some(dispatcher))
 }
@@ -264,6 +268,25 @@ async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool
         save(state, rec, name).await?;
         return Ok(false);
     }
+    // The worst acceptable price: the reference less the slippage allowance. No reference (stale,
+    // thin or wide book, index disagrees): nothing is sold now; the next tick tries again.
+    let rate = match super::routes::current_rate(state, &m.quote.symbol).await {
+        Ok((rate, _)) => rate,
+        Err(e) if e.code == -1157 => {
+            let why = Some(e.msg.to_string());
+            if rec.conv.error != why {
+                rec.conv.error = why;
+                save(state, rec, name).await?;
+            }
+            return Ok(false);
+        }
+        Err(e) => return Err(e),
+    };
+    let limit = super::price::worst_sell_ticks(
+        rate / m.price_units_per_tick,
+        state.0.cfg.merchant.price.slippage_bps,
+    );
+    rec.conv.error = None;
     let cid = state.gen_client_id();
     rec.conv.client_id = Some(cid.clone());
     save(state, rec.clone(), name.clone()).await?;
@@ -273,7 +296,10 @@ async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool
             account: AccountId(merchant),
             market: m.id,
             side: Side::Sell,
-            order_type: OrderType::Market { qty: Qty(lots) },
+            order_type: OrderType::Limit {
+                price: Price(limit),
+                qty: Qty(lots),
+            },
             tif: TimeInForce::Ioc,
             post_only: false,
             stp: StpMode::ExpireTaker,

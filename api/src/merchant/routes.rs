@@ -60,12 +60,18 @@ fn wrong_status(s: Status) -> ApiError {
 fn refund_too_large() -> ApiError {
     ApiError::bad(-1156, "Refund is more than the refundable amount.")
 }
-fn no_price() -> ApiError {
-    err(
-        StatusCode::SERVICE_UNAVAILABLE,
-        -1157,
-        "No market price to convert the amount.",
-    )
+/// `-1157` (503): no reference price ([`super::price`]), with the reason when there is one.
+fn no_price(why: Option<super::price::PriceError>) -> ApiError {
+    let msg = match why {
+        Some(e) => format!("No reliable market price to convert the amount: {e}."),
+        None => "No market price to convert the amount.".to_owned(),
+    };
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: -1157,
+        msg: msg.into(),
+        retry_after: None,
+    }
 }
 fn bad_metadata() -> ApiError {
     ApiError::bad(-1158, "metadata must be JSON of at most 1024 bytes.")
@@ -307,9 +313,11 @@ fn check_currency(st: &AppState, c: &str) -> Result<(), ApiError> {
     }
 }
 
-/// The current BTC price in `quote`: the last trade, else the mid of the best bid and ask; in
-/// quote units per BTC, with the market's id.
-pub fn current_rate(st: &AppState, quote: &str) -> Result<(u64, usize), ApiError> {
+/// The reference BTC price in `quote` now ([`super::price`]): the last trade between two
+/// different accounts, fresh, inside a book that is deep and narrow enough, and near the
+/// operator's external index if one is configured; in quote units per BTC, with the market's
+/// index. Refused with `-1157` naming the reason.
+pub async fn current_rate(st: &AppState, quote: &str) -> Result<(u64, usize), ApiError> {
     let (i, m) = st
         .markets()
         .markets
@@ -317,24 +325,27 @@ pub fn current_rate(st: &AppState, quote: &str) -> Result<(u64, usize), ApiError
         .enumerate()
         .find(|(_, m)| m.base.symbol == "BTC" && m.quote.symbol == quote)
         .ok_or_else(unknown_currency)?;
-    let rm = st.read_model().read();
-    let ms = rm.markets.get(i).ok_or_else(no_price)?;
-    let ticks = match ms.trades.back() {
-        Some(t) => t.price,
-        None => match ms.best() {
-            (Some(b), Some(a)) => (b.0 .0 + a.0 .0) / 2,
-            _ => return Err(no_price()),
-        },
+    let lim = &st.0.cfg.merchant.price;
+    let ticks = {
+        let rm = st.read_model().read();
+        let ms = rm.markets.get(i).ok_or_else(|| no_price(None))?;
+        super::price::reference(ms, m.cfg.lot_size, now_ms(), lim).map_err(|e| no_price(Some(e)))?
     };
     let rate = ticks
         .checked_mul(m.price_units_per_tick)
         .filter(|r| *r > 0)
-        .ok_or_else(no_price)?;
+        .ok_or_else(|| no_price(None))?;
+    if let Some(src) = &lim.index {
+        let index = super::price::read_index(src, m.quote.decimals, lim.index_max_age_ms)
+            .await
+            .map_err(|e| no_price(Some(e)))?;
+        super::price::check_index(rate, index, lim).map_err(|e| no_price(Some(e)))?;
+    }
     Ok((rate, i))
 }
 
 /// An amount in `currency` → (satoshis due, quote part).
-fn amount_in(
+async fn amount_in(
     st: &AppState,
     currency: &str,
     amount: &str,
@@ -355,7 +366,7 @@ fn amount_in(
     if currency == "BTC" {
         return Ok((units, None));
     }
-    let (rate, _) = current_rate(st, currency)?;
+    let (rate, _) = current_rate(st, currency).await?;
     let sat = model::quote_to_sat(units, rate).ok_or_else(|| ApiError::invalid_value("amount"))?;
     Ok((
         sat,
@@ -405,7 +416,7 @@ async fn new_invoice(
         }
     }
     let currency = req.currency.unwrap_or_else(|| settings.currency.clone());
-    let (amount_sat, quote) = amount_in(st, &currency, &req.amount)?;
+    let (amount_sat, quote) = amount_in(st, &currency, &req.amount).await?;
     let expiry = req.expiry_min.unwrap_or(u64::from(settings.expiry_min));
     if !(1..=MAX_EXPIRY_MIN).contains(&expiry) {
         return Err(bad_expiry());
@@ -552,6 +563,27 @@ pub async fn post_store(State(st): State<AppState>, req: Req) -> Result<Response
             return Err(bad_settings(
                 "webhookUrl must be an http(s) URL of at most 512 characters.",
             ));
+        }
+        // Resolved and checked now, and again before every delivery (super::target).
+        let (u, targets) = (u.clone(), st.0.cfg.merchant.webhook_targets.clone());
+        let checked = tokio::task::spawn_blocking(move || super::target::check(&u, &targets))
+            .await
+            .map_err(|_| ApiError::internal())?;
+        match checked {
+            Ok(_) => {}
+            Err(super::target::TargetError::BadUrl) => {
+                return Err(bad_settings(
+                    "webhookUrl must be an http(s) URL of at most 512 characters.",
+                ))
+            }
+            Err(super::target::TargetError::Unresolved) => {
+                return Err(bad_settings("webhookUrl's host does not resolve."))
+            }
+            Err(_) => {
+                return Err(bad_settings(
+                    "webhookUrl must not point to a loopback, private, link-local or other internal address.",
+                ))
+            }
         }
     }
     let speed = match speed {
@@ -1058,12 +1090,32 @@ pub async fn deliveries(State(st): State<AppState>, req: Req) -> Result<Response
 }
 
 /// `POST /mapi/v1/merchant/webhook/redeliver?deliveryId=` (MERCHANT): delivers again, due now.
+/// At most `redeliveries_per_min` calls per merchant per minute (`429`, `-1003`), counted
+/// whether or not the delivery exists.
 pub async fn redeliver(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let id = text_param(&mut p, "deliveryId", 64, "1..64 characters")?
         .ok_or_else(|| ApiError::missing("deliveryId"))?;
     p.finish()?;
     let merchant = key.account;
+    let limiter = st
+        .merchant()
+        .redeliveries
+        .get_or_init(|| crate::ratelimit::Limiter::new(st.0.cfg.merchant.redeliveries_per_min));
+    if let crate::ratelimit::Charge::Limited { retry_after, .. } =
+        limiter.charge(&merchant.to_string(), 1, now_ms())
+    {
+        return Err(ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: -1003,
+            msg: format!(
+                "Too many redeliveries; the limit is {} per minute per merchant.",
+                limiter.limit()
+            )
+            .into(),
+            retry_after: Some(retry_after),
+        });
+    }
     let v = with_db(&st, move |c| {
         match webhook::redeliver(c, merchant, &id, now_ms()) {
             Ok(d) => serde_json::to_value(d).map_err(|_| ApiError::internal()),

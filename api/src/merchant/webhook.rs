@@ -15,6 +15,11 @@
 //!   [`RetryPolicy::max_attempts`], then the delivery is `failed`; a 4xx other than 408 and 429
 //!   fails it at once. Redirects are not followed (a 3xx is retried, like a 5xx: the merchant
 //!   may fix the URL meanwhile).
+//! * **Targets.** Before every attempt the URL is resolved and checked ([`super::target`]): an
+//!   internal address is refused (recorded as `address not allowed`, retried like a network
+//!   error, nothing sent), and the attempt connects only to the addresses checked (no DNS
+//!   rebinding, no proxy). The log records a short category (`timeout`, `connection failed`,
+//!   `request failed`, `host does not resolve`, `HTTP <status>`), never an error chain.
 //! * **No endpoint configured.** The attempt is recorded with the error `no webhook endpoint
 //!   configured` and retried on the same schedule, so a merchant who configures a URL within the
 //!   schedule still gets the event; after `max_attempts` it is `failed` and can be sent again with
@@ -24,6 +29,7 @@
 //! `attempts` equals its number of rows in `webhook_attempts`; nothing here logs a secret, a URL
 //! or a body.
 
+use super::target::{Pinned, Target, TargetPolicy};
 use hmac::{Hmac, Mac};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
@@ -54,8 +60,6 @@ pub const MAX_IN_FLIGHT_PER_MERCHANT: usize = 2;
 const MAX_HEADER_LEN: usize = 1024;
 /// The most `v1` entries [`verify`] accepts (secret rotation needs two).
 const MAX_SIGNATURES: usize = 8;
-/// The longest error text kept for an attempt.
-const MAX_ERROR_LEN: usize = 300;
 /// The dispatcher rescans at least this often (picks up a [`redeliver`] nobody woke it for).
 const MAX_IDLE: Duration = Duration::from_secs(30);
 /// After a database error the dispatcher waits this long before it scans again.
@@ -602,32 +606,17 @@ fn classify(status: u16) -> Outcome {
     }
 }
 
-/// The error text of a failed request: its chain, without the URL (it may carry a token).
-fn request_error_text(e: reqwest::Error) -> String {
-    let e = e.without_url();
-    let mut text = if e.is_timeout() {
-        "timeout".to_owned()
+/// The delivery log's word for a failed request: a short category, never the error chain (which
+/// would tell a merchant how an address answered: refused, reset, TLS, ...).
+fn request_error_text(e: &reqwest::Error) -> String {
+    if e.is_timeout() {
+        "timeout"
+    } else if e.is_connect() {
+        "connection failed"
     } else {
-        e.to_string()
-    };
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
+        "request failed"
     }
-    truncate(text)
-}
-
-fn truncate(mut text: String) -> String {
-    if text.len() > MAX_ERROR_LEN {
-        let mut cut = MAX_ERROR_LEN;
-        while !text.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        text.truncate(cut);
-    }
-    text
+    .to_owned()
 }
 
 /// One due delivery, as the dispatcher picks it.
@@ -781,6 +770,18 @@ impl Dispatcher {
         endpoints: Arc<dyn WebhookEndpoints>,
         policy: RetryPolicy,
     ) -> Dispatcher {
+        Self::spawn_with_targets(db, endpoints, policy, TargetPolicy::default())
+    }
+
+    /// [`Dispatcher::spawn`] with a target policy: whether internal addresses are allowed, and
+    /// the resolver ([`super::target`]). `spawn` refuses internal addresses and uses the
+    /// system's resolver.
+    pub fn spawn_with_targets(
+        db: Arc<Mutex<Connection>>,
+        endpoints: Arc<dyn WebhookEndpoints>,
+        policy: RetryPolicy,
+        targets: TargetPolicy,
+    ) -> Dispatcher {
         assert!(
             !policy.schedule.is_empty(),
             "RetryPolicy::schedule must not be empty"
@@ -789,20 +790,13 @@ impl Dispatcher {
             policy.max_attempts >= 1,
             "RetryPolicy::max_attempts must be at least 1"
         );
-        let client = reqwest::Client::builder()
-            .user_agent(USER_AGENT)
-            .redirect(reqwest::redirect::Policy::none())
-            .timeout(policy.timeout)
-            .connect_timeout(policy.timeout)
-            .build()
-            .expect("the HTTP client builds (rustls with bundled roots)");
         let wake = Arc::new(Notify::new());
         let (stop, stop_rx) = watch::channel(false);
         let run = Run {
             db,
             endpoints,
             policy: Arc::new(policy),
-            client,
+            targets: Arc::new(targets),
             wake: wake.clone(),
         };
         let task = tokio::spawn(run.run(stop_rx));
@@ -840,7 +834,7 @@ struct Run {
     db: Db,
     endpoints: Arc<dyn WebhookEndpoints>,
     policy: Arc<RetryPolicy>,
-    client: reqwest::Client,
+    targets: Arc<TargetPolicy>,
     wake: Arc<Notify>,
 }
 
@@ -884,7 +878,7 @@ impl Run {
                             self.db.clone(),
                             self.endpoints.clone(),
                             self.policy.clone(),
-                            self.client.clone(),
+                            self.targets.clone(),
                             d,
                         ));
                     }
@@ -939,12 +933,52 @@ impl Run {
     }
 }
 
-/// One attempt: look up the endpoint, POST, record the outcome.
+/// POSTs a delivery to a checked target, connecting only to the checked addresses.
+async fn send(target: Target, secret: &[u8], d: &Due, timeout: Duration) -> Outcome {
+    let client = reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .no_proxy()
+        .dns_resolver(Arc::new(Pinned(target.addrs)))
+        .timeout(timeout)
+        .connect_timeout(timeout)
+        .build();
+    let client = match client {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "webhook: cannot build the HTTP client");
+            return Outcome::Retry {
+                http_status: None,
+                error: "request failed".to_owned(),
+            };
+        }
+    };
+    let t = now_ms() / 1000;
+    let signature = signature_header(secret, t, &d.body);
+    let sent = client
+        .post(target.url)
+        .header(reqwest::header::CONTENT_TYPE, "application/json")
+        .header(SIGNATURE_HEADER, signature)
+        .header(DELIVERY_HEADER, &d.id)
+        .header(EVENT_HEADER, &d.event)
+        .body(d.body.clone())
+        .send()
+        .await;
+    match sent {
+        Ok(resp) => classify(resp.status().as_u16()),
+        Err(e) => Outcome::Retry {
+            http_status: None,
+            error: request_error_text(&e),
+        },
+    }
+}
+
+/// One attempt: look up the endpoint, check its address, POST, record the outcome.
 async fn attempt(
     db: Db,
     endpoints: Arc<dyn WebhookEndpoints>,
     policy: Arc<RetryPolicy>,
-    client: reqwest::Client,
+    targets: Arc<TargetPolicy>,
     d: Due,
 ) -> (String, u32) {
     let merchant = d.merchant;
@@ -958,23 +992,15 @@ async fn attempt(
             error: "no webhook endpoint configured".to_owned(),
         },
         Some((url, secret)) => {
-            let t = now_ms() / 1000;
-            let signature = signature_header(&secret, t, &d.body);
-            let sent = client
-                .post(url)
-                .header(reqwest::header::CONTENT_TYPE, "application/json")
-                .header(SIGNATURE_HEADER, signature)
-                .header(DELIVERY_HEADER, &d.id)
-                .header(EVENT_HEADER, &d.event)
-                .body(d.body)
-                .send()
-                .await;
-            match sent {
-                Ok(resp) => classify(resp.status().as_u16()),
+            let checked = tokio::task::spawn_blocking(move || super::target::check(&url, &targets))
+                .await
+                .unwrap_or(Err(super::target::TargetError::Unresolved));
+            match checked {
                 Err(e) => Outcome::Retry {
                     http_status: None,
-                    error: request_error_text(e),
+                    error: e.to_string(),
                 },
+                Ok(target) => send(target, &secret, &d, policy.timeout).await,
             }
         }
     };

@@ -513,6 +513,7 @@ const OPS: &[Op] = &[
             ("amount", true),
             ("address", false),
             ("toAccount", false),
+            ("idempotencyKey", false),
         ],
     ),
     (

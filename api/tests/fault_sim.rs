@@ -16,31 +16,12 @@ use api::merchant::monitor::tick;
 use api::merchant::store;
 use axum::http::StatusCode;
 use common::custody::Fake;
-use common::{Harness, Lossy};
+use common::{Harness, Lossy, Rng};
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 type Key = (String, String);
-
-/// splitmix64: small, seedable, good enough for choosing steps.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.below(100) < percent
-    }
-}
 
 const PAYER_BTC_SAT: u64 = 100_000_000;
 const PAYER_USD: u64 = 1_000;

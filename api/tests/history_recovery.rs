@@ -14,7 +14,7 @@ mod common;
 use api::keys::sign;
 use axum::body::Body;
 use axum::http::Request;
-use common::now_ms;
+use common::{now_ms, Rng};
 use http_body_util::BodyExt;
 use matching_engine::recovery::StoreConfig;
 use serde_json::Value;
@@ -120,22 +120,6 @@ async fn setup(s: &Server) -> Vec<Key> {
         ));
     }
     keys
-}
-
-/// A small deterministic generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 /// An acknowledged order: account index, order id, client order id.

@@ -60,25 +60,8 @@ async fn http_from(
     body: &str,
     key: Option<&str>,
 ) -> (u16, Value) {
-    let mut s = connect_from(from, addr).await;
-    let mut req = format!("{method} {target} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(k) = key {
-        req.push_str(&format!("X-MBX-APIKEY: {k}\r\n"));
-    }
-    if !body.is_empty() {
-        req.push_str("Content-Type: application/x-www-form-urlencoded\r\n");
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    s.write_all(req.as_bytes()).await.unwrap();
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).await.unwrap();
-    let text = String::from_utf8(buf).unwrap();
-    let status: u16 = text[9..12].parse().unwrap();
-    let body = text.split_once("\r\n\r\n").map(|x| x.1).unwrap_or("");
-    (
-        status,
-        serde_json::from_str(body).unwrap_or_else(|_| Value::String(body.to_owned())),
-    )
+    let s = connect_from(from, addr).await;
+    common::http_on(s, addr, method, target, body, key).await
 }
 
 async fn signed_from(

@@ -62,18 +62,25 @@ pub fn pay_command(st: &AppState, intent: &PayIntent, merchant: u32) -> Result<C
     })
 }
 
+/// Submits an engine transfer: done (`transfer:<seq>`), refused (rejected, or not taken: a full
+/// queue or an open circuit breaker), or unknown.
+async fn transfer(st: &AppState, cmd: Command) -> Moved {
+    match st.submit_outcome(cmd).await {
+        Outcome::Applied(reply) => Moved::Done(format!("transfer:{}", reply.seq)),
+        Outcome::Rejected(code) => Moved::Refused(ApiError::command_rejected(code)),
+        Outcome::Busy => Moved::Refused(ApiError::busy()),
+        Outcome::Halted => Moved::Refused(ApiError::halted()),
+        _ => Moved::Unknown,
+    }
+}
+
 /// Executes a balance payment's transfer.
 pub async fn execute_payment(st: &AppState, intent: &PayIntent, merchant: u32) -> Moved {
     let cmd = match pay_command(st, intent, merchant) {
         Ok(c) => c,
         Err(e) => return Moved::Refused(e),
     };
-    match st.submit_outcome(cmd).await {
-        Outcome::Applied(reply) => Moved::Done(format!("transfer:{}", reply.seq)),
-        Outcome::Rejected(code) => Moved::Refused(ApiError::command_rejected(code)),
-        Outcome::Busy => Moved::Refused(ApiError::busy()),
-        _ => Moved::Unknown,
-    }
+    transfer(st, cmd).await
 }
 
 /// Records an executed balance payment on its invoice (with its webhooks), then drops the
@@ -168,12 +175,7 @@ pub async fn execute_refund(
                 Ok(c) => c,
                 Err(e) => return Moved::Refused(e),
             };
-            match st.submit_outcome(cmd).await {
-                Outcome::Applied(reply) => Moved::Done(format!("transfer:{}", reply.seq)),
-                Outcome::Rejected(code) => Moved::Refused(ApiError::command_rejected(code)),
-                Outcome::Busy => Moved::Refused(ApiError::busy()),
-                _ => Moved::Unknown,
-            }
+            transfer(st, cmd).await
         }
         (None, Some(addr)) => {
             let Some(c) = custody else {

@@ -1,5 +1,8 @@
 //! The project's promise, checked with the real client libraries: ccxt's `binance` class and
-//! python-binance, unmodified and only configured with our URLs, work against `mediator serve`.
+//! python-binance, unmodified and only configured with our URLs, work against `mediator serve`
+//! (ccxt also gets `fetchMarkets: ['spot']`: the server has no futures). ccxt's defaults run:
+//! `fetchCurrencies` (`capital/config/getall`) and `fetchMargins` (`margin/allPairs`) in
+//! `load_markets()`; fee rates come from `asset/tradeFee`.
 //!
 //! Starts the real binary (with its own regtest bitcoind), creates two accounts with BTC (mined to
 //! their deposit addresses) and USD, and runs `tests/compat/compat_ccxt.py` and

@@ -100,6 +100,7 @@ macro_rules! route {
 /// The permission table (printed in `api/README.md`, "Permissions").
 pub static ROUTES: &[Route] = {
     use crate::capital as c;
+    use crate::catalog as cat;
     use crate::merchant::routes as m;
     use crate::{metrics, native as n, openapi, public as p, trade as t, ws};
     &[
@@ -152,6 +153,24 @@ pub static ROUTES: &[Route] = {
         ),
         route!("GET", "/api/v3/klines", Public, None, P, p::klines),
         route!("GET", "/api/v3/uiKlines", Public, None, P, p::klines),
+        // 4 per symbol, at most 200 (the handler charges it).
+        route!("GET", "/api/v3/ticker", Public, None, P, p::ticker_window),
+        route!(
+            "GET",
+            "/api/v3/ticker/tradingDay",
+            Public,
+            None,
+            P,
+            p::ticker_trading_day
+        ),
+        route!(
+            "GET",
+            "/sapi/v1/system/status",
+            Public,
+            None,
+            P,
+            p::system_status
+        ),
         // Trading.
         route!("POST", "/api/v3/order", Signed(T), Some(1), P, t::new_order),
         route!("GET", "/api/v3/order", Signed(R), Some(4), P, t::get_order),
@@ -220,6 +239,55 @@ pub static ROUTES: &[Route] = {
             Some(20),
             P,
             t::my_trades
+        ),
+        // What clients load before trading (fees, limits, coins, no margin).
+        route!(
+            "GET",
+            "/api/v3/account/commission",
+            Signed(R),
+            Some(20),
+            P,
+            cat::account_commission
+        ),
+        route!(
+            "GET",
+            "/api/v3/rateLimit/order",
+            Signed(R),
+            Some(40),
+            P,
+            cat::rate_limit_order
+        ),
+        route!(
+            "GET",
+            "/sapi/v1/asset/tradeFee",
+            Signed(R),
+            Some(1),
+            P,
+            cat::trade_fee
+        ),
+        route!(
+            "GET",
+            "/sapi/v1/capital/config/getall",
+            Signed(R),
+            Some(10),
+            P,
+            cat::config_getall
+        ),
+        route!(
+            "GET",
+            "/sapi/v1/margin/allPairs",
+            Key(Perms::NONE),
+            Some(1),
+            P,
+            cat::margin_all_pairs
+        ),
+        route!(
+            "GET",
+            "/sapi/v1/margin/isolated/allPairs",
+            Signed(R),
+            Some(10),
+            P,
+            cat::margin_isolated_all_pairs
         ),
         route!(
             "POST",

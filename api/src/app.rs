@@ -868,13 +868,10 @@ async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) ->
 #[derive(Debug, Clone, Copy)]
 pub struct RequestId(pub u64);
 
-async fn not_found() -> ApiError {
-    ApiError {
-        status: StatusCode::NOT_FOUND,
-        code: -1000,
-        msg: "Unknown endpoint.".into(),
-        retry_after: None,
-    }
+/// A path no route serves: HTTP 404 with an empty body, as Binance answers it. Not `-1000`:
+/// clients take that code for a temporary failure and retry a call that can never succeed.
+async fn not_found() -> Response {
+    StatusCode::NOT_FOUND.into_response()
 }
 
 /// The router of every endpoint of [`crate::access::ROUTES`], both listeners' (tests and

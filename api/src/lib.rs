@@ -16,6 +16,7 @@ pub mod access;
 pub mod app;
 pub mod audit;
 pub mod capital;
+pub mod catalog;
 pub mod client;
 pub mod core;
 pub mod custody;

@@ -267,15 +267,9 @@ pub async fn agg_trades(State(st): State<AppState>, req: Req) -> Result<Response
     Ok(ok_json(&ctx, Value::Array(v)))
 }
 
-/// `GET /api/v3/avgPrice`: volume-weighted price of the last 5 minutes of trades.
-pub async fn avg_price(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (mut p, ctx) = st.public(&req, 2)?;
-    let sym = p.req("symbol")?;
-    p.finish()?;
-    let m = st.markets().by_symbol(&sym)?;
-    let rm = st.read_model().read();
-    let ms = &rm.markets[usize::from(m.id.0)];
-    let now = crate::core::now_ms();
+/// The volume-weighted price of the last 5 minutes of trades (the last trade's price when there
+/// were none) and the last trade's time: `avgPrice` and the `@avgPrice` stream.
+pub fn average_price(m: &MarketSpec, ms: &MarketState, now: u64) -> (String, u64) {
     let recent: Vec<_> = ms
         .trades
         .iter()
@@ -293,9 +287,20 @@ pub async fn avg_price(State(st): State<AppState>, req: Req) -> Result<Response,
         let whole = 10i128.pow(u32::from(m.base.decimals));
         ratio(quote * whole, base * 10i128.pow(qd), qd)
     };
+    (price, ms.trades.back().map_or(0, |t| t.time_ms))
+}
+
+/// `GET /api/v3/avgPrice`: volume-weighted price of the last 5 minutes of trades.
+pub async fn avg_price(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 2)?;
+    let sym = p.req("symbol")?;
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let rm = st.read_model().read();
+    let (price, close) = average_price(m, &rm.markets[usize::from(m.id.0)], crate::core::now_ms());
     Ok(ok_json(
         &ctx,
-        json!({ "mins": 5, "price": price, "closeTime": ms.trades.back().map_or(0, |t| t.time_ms) }),
+        json!({ "mins": 5, "price": price, "closeTime": close }),
     ))
 }
 
@@ -315,12 +320,17 @@ fn ratio(num: i128, den: i128, dec: u32) -> String {
     format!("{sign}{}.{:0w$}", a / s, a % s, w = dec as usize)
 }
 
-/// 24h rolling statistics from the 1-minute klines.
-pub fn ticker(m: &MarketSpec, s: &MarketState, now: u64, mini: bool) -> Value {
-    let from = now.saturating_sub(86_400_000);
-    let ks: Vec<&Kline> = s.klines[1].iter().filter(|k| k.close_ms >= from).collect();
-    let (bid, ask) = s.best();
-    let last = s.trades.back();
+/// Statistics over the klines that close at or after `from` (the 1-minute klines while they
+/// reach back that far, 1-hour klines beyond: 1,500 of each are kept), Binance's rolling-window
+/// ticker shape (`GET /api/v3/ticker`, `ticker/tradingDay`); `mini` drops `priceChange`,
+/// `priceChangePercent` and `weightedAvgPrice` as `type=MINI` does.
+pub fn window_stats(m: &MarketSpec, s: &MarketState, from: u64, now: u64, mini: bool) -> Value {
+    let iv = if now.saturating_sub(from) <= MINUTE_KLINES_REACH_MS {
+        1
+    } else {
+        interval_index("1h").unwrap_or(1)
+    };
+    let ks: Vec<&Kline> = s.klines[iv].iter().filter(|k| k.close_ms >= from).collect();
     let open = ks.first().map_or(0, |k| k.open);
     let close = ks.last().map_or(0, |k| k.close);
     let high = ks.iter().map(|k| k.high).max().unwrap_or(0);
@@ -354,7 +364,26 @@ pub fn ticker(m: &MarketSpec, s: &MarketState, now: u64, mini: bool) -> Value {
             "priceChange": ratio(change * ppt, 10i128.pow(qd), qd),
             "priceChangePercent": ratio(change * 100, i128::from(open), 3),
             "weightedAvgPrice": ratio(qvol as i128 * whole, base_units as i128 * 10i128.pow(qd), qd),
-            "prevClosePrice": m.fmt_price(Price(open)),
+        });
+        if let (Some(o), Value::Object(e)) = (v.as_object_mut(), extra) {
+            o.extend(e);
+        }
+    }
+    v
+}
+
+/// How far back the kept 1-minute klines reach (1,500 minutes, 25 hours).
+const MINUTE_KLINES_REACH_MS: u64 = 1_500 * 60_000;
+
+/// 24h rolling statistics from the 1-minute klines (`ticker/24hr`, `@ticker`, `@miniTicker`).
+pub fn ticker(m: &MarketSpec, s: &MarketState, now: u64, mini: bool) -> Value {
+    let from = now.saturating_sub(86_400_000);
+    let mut v = window_stats(m, s, from, now, mini);
+    if !mini {
+        let (bid, ask) = s.best();
+        let last = s.trades.back();
+        let extra = json!({
+            "prevClosePrice": v["openPrice"].clone(),
             "lastQty": m.fmt_qty(Qty(last.map_or(0, |t| t.qty))),
             "bidPrice": m.fmt_price(bid.map_or(Price(0), |b| b.0)),
             "bidQty": m.fmt_qty(bid.map_or(Qty(0), |b| b.1)),
@@ -446,6 +475,145 @@ pub async fn book_ticker(State(st): State<AppState>, req: Req) -> Result<Respons
             })
         },
     )?;
+    Ok(ok_json(&ctx, v))
+}
+
+/// `type`: `FULL` (the default) or `MINI`; true for `MINI`.
+fn mini_param(p: &mut Params) -> Result<bool, ApiError> {
+    p.opt("type")?
+        .map(|t| match t.as_str() {
+            "FULL" => Ok(false),
+            "MINI" => Ok(true),
+            _ => Err(ApiError::invalid_value("type")),
+        })
+        .transpose()
+        .map(|m| m.unwrap_or(false))
+}
+
+/// The markets of `symbol` or `symbols` (one of them is required here) and their weight: 4 per
+/// symbol, at most 200 (Binance's rule for `ticker` and `ticker/tradingDay`).
+fn windowed_selection<'a>(
+    st: &'a AppState,
+    p: &mut Params,
+) -> Result<(Vec<&'a MarketSpec>, bool, u64), ApiError> {
+    let one = p.opt("symbol")?;
+    let many = p.opt("symbols")?;
+    let single = one.is_some();
+    if !single && many.is_none() {
+        return Err(ApiError::missing("symbol"));
+    }
+    let ms = resolve(st, one, many)?.unwrap_or_default();
+    let weight = (4 * ms.len() as u64).min(200);
+    Ok((ms, single, weight))
+}
+
+/// Statistics of `ms` over `[from, now]`: one object for `symbol`, an array for `symbols`.
+fn windowed_answer(
+    st: &AppState,
+    ms: &[&MarketSpec],
+    single: bool,
+    from: u64,
+    now: u64,
+    mini: bool,
+) -> Value {
+    let rm = st.read_model().read();
+    let one = |m: &MarketSpec| window_stats(m, &rm.markets[usize::from(m.id.0)], from, now, mini);
+    match ms {
+        [m] if single => one(m),
+        _ => Value::Array(ms.iter().map(|m| one(m)).collect()),
+    }
+}
+
+/// A rolling window's length: `1m`..`59m`, `1h`..`23h`, `1d`..`7d` (Binance's `windowSize`).
+pub fn window_ms(s: &str) -> Option<u64> {
+    let split = s.len().checked_sub(1)?;
+    let (n, unit) = s.split_at(split);
+    if n.is_empty() || n.len() > 2 || !n.bytes().all(|b| b.is_ascii_digit()) || n.starts_with('0') {
+        return None;
+    }
+    let n: u64 = n.parse().ok()?;
+    let (max, unit_ms) = match unit {
+        "m" => (59, 60_000),
+        "h" => (23, 3_600_000),
+        "d" => (7, 86_400_000),
+        _ => return None,
+    };
+    (1..=max).contains(&n).then_some(n * unit_ms)
+}
+
+/// `GET /api/v3/ticker`: rolling-window statistics (`windowSize`, default `1d`; `type`).
+pub async fn ticker_window(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let mut p = Params::parse(&req.query, &req.body)?;
+    let (ms, single, weight) = windowed_selection(&st, &mut p)?;
+    let window = match p.opt("windowSize")? {
+        Some(w) => window_ms(&w).ok_or_else(|| ApiError::invalid_value("windowSize"))?,
+        None => 86_400_000,
+    };
+    let mini = mini_param(&mut p)?;
+    p.finish()?;
+    let (_, ctx) = st.public(&req, weight)?;
+    let now = crate::core::now_ms();
+    let v = windowed_answer(&st, &ms, single, now.saturating_sub(window), now, mini);
+    Ok(ok_json(&ctx, v))
+}
+
+/// A `timeZone` as minutes east of UTC: hours (`8`, `-1`) or hours and minutes (`-1:00`,
+/// `05:45`), within [-12:00, +14:00] (Binance's range); `0` when not sent.
+pub fn time_zone_minutes(s: &str) -> Option<i64> {
+    let (neg, rest) = match s.as_bytes().first()? {
+        b'-' => (true, &s[1..]),
+        b'+' => (false, &s[1..]),
+        _ => (false, s),
+    };
+    let (h, m) = rest.split_once(':').unwrap_or((rest, "0"));
+    let digits = |x: &str| !x.is_empty() && x.len() <= 2 && x.bytes().all(|b| b.is_ascii_digit());
+    if !digits(h) || !digits(m) {
+        return None;
+    }
+    let (h, m): (i64, i64) = (h.parse().ok()?, m.parse().ok()?);
+    if m >= 60 {
+        return None;
+    }
+    let total = if neg { -(h * 60 + m) } else { h * 60 + m };
+    (-12 * 60..=14 * 60).contains(&total).then_some(total)
+}
+
+/// The start of the trading day that holds `now` in a time zone `tz_min` minutes east of UTC.
+pub fn trading_day_start(now: u64, tz_min: i64) -> u64 {
+    let day = 86_400_000i64;
+    let local = now as i64 + tz_min * 60_000;
+    (local.div_euclid(day) * day - tz_min * 60_000).max(0) as u64
+}
+
+/// `GET /api/v3/ticker/tradingDay`: statistics since the start of the day (`timeZone`, `type`).
+pub async fn ticker_trading_day(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let mut p = Params::parse(&req.query, &req.body)?;
+    let (ms, single, weight) = windowed_selection(&st, &mut p)?;
+    let tz = match p.opt("timeZone")? {
+        Some(z) => time_zone_minutes(&z).ok_or_else(|| ApiError::invalid_value("timeZone"))?,
+        None => 0,
+    };
+    let mini = mini_param(&mut p)?;
+    p.finish()?;
+    let (_, ctx) = st.public(&req, weight)?;
+    let now = crate::core::now_ms();
+    let v = windowed_answer(&st, &ms, single, trading_day_start(now, tz), now, mini);
+    Ok(ok_json(&ctx, v))
+}
+
+/// `GET /sapi/v1/system/status`: `{"status": 0, "msg": "normal"}`, or `1` / `"system
+/// maintenance"` while the ledger auditor holds the circuit breaker open (only cancels pass).
+pub async fn system_status(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (p, ctx) = st.public(&req, 1)?;
+    p.finish()?;
+    let v = if st.breaker_open() {
+        json!({"status": 1, "msg": "system maintenance"})
+    } else {
+        json!({"status": 0, "msg": "normal"})
+    };
     Ok(ok_json(&ctx, v))
 }
 

@@ -10,7 +10,7 @@
 use crate::app::{ok_json, AppState, ClientIp, Req};
 use crate::error::ApiError;
 use crate::keys::Perms;
-use crate::public::{depth_json, kline_array, ticker};
+use crate::public::{average_price, depth_json, kline_array, ticker};
 use crate::readmodel::{interval_index, MarketMsgKind, INTERVALS};
 use crate::readmodel::{MarketMsg, UserMsg};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -103,6 +103,16 @@ enum Stream {
         every_ms: u64,
     },
     Trade(usize),
+    /// `<symbol>@aggTrade`: each trade is its own aggregate (as `GET /api/v3/aggTrades`).
+    AggTrade(usize),
+    /// `<symbol>@avgPrice`: the 5-minute average price, pushed at most once a second when it
+    /// changed.
+    AvgPrice(usize),
+    /// `!ticker@arr` (`mini` false) and `!miniTicker@arr`: the 24 h statistics of every market
+    /// that changed, one array at most once a second (all markets in the first).
+    AllTickers {
+        mini: bool,
+    },
     BookTicker(usize),
     /// `<symbol>@ticker` (`mini` false) and `<symbol>@miniTicker`: rolling 24 h statistics,
     /// pushed once a second when the market changed.
@@ -121,6 +131,11 @@ enum Stream {
 }
 
 fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
+    match name {
+        "!ticker@arr" => return Some(Stream::AllTickers { mini: false }),
+        "!miniTicker@arr" => return Some(Stream::AllTickers { mini: true }),
+        _ => {}
+    }
     let Some((sym, rest)) = name.split_once('@') else {
         let lk = st.0.listen_keys.read().unwrap_or_else(|e| e.into_inner());
         let (account, exp) = *lk.get(name)?;
@@ -137,6 +152,8 @@ fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
     match rest {
         "depth" | "depth@100ms" | "depth@1000ms" => Some(Stream::Diff(m)),
         "trade" => Some(Stream::Trade(m)),
+        "aggTrade" => Some(Stream::AggTrade(m)),
+        "avgPrice" => Some(Stream::AvgPrice(m)),
         "bookTicker" => Some(Stream::BookTicker(m)),
         "ticker" => Some(Stream::Ticker {
             market: m,
@@ -419,6 +436,12 @@ fn queue_market(subs: &[(String, Stream)], combined: bool, m: &MarketMsg, out: &
             (Stream::Diff(x), MarketMsgKind::Depth)
             | (Stream::Trade(x), MarketMsgKind::Trade)
             | (Stream::BookTicker(x), MarketMsgKind::BookTicker) => *x == m.market,
+            (Stream::AggTrade(x), MarketMsgKind::Trade) if *x == m.market => {
+                if let Some(a) = agg_trade_event(&m.json) {
+                    out.push(Message::Text(frame(combined, name, &a).into()));
+                }
+                continue;
+            }
             _ => false,
         };
         if !hit {
@@ -553,6 +576,8 @@ async fn streams(
     let mut last: HashMap<String, (u64, u64)> = HashMap::new();
     // Last push per kline stream: (open time, pushed as closed, last trade id, time).
     let mut kstate: HashMap<String, (u64, bool, u64, u64)> = HashMap::new();
+    // Last push per `@avgPrice` stream: (time, the event's `w` and `T`).
+    let mut avg: HashMap<String, (u64, String, u64)> = HashMap::new();
     // Messages waiting for the next flush (reused: no allocation per message once warm).
     let mut out: Vec<Message> = Vec::with_capacity(MAX_BATCH);
     loop {
@@ -620,6 +645,39 @@ async fn streams(
                                     out.push(Message::Text(frame(combined, name, &ticker_event(&ticker(m, ms, now, *mini), *mini, now)).into()));
                                 }
                             }
+                            Stream::AllTickers { mini } => {
+                                if last.get(name).is_some_and(|(t, _)| now < t + 1000) {
+                                    continue;
+                                }
+                                let mut changed = Vec::new();
+                                for (i, m) in st.markets().markets.iter().enumerate() {
+                                    let ms = &rm.markets[i];
+                                    let key = format!("{name}#{i}");
+                                    if last.get(&key).is_none_or(|(_, seq)| *seq != ms.depth_seq) {
+                                        last.insert(key, (now, ms.depth_seq));
+                                        changed.push(ticker_event(&ticker(m, ms, now, *mini), *mini, now));
+                                    }
+                                }
+                                last.insert(name.clone(), (now, 0));
+                                if !changed.is_empty() {
+                                    let arr = format!("[{}]", changed.join(","));
+                                    out.push(Message::Text(frame(combined, name, &arr).into()));
+                                }
+                            }
+                            Stream::AvgPrice(market) => {
+                                let ms = &rm.markets[*market];
+                                let prev = avg.get(name);
+                                if prev.is_some_and(|(t, _, _)| now < t + 1000) {
+                                    continue;
+                                }
+                                let m = &st.markets().markets[*market];
+                                let (w, at) = average_price(m, ms, now);
+                                if prev.is_none_or(|(_, pw, pt)| *pw != w || *pt != at) {
+                                    let ev = json!({"e": "avgPrice", "E": now, "s": m.symbol, "i": "5m", "w": w, "T": at});
+                                    out.push(Message::Text(frame(combined, name, &ev.to_string()).into()));
+                                }
+                                avg.insert(name.clone(), (now, w, at));
+                            }
                             Stream::Kline { market, interval } => {
                                 let ms = &rm.markets[*market];
                                 let ks = &ms.klines[*interval];
@@ -667,6 +725,21 @@ async fn streams(
             }
         }
     }
+}
+
+/// Binance's `aggTrade` event from a published `trade` event: one trade per aggregate, so the
+/// aggregate id and first and last trade ids are the trade's id. Made per subscriber (only
+/// `aggTrade` subscribers pay for it); `None` for a payload that is not a trade event.
+fn agg_trade_event(trade: &str) -> Option<String> {
+    let t: Value = serde_json::from_str(trade).ok()?;
+    let id = t["t"].as_u64()?;
+    Some(
+        json!({
+            "e": "aggTrade", "E": t["E"], "s": t["s"], "a": id, "p": t["p"], "q": t["q"],
+            "f": id, "l": id, "T": t["T"], "m": t["m"], "M": t["M"],
+        })
+        .to_string(),
+    )
 }
 
 /// Binance's `24hrTicker` / `24hrMiniTicker` event from the REST `ticker/24hr` object.

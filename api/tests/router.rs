@@ -126,7 +126,7 @@ async fn public_endpoints_reject_bad_input() {
             -1121,
         ),
         ("/api/v3/depth?symbol=%ZZ", StatusCode::BAD_REQUEST, -1100),
-        ("/api/v3/nothing", StatusCode::NOT_FOUND, -1000),
+        ("/api/v3/nothing", StatusCode::NOT_FOUND, 0),
         (
             "/api/v3/aggTrades?symbol=BTCUSD&startTime=10&endTime=5",
             StatusCode::BAD_REQUEST,
@@ -1163,7 +1163,7 @@ async fn every_documented_endpoint_is_routed() {
             let r = h.raw(&method.to_uppercase(), &uri, "", None).await;
             // Unrouted = the fallback's 404; a routed lookup of an unknown id (`/i/{id}`,
             // `/pos/{token}`) may answer 404 with its own code.
-            let fallback = r.status == StatusCode::NOT_FOUND && r.msg() == "Unknown endpoint.";
+            let fallback = r.status == StatusCode::NOT_FOUND && r.json == serde_json::json!("");
             assert!(!fallback, "{method} {path}");
             assert_ne!(r.status, StatusCode::METHOD_NOT_ALLOWED, "{method} {path}");
         }
@@ -1422,4 +1422,340 @@ async fn admin_key_file_never_keeps_a_wider_mode() {
     assert_eq!(mode & 0o777, 0o600);
     let again: Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(again, v);
+}
+
+/// The IP weight `r` was charged: its used-weight header minus a ping's just before it (a ping
+/// weighs 1). `None` when the minute turned in between (the caller retries).
+fn charged(before: &common::Resp, r: &common::Resp) -> Option<u64> {
+    let used = |x: &common::Resp| -> u64 {
+        x.headers["x-mbx-used-weight-1m"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    used(r).checked_sub(used(before))
+}
+
+/// Calls `uri` (signed with `key` when given) and answers its body and the weight it cost.
+async fn weighed(
+    h: &Harness,
+    path: &str,
+    params: &str,
+    key: Option<&(String, String)>,
+) -> (Value, u64) {
+    for _ in 0..3 {
+        let before = h.get("/api/v3/ping").await;
+        let r = match key {
+            Some(k) => h.signed("GET", path, params, k).await,
+            None => h.get(&format!("{path}?{params}")).await,
+        };
+        assert_eq!(r.status, StatusCode::OK, "{path}?{params}: {}", r.json);
+        if let Some(w) = charged(&before, &r) {
+            return (r.json, w);
+        }
+    }
+    panic!("the minute turned three times");
+}
+
+/// Issue 9: the endpoints ccxt, python-binance and freqtrade call by default, in Binance's shapes
+/// and weights, with the engine's fee rates (not the 0.1% the clients assume without them).
+/// Before they existed, each answered 404 `-1000`.
+#[tokio::test]
+async fn client_default_endpoints_answer_binance_shapes_and_weights() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "1000").await;
+    // The default market charges maker 10 and taker 20 bps.
+    let m = &h.state.markets().markets[0];
+    assert_eq!((m.cfg.maker_fee_bps, m.cfg.taker_fee_bps), (10, 20));
+
+    let (v, w) = weighed(&h, "/sapi/v1/asset/tradeFee", "", Some(&k)).await;
+    assert_eq!(w, 1);
+    let all = v.as_array().unwrap();
+    assert_eq!(all.len(), h.state.markets().markets.len());
+    assert_eq!(
+        all[0],
+        serde_json::json!({"symbol": "BTCUSD", "makerCommission": "0.00100000", "takerCommission": "0.00200000"})
+    );
+    let (v, _) = weighed(&h, "/sapi/v1/asset/tradeFee", "symbol=BTCUSD", Some(&k)).await;
+    assert_eq!(v.as_array().unwrap().len(), 1);
+
+    let (v, w) = weighed(&h, "/api/v3/account/commission", "symbol=BTCUSD", Some(&k)).await;
+    assert_eq!(w, 20);
+    assert_eq!(v["symbol"], "BTCUSD");
+    assert_eq!(v["standardCommission"]["maker"], "0.00100000");
+    assert_eq!(v["standardCommission"]["taker"], "0.00200000");
+    for part in ["specialCommission", "taxCommission"] {
+        for side in ["maker", "taker", "buyer", "seller"] {
+            assert_eq!(v[part][side], "0.00000000", "{part}.{side}: {v}");
+        }
+    }
+    assert_eq!(v["discount"]["enabledForAccount"], false);
+
+    let (v, w) = weighed(&h, "/api/v3/rateLimit/order", "", Some(&k)).await;
+    assert_eq!(w, 40);
+    assert_eq!(v[0]["rateLimitType"], "ORDERS");
+    assert_eq!(
+        (v[0]["interval"].as_str(), v[0]["intervalNum"].as_u64()),
+        (Some("SECOND"), Some(10))
+    );
+    assert_eq!(v[0]["limit"], 1_000_000);
+    assert_eq!(v[0]["count"], 0);
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=20000",
+        &k,
+    )
+    .await;
+    let (v, _) = weighed(&h, "/api/v3/rateLimit/order", "", Some(&k)).await;
+    assert_eq!(
+        v[0]["count"], 1,
+        "the order counts; reading the count does not: {v}"
+    );
+
+    let (v, w) = weighed(&h, "/sapi/v1/margin/isolated/allPairs", "", Some(&k)).await;
+    assert_eq!((v, w), (serde_json::json!([]), 10));
+    // Cross-margin pairs need a key only; ccxt signs it anyway, which is accepted.
+    let (v, w) = weighed(&h, "/sapi/v1/margin/allPairs", "", Some(&k)).await;
+    assert_eq!((v, w), (serde_json::json!([]), 1));
+    let r = h
+        .raw("GET", "/sapi/v1/margin/allPairs", "", Some(&k.0))
+        .await;
+    assert_eq!((r.status, r.json), (StatusCode::OK, serde_json::json!([])));
+    let r = h.get("/sapi/v1/margin/allPairs").await;
+    assert_eq!((r.status, r.code()), (StatusCode::UNAUTHORIZED, -2014));
+
+    let (v, w) = weighed(&h, "/sapi/v1/system/status", "", None).await;
+    assert_eq!(
+        (v, w),
+        (serde_json::json!({"status": 0, "msg": "normal"}), 1)
+    );
+
+    // Bad input: a clear error, nothing else.
+    for (path, params, code) in [
+        ("/api/v3/account/commission", "", -1102),
+        ("/api/v3/account/commission", "symbol=NOPE", -1121),
+        ("/sapi/v1/asset/tradeFee", "symbol=NOPE", -1121),
+        ("/sapi/v1/asset/tradeFee", "extra=1", -1104),
+    ] {
+        let r = h.signed("GET", path, params, &k).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, code),
+            "{path}?{params}: {}",
+            r.json
+        );
+    }
+}
+
+/// `capital/config/getall`: every asset with the caller's balance; `BTC`'s network carries the
+/// custody's withdrawal fee and minimum, and only while custody is attached.
+#[tokio::test]
+async fn capital_config_lists_coins_with_the_custody_terms() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1.5", "1000").await;
+    let (v, w) = weighed(&h, "/sapi/v1/capital/config/getall", "", Some(&k)).await;
+    assert_eq!(w, 10);
+    let coin = |v: &Value, c: &str| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["coin"] == c)
+            .cloned()
+            .unwrap()
+    };
+    let btc = coin(&v, "BTC");
+    assert_eq!(btc["free"], "1.50000000");
+    assert_eq!(
+        btc["networkList"],
+        serde_json::json!([]),
+        "no custody, no network"
+    );
+    assert_eq!(btc["withdrawAllEnable"], false);
+    let usd = coin(&v, "USD");
+    assert_eq!(usd["free"], "1000.00000000");
+
+    let fake = std::sync::Arc::new(common::custody::Fake::default());
+    h.state.set_custody(fake).ok().unwrap();
+    let (v, _) = weighed(&h, "/sapi/v1/capital/config/getall", "", Some(&k)).await;
+    let btc = coin(&v, "BTC");
+    assert_eq!(
+        (
+            btc["depositAllEnable"].as_bool(),
+            btc["withdrawAllEnable"].as_bool()
+        ),
+        (Some(true), Some(true))
+    );
+    let n = &btc["networkList"][0];
+    assert_eq!(
+        (n["network"].as_str(), n["coin"].as_str()),
+        (Some("BTC"), Some("BTC"))
+    );
+    // The scripted custody's terms: no fee, at least one satoshi.
+    assert_eq!(
+        (n["withdrawFee"].as_str(), n["withdrawMin"].as_str()),
+        (Some("0.00000000"), Some("0.00000001"))
+    );
+    assert_eq!(
+        (
+            n["depositEnable"].as_bool(),
+            n["withdrawEnable"].as_bool(),
+            n["isDefault"].as_bool()
+        ),
+        (Some(true), Some(true), Some(true))
+    );
+    let usd = coin(&v, "USD");
+    assert_eq!(
+        usd["networkList"],
+        serde_json::json!([]),
+        "USD is credited by the operator"
+    );
+}
+
+/// `GET /api/v3/ticker` (rolling window) and `ticker/tradingDay`: statistics of the window, 4
+/// weight per symbol (at most 200), `symbol` or `symbols` required.
+#[tokio::test]
+async fn rolling_window_and_trading_day_tickers() {
+    let h = Harness::new();
+    let (_, seller) = h.trader("1", "0").await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.002&price=30000",
+        &seller,
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000",
+        &buyer,
+    )
+    .await;
+    for (path, extra) in [
+        ("/api/v3/ticker", "&windowSize=5m"),
+        ("/api/v3/ticker/tradingDay", "&timeZone=-1:30"),
+    ] {
+        let (v, w) = weighed(&h, path, &format!("symbol=BTCUSD{extra}"), None).await;
+        assert_eq!(w, 4, "{path}");
+        assert_eq!(v["symbol"], "BTCUSD");
+        assert_eq!(
+            (v["lastPrice"].as_str(), v["volume"].as_str()),
+            (Some("30000.00000000"), Some("0.00100000")),
+            "{path}: {v}"
+        );
+        assert_eq!(
+            (v["quoteVolume"].as_str(), v["count"].as_u64()),
+            (Some("30.00000000"), Some(1))
+        );
+        assert_eq!(v["weightedAvgPrice"], "30000.00000000");
+        for k in [
+            "priceChange",
+            "priceChangePercent",
+            "openPrice",
+            "highPrice",
+            "lowPrice",
+        ] {
+            assert!(v[k].is_string(), "{path} {k}: {v}");
+        }
+        for k in ["openTime", "closeTime", "firstId", "lastId"] {
+            assert!(v[k].is_i64(), "{path} {k}: {v}");
+        }
+        assert!(
+            v.get("bidPrice").is_none(),
+            "no book in the windowed shape: {v}"
+        );
+        let (v, w) = weighed(&h, path, "symbols=%5B%22BTCUSD%22%5D&type=MINI", None).await;
+        assert_eq!(w, 4);
+        assert_eq!(v[0]["symbol"], "BTCUSD");
+        assert!(
+            v[0].get("priceChange").is_none() && v[0]["lastPrice"].is_string(),
+            "{v}"
+        );
+    }
+    for uri in [
+        "/api/v3/ticker",
+        "/api/v3/ticker?symbol=BTCUSD&windowSize=60m",
+        "/api/v3/ticker?symbol=BTCUSD&windowSize=8d",
+        "/api/v3/ticker?symbol=BTCUSD&windowSize=01h",
+        "/api/v3/ticker?symbol=BTCUSD&type=ALL",
+        "/api/v3/ticker/tradingDay?symbol=BTCUSD&timeZone=15",
+        "/api/v3/ticker/tradingDay?symbol=BTCUSD&timeZone=1:60",
+        "/api/v3/ticker/tradingDay?symbol=NOPE",
+    ] {
+        let r = h.get(uri).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{uri}: {}", r.json);
+        assert!(r.code() < -1000, "{uri}: {}", r.json);
+    }
+}
+
+#[test]
+fn window_sizes_and_time_zones_parse_as_binance_documents() {
+    use api::public::{time_zone_minutes, trading_day_start, window_ms};
+    let cases = [
+        ("1m", Some(60_000)),
+        ("59m", Some(59 * 60_000)),
+        ("23h", Some(23 * 3_600_000)),
+        ("7d", Some(7 * 86_400_000)),
+        ("0m", None),
+        ("60m", None),
+        ("24h", None),
+        ("8d", None),
+        ("1w", None),
+        ("", None),
+        ("m", None),
+        ("100m", None),
+    ];
+    for (s, want) in cases {
+        assert_eq!(window_ms(s), want, "{s}");
+    }
+    let zones = [
+        ("0", Some(0)),
+        ("8", Some(480)),
+        ("-1:00", Some(-60)),
+        ("05:45", Some(345)),
+        ("+14", Some(840)),
+        ("-12", Some(-720)),
+        ("15", None),
+        ("-13", None),
+        ("1:60", None),
+        ("x", None),
+        ("", None),
+    ];
+    for (s, want) in zones {
+        assert_eq!(time_zone_minutes(s), want, "{s}");
+    }
+    let day = 86_400_000;
+    assert_eq!(trading_day_start(10 * day + 5, 0), 10 * day);
+    // UTC+8: the day began at 16:00 UTC the evening before.
+    assert_eq!(
+        trading_day_start(10 * day + 3_600_000, 480),
+        10 * day - 8 * 3_600_000
+    );
+    // UTC-1: at 00:30 UTC it is still the previous local day, which began at 01:00 UTC.
+    assert_eq!(
+        trading_day_start(10 * day + 1_800_000, -60),
+        9 * day + 3_600_000
+    );
+}
+
+/// Issue 9: a path no route serves answers 404 with an empty body, as Binance does, not
+/// `-1000` (which clients retry as a temporary failure). Saw it fail on the old fallback.
+#[tokio::test]
+async fn unknown_paths_answer_404_without_a_retryable_code() {
+    let h = Harness::new();
+    for (m, uri) in [
+        ("GET", "/api/v3/nothing"),
+        ("GET", "/sapi/v1/nothing/here"),
+        ("POST", "/api/v4/order"),
+    ] {
+        let r = h.raw(m, uri, "", None).await;
+        assert_eq!(
+            (r.status, &r.json),
+            (StatusCode::NOT_FOUND, &serde_json::json!("")),
+            "{m} {uri}"
+        );
+    }
 }

@@ -50,7 +50,7 @@ fn entry(method: &str, path: &str) -> Option<&'static api::access::Route> {
 }
 
 fn is_fallback(r: &(StatusCode, i64, String)) -> bool {
-    r.0 == StatusCode::NOT_FOUND && r.2 == "Unknown endpoint."
+    r.0 == StatusCode::NOT_FOUND && r.1 == 0 && r.2.is_empty()
 }
 
 #[tokio::test]

@@ -1,7 +1,10 @@
 #!/usr/bin/env python3
 """Runs ccxt's unmodified `binance` class against a Mediator server.
 
-Only configuration is changed: the API URLs, spot-only market loading and no currency loading.
+Only configuration is changed: the API URLs, and spot-only market loading (the server has no
+futures, so ccxt's default `fetchMarkets` types `linear` and `inverse` have nothing to load).
+ccxt's defaults otherwise: `fetchCurrencies` (capital/config/getall) and `fetchMargins`
+(margin/allPairs, margin/isolated/allPairs) run in `load_markets()`.
 Environment:
   MEDIATOR_URL                          http://127.0.0.1:PORT
   MEDIATOR_API_KEY, MEDIATOR_API_SECRET the taker account (BTC and USD)
@@ -35,12 +38,7 @@ def config(key, secret):
                 "ws": {"spot": WS + "/ws", "ws-api": {"spot": WS + "/ws-api/v3"}},
             }
         },
-        "options": {
-            "defaultType": "spot",
-            "fetchMarkets": ["spot"],
-            "fetchMargins": False,
-            "fetchCurrencies": False,
-        },
+        "options": {"fetchMarkets": ["spot"]},
     }
 
 
@@ -83,6 +81,26 @@ def load_markets():
     expect(m["limits"]["amount"]["min"], m["limits"])
     state["market"] = m
     return f"{len(markets)} market(s), precision {m['precision']}, limits.amount {m['limits']['amount']}"
+
+
+def currencies_and_fees():
+    # Loaded by load_markets() with ccxt's defaults (capital/config/getall).
+    btc = taker.currencies["BTC"]
+    net = btc["networks"]["BTC"]
+    expect(net["deposit"] and net["withdraw"], net)
+    expect(net["fee"] is not None and net["limits"]["withdraw"]["min"] > 0, net)
+    expect("USD" in taker.currencies, sorted(taker.currencies))
+    # The server's fee rates, not ccxt's 0.1% default (asset/tradeFee).
+    f = taker.fetch_trading_fee(SYMBOL)
+    expect(f["maker"] == 0.001 and f["taker"] == 0.002, f)
+    fs = taker.fetch_trading_fees()
+    expect(fs[SYMBOL]["taker"] == 0.002, fs)
+    s = taker.fetch_status()
+    expect(s["status"] == "ok", s)
+    # Rolling-window ticker (GET /api/v3/ticker).
+    r = taker.publicGetTicker({"symbol": "BTCUSD", "windowSize": "1h"})
+    expect(r["symbol"] == "BTCUSD" and "count" in r, r)
+    return f"BTC withdraw fee {net['fee']} min {net['limits']['withdraw']['min']}, fees {f['maker']}/{f['taker']}, status {s['status']}"
 
 
 def fetch_time():
@@ -316,6 +334,21 @@ async def pro_streams():
         k = await asyncio.wait_for(ex.watch_ohlcv(SYMBOL, "1m"), 10)
         expect(k and k[-1][4] > 0, k)
         done.append("watchOHLCV")
+        # All markets' tickers (!ticker@arr, ccxt's stream when no symbol is named).
+        ts = await asyncio.wait_for(ex.watch_tickers(), 10)
+        expect(SYMBOL in ts and ts[SYMBOL]["last"] > 0, ts)
+        done.append("watchTickers")
+
+        async def agg_soon():
+            await asyncio.sleep(0.5)
+            await asyncio.to_thread(maker.create_order, SYMBOL, "limit", "sell", 0.01, 50060)
+            await asyncio.to_thread(taker.create_order, SYMBOL, "market", "buy", 0.01)
+
+        task = asyncio.ensure_future(agg_soon())
+        ts = await asyncio.wait_for(ex.watch_trades(SYMBOL, None, None, {"name": "aggTrade"}), 10)
+        await task
+        expect(ts and ts[-1]["price"] == 50060, ts)
+        done.append("watchTrades aggTrade")
 
         # Private: the user data stream (ccxt subscribes through the WebSocket API with a
         # signature for spot).
@@ -351,6 +384,7 @@ check("fetchTime", fetch_time)
 if not check("loadMarkets (exchangeInfo)", load_markets):
     print("cannot go on without markets")
     sys.exit(1)
+check("currencies (fetchCurrencies) / fetchTradingFee(s) / fetchStatus / rolling ticker", currencies_and_fees)
 check("fetchBalance", balance)
 check("createOrder limit (buy and sell)", limit_orders)
 check("fetchOrder", fetch_order)

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Runs python-binance's unmodified `Client` against a Mediator server.
 
-Only configuration is changed: `ping=False` and the API URLs.
+Only configuration is changed: the API URLs (`ping=False` because the constructor would ping
+api.binance.com before they are set).
 Environment:
   MEDIATOR_URL                          http://127.0.0.1:PORT
   MEDIATOR_API_KEY, MEDIATOR_API_SECRET the taker account (BTC and USD)
@@ -193,6 +194,18 @@ def withdraw():
     return f"withdrawal {w['id']}"
 
 
+def coins_fees_status():
+    coins = {c["coin"]: c for c in taker.get_all_coins_info()}
+    net = coins["BTC"]["networkList"][0]
+    expect(net["network"] == "BTC" and net["withdrawEnable"] and net["depositEnable"], net)
+    expect(float(net["withdrawMin"]) > 0, net)
+    fee = taker.get_trade_fee(symbol=SYMBOL)
+    expect(fee == [{"symbol": SYMBOL, "makerCommission": "0.00100000", "takerCommission": "0.00200000"}], fee)
+    st = taker.get_system_status()
+    expect(st == {"status": 0, "msg": "normal"}, st)
+    return f"BTC withdrawFee {net['withdrawFee']} withdrawMin {net['withdrawMin']}, fee {fee[0]}"
+
+
 async def streams():
     # The asyncio client and its socket manager, configured through class attributes before
     # `create` (which pings): REST, and the WebSocket API that `user_socket` subscribes through.
@@ -209,7 +222,7 @@ async def streams():
         # One combined connection (python-binance's read loop notices an exit only after a
         # message or its 10 s receive timeout, so every socket closed on a quiet stream costs up
         # to 10 s) and the user data stream through the WebSocket API.
-        names = ["btcusd@depth5", "btcusd@ticker", "btcusd@trade", "btcusd@kline_1m"]
+        names = ["btcusd@depth5", "btcusd@ticker", "btcusd@trade", "btcusd@kline_1m", "btcusd@aggTrade"]
         async with bm.multiplex_socket(names) as ms, bm.user_socket() as us:
             first = {}
             while len(first) < 2:  # the book and ticker are pushed on subscription
@@ -222,15 +235,18 @@ async def streams():
             done.append("depth (partial) and 24h ticker streams")
             # Crosses the maker's resting bid at 59,900.
             await c.order_limit_sell(symbol=SYMBOL, quantity="0.01", price="59900")
-            trade = kline = None
-            while trade is None or kline is None:
+            trade = kline = agg = None
+            while trade is None or kline is None or agg is None:
                 m = await asyncio.wait_for(ms.recv(), 10)
                 if m["stream"] == "btcusd@trade":
                     trade = m["data"]
+                if m["stream"] == "btcusd@aggTrade":
+                    agg = m["data"]
                 if m["stream"] == "btcusd@kline_1m" and m["data"]["k"]["c"] == "59900.00000000":
                     kline = m["data"]
             expect(trade["e"] == "trade" and trade["p"] == "59900.00000000", trade)
             expect(kline["e"] == "kline" and kline["k"]["i"] == "1m", kline)
+            expect(agg["e"] == "aggTrade" and agg["p"] == "59900.00000000", agg)
             done.append("trade and kline streams")
             seen = set()
             while not {"NEW", "TRADE"} <= seen:
@@ -250,6 +266,7 @@ check("cleanup (cancel leftovers)", cleanup)
 check("ping / get_server_time", ping_time)
 check("get_exchange_info / get_symbol_info", exchange_info)
 check("get_account / get_asset_balance", account)
+check("get_all_coins_info / get_trade_fee / get_system_status", coins_fees_status)
 check("order_limit_sell / order_limit_buy / create_order", limit_orders)
 check("get_order", get_order)
 check("get_order_book", order_book)
@@ -261,7 +278,7 @@ check("get_my_trades", my_trades)
 check("get_deposit_address / get_deposit_history", deposit_address)
 check("withdraw / get_withdraw_history", withdraw)
 check(
-    "AsyncClient + BinanceSocketManager multiplex (depth5, ticker, trade, kline) and user_socket",
+    "AsyncClient + BinanceSocketManager multiplex (depth5, ticker, trade, kline, aggTrade) and user_socket",
     lambda: asyncio.run(streams()),
 )
 check("cancel_all_open_orders", cleanup)

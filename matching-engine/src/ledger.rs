@@ -133,7 +133,9 @@ impl Ledger {
             .sum()
     }
 
-    /// Panics unless, per asset, the sum of all balances equals credits minus withdrawals.
+    /// Panics unless, per asset, the sum of all balances equals credits minus withdrawals (debug
+    /// builds, after every command; release builds check the same in `Engine::validate`).
+    #[cfg(debug_assertions)]
     pub(crate) fn check_conservation(&self) {
         for (i, t) in self.totals.iter().enumerate() {
             let sum = self.asset_total(AssetId(i as u16));

@@ -32,6 +32,10 @@ pub const OVERRIDE_ACTION: &str = "audit.override";
 /// The longest line [`verify`] reads (bytes); a longer one is a break, not an allocation spiral.
 pub const MAX_LINE: usize = 64 * 1024;
 
+/// The longest params kept verbatim (bytes of JSON); longer ones are summarized by
+/// [`AuditLog::append`]. Leaves room in [`MAX_LINE`] for the other fields.
+pub const MAX_PARAMS: usize = 32 * 1024;
+
 /// Key fragments that may never appear in params (case-insensitive).
 const SECRET_KEYS: &[&str] = &[
     "secret",
@@ -471,6 +475,18 @@ impl AuditLog {
         if let Some(key) = find_secret(&params) {
             return Err(AuditError::SecretInParams { key });
         }
+        // Bounded: params too long for one line (e.g. a reconciliation of every record) are
+        // replaced by their size and SHA-256, so a reader can still check a kept copy.
+        let raw = serde_json::to_vec(&params).expect("a JSON value serializes");
+        let params = if raw.len() > MAX_PARAMS {
+            serde_json::json!({
+                "summarized": true,
+                "bytes": raw.len(),
+                "sha256": hex::encode(Sha256::digest(&raw)),
+            })
+        } else {
+            params
+        };
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
         let entry = Entry {
             seq: g.last_seq + 1,

@@ -278,6 +278,7 @@ impl Tree {
             root: root.hash,
             total: root.sum,
             audit_head,
+            created_ms: None,
         })
     }
 }
@@ -305,6 +306,8 @@ pub struct InclusionProof {
     pub total: u64,
     /// The audit-log head when the proof was published.
     pub audit_head: Option<Hash>,
+    /// When the proof was published (ms since the epoch; informative, not hashed).
+    pub created_ms: Option<u64>,
 }
 
 /// Why an inclusion proof did not verify (or could not be read). `code()` is stable.
@@ -455,6 +458,8 @@ struct WireProof {
     total: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     audit_head: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    created_ms: Option<u64>,
 }
 
 fn hex32(field: &str, s: &str) -> Result<Hash, VerifyError> {
@@ -500,6 +505,7 @@ impl InclusionProof {
             root: hex::encode(self.root),
             total: self.total.to_string(),
             audit_head: self.audit_head.map(hex::encode),
+            created_ms: self.created_ms,
         };
         serde_json::to_value(w).expect("plain struct serializes")
     }
@@ -550,6 +556,7 @@ impl InclusionProof {
                 .as_deref()
                 .map(|h| hex32("audit_head", h))
                 .transpose()?,
+            created_ms: w.created_ms,
         })
     }
 }

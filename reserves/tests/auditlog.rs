@@ -233,3 +233,18 @@ fn verify_never_panics_on_junk() {
     let r = auditlog::verify(&long[..]).unwrap();
     assert!(!r.ok());
 }
+
+#[test]
+fn oversized_params_are_summarized_so_every_line_stays_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    let log = write_log(&p, 0);
+    let big: Vec<u64> = (0..20_000).collect();
+    log.append(1, "admin", "reconcile.records", json!({ "records": big }))
+        .unwrap();
+    let r = auditlog::verify_file(&p).unwrap();
+    assert!(r.ok(), "{:?}", r.breaks);
+    let e = auditlog::tail(&p, 1).unwrap().remove(0);
+    assert_eq!(e.params["summarized"], json!(true));
+    assert!(e.params["bytes"].as_u64().unwrap() > auditlog::MAX_PARAMS as u64);
+}

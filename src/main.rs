@@ -111,7 +111,7 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ReservesCmd,
     },
-    /// The tamper-evident audit log, offline (`<data-dir>/audit.log`): verify, tail.
+    /// The tamper-evident audit log, offline (`<data-dir>/api/audit.log`): verify, tail.
     Audit {
         #[command(subcommand)]
         cmd: AuditCmd,

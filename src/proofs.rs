@@ -4,7 +4,7 @@
 //!   `GET /mapi/v1/reserves/my-proof`) offline; exit 0 when it verifies, 2 with the reason (and
 //!   its stable code) when it does not or the file is not a proof.
 //! * `reserves publish-liabilities`: asks the running server to publish a liabilities proof.
-//! * `audit verify`: re-walks `<data-dir>/audit.log` offline; exit 2 on an unacknowledged break.
+//! * `audit verify`: re-walks `<data-dir>/api/audit.log` offline; exit 2 on an unacknowledged break.
 //! * `audit tail [-n N]`: the last entries (`--json`: one JSON entry per line, as stored).
 
 use anyhow::{bail, Context};
@@ -94,8 +94,9 @@ pub fn publish_liabilities(a: &crate::admin::Admin) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `<data-dir>/api/audit.log`: the API's storage lives in `<data-dir>/api` (`api::start_node`).
 fn audit_path(data_dir: &Path) -> std::path::PathBuf {
-    data_dir.join(api::proofs::AUDIT_FILE)
+    data_dir.join("api").join(api::proofs::AUDIT_FILE)
 }
 
 /// `mediator audit verify`.

@@ -87,7 +87,8 @@ fn verify_inclusion_case_table() {
 #[test]
 fn audit_verify_and_tail_find_a_removed_entry() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("audit.log");
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
     let o = mediator(dir.path(), &["audit", "verify"]);
     assert_eq!(o.status.code(), Some(2), "no log: {}", text(&o));
     {
@@ -136,4 +137,94 @@ fn audit_verify_and_tail_find_a_removed_entry() {
         out.contains("line 2") && out.contains("--audit-override"),
         "{out}"
     );
+}
+
+const SERVE: &[&str] = &[
+    "serve",
+    "--listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.2:0",
+    "--bitcoind-rpc-url",
+    "http://127.0.0.1:9",
+    "--bitcoind-rpc-user",
+    "u",
+    "--bitcoind-rpc-password",
+    "p",
+];
+
+#[test]
+fn serve_refuses_a_broken_audit_chain_and_the_override_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        for i in 0..3u64 {
+            log.append(
+                10 + i,
+                "admin",
+                "credit",
+                serde_json::json!({ "account": i }),
+            )
+            .unwrap();
+        }
+    }
+    let tampered = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"account\":1", "\"account\":9");
+    std::fs::write(&path, &tampered).unwrap();
+
+    let o = mediator(dir.path(), SERVE);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("is broken") && out.contains("--audit-override"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        tampered,
+        "refusal changes nothing"
+    );
+
+    // With the override it starts (this test stops it once the override is logged) and the
+    // override is in the chain.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mediator"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(SERVE)
+        .arg("--audit-override")
+        .env_remove("MEDIATOR_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run mediator serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let logged = loop {
+        let now = std::fs::read_to_string(&path).unwrap_or_default();
+        if now.contains("\"server.start\"") && now.contains("audit.override") {
+            break true;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        logged,
+        "the override was not logged: {}",
+        std::fs::read_to_string(&path).unwrap()
+    );
+    let o = mediator(dir.path(), &["audit", "verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("acknowledged by an operator override"),
+        "{}",
+        text(&o)
+    );
+    let o = mediator(dir.path(), &["audit", "tail"]);
+    assert!(text(&o).contains("audit.override"), "{}", text(&o));
 }

@@ -238,15 +238,19 @@ pub async fn admin_publish_liabilities(
 fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Value, ApiError> {
     let proofs = &st.0.proofs;
     let created = crate::core::now_ms();
-    let (_, head) = proofs.log.head();
+    let (audit_seq, head) = proofs.log.head();
     let db = proofs.db.lock().unwrap_or_else(|e| e.into_inner());
-    let id: i64 = db
+    let next: i64 = db
         .query_row(
             "SELECT COALESCE(MAX(proof_id), 0) + 1 FROM liabilities",
             [],
             |r| r.get(0),
         )
         .map_err(internal)?;
+    // The nonces are keyed by the proof id, so an id must never come back, not even after
+    // `reserves.sqlite` was lost: it is also above the audit log's last seq (which only grows,
+    // and start-up refuses a broken log).
+    let id = next.max(i64::try_from(audit_seq).map_err(internal)? + 1);
     let trees = snapshot
         .iter()
         .map(|(asset, b)| Tree::build(&proofs.secret, id as u64, asset, b))

@@ -104,6 +104,35 @@ async fn every_user_verifies_their_inclusion_in_the_published_liabilities() {
         );
     }
     assert_eq!(actions.last().unwrap(), "reserves.liabilities.publish");
+
+    // A second publication: a fresh id (above the audit log's seq, so never reused even if
+    // reserves.sqlite were lost), fresh nonces, the new audit head.
+    let first = h
+        .ok(
+            "GET",
+            "/mapi/v1/reserves/my-proof",
+            "asset=USD",
+            &users[0].1,
+        )
+        .await;
+    let again = h
+        .ok("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
+        .await;
+    assert!(again["proofId"].as_u64() > published["proofId"].as_u64());
+    assert!(
+        again["proofId"].as_u64().unwrap() > auditlog::verify_file(&path).unwrap().last_seq - 1
+    );
+    let second = h
+        .ok(
+            "GET",
+            "/mapi/v1/reserves/my-proof",
+            "asset=USD",
+            &users[0].1,
+        )
+        .await;
+    assert_ne!(first["nonce"], second["nonce"]);
+    assert_eq!(second["audit_head"], again["auditHead"]);
+    assert_eq!(first["balance"], second["balance"]);
 }
 
 #[test]

@@ -207,3 +207,13 @@ async fn the_verification_page_is_self_contained_with_a_hashed_script() {
         "no external resource"
     );
 }
+
+#[tokio::test]
+async fn openapi_lists_the_reserves_routes() {
+    let h = Harness::new();
+    let doc = h.get("/openapi.json").await.json;
+    let mine = &doc["paths"]["/mapi/v1/reserves/my-proof"]["get"];
+    assert_eq!(mine["x-permission"], "read", "{mine}");
+    let publish = &doc["paths"]["/mapi/v1/admin/reserves/liabilities"]["post"];
+    assert_eq!(publish["x-permission"], "admin", "{publish}");
+}

@@ -310,3 +310,44 @@ fn known_answer_vectors_pin_the_format() {
         "835492757f38c7e90a7d15ae95a52f419cb6f13b5eea0bf6806e5c558088177f"
     );
 }
+
+mod props {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(64))]
+
+        /// Against a naive model: the root total is the plain sum, every account with a balance
+        /// proves inclusion, and changing any one amount in a proof makes it fail.
+        #[test]
+        fn every_proof_verifies_and_any_changed_amount_fails(
+            balances in proptest::collection::btree_map(any::<u32>(), 0u64..1_000_000_000_000, 0..40),
+            pick in any::<proptest::sample::Index>(),
+            delta in 1u64..1_000,
+        ) {
+            let b: Vec<(u32, u64)> = balances.into_iter().collect();
+            let t = Tree::build(&SECRET, 77, "BTC", &b).unwrap();
+            prop_assert_eq!(t.root().sum, b.iter().map(|x| x.1).sum::<u64>());
+            let with_leaf: Vec<_> = b.iter().filter(|x| x.1 > 0).collect();
+            prop_assert_eq!(t.accounts(), with_leaf.len());
+            for &&(a, bal) in &with_leaf {
+                let p = t.prove(a, None).unwrap();
+                prop_assert_eq!(p.balance, bal);
+                prop_assert_eq!(liabilities::verify(&p), Ok(()));
+            }
+            if let Some(&&(a, _)) = with_leaf.get(pick.index(with_leaf.len().max(1))) {
+                let p = t.prove(a, None).unwrap();
+                let n = p.path.len() + 2;
+                let i = pick.index(n);
+                let mut q = p.clone();
+                match i {
+                    0 => q.balance += delta,
+                    1 => q.total += delta,
+                    k => q.path[k - 2].sum += delta,
+                }
+                prop_assert!(liabilities::verify(&q).is_err(), "changed amount {} verified", i);
+            }
+        }
+    }
+}

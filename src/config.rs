@@ -416,6 +416,8 @@ pub struct ServeConfig {
     pub limits: LimitKnobs,
     /// Merchant settings (unset: the API's defaults); apply with [`MerchantKnobs::apply`].
     pub merchant: MerchantKnobs,
+    /// `serve --audit-override`: start on a broken audit chain (logged). A flag only.
+    pub audit_override: bool,
 }
 
 /// Parses a network name.
@@ -539,6 +541,7 @@ impl ServeConfig {
             bitcoind,
             limits,
             merchant,
+            audit_override: false,
             custody: CustodyKnobs {
                 deposit_confirmations: c.deposit_confirmations.or(f.deposit_confirmations),
                 poll_interval_ms: c.poll_interval_ms.or(f.poll_interval_ms),

@@ -9,6 +9,7 @@ mod bitcoind;
 mod config;
 mod custody;
 mod journal;
+mod proofs;
 mod replay;
 mod serve;
 
@@ -105,6 +106,16 @@ enum Cmd {
         #[command(subcommand)]
         cmd: RegtestCmd,
     },
+    /// Verifiable custody: liabilities proofs.
+    Reserves {
+        #[command(subcommand)]
+        cmd: ReservesCmd,
+    },
+    /// The tamper-evident audit log, offline (`<data-dir>/api/audit.log`): verify, tail.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+    },
     /// The engine's journal, offline (`<data-dir>/journal`): verify, repair.
     Journal {
         #[command(subcommand)]
@@ -128,6 +139,29 @@ enum Cmd {
     Alarm {
         #[command(subcommand)]
         cmd: AlarmCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReservesCmd {
+    /// Checks an inclusion proof file (from GET /mapi/v1/reserves/my-proof), offline.
+    VerifyInclusion {
+        /// The proof (JSON).
+        file: PathBuf,
+    },
+    /// Publishes a liabilities proof over every balance now (running server).
+    PublishLiabilities,
+}
+
+#[derive(Debug, Subcommand)]
+enum AuditCmd {
+    /// Re-walks the whole chain; fails when `serve` would refuse to start.
+    Verify,
+    /// Prints the last entries (--json: as stored, one per line).
+    Tail {
+        /// How many.
+        #[arg(short = 'n', long, default_value_t = 20)]
+        lines: usize,
     },
 }
 
@@ -216,6 +250,10 @@ enum RegtestCmd {
 
 #[derive(Debug, Args)]
 struct ServeArgs {
+    /// Start even though the audit log's chain is broken (`mediator audit verify` shows where);
+    /// the override is itself logged. Never from the configuration file.
+    #[arg(long)]
+    audit_override: bool,
     /// A TOML configuration file (see README); environment and flags override it.
     #[arg(long, env = "MEDIATOR_CONFIG")]
     config: Option<PathBuf>,
@@ -331,7 +369,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 limits: a.limits,
                 merchant: a.merchant,
             };
-            serve::run(ServeConfig::resolve(file, over)?)
+            let mut cfg = ServeConfig::resolve(file, over)?;
+            cfg.audit_override = a.audit_override;
+            serve::run(cfg)
         }
         Cmd::Replay { args } => replay::run(&args),
         Cmd::Account {
@@ -378,6 +418,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Regtest {
             cmd: RegtestCmd::Fund { account },
         } => admin::regtest_fund(&admin()?, account),
+        Cmd::Reserves {
+            cmd: ReservesCmd::VerifyInclusion { file },
+        } => proofs::verify_inclusion(&file, json),
+        Cmd::Reserves {
+            cmd: ReservesCmd::PublishLiabilities,
+        } => proofs::publish_liabilities(&admin()?),
+        Cmd::Audit {
+            cmd: AuditCmd::Verify,
+        } => proofs::audit_verify(&data_dir, json),
+        Cmd::Audit {
+            cmd: AuditCmd::Tail { lines },
+        } => proofs::audit_tail(&data_dir, lines, json),
         Cmd::Journal {
             cmd: JournalCmd::Verify,
         } => journal::verify(&data_dir, json),

@@ -72,6 +72,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     cfg.merchant.apply(&mut node_cfg.api);
     node_cfg.api.frame_ancestors = cfg.frame_ancestors.clone();
     node_cfg.api.trusted_proxy = cfg.trusted_proxy.clone();
+    node_cfg.api.audit_override = cfg.audit_override;
     let node = api::start_node(&cfg.data_dir, node_cfg)?;
     tracing::info!(
         snapshot = ?node.recovery.snapshot_seq,

@@ -102,7 +102,7 @@ pub static ROUTES: &[Route] = {
     use crate::capital as c;
     use crate::catalog as cat;
     use crate::merchant::routes as m;
-    use crate::{metrics, native as n, openapi, public as p, trade as t, ws};
+    use crate::{metrics, native as n, openapi, proofs as pr, public as p, trade as t, ws};
     &[
         // Market data.
         route!("GET", "/api/v3/ping", Public, None, P, p::ping),
@@ -636,6 +636,24 @@ pub static ROUTES: &[Route] = {
             c::admin_fund
         ),
         route!("GET", "/metrics", Public, None, A, metrics::metrics),
+        // Verifiable custody (crate::proofs).
+        route!(
+            "POST",
+            "/mapi/v1/admin/reserves/liabilities",
+            Signed(ADM),
+            Some(10),
+            A,
+            pr::admin_publish_liabilities
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/reserves/my-proof",
+            Signed(R),
+            Some(2),
+            P,
+            pr::my_proof
+        ),
+        route!("GET", "/reserves/verify", Public, None, P, pr::verify_page),
     ]
 };
 

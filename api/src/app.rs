@@ -78,6 +78,9 @@ pub struct ApiConfig {
     /// Merchant payments: webhook targets, the redeliver limit, the reference price
     /// ([`crate::merchant::MerchantConfig`]).
     pub merchant: crate::merchant::MerchantConfig,
+    /// Start even when the audit log's chain is broken; the override is logged
+    /// (`mediator serve --audit-override`, [`crate::proofs`]).
+    pub audit_override: bool,
 }
 
 impl Default for ApiConfig {
@@ -103,6 +106,7 @@ impl Default for ApiConfig {
             frame_ancestors: "'self'".to_owned(),
             trusted_proxy: None,
             merchant: crate::merchant::MerchantConfig::default(),
+            audit_override: false,
         }
     }
 }
@@ -129,6 +133,9 @@ pub enum SetupError {
     /// The merchant database.
     #[error("merchant database: {0}")]
     Merchant(#[from] rusqlite::Error),
+    /// The audit log is broken or unwritable ([`crate::proofs`]).
+    #[error("{0}")]
+    Audit(String),
 }
 
 /// Everything the handlers share. Cheap to clone.
@@ -159,6 +166,8 @@ pub(crate) struct Inner {
     pub custody: std::sync::OnceLock<Arc<dyn crate::custody::Custody>>,
     /// Merchant payments: database, invoice updates, monitor wake-ups ([`crate::merchant`]).
     pub merchant: crate::merchant::Merchant,
+    /// The audit log and the liabilities proofs ([`crate::proofs`]).
+    pub proofs: crate::proofs::Proofs,
 }
 
 impl std::fmt::Debug for dyn ExchangeCore {
@@ -178,6 +187,7 @@ pub struct PendingApi {
     data_dir: PathBuf,
     applier: std::thread::JoinHandle<()>,
     merchant: crate::merchant::Merchant,
+    proofs: crate::proofs::Proofs,
 }
 
 /// Opens the API's storage in `data_dir` (`api.sqlite`, `api-master.key`) and starts the
@@ -191,6 +201,7 @@ pub fn open(
     let store = Arc::new(Store::open(&data_dir.join("api.sqlite"))?);
     let master = crate::keys::load_or_create_master(&data_dir.join("api-master.key"))?;
     let keys = KeyStore::load(master, &store)?;
+    let proofs = crate::proofs::Proofs::open(data_dir, crate::proofs::nonce_secret(&keys), &cfg)?;
     let markets = Arc::new(Markets::new(engine_config)?);
     let rm = Arc::new(ReadModel::new(markets.clone(), store.clone(), cfg.ws_queue));
     let broken = rm.broken.clone();
@@ -210,6 +221,7 @@ pub fn open(
             data_dir: data_dir.to_owned(),
             applier,
             merchant,
+            proofs,
         },
         EventSink { tx, broken },
     ))
@@ -254,6 +266,7 @@ impl PendingApi {
             id_counter: AtomicU64::new(0),
             custody: std::sync::OnceLock::new(),
             merchant: self.merchant,
+            proofs: self.proofs,
         }))
     }
 }

@@ -440,6 +440,10 @@ pub async fn admin_approve(State(st): State<AppState>, req: Req) -> Result<Respo
     let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
     p.finish()?;
     let w = call(&st, move |c| c.approve_withdrawal(id)).await?;
+    st.audit(
+        "withdrawal.approve",
+        json!({ "id": id, "withdrawal": to_json(&w)? }),
+    )?;
     Ok(ok_json(&ctx, to_json(&w)?))
 }
 
@@ -459,6 +463,10 @@ pub async fn admin_reject(State(st): State<AppState>, req: Req) -> Result<Respon
     }
     p.finish()?;
     let w = call(&st, move |c| c.reject_withdrawal(id, &reason)).await?;
+    st.audit(
+        "withdrawal.reject",
+        json!({ "id": id, "withdrawal": to_json(&w)? }),
+    )?;
     Ok(ok_json(&ctx, to_json(&w)?))
 }
 
@@ -475,6 +483,10 @@ pub async fn admin_bump(State(st): State<AppState>, req: Req) -> Result<Response
     }
     p.finish()?;
     let b = call(&st, move |c| c.bump_withdrawal(id, rate)).await?;
+    st.audit(
+        "withdrawal.bump",
+        json!({ "id": id, "feeRate": rate, "batch": to_json(&b)? }),
+    )?;
     Ok(ok_json(&ctx, to_json(&b)?))
 }
 
@@ -495,6 +507,7 @@ pub async fn admin_clear_flag(State(st): State<AppState>, req: Req) -> Result<Re
     let account = u32::try_from(account).map_err(|_| ApiError::invalid_value("account"))?;
     p.finish()?;
     call(&st, move |c| c.clear_flag(account)).await?;
+    st.audit("account.clear_flag", json!({ "account": account }))?;
     Ok(ok_json(
         &ctx,
         json!({ "account": account, "cleared": true }),
@@ -523,6 +536,7 @@ pub async fn admin_clear_alarm(State(st): State<AppState>, req: Req) -> Result<R
     let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
     p.finish()?;
     call(&st, move |c| c.clear_alarm(id)).await?;
+    st.audit("alarm.clear", json!({ "id": id }))?;
     Ok(ok_json(&ctx, json!({ "id": id, "cleared": true })))
 }
 
@@ -531,6 +545,7 @@ pub async fn admin_reconcile(State(st): State<AppState>, req: Req) -> Result<Res
     let (_, p, ctx) = st.signed(&req)?;
     p.finish()?;
     let r = call(&st, |c| c.reconcile()).await?;
+    st.audit("reconcile", to_json(&r)?)?;
     Ok(ok_json(&ctx, to_json(&r)?))
 }
 
@@ -542,6 +557,7 @@ pub async fn admin_reconcile_records(
     let (_, p, ctx) = st.signed(&req)?;
     p.finish()?;
     let r = call(&st, |c| c.reconcile_records()).await?;
+    st.audit("reconcile.records", to_json(&r)?)?;
     Ok(ok_json(&ctx, to_json(&r)?))
 }
 

@@ -30,6 +30,7 @@ pub mod native;
 pub mod node;
 pub mod openapi;
 pub mod params;
+pub mod proofs;
 pub mod public;
 pub mod ratelimit;
 pub mod readmodel;

@@ -118,6 +118,7 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
 
 fn create_key(
     st: &AppState,
+    actor: &str,
     account: u32,
     perms: Perms,
     label: &str,
@@ -130,6 +131,7 @@ fn create_key(
                 ApiError::internal()
             })?;
     let mut v = key_json(&k);
+    st.audit_as(actor, "key.create", v.clone())?;
     v["secretKey"] = json!(secret);
     Ok(v)
 }
@@ -156,7 +158,16 @@ pub async fn create_own_key(State(st): State<AppState>, req: Req) -> Result<Resp
     if perms.0 & !key.perms.0 != 0 {
         return Err(ApiError::key_rejected());
     }
-    Ok(ok_json(&ctx, create_key(&st, key.account, perms, &label)?))
+    Ok(ok_json(
+        &ctx,
+        create_key(
+            &st,
+            &format!("account:{}", key.account),
+            key.account,
+            perms,
+            &label,
+        )?,
+    ))
 }
 
 /// `DELETE /mapi/v1/apiKey` (KEYS): revokes one of the account's keys.
@@ -175,6 +186,11 @@ pub async fn revoke_key(State(st): State<AppState>, req: Req) -> Result<Response
         tracing::error!(error = %e, "revoking an API key failed");
         ApiError::internal()
     })?;
+    st.audit_as(
+        &format!("account:{}", key.account),
+        "key.revoke",
+        json!({ "apiKey": target }),
+    )?;
     Ok(ok_json(&ctx, json!({})))
 }
 
@@ -197,6 +213,7 @@ pub async fn admin_create_account(
             _ => None,
         })
         .ok_or_else(ApiError::internal)?;
+    st.audit("account.create", json!({ "account": account.0 }))?;
     Ok(ok_json(&ctx, json!({ "account": account.0 })))
 }
 
@@ -210,7 +227,10 @@ pub async fn admin_create_key(State(st): State<AppState>, req: Req) -> Result<Re
     if !st.read_model().read().accounts.contains(&account.0) {
         return Err(ApiError::bad(-1130, "Unknown account."));
     }
-    Ok(ok_json(&ctx, create_key(&st, account.0, perms, &label)?))
+    Ok(ok_json(
+        &ctx,
+        create_key(&st, "admin", account.0, perms, &label)?,
+    ))
 }
 
 /// `POST /mapi/v1/admin/credit` (ADMIN): records an operator deposit (e.g. quote currency
@@ -240,6 +260,7 @@ pub async fn admin_credit(State(st): State<AppState>, req: Req) -> Result<Respon
     if let Err(code) = reply.result {
         return Err(ApiError::command_rejected(code));
     }
+    st.audit("credit", json!({ "account": account.0, "asset": asset.0, "amount": amount.0, "reference": &r, "duplicate": duplicate(&reply.events) }))?;
     Ok(ok_json(
         &ctx,
         json!({

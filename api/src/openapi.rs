@@ -471,6 +471,20 @@ const OPS: &[Op] = &[
     ),
     (
         "post",
+        "/mapi/v1/admin/reserves/liabilities",
+        "Publish a liabilities proof (Merkle-sum tree per asset) over every balance now.",
+        "admin",
+        &[],
+    ),
+    (
+        "get",
+        "/mapi/v1/reserves/my-proof",
+        "Your inclusion proof in the latest liabilities proof (docs/liabilities-proof.md).",
+        "read",
+        &[("asset", true)],
+    ),
+    (
+        "post",
         "/mapi/v1/admin/regtest/mine",
         "Regtest: mine 1..=1000 blocks.",
         "admin",

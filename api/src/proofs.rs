@@ -1,0 +1,353 @@
+//! Verifiable custody in the server: the audit log of operator actions and custody decisions,
+//! and published liabilities proofs with each user's inclusion proof (the pure code and the
+//! formats are in the `reserves` crate; `docs/liabilities-proof.md`, `docs/audit-log.md`).
+//!
+//! * **Audit log** (`<data_dir>/audit.log`): opened and verified by [`crate::app::open`]; a broken
+//!   chain refuses start-up unless `ApiConfig::audit_override`, and the override is logged.
+//!   [`AppState::audit`] appends (fsync) before the handler replies; on a write error the
+//!   action's reply is an internal error (the action itself already happened and is in the
+//!   journal; the operator sees the failure).
+//! * **Liabilities proofs** (`<data_dir>/reserves.sqlite`, `synchronous=FULL`): `POST
+//!   /mapi/v1/admin/reserves/liabilities` snapshots every balance (available + held, fee account
+//!   included) from the read model, builds one tree per asset, stores the snapshot, the roots and
+//!   the audit head, then logs `reserves.liabilities.publish` with the roots and the
+//!   [`reserves::liabilities::commitment`]. `GET /mapi/v1/reserves/my-proof?asset=BTC` answers the
+//!   caller's inclusion proof in the latest one. The nonces come from a secret derived from the
+//!   API master key (`HMAC(master, "reserves/liabilities-nonce")`, ADR 0005), never stored.
+
+use crate::app::{ok_json, AppState, Req, SetupError};
+use crate::error::ApiError;
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use reserves::auditlog::{AuditError, AuditLog};
+use reserves::liabilities::{self, Node, Tree};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Value};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+/// The audit log file in the data directory.
+pub const AUDIT_FILE: &str = "audit.log";
+/// The proofs database in the data directory.
+pub const PROOFS_DB: &str = "reserves.sqlite";
+
+/// The browser page that verifies a pasted inclusion proof (`GET /reserves/verify`).
+pub const VERIFY_HTML: &str = include_str!("proofs/verify.html");
+
+/// The latest proof's trees, built once per published proof.
+type Built = (u64, Arc<Vec<Tree>>);
+
+/// The latest published proof: (id, created ms, audit head, trees).
+type Latest = (u64, u64, Option<[u8; 32]>, Arc<Vec<Tree>>);
+
+/// The audit log, the proofs database and the nonce secret.
+pub struct Proofs {
+    /// The open audit log.
+    pub log: AuditLog,
+    db: Mutex<Connection>,
+    secret: [u8; 32],
+    latest: Mutex<Option<Built>>,
+}
+
+impl std::fmt::Debug for Proofs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Proofs")
+            .field("log", &self.log)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Proofs {
+    /// Opens (creates) both in `data_dir`; verifies the audit chain (see the module docs).
+    pub fn open(
+        data_dir: &Path,
+        nonce_secret: [u8; 32],
+        cfg: &crate::app::ApiConfig,
+    ) -> Result<Proofs, SetupError> {
+        let audit_override = cfg.audit_override;
+        let now = crate::core::now_ms();
+        let log = AuditLog::open(&data_dir.join(AUDIT_FILE), audit_override, "operator", now)
+            .map_err(|e| SetupError::Audit(e.to_string()))?;
+        let db = Connection::open(data_dir.join(PROOFS_DB))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS liabilities (
+                proof_id INTEGER PRIMARY KEY,
+                created_ms INTEGER NOT NULL,
+                audit_head TEXT NOT NULL,
+                roots TEXT NOT NULL,
+                snapshot TEXT NOT NULL
+            );",
+        )?;
+        let p = Proofs {
+            log,
+            db: Mutex::new(db),
+            secret: nonce_secret,
+            latest: Mutex::new(None),
+        };
+        p.log
+            .append(
+                now,
+                "system",
+                "server.start",
+                json!({
+                    "version": env!("CARGO_PKG_VERSION"),
+                    "public_url": cfg.public_url,
+                    "audit_override": cfg.audit_override,
+                    "ip_weight_per_min": cfg.ip_weight_per_min,
+                    "key_weight_per_min": cfg.key_weight_per_min,
+                    "max_connections": cfg.max_connections,
+                }),
+            )
+            .map_err(|e| SetupError::Audit(e.to_string()))?;
+        Ok(p)
+    }
+
+    /// The latest published proof's id and trees (rebuilt from the stored snapshot once).
+    fn latest(&self) -> Result<Option<Latest>, ApiError> {
+        let row: Option<(i64, i64, String, String)> = {
+            let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
+            db.query_row(
+                "SELECT proof_id, created_ms, audit_head, snapshot FROM liabilities \
+                 ORDER BY proof_id DESC LIMIT 1",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .optional()
+            .map_err(internal)?
+        };
+        let Some((id, created, head, snapshot)) = row else {
+            return Ok(None);
+        };
+        let (id, created) = (id as u64, created as u64);
+        let head = hex_head(&head);
+        let mut cache = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((cid, trees)) = cache.as_ref() {
+            if *cid == id {
+                return Ok(Some((id, created, head, trees.clone())));
+            }
+        }
+        let snap: Vec<(String, Vec<(u32, u64)>)> =
+            serde_json::from_str(&snapshot).map_err(internal)?;
+        let trees = snap
+            .iter()
+            .map(|(asset, b)| Tree::build(&self.secret, id, asset, b))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(internal)?;
+        let trees = Arc::new(trees);
+        *cache = Some((id, trees.clone()));
+        Ok(Some((id, created, head, trees)))
+    }
+}
+
+/// The nonce secret: `HMAC(master, "reserves/liabilities-nonce")` (ADR 0005), never stored.
+pub fn nonce_secret(keys: &crate::keys::KeyStore) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    hex::decode_to_slice(keys.derive_purpose("reserves/liabilities-nonce"), &mut out)
+        .expect("an HMAC-SHA256 is 64 hex digits");
+    out
+}
+
+fn hex_head(s: &str) -> Option<[u8; 32]> {
+    let mut h = [0u8; 32];
+    hex::decode_to_slice(s, &mut h).ok().map(|()| h)
+}
+
+fn internal<E: std::fmt::Display>(e: E) -> ApiError {
+    tracing::error!(error = %e, "liabilities proof");
+    ApiError::internal()
+}
+
+impl AppState {
+    /// Appends `{actor: "admin", action, params}` to the audit log and waits for it to be on
+    /// disk; the caller replies after this. `params` never holds a secret (refused if it does).
+    pub fn audit(&self, action: &str, params: Value) -> Result<(), ApiError> {
+        self.audit_as("admin", action, params)
+    }
+
+    /// As [`AppState::audit`] with another actor (`system`, `key:<account>`).
+    pub fn audit_as(&self, actor: &str, action: &str, params: Value) -> Result<(), ApiError> {
+        match self
+            .0
+            .proofs
+            .log
+            .append(crate::core::now_ms(), actor, action, params)
+        {
+            Ok(_) => Ok(()),
+            Err(e @ AuditError::SecretInParams { .. }) => {
+                // A bug in the caller, not an operator's mistake.
+                tracing::error!(error = %e, action, "audit entry refused");
+                Err(ApiError::internal())
+            }
+            Err(e) => {
+                tracing::error!(error = %e, action, "audit log write failed");
+                Err(ApiError::internal())
+            }
+        }
+    }
+
+    /// The audit log's (last seq, head).
+    pub fn audit_head(&self) -> (u64, [u8; 32]) {
+        self.0.proofs.log.head()
+    }
+}
+
+/// `POST /mapi/v1/admin/reserves/liabilities` (ADMIN): publishes a liabilities proof over every
+/// balance now.
+pub async fn admin_publish_liabilities(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req)?;
+    p.finish()?;
+    let assets: Vec<String> = st
+        .markets()
+        .assets
+        .iter()
+        .map(|a| a.symbol.clone())
+        .collect();
+    let snapshot: Vec<(String, Vec<(u32, u64)>)> = {
+        let rm = st.read_model().read();
+        assets
+            .iter()
+            .enumerate()
+            .map(|(i, sym)| {
+                let mut b: Vec<(u32, u64)> = Vec::new();
+                for (&account, per) in &rm.balances {
+                    if let Some(&(avail, held)) = per.get(i) {
+                        let total = avail.checked_add(held).ok_or_else(ApiError::internal)?;
+                        if total != 0 {
+                            b.push((account, total));
+                        }
+                    }
+                }
+                b.sort_unstable();
+                Ok((sym.clone(), b))
+            })
+            .collect::<Result<_, ApiError>>()?
+    };
+    let st2 = st.clone();
+    let reply = tokio::task::spawn_blocking(move || publish(&st2, snapshot))
+        .await
+        .map_err(internal)??;
+    Ok(ok_json(&ctx, reply))
+}
+
+fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Value, ApiError> {
+    let proofs = &st.0.proofs;
+    let created = crate::core::now_ms();
+    let (audit_seq, head) = proofs.log.head();
+    let db = proofs.db.lock().unwrap_or_else(|e| e.into_inner());
+    let next: i64 = db
+        .query_row(
+            "SELECT COALESCE(MAX(proof_id), 0) + 1 FROM liabilities",
+            [],
+            |r| r.get(0),
+        )
+        .map_err(internal)?;
+    // The nonces are keyed by the proof id, so an id must never come back, not even after
+    // `reserves.sqlite` was lost: it is also above the audit log's last seq (which only grows,
+    // and start-up refuses a broken log).
+    let id = next.max(i64::try_from(audit_seq).map_err(internal)? + 1);
+    let trees = snapshot
+        .iter()
+        .map(|(asset, b)| Tree::build(&proofs.secret, id as u64, asset, b))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(internal)?;
+    let roots: Vec<(String, Node)> = trees
+        .iter()
+        .map(|t| (t.asset().to_owned(), t.root()))
+        .collect();
+    let commitment = liabilities::commitment(id as u64, Some(head), &roots);
+    let roots_json: Vec<Value> = trees
+        .iter()
+        .map(|t| {
+            json!({
+                "asset": t.asset(),
+                "root": hex::encode(t.root().hash),
+                "total": t.root().sum.to_string(),
+                "accounts": t.accounts(),
+                "leaves": t.width(),
+            })
+        })
+        .collect();
+    db.execute(
+        "INSERT INTO liabilities (proof_id, created_ms, audit_head, roots, snapshot) \
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+        params![
+            id,
+            created as i64,
+            hex::encode(head),
+            Value::Array(roots_json.clone()).to_string(),
+            serde_json::to_string(&snapshot).map_err(internal)?,
+        ],
+    )
+    .map_err(internal)?;
+    drop(db);
+    *proofs.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((id as u64, Arc::new(trees)));
+    let body = json!({
+        "proofId": id,
+        "createdMs": created,
+        "auditHead": hex::encode(head),
+        "commitment": hex::encode(commitment),
+        "assets": roots_json,
+    });
+    st.audit("reserves.liabilities.publish", body.clone())?;
+    Ok(body)
+}
+
+/// `GET /mapi/v1/reserves/my-proof?asset=BTC` (READ): the caller's inclusion proof in the latest
+/// published liabilities proof.
+pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let asset = p.req("asset")?;
+    p.finish()?;
+    let st2 = st.clone();
+    let latest = tokio::task::spawn_blocking(move || st2.0.proofs.latest())
+        .await
+        .map_err(internal)??;
+    let Some((id, created, head, trees)) = latest else {
+        return Err(ApiError::bad(
+            -1130,
+            "No liabilities proof has been published yet.",
+        ));
+    };
+    let Some(tree) = trees.iter().find(|t| t.asset() == asset) else {
+        return Err(ApiError::invalid_value("asset"));
+    };
+    let Some(proof) = tree.prove(key.account, head) else {
+        return Err(ApiError::bad(
+            -1130,
+            "This account had no balance of this asset in the latest liabilities proof.",
+        ));
+    };
+    let proof = liabilities::InclusionProof {
+        created_ms: Some(created),
+        ..proof
+    };
+    debug_assert_eq!(proof.proof_id, id);
+    debug_assert!(liabilities::verify(&proof).is_ok());
+    Ok(ok_json(&ctx, proof.to_json()))
+}
+
+/// `GET /reserves/verify`: the page that verifies a pasted inclusion proof in the browser.
+pub async fn verify_page(State(st): State<AppState>) -> Response {
+    let csp = crate::merchant::pages::content_security_policy(VERIFY_HTML, "'none'");
+    let _ = &st;
+    let mut r = (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        VERIFY_HTML,
+    )
+        .into_response();
+    if let Ok(v) = header::HeaderValue::from_str(&csp) {
+        r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    r
+}

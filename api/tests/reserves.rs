@@ -1,0 +1,219 @@
+//! Verifiable custody through the API: a published liabilities proof, each user's inclusion
+//! proof (verified with the `reserves` crate, as the CLI and third parties do), the audit log of
+//! operator actions (no secrets, a valid chain, its head in the proof), start-up refusal on a
+//! broken chain and the logged override, and the browser verification page.
+
+mod common;
+
+use axum::http::StatusCode;
+use common::Harness;
+use matching_engine::EngineConfig;
+use reserves::auditlog;
+use reserves::liabilities::{self, InclusionProof};
+
+fn units(h: &Harness, asset: &str, s: &str) -> u64 {
+    let d = h.state.markets().asset(asset).unwrap().decimals;
+    api::decimal::parse_units(s, d).unwrap()
+}
+
+#[tokio::test]
+async fn every_user_verifies_their_inclusion_in_the_published_liabilities() {
+    let h = Harness::new();
+    let r = h
+        .signed("GET", "/mapi/v1/reserves/my-proof", "asset=USD", &h.admin)
+        .await;
+    assert_eq!(r.code(), -1130, "before any publish: {}", r.json);
+
+    let balances = ["100.00", "0.01", "2500.50"];
+    let mut users = Vec::new();
+    for b in balances {
+        users.push(h.trader("0", b).await);
+    }
+    let (_, poor) = h.trader("0", "0").await;
+    let published = h
+        .ok("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
+        .await;
+    let usd = published["assets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["asset"] == "USD")
+        .unwrap()
+        .clone();
+    let expected_total: u64 = balances.iter().map(|b| units(&h, "USD", b)).sum();
+    assert_eq!(usd["total"], expected_total.to_string());
+    assert_eq!(usd["accounts"], 3);
+
+    for ((_, key), b) in users.iter().zip(balances) {
+        let v = h
+            .ok("GET", "/mapi/v1/reserves/my-proof", "asset=USD", key)
+            .await;
+        let p = InclusionProof::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
+        assert_eq!(liabilities::verify(&p), Ok(()));
+        assert_eq!(p.balance, units(&h, "USD", b));
+        assert_eq!(p.total, expected_total);
+        assert_eq!(hex::encode(p.root), usd["root"].as_str().unwrap());
+        assert_eq!(
+            hex::encode(p.audit_head.unwrap()),
+            published["auditHead"].as_str().unwrap()
+        );
+        assert_eq!(p.proof_id, published["proofId"].as_u64().unwrap());
+    }
+    // No balance, no leaf; an unknown asset is refused.
+    let r = h
+        .signed("GET", "/mapi/v1/reserves/my-proof", "asset=USD", &poor)
+        .await;
+    assert_eq!(r.code(), -1130, "{}", r.json);
+    let r = h
+        .signed(
+            "GET",
+            "/mapi/v1/reserves/my-proof",
+            "asset=DOGE",
+            &users[0].1,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+
+    // The audit log holds the actions, a valid chain, and no secret.
+    let path = h.dir.path().join(api::proofs::AUDIT_FILE);
+    let rep = auditlog::verify_file(&path).unwrap();
+    assert!(rep.ok() && rep.breaks.is_empty(), "{:?}", rep.breaks);
+    let text = std::fs::read_to_string(&path).unwrap();
+    for (_, key) in &users {
+        assert!(!text.contains(&key.1), "a secret key is in the audit log");
+        assert!(
+            text.contains(&key.0),
+            "the key creation is logged by its public id"
+        );
+    }
+    let actions: Vec<String> = auditlog::tail(&path, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.action)
+        .collect();
+    for a in [
+        "server.start",
+        "account.create",
+        "key.create",
+        "credit",
+        "reserves.liabilities.publish",
+    ] {
+        assert!(
+            actions.iter().any(|x| x == a),
+            "{a} missing from {actions:?}"
+        );
+    }
+    assert_eq!(actions.last().unwrap(), "reserves.liabilities.publish");
+
+    // A second publication: a fresh id (above the audit log's seq, so never reused even if
+    // reserves.sqlite were lost), fresh nonces, the new audit head.
+    let first = h
+        .ok(
+            "GET",
+            "/mapi/v1/reserves/my-proof",
+            "asset=USD",
+            &users[0].1,
+        )
+        .await;
+    let again = h
+        .ok("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
+        .await;
+    assert!(again["proofId"].as_u64() > published["proofId"].as_u64());
+    assert!(
+        again["proofId"].as_u64().unwrap() > auditlog::verify_file(&path).unwrap().last_seq - 1
+    );
+    let second = h
+        .ok(
+            "GET",
+            "/mapi/v1/reserves/my-proof",
+            "asset=USD",
+            &users[0].1,
+        )
+        .await;
+    assert_ne!(first["nonce"], second["nonce"]);
+    assert_eq!(second["audit_head"], again["auditHead"]);
+    assert_eq!(first["balance"], second["balance"]);
+}
+
+#[test]
+fn start_up_refuses_a_broken_audit_chain_unless_overridden_and_logs_the_override() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join(api::proofs::AUDIT_FILE);
+    {
+        let log = auditlog::AuditLog::open(&path, false, "system", 1).unwrap();
+        for i in 0..4 {
+            log.append(
+                i,
+                "admin",
+                "account.create",
+                serde_json::json!({ "account": i }),
+            )
+            .unwrap();
+        }
+    }
+    let mut lines: Vec<String> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    lines.remove(2);
+    std::fs::write(
+        &path,
+        lines.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+
+    let err = api::open_local(
+        dir.path(),
+        EngineConfig::default(),
+        api::ApiConfig::default(),
+    )
+    .expect_err("a broken chain must refuse start-up");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("broken") && msg.contains("--audit-override"),
+        "{msg}"
+    );
+
+    let cfg = api::ApiConfig {
+        audit_override: true,
+        ..api::ApiConfig::default()
+    };
+    let st = api::open_local(dir.path(), EngineConfig::default(), cfg).unwrap();
+    drop(st);
+    let rep = auditlog::verify_file(&path).unwrap();
+    assert!(rep.ok(), "{:?}", rep.breaks);
+    let entries = auditlog::tail(&path, 10).unwrap();
+    let ov = entries
+        .iter()
+        .find(|e| e.action == auditlog::OVERRIDE_ACTION)
+        .unwrap();
+    assert_eq!(ov.actor, "operator");
+    assert_eq!(ov.params["break_lines"], serde_json::json!([3]));
+}
+
+#[tokio::test]
+async fn the_verification_page_is_self_contained_with_a_hashed_script() {
+    let h = Harness::new();
+    let r = h.get("/reserves/verify").await;
+    assert_eq!(r.status, StatusCode::OK);
+    let csp = r.headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(!csp.contains("unsafe-inline"), "{csp}");
+    let body = r.json.as_str().unwrap();
+    assert!(body.contains("crypto.subtle.digest"));
+    assert!(
+        !body.contains("http://") && !body.contains("https://"),
+        "no external resource"
+    );
+}
+
+#[tokio::test]
+async fn openapi_lists_the_reserves_routes() {
+    let h = Harness::new();
+    let doc = h.get("/openapi.json").await.json;
+    let mine = &doc["paths"]["/mapi/v1/reserves/my-proof"]["get"];
+    assert_eq!(mine["x-permission"], "read", "{mine}");
+    let publish = &doc["paths"]["/mapi/v1/admin/reserves/liabilities"]["post"];
+    assert_eq!(publish["x-permission"], "admin", "{publish}");
+}

@@ -1,0 +1,250 @@
+//! The audit log: an honest chain verifies; a changed, removed or inserted entry and a torn
+//! line are breaks; opening a broken log is refused unless overridden, and the override is
+//! itself logged and acknowledges the breaks; secrets are refused.
+
+use reserves::auditlog::{self, AuditError, AuditLog, BreakKind};
+use serde_json::json;
+use std::path::Path;
+
+fn write_log(path: &Path, n: u64) -> AuditLog {
+    let log = AuditLog::open(path, false, "system", 1).unwrap();
+    for i in 0..n {
+        log.append(
+            1_000 + i,
+            "admin",
+            "account.credit",
+            json!({"account": i, "amount": "5"}),
+        )
+        .unwrap();
+    }
+    log
+}
+
+fn lines(path: &Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect()
+}
+
+fn put(path: &Path, ls: &[String]) {
+    std::fs::write(
+        path,
+        ls.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn an_honest_chain_verifies_and_the_head_matches_the_writer() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    let log = write_log(&p, 5);
+    let (seq, head) = log.head();
+    let r = auditlog::verify_file(&p).unwrap();
+    assert!(r.ok() && r.breaks.is_empty(), "{:?}", r.breaks);
+    assert_eq!((r.last_seq, r.head, seq), (5, head, 5));
+    drop(log);
+    // Reopening continues the chain.
+    let log = AuditLog::open(&p, false, "system", 2).unwrap();
+    log.append(9, "admin", "key.create", json!({"account": 1}))
+        .unwrap();
+    let r = auditlog::verify_file(&p).unwrap();
+    assert!(r.ok() && r.last_seq == 6);
+    let t = auditlog::tail(&p, 2).unwrap();
+    assert_eq!(t.iter().map(|e| e.seq).collect::<Vec<_>>(), vec![5, 6]);
+    assert_eq!(t[1].action, "key.create");
+}
+
+/// A way to damage a 6-entry log (as lines), and the line and kind of the first break.
+type Damage = fn(&mut Vec<String>);
+
+#[test]
+fn tampering_is_detected_case_table() {
+    let cases: &[(&str, Damage, u64, &str)] = &[
+        (
+            "a param changed",
+            |l| l[2] = l[2].replace("\"amount\":\"5\"", "\"amount\":\"500\""),
+            4,
+            "prev_mismatch",
+        ),
+        (
+            "an actor changed",
+            |l| l[1] = l[1].replace("\"admin\"", "\"nobody\""),
+            3,
+            "prev_mismatch",
+        ),
+        (
+            "an entry removed",
+            |l| {
+                l.remove(3);
+            },
+            4,
+            "seq_gap",
+        ),
+        (
+            "the first entry removed",
+            |l| {
+                l.remove(0);
+            },
+            1,
+            "seq_gap",
+        ),
+        ("two entries swapped", |l| l.swap(1, 2), 2, "seq_gap"),
+        (
+            "an entry duplicated",
+            |l| {
+                let d = l[2].clone();
+                l.insert(3, d);
+            },
+            4,
+            "seq_gap",
+        ),
+        (
+            "a removal renumbered",
+            |l| {
+                l.remove(3);
+                for (i, x) in l.iter_mut().enumerate().skip(3) {
+                    *x = x.replacen(
+                        &format!("\"seq\":{}", i + 2),
+                        &format!("\"seq\":{}", i + 1),
+                        1,
+                    );
+                }
+            },
+            4,
+            "prev_mismatch",
+        ),
+        (
+            "garbage line",
+            |l| l[4] = "{not json".into(),
+            5,
+            "malformed",
+        ),
+    ];
+    for (name, damage, line, kind) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("audit.log");
+        drop(write_log(&p, 6));
+        let mut ls = lines(&p);
+        damage(&mut ls);
+        put(&p, &ls);
+        let r = auditlog::verify_file(&p).unwrap();
+        assert!(!r.ok(), "{name}: not detected");
+        let b = &r.breaks[0];
+        let got = serde_json::to_value(b).unwrap()["kind"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        assert_eq!((b.line, got.as_str()), (*line, *kind), "{name}: {b}");
+        let err = AuditLog::open(&p, false, "system", 1).expect_err(name);
+        assert!(matches!(err, AuditError::Broken { .. }), "{name}: {err}");
+        assert!(err.to_string().contains("--audit-override"), "{err}");
+    }
+}
+
+#[test]
+fn a_torn_last_line_is_a_break_and_the_override_ends_it_and_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    drop(write_log(&p, 3));
+    let mut bytes = std::fs::read(&p).unwrap();
+    bytes.extend_from_slice(b"{\"seq\":4,\"ti");
+    std::fs::write(&p, &bytes).unwrap();
+    let r = auditlog::verify_file(&p).unwrap();
+    assert!(r.torn && !r.ok());
+    assert_eq!(r.breaks[0].kind, BreakKind::Torn);
+    assert!(AuditLog::open(&p, false, "system", 5).is_err());
+    let log = AuditLog::open(&p, true, "operator", 5).unwrap();
+    log.append(6, "admin", "account.create", json!({"account": 9}))
+        .unwrap();
+    let r = auditlog::verify_file(&p).unwrap();
+    assert!(r.ok(), "{:?}", r.breaks);
+    assert_eq!(r.breaks.len(), 1);
+    assert!(r.breaks[0].acknowledged);
+    let t = auditlog::tail(&p, 2).unwrap();
+    assert_eq!(t[0].action, auditlog::OVERRIDE_ACTION);
+    assert_eq!(t[0].actor, "operator");
+    assert_eq!(t[0].params["break_lines"], json!([4]));
+}
+
+#[test]
+fn the_override_acknowledges_only_the_breaks_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    drop(write_log(&p, 4));
+    let mut ls = lines(&p);
+    ls.remove(1);
+    put(&p, &ls);
+    let log = AuditLog::open(&p, true, "operator", 9).unwrap();
+    assert!(
+        AuditLog::open(&p, false, "system", 9).is_ok(),
+        "acknowledged: starts"
+    );
+    drop(log);
+    // A new tamper after the override is a fresh, unacknowledged break.
+    let mut ls = lines(&p);
+    let last = ls.len() - 1;
+    ls[last - 1] = ls[last - 1].replace("\"admin\"", "\"x\"");
+    put(&p, &ls);
+    let r = auditlog::verify_file(&p).unwrap();
+    assert_eq!(r.unacknowledged().count(), 1);
+    // A forged override cannot acknowledge a break after itself.
+    assert!(AuditLog::open(&p, false, "system", 9).is_err());
+}
+
+#[test]
+fn secrets_are_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    let log = write_log(&p, 1);
+    for params in [
+        json!({"api_secret": "x"}),
+        json!({"key": {"Secret": "x"}}),
+        json!([{"mnemonic": "a b c"}]),
+        json!({"master_key": "00"}),
+    ] {
+        let err = log
+            .append(1, "admin", "key.create", params.clone())
+            .expect_err("refused");
+        assert!(matches!(err, AuditError::SecretInParams { .. }), "{params}");
+    }
+    assert_eq!(auditlog::verify_file(&p).unwrap().last_seq, 1);
+}
+
+#[test]
+fn verify_never_panics_on_junk() {
+    for junk in [
+        &b""[..],
+        b"\n",
+        b"\n\n\n",
+        b"\xff\xfe\x00",
+        b"[1,2,3]\n",
+        b"{\"seq\":18446744073709551615,\"time\":0,\"actor\":\"a\",\"action\":\"b\",\"params\":{},\"prev\":\"00\"}\n",
+        b"{\"seq\":1}\n",
+    ] {
+        let r = auditlog::verify(junk).unwrap();
+        if !junk.is_empty() {
+            assert!(!r.ok() || r.lines == 0, "{junk:?}");
+        }
+    }
+    let long = vec![b'a'; auditlog::MAX_LINE * 2 + 10];
+    let r = auditlog::verify(&long[..]).unwrap();
+    assert!(!r.ok());
+}
+
+#[test]
+fn oversized_params_are_summarized_so_every_line_stays_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    let log = write_log(&p, 0);
+    let big: Vec<u64> = (0..20_000).collect();
+    log.append(1, "admin", "reconcile.records", json!({ "records": big }))
+        .unwrap();
+    let r = auditlog::verify_file(&p).unwrap();
+    assert!(r.ok(), "{:?}", r.breaks);
+    let e = auditlog::tail(&p, 1).unwrap().remove(0);
+    assert_eq!(e.params["summarized"], json!(true));
+    assert!(e.params["bytes"].as_u64().unwrap() > auditlog::MAX_PARAMS as u64);
+}

@@ -1,0 +1,230 @@
+//! `mediator reserves verify-inclusion FILE`, `mediator audit verify` and `mediator audit tail`
+//! as an operator or a user runs them: the built binary on files in a temp dir. Honest input
+//! verifies (exit 0); dishonest or bad input is a clear error (exit 2), never a panic.
+
+use reserves::auditlog::AuditLog;
+use reserves::liabilities::Tree;
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn mediator(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_mediator"))
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("MEDIATOR_CONFIG")
+        .output()
+        .expect("run mediator")
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+#[test]
+fn verify_inclusion_case_table() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tree::build(&[9; 32], 4, "BTC", &[(1, 50_000), (2, 7), (5, 1_000_000)]).unwrap();
+    let good = t.prove(5, Some([3; 32])).unwrap().to_json().to_string();
+    let mut inflated: serde_json::Value = serde_json::from_str(&good).unwrap();
+    inflated["path"][0]["sum"] = serde_json::json!("999999");
+    let mut left_out: serde_json::Value = serde_json::from_str(&good).unwrap();
+    let other = Tree::build(&[9; 32], 4, "BTC", &[(1, 50_000), (2, 7)]).unwrap();
+    left_out["root"] = serde_json::json!(hex::encode(other.root().hash));
+    left_out["total"] = serde_json::json!(other.root().sum.to_string());
+    let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
+        ("honest", good.clone().into_bytes(), None),
+        (
+            "inflated sum at a node",
+            inflated.to_string().into_bytes(),
+            Some("root_mismatch"),
+        ),
+        (
+            "account left out of the tree",
+            left_out.to_string().into_bytes(),
+            Some("root_mismatch"),
+        ),
+        (
+            "truncated file",
+            good.as_bytes()[..good.len() / 3].to_vec(),
+            Some("malformed"),
+        ),
+        ("empty file", Vec::new(), Some("malformed")),
+        ("binary junk", vec![0xff, 0x00, 0xfe], Some("reading")),
+    ];
+    for (name, bytes, code) in cases {
+        let f = dir.path().join(format!("{}.json", name.replace(' ', "_")));
+        std::fs::write(&f, &bytes).unwrap();
+        let o = mediator(
+            dir.path(),
+            &["reserves", "verify-inclusion", f.to_str().unwrap()],
+        );
+        let out = text(&o);
+        assert!(!out.contains("panicked"), "{name}: {out}");
+        match code {
+            None => {
+                assert!(o.status.success(), "{name}: {out}");
+                assert!(out.contains("OK: balance 1000000"), "{name}: {out}");
+            }
+            Some(code) => {
+                assert_eq!(o.status.code(), Some(2), "{name}: {out}");
+                assert!(out.contains(code), "{name}: expected {code}: {out}");
+            }
+        }
+    }
+    let o = mediator(
+        dir.path(),
+        &["reserves", "verify-inclusion", "/nonexistent/proof.json"],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(text(&o).contains("reading"), "{}", text(&o));
+}
+
+#[test]
+fn audit_verify_and_tail_find_a_removed_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    let o = mediator(dir.path(), &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(2), "no log: {}", text(&o));
+    {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        for i in 0..5u64 {
+            log.append(
+                10 + i,
+                "admin",
+                "withdrawal.approve",
+                serde_json::json!({ "id": i }),
+            )
+            .unwrap();
+        }
+    }
+    let o = mediator(dir.path(), &["audit", "verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(text(&o).contains("5 entries, last seq 5"), "{}", text(&o));
+    let o = mediator(dir.path(), &["--json", "audit", "tail", "-n", "2"]);
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(
+        lines
+            .iter()
+            .map(|e| e["seq"].as_u64().unwrap())
+            .collect::<Vec<_>>(),
+        [4, 5]
+    );
+
+    let mut ls: Vec<String> = std::fs::read_to_string(&path)
+        .unwrap()
+        .lines()
+        .map(str::to_owned)
+        .collect();
+    ls.remove(1);
+    std::fs::write(
+        &path,
+        ls.iter().map(|l| format!("{l}\n")).collect::<String>(),
+    )
+    .unwrap();
+    let o = mediator(dir.path(), &["audit", "verify"]);
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    let out = text(&o);
+    assert!(
+        out.contains("line 2") && out.contains("--audit-override"),
+        "{out}"
+    );
+}
+
+const SERVE: &[&str] = &[
+    "serve",
+    "--listen",
+    "127.0.0.1:0",
+    "--admin-listen",
+    "127.0.0.2:0",
+    "--bitcoind-rpc-url",
+    "http://127.0.0.1:9",
+    "--bitcoind-rpc-user",
+    "u",
+    "--bitcoind-rpc-password",
+    "p",
+];
+
+#[test]
+fn serve_refuses_a_broken_audit_chain_and_the_override_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        for i in 0..3u64 {
+            log.append(
+                10 + i,
+                "admin",
+                "credit",
+                serde_json::json!({ "account": i }),
+            )
+            .unwrap();
+        }
+    }
+    let tampered = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"account\":1", "\"account\":9");
+    std::fs::write(&path, &tampered).unwrap();
+
+    let o = mediator(dir.path(), SERVE);
+    let out = text(&o);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(
+        out.contains("is broken") && out.contains("--audit-override"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&path).unwrap(),
+        tampered,
+        "refusal changes nothing"
+    );
+
+    // With the override it starts (this test stops it once the override is logged) and the
+    // override is in the chain.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mediator"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(SERVE)
+        .arg("--audit-override")
+        .env_remove("MEDIATOR_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("run mediator serve");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let logged = loop {
+        let now = std::fs::read_to_string(&path).unwrap_or_default();
+        if now.contains("\"server.start\"") && now.contains("audit.override") {
+            break true;
+        }
+        if std::time::Instant::now() > deadline || child.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        logged,
+        "the override was not logged: {}",
+        std::fs::read_to_string(&path).unwrap()
+    );
+    let o = mediator(dir.path(), &["audit", "verify"]);
+    assert!(o.status.success(), "{}", text(&o));
+    assert!(
+        text(&o).contains("acknowledged by an operator override"),
+        "{}",
+        text(&o)
+    );
+    let o = mediator(dir.path(), &["audit", "tail"]);
+    assert!(text(&o).contains("audit.override"), "{}", text(&o));
+}

@@ -359,6 +359,10 @@ pub struct State {
     pub unpersisted_orders: HashMap<u64, (OrderRec, u64)>,
     /// Trades not yet in SQLite, with their generation.
     pub unpersisted_trades: VecDeque<(TradeRec, u64)>,
+    /// Bumped (under the write lock) each time the history thread drops rows it committed
+    /// from memory: a reader that saw the same value before its SQLite read and at its memory
+    /// read missed nothing ([`ReadModel::merged`]).
+    pub persist_gen: u64,
     /// Markets.
     pub markets: Vec<MarketState>,
     /// Known accounts.
@@ -728,6 +732,7 @@ impl ReadModel {
                         trades.clear();
                         since = None;
                         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+                        st.persist_gen += 1;
                         st.unpersisted_orders.retain(|_, (_, g)| *g > generation);
                         while st
                             .unpersisted_trades
@@ -775,10 +780,28 @@ impl ReadModel {
         end_ms: Option<u64>,
         limit: u32,
     ) -> Result<Vec<OrderRec>, crate::store::StoreError> {
-        let rows = self
-            .store
-            .orders(account, market, from_id, start_ms, end_ms, limit)?;
-        let st = self.read();
+        self.merged(
+            || {
+                self.store
+                    .orders(account, market, from_id, start_ms, end_ms, limit)
+            },
+            |st, rows| {
+                Self::merge_orders(st, rows, account, market, from_id, start_ms, end_ms, limit)
+            },
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn merge_orders(
+        st: &State,
+        rows: Vec<OrderRec>,
+        account: u32,
+        market: u16,
+        from_id: Option<u64>,
+        start_ms: Option<u64>,
+        end_ms: Option<u64>,
+        limit: u32,
+    ) -> Vec<OrderRec> {
         let keep = |o: &OrderRec| {
             o.account == account
                 && o.market == market
@@ -795,11 +818,30 @@ impl ReadModel {
                 all.insert(o.id, o.clone());
             }
         }
-        Ok(take_limit(
-            all.into_values().collect(),
-            from_id.is_some(),
-            limit,
-        ))
+        take_limit(all.into_values().collect(), from_id.is_some(), limit)
+    }
+
+    /// Reads SQLite rows with `read_db` and merges the rows still in memory with `merge`, so
+    /// that no row is missed while the history thread moves rows from memory to SQLite: if it
+    /// dropped committed rows from memory between the SQLite read and the memory read
+    /// (`persist_gen` moved), the read is repeated; the last attempt holds the read lock across
+    /// the SQLite read (nothing can be dropped then, and SQLite holds no row newer than memory).
+    fn merged<T, R>(
+        &self,
+        read_db: impl Fn() -> Result<T, crate::store::StoreError>,
+        merge: impl Fn(&State, T) -> R,
+    ) -> Result<R, crate::store::StoreError> {
+        for _ in 0..4 {
+            let before = self.read().persist_gen;
+            let rows = read_db()?;
+            let st = self.read();
+            if st.persist_gen == before {
+                return Ok(merge(&st, rows));
+            }
+        }
+        let st = self.read();
+        let rows = read_db()?;
+        Ok(merge(&st, rows))
     }
 
     /// Trades of an account in a market (`myTrades`): SQLite merged with trades in memory.
@@ -812,25 +854,26 @@ impl ReadModel {
         end_ms: Option<u64>,
         limit: u32,
     ) -> Result<Vec<TradeRec>, crate::store::StoreError> {
-        let rows = self
-            .store
-            .trades(account, market, from_id, start_ms, end_ms, limit)?;
-        let st = self.read();
-        let mut all: BTreeMap<u64, TradeRec> = rows.into_iter().map(|t| (t.id, t)).collect();
-        for (t, _) in st.unpersisted_trades.iter().filter(|(t, _)| {
-            (t.maker_account == account || t.taker_account == account)
-                && t.market == market
-                && from_id.is_none_or(|f| t.id >= f)
-                && start_ms.is_none_or(|s| t.time_ms >= s)
-                && end_ms.is_none_or(|e| t.time_ms <= e)
-        }) {
-            all.insert(t.id, t.clone());
-        }
-        Ok(take_limit(
-            all.into_values().collect(),
-            from_id.is_some(),
-            limit,
-        ))
+        self.merged(
+            || {
+                self.store
+                    .trades(account, market, from_id, start_ms, end_ms, limit)
+            },
+            |st, rows| {
+                let mut all: BTreeMap<u64, TradeRec> =
+                    rows.into_iter().map(|t| (t.id, t)).collect();
+                for (t, _) in st.unpersisted_trades.iter().filter(|(t, _)| {
+                    (t.maker_account == account || t.taker_account == account)
+                        && t.market == market
+                        && from_id.is_none_or(|f| t.id >= f)
+                        && start_ms.is_none_or(|s| t.time_ms >= s)
+                        && end_ms.is_none_or(|e| t.time_ms <= e)
+                }) {
+                    all.insert(t.id, t.clone());
+                }
+                take_limit(all.into_values().collect(), from_id.is_some(), limit)
+            },
+        )
     }
 
     /// Trades of a market from `from_id` on (`historicalTrades`), oldest first.
@@ -840,18 +883,22 @@ impl ReadModel {
         from_id: u64,
         limit: u32,
     ) -> Result<Vec<TradeRec>, crate::store::StoreError> {
-        let rows = self.store.market_trades_from(market, from_id, limit)?;
-        let st = self.read();
-        let mut all: BTreeMap<u64, TradeRec> = rows.into_iter().map(|t| (t.id, t)).collect();
-        for t in st
-            .unpersisted_trades
-            .iter()
-            .map(|(t, _)| t)
-            .filter(|t| t.market == market && t.id >= from_id)
-        {
-            all.insert(t.id, t.clone());
-        }
-        Ok(take_limit(all.into_values().collect(), true, limit))
+        self.merged(
+            || self.store.market_trades_from(market, from_id, limit),
+            |st, rows| {
+                let mut all: BTreeMap<u64, TradeRec> =
+                    rows.into_iter().map(|t| (t.id, t)).collect();
+                for t in st
+                    .unpersisted_trades
+                    .iter()
+                    .map(|(t, _)| t)
+                    .filter(|t| t.market == market && t.id >= from_id)
+                {
+                    all.insert(t.id, t.clone());
+                }
+                take_limit(all.into_values().collect(), true, limit)
+            },
+        )
     }
 
     /// Seeds the in-memory models from a recovered engine (balances, open orders, books, depth
@@ -1746,6 +1793,46 @@ fn apply_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Regression (a flaky `myTrades` that returned nothing): a reader that read SQLite before
+    /// the history thread committed a row, and memory after it dropped the row, missed it. The
+    /// merge now notices the drop (`persist_gen`) and reads again.
+    #[test]
+    fn a_row_moved_from_memory_to_sqlite_during_a_read_is_not_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("h.sqlite")).unwrap());
+        let markets = Arc::new(Markets::new(&matching_engine::EngineConfig::default()).unwrap());
+        let rm = ReadModel::new(markets, store, 16);
+        // Stand-ins for a history row: in memory (here, the account set) until the history
+        // thread moves it to SQLite.
+        let row = 7u32;
+        rm.state.write().unwrap().accounts.insert(row);
+        let calls = std::sync::atomic::AtomicU32::new(0);
+        let got = rm
+            .merged(
+                || {
+                    // The first SQLite read comes before the commit; then the history thread
+                    // commits the row and drops it from memory; a second read sees it.
+                    let n = calls.fetch_add(1, Ordering::SeqCst);
+                    if n == 0 {
+                        let mut st = rm.state.write().unwrap();
+                        st.accounts.remove(&row);
+                        st.persist_gen += 1;
+                        Ok(Vec::new())
+                    } else {
+                        Ok(vec![row])
+                    }
+                },
+                |st, db: Vec<u32>| {
+                    let mut all: BTreeSet<u32> = db.into_iter().collect();
+                    all.extend(st.accounts.iter().copied());
+                    all
+                },
+            )
+            .unwrap();
+        assert_eq!(got, BTreeSet::from([row]));
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
 
     #[test]
     fn buckets() {

@@ -161,7 +161,18 @@ pub enum ConfigError {
     /// More than 65,535 assets or markets, or none.
     #[error("too many or too few assets or markets")]
     Count,
+    /// The books would allocate more than [`MAX_PREALLOCATED_BYTES`] up front (order arenas of
+    /// `max_orders_per_book` each, and price-level directories up to each `max_price`).
+    #[error(
+        "the books would preallocate {0} bytes, more than the {MAX_PREALLOCATED_BYTES}-byte limit"
+    )]
+    TooLarge(u64),
 }
+
+/// The most memory the books of one engine may allocate up front (1 GiB): a larger
+/// configuration (or a damaged snapshot's) is refused instead of aborting out of memory. The
+/// default configuration takes about 34 MiB.
+pub const MAX_PREALLOCATED_BYTES: u64 = 1 << 30;
 
 impl EngineConfig {
     /// Checks the configuration.
@@ -189,6 +200,17 @@ impl EngineConfig {
             {
                 return Err(ConfigError::BadMarket(m.symbol.clone()));
             }
+        }
+        let bytes = self.markets.iter().fold(0u64, |sum, m| {
+            sum.saturating_add(
+                crate::book::Book::<crate::engine::OrderMeta>::preallocated_bytes(
+                    m.max_price,
+                    self.limits.max_orders_per_book,
+                ),
+            )
+        });
+        if bytes > MAX_PREALLOCATED_BYTES {
+            return Err(ConfigError::TooLarge(bytes));
         }
         Ok(())
     }

@@ -743,8 +743,8 @@ impl AppState {
         let (mut p, ts, recv) = parse_signed(&req.query, &req.body)?;
         self.check_time(ts, recv)?;
         p.req("signature")?;
-        let (payload, sig) = signed_payload(&req.query, &req.body)
-            .ok_or_else(|| ApiError::missing("signature"))?;
+        let (payload, sig) =
+            signed_payload(&req.query, &req.body).ok_or_else(|| ApiError::missing("signature"))?;
         if !key.verify(payload.as_bytes(), &sig) {
             return Err(ApiError::bad_signature());
         }

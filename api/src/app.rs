@@ -5,7 +5,7 @@ use crate::error::ApiError;
 use crate::keys::{ApiKey, KeyStore, Perms};
 use crate::market::Markets;
 use crate::metrics::Metrics;
-use crate::params::{split_signature, Params};
+use crate::params::{parse_signed, signed_payload, Params};
 use crate::ratelimit::{Charge, Limiter};
 use crate::readmodel::ReadModel;
 use crate::store::Store;
@@ -760,22 +760,11 @@ impl AppState {
         };
         let ctx = self.charge_ip(req, weight)?;
         let key = self.api_key(req)?;
-        let mut p = Params::parse(&req.query, &req.body)?;
-        let ts = p.req("timestamp")?;
-        let ts: u64 = ts
-            .parse()
-            .ok()
-            .filter(|_| ts.len() <= 20 && ts.bytes().all(|b| b.is_ascii_digit()))
-            .ok_or_else(|| ApiError::missing("timestamp"))?;
-        let recv = p.opt_u64("recvWindow")?;
+        let (mut p, ts, recv) = parse_signed(&req.query, &req.body)?;
         self.check_time(ts, recv)?;
         p.req("signature")?;
-        let (q, sig_q) = split_signature(&req.query);
-        let (b, sig_b) = split_signature(&req.body);
-        let sig = sig_q
-            .or(sig_b)
-            .ok_or_else(|| ApiError::missing("signature"))?;
-        let payload = format!("{q}{b}");
+        let (payload, sig) =
+            signed_payload(&req.query, &req.body).ok_or_else(|| ApiError::missing("signature"))?;
         if !key.verify(payload.as_bytes(), &sig) {
             return Err(ApiError::bad_signature());
         }

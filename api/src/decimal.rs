@@ -70,18 +70,22 @@ pub fn format_units(units: u64, decimals: u8) -> String {
     format_units_u128(u128::from(units), decimals)
 }
 
-/// [`format_units`] for sums that may exceed 64 bits.
+/// [`format_units`] for sums that may exceed 64 bits. Total: any `decimals` (the digits are
+/// placed, not divided by `10^decimals`, which does not fit a `u128` above 38).
 pub fn format_units_u128(units: u128, decimals: u8) -> String {
-    if decimals == 0 {
+    let d = usize::from(decimals);
+    if d == 0 {
         return units.to_string();
     }
-    let scale = 10u128.pow(u32::from(decimals));
-    format!(
-        "{}.{:0width$}",
-        units / scale,
-        units % scale,
-        width = usize::from(decimals)
-    )
+    if let Some(scale) = 10u128.checked_pow(u32::from(decimals)) {
+        return format!("{}.{:0d$}", units / scale, units % scale);
+    }
+    // More than 38 decimals: every value is below the scale; left-pad its digits with zeros to
+    // `d + 1` digits (one integer digit).
+    let digits = units.to_string();
+    let padded = format!("{digits:0>width$}", width = d + 1);
+    let (int, frac) = padded.split_at(padded.len() - d);
+    format!("{int}.{frac}")
 }
 
 #[cfg(test)]

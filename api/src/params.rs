@@ -175,6 +175,33 @@ pub fn split_signature(raw: &str) -> (String, Option<String>) {
     (rest.join("&"), sig)
 }
 
+/// A signed request's parameters, read the way [`crate::app::AppState::signed`] reads them before
+/// it checks the time and the signature: every parameter parsed (each name once, over query and
+/// body together), `timestamp` read (missing or not 1-20 digits: `-1102`), `recvWindow` read if
+/// sent (`-1100`). `signature` is left unread.
+pub fn parse_signed(query: &str, body: &str) -> Result<(Params, u64, Option<u64>), ApiError> {
+    let mut p = Params::parse(query, body)?;
+    let ts = p.req("timestamp")?;
+    let ts: u64 = ts
+        .parse()
+        .ok()
+        .filter(|_| ts.len() <= 20 && ts.bytes().all(|b| b.is_ascii_digit()))
+        .ok_or_else(|| ApiError::missing("timestamp"))?;
+    let recv = p.opt_u64("recvWindow")?;
+    Ok((p, ts, recv))
+}
+
+/// The bytes a signed request's HMAC covers and the signature sent: the raw query followed by the
+/// raw body, each with its `signature=` pair removed (exact bytes otherwise); the query's
+/// signature wins. `None` when neither carries a `signature=` pair as sent (a percent-encoded
+/// name is not one).
+pub fn signed_payload(query: &str, body: &str) -> Option<(String, String)> {
+    let (q, sig_q) = split_signature(query);
+    let (b, sig_b) = split_signature(body);
+    let sig = sig_q.or(sig_b)?;
+    Some((format!("{q}{b}"), sig))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

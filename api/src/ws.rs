@@ -130,66 +130,136 @@ enum Stream {
     },
 }
 
-fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
+/// A stream name, parsed without any state (the symbol and listen key are not looked up).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamName<'a> {
+    /// `<symbol>@<kind>`.
+    Market {
+        /// The stream symbol (lower case, as sent).
+        symbol: &'a str,
+        /// Which stream of the market.
+        kind: MarketStream,
+    },
+    /// A name without `@`: a listen key's user-data stream.
+    ListenKey(&'a str),
+    /// `!ticker@arr` (`mini` false) and `!miniTicker@arr`: every market's ticker.
+    AllTickers {
+        /// `!miniTicker@arr`.
+        mini: bool,
+    },
+}
+
+/// The streams of one market, by name suffix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MarketStream {
+    /// `depth`, `depth@100ms`, `depth@1000ms`.
+    Diff,
+    /// `depth<5|10|20>[@100ms|@1000ms]`.
+    Partial {
+        /// Levels per side.
+        levels: usize,
+        /// Push interval.
+        every_ms: u64,
+    },
+    /// `trade`.
+    Trade,
+    /// `aggTrade`.
+    AggTrade,
+    /// `avgPrice`.
+    AvgPrice,
+    /// `bookTicker`.
+    BookTicker,
+    /// `ticker` (`mini` false) and `miniTicker`.
+    Ticker {
+        /// `miniTicker`.
+        mini: bool,
+    },
+    /// `kline_<interval>`, the interval's index in [`INTERVALS`].
+    Kline {
+        /// Index in [`INTERVALS`].
+        interval: usize,
+    },
+}
+
+/// Parses a stream name's syntax (`None`: not a stream name).
+pub fn parse_stream_name(name: &str) -> Option<StreamName<'_>> {
     match name {
-        "!ticker@arr" => return Some(Stream::AllTickers { mini: false }),
-        "!miniTicker@arr" => return Some(Stream::AllTickers { mini: true }),
+        "!ticker@arr" => return Some(StreamName::AllTickers { mini: false }),
+        "!miniTicker@arr" => return Some(StreamName::AllTickers { mini: true }),
         _ => {}
     }
-    let Some((sym, rest)) = name.split_once('@') else {
-        let lk = st.0.listen_keys.read().unwrap_or_else(|e| e.into_inner());
-        let (account, exp) = *lk.get(name)?;
-        return (exp > crate::core::now_ms()).then(|| Stream::User {
-            account,
-            listen_key: name.to_owned(),
-        });
+    let Some((symbol, rest)) = name.split_once('@') else {
+        return Some(StreamName::ListenKey(name));
+    };
+    let kind = match rest {
+        "depth" | "depth@100ms" | "depth@1000ms" => MarketStream::Diff,
+        "trade" => MarketStream::Trade,
+        "aggTrade" => MarketStream::AggTrade,
+        "avgPrice" => MarketStream::AvgPrice,
+        "bookTicker" => MarketStream::BookTicker,
+        "ticker" => MarketStream::Ticker { mini: false },
+        "miniTicker" => MarketStream::Ticker { mini: true },
+        _ => {
+            if let Some(iv) = rest.strip_prefix("kline_") {
+                MarketStream::Kline {
+                    interval: interval_index(iv)?,
+                }
+            } else {
+                let d = rest.strip_prefix("depth")?;
+                let (lv, every_ms) = match d.split_once('@') {
+                    Some((l, "100ms")) => (l, 100),
+                    Some((l, "1000ms")) => (l, 1000),
+                    Some(_) => return None,
+                    None => (d, 1000),
+                };
+                let levels = match lv {
+                    "5" => 5,
+                    "10" => 10,
+                    "20" => 20,
+                    _ => return None,
+                };
+                MarketStream::Partial { levels, every_ms }
+            }
+        }
+    };
+    Some(StreamName::Market { symbol, kind })
+}
+
+fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
+    let (sym, kind) = match parse_stream_name(name)? {
+        StreamName::AllTickers { mini } => return Some(Stream::AllTickers { mini }),
+        StreamName::ListenKey(name) => {
+            let lk = st.0.listen_keys.read().unwrap_or_else(|e| e.into_inner());
+            let (account, exp) = *lk.get(name)?;
+            return (exp > crate::core::now_ms()).then(|| Stream::User {
+                account,
+                listen_key: name.to_owned(),
+            });
+        }
+        StreamName::Market { symbol, kind } => (symbol, kind),
     };
     let m = st
         .markets()
         .markets
         .iter()
         .position(|m| m.stream_symbol == sym)?;
-    match rest {
-        "depth" | "depth@100ms" | "depth@1000ms" => Some(Stream::Diff(m)),
-        "trade" => Some(Stream::Trade(m)),
-        "aggTrade" => Some(Stream::AggTrade(m)),
-        "avgPrice" => Some(Stream::AvgPrice(m)),
-        "bookTicker" => Some(Stream::BookTicker(m)),
-        "ticker" => Some(Stream::Ticker {
+    Some(match kind {
+        MarketStream::Diff => Stream::Diff(m),
+        MarketStream::Trade => Stream::Trade(m),
+        MarketStream::AggTrade => Stream::AggTrade(m),
+        MarketStream::AvgPrice => Stream::AvgPrice(m),
+        MarketStream::BookTicker => Stream::BookTicker(m),
+        MarketStream::Ticker { mini } => Stream::Ticker { market: m, mini },
+        MarketStream::Kline { interval } => Stream::Kline {
             market: m,
-            mini: false,
-        }),
-        "miniTicker" => Some(Stream::Ticker {
+            interval,
+        },
+        MarketStream::Partial { levels, every_ms } => Stream::Partial {
             market: m,
-            mini: true,
-        }),
-        _ => {
-            if let Some(iv) = rest.strip_prefix("kline_") {
-                return interval_index(iv).map(|interval| Stream::Kline {
-                    market: m,
-                    interval,
-                });
-            }
-            let d = rest.strip_prefix("depth")?;
-            let (lv, speed) = match d.split_once('@') {
-                Some((l, "100ms")) => (l, 100),
-                Some((l, "1000ms")) => (l, 1000),
-                Some(_) => return None,
-                None => (d, 1000),
-            };
-            let levels = match lv {
-                "5" => 5,
-                "10" => 10,
-                "20" => 20,
-                _ => return None,
-            };
-            Some(Stream::Partial {
-                market: m,
-                levels,
-                every_ms: speed,
-            })
-        }
-    }
+            levels,
+            every_ms,
+        },
+    })
 }
 
 /// Parses stream names; a name given twice is kept once (each stream is sent once per
@@ -488,23 +558,64 @@ async fn closed_by_peer<S: WsSink>(socket: &mut S) {
     let _ = tokio::time::timeout(Duration::from_secs(1), SinkExt::close(socket)).await;
 }
 
-/// Handles a `SUBSCRIBE` / `UNSUBSCRIBE` / `LIST_SUBSCRIPTIONS` request; returns the answer.
-fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> String {
+/// A control request on a market-data connection, parsed without any state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Control {
+    /// `SUBSCRIBE` these names (the string entries of `params`; others are ignored).
+    Subscribe(Vec<String>),
+    /// `UNSUBSCRIBE` these names.
+    Unsubscribe(Vec<String>),
+    /// `LIST_SUBSCRIPTIONS`.
+    List,
+}
+
+/// Why a control request was refused: the answer's `error` object.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ControlError {
+    /// `3`: not JSON; `2`: an invalid request.
+    pub code: u8,
+    /// The message.
+    pub msg: &'static str,
+}
+
+/// Parses a `SUBSCRIBE` / `UNSUBSCRIBE` / `LIST_SUBSCRIPTIONS` request: its `id` (echoed in the
+/// answer; `null` when absent or when the text is not JSON) and the request, or why it is refused.
+pub fn parse_control(text: &str) -> (Value, Result<Control, ControlError>) {
     let Ok(v) = serde_json::from_str::<Value>(text) else {
-        return json!({"error": {"code": 3, "msg": "Invalid JSON"}, "id": null}).to_string();
+        let e = ControlError {
+            code: 3,
+            msg: "Invalid JSON",
+        };
+        return (Value::Null, Err(e));
     };
     let id = v.get("id").cloned().unwrap_or(Value::Null);
-    let names: Vec<String> = v
-        .get("params")
-        .and_then(|p| p.as_array())
-        .map(|a| {
-            a.iter()
-                .filter_map(|x| x.as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
-    match v.get("method").and_then(|m| m.as_str()) {
-        Some("SUBSCRIBE") => {
+    let names = || -> Vec<String> {
+        v.get("params")
+            .and_then(|p| p.as_array())
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let control = match v.get("method").and_then(|m| m.as_str()) {
+        Some("SUBSCRIBE") => Ok(Control::Subscribe(names())),
+        Some("UNSUBSCRIBE") => Ok(Control::Unsubscribe(names())),
+        Some("LIST_SUBSCRIPTIONS") => Ok(Control::List),
+        _ => Err(ControlError {
+            code: 2,
+            msg: "Invalid request: unknown method",
+        }),
+    };
+    (id, control)
+}
+
+/// Handles a `SUBSCRIBE` / `UNSUBSCRIBE` / `LIST_SUBSCRIPTIONS` request; returns the answer.
+fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> String {
+    let (id, request) = parse_control(text);
+    match request {
+        Ok(Control::Subscribe(names)) => {
             let refs: Vec<&str> = names.iter().map(String::as_str).collect();
             match parse_list(st, &refs) {
                 Ok(mut new) => {
@@ -519,16 +630,15 @@ fn control(st: &AppState, subs: &mut Vec<(String, Stream)>, text: &str) -> Strin
                 Err(e) => json!({"error": {"code": 2, "msg": e.msg}, "id": id}).to_string(),
             }
         }
-        Some("UNSUBSCRIBE") => {
+        Ok(Control::Unsubscribe(names)) => {
             subs.retain(|(n, _)| !names.contains(n));
             json!({"result": null, "id": id}).to_string()
         }
-        Some("LIST_SUBSCRIPTIONS") => {
+        Ok(Control::List) => {
             let l: Vec<&str> = subs.iter().map(|(n, _)| n.as_str()).collect();
             json!({"result": l, "id": id}).to_string()
         }
-        _ => json!({"error": {"code": 2, "msg": "Invalid request: unknown method"}, "id": id})
-            .to_string(),
+        Err(e) => json!({"error": {"code": e.code, "msg": e.msg}, "id": id}).to_string(),
     }
 }
 
@@ -919,16 +1029,37 @@ fn param_str(v: &Value) -> Option<String> {
     }
 }
 
-/// Verifies a signed WebSocket API request; returns the key.
-fn ws_signed(
-    st: &AppState,
+/// A WebSocket API request, parsed without any state.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ApiRequest {
+    /// The `id`, echoed in the answer (`null` when absent).
+    pub id: Value,
+    /// The `method`, when it is a string.
+    pub method: Option<String>,
+    /// The `params` object (empty when absent or not an object).
+    pub params: serde_json::Map<String, Value>,
+}
+
+/// Parses a WebSocket API request (`-1100` when it is not JSON).
+pub fn parse_api_request(text: &str) -> Result<ApiRequest, ApiError> {
+    let v = serde_json::from_str::<Value>(text)
+        .map_err(|_| ApiError::bad(-1100, "Malformed request."))?;
+    Ok(ApiRequest {
+        id: v.get("id").cloned().unwrap_or(Value::Null),
+        method: v.get("method").and_then(Value::as_str).map(str::to_owned),
+        params: v
+            .get("params")
+            .and_then(Value::as_object)
+            .cloned()
+            .unwrap_or_default(),
+    })
+}
+
+/// A signed WebSocket API request's `timestamp` (`-1102` when missing or not an unsigned integer)
+/// and `recvWindow` (`-1130` when sent and not an unsigned integer).
+pub fn ws_api_time(
     params: &serde_json::Map<String, Value>,
-) -> Result<std::sync::Arc<crate::keys::ApiKey>, ApiError> {
-    let api_key = params
-        .get("apiKey")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::missing("apiKey"))?;
-    let key = st.find_key(api_key)?;
+) -> Result<(u64, Option<u64>), ApiError> {
     let ts = params
         .get("timestamp")
         .and_then(Value::as_u64)
@@ -940,7 +1071,15 @@ fn ws_signed(
                 .ok_or_else(|| ApiError::invalid_value("recvWindow"))?,
         ),
     };
-    st.check_time(ts, recv)?;
+    Ok((ts, recv))
+}
+
+/// The bytes a signed WebSocket API request's HMAC covers, and its `signature`: every other
+/// parameter as `name=value`, sorted by name, joined with `&` (a value that is not a string,
+/// number or boolean: `-1130`; no string `signature`: `-1102`).
+pub fn ws_api_signed_payload(
+    params: &serde_json::Map<String, Value>,
+) -> Result<(String, &str), ApiError> {
     let sig = params
         .get("signature")
         .and_then(Value::as_str)
@@ -955,7 +1094,23 @@ fn ws_signed(
     }
     pairs.sort();
     let payload: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    if !key.verify(payload.join("&").as_bytes(), sig) {
+    Ok((payload.join("&"), sig))
+}
+
+/// Verifies a signed WebSocket API request; returns the key.
+fn ws_signed(
+    st: &AppState,
+    params: &serde_json::Map<String, Value>,
+) -> Result<std::sync::Arc<crate::keys::ApiKey>, ApiError> {
+    let api_key = params
+        .get("apiKey")
+        .and_then(Value::as_str)
+        .ok_or_else(|| ApiError::missing("apiKey"))?;
+    let key = st.find_key(api_key)?;
+    let (ts, recv) = ws_api_time(params)?;
+    st.check_time(ts, recv)?;
+    let (payload, sig) = ws_api_signed_payload(params)?;
+    if !key.verify(payload.as_bytes(), sig) {
         return Err(ApiError::bad_signature());
     }
     st.charge_key(&key, 2)?;
@@ -978,16 +1133,16 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                     return close(&mut socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
                 }
                 Some(Ok(Message::Text(t))) => {
-                    let Ok(v) = serde_json::from_str::<Value>(t.as_str()) else {
-                        let e = ApiError::bad(-1100, "Malformed request.");
-                        if send(&mut socket, ws_error(&Value::Null, &e)).await != Sent::Done { break; }
-                        continue;
+                    let ApiRequest { id, method, params } = match parse_api_request(t.as_str()) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            if send(&mut socket, ws_error(&Value::Null, &e)).await != Sent::Done { break; }
+                            continue;
+                        }
                     };
-                    let id = v.get("id").cloned().unwrap_or(Value::Null);
-                    let params = v.get("params").and_then(Value::as_object).cloned().unwrap_or_default();
                     let answer = match st.charge_ip_addr(ip, 2) {
                         Err(e) => ws_error(&id, &e),
-                        Ok(_) => match v.get("method").and_then(Value::as_str) {
+                        Ok(_) => match method.as_deref() {
                             Some("ping") => json!({"id": id, "status": 200, "result": {}}).to_string(),
                             Some("time") => json!({"id": id, "status": 200, "result": {"serverTime": crate::core::now_ms()}}).to_string(),
                             Some("userDataStream.subscribe.signature") => match ws_signed(st, &params).and_then(|key| subs.add(key.account)) {

@@ -323,6 +323,28 @@ pub struct Book<T> {
 }
 
 impl<T: Copy + Default> Book<T> {
+    /// The bytes [`Book::new`] allocates up front for these arguments: the order arena, the page
+    /// directory and the occupancy bitmap (pages and the id index's growth come later). Saturates.
+    pub fn preallocated_bytes(max_price: Price, capacity: u32) -> u64 {
+        let word = std::mem::size_of::<u64>() as u64;
+        let prices = max_price.0.saturating_add(1);
+        let mut bytes = prices
+            .div_ceil(PAGE_LEVELS as u64)
+            .saturating_mul(std::mem::size_of::<Option<Box<Page>>>() as u64);
+        let mut bits = prices.div_ceil(64);
+        loop {
+            let words = bits.div_ceil(64);
+            bytes = bytes.saturating_add(words.saturating_mul(word));
+            if words <= 1 {
+                break;
+            }
+            bits = words;
+        }
+        bytes.saturating_add(
+            u64::from(capacity).saturating_mul(std::mem::size_of::<Node<T>>() as u64),
+        )
+    }
+
     /// A book for prices `1..=max_price` with room for `capacity` resting orders. The order arena
     /// is allocated now; the id index for up to 65,536 orders (it grows past that); a page of
     /// 4,096 price levels when an order first rests in it (two allocations, once per page).

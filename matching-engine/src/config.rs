@@ -161,7 +161,26 @@ pub enum ConfigError {
     /// More than 65,535 assets or markets, or none.
     #[error("too many or too few assets or markets")]
     Count,
+    /// The books would allocate more than [`MAX_PREALLOCATED_BYTES`] up front (order arenas of
+    /// `max_orders_per_book` each, and price-level directories up to each `max_price`).
+    #[error(
+        "the books would preallocate {0} bytes, more than the {MAX_PREALLOCATED_BYTES}-byte limit"
+    )]
+    TooLarge(u64),
+    /// An asset with more than [`MAX_DECIMALS`] decimal places (its amounts could not be
+    /// formatted or scaled in 64-bit units).
+    #[error("asset {0} has more than 18 decimals")]
+    BadDecimals(String),
 }
+
+/// The most decimal places an asset may have: 10^18 fits in a `u64`, and every scaling of an
+/// amount by a power of ten stays within `u128`.
+pub const MAX_DECIMALS: u8 = 18;
+
+/// The most memory the books of one engine may allocate up front (1 GiB): a larger
+/// configuration (or a damaged snapshot's) is refused instead of aborting out of memory. The
+/// default configuration takes about 34 MiB.
+pub const MAX_PREALLOCATED_BYTES: u64 = 1 << 30;
 
 impl EngineConfig {
     /// Checks the configuration.
@@ -171,6 +190,9 @@ impl EngineConfig {
             || self.markets.len() > usize::from(u16::MAX)
         {
             return Err(ConfigError::Count);
+        }
+        if let Some(a) = self.assets.iter().find(|a| a.decimals > MAX_DECIMALS) {
+            return Err(ConfigError::BadDecimals(a.symbol.clone()));
         }
         for m in &self.markets {
             let n = self.assets.len();
@@ -190,6 +212,34 @@ impl EngineConfig {
                 return Err(ConfigError::BadMarket(m.symbol.clone()));
             }
         }
+        let bytes = self.markets.iter().fold(0u64, |sum, m| {
+            sum.saturating_add(
+                crate::book::Book::<crate::engine::OrderMeta>::preallocated_bytes(
+                    m.max_price,
+                    self.limits.max_orders_per_book,
+                ),
+            )
+        });
+        if bytes > MAX_PREALLOCATED_BYTES {
+            return Err(ConfigError::TooLarge(bytes));
+        }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Found by the fuzzing review: asset decimals were unbounded, and the API scales amounts by
+    /// `10^decimals` in `u128` (more than 38 decimals panicked there).
+    #[test]
+    fn assets_with_more_than_18_decimals_are_refused() {
+        let mut c = EngineConfig::default();
+        c.assets[0].decimals = MAX_DECIMALS;
+        assert_eq!(c.validate(), Ok(()));
+        c.assets[0].decimals = 39;
+        let symbol = c.assets[0].symbol.clone();
+        assert_eq!(c.validate(), Err(ConfigError::BadDecimals(symbol)));
     }
 }

@@ -4,47 +4,17 @@
 
 use api::decimal::{format_units, format_units_u128, parse_units, MAX_LEN};
 use api::merchant::webhook::{signature_header, verify};
-use api::params::{
-    parse_signed, percent_decode, signed_payload, split_signature, Params, MAX_PARAMS,
-    MAX_VALUE_LEN,
-};
+use api::params::{parse_signed, percent_decode, signed_payload, split_signature, Params};
 use api::ws::{
     parse_api_request, parse_control, parse_stream_name, ws_api_signed_payload, Control,
     ControlError, MarketStream, StreamName,
 };
+#[path = "model/params.rs"]
+mod params_model;
+
+use params_model::{encode_all, params_model};
 use proptest::prelude::*;
 use serde_json::{json, Value};
-
-/// The parameter rules, restated: the error code `query` + `body` get, or the decoded pairs.
-fn params_model(query: &str, body: &str) -> Result<Vec<(String, String)>, i32> {
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for part in query.split('&').chain(body.split('&')) {
-        if part.is_empty() {
-            continue;
-        }
-        let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        let k = percent_decode(k).ok_or(-1100)?;
-        if k.is_empty() || k.len() > 64 || !k.bytes().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(-1100);
-        }
-        let v = percent_decode(v).ok_or(-1100)?;
-        if v.len() > MAX_VALUE_LEN {
-            return Err(-1100);
-        }
-        if pairs.iter().any(|(n, _)| *n == k) {
-            return Err(-1101);
-        }
-        pairs.push((k, v));
-        if pairs.len() > MAX_PARAMS {
-            return Err(-1101);
-        }
-    }
-    Ok(pairs)
-}
-
-fn encode_all(s: &str) -> String {
-    s.bytes().map(|b| format!("%{b:02X}")).collect()
-}
 
 /// A query-string-like text: names and values from a small alphabet with escapes, so that
 /// duplicates, `signature` and bad escapes come up often.

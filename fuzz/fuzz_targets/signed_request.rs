@@ -3,43 +3,13 @@
 //! Checked against a small reference model of the rules; never a panic.
 #![no_main]
 
-use api::params::{
-    parse_signed, percent_decode, signed_payload, split_signature, Params, MAX_PARAMS,
-    MAX_VALUE_LEN,
-};
+use api::params::{parse_signed, percent_decode, signed_payload, split_signature, Params};
 use libfuzzer_sys::fuzz_target;
 
-/// The error code the rules give `query` + `body` (`None`: accepted), and the decoded pairs.
-fn model(query: &str, body: &str) -> Result<Vec<(String, String)>, i32> {
-    let mut pairs: Vec<(String, String)> = Vec::new();
-    for part in query.split('&').chain(body.split('&')) {
-        if part.is_empty() {
-            continue;
-        }
-        let (k, v) = part.split_once('=').unwrap_or((part, ""));
-        let k = percent_decode(k).ok_or(-1100)?;
-        if k.is_empty() || k.len() > 64 || !k.bytes().all(|c| c.is_ascii_alphanumeric()) {
-            return Err(-1100);
-        }
-        let v = percent_decode(v).ok_or(-1100)?;
-        if v.len() > MAX_VALUE_LEN {
-            return Err(-1100);
-        }
-        if pairs.iter().any(|(n, _)| *n == k) {
-            return Err(-1101);
-        }
-        pairs.push((k, v));
-        if pairs.len() > MAX_PARAMS {
-            return Err(-1101);
-        }
-    }
-    Ok(pairs)
-}
+#[path = "../../api/tests/model/params.rs"]
+mod params_model;
 
-/// Upper-case percent-encoding of every byte (the decoder's inverse).
-fn encode_all(s: &str) -> String {
-    s.bytes().map(|b| format!("%{b:02X}")).collect()
-}
+use params_model::{encode_all, params_model as model};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

@@ -84,6 +84,8 @@ impl Marks {
     pub const PAID_OVER: Marks = Marks(2);
     /// A payment was seen after the expiry (or after the invoice was marked invalid).
     pub const PAID_LATE: Marks = Marks(4);
+    /// The merchant marked it (Greenfield `POST .../status` with `Settled`); kept by [`Invoice::derive`].
+    pub const MARKED: Marks = Marks(8);
 
     /// True when every bit of `m` is set.
     pub fn has(self, m: Marks) -> bool {
@@ -96,6 +98,7 @@ impl Marks {
             (Marks::PAID_PARTIAL, "PaidPartial"),
             (Marks::PAID_OVER, "PaidOver"),
             (Marks::PAID_LATE, "PaidLate"),
+            (Marks::MARKED, "Marked"),
         ]
         .into_iter()
         .filter(|(m, _)| self.has(*m))
@@ -271,7 +274,7 @@ impl Invoice {
 
     /// Status and marks at `now_ms`, from the payments (see the module rules).
     pub fn derive(&self, now_ms: u64) -> Derived {
-        let mut marks = Marks::default();
+        let mut marks = Marks(self.marks.0 & Marks::MARKED.0);
         let (mut paid, mut confirmed) = (0u64, 0u64);
         for p in self.payments.iter().filter(|p| !p.reorged) {
             if self.on_time(p) {
@@ -362,6 +365,21 @@ impl Invoice {
         self.status = d.status;
         self.marks = d.marks;
         Ok(vec![EventType::InvoiceInvalid])
+    }
+
+    /// Marks the invoice settled (merchant's decision, e.g. paid another way): from any status
+    /// but `Settled`; final. The `Marked` mark says so. Nothing is credited by it: refunds stay
+    /// limited to what was received and credited.
+    pub fn mark_settled(&mut self, now_ms: u64) -> Result<Vec<EventType>, TransitionError> {
+        let cur = self.derive(now_ms).status;
+        if cur == Status::Settled {
+            return Err(TransitionError::WrongStatus(cur));
+        }
+        self.status = Status::Settled;
+        self.marks.0 |= Marks::MARKED.0;
+        let d = self.derive(now_ms);
+        self.marks = d.marks;
+        Ok(vec![EventType::InvoiceSettled])
     }
 
     /// Satoshis that may still be refunded: everything received (late payments included) minus

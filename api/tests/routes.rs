@@ -222,8 +222,7 @@ async fn every_route_with_every_permission_set_is_allowed_or_refused_unchanged()
                         .await
                         .unwrap()
                         .to_bytes();
-                    let v: serde_json::Value =
-                        serde_json::from_slice(&bytes).unwrap_or_default();
+                    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
                     let what = format!(
                         "{} {uri} with {:?}: {status} {v}",
                         route.method,

@@ -356,7 +356,8 @@ CREATE TABLE IF NOT EXISTS webhook_attempts(
   time_ms INTEGER NOT NULL, http_status INTEGER, error TEXT, PRIMARY KEY(delivery_id, n));
 ";
 
-/// Creates the outbox tables if they do not exist (idempotent). `cycle_attempts` counts the
+/// Creates the outbox tables (and the Greenfield tables [`enqueue`] reads) if they do not exist
+/// (idempotent). `cycle_attempts` counts the
 /// attempts since the last enqueue or [`redeliver`]; `max_attempts` applies to it.
 pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(SCHEMA)?;
@@ -371,7 +372,9 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS webhook_deliveries_by_hook
            ON webhook_deliveries(hook, created_ms) WHERE hook IS NOT NULL",
-    )
+    )?;
+    // [`enqueue`] also fans out to the Greenfield webhooks: their tables come with the outbox.
+    super::greenfield::init_schema(conn)
 }
 
 /// The header of a Greenfield delivery's signature: `sha256=<hex HMAC-SHA256(secret, body)>`.

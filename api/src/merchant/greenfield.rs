@@ -619,9 +619,8 @@ fn metadata_of(rec: &Record) -> Map<String, Value> {
 
 fn additional_status(rec: &Record) -> &'static str {
     let m = rec.inv.marks;
-    if m.has(Marks::MARKED) {
-        "Marked"
-    } else if rec.inv.status == Status::Invalid {
+    // Marked settled, or marked invalid (the only way an invoice becomes Invalid here).
+    if m.has(Marks::MARKED) || rec.inv.status == Status::Invalid {
         "Marked"
     } else if m.has(Marks::PAID_LATE) {
         "PaidLate"
@@ -1323,9 +1322,15 @@ pub fn enqueue_hooks(
                 let body = event_body(&id, &h.id, name, invoice, p, now_ms);
                 let bytes = serde_json::to_vec(&body)
                     .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
-                webhook::enqueue_hook(
-                    conn, merchant, invoice_id, &h.id, &id, name, &bytes, now_ms,
-                )?;
+                let d = webhook::HookDelivery {
+                    merchant,
+                    invoice_id,
+                    hook: &h.id,
+                    id: &id,
+                    event: name,
+                    body: &bytes,
+                };
+                webhook::enqueue_hook(conn, d, now_ms)?;
             }
         }
     }
@@ -1673,17 +1678,15 @@ pub async fn redeliver(
         };
         v["timestamp"] = json!(now_ms() / 1000);
         let bytes = serde_json::to_vec(&v).map_err(|_| ApiError::internal())?;
-        webhook::enqueue_hook(
-            c,
+        let d = webhook::HookDelivery {
             merchant,
-            &invoice_id,
-            &h.id,
-            &id,
-            &event,
-            &bytes,
-            now_ms(),
-        )
-        .map_err(db_error)?;
+            invoice_id: &invoice_id,
+            hook: &h.id,
+            id: &id,
+            event: &event,
+            body: &bytes,
+        };
+        webhook::enqueue_hook(c, d, now_ms()).map_err(db_error)?;
         Ok(Some(id))
     })
     .await?

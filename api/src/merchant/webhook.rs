@@ -412,29 +412,36 @@ pub fn new_delivery_id() -> rusqlite::Result<String> {
     Ok(hex::encode(raw))
 }
 
-/// Stores a delivery to a Greenfield webhook `hook` (its body fixed now, signed `BTCPay-Sig`
-/// when sent), due at once, in the caller's transaction. `event` is BTCPay's event name.
-pub fn enqueue_hook(
-    conn: &Connection,
-    merchant: u32,
-    invoice_id: &str,
-    hook: &str,
-    id: &str,
-    event: &str,
-    body: &[u8],
-    now_ms: u64,
-) -> rusqlite::Result<()> {
+/// A delivery to a Greenfield webhook: its body is fixed when it is enqueued.
+#[derive(Debug, Clone, Copy)]
+pub struct HookDelivery<'a> {
+    /// The merchant.
+    pub merchant: u32,
+    /// The invoice it is about.
+    pub invoice_id: &'a str,
+    /// The Greenfield webhook's id.
+    pub hook: &'a str,
+    /// The delivery id ([`new_delivery_id`]; also the body's `deliveryId`).
+    pub id: &'a str,
+    /// BTCPay's event name.
+    pub event: &'a str,
+    /// The body, signed `BTCPay-Sig` when sent.
+    pub body: &'a [u8],
+}
+
+/// Stores a delivery to a Greenfield webhook, due at once, in the caller's transaction.
+pub fn enqueue_hook(conn: &Connection, d: HookDelivery<'_>, now_ms: u64) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO webhook_deliveries(id, merchant, invoice_id, event, body, status,
            next_attempt_ms, created_ms, hook) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?7)",
         params![
-            id,
-            merchant,
-            invoice_id,
-            event,
-            body,
+            d.id,
+            d.merchant,
+            d.invoice_id,
+            d.event,
+            d.body,
             ms_to_sql(now_ms),
-            hook
+            d.hook
         ],
     )?;
     Ok(())

@@ -1052,3 +1052,93 @@ async fn a_claim_whose_custody_answer_is_lost_stays_reserved_and_pays_once() {
         (Some("Cancelled"), Some("AwaitingPayment"))
     );
 }
+
+#[tokio::test]
+async fn a_claim_to_an_exchange_account_is_one_engine_transfer_paid_once() {
+    let h = Harness::new();
+    let fake = Arc::new(Fake::default());
+    h.state.set_custody(fake.clone()).ok().unwrap();
+    // A merchant with 0.01 BTC on the exchange, and a customer with an account.
+    let (merchant, merchant_key) = h.trader("0.01", "0").await;
+    let (customer, customer_key) = h.trader("0", "0").await;
+    let k = h
+        .state
+        .create_key(
+            merchant,
+            api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+            "gf",
+        )
+        .unwrap();
+    let token = h.state.greenfield_token(&k.0);
+    let pp = ok(
+        call(
+            &h,
+            "POST",
+            &format!("/api/v1/stores/{merchant}/pull-payments"),
+            Some(&token),
+            Some(json!({"name": "Cashback", "amount": "0.001"})),
+        )
+        .await,
+        "pull payment",
+    );
+    let payouts = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
+    for bad in ["account:0", "account:x", "account:007"] {
+        let r = raw(
+            &h,
+            "POST",
+            &payouts,
+            None,
+            json!({"destination": bad}).to_string(),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            r.json
+        );
+    }
+    let body =
+        json!({"destination": format!("account:{customer}"), "amount": "0.0004"}).to_string();
+    let first = ok(
+        raw(
+            &h,
+            "POST",
+            &payouts,
+            None,
+            body.clone(),
+            &[("Idempotency-Key", "c1")],
+        )
+        .await,
+        "claim",
+    );
+    assert_eq!(first["state"], "Completed");
+    let again = ok(
+        raw(
+            &h,
+            "POST",
+            &payouts,
+            None,
+            body,
+            &[("Idempotency-Key", "c1")],
+        )
+        .await,
+        "again",
+    );
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(h.balance(&customer_key, "BTC").await.0, "0.00040000");
+    assert_eq!(h.balance(&merchant_key, "BTC").await.0, "0.00960000");
+    assert!(
+        fake.withdrawals.lock().unwrap().is_empty(),
+        "no chain transaction"
+    );
+    let left = ok(
+        call(&h, "GET", &payouts.replace("/payouts", ""), None, None).await,
+        "pp",
+    );
+    assert_eq!(left["remainingAmount"], "0.0006");
+}

@@ -53,6 +53,8 @@ pub const MAX_METADATA: usize = 32 * 1024;
 pub const MAX_WEBHOOKS: i64 = 20;
 /// Payouts per pull payment.
 pub const MAX_PAYOUTS: i64 = 100;
+/// A claim's destination that is an exchange account: `account:<number>`.
+pub const ACCOUNT_PREFIX: &str = "account:";
 /// The one payment method: Bitcoin on chain.
 pub const BTC_CHAIN: &str = "BTC-CHAIN";
 
@@ -2099,6 +2101,8 @@ fn payout_json(p: &Payout, withdrawal: Option<&crate::custody::WithdrawalInfo>) 
     use crate::custody::WithdrawalState as W;
     let state = match (p.state.as_str(), withdrawal.map(|w| w.state)) {
         ("cancelled", _) => "Cancelled",
+        // An engine transfer to an exchange account is final when done.
+        ("done", _) if p.destination.starts_with(ACCOUNT_PREFIX) => "Completed",
         ("done", Some(W::Released)) => "Cancelled",
         ("done", Some(W::AwaitingApproval)) => "AwaitingApproval",
         ("done", Some(W::Completed)) => "Completed",
@@ -2214,7 +2218,11 @@ async fn resolve_payouts(st: &AppState, pp: &PullPayment) -> Result<(), GfError>
             (Some(_), Some(_)) => None,
             // No refund row: the claim never reached the invoice (nothing moved).
             (Some(_), None) => Some(("cancelled", None)),
-            (None, _) => match execute_store_payout(st, pp, &p, true).await {
+            (None, _) => match match to_account(&p) {
+                // The same transfer again: the engine answers a repeated key as done, once.
+                Some(to) => store_transfer(st, pp, &p, to).await,
+                None => execute_store_payout(st, pp, &p, true).await,
+            } {
                 super::outcome::Moved::Done(reference) => Some(("done", Some(reference))),
                 super::outcome::Moved::Refused(_) => Some(("cancelled", None)),
                 super::outcome::Moved::Unknown => None,
@@ -2229,6 +2237,37 @@ async fn resolve_payouts(st: &AppState, pp: &PullPayment) -> Result<(), GfError>
         }
     }
     Ok(())
+}
+
+/// The exchange account a payout goes to, if its destination is `account:<n>`.
+fn to_account(p: &Payout) -> Option<u32> {
+    p.destination
+        .strip_prefix(ACCOUNT_PREFIX)
+        .and_then(|n| n.parse().ok())
+}
+
+/// A store pull payment's payout to an exchange account: one engine transfer from the merchant,
+/// idempotent by `merchant/pp/<pull payment>/<n>` (repeating it to learn an unknown outcome moves
+/// nothing twice).
+async fn store_transfer(
+    st: &AppState,
+    pp: &PullPayment,
+    p: &Payout,
+    to: u32,
+) -> super::outcome::Moved {
+    use matching_engine::{AccountId, Amount, Command, IdempotencyKey};
+    let asset = match super::outcome::btc_asset(st) {
+        Ok(a) => a,
+        Err(e) => return super::outcome::Moved::Refused(e),
+    };
+    let cmd = Command::Transfer {
+        from: AccountId(pp.merchant),
+        to: AccountId(to),
+        asset,
+        amount: Amount(p.amount_sat),
+        key: IdempotencyKey::reference(&format!("merchant/pp/{}/{}", p.pp_id, p.n)),
+    };
+    super::outcome::transfer(st, cmd).await
 }
 
 /// A store pull payment's payout: a custody withdrawal from the merchant's account under the
@@ -2314,11 +2353,19 @@ pub async fn claim(
         .map(str::trim)
         .unwrap_or("");
     let destination = destination.strip_prefix("bitcoin:").unwrap_or(destination);
-    if destination.is_empty()
+    if let Some(n) = destination.strip_prefix(ACCOUNT_PREFIX) {
+        // An exchange account: paid by an engine transfer (no chain transaction, no fee).
+        if !n.parse::<u32>().is_ok_and(|a| a > 0) || n.starts_with('0') {
+            return Err(invalid("destination", "account:<account number>"));
+        }
+    } else if destination.is_empty()
         || destination.len() > 128
         || !destination.bytes().all(|b| b.is_ascii_alphanumeric())
     {
-        return Err(invalid("destination", "a Bitcoin address"));
+        return Err(invalid(
+            "destination",
+            "a Bitcoin address, or account:<number> for an exchange account",
+        ));
     }
     let destination = destination.to_owned();
     let amount = match b.get("amount").filter(|v| !v.is_null()) {
@@ -2465,6 +2512,7 @@ async fn claim_and_pay(
     };
     // Pay it.
     use super::outcome::Moved;
+    let account = to_account(&p);
     let moved = match &pp.invoice_id {
         Some(iid) => {
             let custody = st.0.custody.get().cloned();
@@ -2472,9 +2520,10 @@ async fn claim_and_pay(
                 merchant: pp.merchant,
                 id: iid.clone(),
                 amount: p.amount_sat,
-                address: Some(p.destination.clone()),
-                to_account: None,
+                address: account.is_none().then(|| p.destination.clone()),
+                to_account: account,
                 idem: Some(refund_key(&p)),
+                any_account: true,
             };
             match r::refund_invoice(st, ask, custody).await {
                 Ok(v) => Moved::Done(v["reference"].as_str().unwrap_or("").to_owned()),
@@ -2482,7 +2531,10 @@ async fn claim_and_pay(
                 Err(e) => Moved::Refused(e),
             }
         }
-        None => execute_store_payout(st, &pp, &p, false).await,
+        None => match account {
+            Some(to) => store_transfer(st, &pp, &p, to).await,
+            None => execute_store_payout(st, &pp, &p, false).await,
+        },
     };
     let (state, reference, answer) = match moved {
         Moved::Done(reference) => ("done", Some(reference), Ok(())),

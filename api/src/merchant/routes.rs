@@ -961,6 +961,7 @@ pub async fn refund(State(st): State<AppState>, req: Req) -> Result<Response, Ap
         address,
         to_account,
         idem,
+        any_account: false,
     };
     let st2 = st.clone();
     let v = outcome::to_completion(async move { refund_invoice(&st2, ask, custody).await }).await?;
@@ -974,6 +975,9 @@ pub(crate) struct RefundAsk {
     pub(crate) address: Option<String>,
     pub(crate) to_account: Option<u32>,
     pub(crate) idem: Option<String>,
+    /// `to_account` may be any account, not only one that paid from its balance: a pull
+    /// payment's claim (the merchant gave the link; its holder chooses where the money goes).
+    pub(crate) any_account: bool,
 }
 
 /// A refund not yet reserved, or the live one under the merchant's idempotency key.
@@ -1018,7 +1022,7 @@ pub(crate) async fn refund_invoice(
             return Err(refund_too_large());
         }
         let done = store::refunds(c, &rec.inv.id).map_err(db_error)?;
-        if let Some(acct) = ask.to_account {
+        if let Some(acct) = ask.to_account.filter(|_| !ask.any_account) {
             let paid: u64 = rec
                 .inv
                 .payments

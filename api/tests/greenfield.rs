@@ -1142,3 +1142,120 @@ async fn a_claim_to_an_exchange_account_is_one_engine_transfer_paid_once() {
     );
     assert_eq!(left["remainingAmount"], "0.0006");
 }
+
+#[tokio::test]
+async fn a_refund_claim_whose_answer_is_lost_is_resolved_by_the_monitor_and_a_crash_left_payout_too(
+) {
+    let g = setup().await;
+    let store = g.store();
+    let inv = g.new_invoice(json!({"amount": "0.001"})).await;
+    let id = inv["id"].as_str().unwrap().to_owned();
+    g.pay(&inv, 1, 100_000).await;
+    let pp = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{store}/invoices/{id}/refund"),
+            Some(&g.token),
+            Some(json!({"refundVariant": "RateThen"})),
+        )
+        .await,
+        "refund",
+    );
+    let pp_id = pp["id"].as_str().unwrap().to_owned();
+    let payouts = format!("/api/v1/pull-payments/{pp_id}/payouts");
+    g.fake.lose.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = raw(
+        &g.h,
+        "POST",
+        &payouts,
+        None,
+        json!({"destination": "bcrt1qcustomer", "amount": "0.0003"}).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.json);
+    // Still reserved on the pull payment and on the invoice.
+    let left = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/pull-payments/{pp_id}"),
+            None,
+            None,
+        )
+        .await,
+        "pp",
+    );
+    assert_eq!(left["remainingAmount"], "0.0007");
+    // The monitor resolves the invoice's refund by its key; the payout follows it.
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(list[0]["state"], "AwaitingPayment", "{list}");
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1);
+    let state: String = {
+        let db = g.h.state.merchant().db.lock().unwrap();
+        db.query_row(
+            "SELECT state FROM gf_payout WHERE pp_id = ?1",
+            [&pp_id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(state, "done");
+
+    // A payout a crash left `pending` (reserved before this process started, never paid): the
+    // next read pays it once through custody, by its key.
+    let store_pp = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{store}/pull-payments"),
+            Some(&g.token),
+            Some(json!({"amount": "0.0001"})),
+        )
+        .await,
+        "store pp",
+    );
+    let sid = store_pp["id"].as_str().unwrap().to_owned();
+    {
+        let db = g.h.state.merchant().db.lock().unwrap();
+        db.execute(
+            "INSERT INTO gf_payout (pp_id, n, id, destination, amount_sat, state, created_ms)
+             VALUES (?1, 1, 'crashed', 'bcrt1qleft', 10000, 'pending', 1)",
+            [&sid],
+        )
+        .unwrap();
+    }
+    let list = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/pull-payments/{sid}/payouts"),
+            None,
+            None,
+        )
+        .await,
+        "payouts",
+    );
+    assert_eq!(list[0]["state"], "AwaitingPayment", "{list}");
+    let list = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/pull-payments/{sid}/payouts"),
+            None,
+            None,
+        )
+        .await,
+        "again",
+    );
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let ws = g.fake.withdrawals.lock().unwrap().clone();
+    assert_eq!(
+        ws.iter()
+            .filter(|w| w.idempotency_key == format!("pp-{sid}-1"))
+            .count(),
+        1
+    );
+}

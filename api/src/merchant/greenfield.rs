@@ -78,8 +78,13 @@ CREATE TABLE IF NOT EXISTS gf_payout (
   created_ms INTEGER NOT NULL, PRIMARY KEY (pp_id, n), UNIQUE (pp_id, claim_key));
 ";
 
+/// When this process opened the database: a payout still `pending` from before then was left by
+/// a crash (no claim of this process is handling it) and is resolved like an `unknown` one.
+static OPENED_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
 /// Creates the Greenfield tables if they do not exist (idempotent).
 pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
+    OPENED_MS.get_or_init(crate::core::now_ms);
     conn.execute_batch(SCHEMA)
 }
 
@@ -2193,14 +2198,19 @@ pub async fn list_payouts(
     ))
 }
 
-/// Brings payouts whose outcome is not known up to date: an invoice refund's from its refund
-/// row (which the monitor resolves), a store payout's by asking custody about its key.
+/// Brings payouts whose outcome is not known (`unknown`, or `pending` from before this process
+/// opened the database: a crash) up to date: an invoice refund's from its refund row (which the
+/// monitor resolves), a store payout's by asking custody about its key (or repeating its
+/// transfer).
 async fn resolve_payouts(st: &AppState, pp: &PullPayment) -> Result<(), GfError> {
     let pp2 = pp.clone();
     let open = with_db(st, move |c| {
         let ps = payouts(c, &pp2.id).map_err(db_error)?;
         let mut out = Vec::new();
-        for p in ps.into_iter().filter(|p| p.state == "unknown") {
+        let opened = OPENED_MS.get().copied().unwrap_or(0);
+        let open =
+            |p: &Payout| p.state == "unknown" || (p.state == "pending" && p.created_ms < opened);
+        for p in ps.into_iter().filter(open) {
             let refund = match &pp2.invoice_id {
                 Some(iid) => store::refund_by_key(c, iid, &refund_key(&p)).map_err(db_error)?,
                 None => None,

@@ -1188,11 +1188,9 @@ async fn a_refund_claim_whose_answer_is_lost_is_resolved_by_the_monitor_and_a_cr
         "pp",
     );
     assert_eq!(left["remainingAmount"], "0.0007");
-    // The monitor resolves the invoice's refund by its key; the payout follows it.
+    // The monitor resolves the invoice's refund by its key, and the payout after it (nobody
+    // reads the payouts meanwhile).
     tick(&g.h.state, common::now_ms()).await.unwrap();
-    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
-    assert_eq!(list[0]["state"], "AwaitingPayment", "{list}");
-    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1);
     let state: String = {
         let db = g.h.state.merchant().db.lock().unwrap();
         db.query_row(
@@ -1203,6 +1201,9 @@ async fn a_refund_claim_whose_answer_is_lost_is_resolved_by_the_monitor_and_a_cr
         .unwrap()
     };
     assert_eq!(state, "done");
+    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(list[0]["state"], "AwaitingPayment", "{list}");
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1);
 
     // A payout a crash left `pending` (reserved before this process started, never paid): the
     // next read pays it once through custody, by its key.

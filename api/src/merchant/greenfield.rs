@@ -2198,6 +2198,35 @@ pub async fn list_payouts(
     ))
 }
 
+/// Resolves the payouts of every pull payment that has one whose outcome is not known (run by
+/// each monitor tick, after the invoice refunds were resolved); at most 100 pull payments a
+/// tick. Answers how many pull payments it looked at.
+pub async fn resolve_all(st: &AppState) -> Result<usize, ApiError> {
+    let opened = OPENED_MS.get().copied().unwrap_or(0);
+    let pps = with_db(st, move |c| {
+        let mut stmt = c
+            .prepare(&format!(
+                "SELECT {PP_COLS} FROM gf_pull_payment WHERE id IN (
+                   SELECT DISTINCT pp_id FROM gf_payout
+                   WHERE state = 'unknown' OR (state = 'pending' AND created_ms < ?1) LIMIT 100)"
+            ))
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([i64::try_from(opened).unwrap_or(i64::MAX)], pp_row)
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        Ok(rows)
+    })
+    .await?;
+    for pp in &pps {
+        if let Err(e) = resolve_payouts(st, pp).await {
+            tracing::warn!(pull_payment = %pp.id, status = %e.status, "payouts not resolved yet");
+        }
+    }
+    Ok(pps.len())
+}
+
 /// Brings payouts whose outcome is not known (`unknown`, or `pending` from before this process
 /// opened the database: a crash) up to date: an invoice refund's from its refund row (which the
 /// monitor resolves), a store payout's by asking custody about its key (or repeating its

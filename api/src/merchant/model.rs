@@ -436,6 +436,39 @@ mod tests {
 
     use EventType as E;
 
+    #[test]
+    fn mark_settled_is_final_keeps_its_mark_and_credits_nothing() {
+        // From New, Expired, Processing and Invalid; never twice.
+        let mut a = inv(1000, 1, 0);
+        assert_eq!(a.mark_settled(10), Ok(vec![E::InvoiceSettled]));
+        assert_eq!(
+            (a.status, a.marks.names()),
+            (Status::Settled, vec!["Marked"])
+        );
+        assert_eq!(
+            a.mark_settled(20),
+            Err(TransitionError::WrongStatus(Status::Settled))
+        );
+        // A later payment keeps it Settled and Marked (and counts as received).
+        let ev = a.observe(&[chain(1, 500, 1, 30)], 40);
+        assert_eq!(ev, vec![E::PaymentReceived]);
+        assert_eq!(a.status, Status::Settled);
+        assert!(a.marks.has(Marks::MARKED));
+        assert_eq!(a.refundable_sat(), Ok(500));
+        let mut b = inv(1000, 1, 0);
+        b.observe(&[], 2_000);
+        assert_eq!(b.status, Status::Expired);
+        b.mark_invalid(2_001).unwrap();
+        assert_eq!(b.mark_settled(2_002), Ok(vec![E::InvoiceSettled]));
+        assert_eq!(b.derive(3_000).status, Status::Settled);
+        let mut c = inv(1000, 1, 0);
+        c.observe(&[chain(2, 1000, 0, 10)], 20);
+        assert_eq!(c.status, Status::Processing);
+        assert_eq!(c.mark_settled(30), Ok(vec![E::InvoiceSettled]));
+        // Nothing was credited by the mark: only the (unconfirmed) payment, not yet refundable.
+        assert_eq!(c.refundable_sat(), Ok(0));
+    }
+
     /// (name, speed, tolerance, steps of (observed payments, now, expected status, marks, events)).
     #[allow(clippy::type_complexity)]
     #[test]

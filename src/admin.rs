@@ -86,10 +86,11 @@ pub fn apikey_create(
     let v = a.call("POST", "/mapi/v1/admin/apiKey", &params)?;
     a.print(&v, |v| {
         format!(
-            "api key for account {}: {}\nsecret (shown once): {}\npermissions: {}",
+            "api key for account {}: {}\nsecret (shown once): {}\ngreenfield token (shown once): {}\npermissions: {}",
             s(&v["account"]),
             s(&v["apiKey"]),
             s(&v["secretKey"]),
+            s(&v["greenfieldToken"]),
             v["permissions"]
         )
     });

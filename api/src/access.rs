@@ -31,6 +31,76 @@ pub enum Access {
     Key(Perms),
     /// A signed request (`timestamp`, `signature`) whose key holds these permissions.
     Signed(Perms),
+    /// A BTCPay Greenfield request (`Authorization: token <greenfieldToken>`) whose key holds
+    /// the Mediator permissions this BTCPay permission maps to ([`Greenfield::perms`]); a
+    /// `{storeId}` in the path must be the key's own account's store (otherwise `403
+    /// missing-permission`, as BTCPay answers for a store the key has no right on).
+    Token(Greenfield),
+}
+
+/// BTCPay's permission names, as Greenfield clients ask for them, each mapped onto the stored
+/// permission bits ([`Perms`]); `GET /api/v1/api-keys/current` lists those a key holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Greenfield {
+    /// Any live token (server info, the key's own description).
+    Any,
+    /// `btcpay.store.canviewstoresettings`: **merchant**.
+    ViewStoreSettings,
+    /// `btcpay.store.canmodifystoresettings`: **merchant**.
+    ModifyStoreSettings,
+    /// `btcpay.store.canviewinvoices`: **merchant**.
+    ViewInvoices,
+    /// `btcpay.store.cancreateinvoice`: **merchant**.
+    CreateInvoice,
+    /// `btcpay.store.canmodifyinvoices`: **merchant**.
+    ModifyInvoices,
+    /// `btcpay.store.webhooks.canmodifywebhooks`: **merchant**.
+    ModifyWebhooks,
+    /// `btcpay.store.canmanagepullpayments` (list them): **merchant**.
+    ManagePullPayments,
+    /// `btcpay.store.cancreatepullpayments` and `...cancreatenonapprovedpullpayments`
+    /// (refunds, pull payments): **merchant** + **withdraw**, because whoever holds the pull
+    /// payment's link sends its money to any address (ADR 0008: money out is never `merchant`
+    /// alone).
+    CreatePullPayments,
+}
+
+impl Greenfield {
+    /// Every store permission, in the order `api-keys/current` lists them.
+    pub const STORE: [Greenfield; 8] = [
+        Greenfield::ViewStoreSettings,
+        Greenfield::ModifyStoreSettings,
+        Greenfield::ViewInvoices,
+        Greenfield::CreateInvoice,
+        Greenfield::ModifyInvoices,
+        Greenfield::ModifyWebhooks,
+        Greenfield::ManagePullPayments,
+        Greenfield::CreatePullPayments,
+    ];
+
+    /// BTCPay's name (`""` for [`Greenfield::Any`]).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Greenfield::Any => "",
+            Greenfield::ViewStoreSettings => "btcpay.store.canviewstoresettings",
+            Greenfield::ModifyStoreSettings => "btcpay.store.canmodifystoresettings",
+            Greenfield::ViewInvoices => "btcpay.store.canviewinvoices",
+            Greenfield::CreateInvoice => "btcpay.store.cancreateinvoice",
+            Greenfield::ModifyInvoices => "btcpay.store.canmodifyinvoices",
+            Greenfield::ModifyWebhooks => "btcpay.store.webhooks.canmodifywebhooks",
+            Greenfield::ManagePullPayments => "btcpay.store.canmanagepullpayments",
+            Greenfield::CreatePullPayments => "btcpay.store.cancreatepullpayments",
+        }
+    }
+
+    /// The stored permissions a key needs for it.
+    pub const fn perms(self) -> Perms {
+        match self {
+            Greenfield::Any => Perms::NONE,
+            Greenfield::CreatePullPayments => Perms::MERCHANT.with(Perms::WITHDRAW),
+            _ => Perms::MERCHANT,
+        }
+    }
 }
 
 /// Which listener serves a route.
@@ -63,7 +133,8 @@ pub struct Route {
     handler: fn() -> MethodRouter<AppState>,
 }
 
-use Access::{Key, Public, Signed};
+use Access::{Key, Public, Signed, Token};
+use Greenfield as G;
 use Listener::Admin as A;
 use Listener::Public as P;
 
@@ -101,6 +172,7 @@ macro_rules! route {
 pub static ROUTES: &[Route] = {
     use crate::capital as c;
     use crate::catalog as cat;
+    use crate::merchant::greenfield as gf;
     use crate::merchant::routes as m;
     use crate::{metrics, native as n, openapi, proofs as pr, public as p, trade as t, ws};
     &[
@@ -654,6 +726,231 @@ pub static ROUTES: &[Route] = {
             pr::my_proof
         ),
         route!("GET", "/reserves/verify", Public, None, P, pr::verify_page),
+        // BTCPay Greenfield (crate::merchant::greenfield).
+        route!(
+            "GET",
+            "/api/v1/api-keys/current",
+            Token(G::Any),
+            Some(1),
+            P,
+            gf::current_key
+        ),
+        route!(
+            "GET",
+            "/api/v1/server/info",
+            Token(G::Any),
+            Some(1),
+            P,
+            gf::server_info
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores",
+            Token(G::ViewStoreSettings),
+            Some(1),
+            P,
+            gf::list_stores
+        ),
+        route!(
+            "POST",
+            "/api/v1/stores",
+            Token(G::ModifyStoreSettings),
+            Some(1),
+            P,
+            gf::create_store
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}",
+            Token(G::ViewStoreSettings),
+            Some(1),
+            P,
+            gf::get_store
+        ),
+        route!(
+            "PUT",
+            "/api/v1/stores/{storeId}",
+            Token(G::ModifyStoreSettings),
+            Some(1),
+            P,
+            gf::put_store
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/payment-methods",
+            Token(G::ViewStoreSettings),
+            Some(1),
+            P,
+            gf::store_payment_methods
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/invoices",
+            Token(G::ViewInvoices),
+            Some(5),
+            P,
+            gf::list_invoices
+        ),
+        route!(
+            "POST",
+            "/api/v1/stores/{storeId}/invoices",
+            Token(G::CreateInvoice),
+            Some(1),
+            P,
+            gf::create_invoice
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/invoices/{invoiceId}",
+            Token(G::ViewInvoices),
+            Some(1),
+            P,
+            gf::get_invoice
+        ),
+        route!(
+            "PUT",
+            "/api/v1/stores/{storeId}/invoices/{invoiceId}",
+            Token(G::ModifyInvoices),
+            Some(1),
+            P,
+            gf::update_invoice
+        ),
+        route!(
+            "DELETE",
+            "/api/v1/stores/{storeId}/invoices/{invoiceId}",
+            Token(G::ModifyInvoices),
+            Some(1),
+            P,
+            gf::archive_invoice
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/invoices/{invoiceId}/payment-methods",
+            Token(G::ViewInvoices),
+            Some(1),
+            P,
+            gf::invoice_payment_methods
+        ),
+        route!(
+            "POST",
+            "/api/v1/stores/{storeId}/invoices/{invoiceId}/status",
+            Token(G::ModifyInvoices),
+            Some(1),
+            P,
+            gf::mark_status
+        ),
+        route!(
+            "POST",
+            "/api/v1/stores/{storeId}/invoices/{invoiceId}/refund",
+            Token(G::CreatePullPayments),
+            Some(1),
+            P,
+            gf::refund
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/webhooks",
+            Token(G::ModifyWebhooks),
+            Some(1),
+            P,
+            gf::list_webhooks
+        ),
+        route!(
+            "POST",
+            "/api/v1/stores/{storeId}/webhooks",
+            Token(G::ModifyWebhooks),
+            Some(1),
+            P,
+            gf::create_webhook
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/webhooks/{webhookId}",
+            Token(G::ModifyWebhooks),
+            Some(1),
+            P,
+            gf::get_webhook
+        ),
+        route!(
+            "PUT",
+            "/api/v1/stores/{storeId}/webhooks/{webhookId}",
+            Token(G::ModifyWebhooks),
+            Some(1),
+            P,
+            gf::update_webhook
+        ),
+        route!(
+            "DELETE",
+            "/api/v1/stores/{storeId}/webhooks/{webhookId}",
+            Token(G::ModifyWebhooks),
+            Some(1),
+            P,
+            gf::delete_webhook
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/webhooks/{webhookId}/deliveries",
+            Token(G::ModifyWebhooks),
+            Some(1),
+            P,
+            gf::webhook_deliveries
+        ),
+        route!(
+            "POST",
+            "/api/v1/stores/{storeId}/webhooks/{webhookId}/deliveries/{deliveryId}/redeliver",
+            Token(G::ModifyWebhooks),
+            Some(1),
+            P,
+            gf::redeliver
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/pull-payments",
+            Token(G::ManagePullPayments),
+            Some(5),
+            P,
+            gf::list_pull_payments
+        ),
+        route!(
+            "POST",
+            "/api/v1/stores/{storeId}/pull-payments",
+            Token(G::CreatePullPayments),
+            Some(1),
+            P,
+            gf::create_pull_payment
+        ),
+        route!(
+            "GET",
+            "/api/v1/pull-payments/{pullPaymentId}",
+            Public,
+            None,
+            P,
+            gf::get_pull_payment
+        ),
+        route!(
+            "GET",
+            "/api/v1/pull-payments/{pullPaymentId}/payouts",
+            Public,
+            None,
+            P,
+            gf::list_payouts
+        ),
+        route!(
+            "POST",
+            "/api/v1/pull-payments/{pullPaymentId}/payouts",
+            Public,
+            None,
+            P,
+            gf::claim
+        ),
+        route!(
+            "GET",
+            "/pp/{pullPaymentId}",
+            Public,
+            None,
+            P,
+            gf::claim_page
+        ),
     ]
 };
 

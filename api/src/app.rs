@@ -350,6 +350,11 @@ impl AppState {
         Ok((k.api_key.clone(), s))
     }
 
+    /// The Greenfield token of a key (`Authorization: token ...`; derived, never stored).
+    pub fn greenfield_token(&self, api_key: &str) -> String {
+        self.0.keys.greenfield_token(api_key)
+    }
+
     /// The read-model thread, to join at shutdown: it writes the last history rows and exits once
     /// the core dropped its [`EventSink`] (e.g. after the sequencer shut down).
     pub fn take_read_model_thread(&self) -> Option<std::thread::JoinHandle<()>> {

@@ -142,7 +142,15 @@ pub enum KeyError {
 pub struct KeyStore {
     master: [u8; 32],
     keys: RwLock<HashMap<String, Arc<ApiKey>>>,
+    /// SHA-256 of each live key's Greenfield token → the key's id (lookup only; the token itself
+    /// is derived again and compared in constant time, see [`KeyStore::by_greenfield_token`]).
+    tokens: RwLock<HashMap<[u8; 32], String>>,
 }
+
+/// The domain label of Greenfield tokens: `hex(HMAC-SHA256(master, GREENFIELD_TOKEN_DOMAIN ||
+/// api_key))`. Distinct from the secrets' `mediator/api-secret/v1/`, so a token never equals a
+/// secret and one reveals nothing about the other.
+pub const GREENFIELD_TOKEN_DOMAIN: &str = "mediator/greenfield-token/v1/";
 
 impl std::fmt::Debug for KeyStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -191,6 +199,7 @@ impl KeyStore {
         let ks = Self {
             master,
             keys: RwLock::new(HashMap::new()),
+            tokens: RwLock::new(HashMap::new()),
         };
         for row in store.keys()? {
             ks.insert_row(row);
@@ -206,6 +215,36 @@ impl KeyStore {
         let mut out = [0u8; 64];
         hex::encode_to_slice(d, &mut out).expect("32 bytes are 64 hex characters");
         out
+    }
+
+    fn token_mac(&self, api_key: &str) -> HmacSha256 {
+        let mut mac = HmacSha256::new_from_slice(&self.master).expect("hmac takes any key length");
+        mac.update(GREENFIELD_TOKEN_DOMAIN.as_bytes());
+        mac.update(api_key.as_bytes());
+        mac
+    }
+
+    /// The Greenfield token of a key (`Authorization: token <this>`): 64 lowercase hex digits,
+    /// derived from the master key like the secret (ADR 0005), never stored.
+    pub fn greenfield_token(&self, api_key: &str) -> String {
+        hex::encode(self.token_mac(api_key).finalize().into_bytes())
+    }
+
+    /// The live key whose Greenfield token is `token`. The map is looked up by the SHA-256 of
+    /// the token (so a lookup's timing says nothing about a token's prefix), then the key's
+    /// token is derived again and compared in constant time.
+    pub fn by_greenfield_token(&self, token: &str) -> Option<Arc<ApiKey>> {
+        let mut raw = [0u8; 32];
+        hex::decode_to_slice(token.as_bytes(), &mut raw).ok()?;
+        let digest: [u8; 32] = <Sha256 as sha2::Digest>::digest(token.as_bytes()).into();
+        let api_key = self
+            .tokens
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&digest)
+            .cloned()?;
+        self.token_mac(&api_key).verify_slice(&raw).ok()?;
+        self.get(&api_key)
     }
 
     /// A secret for another purpose than API keys (e.g. `webhook/<account>/<version>`):
@@ -228,6 +267,12 @@ impl KeyStore {
             created_ms: row.created_ms,
             secret,
         };
+        let token = self.greenfield_token(&row.api_key);
+        let digest: [u8; 32] = <Sha256 as sha2::Digest>::digest(token.as_bytes()).into();
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(digest, row.api_key.clone());
         self.keys
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -261,6 +306,12 @@ impl KeyStore {
     /// Revokes a key.
     pub fn revoke(&self, store: &Store, api_key: &str) -> Result<bool, KeyError> {
         let found = store.revoke_key(api_key)?;
+        let token = self.greenfield_token(api_key);
+        let digest: [u8; 32] = <Sha256 as sha2::Digest>::digest(token.as_bytes()).into();
+        self.tokens
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&digest);
         self.keys
             .write()
             .unwrap_or_else(|e| e.into_inner())
@@ -360,7 +411,25 @@ mod tests {
             .get(&k.api_key)
             .unwrap()
             .verify(b"a=1&timestamp=5", &sig));
+        // The Greenfield token: derived, not stored, found only exactly.
+        let token = ks.greenfield_token(&k.api_key);
+        assert_eq!(token.len(), 64);
+        assert_ne!(token, secret);
+        assert!(!raw.windows(token.len()).any(|w| w == token.as_bytes()));
+        assert_eq!(ks.by_greenfield_token(&token).unwrap().api_key, k.api_key);
+        assert_eq!(
+            again.by_greenfield_token(&token).unwrap().api_key,
+            k.api_key
+        );
+        let mut wrong = token.clone().into_bytes();
+        wrong[63] = if wrong[63] == b'0' { b'1' } else { b'0' };
+        assert!(ks
+            .by_greenfield_token(std::str::from_utf8(&wrong).unwrap())
+            .is_none());
+        assert!(ks.by_greenfield_token(&secret).is_none());
+        assert!(ks.by_greenfield_token("zz").is_none());
         assert!(ks.revoke(&store, &k.api_key).unwrap());
+        assert!(ks.by_greenfield_token(&token).is_none());
         assert!(KeyStore::load(master, &store)
             .unwrap()
             .get(&k.api_key)

@@ -133,6 +133,9 @@ fn create_key(
     let mut v = key_json(&k);
     st.audit_as(actor, "key.create", v.clone())?;
     v["secretKey"] = json!(secret);
+    // The same key for Greenfield clients (`Authorization: token ...`), derived like the
+    // secret and shown only here.
+    v["greenfieldToken"] = json!(st.0.keys.greenfield_token(&k.api_key));
     Ok(v)
 }
 

@@ -2,6 +2,7 @@
 //! bitcoind) on a free port and run its admin commands.
 #![allow(dead_code)] // each test binary uses a part
 
+pub mod greenfield;
 pub mod merchant;
 pub mod payer;
 

@@ -10,6 +10,8 @@
 //!   `/pos/{token}` endpoints.
 //! * [`monitor`]: the task that joins custody's deposits to invoices, expires invoices, converts
 //!   settled BTC, and publishes invoice changes to the checkout pages (SSE).
+//! * [`greenfield`]: the BTCPay Greenfield-compatible API (`/api/v1/...`, `Authorization: token`)
+//!   over the same invoices, its webhooks (`BTCPay-Sig`) and refunds as pull payments.
 //! * [`webhook`]: signing, the outbox and the dispatcher; [`qr`]: BIP21 URIs and QR codes;
 //!   [`pages`]: the checkout and point-of-sale pages.
 //!
@@ -23,6 +25,7 @@
 //!   <version>")`), never stored; rotating bumps the version.
 //! * Money is integers: satoshis, quote units, rates in quote units per BTC. No floats.
 
+pub mod greenfield;
 pub mod model;
 pub mod monitor;
 pub mod outcome;
@@ -144,6 +147,16 @@ impl webhook::WebhookEndpoints for Endpoints {
             url,
             webhook_secret(&self.state, merchant, s.secret_version).into_bytes(),
         ))
+    }
+
+    fn hook_endpoint(&self, merchant: u32, hook: &str) -> Option<(String, Vec<u8>)> {
+        let conn = self
+            .state
+            .merchant()
+            .db
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        greenfield::hook_endpoint(&self.state, &conn, merchant, hook)
     }
 }
 

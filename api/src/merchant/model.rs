@@ -84,6 +84,8 @@ impl Marks {
     pub const PAID_OVER: Marks = Marks(2);
     /// A payment was seen after the expiry (or after the invoice was marked invalid).
     pub const PAID_LATE: Marks = Marks(4);
+    /// The merchant marked it (Greenfield `POST .../status` with `Settled`); kept by [`Invoice::derive`].
+    pub const MARKED: Marks = Marks(8);
 
     /// True when every bit of `m` is set.
     pub fn has(self, m: Marks) -> bool {
@@ -96,6 +98,7 @@ impl Marks {
             (Marks::PAID_PARTIAL, "PaidPartial"),
             (Marks::PAID_OVER, "PaidOver"),
             (Marks::PAID_LATE, "PaidLate"),
+            (Marks::MARKED, "Marked"),
         ]
         .into_iter()
         .filter(|(m, _)| self.has(*m))
@@ -271,7 +274,7 @@ impl Invoice {
 
     /// Status and marks at `now_ms`, from the payments (see the module rules).
     pub fn derive(&self, now_ms: u64) -> Derived {
-        let mut marks = Marks::default();
+        let mut marks = Marks(self.marks.0 & Marks::MARKED.0);
         let (mut paid, mut confirmed) = (0u64, 0u64);
         for p in self.payments.iter().filter(|p| !p.reorged) {
             if self.on_time(p) {
@@ -364,6 +367,21 @@ impl Invoice {
         Ok(vec![EventType::InvoiceInvalid])
     }
 
+    /// Marks the invoice settled (merchant's decision, e.g. paid another way): from any status
+    /// but `Settled`; final. The `Marked` mark says so. Nothing is credited by it: refunds stay
+    /// limited to what was received and credited.
+    pub fn mark_settled(&mut self, now_ms: u64) -> Result<Vec<EventType>, TransitionError> {
+        let cur = self.derive(now_ms).status;
+        if cur == Status::Settled {
+            return Err(TransitionError::WrongStatus(cur));
+        }
+        self.status = Status::Settled;
+        self.marks.0 |= Marks::MARKED.0;
+        let d = self.derive(now_ms);
+        self.marks = d.marks;
+        Ok(vec![EventType::InvoiceSettled])
+    }
+
     /// Satoshis that may still be refunded: everything received (late payments included) minus
     /// what was refunded. Refunds are allowed once the invoice is `Settled`, `Expired` or
     /// `Invalid` (a `New` or `Processing` invoice may still change).
@@ -417,6 +435,39 @@ mod tests {
     }
 
     use EventType as E;
+
+    #[test]
+    fn mark_settled_is_final_keeps_its_mark_and_credits_nothing() {
+        // From New, Expired, Processing and Invalid; never twice.
+        let mut a = inv(1000, 1, 0);
+        assert_eq!(a.mark_settled(10), Ok(vec![E::InvoiceSettled]));
+        assert_eq!(
+            (a.status, a.marks.names()),
+            (Status::Settled, vec!["Marked"])
+        );
+        assert_eq!(
+            a.mark_settled(20),
+            Err(TransitionError::WrongStatus(Status::Settled))
+        );
+        // A later payment keeps it Settled and Marked (and counts as received).
+        let ev = a.observe(&[chain(1, 500, 1, 30)], 40);
+        assert_eq!(ev, vec![E::PaymentReceived]);
+        assert_eq!(a.status, Status::Settled);
+        assert!(a.marks.has(Marks::MARKED));
+        assert_eq!(a.refundable_sat(), Ok(500));
+        let mut b = inv(1000, 1, 0);
+        b.observe(&[], 2_000);
+        assert_eq!(b.status, Status::Expired);
+        b.mark_invalid(2_001).unwrap();
+        assert_eq!(b.mark_settled(2_002), Ok(vec![E::InvoiceSettled]));
+        assert_eq!(b.derive(3_000).status, Status::Settled);
+        let mut c = inv(1000, 1, 0);
+        c.observe(&[chain(2, 1000, 0, 10)], 20);
+        assert_eq!(c.status, Status::Processing);
+        assert_eq!(c.mark_settled(30), Ok(vec![E::InvoiceSettled]));
+        // Nothing was credited by the mark: only the (unconfirmed) payment, not yet refundable.
+        assert_eq!(c.refundable_sat(), Ok(0));
+    }
 
     /// (name, speed, tolerance, steps of (observed payments, now, expected status, marks, events)).
     #[allow(clippy::type_complexity)]

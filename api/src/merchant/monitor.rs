@@ -108,6 +108,8 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
     let resolved = super::outcome::resolve(state, now_ms).await?;
     report.changed += resolved.payments + resolved.refunds_done + resolved.refunds_cancelled;
     report.events += resolved.payments + resolved.refunds_done;
+    // Greenfield payouts whose outcome is unknown follow (super::greenfield::resolve_all).
+    super::greenfield::resolve_all(state).await?;
     // 1. Payments from custody.
     if let Some(custody) = state.0.custody.get().cloned() {
         let deposits = tokio::task::spawn_blocking(move || custody.deposits(None))

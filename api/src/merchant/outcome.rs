@@ -47,7 +47,7 @@ pub async fn to_completion<T: Send + 'static>(
     })
 }
 
-fn btc_asset(st: &AppState) -> Result<matching_engine::AssetId, ApiError> {
+pub(crate) fn btc_asset(st: &AppState) -> Result<matching_engine::AssetId, ApiError> {
     Ok(st.markets().asset("BTC").ok_or_else(ApiError::internal)?.id)
 }
 
@@ -64,7 +64,7 @@ pub fn pay_command(st: &AppState, intent: &PayIntent, merchant: u32) -> Result<C
 
 /// Submits an engine transfer: done (`transfer:<seq>`), refused (rejected, or not taken: a full
 /// queue or an open circuit breaker), or unknown.
-async fn transfer(st: &AppState, cmd: Command) -> Moved {
+pub(crate) async fn transfer(st: &AppState, cmd: Command) -> Moved {
     match st.submit_outcome(cmd).await {
         Outcome::Applied(reply) => Moved::Done(format!("transfer:{}", reply.seq)),
         Outcome::Rejected(code) => Moved::Refused(ApiError::command_rejected(code)),

@@ -11,6 +11,10 @@ pub const CHECKOUT_HTML: &str = include_str!("pages/checkout.html");
 /// QR code and live status, then "New sale".
 pub const POS_HTML: &str = include_str!("pages/pos.html");
 
+/// Served at `GET /pp/{id}`: a pull payment (a refund) to claim: what remains, an address (and
+/// an amount), "Claim" posts `POST /api/v1/pull-payments/{id}/payouts`, then the payouts.
+pub const CLAIM_HTML: &str = include_str!("pages/claim.html");
+
 /// The Content-Security-Policy of a page: nothing but its own inline script and style (by
 /// SHA-256 hash, no `'unsafe-inline'`), images from this server (the QR code), requests to this
 /// server (status, SSE, invoice creation), no `<base>`, no form posts, and embedding allowed to
@@ -18,11 +22,14 @@ pub const POS_HTML: &str = include_str!("pages/pos.html");
 pub fn content_security_policy(page: &str, frame_ancestors: &str) -> String {
     static CHECKOUT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
     static POS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
+    static CLAIM: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
     let computed;
     let (script, style) = if std::ptr::eq(page, CHECKOUT_HTML) {
         CHECKOUT.get_or_init(|| inline_sources(CHECKOUT_HTML))
     } else if std::ptr::eq(page, POS_HTML) {
         POS.get_or_init(|| inline_sources(POS_HTML))
+    } else if std::ptr::eq(page, CLAIM_HTML) {
+        CLAIM.get_or_init(|| inline_sources(CLAIM_HTML))
     } else {
         computed = inline_sources(page);
         &computed

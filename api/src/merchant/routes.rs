@@ -42,7 +42,7 @@ fn err(status: StatusCode, code: i32, msg: &'static str) -> ApiError {
 pub fn unknown_invoice() -> ApiError {
     err(StatusCode::NOT_FOUND, -1150, "Unknown invoice.")
 }
-fn unknown_currency() -> ApiError {
+pub(crate) fn unknown_currency() -> ApiError {
     ApiError::bad(-1152, "Unknown currency.")
 }
 fn zero_amount() -> ApiError {
@@ -51,13 +51,13 @@ fn zero_amount() -> ApiError {
 fn bad_expiry() -> ApiError {
     ApiError::bad(-1154, "expiryMinutes must be 1..=10080.")
 }
-fn wrong_status(s: Status) -> ApiError {
+pub(crate) fn wrong_status(s: Status) -> ApiError {
     ApiError::bad(
         -1155,
         format!("Not allowed while the invoice is {}.", s.as_str()),
     )
 }
-fn refund_too_large() -> ApiError {
+pub(crate) fn refund_too_large() -> ApiError {
     ApiError::bad(-1156, "Refund is more than the refundable amount.")
 }
 /// `-1157` (503): no reference price ([`super::price`]), with the reason when there is one.
@@ -92,7 +92,7 @@ fn bad_settings(msg: &'static str) -> ApiError {
     ApiError::bad(-1163, msg)
 }
 
-fn db_error(e: rusqlite::Error) -> ApiError {
+pub(crate) fn db_error(e: rusqlite::Error) -> ApiError {
     tracing::error!(error = %e, "merchant database failed");
     ApiError::internal()
 }
@@ -133,7 +133,7 @@ fn trim(s: String) -> String {
     s.trim_end_matches('0').trim_end_matches('.').to_owned()
 }
 
-fn quote_decimals(st: &AppState, asset: &str) -> u8 {
+pub(crate) fn quote_decimals(st: &AppState, asset: &str) -> u8 {
     st.markets().asset(asset).map_or(8, |a| a.decimals)
 }
 
@@ -264,7 +264,10 @@ fn settings_json(s: &StoreSettings) -> Value {
 }
 
 /// Loads an invoice and its store's name.
-fn load_with_name(conn: &Connection, id: &str) -> Result<Option<(Record, String)>, ApiError> {
+pub(crate) fn load_with_name(
+    conn: &Connection,
+    id: &str,
+) -> Result<Option<(Record, String)>, ApiError> {
     let Some(rec) = store::load(conn, id).map_err(db_error)? else {
         return Ok(None);
     };
@@ -299,7 +302,7 @@ fn id_param(p: &mut Params, name: &str) -> Result<String, ApiError> {
 }
 
 /// A currency: `BTC` or the quote asset of a market whose base is BTC.
-fn check_currency(st: &AppState, c: &str) -> Result<(), ApiError> {
+pub(crate) fn check_currency(st: &AppState, c: &str) -> Result<(), ApiError> {
     if c == "BTC"
         || st
             .markets()
@@ -345,7 +348,7 @@ pub async fn current_rate(st: &AppState, quote: &str) -> Result<(u64, usize), Ap
 }
 
 /// An amount in `currency` → (satoshis due, quote part).
-async fn amount_in(
+pub(crate) async fn amount_in(
     st: &AppState,
     currency: &str,
     amount: &str,
@@ -379,18 +382,24 @@ async fn amount_in(
 }
 
 /// What a new invoice is asked for.
-struct NewInvoice {
-    amount: String,
-    currency: Option<String>,
-    order_id: Option<String>,
-    metadata: Option<String>,
-    expiry_min: Option<u64>,
-    idem_key: Option<String>,
-    label: Option<String>,
-    message: Option<String>,
+#[derive(Default)]
+pub(crate) struct NewInvoice {
+    pub(crate) amount: String,
+    pub(crate) currency: Option<String>,
+    pub(crate) order_id: Option<String>,
+    pub(crate) metadata: Option<String>,
+    pub(crate) expiry_min: Option<u64>,
+    pub(crate) idem_key: Option<String>,
+    pub(crate) label: Option<String>,
+    pub(crate) message: Option<String>,
+    /// The longest `metadata` (bytes): [`MAX_METADATA`] for the signed API (a parameter), up to
+    /// [`super::greenfield::MAX_METADATA`] for a Greenfield JSON body. 0 means [`MAX_METADATA`].
+    pub(crate) metadata_max: usize,
+    /// A Greenfield invoice's checkout options (JSON), stored with it in one transaction.
+    pub(crate) greenfield_checkout: Option<String>,
 }
 
-fn random_id() -> Result<String, ApiError> {
+pub(crate) fn random_id() -> Result<String, ApiError> {
     crate::keys::random_bytes::<16>()
         .map(hex::encode)
         .map_err(|_| ApiError::internal())
@@ -398,7 +407,7 @@ fn random_id() -> Result<String, ApiError> {
 
 /// Validates, gets a fresh address from custody, stores the invoice and its `invoice.created`
 /// webhook in one transaction. The same idempotency key returns the existing invoice.
-async fn new_invoice(
+pub(crate) async fn new_invoice(
     st: &AppState,
     settings: &StoreSettings,
     req: NewInvoice,
@@ -421,8 +430,13 @@ async fn new_invoice(
     if !(1..=MAX_EXPIRY_MIN).contains(&expiry) {
         return Err(bad_expiry());
     }
+    let metadata_max = if req.metadata_max == 0 {
+        MAX_METADATA
+    } else {
+        req.metadata_max
+    };
     if let Some(m) = &req.metadata {
-        if m.len() > MAX_METADATA || serde_json::from_str::<Value>(m).is_err() {
+        if m.len() > metadata_max || serde_json::from_str::<Value>(m).is_err() {
             return Err(bad_metadata());
         }
     }
@@ -474,6 +488,7 @@ async fn new_invoice(
     };
     let body = merchant_json(st, &rec, &settings.name, now);
     let rec2 = rec.clone();
+    let checkout = req.greenfield_checkout;
     let out = with_db(st, move |c| {
         let tx = c.transaction().map_err(db_error)?;
         match store::insert(&tx, &rec2) {
@@ -492,6 +507,10 @@ async fn new_invoice(
                     .ok_or_else(ApiError::internal);
             }
             Err(e) => return Err(db_error(e)),
+        }
+        if let Some(checkout) = &checkout {
+            super::greenfield::insert_invoice_extra(&tx, &rec2.inv.id, merchant, checkout)
+                .map_err(db_error)?;
         }
         webhook::enqueue(
             &tx,
@@ -524,7 +543,7 @@ pub async fn get_store(State(st): State<AppState>, req: Req) -> Result<Response,
     Ok(ok_json(&ctx, settings_json(&s)))
 }
 
-fn percent_bps(s: &str) -> Result<u16, ApiError> {
+pub(crate) fn percent_bps(s: &str) -> Result<u16, ApiError> {
     let v = crate::decimal::parse_units(s, 2).map_err(|e| match e {
         crate::decimal::DecimalError::TooPrecise => ApiError::precision("tolerancePercent"),
         _ => ApiError::illegal("tolerancePercent", crate::market::DECIMAL_RANGE),
@@ -704,6 +723,7 @@ pub async fn create_invoice(State(st): State<AppState>, req: Req) -> Result<Resp
             idem_key,
             label,
             message,
+            ..NewInvoice::default()
         },
     )
     .await?;
@@ -941,19 +961,23 @@ pub async fn refund(State(st): State<AppState>, req: Req) -> Result<Response, Ap
         address,
         to_account,
         idem,
+        any_account: false,
     };
     let st2 = st.clone();
     let v = outcome::to_completion(async move { refund_invoice(&st2, ask, custody).await }).await?;
     Ok(ok_json(&ctx, v))
 }
 
-struct RefundAsk {
-    merchant: u32,
-    id: String,
-    amount: u64,
-    address: Option<String>,
-    to_account: Option<u32>,
-    idem: Option<String>,
+pub(crate) struct RefundAsk {
+    pub(crate) merchant: u32,
+    pub(crate) id: String,
+    pub(crate) amount: u64,
+    pub(crate) address: Option<String>,
+    pub(crate) to_account: Option<u32>,
+    pub(crate) idem: Option<String>,
+    /// `to_account` may be any account, not only one that paid from its balance: a pull
+    /// payment's claim (the merchant gave the link; its holder chooses where the money goes).
+    pub(crate) any_account: bool,
 }
 
 /// A refund not yet reserved, or the live one under the merchant's idempotency key.
@@ -962,7 +986,7 @@ enum Reserved {
     Existing(Record, String, Refund),
 }
 
-async fn refund_invoice(
+pub(crate) async fn refund_invoice(
     st: &AppState,
     ask: RefundAsk,
     custody: Option<std::sync::Arc<dyn crate::custody::Custody>>,
@@ -998,7 +1022,7 @@ async fn refund_invoice(
             return Err(refund_too_large());
         }
         let done = store::refunds(c, &rec.inv.id).map_err(db_error)?;
-        if let Some(acct) = ask.to_account {
+        if let Some(acct) = ask.to_account.filter(|_| !ask.any_account) {
             let paid: u64 = rec
                 .inv
                 .payments
@@ -1132,7 +1156,7 @@ pub async fn redeliver(State(st): State<AppState>, req: Req) -> Result<Response,
 
 /// A page with its security headers: CSP (see [`super::pages::content_security_policy`]),
 /// `nosniff`, no referrer (the path holds the invoice id or point-of-sale token).
-fn html(st: &AppState, body: &'static str) -> Response {
+pub(crate) fn html(st: &AppState, body: &'static str) -> Response {
     let csp = super::pages::content_security_policy(body, &st.0.cfg.frame_ancestors);
     let mut r = (
         [
@@ -1160,7 +1184,7 @@ fn html(st: &AppState, body: &'static str) -> Response {
     r
 }
 
-fn valid_public_id(id: &str) -> bool {
+pub(crate) fn valid_public_id(id: &str) -> bool {
     !id.is_empty() && id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric())
 }
 
@@ -1190,7 +1214,16 @@ pub async fn public_status(
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
     let (rec, name) = public_invoice(&st, &ip, id).await?;
-    Ok(axum::Json(public_json(&st, &rec, &name, now_ms())).into_response())
+    let mut v = public_json(&st, &rec, &name, now_ms());
+    // A Greenfield invoice's way back to the shop (the checkout page's button and redirect).
+    let iid = rec.inv.id.clone();
+    let (url, auto) = with_db(&st, move |c| {
+        super::greenfield::redirect_of(c, &iid).map_err(db_error)
+    })
+    .await?;
+    v["redirectURL"] = url;
+    v["redirectAutomatically"] = json!(auto);
+    Ok(axum::Json(v).into_response())
 }
 
 /// `GET /i/{id}/events`: server-sent events, the PublicInvoice JSON at connect and on every
@@ -1357,6 +1390,7 @@ pub async fn pos_invoice(
             idem_key: None,
             label: None,
             message: None,
+            ..NewInvoice::default()
         },
     )
     .await?;

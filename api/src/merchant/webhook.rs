@@ -356,10 +356,95 @@ CREATE TABLE IF NOT EXISTS webhook_attempts(
   time_ms INTEGER NOT NULL, http_status INTEGER, error TEXT, PRIMARY KEY(delivery_id, n));
 ";
 
-/// Creates the outbox tables if they do not exist (idempotent). `cycle_attempts` counts the
+/// Creates the outbox tables (and the Greenfield tables [`enqueue`] reads) if they do not exist
+/// (idempotent). `cycle_attempts` counts the
 /// attempts since the last enqueue or [`redeliver`]; `max_attempts` applies to it.
 pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
-    conn.execute_batch(SCHEMA)
+    conn.execute_batch(SCHEMA)?;
+    // `hook`: the Greenfield webhook a delivery is for (signed `BTCPay-Sig`); NULL for the
+    // store's own endpoint (signed `Mediator-Signature`). Databases from before it get it here.
+    let has_hook: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('webhook_deliveries') WHERE name = 'hook'")?
+        .exists([])?;
+    if !has_hook {
+        conn.execute_batch("ALTER TABLE webhook_deliveries ADD COLUMN hook TEXT")?;
+    }
+    conn.execute_batch(
+        "CREATE INDEX IF NOT EXISTS webhook_deliveries_by_hook
+           ON webhook_deliveries(hook, created_ms) WHERE hook IS NOT NULL",
+    )?;
+    // [`enqueue`] also fans out to the Greenfield webhooks: their tables come with the outbox.
+    super::greenfield::init_schema(conn)
+}
+
+/// The header of a Greenfield delivery's signature: `sha256=<hex HMAC-SHA256(secret, body)>`.
+pub const BTCPAY_SIGNATURE_HEADER: &str = "BTCPay-Sig";
+
+/// `sha256=<lowercase hex HMAC-SHA256(secret, body)>`, as BTCPay signs webhooks.
+pub fn btcpay_signature(secret: &[u8], body: &[u8]) -> String {
+    let mut mac = HmacSha256::new_from_slice(secret).expect("hmac takes any key length");
+    mac.update(body);
+    format!("sha256={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Checks a `BTCPay-Sig` header against the exact raw body, in constant time.
+pub fn verify_btcpay(secret: &[u8], header: &str, body: &[u8]) -> bool {
+    let Some(hex_sig) = header.strip_prefix("sha256=") else {
+        return false;
+    };
+    let mut sig = [0u8; 32];
+    if hex::decode_to_slice(hex_sig, &mut sig).is_err() {
+        return false;
+    }
+    let mut mac = HmacSha256::new_from_slice(secret).expect("hmac takes any key length");
+    mac.update(body);
+    mac.verify_slice(&sig).is_ok()
+}
+
+/// A fresh delivery id (16 random bytes, hex).
+pub fn new_delivery_id() -> rusqlite::Result<String> {
+    let mut raw = [0u8; 16];
+    getrandom::getrandom(&mut raw).map_err(|e| {
+        rusqlite::Error::ToSqlConversionFailure(
+            format!("no randomness for a delivery id: {e}").into(),
+        )
+    })?;
+    Ok(hex::encode(raw))
+}
+
+/// A delivery to a Greenfield webhook: its body is fixed when it is enqueued.
+#[derive(Debug, Clone, Copy)]
+pub struct HookDelivery<'a> {
+    /// The merchant.
+    pub merchant: u32,
+    /// The invoice it is about.
+    pub invoice_id: &'a str,
+    /// The Greenfield webhook's id.
+    pub hook: &'a str,
+    /// The delivery id ([`new_delivery_id`]; also the body's `deliveryId`).
+    pub id: &'a str,
+    /// BTCPay's event name.
+    pub event: &'a str,
+    /// The body, signed `BTCPay-Sig` when sent.
+    pub body: &'a [u8],
+}
+
+/// Stores a delivery to a Greenfield webhook, due at once, in the caller's transaction.
+pub fn enqueue_hook(conn: &Connection, d: HookDelivery<'_>, now_ms: u64) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO webhook_deliveries(id, merchant, invoice_id, event, body, status,
+           next_attempt_ms, created_ms, hook) VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?6, ?7)",
+        params![
+            d.id,
+            d.merchant,
+            d.invoice_id,
+            d.event,
+            d.body,
+            ms_to_sql(now_ms),
+            d.hook
+        ],
+    )?;
+    Ok(())
 }
 
 #[derive(Serialize)]
@@ -383,13 +468,7 @@ pub fn enqueue(
     invoice: &serde_json::Value,
     now_ms: u64,
 ) -> rusqlite::Result<String> {
-    let mut raw = [0u8; 16];
-    getrandom::getrandom(&mut raw).map_err(|e| {
-        rusqlite::Error::ToSqlConversionFailure(
-            format!("no randomness for a delivery id: {e}").into(),
-        )
-    })?;
-    let id = hex::encode(raw);
+    let id = new_delivery_id()?;
     let body = serde_json::to_vec(&Body {
         delivery_id: &id,
         event,
@@ -409,6 +488,8 @@ pub fn enqueue(
             ms_to_sql(now_ms)
         ],
     )?;
+    // The same change, to the store's Greenfield webhooks that asked for it (same transaction).
+    super::greenfield::enqueue_hooks(conn, merchant, invoice_id, event, invoice, now_ms)?;
     Ok(id)
 }
 
@@ -477,8 +558,8 @@ pub fn deliveries(
     invoice_id: &str,
 ) -> rusqlite::Result<Vec<DeliveryView>> {
     let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {ROW_COLUMNS} FROM webhook_deliveries WHERE merchant = ?1 AND invoice_id = ?2
-         ORDER BY created_ms, rowid"
+        "SELECT {ROW_COLUMNS} FROM webhook_deliveries
+         WHERE merchant = ?1 AND invoice_id = ?2 AND hook IS NULL ORDER BY created_ms, rowid"
     ))?;
     let rows = stmt
         .query_map(params![merchant, invoice_id], read_row)?
@@ -510,7 +591,7 @@ pub fn redeliver(
 ) -> Result<DeliveryView, RedeliverError> {
     let changed = conn.execute(
         "UPDATE webhook_deliveries SET status = 'pending', cycle_attempts = 0, next_attempt_ms = ?3
-         WHERE id = ?1 AND merchant = ?2",
+         WHERE id = ?1 AND merchant = ?2 AND hook IS NULL",
         params![delivery_id, merchant, ms_to_sql(now_ms)],
     )?;
     if changed == 0 {
@@ -533,6 +614,13 @@ pub trait WebhookEndpoints: Send + Sync + 'static {
     /// The merchant's webhook URL and signing secret now; `None` = no webhook configured (the
     /// attempt is recorded as an error and retried on the schedule; see the module docs).
     fn endpoint(&self, merchant: u32) -> Option<(String, Vec<u8>)>;
+
+    /// A Greenfield webhook's URL and secret now; `None`: deleted or disabled (recorded as an
+    /// error and retried on the schedule, like a missing endpoint).
+    fn hook_endpoint(&self, merchant: u32, hook: &str) -> Option<(String, Vec<u8>)> {
+        let _ = (merchant, hook);
+        None
+    }
 }
 
 /// When to retry and when to give up.
@@ -626,14 +714,15 @@ struct Due {
     merchant: u32,
     event: String,
     body: Vec<u8>,
+    hook: Option<String>,
 }
 
 /// Due deliveries (at most [`MAX_IN_FLIGHT_PER_MERCHANT`] per merchant, oldest due first) and the
 /// earliest time a not yet due one becomes due.
 fn scan(conn: &Connection, now_ms: u64) -> rusqlite::Result<(Vec<Due>, Option<u64>)> {
     let mut stmt = conn.prepare_cached(
-        "SELECT id, merchant, event, body FROM (
-           SELECT id, merchant, event, body, next_attempt_ms, ROW_NUMBER() OVER
+        "SELECT id, merchant, event, body, hook FROM (
+           SELECT id, merchant, event, body, hook, next_attempt_ms, ROW_NUMBER() OVER
              (PARTITION BY merchant ORDER BY next_attempt_ms, created_ms) AS rn
            FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_ms <= ?1)
          WHERE rn <= ?2 ORDER BY next_attempt_ms LIMIT 1024",
@@ -647,6 +736,7 @@ fn scan(conn: &Connection, now_ms: u64) -> rusqlite::Result<(Vec<Due>, Option<u6
                     merchant: r.get(1)?,
                     event: r.get(2)?,
                     body: r.get(3)?,
+                    hook: r.get(4)?,
                 })
             },
         )?
@@ -953,17 +1043,20 @@ async fn send(target: Target, secret: &[u8], d: &Due, timeout: Duration) -> Outc
             };
         }
     };
-    let t = now_ms() / 1000;
-    let signature = signature_header(secret, t, &d.body);
-    let sent = client
+    let request = client
         .post(target.url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .header(SIGNATURE_HEADER, signature)
-        .header(DELIVERY_HEADER, &d.id)
-        .header(EVENT_HEADER, &d.event)
-        .body(d.body.clone())
-        .send()
-        .await;
+        .header(reqwest::header::CONTENT_TYPE, "application/json");
+    let request = if d.hook.is_some() {
+        // A Greenfield webhook: signed as BTCPay signs (the body carries the delivery id).
+        request.header(BTCPAY_SIGNATURE_HEADER, btcpay_signature(secret, &d.body))
+    } else {
+        let t = now_ms() / 1000;
+        request
+            .header(SIGNATURE_HEADER, signature_header(secret, t, &d.body))
+            .header(DELIVERY_HEADER, &d.id)
+            .header(EVENT_HEADER, &d.event)
+    };
+    let sent = request.body(d.body.clone()).send().await;
     match sent {
         Ok(resp) => classify(resp.status().as_u16()),
         Err(e) => Outcome::Retry {
@@ -982,10 +1075,14 @@ async fn attempt(
     d: Due,
 ) -> (String, u32) {
     let merchant = d.merchant;
-    let endpoint = tokio::task::spawn_blocking(move || endpoints.endpoint(merchant))
-        .await
-        .ok()
-        .flatten();
+    let hook = d.hook.clone();
+    let endpoint = tokio::task::spawn_blocking(move || match hook {
+        Some(h) => endpoints.hook_endpoint(merchant, &h),
+        None => endpoints.endpoint(merchant),
+    })
+    .await
+    .ok()
+    .flatten();
     let outcome = match endpoint {
         None => Outcome::Retry {
             http_status: None,

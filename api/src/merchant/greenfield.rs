@@ -1,0 +1,2624 @@
+//! A BTCPay Server Greenfield-compatible API (`/api/v1/...`) over the same stores and invoices as
+//! the signed `/mapi/v1/merchant/*` API: shop plugins that speak Greenfield (WooCommerce,
+//! PrestaShop, ...) connect with a key's `greenfieldToken`.
+//!
+//! * **Auth.** `Authorization: token <greenfieldToken>` ([`crate::keys::KeyStore::by_greenfield_token`]:
+//!   derived from the master key, compared in constant time). The route's BTCPay permission
+//!   ([`crate::access::Greenfield`]) maps onto the key's stored permissions; a key acts on its own
+//!   account's store only, whose id is the account number. No token: `401 unauthenticated`; a
+//!   permission the key lacks, or another store's id: `403 missing-permission`, as BTCPay answers.
+//! * **One invoice model.** A Greenfield invoice is a merchant invoice; its checkout options
+//!   and archived flag live beside it (`gf_invoice`). Its metadata is the invoice's metadata
+//!   (up to [`MAX_METADATA`] bytes here; the order id is `metadata.orderId`).
+//! * **Webhooks.** Each store may have Greenfield webhooks (`gf_webhook`) with event filters.
+//!   [`enqueue_hooks`] runs inside every [`super::webhook::enqueue`] transaction and adds one
+//!   outbox delivery per webhook and BTCPay event (`InvoiceCreated`, `InvoiceReceivedPayment`,
+//!   `InvoiceProcessing`, `InvoiceSettled`, `InvoicePaymentSettled`, `InvoiceExpired`,
+//!   `InvoiceInvalid`), delivered by the same dispatcher (retries, SSRF guard) and signed
+//!   `BTCPay-Sig: sha256=<hex HMAC-SHA256(secret, body)>`. A webhook's secret is derived
+//!   (`HMAC(master, "greenfield-webhook/<account>/<webhook id>")`), shown when it is created,
+//!   never stored; a secret chosen by the client is refused (422).
+//! * **Refunds are pull payments.** `POST .../invoices/{id}/refund` creates a pull payment for
+//!   an amount chosen by BTCPay's `refundVariant`; whoever has its link claims it
+//!   (`POST /api/v1/pull-payments/{id}/payouts`, or the page `/pp/{id}`) to a Bitcoin address.
+//!   A claim is reserved against the pull payment's limit in one transaction (concurrent claims
+//!   never exceed it), then paid through the invoice refund path (a custody withdrawal with its
+//!   limits and approvals; outcome-unknown kept reserved and resolved by its key). A pull payment
+//!   of the store (not from an invoice) pays out by a custody withdrawal from the merchant's
+//!   account under the key `pp-<pull payment>-<n>`.
+//!
+//! Errors are BTCPay's: `{"code","message"}` (4xx/5xx) or a validation list
+//! `[{"path","message"}]` (422).
+
+use super::model::{self, Marks, Status};
+use super::routes::{self as r, db_error, with_db, NewInvoice};
+use super::store::{self, Record, StoreSettings};
+use super::webhook::{self, EventType};
+use crate::access::{Access, Greenfield};
+use crate::app::{AppState, ClientIp};
+use crate::error::ApiError;
+use crate::keys::ApiKey;
+use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// The largest Greenfield request body (bytes); larger: `413`.
+pub const MAX_BODY: usize = 64 * 1024;
+/// The largest invoice `metadata` of a Greenfield invoice (bytes of its JSON).
+pub const MAX_METADATA: usize = 32 * 1024;
+/// Webhooks per store.
+pub const MAX_WEBHOOKS: i64 = 20;
+/// Payouts per pull payment.
+pub const MAX_PAYOUTS: i64 = 100;
+/// A claim's destination that is an exchange account: `account:<number>`.
+pub const ACCOUNT_PREFIX: &str = "account:";
+/// The one payment method: Bitcoin on chain.
+pub const BTC_CHAIN: &str = "BTC-CHAIN";
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS gf_invoice (
+  invoice_id TEXT PRIMARY KEY, merchant INTEGER NOT NULL, checkout TEXT NOT NULL,
+  archived INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS gf_webhook (
+  id TEXT PRIMARY KEY, merchant INTEGER NOT NULL, url TEXT NOT NULL, enabled INTEGER NOT NULL,
+  auto_redelivery INTEGER NOT NULL, everything INTEGER NOT NULL, events TEXT NOT NULL,
+  created_ms INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS gf_webhook_merchant ON gf_webhook (merchant);
+CREATE TABLE IF NOT EXISTS gf_pull_payment (
+  id TEXT PRIMARY KEY, merchant INTEGER NOT NULL, invoice_id TEXT, name TEXT NOT NULL,
+  description TEXT NOT NULL, amount_sat INTEGER NOT NULL, currency TEXT NOT NULL,
+  amount_display TEXT NOT NULL, created_ms INTEGER NOT NULL, archived INTEGER NOT NULL DEFAULT 0);
+CREATE INDEX IF NOT EXISTS gf_pull_payment_merchant ON gf_pull_payment (merchant, created_ms);
+CREATE TABLE IF NOT EXISTS gf_payout (
+  pp_id TEXT NOT NULL, n INTEGER NOT NULL, id TEXT NOT NULL UNIQUE, destination TEXT NOT NULL,
+  amount_sat INTEGER NOT NULL, state TEXT NOT NULL, reference TEXT, claim_key TEXT,
+  created_ms INTEGER NOT NULL, PRIMARY KEY (pp_id, n), UNIQUE (pp_id, claim_key));
+";
+
+/// When this process opened the database: a payout still `pending` from before then was left by
+/// a crash (no claim of this process is handling it) and is resolved like an `unknown` one.
+static OPENED_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+
+/// Creates the Greenfield tables if they do not exist (idempotent).
+pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
+    OPENED_MS.get_or_init(crate::core::now_ms);
+    conn.execute_batch(SCHEMA)
+}
+
+// ---- errors ----
+
+/// A Greenfield error answer.
+#[derive(Debug)]
+pub struct GfError {
+    status: StatusCode,
+    body: Value,
+    retry_after: Option<u64>,
+}
+
+fn gf_err(status: StatusCode, code: &str, message: impl Into<String>) -> GfError {
+    GfError {
+        status,
+        body: json!({"code": code, "message": message.into()}),
+        retry_after: None,
+    }
+}
+
+/// `422` with BTCPay's validation list.
+fn invalid(path: &str, message: impl Into<String>) -> GfError {
+    GfError {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        body: json!([{"path": path, "message": message.into()}]),
+        retry_after: None,
+    }
+}
+
+fn missing_permission(g: Greenfield) -> GfError {
+    GfError {
+        status: StatusCode::FORBIDDEN,
+        body: json!({
+            "code": "missing-permission",
+            "message": format!("Insufficient API Permissions. Please use an API key with permission \"{}\".", g.name()),
+            "missingPermission": g.name(),
+        }),
+        retry_after: None,
+    }
+}
+
+fn unauthenticated(message: &str) -> GfError {
+    gf_err(StatusCode::UNAUTHORIZED, "unauthenticated", message)
+}
+
+fn invoice_not_found() -> GfError {
+    gf_err(
+        StatusCode::NOT_FOUND,
+        "invoice-not-found",
+        "The invoice was not found",
+    )
+}
+
+fn webhook_not_found() -> GfError {
+    gf_err(
+        StatusCode::NOT_FOUND,
+        "webhook-not-found",
+        "The webhook was not found",
+    )
+}
+
+fn pp_not_found() -> GfError {
+    gf_err(
+        StatusCode::NOT_FOUND,
+        "pullpayment-not-found",
+        "The pull payment was not found",
+    )
+}
+
+impl From<ApiError> for GfError {
+    /// The signed API's errors in Greenfield's shape; `mediatorCode` keeps the stable number.
+    fn from(e: ApiError) -> Self {
+        let code = match e.status {
+            StatusCode::TOO_MANY_REQUESTS => "too-many-requests",
+            StatusCode::SERVICE_UNAVAILABLE => "service-unavailable",
+            StatusCode::NOT_FOUND => "not-found",
+            StatusCode::PAYLOAD_TOO_LARGE => "payload-too-large",
+            s if s.is_server_error() => "generic-error",
+            _ => "invalid-request",
+        };
+        let status = if e.status == StatusCode::UNAUTHORIZED {
+            StatusCode::FORBIDDEN
+        } else {
+            e.status
+        };
+        GfError {
+            status,
+            body: json!({"code": code, "message": e.msg, "mediatorCode": e.code}),
+            retry_after: e.retry_after,
+        }
+    }
+}
+
+impl IntoResponse for GfError {
+    fn into_response(self) -> Response {
+        let mut r = (self.status, axum::Json(self.body)).into_response();
+        if let Some(s) = self.retry_after {
+            if let Ok(v) = axum::http::HeaderValue::from_str(&s.to_string()) {
+                r.headers_mut().insert(axum::http::header::RETRY_AFTER, v);
+            }
+        }
+        r
+    }
+}
+
+type GfResult = Result<Response, GfError>;
+
+fn ok(v: Value) -> GfResult {
+    Ok(axum::Json(v).into_response())
+}
+
+// ---- the request ----
+
+/// A Greenfield request: headers, the JSON body (at most [`MAX_BODY`] bytes), the client IP and
+/// the route's table entry.
+#[derive(Debug)]
+pub struct GfReq {
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+    ip: String,
+    route: Option<&'static crate::access::Route>,
+}
+
+impl FromRequest<AppState> for GfReq {
+    type Rejection = GfError;
+
+    async fn from_request(req: Request, state: &AppState) -> Result<Self, GfError> {
+        let (mut parts, body) = req.into_parts();
+        let ClientIp(ip) = match ClientIp::from_request_parts(&mut parts, state).await {
+            Ok(ip) => ip,
+            Err(never) => match never {},
+        };
+        let route = parts
+            .extensions
+            .get::<&'static crate::access::Route>()
+            .copied();
+        let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
+            gf_err(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload-too-large",
+                format!("The request body is larger than {MAX_BODY} bytes"),
+            )
+        })?;
+        Ok(GfReq {
+            headers: parts.headers,
+            body,
+            ip,
+            route,
+        })
+    }
+}
+
+impl GfReq {
+    /// The body as a JSON object (an empty body is `{}`).
+    fn json(&self) -> Result<Map<String, Value>, GfError> {
+        if self.body.is_empty() {
+            return Ok(Map::new());
+        }
+        match serde_json::from_slice::<Value>(&self.body) {
+            Ok(Value::Object(m)) => Ok(m),
+            _ => Err(gf_err(
+                StatusCode::BAD_REQUEST,
+                "invalid-json",
+                "The request body must be a JSON object",
+            )),
+        }
+    }
+}
+
+/// The store id of an account's store (its number).
+pub fn store_id(account: u32) -> String {
+    account.to_string()
+}
+
+/// Authenticates a token route: charges the IP, finds the key by its token, charges the key,
+/// checks the route's BTCPay permission. `store`: the path's store id, which must be the key's.
+fn auth(st: &AppState, req: &GfReq, store: Option<&str>) -> Result<Arc<ApiKey>, GfError> {
+    let route = req.route.ok_or_else(|| {
+        tracing::error!("a Greenfield handler ran without a route table entry");
+        GfError::from(ApiError::internal())
+    })?;
+    let Access::Token(g) = route.access else {
+        tracing::error!("auth() on a route that is not Access::Token");
+        return Err(ApiError::internal().into());
+    };
+    let weight = route.weight.unwrap_or(1);
+    st.charge_ip_addr(&req.ip, weight)?;
+    let header = req
+        .headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| unauthenticated("Authentication is required for accessing this endpoint"))?;
+    let token = header
+        .split_once(' ')
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("token"))
+        .map(|(_, t)| t.trim())
+        .ok_or_else(|| unauthenticated("Authentication is required for accessing this endpoint"))?;
+    let key =
+        st.0.keys
+            .by_greenfield_token(token)
+            .ok_or_else(|| unauthenticated("ApiKey authentication failed: Unknown API Key"))?;
+    st.charge_key(&key, weight)?;
+    if !key.perms.has(g.perms()) {
+        return Err(missing_permission(g));
+    }
+    if let Some(s) = store {
+        if s != store_id(key.account) {
+            return Err(missing_permission(g));
+        }
+    }
+    Ok(key)
+}
+
+fn now_ms() -> u64 {
+    crate::core::now_ms()
+}
+
+fn secs(ms: u64) -> u64 {
+    ms / 1000
+}
+
+fn public_url(st: &AppState) -> String {
+    st.0.cfg
+        .public_url
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+// ---- server and key ----
+
+/// `GET /api/v1/api-keys/current`: the key as BTCPay describes one (`apiKey` is the token).
+pub async fn current_key(State(st): State<AppState>, req: GfReq) -> GfResult {
+    let key = auth(&st, &req, None)?;
+    let token = st.0.keys.greenfield_token(&key.api_key);
+    ok(json!({
+        "apiKey": token,
+        "label": key.label,
+        "permissions": permissions_of(&key),
+    }))
+}
+
+/// BTCPay permission names a key holds, scoped to its store (`name:storeId`).
+pub fn permissions_of(key: &ApiKey) -> Vec<String> {
+    Greenfield::STORE
+        .iter()
+        .filter(|g| key.perms.has(g.perms()))
+        .flat_map(|g| {
+            let mut v = vec![format!("{}:{}", g.name(), store_id(key.account))];
+            if *g == Greenfield::CreatePullPayments {
+                v.push(format!(
+                    "btcpay.store.cancreatenonapprovedpullpayments:{}",
+                    store_id(key.account)
+                ));
+            }
+            v
+        })
+        .collect()
+}
+
+/// `GET /api/v1/server/info`.
+pub async fn server_info(State(st): State<AppState>, req: GfReq) -> GfResult {
+    auth(&st, &req, None)?;
+    let custody = st.0.custody.get().is_some();
+    ok(json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "onion": null,
+        "supportedPaymentMethods": [BTC_CHAIN],
+        "fullySynched": custody,
+        "syncStatus": [{
+            "paymentMethodId": BTC_CHAIN,
+            "cryptoCode": "BTC",
+            "nodeInformation": null,
+            "chainHeight": null,
+            "syncHeight": null,
+            "available": custody,
+        }],
+    }))
+}
+
+// ---- stores ----
+
+fn speed_name(speed: u32) -> &'static str {
+    match speed {
+        0 => "HighSpeed",
+        1 => "MediumSpeed",
+        2 => "LowMediumSpeed",
+        _ => "LowSpeed",
+    }
+}
+
+fn speed_from(name: &str) -> Option<u32> {
+    match name {
+        "HighSpeed" => Some(0),
+        "MediumSpeed" => Some(1),
+        "LowMediumSpeed" => Some(2),
+        "LowSpeed" => Some(6),
+        _ => None,
+    }
+}
+
+/// A percentage (basis points) as a JSON number: `150` → `1.5`.
+fn percent_json(bps: u16) -> Value {
+    let s = crate::decimal::format_units(u64::from(bps), 2);
+    serde_json::from_str::<Value>(&s).unwrap_or(Value::from(0))
+}
+
+/// A tolerance percentage from a JSON number or string (0..=50, two decimals at most).
+fn tolerance_bps(v: &Value, path: &str) -> Result<u16, GfError> {
+    let s = match v {
+        Value::Number(n) => n.to_string(),
+        Value::String(s) => s.clone(),
+        _ => return Err(invalid(path, "a number from 0 to 50")),
+    };
+    r::percent_bps(&s).map_err(|_| invalid(path, "a number from 0 to 50 with at most 2 decimals"))
+}
+
+fn store_json(s: &StoreSettings) -> Value {
+    json!({
+        "id": store_id(s.account),
+        "name": s.name,
+        "website": null,
+        "defaultCurrency": s.currency,
+        "invoiceExpiration": u64::from(s.expiry_min) * 60,
+        "monitoringExpiration": 86_400,
+        "speedPolicy": speed_name(s.speed),
+        "paymentTolerance": percent_json(s.tolerance_bps),
+        "anyoneCanCreateInvoice": false,
+        "redirectAutomatically": false,
+        "lazyPaymentMethods": false,
+        "defaultPaymentMethod": BTC_CHAIN,
+        "archived": false,
+        "receipt": {"enabled": true, "showQR": null, "showPayments": true},
+    })
+}
+
+async fn settings_of(st: &AppState, account: u32) -> Result<StoreSettings, GfError> {
+    Ok(with_db(st, move |c| {
+        store::settings_or_default(c, account).map_err(db_error)
+    })
+    .await?)
+}
+
+/// `GET /api/v1/stores`: the key's own store.
+pub async fn list_stores(State(st): State<AppState>, req: GfReq) -> GfResult {
+    let key = auth(&st, &req, None)?;
+    let s = settings_of(&st, key.account).await?;
+    ok(json!([store_json(&s)]))
+}
+
+/// `GET /api/v1/stores/{storeId}`.
+pub async fn get_store(
+    State(st): State<AppState>,
+    Path(store): Path<String>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store))?;
+    ok(store_json(&settings_of(&st, key.account).await?))
+}
+
+/// The store settings a Greenfield body changes (others unchanged); validated first.
+fn apply_store_body(
+    st: &AppState,
+    s: &mut StoreSettings,
+    b: &Map<String, Value>,
+) -> Result<(), GfError> {
+    if let Some(v) = b.get("name") {
+        let n = v.as_str().unwrap_or("");
+        if n.trim().is_empty() || n.len() > 64 || n.chars().any(char::is_control) {
+            return Err(invalid("name", "1 to 64 printable characters"));
+        }
+        s.name = n.to_owned();
+    }
+    if let Some(v) = b.get("defaultCurrency").filter(|v| !v.is_null()) {
+        let c = v.as_str().unwrap_or("").to_ascii_uppercase();
+        r::check_currency(st, &c)
+            .map_err(|_| invalid("defaultCurrency", "BTC or the exchange's quote currency"))?;
+        s.currency = c;
+    }
+    if let Some(v) = b.get("invoiceExpiration").filter(|v| !v.is_null()) {
+        let e = v
+            .as_u64()
+            .filter(|e| e % 60 == 0 && (60..=r::MAX_EXPIRY_MIN * 60).contains(e));
+        let e = e.ok_or_else(|| {
+            invalid(
+                "invoiceExpiration",
+                "whole minutes in seconds, 60 to 604800",
+            )
+        })?;
+        s.expiry_min = (e / 60) as u32;
+    }
+    if let Some(v) = b.get("speedPolicy").filter(|v| !v.is_null()) {
+        s.speed = v.as_str().and_then(speed_from).ok_or_else(|| {
+            invalid(
+                "speedPolicy",
+                "HighSpeed, MediumSpeed, LowMediumSpeed or LowSpeed",
+            )
+        })?;
+    }
+    if let Some(v) = b.get("paymentTolerance").filter(|v| !v.is_null()) {
+        s.tolerance_bps = tolerance_bps(v, "paymentTolerance")?;
+    }
+    Ok(())
+}
+
+/// `POST /api/v1/stores`: an account has one store; this configures it the first time (a
+/// second store is refused: `422`).
+pub async fn create_store(State(st): State<AppState>, req: GfReq) -> GfResult {
+    let key = auth(&st, &req, None)?;
+    let b = req.json()?;
+    if b.get("name").is_none() {
+        return Err(invalid("name", "name is missing"));
+    }
+    let account = key.account;
+    let mut s = StoreSettings::default_for(account);
+    apply_store_body(&st, &mut s, &b)?;
+    let s = with_db(&st, move |c| {
+        if store::settings(c, account).map_err(db_error)?.is_some() {
+            return Ok(None);
+        }
+        store::put_settings(c, &s).map_err(db_error)?;
+        Ok(Some(s))
+    })
+    .await?
+    .ok_or_else(|| {
+        invalid(
+            "name",
+            "this account already has its store (one store per account): use PUT /api/v1/stores/{storeId}",
+        )
+    })?;
+    ok(store_json(&s))
+}
+
+/// `PUT /api/v1/stores/{storeId}`.
+pub async fn put_store(
+    State(st): State<AppState>,
+    Path(store_path): Path<String>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let b = req.json()?;
+    let mut s = settings_of(&st, key.account).await?;
+    apply_store_body(&st, &mut s, &b)?;
+    let s2 = s.clone();
+    with_db(&st, move |c| store::put_settings(c, &s2).map_err(db_error)).await?;
+    ok(store_json(&s))
+}
+
+/// `GET /api/v1/stores/{storeId}/payment-methods`: Bitcoin on chain.
+pub async fn store_payment_methods(
+    State(st): State<AppState>,
+    Path(store_path): Path<String>,
+    req: GfReq,
+) -> GfResult {
+    auth(&st, &req, Some(&store_path))?;
+    ok(json!([{
+        "enabled": true,
+        "paymentMethodId": BTC_CHAIN,
+        "cryptoCode": "BTC",
+        "config": {"accountDerivation": null, "label": "Mediator custody (an address per invoice)"},
+    }]))
+}
+
+// ---- invoices ----
+
+/// A Greenfield invoice's own part: checkout options (JSON object) and the archived flag.
+#[derive(Debug, Clone, Default)]
+pub struct Extra {
+    /// `checkout` as given (validated) at creation.
+    pub checkout: Map<String, Value>,
+    /// Archived (`DELETE`): hidden from lists unless `includeArchived`.
+    pub archived: bool,
+}
+
+/// Stores a Greenfield invoice's checkout options (in the creating transaction).
+pub fn insert_invoice_extra(
+    conn: &Connection,
+    invoice_id: &str,
+    merchant: u32,
+    checkout: &str,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO gf_invoice (invoice_id, merchant, checkout, archived) VALUES (?1, ?2, ?3, 0)",
+        params![invoice_id, merchant, checkout],
+    )?;
+    Ok(())
+}
+
+/// The Greenfield part of an invoice (defaults for an invoice made by the signed API).
+pub fn extra(conn: &Connection, invoice_id: &str) -> rusqlite::Result<Extra> {
+    let row: Option<(String, bool)> = conn
+        .query_row(
+            "SELECT checkout, archived FROM gf_invoice WHERE invoice_id = ?1",
+            [invoice_id],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(match row {
+        Some((c, archived)) => Extra {
+            checkout: serde_json::from_str::<Map<String, Value>>(&c).unwrap_or_default(),
+            archived,
+        },
+        None => Extra::default(),
+    })
+}
+
+/// The redirect options of an invoice for the checkout page: `(redirectURL, redirectAutomatically)`.
+pub fn redirect_of(conn: &Connection, invoice_id: &str) -> rusqlite::Result<(Value, bool)> {
+    let e = extra(conn, invoice_id)?;
+    Ok((
+        e.checkout
+            .get("redirectURL")
+            .cloned()
+            .unwrap_or(Value::Null),
+        e.checkout
+            .get("redirectAutomatically")
+            .and_then(Value::as_bool)
+            .unwrap_or(false),
+    ))
+}
+
+fn metadata_of(rec: &Record) -> Map<String, Value> {
+    let mut m = rec
+        .metadata
+        .as_deref()
+        .and_then(|s| serde_json::from_str::<Value>(s).ok())
+        .and_then(|v| match v {
+            Value::Object(m) => Some(m),
+            _ => None,
+        })
+        .unwrap_or_default();
+    if let Some(o) = &rec.order_id {
+        m.entry("orderId").or_insert_with(|| json!(o));
+    }
+    m
+}
+
+fn additional_status(rec: &Record) -> &'static str {
+    let m = rec.inv.marks;
+    // Marked settled, or marked invalid (the only way an invoice becomes Invalid here).
+    if m.has(Marks::MARKED) || rec.inv.status == Status::Invalid {
+        "Marked"
+    } else if m.has(Marks::PAID_LATE) {
+        "PaidLate"
+    } else if m.has(Marks::PAID_OVER) {
+        "PaidOver"
+    } else if m.has(Marks::PAID_PARTIAL) {
+        "PaidPartial"
+    } else {
+        "None"
+    }
+}
+
+/// BTCPay's `InvoiceData` of an invoice.
+pub fn invoice_json(st: &AppState, rec: &Record, extra: &Extra, now_ms: u64) -> Value {
+    let i = &rec.inv;
+    let d = i.derive(now_ms);
+    let paid = match &i.quote {
+        // The paid part in the invoice's currency, at its locked rate.
+        Some(q) => {
+            let units = u128::from(d.paid_sat) * u128::from(q.rate_units) / 100_000_000;
+            let dec = r::quote_decimals(st, &q.asset);
+            crate::decimal::format_units(u64::try_from(units).unwrap_or(u64::MAX), dec)
+        }
+        None => r::btc(d.paid_sat),
+    };
+    let manual: Vec<&str> = match d.status {
+        Status::New | Status::Expired => vec!["Settled", "Invalid"],
+        Status::Processing | Status::Invalid => vec!["Settled"],
+        Status::Settled => vec![],
+    };
+    let mut checkout = json!({
+        "speedPolicy": speed_name(i.speed),
+        "paymentMethods": [BTC_CHAIN],
+        "defaultPaymentMethod": BTC_CHAIN,
+        "lazyPaymentMethods": false,
+        "expirationMinutes": (i.expires_ms.saturating_sub(i.created_ms)) / 60_000,
+        "monitoringMinutes": 1440,
+        "paymentTolerance": percent_json(i.tolerance_bps),
+        "redirectURL": null,
+        "redirectAutomatically": false,
+        "defaultLanguage": null,
+    });
+    for (k, v) in &extra.checkout {
+        checkout[k] = v.clone();
+    }
+    json!({
+        "id": i.id,
+        "storeId": store_id(i.merchant),
+        "amount": i.amount_asked,
+        "paidAmount": paid,
+        "currency": i.currency,
+        "type": "Standard",
+        "checkoutLink": format!("{}/i/{}", public_url(st), i.id),
+        "createdTime": secs(i.created_ms),
+        "expirationTime": secs(i.expires_ms),
+        "monitoringExpiration": secs(i.expires_ms) + 86_400,
+        "status": d.status.as_str(),
+        "additionalStatus": additional_status(rec),
+        "availableStatusesForManualMarking": manual,
+        "archived": extra.archived,
+        "metadata": Value::Object(metadata_of(rec)),
+        "checkout": checkout,
+        "receipt": {"enabled": true, "showQR": null, "showPayments": true},
+    })
+}
+
+async fn own_invoice(
+    st: &AppState,
+    merchant: u32,
+    id: String,
+) -> Result<(Record, String, Extra), GfError> {
+    if !r::valid_public_id(&id) {
+        return Err(invoice_not_found());
+    }
+    let found = with_db(st, move |c| {
+        let Some((rec, name)) = r::load_with_name(c, &id)? else {
+            return Ok(None);
+        };
+        let e = extra(c, &id).map_err(db_error)?;
+        Ok(Some((rec, name, e)))
+    })
+    .await?;
+    match found {
+        Some((rec, name, e)) if rec.inv.merchant == merchant => Ok((rec, name, e)),
+        _ => Err(invoice_not_found()),
+    }
+}
+
+/// A decimal amount from a JSON string or number.
+fn decimal_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.trim().to_owned()),
+        Value::Number(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// The checkout options a client may set, validated, as stored.
+fn checkout_options(
+    b: &Map<String, Value>,
+    s: &mut StoreSettings,
+) -> Result<(Map<String, Value>, Option<u64>), GfError> {
+    let mut out = Map::new();
+    let mut expiry = None;
+    let Some(c) = b.get("checkout").filter(|v| !v.is_null()) else {
+        return Ok((out, expiry));
+    };
+    let c = c
+        .as_object()
+        .ok_or_else(|| invalid("checkout", "an object"))?;
+    if let Some(v) = c.get("speedPolicy").filter(|v| !v.is_null()) {
+        s.speed = v.as_str().and_then(speed_from).ok_or_else(|| {
+            invalid(
+                "checkout.speedPolicy",
+                "HighSpeed, MediumSpeed, LowMediumSpeed or LowSpeed",
+            )
+        })?;
+    }
+    if let Some(v) = c.get("paymentTolerance").filter(|v| !v.is_null()) {
+        s.tolerance_bps = tolerance_bps(v, "checkout.paymentTolerance")?;
+    }
+    if let Some(v) = c.get("expirationMinutes").filter(|v| !v.is_null()) {
+        expiry = Some(
+            v.as_u64()
+                .filter(|m| (1..=r::MAX_EXPIRY_MIN).contains(m))
+                .ok_or_else(|| invalid("checkout.expirationMinutes", "1 to 10080"))?,
+        );
+    }
+    if let Some(v) = c.get("paymentMethods").filter(|v| !v.is_null()) {
+        let ok = v.as_array().is_some_and(|a| {
+            a.iter()
+                .all(|m| matches!(m.as_str(), Some("BTC-CHAIN" | "BTC" | "BTC-OnChain")))
+        });
+        if !ok {
+            return Err(invalid(
+                "checkout.paymentMethods",
+                "only BTC-CHAIN is offered",
+            ));
+        }
+    }
+    if let Some(v) = c.get("redirectURL").filter(|v| !v.is_null()) {
+        let u = v.as_str().unwrap_or("");
+        let good = (u.starts_with("https://") || u.starts_with("http://"))
+            && u.len() <= 2048
+            && !u.chars().any(|c| c.is_control() || c.is_whitespace());
+        if !good {
+            return Err(invalid(
+                "checkout.redirectURL",
+                "an http(s) URL of at most 2048 characters",
+            ));
+        }
+        out.insert("redirectURL".into(), json!(u));
+    }
+    if let Some(v) = c.get("redirectAutomatically").filter(|v| !v.is_null()) {
+        let a = v
+            .as_bool()
+            .ok_or_else(|| invalid("checkout.redirectAutomatically", "true or false"))?;
+        out.insert("redirectAutomatically".into(), json!(a));
+    }
+    if let Some(v) = c.get("defaultLanguage").filter(|v| !v.is_null()) {
+        let l = v
+            .as_str()
+            .filter(|l| l.len() <= 16 && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-'));
+        out.insert(
+            "defaultLanguage".into(),
+            json!(l.ok_or_else(|| invalid("checkout.defaultLanguage", "a language tag"))?),
+        );
+    }
+    Ok((out, expiry))
+}
+
+/// Metadata as stored (a JSON object) and the order id it names.
+fn metadata_param(b: &Map<String, Value>) -> Result<(Option<String>, Option<String>), GfError> {
+    let Some(m) = b.get("metadata").filter(|v| !v.is_null()) else {
+        return Ok((None, None));
+    };
+    let obj = m
+        .as_object()
+        .ok_or_else(|| invalid("metadata", "a JSON object"))?;
+    let text = serde_json::to_string(m).map_err(|_| invalid("metadata", "a JSON object"))?;
+    if text.len() > MAX_METADATA {
+        return Err(invalid(
+            "metadata",
+            format!("at most {MAX_METADATA} bytes of JSON"),
+        ));
+    }
+    let order = match obj.get("orderId") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::Number(n)) => Some(n.to_string()),
+        Some(_) => return Err(invalid("metadata.orderId", "a string")),
+    };
+    // The invoice's order id column takes the short ones (the metadata keeps any).
+    let order =
+        order.filter(|o| !o.is_empty() && o.len() <= 64 && !o.chars().any(char::is_control));
+    Ok((Some(text), order))
+}
+
+/// `POST /api/v1/stores/{storeId}/invoices`.
+pub async fn create_invoice(
+    State(st): State<AppState>,
+    Path(store_path): Path<String>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let b = req.json()?;
+    let amount = b
+        .get("amount")
+        .filter(|v| !v.is_null())
+        .ok_or_else(|| {
+            invalid(
+                "amount",
+                "amount is required (top-up invoices are not offered)",
+            )
+        })
+        .and_then(|v| decimal_of(v).ok_or_else(|| invalid("amount", "a decimal number")))?;
+    let mut settings = settings_of(&st, key.account).await?;
+    let currency = match b.get("currency").filter(|v| !v.is_null()) {
+        Some(v) => Some(
+            v.as_str()
+                .map(str::to_ascii_uppercase)
+                .ok_or_else(|| invalid("currency", "a currency code"))?,
+        ),
+        None => None,
+    };
+    let (metadata, order_id) = metadata_param(&b)?;
+    let (checkout, expiry) = checkout_options(&b, &mut settings)?;
+    let checkout = serde_json::to_string(&checkout).map_err(|_| ApiError::internal())?;
+    let rec = r::new_invoice(
+        &st,
+        &settings,
+        NewInvoice {
+            amount,
+            currency,
+            message: order_id.as_ref().map(|o| format!("Order {o}")),
+            order_id,
+            metadata,
+            expiry_min: expiry,
+            metadata_max: MAX_METADATA,
+            greenfield_checkout: Some(checkout),
+            ..NewInvoice::default()
+        },
+    )
+    .await
+    .map_err(|e| match e.code {
+        -1152 => invalid("currency", "BTC or the exchange's quote currency"),
+        -1153 => invalid("amount", "more than zero"),
+        -1111 | -1100 | -1013 => invalid("amount", e.msg.to_string()),
+        _ => GfError::from(e),
+    })?;
+    let id = rec.inv.id.clone();
+    let e = with_db(&st, move |c| extra(c, &id).map_err(db_error)).await?;
+    ok(invoice_json(&st, &rec, &e, now_ms()))
+}
+
+/// `GET /api/v1/stores/{storeId}/invoices/{invoiceId}`.
+pub async fn get_invoice(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let (rec, _, e) = own_invoice(&st, key.account, id).await?;
+    ok(invoice_json(&st, &rec, &e, now_ms()))
+}
+
+/// The query string's pairs (repeated names kept, `status=A&status=B`).
+fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
+    q.unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .filter_map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            Some((
+                crate::params::percent_decode(k)?,
+                crate::params::percent_decode(v)?,
+            ))
+        })
+        .collect()
+}
+
+/// Query strings of list endpoints (the router gives us the raw query).
+#[derive(Debug, Default)]
+pub struct RawQuery(Option<String>);
+
+impl<S: Send + Sync> FromRequestParts<S> for RawQuery {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        _: &S,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(RawQuery(parts.uri.query().map(str::to_owned)))
+    }
+}
+
+/// `GET /api/v1/stores/{storeId}/invoices`: `status` (repeatable), `orderId` (repeatable),
+/// `startDate`/`endDate` (unix seconds), `skip`, `take` (default 100, at most 1000),
+/// `includeArchived`; newest first.
+pub async fn list_invoices(
+    State(st): State<AppState>,
+    Path(store_path): Path<String>,
+    RawQuery(q): RawQuery,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let (mut statuses, mut orders) = (Vec::new(), Vec::new());
+    let (mut start, mut end, mut skip, mut take, mut archived) =
+        (0u64, u64::MAX, 0u32, 100u32, false);
+    for (k, v) in query_pairs(q.as_deref()) {
+        let num = |path: &str| v.parse::<u64>().map_err(|_| invalid(path, "a number"));
+        match k.as_str() {
+            "status" => statuses
+                .push(Status::parse(&v).ok_or_else(|| invalid("status", "an invoice status"))?),
+            "orderId" => orders.push(v.clone()),
+            "startDate" => start = num("startDate")?.saturating_mul(1000),
+            "endDate" => end = num("endDate")?.saturating_mul(1000).saturating_add(999),
+            "skip" => {
+                skip = u32::try_from(num("skip")?).map_err(|_| invalid("skip", "a number"))?
+            }
+            "take" => {
+                take = u32::try_from(num("take")?)
+                    .ok()
+                    .filter(|t| (1..=r::MAX_LIST).contains(t))
+                    .ok_or_else(|| invalid("take", "1 to 1000"))?
+            }
+            "includeArchived" => archived = v == "true",
+            _ => {}
+        }
+    }
+    let account = key.account;
+    let want = skip.saturating_add(take).min(10 * r::MAX_LIST);
+    let rows = with_db(&st, move |c| {
+        let recs = store::list(c, account, None, start, end, want).map_err(db_error)?;
+        let mut out = Vec::new();
+        for rec in recs {
+            let e = extra(c, &rec.inv.id).map_err(db_error)?;
+            out.push((rec, e));
+        }
+        Ok(out)
+    })
+    .await?;
+    let now = now_ms();
+    let v: Vec<Value> = rows
+        .iter()
+        .filter(|(rec, e)| {
+            (archived || !e.archived)
+                && (statuses.is_empty() || statuses.contains(&rec.inv.derive(now).status))
+                && (orders.is_empty() || rec.order_id.as_ref().is_some_and(|o| orders.contains(o)))
+        })
+        .skip(skip as usize)
+        .take(take as usize)
+        .map(|(rec, e)| invoice_json(&st, rec, e, now))
+        .collect();
+    ok(Value::Array(v))
+}
+
+/// `PUT /api/v1/stores/{storeId}/invoices/{invoiceId}`: replaces the metadata.
+pub async fn update_invoice(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let b = req.json()?;
+    let (metadata, order_id) = metadata_param(&b)?;
+    let metadata = metadata.ok_or_else(|| invalid("metadata", "metadata is missing"))?;
+    let _guard = st.merchant().invoice_lock.lock().await;
+    let (mut rec, _, e) = own_invoice(&st, key.account, id).await?;
+    let iid = rec.inv.id.clone();
+    let (m2, o2) = (metadata.clone(), order_id.clone());
+    with_db(&st, move |c| {
+        c.execute(
+            "UPDATE invoice SET metadata = ?2, order_id = ?3 WHERE id = ?1",
+            params![iid, m2, o2],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    rec.metadata = Some(metadata);
+    rec.order_id = order_id;
+    ok(invoice_json(&st, &rec, &e, now_ms()))
+}
+
+/// `DELETE /api/v1/stores/{storeId}/invoices/{invoiceId}`: archives it (it keeps working; lists
+/// hide it unless `includeArchived=true`).
+pub async fn archive_invoice(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let (rec, _, _) = own_invoice(&st, key.account, id).await?;
+    let (iid, merchant) = (rec.inv.id.clone(), rec.inv.merchant);
+    with_db(&st, move |c| {
+        c.execute(
+            "INSERT INTO gf_invoice (invoice_id, merchant, checkout, archived) VALUES (?1, ?2, '{}', 1)
+             ON CONFLICT(invoice_id) DO UPDATE SET archived = 1",
+            params![iid, merchant],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+fn payment_json(p: &Value, address: &str, speed: u64) -> Value {
+    let confirmations = p["confirmations"].as_u64();
+    let settled = p["source"] == "balance" || confirmations.is_some_and(|c| c >= speed);
+    json!({
+        "id": p["outpoint"].as_str().map_or_else(|| "balance".to_owned(), str::to_owned),
+        "receivedDate": p["time"].as_u64().unwrap_or(0) / 1000,
+        "value": p["amountBtc"],
+        "fee": "0",
+        "status": if p["reorged"] == true { "Invalid" } else if settled { "Settled" } else { "Processing" },
+        "destination": address,
+    })
+}
+
+/// `GET /api/v1/stores/{storeId}/invoices/{invoiceId}/payment-methods`.
+pub async fn invoice_payment_methods(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let (rec, name, _) = own_invoice(&st, key.account, id).await?;
+    let now = now_ms();
+    let m = r::merchant_json(&st, &rec, &name, now);
+    let i = &rec.inv;
+    let d = i.derive(now);
+    let rate = match &i.quote {
+        Some(q) => crate::decimal::format_units(q.rate_units, r::quote_decimals(&st, &q.asset)),
+        None => "1".to_owned(),
+    };
+    let payments: Vec<Value> = m["payments"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .map(|p| payment_json(p, &rec.address, u64::from(i.speed)))
+                .collect()
+        })
+        .unwrap_or_default();
+    ok(json!([{
+        "paymentMethodId": BTC_CHAIN,
+        "paymentMethod": "BTC",
+        "cryptoCode": "BTC",
+        "currency": "BTC",
+        "destination": rec.address,
+        "paymentLink": r::bip21(&rec),
+        "rate": rate,
+        "paymentMethodPaid": r::btc(d.paid_sat),
+        "totalPaid": r::btc(d.paid_sat),
+        "due": r::btc(i.amount_sat.saturating_sub(d.paid_sat)),
+        "amount": r::btc(i.amount_sat),
+        "paymentMethodFee": "0",
+        "networkFee": "0",
+        "payments": payments,
+        "activated": true,
+        "additionalData": {},
+    }]))
+}
+
+/// `POST /api/v1/stores/{storeId}/invoices/{invoiceId}/status` with `{"status":"Settled"|"Invalid"}`.
+pub async fn mark_status(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let b = req.json()?;
+    let want = b.get("status").and_then(Value::as_str).unwrap_or("");
+    if !matches!(want, "Settled" | "Invalid") {
+        return Err(invalid("status", "Settled or Invalid"));
+    }
+    let _guard = st.merchant().invoice_lock.lock().await;
+    let (mut rec, name, e) = own_invoice(&st, key.account, id).await?;
+    let now = now_ms();
+    let mut events = rec.inv.observe(&[], now);
+    let more = if want == "Settled" {
+        rec.inv.mark_settled(now)
+    } else {
+        rec.inv.mark_invalid(now)
+    };
+    let more = more.map_err(|model::TransitionError::WrongStatus(s)| {
+        gf_err(
+            StatusCode::BAD_REQUEST,
+            "invalid-state",
+            format!("Cannot mark a {} invoice {want}", s.as_str()),
+        )
+    })?;
+    events.extend(more);
+    let rec = r::commit(&st, rec, events, name).await?;
+    ok(invoice_json(&st, &rec, &e, now))
+}
+
+// ---- webhooks ----
+
+/// The BTCPay events a Mediator event becomes (in order).
+fn btcpay_events(e: EventType) -> &'static [&'static str] {
+    match e {
+        EventType::InvoiceCreated => &["InvoiceCreated"],
+        EventType::PaymentReceived => &["InvoiceReceivedPayment"],
+        EventType::InvoiceProcessing => &["InvoiceProcessing"],
+        EventType::InvoiceSettled => &["InvoicePaymentSettled", "InvoiceSettled"],
+        EventType::InvoiceExpired => &["InvoiceExpired"],
+        EventType::InvoiceInvalid => &["InvoiceInvalid"],
+        EventType::InvoiceRefunded => &[],
+    }
+}
+
+/// Every event a Greenfield webhook may ask for.
+pub const EVENTS: [&str; 7] = [
+    "InvoiceCreated",
+    "InvoiceReceivedPayment",
+    "InvoiceProcessing",
+    "InvoiceSettled",
+    "InvoicePaymentSettled",
+    "InvoiceExpired",
+    "InvoiceInvalid",
+];
+
+struct Hook {
+    id: String,
+    url: String,
+    enabled: bool,
+    auto_redelivery: bool,
+    everything: bool,
+    events: Vec<String>,
+}
+
+impl Hook {
+    fn wants(&self, event: &str) -> bool {
+        self.enabled && (self.everything || self.events.iter().any(|e| e == event))
+    }
+
+    fn json(&self) -> Value {
+        json!({
+            "id": self.id,
+            "enabled": self.enabled,
+            "automaticRedelivery": self.auto_redelivery,
+            "url": self.url,
+            "authorizedEvents": {"everything": self.everything, "specificEvents": self.events},
+        })
+    }
+}
+
+fn hook_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Hook> {
+    let events: String = r.get(5)?;
+    Ok(Hook {
+        id: r.get(0)?,
+        url: r.get(1)?,
+        enabled: r.get(2)?,
+        auto_redelivery: r.get(3)?,
+        everything: r.get(4)?,
+        events: events
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+    })
+}
+
+const HOOK_COLS: &str = "id, url, enabled, auto_redelivery, everything, events";
+
+fn hooks(conn: &Connection, merchant: u32) -> rusqlite::Result<Vec<Hook>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {HOOK_COLS} FROM gf_webhook WHERE merchant = ?1 ORDER BY created_ms, id"
+    ))?;
+    let v = stmt
+        .query_map([merchant], hook_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(v)
+}
+
+fn hook(conn: &Connection, merchant: u32, id: &str) -> rusqlite::Result<Option<Hook>> {
+    conn.query_row(
+        &format!("SELECT {HOOK_COLS} FROM gf_webhook WHERE merchant = ?1 AND id = ?2"),
+        params![merchant, id],
+        hook_row,
+    )
+    .optional()
+}
+
+/// A Greenfield webhook's secret: `hex(HMAC(master, "greenfield-webhook/<account>/<id>"))`.
+pub fn hook_secret(st: &AppState, merchant: u32, id: &str) -> String {
+    st.0.keys
+        .derive_purpose(&format!("greenfield-webhook/{merchant}/{id}"))
+}
+
+/// A Greenfield webhook's URL and signing secret, if it exists and is enabled.
+pub fn hook_endpoint(
+    st: &AppState,
+    conn: &Connection,
+    merchant: u32,
+    id: &str,
+) -> Option<(String, Vec<u8>)> {
+    let h = hook(conn, merchant, id).ok()??;
+    if !h.enabled {
+        return None;
+    }
+    Some((h.url, hook_secret(st, merchant, id).into_bytes()))
+}
+
+/// The body of a BTCPay webhook event about an invoice (`invoice`: the merchant view,
+/// [`super::routes::merchant_json`]).
+fn event_body(
+    delivery_id: &str,
+    hook_id: &str,
+    event: &str,
+    invoice: &Value,
+    payment: Option<&Value>,
+    now_ms: u64,
+) -> Value {
+    let marks: Vec<&str> = invoice["marks"]
+        .as_array()
+        .map(|a| a.iter().filter_map(Value::as_str).collect())
+        .unwrap_or_default();
+    let mut metadata = match &invoice["metadata"] {
+        Value::Object(m) => m.clone(),
+        _ => Map::new(),
+    };
+    if let Some(o) = invoice["orderId"].as_str() {
+        metadata.entry("orderId").or_insert_with(|| json!(o));
+    }
+    let mut b = json!({
+        "deliveryId": delivery_id,
+        "webhookId": hook_id,
+        "originalDeliveryId": delivery_id,
+        "isRedelivery": false,
+        "type": event,
+        "timestamp": now_ms / 1000,
+        "storeId": invoice["merchant"].as_u64().map(|m| m.to_string()),
+        "invoiceId": invoice["id"],
+        "metadata": metadata,
+    });
+    let speed = invoice["confirmationsRequired"].as_u64().unwrap_or(1);
+    let address = invoice["address"].as_str().unwrap_or("");
+    match event {
+        "InvoiceReceivedPayment" | "InvoicePaymentSettled" => {
+            if let Some(p) = payment {
+                b["afterExpiration"] = json!(p["late"] == true);
+                b["paymentMethodId"] = json!(BTC_CHAIN);
+                b["paymentMethod"] = json!("BTC");
+                b["payment"] = payment_json(p, address, speed);
+            }
+        }
+        "InvoiceProcessing" => b["overPaid"] = json!(marks.contains(&"PaidOver")),
+        "InvoiceSettled" => {
+            b["overPaid"] = json!(marks.contains(&"PaidOver"));
+            b["manuallyMarked"] = json!(marks.contains(&"Marked"));
+        }
+        "InvoiceExpired" => b["partiallyPaid"] = json!(marks.contains(&"PaidPartial")),
+        "InvoiceInvalid" => b["manuallyMarked"] = json!(true),
+        _ => {}
+    }
+    b
+}
+
+/// Adds the deliveries of `event` to the store's Greenfield webhooks that want it, in the
+/// caller's transaction ([`super::webhook::enqueue`] calls it). `InvoiceReceivedPayment` is
+/// about the newest payment; `InvoicePaymentSettled` goes once per payment that counts.
+pub fn enqueue_hooks(
+    conn: &Connection,
+    merchant: u32,
+    invoice_id: &str,
+    event: EventType,
+    invoice: &Value,
+    now_ms: u64,
+) -> rusqlite::Result<()> {
+    let names = btcpay_events(event);
+    if names.is_empty() {
+        return Ok(());
+    }
+    let hooks = hooks(conn, merchant)?;
+    if hooks.is_empty() {
+        return Ok(());
+    }
+    let payments: Vec<Value> = invoice["payments"]
+        .as_array()
+        .map(|a| a.iter().filter(|p| p["reorged"] != true).cloned().collect())
+        .unwrap_or_default();
+    for h in &hooks {
+        for name in names {
+            if !h.wants(name) {
+                continue;
+            }
+            let per_payment: Vec<Option<&Value>> = match *name {
+                "InvoiceReceivedPayment" => vec![payments.last()],
+                "InvoicePaymentSettled" => payments
+                    .iter()
+                    .filter(|p| p["late"] != true)
+                    .map(Some)
+                    .collect(),
+                _ => vec![None],
+            };
+            for p in per_payment {
+                let id = webhook::new_delivery_id()?;
+                let body = event_body(&id, &h.id, name, invoice, p, now_ms);
+                let bytes = serde_json::to_vec(&body)
+                    .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+                let d = webhook::HookDelivery {
+                    merchant,
+                    invoice_id,
+                    hook: &h.id,
+                    id: &id,
+                    event: name,
+                    body: &bytes,
+                };
+                webhook::enqueue_hook(conn, d, now_ms)?;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn hook_body(b: &Map<String, Value>, h: &mut Hook, creating: bool) -> Result<(), GfError> {
+    if b.get("secret").is_some_and(|s| !s.is_null() && s != "") {
+        return Err(invalid(
+            "secret",
+            "Mediator derives webhook secrets (never stored): leave secret out and read it from the answer",
+        ));
+    }
+    match b.get("url").filter(|v| !v.is_null()) {
+        Some(v) => h.url = v.as_str().unwrap_or("").to_owned(),
+        None if creating => return Err(invalid("url", "url is missing")),
+        None => {}
+    }
+    if let Some(v) = b.get("enabled").filter(|v| !v.is_null()) {
+        h.enabled = v
+            .as_bool()
+            .ok_or_else(|| invalid("enabled", "true or false"))?;
+    }
+    if let Some(v) = b.get("automaticRedelivery").filter(|v| !v.is_null()) {
+        h.auto_redelivery = v
+            .as_bool()
+            .ok_or_else(|| invalid("automaticRedelivery", "true or false"))?;
+    }
+    if let Some(a) = b.get("authorizedEvents").filter(|v| !v.is_null()) {
+        if let Some(v) = a.get("everything").filter(|v| !v.is_null()) {
+            h.everything = v
+                .as_bool()
+                .ok_or_else(|| invalid("authorizedEvents.everything", "true or false"))?;
+        }
+        if let Some(v) = a.get("specificEvents").filter(|v| !v.is_null()) {
+            let list = v
+                .as_array()
+                .ok_or_else(|| invalid("authorizedEvents.specificEvents", "a list of events"))?;
+            let mut events = Vec::new();
+            for e in list {
+                let name = e.as_str().filter(|n| EVENTS.contains(n)).ok_or_else(|| {
+                    invalid(
+                        "authorizedEvents.specificEvents",
+                        format!("events offered: {}", EVENTS.join(", ")),
+                    )
+                })?;
+                if !events.iter().any(|x| x == name) {
+                    events.push(name.to_owned());
+                }
+            }
+            h.events = events;
+        }
+    }
+    Ok(())
+}
+
+/// Checks a webhook URL as the store's own webhook URL is checked (resolved now, and again
+/// before every delivery: [`super::target`]).
+async fn check_url(st: &AppState, url: &str) -> Result<(), GfError> {
+    let ok = (url.starts_with("https://") || url.starts_with("http://"))
+        && url.len() <= 512
+        && !url.chars().any(|c| c.is_control() || c.is_whitespace());
+    if !ok {
+        return Err(invalid("url", "an http(s) URL of at most 512 characters"));
+    }
+    let (u, targets) = (url.to_owned(), st.0.cfg.merchant.webhook_targets.clone());
+    let checked = tokio::task::spawn_blocking(move || super::target::check(&u, &targets))
+        .await
+        .map_err(|_| ApiError::internal())?;
+    match checked {
+        Ok(_) => Ok(()),
+        Err(super::target::TargetError::BadUrl) => {
+            Err(invalid("url", "an http(s) URL of at most 512 characters"))
+        }
+        Err(super::target::TargetError::Unresolved) => {
+            Err(invalid("url", "the host does not resolve"))
+        }
+        Err(_) => Err(invalid(
+            "url",
+            "must not point to a loopback, private, link-local or other internal address",
+        )),
+    }
+}
+
+/// `GET /api/v1/stores/{storeId}/webhooks`.
+pub async fn list_webhooks(
+    State(st): State<AppState>,
+    Path(store_path): Path<String>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let a = key.account;
+    let v = with_db(&st, move |c| hooks(c, a).map_err(db_error)).await?;
+    ok(Value::Array(v.iter().map(Hook::json).collect()))
+}
+
+/// `POST /api/v1/stores/{storeId}/webhooks`: the answer holds the secret (only here).
+pub async fn create_webhook(
+    State(st): State<AppState>,
+    Path(store_path): Path<String>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let b = req.json()?;
+    let mut h = Hook {
+        id: r::random_id()?,
+        url: String::new(),
+        enabled: true,
+        auto_redelivery: true,
+        everything: true,
+        events: vec![],
+    };
+    hook_body(&b, &mut h, true)?;
+    check_url(&st, &h.url).await?;
+    let a = key.account;
+    let (id, url, events) = (h.id.clone(), h.url.clone(), h.events.join(","));
+    let (en, ar, ev) = (h.enabled, h.auto_redelivery, h.everything);
+    let made = with_db(&st, move |c| {
+        let n: i64 = c
+            .query_row("SELECT count(*) FROM gf_webhook WHERE merchant = ?1", [a], |r| r.get(0))
+            .map_err(db_error)?;
+        if n >= MAX_WEBHOOKS {
+            return Ok(false);
+        }
+        c.execute(
+            "INSERT INTO gf_webhook (id, merchant, url, enabled, auto_redelivery, everything, events, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![id, a, url, en, ar, ev, events, now_ms()],
+        )
+        .map_err(db_error)?;
+        Ok(true)
+    })
+    .await?;
+    if !made {
+        return Err(invalid(
+            "url",
+            format!("at most {MAX_WEBHOOKS} webhooks per store"),
+        ));
+    }
+    let mut v = h.json();
+    v["secret"] = json!(hook_secret(&st, a, &h.id));
+    ok(v)
+}
+
+async fn own_hook(st: &AppState, merchant: u32, id: String) -> Result<Hook, GfError> {
+    if !r::valid_public_id(&id) {
+        return Err(webhook_not_found());
+    }
+    with_db(st, move |c| hook(c, merchant, &id).map_err(db_error))
+        .await?
+        .ok_or_else(webhook_not_found)
+}
+
+/// `GET /api/v1/stores/{storeId}/webhooks/{webhookId}`.
+pub async fn get_webhook(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    ok(own_hook(&st, key.account, id).await?.json())
+}
+
+/// `PUT /api/v1/stores/{storeId}/webhooks/{webhookId}`.
+pub async fn update_webhook(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let b = req.json()?;
+    let mut h = own_hook(&st, key.account, id).await?;
+    hook_body(&b, &mut h, false)?;
+    check_url(&st, &h.url).await?;
+    let a = key.account;
+    let (id, url, events) = (h.id.clone(), h.url.clone(), h.events.join(","));
+    let (en, ar, ev) = (h.enabled, h.auto_redelivery, h.everything);
+    with_db(&st, move |c| {
+        c.execute(
+            "UPDATE gf_webhook SET url = ?3, enabled = ?4, auto_redelivery = ?5, everything = ?6,
+             events = ?7 WHERE id = ?1 AND merchant = ?2",
+            params![id, a, url, en, ar, ev, events],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    ok(h.json())
+}
+
+/// `DELETE /api/v1/stores/{storeId}/webhooks/{webhookId}`: its pending deliveries fail.
+pub async fn delete_webhook(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let h = own_hook(&st, key.account, id).await?;
+    let a = key.account;
+    with_db(&st, move |c| {
+        let tx = c.transaction().map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM gf_webhook WHERE id = ?1 AND merchant = ?2",
+            params![h.id, a],
+        )
+        .map_err(db_error)?;
+        tx.execute(
+            "UPDATE webhook_deliveries SET status = 'failed' WHERE hook = ?1 AND status = 'pending'",
+            [&h.id],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)
+    })
+    .await?;
+    Ok(StatusCode::OK.into_response())
+}
+
+/// BTCPay's `WebhookDeliveryData` of an outbox row.
+fn delivery_json(
+    id: &str,
+    created_ms: i64,
+    status: &str,
+    last: Option<(i64, Option<u16>, Option<String>)>,
+) -> Value {
+    let (time, code, error) = last.unwrap_or((created_ms, None, None));
+    let gf_status = match (status, code) {
+        ("delivered", _) => "HttpSuccess",
+        (_, Some(_)) => "HttpError",
+        _ => "Failed",
+    };
+    json!({
+        "id": id,
+        "timestamp": created_ms / 1000,
+        "deliveryTime": time / 1000,
+        "httpCode": code,
+        "errorMessage": error,
+        "status": gf_status,
+        "pending": status == "pending",
+    })
+}
+
+/// `GET /api/v1/stores/{storeId}/webhooks/{webhookId}/deliveries` (`count`, default 50), newest first.
+pub async fn webhook_deliveries(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    RawQuery(q): RawQuery,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let mut count = 50u32;
+    for (k, v) in query_pairs(q.as_deref()) {
+        if k == "count" {
+            count = v
+                .parse::<u32>()
+                .ok()
+                .filter(|c| (1..=r::MAX_LIST).contains(c))
+                .ok_or_else(|| invalid("count", "1 to 1000"))?;
+        }
+    }
+    let h = own_hook(&st, key.account, id).await?;
+    let a = key.account;
+    let v = with_db(&st, move |c| {
+        let mut stmt = c
+            .prepare(
+                "SELECT d.id, d.created_ms, d.status,
+                   (SELECT time_ms FROM webhook_attempts t WHERE t.delivery_id = d.id ORDER BY n DESC LIMIT 1),
+                   (SELECT http_status FROM webhook_attempts t WHERE t.delivery_id = d.id ORDER BY n DESC LIMIT 1),
+                   (SELECT error FROM webhook_attempts t WHERE t.delivery_id = d.id ORDER BY n DESC LIMIT 1)
+                 FROM webhook_deliveries d WHERE d.merchant = ?1 AND d.hook = ?2
+                 ORDER BY d.created_ms DESC, d.rowid DESC LIMIT ?3",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map(params![a, h.id, count], |r| {
+                let id: String = r.get(0)?;
+                let created: i64 = r.get(1)?;
+                let status: String = r.get(2)?;
+                let t: Option<i64> = r.get(3)?;
+                let last = t.map(|t| -> rusqlite::Result<_> { Ok((t, r.get(4)?, r.get(5)?)) });
+                Ok(delivery_json(&id, created, &status, last.transpose()?))
+            })
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        Ok(rows)
+    })
+    .await?;
+    ok(Value::Array(v))
+}
+
+/// `POST /api/v1/stores/{storeId}/webhooks/{webhookId}/deliveries/{deliveryId}/redeliver`: a new
+/// delivery of the same event (`isRedelivery`, `originalDeliveryId`); answers its id as a JSON
+/// string. Limited like the signed API's redeliver (per merchant per minute).
+pub async fn redeliver(
+    State(st): State<AppState>,
+    Path((store_path, id, delivery)): Path<(String, String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let h = own_hook(&st, key.account, id).await?;
+    let merchant = key.account;
+    let limiter = st
+        .merchant()
+        .redeliveries
+        .get_or_init(|| crate::ratelimit::Limiter::new(st.0.cfg.merchant.redeliveries_per_min));
+    if let crate::ratelimit::Charge::Limited { retry_after, .. } =
+        limiter.charge(&merchant.to_string(), 1, now_ms())
+    {
+        let mut e = gf_err(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too-many-requests",
+            "Too many redeliveries; try again later",
+        );
+        e.retry_after = Some(retry_after);
+        return Err(e);
+    }
+    let not_found = || {
+        gf_err(
+            StatusCode::NOT_FOUND,
+            "delivery-not-found",
+            "The delivery was not found",
+        )
+    };
+    let new_id = with_db(&st, move |c| {
+        let row: Option<(String, String, Vec<u8>)> = c
+            .query_row(
+                "SELECT invoice_id, event, body FROM webhook_deliveries
+                 WHERE id = ?1 AND merchant = ?2 AND hook = ?3",
+                params![delivery, merchant, h.id],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+            )
+            .optional()
+            .map_err(db_error)?;
+        let Some((invoice_id, event, body)) = row else {
+            return Ok(None);
+        };
+        let mut v: Value = serde_json::from_slice(&body).map_err(|_| ApiError::internal())?;
+        let id = webhook::new_delivery_id().map_err(db_error)?;
+        let original = v["originalDeliveryId"].clone();
+        v["deliveryId"] = json!(id);
+        v["isRedelivery"] = json!(true);
+        v["originalDeliveryId"] = if original.is_null() {
+            json!(delivery)
+        } else {
+            original
+        };
+        v["timestamp"] = json!(now_ms() / 1000);
+        let bytes = serde_json::to_vec(&v).map_err(|_| ApiError::internal())?;
+        let d = webhook::HookDelivery {
+            merchant,
+            invoice_id: &invoice_id,
+            hook: &h.id,
+            id: &id,
+            event: &event,
+            body: &bytes,
+        };
+        webhook::enqueue_hook(c, d, now_ms()).map_err(db_error)?;
+        Ok(Some(id))
+    })
+    .await?
+    .ok_or_else(not_found)?;
+    st.merchant().enqueued.notify_one();
+    ok(json!(new_id))
+}
+
+// ---- pull payments and refunds ----
+
+/// A pull payment: an amount (satoshis) that whoever holds its id may claim to an address.
+#[derive(Debug, Clone)]
+pub struct PullPayment {
+    /// Id (unguessable: the link is the right to claim).
+    pub id: String,
+    /// The merchant paying it.
+    pub merchant: u32,
+    /// The invoice it refunds, if any.
+    pub invoice_id: Option<String>,
+    /// Name.
+    pub name: String,
+    /// Description.
+    pub description: String,
+    /// The limit, satoshis.
+    pub amount_sat: u64,
+    /// Created, ms.
+    pub created_ms: u64,
+    /// Archived.
+    pub archived: bool,
+}
+
+const PP_COLS: &str =
+    "id, merchant, invoice_id, name, description, amount_sat, created_ms, archived";
+
+fn pp_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PullPayment> {
+    Ok(PullPayment {
+        id: r.get(0)?,
+        merchant: r.get(1)?,
+        invoice_id: r.get(2)?,
+        name: r.get(3)?,
+        description: r.get(4)?,
+        amount_sat: r.get(5)?,
+        created_ms: r.get(6)?,
+        archived: r.get(7)?,
+    })
+}
+
+fn load_pp(conn: &Connection, id: &str) -> rusqlite::Result<Option<PullPayment>> {
+    conn.query_row(
+        &format!("SELECT {PP_COLS} FROM gf_pull_payment WHERE id = ?1"),
+        [id],
+        pp_row,
+    )
+    .optional()
+}
+
+fn insert_pp(conn: &Connection, p: &PullPayment) -> rusqlite::Result<()> {
+    conn.execute(
+        "INSERT INTO gf_pull_payment (id, merchant, invoice_id, name, description, amount_sat,
+           currency, amount_display, created_ms, archived) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'BTC', ?7, ?8, 0)",
+        params![
+            p.id,
+            p.merchant,
+            p.invoice_id,
+            p.name,
+            p.description,
+            p.amount_sat,
+            r::btc(p.amount_sat),
+            p.created_ms
+        ],
+    )?;
+    Ok(())
+}
+
+fn pp_json(st: &AppState, p: &PullPayment) -> Value {
+    json!({
+        "id": p.id,
+        "name": p.name,
+        "description": p.description,
+        "currency": "BTC",
+        "amount": r::btc(p.amount_sat),
+        "period": null,
+        "BOLT11Expiration": "30",
+        "autoApproveClaims": false,
+        "archived": p.archived,
+        "viewLink": format!("{}/pp/{}", public_url(st), p.id),
+        "startsAt": p.created_ms / 1000,
+        "expiresAt": null,
+    })
+}
+
+fn text_field(b: &Map<String, Value>, name: &str, max: usize) -> Result<Option<String>, GfError> {
+    match b.get(name).filter(|v| !v.is_null()) {
+        None => Ok(None),
+        Some(v) => {
+            let s = v.as_str().ok_or_else(|| invalid(name, "a string"))?;
+            if s.len() > max || s.chars().any(char::is_control) {
+                return Err(invalid(name, format!("at most {max} printable characters")));
+            }
+            Ok(Some(s.to_owned()))
+        }
+    }
+}
+
+fn payout_method_ok(b: &Map<String, Value>, names: &[&str]) -> Result<(), GfError> {
+    for n in names {
+        if let Some(v) = b.get(*n).filter(|v| !v.is_null()) {
+            let ok = match v {
+                Value::String(s) => matches!(s.as_str(), "BTC-CHAIN" | "BTC" | "BTC-OnChain"),
+                Value::Array(a) => a
+                    .iter()
+                    .all(|m| matches!(m.as_str(), Some("BTC-CHAIN" | "BTC" | "BTC-OnChain"))),
+                _ => false,
+            };
+            if !ok {
+                return Err(invalid(n, "only BTC-CHAIN is offered"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `basis points` off an amount: `amount × (10000 − bps) / 10000`, rounded down.
+fn less_percent(amount_sat: u64, bps: u64) -> u64 {
+    let keep = u128::from(model::BPS.saturating_sub(bps));
+    u64::try_from(u128::from(amount_sat) * keep / u128::from(model::BPS)).unwrap_or(0)
+}
+
+/// `POST /api/v1/stores/{storeId}/invoices/{invoiceId}/refund`: a pull payment refunding the
+/// invoice. `refundVariant`: `RateThen` (the BTC the invoice asked, at its rate), `CurrentRate`
+/// (the invoice's currency amount at today's reference price), `Fiat` (the same, converted now),
+/// `OverpaidAmount` (what was paid over the invoice's amount), `Custom` (`customAmount` in
+/// `customCurrency`); `subtractPercentage` takes a part off. Never more than what is refundable
+/// (credited − refunded): `422`.
+pub async fn refund(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let b = req.json()?;
+    payout_method_ok(&b, &["payoutMethodId", "paymentMethod"])?;
+    let name = text_field(&b, "name", 128)?;
+    let description = text_field(&b, "description", 1024)?;
+    let variant = b
+        .get("refundVariant")
+        .and_then(Value::as_str)
+        .ok_or_else(|| {
+            invalid(
+                "refundVariant",
+                "RateThen, CurrentRate, Fiat, OverpaidAmount or Custom",
+            )
+        })?
+        .to_owned();
+    let subtract = match b.get("subtractPercentage").filter(|v| !v.is_null()) {
+        None => 0,
+        Some(v) => {
+            let s = decimal_of(v).ok_or_else(|| invalid("subtractPercentage", "0 to 100"))?;
+            crate::decimal::parse_units(&s, 2)
+                .ok()
+                .filter(|b| *b <= 10_000)
+                .ok_or_else(|| invalid("subtractPercentage", "0 to 100, two decimals at most"))?
+        }
+    };
+    let (rec, _, _) = own_invoice(&st, key.account, id).await?;
+    let i = &rec.inv;
+    let refundable = i
+        .refundable_sat()
+        .map_err(|model::TransitionError::WrongStatus(s)| {
+            gf_err(
+                StatusCode::BAD_REQUEST,
+                "non-refundable",
+                format!("A {} invoice cannot be refunded yet", s.as_str()),
+            )
+        })?;
+    let at_current_rate = || async {
+        match &i.quote {
+            Some(q) => {
+                let (rate, _) = r::current_rate(&st, &q.asset).await?;
+                model::quote_to_sat(q.amount_units, rate)
+                    .ok_or_else(|| ApiError::invalid_value("amount"))
+            }
+            None => Ok(i.amount_sat),
+        }
+    };
+    let amount = match variant.as_str() {
+        "RateThen" => i.amount_sat.min(i.received_sat()),
+        "CurrentRate" | "Fiat" => at_current_rate().await?,
+        "OverpaidAmount" => {
+            if !i.marks.has(Marks::PAID_OVER) {
+                return Err(invalid("refundVariant", "Invoice is not overpaid"));
+            }
+            i.derive(now_ms()).paid_sat.saturating_sub(i.amount_sat)
+        }
+        "Custom" => {
+            let amount = b
+                .get("customAmount")
+                .and_then(decimal_of)
+                .ok_or_else(|| invalid("customAmount", "customAmount is missing"))?;
+            let currency = b
+                .get("customCurrency")
+                .and_then(Value::as_str)
+                .unwrap_or("BTC")
+                .to_ascii_uppercase();
+            let (sat, _) =
+                r::amount_in(&st, &currency, &amount)
+                    .await
+                    .map_err(|e| match e.code {
+                        -1152 => invalid("customCurrency", "BTC or the exchange's quote currency"),
+                        -1157 => GfError::from(e),
+                        _ => invalid("customAmount", e.msg.to_string()),
+                    })?;
+            sat
+        }
+        _ => {
+            return Err(invalid(
+                "refundVariant",
+                "RateThen, CurrentRate, Fiat, OverpaidAmount or Custom",
+            ))
+        }
+    };
+    let amount = less_percent(amount, subtract);
+    if amount == 0 {
+        return Err(invalid("refundVariant", "the refund amount is zero"));
+    }
+    if amount > refundable {
+        return Err(invalid(
+            "refundVariant",
+            format!(
+                "the refund ({} BTC) is more than the refundable {} BTC",
+                r::btc(amount),
+                r::btc(refundable)
+            ),
+        ));
+    }
+    let p = PullPayment {
+        id: r::random_id()?,
+        merchant: key.account,
+        invoice_id: Some(rec.inv.id.clone()),
+        name: name.unwrap_or_else(|| format!("Refund {}", rec.inv.id)),
+        description: description.unwrap_or_default(),
+        amount_sat: amount,
+        created_ms: now_ms(),
+        archived: false,
+    };
+    let p2 = p.clone();
+    with_db(&st, move |c| insert_pp(c, &p2).map_err(db_error)).await?;
+    ok(pp_json(&st, &p))
+}
+
+/// `POST /api/v1/stores/{storeId}/pull-payments`: `name`, `description`, `amount`, `currency`
+/// (`BTC`), `payoutMethods` (`BTC-CHAIN`).
+pub async fn create_pull_payment(
+    State(st): State<AppState>,
+    Path(store_path): Path<String>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let b = req.json()?;
+    payout_method_ok(&b, &["payoutMethods", "paymentMethods"])?;
+    let name = text_field(&b, "name", 128)?;
+    let description = text_field(&b, "description", 1024)?;
+    let currency = b.get("currency").and_then(Value::as_str).unwrap_or("BTC");
+    if !currency.eq_ignore_ascii_case("BTC") {
+        return Err(invalid("currency", "only BTC pull payments are offered"));
+    }
+    let amount = b
+        .get("amount")
+        .and_then(decimal_of)
+        .ok_or_else(|| invalid("amount", "amount is missing"))?;
+    let amount = crate::decimal::parse_units(&amount, crate::capital::BTC_DECIMALS)
+        .ok()
+        .filter(|a| *a > 0)
+        .ok_or_else(|| invalid("amount", "more than zero, 8 decimals at most"))?;
+    let p = PullPayment {
+        id: r::random_id()?,
+        merchant: key.account,
+        invoice_id: None,
+        name: name.unwrap_or_default(),
+        description: description.unwrap_or_default(),
+        amount_sat: amount,
+        created_ms: now_ms(),
+        archived: false,
+    };
+    let p2 = p.clone();
+    with_db(&st, move |c| insert_pp(c, &p2).map_err(db_error)).await?;
+    ok(pp_json(&st, &p))
+}
+
+/// `GET /api/v1/stores/{storeId}/pull-payments` (`includeArchived`), newest first.
+pub async fn list_pull_payments(
+    State(st): State<AppState>,
+    Path(store_path): Path<String>,
+    RawQuery(q): RawQuery,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let archived = query_pairs(q.as_deref())
+        .iter()
+        .any(|(k, v)| k == "includeArchived" && v == "true");
+    let a = key.account;
+    let v = with_db(&st, move |c| {
+        let mut stmt = c
+            .prepare(&format!(
+                "SELECT {PP_COLS} FROM gf_pull_payment WHERE merchant = ?1 AND (?2 OR archived = 0)
+                 ORDER BY created_ms DESC LIMIT 1000"
+            ))
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map(params![a, archived], pp_row)
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        Ok(rows)
+    })
+    .await?;
+    ok(Value::Array(v.iter().map(|p| pp_json(&st, p)).collect()))
+}
+
+async fn public_pp(st: &AppState, ip: &str, id: String) -> Result<PullPayment, GfError> {
+    st.charge_ip_addr(ip, 1)?;
+    if !r::valid_public_id(&id) {
+        return Err(pp_not_found());
+    }
+    with_db(st, move |c| load_pp(c, &id).map_err(db_error))
+        .await?
+        .ok_or_else(pp_not_found)
+}
+
+/// `GET /api/v1/pull-payments/{pullPaymentId}` (public: the id is the right).
+pub async fn get_pull_payment(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> GfResult {
+    let p = public_pp(&st, &ip, id).await?;
+    let pid = p.id.clone();
+    let claimed = with_db(&st, move |c| claimed_sat(c, &pid).map_err(db_error)).await?;
+    let mut v = pp_json(&st, &p);
+    v["claimedAmount"] = json!(r::btc(claimed));
+    v["remainingAmount"] = json!(r::btc(p.amount_sat.saturating_sub(claimed)));
+    ok(v)
+}
+
+/// A payout (a claim on a pull payment).
+#[derive(Debug, Clone)]
+struct Payout {
+    pp_id: String,
+    n: u32,
+    id: String,
+    destination: String,
+    amount_sat: u64,
+    /// `pending` (reserved, being paid), `unknown` (no answer yet), `done`, `cancelled`.
+    state: String,
+    reference: Option<String>,
+    claim_key: Option<String>,
+    created_ms: u64,
+}
+
+const PAYOUT_COLS: &str =
+    "pp_id, n, id, destination, amount_sat, state, reference, claim_key, created_ms";
+
+fn payout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Payout> {
+    Ok(Payout {
+        pp_id: r.get(0)?,
+        n: r.get(1)?,
+        id: r.get(2)?,
+        destination: r.get(3)?,
+        amount_sat: r.get(4)?,
+        state: r.get(5)?,
+        reference: r.get(6)?,
+        claim_key: r.get(7)?,
+        created_ms: r.get(8)?,
+    })
+}
+
+fn payouts(conn: &Connection, pp_id: &str) -> rusqlite::Result<Vec<Payout>> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {PAYOUT_COLS} FROM gf_payout WHERE pp_id = ?1 ORDER BY n"
+    ))?;
+    let v = stmt
+        .query_map([pp_id], payout_row)?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    Ok(v)
+}
+
+/// Satoshis claimed (every payout not cancelled: paid, being paid, or of unknown outcome).
+fn claimed_sat(conn: &Connection, pp_id: &str) -> rusqlite::Result<u64> {
+    conn.query_row(
+        "SELECT COALESCE(SUM(amount_sat), 0) FROM gf_payout WHERE pp_id = ?1 AND state != 'cancelled'",
+        [pp_id],
+        |r| r.get(0),
+    )
+}
+
+fn set_payout(
+    conn: &Connection,
+    p: &Payout,
+    state: &str,
+    reference: Option<&str>,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE gf_payout SET state = ?3, reference = COALESCE(?4, reference) WHERE pp_id = ?1 AND n = ?2",
+        params![p.pp_id, p.n, state, reference],
+    )?;
+    Ok(())
+}
+
+fn payout_json(p: &Payout, withdrawal: Option<&crate::custody::WithdrawalInfo>) -> Value {
+    use crate::custody::WithdrawalState as W;
+    let state = match (p.state.as_str(), withdrawal.map(|w| w.state)) {
+        ("cancelled", _) => "Cancelled",
+        // An engine transfer to an exchange account is final when done.
+        ("done", _) if p.destination.starts_with(ACCOUNT_PREFIX) => "Completed",
+        ("done", Some(W::Released)) => "Cancelled",
+        ("done", Some(W::AwaitingApproval)) => "AwaitingApproval",
+        ("done", Some(W::Completed)) => "Completed",
+        ("done", Some(W::Processing)) => "InProgress",
+        _ => "AwaitingPayment",
+    };
+    json!({
+        "id": p.id,
+        "revision": 0,
+        "pullPaymentId": p.pp_id,
+        "date": p.created_ms / 1000,
+        "destination": p.destination,
+        "originalCurrency": "BTC",
+        "originalAmount": r::btc(p.amount_sat),
+        "payoutCurrency": "BTC",
+        "payoutAmount": r::btc(p.amount_sat),
+        "payoutMethodId": BTC_CHAIN,
+        "paymentMethod": "BTC",
+        "cryptoCode": "BTC",
+        "amount": r::btc(p.amount_sat),
+        "paymentMethodAmount": r::btc(p.amount_sat),
+        "state": state,
+        "paymentProof": withdrawal.and_then(|w| w.txid.as_ref()).map(|t| json!({"proofType": "PayoutTransactionOnChainBlob", "transactionId": t})),
+        "metadata": {"reference": p.reference},
+    })
+}
+
+/// Custody's withdrawals of a merchant by idempotency key (for payout states).
+async fn withdrawals_by_key(
+    st: &AppState,
+    merchant: u32,
+) -> std::collections::HashMap<String, crate::custody::WithdrawalInfo> {
+    let Some(c) = st.0.custody.get().cloned() else {
+        return Default::default();
+    };
+    tokio::task::spawn_blocking(move || c.withdrawals(Some(merchant)))
+        .await
+        .ok()
+        .and_then(Result::ok)
+        .unwrap_or_default()
+        .into_iter()
+        .map(|w| (w.idempotency_key.clone(), w))
+        .collect()
+}
+
+/// The custody key of a payout: its invoice refund's (`refund-<invoice>-<n>`) or its own.
+fn payout_key(conn: &Connection, pp: &PullPayment, p: &Payout) -> rusqlite::Result<Option<String>> {
+    match &pp.invoice_id {
+        Some(iid) => Ok(store::refund_by_key(conn, iid, &refund_key(p))?
+            .map(|r| super::outcome::refund_withdrawal_key(&r))),
+        None => Ok(Some(store_payout_key(p))),
+    }
+}
+
+fn refund_key(p: &Payout) -> String {
+    format!("pp/{}/{}", p.pp_id, p.n)
+}
+
+fn store_payout_key(p: &Payout) -> String {
+    format!("pp-{}-{}", p.pp_id, p.n)
+}
+
+/// `GET /api/v1/pull-payments/{pullPaymentId}/payouts` (public). Payouts whose outcome was
+/// unknown are resolved first (by their keys).
+pub async fn list_payouts(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> GfResult {
+    let pp = public_pp(&st, &ip, id).await?;
+    resolve_payouts(&st, &pp).await?;
+    let pp2 = pp.clone();
+    let rows = with_db(&st, move |c| {
+        let ps = payouts(c, &pp2.id).map_err(db_error)?;
+        let mut out = Vec::new();
+        for p in ps {
+            let k = payout_key(c, &pp2, &p).map_err(db_error)?;
+            out.push((p, k));
+        }
+        Ok(out)
+    })
+    .await?;
+    let ws = withdrawals_by_key(&st, pp.merchant).await;
+    ok(Value::Array(
+        rows.iter()
+            .map(|(p, k)| payout_json(p, k.as_ref().and_then(|k| ws.get(k))))
+            .collect(),
+    ))
+}
+
+/// Resolves the payouts of every pull payment that has one whose outcome is not known (run by
+/// each monitor tick, after the invoice refunds were resolved); at most 100 pull payments a
+/// tick. Answers how many pull payments it looked at.
+pub async fn resolve_all(st: &AppState) -> Result<usize, ApiError> {
+    let opened = OPENED_MS.get().copied().unwrap_or(0);
+    let pps = with_db(st, move |c| {
+        let mut stmt = c
+            .prepare(&format!(
+                "SELECT {PP_COLS} FROM gf_pull_payment WHERE id IN (
+                   SELECT DISTINCT pp_id FROM gf_payout
+                   WHERE state = 'unknown' OR (state = 'pending' AND created_ms < ?1) LIMIT 100)"
+            ))
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([i64::try_from(opened).unwrap_or(i64::MAX)], pp_row)
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        Ok(rows)
+    })
+    .await?;
+    for pp in &pps {
+        if let Err(e) = resolve_payouts(st, pp).await {
+            tracing::warn!(pull_payment = %pp.id, status = %e.status, "payouts not resolved yet");
+        }
+    }
+    Ok(pps.len())
+}
+
+/// Brings payouts whose outcome is not known (`unknown`, or `pending` from before this process
+/// opened the database: a crash) up to date: an invoice refund's from its refund row (which the
+/// monitor resolves), a store payout's by asking custody about its key (or repeating its
+/// transfer).
+async fn resolve_payouts(st: &AppState, pp: &PullPayment) -> Result<(), GfError> {
+    let pp2 = pp.clone();
+    let open = with_db(st, move |c| {
+        let ps = payouts(c, &pp2.id).map_err(db_error)?;
+        let mut out = Vec::new();
+        let opened = OPENED_MS.get().copied().unwrap_or(0);
+        let open =
+            |p: &Payout| p.state == "unknown" || (p.state == "pending" && p.created_ms < opened);
+        for p in ps.into_iter().filter(open) {
+            let refund = match &pp2.invoice_id {
+                Some(iid) => store::refund_by_key(c, iid, &refund_key(&p)).map_err(db_error)?,
+                None => None,
+            };
+            out.push((p, refund));
+        }
+        Ok(out)
+    })
+    .await?;
+    for (p, refund) in open {
+        let settled: Option<(&str, Option<String>)> = match (&pp.invoice_id, refund) {
+            (Some(_), Some(r)) if r.state == "done" => Some(("done", r.reference.clone())),
+            (Some(_), Some(r)) if r.state == "cancelled" => Some(("cancelled", None)),
+            // Reserved on the invoice but not answered: the monitor resolves the refund.
+            (Some(_), Some(_)) => None,
+            // No refund row: the claim never reached the invoice (nothing moved).
+            (Some(_), None) => Some(("cancelled", None)),
+            (None, _) => match match to_account(&p) {
+                // The same transfer again: the engine answers a repeated key as done, once.
+                Some(to) => store_transfer(st, pp, &p, to).await,
+                None => execute_store_payout(st, pp, &p, true).await,
+            } {
+                super::outcome::Moved::Done(reference) => Some(("done", Some(reference))),
+                super::outcome::Moved::Refused(_) => Some(("cancelled", None)),
+                super::outcome::Moved::Unknown => None,
+            },
+        };
+        if let Some((state, reference)) = settled {
+            let state = state.to_owned();
+            with_db(st, move |c| {
+                set_payout(c, &p, &state, reference.as_deref()).map_err(db_error)
+            })
+            .await?;
+        }
+    }
+    Ok(())
+}
+
+/// The exchange account a payout goes to, if its destination is `account:<n>`.
+fn to_account(p: &Payout) -> Option<u32> {
+    p.destination
+        .strip_prefix(ACCOUNT_PREFIX)
+        .and_then(|n| n.parse().ok())
+}
+
+/// A store pull payment's payout to an exchange account: one engine transfer from the merchant,
+/// idempotent by `merchant/pp/<pull payment>/<n>` (repeating it to learn an unknown outcome moves
+/// nothing twice).
+async fn store_transfer(
+    st: &AppState,
+    pp: &PullPayment,
+    p: &Payout,
+    to: u32,
+) -> super::outcome::Moved {
+    use matching_engine::{AccountId, Amount, Command, IdempotencyKey};
+    let asset = match super::outcome::btc_asset(st) {
+        Ok(a) => a,
+        Err(e) => return super::outcome::Moved::Refused(e),
+    };
+    let cmd = Command::Transfer {
+        from: AccountId(pp.merchant),
+        to: AccountId(to),
+        asset,
+        amount: Amount(p.amount_sat),
+        key: IdempotencyKey::reference(&format!("merchant/pp/{}/{}", p.pp_id, p.n)),
+    };
+    super::outcome::transfer(st, cmd).await
+}
+
+/// A store pull payment's payout: a custody withdrawal from the merchant's account under the
+/// key `pp-<pull payment>-<n>` (`ask_first`: look for custody's record before requesting).
+async fn execute_store_payout(
+    st: &AppState,
+    pp: &PullPayment,
+    p: &Payout,
+    ask_first: bool,
+) -> super::outcome::Moved {
+    use super::outcome::Moved;
+    let Some(c) = st.0.custody.get().cloned() else {
+        return if ask_first {
+            Moved::Unknown
+        } else {
+            Moved::Refused(crate::capital::unavailable())
+        };
+    };
+    let (merchant, key, dest, amount) = (
+        pp.merchant,
+        store_payout_key(p),
+        p.destination.clone(),
+        p.amount_sat,
+    );
+    tokio::task::spawn_blocking(move || {
+        let find = |c: &dyn crate::custody::Custody| -> Result<Option<u64>, ()> {
+            let all = c.withdrawals(Some(merchant)).map_err(|_| ())?;
+            match all.into_iter().find(|w| w.idempotency_key == key) {
+                Some(w) if w.amount_sat == amount && w.account == merchant => Ok(Some(w.id)),
+                Some(_) => Err(()),
+                None => Ok(None),
+            }
+        };
+        if ask_first {
+            match find(c.as_ref()) {
+                Ok(Some(id)) => return Moved::Done(format!("withdrawal:{id}")),
+                Ok(None) => {}
+                Err(()) => return Moved::Unknown,
+            }
+        }
+        match c.request_withdrawal(merchant, &dest, amount, &key) {
+            Ok(w) => Moved::Done(format!("withdrawal:{}", w.id)),
+            Err(e) if e.status >= 500 => Moved::Unknown,
+            Err(e) if e.code == -4029 => match find(c.as_ref()) {
+                Ok(Some(id)) => Moved::Done(format!("withdrawal:{id}")),
+                _ => Moved::Unknown,
+            },
+            Err(e) => Moved::Refused(crate::capital::custody_error(e)),
+        }
+    })
+    .await
+    .unwrap_or(Moved::Unknown)
+}
+
+/// `POST /api/v1/pull-payments/{pullPaymentId}/payouts` (public: the id is the right to
+/// claim): `destination` (a Bitcoin address), `amount` (BTC; default: what remains),
+/// `payoutMethodId` (`BTC-CHAIN`). An `Idempotency-Key` header (1..64 printable characters)
+/// makes a repeat answer the same payout. The claim is reserved against the limit in one
+/// transaction (`422` beyond it), then paid: through the invoice's refund path for a refund,
+/// by a custody withdrawal for a store pull payment. Refused by custody (e.g. a bad address):
+/// `400` and the reservation is given back. No answer: `503` and the payout stays reserved,
+/// resolved by its key.
+pub async fn claim(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    req: GfReq,
+) -> GfResult {
+    st.charge_ip_addr(&ip, 9)?;
+    let pp = public_pp(&st, &ip, id).await?;
+    if pp.archived {
+        return Err(gf_err(
+            StatusCode::BAD_REQUEST,
+            "archived",
+            "The pull payment is archived",
+        ));
+    }
+    let b = req.json()?;
+    payout_method_ok(&b, &["payoutMethodId", "paymentMethod"])?;
+    let destination = b
+        .get("destination")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .unwrap_or("");
+    let destination = destination.strip_prefix("bitcoin:").unwrap_or(destination);
+    if let Some(n) = destination.strip_prefix(ACCOUNT_PREFIX) {
+        // An exchange account: paid by an engine transfer (no chain transaction, no fee).
+        if !n.parse::<u32>().is_ok_and(|a| a > 0) || n.starts_with('0') {
+            return Err(invalid("destination", "account:<account number>"));
+        }
+    } else if destination.is_empty()
+        || destination.len() > 128
+        || !destination.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(invalid(
+            "destination",
+            "a Bitcoin address, or account:<number> for an exchange account",
+        ));
+    }
+    let destination = destination.to_owned();
+    let amount = match b.get("amount").filter(|v| !v.is_null()) {
+        None => None,
+        Some(v) => Some(
+            decimal_of(v)
+                .and_then(|s| crate::decimal::parse_units(&s, crate::capital::BTC_DECIMALS).ok())
+                .filter(|a| *a > 0)
+                .ok_or_else(|| invalid("amount", "more than zero, 8 decimals at most"))?,
+        ),
+    };
+    let claim_key = match req.headers.get("idempotency-key") {
+        None => None,
+        Some(v) => Some(
+            v.to_str()
+                .ok()
+                .filter(|k| {
+                    !k.is_empty() && k.len() <= 64 && k.bytes().all(|b| b.is_ascii_graphic())
+                })
+                .ok_or_else(|| invalid("Idempotency-Key", "1 to 64 printable characters"))?
+                .to_owned(),
+        ),
+    };
+    // Runs to completion even if the client goes away (money moves).
+    let st2 = st.clone();
+    tokio::spawn(async move { claim_and_pay(&st2, pp, destination, amount, claim_key).await })
+        .await
+        .unwrap_or_else(|e| {
+            tracing::error!(error = %e, "claim task failed");
+            Err(ApiError::internal().into())
+        })
+}
+
+enum Reserved {
+    New(Payout),
+    Existing(Payout),
+    OverLimit(u64),
+    TooMany,
+    KeyReused,
+}
+
+async fn claim_and_pay(
+    st: &AppState,
+    pp: PullPayment,
+    destination: String,
+    amount: Option<u64>,
+    claim_key: Option<String>,
+) -> GfResult {
+    let now = now_ms();
+    let pp2 = pp.clone();
+    let id = r::random_id()?;
+    // Check the limit and reserve, in one transaction (the database serializes claims).
+    let reserved = with_db(st, move |c| {
+        let tx = c.transaction().map_err(db_error)?;
+        if let Some(k) = &claim_key {
+            let found = tx
+                .query_row(
+                    &format!("SELECT {PAYOUT_COLS} FROM gf_payout WHERE pp_id = ?1 AND claim_key = ?2"),
+                    params![pp2.id, k],
+                    payout_row,
+                )
+                .optional()
+                .map_err(db_error)?;
+            if let Some(p) = found {
+                let same = p.destination == destination && amount.is_none_or(|a| a == p.amount_sat);
+                return Ok(if same { Reserved::Existing(p) } else { Reserved::KeyReused });
+            }
+        }
+        let claimed = claimed_sat(&tx, &pp2.id).map_err(db_error)?;
+        let remaining = pp2.amount_sat.saturating_sub(claimed);
+        let amount = amount.unwrap_or(remaining);
+        if amount == 0 || amount > remaining {
+            return Ok(Reserved::OverLimit(remaining));
+        }
+        let (n, count): (u32, i64) = tx
+            .query_row(
+                "SELECT COALESCE(MAX(n), 0) + 1, count(*) FROM gf_payout WHERE pp_id = ?1",
+                [&pp2.id],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .map_err(db_error)?;
+        if count >= MAX_PAYOUTS {
+            return Ok(Reserved::TooMany);
+        }
+        let p = Payout {
+            pp_id: pp2.id.clone(),
+            n,
+            id,
+            destination,
+            amount_sat: amount,
+            state: "pending".into(),
+            reference: None,
+            claim_key,
+            created_ms: now,
+        };
+        tx.execute(
+            "INSERT INTO gf_payout (pp_id, n, id, destination, amount_sat, state, claim_key, created_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
+            params![p.pp_id, p.n, p.id, p.destination, p.amount_sat, p.claim_key, p.created_ms],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Ok(Reserved::New(p))
+    })
+    .await?;
+    let p = match reserved {
+        Reserved::New(p) => p,
+        Reserved::Existing(p) if p.state == "unknown" || p.state == "pending" => {
+            resolve_payouts(st, &pp).await?;
+            let (pid, n) = (p.pp_id.clone(), p.n);
+            let now_p = with_db(st, move |c| {
+                c.query_row(
+                    &format!("SELECT {PAYOUT_COLS} FROM gf_payout WHERE pp_id = ?1 AND n = ?2"),
+                    params![pid, n],
+                    payout_row,
+                )
+                .map_err(db_error)
+            })
+            .await?;
+            return ok(payout_json(&now_p, None));
+        }
+        Reserved::Existing(p) => return ok(payout_json(&p, None)),
+        Reserved::OverLimit(remaining) => {
+            return Err(invalid(
+                "amount",
+                format!(
+                    "more than the {} BTC that remain to claim",
+                    r::btc(remaining)
+                ),
+            ))
+        }
+        Reserved::TooMany => {
+            return Err(invalid(
+                "amount",
+                format!("at most {MAX_PAYOUTS} payouts per pull payment"),
+            ))
+        }
+        Reserved::KeyReused => {
+            return Err(invalid(
+                "Idempotency-Key",
+                "this key was used for another claim of this pull payment",
+            ))
+        }
+    };
+    // Pay it.
+    use super::outcome::Moved;
+    let account = to_account(&p);
+    let moved = match &pp.invoice_id {
+        Some(iid) => {
+            let custody = st.0.custody.get().cloned();
+            let ask = r::RefundAsk {
+                merchant: pp.merchant,
+                id: iid.clone(),
+                amount: p.amount_sat,
+                address: account.is_none().then(|| p.destination.clone()),
+                to_account: account,
+                idem: Some(refund_key(&p)),
+                any_account: true,
+            };
+            match r::refund_invoice(st, ask, custody).await {
+                Ok(v) => Moved::Done(v["reference"].as_str().unwrap_or("").to_owned()),
+                Err(e) if e.code == -1007 => Moved::Unknown,
+                Err(e) => Moved::Refused(e),
+            }
+        }
+        None => match account {
+            Some(to) => store_transfer(st, &pp, &p, to).await,
+            None => execute_store_payout(st, &pp, &p, false).await,
+        },
+    };
+    let (state, reference, answer) = match moved {
+        Moved::Done(reference) => ("done", Some(reference), Ok(())),
+        Moved::Refused(e) => ("cancelled", None, Err(e)),
+        Moved::Unknown => ("unknown", None, Err(ApiError::outcome_unknown())),
+    };
+    let p2 = p.clone();
+    let ref2 = reference.clone();
+    with_db(st, move |c| {
+        set_payout(c, &p2, state, ref2.as_deref()).map_err(db_error)
+    })
+    .await?;
+    match answer {
+        Ok(()) => {
+            let p = Payout {
+                state: state.into(),
+                reference,
+                ..p
+            };
+            let ws = withdrawals_by_key(st, pp.merchant).await;
+            let pp2 = pp.clone();
+            let p2 = p.clone();
+            let k = with_db(st, move |c| payout_key(c, &pp2, &p2).map_err(db_error)).await?;
+            ok(payout_json(&p, k.as_ref().and_then(|k| ws.get(k))))
+        }
+        Err(e) if e.code == -1007 => Err(gf_err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "outcome-unknown",
+            "The payout was sent for payment but no answer came back; it stays reserved. \
+             Repeat the claim with the same Idempotency-Key, or list the payouts, to learn its outcome",
+        )),
+        Err(e) => Err(GfError {
+            status: StatusCode::BAD_REQUEST,
+            body: json!({"code": "payout-refused", "message": e.msg, "mediatorCode": e.code}),
+            retry_after: None,
+        }),
+    }
+}
+
+/// `GET /pp/{pullPaymentId}`: the claim page (self-contained: no external asset).
+pub async fn claim_page(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> GfResult {
+    public_pp(&st, &ip, id).await?;
+    Ok(r::html(&st, super::pages::CLAIM_HTML))
+}

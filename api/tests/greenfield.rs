@@ -1,0 +1,1262 @@
+//! The BTCPay Greenfield-compatible API through `oneshot`, over a fake `Custody` whose deposits
+//! the test scripts: token auth and store scope, invoices as BTCPay shapes them, webhooks in the
+//! outbox with BTCPay's events, refunds as pull payments and their claims.
+
+mod common;
+
+use api::merchant::monitor::tick;
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use common::custody::Fake;
+use common::{Harness, Resp};
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+struct G {
+    h: Harness,
+    fake: Arc<Fake>,
+    account: u32,
+    /// `read,merchant,withdraw`: every Greenfield store permission.
+    token: String,
+    /// `read,merchant`: no pull payments.
+    merchant_token: String,
+    /// `read`: no store permission.
+    read_token: String,
+}
+
+async fn setup() -> G {
+    let h = Harness::new();
+    let fake = Arc::new(Fake::default());
+    h.state.set_custody(fake.clone()).ok().unwrap();
+    let (account, _) = h.trader("0", "0").await;
+    let mk = |perms: &str| {
+        let created = h
+            .state
+            .create_key(account, api::keys::Perms::parse(perms).unwrap(), "gf")
+            .unwrap();
+        h.state.greenfield_token(&created.0)
+    };
+    let token = mk("read,merchant,withdraw");
+    let merchant_token = mk("read,merchant");
+    let read_token = mk("read");
+    G {
+        h,
+        fake,
+        account,
+        token,
+        merchant_token,
+        read_token,
+    }
+}
+
+/// A Greenfield request: `Authorization: token <token>` and a JSON body.
+async fn call(
+    h: &Harness,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Option<Value>,
+) -> Resp {
+    raw(
+        h,
+        method,
+        uri,
+        token,
+        body.map(|b| b.to_string()).unwrap_or_default(),
+        &[],
+    )
+    .await
+}
+
+async fn raw(
+    h: &Harness,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: String,
+    headers: &[(&str, &str)],
+) -> Resp {
+    let mut b = Request::builder().method(method).uri(uri);
+    if let Some(t) = token {
+        b = b.header("Authorization", format!("token {t}"));
+    }
+    if !body.is_empty() {
+        b = b.header("content-type", "application/json");
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let res = h
+        .router
+        .clone()
+        .oneshot(b.body(Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let json = serde_json::from_slice(&bytes)
+        .unwrap_or(Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+    Resp {
+        status,
+        headers,
+        json,
+    }
+}
+
+fn ok(r: Resp, what: &str) -> Value {
+    assert_eq!(r.status, StatusCode::OK, "{what}: {}", r.json);
+    r.json
+}
+
+impl G {
+    fn store(&self) -> String {
+        self.account.to_string()
+    }
+    async fn new_invoice(&self, body: Value) -> Value {
+        let uri = format!("/api/v1/stores/{}/invoices", self.store());
+        ok(
+            call(&self.h, "POST", &uri, Some(&self.token), Some(body)).await,
+            "create invoice",
+        )
+    }
+    /// Pays the invoice's address on chain (confirmed) and lets the monitor see it.
+    async fn pay(&self, inv: &Value, tx: u8, sat: u64) {
+        let pm = ok(
+            call(
+                &self.h,
+                "GET",
+                &format!(
+                    "/api/v1/stores/{}/invoices/{}/payment-methods",
+                    self.store(),
+                    inv["id"].as_str().unwrap()
+                ),
+                Some(&self.token),
+                None,
+            )
+            .await,
+            "payment methods",
+        );
+        let address = pm[0]["destination"].as_str().unwrap().to_owned();
+        let now = common::now_ms();
+        self.fake.pay(self.account, &address, tx, sat, 1, now);
+        tick(&self.h.state, now + 1).await.unwrap();
+    }
+    /// `(event, body)` of the outbox deliveries to Greenfield webhook `hook`, oldest first.
+    fn deliveries(&self, hook: &str) -> Vec<(String, Value)> {
+        let db = self.h.state.merchant().db.lock().unwrap();
+        let mut stmt = db
+            .prepare("SELECT event, body FROM webhook_deliveries WHERE hook = ?1 ORDER BY created_ms, rowid")
+            .unwrap();
+        stmt.query_map([hook], |r| {
+            let body: Vec<u8> = r.get(1)?;
+            Ok((
+                r.get::<_, String>(0)?,
+                serde_json::from_slice(&body).unwrap(),
+            ))
+        })
+        .unwrap()
+        .map(Result::unwrap)
+        .collect()
+    }
+}
+
+#[tokio::test]
+async fn token_auth_permissions_and_store_scope_answer_as_btcpay_does() {
+    let g = setup().await;
+    // The admin API's new key carries its Greenfield token.
+    let k =
+        g.h.ok(
+            "POST",
+            "/mapi/v1/admin/apiKey",
+            &format!("account={}&permissions=read,merchant&label=shop", g.account),
+            &g.h.admin,
+        )
+        .await;
+    let token = k["greenfieldToken"].as_str().unwrap().to_owned();
+    assert_eq!(token.len(), 64);
+    assert_ne!(token, k["secretKey"].as_str().unwrap());
+    let cur = ok(
+        call(&g.h, "GET", "/api/v1/api-keys/current", Some(&token), None).await,
+        "current",
+    );
+    assert_eq!(cur["apiKey"], json!(token));
+    assert_eq!(cur["label"], "shop");
+    let perms: Vec<&str> = cur["permissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let store = g.store();
+    assert!(
+        perms.contains(&format!("btcpay.store.canviewinvoices:{store}").as_str()),
+        "{perms:?}"
+    );
+    assert!(perms.contains(&format!("btcpay.store.cancreateinvoice:{store}").as_str()));
+    assert!(
+        !perms.iter().any(|p| p.contains("cancreatepullpayments")),
+        "merchant alone: {perms:?}"
+    );
+
+    // No token, a wrong one, another scheme: 401 unauthenticated.
+    for (t, hdr) in [
+        (None, None),
+        (Some("00".repeat(32)), None),
+        (None, Some(format!("Bearer {token}"))),
+    ] {
+        let mut headers = vec![];
+        if let Some(h) = &hdr {
+            headers.push(("Authorization", h.as_str()));
+        }
+        let r = raw(
+            &g.h,
+            "GET",
+            "/api/v1/stores",
+            t.as_deref(),
+            String::new(),
+            &headers,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
+        assert_eq!(r.json["code"], "unauthenticated");
+    }
+    // The signed API's secret is not a token.
+    let r = call(
+        &g.h,
+        "GET",
+        "/api/v1/stores",
+        Some(k["secretKey"].as_str().unwrap()),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+
+    // A token without the permission: 403 missing-permission, nothing created.
+    let before = g.fake.addresses.lock().map(|n| *n).unwrap();
+    let r = call(
+        &g.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/invoices"),
+        Some(&g.read_token),
+        Some(json!({"amount": "0.001", "currency": "BTC"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+    assert_eq!(r.json["code"], "missing-permission");
+    assert_eq!(r.json["missingPermission"], "btcpay.store.cancreateinvoice");
+    assert_eq!(*g.fake.addresses.lock().unwrap(), before);
+
+    // Another store's id: 403 missing-permission, as BTCPay answers a store the key has no
+    // right on; nothing created.
+    let (other, _) = g.h.trader("0", "0").await;
+    for (m, path) in [
+        ("GET", format!("/api/v1/stores/{other}")),
+        ("GET", format!("/api/v1/stores/{other}/invoices")),
+        ("POST", format!("/api/v1/stores/{other}/invoices")),
+        ("GET", format!("/api/v1/stores/{other}/webhooks")),
+    ] {
+        let r = call(
+            &g.h,
+            m,
+            &path,
+            Some(&g.token),
+            Some(json!({"amount": "0.001"})),
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{m} {path}: {}", r.json);
+        assert_eq!(r.json["code"], "missing-permission");
+    }
+    assert_eq!(*g.fake.addresses.lock().unwrap(), before);
+
+    // A refund needs withdraw too (money leaves through the pull payment).
+    let r = call(
+        &g.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/invoices/abc/refund"),
+        Some(&g.merchant_token),
+        Some(json!({"refundVariant": "RateThen"})),
+    )
+    .await;
+    assert_eq!(
+        r.json["missingPermission"],
+        "btcpay.store.cancreatepullpayments"
+    );
+
+    // Server info and stores.
+    let info = ok(
+        call(
+            &g.h,
+            "GET",
+            "/api/v1/server/info",
+            Some(&g.read_token),
+            None,
+        )
+        .await,
+        "info",
+    );
+    assert_eq!(info["supportedPaymentMethods"], json!(["BTC-CHAIN"]));
+    let stores = ok(
+        call(&g.h, "GET", "/api/v1/stores", Some(&g.token), None).await,
+        "stores",
+    );
+    assert_eq!(stores[0]["id"], json!(store));
+    let put = ok(
+        call(
+            &g.h,
+            "PUT",
+            &format!("/api/v1/stores/{store}"),
+            Some(&g.token),
+            Some(json!({"name": "Woo shop", "speedPolicy": "HighSpeed", "paymentTolerance": 1.5, "invoiceExpiration": 1800})),
+        )
+        .await,
+        "put store",
+    );
+    assert_eq!(
+        (put["name"].as_str(), put["speedPolicy"].as_str()),
+        (Some("Woo shop"), Some("HighSpeed"))
+    );
+    assert_eq!(put["invoiceExpiration"], 1800);
+    assert_eq!(put["paymentTolerance"], json!(1.5));
+    let bad = call(
+        &g.h,
+        "PUT",
+        &format!("/api/v1/stores/{store}"),
+        Some(&g.token),
+        Some(json!({"speedPolicy": "Fast"})),
+    )
+    .await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(bad.json[0]["path"], "speedPolicy");
+    let pm = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/payment-methods"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "payment methods",
+    );
+    assert_eq!(pm[0]["paymentMethodId"], "BTC-CHAIN");
+}
+
+#[tokio::test]
+async fn invoices_in_btcpay_shapes_with_large_metadata_and_an_oversized_body_refused() {
+    let g = setup().await;
+    let store = g.store();
+    // Metadata far above the signed API's 1 KiB parameter limit.
+    let notes = "x".repeat(4_000);
+    let inv = g
+        .new_invoice(json!({
+            "amount": "0.001",
+            "currency": "BTC",
+            "metadata": {"orderId": "wc-42", "notes": notes},
+            "checkout": {"redirectURL": "https://shop.example/thanks", "redirectAutomatically": true, "expirationMinutes": 30},
+        }))
+        .await;
+    let id = inv["id"].as_str().unwrap().to_owned();
+    assert_eq!(inv["storeId"], json!(store));
+    assert_eq!(inv["status"], "New");
+    assert_eq!(inv["additionalStatus"], "None");
+    assert_eq!(inv["amount"], "0.001");
+    assert_eq!(inv["metadata"]["orderId"], "wc-42");
+    assert_eq!(inv["metadata"]["notes"].as_str().unwrap().len(), 4_000);
+    assert_eq!(
+        inv["checkout"]["redirectURL"],
+        "https://shop.example/thanks"
+    );
+    assert_eq!(inv["checkout"]["expirationMinutes"], 30);
+    assert_eq!(
+        inv["expirationTime"].as_u64().unwrap() - inv["createdTime"].as_u64().unwrap(),
+        1800
+    );
+    assert!(inv["checkoutLink"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("/i/{id}")));
+    // The same invoice through the signed API and the public page's status (one model).
+    let legacy =
+        g.h.ok(
+            "GET",
+            "/mapi/v1/merchant/invoice",
+            &format!("invoiceId={id}"),
+            &g.h.state
+                .create_key(g.account, api::keys::Perms::parse("merchant").unwrap(), "x")
+                .unwrap(),
+        )
+        .await;
+    assert_eq!(legacy["orderId"], "wc-42");
+    let public = g.h.get(&format!("/i/{id}/status")).await;
+    assert_eq!(public.json["redirectURL"], "https://shop.example/thanks");
+    assert_eq!(public.json["redirectAutomatically"], true);
+
+    let got = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices/{id}"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "get",
+    );
+    assert_eq!(got["id"], json!(id));
+    let pm = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices/{id}/payment-methods"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "pm",
+    );
+    assert_eq!(pm[0]["paymentMethodId"], "BTC-CHAIN");
+    assert_eq!(pm[0]["amount"], "0.001");
+    assert_eq!(pm[0]["due"], "0.001");
+    assert!(pm[0]["paymentLink"]
+        .as_str()
+        .unwrap()
+        .starts_with("bitcoin:"));
+    let list = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices?orderId=wc-42&status=New"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "list",
+    );
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    // PUT metadata, then archive: hidden from lists unless asked.
+    let upd = ok(
+        call(
+            &g.h,
+            "PUT",
+            &format!("/api/v1/stores/{store}/invoices/{id}"),
+            Some(&g.token),
+            Some(json!({"metadata": {"orderId": "wc-43"}})),
+        )
+        .await,
+        "put",
+    );
+    assert_eq!(upd["metadata"], json!({"orderId": "wc-43"}));
+    ok(
+        call(
+            &g.h,
+            "DELETE",
+            &format!("/api/v1/stores/{store}/invoices/{id}"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "archive",
+    );
+    let list = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "list",
+    );
+    assert!(list.as_array().unwrap().is_empty());
+    let list = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices?includeArchived=true"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "list",
+    );
+    assert_eq!(list[0]["archived"], true);
+
+    // Oversized body: 413 with a Greenfield error, nothing created.
+    let before = *g.fake.addresses.lock().unwrap();
+    let big = json!({"amount": "0.001", "metadata": {"x": "y".repeat(70_000)}}).to_string();
+    let r = raw(
+        &g.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/invoices"),
+        Some(&g.token),
+        big,
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PAYLOAD_TOO_LARGE, "{}", r.json);
+    // Metadata over its own limit (inside the body limit): 422.
+    let r = call(
+        &g.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/invoices"),
+        Some(&g.token),
+        Some(json!({"amount": "0.001", "metadata": {"x": "y".repeat(40_000)}})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
+    assert_eq!(r.json[0]["path"], "metadata");
+    for bad in [
+        json!({}),
+        json!({"amount": "0"}),
+        json!({"amount": "1", "currency": "EUR"}),
+        json!({"amount": "1", "checkout": {"paymentMethods": ["BTC-LN"]}}),
+    ] {
+        let r = call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{store}/invoices"),
+            Some(&g.token),
+            Some(bad.clone()),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            r.json
+        );
+    }
+    assert_eq!(*g.fake.addresses.lock().unwrap(), before);
+}
+
+#[tokio::test]
+async fn webhooks_get_btcpay_events_filtered_and_the_legacy_outbox_keeps_its_own() {
+    let g = setup().await;
+    let store = g.store();
+    let hooks = format!("/api/v1/stores/{store}/webhooks");
+    let all = ok(
+        call(
+            &g.h,
+            "POST",
+            &hooks,
+            Some(&g.token),
+            Some(json!({"url": "https://shop.example/btcpay"})),
+        )
+        .await,
+        "create webhook",
+    );
+    let all_id = all["id"].as_str().unwrap().to_owned();
+    assert_eq!(all["secret"].as_str().unwrap().len(), 64);
+    assert_eq!(all["authorizedEvents"]["everything"], true);
+    let only = ok(
+        call(
+            &g.h,
+            "POST",
+            &hooks,
+            Some(&g.token),
+            Some(json!({"url": "https://shop.example/settled", "authorizedEvents": {"everything": false, "specificEvents": ["InvoiceSettled"]}})),
+        )
+        .await,
+        "create filtered webhook",
+    );
+    let only_id = only["id"].as_str().unwrap().to_owned();
+    // Refused: an internal URL, a secret chosen by the client, an unknown event.
+    for bad in [
+        json!({"url": "http://127.0.0.1/hook"}),
+        json!({"url": "https://shop.example/x", "secret": "mine"}),
+        json!({"url": "https://shop.example/x", "authorizedEvents": {"specificEvents": ["Nope"]}}),
+    ] {
+        let r = call(&g.h, "POST", &hooks, Some(&g.token), Some(bad.clone())).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            r.json
+        );
+    }
+    let listed = ok(
+        call(&g.h, "GET", &hooks, Some(&g.token), None).await,
+        "list",
+    );
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+    assert!(listed[0].get("secret").is_none());
+
+    let inv = g
+        .new_invoice(json!({"amount": "0.001", "metadata": {"orderId": "7"}}))
+        .await;
+    let id = inv["id"].as_str().unwrap().to_owned();
+    g.pay(&inv, 1, 100_000).await;
+    let got = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices/{id}"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "get",
+    );
+    assert_eq!(got["status"], "Settled");
+
+    let events: Vec<String> = g.deliveries(&all_id).into_iter().map(|(e, _)| e).collect();
+    assert_eq!(
+        events,
+        [
+            "InvoiceCreated",
+            "InvoiceReceivedPayment",
+            "InvoiceProcessing",
+            "InvoicePaymentSettled",
+            "InvoiceSettled"
+        ]
+    );
+    let settled = g.deliveries(&only_id);
+    assert_eq!(settled.len(), 1);
+    let (event, body) = &settled[0];
+    assert_eq!(event, "InvoiceSettled");
+    assert_eq!(body["type"], "InvoiceSettled");
+    assert_eq!(body["invoiceId"], json!(id));
+    assert_eq!(body["storeId"], json!(store));
+    assert_eq!(body["webhookId"], json!(only_id));
+    assert_eq!(body["metadata"]["orderId"], "7");
+    assert_eq!(body["manuallyMarked"], false);
+    assert_eq!(body["isRedelivery"], false);
+    let (_, paid) = &g.deliveries(&all_id)[1];
+    assert_eq!(paid["payment"]["value"], "0.001");
+    assert_eq!(paid["payment"]["status"], "Settled");
+    // The signed API's own outbox still has its events (Mediator names), and only those.
+    let db_events: Vec<String> = {
+        let db = g.h.state.merchant().db.lock().unwrap();
+        api::merchant::webhook::deliveries(&db, g.account, &id)
+            .unwrap()
+            .into_iter()
+            .map(|d| d.event.as_str().to_owned())
+            .collect()
+    };
+    assert_eq!(
+        db_events,
+        [
+            "invoice.created",
+            "invoice.payment_received",
+            "invoice.processing",
+            "invoice.settled"
+        ]
+    );
+
+    // Deliveries and redeliver.
+    let d = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("{hooks}/{only_id}/deliveries"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "deliveries",
+    );
+    let delivery = d[0]["id"].as_str().unwrap().to_owned();
+    assert_eq!(delivery, settled[0].1["deliveryId"].as_str().unwrap());
+    let again = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("{hooks}/{only_id}/deliveries/{delivery}/redeliver"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "redeliver",
+    );
+    let redelivered = g.deliveries(&only_id);
+    assert_eq!(redelivered.len(), 2);
+    assert_eq!(redelivered[1].1["deliveryId"], again);
+    assert_eq!(redelivered[1].1["isRedelivery"], true);
+    assert_eq!(redelivered[1].1["originalDeliveryId"], json!(delivery));
+    // Delete: its pending deliveries fail; the other webhook is untouched.
+    ok(
+        call(
+            &g.h,
+            "DELETE",
+            &format!("{hooks}/{only_id}"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "delete",
+    );
+    assert_eq!(
+        call(
+            &g.h,
+            "GET",
+            &format!("{hooks}/{only_id}"),
+            Some(&g.token),
+            None
+        )
+        .await
+        .status,
+        StatusCode::NOT_FOUND
+    );
+
+    // The signature a receiver checks: BTCPay-Sig over the exact body.
+    let secret = all["secret"].as_str().unwrap().as_bytes();
+    let body = serde_json::to_vec(&g.deliveries(&all_id)[0].1).unwrap();
+    let sig = api::merchant::webhook::btcpay_signature(secret, &body);
+    assert!(api::merchant::webhook::verify_btcpay(secret, &sig, &body));
+    assert!(!api::merchant::webhook::verify_btcpay(
+        b"other", &sig, &body
+    ));
+}
+
+#[tokio::test]
+async fn mark_status_settled_and_invalid() {
+    let g = setup().await;
+    let store = g.store();
+    let a = g.new_invoice(json!({"amount": "0.001"})).await;
+    let b = g.new_invoice(json!({"amount": "0.001"})).await;
+    let mark = |id: &Value, s: &str| {
+        let uri = format!(
+            "/api/v1/stores/{store}/invoices/{}/status",
+            id.as_str().unwrap()
+        );
+        let body = json!({"status": s});
+        let h = &g.h;
+        let token = g.token.clone();
+        async move { call(h, "POST", &uri, Some(&token), Some(body)).await }
+    };
+    let r = ok(mark(&a["id"], "Invalid").await, "invalid");
+    assert_eq!(
+        (r["status"].as_str(), r["additionalStatus"].as_str()),
+        (Some("Invalid"), Some("Marked"))
+    );
+    let r = ok(mark(&b["id"], "Settled").await, "settled");
+    assert_eq!(
+        (r["status"].as_str(), r["additionalStatus"].as_str()),
+        (Some("Settled"), Some("Marked"))
+    );
+    assert_eq!(r["availableStatusesForManualMarking"], json!([]));
+    let again = mark(&b["id"], "Invalid").await;
+    assert_eq!(again.status, StatusCode::BAD_REQUEST, "{}", again.json);
+    let bad = mark(&b["id"], "Paid").await;
+    assert_eq!(bad.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // A marked-settled invoice received nothing: nothing is refundable.
+    let r = call(
+        &g.h,
+        "POST",
+        &format!(
+            "/api/v1/stores/{store}/invoices/{}/refund",
+            b["id"].as_str().unwrap()
+        ),
+        Some(&g.token),
+        Some(json!({"refundVariant": "RateThen"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
+}
+
+#[tokio::test]
+async fn a_refund_is_a_pull_payment_whose_claims_never_exceed_its_limit() {
+    let g = setup().await;
+    let store = g.store();
+    let inv = g.new_invoice(json!({"amount": "0.001"})).await;
+    let id = inv["id"].as_str().unwrap().to_owned();
+    // Overpaid by 0.0002.
+    g.pay(&inv, 1, 120_000).await;
+    let refund = |body: Value| {
+        let uri = format!("/api/v1/stores/{store}/invoices/{id}/refund");
+        let h = &g.h;
+        let token = g.token.clone();
+        async move { call(h, "POST", &uri, Some(&token), Some(body)).await }
+    };
+    let over = ok(
+        refund(json!({"refundVariant": "OverpaidAmount"})).await,
+        "overpaid",
+    );
+    assert_eq!(over["amount"], "0.0002");
+    let custom =
+        refund(json!({"refundVariant": "Custom", "customAmount": "0.5", "customCurrency": "BTC"}))
+            .await;
+    assert_eq!(
+        custom.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        custom.json
+    );
+    let pp = ok(
+        refund(json!({"refundVariant": "RateThen", "name": "Refund order 7"})).await,
+        "rate then",
+    );
+    assert_eq!(pp["amount"], "0.001");
+    assert_eq!(pp["currency"], "BTC");
+    let pp_id = pp["id"].as_str().unwrap().to_owned();
+    assert!(pp["viewLink"]
+        .as_str()
+        .unwrap()
+        .ends_with(&format!("/pp/{pp_id}")));
+    let listed = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/pull-payments"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "list",
+    );
+    assert_eq!(listed.as_array().unwrap().len(), 2);
+
+    // Public: read it, claim it.
+    let public = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/pull-payments/{pp_id}"),
+            None,
+            None,
+        )
+        .await,
+        "public pp",
+    );
+    assert_eq!(public["remainingAmount"], "0.001");
+    let page = g.h.get(&format!("/pp/{pp_id}")).await;
+    assert_eq!(page.status, StatusCode::OK);
+    let payouts = format!("/api/v1/pull-payments/{pp_id}/payouts");
+    let claim = |body: Value, key: Option<&'static str>| {
+        let h = &g.h;
+        let uri = payouts.clone();
+        async move {
+            let headers: Vec<(&str, &str)> = key
+                .map(|k| vec![("Idempotency-Key", k)])
+                .unwrap_or_default();
+            raw(h, "POST", &uri, None, body.to_string(), &headers).await
+        }
+    };
+    // Over the limit: 422, nothing paid.
+    let r = claim(
+        json!({"destination": "bcrt1qcustomer", "amount": "0.0011", "payoutMethodId": "BTC-CHAIN"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
+    assert_eq!(r.json[0]["path"], "amount");
+    let r = claim(
+        json!({"destination": "not an address!", "amount": "0.0001"}),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert!(g.fake.withdrawals.lock().unwrap().is_empty());
+    // A claim, and the same claim again (same Idempotency-Key): one withdrawal.
+    let first = ok(
+        claim(
+            json!({"destination": "bcrt1qcustomer", "amount": "0.0004"}),
+            Some("k1"),
+        )
+        .await,
+        "claim",
+    );
+    let again = ok(
+        claim(
+            json!({"destination": "bcrt1qcustomer", "amount": "0.0004"}),
+            Some("k1"),
+        )
+        .await,
+        "claim again",
+    );
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(first["payoutAmount"], "0.0004");
+    let reused = claim(
+        json!({"destination": "bcrt1qother", "amount": "0.0004"}),
+        Some("k1"),
+    )
+    .await;
+    assert_eq!(reused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    {
+        let ws = g.fake.withdrawals.lock().unwrap();
+        assert_eq!(ws.len(), 1);
+        assert_eq!(
+            (ws[0].account, ws[0].address.as_str(), ws[0].amount_sat),
+            (g.account, "bcrt1qcustomer", 40_000)
+        );
+    }
+    // The invoice's own refund record shows it (one model).
+    let got = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/pull-payments/{pp_id}"),
+            None,
+            None,
+        )
+        .await,
+        "pp",
+    );
+    assert_eq!(got["remainingAmount"], "0.0006");
+
+    // Concurrent claims of 0.0001 each: exactly the 6 that fit are paid.
+    let mut tasks = Vec::new();
+    for _ in 0..10 {
+        let router = g.h.router.clone();
+        let uri = payouts.clone();
+        tasks.push(tokio::spawn(async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri(uri)
+                .header("content-type", "application/json")
+                .body(Body::from(
+                    json!({"destination": "bcrt1qcustomer", "amount": "0.0001"}).to_string(),
+                ))
+                .unwrap();
+            router.oneshot(req).await.unwrap().status()
+        }));
+    }
+    let mut paid = 0;
+    for t in tasks {
+        match t.await.unwrap() {
+            StatusCode::OK => paid += 1,
+            StatusCode::UNPROCESSABLE_ENTITY => {}
+            s => panic!("unexpected {s}"),
+        }
+    }
+    assert_eq!(paid, 6);
+    let total: u64 = g
+        .fake
+        .withdrawals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|w| w.amount_sat)
+        .sum();
+    assert_eq!(total, 100_000);
+    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(list.as_array().unwrap().len(), 7);
+    assert!(list
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["state"] == "AwaitingPayment"));
+    // The overpaid amount's pull payment is paid from what remains refundable; after it the
+    // invoice has nothing left to refund.
+    let over_id = over["id"].as_str().unwrap();
+    let r = raw(
+        &g.h,
+        "POST",
+        &format!("/api/v1/pull-payments/{over_id}/payouts"),
+        None,
+        json!({"destination": "bcrt1qcustomer"}).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["payoutAmount"], "0.0002");
+    let total: u64 = g
+        .fake
+        .withdrawals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|w| w.amount_sat)
+        .sum();
+    assert_eq!(total, 120_000);
+    let r = refund(json!({"refundVariant": "RateThen"})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
+}
+
+#[tokio::test]
+async fn a_claim_whose_custody_answer_is_lost_stays_reserved_and_pays_once() {
+    let g = setup().await;
+    let store = g.store();
+    let pp = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{store}/pull-payments"),
+            Some(&g.token),
+            Some(json!({"name": "Prize", "amount": "0.0005", "currency": "BTC", "payoutMethods": ["BTC-CHAIN"]})),
+        )
+        .await,
+        "pull payment",
+    );
+    let payouts = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
+    // Refused by custody: 400, the reservation given back.
+    g.fake.refuse.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = raw(
+        &g.h,
+        "POST",
+        &payouts,
+        None,
+        json!({"destination": "bcrt1qwinner"}).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    assert_eq!(r.json["code"], "payout-refused");
+    let left = ok(
+        call(&g.h, "GET", &payouts.replace("/payouts", ""), None, None).await,
+        "pp",
+    );
+    assert_eq!(left["remainingAmount"], "0.0005");
+    g.fake.lose.store(1, std::sync::atomic::Ordering::SeqCst);
+    let body = json!({"destination": "bcrt1qwinner", "amount": "0.0005"}).to_string();
+    let r = raw(
+        &g.h,
+        "POST",
+        &payouts,
+        None,
+        body.clone(),
+        &[("Idempotency-Key", "win")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.json);
+    assert_eq!(r.json["code"], "outcome-unknown");
+    // Reserved: nothing more can be claimed meanwhile.
+    let more = raw(
+        &g.h,
+        "POST",
+        &payouts,
+        None,
+        json!({"destination": "bcrt1qother", "amount": "0.0001"}).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(more.status, StatusCode::UNPROCESSABLE_ENTITY);
+    // The same claim again learns the outcome from custody by its key: paid once.
+    let r = raw(
+        &g.h,
+        "POST",
+        &payouts,
+        None,
+        body,
+        &[("Idempotency-Key", "win")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let ws = g.fake.withdrawals.lock().unwrap().clone();
+    assert_eq!(ws.len(), 1);
+    assert_eq!(
+        ws[0].idempotency_key,
+        format!("pp-{}-2", pp["id"].as_str().unwrap())
+    );
+    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(list.as_array().unwrap().len(), 2);
+    assert_eq!(
+        (list[0]["state"].as_str(), list[1]["state"].as_str()),
+        (Some("Cancelled"), Some("AwaitingPayment"))
+    );
+}
+
+#[tokio::test]
+async fn a_claim_to_an_exchange_account_is_one_engine_transfer_paid_once() {
+    let h = Harness::new();
+    let fake = Arc::new(Fake::default());
+    h.state.set_custody(fake.clone()).ok().unwrap();
+    // A merchant with 0.01 BTC on the exchange, and a customer with an account.
+    let (merchant, merchant_key) = h.trader("0.01", "0").await;
+    let (customer, customer_key) = h.trader("0", "0").await;
+    let k = h
+        .state
+        .create_key(
+            merchant,
+            api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+            "gf",
+        )
+        .unwrap();
+    let token = h.state.greenfield_token(&k.0);
+    let pp = ok(
+        call(
+            &h,
+            "POST",
+            &format!("/api/v1/stores/{merchant}/pull-payments"),
+            Some(&token),
+            Some(json!({"name": "Cashback", "amount": "0.001"})),
+        )
+        .await,
+        "pull payment",
+    );
+    let payouts = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
+    for bad in ["account:0", "account:x", "account:007"] {
+        let r = raw(
+            &h,
+            "POST",
+            &payouts,
+            None,
+            json!({"destination": bad}).to_string(),
+            &[],
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            r.json
+        );
+    }
+    let body =
+        json!({"destination": format!("account:{customer}"), "amount": "0.0004"}).to_string();
+    let first = ok(
+        raw(
+            &h,
+            "POST",
+            &payouts,
+            None,
+            body.clone(),
+            &[("Idempotency-Key", "c1")],
+        )
+        .await,
+        "claim",
+    );
+    assert_eq!(first["state"], "Completed");
+    let again = ok(
+        raw(
+            &h,
+            "POST",
+            &payouts,
+            None,
+            body,
+            &[("Idempotency-Key", "c1")],
+        )
+        .await,
+        "again",
+    );
+    assert_eq!(first["id"], again["id"]);
+    assert_eq!(h.balance(&customer_key, "BTC").await.0, "0.00040000");
+    assert_eq!(h.balance(&merchant_key, "BTC").await.0, "0.00960000");
+    assert!(
+        fake.withdrawals.lock().unwrap().is_empty(),
+        "no chain transaction"
+    );
+    let left = ok(
+        call(&h, "GET", &payouts.replace("/payouts", ""), None, None).await,
+        "pp",
+    );
+    assert_eq!(left["remainingAmount"], "0.0006");
+}
+
+#[tokio::test]
+async fn a_refund_claim_whose_answer_is_lost_is_resolved_by_the_monitor_and_a_crash_left_payout_too(
+) {
+    let g = setup().await;
+    let store = g.store();
+    let inv = g.new_invoice(json!({"amount": "0.001"})).await;
+    let id = inv["id"].as_str().unwrap().to_owned();
+    g.pay(&inv, 1, 100_000).await;
+    let pp = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{store}/invoices/{id}/refund"),
+            Some(&g.token),
+            Some(json!({"refundVariant": "RateThen"})),
+        )
+        .await,
+        "refund",
+    );
+    let pp_id = pp["id"].as_str().unwrap().to_owned();
+    let payouts = format!("/api/v1/pull-payments/{pp_id}/payouts");
+    g.fake.lose.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = raw(
+        &g.h,
+        "POST",
+        &payouts,
+        None,
+        json!({"destination": "bcrt1qcustomer", "amount": "0.0003"}).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.json);
+    // Still reserved on the pull payment and on the invoice.
+    let left = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/pull-payments/{pp_id}"),
+            None,
+            None,
+        )
+        .await,
+        "pp",
+    );
+    assert_eq!(left["remainingAmount"], "0.0007");
+    // The monitor resolves the invoice's refund by its key, and the payout after it (nobody
+    // reads the payouts meanwhile).
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    let state: String = {
+        let db = g.h.state.merchant().db.lock().unwrap();
+        db.query_row(
+            "SELECT state FROM gf_payout WHERE pp_id = ?1",
+            [&pp_id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    assert_eq!(state, "done");
+    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(list[0]["state"], "AwaitingPayment", "{list}");
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1);
+
+    // A payout a crash left `pending` (reserved before this process started, never paid): the
+    // next read pays it once through custody, by its key.
+    let store_pp = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{store}/pull-payments"),
+            Some(&g.token),
+            Some(json!({"amount": "0.0001"})),
+        )
+        .await,
+        "store pp",
+    );
+    let sid = store_pp["id"].as_str().unwrap().to_owned();
+    {
+        let db = g.h.state.merchant().db.lock().unwrap();
+        db.execute(
+            "INSERT INTO gf_payout (pp_id, n, id, destination, amount_sat, state, created_ms)
+             VALUES (?1, 1, 'crashed', 'bcrt1qleft', 10000, 'pending', 1)",
+            [&sid],
+        )
+        .unwrap();
+    }
+    let list = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/pull-payments/{sid}/payouts"),
+            None,
+            None,
+        )
+        .await,
+        "payouts",
+    );
+    assert_eq!(list[0]["state"], "AwaitingPayment", "{list}");
+    let list = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/pull-payments/{sid}/payouts"),
+            None,
+            None,
+        )
+        .await,
+        "again",
+    );
+    assert_eq!(list.as_array().unwrap().len(), 1);
+    let ws = g.fake.withdrawals.lock().unwrap().clone();
+    assert_eq!(
+        ws.iter()
+            .filter(|w| w.idempotency_key == format!("pp-{sid}-1"))
+            .count(),
+        1
+    );
+}

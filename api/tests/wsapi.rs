@@ -525,3 +525,35 @@ async fn many_pipelined_orders_on_one_connection_are_each_answered_once() {
     assert_eq!(open_count(&mut ws, &key).await, 200);
     let _ = stop.send(());
 }
+
+/// The README's row of a method: its route, permission and weight, from the permission table.
+fn readme_row(m: &api::wsapi::WsMethod) -> String {
+    let (_, r) = api::wsapi::method(m.name).unwrap();
+    let access = match r.access {
+        Access::Public => "public".to_owned(),
+        Access::Key(p) if p == Perms::NONE => "key: any key".to_owned(),
+        Access::Key(p) => format!("key: {}", p.names().join(",")),
+        Access::Signed(p) => format!("signed: **{}**", p.names().join(",")),
+    };
+    let weight = r
+        .weight
+        .map(|w| w.to_string())
+        .unwrap_or_else(|| "as the REST route".into());
+    format!(
+        "| `{}` | `{} {}` | {access} | {weight} |",
+        m.name, r.method, r.path
+    )
+}
+
+#[test]
+fn readme_lists_every_method_with_its_weight_and_permission() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let rows: Vec<String> = METHODS.iter().map(readme_row).collect();
+    let missing: Vec<&String> = rows.iter().filter(|r| !readme.contains(*r)).collect();
+    assert!(
+        missing.is_empty(),
+        "api/README.md's WebSocket API table is out of date; it should read:\n{}",
+        rows.join("\n")
+    );
+}

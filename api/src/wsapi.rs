@@ -289,6 +289,17 @@ pub fn ws_api_signed_payload(
 /// `payload` (`name=value&...`, values as sent) with each value form-encoded as Python's
 /// `urlencode` does (python-binance signs that): `None` when that changes nothing.
 fn form_encoded(params: &serde_json::Map<String, Value>) -> Option<String> {
+    let plain = |s: &str| {
+        s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'~'))
+    };
+    let changes = params.iter().any(|(k, v)| {
+        k != "signature" && matches!(v, Value::String(s) if !plain(s))
+    });
+    if !changes {
+        // Numbers and booleans print the same either way.
+        return None;
+    }
     let mut pairs: Vec<(&String, String)> = params
         .iter()
         .filter(|(k, _)| *k != "signature")
@@ -595,7 +606,10 @@ async fn write_all(socket: &mut WebSocket, out: &mut Vec<String>) -> bool {
 async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
     let router = crate::app::public_app(st.clone());
     let cap = st.0.cfg.ws_api_max_in_flight.max(1);
-    let mut urx = st.0.rm.user_tx.subscribe();
+    // Subscribed to the user events only while a `userDataStream` subscription is active: a
+    // connection that only trades neither pays for every account's events nor is cut off for
+    // lagging behind events it never asked for.
+    let mut urx: Option<tokio::sync::broadcast::Receiver<std::sync::Arc<UserMsg>>> = None;
     let mut alive = Alive::new(crate::core::now_ms());
     let mut tick = tokio::time::interval(Duration::from_millis(1000));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
@@ -619,7 +633,13 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                     alive.touch();
                     match m {
                         Message::Text(t) => {
-                            if let Some(a) = handle(st, &router, ip, t.as_str(), &mut subs, &inflight) {
+                            let answered = handle(st, &router, ip, t.as_str(), &mut subs, &inflight);
+                            match (subs.active.is_empty(), urx.is_some()) {
+                                (false, false) => urx = Some(st.0.rm.user_tx.subscribe()),
+                                (true, true) => urx = None,
+                                _ => {}
+                            }
+                            if let Some(a) = answered {
                                 out.push(a);
                                 if !write_all(&mut socket, &mut out).await {
                                     break;
@@ -635,7 +655,9 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                 }
                 None | Some(Err(_)) => break,
             },
-            r = urx.recv() => match r {
+            r = async { urx.as_mut()?.recv().await.into() }, if urx.is_some() => match r {
+                None => {}
+                Some(r) => match r {
                 Ok(u) => {
                     let u: &UserMsg = &u;
                     for (sid, a) in &subs.active {
@@ -653,7 +675,7 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                     return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
                 }
                 Err(RecvError::Closed) => break,
-            },
+            }},
             _ = tick.tick() => match alive.check(crate::core::now_ms()) {
                 Liveness::Dead => return close(&mut socket, "no pong: connection idle".into()).await,
                 Liveness::PingDue => {

@@ -254,9 +254,17 @@ async fn ws_phase(
     let mut tasks = Vec::new();
     for key in accounts.iter().cloned() {
         tasks.push(tokio::spawn(async move {
-            let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws-api/v3"))
-                .await
-                .unwrap();
+            // A small read buffer: tungstenite zero-fills all of it (128 KiB by default) on each
+            // read, which cost the generator more CPU than the server's whole request path.
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .read_buffer_size(4 * 1024);
+            let (ws, _) = tokio_tungstenite::connect_async_with_config(
+                format!("ws://{addr}/ws-api/v3"),
+                Some(config),
+                true,
+            )
+            .await
+            .unwrap();
             let (mut tx, mut rx) = ws.split();
             let mut lat = Vec::with_capacity(100_000);
             let mut sent_at: std::collections::HashMap<u64, Instant> = Default::default();

@@ -293,9 +293,9 @@ fn form_encoded(params: &serde_json::Map<String, Value>) -> Option<String> {
         s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-' | b'~'))
     };
-    let changes = params.iter().any(|(k, v)| {
-        k != "signature" && matches!(v, Value::String(s) if !plain(s))
-    });
+    let changes = params
+        .iter()
+        .any(|(k, v)| k != "signature" && matches!(v, Value::String(s) if !plain(s)));
     if !changes {
         // Numbers and booleans print the same either way.
         return None;

@@ -441,14 +441,25 @@ async fn an_order_whose_outcome_is_unknown_is_1007_and_found_by_its_client_id() 
     p["newClientOrderId"] = json!("lost-reply-1");
     let a = ws.signed("order.place", p, &key).await;
     assert_eq!((a["status"].as_u64(), code(&a)), (Some(503), -1007), "{a}");
-    let st = ws
-        .ok(
-            "order.status",
-            json!({"symbol": "BTCUSD", "origClientOrderId": "lost-reply-1"}),
-            &key,
-        )
-        .await;
-    assert_eq!(st["status"], "NEW", "the order was placed: {st}");
+    // The command was applied; the read models show it once they caught up (no reply told
+    // the handler to wait for them).
+    let mut found = Value::Null;
+    for _ in 0..100 {
+        let a = ws
+            .signed(
+                "order.status",
+                json!({"symbol": "BTCUSD", "origClientOrderId": "lost-reply-1"}),
+                &key,
+            )
+            .await;
+        if a["status"] == 200 {
+            found = a["result"].clone();
+            break;
+        }
+        assert_eq!(code(&a), -2013, "{a}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(found["status"], "NEW", "the order was placed: {found}");
     let _ = stop.send(());
 }
 
@@ -556,4 +567,46 @@ fn readme_lists_every_method_with_its_weight_and_permission() {
         "api/README.md's WebSocket API table is out of date; it should read:\n{}",
         rows.join("\n")
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_without_user_data_subscription_is_not_cut_off_by_others_events() {
+    // A backlog of one user event: any connection that took every account's events would fall
+    // behind at once.
+    let h = Harness::with_config(ApiConfig {
+        ws_queue: 1,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        orders_per_10s: 1_000_000,
+        merchant: common::test_merchant_config(),
+        ..ApiConfig::default()
+    });
+    let (addr, stop) = start(&h).await;
+    let (_, key) = h.trader("10", "1000000").await;
+    let mut quiet = Ws::connect(addr).await;
+    let mut busy = Ws::connect(addr).await;
+    // Another connection subscribes to the account's user data, so events are produced (it
+    // may well be cut off itself: it does not read them).
+    let sub = busy
+        .signed("userDataStream.subscribe.signature", json!({}), &key)
+        .await;
+    assert_eq!(sub["status"], 200, "{sub}");
+    for i in 0..100u64 {
+        let r = h
+            .signed(
+                "POST",
+                "/api/v3/order",
+                &format!(
+                    "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price={}",
+                    40_000 + i
+                ),
+                &key,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    // The quiet connection, which asked for no events, is still served.
+    let a = quiet.call("ping", json!({})).await;
+    assert_eq!(a["status"], 200, "{a}");
+    let _ = stop.send(());
 }

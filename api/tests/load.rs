@@ -175,6 +175,8 @@ async fn signed_order_placement_rest_and_ws_api() {
     node.shutdown().unwrap();
 }
 
+/// Prints one row of the measurement.
+#[allow(clippy::float_arithmetic)] // a rate for the printout, not money
 fn report(
     what: &str,
     connections: usize,

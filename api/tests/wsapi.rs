@@ -610,3 +610,93 @@ async fn a_connection_without_user_data_subscription_is_not_cut_off_by_others_ev
     assert_eq!(a["status"], 200, "{a}");
     let _ = stop.send(());
 }
+
+/// A core that holds new orders until the test lets them through, counting those that reached
+/// it.
+struct Gated {
+    inner: api::LocalCore,
+    gate: tokio::sync::Semaphore,
+    held: std::sync::atomic::AtomicUsize,
+}
+
+impl api::ExchangeCore for Gated {
+    fn submit(
+        &self,
+        cmd: matching_engine::Command,
+    ) -> api::core::BoxFuture<'_, Result<api::Reply, api::CoreError>> {
+        Box::pin(async move {
+            if matches!(cmd, matching_engine::Command::NewOrder(_)) {
+                self.held.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                self.gate.acquire().await.expect("open").forget();
+            }
+            self.inner.submit(cmd).await
+        })
+    }
+    fn config(&self) -> &matching_engine::EngineConfig {
+        self.inner.config()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_max_in_flight_requests_is_not_read_further() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ApiConfig {
+        ws_api_max_in_flight: 2,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        orders_per_10s: 1_000_000,
+        merchant: common::test_merchant_config(),
+        ..ApiConfig::default()
+    };
+    let engine_cfg = matching_engine::EngineConfig::default();
+    let (pending, sink) = api::app::open(dir.path(), &engine_cfg, cfg).unwrap();
+    let engine = matching_engine::Engine::new(engine_cfg).unwrap();
+    let core = std::sync::Arc::new(Gated {
+        inner: api::LocalCore::spawn(engine, sink, 65_536).unwrap(),
+        gate: tokio::sync::Semaphore::new(0),
+        held: Default::default(),
+    });
+    let h = Harness::over(dir, pending.start(core.clone()));
+    let (addr, stop) = start(&h).await;
+    let (_, key) = h.trader("10", "1000000").await;
+    let mut ws = Ws::connect(addr).await;
+    for i in 0..5u64 {
+        let p = signed(limit(&format!("{}", 40_000 + i), "SELL"), &key, &key.1);
+        ws.send_text(json!({"id": i, "method": "order.place", "params": p}).to_string())
+            .await;
+    }
+    ws.send_text(json!({"id": "ping", "method": "ping"}).to_string())
+        .await;
+    let held = || core.held.load(std::sync::atomic::Ordering::SeqCst);
+    let t0 = std::time::Instant::now();
+    while held() < 2 {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "two orders reach the core"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Two in flight: the rest (and the ping) wait unread in the socket.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(held(), 2, "at most ws_api_max_in_flight requests are taken");
+    let early = tokio::time::timeout(Duration::from_millis(100), ws.s.next()).await;
+    assert!(
+        early.is_err(),
+        "nothing is answered while both are held: {early:?}"
+    );
+    // Released: every request is answered, once.
+    core.gate.add_permits(5);
+    let mut ids = std::collections::BTreeSet::new();
+    while ids.len() < 6 {
+        let m = tokio::time::timeout(Duration::from_secs(10), ws.s.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        let v: Value = serde_json::from_str(m.to_text().unwrap()).unwrap();
+        assert_eq!(v["status"], 200, "{v}");
+        assert!(ids.insert(v["id"].to_string()), "twice: {v}");
+    }
+    assert_eq!(held(), 5);
+    let _ = stop.send(());
+}

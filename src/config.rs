@@ -34,6 +34,7 @@
 //! max_sse_per_invoice = 16
 //! ws_connects_per_5min = 300
 //! ws_max_message_bytes = 65536
+//! ws_api_max_in_flight = 64      # requests in flight per /ws-api/v3 connection
 //!
 //! [checkout]
 //! frame_ancestors = "'self' https://shop.example.com"   # who may embed checkout/POS pages
@@ -131,6 +132,10 @@ pub struct LimitKnobs {
     /// Largest WebSocket frame and message from a client, in bytes [default: 65536].
     #[arg(long, env = "MEDIATOR_WS_MAX_MESSAGE_BYTES")]
     pub ws_max_message_bytes: Option<usize>,
+    /// Requests in flight per `/ws-api/v3` connection; with this many the connection is not
+    /// read until one is answered [default: 64].
+    #[arg(long, env = "MEDIATOR_WS_API_MAX_IN_FLIGHT")]
+    pub ws_api_max_in_flight: Option<usize>,
 }
 
 impl LimitKnobs {
@@ -145,6 +150,7 @@ impl LimitKnobs {
             max_sse_per_invoice: self.max_sse_per_invoice.or(under.max_sse_per_invoice),
             ws_connects_per_5min: self.ws_connects_per_5min.or(under.ws_connects_per_5min),
             ws_max_message_bytes: self.ws_max_message_bytes.or(under.ws_max_message_bytes),
+            ws_api_max_in_flight: self.ws_api_max_in_flight.or(under.ws_api_max_in_flight),
         }
     }
 
@@ -166,6 +172,10 @@ impl LimitKnobs {
                 self.max_sse_per_invoice.map(|v| v as u64),
             ),
             ("ws_connects_per_5min", self.ws_connects_per_5min),
+            (
+                "ws_api_max_in_flight",
+                self.ws_api_max_in_flight.map(|v| v as u64),
+            ),
         ];
         for (name, v) in counts {
             if v == Some(0) {
@@ -193,6 +203,7 @@ impl LimitKnobs {
             max_sse_per_invoice,
             ws_connects_per_5min,
             ws_max_message_bytes,
+            ws_api_max_in_flight,
         } = self.clone();
         api.max_connections = max_connections.unwrap_or(api.max_connections);
         api.max_connections_per_ip = max_connections_per_ip.unwrap_or(api.max_connections_per_ip);
@@ -202,6 +213,7 @@ impl LimitKnobs {
         api.max_sse_per_invoice = max_sse_per_invoice.unwrap_or(api.max_sse_per_invoice);
         api.ws_connects_per_5min = ws_connects_per_5min.unwrap_or(api.ws_connects_per_5min);
         api.ws_max_message_bytes = ws_max_message_bytes.unwrap_or(api.ws_max_message_bytes);
+        api.ws_api_max_in_flight = ws_api_max_in_flight.unwrap_or(api.ws_api_max_in_flight);
     }
 }
 

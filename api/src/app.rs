@@ -66,6 +66,9 @@ pub struct ApiConfig {
     /// Largest WebSocket frame and message a client may send, in bytes; a larger frame is
     /// refused from its header, before its payload is read.
     pub ws_max_message_bytes: usize,
+    /// Requests one `/ws-api/v3` connection may have in flight; with this many the server stops
+    /// reading that connection until one is answered ([`crate::wsapi`]).
+    pub ws_api_max_in_flight: usize,
     /// New deposit addresses (`POST /mapi/v1/capital/deposit/address`) per account per hour
     /// (`429`, `-1003`): each one is a wallet address to watch forever.
     pub deposit_addresses_per_hour: u64,
@@ -102,6 +105,7 @@ impl Default for ApiConfig {
             max_sse_per_invoice: 16,
             ws_connects_per_5min: 300,
             ws_max_message_bytes: 64 * 1024,
+            ws_api_max_in_flight: 64,
             deposit_addresses_per_hour: 20,
             frame_ancestors: "'self'".to_owned(),
             trusted_proxy: None,
@@ -542,6 +546,9 @@ pub struct Req {
     pub ip: String,
     /// The route's entry in the permission table ([`crate::access::ROUTES`]).
     pub route: Option<&'static crate::access::Route>,
+    /// A WebSocket API request served by this route: its client address and signature
+    /// ([`crate::wsapi`]).
+    pub ws: Option<crate::wsapi::WsApiCall>,
 }
 
 /// The client address of a request ([`crate::access::client_ip`]).
@@ -579,8 +586,12 @@ impl FromRequest<AppState> for Req {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &AppState) -> Result<Self, ApiError> {
-        let (parts, body) = req.into_parts();
-        let ip = request_ip(&parts, state);
+        let (mut parts, body) = req.into_parts();
+        let ws = parts.extensions.remove::<crate::wsapi::WsApiCall>();
+        let ip = match &ws {
+            Some(w) => w.ip.clone(),
+            None => request_ip(&parts, state),
+        };
         let route = parts
             .extensions
             .get::<&'static crate::access::Route>()
@@ -615,6 +626,7 @@ impl FromRequest<AppState> for Req {
             body,
             ip,
             route,
+            ws,
         })
     }
 }
@@ -768,9 +780,16 @@ impl AppState {
         let (mut p, ts, recv) = parse_signed(&req.query, &req.body)?;
         self.check_time(ts, recv)?;
         p.req("signature")?;
-        let (payload, sig) =
-            signed_payload(&req.query, &req.body).ok_or_else(|| ApiError::missing("signature"))?;
-        if !key.verify(payload.as_bytes(), &sig) {
+        let verified = match &req.ws {
+            // The WebSocket API signs its sorted parameters, not a query string.
+            Some(ws) => ws.verify(&key),
+            None => {
+                let (payload, sig) = signed_payload(&req.query, &req.body)
+                    .ok_or_else(|| ApiError::missing("signature"))?;
+                key.verify(payload.as_bytes(), &sig)
+            }
+        };
+        if !verified {
             return Err(ApiError::bad_signature());
         }
         self.charge_key(&key, weight)?;

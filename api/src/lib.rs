@@ -38,6 +38,7 @@ pub mod seqcore;
 pub mod store;
 pub mod trade;
 pub mod ws;
+pub mod wsapi;
 
 pub use app::{
     admin_app, app, open, open_local, public_app, serve, serve_admin, ApiConfig, AppState,

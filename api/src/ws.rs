@@ -31,10 +31,10 @@ pub const MAX_STREAMS: usize = 1024;
 pub const MAX_IN_PER_SEC: u32 = 5;
 /// Request weight of a WebSocket connection (as Binance's WebSocket API charges its connection).
 pub const CONNECT_WEIGHT: u64 = 2;
-/// Most active `userDataStream` subscriptions on one `/ws-api/v3` connection (Binance: 1,000).
-pub const MAX_WS_API_SUBSCRIPTIONS: usize = 1_000;
-/// Most subscriptions one `/ws-api/v3` connection may start over its lifetime (Binance: 65,535).
-pub const MAX_WS_API_SUBSCRIPTION_IDS: u64 = 65_535;
+pub use crate::wsapi::{
+    parse_api_request, ws_api, ws_api_signed_payload, ws_api_time, ApiRequest,
+    MAX_WS_API_SUBSCRIPTIONS, MAX_WS_API_SUBSCRIPTION_IDS,
+};
 /// The server pings this often...
 const PING_EVERY_MS: u64 = 20_000;
 /// ...and closes a connection silent for this long.
@@ -42,21 +42,21 @@ const DEAD_AFTER_MS: u64 = 60_000;
 
 /// Liveness and inbound rate of one connection.
 #[derive(Debug)]
-struct Alive {
+pub(crate) struct Alive {
     last_heard: u64,
     last_ping: u64,
     second: u64,
     in_this_second: u32,
 }
 
-enum Liveness {
+pub(crate) enum Liveness {
     Fine,
     PingDue,
     Dead,
 }
 
 impl Alive {
-    fn new(now: u64) -> Self {
+    pub(crate) fn new(now: u64) -> Self {
         Self {
             last_heard: now,
             last_ping: now,
@@ -77,7 +77,12 @@ impl Alive {
         self.in_this_second <= MAX_IN_PER_SEC
     }
 
-    fn check(&mut self, now: u64) -> Liveness {
+    /// Records a message from a client that has no message rate limit (the WebSocket API).
+    pub(crate) fn touch(&mut self) {
+        self.last_heard = crate::core::now_ms();
+    }
+
+    pub(crate) fn check(&mut self, now: u64) -> Liveness {
         if now.saturating_sub(self.last_heard) > DEAD_AFTER_MS {
             Liveness::Dead
         } else if now.saturating_sub(self.last_ping) >= PING_EVERY_MS {
@@ -88,7 +93,7 @@ impl Alive {
         }
     }
 }
-const SEND_TIMEOUT: Duration = Duration::from_secs(5);
+pub(crate) const SEND_TIMEOUT: Duration = Duration::from_secs(5);
 /// Most published messages a connection takes from its backlog before writing them with one
 /// flush (one `write` syscall when they fit tungstenite's write buffer).
 const MAX_BATCH: usize = 64;
@@ -282,7 +287,7 @@ fn parse_list(st: &AppState, names: &[&str]) -> Result<Vec<(String, Stream)>, Ap
 
 /// Admits a WebSocket connection from `ip`: charges [`CONNECT_WEIGHT`], counts the attempt and
 /// takes one of the IP's stream places (`429`, `-1003` / `-1034`).
-fn admit(st: &AppState, ip: &str) -> Result<crate::ratelimit::StreamGuard, ApiError> {
+pub(crate) fn admit(st: &AppState, ip: &str) -> Result<crate::ratelimit::StreamGuard, ApiError> {
     st.charge_ip_addr(ip, CONNECT_WEIGHT)?;
     st.0.streams
         .websocket(ip, crate::core::now_ms())
@@ -347,7 +352,7 @@ pub async fn ws_combined(
 /// (snapview/tungstenite-rs#547): half of all CPU with 1,000 depth subscribers before this was
 /// set, when the connection loop polled the socket on every market message (now a task of its
 /// own reads it, see `run`).
-fn limited(st: &AppState, ws: WebSocketUpgrade) -> WebSocketUpgrade {
+pub(crate) fn limited(st: &AppState, ws: WebSocketUpgrade) -> WebSocketUpgrade {
     let max = st.0.cfg.ws_max_message_bytes;
     ws.max_frame_size(max)
         .max_message_size(max)
@@ -372,7 +377,7 @@ fn upgrade(
 }
 
 /// The writing side of a connection: the whole [`WebSocket`] or its write half.
-trait WsSink: Sink<Message, Error = axum::Error> + Unpin {}
+pub(crate) trait WsSink: Sink<Message, Error = axum::Error> + Unpin {}
 impl<S: Sink<Message, Error = axum::Error> + Unpin> WsSink for S {}
 
 /// How a send ended.
@@ -539,7 +544,7 @@ fn queue_user(subs: &[(String, Stream)], combined: bool, u: &UserMsg, out: &mut 
     }
 }
 
-async fn close<S: WsSink>(socket: &mut S, reason: String) {
+pub(crate) async fn close<S: WsSink>(socket: &mut S, reason: String) {
     let _ = tokio::time::timeout(
         Duration::from_secs(1),
         socket.send(Message::Close(Some(CloseFrame {
@@ -554,7 +559,7 @@ async fn close<S: WsSink>(socket: &mut S, reason: String) {
 /// connection, which clients report as a reset (tungstenite: `ResetWithoutClosingHandshake`) and
 /// some wait on until their close timeout. tungstenite queued the echo of the client's frame when
 /// it read it; closing the sink flushes it (a `send(Close)` would be refused).
-async fn closed_by_peer<S: WsSink>(socket: &mut S) {
+pub(crate) async fn closed_by_peer<S: WsSink>(socket: &mut S) {
     let _ = tokio::time::timeout(Duration::from_secs(1), SinkExt::close(socket)).await;
 }
 
@@ -956,280 +961,4 @@ pub async fn listen_key_keepalive(
 /// `DELETE /api/v3/userDataStream`: closes a listenKey.
 pub async fn listen_key_close(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     touch(&st, &req, true)
-}
-
-/// `GET /ws-api/v3`: Binance's WebSocket API, the requests needed for user data without a
-/// listenKey: `ping`, `time`, `userDataStream.subscribe.signature` (HMAC-SHA256 over the
-/// parameters sorted by name, as Binance's WebSocket API signs), `userDataStream.unsubscribe`.
-/// Events arrive as `{"subscriptionId":n,"event":{...}}`.
-pub async fn ws_api(
-    State(st): State<AppState>,
-    ClientIp(ip): ClientIp,
-    ws: WebSocketUpgrade,
-) -> Result<Response, ApiError> {
-    let guard = admit(&st, &ip)?;
-    Ok(limited(&st, ws)
-        .on_upgrade(move |socket| async move {
-            st.0.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
-            run_ws_api(&st, socket, &ip).await;
-            st.0.metrics.ws_connections.fetch_sub(1, Ordering::Relaxed);
-            drop(guard);
-        })
-        .into_response())
-}
-
-/// The `userDataStream` subscriptions of one `/ws-api/v3` connection: one per account (a
-/// second is `-2035`, as Binance), at most [`MAX_WS_API_SUBSCRIPTIONS`] active and
-/// [`MAX_WS_API_SUBSCRIPTION_IDS`] over the connection's life (`-1034`).
-#[derive(Debug, Default)]
-struct Subscriptions {
-    /// (subscription id, account)
-    active: Vec<(u64, u32)>,
-    next_id: u64,
-}
-
-impl Subscriptions {
-    fn add(&mut self, account: u32) -> Result<u64, ApiError> {
-        if self.active.iter().any(|(_, a)| *a == account) {
-            return Err(ApiError::bad(
-                -2035,
-                "User Data Stream subscription already active.",
-            ));
-        }
-        if self.active.len() >= MAX_WS_API_SUBSCRIPTIONS {
-            return Err(crate::ratelimit::too_many_connections(
-                format!("Too many subscriptions on this connection; current limit is {MAX_WS_API_SUBSCRIPTIONS}."),
-                None,
-            ));
-        }
-        if self.next_id >= MAX_WS_API_SUBSCRIPTION_IDS {
-            return Err(crate::ratelimit::too_many_connections(
-                format!("Maximum subscription ID reached for this connection ({MAX_WS_API_SUBSCRIPTION_IDS}); reconnect."),
-                None,
-            ));
-        }
-        let sid = self.next_id;
-        self.next_id += 1;
-        self.active.push((sid, account));
-        Ok(sid)
-    }
-}
-
-fn ws_error(id: &Value, e: &ApiError) -> String {
-    json!({"id": id, "status": e.status.as_u16(), "error": {"code": e.code, "msg": e.msg}})
-        .to_string()
-}
-
-fn param_str(v: &Value) -> Option<String> {
-    match v {
-        Value::String(s) => Some(s.clone()),
-        Value::Number(n) => Some(n.to_string()),
-        Value::Bool(b) => Some(b.to_string()),
-        _ => None,
-    }
-}
-
-/// A WebSocket API request, parsed without any state.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ApiRequest {
-    /// The `id`, echoed in the answer (`null` when absent).
-    pub id: Value,
-    /// The `method`, when it is a string.
-    pub method: Option<String>,
-    /// The `params` object (empty when absent or not an object).
-    pub params: serde_json::Map<String, Value>,
-}
-
-/// Parses a WebSocket API request (`-1100` when it is not JSON).
-pub fn parse_api_request(text: &str) -> Result<ApiRequest, ApiError> {
-    let v = serde_json::from_str::<Value>(text)
-        .map_err(|_| ApiError::bad(-1100, "Malformed request."))?;
-    Ok(ApiRequest {
-        id: v.get("id").cloned().unwrap_or(Value::Null),
-        method: v.get("method").and_then(Value::as_str).map(str::to_owned),
-        params: v
-            .get("params")
-            .and_then(Value::as_object)
-            .cloned()
-            .unwrap_or_default(),
-    })
-}
-
-/// A signed WebSocket API request's `timestamp` (`-1102` when missing or not an unsigned integer)
-/// and `recvWindow` (`-1130` when sent and not an unsigned integer).
-pub fn ws_api_time(
-    params: &serde_json::Map<String, Value>,
-) -> Result<(u64, Option<u64>), ApiError> {
-    let ts = params
-        .get("timestamp")
-        .and_then(Value::as_u64)
-        .ok_or_else(|| ApiError::missing("timestamp"))?;
-    let recv = match params.get("recvWindow") {
-        None => None,
-        Some(v) => Some(
-            v.as_u64()
-                .ok_or_else(|| ApiError::invalid_value("recvWindow"))?,
-        ),
-    };
-    Ok((ts, recv))
-}
-
-/// The bytes a signed WebSocket API request's HMAC covers, and its `signature`: every other
-/// parameter as `name=value`, sorted by name, joined with `&` (a value that is not a string,
-/// number or boolean: `-1130`; no string `signature`: `-1102`).
-pub fn ws_api_signed_payload(
-    params: &serde_json::Map<String, Value>,
-) -> Result<(String, &str), ApiError> {
-    let sig = params
-        .get("signature")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::missing("signature"))?;
-    let mut pairs: Vec<(&String, String)> = Vec::new();
-    for (k, v) in params {
-        if k == "signature" {
-            continue;
-        }
-        let s = param_str(v).ok_or_else(|| ApiError::invalid_value(k))?;
-        pairs.push((k, s));
-    }
-    pairs.sort();
-    let payload: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    Ok((payload.join("&"), sig))
-}
-
-/// Verifies a signed WebSocket API request; returns the key.
-fn ws_signed(
-    st: &AppState,
-    params: &serde_json::Map<String, Value>,
-) -> Result<std::sync::Arc<crate::keys::ApiKey>, ApiError> {
-    let api_key = params
-        .get("apiKey")
-        .and_then(Value::as_str)
-        .ok_or_else(|| ApiError::missing("apiKey"))?;
-    let key = st.find_key(api_key)?;
-    let (ts, recv) = ws_api_time(params)?;
-    st.check_time(ts, recv)?;
-    let (payload, sig) = ws_api_signed_payload(params)?;
-    if !key.verify(payload.as_bytes(), sig) {
-        return Err(ApiError::bad_signature());
-    }
-    st.charge_key(&key, 2)?;
-    if !key.perms.has(Perms::READ) {
-        return Err(ApiError::key_rejected());
-    }
-    Ok(key)
-}
-
-async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
-    let mut urx = st.0.rm.user_tx.subscribe();
-    let mut alive = Alive::new(crate::core::now_ms());
-    let mut tick = tokio::time::interval(Duration::from_millis(1000));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
-    let mut subs = Subscriptions::default();
-    loop {
-        tokio::select! {
-            msg = socket.recv() => match msg {
-                Some(Ok(m)) if !alive.heard(&m) => {
-                    return close(&mut socket, format!("too many messages: at most {MAX_IN_PER_SEC} per second")).await;
-                }
-                Some(Ok(Message::Text(t))) => {
-                    let ApiRequest { id, method, params } = match parse_api_request(t.as_str()) {
-                        Ok(r) => r,
-                        Err(e) => {
-                            if send(&mut socket, ws_error(&Value::Null, &e)).await != Sent::Done { break; }
-                            continue;
-                        }
-                    };
-                    let answer = match st.charge_ip_addr(ip, 2) {
-                        Err(e) => ws_error(&id, &e),
-                        Ok(_) => match method.as_deref() {
-                            Some("ping") => json!({"id": id, "status": 200, "result": {}}).to_string(),
-                            Some("time") => json!({"id": id, "status": 200, "result": {"serverTime": crate::core::now_ms()}}).to_string(),
-                            Some("userDataStream.subscribe.signature") => match ws_signed(st, &params).and_then(|key| subs.add(key.account)) {
-                                Ok(sid) => json!({"id": id, "status": 200, "result": {"subscriptionId": sid}}).to_string(),
-                                Err(e) => ws_error(&id, &e),
-                            },
-                            Some("userDataStream.unsubscribe") => {
-                                match params.get("subscriptionId").and_then(Value::as_u64) {
-                                    Some(sid) => subs.active.retain(|(s, _)| *s != sid),
-                                    None => subs.active.clear(),
-                                }
-                                json!({"id": id, "status": 200, "result": {}}).to_string()
-                            }
-                            _ => ws_error(&id, &ApiError::bad(-1100, "Unknown or unsupported method.")),
-                        },
-                    };
-                    if send(&mut socket, answer).await != Sent::Done {
-                        break;
-                    }
-                }
-                Some(Ok(Message::Close(_))) => {
-                    closed_by_peer(&mut socket).await;
-                    break;
-                }
-                None | Some(Err(_)) => break,
-                Some(Ok(_)) => {}
-            },
-            r = urx.recv() => match r {
-                Ok(u) => {
-                    for (sid, account) in &subs.active {
-                        if *account == u.account {
-                            let text = format!("{{\"subscriptionId\":{sid},\"event\":{}}}", u.json);
-                            match send(&mut socket, text).await {
-                                Sent::Done => {}
-                                Sent::Gone => return,
-                                Sent::Slow => {
-                                    st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
-                                    return close(&mut socket, "slow consumer: send timed out".into()).await;
-                                }
-                            }
-                        }
-                    }
-                }
-                Err(RecvError::Lagged(n)) => {
-                    st.0.metrics.ws_slow_disconnects.fetch_add(1, Ordering::Relaxed);
-                    return close(&mut socket, format!("slow consumer: {n} messages behind")).await;
-                }
-                Err(RecvError::Closed) => break,
-            },
-            _ = tick.tick() => match alive.check(crate::core::now_ms()) {
-                Liveness::Dead => return close(&mut socket, "no pong: connection idle".into()).await,
-                Liveness::PingDue => {
-                    if !matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
-                        break;
-                    }
-                }
-                Liveness::Fine => {}
-            },
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn ws_api_subscriptions_are_bounded() {
-        let mut s = Subscriptions::default();
-        assert_eq!(s.add(7).unwrap(), 0);
-        assert_eq!(s.add(7).unwrap_err().code, -2035, "one per account");
-        for a in 1..MAX_WS_API_SUBSCRIPTIONS as u32 {
-            s.add(1_000 + a).unwrap();
-        }
-        let e = s.add(5).unwrap_err();
-        assert_eq!((e.status.as_u16(), e.code), (429, -1034), "{}", e.msg);
-        assert_eq!(s.active.len(), MAX_WS_API_SUBSCRIPTIONS);
-        // Unsubscribing frees active places, but ids are not reused past the lifetime bound.
-        let mut s = Subscriptions::default();
-        for _ in 0..MAX_WS_API_SUBSCRIPTION_IDS {
-            s.add(1).unwrap();
-            s.active.clear();
-        }
-        assert!(s
-            .add(1)
-            .unwrap_err()
-            .msg
-            .contains("Maximum subscription ID"));
-    }
 }

@@ -585,7 +585,9 @@ async fn duplicate_streams_are_removed_and_more_than_1024_refused() {
 async fn websocket_clients_sending_more_than_5_messages_a_second_are_closed() {
     let h = Harness::new();
     let (addr, stop) = start(&h).await;
-    for path in ["/ws", "/ws-api/v3"] {
+    // The streams' limit. The WebSocket API counts request weight instead, as Binance's does
+    // (tests/wsapi.rs, requests_are_limited_by_weight_not_by_messages_per_second).
+    for path in ["/ws"] {
         let mut ws = ws_from(A, addr, path).await.expect("connected");
         // Six messages in one burst; a burst could straddle a second boundary, so up to three
         // bursts a second apart (never more than six in any second).

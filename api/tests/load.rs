@@ -1,15 +1,20 @@
 //! A load measurement (ignored by default; run in release):
 //! `cargo test --release -p api --test load -- --ignored --nocapture`
 //!
-//! Boots the API over the durable sequencer (journal with fdatasync) on 127.0.0.1:0 and drives
-//! signed `POST /api/v3/order` over keep-alive HTTP/1.1 connections, one account per connection,
-//! alternating buys and sells at one price (self-trades allowed) so that books stay small. The
-//! load generator shares the machine's cores with the server.
+//! Boots the API over the durable sequencer (journal with fdatasync) on 127.0.0.1:0 and drives,
+//! one after the other in the same run and on the same server, signed `POST /api/v3/order` over
+//! keep-alive HTTP/1.1 connections and signed `order.place` over WebSocket API connections
+//! (`/ws-api/v3`), one account per connection, alternating buys and sells at one price
+//! (self-trades allowed) so that books stay small. A REST connection has one request in flight
+//! (HTTP/1.1); a WebSocket connection keeps `LOAD_WS_WINDOW` (default 1) in flight. The load
+//! generator shares the machine's cores with the server. `LOAD_CONNECTIONS` (64),
+//! `LOAD_SECONDS` (10 per phase), `LOAD_ONLY` (`rest` or `ws`).
 
 mod common;
 
 use api::keys::{sign, Perms};
 use common::now_ms;
+use futures_util::{SinkExt, StreamExt};
 use matching_engine::recovery::StoreConfig;
 use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -47,7 +52,7 @@ async fn request(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run in release with --ignored --nocapture"]
-async fn signed_order_placement_over_keep_alive() {
+async fn signed_order_placement_rest_and_ws_api() {
     let connections: usize = std::env::var("LOAD_CONNECTIONS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -143,9 +148,65 @@ async fn signed_order_placement_over_keep_alive() {
             k["secretKey"].as_str().unwrap().to_owned(),
         ));
     }
+    let only = std::env::var("LOAD_ONLY").unwrap_or_default();
+    let window: usize = std::env::var("LOAD_WS_WINDOW")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1);
+    let load = |f: &str| {
+        std::fs::read_to_string("/proc/loadavg")
+            .ok()
+            .and_then(|l| l.split_whitespace().next().map(str::to_owned))
+            .unwrap_or_else(|| f.to_owned())
+    };
+    if only != "ws" {
+        let l0 = load("?");
+        let lat = rest_phase(addr, &accounts, seconds).await;
+        report("REST", connections, 1, &lat.0, lat.1, &l0);
+    }
+    if only != "rest" {
+        let l0 = load("?");
+        let lat = ws_phase(addr, &accounts, seconds, window).await;
+        report("WS-API", connections, window, &lat.0, lat.1, &l0);
+    }
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    drop(state);
+    node.shutdown().unwrap();
+}
+
+/// Prints one row of the measurement.
+#[allow(clippy::float_arithmetic)] // a rate for the printout, not money
+fn report(
+    what: &str,
+    connections: usize,
+    window: usize,
+    all: &[Duration],
+    elapsed: f64,
+    load: &str,
+) {
+    let mut all = all.to_vec();
+    all.sort();
+    let n = all.len();
+    let pct = |p: usize| all[(n * p / 100).min(n - 1)];
+    println!(
+        "{what}: connections={connections} in_flight_per_connection={window} orders={n} seconds={elapsed:.1} orders/s={:.0} p50={:?} p99={:?} max={:?} (load average at start {load})",
+        n as f64 / elapsed,
+        pct(50),
+        pct(99),
+        all[n - 1]
+    );
+}
+
+/// Signed `POST /api/v3/order` on one keep-alive connection per account for `seconds`.
+async fn rest_phase(
+    addr: std::net::SocketAddr,
+    accounts: &[(String, String)],
+    seconds: u64,
+) -> (Vec<Duration>, f64) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
-    for key in accounts {
+    for key in accounts.iter().cloned() {
         tasks.push(tokio::spawn(async move {
             let mut c = BufReader::new(tokio::net::TcpStream::connect(addr).await.unwrap());
             let mut lat = Vec::with_capacity(100_000);
@@ -171,19 +232,85 @@ async fn signed_order_placement_over_keep_alive() {
     for t in tasks {
         all.extend(t.await.unwrap());
     }
-    let elapsed = t0.elapsed().as_secs_f64();
-    all.sort();
-    let n = all.len();
-    let pct = |p: usize| all[(n * p / 100).min(n - 1)];
-    println!(
-        "connections={connections} orders={n} seconds={elapsed:.1} orders/s={:.0} p50={:?} p99={:?} max={:?}",
-        n as f64 / elapsed,
-        pct(50),
-        pct(99),
-        all[n - 1]
-    );
-    let _ = stop_tx.send(());
-    let _ = server.await;
-    drop(state);
-    node.shutdown().unwrap();
+    (all, t0.elapsed().as_secs_f64())
+}
+
+/// The `id` of a WebSocket API answer this server wrote (`{"id":N,"status":S,...`), and
+/// whether its status is 200.
+fn answer_id(text: &str) -> (u64, bool) {
+    let rest = text.strip_prefix("{\"id\":").expect("an answer");
+    let end = rest.find(',').expect("an id");
+    let id = rest[..end].parse().expect("a numeric id");
+    (id, rest[end..].starts_with(",\"status\":200,"))
+}
+
+/// Signed `order.place` on one WebSocket API connection per account for `seconds`, `window`
+/// requests in flight on each.
+async fn ws_phase(
+    addr: std::net::SocketAddr,
+    accounts: &[(String, String)],
+    seconds: u64,
+    window: usize,
+) -> (Vec<Duration>, f64) {
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let mut tasks = Vec::new();
+    for key in accounts.iter().cloned() {
+        tasks.push(tokio::spawn(async move {
+            // A small read buffer: tungstenite zero-fills all of it (128 KiB by default) on each
+            // read, which cost the generator more CPU than the server's whole request path.
+            let config = tokio_tungstenite::tungstenite::protocol::WebSocketConfig::default()
+                .read_buffer_size(4 * 1024);
+            let (ws, _) = tokio_tungstenite::connect_async_with_config(
+                format!("ws://{addr}/ws-api/v3"),
+                Some(config),
+                true,
+            )
+            .await
+            .unwrap();
+            let (mut tx, mut rx) = ws.split();
+            let mut lat = Vec::with_capacity(100_000);
+            let mut sent_at: std::collections::HashMap<u64, Instant> = Default::default();
+            let mut next = 0u64;
+            let order = |i: u64| {
+                let side = if i % 2 == 0 { "BUY" } else { "SELL" };
+                let ts = now_ms();
+                // The parameters sorted by name, as the signature covers them.
+                let payload = format!("apiKey={}&newOrderRespType=ACK&price=30000&quantity=0.001&selfTradePreventionMode=NONE&side={side}&symbol=BTCUSD&timeInForce=GTC&timestamp={ts}&type=LIMIT", key.0);
+                let sig = sign(&key.1, &payload);
+                format!("{{\"id\":{i},\"method\":\"order.place\",\"params\":{{\"symbol\":\"BTCUSD\",\"side\":\"{side}\",\"type\":\"LIMIT\",\"timeInForce\":\"GTC\",\"quantity\":\"0.001\",\"price\":\"30000\",\"selfTradePreventionMode\":\"NONE\",\"newOrderRespType\":\"ACK\",\"apiKey\":\"{}\",\"timestamp\":{ts},\"signature\":\"{sig}\"}}}}", key.0)
+            };
+            for _ in 0..window {
+                sent_at.insert(next, Instant::now());
+                tx.send(tokio_tungstenite::tungstenite::Message::Text(order(next).into()))
+                    .await
+                    .unwrap();
+                next += 1;
+            }
+            while !sent_at.is_empty() {
+                let m = rx.next().await.expect("open").expect("no error");
+                let tokio_tungstenite::tungstenite::Message::Text(t) = m else {
+                    continue;
+                };
+                let (id, ok) = answer_id(t.as_str());
+                assert!(ok, "{}", t.as_str());
+                let t0 = sent_at.remove(&id).expect("an id in flight");
+                lat.push(t0.elapsed());
+                if Instant::now() < deadline {
+                    sent_at.insert(next, Instant::now());
+                    tx.send(tokio_tungstenite::tungstenite::Message::Text(order(next).into()))
+                        .await
+                        .unwrap();
+                    next += 1;
+                }
+            }
+            let _ = tx.close().await;
+            lat
+        }));
+    }
+    let t0 = Instant::now();
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    (all, t0.elapsed().as_secs_f64())
 }

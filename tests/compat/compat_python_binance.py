@@ -261,6 +261,54 @@ async def streams():
         await c.close_connection()
 
 
+async def ws_api():
+    # python-binance's ws_* calls: its WebSocket API client, pointed at the server through the
+    # WS_API_URL class attribute (read by the constructor), signs each request (HMAC over the
+    # form-encoded sorted parameters).
+    from binance import AsyncClient
+
+    AsyncClient.API_URL = URL + "/api"
+    AsyncClient.MARGIN_API_URL = URL + "/sapi"
+    AsyncClient.WS_API_URL = WS + "/ws-api/v3"
+    c = await AsyncClient.create(os.environ["MEDIATOR_API_KEY"], os.environ["MEDIATOR_API_SECRET"])
+    done = []
+    try:
+        expect(await c.ws_ping() == {}, "ws_ping")
+        t = await c.ws_get_time()
+        expect(abs(t["serverTime"] - time.time() * 1000) < 60_000, t)
+        info = await c.ws_get_exchange_info(symbol=SYMBOL)
+        expect(info["symbols"][0]["symbol"] == SYMBOL, info)
+        done.append("ws_ping / ws_get_time / ws_get_exchange_info")
+        o = await c.ws_create_order(
+            symbol=SYMBOL, side="BUY", type="LIMIT", timeInForce="GTC", quantity="0.01", price="21000"
+        )
+        expect(o["status"] == "NEW" and o["clientOrderId"].startswith(c.SPOT_ORDER_PREFIX), o)
+        done.append("ws_create_order")
+        g = await c.ws_get_order(symbol=SYMBOL, orderId=o["orderId"])
+        expect(g["orderId"] == o["orderId"] and g["price"] == "21000.00000000", g)
+        oo = await c.ws_get_open_orders(symbol=SYMBOL)
+        expect(o["orderId"] in {x["orderId"] for x in oo}, oo)
+        done.append("ws_get_order / ws_get_open_orders")
+        x = await c.ws_cancel_order(symbol=SYMBOL, orderId=o["orderId"])
+        expect(x["status"] == "CANCELED", x)
+        done.append("ws_cancel_order")
+        ob = await c.ws_get_order_book(symbol=SYMBOL, limit=5)
+        expect("bids" in ob and "asks" in ob and ob["lastUpdateId"] > 0, ob)
+        done.append("ws_get_order_book")
+        a = await c.ws_get_account()
+        expect(a["canTrade"] and any(b["asset"] == "USD" for b in a["balances"]), a)
+        tr = await c.ws_get_recent_trades(symbol=SYMBOL)
+        expect(len(tr) >= 1, tr)
+        p = await c.ws_get_symbol_ticker(symbol=SYMBOL)
+        expect(float(p["price"]) > 0, p)
+        done.append("ws_get_account / ws_get_recent_trades / ws_get_symbol_ticker")
+        return ", ".join(done)
+    except Exception as e:
+        raise AssertionError(f"after {done}: {type(e).__name__}: {e}") from e
+    finally:
+        await c.close_connection()
+
+
 print(f"python-binance {version('python-binance')} against {URL}")
 check("cleanup (cancel leftovers)", cleanup)
 check("ping / get_server_time", ping_time)
@@ -280,6 +328,10 @@ check("withdraw / get_withdraw_history", withdraw)
 check(
     "AsyncClient + BinanceSocketManager multiplex (depth5, ticker, trade, kline, aggTrade) and user_socket",
     lambda: asyncio.run(streams()),
+)
+check(
+    "WebSocket API: ws_create_order / ws_get_order / ws_cancel_order / ws_get_order_book / ws_get_account ...",
+    lambda: asyncio.run(ws_api()),
 )
 check("cancel_all_open_orders", cleanup)
 

@@ -2,8 +2,8 @@
 
 use crate::config::{CustodyConfig, RpcAuth};
 use crate::error::{
-    BatchError, BumpError, DepositAddressError, DepositError, OpenError, StepError, SyncError,
-    WithdrawalError,
+    BatchError, BumpError, DepositAddressError, DepositError, OpenError, ProveError, StepError,
+    SyncError, WithdrawalError,
 };
 use crate::keys;
 use crate::ledger::{Ledger, LedgerError};
@@ -1883,6 +1883,80 @@ impl CustodyService {
 fn batch_witness_wu(psbt: &Psbt) -> u64 {
     const P2WPKH_WITNESS_WU: u64 = 1 + 1 + 73 + 1 + 33;
     P2WPKH_WITNESS_WU * psbt.inputs.len() as u64
+}
+
+/// A signed BIP-127 proof of reserves over the wallet's confirmed UTXOs at its tip
+/// ([`CustodyService::prove_reserves`]).
+#[derive(Debug, Clone)]
+pub struct ReservesProof {
+    /// The finalized proof PSBT (input 0 the commitment, every other input signed).
+    pub psbt: Psbt,
+    /// The block the UTXOs are taken at (the wallet's tip).
+    pub block_hash: bitcoin::BlockHash,
+    /// Its height.
+    pub block_height: u32,
+    /// The sum of the UTXOs proven.
+    pub reserves: Amount,
+    /// How many UTXOs.
+    pub utxos: usize,
+}
+
+impl CustodyService {
+    /// Builds and signs a BIP-127 proof of reserves (`reserves::por`) for `message` over every
+    /// UTXO the wallet holds confirmed at or below its tip (outputs spent by a transaction of the
+    /// wallet's, even unconfirmed, are left out). Each reserve input is signed `SIGHASH_ALL`
+    /// here, with the key that never leaves this crate; the result is checked by
+    /// `reserves::por::verify_psbt` before it is returned. Changes nothing and persists nothing.
+    pub fn prove_reserves(&self, message: &str) -> Result<ReservesProof, ProveError> {
+        let tip = self.wallet.latest_checkpoint();
+        let (block_height, block_hash) = (tip.height(), tip.hash());
+        let mut utxos: Vec<_> = self
+            .wallet
+            .list_unspent()
+            .filter(|u| match u.chain_position {
+                ChainPosition::Confirmed { anchor, .. } => anchor.block_id.height <= block_height,
+                ChainPosition::Unconfirmed { .. } => false,
+            })
+            .collect();
+        if utxos.is_empty() {
+            return Err(ProveError::NoUtxos);
+        }
+        utxos.sort_by_key(|u| u.outpoint);
+        let count = utxos.len();
+        let inputs = utxos
+            .into_iter()
+            .map(|u| {
+                let op = u.outpoint;
+                self.wallet
+                    .get_psbt_input(u, Some(bitcoin::EcdsaSighashType::All.into()), true)
+                    .map(|i| (op, i))
+                    .map_err(|e| ProveError::Build(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut psbt = reserves::por::proof_psbt(message, inputs)?;
+        let signed = self.key.sign_proof(&mut psbt).map_err(ProveError::Sign)?;
+        if signed != count {
+            return Err(ProveError::Sign(format!(
+                "signed {signed} of {count} reserve inputs"
+            )));
+        }
+        let finalized = self
+            .wallet
+            .finalize_psbt(&mut psbt, SignOptions::default())
+            .map_err(|e| ProveError::Sign(e.to_string()))?;
+        if !finalized {
+            return Err(ProveError::Sign("inputs left unfinalized".into()));
+        }
+        let checked = reserves::por::verify_psbt(&psbt, message)?;
+        debug_assert_eq!(checked.inputs.len(), count);
+        Ok(ReservesProof {
+            psbt,
+            block_hash,
+            block_height,
+            reserves: sats(checked.reserves),
+            utxos: count,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -7,7 +7,8 @@
 use api::core::Outcome;
 use api::custody::{
     AlarmInfo, BatchSummary, Custody, CustodyError, DepositInfo, DepositState, FlaggedAccount,
-    ReconcileInfo, RecordMismatchInfo, RecordsInfo, WithdrawalInfo, WithdrawalState,
+    ReconcileInfo, RecordMismatchInfo, RecordsInfo, ReservesProofInfo, WithdrawalInfo,
+    WithdrawalState,
 };
 use api::AppState;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
@@ -437,6 +438,35 @@ impl Custody for WalletCustody {
         let s = self.lock();
         let p = &s.config().withdrawal;
         (p.flat_fee.0, p.min_amount.0)
+    }
+
+    fn prove_reserves(
+        &self,
+        message: &(dyn Fn(u32, &str) -> String + Sync),
+    ) -> Result<ReservesProofInfo, CustodyError> {
+        let mut s = self.lock();
+        // At the node's tip: sync first (the step loop may be a poll interval behind).
+        s.sync_once(system_now()).map_err(|e| {
+            tracing::warn!(error = %e, "proof of reserves: sync failed");
+            CustodyError::unknown(format!("cannot reach bitcoind: {e}"))
+        })?;
+        let text = message(s.tip_height(), &s.tip_hash().to_string());
+        let p = s.prove_reserves(&text).map_err(|e| match e {
+            wallet::ProveError::NoUtxos => CustodyError::bad_request(-1130, e.to_string()),
+            wallet::ProveError::Proof(ref p) if p.code() == "bad_message" => {
+                CustodyError::bad_request(-1130, e.to_string())
+            }
+            e => internal(e),
+        })?;
+        Ok(ReservesProofInfo {
+            network: self.network.to_string(),
+            message: text,
+            block_hash: p.block_hash.to_string(),
+            block_height: p.block_height,
+            psbt: p.psbt.serialize(),
+            reserves_sat: p.reserves.0,
+            utxos: p.utxos,
+        })
     }
 
     fn reconcile(&self) -> Result<ReconcileInfo, CustodyError> {

@@ -210,7 +210,8 @@ pub fn proof_psbt(message: &str, reserves: Vec<(OutPoint, psbt::Input)>) -> Resu
             script_pubkey: ScriptBuf::new_op_return([]),
         }],
     };
-    let mut psbt = Psbt::from_unsigned_tx(tx).map_err(|e| PorError::MalformedPsbt(e.to_string()))?;
+    let mut psbt =
+        Psbt::from_unsigned_tx(tx).map_err(|e| PorError::MalformedPsbt(e.to_string()))?;
     let mut first = psbt::Input {
         final_script_sig: Some(ScriptBuf::new()),
         ..Default::default()
@@ -244,7 +245,9 @@ pub fn verify_psbt(psbt: &Psbt, message: &str) -> Result<Checked, PorError> {
         ));
     }
     if psbt.inputs.len() != tx.input.len() {
-        return Err(PorError::MalformedPsbt("input maps do not match the inputs".into()));
+        return Err(PorError::MalformedPsbt(
+            "input maps do not match the inputs".into(),
+        ));
     }
     // Input 0: the commitment.
     let c = &tx.input[0];
@@ -257,9 +260,14 @@ pub fn verify_psbt(psbt: &Psbt, message: &str) -> Result<Checked, PorError> {
     }
     let p0 = &psbt.inputs[0];
     if p0.final_script_sig.as_ref().is_some_and(|s| !s.is_empty())
-        || p0.final_script_witness.as_ref().is_some_and(|w| !w.is_empty())
+        || p0
+            .final_script_witness
+            .as_ref()
+            .is_some_and(|w| !w.is_empty())
     {
-        return Err(PorError::Commitment("scriptSig or witness not empty".into()));
+        return Err(PorError::Commitment(
+            "scriptSig or witness not empty".into(),
+        ));
     }
     match p0.unknown.get(&por_key()) {
         Some(v) if v.as_slice() == message.as_bytes() => {}
@@ -274,6 +282,12 @@ pub fn verify_psbt(psbt: &Psbt, message: &str) -> Result<Checked, PorError> {
             ))
         }
     }
+    if tx.output.len() != 1 {
+        return Err(PorError::Outputs(format!(
+            "{} outputs, a proof has exactly one",
+            tx.output.len()
+        )));
+    }
     // The reserve inputs.
     let secp = Secp256k1::verification_only();
     let mut cache = SighashCache::new(tx);
@@ -282,10 +296,15 @@ pub fn verify_psbt(psbt: &Psbt, message: &str) -> Result<Checked, PorError> {
     let mut total = Amount::ZERO;
     for (i, (txin, pin)) in tx.input.iter().zip(&psbt.inputs).enumerate().skip(1) {
         if txin.previous_output.txid == want {
-            return Err(PorError::Commitment(format!("input {i} also spends the commitment")));
+            return Err(PorError::Commitment(format!(
+                "input {i} also spends the commitment"
+            )));
         }
         if !seen.insert(txin.previous_output) {
-            return Err(PorError::DuplicateInput(i, txin.previous_output.to_string()));
+            return Err(PorError::DuplicateInput(
+                i,
+                txin.previous_output.to_string(),
+            ));
         }
         let utxo = pin.witness_utxo.as_ref().ok_or(PorError::MissingUtxo(i))?;
         if let Some(full) = &pin.non_witness_utxo {
@@ -297,12 +316,6 @@ pub fn verify_psbt(psbt: &Psbt, message: &str) -> Result<Checked, PorError> {
         verify_p2wpkh(&secp, &mut cache, i, txin, pin, utxo)?;
         total = total.checked_add(utxo.value).ok_or(PorError::Overflow)?;
         inputs.push((txin.previous_output, utxo.clone()));
-    }
-    if tx.output.len() != 1 {
-        return Err(PorError::Outputs(format!(
-            "{} outputs, a proof has exactly one",
-            tx.output.len()
-        )));
     }
     if tx.output[0].value != total {
         return Err(PorError::Outputs(format!(
@@ -332,8 +345,7 @@ fn verify_p2wpkh(
     if !utxo.script_pubkey.is_p2wpkh() {
         return Err(PorError::UnsupportedInput(i));
     }
-    if pin.final_script_sig.as_ref().is_some_and(|s| !s.is_empty()) || !txin.script_sig.is_empty()
-    {
+    if pin.final_script_sig.as_ref().is_some_and(|s| !s.is_empty()) || !txin.script_sig.is_empty() {
         return Err(bad("a P2WPKH input has a non-empty scriptSig"));
     }
     let witness = pin
@@ -401,6 +413,12 @@ pub struct ProofDocument {
     pub created: u64,
 }
 
+/// A serialized PSBT in base64 (the document's `psbt` field).
+pub fn psbt_base64(bytes: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
 /// The message [`ProofDocument`]s carry by default: it names the block, every liabilities root
 /// and total, and the audit head, so one signature binds all three.
 pub fn default_message(
@@ -424,7 +442,9 @@ impl ProofDocument {
     /// Reads a document (bounded; any error is [`PorError::Malformed`] or [`PorError::Version`]).
     pub fn from_json(text: &str) -> Result<ProofDocument, PorError> {
         if text.len() > MAX_DOCUMENT {
-            return Err(PorError::Malformed(format!("larger than {MAX_DOCUMENT} bytes")));
+            return Err(PorError::Malformed(format!(
+                "larger than {MAX_DOCUMENT} bytes"
+            )));
         }
         let v: serde_json::Value =
             serde_json::from_str(text).map_err(|e| PorError::Malformed(e.to_string()))?;
@@ -520,8 +540,9 @@ pub fn verify_document(
         .map_err(|_| PorError::Malformed("block_hash is not 64 hex digits".into()))?;
     for (asset, l) in &doc.liabilities {
         let mut h = [0u8; 32];
-        hex::decode_to_slice(&l.root, &mut h)
-            .map_err(|_| PorError::Malformed(format!("liabilities.{asset}.root is not 64 hex digits")))?;
+        hex::decode_to_slice(&l.root, &mut h).map_err(|_| {
+            PorError::Malformed(format!("liabilities.{asset}.root is not 64 hex digits"))
+        })?;
         l.total.parse::<u64>().map_err(|_| {
             PorError::Malformed(format!("liabilities.{asset}.total is not a decimal u64"))
         })?;

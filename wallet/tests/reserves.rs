@@ -36,7 +36,10 @@ fn proof_of_reserves_covers_the_confirmed_utxos_and_tampering_fails() {
     let tx = &psbt.unsigned_tx;
     // BIP-127: the commitment is the *single* SHA-256 of the prefixed message.
     let single = sha256::Hash::hash(format!("Proof-of-Reserves: {message}").as_bytes());
-    assert_eq!(tx.input[0].previous_output.txid.to_byte_array(), single.to_byte_array());
+    assert_eq!(
+        tx.input[0].previous_output.txid.to_byte_array(),
+        single.to_byte_array()
+    );
     assert_eq!(tx.input[0].previous_output.vout, 0);
     assert_eq!(tx.input[0].previous_output.txid, commitment_txid(message));
     let field = psbt.inputs[0]
@@ -64,10 +67,21 @@ fn proof_of_reserves_covers_the_confirmed_utxos_and_tampering_fails() {
         script_pubkey: ScriptBuf::new_op_return([]),
     });
     two_outputs.outputs.push(Default::default());
-    assert_eq!(code(&two_outputs, message), "bad_signature", "signatures cover the outputs");
+    assert_eq!(code(&two_outputs, message), "bad_outputs");
+    two_outputs.unsigned_tx.output.remove(0);
+    two_outputs.outputs.remove(0);
+    assert_eq!(
+        code(&two_outputs, message),
+        "bad_signature",
+        "SIGHASH_ALL covers the output"
+    );
     let mut inflated = psbt.clone();
     inflated.inputs[1].witness_utxo.as_mut().unwrap().value += Amount::from_sat(1);
-    assert_eq!(code(&inflated, message), "bad_signature", "BIP143 signs the amount");
+    assert_eq!(
+        code(&inflated, message),
+        "bad_signature",
+        "BIP143 signs the amount"
+    );
     let mut unsigned = psbt.clone();
     unsigned.inputs[2].final_script_witness = None;
     assert_eq!(code(&unsigned, message), "bad_signature");
@@ -77,7 +91,10 @@ fn proof_of_reserves_covers_the_confirmed_utxos_and_tampering_fails() {
     // Another message re-committed in input 0 but with the old signatures.
     let mut recommitted = psbt.clone();
     recommitted.unsigned_tx.input[0].previous_output.txid = commitment_txid("other");
-    recommitted.inputs[0].unknown.values_mut().for_each(|v| *v = b"other".to_vec());
+    recommitted.inputs[0]
+        .unknown
+        .values_mut()
+        .for_each(|v| *v = b"other".to_vec());
     assert_eq!(code(&recommitted, "other"), "bad_signature");
 
     // Nothing confirmed, nothing to prove.
@@ -85,5 +102,8 @@ fn proof_of_reserves_covers_the_confirmed_utxos_and_tampering_fails() {
         data_dir: w.dir.path().join("empty"),
         ..w.config()
     });
-    assert!(matches!(empty.prove_reserves(message), Err(wallet::ProveError::NoUtxos)));
+    assert!(matches!(
+        empty.prove_reserves(message),
+        Err(wallet::ProveError::NoUtxos)
+    ));
 }

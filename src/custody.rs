@@ -521,6 +521,23 @@ impl Custody for WalletCustody {
     }
 }
 
+/// Custody's automatic decisions go to the server's audit log, actor `custody`
+/// ([`wallet::DecisionLog`]): appended and fsynced before `record` returns.
+#[derive(Debug)]
+pub struct AuditDecisions(pub AppState);
+
+impl wallet::DecisionLog for AuditDecisions {
+    fn record(&self, action: &str, params: &[(&str, String)]) -> Result<(), String> {
+        let params: serde_json::Map<String, serde_json::Value> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(v.as_str())))
+            .collect();
+        self.0
+            .audit_as("custody", action, serde_json::Value::Object(params))
+            .map_err(|e| format!("{e:?}"))
+    }
+}
+
 fn batch_summary(b: wallet::BatchView) -> BatchSummary {
     BatchSummary {
         id: b.id,

@@ -290,6 +290,18 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
             .iter()
             .any(|x| x["id"] == wid.as_str() && x["status"] == 6)
     });
+    // Custody's own decisions are in the audit log (actor `custody`): the approval by policy,
+    // written before the withdraw/apply reply, and the reconciliation results.
+    let after = std::fs::read_to_string(&log).unwrap();
+    let auto = after
+        .lines()
+        .find(|l| l.contains("\"custody.withdrawal.auto_approve\""))
+        .unwrap_or_else(|| panic!("no auto-approval entry: {after}"));
+    assert!(
+        auto.contains("\"actor\":\"custody\"") && auto.contains("\"amount_sat\":\"50000000\""),
+        "{auto}"
+    );
+    assert!(after.contains("\"custody.reconcile\""), "{after}");
     // Spent after the stated block: still a valid proof for that block, with both verifiers.
     v.por("honest, a UTXO spent after the block", &honest_file, None);
     let o = v.rust(&[

@@ -42,9 +42,9 @@ pub use keys::{KeyError, Passphrase};
 pub use ledger::{Ledger, LedgerError};
 pub use runner::{system_now, Runner};
 pub use service::{
-    BatchInfo, BatchView, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,
-    RecordMismatch, RecordsReport, ReservesProof, StepReport, SyncReport, WithdrawalReport,
-    WithdrawalRequest, DATABASE_FILE,
+    BatchInfo, BatchView, CustodyService, DecisionLog, DepositEvent, DepositReport, DepositView,
+    Reconciliation, RecordMismatch, RecordsReport, ReservesProof, StepReport, SyncReport,
+    WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
 };
 pub use store::{Alarm, DepositStatus, WithdrawalStatus, WithdrawalView};
 

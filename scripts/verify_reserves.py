@@ -43,6 +43,8 @@ def read_json(path):
             data = f.read((64 << 20) + 1)
     except OSError as e:
         raise Fail("reading", str(e))
+    if len(data) > 64 << 20:
+        raise Fail("malformed", "larger than %d bytes" % (64 << 20))
     try:
         return json.loads(data.decode("utf-8"))
     except (UnicodeDecodeError, ValueError) as e:

@@ -219,8 +219,11 @@ pub async fn admin_publish_liabilities(
     Ok(ok_json(&ctx, reply))
 }
 
+/// Per asset, every account's non-zero balance: (asset, [(account, balance)]).
+type Snapshot = Vec<(String, Vec<(u32, u64)>)>;
+
 /// Every non-zero balance (available + held) per configured asset, from the read model.
-fn balances_snapshot(st: &AppState) -> Result<Vec<(String, Vec<(u32, u64)>)>, ApiError> {
+fn balances_snapshot(st: &AppState) -> Result<Snapshot, ApiError> {
     let assets: Vec<String> = st
         .markets()
         .assets

@@ -11,8 +11,11 @@ use support::{Customer, World};
 use wallet::bitcoin::Address;
 use wallet::{DecisionLog, WithdrawalRequest, WithdrawalStatus};
 
+/// One recorded decision: (action, params).
+type Entry = (String, Vec<(String, String)>);
+
 #[derive(Default)]
-struct Recorded(Mutex<Vec<(String, Vec<(String, String)>)>>);
+struct Recorded(Mutex<Vec<Entry>>);
 
 impl DecisionLog for Recorded {
     fn record(&self, action: &str, params: &[(&str, String)]) -> Result<(), String> {

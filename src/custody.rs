@@ -7,7 +7,8 @@
 use api::core::Outcome;
 use api::custody::{
     AlarmInfo, BatchSummary, Custody, CustodyError, DepositInfo, DepositState, FlaggedAccount,
-    ReconcileInfo, RecordMismatchInfo, RecordsInfo, WithdrawalInfo, WithdrawalState,
+    ReconcileInfo, RecordMismatchInfo, RecordsInfo, ReservesProofInfo, WithdrawalInfo,
+    WithdrawalState,
 };
 use api::AppState;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
@@ -439,6 +440,35 @@ impl Custody for WalletCustody {
         (p.flat_fee.0, p.min_amount.0)
     }
 
+    fn prove_reserves(
+        &self,
+        message: &(dyn Fn(u32, &str) -> String + Sync),
+    ) -> Result<ReservesProofInfo, CustodyError> {
+        let mut s = self.lock();
+        // At the node's tip: sync first (the step loop may be a poll interval behind).
+        s.sync_once(system_now()).map_err(|e| {
+            tracing::warn!(error = %e, "proof of reserves: sync failed");
+            CustodyError::unknown(format!("cannot reach bitcoind: {e}"))
+        })?;
+        let text = message(s.tip_height(), &s.tip_hash().to_string());
+        let p = s.prove_reserves(&text).map_err(|e| match e {
+            wallet::ProveError::NoUtxos => CustodyError::bad_request(-1130, e.to_string()),
+            wallet::ProveError::Proof(ref p) if p.code() == "bad_message" => {
+                CustodyError::bad_request(-1130, e.to_string())
+            }
+            e => internal(e),
+        })?;
+        Ok(ReservesProofInfo {
+            network: self.network.to_string(),
+            message: text,
+            block_hash: p.block_hash.to_string(),
+            block_height: p.block_height,
+            psbt: p.psbt.serialize(),
+            reserves_sat: p.reserves.0,
+            utxos: p.utxos,
+        })
+    }
+
     fn reconcile(&self) -> Result<ReconcileInfo, CustodyError> {
         let s = self.lock();
         let r = s.reconcile().map_err(internal)?;
@@ -488,6 +518,23 @@ impl Custody for WalletCustody {
             .generate_to_address(100, &throwaway(self.network))
             .map_err(internal)?;
         Ok(paid)
+    }
+}
+
+/// Custody's automatic decisions go to the server's audit log, actor `custody`
+/// ([`wallet::DecisionLog`]): appended and fsynced before `record` returns.
+#[derive(Debug)]
+pub struct AuditDecisions(pub AppState);
+
+impl wallet::DecisionLog for AuditDecisions {
+    fn record(&self, action: &str, params: &[(&str, String)]) -> Result<(), String> {
+        let params: serde_json::Map<String, serde_json::Value> = params
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), serde_json::Value::from(v.as_str())))
+            .collect();
+        self.0
+            .audit_as("custody", action, serde_json::Value::Object(params))
+            .map_err(|e| format!("{e:?}"))
     }
 }
 

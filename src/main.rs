@@ -148,15 +148,45 @@ enum ReservesCmd {
     VerifyInclusion {
         /// The proof (JSON).
         file: PathBuf,
+        /// Also check that this proof-of-reserves document publishes the proof's root.
+        #[arg(long)]
+        against: Option<PathBuf>,
     },
     /// Publishes a liabilities proof over every balance now (running server).
     PublishLiabilities,
+    /// Publishes a BIP-127 proof of reserves over the custody wallet's UTXOs at the tip, with
+    /// a fresh liabilities proof (running server); --json prints the document.
+    Prove {
+        /// The message (default: one naming the block, the liabilities roots, the audit head).
+        #[arg(long)]
+        message: Option<String>,
+    },
+    /// Checks a proof-of-reserves document (GET /mapi/v1/reserves/latest): the commitment,
+    /// every signature, the single output, reserves >= BTC liabilities; with --rpc, every UTXO
+    /// unspent at the stated block through your node.
+    Verify {
+        /// The document (JSON).
+        file: PathBuf,
+        /// Refuse a proof for another network (bitcoin, testnet, signet, regtest).
+        #[arg(long)]
+        network: Option<String>,
+        /// Your bitcoind's RPC URL.
+        #[arg(long, requires = "cookie")]
+        rpc: Option<String>,
+        /// Its cookie file.
+        #[arg(long, requires = "rpc")]
+        cookie: Option<PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 enum AuditCmd {
     /// Re-walks the whole chain; fails when `serve` would refuse to start.
-    Verify,
+    Verify {
+        /// Proof-of-reserves documents whose audit head must be a line of the log.
+        #[arg(long = "proof")]
+        proofs: Vec<PathBuf>,
+    },
     /// Prints the last entries (--json: as stored, one per line).
     Tail {
         /// How many.
@@ -419,14 +449,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: RegtestCmd::Fund { account },
         } => admin::regtest_fund(&admin()?, account),
         Cmd::Reserves {
-            cmd: ReservesCmd::VerifyInclusion { file },
-        } => proofs::verify_inclusion(&file, json),
+            cmd: ReservesCmd::VerifyInclusion { file, against },
+        } => proofs::verify_inclusion(&file, against.as_deref(), json),
+        Cmd::Reserves {
+            cmd: ReservesCmd::Prove { message },
+        } => proofs::prove(&admin()?, message.as_deref()),
+        Cmd::Reserves {
+            cmd:
+                ReservesCmd::Verify {
+                    file,
+                    network,
+                    rpc,
+                    cookie,
+                },
+        } => proofs::verify_reserves(
+            &file,
+            network.as_deref(),
+            rpc.as_deref().zip(cookie.as_deref()),
+            json,
+        ),
         Cmd::Reserves {
             cmd: ReservesCmd::PublishLiabilities,
         } => proofs::publish_liabilities(&admin()?),
         Cmd::Audit {
-            cmd: AuditCmd::Verify,
-        } => proofs::audit_verify(&data_dir, json),
+            cmd: AuditCmd::Verify { proofs: docs },
+        } => proofs::audit_verify(&data_dir, &docs, json),
         Cmd::Audit {
             cmd: AuditCmd::Tail { lines },
         } => proofs::audit_tail(&data_dir, lines, json),

@@ -16,7 +16,7 @@ use std::path::Path;
 const MAX_PROOF_FILE: u64 = 1 << 20;
 
 /// `mediator reserves verify-inclusion FILE`.
-pub fn verify_inclusion(file: &Path, json: bool) -> anyhow::Result<()> {
+pub fn verify_inclusion(file: &Path, against: Option<&Path>, json: bool) -> anyhow::Result<()> {
     let meta = std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
     if meta.len() > MAX_PROOF_FILE {
         bail!(
@@ -27,6 +27,24 @@ pub fn verify_inclusion(file: &Path, json: bool) -> anyhow::Result<()> {
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
     let result = InclusionProof::from_json(&text).and_then(|p| liabilities::verify(&p).map(|()| p));
+    let result = match (result, against) {
+        (Ok(p), Some(doc)) => match root_in_document(&p, doc) {
+            Ok(()) => Ok(p),
+            Err(msg) => {
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "ok": false, "code": "not_published", "error": msg })
+                    );
+                }
+                bail!(
+                    "{}: inclusion proof FAILED (not_published): {msg}",
+                    file.display()
+                );
+            }
+        },
+        (r, _) => r,
+    };
     match result {
         Ok(p) => {
             if json {
@@ -70,6 +88,32 @@ pub fn verify_inclusion(file: &Path, json: bool) -> anyhow::Result<()> {
     }
 }
 
+/// The published proof of reserves `doc` names this inclusion proof's root and total for its
+/// asset (same liabilities proof id): else the tree the user is in is not the published one (an
+/// account left out of the published tree, say).
+fn root_in_document(p: &InclusionProof, doc: &Path) -> Result<(), String> {
+    let text = std::fs::read_to_string(doc).map_err(|e| format!("{}: {e}", doc.display()))?;
+    let d = reserves::por::ProofDocument::from_json(&text).map_err(|e| e.to_string())?;
+    if d.liabilities_proof_id != p.proof_id {
+        return Err(format!(
+            "the inclusion proof is from liabilities proof {}, the proof of reserves names {}",
+            p.proof_id, d.liabilities_proof_id
+        ));
+    }
+    match d.liabilities.get(&p.asset) {
+        Some(l) if l.root == hex::encode(p.root) && l.total == p.total.to_string() => Ok(()),
+        Some(l) => Err(format!(
+            "the proof of reserves publishes {} root {} total {}, not this proof's root {} total {}",
+            p.asset,
+            l.root,
+            l.total,
+            hex::encode(p.root),
+            p.total
+        )),
+        None => Err(format!("the proof of reserves has no {} liabilities", p.asset)),
+    }
+}
+
 /// `mediator reserves publish-liabilities`.
 pub fn publish_liabilities(a: &crate::admin::Admin) -> anyhow::Result<()> {
     let v = a.call("POST", "/mapi/v1/admin/reserves/liabilities", &[])?;
@@ -100,7 +144,11 @@ fn audit_path(data_dir: &Path) -> std::path::PathBuf {
 }
 
 /// `mediator audit verify`.
-pub fn audit_verify(data_dir: &Path, json: bool) -> anyhow::Result<()> {
+pub fn audit_verify(
+    data_dir: &Path,
+    proofs: &[std::path::PathBuf],
+    json: bool,
+) -> anyhow::Result<()> {
     let path = audit_path(data_dir);
     if !path.exists() {
         bail!("no audit log at {}", path.display());
@@ -121,6 +169,24 @@ pub fn audit_verify(data_dir: &Path, json: bool) -> anyhow::Result<()> {
         }
     }
     let bad = r.unacknowledged().count();
+    for doc in proofs {
+        let text =
+            std::fs::read_to_string(doc).with_context(|| format!("reading {}", doc.display()))?;
+        let d = reserves::por::ProofDocument::from_json(&text)
+            .map_err(|e| anyhow::anyhow!("{}: {} ({})", doc.display(), e, e.code()))?;
+        match head_line(&path, &d.audit_head)? {
+            Some(line) => println!(
+                "{}: its audit head is line {line} of the log",
+                doc.display()
+            ),
+            None => bail!(
+                "{}: the log has no line hashing to the proof's audit head {} (head_missing): \
+                 the history the proof saw was rewritten or cut",
+                doc.display(),
+                d.audit_head
+            ),
+        }
+    }
     if bad > 0 {
         bail!(
             "the audit chain is broken ({bad} unacknowledged break(s)); `mediator serve` refuses \
@@ -128,6 +194,21 @@ pub fn audit_verify(data_dir: &Path, json: bool) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// The 1-based line of the log whose SHA-256 is `head` (hex), if any.
+fn head_line(path: &Path, head: &str) -> anyhow::Result<Option<u64>> {
+    use std::io::BufRead as _;
+    let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut n = 0u64;
+    for line in std::io::BufReader::new(f).split(b'\n') {
+        let line = line.with_context(|| format!("reading {}", path.display()))?;
+        n += 1;
+        if hex::encode(auditlog::line_hash(&line)) == head {
+            return Ok(Some(n));
+        }
+    }
+    Ok(None)
 }
 
 /// `mediator audit tail`.
@@ -143,4 +224,319 @@ pub fn audit_tail(data_dir: &Path, n: usize, json: bool) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+// ----- the BIP-127 proof of reserves (docs/proof-of-reserves.md) -----
+
+/// `mediator reserves prove [--message TEXT]`: the running server publishes a liabilities proof
+/// and a proof of reserves; prints the document (`--json`) or a summary.
+pub fn prove(a: &crate::admin::Admin, message: Option<&str>) -> anyhow::Result<()> {
+    let params: Vec<(&str, &str)> = message.map(|m| ("message", m)).into_iter().collect();
+    let v = a.call("POST", "/mapi/v1/admin/reserves/prove", &params)?;
+    a.print(&v, |v| {
+        format!(
+            "proof of reserves {} published: {} sat at block {} {}\nliabilities proof {}, audit head {}\nmessage: {}",
+            v["id"],
+            v["reserves_sat"],
+            v["block_height"],
+            v["block_hash"].as_str().unwrap_or(""),
+            v["liabilities_proof_id"],
+            v["audit_head"].as_str().unwrap_or(""),
+            v["message"].as_str().unwrap_or(""),
+        )
+    });
+    Ok(())
+}
+
+/// How far past the stated block `verify` looks for the spend of a UTXO that is gone at the
+/// tip (about four weeks of blocks); beyond it, "unspent at the stated block" cannot be shown.
+pub const MAX_SCAN_BLOCKS: u32 = 4032;
+
+/// How one reserve input was found unspent at the stated block.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum UtxoStatus {
+    /// In the UTXO set at the tip, and the tip is the stated block.
+    UnspentAtBlock,
+    /// In the UTXO set at the tip (after the stated block), created at or before the block: an
+    /// outpoint spent once is gone for good, so it was unspent at the block too.
+    UnspentAtTip {
+        /// The height it was created at.
+        created_height: u32,
+    },
+    /// Gone at the tip: found spent in a block after the stated one (its value and script
+    /// checked against that block's record of the spent output).
+    SpentLater {
+        /// The block that spent it.
+        spent_height: u32,
+    },
+}
+
+/// `mediator reserves verify FILE [--network NET] [--rpc URL --cookie FILE]`.
+pub fn verify_reserves(
+    file: &Path,
+    network: Option<&str>,
+    rpc: Option<(&str, &Path)>,
+    json: bool,
+) -> anyhow::Result<()> {
+    match check_reserves(file, network, rpc) {
+        Ok(report) => {
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                println!(
+                    "OK: {} sat in {} UTXOs, BTC liabilities {} sat, at block {} {}",
+                    report["reserves_sat"],
+                    report["utxos"],
+                    report["btc_liabilities"].as_str().unwrap_or(""),
+                    report["block_height"],
+                    report["block_hash"].as_str().unwrap_or("")
+                );
+                if report["message_binds"] == false {
+                    println!(
+                        "WARNING: custom message: it does not name the block, the liabilities \
+                         roots and the audit head"
+                    );
+                }
+                match report["node"].as_str() {
+                    Some(n) => println!("node: {n}"),
+                    None => println!(
+                        "NOT CHECKED against a node: pass --rpc URL --cookie FILE to check \
+                         that every UTXO existed unspent at the block"
+                    ),
+                }
+            }
+            Ok(())
+        }
+        Err((code, msg)) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "ok": false, "code": code, "error": msg })
+                );
+            }
+            bail!(
+                "{}: proof of reserves FAILED ({code}): {msg}",
+                file.display()
+            )
+        }
+    }
+}
+
+type Fail = (&'static str, String);
+
+fn check_reserves(
+    file: &Path,
+    network: Option<&str>,
+    rpc: Option<(&str, &Path)>,
+) -> Result<serde_json::Value, Fail> {
+    use reserves::por::{self, ProofDocument};
+    let read = |e: std::io::Error| ("reading", format!("{}: {e}", file.display()));
+    let meta = std::fs::metadata(file).map_err(read)?;
+    if meta.len() > por::MAX_DOCUMENT as u64 {
+        return Err((
+            "malformed",
+            format!("larger than {} bytes", por::MAX_DOCUMENT),
+        ));
+    }
+    let bytes = std::fs::read(file).map_err(read)?;
+    let text = String::from_utf8(bytes).map_err(|_| ("malformed", "not UTF-8".to_owned()))?;
+    let fail = |e: por::PorError| (e.code(), e.to_string());
+    let doc = ProofDocument::from_json(&text).map_err(fail)?;
+    let expected = match network {
+        Some(n) => Some(
+            n.parse::<wallet::bitcoin::Network>()
+                .map_err(|_| ("wrong_network", format!("unknown network {n}")))?,
+        ),
+        None => None,
+    };
+    let report = por::verify_document(&doc, expected).map_err(fail)?;
+    let mut out = serde_json::json!({
+        "ok": true,
+        "network": doc.network,
+        "block_height": doc.block_height,
+        "block_hash": doc.block_hash,
+        "reserves_sat": doc.reserves_sat,
+        "utxos": report.checked.inputs.len(),
+        "btc_liabilities": report.btc_liabilities.to_string(),
+        "message_binds": report.message_binds,
+        "liabilities_proof_id": doc.liabilities_proof_id,
+        "audit_head": doc.audit_head,
+    });
+    if let Some((url, cookie)) = rpc {
+        let statuses = check_against_node(&doc, &report, url, cookie)?;
+        let later = statuses
+            .iter()
+            .filter(|s| matches!(s, UtxoStatus::SpentLater { .. }))
+            .count();
+        out["node"] = serde_json::json!(format!(
+            "every UTXO existed unspent at block {} ({} spent since)",
+            doc.block_height, later
+        ));
+        out["inputs"] = serde_json::to_value(&statuses).unwrap_or_default();
+    }
+    Ok(out)
+}
+
+#[derive(serde::Deserialize)]
+struct Block3 {
+    tx: Vec<Tx3>,
+}
+#[derive(serde::Deserialize)]
+struct Tx3 {
+    vin: Vec<Vin3>,
+}
+#[derive(serde::Deserialize)]
+struct Vin3 {
+    txid: Option<wallet::bitcoin::Txid>,
+    vout: Option<u32>,
+    prevout: Option<Prevout3>,
+}
+#[derive(serde::Deserialize)]
+struct Prevout3 {
+    #[serde(with = "wallet::bitcoin::amount::serde::as_btc")]
+    value: wallet::bitcoin::Amount,
+    #[serde(rename = "scriptPubKey")]
+    script_pubkey: Spk3,
+}
+#[derive(serde::Deserialize)]
+struct Spk3 {
+    hex: String,
+}
+
+/// Each reserve input against the node: the stated block is in its best chain at the stated
+/// height, the network is the node's, and each UTXO (value and script as the PSBT claims) was
+/// unspent at that block ([`UtxoStatus`]). `gettxout` answers for the tip only, so a UTXO gone
+/// at the tip is looked for in the blocks after the stated one (at most [`MAX_SCAN_BLOCKS`]):
+/// found spent there, it was unspent at the block; not found, it was spent at or before the
+/// block (or never existed): the proof fails.
+fn check_against_node(
+    doc: &reserves::por::ProofDocument,
+    report: &reserves::por::DocumentReport,
+    url: &str,
+    cookie: &Path,
+) -> Result<Vec<UtxoStatus>, Fail> {
+    use bdk_bitcoind_rpc::bitcoincore_rpc::{Auth, Client, RpcApi};
+    use std::collections::HashMap;
+    let node = |e: bdk_bitcoind_rpc::bitcoincore_rpc::Error| ("node", e.to_string());
+    let client = Client::new(url, Auth::CookieFile(cookie.to_owned())).map_err(node)?;
+    let info = client.get_blockchain_info().map_err(node)?;
+    if info.chain != report.network {
+        return Err((
+            "wrong_network",
+            format!(
+                "the proof is for {}, the node runs {}",
+                report.network, info.chain
+            ),
+        ));
+    }
+    let at = client
+        .get_block_hash(u64::from(doc.block_height))
+        .map_err(|e| {
+            (
+                "block_not_in_chain",
+                format!("no block at height {}: {e}", doc.block_height),
+            )
+        })?;
+    if at != report.block_hash {
+        return Err((
+            "block_not_in_chain",
+            format!(
+                "the node's block at height {} is {at}, not {} (reorged away or never there)",
+                doc.block_height, doc.block_hash
+            ),
+        ));
+    }
+    let tip = u32::try_from(client.get_block_count().map_err(node)?).unwrap_or(u32::MAX);
+    let mut statuses: Vec<Option<UtxoStatus>> = vec![None; report.checked.inputs.len()];
+    let mut gone: HashMap<wallet::bitcoin::OutPoint, usize> = HashMap::new();
+    for (i, (op, claimed)) in report.checked.inputs.iter().enumerate() {
+        match client
+            .get_tx_out(&op.txid, op.vout, Some(false))
+            .map_err(node)?
+        {
+            Some(r) => {
+                if r.value != claimed.value
+                    || r.script_pub_key.hex != claimed.script_pubkey.as_bytes()
+                {
+                    return Err((
+                        "utxo_mismatch",
+                        format!("{op}: the chain's output is not the one the PSBT signs for"),
+                    ));
+                }
+                let created = tip.saturating_sub(r.confirmations).saturating_add(1);
+                if r.confirmations == 0 || created > doc.block_height {
+                    return Err((
+                        "utxo_after_block",
+                        format!("{op} was created at height {created}, after the stated block"),
+                    ));
+                }
+                statuses[i] = Some(if tip == doc.block_height {
+                    UtxoStatus::UnspentAtBlock
+                } else {
+                    UtxoStatus::UnspentAtTip {
+                        created_height: created,
+                    }
+                });
+            }
+            None => {
+                gone.insert(*op, i);
+            }
+        }
+    }
+    if !gone.is_empty() {
+        let last = tip.min(doc.block_height.saturating_add(MAX_SCAN_BLOCKS));
+        for h in doc.block_height.saturating_add(1)..=last {
+            if gone.is_empty() {
+                break;
+            }
+            let hash = client.get_block_hash(u64::from(h)).map_err(node)?;
+            let block: Block3 = client
+                .call(
+                    "getblock",
+                    &[serde_json::json!(hash.to_string()), serde_json::json!(3)],
+                )
+                .map_err(node)?;
+            for vin in block.tx.iter().flat_map(|t| &t.vin) {
+                let (Some(txid), Some(vout)) = (vin.txid, vin.vout) else {
+                    continue; // coinbase
+                };
+                let op = wallet::bitcoin::OutPoint { txid, vout };
+                if let Some(i) = gone.remove(&op) {
+                    let claimed = &report.checked.inputs[i].1;
+                    let matches = vin.prevout.as_ref().is_some_and(|p| {
+                        p.value == claimed.value
+                            && hex::decode(&p.script_pubkey.hex).ok().as_deref()
+                                == Some(claimed.script_pubkey.as_bytes())
+                    });
+                    if !matches {
+                        return Err((
+                            "utxo_mismatch",
+                            format!("{op}: the chain's output is not the one the PSBT signs for"),
+                        ));
+                    }
+                    statuses[i] = Some(UtxoStatus::SpentLater { spent_height: h });
+                }
+            }
+        }
+        if let Some((op, _)) = gone.iter().next() {
+            let why = if tip > doc.block_height.saturating_add(MAX_SCAN_BLOCKS) {
+                format!(
+                    "{op} is spent now and not spent in the {MAX_SCAN_BLOCKS} blocks after the \
+                     stated block: it was spent at or before it, or later than this verifier looks"
+                )
+            } else {
+                format!(
+                    "{op} is not unspent at the stated block {}: spent at or before it, or it \
+                     never existed",
+                    doc.block_height
+                )
+            };
+            return Err(("spent_at_block", why));
+        }
+    }
+    Ok(statuses
+        .into_iter()
+        .map(|s| s.expect("every input has a status"))
+        .collect())
 }

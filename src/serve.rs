@@ -83,8 +83,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     // 3. Custody.
     let custody_cfg = custody_config(&cfg, rpc.clone());
     let ledger = Arc::new(EngineLedger::new(node.state.clone(), rt.handle().clone()));
-    let service = CustodyService::open(custody_cfg.clone(), ledger)
+    let mut service = CustodyService::open(custody_cfg.clone(), ledger)
         .map_err(|e| anyhow!("custody service: {e}"))?;
+    service.set_decision_log(Arc::new(crate::custody::AuditDecisions(node.state.clone())));
     let service = Arc::new(Mutex::new(service));
     let runner = Runner::spawn(service.clone())?;
     let client = Arc::new(rpc_client(&rpc)?);

@@ -726,6 +726,23 @@ pub static ROUTES: &[Route] = {
             pr::my_proof
         ),
         route!("GET", "/reserves/verify", Public, None, P, pr::verify_page),
+        route!(
+            "POST",
+            "/mapi/v1/admin/reserves/prove",
+            Signed(ADM),
+            Some(10),
+            A,
+            pr::admin_prove
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/reserves/latest",
+            Public,
+            None,
+            P,
+            pr::latest
+        ),
+        route!("GET", "/mapi/v1/reserves/proofs", Public, None, P, pr::list),
         // BTCPay Greenfield (crate::merchant::greenfield).
         route!(
             "GET",

@@ -184,6 +184,25 @@ pub struct AlarmInfo {
     pub at_ms: u64,
 }
 
+/// A signed BIP-127 proof of reserves over the custody wallet's UTXOs (`reserves::por`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ReservesProofInfo {
+    /// `bitcoin`, `testnet`, `signet` or `regtest`.
+    pub network: String,
+    /// The message the proof commits to.
+    pub message: String,
+    /// The block the UTXOs are taken at, hex.
+    pub block_hash: String,
+    /// Its height.
+    pub block_height: u32,
+    /// The finalized proof PSBT, serialized (BIP-174 bytes).
+    pub psbt: Vec<u8>,
+    /// The UTXOs' sum, satoshis.
+    pub reserves_sat: u64,
+    /// How many UTXOs.
+    pub utxos: usize,
+}
+
 /// A refusal or failure of the custody service. `code` is a Binance-style error code (negative)
 /// and `status` the HTTP status to answer with; `msg` is safe to show to the caller.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -306,6 +325,16 @@ pub trait Custody: Send + Sync + 'static {
     }
     /// The flat withdrawal fee and the minimum amount, satoshis.
     fn withdrawal_terms(&self) -> (u64, u64);
+    /// Syncs to the node's tip and signs a BIP-127 proof of reserves over every confirmed UTXO
+    /// there; `message(height, block_hash_hex)` gives the message for that block (the caller
+    /// names the block in it). The wallet's keys sign; nothing is changed.
+    fn prove_reserves(
+        &self,
+        message: &(dyn Fn(u32, &str) -> String + Sync),
+    ) -> Result<ReservesProofInfo, CustodyError> {
+        let _ = message;
+        Err(CustodyError::not_supported())
+    }
     /// Wallet assets against ledger liabilities.
     fn reconcile(&self) -> Result<ReconcileInfo, CustodyError>;
     /// Regtest only: mines `blocks` blocks (to a throwaway address); the new tip height.

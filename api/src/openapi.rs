@@ -477,6 +477,27 @@ const OPS: &[Op] = &[
         &[],
     ),
     (
+        "post",
+        "/mapi/v1/admin/reserves/prove",
+        "Publish a BIP-127 proof of reserves (docs/proof-of-reserves.md) with a fresh liabilities proof.",
+        "admin",
+        &[("message", false)],
+    ),
+    (
+        "get",
+        "/mapi/v1/reserves/latest",
+        "The latest (or `id`) published proof-of-reserves document.",
+        "none",
+        &[("id", false)],
+    ),
+    (
+        "get",
+        "/mapi/v1/reserves/proofs",
+        "Published proofs of reserves, newest first (no PSBTs).",
+        "none",
+        &[("limit", false), ("fromId", false)],
+    ),
+    (
         "get",
         "/mapi/v1/reserves/my-proof",
         "Your inclusion proof in the latest liabilities proof (docs/liabilities-proof.md).",

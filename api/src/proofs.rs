@@ -79,6 +79,15 @@ impl Proofs {
                 audit_head TEXT NOT NULL,
                 roots TEXT NOT NULL,
                 snapshot TEXT NOT NULL
+            );
+            CREATE TABLE IF NOT EXISTS reserves_proofs (
+                id INTEGER PRIMARY KEY,
+                created_ms INTEGER NOT NULL,
+                block_height INTEGER NOT NULL,
+                block_hash TEXT NOT NULL,
+                reserves_sat INTEGER NOT NULL,
+                liabilities_proof_id INTEGER NOT NULL,
+                document TEXT NOT NULL
             );",
         )?;
         let p = Proofs {
@@ -202,37 +211,43 @@ pub async fn admin_publish_liabilities(
 ) -> Result<Response, ApiError> {
     let (_, p, ctx) = st.signed(&req)?;
     p.finish()?;
+    let snapshot = balances_snapshot(&st)?;
+    let st2 = st.clone();
+    let reply = tokio::task::spawn_blocking(move || publish(&st2, snapshot))
+        .await
+        .map_err(internal)??;
+    Ok(ok_json(&ctx, reply))
+}
+
+/// Per asset, every account's non-zero balance: (asset, [(account, balance)]).
+type Snapshot = Vec<(String, Vec<(u32, u64)>)>;
+
+/// Every non-zero balance (available + held) per configured asset, from the read model.
+fn balances_snapshot(st: &AppState) -> Result<Snapshot, ApiError> {
     let assets: Vec<String> = st
         .markets()
         .assets
         .iter()
         .map(|a| a.symbol.clone())
         .collect();
-    let snapshot: Vec<(String, Vec<(u32, u64)>)> = {
-        let rm = st.read_model().read();
-        assets
-            .iter()
-            .enumerate()
-            .map(|(i, sym)| {
-                let mut b: Vec<(u32, u64)> = Vec::new();
-                for (&account, per) in &rm.balances {
-                    if let Some(&(avail, held)) = per.get(i) {
-                        let total = avail.checked_add(held).ok_or_else(ApiError::internal)?;
-                        if total != 0 {
-                            b.push((account, total));
-                        }
+    let rm = st.read_model().read();
+    assets
+        .iter()
+        .enumerate()
+        .map(|(i, sym)| {
+            let mut b: Vec<(u32, u64)> = Vec::new();
+            for (&account, per) in &rm.balances {
+                if let Some(&(avail, held)) = per.get(i) {
+                    let total = avail.checked_add(held).ok_or_else(ApiError::internal)?;
+                    if total != 0 {
+                        b.push((account, total));
                     }
                 }
-                b.sort_unstable();
-                Ok((sym.clone(), b))
-            })
-            .collect::<Result<_, ApiError>>()?
-    };
-    let st2 = st.clone();
-    let reply = tokio::task::spawn_blocking(move || publish(&st2, snapshot))
-        .await
-        .map_err(internal)??;
-    Ok(ok_json(&ctx, reply))
+            }
+            b.sort_unstable();
+            Ok((sym.clone(), b))
+        })
+        .collect::<Result<_, ApiError>>()
 }
 
 fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Value, ApiError> {
@@ -350,4 +365,201 @@ pub async fn verify_page(State(st): State<AppState>) -> Response {
         r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
     }
     r
+}
+
+// ----- the BIP-127 proof of reserves (docs/proof-of-reserves.md) -----
+
+/// `POST /mapi/v1/admin/reserves/prove` (ADMIN), `message` optional: publishes a liabilities
+/// proof over every balance now, then has custody sign a BIP-127 proof of reserves over its
+/// UTXOs at the node's tip whose message (by default) names that block, every liabilities root
+/// and the audit head; stores the proof document (all of them are kept), logs
+/// `reserves.prove.publish` and answers the document.
+pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let custom = p.opt("message")?;
+    p.finish()?;
+    if let Some(m) = &custom {
+        if m.is_empty() || m.len() > reserves::por::MAX_MESSAGE {
+            return Err(ApiError::invalid_value("message"));
+        }
+    }
+    let snapshot = balances_snapshot(&st)?;
+    let st2 = st.clone();
+    let published = tokio::task::spawn_blocking(move || publish(&st2, snapshot))
+        .await
+        .map_err(internal)??;
+    let liabilities_proof_id = published["proofId"]
+        .as_u64()
+        .ok_or_else(ApiError::internal)?;
+    let mut liabilities = std::collections::BTreeMap::new();
+    for a in published["assets"].as_array().into_iter().flatten() {
+        liabilities.insert(
+            a["asset"].as_str().unwrap_or_default().to_owned(),
+            reserves::por::AssetLiabilities {
+                root: a["root"].as_str().unwrap_or_default().to_owned(),
+                total: a["total"].as_str().unwrap_or_default().to_owned(),
+                leaves: a["leaves"].as_u64().unwrap_or_default(),
+            },
+        );
+    }
+    // The head after the liabilities publication: the proof names it.
+    let audit_head = hex::encode(st.audit_head().1);
+    let (l2, h2) = (liabilities.clone(), audit_head.clone());
+    let proof = crate::capital::call(&st, move |c| {
+        c.prove_reserves(&move |height: u32, hash: &str| match &custom {
+            Some(m) => m.clone(),
+            None => reserves::por::default_message(height, hash, liabilities_proof_id, &l2, &h2),
+        })
+    })
+    .await?;
+    let doc = reserves::por::ProofDocument {
+        version: reserves::por::DOCUMENT_VERSION,
+        network: proof.network,
+        message: proof.message,
+        block_hash: proof.block_hash,
+        block_height: proof.block_height,
+        psbt: reserves::por::psbt_base64(&proof.psbt),
+        reserves_sat: proof.reserves_sat,
+        liabilities_proof_id,
+        liabilities,
+        audit_head,
+        created: crate::core::now_ms(),
+    };
+    let st2 = st.clone();
+    let (id, doc) = tokio::task::spawn_blocking(move || store_document(&st2, doc))
+        .await
+        .map_err(internal)??;
+    let psbt_sha256 = {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(&proof.psbt))
+    };
+    st.audit(
+        "reserves.prove.publish",
+        json!({
+            "id": id,
+            "block_height": doc.block_height,
+            "block_hash": doc.block_hash,
+            "reserves_sat": doc.reserves_sat,
+            "utxos": proof.utxos,
+            "liabilities_proof_id": doc.liabilities_proof_id,
+            "audit_head": doc.audit_head,
+            "message": doc.message,
+            "psbt_sha256": psbt_sha256,
+        }),
+    )?;
+    let mut v = serde_json::to_value(&doc).map_err(internal)?;
+    v["id"] = json!(id);
+    Ok(ok_json(&ctx, v))
+}
+
+fn store_document(
+    st: &AppState,
+    doc: reserves::por::ProofDocument,
+) -> Result<(u64, reserves::por::ProofDocument), ApiError> {
+    let text = serde_json::to_string(&doc).map_err(internal)?;
+    let db = st.0.proofs.db.lock().unwrap_or_else(|e| e.into_inner());
+    db.execute(
+        "INSERT INTO reserves_proofs \
+         (created_ms, block_height, block_hash, reserves_sat, liabilities_proof_id, document) \
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![
+            i64::try_from(doc.created).map_err(internal)?,
+            doc.block_height,
+            doc.block_hash,
+            i64::try_from(doc.reserves_sat).map_err(internal)?,
+            i64::try_from(doc.liabilities_proof_id).map_err(internal)?,
+            text,
+        ],
+    )
+    .map_err(internal)?;
+    let id = db.last_insert_rowid() as u64;
+    Ok((id, doc))
+}
+
+/// The stored document `id` (the latest with `None`), as stored.
+fn load_document(st: &AppState, id: Option<u64>) -> Result<Option<(u64, String)>, ApiError> {
+    let db = st.0.proofs.db.lock().unwrap_or_else(|e| e.into_inner());
+    let row = match id {
+        Some(id) => db.query_row(
+            "SELECT id, document FROM reserves_proofs WHERE id = ?1",
+            params![i64::try_from(id).map_err(|_| ApiError::invalid_value("id"))?],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+        ),
+        None => db.query_row(
+            "SELECT id, document FROM reserves_proofs ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?)),
+        ),
+    }
+    .optional()
+    .map_err(internal)?;
+    Ok(row.map(|(id, d)| (id as u64, d)))
+}
+
+/// `GET /mapi/v1/reserves/latest` (public, weight 2; `id` optional: that older proof): the
+/// proof-of-reserves document as published, with its `id`.
+pub async fn latest(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 2)?;
+    let id = p.opt_u64("id")?;
+    p.finish()?;
+    let st2 = st.clone();
+    let found = tokio::task::spawn_blocking(move || load_document(&st2, id))
+        .await
+        .map_err(internal)??;
+    let Some((id, text)) = found else {
+        return Err(ApiError::bad(
+            -1130,
+            "No such proof of reserves has been published.",
+        ));
+    };
+    let mut v: Value = serde_json::from_str(&text).map_err(internal)?;
+    v["id"] = json!(id);
+    Ok(ok_json(&ctx, v))
+}
+
+/// The most proofs [`list`] answers at once.
+pub const LIST_LIMIT: u64 = 100;
+
+/// `GET /mapi/v1/reserves/proofs` (public, weight 2; `limit` 1..=100, default 100; `fromId`:
+/// ids at most this): the published proofs, newest first, without their PSBTs
+/// (`GET /mapi/v1/reserves/latest?id=N` answers one whole).
+pub async fn list(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (mut p, ctx) = st.public(&req, 2)?;
+    let limit = p.opt_u64("limit")?.unwrap_or(LIST_LIMIT);
+    let from = p.opt_u64("fromId")?;
+    p.finish()?;
+    if !(1..=LIST_LIMIT).contains(&limit) {
+        return Err(ApiError::invalid_value("limit"));
+    }
+    let from = i64::try_from(from.unwrap_or(i64::MAX as u64))
+        .map_err(|_| ApiError::invalid_value("fromId"))?;
+    let st2 = st.clone();
+    let rows = tokio::task::spawn_blocking(move || -> Result<Vec<Value>, ApiError> {
+        let db = st2.0.proofs.db.lock().unwrap_or_else(|e| e.into_inner());
+        let mut q = db
+            .prepare(
+                "SELECT id, created_ms, block_height, block_hash, reserves_sat, \
+                 liabilities_proof_id FROM reserves_proofs WHERE id <= ?1 \
+                 ORDER BY id DESC LIMIT ?2",
+            )
+            .map_err(internal)?;
+        let rows = q
+            .query_map(params![from, limit as i64], |r| {
+                Ok(json!({
+                    "id": r.get::<_, i64>(0)?,
+                    "created": r.get::<_, i64>(1)?,
+                    "block_height": r.get::<_, i64>(2)?,
+                    "block_hash": r.get::<_, String>(3)?,
+                    "reserves_sat": r.get::<_, i64>(4)?,
+                    "liabilities_proof_id": r.get::<_, i64>(5)?,
+                }))
+            })
+            .map_err(internal)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(internal)?;
+        Ok(rows)
+    })
+    .await
+    .map_err(internal)??;
+    Ok(ok_json(&ctx, Value::Array(rows)))
 }

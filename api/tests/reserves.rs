@@ -217,3 +217,57 @@ async fn openapi_lists_the_reserves_routes() {
     let publish = &doc["paths"]["/mapi/v1/admin/reserves/liabilities"]["post"];
     assert_eq!(publish["x-permission"], "admin", "{publish}");
 }
+
+#[tokio::test]
+async fn proof_of_reserves_routes_refuse_cleanly_and_change_nothing() {
+    let h = Harness::new();
+    // Nothing published yet: a clear refusal, and an empty list.
+    let r = h.get("/mapi/v1/reserves/latest").await;
+    assert_eq!(r.code(), -1130, "{}", r.json);
+    let r = h.get("/mapi/v1/reserves/latest?id=7").await;
+    assert_eq!(r.code(), -1130, "{}", r.json);
+    let r = h.get("/mapi/v1/reserves/proofs").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json, serde_json::json!([]));
+    for bad in ["limit=0", "limit=101", "limit=x", "id=-1"] {
+        let uri = if bad.starts_with("id") {
+            format!("/mapi/v1/reserves/latest?{bad}")
+        } else {
+            format!("/mapi/v1/reserves/proofs?{bad}")
+        };
+        let r = h.get(&uri).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.json);
+    }
+    // A message out of bounds is refused before anything is published.
+    let long = "m".repeat(reserves::por::MAX_MESSAGE + 1);
+    let before = std::fs::read(h.dir.path().join(api::proofs::AUDIT_FILE)).unwrap();
+    for m in [String::new(), long] {
+        let r = h
+            .signed(
+                "POST",
+                "/mapi/v1/admin/reserves/prove",
+                &format!("message={m}"),
+                &h.admin,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    }
+    assert_eq!(
+        std::fs::read(h.dir.path().join(api::proofs::AUDIT_FILE)).unwrap(),
+        before,
+        "a refused prove logs nothing"
+    );
+    // The routes are documented with their permissions.
+    let doc = h.get("/openapi.json").await.json;
+    for public in ["/mapi/v1/reserves/latest", "/mapi/v1/reserves/proofs"] {
+        let op = &doc["paths"][public]["get"];
+        assert!(
+            op.is_object() && op.get("security").is_none(),
+            "{public}: {op}"
+        );
+    }
+    assert_eq!(
+        doc["paths"]["/mapi/v1/admin/reserves/prove"]["post"]["x-permission"],
+        "admin"
+    );
+}

@@ -11,13 +11,16 @@
 //! * Verification never panics on input: truncated, malformed or dishonest files are an error
 //!   value with a stable code.
 //! * A published proof binds its liabilities roots and the audit-log head in one
-//!   [`liabilities::commitment`] digest, which the proof of reserves (BIP-127 PSBT, later) signs
-//!   over.
+//!   [`liabilities::commitment`] digest; the proof of reserves ([`por`], a BIP-127 PSBT) signs a
+//!   message that names the block, every root and the audit head.
+//! * [`por`] builds the unsigned proof and verifies a signed one; it never holds a private key
+//!   (the `wallet` crate signs).
 
 #![warn(missing_docs)]
 
 pub mod auditlog;
 pub mod liabilities;
+pub mod por;
 
 pub use auditlog::{AuditLog, Entry as AuditEntry, VerifyReport as AuditReport};
 pub use liabilities::{InclusionProof, Tree};

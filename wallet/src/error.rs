@@ -341,3 +341,21 @@ pub enum StepError {
     #[error(transparent)]
     Withdrawal(#[from] WithdrawalError),
 }
+
+/// Building a proof of reserves failed. Nothing was changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProveError {
+    /// The wallet has no confirmed UTXO at its tip.
+    #[error("the wallet has no confirmed UTXO to prove")]
+    NoUtxos,
+    /// The message or the proof is not valid (see `reserves::por::PorError`).
+    #[error("proof of reserves: {0}")]
+    Proof(#[from] reserves::por::PorError),
+    /// The wallet could not describe one of its UTXOs.
+    #[error("building the proof: {0}")]
+    Build(String),
+    /// Signing failed or left reserve inputs unsigned.
+    #[error("signing the proof: {0}")]
+    Sign(String),
+}

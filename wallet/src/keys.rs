@@ -136,6 +136,18 @@ impl MasterKey {
         }
     }
 
+    /// Signs every reserve input (1..) of a BIP-127 proof PSBT. Input 0, the commitment input,
+    /// spends no UTXO and is never signed: the only input allowed to fail. Returns how many
+    /// inputs were signed.
+    pub(crate) fn sign_proof(&self, psbt: &mut bdk_wallet::bitcoin::Psbt) -> Result<usize, String> {
+        let secp = Secp256k1::new();
+        match psbt.sign(&self.xprv, &secp) {
+            Ok(signed) => Ok(signed.len()),
+            Err((signed, errors)) if errors.keys().all(|&i| i == 0) => Ok(signed.len()),
+            Err((_, errors)) => Err(format!("{} reserve inputs failed to sign", errors.len())),
+        }
+    }
+
     /// The master fingerprint.
     pub(crate) fn fingerprint(&self) -> Fingerprint {
         self.xprv.fingerprint(&Secp256k1::signing_only())

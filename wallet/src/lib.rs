@@ -35,16 +35,16 @@ mod store;
 
 pub use config::{BatchPolicy, CustodyConfig, RpcAuth, RpcConfig, WithdrawalPolicy};
 pub use error::{
-    BatchError, BumpError, DepositAddressError, DepositError, OpenError, StepError, StoreError,
-    SyncError, WithdrawalError,
+    BatchError, BumpError, DepositAddressError, DepositError, OpenError, ProveError, StepError,
+    StoreError, SyncError, WithdrawalError,
 };
 pub use keys::{KeyError, Passphrase};
 pub use ledger::{Ledger, LedgerError};
 pub use runner::{system_now, Runner};
 pub use service::{
-    BatchInfo, BatchView, CustodyService, DepositEvent, DepositReport, DepositView, Reconciliation,
-    RecordMismatch, RecordsReport, StepReport, SyncReport, WithdrawalReport, WithdrawalRequest,
-    DATABASE_FILE,
+    BatchInfo, BatchView, CustodyService, DecisionLog, DepositEvent, DepositReport, DepositView,
+    Reconciliation, RecordMismatch, RecordsReport, ReservesProof, StepReport, SyncReport,
+    WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
 };
 pub use store::{Alarm, DepositStatus, WithdrawalStatus, WithdrawalView};
 

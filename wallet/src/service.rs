@@ -2,8 +2,8 @@
 
 use crate::config::{CustodyConfig, RpcAuth};
 use crate::error::{
-    BatchError, BumpError, DepositAddressError, DepositError, OpenError, StepError, SyncError,
-    WithdrawalError,
+    BatchError, BumpError, DepositAddressError, DepositError, OpenError, ProveError, StepError,
+    SyncError, WithdrawalError,
 };
 use crate::keys;
 use crate::ledger::{Ledger, LedgerError};
@@ -252,6 +252,26 @@ pub struct CustodyService {
     /// The latest `now` a caller passed in (0 before the first): the time stamped on alarms
     /// raised where no time is passed (the library never reads the clock).
     last_now_ms: u64,
+    /// Where the service's own automatic decisions are recorded (the server's audit log).
+    decisions: Option<Arc<dyn DecisionLog>>,
+    /// The last reconciliation recorded there: (shortfall, surplus), recorded again on change.
+    last_reconciliation: Option<(bool, i64)>,
+}
+
+/// Where custody records its own automatic decisions: a withdrawal approved by policy
+/// (`custody.withdrawal.auto_approve`), one released by the service
+/// (`custody.withdrawal.release`), an account flagged (`custody.account.flag`), an alarm raised
+/// (`custody.alarm.raise`), a changed reconciliation result (`custody.reconcile`). The server
+/// implements it over its audit log.
+///
+/// **Contract:** [`record`](DecisionLog::record) returns after the entry is durable; the service
+/// calls it when it makes the decision, before the step or request that made it returns (so
+/// before any reply that reports it). A failed record is logged as an error and raises the
+/// `decision_log_failed` alarm (the decision itself stands: it is already in the wallet's
+/// database and, for holds, in the ledger). Params never hold a secret.
+pub trait DecisionLog: Send + Sync {
+    /// Records `action` with `params` (name, value) durably.
+    fn record(&self, action: &str, params: &[(&str, String)]) -> Result<(), String>;
 }
 
 impl fmt::Debug for CustodyService {
@@ -403,6 +423,8 @@ impl CustodyService {
             deny_list,
             key,
             last_now_ms: 0,
+            decisions: None,
+            last_reconciliation: None,
         };
         service.recover_withdrawals()?;
         Ok(service)
@@ -466,8 +488,64 @@ impl CustodyService {
     fn alarm(&self, kind: &str, subject: &str, message: &str) -> Result<(), crate::StoreError> {
         if store::raise_alarm(&self.db, kind, subject, message, self.last_now_ms)? {
             tracing::error!(kind, subject, message, "custody alarm");
+            self.decide(
+                "custody.alarm.raise",
+                &[
+                    ("kind", kind.to_owned()),
+                    ("subject", subject.to_owned()),
+                    ("message", message.to_owned()),
+                ],
+            );
         }
         Ok(())
+    }
+
+    /// Sets where automatic decisions are recorded ([`DecisionLog`]).
+    pub fn set_decision_log(&mut self, log: Arc<dyn DecisionLog>) {
+        self.decisions = Some(log);
+    }
+
+    /// Records an automatic decision (see [`DecisionLog`]); a failure is an error in the log
+    /// and the `decision_log_failed` alarm, never a panic.
+    fn decide(&self, action: &str, params: &[(&str, String)]) {
+        let Some(log) = &self.decisions else {
+            return;
+        };
+        if let Err(e) = log.record(action, params) {
+            tracing::error!(action, error = %e, "custody decision not recorded in the audit log");
+            if let Err(e2) = store::raise_alarm(
+                &self.db,
+                "decision_log_failed",
+                action,
+                &format!("the audit log refused the entry: {e}"),
+                self.last_now_ms,
+            ) {
+                tracing::error!(error = %e2, "could not raise the decision_log_failed alarm");
+            }
+        }
+    }
+
+    /// [`held_status`](Self::held_status), recording an approval by policy.
+    fn held_status_recorded(
+        &self,
+        w: &WithdrawalView,
+    ) -> Result<WithdrawalStatus, crate::StoreError> {
+        let status = self.held_status(w)?;
+        if status == WithdrawalStatus::Pending {
+            self.decide(
+                "custody.withdrawal.auto_approve",
+                &[
+                    ("id", w.id.to_string()),
+                    ("account", w.account.to_string()),
+                    ("amount_sat", w.amount.0.to_string()),
+                    (
+                        "reason",
+                        "within the approval threshold and the hot wallet's daily limit".into(),
+                    ),
+                ],
+            );
+        }
+        Ok(status)
     }
 
     /// Gets the hold of a `new` withdrawal settled: asks the ledger for its record first (an
@@ -483,7 +561,7 @@ impl CustodyService {
         };
         match answer {
             Ok(()) => {
-                let status = self.held_status(w)?;
+                let status = self.held_status_recorded(w)?;
                 store::set_withdrawal_status(&self.db, w.id, status, None)?;
                 Ok(status)
             }
@@ -532,7 +610,7 @@ impl CustodyService {
         }
         match rec.state {
             WithdrawalState::Held => {
-                let status = self.held_status(w)?;
+                let status = self.held_status_recorded(w)?;
                 store::set_withdrawal_status(&self.db, w.id, status, None)?;
                 Ok(status)
             }
@@ -1018,6 +1096,13 @@ impl CustodyService {
             event.outpoint, event.amount
         );
         store::flag_account(&self.db, event.account, &reason, now.as_millis())?;
+        self.decide(
+            "custody.account.flag",
+            &[
+                ("account", event.account.to_string()),
+                ("reason", reason.clone()),
+            ],
+        );
         tracing::error!(account = %event.account, outpoint = %event.outpoint, amount = %event.amount,
             "credited deposit removed by a reorg; account flagged");
         Ok(())
@@ -1112,7 +1197,7 @@ impl CustodyService {
         let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
         let status = match self.ledger.submit(Self::hold_of(&w)) {
             Ok(()) => {
-                let status = self.held_status(&w)?;
+                let status = self.held_status_recorded(&w)?;
                 store::set_withdrawal_status(&self.db, id, status, None)?;
                 status
             }
@@ -1309,6 +1394,14 @@ impl CustodyService {
                     batch.push(w);
                 }
                 _ => {
+                    self.decide(
+                        "custody.withdrawal.release",
+                        &[
+                            ("id", w.id.to_string()),
+                            ("account", w.account.to_string()),
+                            ("reason", "destination is deny-listed".into()),
+                        ],
+                    );
                     if let Err(e) = self.release(w.id, "destination is deny-listed") {
                         tracing::error!(id = %w.id, error = %e, "could not release a denied withdrawal");
                     }
@@ -1868,6 +1961,25 @@ impl CustodyService {
         let withdrawals = self.process_withdrawals(now)?;
         let batch = self.run_batcher(now)?;
         let reconciliation = self.reconcile()?;
+        let now_rec = (reconciliation.shortfall, reconciliation.surplus_sat);
+        if self.decisions.is_some() && self.last_reconciliation != Some(now_rec) {
+            let r = &reconciliation;
+            self.decide(
+                "custody.reconcile",
+                &[
+                    ("shortfall", r.shortfall.to_string()),
+                    ("surplus_sat", r.surplus_sat.to_string()),
+                    ("wallet_confirmed_sat", r.wallet_confirmed.0.to_string()),
+                    ("wallet_pending_sat", r.wallet_pending.0.to_string()),
+                    ("ledger_liabilities_sat", r.ledger_liabilities.0.to_string()),
+                    (
+                        "withdrawals_in_flight_sat",
+                        r.withdrawals_in_flight.0.to_string(),
+                    ),
+                ],
+            );
+            self.last_reconciliation = Some(now_rec);
+        }
         Ok(StepReport {
             sync,
             deposits,
@@ -1883,6 +1995,80 @@ impl CustodyService {
 fn batch_witness_wu(psbt: &Psbt) -> u64 {
     const P2WPKH_WITNESS_WU: u64 = 1 + 1 + 73 + 1 + 33;
     P2WPKH_WITNESS_WU * psbt.inputs.len() as u64
+}
+
+/// A signed BIP-127 proof of reserves over the wallet's confirmed UTXOs at its tip
+/// ([`CustodyService::prove_reserves`]).
+#[derive(Debug, Clone)]
+pub struct ReservesProof {
+    /// The finalized proof PSBT (input 0 the commitment, every other input signed).
+    pub psbt: Psbt,
+    /// The block the UTXOs are taken at (the wallet's tip).
+    pub block_hash: bitcoin::BlockHash,
+    /// Its height.
+    pub block_height: u32,
+    /// The sum of the UTXOs proven.
+    pub reserves: Amount,
+    /// How many UTXOs.
+    pub utxos: usize,
+}
+
+impl CustodyService {
+    /// Builds and signs a BIP-127 proof of reserves (`reserves::por`) for `message` over every
+    /// UTXO the wallet holds confirmed at or below its tip (outputs spent by a transaction of the
+    /// wallet's, even unconfirmed, are left out). Each reserve input is signed `SIGHASH_ALL`
+    /// here, with the key that never leaves this crate; the result is checked by
+    /// `reserves::por::verify_psbt` before it is returned. Changes nothing and persists nothing.
+    pub fn prove_reserves(&self, message: &str) -> Result<ReservesProof, ProveError> {
+        let tip = self.wallet.latest_checkpoint();
+        let (block_height, block_hash) = (tip.height(), tip.hash());
+        let mut utxos: Vec<_> = self
+            .wallet
+            .list_unspent()
+            .filter(|u| match u.chain_position {
+                ChainPosition::Confirmed { anchor, .. } => anchor.block_id.height <= block_height,
+                ChainPosition::Unconfirmed { .. } => false,
+            })
+            .collect();
+        if utxos.is_empty() {
+            return Err(ProveError::NoUtxos);
+        }
+        utxos.sort_by_key(|u| u.outpoint);
+        let count = utxos.len();
+        let inputs = utxos
+            .into_iter()
+            .map(|u| {
+                let op = u.outpoint;
+                self.wallet
+                    .get_psbt_input(u, Some(bitcoin::EcdsaSighashType::All.into()), true)
+                    .map(|i| (op, i))
+                    .map_err(|e| ProveError::Build(e.to_string()))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut psbt = reserves::por::proof_psbt(message, inputs)?;
+        let signed = self.key.sign_proof(&mut psbt).map_err(ProveError::Sign)?;
+        if signed != count {
+            return Err(ProveError::Sign(format!(
+                "signed {signed} of {count} reserve inputs"
+            )));
+        }
+        let finalized = self
+            .wallet
+            .finalize_psbt(&mut psbt, SignOptions::default())
+            .map_err(|e| ProveError::Sign(e.to_string()))?;
+        if !finalized {
+            return Err(ProveError::Sign("inputs left unfinalized".into()));
+        }
+        let checked = reserves::por::verify_psbt(&psbt, message)?;
+        debug_assert_eq!(checked.inputs.len(), count);
+        Ok(ReservesProof {
+            psbt,
+            block_hash,
+            block_height,
+            reserves: sats(checked.reserves),
+            utxos: count,
+        })
+    }
 }
 
 #[cfg(test)]

@@ -25,6 +25,7 @@
 //!   <version>")`), never stored; rotating bumps the version.
 //! * Money is integers: satoshis, quote units, rates in quote units per BTC. No floats.
 
+pub mod dashboard;
 pub mod greenfield;
 pub mod model;
 pub mod monitor;
@@ -87,6 +88,8 @@ pub struct Merchant {
     pub invoice_lock: tokio::sync::Mutex<()>,
     /// `redeliver` calls per merchant (set up on first use from [`MerchantConfig`]).
     pub redeliveries: std::sync::OnceLock<crate::ratelimit::Limiter>,
+    /// Dashboard login attempts per client IP and per store ([`dashboard`]).
+    pub logins: std::sync::OnceLock<crate::ratelimit::Limiter>,
 }
 
 impl std::fmt::Debug for Merchant {
@@ -106,6 +109,7 @@ impl Merchant {
             kick: tokio::sync::Notify::new(),
             invoice_lock: tokio::sync::Mutex::new(()),
             redeliveries: std::sync::OnceLock::new(),
+            logins: std::sync::OnceLock::new(),
         })
     }
 

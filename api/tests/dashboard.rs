@@ -348,7 +348,7 @@ async fn a_one_time_link_logs_in_once_and_not_after_expiry() {
     assert_eq!(shown.status, StatusCode::OK);
     assert!(shown.body.contains(&token));
     assert!(shown.headers.get("set-cookie").is_none());
-    assert_eq!(shown.headers["referrer-policy"], "no-referrer");
+    assert_eq!(shown.headers["referrer-policy"], "same-origin");
     let first = req(&d.h, "POST", "/dashboard/login", None, &[("link", &token)], &[]).await;
     assert_eq!(first.status, StatusCode::SEE_OTHER, "{}", first.body);
     let id = first.cookie().unwrap();

@@ -506,7 +506,10 @@ fn page(status: StatusCode, title: &str, s: Option<&Session>, body: &str) -> Res
         HeaderValue::from_static("text/html; charset=utf-8"),
     );
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    // Not `no-referrer`: with it Chromium sends `Origin: null` on the page's own form posts,
+    // which the Origin check refuses. `same-origin` still keeps a login link's token (in the
+    // URL) from other sites.
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
@@ -1044,7 +1047,9 @@ pub async fn invoice(
          <dt>Checkout<dd><a href=\"{}\">open the checkout page</a></dl></section>",
         esc(&txt(&inv["status"]).to_ascii_lowercase()),
         esc(&txt(&inv["status"])),
-        esc(&txt(&inv["additionalStatus"])),
+        esc(&Some(txt(&inv["additionalStatus"]))
+            .filter(|a| a != "None")
+            .unwrap_or_default()),
         esc(&txt(&inv["amount"])),
         esc(&txt(&inv["currency"])),
         esc(&txt(&inv["metadata"]["orderId"])),
@@ -1350,7 +1355,7 @@ pub async fn create_token(
         &label,
     )?;
     let b = format!(
-        "<p class=ok>Token created. Copy it now: it is not shown again.</p><dl>\
+        "<p class=ok>Token created. Copy it now: it is not shown again.</p><dl class=stack>\
          <dt>Greenfield token (<code>Authorization: token ...</code>)<dd><code class=secret>{}</code>\
          <dt>API key<dd><code>{}</code><dt>Secret key (signed API)<dd><code class=secret>{}</code>\
          <dt>Permissions<dd>{}</dl><p><a href=\"/dashboard/tokens\">Back to the tokens</a></p>",

@@ -85,7 +85,10 @@ fn a_shop_owner_logs_in_on_a_phone_redelivers_a_webhook_refunds_and_makes_a_toke
             "POST",
             &format!("/api/v1/stores/{account}/invoices"),
             t,
-            Some(&json!({"amount": "0.0004", "currency": "BTC", "metadata": {"orderId": "A-1001"}}).to_string()),
+            Some(
+                &json!({"amount": "0.0004", "currency": "BTC", "metadata": {"orderId": "A-1001"}})
+                    .to_string(),
+            ),
         ),
         "invoice",
     );
@@ -149,7 +152,8 @@ fn a_shop_owner_logs_in_on_a_phone_redelivers_a_webhook_refunds_and_makes_a_toke
     b.screenshot("dashboard-home.png").unwrap();
 
     // Invoices: search by order id, open the invoice.
-    b.goto(&format!("{base}/dashboard/invoices?q=A-1001")).unwrap();
+    b.goto(&format!("{base}/dashboard/invoices?q=A-1001"))
+        .unwrap();
     b.wait_for(
         "the invoice in the list",
         &format!("return !!document.querySelector('a[href=\"/dashboard/invoices/{id}\"]');"),

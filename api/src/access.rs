@@ -958,22 +958,92 @@ pub static ROUTES: &[Route] = {
             gf::claim_page
         ),
         // The store dashboard (merchant::dashboard).
-        route!("POST", "/mapi/v1/admin/dashboardPassword", Signed(ADM), Some(1), A, d::admin_set_password),
-        route!("POST", "/mapi/v1/admin/dashboardLink", Signed(ADM), Some(1), A, d::admin_login_link),
+        route!(
+            "POST",
+            "/mapi/v1/admin/dashboardPassword",
+            Signed(ADM),
+            Some(1),
+            A,
+            d::admin_set_password
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/dashboardLink",
+            Signed(ADM),
+            Some(1),
+            A,
+            d::admin_login_link
+        ),
         route!("GET", "/dashboard/login", Public, None, P, d::login_page),
         route!("POST", "/dashboard/login", Public, None, P, d::login),
         route!("POST", "/dashboard/logout", Session, Some(1), P, d::logout),
         route!("GET", "/dashboard", Session, Some(1), P, d::home),
-        route!("GET", "/dashboard/invoices", Session, Some(1), P, d::invoices),
-        route!("GET", "/dashboard/invoices/{id}", Session, Some(1), P, d::invoice),
-        route!("POST", "/dashboard/invoices/{id}/redeliver", Session, Some(1), P, d::redeliver),
-        route!("POST", "/dashboard/invoices/{id}/refund", Session, Some(1), P, d::refund),
+        route!(
+            "GET",
+            "/dashboard/invoices",
+            Session,
+            Some(1),
+            P,
+            d::invoices
+        ),
+        route!(
+            "GET",
+            "/dashboard/invoices/{id}",
+            Session,
+            Some(1),
+            P,
+            d::invoice
+        ),
+        route!(
+            "POST",
+            "/dashboard/invoices/{id}/redeliver",
+            Session,
+            Some(1),
+            P,
+            d::redeliver
+        ),
+        route!(
+            "POST",
+            "/dashboard/invoices/{id}/refund",
+            Session,
+            Some(1),
+            P,
+            d::refund
+        ),
         route!("GET", "/dashboard/refunds", Session, Some(1), P, d::refunds),
-        route!("GET", "/dashboard/settings", Session, Some(1), P, d::settings),
-        route!("POST", "/dashboard/settings", Session, Some(1), P, d::save_settings),
+        route!(
+            "GET",
+            "/dashboard/settings",
+            Session,
+            Some(1),
+            P,
+            d::settings
+        ),
+        route!(
+            "POST",
+            "/dashboard/settings",
+            Session,
+            Some(1),
+            P,
+            d::save_settings
+        ),
         route!("GET", "/dashboard/tokens", Session, Some(1), P, d::tokens),
-        route!("POST", "/dashboard/tokens", Session, Some(1), P, d::create_token),
-        route!("POST", "/dashboard/tokens/revoke", Session, Some(1), P, d::revoke_token),
+        route!(
+            "POST",
+            "/dashboard/tokens",
+            Session,
+            Some(1),
+            P,
+            d::create_token
+        ),
+        route!(
+            "POST",
+            "/dashboard/tokens/revoke",
+            Session,
+            Some(1),
+            P,
+            d::revoke_token
+        ),
     ]
 };
 

@@ -110,7 +110,15 @@ async fn post(h: &Harness, uri: &str, cookie: &str, from: &str, form: &[(&str, &
     let csrf = get(h, from, cookie).await.csrf();
     let mut f = form.to_vec();
     f.push(("csrf", &csrf));
-    req(h, "POST", uri, Some(cookie), &f, &[("origin", "http://shop.test")]).await
+    req(
+        h,
+        "POST",
+        uri,
+        Some(cookie),
+        &f,
+        &[("origin", "http://shop.test")],
+    )
+    .await
 }
 
 struct D {
@@ -239,9 +247,8 @@ fn store_name(h: &Harness, account: u32) -> String {
 async fn password_login_right_wrong_and_logout() {
     let d = setup().await;
     // Too short a password is refused and the old one stays.
-    let r = d
-        .h
-        .signed(
+    let r =
+        d.h.signed(
             "POST",
             "/mapi/v1/admin/dashboardPassword",
             &format!("account={}&password=short", d.account),
@@ -349,13 +356,33 @@ async fn a_one_time_link_logs_in_once_and_not_after_expiry() {
     assert!(shown.body.contains(&token));
     assert!(shown.headers.get("set-cookie").is_none());
     assert_eq!(shown.headers["referrer-policy"], "same-origin");
-    let first = req(&d.h, "POST", "/dashboard/login", None, &[("link", &token)], &[]).await;
+    let first = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("link", &token)],
+        &[],
+    )
+    .await;
     assert_eq!(first.status, StatusCode::SEE_OTHER, "{}", first.body);
     let id = first.cookie().unwrap();
     assert_eq!(get(&d.h, "/dashboard", &id).await.status, StatusCode::OK);
-    let second = req(&d.h, "POST", "/dashboard/login", None, &[("link", &token)], &[]).await;
+    let second = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("link", &token)],
+        &[],
+    )
+    .await;
     assert_eq!(second.status, StatusCode::UNAUTHORIZED);
-    assert!(second.body.contains("wrong, used or expired"), "{}", second.body);
+    assert!(
+        second.body.contains("wrong, used or expired"),
+        "{}",
+        second.body
+    );
     assert!(second.cookie().is_none());
     // Expired before use.
     let old = link(&d.h, d.account).await;
@@ -367,12 +394,28 @@ async fn a_one_time_link_logs_in_once_and_not_after_expiry() {
         )
         .unwrap();
     }
-    let expired = req(&d.h, "POST", "/dashboard/login", None, &[("link", &old)], &[]).await;
+    let expired = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("link", &old)],
+        &[],
+    )
+    .await;
     assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
     assert!(expired.cookie().is_none());
     // A made-up link.
     let made_up = "ab".repeat(32);
-    let r = req(&d.h, "POST", "/dashboard/login", None, &[("link", &made_up)], &[]).await;
+    let r = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("link", &made_up)],
+        &[],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED);
 }
 
@@ -515,11 +558,10 @@ async fn another_stores_objects_are_refused() {
     let d = setup().await;
     // Store B with an invoice, a webhook delivery and a key.
     let (b, _) = d.h.trader("0", "0").await;
-    let b_key = d
-        .h
-        .state
-        .create_key(b, api::keys::Perms::parse("read,merchant").unwrap(), "b")
-        .unwrap();
+    let b_key =
+        d.h.state
+            .create_key(b, api::keys::Perms::parse("read,merchant").unwrap(), "b")
+            .unwrap();
     let b_token = d.h.state.greenfield_token(&b_key.0);
     let hook = gf(
         &d.h,
@@ -571,7 +613,10 @@ async fn another_stores_objects_are_refused() {
         &format!("/dashboard/invoices/{b_inv}/redeliver"),
         &id,
         "/dashboard",
-        &[("hook", hook["id"].as_str().unwrap()), ("delivery", &b_delivery)],
+        &[
+            ("hook", hook["id"].as_str().unwrap()),
+            ("delivery", &b_delivery),
+        ],
     )
     .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
@@ -593,7 +638,11 @@ async fn another_stores_objects_are_refused() {
     )
     .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
-    assert_eq!(token_status(&d.h, &b_token).await, StatusCode::OK, "B's key revoked");
+    assert_eq!(
+        token_status(&d.h, &b_token).await,
+        StatusCode::OK,
+        "B's key revoked"
+    );
     let tokens = get(&d.h, "/dashboard/tokens", &id).await;
     assert!(!tokens.body.contains(&b_key.0), "B's key listed to A");
     assert_eq!(count("webhook_deliveries"), deliveries_before);
@@ -660,7 +709,12 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
     assert!(settled.body.contains(&paid_id) && !settled.body.contains(&other_id));
     let fresh = get(&d.h, "/dashboard/invoices?status=New", &id).await;
     assert!(fresh.body.contains(&other_id) && !fresh.body.contains(&paid_id));
-    let old = get(&d.h, "/dashboard/invoices?from=2001-01-01&to=2001-12-31", &id).await;
+    let old = get(
+        &d.h,
+        "/dashboard/invoices?from=2001-01-01&to=2001-12-31",
+        &id,
+    )
+    .await;
     assert!(!old.body.contains(&paid_id) && old.body.contains("No invoices match"));
     let today = get(&d.h, "/dashboard/invoices?from=2001-01-01", &id).await;
     assert!(today.body.contains(&paid_id));
@@ -727,7 +781,11 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
     .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
     let shown = get(&d.h, r.location(), &id).await;
-    assert!(shown.body.contains("Refund of 0.0002 BTC created"), "{}", shown.body);
+    assert!(
+        shown.body.contains("Refund of 0.0002 BTC created"),
+        "{}",
+        shown.body
+    );
     let pps = gf(
         &d.h,
         "GET",
@@ -740,7 +798,11 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
     assert_eq!(pps[0]["amount"], "0.0002");
     let pp_id = pps[0]["id"].as_str().unwrap();
     let refunds = get(&d.h, "/dashboard/refunds", &id).await;
-    assert!(refunds.body.contains(&format!("/pp/{pp_id}")), "{}", refunds.body);
+    assert!(
+        refunds.body.contains(&format!("/pp/{pp_id}")),
+        "{}",
+        refunds.body
+    );
     // A refund larger than what is refundable is refused, nothing created.
     let r = post(
         &d.h,
@@ -777,7 +839,10 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
     assert_eq!(current["label"], "woo");
     let listed = get(&d.h, "/dashboard/tokens", &id).await;
     assert!(listed.body.contains("woo"));
-    assert!(!listed.body.contains(&new_token), "the token is shown again");
+    assert!(
+        !listed.body.contains(&new_token),
+        "the token is shown again"
+    );
     let at = created.body.find("<dt>API key<dd><code>").unwrap() + 21;
     let api_key = created.body[at..at + created.body[at..].find('<').unwrap()].to_owned();
     assert!(listed.body.contains(&api_key));
@@ -790,9 +855,19 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
     )
     .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
-    assert_eq!(token_status(&d.h, &new_token).await, StatusCode::UNAUTHORIZED);
+    assert_eq!(
+        token_status(&d.h, &new_token).await,
+        StatusCode::UNAUTHORIZED
+    );
     // No permission or an unoffered one: refused.
-    let r = post(&d.h, "/dashboard/tokens", &id, "/dashboard/tokens", &[("label", "x")]).await;
+    let r = post(
+        &d.h,
+        "/dashboard/tokens",
+        &id,
+        "/dashboard/tokens",
+        &[("label", "x")],
+    )
+    .await;
     assert_eq!(r.status, StatusCode::BAD_REQUEST);
 
     // Settings: shown, then saved through Greenfield's store update (validated there).
@@ -813,7 +888,14 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
     )
     .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
-    let store_v = gf(&d.h, "GET", &format!("/api/v1/stores/{store}"), &d.token, None).await;
+    let store_v = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{store}"),
+        &d.token,
+        None,
+    )
+    .await;
     assert_eq!(store_v["name"], "Corner shop");
     assert_eq!(store_v["invoiceExpiration"], 1800);
     assert_eq!(store_v["speedPolicy"], "LowSpeed");

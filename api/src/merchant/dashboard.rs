@@ -166,7 +166,12 @@ pub async fn admin_login_link(
     })
     .await?;
     st.audit_as("admin", "dashboard.link", json!({ "account": account }))?;
-    let base = st.0.cfg.public_url.as_deref().unwrap_or("").trim_end_matches('/');
+    let base =
+        st.0.cfg
+            .public_url
+            .as_deref()
+            .unwrap_or("")
+            .trim_end_matches('/');
     Ok(crate::app::ok_json(
         &ctx,
         json!({
@@ -275,7 +280,13 @@ impl FromRequestParts<AppState> for Session {
             c.query_row(
                 "SELECT merchant, csrf, expires_ms FROM dashboard_session WHERE hash = ?1",
                 params![h2],
-                |r| Ok((r.get::<_, u32>(0)?, r.get::<_, String>(1)?, r.get::<_, u64>(2)?)),
+                |r| {
+                    Ok((
+                        r.get::<_, u32>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, u64>(2)?,
+                    ))
+                },
             )
             .optional()
             .map_err(db_error)
@@ -399,7 +410,12 @@ impl<S: Send + Sync> axum::extract::FromRequest<S> for Form {
     async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Refusal> {
         let body = axum::body::to_bytes(req.into_body(), MAX_FORM)
             .await
-            .map_err(|_| Refusal::Page(StatusCode::PAYLOAD_TOO_LARGE, "The form is too large.".into()))?;
+            .map_err(|_| {
+                Refusal::Page(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "The form is too large.".into(),
+                )
+            })?;
         Form::parse(&body)
     }
 }
@@ -509,7 +525,10 @@ fn page(status: StatusCode, title: &str, s: Option<&Session>, body: &str) -> Res
     // Not `no-referrer`: with it Chromium sends `Origin: null` on the page's own form posts,
     // which the Origin check refuses. `same-origin` still keeps a login link's token (in the
     // URL) from other sites.
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(
@@ -602,9 +621,12 @@ pub async fn login(
 ) -> Response {
     match try_login(&st, &ip, &headers, &form).await {
         Ok(r) => r,
-        Err(Refusal::Page(status, msg)) => {
-            page(status, "Log in", None, &login_form(form.get("link"), Some(&msg)))
-        }
+        Err(Refusal::Page(status, msg)) => page(
+            status,
+            "Log in",
+            None,
+            &login_form(form.get("link"), Some(&msg)),
+        ),
         Err(e) => e.into_response(),
     }
 }
@@ -767,13 +789,23 @@ pub async fn home(
     s: Session,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Refusal> {
-    let store = call(gf::get_store(State(st.clone()), Path(s.store()), s.gf(json!({})))).await?;
+    let store = call(gf::get_store(
+        State(st.clone()),
+        Path(s.store()),
+        s.gf(json!({})),
+    ))
+    .await?;
     let account = s.account;
     let settings = with_db(&st, move |c| {
         super::store::settings_or_default(c, account).map_err(db_error)
     })
     .await?;
-    let base = st.0.cfg.public_url.as_deref().unwrap_or("").trim_end_matches('/');
+    let base =
+        st.0.cfg
+            .public_url
+            .as_deref()
+            .unwrap_or("")
+            .trim_end_matches('/');
     let mut b = flash(&q);
     let _ = write!(
         b,
@@ -1038,7 +1070,12 @@ pub async fn invoice(
         Ok((d, r))
     })
     .await?;
-    let base = st.0.cfg.public_url.as_deref().unwrap_or("").trim_end_matches('/');
+    let base =
+        st.0.cfg
+            .public_url
+            .as_deref()
+            .unwrap_or("")
+            .trim_end_matches('/');
     let mut b = flash(&q);
     let _ = write!(
         b,
@@ -1221,10 +1258,13 @@ pub async fn refunds(State(st): State<AppState>, s: Session) -> Result<Response,
             link = esc(&txt(&p["viewLink"]))
         );
     }
-    b.push_str(
-        "</ul><p class=muted>Create a refund from an invoice's page.</p>",
-    );
-    Ok(page(StatusCode::OK, "Refunds and pull payments", Some(&s), &b))
+    b.push_str("</ul><p class=muted>Create a refund from an invoice's page.</p>");
+    Ok(page(
+        StatusCode::OK,
+        "Refunds and pull payments",
+        Some(&s),
+        &b,
+    ))
 }
 
 /// `GET /dashboard/settings`: the store settings form.
@@ -1233,7 +1273,12 @@ pub async fn settings(
     s: Session,
     RawQuery(q): RawQuery,
 ) -> Result<Response, Refusal> {
-    let v = call(gf::get_store(State(st.clone()), Path(s.store()), s.gf(json!({})))).await?;
+    let v = call(gf::get_store(
+        State(st.clone()),
+        Path(s.store()),
+        s.gf(json!({})),
+    ))
+    .await?;
     let mut b = flash(&q);
     let _ = write!(
         b,
@@ -1250,7 +1295,11 @@ pub async fn settings(
         esc(&txt(&v["paymentTolerance"]))
     );
     for sp in ["HighSpeed", "MediumSpeed", "LowMediumSpeed", "LowSpeed"] {
-        let sel = if v["speedPolicy"] == sp { " selected" } else { "" };
+        let sel = if v["speedPolicy"] == sp {
+            " selected"
+        } else {
+            ""
+        };
         let _ = write!(b, "<option{sel}>{sp}</option>");
     }
     b.push_str("</select></label><button>Save</button></form>");
@@ -1275,7 +1324,12 @@ pub async fn save_settings(
         "paymentTolerance": form.text("tolerance"),
         "speedPolicy": form.text("speed"),
     });
-    call(gf::put_store(State(st.clone()), Path(s.store()), s.gf(body))).await?;
+    call(gf::put_store(
+        State(st.clone()),
+        Path(s.store()),
+        s.gf(body),
+    ))
+    .await?;
     Ok(redirect(&format!(
         "/dashboard/settings?done={}",
         pct("Settings saved.")

@@ -12,6 +12,8 @@
 //!   settled BTC, and publishes invoice changes to the checkout pages (SSE).
 //! * [`greenfield`]: the BTCPay Greenfield-compatible API (`/api/v1/...`, `Authorization: token`)
 //!   over the same invoices, its webhooks (`BTCPay-Sig`) and refunds as pull payments.
+//! * [`dashboard`]: the store owner's pages (`/dashboard`): password or one-time-link login,
+//!   hashed sessions, CSRF; its actions run the Greenfield handlers for the session's store.
 //! * [`webhook`]: signing, the outbox and the dispatcher; [`qr`]: BIP21 URIs and QR codes;
 //!   [`pages`]: the checkout and point-of-sale pages.
 //!

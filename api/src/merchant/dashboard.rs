@@ -270,7 +270,13 @@ impl FromRequestParts<AppState> for Session {
             Ok(ip) => ip,
             Err(never) => match never {},
         };
-        st.charge_ip_addr(&ip, 1)?;
+        // The route's weight from the permission table (1 for every dashboard row).
+        let weight = parts
+            .extensions
+            .get::<&'static crate::access::Route>()
+            .and_then(|r| r.weight)
+            .unwrap_or(1);
+        st.charge_ip_addr(&ip, weight)?;
         let get = parts.method == axum::http::Method::GET;
         let id = cookie_value(&parts.headers).ok_or(Refusal::LoggedOut { get })?;
         let hash = sha256_hex(&id);

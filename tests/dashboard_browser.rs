@@ -1,7 +1,8 @@
 //! The store dashboard in headless Chromium on a phone-sized viewport against the real
 //! `mediator serve` on regtest: the operator sets a password (`mediator dashboard password`,
 //! on stdin), the shop owner logs in, finds a paid invoice, redelivers its webhook, creates a
-//! refund from it and an API token (shown once, and it works). Screenshots in the artifacts dir.
+//! refund from it and an API token (shown once, and it works), logs out, and logs in again with
+//! a one-time link (`mediator dashboard link`) that works once. Screenshots in the artifacts dir.
 //!
 //! Needs bitcoind (`BITCOIND_EXE`) and Chromium (`scripts/install-browser.sh`, or
 //! `MEDIATOR_SKIP_BROWSER=1` to skip).
@@ -282,4 +283,28 @@ fn a_shop_owner_logs_in_on_a_phone_redelivers_a_webhook_refunds_and_makes_a_toke
         DESCRIBE,
     )
     .unwrap();
+
+    // A one-time link from the CLI: opening it logs in only after the button; a second use fails.
+    let link = s.admin(&["dashboard", "link", "--account", &account.to_string()]);
+    let link = link["link"].as_str().unwrap().to_owned();
+    assert!(
+        link.starts_with(&format!("{base}/dashboard/login?link=")),
+        "{link}"
+    );
+    for (what, expect) in [
+        ("the link logs in", "return location.pathname === '/dashboard' && document.body.innerText.includes('Balance');"),
+        ("the link refused the second time", "return document.body.innerText.includes('wrong, used or expired');"),
+    ] {
+        b.goto(&link).unwrap();
+        b.wait_for(
+            "the link's button",
+            "return !!document.querySelector('input[name=link]');",
+            DESCRIBE,
+        )
+        .unwrap();
+        b.eval("document.querySelector('form').submit(); return true;")
+            .unwrap();
+        b.wait_for(what, expect, DESCRIBE).unwrap();
+    }
+    b.screenshot("dashboard-link-used.png").unwrap();
 }

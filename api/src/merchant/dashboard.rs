@@ -631,7 +631,8 @@ pub async fn login(
             status,
             "Log in",
             None,
-            &login_form(form.get("link"), Some(&msg)),
+            // A refused link is not offered again: the password form instead.
+            &login_form(None, Some(&msg)),
         ),
         Err(e) => e.into_response(),
     }

@@ -97,6 +97,38 @@ pub fn apikey_create(
     Ok(())
 }
 
+/// `mediator dashboard password --account A` (the password on stdin's first line).
+pub fn dashboard_password(a: &Admin, account: u32) -> anyhow::Result<()> {
+    let mut line = String::new();
+    std::io::stdin().read_line(&mut line)?;
+    let password = line.trim_end_matches(['\r', '\n']);
+    let account = account.to_string();
+    let params = [("account", account.as_str()), ("password", password)];
+    let v = a.call("POST", "/mapi/v1/admin/dashboardPassword", &params)?;
+    a.print(&v, |v| {
+        format!("dashboard password set for store {}", s(&v["account"]))
+    });
+    Ok(())
+}
+
+/// `mediator dashboard link --account A`.
+pub fn dashboard_link(a: &Admin, account: u32) -> anyhow::Result<()> {
+    let account = account.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/dashboardLink",
+        &[("account", account.as_str())],
+    )?;
+    a.print(&v, |v| {
+        format!(
+            "one-time login link for store {} (valid 15 minutes, single use):\n{}",
+            s(&v["account"]),
+            s(&v["link"])
+        )
+    });
+    Ok(())
+}
+
 /// `mediator deposit-address A [--new]`.
 pub fn deposit_address(a: &Admin, account: u32, new: bool) -> anyhow::Result<()> {
     let account = account.to_string();

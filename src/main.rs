@@ -63,6 +63,11 @@ enum Cmd {
         #[command(subcommand)]
         cmd: ApikeyCmd,
     },
+    /// The store dashboard's logins (`/dashboard`).
+    Dashboard {
+        #[command(subcommand)]
+        cmd: DashboardCmd,
+    },
     /// Prints an account's deposit address (a new one with --new).
     DepositAddress {
         /// Account id.
@@ -265,6 +270,23 @@ enum ApikeyCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum DashboardCmd {
+    /// Sets a store's dashboard password, read from the first line of stdin (12 to 128
+    /// characters); logs out the store's sessions.
+    Password {
+        /// The store's account id.
+        #[arg(long)]
+        account: u32,
+    },
+    /// Prints a one-time login link for a store's dashboard (valid 15 minutes, single use).
+    Link {
+        /// The store's account id.
+        #[arg(long)]
+        account: u32,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 enum RegtestCmd {
     /// Mines N blocks.
     Mine {
@@ -432,6 +454,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     label,
                 },
         } => admin::apikey_create(&admin()?, account, &permissions, label.as_deref()),
+        Cmd::Dashboard {
+            cmd: DashboardCmd::Password { account },
+        } => admin::dashboard_password(&admin()?, account),
+        Cmd::Dashboard {
+            cmd: DashboardCmd::Link { account },
+        } => admin::dashboard_link(&admin()?, account),
         Cmd::DepositAddress { account, new } => admin::deposit_address(&admin()?, account, new),
         Cmd::Withdrawals { account } => admin::withdrawals(&admin()?, account),
         Cmd::Approve { id } => admin::approve(&admin()?, id),

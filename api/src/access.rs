@@ -36,6 +36,11 @@ pub enum Access {
     /// `{storeId}` in the path must be the key's own account's store (otherwise `403
     /// missing-permission`, as BTCPay answers for a store the key has no right on).
     Token(Greenfield),
+    /// A store-dashboard page: the session cookie of a store owner who logged in
+    /// ([`crate::merchant::dashboard`]); a form that changes something also needs the session's
+    /// CSRF token and a same-site `Origin`. Without a live session a GET redirects to the login
+    /// page and anything else is `401`, nothing changed. Charged to the IP.
+    Session,
 }
 
 /// BTCPay's permission names, as Greenfield clients ask for them, each mapped onto the stored
@@ -133,7 +138,7 @@ pub struct Route {
     handler: fn() -> MethodRouter<AppState>,
 }
 
-use Access::{Key, Public, Signed, Token};
+use Access::{Key, Public, Session, Signed, Token};
 use Greenfield as G;
 use Listener::Admin as A;
 use Listener::Public as P;
@@ -172,6 +177,7 @@ macro_rules! route {
 pub static ROUTES: &[Route] = {
     use crate::capital as c;
     use crate::catalog as cat;
+    use crate::merchant::dashboard as d;
     use crate::merchant::greenfield as gf;
     use crate::merchant::routes as m;
     use crate::{metrics, native as n, openapi, proofs as pr, public as p, trade as t, ws};
@@ -967,6 +973,93 @@ pub static ROUTES: &[Route] = {
             None,
             P,
             gf::claim_page
+        ),
+        // The store dashboard (merchant::dashboard).
+        route!(
+            "POST",
+            "/mapi/v1/admin/dashboardPassword",
+            Signed(ADM),
+            Some(1),
+            A,
+            d::admin_set_password
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/dashboardLink",
+            Signed(ADM),
+            Some(1),
+            A,
+            d::admin_login_link
+        ),
+        route!("GET", "/dashboard/login", Public, None, P, d::login_page),
+        route!("POST", "/dashboard/login", Public, None, P, d::login),
+        route!("POST", "/dashboard/logout", Session, Some(1), P, d::logout),
+        route!("GET", "/dashboard", Session, Some(1), P, d::home),
+        route!(
+            "GET",
+            "/dashboard/invoices",
+            Session,
+            Some(1),
+            P,
+            d::invoices
+        ),
+        route!(
+            "GET",
+            "/dashboard/invoices/{id}",
+            Session,
+            Some(1),
+            P,
+            d::invoice
+        ),
+        route!(
+            "POST",
+            "/dashboard/invoices/{id}/redeliver",
+            Session,
+            Some(1),
+            P,
+            d::redeliver
+        ),
+        route!(
+            "POST",
+            "/dashboard/invoices/{id}/refund",
+            Session,
+            Some(1),
+            P,
+            d::refund
+        ),
+        route!("GET", "/dashboard/refunds", Session, Some(1), P, d::refunds),
+        route!(
+            "GET",
+            "/dashboard/settings",
+            Session,
+            Some(1),
+            P,
+            d::settings
+        ),
+        route!(
+            "POST",
+            "/dashboard/settings",
+            Session,
+            Some(1),
+            P,
+            d::save_settings
+        ),
+        route!("GET", "/dashboard/tokens", Session, Some(1), P, d::tokens),
+        route!(
+            "POST",
+            "/dashboard/tokens",
+            Session,
+            Some(1),
+            P,
+            d::create_token
+        ),
+        route!(
+            "POST",
+            "/dashboard/tokens/revoke",
+            Session,
+            Some(1),
+            P,
+            d::revoke_token
         ),
     ]
 };

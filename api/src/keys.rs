@@ -109,6 +109,20 @@ impl std::fmt::Debug for ApiKey {
 }
 
 impl ApiKey {
+    /// The principal of a store-dashboard session: the store's account with `perms`, no secret
+    /// (it is never in the key table, so nothing can sign or present it; see
+    /// `merchant::dashboard`).
+    pub fn session(account: u32, perms: Perms) -> Self {
+        Self {
+            api_key: format!("dashboard:{account}"),
+            account,
+            perms,
+            label: "dashboard".to_owned(),
+            created_ms: 0,
+            secret: [0; 64],
+        }
+    }
+
     /// True when `signature_hex` is the HMAC-SHA256 of `payload` under this key's secret,
     /// compared in constant time.
     pub fn verify(&self, payload: &[u8], signature_hex: &str) -> bool {

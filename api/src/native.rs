@@ -116,7 +116,7 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
     Ok(ok_json(&ctx, serde_json::Value::Array(v)))
 }
 
-fn create_key(
+pub(crate) fn create_key(
     st: &AppState,
     actor: &str,
     account: u32,
@@ -178,23 +178,32 @@ pub async fn revoke_key(State(st): State<AppState>, req: Req) -> Result<Response
     let (key, mut p, ctx) = st.signed(&req)?;
     let target = p.req("apiKey")?;
     p.finish()?;
+    revoke_own_key(&st, &key, &target)?;
+    Ok(ok_json(&ctx, json!({})))
+}
+
+/// Revokes `target` if it is `by`'s account's key (or `by` is an admin key); `-2008` otherwise.
+pub(crate) fn revoke_own_key(
+    st: &AppState,
+    by: &crate::keys::ApiKey,
+    target: &str,
+) -> Result<(), ApiError> {
     let owned =
         st.0.keys
-            .get(&target)
-            .is_some_and(|k| k.account == key.account || key.perms.has(Perms::ADMIN));
+            .get(target)
+            .is_some_and(|k| k.account == by.account || by.perms.has(Perms::ADMIN));
     if !owned {
         return Err(ApiError::bad(-2008, "Invalid Api-Key ID."));
     }
-    st.0.keys.revoke(&st.0.store, &target).map_err(|e| {
+    st.0.keys.revoke(&st.0.store, target).map_err(|e| {
         tracing::error!(error = %e, "revoking an API key failed");
         ApiError::internal()
     })?;
     st.audit_as(
-        &format!("account:{}", key.account),
+        &format!("account:{}", by.account),
         "key.revoke",
         json!({ "apiKey": target }),
-    )?;
-    Ok(ok_json(&ctx, json!({})))
+    )
 }
 
 /// `POST /mapi/v1/admin/account` (ADMIN): opens an account.

@@ -192,6 +192,29 @@ async fn every_route_with_every_permission_set_is_allowed_or_refused_unchanged()
     for route in ROUTES {
         let (need, signed) = match route.access {
             Access::Public => continue,
+            Access::Session => {
+                // The dashboard without a session cookie: GET goes to the login page, anything
+                // else is 401; nothing changed either way.
+                let uri = concrete(route.path);
+                let before = fingerprint(&h, &observer).await;
+                let req = Request::builder()
+                    .method(route.method)
+                    .uri(&uri)
+                    .header("content-type", "application/x-www-form-urlencoded")
+                    .body(Body::from("csrf=x"))
+                    .unwrap();
+                let res = h.router.clone().oneshot(req).await.unwrap();
+                let what = format!("{} {uri}: {}", route.method, res.status());
+                if route.method == "GET" {
+                    assert_eq!(res.status(), StatusCode::SEE_OTHER, "{what}");
+                    assert_eq!(res.headers()["location"], "/dashboard/login", "{what}");
+                } else {
+                    assert_eq!(res.status(), StatusCode::UNAUTHORIZED, "{what}");
+                }
+                assert_eq!(fingerprint(&h, &observer).await, before, "changed: {what}");
+                checked += 1;
+                continue;
+            }
             Access::Key(p) => (p, false),
             Access::Signed(p) => (p, true),
             Access::Token(g) => {
@@ -291,6 +314,7 @@ fn readme_row(r: &api::access::Route) -> String {
     };
     let mut access = match r.access {
         Access::Public => "public".to_owned(),
+        Access::Session => "session (dashboard cookie + CSRF)".to_owned(),
         Access::Key(p) => format!("key: {}", names(p)),
         Access::Signed(p) => format!("signed: **{}**", names(p)),
         Access::Token(g) if g.name().is_empty() => "token: any key".to_owned(),

@@ -207,6 +207,8 @@ pub struct GfReq {
     body: axum::body::Bytes,
     ip: String,
     route: Option<&'static crate::access::Route>,
+    /// A store-dashboard session's principal ([`GfReq::session`]): no token to check.
+    session: Option<Arc<ApiKey>>,
 }
 
 impl FromRequest<AppState> for GfReq {
@@ -234,11 +236,24 @@ impl FromRequest<AppState> for GfReq {
             body,
             ip,
             route,
+            session: None,
         })
     }
 }
 
 impl GfReq {
+    /// A request made by the store dashboard for a logged-in session: the same handler runs for
+    /// the session's store (`key` from [`ApiKey::session`]), its store check included.
+    pub(crate) fn session(key: Arc<ApiKey>, ip: String, body: Value) -> Self {
+        GfReq {
+            headers: HeaderMap::new(),
+            body: serde_json::to_vec(&body).unwrap_or_default().into(),
+            ip,
+            route: None,
+            session: Some(key),
+        }
+    }
+
     /// The body as a JSON object (an empty body is `{}`).
     fn json(&self) -> Result<Map<String, Value>, GfError> {
         if self.body.is_empty() {
@@ -263,6 +278,13 @@ pub fn store_id(account: u32) -> String {
 /// Authenticates a token route: charges the IP, finds the key by its token, charges the key,
 /// checks the route's BTCPay permission. `store`: the path's store id, which must be the key's.
 fn auth(st: &AppState, req: &GfReq, store: Option<&str>) -> Result<Arc<ApiKey>, GfError> {
+    if let Some(key) = &req.session {
+        // The dashboard authenticated and charged the session already.
+        if store.is_some_and(|s| s != store_id(key.account)) {
+            return Err(missing_permission(Greenfield::Any));
+        }
+        return Ok(key.clone());
+    }
     let route = req.route.ok_or_else(|| {
         tracing::error!("a Greenfield handler ran without a route table entry");
         GfError::from(ApiError::internal())
@@ -911,7 +933,7 @@ fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
 
 /// Query strings of list endpoints (the router gives us the raw query).
 #[derive(Debug, Default)]
-pub struct RawQuery(Option<String>);
+pub struct RawQuery(pub Option<String>);
 
 impl<S: Send + Sync> FromRequestParts<S> for RawQuery {
     type Rejection = std::convert::Infallible;

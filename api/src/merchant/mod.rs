@@ -12,6 +12,8 @@
 //!   settled BTC, and publishes invoice changes to the checkout pages (SSE).
 //! * [`greenfield`]: the BTCPay Greenfield-compatible API (`/api/v1/...`, `Authorization: token`)
 //!   over the same invoices, its webhooks (`BTCPay-Sig`) and refunds as pull payments.
+//! * [`dashboard`]: the store owner's pages (`/dashboard`): password or one-time-link login,
+//!   hashed sessions, CSRF; its actions run the Greenfield handlers for the session's store.
 //! * [`webhook`]: signing, the outbox and the dispatcher; [`qr`]: BIP21 URIs and QR codes;
 //!   [`pages`]: the checkout and point-of-sale pages.
 //!
@@ -25,6 +27,7 @@
 //!   <version>")`), never stored; rotating bumps the version.
 //! * Money is integers: satoshis, quote units, rates in quote units per BTC. No floats.
 
+pub mod dashboard;
 pub mod greenfield;
 pub mod model;
 pub mod monitor;
@@ -87,6 +90,8 @@ pub struct Merchant {
     pub invoice_lock: tokio::sync::Mutex<()>,
     /// `redeliver` calls per merchant (set up on first use from [`MerchantConfig`]).
     pub redeliveries: std::sync::OnceLock<crate::ratelimit::Limiter>,
+    /// Dashboard login attempts per client IP and per store ([`dashboard`]).
+    pub logins: std::sync::OnceLock<crate::ratelimit::Limiter>,
 }
 
 impl std::fmt::Debug for Merchant {
@@ -106,6 +111,7 @@ impl Merchant {
             kick: tokio::sync::Notify::new(),
             invoice_lock: tokio::sync::Mutex::new(()),
             redeliveries: std::sync::OnceLock::new(),
+            logins: std::sync::OnceLock::new(),
         })
     }
 

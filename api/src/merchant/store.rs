@@ -53,6 +53,7 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
         conn.execute_batch("ALTER TABLE invoice_refund ADD COLUMN idem_key TEXT")?;
     }
     webhook::init_schema(&conn)?;
+    super::dashboard::init_schema(&conn)?;
     Ok(conn)
 }
 

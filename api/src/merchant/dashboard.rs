@@ -1,0 +1,1444 @@
+//! The store dashboard: a web page for the shop owner (`/dashboard/...`).
+//!
+//! * **Login.** A per-store password (set by the operator: `mediator dashboard password`,
+//!   stored as an Argon2id PHC string) or a one-time login link (`mediator dashboard link`:
+//!   32 random bytes, stored as their SHA-256, single use, [`LINK_TTL_MS`]). Attempts are
+//!   rate-limited per client IP and per store ([`LOGINS_PER_MIN`]); a failure never says which
+//!   part was wrong.
+//! * **Sessions.** A random id (32 bytes) in the cookie [`COOKIE`] (`HttpOnly; SameSite=Strict;
+//!   Path=/`, `Secure` unless `public_url` is plain `http://`), stored server-side as its SHA-256
+//!   with an expiry ([`SESSION_TTL_MS`]); logout deletes it; a new password deletes all of the
+//!   store's sessions.
+//! * **CSRF.** Every state-changing form carries the session's synchronizer token (random,
+//!   stored with the session, compared in constant time) and, when the browser sends `Origin`,
+//!   it must be this server's. A refused form changes nothing.
+//! * **One implementation of each action.** Pages call the Greenfield handlers
+//!   ([`super::greenfield`]) for the session's store through [`GfReq::session`] (invoices,
+//!   store settings, refunds, pull payments, webhook redelivery) and the key functions of
+//!   [`crate::native`] for API tokens; balances and withdrawals are read-only here.
+
+use super::greenfield::{self as gf, GfReq, RawQuery};
+use super::routes::{db_error, with_db};
+use crate::app::{AppState, ClientIp};
+use crate::error::ApiError;
+use crate::keys::{ApiKey, Perms};
+use axum::extract::{FromRequestParts, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use rusqlite::{params, Connection, OptionalExtension};
+use serde_json::{json, Map, Value};
+use sha2::{Digest, Sha256};
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+/// The session cookie's name.
+pub const COOKIE: &str = "mediator_dashboard";
+/// How long a session lives after login.
+pub const SESSION_TTL_MS: u64 = 8 * 3_600_000;
+/// How long a one-time login link is valid.
+pub const LINK_TTL_MS: u64 = 15 * 60_000;
+/// Login attempts per minute per client IP, and per store.
+pub const LOGINS_PER_MIN: u64 = 10;
+/// Password length bounds (characters).
+pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 12..=128;
+/// The largest form body accepted.
+const MAX_FORM: usize = 16 * 1024;
+/// The permissions of a dashboard session's principal: the store owner (refunds are pull
+/// payments, which Greenfield gives `merchant` + `withdraw`).
+const SESSION_PERMS: Perms = Perms::MERCHANT.with(Perms::WITHDRAW);
+/// The permissions a dashboard may give a new API token.
+const TOKEN_PERMS: Perms = Perms::READ.with(Perms::MERCHANT).with(Perms::WITHDRAW);
+
+/// Creates the dashboard's tables.
+pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS dashboard_password (
+            merchant INTEGER PRIMARY KEY, phc TEXT NOT NULL, set_ms INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS dashboard_link (
+            hash TEXT PRIMARY KEY, merchant INTEGER NOT NULL, expires_ms INTEGER NOT NULL,
+            used_ms INTEGER);
+         CREATE TABLE IF NOT EXISTS dashboard_session (
+            hash TEXT PRIMARY KEY, merchant INTEGER NOT NULL, csrf TEXT NOT NULL,
+            created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);",
+    )
+}
+
+fn now_ms() -> u64 {
+    crate::core::now_ms()
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+fn random_hex() -> Result<String, ApiError> {
+    crate::keys::random_bytes::<32>()
+        .map(hex::encode)
+        .map_err(|_| ApiError::internal())
+}
+
+/// Equal in constant time (for equal lengths; a length difference is not secret).
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+fn hash_password(password: &str) -> Result<String, ApiError> {
+    use argon2::password_hash::{PasswordHasher, SaltString};
+    let salt_bytes = crate::keys::random_bytes::<16>().map_err(|_| ApiError::internal())?;
+    let salt = SaltString::encode_b64(&salt_bytes).map_err(|_| ApiError::internal())?;
+    argon2::Argon2::default()
+        .hash_password(password.as_bytes(), &salt)
+        .map(|h| h.to_string())
+        .map_err(|_| ApiError::internal())
+}
+
+fn verify_password(password: &str, phc: &str) -> bool {
+    use argon2::password_hash::{PasswordHash, PasswordVerifier};
+    PasswordHash::new(phc).is_ok_and(|h| {
+        argon2::Argon2::default()
+            .verify_password(password.as_bytes(), &h)
+            .is_ok()
+    })
+}
+
+/// A stored hash to verify against when the store has none, so an unknown store costs the same.
+fn dummy_phc() -> &'static str {
+    static D: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    D.get_or_init(|| hash_password("no store has this password").unwrap_or_default())
+}
+
+// ---- operator commands (admin API) ----
+
+/// `POST /mapi/v1/admin/dashboardPassword` (ADMIN): `account`, `password` (12 to 128
+/// characters). Replaces the store's password and logs out its sessions.
+pub async fn admin_set_password(
+    State(st): State<AppState>,
+    req: crate::app::Req,
+) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let account = account_param(&st, &mut p)?;
+    let password = p.req("password")?;
+    p.finish()?;
+    if !PASSWORD_LEN.contains(&password.chars().count()) {
+        return Err(ApiError::illegal("password", "12 to 128 characters"));
+    }
+    let phc = tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|_| ApiError::internal())??;
+    with_db(&st, move |c| {
+        let tx = c.transaction().map_err(db_error)?;
+        tx.execute(
+            "INSERT INTO dashboard_password (merchant, phc, set_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(merchant) DO UPDATE SET phc = ?2, set_ms = ?3",
+            params![account, phc, now_ms()],
+        )
+        .map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM dashboard_session WHERE merchant = ?1",
+            params![account],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)
+    })
+    .await?;
+    st.audit_as("admin", "dashboard.password", json!({ "account": account }))?;
+    Ok(crate::app::ok_json(&ctx, json!({ "account": account })))
+}
+
+/// `POST /mapi/v1/admin/dashboardLink` (ADMIN): `account`. A one-time login link, valid
+/// [`LINK_TTL_MS`]; only its hash is kept.
+pub async fn admin_login_link(
+    State(st): State<AppState>,
+    req: crate::app::Req,
+) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let account = account_param(&st, &mut p)?;
+    p.finish()?;
+    let token = random_hex()?;
+    let hash = sha256_hex(&token);
+    let expires = now_ms().saturating_add(LINK_TTL_MS);
+    with_db(&st, move |c| {
+        c.execute(
+            "INSERT INTO dashboard_link (hash, merchant, expires_ms) VALUES (?1, ?2, ?3)",
+            params![hash, account, expires],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    st.audit_as("admin", "dashboard.link", json!({ "account": account }))?;
+    let base =
+        st.0.cfg
+            .public_url
+            .as_deref()
+            .unwrap_or("")
+            .trim_end_matches('/');
+    Ok(crate::app::ok_json(
+        &ctx,
+        json!({
+            "account": account,
+            "link": format!("{base}/dashboard/login?link={token}"),
+            "expireTime": expires,
+        }),
+    ))
+}
+
+fn account_param(st: &AppState, p: &mut crate::params::Params) -> Result<u32, ApiError> {
+    let a = p
+        .req("account")?
+        .parse::<u32>()
+        .map_err(|_| ApiError::invalid_value("account"))?;
+    if !st.read_model().read().accounts.contains(&a) {
+        return Err(ApiError::bad(-1130, "Unknown account."));
+    }
+    Ok(a)
+}
+
+// ---- sessions ----
+
+/// A logged-in dashboard request: the store's account and the session's CSRF token.
+#[derive(Debug)]
+pub struct Session {
+    account: u32,
+    csrf: String,
+    hash: String,
+    ip: String,
+    headers: HeaderMap,
+}
+
+/// Why a dashboard request was refused (an HTML page or a redirect; nothing changed).
+#[derive(Debug)]
+pub enum Refusal {
+    /// No live session: GET goes to the login page, anything else is `401`.
+    LoggedOut {
+        /// A GET request (redirect).
+        get: bool,
+    },
+    /// A page with this status and message.
+    Page(StatusCode, String),
+}
+
+impl From<ApiError> for Refusal {
+    fn from(e: ApiError) -> Self {
+        let status = e.status;
+        Refusal::Page(status, e.msg.to_string())
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        match self {
+            Refusal::LoggedOut { get: true } => redirect("/dashboard/login"),
+            Refusal::LoggedOut { get: false } => page(
+                StatusCode::UNAUTHORIZED,
+                "Logged out",
+                None,
+                "<p class=err>Your session ended. <a href=\"/dashboard/login\">Log in</a> again.</p>",
+            ),
+            Refusal::Page(status, msg) => page(
+                status,
+                "Refused",
+                None,
+                &format!(
+                    "<p class=err>{}</p><p><a href=\"/dashboard\">Back to the dashboard</a></p>",
+                    esc(&msg)
+                ),
+            ),
+        }
+    }
+}
+
+fn cookie_value(headers: &HeaderMap) -> Option<String> {
+    headers
+        .get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .filter_map(|c| c.trim().split_once('='))
+        .find(|(k, _)| *k == COOKIE)
+        .map(|(_, v)| v.to_owned())
+        .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+impl FromRequestParts<AppState> for Session {
+    type Rejection = Refusal;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        st: &AppState,
+    ) -> Result<Self, Refusal> {
+        let ClientIp(ip) = match ClientIp::from_request_parts(parts, st).await {
+            Ok(ip) => ip,
+            Err(never) => match never {},
+        };
+        // The route's weight from the permission table (1 for every dashboard row).
+        let weight = parts
+            .extensions
+            .get::<&'static crate::access::Route>()
+            .and_then(|r| r.weight)
+            .unwrap_or(1);
+        st.charge_ip_addr(&ip, weight)?;
+        let get = parts.method == axum::http::Method::GET;
+        let id = cookie_value(&parts.headers).ok_or(Refusal::LoggedOut { get })?;
+        let hash = sha256_hex(&id);
+        let h2 = hash.clone();
+        let now = now_ms();
+        let row = with_db(st, move |c| {
+            c.query_row(
+                "SELECT merchant, csrf, expires_ms FROM dashboard_session WHERE hash = ?1",
+                params![h2],
+                |r| {
+                    Ok((
+                        r.get::<_, u32>(0)?,
+                        r.get::<_, String>(1)?,
+                        r.get::<_, u64>(2)?,
+                    ))
+                },
+            )
+            .optional()
+            .map_err(db_error)
+        })
+        .await?;
+        match row {
+            Some((account, csrf, expires)) if expires > now => Ok(Session {
+                account,
+                csrf,
+                hash,
+                ip,
+                headers: parts.headers.clone(),
+            }),
+            Some(_) => {
+                with_db(st, move |c| {
+                    c.execute(
+                        "DELETE FROM dashboard_session WHERE hash = ?1",
+                        params![hash],
+                    )
+                    .map_err(db_error)
+                })
+                .await?;
+                Err(Refusal::LoggedOut { get })
+            }
+            None => Err(Refusal::LoggedOut { get }),
+        }
+    }
+}
+
+impl Session {
+    fn principal(&self) -> Arc<ApiKey> {
+        Arc::new(ApiKey::session(self.account, SESSION_PERMS))
+    }
+
+    fn gf(&self, body: Value) -> GfReq {
+        GfReq::session(self.principal(), self.ip.clone(), body)
+    }
+
+    fn store(&self) -> String {
+        gf::store_id(self.account)
+    }
+
+    /// The CSRF checks of a state-changing form: `Origin` (when sent) is this server, and the
+    /// form's `csrf` is the session's token.
+    fn check_form(&self, st: &AppState, form: &Form) -> Result<(), Refusal> {
+        if !same_origin(st, &self.headers) {
+            return Err(Refusal::Page(
+                StatusCode::FORBIDDEN,
+                "This form came from another site; nothing was changed.".into(),
+            ));
+        }
+        let sent = form.get("csrf").unwrap_or("");
+        if !ct_eq(sent.as_bytes(), self.csrf.as_bytes()) {
+            return Err(Refusal::Page(
+                StatusCode::FORBIDDEN,
+                "This form is out of date (missing or wrong form token); reload the page and try \
+                 again. Nothing was changed."
+                    .into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// True when the request sends no `Origin`, or one whose host is this request's `Host` (or the
+/// configured `public_url`'s origin).
+fn same_origin(st: &AppState, headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else {
+        return true;
+    };
+    let Ok(origin) = origin.to_str() else {
+        return false;
+    };
+    if let Some(public) = st.0.cfg.public_url.as_deref() {
+        let public = public.trim_end_matches('/');
+        let public_origin = public
+            .find("://")
+            .and_then(|i| public[i + 3..].find('/').map(|j| &public[..i + 3 + j]))
+            .unwrap_or(public);
+        if origin.eq_ignore_ascii_case(public_origin) {
+            return true;
+        }
+    }
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, h)| h);
+    matches!((host, origin_host), (Some(h), Some(o)) if h.eq_ignore_ascii_case(o))
+}
+
+/// A urlencoded form (first value of each name).
+#[derive(Debug, Default)]
+pub struct Form(Vec<(String, String)>);
+
+impl Form {
+    fn parse(body: &[u8]) -> Result<Self, Refusal> {
+        let s = std::str::from_utf8(body).map_err(|_| bad("The form is not UTF-8."))?;
+        let mut out = Vec::new();
+        for p in s.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            let k = crate::params::percent_decode(k).ok_or_else(|| bad("A malformed form."))?;
+            let v = crate::params::percent_decode(v).ok_or_else(|| bad("A malformed form."))?;
+            out.push((k, v));
+        }
+        Ok(Form(out))
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn text(&self, name: &str) -> &str {
+        self.get(name).map(str::trim).unwrap_or("")
+    }
+}
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Form {
+    type Rejection = Refusal;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Self, Refusal> {
+        let body = axum::body::to_bytes(req.into_body(), MAX_FORM)
+            .await
+            .map_err(|_| {
+                Refusal::Page(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "The form is too large.".into(),
+                )
+            })?;
+        Form::parse(&body)
+    }
+}
+
+fn bad(msg: &str) -> Refusal {
+    Refusal::Page(StatusCode::BAD_REQUEST, msg.to_owned())
+}
+
+// ---- the Greenfield handlers, called for the session ----
+
+/// The JSON of a Greenfield handler's answer, or its error message as a refusal.
+async fn call(
+    fut: impl std::future::Future<Output = Result<Response, gf::GfError>>,
+) -> Result<Value, Refusal> {
+    let res = match fut.await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    let status = res.status();
+    let bytes = axum::body::to_bytes(res.into_body(), 4 << 20)
+        .await
+        .map_err(|_| Refusal::from(ApiError::internal()))?;
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    if status.is_success() {
+        return Ok(v);
+    }
+    let msg = v["message"]
+        .as_str()
+        .map(str::to_owned)
+        .or_else(|| {
+            v.as_array()
+                .and_then(|a| a.first())
+                .and_then(|e| e["message"].as_str())
+                .map(str::to_owned)
+        })
+        .unwrap_or_else(|| status.to_string());
+    Err(Refusal::Page(status, msg))
+}
+
+// ---- HTML ----
+
+fn esc(s: &str) -> String {
+    let mut o = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '&' => o.push_str("&amp;"),
+            '<' => o.push_str("&lt;"),
+            '>' => o.push_str("&gt;"),
+            '"' => o.push_str("&quot;"),
+            '\'' => o.push_str("&#39;"),
+            c => o.push(c),
+        }
+    }
+    o
+}
+
+fn txt(v: &Value) -> String {
+    match v {
+        Value::String(x) => x.clone(),
+        Value::Null => String::new(),
+        v => v.to_string(),
+    }
+}
+
+fn pct(s: &str) -> String {
+    let mut o = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            o.push(char::from(b));
+        } else {
+            let _ = write!(o, "%{b:02X}");
+        }
+    }
+    o
+}
+
+const CSS: &str = include_str!("pages/dashboard.css");
+
+fn page(status: StatusCode, title: &str, s: Option<&Session>, body: &str) -> Response {
+    let nav = match s {
+        Some(s) => format!(
+            "<nav><a href=\"/dashboard\">Home</a><a href=\"/dashboard/invoices\">Invoices</a>\
+             <a href=\"/dashboard/refunds\">Refunds</a><a href=\"/dashboard/tokens\">API tokens</a>\
+             <a href=\"/dashboard/settings\">Settings</a>\
+             <form method=post action=\"/dashboard/logout\" class=inline>{}\
+             <button class=link>Log out</button></form></nav>",
+            csrf_field(s)
+        ),
+        None => String::new(),
+    };
+    let html = format!(
+        "<!doctype html><html lang=en><head><meta charset=utf-8>\
+         <meta name=viewport content=\"width=device-width,initial-scale=1\">\
+         <title>{} · Mediator store</title><style>{CSS}</style></head><body>\
+         <header><strong>Mediator store</strong>{nav}</header><main><h1>{}</h1>{body}</main>\
+         </body></html>",
+        esc(title),
+        esc(title)
+    );
+    let mut r = (status, html).into_response();
+    let h = r.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // Not `no-referrer`: with it Chromium sends `Origin: null` on the page's own form posts,
+    // which the Origin check refuses. `same-origin` still keeps a login link's token (in the
+    // URL) from other sites.
+    h.insert(
+        header::REFERRER_POLICY,
+        HeaderValue::from_static("same-origin"),
+    );
+    h.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static(
+            "default-src 'none'; style-src 'unsafe-inline'; img-src 'self' data:; \
+             form-action 'self'; frame-ancestors 'none'; base-uri 'none'",
+        ),
+    );
+    h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
+    r
+}
+
+fn redirect(to: &str) -> Response {
+    let mut r = StatusCode::SEE_OTHER.into_response();
+    if let Ok(v) = HeaderValue::from_str(to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    r
+}
+
+fn csrf_field(s: &Session) -> String {
+    format!("<input type=hidden name=csrf value=\"{}\">", esc(&s.csrf))
+}
+
+fn flash(q: &Option<String>) -> String {
+    let msg = q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "done")
+        .and_then(|(_, v)| crate::params::percent_decode(v));
+    msg.map(|m| format!("<p class=ok>{}</p>", esc(&m)))
+        .unwrap_or_default()
+}
+
+// ---- login and logout ----
+
+fn login_form(link: Option<&str>, error: Option<&str>) -> String {
+    let mut b = String::new();
+    if let Some(e) = error {
+        let _ = write!(b, "<p class=err>{}</p>", esc(e));
+    }
+    match link {
+        Some(token) => {
+            let _ = write!(
+                b,
+                "<form method=post action=\"/dashboard/login\"><p>This one-time link logs you \
+                 in once.</p><input type=hidden name=link value=\"{}\">\
+                 <button>Log in</button></form>",
+                esc(token)
+            );
+        }
+        None => b.push_str(
+            "<form method=post action=\"/dashboard/login\">\
+             <label>Store id<input name=store inputmode=numeric autocomplete=username required></label>\
+             <label>Password<input name=password type=password autocomplete=current-password required></label>\
+             <button>Log in</button></form>\
+             <p class=muted>No password yet? Ask the operator for a one-time login link.</p>",
+        ),
+    }
+    b
+}
+
+/// `GET /dashboard/login` (`?link=<token>`: a button that spends the one-time link; opening
+/// the link changes nothing).
+pub async fn login_page(RawQuery(q): RawQuery) -> Response {
+    let link = q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "link")
+        .map(|(_, v)| v.to_owned());
+    page(
+        StatusCode::OK,
+        "Log in",
+        None,
+        &login_form(link.as_deref(), None),
+    )
+}
+
+/// `POST /dashboard/login`: `store` + `password`, or `link`. Sets the session cookie.
+pub async fn login(
+    State(st): State<AppState>,
+    ClientIp(ip): ClientIp,
+    headers: HeaderMap,
+    form: Form,
+) -> Response {
+    match try_login(&st, &ip, &headers, &form).await {
+        Ok(r) => r,
+        Err(Refusal::Page(status, msg)) => page(
+            status,
+            "Log in",
+            None,
+            // A refused link is not offered again: the password form instead.
+            &login_form(None, Some(&msg)),
+        ),
+        Err(e) => e.into_response(),
+    }
+}
+
+const LOGIN_FAILED: &str = "Wrong store id or password.";
+const LINK_FAILED: &str = "This login link is not valid: it is wrong, used or expired.";
+
+async fn try_login(
+    st: &AppState,
+    ip: &str,
+    headers: &HeaderMap,
+    form: &Form,
+) -> Result<Response, Refusal> {
+    if !same_origin(st, headers) {
+        return Err(Refusal::Page(
+            StatusCode::FORBIDDEN,
+            "This form came from another site.".into(),
+        ));
+    }
+    st.charge_ip_addr(ip, 1)?;
+    let limiter = st
+        .merchant()
+        .logins
+        .get_or_init(|| crate::ratelimit::Limiter::new(LOGINS_PER_MIN));
+    let limited = |who: &str| {
+        matches!(
+            limiter.charge(who, 1, now_ms()),
+            crate::ratelimit::Charge::Limited { .. }
+        )
+    };
+    if limited(&format!("ip:{ip}")) {
+        return Err(Refusal::Page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many login attempts; wait a minute and try again.".into(),
+        ));
+    }
+    let account = if let Some(token) = form.get("link").filter(|t| !t.is_empty()) {
+        let hash = sha256_hex(token.trim());
+        let now = now_ms();
+        // Spent in the same statement that checks it: used twice, only one wins.
+        let account = with_db(st, move |c| {
+            c.query_row(
+                "UPDATE dashboard_link SET used_ms = ?2
+                 WHERE hash = ?1 AND used_ms IS NULL AND expires_ms > ?2 RETURNING merchant",
+                params![hash, now],
+                |r| r.get::<_, u32>(0),
+            )
+            .optional()
+            .map_err(db_error)
+        })
+        .await?;
+        account.ok_or_else(|| Refusal::Page(StatusCode::UNAUTHORIZED, LINK_FAILED.into()))?
+    } else {
+        let fail = || Refusal::Page(StatusCode::UNAUTHORIZED, LOGIN_FAILED.into());
+        let store = form.text("store").to_owned();
+        if limited(&format!("store:{store}")) {
+            return Err(Refusal::Page(
+                StatusCode::TOO_MANY_REQUESTS,
+                "Too many login attempts; wait a minute and try again.".into(),
+            ));
+        }
+        let password = form.get("password").unwrap_or("").to_owned();
+        let account = store.parse::<u32>().ok();
+        let phc = match account {
+            Some(a) => {
+                with_db(st, move |c| {
+                    c.query_row(
+                        "SELECT phc FROM dashboard_password WHERE merchant = ?1",
+                        params![a],
+                        |r| r.get::<_, String>(0),
+                    )
+                    .optional()
+                    .map_err(db_error)
+                })
+                .await?
+            }
+            None => None,
+        };
+        let known = phc.is_some();
+        let phc = phc.unwrap_or_else(|| dummy_phc().to_owned());
+        let good = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+            .await
+            .map_err(|_| Refusal::from(ApiError::internal()))?;
+        match account {
+            Some(a) if good && known => a,
+            _ => return Err(fail()),
+        }
+    };
+    let id = random_hex()?;
+    let csrf = random_hex()?;
+    let hash = sha256_hex(&id);
+    let now = now_ms();
+    with_db(st, move |c| {
+        c.execute(
+            "DELETE FROM dashboard_session WHERE expires_ms <= ?1",
+            params![now],
+        )
+        .map_err(db_error)?;
+        c.execute(
+            "INSERT INTO dashboard_session (hash, merchant, csrf, created_ms, expires_ms)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![hash, account, csrf, now, now.saturating_add(SESSION_TTL_MS)],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    let mut r = redirect("/dashboard");
+    let cookie = format!(
+        "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
+        SESSION_TTL_MS / 1000,
+        secure_attr(st)
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(r)
+}
+
+/// `; Secure` unless the server is configured to be reached over plain HTTP (`public_url`
+/// starting `http://`, e.g. a localhost setup).
+fn secure_attr(st: &AppState) -> &'static str {
+    match st.0.cfg.public_url.as_deref() {
+        Some(u) if u.starts_with("http://") => "",
+        _ => "; Secure",
+    }
+}
+
+/// `POST /dashboard/logout`: deletes the session.
+pub async fn logout(
+    State(st): State<AppState>,
+    s: Session,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let hash = s.hash.clone();
+    with_db(&st, move |c| {
+        c.execute(
+            "DELETE FROM dashboard_session WHERE hash = ?1",
+            params![hash],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    let mut r = redirect("/dashboard/login");
+    let cookie = format!(
+        "{COOKIE}=; Path=/; HttpOnly; SameSite=Strict; Max-Age=0{}",
+        secure_attr(&st)
+    );
+    if let Ok(v) = HeaderValue::from_str(&cookie) {
+        r.headers_mut().insert(header::SET_COOKIE, v);
+    }
+    Ok(r)
+}
+
+// ---- pages ----
+
+/// `GET /dashboard`: the store, its point-of-sale link, balances and withdrawals (read-only).
+pub async fn home(
+    State(st): State<AppState>,
+    s: Session,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Refusal> {
+    let store = call(gf::get_store(
+        State(st.clone()),
+        Path(s.store()),
+        s.gf(json!({})),
+    ))
+    .await?;
+    let account = s.account;
+    let settings = with_db(&st, move |c| {
+        super::store::settings_or_default(c, account).map_err(db_error)
+    })
+    .await?;
+    let base =
+        st.0.cfg
+            .public_url
+            .as_deref()
+            .unwrap_or("")
+            .trim_end_matches('/');
+    let mut b = flash(&q);
+    let _ = write!(
+        b,
+        "<section><h2>{}</h2><p>Store id <code>{}</code> · currency {}</p>",
+        esc(&txt(&store["name"])),
+        esc(&txt(&store["id"])),
+        esc(&txt(&store["defaultCurrency"]))
+    );
+    match &settings.pos_token {
+        Some(t) => {
+            let _ = write!(
+                b,
+                "<p>Point of sale: <a href=\"{base}/pos/{t}\">{base}/pos/{t}</a></p>",
+                base = esc(base),
+                t = esc(t)
+            );
+        }
+        None => b.push_str(
+            "<p class=muted>The point of sale is off (turn it on in the merchant API's store \
+             settings, <code>posEnabled=true</code>).</p>",
+        ),
+    }
+    b.push_str("</section><section><h2>Balance</h2><table><tr><th>Asset<th>Free<th>Locked");
+    let balances = st
+        .read_model()
+        .read()
+        .balances
+        .get(&account)
+        .cloned()
+        .unwrap_or_default();
+    for (i, (free, locked)) in balances.iter().enumerate() {
+        if let Some(a) = st.markets().assets.get(i) {
+            let _ = write!(
+                b,
+                "<tr><td>{}<td class=num>{}<td class=num>{}",
+                esc(&a.symbol),
+                crate::decimal::format_units(*free, a.decimals),
+                crate::decimal::format_units(*locked, a.decimals)
+            );
+        }
+    }
+    b.push_str(
+        "</table></section><section><h2>Withdrawals</h2><p class=muted>Read-only here: a \
+         withdrawal is requested through the signed API (<code>POST /sapi/v1/capital/withdraw/apply</code>) \
+         with a <b>withdraw</b> key, so its limits and approvals apply.</p>",
+    );
+    match st.0.custody.get().cloned() {
+        None => b.push_str("<p class=muted>Custody is not attached.</p>"),
+        Some(c) => {
+            let ws = tokio::task::spawn_blocking(move || c.withdrawals(Some(account)))
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            if ws.is_empty() {
+                b.push_str("<p class=muted>No withdrawals.</p>");
+            } else {
+                b.push_str("<table><tr><th>Id<th>Amount BTC<th>Address<th>State");
+                for w in ws.iter().rev().take(50) {
+                    let _ = write!(
+                        b,
+                        "<tr><td>{}<td class=num>{}<td class=addr>{}<td>{}",
+                        w.id,
+                        crate::decimal::format_units(w.amount_sat, 8),
+                        esc(&w.address),
+                        esc(&format!("{:?}", w.state))
+                    );
+                }
+                b.push_str("</table>");
+            }
+        }
+    }
+    b.push_str("</section>");
+    Ok(page(StatusCode::OK, "Store", Some(&s), &b))
+}
+
+const STATUSES: [&str; 5] = ["New", "Processing", "Settled", "Expired", "Invalid"];
+
+fn date_secs(d: &str, end: bool) -> Option<u64> {
+    // YYYY-MM-DD (the browser's date input) → unix seconds at the day's start (or end).
+    let mut it = d.split('-');
+    let (y, m, day) = (
+        it.next()?.parse::<i64>().ok()?,
+        it.next()?.parse::<i64>().ok()?,
+        it.next()?.parse::<i64>().ok()?,
+    );
+    if it.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) || y < 1970 {
+        return None;
+    }
+    // Days from civil (Howard Hinnant's algorithm).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let start = u64::try_from(days.checked_mul(86_400)?).ok()?;
+    Some(if end { start + 86_399 } else { start })
+}
+
+fn time_str(secs: u64) -> String {
+    let days = i64::try_from(secs / 86_400).unwrap_or(0);
+    let rem = secs % 86_400;
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}-{m:02}-{d:02} {:02}:{:02}",
+        rem / 3600,
+        (rem % 3600) / 60
+    )
+}
+
+/// `GET /dashboard/invoices`: `q` (an invoice id or an order id), `status`, `from`, `to`
+/// (dates) — through Greenfield's invoice list.
+pub async fn invoices(
+    State(st): State<AppState>,
+    s: Session,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Refusal> {
+    let form = Form::parse(q.as_deref().unwrap_or("").as_bytes())?;
+    let search = form.text("q").to_owned();
+    let status = form.text("status").to_owned();
+    let (from, to) = (form.text("from").to_owned(), form.text("to").to_owned());
+    let mut gq = vec!["take=200".to_owned()];
+    if STATUSES.contains(&status.as_str()) {
+        gq.push(format!("status={status}"));
+    }
+    if let Some(t) = date_secs(&from, false) {
+        gq.push(format!("startDate={t}"));
+    }
+    if let Some(t) = date_secs(&to, true) {
+        gq.push(format!("endDate={t}"));
+    }
+    let mut rows: Vec<Value> = Vec::new();
+    if !search.is_empty() {
+        // An invoice id, or else an order id.
+        if let Ok(v) = call(gf::get_invoice(
+            State(st.clone()),
+            Path((s.store(), search.clone())),
+            s.gf(json!({})),
+        ))
+        .await
+        {
+            rows.push(v);
+        }
+        gq.push(format!("orderId={}", pct(&search)));
+    }
+    if rows.is_empty() {
+        let v = call(gf::list_invoices(
+            State(st.clone()),
+            Path(s.store()),
+            RawQuery(Some(gq.join("&"))),
+            s.gf(json!({})),
+        ))
+        .await?;
+        rows = v.as_array().cloned().unwrap_or_default();
+    }
+    let mut b = String::from("<form method=get class=filters>");
+    let _ = write!(
+        b,
+        "<label>Search<input name=q value=\"{}\" placeholder=\"invoice id or order id\"></label>\
+         <label>Status<select name=status><option value=\"\">Any</option>",
+        esc(&search)
+    );
+    for st_name in STATUSES {
+        let sel = if st_name == status { " selected" } else { "" };
+        let _ = write!(b, "<option{sel}>{st_name}</option>");
+    }
+    let _ = write!(
+        b,
+        "</select></label><label>From<input type=date name=from value=\"{}\"></label>\
+         <label>To<input type=date name=to value=\"{}\"></label><button>Filter</button></form>",
+        esc(&from),
+        esc(&to)
+    );
+    if rows.is_empty() {
+        b.push_str("<p class=muted>No invoices match.</p>");
+    }
+    b.push_str("<ul class=cards>");
+    for v in &rows {
+        let id = txt(&v["id"]);
+        let _ = write!(
+            b,
+            "<li><a href=\"/dashboard/invoices/{}\"><span class=\"badge {}\">{}</span> \
+             <b>{} {}</b><br><span class=muted>{} · order {}</span></a></li>",
+            pct(&id),
+            esc(&txt(&v["status"]).to_ascii_lowercase()),
+            esc(&txt(&v["status"])),
+            esc(&txt(&v["amount"])),
+            esc(&txt(&v["currency"])),
+            time_str(v["createdTime"].as_u64().unwrap_or(0)),
+            esc(&txt(&v["metadata"]["orderId"]))
+        );
+    }
+    b.push_str("</ul>");
+    Ok(page(StatusCode::OK, "Invoices", Some(&s), &b))
+}
+
+/// `GET /dashboard/invoices/{id}`: the invoice, its payments, webhook deliveries (redeliver),
+/// its refunds, and the refund form.
+pub async fn invoice(
+    State(st): State<AppState>,
+    s: Session,
+    Path(id): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Refusal> {
+    let inv = call(gf::get_invoice(
+        State(st.clone()),
+        Path((s.store(), id.clone())),
+        s.gf(json!({})),
+    ))
+    .await?;
+    let pms = call(gf::invoice_payment_methods(
+        State(st.clone()),
+        Path((s.store(), id.clone())),
+        s.gf(json!({})),
+    ))
+    .await?;
+    let (merchant, iid) = (s.account, id.clone());
+    let (deliveries, refunds) = with_db(&st, move |c| {
+        let mut q = c
+            .prepare(
+                "SELECT id, hook, event, status, attempts, created_ms FROM webhook_deliveries
+                 WHERE merchant = ?1 AND invoice_id = ?2 ORDER BY created_ms DESC LIMIT 100",
+            )
+            .map_err(db_error)?;
+        let d = q
+            .query_map(params![merchant, iid], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, String>(2)?,
+                    r.get::<_, String>(3)?,
+                    r.get::<_, u32>(4)?,
+                    r.get::<_, u64>(5)?,
+                ))
+            })
+            .map_err(db_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_error)?;
+        let mut q = c
+            .prepare(
+                "SELECT id, amount_sat FROM gf_pull_payment WHERE merchant = ?1 AND invoice_id = ?2
+                 ORDER BY created_ms DESC",
+            )
+            .map_err(db_error)?;
+        let r = q
+            .query_map(params![merchant, iid], |r| {
+                Ok((r.get::<_, String>(0)?, r.get::<_, u64>(1)?))
+            })
+            .map_err(db_error)?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(db_error)?;
+        Ok((d, r))
+    })
+    .await?;
+    let base =
+        st.0.cfg
+            .public_url
+            .as_deref()
+            .unwrap_or("")
+            .trim_end_matches('/');
+    let mut b = flash(&q);
+    let _ = write!(
+        b,
+        "<section><p><span class=\"badge {}\">{}</span> {}</p><dl>\
+         <dt>Amount<dd>{} {}<dt>Order id<dd>{}<dt>Created<dd>{}<dt>Expires<dd>{}\
+         <dt>Checkout<dd><a href=\"{}\">open the checkout page</a></dl></section>",
+        esc(&txt(&inv["status"]).to_ascii_lowercase()),
+        esc(&txt(&inv["status"])),
+        esc(&Some(txt(&inv["additionalStatus"]))
+            .filter(|a| a != "None")
+            .unwrap_or_default()),
+        esc(&txt(&inv["amount"])),
+        esc(&txt(&inv["currency"])),
+        esc(&txt(&inv["metadata"]["orderId"])),
+        time_str(inv["createdTime"].as_u64().unwrap_or(0)),
+        time_str(inv["expirationTime"].as_u64().unwrap_or(0)),
+        esc(&txt(&inv["checkoutLink"]))
+    );
+    b.push_str("<section><h2>Payments</h2>");
+    let mut any = false;
+    for pm in pms.as_array().into_iter().flatten() {
+        let _ = write!(
+            b,
+            "<p class=muted>To <span class=addr>{}</span> · paid {} of {} BTC</p>",
+            esc(&txt(&pm["destination"])),
+            esc(&txt(&pm["totalPaid"])),
+            esc(&txt(&pm["amount"]))
+        );
+        for p in pm["payments"].as_array().into_iter().flatten() {
+            any = true;
+            let _ = write!(
+                b,
+                "<p>{} BTC · {} · {}<br><span class=addr>{}</span></p>",
+                esc(&txt(&p["value"])),
+                esc(&txt(&p["status"])),
+                time_str(p["receivedDate"].as_u64().unwrap_or(0)),
+                esc(&txt(&p["id"]))
+            );
+        }
+    }
+    if !any {
+        b.push_str("<p class=muted>No payments yet.</p>");
+    }
+    b.push_str("</section><section><h2>Webhook deliveries</h2>");
+    if deliveries.is_empty() {
+        b.push_str("<p class=muted>None.</p>");
+    }
+    for (did, hook, event, status, attempts, created) in &deliveries {
+        let _ = write!(
+            b,
+            "<div class=row><span>{} · <b>{}</b> · {} attempt(s) · {}</span>",
+            esc(event),
+            esc(status),
+            attempts,
+            time_str(created / 1000)
+        );
+        if let Some(h) = hook {
+            let _ = write!(
+                b,
+                "<form method=post action=\"/dashboard/invoices/{}/redeliver\">{}\
+                 <input type=hidden name=hook value=\"{}\"><input type=hidden name=delivery value=\"{}\">\
+                 <button>Redeliver</button></form>",
+                pct(&id),
+                csrf_field(&s),
+                esc(h),
+                esc(did)
+            );
+        }
+        b.push_str("</div>");
+    }
+    b.push_str("</section><section><h2>Refunds</h2>");
+    for (pp, sat) in &refunds {
+        let _ = write!(
+            b,
+            "<p>{} BTC · claim page <a href=\"{base}/pp/{pp}\">{base}/pp/{pp}</a></p>",
+            crate::decimal::format_units(*sat, 8),
+            base = esc(base),
+            pp = esc(pp)
+        );
+    }
+    let _ = write!(
+        b,
+        "<form method=post action=\"/dashboard/invoices/{}/refund\">{}\
+         <label>Amount<select name=variant>\
+         <option value=RateThen>What was paid (rate at the time)</option>\
+         <option value=CurrentRate>Invoice amount at today's rate</option>\
+         <option value=OverpaidAmount>Only the overpayment</option>\
+         <option value=Custom>Custom amount</option></select></label>\
+         <label>Custom amount<input name=amount inputmode=decimal></label>\
+         <label>Custom currency<input name=currency value=BTC></label>\
+         <button>Create refund</button></form>\
+         <p class=muted>A refund is a pull payment: send its claim page to the customer, who \
+         enters an address; the payout goes through custody's withdrawal limits and approvals.</p>\
+         </section>",
+        pct(&id),
+        csrf_field(&s)
+    );
+    Ok(page(StatusCode::OK, &format!("Invoice {id}"), Some(&s), &b))
+}
+
+/// `POST /dashboard/invoices/{id}/redeliver`: `hook`, `delivery` — Greenfield's redeliver.
+pub async fn redeliver(
+    State(st): State<AppState>,
+    s: Session,
+    Path(id): Path<String>,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let hook = form.text("hook").to_owned();
+    let delivery = form.text("delivery").to_owned();
+    call(gf::redeliver(
+        State(st.clone()),
+        Path((s.store(), hook, delivery)),
+        s.gf(json!({})),
+    ))
+    .await?;
+    Ok(redirect(&format!(
+        "/dashboard/invoices/{}?done={}",
+        pct(&id),
+        pct("Redelivery queued.")
+    )))
+}
+
+/// `POST /dashboard/invoices/{id}/refund`: `variant`, `amount`, `currency` — Greenfield's
+/// refund (a pull payment).
+pub async fn refund(
+    State(st): State<AppState>,
+    s: Session,
+    Path(id): Path<String>,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let mut body = Map::new();
+    body.insert("refundVariant".into(), json!(form.text("variant")));
+    if form.text("variant") == "Custom" {
+        body.insert("customAmount".into(), json!(form.text("amount")));
+        let c = form.text("currency");
+        body.insert(
+            "customCurrency".into(),
+            json!(if c.is_empty() { "BTC" } else { c }),
+        );
+    }
+    let pp = call(gf::refund(
+        State(st.clone()),
+        Path((s.store(), id.clone())),
+        s.gf(Value::Object(body)),
+    ))
+    .await?;
+    Ok(redirect(&format!(
+        "/dashboard/invoices/{}?done={}",
+        pct(&id),
+        pct(&format!(
+            "Refund of {} BTC created: {}",
+            txt(&pp["amount"]),
+            txt(&pp["viewLink"])
+        ))
+    )))
+}
+
+/// `GET /dashboard/refunds`: the store's pull payments (refunds and others).
+pub async fn refunds(State(st): State<AppState>, s: Session) -> Result<Response, Refusal> {
+    let v = call(gf::list_pull_payments(
+        State(st.clone()),
+        Path(s.store()),
+        RawQuery(None),
+        s.gf(json!({})),
+    ))
+    .await?;
+    let mut b = String::from("<ul class=cards>");
+    let list = v.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        b.push_str("<li class=muted>No refunds or pull payments yet.</li>");
+    }
+    for p in &list {
+        let _ = write!(
+            b,
+            "<li><b>{} BTC</b> · {}<br><a href=\"{link}\">{link}</a></li>",
+            esc(&txt(&p["amount"])),
+            esc(&txt(&p["name"])),
+            link = esc(&txt(&p["viewLink"]))
+        );
+    }
+    b.push_str("</ul><p class=muted>Create a refund from an invoice's page.</p>");
+    Ok(page(
+        StatusCode::OK,
+        "Refunds and pull payments",
+        Some(&s),
+        &b,
+    ))
+}
+
+/// `GET /dashboard/settings`: the store settings form.
+pub async fn settings(
+    State(st): State<AppState>,
+    s: Session,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Refusal> {
+    let v = call(gf::get_store(
+        State(st.clone()),
+        Path(s.store()),
+        s.gf(json!({})),
+    ))
+    .await?;
+    let mut b = flash(&q);
+    let _ = write!(
+        b,
+        "<form method=post action=\"/dashboard/settings\">{}\
+         <label>Name<input name=name value=\"{}\" maxlength=64 required></label>\
+         <label>Currency<input name=currency value=\"{}\"></label>\
+         <label>Invoice expiry (minutes)<input name=expiry inputmode=numeric value=\"{}\"></label>\
+         <label>Payment tolerance (%)<input name=tolerance inputmode=decimal value=\"{}\"></label>\
+         <label>Speed<select name=speed>",
+        csrf_field(&s),
+        esc(&txt(&v["name"])),
+        esc(&txt(&v["defaultCurrency"])),
+        v["invoiceExpiration"].as_u64().unwrap_or(0) / 60,
+        esc(&txt(&v["paymentTolerance"]))
+    );
+    for sp in ["HighSpeed", "MediumSpeed", "LowMediumSpeed", "LowSpeed"] {
+        let sel = if v["speedPolicy"] == sp {
+            " selected"
+        } else {
+            ""
+        };
+        let _ = write!(b, "<option{sel}>{sp}</option>");
+    }
+    b.push_str("</select></label><button>Save</button></form>");
+    Ok(page(StatusCode::OK, "Store settings", Some(&s), &b))
+}
+
+/// `POST /dashboard/settings`: Greenfield's store update.
+pub async fn save_settings(
+    State(st): State<AppState>,
+    s: Session,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let expiry = form
+        .text("expiry")
+        .parse::<u64>()
+        .map_err(|_| bad("The invoice expiry is a whole number of minutes."))?;
+    let body = json!({
+        "name": form.text("name"),
+        "defaultCurrency": form.text("currency"),
+        "invoiceExpiration": expiry.saturating_mul(60),
+        "paymentTolerance": form.text("tolerance"),
+        "speedPolicy": form.text("speed"),
+    });
+    call(gf::put_store(
+        State(st.clone()),
+        Path(s.store()),
+        s.gf(body),
+    ))
+    .await?;
+    Ok(redirect(&format!(
+        "/dashboard/settings?done={}",
+        pct("Settings saved.")
+    )))
+}
+
+/// `GET /dashboard/tokens`: the store's API keys (never secrets) and the create form.
+pub async fn tokens(
+    State(st): State<AppState>,
+    s: Session,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Refusal> {
+    let mut b = flash(&q);
+    b.push_str("<ul class=cards>");
+    let keys = st.0.keys.of_account(s.account);
+    if keys.is_empty() {
+        b.push_str("<li class=muted>No API keys.</li>");
+    }
+    for k in &keys {
+        let _ = write!(
+            b,
+            "<li><b>{}</b> · {}<br><span class=addr>{}</span>\
+             <form method=post action=\"/dashboard/tokens/revoke\">{}\
+             <input type=hidden name=apiKey value=\"{}\"><button class=danger>Revoke</button></form></li>",
+            esc(if k.label.is_empty() { "(no label)" } else { &k.label }),
+            esc(&k.perms.names().join(", ")),
+            esc(&k.api_key),
+            csrf_field(&s),
+            esc(&k.api_key)
+        );
+    }
+    let _ = write!(
+        b,
+        "</ul><h2>New token</h2><form method=post action=\"/dashboard/tokens\">{}\
+         <label>Label<input name=label maxlength=64></label>\
+         <fieldset><legend>Permissions</legend>\
+         <label class=check><input type=checkbox name=read value=1 checked> read</label>\
+         <label class=check><input type=checkbox name=merchant value=1 checked> merchant \
+         (invoices, webhooks, store)</label>\
+         <label class=check><input type=checkbox name=withdraw value=1> withdraw (refunds, pull \
+         payments)</label></fieldset><button>Create token</button></form>",
+        csrf_field(&s)
+    );
+    Ok(page(StatusCode::OK, "API tokens", Some(&s), &b))
+}
+
+/// `POST /dashboard/tokens`: a new key for the store's account; its secret and Greenfield
+/// token are shown on this answer only.
+pub async fn create_token(
+    State(st): State<AppState>,
+    s: Session,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let mut perms = Perms::NONE;
+    for (name, p) in [
+        ("read", Perms::READ),
+        ("merchant", Perms::MERCHANT),
+        ("withdraw", Perms::WITHDRAW),
+    ] {
+        if form.get(name).is_some() {
+            perms = perms.with(p);
+        }
+    }
+    if perms == Perms::NONE || !TOKEN_PERMS.has(perms) {
+        return Err(bad("Choose at least one permission."));
+    }
+    let label = form.text("label").to_owned();
+    if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(bad("The label is at most 64 printable ASCII characters."));
+    }
+    let v = crate::native::create_key(
+        &st,
+        &format!("dashboard:{}", s.account),
+        s.account,
+        perms,
+        &label,
+    )?;
+    let b = format!(
+        "<p class=ok>Token created. Copy it now: it is not shown again.</p><dl class=stack>\
+         <dt>Greenfield token (<code>Authorization: token ...</code>)<dd><code class=secret>{}</code>\
+         <dt>API key<dd><code>{}</code><dt>Secret key (signed API)<dd><code class=secret>{}</code>\
+         <dt>Permissions<dd>{}</dl><p><a href=\"/dashboard/tokens\">Back to the tokens</a></p>",
+        esc(&txt(&v["greenfieldToken"])),
+        esc(&txt(&v["apiKey"])),
+        esc(&txt(&v["secretKey"])),
+        esc(&perms.names().join(", "))
+    );
+    Ok(page(StatusCode::OK, "New API token", Some(&s), &b))
+}
+
+/// `POST /dashboard/tokens/revoke`: `apiKey` (one of the store's own).
+pub async fn revoke_token(
+    State(st): State<AppState>,
+    s: Session,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let target = form.text("apiKey").to_owned();
+    crate::native::revoke_own_key(&st, &s.principal(), &target)?;
+    Ok(redirect(&format!(
+        "/dashboard/tokens?done={}",
+        pct("Token revoked.")
+    )))
+}

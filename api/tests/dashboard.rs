@@ -1,0 +1,923 @@
+//! The store dashboard (`/dashboard/...`) through `oneshot`: password and one-time-link login,
+//! sessions (expiry, logout), CSRF refusals that change nothing, another store's objects, and
+//! what each page shows, over a fake `Custody` whose deposits the test scripts.
+
+mod common;
+
+use api::merchant::monitor::tick;
+use axum::body::Body;
+use axum::http::{HeaderMap, Request, StatusCode};
+use common::custody::Fake;
+use common::Harness;
+use http_body_util::BodyExt;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::sync::Arc;
+use tower::ServiceExt;
+
+const PASSWORD: &str = "correct horse battery staple";
+
+struct Page {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+}
+
+impl Page {
+    fn location(&self) -> &str {
+        self.headers
+            .get("location")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+    }
+    fn csrf(&self) -> String {
+        let at = self
+            .body
+            .find("name=csrf value=\"")
+            .unwrap_or_else(|| panic!("no csrf field in {}", self.body));
+        let rest = &self.body[at + 17..];
+        rest[..rest.find('"').unwrap()].to_owned()
+    }
+    /// The session id the answer sets, if any.
+    fn cookie(&self) -> Option<String> {
+        let c = self.headers.get("set-cookie")?.to_str().ok()?;
+        let v = c.strip_prefix("mediator_dashboard=")?.split(';').next()?;
+        (!v.is_empty()).then(|| v.to_owned())
+    }
+}
+
+/// A request with an optional session cookie, form body and extra headers.
+async fn req(
+    h: &Harness,
+    method: &str,
+    uri: &str,
+    cookie: Option<&str>,
+    form: &[(&str, &str)],
+    headers: &[(&str, &str)],
+) -> Page {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("host", "shop.test");
+    if let Some(c) = cookie {
+        b = b.header("cookie", format!("other=1; mediator_dashboard={c}"));
+    }
+    let body: String = form
+        .iter()
+        .map(|(k, v)| format!("{}={}", enc(k), enc(v)))
+        .collect::<Vec<_>>()
+        .join("&");
+    if method == "POST" {
+        b = b.header("content-type", "application/x-www-form-urlencoded");
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let res = h
+        .router
+        .clone()
+        .oneshot(b.body(Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    Page {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+fn enc(s: &str) -> String {
+    s.bytes()
+        .map(|b| {
+            if b.is_ascii_alphanumeric() {
+                char::from(b).to_string()
+            } else {
+                format!("%{b:02X}")
+            }
+        })
+        .collect()
+}
+
+async fn get(h: &Harness, uri: &str, cookie: &str) -> Page {
+    req(h, "GET", uri, Some(cookie), &[], &[]).await
+}
+
+/// A form post with the session's CSRF token (taken from `from`, a page of the session).
+async fn post(h: &Harness, uri: &str, cookie: &str, from: &str, form: &[(&str, &str)]) -> Page {
+    let csrf = get(h, from, cookie).await.csrf();
+    let mut f = form.to_vec();
+    f.push(("csrf", &csrf));
+    req(
+        h,
+        "POST",
+        uri,
+        Some(cookie),
+        &f,
+        &[("origin", "http://shop.test")],
+    )
+    .await
+}
+
+struct D {
+    h: Harness,
+    fake: Arc<Fake>,
+    account: u32,
+    /// A Greenfield token of the store (`read,merchant,withdraw`).
+    token: String,
+}
+
+async fn setup() -> D {
+    let h = Harness::new();
+    let fake = Arc::new(Fake::default());
+    h.state.set_custody(fake.clone()).ok().unwrap();
+    let (account, _) = h.trader("0.25", "0").await;
+    let created = h
+        .state
+        .create_key(
+            account,
+            api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+            "gf",
+        )
+        .unwrap();
+    let token = h.state.greenfield_token(&created.0);
+    set_password(&h, account, PASSWORD).await;
+    D {
+        h,
+        fake,
+        account,
+        token,
+    }
+}
+
+async fn set_password(h: &Harness, account: u32, password: &str) {
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/admin/dashboardPassword",
+            &format!("account={account}&password={}", enc(password)),
+            &h.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+}
+
+async fn login(h: &Harness, account: u32, password: &str) -> Page {
+    let store = account.to_string();
+    req(
+        h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("store", &store), ("password", password)],
+        &[],
+    )
+    .await
+}
+
+async fn session(d: &D) -> String {
+    let p = login(&d.h, d.account, PASSWORD).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    p.cookie().expect("a session cookie")
+}
+
+async fn link(h: &Harness, account: u32) -> String {
+    let r = h
+        .signed(
+            "POST",
+            "/mapi/v1/admin/dashboardLink",
+            &format!("account={account}"),
+            &h.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let l = r.json["link"].as_str().unwrap();
+    l.split("link=").nth(1).unwrap().to_owned()
+}
+
+fn sha256_hex(s: &str) -> String {
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+/// The status of `GET /api/v1/api-keys/current` with `token` (401 once revoked).
+async fn token_status(h: &Harness, token: &str) -> StatusCode {
+    let req = Request::builder()
+        .uri("/api/v1/api-keys/current")
+        .header("Authorization", format!("token {token}"))
+        .body(Body::empty())
+        .unwrap();
+    h.router.clone().oneshot(req).await.unwrap().status()
+}
+
+/// Greenfield JSON call with the store's token.
+async fn gf(h: &Harness, method: &str, uri: &str, token: &str, body: Option<Value>) -> Value {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("Authorization", format!("token {token}"));
+    if body.is_some() {
+        b = b.header("content-type", "application/json");
+    }
+    let res = h
+        .router
+        .clone()
+        .oneshot(
+            b.body(Body::from(body.map(|b| b.to_string()).unwrap_or_default()))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    let v: Value = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    assert!(status.is_success(), "{method} {uri}: {status} {v}");
+    v
+}
+
+fn store_name(h: &Harness, account: u32) -> String {
+    let db = h.state.merchant().db.lock().unwrap();
+    api::merchant::store::settings_or_default(&db, account)
+        .unwrap()
+        .name
+}
+
+#[tokio::test]
+async fn password_login_right_wrong_and_logout() {
+    let d = setup().await;
+    // Too short a password is refused and the old one stays.
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/admin/dashboardPassword",
+            &format!("account={}&password=short", d.account),
+            &d.h.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    // Wrong password, unknown store, non-numeric store: one message, no cookie.
+    for (store, pw) in [
+        (d.account.to_string(), "wrong password here"),
+        ("999".to_owned(), PASSWORD),
+        ("x".to_owned(), PASSWORD),
+    ] {
+        let p = req(
+            &d.h,
+            "POST",
+            "/dashboard/login",
+            None,
+            &[("store", &store), ("password", pw)],
+            &[],
+        )
+        .await;
+        assert_eq!(p.status, StatusCode::UNAUTHORIZED, "{store}: {}", p.body);
+        assert!(p.body.contains("Wrong store id or password."), "{}", p.body);
+        assert!(p.headers.get("set-cookie").is_none());
+    }
+    // Right: a session cookie with its attributes; only its hash is stored.
+    let p = login(&d.h, d.account, PASSWORD).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    assert_eq!(p.location(), "/dashboard");
+    let set = p.headers["set-cookie"].to_str().unwrap().to_owned();
+    for attr in ["HttpOnly", "SameSite=Strict", "Path=/", "Secure"] {
+        assert!(set.contains(attr), "{attr} missing: {set}");
+    }
+    let id = p.cookie().unwrap();
+    assert_eq!(id.len(), 64);
+    {
+        let db = d.h.state.merchant().db.lock().unwrap();
+        let n = |v: &str| -> i64 {
+            db.query_row(
+                "SELECT COUNT(*) FROM dashboard_session WHERE hash = ?1",
+                [v],
+                |r| r.get(0),
+            )
+            .unwrap()
+        };
+        assert_eq!(n(&id), 0, "the session id is stored in clear");
+        assert_eq!(n(&sha256_hex(&id)), 1);
+    }
+    let home = get(&d.h, "/dashboard", &id).await;
+    assert_eq!(home.status, StatusCode::OK, "{}", home.body);
+    assert!(home.body.contains("Balance"), "{}", home.body);
+    // Logout needs the form token; then the cookie is dead.
+    let r = req(&d.h, "POST", "/dashboard/logout", Some(&id), &[], &[]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert_eq!(get(&d.h, "/dashboard", &id).await.status, StatusCode::OK);
+    let out = post(&d.h, "/dashboard/logout", &id, "/dashboard", &[]).await;
+    assert_eq!(out.status, StatusCode::SEE_OTHER, "{}", out.body);
+    assert!(out.headers["set-cookie"]
+        .to_str()
+        .unwrap()
+        .contains("Max-Age=0"));
+    let after = get(&d.h, "/dashboard", &id).await;
+    assert_eq!(after.status, StatusCode::SEE_OTHER);
+    assert_eq!(after.location(), "/dashboard/login");
+    // A new password logs out every session of the store.
+    let id2 = session(&d).await;
+    set_password(&d.h, d.account, "another long password").await;
+    assert_eq!(
+        get(&d.h, "/dashboard", &id2).await.status,
+        StatusCode::SEE_OTHER
+    );
+    assert_eq!(
+        login(&d.h, d.account, PASSWORD).await.status,
+        StatusCode::UNAUTHORIZED
+    );
+}
+
+#[tokio::test]
+async fn a_one_time_link_logs_in_once_and_not_after_expiry() {
+    let d = setup().await;
+    let token = link(&d.h, d.account).await;
+    {
+        let db = d.h.state.merchant().db.lock().unwrap();
+        let clear: i64 = db
+            .query_row(
+                "SELECT COUNT(*) FROM dashboard_link WHERE hash = ?1",
+                [&token],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(clear, 0, "the link token is stored in clear");
+    }
+    // Opening the link shows a button and spends nothing.
+    let shown = req(
+        &d.h,
+        "GET",
+        &format!("/dashboard/login?link={token}"),
+        None,
+        &[],
+        &[],
+    )
+    .await;
+    assert_eq!(shown.status, StatusCode::OK);
+    assert!(shown.body.contains(&token));
+    assert!(shown.headers.get("set-cookie").is_none());
+    assert_eq!(shown.headers["referrer-policy"], "same-origin");
+    let first = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("link", &token)],
+        &[],
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::SEE_OTHER, "{}", first.body);
+    let id = first.cookie().unwrap();
+    assert_eq!(get(&d.h, "/dashboard", &id).await.status, StatusCode::OK);
+    let second = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("link", &token)],
+        &[],
+    )
+    .await;
+    assert_eq!(second.status, StatusCode::UNAUTHORIZED);
+    assert!(
+        second.body.contains("wrong, used or expired"),
+        "{}",
+        second.body
+    );
+    assert!(second.cookie().is_none());
+    // Expired before use.
+    let old = link(&d.h, d.account).await;
+    {
+        let db = d.h.state.merchant().db.lock().unwrap();
+        db.execute(
+            "UPDATE dashboard_link SET expires_ms = 1 WHERE hash = ?1",
+            [sha256_hex(&old)],
+        )
+        .unwrap();
+    }
+    let expired = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("link", &old)],
+        &[],
+    )
+    .await;
+    assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
+    assert!(expired.cookie().is_none());
+    // A made-up link.
+    let made_up = "ab".repeat(32);
+    let r = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("link", &made_up)],
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn an_expired_session_is_logged_out() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let csrf = get(&d.h, "/dashboard/settings", &id).await.csrf();
+    {
+        let db = d.h.state.merchant().db.lock().unwrap();
+        db.execute(
+            "UPDATE dashboard_session SET expires_ms = 1 WHERE hash = ?1",
+            [sha256_hex(&id)],
+        )
+        .unwrap();
+    }
+    let before = store_name(&d.h, d.account);
+    let r = req(
+        &d.h,
+        "POST",
+        "/dashboard/settings",
+        Some(&id),
+        &[
+            ("csrf", &csrf),
+            ("name", "Changed"),
+            ("currency", "BTC"),
+            ("expiry", "15"),
+            ("tolerance", "0"),
+            ("speed", "MediumSpeed"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(store_name(&d.h, d.account), before);
+    let g = get(&d.h, "/dashboard", &id).await;
+    assert_eq!(g.status, StatusCode::SEE_OTHER);
+    assert_eq!(g.location(), "/dashboard/login");
+    // The expired row is gone.
+    let db = d.h.state.merchant().db.lock().unwrap();
+    let n: i64 = db
+        .query_row("SELECT COUNT(*) FROM dashboard_session", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, 0);
+}
+
+#[tokio::test]
+async fn csrf_refusals_change_nothing() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let csrf = get(&d.h, "/dashboard/settings", &id).await.csrf();
+    let form = |csrf: Option<&str>| {
+        let mut f = vec![
+            ("name", "Renamed shop".to_owned()),
+            ("currency", "BTC".to_owned()),
+            ("expiry", "20".to_owned()),
+            ("tolerance", "0".to_owned()),
+            ("speed", "MediumSpeed".to_owned()),
+        ];
+        if let Some(c) = csrf {
+            f.push(("csrf", c.to_owned()));
+        }
+        f
+    };
+    let before = store_name(&d.h, d.account);
+    let wrong = "0".repeat(64);
+    let cases: [(Option<&str>, Option<&str>, &str); 4] = [
+        (None, None, "missing token"),
+        (Some(&wrong), None, "wrong token"),
+        (Some(&csrf), Some("https://evil.example"), "foreign origin"),
+        (Some(&csrf), Some("null"), "opaque origin"),
+    ];
+    for (token, origin, what) in cases {
+        let f = form(token);
+        let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let headers: Vec<(&str, &str)> = origin.iter().map(|o| ("origin", *o)).collect();
+        let r = req(&d.h, "POST", "/dashboard/settings", Some(&id), &f, &headers).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{what}: {}", r.body);
+        assert!(r.body.contains("Nothing was changed") || r.body.contains("nothing was changed"));
+        assert_eq!(store_name(&d.h, d.account), before, "{what}");
+    }
+    // Another session's token does not work for this one.
+    let other = session(&d).await;
+    let other_csrf = get(&d.h, "/dashboard/settings", &other).await.csrf();
+    assert_ne!(other_csrf, csrf);
+    let f = form(Some(&other_csrf));
+    let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = req(&d.h, "POST", "/dashboard/settings", Some(&id), &f, &[]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    // A foreign Origin on the login form itself.
+    let store = d.account.to_string();
+    let r = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("store", &store), ("password", PASSWORD)],
+        &[("origin", "https://evil.example")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN);
+    assert!(r.cookie().is_none());
+    // The right token and this site's Origin: saved.
+    let f = form(Some(&csrf));
+    let f: Vec<(&str, &str)> = f.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let r = req(
+        &d.h,
+        "POST",
+        "/dashboard/settings",
+        Some(&id),
+        &f,
+        &[("origin", "http://shop.test")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(store_name(&d.h, d.account), "Renamed shop");
+}
+
+#[tokio::test]
+async fn logins_are_rate_limited_per_store() {
+    let d = setup().await;
+    let mut limited = false;
+    for _ in 0..12 {
+        let p = login(&d.h, d.account, "not the password!").await;
+        if p.status == StatusCode::TOO_MANY_REQUESTS {
+            limited = true;
+            break;
+        }
+        assert_eq!(p.status, StatusCode::UNAUTHORIZED);
+    }
+    assert!(limited, "12 wrong passwords in a minute were all tried");
+    // Even the right password waits now.
+    let p = login(&d.h, d.account, PASSWORD).await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(p.cookie().is_none());
+}
+
+#[tokio::test]
+async fn another_stores_objects_are_refused() {
+    let d = setup().await;
+    // Store B with an invoice, a webhook delivery and a key.
+    let (b, _) = d.h.trader("0", "0").await;
+    let b_key =
+        d.h.state
+            .create_key(b, api::keys::Perms::parse("read,merchant").unwrap(), "b")
+            .unwrap();
+    let b_token = d.h.state.greenfield_token(&b_key.0);
+    let hook = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{b}/webhooks"),
+        &b_token,
+        Some(json!({"url": "https://shop.example/b"})),
+    )
+    .await;
+    let inv = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{b}/invoices"),
+        &b_token,
+        Some(json!({"amount": "0.001"})),
+    )
+    .await;
+    let b_inv = inv["id"].as_str().unwrap().to_owned();
+    let deliveries = gf(
+        &d.h,
+        "GET",
+        &format!(
+            "/api/v1/stores/{b}/webhooks/{}/deliveries",
+            hook["id"].as_str().unwrap()
+        ),
+        &b_token,
+        None,
+    )
+    .await;
+    let b_delivery = deliveries[0]["id"].as_str().unwrap().to_owned();
+    let count = |table: &str| -> i64 {
+        let db = d.h.state.merchant().db.lock().unwrap();
+        db.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .unwrap()
+    };
+    let (deliveries_before, pps_before) = (count("webhook_deliveries"), count("gf_pull_payment"));
+
+    let id = session(&d).await;
+    let page = get(&d.h, &format!("/dashboard/invoices/{b_inv}"), &id).await;
+    assert_eq!(page.status, StatusCode::NOT_FOUND, "{}", page.body);
+    let list = get(&d.h, &format!("/dashboard/invoices?q={b_inv}"), &id).await;
+    assert_eq!(list.status, StatusCode::OK);
+    assert!(
+        !list.body.contains(&format!("/dashboard/invoices/{b_inv}")),
+        "B's invoice listed to A"
+    );
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{b_inv}/redeliver"),
+        &id,
+        "/dashboard",
+        &[
+            ("hook", hook["id"].as_str().unwrap()),
+            ("delivery", &b_delivery),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{b_inv}/refund"),
+        &id,
+        "/dashboard",
+        &[("variant", "RateThen")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let r = post(
+        &d.h,
+        "/dashboard/tokens/revoke",
+        &id,
+        "/dashboard",
+        &[("apiKey", &b_key.0)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert_eq!(
+        token_status(&d.h, &b_token).await,
+        StatusCode::OK,
+        "B's key revoked"
+    );
+    let tokens = get(&d.h, "/dashboard/tokens", &id).await;
+    assert!(!tokens.body.contains(&b_key.0), "B's key listed to A");
+    assert_eq!(count("webhook_deliveries"), deliveries_before);
+    assert_eq!(count("gf_pull_payment"), pps_before);
+}
+
+#[tokio::test]
+async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
+    let d = setup().await;
+    let store = d.account;
+    let hook = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/webhooks"),
+        &d.token,
+        Some(json!({"url": "https://shop.example/hook"})),
+    )
+    .await;
+    let hook_id = hook["id"].as_str().unwrap().to_owned();
+    let paid = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/invoices"),
+        &d.token,
+        Some(json!({"amount": "0.001", "metadata": {"orderId": "order-77"}})),
+    )
+    .await;
+    let other = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/invoices"),
+        &d.token,
+        Some(json!({"amount": "0.002", "metadata": {"orderId": "order-78"}})),
+    )
+    .await;
+    let (paid_id, other_id) = (
+        paid["id"].as_str().unwrap().to_owned(),
+        other["id"].as_str().unwrap().to_owned(),
+    );
+    // Pay the first (overpaid by 0.0002), confirmed.
+    let pm = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{store}/invoices/{paid_id}/payment-methods"),
+        &d.token,
+        None,
+    )
+    .await;
+    let address = pm[0]["destination"].as_str().unwrap().to_owned();
+    let now = common::now_ms();
+    d.fake.pay(d.account, &address, 1, 120_000, 1, now);
+    tick(&d.h.state, now + 1).await.unwrap();
+
+    let id = session(&d).await;
+    // Invoices: all, by order id, by invoice id, by status, by dates.
+    let all = get(&d.h, "/dashboard/invoices", &id).await;
+    assert_eq!(all.status, StatusCode::OK);
+    assert!(all.body.contains(&paid_id) && all.body.contains(&other_id));
+    let by_order = get(&d.h, "/dashboard/invoices?q=order-78", &id).await;
+    assert!(by_order.body.contains(&other_id) && !by_order.body.contains(&paid_id));
+    let by_id = get(&d.h, &format!("/dashboard/invoices?q={paid_id}"), &id).await;
+    assert!(by_id.body.contains(&paid_id) && !by_id.body.contains(&other_id));
+    let settled = get(&d.h, "/dashboard/invoices?status=Settled", &id).await;
+    assert!(settled.body.contains(&paid_id) && !settled.body.contains(&other_id));
+    let fresh = get(&d.h, "/dashboard/invoices?status=New", &id).await;
+    assert!(fresh.body.contains(&other_id) && !fresh.body.contains(&paid_id));
+    let old = get(
+        &d.h,
+        "/dashboard/invoices?from=2001-01-01&to=2001-12-31",
+        &id,
+    )
+    .await;
+    assert!(!old.body.contains(&paid_id) && old.body.contains("No invoices match"));
+    let today = get(&d.h, "/dashboard/invoices?from=2001-01-01", &id).await;
+    assert!(today.body.contains(&paid_id));
+
+    // The invoice: status, payment, deliveries with a redeliver button.
+    let page = get(&d.h, &format!("/dashboard/invoices/{paid_id}"), &id).await;
+    assert_eq!(page.status, StatusCode::OK, "{}", page.body);
+    assert!(page.body.contains("Settled"), "{}", page.body);
+    assert!(page.body.contains("0.0012 BTC"), "{}", page.body);
+    assert!(page.body.contains("InvoiceSettled"), "{}", page.body);
+    assert!(page.body.contains("order-77"));
+    let delivery = {
+        let db = d.h.state.merchant().db.lock().unwrap();
+        db.query_row(
+            "SELECT id FROM webhook_deliveries WHERE hook = ?1 AND event = 'InvoiceSettled'",
+            [&hook_id],
+            |r| r.get::<_, String>(0),
+        )
+        .unwrap()
+    };
+    assert!(page.body.contains(&delivery));
+    let hook_deliveries = |h: &Harness| -> i64 {
+        let db = h.state.merchant().db.lock().unwrap();
+        db.query_row(
+            "SELECT COUNT(*) FROM webhook_deliveries WHERE hook = ?1",
+            [&hook_id],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let before = hook_deliveries(&d.h);
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{paid_id}/redeliver"),
+        &id,
+        "/dashboard",
+        &[("hook", &hook_id), ("delivery", &delivery)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(hook_deliveries(&d.h), before + 1);
+    let redelivered: Value = {
+        let db = d.h.state.merchant().db.lock().unwrap();
+        let body: Vec<u8> = db
+            .query_row(
+                "SELECT body FROM webhook_deliveries WHERE hook = ?1 ORDER BY created_ms DESC, rowid DESC LIMIT 1",
+                [&hook_id],
+                |r| r.get(0),
+            )
+            .unwrap();
+        serde_json::from_slice(&body).unwrap()
+    };
+    assert_eq!(redelivered["isRedelivery"], true);
+    assert_eq!(redelivered["originalDeliveryId"], json!(delivery));
+
+    // A refund of the overpayment: a pull payment, listed, visible through Greenfield too.
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{paid_id}/refund"),
+        &id,
+        "/dashboard",
+        &[("variant", "OverpaidAmount")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let shown = get(&d.h, r.location(), &id).await;
+    assert!(
+        shown.body.contains("Refund of 0.0002 BTC created"),
+        "{}",
+        shown.body
+    );
+    let pps = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{store}/pull-payments"),
+        &d.token,
+        None,
+    )
+    .await;
+    assert_eq!(pps.as_array().unwrap().len(), 1);
+    assert_eq!(pps[0]["amount"], "0.0002");
+    let pp_id = pps[0]["id"].as_str().unwrap();
+    let refunds = get(&d.h, "/dashboard/refunds", &id).await;
+    assert!(
+        refunds.body.contains(&format!("/pp/{pp_id}")),
+        "{}",
+        refunds.body
+    );
+    // A refund larger than what is refundable is refused, nothing created.
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{paid_id}/refund"),
+        &id,
+        "/dashboard",
+        &[("variant", "Custom"), ("amount", "5"), ("currency", "BTC")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+    let pps = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{store}/pull-payments"),
+        &d.token,
+        None,
+    )
+    .await;
+    assert_eq!(pps.as_array().unwrap().len(), 1);
+
+    // API tokens: create (the token shown once, and it works), list, revoke.
+    let created = post(
+        &d.h,
+        "/dashboard/tokens",
+        &id,
+        "/dashboard/tokens",
+        &[("label", "woo"), ("read", "1"), ("merchant", "1")],
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+    let at = created.body.find("<code class=secret>").unwrap() + 19;
+    let new_token = created.body[at..at + created.body[at..].find('<').unwrap()].to_owned();
+    let current = gf(&d.h, "GET", "/api/v1/api-keys/current", &new_token, None).await;
+    assert_eq!(current["label"], "woo");
+    let listed = get(&d.h, "/dashboard/tokens", &id).await;
+    assert!(listed.body.contains("woo"));
+    assert!(
+        !listed.body.contains(&new_token),
+        "the token is shown again"
+    );
+    let at = created.body.find("<dt>API key<dd><code>").unwrap() + 21;
+    let api_key = created.body[at..at + created.body[at..].find('<').unwrap()].to_owned();
+    assert!(listed.body.contains(&api_key));
+    let r = post(
+        &d.h,
+        "/dashboard/tokens/revoke",
+        &id,
+        "/dashboard/tokens",
+        &[("apiKey", &api_key)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(
+        token_status(&d.h, &new_token).await,
+        StatusCode::UNAUTHORIZED
+    );
+    // No permission or an unoffered one: refused.
+    let r = post(
+        &d.h,
+        "/dashboard/tokens",
+        &id,
+        "/dashboard/tokens",
+        &[("label", "x")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST);
+
+    // Settings: shown, then saved through Greenfield's store update (validated there).
+    let s = get(&d.h, "/dashboard/settings", &id).await;
+    assert!(s.body.contains("MediumSpeed") || s.body.contains("HighSpeed"));
+    let r = post(
+        &d.h,
+        "/dashboard/settings",
+        &id,
+        "/dashboard/settings",
+        &[
+            ("name", "Corner shop"),
+            ("currency", "BTC"),
+            ("expiry", "30"),
+            ("tolerance", "1.5"),
+            ("speed", "LowSpeed"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let store_v = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{store}"),
+        &d.token,
+        None,
+    )
+    .await;
+    assert_eq!(store_v["name"], "Corner shop");
+    assert_eq!(store_v["invoiceExpiration"], 1800);
+    assert_eq!(store_v["speedPolicy"], "LowSpeed");
+    let r = post(
+        &d.h,
+        "/dashboard/settings",
+        &id,
+        "/dashboard/settings",
+        &[
+            ("name", "Corner shop"),
+            ("currency", "BTC"),
+            ("expiry", "30"),
+            ("tolerance", "99"),
+            ("speed", "LowSpeed"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
+
+    // Home: the store, its balance, withdrawals read-only.
+    let home = get(&d.h, "/dashboard", &id).await;
+    assert!(home.body.contains("Corner shop"));
+    assert!(home.body.contains("0.25000000"), "{}", home.body);
+    assert!(home.body.contains("Read-only here"));
+}

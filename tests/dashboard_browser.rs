@@ -1,0 +1,310 @@
+//! The store dashboard in headless Chromium on a phone-sized viewport against the real
+//! `mediator serve` on regtest: the operator sets a password (`mediator dashboard password`,
+//! on stdin), the shop owner logs in, finds a paid invoice, redelivers its webhook, creates a
+//! refund from it and an API token (shown once, and it works), logs out, and logs in again with
+//! a one-time link (`mediator dashboard link`) that works once. Screenshots in the artifacts dir.
+//!
+//! Needs bitcoind (`BITCOIND_EXE`) and Chromium (`scripts/install-browser.sh`, or
+//! `MEDIATOR_SKIP_BROWSER=1` to skip).
+
+#[path = "../api/tests/browser/mod.rs"]
+mod browser;
+mod common;
+
+use browser::Browser;
+use common::greenfield::{http, ok};
+use common::payer::Payer;
+use common::{free_port, Server, BIN};
+use serde_json::json;
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+const CHAIN: Duration = Duration::from_secs(90);
+const PASSWORD: &str = "a long shop owner password";
+
+const DESCRIBE: &str = "return {url: location.href, body: document.body.innerText.slice(0, 800)};";
+
+/// `mediator dashboard password --account A` with the password on stdin.
+fn set_password(s: &Server, account: u64) {
+    let mut child = Command::new(BIN)
+        .args(["dashboard", "password", "--account", &account.to_string()])
+        .args(["--server", &s.admin_addr.to_string()])
+        .arg("--data-dir")
+        .arg(&s.dir)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{PASSWORD}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "dashboard password: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("password set"));
+}
+
+#[test]
+fn a_shop_owner_logs_in_on_a_phone_redelivers_a_webhook_refunds_and_makes_a_token() {
+    if !browser::required() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let server = Server::start_with(dir.path(), port, &["--public-url", &base]);
+    let s = &server;
+    let account = s.admin(&["account", "create"])["account"].as_u64().unwrap();
+    let key = s.admin(&[
+        "apikey",
+        "create",
+        "--account",
+        &account.to_string(),
+        "--permissions",
+        "read,merchant,withdraw",
+    ]);
+    let token = key["greenfieldToken"].as_str().unwrap().to_owned();
+    let t = Some(token.as_str());
+    // A webhook to a port nobody listens on: its deliveries are recorded (and retried).
+    let hook = ok(
+        http(
+            s.addr,
+            "POST",
+            &format!("/api/v1/stores/{account}/webhooks"),
+            t,
+            Some(&json!({"url": format!("http://127.0.0.1:{}/hook", free_port())}).to_string()),
+        ),
+        "webhook",
+    );
+    let hook_id = hook["id"].as_str().unwrap().to_owned();
+    let inv = ok(
+        http(
+            s.addr,
+            "POST",
+            &format!("/api/v1/stores/{account}/invoices"),
+            t,
+            Some(
+                &json!({"amount": "0.0004", "currency": "BTC", "metadata": {"orderId": "A-1001"}})
+                    .to_string(),
+            ),
+        ),
+        "invoice",
+    );
+    let id = inv["id"].as_str().unwrap().to_owned();
+    let pm = ok(
+        http(
+            s.addr,
+            "GET",
+            &format!("/api/v1/stores/{account}/invoices/{id}/payment-methods"),
+            t,
+            None,
+        ),
+        "payment methods",
+    );
+    let address = pm[0]["destination"].as_str().unwrap().to_owned();
+    let mut payer = Payer::new(41);
+    payer.fund(&s.rpc());
+    payer.pay(&s.rpc(), &address, 40_000);
+    s.admin(&["regtest", "mine", "1"]);
+    let settled = common::merchant::wait_until(CHAIN.as_secs(), || {
+        let (_, v) = http(
+            s.addr,
+            "GET",
+            &format!("/api/v1/stores/{account}/invoices/{id}"),
+            t,
+            None,
+        );
+        v["status"] == "Settled"
+    });
+    assert!(settled, "the invoice never settled");
+    set_password(s, account);
+
+    let b = Browser::start(1280, 900).unwrap();
+    b.resize(390, 844).unwrap();
+    // Log in.
+    b.goto(&format!("{base}/dashboard")).unwrap();
+    b.wait_for(
+        "the login form",
+        "return location.pathname === '/dashboard/login' && !!document.querySelector('input[name=password]');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.screenshot("dashboard-login.png").unwrap();
+    b.eval(&format!(
+        "document.querySelector('input[name=store]').value = '{account}'; \
+         document.querySelector('input[name=password]').value = '{PASSWORD}'; \
+         document.querySelector('form').submit(); return true;"
+    ))
+    .unwrap();
+    b.wait_for(
+        "the store's home page",
+        "return location.pathname === '/dashboard' && document.body.innerText.includes('Balance');",
+        DESCRIBE,
+    )
+    .unwrap();
+    // Phone-first: nothing wider than the viewport.
+    let wide = b
+        .eval("return document.documentElement.scrollWidth <= window.innerWidth;")
+        .unwrap();
+    assert_eq!(wide, true, "the page scrolls sideways on a phone");
+    b.screenshot("dashboard-home.png").unwrap();
+
+    // Invoices: search by order id, open the invoice.
+    b.goto(&format!("{base}/dashboard/invoices?q=A-1001"))
+        .unwrap();
+    b.wait_for(
+        "the invoice in the list",
+        &format!("return !!document.querySelector('a[href=\"/dashboard/invoices/{id}\"]');"),
+        DESCRIBE,
+    )
+    .unwrap();
+    b.screenshot("dashboard-invoices.png").unwrap();
+    b.eval(&format!(
+        "document.querySelector('a[href=\"/dashboard/invoices/{id}\"]').click(); return true;"
+    ))
+    .unwrap();
+    b.wait_for(
+        "the invoice page with its deliveries",
+        "return document.body.innerText.includes('InvoiceSettled') && \
+                !!document.querySelector('form[action$=\"/redeliver\"] button');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.screenshot("dashboard-invoice.png").unwrap();
+
+    // Redeliver the first delivery shown.
+    let deliveries = |what: &str| {
+        ok(
+            http(
+                s.addr,
+                "GET",
+                &format!("/api/v1/stores/{account}/webhooks/{hook_id}/deliveries"),
+                t,
+                None,
+            ),
+            what,
+        )
+        .as_array()
+        .unwrap()
+        .len()
+    };
+    let before = deliveries("deliveries before");
+    b.eval("document.querySelector('form[action$=\"/redeliver\"] button').click(); return true;")
+        .unwrap();
+    b.wait_for(
+        "the redelivery confirmed",
+        "return document.body.innerText.includes('Redelivery queued.');",
+        DESCRIBE,
+    )
+    .unwrap();
+    assert_eq!(deliveries("deliveries after"), before + 1);
+
+    // A refund of 0.0001 BTC from the invoice.
+    b.eval(
+        "var f = document.querySelector('form[action$=\"/refund\"]'); \
+         f.querySelector('select[name=variant]').value = 'Custom'; \
+         f.querySelector('input[name=amount]').value = '0.0001'; \
+         f.querySelector('button').click(); return true;",
+    )
+    .unwrap();
+    b.wait_for(
+        "the refund created",
+        "return document.body.innerText.includes('Refund of 0.0001 BTC created');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.screenshot("dashboard-refund.png").unwrap();
+    let pps = ok(
+        http(
+            s.addr,
+            "GET",
+            &format!("/api/v1/stores/{account}/pull-payments"),
+            t,
+            None,
+        ),
+        "pull payments",
+    );
+    assert_eq!(pps.as_array().unwrap().len(), 1);
+    assert_eq!(pps[0]["amount"], "0.0001");
+
+    // An API token: shown once, and it works.
+    b.goto(&format!("{base}/dashboard/tokens")).unwrap();
+    b.wait_for(
+        "the token form",
+        "return !!document.querySelector('form[action=\"/dashboard/tokens\"]');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.eval(
+        "var f = document.querySelector('form[action=\"/dashboard/tokens\"]'); \
+         f.querySelector('input[name=label]').value = 'woocommerce'; \
+         f.querySelector('button').click(); return true;",
+    )
+    .unwrap();
+    b.wait_for(
+        "the new token",
+        "return document.body.innerText.includes('Copy it now');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.screenshot("dashboard-token.png").unwrap();
+    let new_token = b
+        .eval("return document.querySelector('code.secret').textContent;")
+        .unwrap();
+    let new_token = new_token.as_str().unwrap().to_owned();
+    let current = ok(
+        http(
+            s.addr,
+            "GET",
+            "/api/v1/api-keys/current",
+            Some(&new_token),
+            None,
+        ),
+        "the new token",
+    );
+    assert_eq!(current["label"], "woocommerce");
+
+    // Log out: the dashboard asks for a login again.
+    b.eval("document.querySelector('form[action=\"/dashboard/logout\"]').submit(); return true;")
+        .unwrap();
+    b.wait_for(
+        "the login page after logout",
+        "return location.pathname === '/dashboard/login';",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.goto(&format!("{base}/dashboard/tokens")).unwrap();
+    b.wait_for(
+        "still logged out",
+        "return location.pathname === '/dashboard/login';",
+        DESCRIBE,
+    )
+    .unwrap();
+
+    // A one-time link from the CLI: opening it logs in only after the button; a second use fails.
+    let link = s.admin(&["dashboard", "link", "--account", &account.to_string()]);
+    let link = link["link"].as_str().unwrap().to_owned();
+    assert!(
+        link.starts_with(&format!("{base}/dashboard/login?link=")),
+        "{link}"
+    );
+    for (what, expect) in [
+        ("the link logs in", "return location.pathname === '/dashboard' && document.body.innerText.includes('Balance');"),
+        ("the link refused the second time", "return document.body.innerText.includes('wrong, used or expired');"),
+    ] {
+        b.goto(&link).unwrap();
+        b.wait_for(
+            "the link's button",
+            "return !!document.querySelector('input[name=link]');",
+            DESCRIBE,
+        )
+        .unwrap();
+        b.eval("document.querySelector('form').submit(); return true;")
+            .unwrap();
+        b.wait_for(what, expect, DESCRIBE).unwrap();
+    }
+    b.screenshot("dashboard-link-used.png").unwrap();
+}

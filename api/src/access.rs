@@ -101,6 +101,7 @@ macro_rules! route {
 pub static ROUTES: &[Route] = {
     use crate::capital as c;
     use crate::catalog as cat;
+    use crate::lightning as ln;
     use crate::merchant::routes as m;
     use crate::{metrics, native as n, openapi, proofs as pr, public as p, trade as t, ws};
     &[
@@ -654,6 +655,71 @@ pub static ROUTES: &[Route] = {
             pr::my_proof
         ),
         route!("GET", "/reserves/verify", Public, None, P, pr::verify_page),
+        // Lightning (crate::lightning).
+        route!(
+            "POST",
+            "/mapi/v1/lightning/invoice",
+            Signed(R),
+            Some(10),
+            P,
+            ln::invoice
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/lightning/pay",
+            Signed(W),
+            Some(1),
+            P,
+            ln::pay
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/lightning/pay",
+            Signed(R),
+            Some(1),
+            P,
+            ln::pay_status
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/lightning/channels",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_channels
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/lightning/balance",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_balance
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/lightning/channel/open",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_open
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/lightning/channel/close",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_close
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/lightning/address",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_address
+        ),
     ]
 };
 

@@ -585,3 +585,80 @@ fn a_crash_between_send_and_result_is_resolved_by_payment_hash_and_paid_once() {
         Err(PayError::AlreadyPaid)
     ));
 }
+
+/// Measurement for README's table (not a check; run by hand):
+/// `cargo test -p lightning-custody --release --test regtest -- --ignored --nocapture measure`.
+/// Prints the node's start-up time (open = seed, build, start on bitcoind RPC) and the time from
+/// the customer's `send` to the deposit's credit in the ledger (Mediator's step loop polling
+/// every 5 ms), p50 and p99 over 200 payments.
+#[test]
+#[ignore]
+fn measure_startup_and_send_to_credited() {
+    let w = World::new();
+    // Start-up: stop and reopen over the same data (channels, seed), 5 times.
+    let mut w = w;
+    let mut startups = Vec::new();
+    for _ in 0..5 {
+        let m = w.mediator.take().unwrap();
+        m.stop();
+        drop(m);
+        let t = Instant::now();
+        let m = LightningService::open(mediator_config(&w.chain, w.data.path()), w.ledger.clone())
+            .unwrap();
+        startups.push(t.elapsed());
+        w.mediator = Some(m);
+    }
+    wait_until(
+        "channels usable after restarts",
+        Duration::from_secs(60),
+        || {
+            let _ = w.m().step(now_ms());
+            w.m().channels().iter().all(|c| c.usable)
+        },
+    );
+    let dave = w.ledger.create_account();
+    let mut lat = Vec::with_capacity(200);
+    for i in 0..200u64 {
+        let d = w
+            .m()
+            .deposit_invoice(dave, Amount(1_000 + i), now_ms())
+            .unwrap();
+        let inv = Bolt11Invoice::from_str(&d.bolt11).unwrap();
+        let t = Instant::now();
+        w.customer.bolt11_payment().send(&inv, None).unwrap();
+        loop {
+            w.m().step(now_ms()).unwrap();
+            if w.m()
+                .deposit(&d.payment_hash)
+                .unwrap()
+                .unwrap()
+                .credited_sat
+                .is_some()
+            {
+                break;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "payment {i} not credited"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        lat.push(t.elapsed());
+        while let Some(_e) = w.customer.next_event() {
+            w.customer.event_handled().unwrap();
+        }
+    }
+    lat.sort();
+    startups.sort();
+    let p = |v: &[Duration], q: usize| v[(v.len() * q / 100).min(v.len() - 1)];
+    println!(
+        "lightning: node start-up p50 {:?} max {:?} (5 restarts); send -> credited p50 {:?} p99 {:?} over {} payments",
+        p(&startups, 50),
+        startups.last().unwrap(),
+        p(&lat, 50),
+        p(&lat, 99),
+        lat.len()
+    );
+    let expected: u64 = (0..200u64).map(|i| 1_000 + i).sum();
+    assert_eq!(w.ledger.btc(dave), (expected, 0));
+}

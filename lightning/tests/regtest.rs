@@ -35,6 +35,10 @@ use wallet::{Ledger, LedgerError};
 #[derive(Default)]
 struct EngineLedger {
     engine: Mutex<Option<(Engine, u64)>>,
+    /// The next `WithdrawHold` is applied but answered `Unknown` (the engine's reply is lost).
+    lose_next_hold_reply: std::sync::atomic::AtomicBool,
+    /// Lookups answer `Unknown` (the engine is away).
+    lookups_fail: std::sync::atomic::AtomicBool,
 }
 
 impl EngineLedger {
@@ -80,9 +84,18 @@ impl EngineLedger {
 
 impl Ledger for EngineLedger {
     fn submit(&self, cmd: Command) -> Result<(), LedgerError> {
-        self.apply(cmd).0.map_err(LedgerError::Rejected)
+        use std::sync::atomic::Ordering::SeqCst;
+        let hold = matches!(cmd, Command::WithdrawHold { .. });
+        let r = self.apply(cmd).0.map_err(LedgerError::Rejected);
+        if hold && self.lose_next_hold_reply.swap(false, SeqCst) {
+            return Err(LedgerError::Unknown);
+        }
+        r
     }
     fn withdrawal(&self, id: WithdrawalId) -> Result<Option<Withdrawal>, LedgerError> {
+        if self.lookups_fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(LedgerError::Unknown);
+        }
         Ok(self.record(id))
     }
     fn credited(&self, key: IdempotencyKey) -> Result<bool, LedgerError> {
@@ -490,7 +503,9 @@ fn deposit_and_withdrawal_over_lightning_are_exact() {
 
 /// A withdrawal with no route (the payee is a node nobody has a channel to), and one to the
 /// customer while the customer's node is offline: each refused as no route, the hold released
-/// exactly, the balance as before; the invoice can be paid once the customer is back.
+/// exactly, the balance as before; the invoice can be paid once the customer is back. A hold
+/// whose reply is lost is answered unknown, nothing is sent, and once the engine can be asked the
+/// hold is released exactly (never guessed, never sent).
 #[test]
 fn no_route_and_customer_offline_release_the_hold_exactly() {
     let w = World::new();
@@ -521,12 +536,52 @@ fn no_route_and_customer_offline_release_the_hold_exactly() {
     assert!(matches!(e, PayError::NoRoute), "{e:?}");
     assert_eq!(w.ledger.btc(bob), (100_000, 0));
 
-    // Back online: the same invoice pays, once.
+    // Back online.
     w.customer.start().unwrap();
     wait_until("channels usable again", Duration::from_secs(60), || {
         let _ = w.m().step(now_ms());
         w.m().channels().iter().all(|c| c.usable)
     });
+
+    // The hold's reply is lost and the engine cannot be asked: the outcome is unknown, nothing
+    // is sent; once the engine answers, the hold (it was applied) is released exactly.
+    w.ledger
+        .lose_next_hold_reply
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    w.ledger
+        .lookups_fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let lost = w.customer_invoice(7_000, 3600);
+    let e = w.m().pay(bob, &lost.to_string(), now_ms()).unwrap_err();
+    let PayError::Unknown { id } = e else {
+        panic!("{e:?}")
+    };
+    assert_eq!(e.code(), -1007);
+    assert_eq!(w.ledger.btc(bob), (100_000 - 7_050, 7_050));
+    assert_eq!(
+        w.m().withdrawal(id).unwrap().unwrap().status,
+        LnWithdrawalStatus::New
+    );
+    w.m().step(now_ms()).unwrap();
+    assert_eq!(
+        w.ledger.btc(bob),
+        (100_000 - 7_050, 7_050),
+        "nothing guessed"
+    );
+    w.ledger
+        .lookups_fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    w.step_until("the unsent hold released", |w| {
+        w.m().withdrawal(id).unwrap().unwrap().status == LnWithdrawalStatus::Released
+    });
+    assert_eq!(w.ledger.btc(bob), (100_000, 0));
+    assert_eq!(
+        w.ledger.record(engine_withdrawal_id(id)).unwrap().state,
+        WithdrawalState::Released
+    );
+    assert_eq!(w.customer_received(&lost), None);
+
+    // The same invoice that found the customer offline pays now, once.
     let wd = w.m().pay(bob, &out.to_string(), now_ms()).unwrap();
     w.step_until("withdrawal completed", |w| {
         w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed

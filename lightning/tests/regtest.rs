@@ -592,7 +592,8 @@ fn no_route_and_customer_offline_release_the_hold_exactly() {
 
 /// The server stops between handing a withdrawal to the node and learning its result; after a
 /// restart over the same data the service resolves it by payment hash: completed once, the
-/// customer paid once, the account debited amount + fee once.
+/// customer paid once, the account debited amount + fee once. Then an expired deposit invoice:
+/// the payer's node refuses it and nothing is credited.
 #[test]
 fn a_crash_between_send_and_result_is_resolved_by_payment_hash_and_paid_once() {
     let mut w = World::new();
@@ -639,6 +640,44 @@ fn a_crash_between_send_and_result_is_resolved_by_payment_hash_and_paid_once() {
         w.m().pay(carol, &out.to_string(), now_ms()),
         Err(PayError::AlreadyPaid)
     ));
+
+    // An expired deposit invoice: the customer's node refuses to pay it, nothing is credited,
+    // nothing is lost (reopened with 1-second invoices).
+    let m = w.mediator.take().unwrap();
+    m.stop();
+    drop(m);
+    let mut cfg = mediator_config(&w.chain, w.data.path());
+    cfg.invoice_expiry_secs = 1;
+    w.mediator = Some(LightningService::open(cfg, w.ledger.clone()).unwrap());
+    wait_until(
+        "channels usable after the reopen",
+        Duration::from_secs(60),
+        || {
+            let _ = w.m().step(now_ms());
+            w.m().channels().iter().all(|c| c.usable)
+        },
+    );
+    let before = w.ledger.btc(carol);
+    let d = w
+        .m()
+        .deposit_invoice(carol, Amount(5_000), now_ms())
+        .unwrap();
+    let inv = Bolt11Invoice::from_str(&d.bolt11).unwrap();
+    std::thread::sleep(Duration::from_millis(2_100));
+    assert!(inv.is_expired());
+    assert!(w.customer.bolt11_payment().send(&inv, None).is_err());
+    for _ in 0..5 {
+        w.m().step(now_ms()).unwrap();
+    }
+    assert_eq!(
+        w.m()
+            .deposit(&d.payment_hash)
+            .unwrap()
+            .unwrap()
+            .credited_sat,
+        None
+    );
+    assert_eq!(w.ledger.btc(carol), before);
 }
 
 /// Measurement for README's table (not a check; run by hand):

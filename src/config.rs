@@ -50,6 +50,17 @@
 //! price_index_max_deviation_bps = 200
 //! price_index_max_age_ms = 300000
 //!
+//! [lightning]                      # README.md, "Lightning"; on by default on regtest only
+//! enabled = true
+//! listen = "127.0.0.1:9735"        # the node's peer-to-peer address
+//! anchor_channels = true
+//! withdrawal_fee_sat = 10          # held and charged per withdrawal; the routing fee's cap
+//! min_withdrawal_sat = 1
+//! max_withdrawal_sat = 4000000
+//! min_deposit_sat = 1
+//! max_deposit_sat = 4000000
+//! invoice_expiry_secs = 3600
+//!
 //! [trusted_proxy]                  # behind a reverse proxy: whose header names the client
 //! header = "x-forwarded-for"       # the last address in it is the one the proxy saw
 //! addresses = ["127.0.0.1"]        # the proxy's own addresses; anyone else's header is ignored
@@ -100,6 +111,48 @@ pub struct CustodyKnobs {
     pub batch_max_requests: Option<usize>,
     /// Fee rate when the node has no estimate.
     pub fallback_fee_rate_sat_vb: Option<u32>,
+}
+
+/// `[lightning]`: the Lightning node (`lightning/`, README.md "Lightning"). Unset keys keep
+/// `lightning_custody::LightningConfig::new`'s defaults.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct LightningKnobs {
+    /// Run the node [default: on regtest only].
+    pub enabled: Option<bool>,
+    /// Peer-to-peer listen address [default: 127.0.0.1:9735].
+    pub listen: Option<SocketAddr>,
+    /// Negotiate anchor channels [default: true].
+    pub anchor_channels: Option<bool>,
+    /// Flat fee per withdrawal, also the routing fee's cap [default: 10].
+    pub withdrawal_fee_sat: Option<u64>,
+    /// Smallest withdrawal [default: 1].
+    pub min_withdrawal_sat: Option<u64>,
+    /// Largest withdrawal [default: 4000000].
+    pub max_withdrawal_sat: Option<u64>,
+    /// Smallest deposit invoice [default: 1].
+    pub min_deposit_sat: Option<u64>,
+    /// Largest deposit invoice [default: 4000000].
+    pub max_deposit_sat: Option<u64>,
+    /// Deposit invoices' expiry [default: 3600].
+    pub invoice_expiry_secs: Option<u32>,
+}
+
+impl LightningKnobs {
+    /// Each key from `self`, else from `other`.
+    pub fn or(self, other: Self) -> Self {
+        Self {
+            enabled: self.enabled.or(other.enabled),
+            listen: self.listen.or(other.listen),
+            anchor_channels: self.anchor_channels.or(other.anchor_channels),
+            withdrawal_fee_sat: self.withdrawal_fee_sat.or(other.withdrawal_fee_sat),
+            min_withdrawal_sat: self.min_withdrawal_sat.or(other.min_withdrawal_sat),
+            max_withdrawal_sat: self.max_withdrawal_sat.or(other.max_withdrawal_sat),
+            min_deposit_sat: self.min_deposit_sat.or(other.min_deposit_sat),
+            max_deposit_sat: self.max_deposit_sat.or(other.max_deposit_sat),
+            invoice_expiry_secs: self.invoice_expiry_secs.or(other.invoice_expiry_secs),
+        }
+    }
 }
 
 /// Connection and stream limits of the HTTP server (`[limits]`; flags `--max-connections` ...,
@@ -390,6 +443,9 @@ pub struct FileConfig {
     /// Merchant payments: webhook targets, redeliveries, the reference price.
     #[serde(default)]
     pub merchant: MerchantKnobs,
+    /// The Lightning node.
+    #[serde(default)]
+    pub lightning: LightningKnobs,
 }
 
 impl FileConfig {
@@ -430,6 +486,8 @@ pub struct ServeConfig {
     pub merchant: MerchantKnobs,
     /// `serve --audit-override`: start on a broken audit chain (logged). A flag only.
     pub audit_override: bool,
+    /// The Lightning node (`[lightning]`).
+    pub lightning: LightningKnobs,
 }
 
 /// Parses a network name.
@@ -554,6 +612,7 @@ impl ServeConfig {
             limits,
             merchant,
             audit_override: false,
+            lightning: over.lightning.or(file.lightning),
             custody: CustodyKnobs {
                 deposit_confirmations: c.deposit_confirmations.or(f.deposit_confirmations),
                 poll_interval_ms: c.poll_interval_ms.or(f.poll_interval_ms),

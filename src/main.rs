@@ -9,13 +9,15 @@ mod bitcoind;
 mod config;
 mod custody;
 mod journal;
+mod lightning;
 mod proofs;
 mod replay;
 mod serve;
 
 use clap::{Args, Parser, Subcommand};
 use config::{
-    BitcoindConfig, CheckoutKnobs, CustodyKnobs, FileConfig, ServeConfig, TrustedProxyKnobs,
+    BitcoindConfig, CheckoutKnobs, CustodyKnobs, FileConfig, LightningKnobs, ServeConfig,
+    TrustedProxyKnobs,
 };
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -105,6 +107,11 @@ enum Cmd {
         /// External reference; the same reference credits once.
         #[arg(long)]
         reference: String,
+    },
+    /// The Lightning node: channels (liquidity) and balances.
+    Ln {
+        #[command(subcommand)]
+        cmd: LnCmd,
     },
     /// Regtest helpers.
     Regtest {
@@ -287,6 +294,28 @@ enum DashboardCmd {
 }
 
 #[derive(Debug, Subcommand)]
+enum LnCmd {
+    /// Opens a channel from the node's on-chain funds (outbound liquidity).
+    OpenChannel {
+        /// The peer: NODEID@HOST:PORT.
+        peer: String,
+        /// Channel size in satoshis.
+        amount_sat: u64,
+    },
+    /// Lists the channels.
+    Channels,
+    /// The node's on-chain and channel balances.
+    Balance,
+    /// Closes a channel cooperatively.
+    Close {
+        /// The channel id `ln channels` prints.
+        channel_id: String,
+    },
+    /// A new on-chain address of the node (to fund channels).
+    Address,
+}
+
+#[derive(Debug, Subcommand)]
 enum RegtestCmd {
     /// Mines N blocks.
     Mine {
@@ -309,6 +338,9 @@ struct ServeArgs {
     /// A TOML configuration file (see README); environment and flags override it.
     #[arg(long, env = "MEDIATOR_CONFIG")]
     config: Option<PathBuf>,
+    /// The Lightning node's peer-to-peer address (`[lightning] listen`) [default: 127.0.0.1:9735].
+    #[arg(long, env = "MEDIATOR_LIGHTNING_LISTEN")]
+    lightning_listen: Option<SocketAddr>,
     /// HTTP listen address [default: 127.0.0.1:8080].
     #[arg(long, env = "MEDIATOR_LISTEN")]
     listen: Option<SocketAddr>,
@@ -420,6 +452,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 },
                 limits: a.limits,
                 merchant: a.merchant,
+                lightning: LightningKnobs {
+                    listen: a.lightning_listen,
+                    ..LightningKnobs::default()
+                },
             };
             let mut cfg = ServeConfig::resolve(file, over)?;
             cfg.audit_override = a.audit_override;
@@ -470,6 +506,21 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             amount,
             reference,
         } => admin::credit(&admin()?, account, &asset, &amount, &reference),
+        Cmd::Ln {
+            cmd: LnCmd::OpenChannel { peer, amount_sat },
+        } => lightning::open_channel(&admin()?, &peer, amount_sat),
+        Cmd::Ln {
+            cmd: LnCmd::Channels,
+        } => lightning::channels(&admin()?),
+        Cmd::Ln {
+            cmd: LnCmd::Balance,
+        } => lightning::balance(&admin()?),
+        Cmd::Ln {
+            cmd: LnCmd::Close { channel_id },
+        } => lightning::close(&admin()?, &channel_id),
+        Cmd::Ln {
+            cmd: LnCmd::Address,
+        } => lightning::address(&admin()?),
         Cmd::Regtest {
             cmd: RegtestCmd::Mine { blocks },
         } => admin::regtest_mine(&admin()?, blocks),

@@ -4,6 +4,8 @@
 //! rebuilt from the replay), the engine thread, the custody service and its loop, then the HTTP
 //! listeners: the public one (`listen`) and the admin one (`admin_listen`: `/mapi/v1/admin/*`,
 //! `/metrics`).
+//! The Lightning node (`[lightning]`, on by default on regtest) starts after custody and stops
+//! before it.
 //! SIGINT/SIGTERM: stop accepting, finish in-flight requests, stop custody, flush and stop the
 //! engine (journal synced), stop the node we started. If the engine stops on its own (a journal
 //! write or `fdatasync` failed) the same shutdown runs and the process exits non-zero.
@@ -83,7 +85,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     // 3. Custody.
     let custody_cfg = custody_config(&cfg, rpc.clone());
     let ledger = Arc::new(EngineLedger::new(node.state.clone(), rt.handle().clone()));
-    let mut service = CustodyService::open(custody_cfg.clone(), ledger)
+    let mut service = CustodyService::open(custody_cfg.clone(), ledger.clone())
         .map_err(|e| anyhow!("custody service: {e}"))?;
     service.set_decision_log(Arc::new(crate::custody::AuditDecisions(node.state.clone())));
     let service = Arc::new(Mutex::new(service));
@@ -93,6 +95,19 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     node.state
         .set_custody(custody.clone())
         .map_err(|_| anyhow!("custody attached twice"))?;
+    // The Lightning node (on regtest by default), on the same bitcoind and ledger.
+    let lightning = crate::lightning::start(&cfg, &rpc, ledger.clone())?;
+    if let Some(ln) = &lightning {
+        custody.set_lightning(ln.service.clone());
+        node.state
+            .set_lightning(Arc::new(crate::lightning::LnApi(ln.service.clone())))
+            .map_err(|_| anyhow!("lightning attached twice"))?;
+        println!(
+            "mediator: lightning node {} on {}",
+            ln.service.node().node_id(),
+            ln.service.config().listen
+        );
+    }
     let gauges = spawn_gauges(node.state.clone(), custody, custody_cfg.poll_interval);
     // Merchant payments: the monitor (custody deposits → invoices) and the webhook dispatcher.
     let merchant = {
@@ -152,6 +167,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     println!("mediator: shutting down");
     rt.block_on(merchant.shutdown());
     gauges.stop();
+    if let Some(ln) = lightning {
+        ln.stop();
+    }
     runner.stop();
     drop(service);
     let engine = node.shutdown();

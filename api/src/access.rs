@@ -179,6 +179,7 @@ pub static ROUTES: &[Route] = {
     use crate::catalog as cat;
     use crate::merchant::dashboard as d;
     use crate::merchant::greenfield as gf;
+    use crate::lightning as ln;
     use crate::merchant::routes as m;
     use crate::{metrics, native as n, openapi, proofs as pr, public as p, trade as t, ws};
     &[
@@ -1060,6 +1061,71 @@ pub static ROUTES: &[Route] = {
             Some(1),
             P,
             d::revoke_token
+        ),
+        // Lightning (crate::lightning).
+        route!(
+            "POST",
+            "/mapi/v1/lightning/invoice",
+            Signed(R),
+            Some(10),
+            P,
+            ln::invoice
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/lightning/pay",
+            Signed(W),
+            Some(1),
+            P,
+            ln::pay
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/lightning/pay",
+            Signed(R),
+            Some(1),
+            P,
+            ln::pay_status
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/lightning/channels",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_channels
+        ),
+        route!(
+            "GET",
+            "/mapi/v1/admin/lightning/balance",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_balance
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/lightning/channel/open",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_open
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/lightning/channel/close",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_close
+        ),
+        route!(
+            "POST",
+            "/mapi/v1/admin/lightning/address",
+            Signed(ADM),
+            Some(1),
+            A,
+            ln::admin_address
         ),
     ]
 };

@@ -168,6 +168,8 @@ pub(crate) struct Inner {
     id_counter: AtomicU64,
     /// The custody service, attached after start ([`AppState::set_custody`]).
     pub custody: std::sync::OnceLock<Arc<dyn crate::custody::Custody>>,
+    /// The Lightning node, attached after start ([`AppState::set_lightning`]).
+    pub lightning: std::sync::OnceLock<crate::lightning::Handle>,
     /// Merchant payments: database, invoice updates, monitor wake-ups ([`crate::merchant`]).
     pub merchant: crate::merchant::Merchant,
     /// The audit log and the liabilities proofs ([`crate::proofs`]).
@@ -269,6 +271,7 @@ impl PendingApi {
             id_seed: seed,
             id_counter: AtomicU64::new(0),
             custody: std::sync::OnceLock::new(),
+            lightning: std::sync::OnceLock::new(),
             merchant: self.merchant,
             proofs: self.proofs,
         }))
@@ -377,6 +380,15 @@ impl AppState {
         custody: Arc<dyn crate::custody::Custody>,
     ) -> Result<(), Arc<dyn crate::custody::Custody>> {
         self.0.custody.set(custody)
+    }
+
+    /// Attaches the Lightning node behind `/mapi/v1/lightning/*` and the Lightning admin
+    /// endpoints ([`crate::lightning`]); until then they answer `503` / `-1001`. At most once.
+    pub fn set_lightning(
+        &self,
+        ln: crate::lightning::Handle,
+    ) -> Result<(), crate::lightning::Handle> {
+        self.0.lightning.set(ln)
     }
 
     /// Submits a command and waits until the read models have applied it (read-your-writes).

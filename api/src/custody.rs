@@ -101,6 +101,11 @@ pub struct ReconcileInfo {
     pub ledger_liabilities_sat: u64,
     /// Withdrawal fee income kept by the exchange.
     pub fee_income_sat: u64,
+    /// The Lightning node's on-chain wallet (0 without a node); counted in `surplus_sat`.
+    pub lightning_onchain_sat: u64,
+    /// The Lightning node's side of its channels and closing sweeps (0 without a node); counted
+    /// in `surplus_sat`, but not provable on chain (BIP-127): listed apart.
+    pub lightning_channels_sat: u64,
     /// Assets minus liabilities (negative: shortfall).
     pub surplus_sat: i64,
     /// True on a shortfall.

@@ -23,6 +23,7 @@ pub mod custody;
 pub mod decimal;
 pub mod error;
 pub mod keys;
+pub mod lightning;
 pub mod market;
 pub mod merchant;
 pub mod metrics;

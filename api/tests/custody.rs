@@ -122,6 +122,8 @@ impl Custody for Fake {
             withdrawals_in_flight_sat: 0,
             ledger_liabilities_sat: 4,
             fee_income_sat: 0,
+            lightning_onchain_sat: 0,
+            lightning_channels_sat: 0,
             surplus_sat: 1,
             shortfall: false,
             tip_height: 321,

@@ -45,6 +45,8 @@ pub struct Server {
     pub addr: SocketAddr,
     /// The admin listener (`/mapi/v1/admin/*`, `/metrics`), what the admin commands talk to.
     pub admin_addr: SocketAddr,
+    /// The Lightning node's peer-to-peer address (`--lightning-listen`).
+    pub ln_addr: SocketAddr,
     pub dir: PathBuf,
     /// The node `serve` started, read once it serves (its pid file may be gone by the time the
     /// server is dropped: a test's temporary directory can be deleted first).
@@ -59,10 +61,12 @@ impl Server {
     /// [`Server::start`] with more `serve` flags.
     pub fn start_with(dir: &Path, port: u16, extra: &[&str]) -> Server {
         let admin_port = free_port();
+        let ln_port = free_port();
         let mut child = Command::new(BIN)
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
             .args(extra)
             .args(["--admin-listen", &format!("127.0.0.1:{admin_port}")])
+            .args(["--lightning-listen", &format!("127.0.0.1:{ln_port}")])
             .args(["--poll-interval-ms", "200", "--batch-interval-secs", "1"])
             .arg("--data-dir")
             .arg(dir)
@@ -99,6 +103,7 @@ impl Server {
             child,
             addr: SocketAddr::from(([127, 0, 0, 1], port)),
             admin_addr: SocketAddr::from(([127, 0, 0, 1], admin_port)),
+            ln_addr: SocketAddr::from(([127, 0, 0, 1], ln_port)),
             dir: dir.to_owned(),
             node_pid: None,
         };

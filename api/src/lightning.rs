@@ -1,0 +1,281 @@
+//! Lightning for users and the operator: deposit invoices (`POST /mapi/v1/lightning/invoice`),
+//! withdrawals by paying a BOLT11 invoice (`POST /mapi/v1/lightning/pay`, `withdraw`), their
+//! status, and the node's channels and balances on the admin listener.
+//!
+//! The application implements [`Lightning`] over the `lightning-custody` crate (ldk-node); the
+//! API never sees its types, only strings and satoshis. Every method is blocking: handlers call
+//! it on tokio's blocking pool. A refusal is a [`CustodyError`] with a stable code (`-46xx`,
+//! `-4026` insufficient balance, `-2015` unknown account) and means nothing changed.
+
+use crate::app::{ok_json, AppState, Req};
+use crate::capital::{btc_amount, custody_error, BTC_DECIMALS};
+use crate::custody::CustodyError;
+use crate::error::ApiError;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::Response;
+use serde::Serialize;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The longest BOLT11 invoice accepted (BOLT11 has no hard limit; real ones are < 1,000 chars).
+pub const MAX_INVOICE_LEN: usize = 2_048;
+/// How long `pay` waits for the payment's outcome before it answers `pending`.
+pub const PAY_WAIT: Duration = Duration::from_secs(10);
+
+/// A deposit invoice.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LnInvoiceInfo {
+    /// The BOLT11 invoice.
+    pub invoice: String,
+    /// Its payment hash (hex).
+    pub payment_hash: String,
+    /// Amount, satoshis.
+    pub amount_sat: u64,
+    /// Expiry, ms since the epoch.
+    pub expires_ms: u64,
+}
+
+/// A Lightning withdrawal's state as users see it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LnPaymentState {
+    /// Held; the payment is under way (or its outcome is being resolved).
+    Pending,
+    /// Paid; amount + fee left the balance.
+    Completed,
+    /// Not paid; the hold was given back.
+    Released,
+}
+
+/// A Lightning withdrawal.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LnPaymentInfo {
+    /// Id.
+    pub id: u64,
+    /// Owner.
+    pub account: u32,
+    /// The invoice's payment hash (hex).
+    pub payment_hash: String,
+    /// Amount paid, satoshis.
+    pub amount_sat: u64,
+    /// Fee charged, satoshis.
+    pub fee_sat: u64,
+    /// State.
+    pub state: LnPaymentState,
+    /// Why it was released.
+    pub reason: Option<String>,
+}
+
+/// A channel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LnChannelInfo {
+    /// Our id for it (`ln close` takes it), decimal.
+    pub channel_id: String,
+    /// The peer's node id.
+    pub counterparty: String,
+    /// Capacity, satoshis.
+    pub capacity_sat: u64,
+    /// What we can send, msat.
+    pub outbound_msat: u64,
+    /// What we can receive, msat.
+    pub inbound_msat: u64,
+    /// Confirmed and ready.
+    pub ready: bool,
+    /// Ready and the peer connected.
+    pub usable: bool,
+    /// We opened it.
+    pub outbound: bool,
+}
+
+/// The node's balances (channel funds listed apart: they cannot be proven on chain).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct LnBalanceInfo {
+    /// The node's id.
+    pub node_id: String,
+    /// The node's on-chain wallet.
+    pub onchain_sat: u64,
+    /// Our side of the channels.
+    pub channels_sat: u64,
+    /// Closed channels' funds still being swept.
+    pub pending_close_sat: u64,
+    /// Part of `onchain_sat` kept as the anchor reserve.
+    pub anchor_reserve_sat: u64,
+}
+
+/// What the API needs from the Lightning node.
+pub trait Lightning: Send + Sync + std::fmt::Debug {
+    /// A BOLT11 invoice crediting `account` once when paid.
+    fn deposit_invoice(&self, account: u32, amount_sat: u64)
+        -> Result<LnInvoiceInfo, CustodyError>;
+    /// Holds amount + fee of `account` and pays `invoice`.
+    fn pay(&self, account: u32, invoice: &str) -> Result<LnPaymentInfo, CustodyError>;
+    /// A withdrawal of `account` by id.
+    fn payment(&self, account: u32, id: u64) -> Result<Option<LnPaymentInfo>, CustodyError>;
+    /// The node's channels.
+    fn channels(&self) -> Result<Vec<LnChannelInfo>, CustodyError>;
+    /// The node's balances.
+    fn balance(&self) -> Result<LnBalanceInfo, CustodyError>;
+    /// Opens a channel to `NODEID@HOST:PORT`; answers its id.
+    fn open_channel(&self, peer: &str, amount_sat: u64) -> Result<String, CustodyError>;
+    /// Closes a channel cooperatively.
+    fn close_channel(&self, channel_id: &str) -> Result<(), CustodyError>;
+    /// A new address of the node's on-chain wallet (to fund channels).
+    fn onchain_address(&self) -> Result<String, CustodyError>;
+}
+
+fn unavailable() -> ApiError {
+    ApiError {
+        status: StatusCode::SERVICE_UNAVAILABLE,
+        code: -1001,
+        msg: "Lightning is not available.".into(),
+        retry_after: None,
+    }
+}
+
+async fn call<T, F>(st: &AppState, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn Lightning) -> Result<T, CustodyError> + Send + 'static,
+{
+    let ln = st.0.lightning.get().cloned().ok_or_else(unavailable)?;
+    tokio::task::spawn_blocking(move || f(&*ln))
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "lightning task failed");
+            ApiError::internal()
+        })?
+        .map_err(custody_error)
+}
+
+fn to_json<T: Serialize>(v: &T) -> Result<Value, ApiError> {
+    serde_json::to_value(v).map_err(|e| {
+        tracing::error!(error = %e, "serializing lightning data failed");
+        ApiError::internal()
+    })
+}
+
+fn payment_json(p: &LnPaymentInfo) -> Value {
+    json!({
+        "id": p.id.to_string(),
+        "paymentHash": p.payment_hash,
+        "amount": crate::decimal::format_units(p.amount_sat, BTC_DECIMALS),
+        "fee": crate::decimal::format_units(p.fee_sat, BTC_DECIMALS),
+        "status": p.state,
+        "reason": p.reason,
+    })
+}
+
+/// `POST /mapi/v1/lightning/invoice` (READ, as a deposit address): `amount` (BTC) →
+/// `{"invoice", "paymentHash", "amount", "expireTime"}`.
+pub async fn invoice(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let amount = btc_amount(&mut p, "amount")?;
+    p.finish()?;
+    let account = key.account;
+    let i = call(&st, move |l| l.deposit_invoice(account, amount)).await?;
+    Ok(ok_json(
+        &ctx,
+        json!({
+            "invoice": i.invoice,
+            "paymentHash": i.payment_hash,
+            "amount": crate::decimal::format_units(i.amount_sat, BTC_DECIMALS),
+            "expireTime": i.expires_ms,
+        }),
+    ))
+}
+
+/// `POST /mapi/v1/lightning/pay` (WITHDRAW): `invoice` (BOLT11 with an amount) → the withdrawal,
+/// after its outcome or after [`PAY_WAIT`] (`pending`; ask `GET /mapi/v1/lightning/pay?id=`).
+pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let invoice = p.req("invoice")?;
+    if invoice.len() > MAX_INVOICE_LEN || !invoice.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return Err(ApiError::illegal("invoice", "^[A-Za-z0-9]{1,2048}$"));
+    }
+    p.finish()?;
+    let account = key.account;
+    let mut w = call(&st, move |l| l.pay(account, &invoice)).await?;
+    let start = std::time::Instant::now();
+    while w.state == LnPaymentState::Pending && start.elapsed() < PAY_WAIT {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let id = w.id;
+        if let Some(now) = call(&st, move |l| l.payment(account, id)).await? {
+            w = now;
+        }
+    }
+    Ok(ok_json(&ctx, payment_json(&w)))
+}
+
+/// `GET /mapi/v1/lightning/pay` (READ): `id` → the account's withdrawal.
+pub async fn pay_status(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
+    p.finish()?;
+    let account = key.account;
+    match call(&st, move |l| l.payment(account, id)).await? {
+        Some(w) => Ok(ok_json(&ctx, payment_json(&w))),
+        None => Err(ApiError::bad(-4030, "Unknown withdrawal.")),
+    }
+}
+
+/// `GET /mapi/v1/admin/lightning/channels` (ADMIN).
+pub async fn admin_channels(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req)?;
+    p.finish()?;
+    let c = call(&st, |l| l.channels()).await?;
+    Ok(ok_json(&ctx, to_json(&c)?))
+}
+
+/// `GET /mapi/v1/admin/lightning/balance` (ADMIN).
+pub async fn admin_balance(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req)?;
+    p.finish()?;
+    let b = call(&st, |l| l.balance()).await?;
+    Ok(ok_json(&ctx, to_json(&b)?))
+}
+
+/// `POST /mapi/v1/admin/lightning/channel/open` (ADMIN): `peer` (`NODEID@HOST:PORT`),
+/// `amountSat` → `{"channelId"}`. Audited.
+pub async fn admin_open(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let peer = p.req("peer")?;
+    if peer.len() > 300 || !peer.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::illegal("peer", "NODEID@HOST:PORT"));
+    }
+    let amount = p
+        .opt_u64("amountSat")?
+        .ok_or_else(|| ApiError::missing("amountSat"))?;
+    p.finish()?;
+    st.audit(
+        "lightning.open_channel",
+        json!({"peer": peer, "amount_sat": amount}),
+    )?;
+    let id = call(&st, move |l| l.open_channel(&peer, amount)).await?;
+    Ok(ok_json(&ctx, json!({"channelId": id})))
+}
+
+/// `POST /mapi/v1/admin/lightning/channel/close` (ADMIN): `channelId`. Audited.
+pub async fn admin_close(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let id = p.req("channelId")?;
+    if id.is_empty() || id.len() > 40 || !id.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(ApiError::illegal("channelId", "^[0-9]{1,40}$"));
+    }
+    p.finish()?;
+    st.audit("lightning.close_channel", json!({"channel_id": id}))?;
+    call(&st, move |l| l.close_channel(&id)).await?;
+    Ok(ok_json(&ctx, json!({})))
+}
+
+/// `POST /mapi/v1/admin/lightning/address` (ADMIN): a new on-chain address of the node.
+pub async fn admin_address(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (_, p, ctx) = st.signed(&req)?;
+    p.finish()?;
+    let a = call(&st, |l| l.onchain_address()).await?;
+    Ok(ok_json(&ctx, json!({"address": a})))
+}
+
+/// Attaches the node (see [`AppState::set_lightning`]).
+pub type Handle = Arc<dyn Lightning>;

@@ -1,0 +1,779 @@
+//! [`LightningService`]: the node, its records and the ledger, one step at a time.
+
+use crate::config::LightningConfig;
+use crate::error::{InvoiceError, OpenError, OperatorError, PayError};
+use crate::store::{LnDeposit, LnWithdrawal, LnWithdrawalStatus as S, Store, StoreError};
+use crate::{deposit_key, engine_withdrawal_id, seed};
+use ldk_node::bitcoin::hashes::Hash;
+use ldk_node::bitcoin::secp256k1::PublicKey;
+use ldk_node::config::Config;
+use ldk_node::lightning::ln::msgs::SocketAddress;
+use ldk_node::lightning::routing::router::RouteParametersConfig;
+use ldk_node::lightning_invoice::{Bolt11Invoice, Bolt11InvoiceDescription, Currency, Description};
+use ldk_node::lightning_types::payment::PaymentHash;
+use ldk_node::payment::{PaymentDirection, PaymentStatus};
+use ldk_node::{Builder, Event, Node, NodeError, PendingSweepBalance, UserChannelId};
+use matching_engine::config::BTC;
+use matching_engine::{AccountId, Amount, Command, RejectCode, WithdrawalState};
+use std::str::FromStr;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+use wallet::{Ledger, LedgerError};
+
+/// What one [`LightningService::step`] did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StepReport {
+    /// Deposits credited (payment hashes).
+    pub credited: Vec<[u8; 32]>,
+    /// Withdrawals completed (row ids).
+    pub completed: Vec<u64>,
+    /// Withdrawals released (row ids).
+    pub released: Vec<u64>,
+}
+
+/// The node's money, as reconciliation counts it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LnBalances {
+    /// The node's on-chain wallet (provable on chain like the custody wallet's).
+    pub onchain_sat: u64,
+    /// Our side of the channels (claimable on close; not provable by BIP-127).
+    pub channels_sat: u64,
+    /// Funds from closed channels still being swept on chain.
+    pub pending_close_sat: u64,
+    /// Part of `onchain_sat` kept as the anchor channels' reserve.
+    pub anchor_reserve_sat: u64,
+}
+
+impl LnBalances {
+    /// All of it, satoshis (checked).
+    pub fn total_sat(&self) -> Option<u64> {
+        self.onchain_sat
+            .checked_add(self.channels_sat)?
+            .checked_add(self.pending_close_sat)
+    }
+}
+
+/// A channel, for `mediator ln channels`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChannelView {
+    /// Our id for it (`ln close` takes it).
+    pub user_channel_id: u128,
+    /// The peer.
+    pub counterparty: String,
+    /// Capacity.
+    pub capacity_sat: u64,
+    /// What we can send now.
+    pub outbound_msat: u64,
+    /// What we can receive now.
+    pub inbound_msat: u64,
+    /// Funding confirmed and the channel is ready.
+    pub ready: bool,
+    /// Ready and the peer is connected.
+    pub usable: bool,
+    /// We opened it.
+    pub outbound: bool,
+}
+
+/// Mediator's Lightning node and its two user products (see the crate docs).
+pub struct LightningService<L: Ledger> {
+    node: Node,
+    store: Mutex<Store>,
+    ledger: L,
+    cfg: LightningConfig,
+}
+
+impl<L: Ledger> std::fmt::Debug for LightningService<L> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LightningService")
+            .field("node_id", &self.node.node_id())
+            .field("network", &self.cfg.network)
+            .finish_non_exhaustive()
+    }
+}
+
+fn hash_bytes(h: &PaymentHash) -> [u8; 32] {
+    h.0
+}
+
+fn ceil_sat(msat: u64) -> u64 {
+    msat.div_ceil(1000)
+}
+
+impl<L: Ledger> LightningService<L> {
+    /// Loads (or creates) the seed, builds and starts the node on bitcoind RPC, and opens the
+    /// records. Resolve left-over withdrawals with [`step`](Self::step) before serving.
+    pub fn open(cfg: LightningConfig, ledger: L) -> Result<Self, OpenError> {
+        std::fs::create_dir_all(&cfg.data_dir).map_err(|source| OpenError::Dir {
+            path: cfg.data_dir.clone(),
+            source,
+        })?;
+        let (seed, created) = seed::load_or_create(&cfg.seed_dir)?;
+        if created {
+            tracing::info!(dir = %cfg.seed_dir.display(), "created the lightning seed");
+        }
+        let mut config = Config {
+            network: cfg.network,
+            storage_dir_path: cfg.data_dir.join("ldk").to_string_lossy().into_owned(),
+            listening_addresses: Some(vec![SocketAddress::from(cfg.listen)]),
+            ..Default::default()
+        };
+        if !cfg.anchor_channels {
+            config.anchor_channels_config = None;
+        }
+        let mut builder = Builder::from_config(config);
+        builder.set_entropy_seed_bytes(seed.0);
+        drop(seed);
+        builder.set_chain_source_bitcoind_rpc(
+            cfg.rpc.host.clone(),
+            cfg.rpc.port,
+            cfg.rpc.user.clone(),
+            cfg.rpc.password.clone(),
+        );
+        builder.set_log_facade_logger();
+        let node = builder.build().map_err(OpenError::Build)?;
+        node.start().map_err(OpenError::Start)?;
+        let store = Store::open(&cfg.data_dir)?;
+        tracing::info!(node_id = %node.node_id(), listen = %cfg.listen, "lightning node started");
+        Ok(Self {
+            node,
+            store: Mutex::new(store),
+            ledger,
+            cfg,
+        })
+    }
+
+    /// Stops the node (channel state is persisted by ldk-node as it goes).
+    pub fn stop(&self) {
+        if let Err(e) = self.node.stop() {
+            tracing::warn!(error = %e, "stopping the lightning node");
+        }
+    }
+
+    /// The node (for the operator's commands and tests).
+    pub fn node(&self) -> &Node {
+        &self.node
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &LightningConfig {
+        &self.cfg
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Store> {
+        self.store.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    // ---- deposits -------------------------------------------------------------------------
+
+    /// A BOLT11 invoice for `amount` to `account`, credited once when paid.
+    pub fn deposit_invoice(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        now_ms: u64,
+    ) -> Result<LnDeposit, InvoiceError> {
+        if amount < self.cfg.min_deposit {
+            return Err(InvoiceError::BelowMinimum {
+                amount_sat: amount.0,
+                min_sat: self.cfg.min_deposit.0,
+            });
+        }
+        if amount > self.cfg.max_deposit {
+            return Err(InvoiceError::AboveMaximum {
+                amount_sat: amount.0,
+                max_sat: self.cfg.max_deposit.0,
+            });
+        }
+        if !self.ledger.account_exists(account) {
+            return Err(InvoiceError::UnknownAccount);
+        }
+        let need_msat = amount
+            .0
+            .checked_mul(1000)
+            .ok_or(InvoiceError::AboveMaximum {
+                amount_sat: amount.0,
+                max_sat: self.cfg.max_deposit.0,
+            })?;
+        let can_msat = self
+            .node
+            .list_channels()
+            .iter()
+            .filter(|c| c.is_channel_ready)
+            .map(|c| c.inbound_capacity_msat)
+            .fold(0u64, u64::saturating_add);
+        if can_msat < need_msat {
+            return Err(InvoiceError::InsufficientInboundLiquidity {
+                can_msat,
+                need_msat,
+            });
+        }
+        let description = Description::new(format!("Mediator deposit to account {}", account.0))
+            .expect("a short description");
+        let invoice = self
+            .node
+            .bolt11_payment()
+            .receive(
+                need_msat,
+                &Bolt11InvoiceDescription::Direct(description),
+                self.cfg.invoice_expiry_secs,
+            )
+            .map_err(InvoiceError::Node)?;
+        let expires_ms = invoice.expires_at().map_or(u64::MAX, |d| {
+            u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+        });
+        let d = LnDeposit {
+            payment_hash: invoice.payment_hash().to_byte_array(),
+            account: account.0,
+            amount_sat: amount.0,
+            bolt11: invoice.to_string(),
+            created_ms: now_ms,
+            expires_ms: expires_ms.min(i64::MAX as u64),
+            credited_sat: None,
+        };
+        self.lock().insert_deposit(&d)?;
+        Ok(d)
+    }
+
+    /// A deposit invoice by payment hash.
+    pub fn deposit(&self, payment_hash: &[u8; 32]) -> Result<Option<LnDeposit>, StoreError> {
+        self.lock().deposit(payment_hash)
+    }
+
+    /// Credits a received payment to its deposit invoice's account, once. `true` when credited
+    /// now. A payment to a hash we have no deposit for is logged (the node's balance grew; it
+    /// shows as a reconciliation surplus), never credited to anyone.
+    fn credit(&self, store: &Store, hash: &[u8; 32], amount_msat: u64) -> bool {
+        let d = match store.deposit(hash) {
+            Ok(Some(d)) => d,
+            Ok(None) => {
+                tracing::error!(
+                    target: "mediator_alarm",
+                    payment_hash = %hex::encode(hash),
+                    amount_msat,
+                    "lightning payment received for no deposit invoice"
+                );
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lightning store");
+                return false;
+            }
+        };
+        if d.credited_sat.is_some() {
+            return false;
+        }
+        // What arrived, in whole satoshis (an overpayment is credited; a fraction stays with us).
+        let sat = amount_msat / 1000;
+        if sat == 0 {
+            return false;
+        }
+        let cmd = Command::Credit {
+            account: AccountId(d.account),
+            asset: BTC,
+            amount: Amount(sat),
+            key: deposit_key(hash),
+        };
+        // Idempotent by key: an unknown answer is resolved by the same credit next step.
+        match self.ledger.submit(cmd) {
+            Ok(()) => match store.mark_credited(hash, sat) {
+                Ok(()) => true,
+                Err(e) => {
+                    tracing::warn!(error = %e, "lightning store (credit is applied; retried)");
+                    false
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, payment_hash = %hex::encode(hash), "lightning credit");
+                false
+            }
+        }
+    }
+
+    // ---- withdrawals ----------------------------------------------------------------------
+
+    /// Pays `bolt11` for `account`: `amount + fee` held first, released exactly if the payment
+    /// fails, completed when it succeeds (see the crate docs). Answers with the withdrawal as it
+    /// is once handed to the node (`sending`); [`step`](Self::step) finishes it.
+    pub fn pay(
+        &self,
+        account: AccountId,
+        bolt11: &str,
+        now_ms: u64,
+    ) -> Result<LnWithdrawal, PayError> {
+        let invoice =
+            Bolt11Invoice::from_str(bolt11.trim()).map_err(|_| PayError::MalformedInvoice)?;
+        let expected = Currency::from(self.cfg.network);
+        if invoice.currency() != expected {
+            return Err(PayError::WrongNetwork {
+                expected: format!("{expected:?}"),
+                found: format!("{:?}", invoice.currency()),
+            });
+        }
+        if invoice.would_expire(Duration::from_millis(now_ms)) {
+            return Err(PayError::Expired);
+        }
+        let msat = invoice.amount_milli_satoshis().ok_or(PayError::NoAmount)?;
+        if msat % 1000 != 0 {
+            return Err(PayError::FractionalAmount { msat });
+        }
+        let amount = Amount(msat / 1000);
+        if amount < self.cfg.min_withdrawal {
+            return Err(PayError::BelowMinimum {
+                amount_sat: amount.0,
+                min_sat: self.cfg.min_withdrawal.0,
+            });
+        }
+        if amount > self.cfg.max_withdrawal {
+            return Err(PayError::AboveMaximum {
+                amount_sat: amount.0,
+                max_sat: self.cfg.max_withdrawal.0,
+            });
+        }
+        if invoice.recover_payee_pub_key() == self.node.node_id() {
+            return Err(PayError::OwnInvoice);
+        }
+        let hash = invoice.payment_hash().to_byte_array();
+        let fee = self.cfg.withdrawal_fee;
+        let fee_msat = fee.0.checked_mul(1000).ok_or(PayError::AboveMaximum {
+            amount_sat: amount.0,
+            max_sat: self.cfg.max_withdrawal.0,
+        })?;
+        let need_msat = msat.checked_add(fee_msat).ok_or(PayError::AboveMaximum {
+            amount_sat: amount.0,
+            max_sat: self.cfg.max_withdrawal.0,
+        })?;
+
+        let store = self.lock();
+        let node_payment = self
+            .node
+            .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash));
+        if node_payment.is_some_and(|p| p.status != PaymentStatus::Failed)
+            || store.live_withdrawal_by_hash(&hash)?.is_some()
+        {
+            return Err(PayError::AlreadyPaid);
+        }
+        if !self.ledger.account_exists(account) {
+            return Err(PayError::UnknownAccount);
+        }
+        let can_msat = self
+            .node
+            .list_channels()
+            .iter()
+            .filter(|c| c.is_channel_ready)
+            .map(|c| c.outbound_capacity_msat)
+            .fold(0u64, u64::saturating_add);
+        if can_msat < need_msat {
+            return Err(PayError::InsufficientLiquidity {
+                can_msat,
+                need_msat,
+            });
+        }
+
+        // 1. The row, then the hold.
+        let id = store
+            .insert_withdrawal(
+                account.0,
+                &hash,
+                &invoice.to_string(),
+                amount.0,
+                fee.0,
+                now_ms,
+            )?
+            .ok_or(PayError::AlreadyPaid)?;
+        let wid = engine_withdrawal_id(id);
+        let hold = Command::WithdrawHold {
+            account,
+            asset: BTC,
+            amount,
+            fee,
+            id: wid,
+        };
+        match self.ledger.submit(hold) {
+            Ok(()) => {}
+            Err(LedgerError::Rejected(code)) => {
+                store.transition(id, S::New, S::Refused, None, Some(code.message()))?;
+                return Err(match code {
+                    RejectCode::InsufficientBalance => PayError::InsufficientBalance,
+                    RejectCode::UnknownAccount => PayError::UnknownAccount,
+                    RejectCode::EngineBusy => PayError::Busy,
+                    other => PayError::LedgerRejected(other),
+                });
+            }
+            Err(_) => match self.ledger.withdrawal(wid) {
+                Ok(Some(w))
+                    if w.account == account
+                        && w.amount == amount
+                        && w.fee == fee
+                        && w.state == WithdrawalState::Held => {}
+                Ok(None) => {
+                    store.transition(id, S::New, S::Refused, None, Some("hold not taken"))?;
+                    return Err(PayError::Busy);
+                }
+                // Still unknown (or a record that does not match: an alarm for `step`).
+                _ => return Err(PayError::Unknown { id }),
+            },
+        }
+        store.transition(id, S::New, S::Held, None, None)?;
+
+        // 2. `sending`, durably, before the node has it.
+        store.transition(id, S::Held, S::Sending, None, None)?;
+        let params = RouteParametersConfig {
+            max_total_routing_fee_msat: Some(fee_msat),
+            ..Default::default()
+        };
+        match self.node.bolt11_payment().send(&invoice, Some(params)) {
+            Ok(_) | Err(NodeError::DuplicatePayment) => {}
+            // Refused before any HTLC left: no route within the fee cap, expired, bad invoice.
+            Err(e @ (NodeError::PaymentSendingFailed | NodeError::InvalidInvoice)) => {
+                let reason = if e == NodeError::PaymentSendingFailed {
+                    "no route"
+                } else {
+                    "invalid invoice"
+                };
+                store.transition(id, S::Sending, S::Releasing, None, Some(reason))?;
+                let w = store.withdrawal(id)?.expect("the row exists");
+                self.finish(&store, &w);
+                return Err(if e == NodeError::PaymentSendingFailed {
+                    PayError::NoRoute
+                } else {
+                    PayError::MalformedInvoice
+                });
+            }
+            // Maybe sent: stays held, resolved by payment hash.
+            Err(e) => return Err(PayError::Node(e)),
+        }
+        Ok(store.withdrawal(id)?.expect("the row exists"))
+    }
+
+    /// A withdrawal by row id.
+    pub fn withdrawal(&self, id: u64) -> Result<Option<LnWithdrawal>, StoreError> {
+        self.lock().withdrawal(id)
+    }
+
+    /// Submits the completion or release a `completing` / `releasing` row is waiting for, and
+    /// records it. `true` when the row reached its final state now.
+    fn finish(&self, store: &Store, w: &LnWithdrawal) -> bool {
+        let wid = engine_withdrawal_id(w.id);
+        let (cmd, want, to) = match w.status {
+            S::Completing => (
+                Command::WithdrawComplete {
+                    id: wid,
+                    network_fee: Amount(w.routing_fee_sat.unwrap_or(0)),
+                },
+                WithdrawalState::Completed,
+                S::Completed,
+            ),
+            S::Releasing => (
+                Command::WithdrawRelease { id: wid },
+                WithdrawalState::Released,
+                S::Released,
+            ),
+            _ => return false,
+        };
+        let done = match self.ledger.submit(cmd) {
+            Ok(()) => true,
+            Err(LedgerError::Rejected(RejectCode::EngineBusy)) => false,
+            Err(LedgerError::Rejected(RejectCode::UnknownWithdrawal)) | Err(_) => {
+                match self.ledger.withdrawal(wid) {
+                    Ok(Some(r)) if r.state == want => true,
+                    Ok(Some(r)) if r.state == WithdrawalState::Held => false,
+                    Ok(r) => {
+                        tracing::error!(
+                            target: "mediator_alarm",
+                            id = w.id,
+                            ledger = ?r,
+                            wanted = ?want,
+                            "lightning withdrawal and ledger disagree"
+                        );
+                        false
+                    }
+                    Err(_) => false,
+                }
+            }
+        };
+        done && store
+            .transition(w.id, w.status, to, None, None)
+            .unwrap_or(false)
+    }
+
+    /// Resolves one unfinished withdrawal after a restart or a lost answer.
+    fn resolve(&self, store: &Store, w: &LnWithdrawal) -> Result<(), StoreError> {
+        let wid = engine_withdrawal_id(w.id);
+        match w.status {
+            S::New => match self.ledger.withdrawal(wid) {
+                Ok(None) => {
+                    store.transition(w.id, S::New, S::Refused, None, Some("hold not taken"))?;
+                }
+                Ok(Some(r)) if r.state == WithdrawalState::Held => {
+                    // Held but never handed to the node: give it back.
+                    store.transition(w.id, S::New, S::Releasing, None, Some("not sent"))?;
+                }
+                Ok(Some(r)) => tracing::error!(
+                    target: "mediator_alarm", id = w.id, ledger = ?r,
+                    "lightning withdrawal in state new has a final ledger record"
+                ),
+                Err(_) => {}
+            },
+            S::Held => {
+                store.transition(w.id, S::Held, S::Releasing, None, Some("not sent"))?;
+            }
+            S::Sending => {
+                let pid = ldk_node::lightning::ln::channelmanager::PaymentId(w.payment_hash);
+                match self.node.payment(&pid) {
+                    Some(p) if p.direction == PaymentDirection::Outbound => match p.status {
+                        PaymentStatus::Succeeded => {
+                            let fee = self.routing_fee_sat(w, p.fee_paid_msat);
+                            store.transition(w.id, S::Sending, S::Completing, Some(fee), None)?;
+                        }
+                        PaymentStatus::Failed => {
+                            store.transition(
+                                w.id,
+                                S::Sending,
+                                S::Releasing,
+                                None,
+                                Some("payment failed"),
+                            )?;
+                        }
+                        PaymentStatus::Pending => {}
+                    },
+                    Some(_) => {}
+                    None => {
+                        // The node has no record: the send never reached it (a stop between
+                        // `sending` and the call). Send again under the same payment id, which
+                        // the node refuses if it had sent it after all.
+                        if let Ok(inv) = Bolt11Invoice::from_str(&w.bolt11) {
+                            let params = RouteParametersConfig {
+                                max_total_routing_fee_msat: Some(w.fee_sat.saturating_mul(1000)),
+                                ..Default::default()
+                            };
+                            if let Err(NodeError::PaymentSendingFailed) =
+                                self.node.bolt11_payment().send(&inv, Some(params))
+                            {
+                                store.transition(
+                                    w.id,
+                                    S::Sending,
+                                    S::Releasing,
+                                    None,
+                                    Some("no route"),
+                                )?;
+                            }
+                        }
+                    }
+                }
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn routing_fee_sat(&self, w: &LnWithdrawal, fee_paid_msat: Option<u64>) -> u64 {
+        let fee = ceil_sat(fee_paid_msat.unwrap_or(0));
+        if fee > w.fee_sat {
+            // The node enforces the cap (`max_total_routing_fee_msat`); more is a bug upstream.
+            tracing::error!(
+                target: "mediator_alarm",
+                id = w.id,
+                fee_sat = fee,
+                cap_sat = w.fee_sat,
+                "lightning routing fee above the cap; the ledger records the cap"
+            );
+            return w.fee_sat;
+        }
+        fee
+    }
+
+    // ---- the loop -------------------------------------------------------------------------
+
+    /// Handles the node's events, then resolves every unfinished deposit and withdrawal by
+    /// payment hash (so an event lost to a crash changes nothing: the node's payment store is
+    /// the source of truth), then submits the pending ledger commands.
+    pub fn step(&self, _now_ms: u64) -> Result<StepReport, StoreError> {
+        let store = self.lock();
+        let mut report = StepReport::default();
+        while let Some(event) = self.node.next_event() {
+            match &event {
+                Event::PaymentReceived {
+                    payment_hash,
+                    amount_msat,
+                    ..
+                } => {
+                    let h = hash_bytes(payment_hash);
+                    if self.credit(&store, &h, *amount_msat) {
+                        report.credited.push(h);
+                    }
+                }
+                Event::PaymentSuccessful {
+                    payment_hash,
+                    fee_paid_msat,
+                    ..
+                } => {
+                    if let Some(w) = store.live_withdrawal_by_hash(&hash_bytes(payment_hash))? {
+                        if w.status == S::Sending {
+                            let fee = self.routing_fee_sat(&w, *fee_paid_msat);
+                            store.transition(w.id, S::Sending, S::Completing, Some(fee), None)?;
+                        }
+                    }
+                }
+                Event::PaymentFailed {
+                    payment_hash: Some(payment_hash),
+                    reason,
+                    ..
+                } => {
+                    if let Some(w) = store.live_withdrawal_by_hash(&hash_bytes(payment_hash))? {
+                        if w.status == S::Sending {
+                            let why = format!("payment failed: {reason:?}");
+                            store.transition(w.id, S::Sending, S::Releasing, None, Some(&why))?;
+                        }
+                    }
+                }
+                Event::ChannelReady {
+                    user_channel_id,
+                    counterparty_node_id,
+                    ..
+                } => tracing::info!(
+                    channel = user_channel_id.0,
+                    peer = ?counterparty_node_id,
+                    "lightning channel ready"
+                ),
+                Event::ChannelClosed {
+                    user_channel_id,
+                    reason,
+                    ..
+                } => tracing::info!(
+                    channel = user_channel_id.0,
+                    ?reason,
+                    "lightning channel closed"
+                ),
+                other => tracing::debug!(event = ?other, "lightning event"),
+            }
+            if let Err(e) = self.node.event_handled() {
+                tracing::warn!(error = %e, "lightning event not acknowledged; redelivered");
+                break;
+            }
+        }
+        drop(store);
+        let more = self.resolve_pending()?;
+        report.credited.extend(more.credited);
+        report.completed.extend(more.completed);
+        report.released.extend(more.released);
+        Ok(report)
+    }
+
+    /// Without looking at the node's events: credits every open deposit the node's payment
+    /// store says was received, resolves every unfinished withdrawal by payment hash, and
+    /// submits the ledger commands they wait for. [`step`](Self::step) ends with it; after a
+    /// crash it alone settles what the lost events would have.
+    pub fn resolve_pending(&self) -> Result<StepReport, StoreError> {
+        let store = self.lock();
+        let mut report = StepReport::default();
+        for d in store.open_deposits()? {
+            let pid = ldk_node::lightning::ln::channelmanager::PaymentId(d.payment_hash);
+            if let Some(p) = self.node.payment(&pid) {
+                if p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded
+                {
+                    if let Some(msat) = p.amount_msat {
+                        if self.credit(&store, &d.payment_hash, msat) {
+                            report.credited.push(d.payment_hash);
+                        }
+                    }
+                }
+            }
+        }
+        for w in store.unfinished_withdrawals()? {
+            self.resolve(&store, &w)?;
+        }
+        for w in store.unfinished_withdrawals()? {
+            let status = w.status;
+            if self.finish(&store, &w) {
+                match status {
+                    S::Completing => report.completed.push(w.id),
+                    _ => report.released.push(w.id),
+                }
+            }
+        }
+        Ok(report)
+    }
+
+    // ---- the operator -----------------------------------------------------------------------
+
+    /// Opens a channel of `amount_sat` to `NODEID@HOST:PORT`, from the node's on-chain funds.
+    pub fn open_channel(&self, peer: &str, amount_sat: u64) -> Result<u128, OperatorError> {
+        let (id, addr) = peer
+            .split_once('@')
+            .ok_or_else(|| OperatorError::Input("expected NODEID@HOST:PORT".into()))?;
+        let node_id = PublicKey::from_str(id)
+            .map_err(|_| OperatorError::Input(format!("bad node id {id}")))?;
+        let address = SocketAddress::from_str(addr)
+            .map_err(|_| OperatorError::Input(format!("bad address {addr}")))?;
+        self.node
+            .open_channel(node_id, address, amount_sat, None, None)
+            .map(|u| u.0)
+            .map_err(OperatorError::Node)
+    }
+
+    /// Closes a channel cooperatively (by [`ChannelView::user_channel_id`]).
+    pub fn close_channel(&self, user_channel_id: u128) -> Result<(), OperatorError> {
+        let c = self
+            .node
+            .list_channels()
+            .into_iter()
+            .find(|c| c.user_channel_id.0 == user_channel_id)
+            .ok_or_else(|| OperatorError::UnknownChannel(user_channel_id.to_string()))?;
+        self.node
+            .close_channel(&UserChannelId(user_channel_id), c.counterparty_node_id)
+            .map_err(OperatorError::Node)
+    }
+
+    /// The channels.
+    pub fn channels(&self) -> Vec<ChannelView> {
+        self.node
+            .list_channels()
+            .into_iter()
+            .map(|c| ChannelView {
+                user_channel_id: c.user_channel_id.0,
+                counterparty: c.counterparty_node_id.to_string(),
+                capacity_sat: c.channel_value_sats,
+                outbound_msat: c.outbound_capacity_msat,
+                inbound_msat: c.inbound_capacity_msat,
+                ready: c.is_channel_ready,
+                usable: c.is_usable,
+                outbound: c.is_outbound,
+            })
+            .collect()
+    }
+
+    /// The node's balances.
+    pub fn balances(&self) -> LnBalances {
+        let b = self.node.list_balances();
+        let pending_close_sat = b
+            .pending_balances_from_channel_closures
+            .iter()
+            .map(|p| match p {
+                PendingSweepBalance::PendingBroadcast {
+                    amount_satoshis, ..
+                }
+                | PendingSweepBalance::BroadcastAwaitingConfirmation {
+                    amount_satoshis, ..
+                }
+                | PendingSweepBalance::AwaitingThresholdConfirmations {
+                    amount_satoshis, ..
+                } => *amount_satoshis,
+            })
+            .fold(0u64, u64::saturating_add);
+        LnBalances {
+            onchain_sat: b.total_onchain_balance_sats,
+            channels_sat: b.total_lightning_balance_sats,
+            pending_close_sat,
+            anchor_reserve_sat: b.total_anchor_channels_reserve_sats,
+        }
+    }
+
+    /// A fresh on-chain address of the node's wallet (to fund channels).
+    pub fn onchain_address(&self) -> Result<String, OperatorError> {
+        self.node
+            .onchain_payment()
+            .new_address()
+            .map(|a| a.to_string())
+            .map_err(OperatorError::Node)
+    }
+}

@@ -1,0 +1,380 @@
+//! The node's own records in `lightning.sqlite` (beside ldk-node's data): deposit invoices and
+//! withdrawals. Every write is one SQLite transaction in WAL mode with `synchronous = FULL`, so a
+//! row is durable when the call returns; a withdrawal's row is written before its hold is asked
+//! for, and its `sending` status before the payment is handed to the node.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use std::path::Path;
+
+/// The database file's name in the node's directory.
+pub const DATABASE_FILE: &str = "lightning.sqlite";
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+#[error("lightning store: {0}")]
+pub struct StoreError(#[from] rusqlite::Error);
+
+/// Where a withdrawal is. Transitions: `new` → `held` | `refused`; `held` → `sending` |
+/// `releasing`; `sending` → `completing` | `releasing`; `completing` → `completed`;
+/// `releasing` → `released`. `refused`, `completed` and `released` are final.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum LnWithdrawalStatus {
+    /// The row exists; the hold was asked for and its answer is not known yet.
+    New,
+    /// The ledger refused the hold: nothing was held, nothing will be sent.
+    Refused,
+    /// Held in the ledger; not handed to the node yet.
+    Held,
+    /// Handed to the node (or about to be): the outcome is the node's, asked by payment hash.
+    Sending,
+    /// Paid; the ledger's completion is being recorded.
+    Completing,
+    /// Paid and completed in the ledger.
+    Completed,
+    /// Not paid; the ledger's release is being recorded.
+    Releasing,
+    /// Not paid and given back to the account.
+    Released,
+}
+
+impl LnWithdrawalStatus {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Refused => "refused",
+            Self::Held => "held",
+            Self::Sending => "sending",
+            Self::Completing => "completing",
+            Self::Completed => "completed",
+            Self::Releasing => "releasing",
+            Self::Released => "released",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "new" => Self::New,
+            "refused" => Self::Refused,
+            "held" => Self::Held,
+            "sending" => Self::Sending,
+            "completing" => Self::Completing,
+            "completed" => Self::Completed,
+            "releasing" => Self::Releasing,
+            "released" => Self::Released,
+            _ => return None,
+        })
+    }
+}
+
+/// A Lightning withdrawal as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LnWithdrawal {
+    /// Row id (the engine's withdrawal id is [`crate::engine_withdrawal_id`] of it).
+    pub id: u64,
+    /// Owner.
+    pub account: u32,
+    /// The invoice's payment hash (the node's payment id).
+    pub payment_hash: [u8; 32],
+    /// The invoice paid.
+    pub bolt11: String,
+    /// Amount paid to the payee, satoshis.
+    pub amount_sat: u64,
+    /// Flat fee held and charged to the account, satoshis (the routing fee's cap).
+    pub fee_sat: u64,
+    /// Where it is.
+    pub status: LnWithdrawalStatus,
+    /// The routing fee the node paid, satoshis rounded up (set from `completing` on).
+    pub routing_fee_sat: Option<u64>,
+    /// Why it was refused or released.
+    pub reason: Option<String>,
+    /// Created, ms since the epoch.
+    pub created_ms: u64,
+}
+
+/// A deposit invoice as stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LnDeposit {
+    /// The invoice's payment hash.
+    pub payment_hash: [u8; 32],
+    /// Beneficiary.
+    pub account: u32,
+    /// Amount asked, satoshis.
+    pub amount_sat: u64,
+    /// The invoice.
+    pub bolt11: String,
+    /// Created, ms since the epoch.
+    pub created_ms: u64,
+    /// Expires, ms since the epoch.
+    pub expires_ms: u64,
+    /// Satoshis credited (the amount received, rounded down), once credited.
+    pub credited_sat: Option<u64>,
+}
+
+pub(crate) struct Store {
+    db: Connection,
+}
+
+fn u64_of(v: i64) -> u64 {
+    u64::try_from(v).expect("stored values are written from u64 below i64::MAX")
+}
+
+fn i64_of(v: u64) -> rusqlite::Result<i64> {
+    i64::try_from(v).map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))
+}
+
+fn hash_of(v: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
+    v.try_into().map_err(|_| {
+        rusqlite::Error::FromSqlConversionFailure(
+            0,
+            rusqlite::types::Type::Blob,
+            "payment hash is not 32 bytes".into(),
+        )
+    })
+}
+
+const WITHDRAWAL_COLUMNS: &str = "id, account, payment_hash, bolt11, amount_sat, fee_sat, status, \
+                                  routing_fee_sat, reason, created_ms";
+
+fn withdrawal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LnWithdrawal> {
+    let status: String = r.get(6)?;
+    Ok(LnWithdrawal {
+        id: u64_of(r.get(0)?),
+        account: r.get(1)?,
+        payment_hash: hash_of(r.get(2)?)?,
+        bolt11: r.get(3)?,
+        amount_sat: u64_of(r.get(4)?),
+        fee_sat: u64_of(r.get(5)?),
+        status: LnWithdrawalStatus::parse(&status).ok_or_else(|| {
+            rusqlite::Error::FromSqlConversionFailure(
+                6,
+                rusqlite::types::Type::Text,
+                format!("unknown status {status}").into(),
+            )
+        })?,
+        routing_fee_sat: r.get::<_, Option<i64>>(7)?.map(u64_of),
+        reason: r.get(8)?,
+        created_ms: u64_of(r.get(9)?),
+    })
+}
+
+fn deposit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LnDeposit> {
+    Ok(LnDeposit {
+        payment_hash: hash_of(r.get(0)?)?,
+        account: r.get(1)?,
+        amount_sat: u64_of(r.get(2)?),
+        bolt11: r.get(3)?,
+        created_ms: u64_of(r.get(4)?),
+        expires_ms: u64_of(r.get(5)?),
+        credited_sat: r.get::<_, Option<i64>>(6)?.map(u64_of),
+    })
+}
+
+impl Store {
+    pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = Connection::open(dir.join(DATABASE_FILE))?;
+        db.pragma_update(None, "journal_mode", "WAL")?;
+        db.pragma_update(None, "synchronous", "FULL")?;
+        db.execute_batch(
+            "CREATE TABLE IF NOT EXISTS ln_deposits (
+                payment_hash BLOB PRIMARY KEY,
+                account INTEGER NOT NULL,
+                amount_sat INTEGER NOT NULL,
+                bolt11 TEXT NOT NULL,
+                created_ms INTEGER NOT NULL,
+                expires_ms INTEGER NOT NULL,
+                credited_sat INTEGER
+             );
+             CREATE TABLE IF NOT EXISTS ln_withdrawals (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                account INTEGER NOT NULL,
+                payment_hash BLOB NOT NULL,
+                bolt11 TEXT NOT NULL,
+                amount_sat INTEGER NOT NULL,
+                fee_sat INTEGER NOT NULL,
+                status TEXT NOT NULL,
+                routing_fee_sat INTEGER,
+                reason TEXT,
+                created_ms INTEGER NOT NULL
+             );
+             -- At most one withdrawal per invoice that may still pay or has paid.
+             CREATE UNIQUE INDEX IF NOT EXISTS ln_withdrawals_live
+                ON ln_withdrawals(payment_hash) WHERE status NOT IN ('refused', 'released');",
+        )?;
+        Ok(Self { db })
+    }
+
+    pub(crate) fn insert_deposit(&self, d: &LnDeposit) -> Result<(), StoreError> {
+        self.db.execute(
+            "INSERT INTO ln_deposits (payment_hash, account, amount_sat, bolt11, created_ms, \
+             expires_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            params![
+                &d.payment_hash[..],
+                d.account,
+                i64_of(d.amount_sat)?,
+                d.bolt11,
+                i64_of(d.created_ms)?,
+                i64_of(d.expires_ms)?
+            ],
+        )?;
+        Ok(())
+    }
+
+    pub(crate) fn deposit(&self, hash: &[u8; 32]) -> Result<Option<LnDeposit>, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                "SELECT payment_hash, account, amount_sat, bolt11, created_ms, expires_ms, \
+                 credited_sat FROM ln_deposits WHERE payment_hash = ?1",
+                params![&hash[..]],
+                deposit_row,
+            )
+            .optional()?)
+    }
+
+    /// Deposit invoices not credited yet.
+    pub(crate) fn open_deposits(&self) -> Result<Vec<LnDeposit>, StoreError> {
+        let mut st = self.db.prepare(
+            "SELECT payment_hash, account, amount_sat, bolt11, created_ms, expires_ms, \
+             credited_sat FROM ln_deposits WHERE credited_sat IS NULL",
+        )?;
+        let rows = st.query_map([], deposit_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    pub(crate) fn mark_credited(&self, hash: &[u8; 32], sat: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE ln_deposits SET credited_sat = ?2 WHERE payment_hash = ?1 \
+             AND credited_sat IS NULL",
+            params![&hash[..], i64_of(sat)?],
+        )?;
+        Ok(())
+    }
+
+    /// Inserts a `new` withdrawal; `None` when a live one for the same invoice exists.
+    pub(crate) fn insert_withdrawal(
+        &self,
+        account: u32,
+        hash: &[u8; 32],
+        bolt11: &str,
+        amount_sat: u64,
+        fee_sat: u64,
+        now_ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        let r = self.db.execute(
+            "INSERT INTO ln_withdrawals (account, payment_hash, bolt11, amount_sat, fee_sat, \
+             status, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'new', ?6)",
+            params![
+                account,
+                &hash[..],
+                bolt11,
+                i64_of(amount_sat)?,
+                i64_of(fee_sat)?,
+                i64_of(now_ms)?
+            ],
+        );
+        match r {
+            Ok(_) => Ok(Some(u64_of(self.db.last_insert_rowid()))),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    pub(crate) fn withdrawal(&self, id: u64) -> Result<Option<LnWithdrawal>, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                &format!("SELECT {WITHDRAWAL_COLUMNS} FROM ln_withdrawals WHERE id = ?1"),
+                params![i64_of(id)?],
+                withdrawal_row,
+            )
+            .optional()?)
+    }
+
+    /// The live (not refused, not released) withdrawal paying this invoice.
+    pub(crate) fn live_withdrawal_by_hash(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<Option<LnWithdrawal>, StoreError> {
+        Ok(self
+            .db
+            .query_row(
+                &format!(
+                    "SELECT {WITHDRAWAL_COLUMNS} FROM ln_withdrawals WHERE payment_hash = ?1 \
+                     AND status NOT IN ('refused', 'released')"
+                ),
+                params![&hash[..]],
+                withdrawal_row,
+            )
+            .optional()?)
+    }
+
+    /// Withdrawals whose outcome is not final yet, oldest first.
+    pub(crate) fn unfinished_withdrawals(&self) -> Result<Vec<LnWithdrawal>, StoreError> {
+        let mut st = self.db.prepare(&format!(
+            "SELECT {WITHDRAWAL_COLUMNS} FROM ln_withdrawals \
+             WHERE status NOT IN ('refused', 'completed', 'released') ORDER BY id"
+        ))?;
+        let rows = st.query_map([], withdrawal_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Moves a withdrawal from `from` to `to`; false when it was not in `from` (nothing changed).
+    pub(crate) fn transition(
+        &self,
+        id: u64,
+        from: LnWithdrawalStatus,
+        to: LnWithdrawalStatus,
+        routing_fee_sat: Option<u64>,
+        reason: Option<&str>,
+    ) -> Result<bool, StoreError> {
+        let fee = routing_fee_sat.map(i64_of).transpose()?;
+        let n = self.db.execute(
+            "UPDATE ln_withdrawals SET status = ?3, \
+             routing_fee_sat = COALESCE(?4, routing_fee_sat), reason = COALESCE(?5, reason) \
+             WHERE id = ?1 AND status = ?2",
+            params![i64_of(id)?, from.as_str(), to.as_str(), fee, reason],
+        )?;
+        Ok(n == 1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_live_withdrawal_per_invoice_and_transitions_are_conditional() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let h = [7u8; 32];
+        let id = s
+            .insert_withdrawal(1, &h, "lnbcrt1", 1000, 10, 5)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            s.insert_withdrawal(1, &h, "lnbcrt1", 1000, 10, 6).unwrap(),
+            None
+        );
+        use LnWithdrawalStatus::*;
+        assert!(!s.transition(id, Held, Sending, None, None).unwrap());
+        assert!(s
+            .transition(id, New, Refused, None, Some("insufficient balance"))
+            .unwrap());
+        // A refused withdrawal no longer blocks the invoice.
+        let id2 = s
+            .insert_withdrawal(1, &h, "lnbcrt1", 1000, 10, 7)
+            .unwrap()
+            .unwrap();
+        assert_ne!(id, id2);
+        assert_eq!(s.live_withdrawal_by_hash(&h).unwrap().unwrap().id, id2);
+        assert_eq!(s.unfinished_withdrawals().unwrap().len(), 1);
+        let w = s.withdrawal(id).unwrap().unwrap();
+        assert_eq!(w.status, Refused);
+        assert_eq!(w.reason.as_deref(), Some("insufficient balance"));
+    }
+}

@@ -1,0 +1,275 @@
+//! Lightning through `mediator serve` as an operator and a user meet it: the real binary with its
+//! own regtest bitcoind and Lightning node, a second ldk-node in the test as the customer, the
+//! operator's `mediator ln ...` commands and the signed user endpoints.
+//!
+//! Needs bitcoind (`BITCOIND_EXE`, `PATH`, or `scripts/test.sh` finds it).
+
+mod common;
+
+use api::client::{Client, ClientError};
+use bdk_bitcoind_rpc::bitcoincore_rpc::RpcApi;
+use common::{free_port, Server};
+use lightning_custody::ldk_node::bitcoin::hashes::Hash;
+use lightning_custody::ldk_node::bitcoin::Network;
+use lightning_custody::ldk_node::config::Config;
+use lightning_custody::ldk_node::lightning::ln::channelmanager::PaymentId;
+use lightning_custody::ldk_node::lightning_invoice::{
+    Bolt11Invoice, Bolt11InvoiceDescription, Description,
+};
+use lightning_custody::ldk_node::payment::{PaymentDirection, PaymentStatus};
+use lightning_custody::ldk_node::{Builder, Node};
+use lightning_custody::ChainRpc;
+use serde_json::Value;
+use std::net::SocketAddr;
+use std::str::FromStr;
+use std::time::{Duration, Instant};
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn call(c: &Client, method: &str, path: &str, params: &[(&str, &str)]) -> Result<Value, i64> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match rt.block_on(c.signed(method, path, params)) {
+        Ok(v) => Ok(v),
+        Err(ClientError::Api { code, .. }) => Err(code),
+        Err(e) => panic!("{method} {path}: {e}"),
+    }
+}
+
+fn btc(c: &Client) -> (u64, u64) {
+    let v = call(c, "GET", "/api/v3/account", &[]).unwrap();
+    let units = |s: &str| -> u64 {
+        let (i, f) = s.split_once('.').unwrap_or((s, ""));
+        let f = format!("{f:0<8}");
+        i.parse::<u64>().unwrap() * 100_000_000 + f[..8].parse::<u64>().unwrap()
+    };
+    v["balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["asset"] == "BTC")
+        .map(|b| {
+            (
+                units(b["free"].as_str().unwrap()),
+                units(b["locked"].as_str().unwrap()),
+            )
+        })
+        .unwrap_or((0, 0))
+}
+
+fn customer(s: &Server, dir: &std::path::Path) -> Node {
+    let url = std::fs::read_to_string(s.dir.join("bitcoind/mediator-rpc-url")).unwrap();
+    let rpc = ChainRpc::from_cookie(url.trim(), &s.dir.join("bitcoind/regtest/.cookie")).unwrap();
+    let config = Config {
+        network: Network::Regtest,
+        storage_dir_path: dir.to_string_lossy().into_owned(),
+        listening_addresses: Some(vec![SocketAddr::from(([127, 0, 0, 1], free_port())).into()]),
+        ..Default::default()
+    };
+    let mut b = Builder::from_config(config);
+    b.set_chain_source_bitcoind_rpc(rpc.host, rpc.port, rpc.user, rpc.password);
+    b.set_entropy_seed_bytes([43u8; 64]);
+    let node = b.build().unwrap();
+    node.start().unwrap();
+    node
+}
+
+fn drain(n: &Node) {
+    while n.next_event().is_some() {
+        n.event_handled().unwrap();
+    }
+}
+
+fn mine_to(s: &Server, n: u64, address: &str) {
+    let a = bdk_bitcoind_rpc::bitcoincore_rpc::bitcoin::Address::from_str(address)
+        .unwrap()
+        .assume_checked();
+    s.rpc().generate_to_address(n, &a).unwrap();
+}
+
+/// The operator funds the node and opens a channel (`ln address`, `ln open-channel`), the
+/// customer opens one back; a user deposits over Lightning (credited exactly once) and withdraws
+/// (debited amount + fee exactly); refusals carry their codes and change nothing; reconciliation
+/// counts the node's balances; a restart keeps the node's identity (the seed, mode 0600).
+#[test]
+fn deposit_and_withdraw_over_lightning_through_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let cdir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), free_port());
+    let node_id = s.admin(&["ln", "balance"])["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let seed = dir.path().join("wallet/lightning.seed");
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&seed).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+    let ln_address = s.admin(&["ln", "address"])["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cust = customer(&s, cdir.path());
+    let cust_address = cust.onchain_payment().new_address().unwrap().to_string();
+    mine_to(&s, 1, &ln_address);
+    mine_to(&s, 101, &cust_address);
+    cust.sync_wallets().unwrap();
+    wait_until("the node's on-chain funds", 60, || {
+        s.admin(&["ln", "balance"])["onchain_sat"].as_u64() == Some(5_000_000_000)
+    });
+
+    // Channels: the customer to Mediator (inbound), the operator to the customer (outbound).
+    let m_pk =
+        lightning_custody::ldk_node::bitcoin::secp256k1::PublicKey::from_str(&node_id).unwrap();
+    cust.open_channel(m_pk, s.ln_addr.into(), 4_000_000, None, None)
+        .unwrap();
+    let peer = format!(
+        "{}@{}",
+        cust.node_id(),
+        cust.listening_addresses().unwrap()[0]
+    );
+    s.admin(&["ln", "open-channel", &peer, "2000000"]);
+    wait_until("two funding transactions", 60, || {
+        s.rpc().get_raw_mempool().unwrap().len() >= 2
+    });
+    mine_to(&s, 6, &cust_address);
+    wait_until("two usable channels", 120, || {
+        drain(&cust);
+        let _ = cust.sync_wallets();
+        let v = s.admin(&["ln", "channels"]);
+        let rows = v.as_array().unwrap();
+        rows.len() == 2 && rows.iter().all(|c| c["usable"] == true)
+    });
+
+    let a = s.admin(&["account", "create"])["account"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let k = s.admin(&[
+        "apikey",
+        "create",
+        "--account",
+        &a,
+        "--permissions",
+        "read,withdraw",
+    ]);
+    let c = Client::new(
+        s.addr,
+        k["apiKey"].as_str().unwrap(),
+        k["secretKey"].as_str().unwrap(),
+    );
+
+    // Deposit 0.002 BTC.
+    let inv = call(
+        &c,
+        "POST",
+        "/mapi/v1/lightning/invoice",
+        &[("amount", "0.002")],
+    )
+    .unwrap();
+    let bolt11 = Bolt11Invoice::from_str(inv["invoice"].as_str().unwrap()).unwrap();
+    assert_eq!(bolt11.amount_milli_satoshis(), Some(200_000_000));
+    cust.bolt11_payment().send(&bolt11, None).unwrap();
+    wait_until("the deposit credit", 60, || btc(&c) == (200_000, 0));
+
+    // Withdraw 30,000 sat to the customer's invoice: debited 30,000 + the 10-sat fee.
+    let out = cust
+        .bolt11_payment()
+        .receive(
+            30_000_000,
+            &Bolt11InvoiceDescription::Direct(Description::new("cash out".into()).unwrap()),
+            3600,
+        )
+        .unwrap();
+    let w = call(
+        &c,
+        "POST",
+        "/mapi/v1/lightning/pay",
+        &[("invoice", &out.to_string())],
+    )
+    .unwrap();
+    assert_eq!(w["status"], "completed", "{w}");
+    assert_eq!(w["amount"], "0.00030000");
+    assert_eq!(w["fee"], "0.00000010");
+    assert_eq!(btc(&c), (200_000 - 30_010, 0));
+    let got = cust
+        .payment(&PaymentId(out.payment_hash().to_byte_array()))
+        .unwrap();
+    assert_eq!(
+        (got.direction, got.status, got.amount_msat),
+        (
+            PaymentDirection::Inbound,
+            PaymentStatus::Succeeded,
+            Some(30_000_000)
+        )
+    );
+    let id = w["id"].as_str().unwrap();
+    assert_eq!(
+        call(&c, "GET", "/mapi/v1/lightning/pay", &[("id", id)]).unwrap()["status"],
+        "completed"
+    );
+
+    // Refusals: each its code, nothing changed.
+    let before = btc(&c);
+    let again = call(
+        &c,
+        "POST",
+        "/mapi/v1/lightning/pay",
+        &[("invoice", &out.to_string())],
+    );
+    assert_eq!(again.unwrap_err(), -4607);
+    let garbage = call(
+        &c,
+        "POST",
+        "/mapi/v1/lightning/pay",
+        &[("invoice", "lnbcrt1garbage")],
+    );
+    assert_eq!(garbage.unwrap_err(), -4601);
+    let too_much = cust
+        .bolt11_payment()
+        .receive(
+            190_000_000,
+            &Bolt11InvoiceDescription::Direct(Description::new("too much".into()).unwrap()),
+            3600,
+        )
+        .unwrap();
+    let r = call(
+        &c,
+        "POST",
+        "/mapi/v1/lightning/pay",
+        &[("invoice", &too_much.to_string())],
+    );
+    assert_eq!(r.unwrap_err(), -4026);
+    assert_eq!(btc(&c), before);
+
+    // Reconciliation counts the node: channel funds listed apart, no shortfall.
+    let r = s.admin(&["reconcile"]);
+    assert!(r["lightning_channels_sat"].as_u64().unwrap() > 0, "{r}");
+    assert!(r["lightning_onchain_sat"].as_u64().unwrap() > 0, "{r}");
+    assert_eq!(r["shortfall"], false, "{r}");
+
+    // A restart keeps the node's identity and its records.
+    assert!(s.terminate().success());
+    let s = Server::start(dir.path(), free_port());
+    assert_eq!(s.admin(&["ln", "balance"])["node_id"], node_id.as_str());
+    let c = Client::new(
+        s.addr,
+        k["apiKey"].as_str().unwrap(),
+        k["secretKey"].as_str().unwrap(),
+    );
+    assert_eq!(btc(&c), before);
+    assert_eq!(
+        call(&c, "GET", "/mapi/v1/lightning/pay", &[("id", id)]).unwrap()["status"],
+        "completed"
+    );
+    cust.stop().unwrap();
+}

@@ -153,7 +153,7 @@ const OPS: &[Op] = &[
     (
         "post",
         "/api/v3/order",
-        "New order (LIMIT, MARKET, LIMIT_MAKER, STOP_LOSS, STOP_LOSS_LIMIT).",
+        "New order (LIMIT, MARKET, LIMIT_MAKER, STOP_LOSS, STOP_LOSS_LIMIT, TAKE_PROFIT, TAKE_PROFIT_LIMIT).",
         "trade",
         &[
             ("symbol", true),

@@ -76,7 +76,15 @@ fn symbol_info(m: &MarketSpec) -> Value {
         "quoteAssetPrecision": m.quote.decimals,
         "baseCommissionPrecision": m.base.decimals,
         "quoteCommissionPrecision": m.quote.decimals,
-        "orderTypes": ["LIMIT", "LIMIT_MAKER", "MARKET", "STOP_LOSS", "STOP_LOSS_LIMIT"],
+        "orderTypes": [
+            "LIMIT",
+            "LIMIT_MAKER",
+            "MARKET",
+            "STOP_LOSS",
+            "STOP_LOSS_LIMIT",
+            "TAKE_PROFIT",
+            "TAKE_PROFIT_LIMIT"
+        ],
         "icebergAllowed": false,
         "ocoAllowed": false,
         "otoAllowed": false,

@@ -47,6 +47,10 @@ pub enum OrdKind {
     StopLoss,
     /// STOP_LOSS_LIMIT
     StopLossLimit,
+    /// TAKE_PROFIT
+    TakeProfit,
+    /// TAKE_PROFIT_LIMIT
+    TakeProfitLimit,
 }
 
 impl OrdKind {
@@ -58,6 +62,8 @@ impl OrdKind {
             OrdKind::LimitMaker => "LIMIT_MAKER",
             OrdKind::StopLoss => "STOP_LOSS",
             OrdKind::StopLossLimit => "STOP_LOSS_LIMIT",
+            OrdKind::TakeProfit => "TAKE_PROFIT",
+            OrdKind::TakeProfitLimit => "TAKE_PROFIT_LIMIT",
         }
     }
 }
@@ -950,6 +956,8 @@ impl ReadModel {
             for v in engine.open_orders(AccountId(a), None) {
                 let stored = self.store.order(a, v.id.0)?;
                 let kind = match (v.stop, v.meta.post_only, v.price.0) {
+                    (Some(_), _, 0) if v.take_profit => OrdKind::TakeProfit,
+                    (Some(_), _, _) if v.take_profit => OrdKind::TakeProfitLimit,
                     (Some(_), _, 0) => OrdKind::StopLoss,
                     (Some(_), _, _) => OrdKind::StopLossLimit,
                     (None, true, _) => OrdKind::LimitMaker,
@@ -1306,7 +1314,10 @@ impl OrderRec {
                 .unwrap_or_default(),
             side: info.side,
             kind,
-            tif: if matches!(kind, OrdKind::Market | OrdKind::StopLoss) {
+            tif: if matches!(
+                kind,
+                OrdKind::Market | OrdKind::StopLoss | OrdKind::TakeProfit
+            ) {
                 TimeInForce::Gtc
             } else {
                 tif
@@ -1345,6 +1356,10 @@ fn kind_of(t: &OrderType, post_only: bool) -> (OrdKind, u64, u64, u64, u64) {
             (OrdKind::StopLossLimit, price.0, stop.0, qty.0, 0)
         }
         OrderType::StopMarket { stop, qty } => (OrdKind::StopLoss, 0, stop.0, qty.0, 0),
+        OrderType::TakeProfitLimit { stop, price, qty } => {
+            (OrdKind::TakeProfitLimit, price.0, stop.0, qty.0, 0)
+        }
+        OrderType::TakeProfitMarket { stop, qty } => (OrdKind::TakeProfit, 0, stop.0, qty.0, 0),
     }
 }
 

@@ -168,19 +168,19 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
             };
             (ot, TimeInForce::Ioc, false, RespType::Full)
         }
-        "STOP_LOSS" => {
+        "STOP_LOSS" | "TAKE_PROFIT" => {
             forbid("price", &price)?;
             forbid("quoteOrderQty", &quote)?;
             forbid("timeInForce", &tif)?;
             let (sp, q) = (need_price("stopPrice", &stop)?, need_qty(&qty)?);
-            (
-                OrderType::StopMarket { stop: sp, qty: q },
-                TimeInForce::Gtc,
-                false,
-                RespType::Ack,
-            )
+            let ot = if ty == "STOP_LOSS" {
+                OrderType::StopMarket { stop: sp, qty: q }
+            } else {
+                OrderType::TakeProfitMarket { stop: sp, qty: q }
+            };
+            (ot, TimeInForce::Gtc, false, RespType::Ack)
         }
-        "STOP_LOSS_LIMIT" => {
+        "STOP_LOSS_LIMIT" | "TAKE_PROFIT_LIMIT" => {
             forbid("quoteOrderQty", &quote)?;
             let t = parse_tif(tif)?;
             let (sp, pr, q) = (
@@ -189,19 +189,20 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
                 need_qty(&qty)?,
             );
             m.check_notional(pr, q)?;
-            (
+            let ot = if ty == "STOP_LOSS_LIMIT" {
                 OrderType::StopLimit {
                     stop: sp,
                     price: pr,
                     qty: q,
-                },
-                t,
-                false,
-                RespType::Ack,
-            )
-        }
-        "TAKE_PROFIT" | "TAKE_PROFIT_LIMIT" => {
-            return Err(ApiError::bad(-1014, "Unsupported order combination."))
+                }
+            } else {
+                OrderType::TakeProfitLimit {
+                    stop: sp,
+                    price: pr,
+                    qty: q,
+                }
+            };
+            (ot, t, false, RespType::Ack)
         }
         _ => return Err(ApiError::bad(-1116, "Invalid orderType.")),
     };

@@ -337,7 +337,12 @@ async fn order_input_validation() {
         ("symbol=BTCUSD&side=BUY&type=MARKET&quantity=0.001&quoteOrderQty=10", -1128, ""),
         ("symbol=BTCUSD&side=BUY&type=MARKET", -1102, ""),
         ("symbol=BTCUSD&side=BUY&type=LIMIT_MAKER&timeInForce=GTC&quantity=0.001&price=30000", -1106, ""),
-        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT&quantity=0.001&stopPrice=30000", -1014, ""),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT&quantity=0.001", -1102, "Mandatory parameter 'stopPrice' was not sent, was empty/null, or malformed."),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT&quantity=0.001&stopPrice=30000&price=30000", -1106, "Parameter 'price' sent when not required."),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT&quantity=0.001&stopPrice=30000&timeInForce=GTC", -1106, ""),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT_LIMIT&quantity=0.001&stopPrice=30000&price=30000", -1102, "Mandatory parameter 'timeInForce' was not sent, was empty/null, or malformed."),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT_LIMIT&timeInForce=GTC&quantity=0.001&stopPrice=30000", -1102, "Mandatory parameter 'price' was not sent, was empty/null, or malformed."),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT_LIMIT&timeInForce=GTC&quantity=0.001&price=30000&stopPrice=30000.001", -1013, "Filter failure: PRICE_FILTER"),
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&newClientOrderId=has%20space", -1100, ""),
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&selfTradePreventionMode=DECREMENT", -1130, ""),
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&newOrderRespType=XML", -1130, ""),
@@ -1757,5 +1762,97 @@ async fn unknown_paths_answer_404_without_a_retryable_code() {
             (StatusCode::NOT_FOUND, &serde_json::json!("")),
             "{m} {uri}"
         );
+    }
+}
+
+/// Issue 9: TAKE_PROFIT and TAKE_PROFIT_LIMIT are accepted (they were refused with -1014),
+/// listed in exchangeInfo, wait without working, and trigger when the price rises to a sell's
+/// stop price.
+#[tokio::test]
+async fn take_profit_orders_wait_and_trigger_on_a_rise() {
+    let h = Harness::new();
+    let info = h.get("/api/v3/exchangeInfo?symbol=BTCUSD").await.json;
+    let types = &info["symbols"][0]["orderTypes"];
+    for t in ["TAKE_PROFIT", "TAKE_PROFIT_LIMIT"] {
+        assert!(
+            types.as_array().unwrap().iter().any(|x| x == t),
+            "{t} in {types}"
+        );
+    }
+    let (_, holder) = h.trader("1", "0").await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    h.ok(
+        "POST",
+        "/api/v3/order/test",
+        "symbol=BTCUSD&side=SELL&type=TAKE_PROFIT&quantity=0.01&stopPrice=21000",
+        &holder,
+    )
+    .await;
+    let tpl = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=TAKE_PROFIT_LIMIT&timeInForce=GTC&quantity=0.01&price=22000&stopPrice=21000", &holder).await;
+    let tp = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=TAKE_PROFIT&quantity=0.01&stopPrice=25000&newOrderRespType=RESULT", &holder).await;
+    assert_eq!(
+        (tp["type"].as_str(), tp["status"].as_str()),
+        (Some("TAKE_PROFIT"), Some("NEW"))
+    );
+    let get = |id: &serde_json::Value| format!("symbol=BTCUSD&orderId={id}");
+    let o = h
+        .ok("GET", "/api/v3/order", &get(&tpl["orderId"]), &holder)
+        .await;
+    assert_eq!(
+        (
+            o["type"].as_str(),
+            o["stopPrice"].as_str(),
+            o["price"].as_str(),
+            o["isWorking"].as_bool()
+        ),
+        (
+            Some("TAKE_PROFIT_LIMIT"),
+            Some("21000.00000000"),
+            Some("22000.00000000"),
+            Some(false)
+        )
+    );
+    let acct = h.ok("GET", "/api/v3/account", "", &holder).await;
+    let btc = acct["balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["asset"] == "BTC")
+        .unwrap()
+        .clone();
+    assert_eq!(btc["locked"], "0.02000000", "{btc}");
+    // A trade at 20000 (a fall) leaves them waiting; one at 21000 triggers the limit one only.
+    for price in ["20000", "21000"] {
+        h.ok(
+            "POST",
+            "/api/v3/order",
+            &format!(
+                "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price={price}"
+            ),
+            &seller,
+        )
+        .await;
+        h.ok(
+            "POST",
+            "/api/v3/order",
+            &format!(
+                "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price={price}"
+            ),
+            &buyer,
+        )
+        .await;
+        let o = h
+            .ok("GET", "/api/v3/order", &get(&tpl["orderId"]), &holder)
+            .await;
+        assert_eq!(
+            o["isWorking"].as_bool(),
+            Some(price == "21000"),
+            "after {price}: {o}"
+        );
+        let o = h
+            .ok("GET", "/api/v3/order", &get(&tp["orderId"]), &holder)
+            .await;
+        assert_eq!(o["isWorking"].as_bool(), Some(false), "after {price}: {o}");
     }
 }

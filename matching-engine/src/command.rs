@@ -73,6 +73,92 @@ pub enum OrderType {
         /// Quantity.
         qty: Qty,
     },
+    /// The mirror of [`OrderType::StopLimit`] (Binance's `TAKE_PROFIT_LIMIT`): a limit order
+    /// placed when the last trade price reaches `stop` from the other side (at or below it for a
+    /// buy, at or above for a sell).
+    TakeProfitLimit {
+        /// Trigger price.
+        stop: Price,
+        /// Limit price once triggered.
+        price: Price,
+        /// Quantity.
+        qty: Qty,
+    },
+    /// The mirror of [`OrderType::StopMarket`] (Binance's `TAKE_PROFIT`): a market order for
+    /// `qty` placed when the last trade price is at or below `stop` (buy) or at or above (sell).
+    TakeProfitMarket {
+        /// Trigger price.
+        stop: Price,
+        /// Quantity.
+        qty: Qty,
+    },
+}
+
+/// Which way the last trade price must move to trigger a waiting order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Trigger {
+    /// When the last price is at or above the trigger price (stop buy, take-profit sell).
+    Rise,
+    /// When the last price is at or below the trigger price (stop sell, take-profit buy).
+    Fall,
+}
+
+impl OrderType {
+    /// The trigger price of a stop or take-profit order.
+    #[inline]
+    pub fn trigger_price(&self) -> Option<Price> {
+        match *self {
+            OrderType::StopLimit { stop, .. }
+            | OrderType::StopMarket { stop, .. }
+            | OrderType::TakeProfitLimit { stop, .. }
+            | OrderType::TakeProfitMarket { stop, .. } => Some(stop),
+            _ => None,
+        }
+    }
+
+    /// The trigger price and direction of a stop or take-profit order placed on `side`.
+    #[inline]
+    pub fn trigger(&self, side: Side) -> Option<(Trigger, Price)> {
+        let rise = match (self, side) {
+            (OrderType::StopLimit { .. } | OrderType::StopMarket { .. }, Side::Buy)
+            | (
+                OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. },
+                Side::Sell,
+            ) => true,
+            (OrderType::StopLimit { .. } | OrderType::StopMarket { .. }, Side::Sell)
+            | (OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. }, Side::Buy) => {
+                false
+            }
+            _ => return None,
+        };
+        let stop = self.trigger_price()?;
+        Some((if rise { Trigger::Rise } else { Trigger::Fall }, stop))
+    }
+
+    /// The limit price (limit, stop-limit and take-profit-limit orders).
+    #[inline]
+    pub fn limit_price(&self) -> Option<Price> {
+        match *self {
+            OrderType::Limit { price, .. }
+            | OrderType::StopLimit { price, .. }
+            | OrderType::TakeProfitLimit { price, .. } => Some(price),
+            _ => None,
+        }
+    }
+
+    /// The quantity, for every type but a quote-budget market order.
+    #[inline]
+    pub fn qty(&self) -> Option<Qty> {
+        match *self {
+            OrderType::Limit { qty, .. }
+            | OrderType::Market { qty }
+            | OrderType::StopLimit { qty, .. }
+            | OrderType::StopMarket { qty, .. }
+            | OrderType::TakeProfitLimit { qty, .. }
+            | OrderType::TakeProfitMarket { qty, .. } => Some(qty),
+            OrderType::MarketBudget { .. } => None,
+        }
+    }
 }
 
 /// A new order.

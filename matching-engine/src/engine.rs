@@ -6,7 +6,7 @@
 //! reported once each, at the end, in a deterministic order.
 
 use crate::book::Book;
-use crate::command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
+use crate::command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce, Trigger};
 use crate::config::{ConfigError, EngineConfig, MarketConfig};
 use crate::event::{DoneReason, Event, OrderInfo};
 use crate::ledger::{dedup_dirty, mark_dirty, AssetTotals, Balance, Ledger};
@@ -60,7 +60,7 @@ impl Default for OrderMeta {
     }
 }
 
-/// A stop order waiting for its trigger.
+/// A stop or take-profit order waiting for its trigger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopOrder {
     /// Its id.
@@ -74,11 +74,11 @@ pub struct StopOrder {
 #[derive(Debug)]
 struct Market {
     book: Book<OrderMeta>,
-    /// Buy stops by (stop price, id): trigger when last >= stop.
+    /// Orders that trigger when last >= stop (stop buys, take-profit sells), by (stop, id).
     stop_buys: BTreeMap<(Price, OrderId), StopOrder>,
-    /// Sell stops by (stop price, id): trigger when last <= stop.
+    /// Orders that trigger when last <= stop (stop sells, take-profit buys), by (stop, id).
     stop_sells: BTreeMap<(Price, OrderId), StopOrder>,
-    stop_index: FxHashMap<OrderId, (Side, Price)>,
+    stop_index: FxHashMap<OrderId, (Trigger, Price)>,
     depth_seq: u64,
     last_price: Option<Price>,
     dirty_levels: Vec<(Side, Price)>,
@@ -164,6 +164,8 @@ pub struct OrderView {
     pub meta: OrderMeta,
     /// Trigger price for a waiting stop order.
     pub stop: Option<Price>,
+    /// A waiting take-profit order (it triggers on the mirror side of a stop).
+    pub take_profit: bool,
 }
 
 /// Whether an accepted command changed nothing because it had been applied before.
@@ -448,22 +450,20 @@ impl Engine {
                 remaining: n.qty,
                 meta: n.data,
                 stop: None,
+                take_profit: false,
             });
         }
-        let &(side, stop) = m.stop_index.get(&id)?;
-        let s = match side {
-            Side::Buy => &m.stop_buys[&(stop, id)],
-            Side::Sell => &m.stop_sells[&(stop, id)],
+        let &(dir, stop) = m.stop_index.get(&id)?;
+        let s = match dir {
+            Trigger::Rise => &m.stop_buys[&(stop, id)],
+            Trigger::Fall => &m.stop_sells[&(stop, id)],
         };
-        let (price, qty) = match s.order.order_type {
-            OrderType::StopLimit { price, qty, .. } => (price, qty),
-            OrderType::StopMarket { qty, .. } => (Price(0), qty),
-            _ => unreachable!("only stop orders wait"),
-        };
+        let price = s.order.order_type.limit_price().unwrap_or(Price(0));
+        let qty = s.order.order_type.qty().expect("only stop orders wait");
         Some(OrderView {
             id,
             market,
-            side,
+            side: s.order.side,
             price,
             remaining: qty,
             meta: OrderMeta {
@@ -477,6 +477,10 @@ impl Engine {
                 client_id: s.order.client_id,
             },
             stop: Some(stop),
+            take_profit: matches!(
+                s.order.order_type,
+                OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. }
+            ),
         })
     }
 
@@ -1112,10 +1116,10 @@ impl Engine {
         let slot = m.book.slot(id);
         let owner = if let Some(slot) = slot {
             m.book.node(slot).data.account
-        } else if let Some(&(side, stop)) = m.stop_index.get(&id) {
-            match side {
-                Side::Buy => m.stop_buys[&(stop, id)].order.account,
-                Side::Sell => m.stop_sells[&(stop, id)].order.account,
+        } else if let Some(&(dir, stop)) = m.stop_index.get(&id) {
+            match dir {
+                Trigger::Rise => m.stop_buys[&(stop, id)].order.account,
+                Trigger::Fall => m.stop_sells[&(stop, id)].order.account,
             }
         } else {
             return Err(RejectCode::UnknownOrder);
@@ -1179,10 +1183,10 @@ impl Engine {
 
     fn take_stop(&mut self, market: MarketId, id: OrderId) -> Option<StopOrder> {
         let m = &mut self.markets[market.0 as usize];
-        let (side, stop) = m.stop_index.remove(&id)?;
-        let s = match side {
-            Side::Buy => m.stop_buys.remove(&(stop, id)),
-            Side::Sell => m.stop_sells.remove(&(stop, id)),
+        let (dir, stop) = m.stop_index.remove(&id)?;
+        let s = match dir {
+            Trigger::Rise => m.stop_buys.remove(&(stop, id)),
+            Trigger::Fall => m.stop_sells.remove(&(stop, id)),
         }
         .expect("stop index and maps agree");
         self.forget_order(s.order.account, s.order.client_id);
@@ -1202,10 +1206,7 @@ impl Engine {
         let p = self.params[market.0 as usize];
         self.ledger
             .release(s.order.account, p.hold_asset(s.order.side), s.hold.0);
-        let qty = match s.order.order_type {
-            OrderType::StopLimit { qty, .. } | OrderType::StopMarket { qty, .. } => qty,
-            _ => Qty(0),
-        };
+        let qty = s.order.order_type.qty().unwrap_or(Qty(0));
         out.push(Event::OrderDone {
             info: stop_info(market, &s),
             reason,
@@ -1334,22 +1335,20 @@ impl Engine {
                     return Err(RejectCode::BelowMinNotional);
                 }
             }
-            OrderType::StopLimit { stop, price, qty } => {
+            OrderType::StopLimit { stop, price, qty }
+            | OrderType::TakeProfitLimit { stop, price, qty } => {
                 p.check_qty(qty)?;
                 p.check_price(stop)?;
                 p.check_price(price)?;
                 p.check_notional(price, qty)?;
             }
-            OrderType::StopMarket { stop, qty } => {
+            OrderType::StopMarket { stop, qty } | OrderType::TakeProfitMarket { stop, qty } => {
                 p.check_qty(qty)?;
                 p.check_price(stop)?;
             }
         }
         let is_limit = matches!(o.order_type, OrderType::Limit { .. });
-        let is_stop = matches!(
-            o.order_type,
-            OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
-        );
+        let is_stop = o.order_type.trigger_price().is_some();
         let is_market = !is_limit && !is_stop;
         if o.post_only && (!is_limit || matches!(o.tif, TimeInForce::Ioc | TimeInForce::Fok)) {
             return Err(RejectCode::InvalidOrder);
@@ -1387,7 +1386,8 @@ impl Engine {
         let mut market_qty = Qty(0);
         let hold = match (o.side, o.order_type) {
             (Side::Buy, OrderType::Limit { price, qty })
-            | (Side::Buy, OrderType::StopLimit { price, qty, .. }) => {
+            | (Side::Buy, OrderType::StopLimit { price, qty, .. })
+            | (Side::Buy, OrderType::TakeProfitLimit { price, qty, .. }) => {
                 worst_cost(&p, price, qty, p.max_fee_bps())
             }
             (Side::Buy, OrderType::Market { qty }) => {
@@ -1395,7 +1395,9 @@ impl Engine {
                 self.walk_buy_cost(mi, qty, expired_makers(o.stp, o.account))
             }
             (Side::Buy, OrderType::MarketBudget { budget }) => Some(budget),
-            (Side::Buy, OrderType::StopMarket { .. }) => Some(Amount(0)),
+            (Side::Buy, OrderType::StopMarket { .. } | OrderType::TakeProfitMarket { .. }) => {
+                Some(Amount(0))
+            }
             (Side::Sell, OrderType::MarketBudget { budget }) => {
                 market_qty = self.walk_sell_qty(mi, budget, expired_makers(o.stp, o.account));
                 p.base_amount(market_qty)
@@ -1406,7 +1408,9 @@ impl Engine {
             }
             (Side::Sell, OrderType::Limit { qty, .. })
             | (Side::Sell, OrderType::StopLimit { qty, .. })
-            | (Side::Sell, OrderType::StopMarket { qty, .. }) => p.base_amount(qty),
+            | (Side::Sell, OrderType::StopMarket { qty, .. })
+            | (Side::Sell, OrderType::TakeProfitLimit { qty, .. })
+            | (Side::Sell, OrderType::TakeProfitMarket { qty, .. }) => p.base_amount(qty),
         }
         .ok_or(RejectCode::InvalidAmount)?;
         let asset = p.hold_asset(o.side);
@@ -1448,18 +1452,22 @@ impl Engine {
         });
         self.ledger.hold(o.account, asset, hold.0);
         match o.order_type {
-            OrderType::StopLimit { stop, .. } | OrderType::StopMarket { stop, .. } => {
+            OrderType::StopLimit { .. }
+            | OrderType::StopMarket { .. }
+            | OrderType::TakeProfitLimit { .. }
+            | OrderType::TakeProfitMarket { .. } => {
+                let (dir, stop) = o.order_type.trigger(o.side).expect("a trigger order");
                 let s = StopOrder {
                     id,
                     order: *o,
                     hold,
                 };
                 let m = &mut self.markets[mi];
-                match o.side {
-                    Side::Buy => m.stop_buys.insert((stop, id), s),
-                    Side::Sell => m.stop_sells.insert((stop, id), s),
+                match dir {
+                    Trigger::Rise => m.stop_buys.insert((stop, id), s),
+                    Trigger::Fall => m.stop_sells.insert((stop, id), s),
                 };
-                m.stop_index.insert(id, (o.side, stop));
+                m.stop_index.insert(id, (dir, stop));
                 if let TimeInForce::Gtd(at) = o.tif {
                     self.expiries.push(Reverse((at.0, id.0, o.market.0)));
                 }
@@ -1713,8 +1721,10 @@ impl Engine {
         }
     }
 
-    /// Triggers stop orders while the last trade price reaches them: buy stops from the lowest
-    /// trigger price, then sell stops from the highest; equal prices in time order.
+    /// Triggers stop and take-profit orders while the last trade price reaches them: those that
+    /// trigger on a rise (stop buys, take-profit sells) from the lowest trigger price, then those
+    /// that trigger on a fall (stop sells, take-profit buys) from the highest; equal prices in
+    /// time order.
     fn process_triggers(&mut self, market: MarketId, out: &mut Vec<Event>) {
         let mi = market.0 as usize;
         if self.markets[mi].stop_index.is_empty() {
@@ -1754,7 +1764,8 @@ impl Engine {
         let p = self.params[mi];
         let o = s.order;
         match o.order_type {
-            OrderType::StopLimit { price, qty, .. } => {
+            OrderType::StopLimit { price, qty, .. }
+            | OrderType::TakeProfitLimit { price, qty, .. } => {
                 if o.tif == TimeInForce::Fok
                     && !self.fok_fillable(mi, o.side, price, qty, o.account, o.stp)
                 {
@@ -1779,7 +1790,7 @@ impl Engine {
                 };
                 self.run_taker(t, o.tif, false, out);
             }
-            OrderType::StopMarket { qty, .. } => {
+            OrderType::StopMarket { qty, .. } | OrderType::TakeProfitMarket { qty, .. } => {
                 let mut hold = s.hold;
                 if o.side == Side::Buy {
                     // A stop-market buy is priced when it triggers: hold what it costs now, or
@@ -1995,7 +2006,8 @@ pub struct MarketSnapshot {
     pub last_price: Option<Price>,
     /// Resting orders: bids from the best, then asks from the best; each level in time order.
     pub orders: Vec<RestingOrder>,
-    /// Waiting stop orders: buys by (stop, id), then sells by (stop, id).
+    /// Waiting stop and take-profit orders: those triggering on a rise by (stop, id), then those
+    /// triggering on a fall by (stop, id).
     pub stops: Vec<StopOrder>,
 }
 
@@ -2162,19 +2174,21 @@ impl Engine {
             }
             for st in ms.stops {
                 let account = st.order.account.0 as usize;
-                let stop = match st.order.order_type {
-                    OrderType::StopLimit { stop, .. } | OrderType::StopMarket { stop, .. } => stop,
-                    _ => return Err(SnapshotError::Inconsistent("stop")),
+                let Some((dir, stop)) = st.order.order_type.trigger(st.order.side) else {
+                    return Err(SnapshotError::Inconsistent("stop"));
                 };
                 if account >= e.accounts.len() {
                     return Err(SnapshotError::Inconsistent("stop account"));
                 }
                 new_id(st.id)?;
-                match st.order.side {
-                    Side::Buy => m.stop_buys.insert((stop, st.id), st),
-                    Side::Sell => m.stop_sells.insert((stop, st.id), st),
+                let dup = match dir {
+                    Trigger::Rise => m.stop_buys.insert((stop, st.id), st),
+                    Trigger::Fall => m.stop_sells.insert((stop, st.id), st),
                 };
-                m.stop_index.insert(st.id, (st.order.side, stop));
+                if dup.is_some() {
+                    return Err(SnapshotError::Inconsistent("stop listed twice"));
+                }
+                m.stop_index.insert(st.id, (dir, stop));
                 if let TimeInForce::Gtd(t) = st.order.tif {
                     e.expiries.push(Reverse((t.0, st.id.0, market.0)));
                 }

@@ -30,7 +30,7 @@ pub mod sequencer;
 pub mod snapshot;
 pub mod units;
 
-pub use command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
+pub use command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce, Trigger};
 pub use config::{AssetConfig, EngineConfig, Limits, MarketConfig};
 pub use engine::{
     Engine, EngineSnapshot, OrderMeta, OrderView, Withdrawal, WithdrawalState, FEE_ACCOUNT,

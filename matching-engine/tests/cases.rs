@@ -1419,3 +1419,221 @@ fn credit_status_answers_whether_a_key_was_credited() {
     .unwrap();
     assert!(query(&mut h, key));
 }
+
+/// Take-profit orders (issue 9): the mirror of the stops. One row per case: the order's side and
+/// type, the trades that happen before, and whether it has triggered after each.
+#[test]
+fn take_profit_orders_trigger_on_the_mirror_side_of_stops() {
+    struct Case {
+        name: &'static str,
+        side: Side,
+        limit: Option<u64>,
+        stop: u64,
+        /// Last trade prices made one after the other, and whether the order has triggered
+        /// after each.
+        path: &'static [(u64, bool)],
+    }
+    let cases = [
+        Case {
+            name: "take-profit sell triggers when the price rises to the stop",
+            side: Side::Sell,
+            limit: None,
+            stop: 110,
+            path: &[(100, false), (109, false), (110, true)],
+        },
+        Case {
+            name: "take-profit-limit sell triggers above the stop too",
+            side: Side::Sell,
+            limit: Some(108),
+            stop: 110,
+            path: &[(105, false), (112, true)],
+        },
+        Case {
+            name: "take-profit sell does not trigger on a fall",
+            side: Side::Sell,
+            limit: None,
+            stop: 110,
+            path: &[(100, false), (90, false), (80, false)],
+        },
+        Case {
+            name: "take-profit buy triggers when the price falls to the stop",
+            side: Side::Buy,
+            limit: None,
+            stop: 90,
+            path: &[(100, false), (91, false), (90, true)],
+        },
+        Case {
+            name: "take-profit-limit buy triggers below the stop too",
+            side: Side::Buy,
+            limit: Some(92),
+            stop: 90,
+            path: &[(95, false), (85, true)],
+        },
+        Case {
+            name: "take-profit buy does not trigger on a rise",
+            side: Side::Buy,
+            limit: Some(92),
+            stop: 90,
+            path: &[(95, false), (120, false)],
+        },
+    ];
+    for c in cases {
+        let mut h = H::new();
+        let mm = h.account(1_000, 1_000_000);
+        let t = h.account(10, 100_000);
+        // Prices are made by a pair of crossing orders of the market maker; liquidity for the
+        // triggered order rests far away on its other side.
+        let (first, _) = c.path[0];
+        h.limit(mm, Side::Buy, first, 1);
+        h.order(lim(mm, Side::Sell, first, 1)).unwrap();
+        let mut o = lim(t, c.side, 0, 0);
+        o.order_type = match c.limit {
+            Some(price) => OrderType::TakeProfitLimit {
+                stop: Price(c.stop),
+                price: Price(price),
+                qty: Qty(2),
+            },
+            None => OrderType::TakeProfitMarket {
+                stop: Price(c.stop),
+                qty: Qty(2),
+            },
+        };
+        let (id, ev) = h.order(o).unwrap();
+        assert!(
+            !ev.iter().any(|e| matches!(e, Event::OrderTriggered { .. })),
+            "{}: triggered at once",
+            c.name
+        );
+        let view = h.e.order(M, id).unwrap();
+        assert_eq!(view.stop, Some(Price(c.stop)), "{}", c.name);
+        let held = match c.side {
+            Side::Sell => (8, 2),
+            Side::Buy => {
+                let q = c.limit.map_or(0, |p| p * 2 + p * 2 * 10 / 10_000);
+                (100_000 - q, q)
+            }
+        };
+        let asset = if c.side == Side::Sell { BASE } else { QUOTE };
+        assert_eq!(h.bal(t, asset), held, "{}: hold", c.name);
+        let mut triggered = false;
+        for &(price, expect) in &c.path[1..] {
+            h.limit(mm, Side::Buy, price, 1);
+            let (_, ev) = h.order(lim(mm, Side::Sell, price, 1)).unwrap();
+            if ev
+                .iter()
+                .any(|e| matches!(e, Event::OrderTriggered { info, .. } if info.order == id))
+            {
+                triggered = true;
+            }
+            assert_eq!(triggered, expect, "{}: after a trade at {price}", c.name);
+            assert_eq!(h.e.order(M, id).is_some(), !triggered || c.limit.is_some());
+        }
+    }
+}
+
+#[test]
+fn triggered_take_profit_market_sell_trades_and_take_profit_limit_rests() {
+    let mut h = H::new();
+    let mm = h.account(1_000, 1_000_000);
+    let t = h.account(10, 0);
+    h.limit(mm, Side::Buy, 100, 1);
+    h.order(lim(mm, Side::Sell, 100, 1)).unwrap();
+    // Equal trigger prices go in time order: the limit one first (it rests and does not move
+    // the price), then the market one.
+    let mut tpl = lim(t, Side::Sell, 0, 0);
+    tpl.order_type = OrderType::TakeProfitLimit {
+        stop: Price(110),
+        price: Price(130),
+        qty: Qty(2),
+    };
+    let (tpl_id, _) = h.order(tpl).unwrap();
+    let mut tp = lim(t, Side::Sell, 0, 0);
+    tp.order_type = OrderType::TakeProfitMarket {
+        stop: Price(110),
+        qty: Qty(3),
+    };
+    let (tp_id, _) = h.order(tp).unwrap();
+    assert_eq!(h.bal(t, BASE), (5, 5));
+    // Bids for the triggered market sell, then a trade at 110.
+    h.limit(mm, Side::Buy, 105, 10);
+    h.limit(mm, Side::Buy, 110, 1);
+    let (_, ev) = h.order(lim(mm, Side::Sell, 110, 1)).unwrap();
+    let fills: Vec<_> = trades(&ev)
+        .iter()
+        .filter(|x| x.taker == tp_id)
+        .map(|x| (x.price, x.qty))
+        .collect();
+    assert_eq!(fills, vec![(105, 3)]);
+    // The limit one rests at 130, holding its 2 lots.
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, Event::OrderTriggered { info, .. } if info.order == tpl_id)));
+    assert_eq!(h.book(Side::Sell), vec![(130, 2)]);
+    assert_eq!(h.bal(t, BASE), (5, 2));
+    // A snapshot round trip keeps everything.
+    let again = Engine::from_snapshot(h.e.snapshot()).unwrap();
+    assert_eq!(again.state_hash(), h.e.state_hash());
+}
+
+#[test]
+fn take_profit_validation_is_the_stops() {
+    let mut h = H::new();
+    let t = h.account(10, 1_000);
+    let tp = |order_type, tif| {
+        let mut o = with_tif(lim(t, Side::Buy, 0, 0), tif);
+        o.order_type = order_type;
+        o
+    };
+    let cases = [
+        (
+            "zero stop",
+            tp(
+                OrderType::TakeProfitMarket {
+                    stop: Price(0),
+                    qty: Qty(1),
+                },
+                TimeInForce::Gtc,
+            ),
+            RejectCode::PriceOffTick,
+        ),
+        (
+            "zero quantity",
+            tp(
+                OrderType::TakeProfitLimit {
+                    stop: Price(10),
+                    price: Price(10),
+                    qty: Qty(0),
+                },
+                TimeInForce::Gtc,
+            ),
+            RejectCode::ZeroQuantity,
+        ),
+        (
+            "fill or kill",
+            tp(
+                OrderType::TakeProfitLimit {
+                    stop: Price(10),
+                    price: Price(10),
+                    qty: Qty(1),
+                },
+                TimeInForce::Fok,
+            ),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "more than the account has",
+            tp(
+                OrderType::TakeProfitLimit {
+                    stop: Price(10),
+                    price: Price(100),
+                    qty: Qty(10),
+                },
+                TimeInForce::Gtc,
+            ),
+            RejectCode::InsufficientBalance,
+        ),
+    ];
+    for (name, o, code) in cases {
+        assert_eq!(h.order(o).unwrap_err(), code, "{name}");
+    }
+}

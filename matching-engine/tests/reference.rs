@@ -21,6 +21,8 @@
 //!   and may trade at once;
 //! * stops trigger on the last trade price (buys at or above their stop, lowest first; then sells
 //!   at or below, highest first; ties in time order); a stop-market buy is priced when triggered;
+//!   take-profit orders are the mirror (a sell triggers at or above its stop, with the stop buys;
+//!   a buy at or below, with the stop sells);
 //! * GTD orders, resting or waiting stops, expire at the first command at or after their time;
 //! * withdrawals hold `amount + fee`; completion pays the unused flat fee to the fee account;
 //! * a rejected command changes nothing (but GTD expiries due at its time).
@@ -166,6 +168,9 @@ struct RStop {
     account: u32,
     side: Side,
     stop: u64,
+    /// Triggers when the last price rises to `stop` (stop buy, take-profit sell), else when it
+    /// falls to it.
+    rise: bool,
     /// Limit price once triggered; `None` for a stop-market order.
     limit: Option<u64>,
     qty: u64,
@@ -747,7 +752,10 @@ impl Reference {
         let is_limit = matches!(o.order_type, OrderType::Limit { .. });
         let is_stop = matches!(
             o.order_type,
-            OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
+            OrderType::StopLimit { .. }
+                | OrderType::StopMarket { .. }
+                | OrderType::TakeProfitLimit { .. }
+                | OrderType::TakeProfitMarket { .. }
         );
         let is_market = !is_limit && !is_stop;
         match o.order_type {
@@ -765,13 +773,14 @@ impl Reference {
                     return Err(RejectCode::BelowMinNotional);
                 }
             }
-            OrderType::StopLimit { stop, price, qty } => {
+            OrderType::StopLimit { stop, price, qty }
+            | OrderType::TakeProfitLimit { stop, price, qty } => {
                 Self::check_qty(qty.0)?;
                 Self::check_price(stop.0)?;
                 Self::check_price(price.0)?;
                 Self::check_notional(price.0, qty.0)?;
             }
-            OrderType::StopMarket { stop, qty } => {
+            OrderType::StopMarket { stop, qty } | OrderType::TakeProfitMarket { stop, qty } => {
                 Self::check_qty(qty.0)?;
                 Self::check_price(stop.0)?;
             }
@@ -831,12 +840,21 @@ impl Reference {
                 qty.0
             }
             (Side::Sell, OrderType::Limit { qty, .. }) => qty.0,
-            (Side::Buy, OrderType::StopLimit { price, qty, .. }) => self.bid_hold(price.0, qty.0),
-            // A stop-market buy is priced (and held for) only when it triggers.
-            (Side::Buy, OrderType::StopMarket { .. }) => 0,
-            (Side::Sell, OrderType::StopLimit { qty, .. } | OrderType::StopMarket { qty, .. }) => {
-                qty.0
-            }
+            (
+                Side::Buy,
+                OrderType::StopLimit { price, qty, .. }
+                | OrderType::TakeProfitLimit { price, qty, .. },
+            ) => self.bid_hold(price.0, qty.0),
+            // A stop-market (or take-profit market) buy is priced (and held for) only when it
+            // triggers.
+            (Side::Buy, OrderType::StopMarket { .. } | OrderType::TakeProfitMarket { .. }) => 0,
+            (
+                Side::Sell,
+                OrderType::StopLimit { qty, .. }
+                | OrderType::StopMarket { qty, .. }
+                | OrderType::TakeProfitLimit { qty, .. }
+                | OrderType::TakeProfitMarket { qty, .. },
+            ) => qty.0,
         };
         let asset = hold_asset(o.side);
         if self.avail(o.account.0, asset) < hold {
@@ -860,18 +878,22 @@ impl Reference {
         self.next_order_id += 1;
         evs.push(Ev::New { order: id });
         self.hold(o.account.0, asset, hold);
-        if let OrderType::StopLimit { stop, .. } | OrderType::StopMarket { stop, .. } = o.order_type
-        {
-            let (limit, qty) = match o.order_type {
-                OrderType::StopLimit { price, qty, .. } => (Some(price.0), qty.0),
-                OrderType::StopMarket { qty, .. } => (None, qty.0),
+        if is_stop {
+            let (stop, limit, qty, take_profit) = match o.order_type {
+                OrderType::StopLimit { stop, price, qty } => (stop.0, Some(price.0), qty.0, false),
+                OrderType::StopMarket { stop, qty } => (stop.0, None, qty.0, false),
+                OrderType::TakeProfitLimit { stop, price, qty } => {
+                    (stop.0, Some(price.0), qty.0, true)
+                }
+                OrderType::TakeProfitMarket { stop, qty } => (stop.0, None, qty.0, true),
                 _ => unreachable!(),
             };
             self.stops.push(RStop {
                 id,
                 account: o.account.0,
                 side: o.side,
-                stop: stop.0,
+                stop,
+                rise: (o.side == Side::Buy) != take_profit,
                 limit,
                 qty,
                 hold,
@@ -912,10 +934,10 @@ impl Reference {
         loop {
             let Some(last) = self.last_price else { return };
             let buy = (0..self.stops.len())
-                .filter(|&i| self.stops[i].side == Side::Buy && self.stops[i].stop <= last)
+                .filter(|&i| self.stops[i].rise && self.stops[i].stop <= last)
                 .min_by_key(|&i| (self.stops[i].stop, self.stops[i].id));
             let sell = (0..self.stops.len())
-                .filter(|&i| self.stops[i].side == Side::Sell && self.stops[i].stop >= last)
+                .filter(|&i| !self.stops[i].rise && self.stops[i].stop >= last)
                 .min_by_key(|&i| (u64::MAX - self.stops[i].stop, self.stops[i].id));
             let Some(i) = buy.or(sell) else { return };
             let s = self.stops.remove(i);
@@ -1426,6 +1448,10 @@ fn arb_order_type() -> impl Strategy<Value = OrderType> {
         2 => (arb_price(), arb_price(), arb_qty())
             .prop_map(|(stop, price, qty)| OrderType::StopLimit { stop, price, qty }),
         1 => (arb_price(), arb_qty()).prop_map(|(stop, qty)| OrderType::StopMarket { stop, qty }),
+        1 => (arb_price(), arb_price(), arb_qty())
+            .prop_map(|(stop, price, qty)| OrderType::TakeProfitLimit { stop, price, qty }),
+        1 => (arb_price(), arb_qty())
+            .prop_map(|(stop, qty)| OrderType::TakeProfitMarket { stop, qty }),
     ]
 }
 

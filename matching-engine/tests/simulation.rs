@@ -391,9 +391,9 @@ impl OrderTracker {
                 ..
             } => {
                 let limit = match order_type {
-                    OrderType::Limit { price, .. } | OrderType::StopLimit { price, .. } => {
-                        Some(price)
-                    }
+                    OrderType::Limit { price, .. }
+                    | OrderType::StopLimit { price, .. }
+                    | OrderType::TakeProfitLimit { price, .. } => Some(price),
                     _ => None,
                 };
                 let gtd = match tif {
@@ -581,7 +581,7 @@ impl Driver {
             78..=83 => OrderType::MarketBudget {
                 budget: Amount(self.rng.range(1, 20) * self.mid[m] * [5, 3][m]),
             },
-            84..=91 => {
+            84..=88 => {
                 let stop = self.price(m, 8);
                 OrderType::StopLimit {
                     stop,
@@ -589,7 +589,19 @@ impl Driver {
                     qty,
                 }
             }
-            _ => OrderType::StopMarket {
+            89..=92 => {
+                let stop = self.price(m, 8);
+                OrderType::TakeProfitLimit {
+                    stop,
+                    price: self.price(m, 12),
+                    qty,
+                }
+            }
+            93..=96 => OrderType::StopMarket {
+                stop: self.price(m, 8),
+                qty,
+            },
+            _ => OrderType::TakeProfitMarket {
                 stop: self.price(m, 8),
                 qty,
             },

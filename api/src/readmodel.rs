@@ -1738,7 +1738,9 @@ fn apply_events(
             | Event::WithdrawalReleased { .. }
             | Event::WithdrawalCompleted { .. }
             | Event::WithdrawalStatus { .. }
-            | Event::CreditStatus { .. } => {}
+            | Event::CreditStatus { .. }
+            | Event::OrderListNew { .. }
+            | Event::OrderListDone { .. } => {}
         }
     }
     for (mi, (first, last, b_levels, a_levels)) in depth {

@@ -182,6 +182,26 @@ pub struct NewOrder {
     pub client_id: Option<ClientOrderId>,
 }
 
+/// A one-cancels-the-other pair (Binance's OCO), placed as one command: both legs or neither.
+///
+/// `legs[0]` is the *above* leg and `legs[1]` the *below* leg. Both have the same account,
+/// market, side and quantity. On a sell, the above leg is a limit maker (`Limit` with
+/// `post_only`) or a take-profit order and the below leg a stop; on a buy, the above leg is a
+/// stop and the below leg a limit maker or a take-profit order. The above leg's price (its limit
+/// price for a limit maker, else its trigger price) is above the last trade price and the below
+/// leg's is under it, so neither trades or triggers when placed.
+///
+/// The first thing that happens to either leg (a fill, even partial; a trigger; a cancel; an
+/// expiry) cancels the other, and the list is done. The pair holds once: a sell its base
+/// quantity, a buy the larger of its legs' quote needs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewOco {
+    /// `[above, below]`.
+    pub legs: [NewOrder; 2],
+    /// The list's client id (Binance's `listClientOrderId`), if any.
+    pub list_client_id: Option<ClientOrderId>,
+}
+
 /// Which order a cancel or amend is about.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum OrderRef {
@@ -296,6 +316,9 @@ pub enum Command {
         /// The credit's idempotency key.
         key: IdempotencyKey,
     },
+    /// Places a one-cancels-the-other pair ([`NewOco`]). A cancel of either leg cancels both.
+    /// (Last, so the journal encoding of the older commands is unchanged.)
+    NewOco(NewOco),
 }
 
 impl Command {
@@ -304,6 +327,7 @@ impl Command {
         matches!(
             self,
             Command::NewOrder(_)
+                | Command::NewOco(_)
                 | Command::Cancel { .. }
                 | Command::CancelAll { .. }
                 | Command::Amend { .. }

@@ -29,6 +29,7 @@ pub mod metrics;
 pub mod native;
 pub mod node;
 pub mod openapi;
+pub mod orderlist;
 pub mod params;
 pub mod proofs;
 pub mod public;

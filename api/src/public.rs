@@ -86,7 +86,7 @@ fn symbol_info(m: &MarketSpec) -> Value {
             "TAKE_PROFIT_LIMIT"
         ],
         "icebergAllowed": false,
-        "ocoAllowed": false,
+        "ocoAllowed": true,
         "otoAllowed": false,
         "quoteOrderQtyMarketAllowed": true,
         "allowTrailingStop": false,

@@ -214,7 +214,7 @@ impl Store {
             )
             .optional()
         })
-        .map(|o| o.and_then(|s| postcard::from_bytes(&s).ok()))
+        .map(|o| o.and_then(|s| decode_order(&s)))
     }
 
     /// The latest order of an account with this client id.
@@ -231,7 +231,7 @@ impl Store {
             )
             .optional()
         })
-        .map(|o| o.and_then(|s| postcard::from_bytes(&s).ok()))
+        .map(|o| o.and_then(|s| decode_order(&s)))
     }
 
     /// Orders of an account in a market: ids from `from_id` (or the latest `limit` ones), time
@@ -267,7 +267,7 @@ impl Store {
                 rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
             })?
             .into_iter()
-            .filter_map(|s| postcard::from_bytes(&s).ok())
+            .filter_map(|s| decode_order(&s))
             .collect();
         if !asc {
             v.reverse();
@@ -352,4 +352,13 @@ impl Store {
         }
         Ok(v)
     }
+}
+/// An order row: written by this version, or before `OrderRec::list_id` existed (its
+/// encoding then lacks that last field, an `Option` whose `None` is one zero byte).
+fn decode_order(bytes: &[u8]) -> Option<OrderRec> {
+    postcard::from_bytes(bytes).ok().or_else(|| {
+        let mut v = bytes.to_vec();
+        v.push(0);
+        postcard::from_bytes(&v).ok()
+    })
 }

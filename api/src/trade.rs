@@ -14,7 +14,7 @@ use matching_engine::{
 };
 use serde_json::{json, Value};
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "storage failure");
     ApiError::internal()
 }
@@ -24,7 +24,7 @@ pub fn order_json(m: &MarketSpec, o: &OrderRec) -> Value {
     json!({
         "symbol": m.symbol,
         "orderId": o.id,
-        "orderListId": -1,
+        "orderListId": o.list_id.map_or(-1, |l| l as i64),
         "clientOrderId": o.client_id,
         "price": m.fmt_price(Price(o.price)),
         "origQty": m.fmt_qty(Qty(o.orig_qty)),
@@ -235,7 +235,11 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
 }
 
 /// The new order's state after its own command, from the command's events.
-fn order_from_events(events: &[Event], id: OrderId, ms: u64) -> Option<(OrderRec, Vec<TradeRec>)> {
+pub(crate) fn order_from_events(
+    events: &[Event],
+    id: OrderId,
+    ms: u64,
+) -> Option<(OrderRec, Vec<TradeRec>)> {
     let mut rec: Option<OrderRec> = None;
     let mut fills = Vec::new();
     for ev in events {
@@ -338,7 +342,7 @@ async fn place(st: &AppState, parsed: &Parsed) -> Result<Value, ApiError> {
     let mut v = json!({
         "symbol": m.symbol,
         "orderId": o.id,
-        "orderListId": -1,
+        "orderListId": o.list_id.map_or(-1, |l| l as i64),
         "clientOrderId": o.client_id,
         "transactTime": ms,
     });
@@ -601,12 +605,12 @@ pub async fn get_order(State(st): State<AppState>, req: Req) -> Result<Response,
     Ok(ok_json(&ctx, order_json(m, &o)))
 }
 
-fn cancel_json(m: &MarketSpec, o: &OrderRec, cancel_client: &str, ms: u64) -> Value {
+pub(crate) fn cancel_json(m: &MarketSpec, o: &OrderRec, cancel_client: &str, ms: u64) -> Value {
     json!({
         "symbol": m.symbol,
         "origClientOrderId": o.client_id,
         "orderId": o.id,
-        "orderListId": -1,
+        "orderListId": o.list_id.map_or(-1, |l| l as i64),
         "clientOrderId": cancel_client,
         "transactTime": ms,
         "price": m.fmt_price(Price(o.price)),
@@ -637,7 +641,7 @@ fn done_ids(events: &[Event]) -> Vec<u64> {
         .collect()
 }
 
-fn accepted_ms(events: &[Event]) -> u64 {
+pub(crate) fn accepted_ms(events: &[Event]) -> u64 {
     events
         .iter()
         .find_map(|e| match e {

@@ -1856,3 +1856,260 @@ async fn take_profit_orders_wait_and_trigger_on_a_rise() {
         assert_eq!(o["isWorking"].as_bool(), Some(false), "after {price}: {o}");
     }
 }
+
+fn locked(acct: &serde_json::Value, asset: &str) -> String {
+    acct["balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["asset"] == asset)
+        .map(|b| b["locked"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// Issue 9: OCO order lists over REST, in Binance's shapes: placed as one list holding its
+/// quantity once, queried by id and client id, ended by a fill of the limit maker (the stop
+/// leg is cancelled), cancelled as a list, listed by openOrderList and allOrderList.
+#[tokio::test]
+async fn oco_order_lists_place_query_fill_and_cancel() {
+    let h = Harness::new();
+    let info = h.get("/api/v3/exchangeInfo?symbol=BTCUSD").await.json;
+    assert_eq!(info["symbols"][0]["ocoAllowed"], true);
+    let (_, holder) = h.trader("0.02", "0").await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    // Last price 20000.
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &seller,
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &buyer,
+    )
+    .await;
+    let oco = "symbol=BTCUSD&side=SELL&quantity=0.02&listClientOrderId=myoco&aboveType=LIMIT_MAKER&abovePrice=21000&aboveClientOrderId=up&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900&belowTimeInForce=GTC";
+    let r = h.ok("POST", "/api/v3/orderList/oco", oco, &holder).await;
+    assert_eq!(
+        (
+            r["contingencyType"].as_str(),
+            r["listStatusType"].as_str(),
+            r["listOrderStatus"].as_str(),
+            r["listClientOrderId"].as_str()
+        ),
+        (
+            Some("OCO"),
+            Some("EXEC_STARTED"),
+            Some("EXECUTING"),
+            Some("myoco")
+        ),
+        "{r}"
+    );
+    let list = r["orderListId"].as_u64().unwrap();
+    let reports = r["orderReports"].as_array().unwrap();
+    let types: Vec<_> = reports
+        .iter()
+        .map(|o| o["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["LIMIT_MAKER", "STOP_LOSS_LIMIT"]);
+    assert!(reports
+        .iter()
+        .all(|o| o["orderListId"] == list && o["status"] == "NEW"));
+    assert_eq!(reports[1]["stopPrice"], "19000.00000000");
+    let (up, down) = (reports[0]["orderId"].clone(), reports[1]["orderId"].clone());
+    assert_eq!(r["orders"][0]["clientOrderId"], "up");
+    // Held once: the 0.02 it has, not 0.04.
+    let acct = h.ok("GET", "/api/v3/account", "", &holder).await;
+    assert_eq!(locked(&acct, "BTC"), "0.02000000");
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={down}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(o["orderListId"], list);
+    let q = h
+        .ok(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={list}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(q["listOrderStatus"], "EXECUTING");
+    let q = h
+        .ok(
+            "GET",
+            "/api/v3/orderList",
+            "origClientOrderId=myoco",
+            &holder,
+        )
+        .await;
+    assert_eq!(q["orderListId"], list);
+    let open = h.ok("GET", "/api/v3/openOrderList", "", &holder).await;
+    assert_eq!(open.as_array().unwrap().len(), 1);
+    // Someone else's list does not exist for the buyer.
+    let r = h
+        .signed(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={list}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(r.code(), -2011);
+    // A partial fill of the limit maker ends the list: the stop leg is cancelled.
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.005&price=21000",
+        &buyer,
+    )
+    .await;
+    let q = h
+        .ok(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={list}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(
+        (q["listStatusType"].as_str(), q["listOrderStatus"].as_str()),
+        (Some("ALL_DONE"), Some("ALL_DONE"))
+    );
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={down}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(o["status"], "CANCELED");
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={up}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(
+        (o["status"].as_str(), o["orderListId"].as_u64()),
+        (Some("PARTIALLY_FILLED"), Some(list))
+    );
+    assert!(h
+        .ok("GET", "/api/v3/openOrderList", "", &holder)
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let acct = h.ok("GET", "/api/v3/account", "", &holder).await;
+    assert_eq!(locked(&acct, "BTC"), "0.01500000");
+    h.ok("DELETE", "/api/v3/openOrders", "symbol=BTCUSD", &holder)
+        .await;
+    // A second list, cancelled as a list.
+    let r = h.ok("POST", "/api/v3/orderList/oco", "symbol=BTCUSD&side=SELL&quantity=0.01&aboveType=TAKE_PROFIT&aboveStopPrice=22000&belowType=STOP_LOSS&belowStopPrice=19000", &holder).await;
+    let list2 = r["orderListId"].as_u64().unwrap();
+    assert_eq!(
+        locked(&h.ok("GET", "/api/v3/account", "", &holder).await, "BTC"),
+        "0.01000000"
+    );
+    let c = h
+        .ok(
+            "DELETE",
+            "/api/v3/orderList",
+            &format!("symbol=BTCUSD&orderListId={list2}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(c["listOrderStatus"], "ALL_DONE");
+    let st: Vec<_> = c["orderReports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(st, ["CANCELED", "CANCELED"]);
+    assert_eq!(
+        locked(&h.ok("GET", "/api/v3/account", "", &holder).await, "BTC"),
+        "0.00000000"
+    );
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/orderList",
+            &format!("symbol=BTCUSD&orderListId={list2}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(r.code(), -2011);
+    let all = h.ok("GET", "/api/v3/allOrderList", "", &holder).await;
+    let ids: Vec<_> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["orderListId"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [list, list2]);
+}
+
+#[tokio::test]
+async fn oco_input_is_validated_and_refusals_change_nothing() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "100000").await;
+    let (_, other) = h.trader("1", "100000").await;
+    // Last price 20000 (two accounts: one account's orders would not trade, STP).
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &other,
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &k,
+    )
+    .await;
+    let base = "symbol=BTCUSD&side=SELL&quantity=0.01";
+    let cases: &[(&str, i64)] = &[
+        ("aboveType=LIMIT_MAKER&abovePrice=21000", -1102),
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&aboveTimeInForce=GTC&belowType=STOP_LOSS&belowStopPrice=19000", -1106),
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900", -1102),
+        ("aboveType=LIMIT&abovePrice=21000&belowType=STOP_LOSS&belowStopPrice=19000", -1130),
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS&belowStopPrice=19000&belowIcebergQty=1", -1014),
+        // Engine refusals: the stop above the last price, the legs the wrong way round.
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS&belowStopPrice=20500", -2010),
+        ("aboveType=STOP_LOSS&aboveStopPrice=21000&belowType=LIMIT_MAKER&belowPrice=19000", -2010),
+    ];
+    for (params, code) in cases {
+        let r = h
+            .signed(
+                "POST",
+                "/api/v3/orderList/oco",
+                &format!("{base}&{params}"),
+                &k,
+            )
+            .await;
+        assert_eq!(r.code(), *code, "{params}: {}", r.json);
+    }
+    let acct = h.ok("GET", "/api/v3/account", "", &k).await;
+    assert_eq!(locked(&acct, "BTC"), "0.00000000");
+    assert!(h
+        .ok("GET", "/api/v3/openOrders", "", &k)
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
+}

@@ -1328,9 +1328,7 @@ impl Engine {
             remaining: node.qty,
         });
         if !self.list_of.is_empty() {
-            if let Some(&list) = self.list_of.get(&node.id) {
-                self.end_list(list, None, out);
-            }
+            self.leg_left(node.id, out);
         }
     }
 
@@ -1367,9 +1365,7 @@ impl Engine {
             remaining: qty,
         });
         if !self.list_of.is_empty() {
-            if let Some(&list) = self.list_of.get(&id) {
-                self.end_list(list, None, out);
-            }
+            self.leg_left(id, out);
         }
     }
 
@@ -1834,8 +1830,8 @@ impl Engine {
                 maker_remaining,
                 taker_remaining: if t.budget { Qty(0) } else { t.remaining },
             });
-            if !self.list_of.is_empty() && self.list_of.contains_key(&maker.id) {
-                self.list_fills.push(maker.id);
+            if !self.list_of.is_empty() {
+                leg_traded(&self.list_of, &mut self.list_fills, maker.id);
             }
             let d = m.book.data_mut(slot);
             d.filled.0 += q.0;
@@ -2003,7 +1999,7 @@ impl Engine {
         let Some(slot) = slot else {
             return Err(RejectCode::InvalidAmend);
         };
-        if !self.list_of.is_empty() && self.list_of.contains_key(&id) {
+        if !self.list_of.is_empty() && self.is_leg(id) {
             // A leg's hold is shared with the other leg: it is not amended (cancel the list).
             return Err(RejectCode::InvalidAmend);
         }
@@ -2379,6 +2375,23 @@ impl Engine {
         });
     }
 
+    /// An order left (cancelled, expired, expired by self-trade prevention): if it was a leg of
+    /// a live list, the list ends and its other leg is cancelled. Out of line: lists are rare
+    /// and the callers are on the hot path.
+    #[cold]
+    #[inline(never)]
+    fn leg_left(&mut self, id: OrderId, out: &mut Vec<Event>) {
+        if let Some(&list) = self.list_of.get(&id) {
+            self.end_list(list, None, out);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn is_leg(&self, id: OrderId) -> bool {
+        self.list_of.contains_key(&id)
+    }
+
     /// Ends the lists whose legs traded as makers in the last match (the leg keeps what is left).
     #[cold]
     fn end_filled_lists(&mut self, out: &mut Vec<Event>) {
@@ -2390,6 +2403,15 @@ impl Engine {
         }
         legs.clear();
         self.list_fills = legs;
+    }
+}
+
+/// A maker traded: if it is a leg of a live list, the list ends after the match.
+#[cold]
+#[inline(never)]
+fn leg_traded(list_of: &FxHashMap<OrderId, ListId>, fills: &mut Vec<OrderId>, id: OrderId) {
+    if list_of.contains_key(&id) {
+        fills.push(id);
     }
 }
 

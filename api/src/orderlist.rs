@@ -75,7 +75,9 @@ fn parse_leg(
             None => Err(ApiError::missing(&name("TimeInForce"))),
             Some("GTC") => Ok(TimeInForce::Gtc),
             Some("IOC") => Ok(TimeInForce::Ioc),
-            Some("FOK") => Ok(TimeInForce::Fok),
+            // A stop-limit leg that fills in full or not at all once triggered: not offered
+            // (as for single stop orders).
+            Some("FOK") => Err(ApiError::bad(-1014, "Unsupported order combination.")),
             Some(_) => Err(ApiError::bad(-1115, "Invalid timeInForce.")),
         }
     };

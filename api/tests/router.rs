@@ -2089,6 +2089,7 @@ async fn oco_input_is_validated_and_refusals_change_nothing() {
         ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900", -1102),
         ("aboveType=LIMIT&abovePrice=21000&belowType=STOP_LOSS&belowStopPrice=19000", -1130),
         ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS&belowStopPrice=19000&belowIcebergQty=1", -1014),
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900&belowTimeInForce=FOK", -1014),
         // Engine refusals: the stop above the last price, the legs the wrong way round.
         ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS&belowStopPrice=20500", -2010),
         ("aboveType=STOP_LOSS&aboveStopPrice=21000&belowType=LIMIT_MAKER&belowPrice=19000", -2010),

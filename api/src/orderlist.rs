@@ -208,7 +208,8 @@ pub async fn new_oco(State(st): State<AppState>, req: Req) -> Result<Response, A
     // An OCO adds two orders to the order count.
     st.charge_order(key.account)?;
     let orders = st.charge_order(key.account)?;
-    let reply = st.submit(Command::NewOco(oco)).await?;
+    let list_client_id = oco.list_client_id;
+    let reply = st.submit(Command::NewOco(Box::new(oco))).await?;
     match reply.result {
         // The legs' kinds or prices do not fit an OCO around the last price.
         Err(matching_engine::RejectCode::InvalidOrder) => {
@@ -252,8 +253,7 @@ pub async fn new_oco(State(st): State<AppState>, req: Req) -> Result<Response, A
         id: list.0,
         account: key.account,
         market: m.id.0,
-        client_id: oco
-            .list_client_id
+        client_id: list_client_id
             .map(|c| c.as_str().to_owned())
             .unwrap_or_default(),
         legs: [leg_recs[0].clone(), leg_recs[1].clone()],

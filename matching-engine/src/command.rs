@@ -212,7 +212,7 @@ pub enum OrderRef {
 }
 
 /// A command to the engine.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Command {
     /// Opens a new account; the engine assigns its id.
     CreateAccount,
@@ -318,7 +318,7 @@ pub enum Command {
     },
     /// Places a one-cancels-the-other pair ([`NewOco`]). A cancel of either leg cancels both.
     /// (Last, so the journal encoding of the older commands is unchanged.)
-    NewOco(NewOco),
+    NewOco(Box<NewOco>),
 }
 
 impl Command {

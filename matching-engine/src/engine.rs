@@ -974,7 +974,7 @@ impl Engine {
                 })
             }
             Command::NewOrder(o) => self.new_order(&o, out),
-            Command::NewOco(l) => self.new_oco(&l, out),
+            Command::NewOco(ref l) => self.new_oco(l, out),
             Command::Cancel {
                 account,
                 market,

@@ -1019,7 +1019,7 @@ fn credit_is_idempotent_by_key() {
         amount: Amount(500),
         key,
     };
-    h.cmd(c).unwrap();
+    h.cmd(c.clone()).unwrap();
     let seq = h.e.seq();
     let ev = h.cmd(c).unwrap();
     assert!(matches!(
@@ -1690,10 +1690,10 @@ impl H {
         above: NewOrder,
         below: NewOrder,
     ) -> Result<([OrderId; 2], ListId), RejectCode> {
-        let ev = self.cmd(Command::NewOco(NewOco {
+        let ev = self.cmd(Command::NewOco(Box::new(NewOco {
             legs: [above, below],
             list_client_id: None,
-        }))?;
+        })))?;
         let (list, legs) = ev
             .iter()
             .find_map(|e| match *e {

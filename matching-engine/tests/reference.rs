@@ -808,7 +808,7 @@ impl Reference {
                 self.add_avail(to.0, asset.0, i128::from(amount.0));
             }
             Command::NewOrder(o) => self.new_order(&o, &mut evs)?,
-            Command::NewOco(l) => self.new_oco(&l, &mut evs)?,
+            Command::NewOco(ref l) => self.new_oco(l, &mut evs)?,
             Command::Cancel {
                 account,
                 market,
@@ -1929,7 +1929,7 @@ fn arb_oco() -> impl Strategy<Value = NewOco> {
 fn arb_command() -> impl Strategy<Value = Command> {
     prop_oneof![
         12 => arb_new_order().prop_map(Command::NewOrder),
-        3 => arb_oco().prop_map(Command::NewOco),
+        3 => arb_oco().prop_map(|l| Command::NewOco(Box::new(l))),
         3 => (arb_account(), arb_market(), arb_ref())
             .prop_map(|(account, market, order)| Command::Cancel { account, market, order }),
         1 => (arb_account(), prop::option::of(arb_market()))
@@ -2040,7 +2040,7 @@ fn resolve(op: &Op, e: &Engine, now: Timestamp) -> Command {
             }
             Command::NewOrder(o)
         }
-        Op::Cmd(c) => c,
+        Op::Cmd(ref c) => c.clone(),
         Op::CancelOpen { pick, by_client } => match pick_order(pick, by_client) {
             Some((account, order)) => Command::Cancel {
                 account,

@@ -877,7 +877,7 @@ fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
     for i in 0..total {
         ctx.step = i;
         let cmd = if i < setup.len() {
-            setup[i]
+            setup[i].clone()
         } else {
             d.now += d.rng.range(0, 300) * MS;
             d.command(&e)
@@ -892,7 +892,7 @@ fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
             if e.seq() != seq + 1 {
                 fail(format!("seq jumped from {seq} to {}", e.seq()));
             }
-            journal.push((cmd, now));
+            journal.push((cmd.clone(), now));
         }
         match res {
             Ok(()) => {

@@ -1613,17 +1613,15 @@ fn apply_events(
             } => {
                 st.counters.orders += 1;
                 let mut o = OrderRec::placed(info, &order_type, tif, post_only, stp, ms);
-                // The legs of a list follow its OrderListNew in the same command.
+                // The legs of a list follow its OrderListNew in the same command; the list's
+                // status goes out after the last leg's report.
+                let mut started = None;
                 if let Some(l) = st.lists.values_mut().next_back() {
                     if let Some(leg) = l.legs.iter_mut().find(|(id, _)| *id == o.id) {
                         leg.1 = o.client_id.clone();
                         o.list_id = Some(l.id);
                         if leg.0 == l.legs[1].0 {
-                            let l = l.clone();
-                            out.push_user(|| UserMsg {
-                                account: l.account,
-                                json: list_status_event(markets, &l, ms).into(),
-                            });
+                            started = Some(l.clone());
                         }
                     }
                 }
@@ -1631,6 +1629,12 @@ fn apply_events(
                     account: o.account,
                     json: execution_report(markets, &o, "NEW", ms, None).into(),
                 });
+                if let Some(l) = started {
+                    out.push_user(|| UserMsg {
+                        account: l.account,
+                        json: list_status_event(markets, &l, ms).into(),
+                    });
+                }
                 out.orders.insert(o.id, o.clone());
                 st.open_by_account
                     .entry(o.account)

@@ -623,7 +623,7 @@ mod tests {
             amount: Amount(50_000),
             key,
         };
-        ledger.submit(credit).unwrap();
+        ledger.submit(credit.clone()).unwrap();
         ledger.submit(credit).unwrap(); // a duplicate is applied (and changes nothing)
         assert_eq!(ledger.credited(key), Ok(true));
         let hold = Command::WithdrawHold {
@@ -633,7 +633,7 @@ mod tests {
             fee: Amount(1_000),
             id: WithdrawalId(9),
         };
-        ledger.submit(hold).unwrap();
+        ledger.submit(hold.clone()).unwrap();
         assert_eq!(
             ledger.submit(hold),
             Err(LedgerError::Rejected(RejectCode::DuplicateWithdrawal))

@@ -181,7 +181,9 @@ pub static ROUTES: &[Route] = {
     use crate::merchant::greenfield as gf;
     use crate::lightning as ln;
     use crate::merchant::routes as m;
-    use crate::{metrics, native as n, openapi, proofs as pr, public as p, trade as t, ws};
+    use crate::{
+        metrics, native as n, openapi, orderlist as ol, proofs as pr, public as p, trade as t, ws,
+    };
     &[
         // Market data.
         route!("GET", "/api/v3/ping", Public, None, P, p::ping),
@@ -301,6 +303,47 @@ pub static ROUTES: &[Route] = {
             Some(1),
             P,
             t::cancel_open_orders
+        ),
+        // Order lists (OCO only: orderList/oto and orderList/otoco are not served).
+        route!(
+            "POST",
+            "/api/v3/orderList/oco",
+            Signed(T),
+            Some(1),
+            P,
+            ol::new_oco
+        ),
+        route!(
+            "GET",
+            "/api/v3/orderList",
+            Signed(R),
+            Some(4),
+            P,
+            ol::get_list
+        ),
+        route!(
+            "DELETE",
+            "/api/v3/orderList",
+            Signed(T),
+            Some(1),
+            P,
+            ol::cancel_list
+        ),
+        route!(
+            "GET",
+            "/api/v3/openOrderList",
+            Signed(R),
+            Some(6),
+            P,
+            ol::open_lists
+        ),
+        route!(
+            "GET",
+            "/api/v3/allOrderList",
+            Signed(R),
+            Some(20),
+            P,
+            ol::all_lists
         ),
         route!(
             "GET",

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod native;
 pub mod node;
 pub mod openapi;
+pub mod orderlist;
 pub mod params;
 pub mod proofs;
 pub mod public;

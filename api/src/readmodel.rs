@@ -47,6 +47,10 @@ pub enum OrdKind {
     StopLoss,
     /// STOP_LOSS_LIMIT
     StopLossLimit,
+    /// TAKE_PROFIT
+    TakeProfit,
+    /// TAKE_PROFIT_LIMIT
+    TakeProfitLimit,
 }
 
 impl OrdKind {
@@ -58,6 +62,8 @@ impl OrdKind {
             OrdKind::LimitMaker => "LIMIT_MAKER",
             OrdKind::StopLoss => "STOP_LOSS",
             OrdKind::StopLossLimit => "STOP_LOSS_LIMIT",
+            OrdKind::TakeProfit => "TAKE_PROFIT",
+            OrdKind::TakeProfitLimit => "TAKE_PROFIT_LIMIT",
         }
     }
 }
@@ -160,7 +166,32 @@ pub struct OrderRec {
     pub update_ms: u64,
     /// When it started working (stops: when triggered), `None` while waiting.
     pub working_ms: Option<u64>,
+    /// The order list (OCO) it was placed in. Last field: a row written before lists existed
+    /// decodes with `None` ([`crate::store`] appends the missing byte).
+    pub list_id: Option<u64>,
 }
+
+/// An order list (OCO) as the API reports it (`GET /api/v3/orderList`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListRec {
+    /// `orderListId`.
+    pub id: u64,
+    /// Owner.
+    pub account: u32,
+    /// Market.
+    pub market: u16,
+    /// `listClientOrderId`.
+    pub client_id: String,
+    /// Leg order ids and client ids, `[above, below]`.
+    pub legs: [(u64, String); 2],
+    /// False while both legs work (`EXEC_STARTED` / `EXECUTING`), true once done (`ALL_DONE`).
+    pub done: bool,
+    /// Placement time.
+    pub time_ms: u64,
+}
+
+/// Done order lists kept in memory for `allOrderList` (the oldest go first).
+pub const MAX_DONE_LISTS: usize = 100_000;
 
 impl OrderRec {
     /// True while the order is open.
@@ -372,6 +403,10 @@ pub struct State {
     /// Journaled commands whose orders and trades are missing from the SQLite history (found at
     /// start-up: a crash between the journal's fsync and the history's commit).
     pub history_gap: u64,
+    /// Order lists: the live ones and the last [`MAX_DONE_LISTS`] done ones, by id.
+    pub lists: BTreeMap<u64, ListRec>,
+    /// Done list ids, oldest first (for the bound).
+    pub done_lists: VecDeque<u64>,
 }
 
 /// Monotonic counters.
@@ -950,6 +985,8 @@ impl ReadModel {
             for v in engine.open_orders(AccountId(a), None) {
                 let stored = self.store.order(a, v.id.0)?;
                 let kind = match (v.stop, v.meta.post_only, v.price.0) {
+                    (Some(_), _, 0) if v.take_profit => OrdKind::TakeProfit,
+                    (Some(_), _, _) if v.take_profit => OrdKind::TakeProfitLimit,
                     (Some(_), _, 0) => OrdKind::StopLoss,
                     (Some(_), _, _) => OrdKind::StopLossLimit,
                     (None, true, _) => OrdKind::LimitMaker,
@@ -978,6 +1015,7 @@ impl ReadModel {
                     time_ms: 0,
                     update_ms: 0,
                     working_ms: None,
+                    list_id: v.list.map(|l| l.0),
                 });
                 o.price = v.price.0;
                 o.executed = v.meta.filled.0;
@@ -989,6 +1027,25 @@ impl ReadModel {
                 };
                 st.open_by_account.entry(a).or_default().insert(o.id);
                 st.open.insert(o.id, o);
+            }
+            for l in engine.open_order_lists(AccountId(a)) {
+                let leg = |id: matching_engine::OrderId| {
+                    let c = st.open.get(&id.0).map(|o| o.client_id.clone());
+                    (id.0, c.unwrap_or_default())
+                };
+                let rec = ListRec {
+                    id: l.id.0,
+                    account: a,
+                    market: l.market.0,
+                    client_id: l
+                        .client_id
+                        .map(|c| c.as_str().to_owned())
+                        .unwrap_or_default(),
+                    legs: [leg(l.legs[0]), leg(l.legs[1])],
+                    done: false,
+                    time_ms: st.open.get(&l.legs[0].0).map_or(0, |o| o.time_ms),
+                };
+                st.lists.insert(rec.id, rec);
             }
         }
         for (i, spec) in self.markets.markets.iter().enumerate() {
@@ -1051,6 +1108,35 @@ impl ReadModel {
             }
         }
         self.store.order(account, id)
+    }
+
+    /// An order list of an account by id (live, or done and still in memory).
+    pub fn order_list(&self, account: u32, id: u64) -> Option<ListRec> {
+        self.read()
+            .lists
+            .get(&id)
+            .filter(|l| l.account == account)
+            .cloned()
+    }
+
+    /// The latest order list of an account with this `listClientOrderId`.
+    pub fn order_list_by_client(&self, account: u32, client: &str) -> Option<ListRec> {
+        self.read()
+            .lists
+            .values()
+            .rev()
+            .find(|l| l.account == account && l.client_id == client)
+            .cloned()
+    }
+
+    /// The order lists of an account by id: the live ones, or all still in memory.
+    pub fn order_lists(&self, account: u32, live_only: bool) -> Vec<ListRec> {
+        self.read()
+            .lists
+            .values()
+            .filter(|l| l.account == account && !(live_only && l.done))
+            .cloned()
+            .collect()
     }
 
     /// An order by client id: an open one first, else the latest in history.
@@ -1306,7 +1392,10 @@ impl OrderRec {
                 .unwrap_or_default(),
             side: info.side,
             kind,
-            tif: if matches!(kind, OrdKind::Market | OrdKind::StopLoss) {
+            tif: if matches!(
+                kind,
+                OrdKind::Market | OrdKind::StopLoss | OrdKind::TakeProfit
+            ) {
                 TimeInForce::Gtc
             } else {
                 tif
@@ -1322,6 +1411,7 @@ impl OrderRec {
             time_ms: ms,
             update_ms: ms,
             working_ms: if stop == 0 { Some(ms) } else { None },
+            list_id: None,
         }
     }
 }
@@ -1345,7 +1435,38 @@ fn kind_of(t: &OrderType, post_only: bool) -> (OrdKind, u64, u64, u64, u64) {
             (OrdKind::StopLossLimit, price.0, stop.0, qty.0, 0)
         }
         OrderType::StopMarket { stop, qty } => (OrdKind::StopLoss, 0, stop.0, qty.0, 0),
+        OrderType::TakeProfitLimit { stop, price, qty } => {
+            (OrdKind::TakeProfitLimit, price.0, stop.0, qty.0, 0)
+        }
+        OrderType::TakeProfitMarket { stop, qty } => (OrdKind::TakeProfit, 0, stop.0, qty.0, 0),
     }
+}
+
+/// Binance's user-data `listStatus` event for an order list.
+pub fn list_status_event(markets: &Markets, l: &ListRec, ms: u64) -> String {
+    let symbol = markets
+        .markets
+        .get(usize::from(l.market))
+        .map_or("", |m| m.symbol.as_str());
+    let (st, ost) = if l.done {
+        ("ALL_DONE", "ALL_DONE")
+    } else {
+        ("EXEC_STARTED", "EXECUTING")
+    };
+    serde_json::json!({
+        "e": "listStatus",
+        "E": ms,
+        "s": symbol,
+        "g": l.id,
+        "c": "OCO",
+        "l": st,
+        "L": ost,
+        "r": "NONE",
+        "C": l.client_id,
+        "T": ms,
+        "O": l.legs.iter().map(|(id, c)| serde_json::json!({"s": symbol, "i": id, "c": c})).collect::<Vec<_>>(),
+    })
+    .to_string()
 }
 
 /// Binance's `executionReport` for an order after an event.
@@ -1380,7 +1501,7 @@ pub fn execution_report(
         "p": m.fmt_price(Price(o.price)),
         "P": m.fmt_price(Price(o.stop)),
         "F": "0.00000000",
-        "g": -1,
+        "g": o.list_id.map_or(-1, |l| l as i64),
         "C": if exec_type == "CANCELED" { o.client_id.as_str() } else { "" },
         "x": exec_type,
         "X": o.status.as_str(),
@@ -1491,11 +1612,29 @@ fn apply_events(
                 stp,
             } => {
                 st.counters.orders += 1;
-                let o = OrderRec::placed(info, &order_type, tif, post_only, stp, ms);
+                let mut o = OrderRec::placed(info, &order_type, tif, post_only, stp, ms);
+                // The legs of a list follow its OrderListNew in the same command; the list's
+                // status goes out after the last leg's report.
+                let mut started = None;
+                if let Some(l) = st.lists.values_mut().next_back() {
+                    if let Some(leg) = l.legs.iter_mut().find(|(id, _)| *id == o.id) {
+                        leg.1 = o.client_id.clone();
+                        o.list_id = Some(l.id);
+                        if leg.0 == l.legs[1].0 {
+                            started = Some(l.clone());
+                        }
+                    }
+                }
                 out.push_user(|| UserMsg {
                     account: o.account,
                     json: execution_report(markets, &o, "NEW", ms, None).into(),
                 });
+                if let Some(l) = started {
+                    out.push_user(|| UserMsg {
+                        account: l.account,
+                        json: list_status_event(markets, &l, ms).into(),
+                    });
+                }
                 out.orders.insert(o.id, o.clone());
                 st.open_by_account
                     .entry(o.account)
@@ -1724,6 +1863,40 @@ fn apply_events(
             | Event::WithdrawalCompleted { .. }
             | Event::WithdrawalStatus { .. }
             | Event::CreditStatus { .. } => {}
+            Event::OrderListNew {
+                list,
+                account,
+                market,
+                legs,
+                client_id,
+            } => {
+                let rec = ListRec {
+                    id: list.0,
+                    account: account.0,
+                    market: market.0,
+                    client_id: client_id.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+                    legs: [(legs[0].0, String::new()), (legs[1].0, String::new())],
+                    done: false,
+                    time_ms: ms,
+                };
+                st.lists.insert(rec.id, rec);
+            }
+            Event::OrderListDone { list, .. } => {
+                if let Some(l) = st.lists.get_mut(&list.0) {
+                    l.done = true;
+                    let l = l.clone();
+                    out.push_user(|| UserMsg {
+                        account: l.account,
+                        json: list_status_event(markets, &l, ms).into(),
+                    });
+                    st.done_lists.push_back(list.0);
+                    while st.done_lists.len() > MAX_DONE_LISTS {
+                        if let Some(old) = st.done_lists.pop_front() {
+                            st.lists.remove(&old);
+                        }
+                    }
+                }
+            }
         }
     }
     for (mi, (first, last, b_levels, a_levels)) in depth {

@@ -189,7 +189,8 @@ fn submit(
 ) {
     waiting.fetch_sub(1, Ordering::Relaxed);
     loop {
-        match producer.try_submit(cmd) {
+        // A clone per attempt: `try_submit` consumes the command even when it refuses it.
+        match producer.try_submit(cmd.clone()) {
             Ok(_) => {
                 in_flight.push_back(tx);
                 return;

@@ -214,7 +214,7 @@ impl Store {
             )
             .optional()
         })
-        .map(|o| o.and_then(|s| postcard::from_bytes(&s).ok()))
+        .map(|o| o.and_then(|s| decode_order(&s)))
     }
 
     /// The latest order of an account with this client id.
@@ -231,7 +231,7 @@ impl Store {
             )
             .optional()
         })
-        .map(|o| o.and_then(|s| postcard::from_bytes(&s).ok()))
+        .map(|o| o.and_then(|s| decode_order(&s)))
     }
 
     /// Orders of an account in a market: ids from `from_id` (or the latest `limit` ones), time
@@ -267,7 +267,7 @@ impl Store {
                 rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
             })?
             .into_iter()
-            .filter_map(|s| postcard::from_bytes(&s).ok())
+            .filter_map(|s| decode_order(&s))
             .collect();
         if !asc {
             v.reverse();
@@ -351,5 +351,51 @@ impl Store {
             v.reverse();
         }
         Ok(v)
+    }
+}
+/// An order row: written by this version, or before `OrderRec::list_id` existed (its
+/// encoding then lacks that last field, an `Option` whose `None` is one zero byte).
+fn decode_order(bytes: &[u8]) -> Option<OrderRec> {
+    postcard::from_bytes(bytes).ok().or_else(|| {
+        let mut v = bytes.to_vec();
+        v.push(0);
+        postcard::from_bytes(&v).ok()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use matching_engine::{
+        AccountId, ClientOrderId, MarketId, OrderId, OrderInfo, OrderType, Price, Qty, Side,
+        StpMode, TimeInForce,
+    };
+
+    /// Order rows written before `OrderRec::list_id` existed still decode (with no list), and
+    /// rows with a list keep it.
+    #[test]
+    fn an_order_row_from_before_lists_decodes_without_a_list() {
+        let info = OrderInfo {
+            order: OrderId(7),
+            account: AccountId(3),
+            market: MarketId(0),
+            side: Side::Sell,
+            client_id: Some(ClientOrderId::new("c").unwrap()),
+        };
+        let t = OrderType::Limit {
+            price: Price(100),
+            qty: Qty(2),
+        };
+        let mut rec = OrderRec::placed(info, &t, TimeInForce::Gtc, false, StpMode::None, 5);
+        let bytes = postcard::to_allocvec(&rec).unwrap();
+        // The old encoding: everything but the last field (`None` is one zero byte).
+        assert_eq!(bytes.last(), Some(&0));
+        let old = &bytes[..bytes.len() - 1];
+        assert!(postcard::from_bytes::<OrderRec>(old).is_err());
+        assert_eq!(decode_order(old), Some(rec.clone()));
+        rec.list_id = Some(9);
+        let bytes = postcard::to_allocvec(&rec).unwrap();
+        assert_eq!(decode_order(&bytes), Some(rec));
+        assert_eq!(decode_order(&[1, 2, 3]), None);
     }
 }

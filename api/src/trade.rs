@@ -14,7 +14,7 @@ use matching_engine::{
 };
 use serde_json::{json, Value};
 
-fn internal(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn internal(e: impl std::fmt::Display) -> ApiError {
     tracing::error!(error = %e, "storage failure");
     ApiError::internal()
 }
@@ -24,7 +24,7 @@ pub fn order_json(m: &MarketSpec, o: &OrderRec) -> Value {
     json!({
         "symbol": m.symbol,
         "orderId": o.id,
-        "orderListId": -1,
+        "orderListId": o.list_id.map_or(-1, |l| l as i64),
         "clientOrderId": o.client_id,
         "price": m.fmt_price(Price(o.price)),
         "origQty": m.fmt_qty(Qty(o.orig_qty)),
@@ -168,19 +168,19 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
             };
             (ot, TimeInForce::Ioc, false, RespType::Full)
         }
-        "STOP_LOSS" => {
+        "STOP_LOSS" | "TAKE_PROFIT" => {
             forbid("price", &price)?;
             forbid("quoteOrderQty", &quote)?;
             forbid("timeInForce", &tif)?;
             let (sp, q) = (need_price("stopPrice", &stop)?, need_qty(&qty)?);
-            (
-                OrderType::StopMarket { stop: sp, qty: q },
-                TimeInForce::Gtc,
-                false,
-                RespType::Ack,
-            )
+            let ot = if ty == "STOP_LOSS" {
+                OrderType::StopMarket { stop: sp, qty: q }
+            } else {
+                OrderType::TakeProfitMarket { stop: sp, qty: q }
+            };
+            (ot, TimeInForce::Gtc, false, RespType::Ack)
         }
-        "STOP_LOSS_LIMIT" => {
+        "STOP_LOSS_LIMIT" | "TAKE_PROFIT_LIMIT" => {
             forbid("quoteOrderQty", &quote)?;
             let t = parse_tif(tif)?;
             let (sp, pr, q) = (
@@ -189,19 +189,20 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
                 need_qty(&qty)?,
             );
             m.check_notional(pr, q)?;
-            (
+            let ot = if ty == "STOP_LOSS_LIMIT" {
                 OrderType::StopLimit {
                     stop: sp,
                     price: pr,
                     qty: q,
-                },
-                t,
-                false,
-                RespType::Ack,
-            )
-        }
-        "TAKE_PROFIT" | "TAKE_PROFIT_LIMIT" => {
-            return Err(ApiError::bad(-1014, "Unsupported order combination."))
+                }
+            } else {
+                OrderType::TakeProfitLimit {
+                    stop: sp,
+                    price: pr,
+                    qty: q,
+                }
+            };
+            (ot, t, false, RespType::Ack)
         }
         _ => return Err(ApiError::bad(-1116, "Invalid orderType.")),
     };
@@ -234,7 +235,11 @@ fn parse_new_order(st: &AppState, key: &ApiKey, p: &mut Params) -> Result<Parsed
 }
 
 /// The new order's state after its own command, from the command's events.
-fn order_from_events(events: &[Event], id: OrderId, ms: u64) -> Option<(OrderRec, Vec<TradeRec>)> {
+pub(crate) fn order_from_events(
+    events: &[Event],
+    id: OrderId,
+    ms: u64,
+) -> Option<(OrderRec, Vec<TradeRec>)> {
     let mut rec: Option<OrderRec> = None;
     let mut fills = Vec::new();
     for ev in events {
@@ -337,7 +342,7 @@ async fn place(st: &AppState, parsed: &Parsed) -> Result<Value, ApiError> {
     let mut v = json!({
         "symbol": m.symbol,
         "orderId": o.id,
-        "orderListId": -1,
+        "orderListId": o.list_id.map_or(-1, |l| l as i64),
         "clientOrderId": o.client_id,
         "transactTime": ms,
     });
@@ -600,12 +605,12 @@ pub async fn get_order(State(st): State<AppState>, req: Req) -> Result<Response,
     Ok(ok_json(&ctx, order_json(m, &o)))
 }
 
-fn cancel_json(m: &MarketSpec, o: &OrderRec, cancel_client: &str, ms: u64) -> Value {
+pub(crate) fn cancel_json(m: &MarketSpec, o: &OrderRec, cancel_client: &str, ms: u64) -> Value {
     json!({
         "symbol": m.symbol,
         "origClientOrderId": o.client_id,
         "orderId": o.id,
-        "orderListId": -1,
+        "orderListId": o.list_id.map_or(-1, |l| l as i64),
         "clientOrderId": cancel_client,
         "transactTime": ms,
         "price": m.fmt_price(Price(o.price)),
@@ -636,7 +641,7 @@ fn done_ids(events: &[Event]) -> Vec<u64> {
         .collect()
 }
 
-fn accepted_ms(events: &[Event]) -> u64 {
+pub(crate) fn accepted_ms(events: &[Event]) -> u64 {
     events
         .iter()
         .find_map(|e| match e {

@@ -337,7 +337,12 @@ async fn order_input_validation() {
         ("symbol=BTCUSD&side=BUY&type=MARKET&quantity=0.001&quoteOrderQty=10", -1128, ""),
         ("symbol=BTCUSD&side=BUY&type=MARKET", -1102, ""),
         ("symbol=BTCUSD&side=BUY&type=LIMIT_MAKER&timeInForce=GTC&quantity=0.001&price=30000", -1106, ""),
-        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT&quantity=0.001&stopPrice=30000", -1014, ""),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT&quantity=0.001", -1102, "Mandatory parameter 'stopPrice' was not sent, was empty/null, or malformed."),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT&quantity=0.001&stopPrice=30000&price=30000", -1106, "Parameter 'price' sent when not required."),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT&quantity=0.001&stopPrice=30000&timeInForce=GTC", -1106, ""),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT_LIMIT&quantity=0.001&stopPrice=30000&price=30000", -1102, "Mandatory parameter 'timeInForce' was not sent, was empty/null, or malformed."),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT_LIMIT&timeInForce=GTC&quantity=0.001&stopPrice=30000", -1102, "Mandatory parameter 'price' was not sent, was empty/null, or malformed."),
+        ("symbol=BTCUSD&side=BUY&type=TAKE_PROFIT_LIMIT&timeInForce=GTC&quantity=0.001&price=30000&stopPrice=30000.001", -1013, "Filter failure: PRICE_FILTER"),
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&newClientOrderId=has%20space", -1100, ""),
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&selfTradePreventionMode=DECREMENT", -1130, ""),
         ("symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=30000&newOrderRespType=XML", -1130, ""),
@@ -1758,4 +1763,354 @@ async fn unknown_paths_answer_404_without_a_retryable_code() {
             "{m} {uri}"
         );
     }
+}
+
+/// Issue 9: TAKE_PROFIT and TAKE_PROFIT_LIMIT are accepted (they were refused with -1014),
+/// listed in exchangeInfo, wait without working, and trigger when the price rises to a sell's
+/// stop price.
+#[tokio::test]
+async fn take_profit_orders_wait_and_trigger_on_a_rise() {
+    let h = Harness::new();
+    let info = h.get("/api/v3/exchangeInfo?symbol=BTCUSD").await.json;
+    let types = &info["symbols"][0]["orderTypes"];
+    for t in ["TAKE_PROFIT", "TAKE_PROFIT_LIMIT"] {
+        assert!(
+            types.as_array().unwrap().iter().any(|x| x == t),
+            "{t} in {types}"
+        );
+    }
+    let (_, holder) = h.trader("1", "0").await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    h.ok(
+        "POST",
+        "/api/v3/order/test",
+        "symbol=BTCUSD&side=SELL&type=TAKE_PROFIT&quantity=0.01&stopPrice=21000",
+        &holder,
+    )
+    .await;
+    let tpl = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=TAKE_PROFIT_LIMIT&timeInForce=GTC&quantity=0.01&price=22000&stopPrice=21000", &holder).await;
+    let tp = h.ok("POST", "/api/v3/order", "symbol=BTCUSD&side=SELL&type=TAKE_PROFIT&quantity=0.01&stopPrice=25000&newOrderRespType=RESULT", &holder).await;
+    assert_eq!(
+        (tp["type"].as_str(), tp["status"].as_str()),
+        (Some("TAKE_PROFIT"), Some("NEW"))
+    );
+    let get = |id: &serde_json::Value| format!("symbol=BTCUSD&orderId={id}");
+    let o = h
+        .ok("GET", "/api/v3/order", &get(&tpl["orderId"]), &holder)
+        .await;
+    assert_eq!(
+        (
+            o["type"].as_str(),
+            o["stopPrice"].as_str(),
+            o["price"].as_str(),
+            o["isWorking"].as_bool()
+        ),
+        (
+            Some("TAKE_PROFIT_LIMIT"),
+            Some("21000.00000000"),
+            Some("22000.00000000"),
+            Some(false)
+        )
+    );
+    let acct = h.ok("GET", "/api/v3/account", "", &holder).await;
+    let btc = acct["balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["asset"] == "BTC")
+        .unwrap()
+        .clone();
+    assert_eq!(btc["locked"], "0.02000000", "{btc}");
+    // A trade at 20000 (a fall) leaves them waiting; one at 21000 triggers the limit one only.
+    for price in ["20000", "21000"] {
+        h.ok(
+            "POST",
+            "/api/v3/order",
+            &format!(
+                "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price={price}"
+            ),
+            &seller,
+        )
+        .await;
+        h.ok(
+            "POST",
+            "/api/v3/order",
+            &format!(
+                "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price={price}"
+            ),
+            &buyer,
+        )
+        .await;
+        let o = h
+            .ok("GET", "/api/v3/order", &get(&tpl["orderId"]), &holder)
+            .await;
+        assert_eq!(
+            o["isWorking"].as_bool(),
+            Some(price == "21000"),
+            "after {price}: {o}"
+        );
+        let o = h
+            .ok("GET", "/api/v3/order", &get(&tp["orderId"]), &holder)
+            .await;
+        assert_eq!(o["isWorking"].as_bool(), Some(false), "after {price}: {o}");
+    }
+}
+
+fn locked(acct: &serde_json::Value, asset: &str) -> String {
+    acct["balances"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["asset"] == asset)
+        .map(|b| b["locked"].as_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+/// Issue 9: OCO order lists over REST, in Binance's shapes: placed as one list holding its
+/// quantity once, queried by id and client id, ended by a fill of the limit maker (the stop
+/// leg is cancelled), cancelled as a list, listed by openOrderList and allOrderList.
+#[tokio::test]
+async fn oco_order_lists_place_query_fill_and_cancel() {
+    let h = Harness::new();
+    let info = h.get("/api/v3/exchangeInfo?symbol=BTCUSD").await.json;
+    assert_eq!(info["symbols"][0]["ocoAllowed"], true);
+    let (_, holder) = h.trader("0.02", "0").await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    // Last price 20000.
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &seller,
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &buyer,
+    )
+    .await;
+    let oco = "symbol=BTCUSD&side=SELL&quantity=0.02&listClientOrderId=myoco&aboveType=LIMIT_MAKER&abovePrice=21000&aboveClientOrderId=up&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900&belowTimeInForce=GTC";
+    let r = h.ok("POST", "/api/v3/orderList/oco", oco, &holder).await;
+    assert_eq!(
+        (
+            r["contingencyType"].as_str(),
+            r["listStatusType"].as_str(),
+            r["listOrderStatus"].as_str(),
+            r["listClientOrderId"].as_str()
+        ),
+        (
+            Some("OCO"),
+            Some("EXEC_STARTED"),
+            Some("EXECUTING"),
+            Some("myoco")
+        ),
+        "{r}"
+    );
+    let list = r["orderListId"].as_u64().unwrap();
+    let reports = r["orderReports"].as_array().unwrap();
+    let types: Vec<_> = reports
+        .iter()
+        .map(|o| o["type"].as_str().unwrap())
+        .collect();
+    assert_eq!(types, ["LIMIT_MAKER", "STOP_LOSS_LIMIT"]);
+    assert!(reports
+        .iter()
+        .all(|o| o["orderListId"] == list && o["status"] == "NEW"));
+    assert_eq!(reports[1]["stopPrice"], "19000.00000000");
+    let (up, down) = (reports[0]["orderId"].clone(), reports[1]["orderId"].clone());
+    assert_eq!(r["orders"][0]["clientOrderId"], "up");
+    // Held once: the 0.02 it has, not 0.04.
+    let acct = h.ok("GET", "/api/v3/account", "", &holder).await;
+    assert_eq!(locked(&acct, "BTC"), "0.02000000");
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={down}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(o["orderListId"], list);
+    let q = h
+        .ok(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={list}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(q["listOrderStatus"], "EXECUTING");
+    let q = h
+        .ok(
+            "GET",
+            "/api/v3/orderList",
+            "origClientOrderId=myoco",
+            &holder,
+        )
+        .await;
+    assert_eq!(q["orderListId"], list);
+    let open = h.ok("GET", "/api/v3/openOrderList", "", &holder).await;
+    assert_eq!(open.as_array().unwrap().len(), 1);
+    // Someone else's list does not exist for the buyer.
+    let r = h
+        .signed(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={list}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(r.code(), -2011);
+    // A partial fill of the limit maker ends the list: the stop leg is cancelled.
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.005&price=21000",
+        &buyer,
+    )
+    .await;
+    let q = h
+        .ok(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={list}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(
+        (q["listStatusType"].as_str(), q["listOrderStatus"].as_str()),
+        (Some("ALL_DONE"), Some("ALL_DONE"))
+    );
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={down}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(o["status"], "CANCELED");
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={up}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(
+        (o["status"].as_str(), o["orderListId"].as_u64()),
+        (Some("PARTIALLY_FILLED"), Some(list))
+    );
+    assert!(h
+        .ok("GET", "/api/v3/openOrderList", "", &holder)
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
+    let acct = h.ok("GET", "/api/v3/account", "", &holder).await;
+    assert_eq!(locked(&acct, "BTC"), "0.01500000");
+    h.ok("DELETE", "/api/v3/openOrders", "symbol=BTCUSD", &holder)
+        .await;
+    // A second list, cancelled as a list.
+    let r = h.ok("POST", "/api/v3/orderList/oco", "symbol=BTCUSD&side=SELL&quantity=0.01&aboveType=TAKE_PROFIT&aboveStopPrice=22000&belowType=STOP_LOSS&belowStopPrice=19000", &holder).await;
+    let list2 = r["orderListId"].as_u64().unwrap();
+    assert_eq!(
+        locked(&h.ok("GET", "/api/v3/account", "", &holder).await, "BTC"),
+        "0.01000000"
+    );
+    let c = h
+        .ok(
+            "DELETE",
+            "/api/v3/orderList",
+            &format!("symbol=BTCUSD&orderListId={list2}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(c["listOrderStatus"], "ALL_DONE");
+    let st: Vec<_> = c["orderReports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["status"].as_str().unwrap())
+        .collect();
+    assert_eq!(st, ["CANCELED", "CANCELED"]);
+    assert_eq!(
+        locked(&h.ok("GET", "/api/v3/account", "", &holder).await, "BTC"),
+        "0.00000000"
+    );
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/orderList",
+            &format!("symbol=BTCUSD&orderListId={list2}"),
+            &holder,
+        )
+        .await;
+    assert_eq!(r.code(), -2011);
+    let all = h.ok("GET", "/api/v3/allOrderList", "", &holder).await;
+    let ids: Vec<_> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["orderListId"].as_u64().unwrap())
+        .collect();
+    assert_eq!(ids, [list, list2]);
+}
+
+#[tokio::test]
+async fn oco_input_is_validated_and_refusals_change_nothing() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "100000").await;
+    let (_, other) = h.trader("1", "100000").await;
+    // Last price 20000 (two accounts: one account's orders would not trade, STP).
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &other,
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &k,
+    )
+    .await;
+    let base = "symbol=BTCUSD&side=SELL&quantity=0.01";
+    let cases: &[(&str, i64)] = &[
+        ("aboveType=LIMIT_MAKER&abovePrice=21000", -1102),
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&aboveTimeInForce=GTC&belowType=STOP_LOSS&belowStopPrice=19000", -1106),
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900", -1102),
+        ("aboveType=LIMIT&abovePrice=21000&belowType=STOP_LOSS&belowStopPrice=19000", -1130),
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS&belowStopPrice=19000&belowIcebergQty=1", -1014),
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900&belowTimeInForce=FOK", -1014),
+        // Engine refusals: the stop above the last price, the legs the wrong way round.
+        ("aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS&belowStopPrice=20500", -2010),
+        ("aboveType=STOP_LOSS&aboveStopPrice=21000&belowType=LIMIT_MAKER&belowPrice=19000", -2010),
+    ];
+    for (params, code) in cases {
+        let r = h
+            .signed(
+                "POST",
+                "/api/v3/orderList/oco",
+                &format!("{base}&{params}"),
+                &k,
+            )
+            .await;
+        assert_eq!(r.code(), *code, "{params}: {}", r.json);
+    }
+    let acct = h.ok("GET", "/api/v3/account", "", &k).await;
+    assert_eq!(locked(&acct, "BTC"), "0.00000000");
+    assert!(h
+        .ok("GET", "/api/v3/openOrders", "", &k)
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
 }

@@ -812,3 +812,75 @@ async fn unknown_stream_names_are_refused() {
     }
     let _ = stop.send(());
 }
+
+/// Issue 9: an OCO's user-data stream sends `listStatus` when the list starts (EXEC_STARTED,
+/// after both legs' NEW reports, which carry the list id in `g`) and when it ends (ALL_DONE).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oco_list_status_on_the_user_data_stream() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, holder) = h.trader("1", "0").await;
+    let (_, lk) = http(addr, "POST", "/api/v3/userDataStream", "", Some(&holder.0)).await;
+    let lk = lk["listenKey"].as_str().unwrap().to_owned();
+    let (mut user, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/{lk}"))
+        .await
+        .unwrap();
+    let (status, r) = signed_post(
+        addr,
+        "/api/v3/orderList/oco",
+        "symbol=BTCUSD&side=SELL&quantity=0.01&listClientOrderId=L1&aboveType=LIMIT_MAKER&abovePrice=31000&belowType=STOP_LOSS&belowStopPrice=29000",
+        &holder,
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    let list = r["orderListId"].as_u64().unwrap();
+    let mut news = 0;
+    let started = loop {
+        let m = next_json(&mut user).await;
+        match m["e"].as_str().unwrap() {
+            "executionReport" => {
+                assert_eq!(
+                    (m["x"].as_str(), m["g"].as_u64()),
+                    (Some("NEW"), Some(list))
+                );
+                news += 1;
+            }
+            "listStatus" => break m,
+            _ => {}
+        }
+    };
+    assert_eq!(news, 2, "both legs reported before the list");
+    assert_eq!(
+        (
+            started["g"].as_u64(),
+            started["c"].as_str(),
+            started["l"].as_str(),
+            started["L"].as_str(),
+            started["C"].as_str(),
+            started["O"].as_array().map(Vec::len)
+        ),
+        (
+            Some(list),
+            Some("OCO"),
+            Some("EXEC_STARTED"),
+            Some("EXECUTING"),
+            Some("L1"),
+            Some(2)
+        )
+    );
+    let q = format!("symbol=BTCUSD&orderListId={list}&timestamp={}", now_ms());
+    let body = format!("{q}&signature={}", sign(&holder.1, &q));
+    let (status, c) = http(addr, "DELETE", "/api/v3/orderList", &body, Some(&holder.0)).await;
+    assert_eq!(status, 200, "{c}");
+    let done = loop {
+        let m = next_json(&mut user).await;
+        if m["e"] == "listStatus" {
+            break m;
+        }
+    };
+    assert_eq!(
+        (done["l"].as_str(), done["L"].as_str()),
+        (Some("ALL_DONE"), Some("ALL_DONE"))
+    );
+    let _ = stop.send(());
+}

@@ -301,7 +301,7 @@ pub fn generate(seed: u64, commands: usize) -> Workload {
     };
     while sim.book().len() < RESTING {
         let cmd = sim.gtc();
-        sim.apply(cmd).expect("initial orders are accepted");
+        sim.apply(cmd.clone()).expect("initial orders are accepted");
         setup.push(cmd);
     }
     let mut mix = Vec::with_capacity(commands);
@@ -314,7 +314,7 @@ pub fn generate(seed: u64, commands: usize) -> Workload {
             _ => sim.amend(),
         };
         // A rejection is kept in the mix (it is work too) and reported by the callers.
-        let _ = sim.apply(cmd);
+        let _ = sim.apply(cmd.clone());
         mix.push(cmd);
     }
     Workload { setup, mix }

@@ -73,6 +73,92 @@ pub enum OrderType {
         /// Quantity.
         qty: Qty,
     },
+    /// The mirror of [`OrderType::StopLimit`] (Binance's `TAKE_PROFIT_LIMIT`): a limit order
+    /// placed when the last trade price reaches `stop` from the other side (at or below it for a
+    /// buy, at or above for a sell).
+    TakeProfitLimit {
+        /// Trigger price.
+        stop: Price,
+        /// Limit price once triggered.
+        price: Price,
+        /// Quantity.
+        qty: Qty,
+    },
+    /// The mirror of [`OrderType::StopMarket`] (Binance's `TAKE_PROFIT`): a market order for
+    /// `qty` placed when the last trade price is at or below `stop` (buy) or at or above (sell).
+    TakeProfitMarket {
+        /// Trigger price.
+        stop: Price,
+        /// Quantity.
+        qty: Qty,
+    },
+}
+
+/// Which way the last trade price must move to trigger a waiting order.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub enum Trigger {
+    /// When the last price is at or above the trigger price (stop buy, take-profit sell).
+    Rise,
+    /// When the last price is at or below the trigger price (stop sell, take-profit buy).
+    Fall,
+}
+
+impl OrderType {
+    /// The trigger price of a stop or take-profit order.
+    #[inline]
+    pub fn trigger_price(&self) -> Option<Price> {
+        match *self {
+            OrderType::StopLimit { stop, .. }
+            | OrderType::StopMarket { stop, .. }
+            | OrderType::TakeProfitLimit { stop, .. }
+            | OrderType::TakeProfitMarket { stop, .. } => Some(stop),
+            _ => None,
+        }
+    }
+
+    /// The trigger price and direction of a stop or take-profit order placed on `side`.
+    #[inline]
+    pub fn trigger(&self, side: Side) -> Option<(Trigger, Price)> {
+        let rise = match (self, side) {
+            (OrderType::StopLimit { .. } | OrderType::StopMarket { .. }, Side::Buy)
+            | (
+                OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. },
+                Side::Sell,
+            ) => true,
+            (OrderType::StopLimit { .. } | OrderType::StopMarket { .. }, Side::Sell)
+            | (OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. }, Side::Buy) => {
+                false
+            }
+            _ => return None,
+        };
+        let stop = self.trigger_price()?;
+        Some((if rise { Trigger::Rise } else { Trigger::Fall }, stop))
+    }
+
+    /// The limit price (limit, stop-limit and take-profit-limit orders).
+    #[inline]
+    pub fn limit_price(&self) -> Option<Price> {
+        match *self {
+            OrderType::Limit { price, .. }
+            | OrderType::StopLimit { price, .. }
+            | OrderType::TakeProfitLimit { price, .. } => Some(price),
+            _ => None,
+        }
+    }
+
+    /// The quantity, for every type but a quote-budget market order.
+    #[inline]
+    pub fn qty(&self) -> Option<Qty> {
+        match *self {
+            OrderType::Limit { qty, .. }
+            | OrderType::Market { qty }
+            | OrderType::StopLimit { qty, .. }
+            | OrderType::StopMarket { qty, .. }
+            | OrderType::TakeProfitLimit { qty, .. }
+            | OrderType::TakeProfitMarket { qty, .. } => Some(qty),
+            OrderType::MarketBudget { .. } => None,
+        }
+    }
 }
 
 /// A new order.
@@ -96,6 +182,26 @@ pub struct NewOrder {
     pub client_id: Option<ClientOrderId>,
 }
 
+/// A one-cancels-the-other pair (Binance's OCO), placed as one command: both legs or neither.
+///
+/// `legs[0]` is the *above* leg and `legs[1]` the *below* leg. Both have the same account,
+/// market, side and quantity. On a sell, the above leg is a limit maker (`Limit` with
+/// `post_only`) or a take-profit order and the below leg a stop; on a buy, the above leg is a
+/// stop and the below leg a limit maker or a take-profit order. The above leg's price (its limit
+/// price for a limit maker, else its trigger price) is above the last trade price and the below
+/// leg's is under it, so neither trades or triggers when placed.
+///
+/// The first thing that happens to either leg (a fill, even partial; a trigger; a cancel; an
+/// expiry) cancels the other, and the list is done. The pair holds once: a sell its base
+/// quantity, a buy the larger of its legs' quote needs.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewOco {
+    /// `[above, below]`.
+    pub legs: [NewOrder; 2],
+    /// The list's client id (Binance's `listClientOrderId`), if any.
+    pub list_client_id: Option<ClientOrderId>,
+}
+
 /// Which order a cancel or amend is about.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum OrderRef {
@@ -106,7 +212,7 @@ pub enum OrderRef {
 }
 
 /// A command to the engine.
-#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum Command {
     /// Opens a new account; the engine assigns its id.
     CreateAccount,
@@ -210,6 +316,9 @@ pub enum Command {
         /// The credit's idempotency key.
         key: IdempotencyKey,
     },
+    /// Places a one-cancels-the-other pair ([`NewOco`]). A cancel of either leg cancels both.
+    /// (Last, so the journal encoding of the older commands is unchanged.)
+    NewOco(Box<NewOco>),
 }
 
 impl Command {
@@ -218,6 +327,7 @@ impl Command {
         matches!(
             self,
             Command::NewOrder(_)
+                | Command::NewOco(_)
                 | Command::Cancel { .. }
                 | Command::CancelAll { .. }
                 | Command::Amend { .. }

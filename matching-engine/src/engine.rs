@@ -6,14 +6,16 @@
 //! reported once each, at the end, in a deterministic order.
 
 use crate::book::Book;
-use crate::command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
+use crate::command::{
+    Command, NewOco, NewOrder, OrderRef, OrderType, StpMode, TimeInForce, Trigger,
+};
 use crate::config::{ConfigError, EngineConfig, MarketConfig};
 use crate::event::{DoneReason, Event, OrderInfo};
 use crate::ledger::{dedup_dirty, mark_dirty, AssetTotals, Balance, Ledger};
 use crate::reject::RejectCode;
 use crate::units::{
-    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
-    Timestamp, TradeId, WithdrawalId,
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, ListId, MarketId, OrderId, Price,
+    Qty, Side, Timestamp, TradeId, WithdrawalId,
 };
 use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
@@ -60,7 +62,7 @@ impl Default for OrderMeta {
     }
 }
 
-/// A stop order waiting for its trigger.
+/// A stop or take-profit order waiting for its trigger.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StopOrder {
     /// Its id.
@@ -71,14 +73,33 @@ pub struct StopOrder {
     pub hold: Amount,
 }
 
+/// A live order list (OCO): both legs are open. It ends at the first thing that happens to
+/// either leg (see [`NewOco`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OrderList {
+    /// Its id.
+    pub id: ListId,
+    /// Owner.
+    pub account: AccountId,
+    /// Market.
+    pub market: MarketId,
+    /// `[above, below]`.
+    pub legs: [OrderId; 2],
+    /// The leg (0 or 1) that holds for both: the limit maker if there is one, else the above
+    /// leg. The other leg holds nothing.
+    pub holder: u8,
+    /// The list's client id.
+    pub client_id: Option<ClientOrderId>,
+}
+
 #[derive(Debug)]
 struct Market {
     book: Book<OrderMeta>,
-    /// Buy stops by (stop price, id): trigger when last >= stop.
+    /// Orders that trigger when last >= stop (stop buys, take-profit sells), by (stop, id).
     stop_buys: BTreeMap<(Price, OrderId), StopOrder>,
-    /// Sell stops by (stop price, id): trigger when last <= stop.
+    /// Orders that trigger when last <= stop (stop sells, take-profit buys), by (stop, id).
     stop_sells: BTreeMap<(Price, OrderId), StopOrder>,
-    stop_index: FxHashMap<OrderId, (Side, Price)>,
+    stop_index: FxHashMap<OrderId, (Trigger, Price)>,
     depth_seq: u64,
     last_price: Option<Price>,
     dirty_levels: Vec<(Side, Price)>,
@@ -164,6 +185,10 @@ pub struct OrderView {
     pub meta: OrderMeta,
     /// Trigger price for a waiting stop order.
     pub stop: Option<Price>,
+    /// A waiting take-profit order (it triggers on the mirror side of a stop).
+    pub take_profit: bool,
+    /// The live order list (OCO) it is a leg of.
+    pub list: Option<ListId>,
 }
 
 /// Whether an accepted command changed nothing because it had been applied before.
@@ -193,6 +218,14 @@ pub struct Engine {
     expiries: BinaryHeap<Reverse<(u64, u64, u16)>>,
     now: Timestamp,
     scratch_ids: Vec<OrderId>,
+    next_list_id: u64,
+    /// Live order lists by id.
+    lists: BTreeMap<ListId, OrderList>,
+    /// The list of each leg of a live list.
+    list_of: FxHashMap<OrderId, ListId>,
+    /// List legs that traded as makers during the current taker's match: their lists end once
+    /// the match is over.
+    list_fills: Vec<OrderId>,
 }
 
 /// The numbers of a market the hot path needs, `Copy` so they can be read while the engine is
@@ -286,6 +319,25 @@ fn worst_cost(cfg: &MarketParams, price: Price, qty: Qty, bps: u16) -> Option<Am
     n.checked_add(MarketConfig::fee(n, bps))
 }
 
+/// What an order waiting for its trigger (or a limit order about to rest in full) holds on its
+/// own: a buy its worst cost at its limit price (nothing for a market buy, priced when it
+/// triggers), a sell its base quantity. `None` for market orders and on overflow.
+fn lone_hold(p: &MarketParams, o: &NewOrder) -> Option<Amount> {
+    match (o.side, o.order_type) {
+        (Side::Buy, OrderType::Limit { price, qty })
+        | (Side::Buy, OrderType::StopLimit { price, qty, .. })
+        | (Side::Buy, OrderType::TakeProfitLimit { price, qty, .. }) => {
+            worst_cost(p, price, qty, p.max_fee_bps())
+        }
+        (Side::Buy, OrderType::StopMarket { .. } | OrderType::TakeProfitMarket { .. }) => {
+            Some(Amount(0))
+        }
+        (Side::Sell, OrderType::Market { .. } | OrderType::MarketBudget { .. })
+        | (Side::Buy, OrderType::Market { .. } | OrderType::MarketBudget { .. }) => None,
+        (Side::Sell, t) => p.base_amount(t.qty()?),
+    }
+}
+
 /// The largest quantity whose cost at `price` with taker fee `bps` fits in `budget`.
 #[inline]
 fn affordable(cfg: &MarketParams, price: Price, budget: Amount, bps: u16) -> Qty {
@@ -337,6 +389,10 @@ impl Engine {
             expiries: BinaryHeap::new(),
             now: Timestamp(0),
             scratch_ids: Vec::with_capacity(256),
+            next_list_id: 1,
+            lists: BTreeMap::new(),
+            list_of: FxHashMap::default(),
+            list_fills: Vec::new(),
         };
         e.accounts.push(Account::default());
         e.ledger.add_account();
@@ -448,22 +504,21 @@ impl Engine {
                 remaining: n.qty,
                 meta: n.data,
                 stop: None,
+                take_profit: false,
+                list: self.list_of.get(&id).copied(),
             });
         }
-        let &(side, stop) = m.stop_index.get(&id)?;
-        let s = match side {
-            Side::Buy => &m.stop_buys[&(stop, id)],
-            Side::Sell => &m.stop_sells[&(stop, id)],
+        let &(dir, stop) = m.stop_index.get(&id)?;
+        let s = match dir {
+            Trigger::Rise => &m.stop_buys[&(stop, id)],
+            Trigger::Fall => &m.stop_sells[&(stop, id)],
         };
-        let (price, qty) = match s.order.order_type {
-            OrderType::StopLimit { price, qty, .. } => (price, qty),
-            OrderType::StopMarket { qty, .. } => (Price(0), qty),
-            _ => unreachable!("only stop orders wait"),
-        };
+        let price = s.order.order_type.limit_price().unwrap_or(Price(0));
+        let qty = s.order.order_type.qty().expect("only stop orders wait");
         Some(OrderView {
             id,
             market,
-            side,
+            side: s.order.side,
             price,
             remaining: qty,
             meta: OrderMeta {
@@ -477,7 +532,26 @@ impl Engine {
                 client_id: s.order.client_id,
             },
             stop: Some(stop),
+            take_profit: matches!(
+                s.order.order_type,
+                OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. }
+            ),
+            list: self.list_of.get(&id).copied(),
         })
+    }
+
+    /// A live order list (OCO): both of its legs are open.
+    pub fn order_list(&self, id: ListId) -> Option<OrderList> {
+        self.lists.get(&id).copied()
+    }
+
+    /// The live order lists of an account, by id.
+    pub fn open_order_lists(&self, account: AccountId) -> Vec<OrderList> {
+        self.lists
+            .values()
+            .filter(|l| l.account == account)
+            .copied()
+            .collect()
     }
 
     /// The open orders of an account (all markets, or one), by id.
@@ -705,6 +779,7 @@ impl Engine {
                 return Err("stop index");
             }
         }
+        self.validate_lists()?;
         for w in self.withdrawals.values() {
             if w.state == WithdrawalState::Held {
                 add(
@@ -730,6 +805,82 @@ impl Engine {
             .any(|(a, n)| a.open_orders != *n)
         {
             return Err("open order count");
+        }
+        Ok(())
+    }
+
+    /// Order lists: each live list's legs are open orders of its account in its market, on one
+    /// side, with one quantity and nothing filled; the holder leg holds what either leg needs
+    /// on its own (a sell exactly its base), the other leg nothing; the leg index agrees.
+    fn validate_lists(&self) -> Result<(), &'static str> {
+        if self.list_of.len() != 2 * self.lists.len() {
+            return Err("list leg index");
+        }
+        for (&id, l) in &self.lists {
+            if l.id != id || id.0 >= self.next_list_id || l.holder > 1 {
+                return Err("list id");
+            }
+            let p = self
+                .params
+                .get(l.market.0 as usize)
+                .ok_or("a list's market")?;
+            let m = &self.markets[l.market.0 as usize];
+            let mut legs = [None; 2];
+            for (i, &leg) in l.legs.iter().enumerate() {
+                if self.list_of.get(&leg) != Some(&id) {
+                    return Err("list leg index");
+                }
+                let (order, hold) = if let Some(slot) = m.book.slot(leg) {
+                    let n = m.book.node(slot);
+                    if !n.data.filled.is_zero() || !n.data.post_only {
+                        return Err("a list's limit leg traded or is not a limit maker");
+                    }
+                    let o = NewOrder {
+                        account: n.data.account,
+                        market: l.market,
+                        side: n.side,
+                        order_type: OrderType::Limit {
+                            price: n.price,
+                            qty: n.qty,
+                        },
+                        tif: n.data.tif,
+                        post_only: true,
+                        stp: n.data.stp,
+                        client_id: n.data.client_id,
+                    };
+                    (o, n.data.hold)
+                } else if let Some(&(dir, stop)) = m.stop_index.get(&leg) {
+                    let s = match dir {
+                        Trigger::Rise => &m.stop_buys[&(stop, leg)],
+                        Trigger::Fall => &m.stop_sells[&(stop, leg)],
+                    };
+                    (s.order, s.hold)
+                } else {
+                    return Err("a list's leg is not open");
+                };
+                if order.account != l.account {
+                    return Err("a list's leg has another owner");
+                }
+                legs[i] = Some((order, hold));
+            }
+            let [Some((a, ha)), Some((b, hb))] = legs else {
+                return Err("a list's legs");
+            };
+            if a.side != b.side || a.order_type.qty() != b.order_type.qty() {
+                return Err("a list's legs differ in side or quantity");
+            }
+            let need = lone_hold(p, &a)
+                .zip(lone_hold(p, &b))
+                .map(|(x, y)| x.max(y))
+                .ok_or("a list's hold overflows")?;
+            let (held, other) = if l.holder == 0 { (ha, hb) } else { (hb, ha) };
+            let enough = match a.side {
+                Side::Buy => held >= need,
+                Side::Sell => held == need,
+            };
+            if !enough || !other.is_zero() {
+                return Err("a list's hold does not cover its legs once");
+            }
         }
         Ok(())
     }
@@ -823,6 +974,7 @@ impl Engine {
                 })
             }
             Command::NewOrder(o) => self.new_order(&o, out),
+            Command::NewOco(ref l) => self.new_oco(l, out),
             Command::Cancel {
                 account,
                 market,
@@ -1112,10 +1264,10 @@ impl Engine {
         let slot = m.book.slot(id);
         let owner = if let Some(slot) = slot {
             m.book.node(slot).data.account
-        } else if let Some(&(side, stop)) = m.stop_index.get(&id) {
-            match side {
-                Side::Buy => m.stop_buys[&(stop, id)].order.account,
-                Side::Sell => m.stop_sells[&(stop, id)].order.account,
+        } else if let Some(&(dir, stop)) = m.stop_index.get(&id) {
+            match dir {
+                Trigger::Rise => m.stop_buys[&(stop, id)].order.account,
+                Trigger::Fall => m.stop_sells[&(stop, id)].order.account,
             }
         } else {
             return Err(RejectCode::UnknownOrder);
@@ -1175,14 +1327,17 @@ impl Engine {
             filled: node.data.filled,
             remaining: node.qty,
         });
+        if !self.list_of.is_empty() {
+            self.leg_left(node.id, out);
+        }
     }
 
     fn take_stop(&mut self, market: MarketId, id: OrderId) -> Option<StopOrder> {
         let m = &mut self.markets[market.0 as usize];
-        let (side, stop) = m.stop_index.remove(&id)?;
-        let s = match side {
-            Side::Buy => m.stop_buys.remove(&(stop, id)),
-            Side::Sell => m.stop_sells.remove(&(stop, id)),
+        let (dir, stop) = m.stop_index.remove(&id)?;
+        let s = match dir {
+            Trigger::Rise => m.stop_buys.remove(&(stop, id)),
+            Trigger::Fall => m.stop_sells.remove(&(stop, id)),
         }
         .expect("stop index and maps agree");
         self.forget_order(s.order.account, s.order.client_id);
@@ -1202,16 +1357,16 @@ impl Engine {
         let p = self.params[market.0 as usize];
         self.ledger
             .release(s.order.account, p.hold_asset(s.order.side), s.hold.0);
-        let qty = match s.order.order_type {
-            OrderType::StopLimit { qty, .. } | OrderType::StopMarket { qty, .. } => qty,
-            _ => Qty(0),
-        };
+        let qty = s.order.order_type.qty().unwrap_or(Qty(0));
         out.push(Event::OrderDone {
             info: stop_info(market, &s),
             reason,
             filled: Qty(0),
             remaining: qty,
         });
+        if !self.list_of.is_empty() {
+            self.leg_left(id, out);
+        }
     }
 
     /// Open quantity at `price` that an order can trade with: all of it, or what is not
@@ -1334,22 +1489,20 @@ impl Engine {
                     return Err(RejectCode::BelowMinNotional);
                 }
             }
-            OrderType::StopLimit { stop, price, qty } => {
+            OrderType::StopLimit { stop, price, qty }
+            | OrderType::TakeProfitLimit { stop, price, qty } => {
                 p.check_qty(qty)?;
                 p.check_price(stop)?;
                 p.check_price(price)?;
                 p.check_notional(price, qty)?;
             }
-            OrderType::StopMarket { stop, qty } => {
+            OrderType::StopMarket { stop, qty } | OrderType::TakeProfitMarket { stop, qty } => {
                 p.check_qty(qty)?;
                 p.check_price(stop)?;
             }
         }
         let is_limit = matches!(o.order_type, OrderType::Limit { .. });
-        let is_stop = matches!(
-            o.order_type,
-            OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
-        );
+        let is_stop = o.order_type.trigger_price().is_some();
         let is_market = !is_limit && !is_stop;
         if o.post_only && (!is_limit || matches!(o.tif, TimeInForce::Ioc | TimeInForce::Fok)) {
             return Err(RejectCode::InvalidOrder);
@@ -1387,7 +1540,8 @@ impl Engine {
         let mut market_qty = Qty(0);
         let hold = match (o.side, o.order_type) {
             (Side::Buy, OrderType::Limit { price, qty })
-            | (Side::Buy, OrderType::StopLimit { price, qty, .. }) => {
+            | (Side::Buy, OrderType::StopLimit { price, qty, .. })
+            | (Side::Buy, OrderType::TakeProfitLimit { price, qty, .. }) => {
                 worst_cost(&p, price, qty, p.max_fee_bps())
             }
             (Side::Buy, OrderType::Market { qty }) => {
@@ -1395,7 +1549,9 @@ impl Engine {
                 self.walk_buy_cost(mi, qty, expired_makers(o.stp, o.account))
             }
             (Side::Buy, OrderType::MarketBudget { budget }) => Some(budget),
-            (Side::Buy, OrderType::StopMarket { .. }) => Some(Amount(0)),
+            (Side::Buy, OrderType::StopMarket { .. } | OrderType::TakeProfitMarket { .. }) => {
+                Some(Amount(0))
+            }
             (Side::Sell, OrderType::MarketBudget { budget }) => {
                 market_qty = self.walk_sell_qty(mi, budget, expired_makers(o.stp, o.account));
                 p.base_amount(market_qty)
@@ -1406,7 +1562,9 @@ impl Engine {
             }
             (Side::Sell, OrderType::Limit { qty, .. })
             | (Side::Sell, OrderType::StopLimit { qty, .. })
-            | (Side::Sell, OrderType::StopMarket { qty, .. }) => p.base_amount(qty),
+            | (Side::Sell, OrderType::StopMarket { qty, .. })
+            | (Side::Sell, OrderType::TakeProfitLimit { qty, .. })
+            | (Side::Sell, OrderType::TakeProfitMarket { qty, .. }) => p.base_amount(qty),
         }
         .ok_or(RejectCode::InvalidAmount)?;
         let asset = p.hold_asset(o.side);
@@ -1448,25 +1606,11 @@ impl Engine {
         });
         self.ledger.hold(o.account, asset, hold.0);
         match o.order_type {
-            OrderType::StopLimit { stop, .. } | OrderType::StopMarket { stop, .. } => {
-                let s = StopOrder {
-                    id,
-                    order: *o,
-                    hold,
-                };
-                let m = &mut self.markets[mi];
-                match o.side {
-                    Side::Buy => m.stop_buys.insert((stop, id), s),
-                    Side::Sell => m.stop_sells.insert((stop, id), s),
-                };
-                m.stop_index.insert(id, (o.side, stop));
-                if let TimeInForce::Gtd(at) = o.tif {
-                    self.expiries.push(Reverse((at.0, id.0, o.market.0)));
-                }
-                self.accounts[o.account.0 as usize].open_orders += 1;
-                if let Some(c) = o.client_id {
-                    self.client_ids.insert((o.account, c), (o.market, id));
-                }
+            OrderType::StopLimit { .. }
+            | OrderType::StopMarket { .. }
+            | OrderType::TakeProfitLimit { .. }
+            | OrderType::TakeProfitMarket { .. } => {
+                self.insert_stop(id, o, hold);
             }
             OrderType::Limit { price, qty } => {
                 let t = Taker {
@@ -1512,6 +1656,9 @@ impl Engine {
         } else {
             self.match_taker(&mut t, out)
         };
+        if !self.list_fills.is_empty() {
+            self.end_filled_lists(out);
+        }
         let asset = p.hold_asset(t.info.side);
         let rests = end == MatchEnd::NoMore
             && t.limit.is_some()
@@ -1683,6 +1830,9 @@ impl Engine {
                 maker_remaining,
                 taker_remaining: if t.budget { Qty(0) } else { t.remaining },
             });
+            if !self.list_of.is_empty() {
+                leg_traded(&self.list_of, &mut self.list_fills, maker.id);
+            }
             let d = m.book.data_mut(slot);
             d.filled.0 += q.0;
             d.hold.0 = d
@@ -1713,8 +1863,10 @@ impl Engine {
         }
     }
 
-    /// Triggers stop orders while the last trade price reaches them: buy stops from the lowest
-    /// trigger price, then sell stops from the highest; equal prices in time order.
+    /// Triggers stop and take-profit orders while the last trade price reaches them: those that
+    /// trigger on a rise (stop buys, take-profit sells) from the lowest trigger price, then those
+    /// that trigger on a fall (stop sells, take-profit buys) from the highest; equal prices in
+    /// time order.
     fn process_triggers(&mut self, market: MarketId, out: &mut Vec<Event>) {
         let mi = market.0 as usize;
         if self.markets[mi].stop_index.is_empty() {
@@ -1739,12 +1891,26 @@ impl Engine {
                         .map(|(&(_, id), _)| id)
                 });
             let Some(id) = next else { return };
-            let s = self.take_stop(market, id).expect("found above");
+            let mut s = self.take_stop(market, id).expect("found above");
             let info = stop_info(market, &s);
             out.push(Event::OrderTriggered {
                 info,
                 last_price: last,
             });
+            if !self.list_of.is_empty() {
+                if let Some(&list) = self.list_of.get(&id) {
+                    self.end_list(list, Some(id), out);
+                    // It now stands alone: it holds what a lone order of its kind holds (the
+                    // shared hold was the larger, and the other leg's part was just released).
+                    let p = self.params[mi];
+                    let asset = p.hold_asset(s.order.side);
+                    let need = lone_hold(&p, &s.order).expect("checked when placed");
+                    self.ledger.release(s.order.account, asset, s.hold.0);
+                    debug_assert!(self.ledger.get(s.order.account, asset).available >= need.0);
+                    self.ledger.hold(s.order.account, asset, need.0);
+                    s.hold = need;
+                }
+            }
             self.run_triggered(info, s, out);
         }
     }
@@ -1754,7 +1920,8 @@ impl Engine {
         let p = self.params[mi];
         let o = s.order;
         match o.order_type {
-            OrderType::StopLimit { price, qty, .. } => {
+            OrderType::StopLimit { price, qty, .. }
+            | OrderType::TakeProfitLimit { price, qty, .. } => {
                 if o.tif == TimeInForce::Fok
                     && !self.fok_fillable(mi, o.side, price, qty, o.account, o.stp)
                 {
@@ -1779,7 +1946,7 @@ impl Engine {
                 };
                 self.run_taker(t, o.tif, false, out);
             }
-            OrderType::StopMarket { qty, .. } => {
+            OrderType::StopMarket { qty, .. } | OrderType::TakeProfitMarket { qty, .. } => {
                 let mut hold = s.hold;
                 if o.side == Side::Buy {
                     // A stop-market buy is priced when it triggers: hold what it costs now, or
@@ -1832,6 +1999,10 @@ impl Engine {
         let Some(slot) = slot else {
             return Err(RejectCode::InvalidAmend);
         };
+        if !self.list_of.is_empty() && self.is_leg(id) {
+            // A leg's hold is shared with the other leg: it is not amended (cancel the list).
+            return Err(RejectCode::InvalidAmend);
+        }
         let node = *self.markets[mi].book.node(slot);
         if new_price.is_none() && new_qty.is_none() {
             return Err(RejectCode::InvalidAmend);
@@ -1961,6 +2132,289 @@ impl Engine {
     }
 }
 
+impl Engine {
+    /// Puts an accepted stop or take-profit order into its market's trigger maps.
+    fn insert_stop(&mut self, id: OrderId, o: &NewOrder, hold: Amount) {
+        let (dir, stop) = o.order_type.trigger(o.side).expect("a trigger order");
+        let s = StopOrder {
+            id,
+            order: *o,
+            hold,
+        };
+        let m = &mut self.markets[o.market.0 as usize];
+        match dir {
+            Trigger::Rise => m.stop_buys.insert((stop, id), s),
+            Trigger::Fall => m.stop_sells.insert((stop, id), s),
+        };
+        m.stop_index.insert(id, (dir, stop));
+        if let TimeInForce::Gtd(at) = o.tif {
+            self.expiries.push(Reverse((at.0, id.0, o.market.0)));
+        }
+        self.accounts[o.account.0 as usize].open_orders += 1;
+        if let Some(c) = o.client_id {
+            self.client_ids.insert((o.account, c), (o.market, id));
+        }
+    }
+
+    /// Validates and places an OCO (see [`NewOco`]).
+    fn new_oco(&mut self, l: &NewOco, out: &mut Vec<Event>) -> Result<Accept, RejectCode> {
+        let [above, below] = l.legs;
+        self.check_account(above.account)?;
+        let _ = self.market_cfg(above.market)?;
+        if above.account == FEE_ACCOUNT {
+            return Err(RejectCode::FeeAccount);
+        }
+        if above.account != below.account
+            || above.market != below.market
+            || above.side != below.side
+        {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let (account, market, side) = (above.account, above.market, above.side);
+        let mi = market.0 as usize;
+        let p = self.params[mi];
+        let qty = above.order_type.qty().ok_or(RejectCode::InvalidOrder)?;
+        if below.order_type.qty() != Some(qty) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        // The profit leg: a limit maker or a take-profit order; the loss leg: a stop.
+        let profit = |o: &NewOrder| match o.order_type {
+            OrderType::Limit { .. } => o.post_only && o.tif == TimeInForce::Gtc,
+            OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. } => !o.post_only,
+            _ => false,
+        };
+        let loss = |o: &NewOrder| {
+            matches!(
+                o.order_type,
+                OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
+            ) && !o.post_only
+        };
+        let shape = match side {
+            Side::Sell => profit(&above) && loss(&below),
+            Side::Buy => loss(&above) && profit(&below),
+        };
+        if !shape {
+            return Err(RejectCode::InvalidOrder);
+        }
+        for o in [&above, &below] {
+            p.check_qty(qty)?;
+            if let Some(price) = o.order_type.limit_price() {
+                p.check_price(price)?;
+                p.check_notional(price, qty)?;
+            }
+            if let Some(stop) = o.order_type.trigger_price() {
+                p.check_price(stop)?;
+            }
+            match o.tif {
+                TimeInForce::Gtd(t) if t <= self.now => return Err(RejectCode::InvalidOrder),
+                TimeInForce::Fok => return Err(RejectCode::InvalidOrder),
+                _ => {}
+            }
+        }
+        // Where each leg works: a limit maker at its price, the others at their trigger.
+        let level = |o: &NewOrder| match o.order_type {
+            OrderType::Limit { price, .. } => price,
+            t => t.trigger_price().expect("a trigger order"),
+        };
+        let (hi, lo) = (level(&above), level(&below));
+        let m = &self.markets[mi];
+        if hi <= lo || m.last_price.is_some_and(|last| !(lo < last && last < hi)) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let maker = usize::from(matches!(below.order_type, OrderType::Limit { .. }));
+        let maker_leg = [&above, &below][maker];
+        if let OrderType::Limit { price, .. } = maker_leg.order_type {
+            let crosses = match side {
+                Side::Buy => m.book.best_ask().is_some_and(|a| a <= price),
+                Side::Sell => m.book.best_bid().is_some_and(|b| b >= price),
+            };
+            if crosses {
+                return Err(RejectCode::PostOnlyWouldTake);
+            }
+        }
+        if let (Some(a), Some(b)) = (above.client_id, below.client_id) {
+            if a == b {
+                return Err(RejectCode::DuplicateClientId);
+            }
+        }
+        for c in [above.client_id, below.client_id].into_iter().flatten() {
+            if self.client_ids.contains_key(&(account, c)) {
+                return Err(RejectCode::DuplicateClientId);
+            }
+        }
+        if self.accounts[account.0 as usize].open_orders + 2
+            > self.config.limits.max_open_orders_per_account
+        {
+            return Err(RejectCode::AccountOrderLimit);
+        }
+        if m.open_orders() + 2 > self.config.limits.max_orders_per_book as usize {
+            return Err(RejectCode::BookFull);
+        }
+        let needs = [lone_hold(&p, &above), lone_hold(&p, &below)];
+        let [Some(n0), Some(n1)] = needs else {
+            return Err(RejectCode::InvalidAmount);
+        };
+        // Held once: a sell's legs need the same base; a buy holds the larger quote need.
+        let hold = n0.max(n1);
+        let asset = p.hold_asset(side);
+        if self.ledger.get(account, asset).available < hold.0 {
+            return Err(RejectCode::InsufficientBalance);
+        }
+
+        // Validated: both legs are placed, neither trades or triggers.
+        let list = ListId(self.next_list_id);
+        self.next_list_id += 1;
+        let ids = [OrderId(self.next_order_id), OrderId(self.next_order_id + 1)];
+        self.next_order_id += 2;
+        let holder = if matches!(above.order_type, OrderType::Limit { .. }) {
+            0
+        } else {
+            maker
+        };
+        out.push(Event::OrderListNew {
+            list,
+            account,
+            market,
+            legs: ids,
+            client_id: l.list_client_id,
+        });
+        self.ledger.hold(account, asset, hold.0);
+        for (i, o) in [above, below].iter().enumerate() {
+            let id = ids[i];
+            out.push(Event::OrderNew {
+                info: OrderInfo {
+                    order: id,
+                    account,
+                    market,
+                    side,
+                    client_id: o.client_id,
+                },
+                order_type: o.order_type,
+                tif: o.tif,
+                post_only: o.post_only,
+                stp: o.stp,
+            });
+            let leg_hold = if i == holder { hold } else { Amount(0) };
+            if let OrderType::Limit { price, qty } = o.order_type {
+                let meta = OrderMeta {
+                    account,
+                    hold: leg_hold,
+                    filled: Qty(0),
+                    orig_qty: qty,
+                    stp: o.stp,
+                    post_only: true,
+                    tif: TimeInForce::Gtc,
+                    client_id: o.client_id,
+                };
+                let m = &mut self.markets[mi];
+                m.book
+                    .insert(id, side, price, qty, meta)
+                    .expect("room was checked");
+                mark_dirty(&mut m.dirty_levels, (side, price));
+                self.accounts[account.0 as usize].open_orders += 1;
+                if let Some(c) = o.client_id {
+                    self.client_ids.insert((account, c), (market, id));
+                }
+            } else {
+                self.insert_stop(id, o, leg_hold);
+            }
+        }
+        self.lists.insert(
+            list,
+            OrderList {
+                id: list,
+                account,
+                market,
+                legs: ids,
+                holder: holder as u8,
+                client_id: l.list_client_id,
+            },
+        );
+        self.list_of.insert(ids[0], list);
+        self.list_of.insert(ids[1], list);
+        Ok(Accept {
+            order: Some(ids[0]),
+            ..Accept::default()
+        })
+    }
+
+    /// Ends a live list: cancels its legs but `keep`, and trims `keep`'s hold to what it needs
+    /// on its own if it still rests.
+    fn end_list(&mut self, list: ListId, keep: Option<OrderId>, out: &mut Vec<Event>) {
+        let Some(l) = self.lists.remove(&list) else {
+            return;
+        };
+        for leg in l.legs {
+            self.list_of.remove(&leg);
+        }
+        for leg in l.legs {
+            if Some(leg) != keep {
+                self.cancel_one(l.market, leg, DoneReason::Cancelled, out);
+            }
+        }
+        if let Some(k) = keep {
+            let p = self.params[l.market.0 as usize];
+            let m = &mut self.markets[l.market.0 as usize];
+            if let Some(slot) = m.book.slot(k) {
+                let n = *m.book.node(slot);
+                if n.side == Side::Buy {
+                    let need =
+                        worst_cost(&p, n.price, n.qty, p.max_fee_bps()).expect("held before");
+                    if n.data.hold > need {
+                        m.book.data_mut(slot).hold = need;
+                        self.ledger
+                            .release(l.account, p.quote, n.data.hold.0 - need.0);
+                    }
+                }
+            }
+        }
+        out.push(Event::OrderListDone {
+            list,
+            account: l.account,
+            market: l.market,
+        });
+    }
+
+    /// An order left (cancelled, expired, expired by self-trade prevention): if it was a leg of
+    /// a live list, the list ends and its other leg is cancelled. Out of line: lists are rare
+    /// and the callers are on the hot path.
+    #[cold]
+    #[inline(never)]
+    fn leg_left(&mut self, id: OrderId, out: &mut Vec<Event>) {
+        if let Some(&list) = self.list_of.get(&id) {
+            self.end_list(list, None, out);
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn is_leg(&self, id: OrderId) -> bool {
+        self.list_of.contains_key(&id)
+    }
+
+    /// Ends the lists whose legs traded as makers in the last match (the leg keeps what is left).
+    #[cold]
+    fn end_filled_lists(&mut self, out: &mut Vec<Event>) {
+        let mut legs = std::mem::take(&mut self.list_fills);
+        for &leg in &legs {
+            if let Some(&list) = self.list_of.get(&leg) {
+                self.end_list(list, Some(leg), out);
+            }
+        }
+        legs.clear();
+        self.list_fills = legs;
+    }
+}
+
+/// A maker traded: if it is a leg of a live list, the list ends after the match.
+#[cold]
+#[inline(never)]
+fn leg_traded(list_of: &FxHashMap<OrderId, ListId>, fills: &mut Vec<OrderId>, id: OrderId) {
+    if list_of.contains_key(&id) {
+        fills.push(id);
+    }
+}
+
 fn stop_info(market: MarketId, s: &StopOrder) -> OrderInfo {
     OrderInfo {
         order: s.id,
@@ -1995,7 +2449,8 @@ pub struct MarketSnapshot {
     pub last_price: Option<Price>,
     /// Resting orders: bids from the best, then asks from the best; each level in time order.
     pub orders: Vec<RestingOrder>,
-    /// Waiting stop orders: buys by (stop, id), then sells by (stop, id).
+    /// Waiting stop and take-profit orders: those triggering on a rise by (stop, id), then those
+    /// triggering on a fall by (stop, id).
     pub stops: Vec<StopOrder>,
 }
 
@@ -2026,6 +2481,16 @@ pub struct EngineSnapshot {
     pub transfer_keys: Vec<IdempotencyKey>,
     /// Withdrawals, by id.
     pub withdrawals: Vec<(WithdrawalId, Withdrawal)>,
+    /// Next order list id (snapshot format 2; format 1 had no lists).
+    pub next_list_id: u64,
+    /// Live order lists, by id.
+    pub lists: Vec<OrderList>,
+}
+
+impl EngineSnapshot {
+    /// The postcard bytes that turn a format-1 payload (before order lists) into a format-2
+    /// one: `next_list_id = 1` and no lists, appended after the last format-1 field.
+    pub const V1_TO_V2_TRAILER: [u8; 2] = [1, 0];
 }
 
 /// A snapshot that does not describe a valid engine.
@@ -2091,6 +2556,8 @@ impl Engine {
             credit_keys,
             transfer_keys,
             withdrawals,
+            next_list_id: self.next_list_id,
+            lists: self.lists.values().copied().collect(),
         }
     }
 
@@ -2162,19 +2629,21 @@ impl Engine {
             }
             for st in ms.stops {
                 let account = st.order.account.0 as usize;
-                let stop = match st.order.order_type {
-                    OrderType::StopLimit { stop, .. } | OrderType::StopMarket { stop, .. } => stop,
-                    _ => return Err(SnapshotError::Inconsistent("stop")),
+                let Some((dir, stop)) = st.order.order_type.trigger(st.order.side) else {
+                    return Err(SnapshotError::Inconsistent("stop"));
                 };
                 if account >= e.accounts.len() {
                     return Err(SnapshotError::Inconsistent("stop account"));
                 }
                 new_id(st.id)?;
-                match st.order.side {
-                    Side::Buy => m.stop_buys.insert((stop, st.id), st),
-                    Side::Sell => m.stop_sells.insert((stop, st.id), st),
+                let dup = match dir {
+                    Trigger::Rise => m.stop_buys.insert((stop, st.id), st),
+                    Trigger::Fall => m.stop_sells.insert((stop, st.id), st),
                 };
-                m.stop_index.insert(st.id, (st.order.side, stop));
+                if dup.is_some() {
+                    return Err(SnapshotError::Inconsistent("stop listed twice"));
+                }
+                m.stop_index.insert(st.id, (dir, stop));
                 if let TimeInForce::Gtd(t) = st.order.tif {
                     e.expiries.push(Reverse((t.0, st.id.0, market.0)));
                 }
@@ -2192,6 +2661,17 @@ impl Engine {
         e.credit_keys = s.credit_keys.into_iter().collect();
         e.transfer_keys = s.transfer_keys.into_iter().collect();
         e.withdrawals = s.withdrawals.into_iter().collect();
+        e.next_list_id = s.next_list_id;
+        for l in s.lists {
+            if e.lists.insert(l.id, l).is_some() {
+                return Err(SnapshotError::Inconsistent("list listed twice"));
+            }
+            for leg in l.legs {
+                if e.list_of.insert(leg, l.id).is_some() {
+                    return Err(SnapshotError::Inconsistent("order in two lists"));
+                }
+            }
+        }
         e.validate().map_err(SnapshotError::Inconsistent)?;
         Ok(e)
     }
@@ -2228,6 +2708,15 @@ impl crate::StateMachine for Engine {
     }
     fn state_hash(&self) -> [u8; 32] {
         Engine::state_hash(self)
+    }
+    fn upgrade_snapshot_payload(version: u32, payload: &mut Vec<u8>) -> bool {
+        match version {
+            1 => {
+                payload.extend_from_slice(&EngineSnapshot::V1_TO_V2_TRAILER);
+                true
+            }
+            _ => false,
+        }
     }
     fn validate(&self) -> Result<(), crate::RestoreError> {
         Engine::validate(self).map_err(Into::into)

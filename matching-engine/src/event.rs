@@ -5,8 +5,8 @@ use crate::command::{OrderType, StpMode, TimeInForce};
 use crate::engine::Withdrawal;
 use crate::reject::RejectCode;
 use crate::units::{
-    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
-    Timestamp, TradeId, WithdrawalId,
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, ListId, MarketId, OrderId, Price,
+    Qty, Side, Timestamp, TradeId, WithdrawalId,
 };
 use serde::{Deserialize, Serialize};
 
@@ -239,5 +239,29 @@ pub enum Event {
         key: IdempotencyKey,
         /// True when a credit with this key was applied.
         credited: bool,
+    },
+    /// An order list (OCO) was placed: its legs follow as [`Event::OrderNew`]s (Binance's
+    /// `listStatusType` `EXEC_STARTED`).
+    OrderListNew {
+        /// The list.
+        list: ListId,
+        /// Owner.
+        account: AccountId,
+        /// Market.
+        market: MarketId,
+        /// `[above, below]`.
+        legs: [OrderId; 2],
+        /// The list's client id.
+        client_id: Option<ClientOrderId>,
+    },
+    /// An order list is done (`ALL_DONE`): one leg filled, triggered, was cancelled or expired,
+    /// and the other was cancelled (its [`Event::OrderDone`] comes before this).
+    OrderListDone {
+        /// The list.
+        list: ListId,
+        /// Owner.
+        account: AccountId,
+        /// Market.
+        market: MarketId,
     },
 }

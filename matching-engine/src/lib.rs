@@ -30,16 +30,17 @@ pub mod sequencer;
 pub mod snapshot;
 pub mod units;
 
-pub use command::{Command, NewOrder, OrderRef, OrderType, StpMode, TimeInForce};
+pub use command::{Command, NewOco, NewOrder, OrderRef, OrderType, StpMode, TimeInForce, Trigger};
 pub use config::{AssetConfig, EngineConfig, Limits, MarketConfig};
 pub use engine::{
-    Engine, EngineSnapshot, OrderMeta, OrderView, Withdrawal, WithdrawalState, FEE_ACCOUNT,
+    Engine, EngineSnapshot, OrderList, OrderMeta, OrderView, Withdrawal, WithdrawalState,
+    FEE_ACCOUNT,
 };
 pub use event::{DoneReason, Event, OrderInfo};
 pub use reject::RejectCode;
 pub use units::{
-    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, MarketId, OrderId, Price, Qty, Side,
-    Timestamp, TradeId, WithdrawalId,
+    AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, ListId, MarketId, OrderId, Price,
+    Qty, Side, Timestamp, TradeId, WithdrawalId,
 };
 
 /// Why [`StateMachine::restore`] refused a snapshot.
@@ -79,6 +80,12 @@ pub trait StateMachine {
         Self: Sized;
     /// SHA-256 of the canonical encoding of the state.
     fn state_hash(&self) -> [u8; 32];
+    /// Turns the payload of a snapshot written in an older format `version` into one of the
+    /// current format, in place; false when that version is not known. The default knows none.
+    fn upgrade_snapshot_payload(version: u32, payload: &mut Vec<u8>) -> bool {
+        let _ = (version, payload);
+        false
+    }
     /// Checks the state's invariants (in release builds too): the sequencer runs it before every
     /// snapshot, and a server after recovery. The default checks nothing.
     fn validate(&self) -> Result<(), RestoreError> {

@@ -31,8 +31,10 @@ use std::path::{Path, PathBuf};
 
 /// The magic bytes that open every snapshot file.
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MEDSNAP1";
-/// The snapshot format version written and accepted.
-pub const SNAPSHOT_VERSION: u32 = 1;
+/// The snapshot format version written and accepted. Older versions are accepted when
+/// [`StateMachine::upgrade_snapshot_payload`] knows them (the engine: version 1, before order
+/// lists).
+pub const SNAPSHOT_VERSION: u32 = 2;
 /// Length of the snapshot header in bytes.
 pub const SNAPSHOT_HEADER_BYTES: usize = 60;
 
@@ -158,7 +160,8 @@ pub fn read_snapshot<S: StateMachine>(path: &Path, seq: u64) -> Result<S, Snapsh
     if header[0..8] != SNAPSHOT_MAGIC {
         return Err(invalid("bad magic"));
     }
-    if header[8..12] != SNAPSHOT_VERSION.to_le_bytes() {
+    let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    if version > SNAPSHOT_VERSION {
         return Err(invalid("unknown version"));
     }
     if header[12..20] != seq.to_le_bytes() {
@@ -170,6 +173,16 @@ pub fn read_snapshot<S: StateMachine>(path: &Path, seq: u64) -> Result<S, Snapsh
     if header[28..60] != Sha256::digest(payload)[..] {
         return Err(invalid("checksum mismatch"));
     }
+    let mut upgraded;
+    let payload = if version == SNAPSHOT_VERSION {
+        payload
+    } else {
+        upgraded = payload.to_vec();
+        if !S::upgrade_snapshot_payload(version, &mut upgraded) {
+            return Err(invalid("unknown version"));
+        }
+        &upgraded[..]
+    };
     let snapshot: S::Snapshot =
         postcard::from_bytes(payload).map_err(|_| invalid("payload does not decode"))?;
     let state = S::restore(snapshot).map_err(|e| SnapshotError::Inconsistent {

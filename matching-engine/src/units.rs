@@ -113,6 +113,10 @@ id!(
     OrderId(u64)
 );
 id!(
+    /// An order list (OCO), assigned by the engine, increasing, never reused.
+    ListId(u64)
+);
+id!(
     /// A trade, assigned by the engine, increasing per engine.
     TradeId(u64)
 );

@@ -1019,7 +1019,7 @@ fn credit_is_idempotent_by_key() {
         amount: Amount(500),
         key,
     };
-    h.cmd(c).unwrap();
+    h.cmd(c.clone()).unwrap();
     let seq = h.e.seq();
     let ev = h.cmd(c).unwrap();
     assert!(matches!(
@@ -1418,4 +1418,741 @@ fn credit_status_answers_whether_a_key_was_credited() {
     })
     .unwrap();
     assert!(query(&mut h, key));
+}
+
+/// Take-profit orders (issue 9): the mirror of the stops. One row per case: the order's side and
+/// type, the trades that happen before, and whether it has triggered after each.
+#[test]
+fn take_profit_orders_trigger_on_the_mirror_side_of_stops() {
+    struct Case {
+        name: &'static str,
+        side: Side,
+        limit: Option<u64>,
+        stop: u64,
+        /// Last trade prices made one after the other, and whether the order has triggered
+        /// after each.
+        path: &'static [(u64, bool)],
+    }
+    let cases = [
+        Case {
+            name: "take-profit sell triggers when the price rises to the stop",
+            side: Side::Sell,
+            limit: None,
+            stop: 110,
+            path: &[(100, false), (109, false), (110, true)],
+        },
+        Case {
+            name: "take-profit-limit sell triggers above the stop too",
+            side: Side::Sell,
+            limit: Some(108),
+            stop: 110,
+            path: &[(105, false), (112, true)],
+        },
+        Case {
+            name: "take-profit sell does not trigger on a fall",
+            side: Side::Sell,
+            limit: None,
+            stop: 110,
+            path: &[(100, false), (90, false), (80, false)],
+        },
+        Case {
+            name: "take-profit buy triggers when the price falls to the stop",
+            side: Side::Buy,
+            limit: None,
+            stop: 90,
+            path: &[(100, false), (91, false), (90, true)],
+        },
+        Case {
+            name: "take-profit-limit buy triggers below the stop too",
+            side: Side::Buy,
+            limit: Some(92),
+            stop: 90,
+            path: &[(95, false), (85, true)],
+        },
+        Case {
+            name: "take-profit buy does not trigger on a rise",
+            side: Side::Buy,
+            limit: Some(92),
+            stop: 90,
+            path: &[(95, false), (120, false)],
+        },
+    ];
+    for c in cases {
+        let mut h = H::new();
+        let mm = h.account(1_000, 1_000_000);
+        let t = h.account(10, 100_000);
+        // Prices are made by a pair of crossing orders of the market maker; liquidity for the
+        // triggered order rests far away on its other side.
+        let (first, _) = c.path[0];
+        h.limit(mm, Side::Buy, first, 1);
+        h.order(lim(mm, Side::Sell, first, 1)).unwrap();
+        let mut o = lim(t, c.side, 0, 0);
+        o.order_type = match c.limit {
+            Some(price) => OrderType::TakeProfitLimit {
+                stop: Price(c.stop),
+                price: Price(price),
+                qty: Qty(2),
+            },
+            None => OrderType::TakeProfitMarket {
+                stop: Price(c.stop),
+                qty: Qty(2),
+            },
+        };
+        let (id, ev) = h.order(o).unwrap();
+        assert!(
+            !ev.iter().any(|e| matches!(e, Event::OrderTriggered { .. })),
+            "{}: triggered at once",
+            c.name
+        );
+        let view = h.e.order(M, id).unwrap();
+        assert_eq!(view.stop, Some(Price(c.stop)), "{}", c.name);
+        let held = match c.side {
+            Side::Sell => (8, 2),
+            Side::Buy => {
+                let q = c.limit.map_or(0, |p| p * 2 + p * 2 * 10 / 10_000);
+                (100_000 - q, q)
+            }
+        };
+        let asset = if c.side == Side::Sell { BASE } else { QUOTE };
+        assert_eq!(h.bal(t, asset), held, "{}: hold", c.name);
+        let mut triggered = false;
+        for &(price, expect) in &c.path[1..] {
+            h.limit(mm, Side::Buy, price, 1);
+            let (_, ev) = h.order(lim(mm, Side::Sell, price, 1)).unwrap();
+            if ev
+                .iter()
+                .any(|e| matches!(e, Event::OrderTriggered { info, .. } if info.order == id))
+            {
+                triggered = true;
+            }
+            assert_eq!(triggered, expect, "{}: after a trade at {price}", c.name);
+            assert_eq!(h.e.order(M, id).is_some(), !triggered || c.limit.is_some());
+        }
+    }
+}
+
+#[test]
+fn triggered_take_profit_market_sell_trades_and_take_profit_limit_rests() {
+    let mut h = H::new();
+    let mm = h.account(1_000, 1_000_000);
+    let t = h.account(10, 0);
+    h.limit(mm, Side::Buy, 100, 1);
+    h.order(lim(mm, Side::Sell, 100, 1)).unwrap();
+    // Equal trigger prices go in time order: the limit one first (it rests and does not move
+    // the price), then the market one.
+    let mut tpl = lim(t, Side::Sell, 0, 0);
+    tpl.order_type = OrderType::TakeProfitLimit {
+        stop: Price(110),
+        price: Price(130),
+        qty: Qty(2),
+    };
+    let (tpl_id, _) = h.order(tpl).unwrap();
+    let mut tp = lim(t, Side::Sell, 0, 0);
+    tp.order_type = OrderType::TakeProfitMarket {
+        stop: Price(110),
+        qty: Qty(3),
+    };
+    let (tp_id, _) = h.order(tp).unwrap();
+    assert_eq!(h.bal(t, BASE), (5, 5));
+    // Bids for the triggered market sell, then a trade at 110.
+    h.limit(mm, Side::Buy, 105, 10);
+    h.limit(mm, Side::Buy, 110, 1);
+    let (_, ev) = h.order(lim(mm, Side::Sell, 110, 1)).unwrap();
+    let fills: Vec<_> = trades(&ev)
+        .iter()
+        .filter(|x| x.taker == tp_id)
+        .map(|x| (x.price, x.qty))
+        .collect();
+    assert_eq!(fills, vec![(105, 3)]);
+    // The limit one rests at 130, holding its 2 lots.
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, Event::OrderTriggered { info, .. } if info.order == tpl_id)));
+    assert_eq!(h.book(Side::Sell), vec![(130, 2)]);
+    assert_eq!(h.bal(t, BASE), (5, 2));
+    // A snapshot round trip keeps everything.
+    let again = Engine::from_snapshot(h.e.snapshot()).unwrap();
+    assert_eq!(again.state_hash(), h.e.state_hash());
+}
+
+#[test]
+fn take_profit_validation_is_the_stops() {
+    let mut h = H::new();
+    let t = h.account(10, 1_000);
+    let tp = |order_type, tif| {
+        let mut o = with_tif(lim(t, Side::Buy, 0, 0), tif);
+        o.order_type = order_type;
+        o
+    };
+    let cases = [
+        (
+            "zero stop",
+            tp(
+                OrderType::TakeProfitMarket {
+                    stop: Price(0),
+                    qty: Qty(1),
+                },
+                TimeInForce::Gtc,
+            ),
+            RejectCode::PriceOffTick,
+        ),
+        (
+            "zero quantity",
+            tp(
+                OrderType::TakeProfitLimit {
+                    stop: Price(10),
+                    price: Price(10),
+                    qty: Qty(0),
+                },
+                TimeInForce::Gtc,
+            ),
+            RejectCode::ZeroQuantity,
+        ),
+        (
+            "fill or kill",
+            tp(
+                OrderType::TakeProfitLimit {
+                    stop: Price(10),
+                    price: Price(10),
+                    qty: Qty(1),
+                },
+                TimeInForce::Fok,
+            ),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "more than the account has",
+            tp(
+                OrderType::TakeProfitLimit {
+                    stop: Price(10),
+                    price: Price(100),
+                    qty: Qty(10),
+                },
+                TimeInForce::Gtc,
+            ),
+            RejectCode::InsufficientBalance,
+        ),
+    ];
+    for (name, o, code) in cases {
+        assert_eq!(h.order(o).unwrap_err(), code, "{name}");
+    }
+}
+
+// ---- Order lists (OCO), issue 9 ----
+
+fn leg(a: AccountId, side: Side, order_type: OrderType) -> NewOrder {
+    let mut o = lim(a, side, 0, 0);
+    o.order_type = order_type;
+    if matches!(order_type, OrderType::Limit { .. }) {
+        o.post_only = true;
+    }
+    o
+}
+
+fn maker(a: AccountId, side: Side, price: u64, qty: u64) -> NewOrder {
+    leg(
+        a,
+        side,
+        OrderType::Limit {
+            price: Price(price),
+            qty: Qty(qty),
+        },
+    )
+}
+
+fn stop_limit(a: AccountId, side: Side, stop: u64, price: u64, qty: u64) -> NewOrder {
+    leg(
+        a,
+        side,
+        OrderType::StopLimit {
+            stop: Price(stop),
+            price: Price(price),
+            qty: Qty(qty),
+        },
+    )
+}
+
+fn stop_market(a: AccountId, side: Side, stop: u64, qty: u64) -> NewOrder {
+    leg(
+        a,
+        side,
+        OrderType::StopMarket {
+            stop: Price(stop),
+            qty: Qty(qty),
+        },
+    )
+}
+
+impl H {
+    /// Places an OCO `[above, below]`; returns the two leg ids and the list id.
+    fn oco(
+        &mut self,
+        above: NewOrder,
+        below: NewOrder,
+    ) -> Result<([OrderId; 2], ListId), RejectCode> {
+        let ev = self.cmd(Command::NewOco(Box::new(NewOco {
+            legs: [above, below],
+            list_client_id: None,
+        })))?;
+        let (list, legs) = ev
+            .iter()
+            .find_map(|e| match *e {
+                Event::OrderListNew { list, legs, .. } => Some((list, legs)),
+                _ => None,
+            })
+            .expect("OrderListNew");
+        assert_eq!(self.e.order_list(list).unwrap().legs, legs);
+        for l in legs {
+            assert_eq!(self.e.order(M, l).unwrap().list, Some(list));
+        }
+        Ok((legs, list))
+    }
+
+    /// Makes a trade at `price` between two orders of `mm`'s (self-trades allowed: STP none).
+    fn print(&mut self, mm: AccountId, price: u64) -> Vec<Event> {
+        self.limit(mm, Side::Buy, price, 1);
+        self.order(lim(mm, Side::Sell, price, 1)).unwrap().1
+    }
+}
+
+fn list_done(ev: &[Event], list: ListId) -> bool {
+    ev.iter()
+        .any(|e| matches!(e, Event::OrderListDone { list: l, .. } if *l == list))
+}
+
+fn done_reason(ev: &[Event], id: OrderId) -> Option<DoneReason> {
+    ev.iter().find_map(|e| match e {
+        Event::OrderDone { info, reason, .. } if info.order == id => Some(*reason),
+        _ => None,
+    })
+}
+
+#[test]
+fn oco_sell_holds_its_quantity_once() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    // Exactly 5 lots: enough for the pair, since it holds once.
+    let t = h.account(5, 0);
+    let ([a, b], list) = h
+        .oco(
+            maker(t, Side::Sell, 110, 5),
+            stop_limit(t, Side::Sell, 90, 89, 5),
+        )
+        .unwrap();
+    assert_eq!(h.bal(t, BASE), (0, 5));
+    assert_eq!(h.e.open_orders(t, None).len(), 2);
+    assert_eq!(h.book(Side::Sell), vec![(110, 5)]);
+    assert_eq!(h.e.order(M, b).unwrap().stop, Some(Price(90)));
+    assert!(h.e.order_list(list).is_some());
+    let _ = a;
+    // One lot short: refused, nothing changed (H::cmd checks the state hash).
+    let poor = h.account(4, 0);
+    assert_eq!(
+        h.oco(
+            maker(poor, Side::Sell, 110, 5),
+            stop_limit(poor, Side::Sell, 90, 89, 5)
+        )
+        .unwrap_err(),
+        RejectCode::InsufficientBalance
+    );
+}
+
+#[test]
+fn oco_buy_holds_the_larger_of_its_legs() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(0, 10_000);
+    // Below: a limit maker buy at 90 (cost 450 + fee 0 = 450); above: a stop-limit buy at
+    // 110 limit 120 (600 + 1 = 601 with the 20 bps allowance).
+    h.oco(
+        stop_limit(t, Side::Buy, 110, 120, 5),
+        maker(t, Side::Buy, 90, 5),
+    )
+    .unwrap();
+    assert_eq!(h.bal(t, QUOTE), (10_000 - 601, 601));
+    // A stop-market above needs nothing until it triggers: the maker's 450 is the larger.
+    let u = h.account(0, 10_000);
+    h.oco(
+        stop_market(u, Side::Buy, 110, 5),
+        maker(u, Side::Buy, 90, 5),
+    )
+    .unwrap();
+    assert_eq!(h.bal(u, QUOTE), (10_000 - 450, 450));
+}
+
+#[test]
+fn oco_fill_of_the_limit_leg_cancels_the_stop_leg() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(5, 0);
+    let ([a, b], list) = h
+        .oco(
+            maker(t, Side::Sell, 110, 5),
+            stop_limit(t, Side::Sell, 90, 89, 5),
+        )
+        .unwrap();
+    // A partial fill: the stop leg is cancelled, the limit leg keeps resting alone.
+    let (_, ev) = h.order(lim(mm, Side::Buy, 110, 2)).unwrap();
+    assert_eq!(done_reason(&ev, b), Some(DoneReason::Cancelled));
+    assert!(list_done(&ev, list));
+    assert!(h.e.order_list(list).is_none());
+    let v = h.e.order(M, a).unwrap();
+    assert_eq!((v.remaining, v.list), (Qty(3), None));
+    assert_eq!(h.bal(t, BASE), (0, 3));
+    // A price fall no longer triggers anything of t's.
+    let ev = h.print(mm, 80);
+    assert!(!ev.iter().any(|e| matches!(e, Event::OrderTriggered { .. })));
+    // The rest fills as a lone order.
+    h.order(lim(mm, Side::Buy, 110, 3)).unwrap();
+    assert_eq!(h.bal(t, BASE), (0, 0));
+    assert!(h.e.open_orders(t, None).is_empty());
+}
+
+#[test]
+fn oco_trigger_of_the_stop_leg_cancels_the_limit_leg() {
+    for market in [false, true] {
+        let mut h = H::new();
+        let mm = h.account(100, 1_000_000);
+        h.print(mm, 100);
+        let t = h.account(5, 0);
+        let below = if market {
+            stop_market(t, Side::Sell, 90, 5)
+        } else {
+            stop_limit(t, Side::Sell, 90, 85, 5)
+        };
+        let ([a, b], list) = h.oco(maker(t, Side::Sell, 110, 5), below).unwrap();
+        // Bids the triggered sell trades with, then a trade at 90.
+        h.limit(mm, Side::Buy, 88, 10);
+        let ev = h.print(mm, 90);
+        assert!(ev
+            .iter()
+            .any(|e| matches!(e, Event::OrderTriggered { info, .. } if info.order == b)));
+        assert_eq!(done_reason(&ev, a), Some(DoneReason::Cancelled));
+        assert!(list_done(&ev, list));
+        let fills: Vec<_> = trades(&ev)
+            .iter()
+            .filter(|x| x.taker == b)
+            .map(|x| (x.price, x.qty))
+            .collect();
+        assert_eq!(fills, vec![(88, 5)], "market leg: {market}");
+        assert_eq!(h.bal(t, BASE), (0, 0));
+        // 440 at 20 bps is a fee of 0.88, rounded down to 0.
+        assert_eq!(h.bal(t, QUOTE).0, 88 * 5);
+        assert!(h.e.open_orders(t, None).is_empty());
+    }
+}
+
+#[test]
+fn oco_buy_stop_leg_triggers_with_the_shared_hold() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(0, 10_000);
+    let ([a, b], list) = h
+        .oco(
+            stop_limit(t, Side::Buy, 110, 120, 5),
+            maker(t, Side::Buy, 90, 5),
+        )
+        .unwrap();
+    h.limit(mm, Side::Sell, 115, 10);
+    let ev = h.print(mm, 110);
+    assert_eq!(done_reason(&ev, b), Some(DoneReason::Cancelled));
+    assert!(list_done(&ev, list));
+    let fills: Vec<_> = trades(&ev)
+        .iter()
+        .filter(|x| x.taker == a)
+        .map(|x| (x.price, x.qty))
+        .collect();
+    assert_eq!(fills, vec![(115, 5)]);
+    assert_eq!(h.bal(t, BASE), (5, 0));
+    assert_eq!(h.bal(t, QUOTE), (10_000 - 575 - 1, 0));
+}
+
+#[test]
+fn oco_take_profit_and_stop_legs() {
+    // Sell: a take-profit above, a stop below; the rise triggers the take-profit.
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(5, 0);
+    let tp = leg(
+        t,
+        Side::Sell,
+        OrderType::TakeProfitLimit {
+            stop: Price(110),
+            price: Price(109),
+            qty: Qty(5),
+        },
+    );
+    let ([a, b], list) = h.oco(tp, stop_market(t, Side::Sell, 90, 5)).unwrap();
+    assert_eq!(h.bal(t, BASE), (0, 5));
+    let ev = h.print(mm, 110);
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, Event::OrderTriggered { info, .. } if info.order == a)));
+    assert_eq!(done_reason(&ev, b), Some(DoneReason::Cancelled));
+    assert!(list_done(&ev, list));
+    // The take-profit-limit rests at 109 alone, holding its 5 lots.
+    assert_eq!(h.book(Side::Sell), vec![(109, 5)]);
+    assert_eq!(h.bal(t, BASE), (0, 5));
+}
+
+#[test]
+fn oco_cancel_of_either_leg_or_all_cancels_the_list() {
+    for how in 0..4 {
+        let mut h = H::new();
+        let mm = h.account(100, 1_000_000);
+        h.print(mm, 100);
+        let t = h.account(5, 0);
+        let mut above = maker(t, Side::Sell, 110, 5);
+        above.client_id = Some(ClientOrderId::new("up").unwrap());
+        let ([a, b], list) = h.oco(above, stop_limit(t, Side::Sell, 90, 89, 5)).unwrap();
+        let cmd = match how {
+            0 => Command::Cancel {
+                account: t,
+                market: M,
+                order: OrderRef::Id(a),
+            },
+            1 => Command::Cancel {
+                account: t,
+                market: M,
+                order: OrderRef::Id(b),
+            },
+            2 => Command::Cancel {
+                account: t,
+                market: M,
+                order: OrderRef::Client(ClientOrderId::new("up").unwrap()),
+            },
+            _ => Command::CancelAll {
+                account: t,
+                market: None,
+            },
+        };
+        let ev = h.cmd(cmd).unwrap();
+        assert_eq!(done_reason(&ev, a), Some(DoneReason::Cancelled), "{how}");
+        assert_eq!(done_reason(&ev, b), Some(DoneReason::Cancelled), "{how}");
+        assert!(list_done(&ev, list));
+        assert_eq!(h.bal(t, BASE), (5, 0));
+        assert!(h.e.open_orders(t, None).is_empty());
+        assert!(h
+            .e
+            .order_by_client_id(t, &ClientOrderId::new("up").unwrap())
+            .is_none());
+    }
+}
+
+#[test]
+fn oco_limit_leg_expired_by_self_trade_prevention_ends_the_list() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(5, 10_000);
+    let ([a, b], list) = h
+        .oco(
+            maker(t, Side::Sell, 110, 5),
+            stop_limit(t, Side::Sell, 90, 89, 5),
+        )
+        .unwrap();
+    let mut buy = lim(t, Side::Buy, 110, 1);
+    buy.stp = StpMode::ExpireMaker;
+    let (_, ev) = h.order(buy).unwrap();
+    assert_eq!(done_reason(&ev, a), Some(DoneReason::SelfTrade));
+    assert_eq!(done_reason(&ev, b), Some(DoneReason::Cancelled));
+    assert!(list_done(&ev, list));
+    assert_eq!(h.bal(t, BASE), (5, 0));
+}
+
+#[test]
+fn oco_legs_cannot_be_amended() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(5, 0);
+    let ([a, _], _) = h
+        .oco(
+            maker(t, Side::Sell, 110, 5),
+            stop_limit(t, Side::Sell, 90, 89, 5),
+        )
+        .unwrap();
+    assert_eq!(
+        h.cmd(Command::Amend {
+            account: t,
+            market: M,
+            order: OrderRef::Id(a),
+            new_price: None,
+            new_qty: Some(Qty(2)),
+        })
+        .unwrap_err(),
+        RejectCode::InvalidAmend
+    );
+}
+
+#[test]
+fn oco_validation_table() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.limit(mm, Side::Buy, 95, 1);
+    h.print(mm, 100);
+    h.limit(mm, Side::Sell, 120, 1);
+    let t = h.account(50, 100_000);
+    let mut taker_leg = maker(t, Side::Sell, 110, 5);
+    taker_leg.post_only = false;
+    let mut dup_a = maker(t, Side::Sell, 110, 5);
+    dup_a.client_id = Some(ClientOrderId::new("x").unwrap());
+    let mut dup_b = stop_limit(t, Side::Sell, 90, 89, 5);
+    dup_b.client_id = Some(ClientOrderId::new("x").unwrap());
+    let mut fok = stop_limit(t, Side::Sell, 90, 89, 5);
+    fok.tif = TimeInForce::Fok;
+    let cases: Vec<(&str, NewOrder, NewOrder, RejectCode)> = vec![
+        (
+            "sell: the stop must be below",
+            stop_limit(t, Side::Sell, 110, 109, 5),
+            maker(t, Side::Sell, 90, 5),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "buy: the maker must be below",
+            maker(t, Side::Buy, 110, 5),
+            stop_limit(t, Side::Buy, 90, 91, 5),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "the limit leg is a limit maker",
+            taker_leg,
+            stop_limit(t, Side::Sell, 90, 89, 5),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "quantities differ",
+            maker(t, Side::Sell, 110, 5),
+            stop_limit(t, Side::Sell, 90, 89, 4),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "sides differ",
+            maker(t, Side::Sell, 110, 5),
+            stop_limit(t, Side::Buy, 90, 89, 5),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "the stop is above the last price (would trigger at once)",
+            maker(t, Side::Sell, 110, 5),
+            stop_limit(t, Side::Sell, 101, 100, 5),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "the maker price is below the last price",
+            maker(t, Side::Sell, 99, 5),
+            stop_limit(t, Side::Sell, 90, 89, 5),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "a fill-or-kill leg",
+            maker(t, Side::Sell, 110, 5),
+            fok,
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "the same client id twice",
+            dup_a,
+            dup_b,
+            RejectCode::DuplicateClientId,
+        ),
+        (
+            "more than the account has",
+            maker(t, Side::Sell, 110, 51),
+            stop_limit(t, Side::Sell, 90, 89, 51),
+            RejectCode::InsufficientBalance,
+        ),
+    ];
+    for (name, above, below, code) in cases {
+        assert_eq!(h.oco(above, below).unwrap_err(), code, "{name}");
+    }
+    // A buy maker that would cross the ask at 120 (last 100: a buy's maker is below 100, so it
+    // cannot cross; checked here for a sell maker above the bid instead).
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    h.limit(mm, Side::Buy, 99, 1);
+    let t = h.account(50, 0);
+    // The bid at 99 is below the maker at 101: fine.
+    h.oco(
+        maker(t, Side::Sell, 101, 5),
+        stop_limit(t, Side::Sell, 90, 89, 5),
+    )
+    .unwrap();
+}
+
+#[test]
+fn oco_survives_a_snapshot_round_trip_and_replays_identically() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(10, 10_000);
+    h.oco(
+        maker(t, Side::Sell, 110, 5),
+        stop_limit(t, Side::Sell, 90, 89, 5),
+    )
+    .unwrap();
+    h.oco(
+        stop_limit(t, Side::Buy, 110, 120, 5),
+        maker(t, Side::Buy, 90, 5),
+    )
+    .unwrap();
+    let snap = h.e.snapshot();
+    assert_eq!(snap.lists.len(), 2);
+    let mut again = Engine::from_snapshot(snap.clone()).unwrap();
+    assert_eq!(again.state_hash(), h.e.state_hash());
+    // The same command on both gives the same events and state.
+    let cmd = Command::NewOrder(lim(mm, Side::Buy, 110, 2));
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    h.e.apply(&cmd, Timestamp(h.now + 1), &mut x).unwrap();
+    again.apply(&cmd, Timestamp(h.now + 1), &mut y).unwrap();
+    assert_eq!(x, y);
+    assert!(x.iter().any(|e| matches!(e, Event::OrderListDone { .. })));
+    assert_eq!(again.state_hash(), h.e.state_hash());
+    // A snapshot whose holder leg holds nothing is refused.
+    let mut bad = snap;
+    for m in &mut bad.markets {
+        for o in &mut m.orders {
+            if o.meta.account == t && o.side == Side::Sell {
+                o.meta.hold = Amount(0);
+            }
+        }
+    }
+    assert!(Engine::from_snapshot(bad).is_err());
+}
+
+#[test]
+fn a_format_1_snapshot_without_lists_still_loads() {
+    use matching_engine::snapshot::{read_snapshot, snapshot_file_name, write_snapshot};
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    h.limit(mm, Side::Sell, 120, 3);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_snapshot(dir.path(), &h.e).unwrap();
+    // Rewrite it as format 1: without the two trailing list fields.
+    let bytes = std::fs::read(&path).unwrap();
+    let payload = &bytes[60..bytes.len() - EngineSnapshot::V1_TO_V2_TRAILER.len()];
+    assert_eq!(
+        &bytes[bytes.len() - 2..],
+        &EngineSnapshot::V1_TO_V2_TRAILER[..]
+    );
+    let mut v1 = bytes[..60].to_vec();
+    v1[8..12].copy_from_slice(&1u32.to_le_bytes());
+    v1[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    use sha2::Digest;
+    v1[28..60].copy_from_slice(&sha2::Sha256::digest(payload));
+    v1.extend_from_slice(payload);
+    std::fs::write(dir.path().join(snapshot_file_name(h.e.seq())), &v1).unwrap();
+    let e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
+    assert_eq!(e.state_hash(), h.e.state_hash());
+    // An unknown future version is refused.
+    v1[8..12].copy_from_slice(&3u32.to_le_bytes());
+    std::fs::write(&path, &v1).unwrap();
+    assert!(read_snapshot::<Engine>(&path, h.e.seq()).is_err());
 }

@@ -21,7 +21,16 @@
 //!   and may trade at once;
 //! * stops trigger on the last trade price (buys at or above their stop, lowest first; then sells
 //!   at or below, highest first; ties in time order); a stop-market buy is priced when triggered;
+//!   take-profit orders are the mirror (a sell triggers at or above its stop, with the stop buys;
+//!   a buy at or below, with the stop sells);
 //! * GTD orders, resting or waiting stops, expire at the first command at or after their time;
+//! * an OCO (`Command::NewOco`) places both legs or neither: a sell's above leg is a limit maker
+//!   or take-profit, its below leg a stop (a buy the other way round), one quantity, the above
+//!   leg's level (limit price, else trigger) above the last price and the below leg's under it;
+//!   it holds once (a sell its base, a buy the larger quote need, on the limit maker or else the
+//!   above leg); the first fill, trigger, cancel or expiry of a leg cancels the other (a
+//!   triggered leg then holds what it would alone; a partly filled buy maker keeps only its own
+//!   worst cost), and its legs cannot be amended;
 //! * withdrawals hold `amount + fee`; completion pays the unused flat fee to the fee account;
 //! * a rejected command changes nothing (but GTD expiries due at its time).
 //!
@@ -32,7 +41,7 @@
 
 use matching_engine::{
     AccountId, Amount, AssetConfig, AssetId, ClientOrderId, Command, DoneReason, Engine,
-    EngineConfig, Event, IdempotencyKey, Limits, MarketConfig, MarketId, NewOrder, OrderId,
+    EngineConfig, Event, IdempotencyKey, Limits, MarketConfig, MarketId, NewOco, NewOrder, OrderId,
     OrderRef, OrderType, Price, Qty, RejectCode, Side, StpMode, TimeInForce, Timestamp,
     WithdrawalId, WithdrawalState,
 };
@@ -128,6 +137,13 @@ enum Ev {
         order: u64,
         last_price: u64,
     },
+    ListNew {
+        list: u64,
+        legs: [u64; 2],
+    },
+    ListDone {
+        list: u64,
+    },
     /// The answer to a credit query.
     CreditStatus {
         key: [u8; 36],
@@ -166,6 +182,9 @@ struct RStop {
     account: u32,
     side: Side,
     stop: u64,
+    /// Triggers when the last price rises to `stop` (stop buy, take-profit sell), else when it
+    /// falls to it.
+    rise: bool,
     /// Limit price once triggered; `None` for a stop-market order.
     limit: Option<u64>,
     qty: u64,
@@ -217,8 +236,20 @@ struct Taker {
     budget_buy: bool,
 }
 
+/// A live OCO: `legs` are `[above, below]`; `holder` holds for both.
+#[derive(Clone, Debug)]
+struct RList {
+    id: u64,
+    legs: [u64; 2],
+    holder: usize,
+}
+
 #[derive(Default)]
 struct Reference {
+    lists: Vec<RList>,
+    next_list_id: u64,
+    /// Makers of list legs that traded during the current match.
+    list_fills: Vec<u64>,
     accounts: u32,
     bal: BTreeMap<(u32, u16), (u64, u64)>,
     /// All resting orders of both sides, unordered: every query scans.
@@ -278,6 +309,7 @@ impl Reference {
         let mut r = Reference {
             accounts: 1,
             next_order_id: 1,
+            next_list_id: 1,
             maker_bps: maker_bps.into(),
             taker_bps: taker_bps.into(),
             ..Reference::default()
@@ -379,6 +411,39 @@ impl Reference {
             filled: 0,
             remaining: s.qty,
         });
+        self.end_list_of(s.id, None, evs);
+    }
+
+    /// Ends the live list `id` is a leg of, if any: cancels the other legs (not `keep`), trims a
+    /// still-resting `keep` buy to its own worst cost, and reports the list done.
+    fn end_list_of(&mut self, id: u64, keep: Option<u64>, evs: &mut Vec<Ev>) {
+        let Some(li) = self.lists.iter().position(|l| l.legs.contains(&id)) else {
+            return;
+        };
+        let l = self.lists.remove(li);
+        for leg in l.legs {
+            if Some(leg) == keep {
+                continue;
+            }
+            if let Some(i) = self.orders.iter().position(|o| o.id == leg) {
+                self.remove(i, DoneReason::Cancelled, evs);
+            } else if let Some(i) = self.stops.iter().position(|o| o.id == leg) {
+                self.remove_stop(i, DoneReason::Cancelled, evs);
+            }
+        }
+        if let Some(k) = keep {
+            if let Some(i) = self.orders.iter().position(|o| o.id == k) {
+                let o = self.orders[i].clone();
+                if o.side == Side::Buy {
+                    let need = self.bid_hold(o.price, o.open);
+                    if o.hold > need {
+                        self.orders[i].hold = need;
+                        self.release(o.account, QUOTE, o.hold - need);
+                    }
+                }
+            }
+        }
+        evs.push(Ev::ListDone { list: l.id });
     }
 
     /// Expires every GTD order (resting or waiting stop) whose time has come, earliest first.
@@ -414,6 +479,207 @@ impl Reference {
             filled: o.filled,
             remaining: o.open,
         });
+        // A maker that filled ends its list once the match is over (see `list_fills`).
+        if reason != DoneReason::Filled {
+            self.end_list_of(o.id, None, evs);
+        }
+    }
+
+    /// What an order holds on its own: a buy its worst cost at its limit price (nothing for a
+    /// market buy), a sell its quantity.
+    fn lone_hold(&self, o: &NewOrder) -> u64 {
+        match (o.side, o.order_type) {
+            (
+                Side::Buy,
+                OrderType::Limit { price, qty }
+                | OrderType::StopLimit { price, qty, .. }
+                | OrderType::TakeProfitLimit { price, qty, .. },
+            ) => self.bid_hold(price.0, qty.0),
+            (Side::Buy, _) => 0,
+            (Side::Sell, t) => t.qty().map_or(0, |q| q.0),
+        }
+    }
+
+    fn new_oco(&mut self, l: &NewOco, evs: &mut Vec<Ev>) -> Result<(), RejectCode> {
+        let [above, below] = l.legs;
+        if !self.exists(above.account) {
+            return Err(RejectCode::UnknownAccount);
+        }
+        if above.market != M {
+            return Err(RejectCode::UnknownMarket);
+        }
+        if above.account.0 == 0 {
+            return Err(RejectCode::FeeAccount);
+        }
+        if above.account != below.account
+            || above.market != below.market
+            || above.side != below.side
+        {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let (a, side) = (above.account.0, above.side);
+        let qty = above.order_type.qty().ok_or(RejectCode::InvalidOrder)?;
+        if below.order_type.qty() != Some(qty) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let maker_leg = |o: &NewOrder| {
+            matches!(o.order_type, OrderType::Limit { .. })
+                && o.post_only
+                && o.tif == TimeInForce::Gtc
+        };
+        let profit = |o: &NewOrder| {
+            maker_leg(o)
+                || (matches!(
+                    o.order_type,
+                    OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. }
+                ) && !o.post_only)
+        };
+        let loss = |o: &NewOrder| {
+            matches!(
+                o.order_type,
+                OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
+            ) && !o.post_only
+        };
+        let ok = match side {
+            Side::Sell => profit(&above) && loss(&below),
+            Side::Buy => loss(&above) && profit(&below),
+        };
+        if !ok {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let price_of = |o: &NewOrder| -> (Option<u64>, Option<u64>) {
+            match o.order_type {
+                OrderType::Limit { price, .. } => (Some(price.0), None),
+                OrderType::StopLimit { stop, price, .. }
+                | OrderType::TakeProfitLimit { stop, price, .. } => (Some(price.0), Some(stop.0)),
+                OrderType::StopMarket { stop, .. } | OrderType::TakeProfitMarket { stop, .. } => {
+                    (None, Some(stop.0))
+                }
+                _ => (None, None),
+            }
+        };
+        for o in [&above, &below] {
+            Self::check_qty(qty.0)?;
+            let (price, stop) = price_of(o);
+            if let Some(price) = price {
+                Self::check_price(price)?;
+                Self::check_notional(price, qty.0)?;
+            }
+            if let Some(stop) = stop {
+                Self::check_price(stop)?;
+            }
+            match o.tif {
+                TimeInForce::Gtd(t) if t.0 <= self.now => return Err(RejectCode::InvalidOrder),
+                TimeInForce::Fok => return Err(RejectCode::InvalidOrder),
+                _ => {}
+            }
+        }
+        // A limit maker works at its price, the others at their trigger.
+        let level = |o: &NewOrder| {
+            let (price, stop) = price_of(o);
+            stop.or(price).unwrap()
+        };
+        let (hi, lo) = (level(&above), level(&below));
+        if hi <= lo
+            || self
+                .last_price
+                .is_some_and(|last| !(lo < last && last < hi))
+        {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let m = if maker_leg(&below) { 1 } else { 0 };
+        let mk = [&above, &below][m];
+        if let OrderType::Limit { price, .. } = mk.order_type {
+            let crossing = self
+                .best(side.opposite())
+                .is_some_and(|j| crosses(side, price.0, self.orders[j].price));
+            if crossing {
+                return Err(RejectCode::PostOnlyWouldTake);
+            }
+        }
+        if above.client_id.is_some() && above.client_id == below.client_id {
+            return Err(RejectCode::DuplicateClientId);
+        }
+        for c in [above.client_id, below.client_id].into_iter().flatten() {
+            if self
+                .orders
+                .iter()
+                .any(|x| x.account == a && x.client == Some(c))
+                || self
+                    .stops
+                    .iter()
+                    .any(|x| x.account == a && x.client == Some(c))
+            {
+                return Err(RejectCode::DuplicateClientId);
+            }
+        }
+        if self.open_count(a) + 2 > MAX_OPEN_PER_ACCOUNT {
+            return Err(RejectCode::AccountOrderLimit);
+        }
+        if self.orders.len() + self.stops.len() + 2 > MAX_BOOK {
+            return Err(RejectCode::BookFull);
+        }
+        let hold = self.lone_hold(&above).max(self.lone_hold(&below));
+        let asset = hold_asset(side);
+        if self.avail(a, asset) < hold {
+            return Err(RejectCode::InsufficientBalance);
+        }
+        let list = self.next_list_id;
+        self.next_list_id += 1;
+        let ids = [self.next_order_id, self.next_order_id + 1];
+        self.next_order_id += 2;
+        let holder = if maker_leg(&above) { 0 } else { m };
+        evs.push(Ev::ListNew { list, legs: ids });
+        self.hold(a, asset, hold);
+        for (i, o) in [above, below].into_iter().enumerate() {
+            evs.push(Ev::New { order: ids[i] });
+            let h = if i == holder { hold } else { 0 };
+            let (price, stop) = price_of(&o);
+            match stop {
+                None => {
+                    self.next_prio += 1;
+                    self.orders.push(ROrder {
+                        id: ids[i],
+                        account: a,
+                        side,
+                        price: price.unwrap(),
+                        open: qty.0,
+                        filled: 0,
+                        hold: h,
+                        prio: self.next_prio,
+                        post_only: true,
+                        stp: o.stp,
+                        tif: TimeInForce::Gtc,
+                        client: o.client_id,
+                    });
+                }
+                Some(stop) => {
+                    let take_profit = matches!(
+                        o.order_type,
+                        OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. }
+                    );
+                    self.stops.push(RStop {
+                        id: ids[i],
+                        account: a,
+                        side,
+                        stop,
+                        rise: (side == Side::Buy) != take_profit,
+                        limit: price,
+                        qty: qty.0,
+                        hold: h,
+                        tif: o.tif,
+                        stp: o.stp,
+                        client: o.client_id,
+                    });
+                }
+            }
+        }
+        self.lists.push(RList {
+            id: list,
+            legs: ids,
+            holder,
+        });
+        Ok(())
     }
 
     fn find(&self, account: AccountId, market: MarketId, r: OrderRef) -> Result<Found, RejectCode> {
@@ -542,6 +808,7 @@ impl Reference {
                 self.add_avail(to.0, asset.0, i128::from(amount.0));
             }
             Command::NewOrder(o) => self.new_order(&o, &mut evs)?,
+            Command::NewOco(ref l) => self.new_oco(l, &mut evs)?,
             Command::Cancel {
                 account,
                 market,
@@ -573,8 +840,8 @@ impl Reference {
                 for id in ids {
                     if let Some(i) = self.orders.iter().position(|o| o.id == id) {
                         self.remove(i, DoneReason::Cancelled, &mut evs);
-                    } else {
-                        let i = self.stops.iter().position(|o| o.id == id).unwrap();
+                    } else if let Some(i) = self.stops.iter().position(|o| o.id == id) {
+                        // (The other leg of a list is gone with the first.)
                         self.remove_stop(i, DoneReason::Cancelled, &mut evs);
                     }
                 }
@@ -747,7 +1014,10 @@ impl Reference {
         let is_limit = matches!(o.order_type, OrderType::Limit { .. });
         let is_stop = matches!(
             o.order_type,
-            OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
+            OrderType::StopLimit { .. }
+                | OrderType::StopMarket { .. }
+                | OrderType::TakeProfitLimit { .. }
+                | OrderType::TakeProfitMarket { .. }
         );
         let is_market = !is_limit && !is_stop;
         match o.order_type {
@@ -765,13 +1035,14 @@ impl Reference {
                     return Err(RejectCode::BelowMinNotional);
                 }
             }
-            OrderType::StopLimit { stop, price, qty } => {
+            OrderType::StopLimit { stop, price, qty }
+            | OrderType::TakeProfitLimit { stop, price, qty } => {
                 Self::check_qty(qty.0)?;
                 Self::check_price(stop.0)?;
                 Self::check_price(price.0)?;
                 Self::check_notional(price.0, qty.0)?;
             }
-            OrderType::StopMarket { stop, qty } => {
+            OrderType::StopMarket { stop, qty } | OrderType::TakeProfitMarket { stop, qty } => {
                 Self::check_qty(qty.0)?;
                 Self::check_price(stop.0)?;
             }
@@ -831,12 +1102,21 @@ impl Reference {
                 qty.0
             }
             (Side::Sell, OrderType::Limit { qty, .. }) => qty.0,
-            (Side::Buy, OrderType::StopLimit { price, qty, .. }) => self.bid_hold(price.0, qty.0),
-            // A stop-market buy is priced (and held for) only when it triggers.
-            (Side::Buy, OrderType::StopMarket { .. }) => 0,
-            (Side::Sell, OrderType::StopLimit { qty, .. } | OrderType::StopMarket { qty, .. }) => {
-                qty.0
-            }
+            (
+                Side::Buy,
+                OrderType::StopLimit { price, qty, .. }
+                | OrderType::TakeProfitLimit { price, qty, .. },
+            ) => self.bid_hold(price.0, qty.0),
+            // A stop-market (or take-profit market) buy is priced (and held for) only when it
+            // triggers.
+            (Side::Buy, OrderType::StopMarket { .. } | OrderType::TakeProfitMarket { .. }) => 0,
+            (
+                Side::Sell,
+                OrderType::StopLimit { qty, .. }
+                | OrderType::StopMarket { qty, .. }
+                | OrderType::TakeProfitLimit { qty, .. }
+                | OrderType::TakeProfitMarket { qty, .. },
+            ) => qty.0,
         };
         let asset = hold_asset(o.side);
         if self.avail(o.account.0, asset) < hold {
@@ -860,18 +1140,22 @@ impl Reference {
         self.next_order_id += 1;
         evs.push(Ev::New { order: id });
         self.hold(o.account.0, asset, hold);
-        if let OrderType::StopLimit { stop, .. } | OrderType::StopMarket { stop, .. } = o.order_type
-        {
-            let (limit, qty) = match o.order_type {
-                OrderType::StopLimit { price, qty, .. } => (Some(price.0), qty.0),
-                OrderType::StopMarket { qty, .. } => (None, qty.0),
+        if is_stop {
+            let (stop, limit, qty, take_profit) = match o.order_type {
+                OrderType::StopLimit { stop, price, qty } => (stop.0, Some(price.0), qty.0, false),
+                OrderType::StopMarket { stop, qty } => (stop.0, None, qty.0, false),
+                OrderType::TakeProfitLimit { stop, price, qty } => {
+                    (stop.0, Some(price.0), qty.0, true)
+                }
+                OrderType::TakeProfitMarket { stop, qty } => (stop.0, None, qty.0, true),
                 _ => unreachable!(),
             };
             self.stops.push(RStop {
                 id,
                 account: o.account.0,
                 side: o.side,
-                stop: stop.0,
+                stop,
+                rise: (o.side == Side::Buy) != take_profit,
                 limit,
                 qty,
                 hold,
@@ -912,17 +1196,29 @@ impl Reference {
         loop {
             let Some(last) = self.last_price else { return };
             let buy = (0..self.stops.len())
-                .filter(|&i| self.stops[i].side == Side::Buy && self.stops[i].stop <= last)
+                .filter(|&i| self.stops[i].rise && self.stops[i].stop <= last)
                 .min_by_key(|&i| (self.stops[i].stop, self.stops[i].id));
             let sell = (0..self.stops.len())
-                .filter(|&i| self.stops[i].side == Side::Sell && self.stops[i].stop >= last)
+                .filter(|&i| !self.stops[i].rise && self.stops[i].stop >= last)
                 .min_by_key(|&i| (u64::MAX - self.stops[i].stop, self.stops[i].id));
             let Some(i) = buy.or(sell) else { return };
-            let s = self.stops.remove(i);
+            let mut s = self.stops.remove(i);
             evs.push(Ev::Triggered {
                 order: s.id,
                 last_price: last,
             });
+            if self.lists.iter().any(|l| l.legs.contains(&s.id)) {
+                self.end_list_of(s.id, Some(s.id), evs);
+                // Alone now: it holds what it would have held as a lone order.
+                let need = match (s.side, s.limit) {
+                    (Side::Buy, Some(price)) => self.bid_hold(price, s.qty),
+                    (Side::Buy, None) => 0,
+                    (Side::Sell, _) => s.qty,
+                };
+                self.release(s.account, hold_asset(s.side), s.hold);
+                self.hold(s.account, hold_asset(s.side), need);
+                s.hold = need;
+            }
             let mut hold = s.hold;
             if s.limit.is_none() && s.side == Side::Buy {
                 // Priced now: hold what buying `qty` costs now, or what the account has.
@@ -970,6 +1266,9 @@ impl Reference {
         evs: &mut Vec<Ev>,
     ) {
         let end = self.match_taker(&mut t, evs);
+        for leg in std::mem::take(&mut self.list_fills) {
+            self.end_list_of(leg, Some(leg), evs);
+        }
         let asset = hold_asset(t.side);
         if let (End::NoMore, Some(price), TimeInForce::Gtc | TimeInForce::Gtd(_)) =
             (&end, t.limit, tif)
@@ -1076,6 +1375,9 @@ impl Reference {
             t.hold -= taker_paid;
             t.open -= q;
             t.filled += q;
+            if self.lists.iter().any(|l| l.legs.contains(&maker.id)) {
+                self.list_fills.push(maker.id);
+            }
             let m = &mut self.orders[mi];
             m.hold -= maker_paid;
             m.open -= q;
@@ -1113,6 +1415,13 @@ impl Reference {
             Found::Resting(i) => i,
             Found::Stop(_) => return Err(RejectCode::InvalidAmend),
         };
+        if self
+            .lists
+            .iter()
+            .any(|l| l.legs.contains(&self.orders[i].id))
+        {
+            return Err(RejectCode::InvalidAmend);
+        }
         if new_price.is_none() && new_qty.is_none() {
             return Err(RejectCode::InvalidAmend);
         }
@@ -1229,6 +1538,30 @@ impl Reference {
     }
 }
 
+/// A live OCO: (list id, [above, below], holder).
+type ListRow = (u64, [u64; 2], usize);
+
+impl Reference {
+    fn list_rows(&self) -> Vec<ListRow> {
+        let mut v: Vec<ListRow> = self
+            .lists
+            .iter()
+            .map(|l| (l.id, l.legs, l.holder))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+fn engine_list_rows(e: &Engine) -> Vec<ListRow> {
+    let mut v: Vec<ListRow> = (0..e.account_count() as u32)
+        .flat_map(|a| e.open_order_lists(AccountId(a)))
+        .map(|l| (l.id.0, [l.legs[0].0, l.legs[1].0], usize::from(l.holder)))
+        .collect();
+    v.sort_unstable();
+    v
+}
+
 fn engine_stop_rows(e: &Engine) -> Vec<StopRow> {
     let mut v: Vec<StopRow> = (0..e.account_count() as u32)
         .flat_map(|a| e.open_orders(AccountId(a), Some(M)))
@@ -1320,6 +1653,11 @@ fn engine_evs(events: &[Event]) -> (bool, Vec<Ev>) {
                 order: info.order.0,
                 last_price: last_price.0,
             }),
+            Event::OrderListNew { list, legs, .. } => v.push(Ev::ListNew {
+                list: list.0,
+                legs: [legs[0].0, legs[1].0],
+            }),
+            Event::OrderListDone { list, .. } => v.push(Ev::ListDone { list: list.0 }),
             Event::OrderAmended {
                 info,
                 price,
@@ -1426,6 +1764,10 @@ fn arb_order_type() -> impl Strategy<Value = OrderType> {
         2 => (arb_price(), arb_price(), arb_qty())
             .prop_map(|(stop, price, qty)| OrderType::StopLimit { stop, price, qty }),
         1 => (arb_price(), arb_qty()).prop_map(|(stop, qty)| OrderType::StopMarket { stop, qty }),
+        1 => (arb_price(), arb_price(), arb_qty())
+            .prop_map(|(stop, price, qty)| OrderType::TakeProfitLimit { stop, price, qty }),
+        1 => (arb_price(), arb_qty())
+            .prop_map(|(stop, qty)| OrderType::TakeProfitMarket { stop, qty }),
     ]
 }
 
@@ -1470,9 +1812,124 @@ fn arb_asset() -> impl Strategy<Value = AssetId> {
     prop_oneof![10 => 0u16..N_ASSETS, 1 => Just(N_ASSETS)].prop_map(AssetId)
 }
 
+/// OCOs around the traded prices: mostly well formed (profit leg above a sell's stop, below a
+/// buy's), sometimes with the legs swapped, quantities that differ or a fill-or-kill leg.
+fn arb_oco() -> impl Strategy<Value = NewOco> {
+    (
+        (
+            arb_account(),
+            prop_oneof![Just(Side::Buy), Just(Side::Sell)],
+            arb_qty(),
+        ),
+        (992u64..=1002, 1u64..=8, 0u64..=3),
+        (0u8..3, 0u8..2, arb_stp()),
+        (arb_client(), arb_client()),
+        prop_oneof![12 => Just(0u8), 1 => Just(1), 1 => Just(2), 1 => Just(3)],
+    )
+        .prop_map(
+            |((account, side, qty), (lo, gap, off), (profit, loss, stp), (c0, c1), twist)| {
+                let hi = lo + gap;
+                let mk = |order_type, post_only, client_id| NewOrder {
+                    account,
+                    market: M,
+                    side,
+                    order_type,
+                    tif: TimeInForce::Gtc,
+                    post_only,
+                    stp,
+                    client_id,
+                };
+                // The profit leg at `at`, the loss leg at `at`, with limit prices `off` beyond.
+                let profit_leg = |at: u64, client| {
+                    let toward = if side == Side::Sell {
+                        at - off
+                    } else {
+                        at + off
+                    };
+                    match profit {
+                        0 => mk(
+                            OrderType::Limit {
+                                price: Price(at),
+                                qty,
+                            },
+                            true,
+                            client,
+                        ),
+                        1 => mk(
+                            OrderType::TakeProfitLimit {
+                                stop: Price(at),
+                                price: Price(toward),
+                                qty,
+                            },
+                            false,
+                            client,
+                        ),
+                        _ => mk(
+                            OrderType::TakeProfitMarket {
+                                stop: Price(at),
+                                qty,
+                            },
+                            false,
+                            client,
+                        ),
+                    }
+                };
+                let loss_leg = |at: u64, client| {
+                    let beyond = if side == Side::Sell {
+                        at - off
+                    } else {
+                        at + off
+                    };
+                    match loss {
+                        0 => mk(
+                            OrderType::StopLimit {
+                                stop: Price(at),
+                                price: Price(beyond),
+                                qty,
+                            },
+                            false,
+                            client,
+                        ),
+                        _ => mk(
+                            OrderType::StopMarket {
+                                stop: Price(at),
+                                qty,
+                            },
+                            false,
+                            client,
+                        ),
+                    }
+                };
+                let mut legs = match side {
+                    Side::Sell => [profit_leg(hi, c0), loss_leg(lo, c1)],
+                    Side::Buy => [loss_leg(hi, c0), profit_leg(lo, c1)],
+                };
+                match twist {
+                    1 => legs.swap(0, 1),
+                    2 => {
+                        legs[1].order_type = match legs[1].order_type {
+                            OrderType::Limit { price, qty } => OrderType::Limit {
+                                price,
+                                qty: Qty(qty.0 + 1),
+                            },
+                            t => t,
+                        }
+                    }
+                    3 => legs[1].tif = TimeInForce::Fok,
+                    _ => {}
+                }
+                NewOco {
+                    legs,
+                    list_client_id: None,
+                }
+            },
+        )
+}
+
 fn arb_command() -> impl Strategy<Value = Command> {
     prop_oneof![
         12 => arb_new_order().prop_map(Command::NewOrder),
+        3 => arb_oco().prop_map(|l| Command::NewOco(Box::new(l))),
         3 => (arb_account(), arb_market(), arb_ref())
             .prop_map(|(account, market, order)| Command::Cancel { account, market, order }),
         1 => (arb_account(), prop::option::of(arb_market()))
@@ -1583,7 +2040,7 @@ fn resolve(op: &Op, e: &Engine, now: Timestamp) -> Command {
             }
             Command::NewOrder(o)
         }
-        Op::Cmd(c) => c,
+        Op::Cmd(ref c) => c.clone(),
         Op::CancelOpen { pick, by_client } => match pick_order(pick, by_client) {
             Some((account, order)) => Command::Cancel {
                 account,
@@ -1689,6 +2146,13 @@ fn check_against_reference(ops: &[Op], fees: (u16, u16)) -> Result<(), TestCaseE
             engine_stop_rows(&e),
             r.stop_rows(),
             "step {}: stops after {:?}",
+            i,
+            cmd
+        );
+        prop_assert_eq!(
+            engine_list_rows(&e),
+            r.list_rows(),
+            "step {}: order lists after {:?}",
             i,
             cmd
         );

@@ -73,7 +73,7 @@ impl Run {
     }
 
     fn ok(&mut self, cmd: Command) -> Vec<Event> {
-        let (res, out) = self.apply(cmd);
+        let (res, out) = self.apply(cmd.clone());
         assert_eq!(res, Ok(()), "{cmd:?}: {out:?}");
         out
     }

@@ -26,8 +26,8 @@
 
 use matching_engine::{
     AccountId, Amount, AssetConfig, AssetId, Command, Engine, EngineConfig, Event, IdempotencyKey,
-    Limits, MarketConfig, MarketId, NewOrder, OrderRef, OrderType, Price, Qty, RejectCode, Side,
-    StpMode, TimeInForce, Timestamp, WithdrawalId,
+    Limits, MarketConfig, MarketId, NewOco, NewOrder, OrderRef, OrderType, Price, Qty, RejectCode,
+    Side, StpMode, TimeInForce, Timestamp, WithdrawalId,
 };
 use std::collections::{BTreeMap, HashMap};
 
@@ -391,9 +391,9 @@ impl OrderTracker {
                 ..
             } => {
                 let limit = match order_type {
-                    OrderType::Limit { price, .. } | OrderType::StopLimit { price, .. } => {
-                        Some(price)
-                    }
+                    OrderType::Limit { price, .. }
+                    | OrderType::StopLimit { price, .. }
+                    | OrderType::TakeProfitLimit { price, .. } => Some(price),
                     _ => None,
                 };
                 let gtd = match tif {
@@ -581,7 +581,7 @@ impl Driver {
             78..=83 => OrderType::MarketBudget {
                 budget: Amount(self.rng.range(1, 20) * self.mid[m] * [5, 3][m]),
             },
-            84..=91 => {
+            84..=88 => {
                 let stop = self.price(m, 8);
                 OrderType::StopLimit {
                     stop,
@@ -589,7 +589,19 @@ impl Driver {
                     qty,
                 }
             }
-            _ => OrderType::StopMarket {
+            89..=92 => {
+                let stop = self.price(m, 8);
+                OrderType::TakeProfitLimit {
+                    stop,
+                    price: self.price(m, 12),
+                    qty,
+                }
+            }
+            93..=96 => OrderType::StopMarket {
+                stop: self.price(m, 8),
+                qty,
+            },
+            _ => OrderType::TakeProfitMarket {
                 stop: self.price(m, 8),
                 qty,
             },
@@ -618,6 +630,100 @@ impl Driver {
         }
     }
 
+    /// An OCO around the market's last price (most are accepted; some are refused because the
+    /// price moved, the account lacks funds or a limit maker would cross).
+    fn new_oco(&mut self, e: &Engine, account: AccountId) -> NewOco {
+        let m = self.rng.range(0, 1) as usize;
+        let market = MarketId(m as u16);
+        let side = if self.rng.chance(50) {
+            Side::Buy
+        } else {
+            Side::Sell
+        };
+        let qty = Qty(self.rng.range(1, 30));
+        let last = e.last_price(market).map_or(self.mid[m], |p| p.0);
+        let hi = last + self.rng.range(1, 12);
+        let lo = last.saturating_sub(self.rng.range(1, 12)).max(1);
+        let off = self.rng.range(0, 3);
+        let (profit, loss) = (self.rng.range(0, 2), self.rng.range(0, 1));
+        let stp = self.stp();
+        let leg = |order_type, post_only| NewOrder {
+            account,
+            market,
+            side,
+            order_type,
+            tif: TimeInForce::Gtc,
+            post_only,
+            stp,
+            client_id: None,
+        };
+        // The profit leg at `at` (a limit maker, or a take-profit with its limit `off` toward
+        // the market), the loss leg at `at` (a stop, its limit `off` beyond).
+        let profit_leg = |at: u64| {
+            let toward = if side == Side::Sell {
+                at - off
+            } else {
+                at + off
+            };
+            match profit {
+                0 => leg(
+                    OrderType::Limit {
+                        price: Price(at),
+                        qty,
+                    },
+                    true,
+                ),
+                1 => leg(
+                    OrderType::TakeProfitLimit {
+                        stop: Price(at),
+                        price: Price(toward),
+                        qty,
+                    },
+                    false,
+                ),
+                _ => leg(
+                    OrderType::TakeProfitMarket {
+                        stop: Price(at),
+                        qty,
+                    },
+                    false,
+                ),
+            }
+        };
+        let loss_leg = |at: u64| {
+            let beyond = if side == Side::Sell {
+                at - off
+            } else {
+                at + off
+            };
+            match loss {
+                0 => leg(
+                    OrderType::StopLimit {
+                        stop: Price(at),
+                        price: Price(beyond),
+                        qty,
+                    },
+                    false,
+                ),
+                _ => leg(
+                    OrderType::StopMarket {
+                        stop: Price(at),
+                        qty,
+                    },
+                    false,
+                ),
+            }
+        };
+        let legs = match side {
+            Side::Sell => [profit_leg(hi), loss_leg(lo)],
+            Side::Buy => [loss_leg(hi), profit_leg(lo)],
+        };
+        NewOco {
+            legs,
+            list_client_id: None,
+        }
+    }
+
     fn command(&mut self, e: &Engine) -> Command {
         // The mid price drifts so that stops trigger and old orders end up deep in the book.
         for m in 0..self.mid.len() {
@@ -632,7 +738,8 @@ impl Driver {
         let asset = AssetId(self.rng.range(0, u64::from(N_ASSETS) - 1) as u16);
         let roll = self.rng.range(0, 99);
         match roll {
-            0..=49 => Command::NewOrder(self.new_order(account)),
+            0..=4 => Command::NewOco(Box::new(self.new_oco(e, account))),
+            5..=49 => Command::NewOrder(self.new_order(account)),
             50..=59 => match self.pick_open(e, account) {
                 Some((market, order)) => Command::Cancel {
                     account,
@@ -808,6 +915,9 @@ struct Outcome {
     trades: usize,
     triggered: usize,
     expired: usize,
+    /// OCO lists placed, and ended.
+    lists: usize,
+    lists_done: usize,
     /// Rejections for balance, and market orders ended for balance.
     insufficient: usize,
 }
@@ -845,6 +955,8 @@ fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
         trades: 0,
         triggered: 0,
         expired: 0,
+        lists: 0,
+        lists_done: 0,
         insufficient: 0,
     };
     // Open and fund the accounts.
@@ -865,7 +977,7 @@ fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
     for i in 0..total {
         ctx.step = i;
         let cmd = if i < setup.len() {
-            setup[i]
+            setup[i].clone()
         } else {
             d.now += d.rng.range(0, 300) * MS;
             d.command(&e)
@@ -880,7 +992,7 @@ fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
             if e.seq() != seq + 1 {
                 fail(format!("seq jumped from {seq} to {}", e.seq()));
             }
-            journal.push((cmd, now));
+            journal.push((cmd.clone(), now));
         }
         match res {
             Ok(()) => {
@@ -920,6 +1032,8 @@ fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
             match ev {
                 Event::Trade { .. } => o.trades += 1,
                 Event::OrderTriggered { .. } => o.triggered += 1,
+                Event::OrderListNew { .. } => o.lists += 1,
+                Event::OrderListDone { .. } => o.lists_done += 1,
                 Event::OrderDone {
                     reason: matching_engine::DoneReason::Expired,
                     ..
@@ -987,13 +1101,14 @@ fn simulation_with_auditor() {
     for seed in seeds() {
         let o = run(seed, steps(), 1);
         eprintln!(
-            "seed {seed}: {} accepted, {} rejected, {} trades, {} stops triggered, {} expired",
-            o.accepted, o.rejected, o.trades, o.triggered, o.expired
+            "seed {seed}: {} accepted, {} rejected, {} trades, {} stops triggered, {} expired, \
+             {} OCO lists ({} ended)",
+            o.accepted, o.rejected, o.trades, o.triggered, o.expired, o.lists, o.lists_done
         );
         // The workload must exercise what it claims to (not a result check: a weak workload
         // would pass every check above vacuously).
         assert!(
-            o.trades > 0 && o.triggered > 0 && o.expired > 0,
+            o.trades > 0 && o.triggered > 0 && o.expired > 0 && o.lists_done > 0,
             "seed {seed}: weak workload"
         );
     }

@@ -283,6 +283,26 @@ def order_options():
     return f"LIMIT_MAKER {p['id']}, IOC {i['status']}, by clientOrderId {x['id']}, stop {t['id']}"
 
 
+def take_profit_and_oco():
+    # takeProfitPrice -> TAKE_PROFIT_LIMIT (a sell that works once the price rises to it); an
+    # OCO through ccxt's implicit methods for POST and DELETE /api/v3/orderList (issue 9).
+    t = maker.create_order(SYMBOL, "limit", "sell", 0.01, 60000, {"takeProfitPrice": 61000})
+    expect(t["info"]["type"] == "TAKE_PROFIT_LIMIT" and t["status"] == "open", t)
+    maker.cancel_order(t["id"], SYMBOL)
+    mid = maker.market(SYMBOL)["id"]
+    r = maker.private_post_orderlist_oco({
+        "symbol": mid, "side": "SELL", "quantity": "0.01",
+        "aboveType": "LIMIT_MAKER", "abovePrice": "70000",
+        "belowType": "STOP_LOSS", "belowStopPrice": "30000",
+    })
+    expect(r["contingencyType"] == "OCO" and len(r["orderReports"]) == 2, r)
+    o = maker.fetch_order(str(r["orderReports"][0]["orderId"]), SYMBOL)
+    expect(o["info"]["orderListId"] == r["orderListId"] and o["status"] == "open", o)
+    c = maker.private_delete_orderlist({"symbol": mid, "orderListId": r["orderListId"]})
+    expect(c["listOrderStatus"] == "ALL_DONE", c)
+    return f"TAKE_PROFIT_LIMIT {t['id']}, OCO list {r['orderListId']}"
+
+
 def edit_order():
     o = maker.create_order(SYMBOL, "limit", "buy", 0.01, 22000)
     e = maker.edit_order(o["id"], SYMBOL, "limit", "buy", 0.02, 22500)
@@ -438,6 +458,7 @@ check("createMarketBuyOrderWithCost (quoteOrderQty)", market_buy_with_cost)
 check("fetchOpenOrders / cancelOrder", open_orders_and_cancel)
 check("fetchBidsAsks / fetchLastPrices / fetchOHLCV since+limit", more_market_data)
 check("createOrder postOnly / IOC / clientOrderId / triggerPrice", order_options)
+check("createOrder takeProfitPrice / OCO (orderList/oco)", take_profit_and_oco)
 check("editOrder (cancelReplace)", edit_order)
 check("fetchMyTrades", my_trades)
 check("fetchOrders / fetchClosedOrders", orders_history)

@@ -1,0 +1,398 @@
+//! Order lists (issue 9): `POST /api/v3/orderList/oco`, `GET`/`DELETE /api/v3/orderList`,
+//! `GET /api/v3/openOrderList`, `GET /api/v3/allOrderList`, in Binance's shapes.
+//!
+//! An OCO is one engine command ([`Command::NewOco`]): both legs are placed or neither, they
+//! hold once, and the first fill, trigger, cancel or expiry of a leg cancels the other. Only
+//! OCO lists exist here: `orderList/oto` and `orderList/otoco` are not served.
+
+use crate::app::{ok_json, AppState, Req};
+use crate::error::ApiError;
+use crate::market::MarketSpec;
+use crate::params::Params;
+use crate::readmodel::ListRec;
+use crate::trade::{accepted_ms, cancel_json, internal, order_from_events, order_json};
+use axum::extract::State;
+use axum::response::Response;
+use matching_engine::{
+    AccountId, ClientOrderId, Command, NewOco, NewOrder, OrderId, OrderRef, OrderType, Side,
+    StpMode, TimeInForce,
+};
+use serde_json::{json, Value};
+
+const CLIENT_ID_RANGE: &str = "^[a-zA-Z0-9-_.:/]{1,36}$";
+
+fn client_id(name: &str, v: Option<String>, st: &AppState) -> Result<ClientOrderId, ApiError> {
+    match v {
+        Some(c) => ClientOrderId::new(&c).map_err(|_| ApiError::illegal(name, CLIENT_ID_RANGE)),
+        None => ClientOrderId::new(&st.gen_client_id()).map_err(|_| ApiError::internal()),
+    }
+}
+
+/// One leg of an OCO from its `above*` or `below*` parameters.
+fn parse_leg(
+    st: &AppState,
+    p: &mut Params,
+    m: &MarketSpec,
+    pre: &str,
+    side: Side,
+    qty: matching_engine::Qty,
+    stp: StpMode,
+) -> Result<NewOrder, ApiError> {
+    let name = |s: &str| format!("{pre}{s}");
+    let ty = p.req(&name("Type"))?;
+    let price = p.opt(&name("Price"))?;
+    let stop = p.opt(&name("StopPrice"))?;
+    let tif = p.opt(&name("TimeInForce"))?;
+    let client = p.opt(&name("ClientOrderId"))?;
+    for unsupported in [
+        "IcebergQty",
+        "TrailingDelta",
+        "PegPriceType",
+        "PegOffsetType",
+        "PegOffsetValue",
+    ] {
+        if p.opt(&name(unsupported))?.is_some() {
+            return Err(ApiError::bad(-1014, "Unsupported order combination."));
+        }
+    }
+    // Strategy tags are accepted and not kept.
+    p.skip(&name("StrategyId"));
+    p.skip(&name("StrategyType"));
+    let need = |n: &str, v: &Option<String>| -> Result<matching_engine::Price, ApiError> {
+        m.parse_price(n, v.as_deref().ok_or_else(|| ApiError::missing(n))?)
+    };
+    let forbid = |n: &str, v: &Option<String>| -> Result<(), ApiError> {
+        match v {
+            Some(_) => Err(ApiError::bad(
+                -1106,
+                format!("Parameter '{n}' sent when not required."),
+            )),
+            None => Ok(()),
+        }
+    };
+    let parse_tif = |v: &Option<String>| -> Result<TimeInForce, ApiError> {
+        match v.as_deref() {
+            None => Err(ApiError::missing(&name("TimeInForce"))),
+            Some("GTC") => Ok(TimeInForce::Gtc),
+            Some("IOC") => Ok(TimeInForce::Ioc),
+            // A stop-limit leg that fills in full or not at all once triggered: not offered
+            // (as for single stop orders).
+            Some("FOK") => Err(ApiError::bad(-1014, "Unsupported order combination.")),
+            Some(_) => Err(ApiError::bad(-1115, "Invalid timeInForce.")),
+        }
+    };
+    let (order_type, tif, post_only) = match ty.as_str() {
+        "LIMIT_MAKER" => {
+            forbid(&name("StopPrice"), &stop)?;
+            forbid(&name("TimeInForce"), &tif)?;
+            let pr = need(&name("Price"), &price)?;
+            m.check_notional(pr, qty)?;
+            (OrderType::Limit { price: pr, qty }, TimeInForce::Gtc, true)
+        }
+        "STOP_LOSS" | "TAKE_PROFIT" => {
+            forbid(&name("Price"), &price)?;
+            forbid(&name("TimeInForce"), &tif)?;
+            let sp = need(&name("StopPrice"), &stop)?;
+            let t = if ty == "STOP_LOSS" {
+                OrderType::StopMarket { stop: sp, qty }
+            } else {
+                OrderType::TakeProfitMarket { stop: sp, qty }
+            };
+            (t, TimeInForce::Gtc, false)
+        }
+        "STOP_LOSS_LIMIT" | "TAKE_PROFIT_LIMIT" => {
+            let t = parse_tif(&tif)?;
+            let (sp, pr) = (
+                need(&name("StopPrice"), &stop)?,
+                need(&name("Price"), &price)?,
+            );
+            m.check_notional(pr, qty)?;
+            let ot = if ty == "STOP_LOSS_LIMIT" {
+                OrderType::StopLimit {
+                    stop: sp,
+                    price: pr,
+                    qty,
+                }
+            } else {
+                OrderType::TakeProfitLimit {
+                    stop: sp,
+                    price: pr,
+                    qty,
+                }
+            };
+            (ot, t, false)
+        }
+        _ => return Err(ApiError::invalid_value(&name("Type"))),
+    };
+    Ok(NewOrder {
+        account: AccountId(0),
+        market: m.id,
+        side,
+        order_type,
+        tif,
+        post_only,
+        stp,
+        client_id: Some(client_id(&name("ClientOrderId"), client, st)?),
+    })
+}
+
+fn parse_oco(st: &AppState, account: u32, p: &mut Params) -> Result<(NewOco, usize), ApiError> {
+    let sym = p.req("symbol")?;
+    let m = st.markets().by_symbol(&sym)?;
+    let side = match p.req("side")?.as_str() {
+        "BUY" => Side::Buy,
+        "SELL" => Side::Sell,
+        _ => return Err(ApiError::bad(-1117, "Invalid side.")),
+    };
+    let qty = m.parse_qty("quantity", &p.req("quantity")?)?;
+    let list_client = p.opt("listClientOrderId")?;
+    let stp = match p.opt("selfTradePreventionMode")?.as_deref() {
+        None | Some("EXPIRE_TAKER") => StpMode::ExpireTaker,
+        Some("NONE") => StpMode::None,
+        Some("EXPIRE_MAKER") => StpMode::ExpireMaker,
+        Some("EXPIRE_BOTH") => StpMode::ExpireBoth,
+        Some(_) => return Err(ApiError::invalid_value("selfTradePreventionMode")),
+    };
+    match p.opt("newOrderRespType")?.as_deref() {
+        None | Some("ACK") | Some("RESULT") | Some("FULL") => {}
+        Some(_) => return Err(ApiError::invalid_value("newOrderRespType")),
+    }
+    let mut above = parse_leg(st, p, m, "above", side, qty, stp)?;
+    let mut below = parse_leg(st, p, m, "below", side, qty, stp)?;
+    above.account = AccountId(account);
+    below.account = AccountId(account);
+    if above.client_id == below.client_id {
+        return Err(ApiError::bad(-1014, "Unsupported order combination."));
+    }
+    Ok((
+        NewOco {
+            legs: [above, below],
+            list_client_id: Some(client_id("listClientOrderId", list_client, st)?),
+        },
+        usize::from(m.id.0),
+    ))
+}
+
+fn statuses(l: &ListRec) -> (&'static str, &'static str) {
+    if l.done {
+        ("ALL_DONE", "ALL_DONE")
+    } else {
+        ("EXEC_STARTED", "EXECUTING")
+    }
+}
+
+/// Binance's order list object (without `orderReports`).
+fn list_json(m: &MarketSpec, l: &ListRec) -> Value {
+    let (st, ost) = statuses(l);
+    json!({
+        "orderListId": l.id,
+        "contingencyType": "OCO",
+        "listStatusType": st,
+        "listOrderStatus": ost,
+        "listClientOrderId": l.client_id,
+        "transactionTime": l.time_ms,
+        "symbol": m.symbol,
+        "orders": l.legs.iter().map(|(id, c)| json!({
+            "symbol": m.symbol,
+            "orderId": id,
+            "clientOrderId": c,
+        })).collect::<Vec<_>>(),
+    })
+}
+
+/// `POST /api/v3/orderList/oco`.
+pub async fn new_oco(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let (oco, market) = parse_oco(&st, key.account, &mut p)?;
+    p.finish()?;
+    // An OCO adds two orders to the order count.
+    st.charge_order(key.account)?;
+    let orders = st.charge_order(key.account)?;
+    let list_client_id = oco.list_client_id;
+    let reply = st.submit(Command::NewOco(Box::new(oco))).await?;
+    match reply.result {
+        // The legs' kinds or prices do not fit an OCO around the last price.
+        Err(matching_engine::RejectCode::InvalidOrder) => {
+            return Err(ApiError::bad(
+                -2010,
+                "The relationship of the prices for the orders is not correct.",
+            ))
+        }
+        Err(code) => return Err(ApiError::new_order_rejected(code)),
+        Ok(()) => {}
+    }
+    let m = &st.markets().markets[market];
+    let ms = accepted_ms(&reply.events);
+    let (list, legs) = reply
+        .events
+        .iter()
+        .find_map(|e| match e {
+            matching_engine::Event::OrderListNew { list, legs, .. } => Some((*list, *legs)),
+            _ => None,
+        })
+        .ok_or_else(ApiError::internal)?;
+    let mut reports = Vec::new();
+    let mut leg_recs = Vec::new();
+    for id in legs {
+        let (o, _) = order_from_events(&reply.events, id, ms).ok_or_else(ApiError::internal)?;
+        let mut r = order_json(m, &o);
+        if let Some(obj) = r.as_object_mut() {
+            obj.insert("orderListId".into(), json!(list.0));
+            obj.insert("transactTime".into(), json!(ms));
+            for k in ["time", "updateTime", "isWorking", "icebergQty"] {
+                obj.remove(k);
+            }
+            if o.stop == 0 {
+                obj.remove("stopPrice");
+            }
+        }
+        leg_recs.push((id.0, o.client_id.clone()));
+        reports.push(r);
+    }
+    let rec = ListRec {
+        id: list.0,
+        account: key.account,
+        market: m.id.0,
+        client_id: list_client_id
+            .map(|c| c.as_str().to_owned())
+            .unwrap_or_default(),
+        legs: [leg_recs[0].clone(), leg_recs[1].clone()],
+        // Placed now; a later command may have ended it already, but this answer is about
+        // the placement (Binance answers EXEC_STARTED).
+        done: false,
+        time_ms: ms,
+    };
+    let mut v = list_json(m, &rec);
+    v["orderReports"] = Value::Array(reports);
+    let mut res = ok_json(&ctx, v);
+    if let Ok(h) = axum::http::HeaderValue::from_str(&orders.to_string()) {
+        res.headers_mut().insert("x-mbx-order-count-10s", h);
+    }
+    Ok(res)
+}
+
+/// Reads `orderListId` or the client id parameter `client_param`.
+fn find_list(
+    st: &AppState,
+    account: u32,
+    p: &mut Params,
+    client_param: &str,
+) -> Result<Option<ListRec>, ApiError> {
+    let id = p.opt_u64("orderListId")?;
+    let client = p.opt(client_param)?;
+    let rm = st.read_model();
+    match (id, client) {
+        (Some(id), _) => Ok(rm.order_list(account, id)),
+        (None, Some(c)) => Ok(rm.order_list_by_client(account, &c)),
+        (None, None) => Err(ApiError::bad(
+            -1102,
+            format!(
+                "Param '{client_param}' or 'orderListId' must be sent, but both were empty/null!"
+            ),
+        )),
+    }
+}
+
+/// `GET /api/v3/orderList`.
+pub async fn get_list(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let l = find_list(&st, key.account, &mut p, "origClientOrderId")?;
+    p.finish()?;
+    let l = l.ok_or_else(|| ApiError::bad(-2011, "Order list does not exist."))?;
+    let m = &st.markets().markets[usize::from(l.market)];
+    Ok(ok_json(&ctx, list_json(m, &l)))
+}
+
+/// `DELETE /api/v3/orderList`: cancels both legs (one engine command: a cancel of either leg
+/// cancels the list).
+pub async fn cancel_list(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let sym = p.req("symbol")?;
+    let l = find_list(&st, key.account, &mut p, "listClientOrderId")?;
+    let cancel_client = match p.opt("newClientOrderId")? {
+        Some(c) => {
+            ClientOrderId::new(&c)
+                .map_err(|_| ApiError::illegal("newClientOrderId", CLIENT_ID_RANGE))?;
+            c
+        }
+        None => st.gen_client_id(),
+    };
+    p.finish()?;
+    let m = st.markets().by_symbol(&sym)?;
+    let l = l
+        .filter(|l| l.market == m.id.0 && !l.done)
+        .ok_or_else(|| ApiError::bad(-2011, "Order list does not exist."))?;
+    let reply = st
+        .submit(Command::Cancel {
+            account: AccountId(key.account),
+            market: m.id,
+            order: OrderRef::Id(OrderId(l.legs[0].0)),
+        })
+        .await?;
+    if let Err(code) = reply.result {
+        return Err(ApiError::cancel_rejected(code));
+    }
+    let ms = accepted_ms(&reply.events);
+    let mut reports = Vec::new();
+    for (id, _) in &l.legs {
+        let o = st
+            .read_model()
+            .find_order(key.account, *id)
+            .map_err(internal)?
+            .ok_or_else(ApiError::internal)?;
+        reports.push(cancel_json(m, &o, &cancel_client, ms));
+    }
+    let done = ListRec {
+        done: true,
+        time_ms: ms,
+        ..l
+    };
+    let mut v = list_json(m, &done);
+    v["orderReports"] = Value::Array(reports);
+    Ok(ok_json(&ctx, v))
+}
+
+/// `GET /api/v3/openOrderList`.
+pub async fn open_lists(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, p, ctx) = st.signed(&req)?;
+    p.finish()?;
+    let markets = st.markets();
+    let v: Vec<Value> = st
+        .read_model()
+        .order_lists(key.account, true)
+        .iter()
+        .map(|l| list_json(&markets.markets[usize::from(l.market)], l))
+        .collect();
+    Ok(ok_json(&ctx, Value::Array(v)))
+}
+
+/// `GET /api/v3/allOrderList`: `fromId`, or `startTime`/`endTime`; `limit` (500, at most 1000).
+pub async fn all_lists(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let from_id = p.opt_u64("fromId")?;
+    let start = p.opt_u64("startTime")?;
+    let end = p.opt_u64("endTime")?;
+    let limit = p.limit(500, 1000)? as usize;
+    p.finish()?;
+    if from_id.is_some() && (start.is_some() || end.is_some()) {
+        return Err(ApiError::bad_combination());
+    }
+    let markets = st.markets();
+    let mut lists = st.read_model().order_lists(key.account, false);
+    lists.retain(|l| {
+        from_id.is_none_or(|f| l.id >= f)
+            && start.is_none_or(|s| l.time_ms >= s)
+            && end.is_none_or(|e| l.time_ms <= e)
+    });
+    if from_id.is_some() {
+        lists.truncate(limit);
+    } else {
+        let skip = lists.len().saturating_sub(limit);
+        lists.drain(..skip);
+    }
+    let v: Vec<Value> = lists
+        .iter()
+        .map(|l| list_json(&markets.markets[usize::from(l.market)], l))
+        .collect();
+    Ok(ok_json(&ctx, Value::Array(v)))
+}

@@ -3,7 +3,7 @@
 //! * [`ROUTES`] is the one permission table: every endpoint the router serves, with its method,
 //!   its [`Access`] (public, an API key, or a signed request) and the permission the key needs,
 //!   its request weight, and the [`Listener`] it is served on. The router is built from this
-//!   table and nothing else ([`router`]), and [`crate::app::AppState::signed`] takes the
+//!   table and nothing else ([`router`]), and [`crate::state::AppState::signed`] takes the
 //!   permission and weight of the matched entry: a handler cannot ask for less. `api/README.md`
 //!   prints the same table; `tests/routes.rs` walks the router against it and runs every route
 //!   with every permission set.
@@ -14,8 +14,8 @@
 //! permission is checked after its signature verified and before its handler reads a parameter,
 //! so a refused key changes nothing (`-2015`).
 
-use crate::app::AppState;
 use crate::keys::Perms;
+use crate::state::AppState;
 use axum::routing::{delete, get, post, put, MethodRouter};
 use axum::Router;
 use std::net::IpAddr;
@@ -177,9 +177,9 @@ macro_rules! route {
 pub static ROUTES: &[Route] = {
     use crate::capital as c;
     use crate::catalog as cat;
+    use crate::lightning as ln;
     use crate::merchant::dashboard as d;
     use crate::merchant::greenfield as gf;
-    use crate::lightning as ln;
     use crate::merchant::routes as m;
     use crate::{
         metrics, native as n, openapi, orderlist as ol, proofs as pr, public as p, trade as t, ws,
@@ -1181,7 +1181,7 @@ pub fn find(method: &str, path: &str) -> Option<&'static Route> {
 }
 
 /// The routes of [`ROUTES`] served on `only` (all with `None`), each handler given its entry
-/// (as a request extension, read by [`crate::app::Req`]).
+/// (as a request extension, read by [`crate::state::Req`]).
 pub fn router(only: Option<Listener>) -> Router<AppState> {
     let mut r = Router::new();
     for route in ROUTES

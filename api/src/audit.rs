@@ -9,7 +9,7 @@
 //! incrementally: O(events) per command, on the read model's thread, never on the engine's.
 //!
 //! A violation is a bug, not a user error: the read model trips the circuit breaker
-//! ([`crate::app::AppState::halted`]), which stops every command that moves money (cancels still
+//! ([`crate::state::AppState::halted`]), which stops every command that moves money (cancels still
 //! pass) until an operator has looked and restarted the server. The engine's own full check
 //! runs at every snapshot and after recovery.
 

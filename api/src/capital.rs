@@ -18,12 +18,12 @@
 //!   (processing), `Completed` → 6 (completed), `Released` → 5 (failure; `info` holds the
 //!   reason).
 
-use crate::app::{ok_json, AppState, Req};
 use crate::custody::{
     Custody, CustodyError, DepositInfo, DepositState, WithdrawalInfo, WithdrawalState,
 };
 use crate::error::ApiError;
 use crate::params::Params;
+use crate::state::{ok_json, AppState, Req};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;

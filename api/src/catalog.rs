@@ -11,11 +11,11 @@
 //!   Every other asset is credited by the operator and has no network (deposit and withdrawal
 //!   disabled).
 
-use crate::app::{ok_json, AppState, Req};
 use crate::capital::{BTC_DECIMALS, COIN};
 use crate::decimal::format_units;
 use crate::error::ApiError;
 use crate::market::MarketSpec;
+use crate::state::{ok_json, AppState, Req};
 use axum::extract::State;
 use axum::response::Response;
 use serde_json::{json, Value};
@@ -194,7 +194,7 @@ pub async fn margin_isolated_all_pairs(
 fn no_margin(
     st: &AppState,
     mut p: crate::params::Params,
-    ctx: &crate::app::Ctx,
+    ctx: &crate::state::Ctx,
 ) -> Result<Response, ApiError> {
     for unsigned in ["timestamp", "recvWindow", "signature"] {
         p.skip(unsigned);

@@ -37,6 +37,7 @@ pub mod public;
 pub mod ratelimit;
 pub mod readmodel;
 pub mod seqcore;
+pub mod state;
 pub mod store;
 pub mod trade;
 pub mod ws;

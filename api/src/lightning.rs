@@ -7,10 +7,10 @@
 //! it on tokio's blocking pool. A refusal is a [`CustodyError`] with a stable code (`-46xx`,
 //! `-4026` insufficient balance, `-2015` unknown account) and means nothing changed.
 
-use crate::app::{ok_json, AppState, Req};
 use crate::capital::{btc_amount, custody_error, BTC_DECIMALS};
 use crate::custody::CustodyError;
 use crate::error::ApiError;
+use crate::state::{ok_json, AppState, Req};
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::Response;

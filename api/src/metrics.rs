@@ -1,7 +1,7 @@
 //! `/metrics` in Prometheus text format: HTTP requests and latency, engine round-trip latency,
 //! orders, trades, queue depth, read-model lag, WebSocket connections.
 
-use crate::app::AppState;
+use crate::state::AppState;
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};

@@ -1,10 +1,10 @@
 //! Native endpoints (no Binance equivalent), in the same style (`/mapi/v1/...`, signed, Binance
 //! error format): internal transfers, API key management, and operator (admin) endpoints.
 
-use crate::app::{ok_json, AppState, Req};
 use crate::error::ApiError;
 use crate::keys::Perms;
 use crate::params::Params;
+use crate::state::{ok_json, AppState, Req};
 use axum::extract::State;
 use axum::response::Response;
 use matching_engine::{AccountId, Amount, Command, Event, IdempotencyKey};

@@ -4,8 +4,8 @@
 //! Layout under the data directory: `journal/` (engine journal and snapshots) and `api/`
 //! (`api.sqlite`, `api-master.key`, `admin-key.json`).
 
-use crate::app::{AdminKeyFile, ApiConfig, AppState, SetupError};
 use crate::seqcore::{SeqCoreError, SequencerCore};
+use crate::state::{AdminKeyFile, ApiConfig, AppState, SetupError};
 use matching_engine::recovery::{RecoveryReport, Store, StoreConfig};
 use matching_engine::sequencer::{Sequencer, SequencerConfig, SequencerError, SystemClock};
 use matching_engine::{Engine, EngineConfig};
@@ -68,7 +68,7 @@ pub fn start_node(data_dir: &Path, cfg: NodeConfig) -> Result<Node, NodeError> {
     cfg.engine
         .validate()
         .map_err(|e| NodeError::Config(e.to_string()))?;
-    let (pending, sink) = crate::app::open(&data_dir.join("api"), &cfg.engine, cfg.api)?;
+    let (pending, sink) = crate::state::open(&data_dir.join("api"), &cfg.engine, cfg.api)?;
     let rm = pending.read_model();
     let mut regen = rm.regenerate().map_err(SetupError::from)?;
     let genesis_cfg = cfg.engine.clone();

@@ -5,11 +5,11 @@
 //! hold once, and the first fill, trigger, cancel or expiry of a leg cancels the other. Only
 //! OCO lists exist here: `orderList/oto` and `orderList/otoco` are not served.
 
-use crate::app::{ok_json, AppState, Req};
 use crate::error::ApiError;
 use crate::market::MarketSpec;
 use crate::params::Params;
 use crate::readmodel::ListRec;
+use crate::state::{ok_json, AppState, Req};
 use crate::trade::{accepted_ms, cancel_json, internal, order_from_events, order_json};
 use axum::extract::State;
 use axum::response::Response;

@@ -175,7 +175,7 @@ pub fn split_signature(raw: &str) -> (String, Option<String>) {
     (rest.join("&"), sig)
 }
 
-/// A signed request's parameters, read the way [`crate::app::AppState::signed`] reads them before
+/// A signed request's parameters, read the way [`crate::state::AppState::signed`] reads them before
 /// it checks the time and the signature: every parameter parsed (each name once, over query and
 /// body together), `timestamp` read (missing or not 1-20 digits: `-1102`), `recvWindow` read if
 /// sent (`-1100`). `signature` is left unread.

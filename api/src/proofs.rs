@@ -2,7 +2,7 @@
 //! and published liabilities proofs with each user's inclusion proof (the pure code and the
 //! formats are in the `reserves` crate; `docs/liabilities-proof.md`, `docs/audit-log.md`).
 //!
-//! * **Audit log** (`<data_dir>/audit.log`): opened and verified by [`crate::app::open`]; a broken
+//! * **Audit log** (`<data_dir>/audit.log`): opened and verified by [`crate::state::open`]; a broken
 //!   chain refuses start-up unless `ApiConfig::audit_override`, and the override is logged.
 //!   [`AppState::audit`] appends (fsync) before the handler replies; on a write error the
 //!   action's reply is an internal error (the action itself already happened and is in the
@@ -15,8 +15,8 @@
 //!   caller's inclusion proof in the latest one. The nonces come from a secret derived from the
 //!   API master key (`HMAC(master, "reserves/liabilities-nonce")`, ADR 0005), never stored.
 
-use crate::app::{ok_json, AppState, Req, SetupError};
 use crate::error::ApiError;
+use crate::state::{ok_json, AppState, Req, SetupError};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
@@ -63,7 +63,7 @@ impl Proofs {
     pub fn open(
         data_dir: &Path,
         nonce_secret: [u8; 32],
-        cfg: &crate::app::ApiConfig,
+        cfg: &crate::state::ApiConfig,
     ) -> Result<Proofs, SetupError> {
         let audit_override = cfg.audit_override;
         let now = crate::core::now_ms();

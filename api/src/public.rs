@@ -1,10 +1,10 @@
 //! Public market-data endpoints (Binance spot v3 shapes).
 
-use crate::app::{ok_json, AppState, Ctx, Req};
 use crate::error::ApiError;
 use crate::market::MarketSpec;
 use crate::params::Params;
 use crate::readmodel::{interval_index, Kline, MarketState, INTERVALS};
+use crate::state::{ok_json, AppState, Ctx, Req};
 use axum::extract::State;
 use axum::response::Response;
 use matching_engine::{Price, Qty};

@@ -1,11 +1,11 @@
 //! Signed trading endpoints: orders, open orders, history, account, trades.
 
-use crate::app::{ok_json, AppState, Req};
 use crate::error::ApiError;
 use crate::keys::{ApiKey, Perms};
 use crate::market::MarketSpec;
 use crate::params::Params;
 use crate::readmodel::{side_str, stp_str, tif_str, OrdStatus, OrderRec, TradeRec};
+use crate::state::{ok_json, AppState, Req};
 use axum::extract::State;
 use axum::response::Response;
 use matching_engine::{

@@ -7,12 +7,12 @@
 //! publisher never waits for a connection. Published messages are serialized once and shared;
 //! a connection writes what it has pending with one flush.
 
-use crate::app::{ok_json, AppState, ClientIp, Req};
 use crate::error::ApiError;
 use crate::keys::Perms;
 use crate::public::{average_price, depth_json, kline_array, ticker};
 use crate::readmodel::{interval_index, MarketMsgKind, INTERVALS};
 use crate::readmodel::{MarketMsg, UserMsg};
+use crate::state::{ok_json, AppState, ClientIp, Req};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{Path, Query, State};
 use axum::response::{IntoResponse, Response};

@@ -20,10 +20,10 @@
 //! its connection attempts ([`crate::ws`]). There is no per-connection message rate: the IP's
 //! and key's request weight limit requests, as on Binance's WebSocket API.
 
-use crate::app::{AppState, ClientIp};
 use crate::error::ApiError;
 use crate::keys::Perms;
 use crate::readmodel::UserMsg;
+use crate::state::{AppState, ClientIp};
 use crate::ws::{admit, close, closed_by_peer, limited, Alive, Liveness, SEND_TIMEOUT};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
@@ -111,7 +111,7 @@ pub fn method(name: &str) -> Option<(&'static WsMethod, &'static crate::access::
 }
 
 /// A WebSocket API request's origin and signature, given to the REST handler as a request
-/// extension (only this module creates one: nothing from the network can). [`crate::app::Req`]
+/// extension (only this module creates one: nothing from the network can). [`crate::state::Req`]
 /// takes the client address from it, and [`AppState::signed`] checks the signature over
 /// [`WsApiCall::payloads`] instead of the query string.
 #[derive(Debug, Clone)]

@@ -19,9 +19,9 @@
 
 use super::greenfield::{self as gf, GfReq, RawQuery};
 use super::routes::{db_error, with_db};
-use crate::app::{AppState, ClientIp};
 use crate::error::ApiError;
 use crate::keys::{ApiKey, Perms};
+use crate::state::{AppState, ClientIp};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -113,7 +113,7 @@ fn dummy_phc() -> &'static str {
 /// characters). Replaces the store's password and logs out its sessions.
 pub async fn admin_set_password(
     State(st): State<AppState>,
-    req: crate::app::Req,
+    req: crate::state::Req,
 ) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
@@ -142,14 +142,14 @@ pub async fn admin_set_password(
     })
     .await?;
     st.audit_as("admin", "dashboard.password", json!({ "account": account }))?;
-    Ok(crate::app::ok_json(&ctx, json!({ "account": account })))
+    Ok(crate::state::ok_json(&ctx, json!({ "account": account })))
 }
 
 /// `POST /mapi/v1/admin/dashboardLink` (ADMIN): `account`. A one-time login link, valid
 /// [`LINK_TTL_MS`]; only its hash is kept.
 pub async fn admin_login_link(
     State(st): State<AppState>,
-    req: crate::app::Req,
+    req: crate::state::Req,
 ) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
@@ -172,7 +172,7 @@ pub async fn admin_login_link(
             .as_deref()
             .unwrap_or("")
             .trim_end_matches('/');
-    Ok(crate::app::ok_json(
+    Ok(crate::state::ok_json(
         &ctx,
         json!({
             "account": account,

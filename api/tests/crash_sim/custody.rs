@@ -206,6 +206,9 @@ pub struct Records {
     pub credited: BTreeMap<String, (u32, u64)>,
     /// Credited outpoints a reorg took away.
     pub reorged: BTreeSet<String>,
+    /// Credits asked for whose answer is not known yet (written before the ledger is asked):
+    /// (account, sats).
+    pub crediting: BTreeMap<String, (u32, u64)>,
     pub wds: BTreeMap<u64, Wd>,
     pub flagged: BTreeMap<u32, String>,
     pub batches: BTreeMap<u64, Batch>,
@@ -504,6 +507,12 @@ impl SimCustody {
                 if r.credited.contains_key(&op) {
                     continue;
                 }
+                // The intent first: if the answer is lost or the process dies, the deposit is
+                // known to be maybe credited even if it then leaves the chain.
+                if !r.crediting.contains_key(&op) {
+                    r.crediting.insert(op.clone(), (account, *sat));
+                    self.save(&r)?;
+                }
                 match self.ledger(Command::Credit {
                     account: AccountId(account),
                     asset: BTC,
@@ -512,6 +521,7 @@ impl SimCustody {
                 })? {
                     Outcome::Applied(_) => {
                         self.point(Point::Credited)?;
+                        r.crediting.remove(&op);
                         r.credited.insert(op, (account, *sat));
                         self.save(&r)?;
                     }
@@ -519,6 +529,30 @@ impl SimCustody {
                         let _ = other; // unknown or refused: asked again next step
                     }
                 }
+            }
+        }
+        // A credit with no known answer whose deposit is no longer confirmed: the engine says
+        // whether it was applied (then it is a credited deposit that left the chain).
+        let unsure: Vec<(String, (u32, u64))> = r
+            .crediting
+            .iter()
+            .filter(|(op, _)| !seen.contains(*op))
+            .map(|(op, v)| (op.clone(), *v))
+            .collect();
+        for (op, (account, sat)) in unsure {
+            // No answer: asked again next step.
+            if let Outcome::Applied(reply) = self.ledger(Command::CreditStatus {
+                key: outpoint_key(&op),
+            })? {
+                let yes = reply
+                    .events
+                    .iter()
+                    .any(|e| matches!(e, Event::CreditStatus { credited: true, .. }));
+                r.crediting.remove(&op);
+                if yes {
+                    r.credited.insert(op, (account, sat));
+                }
+                self.save(&r)?;
             }
         }
         // A credited deposit no longer in the chain: flagged, the credit stays.

@@ -1331,13 +1331,15 @@ fn seed_12_a_history_behind_a_repaired_journal_does_not_stop_the_start() {
     run_seed(12);
 }
 
-/// Seed 18 found that custody's model lost track of a deposit whose credit the engine applied
-/// while the process died before custody wrote it down, and which a reorg then took out of the
-/// chain: the engine kept the credit and custody never flagged the account (the wallet has the
-/// same gap: `process_deposits` marks a deposit only after an applied answer, in one
-/// transaction). Custody now writes the credit's intent first and asks the engine about every
-/// intent whose deposit is no longer confirmed.
+/// Seed 116 finds (seed 18 of an earlier version of this file found) that custody's model lost
+/// track of a deposit whose credit the engine applied while the process died before custody
+/// wrote it down, and which a reorg then took out of the chain: the engine kept the credit and
+/// custody never flagged the account (the wallet had the same gap: `process_deposits` marked a
+/// deposit only after an applied answer, in one transaction). Custody writes the credit's intent
+/// first and asks the engine about every intent whose deposit is no longer confirmed. Seen
+/// failing with that question left out of the model; the wallet's regression is
+/// `a_deposit_credited_with_a_lost_answer_then_reorged_flags_the_account` (regtest).
 #[test]
-fn seed_18_a_maybe_credited_deposit_that_leaves_the_chain_is_flagged() {
-    run_seed(18);
+fn seed_116_a_maybe_credited_deposit_that_leaves_the_chain_is_flagged() {
+    run_seed(116);
 }

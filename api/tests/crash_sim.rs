@@ -13,8 +13,14 @@
 //!   a byte flipped in an unacknowledged record), and a byte flipped in the middle of the
 //!   journal: start-up must refuse, naming the damage and changing nothing; `journal repair`
 //!   (`repair_truncate`, as the CLI runs it) and a restart are the way forward;
-//! * node refusals and restarts (mempool lost, away a few steps), reorgs of credited deposits
-//!   (custody flags the account; the credit stays, as custody does today).
+//! * the history (SQLite) stops committing while trading goes on; the next crash restarts on a
+//!   copy of the disk as the crash left it, so start-up must regenerate the history;
+//! * node refusals and restarts (away a few steps), reorgs of credited deposits (custody flags
+//!   the account; the credit stays, as custody does today).
+//!
+//! Custody here is a model that follows the wallet's protocol step for step (`wallet/README.md`),
+//! not `wallet::CustodyService`, which needs a node's RPC; the wallet's own recovery is tested on
+//! regtest (`wallet/tests`).
 //!
 //! An auditor checks after every step that no money was created or destroyed (per asset, the
 //! balances incl. held add up to what was minted less what left: credits of chain deposits,
@@ -26,7 +32,7 @@
 //!
 //! A failure prints the seed and the replay command:
 //! `MEDIATOR_SIM_SEED=<seed> cargo test -p api --test crash_sim`; `MEDIATOR_SIM_SEEDS=<n>` runs
-//! seeds 1..=n (default 6).
+//! seeds 1..=n (default 6). Runs are deterministic (the same seed takes the same steps and faults).
 
 mod common;
 #[path = "crash_sim/crash.rs"]

@@ -513,21 +513,17 @@ impl SimCustody {
                     r.crediting.insert(op.clone(), (account, *sat));
                     self.save(&r)?;
                 }
-                match self.ledger(Command::Credit {
+                // Unknown or refused: asked again next step (idempotent by outpoint).
+                if let Outcome::Applied(_) = self.ledger(Command::Credit {
                     account: AccountId(account),
                     asset: BTC,
                     amount: Amount(*sat),
                     key: outpoint_key(&op),
                 })? {
-                    Outcome::Applied(_) => {
-                        self.point(Point::Credited)?;
-                        r.crediting.remove(&op);
-                        r.credited.insert(op, (account, *sat));
-                        self.save(&r)?;
-                    }
-                    other => {
-                        let _ = other; // unknown or refused: asked again next step
-                    }
+                    self.point(Point::Credited)?;
+                    r.crediting.remove(&op);
+                    r.credited.insert(op, (account, *sat));
+                    self.save(&r)?;
                 }
             }
         }

@@ -449,6 +449,7 @@ fn crash(w: &mut World) {
         lock.execute_batch("ROLLBACK").unwrap();
         old_dir = Some(std::mem::replace(&mut w.dir, image));
     }
+    custody.detach();
     drop((h, core, custody));
     node.shutdown().expect("engine stops");
     drop(old_dir);
@@ -467,6 +468,19 @@ fn crash_image(from: &Path, to: &Path) {
             }
         }
     }
+}
+
+/// Every path under `dir` (for a failure's message).
+fn tree(dir: &Path) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        v.push(p.display().to_string());
+        if p.is_dir() {
+            v.extend(tree(&p));
+        }
+    }
+    v
 }
 
 /// Every file of the journal directory with its bytes (to check that a refusal changed
@@ -620,7 +634,10 @@ fn restart(w: &mut World) {
                 w.history_cut = true;
             }
         }
-        Err(e) => panic!("restart failed: {e}"),
+        Err(e) => panic!(
+            "restart failed: {e}; data directory: {:?}",
+            tree(w.dir.path())
+        ),
     }
     audit_restart(w);
 }
@@ -1286,7 +1303,8 @@ fn run_seed(seed: u64) -> BTreeMap<String, u64> {
     let r = std::thread::spawn(move || run(seed, l2)).join();
     match r {
         Ok(stats) => {
-            eprintln!("seed {seed}: {stats:?}");
+            let fds = std::fs::read_dir("/proc/self/fd").map_or(0, |d| d.count());
+            eprintln!("seed {seed} (open files {fds}): {stats:?}");
             stats
         }
         Err(e) => {

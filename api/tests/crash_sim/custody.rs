@@ -224,7 +224,8 @@ pub struct SimCustody {
     path: PathBuf,
     r: Mutex<Records>,
     chain: Arc<Chain>,
-    state: AppState,
+    /// The API (which holds this custody: the cycle is broken by `detach` when the life ends).
+    state: Mutex<Option<AppState>>,
     rt: tokio::runtime::Handle,
     crash: Arc<Crash>,
     /// The crash point armed for this life, if any.
@@ -265,13 +266,18 @@ impl SimCustody {
             path,
             r: Mutex::new(r),
             chain,
-            state,
+            state: Mutex::new(Some(state)),
             rt,
             crash,
             crash_at: Mutex::new(None),
             lose: AtomicUsize::new(0),
             dead: AtomicBool::new(false),
         })
+    }
+
+    /// The life ended: custody lets go of the API (which holds custody), so both are freed.
+    pub fn detach(&self) {
+        self.state.lock().unwrap().take();
     }
 
     pub fn records(&self) -> Records {
@@ -308,7 +314,10 @@ impl SimCustody {
         if self.dead.load(Ordering::SeqCst) || self.crash.tripped() {
             return Err(self.died("custody"));
         }
-        let (state, crash) = (self.state.clone(), self.crash.clone());
+        let Some(state) = self.state.lock().unwrap().clone() else {
+            return Err(self.died("custody"));
+        };
+        let crash = self.crash.clone();
         let o = self.rt.block_on(async move {
             tokio::select! {
                 biased;

@@ -47,5 +47,5 @@ pub use app::{
     admin_app, app, open, open_local, public_app, serve, serve_admin, ApiConfig, AppState,
 };
 pub use core::{CoreError, EventBatch, EventSink, ExchangeCore, LocalCore, Outcome, Reply};
-pub use node::{start_node, Node, NodeConfig};
+pub use node::{start_node, start_node_with, Node, NodeConfig};
 pub use seqcore::SequencerCore;

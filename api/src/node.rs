@@ -4,6 +4,7 @@
 //! Layout under the data directory: `journal/` (engine journal and snapshots) and `api/`
 //! (`api.sqlite`, `api-master.key`, `admin-key.json`).
 
+use crate::core::ExchangeCore;
 use crate::seqcore::{SeqCoreError, SequencerCore};
 use crate::state::{AdminKeyFile, ApiConfig, AppState, SetupError};
 use matching_engine::recovery::{RecoveryReport, Store, StoreConfig};
@@ -65,6 +66,17 @@ pub struct NodeConfig {
 /// the snapshots and journal back to the history's floor) and the API's core, and makes sure an
 /// admin key exists.
 pub fn start_node(data_dir: &Path, cfg: NodeConfig) -> Result<Node, NodeError> {
+    start_node_with(data_dir, cfg, |core| core)
+}
+
+/// [`start_node`], with the API's core passed through `wrap` before the API uses it: the seam
+/// for a test that puts a fault injector (a core that loses replies) between the API and the
+/// durable engine, and otherwise starts exactly as `mediator serve` does.
+pub fn start_node_with(
+    data_dir: &Path,
+    cfg: NodeConfig,
+    wrap: impl FnOnce(Arc<dyn ExchangeCore>) -> Arc<dyn ExchangeCore>,
+) -> Result<Node, NodeError> {
     cfg.engine
         .validate()
         .map_err(|e| NodeError::Config(e.to_string()))?;
@@ -95,7 +107,7 @@ pub fn start_node(data_dir: &Path, cfg: NodeConfig) -> Result<Node, NodeError> {
     let recovery = recovered.report.clone();
     let sequencer = Sequencer::durable(recovered, SystemClock, cfg.sequencer)?;
     let core = SequencerCore::start(sequencer.handle(), cfg.engine, sink, 65_536, 1 << 16)?;
-    let state = pending.start(Arc::new(core));
+    let state = pending.start(wrap(Arc::new(core)));
     let admin_key = state.ensure_admin_key()?;
     Ok(Node {
         state,

@@ -14,7 +14,9 @@
 //! 2. load the newest snapshot that passes its checks, including the state machine's own
 //!    invariants ([`StateMachine::restore`]); a snapshot that fails them is renamed to
 //!    `*.corrupt` (kept for inspection) and the next older one is tried; with none, start from
-//!    the caller's genesis state;
+//!    the caller's genesis state. A snapshot after which the journal has a hole (left by
+//!    `journal repair` cutting records a newer snapshot holds) is passed over while another
+//!    start can replay to the end;
 //! 3. replay every journal record with a sequence number above the state's through
 //!    [`StateMachine::apply`] with its journaled time. A record that is rejected on replay, or
 //!    that does not move [`StateMachine::seq`] to its own number, is a divergence: an error, never
@@ -42,8 +44,8 @@
 //! ([`RecoveryReport::floor`] is `None`) and restores from the newest snapshot as `open` does.
 
 use crate::journal::{
-    check_journal, list_segments, sync_dir, Damage, JournalError, JournalWriter, RecordVersion,
-    SegmentReader, SegmentStatus, TailDefect,
+    check_journal, list_segments, sync_dir, Damage, JournalCheck, JournalError, JournalWriter,
+    RecordVersion, SegmentReader, SegmentStatus, TailDefect,
 };
 use crate::snapshot::{list_snapshots, read_snapshot, write_snapshot, SnapshotError};
 use crate::units::Timestamp;
@@ -309,11 +311,26 @@ impl<S: StateMachine> Store<S> {
                 .is_none_or(|(first, _)| *first == 1);
             let below = snapshots.iter().filter(|(seq, _)| *seq <= floor).count();
             let above = snapshots.split_off(below);
-            if !from_genesis {
+            if !(from_genesis && contiguous_from(&check, 0)) {
                 snapshots = above.into_iter().chain(snapshots).collect();
             }
         }
+        // A snapshot the journal cannot be replayed from to its end (a hole after it, left by
+        // `journal repair` cutting records a newer snapshot holds) is passed over when another
+        // start can: a newer snapshot is tried, and a floor below it is out of reach. When none
+        // can, the replay reports the gap.
+        let holes_matter = contiguous_from(&check, 0)
+            || snapshots
+                .iter()
+                .any(|(seq, _)| contiguous_from(&check, *seq));
         for (seq, path) in snapshots.into_iter().rev() {
+            if holes_matter && !contiguous_from(&check, seq) {
+                tracing::warn!(
+                    path = %path.display(),
+                    "the journal after this snapshot has a hole; trying another"
+                );
+                continue;
+            }
             match read_snapshot::<S>(&path, seq) {
                 Ok(state) => {
                     report.snapshot_seq = Some(seq);
@@ -626,4 +643,23 @@ fn cut_v1(path: &Path, valid_len: u64) -> Result<(), RecoveryError> {
         .map_err(io)?;
     file.set_len(valid_len).map_err(io)?;
     file.sync_all().map_err(io)
+}
+
+/// True when the journal's records go on without a hole from `seq + 1` to its end, so a state at
+/// `seq` can be brought to the end by replay.
+fn contiguous_from(check: &JournalCheck, seq: u64) -> bool {
+    let mut next = seq + 1;
+    for segment in &check.segments {
+        let Some(last) = segment.last_seq else {
+            continue;
+        };
+        if last < next {
+            continue;
+        }
+        if segment.first_seq > next {
+            return false;
+        }
+        next = last + 1;
+    }
+    true
 }

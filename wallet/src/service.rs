@@ -958,8 +958,11 @@ impl CustodyService {
     /// confirmations. A credited deposit that a reorg took out of the chain is reported, and its
     /// account flagged.
     ///
-    /// Runs in one database transaction: a crash after a credit and before the commit credits
-    /// again on restart, which the ledger takes as a duplicate (credits are keyed by outpoint).
+    /// Runs in a database transaction that is committed before each credit is asked for, with
+    /// the deposit marked `crediting`: a crash or a lost answer after that leaves a deposit that
+    /// is maybe credited, credited again once confirmed (the ledger takes a repeat as a duplicate:
+    /// credits are keyed by outpoint) or, if a reorg took it away meanwhile, asked about; credited,
+    /// it is reorged and its account flagged like any credited deposit that left the chain.
     pub fn process_deposits(&mut self, now: Timestamp) -> Result<DepositReport, DepositError> {
         let sql = |e| DepositError::Store(crate::StoreError::Sqlite(e));
         self.db.execute_batch("BEGIN IMMEDIATE").map_err(sql)?;
@@ -1027,7 +1030,9 @@ impl CustodyService {
                 required
             };
             match status {
-                DepositStatus::Pending if event.confirmations >= needed => {
+                DepositStatus::Pending | DepositStatus::Crediting
+                    if event.confirmations >= needed =>
+                {
                     let key = IdempotencyKey::outpoint(
                         out.outpoint.txid.to_byte_array(),
                         out.outpoint.vout,
@@ -1038,9 +1043,23 @@ impl CustodyService {
                         amount: event.amount,
                         key,
                     };
+                    // The intent first, committed: if the answer is lost or the process stops
+                    // before the credit is recorded, the deposit is known to be maybe credited,
+                    // and is resolved by asking the ledger even if a reorg then takes it out of
+                    // the chain (a pending deposit is never asked about).
+                    if status == DepositStatus::Pending {
+                        store::set_deposit_status(
+                            &self.db,
+                            out.outpoint,
+                            DepositStatus::Crediting,
+                        )?;
+                    }
+                    self.db
+                        .execute_batch("COMMIT; BEGIN IMMEDIATE")
+                        .map_err(|e| DepositError::Store(crate::StoreError::Sqlite(e)))?;
                     // Credit is idempotent by key: only an applied (or duplicate) answer marks
-                    // the deposit credited; refused or unknown, it stays pending and is asked
-                    // again at the next step.
+                    // the deposit credited; refused, it is pending again; unknown, it stays
+                    // `crediting` and is asked again at the next step.
                     match self.ledger.submit(credit) {
                         Ok(()) => {
                             store::set_deposit_status(
@@ -1052,6 +1071,11 @@ impl CustodyService {
                             report.credited.push(event);
                         }
                         Err(LedgerError::Rejected(code)) => {
+                            store::set_deposit_status(
+                                &self.db,
+                                out.outpoint,
+                                DepositStatus::Pending,
+                            )?;
                             tracing::error!(%account, outpoint = %out.outpoint, %code, "ledger refused a deposit credit");
                             report.rejected.push((event, code));
                         }
@@ -1065,6 +1089,8 @@ impl CustodyService {
                     self.deposit_reorged(event, now)?;
                     report.reorged.push(event);
                 }
+                // Maybe credited, and no longer confirmed enough (a reorg): ask the ledger.
+                DepositStatus::Crediting => self.resolve_crediting(event, now, &mut report)?,
                 DepositStatus::Reorged if event.confirmations >= required => {
                     store::set_deposit_status(&self.db, out.outpoint, DepositStatus::Credited)?;
                     tracing::warn!(%account, outpoint = %out.outpoint, "reorged deposit confirmed again; not credited twice");
@@ -1073,20 +1099,52 @@ impl CustodyService {
                 _ => {}
             }
         }
-        // A credited deposit whose transaction left the wallet's view entirely (double-spent).
+        // A credited (or maybe credited) deposit whose transaction left the wallet's view
+        // entirely (double-spent).
         for d in store::deposits(&self.db)? {
-            if d.status == DepositStatus::Credited && !present.contains(&d.outpoint) {
-                let event = DepositEvent {
-                    account: d.account,
-                    outpoint: d.outpoint,
-                    amount: d.amount,
-                    confirmations: 0,
-                };
-                self.deposit_reorged(event, now)?;
-                report.reorged.push(event);
+            if present.contains(&d.outpoint) {
+                continue;
+            }
+            let event = DepositEvent {
+                account: d.account,
+                outpoint: d.outpoint,
+                amount: d.amount,
+                confirmations: 0,
+            };
+            match d.status {
+                DepositStatus::Credited => {
+                    self.deposit_reorged(event, now)?;
+                    report.reorged.push(event);
+                }
+                DepositStatus::Crediting => self.resolve_crediting(event, now, &mut report)?,
+                _ => {}
             }
         }
         Ok(report)
+    }
+
+    /// A deposit whose credit has no known answer and that is no longer confirmed enough to be
+    /// credited: if the ledger applied the credit, it is a credited deposit a reorg took away
+    /// (reorged, account flagged); if not, it is pending again; no answer, asked next step.
+    fn resolve_crediting(
+        &mut self,
+        event: DepositEvent,
+        now: Timestamp,
+        report: &mut DepositReport,
+    ) -> Result<(), DepositError> {
+        let key =
+            IdempotencyKey::outpoint(event.outpoint.txid.to_byte_array(), event.outpoint.vout);
+        match self.ledger.credited(key) {
+            Ok(true) => {
+                self.deposit_reorged(event, now)?;
+                report.reorged.push(event);
+            }
+            Ok(false) => {
+                store::set_deposit_status(&self.db, event.outpoint, DepositStatus::Pending)?;
+            }
+            Err(_) => report.unresolved.push(event),
+        }
+        Ok(())
     }
 
     fn deposit_reorged(&mut self, event: DepositEvent, now: Timestamp) -> Result<(), DepositError> {
@@ -1813,7 +1871,7 @@ impl CustodyService {
             .collect();
         let credited: HashSet<OutPoint> = store::deposits(&self.db)?
             .into_iter()
-            .filter(|d| d.status != DepositStatus::Pending)
+            .filter(|d| matches!(d.status, DepositStatus::Credited | DepositStatus::Reorged))
             .map(|d| d.outpoint)
             .collect();
         let uncredited: u64 = self
@@ -1881,7 +1939,7 @@ impl CustodyService {
                 continue;
             };
             report.deposits_checked += 1;
-            let here = d.status != DepositStatus::Pending;
+            let here = matches!(d.status, DepositStatus::Credited | DepositStatus::Reorged);
             if here && !in_ledger {
                 found.push(RecordMismatch {
                     kind: "deposit_missing_in_ledger",

@@ -255,6 +255,10 @@ pub(crate) fn addresses_of(db: &Connection, account: AccountId) -> Result<Vec<St
 pub enum DepositStatus {
     /// Seen (mempool or too few confirmations); not credited.
     Pending,
+    /// The credit was asked for and its answer is not known (lost, or the process stopped):
+    /// maybe credited. Written, and committed, before the ledger is asked; resolved by asking it
+    /// again (confirmed) or by asking whether the key was credited (no longer confirmed).
+    Crediting,
     /// Credited to the ledger.
     Credited,
     /// Credited, then a reorg took it out of the chain: reported, account flagged.
@@ -265,6 +269,7 @@ impl DepositStatus {
     fn as_str(self) -> &'static str {
         match self {
             DepositStatus::Pending => "pending",
+            DepositStatus::Crediting => "crediting",
             DepositStatus::Credited => "credited",
             DepositStatus::Reorged => "reorged",
         }
@@ -272,6 +277,7 @@ impl DepositStatus {
     fn parse(s: &str) -> Result<Self, StoreError> {
         match s {
             "pending" => Ok(DepositStatus::Pending),
+            "crediting" => Ok(DepositStatus::Crediting),
             "credited" => Ok(DepositStatus::Credited),
             "reorged" => Ok(DepositStatus::Reorged),
             _ => Err(corrupt("deposit status")),

@@ -247,8 +247,8 @@ fn an_unknown_credit_is_asked_again_and_credited_once() {
     assert_eq!(r.unresolved.len(), 1);
     assert_eq!(
         svc.deposits(None).unwrap()[0].status,
-        DepositStatus::Pending,
-        "not marked credited without an applied answer"
+        DepositStatus::Crediting,
+        "maybe credited: not marked credited without an applied answer"
     );
     assert_eq!(w.ledger.btc(alice), (500_000, 0), "the ledger applied it");
     let r = svc.step(w.clock.now()).unwrap();
@@ -323,4 +323,48 @@ fn records_reconciliation_finds_mismatches_the_totals_hide() {
         ]
     );
     assert_eq!(svc.alarms(false).unwrap().len(), 2);
+}
+
+/// Found by the crash simulation (`api/tests/crash_sim.rs`, seed 18): a credit the ledger applied
+/// but whose answer was lost leaves the deposit pending; when a reorg then takes the transaction
+/// out of the chain, the deposit used to stay pending (a pending deposit is never asked about),
+/// the ledger kept the credit and the account was not flagged. The deposit is now marked
+/// `crediting` before the credit is asked, and such a deposit that is no longer confirmed is
+/// asked about: credited, it is reorged and its account flagged.
+#[test]
+fn a_deposit_credited_with_a_lost_answer_then_reorged_flags_the_account() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(4);
+    customer.fund(&w.node, 1);
+    let tx = customer.pay(&w.node, &[(&addr, 500_000)]);
+    let txid = tx.compute_txid();
+    w.node.mine(1);
+    svc.sync_once(w.clock.now()).unwrap();
+    w.ledger.fault_next(support::Fault::ApplyThenUnknown);
+    let r = svc.process_deposits(w.clock.now()).unwrap();
+    assert_eq!(r.unresolved.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (500_000, 0), "the ledger applied it");
+
+    // The block goes away; the transaction is back in the mempool and stays out of new blocks.
+    w.node.invalidate_tip();
+    assert!(w.node.mempool().contains(&txid));
+    w.node.mine_empty(2);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reorged.len(), 1, "{:?}", r.deposits);
+    let flagged = svc.flagged_accounts().unwrap();
+    assert_eq!(flagged.len(), 1);
+    assert_eq!(flagged[0].0, alice);
+    assert_eq!(
+        svc.deposits(None).unwrap()[0].status,
+        DepositStatus::Reorged
+    );
+
+    // Mined again: credited once, not twice.
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reconfirmed.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (500_000, 0));
 }

@@ -276,8 +276,12 @@ pub struct Repair {
     pub damage: Damage,
     /// Bytes cut from the damaged segment (copied to the backup first).
     pub cut_bytes: u64,
-    /// Later segments moved into the backup directory.
+    /// Later segments moved into the backup directory (none when a snapshot holds every record
+    /// cut: recovery replays the later segments from it).
     pub moved_segments: Vec<PathBuf>,
+    /// The oldest snapshot at or after the damaged segment's last record, if any: it holds every
+    /// record cut, so nothing acknowledged is lost and the later segments are kept.
+    pub held_by_snapshot: Option<u64>,
     /// Where the cut bytes and moved segments are.
     pub backup_dir: PathBuf,
     /// The line appended to `repair.log`.
@@ -286,11 +290,15 @@ pub struct Repair {
 
 /// The operator's repair of a damaged journal: cuts segment `segment_first_seq` at `offset`,
 /// which must be exactly where [`check_journal`] reports the damage (so the cut is at a record
-/// boundary and the operator has read the report). The cut bytes are copied, and every later
-/// segment is moved, into `dir/repair-<segment_first_seq>-<offset>/` (which must not exist)
-/// before anything is cut; all of it is fsynced; a line is appended to `dir/repair.log`.
-/// Records from `first_lost_seq` on are then lost (unless a snapshot holds them). On any refusal
-/// nothing is changed.
+/// boundary and the operator has read the report). The cut bytes are copied into
+/// `dir/repair-<segment_first_seq>-<offset>/` (which must not exist) before anything is cut; all
+/// of it is fsynced; a line is appended to `dir/repair.log`. On any refusal nothing is changed.
+///
+/// When a snapshot at or after the damaged segment's last record exists (segments rotate at
+/// snapshots, so an older segment is normally held by the snapshot taken at its end), it holds
+/// every record cut and recovery replays the later segments from it: they are kept, and no
+/// acknowledged command is lost. Otherwise the later segments could never be replayed (a gap):
+/// they are moved into the backup directory too, and records from `first_lost_seq` on are lost.
 pub fn repair_truncate(
     dir: &Path,
     segment_first_seq: u64,
@@ -333,12 +341,13 @@ pub fn repair_truncate(
         .and_then(|()| copy.sync_all())
         .map_err(io_err(&tail_path))?;
 
-    // 2. Move later segments aside.
+    // 2. Move later segments aside, unless a snapshot holds every record cut.
+    let held_by_snapshot = snapshot_at_or_after(dir, damage.last_lost_seq)?;
     let mut moved_segments = Vec::new();
     for s in check
         .segments
         .iter()
-        .filter(|s| s.first_seq > segment_first_seq)
+        .filter(|s| s.first_seq > segment_first_seq && held_by_snapshot.is_none())
     {
         let to = backup_dir.join(s.path.file_name().expect("a segment has a file name"));
         std::fs::rename(&s.path, &to).map_err(io_err(&s.path))?;
@@ -354,15 +363,18 @@ pub fn repair_truncate(
         .map_err(io_err(path))?;
 
     // 4. Log.
+    let fate = match held_by_snapshot {
+        Some(seq) => format!("held by snapshot {seq}, later segments kept"),
+        None => format!("lost, {} later segment(s) moved", moved_segments.len()),
+    };
     let log_line = format!(
         "{now_unix_secs} truncated {} at offset {offset} ({:?}): cut {} bytes, records \
-         {}..={} lost, {} later segment(s) moved; backup in {}\n",
+         {}..={} {fate}; backup in {}\n",
         path.display(),
         damage.defect,
         tail.len(),
         damage.first_lost_seq,
         damage.last_lost_seq,
-        moved_segments.len(),
         backup_dir.display()
     );
     let log_path = dir.join("repair.log");
@@ -384,7 +396,28 @@ pub fn repair_truncate(
         damage,
         cut_bytes: tail.len() as u64,
         moved_segments,
+        held_by_snapshot,
         backup_dir,
         log_line,
     })
+}
+
+/// The oldest snapshot file in `dir` at or after `seq`, by name (its contents are checked by
+/// recovery, which falls back to an older snapshot, and then refuses on the gap, rather than
+/// lose anything).
+fn snapshot_at_or_after(dir: &Path, seq: u64) -> Result<Option<u64>, JournalError> {
+    let mut found = None;
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        let name = entry.file_name();
+        if let Some(s) = name
+            .to_str()
+            .and_then(crate::snapshot::parse_snapshot_file_name)
+        {
+            if s >= seq && found.is_none_or(|f| s < f) {
+                found = Some(s);
+            }
+        }
+    }
+    Ok(found)
 }

@@ -186,3 +186,48 @@ fn a_floor_out_of_reach_recovers_as_open_and_shows_nothing() {
     assert_eq!((r.report.floor, at_floor), (Some(end), Some(hash)));
     assert!(shown.is_empty());
 }
+
+/// Found by the crash simulation (`api/tests/crash_sim.rs`, a history behind the journal when a
+/// middle record was damaged): after `journal repair` cut a segment that a newer snapshot holds,
+/// the journal has a hole before that snapshot. A floor inside the hole is out of reach:
+/// recovery starts from the snapshot that holds the cut records and says the floor is out of
+/// reach (the consumer reports its gap), where it used to replay from the snapshot below the
+/// floor into the hole and refuse to start ("journal gap").
+#[test]
+fn a_floor_behind_a_repaired_hole_recovers_from_the_snapshot_that_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hash, _) = run(dir.path(), &[20, 40], Some(Arc::new(AtomicU64::new(0))));
+    assert_eq!(segment_firsts(dir.path()), vec![1, 21, 41]);
+    let seg = dir
+        .path()
+        .join(matching_engine::journal::segment_file_name(21));
+    let mut reader = matching_engine::journal::SegmentReader::open(&seg, 21).unwrap();
+    let mut offsets = Vec::new();
+    while let Some(r) = reader.next_record().unwrap() {
+        offsets.push(r.offset);
+    }
+    let mut bytes = std::fs::read(&seg).unwrap();
+    bytes[offsets[5] as usize + 30] ^= 0x08; // record 26
+    std::fs::write(&seg, &bytes).unwrap();
+    let d = matching_engine::journal::check_journal(dir.path())
+        .unwrap()
+        .damage()
+        .cloned()
+        .unwrap();
+    let repair = matching_engine::journal::repair_truncate(dir.path(), 21, d.offset, 0).unwrap();
+    assert_eq!(repair.held_by_snapshot, Some(40));
+
+    let (r, at_floor, shown) = open_from(dir.path(), 23);
+    assert_eq!((r.report.snapshot_seq, r.report.floor), (Some(40), None));
+    assert_eq!((at_floor, shown.len()), (None, 0));
+    assert_eq!(r.state.state_hash(), hash, "nothing acknowledged is lost");
+    drop(r);
+    // A floor below the hole is still reached from the snapshot under it.
+    let (r, at_floor, _) = open_from(dir.path(), 22);
+    assert_eq!(
+        r.report.floor, None,
+        "22..=25 replay, 26..=40 are cut: out of reach"
+    );
+    assert_eq!(at_floor, None);
+    assert_eq!(r.state.state_hash(), hash);
+}

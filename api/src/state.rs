@@ -424,6 +424,23 @@ impl AppState {
             || self.0.core.invariants_broken()
     }
 
+    /// Waits until the read models hold every command the engine applied before this call, and
+    /// says whether they do. A read-only query ([`Command::CreditStatus`]: never journaled,
+    /// changes nothing) goes through the engine's queue behind every earlier command; its reply
+    /// carries the engine's sequence number, which the read models are then waited for. Callers
+    /// that resolve an *unknown* outcome from the read models (the merchant conversion looks
+    /// its sell up by client order id) call this first: a lookup in a lagging read model would
+    /// take "not there yet" for "never happened" and act twice.
+    pub async fn sync_read_model(&self) -> bool {
+        let probe = Command::CreditStatus {
+            key: matching_engine::IdempotencyKey([0; 36]),
+        };
+        match self.0.core.submit(probe).await {
+            Ok(reply) => self.0.rm.wait_for(reply.seq).await,
+            Err(_) => false,
+        }
+    }
+
     /// Submits a command and reports what became of it: applied, rejected, not taken, or
     /// unknown ([`Outcome`]). An applied command is reported as applied even when the read
     /// models are slow to show it: their lag is logged, never turned into a failure (the reply

@@ -231,6 +231,12 @@ async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool
     };
     let merchant = rec.inv.merchant;
     if let Some(cid) = rec.conv.client_id.take() {
+        // The sell may be applied and not yet in the read models: never read "not found" from a
+        // model that lags the engine (it would sell again).
+        if !state.sync_read_model().await {
+            rec.conv.client_id = Some(cid);
+            return Err(ApiError::outcome_unknown());
+        }
         let found = state
             .read_model()
             .find_order_by_client(merchant, &cid)

@@ -1710,10 +1710,16 @@ fn apply_events(
                     o.list_id = p.list_id;
                     o.time_ms = p.time_ms;
                 } else if let Some(l) = st.lists.values_mut().next_back() {
+                    // An OCO starts with its second leg; an OTO/OTOCO with its working order
+                    // (its pending orders came before it).
+                    let last = match l.kind {
+                        ListKind::Oco => l.legs.get(1).map(|x| x.0),
+                        ListKind::Oto | ListKind::Otoco => l.legs.first().map(|x| x.0),
+                    };
                     if let Some(leg) = l.legs.iter_mut().find(|(id, _)| *id == o.id) {
                         leg.1 = o.client_id.clone();
                         o.list_id = Some(l.id);
-                        if l.kind == ListKind::Oco && leg.0 == l.legs[1].0 {
+                        if last == Some(o.id) {
                             started = Some(l.clone());
                         }
                     }

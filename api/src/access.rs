@@ -304,7 +304,7 @@ pub static ROUTES: &[Route] = {
             P,
             t::cancel_open_orders
         ),
-        // Order lists (OCO only: orderList/oto and orderList/otoco are not served).
+        // Order lists: OCO, OTO, OTOCO.
         route!(
             "POST",
             "/api/v3/orderList/oco",
@@ -312,6 +312,22 @@ pub static ROUTES: &[Route] = {
             Some(1),
             P,
             ol::new_oco
+        ),
+        route!(
+            "POST",
+            "/api/v3/orderList/oto",
+            Signed(T),
+            Some(1),
+            P,
+            ol::new_oto
+        ),
+        route!(
+            "POST",
+            "/api/v3/orderList/otoco",
+            Signed(T),
+            Some(1),
+            P,
+            ol::new_otoco
         ),
         route!(
             "GET",

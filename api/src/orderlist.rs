@@ -2,20 +2,26 @@
 //! `GET /api/v3/openOrderList`, `GET /api/v3/allOrderList`, in Binance's shapes.
 //!
 //! An OCO is one engine command ([`Command::NewOco`]): both legs are placed or neither, they
-//! hold once, and the first fill, trigger, cancel or expiry of a leg cancels the other. Only
-//! OCO lists exist here: `orderList/oto` and `orderList/otoco` are not served.
+//! hold once, and the first fill, trigger, cancel or expiry of a leg cancels the other.
+//!
+//! `POST /api/v3/orderList/oto` and `/otoco` are one engine command each ([`Command::NewOto`],
+//! [`Command::NewOtoco`]): a working limit order placed now and a pending order (an OCO pair)
+//! placed by the engine when the working order has filled completely; until then the pending
+//! orders are `PENDING_NEW`, hold nothing and are not open. A pending order the account cannot
+//! cover (or that no longer fits the book) when it is placed is refused cleanly: it ends
+//! `EXPIRED` and the list `ALL_DONE`.
 
 use crate::error::ApiError;
 use crate::market::MarketSpec;
 use crate::params::Params;
-use crate::readmodel::ListRec;
+use crate::readmodel::{ListKind, ListRec, OrdStatus, OrderRec};
 use crate::state::{ok_json, AppState, Req};
 use crate::trade::{accepted_ms, cancel_json, internal, order_from_events, order_json};
 use axum::extract::State;
 use axum::response::Response;
 use matching_engine::{
-    AccountId, ClientOrderId, Command, NewOco, NewOrder, OrderId, OrderRef, OrderType, Side,
-    StpMode, TimeInForce,
+    AccountId, ClientOrderId, Command, Event, NewOco, NewOrder, NewOto, NewOtoco, OrderId,
+    OrderInfo, OrderRef, OrderType, Side, StpMode, TimeInForce,
 };
 use serde_json::{json, Value};
 
@@ -37,6 +43,22 @@ fn parse_leg(
     side: Side,
     qty: matching_engine::Qty,
     stp: StpMode,
+) -> Result<NewOrder, ApiError> {
+    parse_order(st, p, m, pre, side, qty, stp, &[])
+}
+
+/// An order from its prefixed parameters (`above*`, `working*`, `pending*`, ...): the OCO leg
+/// types, and `extra` of `LIMIT` and `MARKET`.
+#[allow(clippy::too_many_arguments)]
+fn parse_order(
+    st: &AppState,
+    p: &mut Params,
+    m: &MarketSpec,
+    pre: &str,
+    side: Side,
+    qty: matching_engine::Qty,
+    stp: StpMode,
+    extra: &[&str],
 ) -> Result<NewOrder, ApiError> {
     let name = |s: &str| format!("{pre}{s}");
     let ty = p.req(&name("Type"))?;
@@ -82,6 +104,22 @@ fn parse_leg(
         }
     };
     let (order_type, tif, post_only) = match ty.as_str() {
+        "LIMIT" if extra.contains(&"LIMIT") => {
+            forbid(&name("StopPrice"), &stop)?;
+            let t = match tif.as_deref() {
+                Some("FOK") => TimeInForce::Fok,
+                _ => parse_tif(&tif)?,
+            };
+            let pr = need(&name("Price"), &price)?;
+            m.check_notional(pr, qty)?;
+            (OrderType::Limit { price: pr, qty }, t, false)
+        }
+        "MARKET" if extra.contains(&"MARKET") => {
+            forbid(&name("Price"), &price)?;
+            forbid(&name("StopPrice"), &stop)?;
+            forbid(&name("TimeInForce"), &tif)?;
+            (OrderType::Market { qty }, TimeInForce::Ioc, false)
+        }
         "LIMIT_MAKER" => {
             forbid(&name("StopPrice"), &stop)?;
             forbid(&name("TimeInForce"), &tif)?;
@@ -173,6 +211,91 @@ fn parse_oco(st: &AppState, account: u32, p: &mut Params) -> Result<(NewOco, usi
     ))
 }
 
+fn parse_side(p: &mut Params, name: &str) -> Result<Side, ApiError> {
+    match p.req(name)?.as_str() {
+        "BUY" => Ok(Side::Buy),
+        "SELL" => Ok(Side::Sell),
+        _ => Err(ApiError::bad(-1117, "Invalid side.")),
+    }
+}
+
+/// The parameters an OTO and an OTOCO share: the symbol, the list's client id, self-trade
+/// prevention, the response type and the working order (`LIMIT` or `LIMIT_MAKER`).
+fn parse_working<'a>(
+    st: &'a AppState,
+    account: u32,
+    p: &mut Params,
+) -> Result<(&'a MarketSpec, NewOrder, ClientOrderId, StpMode), ApiError> {
+    let sym = p.req("symbol")?;
+    let m = st.markets().by_symbol(&sym)?;
+    let list_client = p.opt("listClientOrderId")?;
+    let stp = match p.opt("selfTradePreventionMode")?.as_deref() {
+        None | Some("EXPIRE_TAKER") => StpMode::ExpireTaker,
+        Some("NONE") => StpMode::None,
+        Some("EXPIRE_MAKER") => StpMode::ExpireMaker,
+        Some("EXPIRE_BOTH") => StpMode::ExpireBoth,
+        Some(_) => return Err(ApiError::invalid_value("selfTradePreventionMode")),
+    };
+    match p.opt("newOrderRespType")?.as_deref() {
+        None | Some("ACK") | Some("RESULT") | Some("FULL") => {}
+        Some(_) => return Err(ApiError::invalid_value("newOrderRespType")),
+    }
+    let side = parse_side(p, "workingSide")?;
+    let qty = m.parse_qty("workingQuantity", &p.req("workingQuantity")?)?;
+    let ty = p.req("workingType")?;
+    if ty != "LIMIT" && ty != "LIMIT_MAKER" {
+        return Err(ApiError::invalid_value("workingType"));
+    }
+    let mut w = parse_order(st, p, m, "working", side, qty, stp, &["LIMIT"])?;
+    w.account = AccountId(account);
+    Ok((m, w, client_id("listClientOrderId", list_client, st)?, stp))
+}
+
+fn distinct_clients(orders: &[&NewOrder]) -> Result<(), ApiError> {
+    for (i, a) in orders.iter().enumerate() {
+        if orders[..i].iter().any(|b| b.client_id == a.client_id) {
+            return Err(ApiError::bad(-1014, "Unsupported order combination."));
+        }
+    }
+    Ok(())
+}
+
+fn parse_oto(st: &AppState, account: u32, p: &mut Params) -> Result<(NewOto, usize), ApiError> {
+    let (m, working, list_client_id, stp) = parse_working(st, account, p)?;
+    let side = parse_side(p, "pendingSide")?;
+    let qty = m.parse_qty("pendingQuantity", &p.req("pendingQuantity")?)?;
+    let mut pending = parse_order(st, p, m, "pending", side, qty, stp, &["LIMIT", "MARKET"])?;
+    pending.account = AccountId(account);
+    distinct_clients(&[&working, &pending])?;
+    Ok((
+        NewOto {
+            working,
+            pending,
+            list_client_id: Some(list_client_id),
+        },
+        usize::from(m.id.0),
+    ))
+}
+
+fn parse_otoco(st: &AppState, account: u32, p: &mut Params) -> Result<(NewOtoco, usize), ApiError> {
+    let (m, working, list_client_id, stp) = parse_working(st, account, p)?;
+    let side = parse_side(p, "pendingSide")?;
+    let qty = m.parse_qty("pendingQuantity", &p.req("pendingQuantity")?)?;
+    let mut above = parse_leg(st, p, m, "pendingAbove", side, qty, stp)?;
+    let mut below = parse_leg(st, p, m, "pendingBelow", side, qty, stp)?;
+    above.account = AccountId(account);
+    below.account = AccountId(account);
+    distinct_clients(&[&working, &above, &below])?;
+    Ok((
+        NewOtoco {
+            working,
+            pending: [above, below],
+            list_client_id: Some(list_client_id),
+        },
+        usize::from(m.id.0),
+    ))
+}
+
 fn statuses(l: &ListRec) -> (&'static str, &'static str) {
     if l.done {
         ("ALL_DONE", "ALL_DONE")
@@ -186,7 +309,7 @@ fn list_json(m: &MarketSpec, l: &ListRec) -> Value {
     let (st, ost) = statuses(l);
     json!({
         "orderListId": l.id,
-        "contingencyType": "OCO",
+        "contingencyType": l.kind.as_str(),
         "listStatusType": st,
         "listOrderStatus": ost,
         "listClientOrderId": l.client_id,
@@ -250,13 +373,14 @@ pub async fn new_oco(State(st): State<AppState>, req: Req) -> Result<Response, A
         reports.push(r);
     }
     let rec = ListRec {
+        kind: ListKind::Oco,
         id: list.0,
         account: key.account,
         market: m.id.0,
         client_id: list_client_id
             .map(|c| c.as_str().to_owned())
             .unwrap_or_default(),
-        legs: [leg_recs[0].clone(), leg_recs[1].clone()],
+        legs: leg_recs,
         // Placed now; a later command may have ended it already, but this answer is about
         // the placement (Binance answers EXEC_STARTED).
         done: false,
@@ -269,6 +393,141 @@ pub async fn new_oco(State(st): State<AppState>, req: Req) -> Result<Response, A
         res.headers_mut().insert("x-mbx-order-count-10s", h);
     }
     Ok(res)
+}
+
+/// An order report of a list's placement answer (Binance's `orderReports` entry).
+fn report_json(m: &MarketSpec, o: &OrderRec, list: u64, ms: u64) -> Value {
+    let mut r = order_json(m, o);
+    if let Some(obj) = r.as_object_mut() {
+        obj.insert("orderListId".into(), json!(list));
+        obj.insert("transactTime".into(), json!(ms));
+        for k in ["time", "updateTime", "isWorking", "icebergQty"] {
+            obj.remove(k);
+        }
+        if o.stop == 0 {
+            obj.remove("stopPrice");
+        }
+    }
+    r
+}
+
+/// Submits an OTO or OTOCO and answers in Binance's shape: the list, the working order's
+/// report as it stands after the command, and the pending orders as `PENDING_NEW` (Binance
+/// answers so even when the working order filled at once and the pending ones were placed).
+async fn submit_oto(
+    st: &AppState,
+    ctx: &crate::state::Ctx,
+    account: u32,
+    cmd: Command,
+    market: usize,
+    kind: ListKind,
+    list_client_id: Option<ClientOrderId>,
+) -> Result<Response, ApiError> {
+    let n = if kind == ListKind::Oto { 2 } else { 3 };
+    let mut orders = 0;
+    for _ in 0..n {
+        orders = st.charge_order(account)?;
+    }
+    let reply = st.submit(cmd).await?;
+    match reply.result {
+        Err(matching_engine::RejectCode::InvalidOrder) if kind == ListKind::Otoco => {
+            return Err(ApiError::bad(
+                -2010,
+                "The relationship of the prices for the orders is not correct.",
+            ))
+        }
+        Err(code) => return Err(ApiError::new_order_rejected(code)),
+        Ok(()) => {}
+    }
+    let m = &st.markets().markets[market];
+    let ms = accepted_ms(&reply.events);
+    let list = reply
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::OtoNew { list, working, .. } => Some((*list, *working)),
+            _ => None,
+        })
+        .ok_or_else(ApiError::internal)?;
+    let (list, working) = list;
+    let (w, _) = order_from_events(&reply.events, working, ms).ok_or_else(ApiError::internal)?;
+    let mut w = w;
+    w.list_id = Some(list.0);
+    let mut recs = vec![w];
+    for e in &reply.events {
+        if let Event::OrderPending { order, new } = *e {
+            let info = OrderInfo {
+                order,
+                account: new.account,
+                market: new.market,
+                side: new.side,
+                client_id: new.client_id,
+            };
+            let mut o =
+                OrderRec::placed(info, &new.order_type, new.tif, new.post_only, new.stp, ms);
+            o.status = OrdStatus::PendingNew;
+            o.working_ms = None;
+            o.list_id = Some(list.0);
+            recs.push(o);
+        }
+    }
+    let rec = ListRec {
+        kind,
+        id: list.0,
+        account,
+        market: m.id.0,
+        client_id: list_client_id
+            .map(|c| c.as_str().to_owned())
+            .unwrap_or_default(),
+        legs: recs.iter().map(|o| (o.id, o.client_id.clone())).collect(),
+        done: false,
+        time_ms: ms,
+    };
+    let mut v = list_json(m, &rec);
+    v["orderReports"] = Value::Array(recs.iter().map(|o| report_json(m, o, list.0, ms)).collect());
+    let mut res = ok_json(ctx, v);
+    if let Ok(h) = axum::http::HeaderValue::from_str(&orders.to_string()) {
+        res.headers_mut().insert("x-mbx-order-count-10s", h);
+    }
+    Ok(res)
+}
+
+/// `POST /api/v3/orderList/oto`.
+pub async fn new_oto(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let (oto, market) = parse_oto(&st, key.account, &mut p)?;
+    p.finish()?;
+    let list_client_id = oto.list_client_id;
+    let cmd = Command::NewOto(Box::new(oto));
+    submit_oto(
+        &st,
+        &ctx,
+        key.account,
+        cmd,
+        market,
+        ListKind::Oto,
+        list_client_id,
+    )
+    .await
+}
+
+/// `POST /api/v3/orderList/otoco`.
+pub async fn new_otoco(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (key, mut p, ctx) = st.signed(&req)?;
+    let (otoco, market) = parse_otoco(&st, key.account, &mut p)?;
+    p.finish()?;
+    let list_client_id = otoco.list_client_id;
+    let cmd = Command::NewOtoco(Box::new(otoco));
+    submit_oto(
+        &st,
+        &ctx,
+        key.account,
+        cmd,
+        market,
+        ListKind::Otoco,
+        list_client_id,
+    )
+    .await
 }
 
 /// Reads `orderListId` or the client id parameter `client_param`.
@@ -322,11 +581,24 @@ pub async fn cancel_list(State(st): State<AppState>, req: Req) -> Result<Respons
     let l = l
         .filter(|l| l.market == m.id.0 && !l.done)
         .ok_or_else(|| ApiError::bad(-2011, "Order list does not exist."))?;
+    // The first order of the list still open or pending: a cancel of it ends the list (an
+    // OTOCO whose working order filled is an OCO of its two last orders).
+    let target = l
+        .legs
+        .iter()
+        .find(|(id, _)| {
+            st.read_model()
+                .find_order(key.account, *id)
+                .ok()
+                .flatten()
+                .is_some_and(|o| o.is_open() || o.status == OrdStatus::PendingNew)
+        })
+        .map_or(l.legs[0].0, |(id, _)| *id);
     let reply = st
         .submit(Command::Cancel {
             account: AccountId(key.account),
             market: m.id,
-            order: OrderRef::Id(OrderId(l.legs[0].0)),
+            order: OrderRef::Id(OrderId(target)),
         })
         .await?;
     if let Err(code) = reply.result {

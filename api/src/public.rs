@@ -87,7 +87,7 @@ fn symbol_info(m: &MarketSpec) -> Value {
         ],
         "icebergAllowed": false,
         "ocoAllowed": true,
-        "otoAllowed": false,
+        "otoAllowed": true,
         "quoteOrderQtyMarketAllowed": true,
         "allowTrailingStop": false,
         "cancelReplaceAllowed": true,

@@ -24,8 +24,8 @@ use crate::store::Store;
 use axum::extract::ws::Utf8Bytes;
 use matching_engine::recovery::Replayed;
 use matching_engine::{
-    DoneReason, Engine, Event, MarketId, OrderType, Price, Qty, Side, StpMode, TimeInForce,
-    Timestamp,
+    DoneReason, Engine, Event, MarketId, OrderType, OtoOutcome, Price, Qty, Side, StpMode,
+    TimeInForce, Timestamp,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -83,6 +83,9 @@ pub enum OrdStatus {
     Expired,
     /// EXPIRED_IN_MATCH (self-trade prevention)
     ExpiredInMatch,
+    /// PENDING_NEW: the pending order of an OTO/OTOCO list, not placed yet. (Last: rows
+    /// written before it existed decode unchanged.)
+    PendingNew,
 }
 
 impl OrdStatus {
@@ -95,6 +98,7 @@ impl OrdStatus {
             OrdStatus::Canceled => "CANCELED",
             OrdStatus::Expired => "EXPIRED",
             OrdStatus::ExpiredInMatch => "EXPIRED_IN_MATCH",
+            OrdStatus::PendingNew => "PENDING_NEW",
         }
     }
 }
@@ -171,9 +175,33 @@ pub struct OrderRec {
     pub list_id: Option<u64>,
 }
 
-/// An order list (OCO) as the API reports it (`GET /api/v3/orderList`).
+/// Binance's `contingencyType` of an order list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListKind {
+    /// `OCO`.
+    Oco,
+    /// `OTO`: a working order and a pending order.
+    Oto,
+    /// `OTOCO`: a working order and a pending OCO pair.
+    Otoco,
+}
+
+impl ListKind {
+    /// Binance's name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListKind::Oco => "OCO",
+            ListKind::Oto => "OTO",
+            ListKind::Otoco => "OTOCO",
+        }
+    }
+}
+
+/// An order list (OCO, OTO, OTOCO) as the API reports it (`GET /api/v3/orderList`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListRec {
+    /// `contingencyType`.
+    pub kind: ListKind,
     /// `orderListId`.
     pub id: u64,
     /// Owner.
@@ -182,9 +210,10 @@ pub struct ListRec {
     pub market: u16,
     /// `listClientOrderId`.
     pub client_id: String,
-    /// Leg order ids and client ids, `[above, below]`.
-    pub legs: [(u64, String); 2],
-    /// False while both legs work (`EXEC_STARTED` / `EXECUTING`), true once done (`ALL_DONE`).
+    /// Order ids and client ids: an OCO's `[above, below]`; an OTO's working then pending order;
+    /// an OTOCO's working order then its pending `above`, `below`.
+    pub legs: Vec<(u64, String)>,
+    /// False while the list works (`EXEC_STARTED` / `EXECUTING`), true once done (`ALL_DONE`).
     pub done: bool,
     /// Placement time.
     pub time_ms: u64,
@@ -407,6 +436,9 @@ pub struct State {
     pub lists: BTreeMap<u64, ListRec>,
     /// Done list ids, oldest first (for the bound).
     pub done_lists: VecDeque<u64>,
+    /// The pending orders (`PENDING_NEW`) of live OTO/OTOCO lists, by id: not open, not in the
+    /// book, in the history store with that status.
+    pub pending: BTreeMap<u64, OrderRec>,
 }
 
 /// Monotonic counters.
@@ -1034,6 +1066,7 @@ impl ReadModel {
                     (id.0, c.unwrap_or_default())
                 };
                 let rec = ListRec {
+                    kind: ListKind::Oco,
                     id: l.id.0,
                     account: a,
                     market: l.market.0,
@@ -1041,9 +1074,43 @@ impl ReadModel {
                         .client_id
                         .map(|c| c.as_str().to_owned())
                         .unwrap_or_default(),
-                    legs: [leg(l.legs[0]), leg(l.legs[1])],
+                    legs: vec![leg(l.legs[0]), leg(l.legs[1])],
                     done: false,
                     time_ms: st.open.get(&l.legs[0].0).map_or(0, |o| o.time_ms),
+                };
+                st.lists.insert(rec.id, rec);
+            }
+            // OTO/OTOCO lists waiting for their working order: the pending orders' rows are
+            // in the history store (PENDING_NEW).
+            for l in engine.open_oto_lists(AccountId(a)) {
+                let mut legs = vec![(
+                    l.working.0,
+                    st.open
+                        .get(&l.working.0)
+                        .map(|o| o.client_id.clone())
+                        .unwrap_or_default(),
+                )];
+                for (id, _) in l.pending.orders() {
+                    if let Some(o) = self.store.order(a, id.0)? {
+                        legs.push((id.0, o.client_id.clone()));
+                        st.pending.insert(id.0, o);
+                    }
+                }
+                let rec = ListRec {
+                    kind: match l.pending {
+                        matching_engine::Pending::Order { .. } => ListKind::Oto,
+                        matching_engine::Pending::Oco { .. } => ListKind::Otoco,
+                    },
+                    id: l.id.0,
+                    account: a,
+                    market: l.market.0,
+                    client_id: l
+                        .client_id
+                        .map(|c| c.as_str().to_owned())
+                        .unwrap_or_default(),
+                    legs,
+                    done: false,
+                    time_ms: st.open.get(&l.working.0).map_or(0, |o| o.time_ms),
                 };
                 st.lists.insert(rec.id, rec);
             }
@@ -1458,7 +1525,7 @@ pub fn list_status_event(markets: &Markets, l: &ListRec, ms: u64) -> String {
         "E": ms,
         "s": symbol,
         "g": l.id,
-        "c": "OCO",
+        "c": l.kind.as_str(),
         "l": st,
         "L": ost,
         "r": "NONE",
@@ -1569,6 +1636,28 @@ fn add_trade(m: &mut MarketState, t: &TradeRec) {
     }
 }
 
+/// An order list is done (`ALL_DONE`): its status goes out, and it is kept among the last
+/// [`MAX_DONE_LISTS`] done ones.
+fn list_done(st: &mut State, markets: &Markets, list: u64, ms: u64, out: &mut Out) {
+    if let Some(l) = st.lists.get_mut(&list) {
+        if l.done {
+            return;
+        }
+        l.done = true;
+        let l = l.clone();
+        out.push_user(|| UserMsg {
+            account: l.account,
+            json: list_status_event(markets, &l, ms).into(),
+        });
+        st.done_lists.push_back(list);
+        while st.done_lists.len() > MAX_DONE_LISTS {
+            if let Some(old) = st.done_lists.pop_front() {
+                st.lists.remove(&old);
+            }
+        }
+    }
+}
+
 fn finish(st: &mut State, id: u64, out: &mut Out) -> Option<OrderRec> {
     let o = st.open.remove(&id)?;
     if let Some(ids) = st.open_by_account.get_mut(&o.account) {
@@ -1616,11 +1705,21 @@ fn apply_events(
                 // The legs of a list follow its OrderListNew in the same command; the list's
                 // status goes out after the last leg's report.
                 let mut started = None;
-                if let Some(l) = st.lists.values_mut().next_back() {
+                if let Some(p) = st.pending.remove(&o.id) {
+                    // A pending order of an OTO/OTOCO placed now: it stays in its list.
+                    o.list_id = p.list_id;
+                    o.time_ms = p.time_ms;
+                } else if let Some(l) = st.lists.values_mut().next_back() {
+                    // An OCO starts with its second leg; an OTO/OTOCO with its working order
+                    // (its pending orders came before it).
+                    let last = match l.kind {
+                        ListKind::Oco => l.legs.get(1).map(|x| x.0),
+                        ListKind::Oto | ListKind::Otoco => l.legs.first().map(|x| x.0),
+                    };
                     if let Some(leg) = l.legs.iter_mut().find(|(id, _)| *id == o.id) {
                         leg.1 = o.client_id.clone();
                         o.list_id = Some(l.id);
-                        if leg.0 == l.legs[1].0 {
+                        if last == Some(o.id) {
                             started = Some(l.clone());
                         }
                     }
@@ -1863,6 +1962,9 @@ fn apply_events(
             | Event::WithdrawalCompleted { .. }
             | Event::WithdrawalStatus { .. }
             | Event::CreditStatus { .. } => {}
+            Event::OrderListNew { list, .. } if st.lists.contains_key(&list.0) => {
+                // The pending pair of an OTOCO placed as an OCO: the list goes on.
+            }
             Event::OrderListNew {
                 list,
                 account,
@@ -1871,30 +1973,92 @@ fn apply_events(
                 client_id,
             } => {
                 let rec = ListRec {
+                    kind: ListKind::Oco,
                     id: list.0,
                     account: account.0,
                     market: market.0,
                     client_id: client_id.map(|c| c.as_str().to_owned()).unwrap_or_default(),
-                    legs: [(legs[0].0, String::new()), (legs[1].0, String::new())],
+                    legs: vec![(legs[0].0, String::new()), (legs[1].0, String::new())],
                     done: false,
                     time_ms: ms,
                 };
                 st.lists.insert(rec.id, rec);
             }
-            Event::OrderListDone { list, .. } => {
-                if let Some(l) = st.lists.get_mut(&list.0) {
-                    l.done = true;
-                    let l = l.clone();
-                    out.push_user(|| UserMsg {
-                        account: l.account,
-                        json: list_status_event(markets, &l, ms).into(),
-                    });
-                    st.done_lists.push_back(list.0);
-                    while st.done_lists.len() > MAX_DONE_LISTS {
-                        if let Some(old) = st.done_lists.pop_front() {
-                            st.lists.remove(&old);
-                        }
+            Event::OrderListDone { list, .. } => list_done(st, markets, list.0, ms, out),
+            Event::OtoNew {
+                list,
+                account,
+                market,
+                working,
+                client_id,
+                otoco,
+            } => {
+                let rec = ListRec {
+                    kind: if otoco {
+                        ListKind::Otoco
+                    } else {
+                        ListKind::Oto
+                    },
+                    id: list.0,
+                    account: account.0,
+                    market: market.0,
+                    client_id: client_id.map(|c| c.as_str().to_owned()).unwrap_or_default(),
+                    legs: vec![(working.0, String::new())],
+                    done: false,
+                    time_ms: ms,
+                };
+                st.lists.insert(rec.id, rec);
+            }
+            Event::OrderPending { order, new } => {
+                // It follows its list's OtoNew, and the working order's OrderNew follows it.
+                if let Some(l) = st.lists.values_mut().next_back() {
+                    let info = matching_engine::OrderInfo {
+                        order,
+                        account: new.account,
+                        market: new.market,
+                        side: new.side,
+                        client_id: new.client_id,
+                    };
+                    let mut o = OrderRec::placed(
+                        info,
+                        &new.order_type,
+                        new.tif,
+                        new.post_only,
+                        new.stp,
+                        ms,
+                    );
+                    o.status = OrdStatus::PendingNew;
+                    o.working_ms = None;
+                    o.list_id = Some(l.id);
+                    l.legs.push((o.id, o.client_id.clone()));
+                    out.orders.insert(o.id, o.clone());
+                    st.pending.insert(o.id, o);
+                }
+            }
+            Event::OtoDone { list, outcome, .. } => {
+                let Some(l) = st.lists.get(&list.0).cloned() else {
+                    continue;
+                };
+                // Pending orders not placed end with the list: CANCELED with a cancelled
+                // working order, EXPIRED otherwise (Binance's statuses for them).
+                let status = match outcome {
+                    OtoOutcome::Cancelled(DoneReason::Cancelled) => OrdStatus::Canceled,
+                    _ => OrdStatus::Expired,
+                };
+                for (id, _) in &l.legs[1..] {
+                    if let Some(mut o) = st.pending.remove(id) {
+                        o.status = status;
+                        o.update_ms = ms;
+                        out.push_user(|| UserMsg {
+                            account: o.account,
+                            json: execution_report(markets, &o, status.as_str(), ms, None).into(),
+                        });
+                        out.orders.insert(o.id, o);
                     }
+                }
+                // An OTOCO's placed pair goes on as an OCO (its OrderListDone ends the list).
+                if !(l.kind == ListKind::Otoco && outcome == OtoOutcome::Placed) {
+                    list_done(st, markets, list.0, ms, out);
                 }
             }
         }

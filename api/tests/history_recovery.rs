@@ -406,3 +406,106 @@ async fn a_history_older_than_the_kept_journal_is_reported_as_a_gap() {
     drop(s.router);
     s.node.shutdown().unwrap();
 }
+
+/// Issue 9: an OTO waiting for its working order survives a restart (engine recovery from the
+/// snapshots and journal, read model rebuilt from the engine and the history): the pending order
+/// still answers PENDING_NEW in its list, and a fill of the working order after the restart
+/// places it.
+#[tokio::test]
+async fn an_oto_list_survives_a_restart_and_places_its_pending_order_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = boot(dir.path());
+    let keys = setup(&s).await;
+    let r = call(
+        &s,
+        "POST",
+        "/api/v3/orderList/oto",
+        "symbol=BTCUSD&listClientOrderId=keep&workingType=LIMIT&workingSide=BUY&workingPrice=20000&workingQuantity=0.5&workingTimeInForce=GTC&pendingType=LIMIT&pendingSide=SELL&pendingPrice=22000&pendingQuantity=0.5&pendingTimeInForce=GTC&pendingClientOrderId=later",
+        &keys[0],
+    )
+    .await;
+    let list = r["orderListId"].as_u64().unwrap();
+    let pending = r["orderReports"][1]["orderId"].as_u64().unwrap();
+    // Enough commands after it for a snapshot (every 8) to hold the list.
+    for i in 0..10 {
+        call(
+            &s,
+            "POST",
+            "/api/v3/order",
+            &format!(
+                "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price={}",
+                30000 + i
+            ),
+            &keys[1],
+        )
+        .await;
+    }
+    drop(s.router);
+    s.node.shutdown().unwrap();
+    let s = boot(dir.path());
+    let o = call(
+        &s,
+        "GET",
+        "/api/v3/order",
+        &format!("symbol=BTCUSD&orderId={pending}"),
+        &keys[0],
+    )
+    .await;
+    assert_eq!(
+        (
+            o["status"].as_str(),
+            o["orderListId"].as_u64(),
+            o["clientOrderId"].as_str()
+        ),
+        (Some("PENDING_NEW"), Some(list), Some("later"))
+    );
+    let q = call(
+        &s,
+        "GET",
+        "/api/v3/orderList",
+        "origClientOrderId=keep",
+        &keys[0],
+    )
+    .await;
+    assert_eq!(
+        (
+            q["contingencyType"].as_str(),
+            q["listOrderStatus"].as_str(),
+            q["orders"].as_array().map(Vec::len)
+        ),
+        (Some("OTO"), Some("EXECUTING"), Some(2)),
+        "{q}"
+    );
+    // The working order fills after the restart: the pending order is placed.
+    call(
+        &s,
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.5&price=20000",
+        &keys[2],
+    )
+    .await;
+    let o = call(
+        &s,
+        "GET",
+        "/api/v3/order",
+        &format!("symbol=BTCUSD&orderId={pending}"),
+        &keys[0],
+    )
+    .await;
+    assert_eq!(
+        (o["status"].as_str(), o["orderListId"].as_u64()),
+        (Some("NEW"), Some(list))
+    );
+    let q = call(
+        &s,
+        "GET",
+        "/api/v3/orderList",
+        &format!("orderListId={list}"),
+        &keys[0],
+    )
+    .await;
+    assert_eq!(q["listOrderStatus"], "ALL_DONE");
+    drop(s.router);
+    s.node.shutdown().unwrap();
+}

@@ -2114,3 +2114,292 @@ async fn oco_input_is_validated_and_refusals_change_nothing() {
         .unwrap()
         .is_empty());
 }
+
+/// Issue 9: OTO lists over REST in Binance's shapes: the pending order answers PENDING_NEW and
+/// holds nothing until the working order has filled completely, then it is placed (NEW) and
+/// holds; the list is ALL_DONE. A pending order the account cannot cover when it is placed is
+/// refused cleanly (EXPIRED, nothing held, the working order's trade kept).
+#[tokio::test]
+async fn oto_lists_place_the_pending_order_when_the_working_order_fills() {
+    let h = Harness::new();
+    let info = h.get("/api/v3/exchangeInfo?symbol=BTCUSD").await.json;
+    assert_eq!(info["symbols"][0]["otoAllowed"], true);
+    let (_, t) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let oto = "symbol=BTCUSD&listClientOrderId=myoto&workingType=LIMIT&workingSide=BUY&workingPrice=20000&workingQuantity=0.01&workingTimeInForce=GTC&pendingType=LIMIT&pendingSide=SELL&pendingPrice=22000&pendingQuantity=0.01&pendingTimeInForce=GTC&pendingClientOrderId=tp";
+    let r = h.ok("POST", "/api/v3/orderList/oto", oto, &t).await;
+    assert_eq!(
+        (
+            r["contingencyType"].as_str(),
+            r["listStatusType"].as_str(),
+            r["listOrderStatus"].as_str(),
+            r["listClientOrderId"].as_str()
+        ),
+        (
+            Some("OTO"),
+            Some("EXEC_STARTED"),
+            Some("EXECUTING"),
+            Some("myoto")
+        ),
+        "{r}"
+    );
+    let list = r["orderListId"].as_u64().unwrap();
+    let reports = r["orderReports"].as_array().unwrap();
+    let statuses: Vec<_> = reports
+        .iter()
+        .map(|o| (o["type"].as_str().unwrap(), o["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        statuses,
+        [("LIMIT", "NEW"), ("LIMIT", "PENDING_NEW")],
+        "{r}"
+    );
+    assert_eq!(r["orders"].as_array().unwrap().len(), 2);
+    assert_eq!(r["orders"][1]["clientOrderId"], "tp");
+    let pending = reports[1]["orderId"].as_u64().unwrap();
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={pending}"),
+            &t,
+        )
+        .await;
+    assert_eq!(
+        (o["status"].as_str(), o["orderListId"].as_u64()),
+        (Some("PENDING_NEW"), Some(list))
+    );
+    // Only the working order is open; the pending one holds nothing.
+    let open = h.ok("GET", "/api/v3/openOrders", "", &t).await;
+    assert_eq!(open.as_array().unwrap().len(), 1);
+    let q = h
+        .ok("GET", "/api/v3/orderList", "origClientOrderId=myoto", &t)
+        .await;
+    assert_eq!(
+        (q["orderListId"].as_u64(), q["contingencyType"].as_str()),
+        (Some(list), Some("OTO"))
+    );
+    assert_eq!(
+        h.ok("GET", "/api/v3/openOrderList", "", &t)
+            .await
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // A partial fill places nothing.
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.004&price=20000",
+        &seller,
+    )
+    .await;
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={pending}"),
+            &t,
+        )
+        .await;
+    assert_eq!(o["status"], "PENDING_NEW");
+    // The rest fills: the pending sell is placed and holds the bought 0.01.
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.006&price=20000",
+        &seller,
+    )
+    .await;
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={pending}"),
+            &t,
+        )
+        .await;
+    assert_eq!(
+        (o["status"].as_str(), o["orderListId"].as_u64()),
+        (Some("NEW"), Some(list))
+    );
+    let acct = h.ok("GET", "/api/v3/account", "", &t).await;
+    assert_eq!(locked(&acct, "BTC"), "0.01000000");
+    let q = h
+        .ok(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={list}"),
+            &t,
+        )
+        .await;
+    assert_eq!(
+        (q["listStatusType"].as_str(), q["listOrderStatus"].as_str()),
+        (Some("ALL_DONE"), Some("ALL_DONE"))
+    );
+    assert!(h
+        .ok("GET", "/api/v3/openOrderList", "", &t)
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
+
+    // Insufficient funds at placement: sell 0.01 at 20100, then buy 1 at 19000 (19000 USD,
+    // the sale brings about 201).
+    let (_, poor) = h.trader("0.01", "0").await;
+    let r = h.ok("POST", "/api/v3/orderList/oto", "symbol=BTCUSD&workingType=LIMIT&workingSide=SELL&workingPrice=20100&workingQuantity=0.01&workingTimeInForce=GTC&pendingType=LIMIT&pendingSide=BUY&pendingPrice=19000&pendingQuantity=1&pendingTimeInForce=GTC", &poor).await;
+    let list = r["orderListId"].as_u64().unwrap();
+    let pending = r["orderReports"][1]["orderId"].as_u64().unwrap();
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=20100",
+        &buyer,
+    )
+    .await;
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={pending}"),
+            &poor,
+        )
+        .await;
+    assert_eq!(o["status"], "EXPIRED");
+    let q = h
+        .ok(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={list}"),
+            &poor,
+        )
+        .await;
+    assert_eq!(q["listOrderStatus"], "ALL_DONE");
+    let acct = h.ok("GET", "/api/v3/account", "", &poor).await;
+    assert_eq!(locked(&acct, "USD"), "0.00000000");
+    assert!(h
+        .ok("GET", "/api/v3/openOrders", "", &poor)
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
+}
+
+/// Issue 9: OTOCO over REST: three orders (working, pending above, pending below); a cancel
+/// of the list cancels the working order and the pending pair ends CANCELED; parameters are
+/// validated and refusals change nothing.
+#[tokio::test]
+async fn otoco_lists_place_cancel_and_refuse_over_rest() {
+    let h = Harness::new();
+    let (_, t) = h.trader("0", "100000").await;
+    let (_, other) = h.trader("1", "100000").await;
+    // Last price 20000.
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &other,
+    )
+    .await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000",
+        &t,
+    )
+    .await;
+    let working = "symbol=BTCUSD&workingType=LIMIT_MAKER&workingSide=BUY&workingPrice=19900&workingQuantity=0.01";
+    let pair = "pendingSide=SELL&pendingQuantity=0.01&pendingAboveType=LIMIT_MAKER&pendingAbovePrice=21000&pendingBelowType=STOP_LOSS&pendingBelowStopPrice=19000";
+    let r = h
+        .ok(
+            "POST",
+            "/api/v3/orderList/otoco",
+            &format!("{working}&{pair}&listClientOrderId=mine"),
+            &t,
+        )
+        .await;
+    assert_eq!(r["contingencyType"], "OTOCO", "{r}");
+    let reports = r["orderReports"].as_array().unwrap();
+    let shape: Vec<_> = reports
+        .iter()
+        .map(|o| (o["type"].as_str().unwrap(), o["status"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        shape,
+        [
+            ("LIMIT_MAKER", "NEW"),
+            ("LIMIT_MAKER", "PENDING_NEW"),
+            ("STOP_LOSS", "PENDING_NEW")
+        ]
+    );
+    let ids: Vec<u64> = reports
+        .iter()
+        .map(|o| o["orderId"].as_u64().unwrap())
+        .collect();
+    let list = r["orderListId"].as_u64().unwrap();
+    let c = h
+        .ok(
+            "DELETE",
+            "/api/v3/orderList",
+            "symbol=BTCUSD&listClientOrderId=mine",
+            &t,
+        )
+        .await;
+    assert_eq!(
+        (c["orderListId"].as_u64(), c["listOrderStatus"].as_str()),
+        (Some(list), Some("ALL_DONE")),
+        "{c}"
+    );
+    let statuses: Vec<_> = c["orderReports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| o["status"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(statuses, ["CANCELED", "CANCELED", "CANCELED"], "{c}");
+    for id in &ids[1..] {
+        let o = h
+            .ok(
+                "GET",
+                "/api/v3/order",
+                &format!("symbol=BTCUSD&orderId={id}"),
+                &t,
+            )
+            .await;
+        assert_eq!(o["status"], "CANCELED");
+    }
+    let acct = h.ok("GET", "/api/v3/account", "", &t).await;
+    assert_eq!(locked(&acct, "USD"), "0.00000000");
+    // Refusals: each changes nothing.
+    let cases: &[(&str, &str, i64)] = &[
+        ("otoco", "symbol=BTCUSD&workingType=MARKET&workingSide=BUY&workingQuantity=0.01&pendingSide=SELL", -1130),
+        ("otoco", &format!("{working}&pendingSide=SELL&pendingQuantity=0.01&pendingAboveType=LIMIT&pendingAbovePrice=21000&pendingBelowType=STOP_LOSS&pendingBelowStopPrice=19000"), -1130),
+        ("otoco", &format!("{working}&pendingSide=SELL&pendingQuantity=0.01&pendingAboveType=STOP_LOSS&pendingAboveStopPrice=21000&pendingBelowType=LIMIT_MAKER&pendingBelowPrice=19000"), -2010),
+        ("oto", &format!("{working}&pendingType=LIMIT&pendingSide=SELL&pendingQuantity=0.01&pendingPrice=22000"), -1102),
+        ("oto", &format!("{working}&pendingType=LIMIT&pendingSide=SELL&pendingQuantity=0.01&pendingPrice=22000&pendingTimeInForce=GTC&pendingIcebergQty=0.001"), -1014),
+        ("oto", &format!("{working}&workingClientOrderId=x&pendingType=MARKET&pendingSide=SELL&pendingQuantity=0.01&pendingClientOrderId=x"), -1014),
+        ("oto", "symbol=BTCUSD&workingType=LIMIT&workingSide=BUY&workingPrice=20000&workingQuantity=10&workingTimeInForce=GTC&pendingType=MARKET&pendingSide=SELL&pendingQuantity=0.01", -2010),
+    ];
+    for (kind, params, code) in cases {
+        let r = h
+            .signed("POST", &format!("/api/v3/orderList/{kind}"), params, &t)
+            .await;
+        assert_eq!(r.code(), *code, "{params}: {}", r.json);
+    }
+    let acct = h.ok("GET", "/api/v3/account", "", &t).await;
+    assert_eq!(locked(&acct, "USD"), "0.00000000");
+    assert!(h
+        .ok("GET", "/api/v3/openOrders", "", &t)
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
+    assert!(h
+        .ok("GET", "/api/v3/openOrderList", "", &t)
+        .await
+        .as_array()
+        .unwrap()
+        .is_empty());
+}

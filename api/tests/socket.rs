@@ -884,3 +884,80 @@ async fn oco_list_status_on_the_user_data_stream() {
     );
     let _ = stop.send(());
 }
+
+/// Issue 9: an OTO on the user-data stream: the working order's NEW report, then `listStatus`
+/// (OTO, EXEC_STARTED, both orders); a cancel of the pending order cancels the list: the working
+/// order's and the pending order's CANCELED reports, then `listStatus` ALL_DONE.
+#[tokio::test]
+async fn oto_list_status_on_the_user_data_stream() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, holder) = h.trader("0", "100000").await;
+    let (_, lk) = http(addr, "POST", "/api/v3/userDataStream", "", Some(&holder.0)).await;
+    let lk = lk["listenKey"].as_str().unwrap().to_owned();
+    let (mut user, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/{lk}"))
+        .await
+        .unwrap();
+    let (status, r) = signed_post(
+        addr,
+        "/api/v3/orderList/oto",
+        "symbol=BTCUSD&listClientOrderId=O1&workingType=LIMIT&workingSide=BUY&workingPrice=20000&workingQuantity=0.01&workingTimeInForce=GTC&pendingType=LIMIT_MAKER&pendingSide=SELL&pendingPrice=22000&pendingQuantity=0.01",
+        &holder,
+    )
+    .await;
+    assert_eq!(status, 200, "{r}");
+    let list = r["orderListId"].as_u64().unwrap();
+    let pending = r["orderReports"][1]["orderId"].as_u64().unwrap();
+    let mut news = 0;
+    let started = loop {
+        let m = next_json(&mut user).await;
+        match m["e"].as_str().unwrap() {
+            "executionReport" => {
+                assert_eq!(
+                    (m["x"].as_str(), m["g"].as_u64()),
+                    (Some("NEW"), Some(list))
+                );
+                news += 1;
+            }
+            "listStatus" => break m,
+            _ => {}
+        }
+    };
+    assert_eq!(news, 1, "the working order reported before the list");
+    assert_eq!(
+        (
+            started["c"].as_str(),
+            started["l"].as_str(),
+            started["C"].as_str(),
+            started["O"].as_array().map(Vec::len)
+        ),
+        (Some("OTO"), Some("EXEC_STARTED"), Some("O1"), Some(2))
+    );
+    let q = format!("symbol=BTCUSD&orderId={pending}&timestamp={}", now_ms());
+    let body = format!("{q}&signature={}", sign(&holder.1, &q));
+    let (status, c) = http(addr, "DELETE", "/api/v3/order", &body, Some(&holder.0)).await;
+    assert_eq!(status, 200, "{c}");
+    let mut cancelled = Vec::new();
+    let done = loop {
+        let m = next_json(&mut user).await;
+        match m["e"].as_str().unwrap() {
+            "executionReport" => cancelled.push((
+                m["i"].as_u64().unwrap(),
+                m["X"].as_str().unwrap().to_owned(),
+            )),
+            "listStatus" => break m,
+            _ => {}
+        }
+    };
+    assert_eq!(cancelled.len(), 2, "{cancelled:?}");
+    assert!(
+        cancelled.iter().all(|(_, x)| x == "CANCELED"),
+        "{cancelled:?}"
+    );
+    assert!(cancelled.iter().any(|(i, _)| *i == pending));
+    assert_eq!(
+        (done["l"].as_str(), done["L"].as_str()),
+        (Some("ALL_DONE"), Some("ALL_DONE"))
+    );
+    let _ = stop.send(());
+}

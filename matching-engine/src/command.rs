@@ -202,6 +202,38 @@ pub struct NewOco {
     pub list_client_id: Option<ClientOrderId>,
 }
 
+/// A one-triggers-the-other list (Binance's OTO): a *working* limit order placed now and a
+/// *pending* order placed when the working order is completely filled.
+///
+/// The working order is a `Limit` (GTC, GTD, IOC or FOK; `post_only` for Binance's
+/// `LIMIT_MAKER`). The pending order is any order type but a quote-budget market order, on the
+/// same account and market, either side. It holds nothing and is not in the book until it is
+/// placed; when placed it is checked and held like a new order at that moment, and refused
+/// cleanly (the list ends, nothing else changes) if it no longer fits (balance, price band,
+/// limits). A cancel of either order, or the working order leaving unfilled, ends the list.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewOto {
+    /// The working order.
+    pub working: NewOrder,
+    /// The pending order.
+    pub pending: NewOrder,
+    /// The list's client id (Binance's `listClientOrderId`), if any.
+    pub list_client_id: Option<ClientOrderId>,
+}
+
+/// A one-triggers-a-one-cancels-the-other list (Binance's OTOCO): a working limit order as in
+/// [`NewOto`] and a pending OCO pair ([`NewOco`], `[above, below]`) placed as one OCO when the
+/// working order is completely filled; from then on it is an OCO under the same list id.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
+pub struct NewOtoco {
+    /// The working order.
+    pub working: NewOrder,
+    /// The pending pair, `[above, below]`.
+    pub pending: [NewOrder; 2],
+    /// The list's client id (Binance's `listClientOrderId`), if any.
+    pub list_client_id: Option<ClientOrderId>,
+}
+
 /// Which order a cancel or amend is about.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, Deserialize)]
 pub enum OrderRef {
@@ -319,6 +351,10 @@ pub enum Command {
     /// Places a one-cancels-the-other pair ([`NewOco`]). A cancel of either leg cancels both.
     /// (Last, so the journal encoding of the older commands is unchanged.)
     NewOco(Box<NewOco>),
+    /// Places a one-triggers-the-other list ([`NewOto`]).
+    NewOto(Box<NewOto>),
+    /// Places a working order with a pending OCO pair ([`NewOtoco`]).
+    NewOtoco(Box<NewOtoco>),
 }
 
 impl Command {
@@ -328,6 +364,8 @@ impl Command {
             self,
             Command::NewOrder(_)
                 | Command::NewOco(_)
+                | Command::NewOto(_)
+                | Command::NewOtoco(_)
                 | Command::Cancel { .. }
                 | Command::CancelAll { .. }
                 | Command::Amend { .. }

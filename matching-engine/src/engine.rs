@@ -92,6 +92,70 @@ pub struct OrderList {
     pub client_id: Option<ClientOrderId>,
 }
 
+/// The pending part of an OTO or OTOCO list: ids assigned when the list was placed, nothing
+/// held, nothing in the book.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Pending {
+    /// OTO: one order.
+    Order {
+        /// Its id.
+        id: OrderId,
+        /// The order as it will be placed.
+        order: NewOrder,
+    },
+    /// OTOCO: an OCO pair, `[above, below]`, placed as an OCO under the list's id.
+    Oco {
+        /// `[above, below]` ids.
+        ids: [OrderId; 2],
+        /// `[above, below]`.
+        legs: [NewOrder; 2],
+    },
+}
+
+impl Pending {
+    /// The pending orders with their ids, in order.
+    pub fn orders(&self) -> impl Iterator<Item = (OrderId, NewOrder)> {
+        let (a, n) = match *self {
+            Pending::Order { id, order } => ([(id, order), (id, order)], 1),
+            Pending::Oco { ids, legs } => ([(ids[0], legs[0]), (ids[1], legs[1])], 2),
+        };
+        a.into_iter().take(n)
+    }
+}
+
+/// A live OTO or OTOCO list whose working order rests in the book (partly filled or not) and
+/// whose pending order(s) wait for it to fill completely.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OtoList {
+    /// Its id (from the same sequence as OCO lists).
+    pub id: ListId,
+    /// Owner.
+    pub account: AccountId,
+    /// Market.
+    pub market: MarketId,
+    /// The working order (a resting limit order).
+    pub working: OrderId,
+    /// The pending order(s).
+    pub pending: Pending,
+    /// The list's client id.
+    pub client_id: Option<ClientOrderId>,
+}
+
+/// How the pending phase of an OTO or OTOCO list ended ([`Event::OtoDone`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum OtoOutcome {
+    /// The working order filled completely and the pending order(s) were placed.
+    Placed,
+    /// The working order filled completely but the pending order(s) could not be placed then
+    /// (for example the account no longer had the balance to hold for them): nothing was placed
+    /// and nothing else changed.
+    Refused(RejectCode),
+    /// The working order left unfilled or partly filled (cancelled, by its owner or by a cancel
+    /// of a pending order; expired; IOC/FOK rest; self-trade prevention): the pending order(s)
+    /// are cancelled without ever being placed.
+    Cancelled(DoneReason),
+}
+
 #[derive(Debug)]
 struct Market {
     book: Book<OrderMeta>,
@@ -226,6 +290,13 @@ pub struct Engine {
     /// List legs that traded as makers during the current taker's match: their lists end once
     /// the match is over.
     list_fills: Vec<OrderId>,
+    /// Live OTO and OTOCO lists by id (their working orders are in `list_of` too).
+    otos: BTreeMap<ListId, OtoList>,
+    /// The list of each pending order of a live OTO or OTOCO list.
+    pending_of: FxHashMap<OrderId, ListId>,
+    /// OTO/OTOCO lists whose working order filled completely during this command: their pending
+    /// orders are placed once the command's own matching is over (empty between commands).
+    oto_ready: Vec<ListId>,
 }
 
 /// The numbers of a market the hot path needs, `Copy` so they can be read while the engine is
@@ -393,6 +464,9 @@ impl Engine {
             lists: BTreeMap::new(),
             list_of: FxHashMap::default(),
             list_fills: Vec::new(),
+            otos: BTreeMap::new(),
+            pending_of: FxHashMap::default(),
+            oto_ready: Vec::new(),
         };
         e.accounts.push(Account::default());
         e.ledger.add_account();
@@ -642,6 +716,9 @@ impl Engine {
         let result = self.execute(cmd, out);
         match result {
             Ok(acc) => {
+                if !self.oto_ready.is_empty() {
+                    self.place_ready(out);
+                }
                 if acc.duplicate {
                     debug_assert_eq!(out.len(), at + 1, "a duplicate changes nothing");
                     if !expired {
@@ -813,9 +890,10 @@ impl Engine {
     /// side, with one quantity and nothing filled; the holder leg holds what either leg needs
     /// on its own (a sell exactly its base), the other leg nothing; the leg index agrees.
     fn validate_lists(&self) -> Result<(), &'static str> {
-        if self.list_of.len() != 2 * self.lists.len() {
+        if self.list_of.len() != 2 * self.lists.len() + self.otos.len() {
             return Err("list leg index");
         }
+        self.validate_otos()?;
         for (&id, l) in &self.lists {
             if l.id != id || id.0 >= self.next_list_id || l.holder > 1 {
                 return Err("list id");
@@ -975,12 +1053,33 @@ impl Engine {
             }
             Command::NewOrder(o) => self.new_order(&o, out),
             Command::NewOco(ref l) => self.new_oco(l, out),
+            Command::NewOto(ref l) => self.new_oto(
+                &l.working,
+                Pending::Order {
+                    id: OrderId(0),
+                    order: l.pending,
+                },
+                l.list_client_id,
+                out,
+            ),
+            Command::NewOtoco(ref l) => self.new_oto(
+                &l.working,
+                Pending::Oco {
+                    ids: [OrderId(0); 2],
+                    legs: l.pending,
+                },
+                l.list_client_id,
+                out,
+            ),
             Command::Cancel {
                 account,
                 market,
                 order,
             } => {
-                let (market, id, slot) = self.find_order(account, market, order)?;
+                let (market, id, slot) = match self.find_order(account, market, order) {
+                    Ok(found) => found,
+                    Err(code) => return self.cancel_pending(account, market, order, code, out),
+                };
                 match slot {
                     Some(slot) => self.remove_resting(market, slot, DoneReason::Cancelled, out),
                     None => self.remove_stop(market, id, DoneReason::Cancelled, out),
@@ -1328,7 +1427,7 @@ impl Engine {
             remaining: node.qty,
         });
         if !self.list_of.is_empty() {
-            self.leg_left(node.id, out);
+            self.leg_left(node.id, reason, out);
         }
     }
 
@@ -1365,7 +1464,7 @@ impl Engine {
             remaining: qty,
         });
         if !self.list_of.is_empty() {
-            self.leg_left(id, out);
+            self.leg_left(id, reason, out);
         }
     }
 
@@ -2156,23 +2255,22 @@ impl Engine {
         }
     }
 
-    /// Validates and places an OCO (see [`NewOco`]).
-    fn new_oco(&mut self, l: &NewOco, out: &mut Vec<Event>) -> Result<Accept, RejectCode> {
-        let [above, below] = l.legs;
-        self.check_account(above.account)?;
-        let _ = self.market_cfg(above.market)?;
-        if above.account == FEE_ACCOUNT {
-            return Err(RejectCode::FeeAccount);
-        }
+    /// The checks of an OCO pair that do not depend on the book or the last price: same account,
+    /// market, side and quantity; the shape (a profit leg and a stop); each leg's filters and
+    /// time in force; the above leg's level over the below leg's. Returns the quantity and the
+    /// levels (above, below).
+    fn oco_static(
+        &self,
+        p: &MarketParams,
+        above: &NewOrder,
+        below: &NewOrder,
+    ) -> Result<(Qty, Price, Price), RejectCode> {
         if above.account != below.account
             || above.market != below.market
             || above.side != below.side
         {
             return Err(RejectCode::InvalidOrder);
         }
-        let (account, market, side) = (above.account, above.market, above.side);
-        let mi = market.0 as usize;
-        let p = self.params[mi];
         let qty = above.order_type.qty().ok_or(RejectCode::InvalidOrder)?;
         if below.order_type.qty() != Some(qty) {
             return Err(RejectCode::InvalidOrder);
@@ -2189,14 +2287,14 @@ impl Engine {
                 OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
             ) && !o.post_only
         };
-        let shape = match side {
-            Side::Sell => profit(&above) && loss(&below),
-            Side::Buy => loss(&above) && profit(&below),
+        let shape = match above.side {
+            Side::Sell => profit(above) && loss(below),
+            Side::Buy => loss(above) && profit(below),
         };
         if !shape {
             return Err(RejectCode::InvalidOrder);
         }
-        for o in [&above, &below] {
+        for o in [above, below] {
             p.check_qty(qty)?;
             if let Some(price) = o.order_type.limit_price() {
                 p.check_price(price)?;
@@ -2216,9 +2314,33 @@ impl Engine {
             OrderType::Limit { price, .. } => price,
             t => t.trigger_price().expect("a trigger order"),
         };
-        let (hi, lo) = (level(&above), level(&below));
+        let (hi, lo) = (level(above), level(below));
+        if hi <= lo {
+            return Err(RejectCode::InvalidOrder);
+        }
+        Ok((qty, hi, lo))
+    }
+
+    /// Validates and places an OCO (see [`NewOco`]).
+    fn new_oco(&mut self, l: &NewOco, out: &mut Vec<Event>) -> Result<Accept, RejectCode> {
+        let [above, below] = l.legs;
+        self.check_account(above.account)?;
+        let _ = self.market_cfg(above.market)?;
+        if above.account == FEE_ACCOUNT {
+            return Err(RejectCode::FeeAccount);
+        }
+        if above.account != below.account
+            || above.market != below.market
+            || above.side != below.side
+        {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let (account, market, side) = (above.account, above.market, above.side);
+        let mi = market.0 as usize;
+        let p = self.params[mi];
+        let (_, hi, lo) = self.oco_static(&p, &above, &below)?;
         let m = &self.markets[mi];
-        if hi <= lo || m.last_price.is_some_and(|last| !(lo < last && last < hi)) {
+        if m.last_price.is_some_and(|last| !(lo < last && last < hi)) {
             return Err(RejectCode::InvalidOrder);
         }
         let maker = usize::from(matches!(below.order_type, OrderType::Limit { .. }));
@@ -2380,9 +2502,14 @@ impl Engine {
     /// and the callers are on the hot path.
     #[cold]
     #[inline(never)]
-    fn leg_left(&mut self, id: OrderId, out: &mut Vec<Event>) {
+    fn leg_left(&mut self, id: OrderId, reason: DoneReason, out: &mut Vec<Event>) {
         if let Some(&list) = self.list_of.get(&id) {
-            self.end_list(list, None, out);
+            if self.lists.contains_key(&list) {
+                self.end_list(list, None, out);
+            } else {
+                // The working order of an OTO/OTOCO left before it filled completely.
+                self.end_oto(list, OtoOutcome::Cancelled(reason), out);
+            }
         }
     }
 
@@ -2398,11 +2525,382 @@ impl Engine {
         let mut legs = std::mem::take(&mut self.list_fills);
         for &leg in &legs {
             if let Some(&list) = self.list_of.get(&leg) {
-                self.end_list(list, Some(leg), out);
+                if self.lists.contains_key(&list) {
+                    self.end_list(list, Some(leg), out);
+                } else {
+                    // An OTO/OTOCO working order: once it is completely filled (gone from the
+                    // book), its pending orders are placed after this command's matching.
+                    let market = self.otos[&list].market;
+                    if self.markets[market.0 as usize].book.slot(leg).is_none() {
+                        self.list_of.remove(&leg);
+                        self.oto_ready.push(list);
+                    }
+                }
             }
         }
         legs.clear();
         self.list_fills = legs;
+    }
+}
+
+/// OTO and OTOCO lists: a working order now, pending order(s) once it has filled completely.
+impl Engine {
+    /// The live OTO and OTOCO lists (in their pending phase) of an account, by id.
+    pub fn open_oto_lists(&self, account: AccountId) -> Vec<OtoList> {
+        self.otos
+            .values()
+            .filter(|l| l.account == account)
+            .copied()
+            .collect()
+    }
+
+    /// A live OTO or OTOCO list in its pending phase.
+    pub fn oto_list(&self, id: ListId) -> Option<OtoList> {
+        self.otos.get(&id).copied()
+    }
+
+    /// The checks of a pending order that do not depend on the book, the balance or the last
+    /// price (those are made when it is placed): its filters, type and time in force.
+    fn check_pending(&self, p: &MarketParams, o: &NewOrder) -> Result<(), RejectCode> {
+        match o.order_type {
+            OrderType::Limit { price, qty }
+            | OrderType::StopLimit { price, qty, .. }
+            | OrderType::TakeProfitLimit { price, qty, .. } => {
+                p.check_qty(qty)?;
+                p.check_price(price)?;
+                p.check_notional(price, qty)?;
+            }
+            OrderType::Market { qty }
+            | OrderType::StopMarket { qty, .. }
+            | OrderType::TakeProfitMarket { qty, .. } => p.check_qty(qty)?,
+            // Binance refuses a quote-quantity pending order too.
+            OrderType::MarketBudget { .. } => return Err(RejectCode::InvalidOrder),
+        }
+        if let Some(stop) = o.order_type.trigger_price() {
+            p.check_price(stop)?;
+        }
+        let is_limit = matches!(o.order_type, OrderType::Limit { .. });
+        let is_market = matches!(o.order_type, OrderType::Market { .. });
+        if o.post_only && (!is_limit || matches!(o.tif, TimeInForce::Ioc | TimeInForce::Fok)) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        match o.tif {
+            TimeInForce::Gtd(t) if t <= self.now || is_market => Err(RejectCode::InvalidOrder),
+            TimeInForce::Fok if !is_limit => Err(RejectCode::InvalidOrder),
+            _ => Ok(()),
+        }
+    }
+
+    /// Validates and places an OTO or OTOCO list (see [`NewOto`](crate::NewOto), [`NewOtoco`](crate::NewOtoco)). `pending`
+    /// comes with placeholder ids; the list's ids are assigned here: the working order the next
+    /// order id, the pending orders the ones after it.
+    fn new_oto(
+        &mut self,
+        working: &NewOrder,
+        pending: Pending,
+        client_id: Option<ClientOrderId>,
+        out: &mut Vec<Event>,
+    ) -> Result<Accept, RejectCode> {
+        let w = *working;
+        self.check_account(w.account)?;
+        let _ = self.market_cfg(w.market)?;
+        if w.account == FEE_ACCOUNT {
+            return Err(RejectCode::FeeAccount);
+        }
+        if !matches!(w.order_type, OrderType::Limit { .. }) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let (account, market) = (w.account, w.market);
+        let p = self.params[market.0 as usize];
+        for (_, o) in pending.orders() {
+            if o.account != account || o.market != market {
+                return Err(RejectCode::InvalidOrder);
+            }
+            self.check_pending(&p, &o)?;
+        }
+        if let Pending::Oco { legs, .. } = pending {
+            self.oco_static(&p, &legs[0], &legs[1])?;
+        }
+        let mut cids: Vec<ClientOrderId> =
+            pending.orders().filter_map(|(_, o)| o.client_id).collect();
+        cids.extend(w.client_id);
+        for (i, c) in cids.iter().enumerate() {
+            if cids[..i].contains(c) || self.client_ids.contains_key(&(account, *c)) {
+                return Err(RejectCode::DuplicateClientId);
+            }
+        }
+        let n = pending.orders().count() as u64;
+        if u64::from(self.accounts[account.0 as usize].open_orders) + 1 + n
+            > u64::from(self.config.limits.max_open_orders_per_account)
+        {
+            return Err(RejectCode::AccountOrderLimit);
+        }
+
+        // Ids: the list's, the working order's (`new_order` takes the next one), then the
+        // pending orders'.
+        let list = ListId(self.next_list_id);
+        let wid = OrderId(self.next_order_id);
+        let first = wid.0 + 1;
+        let pending = match pending {
+            Pending::Order { order, .. } => Pending::Order {
+                id: OrderId(first),
+                order,
+            },
+            Pending::Oco { legs, .. } => Pending::Oco {
+                ids: [OrderId(first), OrderId(first + 1)],
+                legs,
+            },
+        };
+        let l = OtoList {
+            id: list,
+            account,
+            market,
+            working: wid,
+            pending,
+            client_id,
+        };
+        let start = out.len();
+        out.push(Event::OtoNew {
+            list,
+            account,
+            market,
+            working: wid,
+            client_id,
+            otoco: matches!(pending, Pending::Oco { .. }),
+        });
+        for (id, o) in pending.orders() {
+            out.push(Event::OrderPending { order: id, new: o });
+        }
+        // Registered before the working order is placed: a trade with it in this very command
+        // (a triggered stop taking it) must see the list.
+        self.next_list_id += 1;
+        self.otos.insert(list, l);
+        self.list_of.insert(wid, list);
+        for (id, o) in pending.orders() {
+            self.pending_of.insert(id, list);
+            if let Some(c) = o.client_id {
+                self.client_ids.insert((account, c), (market, id));
+            }
+        }
+        if let Err(code) = self.new_order(&w, out) {
+            // Nothing was placed: undo the registration.
+            self.next_list_id -= 1;
+            self.otos.remove(&list);
+            self.list_of.remove(&wid);
+            for (id, o) in pending.orders() {
+                self.pending_of.remove(&id);
+                if let Some(c) = o.client_id {
+                    self.client_ids.remove(&(account, c));
+                }
+            }
+            out.truncate(start);
+            return Err(code);
+        }
+        debug_assert_eq!(self.next_order_id, first, "the working order took one id");
+        self.next_order_id = first + n;
+        let m = &self.markets[market.0 as usize];
+        if self.list_of.get(&wid) == Some(&list) && m.book.slot(wid).is_none() {
+            // The working order did not rest: it filled completely as a taker, or its rest
+            // expired (IOC, FOK, self-trade prevention).
+            let reason = out[start..]
+                .iter()
+                .rev()
+                .find_map(|e| match *e {
+                    Event::OrderDone { info, reason, .. } if info.order == wid => Some(reason),
+                    _ => None,
+                })
+                .expect("an order that does not rest is done");
+            if reason == DoneReason::Filled {
+                self.list_of.remove(&wid);
+                self.oto_ready.push(list);
+            } else {
+                self.end_oto(list, OtoOutcome::Cancelled(reason), out);
+            }
+        }
+        Ok(Accept {
+            order: Some(wid),
+            ..Accept::default()
+        })
+    }
+
+    /// Forgets a list's pending orders (their ids and reserved client ids).
+    fn forget_pending(&mut self, l: &OtoList) {
+        for (id, o) in l.pending.orders() {
+            self.pending_of.remove(&id);
+            if let Some(c) = o.client_id {
+                if self.client_ids.get(&(l.account, c)) == Some(&(l.market, id)) {
+                    self.client_ids.remove(&(l.account, c));
+                }
+            }
+        }
+    }
+
+    /// Ends an OTO/OTOCO list whose working order left unfilled (or filled, but its pending
+    /// orders were not placed): its pending orders are forgotten.
+    fn end_oto(&mut self, list: ListId, outcome: OtoOutcome, out: &mut Vec<Event>) {
+        let Some(l) = self.otos.remove(&list) else {
+            return;
+        };
+        self.list_of.remove(&l.working);
+        self.forget_pending(&l);
+        out.push(Event::OtoDone {
+            list,
+            account: l.account,
+            market: l.market,
+            outcome,
+        });
+    }
+
+    /// Places the pending orders of the lists whose working order filled completely in this
+    /// command, in the order the fills happened. Each placement is checked and held as a new
+    /// order (an OCO for an OTOCO) would be now, under the ids assigned when the list was
+    /// placed; a refusal changes nothing but ending the list. A placement can fill further
+    /// working orders: those are placed after it.
+    #[cold]
+    #[inline(never)]
+    fn place_ready(&mut self, out: &mut Vec<Event>) {
+        let mut i = 0;
+        while i < self.oto_ready.len() {
+            let list = self.oto_ready[i];
+            i += 1;
+            let Some(l) = self.otos.remove(&list) else {
+                continue;
+            };
+            self.forget_pending(&l);
+            let saved = (self.next_order_id, self.next_list_id);
+            let at = out.len();
+            let placed = match l.pending {
+                Pending::Order { id, order } => {
+                    self.next_order_id = id.0;
+                    self.new_order(&order, out)
+                }
+                Pending::Oco { ids, legs } => {
+                    self.next_order_id = ids[0].0;
+                    self.next_list_id = list.0;
+                    self.new_oco(
+                        &NewOco {
+                            legs,
+                            list_client_id: l.client_id,
+                        },
+                        out,
+                    )
+                }
+            };
+            let n = l.pending.orders().count() as u64;
+            debug_assert!(placed.is_err() || self.next_order_id == l.working.0 + 1 + n);
+            (self.next_order_id, self.next_list_id) = saved;
+            let outcome = match placed {
+                Ok(_) => OtoOutcome::Placed,
+                Err(code) => {
+                    debug_assert_eq!(out.len(), at, "a refused placement emitted events");
+                    OtoOutcome::Refused(code)
+                }
+            };
+            out.push(Event::OtoDone {
+                list,
+                account: l.account,
+                market: l.market,
+                outcome,
+            });
+        }
+        self.oto_ready.clear();
+    }
+
+    /// A cancel that named no open order: if it names a pending order of a live OTO/OTOCO list,
+    /// the list is cancelled (its working order, and with it the pending orders), as Binance
+    /// cancels the whole list. Otherwise the cancel is refused with `code`.
+    #[cold]
+    #[inline(never)]
+    fn cancel_pending(
+        &mut self,
+        account: AccountId,
+        market: MarketId,
+        order: OrderRef,
+        code: RejectCode,
+        out: &mut Vec<Event>,
+    ) -> Result<Accept, RejectCode> {
+        if code != RejectCode::UnknownOrder || self.pending_of.is_empty() {
+            return Err(code);
+        }
+        let id = match order {
+            OrderRef::Id(id) => id,
+            OrderRef::Client(c) => match self.client_ids.get(&(account, c)) {
+                Some(&(_, id)) => id,
+                None => return Err(code),
+            },
+        };
+        let Some(l) = self
+            .pending_of
+            .get(&id)
+            .and_then(|l| self.otos.get(l))
+            .copied()
+        else {
+            return Err(code);
+        };
+        if l.account != account || l.market != market {
+            return Err(code);
+        }
+        self.cancel_one(market, l.working, DoneReason::Cancelled, out);
+        debug_assert!(!self.otos.contains_key(&l.id));
+        Ok(Accept {
+            order: Some(id),
+            ..Accept::default()
+        })
+    }
+
+    /// OTO/OTOCO lists: each live list's working order rests in its market's book, owned by
+    /// its account and not completely filled; its pending orders have ids already assigned,
+    /// are not open, are on its account and market, and keep their client ids reserved; the
+    /// indexes agree; no list waits to be placed between commands.
+    fn validate_otos(&self) -> Result<(), &'static str> {
+        if !self.oto_ready.is_empty() {
+            return Err("an OTO list left waiting for placement");
+        }
+        let mut pending = 0;
+        for (&id, l) in &self.otos {
+            if l.id != id || id.0 >= self.next_list_id || self.lists.contains_key(&id) {
+                return Err("OTO list id");
+            }
+            let m = self
+                .markets
+                .get(l.market.0 as usize)
+                .ok_or("an OTO list's market")?;
+            if self.list_of.get(&l.working) != Some(&id) {
+                return Err("OTO working order index");
+            }
+            let slot = m
+                .book
+                .slot(l.working)
+                .ok_or("an OTO working order does not rest")?;
+            let n = m.book.node(slot);
+            if n.data.account != l.account {
+                return Err("an OTO working order has another owner");
+            }
+            for (pid, o) in l.pending.orders() {
+                pending += 1;
+                if pid.0 >= self.next_order_id || pid == l.working {
+                    return Err("OTO pending order id");
+                }
+                if self.pending_of.get(&pid) != Some(&id) {
+                    return Err("OTO pending order index");
+                }
+                if m.book.slot(pid).is_some() || m.stop_index.contains_key(&pid) {
+                    return Err("an OTO pending order is open");
+                }
+                if o.account != l.account || o.market != l.market {
+                    return Err("an OTO pending order has another owner or market");
+                }
+                if let Some(c) = o.client_id {
+                    if self.client_ids.get(&(l.account, c)) != Some(&(l.market, pid)) {
+                        return Err("an OTO pending order's client id is not reserved");
+                    }
+                }
+            }
+        }
+        if self.pending_of.len() != pending {
+            return Err("OTO pending order index");
+        }
+        Ok(())
     }
 }
 
@@ -2485,12 +2983,17 @@ pub struct EngineSnapshot {
     pub next_list_id: u64,
     /// Live order lists, by id.
     pub lists: Vec<OrderList>,
+    /// Live OTO and OTOCO lists in their pending phase, by id (snapshot format 3).
+    pub otos: Vec<OtoList>,
 }
 
 impl EngineSnapshot {
     /// The postcard bytes that turn a format-1 payload (before order lists) into a format-2
     /// one: `next_list_id = 1` and no lists, appended after the last format-1 field.
     pub const V1_TO_V2_TRAILER: [u8; 2] = [1, 0];
+    /// The postcard bytes that turn a format-2 payload (before OTO lists) into a format-3 one:
+    /// no OTO lists, appended after the last format-2 field.
+    pub const V2_TO_V3_TRAILER: [u8; 1] = [0];
 }
 
 /// A snapshot that does not describe a valid engine.
@@ -2558,6 +3061,7 @@ impl Engine {
             withdrawals,
             next_list_id: self.next_list_id,
             lists: self.lists.values().copied().collect(),
+            otos: self.otos.values().copied().collect(),
         }
     }
 
@@ -2672,6 +3176,27 @@ impl Engine {
                 }
             }
         }
+        for l in s.otos {
+            if e.lists.contains_key(&l.id) || e.otos.insert(l.id, l).is_some() {
+                return Err(SnapshotError::Inconsistent("list listed twice"));
+            }
+            if e.list_of.insert(l.working, l.id).is_some() {
+                return Err(SnapshotError::Inconsistent("order in two lists"));
+            }
+            for (id, o) in l.pending.orders() {
+                if e.pending_of.insert(id, l.id).is_some() {
+                    return Err(SnapshotError::Inconsistent("order in two lists"));
+                }
+                if let Some(c) = o.client_id {
+                    if e.client_ids
+                        .insert((l.account, c), (l.market, id))
+                        .is_some()
+                    {
+                        return Err(SnapshotError::Inconsistent("client order id reused"));
+                    }
+                }
+            }
+        }
         e.validate().map_err(SnapshotError::Inconsistent)?;
         Ok(e)
     }
@@ -2713,6 +3238,11 @@ impl crate::StateMachine for Engine {
         match version {
             1 => {
                 payload.extend_from_slice(&EngineSnapshot::V1_TO_V2_TRAILER);
+                payload.extend_from_slice(&EngineSnapshot::V2_TO_V3_TRAILER);
+                true
+            }
+            2 => {
+                payload.extend_from_slice(&EngineSnapshot::V2_TO_V3_TRAILER);
                 true
             }
             _ => false,

@@ -1,8 +1,8 @@
 //! Events: everything the engine did, in order. A consumer holding the events can rebuild balances,
 //! orders and every book exactly.
 
-use crate::command::{OrderType, StpMode, TimeInForce};
-use crate::engine::Withdrawal;
+use crate::command::{NewOrder, OrderType, StpMode, TimeInForce};
+use crate::engine::{OtoOutcome, Withdrawal};
 use crate::reject::RejectCode;
 use crate::units::{
     AccountId, Amount, AssetId, ClientOrderId, IdempotencyKey, ListId, MarketId, OrderId, Price,
@@ -263,5 +263,43 @@ pub enum Event {
         account: AccountId,
         /// Market.
         market: MarketId,
+    },
+    /// An OTO or OTOCO list was placed (`EXEC_STARTED`): its pending orders follow as
+    /// [`Event::OrderPending`]s, then its working order's [`Event::OrderNew`].
+    OtoNew {
+        /// The list.
+        list: ListId,
+        /// Owner.
+        account: AccountId,
+        /// Market.
+        market: MarketId,
+        /// The working order.
+        working: OrderId,
+        /// The list's client id.
+        client_id: Option<ClientOrderId>,
+        /// True for an OTOCO (two pending orders, an OCO pair once placed).
+        otoco: bool,
+    },
+    /// A pending order of the OTO or OTOCO list of the [`Event::OtoNew`] just before it
+    /// (Binance's `PENDING_NEW`): its id is assigned, it holds nothing and is not in the book
+    /// until its working order is completely filled. (No list id: `Event` stays 112 bytes.)
+    OrderPending {
+        /// The pending order's id.
+        order: OrderId,
+        /// The order as it will be placed.
+        new: NewOrder,
+    },
+    /// An OTO or OTOCO list's pending phase ended: its pending order(s) were placed (their
+    /// [`Event::OrderNew`]s, for an OTOCO after an [`Event::OrderListNew`] with the same list
+    /// id, come before this), refused when placed, or cancelled with the working order.
+    OtoDone {
+        /// The list.
+        list: ListId,
+        /// Owner.
+        account: AccountId,
+        /// Market.
+        market: MarketId,
+        /// What happened to the pending order(s).
+        outcome: OtoOutcome,
     },
 }

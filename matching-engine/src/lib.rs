@@ -30,11 +30,13 @@ pub mod sequencer;
 pub mod snapshot;
 pub mod units;
 
-pub use command::{Command, NewOco, NewOrder, OrderRef, OrderType, StpMode, TimeInForce, Trigger};
+pub use command::{
+    Command, NewOco, NewOrder, NewOto, NewOtoco, OrderRef, OrderType, StpMode, TimeInForce, Trigger,
+};
 pub use config::{AssetConfig, EngineConfig, Limits, MarketConfig};
 pub use engine::{
-    Engine, EngineSnapshot, OrderList, OrderMeta, OrderView, Withdrawal, WithdrawalState,
-    FEE_ACCOUNT,
+    Engine, EngineSnapshot, OrderList, OrderMeta, OrderView, OtoList, OtoOutcome, Pending,
+    Withdrawal, WithdrawalState, FEE_ACCOUNT,
 };
 pub use event::{DoneReason, Event, OrderInfo};
 pub use reject::RejectCode;

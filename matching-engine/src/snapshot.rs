@@ -33,8 +33,8 @@ use std::path::{Path, PathBuf};
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MEDSNAP1";
 /// The snapshot format version written and accepted. Older versions are accepted when
 /// [`StateMachine::upgrade_snapshot_payload`] knows them (the engine: version 1, before order
-/// lists).
-pub const SNAPSHOT_VERSION: u32 = 2;
+/// lists; version 2, before OTO/OTOCO lists).
+pub const SNAPSHOT_VERSION: u32 = 3;
 /// Length of the snapshot header in bytes.
 pub const SNAPSHOT_HEADER_BYTES: usize = 60;
 

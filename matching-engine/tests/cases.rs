@@ -2135,13 +2135,15 @@ fn a_format_1_snapshot_without_lists_still_loads() {
     h.limit(mm, Side::Sell, 120, 3);
     let dir = tempfile::tempdir().unwrap();
     let path = write_snapshot(dir.path(), &h.e).unwrap();
-    // Rewrite it as format 1: without the two trailing list fields.
+    // Rewrite it as format 1: without the three trailing list fields.
     let bytes = std::fs::read(&path).unwrap();
-    let payload = &bytes[60..bytes.len() - EngineSnapshot::V1_TO_V2_TRAILER.len()];
-    assert_eq!(
-        &bytes[bytes.len() - 2..],
-        &EngineSnapshot::V1_TO_V2_TRAILER[..]
-    );
+    let trailer = [
+        &EngineSnapshot::V1_TO_V2_TRAILER[..],
+        &EngineSnapshot::V2_TO_V3_TRAILER[..],
+    ]
+    .concat();
+    let payload = &bytes[60..bytes.len() - trailer.len()];
+    assert_eq!(&bytes[bytes.len() - trailer.len()..], &trailer[..]);
     let mut v1 = bytes[..60].to_vec();
     v1[8..12].copy_from_slice(&1u32.to_le_bytes());
     v1[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
@@ -2152,7 +2154,522 @@ fn a_format_1_snapshot_without_lists_still_loads() {
     let e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
     assert_eq!(e.state_hash(), h.e.state_hash());
     // An unknown future version is refused.
-    v1[8..12].copy_from_slice(&3u32.to_le_bytes());
+    v1[8..12].copy_from_slice(&4u32.to_le_bytes());
     std::fs::write(&path, &v1).unwrap();
     assert!(read_snapshot::<Engine>(&path, h.e.seq()).is_err());
+}
+
+// ---- OTO and OTOCO lists, issue 9 ----
+
+/// What an OTO/OTOCO placement reported.
+struct Oto {
+    list: ListId,
+    working: OrderId,
+    pending: Vec<OrderId>,
+    ev: Vec<Event>,
+}
+
+impl H {
+    fn oto_cmd(&mut self, c: Command) -> Result<Oto, RejectCode> {
+        let ev = self.cmd(c)?;
+        let (list, working) = ev
+            .iter()
+            .find_map(|e| match *e {
+                Event::OtoNew { list, working, .. } => Some((list, working)),
+                _ => None,
+            })
+            .expect("OtoNew");
+        let pending: Vec<OrderId> = ev
+            .iter()
+            .filter_map(|e| match *e {
+                Event::OrderPending { order, .. } => Some(order),
+                _ => None,
+            })
+            .collect();
+        let Event::Accepted { order, .. } = ev[0] else {
+            panic!("{ev:?}")
+        };
+        assert_eq!(order, Some(working));
+        // Ids: the working order's, then the pending orders', in order.
+        for (i, p) in pending.iter().enumerate() {
+            assert_eq!(p.0, working.0 + 1 + i as u64);
+        }
+        Ok(Oto {
+            list,
+            working,
+            pending,
+            ev,
+        })
+    }
+
+    fn oto(&mut self, working: NewOrder, pending: NewOrder) -> Result<Oto, RejectCode> {
+        self.oto_cmd(Command::NewOto(Box::new(NewOto {
+            working,
+            pending,
+            list_client_id: None,
+        })))
+    }
+
+    fn otoco(
+        &mut self,
+        working: NewOrder,
+        above: NewOrder,
+        below: NewOrder,
+    ) -> Result<Oto, RejectCode> {
+        self.oto_cmd(Command::NewOtoco(Box::new(NewOtoco {
+            working,
+            pending: [above, below],
+            list_client_id: None,
+        })))
+    }
+}
+
+fn oto_outcome(ev: &[Event], list: ListId) -> Option<OtoOutcome> {
+    ev.iter().find_map(|e| match *e {
+        Event::OtoDone {
+            list: l, outcome, ..
+        } if l == list => Some(outcome),
+        _ => None,
+    })
+}
+
+fn placed(ev: &[Event], id: OrderId) -> bool {
+    ev.iter()
+        .any(|e| matches!(e, Event::OrderNew { info, .. } if info.order == id))
+}
+
+#[test]
+fn oto_pending_order_is_placed_when_the_working_order_fills_completely_not_before() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    // t has quote for the working buy and no base: the pending sell holds nothing yet.
+    let t = h.account(0, 10_000);
+    let o = h
+        .oto(lim(t, Side::Buy, 100, 5), lim(t, Side::Sell, 120, 5))
+        .unwrap();
+    assert_eq!(o.pending.len(), 1);
+    let p = o.pending[0];
+    assert!(!placed(&o.ev, p));
+    // The working order holds as usual (500 + 1 at the 20 bps allowance), the pending nothing.
+    assert_eq!(h.bal(t, QUOTE), (10_000 - 501, 501));
+    assert_eq!(h.bal(t, BASE), (0, 0));
+    assert!(h.e.order(M, p).is_none(), "a pending order is not open");
+    assert_eq!(h.e.order(M, o.working).unwrap().list, Some(o.list));
+    assert_eq!(h.e.oto_list(o.list).unwrap().working, o.working);
+    assert_eq!(h.book(Side::Sell), vec![]);
+    // A partial fill places nothing.
+    let (_, ev) = h.order(lim(mm, Side::Sell, 100, 2)).unwrap();
+    assert!(!placed(&ev, p));
+    assert_eq!(oto_outcome(&ev, o.list), None);
+    assert!(h.e.oto_list(o.list).is_some());
+    // The rest fills: the pending sell is placed in the same command, after the fill, and now
+    // holds the 5 base the working order bought.
+    let (_, ev) = h.order(lim(mm, Side::Sell, 100, 3)).unwrap();
+    assert_eq!(done_reason(&ev, o.working), Some(DoneReason::Filled));
+    assert!(placed(&ev, p));
+    assert_eq!(oto_outcome(&ev, o.list), Some(OtoOutcome::Placed));
+    let done_at = ev
+        .iter()
+        .position(|e| matches!(e, Event::OrderDone { info, .. } if info.order == o.working))
+        .unwrap();
+    let new_at = ev
+        .iter()
+        .position(|e| matches!(e, Event::OrderNew { info, .. } if info.order == p))
+        .unwrap();
+    assert!(done_at < new_at);
+    assert!(h.e.oto_list(o.list).is_none());
+    let v = h.e.order(M, p).unwrap();
+    assert_eq!((v.price, v.remaining, v.list), (Price(120), Qty(5), None));
+    assert_eq!(h.book(Side::Sell), vec![(120, 5)]);
+    assert_eq!(h.bal(t, BASE), (0, 5));
+}
+
+#[test]
+fn oto_working_order_filled_when_placed_places_the_pending_in_the_same_command() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    h.limit(mm, Side::Sell, 100, 5);
+    let t = h.account(0, 10_000);
+    let o = h
+        .oto(lim(t, Side::Buy, 100, 5), lim(t, Side::Sell, 120, 5))
+        .unwrap();
+    assert_eq!(done_reason(&o.ev, o.working), Some(DoneReason::Filled));
+    assert!(placed(&o.ev, o.pending[0]));
+    assert_eq!(oto_outcome(&o.ev, o.list), Some(OtoOutcome::Placed));
+    assert_eq!(h.book(Side::Sell), vec![(120, 5)]);
+    assert!(h.e.oto_list(o.list).is_none());
+    // An IOC working order that does not fill completely ends the list unplaced.
+    h.limit(mm, Side::Sell, 101, 2);
+    let o = h
+        .oto(
+            with_tif(lim(t, Side::Buy, 101, 5), TimeInForce::Ioc),
+            lim(t, Side::Sell, 130, 5),
+        )
+        .unwrap();
+    assert_eq!(
+        oto_outcome(&o.ev, o.list),
+        Some(OtoOutcome::Cancelled(DoneReason::IocRemainder))
+    );
+    assert!(!placed(&o.ev, o.pending[0]));
+    assert!(h.e.oto_list(o.list).is_none());
+    assert_eq!(h.book(Side::Sell), vec![(120, 5)]);
+}
+
+#[test]
+fn oto_cancel_of_the_working_or_a_pending_order_cancels_the_list() {
+    let cid = ClientOrderId::new("pend-1").unwrap();
+    for how in 0..4 {
+        let mut h = H::new();
+        let mm = h.account(100, 1_000_000);
+        h.print(mm, 100);
+        let t = h.account(0, 10_000);
+        let mut pending = lim(t, Side::Sell, 120, 5);
+        pending.client_id = Some(cid);
+        let o = h.oto(lim(t, Side::Buy, 100, 5), pending).unwrap();
+        // The pending order's client id is taken while it waits.
+        let mut other = lim(t, Side::Buy, 90, 1);
+        other.client_id = Some(cid);
+        assert_eq!(
+            h.order(other).unwrap_err(),
+            RejectCode::DuplicateClientId,
+            "{how}"
+        );
+        let order = match how {
+            0 => OrderRef::Id(o.working),
+            1 => OrderRef::Id(o.pending[0]),
+            _ => OrderRef::Client(cid),
+        };
+        let ev = if how == 3 {
+            h.cmd(Command::CancelAll {
+                account: t,
+                market: None,
+            })
+            .unwrap()
+        } else {
+            h.cmd(Command::Cancel {
+                account: t,
+                market: M,
+                order,
+            })
+            .unwrap()
+        };
+        assert_eq!(done_reason(&ev, o.working), Some(DoneReason::Cancelled));
+        assert_eq!(
+            oto_outcome(&ev, o.list),
+            Some(OtoOutcome::Cancelled(DoneReason::Cancelled)),
+            "{how}"
+        );
+        assert!(h.e.oto_list(o.list).is_none());
+        assert_eq!(h.bal(t, QUOTE), (10_000, 0));
+        assert!(h.e.open_orders(t, None).is_empty());
+        // Nothing is placed later, and the client id is free again.
+        h.order(lim(mm, Side::Sell, 100, 5)).unwrap();
+        assert_eq!(h.book(Side::Sell), vec![(100, 5)]);
+        h.order(other).unwrap();
+        // Another account cannot cancel a pending order; an unknown id stays unknown.
+        let o = h
+            .oto(lim(t, Side::Buy, 95, 1), lim(t, Side::Sell, 120, 1))
+            .unwrap();
+        assert_eq!(
+            h.cmd(Command::Cancel {
+                account: mm,
+                market: M,
+                order: OrderRef::Id(o.pending[0]),
+            })
+            .unwrap_err(),
+            RejectCode::UnknownOrder
+        );
+    }
+}
+
+#[test]
+fn oto_pending_order_the_account_cannot_cover_when_placed_is_refused_cleanly() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    // t sells 5 at 100 and wants to buy 10 at 90 after: 900 + fee, but the sale brings 499.
+    let t = h.account(5, 0);
+    let o = h
+        .oto(lim(t, Side::Sell, 100, 5), lim(t, Side::Buy, 90, 10))
+        .unwrap();
+    let (_, ev) = h.order(lim(mm, Side::Buy, 100, 5)).unwrap();
+    assert_eq!(done_reason(&ev, o.working), Some(DoneReason::Filled));
+    assert_eq!(
+        oto_outcome(&ev, o.list),
+        Some(OtoOutcome::Refused(RejectCode::InsufficientBalance))
+    );
+    assert!(!placed(&ev, o.pending[0]));
+    assert!(h.e.oto_list(o.list).is_none());
+    // Only the working order's trade moved t's funds: 500 less the 10 bps maker fee.
+    assert_eq!(h.bal(t, BASE), (0, 0));
+    assert_eq!(h.bal(t, QUOTE), (500, 0));
+    assert!(h.e.open_orders(t, None).is_empty());
+    assert_eq!(h.book(Side::Buy), vec![]);
+}
+
+#[test]
+fn otoco_pending_pair_is_placed_as_an_oco_and_behaves_as_one() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(0, 10_000);
+    let o = h
+        .otoco(
+            lim(t, Side::Buy, 100, 5),
+            maker(t, Side::Sell, 110, 5),
+            stop_limit(t, Side::Sell, 90, 85, 5),
+        )
+        .unwrap();
+    let [a, b] = [o.pending[0], o.pending[1]];
+    assert_eq!(h.bal(t, BASE), (0, 0));
+    assert!(h.e.order_list(o.list).is_none());
+    // The working order fills: the pair is placed as an OCO under the same list id, holding
+    // the bought 5 base once.
+    let (_, ev) = h.order(lim(mm, Side::Sell, 100, 5)).unwrap();
+    assert_eq!(oto_outcome(&ev, o.list), Some(OtoOutcome::Placed));
+    assert!(ev.iter().any(
+        |e| matches!(e, Event::OrderListNew { list, legs, .. } if *list == o.list && *legs == [a, b])
+    ));
+    assert_eq!(h.e.order_list(o.list).unwrap().legs, [a, b]);
+    assert!(h.e.oto_list(o.list).is_none());
+    assert_eq!(h.bal(t, BASE), (0, 5));
+    assert_eq!(h.book(Side::Sell), vec![(110, 5)]);
+    // A fall to 90 triggers the stop leg and cancels the maker leg: the list is done.
+    h.limit(mm, Side::Buy, 88, 10);
+    let ev = h.print(mm, 90);
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e, Event::OrderTriggered { info, .. } if info.order == b)));
+    assert_eq!(done_reason(&ev, a), Some(DoneReason::Cancelled));
+    assert!(list_done(&ev, o.list));
+    // The triggered stop-limit (limit 85) sold to the bid at 88.
+    assert_eq!(h.bal(t, BASE), (0, 0));
+    assert!(h.e.open_orders(t, None).is_empty());
+}
+
+#[test]
+fn otoco_pending_pair_the_price_has_moved_past_is_refused_when_placed() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(0, 10_000);
+    // The pair brackets 100; the working buy at 85 fills only after the price fell below 90.
+    let o = h
+        .otoco(
+            lim(t, Side::Buy, 85, 5),
+            maker(t, Side::Sell, 110, 5),
+            stop_limit(t, Side::Sell, 90, 89, 5),
+        )
+        .unwrap();
+    let (_, ev) = h.order(lim(mm, Side::Sell, 85, 5)).unwrap();
+    assert_eq!(
+        oto_outcome(&ev, o.list),
+        Some(OtoOutcome::Refused(RejectCode::InvalidOrder))
+    );
+    assert!(h.e.order_list(o.list).is_none());
+    assert_eq!(h.bal(t, BASE), (5, 0));
+}
+
+#[test]
+fn oto_validation_table() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    h.limit(mm, Side::Sell, 105, 5);
+    let t = h.account(10, 10_000);
+    let u = h.account(10, 10_000);
+    let cid = ClientOrderId::new("c1").unwrap();
+    let mut open = lim(t, Side::Buy, 50, 1);
+    open.client_id = Some(cid);
+    h.order(open).unwrap();
+    let w = lim(t, Side::Buy, 100, 5);
+    let sell = lim(t, Side::Sell, 120, 5);
+    let with_cid = |mut o: NewOrder, c: &str| {
+        o.client_id = Some(ClientOrderId::new(c).unwrap());
+        o
+    };
+    let budget = leg(
+        t,
+        Side::Sell,
+        OrderType::MarketBudget {
+            budget: Amount(100),
+        },
+    );
+    let cases: Vec<(&str, NewOrder, NewOrder, RejectCode)> = vec![
+        (
+            "working is not a limit order",
+            stop_limit(t, Side::Buy, 110, 120, 5),
+            sell,
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "pending by quote budget",
+            w,
+            budget,
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "pending of another account",
+            w,
+            lim(u, Side::Sell, 120, 5),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "pending off the price filter",
+            w,
+            lim(t, Side::Sell, 2_000_000, 5),
+            RejectCode::OutsidePriceBand,
+        ),
+        (
+            "pending zero quantity",
+            w,
+            lim(t, Side::Sell, 120, 0),
+            RejectCode::ZeroQuantity,
+        ),
+        (
+            "pending post-only IOC",
+            w,
+            with_tif(maker(t, Side::Sell, 120, 5), TimeInForce::Ioc),
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "pending client id of an open order",
+            w,
+            with_cid(sell, "c1"),
+            RejectCode::DuplicateClientId,
+        ),
+        (
+            "working and pending share a client id",
+            with_cid(w, "x"),
+            with_cid(sell, "x"),
+            RejectCode::DuplicateClientId,
+        ),
+        (
+            "working cannot be paid for",
+            lim(t, Side::Buy, 100, 500),
+            sell,
+            RejectCode::InsufficientBalance,
+        ),
+        (
+            "working post-only would take",
+            maker(t, Side::Buy, 105, 1),
+            sell,
+            RejectCode::PostOnlyWouldTake,
+        ),
+    ];
+    for (name, working, pending, code) in cases {
+        let r = h.oto(working, pending).map(|o| o.list);
+        assert_eq!(r.unwrap_err(), code, "{name}");
+    }
+    let otoco_cases: Vec<(&str, [NewOrder; 2], RejectCode)> = vec![
+        (
+            "pair in the wrong order",
+            [
+                stop_limit(t, Side::Sell, 90, 89, 5),
+                maker(t, Side::Sell, 110, 5),
+            ],
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "pair of two quantities",
+            [
+                maker(t, Side::Sell, 110, 5),
+                stop_limit(t, Side::Sell, 90, 89, 4),
+            ],
+            RejectCode::InvalidOrder,
+        ),
+        (
+            "pair with its levels crossed",
+            [
+                maker(t, Side::Sell, 90, 5),
+                stop_limit(t, Side::Sell, 95, 89, 5),
+            ],
+            RejectCode::InvalidOrder,
+        ),
+    ];
+    for (name, [a, b], code) in otoco_cases {
+        let r = h.otoco(w, a, b).map(|o| o.list);
+        assert_eq!(r.unwrap_err(), code, "{name}");
+    }
+    // The same shapes, well formed, are accepted.
+    h.oto(w, sell).unwrap();
+    h.otoco(
+        lim(t, Side::Buy, 99, 1),
+        maker(t, Side::Sell, 110, 1),
+        stop_limit(t, Side::Sell, 90, 89, 1),
+    )
+    .unwrap();
+}
+
+#[test]
+fn oto_lists_survive_a_snapshot_round_trip_and_replay_identically() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(0, 10_000);
+    let mut pending = lim(t, Side::Sell, 120, 5);
+    pending.client_id = Some(ClientOrderId::new("p").unwrap());
+    let oto = h.oto(lim(t, Side::Buy, 100, 5), pending).unwrap();
+    let otoco = h
+        .otoco(
+            lim(t, Side::Buy, 99, 3),
+            maker(t, Side::Sell, 110, 3),
+            stop_limit(t, Side::Sell, 90, 89, 3),
+        )
+        .unwrap();
+    let snap = h.e.snapshot();
+    assert_eq!(snap.otos.len(), 2);
+    let mut again = Engine::from_snapshot(snap.clone()).unwrap();
+    assert_eq!(again.state_hash(), h.e.state_hash());
+    again.check_invariants();
+    // The same commands on both give the same events and state: both working orders fill.
+    let cmd = Command::NewOrder(lim(mm, Side::Sell, 99, 8));
+    let (mut x, mut y) = (Vec::new(), Vec::new());
+    h.e.apply(&cmd, Timestamp(h.now + 1), &mut x).unwrap();
+    again.apply(&cmd, Timestamp(h.now + 1), &mut y).unwrap();
+    assert_eq!(x, y);
+    assert_eq!(oto_outcome(&x, oto.list), Some(OtoOutcome::Placed));
+    assert_eq!(oto_outcome(&x, otoco.list), Some(OtoOutcome::Placed));
+    assert_eq!(again.state_hash(), h.e.state_hash());
+    again.check_invariants();
+    // A snapshot whose pending order is also open, or whose working order is gone, is refused.
+    let mut bad = snap.clone();
+    bad.otos[0].working = OrderId(9_999);
+    assert!(Engine::from_snapshot(bad).is_err());
+    let mut bad = snap;
+    bad.otos[1].pending = bad.otos[0].pending;
+    assert!(Engine::from_snapshot(bad).is_err());
+}
+
+#[test]
+fn a_format_2_snapshot_without_oto_lists_still_loads() {
+    use matching_engine::snapshot::{read_snapshot, snapshot_file_name, write_snapshot};
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(5, 0);
+    h.oco(
+        maker(t, Side::Sell, 110, 5),
+        stop_limit(t, Side::Sell, 90, 89, 5),
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_snapshot(dir.path(), &h.e).unwrap();
+    // Rewrite it as format 2: without the trailing OTO list field.
+    let bytes = std::fs::read(&path).unwrap();
+    let trailer = &EngineSnapshot::V2_TO_V3_TRAILER[..];
+    assert_eq!(&bytes[bytes.len() - trailer.len()..], trailer);
+    let payload = &bytes[60..bytes.len() - trailer.len()];
+    let mut v2 = bytes[..60].to_vec();
+    v2[8..12].copy_from_slice(&2u32.to_le_bytes());
+    v2[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    use sha2::Digest;
+    v2[28..60].copy_from_slice(&sha2::Sha256::digest(payload));
+    v2.extend_from_slice(payload);
+    std::fs::write(dir.path().join(snapshot_file_name(h.e.seq())), &v2).unwrap();
+    let e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
+    assert_eq!(e.state_hash(), h.e.state_hash());
+    assert_eq!(e.snapshot().lists.len(), 1);
 }

@@ -31,6 +31,14 @@
 //!   above leg); the first fill, trigger, cancel or expiry of a leg cancels the other (a
 //!   triggered leg then holds what it would alone; a partly filled buy maker keeps only its own
 //!   worst cost), and its legs cannot be amended;
+//! * an OTO (`Command::NewOto`) or OTOCO (`Command::NewOtoco`) places a working limit order now
+//!   and its pending order (an OCO pair for an OTOCO) when the working order has filled
+//!   completely, after the command's matching, under ids assigned at placement (the working
+//!   order's, then the pending ones'); the pending orders hold nothing and are not open until
+//!   then, but their client ids are taken; when placed they are checked like a new order (an
+//!   OCO) at that moment and a refusal only ends the list; the working order leaving any other
+//!   way, or a cancel naming a pending order, ends the list unplaced; the working order cannot
+//!   be amended;
 //! * withdrawals hold `amount + fee`; completion pays the unused flat fee to the fee account;
 //! * a rejected command changes nothing (but GTD expiries due at its time).
 //!
@@ -41,9 +49,9 @@
 
 use matching_engine::{
     AccountId, Amount, AssetConfig, AssetId, ClientOrderId, Command, DoneReason, Engine,
-    EngineConfig, Event, IdempotencyKey, Limits, MarketConfig, MarketId, NewOco, NewOrder, OrderId,
-    OrderRef, OrderType, Price, Qty, RejectCode, Side, StpMode, TimeInForce, Timestamp,
-    WithdrawalId, WithdrawalState,
+    EngineConfig, Event, IdempotencyKey, Limits, MarketConfig, MarketId, NewOco, NewOrder, NewOto,
+    NewOtoco, OrderId, OrderRef, OrderType, OtoOutcome, Price, Qty, RejectCode, Side, StpMode,
+    TimeInForce, Timestamp, WithdrawalId, WithdrawalState,
 };
 use proptest::prelude::*;
 use std::collections::{BTreeMap, BTreeSet};
@@ -143,6 +151,15 @@ enum Ev {
     },
     ListDone {
         list: u64,
+    },
+    OtoNew {
+        list: u64,
+        working: u64,
+        pending: Vec<u64>,
+    },
+    OtoDone {
+        list: u64,
+        outcome: OtoOutcome,
     },
     /// The answer to a credit query.
     CreditStatus {
@@ -244,9 +261,25 @@ struct RList {
     holder: usize,
 }
 
+/// A live OTO/OTOCO list in its pending phase.
+#[derive(Clone, Debug)]
+struct ROto {
+    id: u64,
+    account: u32,
+    working: u64,
+    /// (id, order): one for an OTO, `[above, below]` for an OTOCO.
+    pending: Vec<(u64, NewOrder)>,
+    client: Option<ClientOrderId>,
+    /// The working order filled completely: placed at the end of the command.
+    ready: bool,
+}
+
 #[derive(Default)]
 struct Reference {
     lists: Vec<RList>,
+    otos: Vec<ROto>,
+    /// Lists whose working order filled in this command, in fill order.
+    oto_ready: Vec<u64>,
     next_list_id: u64,
     /// Makers of list legs that traded during the current match.
     list_fills: Vec<u64>,
@@ -482,6 +515,7 @@ impl Reference {
         // A maker that filled ends its list once the match is over (see `list_fills`).
         if reason != DoneReason::Filled {
             self.end_list_of(o.id, None, evs);
+            self.end_oto_of(o.id, reason, evs);
         }
     }
 
@@ -609,6 +643,7 @@ impl Reference {
                     .stops
                     .iter()
                     .any(|x| x.account == a && x.client == Some(c))
+                || self.reserved(a, c)
             {
                 return Err(RejectCode::DuplicateClientId);
             }
@@ -680,6 +715,261 @@ impl Reference {
             holder,
         });
         Ok(())
+    }
+
+    /// A client id a pending order of a live OTO/OTOCO list has taken.
+    fn reserved(&self, a: u32, c: ClientOrderId) -> bool {
+        self.otos
+            .iter()
+            .any(|l| l.account == a && l.pending.iter().any(|(_, o)| o.client_id == Some(c)))
+    }
+
+    /// The working order `id` left (not filled completely): its OTO/OTOCO list ends unplaced.
+    fn end_oto_of(&mut self, id: u64, reason: DoneReason, evs: &mut Vec<Ev>) {
+        if let Some(i) = self.otos.iter().position(|l| l.working == id && !l.ready) {
+            let l = self.otos.remove(i);
+            evs.push(Ev::OtoDone {
+                list: l.id,
+                outcome: OtoOutcome::Cancelled(reason),
+            });
+        }
+    }
+
+    /// The checks of a pending order made when its list is placed: its filters, type and time
+    /// in force (the rest when it is placed).
+    fn check_pending(&self, o: &NewOrder) -> Result<(), RejectCode> {
+        match o.order_type {
+            OrderType::Limit { price, qty }
+            | OrderType::StopLimit { price, qty, .. }
+            | OrderType::TakeProfitLimit { price, qty, .. } => {
+                Self::check_qty(qty.0)?;
+                Self::check_price(price.0)?;
+                Self::check_notional(price.0, qty.0)?;
+            }
+            OrderType::Market { qty }
+            | OrderType::StopMarket { qty, .. }
+            | OrderType::TakeProfitMarket { qty, .. } => Self::check_qty(qty.0)?,
+            OrderType::MarketBudget { .. } => return Err(RejectCode::InvalidOrder),
+        }
+        if let OrderType::StopLimit { stop, .. }
+        | OrderType::TakeProfitLimit { stop, .. }
+        | OrderType::StopMarket { stop, .. }
+        | OrderType::TakeProfitMarket { stop, .. } = o.order_type
+        {
+            Self::check_price(stop.0)?;
+        }
+        let is_limit = matches!(o.order_type, OrderType::Limit { .. });
+        let is_market = matches!(o.order_type, OrderType::Market { .. });
+        if o.post_only && (!is_limit || matches!(o.tif, TimeInForce::Ioc | TimeInForce::Fok)) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        match o.tif {
+            TimeInForce::Gtd(t) if t.0 <= self.now || is_market => Err(RejectCode::InvalidOrder),
+            TimeInForce::Fok if !is_limit => Err(RejectCode::InvalidOrder),
+            _ => Ok(()),
+        }
+    }
+
+    /// The OCO rules that do not depend on the book or the last price (see `new_oco`).
+    fn oco_shape(&self, above: &NewOrder, below: &NewOrder) -> Result<(), RejectCode> {
+        if above.account != below.account
+            || above.market != below.market
+            || above.side != below.side
+        {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let qty = above.order_type.qty().ok_or(RejectCode::InvalidOrder)?;
+        if below.order_type.qty() != Some(qty) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let maker_leg = |o: &NewOrder| {
+            matches!(o.order_type, OrderType::Limit { .. })
+                && o.post_only
+                && o.tif == TimeInForce::Gtc
+        };
+        let profit = |o: &NewOrder| {
+            maker_leg(o)
+                || (matches!(
+                    o.order_type,
+                    OrderType::TakeProfitLimit { .. } | OrderType::TakeProfitMarket { .. }
+                ) && !o.post_only)
+        };
+        let loss = |o: &NewOrder| {
+            matches!(
+                o.order_type,
+                OrderType::StopLimit { .. } | OrderType::StopMarket { .. }
+            ) && !o.post_only
+        };
+        let ok = match above.side {
+            Side::Sell => profit(above) && loss(below),
+            Side::Buy => loss(above) && profit(below),
+        };
+        if !ok {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let price_of = |o: &NewOrder| -> (Option<u64>, Option<u64>) {
+            match o.order_type {
+                OrderType::Limit { price, .. } => (Some(price.0), None),
+                OrderType::StopLimit { stop, price, .. }
+                | OrderType::TakeProfitLimit { stop, price, .. } => (Some(price.0), Some(stop.0)),
+                OrderType::StopMarket { stop, .. } | OrderType::TakeProfitMarket { stop, .. } => {
+                    (None, Some(stop.0))
+                }
+                _ => (None, None),
+            }
+        };
+        for o in [above, below] {
+            Self::check_qty(qty.0)?;
+            let (price, stop) = price_of(o);
+            if let Some(price) = price {
+                Self::check_price(price)?;
+                Self::check_notional(price, qty.0)?;
+            }
+            if let Some(stop) = stop {
+                Self::check_price(stop)?;
+            }
+            match o.tif {
+                TimeInForce::Gtd(t) if t.0 <= self.now => return Err(RejectCode::InvalidOrder),
+                TimeInForce::Fok => return Err(RejectCode::InvalidOrder),
+                _ => {}
+            }
+        }
+        let level = |o: &NewOrder| {
+            let (price, stop) = price_of(o);
+            stop.or(price).unwrap()
+        };
+        if level(above) <= level(below) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        Ok(())
+    }
+
+    fn new_oto(
+        &mut self,
+        w: &NewOrder,
+        pending: &[NewOrder],
+        client: Option<ClientOrderId>,
+        evs: &mut Vec<Ev>,
+    ) -> Result<(), RejectCode> {
+        if !self.exists(w.account) {
+            return Err(RejectCode::UnknownAccount);
+        }
+        if w.market != M {
+            return Err(RejectCode::UnknownMarket);
+        }
+        if w.account.0 == 0 {
+            return Err(RejectCode::FeeAccount);
+        }
+        if !matches!(w.order_type, OrderType::Limit { .. }) {
+            return Err(RejectCode::InvalidOrder);
+        }
+        let a = w.account.0;
+        for o in pending {
+            if o.account != w.account || o.market != w.market {
+                return Err(RejectCode::InvalidOrder);
+            }
+            self.check_pending(o)?;
+        }
+        if let [above, below] = pending {
+            self.oco_shape(above, below)?;
+        }
+        let mut cids: Vec<ClientOrderId> = pending.iter().filter_map(|o| o.client_id).collect();
+        cids.extend(w.client_id);
+        for (i, c) in cids.iter().enumerate() {
+            let taken = self
+                .orders
+                .iter()
+                .any(|x| x.account == a && x.client == Some(*c))
+                || self
+                    .stops
+                    .iter()
+                    .any(|x| x.account == a && x.client == Some(*c))
+                || self.reserved(a, *c);
+            if cids[..i].contains(c) || taken {
+                return Err(RejectCode::DuplicateClientId);
+            }
+        }
+        if self.open_count(a) + 1 + pending.len() > MAX_OPEN_PER_ACCOUNT {
+            return Err(RejectCode::AccountOrderLimit);
+        }
+        let list = self.next_list_id;
+        let wid = self.next_order_id;
+        let ids: Vec<u64> = (0..pending.len() as u64).map(|i| wid + 1 + i).collect();
+        let at = evs.len();
+        evs.push(Ev::OtoNew {
+            list,
+            working: wid,
+            pending: ids.clone(),
+        });
+        self.next_list_id += 1;
+        self.otos.push(ROto {
+            id: list,
+            account: a,
+            working: wid,
+            pending: ids.iter().copied().zip(pending.iter().copied()).collect(),
+            client,
+            ready: false,
+        });
+        if let Err(e) = self.new_order(w, evs) {
+            self.next_list_id -= 1;
+            self.otos.pop();
+            evs.truncate(at);
+            return Err(e);
+        }
+        self.next_order_id = wid + 1 + pending.len() as u64;
+        let rests = self.orders.iter().any(|o| o.id == wid);
+        let live = self.otos.iter().any(|l| l.id == list && !l.ready);
+        if live && !rests {
+            let reason = evs[at..]
+                .iter()
+                .rev()
+                .find_map(|e| match e {
+                    Ev::Done { order, reason, .. } if *order == wid => Some(*reason),
+                    _ => None,
+                })
+                .unwrap();
+            if reason == DoneReason::Filled {
+                self.otos.iter_mut().find(|l| l.id == list).unwrap().ready = true;
+                self.oto_ready.push(list);
+            } else {
+                self.end_oto_of(wid, reason, evs);
+            }
+        }
+        Ok(())
+    }
+
+    /// Places the pending orders of the lists whose working order filled in this command.
+    fn place_ready(&mut self, evs: &mut Vec<Ev>) {
+        let mut i = 0;
+        while i < self.oto_ready.len() {
+            let list = self.oto_ready[i];
+            i += 1;
+            let li = self.otos.iter().position(|l| l.id == list).unwrap();
+            let l = self.otos.remove(li);
+            let saved = (self.next_order_id, self.next_list_id);
+            self.next_order_id = l.pending[0].0;
+            let r = if let [(_, above), (_, below)] = l.pending[..] {
+                self.next_list_id = list;
+                self.new_oco(
+                    &NewOco {
+                        legs: [above, below],
+                        list_client_id: l.client,
+                    },
+                    evs,
+                )
+            } else {
+                self.new_order(&l.pending[0].1, evs)
+            };
+            (self.next_order_id, self.next_list_id) = saved;
+            evs.push(Ev::OtoDone {
+                list,
+                outcome: match r {
+                    Ok(()) => OtoOutcome::Placed,
+                    Err(code) => OtoOutcome::Refused(code),
+                },
+            });
+        }
+        self.oto_ready.clear();
     }
 
     fn find(&self, account: AccountId, market: MarketId, r: OrderRef) -> Result<Found, RejectCode> {
@@ -809,13 +1099,40 @@ impl Reference {
             }
             Command::NewOrder(o) => self.new_order(&o, &mut evs)?,
             Command::NewOco(ref l) => self.new_oco(l, &mut evs)?,
+            Command::NewOto(ref l) => {
+                self.new_oto(&l.working, &[l.pending], l.list_client_id, &mut evs)?
+            }
+            Command::NewOtoco(ref l) => {
+                self.new_oto(&l.working, &l.pending, l.list_client_id, &mut evs)?
+            }
             Command::Cancel {
                 account,
                 market,
                 order,
-            } => match self.find(account, market, order)? {
-                Found::Resting(i) => self.remove(i, DoneReason::Cancelled, &mut evs),
-                Found::Stop(i) => self.remove_stop(i, DoneReason::Cancelled, &mut evs),
+            } => match self.find(account, market, order) {
+                Ok(Found::Resting(i)) => self.remove(i, DoneReason::Cancelled, &mut evs),
+                Ok(Found::Stop(i)) => self.remove_stop(i, DoneReason::Cancelled, &mut evs),
+                Err(RejectCode::UnknownOrder) => {
+                    // "A cancel of either order ... ends the list": a pending order's cancel
+                    // cancels the working order.
+                    let named = |id: u64, o: &NewOrder| match order {
+                        OrderRef::Id(x) => x.0 == id,
+                        OrderRef::Client(c) => o.client_id == Some(c),
+                    };
+                    let w = self
+                        .otos
+                        .iter()
+                        .find(|l| {
+                            !l.ready
+                                && l.account == account.0
+                                && l.pending.iter().any(|(id, o)| named(*id, o))
+                        })
+                        .map(|l| l.working)
+                        .ok_or(RejectCode::UnknownOrder)?;
+                    let i = self.orders.iter().position(|o| o.id == w).unwrap();
+                    self.remove(i, DoneReason::Cancelled, &mut evs);
+                }
+                Err(e) => return Err(e),
             },
             Command::CancelAll { account, market } => {
                 if !self.exists(account) {
@@ -906,6 +1223,7 @@ impl Reference {
                 unreachable!("queries are answered by apply")
             }
         }
+        self.place_ready(&mut evs);
         Ok((false, evs))
     }
 
@@ -1071,6 +1389,7 @@ impl Reference {
                     .stops
                     .iter()
                     .any(|x| x.account == o.account.0 && x.client == Some(c))
+                || self.reserved(o.account.0, c)
             {
                 return Err(RejectCode::DuplicateClientId);
             }
@@ -1268,6 +1587,13 @@ impl Reference {
         let end = self.match_taker(&mut t, evs);
         for leg in std::mem::take(&mut self.list_fills) {
             self.end_list_of(leg, Some(leg), evs);
+            // A working order gone from the book filled completely.
+            if !self.orders.iter().any(|o| o.id == leg) {
+                if let Some(l) = self.otos.iter_mut().find(|l| l.working == leg && !l.ready) {
+                    l.ready = true;
+                    self.oto_ready.push(l.id);
+                }
+            }
         }
         let asset = hold_asset(t.side);
         if let (End::NoMore, Some(price), TimeInForce::Gtc | TimeInForce::Gtd(_)) =
@@ -1375,7 +1701,9 @@ impl Reference {
             t.hold -= taker_paid;
             t.open -= q;
             t.filled += q;
-            if self.lists.iter().any(|l| l.legs.contains(&maker.id)) {
+            if self.lists.iter().any(|l| l.legs.contains(&maker.id))
+                || self.otos.iter().any(|l| l.working == maker.id && !l.ready)
+            {
                 self.list_fills.push(maker.id);
             }
             let m = &mut self.orders[mi];
@@ -1419,6 +1747,10 @@ impl Reference {
             .lists
             .iter()
             .any(|l| l.legs.contains(&self.orders[i].id))
+            || self
+                .otos
+                .iter()
+                .any(|l| l.working == self.orders[i].id && !l.ready)
         {
             return Err(RejectCode::InvalidAmend);
         }
@@ -1553,6 +1885,33 @@ impl Reference {
     }
 }
 
+/// A live OTO/OTOCO list: (list id, working order, pending ids).
+type OtoRow = (u64, u64, Vec<u64>);
+
+impl Reference {
+    fn oto_rows(&self) -> Vec<OtoRow> {
+        let mut v: Vec<OtoRow> = self
+            .otos
+            .iter()
+            .map(|l| (l.id, l.working, l.pending.iter().map(|p| p.0).collect()))
+            .collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+fn engine_oto_rows(e: &Engine) -> Vec<OtoRow> {
+    let mut v: Vec<OtoRow> = (0..e.account_count() as u32)
+        .flat_map(|a| e.open_oto_lists(AccountId(a)))
+        .map(|l| {
+            let pending = l.pending.orders().map(|(id, _)| id.0).collect();
+            (l.id.0, l.working.0, pending)
+        })
+        .collect();
+    v.sort_unstable();
+    v
+}
+
 fn engine_list_rows(e: &Engine) -> Vec<ListRow> {
     let mut v: Vec<ListRow> = (0..e.account_count() as u32)
         .flat_map(|a| e.open_order_lists(AccountId(a)))
@@ -1658,6 +2017,19 @@ fn engine_evs(events: &[Event]) -> (bool, Vec<Ev>) {
                 legs: [legs[0].0, legs[1].0],
             }),
             Event::OrderListDone { list, .. } => v.push(Ev::ListDone { list: list.0 }),
+            Event::OtoNew { list, working, .. } => v.push(Ev::OtoNew {
+                list: list.0,
+                working: working.0,
+                pending: Vec::new(),
+            }),
+            Event::OrderPending { order, .. } => match v.last_mut() {
+                Some(Ev::OtoNew { pending, .. }) => pending.push(order.0),
+                _ => panic!("OrderPending after {:?}", v.last()),
+            },
+            Event::OtoDone { list, outcome, .. } => v.push(Ev::OtoDone {
+                list: list.0,
+                outcome,
+            }),
             Event::OrderAmended {
                 info,
                 price,
@@ -1926,10 +2298,82 @@ fn arb_oco() -> impl Strategy<Value = NewOco> {
         )
 }
 
+/// A working limit order of `account` around the traded prices (sometimes IOC, post-only, or
+/// not a limit order at all).
+fn arb_working() -> impl Strategy<Value = (Side, OrderType, TimeInForce, bool, StpMode)> {
+    (
+        prop_oneof![Just(Side::Buy), Just(Side::Sell)],
+        prop_oneof![
+            12 => (994u64..=1004, 1u64..=8)
+                .prop_map(|(p, q)| OrderType::Limit { price: Price(p), qty: Qty(q) }),
+            1 => arb_order_type(),
+        ],
+        prop_oneof![6 => Just(TimeInForce::Gtc), 1 => Just(TimeInForce::Ioc), 1 => arb_tif()],
+        prop::bool::weighted(0.15),
+        arb_stp(),
+    )
+}
+
+/// OTOs: a working limit order and a pending order of the same account (now and then another
+/// account's, or one the rules refuse).
+fn arb_oto() -> impl Strategy<Value = NewOto> {
+    (
+        arb_account(),
+        arb_working(),
+        arb_client(),
+        arb_new_order(),
+        0u8..12,
+    )
+        .prop_map(
+            |(account, (side, order_type, tif, post_only, stp), client_id, mut pending, twist)| {
+                if twist != 0 {
+                    pending.account = account;
+                    pending.market = M;
+                }
+                NewOto {
+                    working: NewOrder {
+                        account,
+                        market: M,
+                        side,
+                        order_type,
+                        tif,
+                        post_only,
+                        stp,
+                        client_id,
+                    },
+                    pending,
+                    list_client_id: None,
+                }
+            },
+        )
+}
+
+/// OTOCOs: a working limit order and an OCO pair of the same account.
+fn arb_otoco() -> impl Strategy<Value = NewOtoco> {
+    (arb_working(), arb_client(), arb_oco()).prop_map(
+        |((side, order_type, tif, post_only, stp), client_id, oco)| NewOtoco {
+            working: NewOrder {
+                account: oco.legs[0].account,
+                market: M,
+                side,
+                order_type,
+                tif,
+                post_only,
+                stp,
+                client_id,
+            },
+            pending: oco.legs,
+            list_client_id: None,
+        },
+    )
+}
+
 fn arb_command() -> impl Strategy<Value = Command> {
     prop_oneof![
         12 => arb_new_order().prop_map(Command::NewOrder),
         3 => arb_oco().prop_map(|l| Command::NewOco(Box::new(l))),
+        3 => arb_oto().prop_map(|l| Command::NewOto(Box::new(l))),
+        2 => arb_otoco().prop_map(|l| Command::NewOtoco(Box::new(l))),
         3 => (arb_account(), arb_market(), arb_ref())
             .prop_map(|(account, market, order)| Command::Cancel { account, market, order }),
         1 => (arb_account(), prop::option::of(arb_market()))
@@ -2039,6 +2483,22 @@ fn resolve(op: &Op, e: &Engine, now: Timestamp) -> Command {
                 o.tif = TimeInForce::Gtd(Timestamp(now.0 + t.0));
             }
             Command::NewOrder(o)
+        }
+        Op::Cmd(Command::NewOto(ref l)) => {
+            let mut l = **l;
+            for o in [&mut l.working, &mut l.pending] {
+                if let TimeInForce::Gtd(t) = o.tif {
+                    o.tif = TimeInForce::Gtd(Timestamp(now.0 + t.0));
+                }
+            }
+            Command::NewOto(Box::new(l))
+        }
+        Op::Cmd(Command::NewOtoco(ref l)) => {
+            let mut l = **l;
+            if let TimeInForce::Gtd(t) = l.working.tif {
+                l.working.tif = TimeInForce::Gtd(Timestamp(now.0 + t.0));
+            }
+            Command::NewOtoco(Box::new(l))
         }
         Op::Cmd(ref c) => c.clone(),
         Op::CancelOpen { pick, by_client } => match pick_order(pick, by_client) {
@@ -2153,6 +2613,13 @@ fn check_against_reference(ops: &[Op], fees: (u16, u16)) -> Result<(), TestCaseE
             engine_list_rows(&e),
             r.list_rows(),
             "step {}: order lists after {:?}",
+            i,
+            cmd
+        );
+        prop_assert_eq!(
+            engine_oto_rows(&e),
+            r.oto_rows(),
+            "step {}: OTO lists after {:?}",
             i,
             cmd
         );

@@ -26,8 +26,8 @@
 
 use matching_engine::{
     AccountId, Amount, AssetConfig, AssetId, Command, Engine, EngineConfig, Event, IdempotencyKey,
-    Limits, MarketConfig, MarketId, NewOco, NewOrder, OrderRef, OrderType, Price, Qty, RejectCode,
-    Side, StpMode, TimeInForce, Timestamp, WithdrawalId,
+    Limits, MarketConfig, MarketId, NewOco, NewOrder, NewOto, NewOtoco, OrderRef, OrderType, Price,
+    Qty, RejectCode, Side, StpMode, TimeInForce, Timestamp, WithdrawalId,
 };
 use std::collections::{BTreeMap, HashMap};
 
@@ -630,6 +630,20 @@ impl Driver {
         }
     }
 
+    /// The working order of an OTO/OTOCO: a limit order near the mid (mostly GTC).
+    fn working(&mut self, account: AccountId, market: MarketId) -> NewOrder {
+        let mut w = self.new_order(account);
+        w.market = market;
+        w.order_type = OrderType::Limit {
+            price: self.price(market.0 as usize, 6),
+            qty: Qty(self.rng.range(1, 30)),
+        };
+        if self.rng.chance(70) {
+            w.tif = TimeInForce::Gtc;
+        }
+        w
+    }
+
     /// An OCO around the market's last price (most are accepted; some are refused because the
     /// price moved, the account lacks funds or a limit maker would cross).
     fn new_oco(&mut self, e: &Engine, account: AccountId) -> NewOco {
@@ -739,7 +753,23 @@ impl Driver {
         let roll = self.rng.range(0, 99);
         match roll {
             0..=4 => Command::NewOco(Box::new(self.new_oco(e, account))),
-            5..=49 => Command::NewOrder(self.new_order(account)),
+            5..=6 => {
+                let pending = self.new_order(account);
+                Command::NewOto(Box::new(NewOto {
+                    working: self.working(account, pending.market),
+                    pending,
+                    list_client_id: None,
+                }))
+            }
+            7 => {
+                let pair = self.new_oco(e, account);
+                Command::NewOtoco(Box::new(NewOtoco {
+                    working: self.working(account, pair.legs[0].market),
+                    pending: pair.legs,
+                    list_client_id: None,
+                }))
+            }
+            8..=49 => Command::NewOrder(self.new_order(account)),
             50..=59 => match self.pick_open(e, account) {
                 Some((market, order)) => Command::Cancel {
                     account,
@@ -918,6 +948,9 @@ struct Outcome {
     /// OCO lists placed, and ended.
     lists: usize,
     lists_done: usize,
+    /// OTO/OTOCO lists whose pending orders were placed, and refused when placed.
+    otos_placed: usize,
+    otos_refused: usize,
     /// Rejections for balance, and market orders ended for balance.
     insufficient: usize,
 }
@@ -957,6 +990,8 @@ fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
         expired: 0,
         lists: 0,
         lists_done: 0,
+        otos_placed: 0,
+        otos_refused: 0,
         insufficient: 0,
     };
     // Open and fund the accounts.
@@ -1034,6 +1069,11 @@ fn run(seed: u64, steps: usize, funds_divisor: u64) -> Outcome {
                 Event::OrderTriggered { .. } => o.triggered += 1,
                 Event::OrderListNew { .. } => o.lists += 1,
                 Event::OrderListDone { .. } => o.lists_done += 1,
+                Event::OtoDone { outcome, .. } => match outcome {
+                    matching_engine::OtoOutcome::Placed => o.otos_placed += 1,
+                    matching_engine::OtoOutcome::Refused(_) => o.otos_refused += 1,
+                    matching_engine::OtoOutcome::Cancelled(_) => {}
+                },
                 Event::OrderDone {
                     reason: matching_engine::DoneReason::Expired,
                     ..
@@ -1102,13 +1142,25 @@ fn simulation_with_auditor() {
         let o = run(seed, steps(), 1);
         eprintln!(
             "seed {seed}: {} accepted, {} rejected, {} trades, {} stops triggered, {} expired, \
-             {} OCO lists ({} ended)",
-            o.accepted, o.rejected, o.trades, o.triggered, o.expired, o.lists, o.lists_done
+             {} OCO lists ({} ended), OTO/OTOCO pending orders placed {} (refused {})",
+            o.accepted,
+            o.rejected,
+            o.trades,
+            o.triggered,
+            o.expired,
+            o.lists,
+            o.lists_done,
+            o.otos_placed,
+            o.otos_refused
         );
         // The workload must exercise what it claims to (not a result check: a weak workload
         // would pass every check above vacuously).
         assert!(
-            o.trades > 0 && o.triggered > 0 && o.expired > 0 && o.lists_done > 0,
+            o.trades > 0
+                && o.triggered > 0
+                && o.expired > 0
+                && o.lists_done > 0
+                && o.otos_placed > 0,
             "seed {seed}: weak workload"
         );
     }

@@ -143,15 +143,16 @@ impl ExchangeCore for FaultCore {
                 self.crash.wait_buried().await;
                 return Err(CoreError::Stopped);
             }
+            let (label, query) = (name(&cmd), is_query(&cmd));
             let reply = self.inner.submit(cmd).await;
             if crash_now || self.crash.tripped() {
-                self.crash.trip_because(&format!("after {}", name(&cmd)));
+                self.crash.trip_because(&format!("after {label}"));
                 self.crash.wait_buried().await;
                 return Err(CoreError::Stopped);
             }
             let reply = reply?;
             let lose = reply.result.is_ok()
-                && !is_query(&cmd)
+                && !query
                 && self
                     .lose
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

@@ -122,7 +122,12 @@ fn deposit_and_withdraw_over_lightning_through_serve() {
     let cust_address = cust.onchain_payment().new_address().unwrap().to_string();
     mine_to(&s, 1, &ln_address);
     mine_to(&s, 101, &cust_address);
-    cust.sync_wallets().unwrap();
+    // A sync already under way when the blocks came is not waited for again: sync until the
+    // customer's coinbase shows as spendable.
+    wait_until("the customer's on-chain funds", 60, || {
+        cust.sync_wallets().unwrap();
+        cust.list_balances().spendable_onchain_balance_sats > 4_100_000
+    });
     wait_until("the node's on-chain funds", 60, || {
         s.admin(&["ln", "balance"])["onchain_sat"].as_u64() == Some(5_000_000_000)
     });

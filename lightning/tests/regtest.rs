@@ -268,9 +268,20 @@ impl World {
         chain.mine_to(1, &to_customer);
         *chain.miner.lock().unwrap() = Some(to_customer);
         chain.mine(100);
-        mediator.node().sync_wallets().unwrap();
-        customer.sync_wallets().unwrap();
+        // A sync already under way when the blocks came is not repeated by `sync_wallets`: sync
+        // until both coinbases show (bounded; the assertion below says what was missing).
+        for _ in 0..300 {
+            mediator.node().sync_wallets().unwrap();
+            customer.sync_wallets().unwrap();
+            if mediator.balances().onchain_sat == 5_000_000_000
+                && customer.list_balances().spendable_onchain_balance_sats > 4_100_000
+            {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
         assert_eq!(mediator.balances().onchain_sat, 5_000_000_000);
+        assert!(customer.list_balances().spendable_onchain_balance_sats > 4_100_000);
 
         // The customer opens a channel to Mediator.
         let m_addr = mediator.node().listening_addresses().unwrap()[0].clone();

@@ -135,14 +135,28 @@ fn deposit_and_withdraw_over_lightning_through_serve() {
     // Channels: the customer to Mediator (inbound), the operator to the customer (outbound).
     let m_pk =
         lightning_custody::ldk_node::bitcoin::secp256k1::PublicKey::from_str(&node_id).unwrap();
-    cust.open_channel(m_pk, s.ln_addr.into(), 4_000_000, None, None)
-        .unwrap();
     let peer = format!(
         "{}@{}",
         cust.node_id(),
         cust.listening_addresses().unwrap()[0]
     );
-    s.admin(&["ln", "open-channel", &peer, "2000000"]);
+    // The server's node syncs on its own schedule: its coinbase counted in `ln balance` may
+    // still be immature in its wallet. The operator's open succeeds once the node has synced
+    // past maturity (and only then does it accept the customer's anchor channel: it needs the
+    // on-chain reserve).
+    wait_until("the node's spendable on-chain funds", 60, || {
+        std::process::Command::new(common::BIN)
+            .args(["ln", "open-channel", &peer, "2000000", "--json"])
+            .args(["--server", &s.admin_addr.to_string()])
+            .arg("--data-dir")
+            .arg(&s.dir)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    cust.open_channel(m_pk, s.ln_addr.into(), 4_000_000, None, None)
+        .unwrap();
     wait_until("two funding transactions", 60, || {
         s.rpc().get_raw_mempool().unwrap().len() >= 2
     });

@@ -177,9 +177,9 @@ macro_rules! route {
 pub static ROUTES: &[Route] = {
     use crate::capital as c;
     use crate::catalog as cat;
+    use crate::lightning as ln;
     use crate::merchant::dashboard as d;
     use crate::merchant::greenfield as gf;
-    use crate::lightning as ln;
     use crate::merchant::routes as m;
     use crate::{
         metrics, native as n, openapi, orderlist as ol, proofs as pr, public as p, trade as t, ws,

@@ -545,7 +545,9 @@ fn readme_row(m: &api::wsapi::WsMethod) -> String {
         Access::Key(p) if p == Perms::NONE => "key: any key".to_owned(),
         Access::Key(p) => format!("key: {}", p.names().join(",")),
         Access::Signed(p) => format!("signed: **{}**", p.names().join(",")),
-        Access::Token(_) | Access::Session => panic!("{} maps to a Greenfield or dashboard route", m.name),
+        Access::Token(_) | Access::Session => {
+            panic!("{} maps to a Greenfield or dashboard route", m.name)
+        }
     };
     let weight = r
         .weight

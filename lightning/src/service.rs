@@ -99,6 +99,21 @@ fn ceil_sat(msat: u64) -> u64 {
     msat.div_ceil(1000)
 }
 
+/// The longest BOLT11 description (the tagged field holds 639 bytes).
+pub const MAX_DESCRIPTION_BYTES: usize = 639;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 impl<L: Ledger> LightningService<L> {
     /// Loads (or creates) the seed, builds and starts the node on bitcoind RPC, and opens the
     /// records. Resolve left-over withdrawals with [`step`](Self::step) before serving.
@@ -184,6 +199,50 @@ impl<L: Ledger> LightningService<L> {
                 max_sat: self.cfg.max_deposit.0,
             });
         }
+        let description = format!("Mediator deposit to account {}", account.0);
+        self.receive(
+            account,
+            amount,
+            &description,
+            self.cfg.invoice_expiry_secs,
+            now_ms,
+        )
+    }
+
+    /// A merchant invoice's BOLT11 part: an invoice for `amount` to the merchant's `account`,
+    /// expiring after `expiry_secs` (the caller passes what is left of the merchant invoice's
+    /// lifetime, rounded down, so the node refuses a payment after the merchant invoice
+    /// expired), with `description` (cut to BOLT11's 639 bytes). It is stored and credited
+    /// exactly like a deposit invoice (`Credit` keyed by [`deposit_key`], once). The user
+    /// deposit bounds do not apply (the merchant sets the amount); liquidity does.
+    pub fn merchant_invoice(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        description: &str,
+        expiry_secs: u32,
+        now_ms: u64,
+    ) -> Result<LnDeposit, InvoiceError> {
+        if amount.0 == 0 {
+            return Err(InvoiceError::BelowMinimum {
+                amount_sat: 0,
+                min_sat: 1,
+            });
+        }
+        if expiry_secs == 0 {
+            return Err(InvoiceError::Expired);
+        }
+        self.receive(account, amount, description, expiry_secs, now_ms)
+    }
+
+    fn receive(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        description: &str,
+        expiry_secs: u32,
+        now_ms: u64,
+    ) -> Result<LnDeposit, InvoiceError> {
         if !self.ledger.account_exists(account) {
             return Err(InvoiceError::UnknownAccount);
         }
@@ -207,15 +266,15 @@ impl<L: Ledger> LightningService<L> {
                 need_msat,
             });
         }
-        let description = Description::new(format!("Mediator deposit to account {}", account.0))
-            .expect("a short description");
+        let description = Description::new(cut(description, MAX_DESCRIPTION_BYTES).to_owned())
+            .expect("cut to the BOLT11 limit");
         let invoice = self
             .node
             .bolt11_payment()
             .receive(
                 need_msat,
                 &Bolt11InvoiceDescription::Direct(description),
-                self.cfg.invoice_expiry_secs,
+                expiry_secs,
             )
             .map_err(InvoiceError::Node)?;
         let expires_ms = invoice.expires_at().map_or(u64::MAX, |d| {
@@ -234,7 +293,7 @@ impl<L: Ledger> LightningService<L> {
         Ok(d)
     }
 
-    /// A deposit invoice by payment hash.
+    /// A deposit (or merchant) invoice by payment hash.
     pub fn deposit(&self, payment_hash: &[u8; 32]) -> Result<Option<LnDeposit>, StoreError> {
         self.lock().deposit(payment_hash)
     }
@@ -287,6 +346,26 @@ impl<L: Ledger> LightningService<L> {
                 false
             }
         }
+    }
+
+    /// What the node received for an invoice of ours, once credited: `(satoshis credited,
+    /// when the node recorded the payment, ms since the epoch)`. `None` until credited (or for
+    /// a hash that is not ours).
+    pub fn received(&self, payment_hash: &[u8; 32]) -> Result<Option<(u64, u64)>, StoreError> {
+        let Some(d) = self.lock().deposit(payment_hash)? else {
+            return Ok(None);
+        };
+        let Some(sat) = d.credited_sat else {
+            return Ok(None);
+        };
+        let pid = ldk_node::lightning::ln::channelmanager::PaymentId(*payment_hash);
+        let at_ms = self
+            .node
+            .payment(&pid)
+            .map(|p| p.latest_update_timestamp.saturating_mul(1000))
+            // No record (never for a credited deposit): its creation, before any payment.
+            .unwrap_or(d.created_ms);
+        Ok(Some((sat, at_ms)))
     }
 
     // ---- withdrawals ----------------------------------------------------------------------

@@ -63,11 +63,13 @@ pub const BTC_LN: &str = "BTC-LN";
 /// The 1.x name of [`BTC_LN`] (the `paymentMethod` field).
 pub const BTC_LN_LEGACY: &str = "BTC-LightningNetwork";
 
-fn method_ok(m: &str) -> bool {
-    matches!(
-        m,
-        "BTC-CHAIN" | "BTC" | "BTC-OnChain" | "BTC-LN" | "BTC-LightningNetwork"
-    )
+/// A payment method an invoice may ask for: on chain always, Lightning while the node runs.
+fn method_ok(m: &str, lightning: bool) -> bool {
+    match m {
+        "BTC-CHAIN" | "BTC" | "BTC-OnChain" => true,
+        "BTC-LN" | "BTC-LightningNetwork" => lightning,
+        _ => false,
+    }
 }
 
 const SCHEMA: &str = "
@@ -774,6 +776,7 @@ fn decimal_of(v: &Value) -> Option<String> {
 fn checkout_options(
     b: &Map<String, Value>,
     s: &mut StoreSettings,
+    lightning: bool,
 ) -> Result<(Map<String, Value>, Option<u64>), GfError> {
     let mut out = Map::new();
     let mut expiry = None;
@@ -802,13 +805,18 @@ fn checkout_options(
         );
     }
     if let Some(v) = c.get("paymentMethods").filter(|v| !v.is_null()) {
-        let ok = v
-            .as_array()
-            .is_some_and(|a| a.iter().all(|m| m.as_str().is_some_and(method_ok)));
+        let ok = v.as_array().is_some_and(|a| {
+            a.iter()
+                .all(|m| m.as_str().is_some_and(|m| method_ok(m, lightning)))
+        });
         if !ok {
             return Err(invalid(
                 "checkout.paymentMethods",
-                "only BTC-CHAIN and BTC-LN are offered",
+                if lightning {
+                    "only BTC-CHAIN and BTC-LN are offered"
+                } else {
+                    "only BTC-CHAIN is offered"
+                },
             ));
         }
     }
@@ -898,7 +906,7 @@ pub async fn create_invoice(
         None => None,
     };
     let (metadata, order_id) = metadata_param(&b)?;
-    let (checkout, expiry) = checkout_options(&b, &mut settings)?;
+    let (checkout, expiry) = checkout_options(&b, &mut settings, st.0.lightning.get().is_some())?;
     let checkout = serde_json::to_string(&checkout).map_err(|_| ApiError::internal())?;
     let rec = r::new_invoice(
         &st,

@@ -101,6 +101,10 @@ pub fn start(
     service
         .step(now_ms())
         .map_err(|e| anyhow!("lightning: resolving unfinished payments: {e}"))?;
+    // Every open deposit once (the loop's steps look at recently expired ones only).
+    service
+        .resolve_pending()
+        .map_err(|e| anyhow!("lightning: resolving open deposits: {e}"))?;
     tracing::info!(
         node_id = %service.node().node_id(),
         ms = started.elapsed().as_millis() as u64,

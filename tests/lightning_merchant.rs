@@ -449,6 +449,25 @@ fn merchant_invoice_paid_over_lightning_settles_at_once_and_credits_exactly_once
     let v = m.get(&sid);
     assert_eq!(v["status"], "Expired", "{v}");
     assert!(v["payments"].as_array().unwrap().is_empty(), "{v}");
+
+    // Proof of reserves: the custody wallet's coins proven; the node's balances reported apart,
+    // unproven, not in `reserves_sat` (our side of the channel: the 100,000 sat received).
+    let other = s.admin(&["account", "create"])["account"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let funded = s.admin(&["regtest", "fund", &other])["amount_sat"]
+        .as_u64()
+        .unwrap();
+    wait("the custody wallet's coins", 60, || {
+        s.admin(&["reconcile"])["wallet_confirmed_sat"].as_u64() == Some(funded)
+    });
+    let custody_sat = funded;
+    let doc = s.admin(&["reserves", "prove"]);
+    assert_eq!(doc["reserves_sat"].as_u64(), Some(custody_sat), "{doc}");
+    let ln = &doc["lightning_unproven"];
+    assert_eq!(ln["channels_sat"], 100_000, "{doc}");
+    assert!(ln["onchain_sat"].as_u64().unwrap() > 0, "{doc}");
     cust.stop().unwrap();
 }
 

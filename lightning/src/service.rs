@@ -99,6 +99,11 @@ fn ceil_sat(msat: u64) -> u64 {
     msat.div_ceil(1000)
 }
 
+/// How long after its expiry [`LightningService::step`] still looks an open deposit up in the
+/// node's payment store (a payment claimed just before the expiry whose event was lost);
+/// [`LightningService::resolve_pending`] (start-up) looks at all of them.
+pub const OPEN_DEPOSIT_GRACE_MS: u64 = 3_600_000;
+
 /// The longest BOLT11 description (the tagged field holds 639 bytes).
 pub const MAX_DESCRIPTION_BYTES: usize = 639;
 
@@ -666,7 +671,7 @@ impl<L: Ledger> LightningService<L> {
     /// Handles the node's events, then resolves every unfinished deposit and withdrawal by
     /// payment hash (so an event lost to a crash changes nothing: the node's payment store is
     /// the source of truth), then submits the pending ledger commands.
-    pub fn step(&self, _now_ms: u64) -> Result<StepReport, StoreError> {
+    pub fn step(&self, now_ms: u64) -> Result<StepReport, StoreError> {
         let store = self.lock();
         let mut report = StepReport::default();
         while let Some(event) = self.node.next_event() {
@@ -731,7 +736,9 @@ impl<L: Ledger> LightningService<L> {
             }
         }
         drop(store);
-        let more = self.resolve_pending()?;
+        // Deposits: only those expired at most `OPEN_DEPOSIT_GRACE_MS` ago (the node refuses a
+        // payment after the expiry; every merchant invoice leaves one open row behind).
+        let more = self.resolve_pending_since(now_ms.saturating_sub(OPEN_DEPOSIT_GRACE_MS))?;
         report.credited.extend(more.credited);
         report.completed.extend(more.completed);
         report.released.extend(more.released);
@@ -743,9 +750,15 @@ impl<L: Ledger> LightningService<L> {
     /// submits the ledger commands they wait for. [`step`](Self::step) ends with it; after a
     /// crash it alone settles what the lost events would have.
     pub fn resolve_pending(&self) -> Result<StepReport, StoreError> {
+        self.resolve_pending_since(0)
+    }
+
+    /// [`resolve_pending`](Self::resolve_pending) over the open deposits that expire after
+    /// `since_ms` only (all unfinished withdrawals).
+    pub fn resolve_pending_since(&self, since_ms: u64) -> Result<StepReport, StoreError> {
         let store = self.lock();
         let mut report = StepReport::default();
-        for d in store.open_deposits()? {
+        for d in store.open_deposits(since_ms)? {
             let pid = ldk_node::lightning::ln::channelmanager::PaymentId(d.payment_hash);
             if let Some(p) = self.node.payment(&pid) {
                 if p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded

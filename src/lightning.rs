@@ -12,6 +12,7 @@ use anyhow::{anyhow, Context};
 use api::custody::CustodyError;
 use api::lightning::{
     Lightning, LnBalanceInfo, LnChannelInfo, LnInvoiceInfo, LnPaymentInfo, LnPaymentState,
+    LnReceived,
 };
 use lightning_custody::{
     now_ms, ChainRpc, LightningConfig, LightningService, LnWithdrawal, LnWithdrawalStatus, Runner,
@@ -46,11 +47,13 @@ impl Running {
     }
 }
 
-/// Opens and starts the node when `[lightning]` enables it (on regtest by default).
+/// Opens and starts the node when `[lightning]` enables it (on regtest by default); `on_credit`
+/// is called after each loop step that credited a payment.
 pub fn start(
     cfg: &ServeConfig,
     rpc: &RpcConfig,
     ledger: Arc<EngineLedger>,
+    on_credit: impl Fn() + Send + 'static,
 ) -> anyhow::Result<Option<Running>> {
     let k = &cfg.lightning;
     let enabled = k
@@ -98,12 +101,22 @@ pub fn start(
     service
         .step(now_ms())
         .map_err(|e| anyhow!("lightning: resolving unfinished payments: {e}"))?;
+    // Every open deposit once (the loop's steps look at recently expired ones only).
+    service
+        .resolve_pending()
+        .map_err(|e| anyhow!("lightning: resolving open deposits: {e}"))?;
     tracing::info!(
         node_id = %service.node().node_id(),
         ms = started.elapsed().as_millis() as u64,
         "lightning node up"
     );
-    let runner = Runner::spawn(service.clone(), Duration::from_millis(20))?;
+    // A step that credited something wakes `on_credit` (the merchant monitor: a Lightning
+    // payment settles its invoice at once, not at the next poll).
+    let runner = Runner::spawn_with(service.clone(), Duration::from_millis(20), move |r| {
+        if !r.credited.is_empty() {
+            on_credit();
+        }
+    })?;
     Ok(Some(Running { service, runner }))
 }
 
@@ -163,6 +176,45 @@ impl Lightning for LnApi {
             amount_sat: d.amount_sat,
             expires_ms: d.expires_ms,
         })
+    }
+
+    fn merchant_invoice(
+        &self,
+        account: u32,
+        amount_sat: u64,
+        description: &str,
+        expiry_secs: u32,
+    ) -> Result<LnInvoiceInfo, CustodyError> {
+        let d = self
+            .0
+            .merchant_invoice(
+                AccountId(account),
+                Amount(amount_sat),
+                description,
+                expiry_secs,
+                now_ms(),
+            )
+            .map_err(|e| refused(e.code(), e.to_string()))?;
+        Ok(LnInvoiceInfo {
+            invoice: d.bolt11,
+            payment_hash: hex::encode(d.payment_hash),
+            amount_sat: d.amount_sat,
+            expires_ms: d.expires_ms,
+        })
+    }
+
+    fn received(&self, payment_hash: &str) -> Result<Option<LnReceived>, CustodyError> {
+        let mut h = [0u8; 32];
+        hex::decode_to_slice(payment_hash, &mut h)
+            .map_err(|_| CustodyError::bad_request(-1100, "bad payment hash"))?;
+        Ok(self
+            .0
+            .received(&h)
+            .map_err(internal)?
+            .map(|(amount_sat, time_ms)| LnReceived {
+                amount_sat,
+                time_ms,
+            }))
     }
 
     fn pay(&self, account: u32, invoice: &str) -> Result<LnPaymentInfo, CustodyError> {

@@ -234,7 +234,7 @@ pub fn prove(a: &crate::admin::Admin, message: Option<&str>) -> anyhow::Result<(
     let params: Vec<(&str, &str)> = message.map(|m| ("message", m)).into_iter().collect();
     let v = a.call("POST", "/mapi/v1/admin/reserves/prove", &params)?;
     a.print(&v, |v| {
-        format!(
+        let mut out = format!(
             "proof of reserves {} published: {} sat at block {} {}\nliabilities proof {}, audit head {}\nmessage: {}",
             v["id"],
             v["reserves_sat"],
@@ -243,7 +243,15 @@ pub fn prove(a: &crate::admin::Admin, message: Option<&str>) -> anyhow::Result<(
             v["liabilities_proof_id"],
             v["audit_head"].as_str().unwrap_or(""),
             v["message"].as_str().unwrap_or(""),
-        )
+        );
+        let ln = &v["lightning_unproven"];
+        if ln.is_object() {
+            out.push_str(&format!(
+                "\nlightning (NOT proven, not in the reserves above): on chain {} sat, in channels {} sat, closing {} sat",
+                ln["onchain_sat"], ln["channels_sat"], ln["pending_close_sat"]
+            ));
+        }
+        out
     });
     Ok(())
 }

@@ -96,7 +96,10 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .set_custody(custody.clone())
         .map_err(|_| anyhow!("custody attached twice"))?;
     // The Lightning node (on regtest by default), on the same bitcoind and ledger.
-    let lightning = crate::lightning::start(&cfg, &rpc, ledger.clone())?;
+    let kick = node.state.clone();
+    let lightning = crate::lightning::start(&cfg, &rpc, ledger.clone(), move || {
+        kick.merchant().kick.notify_one()
+    })?;
     if let Some(ln) = &lightning {
         custody.set_lightning(ln.service.clone());
         node.state

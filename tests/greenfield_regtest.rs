@@ -74,7 +74,11 @@ fn woocommerce_flow_pays_settles_signs_webhooks_and_refunds_through_a_pull_payme
         http(addr, "GET", "/api/v1/server/info", t, None),
         "server info",
     );
-    assert_eq!(info["supportedPaymentMethods"], json!(["BTC-CHAIN"]));
+    // `serve` runs a Lightning node on regtest by default.
+    assert_eq!(
+        info["supportedPaymentMethods"],
+        json!(["BTC-CHAIN", "BTC-LN"])
+    );
     assert_eq!(info["fullySynched"], true);
     let stores = ok(http(addr, "GET", "/api/v1/stores", t, None), "stores");
     assert_eq!(stores.as_array().unwrap().len(), 1);

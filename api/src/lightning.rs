@@ -37,6 +37,15 @@ pub struct LnInvoiceInfo {
     pub expires_ms: u64,
 }
 
+/// A payment received for an invoice of ours and credited to its account.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct LnReceived {
+    /// Satoshis credited.
+    pub amount_sat: u64,
+    /// When the node recorded the payment, ms since the epoch.
+    pub time_ms: u64,
+}
+
 /// A Lightning withdrawal's state as users see it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -109,6 +118,17 @@ pub trait Lightning: Send + Sync + std::fmt::Debug {
     /// A BOLT11 invoice crediting `account` once when paid.
     fn deposit_invoice(&self, account: u32, amount_sat: u64)
         -> Result<LnInvoiceInfo, CustodyError>;
+    /// A merchant invoice's BOLT11 part: `amount_sat` to the merchant's `account`, credited
+    /// once when paid (like a deposit), expiring in `expiry_secs`, with `description`.
+    fn merchant_invoice(
+        &self,
+        account: u32,
+        amount_sat: u64,
+        description: &str,
+        expiry_secs: u32,
+    ) -> Result<LnInvoiceInfo, CustodyError>;
+    /// What was received for an invoice of ours (payment hash, hex), once it is credited.
+    fn received(&self, payment_hash: &str) -> Result<Option<LnReceived>, CustodyError>;
     /// Holds amount + fee of `account` and pays `invoice`.
     fn pay(&self, account: u32, invoice: &str) -> Result<LnPaymentInfo, CustodyError>;
     /// A withdrawal of `account` by id.

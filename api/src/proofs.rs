@@ -412,6 +412,19 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
         })
     })
     .await?;
+    // The Lightning node's balances, reported apart and unproven (a failure leaves them out).
+    let lightning_unproven = match st.0.lightning.get().cloned() {
+        Some(ln) => tokio::task::spawn_blocking(move || ln.balance())
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|b| reserves::por::LightningUnproven {
+                onchain_sat: b.onchain_sat,
+                channels_sat: b.channels_sat,
+                pending_close_sat: b.pending_close_sat,
+            }),
+        None => None,
+    };
     let doc = reserves::por::ProofDocument {
         version: reserves::por::DOCUMENT_VERSION,
         network: proof.network,
@@ -424,6 +437,7 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
         liabilities,
         audit_head,
         created: crate::core::now_ms(),
+        lightning_unproven,
     };
     let st2 = st.clone();
     let (id, doc) = tokio::task::spawn_blocking(move || store_document(&st2, doc))

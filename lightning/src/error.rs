@@ -173,6 +173,9 @@ pub enum InvoiceError {
     /// The account does not exist.
     #[error("unknown account")]
     UnknownAccount,
+    /// No time left before the expiry asked for.
+    #[error("the invoice would expire at once")]
+    Expired,
     /// The node failed.
     #[error("lightning node: {0}")]
     Node(ldk_node::NodeError),
@@ -189,6 +192,7 @@ impl InvoiceError {
             Self::AboveMaximum { .. } => -4606,
             Self::InsufficientInboundLiquidity { .. } => -4611,
             Self::UnknownAccount => -2015,
+            Self::Expired => -4603,
             Self::Node(_) | Self::Store(_) => -1000,
         }
     }

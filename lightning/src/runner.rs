@@ -1,6 +1,6 @@
 //! [`Runner`]: the one loop that drives [`LightningService::step`] with the system clock.
 
-use crate::service::LightningService;
+use crate::service::{LightningService, StepReport};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,14 +26,25 @@ impl Runner {
         service: Arc<LightningService<L>>,
         every: Duration,
     ) -> std::io::Result<Self> {
+        Self::spawn_with(service, every, |_| {})
+    }
+
+    /// Starts the loop; `on_step` sees every step's report (e.g. to wake whoever waits for a
+    /// credit: the merchant monitor settles Lightning-paid invoices at once).
+    pub fn spawn_with<L: Ledger + 'static>(
+        service: Arc<LightningService<L>>,
+        every: Duration,
+        on_step: impl Fn(&StepReport) + Send + 'static,
+    ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::Builder::new()
             .name("lightning".into())
             .spawn(move || {
                 while !flag.load(Ordering::Relaxed) {
-                    if let Err(e) = service.step(now_ms()) {
-                        tracing::warn!(error = %e, "lightning step");
+                    match service.step(now_ms()) {
+                        Ok(r) => on_step(&r),
+                        Err(e) => tracing::warn!(error = %e, "lightning step"),
                     }
                     std::thread::sleep(every);
                 }

@@ -99,6 +99,26 @@ fn ceil_sat(msat: u64) -> u64 {
     msat.div_ceil(1000)
 }
 
+/// How long after its expiry [`LightningService::step`] still looks an open deposit up in the
+/// node's payment store (a payment claimed just before the expiry whose event was lost);
+/// [`LightningService::resolve_pending`] (start-up) looks at all of them.
+pub const OPEN_DEPOSIT_GRACE_MS: u64 = 3_600_000;
+
+/// The longest BOLT11 description (the tagged field holds 639 bytes).
+pub const MAX_DESCRIPTION_BYTES: usize = 639;
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    if s.len() <= max {
+        return s;
+    }
+    let mut end = max;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
 impl<L: Ledger> LightningService<L> {
     /// Loads (or creates) the seed, builds and starts the node on bitcoind RPC, and opens the
     /// records. Resolve left-over withdrawals with [`step`](Self::step) before serving.
@@ -184,6 +204,50 @@ impl<L: Ledger> LightningService<L> {
                 max_sat: self.cfg.max_deposit.0,
             });
         }
+        let description = format!("Mediator deposit to account {}", account.0);
+        self.receive(
+            account,
+            amount,
+            &description,
+            self.cfg.invoice_expiry_secs,
+            now_ms,
+        )
+    }
+
+    /// A merchant invoice's BOLT11 part: an invoice for `amount` to the merchant's `account`,
+    /// expiring after `expiry_secs` (the caller passes what is left of the merchant invoice's
+    /// lifetime, rounded down, so the node refuses a payment after the merchant invoice
+    /// expired), with `description` (cut to BOLT11's 639 bytes). It is stored and credited
+    /// exactly like a deposit invoice (`Credit` keyed by [`deposit_key`], once). The user
+    /// deposit bounds do not apply (the merchant sets the amount); liquidity does.
+    pub fn merchant_invoice(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        description: &str,
+        expiry_secs: u32,
+        now_ms: u64,
+    ) -> Result<LnDeposit, InvoiceError> {
+        if amount.0 == 0 {
+            return Err(InvoiceError::BelowMinimum {
+                amount_sat: 0,
+                min_sat: 1,
+            });
+        }
+        if expiry_secs == 0 {
+            return Err(InvoiceError::Expired);
+        }
+        self.receive(account, amount, description, expiry_secs, now_ms)
+    }
+
+    fn receive(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        description: &str,
+        expiry_secs: u32,
+        now_ms: u64,
+    ) -> Result<LnDeposit, InvoiceError> {
         if !self.ledger.account_exists(account) {
             return Err(InvoiceError::UnknownAccount);
         }
@@ -207,15 +271,15 @@ impl<L: Ledger> LightningService<L> {
                 need_msat,
             });
         }
-        let description = Description::new(format!("Mediator deposit to account {}", account.0))
-            .expect("a short description");
+        let description = Description::new(cut(description, MAX_DESCRIPTION_BYTES).to_owned())
+            .expect("cut to the BOLT11 limit");
         let invoice = self
             .node
             .bolt11_payment()
             .receive(
                 need_msat,
                 &Bolt11InvoiceDescription::Direct(description),
-                self.cfg.invoice_expiry_secs,
+                expiry_secs,
             )
             .map_err(InvoiceError::Node)?;
         let expires_ms = invoice.expires_at().map_or(u64::MAX, |d| {
@@ -234,7 +298,7 @@ impl<L: Ledger> LightningService<L> {
         Ok(d)
     }
 
-    /// A deposit invoice by payment hash.
+    /// A deposit (or merchant) invoice by payment hash.
     pub fn deposit(&self, payment_hash: &[u8; 32]) -> Result<Option<LnDeposit>, StoreError> {
         self.lock().deposit(payment_hash)
     }
@@ -287,6 +351,26 @@ impl<L: Ledger> LightningService<L> {
                 false
             }
         }
+    }
+
+    /// What the node received for an invoice of ours, once credited: `(satoshis credited,
+    /// when the node recorded the payment, ms since the epoch)`. `None` until credited (or for
+    /// a hash that is not ours).
+    pub fn received(&self, payment_hash: &[u8; 32]) -> Result<Option<(u64, u64)>, StoreError> {
+        let Some(d) = self.lock().deposit(payment_hash)? else {
+            return Ok(None);
+        };
+        let Some(sat) = d.credited_sat else {
+            return Ok(None);
+        };
+        let pid = ldk_node::lightning::ln::channelmanager::PaymentId(*payment_hash);
+        let at_ms = self
+            .node
+            .payment(&pid)
+            .map(|p| p.latest_update_timestamp.saturating_mul(1000))
+            // No record (never for a credited deposit): its creation, before any payment.
+            .unwrap_or(d.created_ms);
+        Ok(Some((sat, at_ms)))
     }
 
     // ---- withdrawals ----------------------------------------------------------------------
@@ -587,7 +671,7 @@ impl<L: Ledger> LightningService<L> {
     /// Handles the node's events, then resolves every unfinished deposit and withdrawal by
     /// payment hash (so an event lost to a crash changes nothing: the node's payment store is
     /// the source of truth), then submits the pending ledger commands.
-    pub fn step(&self, _now_ms: u64) -> Result<StepReport, StoreError> {
+    pub fn step(&self, now_ms: u64) -> Result<StepReport, StoreError> {
         let store = self.lock();
         let mut report = StepReport::default();
         while let Some(event) = self.node.next_event() {
@@ -652,7 +736,9 @@ impl<L: Ledger> LightningService<L> {
             }
         }
         drop(store);
-        let more = self.resolve_pending()?;
+        // Deposits: only those expired at most `OPEN_DEPOSIT_GRACE_MS` ago (the node refuses a
+        // payment after the expiry; every merchant invoice leaves one open row behind).
+        let more = self.resolve_pending_since(now_ms.saturating_sub(OPEN_DEPOSIT_GRACE_MS))?;
         report.credited.extend(more.credited);
         report.completed.extend(more.completed);
         report.released.extend(more.released);
@@ -664,9 +750,15 @@ impl<L: Ledger> LightningService<L> {
     /// submits the ledger commands they wait for. [`step`](Self::step) ends with it; after a
     /// crash it alone settles what the lost events would have.
     pub fn resolve_pending(&self) -> Result<StepReport, StoreError> {
+        self.resolve_pending_since(0)
+    }
+
+    /// [`resolve_pending`](Self::resolve_pending) over the open deposits that expire after
+    /// `since_ms` only (all unfinished withdrawals).
+    pub fn resolve_pending_since(&self, since_ms: u64) -> Result<StepReport, StoreError> {
         let store = self.lock();
         let mut report = StepReport::default();
-        for d in store.open_deposits()? {
+        for d in store.open_deposits(since_ms)? {
             let pid = ldk_node::lightning::ln::channelmanager::PaymentId(d.payment_hash);
             if let Some(p) = self.node.payment(&pid) {
                 if p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded

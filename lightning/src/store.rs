@@ -199,7 +199,10 @@ impl Store {
              );
              -- At most one withdrawal per invoice that may still pay or has paid.
              CREATE UNIQUE INDEX IF NOT EXISTS ln_withdrawals_live
-                ON ln_withdrawals(payment_hash) WHERE status NOT IN ('refused', 'released');",
+                ON ln_withdrawals(payment_hash) WHERE status NOT IN ('refused', 'released');
+             -- The loop looks only at open deposits that expired recently (`open_deposits`).
+             CREATE INDEX IF NOT EXISTS ln_deposits_open
+                ON ln_deposits(expires_ms) WHERE credited_sat IS NULL;",
         )?;
         Ok(Self { db })
     }
@@ -233,12 +236,13 @@ impl Store {
     }
 
     /// Deposit invoices not credited yet.
-    pub(crate) fn open_deposits(&self) -> Result<Vec<LnDeposit>, StoreError> {
-        let mut st = self.db.prepare(
+    /// Deposits not credited yet that expire after `since_ms` (0: all of them).
+    pub(crate) fn open_deposits(&self, since_ms: u64) -> Result<Vec<LnDeposit>, StoreError> {
+        let mut st = self.db.prepare_cached(
             "SELECT payment_hash, account, amount_sat, bolt11, created_ms, expires_ms, \
-             credited_sat FROM ln_deposits WHERE credited_sat IS NULL",
+             credited_sat FROM ln_deposits WHERE credited_sat IS NULL AND expires_ms > ?1",
         )?;
-        let rows = st.query_map([], deposit_row)?;
+        let rows = st.query_map([i64_of(since_ms)?], deposit_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -346,6 +350,40 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The loop's scan of open deposits is bounded by their expiry (every merchant invoice
+    /// leaves one behind); `since` 0 (start-up) sees them all; credited ones never.
+    #[test]
+    fn open_deposits_are_bounded_by_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for (n, expires_ms) in [(1u8, 1_000u64), (2, 5_000), (3, 9_000)] {
+            s.insert_deposit(&LnDeposit {
+                payment_hash: [n; 32],
+                account: 1,
+                amount_sat: 100,
+                bolt11: "lnbcrt1".into(),
+                created_ms: 0,
+                expires_ms,
+                credited_sat: None,
+            })
+            .unwrap();
+        }
+        s.mark_credited(&[3; 32], 100).unwrap();
+        let hashes = |since| -> Vec<u8> {
+            let mut v: Vec<u8> = s
+                .open_deposits(since)
+                .unwrap()
+                .iter()
+                .map(|d| d.payment_hash[0])
+                .collect();
+            v.sort();
+            v
+        };
+        assert_eq!(hashes(0), [1, 2]);
+        assert_eq!(hashes(1_000), [2]);
+        assert_eq!(hashes(5_000), Vec::<u8>::new());
+    }
 
     #[test]
     fn one_live_withdrawal_per_invoice_and_transitions_are_conditional() {

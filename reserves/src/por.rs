@@ -411,6 +411,22 @@ pub struct ProofDocument {
     pub audit_head: String,
     /// When it was made, ms since the Unix epoch.
     pub created: u64,
+    /// The Lightning node's balances when it was made, as the node reports them: **not
+    /// proven** (channel funds cannot be proven by BIP-127, and the node's on-chain wallet is not
+    /// among the PSBT's inputs), not part of `reserves_sat`. Absent without a node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lightning_unproven: Option<LightningUnproven>,
+}
+
+/// The Lightning balances a [`ProofDocument`] reports apart, unproven.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LightningUnproven {
+    /// The node's on-chain wallet, satoshis.
+    pub onchain_sat: u64,
+    /// Our side of its channels, satoshis.
+    pub channels_sat: u64,
+    /// Closed channels' funds still being swept, satoshis.
+    pub pending_close_sat: u64,
 }
 
 /// A serialized PSBT in base64 (the document's `psbt` field).

@@ -57,6 +57,20 @@ pub const MAX_PAYOUTS: i64 = 100;
 pub const ACCOUNT_PREFIX: &str = "account:";
 /// The one payment method: Bitcoin on chain.
 pub const BTC_CHAIN: &str = "BTC-CHAIN";
+/// The Lightning payment method's id (BTCPay 2.x; 1.x called it `BTC-LightningNetwork`, which
+/// stays the legacy `paymentMethod` field). Offered when the Lightning node is running.
+pub const BTC_LN: &str = "BTC-LN";
+/// The 1.x name of [`BTC_LN`] (the `paymentMethod` field).
+pub const BTC_LN_LEGACY: &str = "BTC-LightningNetwork";
+
+/// A payment method an invoice may ask for: on chain always, Lightning while the node runs.
+fn method_ok(m: &str, lightning: bool) -> bool {
+    match m {
+        "BTC-CHAIN" | "BTC" | "BTC-OnChain" => true,
+        "BTC-LN" | "BTC-LightningNetwork" => lightning,
+        _ => false,
+    }
+}
 
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS gf_invoice (
@@ -373,10 +387,15 @@ pub fn permissions_of(key: &ApiKey) -> Vec<String> {
 pub async fn server_info(State(st): State<AppState>, req: GfReq) -> GfResult {
     auth(&st, &req, None)?;
     let custody = st.0.custody.get().is_some();
+    let methods: Vec<&str> = if st.0.lightning.get().is_some() {
+        vec![BTC_CHAIN, BTC_LN]
+    } else {
+        vec![BTC_CHAIN]
+    };
     ok(json!({
         "version": env!("CARGO_PKG_VERSION"),
         "onion": null,
-        "supportedPaymentMethods": [BTC_CHAIN],
+        "supportedPaymentMethods": methods,
         "fullySynched": custody,
         "syncStatus": [{
             "paymentMethodId": BTC_CHAIN,
@@ -557,7 +576,8 @@ pub async fn put_store(
     ok(store_json(&s))
 }
 
-/// `GET /api/v1/stores/{storeId}/payment-methods`: Bitcoin on chain.
+/// `GET /api/v1/stores/{storeId}/payment-methods`: Bitcoin on chain, and Lightning (`BTC-LN`,
+/// enabled while the node runs).
 pub async fn store_payment_methods(
     State(st): State<AppState>,
     Path(store_path): Path<String>,
@@ -569,6 +589,11 @@ pub async fn store_payment_methods(
         "paymentMethodId": BTC_CHAIN,
         "cryptoCode": "BTC",
         "config": {"accountDerivation": null, "label": "Mediator custody (an address per invoice)"},
+    }, {
+        "enabled": st.0.lightning.get().is_some(),
+        "paymentMethodId": BTC_LN,
+        "cryptoCode": "BTC",
+        "config": {"connectionString": "Internal Node", "disableBOLT11PaymentOption": false},
     }]))
 }
 
@@ -682,7 +707,7 @@ pub fn invoice_json(st: &AppState, rec: &Record, extra: &Extra, now_ms: u64) -> 
     };
     let mut checkout = json!({
         "speedPolicy": speed_name(i.speed),
-        "paymentMethods": [BTC_CHAIN],
+        "paymentMethods": if rec.lightning.is_some() { vec![BTC_CHAIN, BTC_LN] } else { vec![BTC_CHAIN] },
         "defaultPaymentMethod": BTC_CHAIN,
         "lazyPaymentMethods": false,
         "expirationMinutes": (i.expires_ms.saturating_sub(i.created_ms)) / 60_000,
@@ -751,6 +776,7 @@ fn decimal_of(v: &Value) -> Option<String> {
 fn checkout_options(
     b: &Map<String, Value>,
     s: &mut StoreSettings,
+    lightning: bool,
 ) -> Result<(Map<String, Value>, Option<u64>), GfError> {
     let mut out = Map::new();
     let mut expiry = None;
@@ -781,12 +807,16 @@ fn checkout_options(
     if let Some(v) = c.get("paymentMethods").filter(|v| !v.is_null()) {
         let ok = v.as_array().is_some_and(|a| {
             a.iter()
-                .all(|m| matches!(m.as_str(), Some("BTC-CHAIN" | "BTC" | "BTC-OnChain")))
+                .all(|m| m.as_str().is_some_and(|m| method_ok(m, lightning)))
         });
         if !ok {
             return Err(invalid(
                 "checkout.paymentMethods",
-                "only BTC-CHAIN is offered",
+                if lightning {
+                    "only BTC-CHAIN and BTC-LN are offered"
+                } else {
+                    "only BTC-CHAIN is offered"
+                },
             ));
         }
     }
@@ -876,7 +906,7 @@ pub async fn create_invoice(
         None => None,
     };
     let (metadata, order_id) = metadata_param(&b)?;
-    let (checkout, expiry) = checkout_options(&b, &mut settings)?;
+    let (checkout, expiry) = checkout_options(&b, &mut settings, st.0.lightning.get().is_some())?;
     let checkout = serde_json::to_string(&checkout).map_err(|_| ApiError::internal())?;
     let rec = r::new_invoice(
         &st,
@@ -1058,9 +1088,15 @@ pub async fn archive_invoice(
 
 fn payment_json(p: &Value, address: &str, speed: u64) -> Value {
     let confirmations = p["confirmations"].as_u64();
-    let settled = p["source"] == "balance" || confirmations.is_some_and(|c| c >= speed);
+    let settled = p["source"] == "balance"
+        || p["source"] == "lightning"
+        || confirmations.is_some_and(|c| c >= speed);
+    let id = p["outpoint"]
+        .as_str()
+        .or(p["paymentHash"].as_str())
+        .map_or_else(|| "balance".to_owned(), str::to_owned);
     json!({
-        "id": p["outpoint"].as_str().map_or_else(|| "balance".to_owned(), str::to_owned),
+        "id": id,
         "receivedDate": p["time"].as_u64().unwrap_or(0) / 1000,
         "value": p["amountBtc"],
         "fee": "0",
@@ -1085,15 +1121,19 @@ pub async fn invoice_payment_methods(
         Some(q) => crate::decimal::format_units(q.rate_units, r::quote_decimals(&st, &q.asset)),
         None => "1".to_owned(),
     };
-    let payments: Vec<Value> = m["payments"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .map(|p| payment_json(p, &rec.address, u64::from(i.speed)))
-                .collect()
-        })
-        .unwrap_or_default();
-    ok(json!([{
+    let of = |source: &str| -> Vec<Value> {
+        m["payments"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter(|p| (p["source"] == "lightning") == (source == "lightning"))
+                    .map(|p| payment_json(p, &rec.address, u64::from(i.speed)))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let payments = of("chain");
+    let mut methods = vec![json!({
         "paymentMethodId": BTC_CHAIN,
         "paymentMethod": "BTC",
         "cryptoCode": "BTC",
@@ -1110,7 +1150,35 @@ pub async fn invoice_payment_methods(
         "payments": payments,
         "activated": true,
         "additionalData": {},
-    }]))
+    })];
+    if let Some(l) = &rec.lightning {
+        let ln_paid: u64 = rec
+            .inv
+            .payments
+            .iter()
+            .filter(|p| matches!(p.source, super::model::Source::Lightning { .. }))
+            .map(|p| p.amount_sat)
+            .sum();
+        methods.push(json!({
+            "paymentMethodId": BTC_LN,
+            "paymentMethod": BTC_LN_LEGACY,
+            "cryptoCode": "BTC",
+            "currency": "BTC",
+            "destination": l.bolt11,
+            "paymentLink": format!("lightning:{}", l.bolt11),
+            "rate": rate,
+            "paymentMethodPaid": r::btc(ln_paid),
+            "totalPaid": r::btc(d.paid_sat),
+            "due": r::btc(i.amount_sat.saturating_sub(d.paid_sat)),
+            "amount": r::btc(i.amount_sat),
+            "paymentMethodFee": "0",
+            "networkFee": "0",
+            "payments": of("lightning"),
+            "activated": r::payable_bolt11(&rec).is_some(),
+            "additionalData": {"paymentHash": l.payment_hash},
+        }));
+    }
+    ok(Value::Array(methods))
 }
 
 /// `POST /api/v1/stores/{storeId}/invoices/{invoiceId}/status` with `{"status":"Settled"|"Invalid"}`.
@@ -1292,8 +1360,9 @@ fn event_body(
         "InvoiceReceivedPayment" | "InvoicePaymentSettled" => {
             if let Some(p) = payment {
                 b["afterExpiration"] = json!(p["late"] == true);
-                b["paymentMethodId"] = json!(BTC_CHAIN);
-                b["paymentMethod"] = json!("BTC");
+                let ln = p["source"] == "lightning";
+                b["paymentMethodId"] = json!(if ln { BTC_LN } else { BTC_CHAIN });
+                b["paymentMethod"] = json!(if ln { BTC_LN_LEGACY } else { "BTC" });
                 b["payment"] = payment_json(p, address, speed);
             }
         }

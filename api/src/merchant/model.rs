@@ -120,6 +120,17 @@ pub enum Source {
         /// The paying account.
         payer: u32,
     },
+    /// A Lightning payment of the invoice's BOLT11 part (final at once: no confirmations).
+    Lightning {
+        /// The payment hash, hex.
+        payment_hash: String,
+    },
+}
+
+/// The payment id of a Lightning payment: `ln:` and the payment hash (hex); an outpoint id is
+/// `txid:vout` and a balance payment's id a reference, neither starts with `ln:`.
+pub fn lightning_payment_id(payment_hash: &str) -> String {
+    format!("ln:{payment_hash}")
 }
 
 /// One payment to an invoice.
@@ -155,9 +166,38 @@ impl Payment {
         }
     }
 
+    /// A Lightning payment, credited to the merchant by the node's service (final at once).
+    pub fn lightning(payment_hash: &str, amount_sat: u64, time_ms: u64) -> Self {
+        Self {
+            id: lightning_payment_id(payment_hash),
+            source: Source::Lightning {
+                payment_hash: payment_hash.to_owned(),
+            },
+            amount_sat,
+            confirmations: u32::MAX,
+            credited: true,
+            reorged: false,
+            seen_ms: time_ms,
+        }
+    }
+
     /// True for a balance payment.
     pub fn is_balance(&self) -> bool {
         matches!(self.source, Source::Balance { .. })
+    }
+
+    /// True for a payment that has no confirmations (balance and Lightning: final at once).
+    pub fn is_off_chain(&self) -> bool {
+        !matches!(self.source, Source::Chain { .. })
+    }
+
+    /// The wire name of its source: `chain`, `balance` or `lightning`.
+    pub fn source_name(&self) -> &'static str {
+        match self.source {
+            Source::Chain { .. } => "chain",
+            Source::Balance { .. } => "balance",
+            Source::Lightning { .. } => "lightning",
+        }
     }
 }
 

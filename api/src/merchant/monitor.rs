@@ -3,6 +3,8 @@
 //! 1. custody's deposits (on the blocking pool), joined to invoices by address: new payments,
 //!    confirmations, credits and reorgs → invoice transitions (each committed with its webhooks
 //!    in one transaction, then published to the checkout pages);
+//!    1b. BOLT11 parts that the Lightning service has credited (by payment hash) → a
+//!    `lightning` payment, final at once (settles the invoice whatever its speed policy);
 //! 2. invoices past their expiry → `Expired`;
 //! 3. settled invoices of merchants who convert: a limit IOC sell of the received BTC (rounded
 //!    down to the market's lot) at the worst acceptable price (the reference price of
@@ -28,6 +30,12 @@ use matching_engine::{
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
+
+/// How long after its expiry an invoice's BOLT11 part is still looked for: the node refuses a
+/// payment after the expiry, so only a credit delayed by a restart can arrive later.
+pub const LN_LOOKBACK_MS: u64 = 24 * 3_600_000;
+/// The most invoices with an open BOLT11 part looked at per tick (oldest expiry first).
+pub const LN_SCAN_MAX: u32 = 10_000;
 
 /// What one tick did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -153,6 +161,43 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
                 report.changed += 1;
                 report.events += events.len();
                 commit(state, next, events, name).await?;
+            }
+        }
+    }
+    // 1b. Lightning payments: BOLT11 parts the node's service has credited to the merchant.
+    if let Some(ln) = state.0.lightning.get().cloned() {
+        let since = now_ms.saturating_sub(LN_LOOKBACK_MS);
+        let open = with_db(state, move |c| {
+            store::lightning_unpaid(c, since, LN_SCAN_MAX).map_err(db)
+        })
+        .await?;
+        if !open.is_empty() {
+            let found = tokio::task::spawn_blocking(move || {
+                let mut found = Vec::new();
+                for (id, hash) in open {
+                    match ln.received(&hash) {
+                        Ok(Some(r)) => {
+                            found.push((id, Payment::lightning(&hash, r.amount_sat, r.time_ms)))
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e.msg, "lightning received"),
+                    }
+                }
+                found
+            })
+            .await
+            .map_err(|_| ApiError::internal())?;
+            for (id, payment) in found {
+                let Some((rec, name)) = load(state, id).await? else {
+                    continue;
+                };
+                let mut next = rec.clone();
+                let events = next.inv.observe(&[payment], now_ms);
+                if next != rec {
+                    report.changed += 1;
+                    report.events += events.len();
+                    commit(state, next, events, name).await?;
+                }
             }
         }
     }

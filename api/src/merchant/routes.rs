@@ -7,13 +7,13 @@
 
 use super::model::{self, Invoice, Marks, Quote, Status};
 use super::outcome;
-use super::store::{self, ConvState, Conversion, Record, Refund, StoreSettings};
+use super::store::{self, ConvState, Conversion, LnPart, Record, Refund, StoreSettings};
 use super::webhook::{self, EventType};
 use crate::capital::{btc_amount, custody_error, unavailable, BTC_DECIMALS};
 use crate::error::ApiError;
 use crate::params::Params;
 use crate::state::{ok_json, AppState, ClientIp, Req};
-use axum::extract::{Path, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -137,15 +137,48 @@ pub(crate) fn quote_decimals(st: &AppState, asset: &str) -> u8 {
     st.markets().asset(asset).map_or(8, |a| a.decimals)
 }
 
-/// The BIP21 URI of an invoice: the amount still due (the whole amount when nothing was paid).
+/// The BIP21 URI of an invoice: the amount still due (the whole amount when nothing was paid),
+/// and `lightning=<bolt11>` (a unified URI) while its BOLT11 part can pay it: nothing paid yet
+/// and status `New` (the BOLT11 is for the whole amount).
 pub fn bip21(rec: &Record) -> String {
     let due = rec.inv.due_sat();
-    super::qr::bip21_uri(
+    let mut uri = super::qr::bip21_uri(
         &rec.address,
         due,
         rec.label.as_deref(),
         rec.message.as_deref(),
-    )
+    );
+    // Only while the unified URI still fits a QR code (it always does for the description
+    // lengths made here; a long label and message leave the on-chain URI alone).
+    if let Some(b) =
+        payable_bolt11(rec).filter(|b| uri.len() + b.len() + 11 <= super::qr::QR_DATA_MAX_BYTES)
+    {
+        uri.push(if uri.contains('?') { '&' } else { '?' });
+        uri.push_str("lightning=");
+        uri.push_str(b);
+    }
+    uri
+}
+
+/// The BOLT11 part while it can pay the invoice (nothing paid yet, status `New`).
+pub fn payable_bolt11(rec: &Record) -> Option<&str> {
+    let l = rec.lightning.as_ref()?;
+    let open = rec.inv.status == Status::New && rec.inv.payments.is_empty();
+    // BOLT11 is bech32: alphanumeric, nothing to escape in a URI.
+    (open && l.bolt11.bytes().all(|b| b.is_ascii_alphanumeric())).then_some(l.bolt11.as_str())
+}
+
+/// The `lightning` object of the invoice JSON: the BOLT11 part (and its payment hash), or
+/// `null` with `lightningUnavailable` saying why.
+fn lightning_json(rec: &Record) -> Value {
+    match &rec.lightning {
+        Some(l) => json!({
+            "bolt11": l.bolt11,
+            "paymentHash": l.payment_hash,
+            "payable": payable_bolt11(rec).is_some(),
+        }),
+        None => Value::Null,
+    }
 }
 
 /// The PublicInvoice JSON (what the checkout page sees; no order id or metadata).
@@ -178,6 +211,7 @@ pub fn public_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64) -
         "dueBtc": btc(i.amount_sat.saturating_sub(d.paid_sat)),
         "address": rec.address,
         "bip21": bip21(rec),
+        "lightning": lightning_json(rec),
         "checkoutUrl": format!("{}/i/{}", st.0.cfg.public_url.as_deref().unwrap_or(""), i.id),
         "confirmationsRequired": i.speed,
         "createdTime": i.created_ms,
@@ -185,8 +219,8 @@ pub fn public_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64) -
         "serverTime": now_ms,
         "payments": i.payments.iter().filter(|p| !p.reorged).map(|p| json!({
             "amountBtc": btc(p.amount_sat),
-            "confirmations": if p.is_balance() { Value::Null } else { Value::from(p.confirmations) },
-            "source": if p.is_balance() { "balance" } else { "chain" },
+            "confirmations": if p.is_off_chain() { Value::Null } else { Value::from(p.confirmations) },
+            "source": p.source_name(),
             "time": p.seen_ms,
         })).collect::<Vec<_>>(),
     })
@@ -208,22 +242,27 @@ pub fn merchant_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64)
         u64::from(i.tolerance_bps),
         2
     )));
+    v["lightningUnavailable"] = json!(rec.lightning_note);
     v["refundedBtc"] = json!(btc(i.refunded_sat));
     v["receivedBtc"] = json!(btc(i.received_sat()));
     v["payments"] = Value::Array(
         i.payments
             .iter()
             .map(|p| {
-                let (source, payer, outpoint) = match &p.source {
-                    model::Source::Chain { outpoint } => ("chain", None, Some(outpoint.clone())),
-                    model::Source::Balance { payer } => ("balance", Some(*payer), None),
+                let (payer, outpoint, hash) = match &p.source {
+                    model::Source::Chain { outpoint } => (None, Some(outpoint.clone()), None),
+                    model::Source::Balance { payer } => (Some(*payer), None, None),
+                    model::Source::Lightning { payment_hash } => {
+                        (None, None, Some(payment_hash.clone()))
+                    }
                 };
                 json!({
                     "amountBtc": btc(p.amount_sat),
-                    "source": source,
+                    "source": p.source_name(),
                     "payerAccount": payer,
                     "outpoint": outpoint,
-                    "confirmations": if p.is_balance() { Value::Null } else { Value::from(p.confirmations) },
+                    "paymentHash": hash,
+                    "confirmations": if p.is_off_chain() { Value::Null } else { Value::from(p.confirmations) },
                     "credited": p.credited,
                     "reorged": p.reorged,
                     "late": !i.on_time(p),
@@ -405,6 +444,78 @@ pub(crate) fn random_id() -> Result<String, ApiError> {
         .map_err(|_| ApiError::internal())
 }
 
+/// The BOLT11 description of a merchant invoice: the store's name and the order id (or the
+/// invoice id when there is none).
+/// At most [`LN_DESCRIPTION_MAX_BYTES`] (cut on a character boundary), so the BOLT11 stays short
+/// enough for a unified QR code.
+pub(crate) fn ln_description(store_name: &str, order_id: Option<&str>, invoice_id: &str) -> String {
+    let mut d = match order_id {
+        Some(o) => format!("{store_name} order {o}"),
+        None => format!("{store_name} invoice {invoice_id}"),
+    };
+    if d.len() > LN_DESCRIPTION_MAX_BYTES {
+        let mut end = LN_DESCRIPTION_MAX_BYTES;
+        while !d.is_char_boundary(end) {
+            end -= 1;
+        }
+        d.truncate(end);
+    }
+    d
+}
+
+/// The longest BOLT11 description of a merchant invoice, bytes.
+pub const LN_DESCRIPTION_MAX_BYTES: usize = 200;
+
+/// The BOLT11 part of a new invoice, or why there is none. Never an error: without a node, or
+/// without the inbound liquidity, the invoice is on chain only and says so
+/// (`lightningUnavailable`). The BOLT11 expiry is what is left until `expires_ms`, rounded
+/// down, so the node refuses a payment once the merchant invoice has expired.
+async fn lightning_part(
+    st: &AppState,
+    merchant: u32,
+    amount_sat: u64,
+    description: String,
+    expires_ms: u64,
+) -> (Option<LnPart>, Option<String>) {
+    let Some(ln) = st.0.lightning.get().cloned() else {
+        return (
+            None,
+            Some("Lightning is not running on this server.".into()),
+        );
+    };
+    let secs = expires_ms.saturating_sub(now_ms()) / 1000;
+    let secs = u32::try_from(secs).unwrap_or(u32::MAX);
+    let made = tokio::task::spawn_blocking(move || {
+        ln.merchant_invoice(merchant, amount_sat, &description, secs)
+    })
+    .await;
+    match made {
+        Ok(Ok(i)) => (
+            Some(LnPart {
+                bolt11: i.invoice,
+                payment_hash: i.payment_hash,
+            }),
+            None,
+        ),
+        Ok(Err(e)) => {
+            tracing::info!(merchant, code = e.code, error = %e.msg, "invoice without lightning");
+            let why = if e.code == -4611 {
+                "The Lightning node has not enough inbound liquidity for this amount."
+            } else {
+                "The Lightning node could not make an invoice."
+            };
+            (None, Some(why.into()))
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "lightning task failed");
+            (
+                None,
+                Some("The Lightning node could not make an invoice.".into()),
+            )
+        }
+    }
+}
+
 /// Validates, gets a fresh address from custody, stores the invoice and its `invoice.created`
 /// webhook in one transaction. The same idempotency key returns the existing invoice.
 pub(crate) async fn new_invoice(
@@ -446,13 +557,23 @@ pub(crate) async fn new_invoice(
         .map_err(|_| ApiError::internal())?
         .map_err(custody_error)?;
     let now = now_ms();
+    let id = random_id()?;
+    let expires_ms = now + expiry * 60_000;
+    let (lightning, lightning_note) = lightning_part(
+        st,
+        merchant,
+        amount_sat,
+        ln_description(&settings.name, req.order_id.as_deref(), &id),
+        expires_ms,
+    )
+    .await;
     let label = req.label.or_else(|| Some(settings.name.clone()));
     let message = req
         .message
         .or_else(|| req.order_id.as_ref().map(|o| format!("Order {o}")));
     let rec = Record {
         inv: Invoice {
-            id: random_id()?,
+            id,
             merchant,
             amount_sat,
             currency,
@@ -461,7 +582,7 @@ pub(crate) async fn new_invoice(
             speed: settings.speed,
             tolerance_bps: settings.tolerance_bps,
             created_ms: now,
-            expires_ms: now + expiry * 60_000,
+            expires_ms,
             status: Status::New,
             marks: Marks::default(),
             invalid_ms: None,
@@ -485,6 +606,8 @@ pub(crate) async fn new_invoice(
             client_id: None,
             error: None,
         },
+        lightning,
+        lightning_note,
     };
     let body = merchant_json(st, &rec, &settings.name, now);
     let rec2 = rec.clone();
@@ -1286,14 +1409,24 @@ pub async fn qr_png(
     Ok(([(header::CONTENT_TYPE, "image/png")], png).into_response())
 }
 
-/// `GET /i/{id}/qr.svg`.
+/// `GET /i/{id}/qr.svg`: the unified BIP21 URI; with `m=ln`, `lightning:<BOLT11>` while the
+/// BOLT11 part can pay the invoice (else the BIP21 URI).
 pub async fn qr_svg(
     ClientIp(ip): ClientIp,
     State(st): State<AppState>,
     Path(id): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let (rec, _) = public_invoice(&st, &ip, id).await?;
-    let svg = super::qr::qr_svg(&bip21(&rec));
+    let ln = q
+        .as_deref()
+        .is_some_and(|q| q.split('&').any(|kv| kv == "m=ln"));
+    let text = match payable_bolt11(&rec).filter(|_| ln) {
+        // Upper case: the QR code's alphanumeric mode, as BOLT11 suggests.
+        Some(b) => format!("LIGHTNING:{}", b.to_ascii_uppercase()),
+        None => bip21(&rec),
+    };
+    let svg = super::qr::qr_svg(&text);
     Ok(([(header::CONTENT_TYPE, "image/svg+xml")], svg).into_response())
 }
 

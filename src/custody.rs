@@ -178,6 +178,8 @@ impl WalletCustody {
 
     /// Counts the Lightning node's balances in [`Custody::reconcile`] from now on.
     pub fn set_lightning(&self, ln: Arc<crate::lightning::Service>) {
+        self.lock()
+            .set_other_assets(Arc::new(LightningAssets(ln.clone())));
         let _ = self.lightning.set(ln);
     }
 
@@ -485,11 +487,8 @@ impl Custody for WalletCustody {
         let ln = self.lightning.get().map(|l| l.balances());
         let ln_onchain = ln.map_or(0, |b| b.onchain_sat);
         let ln_channels = ln.map_or(0, |b| b.channels_sat.saturating_add(b.pending_close_sat));
-        let surplus_sat = i64::try_from(ln_onchain)
-            .ok()
-            .and_then(|a| r.surplus_sat.checked_add(a))
-            .and_then(|v| v.checked_add(i64::try_from(ln_channels).ok()?))
-            .ok_or_else(|| internal("reconciliation overflows i64"))?;
+        // The wallet's reconciliation already counts them (`LightningAssets`).
+        let surplus_sat = r.surplus_sat;
         Ok(ReconcileInfo {
             wallet_confirmed_sat: r.wallet_confirmed.0,
             wallet_pending_sat: r.wallet_pending.0,
@@ -654,5 +653,18 @@ mod tests {
             Some(WithdrawalState::Released)
         );
         assert_eq!(ledger.btc_liabilities(), Amount(50_000));
+    }
+}
+
+/// The Lightning node's money as custody's other assets: its on-chain wallet, its side of the
+/// channels and closing sweeps ([`wallet::OtherAssets`]).
+struct LightningAssets(Arc<crate::lightning::Service>);
+
+impl wallet::OtherAssets for LightningAssets {
+    fn sats(&self) -> u64 {
+        let b = self.0.balances();
+        b.onchain_sat
+            .saturating_add(b.channels_sat)
+            .saturating_add(b.pending_close_sat)
     }
 }

@@ -186,6 +186,9 @@ pub struct Reconciliation {
     pub uncredited_deposits: Amount,
     /// Amounts plus network fees of batches that left the wallet but are not completed yet.
     pub withdrawals_in_flight: Amount,
+    /// Custody's money outside this wallet ([`OtherAssets`]: the Lightning node's on-chain
+    /// wallet, its side of the channels and closing sweeps), counted as assets.
+    pub other_assets: Amount,
     /// All BTC balances in the ledger, held included.
     pub ledger_liabilities: Amount,
     /// Flat fees minus network fee shares of completed withdrawals (part of the liabilities).
@@ -254,6 +257,7 @@ pub struct CustodyService {
     last_now_ms: u64,
     /// Where the service's own automatic decisions are recorded (the server's audit log).
     decisions: Option<Arc<dyn DecisionLog>>,
+    other_assets: Option<Arc<dyn OtherAssets>>,
     /// The last reconciliation recorded there: (shortfall, surplus), recorded again on change.
     last_reconciliation: Option<(bool, i64)>,
 }
@@ -272,6 +276,14 @@ pub struct CustodyService {
 pub trait DecisionLog: Send + Sync {
     /// Records `action` with `params` (name, value) durably.
     fn record(&self, action: &str, params: &[(&str, String)]) -> Result<(), String>;
+}
+
+/// Custody's money held outside the BDK wallet (the Lightning node), counted as assets by every
+/// reconciliation, the periodic one included: without it, money a Lightning payment brought in
+/// is owed by the ledger and held by the node, and the wallet alone shows a false shortfall.
+pub trait OtherAssets: Send + Sync {
+    /// The total, satoshis.
+    fn sats(&self) -> u64;
 }
 
 impl fmt::Debug for CustodyService {
@@ -424,6 +436,7 @@ impl CustodyService {
             key,
             last_now_ms: 0,
             decisions: None,
+            other_assets: None,
             last_reconciliation: None,
         };
         service.recover_withdrawals()?;
@@ -503,6 +516,11 @@ impl CustodyService {
     /// Sets where automatic decisions are recorded ([`DecisionLog`]).
     pub fn set_decision_log(&mut self, log: Arc<dyn DecisionLog>) {
         self.decisions = Some(log);
+    }
+
+    /// Counts `assets` (custody's money outside this wallet) in every reconciliation.
+    pub fn set_other_assets(&mut self, assets: Arc<dyn OtherAssets>) {
+        self.other_assets = Some(assets);
     }
 
     /// Records an automatic decision (see [`DecisionLog`]); a failure is an error in the log
@@ -1897,9 +1915,11 @@ impl CustodyService {
             .filter_map(|w| w.network_fee.map(|n| w.fee.0.saturating_sub(n.0)))
             .sum();
         let liabilities = self.ledger.btc_liabilities();
+        let other = self.other_assets.as_ref().map_or(0, |o| o.sats());
         let assets = i128::from(wallet_confirmed.0) + i128::from(wallet_pending.0)
             - i128::from(uncredited)
-            + i128::from(in_flight);
+            + i128::from(in_flight)
+            + i128::from(other);
         let surplus = assets - i128::from(liabilities.0);
         let surplus_sat =
             i64::try_from(surplus).unwrap_or(if surplus < 0 { i64::MIN } else { i64::MAX });
@@ -1908,6 +1928,7 @@ impl CustodyService {
             wallet_pending,
             uncredited_deposits: Amount(uncredited),
             withdrawals_in_flight: Amount(in_flight),
+            other_assets: Amount(other),
             ledger_liabilities: liabilities,
             fee_income: Amount(fee_income),
             surplus_sat,

@@ -581,6 +581,19 @@ fn deposit_address_error(e: wallet::DepositAddressError) -> CustodyError {
     }
 }
 
+/// The Lightning node's money as custody's other assets: its on-chain wallet, its side of the
+/// channels and closing sweeps ([`wallet::OtherAssets`]).
+struct LightningAssets(Arc<crate::lightning::Service>);
+
+impl wallet::OtherAssets for LightningAssets {
+    fn sats(&self) -> u64 {
+        let b = self.0.balances();
+        b.onchain_sat
+            .saturating_add(b.channels_sat)
+            .saturating_add(b.pending_close_sat)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::EngineLedger;
@@ -653,18 +666,5 @@ mod tests {
             Some(WithdrawalState::Released)
         );
         assert_eq!(ledger.btc_liabilities(), Amount(50_000));
-    }
-}
-
-/// The Lightning node's money as custody's other assets: its on-chain wallet, its side of the
-/// channels and closing sweeps ([`wallet::OtherAssets`]).
-struct LightningAssets(Arc<crate::lightning::Service>);
-
-impl wallet::OtherAssets for LightningAssets {
-    fn sats(&self) -> u64 {
-        let b = self.0.balances();
-        b.onchain_sat
-            .saturating_add(b.channels_sat)
-            .saturating_add(b.pending_close_sat)
     }
 }

@@ -2,7 +2,7 @@
 # Runs every cargo-fuzz target in fuzz/ for SECONDS each (default 60) and fails if any finds a
 # crash, printing where libFuzzer saved the input. CI runs it briefly (`scripts/fuzz.sh 10`);
 # a longer run is e.g. `scripts/fuzz.sh 3600`. One target: FUZZ_TARGETS="decimal" scripts/fuzz.sh.
-# Needs the nightly toolchain (libFuzzer's sanitizer flags); installs cargo-fuzz when missing.
+# Needs the nightly toolchain (libFuzzer's sanitizer flags); installs it and cargo-fuzz when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 seconds="${1:-60}"
@@ -11,9 +11,12 @@ case "$seconds" in
 esac
 
 if ! cargo +nightly --version >/dev/null 2>&1; then
-  echo "fuzz.sh: the nightly toolchain is missing (cargo-fuzz needs it):" >&2
-  echo "  rustup toolchain install nightly" >&2
-  exit 1
+  # A fresh machine: install it (cargo-fuzz needs nightly for libFuzzer's sanitizer flags).
+  if ! command -v rustup >/dev/null; then
+    echo "fuzz.sh: the nightly toolchain is missing and rustup is not installed" >&2
+    exit 1
+  fi
+  rustup toolchain install nightly --profile minimal
 fi
 if ! cargo fuzz --version >/dev/null 2>&1; then
   cargo install --locked cargo-fuzz

@@ -177,9 +177,10 @@ impl WalletCustody {
     }
 
     /// Counts the Lightning node's balances in [`Custody::reconcile`] from now on.
-    pub fn set_lightning(&self, ln: Arc<crate::lightning::Service>) {
+    pub fn set_lightning(self: &Arc<Self>, ln: Arc<crate::lightning::Service>) {
         self.lock()
             .set_other_assets(Arc::new(LightningAssets(ln.clone())));
+        ln.set_policy(Arc::new(OutflowRules(Arc::downgrade(self))));
         let _ = self.lightning.set(ln);
     }
 
@@ -578,6 +579,32 @@ fn deposit_address_error(e: wallet::DepositAddressError) -> CustodyError {
             CustodyError::bad_request(-2015, format!("unknown account {a}"))
         }
         other => internal(other),
+    }
+}
+
+/// Custody's withdrawal rules for Lightning withdrawals ([`lightning_custody::PayPolicy`]):
+/// flagged accounts and the 24-hour limit, Lightning and on-chain amounts together. Weak: the
+/// Lightning service must not keep custody alive.
+struct OutflowRules(std::sync::Weak<WalletCustody>);
+
+impl lightning_custody::PayPolicy for OutflowRules {
+    fn check(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        lightning_used: Amount,
+        now_ms: u64,
+    ) -> Result<(), (i32, String)> {
+        let Some(custody) = self.0.upgrade() else {
+            return Err((-1000, "custody is stopping".into()));
+        };
+        let r = custody
+            .lock()
+            .check_outflow(account, amount, lightning_used, now_ms);
+        r.map_err(|e| {
+            let e = withdrawal_error(e);
+            (e.code, e.msg)
+        })
     }
 }
 

@@ -98,6 +98,15 @@ pub enum PayError {
     /// was released.
     #[error("no route to the payee")]
     NoRoute,
+    /// Custody's withdrawal rules refuse it ([`crate::service::PayPolicy`]: a flagged account,
+    /// the 24-hour limit); nothing changed.
+    #[error("{reason}")]
+    Refused {
+        /// The API code of custody's rule (e.g. -4032 flagged, -4025 daily limit).
+        code: i32,
+        /// Why.
+        reason: String,
+    },
     /// The ledger is busy; nothing changed; try again.
     #[error("engine busy, try again")]
     Busy,
@@ -124,6 +133,7 @@ impl PayError {
     pub fn code(&self) -> i32 {
         match self {
             Self::MalformedInvoice => -4601,
+            Self::Refused { code, .. } => *code,
             Self::WrongNetwork { .. } => -4602,
             Self::Expired => -4603,
             Self::NoAmount | Self::FractionalAmount { .. } => -4604,

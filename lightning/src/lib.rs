@@ -42,7 +42,9 @@ mod store;
 pub use config::{ChainRpc, LightningConfig};
 pub use error::{InvoiceError, OpenError, OperatorError, PayError};
 pub use runner::{now_ms, Runner};
-pub use service::{ChannelView, LightningService, LnBalances, StepReport, MAX_DESCRIPTION_BYTES};
+pub use service::{
+    ChannelView, LightningService, LnBalances, PayPolicy, StepReport, MAX_DESCRIPTION_BYTES,
+};
 pub use store::{LnDeposit, LnWithdrawal, LnWithdrawalStatus, StoreError, DATABASE_FILE};
 
 /// Re-exported so that callers name the same types as the node.

@@ -80,7 +80,27 @@ pub struct LightningService<L: Ledger> {
     store: Mutex<Store>,
     ledger: L,
     cfg: LightningConfig,
+    policy: std::sync::OnceLock<std::sync::Arc<dyn PayPolicy>>,
 }
+
+/// Custody's withdrawal rules that a Lightning withdrawal obeys too: the caller (`mediator
+/// serve`: the on-chain custody service) refuses a flagged account and counts Lightning amounts
+/// in the same 24-hour limit as on-chain ones. Without it, money out over Lightning would skip
+/// every rule custody applies to money out on chain.
+pub trait PayPolicy: Send + Sync {
+    /// Refuses (`Err((code, reason))`, the API code) a withdrawal of `amount` by `account` when
+    /// `lightning_used` was already sent over Lightning in the last 24 hours.
+    fn check(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        lightning_used: Amount,
+        now_ms: u64,
+    ) -> Result<(), (i32, String)>;
+}
+
+/// 24 hours, the withdrawal limit's window.
+const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
 impl<L: Ledger> std::fmt::Debug for LightningService<L> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -159,7 +179,14 @@ impl<L: Ledger> LightningService<L> {
             store: Mutex::new(store),
             ledger,
             cfg,
+            policy: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets custody's withdrawal rules ([`PayPolicy`]) every later withdrawal obeys; false when
+    /// one is set already.
+    pub fn set_policy(&self, policy: std::sync::Arc<dyn PayPolicy>) -> bool {
+        self.policy.set(policy).is_ok()
     }
 
     /// Stops the node (channel state is persisted by ldk-node as it goes).
@@ -438,6 +465,12 @@ impl<L: Ledger> LightningService<L> {
         }
         if !self.ledger.account_exists(account) {
             return Err(PayError::UnknownAccount);
+        }
+        if let Some(policy) = self.policy.get() {
+            let used = store.withdrawn_since(account.0, now_ms.saturating_sub(DAY_MS))?;
+            policy
+                .check(account, amount, Amount(used), now_ms)
+                .map_err(|(code, reason)| PayError::Refused { code, reason })?;
         }
         let can_msat = self
             .node

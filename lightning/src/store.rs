@@ -255,6 +255,18 @@ impl Store {
         Ok(())
     }
 
+    /// Satoshis an account sent or is sending over Lightning since `since_ms` (refused and
+    /// released withdrawals excluded): its part of the 24-hour withdrawal limit.
+    pub(crate) fn withdrawn_since(&self, account: u32, since_ms: u64) -> Result<u64, StoreError> {
+        let sum: i64 = self.db.query_row(
+            "SELECT COALESCE(SUM(amount_sat), 0) FROM ln_withdrawals \
+             WHERE account = ?1 AND created_ms > ?2 AND status NOT IN ('refused', 'released')",
+            params![account, i64_of(since_ms)?],
+            |r| r.get(0),
+        )?;
+        Ok(u64_of(sum))
+    }
+
     /// Inserts a `new` withdrawal; `None` when a live one for the same invoice exists.
     pub(crate) fn insert_withdrawal(
         &self,

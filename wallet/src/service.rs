@@ -518,6 +518,41 @@ impl CustodyService {
         self.decisions = Some(log);
     }
 
+    /// The rules money out by another path (Lightning) obeys as on-chain withdrawals do: a
+    /// flagged account is refused, and `other_used` (sent by that path in the last 24 hours)
+    /// counts with this wallet's withdrawals in the account's 24-hour limit.
+    pub fn check_outflow(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        other_used: Amount,
+        now_ms: u64,
+    ) -> Result<(), WithdrawalError> {
+        if store::flagged(&self.db)?.iter().any(|(a, _)| *a == account) {
+            return Err(WithdrawalError::AccountFlagged(account));
+        }
+        let policy = &self.config.withdrawal;
+        let onchain = store::withdrawn_since(&self.db, account, now_ms.saturating_sub(DAY_MS))?;
+        let used = onchain
+            .checked_add(other_used)
+            .ok_or(WithdrawalError::DailyLimit {
+                amount,
+                used: onchain,
+                limit: policy.daily_limit,
+            })?;
+        if used
+            .checked_add(amount)
+            .is_none_or(|t| t > policy.daily_limit)
+        {
+            return Err(WithdrawalError::DailyLimit {
+                amount,
+                used,
+                limit: policy.daily_limit,
+            });
+        }
+        Ok(())
+    }
+
     /// Counts `assets` (custody's money outside this wallet) in every reconciliation.
     pub fn set_other_assets(&mut self, assets: Arc<dyn OtherAssets>) {
         self.other_assets = Some(assets);

@@ -981,6 +981,44 @@ async fn a_balance_payment_whose_reply_is_lost_is_recorded_once_by_the_monitor()
     assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99877000");
 }
 
+/// Defect: resolving a payment whose reply was lost repeats its transfer to learn the outcome;
+/// while the circuit breaker was open that repeat was "not taken" (halted), which was read as
+/// "the payment never happened": the intent was dropped although the payer's money had moved to
+/// the merchant, and the invoice was never credited. Only the engine's answer is final.
+#[tokio::test]
+async fn a_lost_payment_is_not_dropped_while_the_breaker_is_open() {
+    let (h, core) = Harness::lossy();
+    let m = setup_on(h).await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
+    let inv = m.invoice("amount=0.00123").await;
+    let id = s(&inv, "id");
+    core.lose_next(1);
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={id}"),
+            &payer,
+        )
+        .await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    // The money moved (the reply was lost after the transfer applied).
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00123000");
+    m.h.state.read_model().trip(api::audit::Violation {
+        seq: 0,
+        asset: 0,
+        balances: 0,
+        supply: 0,
+    });
+    assert!(m.h.state.halted().is_some());
+    let out = api::merchant::outcome::resolve(&m.h.state, common::now_ms())
+        .await
+        .unwrap();
+    assert_eq!((out.dropped, out.unknown), (0, 1), "{out:?}");
+    let v = m.get(&id).await;
+    assert_eq!(s(&v, "status"), "New", "{v}");
+}
+
 #[tokio::test]
 async fn a_refund_whose_reply_is_lost_stays_reserved_and_its_retry_pays_once() {
     let (h, core) = Harness::lossy();

@@ -2350,7 +2350,7 @@ async fn resolve_payouts(st: &AppState, pp: &PullPayment) -> Result<(), GfError>
             (Some(_), None) => Some(("cancelled", None)),
             (None, _) => match match to_account(&p) {
                 // The same transfer again: the engine answers a repeated key as done, once.
-                Some(to) => store_transfer(st, pp, &p, to).await,
+                Some(to) => store_transfer(st, pp, &p, to, true).await,
                 None => execute_store_payout(st, pp, &p, true).await,
             } {
                 super::outcome::Moved::Done(reference) => Some(("done", Some(reference))),
@@ -2384,6 +2384,7 @@ async fn store_transfer(
     pp: &PullPayment,
     p: &Payout,
     to: u32,
+    resolving: bool,
 ) -> super::outcome::Moved {
     use matching_engine::{AccountId, Amount, Command, IdempotencyKey};
     let asset = match super::outcome::btc_asset(st) {
@@ -2397,7 +2398,7 @@ async fn store_transfer(
         amount: Amount(p.amount_sat),
         key: IdempotencyKey::reference(&format!("merchant/pp/{}/{}", p.pp_id, p.n)),
     };
-    super::outcome::transfer(st, cmd).await
+    super::outcome::transfer(st, cmd, resolving).await
 }
 
 /// A store pull payment's payout: a custody withdrawal from the merchant's account under the
@@ -2657,12 +2658,15 @@ async fn claim_and_pay(
             };
             match r::refund_invoice(st, ask, custody).await {
                 Ok(v) => Moved::Done(v["reference"].as_str().unwrap_or("").to_owned()),
-                Err(e) if e.code == -1007 => Moved::Unknown,
+                // Unknown, or failed after the money may have moved (a 5xx: e.g. the refund's
+                // record could not be written after its transfer): the claim stays reserved and
+                // `resolve_payouts` waits on the refund row. Only a refusal frees it.
+                Err(e) if e.code == -1007 || e.status.as_u16() >= 500 => Moved::Unknown,
                 Err(e) => Moved::Refused(e),
             }
         }
         None => match account {
-            Some(to) => store_transfer(st, &pp, &p, to).await,
+            Some(to) => store_transfer(st, &pp, &p, to, false).await,
             None => execute_store_payout(st, &pp, &p, false).await,
         },
     };

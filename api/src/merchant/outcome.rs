@@ -64,23 +64,35 @@ pub fn pay_command(st: &AppState, intent: &PayIntent, merchant: u32) -> Result<C
 
 /// Submits an engine transfer: done (`transfer:<seq>`), refused (rejected, or not taken: a full
 /// queue or an open circuit breaker), or unknown.
-pub(crate) async fn transfer(st: &AppState, cmd: Command) -> Moved {
+///
+/// `resolving`: the transfer repeats an earlier one whose outcome is unknown, to learn it (the
+/// engine answers a repeated key as done, once). Then only the engine's answer is final: "not
+/// taken" (busy, halted) says nothing about the earlier attempt, so it stays unknown and the
+/// caller must not cancel what it reserved.
+pub(crate) async fn transfer(st: &AppState, cmd: Command, resolving: bool) -> Moved {
     match st.submit_outcome(cmd).await {
         Outcome::Applied(reply) => Moved::Done(format!("transfer:{}", reply.seq)),
+        Outcome::Rejected(matching_engine::RejectCode::EngineBusy) if resolving => Moved::Unknown,
         Outcome::Rejected(code) => Moved::Refused(ApiError::command_rejected(code)),
+        Outcome::Busy | Outcome::Halted if resolving => Moved::Unknown,
         Outcome::Busy => Moved::Refused(ApiError::busy()),
         Outcome::Halted => Moved::Refused(ApiError::halted()),
         _ => Moved::Unknown,
     }
 }
 
-/// Executes a balance payment's transfer.
-pub async fn execute_payment(st: &AppState, intent: &PayIntent, merchant: u32) -> Moved {
+/// Executes a balance payment's transfer (`resolving`: see [`transfer`]).
+pub async fn execute_payment(
+    st: &AppState,
+    intent: &PayIntent,
+    merchant: u32,
+    resolving: bool,
+) -> Moved {
     let cmd = match pay_command(st, intent, merchant) {
         Ok(c) => c,
         Err(e) => return Moved::Refused(e),
     };
-    transfer(st, cmd).await
+    transfer(st, cmd, resolving).await
 }
 
 /// Records an executed balance payment on its invoice (with its webhooks), then drops the
@@ -175,7 +187,7 @@ pub async fn execute_refund(
                 Ok(c) => c,
                 Err(e) => return Moved::Refused(e),
             };
-            transfer(st, cmd).await
+            transfer(st, cmd, ask_first).await
         }
         (None, Some(addr)) => {
             let Some(c) = custody else {
@@ -285,7 +297,7 @@ pub async fn resolve(st: &AppState, now_ms: u64) -> Result<Resolved, ApiError> {
             record_payment(st, rec, name, &intent, now_ms).await?;
             continue;
         }
-        match execute_payment(st, &intent, rec.inv.merchant).await {
+        match execute_payment(st, &intent, rec.inv.merchant, true).await {
             Moved::Done(_) => {
                 record_payment(st, rec, name, &intent, now_ms).await?;
                 out.payments += 1;

@@ -1020,7 +1020,7 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
         store::insert_pay_intent(c, &i2).map_err(db_error)
     })
     .await?;
-    let tran = match outcome::execute_payment(st, &intent, rec.inv.merchant).await {
+    let tran = match outcome::execute_payment(st, &intent, rec.inv.merchant, false).await {
         outcome::Moved::Done(reference) => reference,
         outcome::Moved::Refused(e) => {
             let pid = intent.pid.clone();

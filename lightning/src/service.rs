@@ -458,9 +458,16 @@ impl<L: Ledger> LightningService<L> {
         let node_payment = self
             .node
             .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash));
-        if node_payment.is_some_and(|p| p.status != PaymentStatus::Failed)
-            || store.live_withdrawal_by_hash(&hash)?.is_some()
-        {
+        // The same account paying the same invoice again is a retry (its reply was lost): it
+        // gets its withdrawal back, with its id and state, and nothing is sent twice.
+        if let Some(w) = store.live_withdrawal_by_hash(&hash)? {
+            return if w.account == account.0 {
+                Ok(w)
+            } else {
+                Err(PayError::AlreadyPaid)
+            };
+        }
+        if node_payment.is_some_and(|p| p.status != PaymentStatus::Failed) {
             return Err(PayError::AlreadyPaid);
         }
         if !self.ledger.account_exists(account) {

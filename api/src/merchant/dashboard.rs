@@ -689,7 +689,12 @@ async fn try_login(
     } else {
         let fail = || Refusal::Page(StatusCode::UNAUTHORIZED, LOGIN_FAILED.into());
         let store = form.text("store").to_owned();
-        if limited(&format!("store:{store}")) {
+        // Keyed by the store the text names ("7", "07" and "+7" are one store), so spelling it
+        // differently buys no more attempts.
+        let store_key = store
+            .parse::<u32>()
+            .map_or_else(|_| format!("text:{store}"), |a| a.to_string());
+        if limited(&format!("store:{store_key}")) {
             return Err(Refusal::Page(
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too many login attempts; wait a minute and try again.".into(),

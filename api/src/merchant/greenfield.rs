@@ -1868,7 +1868,7 @@ fn pp_json(st: &AppState, p: &PullPayment) -> Value {
         "amount": r::btc(p.amount_sat),
         "period": null,
         "BOLT11Expiration": "30",
-        "autoApproveClaims": false,
+        "autoApproveClaims": true,
         "archived": p.archived,
         "viewLink": format!("{}/pp/{}", public_url(st), p.id),
         "startsAt": p.created_ms / 1000,

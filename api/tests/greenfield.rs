@@ -1260,3 +1260,50 @@ async fn a_refund_claim_whose_answer_is_lost_is_resolved_by_the_monitor_and_a_cr
         1
     );
 }
+
+/// Defect: `GET .../invoices?orderId=X` filtered the newest 100 invoices in memory, so a shop
+/// plugin looking up an order older than the store's last 100 invoices got `[]`.
+#[tokio::test]
+async fn an_old_orders_invoice_is_found_by_its_order_id() {
+    let g = setup().await;
+    let path = format!("/api/v1/stores/{}/invoices", g.account);
+    let body =
+        |order: &str| json!({"amount": "0.001", "currency": "BTC", "metadata": {"orderId": order}});
+    let old = ok(
+        call(&g.h, "POST", &path, Some(&g.token), Some(body("wc-old"))).await,
+        "the old order's invoice",
+    );
+    for i in 0..110 {
+        ok(
+            call(
+                &g.h,
+                "POST",
+                &path,
+                Some(&g.token),
+                Some(body(&format!("wc-{i}"))),
+            )
+            .await,
+            "a newer invoice",
+        );
+    }
+    let found = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("{path}?orderId=wc-old"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "the lookup",
+    );
+    let found = found.as_array().unwrap();
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["id"], old["id"]);
+    // The newest page still pages: take 5 of the 111.
+    let page = ok(
+        call(&g.h, "GET", &format!("{path}?take=5"), Some(&g.token), None).await,
+        "a page",
+    );
+    assert_eq!(page.as_array().unwrap().len(), 5);
+}

@@ -1012,8 +1012,22 @@ pub async fn list_invoices(
     }
     let account = key.account;
     let want = skip.saturating_add(take).min(10 * r::MAX_LIST);
+    let by_order = orders.clone();
     let rows = with_db(&st, move |c| {
-        let recs = store::list(c, account, None, start, end, want).map_err(db_error)?;
+        // By order id: looked up directly (however old the invoice), not filtered out of the
+        // newest page.
+        let recs = if by_order.is_empty() {
+            store::list(c, account, None, start, end, want).map_err(db_error)?
+        } else {
+            let mut recs = Vec::new();
+            for o in by_order.iter().take(r::MAX_LIST as usize) {
+                recs.extend(
+                    store::list_by_order(c, account, o, start, end, want).map_err(db_error)?,
+                );
+            }
+            recs.sort_by(|a, b| b.inv.created_ms.cmp(&a.inv.created_ms));
+            recs
+        };
         let mut out = Vec::new();
         for rec in recs {
             let e = extra(c, &rec.inv.id).map_err(db_error)?;

@@ -33,6 +33,7 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
             UNIQUE (merchant, idem_key));
          CREATE INDEX IF NOT EXISTS invoice_merchant_created ON invoice (merchant, created_ms);
          CREATE INDEX IF NOT EXISTS invoice_status ON invoice (status, expires_ms);
+         CREATE INDEX IF NOT EXISTS invoice_merchant_order ON invoice (merchant, order_id);
          CREATE TABLE IF NOT EXISTS invoice_payment (
             invoice_id TEXT NOT NULL, pid TEXT NOT NULL, payer INTEGER, amount_sat INTEGER NOT NULL,
             confirmations INTEGER NOT NULL, credited INTEGER NOT NULL, reorged INTEGER NOT NULL,
@@ -539,6 +540,35 @@ pub fn list(
                 start_ms.min(i64::MAX as u64) as i64,
                 end_ms.min(i64::MAX as u64) as i64,
                 status.map(|s| s.as_str()),
+                limit
+            ],
+            record_row,
+        )?
+        .collect::<rusqlite::Result<Vec<_>>>()?;
+    rows.into_iter().map(|r| with_payments(conn, r)).collect()
+}
+
+/// A merchant's invoices with order id `order_id` created in `[start_ms, end_ms]`, newest first
+/// (a shop plugin finds its order's invoice this way, however old).
+pub fn list_by_order(
+    conn: &Connection,
+    merchant: u32,
+    order_id: &str,
+    start_ms: u64,
+    end_ms: u64,
+    limit: u32,
+) -> rusqlite::Result<Vec<Record>> {
+    let mut s = conn.prepare_cached(&format!(
+        "SELECT {INVOICE_COLS} FROM invoice WHERE merchant = ?1 AND order_id = ?2
+         AND created_ms BETWEEN ?3 AND ?4 ORDER BY created_ms DESC, id LIMIT ?5"
+    ))?;
+    let rows = s
+        .query_map(
+            params![
+                merchant,
+                order_id,
+                start_ms.min(i64::MAX as u64) as i64,
+                end_ms.min(i64::MAX as u64) as i64,
                 limit
             ],
             record_row,

@@ -1025,7 +1025,7 @@ pub async fn list_invoices(
                     store::list_by_order(c, account, o, start, end, want).map_err(db_error)?,
                 );
             }
-            recs.sort_by(|a, b| b.inv.created_ms.cmp(&a.inv.created_ms));
+            recs.sort_by_key(|r| std::cmp::Reverse(r.inv.created_ms));
             recs
         };
         let mut out = Vec::new();

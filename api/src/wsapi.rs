@@ -156,14 +156,14 @@ pub async fn ws_api(
 /// [`MAX_WS_API_SUBSCRIPTION_IDS`] over the connection's life (`-1034`).
 #[derive(Debug, Default)]
 struct Subscriptions {
-    /// (subscription id, account)
-    active: Vec<(u64, u32)>,
+    /// (subscription id, account, the API key that subscribed: a revoked key ends it)
+    active: Vec<(u64, u32, String)>,
     next_id: u64,
 }
 
 impl Subscriptions {
-    fn add(&mut self, account: u32) -> Result<u64, ApiError> {
-        if self.active.iter().any(|(_, a)| *a == account) {
+    fn add(&mut self, account: u32, api_key: &str) -> Result<u64, ApiError> {
+        if self.active.iter().any(|(_, a, _)| *a == account) {
             return Err(ApiError::bad(
                 -2035,
                 "User Data Stream subscription already active.",
@@ -183,7 +183,7 @@ impl Subscriptions {
         }
         let sid = self.next_id;
         self.next_id += 1;
-        self.active.push((sid, account));
+        self.active.push((sid, account, api_key.to_owned()));
         Ok(sid)
     }
 }
@@ -572,7 +572,7 @@ fn handle(
     }
     Some(match method.as_deref() {
         Some("userDataStream.subscribe.signature") => {
-            match ws_signed(st, &params).and_then(|key| subs.add(key.account)) {
+            match ws_signed(st, &params).and_then(|key| subs.add(key.account, &key.api_key)) {
                 Ok(sid) => {
                     json!({"id": id, "status": 200, "result": {"subscriptionId": sid}}).to_string()
                 }
@@ -581,7 +581,7 @@ fn handle(
         }
         Some("userDataStream.unsubscribe") => {
             match params.get("subscriptionId").and_then(Value::as_u64) {
-                Some(sid) => subs.active.retain(|(s, _)| *s != sid),
+                Some(sid) => subs.active.retain(|(s, _, _)| *s != sid),
                 None => subs.active.clear(),
             }
             json!({"id": id, "status": 200, "result": {}}).to_string()
@@ -660,7 +660,7 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                 Some(r) => match r {
                 Ok(u) => {
                     let u: &UserMsg = &u;
-                    for (sid, a) in &subs.active {
+                    for (sid, a, _) in &subs.active {
                         if *a == u.account {
                             out.push(format!("{{\"subscriptionId\":{sid},\"event\":{}}}", u.json));
                         }
@@ -677,6 +677,20 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                 Err(RecvError::Closed) => break,
             }},
             _ = tick.tick() => match alive.check(crate::core::now_ms()) {
+                // A subscription whose key was revoked ends (Binance's `eventStreamTerminated`):
+                // a revoked key reads nothing more.
+                _ if subs.active.iter().any(|(_, _, k)| st.0.keys.get(k).is_none()) => {
+                    let now = crate::core::now_ms();
+                    for (sid, _, k) in &subs.active {
+                        if st.0.keys.get(k).is_none() {
+                            out.push(format!("{{\"subscriptionId\":{sid},\"event\":{{\"e\":\"eventStreamTerminated\",\"E\":{now}}}}}"));
+                        }
+                    }
+                    subs.active.retain(|(_, _, k)| st.0.keys.get(k).is_some());
+                    if !write_all(&mut socket, &mut out).await {
+                        break;
+                    }
+                }
                 Liveness::Dead => return close(&mut socket, "no pong: connection idle".into()).await,
                 Liveness::PingDue => {
                     if !matches!(tokio::time::timeout(SEND_TIMEOUT, socket.send(Message::Ping(Vec::new().into()))).await, Ok(Ok(()))) {
@@ -696,22 +710,22 @@ mod tests {
     #[test]
     fn ws_api_subscriptions_are_bounded() {
         let mut s = Subscriptions::default();
-        assert_eq!(s.add(7).unwrap(), 0);
-        assert_eq!(s.add(7).unwrap_err().code, -2035, "one per account");
+        assert_eq!(s.add(7, "k").unwrap(), 0);
+        assert_eq!(s.add(7, "k").unwrap_err().code, -2035, "one per account");
         for a in 1..MAX_WS_API_SUBSCRIPTIONS as u32 {
-            s.add(1_000 + a).unwrap();
+            s.add(1_000 + a, "k").unwrap();
         }
-        let e = s.add(5).unwrap_err();
+        let e = s.add(5, "k").unwrap_err();
         assert_eq!((e.status.as_u16(), e.code), (429, -1034), "{}", e.msg);
         assert_eq!(s.active.len(), MAX_WS_API_SUBSCRIPTIONS);
         // Unsubscribing frees active places, but ids are not reused past the lifetime bound.
         let mut s = Subscriptions::default();
         for _ in 0..MAX_WS_API_SUBSCRIPTION_IDS {
-            s.add(1).unwrap();
+            s.add(1, "k").unwrap();
             s.active.clear();
         }
         assert!(s
-            .add(1)
+            .add(1, "k")
             .unwrap_err()
             .msg
             .contains("Maximum subscription ID"));

@@ -703,3 +703,44 @@ async fn a_connection_with_max_in_flight_requests_is_not_read_further() {
     assert_eq!(held(), 5);
     let _ = stop.send(());
 }
+
+/// Defect: a `userDataStream.subscribe.signature` subscription outlived its key: after the key
+/// was revoked, the connection kept receiving the account's order and balance events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_keys_user_data_subscription_ends() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, key) = h.trader_with("10", "1000000", "read,trade,keys").await;
+    let mut ws = Ws::connect(addr).await;
+    let sub = ws
+        .signed("userDataStream.subscribe.signature", json!({}), &key)
+        .await;
+    assert_eq!(sub["status"], 200, "{sub}");
+    let sid = sub["result"]["subscriptionId"].clone();
+    let r = h
+        .signed(
+            "DELETE",
+            "/mapi/v1/apiKey",
+            &format!("apiKey={}", key.0),
+            &key,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    // Within a few ticks: the stream is terminated.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.s.next())
+            .await
+            .expect("eventStreamTerminated within 10 s")
+            .expect("open")
+            .expect("no error");
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["event"]["e"] == "eventStreamTerminated" {
+                assert_eq!(v["subscriptionId"], sid);
+                break;
+            }
+        }
+    }
+    let _ = stop.send(());
+}

@@ -1565,14 +1565,13 @@ impl Engine {
         false
     }
 
-    fn new_order(&mut self, o: &NewOrder, out: &mut Vec<Event>) -> Result<Accept, RejectCode> {
-        self.check_account(o.account)?;
-        let _ = self.market_cfg(o.market)?;
-        if o.account == FEE_ACCOUNT {
-            return Err(RejectCode::FeeAccount);
-        }
-        let mi = o.market.0 as usize;
-        let p = self.params[mi];
+    /// The checks of an order that need only the order, its market's parameters and the time
+    /// (no balance, book or account state): quantity, prices and notional against the market,
+    /// then post-only and time-in-force combinations, in that order. The one place for them: a
+    /// new order, each leg of an OCO (after [`Engine::oco_static`]'s shape checks) and each
+    /// pending order of an OTO/OTOCO at creation ([`Engine::check_pending`]; placed later as a
+    /// new order, it is checked again then).
+    fn check_static(&self, p: &MarketParams, o: &NewOrder) -> Result<(), RejectCode> {
         match o.order_type {
             OrderType::Limit { price, qty } => {
                 p.check_qty(qty)?;
@@ -1607,12 +1606,24 @@ impl Engine {
             return Err(RejectCode::InvalidOrder);
         }
         match o.tif {
-            TimeInForce::Gtd(t) if t <= self.now || is_market => {
-                return Err(RejectCode::InvalidOrder)
-            }
-            TimeInForce::Fok if is_market || is_stop => return Err(RejectCode::InvalidOrder),
-            _ => {}
+            TimeInForce::Gtd(t) if t <= self.now || is_market => Err(RejectCode::InvalidOrder),
+            TimeInForce::Fok if is_market || is_stop => Err(RejectCode::InvalidOrder),
+            _ => Ok(()),
         }
+    }
+
+    fn new_order(&mut self, o: &NewOrder, out: &mut Vec<Event>) -> Result<Accept, RejectCode> {
+        self.check_account(o.account)?;
+        let _ = self.market_cfg(o.market)?;
+        if o.account == FEE_ACCOUNT {
+            return Err(RejectCode::FeeAccount);
+        }
+        let mi = o.market.0 as usize;
+        let p = self.params[mi];
+        self.check_static(&p, o)?;
+        let is_limit = matches!(o.order_type, OrderType::Limit { .. });
+        let is_stop = o.order_type.trigger_price().is_some();
+        let is_market = !is_limit && !is_stop;
         if is_market && !self.has_liquidity(mi, o.side.opposite(), expired_makers(o.stp, o.account))
         {
             // Nothing on the other side to price it (RejectCode::InvalidOrder).
@@ -2294,20 +2305,10 @@ impl Engine {
         if !shape {
             return Err(RejectCode::InvalidOrder);
         }
+        // The shape leaves no market order and no post-only but a GTC limit maker: a leg's
+        // own checks refuse a past GTD and a FOK (on a stop) as they would on a new order.
         for o in [above, below] {
-            p.check_qty(qty)?;
-            if let Some(price) = o.order_type.limit_price() {
-                p.check_price(price)?;
-                p.check_notional(price, qty)?;
-            }
-            if let Some(stop) = o.order_type.trigger_price() {
-                p.check_price(stop)?;
-            }
-            match o.tif {
-                TimeInForce::Gtd(t) if t <= self.now => return Err(RejectCode::InvalidOrder),
-                TimeInForce::Fok => return Err(RejectCode::InvalidOrder),
-                _ => {}
-            }
+            self.check_static(p, o)?;
         }
         // Where each leg works: a limit maker at its price, the others at their trigger.
         let level = |o: &NewOrder| match o.order_type {
@@ -2562,33 +2563,11 @@ impl Engine {
     /// The checks of a pending order that do not depend on the book, the balance or the last
     /// price (those are made when it is placed): its filters, type and time in force.
     fn check_pending(&self, p: &MarketParams, o: &NewOrder) -> Result<(), RejectCode> {
-        match o.order_type {
-            OrderType::Limit { price, qty }
-            | OrderType::StopLimit { price, qty, .. }
-            | OrderType::TakeProfitLimit { price, qty, .. } => {
-                p.check_qty(qty)?;
-                p.check_price(price)?;
-                p.check_notional(price, qty)?;
-            }
-            OrderType::Market { qty }
-            | OrderType::StopMarket { qty, .. }
-            | OrderType::TakeProfitMarket { qty, .. } => p.check_qty(qty)?,
-            // Binance refuses a quote-quantity pending order too.
-            OrderType::MarketBudget { .. } => return Err(RejectCode::InvalidOrder),
-        }
-        if let Some(stop) = o.order_type.trigger_price() {
-            p.check_price(stop)?;
-        }
-        let is_limit = matches!(o.order_type, OrderType::Limit { .. });
-        let is_market = matches!(o.order_type, OrderType::Market { .. });
-        if o.post_only && (!is_limit || matches!(o.tif, TimeInForce::Ioc | TimeInForce::Fok)) {
+        // Binance refuses a quote-quantity pending order too.
+        if matches!(o.order_type, OrderType::MarketBudget { .. }) {
             return Err(RejectCode::InvalidOrder);
         }
-        match o.tif {
-            TimeInForce::Gtd(t) if t <= self.now || is_market => Err(RejectCode::InvalidOrder),
-            TimeInForce::Fok if !is_limit => Err(RejectCode::InvalidOrder),
-            _ => Ok(()),
-        }
+        self.check_static(p, o)
     }
 
     /// Validates and places an OTO or OTOCO list (see [`NewOto`](crate::NewOto), [`NewOtoco`](crate::NewOtoco)). `pending`

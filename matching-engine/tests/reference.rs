@@ -39,6 +39,9 @@
 //!   OCO) at that moment and a refusal only ends the list; the working order leaving any other
 //!   way, or a cancel naming a pending order, ends the list unplaced; the working order cannot
 //!   be amended;
+//! * a new order, each OCO leg and each pending order pass one set of static checks in one
+//!   order (quantity, stop, price, notional, then post-only and time in force), so a leg with
+//!   two faults is refused with the code a new order with them gets;
 //! * withdrawals hold `amount + fee`; completion pays the unused flat fee to the fee account;
 //! * a rejected command changes nothing (but GTD expiries due at its time).
 //!
@@ -738,36 +741,10 @@ impl Reference {
     /// The checks of a pending order made when its list is placed: its filters, type and time
     /// in force (the rest when it is placed).
     fn check_pending(&self, o: &NewOrder) -> Result<(), RejectCode> {
-        match o.order_type {
-            OrderType::Limit { price, qty }
-            | OrderType::StopLimit { price, qty, .. }
-            | OrderType::TakeProfitLimit { price, qty, .. } => {
-                Self::check_qty(qty.0)?;
-                Self::check_price(price.0)?;
-                Self::check_notional(price.0, qty.0)?;
-            }
-            OrderType::Market { qty }
-            | OrderType::StopMarket { qty, .. }
-            | OrderType::TakeProfitMarket { qty, .. } => Self::check_qty(qty.0)?,
-            OrderType::MarketBudget { .. } => return Err(RejectCode::InvalidOrder),
-        }
-        if let OrderType::StopLimit { stop, .. }
-        | OrderType::TakeProfitLimit { stop, .. }
-        | OrderType::StopMarket { stop, .. }
-        | OrderType::TakeProfitMarket { stop, .. } = o.order_type
-        {
-            Self::check_price(stop.0)?;
-        }
-        let is_limit = matches!(o.order_type, OrderType::Limit { .. });
-        let is_market = matches!(o.order_type, OrderType::Market { .. });
-        if o.post_only && (!is_limit || matches!(o.tif, TimeInForce::Ioc | TimeInForce::Fok)) {
+        if matches!(o.order_type, OrderType::MarketBudget { .. }) {
             return Err(RejectCode::InvalidOrder);
         }
-        match o.tif {
-            TimeInForce::Gtd(t) if t.0 <= self.now || is_market => Err(RejectCode::InvalidOrder),
-            TimeInForce::Fok if !is_limit => Err(RejectCode::InvalidOrder),
-            _ => Ok(()),
-        }
+        self.check_order(o)
     }
 
     /// The OCO rules that do not depend on the book or the last price (see `new_oco`).
@@ -819,20 +796,7 @@ impl Reference {
             }
         };
         for o in [above, below] {
-            Self::check_qty(qty.0)?;
-            let (price, stop) = price_of(o);
-            if let Some(price) = price {
-                Self::check_price(price)?;
-                Self::check_notional(price, qty.0)?;
-            }
-            if let Some(stop) = stop {
-                Self::check_price(stop)?;
-            }
-            match o.tif {
-                TimeInForce::Gtd(t) if t.0 <= self.now => return Err(RejectCode::InvalidOrder),
-                TimeInForce::Fok => return Err(RejectCode::InvalidOrder),
-                _ => {}
-            }
+            self.check_order(o)?;
         }
         let level = |o: &NewOrder| {
             let (price, stop) = price_of(o);
@@ -1319,16 +1283,10 @@ impl Reference {
         false
     }
 
-    fn new_order(&mut self, o: &NewOrder, evs: &mut Vec<Ev>) -> Result<(), RejectCode> {
-        if !self.exists(o.account) {
-            return Err(RejectCode::UnknownAccount);
-        }
-        if o.market != M {
-            return Err(RejectCode::UnknownMarket);
-        }
-        if o.account.0 == 0 {
-            return Err(RejectCode::FeeAccount);
-        }
+    /// The checks of one order that need nothing but the order and the time: quantity, prices
+    /// and notional, then post-only and time in force. One rule for a new order, each OCO leg
+    /// and each pending order of an OTO/OTOCO.
+    fn check_order(&self, o: &NewOrder) -> Result<(), RejectCode> {
         let is_limit = matches!(o.order_type, OrderType::Limit { .. });
         let is_stop = matches!(
             o.order_type,
@@ -1369,13 +1327,33 @@ impl Reference {
             return Err(RejectCode::InvalidOrder);
         }
         match o.tif {
-            TimeInForce::Gtd(t) if t.0 <= self.now || is_market => {
-                return Err(RejectCode::InvalidOrder)
-            }
+            TimeInForce::Gtd(t) if t.0 <= self.now || is_market => Err(RejectCode::InvalidOrder),
             // "FOK on a stop order" is invalid; market orders are always IOC.
-            TimeInForce::Fok if !is_limit => return Err(RejectCode::InvalidOrder),
-            _ => {}
+            TimeInForce::Fok if !is_limit => Err(RejectCode::InvalidOrder),
+            _ => Ok(()),
         }
+    }
+
+    fn new_order(&mut self, o: &NewOrder, evs: &mut Vec<Ev>) -> Result<(), RejectCode> {
+        if !self.exists(o.account) {
+            return Err(RejectCode::UnknownAccount);
+        }
+        if o.market != M {
+            return Err(RejectCode::UnknownMarket);
+        }
+        if o.account.0 == 0 {
+            return Err(RejectCode::FeeAccount);
+        }
+        self.check_order(o)?;
+        let is_limit = matches!(o.order_type, OrderType::Limit { .. });
+        let is_stop = matches!(
+            o.order_type,
+            OrderType::StopLimit { .. }
+                | OrderType::StopMarket { .. }
+                | OrderType::TakeProfitLimit { .. }
+                | OrderType::TakeProfitMarket { .. }
+        );
+        let is_market = !is_limit && !is_stop;
         // "market order with nothing on the other side to price it"
         if is_market && !self.has_liquidity(o.side.opposite(), expired_makers(o.stp, o.account.0)) {
             return Err(RejectCode::InvalidOrder);

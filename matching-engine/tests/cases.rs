@@ -2673,3 +2673,58 @@ fn a_format_2_snapshot_without_oto_lists_still_loads() {
     assert_eq!(e.state_hash(), h.e.state_hash());
     assert_eq!(e.snapshot().lists.len(), 1);
 }
+
+fn first_maker(ev: &[Event]) -> Option<OrderId> {
+    ev.iter().find_map(|e| match *e {
+        Event::Trade { maker_order, .. } => Some(maker_order),
+        _ => None,
+    })
+}
+
+/// An OTO's pending order (an OTOCO's pair) takes its id when the list is made (Binance answers
+/// the ids at once) but enters the book only when its working order has filled. Its time
+/// priority is that moment's: it queues behind every order that reached its level before,
+/// although their ids are higher, and a snapshot keeps that order. Cases: an OTO's pending
+/// limit sell, an OTOCO's limit-maker leg.
+#[test]
+fn a_placed_pending_order_queues_behind_orders_that_arrived_before_it_whatever_the_ids() {
+    for otoco in [false, true] {
+        let mut h = H::new();
+        let mm = h.account(100, 1_000_000);
+        h.print(mm, 100);
+        let t = h.account(0, 10_000);
+        let o = if otoco {
+            h.otoco(
+                lim(t, Side::Buy, 100, 5),
+                maker(t, Side::Sell, 120, 5),
+                stop_limit(t, Side::Sell, 90, 85, 5),
+            )
+        } else {
+            h.oto(lim(t, Side::Buy, 100, 5), lim(t, Side::Sell, 120, 5))
+        }
+        .unwrap();
+        let p = o.pending[0];
+        // Another seller rests at 120 after the list was made: a higher id than `p`.
+        let s = h.account(10, 0);
+        let later = h.limit(s, Side::Sell, 120, 3);
+        assert!(later > p, "otoco {otoco}");
+        // The working order fills: `p` enters the book now, behind `later`.
+        let (_, ev) = h.order(lim(mm, Side::Sell, 100, 5)).unwrap();
+        assert!(placed(&ev, p), "otoco {otoco}");
+        assert_eq!(h.queue(120), vec![later, p], "otoco {otoco}");
+        let again = Engine::from_snapshot(h.e.snapshot()).unwrap();
+        let queue: Vec<OrderId> = again
+            .book(M)
+            .unwrap()
+            .orders_at(Price(120))
+            .map(|n| n.id)
+            .collect();
+        assert_eq!(queue, vec![later, p], "otoco {otoco}: after a snapshot");
+        // A buy of 3 at 120 trades with `later` only; `p` keeps its 5.
+        let b = h.account(0, 100_000);
+        let (_, ev) = h.order(lim(b, Side::Buy, 120, 3)).unwrap();
+        assert_eq!(first_maker(&ev), Some(later), "otoco {otoco}");
+        assert_eq!(h.queue(120), vec![p], "otoco {otoco}");
+        assert_eq!(h.e.order(M, p).unwrap().remaining, Qty(5), "otoco {otoco}");
+    }
+}

@@ -10,7 +10,9 @@
 //! only there, losing the records it names (unless a snapshot holds them). It refuses without
 //! `--confirm-data-loss`. Before cutting it copies the cut bytes, and moves every later segment,
 //! into `<data-dir>/journal/repair-SEGMENT-OFFSET/`, and it appends a line to
-//! `<data-dir>/journal/repair.log`. Run it with the server stopped.
+//! `<data-dir>/journal/repair.log`. Run it with the server stopped. A snapshot holds the cut
+//! records only if it reads as recovery reads it; when the snapshots that would hold them are
+//! damaged, repair refuses and changes nothing.
 
 use anyhow::{anyhow, bail, Context};
 use matching_engine::journal::{
@@ -91,7 +93,7 @@ pub fn repair(data_dir: &Path, truncate_at: &str, confirm: bool) -> anyhow::Resu
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0);
-    let done = repair_truncate(&dir, segment, offset, now)?;
+    let done = repair_truncate::<Engine>(&dir, segment, offset, now)?;
     print!("mediator: {}", done.log_line);
     println!(
         "mediator: logged to {}; check with `mediator journal verify`",

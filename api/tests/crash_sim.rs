@@ -621,7 +621,9 @@ fn restart(w: &mut World) {
             assert_eq!(check.damage(), Some(&d));
             let msg = d.to_string();
             assert!(msg.contains(&d.offset.to_string()) && msg.contains("acknowledged"));
-            let repair = repair_truncate(&dir, d.segment_first_seq, d.offset, 0).unwrap();
+            let repair =
+                repair_truncate::<matching_engine::Engine>(&dir, d.segment_first_seq, d.offset, 0)
+                    .unwrap();
             w.say(format!("repaired: {}", repair.log_line.trim()));
             w.life = Some(start(w).expect("starts after the repair"));
             // The repair cut records a snapshot holds: the state is whole, but if the history

@@ -279,8 +279,9 @@ pub struct Repair {
     /// Later segments moved into the backup directory (none when a snapshot holds every record
     /// cut: recovery replays the later segments from it).
     pub moved_segments: Vec<PathBuf>,
-    /// The oldest snapshot at or after the damaged segment's last record, if any: it holds every
-    /// record cut, so nothing acknowledged is lost and the later segments are kept.
+    /// The oldest snapshot at or after the damaged segment's last record that reads as recovery
+    /// reads it, if any: it holds every record cut, so nothing acknowledged is lost and the
+    /// later segments are kept.
     pub held_by_snapshot: Option<u64>,
     /// Where the cut bytes and moved segments are.
     pub backup_dir: PathBuf,
@@ -299,7 +300,17 @@ pub struct Repair {
 /// every record cut and recovery replays the later segments from it: they are kept, and no
 /// acknowledged command is lost. Otherwise the later segments could never be replayed (a gap):
 /// they are moved into the backup directory too, and records from `first_lost_seq` on are lost.
-pub fn repair_truncate(
+///
+/// A snapshot counts only if it reads as recovery reads it ([`read_snapshot`] as an `S`: header,
+/// format version, SHA-256 of the payload, the state's own checks), never by its file name: the
+/// oldest such one holds the cut records. When snapshot files at or after the damage exist and
+/// none of them reads, the repair is refused (nothing changed): cutting would lose records the
+/// operator was told a snapshot holds. Moving the damaged snapshots out of `dir` is then the
+/// operator's explicit choice, after which the repair loses the records and moves the later
+/// segments.
+///
+/// [`read_snapshot`]: crate::snapshot::read_snapshot
+pub fn repair_truncate<S: crate::StateMachine>(
     dir: &Path,
     segment_first_seq: u64,
     offset: u64,
@@ -319,6 +330,25 @@ pub fn repair_truncate(
             damage.segment_first_seq, damage.offset
         )));
     }
+    // Which snapshot holds the records cut, checked before anything changes.
+    let held_by_snapshot = match snapshot_holding::<S>(dir, damage.last_lost_seq)? {
+        Held::By(seq) => Some(seq),
+        Held::Nothing => None,
+        Held::Unreadable(bad) => {
+            return Err(refuse(format!(
+                "records {}..={} would be held by a snapshot, but none at or after {} reads: {}. \
+                 Move the damaged snapshot(s) out of {} to repair without them (records {}..={} \
+                 are then lost)",
+                damage.first_lost_seq,
+                damage.last_lost_seq,
+                damage.last_lost_seq,
+                bad.join("; "),
+                dir.display(),
+                damage.first_lost_seq,
+                damage.last_lost_seq
+            )))
+        }
+    };
     let backup_dir = dir.join(format!("repair-{segment_first_seq}-{offset}"));
     std::fs::create_dir(&backup_dir).map_err(io_err(&backup_dir))?;
 
@@ -342,7 +372,6 @@ pub fn repair_truncate(
         .map_err(io_err(&tail_path))?;
 
     // 2. Move later segments aside, unless a snapshot holds every record cut.
-    let held_by_snapshot = snapshot_at_or_after(dir, damage.last_lost_seq)?;
     let mut moved_segments = Vec::new();
     for s in check
         .segments
@@ -402,22 +431,37 @@ pub fn repair_truncate(
     })
 }
 
-/// The oldest snapshot file in `dir` at or after `seq`, by name (its contents are checked by
-/// recovery, which falls back to an older snapshot, and then refuses on the gap, rather than
-/// lose anything).
-fn snapshot_at_or_after(dir: &Path, seq: u64) -> Result<Option<u64>, JournalError> {
-    let mut found = None;
-    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-        let entry = entry.map_err(io_err(dir))?;
-        let name = entry.file_name();
-        if let Some(s) = name
-            .to_str()
-            .and_then(crate::snapshot::parse_snapshot_file_name)
-        {
-            if s >= seq && found.is_none_or(|f| s < f) {
-                found = Some(s);
-            }
+/// What holds the records up to a damaged segment's last one.
+enum Held {
+    /// The oldest snapshot at or after it that reads.
+    By(u64),
+    /// No snapshot file at or after it.
+    Nothing,
+    /// Snapshot files at or after it, none of which reads: each with its error.
+    Unreadable(Vec<String>),
+}
+
+/// The oldest snapshot in `dir` at or after `seq` that [`read_snapshot`] restores as an `S`,
+/// exactly as recovery would (the file name alone proves nothing).
+///
+/// [`read_snapshot`]: crate::snapshot::read_snapshot
+fn snapshot_holding<S: crate::StateMachine>(dir: &Path, seq: u64) -> Result<Held, JournalError> {
+    let snapshots = crate::snapshot::list_snapshots(dir).map_err(|e| match e {
+        crate::snapshot::SnapshotError::Io { path, source } => JournalError::Io { path, source },
+        other => JournalError::RepairRefused {
+            reason: other.to_string(),
+        },
+    })?;
+    let mut bad = Vec::new();
+    for (s, path) in snapshots.into_iter().filter(|(s, _)| *s >= seq) {
+        match crate::snapshot::read_snapshot::<S>(&path, s) {
+            Ok(_) => return Ok(Held::By(s)),
+            Err(e) => bad.push(e.to_string()),
         }
     }
-    Ok(found)
+    Ok(if bad.is_empty() {
+        Held::Nothing
+    } else {
+        Held::Unreadable(bad)
+    })
 }

@@ -214,7 +214,8 @@ fn a_floor_behind_a_repaired_hole_recovers_from_the_snapshot_that_holds_it() {
         .damage()
         .cloned()
         .unwrap();
-    let repair = matching_engine::journal::repair_truncate(dir.path(), 21, d.offset, 0).unwrap();
+    let repair =
+        matching_engine::journal::repair_truncate::<Bank>(dir.path(), 21, d.offset, 0).unwrap();
     assert_eq!(repair.held_by_snapshot, Some(40));
 
     let (r, at_floor, shown) = open_from(dir.path(), 23);

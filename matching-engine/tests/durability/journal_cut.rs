@@ -479,7 +479,7 @@ fn verify_reports_repair_cuts_with_a_backup_and_then_the_store_opens() {
     // A repair anywhere but at the damage is refused and changes nothing.
     for (seg, off) in [(1, w.starts[4] + 1), (1, w.starts[3]), (n + 1, 16)] {
         assert!(matches!(
-            repair_truncate(dir.path(), seg, off, 7),
+            repair_truncate::<Bank>(dir.path(), seg, off, 7),
             Err(JournalError::RepairRefused { .. })
         ));
         assert_eq!(std::fs::read(&path).unwrap(), bytes);
@@ -490,7 +490,7 @@ fn verify_reports_repair_cuts_with_a_backup_and_then_the_store_opens() {
         (w.starts[4], 5, n)
     );
 
-    let repair = repair_truncate(dir.path(), 1, w.starts[4], 1_234).unwrap();
+    let repair = repair_truncate::<Bank>(dir.path(), 1, w.starts[4], 1_234).unwrap();
     assert_eq!(repair.cut_bytes, bytes.len() as u64 - w.starts[4]);
     assert_eq!(repair.moved_segments.len(), 1);
     let backup = std::fs::read(repair.backup_dir.join(format!(
@@ -513,7 +513,7 @@ fn verify_reports_repair_cuts_with_a_backup_and_then_the_store_opens() {
     assert_eq!(r.state.state_hash(), w.hashes[4]);
     // A second repair finds nothing to do.
     assert!(matches!(
-        repair_truncate(dir.path(), 1, w.starts[4], 7),
+        repair_truncate::<Bank>(dir.path(), 1, w.starts[4], 7),
         Err(JournalError::RepairRefused { .. })
     ));
 }

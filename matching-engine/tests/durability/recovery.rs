@@ -237,9 +237,13 @@ fn repairing_damage_a_snapshot_holds_keeps_the_later_segments() {
         Err(RecoveryError::Damaged(d)) => d,
         other => panic!("expected a refusal, got {other:?}"),
     };
-    let repair =
-        matching_engine::journal::repair_truncate(dir.path(), d.segment_first_seq, d.offset, 0)
-            .unwrap();
+    let repair = matching_engine::journal::repair_truncate::<Bank>(
+        dir.path(),
+        d.segment_first_seq,
+        d.offset,
+        0,
+    )
+    .unwrap();
     assert!(repair.moved_segments.is_empty(), "{repair:?}");
     let r = open(dir.path()).unwrap();
     assert_eq!(r.state.seq(), last_seq, "acknowledged commands were lost");

@@ -345,6 +345,10 @@ impl<S: StateMachine> Store<S> {
                     tracing::warn!(path = %path.display(), reason, "skipping inconsistent snapshot");
                     corrupt.push(path);
                 }
+                Err(e @ SnapshotError::Version { .. }) => {
+                    tracing::warn!(error = %e, "skipping a snapshot this build cannot read");
+                    corrupt.push(path);
+                }
                 Err(e) => return Err(e.into()),
             }
         }

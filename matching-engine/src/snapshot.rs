@@ -69,6 +69,20 @@ pub enum SnapshotError {
         /// What is wrong.
         reason: &'static str,
     },
+    /// The file's format version is one this build cannot read: newer than
+    /// [`SNAPSHOT_VERSION`], or older and not one the state machine upgrades
+    /// ([`StateMachine::upgrade_snapshot_payload`]). The version is shared by every state
+    /// machine: a payload that did not change across a bump still needs its state machine to
+    /// say so (an upgrade that changes nothing).
+    #[error("{path} has snapshot format version {found}, {}", version_why(.found, .current))]
+    Version {
+        /// The file.
+        path: PathBuf,
+        /// The version in its header.
+        found: u32,
+        /// The version this build writes ([`SNAPSHOT_VERSION`]).
+        current: u32,
+    },
     /// The file is intact but its contents break the state's invariants
     /// ([`StateMachine::restore`] refused them).
     #[error("{path} holds an inconsistent state: {reason}")]
@@ -78,6 +92,14 @@ pub enum SnapshotError {
         /// What the state machine found.
         reason: String,
     },
+}
+
+fn version_why(found: &u32, current: &u32) -> String {
+    if found > current {
+        format!("newer than this build's version {current}: written by a newer build")
+    } else {
+        format!("older than this build's version {current}, and this state cannot upgrade it")
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SnapshotError + '_ {
@@ -161,8 +183,13 @@ pub fn read_snapshot<S: StateMachine>(path: &Path, seq: u64) -> Result<S, Snapsh
         return Err(invalid("bad magic"));
     }
     let version = u32::from_le_bytes(header[8..12].try_into().expect("4 bytes"));
+    let unreadable = || SnapshotError::Version {
+        path: path.to_path_buf(),
+        found: version,
+        current: SNAPSHOT_VERSION,
+    };
     if version > SNAPSHOT_VERSION {
-        return Err(invalid("unknown version"));
+        return Err(unreadable());
     }
     if header[12..20] != seq.to_le_bytes() {
         return Err(invalid("sequence number disagrees with the file name"));
@@ -179,7 +206,7 @@ pub fn read_snapshot<S: StateMachine>(path: &Path, seq: u64) -> Result<S, Snapsh
     } else {
         upgraded = payload.to_vec();
         if !S::upgrade_snapshot_payload(version, &mut upgraded) {
-            return Err(invalid("unknown version"));
+            return Err(unreadable());
         }
         &upgraded[..]
     };

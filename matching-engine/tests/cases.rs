@@ -2728,3 +2728,39 @@ fn a_placed_pending_order_queues_behind_orders_that_arrived_before_it_whatever_t
         assert_eq!(h.e.order(M, p).unwrap().remaining, Qty(5), "otoco {otoco}");
     }
 }
+
+/// Rewrites the snapshot at `path` (written by this build) as format `version`, payload as is.
+fn restamp_snapshot(path: &std::path::Path, version: u32) {
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[8..12].copy_from_slice(&version.to_le_bytes());
+    std::fs::write(path, &bytes).unwrap();
+}
+
+/// The snapshot header's format version is shared by every state machine and was raised for
+/// the engine's payload: a version this build cannot read (0, never written; one above the
+/// current) is refused with an error that names the version and says why, and recovery skips
+/// it; the versions the engine upgrades (1, 2) are read (see the two tests above).
+#[test]
+fn a_snapshot_of_a_version_this_build_cannot_read_is_refused_clearly() {
+    use matching_engine::snapshot::{read_snapshot, write_snapshot, SNAPSHOT_VERSION};
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_snapshot(dir.path(), &h.e).unwrap();
+    let seq = h.e.seq();
+    for (version, why) in [
+        (0, "older than this build's"),
+        (SNAPSHOT_VERSION + 1, "newer than this build's"),
+    ] {
+        restamp_snapshot(&path, version);
+        let err = read_snapshot::<Engine>(&path, seq).unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("format version {version}")) && err.contains(why),
+            "{version}: {err}"
+        );
+    }
+    restamp_snapshot(&path, SNAPSHOT_VERSION);
+    let e: Engine = read_snapshot(&path, seq).unwrap();
+    assert_eq!(e.state_hash(), h.e.state_hash());
+}

@@ -249,3 +249,26 @@ fn repairing_damage_a_snapshot_holds_keeps_the_later_segments() {
     assert_eq!(r.state.seq(), last_seq, "acknowledged commands were lost");
     assert_eq!(r.state.state_hash(), hash);
 }
+
+/// The snapshot header's version is shared by every state machine; one that knows no older
+/// payload format (the bank) refuses a snapshot stamped with an older version with an error that
+/// names it, and recovery falls back past it.
+#[test]
+fn an_older_snapshot_version_the_state_cannot_upgrade_is_refused_clearly() {
+    use matching_engine::snapshot::{read_snapshot, SNAPSHOT_VERSION};
+    let dir = tempfile::tempdir().unwrap();
+    let before = run(dir.path(), &workload(60, 0), &[20, 40]);
+    let newest = dir.path().join(snapshot_file_name(40));
+    let mut bytes = std::fs::read(&newest).unwrap();
+    let older = SNAPSHOT_VERSION - 1;
+    bytes[8..12].copy_from_slice(&older.to_le_bytes());
+    std::fs::write(&newest, &bytes).unwrap();
+    let err = read_snapshot::<Bank>(&newest, 40).unwrap_err().to_string();
+    assert!(
+        err.contains(&format!("format version {older}")) && err.contains("cannot upgrade"),
+        "{err}"
+    );
+    let r = open(dir.path()).unwrap();
+    assert_eq!(r.report.snapshot_seq, Some(20));
+    assert_eq!(r.state.state_hash(), before);
+}

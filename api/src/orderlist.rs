@@ -16,7 +16,9 @@ use crate::market::MarketSpec;
 use crate::params::Params;
 use crate::readmodel::{ListKind, ListRec, OrdStatus, OrderRec};
 use crate::state::{ok_json, AppState, Req};
-use crate::trade::{accepted_ms, cancel_json, internal, order_from_events, order_json};
+use crate::trade::{
+    accepted_ms, after_events, cancel_json, internal, order_from_events, order_json,
+};
 use axum::extract::State;
 use axum::response::Response;
 use matching_engine::{
@@ -581,19 +583,23 @@ pub async fn cancel_list(State(st): State<AppState>, req: Req) -> Result<Respons
     let l = l
         .filter(|l| l.market == m.id.0 && !l.done)
         .ok_or_else(|| ApiError::bad(-2011, "Order list does not exist."))?;
+    // The list's orders as the read models hold them. They may lag the engine: the answer
+    // takes what the cancel did from its own events (`after_events`), never from them.
+    let mut recs = Vec::with_capacity(l.legs.len());
+    for (id, _) in &l.legs {
+        let o = st
+            .read_model()
+            .find_order(key.account, *id)
+            .map_err(internal)?
+            .ok_or_else(ApiError::internal)?;
+        recs.push(o);
+    }
     // The first order of the list still open or pending: a cancel of it ends the list (an
     // OTOCO whose working order filled is an OCO of its two last orders).
-    let target = l
-        .legs
+    let target = recs
         .iter()
-        .find(|(id, _)| {
-            st.read_model()
-                .find_order(key.account, *id)
-                .ok()
-                .flatten()
-                .is_some_and(|o| o.is_open() || o.status == OrdStatus::PendingNew)
-        })
-        .map_or(l.legs[0].0, |(id, _)| *id);
+        .find(|o| o.is_open() || o.status == OrdStatus::PendingNew)
+        .map_or(l.legs[0].0, |o| o.id);
     let reply = st
         .submit(Command::Cancel {
             account: AccountId(key.account),
@@ -605,15 +611,10 @@ pub async fn cancel_list(State(st): State<AppState>, req: Req) -> Result<Respons
         return Err(ApiError::cancel_rejected(code));
     }
     let ms = accepted_ms(&reply.events);
-    let mut reports = Vec::new();
-    for (id, _) in &l.legs {
-        let o = st
-            .read_model()
-            .find_order(key.account, *id)
-            .map_err(internal)?
-            .ok_or_else(ApiError::internal)?;
-        reports.push(cancel_json(m, &o, &cancel_client, ms));
-    }
+    let reports = recs
+        .into_iter()
+        .map(|o| cancel_json(m, &after_events(o, &reply.events, ms), &cancel_client, ms))
+        .collect();
     let done = ListRec {
         done: true,
         time_ms: ms,

@@ -89,6 +89,23 @@ pub enum OrdStatus {
 }
 
 impl OrdStatus {
+    /// The status of an order that left the book for `reason` (an `OrderDone`): a quote-budget
+    /// order (`budget`) whose IOC rest or unaffordable rest ended it after it traded (`traded`)
+    /// counts as filled, as Binance reports it.
+    pub fn done(reason: DoneReason, budget: bool, traded: bool) -> Self {
+        match reason {
+            DoneReason::Filled => OrdStatus::Filled,
+            DoneReason::Cancelled => OrdStatus::Canceled,
+            DoneReason::IocRemainder | DoneReason::InsufficientBalance if budget && traded => {
+                OrdStatus::Filled
+            }
+            DoneReason::IocRemainder | DoneReason::Expired | DoneReason::InsufficientBalance => {
+                OrdStatus::Expired
+            }
+            DoneReason::SelfTrade => OrdStatus::ExpiredInMatch,
+        }
+    }
+
     /// Binance's name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -1838,21 +1855,12 @@ fn apply_events(
             Event::OrderDone { info, reason, .. } => {
                 let id = info.order.0;
                 if let Some(o) = st.open.get_mut(&id) {
-                    let budget = o.orig_quote != 0;
-                    let (status, exec) = match reason {
-                        DoneReason::Filled => (OrdStatus::Filled, None),
-                        DoneReason::Cancelled => (OrdStatus::Canceled, Some("CANCELED")),
-                        DoneReason::IocRemainder | DoneReason::InsufficientBalance
-                            if budget && o.executed > 0 =>
-                        {
-                            (OrdStatus::Filled, None)
-                        }
-                        DoneReason::IocRemainder
-                        | DoneReason::Expired
-                        | DoneReason::InsufficientBalance => (OrdStatus::Expired, Some("EXPIRED")),
-                        DoneReason::SelfTrade => {
-                            (OrdStatus::ExpiredInMatch, Some("TRADE_PREVENTION"))
-                        }
+                    let status = OrdStatus::done(reason, o.orig_quote != 0, o.executed > 0);
+                    let exec = match status {
+                        OrdStatus::Canceled => Some("CANCELED"),
+                        OrdStatus::Expired => Some("EXPIRED"),
+                        OrdStatus::ExpiredInMatch => Some("TRADE_PREVENTION"),
+                        _ => None,
                     };
                     o.status = status;
                     o.update_ms = ms;

@@ -304,23 +304,54 @@ pub(crate) fn order_from_events(
             }
             Event::OrderDone { info, reason, .. } if info.order == id => {
                 if let Some(o) = rec.as_mut() {
-                    o.status = match reason {
-                        DoneReason::Filled => OrdStatus::Filled,
-                        DoneReason::Cancelled => OrdStatus::Canceled,
-                        DoneReason::IocRemainder | DoneReason::InsufficientBalance
-                            if o.orig_quote != 0 && o.executed > 0 =>
-                        {
-                            OrdStatus::Filled
-                        }
-                        DoneReason::SelfTrade => OrdStatus::ExpiredInMatch,
-                        _ => OrdStatus::Expired,
-                    };
+                    o.status = OrdStatus::done(reason, o.orig_quote != 0, o.executed > 0);
                 }
             }
             _ => {}
         }
     }
     rec.map(|r| (r, fills))
+}
+
+/// An order's record (as the read models hold it, maybe from before the command) as the
+/// command's own `events` leave it: the status and filled quantity of its `OrderDone`, and for
+/// a pending order of an OTO/OTOCO list the end of its list (`OtoDone`: `CANCELED` with a
+/// cancelled working order, else `EXPIRED`, as the read models record it). Answers about a
+/// command are built from its reply, which is authoritative, because the read models may lag
+/// the engine. (The cumulative quote quantity is the record's: a fill the read models have not
+/// applied yet is not in it.)
+pub(crate) fn after_events(mut o: OrderRec, events: &[Event], ms: u64) -> OrderRec {
+    for ev in events {
+        match *ev {
+            Event::OrderDone {
+                info,
+                reason,
+                filled,
+                ..
+            } if info.order.0 == o.id => {
+                let budget = o.orig_quote != 0;
+                if !budget {
+                    o.executed = filled.0;
+                }
+                o.status = OrdStatus::done(reason, budget, filled.0 > 0);
+                o.update_ms = ms;
+            }
+            Event::OtoDone { list, outcome, .. }
+                if o.status == OrdStatus::PendingNew && o.list_id == Some(list.0) =>
+            {
+                o.status = match outcome {
+                    matching_engine::OtoOutcome::Cancelled(DoneReason::Cancelled) => {
+                        OrdStatus::Canceled
+                    }
+                    matching_engine::OtoOutcome::Placed => continue,
+                    _ => OrdStatus::Expired,
+                };
+                o.update_ms = ms;
+            }
+            _ => {}
+        }
+    }
+    o
 }
 
 /// Places a parsed order; the Binance answer for its response type.
@@ -427,16 +458,19 @@ async fn cancel(
     let id = *done_ids(&reply.events)
         .first()
         .ok_or_else(ApiError::internal)?;
+    // The order as the read models hold it (they may not have applied the cancel yet), with the
+    // cancel's outcome from its own events.
     let o = st
         .read_model()
         .find_order(account, id)
         .map_err(internal)?
         .ok_or_else(ApiError::internal)?;
+    let ms = accepted_ms(&reply.events);
     Ok(cancel_json(
         m,
-        &o,
+        &after_events(o, &reply.events, ms),
         cancel_client,
-        accepted_ms(&reply.events),
+        ms,
     ))
 }
 

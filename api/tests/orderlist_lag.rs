@@ -1,0 +1,253 @@
+//! Cancels answered while the read models lag the engine: the answer is the engine's (its reply's
+//! events), never `-1000` or the orders as they stood before the cancel. The lag is made
+//! deterministic by a core that holds its event batches back from the read models until told.
+
+mod common;
+
+use api::core::BoxFuture;
+use api::{ApiConfig, CoreError, EventBatch, EventSink, ExchangeCore, Reply};
+use common::{test_merchant_config, Harness};
+use matching_engine::{Command, Engine, EngineConfig, Timestamp};
+use serde_json::Value;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// An engine whose event batches reach the read models at once, or, while `paused`, only when
+/// `resume` is called (in order).
+struct Gate {
+    engine: Mutex<Engine>,
+    config: EngineConfig,
+    sink: EventSink,
+    held: Mutex<Vec<EventBatch>>,
+    paused: AtomicBool,
+}
+
+impl Gate {
+    fn pause(&self) {
+        self.paused.store(true, Ordering::SeqCst);
+    }
+
+    fn resume(&self) {
+        let mut held = self.held.lock().unwrap();
+        for b in held.drain(..) {
+            assert!(self.sink.publish(b));
+        }
+        self.paused.store(false, Ordering::SeqCst);
+    }
+}
+
+impl ExchangeCore for Gate {
+    fn submit(&self, cmd: Command) -> BoxFuture<'_, Result<Reply, CoreError>> {
+        Box::pin(async move {
+            let mut engine = self.engine.lock().unwrap();
+            let now = Timestamp(api::core::wall_clock_nanos().max(engine.now().0));
+            let before = engine.seq();
+            let mut out = Vec::new();
+            let result = engine.apply(&cmd, now, &mut out);
+            let seq = engine.seq();
+            if seq != before {
+                let batch = EventBatch {
+                    seq,
+                    time: engine.now(),
+                    events: out.clone().into(),
+                };
+                let mut held = self.held.lock().unwrap();
+                if self.paused.load(Ordering::SeqCst) {
+                    held.push(batch);
+                } else {
+                    assert!(self.sink.publish(batch));
+                }
+            }
+            Ok(Reply {
+                result,
+                events: out,
+                seq,
+            })
+        })
+    }
+
+    fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+}
+
+fn gated() -> (Harness, Arc<Gate>) {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = ApiConfig {
+        orders_per_10s: 1_000_000,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        merchant: test_merchant_config(),
+        ..ApiConfig::default()
+    };
+    let config = EngineConfig::default();
+    let (pending, sink) = api::app::open(dir.path(), &config, cfg).unwrap();
+    let gate = Arc::new(Gate {
+        engine: Mutex::new(Engine::new(config.clone()).unwrap()),
+        config,
+        sink,
+        held: Mutex::new(Vec::new()),
+        paused: AtomicBool::new(false),
+    });
+    let state = pending.start(gate.clone());
+    (Harness::over(dir, state), gate)
+}
+
+fn statuses(r: &Value) -> Vec<(u64, String)> {
+    r["orderReports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["orderId"].as_u64().unwrap(),
+                o["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// `DELETE /api/v3/orderList` built its order reports by reading the read models after the
+/// engine had cancelled: with the read models behind, it answered the orders as they stood
+/// before the cancel (`NEW` here; `-1000` when they did not hold an order at all). Cases: an
+/// OCO (two open legs) and an OTO (its working order and its pending order). The reports now
+/// take the cancel's outcome from its own events.
+#[tokio::test]
+async fn cancelling_an_order_list_answers_from_the_engine_while_the_read_model_lags() {
+    let (h, gate) = gated();
+    let (_, holder) = h.trader("0.02", "100000").await;
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    // Last price 20000.
+    for (side, key) in [("SELL", &seller), ("BUY", &buyer)] {
+        h.ok(
+            "POST",
+            "/api/v3/order",
+            &format!(
+                "symbol=BTCUSD&side={side}&type=LIMIT&timeInForce=GTC&quantity=0.001&price=20000"
+            ),
+            key,
+        )
+        .await;
+    }
+    let oco = "symbol=BTCUSD&side=SELL&quantity=0.02&aboveType=LIMIT_MAKER&abovePrice=21000&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900&belowTimeInForce=GTC";
+    let oco = h.ok("POST", "/api/v3/orderList/oco", oco, &holder).await;
+    let oto = "symbol=BTCUSD&workingType=LIMIT&workingSide=BUY&workingPrice=19500&workingQuantity=0.01&workingTimeInForce=GTC&pendingType=LIMIT&pendingSide=SELL&pendingPrice=22000&pendingQuantity=0.01&pendingTimeInForce=GTC";
+    let oto = h.ok("POST", "/api/v3/orderList/oto", oto, &holder).await;
+    assert_eq!(
+        statuses(&oto)
+            .iter()
+            .map(|s| s.1.as_str())
+            .collect::<Vec<_>>(),
+        ["NEW", "PENDING_NEW"]
+    );
+
+    for (placed, want) in [
+        (&oco, ["CANCELED", "CANCELED"]),
+        (&oto, ["CANCELED", "CANCELED"]),
+    ] {
+        let list = placed["orderListId"].as_u64().unwrap();
+        gate.pause();
+        let r = h
+            .signed(
+                "DELETE",
+                "/api/v3/orderList",
+                &format!("symbol=BTCUSD&orderListId={list}"),
+                &holder,
+            )
+            .await;
+        let ids: Vec<u64> = statuses(placed).iter().map(|s| s.0).collect();
+        assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+        assert_eq!(
+            (
+                r.json["listStatusType"].as_str(),
+                r.json["listOrderStatus"].as_str()
+            ),
+            (Some("ALL_DONE"), Some("ALL_DONE")),
+            "{}",
+            r.json
+        );
+        let got = statuses(&r.json);
+        assert_eq!(
+            got,
+            ids.iter()
+                .zip(want)
+                .map(|(id, s)| (*id, s.to_owned()))
+                .collect::<Vec<_>>(),
+            "{}",
+            r.json
+        );
+        // The read models catch up and say the same.
+        gate.resume();
+        assert!(h.state.sync_read_model().await);
+        let q = h
+            .ok(
+                "GET",
+                "/api/v3/orderList",
+                &format!("orderListId={list}"),
+                &holder,
+            )
+            .await;
+        assert_eq!(q["listOrderStatus"], "ALL_DONE");
+        for id in ids {
+            let o = h
+                .ok(
+                    "GET",
+                    "/api/v3/order",
+                    &format!("symbol=BTCUSD&orderId={id}"),
+                    &holder,
+                )
+                .await;
+            assert_eq!(o["status"], "CANCELED", "{o}");
+        }
+    }
+    // Nothing stays held.
+    let acct = h.ok("GET", "/api/v3/account", "", &holder).await;
+    for b in acct["balances"].as_array().unwrap() {
+        assert_eq!(b["locked"], "0.00000000", "{acct}");
+    }
+}
+
+/// `DELETE /api/v3/order` had the same defect: its report came from the read models after the
+/// cancel. It now carries the cancel's outcome from the engine's reply.
+#[tokio::test]
+async fn cancelling_an_order_answers_from_the_engine_while_the_read_model_lags() {
+    let (h, gate) = gated();
+    let (_, t) = h.trader("0", "100000").await;
+    let o = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000",
+            &t,
+        )
+        .await;
+    let id = o["orderId"].as_u64().unwrap();
+    gate.pause();
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &t,
+        )
+        .await;
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+    assert_eq!(
+        (r.json["orderId"].as_u64(), r.json["status"].as_str()),
+        (Some(id), Some("CANCELED")),
+        "{}",
+        r.json
+    );
+    gate.resume();
+    assert!(h.state.sync_read_model().await);
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &t,
+        )
+        .await;
+    assert_eq!(o["status"], "CANCELED");
+}

@@ -378,7 +378,12 @@ pub async fn current_rate(st: &AppState, quote: &str) -> Result<(u64, usize), Ap
         .filter(|r| *r > 0)
         .ok_or_else(|| no_price(None))?;
     if let Some(src) = &lim.index {
-        let index = super::price::read_index(src, m.quote.decimals, lim.index_max_age_ms)
+        // Cached (single flight, bounded age): an anonymous page cannot make the server read
+        // the index at request rate.
+        let index = st
+            .merchant()
+            .price_index
+            .get(src, m.quote.decimals, lim, now_ms())
             .await
             .map_err(|e| no_price(Some(e)))?;
         super::price::check_index(rate, index, lim).map_err(|e| no_price(Some(e)))?;

@@ -921,3 +921,97 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
     assert!(home.body.contains("0.25000000"), "{}", home.body);
     assert!(home.body.contains("Read-only here"));
 }
+
+/// An invoice of the store paid 0.0012 BTC for 0.001 (overpaid by 0.0002), confirmed.
+async fn paid_invoice(d: &D) -> String {
+    let inv = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{}/invoices", d.account),
+        &d.token,
+        Some(json!({"amount": "0.001"})),
+    )
+    .await;
+    let id = inv["id"].as_str().unwrap().to_owned();
+    let pm = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{}/invoices/{id}/payment-methods", d.account),
+        &d.token,
+        None,
+    )
+    .await;
+    let address = pm[0]["destination"].as_str().unwrap().to_owned();
+    let now = common::now_ms();
+    d.fake.pay(d.account, &address, 7, 120_000, 1, now);
+    tick(&d.h.state, now + 1).await.unwrap();
+    id
+}
+
+/// Defect (issue 11 §3): after a refund the dashboard redirected to
+/// `/dashboard/invoices/{id}?done=Refund ... created: <claim link>`. The claim link is a bearer
+/// credential (whoever holds it claims the money) and a URL ends up in browser history, logs and
+/// `Referer` headers. Now the redirect carries no link; the page it leads to shows it once (a
+/// server-side message of the session).
+#[tokio::test]
+async fn a_refunds_claim_link_is_never_put_in_a_url() {
+    let d = setup().await;
+    let id = paid_invoice(&d).await;
+    let cookie = session(&d).await;
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{id}/refund"),
+        &cookie,
+        "/dashboard",
+        &[("variant", "OverpaidAmount")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let pps = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{}/pull-payments", d.account),
+        &d.token,
+        None,
+    )
+    .await;
+    let pp = pps[0]["id"].as_str().unwrap().to_owned();
+    let link = pps[0]["viewLink"].as_str().unwrap().to_owned();
+    let location = r.location().to_owned();
+    assert!(
+        !location.contains(&pp) && !location.contains("/pp/"),
+        "the claim link is in the redirect: {location}"
+    );
+    // The page shows it, once.
+    let shown = get(&d.h, &location, &cookie).await;
+    assert!(
+        shown.body.contains("Refund of 0.0002 BTC created"),
+        "{}",
+        shown.body
+    );
+    assert!(shown.body.contains(&link), "{}", shown.body);
+    let again = get(&d.h, &location, &cookie).await;
+    assert!(
+        !again.body.contains("Refund of 0.0002 BTC created"),
+        "the message is shown twice"
+    );
+    // Another session of the store does not see it.
+    let other = session(&d).await;
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{id}/refund"),
+        &cookie,
+        "/dashboard",
+        &[
+            ("variant", "Custom"),
+            ("amount", "0.0001"),
+            ("currency", "BTC"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let seen = get(&d.h, r.location(), &other).await;
+    assert!(!seen.body.contains("Refund of 0.0001 BTC created"));
+    let mine = get(&d.h, r.location(), &cookie).await;
+    assert!(mine.body.contains("Refund of 0.0001 BTC created"));
+}

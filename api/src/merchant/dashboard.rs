@@ -16,6 +16,9 @@
 //!   ([`super::greenfield`]) for the session's store through [`GfReq::session`] (invoices,
 //!   store settings, refunds, pull payments, webhook redelivery) and the key functions of
 //!   [`crate::native`] for API tokens; balances and withdrawals are read-only here.
+//! * **Secrets stay out of URLs.** A message that holds one (a refund's claim link, a bearer
+//!   credential) is kept server-side for the session as a one-time message ([`put_flash`]) and
+//!   shown by the page the form redirects to; only harmless messages travel as `?done=`.
 
 use super::greenfield::{self as gf, GfReq, RawQuery};
 use super::routes::{db_error, with_db};
@@ -59,7 +62,9 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
             used_ms INTEGER);
          CREATE TABLE IF NOT EXISTS dashboard_session (
             hash TEXT PRIMARY KEY, merchant INTEGER NOT NULL, csrf TEXT NOT NULL,
-            created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);",
+            created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS dashboard_flash (
+            session TEXT PRIMARY KEY, msg TEXT NOT NULL, created_ms INTEGER NOT NULL);",
     )
 }
 
@@ -572,6 +577,41 @@ fn flash(q: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// Keeps a one-time message for the session, server-side: for what must not travel in a URL
+/// (browser history, logs, `Referer`), such as a refund's claim link. One per session; a
+/// newer one replaces it.
+async fn put_flash(st: &AppState, s: &Session, msg: String) -> Result<(), Refusal> {
+    let session = s.hash.clone();
+    with_db(st, move |c| {
+        c.execute(
+            "INSERT INTO dashboard_flash (session, msg, created_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(session) DO UPDATE SET msg = ?2, created_ms = ?3",
+            params![session, msg, now_ms()],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    Ok(())
+}
+
+/// The session's one-time message as HTML (taken: shown once), or nothing.
+async fn take_flash(st: &AppState, s: &Session) -> Result<String, Refusal> {
+    let session = s.hash.clone();
+    let msg = with_db(st, move |c| {
+        c.query_row(
+            "DELETE FROM dashboard_flash WHERE session = ?1 RETURNING msg",
+            params![session],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()
+        .map_err(db_error)
+    })
+    .await?;
+    Ok(msg
+        .map(|m| format!("<p class=ok>{}</p>", esc(&m)))
+        .unwrap_or_default())
+}
+
 // ---- login and logout ----
 
 fn login_form(link: Option<&str>, error: Option<&str>) -> String {
@@ -738,6 +778,11 @@ async fn try_login(
         )
         .map_err(db_error)?;
         c.execute(
+            "DELETE FROM dashboard_flash WHERE session NOT IN (SELECT hash FROM dashboard_session)",
+            [],
+        )
+        .map_err(db_error)?;
+        c.execute(
             "INSERT INTO dashboard_session (hash, merchant, csrf, created_ms, expires_ms)
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![hash, account, csrf, now, now.saturating_add(SESSION_TTL_MS)],
@@ -777,6 +822,11 @@ pub async fn logout(
     with_db(&st, move |c| {
         c.execute(
             "DELETE FROM dashboard_session WHERE hash = ?1",
+            params![hash],
+        )
+        .map_err(db_error)?;
+        c.execute(
+            "DELETE FROM dashboard_flash WHERE session = ?1",
             params![hash],
         )
         .map_err(db_error)
@@ -1089,6 +1139,7 @@ pub async fn invoice(
             .unwrap_or("")
             .trim_end_matches('/');
     let mut b = flash(&q);
+    b.push_str(&take_flash(&st, &s).await?);
     let _ = write!(
         b,
         "<section><p><span class=\"badge {}\">{}</span> {}</p><dl>\
@@ -1236,15 +1287,18 @@ pub async fn refund(
         s.gf(Value::Object(body)),
     ))
     .await?;
-    Ok(redirect(&format!(
-        "/dashboard/invoices/{}?done={}",
-        pct(&id),
-        pct(&format!(
+    // The claim link is a bearer credential: shown by the page, never put in its URL.
+    put_flash(
+        &st,
+        &s,
+        format!(
             "Refund of {} BTC created: {}",
             txt(&pp["amount"]),
             txt(&pp["viewLink"])
-        ))
-    )))
+        ),
+    )
+    .await?;
+    Ok(redirect(&format!("/dashboard/invoices/{}", pct(&id))))
 }
 
 /// `GET /dashboard/refunds`: the store's pull payments (refunds and others).

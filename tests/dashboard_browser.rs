@@ -216,6 +216,10 @@ fn a_shop_owner_logs_in_on_a_phone_redelivers_a_webhook_refunds_and_makes_a_toke
         DESCRIBE,
     )
     .unwrap();
+    // The claim link (a bearer credential) is on the page, never in its URL (history, logs).
+    let url = b.eval("return location.href;").unwrap();
+    let url = url.as_str().unwrap().to_owned();
+    assert!(!url.contains("/pp/") && !url.contains("done="), "{url}");
     b.screenshot("dashboard-refund.png").unwrap();
     let pps = ok(
         http(
@@ -229,6 +233,96 @@ fn a_shop_owner_logs_in_on_a_phone_redelivers_a_webhook_refunds_and_makes_a_toke
     );
     assert_eq!(pps.as_array().unwrap().len(), 1);
     assert_eq!(pps[0]["amount"], "0.0001");
+
+    // The point of sale: switched on from the settings page; its link opens the cashier's page.
+    b.goto(&format!("{base}/dashboard/settings")).unwrap();
+    b.wait_for(
+        "the point-of-sale switch",
+        "return !!document.querySelector('form[action=\"/dashboard/settings/pos\"] button');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.eval("document.querySelector('form[action=\"/dashboard/settings/pos\"] button').click(); return true;")
+        .unwrap();
+    b.wait_for(
+        "the point of sale on, with its link",
+        "return document.body.innerText.includes('Point of sale turned on.') && \
+                !!document.querySelector('a.pos-link');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.screenshot("dashboard-pos.png").unwrap();
+    let pos = b
+        .eval("return document.querySelector('a.pos-link').getAttribute('href');")
+        .unwrap();
+    let pos = pos.as_str().unwrap().to_owned();
+    assert!(pos.starts_with(&format!("{base}/pos/")), "{pos}");
+    b.goto(&pos).unwrap();
+    b.wait_for(
+        "the point-of-sale page",
+        "var f = document.getElementById('sale'); return !!f && !f.hidden;",
+        DESCRIBE,
+    )
+    .unwrap();
+
+    // A withdrawal: refused for another network's address and beyond the balance (custody's
+    // own checks, as the signed API), then requested with the password again.
+    let to = payer.receive_address().to_string();
+    let withdraw = |address: &str, amount: &str, expect: &str, what: &str| {
+        b.goto(&format!("{base}/dashboard")).unwrap();
+        b.wait_for(
+            "the withdrawal form",
+            "return !!document.querySelector('form[action=\"/dashboard/withdraw\"]');",
+            DESCRIBE,
+        )
+        .unwrap();
+        b.eval(&format!(
+            "var f = document.querySelector('form[action=\"/dashboard/withdraw\"]'); \
+             f.querySelector('input[name=address]').value = '{address}'; \
+             f.querySelector('input[name=amount]').value = '{amount}'; \
+             f.querySelector('input[name=password]').value = '{PASSWORD}'; \
+             f.querySelector('button').click(); return true;"
+        ))
+        .unwrap();
+        b.wait_for(
+            what,
+            &format!("return document.body.innerText.includes('{expect}');"),
+            DESCRIBE,
+        )
+        .unwrap();
+    };
+    withdraw(
+        "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4",
+        "0.0001",
+        "Refused (-4007)",
+        "a mainnet address refused on regtest",
+    );
+    withdraw(
+        &to,
+        "0.001",
+        "Refused (-4026)",
+        "more than the balance refused",
+    );
+    withdraw(
+        &to,
+        "0.0001",
+        "of 0.00010000 BTC requested",
+        "the withdrawal requested",
+    );
+    b.screenshot("dashboard-withdrawal.png").unwrap();
+    b.wait_for(
+        "the withdrawal listed",
+        &format!("return document.body.innerText.includes('{to}');"),
+        DESCRIBE,
+    )
+    .unwrap();
+    let wide = b
+        .eval("return document.documentElement.scrollWidth <= window.innerWidth;")
+        .unwrap();
+    assert_eq!(
+        wide, true,
+        "the home page with its links scrolls sideways on a phone"
+    );
 
     // An API token: shown once, and it works.
     b.goto(&format!("{base}/dashboard/tokens")).unwrap();

@@ -1121,6 +1121,22 @@ pub static ROUTES: &[Route] = {
             P,
             d::revoke_token
         ),
+        route!(
+            "POST",
+            "/dashboard/settings/pos",
+            Session,
+            Some(1),
+            P,
+            d::save_pos
+        ),
+        route!(
+            "POST",
+            "/dashboard/withdraw",
+            Session,
+            Some(1),
+            P,
+            d::withdraw
+        ),
         // Lightning (crate::lightning).
         route!(
             "POST",

@@ -341,32 +341,70 @@ pub async fn deposit_history(State(st): State<AppState>, req: Req) -> Result<Res
 }
 
 /// `POST /sapi/v1/capital/withdraw/apply` (WITHDRAW): requests a withdrawal; idempotent by
-/// `withdrawOrderId` (generated when not sent).
+/// `withdrawOrderId` (generated when not sent). Checked and executed by [`apply_withdrawal`].
 pub async fn withdraw_apply(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     coin_param(&mut p)?;
     network_param(&mut p)?;
     let address = p.req("address")?;
-    if address.len() > 128 || !address.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return Err(ApiError::illegal("address", "^[A-Za-z0-9]{1,128}$"));
-    }
+    check_address(&address)?;
     let amount = btc_amount(&mut p, "amount")?;
     let order_id = match p.opt("withdrawOrderId")? {
         Some(id) => {
-            if id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
-                return Err(ApiError::illegal("withdrawOrderId", "^[!-~]{1,64}$"));
-            }
+            check_withdraw_order_id(&id)?;
             id
         }
         None => st.gen_client_id(),
     };
     p.finish()?;
-    let account = key.account;
-    let w = call(&st, move |c| {
-        c.request_withdrawal(account, &address, amount, &order_id)
-    })
-    .await?;
+    let w = apply_withdrawal(&st, key.account, address, amount, order_id).await?;
     Ok(ok_json(&ctx, json!({"id": w.id.to_string()})))
+}
+
+/// The syntax of a withdrawal address (custody then checks it for its network).
+pub fn check_address(address: &str) -> Result<(), ApiError> {
+    if address.is_empty()
+        || address.len() > 128
+        || !address.bytes().all(|b| b.is_ascii_alphanumeric())
+    {
+        return Err(ApiError::illegal("address", "^[A-Za-z0-9]{1,128}$"));
+    }
+    Ok(())
+}
+
+/// The syntax of a withdrawal's idempotency key (`withdrawOrderId`).
+pub fn check_withdraw_order_id(id: &str) -> Result<(), ApiError> {
+    if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ApiError::illegal("withdrawOrderId", "^[!-~]{1,64}$"));
+    }
+    Ok(())
+}
+
+/// The one path by which an account's own withdrawal is requested (the signed API's
+/// `withdraw/apply` and the store dashboard's withdrawal form): the address and key are checked
+/// ([`check_address`], [`check_withdraw_order_id`]), the circuit breaker refuses (`-1000`,
+/// nothing recorded), and custody applies the rest (address for its network, minimum and
+/// fee, limits, approvals, deny list, balance, key unique per account: a repeated key is
+/// `-4029` and pays nothing).
+pub async fn apply_withdrawal(
+    st: &AppState,
+    account: u32,
+    address: String,
+    amount_sat: u64,
+    order_id: String,
+) -> Result<WithdrawalInfo, ApiError> {
+    check_address(&address)?;
+    check_withdraw_order_id(&order_id)?;
+    if amount_sat == 0 {
+        return Err(ApiError::invalid_value("amount"));
+    }
+    if st.breaker_open() {
+        return Err(ApiError::halted());
+    }
+    call(st, move |c| {
+        c.request_withdrawal(account, &address, amount_sat, &order_id)
+    })
+    .await
 }
 
 /// `GET /sapi/v1/capital/withdraw/history` (READ): the account's withdrawals, newest first.

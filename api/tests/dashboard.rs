@@ -915,9 +915,465 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
     .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
 
-    // Home: the store, its balance, withdrawals read-only.
+    // Home: the store, its balance, the withdrawal form.
     let home = get(&d.h, "/dashboard", &id).await;
     assert!(home.body.contains("Corner shop"));
     assert!(home.body.contains("0.25000000"), "{}", home.body);
-    assert!(home.body.contains("Read-only here"));
+    assert!(home.body.contains("action=\"/dashboard/withdraw\""));
+}
+
+/// An invoice of the store paid 0.0012 BTC for 0.001 (overpaid by 0.0002), confirmed.
+async fn paid_invoice(d: &D) -> String {
+    let inv = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{}/invoices", d.account),
+        &d.token,
+        Some(json!({"amount": "0.001"})),
+    )
+    .await;
+    let id = inv["id"].as_str().unwrap().to_owned();
+    let pm = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{}/invoices/{id}/payment-methods", d.account),
+        &d.token,
+        None,
+    )
+    .await;
+    let address = pm[0]["destination"].as_str().unwrap().to_owned();
+    let now = common::now_ms();
+    d.fake.pay(d.account, &address, 7, 120_000, 1, now);
+    tick(&d.h.state, now + 1).await.unwrap();
+    id
+}
+
+/// Defect (issue 11 §3): after a refund the dashboard redirected to
+/// `/dashboard/invoices/{id}?done=Refund ... created: <claim link>`. The claim link is a bearer
+/// credential (whoever holds it claims the money) and a URL ends up in browser history, logs and
+/// `Referer` headers. Now the redirect carries no link; the page it leads to shows it once (a
+/// server-side message of the session).
+#[tokio::test]
+async fn a_refunds_claim_link_is_never_put_in_a_url() {
+    let d = setup().await;
+    let id = paid_invoice(&d).await;
+    let cookie = session(&d).await;
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{id}/refund"),
+        &cookie,
+        "/dashboard",
+        &[("variant", "OverpaidAmount")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let pps = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{}/pull-payments", d.account),
+        &d.token,
+        None,
+    )
+    .await;
+    let pp = pps[0]["id"].as_str().unwrap().to_owned();
+    let link = pps[0]["viewLink"].as_str().unwrap().to_owned();
+    let location = r.location().to_owned();
+    assert!(
+        !location.contains(&pp) && !location.contains("/pp/"),
+        "the claim link is in the redirect: {location}"
+    );
+    // The page shows it, once.
+    let shown = get(&d.h, &location, &cookie).await;
+    assert!(
+        shown.body.contains("Refund of 0.0002 BTC created"),
+        "{}",
+        shown.body
+    );
+    assert!(shown.body.contains(&link), "{}", shown.body);
+    let again = get(&d.h, &location, &cookie).await;
+    assert!(
+        !again.body.contains("Refund of 0.0002 BTC created"),
+        "the message is shown twice"
+    );
+    // Another session of the store does not see it.
+    let other = session(&d).await;
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{id}/refund"),
+        &cookie,
+        "/dashboard",
+        &[
+            ("variant", "Custom"),
+            ("amount", "0.0001"),
+            ("currency", "BTC"),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let seen = get(&d.h, r.location(), &other).await;
+    assert!(!seen.body.contains("Refund of 0.0001 BTC created"));
+    let mine = get(&d.h, r.location(), &cookie).await;
+    assert!(mine.body.contains("Refund of 0.0001 BTC created"));
+}
+
+fn pos_token(h: &Harness, account: u32) -> Option<String> {
+    let db = h.state.merchant().db.lock().unwrap();
+    api::merchant::store::settings_or_default(&db, account)
+        .unwrap()
+        .pos_token
+}
+
+/// Issue 11 §1: the settings page switches the point of sale on and off through the signed
+/// merchant API's store update (a CSRF-protected form; the session's store only), and the
+/// home page shows its link while it is on.
+#[tokio::test]
+async fn the_point_of_sale_is_switched_from_the_settings_page() {
+    let d = setup().await;
+    let (b, _) = d.h.trader("0", "0").await;
+    set_password(&d.h, b, PASSWORD).await;
+    let id = session(&d).await;
+    let page = get(&d.h, "/dashboard/settings", &id).await;
+    assert!(
+        page.body.contains("Turn the point of sale on"),
+        "{}",
+        page.body
+    );
+    let home = get(&d.h, "/dashboard", &id).await;
+    assert!(home.body.contains("The point of sale is off"));
+    // Without the form token: refused, still off.
+    let r = req(
+        &d.h,
+        "POST",
+        "/dashboard/settings/pos",
+        Some(&id),
+        &[("pos", "on")],
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(pos_token(&d.h, d.account), None);
+    // A value that is neither on nor off: refused.
+    let r = post(
+        &d.h,
+        "/dashboard/settings/pos",
+        &id,
+        "/dashboard/settings",
+        &[("pos", "maybe")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert_eq!(pos_token(&d.h, d.account), None);
+    // On: the link works and is shown on both pages.
+    let r = post(
+        &d.h,
+        "/dashboard/settings/pos",
+        &id,
+        "/dashboard/settings",
+        &[("pos", "on")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let token = pos_token(&d.h, d.account).expect("the point of sale is on");
+    assert_eq!(pos_token(&d.h, b), None, "another store was changed");
+    let shown = get(&d.h, r.location(), &id).await;
+    assert!(
+        shown.body.contains("Point of sale turned on."),
+        "{}",
+        shown.body
+    );
+    assert!(
+        shown.body.contains(&format!("/pos/{token}")),
+        "{}",
+        shown.body
+    );
+    assert!(shown.body.contains("Turn the point of sale off"));
+    let home = get(&d.h, "/dashboard", &id).await;
+    assert!(
+        home.body.contains(&format!("/pos/{token}")),
+        "{}",
+        home.body
+    );
+    assert_eq!(
+        d.h.get(&format!("/pos/{token}/info")).await.status,
+        StatusCode::OK
+    );
+    // On again keeps the same link (the API's rule); off removes it.
+    post(
+        &d.h,
+        "/dashboard/settings/pos",
+        &id,
+        "/dashboard/settings",
+        &[("pos", "on")],
+    )
+    .await;
+    assert_eq!(pos_token(&d.h, d.account).as_deref(), Some(token.as_str()));
+    let r = post(
+        &d.h,
+        "/dashboard/settings/pos",
+        &id,
+        "/dashboard/settings",
+        &[("pos", "off")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(pos_token(&d.h, d.account), None);
+    assert_eq!(
+        d.h.get(&format!("/pos/{token}/info")).await.status,
+        StatusCode::NOT_FOUND
+    );
+    // Store B's session switches B's point of sale, never A's.
+    let pb = login(&d.h, b, PASSWORD).await.cookie().unwrap();
+    let r = post(
+        &d.h,
+        "/dashboard/settings/pos",
+        &pb,
+        "/dashboard/settings",
+        &[("pos", "on")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert!(pos_token(&d.h, b).is_some());
+    assert_eq!(pos_token(&d.h, d.account), None);
+}
+
+/// The withdrawal form of the home page: its CSRF token and idempotency key.
+async fn withdraw_form(h: &Harness, cookie: &str) -> (String, String) {
+    let home = get(h, "/dashboard", cookie).await;
+    let at = home
+        .body
+        .find("name=key value=\"")
+        .unwrap_or_else(|| panic!("no withdrawal form in {}", home.body))
+        + 16;
+    let key = home.body[at..at + home.body[at..].find('"').unwrap()].to_owned();
+    (home.csrf(), key)
+}
+
+/// Posts the withdrawal form (`csrf`, `key`) with `address`, `amount` and `password`.
+async fn withdraw(
+    h: &Harness,
+    cookie: &str,
+    form: &(String, String),
+    address: &str,
+    amount: &str,
+    password: &str,
+) -> Page {
+    req(
+        h,
+        "POST",
+        "/dashboard/withdraw",
+        Some(cookie),
+        &[
+            ("csrf", &form.0),
+            ("key", &form.1),
+            ("address", address),
+            ("amount", amount),
+            ("password", password),
+        ],
+        &[("origin", "http://shop.test")],
+    )
+    .await
+}
+
+const ADDRESS: &str = "bcrt1qw508d6qejxtdg4y5r3zarvary0c5xw7kygt080";
+
+/// Issue 11 §2: a withdrawal from the dashboard goes through the signed API's path, needs the
+/// store password again (step-up), and its form's idempotency key makes a double submit, or a
+/// retry after a lost answer, request one withdrawal. Every refusal sends nothing.
+#[tokio::test]
+async fn a_dashboard_withdrawal_needs_the_password_and_pays_once() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let id = session(&d).await;
+    let form = withdraw_form(&d.h, &id).await;
+    assert!(
+        form.1.starts_with("dash-") && form.1.len() == 37,
+        "{}",
+        form.1
+    );
+    // Refusals that send nothing: wrong password, no or wrong CSRF token, a bad amount.
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", "not the password").await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert!(r.body.contains("Nothing was sent"), "{}", r.body);
+    let wrong = ("0".repeat(64), form.1.clone());
+    let r = withdraw(&d.h, &id, &wrong, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = req(
+        &d.h,
+        "POST",
+        "/dashboard/withdraw",
+        Some(&id),
+        &[
+            ("key", &form.1),
+            ("address", ADDRESS),
+            ("amount", "0.01"),
+            ("password", PASSWORD),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    for amount in ["0", "-1", "0.000000001", "lots"] {
+        let r = withdraw(&d.h, &id, &form, ADDRESS, amount, PASSWORD).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{amount}: {}", r.body);
+    }
+    assert_eq!(count(), 0);
+    // The happy path: one withdrawal under the form's key, from the store's account.
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let done = get(&d.h, r.location(), &id).await;
+    assert!(
+        done.body.contains("of 0.01000000 BTC requested"),
+        "{}",
+        done.body
+    );
+    {
+        let ws = d.fake.withdrawals.lock().unwrap();
+        assert_eq!(ws.len(), 1);
+        assert_eq!(
+            (ws[0].account, ws[0].amount_sat, ws[0].address.as_str()),
+            (d.account, 1_000_000, ADDRESS)
+        );
+        assert_eq!(ws[0].idempotency_key, form.1);
+    }
+    // Submitted twice: the same withdrawal is shown, nothing is paid twice.
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let again = get(&d.h, r.location(), &id).await;
+    assert!(
+        again.body.contains("already requested withdrawal 100"),
+        "{}",
+        again.body
+    );
+    assert_eq!(count(), 1);
+    // The same form with another amount: refused, nothing sent.
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.02", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(count(), 1);
+    // A lost answer: "unknown", and sending the same form again resolves it without paying twice.
+    let lost = withdraw_form(&d.h, &id).await;
+    assert_ne!(lost.1, form.1, "each form has its own key");
+    d.fake.lose.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = withdraw(&d.h, &id, &lost, ADDRESS, "0.003", PASSWORD).await;
+    assert!(r.status.is_server_error(), "{}: {}", r.status, r.body);
+    assert!(r.body.contains("may or may not"), "{}", r.body);
+    assert_eq!(count(), 2);
+    let r = withdraw(&d.h, &id, &lost, ADDRESS, "0.003", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert!(get(&d.h, r.location(), &id)
+        .await
+        .body
+        .contains("already requested withdrawal 101"));
+    assert_eq!(count(), 2);
+    // The withdrawals list shows both.
+    let home = get(&d.h, "/dashboard", &id).await;
+    assert!(home.body.contains("0.00300000") && home.body.contains("0.01000000"));
+}
+
+/// Issue 11 §2: what the signed API refuses, the dashboard refuses, with the same code, and
+/// nothing is sent: an invalid address, custody's refusal (insufficient balance), an open
+/// circuit breaker. A session only ever withdraws from its own store, with its own password;
+/// a store without a password (a one-time-link session) cannot withdraw.
+#[tokio::test]
+async fn dashboard_withdrawal_refusals_send_nothing() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let id = session(&d).await;
+    let form = withdraw_form(&d.h, &id).await;
+    for address in ["", "not an address", "bc1q<script>", &"a".repeat(129)] {
+        let r = withdraw(&d.h, &id, &form, address, "0.01", PASSWORD).await;
+        assert_eq!(r.status, StatusCode::BAD_REQUEST, "{address}: {}", r.body);
+        assert!(r.body.contains("-1100"), "{}", r.body);
+    }
+    // Custody refuses (the fake answers as the wallet does for too large an amount).
+    d.fake.refuse.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "5", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    assert!(
+        r.body.contains("-4026") && r.body.contains("insufficient balance"),
+        "{}",
+        r.body
+    );
+    assert_eq!(count(), 0);
+    // Store B's session: its own password only, and only its own account.
+    let (b, _) = d.h.trader("0", "0").await;
+    set_password(&d.h, b, "store b's own password").await;
+    let sb = login(&d.h, b, "store b's own password")
+        .await
+        .cookie()
+        .unwrap();
+    let r = withdraw(&d.h, &sb, &form, ADDRESS, "0.01", "store b's own password").await;
+    assert_eq!(
+        r.status,
+        StatusCode::FORBIDDEN,
+        "A's form token in B's session"
+    );
+    let b_form = withdraw_form(&d.h, &sb).await;
+    let r = withdraw(&d.h, &sb, &b_form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNAUTHORIZED,
+        "A's password in B's session"
+    );
+    assert_eq!(count(), 0);
+    let r = withdraw(
+        &d.h,
+        &sb,
+        &b_form,
+        ADDRESS,
+        "0.01",
+        "store b's own password",
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(d.fake.withdrawals.lock().unwrap()[0].account, b);
+    // A store without a password, logged in by a one-time link: no withdrawal.
+    let (c, _) = d.h.trader("1", "0").await;
+    let sc = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("link", &link(&d.h, c).await)],
+        &[],
+    )
+    .await
+    .cookie()
+    .unwrap();
+    let c_form = withdraw_form(&d.h, &sc).await;
+    let r = withdraw(&d.h, &sc, &c_form, ADDRESS, "0.01", "").await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(r.body.contains("has none"), "{}", r.body);
+    assert_eq!(count(), 1);
+    // The circuit breaker: refused with -1000 here and in the signed API, nothing sent.
+    d.h.state.read_model().trip(api::audit::Violation {
+        seq: 0,
+        asset: 0,
+        balances: 0,
+        supply: 0,
+    });
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert!(
+        r.body.contains("-1000") && r.body.contains("Nothing was sent"),
+        "{}",
+        r.body
+    );
+    let wkey =
+        d.h.state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("read,withdraw").unwrap(),
+                "w",
+            )
+            .unwrap();
+    let api =
+        d.h.signed(
+            "POST",
+            "/sapi/v1/capital/withdraw/apply",
+            &format!("coin=BTC&address={ADDRESS}&amount=0.01"),
+            &wkey,
+        )
+        .await;
+    assert_eq!(api.code(), -1000, "{}", api.json);
+    assert_eq!(count(), 1);
 }

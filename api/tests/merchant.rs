@@ -607,6 +607,8 @@ async fn usd_invoice_is_checked_against_the_operators_index() {
     let file = index_dir.path().join("btcusd.txt");
     let mut merchant = common::test_merchant_config();
     merchant.price.index = Some(api::merchant::price::IndexSource::File(file.clone()));
+    // Each step rewrites the file and expects the next invoice to see it: no reuse of a read.
+    merchant.price.index_cache_ms = 0;
     let h = Harness::with_config(api::ApiConfig {
         orders_per_10s: 1_000_000,
         ip_weight_per_min: 1_000_000,
@@ -640,6 +642,95 @@ async fn usd_invoice_is_checked_against_the_operators_index() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.json);
     assert_eq!(s(&r.json, "rate"), "50000");
     assert_eq!(m.count(), 1);
+}
+
+/// A local price index over HTTP (`127.0.0.1`) that answers `price` to every request and
+/// counts them.
+fn index_server(price: &'static str) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/btcusd", listener.local_addr().unwrap());
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = hits.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut buf = [0u8; 2048];
+            let _ = conn.read(&mut buf);
+            counted.fetch_add(1, Ordering::SeqCst);
+            let _ = write!(
+                conn,
+                "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
+                 Connection: close\r\n\r\n{price}",
+                price.len()
+            );
+        }
+    });
+    (url, hits)
+}
+
+/// Defect (issue 11 §4): `current_rate` fetched the operator's index on every call, including
+/// from the anonymous point-of-sale page, so any visitor made the server hit the price source at
+/// request rate. Now one fetch serves every caller for a short time (one at a time): 30 invoices
+/// (sequential, concurrent, and from the point of sale) fetch the index once.
+#[tokio::test]
+async fn the_price_index_is_fetched_once_for_many_invoices() {
+    let (url, hits) = index_server("50000.00");
+    let mut merchant = common::test_merchant_config();
+    merchant.price.index = Some(api::merchant::price::IndexSource::Url(url));
+    // Long enough that the whole test runs inside one cache period on a slow machine.
+    merchant.price.index_cache_ms = 60_000;
+    let h = Harness::with_config(api::ApiConfig {
+        orders_per_10s: 1_000_000,
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        merchant,
+        ..api::ApiConfig::default()
+    });
+    let m = setup_on(h).await;
+    market(&m.h, "49900", "50000", "1").await;
+    for _ in 0..10 {
+        let inv = m.invoice("amount=12.50&currency=USD").await;
+        assert_eq!(s(&inv, "rate"), "50000");
+    }
+    let concurrent = (0..10).map(|_| async {
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice",
+            "amount=12.50&currency=USD",
+            &m.key,
+        )
+        .await
+    });
+    for r in futures_util::future::join_all(concurrent).await {
+        assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    }
+    let st =
+        m.h.ok(
+            "POST",
+            "/mapi/v1/merchant/store",
+            "posEnabled=true&defaultCurrency=USD",
+            &m.key,
+        )
+        .await;
+    let pos = s(&st, "posUrl");
+    for _ in 0..10 {
+        let r =
+            m.h.raw(
+                "POST",
+                &format!("{pos}/invoice"),
+                r#"{"amount":"5.00"}"#,
+                None,
+            )
+            .await;
+        assert_eq!(r.status, StatusCode::CREATED, "{}", r.json);
+    }
+    assert_eq!(m.count(), 30);
+    assert_eq!(
+        hits.load(Ordering::SeqCst),
+        1,
+        "the index was fetched once per invoice"
+    );
 }
 
 /// Regression (issue 8 §4): conversion was a market sell into whatever bid there was. Now it is

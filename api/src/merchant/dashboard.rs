@@ -15,7 +15,17 @@
 //! * **One implementation of each action.** Pages call the Greenfield handlers
 //!   ([`super::greenfield`]) for the session's store through [`GfReq::session`] (invoices,
 //!   store settings, refunds, pull payments, webhook redelivery) and the key functions of
-//!   [`crate::native`] for API tokens; balances and withdrawals are read-only here.
+//!   [`crate::native`] for API tokens; the point-of-sale switch calls the signed merchant API's
+//!   store update ([`super::routes::update_store`]); a withdrawal goes through the signed API's
+//!   own path ([`crate::capital::apply_withdrawal`]).
+//! * **Withdrawals need the password again** (step-up, ADR 0015): the form carries the store
+//!   password, checked like a login (10 attempts a minute per store), so a session cookie
+//!   alone, or a one-time link's session without the password, moves no money. The form also carries a
+//!   random idempotency key (`withdrawOrderId`): submitting it twice, or again after a lost
+//!   answer, requests one withdrawal and shows it.
+//! * **Secrets stay out of URLs.** A message that holds one (a refund's claim link, a bearer
+//!   credential) is kept server-side for the session as a one-time message ([`put_flash`]) and
+//!   shown by the page the form redirects to; only harmless messages travel as `?done=`.
 
 use super::greenfield::{self as gf, GfReq, RawQuery};
 use super::routes::{db_error, with_db};
@@ -59,7 +69,9 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
             used_ms INTEGER);
          CREATE TABLE IF NOT EXISTS dashboard_session (
             hash TEXT PRIMARY KEY, merchant INTEGER NOT NULL, csrf TEXT NOT NULL,
-            created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);",
+            created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS dashboard_flash (
+            session TEXT PRIMARY KEY, msg TEXT NOT NULL, created_ms INTEGER NOT NULL);",
     )
 }
 
@@ -572,6 +584,41 @@ fn flash(q: &Option<String>) -> String {
         .unwrap_or_default()
 }
 
+/// Keeps a one-time message for the session, server-side: for what must not travel in a URL
+/// (browser history, logs, `Referer`), such as a refund's claim link. One per session; a
+/// newer one replaces it.
+async fn put_flash(st: &AppState, s: &Session, msg: String) -> Result<(), Refusal> {
+    let session = s.hash.clone();
+    with_db(st, move |c| {
+        c.execute(
+            "INSERT INTO dashboard_flash (session, msg, created_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(session) DO UPDATE SET msg = ?2, created_ms = ?3",
+            params![session, msg, now_ms()],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    Ok(())
+}
+
+/// The session's one-time message as HTML (taken: shown once), or nothing.
+async fn take_flash(st: &AppState, s: &Session) -> Result<String, Refusal> {
+    let session = s.hash.clone();
+    let msg = with_db(st, move |c| {
+        c.query_row(
+            "DELETE FROM dashboard_flash WHERE session = ?1 RETURNING msg",
+            params![session],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()
+        .map_err(db_error)
+    })
+    .await?;
+    Ok(msg
+        .map(|m| format!("<p class=ok>{}</p>", esc(&m)))
+        .unwrap_or_default())
+}
+
 // ---- login and logout ----
 
 fn login_form(link: Option<&str>, error: Option<&str>) -> String {
@@ -738,6 +785,11 @@ async fn try_login(
         )
         .map_err(db_error)?;
         c.execute(
+            "DELETE FROM dashboard_flash WHERE session NOT IN (SELECT hash FROM dashboard_session)",
+            [],
+        )
+        .map_err(db_error)?;
+        c.execute(
             "INSERT INTO dashboard_session (hash, merchant, csrf, created_ms, expires_ms)
              VALUES (?1, ?2, ?3, ?4, ?5)",
             params![hash, account, csrf, now, now.saturating_add(SESSION_TTL_MS)],
@@ -777,6 +829,11 @@ pub async fn logout(
     with_db(&st, move |c| {
         c.execute(
             "DELETE FROM dashboard_session WHERE hash = ?1",
+            params![hash],
+        )
+        .map_err(db_error)?;
+        c.execute(
+            "DELETE FROM dashboard_flash WHERE session = ?1",
             params![hash],
         )
         .map_err(db_error)
@@ -830,14 +887,14 @@ pub async fn home(
         Some(t) => {
             let _ = write!(
                 b,
-                "<p>Point of sale: <a href=\"{base}/pos/{t}\">{base}/pos/{t}</a></p>",
+                "<p>Point of sale: <a class=addr href=\"{base}/pos/{t}\">{base}/pos/{t}</a></p>",
                 base = esc(base),
                 t = esc(t)
             );
         }
         None => b.push_str(
-            "<p class=muted>The point of sale is off (turn it on in the merchant API's store \
-             settings, <code>posEnabled=true</code>).</p>",
+            "<p class=muted>The point of sale is off (turn it on in \
+             <a href=\"/dashboard/settings\">Settings</a>).</p>",
         ),
     }
     b.push_str("</section><section><h2>Balance</h2><table><tr><th>Asset<th>Free<th>Locked");
@@ -859,14 +916,29 @@ pub async fn home(
             );
         }
     }
-    b.push_str(
-        "</table></section><section><h2>Withdrawals</h2><p class=muted>Read-only here: a \
-         withdrawal is requested through the signed API (<code>POST /sapi/v1/capital/withdraw/apply</code>) \
-         with a <b>withdraw</b> key, so its limits and approvals apply.</p>",
-    );
+    b.push_str("</table></section><section><h2>Withdrawals</h2>");
     match st.0.custody.get().cloned() {
         None => b.push_str("<p class=muted>Custody is not attached.</p>"),
         Some(c) => {
+            let (fee_sat, min_sat) = c.withdrawal_terms();
+            let _ = write!(
+                b,
+                "<form method=post action=\"/dashboard/withdraw\">{}\
+                 <input type=hidden name=key value=\"{}\">\
+                 <label>Bitcoin address<input name=address maxlength=128 autocomplete=off \
+                 spellcheck=false required></label>\
+                 <label>Amount (BTC)<input name=amount inputmode=decimal required></label>\
+                 <label>Store password (again, to confirm)<input name=password type=password \
+                 autocomplete=current-password required></label>\
+                 <button>Request withdrawal</button></form>\
+                 <p class=muted>Fee {} BTC, minimum {} BTC. The same path as the signed API's \
+                 <code>withdraw/apply</code>: custody's limits, approvals and address checks apply. \
+                 Submitting this form twice requests one withdrawal.</p>",
+                csrf_field(&s),
+                esc(&new_withdraw_key()?),
+                crate::decimal::format_units(fee_sat, 8),
+                crate::decimal::format_units(min_sat, 8)
+            );
             let ws = tokio::task::spawn_blocking(move || c.withdrawals(Some(account)))
                 .await
                 .ok()
@@ -1089,6 +1161,7 @@ pub async fn invoice(
             .unwrap_or("")
             .trim_end_matches('/');
     let mut b = flash(&q);
+    b.push_str(&take_flash(&st, &s).await?);
     let _ = write!(
         b,
         "<section><p><span class=\"badge {}\">{}</span> {}</p><dl>\
@@ -1236,15 +1309,18 @@ pub async fn refund(
         s.gf(Value::Object(body)),
     ))
     .await?;
-    Ok(redirect(&format!(
-        "/dashboard/invoices/{}?done={}",
-        pct(&id),
-        pct(&format!(
+    // The claim link is a bearer credential: shown by the page, never put in its URL.
+    put_flash(
+        &st,
+        &s,
+        format!(
             "Refund of {} BTC created: {}",
             txt(&pp["amount"]),
             txt(&pp["viewLink"])
-        ))
-    )))
+        ),
+    )
+    .await?;
+    Ok(redirect(&format!("/dashboard/invoices/{}", pct(&id))))
 }
 
 /// `GET /dashboard/refunds`: the store's pull payments (refunds and others).
@@ -1315,8 +1391,249 @@ pub async fn settings(
         let _ = write!(b, "<option{sel}>{sp}</option>");
     }
     b.push_str("</select></label><button>Save</button></form>");
+    let account = s.account;
+    let settings = with_db(&st, move |c| {
+        super::store::settings_or_default(c, account).map_err(db_error)
+    })
+    .await?;
+    b.push_str("<h2>Point of sale</h2>");
+    let (switch_to, label) = match &settings.pos_token {
+        Some(t) => {
+            let base =
+                st.0.cfg
+                    .public_url
+                    .as_deref()
+                    .unwrap_or("")
+                    .trim_end_matches('/');
+            let _ = write!(
+                b,
+                "<p>On: <a class=\"addr pos-link\" href=\"{base}/pos/{t}\">{base}/pos/{t}</a></p>",
+                base = esc(base),
+                t = esc(t)
+            );
+            ("off", "Turn the point of sale off")
+        }
+        None => {
+            b.push_str(
+                "<p class=muted>Off. Turned on, the store gets a public page where a cashier \
+                 types an amount and the customer pays its invoice.</p>",
+            );
+            ("on", "Turn the point of sale on")
+        }
+    };
+    let _ = write!(
+        b,
+        "<form method=post action=\"/dashboard/settings/pos\">{}\
+         <input type=hidden name=pos value={switch_to}><button>{label}</button></form>",
+        csrf_field(&s)
+    );
     Ok(page(StatusCode::OK, "Store settings", Some(&s), &b))
 }
+
+/// `POST /dashboard/settings/pos`: `pos` (`on` or `off`) — the signed merchant API's store
+/// update ([`super::routes::update_store`], `posEnabled`) for the session's store.
+pub async fn save_pos(
+    State(st): State<AppState>,
+    s: Session,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    // The signed API's route needs `merchant`; so does the session.
+    if !s.principal().perms.has(Perms::MERCHANT) {
+        return Err(Refusal::Page(
+            StatusCode::FORBIDDEN,
+            "This session may not change the store.".into(),
+        ));
+    }
+    let on = match form.text("pos") {
+        "on" => true,
+        "off" => false,
+        _ => return Err(bad("Choose on or off for the point of sale.")),
+    };
+    super::routes::update_store(
+        &st,
+        s.account,
+        super::routes::StoreUpdate {
+            pos: Some(on),
+            ..Default::default()
+        },
+    )
+    .await?;
+    let msg = if on {
+        "Point of sale turned on."
+    } else {
+        "Point of sale turned off."
+    };
+    Ok(redirect(&format!("/dashboard/settings?done={}", pct(msg))))
+}
+
+/// The prefix of the idempotency keys (`withdrawOrderId`) of dashboard withdrawal forms.
+const WITHDRAW_KEY_PREFIX: &str = "dash-";
+
+/// A new withdrawal form's idempotency key: [`WITHDRAW_KEY_PREFIX`] and 32 random hex digits.
+fn new_withdraw_key() -> Result<String, Refusal> {
+    let r = crate::keys::random_bytes::<16>().map_err(|_| ApiError::internal())?;
+    Ok(format!("{WITHDRAW_KEY_PREFIX}{}", hex::encode(r)))
+}
+
+/// Step-up for a withdrawal: the store's password again, checked like a login and limited
+/// like one ([`LOGINS_PER_MIN`] attempts a minute per store, counted apart from the logins). A
+/// store without a password (a session from a one-time link) cannot withdraw from the
+/// dashboard.
+async fn step_up(st: &AppState, s: &Session, password: &str) -> Result<(), Refusal> {
+    let limiter = st
+        .merchant()
+        .logins
+        .get_or_init(|| crate::ratelimit::Limiter::new(LOGINS_PER_MIN));
+    if matches!(
+        limiter.charge(&format!("withdraw:{}", s.account), 1, now_ms()),
+        crate::ratelimit::Charge::Limited { .. }
+    ) {
+        return Err(Refusal::Page(
+            StatusCode::TOO_MANY_REQUESTS,
+            "Too many withdrawal attempts; wait a minute and try again. Nothing was sent.".into(),
+        ));
+    }
+    let account = s.account;
+    let phc = with_db(st, move |c| {
+        c.query_row(
+            "SELECT phc FROM dashboard_password WHERE merchant = ?1",
+            params![account],
+            |r| r.get::<_, String>(0),
+        )
+        .optional()
+        .map_err(db_error)
+    })
+    .await?;
+    let Some(phc) = phc else {
+        return Err(Refusal::Page(
+            StatusCode::FORBIDDEN,
+            "A withdrawal needs the store's password, and this store has none: ask the operator \
+             to set one (mediator dashboard password). Nothing was sent."
+                .into(),
+        ));
+    };
+    let password = password.to_owned();
+    let good = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+        .await
+        .map_err(|_| Refusal::from(ApiError::internal()))?;
+    if !good {
+        return Err(Refusal::Page(
+            StatusCode::UNAUTHORIZED,
+            "Wrong password. Nothing was sent.".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /dashboard/withdraw`: `address`, `amount` (BTC), `password` (step-up), `key` (the
+/// form's idempotency key) — the signed API's `withdraw/apply` path
+/// ([`crate::capital::apply_withdrawal`]) for the session's store account. A key already used
+/// by this account answers its withdrawal when address and amount match (a double submit, or
+/// a retry after a lost answer: one withdrawal), and is refused otherwise.
+pub async fn withdraw(
+    State(st): State<AppState>,
+    s: Session,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    // The signed API needs `withdraw`; the session's principal must hold it too.
+    if !s.principal().perms.has(Perms::WITHDRAW) {
+        return Err(Refusal::Page(
+            StatusCode::FORBIDDEN,
+            "This session may not withdraw.".into(),
+        ));
+    }
+    let key = form.text("key").to_owned();
+    if !key.starts_with(WITHDRAW_KEY_PREFIX) {
+        return Err(bad(
+            "This form has no withdrawal key; reload the page. Nothing was sent.",
+        ));
+    }
+    let address = form.text("address").to_owned();
+    let amount = crate::decimal::parse_units(form.text("amount"), 8)
+        .ok()
+        .filter(|a| *a > 0)
+        .ok_or_else(|| {
+            bad("The amount is a BTC amount above zero with at most 8 decimals. Nothing was sent.")
+        })?;
+    step_up(&st, &s, form.get("password").unwrap_or("")).await?;
+    let account = s.account;
+    let sent =
+        crate::capital::apply_withdrawal(&st, account, address.clone(), amount, key.clone()).await;
+    let w =
+        match sent {
+            Ok(w) => w,
+            Err(e) if e.code == DUPLICATE_WITHDRAWAL_KEY => {
+                // This form was sent before: its withdrawal, if it is the same one.
+                let k = key.clone();
+                let found = crate::capital::call(&st, move |c| c.withdrawals(Some(account)))
+                    .await?
+                    .into_iter()
+                    .find(|w| w.account == account && w.idempotency_key == k);
+                match found {
+                    Some(w) if w.address == address && w.amount_sat == amount => {
+                        return Ok(redirect(&format!(
+                            "/dashboard?done={}",
+                            pct(&format!(
+                                "This form already requested withdrawal {} of {} BTC; it is not \
+                             sent twice.",
+                                w.id,
+                                crate::decimal::format_units(w.amount_sat, 8)
+                            ))
+                        )));
+                    }
+                    _ => return Err(Refusal::Page(
+                        StatusCode::CONFLICT,
+                        "This form was already used for another withdrawal; reload the page to \
+                         request a new one. Nothing was sent."
+                            .into(),
+                    )),
+                }
+            }
+            // Anything but a definite refusal (the breaker, custody not attached) may have moved.
+            Err(e)
+                if e.status.is_server_error()
+                    && e.code != -1000
+                    && !(e.code == -1001 && e.status == StatusCode::SERVICE_UNAVAILABLE) =>
+            {
+                tracing::warn!(
+                    account,
+                    code = e.code,
+                    "dashboard withdrawal: no clear answer"
+                );
+                return Err(Refusal::Page(
+                    e.status,
+                    "Custody gave no clear answer: the withdrawal may or may not have been \
+                 requested. Sending this same form again is safe (it requests at most one \
+                 withdrawal), or check the list of withdrawals."
+                        .into(),
+                ));
+            }
+            Err(e) => {
+                return Err(Refusal::Page(
+                    e.status,
+                    format!(
+                        "Refused ({}): {}. Nothing was sent.",
+                        e.code,
+                        e.msg.trim_end_matches('.')
+                    ),
+                ))
+            }
+        };
+    Ok(redirect(&format!(
+        "/dashboard?done={}",
+        pct(&format!(
+            "Withdrawal {} of {} BTC requested ({:?}).",
+            w.id,
+            crate::decimal::format_units(w.amount_sat, 8),
+            w.state
+        ))
+    )))
+}
+
+/// Custody's code for a withdrawal key already used by the account (`-4029`).
+const DUPLICATE_WITHDRAWAL_KEY: i32 = -4029;
 
 /// `POST /dashboard/settings`: Greenfield's store update.
 pub async fn save_settings(

@@ -2423,48 +2423,15 @@ async fn execute_store_payout(
     p: &Payout,
     ask_first: bool,
 ) -> super::outcome::Moved {
-    use super::outcome::Moved;
-    let Some(c) = st.0.custody.get().cloned() else {
-        return if ask_first {
-            Moved::Unknown
-        } else {
-            Moved::Refused(crate::capital::unavailable())
-        };
-    };
-    let (merchant, key, dest, amount) = (
+    super::outcome::custody_withdrawal(
+        st.0.custody.get().cloned(),
         pp.merchant,
-        store_payout_key(p),
         p.destination.clone(),
         p.amount_sat,
-    );
-    tokio::task::spawn_blocking(move || {
-        let find = |c: &dyn crate::custody::Custody| -> Result<Option<u64>, ()> {
-            let all = c.withdrawals(Some(merchant)).map_err(|_| ())?;
-            match all.into_iter().find(|w| w.idempotency_key == key) {
-                Some(w) if w.amount_sat == amount && w.account == merchant => Ok(Some(w.id)),
-                Some(_) => Err(()),
-                None => Ok(None),
-            }
-        };
-        if ask_first {
-            match find(c.as_ref()) {
-                Ok(Some(id)) => return Moved::Done(format!("withdrawal:{id}")),
-                Ok(None) => {}
-                Err(()) => return Moved::Unknown,
-            }
-        }
-        match c.request_withdrawal(merchant, &dest, amount, &key) {
-            Ok(w) => Moved::Done(format!("withdrawal:{}", w.id)),
-            Err(e) if e.status >= 500 => Moved::Unknown,
-            Err(e) if e.code == -4029 => match find(c.as_ref()) {
-                Ok(Some(id)) => Moved::Done(format!("withdrawal:{id}")),
-                _ => Moved::Unknown,
-            },
-            Err(e) => Moved::Refused(crate::capital::custody_error(e)),
-        }
-    })
+        store_payout_key(p),
+        ask_first,
+    )
     .await
-    .unwrap_or(Moved::Unknown)
 }
 
 /// `POST /api/v1/pull-payments/{pullPaymentId}/payouts` (public: the id is the right to

@@ -92,6 +92,8 @@ pub struct Merchant {
     pub redeliveries: std::sync::OnceLock<crate::ratelimit::Limiter>,
     /// Dashboard login attempts per client IP and per store ([`dashboard`]).
     pub logins: std::sync::OnceLock<crate::ratelimit::Limiter>,
+    /// The external index price, read at most once per `index_cache_ms` ([`price`]).
+    pub price_index: price::IndexCache,
 }
 
 impl std::fmt::Debug for Merchant {
@@ -112,6 +114,7 @@ impl Merchant {
             invoice_lock: tokio::sync::Mutex::new(()),
             redeliveries: std::sync::OnceLock::new(),
             logins: std::sync::OnceLock::new(),
+            price_index: price::IndexCache::default(),
         })
     }
 

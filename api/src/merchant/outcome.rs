@@ -146,30 +146,75 @@ fn custody_unknown(e: &CustodyError) -> bool {
     e.status >= 500
 }
 
-/// Custody's record of the refund's withdrawal, if it has one. `Err` when custody could not be
-/// asked. A record under the refund's key with another account or amount is an alarm (and
-/// counts as unknown: nothing is assumed).
+/// Custody's record of the withdrawal under `key` from `merchant`, if it has one. `Err` when
+/// custody could not be asked. A record under the key with another account or amount is an
+/// alarm (and counts as unknown: nothing is assumed).
 fn custody_record(
     custody: &dyn Custody,
     merchant: u32,
-    r: &Refund,
+    key: &str,
+    amount_sat: u64,
 ) -> Result<Option<WithdrawalInfo>, ()> {
-    let key = refund_withdrawal_key(r);
     let all = custody.withdrawals(Some(merchant)).map_err(|e| {
         tracing::warn!(code = e.code, msg = %e.msg, "custody could not list withdrawals");
     })?;
     match all.into_iter().find(|w| w.idempotency_key == key) {
-        Some(w) if w.account == merchant && w.amount_sat == r.amount_sat => Ok(Some(w)),
+        Some(w) if w.account == merchant && w.amount_sat == amount_sat => Ok(Some(w)),
         Some(w) => {
             tracing::error!(
                 key,
                 withdrawal = w.id,
-                "a withdrawal under a refund's key does not match the refund"
+                "a withdrawal under a merchant payout's key does not match the payout"
             );
             Err(())
         }
         None => Ok(None),
     }
+}
+
+/// The one way merchant payments move money out through custody (refunds to an address and
+/// store pull-payment payouts): a withdrawal of `amount_sat` from `merchant` to `address` under
+/// the idempotency `key`. `ask_first`: look for custody's record of the key before requesting
+/// (resolving an unknown outcome). A key already taken is answered by custody's record of it:
+/// done when it matches, unknown otherwise; a 5xx is unknown; any other refusal is refused.
+/// Without custody: refused, or unknown when resolving.
+pub(crate) async fn custody_withdrawal(
+    custody: Option<Arc<dyn Custody>>,
+    merchant: u32,
+    address: String,
+    amount_sat: u64,
+    key: String,
+    ask_first: bool,
+) -> Moved {
+    let Some(c) = custody else {
+        return if ask_first {
+            Moved::Unknown
+        } else {
+            Moved::Refused(crate::capital::unavailable())
+        };
+    };
+    let task = tokio::task::spawn_blocking(move || {
+        if ask_first {
+            match custody_record(c.as_ref(), merchant, &key, amount_sat) {
+                Ok(Some(w)) => return Moved::Done(format!("withdrawal:{}", w.id)),
+                Ok(None) => {}
+                Err(()) => return Moved::Unknown,
+            }
+        }
+        match c.request_withdrawal(merchant, &address, amount_sat, &key) {
+            Ok(w) => Moved::Done(format!("withdrawal:{}", w.id)),
+            Err(e) if custody_unknown(&e) => Moved::Unknown,
+            // The key is taken: by this payout's own earlier attempt, or not at all.
+            Err(e) if e.code == DUPLICATE_WITHDRAWAL_KEY => {
+                match custody_record(c.as_ref(), merchant, &key, amount_sat) {
+                    Ok(Some(w)) => Moved::Done(format!("withdrawal:{}", w.id)),
+                    _ => Moved::Unknown,
+                }
+            }
+            Err(e) => Moved::Refused(custody_error(e)),
+        }
+    });
+    task.await.unwrap_or(Moved::Unknown)
 }
 
 /// Executes a reserved refund (the first time, or again to resolve it: the key makes a repeat
@@ -190,37 +235,15 @@ pub async fn execute_refund(
             transfer(st, cmd, ask_first).await
         }
         (None, Some(addr)) => {
-            let Some(c) = custody else {
-                return if ask_first {
-                    Moved::Unknown
-                } else {
-                    Moved::Refused(crate::capital::unavailable())
-                };
-            };
-            let (r, addr) = (r.clone(), addr.clone());
-            let task = tokio::task::spawn_blocking(move || {
-                if ask_first {
-                    match custody_record(c.as_ref(), merchant, &r) {
-                        Ok(Some(w)) => return Moved::Done(format!("withdrawal:{}", w.id)),
-                        Ok(None) => {}
-                        Err(()) => return Moved::Unknown,
-                    }
-                }
-                let key = refund_withdrawal_key(&r);
-                match c.request_withdrawal(merchant, &addr, r.amount_sat, &key) {
-                    Ok(w) => Moved::Done(format!("withdrawal:{}", w.id)),
-                    Err(e) if custody_unknown(&e) => Moved::Unknown,
-                    // The key is taken: by this refund's own earlier attempt, or not at all.
-                    Err(e) if e.code == DUPLICATE_WITHDRAWAL_KEY => {
-                        match custody_record(c.as_ref(), merchant, &r) {
-                            Ok(Some(w)) => Moved::Done(format!("withdrawal:{}", w.id)),
-                            _ => Moved::Unknown,
-                        }
-                    }
-                    Err(e) => Moved::Refused(custody_error(e)),
-                }
-            });
-            task.await.unwrap_or(Moved::Unknown)
+            custody_withdrawal(
+                custody,
+                merchant,
+                addr.clone(),
+                r.amount_sat,
+                refund_withdrawal_key(r),
+                ask_first,
+            )
+            .await
         }
         (None, None) => Moved::Refused(ApiError::internal()),
     }

@@ -14,6 +14,12 @@
 //! `index_max_deviation_bps` from the index, or an index that cannot be read or is stale, is
 //! refused too. A refusal is `-1157` (503) naming the reason; nothing is created.
 //!
+//! The index is read through an [`IndexCache`]: one read (file or fetch) serves every caller for
+//! `index_cache_ms` (capped by `index_max_age_ms`), concurrent callers wait for the one read in
+//! flight (single flight), and a cached price is never used once its own age (a file's
+//! modification time, or the fetch) passes `index_max_age_ms`. A failed read is cached too, so
+//! an anonymous page (the point of sale) cannot make the server hit the index at request rate.
+//!
 //! [`worst_sell_ticks`] is the lowest price a conversion sells at: the reference less
 //! `slippage_bps`, rounded up to the tick. The conversion is a limit IOC sell at that price, so
 //! it never fills below it; what does not fill is retried on the next monitor tick.
@@ -34,7 +40,7 @@ pub enum IndexSource {
 
 /// The limits of [`reference`] and [`worst_sell_ticks`]. Defaults: trades up to 5 minutes old,
 /// spread at most 2 %, 0.01 BTC a side, 1 % slippage, no index (index deviation 2 %, index age
-/// 5 minutes when one is set).
+/// 5 minutes, an index read reused for 2 s, when one is set).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PriceLimits {
     /// The oldest last trade that still gives a price, in ms.
@@ -52,6 +58,9 @@ pub struct PriceLimits {
     pub index_max_deviation_bps: u64,
     /// The oldest index file that is used, in ms.
     pub index_max_age_ms: u64,
+    /// How long one read of the index serves every caller ([`IndexCache`]), in ms; never
+    /// longer than `index_max_age_ms`. `0` reads the index on every use.
+    pub index_cache_ms: u64,
 }
 
 impl Default for PriceLimits {
@@ -64,6 +73,7 @@ impl Default for PriceLimits {
             index: None,
             index_max_deviation_bps: 200,
             index_max_age_ms: 5 * 60 * 1000,
+            index_cache_ms: 2_000,
         }
     }
 }
@@ -204,25 +214,109 @@ pub async fn read_index(
     decimals: u8,
     max_age_ms: u64,
 ) -> Result<u64, PriceError> {
-    let text = match src {
+    read_index_aged(src, decimals, max_age_ms)
+        .await
+        .map(|(price, _)| price)
+}
+
+/// [`read_index`], with the price's age in ms when read (a file's; `0` for a fetch).
+async fn read_index_aged(
+    src: &IndexSource,
+    decimals: u8,
+    max_age_ms: u64,
+) -> Result<(u64, u64), PriceError> {
+    let (text, age_ms) = match src {
         IndexSource::File(path) => {
             let path = path.clone();
-            tokio::task::spawn_blocking(move || -> Option<String> {
+            tokio::task::spawn_blocking(move || -> Option<(String, u64)> {
                 let meta = std::fs::metadata(&path).ok()?;
                 let age = meta.modified().ok()?.elapsed().unwrap_or_default();
                 if age > Duration::from_millis(max_age_ms) || meta.len() > MAX_INDEX_LEN as u64 {
                     return None;
                 }
-                std::fs::read_to_string(&path).ok()
+                let age_ms = u64::try_from(age.as_millis()).unwrap_or(u64::MAX);
+                std::fs::read_to_string(&path).ok().map(|t| (t, age_ms))
             })
             .await
             .ok()
             .flatten()
+            .ok_or(PriceError::IndexUnavailable)?
         }
-        IndexSource::Url(url) => fetch_index(url).await,
+        IndexSource::Url(url) => (
+            fetch_index(url).await.ok_or(PriceError::IndexUnavailable)?,
+            0,
+        ),
     };
-    let text = text.ok_or(PriceError::IndexUnavailable)?;
-    crate::decimal::parse_units(text.trim(), decimals).map_err(|_| PriceError::IndexUnavailable)
+    let price = crate::decimal::parse_units(text.trim(), decimals)
+        .map_err(|_| PriceError::IndexUnavailable)?;
+    Ok((price, age_ms))
+}
+
+/// One read of the index, kept by [`IndexCache`].
+#[derive(Debug, Clone)]
+struct CachedIndex {
+    decimals: u8,
+    read: Result<u64, PriceError>,
+    /// When it was read (the caller's clock).
+    read_ms: u64,
+    /// When the price itself was current: `read_ms` less its age.
+    as_of_ms: u64,
+}
+
+/// The index price shared by every caller ([`IndexCache::get`]): at most one read per
+/// `index_cache_ms`, and one at a time.
+#[derive(Debug, Default)]
+pub struct IndexCache {
+    /// One entry per quote precision. Held across a read: callers wait for the read in flight
+    /// instead of starting their own (single flight).
+    slots: tokio::sync::Mutex<Vec<CachedIndex>>,
+    reads: std::sync::atomic::AtomicU64,
+}
+
+impl IndexCache {
+    /// The index price in quote units (`decimals`) at `now_ms`: the cached read while it is
+    /// younger than `index_cache_ms` (capped by `index_max_age_ms`) and the price it holds is
+    /// no older than `index_max_age_ms`; otherwise a new read, which is cached (a failure too).
+    pub async fn get(
+        &self,
+        src: &IndexSource,
+        decimals: u8,
+        lim: &PriceLimits,
+        now_ms: u64,
+    ) -> Result<u64, PriceError> {
+        let ttl_ms = lim.index_cache_ms.min(lim.index_max_age_ms);
+        let mut slots = self.slots.lock().await;
+        if let Some(c) = slots.iter().find(|c| c.decimals == decimals) {
+            // A clock that went back (now before the read) does not extend a read's life.
+            let fresh = now_ms
+                .checked_sub(c.read_ms)
+                .is_some_and(|since| since < ttl_ms);
+            let young = c.read.is_err()
+                || now_ms
+                    .checked_sub(c.as_of_ms)
+                    .is_some_and(|age| age <= lim.index_max_age_ms);
+            if fresh && young {
+                return c.read.clone();
+            }
+        }
+        self.reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let read = read_index_aged(src, decimals, lim.index_max_age_ms).await;
+        let entry = CachedIndex {
+            decimals,
+            read: read.as_ref().map(|(p, _)| *p).map_err(Clone::clone),
+            read_ms: now_ms,
+            as_of_ms: now_ms.saturating_sub(read.as_ref().map_or(0, |(_, age)| *age)),
+        };
+        slots.retain(|c| c.decimals != decimals);
+        slots.push(entry.clone());
+        entry.read
+    }
+
+    /// How many times the index was read (file or fetch) since start.
+    pub fn reads(&self) -> u64 {
+        self.reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
 }
 
 async fn fetch_index(url: &str) -> Option<String> {
@@ -386,6 +480,64 @@ mod tests {
         for (name, ms, want) in cases {
             assert_eq!(reference(&ms, LOT, now, &lim), want, "{name}");
         }
+    }
+
+    /// One read serves callers for `index_cache_ms`; a cached price is not used past
+    /// `index_max_age_ms` of its own age, nor after the clock went back; failures are cached.
+    #[tokio::test]
+    async fn the_index_cache_reads_once_per_ttl_and_respects_the_max_age() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("index.txt");
+        std::fs::write(&file, "50000\n").unwrap();
+        let src = IndexSource::File(file.clone());
+        let lim = PriceLimits {
+            index_cache_ms: 1_000,
+            index_max_age_ms: 60_000,
+            ..PriceLimits::default()
+        };
+        let cache = IndexCache::default();
+        let t = 1_000_000;
+        assert_eq!(cache.get(&src, 2, &lim, t).await, Ok(5_000_000));
+        std::fs::write(&file, "51000\n").unwrap();
+        for dt in [0, 1, 999] {
+            assert_eq!(
+                cache.get(&src, 2, &lim, t + dt).await,
+                Ok(5_000_000),
+                "+{dt}"
+            );
+        }
+        assert_eq!(cache.reads(), 1);
+        // The TTL passed: read again.
+        assert_eq!(cache.get(&src, 2, &lim, t + 1_000).await, Ok(5_100_000));
+        assert_eq!(cache.reads(), 2);
+        // Another precision is its own entry.
+        assert_eq!(cache.get(&src, 0, &lim, t + 1_000).await, Ok(51_000));
+        assert_eq!(cache.reads(), 3);
+        // The clock went back: not served from the cache.
+        cache.get(&src, 2, &lim, t).await.unwrap();
+        assert_eq!(cache.reads(), 4);
+        // A TTL beyond the max age is capped by it: the price is never older than allowed.
+        let short = PriceLimits {
+            index_cache_ms: 10_000,
+            index_max_age_ms: 100,
+            ..PriceLimits::default()
+        };
+        let cache = IndexCache::default();
+        cache.get(&src, 2, &short, t).await.unwrap();
+        cache.get(&src, 2, &short, t + 99).await.unwrap();
+        assert_eq!(cache.reads(), 1);
+        cache.get(&src, 2, &short, t + 100).await.unwrap();
+        assert_eq!(cache.reads(), 2);
+        // A failure is cached for the TTL too.
+        let missing = IndexSource::File(dir.path().join("missing.txt"));
+        let cache = IndexCache::default();
+        for dt in [0, 500] {
+            assert_eq!(
+                cache.get(&missing, 2, &lim, t + dt).await,
+                Err(PriceError::IndexUnavailable)
+            );
+        }
+        assert_eq!(cache.reads(), 1);
     }
 
     #[test]

@@ -378,7 +378,12 @@ pub async fn current_rate(st: &AppState, quote: &str) -> Result<(u64, usize), Ap
         .filter(|r| *r > 0)
         .ok_or_else(|| no_price(None))?;
     if let Some(src) = &lim.index {
-        let index = super::price::read_index(src, m.quote.decimals, lim.index_max_age_ms)
+        // Cached (single flight, bounded age): an anonymous page cannot make the server read
+        // the index at request rate.
+        let index = st
+            .merchant()
+            .price_index
+            .get(src, m.quote.decimals, lim, now_ms())
             .await
             .map_err(|e| no_price(Some(e)))?;
         super::price::check_index(rate, index, lim).map_err(|e| no_price(Some(e)))?;
@@ -694,8 +699,71 @@ pub async fn post_store(State(st): State<AppState>, req: Req) -> Result<Response
     let settlement = p.opt("settlement")?;
     let pos = p.opt("posEnabled")?;
     p.finish()?;
+    let convert = match settlement.as_deref() {
+        None => None,
+        Some("keep_btc") => Some(false),
+        Some("convert") => Some(true),
+        Some(_) => return Err(bad_settings("settlement must be keep_btc or convert.")),
+    };
+    let pos = match pos.as_deref() {
+        None => None,
+        Some("true") => Some(true),
+        Some("false") => Some(false),
+        Some(_) => return Err(ApiError::illegal("posEnabled", "true|false")),
+    };
+    let update = StoreUpdate {
+        name,
+        currency,
+        url,
+        tol,
+        speed,
+        expiry,
+        convert,
+        pos,
+    };
+    let account = key.account;
+    let (s, new_secret) = update_store(&st, account, update).await?;
+    let mut v = settings_json(&s);
+    if new_secret {
+        v["webhookSecret"] = json!(super::webhook_secret(&st, account, s.secret_version));
+    }
+    Ok(ok_json(&ctx, v))
+}
+
+/// A change of a store's settings; what is `None` stays as it is.
+#[derive(Debug, Default)]
+pub(crate) struct StoreUpdate {
+    pub(crate) name: Option<String>,
+    pub(crate) currency: Option<String>,
+    pub(crate) url: Option<String>,
+    pub(crate) tol: Option<u16>,
+    pub(crate) speed: Option<u64>,
+    pub(crate) expiry: Option<u64>,
+    pub(crate) convert: Option<bool>,
+    /// On: a point-of-sale link (a new random token unless one exists); off: none.
+    pub(crate) pos: Option<bool>,
+}
+
+/// Checks and saves a store update for `account`: the one path of the signed API's
+/// `POST /mapi/v1/merchant/store` and the dashboard's point-of-sale switch. Refused: nothing
+/// saved. Answers the new settings and whether a webhook secret was created (version 1).
+pub(crate) async fn update_store(
+    st: &AppState,
+    account: u32,
+    u: StoreUpdate,
+) -> Result<(StoreSettings, bool), ApiError> {
+    let StoreUpdate {
+        name,
+        currency,
+        url,
+        tol,
+        speed,
+        expiry,
+        convert,
+        pos,
+    } = u;
     if let Some(c) = &currency {
-        check_currency(&st, c)?;
+        check_currency(st, c)?;
     }
     if let Some(u) = &url {
         let ok = (u.starts_with("https://") || u.starts_with("http://"))
@@ -737,21 +805,8 @@ pub async fn post_store(State(st): State<AppState>, req: Req) -> Result<Response
     if expiry.is_some_and(|e| !(1..=MAX_EXPIRY_MIN).contains(&e)) {
         return Err(bad_expiry());
     }
-    let convert = match settlement.as_deref() {
-        None => None,
-        Some("keep_btc") => Some(false),
-        Some("convert") => Some(true),
-        Some(_) => return Err(bad_settings("settlement must be keep_btc or convert.")),
-    };
-    let pos = match pos.as_deref() {
-        None => None,
-        Some("true") => Some(true),
-        Some("false") => Some(false),
-        Some(_) => return Err(ApiError::illegal("posEnabled", "true|false")),
-    };
     let pos_token = random_id()?;
-    let account = key.account;
-    let (s, new_secret) = with_db(&st, move |c| {
+    with_db(st, move |c| {
         let mut s = store::settings_or_default(c, account).map_err(db_error)?;
         let mut new_secret = false;
         if let Some(n) = name {
@@ -787,12 +842,7 @@ pub async fn post_store(State(st): State<AppState>, req: Req) -> Result<Response
         store::put_settings(c, &s).map_err(db_error)?;
         Ok((s, new_secret))
     })
-    .await?;
-    let mut v = settings_json(&s);
-    if new_secret {
-        v["webhookSecret"] = json!(super::webhook_secret(&st, account, s.secret_version));
-    }
-    Ok(ok_json(&ctx, v))
+    .await
 }
 
 /// `POST /mapi/v1/merchant/webhook/secret` (MERCHANT): a new webhook secret (the old one stops

@@ -1093,7 +1093,9 @@ async fn a_lost_payment_is_not_dropped_while_the_breaker_is_open() {
         )
         .await;
     assert_eq!(r.code(), -1007, "{}", r.json);
-    // The money moved (the reply was lost after the transfer applied).
+    // The money moved (the reply was lost after the transfer applied). A lost reply does not
+    // wait for the read models: catch them up before reading the balance.
+    assert!(m.h.state.sync_read_model().await);
     assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00123000");
     m.h.state.read_model().trip(api::audit::Violation {
         seq: 0,

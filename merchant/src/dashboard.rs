@@ -15,13 +15,14 @@
 //! * **One implementation of each action.** Pages call the Greenfield handlers
 //!   ([`super::greenfield`]) for the session's store through [`GfReq::session`] (invoices,
 //!   store settings, refunds, pull payments, webhook redelivery) and the key functions of
-//!   [`crate::native`] for API tokens; balances and withdrawals are read-only here.
+//!   [`api::native`] for API tokens; balances and withdrawals are read-only here.
 
 use super::greenfield::{self as gf, GfReq, RawQuery};
 use super::routes::{db_error, with_db};
-use crate::error::ApiError;
-use crate::keys::{ApiKey, Perms};
-use crate::state::{AppState, ClientIp};
+use crate::MerchantState as _;
+use api::error::ApiError;
+use api::keys::{ApiKey, Perms};
+use api::state::{AppState, ClientIp};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -64,7 +65,7 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 fn now_ms() -> u64 {
-    crate::core::now_ms()
+    api::core::now_ms()
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -72,7 +73,7 @@ fn sha256_hex(s: &str) -> String {
 }
 
 fn random_hex() -> Result<String, ApiError> {
-    crate::keys::random_bytes::<32>()
+    api::keys::random_bytes::<32>()
         .map(hex::encode)
         .map_err(|_| ApiError::internal())
 }
@@ -84,7 +85,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn hash_password(password: &str) -> Result<String, ApiError> {
     use argon2::password_hash::{PasswordHasher, SaltString};
-    let salt_bytes = crate::keys::random_bytes::<16>().map_err(|_| ApiError::internal())?;
+    let salt_bytes = api::keys::random_bytes::<16>().map_err(|_| ApiError::internal())?;
     let salt = SaltString::encode_b64(&salt_bytes).map_err(|_| ApiError::internal())?;
     argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
@@ -113,7 +114,7 @@ fn dummy_phc() -> &'static str {
 /// characters). Replaces the store's password and logs out its sessions.
 pub async fn admin_set_password(
     State(st): State<AppState>,
-    req: crate::state::Req,
+    req: api::state::Req,
 ) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
@@ -142,14 +143,14 @@ pub async fn admin_set_password(
     })
     .await?;
     st.audit_as("admin", "dashboard.password", json!({ "account": account }))?;
-    Ok(crate::state::ok_json(&ctx, json!({ "account": account })))
+    Ok(api::state::ok_json(&ctx, json!({ "account": account })))
 }
 
 /// `POST /mapi/v1/admin/dashboardLink` (ADMIN): `account`. A one-time login link, valid
 /// [`LINK_TTL_MS`]; only its hash is kept.
 pub async fn admin_login_link(
     State(st): State<AppState>,
-    req: crate::state::Req,
+    req: api::state::Req,
 ) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
@@ -167,12 +168,12 @@ pub async fn admin_login_link(
     .await?;
     st.audit_as("admin", "dashboard.link", json!({ "account": account }))?;
     let base =
-        st.0.cfg
+        st.cfg()
             .public_url
             .as_deref()
             .unwrap_or("")
             .trim_end_matches('/');
-    Ok(crate::state::ok_json(
+    Ok(api::state::ok_json(
         &ctx,
         json!({
             "account": account,
@@ -182,7 +183,7 @@ pub async fn admin_login_link(
     ))
 }
 
-fn account_param(st: &AppState, p: &mut crate::params::Params) -> Result<u32, ApiError> {
+fn account_param(st: &AppState, p: &mut api::params::Params) -> Result<u32, ApiError> {
     let a = p
         .req("account")?
         .parse::<u32>()
@@ -273,7 +274,7 @@ impl FromRequestParts<AppState> for Session {
         // The route's weight from the permission table (1 for every dashboard row).
         let weight = parts
             .extensions
-            .get::<&'static crate::access::Route>()
+            .get::<&'static api::access::Route>()
             .and_then(|r| r.weight)
             .unwrap_or(1);
         st.charge_ip_addr(&ip, weight)?;
@@ -366,7 +367,7 @@ fn same_origin(st: &AppState, headers: &HeaderMap) -> bool {
     let Ok(origin) = origin.to_str() else {
         return false;
     };
-    if let Some(public) = st.0.cfg.public_url.as_deref() {
+    if let Some(public) = st.cfg().public_url.as_deref() {
         let public = public.trim_end_matches('/');
         let public_origin = public
             .find("://")
@@ -391,8 +392,8 @@ impl Form {
         let mut out = Vec::new();
         for p in s.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let k = crate::params::percent_decode(k).ok_or_else(|| bad("A malformed form."))?;
-            let v = crate::params::percent_decode(v).ok_or_else(|| bad("A malformed form."))?;
+            let k = api::params::percent_decode(k).ok_or_else(|| bad("A malformed form."))?;
+            let v = api::params::percent_decode(v).ok_or_else(|| bad("A malformed form."))?;
             out.push((k, v));
         }
         Ok(Form(out))
@@ -567,7 +568,7 @@ fn flash(q: &Option<String>) -> String {
         .split('&')
         .filter_map(|p| p.split_once('='))
         .find(|(k, _)| *k == "done")
-        .and_then(|(_, v)| crate::params::percent_decode(v));
+        .and_then(|(_, v)| api::params::percent_decode(v));
     msg.map(|m| format!("<p class=ok>{}</p>", esc(&m)))
         .unwrap_or_default()
 }
@@ -657,11 +658,11 @@ async fn try_login(
     let limiter = st
         .merchant()
         .logins
-        .get_or_init(|| crate::ratelimit::Limiter::new(LOGINS_PER_MIN));
+        .get_or_init(|| api::ratelimit::Limiter::new(LOGINS_PER_MIN));
     let limited = |who: &str| {
         matches!(
             limiter.charge(who, 1, now_ms()),
-            crate::ratelimit::Charge::Limited { .. }
+            api::ratelimit::Charge::Limited { .. }
         )
     };
     if limited(&format!("ip:{ip}")) {
@@ -760,7 +761,7 @@ async fn try_login(
 /// `; Secure` unless the server is configured to be reached over plain HTTP (`public_url`
 /// starting `http://`, e.g. a localhost setup).
 fn secure_attr(st: &AppState) -> &'static str {
-    match st.0.cfg.public_url.as_deref() {
+    match st.cfg().public_url.as_deref() {
         Some(u) if u.starts_with("http://") => "",
         _ => "; Secure",
     }
@@ -813,7 +814,7 @@ pub async fn home(
     })
     .await?;
     let base =
-        st.0.cfg
+        st.cfg()
             .public_url
             .as_deref()
             .unwrap_or("")
@@ -854,8 +855,8 @@ pub async fn home(
                 b,
                 "<tr><td>{}<td class=num>{}<td class=num>{}",
                 esc(&a.symbol),
-                crate::decimal::format_units(*free, a.decimals),
-                crate::decimal::format_units(*locked, a.decimals)
+                api::decimal::format_units(*free, a.decimals),
+                api::decimal::format_units(*locked, a.decimals)
             );
         }
     }
@@ -864,7 +865,7 @@ pub async fn home(
          withdrawal is requested through the signed API (<code>POST /sapi/v1/capital/withdraw/apply</code>) \
          with a <b>withdraw</b> key, so its limits and approvals apply.</p>",
     );
-    match st.0.custody.get().cloned() {
+    match st.custody() {
         None => b.push_str("<p class=muted>Custody is not attached.</p>"),
         Some(c) => {
             let ws = tokio::task::spawn_blocking(move || c.withdrawals(Some(account)))
@@ -881,7 +882,7 @@ pub async fn home(
                         b,
                         "<tr><td>{}<td class=num>{}<td class=addr>{}<td>{}",
                         w.id,
-                        crate::decimal::format_units(w.amount_sat, 8),
+                        api::decimal::format_units(w.amount_sat, 8),
                         esc(&w.address),
                         esc(&format!("{:?}", w.state))
                     );
@@ -1083,7 +1084,7 @@ pub async fn invoice(
     })
     .await?;
     let base =
-        st.0.cfg
+        st.cfg()
             .public_url
             .as_deref()
             .unwrap_or("")
@@ -1163,7 +1164,7 @@ pub async fn invoice(
         let _ = write!(
             b,
             "<p>{} BTC · claim page <a href=\"{base}/pp/{pp}\">{base}/pp/{pp}</a></p>",
-            crate::decimal::format_units(*sat, 8),
+            api::decimal::format_units(*sat, 8),
             base = esc(base),
             pp = esc(pp)
         );
@@ -1356,7 +1357,7 @@ pub async fn tokens(
 ) -> Result<Response, Refusal> {
     let mut b = flash(&q);
     b.push_str("<ul class=cards>");
-    let keys = st.0.keys.of_account(s.account);
+    let keys = st.keys().of_account(s.account);
     if keys.is_empty() {
         b.push_str("<li class=muted>No API keys.</li>");
     }
@@ -1413,7 +1414,7 @@ pub async fn create_token(
     if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         return Err(bad("The label is at most 64 printable ASCII characters."));
     }
-    let v = crate::native::create_key(
+    let v = api::native::create_key(
         &st,
         &format!("dashboard:{}", s.account),
         s.account,
@@ -1441,7 +1442,7 @@ pub async fn revoke_token(
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
     let target = form.text("apiKey").to_owned();
-    crate::native::revoke_own_key(&st, &s.principal(), &target)?;
+    api::native::revoke_own_key(&st, &s.principal(), &target)?;
     Ok(redirect(&format!(
         "/dashboard/tokens?done={}",
         pct("Token revoked.")

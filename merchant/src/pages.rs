@@ -24,72 +24,23 @@ pub fn content_security_policy(page: &str, frame_ancestors: &str) -> String {
     static POS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
     static CLAIM: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
     let computed;
-    let (script, style) = if std::ptr::eq(page, CHECKOUT_HTML) {
-        CHECKOUT.get_or_init(|| inline_sources(CHECKOUT_HTML))
+    let sources = if std::ptr::eq(page, CHECKOUT_HTML) {
+        CHECKOUT.get_or_init(|| api::page::inline_sources(CHECKOUT_HTML))
     } else if std::ptr::eq(page, POS_HTML) {
-        POS.get_or_init(|| inline_sources(POS_HTML))
+        POS.get_or_init(|| api::page::inline_sources(POS_HTML))
     } else if std::ptr::eq(page, CLAIM_HTML) {
-        CLAIM.get_or_init(|| inline_sources(CLAIM_HTML))
+        CLAIM.get_or_init(|| api::page::inline_sources(CLAIM_HTML))
     } else {
-        computed = inline_sources(page);
+        computed = api::page::inline_sources(page);
         &computed
     };
-    format!(
-        "default-src 'none'; script-src {script}; style-src {style}; img-src 'self'; \
-         connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors {frame_ancestors}"
-    )
-}
-
-/// The CSP sources of a page's inline `<script>` and `<style>` elements: their hashes.
-fn inline_sources(page: &str) -> (String, String) {
-    let hashes = |tag: &str| -> String {
-        let open = format!("<{tag}>");
-        let close = format!("</{tag}>");
-        let mut out = Vec::new();
-        let mut rest = page;
-        while let Some((_, after)) = rest.split_once(open.as_str()) {
-            let Some((body, tail)) = after.split_once(close.as_str()) else {
-                break;
-            };
-            // The browser hashes the element's text after the HTML parser turned CR LF and CR
-            // into LF (a checkout with CRLF line endings must still match).
-            let text = body.replace("\r\n", "\n").replace('\r', "\n");
-            out.push(format!("'sha256-{}'", sha256_base64(text.as_bytes())));
-            rest = tail;
-        }
-        if out.is_empty() {
-            "'none'".to_owned()
-        } else {
-            out.join(" ")
-        }
-    };
-    (hashes("script"), hashes("style"))
-}
-
-fn sha256_base64(bytes: &[u8]) -> String {
-    use sha2::Digest as _;
-    let d = sha2::Sha256::digest(bytes);
-    // Standard base64 with padding, as CSP hash sources are written.
-    const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let mut s = String::with_capacity(44);
-    for c in d.chunks(3) {
-        let n = (u32::from(c[0]) << 16)
-            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
-            | u32::from(*c.get(2).unwrap_or(&0));
-        for i in 0..4 {
-            if i <= c.len() {
-                s.push(A[((n >> (18 - 6 * i)) & 63) as usize] as char);
-            } else {
-                s.push('=');
-            }
-        }
-    }
-    s
+    api::page::csp_of(sources, frame_ancestors)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use api::page::sha256_base64;
 
     #[test]
     fn csp_hashes_each_inline_script_and_style() {

@@ -18,7 +18,7 @@
 //! `slippage_bps`, rounded up to the tick. The conversion is a limit IOC sell at that price, so
 //! it never fills below it; what does not fill is retried on the next monitor tick.
 
-use crate::readmodel::MarketState;
+use api::readmodel::MarketState;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -222,7 +222,7 @@ pub async fn read_index(
         IndexSource::Url(url) => fetch_index(url).await,
     };
     let text = text.ok_or(PriceError::IndexUnavailable)?;
-    crate::decimal::parse_units(text.trim(), decimals).map_err(|_| PriceError::IndexUnavailable)
+    api::decimal::parse_units(text.trim(), decimals).map_err(|_| PriceError::IndexUnavailable)
 }
 
 async fn fetch_index(url: &str) -> Option<String> {
@@ -257,7 +257,7 @@ pub fn worst_sell_ticks(reference_ticks: u64, slippage_bps: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::readmodel::TradeRec;
+    use api::readmodel::TradeRec;
     use matching_engine::{Price, Qty, Side};
 
     const LOT: u64 = 1_000;

@@ -4,7 +4,9 @@
 
 mod common;
 
-use api::merchant::monitor::tick;
+use merchant::MerchantState as _;
+
+use merchant::monitor::tick;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use common::custody::Fake;
@@ -238,7 +240,7 @@ async fn gf(h: &Harness, method: &str, uri: &str, token: &str, body: Option<Valu
 
 fn store_name(h: &Harness, account: u32) -> String {
     let db = h.state.merchant().db.lock().unwrap();
-    api::merchant::store::settings_or_default(&db, account)
+    merchant::store::settings_or_default(&db, account)
         .unwrap()
         .name
 }

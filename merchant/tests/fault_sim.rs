@@ -11,9 +11,11 @@
 
 mod common;
 
-use api::merchant::model::Source;
-use api::merchant::monitor::tick;
-use api::merchant::store;
+use merchant::MerchantState as _;
+
+use merchant::model::Source;
+use merchant::monitor::tick;
+use merchant::store;
 use axum::http::StatusCode;
 use common::custody::Fake;
 use common::{Harness, Lossy, Rng};
@@ -214,7 +216,7 @@ async fn step(w: &mut World) {
                 w.h.ok(
                     "POST",
                     "/mapi/v1/merchant/invoice",
-                    &format!("amount={}&currency=BTC", api::merchant::routes::btc(sat)),
+                    &format!("amount={}&currency=BTC", merchant::routes::btc(sat)),
                     &w.merchant.1,
                 )
                 .await;
@@ -266,7 +268,7 @@ async fn step(w: &mut World) {
             w.next_id += 1;
             let params = format!(
                 "invoiceId={id}&amount={}&{dest}&idempotencyKey=rk-{key_n}",
-                api::merchant::routes::btc(sat)
+                merchant::routes::btc(sat)
             );
             maybe_lose(w, 15);
             let lost_custody = usize::from(w.rng.chance(15));

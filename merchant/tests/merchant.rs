@@ -3,8 +3,10 @@
 
 mod common;
 
-use api::merchant::monitor::tick;
-use api::merchant::{store, webhook};
+use merchant::MerchantState as _;
+
+use merchant::monitor::tick;
+use merchant::{store, webhook};
 use axum::http::StatusCode;
 use common::custody::Fake;
 use common::Harness;
@@ -576,13 +578,12 @@ async fn usd_invoice_without_a_reliable_price_is_refused_and_nothing_changes() {
 async fn usd_invoice_with_a_stale_last_trade_is_refused() {
     let mut merchant = common::test_merchant_config();
     merchant.price.max_trade_age_ms = 1;
-    let h = Harness::with_config(api::ApiConfig {
+    let h = Harness::with_configs(api::ApiConfig {
         orders_per_10s: 1_000_000,
         ip_weight_per_min: 1_000_000,
         key_weight_per_min: 1_000_000,
-        merchant,
         ..api::ApiConfig::default()
-    });
+    }, merchant);
     let m = setup_on(h).await;
     market(&m.h, "49900", "50000", "1").await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -606,14 +607,13 @@ async fn usd_invoice_is_checked_against_the_operators_index() {
     let index_dir = tempfile::tempdir().unwrap();
     let file = index_dir.path().join("btcusd.txt");
     let mut merchant = common::test_merchant_config();
-    merchant.price.index = Some(api::merchant::price::IndexSource::File(file.clone()));
-    let h = Harness::with_config(api::ApiConfig {
+    merchant.price.index = Some(merchant::price::IndexSource::File(file.clone()));
+    let h = Harness::with_configs(api::ApiConfig {
         orders_per_10s: 1_000_000,
         ip_weight_per_min: 1_000_000,
         key_weight_per_min: 1_000_000,
-        merchant,
         ..api::ApiConfig::default()
-    });
+    }, merchant);
     let m = setup_on(h).await;
     market(&m.h, "49900", "50000", "1").await;
     let create = || async {
@@ -808,7 +808,7 @@ async fn convert_preference_sells_received_btc() {
     assert_eq!(s(conv, "state"), "done", "{v}");
     // Sold the received BTC rounded down to the lot (1,000 sat) at 50,000, taker fee 0.2 %.
     let lots_sat = sat / 1_000 * 1_000;
-    assert_eq!(s(conv, "soldBtc"), api::merchant::routes::btc(lots_sat));
+    assert_eq!(s(conv, "soldBtc"), merchant::routes::btc(lots_sat));
     let notional = lots_sat as u128 * 50_000; // quote units: 8 decimals
     let fee = notional * 20 / 10_000;
     let want = api::decimal::format_units((notional - fee) as u64, 8);
@@ -1011,7 +1011,7 @@ async fn a_lost_payment_is_not_dropped_while_the_breaker_is_open() {
         supply: 0,
     });
     assert!(m.h.state.halted().is_some());
-    let out = api::merchant::outcome::resolve(&m.h.state, common::now_ms())
+    let out = merchant::outcome::resolve(&m.h.state, common::now_ms())
         .await
         .unwrap();
     assert_eq!((out.dropped, out.unknown), (0, 1), "{out:?}");
@@ -1255,7 +1255,7 @@ async fn a_payment_intent_left_by_a_crash_is_recorded_from_the_engine() {
         amount_sat: 30_000,
         created_ms: common::now_ms(),
     };
-    let cmd = api::merchant::outcome::pay_command(&m.h.state, &intent, m.account).unwrap();
+    let cmd = merchant::outcome::pay_command(&m.h.state, &intent, m.account).unwrap();
     m.h.state.submit(cmd).await.unwrap().result.unwrap();
     store::insert_pay_intent(&m.h.state.merchant().db.lock().unwrap(), &intent).unwrap();
     m.tick(common::now_ms()).await;

@@ -1,10 +1,11 @@
 //! The point-of-sale page in headless Chromium: the cashier types an amount on the keypad (the
 //! store's decimals are enforced), charges, sees the invoice QR, then sees it turn paid live.
 
+#[path = "../../api/tests/browser/mod.rs"]
 mod browser;
 
-use api::merchant::pages::POS_HTML;
-use api::merchant::qr::{bip21_uri, qr_svg};
+use merchant::pages::POS_HTML;
+use merchant::qr::{bip21_uri, qr_svg};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, Sse};

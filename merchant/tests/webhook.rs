@@ -4,8 +4,8 @@
 //! for a condition, with a generous limit.
 #![allow(missing_docs)]
 
-use api::merchant::target::TargetPolicy;
-use api::merchant::webhook::{
+use merchant::target::TargetPolicy;
+use merchant::webhook::{
     self, DeliveryStatus, DeliveryView, Dispatcher, EventType, RedeliverError, RetryPolicy,
     VerifyError, WebhookEndpoints,
 };

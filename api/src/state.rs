@@ -968,3 +968,39 @@ pub fn ok_json(ctx: &Ctx, v: serde_json::Value) -> Response {
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    use super::Extensions;
+
+    #[derive(Debug, PartialEq)]
+    struct A(u32);
+    #[derive(Debug, PartialEq)]
+    struct B(&'static str);
+
+    #[test]
+    fn extensions_are_found_by_type_and_set_once() {
+        let e = Extensions::default();
+        assert_eq!(e.get::<A>(), None);
+        assert_eq!(e.insert(A(1)), Ok(()));
+        assert_eq!(e.insert(B("b")), Ok(()));
+        assert_eq!(e.get::<A>(), Some(&A(1)));
+        assert_eq!(e.get::<B>(), Some(&B("b")));
+        // A second value of a type comes back; the first stays.
+        assert_eq!(e.insert(A(2)), Err(A(2)));
+        assert_eq!(e.get::<A>(), Some(&A(1)));
+        // Full: the value comes back.
+        let e = Extensions::default();
+        macro_rules! fill {
+            ($($t:ident),*) => {$(
+                #[derive(Debug)]
+                struct $t;
+                assert!(e.insert($t).is_ok());
+            )*};
+        }
+        fill!(C0, C1, C2, C3, C4, C5, C6, C7);
+        assert_eq!(Extensions::SLOTS, 8);
+        assert_eq!(e.insert(A(3)), Err(A(3)));
+        assert_eq!(e.get::<A>(), None);
+    }
+}

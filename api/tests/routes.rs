@@ -147,6 +147,48 @@ fn no_route_is_registered_outside_the_table() {
     }
 }
 
+/// The shell does not know the merchant crate: no `merchant::` path in `api/src` (doc comments
+/// aside) and no `merchant` among api's dependencies (a dev-dependency for these tests only).
+#[test]
+fn the_shell_does_not_name_the_merchant_crate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack = vec![root.join("src")];
+    let mut seen = 0;
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                seen += 1;
+                let text = std::fs::read_to_string(&p).unwrap();
+                for (i, line) in text.lines().enumerate() {
+                    let code = line.trim_start();
+                    if code.starts_with("//") {
+                        continue;
+                    }
+                    assert!(
+                        !code.contains("merchant::"),
+                        "{}:{} names the merchant crate: {line}",
+                        p.display(),
+                        i + 1
+                    );
+                }
+            }
+        }
+    }
+    assert!(seen > 10);
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let deps = manifest
+        .split("[dependencies]")
+        .nth(1)
+        .unwrap()
+        .split("[dev-dependencies]")
+        .next()
+        .unwrap();
+    assert!(!deps.contains("merchant"), "api depends on merchant");
+}
+
 /// Everything a refused request could have changed.
 async fn fingerprint(h: &Harness, observer: &(String, String)) -> String {
     let rm = format!("{:?}", {

@@ -2,7 +2,7 @@
 //! from an exchange balance, refunds, conversion to the quote asset, signed webhooks, checkout
 //! and point-of-sale pages.
 //!
-//! A product composed over the `api` shell (docs/adr/0014-merchant-crate.md): its handlers take
+//! A product composed over the `api` shell (docs/adr/0014-merchant-crate-over-the-api-shell.md): its handlers take
 //! `State<api::AppState>` like the trader gateway's and find their [`Merchant`] in the state's
 //! extension slot ([`of`], [`MerchantState`]); its routes are one more permission table
 //! ([`ROUTES`], [`SURFACE`]) that the shell's router and access checks serve with

@@ -31,7 +31,7 @@
 //! unknown and the chain and the ledger agree to the satoshi.
 //!
 //! A failure prints the seed and the replay command:
-//! `MEDIATOR_SIM_SEED=<seed> cargo test -p api --test crash_sim`; `MEDIATOR_SIM_SEEDS=<n>` runs
+//! `MEDIATOR_SIM_SEED=<seed> cargo test -p merchant --test crash_sim`; `MEDIATOR_SIM_SEEDS=<n>` runs
 //! seeds 1..=n (default 6). Runs are deterministic (the same seed takes the same steps and faults).
 
 mod common;
@@ -1320,7 +1320,7 @@ fn run_seed(seed: u64) -> BTreeMap<String, u64> {
                 .unwrap_or_default();
             panic!(
                 "crash simulation failed at seed {seed}: {msg}\n\
-                 replay: MEDIATOR_SIM_SEED={seed} cargo test -p api --test crash_sim"
+                 replay: MEDIATOR_SIM_SEED={seed} cargo test -p merchant --test crash_sim"
             );
         }
     }

@@ -6,7 +6,7 @@
 //! and monitor ticks done) that every outcome was resolved, nothing stays frozen, and every
 //! account holds exactly what the recorded flows say: nothing paid twice, nothing lost.
 //!
-//! A failure prints its seed; `MEDIATOR_SIM_SEED=<seed> cargo test -p api --test fault_sim`
+//! A failure prints its seed; `MEDIATOR_SIM_SEED=<seed> cargo test -p merchant --test fault_sim`
 //! replays it (`MEDIATOR_SIM_SEEDS=<n>` runs more seeds).
 
 mod common;
@@ -494,7 +494,7 @@ async fn seeded_fault_simulation_keeps_every_outcome_known_and_every_unit_accoun
             eprintln!("last steps of seed {seed}:\n  {}", log[from..].join("\n  "));
             panic!(
                 "simulation failed at seed {seed}: {e}\n\
-                 replay: MEDIATOR_SIM_SEED={seed} cargo test -p api --test fault_sim"
+                 replay: MEDIATOR_SIM_SEED={seed} cargo test -p merchant --test fault_sim"
             );
         }
     }

@@ -727,10 +727,7 @@ mod tests {
             !m.webhook_targets.allow_private,
             "private webhook targets are off by default"
         );
-        assert_eq!(
-            m.price,
-            merchant::price::PriceLimits::default()
-        );
+        assert_eq!(m.price, merchant::price::PriceLimits::default());
         let file: FileConfig = toml::from_str(
             "[merchant]\nallow_private_webhooks = true\nprice_max_spread_bps = 50\nprice_index_file = \"/x/btcusd.txt\"\nredeliveries_per_min = 3\n",
         )
@@ -752,9 +749,7 @@ mod tests {
         assert_eq!(m.price.slippage_bps, 30);
         assert_eq!(
             m.price.index,
-            Some(merchant::price::IndexSource::File(
-                "/x/btcusd.txt".into()
-            ))
+            Some(merchant::price::IndexSource::File("/x/btcusd.txt".into()))
         );
         assert_eq!(
             m.price.max_trade_age_ms,

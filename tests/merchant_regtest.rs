@@ -325,9 +325,7 @@ fn verify_all(hooks: &HookServer, secret: &str) {
         assert!(merchant::webhook::verify(b"wrong", sig, &h.body, now, 300).is_err());
         let mut changed = h.body.clone();
         changed.push(b' ');
-        assert!(
-            merchant::webhook::verify(secret.as_bytes(), sig, &changed, now, 300).is_err()
-        );
+        assert!(merchant::webhook::verify(secret.as_bytes(), sig, &changed, now, 300).is_err());
         let body = h.json();
         assert_eq!(h.header("Mediator-Event"), body["type"].as_str());
         assert_eq!(h.header("Mediator-Delivery"), body["deliveryId"].as_str());

@@ -797,11 +797,7 @@ pub fn find(method: &str, path: &str) -> Option<&'static Route> {
 }
 
 /// The entry of `tables` for `method` and router path `path`.
-pub fn find_in(
-    tables: &[&'static [Route]],
-    method: &str,
-    path: &str,
-) -> Option<&'static Route> {
+pub fn find_in(tables: &[&'static [Route]], method: &str, path: &str) -> Option<&'static Route> {
     tables
         .iter()
         .flat_map(|t| t.iter())

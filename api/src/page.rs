@@ -89,6 +89,9 @@ mod tests {
         let crlf = content_security_policy("<script>a()\r\nb()</script>", "'self'");
         assert!(crlf.contains(&sha256_base64(b"a()\nb()")), "{crlf}");
         let none = content_security_policy("<p>static</p>", "'none'");
-        assert!(none.contains("script-src 'none'; style-src 'none';"), "{none}");
+        assert!(
+            none.contains("script-src 'none'; style-src 'none';"),
+            "{none}"
+        );
     }
 }

@@ -167,12 +167,12 @@ pub async fn admin_login_link(
     })
     .await?;
     st.audit_as("admin", "dashboard.link", json!({ "account": account }))?;
-    let base =
-        st.cfg()
-            .public_url
-            .as_deref()
-            .unwrap_or("")
-            .trim_end_matches('/');
+    let base = st
+        .cfg()
+        .public_url
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('/');
     Ok(api::state::ok_json(
         &ctx,
         json!({
@@ -813,12 +813,12 @@ pub async fn home(
         super::store::settings_or_default(c, account).map_err(db_error)
     })
     .await?;
-    let base =
-        st.cfg()
-            .public_url
-            .as_deref()
-            .unwrap_or("")
-            .trim_end_matches('/');
+    let base = st
+        .cfg()
+        .public_url
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('/');
     let mut b = flash(&q);
     let _ = write!(
         b,
@@ -1083,12 +1083,12 @@ pub async fn invoice(
         Ok((d, r))
     })
     .await?;
-    let base =
-        st.cfg()
-            .public_url
-            .as_deref()
-            .unwrap_or("")
-            .trim_end_matches('/');
+    let base = st
+        .cfg()
+        .public_url
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('/');
     let mut b = flash(&q);
     let _ = write!(
         b,

@@ -320,10 +320,10 @@ fn auth(st: &AppState, req: &GfReq, store: Option<&str>) -> Result<Arc<ApiKey>, 
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("token"))
         .map(|(_, t)| t.trim())
         .ok_or_else(|| unauthenticated("Authentication is required for accessing this endpoint"))?;
-    let key =
-        st.keys()
-            .by_greenfield_token(token)
-            .ok_or_else(|| unauthenticated("ApiKey authentication failed: Unknown API Key"))?;
+    let key = st
+        .keys()
+        .by_greenfield_token(token)
+        .ok_or_else(|| unauthenticated("ApiKey authentication failed: Unknown API Key"))?;
     st.charge_key(&key, weight)?;
     if !key.perms.has(g.perms()) {
         return Err(missing_permission(g));

@@ -5,8 +5,6 @@
 #[path = "../../api/tests/browser/mod.rs"]
 mod browser;
 
-use merchant::pages::CHECKOUT_HTML;
-use merchant::qr::{bip21_uri, qr_svg};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -15,6 +13,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use browser::Browser;
 use futures_util::stream::{self, Stream};
+use merchant::pages::CHECKOUT_HTML;
+use merchant::qr::{bip21_uri, qr_svg};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::future::IntoFuture;

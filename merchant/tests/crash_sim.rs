@@ -43,8 +43,6 @@ mod crash;
 mod custody;
 
 use api::core::Outcome;
-use merchant::model::Source;
-use merchant::store;
 use api::{ApiConfig, NodeConfig};
 use common::{Harness, Resp, Rng};
 use crash::{Crash, FaultCore};
@@ -55,6 +53,8 @@ use matching_engine::recovery::{RecoveryError, StoreConfig};
 use matching_engine::{
     AccountId, Amount, Command, Event, IdempotencyKey, WithdrawalId, WithdrawalState,
 };
+use merchant::model::Source;
+use merchant::store;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;

@@ -6,12 +6,12 @@ mod common;
 
 use merchant::MerchantState as _;
 
-use merchant::monitor::tick;
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use common::custody::Fake;
 use common::Harness;
 use http_body_util::BodyExt;
+use merchant::monitor::tick;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;

@@ -13,12 +13,12 @@ mod common;
 
 use merchant::MerchantState as _;
 
-use merchant::model::Source;
-use merchant::monitor::tick;
-use merchant::store;
 use axum::http::StatusCode;
 use common::custody::Fake;
 use common::{Harness, Lossy, Rng};
+use merchant::model::Source;
+use merchant::monitor::tick;
+use merchant::store;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};

@@ -6,12 +6,12 @@ mod common;
 
 use merchant::MerchantState as _;
 
-use merchant::monitor::tick;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::custody::Fake;
 use common::{Harness, Resp};
 use http_body_util::BodyExt;
+use merchant::monitor::tick;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -709,9 +709,7 @@ async fn webhooks_get_btcpay_events_filtered_and_the_legacy_outbox_keeps_its_own
     let body = serde_json::to_vec(&g.deliveries(&all_id)[0].1).unwrap();
     let sig = merchant::webhook::btcpay_signature(secret, &body);
     assert!(merchant::webhook::verify_btcpay(secret, &sig, &body));
-    assert!(!merchant::webhook::verify_btcpay(
-        b"other", &sig, &body
-    ));
+    assert!(!merchant::webhook::verify_btcpay(b"other", &sig, &body));
 }
 
 #[tokio::test]

@@ -5,11 +5,11 @@ mod common;
 
 use merchant::MerchantState as _;
 
-use merchant::monitor::tick;
-use merchant::{store, webhook};
 use axum::http::StatusCode;
 use common::custody::Fake;
 use common::Harness;
+use merchant::monitor::tick;
+use merchant::{store, webhook};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -578,12 +578,15 @@ async fn usd_invoice_without_a_reliable_price_is_refused_and_nothing_changes() {
 async fn usd_invoice_with_a_stale_last_trade_is_refused() {
     let mut merchant = common::test_merchant_config();
     merchant.price.max_trade_age_ms = 1;
-    let h = Harness::with_configs(api::ApiConfig {
-        orders_per_10s: 1_000_000,
-        ip_weight_per_min: 1_000_000,
-        key_weight_per_min: 1_000_000,
-        ..api::ApiConfig::default()
-    }, merchant);
+    let h = Harness::with_configs(
+        api::ApiConfig {
+            orders_per_10s: 1_000_000,
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..api::ApiConfig::default()
+        },
+        merchant,
+    );
     let m = setup_on(h).await;
     market(&m.h, "49900", "50000", "1").await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -608,12 +611,15 @@ async fn usd_invoice_is_checked_against_the_operators_index() {
     let file = index_dir.path().join("btcusd.txt");
     let mut merchant = common::test_merchant_config();
     merchant.price.index = Some(merchant::price::IndexSource::File(file.clone()));
-    let h = Harness::with_configs(api::ApiConfig {
-        orders_per_10s: 1_000_000,
-        ip_weight_per_min: 1_000_000,
-        key_weight_per_min: 1_000_000,
-        ..api::ApiConfig::default()
-    }, merchant);
+    let h = Harness::with_configs(
+        api::ApiConfig {
+            orders_per_10s: 1_000_000,
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..api::ApiConfig::default()
+        },
+        merchant,
+    );
     let m = setup_on(h).await;
     market(&m.h, "49900", "50000", "1").await;
     let create = || async {

@@ -4,8 +4,6 @@
 #[path = "../../api/tests/browser/mod.rs"]
 mod browser;
 
-use merchant::pages::POS_HTML;
-use merchant::qr::{bip21_uri, qr_svg};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, Sse};
@@ -14,6 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use browser::Browser;
 use futures_util::stream::{self, Stream};
+use merchant::pages::POS_HTML;
+use merchant::qr::{bip21_uri, qr_svg};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::future::IntoFuture;

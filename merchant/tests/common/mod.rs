@@ -25,8 +25,7 @@ pub fn test_merchant_config() -> merchant::MerchantConfig {
         Ok(vec![std::net::SocketAddr::new(ip, port)])
     };
     merchant::MerchantConfig {
-        webhook_targets: merchant::target::TargetPolicy::default()
-            .with_resolver(Arc::new(resolve)),
+        webhook_targets: merchant::target::TargetPolicy::default().with_resolver(Arc::new(resolve)),
         ..Default::default()
     }
 }

@@ -1,6 +1,6 @@
 #!/bin/sh
 # Installs Debian's Chromium and ChromeDriver for the headless-browser page tests
-# (api/tests/checkout_page.rs) when they are missing. Run as root (CI) or through sudo.
+# (merchant/tests/checkout_page.rs) when they are missing. Run as root (CI) or through sudo.
 set -eu
 if [ -x /usr/bin/chromium ] && [ -x /usr/bin/chromedriver ]; then
     exit 0

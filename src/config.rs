@@ -271,7 +271,7 @@ impl LimitKnobs {
 }
 
 /// Merchant payments (`[merchant]`; flags `--allow-private-webhooks` ..., environment
-/// `MEDIATOR_ALLOW_PRIVATE_WEBHOOKS=1` ...). Unset keys keep [`api::merchant::MerchantConfig`]'s
+/// `MEDIATOR_ALLOW_PRIVATE_WEBHOOKS=1` ...). Unset keys keep [`merchant::MerchantConfig`]'s
 /// defaults; api/README.md ("Webhooks", "Merchant payments") describes each.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq, Eq, clap::Args)]
 #[serde(deny_unknown_fields)]
@@ -368,9 +368,8 @@ impl MerchantKnobs {
         Ok(())
     }
 
-    /// Sets the keys that are set on `api`.
-    pub fn apply(&self, api: &mut api::ApiConfig) {
-        let m = &mut api.merchant;
+    /// Sets the keys that are set on `m`.
+    pub fn apply(&self, m: &mut merchant::MerchantConfig) {
         if let Some(v) = self.allow_private_webhooks {
             m.webhook_targets.allow_private = v;
         }
@@ -385,10 +384,10 @@ impl MerchantKnobs {
             .unwrap_or(p.index_max_deviation_bps);
         p.index_max_age_ms = self.price_index_max_age_ms.unwrap_or(p.index_max_age_ms);
         if let Some(f) = &self.price_index_file {
-            p.index = Some(api::merchant::price::IndexSource::File(f.clone()));
+            p.index = Some(merchant::price::IndexSource::File(f.clone()));
         }
         if let Some(u) = &self.price_index_url {
-            p.index = Some(api::merchant::price::IndexSource::Url(u.clone()));
+            p.index = Some(merchant::price::IndexSource::Url(u.clone()));
         }
     }
 }
@@ -722,16 +721,13 @@ mod tests {
     #[test]
     fn merchant_keys_come_from_defaults_then_file_then_flags() {
         let d = ServeConfig::resolve(FileConfig::default(), FileConfig::default()).unwrap();
-        let mut api = api::ApiConfig::default();
-        d.merchant.apply(&mut api);
+        let mut m = merchant::MerchantConfig::default();
+        d.merchant.apply(&mut m);
         assert!(
-            !api.merchant.webhook_targets.allow_private,
+            !m.webhook_targets.allow_private,
             "private webhook targets are off by default"
         );
-        assert_eq!(
-            api.merchant.price,
-            api::merchant::price::PriceLimits::default()
-        );
+        assert_eq!(m.price, merchant::price::PriceLimits::default());
         let file: FileConfig = toml::from_str(
             "[merchant]\nallow_private_webhooks = true\nprice_max_spread_bps = 50\nprice_index_file = \"/x/btcusd.txt\"\nredeliveries_per_min = 3\n",
         )
@@ -745,22 +741,19 @@ mod tests {
             ..FileConfig::default()
         };
         let c = ServeConfig::resolve(file, over).unwrap();
-        let mut api = api::ApiConfig::default();
-        c.merchant.apply(&mut api);
-        let m = &api.merchant;
+        let mut m = merchant::MerchantConfig::default();
+        c.merchant.apply(&mut m);
         assert!(m.webhook_targets.allow_private, "from the file");
         assert_eq!(m.redeliveries_per_min, 3);
         assert_eq!(m.price.max_spread_bps, 75, "flags over the file");
         assert_eq!(m.price.slippage_bps, 30);
         assert_eq!(
             m.price.index,
-            Some(api::merchant::price::IndexSource::File(
-                "/x/btcusd.txt".into()
-            ))
+            Some(merchant::price::IndexSource::File("/x/btcusd.txt".into()))
         );
         assert_eq!(
             m.price.max_trade_age_ms,
-            api::merchant::price::PriceLimits::default().max_trade_age_ms,
+            merchant::price::PriceLimits::default().max_trade_age_ms,
             "default kept"
         );
     }

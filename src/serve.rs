@@ -71,11 +71,14 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let mut node_cfg = api::NodeConfig::default();
     node_cfg.api.public_url = Some(cfg.public_url.clone());
     cfg.limits.apply(&mut node_cfg.api);
-    cfg.merchant.apply(&mut node_cfg.api);
     node_cfg.api.frame_ancestors = cfg.frame_ancestors.clone();
     node_cfg.api.trusted_proxy = cfg.trusted_proxy.clone();
     node_cfg.api.audit_override = cfg.audit_override;
     let node = api::start_node(&cfg.data_dir, node_cfg)?;
+    // Merchant payments over the API (`<data_dir>/merchant.sqlite`), before anything serves.
+    let mut merchant_cfg = merchant::MerchantConfig::default();
+    cfg.merchant.apply(&mut merchant_cfg);
+    merchant::attach(&node.state, merchant_cfg)?;
     tracing::info!(
         snapshot = ?node.recovery.snapshot_seq,
         replayed = node.recovery.replayed,
@@ -98,7 +101,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     // The Lightning node (on regtest by default), on the same bitcoind and ledger.
     let kick = node.state.clone();
     let lightning = crate::lightning::start(&cfg, &rpc, ledger.clone(), move || {
-        kick.merchant().kick.notify_one()
+        merchant::of(&kick).kick.notify_one()
     })?;
     if let Some(ln) = &lightning {
         custody.set_lightning(ln.service.clone());
@@ -115,7 +118,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     // Merchant payments: the monitor (custody deposits → invoices) and the webhook dispatcher.
     let merchant = {
         let _rt = rt.enter();
-        api::merchant::start(&node.state, custody_cfg.poll_interval)
+        merchant::start(&node.state, custody_cfg.poll_interval)
     };
 
     // 4. HTTP: the public listener, and the admin one (`/mapi/v1/admin/*`, `/metrics`).
@@ -154,12 +157,14 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             }
             let _ = on_signal.send(true);
         });
-        let admin = tokio::spawn(api::serve_admin(
-            admin_listener,
-            node.state.clone(),
-            stopped(),
-        ));
-        let public = api::serve(listener, node.state.clone(), stopped()).await;
+        // The trader gateway's routes and merchant payments' (merchant::SURFACES).
+        let (admin_state, admin_stopped) = (node.state.clone(), stopped());
+        let admin = tokio::spawn(async move {
+            let router = merchant::admin_app(admin_state.clone());
+            api::app::serve_router(admin_listener, router, &admin_state, admin_stopped).await
+        });
+        let router = merchant::public_app(node.state.clone());
+        let public = api::app::serve_router(listener, router, &node.state, stopped()).await;
         // Whatever ended the public listener ends the admin one too.
         let _ = stop_tx.send(true);
         let admin = admin.await.map_err(std::io::Error::other).and_then(|r| r);

@@ -239,10 +239,10 @@ fn woocommerce_flow_pays_settles_signs_webhooks_and_refunds_through_a_pull_payme
         .unwrap();
     let sig = h.header("BTCPay-Sig").expect("BTCPay-Sig header");
     assert!(
-        api::merchant::webhook::verify_btcpay(secret.as_bytes(), sig, &h.body),
+        merchant::webhook::verify_btcpay(secret.as_bytes(), sig, &h.body),
         "{sig}"
     );
-    assert!(!api::merchant::webhook::verify_btcpay(
+    assert!(!merchant::webhook::verify_btcpay(
         b"wrong secret",
         sig,
         &h.body

@@ -357,7 +357,7 @@ fn merchant_invoice_paid_over_lightning_settles_at_once_and_credits_exactly_once
         .find(|h| h.header("Mediator-Event") == Some("invoice.settled"))
         .unwrap();
     let sig = settled.header("Mediator-Signature").unwrap();
-    api::merchant::webhook::verify(secret.as_bytes(), sig, &settled.body, now, 300).unwrap();
+    merchant::webhook::verify(secret.as_bytes(), sig, &settled.body, now, 300).unwrap();
     assert_eq!(settled.json()["invoice"]["status"], "Settled");
     // Greenfield's: received payment (BTC-LN), payment settled, invoice settled; BTCPay-Sig.
     let mut gf_types = Vec::new();
@@ -385,7 +385,7 @@ fn merchant_invoice_paid_over_lightning_settles_at_once_and_credits_exactly_once
         .filter(|h| h.json()["invoiceId"] == json!(iid))
     {
         let sig = h.header("BTCPay-Sig").expect("BTCPay-Sig");
-        assert!(api::merchant::webhook::verify_btcpay(
+        assert!(merchant::webhook::verify_btcpay(
             gf_secret.as_bytes(),
             sig,
             &h.body

@@ -319,15 +319,13 @@ fn verify_all(hooks: &HookServer, secret: &str) {
     assert!(!all.is_empty());
     for h in all {
         let sig = h.header("Mediator-Signature").expect("signed");
-        api::merchant::webhook::verify(secret.as_bytes(), sig, &h.body, now, 300)
+        merchant::webhook::verify(secret.as_bytes(), sig, &h.body, now, 300)
             .unwrap_or_else(|e| panic!("signature {sig}: {e}"));
         // A wrong secret or a changed body does not verify.
-        assert!(api::merchant::webhook::verify(b"wrong", sig, &h.body, now, 300).is_err());
+        assert!(merchant::webhook::verify(b"wrong", sig, &h.body, now, 300).is_err());
         let mut changed = h.body.clone();
         changed.push(b' ');
-        assert!(
-            api::merchant::webhook::verify(secret.as_bytes(), sig, &changed, now, 300).is_err()
-        );
+        assert!(merchant::webhook::verify(secret.as_bytes(), sig, &changed, now, 300).is_err());
         let body = h.json();
         assert_eq!(h.header("Mediator-Event"), body["type"].as_str());
         assert_eq!(h.header("Mediator-Delivery"), body["deliveryId"].as_str());

@@ -16,7 +16,7 @@
 
 use crate::keys::Perms;
 use crate::state::AppState;
-use axum::routing::{delete, get, post, put, MethodRouter};
+use axum::routing::MethodRouter;
 use axum::Router;
 use std::net::IpAddr;
 
@@ -36,8 +36,8 @@ pub enum Access {
     /// `{storeId}` in the path must be the key's own account's store (otherwise `403
     /// missing-permission`, as BTCPay answers for a store the key has no right on).
     Token(Greenfield),
-    /// A store-dashboard page: the session cookie of a store owner who logged in
-    /// ([`crate::merchant::dashboard`]); a form that changes something also needs the session's
+    /// A store-dashboard page: the session cookie of a store owner who logged in (the
+    /// `merchant` crate's dashboard checks it); a form that changes something also needs the session's
     /// CSRF token and a same-site `Origin`. Without a live session a GET redirects to the login
     /// page and anything else is `401`, nothing changed. Charged to the IP.
     Session,
@@ -138,49 +138,68 @@ pub struct Route {
     handler: fn() -> MethodRouter<AppState>,
 }
 
-use Access::{Key, Public, Session, Signed, Token};
-use Greenfield as G;
+impl Route {
+    /// A row: `handler` builds the route's method router (what [`route!`](crate::route) writes).
+    pub const fn new(
+        method: &'static str,
+        path: &'static str,
+        access: Access,
+        weight: Option<u64>,
+        listener: Listener,
+        also: Option<(&'static str, Perms)>,
+        handler: fn() -> MethodRouter<AppState>,
+    ) -> Self {
+        Self {
+            method,
+            path,
+            access,
+            weight,
+            listener,
+            also,
+            handler,
+        }
+    }
+}
+
+/// The method routers [`route!`](crate::route) builds (for the tables of other crates).
+#[doc(hidden)]
+pub use axum::routing as routing_fns;
+
+use Access::{Key, Public, Signed};
 use Listener::Admin as A;
 use Listener::Public as P;
 
 const R: Perms = Perms::READ;
 const T: Perms = Perms::TRADE;
 const W: Perms = Perms::WITHDRAW;
-const M: Perms = Perms::MERCHANT;
 const ADM: Perms = Perms::ADMIN;
 const X: Perms = Perms::TRANSFER;
 const K: Perms = Perms::KEYS;
 
+/// One row of a permission table: `route!(method, path, access, weight, listener, handler)`,
+/// with an optional last argument for [`Route::also`]. Other crates build their tables with it
+/// ([`crate::app::app_with`] serves several).
+#[macro_export]
 macro_rules! route {
     ($m:literal, $path:literal, $access:expr, $w:expr, $l:expr, $h:expr) => {
-        route!($m, $path, $access, $w, $l, $h, None)
+        $crate::route!($m, $path, $access, $w, $l, $h, None)
     };
     ($m:literal, $path:literal, $access:expr, $w:expr, $l:expr, $h:expr, $also:expr) => {
-        Route {
-            method: $m,
-            path: $path,
-            access: $access,
-            weight: $w,
-            listener: $l,
-            also: $also,
-            handler: || match $m {
-                "GET" => get($h),
-                "POST" => post($h),
-                "PUT" => put($h),
-                _ => delete($h),
-            },
-        }
+        $crate::access::Route::new($m, $path, $access, $w, $l, $also, || match $m {
+            "GET" => $crate::access::routing_fns::get($h),
+            "POST" => $crate::access::routing_fns::post($h),
+            "PUT" => $crate::access::routing_fns::put($h),
+            _ => $crate::access::routing_fns::delete($h),
+        })
     };
 }
 
-/// The permission table (printed in `api/README.md`, "Permissions").
+/// The permission table of this crate's endpoints (printed in `api/README.md`, "Permissions",
+/// with the tables of the crates composed over it, e.g. `merchant::ROUTES`).
 pub static ROUTES: &[Route] = {
     use crate::capital as c;
     use crate::catalog as cat;
     use crate::lightning as ln;
-    use crate::merchant::dashboard as d;
-    use crate::merchant::greenfield as gf;
-    use crate::merchant::routes as m;
     use crate::{
         metrics, native as n, openapi, orderlist as ol, proofs as pr, public as p, trade as t, ws,
     };
@@ -525,111 +544,6 @@ pub static ROUTES: &[Route] = {
             P,
             c::new_deposit_address
         ),
-        // Merchant payments.
-        route!(
-            "GET",
-            "/mapi/v1/merchant/store",
-            Signed(M),
-            Some(1),
-            P,
-            m::get_store
-        ),
-        route!(
-            "POST",
-            "/mapi/v1/merchant/store",
-            Signed(M),
-            Some(1),
-            P,
-            m::post_store
-        ),
-        route!(
-            "POST",
-            "/mapi/v1/merchant/webhook/secret",
-            Signed(M),
-            Some(1),
-            P,
-            m::rotate_secret
-        ),
-        route!(
-            "POST",
-            "/mapi/v1/merchant/invoice",
-            Signed(M),
-            Some(1),
-            P,
-            m::create_invoice
-        ),
-        route!(
-            "GET",
-            "/mapi/v1/merchant/invoice",
-            Signed(M),
-            Some(1),
-            P,
-            m::get_invoice
-        ),
-        route!(
-            "GET",
-            "/mapi/v1/merchant/invoices",
-            Signed(M),
-            Some(5),
-            P,
-            m::list_invoices
-        ),
-        route!(
-            "POST",
-            "/mapi/v1/merchant/invoice/invalid",
-            Signed(M),
-            Some(1),
-            P,
-            m::mark_invalid
-        ),
-        route!(
-            "POST",
-            "/mapi/v1/merchant/invoice/refund",
-            Signed(M),
-            Some(1),
-            P,
-            m::refund,
-            Some(("address", W))
-        ),
-        route!(
-            "POST",
-            "/mapi/v1/merchant/invoice/pay",
-            Signed(X),
-            Some(1),
-            P,
-            m::pay
-        ),
-        route!(
-            "GET",
-            "/mapi/v1/merchant/webhook/deliveries",
-            Signed(M),
-            Some(1),
-            P,
-            m::deliveries
-        ),
-        route!(
-            "POST",
-            "/mapi/v1/merchant/webhook/redeliver",
-            Signed(M),
-            Some(1),
-            P,
-            m::redeliver
-        ),
-        route!("GET", "/i/{id}", Public, None, P, m::checkout_page),
-        route!("GET", "/i/{id}/status", Public, None, P, m::public_status),
-        route!("GET", "/i/{id}/events", Public, None, P, m::public_events),
-        route!("GET", "/i/{id}/qr.png", Public, None, P, m::qr_png),
-        route!("GET", "/i/{id}/qr.svg", Public, None, P, m::qr_svg),
-        route!("GET", "/pos/{token}", Public, None, P, m::pos_page),
-        route!("GET", "/pos/{token}/info", Public, None, P, m::pos_info),
-        route!(
-            "POST",
-            "/pos/{token}/invoice",
-            Public,
-            None,
-            P,
-            m::pos_invoice
-        ),
         // WebSockets.
         route!("GET", "/ws", Public, None, P, ws::ws_root),
         route!("GET", "/ws/{streams}", Public, None, P, ws::ws_path),
@@ -809,334 +723,6 @@ pub static ROUTES: &[Route] = {
             pr::latest
         ),
         route!("GET", "/mapi/v1/reserves/proofs", Public, None, P, pr::list),
-        // BTCPay Greenfield (crate::merchant::greenfield).
-        route!(
-            "GET",
-            "/api/v1/api-keys/current",
-            Token(G::Any),
-            Some(1),
-            P,
-            gf::current_key
-        ),
-        route!(
-            "GET",
-            "/api/v1/server/info",
-            Token(G::Any),
-            Some(1),
-            P,
-            gf::server_info
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores",
-            Token(G::ViewStoreSettings),
-            Some(1),
-            P,
-            gf::list_stores
-        ),
-        route!(
-            "POST",
-            "/api/v1/stores",
-            Token(G::ModifyStoreSettings),
-            Some(1),
-            P,
-            gf::create_store
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores/{storeId}",
-            Token(G::ViewStoreSettings),
-            Some(1),
-            P,
-            gf::get_store
-        ),
-        route!(
-            "PUT",
-            "/api/v1/stores/{storeId}",
-            Token(G::ModifyStoreSettings),
-            Some(1),
-            P,
-            gf::put_store
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores/{storeId}/payment-methods",
-            Token(G::ViewStoreSettings),
-            Some(1),
-            P,
-            gf::store_payment_methods
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores/{storeId}/invoices",
-            Token(G::ViewInvoices),
-            Some(5),
-            P,
-            gf::list_invoices
-        ),
-        route!(
-            "POST",
-            "/api/v1/stores/{storeId}/invoices",
-            Token(G::CreateInvoice),
-            Some(1),
-            P,
-            gf::create_invoice
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores/{storeId}/invoices/{invoiceId}",
-            Token(G::ViewInvoices),
-            Some(1),
-            P,
-            gf::get_invoice
-        ),
-        route!(
-            "PUT",
-            "/api/v1/stores/{storeId}/invoices/{invoiceId}",
-            Token(G::ModifyInvoices),
-            Some(1),
-            P,
-            gf::update_invoice
-        ),
-        route!(
-            "DELETE",
-            "/api/v1/stores/{storeId}/invoices/{invoiceId}",
-            Token(G::ModifyInvoices),
-            Some(1),
-            P,
-            gf::archive_invoice
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores/{storeId}/invoices/{invoiceId}/payment-methods",
-            Token(G::ViewInvoices),
-            Some(1),
-            P,
-            gf::invoice_payment_methods
-        ),
-        route!(
-            "POST",
-            "/api/v1/stores/{storeId}/invoices/{invoiceId}/status",
-            Token(G::ModifyInvoices),
-            Some(1),
-            P,
-            gf::mark_status
-        ),
-        route!(
-            "POST",
-            "/api/v1/stores/{storeId}/invoices/{invoiceId}/refund",
-            Token(G::CreatePullPayments),
-            Some(1),
-            P,
-            gf::refund
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores/{storeId}/webhooks",
-            Token(G::ModifyWebhooks),
-            Some(1),
-            P,
-            gf::list_webhooks
-        ),
-        route!(
-            "POST",
-            "/api/v1/stores/{storeId}/webhooks",
-            Token(G::ModifyWebhooks),
-            Some(1),
-            P,
-            gf::create_webhook
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores/{storeId}/webhooks/{webhookId}",
-            Token(G::ModifyWebhooks),
-            Some(1),
-            P,
-            gf::get_webhook
-        ),
-        route!(
-            "PUT",
-            "/api/v1/stores/{storeId}/webhooks/{webhookId}",
-            Token(G::ModifyWebhooks),
-            Some(1),
-            P,
-            gf::update_webhook
-        ),
-        route!(
-            "DELETE",
-            "/api/v1/stores/{storeId}/webhooks/{webhookId}",
-            Token(G::ModifyWebhooks),
-            Some(1),
-            P,
-            gf::delete_webhook
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores/{storeId}/webhooks/{webhookId}/deliveries",
-            Token(G::ModifyWebhooks),
-            Some(1),
-            P,
-            gf::webhook_deliveries
-        ),
-        route!(
-            "POST",
-            "/api/v1/stores/{storeId}/webhooks/{webhookId}/deliveries/{deliveryId}/redeliver",
-            Token(G::ModifyWebhooks),
-            Some(1),
-            P,
-            gf::redeliver
-        ),
-        route!(
-            "GET",
-            "/api/v1/stores/{storeId}/pull-payments",
-            Token(G::ManagePullPayments),
-            Some(5),
-            P,
-            gf::list_pull_payments
-        ),
-        route!(
-            "POST",
-            "/api/v1/stores/{storeId}/pull-payments",
-            Token(G::CreatePullPayments),
-            Some(1),
-            P,
-            gf::create_pull_payment
-        ),
-        route!(
-            "GET",
-            "/api/v1/pull-payments/{pullPaymentId}",
-            Public,
-            None,
-            P,
-            gf::get_pull_payment
-        ),
-        route!(
-            "GET",
-            "/api/v1/pull-payments/{pullPaymentId}/payouts",
-            Public,
-            None,
-            P,
-            gf::list_payouts
-        ),
-        route!(
-            "POST",
-            "/api/v1/pull-payments/{pullPaymentId}/payouts",
-            Public,
-            None,
-            P,
-            gf::claim
-        ),
-        route!(
-            "GET",
-            "/pp/{pullPaymentId}",
-            Public,
-            None,
-            P,
-            gf::claim_page
-        ),
-        // The store dashboard (merchant::dashboard).
-        route!(
-            "POST",
-            "/mapi/v1/admin/dashboardPassword",
-            Signed(ADM),
-            Some(1),
-            A,
-            d::admin_set_password
-        ),
-        route!(
-            "POST",
-            "/mapi/v1/admin/dashboardLink",
-            Signed(ADM),
-            Some(1),
-            A,
-            d::admin_login_link
-        ),
-        route!("GET", "/dashboard/login", Public, None, P, d::login_page),
-        route!("POST", "/dashboard/login", Public, None, P, d::login),
-        route!("POST", "/dashboard/logout", Session, Some(1), P, d::logout),
-        route!("GET", "/dashboard", Session, Some(1), P, d::home),
-        route!(
-            "GET",
-            "/dashboard/invoices",
-            Session,
-            Some(1),
-            P,
-            d::invoices
-        ),
-        route!(
-            "GET",
-            "/dashboard/invoices/{id}",
-            Session,
-            Some(1),
-            P,
-            d::invoice
-        ),
-        route!(
-            "POST",
-            "/dashboard/invoices/{id}/redeliver",
-            Session,
-            Some(1),
-            P,
-            d::redeliver
-        ),
-        route!(
-            "POST",
-            "/dashboard/invoices/{id}/refund",
-            Session,
-            Some(1),
-            P,
-            d::refund
-        ),
-        route!("GET", "/dashboard/refunds", Session, Some(1), P, d::refunds),
-        route!(
-            "GET",
-            "/dashboard/settings",
-            Session,
-            Some(1),
-            P,
-            d::settings
-        ),
-        route!(
-            "POST",
-            "/dashboard/settings",
-            Session,
-            Some(1),
-            P,
-            d::save_settings
-        ),
-        route!("GET", "/dashboard/tokens", Session, Some(1), P, d::tokens),
-        route!(
-            "POST",
-            "/dashboard/tokens",
-            Session,
-            Some(1),
-            P,
-            d::create_token
-        ),
-        route!(
-            "POST",
-            "/dashboard/tokens/revoke",
-            Session,
-            Some(1),
-            P,
-            d::revoke_token
-        ),
-        route!(
-            "POST",
-            "/dashboard/settings/pos",
-            Session,
-            Some(1),
-            P,
-            d::save_pos
-        ),
-        route!(
-            "POST",
-            "/dashboard/withdraw",
-            Session,
-            Some(1),
-            P,
-            d::withdraw
-        ),
         // Lightning (crate::lightning).
         route!(
             "POST",
@@ -1205,19 +791,27 @@ pub static ROUTES: &[Route] = {
     ]
 };
 
-/// The table's entry for `method` and router path `path`.
+/// [`ROUTES`]' entry for `method` and router path `path`.
 pub fn find(method: &str, path: &str) -> Option<&'static Route> {
-    ROUTES
+    find_in(&[ROUTES], method, path)
+}
+
+/// The entry of `tables` for `method` and router path `path`.
+pub fn find_in(tables: &[&'static [Route]], method: &str, path: &str) -> Option<&'static Route> {
+    tables
         .iter()
+        .flat_map(|t| t.iter())
         .find(|r| r.method.eq_ignore_ascii_case(method) && r.path == path)
 }
 
-/// The routes of [`ROUTES`] served on `only` (all with `None`), each handler given its entry
-/// (as a request extension, read by [`crate::state::Req`]).
-pub fn router(only: Option<Listener>) -> Router<AppState> {
+/// The routes of `tables` served on `only` (all with `None`), each handler given its entry
+/// (as a request extension, read by [`crate::state::Req`]). A method and path in two tables is
+/// a bug (axum panics on the overlap).
+pub fn router(tables: &[&'static [Route]], only: Option<Listener>) -> Router<AppState> {
     let mut r = Router::new();
-    for route in ROUTES
+    for route in tables
         .iter()
+        .flat_map(|t| t.iter())
         .filter(|r| only.is_none_or(|l| r.listener == l))
     {
         let entry: &'static Route = route;

@@ -64,26 +64,76 @@ async fn not_found() -> Response {
     StatusCode::NOT_FOUND.into_response()
 }
 
+/// What a crate serves over the shell: its permission table (the only way its routes exist)
+/// and the OpenAPI entries of its routes. The shell's own is [`SURFACE`]; a product crate
+/// (merchant payments) exports its own, and the binary composes them ([`app_with`]).
+#[derive(Debug)]
+pub struct Surface {
+    /// The permission table ([`crate::access::Route`] rows).
+    pub routes: &'static [crate::access::Route],
+    /// The routes' `/openapi.json` entries.
+    pub openapi: &'static [crate::openapi::Op],
+}
+
+/// The trader gateway's surface: [`crate::access::ROUTES`] and its OpenAPI entries.
+pub static SURFACE: Surface = Surface {
+    routes: crate::access::ROUTES,
+    openapi: crate::openapi::OPS,
+};
+
+/// The surfaces a router serves (a request extension: `/openapi.json` describes them all).
+#[derive(Debug, Clone)]
+pub struct Surfaces(pub Arc<[&'static Surface]>);
+
+impl Surfaces {
+    /// Their permission tables.
+    pub fn tables(&self) -> Vec<&'static [crate::access::Route]> {
+        self.0.iter().map(|s| s.routes).collect()
+    }
+}
+
 /// The router of every endpoint of [`crate::access::ROUTES`], both listeners' (tests and
 /// single-listener embedding), with request ids and the body limit. `mediator serve` serves
-/// [`public_app`] and [`admin_app`] on separate addresses instead.
+/// [`public_app_with`] and [`admin_app_with`] on separate addresses instead.
 pub fn app(state: AppState) -> Router {
-    build(state, None)
+    app_with(state, &[&SURFACE])
+}
+
+/// The router of every endpoint of `surfaces` (e.g. `&[&api::SURFACE, &merchant::SURFACE]`),
+/// both listeners'.
+pub fn app_with(state: AppState, surfaces: &[&'static Surface]) -> Router {
+    build(state, surfaces, None)
 }
 
 /// The public listener's routes: everything but `/mapi/v1/admin/*` and `/metrics`.
 pub fn public_app(state: AppState) -> Router {
-    build(state, Some(crate::access::Listener::Public))
+    public_app_with(state, &[&SURFACE])
+}
+
+/// The public listener's routes of `surfaces`.
+pub fn public_app_with(state: AppState, surfaces: &[&'static Surface]) -> Router {
+    build(state, surfaces, Some(crate::access::Listener::Public))
 }
 
 /// The admin listener's routes: `/mapi/v1/admin/*` and `/metrics`.
 pub fn admin_app(state: AppState) -> Router {
-    build(state, Some(crate::access::Listener::Admin))
+    admin_app_with(state, &[&SURFACE])
 }
 
-fn build(state: AppState, only: Option<crate::access::Listener>) -> Router {
+/// The admin listener's routes of `surfaces`.
+pub fn admin_app_with(state: AppState, surfaces: &[&'static Surface]) -> Router {
+    build(state, surfaces, Some(crate::access::Listener::Admin))
+}
+
+fn build(
+    state: AppState,
+    surfaces: &[&'static Surface],
+    only: Option<crate::access::Listener>,
+) -> Router {
     let body_limit = state.0.cfg.max_body_bytes;
-    crate::access::router(only)
+    let surfaces = Surfaces(surfaces.into());
+    crate::access::router(&surfaces.tables(), only)
+        .layer(axum::Extension(surfaces))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(body_limit))
         .layer(axum::middleware::from_fn_with_state(

@@ -73,7 +73,7 @@ fn custody(st: &AppState) -> Result<Arc<dyn Custody>, ApiError> {
 }
 
 /// Runs a blocking custody call on tokio's blocking pool.
-pub(crate) async fn call<T, F>(st: &AppState, f: F) -> Result<T, ApiError>
+pub async fn call<T, F>(st: &AppState, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&dyn Custody) -> Result<T, CustodyError> + Send + 'static,

@@ -1,5 +1,8 @@
 //! Mediator's trader API: Binance-spot-compatible REST and WebSocket, API keys and permissions,
-//! rate limits, and the read models that answer queries.
+//! rate limits, and the read models that answer queries; and the HTTP shell other products are
+//! composed over (the `merchant` crate): [`AppState`] with its typed extension slots
+//! ([`AppState::attach`]), the permission-table router ([`app_with`], [`Surface`]), the
+//! extractors, errors and limits.
 //!
 //! **Architecture invariants:**
 //! * `api` is the only crate that knows JSON and HTTP; it talks to the engine only through
@@ -25,12 +28,12 @@ pub mod error;
 pub mod keys;
 pub mod lightning;
 pub mod market;
-pub mod merchant;
 pub mod metrics;
 pub mod native;
 pub mod node;
 pub mod openapi;
 pub mod orderlist;
+pub mod page;
 pub mod params;
 pub mod proofs;
 pub mod public;
@@ -44,7 +47,8 @@ pub mod ws;
 pub mod wsapi;
 
 pub use app::{
-    admin_app, app, open, open_local, public_app, serve, serve_admin, ApiConfig, AppState,
+    admin_app, admin_app_with, app, app_with, open, open_local, public_app, public_app_with, serve,
+    serve_admin, ApiConfig, AppState, Surface, SURFACE,
 };
 pub use core::{CoreError, EventBatch, EventSink, ExchangeCore, LocalCore, Outcome, Reply};
 pub use node::{start_node, start_node_with, Node, NodeConfig};

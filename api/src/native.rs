@@ -116,7 +116,9 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
     Ok(ok_json(&ctx, serde_json::Value::Array(v)))
 }
 
-pub(crate) fn create_key(
+/// Creates a key of `account` with `perms` for `actor` (audited) and answers it as
+/// `POST /mapi/v1/keys` does (with the secret, shown once).
+pub fn create_key(
     st: &AppState,
     actor: &str,
     account: u32,
@@ -183,7 +185,7 @@ pub async fn revoke_key(State(st): State<AppState>, req: Req) -> Result<Response
 }
 
 /// Revokes `target` if it is `by`'s account's key (or `by` is an admin key); `-2008` otherwise.
-pub(crate) fn revoke_own_key(
+pub fn revoke_own_key(
     st: &AppState,
     by: &crate::keys::ApiKey,
     target: &str,

@@ -4,8 +4,8 @@ use crate::access::Access;
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Map, Value};
 
-/// (method, path, summary, security, parameters: name and required).
-type Op = (
+/// One operation: (method, path, summary, security, parameters: name and required).
+pub type Op = (
     &'static str,
     &'static str,
     &'static str,
@@ -13,13 +13,15 @@ type Op = (
     &'static [(&'static str, bool)],
 );
 
-const SIGNED: &[(&str, bool)] = &[
+/// The signature parameters a signed operation adds.
+pub const SIGNED: &[(&str, bool)] = &[
     ("timestamp", true),
     ("recvWindow", false),
     ("signature", true),
 ];
 
-const OPS: &[Op] = &[
+/// The trader gateway's operations ([`crate::app::SURFACE`]).
+pub const OPS: &[Op] = &[
     ("get", "/api/v3/ping", "Test connectivity.", "none", &[]),
     ("get", "/api/v3/time", "Server time.", "none", &[]),
     (
@@ -706,169 +708,19 @@ const OPS: &[Op] = &[
         "none",
         &[("streams", false)],
     ),
-    (
-        "get",
-        "/mapi/v1/merchant/store",
-        "Merchant store settings (defaults until saved).",
-        "merchant",
-        &[],
-    ),
-    (
-        "post",
-        "/mapi/v1/merchant/store",
-        "Change store settings; the first webhookUrl also answers webhookSecret once. webhookUrl must resolve to public addresses only (-1163).",
-        "merchant",
-        &[
-            ("name", false),
-            ("defaultCurrency", false),
-            ("webhookUrl", false),
-            ("tolerancePercent", false),
-            ("speedPolicy", false),
-            ("invoiceExpiryMinutes", false),
-            ("settlement", false),
-            ("posEnabled", false),
-        ],
-    ),
-    (
-        "post",
-        "/mapi/v1/merchant/webhook/secret",
-        "Rotate the webhook secret (answered once).",
-        "merchant",
-        &[],
-    ),
-    (
-        "post",
-        "/mapi/v1/merchant/invoice",
-        "New invoice with its own address (idempotent by idempotencyKey).",
-        "merchant",
-        &[
-            ("amount", true),
-            ("currency", false),
-            ("orderId", false),
-            ("metadata", false),
-            ("expiryMinutes", false),
-            ("idempotencyKey", false),
-            ("label", false),
-            ("message", false),
-        ],
-    ),
-    (
-        "get",
-        "/mapi/v1/merchant/invoice",
-        "One invoice with payments, refunds and conversion.",
-        "merchant",
-        &[("invoiceId", true)],
-    ),
-    (
-        "get",
-        "/mapi/v1/merchant/invoices",
-        "Invoices, newest first.",
-        "merchant",
-        &[
-            ("status", false),
-            ("startTime", false),
-            ("endTime", false),
-            ("limit", false),
-        ],
-    ),
-    (
-        "post",
-        "/mapi/v1/merchant/invoice/invalid",
-        "Mark a New or Expired invoice invalid.",
-        "merchant",
-        &[("invoiceId", true)],
-    ),
-    (
-        "post",
-        "/mapi/v1/merchant/invoice/refund",
-        "Refund to a bitcoin address or back to a paying account.",
-        "merchant",
-        &[
-            ("invoiceId", true),
-            ("amount", true),
-            ("address", false),
-            ("toAccount", false),
-            ("idempotencyKey", false),
-        ],
-    ),
-    (
-        "post",
-        "/mapi/v1/merchant/invoice/pay",
-        "Pay what is due on an invoice from the caller's BTC balance (settles at once).",
-        "trade",
-        &[("invoiceId", true)],
-    ),
-    (
-        "get",
-        "/mapi/v1/merchant/webhook/deliveries",
-        "Webhook delivery log of an invoice.",
-        "merchant",
-        &[("invoiceId", true)],
-    ),
-    (
-        "post",
-        "/mapi/v1/merchant/webhook/redeliver",
-        "Deliver a webhook again (at most 10 per merchant per minute by default: 429, -1003).",
-        "merchant",
-        &[("deliveryId", true)],
-    ),
-    ("get", "/i/{id}", "Checkout page (HTML).", "none", &[]),
-    (
-        "get",
-        "/i/{id}/status",
-        "PublicInvoice JSON (404 -1150 when unknown).",
-        "none",
-        &[],
-    ),
-    (
-        "get",
-        "/i/{id}/events",
-        "Server-sent events: PublicInvoice JSON at connect and on every change.",
-        "none",
-        &[],
-    ),
-    (
-        "get",
-        "/i/{id}/qr.png",
-        "QR code of the invoice's BIP21 URI (PNG).",
-        "none",
-        &[],
-    ),
-    (
-        "get",
-        "/i/{id}/qr.svg",
-        "QR code of the invoice's BIP21 URI (SVG).",
-        "none",
-        &[],
-    ),
-    (
-        "get",
-        "/pos/{token}",
-        "Point-of-sale page (HTML).",
-        "none",
-        &[],
-    ),
-    (
-        "get",
-        "/pos/{token}/info",
-        "Point of sale: store name, currency, decimals.",
-        "none",
-        &[],
-    ),
-    (
-        "post",
-        "/pos/{token}/invoice",
-        "Point of sale: new invoice from JSON {\"amount\"} in the store's currency (201).",
-        "none",
-        &[],
-    ),
     ("get", "/metrics", "Prometheus metrics.", "none", &[]),
 ];
 
-/// The document.
+/// The document of the trader gateway alone.
 pub fn document() -> Value {
+    document_of(&[&crate::app::SURFACE])
+}
+
+/// The document of every operation of `surfaces`.
+pub fn document_of(surfaces: &[&crate::app::Surface]) -> Value {
+    let tables: Vec<&'static [crate::access::Route]> = surfaces.iter().map(|s| s.routes).collect();
     let mut paths = Map::new();
-    for (method, path, summary, sec, params) in OPS {
+    for (method, path, summary, sec, params) in surfaces.iter().flat_map(|s| s.openapi.iter()) {
         let mut ps: Vec<Value> = params
             .iter()
             .map(|(n, req)| json!({"name": n, "in": "query", "required": req, "schema": {"type": "string"}}))
@@ -892,7 +744,7 @@ pub fn document() -> Value {
         if *sec != "none" {
             op["security"] = json!([{"ApiKey": []}]);
             // The permission table is the one source ([`crate::access::ROUTES`]).
-            let perm = match crate::access::find(method, path).map(|r| r.access) {
+            let perm = match crate::access::find_in(&tables, method, path).map(|r| r.access) {
                 Some(Access::Signed(p) | Access::Key(p)) => p.names().join(","),
                 _ => (*sec).to_owned(),
             };
@@ -913,7 +765,11 @@ pub fn document() -> Value {
     })
 }
 
-/// `GET /openapi.json`.
-pub async fn openapi() -> Response {
-    axum::Json(document()).into_response()
+/// `GET /openapi.json`: the operations of the surfaces the router serves.
+pub async fn openapi(surfaces: Option<axum::Extension<crate::app::Surfaces>>) -> Response {
+    let doc = match surfaces {
+        Some(axum::Extension(s)) => document_of(&s.0),
+        None => document(),
+    };
+    axum::Json(doc).into_response()
 }

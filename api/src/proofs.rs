@@ -349,7 +349,7 @@ pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, 
 
 /// `GET /reserves/verify`: the page that verifies a pasted inclusion proof in the browser.
 pub async fn verify_page(State(st): State<AppState>) -> Response {
-    let csp = crate::merchant::pages::content_security_policy(VERIFY_HTML, "'none'");
+    let csp = crate::page::content_security_policy(VERIFY_HTML, "'none'");
     let _ = &st;
     let mut r = (
         [

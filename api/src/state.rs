@@ -79,9 +79,6 @@ pub struct ApiConfig {
     /// Behind a reverse proxy: whose header gives the client address ([`crate::access`]).
     /// `None`: the connection's peer address, headers ignored.
     pub trusted_proxy: Option<crate::access::TrustedProxy>,
-    /// Merchant payments: webhook targets, the redeliver limit, the reference price
-    /// ([`crate::merchant::MerchantConfig`]).
-    pub merchant: crate::merchant::MerchantConfig,
     /// Start even when the audit log's chain is broken; the override is logged
     /// (`mediator serve --audit-override`, [`crate::proofs`]).
     pub audit_override: bool,
@@ -110,7 +107,6 @@ impl Default for ApiConfig {
             deposit_addresses_per_hour: 20,
             frame_ancestors: "'self'".to_owned(),
             trusted_proxy: None,
-            merchant: crate::merchant::MerchantConfig::default(),
             audit_override: false,
         }
     }
@@ -135,9 +131,9 @@ pub enum SetupError {
     /// Files and threads.
     #[error(transparent)]
     Io(#[from] std::io::Error),
-    /// The merchant database.
-    #[error("merchant database: {0}")]
-    Merchant(#[from] rusqlite::Error),
+    /// The proofs database ([`crate::proofs`]).
+    #[error("proofs database: {0}")]
+    Proofs(#[from] rusqlite::Error),
     /// The audit log is broken or unwritable ([`crate::proofs`]).
     #[error("{0}")]
     Audit(String),
@@ -171,8 +167,9 @@ pub(crate) struct Inner {
     pub custody: std::sync::OnceLock<Arc<dyn crate::custody::Custody>>,
     /// The Lightning node, attached after start ([`AppState::set_lightning`]).
     pub lightning: std::sync::OnceLock<crate::lightning::Handle>,
-    /// Merchant payments: database, invoice updates, monitor wake-ups ([`crate::merchant`]).
-    pub merchant: crate::merchant::Merchant,
+    /// The products composed over this shell (e.g. merchant payments), each attached once at
+    /// start-up ([`AppState::attach`]).
+    pub extensions: Extensions,
     /// The audit log and the liabilities proofs ([`crate::proofs`]).
     pub proofs: crate::proofs::Proofs,
 }
@@ -193,7 +190,6 @@ pub struct PendingApi {
     cfg: ApiConfig,
     data_dir: PathBuf,
     applier: std::thread::JoinHandle<()>,
-    merchant: crate::merchant::Merchant,
     proofs: crate::proofs::Proofs,
 }
 
@@ -213,7 +209,6 @@ pub fn open(
     let rm = Arc::new(ReadModel::new(markets.clone(), store.clone(), cfg.ws_queue));
     let broken = rm.broken.clone();
     let (tx, rx) = crossbeam::channel::bounded::<EventBatch>(65_536);
-    let merchant = crate::merchant::Merchant::open(data_dir)?;
     let rm2 = rm.clone();
     let applier = std::thread::Builder::new()
         .name("read-model".into())
@@ -227,7 +222,6 @@ pub fn open(
             cfg,
             data_dir: data_dir.to_owned(),
             applier,
-            merchant,
             proofs,
         },
         EventSink { tx, broken },
@@ -273,7 +267,7 @@ impl PendingApi {
             id_counter: AtomicU64::new(0),
             custody: std::sync::OnceLock::new(),
             lightning: std::sync::OnceLock::new(),
-            merchant: self.merchant,
+            extensions: Extensions::default(),
             proofs: self.proofs,
         }))
     }
@@ -868,9 +862,100 @@ impl AppState {
         &self.0.rm
     }
 
-    /// Merchant payments (database, invoice updates); see [`crate::merchant`].
-    pub fn merchant(&self) -> &crate::merchant::Merchant {
-        &self.0.merchant
+    /// The settings the state was opened with.
+    pub fn cfg(&self) -> &ApiConfig {
+        &self.0.cfg
+    }
+
+    /// The API keys (and the master key's derived secrets).
+    pub fn keys(&self) -> &KeyStore {
+        &self.0.keys
+    }
+
+    /// The custody service, once attached ([`AppState::set_custody`]).
+    pub fn custody(&self) -> Option<Arc<dyn crate::custody::Custody>> {
+        self.0.custody.get().cloned()
+    }
+
+    /// The Lightning node, once attached ([`AppState::set_lightning`]).
+    pub fn lightning(&self) -> Option<crate::lightning::Handle> {
+        self.0.lightning.get().cloned()
+    }
+
+    /// The counters behind `/metrics`.
+    pub fn metrics(&self) -> &Metrics {
+        &self.0.metrics
+    }
+
+    /// The per-client caps on long-lived streams (WebSocket, SSE).
+    pub fn streams(&self) -> &crate::ratelimit::StreamLimits {
+        &self.0.streams
+    }
+
+    /// The data directory the state was opened in.
+    pub fn data_dir(&self) -> &Path {
+        &self.0.data_dir
+    }
+
+    /// Attaches a product's state (one value per type, e.g. merchant payments' database and
+    /// queues), at start-up, before the router that serves its routes takes requests. At most
+    /// once per type and [`Extensions::SLOTS`] types: otherwise the value comes back.
+    pub fn attach<T: std::any::Any + Send + Sync>(&self, value: T) -> Result<(), T> {
+        self.0.extensions.insert(value)
+    }
+
+    /// The value of type `T` attached with [`AppState::attach`], if any.
+    pub fn extension<T: std::any::Any + Send + Sync>(&self) -> Option<&T> {
+        self.0.extensions.get::<T>()
+    }
+}
+
+/// Typed, set-once slots for the state of the products composed over the shell (like
+/// `http::Extensions`, but immutable once set and read without a lock): a product crate keeps
+/// its handlers on `State<AppState>` and finds its own state by type. The shell never names
+/// them.
+#[derive(Default)]
+pub struct Extensions {
+    slots: [std::sync::OnceLock<Box<dyn std::any::Any + Send + Sync>>; Extensions::SLOTS],
+}
+
+impl Extensions {
+    /// How many types can be attached.
+    pub const SLOTS: usize = 8;
+
+    fn insert<T: std::any::Any + Send + Sync>(&self, value: T) -> Result<(), T> {
+        if self.get::<T>().is_some() {
+            return Err(value);
+        }
+        let mut value = Some(value);
+        for slot in &self.slots {
+            let mut mine = false;
+            slot.get_or_init(|| {
+                mine = true;
+                match value.take() {
+                    Some(v) => Box::new(v),
+                    None => unreachable!("a slot is filled once"),
+                }
+            });
+            if mine {
+                return Ok(());
+            }
+        }
+        Err(value.expect("not taken when no slot was free"))
+    }
+
+    fn get<T: std::any::Any + Send + Sync>(&self) -> Option<&T> {
+        self.slots
+            .iter()
+            .map_while(|s| s.get())
+            .find_map(|v| v.downcast_ref::<T>())
+    }
+}
+
+impl std::fmt::Debug for Extensions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let n = self.slots.iter().take_while(|s| s.get().is_some()).count();
+        f.debug_struct("Extensions").field("attached", &n).finish()
     }
 }
 
@@ -882,4 +967,40 @@ pub fn ok_json(ctx: &Ctx, v: serde_json::Value) -> Response {
         r.headers_mut().insert("x-mbx-used-weight", h);
     }
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Extensions;
+
+    #[derive(Debug, PartialEq)]
+    struct A(u32);
+    #[derive(Debug, PartialEq)]
+    struct B(&'static str);
+
+    #[test]
+    fn extensions_are_found_by_type_and_set_once() {
+        let e = Extensions::default();
+        assert_eq!(e.get::<A>(), None);
+        assert_eq!(e.insert(A(1)), Ok(()));
+        assert_eq!(e.insert(B("b")), Ok(()));
+        assert_eq!(e.get::<A>(), Some(&A(1)));
+        assert_eq!(e.get::<B>(), Some(&B("b")));
+        // A second value of a type comes back; the first stays.
+        assert_eq!(e.insert(A(2)), Err(A(2)));
+        assert_eq!(e.get::<A>(), Some(&A(1)));
+        // Full: the value comes back.
+        let e = Extensions::default();
+        macro_rules! fill {
+            ($($t:ident),*) => {$(
+                #[derive(Debug)]
+                struct $t;
+                assert!(e.insert($t).is_ok());
+            )*};
+        }
+        fill!(C0, C1, C2, C3, C4, C5, C6, C7);
+        assert_eq!(Extensions::SLOTS, 8);
+        assert_eq!(e.insert(A(3)), Err(A(3)));
+        assert_eq!(e.get::<A>(), None);
+    }
 }

@@ -4,6 +4,8 @@
 //! WebSocket API subscriptions). Clients connect from 127.0.0.1 and 127.0.0.2 (and .3, .4): on
 //! loopback each is a different client address.
 
+// The merchant harness: the SSE stream caps are counted with the WebSockets per address.
+#[path = "../../merchant/tests/common/mod.rs"]
 mod common;
 
 use api::custody::{Custody, CustodyError, DepositInfo, ReconcileInfo, WithdrawalInfo};
@@ -31,10 +33,11 @@ async fn start(h: &Harness) -> (SocketAddr, tokio::sync::oneshot::Sender<()>) {
     let addr = listener.local_addr().unwrap();
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let state = h.state.clone();
-    // Every route (public and admin) on one listener with the server's connection handling:
-    // the admin listener gets the same limits (`serve_admin` is `serve_router` too).
+    // Every route (public and admin, trader gateway and merchant payments) on one listener with
+    // the server's connection handling: the admin listener gets the same limits (`mediator
+    // serve`'s admin listener is `serve_router` too).
     tokio::spawn(async move {
-        let router = api::app(state.clone());
+        let router = merchant::app(state.clone());
         api::app::serve_router(listener, router, &state, async {
             let _ = rx.await;
         })

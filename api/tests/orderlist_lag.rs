@@ -6,7 +6,7 @@ mod common;
 
 use api::core::BoxFuture;
 use api::{ApiConfig, CoreError, EventBatch, EventSink, ExchangeCore, Reply};
-use common::{test_merchant_config, Harness};
+use common::Harness;
 use matching_engine::{Command, Engine, EngineConfig, Timestamp};
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -77,7 +77,6 @@ fn gated() -> (Harness, Arc<Gate>) {
         orders_per_10s: 1_000_000,
         ip_weight_per_min: 1_000_000,
         key_weight_per_min: 1_000_000,
-        merchant: test_merchant_config(),
         ..ApiConfig::default()
     };
     let config = EngineConfig::default();

@@ -3,7 +3,6 @@
 //! each defect the fuzzers found.
 
 use api::decimal::{format_units, format_units_u128, parse_units, MAX_LEN};
-use api::merchant::webhook::{signature_header, verify};
 use api::params::{parse_signed, percent_decode, signed_payload, split_signature, Params};
 use api::ws::{
     parse_api_request, parse_control, parse_stream_name, ws_api_signed_payload, Control,
@@ -175,24 +174,6 @@ proptest! {
             })
             .collect();
         prop_assert_eq!(payload, want.join("&"));
-    }
-
-    #[test]
-    fn webhook_verify_never_panics_and_accepts_only_the_hmac(
-        header in prop_oneof!["\\PC{0,100}", "t=[0-9]{1,3},v1=[0-9a-f]{64}(,[a-z0-9]{1,3}=[!-~]{1,8}){0,2}"],
-        body in proptest::collection::vec(any::<u8>(), 0..32),
-        secret in proptest::collection::vec(any::<u8>(), 0..32),
-        now in 0u64..1_000,
-    ) {
-        if verify(&secret, &header, &body, now, u64::MAX).is_ok() {
-            let t: u64 = header.split(',').find_map(|e| e.strip_prefix("t=")).unwrap().parse().unwrap();
-            let own = signature_header(&secret, t, &body);
-            let v1 = own.split_once(",v1=").unwrap().1;
-            let want = format!("v1={v1}");
-            prop_assert!(header.split(',').any(|e| e == want));
-        }
-        let own = signature_header(&secret, now, &body);
-        prop_assert_eq!(verify(&secret, &own, &body, now, 0), Ok(()));
     }
 }
 

@@ -1,15 +1,23 @@
-//! The permission table (`api::access::ROUTES`) against the router: every route the router
-//! serves has an entry, each listener serves its own, and every route answered with every
-//! permission set is either allowed or refused with `-2015` having changed nothing.
+//! The permission tables (`api::access::ROUTES` and `merchant::ROUTES`, as `mediator serve`
+//! composes them: `merchant::SURFACES`) against the router: every route the router serves has
+//! an entry, each listener serves its own, and every route answered with every permission set
+//! is either allowed or refused with `-2015` having changed nothing.
 
+#[path = "../../merchant/tests/common/mod.rs"]
 mod common;
 
-use api::access::{Access, Listener, ROUTES};
+use api::access::{Access, Listener, Route};
 use api::keys::Perms;
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::Harness;
+use merchant::MerchantState as _;
 use tower::ServiceExt;
+
+/// Every row of the composed tables.
+fn routes() -> impl Iterator<Item = &'static Route> {
+    merchant::SURFACES.iter().flat_map(|s| s.routes.iter())
+}
 
 const METHODS: [&str; 5] = ["GET", "POST", "PUT", "DELETE", "PATCH"];
 
@@ -49,9 +57,7 @@ async fn probe(router: &axum::Router, method: &str, uri: &str) -> (StatusCode, i
 
 /// The table entry of `method` and `path` (placeholder names aside: `{stream}` = `{streams}`).
 fn entry(method: &str, path: &str) -> Option<&'static api::access::Route> {
-    ROUTES
-        .iter()
-        .find(|r| r.method.eq_ignore_ascii_case(method) && concrete(r.path) == concrete(path))
+    routes().find(|r| r.method.eq_ignore_ascii_case(method) && concrete(r.path) == concrete(path))
 }
 
 fn is_fallback(r: &(StatusCode, i64, String)) -> bool {
@@ -61,10 +67,10 @@ fn is_fallback(r: &(StatusCode, i64, String)) -> bool {
 #[tokio::test]
 async fn every_served_route_has_a_table_entry_and_its_listener() {
     let h = Harness::new();
-    let all = api::app(h.state.clone());
-    let public = api::public_app(h.state.clone());
-    let admin = api::admin_app(h.state.clone());
-    let mut paths: Vec<&str> = ROUTES.iter().map(|r| r.path).collect();
+    let all = merchant::app(h.state.clone());
+    let public = merchant::public_app(h.state.clone());
+    let admin = merchant::admin_app(h.state.clone());
+    let mut paths: Vec<&str> = routes().map(|r| r.path).collect();
     // Every documented operation is in the table.
     let doc = h.get("/openapi.json").await.json;
     for (path, ops) in doc["paths"].as_object().unwrap() {
@@ -107,7 +113,8 @@ async fn every_served_route_has_a_table_entry_and_its_listener() {
     }
 }
 
-/// Routes are registered through the table only: no `.route(` anywhere else in the crate.
+/// Routes are registered through the tables only: no `.route(` anywhere else in the shell or in
+/// the merchant crate.
 #[test]
 fn no_route_is_registered_outside_the_table() {
     fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
@@ -121,10 +128,9 @@ fn no_route_is_registered_outside_the_table() {
         }
     }
     let mut files = Vec::new();
-    walk(
-        &std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src"),
-        &mut files,
-    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    walk(&root.join("src"), &mut files);
+    walk(&root.join("../merchant/src"), &mut files);
     assert!(files.len() > 10);
     for f in files {
         if f.ends_with("access.rs") {
@@ -139,6 +145,48 @@ fn no_route_is_registered_outside_the_table() {
             );
         }
     }
+}
+
+/// The shell does not know the merchant crate: no `merchant::` path in `api/src` (doc comments
+/// aside) and no `merchant` among api's dependencies (a dev-dependency for these tests only).
+#[test]
+fn the_shell_does_not_name_the_merchant_crate() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut stack = vec![root.join("src")];
+    let mut seen = 0;
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else if p.extension().is_some_and(|x| x == "rs") {
+                seen += 1;
+                let text = std::fs::read_to_string(&p).unwrap();
+                for (i, line) in text.lines().enumerate() {
+                    let code = line.trim_start();
+                    if code.starts_with("//") {
+                        continue;
+                    }
+                    assert!(
+                        !code.contains("merchant::"),
+                        "{}:{} names the merchant crate: {line}",
+                        p.display(),
+                        i + 1
+                    );
+                }
+            }
+        }
+    }
+    assert!(seen > 10);
+    let manifest = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let deps = manifest
+        .split("[dependencies]")
+        .nth(1)
+        .unwrap()
+        .split("[dev-dependencies]")
+        .next()
+        .unwrap();
+    assert!(!deps.contains("merchant"), "api depends on merchant");
 }
 
 /// Everything a refused request could have changed.
@@ -189,7 +237,7 @@ async fn every_route_with_every_permission_set_is_allowed_or_refused_unchanged()
         keys.push((*p, h.state.create_key(acct, *p, "probe").unwrap()));
     }
     let mut checked = 0;
-    for route in ROUTES {
+    for route in routes() {
         let (need, signed) = match route.access {
             Access::Public => continue,
             Access::Session => {
@@ -341,7 +389,7 @@ fn readme_row(r: &api::access::Route) -> String {
 fn readme_prints_the_permission_table() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let rows: Vec<String> = ROUTES.iter().map(readme_row).collect();
+    let rows: Vec<String> = routes().map(readme_row).collect();
     let missing: Vec<&String> = rows.iter().filter(|r| !readme.contains(*r)).collect();
     assert!(
         missing.is_empty(),

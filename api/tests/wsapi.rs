@@ -469,7 +469,6 @@ async fn requests_are_limited_by_weight_not_by_messages_per_second() {
         ip_weight_per_min: 60,
         key_weight_per_min: 1_000_000,
         orders_per_10s: 1_000_000,
-        merchant: common::test_merchant_config(),
         ..ApiConfig::default()
     });
     let (addr, stop) = start(&h).await;
@@ -505,7 +504,6 @@ async fn many_pipelined_orders_on_one_connection_are_each_answered_once() {
         ip_weight_per_min: 1_000_000,
         key_weight_per_min: 1_000_000,
         orders_per_10s: 1_000_000,
-        merchant: common::test_merchant_config(),
         ..ApiConfig::default()
     });
     let (addr, stop) = start(&h).await;
@@ -581,7 +579,6 @@ async fn a_connection_without_user_data_subscription_is_not_cut_off_by_others_ev
         ip_weight_per_min: 1_000_000,
         key_weight_per_min: 1_000_000,
         orders_per_10s: 1_000_000,
-        merchant: common::test_merchant_config(),
         ..ApiConfig::default()
     });
     let (addr, stop) = start(&h).await;
@@ -648,7 +645,6 @@ async fn a_connection_with_max_in_flight_requests_is_not_read_further() {
         ip_weight_per_min: 1_000_000,
         key_weight_per_min: 1_000_000,
         orders_per_10s: 1_000_000,
-        merchant: common::test_merchant_config(),
         ..ApiConfig::default()
     };
     let engine_cfg = matching_engine::EngineConfig::default();

@@ -1,8 +1,8 @@
-//! `api::merchant::qr::bip21_uri`: any amount, label and message give a URI of URI characters
+//! `merchant::qr::bip21_uri`: any amount, label and message give a URI of URI characters
 //! only that parses back to exactly what was put in.
 #![no_main]
 
-use api::merchant::qr::bip21_uri;
+use merchant::qr::bip21_uri;
 use api::params::percent_decode;
 use libfuzzer_sys::fuzz_target;
 

@@ -1,8 +1,8 @@
-//! `api::merchant::webhook::verify`: any header, body, secret and clock never panic; a header
+//! `merchant::webhook::verify`: any header, body, secret and clock never panic; a header
 //! that verifies carries the body's HMAC; the signer's own header always verifies.
 #![no_main]
 
-use api::merchant::webhook::{signature_header, verify};
+use merchant::webhook::{signature_header, verify};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

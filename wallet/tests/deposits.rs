@@ -325,7 +325,7 @@ fn records_reconciliation_finds_mismatches_the_totals_hide() {
     assert_eq!(svc.alarms(false).unwrap().len(), 2);
 }
 
-/// Found by the crash simulation (`api/tests/crash_sim.rs`, seed 18): a credit the ledger applied
+/// Found by the crash simulation (`merchant/tests/crash_sim.rs`, seed 18): a credit the ledger applied
 /// but whose answer was lost leaves the deposit pending; when a reorg then takes the transaction
 /// out of the chain, the deposit used to stay pending (a pending deposit is never asked about),
 /// the ledger kept the credit and the account was not flagged. The deposit is now marked

@@ -1,4 +1,6 @@
-//! Test harness: an API over a local engine in a temporary directory.
+//! Test harness: an API over a local engine in a temporary directory. (The merchant crate's
+//! tests wrap it: `merchant/tests/common/mod.rs` attaches merchant payments and serves both
+//! surfaces.)
 #![allow(dead_code, missing_docs)]
 
 pub mod custody;
@@ -84,32 +86,12 @@ pub fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The merchant settings of test harnesses: the defaults, with a resolver that knows
-/// `shop.example` (a public address; nothing is sent to it) and `localhost`, and nothing else,
-/// so no test resolves a name through the network.
-pub fn test_merchant_config() -> api::merchant::MerchantConfig {
-    let resolve = |host: &str, port: u16| -> std::io::Result<Vec<std::net::SocketAddr>> {
-        let ip: std::net::IpAddr = match host {
-            "shop.example" => [93, 184, 216, 34].into(),
-            "localhost" => [127, 0, 0, 1].into(),
-            _ => return Err(std::io::ErrorKind::NotFound.into()),
-        };
-        Ok(vec![std::net::SocketAddr::new(ip, port)])
-    };
-    api::merchant::MerchantConfig {
-        webhook_targets: api::merchant::target::TargetPolicy::default()
-            .with_resolver(Arc::new(resolve)),
-        ..Default::default()
-    }
-}
-
 impl Harness {
     pub fn new() -> Self {
         Self::with_config(ApiConfig {
             orders_per_10s: 1_000_000,
             ip_weight_per_min: 1_000_000,
             key_weight_per_min: 1_000_000,
-            merchant: test_merchant_config(),
             ..ApiConfig::default()
         })
     }
@@ -132,7 +114,6 @@ impl Harness {
             orders_per_10s: 1_000_000,
             ip_weight_per_min: 1_000_000,
             key_weight_per_min: 1_000_000,
-            merchant: test_merchant_config(),
             ..ApiConfig::default()
         };
         let (pending, sink) = api::app::open(dir.path(), &EngineConfig::default(), cfg).unwrap();

@@ -187,7 +187,7 @@ fn a_floor_out_of_reach_recovers_as_open_and_shows_nothing() {
     assert!(shown.is_empty());
 }
 
-/// Found by the crash simulation (`api/tests/crash_sim.rs`, a history behind the journal when a
+/// Found by the crash simulation (`merchant/tests/crash_sim.rs`, a history behind the journal when a
 /// middle record was damaged): after `journal repair` cut a segment that a newer snapshot holds,
 /// the journal has a hole before that snapshot. A floor inside the hole is out of reach:
 /// recovery starts from the snapshot that holds the cut records and says the floor is out of

@@ -213,7 +213,7 @@ fn damage_in_an_older_segment_refuses_and_changes_no_file() {
     );
 }
 
-/// Found by the crash simulation (`api/tests/crash_sim.rs`, seed 5): damage in a segment that a
+/// Found by the crash simulation (`merchant/tests/crash_sim.rs`, seed 5): damage in a segment that a
 /// snapshot holds (the segment ends where a snapshot was taken) is repaired by cutting that
 /// segment; the later segments replay from the snapshot, so the repair keeps them and no
 /// acknowledged command is lost. (It used to move them aside: every command after the snapshot

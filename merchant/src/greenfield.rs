@@ -2,9 +2,9 @@
 //! the signed `/mapi/v1/merchant/*` API: shop plugins that speak Greenfield (WooCommerce,
 //! PrestaShop, ...) connect with a key's `greenfieldToken`.
 //!
-//! * **Auth.** `Authorization: token <greenfieldToken>` ([`crate::keys::KeyStore::by_greenfield_token`]:
+//! * **Auth.** `Authorization: token <greenfieldToken>` ([`api::keys::KeyStore::by_greenfield_token`]:
 //!   derived from the master key, compared in constant time). The route's BTCPay permission
-//!   ([`crate::access::Greenfield`]) maps onto the key's stored permissions; a key acts on its own
+//!   ([`api::access::Greenfield`]) maps onto the key's stored permissions; a key acts on its own
 //!   account's store only, whose id is the account number. No token: `401 unauthenticated`; a
 //!   permission the key lacks, or another store's id: `403 missing-permission`, as BTCPay answers.
 //! * **One invoice model.** A Greenfield invoice is a merchant invoice; its checkout options
@@ -34,10 +34,11 @@ use super::model::{self, Marks, Status};
 use super::routes::{self as r, db_error, with_db, NewInvoice};
 use super::store::{self, Record, StoreSettings};
 use super::webhook::{self, EventType};
-use crate::access::{Access, Greenfield};
-use crate::error::ApiError;
-use crate::keys::ApiKey;
-use crate::state::{AppState, ClientIp};
+use crate::MerchantState as _;
+use api::access::{Access, Greenfield};
+use api::error::ApiError;
+use api::keys::ApiKey;
+use api::state::{AppState, ClientIp};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -98,7 +99,7 @@ static OPENED_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 
 /// Creates the Greenfield tables if they do not exist (idempotent).
 pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
-    OPENED_MS.get_or_init(crate::core::now_ms);
+    OPENED_MS.get_or_init(api::core::now_ms);
     conn.execute_batch(SCHEMA)
 }
 
@@ -220,7 +221,7 @@ pub struct GfReq {
     headers: HeaderMap,
     body: axum::body::Bytes,
     ip: String,
-    route: Option<&'static crate::access::Route>,
+    route: Option<&'static api::access::Route>,
     /// A store-dashboard session's principal ([`GfReq::session`]): no token to check.
     session: Option<Arc<ApiKey>>,
 }
@@ -236,7 +237,7 @@ impl FromRequest<AppState> for GfReq {
         };
         let route = parts
             .extensions
-            .get::<&'static crate::access::Route>()
+            .get::<&'static api::access::Route>()
             .copied();
         let body = axum::body::to_bytes(body, MAX_BODY).await.map_err(|_| {
             gf_err(
@@ -319,10 +320,10 @@ fn auth(st: &AppState, req: &GfReq, store: Option<&str>) -> Result<Arc<ApiKey>, 
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("token"))
         .map(|(_, t)| t.trim())
         .ok_or_else(|| unauthenticated("Authentication is required for accessing this endpoint"))?;
-    let key =
-        st.0.keys
-            .by_greenfield_token(token)
-            .ok_or_else(|| unauthenticated("ApiKey authentication failed: Unknown API Key"))?;
+    let key = st
+        .keys()
+        .by_greenfield_token(token)
+        .ok_or_else(|| unauthenticated("ApiKey authentication failed: Unknown API Key"))?;
     st.charge_key(&key, weight)?;
     if !key.perms.has(g.perms()) {
         return Err(missing_permission(g));
@@ -336,7 +337,7 @@ fn auth(st: &AppState, req: &GfReq, store: Option<&str>) -> Result<Arc<ApiKey>, 
 }
 
 fn now_ms() -> u64 {
-    crate::core::now_ms()
+    api::core::now_ms()
 }
 
 fn secs(ms: u64) -> u64 {
@@ -344,7 +345,7 @@ fn secs(ms: u64) -> u64 {
 }
 
 fn public_url(st: &AppState) -> String {
-    st.0.cfg
+    st.cfg()
         .public_url
         .as_deref()
         .unwrap_or("")
@@ -357,7 +358,7 @@ fn public_url(st: &AppState) -> String {
 /// `GET /api/v1/api-keys/current`: the key as BTCPay describes one (`apiKey` is the token).
 pub async fn current_key(State(st): State<AppState>, req: GfReq) -> GfResult {
     let key = auth(&st, &req, None)?;
-    let token = st.0.keys.greenfield_token(&key.api_key);
+    let token = st.keys().greenfield_token(&key.api_key);
     ok(json!({
         "apiKey": token,
         "label": key.label,
@@ -386,8 +387,8 @@ pub fn permissions_of(key: &ApiKey) -> Vec<String> {
 /// `GET /api/v1/server/info`.
 pub async fn server_info(State(st): State<AppState>, req: GfReq) -> GfResult {
     auth(&st, &req, None)?;
-    let custody = st.0.custody.get().is_some();
-    let methods: Vec<&str> = if st.0.lightning.get().is_some() {
+    let custody = st.custody().is_some();
+    let methods: Vec<&str> = if st.lightning().is_some() {
         vec![BTC_CHAIN, BTC_LN]
     } else {
         vec![BTC_CHAIN]
@@ -431,7 +432,7 @@ fn speed_from(name: &str) -> Option<u32> {
 
 /// A percentage (basis points) as a JSON number: `150` → `1.5`.
 fn percent_json(bps: u16) -> Value {
-    let s = crate::decimal::format_units(u64::from(bps), 2);
+    let s = api::decimal::format_units(u64::from(bps), 2);
     serde_json::from_str::<Value>(&s).unwrap_or(Value::from(0))
 }
 
@@ -590,7 +591,7 @@ pub async fn store_payment_methods(
         "cryptoCode": "BTC",
         "config": {"accountDerivation": null, "label": "Mediator custody (an address per invoice)"},
     }, {
-        "enabled": st.0.lightning.get().is_some(),
+        "enabled": st.lightning().is_some(),
         "paymentMethodId": BTC_LN,
         "cryptoCode": "BTC",
         "config": {"connectionString": "Internal Node", "disableBOLT11PaymentOption": false},
@@ -696,7 +697,7 @@ pub fn invoice_json(st: &AppState, rec: &Record, extra: &Extra, now_ms: u64) -> 
         Some(q) => {
             let units = u128::from(d.paid_sat) * u128::from(q.rate_units) / 100_000_000;
             let dec = r::quote_decimals(st, &q.asset);
-            crate::decimal::format_units(u64::try_from(units).unwrap_or(u64::MAX), dec)
+            api::decimal::format_units(u64::try_from(units).unwrap_or(u64::MAX), dec)
         }
         None => r::btc(d.paid_sat),
     };
@@ -906,7 +907,7 @@ pub async fn create_invoice(
         None => None,
     };
     let (metadata, order_id) = metadata_param(&b)?;
-    let (checkout, expiry) = checkout_options(&b, &mut settings, st.0.lightning.get().is_some())?;
+    let (checkout, expiry) = checkout_options(&b, &mut settings, st.lightning().is_some())?;
     let checkout = serde_json::to_string(&checkout).map_err(|_| ApiError::internal())?;
     let rec = r::new_invoice(
         &st,
@@ -954,8 +955,8 @@ fn query_pairs(q: Option<&str>) -> Vec<(String, String)> {
         .filter_map(|p| {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
             Some((
-                crate::params::percent_decode(k)?,
-                crate::params::percent_decode(v)?,
+                api::params::percent_decode(k)?,
+                api::params::percent_decode(v)?,
             ))
         })
         .collect()
@@ -1132,7 +1133,7 @@ pub async fn invoice_payment_methods(
     let i = &rec.inv;
     let d = i.derive(now);
     let rate = match &i.quote {
-        Some(q) => crate::decimal::format_units(q.rate_units, r::quote_decimals(&st, &q.asset)),
+        Some(q) => api::decimal::format_units(q.rate_units, r::quote_decimals(&st, &q.asset)),
         None => "1".to_owned(),
     };
     let of = |source: &str| -> Vec<Value> {
@@ -1318,7 +1319,7 @@ fn hook(conn: &Connection, merchant: u32, id: &str) -> rusqlite::Result<Option<H
 
 /// A Greenfield webhook's secret: `hex(HMAC(master, "greenfield-webhook/<account>/<id>"))`.
 pub fn hook_secret(st: &AppState, merchant: u32, id: &str) -> String {
-    st.0.keys
+    st.keys()
         .derive_purpose(&format!("greenfield-webhook/{merchant}/{id}"))
 }
 
@@ -1508,7 +1509,7 @@ async fn check_url(st: &AppState, url: &str) -> Result<(), GfError> {
     if !ok {
         return Err(invalid("url", "an http(s) URL of at most 512 characters"));
     }
-    let (u, targets) = (url.to_owned(), st.0.cfg.merchant.webhook_targets.clone());
+    let (u, targets) = (url.to_owned(), st.merchant().cfg.webhook_targets.clone());
     let checked = tokio::task::spawn_blocking(move || super::target::check(&u, &targets))
         .await
         .map_err(|_| ApiError::internal())?;
@@ -1746,8 +1747,8 @@ pub async fn redeliver(
     let limiter = st
         .merchant()
         .redeliveries
-        .get_or_init(|| crate::ratelimit::Limiter::new(st.0.cfg.merchant.redeliveries_per_min));
-    if let crate::ratelimit::Charge::Limited { retry_after, .. } =
+        .get_or_init(|| api::ratelimit::Limiter::new(st.merchant().cfg.redeliveries_per_min));
+    if let api::ratelimit::Charge::Limited { retry_after, .. } =
         limiter.charge(&merchant.to_string(), 1, now_ms())
     {
         let mut e = gf_err(
@@ -1957,7 +1958,7 @@ pub async fn refund(
         None => 0,
         Some(v) => {
             let s = decimal_of(v).ok_or_else(|| invalid("subtractPercentage", "0 to 100"))?;
-            crate::decimal::parse_units(&s, 2)
+            api::decimal::parse_units(&s, 2)
                 .ok()
                 .filter(|b| *b <= 10_000)
                 .ok_or_else(|| invalid("subtractPercentage", "0 to 100, two decimals at most"))?
@@ -2069,7 +2070,7 @@ pub async fn create_pull_payment(
         .get("amount")
         .and_then(decimal_of)
         .ok_or_else(|| invalid("amount", "amount is missing"))?;
-    let amount = crate::decimal::parse_units(&amount, crate::capital::BTC_DECIMALS)
+    let amount = api::decimal::parse_units(&amount, api::capital::BTC_DECIMALS)
         .ok()
         .filter(|a| *a > 0)
         .ok_or_else(|| invalid("amount", "more than zero, 8 decimals at most"))?;
@@ -2207,8 +2208,8 @@ fn set_payout(
     Ok(())
 }
 
-fn payout_json(p: &Payout, withdrawal: Option<&crate::custody::WithdrawalInfo>) -> Value {
-    use crate::custody::WithdrawalState as W;
+fn payout_json(p: &Payout, withdrawal: Option<&api::custody::WithdrawalInfo>) -> Value {
+    use api::custody::WithdrawalState as W;
     let state = match (p.state.as_str(), withdrawal.map(|w| w.state)) {
         ("cancelled", _) => "Cancelled",
         // An engine transfer to an exchange account is final when done.
@@ -2244,8 +2245,8 @@ fn payout_json(p: &Payout, withdrawal: Option<&crate::custody::WithdrawalInfo>) 
 async fn withdrawals_by_key(
     st: &AppState,
     merchant: u32,
-) -> std::collections::HashMap<String, crate::custody::WithdrawalInfo> {
-    let Some(c) = st.0.custody.get().cloned() else {
+) -> std::collections::HashMap<String, api::custody::WithdrawalInfo> {
+    let Some(c) = st.custody() else {
         return Default::default();
     };
     tokio::task::spawn_blocking(move || c.withdrawals(Some(merchant)))
@@ -2424,7 +2425,7 @@ async fn execute_store_payout(
     ask_first: bool,
 ) -> super::outcome::Moved {
     super::outcome::custody_withdrawal(
-        st.0.custody.get().cloned(),
+        st.custody(),
         pp.merchant,
         p.destination.clone(),
         p.amount_sat,
@@ -2484,7 +2485,7 @@ pub async fn claim(
         None => None,
         Some(v) => Some(
             decimal_of(v)
-                .and_then(|s| crate::decimal::parse_units(&s, crate::capital::BTC_DECIMALS).ok())
+                .and_then(|s| api::decimal::parse_units(&s, api::capital::BTC_DECIMALS).ok())
                 .filter(|a| *a > 0)
                 .ok_or_else(|| invalid("amount", "more than zero, 8 decimals at most"))?,
         ),
@@ -2627,7 +2628,7 @@ async fn claim_and_pay(
     let account = to_account(&p);
     let moved = match &pp.invoice_id {
         Some(iid) => {
-            let custody = st.0.custody.get().cloned();
+            let custody = st.custody();
             let ask = r::RefundAsk {
                 merchant: pp.merchant,
                 id: iid.clone(),

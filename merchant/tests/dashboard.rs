@@ -4,12 +4,14 @@
 
 mod common;
 
-use api::merchant::monitor::tick;
+use merchant::MerchantState as _;
+
 use axum::body::Body;
 use axum::http::{HeaderMap, Request, StatusCode};
 use common::custody::Fake;
 use common::Harness;
 use http_body_util::BodyExt;
+use merchant::monitor::tick;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use std::sync::Arc;
@@ -238,7 +240,7 @@ async fn gf(h: &Harness, method: &str, uri: &str, token: &str, body: Option<Valu
 
 fn store_name(h: &Harness, account: u32) -> String {
     let db = h.state.merchant().db.lock().unwrap();
-    api::merchant::store::settings_or_default(&db, account)
+    merchant::store::settings_or_default(&db, account)
         .unwrap()
         .name
 }
@@ -1018,7 +1020,7 @@ async fn a_refunds_claim_link_is_never_put_in_a_url() {
 
 fn pos_token(h: &Harness, account: u32) -> Option<String> {
     let db = h.state.merchant().db.lock().unwrap();
-    api::merchant::store::settings_or_default(&db, account)
+    merchant::store::settings_or_default(&db, account)
         .unwrap()
         .pos_token
 }

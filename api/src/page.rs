@@ -1,39 +1,19 @@
-//! The checkout and point-of-sale pages: self-contained HTML, CSS and JavaScript (no CDN, font or
-//! external script), one page for every invoice or terminal; the script reads the invoice id or
-//! point-of-sale token from `location.pathname` and talks to the public endpoints.
-
-/// Served at `GET /i/{id}`: amount, QR code, copyable address and BIP21 URI, countdown, and the
-/// status updated live from `GET /i/{id}/events` (polling `GET /i/{id}/status` as a fallback).
-pub const CHECKOUT_HTML: &str = include_str!("pages/checkout.html");
-
-/// Served at `GET /pos/{token}`: an amount keypad in the store's currency (`GET /pos/{token}/info`
-/// gives its decimals); "Charge" creates an invoice with `POST /pos/{token}/invoice` and shows its
-/// QR code and live status, then "New sale".
-pub const POS_HTML: &str = include_str!("pages/pos.html");
-
-/// Served at `GET /pp/{id}`: a pull payment (a refund) to claim: what remains, an address (and
-/// an amount), "Claim" posts `POST /api/v1/pull-payments/{id}/payouts`, then the payouts.
-pub const CLAIM_HTML: &str = include_str!("pages/claim.html");
+//! Shell utilities for the server's own HTML pages (the reserves verification page here, the
+//! checkout, point-of-sale, claim and dashboard pages of the `merchant` crate): the
+//! Content-Security-Policy that lets a self-contained page run its inline script and style and
+//! nothing else.
 
 /// The Content-Security-Policy of a page: nothing but its own inline script and style (by
-/// SHA-256 hash, no `'unsafe-inline'`), images from this server (the QR code), requests to this
-/// server (status, SSE, invoice creation), no `<base>`, no form posts, and embedding allowed to
-/// `frame_ancestors` only (`ApiConfig::frame_ancestors`, `'self'` by default).
+/// SHA-256 hash, no `'unsafe-inline'`), images from this server, requests to this server, no
+/// `<base>`, no form posts, and embedding allowed to `frame_ancestors` only (`'none'`, or
+/// `ApiConfig::frame_ancestors`). Computes the hashes on each call; a page served often caches
+/// [`inline_sources`] and calls [`csp_of`].
 pub fn content_security_policy(page: &str, frame_ancestors: &str) -> String {
-    static CHECKOUT: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-    static POS: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-    static CLAIM: std::sync::OnceLock<(String, String)> = std::sync::OnceLock::new();
-    let computed;
-    let (script, style) = if std::ptr::eq(page, CHECKOUT_HTML) {
-        CHECKOUT.get_or_init(|| inline_sources(CHECKOUT_HTML))
-    } else if std::ptr::eq(page, POS_HTML) {
-        POS.get_or_init(|| inline_sources(POS_HTML))
-    } else if std::ptr::eq(page, CLAIM_HTML) {
-        CLAIM.get_or_init(|| inline_sources(CLAIM_HTML))
-    } else {
-        computed = inline_sources(page);
-        &computed
-    };
+    csp_of(&inline_sources(page), frame_ancestors)
+}
+
+/// The policy of a page whose `(script, style)` sources [`inline_sources`] gave.
+pub fn csp_of((script, style): &(String, String), frame_ancestors: &str) -> String {
     format!(
         "default-src 'none'; script-src {script}; style-src {style}; img-src 'self'; \
          connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors {frame_ancestors}"
@@ -41,7 +21,7 @@ pub fn content_security_policy(page: &str, frame_ancestors: &str) -> String {
 }
 
 /// The CSP sources of a page's inline `<script>` and `<style>` elements: their hashes.
-fn inline_sources(page: &str) -> (String, String) {
+pub fn inline_sources(page: &str) -> (String, String) {
     let hashes = |tag: &str| -> String {
         let open = format!("<{tag}>");
         let close = format!("</{tag}>");
@@ -66,7 +46,8 @@ fn inline_sources(page: &str) -> (String, String) {
     (hashes("script"), hashes("style"))
 }
 
-fn sha256_base64(bytes: &[u8]) -> String {
+/// Standard base64 (with padding) of a SHA-256 digest, as CSP hash sources are written.
+pub fn sha256_base64(bytes: &[u8]) -> String {
     use sha2::Digest as _;
     let d = sha2::Sha256::digest(bytes);
     // Standard base64 with padding, as CSP hash sources are written.
@@ -107,16 +88,10 @@ mod tests {
         assert!(csp.ends_with("frame-ancestors 'self' https://shop.example"));
         let crlf = content_security_policy("<script>a()\r\nb()</script>", "'self'");
         assert!(crlf.contains(&sha256_base64(b"a()\nb()")), "{crlf}");
-        for page in [CHECKOUT_HTML, POS_HTML] {
-            let csp = content_security_policy(page, "'self'");
-            assert!(
-                !csp.contains("unsafe") && !csp.contains("'none'; style"),
-                "{csp}"
-            );
-            assert!(
-                !page.contains(" style=\""),
-                "inline style attributes are blocked"
-            );
-        }
+        let none = content_security_policy("<p>static</p>", "'none'");
+        assert!(
+            none.contains("script-src 'none'; style-src 'none';"),
+            "{none}"
+        );
     }
 }

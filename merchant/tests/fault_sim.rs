@@ -6,17 +6,19 @@
 //! and monitor ticks done) that every outcome was resolved, nothing stays frozen, and every
 //! account holds exactly what the recorded flows say: nothing paid twice, nothing lost.
 //!
-//! A failure prints its seed; `MEDIATOR_SIM_SEED=<seed> cargo test -p api --test fault_sim`
+//! A failure prints its seed; `MEDIATOR_SIM_SEED=<seed> cargo test -p merchant --test fault_sim`
 //! replays it (`MEDIATOR_SIM_SEEDS=<n>` runs more seeds).
 
 mod common;
 
-use api::merchant::model::Source;
-use api::merchant::monitor::tick;
-use api::merchant::store;
+use merchant::MerchantState as _;
+
 use axum::http::StatusCode;
 use common::custody::Fake;
 use common::{Harness, Lossy, Rng};
+use merchant::model::Source;
+use merchant::monitor::tick;
+use merchant::store;
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -214,7 +216,7 @@ async fn step(w: &mut World) {
                 w.h.ok(
                     "POST",
                     "/mapi/v1/merchant/invoice",
-                    &format!("amount={}&currency=BTC", api::merchant::routes::btc(sat)),
+                    &format!("amount={}&currency=BTC", merchant::routes::btc(sat)),
                     &w.merchant.1,
                 )
                 .await;
@@ -266,7 +268,7 @@ async fn step(w: &mut World) {
             w.next_id += 1;
             let params = format!(
                 "invoiceId={id}&amount={}&{dest}&idempotencyKey=rk-{key_n}",
-                api::merchant::routes::btc(sat)
+                merchant::routes::btc(sat)
             );
             maybe_lose(w, 15);
             let lost_custody = usize::from(w.rng.chance(15));
@@ -492,7 +494,7 @@ async fn seeded_fault_simulation_keeps_every_outcome_known_and_every_unit_accoun
             eprintln!("last steps of seed {seed}:\n  {}", log[from..].join("\n  "));
             panic!(
                 "simulation failed at seed {seed}: {e}\n\
-                 replay: MEDIATOR_SIM_SEED={seed} cargo test -p api --test fault_sim"
+                 replay: MEDIATOR_SIM_SEED={seed} cargo test -p merchant --test fault_sim"
             );
         }
     }

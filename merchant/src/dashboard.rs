@@ -15,9 +15,9 @@
 //! * **One implementation of each action.** Pages call the Greenfield handlers
 //!   ([`super::greenfield`]) for the session's store through [`GfReq::session`] (invoices,
 //!   store settings, refunds, pull payments, webhook redelivery) and the key functions of
-//!   [`crate::native`] for API tokens; the point-of-sale switch calls the signed merchant API's
+//!   [`api::native`] for API tokens; the point-of-sale switch calls the signed merchant API's
 //!   store update ([`super::routes::update_store`]); a withdrawal goes through the signed API's
-//!   own path ([`crate::capital::apply_withdrawal`]).
+//!   own path ([`api::capital::apply_withdrawal`]).
 //! * **Withdrawals need the password again** (step-up, ADR 0015): the form carries the store
 //!   password, checked like a login (10 attempts a minute per store), so a session cookie
 //!   alone, or a one-time link's session without the password, moves no money. The form also carries a
@@ -29,9 +29,10 @@
 
 use super::greenfield::{self as gf, GfReq, RawQuery};
 use super::routes::{db_error, with_db};
-use crate::error::ApiError;
-use crate::keys::{ApiKey, Perms};
-use crate::state::{AppState, ClientIp};
+use crate::MerchantState as _;
+use api::error::ApiError;
+use api::keys::{ApiKey, Perms};
+use api::state::{AppState, ClientIp};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -76,7 +77,7 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
 }
 
 fn now_ms() -> u64 {
-    crate::core::now_ms()
+    api::core::now_ms()
 }
 
 fn sha256_hex(s: &str) -> String {
@@ -84,7 +85,7 @@ fn sha256_hex(s: &str) -> String {
 }
 
 fn random_hex() -> Result<String, ApiError> {
-    crate::keys::random_bytes::<32>()
+    api::keys::random_bytes::<32>()
         .map(hex::encode)
         .map_err(|_| ApiError::internal())
 }
@@ -96,7 +97,7 @@ fn ct_eq(a: &[u8], b: &[u8]) -> bool {
 
 fn hash_password(password: &str) -> Result<String, ApiError> {
     use argon2::password_hash::{PasswordHasher, SaltString};
-    let salt_bytes = crate::keys::random_bytes::<16>().map_err(|_| ApiError::internal())?;
+    let salt_bytes = api::keys::random_bytes::<16>().map_err(|_| ApiError::internal())?;
     let salt = SaltString::encode_b64(&salt_bytes).map_err(|_| ApiError::internal())?;
     argon2::Argon2::default()
         .hash_password(password.as_bytes(), &salt)
@@ -125,7 +126,7 @@ fn dummy_phc() -> &'static str {
 /// characters). Replaces the store's password and logs out its sessions.
 pub async fn admin_set_password(
     State(st): State<AppState>,
-    req: crate::state::Req,
+    req: api::state::Req,
 ) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
@@ -154,14 +155,14 @@ pub async fn admin_set_password(
     })
     .await?;
     st.audit_as("admin", "dashboard.password", json!({ "account": account }))?;
-    Ok(crate::state::ok_json(&ctx, json!({ "account": account })))
+    Ok(api::state::ok_json(&ctx, json!({ "account": account })))
 }
 
 /// `POST /mapi/v1/admin/dashboardLink` (ADMIN): `account`. A one-time login link, valid
 /// [`LINK_TTL_MS`]; only its hash is kept.
 pub async fn admin_login_link(
     State(st): State<AppState>,
-    req: crate::state::Req,
+    req: api::state::Req,
 ) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
@@ -178,13 +179,13 @@ pub async fn admin_login_link(
     })
     .await?;
     st.audit_as("admin", "dashboard.link", json!({ "account": account }))?;
-    let base =
-        st.0.cfg
-            .public_url
-            .as_deref()
-            .unwrap_or("")
-            .trim_end_matches('/');
-    Ok(crate::state::ok_json(
+    let base = st
+        .cfg()
+        .public_url
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('/');
+    Ok(api::state::ok_json(
         &ctx,
         json!({
             "account": account,
@@ -194,7 +195,7 @@ pub async fn admin_login_link(
     ))
 }
 
-fn account_param(st: &AppState, p: &mut crate::params::Params) -> Result<u32, ApiError> {
+fn account_param(st: &AppState, p: &mut api::params::Params) -> Result<u32, ApiError> {
     let a = p
         .req("account")?
         .parse::<u32>()
@@ -285,7 +286,7 @@ impl FromRequestParts<AppState> for Session {
         // The route's weight from the permission table (1 for every dashboard row).
         let weight = parts
             .extensions
-            .get::<&'static crate::access::Route>()
+            .get::<&'static api::access::Route>()
             .and_then(|r| r.weight)
             .unwrap_or(1);
         st.charge_ip_addr(&ip, weight)?;
@@ -378,7 +379,7 @@ fn same_origin(st: &AppState, headers: &HeaderMap) -> bool {
     let Ok(origin) = origin.to_str() else {
         return false;
     };
-    if let Some(public) = st.0.cfg.public_url.as_deref() {
+    if let Some(public) = st.cfg().public_url.as_deref() {
         let public = public.trim_end_matches('/');
         let public_origin = public
             .find("://")
@@ -403,8 +404,8 @@ impl Form {
         let mut out = Vec::new();
         for p in s.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            let k = crate::params::percent_decode(k).ok_or_else(|| bad("A malformed form."))?;
-            let v = crate::params::percent_decode(v).ok_or_else(|| bad("A malformed form."))?;
+            let k = api::params::percent_decode(k).ok_or_else(|| bad("A malformed form."))?;
+            let v = api::params::percent_decode(v).ok_or_else(|| bad("A malformed form."))?;
             out.push((k, v));
         }
         Ok(Form(out))
@@ -579,7 +580,7 @@ fn flash(q: &Option<String>) -> String {
         .split('&')
         .filter_map(|p| p.split_once('='))
         .find(|(k, _)| *k == "done")
-        .and_then(|(_, v)| crate::params::percent_decode(v));
+        .and_then(|(_, v)| api::params::percent_decode(v));
     msg.map(|m| format!("<p class=ok>{}</p>", esc(&m)))
         .unwrap_or_default()
 }
@@ -704,11 +705,11 @@ async fn try_login(
     let limiter = st
         .merchant()
         .logins
-        .get_or_init(|| crate::ratelimit::Limiter::new(LOGINS_PER_MIN));
+        .get_or_init(|| api::ratelimit::Limiter::new(LOGINS_PER_MIN));
     let limited = |who: &str| {
         matches!(
             limiter.charge(who, 1, now_ms()),
-            crate::ratelimit::Charge::Limited { .. }
+            api::ratelimit::Charge::Limited { .. }
         )
     };
     if limited(&format!("ip:{ip}")) {
@@ -812,7 +813,7 @@ async fn try_login(
 /// `; Secure` unless the server is configured to be reached over plain HTTP (`public_url`
 /// starting `http://`, e.g. a localhost setup).
 fn secure_attr(st: &AppState) -> &'static str {
-    match st.0.cfg.public_url.as_deref() {
+    match st.cfg().public_url.as_deref() {
         Some(u) if u.starts_with("http://") => "",
         _ => "; Secure",
     }
@@ -869,12 +870,12 @@ pub async fn home(
         super::store::settings_or_default(c, account).map_err(db_error)
     })
     .await?;
-    let base =
-        st.0.cfg
-            .public_url
-            .as_deref()
-            .unwrap_or("")
-            .trim_end_matches('/');
+    let base = st
+        .cfg()
+        .public_url
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('/');
     let mut b = flash(&q);
     let _ = write!(
         b,
@@ -911,13 +912,13 @@ pub async fn home(
                 b,
                 "<tr><td>{}<td class=num>{}<td class=num>{}",
                 esc(&a.symbol),
-                crate::decimal::format_units(*free, a.decimals),
-                crate::decimal::format_units(*locked, a.decimals)
+                api::decimal::format_units(*free, a.decimals),
+                api::decimal::format_units(*locked, a.decimals)
             );
         }
     }
     b.push_str("</table></section><section><h2>Withdrawals</h2>");
-    match st.0.custody.get().cloned() {
+    match st.custody() {
         None => b.push_str("<p class=muted>Custody is not attached.</p>"),
         Some(c) => {
             let (fee_sat, min_sat) = c.withdrawal_terms();
@@ -936,8 +937,8 @@ pub async fn home(
                  Submitting this form twice requests one withdrawal.</p>",
                 csrf_field(&s),
                 esc(&new_withdraw_key()?),
-                crate::decimal::format_units(fee_sat, 8),
-                crate::decimal::format_units(min_sat, 8)
+                api::decimal::format_units(fee_sat, 8),
+                api::decimal::format_units(min_sat, 8)
             );
             let ws = tokio::task::spawn_blocking(move || c.withdrawals(Some(account)))
                 .await
@@ -953,7 +954,7 @@ pub async fn home(
                         b,
                         "<tr><td>{}<td class=num>{}<td class=addr>{}<td>{}",
                         w.id,
-                        crate::decimal::format_units(w.amount_sat, 8),
+                        api::decimal::format_units(w.amount_sat, 8),
                         esc(&w.address),
                         esc(&format!("{:?}", w.state))
                     );
@@ -1154,12 +1155,12 @@ pub async fn invoice(
         Ok((d, r))
     })
     .await?;
-    let base =
-        st.0.cfg
-            .public_url
-            .as_deref()
-            .unwrap_or("")
-            .trim_end_matches('/');
+    let base = st
+        .cfg()
+        .public_url
+        .as_deref()
+        .unwrap_or("")
+        .trim_end_matches('/');
     let mut b = flash(&q);
     b.push_str(&take_flash(&st, &s).await?);
     let _ = write!(
@@ -1236,7 +1237,7 @@ pub async fn invoice(
         let _ = write!(
             b,
             "<p>{} BTC · claim page <a href=\"{base}/pp/{pp}\">{base}/pp/{pp}</a></p>",
-            crate::decimal::format_units(*sat, 8),
+            api::decimal::format_units(*sat, 8),
             base = esc(base),
             pp = esc(pp)
         );
@@ -1400,7 +1401,7 @@ pub async fn settings(
     let (switch_to, label) = match &settings.pos_token {
         Some(t) => {
             let base =
-                st.0.cfg
+                st.cfg()
                     .public_url
                     .as_deref()
                     .unwrap_or("")
@@ -1472,7 +1473,7 @@ const WITHDRAW_KEY_PREFIX: &str = "dash-";
 
 /// A new withdrawal form's idempotency key: [`WITHDRAW_KEY_PREFIX`] and 32 random hex digits.
 fn new_withdraw_key() -> Result<String, Refusal> {
-    let r = crate::keys::random_bytes::<16>().map_err(|_| ApiError::internal())?;
+    let r = api::keys::random_bytes::<16>().map_err(|_| ApiError::internal())?;
     Ok(format!("{WITHDRAW_KEY_PREFIX}{}", hex::encode(r)))
 }
 
@@ -1484,10 +1485,10 @@ async fn step_up(st: &AppState, s: &Session, password: &str) -> Result<(), Refus
     let limiter = st
         .merchant()
         .logins
-        .get_or_init(|| crate::ratelimit::Limiter::new(LOGINS_PER_MIN));
+        .get_or_init(|| api::ratelimit::Limiter::new(LOGINS_PER_MIN));
     if matches!(
         limiter.charge(&format!("withdraw:{}", s.account), 1, now_ms()),
-        crate::ratelimit::Charge::Limited { .. }
+        api::ratelimit::Charge::Limited { .. }
     ) {
         return Err(Refusal::Page(
             StatusCode::TOO_MANY_REQUESTS,
@@ -1528,7 +1529,7 @@ async fn step_up(st: &AppState, s: &Session, password: &str) -> Result<(), Refus
 
 /// `POST /dashboard/withdraw`: `address`, `amount` (BTC), `password` (step-up), `key` (the
 /// form's idempotency key) — the signed API's `withdraw/apply` path
-/// ([`crate::capital::apply_withdrawal`]) for the session's store account. A key already used
+/// ([`api::capital::apply_withdrawal`]) for the session's store account. A key already used
 /// by this account answers its withdrawal when address and amount match (a double submit, or
 /// a retry after a lost answer: one withdrawal), and is refused otherwise.
 pub async fn withdraw(
@@ -1551,7 +1552,7 @@ pub async fn withdraw(
         ));
     }
     let address = form.text("address").to_owned();
-    let amount = crate::decimal::parse_units(form.text("amount"), 8)
+    let amount = api::decimal::parse_units(form.text("amount"), 8)
         .ok()
         .filter(|a| *a > 0)
         .ok_or_else(|| {
@@ -1560,14 +1561,14 @@ pub async fn withdraw(
     step_up(&st, &s, form.get("password").unwrap_or("")).await?;
     let account = s.account;
     let sent =
-        crate::capital::apply_withdrawal(&st, account, address.clone(), amount, key.clone()).await;
+        api::capital::apply_withdrawal(&st, account, address.clone(), amount, key.clone()).await;
     let w =
         match sent {
             Ok(w) => w,
             Err(e) if e.code == DUPLICATE_WITHDRAWAL_KEY => {
                 // This form was sent before: its withdrawal, if it is the same one.
                 let k = key.clone();
-                let found = crate::capital::call(&st, move |c| c.withdrawals(Some(account)))
+                let found = api::capital::call(&st, move |c| c.withdrawals(Some(account)))
                     .await?
                     .into_iter()
                     .find(|w| w.account == account && w.idempotency_key == k);
@@ -1579,7 +1580,7 @@ pub async fn withdraw(
                                 "This form already requested withdrawal {} of {} BTC; it is not \
                              sent twice.",
                                 w.id,
-                                crate::decimal::format_units(w.amount_sat, 8)
+                                api::decimal::format_units(w.amount_sat, 8)
                             ))
                         )));
                     }
@@ -1626,7 +1627,7 @@ pub async fn withdraw(
         pct(&format!(
             "Withdrawal {} of {} BTC requested ({:?}).",
             w.id,
-            crate::decimal::format_units(w.amount_sat, 8),
+            api::decimal::format_units(w.amount_sat, 8),
             w.state
         ))
     )))
@@ -1673,7 +1674,7 @@ pub async fn tokens(
 ) -> Result<Response, Refusal> {
     let mut b = flash(&q);
     b.push_str("<ul class=cards>");
-    let keys = st.0.keys.of_account(s.account);
+    let keys = st.keys().of_account(s.account);
     if keys.is_empty() {
         b.push_str("<li class=muted>No API keys.</li>");
     }
@@ -1730,7 +1731,7 @@ pub async fn create_token(
     if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         return Err(bad("The label is at most 64 printable ASCII characters."));
     }
-    let v = crate::native::create_key(
+    let v = api::native::create_key(
         &st,
         &format!("dashboard:{}", s.account),
         s.account,
@@ -1758,7 +1759,7 @@ pub async fn revoke_token(
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
     let target = form.text("apiKey").to_owned();
-    crate::native::revoke_own_key(&st, &s.principal(), &target)?;
+    api::native::revoke_own_key(&st, &s.principal(), &target)?;
     Ok(redirect(&format!(
         "/dashboard/tokens?done={}",
         pct("Token revoked.")

@@ -19,10 +19,11 @@ use super::model::{Payment, Source};
 use super::routes::{commit, with_db};
 use super::store::{self, ConvState, Record};
 use super::webhook::{Dispatcher, RetryPolicy};
-use crate::core::Outcome;
-use crate::custody::DepositState;
-use crate::error::ApiError;
-use crate::AppState;
+use crate::MerchantState as _;
+use api::core::Outcome;
+use api::custody::DepositState;
+use api::error::ApiError;
+use api::AppState;
 use matching_engine::{
     AccountId, ClientOrderId, Command, Event, NewOrder, OrderType, Price, Qty, Side, StpMode,
     TimeInForce,
@@ -71,7 +72,7 @@ pub fn start(state: &AppState, poll: Duration) -> MonitorHandle {
         state.merchant().db.clone(),
         Arc::new(super::Endpoints::new(state.clone())),
         RetryPolicy::default(),
-        state.0.cfg.merchant.webhook_targets.clone(),
+        state.merchant().cfg.webhook_targets.clone(),
     );
     spawn(state.clone(), poll, Some(dispatcher))
 }
@@ -91,7 +92,7 @@ pub fn spawn(state: AppState, poll: Duration, dispatcher: Option<Dispatcher>) ->
                 _ = m.kick.notified() => {}
                 _ = tokio::time::sleep(poll) => {}
             }
-            match tick(&state, crate::core::now_ms()).await {
+            match tick(&state, api::core::now_ms()).await {
                 Ok(r) if r.events > 0 => {
                     if let Some(d) = &dispatcher {
                         d.wake();
@@ -119,11 +120,11 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
     // Greenfield payouts whose outcome is unknown follow (super::greenfield::resolve_all).
     super::greenfield::resolve_all(state).await?;
     // 1. Payments from custody.
-    if let Some(custody) = state.0.custody.get().cloned() {
+    if let Some(custody) = state.custody() {
         let deposits = tokio::task::spawn_blocking(move || custody.deposits(None))
             .await
             .map_err(|_| ApiError::internal())?
-            .map_err(crate::capital::custody_error)?;
+            .map_err(api::capital::custody_error)?;
         let by_invoice = with_db(state, move |c| {
             let mut m: BTreeMap<String, (u32, Vec<Payment>)> = BTreeMap::new();
             for d in deposits {
@@ -165,7 +166,7 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
         }
     }
     // 1b. Lightning payments: BOLT11 parts the node's service has credited to the merchant.
-    if let Some(ln) = state.0.lightning.get().cloned() {
+    if let Some(ln) = state.lightning() {
         let since = now_ms.saturating_sub(LN_LOOKBACK_MS);
         let open = with_db(state, move |c| {
             store::lightning_unpaid(c, since, LN_SCAN_MAX).map_err(db)
@@ -337,7 +338,7 @@ async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool
     };
     let limit = super::price::worst_sell_ticks(
         rate / m.price_units_per_tick,
-        state.0.cfg.merchant.price.slippage_bps,
+        state.merchant().cfg.price.slippage_bps,
     );
     rec.conv.error = None;
     let cid = state.gen_client_id();

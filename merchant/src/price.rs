@@ -24,7 +24,7 @@
 //! `slippage_bps`, rounded up to the tick. The conversion is a limit IOC sell at that price, so
 //! it never fills below it; what does not fill is retried on the next monitor tick.
 
-use crate::readmodel::MarketState;
+use api::readmodel::MarketState;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -247,7 +247,7 @@ async fn read_index_aged(
             0,
         ),
     };
-    let price = crate::decimal::parse_units(text.trim(), decimals)
+    let price = api::decimal::parse_units(text.trim(), decimals)
         .map_err(|_| PriceError::IndexUnavailable)?;
     Ok((price, age_ms))
 }
@@ -351,7 +351,7 @@ pub fn worst_sell_ticks(reference_ticks: u64, slippage_bps: u64) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::readmodel::TradeRec;
+    use api::readmodel::TradeRec;
     use matching_engine::{Price, Qty, Side};
 
     const LOT: u64 = 1_000;

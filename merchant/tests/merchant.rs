@@ -3,11 +3,13 @@
 
 mod common;
 
-use api::merchant::monitor::tick;
-use api::merchant::{store, webhook};
+use merchant::MerchantState as _;
+
 use axum::http::StatusCode;
 use common::custody::Fake;
 use common::Harness;
+use merchant::monitor::tick;
+use merchant::{store, webhook};
 use serde_json::Value;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -576,13 +578,15 @@ async fn usd_invoice_without_a_reliable_price_is_refused_and_nothing_changes() {
 async fn usd_invoice_with_a_stale_last_trade_is_refused() {
     let mut merchant = common::test_merchant_config();
     merchant.price.max_trade_age_ms = 1;
-    let h = Harness::with_config(api::ApiConfig {
-        orders_per_10s: 1_000_000,
-        ip_weight_per_min: 1_000_000,
-        key_weight_per_min: 1_000_000,
+    let h = Harness::with_configs(
+        api::ApiConfig {
+            orders_per_10s: 1_000_000,
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..api::ApiConfig::default()
+        },
         merchant,
-        ..api::ApiConfig::default()
-    });
+    );
     let m = setup_on(h).await;
     market(&m.h, "49900", "50000", "1").await;
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -606,16 +610,18 @@ async fn usd_invoice_is_checked_against_the_operators_index() {
     let index_dir = tempfile::tempdir().unwrap();
     let file = index_dir.path().join("btcusd.txt");
     let mut merchant = common::test_merchant_config();
-    merchant.price.index = Some(api::merchant::price::IndexSource::File(file.clone()));
+    merchant.price.index = Some(merchant::price::IndexSource::File(file.clone()));
     // Each step rewrites the file and expects the next invoice to see it: no reuse of a read.
     merchant.price.index_cache_ms = 0;
-    let h = Harness::with_config(api::ApiConfig {
-        orders_per_10s: 1_000_000,
-        ip_weight_per_min: 1_000_000,
-        key_weight_per_min: 1_000_000,
+    let h = Harness::with_configs(
+        api::ApiConfig {
+            orders_per_10s: 1_000_000,
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..api::ApiConfig::default()
+        },
         merchant,
-        ..api::ApiConfig::default()
-    });
+    );
     let m = setup_on(h).await;
     market(&m.h, "49900", "50000", "1").await;
     let create = || async {
@@ -677,16 +683,18 @@ fn index_server(price: &'static str) -> (String, Arc<std::sync::atomic::AtomicUs
 async fn the_price_index_is_fetched_once_for_many_invoices() {
     let (url, hits) = index_server("50000.00");
     let mut merchant = common::test_merchant_config();
-    merchant.price.index = Some(api::merchant::price::IndexSource::Url(url));
+    merchant.price.index = Some(merchant::price::IndexSource::Url(url));
     // Long enough that the whole test runs inside one cache period on a slow machine.
     merchant.price.index_cache_ms = 60_000;
-    let h = Harness::with_config(api::ApiConfig {
-        orders_per_10s: 1_000_000,
-        ip_weight_per_min: 1_000_000,
-        key_weight_per_min: 1_000_000,
+    let h = Harness::with_configs(
+        api::ApiConfig {
+            orders_per_10s: 1_000_000,
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..api::ApiConfig::default()
+        },
         merchant,
-        ..api::ApiConfig::default()
-    });
+    );
     let m = setup_on(h).await;
     market(&m.h, "49900", "50000", "1").await;
     for _ in 0..10 {
@@ -899,7 +907,7 @@ async fn convert_preference_sells_received_btc() {
     assert_eq!(s(conv, "state"), "done", "{v}");
     // Sold the received BTC rounded down to the lot (1,000 sat) at 50,000, taker fee 0.2 %.
     let lots_sat = sat / 1_000 * 1_000;
-    assert_eq!(s(conv, "soldBtc"), api::merchant::routes::btc(lots_sat));
+    assert_eq!(s(conv, "soldBtc"), merchant::routes::btc(lots_sat));
     let notional = lots_sat as u128 * 50_000; // quote units: 8 decimals
     let fee = notional * 20 / 10_000;
     let want = api::decimal::format_units((notional - fee) as u64, 8);
@@ -1104,7 +1112,7 @@ async fn a_lost_payment_is_not_dropped_while_the_breaker_is_open() {
         supply: 0,
     });
     assert!(m.h.state.halted().is_some());
-    let out = api::merchant::outcome::resolve(&m.h.state, common::now_ms())
+    let out = merchant::outcome::resolve(&m.h.state, common::now_ms())
         .await
         .unwrap();
     assert_eq!((out.dropped, out.unknown), (0, 1), "{out:?}");
@@ -1348,7 +1356,7 @@ async fn a_payment_intent_left_by_a_crash_is_recorded_from_the_engine() {
         amount_sat: 30_000,
         created_ms: common::now_ms(),
     };
-    let cmd = api::merchant::outcome::pay_command(&m.h.state, &intent, m.account).unwrap();
+    let cmd = merchant::outcome::pay_command(&m.h.state, &intent, m.account).unwrap();
     m.h.state.submit(cmd).await.unwrap().result.unwrap();
     store::insert_pay_intent(&m.h.state.merchant().db.lock().unwrap(), &intent).unwrap();
     m.tick(common::now_ms()).await;

@@ -17,11 +17,12 @@
 use super::model::Payment;
 use super::routes::{commit, with_db};
 use super::store::{self, PayIntent, Record, Refund};
-use crate::capital::custody_error;
-use crate::core::Outcome;
-use crate::custody::{Custody, CustodyError, WithdrawalInfo};
-use crate::error::ApiError;
-use crate::AppState;
+use crate::MerchantState as _;
+use api::capital::custody_error;
+use api::core::Outcome;
+use api::custody::{Custody, CustodyError, WithdrawalInfo};
+use api::error::ApiError;
+use api::AppState;
 use matching_engine::{AccountId, Amount, Command, IdempotencyKey};
 use std::sync::Arc;
 
@@ -190,7 +191,7 @@ pub(crate) async fn custody_withdrawal(
         return if ask_first {
             Moved::Unknown
         } else {
-            Moved::Refused(crate::capital::unavailable())
+            Moved::Refused(api::capital::unavailable())
         };
     };
     let task = tokio::task::spawn_blocking(move || {
@@ -340,7 +341,7 @@ pub async fn resolve(st: &AppState, now_ms: u64) -> Result<Resolved, ApiError> {
         let Some((rec, name)) = with_db(st, move |c| load(c, &id)).await? else {
             continue;
         };
-        let custody = st.0.custody.get().cloned();
+        let custody = st.custody();
         let moved = execute_refund(st, &r, rec.inv.merchant, custody, true).await;
         match &moved {
             Moved::Done(_) => out.refunds_done += 1,

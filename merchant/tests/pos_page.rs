@@ -1,10 +1,9 @@
 //! The point-of-sale page in headless Chromium: the cashier types an amount on the keypad (the
 //! store's decimals are enforced), charges, sees the invoice QR, then sees it turn paid live.
 
+#[path = "../../api/tests/browser/mod.rs"]
 mod browser;
 
-use api::merchant::pages::POS_HTML;
-use api::merchant::qr::{bip21_uri, qr_svg};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, Sse};
@@ -13,6 +12,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use browser::Browser;
 use futures_util::stream::{self, Stream};
+use merchant::pages::POS_HTML;
+use merchant::qr::{bip21_uri, qr_svg};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::future::IntoFuture;

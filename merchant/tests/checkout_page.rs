@@ -2,10 +2,9 @@
 //! QR code, and its status follows the server's events from New to Processing to Settled without
 //! a reload. Screenshots (desktop and phone) are kept as artifacts.
 
+#[path = "../../api/tests/browser/mod.rs"]
 mod browser;
 
-use api::merchant::pages::CHECKOUT_HTML;
-use api::merchant::qr::{bip21_uri, qr_svg};
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
@@ -14,6 +13,8 @@ use axum::routing::get;
 use axum::{Json, Router};
 use browser::Browser;
 use futures_util::stream::{self, Stream};
+use merchant::pages::CHECKOUT_HTML;
+use merchant::qr::{bip21_uri, qr_svg};
 use serde_json::{json, Value};
 use std::convert::Infallible;
 use std::future::IntoFuture;

@@ -1,5 +1,5 @@
 //! Merchant endpoints: signed `/mapi/v1/merchant/*` (MERCHANT permission; `invoice/pay` TRANSFER;
-//! a refund to an `address` also WITHDRAW: see [`crate::access::ROUTES`])
+//! a refund to an `address` also WITHDRAW: see [`api::access::ROUTES`])
 //! and the public checkout (`/i/{id}...`) and point-of-sale (`/pos/{token}...`) endpoints.
 //!
 //! Every parameter is validated before anything changes; SQLite work runs on tokio's blocking
@@ -9,10 +9,11 @@ use super::model::{self, Invoice, Marks, Quote, Status};
 use super::outcome;
 use super::store::{self, ConvState, Conversion, LnPart, Record, Refund, StoreSettings};
 use super::webhook::{self, EventType};
-use crate::capital::{btc_amount, custody_error, unavailable, BTC_DECIMALS};
-use crate::error::ApiError;
-use crate::params::Params;
-use crate::state::{ok_json, AppState, ClientIp, Req};
+use crate::MerchantState as _;
+use api::capital::{btc_amount, custody_error, unavailable, BTC_DECIMALS};
+use api::error::ApiError;
+use api::params::Params;
+use api::state::{ok_json, AppState, ClientIp, Req};
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{header, StatusCode};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
@@ -23,7 +24,7 @@ use serde_json::{json, Value};
 /// Longest invoice lifetime, minutes (7 days).
 pub const MAX_EXPIRY_MIN: u64 = 10_080;
 /// Longest `metadata` (the API's parameter value limit).
-pub const MAX_METADATA: usize = crate::params::MAX_VALUE_LEN;
+pub const MAX_METADATA: usize = api::params::MAX_VALUE_LEN;
 /// Most invoices one list answer holds.
 pub const MAX_LIST: u32 = 1_000;
 
@@ -116,14 +117,14 @@ where
 }
 
 fn now_ms() -> u64 {
-    crate::core::now_ms()
+    api::core::now_ms()
 }
 
 // ---- views ----
 
 /// BTC with trailing zeros trimmed (`"0.00025"`, `"0"`).
 pub fn btc(sat: u64) -> String {
-    trim(crate::decimal::format_units(sat, BTC_DECIMALS))
+    trim(api::decimal::format_units(sat, BTC_DECIMALS))
 }
 
 fn trim(s: String) -> String {
@@ -190,8 +191,8 @@ pub fn public_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64) -
             let dec = quote_decimals(st, &q.asset);
             (
                 Value::from(q.asset.clone()),
-                Value::from(trim(crate::decimal::format_units(q.amount_units, dec))),
-                Value::from(trim(crate::decimal::format_units(q.rate_units, dec))),
+                Value::from(trim(api::decimal::format_units(q.amount_units, dec))),
+                Value::from(trim(api::decimal::format_units(q.rate_units, dec))),
             )
         }
         None => (Value::Null, Value::Null, Value::Null),
@@ -212,7 +213,7 @@ pub fn public_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64) -
         "address": rec.address,
         "bip21": bip21(rec),
         "lightning": lightning_json(rec),
-        "checkoutUrl": format!("{}/i/{}", st.0.cfg.public_url.as_deref().unwrap_or(""), i.id),
+        "checkoutUrl": format!("{}/i/{}", st.cfg().public_url.as_deref().unwrap_or(""), i.id),
         "confirmationsRequired": i.speed,
         "createdTime": i.created_ms,
         "expireTime": i.expires_ms,
@@ -238,7 +239,7 @@ pub fn merchant_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64)
         .as_deref()
         .and_then(|m| serde_json::from_str(m).ok())
         .unwrap_or(Value::Null);
-    v["tolerancePercent"] = json!(trim(crate::decimal::format_units(
+    v["tolerancePercent"] = json!(trim(api::decimal::format_units(
         u64::from(i.tolerance_bps),
         2
     )));
@@ -277,8 +278,8 @@ pub fn merchant_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64)
             "state": format!("{s:?}").to_lowercase(),
             "soldBtc": btc(rec.conv.sold_sat),
             "quoteReceived": i.quote.as_ref().map_or_else(
-                || crate::decimal::format_units(rec.conv.quote_units, quote_decimals(st, "USD")),
-                |q| crate::decimal::format_units(rec.conv.quote_units, quote_decimals(st, &q.asset)),
+                || api::decimal::format_units(rec.conv.quote_units, quote_decimals(st, "USD")),
+                |q| api::decimal::format_units(rec.conv.quote_units, quote_decimals(st, &q.asset)),
             ),
             "error": rec.conv.error,
         }),
@@ -293,7 +294,7 @@ fn settings_json(s: &StoreSettings) -> Value {
         "defaultCurrency": s.currency,
         "webhookUrl": s.webhook_url,
         "webhookSecretVersion": s.secret_version,
-        "tolerancePercent": trim(crate::decimal::format_units(u64::from(s.tolerance_bps), 2)),
+        "tolerancePercent": trim(api::decimal::format_units(u64::from(s.tolerance_bps), 2)),
         "speedPolicy": s.speed,
         "invoiceExpiryMinutes": s.expiry_min,
         "settlement": if s.convert { "convert" } else { "keep_btc" },
@@ -367,7 +368,7 @@ pub async fn current_rate(st: &AppState, quote: &str) -> Result<(u64, usize), Ap
         .enumerate()
         .find(|(_, m)| m.base.symbol == "BTC" && m.quote.symbol == quote)
         .ok_or_else(unknown_currency)?;
-    let lim = &st.0.cfg.merchant.price;
+    let lim = &st.merchant().cfg.price;
     let ticks = {
         let rm = st.read_model().read();
         let ms = rm.markets.get(i).ok_or_else(|| no_price(None))?;
@@ -403,9 +404,9 @@ pub(crate) async fn amount_in(
     } else {
         quote_decimals(st, currency)
     };
-    let units = crate::decimal::parse_units(amount, decimals).map_err(|e| match e {
-        crate::decimal::DecimalError::TooPrecise => ApiError::precision("amount"),
-        _ => ApiError::illegal("amount", crate::market::DECIMAL_RANGE),
+    let units = api::decimal::parse_units(amount, decimals).map_err(|e| match e {
+        api::decimal::DecimalError::TooPrecise => ApiError::precision("amount"),
+        _ => ApiError::illegal("amount", api::market::DECIMAL_RANGE),
     })?;
     if units == 0 {
         return Err(zero_amount());
@@ -444,7 +445,7 @@ pub(crate) struct NewInvoice {
 }
 
 pub(crate) fn random_id() -> Result<String, ApiError> {
-    crate::keys::random_bytes::<16>()
+    api::keys::random_bytes::<16>()
         .map(hex::encode)
         .map_err(|_| ApiError::internal())
 }
@@ -482,7 +483,7 @@ async fn lightning_part(
     description: String,
     expires_ms: u64,
 ) -> (Option<LnPart>, Option<String>) {
-    let Some(ln) = st.0.lightning.get().cloned() else {
+    let Some(ln) = st.lightning() else {
         return (
             None,
             Some("Lightning is not running on this server.".into()),
@@ -556,7 +557,7 @@ pub(crate) async fn new_invoice(
             return Err(bad_metadata());
         }
     }
-    let custody = st.0.custody.get().cloned().ok_or_else(unavailable)?;
+    let custody = st.custody().ok_or_else(unavailable)?;
     let address = tokio::task::spawn_blocking(move || custody.invoice_address(merchant))
         .await
         .map_err(|_| ApiError::internal())?
@@ -672,9 +673,9 @@ pub async fn get_store(State(st): State<AppState>, req: Req) -> Result<Response,
 }
 
 pub(crate) fn percent_bps(s: &str) -> Result<u16, ApiError> {
-    let v = crate::decimal::parse_units(s, 2).map_err(|e| match e {
-        crate::decimal::DecimalError::TooPrecise => ApiError::precision("tolerancePercent"),
-        _ => ApiError::illegal("tolerancePercent", crate::market::DECIMAL_RANGE),
+    let v = api::decimal::parse_units(s, 2).map_err(|e| match e {
+        api::decimal::DecimalError::TooPrecise => ApiError::precision("tolerancePercent"),
+        _ => ApiError::illegal("tolerancePercent", api::market::DECIMAL_RANGE),
     })?;
     if v > 5_000 {
         return Err(bad_settings("tolerancePercent must be 0..=50."));
@@ -775,7 +776,7 @@ pub(crate) async fn update_store(
             ));
         }
         // Resolved and checked now, and again before every delivery (super::target).
-        let (u, targets) = (u.clone(), st.0.cfg.merchant.webhook_targets.clone());
+        let (u, targets) = (u.clone(), st.merchant().cfg.webhook_targets.clone());
         let checked = tokio::task::spawn_blocking(move || super::target::check(&u, &targets))
             .await
             .map_err(|_| ApiError::internal())?;
@@ -1124,7 +1125,7 @@ pub async fn refund(State(st): State<AppState>, req: Req) -> Result<Response, Ap
         return Err(ApiError::bad_combination());
     }
     let custody = match &address {
-        Some(_) => Some(st.0.custody.get().cloned().ok_or_else(unavailable)?),
+        Some(_) => Some(st.custody().ok_or_else(unavailable)?),
         None => None,
     };
     let ask = RefundAsk {
@@ -1162,7 +1163,7 @@ enum Reserved {
 pub(crate) async fn refund_invoice(
     st: &AppState,
     ask: RefundAsk,
-    custody: Option<std::sync::Arc<dyn crate::custody::Custody>>,
+    custody: Option<std::sync::Arc<dyn api::custody::Custody>>,
 ) -> Result<Value, ApiError> {
     let _guard = st.merchant().invoice_lock.lock().await;
     let now = now_ms();
@@ -1236,7 +1237,7 @@ pub(crate) async fn refund_invoice(
         }
         // A live refund under the same key whose outcome is not known yet: ask again.
         Reserved::Existing(rec, name, r) => {
-            let custody = custody.or_else(|| st.0.custody.get().cloned());
+            let custody = custody.or_else(|| st.custody());
             let moved = outcome::execute_refund(st, &r, merchant, custody, true).await;
             return finish_refund_answer(st, &rec, &name, &r, moved, now).await;
         }
@@ -1298,8 +1299,8 @@ pub async fn redeliver(State(st): State<AppState>, req: Req) -> Result<Response,
     let limiter = st
         .merchant()
         .redeliveries
-        .get_or_init(|| crate::ratelimit::Limiter::new(st.0.cfg.merchant.redeliveries_per_min));
-    if let crate::ratelimit::Charge::Limited { retry_after, .. } =
+        .get_or_init(|| api::ratelimit::Limiter::new(st.merchant().cfg.redeliveries_per_min));
+    if let api::ratelimit::Charge::Limited { retry_after, .. } =
         limiter.charge(&merchant.to_string(), 1, now_ms())
     {
         return Err(ApiError {
@@ -1330,7 +1331,7 @@ pub async fn redeliver(State(st): State<AppState>, req: Req) -> Result<Response,
 /// A page with its security headers: CSP (see [`super::pages::content_security_policy`]),
 /// `nosniff`, no referrer (the path holds the invoice id or point-of-sale token).
 pub(crate) fn html(st: &AppState, body: &'static str) -> Response {
-    let csp = super::pages::content_security_policy(body, &st.0.cfg.frame_ancestors);
+    let csp = super::pages::content_security_policy(body, &st.cfg().frame_ancestors);
     let mut r = (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -1410,8 +1411,8 @@ pub async fn public_events(
     let (rec, name) = public_invoice(&st, &ip, id.clone()).await?;
     // One of the IP's stream places and one of the invoice's, held by the stream until the
     // client goes (429, -1034 when either is full).
-    let guard = st.0.streams.invoice_events(&ip, &id).inspect_err(|_| {
-        st.0.metrics
+    let guard = st.streams().invoice_events(&ip, &id).inspect_err(|_| {
+        st.metrics()
             .rate_limited
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     })?;
@@ -1556,8 +1557,8 @@ pub async fn pos_invoice(
         .ok_or_else(|| ApiError::missing("amount"))?
         .to_owned();
     // The precision /info announced (the signed API takes the ledger's).
-    if crate::decimal::parse_units(&amount, pos_decimals(&st, &s.currency))
-        == Err(crate::decimal::DecimalError::TooPrecise)
+    if api::decimal::parse_units(&amount, pos_decimals(&st, &s.currency))
+        == Err(api::decimal::DecimalError::TooPrecise)
     {
         return Err(ApiError::precision("amount"));
     }

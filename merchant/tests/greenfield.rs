@@ -4,12 +4,14 @@
 
 mod common;
 
-use api::merchant::monitor::tick;
+use merchant::MerchantState as _;
+
 use axum::body::Body;
 use axum::http::{Request, StatusCode};
 use common::custody::Fake;
 use common::{Harness, Resp};
 use http_body_util::BodyExt;
+use merchant::monitor::tick;
 use serde_json::{json, Value};
 use std::sync::Arc;
 use tower::ServiceExt;
@@ -631,7 +633,7 @@ async fn webhooks_get_btcpay_events_filtered_and_the_legacy_outbox_keeps_its_own
     // The signed API's own outbox still has its events (Mediator names), and only those.
     let db_events: Vec<String> = {
         let db = g.h.state.merchant().db.lock().unwrap();
-        api::merchant::webhook::deliveries(&db, g.account, &id)
+        merchant::webhook::deliveries(&db, g.account, &id)
             .unwrap()
             .into_iter()
             .map(|d| d.event.as_str().to_owned())
@@ -705,11 +707,9 @@ async fn webhooks_get_btcpay_events_filtered_and_the_legacy_outbox_keeps_its_own
     // The signature a receiver checks: BTCPay-Sig over the exact body.
     let secret = all["secret"].as_str().unwrap().as_bytes();
     let body = serde_json::to_vec(&g.deliveries(&all_id)[0].1).unwrap();
-    let sig = api::merchant::webhook::btcpay_signature(secret, &body);
-    assert!(api::merchant::webhook::verify_btcpay(secret, &sig, &body));
-    assert!(!api::merchant::webhook::verify_btcpay(
-        b"other", &sig, &body
-    ));
+    let sig = merchant::webhook::btcpay_signature(secret, &body);
+    assert!(merchant::webhook::verify_btcpay(secret, &sig, &body));
+    assert!(!merchant::webhook::verify_btcpay(b"other", &sig, &body));
 }
 
 #[tokio::test]

@@ -31,18 +31,18 @@
 //! unknown and the chain and the ledger agree to the satoshi.
 //!
 //! A failure prints the seed and the replay command:
-//! `MEDIATOR_SIM_SEED=<seed> cargo test -p api --test crash_sim`; `MEDIATOR_SIM_SEEDS=<n>` runs
+//! `MEDIATOR_SIM_SEED=<seed> cargo test -p merchant --test crash_sim`; `MEDIATOR_SIM_SEEDS=<n>` runs
 //! seeds 1..=n (default 6). Runs are deterministic (the same seed takes the same steps and faults).
 
 mod common;
+
+use merchant::MerchantState as _;
 #[path = "crash_sim/crash.rs"]
 mod crash;
 #[path = "crash_sim/custody.rs"]
 mod custody;
 
 use api::core::Outcome;
-use api::merchant::model::Source;
-use api::merchant::store;
 use api::{ApiConfig, NodeConfig};
 use common::{Harness, Resp, Rng};
 use crash::{Crash, FaultCore};
@@ -53,6 +53,8 @@ use matching_engine::recovery::{RecoveryError, StoreConfig};
 use matching_engine::{
     AccountId, Amount, Command, Event, IdempotencyKey, WithdrawalId, WithdrawalState,
 };
+use merchant::model::Source;
+use merchant::store;
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
@@ -148,7 +150,6 @@ fn api_config() -> ApiConfig {
         orders_per_10s: 1_000_000,
         ip_weight_per_min: 1_000_000,
         key_weight_per_min: 1_000_000,
-        merchant: common::test_merchant_config(),
         ..ApiConfig::default()
     }
 }
@@ -188,12 +189,13 @@ fn start(w: &World) -> Result<Life, api::node::NodeError> {
     );
     node.state.set_custody(custody.clone()).ok().unwrap();
     custody.resolve().expect("custody resolves on open");
-    let h = Harness {
+    merchant::attach(&node.state, common::test_merchant_config()).unwrap();
+    let h = Harness(common::base::Harness {
         state: node.state.clone(),
-        router: api::app(node.state.clone()),
+        router: merchant::app(node.state.clone()),
         dir: tempfile::tempdir().unwrap(),
         admin: w.admin.clone(),
-    };
+    });
     Ok(Life {
         rt,
         node,
@@ -858,7 +860,7 @@ fn step(w: &mut World) {
             let st = w.life().h.state.clone();
             let lost_before = w.life().core.lost.load(Ordering::SeqCst);
             if let Some(r) =
-                w.run(async move { api::merchant::monitor::tick(&st, api::core::now_ms()).await })
+                w.run(async move { merchant::monitor::tick(&st, api::core::now_ms()).await })
             {
                 let lost = w.life().core.lost.load(Ordering::SeqCst) > lost_before;
                 assert!(r.is_ok() || lost, "tick failed with no fault: {r:?}");
@@ -1153,7 +1155,7 @@ fn settle(w: &mut World) {
     // The operator clears flagged accounts (reorged deposits) so their withdrawals go on.
     for _ in 0..6 {
         let st = w.life().h.state.clone();
-        w.run(async move { api::merchant::monitor::tick(&st, api::core::now_ms()).await })
+        w.run(async move { merchant::monitor::tick(&st, api::core::now_ms()).await })
             .unwrap()
             .unwrap();
         c.clear_all_flags();
@@ -1320,7 +1322,7 @@ fn run_seed(seed: u64) -> BTreeMap<String, u64> {
                 .unwrap_or_default();
             panic!(
                 "crash simulation failed at seed {seed}: {msg}\n\
-                 replay: MEDIATOR_SIM_SEED={seed} cargo test -p api --test crash_sim"
+                 replay: MEDIATOR_SIM_SEED={seed} cargo test -p merchant --test crash_sim"
             );
         }
     }

@@ -2,6 +2,13 @@
 //! from an exchange balance, refunds, conversion to the quote asset, signed webhooks, checkout
 //! and point-of-sale pages.
 //!
+//! A product composed over the `api` shell (docs/adr/0014-merchant-crate-over-the-api-shell.md): its handlers take
+//! `State<api::AppState>` like the trader gateway's and find their [`Merchant`] in the state's
+//! extension slot ([`of`], [`MerchantState`]); its routes are one more permission table
+//! ([`ROUTES`], [`SURFACE`]) that the shell's router and access checks serve with
+//! `api::access::ROUTES` ([`app`], [`public_app`], [`admin_app`]). Start-up: [`attach`] after
+//! the API opened, then [`start`] the monitor once custody is attached.
+//!
 //! * [`model`]: the pure invoice state machine (statuses, marks, tolerance, the events of each
 //!   transition).
 //! * [`store`]: SQLite (`<data_dir>/merchant.sqlite`, WAL, `synchronous=FULL`): store settings,
@@ -15,7 +22,8 @@
 //! * [`dashboard`]: the store owner's pages (`/dashboard`): password or one-time-link login,
 //!   hashed sessions, CSRF; its actions run the Greenfield handlers for the session's store.
 //! * [`webhook`]: signing, the outbox and the dispatcher; [`qr`]: BIP21 URIs and QR codes;
-//!   [`pages`]: the checkout and point-of-sale pages.
+//!   [`pages`]: the checkout and point-of-sale pages; [`table`]: the permission table;
+//!   [`openapi`]: the endpoints' `/openapi.json` entries.
 //!
 //! **Invariants.**
 //! * A status change and the webhook events it causes are committed in one SQLite transaction
@@ -26,25 +34,34 @@
 //! * Webhook secrets are derived from the API master key (`HMAC(master, "webhook/<account>/
 //!   <version>")`), never stored; rotating bumps the version.
 //! * Money is integers: satoshis, quote units, rates in quote units per BTC. No floats.
+//! * `api` does not know this crate: every merchant route is a row of [`ROUTES`], served only
+//!   when the binary composes [`SURFACE`] with the shell's.
+
+#![warn(missing_docs)]
 
 pub mod dashboard;
 pub mod greenfield;
 pub mod model;
 pub mod monitor;
+pub mod openapi;
 pub mod outcome;
 pub mod pages;
 pub mod price;
 pub mod qr;
 pub mod routes;
 pub mod store;
+pub mod table;
 pub mod target;
 pub mod webhook;
 
 pub use monitor::{spawn, start, MonitorHandle};
+pub use table::ROUTES;
+
+use api::AppState;
 
 use std::sync::{Arc, Mutex};
 
-/// The merchant settings of [`crate::ApiConfig`] (`[merchant]` in the server's file).
+/// The merchant settings (`[merchant]` in the server's file), given to [`attach`].
 #[derive(Clone, Debug)]
 pub struct MerchantConfig {
     /// Where webhooks may go (internal addresses refused unless allowed) and the resolver.
@@ -75,8 +92,10 @@ pub type InvoiceUpdate = Arc<(String, String)>;
 /// reloads the status).
 pub const UPDATES_QUEUE: usize = 1_024;
 
-/// The merchant part of the application state.
+/// The merchant part of the application state (attached to [`AppState`] by [`attach`]).
 pub struct Merchant {
+    /// The settings.
+    pub cfg: MerchantConfig,
     /// The database.
     pub db: MerchantDb,
     /// Invoice changes, for `GET /i/{id}/events`.
@@ -89,9 +108,9 @@ pub struct Merchant {
     /// monitor, so two of them never act on the same stale state.
     pub invoice_lock: tokio::sync::Mutex<()>,
     /// `redeliver` calls per merchant (set up on first use from [`MerchantConfig`]).
-    pub redeliveries: std::sync::OnceLock<crate::ratelimit::Limiter>,
+    pub redeliveries: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// Dashboard login attempts per client IP and per store ([`dashboard`]).
-    pub logins: std::sync::OnceLock<crate::ratelimit::Limiter>,
+    pub logins: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// The external index price, read at most once per `index_cache_ms` ([`price`]).
     pub price_index: price::IndexCache,
 }
@@ -104,9 +123,10 @@ impl std::fmt::Debug for Merchant {
 
 impl Merchant {
     /// Opens (creating) `<data_dir>/merchant.sqlite`.
-    pub fn open(data_dir: &std::path::Path) -> Result<Self, rusqlite::Error> {
+    pub fn open(data_dir: &std::path::Path, cfg: MerchantConfig) -> Result<Self, rusqlite::Error> {
         let conn = store::open(&data_dir.join("merchant.sqlite"))?;
         Ok(Self {
+            cfg,
             db: Arc::new(Mutex::new(conn)),
             updates: tokio::sync::broadcast::channel(UPDATES_QUEUE).0,
             enqueued: tokio::sync::Notify::new(),
@@ -127,12 +147,12 @@ impl Merchant {
 /// The webhook endpoints of every merchant, from their store settings and the derived secret.
 #[derive(Clone, Debug)]
 pub struct Endpoints {
-    state: crate::AppState,
+    state: AppState,
 }
 
 impl Endpoints {
     /// Endpoints over the application's merchant database and master key.
-    pub fn new(state: crate::AppState) -> Self {
+    pub fn new(state: AppState) -> Self {
         Self { state }
     }
 }
@@ -171,9 +191,76 @@ impl webhook::WebhookEndpoints for Endpoints {
 
 /// The webhook secret of a merchant at a version: `hex(HMAC-SHA256(master,
 /// "webhook/<account>/<version>"))`. The HMAC key for signing deliveries is this string's bytes.
-pub fn webhook_secret(state: &crate::AppState, merchant: u32, version: u32) -> String {
+pub fn webhook_secret(state: &AppState, merchant: u32, version: u32) -> String {
     state
-        .0
-        .keys
+        .keys()
         .derive_purpose(&format!("webhook/{merchant}/{version}"))
+}
+
+/// Why [`attach`] failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AttachError {
+    /// `merchant.sqlite` could not be opened or migrated.
+    #[error("merchant database: {0}")]
+    Database(#[from] rusqlite::Error),
+    /// The state already has its merchant part (or no free extension slot).
+    #[error("merchant payments are already attached to this API")]
+    AlreadyAttached,
+}
+
+/// Opens `<data_dir>/merchant.sqlite` (the API's data directory) and attaches merchant payments
+/// to `state`, before a router that serves [`ROUTES`] takes requests. At most once per state.
+pub fn attach(state: &AppState, cfg: MerchantConfig) -> Result<(), AttachError> {
+    let merchant = Merchant::open(state.data_dir(), cfg)?;
+    state
+        .attach(merchant)
+        .map_err(|_| AttachError::AlreadyAttached)
+}
+
+/// The merchant part of `state`.
+///
+/// # Panics
+/// When [`attach`] was not called: serving a merchant route without it is a start-up bug.
+pub fn of(state: &AppState) -> &Merchant {
+    state
+        .extension::<Merchant>()
+        .expect("merchant::attach runs before merchant routes are served")
+}
+
+/// `state.merchant()`: [`of`] as a method, for the handlers.
+pub trait MerchantState {
+    /// The merchant part ([`of`]).
+    fn merchant(&self) -> &Merchant;
+}
+
+impl MerchantState for AppState {
+    fn merchant(&self) -> &Merchant {
+        of(self)
+    }
+}
+
+/// What this crate serves over the shell: [`ROUTES`] and their OpenAPI entries.
+pub static SURFACE: api::Surface = api::Surface {
+    routes: table::ROUTES,
+    openapi: openapi::OPS,
+};
+
+/// The trader gateway and merchant payments, as `mediator serve` composes them.
+pub static SURFACES: [&api::Surface; 2] = [&api::SURFACE, &SURFACE];
+
+/// The router of every endpoint, the trader gateway's and merchant payments', both listeners'
+/// (tests and single-listener embedding). The state must have had [`attach`].
+pub fn app(state: AppState) -> axum::Router {
+    api::app_with(state, &SURFACES)
+}
+
+/// The public listener's routes of both ([`api::public_app_with`]).
+pub fn public_app(state: AppState) -> axum::Router {
+    api::public_app_with(state, &SURFACES)
+}
+
+/// The admin listener's routes of both ([`api::admin_app_with`]).
+pub fn admin_app(state: AppState) -> axum::Router {
+    api::admin_app_with(state, &SURFACES)
 }

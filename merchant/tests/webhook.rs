@@ -4,15 +4,15 @@
 //! for a condition, with a generous limit.
 #![allow(missing_docs)]
 
-use api::merchant::target::TargetPolicy;
-use api::merchant::webhook::{
-    self, DeliveryStatus, DeliveryView, Dispatcher, EventType, RedeliverError, RetryPolicy,
-    VerifyError, WebhookEndpoints,
-};
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use hmac::{Hmac, Mac};
+use merchant::target::TargetPolicy;
+use merchant::webhook::{
+    self, DeliveryStatus, DeliveryView, Dispatcher, EventType, RedeliverError, RetryPolicy,
+    VerifyError, WebhookEndpoints,
+};
 use rusqlite::Connection;
 use serde_json::{json, Value};
 use std::collections::{HashMap, VecDeque};

@@ -36,8 +36,15 @@ fn verify_inclusion_case_table() {
     let other = Tree::build(&[9; 32], 4, "BTC", &[(1, 50_000), (2, 7)]).unwrap();
     left_out["root"] = serde_json::json!(hex::encode(other.root().hash));
     left_out["total"] = serde_json::json!(other.root().sum.to_string());
+    let mut relabelled: serde_json::Value = t.prove(2, None).unwrap().to_json();
+    relabelled["account"] = serde_json::json!(5);
     let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
         ("honest", good.clone().into_bytes(), None),
+        (
+            "another account's leaf relabelled as mine",
+            relabelled.to_string().into_bytes(),
+            Some("root_mismatch"),
+        ),
         (
             "inflated sum at a node",
             inflated.to_string().into_bytes(),
@@ -61,7 +68,13 @@ fn verify_inclusion_case_table() {
         std::fs::write(&f, &bytes).unwrap();
         let o = mediator(
             dir.path(),
-            &["reserves", "verify-inclusion", f.to_str().unwrap()],
+            &[
+                "reserves",
+                "verify-inclusion",
+                f.to_str().unwrap(),
+                "--account",
+                "5",
+            ],
         );
         let out = text(&o);
         assert!(!out.contains("panicked"), "{name}: {out}");
@@ -78,10 +91,37 @@ fn verify_inclusion_case_table() {
     }
     let o = mediator(
         dir.path(),
-        &["reserves", "verify-inclusion", "/nonexistent/proof.json"],
+        &[
+            "reserves",
+            "verify-inclusion",
+            "/nonexistent/proof.json",
+            "--account",
+            "5",
+        ],
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("reading"), "{}", text(&o));
+    // The honest proof of account 5 is not account 2's: the user of account 2 refuses it (the
+    // exchange cannot show two users with equal balances one leaf), and the account is required.
+    let honest = dir.path().join("honest.json");
+    let o = mediator(
+        dir.path(),
+        &[
+            "reserves",
+            "verify-inclusion",
+            honest.to_str().unwrap(),
+            "--account",
+            "2",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("account_mismatch"), "{}", text(&o));
+    let o = mediator(
+        dir.path(),
+        &["reserves", "verify-inclusion", honest.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--account"), "{}", text(&o));
 }
 
 #[test]

@@ -44,12 +44,18 @@ async fn every_user_verifies_their_inclusion_in_the_published_liabilities() {
     assert_eq!(usd["total"], expected_total.to_string());
     assert_eq!(usd["accounts"], 3);
 
-    for ((_, key), b) in users.iter().zip(balances) {
+    for ((account, key), b) in users.iter().zip(balances) {
         let v = h
             .ok("GET", "/mapi/v1/reserves/my-proof", "asset=USD", key)
             .await;
         let p = InclusionProof::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
-        assert_eq!(liabilities::verify(&p), Ok(()));
+        assert_eq!(p.account, *account);
+        assert_eq!(liabilities::verify_for(&p, *account), Ok(()));
+        let other = users.iter().find(|u| u.0 != *account).unwrap().0;
+        assert_eq!(
+            liabilities::verify_for(&p, other).map_err(|e| e.code()),
+            Err("account_mismatch")
+        );
         assert_eq!(p.balance, units(&h, "USD", b));
         assert_eq!(p.total, expected_total);
         assert_eq!(hex::encode(p.root), usd["root"].as_str().unwrap());

@@ -12,7 +12,10 @@
 //!   included) from the read model, builds one tree per asset, stores the snapshot, the roots and
 //!   the audit head, then logs `reserves.liabilities.publish` with the roots and the
 //!   [`reserves::liabilities::commitment`]. `GET /mapi/v1/reserves/my-proof?asset=BTC` answers the
-//!   caller's inclusion proof in the latest one. The nonces come from a secret derived from the
+//!   caller's inclusion proof in the latest one **from memory**: each publication replaces the
+//!   in-memory trees, and after a start the latest is read and rebuilt once (checked against
+//!   its published roots; a publication whose roots do not rebuild, e.g. an older format, is not
+//!   answered). A request never reads the stored snapshot. The nonces come from a secret derived from the
 //!   API master key (`HMAC(master, "reserves/liabilities-nonce")`, ADR 0005), never stored.
 
 use crate::error::ApiError;
@@ -25,6 +28,7 @@ use reserves::liabilities::{self, Node, Tree};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The audit log file in the data directory.
@@ -35,11 +39,35 @@ pub const PROOFS_DB: &str = "reserves.sqlite";
 /// The browser page that verifies a pasted inclusion proof (`GET /reserves/verify`).
 pub const VERIFY_HTML: &str = include_str!("proofs/verify.html");
 
-/// The latest proof's trees, built once per published proof.
-type Built = (u64, Arc<Vec<Tree>>);
+/// The latest publication in memory: what `my-proof` answers from.
+#[derive(Debug)]
+struct Published {
+    id: u64,
+    created_ms: u64,
+    audit_head: Option<[u8; 32]>,
+    trees: Vec<Tree>,
+}
 
-/// The latest published proof: (id, created ms, audit head, trees).
-type Latest = (u64, u64, Option<[u8; 32]>, Arc<Vec<Tree>>);
+/// What the server knows of the latest publication.
+#[derive(Debug, Clone)]
+enum Latest {
+    /// Nothing published yet.
+    None,
+    /// Published before this server's proof format (its rebuilt roots are not the ones
+    /// published): not answered; a new publication replaces it.
+    Stale(u64),
+    /// Ready to answer.
+    Ready(Arc<Published>),
+}
+
+/// The cache of the latest publication: loaded from `reserves.sqlite` once (at the first
+/// `my-proof` after start), replaced by each publication; never read per request.
+#[derive(Debug, Default)]
+enum Cache {
+    #[default]
+    Unloaded,
+    Loaded(Latest),
+}
 
 /// The audit log, the proofs database and the nonce secret.
 pub struct Proofs {
@@ -47,7 +75,9 @@ pub struct Proofs {
     pub log: AuditLog,
     db: Mutex<Connection>,
     secret: [u8; 32],
-    latest: Mutex<Option<Built>>,
+    latest: Mutex<Cache>,
+    /// How many times the stored snapshot was read and rebuilt (once per start at most).
+    snapshot_loads: AtomicU64,
 }
 
 impl std::fmt::Debug for Proofs {
@@ -94,7 +124,8 @@ impl Proofs {
             log,
             db: Mutex::new(db),
             secret: nonce_secret,
-            latest: Mutex::new(None),
+            latest: Mutex::new(Cache::Unloaded),
+            snapshot_loads: AtomicU64::new(0),
         };
         p.log
             .append(
@@ -114,30 +145,48 @@ impl Proofs {
         Ok(p)
     }
 
-    /// The latest published proof's id and trees (rebuilt from the stored snapshot once).
-    fn latest(&self) -> Result<Option<Latest>, ApiError> {
-        let row: Option<(i64, i64, String, String)> = {
+    /// The latest publication, without blocking: `None` when it is not in memory yet (or
+    /// being loaded), then [`Proofs::latest`] loads it.
+    fn cached(&self) -> Option<Latest> {
+        match self.latest.try_lock().as_deref() {
+            Ok(Cache::Loaded(l)) => Some(l.clone()),
+            _ => None,
+        }
+    }
+
+    /// The latest publication: from memory, or read from `reserves.sqlite` and rebuilt once
+    /// (blocking: the tree build is O(n log n)). The cache lock is held while loading, so
+    /// concurrent first requests wait for one load, and a publication that lands meanwhile
+    /// replaces the result after it.
+    fn latest(&self) -> Result<Latest, ApiError> {
+        let mut cache = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Cache::Loaded(l) = &*cache {
+            return Ok(l.clone());
+        }
+        let loaded = self.load_latest()?;
+        *cache = Cache::Loaded(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Reads the latest publication's snapshot and rebuilds its trees; checks the rebuilt roots
+    /// against the published ones.
+    fn load_latest(&self) -> Result<Latest, ApiError> {
+        let row: Option<(i64, i64, String, String, String)> = {
             let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
             db.query_row(
-                "SELECT proof_id, created_ms, audit_head, snapshot FROM liabilities \
+                "SELECT proof_id, created_ms, audit_head, roots, snapshot FROM liabilities \
                  ORDER BY proof_id DESC LIMIT 1",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(internal)?
         };
-        let Some((id, created, head, snapshot)) = row else {
-            return Ok(None);
+        self.snapshot_loads.fetch_add(1, Ordering::Relaxed);
+        let Some((id, created, head, roots, snapshot)) = row else {
+            return Ok(Latest::None);
         };
         let (id, created) = (id as u64, created as u64);
-        let head = hex_head(&head);
-        let mut cache = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cid, trees)) = cache.as_ref() {
-            if *cid == id {
-                return Ok(Some((id, created, head, trees.clone())));
-            }
-        }
         let snap: Vec<(String, Vec<(u32, u64)>)> =
             serde_json::from_str(&snapshot).map_err(internal)?;
         let trees = snap
@@ -145,9 +194,48 @@ impl Proofs {
             .map(|(asset, b)| Tree::build(&self.secret, id, asset, b))
             .collect::<Result<Vec<_>, _>>()
             .map_err(internal)?;
-        let trees = Arc::new(trees);
-        *cache = Some((id, trees.clone()));
-        Ok(Some((id, created, head, trees)))
+        let published: Vec<Value> = serde_json::from_str(&roots).map_err(internal)?;
+        let same = published.len() == trees.len()
+            && trees.iter().all(|t| {
+                published.iter().any(|p| {
+                    p["asset"] == t.asset()
+                        && p["root"] == hex::encode(t.root().hash)
+                        && p["total"] == t.root().sum.to_string()
+                })
+            });
+        if !same {
+            tracing::warn!(
+                proof_id = id,
+                "the latest liabilities proof does not rebuild to its published roots (an older \
+                 format, or another master key): not answered until a new one is published"
+            );
+            return Ok(Latest::Stale(id));
+        }
+        Ok(Latest::Ready(Arc::new(Published {
+            id,
+            created_ms: created,
+            audit_head: hex_head(&head),
+            trees,
+        })))
+    }
+
+    /// Replaces the cache with a new publication (its trees as built for it).
+    fn set_latest(&self, p: Published) {
+        let mut cache = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        let newer = match &*cache {
+            Cache::Loaded(Latest::Ready(l)) => l.id < p.id,
+            Cache::Loaded(Latest::Stale(id)) => *id < p.id,
+            _ => true,
+        };
+        if newer {
+            *cache = Cache::Loaded(Latest::Ready(Arc::new(p)));
+        }
+    }
+
+    /// How many times the stored liabilities snapshot was read (at most once per start; each
+    /// publication replaces the in-memory copy without a read).
+    pub fn snapshot_loads(&self) -> u64 {
+        self.snapshot_loads.load(Ordering::Relaxed)
     }
 }
 
@@ -200,6 +288,12 @@ impl AppState {
     /// The audit log's (last seq, head).
     pub fn audit_head(&self) -> (u64, [u8; 32]) {
         self.0.proofs.log.head()
+    }
+
+    /// How many times `reserves.sqlite`'s latest liabilities snapshot was read since start (at
+    /// most once: `my-proof` answers from memory, each publication replaces it there).
+    pub fn liabilities_snapshot_loads(&self) -> u64 {
+        self.0.proofs.snapshot_loads()
     }
 }
 
@@ -301,7 +395,12 @@ fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Va
     )
     .map_err(internal)?;
     drop(db);
-    *proofs.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((id as u64, Arc::new(trees)));
+    proofs.set_latest(Published {
+        id: id as u64,
+        created_ms: created,
+        audit_head: Some(head),
+        trees,
+    });
     let body = json!({
         "proofId": id,
         "createdMs": created,
@@ -319,27 +418,43 @@ pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, 
     let (key, mut p, ctx) = st.signed(&req)?;
     let asset = p.req("asset")?;
     p.finish()?;
-    let st2 = st.clone();
-    let latest = tokio::task::spawn_blocking(move || st2.0.proofs.latest())
-        .await
-        .map_err(internal)??;
-    let Some((id, created, head, trees)) = latest else {
-        return Err(ApiError::bad(
-            -1130,
-            "No liabilities proof has been published yet.",
-        ));
+    // From memory; only the first request after start loads it (off the async threads).
+    let latest = match st.0.proofs.cached() {
+        Some(l) => l,
+        None => {
+            let st2 = st.clone();
+            tokio::task::spawn_blocking(move || st2.0.proofs.latest())
+                .await
+                .map_err(internal)??
+        }
     };
-    let Some(tree) = trees.iter().find(|t| t.asset() == asset) else {
+    let published =
+        match latest {
+            Latest::Ready(p) => p,
+            Latest::None => {
+                return Err(ApiError::bad(
+                    -1130,
+                    "No liabilities proof has been published yet.",
+                ))
+            }
+            Latest::Stale(_) => return Err(ApiError::bad(
+                -1130,
+                "The latest liabilities proof was published in an older format; a new one must \
+                 be published.",
+            )),
+        };
+    let id = published.id;
+    let Some(tree) = published.trees.iter().find(|t| t.asset() == asset) else {
         return Err(ApiError::invalid_value("asset"));
     };
-    let Some(proof) = tree.prove(key.account, head) else {
+    let Some(proof) = tree.prove(key.account, published.audit_head) else {
         return Err(ApiError::bad(
             -1130,
             "This account had no balance of this asset in the latest liabilities proof.",
         ));
     };
     let proof = liabilities::InclusionProof {
-        created_ms: Some(created),
+        created_ms: Some(published.created_ms),
         ..proof
     };
     debug_assert_eq!(proof.proof_id, id);

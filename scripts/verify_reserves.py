@@ -314,10 +314,18 @@ def cmd_audit(args):
     elif lines:
         raise Fail("torn", "the last line has no newline")
     prev, seq, hashes, breaks, acknowledged = b"\x00" * 32, 0, [], [], set()
+    open_intents = {}
     for n, line in enumerate(lines, start=1):
         try:
             e = json.loads(line)
             ok = isinstance(e, dict) and e.get("seq") == seq + 1 and bytes.fromhex(e.get("prev", "")) == prev
+            if isinstance(e, dict):
+                # An intent entry "<action>.intent" stays open until an entry names it in
+                # params.intent (docs/audit-log.md).
+                closes = (e.get("params") or {}).get("intent") if isinstance(e.get("params"), dict) else None
+                open_intents.pop(closes, None)
+                if str(e.get("action", "")).endswith(".intent"):
+                    open_intents[e.get("seq")] = e.get("action")
             if isinstance(e, dict) and e.get("action") == "audit.override":
                 acknowledged.update((e.get("params") or {}).get("break_lines") or [])
             seq = e["seq"] if isinstance(e, dict) and isinstance(e.get("seq"), int) else seq
@@ -334,7 +342,8 @@ def cmd_audit(args):
         head = hex32(field(read_json(proof), "audit_head", str), "audit_head")
         if head != b"\x00" * 32 and head not in hashes:
             raise Fail("head_missing", "no line of the log hashes to the audit head of %s" % proof)
-    print("OK: %d entries, head %s" % (len(lines), prev.hex()))
+    print("OK: %d entries, head %s; intents without outcome: %s" % (
+        len(lines), prev.hex(), ", ".join("%s (%s)" % kv for kv in sorted(open_intents.items())) or "none"))
 
 
 def main():

@@ -5,8 +5,10 @@
 //!   bound to it); exit 0 when it verifies, 2 with the reason (and its stable code) when it does
 //!   not or the file is not a proof.
 //! * `reserves publish-liabilities`: asks the running server to publish a liabilities proof.
-//! * `audit verify`: re-walks `<data-dir>/api/audit.log` offline; exit 2 on an unacknowledged break.
-//! * `audit tail [-n N]`: the last entries (`--json`: one JSON entry per line, as stored).
+//! * `audit verify`: re-walks `<data-dir>/api/audit.log` offline; exit 2 on an unacknowledged
+//!   break; lists the intents without outcome (actions that may have been taken before a crash).
+//! * `audit tail [-n N]`: the last entries (`--json`: one JSON entry per line, as stored); an
+//!   intent without outcome is marked `[no outcome]`.
 
 use anyhow::{bail, Context};
 use reserves::auditlog;
@@ -175,6 +177,9 @@ pub fn audit_verify(
         for b in &r.breaks {
             println!("  {b}");
         }
+        for i in &r.open_intents {
+            println!("  {i}");
+        }
     }
     let bad = r.unacknowledged().count();
     for doc in proofs {
@@ -224,9 +229,19 @@ pub fn audit_tail(data_dir: &Path, n: usize, json: bool) -> anyhow::Result<()> {
     let path = audit_path(data_dir);
     let entries =
         auditlog::tail(&path, n).with_context(|| format!("reading {}", path.display()))?;
+    // Intents no later entry closes: marked, so an action that may have been taken before a
+    // crash stands out.
+    let open: Vec<u64> = auditlog::verify_file(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .open_intents
+        .iter()
+        .map(|i| i.seq)
+        .collect();
     for e in entries {
         if json {
             println!("{}", serde_json::to_string(&e)?);
+        } else if open.contains(&e.seq) {
+            println!("{} [no outcome]", auditlog::render(&e));
         } else {
             println!("{}", auditlog::render(&e));
         }

@@ -125,6 +125,66 @@ fn verify_inclusion_case_table() {
 }
 
 #[test]
+fn audit_verify_and_tail_show_an_action_announced_without_outcome() {
+    // The server announced an approval and died before its outcome: the record of an action
+    // that may have happened is there, and both commands point at it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        let done = log
+            .intent(
+                2,
+                "admin",
+                "withdrawal.reject",
+                serde_json::json!({ "id": 3 }),
+            )
+            .unwrap();
+        log.outcome(
+            3,
+            &done,
+            reserves::auditlog::Outcome::Done,
+            serde_json::json!({ "id": 3 }),
+        )
+        .unwrap();
+        log.intent(
+            4,
+            "admin",
+            "withdrawal.approve",
+            serde_json::json!({ "id": 4 }),
+        )
+        .unwrap();
+    }
+    let o = mediator(dir.path(), &["audit", "verify"]);
+    assert!(
+        o.status.success(),
+        "an open intent is not a break: {}",
+        text(&o)
+    );
+    let out = text(&o);
+    assert!(
+        out.contains("line 3: intent 3 (withdrawal.approve) has no outcome"),
+        "{out}"
+    );
+    assert!(!out.contains("intent 1 "), "{out}");
+    let o = mediator(dir.path(), &["--json", "audit", "verify"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["open_intents"],
+        serde_json::json!([{ "line": 3, "seq": 3, "action": "withdrawal.approve" }])
+    );
+    let o = mediator(dir.path(), &["audit", "tail"]);
+    let out = text(&o);
+    let marked: Vec<&str> = out
+        .lines()
+        .filter(|l| l.ends_with("[no outcome]"))
+        .collect();
+    assert_eq!(marked.len(), 1, "{out}");
+    assert!(marked[0].contains("withdrawal.approve.intent"), "{out}");
+}
+
+#[test]
 fn audit_verify_and_tail_find_a_removed_entry() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::create_dir_all(dir.path().join("api")).unwrap();

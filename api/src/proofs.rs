@@ -6,11 +6,16 @@
 //!   chain refuses start-up unless `ApiConfig::audit_override`, and the override is logged.
 //!   [`AppState::audit`] appends (fsync) before the handler replies; on a write error the
 //!   action's reply is an internal error (the action itself already happened and is in the
-//!   journal; the operator sees the failure).
+//!   journal; the operator sees the failure). Actions that move money or publish a proof
+//!   (withdrawal approve, reject, bump; the liabilities and reserves publications) are logged
+//!   *before* they are taken ([`AppState::audit_intent`], `<action>.intent`) and after with
+//!   their outcome ([`AppState::audit_outcome`]): if the intent cannot be written the action is
+//!   not taken, and a crash in between leaves an open intent that `mediator audit verify` lists.
 //! * **Liabilities proofs** (`<data_dir>/reserves.sqlite`, `synchronous=FULL`): `POST
 //!   /mapi/v1/admin/reserves/liabilities` snapshots every balance (available + held, fee account
 //!   included) from the read model, builds one tree per asset, stores the snapshot, the roots and
-//!   the audit head, then logs `reserves.liabilities.publish` with the roots and the
+//!   the audit head between a `reserves.liabilities.publish.intent` and a
+//!   `reserves.liabilities.publish` entry, each with the roots and the
 //!   [`reserves::liabilities::commitment`]. `GET /mapi/v1/reserves/my-proof?asset=BTC` answers the
 //!   caller's inclusion proof in the latest one **from memory**: each publication replaces the
 //!   in-memory trees, and after a start the latest is read and rebuilt once (checked against
@@ -23,7 +28,7 @@ use crate::state::{ok_json, AppState, Req, SetupError};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use reserves::auditlog::{AuditError, AuditLog};
+use reserves::auditlog::{AuditError, AuditLog, Intent, Outcome};
 use reserves::liabilities::{self, Node, Tree};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
@@ -127,12 +132,27 @@ impl Proofs {
             latest: Mutex::new(Cache::Unloaded),
             snapshot_loads: AtomicU64::new(0),
         };
+        let open_intents: Vec<u64> = p
+            .log
+            .open_intents_at_start()
+            .iter()
+            .map(|i| {
+                tracing::warn!(
+                    seq = i.seq,
+                    action = %i.action,
+                    "audit log: an action was announced and never given an outcome (it may \
+                     have been taken before a crash); check it"
+                );
+                i.seq
+            })
+            .collect();
         p.log
             .append(
                 now,
                 "system",
                 "server.start",
                 json!({
+                    "open_intents": open_intents,
                     "version": env!("CARGO_PKG_VERSION"),
                     "public_url": cfg.public_url,
                     "audit_override": cfg.audit_override,
@@ -252,6 +272,17 @@ fn hex_head(s: &str) -> Option<[u8; 32]> {
     hex::decode_to_slice(s, &mut h).ok().map(|()| h)
 }
 
+fn audit_failed(e: AuditError, action: &str) -> ApiError {
+    match e {
+        e @ AuditError::SecretInParams { .. } => {
+            // A bug in the caller, not an operator's mistake.
+            tracing::error!(error = %e, action, "audit entry refused");
+        }
+        e => tracing::error!(error = %e, action, "audit log write failed"),
+    }
+    ApiError::internal()
+}
+
 fn internal<E: std::fmt::Display>(e: E) -> ApiError {
     tracing::error!(error = %e, "liabilities proof");
     ApiError::internal()
@@ -273,16 +304,81 @@ impl AppState {
             .append(crate::core::now_ms(), actor, action, params)
         {
             Ok(_) => Ok(()),
-            Err(e @ AuditError::SecretInParams { .. }) => {
-                // A bug in the caller, not an operator's mistake.
-                tracing::error!(error = %e, action, "audit entry refused");
-                Err(ApiError::internal())
+            Err(e) => Err(audit_failed(e, action)),
+        }
+    }
+
+    /// Announces an admin action in the audit log before it is taken (`<action>.intent`, on
+    /// disk when this returns); the caller takes the action only after this and then logs its
+    /// result with [`AppState::audit_outcome`]. A crash in between leaves an intent without
+    /// outcome, which `mediator audit verify` lists: the action may have happened, and the log
+    /// says so.
+    pub fn audit_intent(&self, action: &str, params: Value) -> Result<Intent, ApiError> {
+        self.0
+            .proofs
+            .log
+            .intent(crate::core::now_ms(), "admin", action, params)
+            .map_err(|e| audit_failed(e, action))
+    }
+
+    /// Logs how the action announced by `intent` ended: `Ok(params)` is `done`; an error is
+    /// `refused` (a 4xx: nothing changed) or `unknown` (anything else), with its code and message.
+    pub fn audit_outcome(
+        &self,
+        intent: &Intent,
+        result: Result<Value, &ApiError>,
+    ) -> Result<(), ApiError> {
+        let (outcome, params) = match result {
+            Ok(v) => (Outcome::Done, v),
+            Err(e) => (
+                if e.status.is_client_error() {
+                    Outcome::Refused
+                } else {
+                    Outcome::Unknown
+                },
+                json!({ "code": e.code, "msg": e.msg }),
+            ),
+        };
+        self.0
+            .proofs
+            .log
+            .outcome(crate::core::now_ms(), intent, outcome, params)
+            .map(|_| ())
+            .map_err(|e| audit_failed(e, &intent.action))
+    }
+
+    /// Runs an admin action between its intent and its outcome entries: `params` announce it,
+    /// `done` gives the outcome's params from its result. The action's own error is logged as
+    /// its outcome and then answered.
+    pub async fn audited<T, Fut>(
+        &self,
+        action: &str,
+        params: Value,
+        run: Fut,
+        done: impl FnOnce(&T) -> Result<Value, ApiError>,
+    ) -> Result<T, ApiError>
+    where
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let intent = self.audit_intent(action, params)?;
+        match run.await {
+            Ok(v) => {
+                // The action happened: its outcome is `done` even if its result cannot be
+                // rendered.
+                let params = done(&v).unwrap_or_else(|e| json!({ "unrendered": e.msg }));
+                self.audit_outcome(&intent, Ok(params))?;
+                Ok(v)
             }
             Err(e) => {
-                tracing::error!(error = %e, action, "audit log write failed");
-                Err(ApiError::internal())
+                self.audit_outcome(&intent, Err(&e))?;
+                Err(e)
             }
         }
+    }
+
+    /// The open audit log (for tools and crash tests: `AuditLog::fail_appends_after`).
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.0.proofs.log
     }
 
     /// The audit log's (last seq, head).
@@ -382,25 +478,6 @@ fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Va
             })
         })
         .collect();
-    db.execute(
-        "INSERT INTO liabilities (proof_id, created_ms, audit_head, roots, snapshot) \
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            id,
-            created as i64,
-            hex::encode(head),
-            Value::Array(roots_json.clone()).to_string(),
-            serde_json::to_string(&snapshot).map_err(internal)?,
-        ],
-    )
-    .map_err(internal)?;
-    drop(db);
-    proofs.set_latest(Published {
-        id: id as u64,
-        created_ms: created,
-        audit_head: Some(head),
-        trees,
-    });
     let body = json!({
         "proofId": id,
         "createdMs": created,
@@ -408,7 +485,35 @@ fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Va
         "commitment": hex::encode(commitment),
         "assets": roots_json,
     });
-    st.audit("reserves.liabilities.publish", body.clone())?;
+    let snapshot_json = serde_json::to_string(&snapshot).map_err(internal)?;
+    // Announced before it is stored (and so answerable by `my-proof`): a crash in between leaves
+    // the intent, never a publication without a record.
+    let intent = st.audit_intent("reserves.liabilities.publish", body.clone())?;
+    let stored = db
+        .execute(
+            "INSERT INTO liabilities (proof_id, created_ms, audit_head, roots, snapshot) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                id,
+                created as i64,
+                hex::encode(head),
+                Value::Array(roots_json).to_string(),
+                snapshot_json,
+            ],
+        )
+        .map_err(internal);
+    drop(db);
+    if let Err(e) = stored {
+        st.audit_outcome(&intent, Err(&e))?;
+        return Err(e);
+    }
+    proofs.set_latest(Published {
+        id: id as u64,
+        created_ms: created,
+        audit_head: Some(head),
+        trees,
+    });
+    st.audit_outcome(&intent, Ok(body.clone()))?;
     Ok(body)
 }
 
@@ -498,6 +603,10 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
             return Err(ApiError::invalid_value("message"));
         }
     }
+    if st.0.custody.get().is_none() {
+        // Nothing published, nothing announced: custody cannot sign.
+        return Err(crate::capital::unavailable());
+    }
     let snapshot = balances_snapshot(&st)?;
     let st2 = st.clone();
     let published = tokio::task::spawn_blocking(move || publish(&st2, snapshot))
@@ -517,10 +626,51 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
             },
         );
     }
-    // The head after the liabilities publication: the proof names it.
-    let audit_head = hex::encode(st.audit_head().1);
+    // Announced before custody signs and the document is stored; the proof names the head
+    // right after this intent (which follows the liabilities publication).
+    let intent = st.audit_intent(
+        "reserves.prove.publish",
+        json!({ "liabilities_proof_id": liabilities_proof_id, "message": &custom }),
+    )?;
+    let audit_head = hex::encode(intent.head);
+    let result = prove_and_store(&st, custom, liabilities_proof_id, liabilities, audit_head).await;
+    let (id, doc, utxos, psbt_sha256) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            st.audit_outcome(&intent, Err(&e))?;
+            return Err(e);
+        }
+    };
+    st.audit_outcome(
+        &intent,
+        Ok(json!({
+            "id": id,
+            "block_height": doc.block_height,
+            "block_hash": doc.block_hash,
+            "reserves_sat": doc.reserves_sat,
+            "utxos": utxos,
+            "liabilities_proof_id": doc.liabilities_proof_id,
+            "audit_head": doc.audit_head,
+            "message": doc.message,
+            "psbt_sha256": psbt_sha256,
+        })),
+    )?;
+    let mut v = serde_json::to_value(&doc).map_err(internal)?;
+    v["id"] = json!(id);
+    Ok(ok_json(&ctx, v))
+}
+
+/// Custody signs the proof of reserves, the document is built and stored: (its id, the
+/// document, the number of UTXOs, the PSBT's SHA-256).
+async fn prove_and_store(
+    st: &AppState,
+    custom: Option<String>,
+    liabilities_proof_id: u64,
+    liabilities: std::collections::BTreeMap<String, reserves::por::AssetLiabilities>,
+    audit_head: String,
+) -> Result<(u64, reserves::por::ProofDocument, Value, String), ApiError> {
     let (l2, h2) = (liabilities.clone(), audit_head.clone());
-    let proof = crate::capital::call(&st, move |c| {
+    let proof = crate::capital::call(st, move |c| {
         c.prove_reserves(&move |height: u32, hash: &str| match &custom {
             Some(m) => m.clone(),
             None => reserves::por::default_message(height, hash, liabilities_proof_id, &l2, &h2),
@@ -562,23 +712,7 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
         use sha2::Digest as _;
         hex::encode(sha2::Sha256::digest(&proof.psbt))
     };
-    st.audit(
-        "reserves.prove.publish",
-        json!({
-            "id": id,
-            "block_height": doc.block_height,
-            "block_hash": doc.block_hash,
-            "reserves_sat": doc.reserves_sat,
-            "utxos": proof.utxos,
-            "liabilities_proof_id": doc.liabilities_proof_id,
-            "audit_head": doc.audit_head,
-            "message": doc.message,
-            "psbt_sha256": psbt_sha256,
-        }),
-    )?;
-    let mut v = serde_json::to_value(&doc).map_err(internal)?;
-    v["id"] = json!(id);
-    Ok(ok_json(&ctx, v))
+    Ok((id, doc, json!(proof.utxos), psbt_sha256))
 }
 
 fn store_document(

@@ -125,9 +125,13 @@ async fn every_user_verifies_their_inclusion_in_the_published_liabilities() {
         .ok("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
         .await;
     assert!(again["proofId"].as_u64() > published["proofId"].as_u64());
-    assert!(
-        again["proofId"].as_u64().unwrap() > auditlog::verify_file(&path).unwrap().last_seq - 1
-    );
+    // Its intent entry (the first of the two entries it wrote) came right after every seq that
+    // existed when the id was chosen.
+    let two = auditlog::tail(&path, 2).unwrap();
+    assert_eq!(two[0].action, "reserves.liabilities.publish.intent");
+    assert_eq!(two[1].action, "reserves.liabilities.publish");
+    assert_eq!(two[1].params["intent"], two[0].seq);
+    assert!(again["proofId"].as_u64().unwrap() >= two[0].seq);
     let second = h
         .ok(
             "GET",
@@ -415,4 +419,66 @@ async fn my_proof_answers_from_memory_and_picks_up_a_new_publication() {
     assert!(f.msg().contains("older format"), "{}", f.json);
     drop(h3);
     let _ = std::fs::remove_dir_all(&path);
+}
+#[tokio::test]
+async fn a_publication_is_recorded_even_if_the_log_dies_right_after_it() {
+    // The audit log stops accepting writes after `k` more appends: at every `k`, either nothing
+    // was published (`my-proof` has nothing to answer), or the log holds a record of it.
+    for k in 0..=2 {
+        let h = Harness::new();
+        let (_, key) = h.trader("0", "5.00").await;
+        let log = h.dir.path().join(api::proofs::AUDIT_FILE);
+        h.state.audit_log().fail_appends_after(k);
+        let r = h
+            .signed("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
+            .await;
+        let answer = mine(&h, &key).await;
+        let published = answer.status == StatusCode::OK;
+        let entries = auditlog::tail(&log, usize::MAX).unwrap();
+        let recorded: Vec<_> = entries
+            .iter()
+            .filter(|e| e.action.starts_with("reserves.liabilities.publish"))
+            .collect();
+        assert!(
+            !published || !recorded.is_empty(),
+            "log dead after {k}: proof {} is answered and the log has no record of it",
+            answer.json["proof_id"]
+        );
+        let report = auditlog::verify_file(&log).unwrap();
+        match k {
+            0 => {
+                assert!(!published, "{}", answer.json);
+                assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+                assert!(recorded.is_empty());
+            }
+            1 => {
+                assert!(published);
+                assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+                assert_eq!(recorded.len(), 1);
+                assert_eq!(recorded[0].action, "reserves.liabilities.publish.intent");
+                assert_eq!(recorded[0].params["proofId"], answer.json["proof_id"]);
+                assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
+            }
+            _ => {
+                assert!(published);
+                assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+                assert_eq!(recorded.len(), 2);
+                assert_eq!(recorded[1].params["outcome"], "done");
+                assert_eq!(recorded[1].params["proofId"], r.json["proofId"]);
+                assert!(report.open_intents.is_empty());
+                // The published proof names the head just before its intent.
+                assert_eq!(
+                    hex::encode(auditlog::line_hash(
+                        std::fs::read_to_string(&log)
+                            .unwrap()
+                            .lines()
+                            .nth(recorded[0].seq as usize - 2)
+                            .unwrap()
+                            .as_bytes()
+                    )),
+                    r.json["auditHead"].as_str().unwrap()
+                );
+            }
+        }
+    }
 }

@@ -220,7 +220,8 @@ impl Proofs {
                 published.iter().any(|p| {
                     p["asset"] == t.asset()
                         && p["root"] == hex::encode(t.root().hash)
-                        && p["total"] == t.root().sum.to_string()
+                        && p["total"].as_str().and_then(|s| s.parse::<u64>().ok())
+                            == Some(t.root().sum)
                 })
             });
         if !same {

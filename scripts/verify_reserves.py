@@ -4,7 +4,7 @@
 Bitcoin parts and bitcoind's JSON-RPC for the chain. It shares no code with the Rust verifier.
 
     verify_reserves.py por FILE [--network NET] [--rpc URL --cookie FILE]
-    verify_reserves.py inclusion FILE [--against POR_FILE]
+    verify_reserves.py inclusion FILE --account ID [--against POR_FILE]
     verify_reserves.py audit LOG [--proof POR_FILE ...]
 
 Exit 0 and "OK ..." when the proof holds; exit 2 and "FAILED (code): reason" when it does not
@@ -251,8 +251,10 @@ def cmd_por(args):
 
 # ----- inclusion proofs -----
 
-def leaf_hash(nonce, asset, balance):
-    return hashlib.sha256(b"mediator-liability-leaf" + nonce + asset + b"\x00" + balance.to_bytes(8, "big")).digest()
+def leaf_hash(nonce, account, asset, balance):
+    # Version 2: the account (kind 0x01, u32 big-endian) is hashed into the leaf.
+    return hashlib.sha256(b"mediator-liability-leaf" + nonce + b"\x01" + account.to_bytes(4, "big")
+                          + asset + b"\x00" + balance.to_bytes(8, "big")).digest()
 
 
 def node_hash(lh, ls, rh, rs):
@@ -261,8 +263,13 @@ def node_hash(lh, ls, rh, rs):
 
 def cmd_inclusion(args):
     p = read_json(args.file)
-    if field(p, "version", int) != 1:
+    if field(p, "version", int) != 2:
         raise Fail("version", "unsupported proof version")
+    account = field(p, "account", int)
+    if not 0 <= account < 1 << 32:
+        raise Fail("malformed", "account is not a u32")
+    if account != args.account:
+        raise Fail("account_mismatch", "the proof is for account %d, not account %d" % (account, args.account))
     asset = field(p, "asset", str).encode()
     if not 1 <= len(asset) <= 16 or b"\x00" in asset:
         raise Fail("bad_asset", "bad asset")
@@ -274,7 +281,7 @@ def cmd_inclusion(args):
     total = u64(field(p, "total", str), "total")
     if len(path) > 40 or index < 0 or index >= 1 << len(path):
         raise Fail("bad_index", "the index does not fit the path")
-    h, s = leaf_hash(nonce, asset, balance), balance
+    h, s = leaf_hash(nonce, account, asset, balance), balance
     for k, sib in enumerate(path):
         sh, ss = hex32(field(sib, "hash", str), "path hash"), u64(field(sib, "sum", str), "path sum")
         h = node_hash(sh, ss, h, s) if (index >> k) & 1 else node_hash(h, s, sh, ss)
@@ -290,7 +297,7 @@ def cmd_inclusion(args):
         l = doc.get("liabilities", {}).get(p["asset"]) if isinstance(doc, dict) else None
         if doc.get("liabilities_proof_id") != p.get("proof_id") or not l or l.get("root", "").lower() != root.hex() or l.get("total") != str(total):
             raise Fail("not_published", "the proof of reserves does not publish this root and total")
-    print("OK: balance %d of %s included, root %s total %d" % (balance, p["asset"], root.hex(), total))
+    print("OK: balance %d of %s of account %d included, root %s total %d" % (balance, p["asset"], account, root.hex(), total))
 
 
 # ----- the audit log -----
@@ -307,10 +314,18 @@ def cmd_audit(args):
     elif lines:
         raise Fail("torn", "the last line has no newline")
     prev, seq, hashes, breaks, acknowledged = b"\x00" * 32, 0, [], [], set()
+    open_intents = {}
     for n, line in enumerate(lines, start=1):
         try:
             e = json.loads(line)
             ok = isinstance(e, dict) and e.get("seq") == seq + 1 and bytes.fromhex(e.get("prev", "")) == prev
+            if isinstance(e, dict):
+                # An intent entry "<action>.intent" stays open until an entry names it in
+                # params.intent (docs/audit-log.md).
+                closes = (e.get("params") or {}).get("intent") if isinstance(e.get("params"), dict) else None
+                open_intents.pop(closes, None)
+                if str(e.get("action", "")).endswith(".intent"):
+                    open_intents[e.get("seq")] = e.get("action")
             if isinstance(e, dict) and e.get("action") == "audit.override":
                 acknowledged.update((e.get("params") or {}).get("break_lines") or [])
             seq = e["seq"] if isinstance(e, dict) and isinstance(e.get("seq"), int) else seq
@@ -327,7 +342,8 @@ def cmd_audit(args):
         head = hex32(field(read_json(proof), "audit_head", str), "audit_head")
         if head != b"\x00" * 32 and head not in hashes:
             raise Fail("head_missing", "no line of the log hashes to the audit head of %s" % proof)
-    print("OK: %d entries, head %s" % (len(lines), prev.hex()))
+    print("OK: %d entries, head %s; intents without outcome: %s" % (
+        len(lines), prev.hex(), ", ".join("%s (%s)" % kv for kv in sorted(open_intents.items())) or "none"))
 
 
 def main():
@@ -340,6 +356,7 @@ def main():
     p.add_argument("--cookie")
     p = sub.add_parser("inclusion")
     p.add_argument("file")
+    p.add_argument("--account", type=int, required=True)
     p.add_argument("--against")
     p = sub.add_parser("audit")
     p.add_argument("log")

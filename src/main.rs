@@ -160,6 +160,9 @@ enum ReservesCmd {
     VerifyInclusion {
         /// The proof (JSON).
         file: PathBuf,
+        /// Your account id (the `uid` of GET /api/v3/account): the proof must be for it.
+        #[arg(long)]
+        account: u32,
         /// Also check that this proof-of-reserves document publishes the proof's root.
         #[arg(long)]
         against: Option<PathBuf>,
@@ -528,8 +531,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: RegtestCmd::Fund { account },
         } => admin::regtest_fund(&admin()?, account),
         Cmd::Reserves {
-            cmd: ReservesCmd::VerifyInclusion { file, against },
-        } => proofs::verify_inclusion(&file, against.as_deref(), json),
+            cmd:
+                ReservesCmd::VerifyInclusion {
+                    file,
+                    account,
+                    against,
+                },
+        } => proofs::verify_inclusion(&file, account, against.as_deref(), json),
         Cmd::Reserves {
             cmd: ReservesCmd::Prove { message },
         } => proofs::prove(&admin()?, message.as_deref()),

@@ -1,11 +1,14 @@
 //! `mediator reserves ...` and `mediator audit ...`: verifiable custody from the command line.
 //!
-//! * `reserves verify-inclusion FILE`: checks an inclusion proof (the JSON answered by
-//!   `GET /mapi/v1/reserves/my-proof`) offline; exit 0 when it verifies, 2 with the reason (and
-//!   its stable code) when it does not or the file is not a proof.
+//! * `reserves verify-inclusion FILE --account ID`: checks an inclusion proof (the JSON answered
+//!   by `GET /mapi/v1/reserves/my-proof`) offline, for the user's own account id (the leaf is
+//!   bound to it); exit 0 when it verifies, 2 with the reason (and its stable code) when it does
+//!   not or the file is not a proof.
 //! * `reserves publish-liabilities`: asks the running server to publish a liabilities proof.
-//! * `audit verify`: re-walks `<data-dir>/api/audit.log` offline; exit 2 on an unacknowledged break.
-//! * `audit tail [-n N]`: the last entries (`--json`: one JSON entry per line, as stored).
+//! * `audit verify`: re-walks `<data-dir>/api/audit.log` offline; exit 2 on an unacknowledged
+//!   break; lists the intents without outcome (actions that may have been taken before a crash).
+//! * `audit tail [-n N]`: the last entries (`--json`: one JSON entry per line, as stored); an
+//!   intent without outcome is marked `[no outcome]`.
 
 use anyhow::{bail, Context};
 use reserves::auditlog;
@@ -15,8 +18,13 @@ use std::path::Path;
 /// The largest proof file read (a depth-40 path is ~6 KiB).
 const MAX_PROOF_FILE: u64 = 1 << 20;
 
-/// `mediator reserves verify-inclusion FILE`.
-pub fn verify_inclusion(file: &Path, against: Option<&Path>, json: bool) -> anyhow::Result<()> {
+/// `mediator reserves verify-inclusion FILE --account ID`.
+pub fn verify_inclusion(
+    file: &Path,
+    account: u32,
+    against: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<()> {
     let meta = std::fs::metadata(file).with_context(|| format!("reading {}", file.display()))?;
     if meta.len() > MAX_PROOF_FILE {
         bail!(
@@ -26,7 +34,8 @@ pub fn verify_inclusion(file: &Path, against: Option<&Path>, json: bool) -> anyh
     }
     let text =
         std::fs::read_to_string(file).with_context(|| format!("reading {}", file.display()))?;
-    let result = InclusionProof::from_json(&text).and_then(|p| liabilities::verify(&p).map(|()| p));
+    let result = InclusionProof::from_json(&text)
+        .and_then(|p| liabilities::verify_for(&p, account).map(|()| p));
     let result = match (result, against) {
         (Ok(p), Some(doc)) => match root_in_document(&p, doc) {
             Ok(()) => Ok(p),
@@ -51,17 +60,18 @@ pub fn verify_inclusion(file: &Path, against: Option<&Path>, json: bool) -> anyh
                 println!(
                     "{}",
                     serde_json::json!({
-                        "ok": true, "proof_id": p.proof_id, "asset": p.asset,
+                        "ok": true, "proof_id": p.proof_id, "account": p.account, "asset": p.asset,
                         "balance": p.balance.to_string(), "total": p.total.to_string(),
                         "root": hex::encode(p.root), "audit_head": p.audit_head.map(hex::encode),
                     })
                 );
             } else {
                 println!(
-                    "OK: balance {} (base units) of {} is included in liabilities proof {}\n\
-                     root  {}\ntotal {}{}",
+                    "OK: balance {} (base units) of {} of account {} is included in liabilities \
+                     proof {}\nroot  {}\ntotal {}{}",
                     p.balance,
                     p.asset,
+                    p.account,
                     p.proof_id,
                     hex::encode(p.root),
                     p.total,
@@ -167,6 +177,9 @@ pub fn audit_verify(
         for b in &r.breaks {
             println!("  {b}");
         }
+        for i in &r.open_intents {
+            println!("  {i}");
+        }
     }
     let bad = r.unacknowledged().count();
     for doc in proofs {
@@ -216,9 +229,19 @@ pub fn audit_tail(data_dir: &Path, n: usize, json: bool) -> anyhow::Result<()> {
     let path = audit_path(data_dir);
     let entries =
         auditlog::tail(&path, n).with_context(|| format!("reading {}", path.display()))?;
+    // Intents no later entry closes: marked, so an action that may have been taken before a
+    // crash stands out.
+    let open: Vec<u64> = auditlog::verify_file(&path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .open_intents
+        .iter()
+        .map(|i| i.seq)
+        .collect();
     for e in entries {
         if json {
             println!("{}", serde_json::to_string(&e)?);
+        } else if open.contains(&e.seq) {
+            println!("{} [no outcome]", auditlog::render(&e));
         } else {
             println!("{}", auditlog::render(&e));
         }

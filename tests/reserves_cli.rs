@@ -36,8 +36,15 @@ fn verify_inclusion_case_table() {
     let other = Tree::build(&[9; 32], 4, "BTC", &[(1, 50_000), (2, 7)]).unwrap();
     left_out["root"] = serde_json::json!(hex::encode(other.root().hash));
     left_out["total"] = serde_json::json!(other.root().sum.to_string());
+    let mut relabelled: serde_json::Value = t.prove(2, None).unwrap().to_json();
+    relabelled["account"] = serde_json::json!(5);
     let cases: Vec<(&str, Vec<u8>, Option<&str>)> = vec![
         ("honest", good.clone().into_bytes(), None),
+        (
+            "another account's leaf relabelled as mine",
+            relabelled.to_string().into_bytes(),
+            Some("root_mismatch"),
+        ),
         (
             "inflated sum at a node",
             inflated.to_string().into_bytes(),
@@ -61,7 +68,13 @@ fn verify_inclusion_case_table() {
         std::fs::write(&f, &bytes).unwrap();
         let o = mediator(
             dir.path(),
-            &["reserves", "verify-inclusion", f.to_str().unwrap()],
+            &[
+                "reserves",
+                "verify-inclusion",
+                f.to_str().unwrap(),
+                "--account",
+                "5",
+            ],
         );
         let out = text(&o);
         assert!(!out.contains("panicked"), "{name}: {out}");
@@ -78,10 +91,97 @@ fn verify_inclusion_case_table() {
     }
     let o = mediator(
         dir.path(),
-        &["reserves", "verify-inclusion", "/nonexistent/proof.json"],
+        &[
+            "reserves",
+            "verify-inclusion",
+            "/nonexistent/proof.json",
+            "--account",
+            "5",
+        ],
     );
     assert_eq!(o.status.code(), Some(2));
     assert!(text(&o).contains("reading"), "{}", text(&o));
+    // The honest proof of account 5 is not account 2's: the user of account 2 refuses it (the
+    // exchange cannot show two users with equal balances one leaf), and the account is required.
+    let honest = dir.path().join("honest.json");
+    let o = mediator(
+        dir.path(),
+        &[
+            "reserves",
+            "verify-inclusion",
+            honest.to_str().unwrap(),
+            "--account",
+            "2",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("account_mismatch"), "{}", text(&o));
+    let o = mediator(
+        dir.path(),
+        &["reserves", "verify-inclusion", honest.to_str().unwrap()],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(text(&o).contains("--account"), "{}", text(&o));
+}
+
+#[test]
+fn audit_verify_and_tail_show_an_action_announced_without_outcome() {
+    // The server announced an approval and died before its outcome: the record of an action
+    // that may have happened is there, and both commands point at it.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        let done = log
+            .intent(
+                2,
+                "admin",
+                "withdrawal.reject",
+                serde_json::json!({ "id": 3 }),
+            )
+            .unwrap();
+        log.outcome(
+            3,
+            &done,
+            reserves::auditlog::Outcome::Done,
+            serde_json::json!({ "id": 3 }),
+        )
+        .unwrap();
+        log.intent(
+            4,
+            "admin",
+            "withdrawal.approve",
+            serde_json::json!({ "id": 4 }),
+        )
+        .unwrap();
+    }
+    let o = mediator(dir.path(), &["audit", "verify"]);
+    assert!(
+        o.status.success(),
+        "an open intent is not a break: {}",
+        text(&o)
+    );
+    let out = text(&o);
+    assert!(
+        out.contains("line 3: intent 3 (withdrawal.approve) has no outcome"),
+        "{out}"
+    );
+    assert!(!out.contains("intent 1 "), "{out}");
+    let o = mediator(dir.path(), &["--json", "audit", "verify"]);
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["open_intents"],
+        serde_json::json!([{ "line": 3, "seq": 3, "action": "withdrawal.approve" }])
+    );
+    let o = mediator(dir.path(), &["audit", "tail"]);
+    let out = text(&o);
+    let marked: Vec<&str> = out
+        .lines()
+        .filter(|l| l.ends_with("[no outcome]"))
+        .collect();
+    assert_eq!(marked.len(), 1, "{out}");
+    assert!(marked[0].contains("withdrawal.approve.intent"), "{out}");
 }
 
 #[test]

@@ -225,8 +225,16 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
     let (m, h) = (mine_file.to_str().unwrap(), honest_file.to_str().unwrap());
     v.both(
         "inclusion, honest",
-        &["reserves", "verify-inclusion", m, "--against", h],
-        &["inclusion", m, "--against", h],
+        &[
+            "reserves",
+            "verify-inclusion",
+            m,
+            "--account",
+            &a1,
+            "--against",
+            h,
+        ],
+        &["inclusion", m, "--account", &a1, "--against", h],
         None,
     );
     let log = dir.path().join("api/audit.log");
@@ -378,8 +386,16 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
     let lo = lo.to_str().unwrap();
     v.both(
         "an account left out of the tree",
-        &["reserves", "verify-inclusion", m, "--against", lo],
-        &["inclusion", m, "--against", lo],
+        &[
+            "reserves",
+            "verify-inclusion",
+            m,
+            "--account",
+            &a1,
+            "--against",
+            lo,
+        ],
+        &["inclusion", m, "--account", &a1, "--against", lo],
         Some("not_published"),
     );
     // A sum inflated at a node.
@@ -394,8 +410,26 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
     let inf = inf.to_str().unwrap();
     v.both(
         "a sum inflated at a node",
-        &["reserves", "verify-inclusion", inf],
-        &["inclusion", inf],
+        &["reserves", "verify-inclusion", inf, "--account", &a1],
+        &["inclusion", inf, "--account", &a1],
+        Some("root_mismatch"),
+    );
+    // The user of the other account (equal balances: both were funded alike) is shown this
+    // account's leaf: the proof names another account, and relabelled it leads nowhere.
+    v.both(
+        "a leaf shown to another account",
+        &["reserves", "verify-inclusion", m, "--account", &a2],
+        &["inclusion", m, "--account", &a2],
+        Some("account_mismatch"),
+    );
+    let mut relabelled = mine.clone();
+    relabelled["account"] = Value::from(a2.parse::<u32>().unwrap());
+    let rl = write(files.path(), "relabelled", &relabelled);
+    let rl = rl.to_str().unwrap();
+    v.both(
+        "a leaf relabelled for another account",
+        &["reserves", "verify-inclusion", rl, "--account", &a2],
+        &["inclusion", rl, "--account", &a2],
         Some("root_mismatch"),
     );
 

@@ -472,16 +472,21 @@ pub async fn admin_withdrawals(State(st): State<AppState>, req: Req) -> Result<R
 }
 
 /// `POST /mapi/v1/admin/withdrawals/approve` (ADMIN): approves a withdrawal that waits for
-/// approval.
+/// approval. Logged before (`withdrawal.approve.intent`) and after (`withdrawal.approve` with
+/// its outcome), so a crash in between leaves the record of an approval that may have happened.
 pub async fn admin_approve(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
     p.finish()?;
-    let w = call(&st, move |c| c.approve_withdrawal(id)).await?;
-    st.audit(
-        "withdrawal.approve",
-        json!({ "id": id, "withdrawal": to_json(&w)? }),
-    )?;
+    custody(&st)?;
+    let w = st
+        .audited(
+            "withdrawal.approve",
+            json!({ "id": id }),
+            call(&st, move |c| c.approve_withdrawal(id)),
+            |w| Ok(json!({ "id": id, "withdrawal": to_json(w)? })),
+        )
+        .await?;
     Ok(ok_json(&ctx, to_json(&w)?))
 }
 
@@ -500,11 +505,16 @@ pub async fn admin_reject(State(st): State<AppState>, req: Req) -> Result<Respon
         return Err(ApiError::invalid_value("reason"));
     }
     p.finish()?;
-    let w = call(&st, move |c| c.reject_withdrawal(id, &reason)).await?;
-    st.audit(
-        "withdrawal.reject",
-        json!({ "id": id, "withdrawal": to_json(&w)? }),
-    )?;
+    custody(&st)?;
+    let announced = json!({ "id": id, "reason": &reason });
+    let w = st
+        .audited(
+            "withdrawal.reject",
+            announced,
+            call(&st, move |c| c.reject_withdrawal(id, &reason)),
+            |w| Ok(json!({ "id": id, "withdrawal": to_json(w)? })),
+        )
+        .await?;
     Ok(ok_json(&ctx, to_json(&w)?))
 }
 
@@ -520,11 +530,15 @@ pub async fn admin_bump(State(st): State<AppState>, req: Req) -> Result<Response
         return Err(ApiError::invalid_value("feeRate"));
     }
     p.finish()?;
-    let b = call(&st, move |c| c.bump_withdrawal(id, rate)).await?;
-    st.audit(
-        "withdrawal.bump",
-        json!({ "id": id, "feeRate": rate, "batch": to_json(&b)? }),
-    )?;
+    custody(&st)?;
+    let b = st
+        .audited(
+            "withdrawal.bump",
+            json!({ "id": id, "feeRate": rate }),
+            call(&st, move |c| c.bump_withdrawal(id, rate)),
+            |b| Ok(json!({ "id": id, "feeRate": rate, "batch": to_json(b)? })),
+        )
+        .await?;
     Ok(ok_json(&ctx, to_json(&b)?))
 }
 

@@ -6,13 +6,21 @@
 //!   chain refuses start-up unless `ApiConfig::audit_override`, and the override is logged.
 //!   [`AppState::audit`] appends (fsync) before the handler replies; on a write error the
 //!   action's reply is an internal error (the action itself already happened and is in the
-//!   journal; the operator sees the failure).
+//!   journal; the operator sees the failure). Actions that move money or publish a proof
+//!   (withdrawal approve, reject, bump; the liabilities and reserves publications) are logged
+//!   *before* they are taken ([`AppState::audit_intent`], `<action>.intent`) and after with
+//!   their outcome ([`AppState::audit_outcome`]): if the intent cannot be written the action is
+//!   not taken, and a crash in between leaves an open intent that `mediator audit verify` lists.
 //! * **Liabilities proofs** (`<data_dir>/reserves.sqlite`, `synchronous=FULL`): `POST
 //!   /mapi/v1/admin/reserves/liabilities` snapshots every balance (available + held, fee account
 //!   included) from the read model, builds one tree per asset, stores the snapshot, the roots and
-//!   the audit head, then logs `reserves.liabilities.publish` with the roots and the
+//!   the audit head between a `reserves.liabilities.publish.intent` and a
+//!   `reserves.liabilities.publish` entry, each with the roots and the
 //!   [`reserves::liabilities::commitment`]. `GET /mapi/v1/reserves/my-proof?asset=BTC` answers the
-//!   caller's inclusion proof in the latest one. The nonces come from a secret derived from the
+//!   caller's inclusion proof in the latest one **from memory**: each publication replaces the
+//!   in-memory trees, and after a start the latest is read and rebuilt once (checked against
+//!   its published roots; a publication whose roots do not rebuild, e.g. an older format, is not
+//!   answered). A request never reads the stored snapshot. The nonces come from a secret derived from the
 //!   API master key (`HMAC(master, "reserves/liabilities-nonce")`, ADR 0005), never stored.
 
 use crate::error::ApiError;
@@ -20,11 +28,12 @@ use crate::state::{ok_json, AppState, Req, SetupError};
 use axum::extract::State;
 use axum::http::header;
 use axum::response::{IntoResponse, Response};
-use reserves::auditlog::{AuditError, AuditLog};
+use reserves::auditlog::{AuditError, AuditLog, Intent, Outcome};
 use reserves::liabilities::{self, Node, Tree};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// The audit log file in the data directory.
@@ -35,11 +44,35 @@ pub const PROOFS_DB: &str = "reserves.sqlite";
 /// The browser page that verifies a pasted inclusion proof (`GET /reserves/verify`).
 pub const VERIFY_HTML: &str = include_str!("proofs/verify.html");
 
-/// The latest proof's trees, built once per published proof.
-type Built = (u64, Arc<Vec<Tree>>);
+/// The latest publication in memory: what `my-proof` answers from.
+#[derive(Debug)]
+struct Published {
+    id: u64,
+    created_ms: u64,
+    audit_head: Option<[u8; 32]>,
+    trees: Vec<Tree>,
+}
 
-/// The latest published proof: (id, created ms, audit head, trees).
-type Latest = (u64, u64, Option<[u8; 32]>, Arc<Vec<Tree>>);
+/// What the server knows of the latest publication.
+#[derive(Debug, Clone)]
+enum Latest {
+    /// Nothing published yet.
+    None,
+    /// Published before this server's proof format (its rebuilt roots are not the ones
+    /// published): not answered; a new publication replaces it.
+    Stale(u64),
+    /// Ready to answer.
+    Ready(Arc<Published>),
+}
+
+/// The cache of the latest publication: loaded from `reserves.sqlite` once (at the first
+/// `my-proof` after start), replaced by each publication; never read per request.
+#[derive(Debug, Default)]
+enum Cache {
+    #[default]
+    Unloaded,
+    Loaded(Latest),
+}
 
 /// The audit log, the proofs database and the nonce secret.
 pub struct Proofs {
@@ -47,7 +80,9 @@ pub struct Proofs {
     pub log: AuditLog,
     db: Mutex<Connection>,
     secret: [u8; 32],
-    latest: Mutex<Option<Built>>,
+    latest: Mutex<Cache>,
+    /// How many times the stored snapshot was read and rebuilt (once per start at most).
+    snapshot_loads: AtomicU64,
 }
 
 impl std::fmt::Debug for Proofs {
@@ -94,14 +129,30 @@ impl Proofs {
             log,
             db: Mutex::new(db),
             secret: nonce_secret,
-            latest: Mutex::new(None),
+            latest: Mutex::new(Cache::Unloaded),
+            snapshot_loads: AtomicU64::new(0),
         };
+        let open_intents: Vec<u64> = p
+            .log
+            .open_intents_at_start()
+            .iter()
+            .map(|i| {
+                tracing::warn!(
+                    seq = i.seq,
+                    action = %i.action,
+                    "audit log: an action was announced and never given an outcome (it may \
+                     have been taken before a crash); check it"
+                );
+                i.seq
+            })
+            .collect();
         p.log
             .append(
                 now,
                 "system",
                 "server.start",
                 json!({
+                    "open_intents": open_intents,
                     "version": env!("CARGO_PKG_VERSION"),
                     "public_url": cfg.public_url,
                     "audit_override": cfg.audit_override,
@@ -114,30 +165,48 @@ impl Proofs {
         Ok(p)
     }
 
-    /// The latest published proof's id and trees (rebuilt from the stored snapshot once).
-    fn latest(&self) -> Result<Option<Latest>, ApiError> {
-        let row: Option<(i64, i64, String, String)> = {
+    /// The latest publication, without blocking: `None` when it is not in memory yet (or
+    /// being loaded), then [`Proofs::latest`] loads it.
+    fn cached(&self) -> Option<Latest> {
+        match self.latest.try_lock().as_deref() {
+            Ok(Cache::Loaded(l)) => Some(l.clone()),
+            _ => None,
+        }
+    }
+
+    /// The latest publication: from memory, or read from `reserves.sqlite` and rebuilt once
+    /// (blocking: the tree build is O(n log n)). The cache lock is held while loading, so
+    /// concurrent first requests wait for one load, and a publication that lands meanwhile
+    /// replaces the result after it.
+    fn latest(&self) -> Result<Latest, ApiError> {
+        let mut cache = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Cache::Loaded(l) = &*cache {
+            return Ok(l.clone());
+        }
+        let loaded = self.load_latest()?;
+        *cache = Cache::Loaded(loaded.clone());
+        Ok(loaded)
+    }
+
+    /// Reads the latest publication's snapshot and rebuilds its trees; checks the rebuilt roots
+    /// against the published ones.
+    fn load_latest(&self) -> Result<Latest, ApiError> {
+        let row: Option<(i64, i64, String, String, String)> = {
             let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
             db.query_row(
-                "SELECT proof_id, created_ms, audit_head, snapshot FROM liabilities \
+                "SELECT proof_id, created_ms, audit_head, roots, snapshot FROM liabilities \
                  ORDER BY proof_id DESC LIMIT 1",
                 [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
             )
             .optional()
             .map_err(internal)?
         };
-        let Some((id, created, head, snapshot)) = row else {
-            return Ok(None);
+        self.snapshot_loads.fetch_add(1, Ordering::Relaxed);
+        let Some((id, created, head, roots, snapshot)) = row else {
+            return Ok(Latest::None);
         };
         let (id, created) = (id as u64, created as u64);
-        let head = hex_head(&head);
-        let mut cache = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some((cid, trees)) = cache.as_ref() {
-            if *cid == id {
-                return Ok(Some((id, created, head, trees.clone())));
-            }
-        }
         let snap: Vec<(String, Vec<(u32, u64)>)> =
             serde_json::from_str(&snapshot).map_err(internal)?;
         let trees = snap
@@ -145,9 +214,49 @@ impl Proofs {
             .map(|(asset, b)| Tree::build(&self.secret, id, asset, b))
             .collect::<Result<Vec<_>, _>>()
             .map_err(internal)?;
-        let trees = Arc::new(trees);
-        *cache = Some((id, trees.clone()));
-        Ok(Some((id, created, head, trees)))
+        let published: Vec<Value> = serde_json::from_str(&roots).map_err(internal)?;
+        let same = published.len() == trees.len()
+            && trees.iter().all(|t| {
+                published.iter().any(|p| {
+                    p["asset"] == t.asset()
+                        && p["root"] == hex::encode(t.root().hash)
+                        && p["total"].as_str().and_then(|s| s.parse::<u64>().ok())
+                            == Some(t.root().sum)
+                })
+            });
+        if !same {
+            tracing::warn!(
+                proof_id = id,
+                "the latest liabilities proof does not rebuild to its published roots (an older \
+                 format, or another master key): not answered until a new one is published"
+            );
+            return Ok(Latest::Stale(id));
+        }
+        Ok(Latest::Ready(Arc::new(Published {
+            id,
+            created_ms: created,
+            audit_head: hex_head(&head),
+            trees,
+        })))
+    }
+
+    /// Replaces the cache with a new publication (its trees as built for it).
+    fn set_latest(&self, p: Published) {
+        let mut cache = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        let newer = match &*cache {
+            Cache::Loaded(Latest::Ready(l)) => l.id < p.id,
+            Cache::Loaded(Latest::Stale(id)) => *id < p.id,
+            _ => true,
+        };
+        if newer {
+            *cache = Cache::Loaded(Latest::Ready(Arc::new(p)));
+        }
+    }
+
+    /// How many times the stored liabilities snapshot was read (at most once per start; each
+    /// publication replaces the in-memory copy without a read).
+    pub fn snapshot_loads(&self) -> u64 {
+        self.snapshot_loads.load(Ordering::Relaxed)
     }
 }
 
@@ -162,6 +271,17 @@ pub fn nonce_secret(keys: &crate::keys::KeyStore) -> [u8; 32] {
 fn hex_head(s: &str) -> Option<[u8; 32]> {
     let mut h = [0u8; 32];
     hex::decode_to_slice(s, &mut h).ok().map(|()| h)
+}
+
+fn audit_failed(e: AuditError, action: &str) -> ApiError {
+    match e {
+        e @ AuditError::SecretInParams { .. } => {
+            // A bug in the caller, not an operator's mistake.
+            tracing::error!(error = %e, action, "audit entry refused");
+        }
+        e => tracing::error!(error = %e, action, "audit log write failed"),
+    }
+    ApiError::internal()
 }
 
 fn internal<E: std::fmt::Display>(e: E) -> ApiError {
@@ -185,21 +305,92 @@ impl AppState {
             .append(crate::core::now_ms(), actor, action, params)
         {
             Ok(_) => Ok(()),
-            Err(e @ AuditError::SecretInParams { .. }) => {
-                // A bug in the caller, not an operator's mistake.
-                tracing::error!(error = %e, action, "audit entry refused");
-                Err(ApiError::internal())
+            Err(e) => Err(audit_failed(e, action)),
+        }
+    }
+
+    /// Announces an admin action in the audit log before it is taken (`<action>.intent`, on
+    /// disk when this returns); the caller takes the action only after this and then logs its
+    /// result with [`AppState::audit_outcome`]. A crash in between leaves an intent without
+    /// outcome, which `mediator audit verify` lists: the action may have happened, and the log
+    /// says so.
+    pub fn audit_intent(&self, action: &str, params: Value) -> Result<Intent, ApiError> {
+        self.0
+            .proofs
+            .log
+            .intent(crate::core::now_ms(), "admin", action, params)
+            .map_err(|e| audit_failed(e, action))
+    }
+
+    /// Logs how the action announced by `intent` ended: `Ok(params)` is `done`; an error is
+    /// `refused` (a 4xx: nothing changed) or `unknown` (anything else), with its code and message.
+    pub fn audit_outcome(
+        &self,
+        intent: &Intent,
+        result: Result<Value, &ApiError>,
+    ) -> Result<(), ApiError> {
+        let (outcome, params) = match result {
+            Ok(v) => (Outcome::Done, v),
+            Err(e) => (
+                if e.status.is_client_error() {
+                    Outcome::Refused
+                } else {
+                    Outcome::Unknown
+                },
+                json!({ "code": e.code, "msg": e.msg }),
+            ),
+        };
+        self.0
+            .proofs
+            .log
+            .outcome(crate::core::now_ms(), intent, outcome, params)
+            .map(|_| ())
+            .map_err(|e| audit_failed(e, &intent.action))
+    }
+
+    /// Runs an admin action between its intent and its outcome entries: `params` announce it,
+    /// `done` gives the outcome's params from its result. The action's own error is logged as
+    /// its outcome and then answered.
+    pub async fn audited<T, Fut>(
+        &self,
+        action: &str,
+        params: Value,
+        run: Fut,
+        done: impl FnOnce(&T) -> Result<Value, ApiError>,
+    ) -> Result<T, ApiError>
+    where
+        Fut: std::future::Future<Output = Result<T, ApiError>>,
+    {
+        let intent = self.audit_intent(action, params)?;
+        match run.await {
+            Ok(v) => {
+                // The action happened: its outcome is `done` even if its result cannot be
+                // rendered.
+                let params = done(&v).unwrap_or_else(|e| json!({ "unrendered": e.msg }));
+                self.audit_outcome(&intent, Ok(params))?;
+                Ok(v)
             }
             Err(e) => {
-                tracing::error!(error = %e, action, "audit log write failed");
-                Err(ApiError::internal())
+                self.audit_outcome(&intent, Err(&e))?;
+                Err(e)
             }
         }
+    }
+
+    /// The open audit log (for tools and crash tests: `AuditLog::fail_appends_after`).
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.0.proofs.log
     }
 
     /// The audit log's (last seq, head).
     pub fn audit_head(&self) -> (u64, [u8; 32]) {
         self.0.proofs.log.head()
+    }
+
+    /// How many times `reserves.sqlite`'s latest liabilities snapshot was read since start (at
+    /// most once: `my-proof` answers from memory, each publication replaces it there).
+    pub fn liabilities_snapshot_loads(&self) -> u64 {
+        self.0.proofs.snapshot_loads()
     }
 }
 
@@ -288,20 +479,6 @@ fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Va
             })
         })
         .collect();
-    db.execute(
-        "INSERT INTO liabilities (proof_id, created_ms, audit_head, roots, snapshot) \
-         VALUES (?1, ?2, ?3, ?4, ?5)",
-        params![
-            id,
-            created as i64,
-            hex::encode(head),
-            Value::Array(roots_json.clone()).to_string(),
-            serde_json::to_string(&snapshot).map_err(internal)?,
-        ],
-    )
-    .map_err(internal)?;
-    drop(db);
-    *proofs.latest.lock().unwrap_or_else(|e| e.into_inner()) = Some((id as u64, Arc::new(trees)));
     let body = json!({
         "proofId": id,
         "createdMs": created,
@@ -309,7 +486,35 @@ fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Va
         "commitment": hex::encode(commitment),
         "assets": roots_json,
     });
-    st.audit("reserves.liabilities.publish", body.clone())?;
+    let snapshot_json = serde_json::to_string(&snapshot).map_err(internal)?;
+    // Announced before it is stored (and so answerable by `my-proof`): a crash in between leaves
+    // the intent, never a publication without a record.
+    let intent = st.audit_intent("reserves.liabilities.publish", body.clone())?;
+    let stored = db
+        .execute(
+            "INSERT INTO liabilities (proof_id, created_ms, audit_head, roots, snapshot) \
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+            params![
+                id,
+                created as i64,
+                hex::encode(head),
+                Value::Array(roots_json).to_string(),
+                snapshot_json,
+            ],
+        )
+        .map_err(internal);
+    drop(db);
+    if let Err(e) = stored {
+        st.audit_outcome(&intent, Err(&e))?;
+        return Err(e);
+    }
+    proofs.set_latest(Published {
+        id: id as u64,
+        created_ms: created,
+        audit_head: Some(head),
+        trees,
+    });
+    st.audit_outcome(&intent, Ok(body.clone()))?;
     Ok(body)
 }
 
@@ -319,27 +524,43 @@ pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, 
     let (key, mut p, ctx) = st.signed(&req)?;
     let asset = p.req("asset")?;
     p.finish()?;
-    let st2 = st.clone();
-    let latest = tokio::task::spawn_blocking(move || st2.0.proofs.latest())
-        .await
-        .map_err(internal)??;
-    let Some((id, created, head, trees)) = latest else {
-        return Err(ApiError::bad(
-            -1130,
-            "No liabilities proof has been published yet.",
-        ));
+    // From memory; only the first request after start loads it (off the async threads).
+    let latest = match st.0.proofs.cached() {
+        Some(l) => l,
+        None => {
+            let st2 = st.clone();
+            tokio::task::spawn_blocking(move || st2.0.proofs.latest())
+                .await
+                .map_err(internal)??
+        }
     };
-    let Some(tree) = trees.iter().find(|t| t.asset() == asset) else {
+    let published =
+        match latest {
+            Latest::Ready(p) => p,
+            Latest::None => {
+                return Err(ApiError::bad(
+                    -1130,
+                    "No liabilities proof has been published yet.",
+                ))
+            }
+            Latest::Stale(_) => return Err(ApiError::bad(
+                -1130,
+                "The latest liabilities proof was published in an older format; a new one must \
+                 be published.",
+            )),
+        };
+    let id = published.id;
+    let Some(tree) = published.trees.iter().find(|t| t.asset() == asset) else {
         return Err(ApiError::invalid_value("asset"));
     };
-    let Some(proof) = tree.prove(key.account, head) else {
+    let Some(proof) = tree.prove(key.account, published.audit_head) else {
         return Err(ApiError::bad(
             -1130,
             "This account had no balance of this asset in the latest liabilities proof.",
         ));
     };
     let proof = liabilities::InclusionProof {
-        created_ms: Some(created),
+        created_ms: Some(published.created_ms),
         ..proof
     };
     debug_assert_eq!(proof.proof_id, id);
@@ -383,6 +604,10 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
             return Err(ApiError::invalid_value("message"));
         }
     }
+    if st.0.custody.get().is_none() {
+        // Nothing published, nothing announced: custody cannot sign.
+        return Err(crate::capital::unavailable());
+    }
     let snapshot = balances_snapshot(&st)?;
     let st2 = st.clone();
     let published = tokio::task::spawn_blocking(move || publish(&st2, snapshot))
@@ -402,10 +627,51 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
             },
         );
     }
-    // The head after the liabilities publication: the proof names it.
-    let audit_head = hex::encode(st.audit_head().1);
+    // Announced before custody signs and the document is stored; the proof names the head
+    // right after this intent (which follows the liabilities publication).
+    let intent = st.audit_intent(
+        "reserves.prove.publish",
+        json!({ "liabilities_proof_id": liabilities_proof_id, "message": &custom }),
+    )?;
+    let audit_head = hex::encode(intent.head);
+    let result = prove_and_store(&st, custom, liabilities_proof_id, liabilities, audit_head).await;
+    let (id, doc, utxos, psbt_sha256) = match result {
+        Ok(r) => r,
+        Err(e) => {
+            st.audit_outcome(&intent, Err(&e))?;
+            return Err(e);
+        }
+    };
+    st.audit_outcome(
+        &intent,
+        Ok(json!({
+            "id": id,
+            "block_height": doc.block_height,
+            "block_hash": doc.block_hash,
+            "reserves_sat": doc.reserves_sat,
+            "utxos": utxos,
+            "liabilities_proof_id": doc.liabilities_proof_id,
+            "audit_head": doc.audit_head,
+            "message": doc.message,
+            "psbt_sha256": psbt_sha256,
+        })),
+    )?;
+    let mut v = serde_json::to_value(&doc).map_err(internal)?;
+    v["id"] = json!(id);
+    Ok(ok_json(&ctx, v))
+}
+
+/// Custody signs the proof of reserves, the document is built and stored: (its id, the
+/// document, the number of UTXOs, the PSBT's SHA-256).
+async fn prove_and_store(
+    st: &AppState,
+    custom: Option<String>,
+    liabilities_proof_id: u64,
+    liabilities: std::collections::BTreeMap<String, reserves::por::AssetLiabilities>,
+    audit_head: String,
+) -> Result<(u64, reserves::por::ProofDocument, Value, String), ApiError> {
     let (l2, h2) = (liabilities.clone(), audit_head.clone());
-    let proof = crate::capital::call(&st, move |c| {
+    let proof = crate::capital::call(st, move |c| {
         c.prove_reserves(&move |height: u32, hash: &str| match &custom {
             Some(m) => m.clone(),
             None => reserves::por::default_message(height, hash, liabilities_proof_id, &l2, &h2),
@@ -447,23 +713,7 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
         use sha2::Digest as _;
         hex::encode(sha2::Sha256::digest(&proof.psbt))
     };
-    st.audit(
-        "reserves.prove.publish",
-        json!({
-            "id": id,
-            "block_height": doc.block_height,
-            "block_hash": doc.block_hash,
-            "reserves_sat": doc.reserves_sat,
-            "utxos": proof.utxos,
-            "liabilities_proof_id": doc.liabilities_proof_id,
-            "audit_head": doc.audit_head,
-            "message": doc.message,
-            "psbt_sha256": psbt_sha256,
-        }),
-    )?;
-    let mut v = serde_json::to_value(&doc).map_err(internal)?;
-    v["id"] = json!(id);
-    Ok(ok_json(&ctx, v))
+    Ok((id, doc, json!(proof.utxos), psbt_sha256))
 }
 
 fn store_document(

@@ -1142,3 +1142,109 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
         );
     }
 }
+
+/// The audit log as a restart finds it: its entries and what `audit verify` reports.
+fn audit_log(
+    h: &Harness,
+) -> (
+    Vec<reserves::auditlog::Entry>,
+    reserves::auditlog::VerifyReport,
+) {
+    let path = h.dir.path().join(api::proofs::AUDIT_FILE);
+    (
+        reserves::auditlog::tail(&path, usize::MAX).unwrap(),
+        reserves::auditlog::verify_file(&path).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn an_approval_or_rejection_is_recorded_even_if_the_log_dies_right_after_it() {
+    // The audit log stops accepting writes after `k` more appends (a crash, a dead disk): at
+    // every `k`, either custody was never asked, or the log holds a record of the action.
+    for (path, params, call, action) in [
+        (
+            "/mapi/v1/admin/withdrawals/approve",
+            "id=1",
+            "approve_withdrawal(1)",
+            "withdrawal.approve",
+        ),
+        (
+            "/mapi/v1/admin/withdrawals/reject",
+            "id=1&reason=fraud",
+            "reject_withdrawal(1,fraud)",
+            "withdrawal.reject",
+        ),
+    ] {
+        for k in 0..=2 {
+            let s = setup(true).await;
+            s.fake.withdrawals.lock().unwrap().push(withdrawal(
+                1,
+                s.acct,
+                WithdrawalState::AwaitingApproval,
+                5,
+            ));
+            s.h.state.audit_log().fail_appends_after(k);
+            let r = s.h.signed("POST", path, params, &s.h.admin).await;
+            let acted = s.fake.calls().iter().any(|c| c == call);
+            let (entries, report) = audit_log(&s.h);
+            let recorded: Vec<_> = entries
+                .iter()
+                .filter(|e| e.action.starts_with(action) && e.params["id"] == 1)
+                .collect();
+            assert!(
+                !acted || !recorded.is_empty(),
+                "{action}, log dead after {k}: custody acted ({}) and the log has no record",
+                r.json
+            );
+            assert!(report.ok(), "{:?}", report.breaks);
+            match k {
+                // The intent could not be written: custody was never asked.
+                0 => {
+                    assert!(!acted, "{action}: acted without a record");
+                    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+                }
+                // Acted, the outcome lost: the intent stays open, for `audit verify` to show.
+                1 => {
+                    assert!(acted);
+                    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+                    assert_eq!(recorded.len(), 1, "{recorded:?}");
+                    assert_eq!(recorded[0].action, format!("{action}.intent"));
+                    assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
+                    assert_eq!(report.open_intents[0].action, action);
+                    assert_eq!(report.open_intents[0].seq, recorded[0].seq);
+                }
+                // Both written: the outcome closes the intent.
+                _ => {
+                    assert!(acted);
+                    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+                    assert_eq!(recorded.len(), 2, "{recorded:?}");
+                    assert_eq!(recorded[1].action, action);
+                    assert_eq!(recorded[1].params["outcome"], "done");
+                    assert_eq!(recorded[1].params["intent"], recorded[0].seq);
+                    assert!(report.open_intents.is_empty(), "{:?}", report.open_intents);
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_refused_approval_is_logged_as_refused() {
+    let s = setup(true).await;
+    // Unknown withdrawal: custody refuses (400); the intent is closed as refused.
+    let r =
+        s.h.signed(
+            "POST",
+            "/mapi/v1/admin/withdrawals/approve",
+            "id=9",
+            &s.h.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    let (entries, report) = audit_log(&s.h);
+    let last = entries.last().unwrap();
+    assert_eq!(last.action, "withdrawal.approve");
+    assert_eq!(last.params["outcome"], "refused");
+    assert_eq!(last.params["code"], -4000);
+    assert!(report.open_intents.is_empty());
+}

@@ -44,12 +44,18 @@ async fn every_user_verifies_their_inclusion_in_the_published_liabilities() {
     assert_eq!(usd["total"], expected_total.to_string());
     assert_eq!(usd["accounts"], 3);
 
-    for ((_, key), b) in users.iter().zip(balances) {
+    for ((account, key), b) in users.iter().zip(balances) {
         let v = h
             .ok("GET", "/mapi/v1/reserves/my-proof", "asset=USD", key)
             .await;
         let p = InclusionProof::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
-        assert_eq!(liabilities::verify(&p), Ok(()));
+        assert_eq!(p.account, *account);
+        assert_eq!(liabilities::verify_for(&p, *account), Ok(()));
+        let other = users.iter().find(|u| u.0 != *account).unwrap().0;
+        assert_eq!(
+            liabilities::verify_for(&p, other).map_err(|e| e.code()),
+            Err("account_mismatch")
+        );
         assert_eq!(p.balance, units(&h, "USD", b));
         assert_eq!(p.total, expected_total);
         assert_eq!(hex::encode(p.root), usd["root"].as_str().unwrap());
@@ -119,9 +125,13 @@ async fn every_user_verifies_their_inclusion_in_the_published_liabilities() {
         .ok("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
         .await;
     assert!(again["proofId"].as_u64() > published["proofId"].as_u64());
-    assert!(
-        again["proofId"].as_u64().unwrap() > auditlog::verify_file(&path).unwrap().last_seq - 1
-    );
+    // Its intent entry (the first of the two entries it wrote) came right after every seq that
+    // existed when the id was chosen.
+    let two = auditlog::tail(&path, 2).unwrap();
+    assert_eq!(two[0].action, "reserves.liabilities.publish.intent");
+    assert_eq!(two[1].action, "reserves.liabilities.publish");
+    assert_eq!(two[1].params["intent"], two[0].seq);
+    assert!(again["proofId"].as_u64().unwrap() >= two[0].seq);
     let second = h
         .ok(
             "GET",
@@ -270,4 +280,205 @@ async fn proof_of_reserves_routes_refuse_cleanly_and_change_nothing() {
         doc["paths"]["/mapi/v1/admin/reserves/prove"]["post"]["x-permission"],
         "admin"
     );
+}
+
+async fn mine(h: &Harness, key: &(String, String)) -> common::Resp {
+    h.signed("GET", "/mapi/v1/reserves/my-proof", "asset=USD", key)
+        .await
+}
+
+/// Makes the stored snapshot of every liabilities proof unreadable (a BLOB where the server
+/// reads TEXT): a request that still reads it fails.
+fn spoil_stored_snapshots(dir: &std::path::Path) {
+    let db = rusqlite::Connection::open(dir.join(api::proofs::PROOFS_DB)).unwrap();
+    let n = db
+        .execute("UPDATE liabilities SET snapshot = x'00'", [])
+        .unwrap();
+    assert!(n > 0, "no liabilities proof stored");
+}
+
+#[tokio::test]
+async fn my_proof_answers_from_memory_and_picks_up_a_new_publication() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let h = Harness::in_dir(
+        dir,
+        api::ApiConfig {
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..api::ApiConfig::default()
+        },
+    );
+    let (_, key) = h.trader("0", "42.00").await;
+    let (_, other) = h.trader("0", "7.00").await;
+    let first = h
+        .ok("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
+        .await;
+    let a = mine(&h, &key).await;
+    assert_eq!(a.status, StatusCode::OK, "{}", a.json);
+    assert_eq!(a.json["proof_id"], first["proofId"]);
+
+    // The stored snapshot can no longer be read: answers come from memory, unchanged, for every
+    // account, as often as asked.
+    spoil_stored_snapshots(&path);
+    for _ in 0..5 {
+        let again = mine(&h, &key).await;
+        assert_eq!(
+            (again.status, &again.json),
+            (StatusCode::OK, &a.json),
+            "my-proof read the stored snapshot again"
+        );
+    }
+    let b = mine(&h, &other).await;
+    assert_eq!(b.status, StatusCode::OK, "{}", b.json);
+    assert_eq!(b.json["root"], a.json["root"]);
+    assert_eq!(h.state.liabilities_snapshot_loads(), 0, "publish filled it");
+
+    // A new publication is answered at once (its own id, nonces and audit head).
+    let second = h
+        .ok("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
+        .await;
+    let c = mine(&h, &key).await;
+    assert_eq!(c.status, StatusCode::OK, "{}", c.json);
+    assert_eq!(c.json["proof_id"], second["proofId"]);
+    assert_eq!(c.json["audit_head"], second["auditHead"]);
+    assert_ne!(c.json["nonce"], a.json["nonce"]);
+    assert_eq!(c.json["balance"], a.json["balance"]);
+    assert!(h.state.read_model().wait_persisted().await);
+    let before_restart = c.json.clone();
+    std::mem::forget(h.dir);
+    drop(h.router);
+    drop(h.state);
+
+    // After a restart the latest publication is read once, rebuilt, and answers the same proof.
+    let state = api::open_local(
+        &path,
+        EngineConfig::default(),
+        api::ApiConfig {
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..api::ApiConfig::default()
+        },
+    )
+    .unwrap();
+    let h2 = Harness {
+        router: api::app(state.clone()),
+        state,
+        dir: tempfile::tempdir().unwrap(),
+        admin: (String::new(), String::new()),
+    };
+    let d = mine(&h2, &key).await;
+    assert_eq!((d.status, &d.json), (StatusCode::OK, &before_restart));
+    assert_eq!(h2.state.liabilities_snapshot_loads(), 1);
+    spoil_stored_snapshots(&path);
+    let e = mine(&h2, &key).await;
+    assert_eq!((e.status, &e.json), (StatusCode::OK, &before_restart));
+    assert_eq!(h2.state.liabilities_snapshot_loads(), 1);
+    drop(h2);
+
+    // A publication whose stored snapshot does not rebuild to its published roots (made by an
+    // older leaf format, or under another master key) is not answered against a root nobody
+    // published.
+    let db = rusqlite::Connection::open(path.join(api::proofs::PROOFS_DB)).unwrap();
+    let roots: String = db
+        .query_row(
+            "SELECT roots FROM liabilities ORDER BY proof_id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    let mut roots: serde_json::Value = serde_json::from_str(&roots).unwrap();
+    let snapshot = serde_json::json!([["USD", [[1, 4200]]]]).to_string();
+    for r in roots.as_array_mut().unwrap() {
+        r["root"] = serde_json::json!("00".repeat(32));
+    }
+    db.execute(
+        "UPDATE liabilities SET roots = ?1, snapshot = ?2",
+        rusqlite::params![roots.to_string(), snapshot],
+    )
+    .unwrap();
+    drop(db);
+    let state = api::open_local(
+        &path,
+        EngineConfig::default(),
+        api::ApiConfig {
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..api::ApiConfig::default()
+        },
+    )
+    .unwrap();
+    let h3 = Harness {
+        router: api::app(state.clone()),
+        state,
+        dir: tempfile::tempdir().unwrap(),
+        admin: (String::new(), String::new()),
+    };
+    let f = mine(&h3, &key).await;
+    assert_eq!(f.code(), -1130, "{}", f.json);
+    assert!(f.msg().contains("older format"), "{}", f.json);
+    drop(h3);
+    let _ = std::fs::remove_dir_all(&path);
+}
+#[tokio::test]
+async fn a_publication_is_recorded_even_if_the_log_dies_right_after_it() {
+    // The audit log stops accepting writes after `k` more appends: at every `k`, either nothing
+    // was published (`my-proof` has nothing to answer), or the log holds a record of it.
+    for k in 0..=2 {
+        let h = Harness::new();
+        let (_, key) = h.trader("0", "5.00").await;
+        let log = h.dir.path().join(api::proofs::AUDIT_FILE);
+        h.state.audit_log().fail_appends_after(k);
+        let r = h
+            .signed("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
+            .await;
+        let answer = mine(&h, &key).await;
+        let published = answer.status == StatusCode::OK;
+        let entries = auditlog::tail(&log, usize::MAX).unwrap();
+        let recorded: Vec<_> = entries
+            .iter()
+            .filter(|e| e.action.starts_with("reserves.liabilities.publish"))
+            .collect();
+        assert!(
+            !published || !recorded.is_empty(),
+            "log dead after {k}: proof {} is answered and the log has no record of it",
+            answer.json["proof_id"]
+        );
+        let report = auditlog::verify_file(&log).unwrap();
+        match k {
+            0 => {
+                assert!(!published, "{}", answer.json);
+                assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+                assert!(recorded.is_empty());
+            }
+            1 => {
+                assert!(published);
+                assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+                assert_eq!(recorded.len(), 1);
+                assert_eq!(recorded[0].action, "reserves.liabilities.publish.intent");
+                assert_eq!(recorded[0].params["proofId"], answer.json["proof_id"]);
+                assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
+            }
+            _ => {
+                assert!(published);
+                assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+                assert_eq!(recorded.len(), 2);
+                assert_eq!(recorded[1].params["outcome"], "done");
+                assert_eq!(recorded[1].params["proofId"], r.json["proofId"]);
+                assert!(report.open_intents.is_empty());
+                // The published proof names the head just before its intent.
+                assert_eq!(
+                    hex::encode(auditlog::line_hash(
+                        std::fs::read_to_string(&log)
+                            .unwrap()
+                            .lines()
+                            .nth(recorded[0].seq as usize - 2)
+                            .unwrap()
+                            .as_bytes()
+                    )),
+                    r.json["auditHead"].as_str().unwrap()
+                );
+            }
+        }
+    }
 }

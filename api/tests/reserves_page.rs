@@ -1,7 +1,8 @@
 //! The inclusion-proof verification page (`GET /reserves/verify`) in headless Chromium, served by
 //! the real router with its CSP: honest proofs verify in the browser and the same dishonest or
 //! malformed ones the Rust verifier rejects are rejected with the same code. Checks that the
-//! page's JavaScript and `reserves::liabilities::verify` implement one format.
+//! page's JavaScript and `reserves::liabilities::verify_for` implement one format, the account
+//! bound into the leaf included.
 
 mod browser;
 mod common;
@@ -15,7 +16,10 @@ use std::future::IntoFuture;
 const STATUS: &str = "return document.getElementById('result').dataset.status;";
 const DONE: &str = "return document.getElementById('result').dataset.status !== '';";
 
-fn cases() -> Vec<(&'static str, String)> {
+/// The account whose proof the cases start from: what its user types in the page.
+const MINE: u32 = 5;
+
+fn cases() -> Vec<(&'static str, String, u32)> {
     let b = [
         (1u32, 50_000u64),
         (2, 7),
@@ -31,9 +35,8 @@ fn cases() -> Vec<(&'static str, String)> {
     };
     let other = Tree::build(&[9; 32], 4, "BTC", &b[..2]).unwrap().root();
     let big = t.prove(6, None).unwrap().to_json().to_string();
-    vec![
+    let cases = vec![
         ("honest", good.to_string()),
-        ("honest, a balance above 2^53", big),
         (
             "inflated sum at a node",
             edit(&|v| v["path"][0]["sum"] = json!("999999")),
@@ -59,13 +62,24 @@ fn cases() -> Vec<(&'static str, String)> {
         ),
         ("bad hex", edit(&|v| v["root"] = json!("zz"))),
         ("negative balance", edit(&|v| v["balance"] = json!("-5"))),
-        ("version 2", edit(&|v| v["version"] = json!(2))),
+        ("version 1", edit(&|v| v["version"] = json!(1))),
+        ("another account's leaf relabelled as mine", {
+            let mut v = t.prove(2, None).unwrap().to_json();
+            v["account"] = json!(MINE);
+            v.to_string()
+        }),
+        ("account not a u32", edit(&|v| v["account"] = json!(-1))),
         ("truncated", good.to_string()[..40].to_owned()),
-    ]
+    ];
+    let mut out: Vec<_> = cases.into_iter().map(|(n, t)| (n, t, MINE)).collect();
+    out.push(("honest, a balance above 2^53", big, 6));
+    // The proof of account 5, shown to the user of account 2 (the exchange's shared leaf).
+    out.push(("a proof for another account", good.to_string(), 2));
+    out
 }
 
-fn rust_code(text: &str) -> String {
-    match InclusionProof::from_json(text).and_then(|p| liabilities::verify(&p)) {
+fn rust_code(text: &str, mine: u32) -> String {
+    match InclusionProof::from_json(text).and_then(|p| liabilities::verify_for(&p, mine)) {
         Ok(()) => "ok".into(),
         Err(e) => e.code().into(),
     }
@@ -84,8 +98,8 @@ async fn the_page_and_the_rust_verifier_agree_case_table() {
     tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
         let b = Browser::start(1000, 800)?;
         b.goto(&url)?;
-        for (name, text) in cases() {
-            let expected = rust_code(&text);
+        for (name, text, mine) in cases() {
+            let expected = rust_code(&text, mine);
             if name.starts_with("honest") {
                 assert_eq!(expected, "ok", "{name}");
             } else {
@@ -93,6 +107,7 @@ async fn the_page_and_the_rust_verifier_agree_case_table() {
             }
             b.eval(&format!(
                 "document.getElementById('result').dataset.status = ''; \
+                 document.getElementById('account').value = '{mine}'; \
                  document.getElementById('proof').value = {}; \
                  document.getElementById('go').click(); return true;",
                 serde_json::to_string(&text)?

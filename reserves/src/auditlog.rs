@@ -15,6 +15,13 @@
 //!   `params.break_lines` names its line; start-up with the operator's explicit override appends
 //!   that entry, so the override is itself in the chain.
 //! * **No secrets:** [`AuditLog::append`] refuses params with a key that names a secret.
+//! * **Intents:** an action that cannot be undone (a withdrawal approved, a proof published) is
+//!   logged *before* it is taken, as an intent entry `<action>.intent` ([`AuditLog::intent`]),
+//!   and after it as the outcome entry `<action>` whose `params.intent` names the intent's seq
+//!   and `params.outcome` says `done`, `refused` or `unknown` ([`AuditLog::outcome`]). A crash
+//!   between the two leaves an intent without outcome: [`verify`] lists it
+//!   ([`VerifyReport::open_intents`]), so the record of an action that may have happened is
+//!   never lost.
 
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
@@ -28,6 +35,9 @@ pub type Hash = [u8; 32];
 
 /// The action of the entry that acknowledges breaks.
 pub const OVERRIDE_ACTION: &str = "audit.override";
+
+/// The suffix of an intent entry's action: `withdrawal.approve.intent`.
+pub const INTENT_SUFFIX: &str = ".intent";
 
 /// The longest line [`verify`] reads (bytes); a longer one is a break, not an allocation spiral.
 pub const MAX_LINE: usize = 64 * 1024;
@@ -123,6 +133,28 @@ impl std::fmt::Display for Break {
     }
 }
 
+/// An intent entry no later entry gives an outcome for: the action may or may not have been
+/// taken (the writer stopped in between, or it is still under way).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct OpenIntent {
+    /// 1-based line number.
+    pub line: u64,
+    /// The intent's seq (what an outcome's `params.intent` names).
+    pub seq: u64,
+    /// The action announced, without the [`INTENT_SUFFIX`].
+    pub action: String,
+}
+
+impl std::fmt::Display for OpenIntent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "line {}: intent {} ({}) has no outcome: the action may have been taken; check it",
+            self.line, self.seq, self.action
+        )
+    }
+}
+
 /// What [`verify`] found.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct VerifyReport {
@@ -137,6 +169,8 @@ pub struct VerifyReport {
     pub breaks: Vec<Break>,
     /// True when the last line is torn (no final newline).
     pub torn: bool,
+    /// Intents without an outcome, oldest first (not breaks: the chain is intact).
+    pub open_intents: Vec<OpenIntent>,
 }
 
 fn ser_hex<S: serde::Serializer>(h: &Hash, s: S) -> Result<S::Ok, S::Error> {
@@ -181,7 +215,9 @@ pub fn verify<R: BufRead>(mut r: R) -> io::Result<VerifyReport> {
         head: [0; 32],
         breaks: Vec::new(),
         torn: false,
+        open_intents: Vec::new(),
     };
+    let mut open: std::collections::BTreeMap<u64, OpenIntent> = Default::default();
     let mut prev_hash = [0u8; 32];
     let mut buf = Vec::with_capacity(512);
     let mut acks: Vec<u64> = Vec::new();
@@ -260,6 +296,19 @@ pub fn verify<R: BufRead>(mut r: R) -> io::Result<VerifyReport> {
                     });
                 }
                 rep.last_seq = e.seq;
+                if let Some(of) = e.params.get("intent").and_then(|v| v.as_u64()) {
+                    open.remove(&of);
+                }
+                if let Some(action) = e.action.strip_suffix(INTENT_SUFFIX) {
+                    open.insert(
+                        e.seq,
+                        OpenIntent {
+                            line: line_no,
+                            seq: e.seq,
+                            action: action.to_owned(),
+                        },
+                    );
+                }
                 if e.action == OVERRIDE_ACTION {
                     if let Some(lines) = e.params.get("break_lines").and_then(|v| v.as_array()) {
                         acks.extend(
@@ -275,6 +324,7 @@ pub fn verify<R: BufRead>(mut r: R) -> io::Result<VerifyReport> {
         prev_hash = this_hash;
     }
     rep.head = prev_hash;
+    rep.open_intents = open.into_values().collect();
     for b in &mut rep.breaks {
         b.acknowledged = acks.contains(&b.line);
     }
@@ -361,6 +411,9 @@ struct Inner {
     file: File,
     last_seq: u64,
     head: Hash,
+    /// Fault injection ([`AuditLog::fail_appends_after`]): appends left before every append
+    /// fails.
+    fail_after: Option<u64>,
 }
 
 /// The open log: appends are serialized and durable (fsync) before they return.
@@ -368,6 +421,7 @@ struct Inner {
 pub struct AuditLog {
     path: PathBuf,
     inner: Mutex<Inner>,
+    open_at_start: Vec<OpenIntent>,
 }
 
 fn find_secret(v: &serde_json::Value) -> Option<String> {
@@ -431,11 +485,13 @@ impl AuditLog {
                 .map_err(io)?;
         }
         let log = AuditLog {
+            open_at_start: rep.open_intents.clone(),
             path: path.to_owned(),
             inner: Mutex::new(Inner {
                 file,
                 last_seq: rep.last_seq,
                 head,
+                fail_after: None,
             }),
         };
         if !unack.is_empty() {
@@ -454,6 +510,12 @@ impl AuditLog {
     /// The file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The intents without outcome found when the log was opened: actions that may have been
+    /// taken before a crash, for the operator to check.
+    pub fn open_intents_at_start(&self) -> &[OpenIntent] {
+        &self.open_at_start
     }
 
     /// (last seq, head hash).
@@ -479,15 +541,31 @@ impl AuditLog {
         // replaced by their size and SHA-256, so a reader can still check a kept copy.
         let raw = serde_json::to_vec(&params).expect("a JSON value serializes");
         let params = if raw.len() > MAX_PARAMS {
-            serde_json::json!({
+            let mut summary = serde_json::json!({
                 "summarized": true,
                 "bytes": raw.len(),
                 "sha256": hex::encode(Sha256::digest(&raw)),
-            })
+            });
+            // An outcome stays linked to its intent.
+            for k in ["intent", "outcome"] {
+                if let Some(v) = params.get(k).filter(|v| !v.is_object() && !v.is_array()) {
+                    summary[k] = v.clone();
+                }
+            }
+            summary
         } else {
             params
         };
         let mut g = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(left) = g.fail_after.as_mut() {
+            if *left == 0 {
+                return Err(AuditError::Io {
+                    path: self.path.clone(),
+                    source: io::Error::other("injected failure (AuditLog::fail_appends_after)"),
+                });
+            }
+            *left -= 1;
+        }
         let entry = Entry {
             seq: g.last_seq + 1,
             time: now_ms,
@@ -512,6 +590,92 @@ impl AuditLog {
         g.last_seq = entry.seq;
         g.head = hash;
         Ok((entry.seq, hash))
+    }
+}
+
+/// How an announced action ended (the outcome entry's `params.outcome`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Outcome {
+    /// It was taken.
+    Done,
+    /// It was refused: nothing changed.
+    Refused,
+    /// Not known (an internal error, a lost answer): it may have been taken.
+    Unknown,
+}
+
+impl Outcome {
+    /// `done`, `refused` or `unknown`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Done => "done",
+            Outcome::Refused => "refused",
+            Outcome::Unknown => "unknown",
+        }
+    }
+}
+
+/// An intent entry on disk: what [`AuditLog::outcome`] closes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Intent {
+    /// The intent entry's seq.
+    pub seq: u64,
+    /// The action announced (without [`INTENT_SUFFIX`]).
+    pub action: String,
+    /// Who announced it.
+    pub actor: String,
+    /// The log's head right after it: the SHA-256 of the intent's line.
+    pub head: Hash,
+}
+
+impl AuditLog {
+    /// Appends the intent entry `<action>.intent` (`params`: what is about to be done) and
+    /// returns once it is on disk; the caller takes the action only after this.
+    pub fn intent(
+        &self,
+        now_ms: u64,
+        actor: &str,
+        action: &str,
+        params: serde_json::Value,
+    ) -> Result<Intent, AuditError> {
+        let (seq, head) =
+            self.append(now_ms, actor, &format!("{action}{INTENT_SUFFIX}"), params)?;
+        Ok(Intent {
+            seq,
+            head,
+            action: action.to_owned(),
+            actor: actor.to_owned(),
+        })
+    }
+
+    /// Appends the outcome entry of `intent`: action `<action>`, its `params` (an object; any
+    /// other value goes under `result`) with `intent` (the intent's seq) and `outcome` added.
+    pub fn outcome(
+        &self,
+        now_ms: u64,
+        intent: &Intent,
+        outcome: Outcome,
+        params: serde_json::Value,
+    ) -> Result<(u64, Hash), AuditError> {
+        let mut params = match params {
+            serde_json::Value::Object(m) => serde_json::Value::Object(m),
+            serde_json::Value::Null => serde_json::json!({}),
+            other => serde_json::json!({ "result": other }),
+        };
+        params["intent"] = intent.seq.into();
+        params["outcome"] = outcome.as_str().into();
+        self.append(now_ms, &intent.actor, &intent.action, params)
+    }
+
+    /// Fault injection for crash tests: after `n` more appends succeed, every append fails with
+    /// an I/O error and writes nothing (as if the process had died or the disk had gone), until
+    /// the log is reopened. Never called by the server itself.
+    pub fn fail_appends_after(&self, n: u64) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .fail_after = Some(n);
     }
 }
 

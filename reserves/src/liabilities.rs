@@ -1,17 +1,21 @@
 //! The liabilities Merkle-sum tree: one tree per asset over every account's balance (available
 //! + held), with a per-user inclusion proof. Format: `docs/liabilities-proof.md`.
 //!
-//! * Leaf: `SHA-256("mediator-liability-leaf" || nonce || asset || 0x00 || u64_be(balance))`,
-//!   with a 32-byte nonce per account, per asset, per proof ([`nonce`]); padding leaves (balance
-//!   0, their own nonces) fill the tree to a power of two, and all leaves are ordered by hash, so
-//!   neither account ids, balances nor the number of accounts leak beyond the next power of two.
+//! * Leaf: `SHA-256("mediator-liability-leaf" || nonce || 0x01 || u32_be(account) || asset ||
+//!   0x00 || u64_be(balance))`, with a 32-byte nonce per account, per asset, per proof
+//!   ([`nonce`]); padding leaves (kind 0x02 and their index instead of 0x01 and an account,
+//!   balance 0, their own nonces) fill the tree to a power of two, and all leaves are ordered by
+//!   hash, so neither account ids, balances nor the number of accounts leak beyond the next power
+//!   of two. The account is in the leaf so that one leaf cannot be shown to two users with equal
+//!   balances and counted once: a user checks the proof names their own account ([`verify_for`]).
 //! * Node: `SHA-256("mediator-liability-node" || left_hash || u64_be(left_sum) || right_hash ||
 //!   u64_be(right_sum))`, `sum = left_sum + right_sum` (checked: a total above `u64::MAX` is a
 //!   build error, never a wrap). Both child sums are hashed, so a sibling cannot be given a
 //!   negative or shifted share of its parent's sum.
 //!
-//! A user checks that the path from their leaf reaches the published root and total; an account
-//! left out or a sum changed anywhere on the path changes the root.
+//! A user checks that the proof names their own account and that the path from their leaf
+//! reaches the published root and total; an account left out or a sum changed anywhere on the
+//! path changes the root.
 
 use hmac::{Hmac, Mac};
 use serde::{Deserialize, Serialize};
@@ -21,8 +25,9 @@ use std::collections::HashMap;
 /// A 32-byte SHA-256 digest.
 pub type Hash = [u8; 32];
 
-/// The version of the proof format this code writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The version of the proof format this code writes and reads. Version 2 hashes the account
+/// into its leaf (version 1, `nonce || asset || balance`, let one leaf pass for two accounts).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The largest tree depth accepted by [`verify`]: 2^40 leaves is far above any exchange.
 pub const MAX_DEPTH: usize = 40;
@@ -44,6 +49,13 @@ pub enum Slot {
     Pad(u32),
 }
 
+fn slot_bytes(slot: Slot) -> (u8, u32) {
+    match slot {
+        Slot::Account(a) => (1, a),
+        Slot::Pad(i) => (2, i),
+    }
+}
+
 /// The nonce of one leaf: `HMAC-SHA256(secret, "mediator-liability-nonce" || u64_be(proof_id) ||
 /// asset || 0x00 || kind || u32_be(id))`, kind 0x01 for an account, 0x02 for padding. A fresh
 /// `proof_id` per published proof means a nonce is never reused across proofs.
@@ -53,20 +65,22 @@ pub fn nonce(secret: &[u8; 32], proof_id: u64, asset: &str, slot: Slot) -> Hash 
     mac.update(&proof_id.to_be_bytes());
     mac.update(asset.as_bytes());
     mac.update(&[0]);
-    let (kind, id) = match slot {
-        Slot::Account(a) => (1u8, a),
-        Slot::Pad(i) => (2u8, i),
-    };
+    let (kind, id) = slot_bytes(slot);
     mac.update(&[kind]);
     mac.update(&id.to_be_bytes());
     mac.finalize().into_bytes().into()
 }
 
-/// A leaf's hash.
-pub fn leaf_hash(nonce: &Hash, asset: &str, balance: u64) -> Hash {
+/// A leaf's hash: `SHA-256("mediator-liability-leaf" || nonce || kind || u32_be(id) || asset ||
+/// 0x00 || u64_be(balance))`, kind 0x01 for an account (id = the account id), 0x02 for padding
+/// (id = its index). The account is hashed in, so one leaf can be shown to one account only.
+pub fn leaf_hash(nonce: &Hash, slot: Slot, asset: &str, balance: u64) -> Hash {
+    let (kind, id) = slot_bytes(slot);
     let mut h = Sha256::new();
     h.update(LEAF_TAG);
     h.update(nonce);
+    h.update([kind]);
+    h.update(id.to_be_bytes());
     h.update(asset.as_bytes());
     h.update([0u8]);
     h.update(balance.to_be_bytes());
@@ -172,7 +186,7 @@ impl Tree {
                     asset: asset.to_owned(),
                 })?;
             let n = nonce(secret, proof_id, asset, Slot::Account(account));
-            let hash = leaf_hash(&n, asset, balance);
+            let hash = leaf_hash(&n, Slot::Account(account), asset, balance);
             leaves.push((Node { hash, sum: balance }, Some((account, n))));
         }
         let width = leaves
@@ -189,7 +203,7 @@ impl Tree {
             let n = nonce(secret, proof_id, asset, Slot::Pad(pad));
             leaves.push((
                 Node {
-                    hash: leaf_hash(&n, asset, 0),
+                    hash: leaf_hash(&n, Slot::Pad(pad), asset, 0),
                     sum: 0,
                 },
                 None,
@@ -270,6 +284,7 @@ impl Tree {
         Some(InclusionProof {
             version: FORMAT_VERSION,
             proof_id: self.proof_id,
+            account,
             asset: self.asset.clone(),
             balance,
             nonce,
@@ -290,6 +305,9 @@ pub struct InclusionProof {
     pub version: u32,
     /// The published proof this belongs to.
     pub proof_id: u64,
+    /// The account whose leaf this is (hashed into the leaf): the user checks it is theirs
+    /// ([`verify_for`]).
+    pub account: u32,
     /// The asset.
     pub asset: String,
     /// The account's balance (available + held), base units.
@@ -318,7 +336,7 @@ pub enum VerifyError {
     #[error("malformed proof: {0}")]
     Malformed(String),
     /// A format version this verifier does not know.
-    #[error("unsupported proof version {0} (this verifier reads version 1)")]
+    #[error("unsupported proof version {0} (this verifier reads version 2)")]
     Version(u32),
     /// A hash or nonce is not 64 hex digits.
     #[error("bad hex in {field}: expected 64 hex digits")]
@@ -342,6 +360,14 @@ pub enum VerifyError {
         index: u64,
         /// The path length.
         depth: usize,
+    },
+    /// The proof is for another account than the user's own: a leaf shown to two users.
+    #[error("the proof is for account {found}, not account {expected}")]
+    AccountMismatch {
+        /// The user's account.
+        expected: u32,
+        /// The account in the proof.
+        found: u32,
     },
     /// Sums along the path overflow u64: no honest tree does that.
     #[error("sums along the path overflow")]
@@ -369,6 +395,7 @@ impl VerifyError {
             VerifyError::BadAmount { .. } => "bad_amount",
             VerifyError::BadAsset => "bad_asset",
             VerifyError::BadIndex { .. } => "bad_index",
+            VerifyError::AccountMismatch { .. } => "account_mismatch",
             VerifyError::Overflow => "overflow",
             VerifyError::RootMismatch => "root_mismatch",
             VerifyError::TotalMismatch { .. } => "total_mismatch",
@@ -392,7 +419,12 @@ pub fn verify(proof: &InclusionProof) -> Result<(), VerifyError> {
             depth,
         });
     }
-    let mut hash = leaf_hash(&proof.nonce, &proof.asset, proof.balance);
+    let mut hash = leaf_hash(
+        &proof.nonce,
+        Slot::Account(proof.account),
+        &proof.asset,
+        proof.balance,
+    );
     let mut sum = proof.balance;
     for (k, sib) in proof.path.iter().enumerate() {
         let right = (proof.index >> k) & 1 == 1;
@@ -413,6 +445,19 @@ pub fn verify(proof: &InclusionProof) -> Result<(), VerifyError> {
         });
     }
     Ok(())
+}
+
+/// What a user runs: [`verify`], after checking that the proof is for `account`, their own
+/// account id (the `uid` of `GET /api/v3/account`). Without this check the exchange could show
+/// two users with equal balances the same leaf and count it once.
+pub fn verify_for(proof: &InclusionProof, account: u32) -> Result<(), VerifyError> {
+    if proof.account != account {
+        return Err(VerifyError::AccountMismatch {
+            expected: account,
+            found: proof.account,
+        });
+    }
+    verify(proof)
 }
 
 /// The digest a published proof commits to, for the proof of reserves to sign over:
@@ -449,6 +494,7 @@ struct WireStep {
 struct WireProof {
     version: u32,
     proof_id: u64,
+    account: u32,
     asset: String,
     balance: String,
     nonce: String,
@@ -490,6 +536,7 @@ impl InclusionProof {
         let w = WireProof {
             version: self.version,
             proof_id: self.proof_id,
+            account: self.account,
             asset: self.asset.clone(),
             balance: self.balance.to_string(),
             nonce: hex::encode(self.nonce),
@@ -544,6 +591,7 @@ impl InclusionProof {
         Ok(InclusionProof {
             version: w.version,
             proof_id: w.proof_id,
+            account: w.account,
             asset: w.asset,
             balance: amount("balance", &w.balance)?,
             nonce: hex32("nonce", &w.nonce)?,

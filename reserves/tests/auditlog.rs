@@ -248,3 +248,79 @@ fn oversized_params_are_summarized_so_every_line_stays_readable() {
     assert_eq!(e.params["summarized"], json!(true));
     assert!(e.params["bytes"].as_u64().unwrap() > auditlog::MAX_PARAMS as u64);
 }
+
+#[test]
+fn an_intent_without_outcome_is_listed_until_its_outcome_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    let log = write_log(&p, 2);
+    let a = log
+        .intent(10, "admin", "withdrawal.approve", json!({"id": 7}))
+        .unwrap();
+    let b = log
+        .intent(11, "admin", "withdrawal.reject", json!({"id": 8}))
+        .unwrap();
+    assert_eq!((a.seq, b.seq), (3, 4));
+    // A huge result is summarized but stays linked to its intent.
+    let big = "x".repeat(auditlog::MAX_PARAMS);
+    log.outcome(12, &b, auditlog::Outcome::Done, json!({"id": 8, "w": big}))
+        .unwrap();
+    // The writer stops here (a crash): the log as a restart finds it.
+    drop(log);
+    let r = auditlog::verify_file(&p).unwrap();
+    assert!(r.ok() && r.breaks.is_empty(), "{:?}", r.breaks);
+    assert_eq!(
+        r.open_intents,
+        vec![auditlog::OpenIntent {
+            line: 3,
+            seq: 3,
+            action: "withdrawal.approve".into()
+        }]
+    );
+    assert!(r.open_intents[0].to_string().contains("no outcome"));
+    let t = auditlog::tail(&p, 3).unwrap();
+    assert_eq!(t[0].action, "withdrawal.approve.intent");
+    assert_eq!(t[0].params, json!({"id": 7}));
+    assert_eq!(t[2].action, "withdrawal.reject");
+    assert_eq!(t[2].params["intent"], 4);
+    assert_eq!(t[2].params["outcome"], "done");
+    assert_eq!(t[2].params["summarized"], true);
+
+    // A restart finds it open; the outcome (here: unknown) closes it.
+    let log = AuditLog::open(&p, false, "system", 13).unwrap();
+    assert_eq!(log.open_intents_at_start(), &r.open_intents[..]);
+    log.outcome(14, &a, auditlog::Outcome::Unknown, json!("lost"))
+        .unwrap();
+    let r = auditlog::verify_file(&p).unwrap();
+    assert!(r.ok() && r.open_intents.is_empty(), "{:?}", r.open_intents);
+    let last = auditlog::tail(&p, 1).unwrap().remove(0);
+    assert_eq!(
+        (last.action.as_str(), last.actor.as_str(), &last.params),
+        (
+            "withdrawal.approve",
+            "admin",
+            &json!({"result": "lost", "intent": 3, "outcome": "unknown"})
+        )
+    );
+}
+
+#[test]
+fn an_injected_failure_writes_nothing_and_keeps_the_chain() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("audit.log");
+    let log = write_log(&p, 1);
+    log.fail_appends_after(1);
+    log.append(5, "admin", "a", json!({})).unwrap();
+    let before = std::fs::read(&p).unwrap();
+    for _ in 0..2 {
+        let e = log.append(6, "admin", "b", json!({})).unwrap_err();
+        assert!(matches!(e, AuditError::Io { .. }), "{e}");
+    }
+    assert!(log.intent(7, "admin", "c", json!({})).is_err());
+    assert_eq!(std::fs::read(&p).unwrap(), before, "nothing written");
+    drop(log);
+    let log = AuditLog::open(&p, false, "system", 8).unwrap();
+    log.append(9, "admin", "d", json!({})).unwrap();
+    let r = auditlog::verify_file(&p).unwrap();
+    assert!(r.ok() && r.breaks.is_empty() && r.last_seq == 3, "{r:?}");
+}

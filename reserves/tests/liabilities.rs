@@ -2,7 +2,7 @@
 //! inflated or deflated at a node, a wrong nonce or balance) fail; bad files give a clear error
 //! with a stable code, never a panic.
 
-use reserves::liabilities::{self, InclusionProof, Node, Tree, VerifyError};
+use reserves::liabilities::{self, InclusionProof, Node, Slot, Tree, VerifyError};
 
 const SECRET: [u8; 32] = [0x42; 32];
 
@@ -75,6 +75,42 @@ fn an_account_left_out_of_the_tree_cannot_prove_inclusion() {
     assert_eq!(liabilities::verify(&p), Err(VerifyError::RootMismatch));
 }
 
+#[test]
+fn a_leaf_is_bound_to_its_account_so_two_users_cannot_share_one() {
+    // Two accounts with equal balances and (forced) the same nonce still get distinct leaves.
+    let n = [7u8; 32];
+    assert_ne!(
+        liabilities::leaf_hash(&n, Slot::Account(1), "BTC", 500),
+        liabilities::leaf_hash(&n, Slot::Account(2), "BTC", 500),
+    );
+    // The exchange shows account 2 account 1's leaf (equal balances): as issued, the proof names
+    // account 1, which account 2 refuses; relabelled for account 2, the path no longer leads to
+    // the root. Either way the shared leaf is caught.
+    let t = Tree::build(&SECRET, 5, "BTC", &[(1, 500), (2, 500), (3, 9)]).unwrap();
+    let a = t.prove(1, None).unwrap();
+    assert_eq!(a.account, 1);
+    assert_eq!(liabilities::verify_for(&a, 1), Ok(()));
+    let err = liabilities::verify_for(&a, 2).unwrap_err();
+    assert_eq!(err.code(), "account_mismatch", "{err}");
+    let mut relabelled = a.clone();
+    relabelled.account = 2;
+    assert_eq!(
+        liabilities::verify_for(&relabelled, 2),
+        Err(VerifyError::RootMismatch)
+    );
+    let mut v = a.to_json();
+    v["account"] = serde_json::json!(2);
+    let back = InclusionProof::from_value(v).unwrap();
+    assert_eq!(
+        liabilities::verify_for(&back, 2),
+        Err(VerifyError::RootMismatch)
+    );
+    // The honest proof of account 2 is its own leaf.
+    let b = t.prove(2, None).unwrap();
+    assert_eq!(liabilities::verify_for(&b, 2), Ok(()));
+    assert_ne!((a.index, a.nonce), (b.index, b.nonce));
+}
+
 /// One way to lie in a proof, applied to an honest one.
 type Lie = fn(&mut InclusionProof);
 
@@ -95,6 +131,11 @@ fn dishonest_proofs_fail_case_table() {
         ("total deflated", |p| p.total -= 1, "total_mismatch"),
         ("balance changed", |p| p.balance += 1, "root_mismatch"),
         ("wrong nonce", |p| p.nonce[0] ^= 1, "root_mismatch"),
+        (
+            "another account's label",
+            |p| p.account ^= 1,
+            "root_mismatch",
+        ),
         ("wrong asset", |p| p.asset = "USDT".into(), "root_mismatch"),
         (
             "sibling hash changed",
@@ -130,7 +171,7 @@ fn dishonest_proofs_fail_case_table() {
             "root_mismatch",
         ),
         ("sums overflow", |p| p.path[0].sum = u64::MAX, "overflow"),
-        ("unknown version", |p| p.version = 2, "version"),
+        ("unknown version", |p| p.version = 1, "version"),
         ("asset with NUL", |p| p.asset = "BT\0C".into(), "bad_asset"),
     ];
     let t = Tree::build(&SECRET, 9, "BTC", &snapshot()).unwrap();
@@ -151,7 +192,7 @@ fn a_sum_inflated_at_a_node_and_rehashed_up_still_fails_against_the_published_ro
     let t = Tree::build(&SECRET, 3, "BTC", &snapshot()).unwrap();
     let mut p = t.prove(0, None).unwrap();
     p.path[0].sum += 10;
-    let mut h = liabilities::leaf_hash(&p.nonce, &p.asset, p.balance);
+    let mut h = liabilities::leaf_hash(&p.nonce, Slot::Account(p.account), &p.asset, p.balance);
     let mut s = p.balance;
     for (k, sib) in p.path.iter().enumerate() {
         h = if (p.index >> k) & 1 == 1 {
@@ -212,8 +253,22 @@ fn bad_files_give_a_clear_error_case_table() {
             "bad_hex",
         ),
         (
+            "no account (a version 1 proof)",
+            {
+                let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+                v.as_object_mut().unwrap().remove("account");
+                v.to_string()
+            },
+            "malformed",
+        ),
+        (
+            "negative account",
+            good.replacen("\"account\":8", "\"account\":-8", 1),
+            "malformed",
+        ),
+        (
             "version 7",
-            good.replacen("\"version\":1", "\"version\":7", 1),
+            good.replacen("\"version\":2", "\"version\":7", 1),
             "version",
         ),
         (
@@ -228,6 +283,7 @@ fn bad_files_give_a_clear_error_case_table() {
         ),
     ];
     assert!(good.contains("\"balance\":\"123456\""), "{good}");
+    assert!(good.contains("\"account\":8"), "{good}");
     for (name, text, code) in cases {
         let err = InclusionProof::from_json(&text).expect_err(name);
         assert_eq!(err.code(), code, "{name}: {err}");
@@ -299,15 +355,16 @@ fn the_commitment_binds_roots_and_the_audit_head() {
 fn known_answer_vectors_pin_the_format() {
     // Computed independently (Python hashlib) from the byte layout in docs/liabilities-proof.md:
     // a change here is a format change (bump the version).
-    let leaf = liabilities::leaf_hash(&[0u8; 32], "BTC", 1);
+    // Version 2: the leaf of account 1, nonce all zeros, 1 base unit of BTC.
+    let leaf = liabilities::leaf_hash(&[0u8; 32], Slot::Account(1), "BTC", 1);
     assert_eq!(
         hex::encode(leaf),
-        "0dbad00d4e429887b7e8ae26e2e0d5184e6032340ccab4319d44a5704cd8efe0"
+        "9abf2f457405b7c9ec0aea023b0b78619d061eda316e884ecbbc57750fedcae8"
     );
     let node = liabilities::node_hash(&leaf, 1, &[0x11; 32], 2);
     assert_eq!(
         hex::encode(node),
-        "835492757f38c7e90a7d15ae95a52f419cb6f13b5eea0bf6806e5c558088177f"
+        "6b9b61c65283cbbfb7c9270ec65eb76f592add9031b66cfed8bdacf29f403092"
     );
 }
 
@@ -338,13 +395,14 @@ mod props {
             }
             if let Some(&&(a, _)) = with_leaf.get(pick.index(with_leaf.len().max(1))) {
                 let p = t.prove(a, None).unwrap();
-                let n = p.path.len() + 2;
+                let n = p.path.len() + 3;
                 let i = pick.index(n);
                 let mut q = p.clone();
                 match i {
                     0 => q.balance += delta,
                     1 => q.total += delta,
-                    k => q.path[k - 2].sum += delta,
+                    2 => q.account = q.account.wrapping_add(delta as u32),
+                    k => q.path[k - 3].sum += delta,
                 }
                 prop_assert!(liabilities::verify(&q).is_err(), "changed amount {} verified", i);
             }

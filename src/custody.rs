@@ -157,6 +157,7 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::AccountFlagged(_) => -4032,
         WithdrawalError::NotFlagged(_) => -4033,
         WithdrawalError::UnknownAlarm(_) => -4036,
+        WithdrawalError::ApprovalRequired { .. } => -4037,
         // Maybe held: recorded and resolved by custody; the caller asks again (same key).
         WithdrawalError::LedgerUnknown(_) => return CustodyError::unknown(e.to_string()),
         WithdrawalError::Store(_) => return internal(e),

@@ -520,7 +520,10 @@ impl CustodyService {
 
     /// The rules money out by another path (Lightning) obeys as on-chain withdrawals do: a
     /// flagged account is refused, and `other_used` (sent by that path in the last 24 hours)
-    /// counts with this wallet's withdrawals in the account's 24-hour limit.
+    /// counts with this wallet's withdrawals in the account's 24-hour limit and in its approval
+    /// threshold. That path cannot wait for an operator (a BOLT11 invoice expires), so where an
+    /// on-chain withdrawal would wait for approval (the account's running 24-hour total, this
+    /// amount included, above `approval_threshold`) it is refused: `ApprovalRequired`.
     pub fn check_outflow(
         &self,
         account: AccountId,
@@ -548,6 +551,17 @@ impl CustodyService {
                 amount,
                 used,
                 limit: policy.daily_limit,
+            });
+        }
+        // As `held_status`: above the threshold (not at it) waits for approval on chain.
+        if used
+            .checked_add(amount)
+            .is_none_or(|t| t > policy.approval_threshold)
+        {
+            return Err(WithdrawalError::ApprovalRequired {
+                amount,
+                used,
+                threshold: policy.approval_threshold,
             });
         }
         Ok(())

@@ -513,6 +513,19 @@ impl CustodyService {
         Ok(())
     }
 
+    /// Raises an alarm for custody's money outside this wallet (the Lightning node's
+    /// discrepancies): the same table, log line and decision record as this service's own, seen
+    /// by the operator in [`alarms`](Self::alarms); once per `(kind, subject)` until cleared.
+    /// `kind` and `subject` should name their source (`lightning_...`).
+    pub fn raise_alarm(
+        &self,
+        kind: &str,
+        subject: &str,
+        message: &str,
+    ) -> Result<(), crate::StoreError> {
+        self.alarm(kind, subject, message)
+    }
+
     /// Sets where automatic decisions are recorded ([`DecisionLog`]).
     pub fn set_decision_log(&mut self, log: Arc<dyn DecisionLog>) {
         self.decisions = Some(log);

@@ -182,7 +182,10 @@ fn lightning_outflow_counts_with_on_chain_in_the_daily_limit() {
     );
     // Lightning alone counts too.
     let r = svc.check_outflow(alice, Amount(1), Amount(u64::MAX), t);
-    assert!(matches!(r, Err(WithdrawalError::DailyLimit { .. })), "{r:?}");
+    assert!(
+        matches!(r, Err(WithdrawalError::DailyLimit { .. })),
+        "{r:?}"
+    );
     // A day later the on-chain withdrawal left the window.
     svc.check_outflow(alice, Amount(40_000), Amount(30_000), t + 86_400_001)
         .unwrap();
@@ -225,4 +228,32 @@ fn lightning_outflow_above_the_approval_threshold_is_refused() {
     assert_eq!(e.code(), 20, "{e:?}");
     // Nothing was held by the checks.
     assert_eq!(ledger.btc(bob), (1_000_000, 0));
+}
+
+/// Alarms of custody's money outside this wallet (the Lightning node's discrepancies) go to the
+/// same table as custody's own: listed once per kind and subject while not cleared, cleared by
+/// an operator like any other.
+#[test]
+fn an_alarm_raised_for_lightning_is_listed_and_cleared_like_custodys_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let mut svc = CustodyService::open(config(dir.path()), ledger).unwrap();
+    assert!(svc.alarms(false).unwrap().is_empty());
+    let subject = "lightning payment 00ff";
+    svc.raise_alarm(
+        "lightning_payment_unknown",
+        subject,
+        "7000000 msat for no invoice",
+    )
+    .unwrap();
+    svc.raise_alarm("lightning_payment_unknown", subject, "again")
+        .unwrap();
+    let a = svc.alarms(false).unwrap();
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(
+        (a[0].kind.as_str(), a[0].subject.as_str()),
+        ("lightning_payment_unknown", subject)
+    );
+    svc.clear_alarm(a[0].id, now()).unwrap();
+    assert!(svc.alarms(false).unwrap().is_empty());
 }

@@ -92,6 +92,9 @@ pub struct Merchant {
     pub redeliveries: std::sync::OnceLock<crate::ratelimit::Limiter>,
     /// Dashboard login attempts per client IP and per store ([`dashboard`]).
     pub logins: std::sync::OnceLock<crate::ratelimit::Limiter>,
+    /// Where the monitor's scan of unpaid BOLT11 parts goes on (`(expires_ms, id)` of the last
+    /// row looked at; `None`: from the newest again).
+    pub ln_scan_after: std::sync::Mutex<Option<(u64, String)>>,
 }
 
 impl std::fmt::Debug for Merchant {
@@ -112,6 +115,7 @@ impl Merchant {
             invoice_lock: tokio::sync::Mutex::new(()),
             redeliveries: std::sync::OnceLock::new(),
             logins: std::sync::OnceLock::new(),
+            ln_scan_after: std::sync::Mutex::new(None),
         })
     }
 

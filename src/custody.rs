@@ -157,6 +157,7 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::AccountFlagged(_) => -4032,
         WithdrawalError::NotFlagged(_) => -4033,
         WithdrawalError::UnknownAlarm(_) => -4036,
+        WithdrawalError::ApprovalRequired { .. } => -4037,
         // Maybe held: recorded and resolved by custody; the caller asks again (same key).
         WithdrawalError::LedgerUnknown(_) => return CustodyError::unknown(e.to_string()),
         WithdrawalError::Store(_) => return internal(e),
@@ -181,6 +182,7 @@ impl WalletCustody {
         self.lock()
             .set_other_assets(Arc::new(LightningAssets(ln.clone())));
         ln.set_policy(Arc::new(OutflowRules(Arc::downgrade(self))));
+        ln.set_alarms(Arc::new(CustodyAlarms(Arc::downgrade(self))));
         let _ = self.lightning.set(ln);
     }
 
@@ -605,6 +607,23 @@ impl lightning_custody::PayPolicy for OutflowRules {
             let e = withdrawal_error(e);
             (e.code, e.msg)
         })
+    }
+}
+
+/// The Lightning service's alarms as custody alarms ([`lightning_custody::AlarmSink`]): the
+/// operator sees them in `mediator alarms` and `/metrics` beside on-chain ones. Weak, as
+/// [`OutflowRules`]. Lock order: the Lightning store, then custody (never the reverse).
+struct CustodyAlarms(std::sync::Weak<WalletCustody>);
+
+impl lightning_custody::AlarmSink for CustodyAlarms {
+    fn raise(&self, kind: &str, subject: &str, message: &str) {
+        let Some(custody) = self.0.upgrade() else {
+            return;
+        };
+        let r = custody.lock().raise_alarm(kind, subject, message);
+        if let Err(e) = r {
+            tracing::error!(error = %e, kind, subject, "could not record a lightning alarm");
+        }
     }
 }
 

@@ -112,7 +112,9 @@ pub fn start(
     );
     // A step that credited something wakes `on_credit` (the merchant monitor: a Lightning
     // payment settles its invoice at once, not at the next poll).
-    let runner = Runner::spawn_with(service.clone(), Duration::from_millis(20), move |r| {
+    // Woken by the node's events; every 500 ms at least (refused credits, withdrawals the
+    // ledger did not answer; the open-deposit sweep runs every `OPEN_DEPOSIT_SWEEP_MS`).
+    let runner = Runner::spawn_with(service.clone(), Duration::from_millis(500), move |r| {
         if !r.credited.is_empty() {
             on_credit();
         }
@@ -229,6 +231,20 @@ impl Lightning for LnApi {
         Ok(self
             .0
             .withdrawal(id)
+            .map_err(internal)?
+            .filter(|w| w.account == account)
+            .map(|w| payment_info(&w)))
+    }
+
+    fn wait_payment(
+        &self,
+        account: u32,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<Option<LnPaymentInfo>, CustodyError> {
+        Ok(self
+            .0
+            .wait_withdrawal(id, timeout)
             .map_err(internal)?
             .filter(|w| w.account == account)
             .map(|w| payment_info(&w)))

@@ -296,3 +296,184 @@ fn deposit_and_withdraw_over_lightning_through_serve() {
     );
     cust.stop().unwrap();
 }
+
+/// Custody's rules and alarms reach Lightning in `mediator serve` (`[custody]` from a config
+/// file): a payment that would wait for approval on chain is refused (-4037) and nothing leaves
+/// the node; a flagged account is refused (-4032); a payment the node receives for no invoice of
+/// ours (a keysend) is a custody alarm the operator sees in `mediator alarms` (and
+/// `mediator_custody_alarms`), where on-chain reconciliation's alarms are. Before, the approval
+/// threshold did not apply to Lightning and Lightning's alarms were only log lines.
+#[test]
+fn lightning_obeys_custody_rules_and_its_alarms_reach_the_operator_through_serve() {
+    let dir = tempfile::tempdir().unwrap();
+    let cdir = tempfile::tempdir().unwrap();
+    let conf = dir.path().join("mediator.toml");
+    std::fs::write(&conf, "[custody]\napproval_threshold_sat = 50000\n").unwrap();
+    let s = Server::start_with(
+        dir.path(),
+        free_port(),
+        &["--config", conf.to_str().unwrap()],
+    );
+    let node_id = s.admin(&["ln", "balance"])["node_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let ln_address = s.admin(&["ln", "address"])["address"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let cust = customer(&s, cdir.path());
+    let cust_address = cust.onchain_payment().new_address().unwrap().to_string();
+    mine_to(&s, 1, &ln_address);
+    mine_to(&s, 101, &cust_address);
+    wait_until("the customer's on-chain funds", 60, || {
+        cust.sync_wallets().unwrap();
+        cust.list_balances().spendable_onchain_balance_sats > 4_100_000
+    });
+    let m_pk =
+        lightning_custody::ldk_node::bitcoin::secp256k1::PublicKey::from_str(&node_id).unwrap();
+    let peer = format!(
+        "{}@{}",
+        cust.node_id(),
+        cust.listening_addresses().unwrap()[0]
+    );
+    wait_until("the node's spendable on-chain funds", 90, || {
+        std::process::Command::new(common::BIN)
+            .args(["ln", "open-channel", &peer, "2000000", "--json"])
+            .args(["--server", &s.admin_addr.to_string()])
+            .arg("--data-dir")
+            .arg(&s.dir)
+            .output()
+            .unwrap()
+            .status
+            .success()
+    });
+    cust.open_channel(m_pk, s.ln_addr.into(), 4_000_000, None, None)
+        .unwrap();
+    wait_until("two funding transactions", 60, || {
+        s.rpc().get_raw_mempool().unwrap().len() >= 2
+    });
+    mine_to(&s, 6, &cust_address);
+    wait_until("two usable channels", 120, || {
+        drain(&cust);
+        let _ = cust.sync_wallets();
+        let v = s.admin(&["ln", "channels"]);
+        let rows = v.as_array().unwrap();
+        rows.len() == 2 && rows.iter().all(|c| c["usable"] == true)
+    });
+    let user = |name: &str| {
+        let a = s.admin(&["account", "create"])["account"]
+            .as_u64()
+            .unwrap()
+            .to_string();
+        let k = s.admin(&[
+            "apikey",
+            "create",
+            "--account",
+            &a,
+            "--permissions",
+            "read,withdraw",
+        ]);
+        let c = Client::new(
+            s.addr,
+            k["apiKey"].as_str().unwrap(),
+            k["secretKey"].as_str().unwrap(),
+        );
+        let inv = call(
+            &c,
+            "POST",
+            "/mapi/v1/lightning/invoice",
+            &[("amount", "0.001")],
+        )
+        .unwrap();
+        let bolt11 = Bolt11Invoice::from_str(inv["invoice"].as_str().unwrap()).unwrap();
+        cust.bolt11_payment().send(&bolt11, None).unwrap();
+        wait_until(name, 60, || btc(&c) == (100_000, 0));
+        (a.parse::<u32>().unwrap(), c)
+    };
+    let cust_invoice = |sat: u64| {
+        cust.bolt11_payment()
+            .receive(
+                sat * 1000,
+                &Bolt11InvoiceDescription::Direct(Description::new("cash out".into()).unwrap()),
+                3600,
+            )
+            .unwrap()
+    };
+    let received = |inv: &Bolt11Invoice| {
+        cust.payment(&PaymentId(inv.payment_hash().to_byte_array()))
+            .is_some_and(|p| {
+                p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded
+            })
+    };
+
+    // Approval threshold 50,000 sat: 30,000 goes out; 30,000 more would wait on chain: refused.
+    let (_, alice) = user("alice's deposit");
+    let first = cust_invoice(30_000);
+    let w = call(
+        &alice,
+        "POST",
+        "/mapi/v1/lightning/pay",
+        &[("invoice", &first.to_string())],
+    )
+    .unwrap();
+    assert_eq!(w["status"], "completed", "{w}");
+    let before = btc(&alice);
+    let second = cust_invoice(30_000);
+    let r = call(
+        &alice,
+        "POST",
+        "/mapi/v1/lightning/pay",
+        &[("invoice", &second.to_string())],
+    );
+    assert_eq!(r.unwrap_err(), -4037);
+    assert_eq!(btc(&alice), before, "nothing held");
+    std::thread::sleep(Duration::from_secs(1));
+    drain(&cust);
+    assert!(!received(&second), "nothing left the node");
+
+    // A flagged account (a credited deposit left the chain) cannot withdraw over Lightning.
+    let (bob_id, bob) = user("bob's deposit");
+    {
+        let db = bdk_wallet::rusqlite::Connection::open(
+            dir.path().join("wallet").join(wallet::DATABASE_FILE),
+        )
+        .unwrap();
+        db.busy_timeout(Duration::from_secs(10)).unwrap();
+        db.execute(
+            "INSERT INTO mediator_flagged_account (account, reason, at_ms) VALUES (?1, 'reorg', 1)",
+            [bob_id],
+        )
+        .unwrap();
+    }
+    let small = cust_invoice(1_000);
+    let r = call(
+        &bob,
+        "POST",
+        "/mapi/v1/lightning/pay",
+        &[("invoice", &small.to_string())],
+    );
+    assert_eq!(r.unwrap_err(), -4032);
+    assert_eq!(btc(&bob), (100_000, 0));
+    std::thread::sleep(Duration::from_secs(1));
+    drain(&cust);
+    assert!(!received(&small), "nothing left the node");
+
+    // A payment for no invoice of ours: nobody is credited, and the operator sees an alarm.
+    let alarms = s.admin(&["alarms"]);
+    assert_eq!(alarms.as_array().map(Vec::len), Some(0), "{alarms}");
+    cust.spontaneous_payment()
+        .send(7_000_000, m_pk, None)
+        .unwrap();
+    wait_until("the unknown payment's alarm", 60, || {
+        drain(&cust);
+        s.admin(&["alarms"])
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["kind"] == "lightning_payment_unknown")
+    });
+    assert_eq!(btc(&alice), before);
+    assert_eq!(btc(&bob), (100_000, 0));
+    cust.stop().unwrap();
+}

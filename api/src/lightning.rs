@@ -133,6 +133,18 @@ pub trait Lightning: Send + Sync + std::fmt::Debug {
     fn pay(&self, account: u32, invoice: &str) -> Result<LnPaymentInfo, CustodyError>;
     /// A withdrawal of `account` by id.
     fn payment(&self, account: u32, id: u64) -> Result<Option<LnPaymentInfo>, CustodyError>;
+    /// [`payment`](Self::payment) once it is no longer pending or after `timeout`, whichever
+    /// comes first. Implementations wait for a notification of the outcome (blocking; called
+    /// on the blocking pool); this default answers at once.
+    fn wait_payment(
+        &self,
+        account: u32,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<Option<LnPaymentInfo>, CustodyError> {
+        let _ = timeout;
+        self.payment(account, id)
+    }
     /// The node's channels.
     fn channels(&self) -> Result<Vec<LnChannelInfo>, CustodyError>;
     /// The node's balances.
@@ -217,11 +229,10 @@ pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiEr
     p.finish()?;
     let account = key.account;
     let mut w = call(&st, move |l| l.pay(account, &invoice)).await?;
-    let start = std::time::Instant::now();
-    while w.state == LnPaymentState::Pending && start.elapsed() < PAY_WAIT {
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    if w.state == LnPaymentState::Pending {
+        // Woken by the outcome (the node's loop settles it), not by polling.
         let id = w.id;
-        if let Some(now) = call(&st, move |l| l.payment(account, id)).await? {
+        if let Some(now) = call(&st, move |l| l.wait_payment(account, id, PAY_WAIT)).await? {
             w = now;
         }
     }

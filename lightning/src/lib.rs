@@ -28,12 +28,17 @@
 //! * Lightning withdrawal ids in the engine are [`engine_withdrawal_id`] of the row id (bit 62
 //!   set): disjoint from on-chain withdrawal ids (SQLite AUTOINCREMENT from 1).
 //! * A deposit is credited at most once, as `Credit` with [`deposit_key`] of its payment hash,
-//!   and recorded as credited after the ledger answered.
+//!   and recorded as credited after the ledger answered. What the node received is recorded
+//!   first and retried at every step until the ledger applies it, with no time limit.
+//! * Custody's rules ([`PayPolicy`]) are asked before a withdrawal's row or hold exists; a
+//!   refusal changes nothing. Discrepancies go to custody's alarms ([`AlarmSink`]), not only to
+//!   the log.
 
 #![warn(missing_docs)]
 
 mod config;
 mod error;
+mod node_log;
 mod runner;
 pub mod seed;
 mod service;
@@ -43,7 +48,8 @@ pub use config::{ChainRpc, LightningConfig};
 pub use error::{InvoiceError, OpenError, OperatorError, PayError};
 pub use runner::{now_ms, Runner};
 pub use service::{
-    ChannelView, LightningService, LnBalances, PayPolicy, StepReport, MAX_DESCRIPTION_BYTES,
+    AlarmSink, ChannelView, LightningService, LnBalances, PayPolicy, StepReport,
+    MAX_DESCRIPTION_BYTES, OPEN_DEPOSIT_GRACE_MS, OPEN_DEPOSIT_SWEEP_MS,
 };
 pub use store::{LnDeposit, LnWithdrawal, LnWithdrawalStatus, StoreError, DATABASE_FILE};
 

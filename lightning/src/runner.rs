@@ -6,12 +6,18 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use wallet::Ledger;
 
-/// A thread calling [`LightningService::step`] every `every` until stopped.
+/// A thread calling [`LightningService::step`] whenever the node has an event (woken by
+/// ldk-node's event queue, not by polling it), and at least every `every` (the steps that retry
+/// refused credits, resolve withdrawals and sweep open deposits), until stopped.
 #[derive(Debug)]
 pub struct Runner {
     stop: Arc<AtomicBool>,
     handle: std::thread::JoinHandle<()>,
 }
+
+/// The shortest pause between two steps: an event the node keeps redelivering (its
+/// acknowledgement failed) cannot spin the loop.
+const MIN_GAP: Duration = Duration::from_millis(5);
 
 /// Milliseconds since the epoch, from the system clock.
 pub fn now_ms() -> u64 {
@@ -38,6 +44,11 @@ impl Runner {
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
+        // A runtime of this thread's own, only to wait on ldk-node's async event queue with a
+        // timeout (its blocking wait has none, so a stop could not interrupt it).
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()?;
         let handle = std::thread::Builder::new()
             .name("lightning".into())
             .spawn(move || {
@@ -46,13 +57,19 @@ impl Runner {
                         Ok(r) => on_step(&r),
                         Err(e) => tracing::warn!(error = %e, "lightning step"),
                     }
-                    std::thread::sleep(every);
+                    std::thread::sleep(MIN_GAP);
+                    // The next event (left in the queue: `step` takes and acknowledges it), or
+                    // `every`, whichever comes first.
+                    let node = service.node();
+                    let _ = rt.block_on(async {
+                        tokio::time::timeout(every, node.next_event_async()).await
+                    });
                 }
             })?;
         Ok(Self { stop, handle })
     }
 
-    /// Stops the loop (after its current step).
+    /// Stops the loop (after its current step and wait: at most `every`).
     pub fn stop(self) {
         self.stop.store(true, Ordering::Relaxed);
         let _ = self.handle.join();

@@ -16,7 +16,8 @@ use ldk_node::{Builder, Event, Node, NodeError, PendingSweepBalance, UserChannel
 use matching_engine::config::BTC;
 use matching_engine::{AccountId, Amount, Command, RejectCode, WithdrawalState};
 use std::str::FromStr;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 use wallet::{Ledger, LedgerError};
 
@@ -81,7 +82,26 @@ pub struct LightningService<L: Ledger> {
     ledger: L,
     cfg: LightningConfig,
     policy: std::sync::OnceLock<std::sync::Arc<dyn PayPolicy>>,
+    alarms: std::sync::OnceLock<std::sync::Arc<dyn AlarmSink>>,
+    /// When the next sweep of open deposits through the node's payment store is due (ms).
+    next_sweep_ms: AtomicU64,
+    /// Bumped (and waiters woken) whenever a withdrawal reaches a final state in `step`.
+    settled: (Mutex<u64>, Condvar),
 }
+
+/// Where the service's alarms go (money that moved in one place and not the other): in
+/// `mediator serve`, custody's alarm table, the one the operator sees in `mediator alarms`, the
+/// admin API and `/metrics` (`mediator_custody_alarms`), beside on-chain reconciliation's. An
+/// alarm is raised once per `(kind, subject)` until an operator clears it. Without a sink the
+/// alarm is only logged (`target: "mediator_alarm"`, always logged too).
+pub trait AlarmSink: Send + Sync {
+    /// Raises an alarm of a stable `kind` about `subject` (e.g. `lightning payment <hash>`).
+    fn raise(&self, kind: &str, subject: &str, message: &str);
+}
+
+/// How often [`LightningService::step`] looks every open deposit up in the node's payment store
+/// (a payment whose event was lost); the node's events are handled at every step.
+pub const OPEN_DEPOSIT_SWEEP_MS: u64 = 10_000;
 
 /// Custody's withdrawal rules that a Lightning withdrawal obeys too: the caller (`mediator
 /// serve`: the on-chain custody service) refuses a flagged account and counts Lightning amounts
@@ -169,7 +189,9 @@ impl<L: Ledger> LightningService<L> {
             cfg.rpc.user.clone(),
             cfg.rpc.password.clone(),
         );
-        builder.set_log_facade_logger();
+        builder.set_custom_logger(std::sync::Arc::new(crate::node_log::NodeLog::new(
+            cfg.network,
+        )));
         let node = builder.build().map_err(OpenError::Build)?;
         node.start().map_err(OpenError::Start)?;
         let store = Store::open(&cfg.data_dir)?;
@@ -180,7 +202,24 @@ impl<L: Ledger> LightningService<L> {
             ledger,
             cfg,
             policy: std::sync::OnceLock::new(),
+            alarms: std::sync::OnceLock::new(),
+            next_sweep_ms: AtomicU64::new(0),
+            settled: (Mutex::new(0), Condvar::new()),
         })
+    }
+
+    /// Sends every later alarm to `sink` as well as to the log ([`AlarmSink`]); false when one
+    /// is set already.
+    pub fn set_alarms(&self, sink: std::sync::Arc<dyn AlarmSink>) -> bool {
+        self.alarms.set(sink).is_ok()
+    }
+
+    /// An alarm: logged (`mediator_alarm`) and raised in the sink, if any.
+    fn alarm(&self, kind: &str, subject: &str, message: &str) {
+        tracing::error!(target: "mediator_alarm", kind, subject, message, "lightning alarm");
+        if let Some(sink) = self.alarms.get() {
+            sink.raise(kind, subject, message);
+        }
     }
 
     /// Sets custody's withdrawal rules ([`PayPolicy`]) every later withdrawal obeys; false when
@@ -337,11 +376,13 @@ impl<L: Ledger> LightningService<L> {
         let d = match store.deposit(hash) {
             Ok(Some(d)) => d,
             Ok(None) => {
-                tracing::error!(
-                    target: "mediator_alarm",
-                    payment_hash = %hex::encode(hash),
-                    amount_msat,
-                    "lightning payment received for no deposit invoice"
+                self.alarm(
+                    "lightning_payment_unknown",
+                    &format!("lightning payment {}", hex::encode(hash)),
+                    &format!(
+                        "{amount_msat} msat received for no deposit invoice; credited to nobody \
+                         (a reconciliation surplus)"
+                    ),
                 );
                 return false;
             }
@@ -357,6 +398,12 @@ impl<L: Ledger> LightningService<L> {
         let sat = amount_msat / 1000;
         if sat == 0 {
             return false;
+        }
+        // Received, durably, before the ledger is asked: a credit the ledger refuses (the
+        // breaker open) or does not answer is retried at every step until it is applied,
+        // however long after the invoice's expiry (`received_uncredited`).
+        if let Err(e) = store.mark_received(hash, amount_msat) {
+            tracing::warn!(error = %e, "lightning store (received; the sweep finds it again)");
         }
         let cmd = Command::Credit {
             account: AccountId(d.account),
@@ -602,12 +649,13 @@ impl<L: Ledger> LightningService<L> {
                     Ok(Some(r)) if r.state == want => true,
                     Ok(Some(r)) if r.state == WithdrawalState::Held => false,
                     Ok(r) => {
-                        tracing::error!(
-                            target: "mediator_alarm",
-                            id = w.id,
-                            ledger = ?r,
-                            wanted = ?want,
-                            "lightning withdrawal and ledger disagree"
+                        self.alarm(
+                            "lightning_withdrawal_mismatch",
+                            &format!("lightning withdrawal {}", w.id),
+                            &format!(
+                                "the node's outcome wants the ledger's record {want:?}; the \
+                                 ledger has {r:?}"
+                            ),
                         );
                         false
                     }
@@ -632,9 +680,10 @@ impl<L: Ledger> LightningService<L> {
                     // Held but never handed to the node: give it back.
                     store.transition(w.id, S::New, S::Releasing, None, Some("not sent"))?;
                 }
-                Ok(Some(r)) => tracing::error!(
-                    target: "mediator_alarm", id = w.id, ledger = ?r,
-                    "lightning withdrawal in state new has a final ledger record"
+                Ok(Some(r)) => self.alarm(
+                    "lightning_withdrawal_mismatch",
+                    &format!("lightning withdrawal {}", w.id),
+                    &format!("never held here (state new), yet the ledger's record is {r:?}"),
                 ),
                 Err(_) => {}
             },
@@ -694,12 +743,13 @@ impl<L: Ledger> LightningService<L> {
         let fee = ceil_sat(fee_paid_msat.unwrap_or(0));
         if fee > w.fee_sat {
             // The node enforces the cap (`max_total_routing_fee_msat`); more is a bug upstream.
-            tracing::error!(
-                target: "mediator_alarm",
-                id = w.id,
-                fee_sat = fee,
-                cap_sat = w.fee_sat,
-                "lightning routing fee above the cap; the ledger records the cap"
+            self.alarm(
+                "lightning_routing_fee_above_cap",
+                &format!("lightning withdrawal {}", w.id),
+                &format!(
+                    "routing fee {fee} sat above the cap {} sat; the ledger records the cap",
+                    w.fee_sat
+                ),
             );
             return w.fee_sat;
         }
@@ -776,13 +826,92 @@ impl<L: Ledger> LightningService<L> {
             }
         }
         drop(store);
-        // Deposits: only those expired at most `OPEN_DEPOSIT_GRACE_MS` ago (the node refuses a
-        // payment after the expiry; every merchant invoice leaves one open row behind).
-        let more = self.resolve_pending_since(now_ms.saturating_sub(OPEN_DEPOSIT_GRACE_MS))?;
+        // Every open deposit through the node's payment store (a lost event) only every
+        // `OPEN_DEPOSIT_SWEEP_MS`, and only those expired at most `OPEN_DEPOSIT_GRACE_MS` ago
+        // (the node refuses a payment after the expiry; every merchant invoice leaves one open
+        // row behind). Received-but-uncredited deposits and unfinished withdrawals: every step.
+        let sweep = now_ms >= self.next_sweep_ms.load(Ordering::Relaxed);
+        let more = if sweep {
+            self.next_sweep_ms.store(
+                now_ms.saturating_add(OPEN_DEPOSIT_SWEEP_MS),
+                Ordering::Relaxed,
+            );
+            self.resolve_pending_since(now_ms.saturating_sub(OPEN_DEPOSIT_GRACE_MS))?
+        } else {
+            self.resolve_unfinished()?
+        };
         report.credited.extend(more.credited);
         report.completed.extend(more.completed);
         report.released.extend(more.released);
+        if !report.completed.is_empty() || !report.released.is_empty() {
+            let (generation, cv) = &self.settled;
+            *generation.lock().unwrap_or_else(|e| e.into_inner()) += 1;
+            cv.notify_all();
+        }
         Ok(report)
+    }
+
+    /// Waits until withdrawal `id` is final (completed, released, refused) or `timeout` passed,
+    /// woken by the [`step`](Self::step) that settles it (no polling); answers it as it is then
+    /// (`None`: no such row). For the API's `pay`, which answers the outcome when it comes
+    /// quickly.
+    pub fn wait_withdrawal(
+        &self,
+        id: u64,
+        timeout: Duration,
+    ) -> Result<Option<LnWithdrawal>, StoreError> {
+        let deadline = std::time::Instant::now() + timeout;
+        let (generation, cv) = &self.settled;
+        loop {
+            let seen = *generation.lock().unwrap_or_else(|e| e.into_inner());
+            let w = self.withdrawal(id)?;
+            let done = w
+                .as_ref()
+                .is_none_or(|w| matches!(w.status, S::Completed | S::Released | S::Refused));
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if done || left.is_zero() {
+                return Ok(w);
+            }
+            let g = generation.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = cv
+                .wait_timeout_while(g, left, |g| *g == seen)
+                .unwrap_or_else(|e| e.into_inner());
+        }
+    }
+
+    /// Retries the credits of received-but-uncredited deposits, resolves every unfinished
+    /// withdrawal and submits the ledger commands they wait for (no payment-store sweep).
+    fn resolve_unfinished(&self) -> Result<StepReport, StoreError> {
+        let store = self.lock();
+        let mut report = StepReport::default();
+        self.retry_received(&store, &mut report)?;
+        self.settle_withdrawals(&store, &mut report)?;
+        Ok(report)
+    }
+
+    fn retry_received(&self, store: &Store, report: &mut StepReport) -> Result<(), StoreError> {
+        for (hash, msat) in store.received_uncredited()? {
+            if self.credit(store, &hash, msat) {
+                report.credited.push(hash);
+            }
+        }
+        Ok(())
+    }
+
+    fn settle_withdrawals(&self, store: &Store, report: &mut StepReport) -> Result<(), StoreError> {
+        for w in store.unfinished_withdrawals()? {
+            self.resolve(store, &w)?;
+        }
+        for w in store.unfinished_withdrawals()? {
+            let status = w.status;
+            if self.finish(store, &w) {
+                match status {
+                    S::Completing => report.completed.push(w.id),
+                    _ => report.released.push(w.id),
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Without looking at the node's events: credits every open deposit the node's payment
@@ -794,10 +923,12 @@ impl<L: Ledger> LightningService<L> {
     }
 
     /// [`resolve_pending`](Self::resolve_pending) over the open deposits that expire after
-    /// `since_ms` only (all unfinished withdrawals).
+    /// `since_ms` only, and every deposit received but not credited yet whatever its expiry
+    /// (all unfinished withdrawals).
     pub fn resolve_pending_since(&self, since_ms: u64) -> Result<StepReport, StoreError> {
         let store = self.lock();
         let mut report = StepReport::default();
+        self.retry_received(&store, &mut report)?;
         for d in store.open_deposits(since_ms)? {
             let pid = ldk_node::lightning::ln::channelmanager::PaymentId(d.payment_hash);
             if let Some(p) = self.node.payment(&pid) {
@@ -811,18 +942,7 @@ impl<L: Ledger> LightningService<L> {
                 }
             }
         }
-        for w in store.unfinished_withdrawals()? {
-            self.resolve(&store, &w)?;
-        }
-        for w in store.unfinished_withdrawals()? {
-            let status = w.status;
-            if self.finish(&store, &w) {
-                match status {
-                    S::Completing => report.completed.push(w.id),
-                    _ => report.released.push(w.id),
-                }
-            }
-        }
+        self.settle_withdrawals(&store, &mut report)?;
         Ok(report)
     }
 

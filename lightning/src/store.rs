@@ -204,6 +204,20 @@ impl Store {
              CREATE INDEX IF NOT EXISTS ln_deposits_open
                 ON ln_deposits(expires_ms) WHERE credited_sat IS NULL;",
         )?;
+        // Received by the node, not credited yet (the ledger refused or did not answer): kept
+        // until credited, however long that takes (`received_uncredited`).
+        let has_received: bool = db.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('ln_deposits') WHERE name = 'received_msat'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_received {
+            db.execute_batch("ALTER TABLE ln_deposits ADD COLUMN received_msat INTEGER;")?;
+        }
+        db.execute_batch(
+            "CREATE INDEX IF NOT EXISTS ln_deposits_received ON ln_deposits(payment_hash)
+                WHERE credited_sat IS NULL AND received_msat IS NOT NULL;",
+        )?;
         Ok(Self { db })
     }
 
@@ -244,6 +258,27 @@ impl Store {
         )?;
         let rows = st.query_map([i64_of(since_ms)?], deposit_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Deposits the node received and the ledger has not credited yet, with what arrived (msat).
+    pub(crate) fn received_uncredited(&self) -> Result<Vec<([u8; 32], u64)>, StoreError> {
+        let mut st = self.db.prepare_cached(
+            "SELECT payment_hash, received_msat FROM ln_deposits \
+             WHERE credited_sat IS NULL AND received_msat IS NOT NULL",
+        )?;
+        let rows = st.query_map([], |r| Ok((hash_of(r.get(0)?)?, u64_of(r.get(1)?))))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    /// Records that the node received `msat` for a deposit (durable before the credit is asked
+    /// for); the first amount recorded stays.
+    pub(crate) fn mark_received(&self, hash: &[u8; 32], msat: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE ln_deposits SET received_msat = ?2 WHERE payment_hash = ?1 \
+             AND received_msat IS NULL",
+            params![&hash[..], i64_of(msat)?],
+        )?;
+        Ok(())
     }
 
     pub(crate) fn mark_credited(&self, hash: &[u8; 32], sat: u64) -> Result<(), StoreError> {
@@ -395,6 +430,50 @@ mod tests {
         assert_eq!(hashes(0), [1, 2]);
         assert_eq!(hashes(1_000), [2]);
         assert_eq!(hashes(5_000), Vec::<u8>::new());
+    }
+
+    /// A deposit the node received stays listed for a credit retry until it is credited,
+    /// whatever its expiry; the first amount recorded stays. A database from before the column
+    /// gains it on open.
+    #[test]
+    fn a_received_deposit_is_listed_until_credited_whatever_its_expiry() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let old = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+            old.execute_batch(
+                "CREATE TABLE ln_deposits (payment_hash BLOB PRIMARY KEY, account INTEGER NOT \
+                 NULL, amount_sat INTEGER NOT NULL, bolt11 TEXT NOT NULL, created_ms INTEGER \
+                 NOT NULL, expires_ms INTEGER NOT NULL, credited_sat INTEGER);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        for n in [1u8, 2] {
+            s.insert_deposit(&LnDeposit {
+                payment_hash: [n; 32],
+                account: 1,
+                amount_sat: 100,
+                bolt11: "lnbcrt1".into(),
+                created_ms: 0,
+                expires_ms: 1_000,
+                credited_sat: None,
+            })
+            .unwrap();
+        }
+        assert!(s.received_uncredited().unwrap().is_empty());
+        s.mark_received(&[1; 32], 100_500).unwrap();
+        s.mark_received(&[1; 32], 1).unwrap();
+        assert_eq!(s.received_uncredited().unwrap(), [([1; 32], 100_500)]);
+        assert!(s.open_deposits(5_000).unwrap().is_empty(), "expired");
+        s.mark_credited(&[1; 32], 100).unwrap();
+        assert!(s.received_uncredited().unwrap().is_empty());
+        // Reopening keeps the column and the rows.
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            s.deposit(&[1; 32]).unwrap().unwrap().credited_sat,
+            Some(100)
+        );
     }
 
     #[test]

@@ -39,6 +39,9 @@ struct EngineLedger {
     lose_next_hold_reply: std::sync::atomic::AtomicBool,
     /// Lookups answer `Unknown` (the engine is away).
     lookups_fail: std::sync::atomic::AtomicBool,
+    /// Credits are not taken (`EngineBusy`: what `mediator serve`'s ledger answers while the
+    /// circuit breaker is open).
+    credits_halted: std::sync::atomic::AtomicBool,
 }
 
 impl EngineLedger {
@@ -86,6 +89,9 @@ impl Ledger for EngineLedger {
     fn submit(&self, cmd: Command) -> Result<(), LedgerError> {
         use std::sync::atomic::Ordering::SeqCst;
         let hold = matches!(cmd, Command::WithdrawHold { .. });
+        if matches!(cmd, Command::Credit { .. }) && self.credits_halted.load(SeqCst) {
+            return Err(LedgerError::Rejected(RejectCode::EngineBusy));
+        }
         let r = self.apply(cmd).0.map_err(LedgerError::Rejected);
         if hold && self.lose_next_hold_reply.swap(false, SeqCst) {
             return Err(LedgerError::Unknown);
@@ -691,6 +697,204 @@ fn a_crash_between_send_and_result_is_resolved_by_payment_hash_and_paid_once() {
         None
     );
     assert_eq!(w.ledger.btc(carol), before);
+}
+
+/// Defect (money): a deposit paid while the ledger refused credits (the circuit breaker open)
+/// was retried only until an hour after its invoice's expiry; after that the paid invoice was
+/// never credited. A payment the node received is recorded as received and retried until it is
+/// credited, however long the ledger refuses.
+#[test]
+fn a_deposit_paid_while_credits_are_refused_is_credited_whenever_they_resume() {
+    let w = World::new();
+    let erin = w.ledger.create_account();
+    w.ledger
+        .credits_halted
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let t0 = now_ms();
+    let d = w.m().deposit_invoice(erin, Amount(6_000), t0).unwrap();
+    let inv = Bolt11Invoice::from_str(&d.bolt11).unwrap();
+    w.customer.bolt11_payment().send(&inv, None).unwrap();
+    let pid = PaymentId(d.payment_hash);
+    w.step_until("the node received the payment", |w| {
+        w.m().node().payment(&pid).is_some_and(|p| {
+            p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded
+        })
+    });
+    // More steps: the event is handled, the credit refused each time.
+    for _ in 0..3 {
+        w.m().step(now_ms()).unwrap();
+    }
+    assert_eq!(w.ledger.btc(erin), (0, 0));
+    // The breaker stays open for a day (the invoice expired 23 hours ago), then closes.
+    let later = d.expires_ms + 23 * 3_600_000;
+    w.m().step(later).unwrap();
+    assert_eq!(w.ledger.btc(erin), (0, 0));
+    w.ledger
+        .credits_halted
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    w.m().step(later + 1_000).unwrap();
+    assert_eq!(
+        w.ledger.btc(erin),
+        (6_000, 0),
+        "credited once the ledger takes it"
+    );
+    assert_eq!(
+        w.m()
+            .deposit(&d.payment_hash)
+            .unwrap()
+            .unwrap()
+            .credited_sat,
+        Some(6_000)
+    );
+    // Never twice.
+    w.m().step(later + 2_000).unwrap();
+    w.m().resolve_pending().unwrap();
+    assert_eq!(w.ledger.btc(erin), (6_000, 0));
+}
+
+/// Custody's rules as `mediator serve` sets them, faked: account `flagged` is refused (-4032), and
+/// a payment is refused (-4025) when it and what the account already sent over Lightning in 24
+/// hours pass `limit_sat`.
+struct FakeRules {
+    flagged: AccountId,
+    limit_sat: u64,
+    /// `lightning_used` of every check, as the service passed it.
+    seen: Mutex<Vec<u64>>,
+}
+
+impl lightning_custody::PayPolicy for FakeRules {
+    fn check(
+        &self,
+        account: AccountId,
+        amount: Amount,
+        lightning_used: Amount,
+        _now_ms: u64,
+    ) -> Result<(), (i32, String)> {
+        self.seen.lock().unwrap().push(lightning_used.0);
+        if account == self.flagged {
+            return Err((-4032, "account is flagged for review".into()));
+        }
+        if lightning_used.0 + amount.0 > self.limit_sat {
+            return Err((-4025, "24-hour limit".into()));
+        }
+        Ok(())
+    }
+}
+
+/// A payment custody's rules refuse (a flagged account; past the 24-hour limit, counting what
+/// the account already sent over Lightning) is refused with custody's code before anything is
+/// held or sent: the balance is untouched, the node has no payment for the invoice, the payee
+/// received nothing, and the invoice can be paid by an account the rules allow.
+#[test]
+fn custodys_rules_refuse_a_payment_and_nothing_leaves_the_node() {
+    let w = World::new();
+    let frank = w.ledger.create_account();
+    let grace = w.ledger.create_account();
+    w.deposit(frank, 100_000);
+    w.deposit(grace, 100_000);
+    let rules = Arc::new(FakeRules {
+        flagged: frank,
+        limit_sat: 50_000,
+        seen: Mutex::new(Vec::new()),
+    });
+    assert!(w.m().set_policy(rules.clone()));
+    let nothing_sent = |inv: &Bolt11Invoice| {
+        w.m()
+            .node()
+            .payment(&PaymentId(inv.payment_hash().to_byte_array()))
+            .is_none()
+            && w.customer_received(inv).is_none()
+    };
+
+    // Flagged.
+    let inv = w.customer_invoice(10_000, 3600);
+    let e = w.m().pay(frank, &inv.to_string(), now_ms()).unwrap_err();
+    assert!(matches!(e, PayError::Refused { .. }), "{e:?}");
+    assert_eq!(e.code(), -4032);
+    assert_eq!(w.ledger.btc(frank), (100_000, 0), "nothing held");
+    w.m().step(now_ms()).unwrap();
+    assert!(nothing_sent(&inv));
+
+    // The limit counts what grace sent over Lightning: 30,000 passes, 30,000 more does not.
+    let first = w.customer_invoice(30_000, 3600);
+    let wd = w.m().pay(grace, &first.to_string(), now_ms()).unwrap();
+    w.step_until("the first payment", |w| {
+        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
+    });
+    let before = w.ledger.btc(grace);
+    let second = w.customer_invoice(30_000, 3600);
+    let e = w.m().pay(grace, &second.to_string(), now_ms()).unwrap_err();
+    assert_eq!(e.code(), -4025, "{e:?}");
+    assert_eq!(w.ledger.btc(grace), before, "nothing held");
+    w.m().step(now_ms()).unwrap();
+    assert!(nothing_sent(&second));
+    assert_eq!(*rules.seen.lock().unwrap(), [0, 0, 30_000]);
+
+    // The invoice frank could not pay is paid by grace within her limit: it was never blocked.
+    let wd = w.m().pay(grace, &inv.to_string(), now_ms()).unwrap();
+    w.step_until("grace's payment", |w| {
+        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
+    });
+    assert_eq!(w.customer_received(&inv), Some(10_000_000));
+}
+
+/// Custody's alarm table, faked: what the service raised.
+#[derive(Default)]
+struct FakeAlarms(Mutex<Vec<(String, String)>>);
+
+impl lightning_custody::AlarmSink for FakeAlarms {
+    fn raise(&self, kind: &str, subject: &str, _message: &str) {
+        self.0.lock().unwrap().push((kind.into(), subject.into()));
+    }
+}
+
+/// Lightning's discrepancies reach custody's alarms (`AlarmSink`), not only the log: a payment
+/// for no invoice of ours (a keysend: credited to nobody), and a withdrawal the node paid whose
+/// hold the ledger released (the ledger and the node disagree).
+#[test]
+fn a_payment_for_no_invoice_of_ours_raises_a_custody_alarm() {
+    let w = World::new();
+    let alarms = Arc::new(FakeAlarms::default());
+    assert!(w.m().set_alarms(alarms.clone()));
+    let hank = w.ledger.create_account();
+    w.deposit(hank, 100_000);
+    let supply = w.ledger.btc_liabilities();
+
+    let pid = w
+        .customer
+        .spontaneous_payment()
+        .send(4_000_000, w.m().node().node_id(), None)
+        .unwrap();
+    w.step_until("the unknown payment's alarm", |_| {
+        alarms
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(k, s)| k == "lightning_payment_unknown" && s.ends_with(&hex_of(&pid.0)))
+    });
+    assert_eq!(w.ledger.btc_liabilities(), supply, "credited to nobody");
+
+    let out = w.customer_invoice(5_000, 3600);
+    let wd = w.m().pay(hank, &out.to_string(), now_ms()).unwrap();
+    w.ledger
+        .submit(Command::WithdrawRelease {
+            id: engine_withdrawal_id(wd.id),
+        })
+        .unwrap();
+    let subject = format!("lightning withdrawal {}", wd.id);
+    w.step_until("the mismatch alarm", |_| {
+        alarms
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|(k, s)| k == "lightning_withdrawal_mismatch" && *s == subject)
+    });
+}
+
+fn hex_of(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Measurement for README's table (not a check; run by hand):

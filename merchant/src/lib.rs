@@ -113,6 +113,9 @@ pub struct Merchant {
     pub logins: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// The external index price, read at most once per `index_cache_ms` ([`price`]).
     pub price_index: price::IndexCache,
+    /// Where the monitor's scan of unpaid BOLT11 parts goes on (`(expires_ms, id)` of the last
+    /// row looked at; `None`: from the newest again).
+    pub ln_scan_after: std::sync::Mutex<Option<(u64, String)>>,
 }
 
 impl std::fmt::Debug for Merchant {
@@ -135,6 +138,7 @@ impl Merchant {
             redeliveries: std::sync::OnceLock::new(),
             logins: std::sync::OnceLock::new(),
             price_index: price::IndexCache::default(),
+            ln_scan_after: std::sync::Mutex::new(None),
         })
     }
 

@@ -35,7 +35,10 @@ use std::time::Duration;
 /// How long after its expiry an invoice's BOLT11 part is still looked for: the node refuses a
 /// payment after the expiry, so only a credit delayed by a restart can arrive later.
 pub const LN_LOOKBACK_MS: u64 = 24 * 3_600_000;
-/// The most invoices with an open BOLT11 part looked at per tick (oldest expiry first).
+/// The most invoices with an open BOLT11 part looked at per tick: half of them the newest
+/// (latest expiry: the ones being paid now), half the next page of a scan that goes on from tick
+/// to tick towards older ones and starts again from the newest at the end, so every open part is
+/// looked at within ⌈open / (LN_SCAN_MAX / 2)⌉ ticks and none starves.
 pub const LN_SCAN_MAX: u32 = 10_000;
 
 /// What one tick did.
@@ -168,10 +171,45 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
     // 1b. Lightning payments: BOLT11 parts the node's service has credited to the merchant.
     if let Some(ln) = state.lightning() {
         let since = now_ms.saturating_sub(LN_LOOKBACK_MS);
-        let open = with_db(state, move |c| {
-            store::lightning_unpaid(c, since, LN_SCAN_MAX).map_err(db)
+        let after = state
+            .merchant()
+            .ln_scan_after
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (open, next) = with_db(state, move |c| {
+            let half = LN_SCAN_MAX / 2;
+            let newest = store::lightning_unpaid_after(c, since, None, half).map_err(db)?;
+            // The rotating page goes on after the newest ones (they were just looked at).
+            let from = match &after {
+                Some((ms, id)) => Some((*ms, id.as_str())),
+                None => newest.last().map(|(ms, id, _)| (*ms, id.as_str())),
+            };
+            let page = if newest.len() < half as usize && after.is_none() {
+                Vec::new() // all of them fit in the first half
+            } else {
+                store::lightning_unpaid_after(c, since, from, half).map_err(db)?
+            };
+            let next = if page.len() < half as usize {
+                None
+            } else {
+                page.last().map(|(ms, id, _)| (*ms, id.clone()))
+            };
+            let mut seen = std::collections::HashSet::with_capacity(newest.len() + page.len());
+            let open: Vec<(String, String)> = newest
+                .into_iter()
+                .chain(page)
+                .filter(|(_, id, _)| seen.insert(id.clone()))
+                .map(|(_, id, hash)| (id, hash))
+                .collect();
+            Ok((open, next))
         })
         .await?;
+        *state
+            .merchant()
+            .ln_scan_after
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = next;
         if !open.is_empty() {
             let found = tokio::task::spawn_blocking(move || {
                 let mut found = Vec::new();

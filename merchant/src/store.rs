@@ -386,8 +386,9 @@ pub fn by_address(conn: &Connection, address: &str) -> rusqlite::Result<Option<S
     .optional()
 }
 
-/// Invoices with a BOLT11 part not yet paid over Lightning, expiring after `since_ms`, oldest
-/// first, at most `limit`: `(invoice id, payment hash)`. The node refuses a payment after the
+/// Invoices with a BOLT11 part not yet paid over Lightning, expiring after `since_ms`, newest
+/// (latest expiry) first, at most `limit`: `(invoice id, payment hash)`; the first page of
+/// [`lightning_unpaid_after`]. The node refuses a payment after the
 /// BOLT11 expiry (never later than the invoice's), so a payment can only be missing here for an
 /// invoice that expired recently (its credit waited for a restart).
 pub fn lightning_unpaid(
@@ -395,14 +396,34 @@ pub fn lightning_unpaid(
     since_ms: u64,
     limit: u32,
 ) -> rusqlite::Result<Vec<(String, String)>> {
+    Ok(lightning_unpaid_after(conn, since_ms, None, limit)?
+        .into_iter()
+        .map(|(_, id, hash)| (id, hash))
+        .collect())
+}
+
+/// A page of the scan of unpaid BOLT11 parts expiring after `since_ms`, newest (latest expiry)
+/// first: the rows after `after` (the `(expires_ms, id)` of the previous page's last row; `None`:
+/// from the newest), at most `limit`, as `(expires_ms, id, payment hash)`.
+pub fn lightning_unpaid_after(
+    conn: &Connection,
+    since_ms: u64,
+    after: Option<(u64, &str)>,
+    limit: u32,
+) -> rusqlite::Result<Vec<(u64, String, String)>> {
     let mut s = conn.prepare_cached(
-        "SELECT id, ln_hash FROM invoice WHERE ln_hash IS NOT NULL AND expires_ms > ?1
+        "SELECT expires_ms, id, ln_hash FROM invoice WHERE ln_hash IS NOT NULL AND expires_ms > ?1
+           AND (?2 IS NULL OR expires_ms < ?2 OR (expires_ms = ?2 AND id < ?3))
            AND NOT EXISTS (SELECT 1 FROM invoice_payment p
                            WHERE p.invoice_id = invoice.id AND p.pid = 'ln:' || invoice.ln_hash)
-         ORDER BY expires_ms LIMIT ?2",
+         ORDER BY expires_ms DESC, id DESC LIMIT ?4",
     )?;
-    let rows = s.query_map(params![since_ms as i64, limit], |r| {
-        Ok((r.get(0)?, r.get(1)?))
+    let (after_ms, after_id) = match after {
+        Some((ms, id)) => (Some(ms as i64), id),
+        None => (None, ""),
+    };
+    let rows = s.query_map(params![since_ms as i64, after_ms, after_id, limit], |r| {
+        Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
     })?;
     rows.collect()
 }
@@ -915,5 +936,42 @@ mod tests {
         assert_eq!(loaded.inv.status, Status::Settled);
         assert!(!super::super::routes::bip21(&loaded).contains("lightning="));
         assert!(lightning_unpaid(&c, 0, 10).unwrap().is_empty());
+    }
+
+    /// Defect: the monitor's scan took the 10,000 unpaid BOLT11 parts with the oldest expiry, so
+    /// once there were more the newest invoices (the ones customers are paying now) were never
+    /// looked at. The scan starts with the newest (latest expiry) and pages on towards older ones.
+    #[test]
+    fn the_lightning_scan_starts_with_the_newest_invoices() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(&dir.path().join("m.sqlite")).unwrap();
+        for (n, expires_ms) in [(1u8, 10_000u64), (2, 20_000), (3, 30_000)] {
+            let mut r = record(
+                &format!("i{n}"),
+                &format!("bcrt1q{n}"),
+                Some(LnPart {
+                    bolt11: format!("lnbcrt{n}"),
+                    payment_hash: format!("{n:02x}").repeat(32),
+                }),
+            );
+            r.inv.expires_ms = expires_ms;
+            insert(&c, &r).unwrap();
+        }
+        let ids = |v: Vec<(String, String)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
+        assert_eq!(ids(lightning_unpaid(&c, 0, 2).unwrap()), ["i3", "i2"]);
+        // Paged on: every part is reached, newest to oldest, each once.
+        let mut all = Vec::new();
+        let mut after: Option<(u64, String)> = None;
+        loop {
+            let page =
+                lightning_unpaid_after(&c, 0, after.as_ref().map(|(m, i)| (*m, i.as_str())), 1)
+                    .unwrap();
+            let Some(last) = page.last() else { break };
+            after = Some((last.0, last.1.clone()));
+            all.extend(page.into_iter().map(|(_, id, _)| id));
+        }
+        assert_eq!(all, ["i3", "i2", "i1"]);
+        // Bounded by the expiry, as before.
+        assert_eq!(ids(lightning_unpaid(&c, 15_000, 10).unwrap()), ["i3", "i2"]);
     }
 }

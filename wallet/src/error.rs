@@ -215,6 +215,21 @@ pub enum WithdrawalError {
     /// No alarm with this id is raised (not cleared).
     #[error("no alarm {0} to clear")]
     UnknownAlarm(u64),
+    /// Money out by a path that cannot wait for an operator (Lightning: the invoice expires)
+    /// would bring the account's running 24-hour total above the approval threshold, where an
+    /// on-chain withdrawal waits for approval ([`crate::CustodyService::check_outflow`]).
+    #[error(
+        "amount {amount} sat needs an operator's approval (24-hour total {used} sat, approval \
+         threshold {threshold} sat); withdraw on chain"
+    )]
+    ApprovalRequired {
+        /// Requested.
+        amount: Amount,
+        /// Withdrawn (or requested) in the last 24 hours, all paths.
+        used: Amount,
+        /// The approval threshold.
+        threshold: Amount,
+    },
 }
 
 impl WithdrawalError {
@@ -240,6 +255,7 @@ impl WithdrawalError {
             WithdrawalError::AccountFlagged(_) => 17,
             WithdrawalError::NotFlagged(_) => 18,
             WithdrawalError::UnknownAlarm(_) => 19,
+            WithdrawalError::ApprovalRequired { .. } => 20,
         }
     }
 }

@@ -513,6 +513,19 @@ impl CustodyService {
         Ok(())
     }
 
+    /// Raises an alarm for custody's money outside this wallet (the Lightning node's
+    /// discrepancies): the same table, log line and decision record as this service's own, seen
+    /// by the operator in [`alarms`](Self::alarms); once per `(kind, subject)` until cleared.
+    /// `kind` and `subject` should name their source (`lightning_...`).
+    pub fn raise_alarm(
+        &self,
+        kind: &str,
+        subject: &str,
+        message: &str,
+    ) -> Result<(), crate::StoreError> {
+        self.alarm(kind, subject, message)
+    }
+
     /// Sets where automatic decisions are recorded ([`DecisionLog`]).
     pub fn set_decision_log(&mut self, log: Arc<dyn DecisionLog>) {
         self.decisions = Some(log);
@@ -520,7 +533,10 @@ impl CustodyService {
 
     /// The rules money out by another path (Lightning) obeys as on-chain withdrawals do: a
     /// flagged account is refused, and `other_used` (sent by that path in the last 24 hours)
-    /// counts with this wallet's withdrawals in the account's 24-hour limit.
+    /// counts with this wallet's withdrawals in the account's 24-hour limit and in its approval
+    /// threshold. That path cannot wait for an operator (a BOLT11 invoice expires), so where an
+    /// on-chain withdrawal would wait for approval (the account's running 24-hour total, this
+    /// amount included, above `approval_threshold`) it is refused: `ApprovalRequired`.
     pub fn check_outflow(
         &self,
         account: AccountId,
@@ -548,6 +564,17 @@ impl CustodyService {
                 amount,
                 used,
                 limit: policy.daily_limit,
+            });
+        }
+        // As `held_status`: above the threshold (not at it) waits for approval on chain.
+        if used
+            .checked_add(amount)
+            .is_none_or(|t| t > policy.approval_threshold)
+        {
+            return Err(WithdrawalError::ApprovalRequired {
+                amount,
+                used,
+                threshold: policy.approval_threshold,
             });
         }
         Ok(())

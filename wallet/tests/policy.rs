@@ -128,3 +128,132 @@ fn past_the_exchange_wide_24_hour_limit_requests_wait_for_approval() {
     assert_eq!(b.status, WithdrawalStatus::AwaitingApproval);
     svc.approve_withdrawal(b.id).unwrap();
 }
+
+// ---- money out by another path (Lightning): `check_outflow` -------------------------------------
+
+/// Lightning withdrawals obey custody's rules through `check_outflow`
+/// (`lightning_custody::PayPolicy`): a flagged account is refused, whatever the amount, until an
+/// operator clears it; other accounts are not affected.
+#[test]
+fn lightning_outflow_of_a_flagged_account_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 100_000, "a");
+    let bob = funded(&ledger, 100_000, "b");
+    drop(CustodyService::open(config(dir.path()), ledger.clone()).unwrap());
+    flag(dir.path(), alice);
+    let mut svc = CustodyService::open(config(dir.path()), ledger.clone()).unwrap();
+    let t = now().as_millis();
+    let r = svc.check_outflow(alice, Amount(1), Amount(0), t);
+    assert!(
+        matches!(r, Err(WithdrawalError::AccountFlagged(a)) if a == alice),
+        "{r:?}"
+    );
+    svc.check_outflow(bob, Amount(1), Amount(0), t)
+        .expect("other accounts are not affected");
+    svc.clear_flag(alice, now()).unwrap();
+    svc.check_outflow(alice, Amount(1), Amount(0), t)
+        .expect("cleared by the operator");
+}
+
+/// The 24-hour limit counts Lightning and on-chain amounts together: what the account sent on
+/// chain plus what it sent over Lightning (`other_used`) plus this payment may not pass it.
+#[test]
+fn lightning_outflow_counts_with_on_chain_in_the_daily_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 1_000_000, "a");
+    let mut c = config(dir.path());
+    c.withdrawal.daily_limit = Amount(100_000);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let t0 = now();
+    svc.request_withdrawal(request(alice, 60_000, "k1"), t0)
+        .unwrap();
+    let t = t0.as_millis();
+    // 60,000 on chain + 30,000 over Lightning + 10,000 = the limit exactly: allowed.
+    svc.check_outflow(alice, Amount(10_000), Amount(30_000), t)
+        .unwrap();
+    // One more satoshi passes it.
+    let r = svc.check_outflow(alice, Amount(10_001), Amount(30_000), t);
+    assert!(
+        matches!(r, Err(WithdrawalError::DailyLimit { used, limit, .. })
+            if used == Amount(90_000) && limit == Amount(100_000)),
+        "{r:?}"
+    );
+    // Lightning alone counts too.
+    let r = svc.check_outflow(alice, Amount(1), Amount(u64::MAX), t);
+    assert!(
+        matches!(r, Err(WithdrawalError::DailyLimit { .. })),
+        "{r:?}"
+    );
+    // A day later the on-chain withdrawal left the window.
+    svc.check_outflow(alice, Amount(40_000), Amount(30_000), t + 86_400_001)
+        .unwrap();
+}
+
+/// Defect: an on-chain withdrawal that brings the account's running 24-hour total above the
+/// approval threshold waits for an operator, but the same amount over Lightning went out at once.
+/// A Lightning payment cannot wait for an operator (its invoice expires, often in minutes), so
+/// `check_outflow` refuses it (`ApprovalRequired`, wallet code 20, API -4037): the user
+/// withdraws on chain, where it waits for approval. On-chain and Lightning amounts count together.
+#[test]
+fn lightning_outflow_above_the_approval_threshold_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 1_000_000, "a");
+    let bob = funded(&ledger, 1_000_000, "b");
+    let mut c = config(dir.path());
+    c.withdrawal.approval_threshold = Amount(100_000);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let t0 = now();
+    let first = svc
+        .request_withdrawal(request(alice, 90_000, "k1"), t0)
+        .unwrap();
+    assert_eq!(first.status, WithdrawalStatus::Pending);
+    let t = t0.as_millis();
+    // 90,000 on chain + 10,000: the threshold exactly (on chain this is still auto-approved).
+    svc.check_outflow(alice, Amount(10_000), Amount(0), t)
+        .unwrap();
+    // 90,000 + 10,001 would wait for approval on chain: refused over Lightning.
+    let r = svc.check_outflow(alice, Amount(10_001), Amount(0), t);
+    let e = r.expect_err("above the approval threshold");
+    assert_eq!(e.code(), 20, "{e:?}");
+    assert!(e.to_string().contains("approval"), "{e}");
+    // Lightning amounts count: bob sent 95,000 over Lightning; 5,001 more passes 100,000.
+    svc.check_outflow(bob, Amount(5_000), Amount(95_000), t)
+        .unwrap();
+    let e = svc
+        .check_outflow(bob, Amount(5_001), Amount(95_000), t)
+        .expect_err("above the approval threshold");
+    assert_eq!(e.code(), 20, "{e:?}");
+    // Nothing was held by the checks.
+    assert_eq!(ledger.btc(bob), (1_000_000, 0));
+}
+
+/// Alarms of custody's money outside this wallet (the Lightning node's discrepancies) go to the
+/// same table as custody's own: listed once per kind and subject while not cleared, cleared by
+/// an operator like any other.
+#[test]
+fn an_alarm_raised_for_lightning_is_listed_and_cleared_like_custodys_own() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let mut svc = CustodyService::open(config(dir.path()), ledger).unwrap();
+    assert!(svc.alarms(false).unwrap().is_empty());
+    let subject = "lightning payment 00ff";
+    svc.raise_alarm(
+        "lightning_payment_unknown",
+        subject,
+        "7000000 msat for no invoice",
+    )
+    .unwrap();
+    svc.raise_alarm("lightning_payment_unknown", subject, "again")
+        .unwrap();
+    let a = svc.alarms(false).unwrap();
+    assert_eq!(a.len(), 1, "{a:?}");
+    assert_eq!(
+        (a[0].kind.as_str(), a[0].subject.as_str()),
+        ("lightning_payment_unknown", subject)
+    );
+    svc.clear_alarm(a[0].id, now()).unwrap();
+    assert!(svc.alarms(false).unwrap().is_empty());
+}

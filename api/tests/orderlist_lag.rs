@@ -1,6 +1,6 @@
-//! Cancels answered while the read models lag the engine: the answer is the engine's (its reply's
-//! events), never `-1000` or the orders as they stood before the cancel. The lag is made
-//! deterministic by a core that holds its event batches back from the read models until told.
+//! Cancels and amends answered while the read models lag the engine: the answer is the engine's
+//! (its reply's events), never `-1000` or the orders as they stood before the command. The lag is
+//! made deterministic by a core that holds its event batches back from the read models until told.
 
 mod common;
 
@@ -250,4 +250,87 @@ async fn cancelling_an_order_answers_from_the_engine_while_the_read_model_lags()
         )
         .await;
     assert_eq!(o["status"], "CANCELED");
+}
+
+/// `PUT /api/v3/order/amend/keepPriority` (and `order.amend.keepPriority`, the same handler)
+/// built its `amendedOrder` from the read models after the amend: with them behind, it answered
+/// the order as it stood before (`qty` 0.01 here, no fill). It now takes the amend's outcome
+/// (quantity, price, filled quantity) from the amend's own events. The order was partly filled
+/// by a sell the read models have not applied either.
+#[tokio::test]
+async fn amending_an_order_answers_from_the_engine_while_the_read_model_lags() {
+    let (h, gate) = gated();
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    let o = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000",
+            &buyer,
+        )
+        .await;
+    let id = o["orderId"].as_u64().unwrap();
+    gate.pause();
+    let sold = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=IOC&quantity=0.002&price=19000",
+            &seller,
+        )
+        .await;
+    assert_eq!(sold["status"], "FILLED", "{sold}");
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={id}&newQty=0.004"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+    let a = &r.json["amendedOrder"];
+    assert_eq!(
+        (
+            a["orderId"].as_u64(),
+            a["qty"].as_str(),
+            a["executedQty"].as_str(),
+            a["price"].as_str(),
+            a["status"].as_str(),
+        ),
+        (
+            Some(id),
+            Some("0.00400000"),
+            Some("0.00200000"),
+            Some("19000.00000000"),
+            Some("PARTIALLY_FILLED"),
+        ),
+        "{}",
+        r.json
+    );
+    // The read models catch up and say the same.
+    gate.resume();
+    assert!(h.state.sync_read_model().await);
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(
+        (
+            o["origQty"].as_str(),
+            o["executedQty"].as_str(),
+            o["status"].as_str()
+        ),
+        (
+            Some("0.00400000"),
+            Some("0.00200000"),
+            Some("PARTIALLY_FILLED")
+        ),
+        "{o}"
+    );
 }

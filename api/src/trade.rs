@@ -729,6 +729,10 @@ pub async fn cancel_order(State(st): State<AppState>, req: Req) -> Result<Respon
 /// `PUT /api/v3/order/amend/keepPriority`: lowers an open limit order's quantity in place,
 /// keeping its time priority. The client order id stays the order's own: `newClientOrderId`, if
 /// sent, must equal it (the engine keeps one id per order).
+///
+/// Two amends of one order in flight at once are both checked against the quantity before
+/// either: the second may raise the quantity the first lowered (the engine's `Amend` does not
+/// carry the keep-priority condition).
 pub async fn amend_keep_priority(
     State(st): State<AppState>,
     req: Req,
@@ -741,6 +745,13 @@ pub async fn amend_keep_priority(
     p.finish()?;
     let m = st.markets().by_symbol(&sym)?;
     let qty = m.parse_qty("newQty", &new_qty)?;
+    // The checks below (the order is open, `newQty` is below its quantity) read the read models:
+    // they must hold every command the engine applied before this one, or a `newQty` above the
+    // quantity a previous amend set would pass and the engine would take it as an increase
+    // (the order loses its place in line). Not caught up in time: `-1008`, nothing sent.
+    if !st.sync_read_model().await {
+        return Err(ApiError::busy());
+    }
     let current = lookup(&st, key.account, r)?
         .filter(|o| o.market == m.id.0 && o.is_open())
         .ok_or_else(|| ApiError::bad(-2013, "Order does not exist."))?;

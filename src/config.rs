@@ -49,6 +49,7 @@
 //! price_index_file = "/var/lib/mediator/btcusd.txt"   # or price_index_url: one decimal price
 //! price_index_max_deviation_bps = 200
 //! price_index_max_age_ms = 300000
+//! price_index_cache_ms = 2000      # one index read serves every caller this long (0: every use)
 //!
 //! [lightning]                      # README.md, "Lightning"; on by default on regtest only
 //! enabled = true
@@ -313,6 +314,10 @@ pub struct MerchantKnobs {
     /// Oldest index file that is used, ms [default: 300000].
     #[arg(long, env = "MEDIATOR_PRICE_INDEX_MAX_AGE_MS")]
     pub price_index_max_age_ms: Option<u64>,
+    /// How long one read of the index serves every caller, ms; at most
+    /// `price_index_max_age_ms`; 0 reads it on every use [default: 2000].
+    #[arg(long, env = "MEDIATOR_PRICE_INDEX_CACHE_MS")]
+    pub price_index_cache_ms: Option<u64>,
 }
 
 impl MerchantKnobs {
@@ -333,6 +338,7 @@ impl MerchantKnobs {
                 .price_index_max_deviation_bps
                 .or(under.price_index_max_deviation_bps),
             price_index_max_age_ms: self.price_index_max_age_ms.or(under.price_index_max_age_ms),
+            price_index_cache_ms: self.price_index_cache_ms.or(under.price_index_cache_ms),
         }
     }
 
@@ -356,6 +362,16 @@ impl MerchantKnobs {
             if v.is_some_and(|v| v >= 10_000) {
                 bail!("merchant.{name} must be below 10000 (100 %)");
             }
+        }
+        // A cache longer than the index's max age would be cut to it: refused, not silently
+        // shortened.
+        let max_age_ms = self
+            .price_index_max_age_ms
+            .unwrap_or(api::merchant::price::PriceLimits::default().index_max_age_ms);
+        if let Some(c) = self.price_index_cache_ms.filter(|&c| c > max_age_ms) {
+            bail!(
+                "merchant.price_index_cache_ms ({c}) must not exceed price_index_max_age_ms ({max_age_ms})"
+            );
         }
         if self.price_index_file.is_some() && self.price_index_url.is_some() {
             bail!("merchant: set price_index_file or price_index_url, not both");
@@ -383,6 +399,7 @@ impl MerchantKnobs {
             .price_index_max_deviation_bps
             .unwrap_or(p.index_max_deviation_bps);
         p.index_max_age_ms = self.price_index_max_age_ms.unwrap_or(p.index_max_age_ms);
+        p.index_cache_ms = self.price_index_cache_ms.unwrap_or(p.index_cache_ms);
         if let Some(f) = &self.price_index_file {
             p.index = Some(merchant::price::IndexSource::File(f.clone()));
         }
@@ -729,13 +746,14 @@ mod tests {
         );
         assert_eq!(m.price, merchant::price::PriceLimits::default());
         let file: FileConfig = toml::from_str(
-            "[merchant]\nallow_private_webhooks = true\nprice_max_spread_bps = 50\nprice_index_file = \"/x/btcusd.txt\"\nredeliveries_per_min = 3\n",
+            "[merchant]\nallow_private_webhooks = true\nprice_max_spread_bps = 50\nprice_index_file = \"/x/btcusd.txt\"\nredeliveries_per_min = 3\nprice_index_cache_ms = 500\nprice_index_max_age_ms = 60000\n",
         )
         .unwrap();
         let over = FileConfig {
             merchant: MerchantKnobs {
                 price_max_spread_bps: Some(75),
                 conversion_slippage_bps: Some(30),
+                price_index_cache_ms: Some(250),
                 ..MerchantKnobs::default()
             },
             ..FileConfig::default()
@@ -747,6 +765,8 @@ mod tests {
         assert_eq!(m.redeliveries_per_min, 3);
         assert_eq!(m.price.max_spread_bps, 75, "flags over the file");
         assert_eq!(m.price.slippage_bps, 30);
+        assert_eq!(m.price.index_cache_ms, 250, "flags over the file");
+        assert_eq!(m.price.index_max_age_ms, 60_000, "from the file");
         assert_eq!(
             m.price.index,
             Some(merchant::price::IndexSource::File("/x/btcusd.txt".into()))
@@ -851,6 +871,14 @@ mod tests {
             (
                 "[merchant]\nprice_index_file = \"a\"\nprice_index_url = \"https://x\"\n",
                 "not both",
+            ),
+            (
+                "[merchant]\nprice_index_max_age_ms = 1000\nprice_index_cache_ms = 1001\n",
+                "price_index_cache_ms",
+            ),
+            (
+                "[merchant]\nprice_index_cache_ms = 300001\n",
+                "price_index_cache_ms",
             ),
             (
                 "[merchant]\nprice_index_url = \"file:///etc/passwd\"\n",

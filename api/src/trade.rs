@@ -314,12 +314,13 @@ pub(crate) fn order_from_events(
 }
 
 /// An order's record (as the read models hold it, maybe from before the command) as the
-/// command's own `events` leave it: the status and filled quantity of its `OrderDone`, and for
-/// a pending order of an OTO/OTOCO list the end of its list (`OtoDone`: `CANCELED` with a
-/// cancelled working order, else `EXPIRED`, as the read models record it). Answers about a
-/// command are built from its reply, which is authoritative, because the read models may lag
-/// the engine. (The cumulative quote quantity is the record's: a fill the read models have not
-/// applied yet is not in it.)
+/// command's own `events` leave it: the status and filled quantity of its `OrderDone`, the
+/// price, quantity and filled quantity of its `OrderAmended` (an amended order is open: `NEW`,
+/// or `PARTIALLY_FILLED` once something filled), and for a pending order of an OTO/OTOCO list
+/// the end of its list (`OtoDone`: `CANCELED` with a cancelled working order, else `EXPIRED`,
+/// as the read models record it). Answers about a command are built from its reply, which is
+/// authoritative, because the read models may lag the engine. (The cumulative quote quantity is
+/// the record's: a fill the read models have not applied yet is not in it.)
 pub(crate) fn after_events(mut o: OrderRec, events: &[Event], ms: u64) -> OrderRec {
     for ev in events {
         match *ev {
@@ -334,6 +335,27 @@ pub(crate) fn after_events(mut o: OrderRec, events: &[Event], ms: u64) -> OrderR
                     o.executed = filled.0;
                 }
                 o.status = OrdStatus::done(reason, budget, filled.0 > 0);
+                o.update_ms = ms;
+            }
+            Event::OrderAmended {
+                info,
+                price,
+                qty,
+                remaining,
+                ..
+            } if info.order.0 == o.id => {
+                // The engine's invariant: the amended total is the filled quantity plus what
+                // stays open, and something stays open.
+                let filled = qty.0.checked_sub(remaining.0);
+                debug_assert!(filled.is_some() && !remaining.is_zero(), "{ev:?}");
+                o.price = price.0;
+                o.orig_qty = qty.0;
+                o.executed = filled.unwrap_or(o.executed);
+                o.status = if o.executed > 0 {
+                    OrdStatus::PartiallyFilled
+                } else {
+                    OrdStatus::New
+                };
                 o.update_ms = ms;
             }
             Event::OtoDone { list, outcome, .. }
@@ -707,6 +729,10 @@ pub async fn cancel_order(State(st): State<AppState>, req: Req) -> Result<Respon
 /// `PUT /api/v3/order/amend/keepPriority`: lowers an open limit order's quantity in place,
 /// keeping its time priority. The client order id stays the order's own: `newClientOrderId`, if
 /// sent, must equal it (the engine keeps one id per order).
+///
+/// Two amends of one order in flight at once are both checked against the quantity before
+/// either: the second may raise the quantity the first lowered (the engine's `Amend` does not
+/// carry the keep-priority condition).
 pub async fn amend_keep_priority(
     State(st): State<AppState>,
     req: Req,
@@ -719,6 +745,13 @@ pub async fn amend_keep_priority(
     p.finish()?;
     let m = st.markets().by_symbol(&sym)?;
     let qty = m.parse_qty("newQty", &new_qty)?;
+    // The checks below (the order is open, `newQty` is below its quantity) read the read models:
+    // they must hold every command the engine applied before this one, or a `newQty` above the
+    // quantity a previous amend set would pass and the engine would take it as an increase
+    // (the order loses its place in line). Not caught up in time: `-1008`, nothing sent.
+    if !st.sync_read_model().await {
+        return Err(ApiError::busy());
+    }
     let current = lookup(&st, key.account, r)?
         .filter(|o| o.market == m.id.0 && o.is_open())
         .ok_or_else(|| ApiError::bad(-2013, "Order does not exist."))?;
@@ -745,15 +778,14 @@ pub async fn amend_keep_priority(
             other => ApiError::new_order_rejected(other),
         });
     }
-    let o = st
-        .read_model()
-        .find_order(key.account, current.id)
-        .map_err(internal)?
-        .ok_or_else(ApiError::internal)?;
+    // The order as it was before the amend, with the amend's outcome from its own events: the
+    // read models may not have applied the amend (or a fill before it) yet.
+    let ms = accepted_ms(&reply.events);
+    let o = after_events(current.clone(), &reply.events, ms);
     Ok(ok_json(
         &ctx,
         json!({
-            "transactTime": accepted_ms(&reply.events),
+            "transactTime": ms,
             "executionId": reply.seq,
             "amendedOrder": {
                 "symbol": m.symbol,

@@ -1,6 +1,6 @@
-//! Cancels answered while the read models lag the engine: the answer is the engine's (its reply's
-//! events), never `-1000` or the orders as they stood before the cancel. The lag is made
-//! deterministic by a core that holds its event batches back from the read models until told.
+//! Cancels and amends answered while the read models lag the engine: the answer is the engine's
+//! (its reply's events), never `-1000` or the orders as they stood before the command. The lag is
+//! made deterministic by a core that holds its event batches back from the read models until told.
 
 mod common;
 
@@ -249,4 +249,179 @@ async fn cancelling_an_order_answers_from_the_engine_while_the_read_model_lags()
         )
         .await;
     assert_eq!(o["status"], "CANCELED");
+}
+
+/// `PUT /api/v3/order/amend/keepPriority` (and `order.amend.keepPriority`, the same handler)
+/// built its `amendedOrder` from the read models after the amend: with them behind, it answered
+/// the order as it stood before (`qty` 0.01 here). It now takes the amend's outcome (quantity,
+/// price, filled quantity) from the amend's own events. The order was partly filled first.
+#[tokio::test]
+async fn amending_an_order_answers_from_the_engine_while_the_read_model_lags() {
+    let (h, gate) = gated();
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    let o = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000",
+            &buyer,
+        )
+        .await;
+    let id = o["orderId"].as_u64().unwrap();
+    let sold = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=IOC&quantity=0.002&price=19000",
+            &seller,
+        )
+        .await;
+    assert_eq!(sold["status"], "FILLED", "{sold}");
+    gate.pause();
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={id}&newQty=0.004"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+    let a = &r.json["amendedOrder"];
+    assert_eq!(
+        (
+            a["orderId"].as_u64(),
+            a["qty"].as_str(),
+            a["executedQty"].as_str(),
+            a["price"].as_str(),
+            a["status"].as_str(),
+        ),
+        (
+            Some(id),
+            Some("0.00400000"),
+            Some("0.00200000"),
+            Some("19000.00000000"),
+            Some("PARTIALLY_FILLED"),
+        ),
+        "{}",
+        r.json
+    );
+    // The read models catch up and say the same.
+    gate.resume();
+    assert!(h.state.sync_read_model().await);
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(
+        (
+            o["origQty"].as_str(),
+            o["executedQty"].as_str(),
+            o["status"].as_str()
+        ),
+        (
+            Some("0.00400000"),
+            Some("0.00200000"),
+            Some("PARTIALLY_FILLED")
+        ),
+        "{o}"
+    );
+}
+
+/// The amend's checks (the order is open, `newQty` is below its quantity) read the read models
+/// before the amend. Behind the engine, they passed a `newQty` above the quantity a previous
+/// amend had set, and the engine took it as an increase: the order lost its place in line and
+/// held more, through an endpoint that promises neither (0.004 became 0.008 here). An order
+/// placed while they lagged was answered `-2013` although it exists. Now the amend first waits
+/// for the read models to hold every earlier command; when they do not in time it answers
+/// `-1008` and sends nothing.
+#[tokio::test]
+async fn amending_checks_the_order_as_the_engine_holds_it_while_the_read_model_lags() {
+    let (h, gate) = gated();
+    let (_, buyer) = h.trader("0", "100000").await;
+    let o = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000",
+            &buyer,
+        )
+        .await;
+    let id = o["orderId"].as_u64().unwrap();
+    gate.pause();
+    let first = h
+        .ok(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={id}&newQty=0.004"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(first["amendedOrder"]["qty"], "0.00400000", "{first}");
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={id}&newQty=0.008"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(r.code(), -1008, "{}", r.json);
+    // An order the read models have not seen yet.
+    let late = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=18000",
+            &buyer,
+        )
+        .await;
+    let late = late["orderId"].as_u64().unwrap();
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={late}&newQty=0.005"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(r.code(), -1008, "{}", r.json);
+    gate.resume();
+    assert!(h.state.sync_read_model().await);
+    // Nothing changed by the refused amends.
+    for (id, qty) in [(id, "0.00400000"), (late, "0.01000000")] {
+        let o = h
+            .ok(
+                "GET",
+                "/api/v3/order",
+                &format!("symbol=BTCUSD&orderId={id}"),
+                &buyer,
+            )
+            .await;
+        assert_eq!(o["origQty"], qty, "{o}");
+    }
+    // Once the read models are current, the same amend is checked and refused as Binance does.
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={id}&newQty=0.008"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(r.code(), -1130, "{}", r.json);
+    let r = h
+        .ok(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={late}&newQty=0.005"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(r["amendedOrder"]["qty"], "0.00500000", "{r}");
 }

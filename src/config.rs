@@ -367,7 +367,7 @@ impl MerchantKnobs {
         // shortened.
         let max_age_ms = self
             .price_index_max_age_ms
-            .unwrap_or(api::merchant::price::PriceLimits::default().index_max_age_ms);
+            .unwrap_or(merchant::price::PriceLimits::default().index_max_age_ms);
         if let Some(c) = self.price_index_cache_ms.filter(|&c| c > max_age_ms) {
             bail!(
                 "merchant.price_index_cache_ms ({c}) must not exceed price_index_max_age_ms ({max_age_ms})"

@@ -730,9 +730,9 @@ pub async fn cancel_order(State(st): State<AppState>, req: Req) -> Result<Respon
 /// keeping its time priority. The client order id stays the order's own: `newClientOrderId`, if
 /// sent, must equal it (the engine keeps one id per order).
 ///
-/// Two amends of one order in flight at once are both checked against the quantity before
-/// either: the second may raise the quantity the first lowered (the engine's `Amend` does not
-/// carry the keep-priority condition).
+/// The engine checks the keep-priority condition itself ([`Command::AmendKeepPriority`]) against
+/// the order as it stands when the amend applies: of two amends in flight at once, the second
+/// cannot raise the quantity the first lowered (it is refused, `-2010`).
 pub async fn amend_keep_priority(
     State(st): State<AppState>,
     req: Req,
@@ -764,12 +764,11 @@ pub async fn amend_keep_priority(
         return Err(ApiError::invalid_value("newQty"));
     }
     let reply = st
-        .submit(Command::Amend {
+        .submit(Command::AmendKeepPriority {
             account: AccountId(key.account),
             market: m.id,
             order: OrderRef::Id(OrderId(current.id)),
-            new_price: None,
-            new_qty: Some(qty),
+            new_qty: qty,
         })
         .await?;
     if let Err(code) = reply.result {

@@ -20,6 +20,9 @@ struct Gate {
     sink: EventSink,
     held: Mutex<Vec<EventBatch>>,
     paused: AtomicBool,
+    /// A command applied just before the next amend: a concurrent request that got to the
+    /// engine first.
+    race: Mutex<Option<Command>>,
 }
 
 impl Gate {
@@ -40,6 +43,21 @@ impl ExchangeCore for Gate {
     fn submit(&self, cmd: Command) -> BoxFuture<'_, Result<Reply, CoreError>> {
         Box::pin(async move {
             let mut engine = self.engine.lock().unwrap();
+            if matches!(
+                cmd,
+                Command::Amend { .. } | Command::AmendKeepPriority { .. }
+            ) {
+                if let Some(first) = self.race.lock().unwrap().take() {
+                    let now = Timestamp(api::core::wall_clock_nanos().max(engine.now().0));
+                    let mut out = Vec::new();
+                    engine.apply(&first, now, &mut out).unwrap();
+                    assert!(self.sink.publish(EventBatch {
+                        seq: engine.seq(),
+                        time: engine.now(),
+                        events: out.into(),
+                    }));
+                }
+            }
             let now = Timestamp(api::core::wall_clock_nanos().max(engine.now().0));
             let before = engine.seq();
             let mut out = Vec::new();
@@ -87,6 +105,7 @@ fn gated() -> (Harness, Arc<Gate>) {
         sink,
         held: Mutex::new(Vec::new()),
         paused: AtomicBool::new(false),
+        race: Mutex::new(None),
     });
     let state = pending.start(gate.clone());
     (Harness::over(dir, state), gate)
@@ -424,4 +443,76 @@ async fn amending_checks_the_order_as_the_engine_holds_it_while_the_read_model_l
         )
         .await;
     assert_eq!(r["amendedOrder"]["qty"], "0.00500000", "{r}");
+}
+
+/// Two amends of one order in flight at once: the gateway checked both against the quantity
+/// before either (10), the first lowered it to 4, and the second (newQty 8) reached the engine
+/// after it. The engine took the second as an increase: the order lost its place in line and
+/// held more, and the client was told its keep-priority amend succeeded. Now the engine checks
+/// the keep-priority condition itself and refuses it (`-2010`), changing nothing.
+#[tokio::test]
+async fn a_keep_priority_amend_racing_another_cannot_raise_the_quantity() {
+    let (h, gate) = gated();
+    let (buyer_id, buyer) = h.trader("0", "100000").await;
+    let (_, other) = h.trader("0", "100000").await;
+    let place = |key| {
+        h.ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000",
+            key,
+        )
+    };
+    let id = place(&buyer).await["orderId"].as_u64().unwrap();
+    let behind = place(&other).await["orderId"].as_u64().unwrap();
+    let market = h.state.markets().by_symbol("BTCUSD").unwrap();
+    // The concurrent amend to 0.004, applied just before this request's command.
+    *gate.race.lock().unwrap() = Some(Command::Amend {
+        account: matching_engine::AccountId(buyer_id),
+        market: market.id,
+        order: matching_engine::OrderRef::Id(matching_engine::OrderId(id)),
+        new_price: None,
+        new_qty: Some(market.parse_qty("q", "0.004").unwrap()),
+    });
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={id}&newQty=0.008"),
+            &buyer,
+        )
+        .await;
+    assert!(gate.race.lock().unwrap().is_none(), "the race ran");
+    assert_eq!(r.code(), -2010, "{}", r.json);
+    assert!(h.state.sync_read_model().await);
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(o["origQty"], "0.00400000", "{o}");
+    // Still ahead of the order placed after it: a sell of 0.004 fills it, not the other.
+    let (_, seller) = h.trader("1", "0").await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=IOC&quantity=0.004&price=19000",
+        &seller,
+    )
+    .await;
+    assert!(h.state.sync_read_model().await);
+    for (id, key, status) in [(id, &buyer, "FILLED"), (behind, &other, "NEW")] {
+        let o = h
+            .ok(
+                "GET",
+                "/api/v3/order",
+                &format!("symbol=BTCUSD&orderId={id}"),
+                key,
+            )
+            .await;
+        assert_eq!(o["status"], status, "{o}");
+    }
 }

@@ -355,6 +355,23 @@ pub enum Command {
     NewOto(Box<NewOto>),
     /// Places a working order with a pending OCO pair ([`NewOtoco`]).
     NewOtoco(Box<NewOtoco>),
+    /// Lowers a resting limit order's total quantity in place, keeping its time priority
+    /// (Binance's `order/amend/keepPriority`). The condition is the engine's, checked against
+    /// the order as it stands when the command applies: a `new_qty` not below the order's
+    /// current total is refused (`InvalidAmend`), never taken as an increase. (A gateway that
+    /// checked it against its read model and sent [`Command::Amend`] could raise what a
+    /// concurrent amend had just lowered.) Appended last: journals written before it still
+    /// decode.
+    AmendKeepPriority {
+        /// Owner.
+        account: AccountId,
+        /// Market.
+        market: MarketId,
+        /// Which order.
+        order: OrderRef,
+        /// New total quantity (filled included), below the current one.
+        new_qty: Qty,
+    },
 }
 
 impl Command {
@@ -369,6 +386,7 @@ impl Command {
                 | Command::Cancel { .. }
                 | Command::CancelAll { .. }
                 | Command::Amend { .. }
+                | Command::AmendKeepPriority { .. }
         )
     }
 }

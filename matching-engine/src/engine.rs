@@ -1097,6 +1097,12 @@ impl Engine {
                 new_price,
                 new_qty,
             } => self.amend(account, market, order, new_price, new_qty, out),
+            Command::AmendKeepPriority {
+                account,
+                market,
+                order,
+                new_qty,
+            } => self.amend_keep_priority(account, market, order, new_qty, out),
             Command::Credit {
                 account,
                 asset,
@@ -2091,6 +2097,27 @@ impl Engine {
             }
             _ => unreachable!("only stop orders wait for a trigger"),
         }
+    }
+
+    /// [`Command::AmendKeepPriority`]: [`Self::amend`] of the quantity alone, refused unless
+    /// `new_qty` is below the order's current total (so it keeps time priority).
+    fn amend_keep_priority(
+        &mut self,
+        account: AccountId,
+        market: MarketId,
+        order: OrderRef,
+        new_qty: Qty,
+        out: &mut Vec<Event>,
+    ) -> Result<Accept, RejectCode> {
+        let (found, _, slot) = self.find_order(account, market, order)?;
+        let Some(slot) = slot else {
+            return Err(RejectCode::InvalidAmend);
+        };
+        let node = self.markets[found.0 as usize].book.node(slot);
+        if new_qty >= node.data.orig_qty {
+            return Err(RejectCode::InvalidAmend);
+        }
+        self.amend(account, market, order, None, Some(new_qty), out)
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -604,6 +604,55 @@ fn amend_quantity_down_keeps_priority() {
     assert_eq!(h.bal(a, QUOTE), (10_000 - 400, 400));
 }
 
+fn keep_priority(h: &mut H, a: AccountId, id: OrderId, qty: u64) -> Result<Vec<Event>, RejectCode> {
+    h.cmd(Command::AmendKeepPriority {
+        account: a,
+        market: M,
+        order: OrderRef::Id(id),
+        new_qty: Qty(qty),
+    })
+}
+
+/// `AmendKeepPriority` checks its condition against the order as it stands when it applies: a
+/// quantity not below the current total is refused, never taken as an increase (which would
+/// drop the order to the back of its level and hold more). The case of two amends racing in a
+/// gateway: the first lowered 10 to 4, the second (checked by the gateway against 10) asks for 8.
+#[test]
+fn amend_keep_priority_refuses_a_quantity_not_below_the_current_one() {
+    let mut h = H::new();
+    let a = h.account(0, 10_000);
+    let b = h.account(0, 10_000);
+    let first = h.limit(a, Side::Buy, 100, 10);
+    let second = h.limit(b, Side::Buy, 100, 10);
+    let ev = keep_priority(&mut h, a, first, 4).unwrap();
+    assert!(ev.iter().any(|e| matches!(
+        e,
+        Event::OrderAmended {
+            kept_priority: true,
+            ..
+        }
+    )));
+    for qty in [8, 4, 12] {
+        assert_eq!(
+            keep_priority(&mut h, a, first, qty).unwrap_err(),
+            RejectCode::InvalidAmend,
+            "{qty}"
+        );
+    }
+    assert_eq!(
+        keep_priority(&mut h, a, first, 0).unwrap_err(),
+        RejectCode::ZeroQuantity
+    );
+    // Nothing changed by the refusals: still first in line, 4 held.
+    assert_eq!(h.queue(100), vec![first, second]);
+    assert_eq!(h.bal(a, QUOTE), (10_000 - 400, 400));
+    // Another account's order is unknown to it.
+    assert_eq!(
+        keep_priority(&mut h, b, first, 2).unwrap_err(),
+        RejectCode::UnknownOrder
+    );
+}
+
 #[test]
 fn amend_quantity_up_or_price_change_loses_priority() {
     let mut h = H::new();

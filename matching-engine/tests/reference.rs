@@ -1134,6 +1134,24 @@ impl Reference {
                 new_price,
                 new_qty,
             } => self.amend(account, market, order, new_price, new_qty, &mut evs)?,
+            Command::AmendKeepPriority {
+                account,
+                market,
+                order,
+                new_qty,
+            } => {
+                // "A new quantity not below the order's current total is refused, never taken
+                // as an increase."
+                let i = match self.find(account, market, order)? {
+                    Found::Resting(i) => i,
+                    Found::Stop(_) => return Err(RejectCode::InvalidAmend),
+                };
+                let o = &self.orders[i];
+                if new_qty.0 >= o.open + o.filled {
+                    return Err(RejectCode::InvalidAmend);
+                }
+                self.amend(account, market, order, None, Some(new_qty), &mut evs)?
+            }
             Command::WithdrawHold {
                 account,
                 asset,
@@ -2370,6 +2388,14 @@ fn arb_command() -> impl Strategy<Value = Command> {
                 new_price,
                 new_qty,
             }),
+        2 => (arb_account(), arb_market(), arb_ref(), arb_qty()).prop_map(
+            |(account, market, order, new_qty)| Command::AmendKeepPriority {
+                account,
+                market,
+                order,
+                new_qty,
+            }
+        ),
         1 => (arb_account(), arb_asset(), arb_amount(), 0u8..6).prop_map(
             |(account, asset, amount, k)| Command::Credit { account, asset, amount, key: key(k) }
         ),

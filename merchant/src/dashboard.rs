@@ -1400,12 +1400,12 @@ pub async fn settings(
     b.push_str("<h2>Point of sale</h2>");
     let (switch_to, label) = match &settings.pos_token {
         Some(t) => {
-            let base =
-                st.cfg()
-                    .public_url
-                    .as_deref()
-                    .unwrap_or("")
-                    .trim_end_matches('/');
+            let base = st
+                .cfg()
+                .public_url
+                .as_deref()
+                .unwrap_or("")
+                .trim_end_matches('/');
             let _ = write!(
                 b,
                 "<p>On: <a class=\"addr pos-link\" href=\"{base}/pos/{t}\">{base}/pos/{t}</a></p>",

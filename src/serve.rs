@@ -1,11 +1,12 @@
 //! `mediator serve`: everything in one process with embedded defaults. Start-up order: the
 //! node (started here on regtest when none is configured), the API's storage, journal recovery
 //! through the history's floor (the read models and the history rows a crash kept from SQLite are
-//! rebuilt from the replay), the engine thread, the custody service and its loop, then the HTTP
+//! rebuilt from the replay), the engine thread, the custody service, the Lightning node attached
+//! to it, custody's loop, then the HTTP
 //! listeners: the public one (`listen`) and the admin one (`admin_listen`: `/mapi/v1/admin/*`,
 //! `/metrics`).
-//! The Lightning node (`[lightning]`, on by default on regtest) starts after custody and stops
-//! before it.
+//! The Lightning node (`[lightning]`, on by default on regtest) starts after the custody service
+//! and before custody's loop (whose reconciliation counts the node's funds), and stops before it.
 //! SIGINT/SIGTERM: stop accepting, finish in-flight requests, stop custody, flush and stop the
 //! engine (journal synced), stop the node we started. If the engine stops on its own (a journal
 //! write or `fdatasync` failed) the same shutdown runs and the process exits non-zero.
@@ -92,7 +93,6 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .map_err(|e| anyhow!("custody service: {e}"))?;
     service.set_decision_log(Arc::new(crate::custody::AuditDecisions(node.state.clone())));
     let service = Arc::new(Mutex::new(service));
-    let runner = Runner::spawn(service.clone())?;
     let client = Arc::new(rpc_client(&rpc)?);
     let custody = Arc::new(WalletCustody::new(service.clone(), client, cfg.network));
     node.state
@@ -114,6 +114,10 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
             ln.service.config().listen
         );
     }
+    // Custody's loop only now: its first step already counts the Lightning node's funds
+    // (`set_lightning`). Started before, it reconciled without them and reported a false
+    // shortfall on every restart with Lightning-held funds.
+    let runner = Runner::spawn(service.clone())?;
     let gauges = spawn_gauges(node.state.clone(), custody, custody_cfg.poll_interval);
     // Merchant payments: the monitor (custody deposits → invoices) and the webhook dispatcher.
     let merchant = {

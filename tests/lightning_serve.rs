@@ -282,7 +282,10 @@ fn deposit_and_withdraw_over_lightning_through_serve() {
 
     // A restart keeps the node's identity and its records.
     assert!(s.terminate().success());
+    let log = dir.path().join("api").join(api::proofs::AUDIT_FILE);
+    let last_seq = reserves::auditlog::tail(&log, 1).unwrap()[0].seq;
     let s = Server::start(dir.path(), free_port());
+    start_up_reconciliation_counts_the_lightning_node(&log, last_seq);
     assert_eq!(s.admin(&["ln", "balance"])["node_id"], node_id.as_str());
     let c = Client::new(
         s.addr,
@@ -295,6 +298,25 @@ fn deposit_and_withdraw_over_lightning_through_serve() {
         "completed"
     );
     cust.stop().unwrap();
+}
+
+/// Regression: the restarted server's first custody reconciliations (`custody.reconcile` in the
+/// audit log, after entry `last_seq`) find no shortfall. Before, custody's loop started before
+/// the Lightning node was attached: its first steps counted the node's funds as 0 and logged a
+/// false "reconciliation shortfall" on every restart with Lightning-held funds.
+fn start_up_reconciliation_counts_the_lightning_node(log: &std::path::Path, last_seq: u64) {
+    let mut after = Vec::new();
+    wait_until("the first reconciliation after the restart", 60, || {
+        after = reserves::auditlog::tail(log, usize::MAX)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.seq > last_seq && e.action == "custody.reconcile")
+            .collect();
+        !after.is_empty()
+    });
+    for e in &after {
+        assert_eq!(e.params["shortfall"], "false", "{e:?}");
+    }
 }
 
 /// Custody's rules and alarms reach Lightning in `mediator serve` (`[custody]` from a config

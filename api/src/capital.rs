@@ -550,7 +550,8 @@ pub async fn admin_flagged(State(st): State<AppState>, req: Req) -> Result<Respo
     Ok(ok_json(&ctx, to_json(&v)?))
 }
 
-/// `POST /mapi/v1/admin/accounts/clearFlag` (ADMIN): clears an account's flag.
+/// `POST /mapi/v1/admin/accounts/clearFlag` (ADMIN): clears an account's flag. Logged before
+/// (`account.clear_flag.intent`) and after (`account.clear_flag` with its outcome).
 pub async fn admin_clear_flag(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let account = p
@@ -558,8 +559,14 @@ pub async fn admin_clear_flag(State(st): State<AppState>, req: Req) -> Result<Re
         .ok_or_else(|| ApiError::missing("account"))?;
     let account = u32::try_from(account).map_err(|_| ApiError::invalid_value("account"))?;
     p.finish()?;
-    call(&st, move |c| c.clear_flag(account)).await?;
-    st.audit("account.clear_flag", json!({ "account": account }))?;
+    custody(&st)?;
+    st.audited(
+        "account.clear_flag",
+        json!({ "account": account }),
+        call(&st, move |c| c.clear_flag(account)),
+        |_| Ok(json!({ "account": account })),
+    )
+    .await?;
     Ok(ok_json(
         &ctx,
         json!({ "account": account, "cleared": true }),
@@ -582,13 +589,20 @@ pub async fn admin_alarms(State(st): State<AppState>, req: Req) -> Result<Respon
     Ok(ok_json(&ctx, to_json(&v)?))
 }
 
-/// `POST /mapi/v1/admin/alarms/clear` (ADMIN): clears an alarm by `id`.
+/// `POST /mapi/v1/admin/alarms/clear` (ADMIN): clears an alarm by `id`. Logged before
+/// (`alarm.clear.intent`) and after (`alarm.clear` with its outcome).
 pub async fn admin_clear_alarm(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
     p.finish()?;
-    call(&st, move |c| c.clear_alarm(id)).await?;
-    st.audit("alarm.clear", json!({ "id": id }))?;
+    custody(&st)?;
+    st.audited(
+        "alarm.clear",
+        json!({ "id": id }),
+        call(&st, move |c| c.clear_alarm(id)),
+        |_| Ok(json!({ "id": id })),
+    )
+    .await?;
     Ok(ok_json(&ctx, json!({ "id": id, "cleared": true })))
 }
 
@@ -602,14 +616,23 @@ pub async fn admin_reconcile(State(st): State<AppState>, req: Req) -> Result<Res
 }
 
 /// `GET /mapi/v1/admin/reconcile/records` (ADMIN): the two-sided reconciliation of the records.
+/// It raises an alarm per mismatch (custody state), so it is logged before
+/// (`reconcile.records.intent`) and after (`reconcile.records` with the report as its outcome).
 pub async fn admin_reconcile_records(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
     let (_, p, ctx) = st.signed(&req)?;
     p.finish()?;
-    let r = call(&st, |c| c.reconcile_records()).await?;
-    st.audit("reconcile.records", to_json(&r)?)?;
+    custody(&st)?;
+    let r = st
+        .audited(
+            "reconcile.records",
+            json!({}),
+            call(&st, |c| c.reconcile_records()),
+            to_json,
+        )
+        .await?;
     Ok(ok_json(&ctx, to_json(&r)?))
 }
 
@@ -629,12 +652,21 @@ pub async fn admin_mine(State(st): State<AppState>, req: Req) -> Result<Response
 }
 
 /// `POST /mapi/v1/admin/regtest/fund` (ADMIN): pays a coinbase to the account and credits it;
-/// answers `{"account": a, "amount_sat": n, "amount": "50.00000000"}`.
+/// answers `{"account": a, "amount_sat": n, "amount": "50.00000000"}`. Logged before
+/// (`regtest.fund.intent`) and after (`regtest.fund` with its outcome).
 pub async fn admin_fund(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p, "account")?;
     p.finish()?;
-    let sat = call(&st, move |c| c.regtest_fund(account)).await?;
+    custody(&st)?;
+    let sat = st
+        .audited(
+            "regtest.fund",
+            json!({ "account": account }),
+            call(&st, move |c| c.regtest_fund(account)),
+            |sat| Ok(json!({ "account": account, "amount_sat": sat })),
+        )
+        .await?;
     Ok(ok_json(
         &ctx,
         json!({

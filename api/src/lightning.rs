@@ -166,12 +166,17 @@ fn unavailable() -> ApiError {
     }
 }
 
+/// The attached node, or `503` / `-1001`.
+fn lightning(st: &AppState) -> Result<Handle, ApiError> {
+    st.0.lightning.get().cloned().ok_or_else(unavailable)
+}
+
 async fn call<T, F>(st: &AppState, f: F) -> Result<T, ApiError>
 where
     T: Send + 'static,
     F: FnOnce(&dyn Lightning) -> Result<T, CustodyError> + Send + 'static,
 {
-    let ln = st.0.lightning.get().cloned().ok_or_else(unavailable)?;
+    let ln = lightning(st)?;
     tokio::task::spawn_blocking(move || f(&*ln))
         .await
         .map_err(|e| {
@@ -268,7 +273,7 @@ pub async fn admin_balance(State(st): State<AppState>, req: Req) -> Result<Respo
 }
 
 /// `POST /mapi/v1/admin/lightning/channel/open` (ADMIN): `peer` (`NODEID@HOST:PORT`),
-/// `amountSat` → `{"channelId"}`. Audited.
+/// `amountSat` → `{"channelId"}`. Audited before and after (intent, outcome).
 pub async fn admin_open(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let peer = p.req("peer")?;
@@ -279,15 +284,27 @@ pub async fn admin_open(State(st): State<AppState>, req: Req) -> Result<Response
         .opt_u64("amountSat")?
         .ok_or_else(|| ApiError::missing("amountSat"))?;
     p.finish()?;
-    st.audit(
-        "lightning.open_channel",
-        json!({"peer": peer, "amount_sat": amount}),
-    )?;
-    let id = call(&st, move |l| l.open_channel(&peer, amount)).await?;
+    // Custody's money moves into a channel: announced before (`lightning.open_channel.intent`),
+    // its outcome (with the channel id) logged after.
+    lightning(&st)?;
+    let announced = json!({"peer": &peer, "amount_sat": amount});
+    let id = st
+        .audited(
+            "lightning.open_channel",
+            announced.clone(),
+            call(&st, move |l| l.open_channel(&peer, amount)),
+            |id| {
+                let mut v = announced.clone();
+                v["channel_id"] = json!(id);
+                Ok(v)
+            },
+        )
+        .await?;
     Ok(ok_json(&ctx, json!({"channelId": id})))
 }
 
-/// `POST /mapi/v1/admin/lightning/channel/close` (ADMIN): `channelId`. Audited.
+/// `POST /mapi/v1/admin/lightning/channel/close` (ADMIN): `channelId`. Audited before and after
+/// (intent, outcome).
 pub async fn admin_close(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let id = p.req("channelId")?;
@@ -295,8 +312,16 @@ pub async fn admin_close(State(st): State<AppState>, req: Req) -> Result<Respons
         return Err(ApiError::illegal("channelId", "^[0-9]{1,40}$"));
     }
     p.finish()?;
-    st.audit("lightning.close_channel", json!({"channel_id": id}))?;
-    call(&st, move |l| l.close_channel(&id)).await?;
+    // Announced before (`lightning.close_channel.intent`), its outcome logged after.
+    lightning(&st)?;
+    let announced = json!({"channel_id": &id});
+    st.audited(
+        "lightning.close_channel",
+        announced.clone(),
+        call(&st, move |l| l.close_channel(&id)),
+        |_| Ok(announced.clone()),
+    )
+    .await?;
     Ok(ok_json(&ctx, json!({})))
 }
 

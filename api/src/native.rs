@@ -248,7 +248,8 @@ pub async fn admin_create_key(State(st): State<AppState>, req: Req) -> Result<Re
 }
 
 /// `POST /mapi/v1/admin/credit` (ADMIN): records an operator deposit (e.g. quote currency
-/// received off-chain). Idempotent by `reference`.
+/// received off-chain). Idempotent by `reference`. Logged before (`credit.intent`) and after
+/// (`credit` with its outcome and `duplicate`).
 pub async fn admin_credit(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&mut p, "account")?;
@@ -263,18 +264,30 @@ pub async fn admin_credit(State(st): State<AppState>, req: Req) -> Result<Respon
             "BTC is held by custody: it is credited by on-chain deposits, not by an operator.",
         ));
     }
-    let reply = st
-        .submit(Command::Credit {
-            account,
-            asset,
-            amount,
-            key: IdempotencyKey::reference(&r),
+    // Money: announced before it is submitted (`credit.intent`), its outcome logged after.
+    let announced =
+        json!({ "account": account.0, "asset": asset.0, "amount": amount.0, "reference": &r });
+    let credit = async {
+        let reply = st
+            .submit(Command::Credit {
+                account,
+                asset,
+                amount,
+                key: IdempotencyKey::reference(&r),
+            })
+            .await?;
+        match reply.result {
+            Ok(()) => Ok(duplicate(&reply.events)),
+            Err(code) => Err(ApiError::command_rejected(code)),
+        }
+    };
+    let dup = st
+        .audited("credit", announced.clone(), credit, |dup| {
+            let mut v = announced.clone();
+            v["duplicate"] = json!(dup);
+            Ok(v)
         })
         .await?;
-    if let Err(code) = reply.result {
-        return Err(ApiError::command_rejected(code));
-    }
-    st.audit("credit", json!({ "account": account.0, "asset": asset.0, "amount": amount.0, "reference": &r, "duplicate": duplicate(&reply.events) }))?;
     Ok(ok_json(
         &ctx,
         json!({
@@ -282,7 +295,7 @@ pub async fn admin_credit(State(st): State<AppState>, req: Req) -> Result<Respon
             "asset": st.markets().assets[usize::from(asset.0)].symbol,
             "amount": crate::decimal::format_units(amount.0, decimals),
             "reference": r,
-            "duplicate": duplicate(&reply.events),
+            "duplicate": dup,
         }),
     ))
 }

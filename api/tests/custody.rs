@@ -1248,3 +1248,259 @@ async fn a_refused_approval_is_logged_as_refused() {
     assert_eq!(last.params["code"], -4000);
     assert!(report.open_intents.is_empty());
 }
+
+/// The audit log's last seq now (entries after it belong to what the test does next).
+fn audit_seq(h: &Harness) -> u64 {
+    h.state.audit_head().0
+}
+
+/// With the audit log dead after `k` more appends, an admin action `action` (which `acted` says
+/// happened or not) left: at `k = 0` no action (the intent could not be written), at `k = 1`
+/// the action and its open intent, from `k = 2` on intent and `done` outcome. In every case:
+/// no action without a record. Entries after `base` are this request's.
+fn assert_recorded_before_acting(
+    h: &Harness,
+    base: u64,
+    k: u64,
+    action: &str,
+    acted: bool,
+    r: &common::Resp,
+) {
+    let (entries, report) = audit_log(h);
+    let recorded: Vec<_> = entries
+        .iter()
+        .filter(|e| e.seq > base && e.action.starts_with(action))
+        .collect();
+    assert!(
+        !acted || !recorded.is_empty(),
+        "{action}, log dead after {k}: acted ({}) and the log has no record",
+        r.json
+    );
+    assert!(report.ok(), "{:?}", report.breaks);
+    match k {
+        0 => {
+            assert!(!acted, "{action}: acted without a record");
+            assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+        }
+        1 => {
+            assert!(acted, "{action}");
+            assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{action}");
+            assert_eq!(recorded.len(), 1, "{recorded:?}");
+            assert_eq!(recorded[0].action, format!("{action}.intent"));
+            assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
+            assert_eq!(report.open_intents[0].action, action);
+            assert_eq!(report.open_intents[0].seq, recorded[0].seq);
+        }
+        _ => {
+            assert!(acted, "{action}");
+            assert_eq!(r.status, StatusCode::OK, "{action}: {}", r.json);
+            assert_eq!(recorded.len(), 2, "{recorded:?}");
+            assert_eq!(recorded[0].action, format!("{action}.intent"));
+            assert_eq!(recorded[1].action, action);
+            assert_eq!(recorded[1].params["outcome"], "done");
+            assert_eq!(recorded[1].params["intent"], recorded[0].seq);
+            assert!(report.open_intents.is_empty(), "{:?}", report.open_intents);
+        }
+    }
+}
+
+/// Regression: the admin credit (money) was logged only after the ledger applied it, so a log
+/// that died in between left a credit with no record (k = 0 failed on the old code).
+#[tokio::test]
+async fn an_admin_credit_is_recorded_even_if_the_log_dies_right_after_it() {
+    for k in 0..=2 {
+        let s = setup(true).await;
+        let before = s.h.balance(&s.trader, "USD").await;
+        let base = audit_seq(&s.h);
+        s.h.state.audit_log().fail_appends_after(k);
+        let r =
+            s.h.signed(
+                "POST",
+                "/mapi/v1/admin/credit",
+                &format!("account={}&asset=USD&amount=25&reference=wire-1", s.acct),
+                &s.h.admin,
+            )
+            .await;
+        let acted = s.h.balance(&s.trader, "USD").await != before;
+        assert_recorded_before_acting(&s.h, base, k, "credit", acted, &r);
+        if k >= 2 {
+            let (entries, _) = audit_log(&s.h);
+            let done = entries.last().unwrap();
+            assert_eq!(done.params["reference"], "wire-1");
+            assert_eq!(done.params["duplicate"], false);
+            assert_eq!(done.params["account"], s.acct);
+        }
+    }
+    // A refused credit (unknown account is refused before; a zero amount by the engine or the
+    // parser) leaves no intent open.
+    let s = setup(true).await;
+    let r =
+        s.h.signed(
+            "POST",
+            "/mapi/v1/admin/credit",
+            "account=999&asset=USD&amount=1&reference=x",
+            &s.h.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    assert!(audit_log(&s.h).1.open_intents.is_empty());
+}
+
+/// Regression: clearing a flag or an alarm, funding on regtest and the records reconciliation
+/// (which raises alarms) were logged only after custody acted: a log that died in between left
+/// the action with no record (k = 0 failed on the old code for each).
+#[tokio::test]
+async fn custody_admin_actions_are_recorded_even_if_the_log_dies_right_after_them() {
+    let cases: [(&str, &str, &str, &str, &str); 4] = [
+        (
+            "POST",
+            "/mapi/v1/admin/accounts/clearFlag",
+            "account=7",
+            "clear_flag(7)",
+            "account.clear_flag",
+        ),
+        (
+            "POST",
+            "/mapi/v1/admin/alarms/clear",
+            "id=1",
+            "clear_alarm(1)",
+            "alarm.clear",
+        ),
+        (
+            "POST",
+            "/mapi/v1/admin/regtest/fund",
+            "account=ACCT",
+            "regtest_fund(ACCT)",
+            "regtest.fund",
+        ),
+        (
+            "GET",
+            "/mapi/v1/admin/reconcile/records",
+            "",
+            "reconcile_records()",
+            "reconcile.records",
+        ),
+    ];
+    for (method, path, params, call, action) in cases {
+        for k in 0..=2 {
+            let s = setup(true).await;
+            let params = params.replace("ACCT", &s.acct.to_string());
+            let call = call.replace("ACCT", &s.acct.to_string());
+            let base = audit_seq(&s.h);
+            s.h.state.audit_log().fail_appends_after(k);
+            let r = s.h.signed(method, path, &params, &s.h.admin).await;
+            let acted = s.fake.calls().contains(&call);
+            assert_recorded_before_acting(&s.h, base, k, action, acted, &r);
+        }
+    }
+    // Custody's refusal closes the intent as `refused`, with its code.
+    let s = setup(true).await;
+    *s.fake.fail.lock().unwrap() = Some(CustodyError::bad_request(-4035, "Unknown alarm."));
+    let r =
+        s.h.signed("POST", "/mapi/v1/admin/alarms/clear", "id=9", &s.h.admin)
+            .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    let (entries, report) = audit_log(&s.h);
+    let last = entries.last().unwrap();
+    assert_eq!(last.action, "alarm.clear");
+    assert_eq!(last.params["outcome"], "refused");
+    assert_eq!(last.params["code"], -4035);
+    assert!(report.open_intents.is_empty());
+}
+
+/// A Lightning node that records the operator's channel calls.
+#[derive(Debug, Default)]
+struct FakeLn {
+    calls: Mutex<Vec<String>>,
+}
+
+impl api::lightning::Lightning for FakeLn {
+    fn deposit_invoice(
+        &self,
+        _: u32,
+        _: u64,
+    ) -> Result<api::lightning::LnInvoiceInfo, CustodyError> {
+        Err(CustodyError::internal("not in this test"))
+    }
+    fn merchant_invoice(
+        &self,
+        _: u32,
+        _: u64,
+        _: &str,
+        _: u32,
+    ) -> Result<api::lightning::LnInvoiceInfo, CustodyError> {
+        Err(CustodyError::internal("not in this test"))
+    }
+    fn received(&self, _: &str) -> Result<Option<api::lightning::LnReceived>, CustodyError> {
+        Ok(None)
+    }
+    fn pay(&self, _: u32, _: &str) -> Result<api::lightning::LnPaymentInfo, CustodyError> {
+        Err(CustodyError::internal("not in this test"))
+    }
+    fn payment(
+        &self,
+        _: u32,
+        _: u64,
+    ) -> Result<Option<api::lightning::LnPaymentInfo>, CustodyError> {
+        Ok(None)
+    }
+    fn channels(&self) -> Result<Vec<api::lightning::LnChannelInfo>, CustodyError> {
+        Ok(Vec::new())
+    }
+    fn balance(&self) -> Result<api::lightning::LnBalanceInfo, CustodyError> {
+        Err(CustodyError::internal("not in this test"))
+    }
+    fn open_channel(&self, peer: &str, amount_sat: u64) -> Result<String, CustodyError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("open_channel({peer},{amount_sat})"));
+        Ok("42".into())
+    }
+    fn close_channel(&self, channel_id: &str) -> Result<(), CustodyError> {
+        self.calls
+            .lock()
+            .unwrap()
+            .push(format!("close_channel({channel_id})"));
+        Ok(())
+    }
+    fn onchain_address(&self) -> Result<String, CustodyError> {
+        Err(CustodyError::internal("not in this test"))
+    }
+}
+
+/// Opening and closing a channel move custody's money: both are announced before the node is
+/// asked (before, the open had only a record before and the close no outcome).
+#[tokio::test]
+async fn lightning_channel_actions_are_recorded_even_if_the_log_dies_right_after_them() {
+    let peer = format!("{}@127.0.0.1:9735", "02".repeat(33));
+    for (path, params, call, action) in [
+        (
+            "/mapi/v1/admin/lightning/channel/open",
+            format!("peer={peer}&amountSat=100000"),
+            format!("open_channel({peer},100000)"),
+            "lightning.open_channel",
+        ),
+        (
+            "/mapi/v1/admin/lightning/channel/close",
+            "channelId=42".to_owned(),
+            "close_channel(42)".to_owned(),
+            "lightning.close_channel",
+        ),
+    ] {
+        for k in 0..=2 {
+            let s = setup(true).await;
+            let ln = Arc::new(FakeLn::default());
+            assert!(s.h.state.set_lightning(ln.clone()).is_ok());
+            let base = audit_seq(&s.h);
+            s.h.state.audit_log().fail_appends_after(k);
+            let r = s.h.signed("POST", path, &params, &s.h.admin).await;
+            let acted = ln.calls.lock().unwrap().contains(&call);
+            assert_recorded_before_acting(&s.h, base, k, action, acted, &r);
+            if k >= 2 && action == "lightning.open_channel" {
+                let (entries, _) = audit_log(&s.h);
+                assert_eq!(entries.last().unwrap().params["channel_id"], "42");
+            }
+        }
+    }
+}

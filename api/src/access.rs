@@ -136,6 +136,9 @@ pub struct Route {
     /// `address` needs `withdraw` (a refund `toAccount` goes back to the payer only).
     pub also: Option<(&'static str, Perms)>,
     handler: fn() -> MethodRouter<AppState>,
+    /// The handler's path as written in the table (`t::new_order`): the WebSocket API calls
+    /// the same function directly and a test compares the names ([`crate::wsapi::METHODS`]).
+    pub handler_name: &'static str,
 }
 
 use Access::{Key, Public, Session, Signed, Token};
@@ -169,6 +172,7 @@ macro_rules! route {
                 "PUT" => put($h),
                 _ => delete($h),
             },
+            handler_name: stringify!($h),
         }
     };
 }

@@ -17,6 +17,10 @@
 
 mod common;
 
+/// The allocator `mediator serve` runs with (`src/main.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use api::keys::{sign, Perms};
 use common::now_ms;
 use futures_util::{SinkExt, StreamExt};

@@ -23,6 +23,11 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+/// The allocator: mimalloc (the API's request path allocates per request; glibc's malloc was ~10%
+/// of its CPU under load, `api/tests/load.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Mediator: a Bitcoin exchange and payment engine.
 #[derive(Debug, Parser)]
 #[command(name = "mediator", version, about)]

@@ -136,10 +136,14 @@ pub struct Route {
     /// `address` needs `withdraw` (a refund `toAccount` goes back to the payer only).
     pub also: Option<(&'static str, Perms)>,
     handler: fn() -> MethodRouter<AppState>,
+    /// The handler's path as written in the table (`t::new_order`): the WebSocket API calls
+    /// the same function directly and a test compares the names ([`crate::wsapi::METHODS`]).
+    pub handler_name: &'static str,
 }
 
 impl Route {
     /// A row: `handler` builds the route's method router (what [`route!`](crate::route) writes).
+    #[allow(clippy::too_many_arguments)]
     pub const fn new(
         method: &'static str,
         path: &'static str,
@@ -148,6 +152,7 @@ impl Route {
         listener: Listener,
         also: Option<(&'static str, Perms)>,
         handler: fn() -> MethodRouter<AppState>,
+        handler_name: &'static str,
     ) -> Self {
         Self {
             method,
@@ -157,6 +162,7 @@ impl Route {
             listener,
             also,
             handler,
+            handler_name,
         }
     }
 }
@@ -185,12 +191,21 @@ macro_rules! route {
         $crate::route!($m, $path, $access, $w, $l, $h, None)
     };
     ($m:literal, $path:literal, $access:expr, $w:expr, $l:expr, $h:expr, $also:expr) => {
-        $crate::access::Route::new($m, $path, $access, $w, $l, $also, || match $m {
-            "GET" => $crate::access::routing_fns::get($h),
-            "POST" => $crate::access::routing_fns::post($h),
-            "PUT" => $crate::access::routing_fns::put($h),
-            _ => $crate::access::routing_fns::delete($h),
-        })
+        $crate::access::Route::new(
+            $m,
+            $path,
+            $access,
+            $w,
+            $l,
+            $also,
+            || match $m {
+                "GET" => $crate::access::routing_fns::get($h),
+                "POST" => $crate::access::routing_fns::post($h),
+                "PUT" => $crate::access::routing_fns::put($h),
+                _ => $crate::access::routing_fns::delete($h),
+            },
+            stringify!($h),
+        )
     };
 }
 

@@ -146,9 +146,9 @@ impl Store {
 
     /// Writes order and trade rows and the engine sequence number they reach, in one
     /// transaction (upserts: replays are idempotent).
-    pub fn write_history(
+    pub fn write_history<'a>(
         conn: &mut Connection,
-        orders: &[OrderRec],
+        orders: impl IntoIterator<Item = &'a OrderRec>,
         trades: &[TradeRec],
         seq: u64,
     ) -> Result<(), StoreError> {
@@ -161,29 +161,33 @@ impl Store {
             let mut o = tx.prepare_cached(
                 "INSERT OR REPLACE INTO orders(order_id, account, market, client_id, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6)",
             )?;
+            // One encoding buffer for the whole transaction.
+            let mut data = Vec::with_capacity(256);
             for r in orders {
-                let data = postcard::to_allocvec(r).unwrap_or_default();
+                data.clear();
+                data = postcard::to_extend(r, data).unwrap_or_default();
                 o.execute(params![
                     to_sql(r.id),
                     r.account,
                     r.market,
                     r.client_id,
                     to_sql(r.time_ms),
-                    data
+                    &data[..]
                 ])?;
             }
             let mut t = tx.prepare_cached(
                 "INSERT OR REPLACE INTO trades(trade_id, market, maker_account, taker_account, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6)",
             )?;
             for r in trades {
-                let data = postcard::to_allocvec(r).unwrap_or_default();
+                data.clear();
+                data = postcard::to_extend(r, data).unwrap_or_default();
                 t.execute(params![
                     to_sql(r.id),
                     r.market,
                     r.maker_account,
                     r.taker_account,
                     to_sql(r.time_ms),
-                    data
+                    &data[..]
                 ])?;
             }
         }

@@ -443,9 +443,10 @@ async fn place(st: &AppState, parsed: &Parsed) -> Result<Value, ApiError> {
 }
 
 fn with_order_count(mut res: Response, orders: u64) -> Response {
-    if let Ok(h) = axum::http::HeaderValue::from_str(&orders.to_string()) {
-        res.headers_mut().insert("x-mbx-order-count-10s", h);
-    }
+    res.headers_mut().insert(
+        "x-mbx-order-count-10s",
+        axum::http::HeaderValue::from(orders),
+    );
     res
 }
 

@@ -2,12 +2,15 @@
 //! `{"id","status","result"|"error","rateLimits"}`.
 //!
 //! **Contract: a WebSocket API method is a REST route.** Every method of [`METHODS`] names the
-//! `(HTTP method, path)` of one row of [`crate::access::ROUTES`]; the request is turned into that
-//! route's request (parameters as the query, `apiKey` as `X-MBX-APIKEY`, the connection's client
-//! address) and served by the public router itself, so it gets the row's permission and weight,
-//! the handler REST runs (`order.place` is `POST /api/v3/order`: the same parsing and the same
-//! order placement), the same rate limits, error codes and outcomes (`-1007` when the engine's
-//! answer is unknown, after the same 30 s request timeout). The only difference is the
+//! `(HTTP method, path)` of one row of [`crate::access::ROUTES`] and that row's handler function
+//! (a unit test compares the names); the request is turned into that route's [`Req`]
+//! (parameters as the query, `apiKey` as `X-MBX-APIKEY`, the row, the connection's client
+//! address) and given to the handler directly (no HTTP request, router or middleware per call:
+//! the method table is static), so it gets the row's permission and weight, the handler REST
+//! runs (`order.place` is `POST /api/v3/order`: the same parsing and the same order placement),
+//! the same rate limits, error codes and outcomes (`-1007` when the engine's answer is unknown,
+//! after the same 30 s request timeout, which this module applies as the REST middleware does;
+//! calls count in the same HTTP metrics). The only difference is the
 //! signature: HMAC-SHA256 over every parameter but `signature`, sorted by name, as
 //! `name=value&...` ([`ws_api_signed_payload`]; values as sent, or form-encoded as
 //! python-binance signs them), checked where REST checks its own ([`WsApiCall`]).
@@ -23,13 +26,12 @@
 use crate::error::ApiError;
 use crate::keys::Perms;
 use crate::readmodel::UserMsg;
-use crate::state::{AppState, ClientIp};
+use crate::state::{AppState, ClientIp, Req};
 use crate::ws::{admit, close, closed_by_peer, limited, Alive, Liveness, SEND_TIMEOUT};
 use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
-use axum::http::{HeaderValue, Request, StatusCode};
+use axum::http::{HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::Router;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{FutureExt, SinkExt, StreamExt};
 use serde_json::{json, Value};
@@ -48,7 +50,14 @@ pub const MAX_WS_API_SUBSCRIPTION_IDS: u64 = 65_535;
 /// `userDataStream` requests), charged to the IP.
 pub const OTHER_WEIGHT: u64 = 2;
 
-/// One WebSocket API method: the REST route it is.
+/// A REST handler called directly with a built [`Req`] (no HTTP request, router or
+/// middleware in between).
+pub type Handler = fn(AppState, Req) -> Pin<Box<dyn Future<Output = HandlerResult> + Send>>;
+
+/// What a REST handler returns.
+pub type HandlerResult = Result<Response, ApiError>;
+
+/// One WebSocket API method: the REST route it is, and that route's handler.
 #[derive(Debug)]
 pub struct WsMethod {
     /// The `method` of a request.
@@ -57,52 +66,119 @@ pub struct WsMethod {
     pub http: &'static str,
     /// The route's path in [`crate::access::ROUTES`].
     pub path: &'static str,
+    /// The handler, as the route's row names it ([`crate::access::Route::handler_name`]).
+    pub handler_name: &'static str,
+    handler: Handler,
 }
 
-const fn m(name: &'static str, http: &'static str, path: &'static str) -> WsMethod {
-    WsMethod { name, http, path }
+/// `m!(name, http, path, handler)`: a method served by the route's own handler function.
+macro_rules! m {
+    ($name:literal, $http:literal, $path:literal, $h:path) => {
+        WsMethod {
+            name: $name,
+            http: $http,
+            path: $path,
+            handler_name: stringify!($h),
+            handler: |st, req| Box::pin($h(State(st), req)),
+        }
+    };
 }
 
 /// The WebSocket API's methods (printed in `api/README.md`, "WebSocket API", with each row's
 /// weight and permission from [`crate::access::ROUTES`]).
-pub static METHODS: &[WsMethod] = &[
-    m("ping", "GET", "/api/v3/ping"),
-    m("time", "GET", "/api/v3/time"),
-    m("exchangeInfo", "GET", "/api/v3/exchangeInfo"),
-    m("depth", "GET", "/api/v3/depth"),
-    m("trades.recent", "GET", "/api/v3/trades"),
-    m("trades.historical", "GET", "/api/v3/historicalTrades"),
-    m("trades.aggregate", "GET", "/api/v3/aggTrades"),
-    m("klines", "GET", "/api/v3/klines"),
-    m("uiKlines", "GET", "/api/v3/uiKlines"),
-    m("avgPrice", "GET", "/api/v3/avgPrice"),
-    m("ticker.24hr", "GET", "/api/v3/ticker/24hr"),
-    m("ticker.tradingDay", "GET", "/api/v3/ticker/tradingDay"),
-    m("ticker", "GET", "/api/v3/ticker"),
-    m("ticker.price", "GET", "/api/v3/ticker/price"),
-    m("ticker.book", "GET", "/api/v3/ticker/bookTicker"),
-    m("order.place", "POST", "/api/v3/order"),
-    m("order.test", "POST", "/api/v3/order/test"),
-    m("order.status", "GET", "/api/v3/order"),
-    m("order.cancel", "DELETE", "/api/v3/order"),
-    m("order.cancelReplace", "POST", "/api/v3/order/cancelReplace"),
-    m(
-        "order.amend.keepPriority",
-        "PUT",
-        "/api/v3/order/amend/keepPriority",
-    ),
-    m("openOrders.status", "GET", "/api/v3/openOrders"),
-    m("openOrders.cancelAll", "DELETE", "/api/v3/openOrders"),
-    m("allOrders", "GET", "/api/v3/allOrders"),
-    m("myTrades", "GET", "/api/v3/myTrades"),
-    m("account.status", "GET", "/api/v3/account"),
-    m("account.commission", "GET", "/api/v3/account/commission"),
-    m(
-        "account.rateLimits.orders",
-        "GET",
-        "/api/v3/rateLimit/order",
-    ),
-];
+pub static METHODS: &[WsMethod] = {
+    use crate::{catalog as cat, public as p, trade as t};
+    &[
+        m!("ping", "GET", "/api/v3/ping", p::ping),
+        m!("time", "GET", "/api/v3/time", p::time),
+        m!(
+            "exchangeInfo",
+            "GET",
+            "/api/v3/exchangeInfo",
+            p::exchange_info
+        ),
+        m!("depth", "GET", "/api/v3/depth", p::depth),
+        m!("trades.recent", "GET", "/api/v3/trades", p::trades),
+        m!(
+            "trades.historical",
+            "GET",
+            "/api/v3/historicalTrades",
+            p::historical_trades
+        ),
+        m!(
+            "trades.aggregate",
+            "GET",
+            "/api/v3/aggTrades",
+            p::agg_trades
+        ),
+        m!("klines", "GET", "/api/v3/klines", p::klines),
+        m!("uiKlines", "GET", "/api/v3/uiKlines", p::klines),
+        m!("avgPrice", "GET", "/api/v3/avgPrice", p::avg_price),
+        m!("ticker.24hr", "GET", "/api/v3/ticker/24hr", p::ticker_24hr),
+        m!(
+            "ticker.tradingDay",
+            "GET",
+            "/api/v3/ticker/tradingDay",
+            p::ticker_trading_day
+        ),
+        m!("ticker", "GET", "/api/v3/ticker", p::ticker_window),
+        m!(
+            "ticker.price",
+            "GET",
+            "/api/v3/ticker/price",
+            p::ticker_price
+        ),
+        m!(
+            "ticker.book",
+            "GET",
+            "/api/v3/ticker/bookTicker",
+            p::book_ticker
+        ),
+        m!("order.place", "POST", "/api/v3/order", t::new_order),
+        m!("order.test", "POST", "/api/v3/order/test", t::test_order),
+        m!("order.status", "GET", "/api/v3/order", t::get_order),
+        m!("order.cancel", "DELETE", "/api/v3/order", t::cancel_order),
+        m!(
+            "order.cancelReplace",
+            "POST",
+            "/api/v3/order/cancelReplace",
+            t::cancel_replace
+        ),
+        m!(
+            "order.amend.keepPriority",
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            t::amend_keep_priority
+        ),
+        m!(
+            "openOrders.status",
+            "GET",
+            "/api/v3/openOrders",
+            t::open_orders
+        ),
+        m!(
+            "openOrders.cancelAll",
+            "DELETE",
+            "/api/v3/openOrders",
+            t::cancel_open_orders
+        ),
+        m!("allOrders", "GET", "/api/v3/allOrders", t::all_orders),
+        m!("myTrades", "GET", "/api/v3/myTrades", t::my_trades),
+        m!("account.status", "GET", "/api/v3/account", t::account),
+        m!(
+            "account.commission",
+            "GET",
+            "/api/v3/account/commission",
+            cat::account_commission
+        ),
+        m!(
+            "account.rateLimits.orders",
+            "GET",
+            "/api/v3/rateLimit/order",
+            cat::rate_limit_order
+        ),
+    ]
+};
 
 /// The method called `name` and its row of the permission table.
 pub fn method(name: &str) -> Option<(&'static WsMethod, &'static crate::access::Route)> {
@@ -371,12 +447,14 @@ fn query_of(params: &serde_json::Map<String, Value>) -> Result<String, ApiError>
     Ok(q)
 }
 
-/// The HTTP request a WebSocket API request is, for its route (see the module documentation).
-fn to_http(
-    route: &crate::access::Route,
+/// The REST request a WebSocket API request is, for its route (see the module documentation):
+/// the parameters as the query, `apiKey` as `X-MBX-APIKEY`, the route's row, the connection's
+/// address and the signature, as [`Req::from_request`](crate::state::Req) makes them for REST.
+fn to_req(
+    route: &'static crate::access::Route,
     params: &serde_json::Map<String, Value>,
     ip: &str,
-) -> Result<Request<axum::body::Body>, ApiError> {
+) -> Result<Req, ApiError> {
     let query = query_of(params)?;
     let mut call = WsApiCall {
         ip: ip.to_owned(),
@@ -392,23 +470,20 @@ fn to_http(
             call.payloads.push(enc);
         }
     }
-    let uri = if query.is_empty() {
-        route.path.to_owned()
-    } else {
-        format!("{}?{query}", route.path)
-    };
-    let mut req = Request::builder()
-        .method(route.method)
-        .uri(uri)
-        .body(axum::body::Body::empty())
-        .map_err(|_| ApiError::bad(-1100, "Illegal characters found in a parameter."))?;
+    let mut headers = axum::http::HeaderMap::new();
     if let Some(k) = params.get("apiKey") {
         let k = k.as_str().ok_or_else(ApiError::key_format)?;
         let h = HeaderValue::from_str(k).map_err(|_| ApiError::key_format())?;
-        req.headers_mut().insert("x-mbx-apikey", h);
+        headers.insert("x-mbx-apikey", h);
     }
-    req.extensions_mut().insert(call);
-    Ok(req)
+    Ok(Req {
+        headers,
+        query,
+        body: String::new(),
+        ip: ip.to_owned(),
+        route: Some(route),
+        ws: Some(call),
+    })
 }
 
 /// The `rateLimits` of an answer: the REST answer's headers, or, when it has none (an error),
@@ -449,18 +524,19 @@ fn rate_limits(st: &AppState, ip: &str, headers: &axum::http::HeaderMap) -> Stri
     out
 }
 
-/// Serves one method through the public router; the answer's text.
+/// Serves one method by its route's handler, with what the REST middleware adds (the request
+/// timeout, `-1007` after it; the HTTP metrics); the answer's text.
 async fn call(
-    router: Router,
     st: AppState,
     id: Value,
+    method: &'static WsMethod,
     route: &'static crate::access::Route,
     params: serde_json::Map<String, Value>,
     ip: String,
 ) -> String {
     let with_limits = params.get("returnRateLimits") != Some(&Value::Bool(false));
     let empty = axum::http::HeaderMap::new();
-    let req = match to_http(route, &params, &ip) {
+    let req = match to_req(route, &params, &ip) {
         Ok(r) => r,
         Err(e) => {
             // Not a request REST could express: charged like any other malformed message.
@@ -471,10 +547,18 @@ async fn call(
         }
     };
     drop(params);
-    let res = match tower::ServiceExt::oneshot(router, req).await {
-        Ok(r) => r,
-        Err(never) => match never {},
+    let t0 = std::time::Instant::now();
+    let span = tracing::info_span!("ws_api_request", method = method.name);
+    let run = tracing::Instrument::instrument((method.handler)(st.clone(), req), span.clone());
+    let res = match tokio::time::timeout(crate::app::REQUEST_TIMEOUT, run).await {
+        Ok(Ok(res)) => res,
+        Ok(Err(e)) => e.into_response(),
+        Err(_) => {
+            span.in_scope(|| tracing::warn!("request timed out"));
+            ApiError::outcome_unknown().into_response()
+        }
     };
+    st.0.metrics.http(res.status(), t0.elapsed());
     let (parts, body) = res.into_parts();
     let body = match axum::body::to_bytes(body, usize::MAX).await {
         Ok(b) => b,
@@ -541,7 +625,6 @@ type Pending = Pin<Box<dyn Future<Output = String> + Send>>;
 /// Answers a message that is not a routed method at once (`None`: a routed method, queued).
 fn handle(
     st: &AppState,
-    router: &Router,
     ip: &str,
     text: &str,
     subs: &mut Subscriptions,
@@ -556,11 +639,11 @@ fn handle(
             })
         }
     };
-    if let Some((_, route)) = method.as_deref().and_then(self::method) {
+    if let Some((m, route)) = method.as_deref().and_then(self::method) {
         inflight.push(Box::pin(call(
-            router.clone(),
             st.clone(),
             id,
+            m,
             route,
             params,
             ip.to_owned(),
@@ -604,7 +687,6 @@ async fn write_all(socket: &mut WebSocket, out: &mut Vec<String>) -> bool {
 }
 
 async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
-    let router = crate::app::public_app(st.clone());
     let cap = st.0.cfg.ws_api_max_in_flight.max(1);
     // Subscribed to the user events only while a `userDataStream` subscription is active: a
     // connection that only trades neither pays for every account's events nor is cut off for
@@ -633,7 +715,7 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                     alive.touch();
                     match m {
                         Message::Text(t) => {
-                            let answered = handle(st, &router, ip, t.as_str(), &mut subs, &inflight);
+                            let answered = handle(st, ip, t.as_str(), &mut subs, &inflight);
                             match (subs.active.is_empty(), urx.is_some()) {
                                 (false, false) => urx = Some(st.0.rm.user_tx.subscribe()),
                                 (true, true) => urx = None,
@@ -735,6 +817,8 @@ mod tests {
     fn every_method_is_a_row_of_the_permission_table() {
         for (i, m) in METHODS.iter().enumerate() {
             let (_, route) = method(m.name).unwrap_or_else(|| panic!("{} has no route", m.name));
+            // The handler called directly is the one the route serves.
+            assert_eq!(route.handler_name, m.handler_name, "{}", m.name);
             assert_eq!(
                 route.listener,
                 crate::access::Listener::Public,

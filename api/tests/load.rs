@@ -9,8 +9,17 @@
 //! (HTTP/1.1); a WebSocket connection keeps `LOAD_WS_WINDOW` (default 1) in flight. The load
 //! generator shares the machine's cores with the server. `LOAD_CONNECTIONS` (64),
 //! `LOAD_SECONDS` (10 per phase), `LOAD_ONLY` (`rest` or `ws`).
+//!
+//! Each phase prints orders/s, p50/p99 and the process's CPU time (user + system, what
+//! `getrusage(RUSAGE_SELF)` counts, read from `/proc/self/stat`) per order, client included,
+//! and that CPU time split by thread name (`/proc/self/task/*/stat`): a measure that other
+//! processes on the machine disturb far less than the wall-clock rate.
 
 mod common;
+
+/// The allocator `mediator serve` runs with (`src/main.rs`).
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use api::keys::{sign, Perms};
 use common::now_ms;
@@ -161,18 +170,93 @@ async fn signed_order_placement_rest_and_ws_api() {
     };
     if only != "ws" {
         let l0 = load("?");
+        let cpu0 = Cpu::now();
         let lat = rest_phase(addr, &accounts, seconds).await;
         report("REST", connections, 1, &lat.0, lat.1, &l0);
+        Cpu::now().since(&cpu0).print("REST", lat.0.len());
     }
     if only != "rest" {
         let l0 = load("?");
+        let cpu0 = Cpu::now();
         let lat = ws_phase(addr, &accounts, seconds, window).await;
         report("WS-API", connections, window, &lat.0, lat.1, &l0);
+        Cpu::now().since(&cpu0).print("WS-API", lat.0.len());
     }
     let _ = stop_tx.send(());
     let _ = server.await;
     drop(state);
     node.shutdown().unwrap();
+}
+
+/// Clock ticks per second of `/proc`'s CPU times (`getconf CLK_TCK`: 100 on Linux).
+const TICKS_PER_S: u64 = 100;
+
+/// The process's CPU time (user + system, in clock ticks) and each live thread's, by name.
+#[derive(Debug, Default)]
+struct Cpu {
+    total: u64,
+    threads: std::collections::BTreeMap<String, u64>,
+}
+
+/// `(name, utime + stime)` of a `/proc/.../stat` line.
+fn stat_ticks(path: &std::path::Path) -> Option<(String, u64)> {
+    let s = std::fs::read_to_string(path).ok()?;
+    let open = s.find('(')?;
+    let close = s.rfind(')')?;
+    let name = s[open + 1..close].to_owned();
+    // After the name: state (field 3) ... utime (14), stime (15).
+    let f: Vec<&str> = s[close + 1..].split_whitespace().collect();
+    let ticks = f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?;
+    Some((name, ticks))
+}
+
+impl Cpu {
+    fn now() -> Cpu {
+        let mut c = Cpu {
+            total: stat_ticks(std::path::Path::new("/proc/self/stat")).map_or(0, |t| t.1),
+            ..Default::default()
+        };
+        if let Ok(dir) = std::fs::read_dir("/proc/self/task") {
+            for e in dir.flatten() {
+                if let Some((name, t)) = stat_ticks(&e.path().join("stat")) {
+                    *c.threads.entry(name).or_default() += t;
+                }
+            }
+        }
+        c
+    }
+
+    fn since(&self, before: &Cpu) -> Cpu {
+        Cpu {
+            total: self.total.saturating_sub(before.total),
+            threads: self
+                .threads
+                .iter()
+                .map(|(n, t)| {
+                    let b = before.threads.get(n).copied().unwrap_or(0);
+                    (n.clone(), t.saturating_sub(b))
+                })
+                .filter(|(_, t)| *t > 0)
+                .collect(),
+        }
+    }
+
+    /// CPU µs per order, in all and by thread name.
+    fn print(&self, what: &str, orders: usize) {
+        let per = |ticks: u64| ticks * 1_000_000 / TICKS_PER_S / (orders.max(1) as u64);
+        let mut by: Vec<_> = self.threads.iter().collect();
+        by.sort_by(|a, b| b.1.cmp(a.1));
+        let parts: Vec<String> = by
+            .iter()
+            .map(|(n, t)| format!("{n} {}", per(**t)))
+            .collect();
+        println!(
+            "{what}: CPU {} µs/order (user+sys, client included; {} CPU-ms for {orders} orders); by thread µs/order: {}",
+            per(self.total),
+            self.total * 1000 / TICKS_PER_S,
+            parts.join(", ")
+        );
+    }
 }
 
 /// Prints one row of the measurement.

@@ -145,7 +145,10 @@ impl Store {
     }
 
     /// Writes order and trade rows and the engine sequence number they reach, in one
-    /// transaction (upserts: replays are idempotent).
+    /// transaction (upserts: replays are idempotent). `ON CONFLICT .. DO UPDATE`, not `INSERT OR
+    /// REPLACE`: REPLACE on a table with indexes and `NOT NULL` columns makes SQLite keep a
+    /// statement journal (a copy of every page each row's insert touches) and, for a row that
+    /// exists, delete and re-insert its index entries.
     pub fn write_history<'a>(
         conn: &mut Connection,
         orders: impl IntoIterator<Item = &'a OrderRec>,
@@ -159,7 +162,9 @@ impl Store {
         )?;
         {
             let mut o = tx.prepare_cached(
-                "INSERT OR REPLACE INTO orders(order_id, account, market, client_id, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6)",
+                "INSERT INTO orders(order_id, account, market, client_id, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6) \
+                 ON CONFLICT(order_id) DO UPDATE SET account = excluded.account, market = excluded.market, \
+                 client_id = excluded.client_id, time_ms = excluded.time_ms, data = excluded.data",
             )?;
             // One encoding buffer for the whole transaction.
             let mut data = Vec::with_capacity(256);
@@ -176,7 +181,9 @@ impl Store {
                 ])?;
             }
             let mut t = tx.prepare_cached(
-                "INSERT OR REPLACE INTO trades(trade_id, market, maker_account, taker_account, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6)",
+                "INSERT INTO trades(trade_id, market, maker_account, taker_account, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6) \
+                 ON CONFLICT(trade_id) DO UPDATE SET market = excluded.market, maker_account = excluded.maker_account, \
+                 taker_account = excluded.taker_account, time_ms = excluded.time_ms, data = excluded.data",
             )?;
             for r in trades {
                 data.clear();
@@ -401,5 +408,73 @@ mod tests {
         let bytes = postcard::to_allocvec(&rec).unwrap();
         assert_eq!(decode_order(&bytes), Some(rec));
         assert_eq!(decode_order(&[1, 2, 3]), None);
+    }
+    /// A row written again (an order that filled, a replay after a restart) replaces the one
+    /// before in the table and in every index: looked up by id, by client id and in the account's
+    /// list, it is the new row once; a trade written twice is one trade.
+    #[test]
+    fn history_rows_written_again_replace_the_rows_before() {
+        let dir = std::env::temp_dir().join(format!(
+            "mediator-store-upsert-{}-{}",
+            std::process::id(),
+            crate::core::wall_clock_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("api.sqlite")).unwrap();
+        let info = OrderInfo {
+            order: OrderId(7),
+            account: AccountId(3),
+            market: MarketId(0),
+            side: Side::Buy,
+            client_id: Some(ClientOrderId::new("first").unwrap()),
+        };
+        let t = OrderType::Limit {
+            price: Price(100),
+            qty: Qty(2),
+        };
+        let placed = OrderRec::placed(info, &t, TimeInForce::Gtc, false, StpMode::None, 5);
+        let trade = TradeRec {
+            id: 1,
+            market: 0,
+            price: 100,
+            qty: 1,
+            quote: 100,
+            taker_side: Side::Sell,
+            maker_order: 7,
+            taker_order: 8,
+            maker_account: 3,
+            taker_account: 4,
+            maker_fee: 0,
+            taker_fee: 0,
+            time_ms: 6,
+        };
+        let mut conn = store.connect().unwrap();
+        Store::write_history(&mut conn, [&placed], std::slice::from_ref(&trade), 1).unwrap();
+        let mut filled = placed.clone();
+        filled.executed = 1;
+        filled.client_id = "second".into();
+        filled.time_ms = 9;
+        Store::write_history(&mut conn, [&filled], std::slice::from_ref(&trade), 2).unwrap();
+
+        assert_eq!(store.order(3, 7).unwrap(), Some(filled.clone()));
+        assert_eq!(
+            store.order_by_client(3, "second").unwrap(),
+            Some(filled.clone())
+        );
+        assert_eq!(store.order_by_client(3, "first").unwrap(), None);
+        assert_eq!(
+            store.orders(3, 0, None, None, None, 10).unwrap(),
+            vec![filled]
+        );
+        assert_eq!(
+            store.trades(3, 0, None, None, None, 10).unwrap(),
+            vec![trade.clone()]
+        );
+        assert_eq!(
+            store.trades(4, 0, None, None, None, 10).unwrap(),
+            vec![trade]
+        );
+        assert_eq!(store.history_seq().unwrap(), 2);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

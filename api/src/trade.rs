@@ -314,13 +314,14 @@ pub(crate) fn order_from_events(
 }
 
 /// An order's record (as the read models hold it, maybe from before the command) as the
-/// command's own `events` leave it: the status and filled quantity of its `OrderDone`, the
+/// command's own `events` leave it: the status, filled quantity and quote filled of its
+/// `OrderDone` (the engine counts an order's quote filled since it was placed, or since a
+/// format-3 snapshot was upgraded: the larger of it and the record's is the answer), the
 /// price, quantity and filled quantity of its `OrderAmended` (an amended order is open: `NEW`,
 /// or `PARTIALLY_FILLED` once something filled), and for a pending order of an OTO/OTOCO list
 /// the end of its list (`OtoDone`: `CANCELED` with a cancelled working order, else `EXPIRED`,
 /// as the read models record it). Answers about a command are built from its reply, which is
-/// authoritative, because the read models may lag the engine. (The cumulative quote quantity is
-/// the record's: a fill the read models have not applied yet is not in it.)
+/// authoritative, because the read models may lag the engine.
 pub(crate) fn after_events(mut o: OrderRec, events: &[Event], ms: u64) -> OrderRec {
     for ev in events {
         match *ev {
@@ -328,12 +329,14 @@ pub(crate) fn after_events(mut o: OrderRec, events: &[Event], ms: u64) -> OrderR
                 info,
                 reason,
                 filled,
+                quote,
                 ..
             } if info.order.0 == o.id => {
                 let budget = o.orig_quote != 0;
                 if !budget {
                     o.executed = filled.0;
                 }
+                o.cum_quote = o.cum_quote.max(quote.0);
                 o.status = OrdStatus::done(reason, budget, filled.0 > 0);
                 o.update_ms = ms;
             }
@@ -461,6 +464,14 @@ pub async fn new_order(State(st): State<AppState>, req: Req) -> Result<Response,
 }
 
 /// Cancels one order; Binance's cancel answer.
+///
+/// The answer is the order's record (price, type, time in force, ...) with the cancel's
+/// outcome from its own events ([`after_events`]). The engine's events do not carry the
+/// order's static fields, so the record must exist: when the read models do not hold the order,
+/// they are first waited for until they hold every command the engine applied before this one
+/// ([`AppState::sync_read_model`]); not in time, `-1008` and nothing is sent (sending the cancel
+/// and then failing to describe it would tell the client a cancel that happened failed). Held
+/// after the wait or never placed: the engine answers (`-2011` for an unknown order).
 async fn cancel(
     st: &AppState,
     account: u32,
@@ -468,6 +479,13 @@ async fn cancel(
     r: OrderRef,
     cancel_client: &str,
 ) -> Result<Value, ApiError> {
+    let mut before = lookup(st, account, r)?;
+    if before.is_none() {
+        if !st.sync_read_model().await {
+            return Err(ApiError::busy());
+        }
+        before = lookup(st, account, r)?;
+    }
     let reply = st
         .submit(Command::Cancel {
             account: AccountId(account),
@@ -481,12 +499,13 @@ async fn cancel(
     let id = *done_ids(&reply.events)
         .first()
         .ok_or_else(ApiError::internal)?;
-    // The order as the read models hold it (they may not have applied the cancel yet), with the
-    // cancel's outcome from its own events.
+    // The order as the read models hold it now (they may not have applied the cancel yet), or
+    // as they held it before the cancel, with the cancel's outcome from its own events.
     let o = st
         .read_model()
         .find_order(account, id)
         .map_err(internal)?
+        .or(before.filter(|o| o.id == id))
         .ok_or_else(ApiError::internal)?;
     let ms = accepted_ms(&reply.events);
     Ok(cancel_json(

@@ -516,3 +516,129 @@ async fn a_keep_priority_amend_racing_another_cannot_raise_the_quantity() {
         assert_eq!(o["status"], status, "{o}");
     }
 }
+
+/// `DELETE /api/v3/order` took its `cummulativeQuoteQty` from the read models' record: a fill
+/// they had not applied yet was missing from it (`18.00000000` here: the order's taker fill
+/// when placed, without the 0.002 at 19000 that filled it as a maker while they lagged). The
+/// engine's `OrderDone` now carries the order's quote filled over its life.
+#[tokio::test]
+async fn a_cancel_answer_counts_the_quote_of_a_fill_the_read_model_has_not_applied() {
+    let (h, gate) = gated();
+    let (_, buyer) = h.trader("0", "100000").await;
+    let (_, seller) = h.trader("1", "0").await;
+    let sell = |qty: &str, price: &str, tif: &str| {
+        format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce={tif}&quantity={qty}&price={price}")
+    };
+    // A resting ask the buy takes when placed (quote 18), then it rests at 19000.
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        &sell("0.001", "18000", "GTC"),
+        &seller,
+    )
+    .await;
+    let o = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000",
+            &buyer,
+        )
+        .await;
+    assert_eq!(o["cummulativeQuoteQty"], "18.00000000", "{o}");
+    let id = o["orderId"].as_u64().unwrap();
+    gate.pause();
+    // Filled 0.002 at 19000 (quote 38) while the read models lag.
+    let sold = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            &sell("0.002", "19000", "IOC"),
+            &seller,
+        )
+        .await;
+    assert_eq!(sold["status"], "FILLED", "{sold}");
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+    assert_eq!(
+        (
+            r.json["status"].as_str(),
+            r.json["executedQty"].as_str(),
+            r.json["cummulativeQuoteQty"].as_str()
+        ),
+        (Some("CANCELED"), Some("0.00300000"), Some("56.00000000")),
+        "{}",
+        r.json
+    );
+    // The read models catch up and say the same.
+    gate.resume();
+    assert!(h.state.sync_read_model().await);
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(
+        (o["status"].as_str(), o["cummulativeQuoteQty"].as_str()),
+        (Some("CANCELED"), Some("56.00000000")),
+        "{o}"
+    );
+}
+
+/// A cancel of an order the read models had not seen yet (placed while they lagged): the engine
+/// cancelled it, then the handler found no record to answer with and said `-1000`: the client
+/// was told a cancel that happened failed. Now the cancel first waits for the read models to
+/// hold every earlier command; when they do not in time it answers `-1008` and sends nothing
+/// (the order stays open), and once they do, the cancel answers the cancelled order and a retry
+/// answers `-2011` (unknown order).
+#[tokio::test]
+async fn cancelling_an_order_the_read_model_never_saw_is_refused_cleanly_or_answered() {
+    let (h, gate) = gated();
+    let (_, t) = h.trader("0", "100000").await;
+    gate.pause();
+    let o = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000",
+            &t,
+        )
+        .await;
+    let id = o["orderId"].as_u64().unwrap();
+    let params = format!("symbol=BTCUSD&orderId={id}");
+    let cancel = || h.signed("DELETE", "/api/v3/order", &params, &t);
+    let r = cancel().await;
+    assert_eq!(r.code(), -1008, "{}", r.json);
+    gate.resume();
+    assert!(h.state.sync_read_model().await);
+    // Nothing was sent: the order is still open.
+    let q = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &t,
+        )
+        .await;
+    assert_eq!(q["status"], "NEW", "{q}");
+    let r = cancel().await;
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+    assert_eq!(
+        (r.json["orderId"].as_u64(), r.json["status"].as_str()),
+        (Some(id), Some("CANCELED")),
+        "{}",
+        r.json
+    );
+    let r = cancel().await;
+    assert_eq!(r.code(), -2011, "{}", r.json);
+}

@@ -45,6 +45,10 @@ pub struct OrderMeta {
     pub tif: TimeInForce,
     /// Client order id.
     pub client_id: Option<ClientOrderId>,
+    /// Quote value of its fills so far (the sum of its trades' notional). Not in the snapshot's
+    /// order records: a format-4 snapshot carries it in [`EngineSnapshot::order_quotes`].
+    #[serde(skip)]
+    pub quote: Amount,
 }
 
 impl Default for OrderMeta {
@@ -58,6 +62,7 @@ impl Default for OrderMeta {
             post_only: false,
             tif: TimeInForce::Gtc,
             client_id: None,
+            quote: Amount(0),
         }
     }
 }
@@ -215,6 +220,8 @@ struct Taker {
     /// Quote-budget buy: quantity is bounded by `hold` only; reported remaining is 0.
     budget: bool,
     filled: Qty,
+    /// Quote value of its fills so far.
+    quote: Amount,
     hold: Amount,
     stp: StpMode,
 }
@@ -599,6 +606,7 @@ impl Engine {
                 account: s.order.account,
                 hold: s.hold,
                 filled: Qty(0),
+                quote: Amount(0),
                 orig_qty: qty,
                 stp: s.order.stp,
                 post_only: false,
@@ -1430,6 +1438,7 @@ impl Engine {
             },
             reason,
             filled: node.data.filled,
+            quote: node.data.quote,
             remaining: node.qty,
         });
         if !self.list_of.is_empty() {
@@ -1467,6 +1476,7 @@ impl Engine {
             info: stop_info(market, &s),
             reason,
             filled: Qty(0),
+            quote: Amount(0),
             remaining: qty,
         });
         if !self.list_of.is_empty() {
@@ -1735,6 +1745,7 @@ impl Engine {
                     remaining: qty,
                     budget: false,
                     filled: Qty(0),
+                    quote: Amount(0),
                     hold,
                     stp: o.stp,
                 };
@@ -1749,6 +1760,7 @@ impl Engine {
                     remaining: if budget { Qty::MAX } else { market_qty },
                     budget,
                     filled: Qty(0),
+                    quote: Amount(0),
                     hold,
                     stp: o.stp,
                 };
@@ -1799,6 +1811,7 @@ impl Engine {
                 post_only,
                 tif,
                 client_id: t.info.client_id,
+                quote: t.quote,
             };
             let m = &mut self.markets[mi];
             m.book
@@ -1831,6 +1844,7 @@ impl Engine {
             info: t.info,
             reason,
             filled: t.filled,
+            quote: t.quote,
             remaining: if t.budget || end == MatchEnd::Filled {
                 Qty(0)
             } else {
@@ -1924,6 +1938,10 @@ impl Engine {
                 .add_available(FEE_ACCOUNT, p.quote, taker_fee.0 + maker_fee.0);
             t.remaining.0 -= q.0;
             t.filled.0 += q.0;
+            t.quote = t
+                .quote
+                .checked_add(notional)
+                .expect("an order's fills are bounded by what it holds");
             let trade = TradeId(self.next_trade_id);
             self.next_trade_id += 1;
             let m = &mut self.markets[mi];
@@ -1951,6 +1969,10 @@ impl Engine {
             }
             let d = m.book.data_mut(slot);
             d.filled.0 += q.0;
+            d.quote = d
+                .quote
+                .checked_add(notional)
+                .expect("an order's fills are bounded by what it holds");
             d.hold.0 = d
                 .hold
                 .0
@@ -1971,6 +1993,7 @@ impl Engine {
                     },
                     reason: DoneReason::Filled,
                     filled: node.data.filled,
+                    quote: node.data.quote,
                     remaining: Qty(0),
                 });
             } else {
@@ -2047,6 +2070,7 @@ impl Engine {
                         info,
                         reason: DoneReason::IocRemainder,
                         filled: Qty(0),
+                        quote: Amount(0),
                         remaining: qty,
                     });
                     return;
@@ -2057,6 +2081,7 @@ impl Engine {
                     remaining: qty,
                     budget: false,
                     filled: Qty(0),
+                    quote: Amount(0),
                     hold: s.hold,
                     stp: o.stp,
                 };
@@ -2079,6 +2104,7 @@ impl Engine {
                             info,
                             reason: DoneReason::InsufficientBalance,
                             filled: Qty(0),
+                            quote: Amount(0),
                             remaining: qty,
                         });
                         return;
@@ -2090,6 +2116,7 @@ impl Engine {
                     remaining: qty,
                     budget: false,
                     filled: Qty(0),
+                    quote: Amount(0),
                     hold,
                     stp: o.stp,
                 };
@@ -2257,6 +2284,7 @@ impl Engine {
             remaining,
             budget: false,
             filled: node.data.filled,
+            quote: node.data.quote,
             hold: need,
             stp: node.data.stp,
         };
@@ -2450,6 +2478,7 @@ impl Engine {
                     account,
                     hold: leg_hold,
                     filled: Qty(0),
+                    quote: Amount(0),
                     orig_qty: qty,
                     stp: o.stp,
                     post_only: true,
@@ -2991,6 +3020,9 @@ pub struct EngineSnapshot {
     pub lists: Vec<OrderList>,
     /// Live OTO and OTOCO lists in their pending phase, by id (snapshot format 3).
     pub otos: Vec<OtoList>,
+    /// The quote value filled so far of each resting order that has one (non-zero), by id
+    /// (snapshot format 4; the order records themselves do not carry it).
+    pub order_quotes: Vec<(OrderId, Amount)>,
 }
 
 impl EngineSnapshot {
@@ -3000,6 +3032,9 @@ impl EngineSnapshot {
     /// The postcard bytes that turn a format-2 payload (before OTO lists) into a format-3 one:
     /// no OTO lists, appended after the last format-2 field.
     pub const V2_TO_V3_TRAILER: [u8; 1] = [0];
+    /// The postcard bytes that turn a format-3 payload (before per-order quote filled) into a
+    /// format-4 one: no order quotes (orders resting then count only their later fills).
+    pub const V3_TO_V4_TRAILER: [u8; 1] = [0];
 }
 
 /// A snapshot that does not describe a valid engine.
@@ -3017,6 +3052,7 @@ pub enum SnapshotError {
 impl Engine {
     /// A canonical copy of the whole state.
     pub fn snapshot(&self) -> EngineSnapshot {
+        let mut order_quotes = Vec::new();
         let markets = self
             .markets
             .iter()
@@ -3029,8 +3065,17 @@ impl Engine {
                             side: n.side,
                             price: n.price,
                             qty: n.qty,
-                            meta: n.data,
+                            meta: OrderMeta {
+                                quote: Amount(0),
+                                ..n.data
+                            },
                         }));
+                        order_quotes.extend(
+                            m.book
+                                .orders_at(price)
+                                .filter(|n| !n.data.quote.is_zero())
+                                .map(|n| (n.id, n.data.quote)),
+                        );
                     }
                 }
                 MarketSnapshot {
@@ -3068,6 +3113,10 @@ impl Engine {
             next_list_id: self.next_list_id,
             lists: self.lists.values().copied().collect(),
             otos: self.otos.values().copied().collect(),
+            order_quotes: {
+                order_quotes.sort_unstable_by_key(|(id, _)| *id);
+                order_quotes
+            },
         }
     }
 
@@ -3099,6 +3148,12 @@ impl Engine {
             }
             Ok(())
         };
+        if s.order_quotes.windows(2).any(|w| w[0].0 >= w[1].0)
+            || s.order_quotes.iter().any(|(_, q)| q.is_zero())
+        {
+            return Err(SnapshotError::Inconsistent("order quotes"));
+        }
+        let mut quotes: FxHashMap<OrderId, Amount> = s.order_quotes.into_iter().collect();
         for (mi, ms) in s.markets.into_iter().enumerate() {
             let market = MarketId(mi as u16);
             let m = &mut e.markets[mi];
@@ -3121,8 +3176,12 @@ impl Engine {
                     return Err(SnapshotError::Inconsistent("crossed book"));
                 }
                 new_id(o.id)?;
+                let meta = OrderMeta {
+                    quote: quotes.remove(&o.id).unwrap_or_default(),
+                    ..o.meta
+                };
                 m.book
-                    .insert(o.id, o.side, o.price, o.qty, o.meta)
+                    .insert(o.id, o.side, o.price, o.qty, meta)
                     .map_err(|_| SnapshotError::Inconsistent("book full"))?;
                 e.accounts[account].open_orders += 1;
                 if let Some(c) = o.meta.client_id {
@@ -3167,6 +3226,11 @@ impl Engine {
                     }
                 }
             }
+        }
+        if !quotes.is_empty() {
+            return Err(SnapshotError::Inconsistent(
+                "quote of an order not in the book",
+            ));
         }
         e.credit_keys = s.credit_keys.into_iter().collect();
         e.transfer_keys = s.transfer_keys.into_iter().collect();
@@ -3245,10 +3309,16 @@ impl crate::StateMachine for Engine {
             1 => {
                 payload.extend_from_slice(&EngineSnapshot::V1_TO_V2_TRAILER);
                 payload.extend_from_slice(&EngineSnapshot::V2_TO_V3_TRAILER);
+                payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
                 true
             }
             2 => {
                 payload.extend_from_slice(&EngineSnapshot::V2_TO_V3_TRAILER);
+                payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
+                true
+            }
+            3 => {
+                payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
                 true
             }
             _ => false,

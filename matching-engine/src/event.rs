@@ -138,6 +138,10 @@ pub enum Event {
         reason: DoneReason,
         /// Quantity filled over its life.
         filled: Qty,
+        /// Quote value of its fills over its life (the sum of its trades' `notional`; Binance's
+        /// `cummulativeQuoteQty`). For an order resting when a format-3 snapshot was upgraded,
+        /// only the fills since.
+        quote: Amount,
         /// Quantity that was still open and is now gone (zero when filled).
         remaining: Qty,
     },

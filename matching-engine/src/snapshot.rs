@@ -33,8 +33,9 @@ use std::path::{Path, PathBuf};
 pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MEDSNAP1";
 /// The snapshot format version written and accepted. Older versions are accepted when
 /// [`StateMachine::upgrade_snapshot_payload`] knows them (the engine: version 1, before order
-/// lists; version 2, before OTO/OTOCO lists).
-pub const SNAPSHOT_VERSION: u32 = 3;
+/// lists; version 2, before OTO/OTOCO lists; version 3, before each resting order's quote
+/// filled).
+pub const SNAPSHOT_VERSION: u32 = 4;
 /// Length of the snapshot header in bytes.
 pub const SNAPSHOT_HEADER_BYTES: usize = 60;
 

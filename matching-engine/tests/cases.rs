@@ -219,6 +219,7 @@ fn done(ev: &[Event]) -> Vec<(OrderId, DoneReason, u64, u64)> {
                 reason,
                 filled,
                 remaining,
+                ..
             } => Some((info.order, reason, filled.0, remaining.0)),
             _ => None,
         })
@@ -2184,11 +2185,13 @@ fn a_format_1_snapshot_without_lists_still_loads() {
     h.limit(mm, Side::Sell, 120, 3);
     let dir = tempfile::tempdir().unwrap();
     let path = write_snapshot(dir.path(), &h.e).unwrap();
-    // Rewrite it as format 1: without the three trailing list fields.
+    // Rewrite it as format 1: without the three trailing list fields (and format 4's order
+    // quotes, none here).
     let bytes = std::fs::read(&path).unwrap();
     let trailer = [
         &EngineSnapshot::V1_TO_V2_TRAILER[..],
         &EngineSnapshot::V2_TO_V3_TRAILER[..],
+        &EngineSnapshot::V3_TO_V4_TRAILER[..],
     ]
     .concat();
     let payload = &bytes[60..bytes.len() - trailer.len()];
@@ -2203,7 +2206,7 @@ fn a_format_1_snapshot_without_lists_still_loads() {
     let e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
     assert_eq!(e.state_hash(), h.e.state_hash());
     // An unknown future version is refused.
-    v1[8..12].copy_from_slice(&4u32.to_le_bytes());
+    v1[8..12].copy_from_slice(&5u32.to_le_bytes());
     std::fs::write(&path, &v1).unwrap();
     assert!(read_snapshot::<Engine>(&path, h.e.seq()).is_err());
 }
@@ -2706,9 +2709,14 @@ fn a_format_2_snapshot_without_oto_lists_still_loads() {
     .unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = write_snapshot(dir.path(), &h.e).unwrap();
-    // Rewrite it as format 2: without the trailing OTO list field.
+    // Rewrite it as format 2: without the trailing OTO list field (and format 4's order
+    // quotes, none here).
     let bytes = std::fs::read(&path).unwrap();
-    let trailer = &EngineSnapshot::V2_TO_V3_TRAILER[..];
+    let trailer = &[
+        &EngineSnapshot::V2_TO_V3_TRAILER[..],
+        &EngineSnapshot::V3_TO_V4_TRAILER[..],
+    ]
+    .concat()[..];
     assert_eq!(&bytes[bytes.len() - trailer.len()..], trailer);
     let payload = &bytes[60..bytes.len() - trailer.len()];
     let mut v2 = bytes[..60].to_vec();
@@ -2812,4 +2820,64 @@ fn a_snapshot_of_a_version_this_build_cannot_read_is_refused_clearly() {
     restamp_snapshot(&path, SNAPSHOT_VERSION);
     let e: Engine = read_snapshot(&path, seq).unwrap();
     assert_eq!(e.state_hash(), h.e.state_hash());
+}
+
+/// The quote value of an order's trades, as taker or maker.
+fn quote_of(ev: &[Event], id: OrderId) -> u64 {
+    ev.iter()
+        .filter_map(|e| match *e {
+            Event::Trade {
+                maker_order,
+                taker_order,
+                notional,
+                ..
+            } if maker_order == id || taker_order == id => Some(notional.0),
+            _ => None,
+        })
+        .sum()
+}
+
+/// `OrderDone` carries the order's quote filled over its life (its fills as a taker when
+/// placed and as a maker since), and a snapshot keeps it for resting orders (format 4): the
+/// API answers a cancel's `cummulativeQuoteQty` from it while its read models lag.
+#[test]
+fn order_done_carries_the_quote_filled_over_the_orders_life_across_a_snapshot() {
+    let mut h = H::new();
+    let s = h.account(100, 0);
+    let b = h.account(0, 100_000);
+    h.limit(s, Side::Sell, 99, 3);
+    let (bid, placed) = h.order(lim(b, Side::Buy, 100, 10)).unwrap();
+    let mut fills = placed.clone();
+    let ioc = with_tif(lim(s, Side::Sell, 100, 2), TimeInForce::Ioc);
+    let (_, ev) = h.order(ioc).unwrap();
+    fills.extend(ev);
+    let want = quote_of(&fills, bid);
+    assert!(want > quote_of(&placed, bid) && quote_of(&placed, bid) > 0);
+    let snap = h.e.snapshot();
+    assert_eq!(snap.order_quotes, vec![(bid, Amount(want))]);
+    let bytes = postcard::to_stdvec(&snap).unwrap();
+    let mut r = Engine::from_snapshot(postcard::from_bytes(&bytes).unwrap()).unwrap();
+    assert_eq!(r.state_hash(), h.e.state_hash());
+    let cancel = Command::Cancel {
+        account: b,
+        market: M,
+        order: OrderRef::Id(bid),
+    };
+    let t = Timestamp(h.now + 5_000);
+    for e in [&mut h.e, &mut r] {
+        let mut out = vec![];
+        e.apply(&cancel, t, &mut out).unwrap();
+        let quotes: Vec<_> = out
+            .iter()
+            .filter_map(|e| match *e {
+                Event::OrderDone { info, quote, .. } if info.order == bid => Some(quote.0),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(quotes, vec![want], "{out:?}");
+    }
+    // A snapshot whose quotes name an order not in the book is refused.
+    let mut bad = h.e.snapshot();
+    bad.order_quotes.push((OrderId(bid.0 + 1_000), Amount(1)));
+    assert!(Engine::from_snapshot(bad).is_err());
 }

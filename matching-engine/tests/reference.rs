@@ -1998,6 +1998,7 @@ fn engine_evs(events: &[Event]) -> (bool, Vec<Ev>) {
                 reason,
                 filled,
                 remaining,
+                ..
             } => v.push(Ev::Done {
                 order: info.order.0,
                 reason,

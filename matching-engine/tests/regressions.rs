@@ -121,6 +121,7 @@ fn done(out: &[Event]) -> Vec<(u64, DoneReason, u64, u64)> {
                 reason,
                 filled,
                 remaining,
+                ..
             } => Some((info.order.0, reason, filled.0, remaining.0)),
             _ => None,
         })

@@ -345,9 +345,11 @@ impl<S: StateMachine> Store<S> {
                     tracing::warn!(path = %path.display(), reason, "skipping inconsistent snapshot");
                     corrupt.push(path);
                 }
+                // Not damaged: written by a newer build (a rollback) or a format this build no
+                // longer upgrades. Skipped but kept as it is, so the build that wrote it can
+                // still use it after rolling forward again.
                 Err(e @ SnapshotError::Version { .. }) => {
                     tracing::warn!(error = %e, "skipping a snapshot this build cannot read");
-                    corrupt.push(path);
                 }
                 Err(e) => return Err(e.into()),
             }

@@ -272,3 +272,26 @@ fn an_older_snapshot_version_the_state_cannot_upgrade_is_refused_clearly() {
     assert_eq!(r.report.snapshot_seq, Some(20));
     assert_eq!(r.state.state_hash(), before);
 }
+
+/// After a rollback, a snapshot written by a newer build (a newer format version) is skipped but
+/// left as it is: rolling forward again can still use it. (It was renamed `*.corrupt`, as if
+/// damaged.)
+#[test]
+fn a_snapshot_of_a_newer_format_is_skipped_and_kept_for_the_newer_build() {
+    use matching_engine::snapshot::SNAPSHOT_VERSION;
+    let dir = tempfile::tempdir().unwrap();
+    let before = run(dir.path(), &workload(60, 0), &[20, 40]);
+    let newest = dir.path().join(snapshot_file_name(40));
+    let mut bytes = std::fs::read(&newest).unwrap();
+    bytes[8..12].copy_from_slice(&(SNAPSHOT_VERSION + 1).to_le_bytes());
+    std::fs::write(&newest, &bytes).unwrap();
+    let r = open(dir.path()).unwrap();
+    assert_eq!(r.report.snapshot_seq, Some(20));
+    assert_eq!(r.state.state_hash(), before);
+    drop(r);
+    assert_eq!(
+        std::fs::read(&newest).unwrap(),
+        bytes,
+        "the newer build's snapshot is kept as it was"
+    );
+}

@@ -471,7 +471,11 @@ pub async fn new_order(State(st): State<AppState>, req: Req) -> Result<Response,
 /// they are first waited for until they hold every command the engine applied before this one
 /// ([`AppState::sync_read_model`]); not in time, `-1008` and nothing is sent (sending the cancel
 /// and then failing to describe it would tell the client a cancel that happened failed). Held
-/// after the wait or never placed: the engine answers (`-2011` for an unknown order).
+/// after the wait or never placed: the engine answers (`-2011` for an unknown order). The same
+/// wait comes first when a client order id names a finished order (the id may have been reused
+/// by an order the read models do not hold yet). Should the cancelled order still be missing
+/// after the cancel, the read models are waited for again, then `-1007`: never `-1000` for a
+/// cancel that happened.
 async fn cancel(
     st: &AppState,
     account: u32,
@@ -480,7 +484,11 @@ async fn cancel(
     cancel_client: &str,
 ) -> Result<Value, ApiError> {
     let mut before = lookup(st, account, r)?;
-    if before.is_none() {
+    // A client order id held by a finished order may have been reused by a newer order the
+    // read models have not applied yet (the engine cancels that one): wait for them as for an
+    // order they do not hold.
+    let stale = matches!(r, OrderRef::Client(_)) && before.as_ref().is_some_and(|o| !o.is_open());
+    if before.is_none() || stale {
         if !st.sync_read_model().await {
             return Err(ApiError::busy());
         }
@@ -501,12 +509,22 @@ async fn cancel(
         .ok_or_else(ApiError::internal)?;
     // The order as the read models hold it now (they may not have applied the cancel yet), or
     // as they held it before the cancel, with the cancel's outcome from its own events.
-    let o = st
+    let mut o = st
         .read_model()
         .find_order(account, id)
         .map_err(internal)?
-        .or(before.filter(|o| o.id == id))
-        .ok_or_else(ApiError::internal)?;
+        .or(before.filter(|o| o.id == id));
+    if o.is_none() {
+        // The engine cancelled another order than the one looked up (a client order id reused
+        // by an order the read models had not seen yet): the cancel happened, so wait for them
+        // to hold it and look again; not in time, its outcome is unknown to this answer
+        // (`-1007`, the client looks the order up), never an error after a done cancel.
+        if !st.read_model().wait_for(reply.seq).await {
+            return Err(ApiError::outcome_unknown());
+        }
+        o = st.read_model().find_order(account, id).map_err(internal)?;
+    }
+    let o = o.ok_or_else(ApiError::outcome_unknown)?;
     let ms = accepted_ms(&reply.events);
     Ok(cancel_json(
         m,

@@ -1203,10 +1203,11 @@ async fn an_approval_or_rejection_is_recorded_even_if_the_log_dies_right_after_i
                     assert!(!acted, "{action}: acted without a record");
                     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
                 }
-                // Acted, the outcome lost: the intent stays open, for `audit verify` to show.
+                // Acted, the outcome lost: the intent stays open, for `audit verify` to show,
+                // and the answer is the action's (not -1000, which invites doing it twice).
                 1 => {
                     assert!(acted);
-                    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+                    assert_eq!(r.status, StatusCode::OK, "{action}: {}", r.json);
                     assert_eq!(recorded.len(), 1, "{recorded:?}");
                     assert_eq!(recorded[0].action, format!("{action}.intent"));
                     assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
@@ -1282,9 +1283,12 @@ fn assert_recorded_before_acting(
             assert!(!acted, "{action}: acted without a record");
             assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
         }
+        // Acted, the outcome lost: the intent stays open ("may have happened") and the answer
+        // is the action's own. Regression: it was -1000, and an admin who retried a
+        // non-idempotent action (open a channel) did it twice.
         1 => {
             assert!(acted, "{action}");
-            assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{action}");
+            assert_eq!(r.status, StatusCode::OK, "{action}: {}", r.json);
             assert_eq!(recorded.len(), 1, "{recorded:?}");
             assert_eq!(recorded[0].action, format!("{action}.intent"));
             assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
@@ -1406,6 +1410,24 @@ async fn custody_admin_actions_are_recorded_even_if_the_log_dies_right_after_the
     assert_eq!(last.params["outcome"], "refused");
     assert_eq!(last.params["code"], -4035);
     assert!(report.open_intents.is_empty());
+}
+
+/// Regression: an admin action whose outcome entry could not be written answered `-1000`
+/// instead of its own answer. Custody's refusal is answered as the refusal (nothing changed);
+/// the intent stays open for `audit verify` to show.
+#[tokio::test]
+async fn a_refusal_is_answered_as_itself_when_its_outcome_cannot_be_logged() {
+    let s = setup(true).await;
+    *s.fake.fail.lock().unwrap() = Some(CustodyError::bad_request(-4035, "Unknown alarm."));
+    s.h.state.audit_log().fail_appends_after(1);
+    let r =
+        s.h.signed("POST", "/mapi/v1/admin/alarms/clear", "id=9", &s.h.admin)
+            .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    assert_eq!(r.code(), -4035, "{}", r.json);
+    let (entries, report) = audit_log(&s.h);
+    assert_eq!(entries.last().unwrap().action, "alarm.clear.intent");
+    assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
 }
 
 /// A Lightning node that records the operator's channel calls.

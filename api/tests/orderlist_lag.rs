@@ -23,6 +23,9 @@ struct Gate {
     /// A command applied just before the next amend: a concurrent request that got to the
     /// engine first.
     race: Mutex<Option<Command>>,
+    /// When set, the next read-only probe (`AppState::sync_read_model`) resumes the gate first:
+    /// read models that catch up when a handler waits for them.
+    resume_on_probe: AtomicBool,
 }
 
 impl Gate {
@@ -42,6 +45,11 @@ impl Gate {
 impl ExchangeCore for Gate {
     fn submit(&self, cmd: Command) -> BoxFuture<'_, Result<Reply, CoreError>> {
         Box::pin(async move {
+            if matches!(cmd, Command::CreditStatus { .. })
+                && self.resume_on_probe.swap(false, Ordering::SeqCst)
+            {
+                self.resume();
+            }
             let mut engine = self.engine.lock().unwrap();
             if matches!(
                 cmd,
@@ -106,6 +114,7 @@ fn gated() -> (Harness, Arc<Gate>) {
         held: Mutex::new(Vec::new()),
         paused: AtomicBool::new(false),
         race: Mutex::new(None),
+        resume_on_probe: AtomicBool::new(false),
     });
     let state = pending.start(gate.clone());
     (Harness::over(dir, state), gate)
@@ -641,4 +650,66 @@ async fn cancelling_an_order_the_read_model_never_saw_is_refused_cleanly_or_answ
     );
     let r = cancel().await;
     assert_eq!(r.code(), -2011, "{}", r.json);
+}
+
+/// Review finding: a cancel by client order id looked the id up in the read models, which
+/// still held only an earlier, finished order with that id (the order now holding it was not
+/// applied to them yet). The engine cancelled the new order, the answer looked it up, missed,
+/// and answered `-1000` after the cancel had happened. A finished order found by client id is
+/// now treated as not held: the read models are waited for first, then B is cancelled and
+/// answered. (Failed on the old code: `-1000`, B cancelled.)
+#[tokio::test]
+async fn cancelling_by_a_reused_client_order_id_answers_the_cancelled_order() {
+    let (h, gate) = gated();
+    let (_, t) = h.trader("0", "100000").await;
+    let place = "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000&newClientOrderId=reused-X";
+    let a = h.ok("POST", "/api/v3/order", place, &t).await;
+    let a_id = a["orderId"].as_u64().unwrap();
+    let gone = h
+        .ok(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a_id}"),
+            &t,
+        )
+        .await;
+    assert_eq!(gone["status"], "CANCELED", "{gone}");
+    assert!(h.state.sync_read_model().await);
+    // B takes the client order id while the read models lag: they still know it as A's.
+    gate.pause();
+    let b = h.ok("POST", "/api/v3/order", place, &t).await;
+    let b_id = b["orderId"].as_u64().unwrap();
+    assert_ne!(a_id, b_id);
+    // They catch up when a handler waits for them (and only then).
+    gate.resume_on_probe.store(true, Ordering::SeqCst);
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/order",
+            "symbol=BTCUSD&origClientOrderId=reused-X",
+            &t,
+        )
+        .await;
+    gate.resume();
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+    assert_eq!(
+        (
+            r.json["orderId"].as_u64(),
+            r.json["status"].as_str(),
+            r.json["origClientOrderId"].as_str()
+        ),
+        (Some(b_id), Some("CANCELED"), Some("reused-X")),
+        "{}",
+        r.json
+    );
+    assert!(h.state.sync_read_model().await);
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={b_id}"),
+            &t,
+        )
+        .await;
+    assert_eq!(o["status"], "CANCELED", "{o}");
 }

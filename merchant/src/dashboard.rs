@@ -1538,13 +1538,8 @@ pub async fn withdraw(
     form: Form,
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
-    // The signed API needs `withdraw`; the session's principal must hold it too.
-    if !s.principal().perms.has(Perms::WITHDRAW) {
-        return Err(Refusal::Page(
-            StatusCode::FORBIDDEN,
-            "This session may not withdraw.".into(),
-        ));
-    }
+    // Every session holds `withdraw` (`SESSION_PERMS`, ADR 0010): the gate is the store's
+    // password, verified below on every withdrawal (ADR 0015).
     let key = form.text("key").to_owned();
     if !key.starts_with(WITHDRAW_KEY_PREFIX) {
         return Err(bad(
@@ -1573,7 +1568,7 @@ pub async fn withdraw(
                     .into_iter()
                     .find(|w| w.account == account && w.idempotency_key == k);
                 match found {
-                    Some(w) if w.address == address && w.amount_sat == amount => {
+                    Some(w) if same_address(&w.address, &address) && w.amount_sat == amount => {
                         return Ok(redirect(&format!(
                             "/dashboard?done={}",
                             pct(&format!(
@@ -1592,11 +1587,12 @@ pub async fn withdraw(
                     )),
                 }
             }
-            // Anything but a definite refusal (the breaker, custody not attached) may have moved.
+            // Anything but a definite refusal (the breaker, custody not attached) may have moved:
+            // a failed custody task (`-1000` with 500) may have recorded the withdrawal.
             Err(e)
                 if e.status.is_server_error()
-                    && e.code != -1000
-                    && !(e.code == -1001 && e.status == StatusCode::SERVICE_UNAVAILABLE) =>
+                    && !(e.status == StatusCode::SERVICE_UNAVAILABLE
+                        && matches!(e.code, -1000 | -1001)) =>
             {
                 tracing::warn!(
                     account,
@@ -1631,6 +1627,21 @@ pub async fn withdraw(
             w.state
         ))
     )))
+}
+
+/// Whether custody's stored address `stored` is the form's `sent`: custody stores a bech32
+/// address in lower case (`Address::to_string()`), and bech32 is case-insensitive (BIP 173: a
+/// QR code carries it in upper case); any other address (base58) compares exactly.
+fn same_address(stored: &str, sent: &str) -> bool {
+    let bech32 = ["bc1", "tb1", "bcrt1"].iter().any(|hrp| {
+        sent.get(..hrp.len())
+            .is_some_and(|p| p.eq_ignore_ascii_case(hrp))
+    });
+    if bech32 {
+        stored.eq_ignore_ascii_case(sent)
+    } else {
+        stored == sent
+    }
 }
 
 /// Custody's code for a withdrawal key already used by the account (`-4029`).

@@ -123,6 +123,63 @@ async fn post(h: &Harness, uri: &str, cookie: &str, from: &str, form: &[(&str, &
     .await
 }
 
+/// Review finding: custody stores a bech32 address in lower case (`Address::to_string()`),
+/// while the form accepts it in upper case (as QR codes carry it). A double submit of such a
+/// form must show the one withdrawal, not "already used for another withdrawal ... Nothing was
+/// sent" (which invites a third submit under a new key: paid twice).
+#[tokio::test]
+async fn an_uppercase_address_submitted_twice_is_one_withdrawal() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let id = session(&d).await;
+    let form = withdraw_form(&d.h, &id).await;
+    let upper = ADDRESS.to_ascii_uppercase();
+    let r = withdraw(&d.h, &id, &form, &upper, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(count(), 1);
+    assert_eq!(d.fake.withdrawals.lock().unwrap()[0].address, ADDRESS);
+    let r = withdraw(&d.h, &id, &form, &upper, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let again = get(&d.h, r.location(), &id).await;
+    assert!(
+        again.body.contains("already requested withdrawal 100"),
+        "{}",
+        again.body
+    );
+    // The lower-case spelling of the same address is the same withdrawal too.
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    // Another address under the same key is still refused.
+    let other = "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qzf4jry";
+    let r = withdraw(&d.h, &id, &form, other, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert_eq!(count(), 1);
+}
+
+/// Review finding: a custody task that dies (a panic: `-1000` with 500) after recording the
+/// withdrawal is an unknown outcome, not "Refused ... Nothing was sent"; sending the same form
+/// again shows the withdrawal and pays nothing twice.
+#[tokio::test]
+async fn a_failed_custody_task_is_an_unknown_outcome() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let id = session(&d).await;
+    let form = withdraw_form(&d.h, &id).await;
+    d.fake.panic.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    assert!(r.body.contains("may or may not"), "{}", r.body);
+    assert!(!r.body.contains("Nothing was sent"), "{}", r.body);
+    assert_eq!(count(), 1);
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert!(get(&d.h, r.location(), &id)
+        .await
+        .body
+        .contains("already requested withdrawal 100"));
+    assert_eq!(count(), 1);
+}
+
 struct D {
     h: Harness,
     fake: Arc<Fake>,

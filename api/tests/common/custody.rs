@@ -19,6 +19,9 @@ pub struct Fake {
     pub lose: AtomicUsize,
     /// Withdrawal requests still to refuse (a definite 400: nothing recorded).
     pub refuse: AtomicUsize,
+    /// Withdrawal requests still to panic on after recording them (the custody task dies: the
+    /// caller sees a failed task and cannot tell whether the withdrawal exists).
+    pub panic: AtomicUsize,
 }
 
 impl Fake {
@@ -77,7 +80,7 @@ impl Custody for Fake {
         let w = WithdrawalInfo {
             id: 100 + ws.len() as u64,
             account,
-            address: address.into(),
+            address: stored_address(address),
             amount_sat,
             fee_sat: 0,
             idempotency_key: idempotency_key.into(),
@@ -88,6 +91,10 @@ impl Custody for Fake {
             confirmations: 0,
         };
         ws.push(w.clone());
+        drop(ws);
+        if take(&self.panic) {
+            panic!("custody task panicked after recording the withdrawal");
+        }
         if take(&self.lose) {
             return Err(CustodyError::internal("the answer was lost"));
         }
@@ -112,6 +119,18 @@ impl Custody for Fake {
     }
     fn regtest_fund(&self, _: u32) -> Result<u64, CustodyError> {
         Err(CustodyError::internal("no"))
+    }
+}
+
+/// The address as the wallet stores it (`Address::to_string()`): a bech32 address in lower
+/// case whatever case it was sent in (BIP 173 allows all upper case, as QR codes carry it),
+/// anything else as sent.
+fn stored_address(address: &str) -> String {
+    let lower = address.to_ascii_lowercase();
+    if ["bc1", "tb1", "bcrt1"].iter().any(|h| lower.starts_with(h)) {
+        lower
+    } else {
+        address.into()
     }
 }
 

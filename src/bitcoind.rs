@@ -53,9 +53,31 @@ pub fn find_bitcoind() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-/// A free TCP port on 127.0.0.1 (bound and released; the OS does not hand it out again at once).
+/// A free TCP port on 127.0.0.1 for the managed node: nothing listens on it now, and no other
+/// call in this process got it. Taken below Linux's ephemeral range (32768–60999), where a port
+/// from `bind(:0)` would be and where any outgoing connection may take it as its local port
+/// before the node binds it.
 pub fn free_port() -> anyhow::Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::sync::OnceLock;
+    const LOW: u32 = 20_000;
+    const SPAN: u32 = 12_000;
+    static START: OnceLock<u32> = OnceLock::new();
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let start = *START.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.subsec_nanos());
+        (std::process::id().wrapping_mul(7_919) ^ nanos) % SPAN
+    });
+    for _ in 0..SPAN {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = (LOW + (start + n) % SPAN) as u16;
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    anyhow::bail!("no free loopback port in {LOW}..{}", LOW + SPAN)
 }
 
 /// A regtest node this process started.
@@ -175,5 +197,24 @@ impl ManagedNode {
 impl Drop for ManagedNode {
     fn drop(&mut self) {
         let _ = self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::free_port;
+
+    /// Regression: ports came from `bind(:0)`, inside the ephemeral range where an outgoing
+    /// connection could take one before the node bound it, and two calls could return the same.
+    #[test]
+    fn free_ports_are_distinct_and_below_the_ephemeral_range() {
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..200 {
+            let port = free_port().unwrap();
+            assert!((20_000..32_000).contains(&port), "{port}");
+            assert!(seen.insert(port), "{port} twice");
+            // Held while the next ones are chosen: they must skip it.
+            std::mem::forget(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());
+        }
     }
 }

@@ -24,9 +24,18 @@ pub enum OpenError {
     /// ldk-node refused the configuration.
     #[error("building the lightning node: {0}")]
     Build(ldk_node::BuildError),
-    /// ldk-node did not start.
-    #[error("starting the lightning node: {0}")]
-    Start(ldk_node::NodeError),
+    /// ldk-node did not start (a busy peer address is the usual cause: ldk-node reports it as
+    /// "invalid network address", so the address is named).
+    #[error(
+        "starting the lightning node (peer address {listen}; is another process listening on \
+         it? `lightning_listen` / --lightning-listen): {source}"
+    )]
+    Start {
+        /// The peer-to-peer address it was to listen on.
+        listen: std::net::SocketAddr,
+        /// ldk-node's error.
+        source: ldk_node::NodeError,
+    },
 }
 
 /// Why a withdrawal over Lightning was not made. Every variant but [`PayError::Unknown`],

@@ -193,7 +193,10 @@ impl<L: Ledger> LightningService<L> {
             cfg.network,
         )));
         let node = builder.build().map_err(OpenError::Build)?;
-        node.start().map_err(OpenError::Start)?;
+        node.start().map_err(|source| OpenError::Start {
+            listen: cfg.listen,
+            source,
+        })?;
         let store = Store::open(&cfg.data_dir)?;
         tracing::info!(node_id = %node.node_id(), listen = %cfg.listen, "lightning node started");
         Ok(Self {

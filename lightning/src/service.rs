@@ -228,6 +228,25 @@ impl<L: Ledger> LightningService<L> {
         self.policy.set(policy).is_ok()
     }
 
+    /// Runs `f` with what `account` sent over Lightning in the 24 hours before `now_ms` (its
+    /// withdrawals not refused or released, as the pay path counts them for [`PayPolicy`]),
+    /// the store locked meanwhile: no payment slips in between the count and what `f` decides.
+    /// For custody's on-chain withdrawals, which count Lightning amounts in the same daily limit
+    /// and approval threshold. Lock order: the Lightning store, then whatever `f` locks (custody),
+    /// as in `pay`; `f` must never call back into this service.
+    pub fn with_day_outflow<R>(
+        &self,
+        account: AccountId,
+        now_ms: u64,
+        f: impl FnOnce(Amount) -> R,
+    ) -> Result<R, StoreError> {
+        let store = self.lock();
+        let used = store.withdrawn_since(account.0, now_ms.saturating_sub(DAY_MS))?;
+        let r = f(Amount(used));
+        drop(store);
+        Ok(r)
+    }
+
     /// Stops the node (channel state is persisted by ldk-node as it goes).
     pub fn stop(&self) {
         if let Err(e) = self.node.stop() {

@@ -301,17 +301,28 @@ impl Custody for WalletCustody {
         amount_sat: u64,
         idempotency_key: &str,
     ) -> Result<WithdrawalInfo, CustodyError> {
-        let mut s = self.lock();
-        let req = WithdrawalRequest {
-            account: AccountId(account),
-            address: address.to_owned(),
-            amount: Amount(amount_sat),
-            idempotency_key: idempotency_key.to_owned(),
+        let now = system_now();
+        // The account's Lightning outflow counts in the daily limit and the approval threshold
+        // (as on-chain amounts count for a Lightning pay: `OutflowRules`). Lock order: the
+        // Lightning store (held while custody decides), then custody.
+        let request = |other_used: Amount| {
+            let mut s = self.lock();
+            let req = WithdrawalRequest {
+                account: AccountId(account),
+                address: address.to_owned(),
+                amount: Amount(amount_sat),
+                idempotency_key: idempotency_key.to_owned(),
+                other_used,
+            };
+            let w = s.request_withdrawal(req, now).map_err(withdrawal_error)?;
+            Ok(self.withdrawal_info(&s, &w))
         };
-        let w = s
-            .request_withdrawal(req, system_now())
-            .map_err(withdrawal_error)?;
-        Ok(self.withdrawal_info(&s, &w))
+        match self.lightning.get() {
+            Some(ln) => ln
+                .with_day_outflow(AccountId(account), now.as_millis(), request)
+                .map_err(internal)?,
+            None => request(Amount(0)),
+        }
     }
 
     fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {

@@ -236,18 +236,8 @@ impl Lightning for LnApi {
             .map(|w| payment_info(&w)))
     }
 
-    fn wait_payment(
-        &self,
-        account: u32,
-        id: u64,
-        timeout: Duration,
-    ) -> Result<Option<LnPaymentInfo>, CustodyError> {
-        Ok(self
-            .0
-            .wait_withdrawal(id, timeout)
-            .map_err(internal)?
-            .filter(|w| w.account == account)
-            .map(|w| payment_info(&w)))
+    fn settled(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.0.settled())
     }
 
     fn channels(&self) -> Result<Vec<LnChannelInfo>, CustodyError> {

@@ -497,5 +497,38 @@ fn lightning_obeys_custody_rules_and_its_alarms_reach_the_operator_through_serve
     });
     assert_eq!(btc(&alice), before);
     assert_eq!(btc(&bob), (100_000, 0));
+
+    // Both ways: alice's 30,000 over Lightning counts for an on-chain withdrawal too, so 30,000
+    // more on chain (60,000 > 50,000) waits for approval (before: auto-approved, `Pending`).
+    let dest = wallet::bitcoin::Address::p2wsh(
+        &wallet::bitcoin::ScriptBuf::from_bytes(vec![0x51, 0x51, 0x87]),
+        wallet::bitcoin::Network::Regtest,
+    )
+    .to_string();
+    let w = call(
+        &alice,
+        "POST",
+        "/sapi/v1/capital/withdraw/apply",
+        &[
+            ("coin", "BTC"),
+            ("address", &dest),
+            ("amount", "0.0003"),
+            ("withdrawOrderId", "after-lightning"),
+        ],
+    )
+    .unwrap();
+    let id = w["id"].as_str().unwrap().to_owned();
+    let h = call(&alice, "GET", "/sapi/v1/capital/withdraw/history", &[]).unwrap();
+    let row = h
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["id"] == id.as_str())
+        .cloned();
+    assert_eq!(
+        row.as_ref().map(|x| x["status"].clone()),
+        Some(2.into()),
+        "{h}"
+    );
     cust.stop().unwrap();
 }

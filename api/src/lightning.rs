@@ -133,17 +133,11 @@ pub trait Lightning: Send + Sync + std::fmt::Debug {
     fn pay(&self, account: u32, invoice: &str) -> Result<LnPaymentInfo, CustodyError>;
     /// A withdrawal of `account` by id.
     fn payment(&self, account: u32, id: u64) -> Result<Option<LnPaymentInfo>, CustodyError>;
-    /// [`payment`](Self::payment) once it is no longer pending or after `timeout`, whichever
-    /// comes first. Implementations wait for a notification of the outcome (blocking; called
-    /// on the blocking pool); this default answers at once.
-    fn wait_payment(
-        &self,
-        account: u32,
-        id: u64,
-        timeout: Duration,
-    ) -> Result<Option<LnPaymentInfo>, CustodyError> {
-        let _ = timeout;
-        self.payment(account, id)
+    /// Changes (its value is a counter) whenever a withdrawal may have become final: `pay`
+    /// waits on it asynchronously, holding no thread, and looks its withdrawal up again at each
+    /// change, for at most [`PAY_WAIT`]. `None` (the default): `pay` answers at once.
+    fn settled(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        None
     }
     /// The node's channels.
     fn channels(&self) -> Result<Vec<LnChannelInfo>, CustodyError>;
@@ -176,7 +170,15 @@ where
     T: Send + 'static,
     F: FnOnce(&dyn Lightning) -> Result<T, CustodyError> + Send + 'static,
 {
-    let ln = lightning(st)?;
+    call_on(lightning(st)?, f).await
+}
+
+/// `f` on `ln`, on the blocking pool (every [`Lightning`] method is a short blocking call).
+async fn call_on<T, F>(ln: Handle, f: F) -> Result<T, ApiError>
+where
+    T: Send + 'static,
+    F: FnOnce(&dyn Lightning) -> Result<T, CustodyError> + Send + 'static,
+{
     tokio::task::spawn_blocking(move || f(&*ln))
         .await
         .map_err(|e| {
@@ -233,15 +235,48 @@ pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiEr
     }
     p.finish()?;
     let account = key.account;
-    let mut w = call(&st, move |l| l.pay(account, &invoice)).await?;
-    if w.state == LnPaymentState::Pending {
-        // Woken by the outcome (the node's loop settles it), not by polling.
-        let id = w.id;
-        if let Some(now) = call(&st, move |l| l.wait_payment(account, id, PAY_WAIT)).await? {
+    let w = call(&st, move |l| l.pay(account, &invoice)).await?;
+    let w = wait_outcome(lightning(&st)?, w, PAY_WAIT).await?;
+    Ok(ok_json(&ctx, payment_json(&w)))
+}
+
+/// `w` once it is no longer pending, or as it is after `timeout`. Woken by the node's
+/// [`Lightning::settled`] (not by polling) and waiting asynchronously: a pending payment holds
+/// no thread, only each look-up runs (briefly) on the blocking pool.
+async fn wait_outcome(
+    ln: Handle,
+    mut w: LnPaymentInfo,
+    timeout: Duration,
+) -> Result<LnPaymentInfo, ApiError> {
+    if w.state != LnPaymentState::Pending {
+        return Ok(w);
+    }
+    let Some(mut settled) = ln.settled() else {
+        return Ok(w);
+    };
+    let (account, id) = (w.account, w.id);
+    let deadline = tokio::time::sleep(timeout);
+    tokio::pin!(deadline);
+    loop {
+        // Marked seen before the look-up: a settlement after it wakes the wait below.
+        settled.borrow_and_update();
+        let ln = ln.clone();
+        if let Some(now) = call_on(ln, move |l| l.payment(account, id)).await? {
             w = now;
         }
+        if w.state != LnPaymentState::Pending {
+            return Ok(w);
+        }
+        tokio::select! {
+            _ = &mut deadline => return Ok(w),
+            changed = settled.changed() => {
+                if changed.is_err() {
+                    // The node is gone: answer what we have.
+                    return Ok(w);
+                }
+            }
+        }
     }
-    Ok(ok_json(&ctx, payment_json(&w)))
 }
 
 /// `GET /mapi/v1/lightning/pay` (READ): `id` → the account's withdrawal.
@@ -335,3 +370,129 @@ pub async fn admin_address(State(st): State<AppState>, req: Req) -> Result<Respo
 
 /// Attaches the node (see [`AppState::set_lightning`]).
 pub type Handle = Arc<dyn Lightning>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    /// A node whose payments never settle: every withdrawal stays pending.
+    #[derive(Debug)]
+    struct NeverSettles {
+        /// How many times a payment was looked up.
+        lookups: AtomicUsize,
+        /// Never changes (kept so the receivers never see the sender gone).
+        settled: tokio::sync::watch::Sender<u64>,
+    }
+
+    fn pending(id: u64) -> LnPaymentInfo {
+        LnPaymentInfo {
+            id,
+            account: 7,
+            payment_hash: "00".repeat(32),
+            amount_sat: 1_000,
+            fee_sat: 0,
+            state: LnPaymentState::Pending,
+            reason: None,
+        }
+    }
+
+    fn refused() -> CustodyError {
+        CustodyError::bad_request(-1000, "not in this fake".to_owned())
+    }
+
+    impl Lightning for NeverSettles {
+        fn deposit_invoice(&self, _: u32, _: u64) -> Result<LnInvoiceInfo, CustodyError> {
+            Err(refused())
+        }
+        fn merchant_invoice(
+            &self,
+            _: u32,
+            _: u64,
+            _: &str,
+            _: u32,
+        ) -> Result<LnInvoiceInfo, CustodyError> {
+            Err(refused())
+        }
+        fn received(&self, _: &str) -> Result<Option<LnReceived>, CustodyError> {
+            Ok(None)
+        }
+        fn pay(&self, _: u32, _: &str) -> Result<LnPaymentInfo, CustodyError> {
+            Err(refused())
+        }
+        fn payment(&self, _: u32, id: u64) -> Result<Option<LnPaymentInfo>, CustodyError> {
+            self.lookups.fetch_add(1, Ordering::SeqCst);
+            Ok(Some(pending(id)))
+        }
+        fn settled(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+            Some(self.settled.subscribe())
+        }
+        fn channels(&self) -> Result<Vec<LnChannelInfo>, CustodyError> {
+            Ok(Vec::new())
+        }
+        fn balance(&self) -> Result<LnBalanceInfo, CustodyError> {
+            Err(refused())
+        }
+        fn open_channel(&self, _: &str, _: u64) -> Result<String, CustodyError> {
+            Err(refused())
+        }
+        fn close_channel(&self, _: &str) -> Result<(), CustodyError> {
+            Err(refused())
+        }
+        fn onchain_address(&self) -> Result<String, CustodyError> {
+            Err(refused())
+        }
+    }
+
+    /// Defect: `pay` waited for the outcome on the blocking pool (a `Condvar` inside
+    /// `spawn_blocking`, up to `PAY_WAIT`), so ~512 pays to invoices that never settle filled
+    /// the pool and stalled every custody call. Now the wait is async: with more pending waits
+    /// than blocking threads, a blocking call still runs before any wait times out. Failed on
+    /// the old code (the blocking call ran only after the waits timed out).
+    #[test]
+    fn pending_pay_waits_do_not_hold_blocking_threads() {
+        const BLOCKING_THREADS: usize = 2;
+        const WAITS: usize = 4 * BLOCKING_THREADS;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .max_blocking_threads(BLOCKING_THREADS)
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let fake = Arc::new(NeverSettles {
+                lookups: AtomicUsize::new(0),
+                settled: tokio::sync::watch::channel(0).0,
+            });
+            let ln: Handle = fake.clone();
+            let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
+            for id in 0..WAITS as u64 {
+                let (ln, done_tx) = (ln.clone(), done_tx.clone());
+                tokio::spawn(async move {
+                    let w = wait_outcome(ln, pending(id), Duration::from_secs(5)).await;
+                    let _ = done_tx.send(w.map(|w| w.state));
+                });
+            }
+            // Every wait started (looked its payment up at least once).
+            while fake.lookups.load(Ordering::SeqCst) < WAITS {
+                tokio::task::yield_now().await;
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            tokio::select! {
+                biased;
+                r = tokio::task::spawn_blocking(|| 42) => assert_eq!(r.unwrap(), 42),
+                first = done_rx.recv() => panic!(
+                    "a wait ended ({first:?}) before a blocking call could run: the waits hold the blocking pool"
+                ),
+            }
+            // The waits still end, pending, when their time is up.
+            drop(done_tx);
+            let mut ended = 0;
+            while let Some(w) = done_rx.recv().await {
+                assert_eq!(w.unwrap(), LnPaymentState::Pending);
+                ended += 1;
+            }
+            assert_eq!(ended, WAITS);
+        });
+    }
+}

@@ -17,7 +17,7 @@ use matching_engine::config::BTC;
 use matching_engine::{AccountId, Amount, Command, RejectCode, WithdrawalState};
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Condvar, Mutex, MutexGuard};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 use wallet::{Ledger, LedgerError};
 
@@ -86,7 +86,7 @@ pub struct LightningService<L: Ledger> {
     /// When the next sweep of open deposits through the node's payment store is due (ms).
     next_sweep_ms: AtomicU64,
     /// Bumped (and waiters woken) whenever a withdrawal reaches a final state in `step`.
-    settled: (Mutex<u64>, Condvar),
+    settled: tokio::sync::watch::Sender<u64>,
 }
 
 /// Where the service's alarms go (money that moved in one place and not the other): in
@@ -207,7 +207,7 @@ impl<L: Ledger> LightningService<L> {
             policy: std::sync::OnceLock::new(),
             alarms: std::sync::OnceLock::new(),
             next_sweep_ms: AtomicU64::new(0),
-            settled: (Mutex::new(0), Condvar::new()),
+            settled: tokio::sync::watch::channel(0).0,
         })
     }
 
@@ -229,6 +229,25 @@ impl<L: Ledger> LightningService<L> {
     /// one is set already.
     pub fn set_policy(&self, policy: std::sync::Arc<dyn PayPolicy>) -> bool {
         self.policy.set(policy).is_ok()
+    }
+
+    /// Runs `f` with what `account` sent over Lightning in the 24 hours before `now_ms` (its
+    /// withdrawals not refused or released, as the pay path counts them for [`PayPolicy`]),
+    /// the store locked meanwhile: no payment slips in between the count and what `f` decides.
+    /// For custody's on-chain withdrawals, which count Lightning amounts in the same daily limit
+    /// and approval threshold. Lock order: the Lightning store, then whatever `f` locks (custody),
+    /// as in `pay`; `f` must never call back into this service.
+    pub fn with_day_outflow<R>(
+        &self,
+        account: AccountId,
+        now_ms: u64,
+        f: impl FnOnce(Amount) -> R,
+    ) -> Result<R, StoreError> {
+        let store = self.lock();
+        let used = store.withdrawn_since(account.0, now_ms.saturating_sub(DAY_MS))?;
+        let r = f(Amount(used));
+        drop(store);
+        Ok(r)
     }
 
     /// Stops the node (channel state is persisted by ldk-node as it goes).
@@ -847,39 +866,17 @@ impl<L: Ledger> LightningService<L> {
         report.completed.extend(more.completed);
         report.released.extend(more.released);
         if !report.completed.is_empty() || !report.released.is_empty() {
-            let (generation, cv) = &self.settled;
-            *generation.lock().unwrap_or_else(|e| e.into_inner()) += 1;
-            cv.notify_all();
+            // Always stored (even with no receiver now), so later subscribers start from it.
+            self.settled.send_modify(|g| *g = g.wrapping_add(1));
         }
         Ok(report)
     }
 
-    /// Waits until withdrawal `id` is final (completed, released, refused) or `timeout` passed,
-    /// woken by the [`step`](Self::step) that settles it (no polling); answers it as it is then
-    /// (`None`: no such row). For the API's `pay`, which answers the outcome when it comes
-    /// quickly.
-    pub fn wait_withdrawal(
-        &self,
-        id: u64,
-        timeout: Duration,
-    ) -> Result<Option<LnWithdrawal>, StoreError> {
-        let deadline = std::time::Instant::now() + timeout;
-        let (generation, cv) = &self.settled;
-        loop {
-            let seen = *generation.lock().unwrap_or_else(|e| e.into_inner());
-            let w = self.withdrawal(id)?;
-            let done = w
-                .as_ref()
-                .is_none_or(|w| matches!(w.status, S::Completed | S::Released | S::Refused));
-            let left = deadline.saturating_duration_since(std::time::Instant::now());
-            if done || left.is_zero() {
-                return Ok(w);
-            }
-            let g = generation.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = cv
-                .wait_timeout_while(g, left, |g| *g == seen)
-                .unwrap_or_else(|e| e.into_inner());
-        }
+    /// A receiver whose value (a counter) changes whenever a [`step`](Self::step) brings a
+    /// withdrawal to a final state (completed, released): the API's `pay` waits on it
+    /// asynchronously (no thread parked) and looks its withdrawal up again at each change.
+    pub fn settled(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.settled.subscribe()
     }
 
     /// Retries the credits of received-but-uncredited deposits, resolves every unfinished

@@ -65,6 +65,7 @@ fn main() {
             address: receiver.address().to_string(),
             amount: Amount(20_000 + i),
             idempotency_key: format!("bench-{i}"),
+            other_used: Amount(0),
         };
         svc.request_withdrawal(req, w.clock.now()).unwrap();
     }

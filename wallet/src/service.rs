@@ -235,6 +235,11 @@ pub struct WithdrawalRequest {
     pub amount: Amount,
     /// Caller's idempotency key, 1 to 64 bytes; a second request with it is refused.
     pub idempotency_key: String,
+    /// What the account sent by another path (Lightning) in the 24 hours before the request:
+    /// counted with this wallet's withdrawals in the account's daily limit and approval
+    /// threshold, as [`CustodyService::check_outflow`] counts on-chain amounts for Lightning.
+    /// `Amount(0)` when there is no other path.
+    pub other_used: Amount,
 }
 
 struct Rpc {
@@ -463,7 +468,8 @@ impl CustodyService {
     pub fn resolve_withdrawals(&mut self) -> Result<usize, WithdrawalError> {
         let mut unresolved = 0;
         for w in store::withdrawals_in(&self.db, WithdrawalStatus::New)? {
-            match self.settle_hold(&w) {
+            // The request's `other_used` is gone: on-chain amounts only (see ARCHITECTURE.md).
+            match self.settle_hold(&w, Amount(0)) {
                 Ok(_) => {}
                 Err(WithdrawalError::LedgerUnknown(_)) => unresolved += 1,
                 Err(WithdrawalError::Store(e)) => return Err(WithdrawalError::Store(e)),
@@ -609,8 +615,9 @@ impl CustodyService {
     fn held_status_recorded(
         &self,
         w: &WithdrawalView,
+        other_used: Amount,
     ) -> Result<WithdrawalStatus, crate::StoreError> {
-        let status = self.held_status(w)?;
+        let status = self.held_status(w, other_used)?;
         if status == WithdrawalStatus::Pending {
             self.decide(
                 "custody.withdrawal.auto_approve",
@@ -633,21 +640,25 @@ impl CustodyService {
     /// `Ok` when held (the row moves on); `Err(LedgerUnknown)` when the ledger did not answer
     /// (the row stays `new`); any other error when certainly not held (the row is deleted: its
     /// id is never handed out again).
-    fn settle_hold(&mut self, w: &WithdrawalView) -> Result<WithdrawalStatus, WithdrawalError> {
+    fn settle_hold(
+        &mut self,
+        w: &WithdrawalView,
+        other_used: Amount,
+    ) -> Result<WithdrawalStatus, WithdrawalError> {
         let answer = match self.ledger.withdrawal(w.id) {
-            Ok(Some(rec)) => return self.hold_found(w, &rec),
+            Ok(Some(rec)) => return self.hold_found(w, &rec, other_used),
             Ok(None) => self.ledger.submit(Self::hold_of(w)),
             Err(_) => return Err(WithdrawalError::LedgerUnknown(w.id)),
         };
         match answer {
             Ok(()) => {
-                let status = self.held_status_recorded(w)?;
+                let status = self.held_status_recorded(w, other_used)?;
                 store::set_withdrawal_status(&self.db, w.id, status, None)?;
                 Ok(status)
             }
             Err(LedgerError::Rejected(RejectCode::DuplicateWithdrawal)) => {
                 match self.ledger.withdrawal(w.id) {
-                    Ok(Some(rec)) => self.hold_found(w, &rec),
+                    Ok(Some(rec)) => self.hold_found(w, &rec, other_used),
                     _ => Err(WithdrawalError::LedgerUnknown(w.id)),
                 }
             }
@@ -672,6 +683,7 @@ impl CustodyService {
         &mut self,
         w: &WithdrawalView,
         rec: &Withdrawal,
+        other_used: Amount,
     ) -> Result<WithdrawalStatus, WithdrawalError> {
         let subject = format!("withdrawal {}", w.id);
         if !Self::same(w, rec) {
@@ -690,7 +702,7 @@ impl CustodyService {
         }
         match rec.state {
             WithdrawalState::Held => {
-                let status = self.held_status_recorded(w)?;
+                let status = self.held_status_recorded(w, other_used)?;
                 store::set_withdrawal_status(&self.db, w.id, status, None)?;
                 Ok(status)
             }
@@ -771,20 +783,27 @@ impl CustodyService {
     }
 
     /// Where a freshly held withdrawal goes: it waits for approval when the account's running
-    /// 24-hour total (this one included) passes the approval threshold, or when all accounts'
-    /// 24-hour total passes the hot wallet's exchange-wide limit; otherwise it waits for a batch.
-    fn held_status(&self, w: &WithdrawalView) -> Result<WithdrawalStatus, crate::StoreError> {
+    /// 24-hour total (this one included, plus `other_used`, what it sent over Lightning in that
+    /// window) passes the approval threshold, or when all accounts' 24-hour on-chain total
+    /// passes the hot wallet's exchange-wide limit; otherwise it waits for a batch.
+    fn held_status(
+        &self,
+        w: &WithdrawalView,
+        other_used: Amount,
+    ) -> Result<WithdrawalStatus, crate::StoreError> {
         let policy = &self.config.withdrawal;
         let since = w.created_ms.saturating_sub(DAY_MS);
-        let account = store::withdrawn_since(&self.db, w.account, since)?;
+        let onchain = store::withdrawn_since(&self.db, w.account, since)?;
         let all = store::withdrawn_since_all(&self.db, since)?;
-        Ok(
-            if account > policy.approval_threshold || all > policy.hot_wallet_daily_limit {
-                WithdrawalStatus::AwaitingApproval
-            } else {
-                WithdrawalStatus::Pending
-            },
-        )
+        // An overflowing sum is above any threshold.
+        let above = onchain
+            .checked_add(other_used)
+            .is_none_or(|t| t > policy.approval_threshold);
+        Ok(if above || all > policy.hot_wallet_daily_limit {
+            WithdrawalStatus::AwaitingApproval
+        } else {
+            WithdrawalStatus::Pending
+        })
     }
 
     /// The configuration.
@@ -1310,7 +1329,15 @@ impl CustodyService {
             });
         }
         let since = now.as_millis().saturating_sub(DAY_MS);
-        let used = store::withdrawn_since(&self.db, req.account, since)?;
+        let onchain = store::withdrawn_since(&self.db, req.account, since)?;
+        // Lightning amounts count too (`other_used`), as on-chain ones do in `check_outflow`.
+        let used = onchain
+            .checked_add(req.other_used)
+            .ok_or(WithdrawalError::DailyLimit {
+                amount: req.amount,
+                used: onchain,
+                limit: policy.daily_limit,
+            })?;
         if used
             .checked_add(req.amount)
             .is_none_or(|t| t > policy.daily_limit)
@@ -1335,7 +1362,7 @@ impl CustodyService {
         let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
         let status = match self.ledger.submit(Self::hold_of(&w)) {
             Ok(()) => {
-                let status = self.held_status_recorded(&w)?;
+                let status = self.held_status_recorded(&w, req.other_used)?;
                 store::set_withdrawal_status(&self.db, id, status, None)?;
                 status
             }
@@ -1353,7 +1380,7 @@ impl CustodyService {
             }
             // Maybe held: ask the ledger now; if it cannot say, the row stays `new` (never
             // deleted while its hold may exist) and is resolved at the next step or open.
-            Err(LedgerError::Unknown) => match self.settle_hold(&w) {
+            Err(LedgerError::Unknown) => match self.settle_hold(&w, req.other_used) {
                 Ok(status) => status,
                 Err(e) => {
                     tracing::warn!(%id, error = %e, "withdrawal hold outcome unresolved");

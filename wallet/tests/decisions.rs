@@ -55,6 +55,7 @@ fn request(account: AccountId, to: &Address, amount: u64, key: &str) -> Withdraw
         address: to.to_string(),
         amount: Amount(amount),
         idempotency_key: key.to_owned(),
+        other_used: Amount(0),
     }
 }
 

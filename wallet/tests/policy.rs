@@ -230,6 +230,67 @@ fn lightning_outflow_above_the_approval_threshold_is_refused() {
     assert_eq!(ledger.btc(bob), (1_000_000, 0));
 }
 
+/// Defect: the threshold worked in one direction only. `check_outflow` counted on-chain amounts
+/// for a Lightning payment, but an on-chain withdrawal counted only the wallet's own: an account
+/// that paid just under the approval threshold over Lightning then withdrew just under it on
+/// chain with no approval. Now the request's `other_used` (the account's Lightning outflow of the
+/// last 24 hours) counts with its on-chain total. Failed on the old code (held `Pending`).
+#[test]
+fn lightning_outflow_counts_in_an_on_chain_withdrawals_approval_threshold() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 1_000_000, "a");
+    let bob = funded(&ledger, 1_000_000, "b");
+    let mut c = config(dir.path());
+    c.withdrawal.approval_threshold = Amount(100_000);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let t = now();
+    // Alice paid 95,000 over Lightning (allowed: at most the threshold); 5,001 on chain passes it.
+    svc.check_outflow(alice, Amount(95_000), Amount(0), t.as_millis())
+        .unwrap();
+    let mut r = request(alice, 5_001, "k1");
+    r.other_used = Amount(95_000);
+    let w = svc.request_withdrawal(r, t).unwrap();
+    assert_eq!(w.status, WithdrawalStatus::AwaitingApproval);
+    // Bob's 95,000 over Lightning and 5,000 on chain: the threshold exactly, no approval.
+    let mut r = request(bob, 5_000, "k1");
+    r.other_used = Amount(95_000);
+    let w = svc.request_withdrawal(r, t).unwrap();
+    assert_eq!(w.status, WithdrawalStatus::Pending);
+}
+
+/// Defect: the daily limit, the same way: Lightning amounts did not count for an on-chain
+/// withdrawal. Refused now (`DailyLimit`, nothing held). Failed on the old code (accepted).
+#[test]
+fn lightning_outflow_counts_in_an_on_chain_withdrawals_daily_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 1_000_000, "a");
+    let mut c = config(dir.path());
+    c.withdrawal.daily_limit = Amount(100_000);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let t = now();
+    let mut r = request(alice, 30_001, "k1");
+    r.other_used = Amount(70_000);
+    let e = svc.request_withdrawal(r, t).unwrap_err();
+    assert!(
+        matches!(e, WithdrawalError::DailyLimit { used, limit, .. }
+            if used == Amount(70_000) && limit == Amount(100_000)),
+        "{e:?}"
+    );
+    assert_eq!(ledger.btc(alice), (1_000_000, 0), "nothing held");
+    assert!(svc.withdrawals().unwrap().is_empty());
+    // An overflowing Lightning total is refused too, not wrapped.
+    let mut r = request(alice, 1_000, "k2");
+    r.other_used = Amount(u64::MAX);
+    let e = svc.request_withdrawal(r, t).unwrap_err();
+    assert!(matches!(e, WithdrawalError::DailyLimit { .. }), "{e:?}");
+    // At the limit exactly: allowed.
+    let mut r = request(alice, 30_000, "k3");
+    r.other_used = Amount(70_000);
+    svc.request_withdrawal(r, t).unwrap();
+}
+
 /// Alarms of custody's money outside this wallet (the Lightning node's discrepancies) go to the
 /// same table as custody's own: listed once per kind and subject while not cleared, cleared by
 /// an operator like any other.

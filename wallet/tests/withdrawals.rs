@@ -22,6 +22,7 @@ fn request(account: AccountId, to: &Address, amount: u64, key: &str) -> Withdraw
         address: to.to_string(),
         amount: Amount(amount),
         idempotency_key: key.to_owned(),
+        other_used: Amount(0),
     }
 }
 
@@ -342,6 +343,7 @@ fn bad_requests_are_clear_errors_and_change_nothing() {
             address: address.to_owned(),
             amount: Amount(amount),
             idempotency_key: key.to_owned(),
+            other_used: Amount(0),
         };
         svc.request_withdrawal(r, w.clock.now()).unwrap_err()
     };

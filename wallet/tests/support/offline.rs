@@ -49,6 +49,7 @@ pub fn request(account: AccountId, amount: u64, key: &str) -> WithdrawalRequest 
         address: ADDRESS.into(),
         amount: Amount(amount),
         idempotency_key: key.into(),
+        other_used: Amount(0),
     }
 }
 

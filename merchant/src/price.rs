@@ -517,16 +517,18 @@ mod tests {
         cache.get(&src, 2, &lim, t).await.unwrap();
         assert_eq!(cache.reads(), 4);
         // A TTL beyond the max age is capped by it: the price is never older than allowed.
+        // (The file's own age, from the real clock, counts too: the margin of 5 s keeps a slow
+        // machine's milliseconds between writing the file and reading it out of the result.)
         let short = PriceLimits {
-            index_cache_ms: 10_000,
-            index_max_age_ms: 100,
+            index_cache_ms: 60_000,
+            index_max_age_ms: 10_000,
             ..PriceLimits::default()
         };
         let cache = IndexCache::default();
         cache.get(&src, 2, &short, t).await.unwrap();
-        cache.get(&src, 2, &short, t + 99).await.unwrap();
+        cache.get(&src, 2, &short, t + 5_000).await.unwrap();
         assert_eq!(cache.reads(), 1);
-        cache.get(&src, 2, &short, t + 100).await.unwrap();
+        cache.get(&src, 2, &short, t + 10_000).await.unwrap();
         assert_eq!(cache.reads(), 2);
         // A failure is cached for the TTL too.
         let missing = IndexSource::File(dir.path().join("missing.txt"));

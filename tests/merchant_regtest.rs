@@ -22,13 +22,15 @@ use std::collections::BTreeSet;
 /// A running server with one merchant and a funded customer. Dropping it (also when a test
 /// fails) kills the server and its node.
 struct Env {
-    dir: tempfile::TempDir,
     port: u16,
     server: Option<Server>,
     m: Merchant,
     rpc: Rpc,
     payer: Payer,
     started: std::time::Instant,
+    /// Last: fields drop in order, and the server (its Lightning node writes to this directory
+    /// until it is killed) must be gone before the directory is deleted.
+    dir: tempfile::TempDir,
 }
 
 impl Env {

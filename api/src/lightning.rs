@@ -261,8 +261,15 @@ async fn wait_outcome(
         // Marked seen before the look-up: a settlement after it wakes the wait below.
         settled.borrow_and_update();
         let ln = ln.clone();
-        if let Some(now) = call_on(ln, move |l| l.payment(account, id)).await? {
-            w = now;
+        // The payment was sent: a failed look-up answers it as still pending (with its id, for
+        // `GET pay`), never as an error the client would read as "not paid".
+        match call_on(ln, move |l| l.payment(account, id)).await {
+            Ok(Some(now)) => w = now,
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(account, id, error = ?e, "looking up a sent lightning payment");
+                return Ok(w);
+            }
         }
         if w.state != LnPaymentState::Pending {
             return Ok(w);

@@ -523,12 +523,14 @@ pub fn client_id(seed: u64, n: u64, now_ms: u64) -> String {
 
 /// True for the commands the circuit breaker stops: everything that can move money or take
 /// on new exposure. Cancels, releases of held withdrawals, account creation, the clock and the
-/// read-only queries pass.
+/// read-only queries pass, and so do keep-priority amends (they only lower a quantity).
 fn moves_money(cmd: &Command) -> bool {
     !matches!(
         cmd,
         Command::Cancel { .. }
             | Command::CancelAll { .. }
+            // Only lowers an order's quantity: it takes on no exposure.
+            | Command::AmendKeepPriority { .. }
             | Command::WithdrawRelease { .. }
             | Command::CreateAccount
             | Command::Tick

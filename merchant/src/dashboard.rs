@@ -1711,7 +1711,9 @@ pub async fn tokens(
          <label class=check><input type=checkbox name=merchant value=1 checked> merchant \
          (invoices, webhooks, store)</label>\
          <label class=check><input type=checkbox name=withdraw value=1> withdraw (refunds, pull \
-         payments)</label></fieldset><button>Create token</button></form>",
+         payments)</label></fieldset><label>Store password (needed for withdraw)<input \
+         type=password name=password autocomplete=current-password></label>\
+         <button>Create token</button></form>",
         csrf_field(&s)
     );
     Ok(page(StatusCode::OK, "API tokens", Some(&s), &b))
@@ -1737,6 +1739,11 @@ pub async fn create_token(
     }
     if perms == Perms::NONE || !TOKEN_PERMS.has(perms) {
         return Err(bad("Choose at least one permission."));
+    }
+    // A `withdraw` token moves money (refunds and pull payments to any address): like a
+    // withdrawal, it needs the store password again, not the session alone (ADR 0015).
+    if perms.has(Perms::WITHDRAW) {
+        step_up(&st, &s, form.text("password")).await?;
     }
     let label = form.text("label").to_owned();
     if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {

@@ -1346,7 +1346,13 @@ fn seeded_crash_simulation_loses_no_acknowledged_command_and_no_unit() {
 /// `repairing_damage_a_snapshot_holds_keeps_the_later_segments`).
 #[test]
 fn seed_1_a_repaired_journal_keeps_the_commands_after_the_snapshot() {
-    run_seed(1);
+    let stats = run_seed(1);
+    // Still the path that found it: a repaired middle of the journal, records cut by it.
+    assert!(
+        stats.get("journal damage FlippedMiddle") > Some(&0)
+            && stats.get("order history cut by a repair") > Some(&0),
+        "seed 1 no longer repairs the journal: {stats:?}"
+    );
 }
 
 /// Seed 12 found that after such a repair, with the history behind the journal (its floor
@@ -1356,7 +1362,11 @@ fn seed_1_a_repaired_journal_keeps_the_commands_after_the_snapshot() {
 /// `a_floor_behind_a_repaired_hole_recovers_from_the_snapshot_that_holds_it`.
 #[test]
 fn seed_12_a_history_behind_a_repaired_journal_does_not_stop_the_start() {
-    run_seed(12);
+    let stats = run_seed(12);
+    assert!(
+        stats.get("history gap after a repair") > Some(&0),
+        "seed 12 no longer leaves the history behind a repair: {stats:?}"
+    );
 }
 
 /// Seed 116 finds (seed 18 of an earlier version of this file found) that custody's model lost

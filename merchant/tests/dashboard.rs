@@ -1436,3 +1436,49 @@ async fn dashboard_withdrawal_refusals_send_nothing() {
     assert_eq!(api.code(), -1000, "{}", api.json);
     assert_eq!(count(), 1);
 }
+
+/// Review finding: a session alone (a stolen cookie, a one-time link's session) could create a
+/// `withdraw` token, and with it move the store's money through the API, although a withdrawal
+/// from the dashboard needs the store password again (ADR 0015). Now such a token needs the
+/// password too; a `read,merchant` token does not.
+#[tokio::test]
+async fn a_withdraw_token_needs_the_store_password() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let create = |label: &'static str, password: &'static str| {
+        let h = &d.h;
+        let id = id.clone();
+        async move {
+            post(
+                h,
+                "/dashboard/tokens",
+                &id,
+                "/dashboard/tokens",
+                &[
+                    ("label", label),
+                    ("merchant", "1"),
+                    ("withdraw", "1"),
+                    ("password", password),
+                ],
+            )
+            .await
+        }
+    };
+    for (label, password) in [("nopw", ""), ("wrongpw", "not the password")] {
+        let r = create(label, password).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+        assert!(!r.body.contains("Copy it now"), "{}", r.body);
+    }
+    let listed = get(&d.h, "/dashboard/tokens", &id).await;
+    assert!(
+        !listed.body.contains("nopw") && !listed.body.contains("wrongpw"),
+        "a refused token was created"
+    );
+    let r = create("payouts", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert!(r.body.contains("Copy it now"), "{}", r.body);
+    assert!(get(&d.h, "/dashboard/tokens", &id)
+        .await
+        .body
+        .contains("payouts"));
+}

@@ -106,6 +106,7 @@ fn main() {
             let store = StoreConfig {
                 snapshot_every: 0,
                 snapshots_kept: 2,
+                ..StoreConfig::default()
             };
             let recovered = Store::open(&base, store, genesis).expect("open store");
             Sequencer::durable(recovered, SystemClock, cfg).expect("start")

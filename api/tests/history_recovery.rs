@@ -36,6 +36,7 @@ fn boot(dir: &Path) -> Server {
         store: StoreConfig {
             snapshot_every: 8,
             snapshots_kept: 2,
+            ..StoreConfig::default()
         },
         ..api::NodeConfig::default()
     };

@@ -83,6 +83,7 @@ async fn signed_order_placement_rest_and_ws_api() {
             store: StoreConfig {
                 snapshot_every: 0,
                 snapshots_kept: 2,
+                ..StoreConfig::default()
             },
             ..Default::default()
         },

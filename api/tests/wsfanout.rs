@@ -145,6 +145,7 @@ async fn depth_fanout_to_many_subscribers() {
             store: StoreConfig {
                 snapshot_every: 0,
                 snapshots_kept: 2,
+                ..StoreConfig::default()
             },
             ..Default::default()
         },

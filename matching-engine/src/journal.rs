@@ -29,6 +29,18 @@
 //! The checksum covers the header fields as well as the payload, so a damaged length is caught
 //! even when it still points inside the file.
 //!
+//! # Preallocation
+//!
+//! A writer may be asked to *preallocate* ([`JournalWriter::preallocate`]): it then keeps zero
+//! bytes written and synced ahead of its records, and writes each group commit over them. A file
+//! whose length does not change needs no metadata in its `fdatasync` (on ext4, no journal
+//! commit of the file system): on this project's test VM that made each group commit's
+//! `fdatasync` about 3x faster and halved its CPU time (PostgreSQL zero-fills its WAL segments
+//! for the same reason; `fallocate` would not do, as writing into an unwritten extent changes
+//! metadata again). The valid prefix then ends at the first record header that is all zeros,
+//! with nothing but zeros after it: the reader reports that as a clean end, not a defect. Zeros
+//! are not a record (a record's length is at least 1), so a zero tail hides nothing.
+//!
 //! # Durability
 //!
 //! [`JournalWriter::append`] only encodes into a memory buffer: **nothing is durable until
@@ -76,6 +88,11 @@ pub const RECORD_HEADER_BYTES: usize = 24;
 pub const RECORD_HEADER_BYTES_V1: usize = 16;
 /// The largest payload a record may have. A larger `len` is taken as corruption.
 pub const MAX_PAYLOAD_BYTES: u32 = 1 << 20;
+/// The first zero-filled extent a preallocating writer keeps ahead of its records; each later
+/// extension doubles what the file holds, up to [`PREALLOCATE_MAX_STEP`] at a time.
+pub const PREALLOCATE_FIRST_STEP: u64 = 1 << 20;
+/// The most a preallocating writer adds at a time.
+pub const PREALLOCATE_MAX_STEP: u64 = 16 << 20;
 
 const SEGMENT_PREFIX: &str = "journal-";
 const SEGMENT_SUFFIX: &str = ".log";
@@ -280,6 +297,9 @@ pub struct JournalWriter {
     buf: Vec<u8>,
     /// Bytes of the file known to be written (header and whole records).
     file_len: u64,
+    /// The file's length when preallocating: zeros from `file_len` up to it (see the module
+    /// docs); `None` when this writer does not preallocate.
+    allocated: Option<u64>,
     poisoned: bool,
     /// Test seam: syncs left before one fails (see [`JournalWriter::inject_sync_failure`]).
     sync_failure_after: Option<u64>,
@@ -328,9 +348,63 @@ impl JournalWriter {
             group: None,
             buf: Vec::with_capacity(64 * 1024),
             file_len,
+            allocated: None,
             poisoned: false,
             sync_failure_after: None,
         }
+    }
+
+    /// Makes this writer keep zero-filled, synced space ahead of its records (see the module docs)
+    /// and fills the first extent now: after it returns `Ok`, group commits that fit overwrite
+    /// zeros and the file's length stays put. A failure poisons the writer (the file's tail is
+    /// then unknown).
+    pub fn preallocate(&mut self) -> Result<(), JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned);
+        }
+        if self.allocated.is_some() {
+            return Ok(());
+        }
+        let len = self.file.metadata().map_err(io_err(&self.path))?.len();
+        // Anything past the written records is zeros by now (`create` and `open_at` cut the
+        // rest), so the extension starts at the file's end.
+        debug_assert_eq!(len, self.file_len);
+        self.allocated = Some(len.max(self.file_len));
+        self.extend_to(self.file_len + self.buf.len() as u64 + 1)
+    }
+
+    /// Zero-fills the file from its allocated end until it holds at least `need` bytes (one
+    /// step: the file's length again, at least [`PREALLOCATE_FIRST_STEP`], at most
+    /// [`PREALLOCATE_MAX_STEP`]) and syncs it.
+    fn extend_to(&mut self, need: u64) -> Result<(), JournalError> {
+        use std::os::unix::fs::FileExt;
+        static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
+        let Some(allocated) = self.allocated else {
+            return Ok(());
+        };
+        if need <= allocated {
+            return Ok(());
+        }
+        let step = allocated.clamp(PREALLOCATE_FIRST_STEP, PREALLOCATE_MAX_STEP);
+        let target = need.max(allocated + step);
+        let mut at = allocated;
+        let result = (|| {
+            while at < target {
+                let n = (target - at).min(ZEROS.len() as u64) as usize;
+                self.file.write_all_at(&ZEROS[..n], at)?;
+                at += n as u64;
+            }
+            self.file.sync_data()
+        })();
+        if let Err(source) = result {
+            self.poisoned = true;
+            return Err(JournalError::Io {
+                path: self.path.clone(),
+                source,
+            });
+        }
+        self.allocated = Some(target);
+        Ok(())
     }
 
     /// Test seam: after `after` more successful syncs, the next one fails as an `fdatasync` error
@@ -467,13 +541,19 @@ impl JournalWriter {
             }
             None => false,
         };
-        let result = self.file.write_all(&self.buf).and_then(|()| {
-            if injected {
-                Err(io::Error::other("injected fdatasync failure"))
-            } else {
-                self.file.sync_data()
-            }
-        });
+        let end = self.file_len + self.buf.len() as u64;
+        if self.allocated.is_some_and(|a| end > a) {
+            self.extend_to(end)?;
+        }
+        // Positioned: the file's length is not where records end when it is preallocated.
+        let result = std::os::unix::fs::FileExt::write_all_at(&self.file, &self.buf, self.file_len)
+            .and_then(|()| {
+                if injected {
+                    Err(io::Error::other("injected fdatasync failure"))
+                } else {
+                    self.file.sync_data()
+                }
+            });
         if let Err(source) = result {
             self.poisoned = true;
             return Err(JournalError::Io {
@@ -531,6 +611,8 @@ pub struct SegmentReader {
     next_seq: u64,
     valid_len: u64,
     defect: Option<TailDefect>,
+    /// The valid prefix is followed by zeros only (preallocated space), up to the file's end.
+    zero_tail: bool,
     done: bool,
     payload: Vec<u8>,
 }
@@ -551,6 +633,7 @@ impl SegmentReader {
             next_seq: first_seq,
             valid_len: 0,
             defect: None,
+            zero_tail: false,
             done: false,
             payload: Vec::new(),
         };
@@ -589,6 +672,16 @@ impl SegmentReader {
         let mut header = [0u8; RECORD_HEADER_BYTES];
         let header = &mut header[..self.version.header_bytes()];
         let filled = read_full(&mut self.reader, header).map_err(io_err(&self.path))?;
+        let read = match filled {
+            Filled::Full => header.len(),
+            Filled::Short(n) => n,
+        };
+        // Preallocated space (see the module docs): zeros to the end of the file are a clean end.
+        if read > 0 && header[..read].iter().all(|&b| b == 0) && self.rest_is_zero()? {
+            self.zero_tail = true;
+            self.done = true;
+            return Ok(None);
+        }
         let defect = match filled {
             Filled::Short(0) => None,
             Filled::Short(_) => Some(TailDefect::ShortRecord),
@@ -609,6 +702,21 @@ impl SegmentReader {
                 self.defect = defect;
                 self.done = true;
                 Ok(None)
+            }
+        }
+    }
+
+    /// True when every byte left in the file is zero. Reads to the end either way (the reader is
+    /// done after it).
+    fn rest_is_zero(&mut self) -> Result<bool, JournalError> {
+        let mut chunk = [0u8; 8 * 1024];
+        loop {
+            match self.reader.read(&mut chunk) {
+                Ok(0) => return Ok(true),
+                Ok(n) if chunk[..n].iter().all(|&b| b == 0) => {}
+                Ok(_) => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(io_err(&self.path)(e)),
             }
         }
     }
@@ -682,9 +790,16 @@ impl SegmentReader {
     }
 
     /// After the end: why the valid prefix ended before the end of the file, `None` when the
-    /// whole file was valid.
+    /// whole file was valid (or the rest of it is preallocated zeros: see
+    /// [`zero_tail`](Self::zero_tail)).
     pub fn defect(&self) -> Option<TailDefect> {
         self.defect
+    }
+
+    /// After the end: true when the valid prefix is followed by zeros only, up to the end of the
+    /// file (preallocated space; see the module docs). Not a defect.
+    pub fn zero_tail(&self) -> bool {
+        self.zero_tail
     }
 }
 
@@ -833,6 +948,76 @@ mod tests {
         }
         assert_eq!(r.version(), RecordVersion::V2);
         assert_eq!(groups, [1, 1, 3, 4, 4, 4].map(Some));
+    }
+
+    #[test]
+    fn a_preallocating_writer_grows_in_steps_and_its_records_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::create(dir.path(), 1).unwrap();
+        w.preallocate().unwrap();
+        let path = w.path().to_path_buf();
+        let len = || std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len(), SEGMENT_HEADER_BYTES + PREALLOCATE_FIRST_STEP);
+        let payload = vec![7u8; 100 * 1024];
+        let mut lens = vec![len()];
+        for seq in 1..=50u64 {
+            w.append(seq, Timestamp(seq), &payload).unwrap();
+            w.sync().unwrap();
+            assert!(w.file_len() <= len(), "records stay inside the file");
+            if *lens.last().unwrap() != len() {
+                lens.push(len());
+            }
+        }
+        // Each step adds what the file holds (at least the first step): 1, 2, 4 MiB, ...
+        assert_eq!(lens.len(), 4, "{lens:?}");
+        for pair in lens.windows(2) {
+            assert_eq!(pair[1], 2 * pair[0], "{lens:?}");
+        }
+        let written = w.file_len();
+        drop(w);
+        let mut r = SegmentReader::open(&path, 1).unwrap();
+        let mut n = 0;
+        while r.next_record().unwrap().is_some() {
+            n += 1;
+            assert_eq!(r.decode::<Vec<u8>>().unwrap().1, payload);
+        }
+        assert_eq!(n, 50);
+        assert_eq!((r.defect(), r.zero_tail()), (None, true));
+        assert_eq!(r.valid_len(), written);
+
+        // Reopened, the writer cuts the zeros and preallocates again after its records.
+        let mut w = JournalWriter::open_at(&path, 1, written, 51).unwrap();
+        assert_eq!(len(), written);
+        w.preallocate().unwrap();
+        assert!(len() > written);
+        w.append(51, Timestamp(51), &payload).unwrap();
+        w.sync().unwrap();
+        let mut r = SegmentReader::open(&path, 1).unwrap();
+        while r.next_record().unwrap().is_some() {}
+        assert_eq!((r.next_seq(), r.zero_tail()), (52, true));
+    }
+
+    #[test]
+    fn zeros_with_a_byte_after_them_are_a_defect_not_preallocated_space() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut w = JournalWriter::create(dir.path(), 1).unwrap();
+        w.preallocate().unwrap();
+        w.append(1, Timestamp(1), &1u8).unwrap();
+        w.sync().unwrap();
+        let end = w.file_len();
+        let path = w.path().to_path_buf();
+        drop(w);
+        let mut bytes = std::fs::read(&path).unwrap();
+        let last = bytes.len() - 1;
+        bytes[last] = 1;
+        std::fs::write(&path, &bytes).unwrap();
+        let mut r = SegmentReader::open(&path, 1).unwrap();
+        while r.next_record().unwrap().is_some() {}
+        assert_eq!(r.valid_len(), end);
+        assert_eq!(
+            (r.defect(), r.zero_tail()),
+            (Some(TailDefect::BadLength), false)
+        );
     }
 
     #[test]

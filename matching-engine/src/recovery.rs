@@ -64,6 +64,10 @@ pub struct StoreConfig {
     pub snapshot_every: u64,
     /// How many snapshots to keep, at least 2 so recovery can fall back one.
     pub snapshots_kept: usize,
+    /// Keep zero-filled space synced ahead of the journal's records, so that a group commit's
+    /// `fdatasync` does not change the file's length (see [`JournalWriter::preallocate`]).
+    /// On by default; tests that cut journal files at byte offsets turn it off.
+    pub preallocate: bool,
 }
 
 impl Default for StoreConfig {
@@ -71,6 +75,7 @@ impl Default for StoreConfig {
         Self {
             snapshot_every: 100_000,
             snapshots_kept: 2,
+            preallocate: true,
         }
     }
 }
@@ -504,10 +509,13 @@ impl<S: StateMachine> Store<S> {
                 "the replay floor is beyond the journal's end"
             );
         }
-        let journal = match journal {
+        let mut journal = match journal {
             Some(journal) => journal,
             None => JournalWriter::create(dir, state.seq() + 1)?,
         };
+        if config.preallocate {
+            journal.preallocate()?;
+        }
         assert_eq!(journal.next_seq(), state.seq() + 1);
         let store = Store {
             dir: dir.to_path_buf(),
@@ -590,7 +598,11 @@ impl<S: StateMachine> Store<S> {
         let path = write_snapshot(&self.dir, state)?;
         self.last_snapshot_seq = state.seq();
         if !self.journal.is_empty() {
-            self.journal = JournalWriter::create(&self.dir, state.seq() + 1)?;
+            let mut journal = JournalWriter::create(&self.dir, state.seq() + 1)?;
+            if self.config.preallocate {
+                journal.preallocate()?;
+            }
+            self.journal = journal;
         }
         self.prune()?;
         Ok(path)

@@ -161,6 +161,7 @@ fn node_config() -> NodeConfig {
         store: StoreConfig {
             snapshot_every: 30,
             snapshots_kept: 2,
+            ..StoreConfig::default()
         },
         ..NodeConfig::default()
     }

@@ -17,7 +17,12 @@
 //! it, cannot be told from a torn write, and is cut like one.
 //!
 //! Segments of at most a header and no record (a rotation that failed part-way, say on a full
-//! disk) are [`SegmentStatus::Empty`]; recovery removes them unless one is the last segment.
+//! disk), or a header followed by nothing but preallocated zeros, are [`SegmentStatus::Empty`];
+//! recovery removes them unless one is the last segment. Zeros after a segment's valid prefix,
+//! up to its end, are preallocated space and no defect (see the journal's module docs). So a
+//! *synced* tail that the disk itself later turned into zeros cannot be told from preallocated
+//! space in the last segment; in an earlier segment the next segment's first seq shows the gap
+//! and recovery refuses ([`RecoveryError::Gap`](crate::recovery::RecoveryError::Gap)).
 
 use super::{
     io_err, list_segments, parse_header, record_ok, sync_dir, JournalError, RecordVersion,
@@ -137,11 +142,15 @@ impl JournalCheck {
 pub fn check_journal(dir: &Path) -> Result<JournalCheck, JournalError> {
     let segments = list_segments(dir)?;
     let mut lens = Vec::with_capacity(segments.len());
+    let mut written = Vec::with_capacity(segments.len());
     for (_, path) in &segments {
-        lens.push(std::fs::metadata(path).map_err(io_err(path))?.len());
+        let len = std::fs::metadata(path).map_err(io_err(path))?.len();
+        lens.push(len);
+        written.push(len > SEGMENT_HEADER_BYTES && !zeros_after_header(path)?);
     }
-    // Empty segments do not count when deciding which segment is the last.
-    let last = lens.iter().rposition(|&len| len > SEGMENT_HEADER_BYTES);
+    // Empty segments (a header, then nothing or preallocated zeros) do not count when deciding
+    // which segment is the last.
+    let last = written.iter().rposition(|&w| w);
     let mut check = JournalCheck::default();
     for (i, ((first_seq, path), &file_len)) in segments.iter().zip(&lens).enumerate() {
         let is_last = last.is_none_or(|l| i >= l);
@@ -170,7 +179,9 @@ fn check_segment(
     let version = (reader.defect() != Some(TailDefect::ShortHeader)).then(|| reader.version());
     let valid_len = reader.valid_len();
     let status = match reader.defect() {
-        _ if records == 0 && file_len <= SEGMENT_HEADER_BYTES => SegmentStatus::Empty,
+        _ if records == 0 && (file_len <= SEGMENT_HEADER_BYTES || reader.zero_tail()) => {
+            SegmentStatus::Empty
+        }
         None => SegmentStatus::Clean,
         Some(defect) => {
             let first_lost_seq = reader.next_seq();
@@ -216,6 +227,24 @@ fn check_segment(
         last_seq,
         status,
     })
+}
+
+/// True when every byte after the segment header is zero (a segment that was preallocated and
+/// never written to).
+fn zeros_after_header(path: &Path) -> Result<bool, JournalError> {
+    let mut file = File::open(path).map_err(io_err(path))?;
+    file.seek(SeekFrom::Start(SEGMENT_HEADER_BYTES))
+        .map_err(io_err(path))?;
+    let mut chunk = [0u8; 8 * 1024];
+    loop {
+        match file.read(&mut chunk) {
+            Ok(0) => return Ok(true),
+            Ok(n) if chunk[..n].iter().all(|&b| b == 0) => {}
+            Ok(_) => return Ok(false),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io_err(path)(e)),
+        }
+    }
 }
 
 /// Intact records found after a defect.

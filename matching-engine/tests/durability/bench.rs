@@ -49,6 +49,7 @@ fn bench_sequencer_with_the_toy_bank() {
                     let store = StoreConfig {
                         snapshot_every: 0,
                         snapshots_kept: 2,
+                        ..StoreConfig::default()
                     };
                     let recovered = Store::open(dir.path(), store, || bank).unwrap();
                     Sequencer::durable(recovered, SystemClock, config).unwrap()
@@ -100,6 +101,7 @@ fn bench_recovery_check_then_replay() {
     let store = StoreConfig {
         snapshot_every: 0,
         snapshots_kept: 2,
+        ..StoreConfig::default()
     };
     let r = Store::open(dir.path(), store, || Bank::new(1, 1)).unwrap();
     let open_ms = start.elapsed().as_secs_f64() * 1e3;

@@ -3,7 +3,7 @@
 //! after the longest prefix of whole records, as a reference run recorded it.
 
 use crate::bank::{Bank, BankCmd};
-use matching_engine::journal::{list_segments, SegmentReader};
+use matching_engine::journal::{list_segments, SegmentReader, SEGMENT_HEADER_BYTES};
 use matching_engine::recovery::{Recovered, Store, StoreConfig};
 use matching_engine::snapshot::list_snapshots;
 use matching_engine::{StateMachine, Timestamp};
@@ -37,9 +37,10 @@ proptest! {
         snapshot_every in 0u64..25,
         cut_per_mille in 0u64..=1000,
         damage_newest_snapshot in any::<bool>(),
+        preallocate in any::<bool>(),
     ) {
         let dir = tempfile::tempdir().unwrap();
-        let config = StoreConfig { snapshot_every, snapshots_kept: 2 };
+        let config = StoreConfig { snapshot_every, snapshots_kept: 2, preallocate };
         let genesis = || Bank::new(4, 1);
         let Recovered { mut state, mut store, .. } =
             Store::open(dir.path(), config, genesis).unwrap();
@@ -58,19 +59,43 @@ proptest! {
         }
         drop(store);
 
-        // Cut the last segment somewhere, and find its whole records before the cut.
+        // Tear the last segment's written bytes somewhere, and find its whole records before
+        // the tear. Without preallocation the file ends there (an append that did not reach the
+        // disk); with it, zeros follow up to the preallocated end (an overwrite that did not).
         let (first_seq, last) = list_segments(dir.path()).unwrap().pop().unwrap();
-        let len = std::fs::metadata(&last).unwrap().len();
+        let file_len = std::fs::metadata(&last).unwrap().len();
+        let mut reader = SegmentReader::open(&last, first_seq).unwrap();
+        while reader.next_record().unwrap().is_some() {}
+        let len = reader.valid_len();
+        prop_assert_eq!(reader.zero_tail(), preallocate && file_len > len);
         let cut = len * cut_per_mille / 1000;
+        let before = std::fs::read(&last).unwrap();
         let mut reader = SegmentReader::open(&last, first_seq).unwrap();
         let mut whole = 0;
         while reader.next_record().unwrap().is_some() {
-            if reader.valid_len() <= cut {
+            let end = reader.valid_len();
+            // Zeroing the end of a record that already ends in zeros leaves it whole.
+            let zeroed_intact = || {
+                preallocate
+                    && cut >= SEGMENT_HEADER_BYTES
+                    && before[cut as usize..end as usize].iter().all(|&b| b == 0)
+            };
+            if end <= cut || zeroed_intact() {
                 whole += 1;
             }
         }
         drop(reader);
-        OpenOptions::new().write(true).open(&last).unwrap().set_len(cut).unwrap();
+        let file = OpenOptions::new().write(true).open(&last).unwrap();
+        // A preallocated segment's header was synced before any zero followed it: a cut inside
+        // the header is a crash while the segment was created, which leaves the file short.
+        if preallocate && cut >= SEGMENT_HEADER_BYTES {
+            use std::os::unix::fs::FileExt;
+            let zeros = vec![0u8; (file_len - cut) as usize];
+            file.write_all_at(&zeros, cut).unwrap();
+        } else {
+            file.set_len(cut).unwrap();
+        }
+        drop(file);
 
         if damage_newest_snapshot {
             if let Some((_, newest)) = list_snapshots(dir.path()).unwrap().pop() {

@@ -28,6 +28,7 @@ fn engine_recovers_to_the_same_hash_including_expiries_before_rejections() {
     let config = StoreConfig {
         snapshot_every: 150,
         snapshots_kept: 2,
+        ..StoreConfig::default()
     };
     let genesis = || Engine::new(EngineConfig::default()).unwrap();
     let recovered = Store::open(dir.path(), config, genesis).unwrap();
@@ -189,6 +190,7 @@ fn an_inconsistent_snapshot_is_refused_and_recovery_falls_back_to_the_previous_o
     let config = StoreConfig {
         snapshot_every: 0,
         snapshots_kept: 2,
+        ..StoreConfig::default()
     };
     let genesis = || Engine::new(EngineConfig::default()).unwrap();
     type Tamper = fn(&mut EngineSnapshot);
@@ -289,6 +291,7 @@ fn withdrawal_status_query_is_answered_and_never_journaled() {
     let config = StoreConfig {
         snapshot_every: 1_000,
         snapshots_kept: 2,
+        ..StoreConfig::default()
     };
     let genesis = || Engine::new(EngineConfig::default()).unwrap();
     let recovered = Store::open(dir.path(), config, genesis).unwrap();

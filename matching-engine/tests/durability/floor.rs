@@ -14,6 +14,7 @@ use std::sync::Arc;
 const CONFIG: StoreConfig = StoreConfig {
     snapshot_every: 0,
     snapshots_kept: 2,
+    preallocate: true,
 };
 
 /// One replayed command: sequence number, time, events.

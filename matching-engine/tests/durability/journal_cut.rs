@@ -15,8 +15,16 @@ fn genesis() -> Bank {
     Bank::new(4, 1)
 }
 
+/// These cases cut files at byte offsets measured by the file's length: no preallocation (the
+/// preallocated layout has its own cases at the end of this file).
+const CONFIG: StoreConfig = StoreConfig {
+    snapshot_every: 100_000,
+    snapshots_kept: 2,
+    preallocate: false,
+};
+
 fn open(dir: &Path) -> Recovered<Bank> {
-    Store::open(dir, StoreConfig::default(), genesis).expect("recovers")
+    Store::open(dir, CONFIG, genesis).expect("recovers")
 }
 
 /// A journal written and synced one command at a time.
@@ -152,7 +160,7 @@ fn a_damaged_middle_record_in_an_acknowledged_group_refuses_and_changes_nothing(
     bytes[w.ends[3] as usize + RECORD_HEADER_BYTES + 1] ^= 1;
     let dir = dir_with(&bytes);
     let path = dir.path().join(segment_file_name(1));
-    match Store::open(dir.path(), StoreConfig::default(), genesis) {
+    match Store::open(dir.path(), CONFIG, genesis) {
         Err(RecoveryError::Damaged(d)) => {
             assert_eq!(d.segment, path);
             assert_eq!(d.segment_first_seq, 1);
@@ -272,7 +280,7 @@ fn assert_refused_unchanged(dir: &Path, bytes: &[u8], offset: u64, first_lost: u
         (d.offset, d.first_lost_seq, d.last_lost_seq),
         (offset, first_lost, last)
     );
-    match Store::open(dir, StoreConfig::default(), genesis) {
+    match Store::open(dir, CONFIG, genesis) {
         Err(RecoveryError::Damaged(refused)) => assert_eq!(refused, d),
         other => panic!("expected a refusal at {offset}, got {other:?}"),
     }
@@ -516,4 +524,123 @@ fn verify_reports_repair_cuts_with_a_backup_and_then_the_store_opens() {
         repair_truncate::<Bank>(dir.path(), 1, w.starts[4], 7),
         Err(JournalError::RepairRefused { .. })
     ));
+}
+
+/// The layout a store writes by default: records over zeros preallocated ahead of them.
+const PREALLOCATED: StoreConfig = StoreConfig {
+    preallocate: true,
+    ..CONFIG
+};
+
+/// A preallocated journal written and synced one command at a time: its bytes (records, then
+/// zeros), where each accepted command's record ends, and the state hashes.
+fn write_preallocated(dir: &Path, cmds: &[BankCmd]) -> (Vec<u8>, Vec<u64>, Vec<[u8; 32]>) {
+    let Recovered {
+        mut state,
+        mut store,
+        ..
+    } = Store::open(dir, PREALLOCATED, genesis).expect("opens");
+    let path = dir.join(segment_file_name(1));
+    let allocated = std::fs::metadata(&path).unwrap().len();
+    assert!(allocated > SEGMENT_HEADER_BYTES, "space is preallocated");
+    let mut hashes = vec![state.state_hash()];
+    let mut events = Vec::new();
+    for (i, cmd) in cmds.iter().enumerate() {
+        let now = Timestamp(1_000 + i as u64);
+        if state.apply(cmd, now, &mut events).is_ok() {
+            store.append(state.seq(), now, cmd).unwrap();
+            store.sync().unwrap();
+            hashes.push(state.state_hash());
+            // Group commits overwrite zeros: the file's length does not change.
+            assert_eq!(std::fs::metadata(&path).unwrap().len(), allocated);
+        }
+    }
+    drop(store);
+    let mut reader = SegmentReader::open(&path, 1).unwrap();
+    let mut ends = vec![SEGMENT_HEADER_BYTES];
+    while reader.next_record().unwrap().is_some() {
+        ends.push(reader.valid_len());
+    }
+    assert_eq!(reader.defect(), None);
+    assert!(reader.zero_tail());
+    (std::fs::read(&path).unwrap(), ends, hashes)
+}
+
+#[test]
+fn a_preallocated_journal_reads_clean_and_recovers_every_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bytes, ends, hashes) = write_preallocated(dir.path(), &workload(40, 0));
+    let end = *ends.last().unwrap();
+    assert!(bytes[end as usize..].iter().all(|&b| b == 0));
+    let check = check_journal(dir.path()).unwrap();
+    assert_eq!(check.segments[0].status, SegmentStatus::Clean);
+    assert_eq!(check.segments[0].valid_len, end);
+    assert!(check.segments[0].file_len > end);
+    let r = Store::open(dir.path(), PREALLOCATED, genesis).unwrap();
+    assert_eq!(r.state.state_hash(), *hashes.last().unwrap());
+    assert!(r.report.truncated.is_none());
+}
+
+#[test]
+fn a_torn_write_into_preallocated_space_recovers_the_longest_whole_prefix() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bytes, ends, hashes) = write_preallocated(dir.path(), &workload(12, 0));
+    let k = ends.len() - 1;
+    // Anywhere in the last three records: the pages after the tear never reached the disk and
+    // the preallocated zeros are still there.
+    for cut in ends[k - 3]..=ends[k] {
+        let mut torn = bytes.clone();
+        torn[cut as usize..].fill(0);
+        let whole = ends
+            .iter()
+            .rposition(|&e| e <= cut || bytes[cut as usize..e as usize].iter().all(|&b| b == 0))
+            .unwrap();
+        let dir = dir_with(&torn);
+        let r = Store::open(dir.path(), PREALLOCATED, genesis).unwrap();
+        assert_eq!(r.state.seq(), whole as u64, "cut at {cut}");
+        assert_eq!(r.state.state_hash(), hashes[whole], "cut at {cut}");
+        drop(r);
+        let again = Store::open(dir.path(), PREALLOCATED, genesis).unwrap();
+        assert_eq!(again.state.state_hash(), hashes[whole]);
+        assert!(again.report.truncated.is_none());
+    }
+}
+
+#[test]
+fn a_zeroed_record_before_a_later_group_is_damage_not_preallocated_space() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bytes, ends, _) = write_preallocated(dir.path(), &workload(12, 0));
+    // Record 3 reads as zeros, records 4.. (later group commits, acknowledged) are intact.
+    let mut damaged = bytes.clone();
+    damaged[ends[2] as usize..ends[3] as usize].fill(0);
+    let dir = dir_with(&damaged);
+    let check = check_journal(dir.path()).unwrap();
+    let d = check.damage().expect("damage").clone();
+    assert_eq!((d.offset, d.first_lost_seq), (ends[2], 3));
+    assert!(matches!(
+        Store::open(dir.path(), PREALLOCATED, genesis),
+        Err(RecoveryError::Damaged(_))
+    ));
+    assert_eq!(
+        std::fs::read(dir.path().join(segment_file_name(1))).unwrap(),
+        damaged
+    );
+}
+
+#[test]
+fn an_empty_preallocated_segment_after_the_last_is_removed_and_the_store_goes_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ends, hashes) = write_preallocated(dir.path(), &workload(12, 0));
+    let n = ends.len() as u64 - 1;
+    // A rotation that created and preallocated the next segment, then stopped.
+    let mut next = JournalWriter::create(dir.path(), n + 1).unwrap();
+    next.preallocate().unwrap();
+    drop(next);
+    let check = check_journal(dir.path()).unwrap();
+    assert_eq!(check.segments[1].status, SegmentStatus::Empty);
+    assert_eq!(check.last_index(), Some(0));
+    let r = Store::open(dir.path(), PREALLOCATED, genesis).unwrap();
+    assert_eq!(r.state.state_hash(), hashes[n as usize]);
+    assert_eq!(r.report.removed_segments.len(), 1);
+    assert_eq!(r.store.next_seq(), n + 1);
 }

@@ -11,6 +11,7 @@ use std::path::Path;
 const CONFIG: StoreConfig = StoreConfig {
     snapshot_every: 0,
     snapshots_kept: 2,
+    preallocate: true,
 };
 
 fn open(dir: &Path) -> Result<Recovered<Bank>, RecoveryError> {
@@ -107,6 +108,7 @@ fn snapshot_every_n_is_due_after_n_accepted_commands() {
     let config = StoreConfig {
         snapshot_every: 5,
         snapshots_kept: 2,
+        ..StoreConfig::default()
     };
     let r = Store::open(dir.path(), config, || Bank::new(4, 1)).unwrap();
     assert!(!r.store.snapshot_due(4));

@@ -168,6 +168,7 @@ fn producers_hammer_a_durable_sequencer() {
     let config = StoreConfig {
         snapshot_every: 10_000,
         snapshots_kept: 2,
+        ..StoreConfig::default()
     };
     let seq = Sequencer::durable(open(dir.path(), config), clock(), SMALL).unwrap();
     let tallies = run_hammer(&seq);

@@ -105,6 +105,17 @@ impl Custody for Fake {
         ws.retain(|w| account.is_none_or(|a| w.account == a));
         Ok(ws)
     }
+    fn withdrawal_by_key(
+        &self,
+        account: u32,
+        key: &str,
+    ) -> Result<Option<WithdrawalInfo>, CustodyError> {
+        let ws = self.withdrawals.lock().unwrap();
+        Ok(ws
+            .iter()
+            .find(|w| w.account == account && w.idempotency_key == key)
+            .cloned())
+    }
     fn approve_withdrawal(&self, _: u64) -> Result<WithdrawalInfo, CustodyError> {
         Err(CustodyError::bad_request(-4000, "no"))
     }

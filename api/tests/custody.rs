@@ -406,6 +406,22 @@ async fn deposit_history_shapes_statuses_and_filters() {
     assert_eq!(q("limit=2").await, [3_000, 2_000]);
 }
 
+/// The ids `GET /sapi/v1/capital/withdraw/history?<params>` answers the trader, in order.
+async fn history_ids(s: &Setup, params: &str) -> Vec<String> {
+    s.h.ok(
+        "GET",
+        "/sapi/v1/capital/withdraw/history",
+        params,
+        &s.trader,
+    )
+    .await
+    .as_array()
+    .unwrap()
+    .iter()
+    .map(|d| d["id"].as_str().unwrap().to_owned())
+    .collect()
+}
+
 #[tokio::test]
 async fn withdraw_apply_and_history_shapes() {
     let s = setup(true).await;
@@ -496,19 +512,7 @@ async fn withdraw_apply_and_history_shapes() {
     );
     assert_eq!(h[3]["info"], "invalid address");
     assert_eq!(h[4]["txId"], "");
-    let q = |params: &'static str| {
-        let h = &s.h;
-        let k = &s.trader;
-        async move {
-            h.ok("GET", "/sapi/v1/capital/withdraw/history", params, k)
-                .await
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d["id"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
-    };
+    let q = |params: &'static str| history_ids(&s, params);
     assert_eq!(q("withdrawOrderId=my-wd-1").await, ["100"]);
     assert_eq!(q("status=4").await, ["101", "9"]);
     assert_eq!(q("idList=7,8,10").await, ["8", "7"]);
@@ -531,19 +535,7 @@ async fn withdraw_history_by_order_id_looks_up_the_callers_key_only() {
             ws.push(w);
         }
     }
-    let q = |params: &'static str| {
-        let h = &s.h;
-        let k = &s.trader;
-        async move {
-            h.ok("GET", "/sapi/v1/capital/withdraw/history", params, k)
-                .await
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d["id"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
-    };
+    let q = |params: &'static str| history_ids(&s, params);
     s.fake.clear();
     assert_eq!(q("withdrawOrderId=shared-key").await, ["8"]);
     assert_eq!(

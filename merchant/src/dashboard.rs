@@ -1605,13 +1605,12 @@ pub async fn withdraw(
     let w =
         match sent {
             Ok(w) => w,
-            Err(e) if e.code == DUPLICATE_WITHDRAWAL_KEY => {
+            Err(e) if e.code == api::custody::DUPLICATE_WITHDRAWAL_KEY => {
                 // This form was sent before: its withdrawal, if it is the same one.
                 let k = key.clone();
-                let found = api::capital::call(&st, move |c| c.withdrawals(Some(account)))
+                let found = api::capital::call(&st, move |c| c.withdrawal_by_key(account, &k))
                     .await?
-                    .into_iter()
-                    .find(|w| w.account == account && w.idempotency_key == k);
+                    .filter(|w| w.account == account && w.idempotency_key == key);
                 match found {
                     Some(w) if same_address(&w.address, &address) && w.amount_sat == amount => {
                         return Ok(redirect(&format!(
@@ -1688,9 +1687,6 @@ fn same_address(stored: &str, sent: &str) -> bool {
         stored == sent
     }
 }
-
-/// Custody's code for a withdrawal key already used by the account (`-4029`).
-const DUPLICATE_WITHDRAWAL_KEY: i32 = -4029;
 
 /// `POST /dashboard/settings`: Greenfield's store update.
 pub async fn save_settings(

@@ -1514,7 +1514,10 @@ async fn a_dashboard_refund_needs_the_store_password() {
     for form in [
         vec![("variant", "OverpaidAmount")],
         vec![("variant", "OverpaidAmount"), ("password", "")],
-        vec![("variant", "OverpaidAmount"), ("password", "not the password")],
+        vec![
+            ("variant", "OverpaidAmount"),
+            ("password", "not the password"),
+        ],
     ] {
         let r = post(
             &d.h,

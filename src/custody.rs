@@ -327,12 +327,25 @@ impl Custody for WalletCustody {
 
     fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
         let s = self.lock();
-        let all = s.withdrawals().map_err(withdrawal_error)?;
-        Ok(all
-            .iter()
-            .filter(|w| account.is_none_or(|a| w.account.0 == a))
-            .map(|w| self.withdrawal_info(&s, w))
-            .collect())
+        let ws = match account {
+            // One account's rows only (indexed), not every account's filtered under the lock.
+            Some(a) => s.withdrawals_of(AccountId(a)),
+            None => s.withdrawals(),
+        }
+        .map_err(withdrawal_error)?;
+        Ok(ws.iter().map(|w| self.withdrawal_info(&s, w)).collect())
+    }
+
+    fn withdrawal_by_key(
+        &self,
+        account: u32,
+        key: &str,
+    ) -> Result<Option<WithdrawalInfo>, CustodyError> {
+        let s = self.lock();
+        let w = s
+            .withdrawal_by_key(AccountId(account), key)
+            .map_err(withdrawal_error)?;
+        Ok(w.map(|w| self.withdrawal_info(&s, &w)))
     }
 
     fn approve_withdrawal(&self, id: u64) -> Result<WithdrawalInfo, CustodyError> {

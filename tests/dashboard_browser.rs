@@ -202,13 +202,14 @@ fn a_shop_owner_logs_in_on_a_phone_redelivers_a_webhook_refunds_and_makes_a_toke
     .unwrap();
     assert_eq!(deliveries("deliveries after"), before + 1);
 
-    // A refund of 0.0001 BTC from the invoice.
-    b.eval(
+    // A refund of 0.0001 BTC from the invoice, with the store password again (step-up).
+    b.eval(&format!(
         "var f = document.querySelector('form[action$=\"/refund\"]'); \
          f.querySelector('select[name=variant]').value = 'Custom'; \
          f.querySelector('input[name=amount]').value = '0.0001'; \
-         f.querySelector('button').click(); return true;",
-    )
+         f.querySelector('input[name=password]').value = '{PASSWORD}'; \
+         f.querySelector('button').click(); return true;"
+    ))
     .unwrap();
     b.wait_for(
         "the refund created",

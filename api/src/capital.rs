@@ -430,7 +430,13 @@ pub async fn withdraw_history(State(st): State<AppState>, req: Req) -> Result<Re
     let w = Window::parse(&mut p)?;
     p.finish()?;
     let account = key.account;
-    let mut ws = call(&st, move |c| c.withdrawals(Some(account))).await?;
+    // By its key: the one withdrawal (an indexed look-up), not the account's list.
+    let by_key = order_id.clone();
+    let mut ws = call(&st, move |c| match by_key {
+        Some(k) => Ok(c.withdrawal_by_key(account, &k)?.into_iter().collect()),
+        None => c.withdrawals(Some(account)),
+    })
+    .await?;
     ws.retain(|x| {
         x.account == account
             && w.contains(x.created_ms)

@@ -258,6 +258,11 @@ impl CustodyError {
     }
 }
 
+/// Custody's code for a withdrawal idempotency key the account already used (`-4029`,
+/// HTTP 400): nothing was requested. A caller that may have sent the key before (a retry after
+/// a lost answer) asks [`Custody::withdrawal_by_key`] for the withdrawal under it and compares.
+pub const DUPLICATE_WITHDRAWAL_KEY: i32 = -4029;
+
 impl std::fmt::Debug for dyn Custody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("Custody")
@@ -288,6 +293,14 @@ pub trait Custody: Send + Sync + 'static {
     ) -> Result<WithdrawalInfo, CustodyError>;
     /// Withdrawals, of one account or all.
     fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError>;
+    /// The withdrawal of `account` under the idempotency key `key`, if any (keys are per
+    /// account: another account's withdrawal under the same key is never answered). A look-up
+    /// of one record, not a scan of the withdrawals: callers reach it from public endpoints.
+    fn withdrawal_by_key(
+        &self,
+        account: u32,
+        key: &str,
+    ) -> Result<Option<WithdrawalInfo>, CustodyError>;
     /// Approves a withdrawal that waits for approval.
     fn approve_withdrawal(&self, id: u64) -> Result<WithdrawalInfo, CustodyError>;
     /// Refuses a withdrawal that is not batched yet: the hold is given back, with `reason`.

@@ -100,6 +100,18 @@ impl Custody for Fake {
             .cloned()
             .collect())
     }
+    fn withdrawal_by_key(
+        &self,
+        account: u32,
+        key: &str,
+    ) -> Result<Option<WithdrawalInfo>, CustodyError> {
+        self.log(format!("withdrawal_by_key({account},{key})"))?;
+        let ws = self.withdrawals.lock().unwrap();
+        Ok(ws
+            .iter()
+            .find(|x| x.account == account && x.idempotency_key == key)
+            .cloned())
+    }
     fn approve_withdrawal(&self, id: u64) -> Result<WithdrawalInfo, CustodyError> {
         self.log(format!("approve_withdrawal({id})"))?;
         let mut ws = self.withdrawals.lock().unwrap();
@@ -394,6 +406,22 @@ async fn deposit_history_shapes_statuses_and_filters() {
     assert_eq!(q("limit=2").await, [3_000, 2_000]);
 }
 
+/// The ids `GET /sapi/v1/capital/withdraw/history?<params>` answers the trader, in order.
+async fn history_ids(s: &Setup, params: &str) -> Vec<String> {
+    s.h.ok(
+        "GET",
+        "/sapi/v1/capital/withdraw/history",
+        params,
+        &s.trader,
+    )
+    .await
+    .as_array()
+    .unwrap()
+    .iter()
+    .map(|d| d["id"].as_str().unwrap().to_owned())
+    .collect()
+}
+
 #[tokio::test]
 async fn withdraw_apply_and_history_shapes() {
     let s = setup(true).await;
@@ -484,24 +512,50 @@ async fn withdraw_apply_and_history_shapes() {
     );
     assert_eq!(h[3]["info"], "invalid address");
     assert_eq!(h[4]["txId"], "");
-    let q = |params: &'static str| {
-        let h = &s.h;
-        let k = &s.trader;
-        async move {
-            h.ok("GET", "/sapi/v1/capital/withdraw/history", params, k)
-                .await
-                .as_array()
-                .unwrap()
-                .iter()
-                .map(|d| d["id"].as_str().unwrap().to_owned())
-                .collect::<Vec<_>>()
-        }
-    };
+    let q = |params: &'static str| history_ids(&s, params);
     assert_eq!(q("withdrawOrderId=my-wd-1").await, ["100"]);
     assert_eq!(q("status=4").await, ["101", "9"]);
     assert_eq!(q("idList=7,8,10").await, ["8", "7"]);
     assert_eq!(q("coin=BTC&startTime=1500&endTime=3000").await, ["9", "8"]);
     assert_eq!(q("offset=4&limit=10").await, ["7"]);
+}
+
+/// Review finding: a look-up of one withdrawal by its key (`withdrawOrderId`) listed all of the
+/// account's withdrawals (and custody read every account's to find them). It asks custody for
+/// the key now, and answers the caller's withdrawal only: another account's withdrawal under
+/// the same key is not returned.
+#[tokio::test]
+async fn withdraw_history_by_order_id_looks_up_the_callers_key_only() {
+    let s = setup(true).await;
+    {
+        let mut ws = s.fake.withdrawals.lock().unwrap();
+        for (id, account) in [(7, s.acct + 1), (8, s.acct), (9, s.acct)] {
+            let mut w = withdrawal(id, account, WithdrawalState::Pending, 1_000 + id);
+            w.idempotency_key = if id == 9 { "other" } else { "shared-key" }.into();
+            ws.push(w);
+        }
+    }
+    let q = |params: &'static str| history_ids(&s, params);
+    s.fake.clear();
+    assert_eq!(q("withdrawOrderId=shared-key").await, ["8"]);
+    assert_eq!(
+        s.fake.calls(),
+        [format!("withdrawal_by_key({},shared-key)", s.acct)]
+    );
+    assert!(q("withdrawOrderId=nobodys").await.is_empty());
+    // The fake's look-up itself: keys are per account.
+    let of = |account: u32, key: &str| {
+        s.fake
+            .withdrawal_by_key(account, key)
+            .unwrap()
+            .map(|w| w.id)
+    };
+    assert_eq!(of(s.acct, "shared-key"), Some(8));
+    assert_eq!(of(s.acct + 1, "shared-key"), Some(7));
+    assert_eq!(of(s.acct + 1, "other"), None);
+    assert_eq!(of(s.acct + 2, "shared-key"), None);
+    // Other filters still list the account's withdrawals.
+    assert_eq!(q("").await, ["9", "8"]);
 }
 
 #[tokio::test]

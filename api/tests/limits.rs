@@ -343,6 +343,9 @@ impl Custody for Addresses {
     fn withdrawals(&self, _: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
         Ok(Vec::new())
     }
+    fn withdrawal_by_key(&self, _: u32, _: &str) -> Result<Option<WithdrawalInfo>, CustodyError> {
+        Ok(None)
+    }
     fn approve_withdrawal(&self, _: u64) -> Result<WithdrawalInfo, CustodyError> {
         Err(CustodyError::internal("no"))
     }

@@ -1252,6 +1252,8 @@ pub async fn invoice(
          <option value=Custom>Custom amount</option></select></label>\
          <label>Custom amount<input name=amount inputmode=decimal></label>\
          <label>Custom currency<input name=currency value=BTC></label>\
+         <label>Store password (again, to confirm)<input name=password type=password \
+         autocomplete=current-password required></label>\
          <button>Create refund</button></form>\
          <p class=muted>A refund is a pull payment: send its claim page to the customer, who \
          enters an address; the payout goes through custody's withdrawal limits and approvals.</p>\
@@ -1285,8 +1287,9 @@ pub async fn redeliver(
     )))
 }
 
-/// `POST /dashboard/invoices/{id}/refund`: `variant`, `amount`, `currency` — Greenfield's
-/// refund (a pull payment).
+/// `POST /dashboard/invoices/{id}/refund`: `variant`, `amount`, `currency`, `password` (step-up)
+/// — Greenfield's refund (a pull payment). Its claim link pays the store's money to any
+/// address, so, like a withdrawal, it needs the store's password again (ADR 0015).
 pub async fn refund(
     State(st): State<AppState>,
     s: Session,
@@ -1294,6 +1297,7 @@ pub async fn refund(
     form: Form,
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
+    step_up(&st, &s, form.text("password"), StepUp::Refund).await?;
     let mut body = Map::new();
     body.insert("refundVariant".into(), json!(form.text("variant")));
     if form.text("variant") == "Custom" {
@@ -1477,11 +1481,40 @@ fn new_withdraw_key() -> Result<String, Refusal> {
     Ok(format!("{WITHDRAW_KEY_PREFIX}{}", hex::encode(r)))
 }
 
-/// Step-up for a withdrawal: the store's password again, checked like a login and limited
-/// like one ([`LOGINS_PER_MIN`] attempts a minute per store, counted apart from the logins). A
-/// store without a password (a session from a one-time link) cannot withdraw from the
+/// What a step-up guards: names it in the refusals, which say that nothing was done.
+#[derive(Clone, Copy)]
+enum StepUp {
+    /// A withdrawal (`POST /dashboard/withdraw`).
+    Withdrawal,
+    /// A token with `withdraw` (`POST /dashboard/tokens`).
+    WithdrawToken,
+    /// A refund: a pull payment whose claim link pays to any address.
+    Refund,
+}
+
+impl StepUp {
+    fn what(self) -> &'static str {
+        match self {
+            Self::Withdrawal => "withdrawal",
+            Self::WithdrawToken => "token with withdraw",
+            Self::Refund => "refund",
+        }
+    }
+    fn nothing(self) -> &'static str {
+        match self {
+            Self::Withdrawal => "Nothing was sent.",
+            Self::WithdrawToken => "No token was created.",
+            Self::Refund => "No refund was created.",
+        }
+    }
+}
+
+/// Step-up for what moves the store's money (a withdrawal, a `withdraw` token, a refund): the
+/// store's password again, checked like a login and limited like one ([`LOGINS_PER_MIN`]
+/// attempts a minute per store for all three together, counted apart from the logins). A
+/// store without a password (a session from a one-time link) can do none of them from the
 /// dashboard.
-async fn step_up(st: &AppState, s: &Session, password: &str) -> Result<(), Refusal> {
+async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Result<(), Refusal> {
     let limiter = st
         .merchant()
         .logins
@@ -1492,7 +1525,10 @@ async fn step_up(st: &AppState, s: &Session, password: &str) -> Result<(), Refus
     ) {
         return Err(Refusal::Page(
             StatusCode::TOO_MANY_REQUESTS,
-            "Too many withdrawal attempts; wait a minute and try again. Nothing was sent.".into(),
+            format!(
+                "Too many password attempts; wait a minute and try again. {}",
+                act.nothing()
+            ),
         ));
     }
     let account = s.account;
@@ -1509,9 +1545,12 @@ async fn step_up(st: &AppState, s: &Session, password: &str) -> Result<(), Refus
     let Some(phc) = phc else {
         return Err(Refusal::Page(
             StatusCode::FORBIDDEN,
-            "A withdrawal needs the store's password, and this store has none: ask the operator \
-             to set one (mediator dashboard password). Nothing was sent."
-                .into(),
+            format!(
+                "A {} needs the store's password, and this store has none: ask the operator to \
+                 set one (mediator dashboard password). {}",
+                act.what(),
+                act.nothing()
+            ),
         ));
     };
     let password = password.to_owned();
@@ -1521,7 +1560,7 @@ async fn step_up(st: &AppState, s: &Session, password: &str) -> Result<(), Refus
     if !good {
         return Err(Refusal::Page(
             StatusCode::UNAUTHORIZED,
-            "Wrong password. Nothing was sent.".into(),
+            format!("Wrong password. {}", act.nothing()),
         ));
     }
     Ok(())
@@ -1553,20 +1592,25 @@ pub async fn withdraw(
         .ok_or_else(|| {
             bad("The amount is a BTC amount above zero with at most 8 decimals. Nothing was sent.")
         })?;
-    step_up(&st, &s, form.get("password").unwrap_or("")).await?;
+    step_up(
+        &st,
+        &s,
+        form.get("password").unwrap_or(""),
+        StepUp::Withdrawal,
+    )
+    .await?;
     let account = s.account;
     let sent =
         api::capital::apply_withdrawal(&st, account, address.clone(), amount, key.clone()).await;
     let w =
         match sent {
             Ok(w) => w,
-            Err(e) if e.code == DUPLICATE_WITHDRAWAL_KEY => {
+            Err(e) if e.code == api::custody::DUPLICATE_WITHDRAWAL_KEY => {
                 // This form was sent before: its withdrawal, if it is the same one.
                 let k = key.clone();
-                let found = api::capital::call(&st, move |c| c.withdrawals(Some(account)))
+                let found = api::capital::call(&st, move |c| c.withdrawal_by_key(account, &k))
                     .await?
-                    .into_iter()
-                    .find(|w| w.account == account && w.idempotency_key == k);
+                    .filter(|w| w.account == account && w.idempotency_key == key);
                 match found {
                     Some(w) if same_address(&w.address, &address) && w.amount_sat == amount => {
                         return Ok(redirect(&format!(
@@ -1643,9 +1687,6 @@ fn same_address(stored: &str, sent: &str) -> bool {
         stored == sent
     }
 }
-
-/// Custody's code for a withdrawal key already used by the account (`-4029`).
-const DUPLICATE_WITHDRAWAL_KEY: i32 = -4029;
 
 /// `POST /dashboard/settings`: Greenfield's store update.
 pub async fn save_settings(
@@ -1743,7 +1784,7 @@ pub async fn create_token(
     // A `withdraw` token moves money (refunds and pull payments to any address): like a
     // withdrawal, it needs the store password again, not the session alone (ADR 0015).
     if perms.has(Perms::WITHDRAW) {
-        step_up(&st, &s, form.text("password")).await?;
+        step_up(&st, &s, form.text("password"), StepUp::WithdrawToken).await?;
     }
     let label = form.text("label").to_owned();
     if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {

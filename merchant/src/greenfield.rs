@@ -2241,22 +2241,29 @@ fn payout_json(p: &Payout, withdrawal: Option<&api::custody::WithdrawalInfo>) ->
     })
 }
 
-/// Custody's withdrawals of a merchant by idempotency key (for payout states).
+/// Custody's withdrawals of `merchant` under `keys` (its payouts' keys, for their states), each
+/// looked up by its key: one pull payment's payouts, at most [`MAX_PAYOUTS`] look-ups, never a
+/// list of custody's withdrawals (these endpoints are public). A key custody cannot answer is
+/// left out (the payout shows without its proof).
 async fn withdrawals_by_key(
     st: &AppState,
     merchant: u32,
+    keys: Vec<String>,
 ) -> std::collections::HashMap<String, api::custody::WithdrawalInfo> {
+    debug_assert!(keys.len() <= usize::try_from(MAX_PAYOUTS).unwrap_or(usize::MAX));
     let Some(c) = st.custody() else {
         return Default::default();
     };
-    tokio::task::spawn_blocking(move || c.withdrawals(Some(merchant)))
-        .await
-        .ok()
-        .and_then(Result::ok)
-        .unwrap_or_default()
-        .into_iter()
-        .map(|w| (w.idempotency_key.clone(), w))
-        .collect()
+    tokio::task::spawn_blocking(move || {
+        keys.into_iter()
+            .filter_map(|k| {
+                let w = c.withdrawal_by_key(merchant, &k).ok().flatten()?;
+                Some((k, w))
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
 }
 
 /// The custody key of a payout: its invoice refund's (`refund-<invoice>-<n>`) or its own.
@@ -2296,7 +2303,8 @@ pub async fn list_payouts(
         Ok(out)
     })
     .await?;
-    let ws = withdrawals_by_key(&st, pp.merchant).await;
+    let keys = rows.iter().filter_map(|(_, k)| k.clone()).collect();
+    let ws = withdrawals_by_key(&st, pp.merchant, keys).await;
     ok(Value::Array(
         rows.iter()
             .map(|(p, k)| payout_json(p, k.as_ref().and_then(|k| ws.get(k))))
@@ -2670,10 +2678,10 @@ async fn claim_and_pay(
                 reference,
                 ..p
             };
-            let ws = withdrawals_by_key(st, pp.merchant).await;
             let pp2 = pp.clone();
             let p2 = p.clone();
             let k = with_db(st, move |c| payout_key(c, &pp2, &p2).map_err(db_error)).await?;
+            let ws = withdrawals_by_key(st, pp.merchant, k.iter().cloned().collect()).await;
             ok(payout_json(&p, k.as_ref().and_then(|k| ws.get(k))))
         }
         Err(e) if e.code == -1007 => Err(gf_err(

@@ -20,7 +20,7 @@ use super::store::{self, PayIntent, Record, Refund};
 use crate::MerchantState as _;
 use api::capital::custody_error;
 use api::core::Outcome;
-use api::custody::{Custody, CustodyError, WithdrawalInfo};
+use api::custody::{Custody, CustodyError, WithdrawalInfo, DUPLICATE_WITHDRAWAL_KEY};
 use api::error::ApiError;
 use api::AppState;
 use matching_engine::{AccountId, Amount, Command, IdempotencyKey};
@@ -156,11 +156,15 @@ fn custody_record(
     key: &str,
     amount_sat: u64,
 ) -> Result<Option<WithdrawalInfo>, ()> {
-    let all = custody.withdrawals(Some(merchant)).map_err(|e| {
-        tracing::warn!(code = e.code, msg = %e.msg, "custody could not list withdrawals");
+    let found = custody.withdrawal_by_key(merchant, key).map_err(|e| {
+        tracing::warn!(code = e.code, msg = %e.msg, "custody could not look the key up");
     })?;
-    match all.into_iter().find(|w| w.idempotency_key == key) {
-        Some(w) if w.account == merchant && w.amount_sat == amount_sat => Ok(Some(w)),
+    match found {
+        Some(w)
+            if w.account == merchant && w.idempotency_key == key && w.amount_sat == amount_sat =>
+        {
+            Ok(Some(w))
+        }
         Some(w) => {
             tracing::error!(
                 key,
@@ -249,9 +253,6 @@ pub async fn execute_refund(
         (None, None) => Moved::Refused(ApiError::internal()),
     }
 }
-
-/// Custody's code for a withdrawal idempotency key already used (`-4029`).
-const DUPLICATE_WITHDRAWAL_KEY: i32 = -4029;
 
 /// Applies the outcome of a refund's execution to its record: done → `done` plus the
 /// `invoice.refunded` webhook; refused → `cancelled`, the reservation given back; unknown →

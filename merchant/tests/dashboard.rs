@@ -684,7 +684,7 @@ async fn another_stores_objects_are_refused() {
         &format!("/dashboard/invoices/{b_inv}/refund"),
         &id,
         "/dashboard",
-        &[("variant", "RateThen")],
+        &[("variant", "RateThen"), ("password", PASSWORD)],
     )
     .await;
     assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
@@ -835,7 +835,7 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
         &format!("/dashboard/invoices/{paid_id}/refund"),
         &id,
         "/dashboard",
-        &[("variant", "OverpaidAmount")],
+        &[("variant", "OverpaidAmount"), ("password", PASSWORD)],
     )
     .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
@@ -868,7 +868,12 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
         &format!("/dashboard/invoices/{paid_id}/refund"),
         &id,
         "/dashboard",
-        &[("variant", "Custom"), ("amount", "5"), ("currency", "BTC")],
+        &[
+            ("variant", "Custom"),
+            ("amount", "5"),
+            ("currency", "BTC"),
+            ("password", PASSWORD),
+        ],
     )
     .await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.body);
@@ -1022,7 +1027,7 @@ async fn a_refunds_claim_link_is_never_put_in_a_url() {
         &format!("/dashboard/invoices/{id}/refund"),
         &cookie,
         "/dashboard",
-        &[("variant", "OverpaidAmount")],
+        &[("variant", "OverpaidAmount"), ("password", PASSWORD)],
     )
     .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
@@ -1065,6 +1070,7 @@ async fn a_refunds_claim_link_is_never_put_in_a_url() {
             ("variant", "Custom"),
             ("amount", "0.0001"),
             ("currency", "BTC"),
+            ("password", PASSWORD),
         ],
     )
     .await;
@@ -1481,4 +1487,65 @@ async fn a_withdraw_token_needs_the_store_password() {
         .await
         .body
         .contains("payouts"));
+}
+
+/// Review finding: a dashboard refund needed only the session. A refund is a pull payment whose
+/// claim link (a bearer credential, shown to the session) pays the store's money to any address,
+/// so a stolen cookie or a one-time link's session could move money that a withdrawal or a
+/// `withdraw` token guards with the store password (ADR 0015). Now a refund needs the password
+/// too: without it, or with a wrong one, nothing is created.
+#[tokio::test]
+async fn a_dashboard_refund_needs_the_store_password() {
+    let d = setup().await;
+    let inv = paid_invoice(&d).await;
+    let cookie = session(&d).await;
+    let pull_payments = || async {
+        gf(
+            &d.h,
+            "GET",
+            &format!("/api/v1/stores/{}/pull-payments", d.account),
+            &d.token,
+            None,
+        )
+        .await
+    };
+    let before = pull_payments().await;
+    assert_eq!(before.as_array().unwrap().len(), 0, "{before}");
+    for form in [
+        vec![("variant", "OverpaidAmount")],
+        vec![("variant", "OverpaidAmount"), ("password", "")],
+        vec![
+            ("variant", "OverpaidAmount"),
+            ("password", "not the password"),
+        ],
+    ] {
+        let r = post(
+            &d.h,
+            &format!("/dashboard/invoices/{inv}/refund"),
+            &cookie,
+            "/dashboard",
+            &form,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{form:?}: {}", r.body);
+        assert!(!r.body.contains("/pp/"), "{}", r.body);
+        assert_eq!(pull_payments().await, before, "{form:?} created a refund");
+    }
+    let page = get(&d.h, &format!("/dashboard/invoices/{inv}"), &cookie).await;
+    assert!(
+        page.body.contains("name=password type=password"),
+        "the refund form asks for the password: {}",
+        page.body
+    );
+    // The password: the refund is created.
+    let r = post(
+        &d.h,
+        &format!("/dashboard/invoices/{inv}/refund"),
+        &cookie,
+        "/dashboard",
+        &[("variant", "OverpaidAmount"), ("password", PASSWORD)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(pull_payments().await.as_array().unwrap().len(), 1);
 }

@@ -124,6 +124,15 @@ impl G {
             "create invoice",
         )
     }
+    /// A store pull payment of 0.0005 BTC ("Prize") to an address.
+    async fn prize(&self) -> Value {
+        let uri = format!("/api/v1/stores/{}/pull-payments", self.store());
+        let body = json!({"name": "Prize", "amount": "0.0005", "currency": "BTC", "payoutMethods": ["BTC-CHAIN"]});
+        ok(
+            call(&self.h, "POST", &uri, Some(&self.token), Some(body)).await,
+            "pull payment",
+        )
+    }
     /// Pays the invoice's address on chain (confirmed) and lets the monitor see it.
     async fn pay(&self, inv: &Value, tx: u8, sat: u64) {
         let pm = ok(
@@ -970,18 +979,7 @@ async fn a_refund_is_a_pull_payment_whose_claims_never_exceed_its_limit() {
 #[tokio::test]
 async fn a_claim_whose_custody_answer_is_lost_stays_reserved_and_pays_once() {
     let g = setup().await;
-    let store = g.store();
-    let pp = ok(
-        call(
-            &g.h,
-            "POST",
-            &format!("/api/v1/stores/{store}/pull-payments"),
-            Some(&g.token),
-            Some(json!({"name": "Prize", "amount": "0.0005", "currency": "BTC", "payoutMethods": ["BTC-CHAIN"]})),
-        )
-        .await,
-        "pull payment",
-    );
+    let pp = g.prize().await;
     let payouts = format!(
         "/api/v1/pull-payments/{}/payouts",
         pp["id"].as_str().unwrap()
@@ -1050,6 +1048,74 @@ async fn a_claim_whose_custody_answer_is_lost_stays_reserved_and_pays_once() {
     assert_eq!(
         (list[0]["state"].as_str(), list[1]["state"].as_str()),
         (Some("Cancelled"), Some("AwaitingPayment"))
+    );
+}
+
+/// Review finding: the public payout endpoints (`GET .../payouts` and a claim, no auth) found
+/// their payouts' withdrawals by listing every withdrawal custody holds (under its lock) and
+/// filtering: anyone could make the server read them all, as often as the rate limit allows.
+/// Each payout's withdrawal is looked up by its key now (at most `MAX_PAYOUTS`); another
+/// account's withdrawal under the same key is never taken for it.
+#[tokio::test]
+async fn payout_states_look_each_key_up_and_never_list_custodys_withdrawals() {
+    use std::sync::atomic::Ordering;
+    let g = setup().await;
+    let pp = g.prize().await;
+    let pp_id = pp["id"].as_str().unwrap().to_owned();
+    let payouts = format!("/api/v1/pull-payments/{pp_id}/payouts");
+    // Another account's withdrawal under the key the first payout will use.
+    g.fake
+        .withdrawals
+        .lock()
+        .unwrap()
+        .push(api::custody::WithdrawalInfo {
+            id: 7,
+            account: g.account + 1,
+            address: "bcrt1qsomeoneelse".into(),
+            amount_sat: 20_000,
+            fee_sat: 0,
+            idempotency_key: format!("pp-{pp_id}-1"),
+            state: api::custody::WithdrawalState::Completed,
+            reason: None,
+            created_ms: 0,
+            txid: Some("ee".repeat(32)),
+            confirmations: 3,
+        });
+    let before = g.fake.listed.load(Ordering::SeqCst);
+    let r = raw(
+        &g.h,
+        "POST",
+        &payouts,
+        None,
+        json!({"destination": "bcrt1qwinner", "amount": "0.0002"}).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(r.json["state"], "AwaitingPayment", "{}", r.json);
+    assert_eq!(r.json["paymentProof"], Value::Null, "{}", r.json);
+    // Custody pays the store's withdrawal.
+    {
+        let mut ws = g.fake.withdrawals.lock().unwrap();
+        let w = ws
+            .iter_mut()
+            .find(|w| w.account == g.account && w.idempotency_key == format!("pp-{pp_id}-1"))
+            .expect("the store's withdrawal under the payout's key");
+        w.state = api::custody::WithdrawalState::Completed;
+        w.txid = Some("ab".repeat(32));
+    }
+    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list[0]["state"], "Completed", "{list}");
+    assert_eq!(
+        list[0]["paymentProof"]["transactionId"],
+        "ab".repeat(32),
+        "{list}"
+    );
+    assert_eq!(
+        g.fake.listed.load(Ordering::SeqCst),
+        before,
+        "custody's withdrawals were listed"
     );
 }
 

@@ -1402,6 +1402,33 @@ impl CustodyService {
         Ok(store::all_withdrawals(&self.db)?)
     }
 
+    /// One account's withdrawals, oldest first (read through the index on account and key:
+    /// the other accounts' rows are not read).
+    pub fn withdrawals_of(
+        &self,
+        account: AccountId,
+    ) -> Result<Vec<WithdrawalView>, WithdrawalError> {
+        Ok(store::withdrawals_of_account(&self.db, account)?)
+    }
+
+    /// The withdrawal of `account` under the idempotency key `key`, if any: keys are per
+    /// account, so another account's withdrawal under the same key is never answered. Two
+    /// indexed look-ups, whatever the number of withdrawals.
+    pub fn withdrawal_by_key(
+        &self,
+        account: AccountId,
+        key: &str,
+    ) -> Result<Option<WithdrawalView>, WithdrawalError> {
+        let Some(id) = store::withdrawal_by_key(&self.db, account, key)? else {
+            return Ok(None);
+        };
+        let w = store::withdrawal(&self.db, id)?;
+        debug_assert!(w
+            .as_ref()
+            .is_none_or(|w| w.account == account && w.idempotency_key == key));
+        Ok(w)
+    }
+
     /// Approves a withdrawal that waits for approval: it joins the next batch.
     pub fn approve_withdrawal(&mut self, id: WithdrawalId) -> Result<(), WithdrawalError> {
         let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;

@@ -565,6 +565,14 @@ pub(crate) fn withdrawal_by_key(
     Ok(id.map(to_u64).transpose()?.map(WithdrawalId))
 }
 
+/// One account's withdrawals, oldest first.
+pub(crate) fn withdrawals_of_account(
+    db: &Connection,
+    account: AccountId,
+) -> Result<Vec<WithdrawalView>, StoreError> {
+    query_withdrawals(db, "account = ?1", [account.0])
+}
+
 /// Withdrawals in one status, oldest first.
 pub(crate) fn withdrawals_in(
     db: &Connection,
@@ -1066,6 +1074,17 @@ mod tests {
         assert!(
             insert_withdrawal(&mut db, AccountId(7), "b", Amount(1), Amount(1), "k", 2).is_err()
         );
+        // One account's withdrawals: its own rows only.
+        let of = |a: u32| -> Vec<u64> {
+            withdrawals_of_account(&db, AccountId(a))
+                .unwrap()
+                .iter()
+                .map(|w| w.id.0)
+                .collect()
+        };
+        assert_eq!(of(7), vec![1]);
+        assert_eq!(of(8), vec![3]);
+        assert!(of(9).is_empty());
     }
 
     #[test]

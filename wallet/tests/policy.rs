@@ -32,6 +32,61 @@ fn idempotency_keys_are_per_account() {
     );
 }
 
+/// Review finding: custody's API looked a withdrawal up by key by listing every withdrawal of
+/// every account (under the custody lock) and filtering. `withdrawal_by_key` reads the one
+/// row through the index on (account, key), and answers the asking account's withdrawal only.
+#[test]
+fn a_withdrawal_is_looked_up_by_its_accounts_key_only() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 100_000, "a");
+    let bob = funded(&ledger, 100_000, "b");
+    let carol = funded(&ledger, 100_000, "c");
+    let mut svc = CustodyService::open(config(dir.path()), ledger.clone()).unwrap();
+    let a = svc
+        .request_withdrawal(request(alice, 10_000, "refund-inv1-1"), now())
+        .unwrap();
+    let b = svc
+        .request_withdrawal(request(bob, 20_000, "refund-inv1-1"), now())
+        .unwrap();
+    let a2 = svc
+        .request_withdrawal(request(alice, 30_000, "other"), now())
+        .unwrap();
+    let found = svc.withdrawal_by_key(alice, "refund-inv1-1").unwrap();
+    assert_eq!(found.as_ref().map(|w| w.id), Some(a.id), "{found:?}");
+    assert_eq!(found.unwrap().amount, Amount(10_000));
+    let found = svc.withdrawal_by_key(bob, "refund-inv1-1").unwrap();
+    assert_eq!(found.as_ref().map(|w| w.id), Some(b.id), "{found:?}");
+    assert_eq!(
+        svc.withdrawal_by_key(alice, "other").unwrap().map(|w| w.id),
+        Some(a2.id)
+    );
+    assert!(
+        svc.withdrawal_by_key(bob, "other").unwrap().is_none(),
+        "alice's key, bob's account"
+    );
+    assert!(svc
+        .withdrawal_by_key(carol, "refund-inv1-1")
+        .unwrap()
+        .is_none());
+    assert!(
+        svc.withdrawal_by_key(alice, "refund-inv1-")
+            .unwrap()
+            .is_none(),
+        "a prefix"
+    );
+    let ids = |acct| -> Vec<_> {
+        svc.withdrawals_of(acct)
+            .unwrap()
+            .iter()
+            .map(|w| w.id)
+            .collect()
+    };
+    assert_eq!(ids(alice), vec![a.id, a2.id]);
+    assert_eq!(ids(bob), vec![b.id]);
+    assert!(ids(carol).is_empty());
+}
+
 fn flag(dir: &std::path::Path, account: AccountId) {
     let db = bdk_wallet::rusqlite::Connection::open(dir.join(wallet::DATABASE_FILE)).unwrap();
     // What a reorg of a credited deposit records (see `deposits.rs` for the chain part).

@@ -22,6 +22,9 @@ pub struct Fake {
     /// Withdrawal requests still to panic on after recording them (the custody task dies: the
     /// caller sees a failed task and cannot tell whether the withdrawal exists).
     pub panic: AtomicUsize,
+    /// How often withdrawals were listed ([`Custody::withdrawals`]): a look-up of one key must
+    /// not list them.
+    pub listed: AtomicUsize,
 }
 
 impl Fake {
@@ -101,9 +104,21 @@ impl Custody for Fake {
         Ok(w)
     }
     fn withdrawals(&self, account: Option<u32>) -> Result<Vec<WithdrawalInfo>, CustodyError> {
+        self.listed.fetch_add(1, Ordering::SeqCst);
         let mut ws = self.withdrawals.lock().unwrap().clone();
         ws.retain(|w| account.is_none_or(|a| w.account == a));
         Ok(ws)
+    }
+    fn withdrawal_by_key(
+        &self,
+        account: u32,
+        key: &str,
+    ) -> Result<Option<WithdrawalInfo>, CustodyError> {
+        let ws = self.withdrawals.lock().unwrap();
+        Ok(ws
+            .iter()
+            .find(|w| w.account == account && w.idempotency_key == key)
+            .cloned())
     }
     fn approve_withdrawal(&self, _: u64) -> Result<WithdrawalInfo, CustodyError> {
         Err(CustodyError::bad_request(-4000, "no"))

@@ -861,6 +861,14 @@ impl Custody for SimCustody {
             .collect())
     }
 
+    fn withdrawal_by_key(&self, account: u32, key: &str) -> R<Option<WithdrawalInfo>> {
+        let r = self.r.lock().unwrap();
+        Ok(r.wds
+            .values()
+            .find(|w| w.account == account && w.key == key)
+            .map(|w| self.info(&r, w)))
+    }
+
     fn approve_withdrawal(&self, _: u64) -> R<WithdrawalInfo> {
         Err(CustodyError::not_supported())
     }

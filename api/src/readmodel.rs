@@ -1091,7 +1091,7 @@ impl ReadModel {
                     let c = st.open.get(&id.0).map(|o| o.client_id.clone());
                     (id.0, c.unwrap_or_default())
                 };
-                let rec = ListRec {
+                let mut rec = ListRec {
                     kind: ListKind::Oco,
                     id: l.id.0,
                     account: a,
@@ -1104,23 +1104,39 @@ impl ReadModel {
                     done: false,
                     time_ms: st.open.get(&l.legs[0].0).map_or(0, |o| o.time_ms),
                 };
+                // The placed pair of an OTOCO is an OCO in the engine under the list's id; its
+                // working order (the id before the pair's: ids are taken at once) is in the
+                // history with that list id. The list stays an OTOCO of three orders, as live.
+                // Without that row (a gap in the history) it can only read as the OCO it is.
+                if let Some(w) = l.legs[0].0.checked_sub(1) {
+                    if let Some(o) = self.store.order(a, w)? {
+                        if o.list_id == Some(l.id.0) && !st.open.contains_key(&w) {
+                            rec.kind = ListKind::Otoco;
+                            rec.legs.insert(0, (w, o.client_id));
+                            rec.time_ms = o.time_ms;
+                        }
+                    }
+                }
                 st.lists.insert(rec.id, rec);
             }
             // OTO/OTOCO lists waiting for their working order: the pending orders' rows are
-            // in the history store (PENDING_NEW).
+            // in the history store (PENDING_NEW). A row missing there (a gap in the history:
+            // the journal no longer reaches back to the list) is rebuilt from the engine, which
+            // holds the pending order as it will be placed; its time is its list's.
             for l in engine.open_oto_lists(AccountId(a)) {
+                let working = st.open.get(&l.working.0);
                 let mut legs = vec![(
                     l.working.0,
-                    st.open
-                        .get(&l.working.0)
-                        .map(|o| o.client_id.clone())
-                        .unwrap_or_default(),
+                    working.map(|o| o.client_id.clone()).unwrap_or_default(),
                 )];
-                for (id, _) in l.pending.orders() {
-                    if let Some(o) = self.store.order(a, id.0)? {
-                        legs.push((id.0, o.client_id.clone()));
-                        st.pending.insert(id.0, o);
-                    }
+                let list_ms = working.map_or(0, |o| o.time_ms);
+                for (id, new) in l.pending.orders() {
+                    let o = match self.store.order(a, id.0)? {
+                        Some(o) => o,
+                        None => OrderRec::pending(l.id.0, id, &new, list_ms),
+                    };
+                    legs.push((id.0, o.client_id.clone()));
+                    st.pending.insert(id.0, o);
                 }
                 let rec = ListRec {
                     kind: match l.pending {
@@ -1192,9 +1208,12 @@ impl ReadModel {
     ) -> Result<Option<OrderRec>, crate::store::StoreError> {
         {
             let st = self.read();
+            // A pending order's latest record is in `pending` (its row may be missing from
+            // the history after a gap: rebuilt from the engine at start-up).
             if let Some(o) = st
                 .open
                 .get(&id)
+                .or_else(|| st.pending.get(&id))
                 .or_else(|| st.unpersisted_orders.get(&id).map(|(o, _)| o))
             {
                 return Ok((o.account == account).then(|| o.clone()));
@@ -1248,6 +1267,13 @@ impl ReadModel {
                         }
                     }
                 }
+            }
+            if let Some(o) = st
+                .pending
+                .values()
+                .find(|o| o.account == account && o.client_id == client)
+            {
+                return Ok(Some(o.clone()));
             }
             if let Some(o) = st
                 .unpersisted_orders
@@ -1465,6 +1491,28 @@ impl ReadModel {
 }
 
 impl OrderRec {
+    /// The record of a pending order (`PENDING_NEW`) of the OTO/OTOCO list `list`, placed with
+    /// its list at `ms` (`Event::OrderPending`).
+    pub fn pending(
+        list: u64,
+        id: matching_engine::OrderId,
+        new: &matching_engine::NewOrder,
+        ms: u64,
+    ) -> Self {
+        let info = matching_engine::OrderInfo {
+            order: id,
+            account: new.account,
+            market: new.market,
+            side: new.side,
+            client_id: new.client_id,
+        };
+        let mut o = OrderRec::placed(info, &new.order_type, new.tif, new.post_only, new.stp, ms);
+        o.status = OrdStatus::PendingNew;
+        o.working_ms = None;
+        o.list_id = Some(list);
+        o
+    }
+
     /// The record of an order just placed (`Event::OrderNew`), at `ms`.
     pub fn placed(
         info: matching_engine::OrderInfo,
@@ -2029,24 +2077,7 @@ fn apply_events(
             Event::OrderPending { order, new } => {
                 // It follows its list's OtoNew, and the working order's OrderNew follows it.
                 if let Some(l) = st.lists.values_mut().next_back() {
-                    let info = matching_engine::OrderInfo {
-                        order,
-                        account: new.account,
-                        market: new.market,
-                        side: new.side,
-                        client_id: new.client_id,
-                    };
-                    let mut o = OrderRec::placed(
-                        info,
-                        &new.order_type,
-                        new.tif,
-                        new.post_only,
-                        new.stp,
-                        ms,
-                    );
-                    o.status = OrdStatus::PendingNew;
-                    o.working_ms = None;
-                    o.list_id = Some(l.id);
+                    let o = OrderRec::pending(l.id, order, &new, ms);
                     l.legs.push((o.id, o.client_id.clone()));
                     out.orders.insert(o.id, o.clone());
                     st.pending.insert(o.id, o);

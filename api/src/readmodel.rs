@@ -432,11 +432,8 @@ pub struct State {
     pub open: HashMap<u64, OrderRec>,
     /// Open order ids per account.
     pub open_by_account: HashMap<u32, BTreeSet<u64>>,
-    /// Order rows not yet in SQLite (the latest version of each, with the generation that
-    /// wrote it), read before SQLite.
-    pub unpersisted_orders: HashMap<u64, (OrderRec, u64)>,
-    /// Trades not yet in SQLite, with their generation.
-    pub unpersisted_trades: VecDeque<(TradeRec, u64)>,
+    /// Order and trade rows not yet in SQLite, read before SQLite, indexed by account.
+    pub unpersisted: Unpersisted,
     /// Bumped (under the write lock) each time the history thread drops rows it committed
     /// from memory: a reader that saw the same value before its SQLite read and at its memory
     /// read missed nothing ([`ReadModel::merged`]).
@@ -457,6 +454,130 @@ pub struct State {
     /// The pending orders (`PENDING_NEW`) of live OTO/OTOCO lists, by id: not open, not in the
     /// book, in the history store with that status.
     pub pending: BTreeMap<u64, OrderRec>,
+}
+
+/// History rows waiting in memory for the history thread to commit them ([`PERSIST_EVERY`],
+/// [`PERSIST_ROWS`]), each with the generation (group of batches) that wrote it, and indexed by
+/// account: a query for one account (`allOrders`, `myTrades`, an order by client id) touches
+/// only that account's rows, not the up to [`PERSIST_ROWS`] rows of every account, under the
+/// read lock.
+///
+/// **Invariant:** `orders_by_account[a]` holds exactly the ids of the order rows of account
+/// `a`; `trades_by_account[a]` the positions (counted from the first trade ever pushed) of the
+/// trades `a` made or took, oldest first; no empty index entry is kept.
+#[derive(Debug, Default)]
+pub struct Unpersisted {
+    /// The latest row of each order, with its generation, by id.
+    orders: HashMap<u64, (OrderRec, u64)>,
+    /// Order ids per account, ascending.
+    orders_by_account: HashMap<u32, BTreeSet<u64>>,
+    /// Trades in the order they were applied (ids ascending), with their generation.
+    trades: VecDeque<(TradeRec, u64)>,
+    /// Trades dropped from the front of `trades` so far: the trade at position `p` is
+    /// `trades[p - trades_dropped]`.
+    trades_dropped: u64,
+    /// Trade positions per account (maker or taker, once for a self-trade), oldest first.
+    trades_by_account: HashMap<u32, VecDeque<u64>>,
+}
+
+impl Unpersisted {
+    /// Keeps `o` as its order's latest row, written by `generation`.
+    pub fn insert_order(&mut self, o: OrderRec, generation: u64) {
+        self.orders_by_account
+            .entry(o.account)
+            .or_default()
+            .insert(o.id);
+        self.orders.insert(o.id, (o, generation));
+    }
+
+    /// Appends a trade written by `generation` (trades come in id order).
+    pub fn push_trade(&mut self, t: TradeRec, generation: u64) {
+        let at = self.trades_dropped + self.trades.len() as u64;
+        self.trades_by_account
+            .entry(t.maker_account)
+            .or_default()
+            .push_back(at);
+        if t.taker_account != t.maker_account {
+            self.trades_by_account
+                .entry(t.taker_account)
+                .or_default()
+                .push_back(at);
+        }
+        self.trades.push_back((t, generation));
+    }
+
+    /// Drops the rows the history thread committed: those written by `generation` or before
+    /// (an order row rewritten later stays).
+    pub fn drop_through(&mut self, generation: u64) {
+        let by_account = &mut self.orders_by_account;
+        self.orders.retain(|id, (o, g)| {
+            if *g > generation {
+                return true;
+            }
+            if let Some(ids) = by_account.get_mut(&o.account) {
+                ids.remove(id);
+                if ids.is_empty() {
+                    by_account.remove(&o.account);
+                }
+            }
+            false
+        });
+        while self.trades.front().is_some_and(|(_, g)| *g <= generation) {
+            let Some((t, _)) = self.trades.pop_front() else {
+                break;
+            };
+            let at = self.trades_dropped;
+            self.trades_dropped += 1;
+            for a in [t.maker_account, t.taker_account] {
+                if let Some(q) = self.trades_by_account.get_mut(&a) {
+                    // The oldest trade of each of its accounts (a self-trade's second account is
+                    // the same queue, already popped).
+                    if q.front() == Some(&at) {
+                        q.pop_front();
+                    }
+                    if q.is_empty() {
+                        self.trades_by_account.remove(&a);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The latest row of an order.
+    pub fn order(&self, id: u64) -> Option<&OrderRec> {
+        self.orders.get(&id).map(|(o, _)| o)
+    }
+
+    /// The order rows of `account`, ascending by id.
+    pub fn orders_of(&self, account: u32) -> impl DoubleEndedIterator<Item = &OrderRec> + '_ {
+        self.orders_by_account
+            .get(&account)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.orders.get(id).map(|(o, _)| o))
+    }
+
+    /// The trades `account` made or took, oldest first.
+    pub fn trades_of(&self, account: u32) -> impl Iterator<Item = &TradeRec> + '_ {
+        self.trades_by_account
+            .get(&account)
+            .into_iter()
+            .flatten()
+            .filter_map(|&at| {
+                let i = usize::try_from(at - self.trades_dropped).ok()?;
+                self.trades.get(i).map(|(t, _)| t)
+            })
+    }
+
+    /// Every trade, oldest first.
+    pub fn trades(&self) -> impl Iterator<Item = &TradeRec> + '_ {
+        self.trades.iter().map(|(t, _)| t)
+    }
+
+    /// Rows waiting: orders, trades.
+    pub fn counts(&self) -> (usize, usize) {
+        (self.orders.len(), self.trades.len())
+    }
 }
 
 /// Monotonic counters.
@@ -547,8 +668,8 @@ struct PersistMsg {
 /// 16–26 µs of CPU per order in `api/tests/load.rs` (at load 13), at 200 ms 8–13 µs. Rows
 /// waiting here are served from memory and regenerated from the journal after a crash.
 pub const PERSIST_EVERY: std::time::Duration = std::time::Duration::from_millis(200);
-/// How many history rows may wait in memory before they are written to SQLite (queries scan
-/// the rows waiting in memory, so this bounds their cost too).
+/// How many history rows may wait in memory before they are written to SQLite. Queries for one
+/// account read only its waiting rows ([`Unpersisted`]); `historicalTrades` scans them all.
 pub const PERSIST_ROWS: usize = 32_768;
 
 /// The first `limit` rows (ascending from a start id) or the last `limit` rows.
@@ -753,10 +874,10 @@ impl ReadModel {
                 drop(auditor);
                 orders = std::mem::take(&mut out.orders).into_values().collect();
                 for o in &orders {
-                    st.unpersisted_orders.insert(o.id, (o.clone(), generation));
+                    st.unpersisted.insert_order(o.clone(), generation);
                 }
                 for t in &out.trades {
-                    st.unpersisted_trades.push_back((t.clone(), generation));
+                    st.unpersisted.push_trade(t.clone(), generation);
                 }
             }
             let last_seq = group.last().map_or(0, |b| b.seq);
@@ -826,14 +947,7 @@ impl ReadModel {
                         since = None;
                         let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
                         st.persist_gen += 1;
-                        st.unpersisted_orders.retain(|_, (_, g)| *g > generation);
-                        while st
-                            .unpersisted_trades
-                            .front()
-                            .is_some_and(|(_, g)| *g <= generation)
-                        {
-                            st.unpersisted_trades.pop_front();
-                        }
+                        st.unpersisted.drop_through(generation);
                         drop(st);
                         self.history_floor.fetch_max(seq, Ordering::Release);
                         self.persisted.send_replace(seq);
@@ -903,7 +1017,7 @@ impl ReadModel {
                 && end_ms.is_none_or(|e| o.time_ms <= e)
         };
         let mut all: BTreeMap<u64, OrderRec> = rows.into_iter().map(|o| (o.id, o)).collect();
-        for (o, _) in st.unpersisted_orders.values().filter(|(o, _)| keep(o)) {
+        for o in st.unpersisted.orders_of(account).filter(|o| keep(o)) {
             all.insert(o.id, o.clone());
         }
         for id in st.open_by_account.get(&account).into_iter().flatten() {
@@ -955,9 +1069,8 @@ impl ReadModel {
             |st, rows| {
                 let mut all: BTreeMap<u64, TradeRec> =
                     rows.into_iter().map(|t| (t.id, t)).collect();
-                for (t, _) in st.unpersisted_trades.iter().filter(|(t, _)| {
-                    (t.maker_account == account || t.taker_account == account)
-                        && t.market == market
+                for t in st.unpersisted.trades_of(account).filter(|t| {
+                    t.market == market
                         && from_id.is_none_or(|f| t.id >= f)
                         && start_ms.is_none_or(|s| t.time_ms >= s)
                         && end_ms.is_none_or(|e| t.time_ms <= e)
@@ -982,9 +1095,8 @@ impl ReadModel {
                 let mut all: BTreeMap<u64, TradeRec> =
                     rows.into_iter().map(|t| (t.id, t)).collect();
                 for t in st
-                    .unpersisted_trades
-                    .iter()
-                    .map(|(t, _)| t)
+                    .unpersisted
+                    .trades()
                     .filter(|t| t.market == market && t.id >= from_id)
                 {
                     all.insert(t.id, t.clone());
@@ -1091,7 +1203,7 @@ impl ReadModel {
                     let c = st.open.get(&id.0).map(|o| o.client_id.clone());
                     (id.0, c.unwrap_or_default())
                 };
-                let rec = ListRec {
+                let mut rec = ListRec {
                     kind: ListKind::Oco,
                     id: l.id.0,
                     account: a,
@@ -1104,23 +1216,39 @@ impl ReadModel {
                     done: false,
                     time_ms: st.open.get(&l.legs[0].0).map_or(0, |o| o.time_ms),
                 };
+                // The placed pair of an OTOCO is an OCO in the engine under the list's id; its
+                // working order (the id before the pair's: ids are taken at once) is in the
+                // history with that list id. The list stays an OTOCO of three orders, as live.
+                // Without that row (a gap in the history) it can only read as the OCO it is.
+                if let Some(w) = l.legs[0].0.checked_sub(1) {
+                    if let Some(o) = self.store.order(a, w)? {
+                        if o.list_id == Some(l.id.0) && !st.open.contains_key(&w) {
+                            rec.kind = ListKind::Otoco;
+                            rec.legs.insert(0, (w, o.client_id));
+                            rec.time_ms = o.time_ms;
+                        }
+                    }
+                }
                 st.lists.insert(rec.id, rec);
             }
             // OTO/OTOCO lists waiting for their working order: the pending orders' rows are
-            // in the history store (PENDING_NEW).
+            // in the history store (PENDING_NEW). A row missing there (a gap in the history:
+            // the journal no longer reaches back to the list) is rebuilt from the engine, which
+            // holds the pending order as it will be placed; its time is its list's.
             for l in engine.open_oto_lists(AccountId(a)) {
+                let working = st.open.get(&l.working.0);
                 let mut legs = vec![(
                     l.working.0,
-                    st.open
-                        .get(&l.working.0)
-                        .map(|o| o.client_id.clone())
-                        .unwrap_or_default(),
+                    working.map(|o| o.client_id.clone()).unwrap_or_default(),
                 )];
-                for (id, _) in l.pending.orders() {
-                    if let Some(o) = self.store.order(a, id.0)? {
-                        legs.push((id.0, o.client_id.clone()));
-                        st.pending.insert(id.0, o);
-                    }
+                let list_ms = working.map_or(0, |o| o.time_ms);
+                for (id, new) in l.pending.orders() {
+                    let o = match self.store.order(a, id.0)? {
+                        Some(o) => o,
+                        None => OrderRec::pending(l.id.0, id, &new, list_ms),
+                    };
+                    legs.push((id.0, o.client_id.clone()));
+                    st.pending.insert(id.0, o);
                 }
                 let rec = ListRec {
                     kind: match l.pending {
@@ -1192,10 +1320,13 @@ impl ReadModel {
     ) -> Result<Option<OrderRec>, crate::store::StoreError> {
         {
             let st = self.read();
+            // A pending order's latest record is in `pending` (its row may be missing from
+            // the history after a gap: rebuilt from the engine at start-up).
             if let Some(o) = st
                 .open
                 .get(&id)
-                .or_else(|| st.unpersisted_orders.get(&id).map(|(o, _)| o))
+                .or_else(|| st.pending.get(&id))
+                .or_else(|| st.unpersisted.order(id))
             {
                 return Ok((o.account == account).then(|| o.clone()));
             }
@@ -1250,13 +1381,20 @@ impl ReadModel {
                 }
             }
             if let Some(o) = st
-                .unpersisted_orders
+                .pending
                 .values()
-                .map(|(o, _)| o)
-                .filter(|o| o.account == account && o.client_id == client)
-                .max_by_key(|o| o.id)
+                .find(|o| o.account == account && o.client_id == client)
             {
                 return Ok(Some(o.clone()));
+            }
+            let latest = st
+                .unpersisted
+                .orders_of(account)
+                .rev()
+                .find(|o| o.client_id == client)
+                .cloned();
+            if latest.is_some() {
+                return Ok(latest);
             }
         }
         self.store.order_by_client(account, client)
@@ -1465,6 +1603,28 @@ impl ReadModel {
 }
 
 impl OrderRec {
+    /// The record of a pending order (`PENDING_NEW`) of the OTO/OTOCO list `list`, placed with
+    /// its list at `ms` (`Event::OrderPending`).
+    pub fn pending(
+        list: u64,
+        id: matching_engine::OrderId,
+        new: &matching_engine::NewOrder,
+        ms: u64,
+    ) -> Self {
+        let info = matching_engine::OrderInfo {
+            order: id,
+            account: new.account,
+            market: new.market,
+            side: new.side,
+            client_id: new.client_id,
+        };
+        let mut o = OrderRec::placed(info, &new.order_type, new.tif, new.post_only, new.stp, ms);
+        o.status = OrdStatus::PendingNew;
+        o.working_ms = None;
+        o.list_id = Some(list);
+        o
+    }
+
     /// The record of an order just placed (`Event::OrderNew`), at `ms`.
     pub fn placed(
         info: matching_engine::OrderInfo,
@@ -2029,24 +2189,7 @@ fn apply_events(
             Event::OrderPending { order, new } => {
                 // It follows its list's OtoNew, and the working order's OrderNew follows it.
                 if let Some(l) = st.lists.values_mut().next_back() {
-                    let info = matching_engine::OrderInfo {
-                        order,
-                        account: new.account,
-                        market: new.market,
-                        side: new.side,
-                        client_id: new.client_id,
-                    };
-                    let mut o = OrderRec::placed(
-                        info,
-                        &new.order_type,
-                        new.tif,
-                        new.post_only,
-                        new.stp,
-                        ms,
-                    );
-                    o.status = OrdStatus::PendingNew;
-                    o.working_ms = None;
-                    o.list_id = Some(l.id);
+                    let o = OrderRec::pending(l.id, order, &new, ms);
                     l.legs.push((o.id, o.client_id.clone()));
                     out.orders.insert(o.id, o.clone());
                     st.pending.insert(o.id, o);
@@ -2147,6 +2290,153 @@ fn apply_events(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn order_row(id: u64, account: u32, market: u16) -> OrderRec {
+        OrderRec {
+            id,
+            account,
+            market,
+            client_id: format!("c{}", id % 97),
+            side: Side::Buy,
+            kind: OrdKind::Limit,
+            tif: TimeInForce::Gtc,
+            price: 100,
+            stop: 0,
+            orig_qty: 1,
+            orig_quote: 0,
+            executed: 0,
+            cum_quote: 0,
+            status: OrdStatus::New,
+            stp: StpMode::None,
+            time_ms: id,
+            update_ms: id,
+            working_ms: Some(id),
+            list_id: None,
+        }
+    }
+
+    fn trade_row(id: u64, maker: u32, taker: u32, market: u16) -> TradeRec {
+        TradeRec {
+            id,
+            market,
+            price: 100,
+            qty: 1,
+            quote: 100,
+            taker_side: Side::Buy,
+            maker_order: id,
+            taker_order: id,
+            maker_account: maker,
+            taker_account: taker,
+            maker_fee: 0,
+            taker_fee: 0,
+            time_ms: id,
+        }
+    }
+
+    /// Queries for one account read only that account's rows among those waiting in memory
+    /// ([`Unpersisted`]'s per-account index): with 20,000 order rows and trades of 50 accounts
+    /// pending, `allOrders`, `myTrades` and an order by client id answer exactly what a scan of
+    /// every row finds, ascending, before and after the history thread drops committed rows.
+    #[test]
+    fn a_query_reads_only_its_accounts_pending_rows_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Arc::new(Store::open(&dir.path().join("h.sqlite")).unwrap());
+        let markets = Arc::new(Markets::new(&matching_engine::EngineConfig::default()).unwrap());
+        let rm = ReadModel::new(markets, store, 16);
+        let mut x = 0x2545_f491_4f6c_dd1d_u64;
+        let mut next = move || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        {
+            let mut st = rm.state.write().unwrap();
+            for id in 1..=20_000u64 {
+                let generation = id / 1_000 + 1;
+                let market = u16::from(id % 3 == 0);
+                let account = (next() % 50) as u32;
+                st.unpersisted
+                    .insert_order(order_row(id, account, market), generation);
+                // Some self-trades (maker and taker the same account).
+                let (maker, taker) = ((next() % 50) as u32, (next() % 50) as u32);
+                st.unpersisted
+                    .push_trade(trade_row(id, maker, taker, market), generation);
+                // A later version of some rows, from a later group.
+                if id % 10 == 0 {
+                    let mut o = order_row(id, account, market);
+                    o.status = OrdStatus::Filled;
+                    st.unpersisted.insert_order(o, 100);
+                }
+            }
+        }
+        let check = |when: &str| {
+            for account in [0u32, 7, 49] {
+                let (orders, trades, by_client) = {
+                    let st = rm.read();
+                    let mut o: Vec<OrderRec> = st
+                        .unpersisted
+                        .orders
+                        .values()
+                        .map(|(o, _)| o.clone())
+                        .filter(|o| o.account == account && o.market == 0)
+                        .collect();
+                    o.sort_by_key(|o| o.id);
+                    let t: Vec<TradeRec> = st
+                        .unpersisted
+                        .trades
+                        .iter()
+                        .map(|(t, _)| t.clone())
+                        .filter(|t| {
+                            (t.maker_account == account || t.taker_account == account)
+                                && t.market == 0
+                        })
+                        .collect();
+                    let c = st
+                        .unpersisted
+                        .orders
+                        .values()
+                        .map(|(o, _)| o.clone())
+                        .filter(|o| o.account == account && o.client_id == "c5")
+                        .max_by_key(|o| o.id);
+                    (o, t, c)
+                };
+                assert!(!orders.is_empty() && !trades.is_empty(), "{when}");
+                let got = rm
+                    .orders_history(account, 0, None, None, None, 100_000)
+                    .unwrap();
+                assert_eq!(got, orders, "{when}: account {account} orders");
+                let got = rm
+                    .trades_history(account, 0, None, None, None, 100_000)
+                    .unwrap();
+                assert_eq!(got, trades, "{when}: account {account} trades");
+                let got = rm.find_order_by_client(account, "c5").unwrap();
+                assert_eq!(got, by_client, "{when}: account {account} by client id");
+            }
+            // The index holds exactly the rows, and no empty entry.
+            let st = rm.read();
+            let u = &st.unpersisted;
+            let indexed: usize = u.orders_by_account.values().map(BTreeSet::len).sum();
+            assert_eq!(indexed, u.orders.len(), "{when}");
+            assert!(u.orders_by_account.values().all(|s| !s.is_empty()));
+            assert!(u.trades_by_account.values().all(|q| !q.is_empty()));
+            for (a, ids) in &u.orders_by_account {
+                assert!(ids.iter().all(|id| u.orders[id].0.account == *a), "{when}");
+            }
+        };
+        check("pending");
+        let before = rm.read().unpersisted.counts();
+        // The history thread committed the first ten groups.
+        rm.state.write().unwrap().unpersisted.drop_through(10);
+        let after = rm.read().unpersisted.counts();
+        assert!(after.0 < before.0 && after.1 < before.1);
+        check("after a commit");
+        rm.state.write().unwrap().unpersisted.drop_through(100);
+        assert_eq!(rm.read().unpersisted.counts(), (0, 0));
+        let st = rm.read();
+        assert!(st.unpersisted.orders_by_account.is_empty());
+        assert!(st.unpersisted.trades_by_account.is_empty());
+    }
 
     /// Regression (a flaky `myTrades` that returned nothing): a reader that read SQLite before
     /// the history thread committed a row, and memory after it dropped the row, missed it. The

@@ -164,19 +164,57 @@ pub enum OtoOutcome {
 #[derive(Debug)]
 struct Market {
     book: Book<OrderMeta>,
-    /// Orders that trigger when last >= stop (stop buys, take-profit sells), by (stop, id).
-    stop_buys: BTreeMap<(Price, OrderId), StopOrder>,
-    /// Orders that trigger when last <= stop (stop sells, take-profit buys), by (stop, id).
-    stop_sells: BTreeMap<(Price, OrderId), StopOrder>,
-    stop_index: FxHashMap<OrderId, (Trigger, Price)>,
+    /// Orders that trigger when last >= stop (stop buys, take-profit sells), by
+    /// [`StopKey`].
+    stop_buys: BTreeMap<StopKey, StopOrder>,
+    /// Orders that trigger when last <= stop (stop sells, take-profit buys), by [`StopKey`].
+    stop_sells: BTreeMap<StopKey, StopOrder>,
+    stop_index: FxHashMap<OrderId, (Trigger, StopKey)>,
+    /// The placement sequence the next stop put into the trigger maps takes (see
+    /// [`StopKey`]). Not in snapshots: a restored market numbers its stops in their snapshot
+    /// order (which is key order), so only the relative order is kept, and that is all that
+    /// decides anything.
+    next_stop_seq: u64,
     depth_seq: u64,
     last_price: Option<Price>,
     dirty_levels: Vec<(Side, Price)>,
 }
 
+/// Where a waiting stop sits in its trigger map: its trigger price, then its placement
+/// sequence in the market ([`Market::next_stop_seq`]), so equal trigger prices trigger in the
+/// order the stops were placed. Not the order id: an OTO/OTOCO's pending order has an id
+/// reserved when its list is placed, but it is placed (and queues) when its working order
+/// fills, after stops placed in between, as on Binance.
+type StopKey = (Price, u64);
+
 impl Market {
     fn open_orders(&self) -> usize {
         self.book.len() + self.stop_index.len()
+    }
+
+    /// A waiting stop by id.
+    fn stop(&self, id: OrderId) -> Option<&StopOrder> {
+        let &(dir, key) = self.stop_index.get(&id)?;
+        Some(match dir {
+            Trigger::Rise => &self.stop_buys[&key],
+            Trigger::Fall => &self.stop_sells[&key],
+        })
+    }
+
+    /// Puts a stop into its trigger map with the next placement sequence (its time priority
+    /// among equal trigger prices). False when the id waits already (nothing changed).
+    fn put_stop(&mut self, dir: Trigger, stop: Price, s: StopOrder) -> bool {
+        if self.stop_index.contains_key(&s.id) {
+            return false;
+        }
+        let key = (stop, self.next_stop_seq);
+        self.next_stop_seq += 1;
+        self.stop_index.insert(s.id, (dir, key));
+        match dir {
+            Trigger::Rise => self.stop_buys.insert(key, s),
+            Trigger::Fall => self.stop_sells.insert(key, s),
+        };
+        true
     }
 }
 
@@ -446,6 +484,7 @@ impl Engine {
                 stop_buys: BTreeMap::new(),
                 stop_sells: BTreeMap::new(),
                 stop_index: FxHashMap::default(),
+                next_stop_seq: 0,
                 depth_seq: 0,
                 last_price: None,
                 dirty_levels: Vec::with_capacity(64),
@@ -589,11 +628,8 @@ impl Engine {
                 list: self.list_of.get(&id).copied(),
             });
         }
-        let &(dir, stop) = m.stop_index.get(&id)?;
-        let s = match dir {
-            Trigger::Rise => &m.stop_buys[&(stop, id)],
-            Trigger::Fall => &m.stop_sells[&(stop, id)],
-        };
+        let s = m.stop(id)?;
+        let (_, stop) = s.order.order_type.trigger(s.order.side)?;
         let price = s.order.order_type.limit_price().unwrap_or(Price(0));
         let qty = s.order.order_type.qty().expect("only stop orders wait");
         Some(OrderView {
@@ -863,6 +899,15 @@ impl Engine {
             if m.stop_index.len() != m.stop_buys.len() + m.stop_sells.len() {
                 return Err("stop index");
             }
+            for (&id, &(dir, key)) in &m.stop_index {
+                let s = match dir {
+                    Trigger::Rise => m.stop_buys.get(&key),
+                    Trigger::Fall => m.stop_sells.get(&key),
+                };
+                if s.map(|s| s.id) != Some(id) || key.1 >= m.next_stop_seq {
+                    return Err("stop index");
+                }
+            }
         }
         self.validate_lists()?;
         for w in self.withdrawals.values() {
@@ -935,11 +980,7 @@ impl Engine {
                         client_id: n.data.client_id,
                     };
                     (o, n.data.hold)
-                } else if let Some(&(dir, stop)) = m.stop_index.get(&leg) {
-                    let s = match dir {
-                        Trigger::Rise => &m.stop_buys[&(stop, leg)],
-                        Trigger::Fall => &m.stop_sells[&(stop, leg)],
-                    };
+                } else if let Some(s) = m.stop(leg) {
                     (s.order, s.hold)
                 } else {
                     return Err("a list's leg is not open");
@@ -1377,11 +1418,8 @@ impl Engine {
         let slot = m.book.slot(id);
         let owner = if let Some(slot) = slot {
             m.book.node(slot).data.account
-        } else if let Some(&(dir, stop)) = m.stop_index.get(&id) {
-            match dir {
-                Trigger::Rise => m.stop_buys[&(stop, id)].order.account,
-                Trigger::Fall => m.stop_sells[&(stop, id)].order.account,
-            }
+        } else if let Some(s) = m.stop(id) {
+            s.order.account
         } else {
             return Err(RejectCode::UnknownOrder);
         };
@@ -1448,10 +1486,10 @@ impl Engine {
 
     fn take_stop(&mut self, market: MarketId, id: OrderId) -> Option<StopOrder> {
         let m = &mut self.markets[market.0 as usize];
-        let (dir, stop) = m.stop_index.remove(&id)?;
+        let (dir, key) = m.stop_index.remove(&id)?;
         let s = match dir {
-            Trigger::Rise => m.stop_buys.remove(&(stop, id)),
-            Trigger::Fall => m.stop_sells.remove(&(stop, id)),
+            Trigger::Rise => m.stop_buys.remove(&key),
+            Trigger::Fall => m.stop_sells.remove(&key),
         }
         .expect("stop index and maps agree");
         self.forget_order(s.order.account, s.order.client_id);
@@ -2018,16 +2056,13 @@ impl Engine {
                 .stop_buys
                 .first_key_value()
                 .filter(|((stop, _), _)| *stop <= last)
-                .map(|(&(_, id), _)| id)
+                .map(|(_, s)| s.id)
                 .or_else(|| {
                     let (&(stop, _), _) = m.stop_sells.last_key_value()?;
                     if stop < last {
                         return None;
                     }
-                    m.stop_sells
-                        .range((stop, OrderId(0))..)
-                        .next()
-                        .map(|(&(_, id), _)| id)
+                    m.stop_sells.range((stop, 0)..).next().map(|(_, s)| s.id)
                 });
             let Some(id) = next else { return };
             let mut s = self.take_stop(market, id).expect("found above");
@@ -2307,11 +2342,8 @@ impl Engine {
             hold,
         };
         let m = &mut self.markets[o.market.0 as usize];
-        match dir {
-            Trigger::Rise => m.stop_buys.insert((stop, id), s),
-            Trigger::Fall => m.stop_sells.insert((stop, id), s),
-        };
-        m.stop_index.insert(id, (dir, stop));
+        let placed = m.put_stop(dir, stop, s);
+        debug_assert!(placed, "a stop id placed twice");
         if let TimeInForce::Gtd(at) = o.tif {
             self.expiries.push(Reverse((at.0, id.0, o.market.0)));
         }
@@ -3205,14 +3237,11 @@ impl Engine {
                     return Err(SnapshotError::Inconsistent("stop account"));
                 }
                 new_id(st.id)?;
-                let dup = match dir {
-                    Trigger::Rise => m.stop_buys.insert((stop, st.id), st),
-                    Trigger::Fall => m.stop_sells.insert((stop, st.id), st),
-                };
-                if dup.is_some() {
+                // Numbered in snapshot order, which is each map's key order: equal trigger
+                // prices keep their time priority ([`StopKey`]).
+                if !m.put_stop(dir, stop, st) {
                     return Err(SnapshotError::Inconsistent("stop listed twice"));
                 }
-                m.stop_index.insert(st.id, (dir, stop));
                 if let TimeInForce::Gtd(t) = st.order.tif {
                     e.expiries.push(Reverse((t.0, st.id.0, market.0)));
                 }

@@ -2881,3 +2881,49 @@ fn order_done_carries_the_quote_filled_over_the_orders_life_across_a_snapshot() 
     bad.order_quotes.push((OrderId(bid.0 + 1_000), Amount(1)));
     assert!(Engine::from_snapshot(bad).is_err());
 }
+
+/// Time priority of stops: an OTO's pending stop is placed when its working order fills, so it
+/// queues from then, behind a stop at the same trigger price placed in between (which has the
+/// higher id: the pending order's id was reserved with its list). Stops were keyed by
+/// (price, id), and the pending stop triggered first. A restored snapshot keeps the order.
+#[test]
+fn oto_pending_stop_queues_from_its_placement_not_its_reserved_id() {
+    let mut h = H::new();
+    let mm = h.account(100, 1_000_000);
+    h.print(mm, 100);
+    let t = h.account(0, 10_000);
+    let o = h
+        .oto(
+            lim(t, Side::Buy, 100, 5),
+            stop_limit(t, Side::Sell, 90, 80, 5),
+        )
+        .unwrap();
+    let p = o.pending[0];
+    let u = h.account(5, 0);
+    let (between, _) = h.order(stop_limit(u, Side::Sell, 90, 80, 5)).unwrap();
+    assert!(
+        between.0 > p.0,
+        "the stop placed in between has the higher id"
+    );
+    // The working order fills: the pending stop is placed now, after `between`.
+    let (_, ev) = h.order(lim(mm, Side::Sell, 100, 5)).unwrap();
+    assert!(placed(&ev, p));
+    let triggered = |ev: &[Event]| -> Vec<OrderId> {
+        ev.iter()
+            .filter_map(|e| match e {
+                Event::OrderTriggered { info, .. } => Some(info.order),
+                _ => None,
+            })
+            .collect()
+    };
+    let mut restored = H {
+        e: Engine::from_snapshot(h.e.snapshot()).unwrap(),
+        now: h.now,
+        keys: h.keys,
+    };
+    assert_eq!(restored.e.state_hash(), h.e.state_hash());
+    // A trade at 90 reaches both: `between` triggers first.
+    assert_eq!(triggered(&h.print(mm, 90)), vec![between, p]);
+    assert_eq!(triggered(&restored.print(mm, 90)), vec![between, p]);
+    assert_eq!(restored.e.state_hash(), h.e.state_hash());
+}

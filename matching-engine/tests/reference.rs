@@ -1506,16 +1506,18 @@ impl Reference {
 
     /// "A limit order that is placed when the last trade price reaches `stop` (at or above it
     /// for a buy, at or below for a sell)": buy stops from the lowest trigger price, then sell
-    /// stops from the highest, equal prices in time order, until none is reached.
+    /// stops from the highest, equal prices in time order, until none is reached. Time order is
+    /// the order stops were placed (`stops` is appended to), not their ids: an OTO's pending
+    /// stop, whose id was taken when its list was placed, queues from when it is placed.
     fn process_triggers(&mut self, evs: &mut Vec<Ev>) {
         loop {
             let Some(last) = self.last_price else { return };
             let buy = (0..self.stops.len())
                 .filter(|&i| self.stops[i].rise && self.stops[i].stop <= last)
-                .min_by_key(|&i| (self.stops[i].stop, self.stops[i].id));
+                .min_by_key(|&i| (self.stops[i].stop, i));
             let sell = (0..self.stops.len())
                 .filter(|&i| !self.stops[i].rise && self.stops[i].stop >= last)
-                .min_by_key(|&i| (u64::MAX - self.stops[i].stop, self.stops[i].id));
+                .min_by_key(|&i| (u64::MAX - self.stops[i].stop, i));
             let Some(i) = buy.or(sell) else { return };
             let mut s = self.stops.remove(i);
             evs.push(Ev::Triggered {

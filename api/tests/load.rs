@@ -10,7 +10,8 @@
 //! generator shares the machine's cores with the server. `LOAD_CONNECTIONS` (64),
 //! `LOAD_SECONDS` (10 per phase), `LOAD_ONLY` (`rest` or `ws`).
 //!
-//! Each phase prints orders/s, p50/p99 and the process's CPU time (user + system, what
+//! `LOAD_WORKERS` sets the runtime's worker threads (default: one per core, as `mediator
+//! serve`). Each phase prints orders/s, p50/p99 and the process's CPU time (user + system, what
 //! `getrusage(RUSAGE_SELF)` counts, read from `/proc/self/stat`) per order, client included,
 //! and that CPU time split by thread name (`/proc/self/task/*/stat`): a measure that other
 //! processes on the machine disturb far less than the wall-clock rate.
@@ -59,9 +60,23 @@ async fn request(
     (status, String::from_utf8(buf).unwrap())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[test]
 #[ignore = "a measurement; run in release with --ignored --nocapture"]
-async fn signed_order_placement_rest_and_ws_api() {
+fn signed_order_placement_rest_and_ws_api() {
+    // `mediator serve`'s runtime: one worker per core (2 here) unless `LOAD_WORKERS` says.
+    let workers = std::env::var("LOAD_WORKERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get()));
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(measure());
+}
+
+async fn measure() {
     let connections: usize = std::env::var("LOAD_CONNECTIONS")
         .ok()
         .and_then(|v| v.parse().ok())
@@ -244,7 +259,11 @@ impl Cpu {
 
     /// CPU µs per order, in all and by thread name.
     fn print(&self, what: &str, orders: usize) {
-        let per = |ticks: u64| ticks * 1_000_000 / TICKS_PER_S / (orders.max(1) as u64);
+        // In tenths of a µs: one tick (10 ms) is 0.1 µs per order at 100,000 orders.
+        let per = |ticks: u64| {
+            let tenths = ticks * 10_000_000 / TICKS_PER_S / (orders.max(1) as u64);
+            format!("{}.{}", tenths / 10, tenths % 10)
+        };
         let mut by: Vec<_> = self.threads.iter().collect();
         by.sort_by(|a, b| b.1.cmp(a.1));
         let parts: Vec<String> = by

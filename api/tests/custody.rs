@@ -186,6 +186,22 @@ impl Custody for Fake {
     fn clear_alarm(&self, id: u64) -> Result<(), CustodyError> {
         self.log(format!("clear_alarm({id})"))
     }
+    fn prove_reserves(
+        &self,
+        message: &(dyn Fn(u32, &str) -> String + Sync),
+    ) -> Result<api::custody::ReservesProofInfo, CustodyError> {
+        self.log("prove_reserves()".into())?;
+        let hash = "cd".repeat(32);
+        Ok(api::custody::ReservesProofInfo {
+            network: "regtest".into(),
+            message: message(321, &hash),
+            block_hash: hash,
+            block_height: 321,
+            psbt: b"psbt\xff".to_vec(),
+            reserves_sat: 5,
+            utxos: 1,
+        })
+    }
     fn reconcile_records(&self) -> Result<RecordsInfo, CustodyError> {
         self.log("reconcile_records()".into())?;
         Ok(RecordsInfo {
@@ -1482,6 +1498,62 @@ async fn a_refusal_is_answered_as_itself_when_its_outcome_cannot_be_logged() {
     let (entries, report) = audit_log(&s.h);
     assert_eq!(entries.last().unwrap().action, "alarm.clear.intent");
     assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
+}
+
+/// Regression: the proof-of-reserves publication closed its intent with `?`, so an outcome
+/// entry that could not be written AFTER custody signed and the document was stored answered
+/// `-1000`, inviting the admin to publish again (k = 3 failed on the old code). Appends: the
+/// liabilities publication's intent and outcome, then this one's.
+#[tokio::test]
+async fn a_reserves_proof_is_answered_as_published_when_its_outcome_cannot_be_logged() {
+    for k in 0..=4 {
+        let s = setup(true).await;
+        let base = audit_seq(&s.h);
+        s.h.state.audit_log().fail_appends_after(k);
+        let r =
+            s.h.signed("POST", "/mapi/v1/admin/reserves/prove", "", &s.h.admin)
+                .await;
+        let signed = s.fake.calls().iter().any(|c| c == "prove_reserves()");
+        let latest = s.h.get("/mapi/v1/reserves/latest").await;
+        let stored = latest.status == StatusCode::OK;
+        let (entries, report) = audit_log(&s.h);
+        let recorded: Vec<_> = entries
+            .iter()
+            .filter(|e| e.seq > base && e.action.starts_with("reserves.prove.publish"))
+            .collect();
+        assert!(report.ok(), "{:?}", report.breaks);
+        assert!(
+            !signed || !recorded.is_empty(),
+            "log dead after {k}: custody signed and the log has no record"
+        );
+        match k {
+            // The proof's intent was never written: custody was not asked.
+            0..=2 => {
+                assert!(!signed && !stored, "k = {k}: {}", latest.json);
+                assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.json);
+                assert!(recorded.is_empty(), "{recorded:?}");
+            }
+            // Signed and stored, the outcome lost: answered as published (the document), the
+            // intent stays open for `audit verify`.
+            3 => {
+                assert!(signed && stored, "{}", latest.json);
+                assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+                assert_eq!(r.json["id"], latest.json["id"], "{}", r.json);
+                assert_eq!(recorded.len(), 1, "{recorded:?}");
+                assert_eq!(recorded[0].action, "reserves.prove.publish.intent");
+                assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
+                assert_eq!(report.open_intents[0].seq, recorded[0].seq);
+            }
+            _ => {
+                assert!(signed && stored);
+                assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+                assert_eq!(recorded.len(), 2, "{recorded:?}");
+                assert_eq!(recorded[1].params["outcome"], "done");
+                assert_eq!(recorded[1].params["id"], r.json["id"]);
+                assert!(report.open_intents.is_empty(), "{:?}", report.open_intents);
+            }
+        }
+    }
 }
 
 /// A Lightning node that records the operator's channel calls.

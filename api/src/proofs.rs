@@ -309,6 +309,24 @@ impl AppState {
         }
     }
 
+    /// As [`AppState::audit_as`] for a single-entry action that changes who can do what or
+    /// makes a money address (an account, an API key, a dashboard password or login link, a
+    /// deposit address, mined blocks): `params` gain `by`, the public id of the credential that
+    /// asked (an API key's id, `session:<16 hex>` for a dashboard session, `start-up` for the
+    /// server itself), never a secret.
+    pub fn audit_by(
+        &self,
+        actor: &str,
+        by: &str,
+        action: &str,
+        mut params: Value,
+    ) -> Result<(), ApiError> {
+        if let Some(o) = params.as_object_mut() {
+            o.insert("by".to_owned(), Value::from(by));
+        }
+        self.audit_as(actor, action, params)
+    }
+
     /// Announces an admin action in the audit log before it is taken (`<action>.intent`, on
     /// disk when this returns); the caller takes the action only after this and then logs its
     /// result with [`AppState::audit_close`]. A crash in between leaves an intent without

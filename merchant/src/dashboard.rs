@@ -128,7 +128,7 @@ pub async fn admin_set_password(
     State(st): State<AppState>,
     req: api::state::Req,
 ) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
     let password = p.req("password")?;
     p.finish()?;
@@ -154,7 +154,13 @@ pub async fn admin_set_password(
         tx.commit().map_err(db_error)
     })
     .await?;
-    st.audit_as("admin", "dashboard.password", json!({ "account": account }))?;
+    // Who and which store, never the password (nor its hash).
+    st.audit_by(
+        "admin",
+        &key.api_key,
+        "dashboard.password",
+        json!({ "account": account }),
+    )?;
     Ok(api::state::ok_json(&ctx, json!({ "account": account })))
 }
 
@@ -164,7 +170,7 @@ pub async fn admin_login_link(
     State(st): State<AppState>,
     req: api::state::Req,
 ) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
     p.finish()?;
     let token = random_hex()?;
@@ -178,7 +184,13 @@ pub async fn admin_login_link(
         .map_err(db_error)
     })
     .await?;
-    st.audit_as("admin", "dashboard.link", json!({ "account": account }))?;
+    // Never the link's token nor its hash (the hash is what a login looks up).
+    st.audit_by(
+        "admin",
+        &key.api_key,
+        "dashboard.link",
+        json!({ "account": account, "expireTime": expires }),
+    )?;
     let base = st
         .cfg()
         .public_url
@@ -338,6 +350,18 @@ impl FromRequestParts<AppState> for Session {
 impl Session {
     fn principal(&self) -> Arc<ApiKey> {
         Arc::new(ApiKey::session(self.account, SESSION_PERMS))
+    }
+
+    /// The audit log's actor for what this session does: `dashboard:<account>`.
+    fn actor(&self) -> String {
+        format!("dashboard:{}", self.account)
+    }
+
+    /// The session's public id in the audit log (`by`): `session:` and the first 16 hex digits
+    /// of the stored hash of its cookie. Never the cookie: the hash's prefix names the session
+    /// without letting anyone present it.
+    fn audit_id(&self) -> String {
+        format!("session:{}", self.hash.get(..16).unwrap_or(&self.hash))
     }
 
     fn gf(&self, body: Value) -> GfReq {
@@ -1790,13 +1814,7 @@ pub async fn create_token(
     if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         return Err(bad("The label is at most 64 printable ASCII characters."));
     }
-    let v = api::native::create_key(
-        &st,
-        &format!("dashboard:{}", s.account),
-        s.account,
-        perms,
-        &label,
-    )?;
+    let v = api::native::create_key(&st, &s.actor(), &s.audit_id(), s.account, perms, &label)?;
     let b = format!(
         "<p class=ok>Token created. Copy it now: it is not shown again.</p><dl class=stack>\
          <dt>Greenfield token (<code>Authorization: token ...</code>)<dd><code class=secret>{}</code>\
@@ -1818,7 +1836,7 @@ pub async fn revoke_token(
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
     let target = form.text("apiKey").to_owned();
-    api::native::revoke_own_key(&st, &s.principal(), &target)?;
+    api::native::revoke_own_key(&st, &s.principal(), &target, &s.actor(), &s.audit_id())?;
     Ok(redirect(&format!(
         "/dashboard/tokens?done={}",
         pct("Token revoked.")

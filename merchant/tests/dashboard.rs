@@ -1549,3 +1549,123 @@ async fn a_dashboard_refund_needs_the_store_password() {
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
     assert_eq!(pull_payments().await.as_array().unwrap().len(), 1);
 }
+
+// ----- the audit log: who changed who can do what -----
+
+/// The audit log's entries (JSON lines) whose action is `action`, and the file's text.
+fn audited(h: &Harness, action: &str) -> (Vec<Value>, String) {
+    let text = std::fs::read_to_string(h.dir.path().join(api::proofs::AUDIT_FILE)).unwrap();
+    let found = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == action)
+        .collect();
+    (found, text)
+}
+
+/// Review finding: the dashboard password and login link entries named no credential. Each is
+/// one entry with the store's account and `by` (the admin key's public id); never the password,
+/// nor the link's token or the hash a login looks it up by.
+#[tokio::test]
+async fn dashboard_password_and_link_are_audit_entries_without_secrets() {
+    let d = setup().await; // sets PASSWORD
+    let (found, _) = audited(&d.h, "dashboard.password");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["actor"], "admin");
+    assert_eq!(found[0]["params"]["account"], d.account);
+    assert_eq!(
+        found[0]["params"]["by"],
+        d.h.admin.0.as_str(),
+        "{}",
+        found[0]
+    );
+    let token = link(&d.h, d.account).await;
+    let (found, text) = audited(&d.h, "dashboard.link");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["actor"], "admin");
+    assert_eq!(found[0]["params"]["account"], d.account);
+    assert_eq!(
+        found[0]["params"]["by"],
+        d.h.admin.0.as_str(),
+        "{}",
+        found[0]
+    );
+    assert!(found[0]["params"]["expireTime"].as_u64() > Some(0));
+    assert!(!text.contains(PASSWORD), "the password is in the audit log");
+    assert!(
+        !text.contains(&token),
+        "the link's token is in the audit log"
+    );
+    assert!(
+        !text.contains(&sha256_hex(&token)),
+        "the link's hash is in the audit log"
+    );
+    assert!(!text.contains(&d.h.admin.1));
+}
+
+/// Review finding: a token made on the dashboard named no session, and one revoked there was
+/// logged as the account's own key (`account:N`). Both are entries by `dashboard:<account>`
+/// with `by` = `session:` and the first 16 hex digits of the session's stored hash; the
+/// session cookie, the token's secret and its Greenfield token are not in the log.
+#[tokio::test]
+async fn dashboard_tokens_are_audit_entries_naming_the_session() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let r = post(
+        &d.h,
+        "/dashboard/tokens",
+        &id,
+        "/dashboard/tokens",
+        &[("label", "shelf"), ("read", "1")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let between = |from: &str, s: &str| -> Vec<String> {
+        s.split(from)
+            .skip(1)
+            .map(|x| x[..x.find("</code>").unwrap()].to_owned())
+            .collect()
+    };
+    let api_key = between("<dt>API key<dd><code>", &r.body).remove(0);
+    let secrets = between("<code class=secret>", &r.body);
+    assert_eq!(secrets.len(), 2, "{}", r.body);
+    let who = format!("session:{}", &sha256_hex(&id)[..16]);
+    let (found, _) = audited(&d.h, "key.create");
+    let e = found
+        .iter()
+        .find(|e| e["params"]["apiKey"] == api_key.as_str())
+        .unwrap_or_else(|| panic!("no key.create of {api_key} in {found:?}"));
+    assert_eq!(e["actor"], format!("dashboard:{}", d.account));
+    assert_eq!(e["params"]["account"], d.account);
+    assert_eq!(e["params"]["by"], who.as_str(), "{e}");
+    // Revoked from the dashboard.
+    let r = post(
+        &d.h,
+        "/dashboard/tokens/revoke",
+        &id,
+        "/dashboard/tokens",
+        &[("apiKey", &api_key)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let (found, text) = audited(&d.h, "key.revoke");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["actor"], format!("dashboard:{}", d.account));
+    assert_eq!(found[0]["params"]["apiKey"], api_key.as_str());
+    assert_eq!(found[0]["params"]["account"], d.account);
+    assert_eq!(found[0]["params"]["by"], who.as_str(), "{}", found[0]);
+    assert!(
+        !text.contains(&id),
+        "the session cookie is in the audit log"
+    );
+    assert!(
+        !text.contains(&sha256_hex(&id)),
+        "the session's whole hash is in the audit log"
+    );
+    for s in &secrets {
+        assert!(
+            !text.contains(s.as_str()),
+            "a token secret is in the audit log"
+        );
+    }
+}

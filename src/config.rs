@@ -50,6 +50,7 @@
 //! price_index_max_deviation_bps = 200
 //! price_index_max_age_ms = 300000
 //! price_index_cache_ms = 2000      # one index read serves every caller this long (0: every use)
+//! withdraw_address_delay_ms = 86400000   # a store's new allow-listed withdrawal address waits this long
 //!
 //! [lightning]                      # README.md, "Lightning"; on by default on regtest only
 //! enabled = true
@@ -318,6 +319,11 @@ pub struct MerchantKnobs {
     /// `price_index_max_age_ms`; 0 reads it on every use [default: 2000].
     #[arg(long, env = "MEDIATOR_PRICE_INDEX_CACHE_MS")]
     pub price_index_cache_ms: Option<u64>,
+    /// How long after it is added an address on a store's dashboard withdrawal allow-list
+    /// becomes usable (and the list stays on after its last removal), ms; at most 30 days
+    /// [default: 86400000, 24 h].
+    #[arg(long, env = "MEDIATOR_WITHDRAW_ADDRESS_DELAY_MS")]
+    pub withdraw_address_delay_ms: Option<u64>,
 }
 
 impl MerchantKnobs {
@@ -339,6 +345,9 @@ impl MerchantKnobs {
                 .or(under.price_index_max_deviation_bps),
             price_index_max_age_ms: self.price_index_max_age_ms.or(under.price_index_max_age_ms),
             price_index_cache_ms: self.price_index_cache_ms.or(under.price_index_cache_ms),
+            withdraw_address_delay_ms: self
+                .withdraw_address_delay_ms
+                .or(under.withdraw_address_delay_ms),
         }
     }
 
@@ -373,6 +382,15 @@ impl MerchantKnobs {
                 "merchant.price_index_cache_ms ({c}) must not exceed price_index_max_age_ms ({max_age_ms})"
             );
         }
+        if let Some(d) = self
+            .withdraw_address_delay_ms
+            .filter(|&d| d > merchant::allowlist::MAX_DELAY_MS)
+        {
+            bail!(
+                "merchant.withdraw_address_delay_ms ({d}) must not exceed {} (30 days)",
+                merchant::allowlist::MAX_DELAY_MS
+            );
+        }
         if self.price_index_file.is_some() && self.price_index_url.is_some() {
             bail!("merchant: set price_index_file or price_index_url, not both");
         }
@@ -400,6 +418,9 @@ impl MerchantKnobs {
             .unwrap_or(p.index_max_deviation_bps);
         p.index_max_age_ms = self.price_index_max_age_ms.unwrap_or(p.index_max_age_ms);
         p.index_cache_ms = self.price_index_cache_ms.unwrap_or(p.index_cache_ms);
+        m.withdraw_address_delay_ms = self
+            .withdraw_address_delay_ms
+            .unwrap_or(m.withdraw_address_delay_ms);
         if let Some(f) = &self.price_index_file {
             p.index = Some(merchant::price::IndexSource::File(f.clone()));
         }
@@ -746,7 +767,7 @@ mod tests {
         );
         assert_eq!(m.price, merchant::price::PriceLimits::default());
         let file: FileConfig = toml::from_str(
-            "[merchant]\nallow_private_webhooks = true\nprice_max_spread_bps = 50\nprice_index_file = \"/x/btcusd.txt\"\nredeliveries_per_min = 3\nprice_index_cache_ms = 500\nprice_index_max_age_ms = 60000\n",
+            "[merchant]\nallow_private_webhooks = true\nprice_max_spread_bps = 50\nprice_index_file = \"/x/btcusd.txt\"\nredeliveries_per_min = 3\nprice_index_cache_ms = 500\nprice_index_max_age_ms = 60000\nwithdraw_address_delay_ms = 3600000\n",
         )
         .unwrap();
         let over = FileConfig {
@@ -767,6 +788,7 @@ mod tests {
         assert_eq!(m.price.slippage_bps, 30);
         assert_eq!(m.price.index_cache_ms, 250, "flags over the file");
         assert_eq!(m.price.index_max_age_ms, 60_000, "from the file");
+        assert_eq!(m.withdraw_address_delay_ms, 3_600_000, "from the file");
         assert_eq!(
             m.price.index,
             Some(merchant::price::IndexSource::File("/x/btcusd.txt".into()))
@@ -883,6 +905,10 @@ mod tests {
             (
                 "[merchant]\nprice_index_url = \"file:///etc/passwd\"\n",
                 "price_index_url",
+            ),
+            (
+                "[merchant]\nwithdraw_address_delay_ms = 2592000001\n",
+                "withdraw_address_delay_ms",
             ),
             (
                 "[trusted_proxy]\nheader = \"x real ip\"\naddresses = [\"10.0.0.1\"]\n",

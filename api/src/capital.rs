@@ -294,6 +294,12 @@ pub async fn new_deposit_address(
     let account = key.account;
     charge_new_address(&st, account)?;
     let a = call(&st, move |c| c.deposit_address(account, true)).await?;
+    st.audit_by(
+        &format!("account:{account}"),
+        &key.api_key,
+        "deposit.address.new",
+        json!({ "account": account, "address": &a }),
+    )?;
     Ok(ok_json(&ctx, address_json(a)))
 }
 
@@ -457,11 +463,19 @@ pub async fn admin_deposit_address(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p, "account")?;
     let new = bool_param(&mut p, "new")?;
     p.finish()?;
     let a = call(&st, move |c| c.deposit_address(account, new)).await?;
+    if new {
+        st.audit_by(
+            "admin",
+            &key.api_key,
+            "deposit.address.new",
+            json!({ "account": account, "address": &a }),
+        )?;
+    }
     Ok(ok_json(&ctx, json!({"account": account, "address": a})))
 }
 
@@ -645,7 +659,7 @@ pub async fn admin_reconcile_records(
 /// `POST /mapi/v1/admin/regtest/mine` (ADMIN): mines `blocks` (1..=1000) blocks; answers
 /// `{"tip_height": n}`.
 pub async fn admin_mine(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let blocks = p
         .opt_u64("blocks")?
         .ok_or_else(|| ApiError::missing("blocks"))?;
@@ -654,6 +668,12 @@ pub async fn admin_mine(State(st): State<AppState>, req: Req) -> Result<Response
     }
     p.finish()?;
     let tip = call(&st, move |c| c.regtest_mine(blocks as u32)).await?;
+    st.audit_by(
+        "admin",
+        &key.api_key,
+        "regtest.mine",
+        json!({ "blocks": blocks, "tip_height": tip }),
+    )?;
     Ok(ok_json(&ctx, json!({ "tip_height": tip })))
 }
 

@@ -116,11 +116,13 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
     Ok(ok_json(&ctx, serde_json::Value::Array(v)))
 }
 
-/// Creates a key of `account` with `perms` for `actor` (audited) and answers it as
-/// `POST /mapi/v1/keys` does (with the secret, shown once).
+/// Creates a key of `account` with `perms` for `actor` (audited: `key.create`, with `by`, the
+/// public id of the credential that asked, see [`crate::state::AppState::audit_by`]) and
+/// answers it as `POST /mapi/v1/keys` does (with the secret, shown once).
 pub fn create_key(
     st: &AppState,
     actor: &str,
+    by: &str,
     account: u32,
     perms: Perms,
     label: &str,
@@ -133,7 +135,7 @@ pub fn create_key(
                 ApiError::internal()
             })?;
     let mut v = key_json(&k);
-    st.audit_as(actor, "key.create", v.clone())?;
+    st.audit_by(actor, by, "key.create", v.clone())?;
     v["secretKey"] = json!(secret);
     // The same key for Greenfield clients (`Authorization: token ...`), derived like the
     // secret and shown only here.
@@ -168,6 +170,7 @@ pub async fn create_own_key(State(st): State<AppState>, req: Req) -> Result<Resp
         create_key(
             &st,
             &format!("account:{}", key.account),
+            &key.api_key,
             key.account,
             perms,
             &label,
@@ -180,31 +183,42 @@ pub async fn revoke_key(State(st): State<AppState>, req: Req) -> Result<Response
     let (key, mut p, ctx) = st.signed(&req)?;
     let target = p.req("apiKey")?;
     p.finish()?;
-    revoke_own_key(&st, &key, &target)?;
+    revoke_own_key(
+        &st,
+        &key,
+        &target,
+        &format!("account:{}", key.account),
+        &key.api_key,
+    )?;
     Ok(ok_json(&ctx, json!({})))
 }
 
-/// Revokes `target` if it is `by`'s account's key (or `by` is an admin key); `-2008` otherwise.
+/// Revokes `target` if it is `owner`'s account's key (or `owner` is an admin key); `-2008`
+/// otherwise. Audited (`key.revoke`) as `actor`, `by` naming the credential that asked.
 pub fn revoke_own_key(
     st: &AppState,
-    by: &crate::keys::ApiKey,
+    owner: &crate::keys::ApiKey,
     target: &str,
+    actor: &str,
+    by: &str,
 ) -> Result<(), ApiError> {
-    let owned =
+    let Some(account) =
         st.0.keys
             .get(target)
-            .is_some_and(|k| k.account == by.account || by.perms.has(Perms::ADMIN));
-    if !owned {
+            .filter(|k| k.account == owner.account || owner.perms.has(Perms::ADMIN))
+            .map(|k| k.account)
+    else {
         return Err(ApiError::bad(-2008, "Invalid Api-Key ID."));
-    }
+    };
     st.0.keys.revoke(&st.0.store, target).map_err(|e| {
         tracing::error!(error = %e, "revoking an API key failed");
         ApiError::internal()
     })?;
-    st.audit_as(
-        &format!("account:{}", by.account),
+    st.audit_by(
+        actor,
+        by,
         "key.revoke",
-        json!({ "apiKey": target }),
+        json!({ "apiKey": target, "account": account }),
     )
 }
 
@@ -213,7 +227,7 @@ pub async fn admin_create_account(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    let (_, p, ctx) = st.signed(&req)?;
+    let (key, p, ctx) = st.signed(&req)?;
     p.finish()?;
     let reply = st.submit(Command::CreateAccount).await?;
     if let Err(code) = reply.result {
@@ -227,13 +241,18 @@ pub async fn admin_create_account(
             _ => None,
         })
         .ok_or_else(ApiError::internal)?;
-    st.audit("account.create", json!({ "account": account.0 }))?;
+    st.audit_by(
+        "admin",
+        &key.api_key,
+        "account.create",
+        json!({ "account": account.0 }),
+    )?;
     Ok(ok_json(&ctx, json!({ "account": account.0 })))
 }
 
 /// `POST /mapi/v1/admin/apiKey` (ADMIN): creates a key for any existing account.
 pub async fn admin_create_key(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req)?;
+    let (by, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&mut p, "account")?;
     let perms = perms_param(&mut p)?;
     let label = label_param(&mut p)?;
@@ -243,7 +262,7 @@ pub async fn admin_create_key(State(st): State<AppState>, req: Req) -> Result<Re
     }
     Ok(ok_json(
         &ctx,
-        create_key(&st, "admin", account.0, perms, &label)?,
+        create_key(&st, "admin", &by.api_key, account.0, perms, &label)?,
     ))
 }
 

@@ -9,7 +9,7 @@
 //!   journal; the operator sees the failure). Actions that move money or publish a proof
 //!   (withdrawal approve, reject, bump; the liabilities and reserves publications) are logged
 //!   *before* they are taken ([`AppState::audit_intent`], `<action>.intent`) and after with
-//!   their outcome ([`AppState::audit_outcome`]): if the intent cannot be written the action is
+//!   their outcome ([`AppState::audit_close`]): if the intent cannot be written the action is
 //!   not taken, and a crash in between leaves an open intent that `mediator audit verify` lists.
 //! * **Liabilities proofs** (`<data_dir>/reserves.sqlite`, `synchronous=FULL`): `POST
 //!   /mapi/v1/admin/reserves/liabilities` snapshots every balance (available + held, fee account
@@ -309,9 +309,27 @@ impl AppState {
         }
     }
 
+    /// As [`AppState::audit_as`] for a single-entry action that changes who can do what or
+    /// makes a money address (an account, an API key, a dashboard password or login link, a
+    /// deposit address, mined blocks): `params` gain `by`, the public id of the credential that
+    /// asked (an API key's id, `session:<16 hex>` for a dashboard session, `start-up` for the
+    /// server itself), never a secret.
+    pub fn audit_by(
+        &self,
+        actor: &str,
+        by: &str,
+        action: &str,
+        mut params: Value,
+    ) -> Result<(), ApiError> {
+        if let Some(o) = params.as_object_mut() {
+            o.insert("by".to_owned(), Value::from(by));
+        }
+        self.audit_as(actor, action, params)
+    }
+
     /// Announces an admin action in the audit log before it is taken (`<action>.intent`, on
     /// disk when this returns); the caller takes the action only after this and then logs its
-    /// result with [`AppState::audit_outcome`]. A crash in between leaves an intent without
+    /// result with [`AppState::audit_close`]. A crash in between leaves an intent without
     /// outcome, which `mediator audit verify` lists: the action may have happened, and the log
     /// says so.
     pub fn audit_intent(&self, action: &str, params: Value) -> Result<Intent, ApiError> {
@@ -324,7 +342,9 @@ impl AppState {
 
     /// Logs how the action announced by `intent` ended: `Ok(params)` is `done`; an error is
     /// `refused` (a 4xx: nothing changed) or `unknown` (anything else), with its code and message.
-    pub fn audit_outcome(
+    /// Private: a handler closes an intent with [`AppState::audit_close`] (or runs the action
+    /// through [`AppState::audited`]), which never turns a failed outcome entry into the answer.
+    fn audit_outcome(
         &self,
         intent: &Intent,
         result: Result<Value, &ApiError>,
@@ -348,12 +368,37 @@ impl AppState {
             .map_err(|e| audit_failed(e, &intent.action))
     }
 
+    /// Closes `intent` with the action's `result` and answers that result, whatever happens
+    /// to the outcome entry: `done` gives the outcome's params from an `Ok`. An outcome entry
+    /// that cannot be written is logged in the server log (the open intent already records
+    /// that the action may have happened, for `audit verify`), never turned into `-1000`,
+    /// which would invite the admin to repeat a done, non-idempotent action (publish twice,
+    /// open a channel twice). The one rule for every intent/outcome pair.
+    pub fn audit_close<T>(
+        &self,
+        intent: &Intent,
+        result: Result<T, ApiError>,
+        done: impl FnOnce(&T) -> Result<Value, ApiError>,
+    ) -> Result<T, ApiError> {
+        match result {
+            Ok(v) => {
+                // The action happened: its outcome is `done` even if its result cannot be
+                // rendered.
+                let params = done(&v).unwrap_or_else(|e| json!({ "unrendered": e.msg }));
+                // `audit_outcome` has logged the failure; the intent stays open.
+                let _ = self.audit_outcome(intent, Ok(params));
+                Ok(v)
+            }
+            Err(e) => {
+                let _ = self.audit_outcome(intent, Err(&e));
+                Err(e)
+            }
+        }
+    }
+
     /// Runs an admin action between its intent and its outcome entries: `params` announce it,
-    /// `done` gives the outcome's params from its result. The action's own error is logged as
-    /// its outcome and then answered. The answer is always the action's own: an outcome entry
-    /// that cannot be written is logged (the open intent already records that the action may
-    /// have happened, for `audit verify`), never turned into `-1000`, which would invite the
-    /// admin to repeat a done, non-idempotent action (open a channel twice).
+    /// `done` gives the outcome's params from its result. The answer is always the action's
+    /// own ([`AppState::audit_close`]).
     pub async fn audited<T, Fut>(
         &self,
         action: &str,
@@ -365,20 +410,8 @@ impl AppState {
         Fut: std::future::Future<Output = Result<T, ApiError>>,
     {
         let intent = self.audit_intent(action, params)?;
-        match run.await {
-            Ok(v) => {
-                // The action happened: its outcome is `done` even if its result cannot be
-                // rendered.
-                let params = done(&v).unwrap_or_else(|e| json!({ "unrendered": e.msg }));
-                // `audit_outcome` has logged the failure; the intent stays open.
-                let _ = self.audit_outcome(&intent, Ok(params));
-                Ok(v)
-            }
-            Err(e) => {
-                let _ = self.audit_outcome(&intent, Err(&e));
-                Err(e)
-            }
-        }
+        let result = run.await;
+        self.audit_close(&intent, result, done)
     }
 
     /// The open audit log (for tools and crash tests: `AuditLog::fail_appends_after`).
@@ -506,20 +539,20 @@ fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Va
                 snapshot_json,
             ],
         )
+        .map(|_| ())
         .map_err(internal);
     drop(db);
-    if let Err(e) = stored {
-        st.audit_outcome(&intent, Err(&e))?;
-        return Err(e);
-    }
-    proofs.set_latest(Published {
-        id: id as u64,
-        created_ms: created,
-        audit_head: Some(head),
-        trees,
+    let stored = stored.map(|()| {
+        proofs.set_latest(Published {
+            id: id as u64,
+            created_ms: created,
+            audit_head: Some(head),
+            trees,
+        });
+        body
     });
-    st.audit_outcome(&intent, Ok(body.clone()))?;
-    Ok(body)
+    // Published (stored and answerable): the answer says so even if its outcome entry is lost.
+    st.audit_close(&intent, stored, |b| Ok(b.clone()))
 }
 
 /// `GET /mapi/v1/reserves/my-proof?asset=BTC` (READ): the caller's inclusion proof in the latest
@@ -639,15 +672,8 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
     )?;
     let audit_head = hex::encode(intent.head);
     let result = prove_and_store(&st, custom, liabilities_proof_id, liabilities, audit_head).await;
-    let (id, doc, utxos, psbt_sha256) = match result {
-        Ok(r) => r,
-        Err(e) => {
-            st.audit_outcome(&intent, Err(&e))?;
-            return Err(e);
-        }
-    };
-    st.audit_outcome(
-        &intent,
+    // Signed and stored: answered as published even if its outcome entry is lost.
+    let (id, doc, _, _) = st.audit_close(&intent, result, |(id, doc, utxos, psbt_sha256)| {
         Ok(json!({
             "id": id,
             "block_height": doc.block_height,
@@ -658,8 +684,8 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
             "audit_head": doc.audit_head,
             "message": doc.message,
             "psbt_sha256": psbt_sha256,
-        })),
-    )?;
+        }))
+    })?;
     let mut v = serde_json::to_value(&doc).map_err(internal)?;
     v["id"] = json!(id);
     Ok(ok_json(&ctx, v))

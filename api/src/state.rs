@@ -330,6 +330,21 @@ impl AppState {
             "admin",
             crate::core::now_ms(),
         )?;
+        // An admin key made at start-up is a key creation like any other: in the audit log
+        // (by its public id, never the secret) before its file hands it out.
+        self.audit_by(
+            "system",
+            "start-up",
+            "key.create",
+            serde_json::json!({
+                "apiKey": k.api_key,
+                "account": k.account,
+                "permissions": k.perms.names(),
+                "label": k.label,
+                "file": path.display().to_string(),
+            }),
+        )
+        .map_err(|e| SetupError::Audit(format!("logging the admin key's creation: {}", e.msg)))?;
         let body = serde_json::json!({"apiKey": k.api_key, "secretKey": secret}).to_string();
         write_private(&path, body.as_bytes())?;
         Ok(AdminKeyFile {

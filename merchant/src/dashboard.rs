@@ -128,7 +128,7 @@ pub async fn admin_set_password(
     State(st): State<AppState>,
     req: api::state::Req,
 ) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
     let password = p.req("password")?;
     p.finish()?;
@@ -154,7 +154,13 @@ pub async fn admin_set_password(
         tx.commit().map_err(db_error)
     })
     .await?;
-    st.audit_as("admin", "dashboard.password", json!({ "account": account }))?;
+    // Who and which store, never the password (nor its hash).
+    st.audit_by(
+        "admin",
+        &key.api_key,
+        "dashboard.password",
+        json!({ "account": account }),
+    )?;
     Ok(api::state::ok_json(&ctx, json!({ "account": account })))
 }
 
@@ -164,7 +170,7 @@ pub async fn admin_login_link(
     State(st): State<AppState>,
     req: api::state::Req,
 ) -> Result<Response, ApiError> {
-    let (_, mut p, ctx) = st.signed(&req)?;
+    let (key, mut p, ctx) = st.signed(&req)?;
     let account = account_param(&st, &mut p)?;
     p.finish()?;
     let token = random_hex()?;
@@ -178,7 +184,13 @@ pub async fn admin_login_link(
         .map_err(db_error)
     })
     .await?;
-    st.audit_as("admin", "dashboard.link", json!({ "account": account }))?;
+    // Never the link's token nor its hash (the hash is what a login looks up).
+    st.audit_by(
+        "admin",
+        &key.api_key,
+        "dashboard.link",
+        json!({ "account": account, "expireTime": expires }),
+    )?;
     let base = st
         .cfg()
         .public_url
@@ -338,6 +350,18 @@ impl FromRequestParts<AppState> for Session {
 impl Session {
     fn principal(&self) -> Arc<ApiKey> {
         Arc::new(ApiKey::session(self.account, SESSION_PERMS))
+    }
+
+    /// The audit log's actor for what this session does: `dashboard:<account>`.
+    fn actor(&self) -> String {
+        format!("dashboard:{}", self.account)
+    }
+
+    /// The session's public id in the audit log (`by`): `session:` and the first 16 hex digits
+    /// of the stored hash of its cookie. Never the cookie: the hash's prefix names the session
+    /// without letting anyone present it.
+    fn audit_id(&self) -> String {
+        format!("session:{}", self.hash.get(..16).unwrap_or(&self.hash))
     }
 
     fn gf(&self, body: Value) -> GfReq {
@@ -519,6 +543,7 @@ fn page(status: StatusCode, title: &str, s: Option<&Session>, body: &str) -> Res
             "<nav><a href=\"/dashboard\">Home</a><a href=\"/dashboard/invoices\">Invoices</a>\
              <a href=\"/dashboard/refunds\">Refunds</a><a href=\"/dashboard/tokens\">API tokens</a>\
              <a href=\"/dashboard/settings\">Settings</a>\
+             <a href=\"/dashboard/addresses\">Withdrawal addresses</a>\
              <form method=post action=\"/dashboard/logout\" class=inline>{}\
              <button class=link>Log out</button></form></nav>",
             csrf_field(s)
@@ -1490,6 +1515,8 @@ enum StepUp {
     WithdrawToken,
     /// A refund: a pull payment whose claim link pays to any address.
     Refund,
+    /// A change to the withdrawal address allow-list ([`crate::allowlist`]).
+    AddressList,
 }
 
 impl StepUp {
@@ -1498,6 +1525,7 @@ impl StepUp {
             Self::Withdrawal => "withdrawal",
             Self::WithdrawToken => "token with withdraw",
             Self::Refund => "refund",
+            Self::AddressList => "change to the withdrawal addresses",
         }
     }
     fn nothing(self) -> &'static str {
@@ -1505,6 +1533,7 @@ impl StepUp {
             Self::Withdrawal => "Nothing was sent.",
             Self::WithdrawToken => "No token was created.",
             Self::Refund => "No refund was created.",
+            Self::AddressList => "The list was not changed.",
         }
     }
 }
@@ -1600,6 +1629,13 @@ pub async fn withdraw(
     )
     .await?;
     let account = s.account;
+    // The store's allow-list, when it has one: only a listed address past its delay.
+    let (a2, now) = (address.clone(), now_ms());
+    with_db(&st, move |c| {
+        Ok(crate::allowlist::check(c, account, &a2, now))
+    })
+    .await?
+    .map_err(|e| list_refusal(e, "Nothing was sent."))?;
     let sent =
         api::capital::apply_withdrawal(&st, account, address.clone(), amount, key.clone()).await;
     let w =
@@ -1790,13 +1826,7 @@ pub async fn create_token(
     if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
         return Err(bad("The label is at most 64 printable ASCII characters."));
     }
-    let v = api::native::create_key(
-        &st,
-        &format!("dashboard:{}", s.account),
-        s.account,
-        perms,
-        &label,
-    )?;
+    let v = api::native::create_key(&st, &s.actor(), &s.audit_id(), s.account, perms, &label)?;
     let b = format!(
         "<p class=ok>Token created. Copy it now: it is not shown again.</p><dl class=stack>\
          <dt>Greenfield token (<code>Authorization: token ...</code>)<dd><code class=secret>{}</code>\
@@ -1818,9 +1848,174 @@ pub async fn revoke_token(
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
     let target = form.text("apiKey").to_owned();
-    api::native::revoke_own_key(&st, &s.principal(), &target)?;
+    api::native::revoke_own_key(&st, &s.principal(), &target, &s.actor(), &s.audit_id())?;
     Ok(redirect(&format!(
         "/dashboard/tokens?done={}",
         pct("Token revoked.")
+    )))
+}
+
+// ---- the withdrawal address allow-list (crate::allowlist, ADR 0015 addendum) ----
+
+/// A delay in words (`24 h`, `90 min`, `0 min`).
+fn delay_str(ms: u64) -> String {
+    if ms >= 3_600_000 && ms % 3_600_000 == 0 {
+        format!("{} h", ms / 3_600_000)
+    } else {
+        format!("{} min", ms.div_ceil(60_000))
+    }
+}
+
+/// An allow-list refusal as a page (`403`, or `409` for a change), with its stable code and
+/// `nothing` (what was not done); a database failure is an internal error.
+fn list_refusal(e: crate::allowlist::AllowListError, nothing: &str) -> Refusal {
+    use crate::allowlist::AllowListError as E;
+    let status = match &e {
+        E::NotListed { .. } | E::Pending { .. } => StatusCode::FORBIDDEN,
+        E::AlreadyListed { .. } | E::Full => StatusCode::CONFLICT,
+        E::Database(_) => return Refusal::from(db_error_of(e)),
+    };
+    let why = match &e {
+        E::NotListed { address } => format!(
+            "this store withdraws only to the addresses on its withdrawal address list, and {address} is not on it"
+        ),
+        E::Pending { address, active_ms } => format!(
+            "{address} is on the withdrawal address list but usable only from {} UTC (a new address waits before it can be used)",
+            time_str(active_ms / 1000)
+        ),
+        other => other.to_string(),
+    };
+    Refusal::Page(status, format!("Refused ({}): {why}. {nothing}", e.code()))
+}
+
+fn db_error_of(e: crate::allowlist::AllowListError) -> ApiError {
+    tracing::error!(error = %e, "withdrawal address list");
+    ApiError::internal()
+}
+
+/// `GET /dashboard/addresses`: the store's withdrawal address allow-list, the add form and a
+/// remove form per address (both need the store password).
+pub async fn addresses(
+    State(st): State<AppState>,
+    s: Session,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Refusal> {
+    let (account, now) = (s.account, now_ms());
+    let (listed, on) = with_db(&st, move |c| {
+        let l = crate::allowlist::list(c, account).map_err(db_error)?;
+        let on = crate::allowlist::is_on(c, account, now).map_err(db_error)?;
+        Ok((l, on))
+    })
+    .await?;
+    let delay = delay_str(st.merchant().cfg.withdraw_address_delay_ms);
+    let mut b = flash(&q);
+    let _ = write!(
+        b,
+        "<p>Once this list has an address, withdrawals from the dashboard go only to the          addresses on it. A new address can be used {delay} after it is added; a removed one          at once, and the list stays on for {delay} after its last removal. Adding or removing          an address needs the store password.</p><p><b>{}</b></p><ul class=cards>",
+        if on {
+            "The list is on: withdrawals go only to usable listed addresses."
+        } else {
+            "The list is off: withdrawals may go to any address."
+        }
+    );
+    if listed.is_empty() {
+        b.push_str("<li class=muted>No addresses.</li>");
+    }
+    for l in &listed {
+        let state = if l.active_ms <= now {
+            "usable".to_owned()
+        } else {
+            format!("usable from {} UTC", time_str(l.active_ms / 1000))
+        };
+        let _ = write!(
+            b,
+            "<li><span class=addr>{}</span> · {}             <form method=post action=\"/dashboard/addresses/remove\">{}             <input type=hidden name=address value=\"{}\">             <label>Store password<input name=password type=password              autocomplete=current-password required></label>             <button class=danger>Remove</button></form></li>",
+            esc(&l.address),
+            esc(&state),
+            csrf_field(&s),
+            esc(&l.address)
+        );
+    }
+    let _ = write!(
+        b,
+        "</ul><h2>Add an address</h2><form method=post action=\"/dashboard/addresses\">{}         <label>Address<input name=address maxlength=128 required></label>         <label>Store password<input name=password type=password          autocomplete=current-password required></label><button>Add</button></form>",
+        csrf_field(&s)
+    );
+    Ok(page(StatusCode::OK, "Withdrawal addresses", Some(&s), &b))
+}
+
+/// `POST /dashboard/addresses`: `address`, `password` (step-up). Adds the address to the
+/// store's allow-list, usable after the delay; audited (`dashboard.withdraw_address.add`).
+pub async fn add_address(
+    State(st): State<AppState>,
+    s: Session,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let address = form.text("address").trim().to_owned();
+    if api::capital::check_address(&address).is_err() {
+        return Err(bad(
+            "Refused (address_invalid): an address is 1 to 128 letters and digits. The list was \
+             not changed.",
+        ));
+    }
+    step_up(&st, &s, form.text("password"), StepUp::AddressList).await?;
+    let (account, now) = (s.account, now_ms());
+    let delay = st.merchant().cfg.withdraw_address_delay_ms;
+    let added = with_db(&st, move |c| {
+        Ok(crate::allowlist::add(c, account, &address, now, delay))
+    })
+    .await?
+    .map_err(|e| list_refusal(e, "The list was not changed."))?;
+    st.audit_by(
+        &s.actor(),
+        &s.audit_id(),
+        "dashboard.withdraw_address.add",
+        json!({ "account": account, "address": &added.address, "active_ms": added.active_ms }),
+    )?;
+    Ok(redirect(&format!(
+        "/dashboard/addresses?done={}",
+        pct(&format!(
+            "Address {} added; usable from {} UTC.",
+            added.address,
+            time_str(added.active_ms / 1000)
+        ))
+    )))
+}
+
+/// `POST /dashboard/addresses/remove`: `address`, `password` (step-up). Removes the address
+/// from the store's allow-list at once (the list stays on for the delay); audited
+/// (`dashboard.withdraw_address.remove`).
+pub async fn remove_address(
+    State(st): State<AppState>,
+    s: Session,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let address = form.text("address").to_owned();
+    step_up(&st, &s, form.text("password"), StepUp::AddressList).await?;
+    let (account, now) = (s.account, now_ms());
+    let delay = st.merchant().cfg.withdraw_address_delay_ms;
+    let a2 = address.clone();
+    let removed = with_db(&st, move |c| {
+        Ok(crate::allowlist::remove(c, account, &a2, now, delay))
+    })
+    .await?
+    .map_err(|e| list_refusal(e, "The list was not changed."))?;
+    if !removed {
+        return Err(Refusal::Page(
+            StatusCode::NOT_FOUND,
+            "That address is not on the list. The list was not changed.".into(),
+        ));
+    }
+    st.audit_by(
+        &s.actor(),
+        &s.audit_id(),
+        "dashboard.withdraw_address.remove",
+        json!({ "account": account, "address": crate::allowlist::normalize(&address) }),
+    )?;
+    Ok(redirect(&format!(
+        "/dashboard/addresses?done={}",
+        pct("Address removed.")
     )))
 }

@@ -39,6 +39,7 @@
 
 #![warn(missing_docs)]
 
+pub mod allowlist;
 pub mod dashboard;
 pub mod greenfield;
 pub mod model;
@@ -70,6 +71,9 @@ pub struct MerchantConfig {
     pub redeliveries_per_min: u64,
     /// The reference price of quote-currency invoices and conversions.
     pub price: price::PriceLimits,
+    /// How long after it was added an address on a store's withdrawal allow-list becomes
+    /// usable (and the list stays on after its last removal), ms ([`allowlist`]).
+    pub withdraw_address_delay_ms: u64,
 }
 
 impl Default for MerchantConfig {
@@ -78,6 +82,7 @@ impl Default for MerchantConfig {
             webhook_targets: target::TargetPolicy::default(),
             redeliveries_per_min: 10,
             price: price::PriceLimits::default(),
+            withdraw_address_delay_ms: allowlist::DEFAULT_DELAY_MS,
         }
     }
 }

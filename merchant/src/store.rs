@@ -69,6 +69,7 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
     )?;
     webhook::init_schema(&conn)?;
     super::dashboard::init_schema(&conn)?;
+    super::allowlist::init_schema(&conn)?;
     Ok(conn)
 }
 

@@ -456,5 +456,29 @@ pub static ROUTES: &[Route] = {
             P,
             d::withdraw
         ),
+        route!(
+            "GET",
+            "/dashboard/addresses",
+            Session,
+            Some(1),
+            P,
+            d::addresses
+        ),
+        route!(
+            "POST",
+            "/dashboard/addresses",
+            Session,
+            Some(1),
+            P,
+            d::add_address
+        ),
+        route!(
+            "POST",
+            "/dashboard/addresses/remove",
+            Session,
+            Some(1),
+            P,
+            d::remove_address
+        ),
     ]
 };

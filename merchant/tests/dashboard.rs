@@ -189,7 +189,10 @@ struct D {
 }
 
 async fn setup() -> D {
-    let h = Harness::new();
+    setup_in(Harness::new()).await
+}
+
+async fn setup_in(h: Harness) -> D {
     let fake = Arc::new(Fake::default());
     h.state.set_custody(fake.clone()).ok().unwrap();
     let (account, _) = h.trader("0.25", "0").await;
@@ -1548,4 +1551,331 @@ async fn a_dashboard_refund_needs_the_store_password() {
     .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
     assert_eq!(pull_payments().await.as_array().unwrap().len(), 1);
+}
+
+// ----- the audit log: who changed who can do what -----
+
+/// The audit log's entries (JSON lines) whose action is `action`, and the file's text.
+fn audited(h: &Harness, action: &str) -> (Vec<Value>, String) {
+    let text = std::fs::read_to_string(h.dir.path().join(api::proofs::AUDIT_FILE)).unwrap();
+    let found = text
+        .lines()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap())
+        .filter(|e| e["action"] == action)
+        .collect();
+    (found, text)
+}
+
+/// Review finding: the dashboard password and login link entries named no credential. Each is
+/// one entry with the store's account and `by` (the admin key's public id); never the password,
+/// nor the link's token or the hash a login looks it up by.
+#[tokio::test]
+async fn dashboard_password_and_link_are_audit_entries_without_secrets() {
+    let d = setup().await; // sets PASSWORD
+    let (found, _) = audited(&d.h, "dashboard.password");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["actor"], "admin");
+    assert_eq!(found[0]["params"]["account"], d.account);
+    assert_eq!(
+        found[0]["params"]["by"],
+        d.h.admin.0.as_str(),
+        "{}",
+        found[0]
+    );
+    let token = link(&d.h, d.account).await;
+    let (found, text) = audited(&d.h, "dashboard.link");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["actor"], "admin");
+    assert_eq!(found[0]["params"]["account"], d.account);
+    assert_eq!(
+        found[0]["params"]["by"],
+        d.h.admin.0.as_str(),
+        "{}",
+        found[0]
+    );
+    assert!(found[0]["params"]["expireTime"].as_u64() > Some(0));
+    assert!(!text.contains(PASSWORD), "the password is in the audit log");
+    assert!(
+        !text.contains(&token),
+        "the link's token is in the audit log"
+    );
+    assert!(
+        !text.contains(&sha256_hex(&token)),
+        "the link's hash is in the audit log"
+    );
+    assert!(!text.contains(&d.h.admin.1));
+}
+
+/// Review finding: a token made on the dashboard named no session, and one revoked there was
+/// logged as the account's own key (`account:N`). Both are entries by `dashboard:<account>`
+/// with `by` = `session:` and the first 16 hex digits of the session's stored hash; the
+/// session cookie, the token's secret and its Greenfield token are not in the log.
+#[tokio::test]
+async fn dashboard_tokens_are_audit_entries_naming_the_session() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let r = post(
+        &d.h,
+        "/dashboard/tokens",
+        &id,
+        "/dashboard/tokens",
+        &[("label", "shelf"), ("read", "1")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let between = |from: &str, s: &str| -> Vec<String> {
+        s.split(from)
+            .skip(1)
+            .map(|x| x[..x.find("</code>").unwrap()].to_owned())
+            .collect()
+    };
+    let api_key = between("<dt>API key<dd><code>", &r.body).remove(0);
+    let secrets = between("<code class=secret>", &r.body);
+    assert_eq!(secrets.len(), 2, "{}", r.body);
+    let who = format!("session:{}", &sha256_hex(&id)[..16]);
+    let (found, _) = audited(&d.h, "key.create");
+    let e = found
+        .iter()
+        .find(|e| e["params"]["apiKey"] == api_key.as_str())
+        .unwrap_or_else(|| panic!("no key.create of {api_key} in {found:?}"));
+    assert_eq!(e["actor"], format!("dashboard:{}", d.account));
+    assert_eq!(e["params"]["account"], d.account);
+    assert_eq!(e["params"]["by"], who.as_str(), "{e}");
+    // Revoked from the dashboard.
+    let r = post(
+        &d.h,
+        "/dashboard/tokens/revoke",
+        &id,
+        "/dashboard/tokens",
+        &[("apiKey", &api_key)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let (found, text) = audited(&d.h, "key.revoke");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["actor"], format!("dashboard:{}", d.account));
+    assert_eq!(found[0]["params"]["apiKey"], api_key.as_str());
+    assert_eq!(found[0]["params"]["account"], d.account);
+    assert_eq!(found[0]["params"]["by"], who.as_str(), "{}", found[0]);
+    assert!(
+        !text.contains(&id),
+        "the session cookie is in the audit log"
+    );
+    assert!(
+        !text.contains(&sha256_hex(&id)),
+        "the session's whole hash is in the audit log"
+    );
+    for s in &secrets {
+        assert!(
+            !text.contains(s.as_str()),
+            "a token secret is in the audit log"
+        );
+    }
+}
+
+// ----- the withdrawal address allow-list (ADR 0015 addendum) -----
+
+const OTHER: &str = "bcrt1qotheraddress9other9address9other9addr";
+
+async fn add_address(h: &Harness, cookie: &str, address: &str, password: &str) -> Page {
+    post(
+        h,
+        "/dashboard/addresses",
+        cookie,
+        "/dashboard/addresses",
+        &[("address", address), ("password", password)],
+    )
+    .await
+}
+
+async fn remove_address(h: &Harness, cookie: &str, address: &str, password: &str) -> Page {
+    post(
+        h,
+        "/dashboard/addresses/remove",
+        cookie,
+        "/dashboard/addresses",
+        &[("address", address), ("password", password)],
+    )
+    .await
+}
+
+/// The store's allow-list check at `now_ms` (time passed in).
+fn allowed_at(d: &D, address: &str, now_ms: u64) -> Result<(), String> {
+    let conn = d.h.state.merchant().db.lock().unwrap();
+    merchant::allowlist::check(&conn, d.account, address, now_ms).map_err(|e| e.code().to_owned())
+}
+
+fn listed(d: &D) -> Vec<merchant::allowlist::Listed> {
+    let conn = d.h.state.merchant().db.lock().unwrap();
+    merchant::allowlist::list(&conn, d.account).unwrap()
+}
+
+/// Once a store lists an address, a dashboard withdrawal to an address not on the list is
+/// refused with a clear message and nothing is sent; so is one to a listed address still in
+/// its delay (24 h by default), in any case of a bech32 address. Adding is audited.
+#[tokio::test]
+async fn a_listed_store_refuses_an_unlisted_address_and_one_in_its_delay() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let id = session(&d).await;
+    let r = add_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let page = get(&d.h, r.location(), &id).await;
+    assert!(page.body.contains("usable from"), "{}", page.body);
+    assert!(page.body.contains("The list is on"), "{}", page.body);
+    let l = listed(&d);
+    assert_eq!(l.len(), 1);
+    assert_eq!(
+        l[0].active_ms - l[0].added_ms,
+        merchant::allowlist::DEFAULT_DELAY_MS
+    );
+    // Not on the list.
+    let form = withdraw_form(&d.h, &id).await;
+    let r = withdraw(&d.h, &id, &form, OTHER, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(
+        r.body.contains("address_not_listed") && r.body.contains("Nothing was sent"),
+        "{}",
+        r.body
+    );
+    // On the list, in its delay (also upper case, as a QR code carries it).
+    for a in [ADDRESS.to_owned(), ADDRESS.to_uppercase()] {
+        let r = withdraw(&d.h, &id, &form, &a, "0.01", PASSWORD).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+        assert!(
+            r.body.contains("address_in_delay") && r.body.contains("Nothing was sent"),
+            "{}",
+            r.body
+        );
+    }
+    assert_eq!(count(), 0, "a refused withdrawal was sent");
+    let (found, _) = audited(&d.h, "dashboard.withdraw_address.add");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0]["actor"], format!("dashboard:{}", d.account));
+    assert_eq!(found[0]["params"]["address"], ADDRESS);
+    assert!(found[0]["params"]["by"]
+        .as_str()
+        .unwrap()
+        .starts_with("session:"));
+}
+
+/// A listed address is usable once its delay has passed (time passed in: the check at the
+/// last millisecond of the delay refuses, at its end allows), and a dashboard withdrawal to it
+/// then goes through (a store configured with no delay shows the path).
+#[tokio::test]
+async fn a_listed_address_is_usable_after_its_delay() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let r = add_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let active = listed(&d)[0].active_ms;
+    assert_eq!(
+        allowed_at(&d, ADDRESS, active - 1),
+        Err("address_in_delay".into())
+    );
+    assert_eq!(allowed_at(&d, ADDRESS, active), Ok(()));
+    assert_eq!(allowed_at(&d, &ADDRESS.to_uppercase(), active), Ok(()));
+    assert_eq!(
+        allowed_at(&d, OTHER, active),
+        Err("address_not_listed".into())
+    );
+    // Through the dashboard, with `withdraw_address_delay_ms = 0`.
+    let d = setup_in(Harness::with_merchant(
+        common::base::Harness::new(),
+        merchant::MerchantConfig {
+            withdraw_address_delay_ms: 0,
+            ..common::test_merchant_config()
+        },
+    ))
+    .await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let id = session(&d).await;
+    let r = add_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let form = withdraw_form(&d.h, &id).await;
+    let r = withdraw(&d.h, &id, &form, OTHER, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(count(), 0);
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(count(), 1);
+}
+
+/// Adding or removing an address needs the store password (a session alone changes nothing).
+/// A removal takes effect at once for that address, but the list stays on for the delay
+/// after it: emptying the list does not open withdrawals to any address before then.
+#[tokio::test]
+async fn changing_the_address_list_needs_the_password_and_emptying_it_waits() {
+    let d = setup().await;
+    let id = session(&d).await;
+    for pw in ["", "not the password"] {
+        let r = add_address(&d.h, &id, ADDRESS, pw).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+        assert!(r.body.contains("The list was not changed"), "{}", r.body);
+    }
+    assert!(listed(&d).is_empty());
+    assert_eq!(allowed_at(&d, OTHER, 0), Ok(()), "no list, no restriction");
+    let r = add_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let r = add_address(&d.h, &id, &ADDRESS.to_uppercase(), PASSWORD).await;
+    assert_eq!(r.status, StatusCode::CONFLICT, "{}", r.body);
+    assert!(r.body.contains("address_already_listed"), "{}", r.body);
+    let active = listed(&d)[0].active_ms;
+    for pw in ["", "not the password"] {
+        let r = remove_address(&d.h, &id, ADDRESS, pw).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    }
+    assert_eq!(listed(&d).len(), 1, "removed without the password");
+    let r = remove_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert!(listed(&d).is_empty());
+    let removed_at = {
+        let (found, _) = audited(&d.h, "dashboard.withdraw_address.remove");
+        assert_eq!(found.len(), 1, "{found:?}");
+        assert_eq!(found[0]["params"]["address"], ADDRESS);
+        found[0]["time"].as_u64().unwrap()
+    };
+    // Removed: refused at once, even after its old delay; the empty list stays on for the
+    // delay after the removal, then is off.
+    assert_eq!(
+        allowed_at(&d, ADDRESS, active),
+        Err("address_not_listed".into())
+    );
+    let off = removed_at + merchant::allowlist::DEFAULT_DELAY_MS;
+    assert_eq!(
+        allowed_at(&d, OTHER, off - 1_000),
+        Err("address_not_listed".into())
+    );
+    assert_eq!(allowed_at(&d, OTHER, off + 1_000), Ok(()));
+    let form = withdraw_form(&d.h, &id).await;
+    let r = withdraw(&d.h, &id, &form, OTHER, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(d.fake.withdrawals.lock().unwrap().len(), 0);
+    // Removing what is not listed: refused, nothing changed.
+    let r = remove_address(&d.h, &id, OTHER, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+}
+
+/// A `merchant.sqlite` from before the allow-list gains its table on open, empty: every
+/// store's list is off (its withdrawals go on as before), and an address can then be listed.
+#[test]
+fn a_database_from_before_the_allow_list_gains_it_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("merchant.sqlite");
+    {
+        let c = merchant::store::open(&path).unwrap();
+        c.execute_batch("DROP TABLE dashboard_withdraw_address")
+            .unwrap();
+    }
+    let mut c = merchant::store::open(&path).unwrap();
+    assert!(!merchant::allowlist::is_on(&c, 7, 0).unwrap());
+    assert!(merchant::allowlist::check(&c, 7, ADDRESS, 0).is_ok());
+    let l = merchant::allowlist::add(&mut c, 7, ADDRESS, 1_000, 5).unwrap();
+    assert_eq!((l.added_ms, l.active_ms), (1_000, 1_005));
+    assert!(merchant::allowlist::is_on(&c, 7, 1_000).unwrap());
+    assert_eq!(
+        merchant::allowlist::check(&c, 8, OTHER, 1_000).ok(),
+        Some(()),
+        "per store"
+    );
 }

@@ -211,6 +211,11 @@ pub struct Records {
     pub crediting: BTreeMap<String, (u32, u64)>,
     pub wds: BTreeMap<u64, Wd>,
     pub flagged: BTreeMap<u32, String>,
+    /// Credits with no known answer that the engine's `CreditStatus` said were applied, after
+    /// their deposit left the chain: flagged next (the scenario seed 116 reaches).
+    pub credited_unsure: BTreeSet<String>,
+    /// How many of those were flagged (`seed_116_...` asserts it reaches this).
+    pub flagged_unsure: u64,
     pub batches: BTreeMap<u64, Batch>,
     pub alarms: Vec<String>,
 }
@@ -555,6 +560,7 @@ impl SimCustody {
                     .any(|e| matches!(e, Event::CreditStatus { credited: true, .. }));
                 r.crediting.remove(&op);
                 if yes {
+                    r.credited_unsure.insert(op.clone());
                     r.credited.insert(op, (account, sat));
                 }
                 self.save(&r)?;
@@ -569,6 +575,9 @@ impl SimCustody {
             .collect();
         for (op, account) in gone {
             r.reorged.insert(op.clone());
+            if r.credited_unsure.remove(&op) {
+                r.flagged_unsure += 1;
+            }
             r.flagged.insert(account, format!("deposit {op} reorged"));
             self.save(&r)?;
         }

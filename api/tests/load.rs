@@ -373,10 +373,6 @@ async fn ws_phase(
             )
             .await
             .unwrap();
-            let (mut tx, mut rx) = ws.split();
-            let mut lat = Vec::new();
-            let mut sent_at: std::collections::HashMap<u64, Instant> = Default::default();
-            let mut next = 0u64;
             let order = |i: u64| {
                 let side = if i % 2 == 0 { "BUY" } else { "SELL" };
                 let ts = now_ms();
@@ -385,6 +381,35 @@ async fn ws_phase(
                 let sig = sign(&key.1, &payload);
                 format!("{{\"id\":{i},\"method\":\"order.place\",\"params\":{{\"symbol\":\"BTCUSD\",\"side\":\"{side}\",\"type\":\"LIMIT\",\"timeInForce\":\"GTC\",\"quantity\":\"0.001\",\"price\":\"30000\",\"selfTradePreventionMode\":\"NONE\",\"newOrderRespType\":\"ACK\",\"apiKey\":\"{}\",\"timestamp\":{ts},\"signature\":\"{sig}\"}}}}", key.0)
             };
+            let mut lat = Vec::new();
+            if window == 1 {
+                // One in flight: send, then read the answer, on the one stream (no split halves
+                // and their lock, no map of ids in flight).
+                let mut ws = ws;
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let t0 = Instant::now();
+                    ws.send(tokio_tungstenite::tungstenite::Message::Text(order(i).into()))
+                        .await
+                        .unwrap();
+                    loop {
+                        let m = ws.next().await.expect("open").expect("no error");
+                        if let tokio_tungstenite::tungstenite::Message::Text(t) = m {
+                            let (id, ok) = answer_id(t.as_str());
+                            assert!(ok, "{}", t.as_str());
+                            assert_eq!(id, i, "the answer to the request in flight");
+                            break;
+                        }
+                    }
+                    lat.push(t0.elapsed());
+                    i += 1;
+                }
+                let _ = ws.close(None).await;
+                return lat;
+            }
+            let (mut tx, mut rx) = ws.split();
+            let mut sent_at: std::collections::HashMap<u64, Instant> = Default::default();
+            let mut next = 0u64;
             for _ in 0..window {
                 sent_at.insert(next, Instant::now());
                 tx.send(tokio_tungstenite::tungstenite::Message::Text(order(next).into()))

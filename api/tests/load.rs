@@ -187,14 +187,18 @@ async fn measure() {
     if only != "ws" {
         let l0 = load("?");
         let cpu0 = Cpu::now();
+        let m0 = node.sequencer.handle().metrics();
         let lat = rest_phase(addr, &accounts, seconds).await;
+        group_commits("REST", m0, node.sequencer.handle().metrics(), lat.1);
         report("REST", connections, 1, &lat.0, lat.1, &l0);
         Cpu::now().since(&cpu0).print("REST", lat.0.len());
     }
     if only != "rest" {
         let l0 = load("?");
         let cpu0 = Cpu::now();
+        let m0 = node.sequencer.handle().metrics();
         let lat = ws_phase(addr, &accounts, seconds, window).await;
+        group_commits("WS-API", m0, node.sequencer.handle().metrics(), lat.1);
         report("WS-API", connections, window, &lat.0, lat.1, &l0);
         Cpu::now().since(&cpu0).print("WS-API", lat.0.len());
     }
@@ -202,6 +206,23 @@ async fn measure() {
     let _ = server.await;
     drop(state);
     node.shutdown().unwrap();
+}
+
+/// Prints the engine's group commits in a phase: how many, and commands per commit.
+#[allow(clippy::float_arithmetic)] // rates for the printout, not money
+fn group_commits(
+    what: &str,
+    before: matching_engine::sequencer::Metrics,
+    after: matching_engine::sequencer::Metrics,
+    seconds: f64,
+) {
+    let syncs = after.syncs - before.syncs;
+    let applied = after.applied - before.applied;
+    println!(
+        "{what}: {syncs} group commits ({:.0}/s), {:.1} commands per commit",
+        syncs as f64 / seconds,
+        applied as f64 / syncs.max(1) as f64
+    );
 }
 
 /// Clock ticks per second of `/proc`'s CPU times (`getconf CLK_TCK`: 100 on Linux).

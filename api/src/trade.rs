@@ -783,42 +783,66 @@ pub async fn amend_keep_priority(
     p.finish()?;
     let m = st.markets().by_symbol(&sym)?;
     let qty = m.parse_qty("newQty", &new_qty)?;
-    // The checks below (the order is open, `newQty` is below its quantity) read the read models:
-    // they must hold every command the engine applied before this one, or a `newQty` above the
-    // quantity a previous amend set would pass and the engine would take it as an increase
-    // (the order loses its place in line). Not caught up in time: `-1008`, nothing sent.
-    if !st.sync_read_model().await {
-        return Err(ApiError::busy());
-    }
-    let current = lookup(&st, key.account, r)?
-        .filter(|o| o.market == m.id.0 && o.is_open())
-        .ok_or_else(|| ApiError::bad(-2013, "Order does not exist."))?;
-    if let Some(c) = &new_client {
-        if *c != current.client_id {
-            return Err(ApiError::bad(-1014, "Unsupported order combination."));
+    // The order as the read models hold it. They may lag the engine, but a stale record cannot
+    // turn this amend into an increase: the engine itself refuses a `newQty` that is not below
+    // the order's quantity as it holds it (`InvalidAmend`, nothing changed). So the read models
+    // are caught up first ([`AppState::sync_read_model`]; not in time: `-1008`, nothing sent)
+    // only when they do not show the order open with a quantity above `newQty`, or when the
+    // engine refused: then the answer says why as of every command before this one.
+    let usable = |o: &Option<OrderRec>| {
+        o.as_ref()
+            .is_some_and(|o| o.market == m.id.0 && o.is_open() && qty.0 < o.orig_qty)
+    };
+    let mut current = lookup(&st, key.account, r)?;
+    let mut synced = false;
+    let reply = loop {
+        if !usable(&current) && !synced {
+            if !st.sync_read_model().await {
+                return Err(ApiError::busy());
+            }
+            synced = true;
+            current = lookup(&st, key.account, r)?;
         }
-    }
-    if qty.0 >= current.orig_qty {
-        return Err(ApiError::invalid_value("newQty"));
-    }
-    let reply = st
-        .submit(Command::AmendKeepPriority {
-            account: AccountId(key.account),
-            market: m.id,
-            order: OrderRef::Id(OrderId(current.id)),
-            new_qty: qty,
-        })
-        .await?;
-    if let Err(code) = reply.result {
-        return Err(match code {
-            matching_engine::RejectCode::UnknownOrder => ApiError::no_such_order(),
-            other => ApiError::new_order_rejected(other),
-        });
-    }
-    // The order as it was before the amend, with the amend's outcome from its own events: the
-    // read models may not have applied the amend (or a fill before it) yet.
+        let o = current
+            .as_ref()
+            .filter(|o| o.market == m.id.0 && o.is_open())
+            .ok_or_else(|| ApiError::bad(-2013, "Order does not exist."))?;
+        if let Some(c) = &new_client {
+            if *c != o.client_id {
+                return Err(ApiError::bad(-1014, "Unsupported order combination."));
+            }
+        }
+        if qty.0 >= o.orig_qty {
+            return Err(ApiError::invalid_value("newQty"));
+        }
+        let reply = st
+            .submit(Command::AmendKeepPriority {
+                account: AccountId(key.account),
+                market: m.id,
+                order: OrderRef::Id(OrderId(o.id)),
+                new_qty: qty,
+            })
+            .await?;
+        match reply.result {
+            Ok(()) => break reply,
+            // Refused as the engine holds the order: say why as of the commands before.
+            Err(matching_engine::RejectCode::InvalidAmend) if !synced => {
+                current = None;
+            }
+            Err(matching_engine::RejectCode::UnknownOrder) => return Err(ApiError::no_such_order()),
+            Err(other) => return Err(ApiError::new_order_rejected(other)),
+        }
+    };
+    let current = current.expect("an amend was sent for it");
+    // The order as the read models hold it after the amend when they have applied it (the
+    // reply waited for them: fills before it count in `cumulativeQuoteQty`); if they lag, the
+    // order as they held it, with the amend's outcome from its own events.
     let ms = accepted_ms(&reply.events);
-    let o = after_events(current.clone(), &reply.events, ms);
+    let rm = st.read_model();
+    let o = match rm.find_order(key.account, current.id) {
+        Ok(Some(fresh)) if rm.applied() >= reply.seq => fresh,
+        _ => after_events(current.clone(), &reply.events, ms),
+    };
     Ok(ok_json(
         &ctx,
         json!({

@@ -454,11 +454,70 @@ async fn amending_checks_the_order_as_the_engine_holds_it_while_the_read_model_l
     assert_eq!(r["amendedOrder"]["qty"], "0.00500000", "{r}");
 }
 
+/// A keep-priority amend below the quantity the read models show needs no catch-up: the engine
+/// refuses one that is not below the quantity it holds. It used to wait for the read models
+/// first and, while they lagged, answer `-1008` after the wait with nothing sent.
+#[tokio::test]
+async fn an_amend_below_what_the_read_models_show_is_sent_without_waiting_for_them() {
+    let (h, gate) = gated();
+    let (_, buyer) = h.trader("0", "100000").await;
+    let id = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000",
+            &buyer,
+        )
+        .await["orderId"]
+        .as_u64()
+        .unwrap();
+    gate.pause();
+    let amend = |qty: &'static str| {
+        let params = format!("symbol=BTCUSD&orderId={id}&newQty={qty}");
+        let (h, buyer) = (&h, &buyer);
+        async move {
+            h.signed("PUT", "/api/v3/order/amend/keepPriority", &params, buyer)
+                .await
+        }
+    };
+    let first = amend("0.004").await;
+    assert_eq!(
+        first.json["amendedOrder"]["qty"], "0.00400000",
+        "{}",
+        first.json
+    );
+    // The read models still show 0.01: the first amend's events are held back.
+    let second = amend("0.002").await;
+    assert_eq!(
+        second.json["amendedOrder"]["qty"], "0.00200000",
+        "{}",
+        second.json
+    );
+    assert_eq!(
+        second.json["amendedOrder"]["status"], "NEW",
+        "{}",
+        second.json
+    );
+    gate.resume();
+    assert!(h.state.sync_read_model().await);
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={id}"),
+            &buyer,
+        )
+        .await;
+    assert_eq!(o["origQty"], "0.00200000", "{o}");
+}
+
 /// Two amends of one order in flight at once: the gateway checked both against the quantity
 /// before either (10), the first lowered it to 4, and the second (newQty 8) reached the engine
 /// after it. The engine took the second as an increase: the order lost its place in line and
 /// held more, and the client was told its keep-priority amend succeeded. Now the engine checks
-/// the keep-priority condition itself and refuses it (`-2010`), changing nothing.
+/// the keep-priority condition itself and refuses it, changing nothing; the gateway then catches
+/// the read models up and answers why as of the commands before (`-1130`: `newQty` is not below
+/// the order's quantity).
 #[tokio::test]
 async fn a_keep_priority_amend_racing_another_cannot_raise_the_quantity() {
     let (h, gate) = gated();
@@ -492,7 +551,7 @@ async fn a_keep_priority_amend_racing_another_cannot_raise_the_quantity() {
         )
         .await;
     assert!(gate.race.lock().unwrap().is_none(), "the race ran");
-    assert_eq!(r.code(), -2010, "{}", r.json);
+    assert_eq!(r.code(), -1130, "{}", r.json);
     assert!(h.state.sync_read_model().await);
     let o = h
         .ok(

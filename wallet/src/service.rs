@@ -238,7 +238,8 @@ pub struct WithdrawalRequest {
     /// What the account sent by another path (Lightning) in the 24 hours before the request:
     /// counted with this wallet's withdrawals in the account's daily limit and approval
     /// threshold, as [`CustodyService::check_outflow`] counts on-chain amounts for Lightning.
-    /// `Amount(0)` when there is no other path.
+    /// `Amount(0)` when there is no other path. Recorded with the request: a `new` row
+    /// recovered after a crash (or an unknown ledger answer) is re-decided with it.
     pub other_used: Amount,
 }
 
@@ -468,8 +469,12 @@ impl CustodyService {
     pub fn resolve_withdrawals(&mut self) -> Result<usize, WithdrawalError> {
         let mut unresolved = 0;
         for w in store::withdrawals_in(&self.db, WithdrawalStatus::New)? {
-            // The request's `other_used` is gone: on-chain amounts only (see ARCHITECTURE.md).
-            match self.settle_hold(&w, Amount(0)) {
+            // Re-decided as the request would have been: with the Lightning outflow it counted
+            // (recorded with the row). A row from before that was recorded counts as above any
+            // threshold: it waits for approval rather than skip it after a crash.
+            let other_used =
+                store::withdrawal_other_used(&self.db, w.id)?.unwrap_or(Amount(u64::MAX));
+            match self.settle_hold(&w, other_used) {
                 Ok(_) => {}
                 Err(WithdrawalError::LedgerUnknown(_)) => unresolved += 1,
                 Err(WithdrawalError::Store(e)) => return Err(WithdrawalError::Store(e)),
@@ -1352,12 +1357,15 @@ impl CustodyService {
         // Recorded first (status `new`), so a crash after the hold is recovered on open.
         let id = store::insert_withdrawal(
             &mut self.db,
-            req.account,
-            &address.to_string(),
-            req.amount,
-            fee,
-            &req.idempotency_key,
-            now.as_millis(),
+            &store::NewWithdrawal {
+                account: req.account,
+                address: &address.to_string(),
+                amount: req.amount,
+                fee,
+                key: &req.idempotency_key,
+                created_ms: now.as_millis(),
+                other_used: req.other_used,
+            },
         )?;
         let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
         let status = match self.ledger.submit(Self::hold_of(&w)) {

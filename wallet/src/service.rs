@@ -2003,6 +2003,16 @@ impl CustodyService {
 
     /// Wallet assets against ledger liabilities. A shortfall is logged as an error.
     pub fn reconcile(&self) -> Result<Reconciliation, BatchError> {
+        let other = self.other_assets.as_ref().map_or(0, |o| o.sats());
+        self.reconcile_counting(Amount(other))
+    }
+
+    /// [`reconcile`](Self::reconcile) with `other_assets` as custody's money outside this
+    /// wallet, instead of asking the [`OtherAssets`] set: for a caller that reports a breakdown
+    /// of the same figure (the Lightning node's balances move with every payment; two readings
+    /// would mix two moments in one report).
+    pub fn reconcile_counting(&self, other_assets: Amount) -> Result<Reconciliation, BatchError> {
+        let other = other_assets.0;
         let balance = self.wallet.balance();
         let wallet_confirmed = sats(balance.confirmed);
         let wallet_pending =
@@ -2039,7 +2049,6 @@ impl CustodyService {
             .filter_map(|w| w.network_fee.map(|n| w.fee.0.saturating_sub(n.0)))
             .sum();
         let liabilities = self.ledger.btc_liabilities();
-        let other = self.other_assets.as_ref().map_or(0, |o| o.sats());
         let assets = i128::from(wallet_confirmed.0) + i128::from(wallet_pending.0)
             - i128::from(uncredited)
             + i128::from(in_flight)

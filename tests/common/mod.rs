@@ -3,6 +3,7 @@
 #![allow(dead_code)] // each test binary uses a part
 
 pub mod greenfield;
+pub mod ln;
 pub mod merchant;
 pub mod payer;
 mod ports;

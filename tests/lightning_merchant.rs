@@ -374,7 +374,7 @@ fn merchant_invoice_paid_over_lightning_settles_at_once_and_credits_exactly_once
     assert!(cust.bolt11_payment().send(&bolt11, None).is_err());
     std::thread::sleep(Duration::from_secs(1));
     let hooks_of = (&hooks, &gf_hooks);
-    assert_paid_once(s, m, t.unwrap(), &iid, hooks_of);
+    assert_paid_once(s, m, &token, &iid, hooks_of);
 
     // A restart credits nothing again (the credit is keyed by the payment hash).
     let account = m.account;

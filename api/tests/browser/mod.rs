@@ -19,8 +19,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-#[path = "../../../tests/common/ports.rs"]
-mod ports;
+// Ports come from the including test crate's `free_port` (`tests/common/ports.rs`): one
+// counter per process, shared with the servers the test starts.
+use super::free_port;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -66,7 +67,7 @@ impl Browser {
     /// Starts ChromeDriver on a free port and opens a headless session, window `width`×`height`.
     pub fn start(width: u32, height: u32) -> Result<Browser> {
         // Not `bind(:0)` and drop: another socket could take that port before ChromeDriver binds it.
-        let port = ports::free_port();
+        let port = free_port();
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

@@ -116,8 +116,30 @@ pub struct WalletCustody {
     service: Arc<Mutex<CustodyService>>,
     rpc: Arc<Client>,
     network: Network,
-    /// The Lightning node, whose balances are custody assets too (reconciliation).
+    /// The Lightning node (the account's Lightning outflow for on-chain requests).
     lightning: std::sync::OnceLock<Arc<crate::lightning::Service>>,
+    /// The Lightning node's balances, custody assets too (reconciliation).
+    ln_balances: std::sync::OnceLock<Arc<dyn LightningBalances>>,
+}
+
+/// The Lightning node's balances as custody's reconciliation reads them (the node; a fake in
+/// tests). They move with every payment: one report reads them once.
+pub trait LightningBalances: Send + Sync {
+    /// The node's balances now.
+    fn balances(&self) -> lightning_custody::LnBalances;
+}
+
+impl LightningBalances for crate::lightning::Service {
+    fn balances(&self) -> lightning_custody::LnBalances {
+        crate::lightning::Service::balances(self)
+    }
+}
+
+/// All of the node's money: on-chain, its side of the channels and closing sweeps.
+fn ln_total(b: &lightning_custody::LnBalances) -> u64 {
+    b.onchain_sat
+        .saturating_add(b.channels_sat)
+        .saturating_add(b.pending_close_sat)
 }
 
 impl std::fmt::Debug for WalletCustody {
@@ -174,16 +196,24 @@ impl WalletCustody {
             rpc,
             network,
             lightning: std::sync::OnceLock::new(),
+            ln_balances: std::sync::OnceLock::new(),
         }
     }
 
     /// Counts the Lightning node's balances in [`Custody::reconcile`] from now on.
     pub fn set_lightning(self: &Arc<Self>, ln: Arc<crate::lightning::Service>) {
-        self.lock()
-            .set_other_assets(Arc::new(LightningAssets(ln.clone())));
+        self.count_lightning_assets(ln.clone());
         ln.set_policy(Arc::new(OutflowRules(Arc::downgrade(self))));
         ln.set_alarms(Arc::new(CustodyAlarms(Arc::downgrade(self))));
         let _ = self.lightning.set(ln);
+    }
+
+    /// Counts `ln`'s balances as custody assets, in the loop's reconciliation and in
+    /// [`Custody::reconcile`] (part of [`set_lightning`](Self::set_lightning)).
+    pub fn count_lightning_assets(&self, ln: Arc<dyn LightningBalances>) {
+        self.lock()
+            .set_other_assets(Arc::new(LightningAssets(ln.clone())));
+        let _ = self.ln_balances.set(ln);
     }
 
     fn lock(&self) -> MutexGuard<'_, CustodyService> {
@@ -508,13 +538,18 @@ impl Custody for WalletCustody {
 
     fn reconcile(&self) -> Result<ReconcileInfo, CustodyError> {
         let s = self.lock();
-        let r = s.reconcile().map_err(internal)?;
         // The Lightning node's money is ours too: its on-chain wallet (provable on chain) and
         // its side of the channels with closing sweeps (not provable by BIP-127), listed apart.
-        let ln = self.lightning.get().map(|l| l.balances());
+        // Read once: the wallet's total and the breakdown below are the same moment.
+        let ln = self.ln_balances.get().map(|l| l.balances());
+        let r = match &ln {
+            Some(b) => s.reconcile_counting(Amount(ln_total(b))),
+            None => s.reconcile(),
+        }
+        .map_err(internal)?;
         let ln_onchain = ln.map_or(0, |b| b.onchain_sat);
         let ln_channels = ln.map_or(0, |b| b.channels_sat.saturating_add(b.pending_close_sat));
-        // The wallet's reconciliation already counts them (`LightningAssets`).
+        // The wallet's reconciliation counts them (the same reading).
         let surplus_sat = r.surplus_sat;
         Ok(ReconcileInfo {
             wallet_confirmed_sat: r.wallet_confirmed.0,
@@ -653,14 +688,11 @@ impl lightning_custody::AlarmSink for CustodyAlarms {
 
 /// The Lightning node's money as custody's other assets: its on-chain wallet, its side of the
 /// channels and closing sweeps ([`wallet::OtherAssets`]).
-struct LightningAssets(Arc<crate::lightning::Service>);
+struct LightningAssets(Arc<dyn LightningBalances>);
 
 impl wallet::OtherAssets for LightningAssets {
     fn sats(&self) -> u64 {
-        let b = self.0.balances();
-        b.onchain_sat
-            .saturating_add(b.channels_sat)
-            .saturating_add(b.pending_close_sat)
+        ln_total(&self.0.balances())
     }
 }
 
@@ -736,5 +768,97 @@ mod tests {
             Some(WithdrawalState::Released)
         );
         assert_eq!(ledger.btc_liabilities(), Amount(50_000));
+    }
+
+    /// A Lightning node whose balances change on every reading (a payment moving money between
+    /// any two readings).
+    struct Drifting(std::sync::atomic::AtomicU64);
+
+    impl super::LightningBalances for Drifting {
+        fn balances(&self) -> lightning_custody::LnBalances {
+            let n = self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+            lightning_custody::LnBalances {
+                onchain_sat: 1_000 * n,
+                channels_sat: 100 * n,
+                pending_close_sat: 10 * n,
+                anchor_reserve_sat: 0,
+            }
+        }
+    }
+
+    /// Defect: `reconcile` read the node's balances twice, once in the wallet's total
+    /// (`LightningAssets`) and once for the report's breakdown: a payment in between made a
+    /// report whose surplus did not add up from its own lines. Read once now. Failed on the old
+    /// code (the surplus counted the first reading, the lines showed the second).
+    #[test]
+    fn a_reconciliation_report_counts_one_reading_of_the_lightning_balances() {
+        use api::custody::Custody as _;
+        use bdk_bitcoind_rpc::bitcoincore_rpc::{Auth, Client};
+        use std::sync::{Arc, Mutex};
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let state = rt
+            .block_on(async {
+                api::open_local(
+                    &dir.path().join("engine"),
+                    EngineConfig::default(),
+                    api::ApiConfig::default(),
+                )
+            })
+            .unwrap();
+        let ledger = Arc::new(EngineLedger::new(state, rt.handle().clone()));
+        ledger.submit(Command::CreateAccount).unwrap();
+        let credit = Command::Credit {
+            account: AccountId(1),
+            asset: BTC,
+            amount: Amount(50_000),
+            key: IdempotencyKey::reference("deposit-1"),
+        };
+        ledger.submit(credit).unwrap();
+        // Nothing connects: neither opening the wallet nor reconciling asks bitcoind.
+        let rpc = wallet::RpcConfig {
+            url: "http://127.0.0.1:9".into(),
+            auth: wallet::RpcAuth::UserPass {
+                user: "u".into(),
+                password: "p".into(),
+            },
+        };
+        let cfg = wallet::CustodyConfig::new(
+            wallet::bitcoin::Network::Regtest,
+            dir.path().join("custody"),
+            rpc,
+        );
+        let service = wallet::CustodyService::open(cfg, ledger).unwrap();
+        let client = Client::new("http://127.0.0.1:9", Auth::None).unwrap();
+        let custody = Arc::new(super::WalletCustody::new(
+            Arc::new(Mutex::new(service)),
+            Arc::new(client),
+            wallet::bitcoin::Network::Regtest,
+        ));
+        let node = Arc::new(Drifting(std::sync::atomic::AtomicU64::new(0)));
+        custody.count_lightning_assets(node.clone());
+        for i in 1..=3u64 {
+            let r = custody.reconcile().unwrap();
+            let assets = i128::from(r.wallet_confirmed_sat) + i128::from(r.wallet_pending_sat)
+                - i128::from(r.uncredited_deposits_sat)
+                + i128::from(r.withdrawals_in_flight_sat)
+                + i128::from(r.lightning_onchain_sat)
+                + i128::from(r.lightning_channels_sat);
+            assert_eq!(
+                i128::from(r.surplus_sat),
+                assets - i128::from(r.ledger_liabilities_sat),
+                "the surplus adds up from the report's own lines: {r:?}"
+            );
+            assert_eq!(r.ledger_liabilities_sat, 50_000);
+            assert_eq!(
+                node.0.load(std::sync::atomic::Ordering::SeqCst),
+                i,
+                "one reading per report"
+            );
+        }
     }
 }

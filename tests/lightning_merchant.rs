@@ -17,46 +17,17 @@ mod common;
 
 use bdk_bitcoind_rpc::bitcoincore_rpc::RpcApi;
 use common::greenfield::{http, ok};
+use common::ln::{drain, mine_to};
 use common::merchant::{client, wait_until, HookServer, Merchant};
 use common::{free_port, Server};
-use lightning_custody::ldk_node::bitcoin::Network;
-use lightning_custody::ldk_node::config::Config;
 use lightning_custody::ldk_node::lightning_invoice::{Bolt11Invoice, Bolt11InvoiceDescriptionRef};
-use lightning_custody::ldk_node::{Builder, Node};
-use lightning_custody::ChainRpc;
+use lightning_custody::ldk_node::Node;
 use serde_json::{json, Value};
-use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
 fn customer(s: &Server, dir: &std::path::Path) -> Node {
-    let url = std::fs::read_to_string(s.dir.join("bitcoind/mediator-rpc-url")).unwrap();
-    let rpc = ChainRpc::from_cookie(url.trim(), &s.dir.join("bitcoind/regtest/.cookie")).unwrap();
-    let config = Config {
-        network: Network::Regtest,
-        storage_dir_path: dir.to_string_lossy().into_owned(),
-        listening_addresses: Some(vec![SocketAddr::from(([127, 0, 0, 1], free_port())).into()]),
-        ..Default::default()
-    };
-    let mut b = Builder::from_config(config);
-    b.set_chain_source_bitcoind_rpc(rpc.host, rpc.port, rpc.user, rpc.password);
-    b.set_entropy_seed_bytes([44u8; 64]);
-    let node = b.build().unwrap();
-    node.start().unwrap();
-    node
-}
-
-fn drain(n: &Node) {
-    while n.next_event().is_some() {
-        n.event_handled().unwrap();
-    }
-}
-
-fn mine_to(s: &Server, n: u64, address: &str) {
-    let a = bdk_bitcoind_rpc::bitcoincore_rpc::bitcoin::Address::from_str(address)
-        .unwrap()
-        .assume_checked();
-    s.rpc().generate_to_address(n, &a).unwrap();
+    common::ln::customer(s, dir, 44)
 }
 
 fn wait(what: &str, secs: u64, f: impl FnMut() -> bool) {
@@ -398,12 +369,12 @@ fn merchant_invoice_paid_over_lightning_settles_at_once_and_credits_exactly_once
         }
     }
 
-    // Paid twice: refused (the customer's node will not send the same payment hash again);
-    // nothing more credited, still one payment.
+    // Paid twice: refused (the customer's node will not send the same payment hash again).
+    // What the server recorded, not only what the client saw: paid, credited and announced once.
     assert!(cust.bolt11_payment().send(&bolt11, None).is_err());
     std::thread::sleep(Duration::from_secs(1));
-    assert_eq!(m.btc(), (100_000, 0));
-    assert_eq!(m.get(&iid)["payments"].as_array().unwrap().len(), 1);
+    let hooks_of = (&hooks, &gf_hooks);
+    assert_paid_once(s, m, &token, &iid, hooks_of);
 
     // A restart credits nothing again (the credit is keyed by the payment hash).
     let account = m.account;
@@ -415,10 +386,7 @@ fn merchant_invoice_paid_over_lightning_settles_at_once_and_credits_exactly_once
         account,
         client: client(s.addr, &key),
     };
-    assert_eq!(m.btc(), (100_000, 0));
-    let v = m.get(&iid);
-    assert_eq!(v["status"], "Settled", "{v}");
-    assert_eq!(v["payments"].as_array().unwrap().len(), 1, "{v}");
+    assert_paid_once(&s, &m, &token, &iid, hooks_of);
 
     // An expired invoice: the BOLT11 expires with it (a one-minute invoice), and the customer's
     // node refuses to pay it; nothing is credited, the invoice expires unpaid.
@@ -449,6 +417,40 @@ fn merchant_invoice_paid_over_lightning_settles_at_once_and_credits_exactly_once
     let v = m.get(&sid);
     assert_eq!(v["status"], "Expired", "{v}");
     assert!(v["payments"].as_array().unwrap().is_empty(), "{v}");
+    // The server's side: Greenfield's invoice expired unpaid, its BTC-LN method paid nothing,
+    // the node received nothing more, and no payment event was sent for it.
+    let gf = gf_invoice(&s, &m, &token, &sid);
+    assert_eq!(gf["status"], "Expired", "{gf}");
+    let ln = gf_ln_method(&s, &m, &token, &sid);
+    assert!(ln["payments"].as_array().unwrap().is_empty(), "{ln}");
+    assert_eq!(ln["due"], ln["amount"], "{ln}");
+    assert_eq!(
+        node_channels_sat(&s),
+        100_000,
+        "the node received nothing more"
+    );
+    wait("the expiry webhooks", 60, || {
+        events(&hooks, &sid, "invoice.expired") == 1
+            && events(&gf_hooks, &sid, "InvoiceExpired") == 1
+    });
+    for kind in ["invoice.payment_received", "invoice.settled"] {
+        assert_eq!(events(&hooks, &sid, kind), 0, "{kind}");
+    }
+    for kind in [
+        "InvoiceReceivedPayment",
+        "InvoicePaymentSettled",
+        "InvoiceSettled",
+    ] {
+        assert_eq!(events(&gf_hooks, &sid, kind), 0, "{kind}");
+    }
+    let types: Vec<Value> = m
+        .deliveries(&sid)
+        .iter()
+        .map(|d| d["type"].clone())
+        .collect();
+    assert_eq!(types, [json!("invoice.created"), json!("invoice.expired")]);
+    // And the first invoice still paid once.
+    assert_paid_once(&s, &m, &token, &iid, hooks_of);
 
     // Proof of reserves: the custody wallet's coins proven; the node's balances reported apart,
     // unproven, not in `reserves_sat` (our side of the channel: the 100,000 sat received).
@@ -469,6 +471,114 @@ fn merchant_invoice_paid_over_lightning_settles_at_once_and_credits_exactly_once
     assert_eq!(ln["channels_sat"], 100_000, "{doc}");
     assert!(ln["onchain_sat"].as_u64().unwrap() > 0, "{doc}");
     cust.stop().unwrap();
+}
+
+/// The distinct deliveries (by `deliveryId`: a retry of one is the same) of event `kind` about
+/// invoice `id` that reached `hooks`: the merchant API's (`invoice.settled`, the invoice in the
+/// body) or Greenfield's (`InvoiceSettled`, `invoiceId`).
+fn events(hooks: &HookServer, id: &str, kind: &str) -> usize {
+    let mut ids = std::collections::HashSet::new();
+    for h in hooks.hooks() {
+        let b = h.json();
+        let about = b["invoiceId"] == json!(id) || b["invoice"]["id"] == json!(id);
+        if about && b["type"] == kind {
+            ids.insert(b["deliveryId"].to_string());
+        }
+    }
+    ids.len()
+}
+
+/// The invoice as Greenfield reports it (the store is the merchant's account).
+fn gf_invoice(s: &Server, m: &Merchant, token: &str, id: &str) -> Value {
+    let store = m.account;
+    ok(
+        http(
+            s.addr,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices/{id}"),
+            Some(token),
+            None,
+        ),
+        "invoice",
+    )
+}
+
+/// The invoice's BTC-LN payment method as Greenfield reports it.
+fn gf_ln_method(s: &Server, m: &Merchant, token: &str, id: &str) -> Value {
+    let store = m.account;
+    let v = ok(
+        http(
+            s.addr,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices/{id}/payment-methods"),
+            Some(token),
+            None,
+        ),
+        "invoice payment methods",
+    );
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["paymentMethodId"] == "BTC-LN")
+        .cloned()
+        .unwrap_or_else(|| panic!("{v}"))
+}
+
+/// The server's node's side of its channels (what it received over Lightning).
+fn node_channels_sat(s: &Server) -> u64 {
+    s.admin(&["ln", "balance"])["channels_sat"]
+        .as_u64()
+        .unwrap()
+}
+
+/// The server's records of invoice `iid` (0.001 BTC), paid once over Lightning, whatever the
+/// customer's node saw: the store credited once, the node's channel side grown once, one payment
+/// in the merchant API and in Greenfield, each event sent once (merchant API and Greenfield
+/// webhooks, and the merchant API's delivery log). A second credit fails one of these.
+fn assert_paid_once(
+    s: &Server,
+    m: &Merchant,
+    token: &str,
+    iid: &str,
+    (hooks, gf_hooks): (&HookServer, &HookServer),
+) {
+    assert_eq!(m.btc(), (100_000, 0), "the store credited once");
+    assert_eq!(node_channels_sat(s), 100_000, "the node received it once");
+    let v = m.get(iid);
+    assert_eq!(v["status"], "Settled", "{v}");
+    assert_eq!(v["payments"].as_array().unwrap().len(), 1, "{v}");
+    let gf = gf_invoice(s, m, token, iid);
+    assert_eq!(gf["status"], "Settled", "{gf}");
+    let ln = gf_ln_method(s, m, token, iid);
+    assert_eq!(ln["payments"].as_array().unwrap().len(), 1, "{ln}");
+    assert_eq!(
+        ln["paymentMethodPaid"], ln["amount"],
+        "paid once, not more: {ln}"
+    );
+    let types: Vec<Value> = m
+        .deliveries(iid)
+        .iter()
+        .map(|d| d["type"].clone())
+        .collect();
+    assert_eq!(
+        types,
+        [
+            json!("invoice.created"),
+            json!("invoice.payment_received"),
+            json!("invoice.processing"),
+            json!("invoice.settled")
+        ]
+    );
+    for kind in ["invoice.payment_received", "invoice.settled"] {
+        assert_eq!(events(hooks, iid, kind), 1, "{kind}");
+    }
+    for kind in [
+        "InvoiceReceivedPayment",
+        "InvoicePaymentSettled",
+        "InvoiceSettled",
+    ] {
+        assert_eq!(events(gf_hooks, iid, kind), 1, "{kind}");
+    }
 }
 
 /// The page's state, for failure messages.

@@ -8,19 +8,16 @@ mod common;
 
 use api::client::{Client, ClientError};
 use bdk_bitcoind_rpc::bitcoincore_rpc::RpcApi;
+use common::ln::{drain, mine_to};
 use common::{free_port, Server};
 use lightning_custody::ldk_node::bitcoin::hashes::Hash;
-use lightning_custody::ldk_node::bitcoin::Network;
-use lightning_custody::ldk_node::config::Config;
 use lightning_custody::ldk_node::lightning::ln::channelmanager::PaymentId;
 use lightning_custody::ldk_node::lightning_invoice::{
     Bolt11Invoice, Bolt11InvoiceDescription, Description,
 };
 use lightning_custody::ldk_node::payment::{PaymentDirection, PaymentStatus};
-use lightning_custody::ldk_node::{Builder, Node};
-use lightning_custody::ChainRpc;
+use lightning_custody::ldk_node::Node;
 use serde_json::Value;
-use std::net::SocketAddr;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
@@ -66,33 +63,7 @@ fn btc(c: &Client) -> (u64, u64) {
 }
 
 fn customer(s: &Server, dir: &std::path::Path) -> Node {
-    let url = std::fs::read_to_string(s.dir.join("bitcoind/mediator-rpc-url")).unwrap();
-    let rpc = ChainRpc::from_cookie(url.trim(), &s.dir.join("bitcoind/regtest/.cookie")).unwrap();
-    let config = Config {
-        network: Network::Regtest,
-        storage_dir_path: dir.to_string_lossy().into_owned(),
-        listening_addresses: Some(vec![SocketAddr::from(([127, 0, 0, 1], free_port())).into()]),
-        ..Default::default()
-    };
-    let mut b = Builder::from_config(config);
-    b.set_chain_source_bitcoind_rpc(rpc.host, rpc.port, rpc.user, rpc.password);
-    b.set_entropy_seed_bytes([43u8; 64]);
-    let node = b.build().unwrap();
-    node.start().unwrap();
-    node
-}
-
-fn drain(n: &Node) {
-    while n.next_event().is_some() {
-        n.event_handled().unwrap();
-    }
-}
-
-fn mine_to(s: &Server, n: u64, address: &str) {
-    let a = bdk_bitcoind_rpc::bitcoincore_rpc::bitcoin::Address::from_str(address)
-        .unwrap()
-        .assume_checked();
-    s.rpc().generate_to_address(n, &a).unwrap();
+    common::ln::customer(s, dir, 43)
 }
 
 /// The operator funds the node and opens a channel (`ln address`, `ln open-channel`), the

@@ -236,17 +236,18 @@ pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiEr
     p.finish()?;
     let account = key.account;
     let w = call(&st, move |l| l.pay(account, &invoice)).await?;
-    let w = wait_outcome(lightning(&st)?, w, PAY_WAIT).await?;
+    let w = wait_outcome(lightning(&st)?, w, tokio::time::sleep(PAY_WAIT)).await?;
     Ok(ok_json(&ctx, payment_json(&w)))
 }
 
-/// `w` once it is no longer pending, or as it is after `timeout`. Woken by the node's
+/// `w` once it is no longer pending, or as it is when `deadline` completes (`pay` passes a
+/// [`PAY_WAIT`] sleep; tests pass a deadline they release). Woken by the node's
 /// [`Lightning::settled`] (not by polling) and waiting asynchronously: a pending payment holds
 /// no thread, only each look-up runs (briefly) on the blocking pool.
 async fn wait_outcome(
     ln: Handle,
     mut w: LnPaymentInfo,
-    timeout: Duration,
+    deadline: impl std::future::Future<Output = ()>,
 ) -> Result<LnPaymentInfo, ApiError> {
     if w.state != LnPaymentState::Pending {
         return Ok(w);
@@ -255,7 +256,6 @@ async fn wait_outcome(
         return Ok(w);
     };
     let (account, id) = (w.account, w.id);
-    let deadline = tokio::time::sleep(timeout);
     tokio::pin!(deadline);
     loop {
         // Marked seen before the look-up: a settlement after it wakes the wait below.
@@ -381,13 +381,12 @@ pub type Handle = Arc<dyn Lightning>;
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::atomic::{AtomicUsize, Ordering};
 
     /// A node whose payments never settle: every withdrawal stays pending.
     #[derive(Debug)]
     struct NeverSettles {
-        /// How many times a payment was looked up.
-        lookups: AtomicUsize,
+        /// How many times a payment was looked up (the test waits on it).
+        lookups: tokio::sync::watch::Sender<usize>,
         /// Never changes (kept so the receivers never see the sender gone).
         settled: tokio::sync::watch::Sender<u64>,
     }
@@ -428,7 +427,7 @@ mod tests {
             Err(refused())
         }
         fn payment(&self, _: u32, id: u64) -> Result<Option<LnPaymentInfo>, CustodyError> {
-            self.lookups.fetch_add(1, Ordering::SeqCst);
+            self.lookups.send_modify(|n| *n += 1);
             Ok(Some(pending(id)))
         }
         fn settled(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
@@ -454,12 +453,17 @@ mod tests {
     /// Defect: `pay` waited for the outcome on the blocking pool (a `Condvar` inside
     /// `spawn_blocking`, up to `PAY_WAIT`), so ~512 pays to invoices that never settle filled
     /// the pool and stalled every custody call. Now the wait is async: with more pending waits
-    /// than blocking threads, a blocking call still runs before any wait times out. Failed on
-    /// the old code (the blocking call ran only after the waits timed out).
+    /// than blocking threads, a blocking call still runs before any wait times out.
+    ///
+    /// No race with a clock: the waits' deadline is one the test releases, and only after the
+    /// blocking call returned, so no wait can time out first however loaded the machine is.
+    /// The one clock is a watchdog that turns a held pool (which, with that deadline, would
+    /// never free up) into a failure instead of a hang; the passing run never depends on it.
     #[test]
     fn pending_pay_waits_do_not_hold_blocking_threads() {
         const BLOCKING_THREADS: usize = 2;
         const WAITS: usize = 4 * BLOCKING_THREADS;
+        const WATCHDOG: Duration = Duration::from_secs(60);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .max_blocking_threads(BLOCKING_THREADS)
@@ -467,33 +471,46 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
+            let (lookups_tx, mut lookups) = tokio::sync::watch::channel(0usize);
             let fake = Arc::new(NeverSettles {
-                lookups: AtomicUsize::new(0),
+                lookups: lookups_tx,
                 settled: tokio::sync::watch::channel(0).0,
             });
             let ln: Handle = fake.clone();
+            let (release, released) = tokio::sync::watch::channel(false);
             let (done_tx, mut done_rx) = tokio::sync::mpsc::unbounded_channel();
             for id in 0..WAITS as u64 {
-                let (ln, done_tx) = (ln.clone(), done_tx.clone());
+                let (ln, done_tx, mut released) = (ln.clone(), done_tx.clone(), released.clone());
                 tokio::spawn(async move {
-                    let w = wait_outcome(ln, pending(id), Duration::from_secs(5)).await;
+                    let deadline = async move {
+                        let _ = released.wait_for(|r| *r).await;
+                    };
+                    let w = wait_outcome(ln, pending(id), deadline).await;
                     let _ = done_tx.send(w.map(|w| w.state));
                 });
             }
-            // Every wait started (looked its payment up at least once).
-            while fake.lookups.load(Ordering::SeqCst) < WAITS {
-                tokio::task::yield_now().await;
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            tokio::select! {
-                biased;
-                r = tokio::task::spawn_blocking(|| 42) => assert_eq!(r.unwrap(), 42),
-                first = done_rx.recv() => panic!(
-                    "a wait ended ({first:?}) before a blocking call could run: the waits hold the blocking pool"
-                ),
-            }
-            // The waits still end, pending, when their time is up.
             drop(done_tx);
+            let blocking = tokio::time::timeout(WATCHDOG, async {
+                // Every wait started (looked its payment up at least once) ...
+                lookups.wait_for(|n| *n >= WAITS).await.unwrap();
+                // ... and a blocking call still gets a thread.
+                tokio::task::spawn_blocking(|| 42).await.unwrap()
+            })
+            .await;
+            assert_eq!(
+                blocking.ok(),
+                Some(42),
+                "the pending waits hold the blocking pool: no blocking call ran within {WATCHDOG:?}"
+            );
+            assert!(
+                matches!(
+                    done_rx.try_recv(),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty)
+                ),
+                "a wait ended before its deadline"
+            );
+            // The waits end, pending, when their deadline comes.
+            release.send(true).unwrap();
             let mut ended = 0;
             while let Some(w) = done_rx.recv().await {
                 assert_eq!(w.unwrap(), LnPaymentState::Pending);

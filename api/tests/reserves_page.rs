@@ -6,6 +6,10 @@
 
 mod browser;
 mod common;
+#[path = "../../tests/common/ports.rs"]
+mod ports;
+
+use ports::free_port;
 
 use browser::Browser;
 use common::Harness;

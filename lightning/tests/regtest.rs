@@ -139,11 +139,13 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
+#[path = "../../tests/common/ports.rs"]
+mod ports;
+
+/// A loopback address for a node to listen on (see `ports`: not an ephemeral port another
+/// socket can take before the node binds it).
 fn free_port() -> SocketAddr {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
+    SocketAddr::from(([127, 0, 0, 1], ports::free_port()))
 }
 
 struct Chain {
@@ -409,6 +411,37 @@ fn foreign_invoice(currency: Currency, sat: u64) -> Bolt11Invoice {
 /// withdrawal to the customer's invoice debits exactly amount + fee and pays the customer exactly
 /// the amount; refusals (expired, wrong network, already paid, bounds, no amount, insufficient
 /// balance) change nothing.
+/// Defect: `free_port` bound `127.0.0.1:0` and dropped the listener, then a node bound that
+/// port later: an ephemeral port, which the OS may hand to any other socket in between (an
+/// outgoing connection to bitcoind, another test's `bind(:0)`; failed a CI run for `serve`).
+/// The ports now come from a counter below the ephemeral range. Failed on the old code (its
+/// ports were in the ephemeral range). Needs no bitcoind.
+#[test]
+fn free_ports_are_distinct_and_outside_the_ephemeral_range() {
+    // Linux's range (default 32768..=60999), as configured on this machine when readable.
+    let (lo, hi) = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|r| {
+            let mut it = r.split_whitespace().map(|p| p.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .unwrap_or((32_768, 60_999));
+    let mut held = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for _ in 0..50 {
+        let addr = free_port();
+        assert!(addr.ip().is_loopback(), "{addr}");
+        let port = addr.port();
+        assert!(
+            !(lo..=hi).contains(&port),
+            "{port} is in the ephemeral range {lo}..={hi}"
+        );
+        assert!(seen.insert(port), "{port} twice");
+        // Held while the next ones are chosen: they must skip it.
+        held.push(TcpListener::bind(addr).unwrap());
+    }
+}
+
 #[test]
 fn deposit_and_withdrawal_over_lightning_are_exact() {
     let w = World::new();

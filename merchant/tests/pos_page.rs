@@ -3,6 +3,10 @@
 
 #[path = "../../api/tests/browser/mod.rs"]
 mod browser;
+#[path = "../../tests/common/ports.rs"]
+mod ports;
+
+use ports::free_port;
 
 use axum::extract::{Path, State};
 use axum::http::{header, StatusCode};

@@ -20,6 +20,9 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "../../tests/common/ports.rs"]
+mod ports;
+
 const SECRET: &[u8] = b"whsec_0123456789abcdef";
 const LIMIT: Duration = Duration::from_secs(30);
 
@@ -376,8 +379,8 @@ async fn a_restart_between_attempts_still_delivers() {
     let path = dir.path().join("merchant.sqlite");
     // The merchant's server is down: nothing listens on this port.
     let down = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
+        // Below the ephemeral range: no other socket's `bind(:0)` can start listening on it.
+        format!("http://127.0.0.1:{}", ports::free_port())
     };
     let id = {
         let db = open_db(&path);
@@ -613,8 +616,8 @@ async fn the_delivery_log_shows_a_category_not_the_error_chain() {
     let dir = tempfile::tempdir().unwrap();
     let db = open_db(&dir.path().join("merchant.sqlite"));
     let down = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        format!("http://{}", l.local_addr().unwrap())
+        // Below the ephemeral range: no other socket's `bind(:0)` can start listening on it.
+        format!("http://127.0.0.1:{}", ports::free_port())
     };
     let d = private_dispatcher(db.clone(), Endpoints::with(4, &down), fast_policy());
     enqueue(&db, 4, "inv-c", EventType::InvoiceSettled);

@@ -3,8 +3,12 @@
 #![allow(dead_code)] // each test binary uses a part
 
 pub mod greenfield;
+pub mod ln;
 pub mod merchant;
 pub mod payer;
+mod ports;
+
+pub use ports::free_port;
 
 use bdk_bitcoind_rpc::bitcoincore_rpc::Auth;
 use serde_json::Value;
@@ -15,35 +19,6 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_mediator");
-
-/// A loopback port no other call in this process got and nothing listens on now. Taken below
-/// Linux's ephemeral range (32768–60999): a port from `bind(:0)` is in that range, where any
-/// outgoing connection (to bitcoind, to a webhook receiver) may take it as its local port between
-/// this check and the server's bind, and a restarted `serve` then failed to start its Lightning
-/// node ("address already in use").
-pub fn free_port() -> u16 {
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::sync::OnceLock;
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
-    static START: OnceLock<u32> = OnceLock::new();
-    static NEXT: AtomicU32 = AtomicU32::new(0);
-    // Processes (test binaries run one after another, their children) start apart.
-    let start = *START.get_or_init(|| {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos());
-        (std::process::id().wrapping_mul(7_919) ^ nanos) % SPAN
-    });
-    for _ in 0..SPAN {
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let port = (LOW + (start + n) % SPAN) as u16;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return port;
-        }
-    }
-    panic!("no free loopback port in {LOW}..{}", LOW + SPAN);
-}
 
 /// `GET path` over a fresh connection, without a key: the whole response (status line, headers,
 /// body).

@@ -238,7 +238,8 @@ pub struct WithdrawalRequest {
     /// What the account sent by another path (Lightning) in the 24 hours before the request:
     /// counted with this wallet's withdrawals in the account's daily limit and approval
     /// threshold, as [`CustodyService::check_outflow`] counts on-chain amounts for Lightning.
-    /// `Amount(0)` when there is no other path.
+    /// `Amount(0)` when there is no other path. Recorded with the request: a `new` row
+    /// recovered after a crash (or an unknown ledger answer) is re-decided with it.
     pub other_used: Amount,
 }
 
@@ -468,8 +469,12 @@ impl CustodyService {
     pub fn resolve_withdrawals(&mut self) -> Result<usize, WithdrawalError> {
         let mut unresolved = 0;
         for w in store::withdrawals_in(&self.db, WithdrawalStatus::New)? {
-            // The request's `other_used` is gone: on-chain amounts only (see ARCHITECTURE.md).
-            match self.settle_hold(&w, Amount(0)) {
+            // Re-decided as the request would have been: with the Lightning outflow it counted
+            // (recorded with the row). A row from before that was recorded counts as above any
+            // threshold: it waits for approval rather than skip it after a crash.
+            let other_used =
+                store::withdrawal_other_used(&self.db, w.id)?.unwrap_or(Amount(u64::MAX));
+            match self.settle_hold(&w, other_used) {
                 Ok(_) => {}
                 Err(WithdrawalError::LedgerUnknown(_)) => unresolved += 1,
                 Err(WithdrawalError::Store(e)) => return Err(WithdrawalError::Store(e)),
@@ -1352,12 +1357,15 @@ impl CustodyService {
         // Recorded first (status `new`), so a crash after the hold is recovered on open.
         let id = store::insert_withdrawal(
             &mut self.db,
-            req.account,
-            &address.to_string(),
-            req.amount,
-            fee,
-            &req.idempotency_key,
-            now.as_millis(),
+            &store::NewWithdrawal {
+                account: req.account,
+                address: &address.to_string(),
+                amount: req.amount,
+                fee,
+                key: &req.idempotency_key,
+                created_ms: now.as_millis(),
+                other_used: req.other_used,
+            },
         )?;
         let w = store::withdrawal(&self.db, id)?.ok_or(WithdrawalError::UnknownWithdrawal(id))?;
         let status = match self.ledger.submit(Self::hold_of(&w)) {
@@ -1995,6 +2003,16 @@ impl CustodyService {
 
     /// Wallet assets against ledger liabilities. A shortfall is logged as an error.
     pub fn reconcile(&self) -> Result<Reconciliation, BatchError> {
+        let other = self.other_assets.as_ref().map_or(0, |o| o.sats());
+        self.reconcile_counting(Amount(other))
+    }
+
+    /// [`reconcile`](Self::reconcile) with `other_assets` as custody's money outside this
+    /// wallet, instead of asking the [`OtherAssets`] set: for a caller that reports a breakdown
+    /// of the same figure (the Lightning node's balances move with every payment; two readings
+    /// would mix two moments in one report).
+    pub fn reconcile_counting(&self, other_assets: Amount) -> Result<Reconciliation, BatchError> {
+        let other = other_assets.0;
         let balance = self.wallet.balance();
         let wallet_confirmed = sats(balance.confirmed);
         let wallet_pending =
@@ -2031,7 +2049,6 @@ impl CustodyService {
             .filter_map(|w| w.network_fee.map(|n| w.fee.0.saturating_sub(n.0)))
             .sum();
         let liabilities = self.ledger.btc_liabilities();
-        let other = self.other_assets.as_ref().map_or(0, |o| o.sats());
         let assets = i128::from(wallet_confirmed.0) + i128::from(wallet_pending.0)
             - i128::from(uncredited)
             + i128::from(in_flight)

@@ -106,6 +106,14 @@ pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
         [],
         |r| r.get(0),
     )?;
+    // First, so the columns added below are added to the migrated table (the copy keeps only
+    // the columns it names).
+    if !withdrawal_sql.contains("AUTOINCREMENT") {
+        if let Err(e) = db.execute_batch(MIGRATE_WITHDRAWALS) {
+            let _ = db.execute_batch("ROLLBACK");
+            return Err(e.into());
+        }
+    }
     // Columns added later: backoff of withdrawals and batches that could not go out.
     for (table, column, decl) in [
         ("mediator_withdrawal", "skips", "INTEGER NOT NULL DEFAULT 0"),
@@ -114,6 +122,10 @@ pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
             "retry_after_ms",
             "INTEGER NOT NULL DEFAULT 0",
         ),
+        // What the request counted as the account's Lightning outflow of the last 24 hours
+        // (`WithdrawalRequest::other_used`), for re-deciding a `new` row after a crash. NULL
+        // in rows written before it was recorded.
+        ("mediator_withdrawal", "other_used_sat", "INTEGER"),
         ("mediator_batch", "refusals", "INTEGER NOT NULL DEFAULT 0"),
         ("mediator_batch", "last_error", "TEXT"),
         (
@@ -139,12 +151,6 @@ pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
         .exists([])?;
     if !has_cleared {
         db.execute_batch("ALTER TABLE mediator_flagged_account ADD COLUMN cleared_ms INTEGER")?;
-    }
-    if !withdrawal_sql.contains("AUTOINCREMENT") {
-        if let Err(e) = db.execute_batch(MIGRATE_WITHDRAWALS) {
-            let _ = db.execute_batch("ROLLBACK");
-            return Err(e.into());
-        }
     }
     // Databases made before addresses had a purpose: every address so far is a deposit address.
     let has_purpose: bool = db
@@ -755,30 +761,54 @@ pub(crate) fn all_batches(db: &Connection) -> Result<Vec<BatchRow>, StoreError> 
     Ok(out)
 }
 
+/// A withdrawal request as recorded before its hold (status `new`).
+pub(crate) struct NewWithdrawal<'a> {
+    pub account: AccountId,
+    pub address: &'a str,
+    pub amount: Amount,
+    pub fee: Amount,
+    pub key: &'a str,
+    pub created_ms: u64,
+    /// The Lightning outflow the request counted (`WithdrawalRequest::other_used`).
+    pub other_used: Amount,
+}
+
 /// Inserts a new withdrawal in status `new`. Its id comes from AUTOINCREMENT: never handed out
 /// again, even after the row is deleted (the ledger may know an id whose row is gone).
 pub(crate) fn insert_withdrawal(
     db: &mut Connection,
-    account: AccountId,
-    address: &str,
-    amount: Amount,
-    fee: Amount,
-    key: &str,
-    now_ms: u64,
+    w: &NewWithdrawal<'_>,
 ) -> Result<WithdrawalId, StoreError> {
     db.execute(
         "INSERT INTO mediator_withdrawal (account, address, amount_sat, fee_sat, idempotency_key,
-         status, created_ms) VALUES (?1, ?2, ?3, ?4, ?5, 'new', ?6)",
+         status, created_ms, other_used_sat) VALUES (?1, ?2, ?3, ?4, ?5, 'new', ?6, ?7)",
         params![
-            account.0,
-            address,
-            to_i64(amount.0),
-            to_i64(fee.0),
-            key,
-            to_i64(now_ms)
+            w.account.0,
+            w.address,
+            to_i64(w.amount.0),
+            to_i64(w.fee.0),
+            w.key,
+            to_i64(w.created_ms),
+            to_i64(w.other_used.0)
         ],
     )?;
     Ok(WithdrawalId(to_u64(db.last_insert_rowid())?))
+}
+
+/// The Lightning outflow a withdrawal's request counted (`other_used`); `None` when the row
+/// predates the column (or the withdrawal is unknown).
+pub(crate) fn withdrawal_other_used(
+    db: &Connection,
+    id: WithdrawalId,
+) -> Result<Option<Amount>, StoreError> {
+    let v: Option<Option<i64>> = db
+        .query_row(
+            "SELECT other_used_sat FROM mediator_withdrawal WHERE id = ?1",
+            [to_i64(id.0)],
+            |r| r.get(0),
+        )
+        .optional()?;
+    v.flatten().map(|v| to_u64(v).map(Amount)).transpose()
 }
 
 /// Deletes a withdrawal that never got its hold.
@@ -1020,6 +1050,19 @@ pub(crate) fn alarms(db: &Connection, all: bool) -> Result<Vec<Alarm>, StoreErro
 mod tests {
     use super::*;
 
+    /// Account `account`'s request under key "k" that counted `other_used` sats of Lightning.
+    fn new_row(account: u32, other_used: u64) -> NewWithdrawal<'static> {
+        NewWithdrawal {
+            account: AccountId(account),
+            address: "b",
+            amount: Amount(1),
+            fee: Amount(1),
+            key: "k",
+            created_ms: 2,
+            other_used: Amount(other_used),
+        }
+    }
+
     #[test]
     fn an_address_table_from_before_purposes_is_migrated_as_deposit_addresses() {
         let mut db = Connection::open_in_memory().unwrap();
@@ -1044,6 +1087,35 @@ mod tests {
         assert_eq!(deposit_indexes(&db).unwrap().len(), 2);
     }
 
+    /// The columns added later are added to the migrated table in the same open: the
+    /// AUTOINCREMENT copy ran after them and dropped them (`skips`, `retry_after_ms`,
+    /// `other_used_sat` missing until the next open).
+    #[test]
+    fn a_withdrawal_table_migrated_in_one_open_has_the_later_columns() {
+        let mut db = Connection::open_in_memory().unwrap();
+        db.execute_batch(
+            "CREATE TABLE mediator_withdrawal (
+                 id INTEGER PRIMARY KEY, account INTEGER NOT NULL, address TEXT NOT NULL,
+                 amount_sat INTEGER NOT NULL, fee_sat INTEGER NOT NULL,
+                 idempotency_key TEXT NOT NULL UNIQUE, status TEXT NOT NULL, reason TEXT,
+                 created_ms INTEGER NOT NULL, batch_id INTEGER, network_fee_sat INTEGER);
+             INSERT INTO mediator_withdrawal VALUES (1, 7, 'a', 5000, 10, 'k', 'new', NULL, 1, NULL, NULL);",
+        )
+        .unwrap();
+        init(&db).unwrap();
+        let id = insert_withdrawal(&mut db, &new_row(8, 95)).unwrap();
+        assert_eq!(withdrawal_other_used(&db, id).unwrap(), Some(Amount(95)));
+        assert_eq!(withdrawal_other_used(&db, WithdrawalId(1)).unwrap(), None);
+        let skips: i64 = db
+            .query_row(
+                "SELECT skips FROM mediator_withdrawal WHERE id = 1",
+                [],
+                |r| r.get(0),
+            )
+            .unwrap();
+        assert_eq!(skips, 0);
+    }
+
     #[test]
     fn a_withdrawal_table_from_before_autoincrement_is_migrated_with_per_account_keys() {
         let mut db = Connection::open_in_memory().unwrap();
@@ -1062,8 +1134,7 @@ mod tests {
         assert_eq!(all_withdrawals(&db).unwrap().len(), 2, "rows kept");
         // The highest id is deleted: AUTOINCREMENT still never hands it out again.
         delete_new_withdrawal(&db, WithdrawalId(2)).unwrap();
-        let id =
-            insert_withdrawal(&mut db, AccountId(8), "b", Amount(1), Amount(1), "k", 2).unwrap();
+        let id = insert_withdrawal(&mut db, &new_row(8, 0)).unwrap();
         assert_eq!(id, WithdrawalId(3));
         // Keys are per account: account 8 may use "k"; account 7 may not use it twice.
         assert_eq!(withdrawal_by_key(&db, AccountId(8), "k").unwrap(), Some(id));
@@ -1071,9 +1142,7 @@ mod tests {
             withdrawal_by_key(&db, AccountId(7), "k").unwrap(),
             Some(WithdrawalId(1))
         );
-        assert!(
-            insert_withdrawal(&mut db, AccountId(7), "b", Amount(1), Amount(1), "k", 2).is_err()
-        );
+        assert!(insert_withdrawal(&mut db, &new_row(7, 0)).is_err());
         // One account's withdrawals: its own rows only.
         let of = |a: u32| -> Vec<u64> {
             withdrawals_of_account(&db, AccountId(a))

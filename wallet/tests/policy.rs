@@ -314,6 +314,71 @@ fn lightning_outflow_counts_in_an_on_chain_withdrawals_approval_threshold() {
     assert_eq!(w.status, WithdrawalStatus::Pending);
 }
 
+/// Defect (ADR 0012, Addendum 2): a `new` row recovered after a crash mid-request (or left `new`
+/// by an unknown ledger answer) was re-decided on on-chain amounts only: the request's
+/// `other_used` was gone, so a withdrawal that needed approval with its Lightning outflow was
+/// held `Pending` and batched without one. Now the request's `other_used` is recorded with the
+/// row and the re-decision counts it, at open and in the loop; a row from before it was recorded
+/// waits for approval. Failed on the old code (all three `Pending`).
+#[test]
+fn a_request_recovered_after_a_crash_is_re_decided_with_its_lightning_outflow() {
+    use bdk_wallet::rusqlite::{params, Connection};
+    use support::Fault;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 1_000_000, "a");
+    let conf = || {
+        let mut c = config(dir.path());
+        c.withdrawal.approval_threshold = Amount(100_000);
+        c
+    };
+    let mut svc = CustodyService::open(conf(), ledger.clone()).unwrap();
+    let t = now();
+    // 95,000 over Lightning plus 5,001 on chain passes the threshold. The hold is applied but
+    // its answer lost and the ledger cannot be asked: the row stays `new`.
+    let unknown = |svc: &mut CustodyService, key: &str| {
+        ledger.fault_next(Fault::ApplyThenUnknown);
+        ledger.fail_lookups(true);
+        let mut r = request(alice, 5_001, key);
+        r.other_used = Amount(95_000);
+        let e = svc.request_withdrawal(r, t).unwrap_err();
+        assert!(matches!(e, WithdrawalError::LedgerUnknown(_)), "{e:?}");
+        ledger.fail_lookups(false);
+        let w = svc.withdrawal_by_key(alice, key).unwrap().unwrap();
+        assert_eq!(w.status, WithdrawalStatus::New);
+        w.id
+    };
+    // Resolved by the loop.
+    let in_loop = unknown(&mut svc, "loop");
+    assert_eq!(svc.resolve_withdrawals().unwrap(), 0);
+    let status = |svc: &CustodyService, id| svc.withdrawal(id).unwrap().unwrap().status;
+    assert_eq!(status(&svc, in_loop), WithdrawalStatus::AwaitingApproval);
+    // Resolved at open, after a crash.
+    let at_open = unknown(&mut svc, "open");
+    drop(svc);
+    // And a `new` row written before the outflow was recorded (its column NULL).
+    let db = Connection::open(dir.path().join(wallet::DATABASE_FILE)).unwrap();
+    db.execute(
+        "INSERT INTO mediator_withdrawal (id, account, address, amount_sat, fee_sat,
+         idempotency_key, status, created_ms) VALUES (100, ?1, ?2, 1000, ?3, 'legacy', 'new', ?4)",
+        params![
+            alice.0,
+            support::offline::ADDRESS,
+            support::offline::FEE as i64,
+            t.as_millis() as i64
+        ],
+    )
+    .unwrap();
+    drop(db);
+    let svc = CustodyService::open(conf(), ledger.clone()).unwrap();
+    assert_eq!(status(&svc, at_open), WithdrawalStatus::AwaitingApproval);
+    let legacy = matching_engine::units::WithdrawalId(100);
+    assert_eq!(status(&svc, legacy), WithdrawalStatus::AwaitingApproval);
+    // Held once each (three holds of amount plus fee), nothing released.
+    let fee = support::offline::FEE;
+    assert_eq!(ledger.btc(alice).1, 2 * (5_001 + fee) + 1_000 + fee);
+}
+
 /// Defect: the daily limit, the same way: Lightning amounts did not count for an on-chain
 /// withdrawal. Refused now (`DailyLimit`, nothing held). Failed on the old code (accepted).
 #[test]

@@ -27,12 +27,14 @@ fn config(dir: &std::path::Path) -> CustodyConfig {
     c
 }
 
-/// What `request_withdrawal` writes before it asks the ledger for the hold.
+/// What `request_withdrawal` writes before it asks the ledger for the hold (no Lightning
+/// outflow counted).
 fn record_new(dir: &std::path::Path, id: u64, account: u32, amount: u64, key: &str) {
     let db = Connection::open(dir.join(DATABASE_FILE)).unwrap();
     db.execute(
         "INSERT INTO mediator_withdrawal (id, account, address, amount_sat, fee_sat,
-         idempotency_key, status, created_ms) VALUES (?1, ?2, ?3, ?4, 1000, ?5, 'new', 1)",
+         idempotency_key, status, created_ms, other_used_sat)
+         VALUES (?1, ?2, ?3, ?4, 1000, ?5, 'new', 1, 0)",
         params![id as i64, account, ADDRESS, amount as i64, key],
     )
     .unwrap();

@@ -14,10 +14,14 @@ use anyhow::{anyhow, bail, Context, Result};
 use base64::Engine as _;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+// Ports come from the including test crate's `free_port` (`tests/common/ports.rs`): one
+// counter per process, shared with the servers the test starts.
+use super::free_port;
 
 const CHROMIUM: &str = "/usr/bin/chromium";
 const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
@@ -62,7 +66,8 @@ pub struct Browser {
 impl Browser {
     /// Starts ChromeDriver on a free port and opens a headless session, window `width`×`height`.
     pub fn start(width: u32, height: u32) -> Result<Browser> {
-        let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        // Not `bind(:0)` and drop: another socket could take that port before ChromeDriver binds it.
+        let port = free_port();
         let driver = Command::new(CHROMEDRIVER)
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())

@@ -75,6 +75,9 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     node_cfg.api.frame_ancestors = cfg.frame_ancestors.clone();
     node_cfg.api.trusted_proxy = cfg.trusted_proxy.clone();
     node_cfg.api.audit_override = cfg.audit_override;
+    // A clean stop writes a snapshot: the next start (an upgraded build included) replays no
+    // journal written before it.
+    node_cfg.sequencer.snapshot_on_shutdown = true;
     let node = api::start_node(&cfg.data_dir, node_cfg)?;
     // Merchant payments over the API (`<data_dir>/merchant.sqlite`), before anything serves.
     let mut merchant_cfg = merchant::MerchantConfig::default();

@@ -825,8 +825,13 @@ pub async fn amend_keep_priority(
             .await?;
         match reply.result {
             Ok(()) => break reply,
-            // Refused as the engine holds the order: say why as of the commands before.
-            Err(matching_engine::RejectCode::InvalidAmend) if !synced => {
+            // Refused as the engine holds the order: say why as of the commands before. An
+            // unknown order too: a client order id the read models still give to an order the
+            // engine closed may belong to a newer order they do not hold yet.
+            Err(
+                matching_engine::RejectCode::InvalidAmend
+                | matching_engine::RejectCode::UnknownOrder,
+            ) if !synced => {
                 current = None;
             }
             Err(matching_engine::RejectCode::UnknownOrder) => return Err(ApiError::no_such_order()),

@@ -772,3 +772,60 @@ async fn cancelling_by_a_reused_client_order_id_answers_the_cancelled_order() {
         .await;
     assert_eq!(o["status"], "CANCELED", "{o}");
 }
+
+/// A keep-priority amend by a client order id the read models still give to an order the engine
+/// closed (they lag its cancel) while a newer order took the id: the engine answers "unknown
+/// order" for the old one; the gateway then catches the read models up and amends the newer
+/// order (it answered `-2013` before, for an order that exists).
+#[tokio::test]
+async fn a_keep_priority_amend_by_a_reused_client_order_id_amends_the_newer_order() {
+    let (h, gate) = gated();
+    let (_, t) = h.trader("0", "100000").await;
+    let place = "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=19000&newClientOrderId=reused-Y";
+    let a_id = h.ok("POST", "/api/v3/order", place, &t).await["orderId"]
+        .as_u64()
+        .unwrap();
+    gate.pause();
+    // A is cancelled and B takes its client order id; the read models still show A open.
+    let gone = h
+        .ok(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a_id}"),
+            &t,
+        )
+        .await;
+    assert_eq!(gone["status"], "CANCELED", "{gone}");
+    let b_id = h.ok("POST", "/api/v3/order", place, &t).await["orderId"]
+        .as_u64()
+        .unwrap();
+    assert_ne!(a_id, b_id);
+    gate.resume_on_probe.store(true, Ordering::SeqCst);
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            "symbol=BTCUSD&origClientOrderId=reused-Y&newQty=0.004",
+            &t,
+        )
+        .await;
+    gate.resume();
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+    assert_eq!(
+        r.json["amendedOrder"]["orderId"].as_u64(),
+        Some(b_id),
+        "{}",
+        r.json
+    );
+    assert_eq!(r.json["amendedOrder"]["qty"], "0.00400000", "{}", r.json);
+    assert!(h.state.sync_read_model().await);
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={b_id}"),
+            &t,
+        )
+        .await;
+    assert_eq!(o["origQty"], "0.00400000", "{o}");
+}

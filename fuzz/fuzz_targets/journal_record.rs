@@ -81,7 +81,11 @@ fuzz_target!(|data: &[u8]| {
             }
         }
         assert!(reader.valid_len() <= bytes.len() as u64);
-        if reader.defect().is_none() {
+        if reader.zero_tail() {
+            // Preallocated space: only zeros after the valid prefix, and no defect.
+            assert_eq!(reader.defect(), None);
+            assert!(bytes[reader.valid_len() as usize..].iter().all(|&b| b == 0));
+        } else if reader.defect().is_none() {
             assert_eq!(reader.valid_len(), bytes.len() as u64);
         }
     }

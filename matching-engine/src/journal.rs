@@ -355,9 +355,10 @@ impl JournalWriter {
     }
 
     /// Makes this writer keep zero-filled, synced space ahead of its records (see the module docs)
-    /// and fills the first extent now: after it returns `Ok`, group commits that fit overwrite
-    /// zeros and the file's length stays put. A failure poisons the writer (the file's tail is
-    /// then unknown).
+    /// and fills the first extent now: group commits that fit overwrite zeros and the file's
+    /// length stays put. Best effort: when zeros cannot be written or synced (a full disk, say),
+    /// preallocation is off for this writer (logged) and it appends as without it; no record is
+    /// at risk. Fails only on a poisoned writer.
     pub fn preallocate(&mut self) -> Result<(), JournalError> {
         if self.poisoned {
             return Err(JournalError::Poisoned);
@@ -365,25 +366,32 @@ impl JournalWriter {
         if self.allocated.is_some() {
             return Ok(());
         }
-        let len = self.file.metadata().map_err(io_err(&self.path))?.len();
-        // Anything past the written records is zeros by now (`create` and `open_at` cut the
-        // rest), so the extension starts at the file's end.
-        debug_assert_eq!(len, self.file_len);
-        self.allocated = Some(len.max(self.file_len));
-        self.extend_to(self.file_len + self.buf.len() as u64 + 1)
+        match self.file.metadata() {
+            // Anything past the written records is zeros by now (`create` and `open_at` cut
+            // the rest), so the extension starts at the file's end.
+            Ok(m) => {
+                self.allocated = Some(m.len().max(self.file_len));
+                self.extend_to(self.file_len + self.buf.len() as u64 + 1);
+            }
+            Err(error) => tracing::warn!(
+                path = %self.path.display(), %error,
+                "journal preallocation failed: appending without it"
+            ),
+        }
+        Ok(())
     }
 
     /// Zero-fills the file from its allocated end until it holds at least `need` bytes (one
     /// step: the file's length again, at least [`PREALLOCATE_FIRST_STEP`], at most
     /// [`PREALLOCATE_MAX_STEP`]) and syncs it.
-    fn extend_to(&mut self, need: u64) -> Result<(), JournalError> {
+    fn extend_to(&mut self, need: u64) {
         use std::os::unix::fs::FileExt;
         static ZEROS: [u8; 64 * 1024] = [0; 64 * 1024];
         let Some(allocated) = self.allocated else {
-            return Ok(());
+            return;
         };
         if need <= allocated {
-            return Ok(());
+            return;
         }
         let step = allocated.clamp(PREALLOCATE_FIRST_STEP, PREALLOCATE_MAX_STEP);
         let target = need.max(allocated + step);
@@ -396,14 +404,38 @@ impl JournalWriter {
             }
             self.file.sync_data()
         })();
-        if let Err(source) = result {
-            self.poisoned = true;
-            return Err(JournalError::Io {
-                path: self.path.clone(),
-                source,
-            });
+        match result {
+            Ok(()) => self.allocated = Some(target),
+            // Zeros that did not reach the disk put no record at risk (none is written yet, and
+            // every earlier one was synced): preallocation stops for this writer, which goes on
+            // appending as it did before preallocation existed. A short disk is then noticed by
+            // the records' own write or sync, not 16 MiB early.
+            Err(error) => {
+                tracing::warn!(
+                    path = %self.path.display(), %error,
+                    "journal preallocation failed: appending without it"
+                );
+                self.allocated = None;
+            }
         }
-        self.allocated = Some(target);
+    }
+
+    /// Cuts preallocated zeros after the records and syncs the file, as before a rotation: an
+    /// older segment then ends with its last record, as a build before preallocation expects.
+    pub fn trim(&mut self) -> Result<(), JournalError> {
+        if self.poisoned {
+            return Err(JournalError::Poisoned);
+        }
+        let len = self.file.metadata().map_err(io_err(&self.path))?.len();
+        if len > self.file_len {
+            self.file
+                .set_len(self.file_len)
+                .and_then(|()| self.file.sync_all())
+                .map_err(io_err(&self.path))?;
+        }
+        if self.allocated.is_some() {
+            self.allocated = Some(self.file_len);
+        }
         Ok(())
     }
 
@@ -543,7 +575,7 @@ impl JournalWriter {
         };
         let end = self.file_len + self.buf.len() as u64;
         if self.allocated.is_some_and(|a| end > a) {
-            self.extend_to(end)?;
+            self.extend_to(end);
         }
         // Positioned: the file's length is not where records end when it is preallocated.
         let result = std::os::unix::fs::FileExt::write_all_at(&self.file, &self.buf, self.file_len)

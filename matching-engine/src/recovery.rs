@@ -598,6 +598,9 @@ impl<S: StateMachine> Store<S> {
         let path = write_snapshot(&self.dir, state)?;
         self.last_snapshot_seq = state.seq();
         if !self.journal.is_empty() {
+            // The old segment ends with its last record (no preallocated zeros): what an older
+            // build expects of every segment but the last, and 16 MiB less kept per segment.
+            self.journal.trim()?;
             let mut journal = JournalWriter::create(&self.dir, state.seq() + 1)?;
             if self.config.preallocate {
                 journal.preallocate()?;

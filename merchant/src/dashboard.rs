@@ -1323,6 +1323,8 @@ pub async fn refund(
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
     step_up(&st, &s, form.text("password"), StepUp::Refund).await?;
+    // Its claim link pays any address: none while the withdrawal address list is on.
+    refuse_while_list_on(&st, s.account, "a refund", StepUp::Refund.nothing()).await?;
     let mut body = Map::new();
     body.insert("refundVariant".into(), json!(form.text("variant")));
     if form.text("variant") == "Custom" {
@@ -1629,6 +1631,12 @@ pub async fn withdraw(
     )
     .await?;
     let account = s.account;
+    // A form sent before (a double submit, or a retry after no clear answer) is answered by its
+    // withdrawal first: the list may have changed since, and its refusal would say "Nothing
+    // was sent" about a withdrawal that exists.
+    if let Some(answer) = already_sent(&st, account, &key, &address, amount).await? {
+        return answer;
+    }
     // The store's allow-list, when it has one: only a listed address past its delay.
     let (a2, now) = (address.clone(), now_ms());
     with_db(&st, move |c| {
@@ -1642,24 +1650,10 @@ pub async fn withdraw(
         match sent {
             Ok(w) => w,
             Err(e) if e.code == api::custody::DUPLICATE_WITHDRAWAL_KEY => {
-                // This form was sent before: its withdrawal, if it is the same one.
-                let k = key.clone();
-                let found = api::capital::call(&st, move |c| c.withdrawal_by_key(account, &k))
-                    .await?
-                    .filter(|w| w.account == account && w.idempotency_key == key);
-                match found {
-                    Some(w) if same_address(&w.address, &address) && w.amount_sat == amount => {
-                        return Ok(redirect(&format!(
-                            "/dashboard?done={}",
-                            pct(&format!(
-                                "This form already requested withdrawal {} of {} BTC; it is not \
-                             sent twice.",
-                                w.id,
-                                api::decimal::format_units(w.amount_sat, 8)
-                            ))
-                        )));
-                    }
-                    _ => return Err(Refusal::Page(
+                // Taken between the look-up above and this request: answered the same way.
+                match already_sent(&st, account, &key, &address, amount).await? {
+                    Some(answer) => return answer,
+                    None => return Err(Refusal::Page(
                         StatusCode::CONFLICT,
                         "This form was already used for another withdrawal; reload the page to \
                          request a new one. Nothing was sent."
@@ -1709,20 +1703,74 @@ pub async fn withdraw(
     )))
 }
 
-/// Whether custody's stored address `stored` is the form's `sent`: custody stores a bech32
-/// address in lower case (`Address::to_string()`), and bech32 is case-insensitive (BIP 173: a
-/// QR code carries it in upper case); any other address (base58) compares exactly.
-fn same_address(stored: &str, sent: &str) -> bool {
-    let bech32 = ["bc1", "tb1", "bcrt1"].iter().any(|hrp| {
-        sent.get(..hrp.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(hrp))
-    });
-    if bech32 {
-        stored.eq_ignore_ascii_case(sent)
-    } else {
-        stored == sent
-    }
+/// The answer to a withdrawal form whose key this account already used, if it did: its
+/// withdrawal when address and amount match ("already requested": one withdrawal however often
+/// the form is sent), `409` when they do not (nothing sent). `None`: the key is unused.
+async fn already_sent(
+    st: &AppState,
+    account: u32,
+    key: &str,
+    address: &str,
+    amount: u64,
+) -> Result<Option<Result<Response, Refusal>>, Refusal> {
+    let k = key.to_owned();
+    let found = api::capital::call(st, move |c| c.withdrawal_by_key(account, &k)).await?;
+    Ok(match found {
+        None => None,
+        Some(w)
+            if w.account == account
+                && w.idempotency_key == key
+                && crate::allowlist::same_address(&w.address, address)
+                && w.amount_sat == amount =>
+        {
+            Some(Ok(redirect(&format!(
+                "/dashboard?done={}",
+                pct(&format!(
+                    "This form already requested withdrawal {} of {} BTC; it is not sent twice.",
+                    w.id,
+                    api::decimal::format_units(w.amount_sat, 8)
+                ))
+            ))))
+        }
+        Some(_) => Some(Err(Refusal::Page(
+            StatusCode::CONFLICT,
+            "This form was already used for another withdrawal; reload the page to request a \
+             new one. Nothing was sent."
+                .into(),
+        ))),
+    })
 }
+
+/// Refuses what would move the store's money around its withdrawal address list (a token with
+/// `withdraw`, a refund's pull payment: both pay any address) while the list is on
+/// ([`crate::allowlist::is_on`], including its delay after the last removal): `403`
+/// `address_list_on`, with `nothing` (what was not done).
+async fn refuse_while_list_on(
+    st: &AppState,
+    account: u32,
+    what: &str,
+    nothing: &str,
+) -> Result<(), Refusal> {
+    let now = now_ms();
+    let on = with_db(st, move |c| {
+        crate::allowlist::is_on(c, account, now).map_err(db_error)
+    })
+    .await?;
+    if on {
+        return Err(Refusal::Page(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Refused ({LIST_ON_CODE}): this store's withdrawal address list is on, and {what} \
+                 could pay any address; withdraw to a listed address instead, or empty the list \
+                 (it stays on for its delay after the last removal). {nothing}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The stable code of [`refuse_while_list_on`].
+const LIST_ON_CODE: &str = "address_list_on";
 
 /// `POST /dashboard/settings`: Greenfield's store update.
 pub async fn save_settings(
@@ -1821,6 +1869,14 @@ pub async fn create_token(
     // withdrawal, it needs the store password again, not the session alone (ADR 0015).
     if perms.has(Perms::WITHDRAW) {
         step_up(&st, &s, form.text("password"), StepUp::WithdrawToken).await?;
+        // Its signed API never consults the withdrawal address list: none while it is on.
+        refuse_while_list_on(
+            &st,
+            s.account,
+            "a token with withdraw",
+            StepUp::WithdrawToken.nothing(),
+        )
+        .await?;
     }
     let label = form.text("label").to_owned();
     if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
@@ -1962,17 +2018,21 @@ pub async fn add_address(
     step_up(&st, &s, form.text("password"), StepUp::AddressList).await?;
     let (account, now) = (s.account, now_ms());
     let delay = st.merchant().cfg.withdraw_address_delay_ms;
+    // The audit entry is appended before the addition is committed (the operator relies on
+    // seeing every addition): a failed append adds nothing.
+    let (st2, actor, by) = (st.clone(), s.actor(), s.audit_id());
     let added = with_db(&st, move |c| {
-        Ok(crate::allowlist::add(c, account, &address, now, delay))
+        crate::allowlist::add_with(c, account, &address, now, delay, |added| {
+            st2.audit_by(
+                &actor,
+                &by,
+                "dashboard.withdraw_address.add",
+                json!({ "account": account, "address": &added.address, "active_ms": added.active_ms }),
+            )
+        })
     })
     .await?
     .map_err(|e| list_refusal(e, "The list was not changed."))?;
-    st.audit_by(
-        &s.actor(),
-        &s.audit_id(),
-        "dashboard.withdraw_address.add",
-        json!({ "account": account, "address": &added.address, "active_ms": added.active_ms }),
-    )?;
     Ok(redirect(&format!(
         "/dashboard/addresses?done={}",
         pct(&format!(
@@ -1996,9 +2056,18 @@ pub async fn remove_address(
     step_up(&st, &s, form.text("password"), StepUp::AddressList).await?;
     let (account, now) = (s.account, now_ms());
     let delay = st.merchant().cfg.withdraw_address_delay_ms;
-    let a2 = address.clone();
+    // As for an addition: the audit entry first, then the commit; a failed append removes
+    // nothing.
+    let (st2, actor, by) = (st.clone(), s.actor(), s.audit_id());
     let removed = with_db(&st, move |c| {
-        Ok(crate::allowlist::remove(c, account, &a2, now, delay))
+        crate::allowlist::remove_with(c, account, &address, now, delay, |address| {
+            st2.audit_by(
+                &actor,
+                &by,
+                "dashboard.withdraw_address.remove",
+                json!({ "account": account, "address": address }),
+            )
+        })
     })
     .await?
     .map_err(|e| list_refusal(e, "The list was not changed."))?;
@@ -2008,12 +2077,6 @@ pub async fn remove_address(
             "That address is not on the list. The list was not changed.".into(),
         ));
     }
-    st.audit_by(
-        &s.actor(),
-        &s.audit_id(),
-        "dashboard.withdraw_address.remove",
-        json!({ "account": account, "address": crate::allowlist::normalize(&address) }),
-    )?;
     Ok(redirect(&format!(
         "/dashboard/addresses?done={}",
         pct("Address removed.")

@@ -1879,3 +1879,151 @@ fn a_database_from_before_the_allow_list_gains_it_off() {
         "per store"
     );
 }
+
+/// Review finding (HIGH): with the session and the password a thief created a `withdraw` token
+/// on the dashboard and withdrew through the signed API, which never consults the list. While
+/// the store's list is on, the dashboard creates no token with `withdraw` (a clear refusal with
+/// a stable code, nothing created); a token without it is still created.
+#[tokio::test]
+async fn a_listed_store_creates_no_withdraw_token_on_the_dashboard() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let r = add_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let keys_before = d.h.state.keys().of_account(d.account).len();
+    let r = post(
+        &d.h,
+        "/dashboard/tokens",
+        &id,
+        "/dashboard/tokens",
+        &[
+            ("label", "thief"),
+            ("merchant", "1"),
+            ("withdraw", "1"),
+            ("password", PASSWORD),
+        ],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(
+        r.body.contains("address_list_on") && r.body.contains("No token was created"),
+        "{}",
+        r.body
+    );
+    assert!(!r.body.contains("Copy it now"), "{}", r.body);
+    assert_eq!(d.h.state.keys().of_account(d.account).len(), keys_before);
+    let r = post(
+        &d.h,
+        "/dashboard/tokens",
+        &id,
+        "/dashboard/tokens",
+        &[("label", "shop"), ("merchant", "1"), ("read", "1")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(
+        d.h.state.keys().of_account(d.account).len(),
+        keys_before + 1
+    );
+}
+
+/// Review finding (HIGH): a dashboard refund creates a pull payment whose claim link pays any
+/// address, around the list. While the store's list is on, the dashboard refuses refunds
+/// (a clear refusal with a stable code, no pull payment created).
+#[tokio::test]
+async fn a_listed_store_refuses_dashboard_refunds() {
+    let d = setup().await;
+    let inv = paid_invoice(&d).await;
+    let id = session(&d).await;
+    let r = add_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    for form in [
+        vec![("variant", "OverpaidAmount"), ("password", PASSWORD)],
+        vec![
+            ("variant", "Custom"),
+            ("amount", "0.0001"),
+            ("currency", "BTC"),
+            ("password", PASSWORD),
+        ],
+    ] {
+        let r = post(
+            &d.h,
+            &format!("/dashboard/invoices/{inv}/refund"),
+            &id,
+            "/dashboard",
+            &form,
+        )
+        .await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+        assert!(
+            r.body.contains("address_list_on") && r.body.contains("No refund was created"),
+            "{}",
+            r.body
+        );
+    }
+    let pps = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{}/pull-payments", d.account),
+        &d.token,
+        None,
+    )
+    .await;
+    assert_eq!(pps.as_array().unwrap().len(), 0, "{pps}");
+}
+
+/// Review finding: the list was checked before the form's key was looked up. A first submit
+/// without a clear answer that custody recorded, then a change of the list (here its first
+/// address), made the retry answer "Refused (address_not_listed) ... Nothing was sent" although
+/// the withdrawal exists. The retry now shows that withdrawal.
+#[tokio::test]
+async fn a_retried_form_shows_its_withdrawal_after_the_list_changed() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let id = session(&d).await;
+    let form = withdraw_form(&d.h, &id).await;
+    d.fake.panic.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    assert_eq!(count(), 1);
+    let r = add_address(&d.h, &id, OTHER, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert!(
+        get(&d.h, r.location(), &id)
+            .await
+            .body
+            .contains("already requested withdrawal 100"),
+        "the retry did not show the withdrawal"
+    );
+    assert_eq!(count(), 1);
+    // A new form to an address not usable on the list is still refused.
+    let form = withdraw_form(&d.h, &id).await;
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(r.body.contains("address_not_listed"), "{}", r.body);
+    assert_eq!(count(), 1);
+}
+
+/// Review finding: a change of the list was committed before its audit entry; a failed append
+/// answered 500 with the address added and no entry. Now a failed append changes nothing.
+#[tokio::test]
+async fn a_failed_audit_append_changes_no_address() {
+    let d = setup().await;
+    let id = session(&d).await;
+    d.h.state.audit_log().fail_appends_after(0);
+    let r = add_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    assert!(listed(&d).is_empty(), "added without its audit entry");
+    assert_eq!(allowed_at(&d, OTHER, common::now_ms()), Ok(()));
+    // A removal whose entry cannot be written removes nothing either.
+    let d = setup().await;
+    let id = session(&d).await;
+    let r = add_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    d.h.state.audit_log().fail_appends_after(0);
+    let r = remove_address(&d.h, &id, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
+    assert_eq!(listed(&d).len(), 1, "removed without its audit entry");
+}

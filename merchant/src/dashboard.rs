@@ -19,10 +19,10 @@
 //!   store update ([`super::routes::update_store`]); a withdrawal goes through the signed API's
 //!   own path ([`api::capital::apply_withdrawal`]).
 //! * **Withdrawals need the password again** (step-up, ADR 0015): the form carries the store
-//!   password, checked like a login (10 attempts a minute per store), so a session cookie
-//!   alone, or a one-time link's session without the password, moves no money. The form also carries a
-//!   random idempotency key (`withdrawOrderId`): submitting it twice, or again after a lost
-//!   answer, requests one withdrawal and shows it.
+//!   password, checked like a login (10 failed attempts a minute per session, 30 per store),
+//!   so a session cookie alone, or a one-time link's session without the password, moves no
+//!   money. The form also carries a random idempotency key (`withdrawOrderId`): submitting it
+//!   twice, or again after a lost answer, requests one withdrawal and shows it.
 //! * **Secrets stay out of URLs.** A message that holds one (a refund's claim link, a bearer
 //!   credential) is kept server-side for the session as a one-time message ([`put_flash`]) and
 //!   shown by the page the form redirects to; only harmless messages travel as `?done=`.
@@ -1540,20 +1540,32 @@ impl StepUp {
     }
 }
 
-/// Step-up for what moves the store's money (a withdrawal, a `withdraw` token, a refund): the
-/// store's password again, checked like a login and limited like one ([`LOGINS_PER_MIN`]
-/// attempts a minute per store for all three together, counted apart from the logins). A
-/// store without a password (a session from a one-time link) can do none of them from the
-/// dashboard.
+/// Failed step-up passwords a minute per store, all its sessions together: looser than the
+/// per-session limit ([`LOGINS_PER_MIN`]), so one session sending wrong passwords does not
+/// lock the owner's session out.
+pub const STEP_UP_FAILURES_PER_MIN_STORE: u64 = 30;
+
+/// Step-up for what moves the store's money or guards it (a withdrawal, a `withdraw` token, a
+/// refund, a change to the address list): the store's password again, checked like a login.
+/// Only failed attempts count, apart from the logins: [`LOGINS_PER_MIN`] a minute per session
+/// and [`STEP_UP_FAILURES_PER_MIN_STORE`] per store; a session or store past its count is
+/// refused before the password is checked. A success counts nothing, so a session that sends
+/// wrong passwords locks out itself, not the owner's session. A store without a password (a
+/// session from a one-time link) can do none of these from the dashboard.
 async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Result<(), Refusal> {
     let limiter = st
         .merchant()
-        .logins
-        .get_or_init(|| api::ratelimit::Limiter::new(LOGINS_PER_MIN));
-    if matches!(
-        limiter.charge(&format!("withdraw:{}", s.account), 1, now_ms()),
-        api::ratelimit::Charge::Limited { .. }
-    ) {
+        .step_ups
+        .get_or_init(|| api::ratelimit::Limiter::new(STEP_UP_FAILURES_PER_MIN_STORE));
+    let (by_session, by_store) = (
+        format!("step-up:session:{}", s.hash),
+        format!("step-up:store:{}", s.account),
+    );
+    // Weight 0 reads the count without adding to it.
+    let used = |key: &str| match limiter.charge(key, 0, now_ms()) {
+        api::ratelimit::Charge::Ok(used) | api::ratelimit::Charge::Limited { used, .. } => used,
+    };
+    if used(&by_session) >= LOGINS_PER_MIN || used(&by_store) >= STEP_UP_FAILURES_PER_MIN_STORE {
         return Err(Refusal::Page(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -1589,6 +1601,9 @@ async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Res
         .await
         .map_err(|_| Refusal::from(ApiError::internal()))?;
     if !good {
+        let now = now_ms();
+        limiter.charge(&by_session, 1, now);
+        limiter.charge(&by_store, 1, now);
         return Err(Refusal::Page(
             StatusCode::UNAUTHORIZED,
             format!("Wrong password. {}", act.nothing()),

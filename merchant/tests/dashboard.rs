@@ -2027,3 +2027,58 @@ async fn a_failed_audit_append_changes_no_address() {
     assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.body);
     assert_eq!(listed(&d).len(), 1, "removed without its audit entry");
 }
+
+/// Review finding: the step-up limit (10 a minute per store) was charged before the password
+/// was checked, successes included: anyone with a session could send 10 wrong passwords a
+/// minute and lock the owner out of removing an address (or withdrawing). Now only failures
+/// count, per session (10 a minute), with a looser cap per store (30 a minute).
+#[tokio::test]
+async fn wrong_passwords_from_one_session_do_not_lock_the_owner_out() {
+    // The limits count per minute (fixed windows of the clock): start well inside one, so a
+    // new window does not reset the counts half-way (not a timing assertion).
+    let into = common::now_ms() % 60_000;
+    if into > 30_000 {
+        tokio::time::sleep(std::time::Duration::from_millis(60_000 - into + 50)).await;
+    }
+    let d = setup().await;
+    let thief = session(&d).await;
+    let owner = session(&d).await;
+    for i in 0..10 {
+        let r = add_address(&d.h, &thief, ADDRESS, "not the password").await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNAUTHORIZED,
+            "attempt {i}: {}",
+            r.body
+        );
+    }
+    let r = add_address(&d.h, &thief, ADDRESS, "not the password").await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    assert!(r.body.contains("The list was not changed"), "{}", r.body);
+    // The thief's session is limited, even with the password.
+    let r = add_address(&d.h, &thief, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+    assert!(listed(&d).is_empty());
+    // The owner's session is not; and its successes are not counted.
+    for i in 0..12 {
+        let a = format!("bcrt1qowner{i:02}address9owner9address9owner9ad");
+        let r = add_address(&d.h, &owner, &a, PASSWORD).await;
+        assert_eq!(r.status, StatusCode::SEE_OTHER, "success {i}: {}", r.body);
+    }
+    assert_eq!(listed(&d).len(), 12);
+    // Past the store's cap (30 failures a minute, from three sessions) every session waits.
+    for _ in 0..2 {
+        let s = session(&d).await;
+        for i in 0..10 {
+            let r = remove_address(&d.h, &s, ADDRESS, "not the password").await;
+            assert_eq!(
+                r.status,
+                StatusCode::UNAUTHORIZED,
+                "attempt {i}: {}",
+                r.body
+            );
+        }
+    }
+    let r = remove_address(&d.h, &owner, ADDRESS, PASSWORD).await;
+    assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
+}

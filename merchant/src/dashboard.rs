@@ -1649,7 +1649,20 @@ pub async fn withdraw(
     // A form sent before (a double submit, or a retry after no clear answer) is answered by its
     // withdrawal first: the list may have changed since, and its refusal would say "Nothing
     // was sent" about a withdrawal that exists.
-    if let Some(answer) = already_sent(&st, account, &key, &address, amount).await? {
+    let sent_before = already_sent(&st, account, &key, &address, amount)
+        .await
+        .map_err(|e| {
+            Refusal::Page(
+                e.status,
+                format!(
+                    "Refused ({}): custody could not be asked about this form: {}. Nothing was \
+                     sent.",
+                    e.code,
+                    e.msg.trim_end_matches('.')
+                ),
+            )
+        })?;
+    if let Some(answer) = sent_before {
         return answer;
     }
     // The store's allow-list, when it has one: only a listed address past its delay.
@@ -1727,7 +1740,7 @@ async fn already_sent(
     key: &str,
     address: &str,
     amount: u64,
-) -> Result<Option<Result<Response, Refusal>>, Refusal> {
+) -> Result<Option<Result<Response, Refusal>>, ApiError> {
     let k = key.to_owned();
     let found = api::capital::call(st, move |c| c.withdrawal_by_key(account, &k)).await?;
     Ok(match found {

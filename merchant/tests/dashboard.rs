@@ -2082,3 +2082,22 @@ async fn wrong_passwords_from_one_session_do_not_lock_the_owner_out() {
     let r = remove_address(&d.h, &owner, ADDRESS, PASSWORD).await;
     assert_eq!(r.status, StatusCode::TOO_MANY_REQUESTS, "{}", r.body);
 }
+
+/// The form's key is looked up before anything is sent (a resent form is answered by its
+/// withdrawal): when custody cannot be asked (not attached), the answer says nothing was sent.
+#[tokio::test]
+async fn a_withdrawal_without_custody_says_nothing_was_sent() {
+    let h = Harness::new();
+    let (account, _) = h.trader("0.25", "0").await;
+    set_password(&h, account, PASSWORD).await;
+    let p = login(&h, account, PASSWORD).await;
+    let id = p.cookie().expect("a session cookie");
+    // The home page shows no form without custody; a form kept from before still posts.
+    let form = (
+        get(&h, "/dashboard", &id).await.csrf(),
+        format!("dash-{}", "ab".repeat(16)),
+    );
+    let r = withdraw(&h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
+    assert!(r.body.contains("Nothing was sent"), "{}", r.body);
+}

@@ -110,6 +110,13 @@ pub fn normalize(address: &str) -> String {
     }
 }
 
+/// Whether two addresses are the same address as custody and the list compare them: their
+/// [`normalize`]d forms are equal (custody stores a bech32 address in lower case, a form or a
+/// claim may carry it in upper case; any other address compares exactly).
+pub fn same_address(a: &str, b: &str) -> bool {
+    normalize(a) == normalize(b)
+}
+
 fn ms(v: i64) -> u64 {
     u64::try_from(v).unwrap_or(0)
 }
@@ -177,7 +184,7 @@ pub fn check(
 }
 
 /// Adds `address` to the store's list at `now_ms`, usable from `now_ms + delay_ms`. The caller
-/// has checked its syntax and the store's password.
+/// has checked its syntax and the store's password. [`add_with`] without a hook.
 pub fn add(
     conn: &mut Connection,
     merchant: u32,
@@ -185,14 +192,39 @@ pub fn add(
     now_ms: u64,
     delay_ms: u64,
 ) -> Result<Listed, AllowListError> {
+    match add_with(conn, merchant, address, now_ms, delay_ms, |_| {
+        Ok::<(), std::convert::Infallible>(())
+    }) {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+/// As [`add`], calling `before_commit` with the entry once the addition is checked and written
+/// but not yet committed (the dashboard appends its audit entry there). The outer `Err` is the
+/// hook's: then nothing is added (rolled back). The inner result is the list's answer.
+pub fn add_with<E>(
+    conn: &mut Connection,
+    merchant: u32,
+    address: &str,
+    now_ms: u64,
+    delay_ms: u64,
+    before_commit: impl FnOnce(&Listed) -> Result<(), E>,
+) -> Result<Result<Listed, AllowListError>, E> {
     let address = normalize(address);
-    let tx = conn.transaction()?;
-    let listed = list(&tx, merchant)?;
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    let listed = match list(&tx, merchant) {
+        Ok(l) => l,
+        Err(e) => return Ok(Err(e.into())),
+    };
     if listed.iter().any(|l| l.address == address) {
-        return Err(AllowListError::AlreadyListed { address });
+        return Ok(Err(AllowListError::AlreadyListed { address }));
     }
     if listed.len() >= MAX_ADDRESSES {
-        return Err(AllowListError::Full);
+        return Ok(Err(AllowListError::Full));
     }
     let entry = Listed {
         address,
@@ -200,7 +232,7 @@ pub fn add(
         active_ms: now_ms.saturating_add(delay_ms),
     };
     // A removed row of the same address is replaced: a new delay from now.
-    tx.execute(
+    if let Err(e) = tx.execute(
         "INSERT INTO dashboard_withdraw_address \
          (merchant, address, added_ms, active_ms, removed_ms, list_on_until_ms) \
          VALUES (?1, ?2, ?3, ?4, NULL, NULL) \
@@ -212,29 +244,64 @@ pub fn add(
             sql_ms(entry.added_ms),
             sql_ms(entry.active_ms)
         ],
-    )?;
-    tx.commit()?;
-    Ok(entry)
+    ) {
+        return Ok(Err(e.into()));
+    }
+    // Dropping `tx` on the hook's error rolls the insert back.
+    before_commit(&entry)?;
+    Ok(tx.commit().map(|()| entry).map_err(AllowListError::from))
 }
 
 /// Removes `address` from the store's list at `now_ms`: at once for that address; the list
 /// stays on until `now_ms + delay_ms`. `Ok(false)` if it was not listed (nothing changed).
+/// [`remove_with`] without a hook.
 pub fn remove(
-    conn: &Connection,
+    conn: &mut Connection,
     merchant: u32,
     address: &str,
     now_ms: u64,
     delay_ms: u64,
 ) -> Result<bool, AllowListError> {
-    let n = conn.execute(
+    match remove_with(conn, merchant, address, now_ms, delay_ms, |_| {
+        Ok::<(), std::convert::Infallible>(())
+    }) {
+        Ok(r) => r,
+        Err(never) => match never {},
+    }
+}
+
+/// As [`remove`], calling `before_commit` with the normalized address once the removal is
+/// written but not yet committed (only when the address was listed). The outer `Err` is the
+/// hook's: then nothing is removed (rolled back).
+pub fn remove_with<E>(
+    conn: &mut Connection,
+    merchant: u32,
+    address: &str,
+    now_ms: u64,
+    delay_ms: u64,
+    before_commit: impl FnOnce(&str) -> Result<(), E>,
+) -> Result<Result<bool, AllowListError>, E> {
+    let address = normalize(address);
+    let tx = match conn.transaction() {
+        Ok(tx) => tx,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    let n = match tx.execute(
         "UPDATE dashboard_withdraw_address SET removed_ms = ?3, list_on_until_ms = ?4 \
          WHERE merchant = ?1 AND address = ?2 AND removed_ms IS NULL",
         params![
             merchant,
-            normalize(address),
+            address,
             sql_ms(now_ms),
             sql_ms(now_ms.saturating_add(delay_ms))
         ],
-    )?;
-    Ok(n == 1)
+    ) {
+        Ok(n) => n,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    if n != 1 {
+        return Ok(Ok(false));
+    }
+    before_commit(&address)?;
+    Ok(tx.commit().map(|()| true).map_err(AllowListError::from))
 }

@@ -19,10 +19,10 @@
 //!   store update ([`super::routes::update_store`]); a withdrawal goes through the signed API's
 //!   own path ([`api::capital::apply_withdrawal`]).
 //! * **Withdrawals need the password again** (step-up, ADR 0015): the form carries the store
-//!   password, checked like a login (10 attempts a minute per store), so a session cookie
-//!   alone, or a one-time link's session without the password, moves no money. The form also carries a
-//!   random idempotency key (`withdrawOrderId`): submitting it twice, or again after a lost
-//!   answer, requests one withdrawal and shows it.
+//!   password, checked like a login (10 failed attempts a minute per session, 30 per store),
+//!   so a session cookie alone, or a one-time link's session without the password, moves no
+//!   money. The form also carries a random idempotency key (`withdrawOrderId`): submitting it
+//!   twice, or again after a lost answer, requests one withdrawal and shows it.
 //! * **Secrets stay out of URLs.** A message that holds one (a refund's claim link, a bearer
 //!   credential) is kept server-side for the session as a one-time message ([`put_flash`]) and
 //!   shown by the page the form redirects to; only harmless messages travel as `?done=`.
@@ -1323,6 +1323,8 @@ pub async fn refund(
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
     step_up(&st, &s, form.text("password"), StepUp::Refund).await?;
+    // Its claim link pays any address: none while the withdrawal address list is on.
+    refuse_while_list_on(&st, s.account, "a refund", StepUp::Refund.nothing()).await?;
     let mut body = Map::new();
     body.insert("refundVariant".into(), json!(form.text("variant")));
     if form.text("variant") == "Custom" {
@@ -1538,20 +1540,32 @@ impl StepUp {
     }
 }
 
-/// Step-up for what moves the store's money (a withdrawal, a `withdraw` token, a refund): the
-/// store's password again, checked like a login and limited like one ([`LOGINS_PER_MIN`]
-/// attempts a minute per store for all three together, counted apart from the logins). A
-/// store without a password (a session from a one-time link) can do none of them from the
-/// dashboard.
+/// Failed step-up passwords a minute per store, all its sessions together: looser than the
+/// per-session limit ([`LOGINS_PER_MIN`]), so one session sending wrong passwords does not
+/// lock the owner's session out.
+pub const STEP_UP_FAILURES_PER_MIN_STORE: u64 = 30;
+
+/// Step-up for what moves the store's money or guards it (a withdrawal, a `withdraw` token, a
+/// refund, a change to the address list): the store's password again, checked like a login.
+/// Only failed attempts count, apart from the logins: [`LOGINS_PER_MIN`] a minute per session
+/// and [`STEP_UP_FAILURES_PER_MIN_STORE`] per store; a session or store past its count is
+/// refused before the password is checked. A success counts nothing, so a session that sends
+/// wrong passwords locks out itself, not the owner's session. A store without a password (a
+/// session from a one-time link) can do none of these from the dashboard.
 async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Result<(), Refusal> {
     let limiter = st
         .merchant()
-        .logins
-        .get_or_init(|| api::ratelimit::Limiter::new(LOGINS_PER_MIN));
-    if matches!(
-        limiter.charge(&format!("withdraw:{}", s.account), 1, now_ms()),
-        api::ratelimit::Charge::Limited { .. }
-    ) {
+        .step_ups
+        .get_or_init(|| api::ratelimit::Limiter::new(STEP_UP_FAILURES_PER_MIN_STORE));
+    let (by_session, by_store) = (
+        format!("step-up:session:{}", s.hash),
+        format!("step-up:store:{}", s.account),
+    );
+    // Weight 0 reads the count without adding to it.
+    let used = |key: &str| match limiter.charge(key, 0, now_ms()) {
+        api::ratelimit::Charge::Ok(used) | api::ratelimit::Charge::Limited { used, .. } => used,
+    };
+    if used(&by_session) >= LOGINS_PER_MIN || used(&by_store) >= STEP_UP_FAILURES_PER_MIN_STORE {
         return Err(Refusal::Page(
             StatusCode::TOO_MANY_REQUESTS,
             format!(
@@ -1587,6 +1601,9 @@ async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Res
         .await
         .map_err(|_| Refusal::from(ApiError::internal()))?;
     if !good {
+        let now = now_ms();
+        limiter.charge(&by_session, 1, now);
+        limiter.charge(&by_store, 1, now);
         return Err(Refusal::Page(
             StatusCode::UNAUTHORIZED,
             format!("Wrong password. {}", act.nothing()),
@@ -1629,6 +1646,25 @@ pub async fn withdraw(
     )
     .await?;
     let account = s.account;
+    // A form sent before (a double submit, or a retry after no clear answer) is answered by its
+    // withdrawal first: the list may have changed since, and its refusal would say "Nothing
+    // was sent" about a withdrawal that exists.
+    let sent_before = already_sent(&st, account, &key, &address, amount)
+        .await
+        .map_err(|e| {
+            Refusal::Page(
+                e.status,
+                format!(
+                    "Refused ({}): custody could not be asked about this form: {}. Nothing was \
+                     sent.",
+                    e.code,
+                    e.msg.trim_end_matches('.')
+                ),
+            )
+        })?;
+    if let Some(answer) = sent_before {
+        return answer;
+    }
     // The store's allow-list, when it has one: only a listed address past its delay.
     let (a2, now) = (address.clone(), now_ms());
     with_db(&st, move |c| {
@@ -1642,24 +1678,10 @@ pub async fn withdraw(
         match sent {
             Ok(w) => w,
             Err(e) if e.code == api::custody::DUPLICATE_WITHDRAWAL_KEY => {
-                // This form was sent before: its withdrawal, if it is the same one.
-                let k = key.clone();
-                let found = api::capital::call(&st, move |c| c.withdrawal_by_key(account, &k))
-                    .await?
-                    .filter(|w| w.account == account && w.idempotency_key == key);
-                match found {
-                    Some(w) if same_address(&w.address, &address) && w.amount_sat == amount => {
-                        return Ok(redirect(&format!(
-                            "/dashboard?done={}",
-                            pct(&format!(
-                                "This form already requested withdrawal {} of {} BTC; it is not \
-                             sent twice.",
-                                w.id,
-                                api::decimal::format_units(w.amount_sat, 8)
-                            ))
-                        )));
-                    }
-                    _ => return Err(Refusal::Page(
+                // Taken between the look-up above and this request: answered the same way.
+                match already_sent(&st, account, &key, &address, amount).await? {
+                    Some(answer) => return answer,
+                    None => return Err(Refusal::Page(
                         StatusCode::CONFLICT,
                         "This form was already used for another withdrawal; reload the page to \
                          request a new one. Nothing was sent."
@@ -1709,20 +1731,74 @@ pub async fn withdraw(
     )))
 }
 
-/// Whether custody's stored address `stored` is the form's `sent`: custody stores a bech32
-/// address in lower case (`Address::to_string()`), and bech32 is case-insensitive (BIP 173: a
-/// QR code carries it in upper case); any other address (base58) compares exactly.
-fn same_address(stored: &str, sent: &str) -> bool {
-    let bech32 = ["bc1", "tb1", "bcrt1"].iter().any(|hrp| {
-        sent.get(..hrp.len())
-            .is_some_and(|p| p.eq_ignore_ascii_case(hrp))
-    });
-    if bech32 {
-        stored.eq_ignore_ascii_case(sent)
-    } else {
-        stored == sent
-    }
+/// The answer to a withdrawal form whose key this account already used, if it did: its
+/// withdrawal when address and amount match ("already requested": one withdrawal however often
+/// the form is sent), `409` when they do not (nothing sent). `None`: the key is unused.
+async fn already_sent(
+    st: &AppState,
+    account: u32,
+    key: &str,
+    address: &str,
+    amount: u64,
+) -> Result<Option<Result<Response, Refusal>>, ApiError> {
+    let k = key.to_owned();
+    let found = api::capital::call(st, move |c| c.withdrawal_by_key(account, &k)).await?;
+    Ok(match found {
+        None => None,
+        Some(w)
+            if w.account == account
+                && w.idempotency_key == key
+                && crate::allowlist::same_address(&w.address, address)
+                && w.amount_sat == amount =>
+        {
+            Some(Ok(redirect(&format!(
+                "/dashboard?done={}",
+                pct(&format!(
+                    "This form already requested withdrawal {} of {} BTC; it is not sent twice.",
+                    w.id,
+                    api::decimal::format_units(w.amount_sat, 8)
+                ))
+            ))))
+        }
+        Some(_) => Some(Err(Refusal::Page(
+            StatusCode::CONFLICT,
+            "This form was already used for another withdrawal; reload the page to request a \
+             new one. Nothing was sent."
+                .into(),
+        ))),
+    })
 }
+
+/// Refuses what would move the store's money around its withdrawal address list (a token with
+/// `withdraw`, a refund's pull payment: both pay any address) while the list is on
+/// ([`crate::allowlist::is_on`], including its delay after the last removal): `403`
+/// `address_list_on`, with `nothing` (what was not done).
+async fn refuse_while_list_on(
+    st: &AppState,
+    account: u32,
+    what: &str,
+    nothing: &str,
+) -> Result<(), Refusal> {
+    let now = now_ms();
+    let on = with_db(st, move |c| {
+        crate::allowlist::is_on(c, account, now).map_err(db_error)
+    })
+    .await?;
+    if on {
+        return Err(Refusal::Page(
+            StatusCode::FORBIDDEN,
+            format!(
+                "Refused ({LIST_ON_CODE}): this store's withdrawal address list is on, and {what} \
+                 could pay any address; withdraw to a listed address instead, or empty the list \
+                 (it stays on for its delay after the last removal). {nothing}"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// The stable code of [`refuse_while_list_on`].
+const LIST_ON_CODE: &str = "address_list_on";
 
 /// `POST /dashboard/settings`: Greenfield's store update.
 pub async fn save_settings(
@@ -1821,6 +1897,14 @@ pub async fn create_token(
     // withdrawal, it needs the store password again, not the session alone (ADR 0015).
     if perms.has(Perms::WITHDRAW) {
         step_up(&st, &s, form.text("password"), StepUp::WithdrawToken).await?;
+        // Its signed API never consults the withdrawal address list: none while it is on.
+        refuse_while_list_on(
+            &st,
+            s.account,
+            "a token with withdraw",
+            StepUp::WithdrawToken.nothing(),
+        )
+        .await?;
     }
     let label = form.text("label").to_owned();
     if label.len() > 64 || !label.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
@@ -1962,17 +2046,21 @@ pub async fn add_address(
     step_up(&st, &s, form.text("password"), StepUp::AddressList).await?;
     let (account, now) = (s.account, now_ms());
     let delay = st.merchant().cfg.withdraw_address_delay_ms;
+    // The audit entry is appended before the addition is committed (the operator relies on
+    // seeing every addition): a failed append adds nothing.
+    let (st2, actor, by) = (st.clone(), s.actor(), s.audit_id());
     let added = with_db(&st, move |c| {
-        Ok(crate::allowlist::add(c, account, &address, now, delay))
+        crate::allowlist::add_with(c, account, &address, now, delay, |added| {
+            st2.audit_by(
+                &actor,
+                &by,
+                "dashboard.withdraw_address.add",
+                json!({ "account": account, "address": &added.address, "active_ms": added.active_ms }),
+            )
+        })
     })
     .await?
     .map_err(|e| list_refusal(e, "The list was not changed."))?;
-    st.audit_by(
-        &s.actor(),
-        &s.audit_id(),
-        "dashboard.withdraw_address.add",
-        json!({ "account": account, "address": &added.address, "active_ms": added.active_ms }),
-    )?;
     Ok(redirect(&format!(
         "/dashboard/addresses?done={}",
         pct(&format!(
@@ -1996,9 +2084,18 @@ pub async fn remove_address(
     step_up(&st, &s, form.text("password"), StepUp::AddressList).await?;
     let (account, now) = (s.account, now_ms());
     let delay = st.merchant().cfg.withdraw_address_delay_ms;
-    let a2 = address.clone();
+    // As for an addition: the audit entry first, then the commit; a failed append removes
+    // nothing.
+    let (st2, actor, by) = (st.clone(), s.actor(), s.audit_id());
     let removed = with_db(&st, move |c| {
-        Ok(crate::allowlist::remove(c, account, &a2, now, delay))
+        crate::allowlist::remove_with(c, account, &address, now, delay, |address| {
+            st2.audit_by(
+                &actor,
+                &by,
+                "dashboard.withdraw_address.remove",
+                json!({ "account": account, "address": address }),
+            )
+        })
     })
     .await?
     .map_err(|e| list_refusal(e, "The list was not changed."))?;
@@ -2008,12 +2105,6 @@ pub async fn remove_address(
             "That address is not on the list. The list was not changed.".into(),
         ));
     }
-    st.audit_by(
-        &s.actor(),
-        &s.audit_id(),
-        "dashboard.withdraw_address.remove",
-        json!({ "account": account, "address": crate::allowlist::normalize(&address) }),
-    )?;
     Ok(redirect(&format!(
         "/dashboard/addresses?done={}",
         pct("Address removed.")

@@ -2210,6 +2210,10 @@ fn set_payout(
 
 fn payout_json(p: &Payout, withdrawal: Option<&api::custody::WithdrawalInfo>) -> Value {
     use api::custody::WithdrawalState as W;
+    // Only a withdrawal to the payout's destination is its own: one under its key to another
+    // address (a conflict, see `outcome::custody_record`) shows neither its state nor its proof.
+    let withdrawal =
+        withdrawal.filter(|w| crate::allowlist::same_address(&w.address, &p.destination));
     let state = match (p.state.as_str(), withdrawal.map(|w| w.state)) {
         ("cancelled", _) => "Cancelled",
         // An engine transfer to an exchange account is final when done.

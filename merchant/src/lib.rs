@@ -116,6 +116,8 @@ pub struct Merchant {
     pub redeliveries: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// Dashboard login attempts per client IP and per store ([`dashboard`]).
     pub logins: std::sync::OnceLock<api::ratelimit::Limiter>,
+    /// Failed dashboard step-up passwords per session and per store ([`dashboard`]).
+    pub step_ups: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// The external index price, read at most once per `index_cache_ms` ([`price`]).
     pub price_index: price::IndexCache,
     /// Where the monitor's scan of unpaid BOLT11 parts goes on (`(expires_ms, id)` of the last
@@ -142,6 +144,7 @@ impl Merchant {
             invoice_lock: tokio::sync::Mutex::new(()),
             redeliveries: std::sync::OnceLock::new(),
             logins: std::sync::OnceLock::new(),
+            step_ups: std::sync::OnceLock::new(),
             price_index: price::IndexCache::default(),
             ln_scan_after: std::sync::Mutex::new(None),
         })

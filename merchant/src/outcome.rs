@@ -147,13 +147,17 @@ fn custody_unknown(e: &CustodyError) -> bool {
     e.status >= 500
 }
 
-/// Custody's record of the withdrawal under `key` from `merchant`, if it has one. `Err` when
-/// custody could not be asked. A record under the key with another account or amount is an
-/// alarm (and counts as unknown: nothing is assumed).
+/// Custody's record of the withdrawal under `key` from `merchant` to `address`, if it has one.
+/// `Err` when custody could not be asked. A record under the key with another account, amount
+/// or address is a conflict: an alarm, and never done (it counts as unknown: the refund or
+/// payout stays reserved for the operator). The keys are predictable, so a holder of a
+/// `withdraw` key of the store could take one first, to its own address: the address is
+/// compared as custody stores it ([`crate::allowlist::same_address`]).
 fn custody_record(
     custody: &dyn Custody,
     merchant: u32,
     key: &str,
+    address: &str,
     amount_sat: u64,
 ) -> Result<Option<WithdrawalInfo>, ()> {
     let found = custody.withdrawal_by_key(merchant, key).map_err(|e| {
@@ -161,7 +165,10 @@ fn custody_record(
     })?;
     match found {
         Some(w)
-            if w.account == merchant && w.idempotency_key == key && w.amount_sat == amount_sat =>
+            if w.account == merchant
+                && w.idempotency_key == key
+                && w.amount_sat == amount_sat
+                && crate::allowlist::same_address(&w.address, address) =>
         {
             Ok(Some(w))
         }
@@ -169,7 +176,8 @@ fn custody_record(
             tracing::error!(
                 key,
                 withdrawal = w.id,
-                "a withdrawal under a merchant payout's key does not match the payout"
+                "conflict: a withdrawal under a merchant payout's key does not match the payout \
+                 (account, amount or address); not done"
             );
             Err(())
         }
@@ -200,7 +208,7 @@ pub(crate) async fn custody_withdrawal(
     };
     let task = tokio::task::spawn_blocking(move || {
         if ask_first {
-            match custody_record(c.as_ref(), merchant, &key, amount_sat) {
+            match custody_record(c.as_ref(), merchant, &key, &address, amount_sat) {
                 Ok(Some(w)) => return Moved::Done(format!("withdrawal:{}", w.id)),
                 Ok(None) => {}
                 Err(()) => return Moved::Unknown,
@@ -211,7 +219,7 @@ pub(crate) async fn custody_withdrawal(
             Err(e) if custody_unknown(&e) => Moved::Unknown,
             // The key is taken: by this payout's own earlier attempt, or not at all.
             Err(e) if e.code == DUPLICATE_WITHDRAWAL_KEY => {
-                match custody_record(c.as_ref(), merchant, &key, amount_sat) {
+                match custody_record(c.as_ref(), merchant, &key, &address, amount_sat) {
                     Ok(Some(w)) => Moved::Done(format!("withdrawal:{}", w.id)),
                     _ => Moved::Unknown,
                 }

@@ -1373,3 +1373,58 @@ async fn an_old_orders_invoice_is_found_by_its_order_id() {
     );
     assert_eq!(page.as_array().unwrap().len(), 5);
 }
+
+/// Review finding: custody's withdrawal under a payout's key counted as the payout's when its
+/// account, key and amount matched, whatever its address. The keys are predictable
+/// (`pp-<id>-<n>`, `refund-<invoice>-<n>`): a holder of a `withdraw` key could take one first,
+/// to its own address, and the payout showed done (paid) while the claimant got nothing. A key
+/// taken by another address is a conflict now: not done (the payout stays unknown, reserved,
+/// and is never shown completed).
+#[tokio::test]
+async fn a_payout_key_taken_by_another_address_is_not_done() {
+    let g = setup().await;
+    let pp = g.prize().await;
+    let pp_id = pp["id"].as_str().unwrap().to_owned();
+    let payouts = format!("/api/v1/pull-payments/{pp_id}/payouts");
+    // The store's own withdrawal, to its own address, under the key the payout will use.
+    g.fake
+        .withdrawals
+        .lock()
+        .unwrap()
+        .push(api::custody::WithdrawalInfo {
+            id: 7,
+            account: g.account,
+            address: "bcrt1qthestoresown".into(),
+            amount_sat: 20_000,
+            fee_sat: 0,
+            idempotency_key: format!("pp-{pp_id}-1"),
+            state: api::custody::WithdrawalState::Completed,
+            reason: None,
+            created_ms: 0,
+            txid: Some("ee".repeat(32)),
+            confirmations: 3,
+        });
+    let r = raw(
+        &g.h,
+        "POST",
+        &payouts,
+        None,
+        json!({"destination": "bcrt1qwinner", "amount": "0.0002"}).to_string(),
+        &[],
+    )
+    .await;
+    assert_ne!(r.status, StatusCode::OK, "{}", r.json);
+    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    assert_ne!(list[0]["state"], "Completed", "{list}");
+    assert_eq!(list[0]["paymentProof"], Value::Null, "{list}");
+    let db = g.h.state.merchant().db.lock().unwrap();
+    let state: String = db
+        .query_row(
+            "SELECT state FROM gf_payout WHERE pp_id = ?1",
+            [&pp_id],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(state, "unknown");
+}

@@ -1231,6 +1231,57 @@ async fn a_refund_to_an_address_whose_custody_answer_is_lost_pays_once() {
     assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.0005");
 }
 
+/// Review finding: custody's withdrawal under a refund's key (`refund-<invoice>-<n>`, a
+/// predictable key) counted as the refund's when account and amount matched, whatever its
+/// address: a holder of a `withdraw` key could take the key first, to its own address, and the
+/// refund showed done (`invoice.refunded` sent) while the customer got nothing. A key taken by
+/// another address is a conflict now: not done, the refund stays `unknown` (reserved), no
+/// webhook, however often the monitor asks again.
+#[tokio::test]
+async fn a_refund_key_taken_by_another_address_is_not_done() {
+    let m = setup().await;
+    let now = common::now_ms();
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
+    m.tick(now + 1).await;
+    m.fake
+        .withdrawals
+        .lock()
+        .unwrap()
+        .push(api::custody::WithdrawalInfo {
+            id: 7,
+            account: m.account,
+            address: "bcrt1qthemerchantsown".into(),
+            amount_sat: 40_000,
+            fee_sat: 0,
+            idempotency_key: format!("refund-{id}-1"),
+            state: api::custody::WithdrawalState::Completed,
+            reason: None,
+            created_ms: 0,
+            txid: Some("ee".repeat(32)),
+            confirmations: 3,
+        });
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0004&address=bcrt1qcustomer"),
+            &m.wkey,
+        )
+        .await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    m.tick(now + 2).await;
+    let v = m.get(&id).await;
+    assert_eq!(s(&v["refunds"][0], "state"), "unknown", "{v}");
+    assert!(
+        !m.events(&id).iter().any(|e| e == "invoice.refunded"),
+        "invoice.refunded sent for a refund paid to another address"
+    );
+    assert_eq!(m.fake.withdrawals.lock().unwrap().len(), 1);
+}
+
 #[tokio::test]
 async fn only_credited_payments_are_refundable() {
     let m = setup().await;

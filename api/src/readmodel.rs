@@ -574,6 +574,13 @@ impl Unpersisted {
         self.trades.iter().map(|(t, _)| t)
     }
 
+    /// The trades with ids from `from_id` on, oldest first: found by binary search (trades come
+    /// in id order), so a query starts where its ids do instead of walking every row before.
+    pub fn trades_from(&self, from_id: u64) -> impl Iterator<Item = &TradeRec> + '_ {
+        let start = self.trades.partition_point(|(t, _)| t.id < from_id);
+        self.trades.range(start..).map(|(t, _)| t)
+    }
+
     /// Rows waiting: orders, trades.
     pub fn counts(&self) -> (usize, usize) {
         (self.orders.len(), self.trades.len())
@@ -1116,10 +1123,14 @@ impl ReadModel {
             |st, rows| {
                 let mut all: BTreeMap<u64, TradeRec> =
                     rows.into_iter().map(|t| (t.id, t)).collect();
+                // Only the first `limit` of the market's waiting trades from `from_id` can be
+                // among the first `limit` of the union (both sides are in id order): the scan
+                // under the read lock stops there.
                 for t in st
                     .unpersisted
-                    .trades()
-                    .filter(|t| t.market == market && t.id >= from_id)
+                    .trades_from(from_id)
+                    .filter(|t| t.market == market)
+                    .take(limit as usize)
                 {
                     all.insert(t.id, t.clone());
                 }
@@ -2434,6 +2445,21 @@ mod tests {
                 assert_eq!(got, trades, "{when}: account {account} trades");
                 let got = rm.find_order_by_client(account, "c5").unwrap();
                 assert_eq!(got, by_client, "{when}: account {account} by client id");
+            }
+            // A market's trades from an id (`historicalTrades`): what a scan of every row finds.
+            for (from_id, limit) in [(1u64, 5u32), (5_000, 1_000), (14_999, 7), (20_001, 10)] {
+                let want: Vec<TradeRec> = {
+                    let st = rm.read();
+                    st.unpersisted
+                        .trades
+                        .iter()
+                        .map(|(t, _)| t.clone())
+                        .filter(|t| t.market == 1 && t.id >= from_id)
+                        .take(limit as usize)
+                        .collect()
+                };
+                let got = rm.market_trades_from(1, from_id, limit).unwrap();
+                assert_eq!(got, want, "{when}: trades of market 1 from {from_id}");
             }
             // The index holds exactly the rows, and no empty entry.
             let st = rm.read();

@@ -56,12 +56,14 @@ pub fn find_bitcoind() -> Option<PathBuf> {
 /// A free TCP port on 127.0.0.1 for the managed node: nothing listens on it now, and no other
 /// call in this process got it. Taken below Linux's ephemeral range (32768–60999), where a port
 /// from `bind(:0)` would be and where any outgoing connection may take it as its local port
-/// before the node binds it.
+/// before the node binds it. In 20000..26000: the tests' own counter (`tests/common/ports.rs`)
+/// takes 26000..32000, so a port a test hands to a `serve` child is never one the child takes
+/// for its bitcoind.
 pub fn free_port() -> anyhow::Result<u16> {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::OnceLock;
     const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
+    const SPAN: u32 = 6_000;
     static START: OnceLock<u32> = OnceLock::new();
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let start = *START.get_or_init(|| {
@@ -211,7 +213,7 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         for _ in 0..200 {
             let port = free_port().unwrap();
-            assert!((20_000..32_000).contains(&port), "{port}");
+            assert!((20_000..26_000).contains(&port), "{port}");
             assert!(seen.insert(port), "{port} twice");
             // Held while the next ones are chosen: they must skip it.
             std::mem::forget(std::net::TcpListener::bind(("127.0.0.1", port)).unwrap());

@@ -7,15 +7,16 @@
 //! already in use", seen in CI for `serve`). These ports come from a counter below that range,
 //! so no `bind(:0)` and no outgoing connection ever gets one, and no two calls in a process get
 //! the same one. Same scheme as `src/bitcoind.rs` `free_port` (production code of the binary,
-//! which test crates cannot reach).
+//! which test crates cannot reach), in a range of its own.
 
 /// A loopback port no other call in this process got and nothing listens on now, in
-/// 20000..32000. Panics when none is free.
+/// 26000..32000 (`serve`'s own counter for its bitcoind takes 20000..26000, so a port handed to
+/// a `serve` child is never one it takes itself). Panics when none is free.
 pub fn free_port() -> u16 {
     use std::sync::atomic::{AtomicU32, Ordering};
     use std::sync::OnceLock;
-    const LOW: u32 = 20_000;
-    const SPAN: u32 = 12_000;
+    const LOW: u32 = 26_000;
+    const SPAN: u32 = 6_000;
     static START: OnceLock<u32> = OnceLock::new();
     static NEXT: AtomicU32 = AtomicU32::new(0);
     // Processes (test binaries run one after another, their children) start apart.

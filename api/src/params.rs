@@ -3,10 +3,13 @@
 
 use crate::error::ApiError;
 
-/// Parsed parameters, in order.
-#[derive(Debug, Default)]
+/// Parsed parameters, in order. Cloning is cheap (the items are shared; only which were read is
+/// copied), so a request parsed once can be handed to every reader.
+#[derive(Debug, Default, Clone)]
 pub struct Params {
-    items: Vec<(String, String, bool)>,
+    items: std::sync::Arc<Vec<(String, String)>>,
+    /// Bit `i`: item `i` was read (at most [`MAX_PARAMS`] items).
+    read: u64,
 }
 
 /// The longest accepted parameter value.
@@ -47,48 +50,49 @@ pub fn percent_decode(s: &str) -> Option<String> {
 impl Params {
     /// Parses query string and form body together.
     pub fn parse(query: &str, body: &str) -> Result<Self, ApiError> {
-        let mut p = Params::default();
+        let mut items = Vec::new();
         for part in query.split('&').chain(body.split('&')) {
             if part.is_empty() {
                 continue;
             }
             let (k, v) = part.split_once('=').unwrap_or((part, ""));
             let k = percent_decode(k).ok_or_else(|| ApiError::illegal(k, "^[A-Za-z0-9]{1,64}$"))?;
-            if k.is_empty() || k.len() > 64 || !k.bytes().all(|c| c.is_ascii_alphanumeric()) {
-                return Err(ApiError::bad(
-                    -1100,
-                    "Illegal characters found in a parameter name.",
-                ));
-            }
+            check_name(&k)?;
             let v = percent_decode(v).ok_or_else(|| ApiError::illegal(&k, "UTF-8 text"))?;
-            if v.len() > MAX_VALUE_LEN {
-                return Err(ApiError::illegal(&k, "at most 1024 characters"));
-            }
-            if p.items.iter().any(|(n, _, _)| *n == k) {
-                return Err(ApiError::bad(
-                    -1101,
-                    "Duplicate values for a parameter detected.",
-                ));
-            }
-            p.items.push((k, v, false));
-            if p.items.len() > MAX_PARAMS {
-                return Err(ApiError::bad(
-                    -1101,
-                    format!(
-                        "Too many parameters; expected '{MAX_PARAMS}' and received '{}'.",
-                        p.items.len()
-                    ),
-                ));
-            }
+            push(&mut items, k, v)?;
         }
-        Ok(p)
+        Ok(Self::from_items(items))
+    }
+
+    /// Parameters given as decoded `(name, value)` pairs (the WebSocket API's, from its JSON),
+    /// checked as [`Params::parse`] checks a query string's.
+    pub fn from_pairs(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Self, ApiError> {
+        let mut items = Vec::new();
+        for (k, v) in pairs {
+            check_name(&k)?;
+            push(&mut items, k, v)?;
+        }
+        Ok(Self::from_items(items))
+    }
+
+    fn from_items(items: Vec<(String, String)>) -> Self {
+        Self {
+            items: std::sync::Arc::new(items),
+            read: 0,
+        }
+    }
+
+    /// The index of `name`, if sent.
+    fn find(&self, name: &str) -> Option<usize> {
+        self.items.iter().position(|(n, _)| n == name)
     }
 
     /// An optional parameter (empty counts as absent, and is an error: `-1105`).
     pub fn opt(&mut self, name: &str) -> Result<Option<String>, ApiError> {
-        match self.items.iter_mut().find(|(n, _, _)| n == name) {
-            Some((_, v, used)) => {
-                *used = true;
+        match self.find(name) {
+            Some(i) => {
+                self.read |= 1 << i;
+                let v = &self.items[i].1;
                 if v.is_empty() {
                     return Err(ApiError::bad(
                         -1105,
@@ -132,21 +136,26 @@ impl Params {
         }
     }
 
+    /// Every parameter as `(name, value)`, in the order sent (nothing is marked read).
+    pub fn pairs(&self) -> impl Iterator<Item = (&str, &str)> + '_ {
+        self.items.iter().map(|(n, v)| (n.as_str(), v.as_str()))
+    }
+
     /// True when `name` was sent (nothing is marked read).
     pub fn has(&self, name: &str) -> bool {
-        self.items.iter().any(|(n, _, _)| n == name)
+        self.find(name).is_some()
     }
 
     /// Marks a parameter read without using it.
     pub fn skip(&mut self, name: &str) {
-        if let Some((_, _, used)) = self.items.iter_mut().find(|(n, _, _)| n == name) {
-            *used = true;
+        if let Some(i) = self.find(name) {
+            self.read |= 1 << i;
         }
     }
 
     /// Fails with `-1104` when a parameter was sent but not read.
     pub fn finish(&self) -> Result<(), ApiError> {
-        let read = self.items.iter().filter(|(_, _, u)| *u).count();
+        let read = self.read.count_ones() as usize;
         if read != self.items.len() {
             return Err(ApiError::bad(
                 -1104,
@@ -158,6 +167,42 @@ impl Params {
         }
         Ok(())
     }
+}
+
+/// A parameter name: 1 to 64 ASCII letters and digits (`-1100`).
+fn check_name(k: &str) -> Result<(), ApiError> {
+    if k.is_empty() || k.len() > 64 || !k.bytes().all(|c| c.is_ascii_alphanumeric()) {
+        return Err(ApiError::bad(
+            -1100,
+            "Illegal characters found in a parameter name.",
+        ));
+    }
+    Ok(())
+}
+
+/// Appends one parameter: its value at most [`MAX_VALUE_LEN`] bytes, its name not sent before
+/// (`-1101`), at most [`MAX_PARAMS`] in all (`-1101`).
+fn push(items: &mut Vec<(String, String)>, k: String, v: String) -> Result<(), ApiError> {
+    if v.len() > MAX_VALUE_LEN {
+        return Err(ApiError::illegal(&k, "at most 1024 characters"));
+    }
+    if items.iter().any(|(n, _)| *n == k) {
+        return Err(ApiError::bad(
+            -1101,
+            "Duplicate values for a parameter detected.",
+        ));
+    }
+    items.push((k, v));
+    if items.len() > MAX_PARAMS {
+        return Err(ApiError::bad(
+            -1101,
+            format!(
+                "Too many parameters; expected '{MAX_PARAMS}' and received '{}'.",
+                items.len()
+            ),
+        ));
+    }
+    Ok(())
 }
 
 /// Removes the `signature=...` pair from a raw query or body, returning the rest (exact bytes)
@@ -180,7 +225,11 @@ pub fn split_signature(raw: &str) -> (String, Option<String>) {
 /// body together), `timestamp` read (missing or not 1-20 digits: `-1102`), `recvWindow` read if
 /// sent (`-1100`). `signature` is left unread.
 pub fn parse_signed(query: &str, body: &str) -> Result<(Params, u64, Option<u64>), ApiError> {
-    let mut p = Params::parse(query, body)?;
+    signed_params(Params::parse(query, body)?)
+}
+
+/// [`parse_signed`] of parameters already parsed.
+pub fn signed_params(mut p: Params) -> Result<(Params, u64, Option<u64>), ApiError> {
     let ts = p.req("timestamp")?;
     let ts: u64 = ts
         .parse()

@@ -431,7 +431,7 @@ fn single_or_list(
 
 /// `GET /api/v3/ticker/24hr`.
 pub async fn ticker_24hr(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let mut p = Params::parse(&req.query, &req.body)?;
+    let mut p = req.params()?;
     let mini = p
         .opt("type")?
         .map(|t| match t.as_str() {
@@ -448,41 +448,27 @@ pub async fn ticker_24hr(State(st): State<AppState>, req: Req) -> Result<Respons
 
 /// `GET /api/v3/ticker/price`.
 pub async fn ticker_price(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (v, ctx) = single_or_list(
-        &st,
-        &req,
-        Params::parse(&req.query, &req.body)?,
-        2,
-        4,
-        |m, s| {
-            json!({
-                "symbol": m.symbol,
-                "price": m.fmt_price(Price(s.trades.back().map_or(0, |t| t.price))),
-            })
-        },
-    )?;
+    let (v, ctx) = single_or_list(&st, &req, req.params()?, 2, 4, |m, s| {
+        json!({
+            "symbol": m.symbol,
+            "price": m.fmt_price(Price(s.trades.back().map_or(0, |t| t.price))),
+        })
+    })?;
     Ok(ok_json(&ctx, v))
 }
 
 /// `GET /api/v3/ticker/bookTicker`.
 pub async fn book_ticker(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (v, ctx) = single_or_list(
-        &st,
-        &req,
-        Params::parse(&req.query, &req.body)?,
-        2,
-        4,
-        |m, s| {
-            let (bid, ask) = s.best();
-            json!({
-                "symbol": m.symbol,
-                "bidPrice": m.fmt_price(bid.map_or(Price(0), |b| b.0)),
-                "bidQty": m.fmt_qty(bid.map_or(Qty(0), |b| b.1)),
-                "askPrice": m.fmt_price(ask.map_or(Price(0), |a| a.0)),
-                "askQty": m.fmt_qty(ask.map_or(Qty(0), |a| a.1)),
-            })
-        },
-    )?;
+    let (v, ctx) = single_or_list(&st, &req, req.params()?, 2, 4, |m, s| {
+        let (bid, ask) = s.best();
+        json!({
+            "symbol": m.symbol,
+            "bidPrice": m.fmt_price(bid.map_or(Price(0), |b| b.0)),
+            "bidQty": m.fmt_qty(bid.map_or(Qty(0), |b| b.1)),
+            "askPrice": m.fmt_price(ask.map_or(Price(0), |a| a.0)),
+            "askQty": m.fmt_qty(ask.map_or(Qty(0), |a| a.1)),
+        })
+    })?;
     Ok(ok_json(&ctx, v))
 }
 
@@ -551,7 +537,7 @@ pub fn window_ms(s: &str) -> Option<u64> {
 
 /// `GET /api/v3/ticker`: rolling-window statistics (`windowSize`, default `1d`; `type`).
 pub async fn ticker_window(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let mut p = Params::parse(&req.query, &req.body)?;
+    let mut p = req.params()?;
     let (ms, single, weight) = windowed_selection(&st, &mut p)?;
     let window = match p.opt("windowSize")? {
         Some(w) => window_ms(&w).ok_or_else(|| ApiError::invalid_value("windowSize"))?,
@@ -598,7 +584,7 @@ pub async fn ticker_trading_day(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    let mut p = Params::parse(&req.query, &req.body)?;
+    let mut p = req.params()?;
     let (ms, single, weight) = windowed_selection(&st, &mut p)?;
     let tz = match p.opt("timeZone")? {
         Some(z) => time_zone_minutes(&z).ok_or_else(|| ApiError::invalid_value("timeZone"))?,

@@ -8,7 +8,7 @@ use crate::error::ApiError;
 use crate::keys::{ApiKey, KeyStore, Perms};
 use crate::market::Markets;
 use crate::metrics::Metrics;
-use crate::params::{parse_signed, signed_payload, Params};
+use crate::params::{signed_params, signed_payload, Params};
 use crate::ratelimit::{Charge, Limiter};
 use crate::readmodel::ReadModel;
 use crate::store::Store;
@@ -606,6 +606,20 @@ pub struct Req {
     /// A WebSocket API request served by this route: its client address and signature
     /// ([`crate::wsapi`]).
     pub ws: Option<crate::wsapi::WsApiCall>,
+    /// The parameters when they came parsed (the WebSocket API's, from its JSON: no query
+    /// string is written and parsed again); `None`: from `query` and `body`.
+    pub params: Option<Params>,
+}
+
+impl Req {
+    /// The request's parameters ([`Params::parse`] of the query and the body, or the ones it
+    /// came with), none read yet.
+    pub fn params(&self) -> Result<Params, ApiError> {
+        match &self.params {
+            Some(p) => Ok(p.clone()),
+            None => Params::parse(&self.query, &self.body),
+        }
+    }
 }
 
 /// The client address of a request ([`crate::access::client_ip`]).
@@ -684,6 +698,7 @@ impl FromRequest<AppState> for Req {
             ip,
             route,
             ws,
+            params: None,
         })
     }
 }
@@ -742,7 +757,7 @@ impl AppState {
     /// A public request: charges weight and parses parameters.
     pub fn public(&self, req: &Req, weight: u64) -> Result<(Params, Ctx), ApiError> {
         let ctx = self.charge_ip(req, weight)?;
-        Ok((Params::parse(&req.query, &req.body)?, ctx))
+        Ok((req.params()?, ctx))
     }
 
     fn api_key(&self, req: &Req) -> Result<Arc<ApiKey>, ApiError> {
@@ -805,7 +820,7 @@ impl AppState {
         if !key.perms.has(perm) {
             return Err(ApiError::key_rejected());
         }
-        Ok((key, Params::parse(&req.query, &req.body)?, ctx))
+        Ok((key, req.params()?, ctx))
     }
 
     /// A signed request, checked against its route's entry in [`crate::access::ROUTES`]: the
@@ -834,7 +849,7 @@ impl AppState {
         };
         let ctx = self.charge_ip(req, weight)?;
         let key = self.api_key(req)?;
-        let (mut p, ts, recv) = parse_signed(&req.query, &req.body)?;
+        let (mut p, ts, recv) = signed_params(req.params()?)?;
         self.check_time(ts, recv)?;
         p.req("signature")?;
         let verified = match &req.ws {

@@ -409,25 +409,12 @@ fn form_encoded(params: &serde_json::Map<String, Value>) -> Option<String> {
     changed.then_some(out)
 }
 
-/// Appends `s` percent-encoded as a query-string component.
-fn push_encoded(out: &mut String, s: &str) {
-    for b in s.bytes() {
-        match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'_' | b'.' | b'-' | b'~' => {
-                out.push(char::from(b))
-            }
-            _ => {
-                let _ = write!(out, "%{b:02X}");
-            }
-        }
-    }
-}
-
-/// A request's parameters as the REST route's query string: `apiKey` goes to the header and
-/// `returnRateLimits` is the WebSocket API's own; arrays (`symbols`) are sent as their JSON
-/// text, as REST takes them; an object is `-1130`.
-fn query_of(params: &serde_json::Map<String, Value>) -> Result<String, ApiError> {
-    let mut q = String::with_capacity(256);
+/// A request's parameters as the REST route reads them, parsed as a query string is
+/// ([`crate::params::Params::from_pairs`]: the same name and value checks) without writing and decoding one:
+/// `apiKey` goes to the header and `returnRateLimits` is the WebSocket API's own; arrays
+/// (`symbols`) are their JSON text, as REST takes them; `null` is left out; an object is `-1130`.
+fn params_of(params: &serde_json::Map<String, Value>) -> Result<crate::params::Params, ApiError> {
+    let mut pairs = Vec::with_capacity(params.len());
     for (k, v) in params {
         if k == "apiKey" || k == "returnRateLimits" {
             continue;
@@ -437,14 +424,9 @@ fn query_of(params: &serde_json::Map<String, Value>) -> Result<String, ApiError>
             Value::Null => continue,
             other => param_str(other).ok_or_else(|| ApiError::invalid_value(k))?,
         };
-        if !q.is_empty() {
-            q.push('&');
-        }
-        push_encoded(&mut q, k);
-        q.push('=');
-        push_encoded(&mut q, &s);
+        pairs.push((k.clone(), s));
     }
-    Ok(q)
+    crate::params::Params::from_pairs(pairs)
 }
 
 /// The REST request a WebSocket API request is, for its route (see the module documentation):
@@ -455,7 +437,7 @@ fn to_req(
     params: &serde_json::Map<String, Value>,
     ip: &str,
 ) -> Result<Req, ApiError> {
-    let query = query_of(params)?;
+    let parsed = params_of(params)?;
     let mut call = WsApiCall {
         ip: ip.to_owned(),
         payloads: Vec::new(),
@@ -478,11 +460,12 @@ fn to_req(
     }
     Ok(Req {
         headers,
-        query,
+        query: String::new(),
         body: String::new(),
         ip: ip.to_owned(),
         route: Some(route),
         ws: Some(call),
+        params: Some(parsed),
     })
 }
 
@@ -834,16 +817,26 @@ mod tests {
         assert!(method("nope").is_none());
     }
 
+    /// The parameters a route reads from a WebSocket API request: what it would read from the
+    /// REST query string with the same parameters (`params_of` checks names and values as
+    /// `Params::parse` does, without writing and decoding a query string).
     #[test]
-    fn params_become_the_routes_query() {
+    fn params_become_the_routes_parameters() {
+        let pairs = |p: &crate::params::Params| {
+            p.pairs()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect::<Vec<_>>()
+        };
         let p: serde_json::Map<String, Value> = serde_json::from_str(
             r#"{"apiKey":"k","symbol":"BTCUSD","quantity":"0.5","recvWindow":5000,"returnRateLimits":false,"newClientOrderId":"a b&c","signature":"ab"}"#,
         )
         .unwrap();
-        assert_eq!(
-            query_of(&p).unwrap(),
-            "newClientOrderId=a%20b%26c&quantity=0.5&recvWindow=5000&signature=ab&symbol=BTCUSD"
-        );
+        let rest = crate::params::Params::parse(
+            "newClientOrderId=a%20b%26c&quantity=0.5&recvWindow=5000&signature=ab&symbol=BTCUSD",
+            "",
+        )
+        .unwrap();
+        assert_eq!(pairs(&params_of(&p).unwrap()), pairs(&rest));
         let (payload, sig) = ws_api_signed_payload(&p).unwrap();
         assert_eq!(sig, "ab");
         assert_eq!(
@@ -856,9 +849,23 @@ mod tests {
         );
         let list: serde_json::Map<String, Value> =
             serde_json::from_str(r#"{"symbols":["A","B"]}"#).unwrap();
-        assert_eq!(query_of(&list).unwrap(), "symbols=%5B%22A%22%2C%22B%22%5D");
+        assert_eq!(
+            pairs(&params_of(&list).unwrap()),
+            [("symbols".to_owned(), r#"["A","B"]"#.to_owned())]
+        );
         let obj: serde_json::Map<String, Value> =
             serde_json::from_str(r#"{"symbol":{"x":1}}"#).unwrap();
-        assert_eq!(query_of(&obj).unwrap_err().code, -1130);
+        assert_eq!(params_of(&obj).unwrap_err().code, -1130);
+        // Names and values are checked as in a query string.
+        for (bad, code) in [
+            (r#"{"a-b":"1"}"#.to_owned(), -1100),
+            (format!(r#"{{"symbol":"{}"}}"#, "x".repeat(1025)), -1100),
+        ] {
+            let m: serde_json::Map<String, Value> = serde_json::from_str(&bad).unwrap();
+            assert_eq!(params_of(&m).unwrap_err().code, code, "{bad}");
+        }
+        let many: serde_json::Map<String, Value> =
+            (0..33).map(|i| (format!("p{i}"), Value::from(i))).collect();
+        assert_eq!(params_of(&many).unwrap_err().code, -1101);
     }
 }

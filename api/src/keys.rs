@@ -95,7 +95,9 @@ pub struct ApiKey {
     pub label: String,
     /// Creation time.
     pub created_ms: u64,
-    secret: [u8; 64],
+    /// HMAC-SHA256 keyed with the secret (the secret's two padded blocks already hashed): each
+    /// check clones it instead of keying a new one.
+    mac: HmacSha256,
 }
 
 impl std::fmt::Debug for ApiKey {
@@ -119,22 +121,26 @@ impl ApiKey {
             perms,
             label: "dashboard".to_owned(),
             created_ms: 0,
-            secret: [0; 64],
+            mac: keyed(&[0; 64]),
         }
     }
 
     /// True when `signature_hex` is the HMAC-SHA256 of `payload` under this key's secret,
     /// compared in constant time.
     pub fn verify(&self, payload: &[u8], signature_hex: &str) -> bool {
-        let Ok(sig) = hex::decode(signature_hex) else {
+        let mut sig = [0u8; 32];
+        if hex::decode_to_slice(signature_hex, &mut sig).is_err() {
             return false;
-        };
-        let Ok(mut mac) = HmacSha256::new_from_slice(&self.secret) else {
-            return false;
-        };
+        }
+        let mut mac = self.mac.clone();
         mac.update(payload);
         mac.verify_slice(&sig).is_ok()
     }
+}
+
+/// HMAC-SHA256 keyed with `secret`.
+fn keyed(secret: &[u8]) -> HmacSha256 {
+    HmacSha256::new_from_slice(secret).expect("hmac takes any key length")
 }
 
 /// A key-store failure.
@@ -279,7 +285,7 @@ impl KeyStore {
             perms: Perms(row.perms),
             label: row.label,
             created_ms: row.created_ms,
-            secret,
+            mac: keyed(&secret),
         };
         let token = self.greenfield_token(&row.api_key);
         let digest: [u8; 32] = <Sha256 as sha2::Digest>::digest(token.as_bytes()).into();
@@ -313,7 +319,8 @@ impl KeyStore {
         store.insert_key(&row)?;
         self.insert_row(row);
         let k = self.get(&api_key).ok_or(KeyError::Random)?;
-        let secret = String::from_utf8_lossy(&k.secret).into_owned();
+        // Derived again: the key holds only its keyed HMAC.
+        let secret = String::from_utf8_lossy(&self.derive(&api_key)).into_owned();
         Ok((k, secret))
     }
 

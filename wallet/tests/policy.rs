@@ -379,6 +379,32 @@ fn a_request_recovered_after_a_crash_is_re_decided_with_its_lightning_outflow() 
     assert_eq!(ledger.btc(alice).1, 2 * (5_001 + fee) + 1_000 + fee);
 }
 
+/// The other direction of the re-decision above: a recovered request whose Lightning outflow
+/// and amount reach the threshold exactly needs no approval, as the live request would not
+/// (a re-decision that held every recovered row for approval would fail here).
+#[test]
+fn a_recovered_request_at_the_threshold_exactly_needs_no_approval() {
+    use support::Fault;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let bob = funded(&ledger, 1_000_000, "b");
+    let mut c = config(dir.path());
+    c.withdrawal.approval_threshold = Amount(100_000);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let t = now();
+    ledger.fault_next(Fault::ApplyThenUnknown);
+    ledger.fail_lookups(true);
+    let mut r = request(bob, 5_000, "at");
+    r.other_used = Amount(95_000);
+    let e = svc.request_withdrawal(r, t).unwrap_err();
+    assert!(matches!(e, WithdrawalError::LedgerUnknown(_)), "{e:?}");
+    ledger.fail_lookups(false);
+    let id = svc.withdrawal_by_key(bob, "at").unwrap().unwrap().id;
+    svc.resolve_withdrawals().unwrap();
+    let w = svc.withdrawal(id).unwrap().unwrap();
+    assert_eq!(w.status, WithdrawalStatus::Pending);
+}
+
 /// Defect: the daily limit, the same way: Lightning amounts did not count for an on-chain
 /// withdrawal. Refused now (`DailyLimit`, nothing held). Failed on the old code (accepted).
 #[test]

@@ -2022,7 +2022,10 @@ pub async fn addresses(
     }
     let _ = write!(
         b,
-        "</ul><h2>Add an address</h2><form method=post action=\"/dashboard/addresses\">{}         <label>Address<input name=address maxlength=128 required></label>         <label>Store password<input name=password type=password          autocomplete=current-password required></label><button>Add</button></form>",
+        "</ul><h2>Add an address</h2><form method=post action=\"/dashboard/addresses\">{}\
+         <label>Address<input name=address maxlength=128 required></label>\
+         <label>Store password<input name=password type=password \
+         autocomplete=current-password required></label><button>Add</button></form>",
         csrf_field(&s)
     );
     Ok(page(StatusCode::OK, "Withdrawal addresses", Some(&s), &b))

@@ -7,7 +7,6 @@
 mod common;
 
 use api::client::{Client, ClientError};
-use bdk_bitcoind_rpc::bitcoincore_rpc::RpcApi;
 use common::ln::{drain, mine_to};
 use common::{free_port, Server};
 use lightning_custody::ldk_node::bitcoin::hashes::Hash;
@@ -104,41 +103,7 @@ fn deposit_and_withdraw_over_lightning_through_serve() {
     });
 
     // Channels: the customer to Mediator (inbound), the operator to the customer (outbound).
-    let m_pk =
-        lightning_custody::ldk_node::bitcoin::secp256k1::PublicKey::from_str(&node_id).unwrap();
-    let peer = format!(
-        "{}@{}",
-        cust.node_id(),
-        cust.listening_addresses().unwrap()[0]
-    );
-    // The server's node syncs on its own schedule: its coinbase counted in `ln balance` may
-    // still be immature in its wallet. The operator's open succeeds once the node has synced
-    // past maturity (and only then does it accept the customer's anchor channel: it needs the
-    // on-chain reserve).
-    wait_until("the node's spendable on-chain funds", 60, || {
-        std::process::Command::new(common::BIN)
-            .args(["ln", "open-channel", &peer, "2000000", "--json"])
-            .args(["--server", &s.admin_addr.to_string()])
-            .arg("--data-dir")
-            .arg(&s.dir)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    });
-    cust.open_channel(m_pk, s.ln_addr.into(), 4_000_000, None, None)
-        .unwrap();
-    wait_until("two funding transactions", 60, || {
-        s.rpc().get_raw_mempool().unwrap().len() >= 2
-    });
-    mine_to(&s, 6, &cust_address);
-    wait_until("two usable channels", 120, || {
-        drain(&cust);
-        let _ = cust.sync_wallets();
-        let v = s.admin(&["ln", "channels"]);
-        let rows = v.as_array().unwrap();
-        rows.len() == 2 && rows.iter().all(|c| c["usable"] == true)
-    });
+    common::ln::open_channels(&s, &cust, &node_id, &cust_address);
 
     let a = s.admin(&["account", "create"])["account"]
         .as_u64()
@@ -323,37 +288,7 @@ fn lightning_obeys_custody_rules_and_its_alarms_reach_the_operator_through_serve
         cust.sync_wallets().unwrap();
         cust.list_balances().spendable_onchain_balance_sats > 4_100_000
     });
-    let m_pk =
-        lightning_custody::ldk_node::bitcoin::secp256k1::PublicKey::from_str(&node_id).unwrap();
-    let peer = format!(
-        "{}@{}",
-        cust.node_id(),
-        cust.listening_addresses().unwrap()[0]
-    );
-    wait_until("the node's spendable on-chain funds", 90, || {
-        std::process::Command::new(common::BIN)
-            .args(["ln", "open-channel", &peer, "2000000", "--json"])
-            .args(["--server", &s.admin_addr.to_string()])
-            .arg("--data-dir")
-            .arg(&s.dir)
-            .output()
-            .unwrap()
-            .status
-            .success()
-    });
-    cust.open_channel(m_pk, s.ln_addr.into(), 4_000_000, None, None)
-        .unwrap();
-    wait_until("two funding transactions", 60, || {
-        s.rpc().get_raw_mempool().unwrap().len() >= 2
-    });
-    mine_to(&s, 6, &cust_address);
-    wait_until("two usable channels", 120, || {
-        drain(&cust);
-        let _ = cust.sync_wallets();
-        let v = s.admin(&["ln", "channels"]);
-        let rows = v.as_array().unwrap();
-        rows.len() == 2 && rows.iter().all(|c| c["usable"] == true)
-    });
+    let m_pk = common::ln::open_channels(&s, &cust, &node_id, &cust_address);
     let user = |name: &str| {
         let a = s.admin(&["account", "create"])["account"]
             .as_u64()

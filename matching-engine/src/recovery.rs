@@ -456,12 +456,7 @@ impl<S: StateMachine> Store<S> {
         }
         for (i, segment) in check.segments.iter().enumerate() {
             if segment.status == SegmentStatus::Empty && Some(i) != last_index {
-                if i + 1 == check.segments.len() {
-                    // What a snapshot at a clean stop leaves: the next segment, never written.
-                    tracing::info!(path = %segment.path.display(), "removing an unused journal segment");
-                } else {
-                    tracing::warn!(path = %segment.path.display(), "removing an empty journal segment");
-                }
+                tracing::warn!(path = %segment.path.display(), "removing an empty journal segment");
                 std::fs::remove_file(&segment.path).map_err(|source| RecoveryError::Io {
                     path: segment.path.clone(),
                     source,

@@ -18,7 +18,9 @@
 //!
 //! Segments of at most a header and no record (a rotation that failed part-way, say on a full
 //! disk), or a header followed by nothing but preallocated zeros, are [`SegmentStatus::Empty`];
-//! recovery removes them unless one is the last segment. Zeros after a segment's valid prefix,
+//! recovery removes them, except the one it appends to ([`JournalCheck::last_index`]: the last
+//! segment when all are empty, or an empty last segment that starts right after the last
+//! record, as a snapshot's rotation at a clean stop leaves it). Zeros after a segment's valid prefix,
 //! up to its end, are preallocated space and no defect (see the journal's module docs). So a
 //! *synced* tail that the disk itself later turned into zeros cannot be told from preallocated
 //! space in the last segment; in an earlier segment the next segment's first seq shows the gap
@@ -125,15 +127,24 @@ impl JournalCheck {
     }
 
     /// The index of the segment recovery appends to: the last one that is not empty, or the
-    /// last one if all are.
+    /// last one if all are; or an empty last segment that starts right after that one's last
+    /// record (what a snapshot's rotation leaves when nothing was appended after it, as at a
+    /// clean stop): the journal goes on in it, as it would have.
     pub fn last_index(&self) -> Option<usize> {
         let last = self.segments.len().checked_sub(1)?;
-        Some(
-            self.segments
-                .iter()
-                .rposition(|s| s.status != SegmentStatus::Empty)
-                .unwrap_or(last),
-        )
+        let Some(written) = self
+            .segments
+            .iter()
+            .rposition(|s| s.status != SegmentStatus::Empty)
+        else {
+            return Some(last);
+        };
+        let w = &self.segments[written];
+        let continues = written < last
+            && self.segments[last].status == SegmentStatus::Empty
+            && w.status == SegmentStatus::Clean
+            && w.last_seq.map(|l| l + 1) == Some(self.segments[last].first_seq);
+        Some(if continues { last } else { written })
     }
 }
 

@@ -627,17 +627,46 @@ fn a_zeroed_record_before_a_later_group_is_damage_not_preallocated_space() {
     );
 }
 
+/// A rotation that created (and preallocated) the next segment and then nothing was appended
+/// (a snapshot at a clean stop): the journal goes on in that segment, nothing is removed. An
+/// empty segment that does not start right after the last record (left by something else) is
+/// removed as before.
 #[test]
-fn an_empty_preallocated_segment_after_the_last_is_removed_and_the_store_goes_on() {
+fn an_empty_segment_that_continues_the_journal_is_appended_to_and_another_is_removed() {
     let dir = tempfile::tempdir().unwrap();
     let (_, ends, hashes) = write_preallocated(dir.path(), &workload(12, 0));
     let n = ends.len() as u64 - 1;
-    // A rotation that created and preallocated the next segment, then stopped.
     let mut next = JournalWriter::create(dir.path(), n + 1).unwrap();
     next.preallocate().unwrap();
     drop(next);
     let check = check_journal(dir.path()).unwrap();
     assert_eq!(check.segments[1].status, SegmentStatus::Empty);
+    assert_eq!(check.last_index(), Some(1));
+    let Recovered {
+        mut state,
+        mut store,
+        report,
+    } = Store::open(dir.path(), PREALLOCATED, genesis).unwrap();
+    assert_eq!(state.state_hash(), hashes[n as usize]);
+    assert!(report.removed_segments.is_empty());
+    assert_eq!(store.next_seq(), n + 1);
+    // The next record goes into that segment.
+    let mut events = Vec::new();
+    let cmd = workload(13, 0).pop().unwrap();
+    let now = Timestamp(5_000);
+    state.apply(&cmd, now, &mut events).unwrap();
+    store.append(state.seq(), now, &cmd).unwrap();
+    store.sync().unwrap();
+    drop(store);
+    let mut r = SegmentReader::open(&dir.path().join(segment_file_name(n + 1)), n + 1).unwrap();
+    assert_eq!(r.next_record().unwrap().map(|i| i.seq), Some(n + 1));
+
+    // An empty segment further on is not the journal's continuation: removed.
+    let dir = tempfile::tempdir().unwrap();
+    let (_, ends, hashes) = write_preallocated(dir.path(), &workload(12, 0));
+    let n = ends.len() as u64 - 1;
+    drop(JournalWriter::create(dir.path(), n + 5).unwrap());
+    let check = check_journal(dir.path()).unwrap();
     assert_eq!(check.last_index(), Some(0));
     let r = Store::open(dir.path(), PREALLOCATED, genesis).unwrap();
     assert_eq!(r.state.state_hash(), hashes[n as usize]);

@@ -83,14 +83,20 @@ impl SequencerCore {
         let sub = handle.subscribe(subscriber_capacity)?;
         std::thread::Builder::new()
             .name("api-events".into())
-            .spawn(move || bridge(sub, sink))?;
+            .spawn(move || {
+                sched_hint::request_short_slice("api-events");
+                bridge(sub, sink)
+            })?;
         let (tx, rx) = crossbeam::channel::bounded::<Job>(queue);
         let producer = handle.producer();
         let waiting = Arc::new(AtomicUsize::new(0));
         let w = waiting.clone();
         std::thread::Builder::new()
             .name("api-submit".into())
-            .spawn(move || submitter(producer, rx, w))?;
+            .spawn(move || {
+                sched_hint::request_short_slice("api-submit");
+                submitter(producer, rx, w)
+            })?;
         Ok(Self {
             tx,
             config,

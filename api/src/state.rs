@@ -212,7 +212,10 @@ pub fn open(
     let rm2 = rm.clone();
     let applier = std::thread::Builder::new()
         .name("read-model".into())
-        .spawn(move || rm2.run(rx))?;
+        .spawn(move || {
+            sched_hint::request_short_slice("read-model");
+            rm2.run(rx)
+        })?;
     Ok((
         PendingApi {
             rm,

@@ -96,12 +96,42 @@ pub struct EventBatch {
     pub events: Arc<[Event]>,
 }
 
+impl From<matching_engine::fanout::Batch<Event>> for EventBatch {
+    /// A fan-out batch (one group commit) as one batch of the read models: its last sequence
+    /// number, and the time of its first accepted command (the wall clock if none).
+    fn from(batch: matching_engine::fanout::Batch<Event>) -> Self {
+        let time = batch
+            .events
+            .iter()
+            .find_map(|e| match e {
+                Event::Accepted { time, .. } => Some(*time),
+                _ => None,
+            })
+            .unwrap_or(Timestamp(wall_clock_nanos()));
+        EventBatch {
+            seq: batch.last_seq,
+            time,
+            events: batch.events,
+        }
+    }
+}
+
 /// Where the core publishes event batches: the read models' input. Cloneable; `publish` blocks
 /// when the read models are a full queue behind (backpressure on the engine, never loss).
 #[derive(Debug, Clone)]
 pub struct EventSink {
-    pub(crate) tx: crossbeam::channel::Sender<EventBatch>,
+    pub(crate) tx: crossbeam::channel::Sender<SinkInput>,
     pub(crate) broken: Arc<std::sync::atomic::AtomicBool>,
+}
+
+/// What reaches the read models' thread through an [`EventSink`].
+#[derive(Debug)]
+pub(crate) enum SinkInput {
+    /// One batch, in sequence order.
+    Batch(EventBatch),
+    /// From now on, read the engine's fan-out directly: every batch the fan-out publishes after
+    /// this subscriber was made (no thread in between; see [`EventSink::attach`]).
+    Attach(Box<matching_engine::fanout::Subscriber<Event>>),
 }
 
 impl EventSink {
@@ -114,7 +144,16 @@ impl EventSink {
 
     /// Publishes one batch. Returns false when the API has shut down.
     pub fn publish(&self, batch: EventBatch) -> bool {
-        self.tx.send(batch).is_ok()
+        self.tx.send(SinkInput::Batch(batch)).is_ok()
+    }
+
+    /// Hands the read models a fan-out subscriber of the engine: after the batches published
+    /// before this call, they read every batch from it on their own thread ([`EventBatch::from`]
+    /// the fan-out's), with no bridge thread between the engine and them. If they fall so far
+    /// behind that the fan-out drops them, they mark themselves broken (as [`EventSink::fail`])
+    /// and stop. Returns false when the API has shut down.
+    pub fn attach(&self, sub: matching_engine::fanout::Subscriber<Event>) -> bool {
+        self.tx.send(SinkInput::Attach(Box::new(sub))).is_ok()
     }
 }
 

@@ -31,7 +31,7 @@ use matching_engine::{
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock, RwLock, RwLockReadGuard};
 use tokio::sync::{broadcast, watch};
 
@@ -827,7 +827,7 @@ impl ReadModel {
     /// rows), so SQLite pays per commit rather than per order, and its commits and checkpoints
     /// never stall the applier. Its queue is bounded: a persister that cannot keep up slows
     /// the applier (and so the engine's fan-out), it never loses rows.
-    pub fn run(&self, rx: crossbeam::channel::Receiver<EventBatch>) {
+    pub(crate) fn run(&self, rx: crossbeam::channel::Receiver<crate::core::SinkInput>) {
         let conn = match self.store.connect() {
             Ok(c) => c,
             Err(e) => {
@@ -851,18 +851,23 @@ impl ReadModel {
 
     fn apply_loop(
         &self,
-        rx: &crossbeam::channel::Receiver<EventBatch>,
+        rx: &crossbeam::channel::Receiver<crate::core::SinkInput>,
         ptx: &crossbeam::channel::Sender<PersistMsg>,
     ) {
         let mut group = Vec::with_capacity(256);
         let mut generation = 0u64;
-        while let Ok(first) = rx.recv() {
+        let mut input = Input {
+            rx,
+            fanout: None,
+            broken: &self.broken,
+        };
+        while let Some(first) = input.recv() {
             group.clear();
             group.push(first);
             while group.len() < 256 {
-                match rx.try_recv() {
-                    Ok(b) => group.push(b),
-                    Err(_) => break,
+                match input.try_recv() {
+                    Some(b) => group.push(b),
+                    None => break,
                 }
             }
             let mut out = Out {
@@ -2320,9 +2325,137 @@ fn apply_events(
     }
 }
 
+/// The read models' input: the sink's channel, then (once a core attached one) the engine's
+/// fan-out subscriber, read on this thread ([`crate::core::EventSink::attach`]).
+struct Input<'a> {
+    rx: &'a crossbeam::channel::Receiver<crate::core::SinkInput>,
+    fanout: Option<Box<matching_engine::fanout::Subscriber<Event>>>,
+    broken: &'a AtomicBool,
+}
+
+impl Input<'_> {
+    /// The next batch, waiting for it; `None` at the end (the sink dropped, the engine stopped,
+    /// or the fan-out dropped this consumer: then the read models are marked broken).
+    fn recv(&mut self) -> Option<EventBatch> {
+        loop {
+            if let Some(sub) = &mut self.fanout {
+                let r = sub.recv();
+                return self.end(r);
+            }
+            match self.rx.recv().ok()? {
+                crate::core::SinkInput::Batch(b) => return Some(b),
+                crate::core::SinkInput::Attach(sub) => self.fanout = Some(sub),
+            }
+        }
+    }
+
+    /// The next batch if one is there.
+    fn try_recv(&mut self) -> Option<EventBatch> {
+        loop {
+            if let Some(sub) = &mut self.fanout {
+                let r = sub.try_recv().transpose()?;
+                return self.end(r);
+            }
+            match self.rx.try_recv().ok()? {
+                crate::core::SinkInput::Batch(b) => return Some(b),
+                crate::core::SinkInput::Attach(sub) => self.fanout = Some(sub),
+            }
+        }
+    }
+
+    fn end(
+        &self,
+        r: Result<matching_engine::fanout::Batch<Event>, matching_engine::fanout::RecvError>,
+    ) -> Option<EventBatch> {
+        match r {
+            Ok(b) => Some(EventBatch::from(b)),
+            Err(matching_engine::fanout::RecvError::Lagged { missed_from_seq }) => {
+                tracing::error!(
+                    missed_from_seq,
+                    "read models fell behind the engine; restart to resync"
+                );
+                self.broken.store(true, Ordering::SeqCst);
+                None
+            }
+            // The engine stopped (or an error this code does not know): the end of the input.
+            Err(_) => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn fan_batch(seq: u64) -> matching_engine::fanout::Batch<Event> {
+        matching_engine::fanout::Batch {
+            first_seq: seq,
+            last_seq: seq,
+            events: Arc::from(Vec::<Event>::new()),
+        }
+    }
+
+    #[test]
+    fn the_read_models_read_the_sink_then_the_attached_fan_out_in_order() {
+        let (tx, rx) = crossbeam::channel::bounded(8);
+        let broken = AtomicBool::new(false);
+        let mut fan = matching_engine::fanout::FanOut::<Event>::new(4);
+        let sub = fan.subscriptions().subscribe(8).unwrap();
+        let sent = EventBatch {
+            seq: 1,
+            time: Timestamp(5),
+            events: Arc::from(Vec::<Event>::new()),
+        };
+        tx.send(crate::core::SinkInput::Batch(sent)).unwrap();
+        tx.send(crate::core::SinkInput::Attach(Box::new(sub)))
+            .unwrap();
+        fan.publish(&fan_batch(2));
+        fan.publish(&fan_batch(3));
+        let mut input = Input {
+            rx: &rx,
+            fanout: None,
+            broken: &broken,
+        };
+        assert_eq!(
+            input.recv().map(|b| (b.seq, b.time)),
+            Some((1, Timestamp(5)))
+        );
+        assert_eq!(input.try_recv().map(|b| b.seq), Some(2));
+        assert_eq!(input.recv().map(|b| b.seq), Some(3));
+        assert!(input.try_recv().is_none(), "nothing more yet");
+        // Once attached, the channel is no longer read: the engine publishes only to the fan-out.
+        fan.close();
+        assert!(input.recv().is_none(), "the engine stopped: the end");
+        assert!(!broken.load(Ordering::SeqCst), "a clean end is not a loss");
+    }
+
+    #[test]
+    fn read_models_that_the_fan_out_dropped_are_marked_broken() {
+        let (tx, rx) = crossbeam::channel::bounded(8);
+        let broken = AtomicBool::new(false);
+        let mut fan = matching_engine::fanout::FanOut::<Event>::new(4);
+        let sub = fan.subscriptions().subscribe(2).unwrap();
+        tx.send(crate::core::SinkInput::Attach(Box::new(sub)))
+            .unwrap();
+        for seq in 1..=5 {
+            fan.publish(&fan_batch(seq));
+        }
+        let mut input = Input {
+            rx: &rx,
+            fanout: None,
+            broken: &broken,
+        };
+        let mut seen = Vec::new();
+        while let Some(b) = input.recv() {
+            seen.push(b.seq);
+        }
+        assert_eq!(
+            seen,
+            [1, 2],
+            "what was queued before the drop, then the end"
+        );
+        assert!(broken.load(Ordering::SeqCst));
+    }
 
     fn order_row(id: u64, account: u32, market: u16) -> OrderRec {
         OrderRec {

@@ -5,20 +5,20 @@
 //!   `(command, reply slot)` through a bounded channel (full: `Busy` at once). It pipelines:
 //!   submits everything queued, then waits for replies (which come after the group commit's
 //!   `fdatasync`), so concurrent requests share group commits.
-//! * **Events.** A bridge thread holds a fan-out [`Subscriber`] and forwards every batch to the
-//!   read models' [`EventSink`]. If the read models fall so far behind that the fan-out drops
-//!   them, the bridge logs it and stops; the API then answers `-1000` (read model lag) until
-//!   restarted. Size `subscriber_capacity` for bursts.
+//! * **Events.** The read models' thread reads a fan-out [`Subscriber`] itself
+//!   ([`EventSink::attach`]): no thread between the engine and the read models, so a group
+//!   commit wakes one thread less on its way to the answers. If the read models fall so far
+//!   behind that the fan-out drops them, they log it and stop; the API then answers `-1000`
+//!   (read model lag) until restarted. Size `subscriber_capacity` for bursts.
 //! * **Start-up.** The sequencer does not republish journal replay: recover the engine through
 //!   the history's floor, feeding the replay to the read models
 //!   ([`crate::readmodel::ReadModel::regenerate`]), give the store the history's floor
 //!   ([`crate::readmodel::ReadModel::history_floor`]), then start the sequencer and this core
 //!   ([`crate::start_node`] does all of it).
 
-use crate::core::{BoxFuture, CoreError, EventBatch, EventSink, ExchangeCore, Reply};
-use matching_engine::fanout::{RecvError, Subscriber};
+use crate::core::{BoxFuture, CoreError, EventSink, ExchangeCore, Reply};
 use matching_engine::sequencer::{Outcome, Producer, SequencerHandle, SubmitError};
-use matching_engine::{Command, Engine, EngineConfig, Event, Timestamp};
+use matching_engine::{Command, Engine, EngineConfig, Event};
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -81,12 +81,10 @@ impl SequencerCore {
         subscriber_capacity: usize,
     ) -> Result<Self, SeqCoreError> {
         let sub = handle.subscribe(subscriber_capacity)?;
-        std::thread::Builder::new()
-            .name("api-events".into())
-            .spawn(move || {
-                sched_hint::request_short_slice("api-events");
-                bridge(sub, sink)
-            })?;
+        if !sink.attach(sub) {
+            tracing::error!("the read models stopped before the engine's core started");
+            sink.fail();
+        }
         let (tx, rx) = crossbeam::channel::bounded::<Job>(queue);
         let producer = handle.producer();
         let waiting = Arc::new(AtomicUsize::new(0));
@@ -103,39 +101,6 @@ impl SequencerCore {
             waiting,
             handle: handle.clone(),
         })
-    }
-}
-
-fn bridge(mut sub: Subscriber<Event>, sink: EventSink) {
-    loop {
-        match sub.recv() {
-            Ok(batch) => {
-                let time = batch
-                    .events
-                    .iter()
-                    .find_map(|e| match e {
-                        Event::Accepted { time, .. } => Some(*time),
-                        _ => None,
-                    })
-                    .unwrap_or(Timestamp(crate::core::wall_clock_nanos()));
-                if !sink.publish(EventBatch {
-                    seq: batch.last_seq,
-                    time,
-                    events: batch.events,
-                }) {
-                    return;
-                }
-            }
-            Err(RecvError::Lagged { missed_from_seq }) => {
-                tracing::error!(
-                    missed_from_seq,
-                    "read models fell behind the engine; restart to resync"
-                );
-                sink.fail();
-                return;
-            }
-            Err(_) => return,
-        }
     }
 }
 

@@ -3,7 +3,7 @@
 //! router: handlers import from here, never from [`crate::app`], which builds the router from
 //! the permission table (which names the handlers).
 
-use crate::core::{EventBatch, EventSink, ExchangeCore, LocalCore, Outcome};
+use crate::core::{EventSink, ExchangeCore, LocalCore, Outcome};
 use crate::error::ApiError;
 use crate::keys::{ApiKey, KeyStore, Perms};
 use crate::market::Markets;
@@ -208,7 +208,7 @@ pub fn open(
     let markets = Arc::new(Markets::new(engine_config)?);
     let rm = Arc::new(ReadModel::new(markets.clone(), store.clone(), cfg.ws_queue));
     let broken = rm.broken.clone();
-    let (tx, rx) = crossbeam::channel::bounded::<EventBatch>(65_536);
+    let (tx, rx) = crossbeam::channel::bounded::<crate::core::SinkInput>(65_536);
     let rm2 = rm.clone();
     let applier = std::thread::Builder::new()
         .name("read-model".into())

@@ -343,21 +343,26 @@ pub fn ws_api_signed_payload(
         .get("signature")
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::missing("signature"))?;
-    let mut pairs: Vec<(&String, String)> = Vec::with_capacity(params.len());
-    for (k, v) in params {
-        if k == "signature" {
-            continue;
-        }
-        let s = param_str(v).ok_or_else(|| ApiError::invalid_value(k))?;
-        pairs.push((k, s));
-    }
-    pairs.sort();
-    let mut payload = String::with_capacity(128);
-    for (i, (k, v)) in pairs.iter().enumerate() {
+    // Written straight from the values (no copy of each): a request is signed at every call.
+    let mut pairs: Vec<(&String, &Value)> =
+        params.iter().filter(|(k, _)| *k != "signature").collect();
+    // Already in order unless serde_json keeps insertion order (its `preserve_order` feature).
+    pairs.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    let mut payload = String::with_capacity(256);
+    for (i, (k, v)) in pairs.into_iter().enumerate() {
         if i > 0 {
             payload.push('&');
         }
-        let _ = write!(payload, "{k}={v}");
+        payload.push_str(k);
+        payload.push('=');
+        match v {
+            Value::String(s) => payload.push_str(s),
+            Value::Number(n) => {
+                let _ = write!(payload, "{n}");
+            }
+            Value::Bool(b) => payload.push_str(if *b { "true" } else { "false" }),
+            _ => return Err(ApiError::invalid_value(k)),
+        }
     }
     Ok((payload, sig))
 }
@@ -413,18 +418,22 @@ fn form_encoded(params: &serde_json::Map<String, Value>) -> Option<String> {
 /// ([`crate::params::Params::from_pairs`]: the same name and value checks) without writing and decoding one:
 /// `apiKey` goes to the header and `returnRateLimits` is the WebSocket API's own; arrays
 /// (`symbols`) are their JSON text, as REST takes them; `null` is left out; an object is `-1130`.
-fn params_of(params: &serde_json::Map<String, Value>) -> Result<crate::params::Params, ApiError> {
+fn params_of(params: serde_json::Map<String, Value>) -> Result<crate::params::Params, ApiError> {
     let mut pairs = Vec::with_capacity(params.len());
+    // Taken apart, not copied: each name and string value moves into its pair.
     for (k, v) in params {
         if k == "apiKey" || k == "returnRateLimits" {
             continue;
         }
         let s = match v {
+            Value::String(s) => s,
+            Value::Number(n) => n.to_string(),
+            Value::Bool(b) => b.to_string(),
             Value::Array(_) => v.to_string(),
             Value::Null => continue,
-            other => param_str(other).ok_or_else(|| ApiError::invalid_value(k))?,
+            Value::Object(_) => return Err(ApiError::invalid_value(&k)),
         };
-        pairs.push((k.clone(), s));
+        pairs.push((k, s));
     }
     crate::params::Params::from_pairs(pairs)
 }
@@ -434,29 +443,37 @@ fn params_of(params: &serde_json::Map<String, Value>) -> Result<crate::params::P
 /// address and the signature, as [`Req::from_request`](crate::state::Req) makes them for REST.
 fn to_req(
     route: &'static crate::access::Route,
-    params: &serde_json::Map<String, Value>,
+    params: serde_json::Map<String, Value>,
     ip: &str,
 ) -> Result<Req, ApiError> {
-    let parsed = params_of(params)?;
     let mut call = WsApiCall {
         ip: ip.to_owned(),
         payloads: Vec::new(),
         signature: String::new(),
     };
-    if matches!(route.access, crate::access::Access::Signed(_)) && params.contains_key("signature")
-    {
-        let (payload, sig) = ws_api_signed_payload(params)?;
-        call.signature = sig.to_owned();
+    // What needs the parameters as sent, before they are taken apart; the errors in the order
+    // REST finds them (the parameters, then the signature, then the key).
+    let signed = (matches!(route.access, crate::access::Access::Signed(_))
+        && params.contains_key("signature"))
+    .then(|| {
+        ws_api_signed_payload(&params)
+            .map(|(payload, sig)| (payload, sig.to_owned(), form_encoded(&params)))
+    });
+    let api_key = params.get("apiKey").map(|k| {
+        k.as_str()
+            .and_then(|k| HeaderValue::from_str(k).ok())
+            .ok_or_else(ApiError::key_format)
+    });
+    let parsed = params_of(params)?;
+    if let Some(signed) = signed {
+        let (payload, sig, enc) = signed?;
+        call.signature = sig;
         call.payloads.push(payload);
-        if let Some(enc) = form_encoded(params) {
-            call.payloads.push(enc);
-        }
+        call.payloads.extend(enc);
     }
     let mut headers = axum::http::HeaderMap::new();
-    if let Some(k) = params.get("apiKey") {
-        let k = k.as_str().ok_or_else(ApiError::key_format)?;
-        let h = HeaderValue::from_str(k).map_err(|_| ApiError::key_format())?;
-        headers.insert("x-mbx-apikey", h);
+    if let Some(h) = api_key {
+        headers.insert("x-mbx-apikey", h?);
     }
     Ok(Req {
         headers,
@@ -519,7 +536,7 @@ async fn call(
 ) -> String {
     let with_limits = params.get("returnRateLimits") != Some(&Value::Bool(false));
     let empty = axum::http::HeaderMap::new();
-    let req = match to_req(route, &params, &ip) {
+    let req = match to_req(route, params, &ip) {
         Ok(r) => r,
         Err(e) => {
             // Not a request REST could express: charged like any other malformed message.
@@ -529,7 +546,6 @@ async fn call(
             return answer(&id, e.status, &body, limits.as_deref());
         }
     };
-    drop(params);
     let t0 = std::time::Instant::now();
     let span = tracing::info_span!("ws_api_request", method = method.name);
     let run = tracing::Instrument::instrument((method.handler)(st.clone(), req), span.clone());
@@ -836,7 +852,7 @@ mod tests {
             "",
         )
         .unwrap();
-        assert_eq!(pairs(&params_of(&p).unwrap()), pairs(&rest));
+        assert_eq!(pairs(&params_of(p.clone()).unwrap()), pairs(&rest));
         let (payload, sig) = ws_api_signed_payload(&p).unwrap();
         assert_eq!(sig, "ab");
         assert_eq!(
@@ -850,22 +866,22 @@ mod tests {
         let list: serde_json::Map<String, Value> =
             serde_json::from_str(r#"{"symbols":["A","B"]}"#).unwrap();
         assert_eq!(
-            pairs(&params_of(&list).unwrap()),
+            pairs(&params_of(list.clone()).unwrap()),
             [("symbols".to_owned(), r#"["A","B"]"#.to_owned())]
         );
         let obj: serde_json::Map<String, Value> =
             serde_json::from_str(r#"{"symbol":{"x":1}}"#).unwrap();
-        assert_eq!(params_of(&obj).unwrap_err().code, -1130);
+        assert_eq!(params_of(obj.clone()).unwrap_err().code, -1130);
         // Names and values are checked as in a query string.
         for (bad, code) in [
             (r#"{"a-b":"1"}"#.to_owned(), -1100),
             (format!(r#"{{"symbol":"{}"}}"#, "x".repeat(1025)), -1100),
         ] {
             let m: serde_json::Map<String, Value> = serde_json::from_str(&bad).unwrap();
-            assert_eq!(params_of(&m).unwrap_err().code, code, "{bad}");
+            assert_eq!(params_of(m.clone()).unwrap_err().code, code, "{bad}");
         }
         let many: serde_json::Map<String, Value> =
             (0..33).map(|i| (format!("p{i}"), Value::from(i))).collect();
-        assert_eq!(params_of(&many).unwrap_err().code, -1101);
+        assert_eq!(params_of(many.clone()).unwrap_err().code, -1101);
     }
 }

@@ -271,3 +271,45 @@ async fn trading_through_the_sequencer_survives_a_restart() {
     drop(s.router);
     s.node.shutdown().unwrap();
 }
+
+/// The submitter thread keeps each reply with its own command when the engine's in-flight limit
+/// makes it take replies before it can submit more, while it holds replies it took first (it
+/// submits the next group before it answers the last one): accepted and rejected commands
+/// alternate, so a reply given to the wrong handler shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_command_gets_its_own_reply_through_the_in_flight_limit() {
+    use matching_engine::Command;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = api::NodeConfig {
+        sequencer: matching_engine::sequencer::SequencerConfig {
+            max_in_flight: 2,
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let node = api::start_node(dir.path(), cfg).unwrap();
+    let mut tasks = Vec::new();
+    for i in 0..600u32 {
+        let st = node.state.clone();
+        tasks.push(tokio::spawn(async move {
+            let cmd = if i % 2 == 0 {
+                Command::CreateAccount
+            } else {
+                // No such account: rejected.
+                Command::CancelAll {
+                    account: matching_engine::AccountId(4_000_000_000 + i),
+                    market: None,
+                }
+            };
+            (i, st.submit(cmd).await.unwrap())
+        }));
+    }
+    let mut accepted = 0;
+    for t in tasks {
+        let (i, reply) = t.await.unwrap();
+        assert_eq!(reply.result.is_ok(), i % 2 == 0, "command {i}: {reply:?}");
+        accepted += usize::from(reply.result.is_ok());
+    }
+    assert_eq!(accepted, 300);
+    node.shutdown().unwrap();
+}

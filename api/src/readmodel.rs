@@ -469,6 +469,9 @@ pub struct State {
 pub struct Unpersisted {
     /// The latest row of each order, with its generation, by id.
     orders: HashMap<u64, (OrderRec, u64)>,
+    /// Every `(generation, order id)` written, in order: what [`Unpersisted::drop_some`] walks
+    /// instead of every order (an entry whose order was written again later is skipped).
+    order_gens: VecDeque<(u64, u64)>,
     /// Order ids per account, ascending.
     orders_by_account: HashMap<u32, BTreeSet<u64>>,
     /// Trades in the order they were applied (ids ascending), with their generation.
@@ -487,6 +490,7 @@ impl Unpersisted {
             .entry(o.account)
             .or_default()
             .insert(o.id);
+        self.order_gens.push_back((generation, o.id));
         self.orders.insert(o.id, (o, generation));
     }
 
@@ -509,23 +513,43 @@ impl Unpersisted {
     /// Drops the rows the history thread committed: those written by `generation` or before
     /// (an order row rewritten later stays).
     pub fn drop_through(&mut self, generation: u64) {
-        let by_account = &mut self.orders_by_account;
-        self.orders.retain(|id, (o, g)| {
-            if *g > generation {
-                return true;
+        while self.drop_some(generation, usize::MAX) {}
+    }
+
+    /// [`Unpersisted::drop_through`] in steps: drops at most `max` rows (and skips at most
+    /// `max` stale entries); true when rows of `generation` or before are left. The history
+    /// thread drops a commit's rows (tens of thousands under load: 3 ms under the write lock
+    /// at once) a chunk per lock, so the applier and the readers wait for one chunk at most.
+    pub fn drop_some(&mut self, generation: u64, max: usize) -> bool {
+        let mut budget = max;
+        while budget > 0 {
+            let Some(&(g, id)) = self.order_gens.front() else {
+                break;
+            };
+            if g > generation {
+                break;
             }
-            if let Some(ids) = by_account.get_mut(&o.account) {
-                ids.remove(id);
+            self.order_gens.pop_front();
+            budget -= 1;
+            // Written again after `generation`: the newer row stays.
+            if !self.orders.get(&id).is_some_and(|(_, g)| *g <= generation) {
+                continue;
+            }
+            let Some((o, _)) = self.orders.remove(&id) else {
+                continue;
+            };
+            if let Some(ids) = self.orders_by_account.get_mut(&o.account) {
+                ids.remove(&id);
                 if ids.is_empty() {
-                    by_account.remove(&o.account);
+                    self.orders_by_account.remove(&o.account);
                 }
             }
-            false
-        });
-        while self.trades.front().is_some_and(|(_, g)| *g <= generation) {
+        }
+        while budget > 0 && self.trades.front().is_some_and(|(_, g)| *g <= generation) {
             let Some((t, _)) = self.trades.pop_front() else {
                 break;
             };
+            budget -= 1;
             let at = self.trades_dropped;
             self.trades_dropped += 1;
             for a in [t.maker_account, t.taker_account] {
@@ -541,6 +565,10 @@ impl Unpersisted {
                 }
             }
         }
+        self.order_gens
+            .front()
+            .is_some_and(|(g, _)| *g <= generation)
+            || self.trades.front().is_some_and(|(_, g)| *g <= generation)
     }
 
     /// The latest row of an order.
@@ -668,6 +696,9 @@ struct PersistMsg {
     orders: Vec<OrderRec>,
     trades: Vec<TradeRec>,
 }
+
+/// Rows the history thread drops from memory per write lock after a commit (~0.1 ms).
+const DROP_CHUNK: usize = 1024;
 
 /// How long history rows may wait in memory before they are written to SQLite. A commit
 /// rewrites every B-tree page its rows touch (five indexes spread one group's rows over many
@@ -979,10 +1010,17 @@ impl ReadModel {
                         orders.clear();
                         trades.clear();
                         since = None;
-                        let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-                        st.persist_gen += 1;
-                        st.unpersisted.drop_through(generation);
-                        drop(st);
+                        // A chunk per write lock (see `Unpersisted::drop_some`); each moves
+                        // `persist_gen`, so a reader that raced it reads again.
+                        loop {
+                            let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
+                            st.persist_gen += 1;
+                            let more = st.unpersisted.drop_some(generation, DROP_CHUNK);
+                            drop(st);
+                            if !more {
+                                break;
+                            }
+                        }
                         self.history_floor.fetch_max(seq, Ordering::Release);
                         self.persisted.send_replace(seq);
                     }
@@ -2607,8 +2645,19 @@ mod tests {
         };
         check("pending");
         let before = rm.read().unpersisted.counts();
-        // The history thread committed the first ten groups.
-        rm.state.write().unwrap().unpersisted.drop_through(10);
+        // The history thread committed the first ten groups, and drops their rows in chunks.
+        let mut chunks = 0;
+        while rm.state.write().unwrap().unpersisted.drop_some(10, 7) {
+            chunks += 1;
+            if chunks == 1 {
+                check("after one chunk");
+            }
+        }
+        assert!(chunks > 1, "more than one chunk of 7");
+        assert!(
+            !rm.state.write().unwrap().unpersisted.drop_some(10, 7),
+            "nothing of 10 left"
+        );
         let after = rm.read().unpersisted.counts();
         assert!(after.0 < before.0 && after.1 < before.1);
         check("after a commit");

@@ -319,13 +319,26 @@ fn report(
     let mut all = all.to_vec();
     all.sort();
     let n = all.len();
-    let pct = |p: usize| all[(n * p / 100).min(n - 1)];
+    // Per mille, so that p99.9 is one too.
+    let pct = |p: usize| all[(n * p / 1000).min(n - 1)];
     println!(
         "{what}: connections={connections} in_flight_per_connection={window} orders={n} seconds={elapsed:.1} orders/s={:.0} p50={:?} p99={:?} max={:?} (load average at start {load})",
         n as f64 / elapsed,
-        pct(50),
-        pct(99),
+        pct(500),
+        pct(990),
         all[n - 1]
+    );
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    println!(
+        "{what}: latency ms p10 {:.2} p25 {:.2} p50 {:.2} p75 {:.2} p90 {:.2} p95 {:.2} p99 {:.2} p99.9 {:.2}",
+        ms(pct(100)),
+        ms(pct(250)),
+        ms(pct(500)),
+        ms(pct(750)),
+        ms(pct(900)),
+        ms(pct(950)),
+        ms(pct(990)),
+        ms(pct(999))
     );
 }
 

@@ -33,7 +33,7 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // The workers answer requests: a short slice lets a woken one in sooner (`sched_hint`).
-        .on_thread_start(|| sched_hint::request_short_slice("tokio-rt-worker"))
+        .on_thread_unpark(|| sched_hint::request_short_slice_once("tokio-rt-worker"))
         .build()?;
 
     // 1. The node.

@@ -490,8 +490,18 @@ impl Unpersisted {
             .entry(o.account)
             .or_default()
             .insert(o.id);
+        // `drop_some` stops at the first newer generation: the log must be in order.
+        debug_assert!(self.order_gens.back().is_none_or(|&(g, _)| g <= generation));
         self.order_gens.push_back((generation, o.id));
         self.orders.insert(o.id, (o, generation));
+        // One entry per write, not per order: while commits fail (rows are kept and retried),
+        // an order amended again and again would grow the log without bound. Keep only the
+        // entries of each order's current row then.
+        if self.order_gens.len() > 2 * self.orders.len() + 4096 {
+            let orders = &self.orders;
+            self.order_gens
+                .retain(|(g, id)| orders.get(id).is_some_and(|(_, cur)| cur == g));
+        }
     }
 
     /// Appends a trade written by `generation` (trades come in id order).
@@ -532,7 +542,7 @@ impl Unpersisted {
             self.order_gens.pop_front();
             budget -= 1;
             // Written again after `generation`: the newer row stays.
-            if !self.orders.get(&id).is_some_and(|(_, g)| *g <= generation) {
+            if self.orders.get(&id).is_none_or(|(_, g)| *g > generation) {
                 continue;
             }
             let Some((o, _)) = self.orders.remove(&id) else {
@@ -891,6 +901,7 @@ impl ReadModel {
             rx,
             fanout: None,
             broken: &self.broken,
+            ended: false,
         };
         while let Some(first) = input.recv() {
             group.clear();
@@ -1010,11 +1021,17 @@ impl ReadModel {
                         orders.clear();
                         trades.clear();
                         since = None;
-                        // A chunk per write lock (see `Unpersisted::drop_some`); each moves
-                        // `persist_gen`, so a reader that raced it reads again.
+                        // A chunk per write lock (see `Unpersisted::drop_some`). The first
+                        // moves `persist_gen`, so a reader that read SQLite before the commit
+                        // and memory after any drop reads again; a reader that sampled it after
+                        // the first chunk read SQLite after the commit, which has every row the
+                        // later chunks drop (moving it again would only make readers retry).
+                        let mut first = true;
                         loop {
                             let mut st = self.state.write().unwrap_or_else(|e| e.into_inner());
-                            st.persist_gen += 1;
+                            if std::mem::take(&mut first) {
+                                st.persist_gen += 1;
+                            }
                             let more = st.unpersisted.drop_some(generation, DROP_CHUNK);
                             drop(st);
                             if !more {
@@ -2365,10 +2382,15 @@ fn apply_events(
 
 /// The read models' input: the sink's channel, then (once a core attached one) the engine's
 /// fan-out subscriber, read on this thread ([`crate::core::EventSink::attach`]).
+///
+/// Once attached, the channel is not read again: the durable core publishes only to the fan-out
+/// (a batch or a second subscriber sent on the channel afterwards is never read).
 struct Input<'a> {
     rx: &'a crossbeam::channel::Receiver<crate::core::SinkInput>,
     fanout: Option<Box<matching_engine::fanout::Subscriber<Event>>>,
     broken: &'a AtomicBool,
+    /// The fan-out ended (closed, or this consumer dropped): nothing more, and said once.
+    ended: bool,
 }
 
 impl Input<'_> {
@@ -2376,6 +2398,9 @@ impl Input<'_> {
     /// or the fan-out dropped this consumer: then the read models are marked broken).
     fn recv(&mut self) -> Option<EventBatch> {
         loop {
+            if self.ended {
+                return None;
+            }
             if let Some(sub) = &mut self.fanout {
                 let r = sub.recv();
                 return self.end(r);
@@ -2390,6 +2415,9 @@ impl Input<'_> {
     /// The next batch if one is there.
     fn try_recv(&mut self) -> Option<EventBatch> {
         loop {
+            if self.ended {
+                return None;
+            }
             if let Some(sub) = &mut self.fanout {
                 let r = sub.try_recv().transpose()?;
                 return self.end(r);
@@ -2402,9 +2430,12 @@ impl Input<'_> {
     }
 
     fn end(
-        &self,
+        &mut self,
         r: Result<matching_engine::fanout::Batch<Event>, matching_engine::fanout::RecvError>,
     ) -> Option<EventBatch> {
+        if r.is_err() {
+            self.ended = true;
+        }
         match r {
             Ok(b) => Some(EventBatch::from(b)),
             Err(matching_engine::fanout::RecvError::Lagged { missed_from_seq }) => {
@@ -2453,6 +2484,7 @@ mod tests {
             rx: &rx,
             fanout: None,
             broken: &broken,
+            ended: false,
         };
         assert_eq!(
             input.recv().map(|b| (b.seq, b.time)),
@@ -2482,6 +2514,7 @@ mod tests {
             rx: &rx,
             fanout: None,
             broken: &broken,
+            ended: false,
         };
         let mut seen = Vec::new();
         while let Some(b) = input.recv() {
@@ -2566,12 +2599,12 @@ mod tests {
                 let (maker, taker) = ((next() % 50) as u32, (next() % 50) as u32);
                 st.unpersisted
                     .push_trade(trade_row(id, maker, taker, market), generation);
-                // A later version of some rows, from a later group.
-                if id % 10 == 0 {
-                    let mut o = order_row(id, account, market);
-                    o.status = OrdStatus::Filled;
-                    st.unpersisted.insert_order(o, 100);
-                }
+            }
+            // A later version of some rows, from a later group (groups come in order).
+            for id in (10..=20_000u64).step_by(10) {
+                let mut o = st.unpersisted.order(id).unwrap().clone();
+                o.status = OrdStatus::Filled;
+                st.unpersisted.insert_order(o, 100);
             }
         }
         let check = |when: &str| {
@@ -2658,6 +2691,13 @@ mod tests {
             !rm.state.write().unwrap().unpersisted.drop_some(10, 7),
             "nothing of 10 left"
         );
+        {
+            // Every row of the first ten groups left, and only those.
+            let st = rm.read();
+            let u = &st.unpersisted;
+            assert!(u.orders.values().all(|(_, g)| *g > 10));
+            assert!(u.trades.iter().all(|(_, g)| *g > 10));
+        }
         let after = rm.read().unpersisted.counts();
         assert!(after.0 < before.0 && after.1 < before.1);
         check("after a commit");

@@ -71,7 +71,7 @@ fn to_reply(outcome: Outcome<Event>) -> Result<Reply, CoreError> {
 }
 
 impl SequencerCore {
-    /// Starts the submitter and bridge threads. `queue` bounds the commands waiting for the
+    /// Starts the submitter thread and attaches the read models to the engine's fan-out. `queue` bounds the commands waiting for the
     /// submitter; `subscriber_capacity` is the fan-out queue of the read models, in batches.
     pub fn start(
         handle: &SequencerHandle<Engine>,

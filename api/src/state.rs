@@ -376,7 +376,8 @@ impl AppState {
     }
 
     /// The read-model thread, to join at shutdown: it writes the last history rows and exits once
-    /// the core dropped its [`EventSink`] (e.g. after the sequencer shut down).
+    /// its input ends (the durable core's fan-out closed when the sequencer shut down, or a
+    /// core without a fan-out dropped its [`EventSink`]).
     pub fn take_read_model_thread(&self) -> Option<std::thread::JoinHandle<()>> {
         self.0
             .applier

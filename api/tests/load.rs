@@ -72,7 +72,7 @@ fn signed_order_placement_rest_and_ws_api() {
         .worker_threads(workers)
         .enable_all()
         // As `mediator serve` (src/serve.rs).
-        .on_thread_start(|| sched_hint::request_short_slice("tokio-rt-worker"))
+        .on_thread_unpark(|| sched_hint::request_short_slice_once("tokio-rt-worker"))
         .build()
         .unwrap()
         .block_on(measure());

@@ -259,7 +259,8 @@ pub struct Metrics {
     /// Journal syncs (`fdatasync`) done.
     pub syncs: u64,
     /// Wall-clock time the engine thread spent in journal syncs (write and `fdatasync`), in
-    /// nanoseconds: with `syncs`, how long the disk takes to make a group durable.
+    /// nanoseconds: with `syncs`, how long the disk takes to make a group durable. It includes
+    /// the journal's occasional preallocation (zeros written and synced ahead of the records).
     pub sync_nanos: u64,
     /// Snapshots written.
     pub snapshots: u64,

@@ -2258,6 +2258,33 @@ async fn a_listed_store_refuses_transfers_out_and_lightning_payments() {
         .await;
     assert_list_refusal(&r, "address_list_on");
     assert!(ln.paid.lock().unwrap().is_empty(), "the node was asked");
+    // Paying another store's invoice from the balance is a transfer out too.
+    let shop =
+        d.h.state
+            .create_key(
+                other,
+                api::keys::Perms::parse("read,merchant").unwrap(),
+                "shop",
+            )
+            .unwrap();
+    let inv = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{other}/invoices"),
+        &d.h.state.greenfield_token(&shop.0),
+        Some(json!({"amount": "0.001"})),
+    )
+    .await;
+    let inv = inv["id"].as_str().unwrap();
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={inv}"),
+            &key,
+        )
+        .await;
+    assert_list_refusal(&r, "address_list_on");
     assert_eq!(d.h.balance(&key, "BTC").await, store_before);
     assert_eq!(d.h.balance(&other_key, "BTC").await, other_before);
     // Money in, and an account that is no store: as before.
@@ -2488,4 +2515,50 @@ impl api::lightning::Lightning for RecordingLn {
     fn onchain_address(&self) -> Result<String, api::custody::CustodyError> {
         Err(api::custody::CustodyError::internal("not in this test"))
     }
+}
+
+/// The list as the API's withdrawal policy, asked directly (time passed in): every destination
+/// while the list is off, and for an account that is no store; while it is on, only a usable
+/// listed address (any case), with the list's stable codes for the rest.
+#[test]
+fn the_list_policy_answers_each_destination() {
+    use api::policy::{Destination, PolicyError, WithdrawalPolicy};
+    let dir = tempfile::tempdir().unwrap();
+    let db = std::sync::Arc::new(std::sync::Mutex::new(
+        merchant::store::open(&dir.path().join("merchant.sqlite")).unwrap(),
+    ));
+    let policy = merchant::allowlist::ListPolicy::new(db.clone());
+    let code = |account: u32, to: Destination, now: u64| match policy.check(account, &to, now) {
+        Ok(()) => "allowed".to_owned(),
+        Err(PolicyError::Refused(r)) => r.code.to_owned(),
+        Err(e) => panic!("{e}"),
+    };
+    let (store, delay) = (7, 1_000);
+    let all = |now: u64, account: u32| {
+        [
+            code(account, Destination::Address(LISTED.to_uppercase()), now),
+            code(account, Destination::Address(IN_DELAY.into()), now),
+            code(account, Destination::Address(OTHER.into()), now),
+            code(account, Destination::Account(8), now),
+            code(account, Destination::Lightning, now),
+        ]
+    };
+    assert_eq!(all(0, store), ["allowed"; 5], "no list");
+    {
+        let mut c = db.lock().unwrap();
+        merchant::allowlist::add(&mut c, store, LISTED, 0, delay).unwrap();
+        merchant::allowlist::add(&mut c, store, IN_DELAY, 500, delay).unwrap();
+    }
+    assert_eq!(
+        all(1_000, store),
+        [
+            "allowed",
+            "address_in_delay",
+            "address_not_listed",
+            "address_list_on",
+            "address_list_on"
+        ]
+    );
+    assert_eq!(all(1_500, store)[1], "allowed", "past its delay");
+    assert_eq!(all(1_000, 8), ["allowed"; 5], "an account that is no store");
 }

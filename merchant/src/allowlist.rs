@@ -1,5 +1,7 @@
 //! The store dashboard's withdrawal address allow-list (ADR 0015, addendum): an optional list,
-//! per store, of the addresses that dashboard withdrawals may go to.
+//! per store, of the addresses that the store's withdrawals may go to. [`ListPolicy`] makes it
+//! the API's withdrawal policy ([`api::policy`]): every money-out path of the store's account
+//! asks it, whatever key, token or session requests ([`check_destination`]).
 //!
 //! * **Loosening waits, tightening is immediate.** An added address is usable only
 //!   [`crate::MerchantConfig::withdraw_address_delay_ms`] after it was added (24 h by default):

@@ -63,7 +63,10 @@ pub enum AllowListError {
         address: String,
     },
     /// The address is on the list but still in its delay.
-    #[error("address {address} is on the list but usable only from {active_ms} (ms)")]
+    #[error(
+        "address {address} is on the list but usable only from {} UTC (a new address waits before it can be used)",
+        api::capital::utc_datetime(*.active_ms)
+    )]
     Pending {
         /// The address refused.
         address: String,

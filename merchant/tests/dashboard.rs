@@ -2206,6 +2206,7 @@ async fn the_signed_withdraw_apply_follows_the_store_list() {
             d.h.signed("POST", path, &apply(address, "after-1"), &key)
                 .await;
         assert_list_refusal(&r, code);
+        assert!(r.msg().contains(address), "{}", r.json);
     }
     assert_eq!(count(), 1, "a refused withdrawal was recorded");
     // The retry of the withdrawal made before the list: custody's answer, as before.

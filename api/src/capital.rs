@@ -389,9 +389,14 @@ pub fn check_withdraw_order_id(id: &str) -> Result<(), ApiError> {
 /// The one path by which an account's own withdrawal is requested (the signed API's
 /// `withdraw/apply` and the store dashboard's withdrawal form): the address and key are checked
 /// ([`check_address`], [`check_withdraw_order_id`]), the circuit breaker refuses (`-1000`,
+/// nothing recorded), the withdrawal policy is asked ([`crate::policy`]: `403`, `-4038`,
 /// nothing recorded), and custody applies the rest (address for its network, minimum and
 /// fee, limits, approvals, deny list, balance, key unique per account: a repeated key is
 /// `-4029` and pays nothing).
+///
+/// A key custody already holds is answered by custody even when the policy now refuses the
+/// address: a retry of a withdrawal requested before the policy changed (a store's list turned
+/// on since) learns of that withdrawal (`-4029`), never "refused, nothing recorded".
 pub async fn apply_withdrawal(
     st: &AppState,
     account: u32,
@@ -406,6 +411,17 @@ pub async fn apply_withdrawal(
     }
     if st.breaker_open() {
         return Err(ApiError::halted());
+    }
+    let to = crate::policy::Destination::Address(address.clone());
+    if let Err(e) = crate::policy::ask(st, account, to).await {
+        let k = order_id.clone();
+        // Looked up only when refused: the common path makes no extra custody call.
+        if call(st, move |c| c.withdrawal_by_key(account, &k))
+            .await?
+            .is_none()
+        {
+            return Err(crate::policy::policy_error(e));
+        }
     }
     call(st, move |c| {
         c.request_withdrawal(account, &address, amount_sat, &order_id)

@@ -35,6 +35,7 @@ pub mod openapi;
 pub mod orderlist;
 pub mod page;
 pub mod params;
+pub mod policy;
 pub mod proofs;
 pub mod public;
 pub mod ratelimit;

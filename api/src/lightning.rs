@@ -227,6 +227,8 @@ pub async fn invoice(State(st): State<AppState>, req: Req) -> Result<Response, A
 
 /// `POST /mapi/v1/lightning/pay` (WITHDRAW): `invoice` (BOLT11 with an amount) → the withdrawal,
 /// after its outcome or after [`PAY_WAIT`] (`pending`; ask `GET /mapi/v1/lightning/pay?id=`).
+/// The withdrawal policy is asked before the node ([`crate::policy`]: `403`, `-4038`, nothing
+/// held).
 pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let invoice = p.req("invoice")?;
@@ -235,6 +237,8 @@ pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiEr
     }
     p.finish()?;
     let account = key.account;
+    lightning(&st)?;
+    crate::policy::check(&st, account, crate::policy::Destination::Lightning).await?;
     let w = call(&st, move |l| l.pay(account, &invoice)).await?;
     let w = wait_outcome(lightning(&st)?, w, tokio::time::sleep(PAY_WAIT)).await?;
     Ok(ok_json(&ctx, payment_json(&w)))

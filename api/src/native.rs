@@ -59,13 +59,17 @@ fn duplicate(events: &[Event]) -> bool {
 }
 
 /// `POST /mapi/v1/transfer` (TRANSFER, not TRADE: funds leave the account): moves `amount` of `asset` to `toAccount` at once.
-/// Idempotent by `clientTranId` (per sending account).
+/// Idempotent by `clientTranId` (per sending account). The withdrawal policy is asked first
+/// ([`crate::policy`], destination the other account: `403`, `-4038`, nothing submitted). The
+/// engine answers a transfer key only by applying it, so a retry of a transfer made before the
+/// policy refused it is refused too (its first answer stands).
 pub async fn transfer(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let to = account_param(&mut p, "toAccount")?;
     let (asset, decimals, amount) = asset_amount(&st, &mut p)?;
     let tran = reference(&mut p, "clientTranId")?;
     p.finish()?;
+    crate::policy::check(&st, key.account, crate::policy::Destination::Account(to.0)).await?;
     let k = IdempotencyKey::reference(&format!("transfer/{}/{tran}", key.account));
     let reply = st
         .submit(Command::Transfer {

@@ -167,6 +167,8 @@ pub(crate) struct Inner {
     pub custody: std::sync::OnceLock<Arc<dyn crate::custody::Custody>>,
     /// The Lightning node, attached after start ([`AppState::set_lightning`]).
     pub lightning: std::sync::OnceLock<crate::lightning::Handle>,
+    /// The withdrawal policy, installed at start-up ([`AppState::set_withdrawal_policy`]).
+    pub withdrawal_policy: std::sync::OnceLock<crate::policy::Handle>,
     /// The products composed over this shell (e.g. merchant payments), each attached once at
     /// start-up ([`AppState::attach`]).
     pub extensions: Extensions,
@@ -270,6 +272,7 @@ impl PendingApi {
             id_counter: AtomicU64::new(0),
             custody: std::sync::OnceLock::new(),
             lightning: std::sync::OnceLock::new(),
+            withdrawal_policy: std::sync::OnceLock::new(),
             extensions: Extensions::default(),
             proofs: self.proofs,
         }))
@@ -403,6 +406,21 @@ impl AppState {
         ln: crate::lightning::Handle,
     ) -> Result<(), crate::lightning::Handle> {
         self.0.lightning.set(ln)
+    }
+
+    /// Installs the withdrawal policy asked on every money-out path of an account
+    /// ([`crate::policy`]), at start-up, before requests are served; until then (and without
+    /// one) every withdrawal is allowed as far as the policy goes. At most once.
+    pub fn set_withdrawal_policy(
+        &self,
+        policy: crate::policy::Handle,
+    ) -> Result<(), crate::policy::Handle> {
+        self.0.withdrawal_policy.set(policy)
+    }
+
+    /// The installed withdrawal policy, if any.
+    pub fn withdrawal_policy(&self) -> Option<crate::policy::Handle> {
+        self.0.withdrawal_policy.get().cloned()
     }
 
     /// Submits a command and waits until the read models have applied it (read-your-writes).

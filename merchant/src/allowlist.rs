@@ -1,5 +1,7 @@
 //! The store dashboard's withdrawal address allow-list (ADR 0015, addendum): an optional list,
-//! per store, of the addresses that dashboard withdrawals may go to.
+//! per store, of the addresses that the store's withdrawals may go to. [`ListPolicy`] makes it
+//! the API's withdrawal policy ([`api::policy`]): every money-out path of the store's account
+//! asks it, whatever key, token or session requests ([`check_destination`]).
 //!
 //! * **Loosening waits, tightening is immediate.** An added address is usable only
 //!   [`crate::MerchantConfig::withdraw_address_delay_ms`] after it was added (24 h by default):
@@ -61,12 +63,25 @@ pub enum AllowListError {
         address: String,
     },
     /// The address is on the list but still in its delay.
-    #[error("address {address} is on the list but usable only from {active_ms} (ms)")]
+    #[error(
+        "address {address} is on the list but usable only from {} UTC (a new address waits before it can be used)",
+        api::capital::utc_datetime(*.active_ms)
+    )]
     Pending {
         /// The address refused.
         address: String,
         /// From when it is usable, ms.
         active_ms: u64,
+    },
+    /// The store's list is on and the money would go where a list cannot name (another
+    /// account, a Lightning payment), or to whatever address a claim will name (a new pull
+    /// payment, a refund).
+    #[error(
+        "this store's withdrawal address list is on, and {what} cannot go to a listed address"
+    )]
+    ListOn {
+        /// What was refused (`a transfer to another account`).
+        what: &'static str,
     },
     /// Adding an address that is already listed.
     #[error("address {address} is already on the list")]
@@ -88,6 +103,7 @@ impl AllowListError {
         match self {
             Self::NotListed { .. } => "address_not_listed",
             Self::Pending { .. } => "address_in_delay",
+            Self::ListOn { .. } => "address_list_on",
             Self::AlreadyListed { .. } => "address_already_listed",
             Self::Full => "address_list_full",
             Self::Database(_) => "database",
@@ -180,6 +196,105 @@ pub fn check(
             Err(AllowListError::Pending { address, active_ms })
         }
         Some(_) => Ok(()),
+    }
+}
+
+/// Whether `merchant` (a store's account) may send money to `to` at `now_ms`, on every
+/// money-out path of the account ([`api::policy`]): yes while the list is off; while it is on,
+/// only to a usable listed address ([`check`]); another account or a Lightning payment,
+/// which a list cannot name, is refused ([`AllowListError::ListOn`]).
+pub fn check_destination(
+    conn: &Connection,
+    merchant: u32,
+    to: &api::policy::Destination,
+    now_ms: u64,
+) -> Result<(), AllowListError> {
+    use api::policy::Destination;
+    match to {
+        Destination::Address(a) => check(conn, merchant, a, now_ms),
+        other => {
+            if !is_on(conn, merchant, now_ms)? {
+                return Ok(());
+            }
+            Err(AllowListError::ListOn {
+                what: match other {
+                    Destination::Account(_) => "a transfer to another account",
+                    Destination::Lightning => "a Lightning payment",
+                    _ => "this payment",
+                },
+            })
+        }
+    }
+}
+
+/// Refuses what would pay whatever address a later claim names (a new pull payment, a refund's
+/// pull payment) while the store's list is on ([`AllowListError::ListOn`] with `what`).
+pub fn check_list_off(
+    conn: &Connection,
+    merchant: u32,
+    what: &'static str,
+    now_ms: u64,
+) -> Result<(), AllowListError> {
+    if is_on(conn, merchant, now_ms)? {
+        return Err(AllowListError::ListOn { what });
+    }
+    Ok(())
+}
+
+/// The store's list as the withdrawal policy of the whole API ([`api::policy`]), installed by
+/// [`crate::attach`]: every money-out path of a store's account is asked
+/// ([`check_destination`]). An account that is no store has no list (off): allowed.
+#[derive(Clone)]
+pub struct ListPolicy {
+    db: crate::MerchantDb,
+}
+
+impl ListPolicy {
+    /// The policy over the merchant database.
+    pub fn new(db: crate::MerchantDb) -> Self {
+        Self { db }
+    }
+}
+
+impl std::fmt::Debug for ListPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListPolicy").finish_non_exhaustive()
+    }
+}
+
+/// The list's answer as the policy's: a refusal with its stable code, a database failure as a
+/// failure (nothing is known to be allowed).
+pub fn policy_answer(r: Result<(), AllowListError>) -> Result<(), api::policy::PolicyError> {
+    match r {
+        Ok(()) => Ok(()),
+        Err(AllowListError::Database(e)) => Err(api::policy::PolicyError::Failed(e.to_string())),
+        Err(e) => Err(api::policy::PolicyError::Refused(
+            api::policy::PolicyRefusal {
+                code: e.code(),
+                message: e.to_string(),
+            },
+        )),
+    }
+}
+
+/// A refusal of the list as the signed API answers it (`403`, `-4038`, [`api::policy`]); a
+/// database failure as an internal error.
+pub fn api_error(e: AllowListError) -> api::error::ApiError {
+    match policy_answer(Err(e)) {
+        Err(e) => api::policy::policy_error(e),
+        Ok(()) => api::error::ApiError::internal(),
+    }
+}
+
+impl api::policy::WithdrawalPolicy for ListPolicy {
+    fn check(
+        &self,
+        account: u32,
+        to: &api::policy::Destination,
+        now_ms: u64,
+    ) -> Result<(), api::policy::PolicyError> {
+        let conn = self.db.lock().unwrap_or_else(|e| e.into_inner());
+        policy_answer(check_destination(&conn, account, to, now_ms))
     }
 }
 

@@ -121,6 +121,20 @@ fn gf_err(status: StatusCode, code: &str, message: impl Into<String>) -> GfError
     }
 }
 
+/// A refusal of the store's withdrawal address list ([`crate::allowlist`]) in BTCPay's error
+/// shape: `403` with the list's stable code (`address_not_listed`, `address_in_delay`,
+/// `address_list_on`); a database failure is an internal error.
+fn list_refused(e: crate::allowlist::AllowListError) -> GfError {
+    match e {
+        crate::allowlist::AllowListError::Database(e) => db_error(e).into(),
+        e => gf_err(
+            StatusCode::FORBIDDEN,
+            e.code(),
+            format!("Refused: {e}; nothing was created or sent"),
+        ),
+    }
+}
+
 /// `422` with BTCPay's validation list.
 fn invalid(path: &str, message: impl Into<String>) -> GfError {
     GfError {
@@ -2045,9 +2059,28 @@ pub async fn refund(
         created_ms: now_ms(),
         archived: false,
     };
-    let p2 = p.clone();
-    with_db(&st, move |c| insert_pp(c, &p2).map_err(db_error)).await?;
+    insert_pp_while_list_off(&st, p.clone(), "a refund (its claim names any address)").await?;
     ok(pp_json(&st, &p))
+}
+
+/// Inserts a pull payment unless the store's withdrawal address list is on (checked in the
+/// same database lock): a pull payment's claim names any address, which the list forbids
+/// (`403` `address_list_on`, nothing created).
+async fn insert_pp_while_list_off(
+    st: &AppState,
+    p: PullPayment,
+    what: &'static str,
+) -> Result<(), GfError> {
+    let now = now_ms();
+    with_db(st, move |c| {
+        if let Err(e) = crate::allowlist::check_list_off(c, p.merchant, what, now) {
+            return Ok(Err(e));
+        }
+        insert_pp(c, &p).map_err(db_error)?;
+        Ok(Ok(()))
+    })
+    .await?
+    .map_err(list_refused)
 }
 
 /// `POST /api/v1/stores/{storeId}/pull-payments`: `name`, `description`, `amount`, `currency`
@@ -2084,8 +2117,12 @@ pub async fn create_pull_payment(
         created_ms: now_ms(),
         archived: false,
     };
-    let p2 = p.clone();
-    with_db(&st, move |c| insert_pp(c, &p2).map_err(db_error)).await?;
+    insert_pp_while_list_off(
+        &st,
+        p.clone(),
+        "a pull payment (its claim names any address)",
+    )
+    .await?;
     ok(pp_json(&st, &p))
 }
 
@@ -2398,7 +2435,12 @@ async fn resolve_payouts(st: &AppState, pp: &PullPayment) -> Result<(), GfError>
 
 /// The exchange account a payout goes to, if its destination is `account:<n>`.
 fn to_account(p: &Payout) -> Option<u32> {
-    p.destination
+    account_of(&p.destination)
+}
+
+/// The exchange account a claim's destination names (`account:<n>`), if it names one.
+fn account_of(destination: &str) -> Option<u32> {
+    destination
         .strip_prefix(ACCOUNT_PREFIX)
         .and_then(|n| n.parse().ok())
 }
@@ -2530,6 +2572,8 @@ enum Reserved {
     OverLimit(u64),
     TooMany,
     KeyReused,
+    /// The store's withdrawal address list refused the destination: nothing reserved.
+    Refused(crate::allowlist::AllowListError),
 }
 
 async fn claim_and_pay(
@@ -2558,6 +2602,15 @@ async fn claim_and_pay(
                 let same = p.destination == destination && amount.is_none_or(|a| a == p.amount_sat);
                 return Ok(if same { Reserved::Existing(p) } else { Reserved::KeyReused });
             }
+        }
+        // A new claim moves the store's money out: the store's list decides where to (after
+        // the key's look-up above, so a claim made before the list was on is still answered).
+        let to = match account_of(&destination) {
+            Some(a) => api::policy::Destination::Account(a),
+            None => api::policy::Destination::Address(destination.clone()),
+        };
+        if let Err(e) = crate::allowlist::check_destination(&tx, pp2.merchant, &to, now) {
+            return Ok(Reserved::Refused(e));
         }
         let claimed = claimed_sat(&tx, &pp2.id).map_err(db_error)?;
         let remaining = pp2.amount_sat.saturating_sub(claimed);
@@ -2634,6 +2687,7 @@ async fn claim_and_pay(
                 "this key was used for another claim of this pull payment",
             ))
         }
+        Reserved::Refused(e) => return Err(list_refused(e)),
     };
     // Pay it.
     use super::outcome::Moved;

@@ -223,10 +223,16 @@ pub enum AttachError {
 
 /// Opens `<data_dir>/merchant.sqlite` (the API's data directory) and attaches merchant payments
 /// to `state`, before a router that serves [`ROUTES`] takes requests. At most once per state.
+/// Installs the stores' withdrawal address lists as the API's withdrawal policy
+/// ([`allowlist::ListPolicy`]): every money-out path of a store's account asks its list.
 pub fn attach(state: &AppState, cfg: MerchantConfig) -> Result<(), AttachError> {
     let merchant = Merchant::open(state.data_dir(), cfg)?;
+    let policy = allowlist::ListPolicy::new(merchant.db.clone());
     state
         .attach(merchant)
+        .map_err(|_| AttachError::AlreadyAttached)?;
+    state
+        .set_withdrawal_policy(Arc::new(policy))
         .map_err(|_| AttachError::AlreadyAttached)
 }
 

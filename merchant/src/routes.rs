@@ -1058,6 +1058,14 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
     if due == 0 {
         return Err(wrong_status(Status::Processing));
     }
+    // Paying from a balance moves the payer's money to another account: the payer's policy
+    // (a store's withdrawal address list) is asked first, nothing written when it refuses.
+    api::policy::check(
+        st,
+        payer,
+        api::policy::Destination::Account(rec.inv.merchant),
+    )
+    .await?;
     let intent = store::PayIntent {
         pid: format!("pay/{}/{payer}/{due}", rec.inv.id),
         invoice_id: rec.inv.id.clone(),
@@ -1188,6 +1196,15 @@ pub(crate) async fn refund_invoice(
                 return Ok(Reserved::Existing(rec, name, r));
             }
         }
+        // A new refund moves the store's money out: its list decides where to (after the
+        // key's look-up above, so a refund requested before the list was on is answered).
+        let to = match (&ask.address, ask.to_account) {
+            (Some(a), _) => api::policy::Destination::Address(a.clone()),
+            (None, Some(acct)) => api::policy::Destination::Account(acct),
+            (None, None) => return Err(ApiError::bad_combination()),
+        };
+        crate::allowlist::check_destination(c, merchant, &to, now)
+            .map_err(crate::allowlist::api_error)?;
         let refundable = rec
             .inv
             .refundable_sat()

@@ -2101,3 +2101,465 @@ async fn a_withdrawal_without_custody_says_nothing_was_sent() {
     assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.body);
     assert!(r.body.contains("Nothing was sent"), "{}", r.body);
 }
+
+// ----- the allow-list on every money-out path of the store's account (ADR 0015 addendum) -----
+
+/// An address listed and usable on the store's list (added a day and a second ago).
+const LISTED: &str = ADDRESS;
+/// An address listed but still in its delay (added now).
+const IN_DELAY: &str = "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3qzf4jry";
+
+/// A store whose list is on, with [`LISTED`] usable and [`IN_DELAY`] in its delay, and a
+/// signed API key with `withdraw` and `transfer` made *before* the list was turned on (the
+/// store's Greenfield token `d.token` too). Time passed in: the usable address was added a
+/// delay and a second ago.
+async fn listed_store() -> (D, (String, String)) {
+    let d = setup().await;
+    let key =
+        d.h.state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("read,withdraw,transfer,merchant").unwrap(),
+                "before the list",
+            )
+            .unwrap();
+    turn_list_on(&d);
+    (d, key)
+}
+
+fn turn_list_on(d: &D) {
+    let now = common::now_ms();
+    let delay = merchant::allowlist::DEFAULT_DELAY_MS;
+    let mut conn = d.h.state.merchant().db.lock().unwrap();
+    merchant::allowlist::add(&mut conn, d.account, LISTED, now - delay - 1_000, delay).unwrap();
+    merchant::allowlist::add(&mut conn, d.account, IN_DELAY, now, delay).unwrap();
+}
+
+/// The signed API's refusal by the list: `403`, `-4038`, the list's stable code in `msg`.
+fn assert_list_refusal(r: &common::Resp, code: &str) {
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+    assert_eq!(r.code(), -4038, "{}", r.json);
+    assert!(r.msg().contains(code), "{}", r.json);
+}
+
+/// A Greenfield call answering its status and body (no success asserted).
+async fn gf_raw(
+    h: &Harness,
+    method: &str,
+    uri: &str,
+    token: Option<&str>,
+    body: Value,
+) -> (StatusCode, Value) {
+    let mut b = Request::builder()
+        .method(method)
+        .uri(uri)
+        .header("content-type", "application/json");
+    if let Some(t) = token {
+        b = b.header("Authorization", format!("token {t}"));
+    }
+    let res = h
+        .router
+        .clone()
+        .oneshot(b.body(Body::from(body.to_string())).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    (
+        status,
+        serde_json::from_slice(&bytes).unwrap_or(Value::Null),
+    )
+}
+
+/// Review finding (HIGH): a `withdraw` key made before the list was on withdrew anywhere
+/// through the signed API's `withdraw/apply`, which never consulted the list. Now it goes
+/// only to a usable listed address (any case of a bech32 address); another address and one in
+/// its delay are refused (`-4038`, nothing recorded); a retry of a withdrawal made before the
+/// list was on still answers that withdrawal (custody's `-4029`), not a refusal.
+#[tokio::test]
+async fn the_signed_withdraw_apply_follows_the_store_list() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let key =
+        d.h.state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("read,withdraw").unwrap(),
+                "before the list",
+            )
+            .unwrap();
+    let apply = |address: &str, id: &str| {
+        format!("coin=BTC&address={address}&amount=0.01&withdrawOrderId={id}")
+    };
+    let path = "/sapi/v1/capital/withdraw/apply";
+    let r =
+        d.h.signed("POST", path, &apply(OTHER, "before-1"), &key)
+            .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(count(), 1);
+    turn_list_on(&d);
+    for (address, code) in [
+        (OTHER, "address_not_listed"),
+        (IN_DELAY, "address_in_delay"),
+    ] {
+        let r =
+            d.h.signed("POST", path, &apply(address, "after-1"), &key)
+                .await;
+        assert_list_refusal(&r, code);
+        assert!(r.msg().contains(address), "{}", r.json);
+    }
+    assert_eq!(count(), 1, "a refused withdrawal was recorded");
+    // The retry of the withdrawal made before the list: custody's answer, as before.
+    let r =
+        d.h.signed("POST", path, &apply(OTHER, "before-1"), &key)
+            .await;
+    assert_eq!(r.code(), -4029, "{}", r.json);
+    assert_eq!(count(), 1);
+    for (n, address) in [LISTED.to_owned(), LISTED.to_uppercase()]
+        .iter()
+        .enumerate()
+    {
+        let r =
+            d.h.signed("POST", path, &apply(address, &format!("listed-{n}")), &key)
+                .await;
+        assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    }
+    assert_eq!(count(), 3);
+}
+
+/// Review finding (HIGH): a `transfer` key of the store moved its balance to another account
+/// (to be withdrawn from there), and a `withdraw` key paid any Lightning invoice, around the
+/// list. A list cannot name either: both are refused while the list is on (`-4038`
+/// `address_list_on`), nothing moved, the node never asked. Money coming in (a transfer *to*
+/// the store) is never refused, and an account that is no store is unaffected.
+#[tokio::test]
+async fn a_listed_store_refuses_transfers_out_and_lightning_payments() {
+    let (d, key) = listed_store().await;
+    let (other, other_key) = d.h.trader_with("0.5", "0", "read,transfer,withdraw").await;
+    let ln = Arc::new(RecordingLn::default());
+    assert!(d.h.state.set_lightning(ln.clone()).is_ok());
+    let store_before = d.h.balance(&key, "BTC").await;
+    let other_before = d.h.balance(&other_key, "BTC").await;
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={other}&asset=BTC&amount=0.01&clientTranId=out-1"),
+            &key,
+        )
+        .await;
+    assert_list_refusal(&r, "address_list_on");
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/lightning/pay",
+            "invoice=lnbcrt10u1pexample",
+            &key,
+        )
+        .await;
+    assert_list_refusal(&r, "address_list_on");
+    assert!(ln.paid.lock().unwrap().is_empty(), "the node was asked");
+    // Paying another store's invoice from the balance is a transfer out too.
+    let shop =
+        d.h.state
+            .create_key(
+                other,
+                api::keys::Perms::parse("read,merchant").unwrap(),
+                "shop",
+            )
+            .unwrap();
+    let inv = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{other}/invoices"),
+        &d.h.state.greenfield_token(&shop.0),
+        Some(json!({"amount": "0.001"})),
+    )
+    .await;
+    let inv = inv["id"].as_str().unwrap();
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={inv}"),
+            &key,
+        )
+        .await;
+    assert_list_refusal(&r, "address_list_on");
+    assert_eq!(d.h.balance(&key, "BTC").await, store_before);
+    assert_eq!(d.h.balance(&other_key, "BTC").await, other_before);
+    // Money in, and an account that is no store: as before.
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!(
+                "toAccount={}&asset=BTC&amount=0.01&clientTranId=in-1",
+                d.account
+            ),
+            &other_key,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(d.h.balance(&other_key, "BTC").await.0, "0.49000000");
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/lightning/pay",
+            "invoice=lnbcrt10u1pexample",
+            &other_key,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(*ln.paid.lock().unwrap(), vec![other]);
+}
+
+/// Review finding (HIGH): the store's Greenfield token made before the list was on (and the
+/// claim link of a pull payment made then) paid any address: a payout claim, a new pull
+/// payment, a refund. While the list is on, a claim goes only to a usable listed address
+/// (`403` with the list's code, no payout reserved, nothing sent), and no new pull payment or
+/// refund is created (`address_list_on`). The signed API's refund to an address follows the
+/// list too.
+#[tokio::test]
+async fn greenfield_claims_pull_payments_and_refunds_follow_the_store_list() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let inv = paid_invoice(&d).await;
+    let key =
+        d.h.state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+                "before the list",
+            )
+            .unwrap();
+    let pps = format!("/api/v1/stores/{}/pull-payments", d.account);
+    let pp = gf(
+        &d.h,
+        "POST",
+        &pps,
+        &d.token,
+        Some(json!({"name": "before", "amount": "0.01"})),
+    )
+    .await;
+    let claim = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
+    turn_list_on(&d);
+    for (destination, code) in [
+        (OTHER.to_owned(), "address_not_listed"),
+        (IN_DELAY.to_owned(), "address_in_delay"),
+        ("account:1".to_owned(), "address_list_on"),
+    ] {
+        let (status, body) = gf_raw(
+            &d.h,
+            "POST",
+            &claim,
+            None,
+            json!({"destination": destination, "amount": "0.001", "payoutMethodId": "BTC-CHAIN"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{destination}: {body}");
+        assert_eq!(body["code"], code, "{body}");
+    }
+    let (status, payouts) = gf_raw(&d.h, "GET", &claim, None, Value::Null).await;
+    assert_eq!(status, StatusCode::OK, "{payouts}");
+    assert_eq!(payouts.as_array().unwrap().len(), 0, "{payouts}");
+    assert_eq!(count(), 0, "a refused claim was sent");
+    // To the usable listed address: paid.
+    let (status, body) = gf_raw(
+        &d.h,
+        "POST",
+        &claim,
+        None,
+        json!({"destination": LISTED, "amount": "0.001", "payoutMethodId": "BTC-CHAIN"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(count(), 1);
+    // No new pull payment, no refund (both pay whatever address their claim names).
+    let (status, body) = gf_raw(
+        &d.h,
+        "POST",
+        &pps,
+        Some(&d.token),
+        json!({"name": "after", "amount": "0.01"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["code"], "address_list_on", "{body}");
+    let (status, body) = gf_raw(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{}/invoices/{inv}/refund", d.account),
+        Some(&d.token),
+        json!({"refundVariant": "RateThen"}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+    assert_eq!(body["code"], "address_list_on", "{body}");
+    let listed = gf(&d.h, "GET", &pps, &d.token, None).await;
+    assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+    // The signed API's refund to an address.
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={inv}&amount=0.0001&address={OTHER}"),
+            &key,
+        )
+        .await;
+    assert_list_refusal(&r, "address_not_listed");
+    assert_eq!(count(), 1);
+}
+
+/// A store that never listed an address withdraws and transfers through the signed API as
+/// before (the policy allows everything while the list is off).
+#[tokio::test]
+async fn a_store_without_a_list_withdraws_and_transfers_as_before() {
+    let d = setup().await;
+    let key =
+        d.h.state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("read,withdraw,transfer").unwrap(),
+                "no list",
+            )
+            .unwrap();
+    let (other, _) = d.h.trader("0", "0").await;
+    let r =
+        d.h.signed(
+            "POST",
+            "/sapi/v1/capital/withdraw/apply",
+            &format!("coin=BTC&address={OTHER}&amount=0.01"),
+            &key,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(d.fake.withdrawals.lock().unwrap().len(), 1);
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={other}&asset=BTC&amount=0.01&clientTranId=t-1"),
+            &key,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+}
+
+/// A Lightning node that records which accounts it was asked to pay for (and pays).
+#[derive(Debug, Default)]
+struct RecordingLn {
+    paid: std::sync::Mutex<Vec<u32>>,
+}
+
+impl api::lightning::Lightning for RecordingLn {
+    fn deposit_invoice(
+        &self,
+        _: u32,
+        _: u64,
+    ) -> Result<api::lightning::LnInvoiceInfo, api::custody::CustodyError> {
+        Err(api::custody::CustodyError::internal("not in this test"))
+    }
+    fn merchant_invoice(
+        &self,
+        _: u32,
+        _: u64,
+        _: &str,
+        _: u32,
+    ) -> Result<api::lightning::LnInvoiceInfo, api::custody::CustodyError> {
+        Err(api::custody::CustodyError::internal("not in this test"))
+    }
+    fn received(
+        &self,
+        _: &str,
+    ) -> Result<Option<api::lightning::LnReceived>, api::custody::CustodyError> {
+        Ok(None)
+    }
+    fn pay(
+        &self,
+        account: u32,
+        _: &str,
+    ) -> Result<api::lightning::LnPaymentInfo, api::custody::CustodyError> {
+        self.paid.lock().unwrap().push(account);
+        Ok(api::lightning::LnPaymentInfo {
+            id: 1,
+            account,
+            payment_hash: "00".repeat(32),
+            amount_sat: 1_000,
+            fee_sat: 0,
+            state: api::lightning::LnPaymentState::Completed,
+            reason: None,
+        })
+    }
+    fn payment(
+        &self,
+        _: u32,
+        _: u64,
+    ) -> Result<Option<api::lightning::LnPaymentInfo>, api::custody::CustodyError> {
+        Ok(None)
+    }
+    fn channels(&self) -> Result<Vec<api::lightning::LnChannelInfo>, api::custody::CustodyError> {
+        Ok(Vec::new())
+    }
+    fn balance(&self) -> Result<api::lightning::LnBalanceInfo, api::custody::CustodyError> {
+        Err(api::custody::CustodyError::internal("not in this test"))
+    }
+    fn open_channel(&self, _: &str, _: u64) -> Result<String, api::custody::CustodyError> {
+        Err(api::custody::CustodyError::internal("not in this test"))
+    }
+    fn close_channel(&self, _: &str) -> Result<(), api::custody::CustodyError> {
+        Err(api::custody::CustodyError::internal("not in this test"))
+    }
+    fn onchain_address(&self) -> Result<String, api::custody::CustodyError> {
+        Err(api::custody::CustodyError::internal("not in this test"))
+    }
+}
+
+/// The list as the API's withdrawal policy, asked directly (time passed in): every destination
+/// while the list is off, and for an account that is no store; while it is on, only a usable
+/// listed address (any case), with the list's stable codes for the rest.
+#[test]
+fn the_list_policy_answers_each_destination() {
+    use api::policy::{Destination, PolicyError, WithdrawalPolicy};
+    let dir = tempfile::tempdir().unwrap();
+    let db = std::sync::Arc::new(std::sync::Mutex::new(
+        merchant::store::open(&dir.path().join("merchant.sqlite")).unwrap(),
+    ));
+    let policy = merchant::allowlist::ListPolicy::new(db.clone());
+    let code = |account: u32, to: Destination, now: u64| match policy.check(account, &to, now) {
+        Ok(()) => "allowed".to_owned(),
+        Err(PolicyError::Refused(r)) => r.code.to_owned(),
+        Err(e) => panic!("{e}"),
+    };
+    let (store, delay) = (7, 1_000);
+    let all = |now: u64, account: u32| {
+        [
+            code(account, Destination::Address(LISTED.to_uppercase()), now),
+            code(account, Destination::Address(IN_DELAY.into()), now),
+            code(account, Destination::Address(OTHER.into()), now),
+            code(account, Destination::Account(8), now),
+            code(account, Destination::Lightning, now),
+        ]
+    };
+    assert_eq!(all(0, store), ["allowed"; 5], "no list");
+    {
+        let mut c = db.lock().unwrap();
+        merchant::allowlist::add(&mut c, store, LISTED, 0, delay).unwrap();
+        merchant::allowlist::add(&mut c, store, IN_DELAY, 500, delay).unwrap();
+    }
+    assert_eq!(
+        all(1_000, store),
+        [
+            "allowed",
+            "address_in_delay",
+            "address_not_listed",
+            "address_list_on",
+            "address_list_on"
+        ]
+    );
+    assert_eq!(all(1_500, store)[1], "allowed", "past its delay");
+    assert_eq!(all(1_000, 8), ["allowed"; 5], "an account that is no store");
+}

@@ -415,13 +415,23 @@ pub async fn apply_withdrawal(
     let to = crate::policy::Destination::Address(address.clone());
     if let Err(e) = crate::policy::ask(st, account, to).await {
         let k = order_id.clone();
-        // Looked up only when refused: the common path makes no extra custody call.
-        if call(st, move |c| c.withdrawal_by_key(account, &k))
-            .await?
-            .is_none()
-        {
-            return Err(crate::policy::policy_error(e));
-        }
+        // Looked up only when refused: the common path makes no extra custody call. A key
+        // already used (a withdrawal made before the list was on) answers as custody answers a
+        // repeated key, `-4029`, and nothing goes to custody with the refused address (were the
+        // key freed in between, that request would pass).
+        return match call(st, move |c| c.withdrawal_by_key(account, &k)).await? {
+            None => Err(crate::policy::policy_error(e)),
+            Some(w) => Err(ApiError {
+                status: axum::http::StatusCode::BAD_REQUEST,
+                code: crate::custody::DUPLICATE_WITHDRAWAL_KEY,
+                msg: format!(
+                    "withdrawOrderId {} was used before (withdrawal {}): nothing new was requested",
+                    w.idempotency_key, w.id
+                )
+                .into(),
+                retry_after: None,
+            }),
+        };
     }
     call(st, move |c| {
         c.request_withdrawal(account, &address, amount_sat, &order_id)

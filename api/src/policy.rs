@@ -79,14 +79,22 @@ pub fn refused(r: &PolicyRefusal) -> ApiError {
     }
 }
 
-/// The signed API's answer to a [`PolicyError`]: a refusal as [`refused`], a failure as an
-/// internal error (logged, never shown).
+/// The signed API's answer to a [`PolicyError`]: a refusal as [`refused`], a failure as `503`
+/// `-1001` (logged; nothing was done).
 pub fn policy_error(e: PolicyError) -> ApiError {
     match e {
         PolicyError::Refused(r) => refused(&r),
+        // A definite "nothing done" (503 `-1001`, which the dashboard and clients take as a
+        // refusal to try again), not a 500 that reads as an unknown outcome.
         PolicyError::Failed(why) => {
             tracing::error!(error = %why, "withdrawal policy failed");
-            ApiError::internal()
+            ApiError {
+                status: StatusCode::SERVICE_UNAVAILABLE,
+                code: -1001,
+                msg: "The withdrawal policy could not be checked; nothing was done. Try again."
+                    .into(),
+                retry_after: Some(1),
+            }
         }
     }
 }
@@ -110,3 +118,26 @@ pub async fn check(st: &AppState, account: u32, to: Destination) -> Result<(), A
 
 /// The installed policy's type, as the state keeps it.
 pub type Handle = Arc<dyn WithdrawalPolicy>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_refusal_is_403_and_a_failed_policy_a_definite_503() {
+        let r = policy_error(PolicyError::Refused(PolicyRefusal {
+            code: "address_not_listed",
+            message: "not on the list".into(),
+        }));
+        assert_eq!((r.status, r.code), (StatusCode::FORBIDDEN, POLICY_REFUSED));
+        assert!(r.msg.starts_with("address_not_listed: "), "{}", r.msg);
+        // Review finding: a 500 read as "may or may not have happened" on the dashboard
+        // although nothing was recorded; 503 with -1001 is a refusal to try again.
+        let f = policy_error(PolicyError::Failed("database locked".into()));
+        assert_eq!((f.status, f.code), (StatusCode::SERVICE_UNAVAILABLE, -1001));
+        assert!(
+            !f.msg.contains("database locked"),
+            "the cause is logged, not shown"
+        );
+    }
+}

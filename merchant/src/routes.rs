@@ -1029,7 +1029,8 @@ pub async fn mark_invalid(State(st): State<AppState>, req: Req) -> Result<Respon
 /// from the caller's BTC balance, in one engine transfer (idempotent by invoice, payer and
 /// amount); the invoice settles at once. Runs to completion even if the client goes away; an
 /// outcome the engine did not answer is `-1007`, resolved by the monitor (see
-/// [`super::outcome`]), and the same request again answers it.
+/// [`super::outcome`]), and the same request again answers it (also after the payer's store
+/// turned its withdrawal address list on: that payment is completed, not refused).
 pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let id = id_param(&mut p, "invoiceId")?;
@@ -1058,16 +1059,28 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
     if due == 0 {
         return Err(wrong_status(Status::Processing));
     }
+    let pid = format!("pay/{}/{payer}/{due}", rec.inv.id);
     // Paying from a balance moves the payer's money to another account: the payer's policy
     // (a store's withdrawal address list) is asked first, nothing written when it refuses.
-    api::policy::check(
-        st,
-        payer,
-        api::policy::Destination::Account(rec.inv.merchant),
-    )
-    .await?;
+    // Unless this is the same payment again after an unknown outcome (its intent is still
+    // recorded): that one may have moved already, and the monitor completes it whatever the
+    // list says now, so this request completes it too rather than answer "nothing changed".
+    let recorded = with_db(st, {
+        let pid = pid.clone();
+        move |c| store::pay_intent(c, &pid).map_err(db_error)
+    })
+    .await?
+    .is_some();
+    if !recorded {
+        api::policy::check(
+            st,
+            payer,
+            api::policy::Destination::Account(rec.inv.merchant),
+        )
+        .await?;
+    }
     let intent = store::PayIntent {
-        pid: format!("pay/{}/{payer}/{due}", rec.inv.id),
+        pid,
         invoice_id: rec.inv.id.clone(),
         payer,
         amount_sat: due,

@@ -739,6 +739,25 @@ pub fn insert_pay_intent(conn: &Connection, i: &PayIntent) -> rusqlite::Result<(
     Ok(())
 }
 
+/// The unresolved intent `pid`, if recorded.
+pub fn pay_intent(conn: &Connection, pid: &str) -> rusqlite::Result<Option<PayIntent>> {
+    conn.query_row(
+        "SELECT pid, invoice_id, payer, amount_sat, created_ms FROM invoice_pay_intent
+         WHERE pid = ?1",
+        [pid],
+        |r| {
+            Ok(PayIntent {
+                pid: r.get(0)?,
+                invoice_id: r.get(1)?,
+                payer: r.get(2)?,
+                amount_sat: r.get::<_, i64>(3)? as u64,
+                created_ms: r.get::<_, i64>(4)? as u64,
+            })
+        },
+    )
+    .optional()
+}
+
 /// Removes a resolved intent.
 pub fn delete_pay_intent(conn: &Connection, pid: &str) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM invoice_pay_intent WHERE pid = ?1", [pid])?;

@@ -2563,3 +2563,85 @@ fn the_list_policy_answers_each_destination() {
     assert_eq!(all(1_500, store)[1], "allowed", "past its delay");
     assert_eq!(all(1_000, 8), ["allowed"; 5], "an account that is no store");
 }
+
+/// Review finding (MEDIUM): a store's balance payment whose outcome was unknown (its intent
+/// still recorded, the engine's answer lost), retried after the store turned its list on, was
+/// refused as "nothing changed" (`-4038`) although the monitor completes that payment whatever
+/// the list says: the client could pay the invoice again another way. The retry completes it,
+/// once.
+#[tokio::test]
+async fn a_balance_payment_retried_after_an_unknown_outcome_completes_under_the_list() {
+    let (d, key) = listed_store().await;
+    let (other, other_key) = d.h.trader_with("0.5", "0", "read,transfer,withdraw").await;
+    let shop =
+        d.h.state
+            .create_key(
+                other,
+                api::keys::Perms::parse("read,merchant").unwrap(),
+                "shop",
+            )
+            .unwrap();
+    let inv = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{other}/invoices"),
+        &d.h.state.greenfield_token(&shop.0),
+        Some(json!({"amount": "0.001"})),
+    )
+    .await;
+    let inv = inv["id"].as_str().unwrap().to_owned();
+    let store_before = d.h.balance(&key, "BTC").await;
+    let other_before = d.h.balance(&other_key, "BTC").await;
+    // The earlier request: its intent written, then no answer from the engine.
+    {
+        let conn = d.h.state.merchant().db.lock().unwrap();
+        merchant::store::insert_pay_intent(
+            &conn,
+            &merchant::store::PayIntent {
+                pid: format!("pay/{inv}/{}/100000", d.account),
+                invoice_id: inv.clone(),
+                payer: d.account,
+                amount_sat: 100_000,
+                created_ms: common::now_ms(),
+            },
+        )
+        .unwrap();
+    }
+    let body = format!("invoiceId={inv}");
+    let pay = || {
+        d.h.signed("POST", "/mapi/v1/merchant/invoice/pay", &body, &key)
+    };
+    let r = pay().await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    // Free balances in satoshis ("0.49000000" -> 49000000).
+    let sat = |b: (String, String)| -> i64 { b.0.replace('.', "").parse().unwrap() };
+    let store_before = sat(store_before);
+    let other_before = sat(other_before);
+    assert_eq!(sat(d.h.balance(&key, "BTC").await), store_before - 100_000);
+    assert_eq!(
+        sat(d.h.balance(&other_key, "BTC").await),
+        other_before + 100_000
+    );
+    // Paid: a second request does not pay again.
+    let r = pay().await;
+    assert_ne!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(sat(d.h.balance(&key, "BTC").await), store_before - 100_000);
+    // A new payment from the store's balance is still refused.
+    let inv2 = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{other}/invoices"),
+        &d.h.state.greenfield_token(&shop.0),
+        Some(json!({"amount": "0.001"})),
+    )
+    .await;
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={}", inv2["id"].as_str().unwrap()),
+            &key,
+        )
+        .await;
+    assert_list_refusal(&r, "address_list_on");
+}

@@ -5,7 +5,7 @@
 //!  Producer ──try_submit──▶ │ bounded ArrayQueue │ ───▶ │ pop ≤ max_batch; per command: now =    │
 //!  Producer ──try_submit──▶ └────────────────────┘      │ clock, apply, journal append if        │
 //!     ▲  (full: Busy at once)                           │ accepted; then ONE sync (fdatasync);   │
-//!     │                                                 │ then replies, then fan-out publish     │
+//!     │                                                 │ then fan-out publish, then replies     │
 //!     └──── per-producer reply box (bounded SPSC) ◀──── └────────────────────────────────────────┘
 //! ```
 //!
@@ -275,10 +275,16 @@ struct ReplyBox<E> {
 
 impl<E> ReplyBox<E> {
     fn push(&self, reply: Reply<E>) {
+        self.push_quietly(reply);
+        self.waiter.wake();
+    }
+
+    /// Pushes without waking the producer: the caller wakes it once it has pushed all it has
+    /// for it ([`Waiter::wake`] after the condition became true, as the protocol asks).
+    fn push_quietly(&self, reply: Reply<E>) {
         if self.queue.push(reply).is_err() {
             panic!("reply box overflow: the in-flight limit was not kept");
         }
-        self.waiter.wake();
     }
 }
 
@@ -562,6 +568,7 @@ impl<S: StateMachine + Send + 'static> Sequencer<S> {
                 pending: Vec::with_capacity(config.max_batch),
                 fanout,
             },
+            to_wake: Vec::new(),
         };
         let thread = std::thread::Builder::new()
             .name("engine".into())
@@ -616,6 +623,26 @@ impl<S: StateMachine> Drop for Sequencer<S> {
                 tracing::error!(error = %e, "sequencer stopped with an error");
             }
         }
+    }
+}
+
+/// Reply boxes to wake once each: when told to, or when dropped (a panic while replies are
+/// pushed still wakes their producers, which then find what was pushed).
+struct WakeOnDrop<E>(Vec<Arc<ReplyBox<E>>>);
+
+impl<E> WakeOnDrop<E> {
+    fn wake_all(&mut self) {
+        for b in &self.0 {
+            b.waiter.wake();
+        }
+        // Kept (for its allocation) but emptied of boxes: nothing to wake again on drop.
+        self.0.clear();
+    }
+}
+
+impl<E> Drop for WakeOnDrop<E> {
+    fn drop(&mut self) {
+        self.wake_all();
     }
 }
 
@@ -676,6 +703,8 @@ struct Engine<S: StateMachine, C: Clock> {
     last_now: Timestamp,
     events: Vec<S::Event>,
     outbox: Outbox<S>,
+    /// The reply boxes a commit pushed to, each woken once (kept to reuse its allocation).
+    to_wake: Vec<Arc<ReplyBox<S::Event>>>,
 }
 
 impl<S: StateMachine, C: Clock> Engine<S, C> {
@@ -787,6 +816,23 @@ impl<S: StateMachine, C: Clock> Engine<S, C> {
         c.applied
             .fetch_add(self.outbox.pending.len() as u64, Relaxed);
         c.accepted.fetch_add(accepted, Relaxed);
+        if accepted > 0 {
+            self.outbox.fanout.publish(&Batch {
+                first_seq,
+                last_seq,
+                events: Arc::clone(&events),
+            });
+        }
+        // Every reply of the batch is pushed first and each producer woken once, after its last
+        // one: woken per reply, a producer took the first, slept again and was woken again
+        // (four sleeps per group commit for the API's one submitter, in the load test). The
+        // guard wakes them even if this loop panics.
+        let mut to_wake = WakeOnDrop(std::mem::take(&mut self.to_wake));
+        for p in &self.outbox.pending {
+            if !to_wake.0.iter().any(|b| Arc::ptr_eq(b, &p.reply_to)) {
+                to_wake.0.push(Arc::clone(&p.reply_to));
+            }
+        }
         for p in self.outbox.pending.drain(..) {
             let outcome = match p.outcome {
                 PendingOutcome::Accepted { seq, start, end } => Outcome::Accepted {
@@ -800,18 +846,13 @@ impl<S: StateMachine, C: Clock> Engine<S, C> {
                 PendingOutcome::Rejected(code) => Outcome::Rejected(code),
                 PendingOutcome::Applying => unreachable!("every command is applied before commit"),
             };
-            p.reply_to.push(Reply {
+            p.reply_to.push_quietly(Reply {
                 ticket: p.ticket,
                 outcome,
             });
         }
-        if accepted > 0 {
-            self.outbox.fanout.publish(&Batch {
-                first_seq,
-                last_seq,
-                events,
-            });
-        }
+        to_wake.wake_all();
+        self.to_wake = std::mem::take(&mut to_wake.0);
         Ok(())
     }
 

@@ -745,17 +745,20 @@ pub fn pay_intent(conn: &Connection, pid: &str) -> rusqlite::Result<Option<PayIn
         "SELECT pid, invoice_id, payer, amount_sat, created_ms FROM invoice_pay_intent
          WHERE pid = ?1",
         [pid],
-        |r| {
-            Ok(PayIntent {
-                pid: r.get(0)?,
-                invoice_id: r.get(1)?,
-                payer: r.get(2)?,
-                amount_sat: r.get::<_, i64>(3)? as u64,
-                created_ms: r.get::<_, i64>(4)? as u64,
-            })
-        },
+        pay_intent_row,
     )
     .optional()
+}
+
+/// A `SELECT pid, invoice_id, payer, amount_sat, created_ms` row.
+fn pay_intent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PayIntent> {
+    Ok(PayIntent {
+        pid: r.get(0)?,
+        invoice_id: r.get(1)?,
+        payer: r.get(2)?,
+        amount_sat: r.get::<_, i64>(3)? as u64,
+        created_ms: r.get::<_, i64>(4)? as u64,
+    })
 }
 
 /// Removes a resolved intent.
@@ -770,15 +773,7 @@ pub fn pay_intents(conn: &Connection) -> rusqlite::Result<Vec<PayIntent>> {
         "SELECT pid, invoice_id, payer, amount_sat, created_ms FROM invoice_pay_intent
          ORDER BY created_ms, pid",
     )?;
-    let rows = s.query_map([], |r| {
-        Ok(PayIntent {
-            pid: r.get(0)?,
-            invoice_id: r.get(1)?,
-            payer: r.get(2)?,
-            amount_sat: r.get::<_, i64>(3)? as u64,
-            created_ms: r.get::<_, i64>(4)? as u64,
-        })
-    })?;
+    let rows = s.query_map([], pay_intent_row)?;
     rows.collect()
 }
 

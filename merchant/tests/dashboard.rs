@@ -2135,6 +2135,36 @@ fn turn_list_on(d: &D) {
     merchant::allowlist::add(&mut conn, d.account, IN_DELAY, now, delay).unwrap();
 }
 
+/// Another store (a trader with 0.5 BTC and a `read,merchant` key) and a new invoice of 0.001
+/// BTC of it: (its account, its trading key, its Greenfield token, the invoice id).
+async fn other_store_invoice(d: &D) -> (u32, (String, String), String, String) {
+    let (other, other_key) = d.h.trader_with("0.5", "0", "read,transfer,withdraw").await;
+    let shop =
+        d.h.state
+            .create_key(
+                other,
+                api::keys::Perms::parse("read,merchant").unwrap(),
+                "shop",
+            )
+            .unwrap();
+    let token = d.h.state.greenfield_token(&shop.0);
+    let inv = new_invoice_of(d, other, &token).await;
+    (other, other_key, token, inv)
+}
+
+/// A new invoice of 0.001 BTC of store `store`, through Greenfield.
+async fn new_invoice_of(d: &D, store: u32, token: &str) -> String {
+    let inv = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/invoices"),
+        token,
+        Some(json!({"amount": "0.001"})),
+    )
+    .await;
+    inv["id"].as_str().unwrap().to_owned()
+}
+
 /// The signed API's refusal by the list: `403`, `-4038`, the list's stable code in `msg`.
 fn assert_list_refusal(r: &common::Resp, code: &str) {
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
@@ -2235,7 +2265,7 @@ async fn the_signed_withdraw_apply_follows_the_store_list() {
 #[tokio::test]
 async fn a_listed_store_refuses_transfers_out_and_lightning_payments() {
     let (d, key) = listed_store().await;
-    let (other, other_key) = d.h.trader_with("0.5", "0", "read,transfer,withdraw").await;
+    let (other, other_key, _, inv) = other_store_invoice(&d).await;
     let ln = Arc::new(RecordingLn::default());
     assert!(d.h.state.set_lightning(ln.clone()).is_ok());
     let store_before = d.h.balance(&key, "BTC").await;
@@ -2260,23 +2290,6 @@ async fn a_listed_store_refuses_transfers_out_and_lightning_payments() {
     assert_list_refusal(&r, "address_list_on");
     assert!(ln.paid.lock().unwrap().is_empty(), "the node was asked");
     // Paying another store's invoice from the balance is a transfer out too.
-    let shop =
-        d.h.state
-            .create_key(
-                other,
-                api::keys::Perms::parse("read,merchant").unwrap(),
-                "shop",
-            )
-            .unwrap();
-    let inv = gf(
-        &d.h,
-        "POST",
-        &format!("/api/v1/stores/{other}/invoices"),
-        &d.h.state.greenfield_token(&shop.0),
-        Some(json!({"amount": "0.001"})),
-    )
-    .await;
-    let inv = inv["id"].as_str().unwrap();
     let r =
         d.h.signed(
             "POST",
@@ -2572,24 +2585,7 @@ fn the_list_policy_answers_each_destination() {
 #[tokio::test]
 async fn a_balance_payment_retried_after_an_unknown_outcome_completes_under_the_list() {
     let (d, key) = listed_store().await;
-    let (other, other_key) = d.h.trader_with("0.5", "0", "read,transfer,withdraw").await;
-    let shop =
-        d.h.state
-            .create_key(
-                other,
-                api::keys::Perms::parse("read,merchant").unwrap(),
-                "shop",
-            )
-            .unwrap();
-    let inv = gf(
-        &d.h,
-        "POST",
-        &format!("/api/v1/stores/{other}/invoices"),
-        &d.h.state.greenfield_token(&shop.0),
-        Some(json!({"amount": "0.001"})),
-    )
-    .await;
-    let inv = inv["id"].as_str().unwrap().to_owned();
+    let (other, other_key, token, inv) = other_store_invoice(&d).await;
     let store_before = d.h.balance(&key, "BTC").await;
     let other_before = d.h.balance(&other_key, "BTC").await;
     // The earlier request: its intent written, then no answer from the engine.
@@ -2627,19 +2623,12 @@ async fn a_balance_payment_retried_after_an_unknown_outcome_completes_under_the_
     assert_ne!(r.status, StatusCode::OK, "{}", r.json);
     assert_eq!(sat(d.h.balance(&key, "BTC").await), store_before - 100_000);
     // A new payment from the store's balance is still refused.
-    let inv2 = gf(
-        &d.h,
-        "POST",
-        &format!("/api/v1/stores/{other}/invoices"),
-        &d.h.state.greenfield_token(&shop.0),
-        Some(json!({"amount": "0.001"})),
-    )
-    .await;
+    let inv2 = new_invoice_of(&d, other, &token).await;
     let r =
         d.h.signed(
             "POST",
             "/mapi/v1/merchant/invoice/pay",
-            &format!("invoiceId={}", inv2["id"].as_str().unwrap()),
+            &format!("invoiceId={inv2}"),
             &key,
         )
         .await;

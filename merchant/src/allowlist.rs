@@ -278,7 +278,7 @@ pub fn policy_answer(r: Result<(), AllowListError>) -> Result<(), api::policy::P
 }
 
 /// A refusal of the list as the signed API answers it (`403`, `-4038`, [`api::policy`]); a
-/// database failure as an internal error.
+/// database failure as the policy's failure (`503`, `-1001`: nothing done).
 pub fn api_error(e: AllowListError) -> api::error::ApiError {
     match policy_answer(Err(e)) {
         Err(e) => api::policy::policy_error(e),

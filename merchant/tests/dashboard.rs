@@ -2257,6 +2257,41 @@ async fn the_signed_withdraw_apply_follows_the_store_list() {
     assert_eq!(count(), 3);
 }
 
+/// Review finding (LOW): a withdrawal the list refused whose key custody held was sent on to
+/// custody with the refused address after the look-up; had custody freed the key in between (a
+/// `new` row whose ledger hold was refused is deleted), it went out to that address. Now the
+/// taken key is answered `-4029` at once and custody never sees the refused address. Failed on
+/// the old code (`200`, a withdrawal to the unlisted address).
+#[tokio::test]
+async fn a_refused_withdrawal_whose_key_is_taken_never_reaches_custody() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let key =
+        d.h.state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("read,withdraw").unwrap(),
+                "before the list",
+            )
+            .unwrap();
+    let path = "/sapi/v1/capital/withdraw/apply";
+    let body = format!("coin=BTC&address={OTHER}&amount=0.01&withdrawOrderId=before-1");
+    let r = d.h.signed("POST", path, &body, &key).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    turn_list_on(&d);
+    // Custody frees the key right after the look-up finds it.
+    d.fake
+        .free_after_lookup
+        .store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = d.h.signed("POST", path, &body, &key).await;
+    assert_eq!(r.code(), -4029, "{}", r.json);
+    assert_eq!(
+        count(),
+        0,
+        "a withdrawal went to custody with the refused address"
+    );
+}
+
 /// Review finding (HIGH): a `transfer` key of the store moved its balance to another account
 /// (to be withdrawn from there), and a `withdraw` key paid any Lightning invoice, around the
 /// list. A list cannot name either: both are refused while the list is on (`-4038`

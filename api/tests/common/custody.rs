@@ -25,6 +25,9 @@ pub struct Fake {
     /// How often withdrawals were listed ([`Custody::withdrawals`]): a look-up of one key must
     /// not list them.
     pub listed: AtomicUsize,
+    /// Key look-ups still to answer with the withdrawal and then forget it (as the wallet frees
+    /// the key of a `new` row whose ledger hold was refused, between two calls of a caller).
+    pub free_after_lookup: AtomicUsize,
 }
 
 impl Fake {
@@ -114,11 +117,15 @@ impl Custody for Fake {
         account: u32,
         key: &str,
     ) -> Result<Option<WithdrawalInfo>, CustodyError> {
-        let ws = self.withdrawals.lock().unwrap();
-        Ok(ws
+        let mut ws = self.withdrawals.lock().unwrap();
+        let found = ws
             .iter()
-            .find(|w| w.account == account && w.idempotency_key == key)
-            .cloned())
+            .position(|w| w.account == account && w.idempotency_key == key);
+        Ok(match found {
+            Some(i) if take(&self.free_after_lookup) => Some(ws.remove(i)),
+            Some(i) => Some(ws[i].clone()),
+            None => None,
+        })
     }
     fn approve_withdrawal(&self, _: u64) -> Result<WithdrawalInfo, CustodyError> {
         Err(CustodyError::bad_request(-4000, "no"))

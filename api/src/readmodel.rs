@@ -707,6 +707,12 @@ struct PersistMsg {
     trades: Vec<TradeRec>,
 }
 
+/// The `tracing` target of the history thread's event after each write (`debug`, fields
+/// `rows` and `micros`: the SQLite transaction, any WAL checkpoint it ran, and the rows' drop
+/// from memory). `api/tests/load.rs` reads it to tell how much of the latency tail falls in
+/// these writes.
+pub const HISTORY_WRITE_TARGET: &str = "mediator::history_write";
+
 /// Rows the history thread drops from memory per write lock after a commit (~0.1 ms).
 const DROP_CHUNK: usize = 1024;
 
@@ -1016,6 +1022,8 @@ impl ReadModel {
             let due = since.is_some_and(|t| t.elapsed() >= PERSIST_EVERY)
                 || orders.len() + trades.len() >= PERSIST_ROWS;
             if (due || stop) && since.is_some() {
+                let started = std::time::Instant::now();
+                let rows = orders.len() + trades.len();
                 match Store::write_history(&mut conn, orders.values(), &trades, seq) {
                     Ok(()) => {
                         orders.clear();
@@ -1040,6 +1048,12 @@ impl ReadModel {
                         }
                         self.history_floor.fetch_max(seq, Ordering::Release);
                         self.persisted.send_replace(seq);
+                        tracing::debug!(
+                            target: HISTORY_WRITE_TARGET,
+                            rows,
+                            micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
+                            "history rows written"
+                        );
                     }
                     // Rows stay here and are retried with the next write.
                     Err(e) => {

@@ -14,7 +14,10 @@
 //! serve`). Each phase prints orders/s, p50/p99 and the process's CPU time (user + system, what
 //! `getrusage(RUSAGE_SELF)` counts, read from `/proc/self/stat`) per order, client included,
 //! and that CPU time split by thread name (`/proc/self/task/*/stat`): a measure that other
-//! processes on the machine disturb far less than the wall-clock rate.
+//! processes on the machine disturb far less than the wall-clock rate. And it prints how the
+//! latency tail lines up with the history thread's SQLite writes (its `debug` events, target
+//! `api::readmodel::HISTORY_WRITE_TARGET`): their count, size and duration, the share of the
+//! phase they covered, and the p99 of the orders that completed in one against the others'.
 
 mod common;
 
@@ -63,6 +66,16 @@ async fn request(
 #[test]
 #[ignore = "a measurement; run in release with --ignored --nocapture"]
 fn signed_order_placement_rest_and_ws_api() {
+    {
+        use tracing_subscriber::layer::SubscriberExt;
+        let only_writes = tracing_subscriber::filter::filter_fn(|m| {
+            m.target() == api::readmodel::HISTORY_WRITE_TARGET
+        });
+        tracing::subscriber::set_global_default(tracing_subscriber::registry().with(
+            tracing_subscriber::Layer::with_filter(HistoryWrites, only_writes),
+        ))
+        .expect("the only subscriber");
+    }
     // `mediator serve`'s runtime: one worker per core (2 here) unless `LOAD_WORKERS` says.
     let workers = std::env::var("LOAD_WORKERS")
         .ok()
@@ -194,6 +207,7 @@ async fn measure() {
         group_commits("REST", m0, node.sequencer.handle().metrics(), lat.1);
         report("REST", connections, 1, &lat.0, lat.1, &l0);
         Cpu::now().since(&cpu0).print("REST", lat.0.len());
+        history_writes("REST", &lat.0);
     }
     if only != "rest" {
         let l0 = load("?");
@@ -203,6 +217,7 @@ async fn measure() {
         group_commits("WS-API", m0, node.sequencer.handle().metrics(), lat.1);
         report("WS-API", connections, window, &lat.0, lat.1, &l0);
         Cpu::now().since(&cpu0).print("WS-API", lat.0.len());
+        history_writes("WS-API", &lat.0);
     }
     let _ = stop_tx.send(());
     let _ = server.await;
@@ -228,6 +243,97 @@ fn group_commits(
         applied as f64 / syncs.max(1) as f64,
         sync_ms * 1e3 / syncs.max(1) as f64,
         sync_ms / 10.0 / seconds
+    );
+}
+
+/// The history thread's writes seen so far: (when the write ended, how long it took, rows).
+static WRITES: std::sync::Mutex<Vec<(Instant, Duration, u64)>> = std::sync::Mutex::new(Vec::new());
+
+/// Collects the history thread's `api::readmodel::HISTORY_WRITE_TARGET` events into [`WRITES`].
+struct HistoryWrites;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for HistoryWrites {
+    fn on_event(&self, event: &tracing::Event<'_>, _: tracing_subscriber::layer::Context<'_, S>) {
+        #[derive(Default)]
+        struct Fields {
+            rows: u64,
+            micros: u64,
+        }
+        impl tracing::field::Visit for Fields {
+            fn record_u64(&mut self, field: &tracing::field::Field, value: u64) {
+                match field.name() {
+                    "rows" => self.rows = value,
+                    "micros" => self.micros = value,
+                    _ => {}
+                }
+            }
+            fn record_debug(&mut self, _: &tracing::field::Field, _: &dyn std::fmt::Debug) {}
+        }
+        let mut f = Fields::default();
+        event.record(&mut f);
+        WRITES
+            .lock()
+            .unwrap()
+            .push((Instant::now(), Duration::from_micros(f.micros), f.rows));
+    }
+}
+
+/// How an order's latency relates to the history thread's SQLite writes in a phase: the share
+/// of the phase they covered, and the p99 of the orders that completed during a write (or
+/// within 5 ms after it: a stalled pipeline drains after the write) against the others'.
+#[allow(clippy::float_arithmetic)] // shares for the printout, not money
+fn history_writes(what: &str, orders: &[(Instant, Duration)]) {
+    const AFTER: Duration = Duration::from_millis(5);
+    let (Some(first), Some(last)) = (
+        orders.iter().map(|o| o.0).min(),
+        orders.iter().map(|o| o.0 + o.1).max(),
+    ) else {
+        return;
+    };
+    // (start, end + AFTER) of the writes that overlap the phase.
+    let windows: Vec<(Instant, Instant, Duration, u64)> = WRITES
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.0 >= first && w.0.checked_sub(w.1).is_some_and(|s| s <= last))
+        .map(|w| (w.0 - w.1, w.0 + AFTER, w.1, w.2))
+        .collect();
+    if windows.is_empty() {
+        println!("{what}: no history write ended during the phase");
+        return;
+    }
+    let during = |t: Instant| windows.iter().any(|w| w.0 <= t && t < w.1);
+    let (mut inside, mut outside): (Vec<Duration>, Vec<Duration>) = (Vec::new(), Vec::new());
+    for o in orders {
+        if during(o.0 + o.1) {
+            inside.push(o.1);
+        } else {
+            outside.push(o.1);
+        }
+    }
+    let p99 = |v: &mut Vec<Duration>| {
+        v.sort();
+        v.get((v.len() * 99 / 100).min(v.len().saturating_sub(1)))
+            .map_or(0.0, |d| d.as_secs_f64() * 1e3)
+    };
+    let slow = orders.iter().filter(|o| o.1 >= AFTER).count();
+    let slow_inside = orders
+        .iter()
+        .filter(|o| o.1 >= AFTER && during(o.0 + o.1))
+        .count();
+    let covered: Duration = windows.iter().map(|w| w.1 - w.0).sum();
+    let n = windows.len() as f64;
+    println!(
+        "{what}: history: {} writes, {:.0} rows and {:.1} ms each; writes (+5 ms) covered {:.0}% of the phase; \
+         orders completing in them {:.0}%, p99 {:.2} ms; the others p99 {:.2} ms; orders of 5 ms or more: {slow}, {:.0}% of them in a write",
+        windows.len(),
+        windows.iter().map(|w| w.3 as f64).sum::<f64>() / n,
+        windows.iter().map(|w| w.2.as_secs_f64()).sum::<f64>() * 1e3 / n,
+        100.0 * covered.as_secs_f64() / (last - first).as_secs_f64(),
+        100.0 * inside.len() as f64 / orders.len() as f64,
+        p99(&mut inside),
+        p99(&mut outside),
+        100.0 * slow_inside as f64 / slow.max(1) as f64,
     );
 }
 
@@ -312,11 +418,11 @@ fn report(
     what: &str,
     connections: usize,
     window: usize,
-    all: &[Duration],
+    orders: &[(Instant, Duration)],
     elapsed: f64,
     load: &str,
 ) {
-    let mut all = all.to_vec();
+    let mut all: Vec<Duration> = orders.iter().map(|o| o.1).collect();
     all.sort();
     let n = all.len();
     // Per mille, so that p99.9 is one too.
@@ -347,7 +453,7 @@ async fn rest_phase(
     addr: std::net::SocketAddr,
     accounts: &[(String, String)],
     seconds: u64,
-) -> (Vec<Duration>, f64) {
+) -> (Vec<(Instant, Duration)>, f64) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for key in accounts.iter().cloned() {
@@ -366,7 +472,7 @@ async fn rest_phase(
                 };
                 let t0 = Instant::now();
                 let (s, b) = request(&mut c, "POST", "/api/v3/order", &body, &key.0).await;
-                lat.push(t0.elapsed());
+                lat.push((t0, t0.elapsed()));
                 assert_eq!(s, 200, "{b}");
                 i += 1;
             }
@@ -397,7 +503,7 @@ async fn ws_phase(
     accounts: &[(String, String)],
     seconds: u64,
     window: usize,
-) -> (Vec<Duration>, f64) {
+) -> (Vec<(Instant, Duration)>, f64) {
     let deadline = Instant::now() + Duration::from_secs(seconds);
     let mut tasks = Vec::new();
     for key in accounts.iter().cloned() {
@@ -441,7 +547,7 @@ async fn ws_phase(
                             break;
                         }
                     }
-                    lat.push(t0.elapsed());
+                    lat.push((t0, t0.elapsed()));
                     i += 1;
                 }
                 let _ = ws.close(None).await;
@@ -465,7 +571,7 @@ async fn ws_phase(
                 let (id, ok) = answer_id(t.as_str());
                 assert!(ok, "{}", t.as_str());
                 let t0 = sent_at.remove(&id).expect("an id in flight");
-                lat.push(t0.elapsed());
+                lat.push((t0, t0.elapsed()));
                 if Instant::now() < deadline {
                     sent_at.insert(next, Instant::now());
                     tx.send(tokio_tungstenite::tungstenite::Message::Text(order(next).into()))

@@ -3,8 +3,9 @@
 //! a BOLT11 part (same amount, expiry no later than the invoice's, description from the store
 //! and order) and a unified BIP21 URI; paying it settles the invoice at once, credits the
 //! merchant exactly once, and sends both kinds of webhook; a second payment and a payment after
-//! expiry are refused by the nodes; without inbound liquidity the invoice is on chain only and
-//! says so.
+//! expiry are refused by the nodes (a second payment also when a second customer's node, which
+//! never paid it, sends it: the server's node fails it back); without inbound liquidity the
+//! invoice is on chain only and says so.
 //!
 //! The same from the checkout page in headless Chromium: both methods offered, each QR code
 //! (decoded from the pixels the page drew) a unified BIP21 URI with `lightning=` or the BOLT11.
@@ -20,6 +21,7 @@ use common::greenfield::{http, ok};
 use common::ln::{drain, mine_to};
 use common::merchant::{client, wait_until, HookServer, Merchant};
 use common::{free_port, Server};
+use lightning_custody::ldk_node::lightning::events::PaymentFailureReason;
 use lightning_custody::ldk_node::lightning_invoice::{Bolt11Invoice, Bolt11InvoiceDescriptionRef};
 use lightning_custody::ldk_node::Node;
 use serde_json::{json, Value};
@@ -129,6 +131,34 @@ fn outcome(cust: &Node, hash: &[u8; 32]) -> bool {
         }
         assert!(Instant::now() < deadline, "the payment did not finish");
         std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Why the customer's outbound payment `hash` failed, from its events (a success panics).
+fn failure_reason(cust: &Node, hash: &[u8; 32]) -> Option<PaymentFailureReason> {
+    use lightning_custody::ldk_node::Event;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        assert!(Instant::now() < deadline, "the payment did not finish");
+        let Some(event) = cust.next_event() else {
+            std::thread::sleep(Duration::from_millis(50));
+            continue;
+        };
+        let found = match &event {
+            Event::PaymentFailed {
+                payment_hash: Some(h),
+                reason,
+                ..
+            } if h.0 == *hash => Some(*reason),
+            Event::PaymentSuccessful { payment_hash, .. } if payment_hash.0 == *hash => {
+                panic!("the payment succeeded")
+            }
+            _ => None,
+        };
+        cust.event_handled().unwrap();
+        if let Some(reason) = found {
+            return reason;
+        }
     }
 }
 
@@ -470,6 +500,49 @@ fn merchant_invoice_paid_over_lightning_settles_at_once_and_credits_exactly_once
     let ln = &doc["lightning_unproven"];
     assert_eq!(ln["channels_sat"], 100_000, "{doc}");
     assert!(ln["onchain_sat"].as_u64().unwrap() > 0, "{doc}");
+
+    // Paid twice, by someone else: a second customer's node, which has never paid it, sends the
+    // settled invoice's payment again. The server's node fails it back: the payer keeps its
+    // money, and the server's records are those of one payment.
+    let cdir2 = tempfile::tempdir().unwrap();
+    let cust2 = common::ln::customer(&s, cdir2.path(), 45);
+    let cust2_address = cust2.onchain_payment().new_address().unwrap().to_string();
+    let cust_address = cust.onchain_payment().new_address().unwrap().to_string();
+    // A coinbase to the second customer, matured.
+    mine_to(&s, 1, &cust2_address);
+    mine_to(&s, 100, &cust_address);
+    wait("the second customer's on-chain funds", 60, || {
+        let _ = cust2.sync_wallets();
+        cust2.list_balances().spendable_onchain_balance_sats >= 2_000_000
+    });
+    cust2
+        .open_channel(m_pk, s.ln_addr.into(), 1_000_000, None, None)
+        .unwrap();
+    wait("the second funding transaction", 60, || {
+        !s.rpc().get_raw_mempool().unwrap().is_empty()
+    });
+    mine_to(&s, 6, &cust_address);
+    wait("the second customer's usable channel", 120, || {
+        drain(&cust2);
+        let _ = cust2.sync_wallets();
+        cust2.list_channels().iter().any(|c| c.is_usable)
+    });
+    let before = cust2.list_balances().total_lightning_balance_sats;
+    drain(&cust2);
+    cust2.bolt11_payment().send(&bolt11, None).unwrap();
+    assert_eq!(
+        failure_reason(&cust2, &hash_of(&bolt11)),
+        Some(PaymentFailureReason::RecipientRejected),
+        "refused by the server's node, not lost on the way"
+    );
+    assert_eq!(
+        cust2.list_balances().total_lightning_balance_sats,
+        before,
+        "the second payer lost nothing"
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_paid_once(&s, &m, &token, &iid, hooks_of);
+    cust2.stop().unwrap();
     cust.stop().unwrap();
 }
 

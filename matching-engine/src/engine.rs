@@ -3350,6 +3350,8 @@ impl crate::StateMachine for Engine {
                 payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
                 true
             }
+            // Format 5 changed the header's checksum only: the payload is format 4's.
+            4 => true,
             _ => false,
         }
     }

@@ -10,9 +10,13 @@
 //!   8..12   version      u32, SNAPSHOT_VERSION
 //!   12..20  seq          u64, StateMachine::seq of the state (equal to the name's)
 //!   20..28  payload_len  u64
-//!   28..60  sha256       SHA-256 of the payload
+//!   28..60  sha256       SHA-256 of bytes 0..28 and the payload (formats 1-4: of the payload)
 //!   60..    payload      postcard encoding of S::Snapshot
 //! ```
+//!
+//! Since format 5 the checksum covers the header's fields too, so that a damaged version field
+//! cannot make a snapshot read as an older format (which [`StateMachine::upgrade_snapshot_payload`]
+//! would then convert). The other fields are also checked against the file's name and length.
 //!
 //! # Durability
 //!
@@ -34,8 +38,8 @@ pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MEDSNAP1";
 /// The snapshot format version written and accepted. Older versions are accepted when
 /// [`StateMachine::upgrade_snapshot_payload`] knows them (the engine: version 1, before order
 /// lists; version 2, before OTO/OTOCO lists; version 3, before each resting order's quote
-/// filled).
-pub const SNAPSHOT_VERSION: u32 = 4;
+/// filled; version 4, whose checksum did not cover the header).
+pub const SNAPSHOT_VERSION: u32 = 5;
 /// Length of the snapshot header in bytes.
 pub const SNAPSHOT_HEADER_BYTES: usize = 60;
 
@@ -153,7 +157,8 @@ pub fn write_snapshot<S: StateMachine>(dir: &Path, state: &S) -> Result<PathBuf,
     header[8..12].copy_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
     header[12..20].copy_from_slice(&seq.to_le_bytes());
     header[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    header[28..60].copy_from_slice(&Sha256::digest(&payload));
+    let digest = checksum(SNAPSHOT_VERSION, &header, &payload);
+    header[28..60].copy_from_slice(&digest);
 
     let path = dir.join(snapshot_file_name(seq));
     let tmp = dir.join(format!("{}.tmp", snapshot_file_name(seq)));
@@ -166,6 +171,17 @@ pub fn write_snapshot<S: StateMachine>(dir: &Path, state: &S) -> Result<PathBuf,
     std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
     fsync_dir(dir).map_err(io_err(dir))?;
     Ok(path)
+}
+
+/// The SHA-256 a snapshot of format `version` carries: of the header's fields (bytes 0..28) and
+/// the payload since format 5, of the payload alone before.
+fn checksum(version: u32, header: &[u8], payload: &[u8]) -> [u8; 32] {
+    let mut h = Sha256::new();
+    if version >= 5 {
+        h.update(&header[..28]);
+    }
+    h.update(payload);
+    h.finalize().into()
 }
 
 /// Reads and checks the snapshot at `path`, which must be at `seq` (from its name), and restores
@@ -198,11 +214,10 @@ pub fn read_snapshot<S: StateMachine>(path: &Path, seq: u64) -> Result<S, Snapsh
     if header[20..28] != (payload.len() as u64).to_le_bytes() {
         return Err(invalid("payload length disagrees with the file length"));
     }
-    if header[28..60] != Sha256::digest(payload)[..] {
-        return Err(invalid("checksum mismatch"));
-    }
+    // An older format the state machine cannot read is refused as such (before the checksum,
+    // which that format may compute otherwise).
     let mut upgraded;
-    let payload = if version == SNAPSHOT_VERSION {
+    let decoded = if version == SNAPSHOT_VERSION {
         payload
     } else {
         upgraded = payload.to_vec();
@@ -211,6 +226,10 @@ pub fn read_snapshot<S: StateMachine>(path: &Path, seq: u64) -> Result<S, Snapsh
         }
         &upgraded[..]
     };
+    if header[28..60] != checksum(version, header, payload)[..] {
+        return Err(invalid("checksum mismatch"));
+    }
+    let payload = decoded;
     let snapshot: S::Snapshot =
         postcard::from_bytes(payload).map_err(|_| invalid("payload does not decode"))?;
     let state = S::restore(snapshot).map_err(|e| SnapshotError::Inconsistent {

@@ -2206,7 +2206,7 @@ fn a_format_1_snapshot_without_lists_still_loads() {
     let e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
     assert_eq!(e.state_hash(), h.e.state_hash());
     // An unknown future version is refused.
-    v1[8..12].copy_from_slice(&5u32.to_le_bytes());
+    v1[8..12].copy_from_slice(&(matching_engine::snapshot::SNAPSHOT_VERSION + 1).to_le_bytes());
     std::fs::write(&path, &v1).unwrap();
     assert!(read_snapshot::<Engine>(&path, h.e.seq()).is_err());
 }

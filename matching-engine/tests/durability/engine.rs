@@ -180,7 +180,12 @@ fn tamper_snapshot(path: &std::path::Path, tamper: impl FnOnce(&mut EngineSnapsh
     let payload = postcard::to_stdvec(&s).unwrap();
     let mut header = header.to_vec();
     header[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    header[28..60].copy_from_slice(&Sha256::digest(&payload));
+    // Format 5's checksum: the header's fields, then the payload.
+    let digest = Sha256::new()
+        .chain_update(&header[..28])
+        .chain_update(&payload)
+        .finalize();
+    header[28..60].copy_from_slice(&digest);
     header.extend_from_slice(&payload);
     std::fs::write(path, header).unwrap();
 }

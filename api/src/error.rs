@@ -225,6 +225,15 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// A key store failure: logged, answered `-1000` (never with the key's secret: a
+/// [`crate::keys::KeyError`] holds none).
+impl From<crate::keys::KeyError> for ApiError {
+    fn from(e: crate::keys::KeyError) -> Self {
+        tracing::error!(error = %e, "API key storage failed");
+        Self::internal()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

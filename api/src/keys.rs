@@ -299,15 +299,21 @@ impl KeyStore {
             .insert(row.api_key, Arc::new(k));
     }
 
-    /// Creates a key; returns it and its secret (the only time the secret is shown).
-    pub fn create(
+    /// Creates a key of `account` and answers it with its secret (derived, shown once): the
+    /// key's public row is first given to `record` (the audit entry, see
+    /// [`crate::native::create_key`]) and a `record` that fails makes nothing, so that no key
+    /// exists without its record. The record comes first, the store second: a store that fails
+    /// after it leaves a record of a key that was not made (and a `-1000` answer, which is then
+    /// the truth), never a key without a record.
+    pub fn create<E: From<KeyError>>(
         &self,
         store: &Store,
         account: u32,
         perms: Perms,
         label: &str,
         now_ms: u64,
-    ) -> Result<(Arc<ApiKey>, String), KeyError> {
+        record: impl FnOnce(&KeyRow) -> Result<(), E>,
+    ) -> Result<(Arc<ApiKey>, String), E> {
         let api_key = hex::encode(random_bytes::<32>()?);
         let row = KeyRow {
             api_key: api_key.clone(),
@@ -316,7 +322,8 @@ impl KeyStore {
             label: label.to_owned(),
             created_ms: now_ms,
         };
-        store.insert_key(&row)?;
+        record(&row)?;
+        store.insert_key(&row).map_err(KeyError::from)?;
         self.insert_row(row);
         let k = self.get(&api_key).ok_or(KeyError::Random)?;
         // Derived again: the key holds only its keyed HMAC.
@@ -419,7 +426,9 @@ mod tests {
         );
         let store = Store::open(&dir.path().join("db.sqlite")).unwrap();
         let ks = KeyStore::load(master, &store).unwrap();
-        let (k, secret) = ks.create(&store, 7, Perms::READ, "bot", 1).unwrap();
+        let (k, secret) = ks
+            .create(&store, 7, Perms::READ, "bot", 1, |_| Ok::<(), KeyError>(()))
+            .unwrap();
         let sig = sign(&secret, "a=1&timestamp=5");
         assert!(k.verify(b"a=1&timestamp=5", &sig));
         assert!(!k.verify(b"a=2&timestamp=5", &sig));

@@ -120,9 +120,22 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
     Ok(ok_json(&ctx, serde_json::Value::Array(v)))
 }
 
+/// The public fields of a key, as answered and as audited (never the secret).
+fn row_json(k: &crate::store::KeyRow) -> serde_json::Value {
+    json!({
+        "apiKey": k.api_key,
+        "account": k.account,
+        "permissions": Perms(k.perms).names(),
+        "label": k.label,
+        "createTime": k.created_ms,
+    })
+}
+
 /// Creates a key of `account` with `perms` for `actor` (audited: `key.create`, with `by`, the
 /// public id of the credential that asked, see [`crate::state::AppState::audit_by`]) and
-/// answers it as `POST /mapi/v1/keys` does (with the secret, shown once).
+/// answers it as `POST /mapi/v1/keys` does (with the secret, shown once). The audit entry is
+/// written before the key exists: if it cannot be, no key is made and the answer (`-1000`) is
+/// the truth (it was: made, unrecorded, and answered `-1000`, so a retry made a second one).
 pub fn create_key(
     st: &AppState,
     actor: &str,
@@ -131,15 +144,15 @@ pub fn create_key(
     perms: Perms,
     label: &str,
 ) -> Result<serde_json::Value, ApiError> {
-    let (k, secret) =
-        st.0.keys
-            .create(&st.0.store, account, perms, label, crate::core::now_ms())
-            .map_err(|e| {
-                tracing::error!(error = %e, "creating an API key failed");
-                ApiError::internal()
-            })?;
+    let (k, secret) = st.0.keys.create(
+        &st.0.store,
+        account,
+        perms,
+        label,
+        crate::core::now_ms(),
+        |row| st.audit_by(actor, by, "key.create", row_json(row)),
+    )?;
     let mut v = key_json(&k);
-    st.audit_by(actor, by, "key.create", v.clone())?;
     v["secretKey"] = json!(secret);
     // The same key for Greenfield clients (`Authorization: token ...`), derived like the
     // secret and shown only here.
@@ -218,12 +231,15 @@ pub fn revoke_own_key(
         tracing::error!(error = %e, "revoking an API key failed");
         ApiError::internal()
     })?;
-    st.audit_by(
+    // Revoked whatever the log says: a revocation is never held back, and once done it is
+    // answered as done (a failed entry is in the server log).
+    st.audit_done_by(
         actor,
         by,
         "key.revoke",
         json!({ "apiKey": target, "account": account }),
-    )
+    );
+    Ok(())
 }
 
 /// `POST /mapi/v1/admin/account` (ADMIN): opens an account.
@@ -245,12 +261,13 @@ pub async fn admin_create_account(
             _ => None,
         })
         .ok_or_else(ApiError::internal)?;
-    st.audit_by(
+    // The account exists now: answered as done even if its entry cannot be written.
+    st.audit_done_by(
         "admin",
         &key.api_key,
         "account.create",
         json!({ "account": account.0 }),
-    )?;
+    );
     Ok(ok_json(&ctx, json!({ "account": account.0 })))
 }
 

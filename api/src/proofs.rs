@@ -327,6 +327,17 @@ impl AppState {
         self.audit_as(actor, action, params)
     }
 
+    /// As [`AppState::audit_by`] for an action that has already happened and cannot be taken
+    /// back (a revoked key, an opened account, a new deposit address, mined regtest blocks):
+    /// an entry that cannot be written is logged in the server log and the action is still
+    /// answered as done, since `-1000` would invite a retry that repeats it. Actions that grant
+    /// something (a key, a dashboard password or login link, an allow-listed address) are
+    /// recorded before they are taken instead, and a failed entry makes nothing.
+    pub fn audit_done_by(&self, actor: &str, by: &str, action: &str, params: Value) {
+        // `audit_failed` has logged a failure.
+        let _ = self.audit_by(actor, by, action, params);
+    }
+
     /// Announces an admin action in the audit log before it is taken (`<action>.intent`, on
     /// disk when this returns); the caller takes the action only after this and then logs its
     /// result with [`AppState::audit_close`]. A crash in between leaves an intent without

@@ -329,28 +329,32 @@ impl AppState {
                 created: false,
             });
         }
+        // An admin key made at start-up is a key creation like any other: in the audit log
+        // (by its public id, never the secret) before the key exists and its file hands it out.
         let (k, secret) = self.0.keys.create(
             &self.0.store,
             0,
             Perms(Perms::ADMIN.0 | Perms::READ.0),
             "admin",
             crate::core::now_ms(),
+            |row| {
+                self.audit_by(
+                    "system",
+                    "start-up",
+                    "key.create",
+                    serde_json::json!({
+                        "apiKey": row.api_key,
+                        "account": row.account,
+                        "permissions": Perms(row.perms).names(),
+                        "label": row.label,
+                        "file": path.display().to_string(),
+                    }),
+                )
+                .map_err(|e| {
+                    SetupError::Audit(format!("logging the admin key's creation: {}", e.msg))
+                })
+            },
         )?;
-        // An admin key made at start-up is a key creation like any other: in the audit log
-        // (by its public id, never the secret) before its file hands it out.
-        self.audit_by(
-            "system",
-            "start-up",
-            "key.create",
-            serde_json::json!({
-                "apiKey": k.api_key,
-                "account": k.account,
-                "permissions": k.perms.names(),
-                "label": k.label,
-                "file": path.display().to_string(),
-            }),
-        )
-        .map_err(|e| SetupError::Audit(format!("logging the admin key's creation: {}", e.msg)))?;
         let body = serde_json::json!({"apiKey": k.api_key, "secretKey": secret}).to_string();
         write_private(&path, body.as_bytes())?;
         Ok(AdminKeyFile {
@@ -359,17 +363,35 @@ impl AppState {
         })
     }
 
-    /// Creates an API key directly (operator tooling and tests). Returns (apiKey, secret).
+    /// Creates an API key directly (operator tooling and tests; audited as `key.create` by
+    /// `system`, `by`: `direct`). Returns (apiKey, secret).
     pub fn create_key(
         &self,
         account: u32,
         perms: Perms,
         label: &str,
     ) -> Result<(String, String), SetupError> {
-        let (k, s) =
-            self.0
-                .keys
-                .create(&self.0.store, account, perms, label, crate::core::now_ms())?;
+        let (k, s) = self.0.keys.create(
+            &self.0.store,
+            account,
+            perms,
+            label,
+            crate::core::now_ms(),
+            |row| {
+                self.audit_by(
+                    "system",
+                    "direct",
+                    "key.create",
+                    serde_json::json!({
+                        "apiKey": row.api_key,
+                        "account": row.account,
+                        "permissions": Perms(row.perms).names(),
+                        "label": row.label,
+                    }),
+                )
+                .map_err(|e| SetupError::Audit(format!("logging a key's creation: {}", e.msg)))
+            },
+        )?;
         Ok((k.api_key.clone(), s))
     }
 

@@ -617,3 +617,81 @@ async fn the_admin_key_made_at_start_up_is_an_audit_entry_without_its_secret() {
     assert!(!h.state.ensure_admin_key().unwrap().created);
     assert!(entries_after(&h, base, "key.create").0.is_empty());
 }
+
+/// Defect: a key whose `key.create` entry could not be written was made anyway (usable by
+/// whoever had its secret, with no record of it) and answered `-1000`, so a retry made a
+/// second one. The entry is now written before the key exists: a dead log makes no key.
+#[tokio::test]
+async fn a_key_whose_audit_entry_cannot_be_written_is_not_made() {
+    let h = Harness::new();
+    let (acct, user) = h.trader_with("0", "0", "read,trade,keys").await;
+    let before = h.state.keys().of_account(acct).len();
+    h.state.audit_log().fail_appends_after(0);
+    for (path, params, key) in [
+        (
+            "/mapi/v1/admin/apiKey",
+            format!("account={acct}&permissions=read&label=bot"),
+            &h.admin,
+        ),
+        (
+            "/mapi/v1/apiKey",
+            "permissions=read&label=mine".to_owned(),
+            &user,
+        ),
+    ] {
+        let r = h.signed("POST", path, &params, key).await;
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.json);
+        assert_eq!(r.json["code"], -1000);
+        assert_eq!(
+            h.state.keys().of_account(acct).len(),
+            before,
+            "{path}: a key was made without its audit entry"
+        );
+    }
+}
+
+/// Defect: a revocation and an account opening whose audit entries could not be written were
+/// answered `-1000` though done (the key was revoked, the account open), so a retry opened a
+/// second account. Both are answered as done; the failed entries are in the server log.
+#[tokio::test]
+async fn a_revocation_or_account_whose_audit_entry_cannot_be_written_is_answered_as_done() {
+    let h = Harness::new();
+    let (acct, user) = h.trader_with("0", "0", "read,trade,keys").await;
+    let own = h
+        .ok(
+            "POST",
+            "/mapi/v1/apiKey",
+            "permissions=read&label=mine",
+            &user,
+        )
+        .await;
+    let target = own["apiKey"].as_str().unwrap().to_owned();
+    h.state.audit_log().fail_appends_after(0);
+    let r = h
+        .signed(
+            "DELETE",
+            "/mapi/v1/apiKey",
+            &format!("apiKey={target}"),
+            &user,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert!(h.state.keys().get(&target).is_none(), "still live");
+    assert!(
+        h.state
+            .keys()
+            .of_account(acct)
+            .iter()
+            .all(|k| k.api_key != target),
+        "still listed"
+    );
+    let r = h
+        .signed("POST", "/mapi/v1/admin/account", "", &h.admin)
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert!(
+        r.json["account"].as_u64().unwrap() > u64::from(acct),
+        "{}",
+        r.json
+    );
+}

@@ -138,6 +138,14 @@ pub async fn admin_set_password(
     let phc = tokio::task::spawn_blocking(move || hash_password(&password))
         .await
         .map_err(|_| ApiError::internal())??;
+    // Who and which store, never the password (nor its hash); recorded before it is set, and
+    // a failed entry sets nothing (a password grants access: none without its record).
+    st.audit_by(
+        "admin",
+        &key.api_key,
+        "dashboard.password",
+        json!({ "account": account }),
+    )?;
     with_db(&st, move |c| {
         let tx = c.transaction().map_err(db_error)?;
         tx.execute(
@@ -154,13 +162,6 @@ pub async fn admin_set_password(
         tx.commit().map_err(db_error)
     })
     .await?;
-    // Who and which store, never the password (nor its hash).
-    st.audit_by(
-        "admin",
-        &key.api_key,
-        "dashboard.password",
-        json!({ "account": account }),
-    )?;
     Ok(api::state::ok_json(&ctx, json!({ "account": account })))
 }
 
@@ -176,6 +177,14 @@ pub async fn admin_login_link(
     let token = random_hex()?;
     let hash = sha256_hex(&token);
     let expires = now_ms().saturating_add(LINK_TTL_MS);
+    // Never the link's token nor its hash (the hash is what a login looks up); recorded before
+    // the link exists, and a failed entry makes none.
+    st.audit_by(
+        "admin",
+        &key.api_key,
+        "dashboard.link",
+        json!({ "account": account, "expireTime": expires }),
+    )?;
     with_db(&st, move |c| {
         c.execute(
             "INSERT INTO dashboard_link (hash, merchant, expires_ms) VALUES (?1, ?2, ?3)",
@@ -184,13 +193,6 @@ pub async fn admin_login_link(
         .map_err(db_error)
     })
     .await?;
-    // Never the link's token nor its hash (the hash is what a login looks up).
-    st.audit_by(
-        "admin",
-        &key.api_key,
-        "dashboard.link",
-        json!({ "account": account, "expireTime": expires }),
-    )?;
     let base = st
         .cfg()
         .public_url

@@ -2669,3 +2669,55 @@ async fn a_balance_payment_retried_after_an_unknown_outcome_completes_under_the_
         .await;
     assert_list_refusal(&r, "address_list_on");
 }
+
+/// Defect: a dashboard password or one-time login link whose audit entry could not be written
+/// was set or made anyway (access granted with no record of who granted it) and answered 500.
+/// Both are recorded before they take effect now: a dead log sets no password and makes no
+/// link, and the store's old password still logs in.
+#[tokio::test]
+async fn a_dashboard_password_or_link_whose_audit_entry_cannot_be_written_grants_nothing() {
+    let d = setup().await;
+    let links = |d: &D| -> i64 {
+        let db = d.h.state.merchant().db.lock().unwrap();
+        db.query_row(
+            "SELECT COUNT(*) FROM dashboard_link WHERE merchant = ?1",
+            [d.account],
+            |r| r.get(0),
+        )
+        .unwrap()
+    };
+    let before = links(&d);
+    d.h.state.audit_log().fail_appends_after(0);
+    const NEW: &str = "a new password nobody recorded";
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/admin/dashboardPassword",
+            &format!("account={}&password={}", d.account, enc(NEW)),
+            &d.h.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.json);
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/admin/dashboardLink",
+            &format!("account={}", d.account),
+            &d.h.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR, "{}", r.json);
+    assert_eq!(
+        links(&d),
+        before,
+        "a login link was made without its audit entry"
+    );
+    let p = login(&d.h, d.account, NEW).await;
+    assert_eq!(
+        p.status,
+        StatusCode::UNAUTHORIZED,
+        "the password was set without its audit entry"
+    );
+    let p = login(&d.h, d.account, PASSWORD).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+}

@@ -121,7 +121,7 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
 }
 
 /// The public fields of a key, as answered and as audited (never the secret).
-fn row_json(k: &crate::store::KeyRow) -> serde_json::Value {
+pub(crate) fn row_json(k: &crate::store::KeyRow) -> serde_json::Value {
     json!({
         "apiKey": k.api_key,
         "account": k.account,

@@ -338,21 +338,12 @@ impl AppState {
             "admin",
             crate::core::now_ms(),
             |row| {
-                self.audit_by(
-                    "system",
-                    "start-up",
-                    "key.create",
-                    serde_json::json!({
-                        "apiKey": row.api_key,
-                        "account": row.account,
-                        "permissions": Perms(row.perms).names(),
-                        "label": row.label,
-                        "file": path.display().to_string(),
-                    }),
-                )
-                .map_err(|e| {
-                    SetupError::Audit(format!("logging the admin key's creation: {}", e.msg))
-                })
+                let mut v = crate::native::row_json(row);
+                v["file"] = serde_json::json!(path.display().to_string());
+                self.audit_by("system", "start-up", "key.create", v)
+                    .map_err(|e| {
+                        SetupError::Audit(format!("logging the admin key's creation: {}", e.msg))
+                    })
             },
         )?;
         let body = serde_json::json!({"apiKey": k.api_key, "secretKey": secret}).to_string();
@@ -382,12 +373,7 @@ impl AppState {
                     "system",
                     "direct",
                     "key.create",
-                    serde_json::json!({
-                        "apiKey": row.api_key,
-                        "account": row.account,
-                        "permissions": Perms(row.perms).names(),
-                        "label": row.label,
-                    }),
+                    crate::native::row_json(row),
                 )
                 .map_err(|e| SetupError::Audit(format!("logging a key's creation: {}", e.msg)))
             },

@@ -335,10 +335,9 @@ pub struct Engine {
     markets: Vec<Market>,
     client_ids: FxHashMap<(AccountId, ClientOrderId), (MarketId, OrderId)>,
     credit_keys: FxHashSet<IdempotencyKey>,
-    transfer_keys: FxHashSet<IdempotencyKey>,
-    /// The terms of each transfer key applied since snapshot format 6 (a key restored from an
-    /// older snapshot has none: any retry under it is a duplicate, as before).
-    transfer_terms: FxHashMap<IdempotencyKey, TransferTerms>,
+    /// Every transfer key with the terms of its transfer (`None` for a key restored from a
+    /// snapshot older than format 6: any retry under it is a duplicate, as before).
+    transfer_keys: FxHashMap<IdempotencyKey, Option<TransferTerms>>,
     withdrawals: FxHashMap<WithdrawalId, Withdrawal>,
     /// GTD expiries `(time, order, market)`; entries of orders that left are skipped when popped.
     expiries: BinaryHeap<Reverse<(u64, u64, u16)>>,
@@ -518,8 +517,7 @@ impl Engine {
             markets,
             client_ids: FxHashMap::default(),
             credit_keys: FxHashSet::default(),
-            transfer_keys: FxHashSet::default(),
-            transfer_terms: FxHashMap::default(),
+            transfer_keys: FxHashMap::default(),
             withdrawals: FxHashMap::default(),
             expiries: BinaryHeap::new(),
             now: Timestamp(0),
@@ -1308,8 +1306,8 @@ impl Engine {
                     asset,
                     amount,
                 };
-                if self.transfer_keys.contains(&key) {
-                    if self.transfer_terms.get(&key).is_some_and(|t| *t != terms) {
+                if let Some(known) = self.transfer_keys.get(&key) {
+                    if known.is_some_and(|t| t != terms) {
                         return Err(RejectCode::TransferKeyReused);
                     }
                     return Ok(Accept {
@@ -1320,8 +1318,7 @@ impl Engine {
                 if self.ledger.get(from, asset).available < amount.0 {
                     return Err(RejectCode::InsufficientBalance);
                 }
-                self.transfer_keys.insert(key);
-                self.transfer_terms.insert(key, terms);
+                self.transfer_keys.insert(key, Some(terms));
                 self.ledger.take_available(from, asset, amount.0);
                 self.ledger.add_available(to, asset, amount.0);
                 out.push(Event::Transferred {
@@ -3159,10 +3156,13 @@ impl Engine {
             .collect();
         let mut credit_keys: Vec<_> = self.credit_keys.iter().copied().collect();
         credit_keys.sort_unstable();
-        let mut transfer_keys: Vec<_> = self.transfer_keys.iter().copied().collect();
+        let mut transfer_keys: Vec<_> = self.transfer_keys.keys().copied().collect();
         transfer_keys.sort_unstable();
-        let mut transfer_terms: Vec<_> =
-            self.transfer_terms.iter().map(|(k, t)| (*k, *t)).collect();
+        let mut transfer_terms: Vec<_> = self
+            .transfer_keys
+            .iter()
+            .filter_map(|(k, t)| Some((*k, (*t)?)))
+            .collect();
         transfer_terms.sort_unstable_by_key(|(k, _)| *k);
         let mut withdrawals: Vec<_> = self.withdrawals.iter().map(|(k, v)| (*k, *v)).collect();
         withdrawals.sort_unstable_by_key(|(k, _)| *k);
@@ -3300,17 +3300,19 @@ impl Engine {
             ));
         }
         e.credit_keys = s.credit_keys.into_iter().collect();
-        e.transfer_keys = s.transfer_keys.into_iter().collect();
+        e.transfer_keys = s.transfer_keys.into_iter().map(|k| (k, None)).collect();
         if s.transfer_terms.windows(2).any(|w| w[0].0 >= w[1].0)
             || s.transfer_terms
                 .iter()
-                .any(|(k, _)| !e.transfer_keys.contains(k))
+                .any(|(k, _)| !e.transfer_keys.contains_key(k))
         {
             return Err(SnapshotError::Inconsistent(
                 "transfer terms unsorted or of an unknown key",
             ));
         }
-        e.transfer_terms = s.transfer_terms.into_iter().collect();
+        for (k, t) in s.transfer_terms {
+            e.transfer_keys.insert(k, Some(t));
+        }
         e.withdrawals = s.withdrawals.into_iter().collect();
         e.next_list_id = s.next_list_id;
         for l in s.lists {

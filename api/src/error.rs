@@ -174,6 +174,11 @@ impl ApiError {
     pub fn command_rejected(code: RejectCode) -> Self {
         match code {
             RejectCode::EngineBusy => Self::busy(),
+            // As a refund's reused `idempotencyKey`: the key names another request.
+            RejectCode::TransferKeyReused => Self::bad(
+                -1164,
+                "clientTranId was used for another transfer (recipient, asset or amount).",
+            ),
             other => Self::bad(-2010, rejection_msg(other)),
         }
     }

@@ -59,7 +59,8 @@ fn duplicate(events: &[Event]) -> bool {
 }
 
 /// `POST /mapi/v1/transfer` (TRANSFER, not TRADE: funds leave the account): moves `amount` of `asset` to `toAccount` at once.
-/// Idempotent by `clientTranId` (per sending account). The withdrawal policy is asked first
+/// Idempotent by `clientTranId` (per sending account): the same id with other terms is `-1164`
+/// (the engine's `TransferKeyReused`), nothing moved. The withdrawal policy is asked first
 /// ([`crate::policy`], destination the other account: `403`, `-4038`, nothing submitted). The
 /// engine answers a transfer key only by applying it, so a retry of a transfer made before the
 /// policy refused it is refused too (its first answer stands).

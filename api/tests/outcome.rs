@@ -87,6 +87,41 @@ async fn a_transfer_whose_reply_is_lost_answers_1007_and_its_retry_moves_nothing
     assert_eq!(h.balance(&to_key, "USD").await.0, "250.00000000");
 }
 
+/// A `clientTranId` names one transfer: the same id again with another recipient, amount or
+/// asset (a client bug, or a retry after `-1007` that rebuilt the request wrongly) is refused
+/// (`-1164`) and moves nothing, never answered "duplicate" with the new request's terms as if
+/// they had been carried out.
+#[tokio::test]
+async fn a_clienttranid_retried_with_other_terms_is_refused_and_moves_nothing() {
+    let (h, core) = Harness::lossy();
+    let (_, from) = h.trader_with("0", "1000", "read,trade,transfer").await;
+    let (to, to_key) = h.trader("0", "0").await;
+    let (other, other_key) = h.trader("0", "0").await;
+    core.lose_next(1);
+    let first = format!("toAccount={to}&asset=USD&amount=250&clientTranId=rent-2");
+    let r = h.signed("POST", "/mapi/v1/transfer", &first, &from).await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    for changed in [
+        format!("toAccount={other}&asset=USD&amount=250&clientTranId=rent-2"),
+        format!("toAccount={to}&asset=USD&amount=300&clientTranId=rent-2"),
+        format!("toAccount={to}&asset=BTC&amount=250&clientTranId=rent-2"),
+    ] {
+        let r = h.signed("POST", "/mapi/v1/transfer", &changed, &from).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, -1164),
+            "{changed}: {}",
+            r.json
+        );
+    }
+    // The first request's own retry still resolves it, once.
+    let again = h.ok("POST", "/mapi/v1/transfer", &first, &from).await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(h.balance(&from, "USD").await.0, "750.00000000");
+    assert_eq!(h.balance(&to_key, "USD").await.0, "250.00000000");
+    assert_eq!(h.balance(&other_key, "USD").await.0, "0.00000000");
+}
+
 /// An engine with a bug on demand: the next applied command's first balance event shows one
 /// unit more than the engine holds (money from nowhere, as a settlement bug would make it).
 struct Buggy {

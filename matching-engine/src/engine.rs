@@ -244,6 +244,20 @@ pub struct Withdrawal {
     pub state: WithdrawalState,
 }
 
+/// What a transfer under an idempotency key moved: the same key again with other terms is
+/// [`RejectCode::TransferKeyReused`], never a duplicate of the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct TransferTerms {
+    /// Sender.
+    pub from: AccountId,
+    /// Recipient.
+    pub to: AccountId,
+    /// Asset.
+    pub asset: AssetId,
+    /// Amount moved.
+    pub amount: Amount,
+}
+
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 struct Account {
     open_orders: u32,
@@ -321,7 +335,9 @@ pub struct Engine {
     markets: Vec<Market>,
     client_ids: FxHashMap<(AccountId, ClientOrderId), (MarketId, OrderId)>,
     credit_keys: FxHashSet<IdempotencyKey>,
-    transfer_keys: FxHashSet<IdempotencyKey>,
+    /// Every transfer key with the terms of its transfer (`None` for a key restored from a
+    /// snapshot older than format 6: any retry under it is a duplicate, as before).
+    transfer_keys: FxHashMap<IdempotencyKey, Option<TransferTerms>>,
     withdrawals: FxHashMap<WithdrawalId, Withdrawal>,
     /// GTD expiries `(time, order, market)`; entries of orders that left are skipped when popped.
     expiries: BinaryHeap<Reverse<(u64, u64, u16)>>,
@@ -501,7 +517,7 @@ impl Engine {
             markets,
             client_ids: FxHashMap::default(),
             credit_keys: FxHashSet::default(),
-            transfer_keys: FxHashSet::default(),
+            transfer_keys: FxHashMap::default(),
             withdrawals: FxHashMap::default(),
             expiries: BinaryHeap::new(),
             now: Timestamp(0),
@@ -1284,7 +1300,16 @@ impl Engine {
                 if amount.is_zero() {
                     return Err(RejectCode::ZeroQuantity);
                 }
-                if self.transfer_keys.contains(&key) {
+                let terms = TransferTerms {
+                    from,
+                    to,
+                    asset,
+                    amount,
+                };
+                if let Some(known) = self.transfer_keys.get(&key) {
+                    if known.is_some_and(|t| t != terms) {
+                        return Err(RejectCode::TransferKeyReused);
+                    }
                     return Ok(Accept {
                         duplicate: true,
                         ..Accept::default()
@@ -1293,7 +1318,7 @@ impl Engine {
                 if self.ledger.get(from, asset).available < amount.0 {
                     return Err(RejectCode::InsufficientBalance);
                 }
-                self.transfer_keys.insert(key);
+                self.transfer_keys.insert(key, Some(terms));
                 self.ledger.take_available(from, asset, amount.0);
                 self.ledger.add_available(to, asset, amount.0);
                 out.push(Event::Transferred {
@@ -3055,6 +3080,9 @@ pub struct EngineSnapshot {
     /// The quote value filled so far of each resting order that has one (non-zero), by id
     /// (snapshot format 4; the order records themselves do not carry it).
     pub order_quotes: Vec<(OrderId, Amount)>,
+    /// The terms of the transfer keys applied since format 6, sorted by key (each one of
+    /// `transfer_keys`; keys from older snapshots have none).
+    pub transfer_terms: Vec<(IdempotencyKey, TransferTerms)>,
 }
 
 impl EngineSnapshot {
@@ -3067,6 +3095,9 @@ impl EngineSnapshot {
     /// The postcard bytes that turn a format-3 payload (before per-order quote filled) into a
     /// format-4 one: no order quotes (orders resting then count only their later fills).
     pub const V3_TO_V4_TRAILER: [u8; 1] = [0];
+    /// The postcard bytes that turn a format-4/5 payload (before transfer terms) into a format-6
+    /// one: no terms (a retry under those keys stays a duplicate whatever its terms).
+    pub const V5_TO_V6_TRAILER: [u8; 1] = [0];
 }
 
 /// A snapshot that does not describe a valid engine.
@@ -3125,8 +3156,14 @@ impl Engine {
             .collect();
         let mut credit_keys: Vec<_> = self.credit_keys.iter().copied().collect();
         credit_keys.sort_unstable();
-        let mut transfer_keys: Vec<_> = self.transfer_keys.iter().copied().collect();
+        let mut transfer_keys: Vec<_> = self.transfer_keys.keys().copied().collect();
         transfer_keys.sort_unstable();
+        let mut transfer_terms: Vec<_> = self
+            .transfer_keys
+            .iter()
+            .filter_map(|(k, t)| Some((*k, (*t)?)))
+            .collect();
+        transfer_terms.sort_unstable_by_key(|(k, _)| *k);
         let mut withdrawals: Vec<_> = self.withdrawals.iter().map(|(k, v)| (*k, *v)).collect();
         withdrawals.sort_unstable_by_key(|(k, _)| *k);
         EngineSnapshot {
@@ -3149,6 +3186,7 @@ impl Engine {
                 order_quotes.sort_unstable_by_key(|(id, _)| *id);
                 order_quotes
             },
+            transfer_terms,
         }
     }
 
@@ -3262,7 +3300,19 @@ impl Engine {
             ));
         }
         e.credit_keys = s.credit_keys.into_iter().collect();
-        e.transfer_keys = s.transfer_keys.into_iter().collect();
+        e.transfer_keys = s.transfer_keys.into_iter().map(|k| (k, None)).collect();
+        if s.transfer_terms.windows(2).any(|w| w[0].0 >= w[1].0)
+            || s.transfer_terms
+                .iter()
+                .any(|(k, _)| !e.transfer_keys.contains_key(k))
+        {
+            return Err(SnapshotError::Inconsistent(
+                "transfer terms unsorted or of an unknown key",
+            ));
+        }
+        for (k, t) in s.transfer_terms {
+            e.transfer_keys.insert(k, Some(t));
+        }
         e.withdrawals = s.withdrawals.into_iter().collect();
         e.next_list_id = s.next_list_id;
         for l in s.lists {
@@ -3339,19 +3389,25 @@ impl crate::StateMachine for Engine {
                 payload.extend_from_slice(&EngineSnapshot::V1_TO_V2_TRAILER);
                 payload.extend_from_slice(&EngineSnapshot::V2_TO_V3_TRAILER);
                 payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
+                payload.extend_from_slice(&EngineSnapshot::V5_TO_V6_TRAILER);
                 true
             }
             2 => {
                 payload.extend_from_slice(&EngineSnapshot::V2_TO_V3_TRAILER);
                 payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
+                payload.extend_from_slice(&EngineSnapshot::V5_TO_V6_TRAILER);
                 true
             }
             3 => {
                 payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
+                payload.extend_from_slice(&EngineSnapshot::V5_TO_V6_TRAILER);
                 true
             }
-            // Format 5 changed the header's checksum only: the payload is format 4's.
-            4 => true,
+            // Format 5 changed the header's checksum only: its payload is format 4's.
+            4 | 5 => {
+                payload.extend_from_slice(&EngineSnapshot::V5_TO_V6_TRAILER);
+                true
+            }
             _ => false,
         }
     }

@@ -36,7 +36,7 @@ pub use command::{
 pub use config::{AssetConfig, EngineConfig, Limits, MarketConfig};
 pub use engine::{
     Engine, EngineSnapshot, OrderList, OrderMeta, OrderView, OtoList, OtoOutcome, Pending,
-    Withdrawal, WithdrawalState, FEE_ACCOUNT,
+    TransferTerms, Withdrawal, WithdrawalState, FEE_ACCOUNT,
 };
 pub use event::{DoneReason, Event, OrderInfo};
 pub use reject::RejectCode;

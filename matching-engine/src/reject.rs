@@ -59,6 +59,9 @@ pub enum RejectCode {
     InvalidAmend = 23,
     /// The fee account cannot place orders or send transfers.
     FeeAccount = 24,
+    /// A transfer's idempotency key was used by a transfer with other terms (recipient, asset or
+    /// amount): nothing moved.
+    TransferKeyReused = 25,
 }
 
 impl RejectCode {
@@ -94,6 +97,7 @@ impl RejectCode {
             RejectCode::SelfTransfer => "transfer to the same account",
             RejectCode::InvalidAmend => "order cannot be amended this way",
             RejectCode::FeeAccount => "the fee account cannot do this",
+            RejectCode::TransferKeyReused => "idempotency key already used for another transfer",
         }
     }
 }

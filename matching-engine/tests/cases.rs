@@ -1314,6 +1314,22 @@ fn transfers_move_available_funds_once() {
         .unwrap_err(),
         RejectCode::SelfTransfer
     );
+    // The key names that transfer: the same key with other terms moves nothing.
+    for (to, asset, amount) in [(b, QUOTE, 300), (a, QUOTE, 400), (b, BASE, 400)] {
+        let other = h.account(0, 0);
+        let to = if to == a { other } else { to };
+        assert_eq!(
+            h.cmd(Command::Transfer {
+                from: a,
+                to,
+                asset,
+                amount: Amount(amount),
+                key,
+            })
+            .unwrap_err(),
+            RejectCode::TransferKeyReused
+        );
+    }
     // Held funds cannot be transferred.
     h.limit(a, Side::Buy, 100, 5);
     assert_eq!(
@@ -2186,12 +2202,13 @@ fn a_format_1_snapshot_without_lists_still_loads() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_snapshot(dir.path(), &h.e).unwrap();
     // Rewrite it as format 1: without the three trailing list fields (and format 4's order
-    // quotes, none here).
+    // quotes and format 6's transfer terms, none here).
     let bytes = std::fs::read(&path).unwrap();
     let trailer = [
         &EngineSnapshot::V1_TO_V2_TRAILER[..],
         &EngineSnapshot::V2_TO_V3_TRAILER[..],
         &EngineSnapshot::V3_TO_V4_TRAILER[..],
+        &EngineSnapshot::V5_TO_V6_TRAILER[..],
     ]
     .concat();
     let payload = &bytes[60..bytes.len() - trailer.len()];
@@ -2209,6 +2226,70 @@ fn a_format_1_snapshot_without_lists_still_loads() {
     v1[8..12].copy_from_slice(&(matching_engine::snapshot::SNAPSHOT_VERSION + 1).to_le_bytes());
     std::fs::write(&path, &v1).unwrap();
     assert!(read_snapshot::<Engine>(&path, h.e.seq()).is_err());
+}
+
+/// A transfer key's terms survive a snapshot (format 6): after a restore the same key with other
+/// terms is still refused, with the same terms still a duplicate. A format-5 snapshot (no
+/// terms) loads, and its keys answer any retry as a duplicate, as that build did.
+#[test]
+fn transfer_terms_survive_a_snapshot_and_a_format_5_snapshot_loads_without_them() {
+    use matching_engine::snapshot::{read_snapshot, snapshot_file_name, write_snapshot};
+    let mut h = H::new();
+    let a = h.account(0, 1_000);
+    let b = h.account(0, 0);
+    let key = h.key();
+    let t = |amount| Command::Transfer {
+        from: a,
+        to: b,
+        asset: QUOTE,
+        amount: Amount(amount),
+        key,
+    };
+    h.cmd(t(400)).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_snapshot(dir.path(), &h.e).unwrap();
+    let mut e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
+    assert_eq!(e.state_hash(), h.e.state_hash());
+    let mut out = Vec::new();
+    assert_eq!(
+        e.apply(&t(401), Timestamp(h.now + 1), &mut out),
+        Err(RejectCode::TransferKeyReused)
+    );
+    // Format 5: the same payload without the trailing terms.
+    let snap = h.e.snapshot();
+    assert_eq!(snap.transfer_terms.len(), 1);
+    let bytes = std::fs::read(&path).unwrap();
+    let terms = postcard::to_stdvec(&snap.transfer_terms).unwrap();
+    assert_eq!(&bytes[bytes.len() - terms.len()..], &terms[..]);
+    let payload = &bytes[60..bytes.len() - terms.len()];
+    let mut v5 = bytes[..60].to_vec();
+    v5[8..12].copy_from_slice(&5u32.to_le_bytes());
+    v5[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    use sha2::Digest;
+    let mut sum = sha2::Sha256::new();
+    sum.update(&v5[..28]);
+    sum.update(payload);
+    v5[28..60].copy_from_slice(&sum.finalize());
+    v5.extend_from_slice(payload);
+    std::fs::write(dir.path().join(snapshot_file_name(h.e.seq())), &v5).unwrap();
+    let mut e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
+    assert!(e.snapshot().transfer_terms.is_empty());
+    let ev = {
+        let mut out = Vec::new();
+        e.apply(&t(401), Timestamp(h.now + 1), &mut out).unwrap();
+        out
+    };
+    assert!(matches!(
+        ev[0],
+        Event::Accepted {
+            duplicate: true,
+            ..
+        }
+    ));
+    // Terms of a key the snapshot does not hold are refused as inconsistent.
+    let mut bad = h.e.snapshot();
+    bad.transfer_keys.clear();
+    assert!(Engine::from_snapshot(bad).is_err());
 }
 
 // ---- OTO and OTOCO lists, issue 9 ----
@@ -2710,11 +2791,12 @@ fn a_format_2_snapshot_without_oto_lists_still_loads() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_snapshot(dir.path(), &h.e).unwrap();
     // Rewrite it as format 2: without the trailing OTO list field (and format 4's order
-    // quotes, none here).
+    // quotes and format 6's transfer terms, none here).
     let bytes = std::fs::read(&path).unwrap();
     let trailer = &[
         &EngineSnapshot::V2_TO_V3_TRAILER[..],
         &EngineSnapshot::V3_TO_V4_TRAILER[..],
+        &EngineSnapshot::V5_TO_V6_TRAILER[..],
     ]
     .concat()[..];
     assert_eq!(&bytes[bytes.len() - trailer.len()..], trailer);

@@ -297,7 +297,8 @@ struct Reference {
     next_order_id: u64,
     next_prio: u64,
     credit_keys: BTreeSet<[u8; 36]>,
-    transfer_keys: BTreeSet<[u8; 36]>,
+    /// key -> (from, to, asset, amount) of the transfer made under it.
+    transfer_keys: BTreeMap<[u8; 36], (u32, u32, u16, u64)>,
     now: u64,
     maker_bps: u64,
     taker_bps: u64,
@@ -1051,13 +1052,18 @@ impl Reference {
                 if amount.0 == 0 {
                     return Err(RejectCode::ZeroQuantity);
                 }
-                if self.transfer_keys.contains(&key.0) {
+                if let Some(t) = self.transfer_keys.get(&key.0) {
+                    // "the same key again with other terms is TransferKeyReused"
+                    if *t != (from.0, to.0, asset.0, amount.0) {
+                        return Err(RejectCode::TransferKeyReused);
+                    }
                     return Ok((true, evs));
                 }
                 if self.avail(from.0, asset.0) < amount.0 {
                     return Err(RejectCode::InsufficientBalance);
                 }
-                self.transfer_keys.insert(key.0);
+                self.transfer_keys
+                    .insert(key.0, (from.0, to.0, asset.0, amount.0));
                 self.add_avail(from.0, asset.0, -i128::from(amount.0));
                 self.add_avail(to.0, asset.0, i128::from(amount.0));
             }

@@ -1029,8 +1029,9 @@ pub async fn mark_invalid(State(st): State<AppState>, req: Req) -> Result<Respon
 /// from the caller's BTC balance, in one engine transfer (idempotent by invoice, payer and
 /// amount); the invoice settles at once. Runs to completion even if the client goes away; an
 /// outcome the engine did not answer is `-1007`, resolved by the monitor (see
-/// [`super::outcome`]), and the same request again answers it (also after the payer's store
-/// turned its withdrawal address list on: that payment is completed, not refused).
+/// [`super::outcome`]), and the same request again completes that payment, never a second one
+/// (also after the amount due changed, or the payer's store turned its withdrawal address list
+/// on; an engine that cannot answer leaves it unknown, `-1007`).
 pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let id = id_param(&mut p, "invoiceId")?;
@@ -1050,6 +1051,33 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
     .await?
     .ok_or_else(unknown_invoice)?;
     let now = now_ms();
+    // A payment of this payer on this invoice whose outcome is not known yet (its answer was
+    // lost, or a crash came between): this request completes that one, as the monitor would,
+    // whatever the invoice's status, amount due or the payer's policy say now. It may have moved
+    // already, so it is never paid a second time under a new amount due, and an answer that
+    // says nothing about it (busy, halted) leaves it to be resolved, never dropped.
+    let pending = with_db(st, {
+        let id = rec.inv.id.clone();
+        move |c| store::pay_intent_of(c, &id, payer).map_err(db_error)
+    })
+    .await?;
+    if let Some(intent) = pending {
+        return match outcome::execute_payment(st, &intent, rec.inv.merchant, true).await {
+            outcome::Moved::Done(reference) => {
+                paid_answer(st, rec, name, &intent, &reference, now).await
+            }
+            outcome::Moved::Refused(e) => {
+                // Refused by the engine under the payment's own key: it never happened.
+                let pid = intent.pid.clone();
+                with_db(st, move |c| {
+                    store::delete_pay_intent(c, &pid).map_err(db_error)
+                })
+                .await?;
+                Err(e)
+            }
+            outcome::Moved::Unknown => Err(ApiError::outcome_unknown()),
+        };
+    }
     match rec.inv.derive(now).status {
         Status::New => {}
         Status::Expired => return Err(expired()),
@@ -1059,28 +1087,16 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
     if due == 0 {
         return Err(wrong_status(Status::Processing));
     }
-    let pid = format!("pay/{}/{payer}/{due}", rec.inv.id);
     // Paying from a balance moves the payer's money to another account: the payer's policy
     // (a store's withdrawal address list) is asked first, nothing written when it refuses.
-    // Unless this is the same payment again after an unknown outcome (its intent is still
-    // recorded): that one may have moved already, and the monitor completes it whatever the
-    // list says now, so this request completes it too rather than answer "nothing changed".
-    let recorded = with_db(st, {
-        let pid = pid.clone();
-        move |c| store::pay_intent(c, &pid).map_err(db_error)
-    })
-    .await?
-    .is_some();
-    if !recorded {
-        api::policy::check(
-            st,
-            payer,
-            api::policy::Destination::Account(rec.inv.merchant),
-        )
-        .await?;
-    }
+    api::policy::check(
+        st,
+        payer,
+        api::policy::Destination::Account(rec.inv.merchant),
+    )
+    .await?;
     let intent = store::PayIntent {
-        pid,
+        pid: format!("pay/{}/{payer}/{due}", rec.inv.id),
         invoice_id: rec.inv.id.clone(),
         payer,
         amount_sat: due,
@@ -1092,7 +1108,7 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
         store::insert_pay_intent(c, &i2).map_err(db_error)
     })
     .await?;
-    let tran = match outcome::execute_payment(st, &intent, rec.inv.merchant, false).await {
+    let reference = match outcome::execute_payment(st, &intent, rec.inv.merchant, false).await {
         outcome::Moved::Done(reference) => reference,
         outcome::Moved::Refused(e) => {
             let pid = intent.pid.clone();
@@ -1104,10 +1120,22 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
         }
         outcome::Moved::Unknown => return Err(ApiError::outcome_unknown()),
     };
-    let rec = outcome::record_payment(st, rec, name.clone(), &intent, now).await?;
+    paid_answer(st, rec, name, &intent, &reference, now).await
+}
+
+/// Records an executed balance payment on its invoice and answers it.
+async fn paid_answer(
+    st: &AppState,
+    rec: Record,
+    name: String,
+    intent: &store::PayIntent,
+    reference: &str,
+    now: u64,
+) -> Result<Value, ApiError> {
+    let rec = outcome::record_payment(st, rec, name.clone(), intent, now).await?;
     let mut v = public_json(st, &rec, &name, now);
-    v["paidFromBalanceBtc"] = json!(btc(due));
-    v["tranId"] = json!(tran
+    v["paidFromBalanceBtc"] = json!(btc(intent.amount_sat));
+    v["tranId"] = json!(reference
         .strip_prefix("transfer:")
         .and_then(|s| s.parse::<u64>().ok())
         .unwrap_or(0));

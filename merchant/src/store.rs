@@ -761,6 +761,22 @@ fn pay_intent_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PayIntent> {
     })
 }
 
+/// The oldest unresolved intent of `payer` on `invoice_id`: a payment of theirs whose outcome is
+/// not recorded yet (at most one: a payer's retry completes it rather than add another).
+pub fn pay_intent_of(
+    conn: &Connection,
+    invoice_id: &str,
+    payer: u32,
+) -> rusqlite::Result<Option<PayIntent>> {
+    conn.query_row(
+        "SELECT pid, invoice_id, payer, amount_sat, created_ms FROM invoice_pay_intent
+         WHERE invoice_id = ?1 AND payer = ?2 ORDER BY created_ms, pid LIMIT 1",
+        params![invoice_id, payer],
+        pay_intent_row,
+    )
+    .optional()
+}
+
 /// Removes a resolved intent.
 pub fn delete_pay_intent(conn: &Connection, pid: &str) -> rusqlite::Result<()> {
     conn.execute("DELETE FROM invoice_pay_intent WHERE pid = ?1", [pid])?;

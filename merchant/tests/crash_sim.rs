@@ -51,7 +51,7 @@ use matching_engine::config::USD;
 use matching_engine::journal::{check_journal, list_segments, repair_truncate, SegmentReader};
 use matching_engine::recovery::{RecoveryError, StoreConfig};
 use matching_engine::{
-    AccountId, Amount, Command, Event, IdempotencyKey, WithdrawalId, WithdrawalState,
+    AccountId, Amount, Command, Event, IdempotencyKey, RejectCode, WithdrawalId, WithdrawalState,
 };
 use merchant::model::Source;
 use merchant::store;
@@ -1050,8 +1050,9 @@ fn audit_restart(w: &mut World) {
                 assert_eq!(r.code(), 0, "acknowledged order {coid} lost: {}", r.json);
             }
             Ack::Transfer { from, tran, .. } => {
-                // A transfer of more than anyone holds under the same key: a duplicate (applied
-                // as nothing) if the key is known, refused (nothing changed) if it was lost.
+                // A transfer of more than anyone holds under the same key: refused as the key
+                // used for other terms (`TransferKeyReused`) if the key is known, as
+                // insufficient balance if it was lost; either way nothing changes.
                 let (acct, to) = (w.payers[*from].0, w.payers[(*from + 1) % 3].0);
                 let out = w.submit(Command::Transfer {
                     from: AccountId(acct),
@@ -1061,7 +1062,7 @@ fn audit_restart(w: &mut World) {
                     key: IdempotencyKey::reference(&format!("transfer/{acct}/{tran}")),
                 });
                 assert!(
-                    matches!(out, Outcome::Applied(_)),
+                    matches!(out, Outcome::Rejected(RejectCode::TransferKeyReused)),
                     "acknowledged transfer {tran} lost: {out:?}"
                 );
             }

@@ -1080,6 +1080,79 @@ async fn a_balance_payment_whose_reply_is_lost_is_recorded_once_by_the_monitor()
     assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99877000");
 }
 
+/// A balance payment's retry after an unknown outcome completes that payment, even when the
+/// amount due changed in between (a chain payment arrived while the monitor could not learn the
+/// first one's outcome): it must not send a second transfer of the new amount due, which paid
+/// the invoice twice from the payer's balance.
+#[tokio::test]
+async fn a_balance_payment_retried_after_the_amount_due_changed_pays_once() {
+    let (h, core) = Harness::lossy();
+    let m = setup_on(h).await;
+    let now = common::now_ms();
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
+    let inv = m.invoice("amount=0.002").await;
+    let (id, addr) = (s(&inv, "id"), s(&inv, "address"));
+    let params = format!("invoiceId={id}");
+    let pay = || {
+        m.h.signed("POST", "/mapi/v1/merchant/invoice/pay", &params, &payer)
+    };
+    core.lose_next(1);
+    let r = pay().await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    // A chain payment of a quarter arrives; the monitor sees it, but its repeat of the balance
+    // payment gets no answer either, so that payment is still unknown.
+    m.fake.pay(m.account, &addr, 7, 50_000, 0, now);
+    core.lose_next(1);
+    m.tick(now + 1).await;
+    assert_eq!(s(&m.get(&id).await, "dueBtc"), "0.0015");
+    // The payer's retry completes the first payment; nothing more leaves the payer's balance.
+    let again = pay().await;
+    assert_eq!(again.status, StatusCode::OK, "{}", again.json);
+    assert_eq!(s(&again.json, "paidFromBalanceBtc"), "0.002");
+    m.tick(now + 2).await;
+    assert!(m.h.state.sync_read_model().await);
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99800000");
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "paidBtc"), v["payments"].as_array().unwrap().len()),
+        ("0.0025".into(), 2),
+        "{v}"
+    );
+}
+
+/// The same for the payer's retry: while the circuit breaker is open its repeat of a payment
+/// whose outcome is unknown is not taken, which says nothing about the first attempt; the
+/// intent stays (the monitor records the payment once the engine answers), never dropped while
+/// the payer's money may have moved.
+#[tokio::test]
+async fn a_balance_payment_retried_while_the_breaker_is_open_keeps_its_intent() {
+    let (h, core) = Harness::lossy();
+    let m = setup_on(h).await;
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
+    let inv = m.invoice("amount=0.00123").await;
+    let params = format!("invoiceId={}", s(&inv, "id"));
+    core.lose_next(1);
+    let r =
+        m.h.signed("POST", "/mapi/v1/merchant/invoice/pay", &params, &payer)
+            .await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    m.h.state.read_model().trip(api::audit::Violation {
+        seq: 0,
+        asset: 0,
+        balances: 0,
+        supply: 0,
+    });
+    let again =
+        m.h.signed("POST", "/mapi/v1/merchant/invoice/pay", &params, &payer)
+            .await;
+    let intents = {
+        let db = m.h.state.merchant().db.lock().unwrap();
+        store::pay_intents(&db).unwrap().len()
+    };
+    assert_eq!(intents, 1, "the intent of a payment that moved was dropped");
+    assert_eq!(again.code(), -1007, "{}", again.json);
+}
+
 /// Defect: resolving a payment whose reply was lost repeats its transfer to learn the outcome;
 /// while the circuit breaker was open that repeat was "not taken" (halted), which was read as
 /// "the payment never happened": the intent was dropped although the payer's money had moved to

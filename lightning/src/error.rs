@@ -38,8 +38,8 @@ pub enum OpenError {
     },
 }
 
-/// Why a withdrawal over Lightning was not made. Every variant but [`PayError::Unknown`],
-/// [`PayError::Node`] and [`PayError::Store`] means nothing changed (or, for
+/// Why a withdrawal over Lightning was not made. Every variant but [`PayError::Unknown`] and
+/// [`PayError::Store`] means nothing changed (or, for
 /// [`PayError::NoRoute`], a hold was placed and released exactly: the balance is as before).
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -122,16 +122,14 @@ pub enum PayError {
     /// The ledger refused the hold for another reason.
     #[error("ledger refused: {0}")]
     LedgerRejected(RejectCode),
-    /// The hold's answer was lost; the service resolves it and nothing is sent until then.
+    /// The outcome is unknown to this answer: the hold's answer was lost (nothing is sent until
+    /// the service has resolved it), or the node failed the send in a way that may have sent
+    /// the payment (the withdrawal stays held and is resolved by payment hash). `-1007`.
     #[error("outcome unknown for withdrawal {id}; ask again")]
     Unknown {
         /// The withdrawal's row id.
         id: u64,
     },
-    /// The node failed in a way that may have sent the payment: the withdrawal stays held and is
-    /// resolved by payment hash.
-    #[error("lightning node: {0}")]
-    Node(ldk_node::NodeError),
     /// The service's database.
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
@@ -156,7 +154,7 @@ impl PayError {
             Self::NoRoute => -4610,
             Self::Busy => -1008,
             Self::Unknown { .. } => -1007,
-            Self::Node(_) | Self::Store(_) => -1000,
+            Self::Store(_) => -1000,
         }
     }
 }

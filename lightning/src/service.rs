@@ -632,10 +632,20 @@ impl<L: Ledger> LightningService<L> {
                     PayError::MalformedInvoice
                 });
             }
-            // Maybe sent: stays held, resolved by payment hash.
-            Err(e) => return Err(PayError::Node(e)),
+            // Maybe sent: stays `sending`, resolved by payment hash (and sent again under the
+            // same payment id if the node has no record of it), so the outcome is unknown to
+            // this answer: `-1007`, never an error (it was `-1000`, and then it was paid).
+            Err(e) => {
+                tracing::warn!(error = %e, id, "lightning withdrawal: the send's outcome is unknown");
+                return Err(PayError::Unknown { id });
+            }
         }
-        Ok(store.withdrawal(id)?.expect("the row exists"))
+        // Handed to the node: a store that cannot read the row back leaves this answer
+        // unknown too, never an error for a payment on its way.
+        match store.withdrawal(id) {
+            Ok(Some(w)) => Ok(w),
+            Ok(None) | Err(_) => Err(PayError::Unknown { id }),
+        }
     }
 
     /// A withdrawal by row id.

@@ -179,6 +179,10 @@ impl ApiError {
                 -1164,
                 "clientTranId was used for another transfer (recipient, asset or amount).",
             ),
+            RejectCode::CreditKeyReused => Self::bad(
+                -1164,
+                "reference was used for another credit (account, asset or amount).",
+            ),
             other => Self::bad(-2010, rejection_msg(other)),
         }
     }

@@ -122,6 +122,45 @@ async fn a_clienttranid_retried_with_other_terms_is_refused_and_moves_nothing() 
     assert_eq!(h.balance(&other_key, "USD").await.0, "0.00000000");
 }
 
+/// Defect (same class as the transfer's): an operator credit whose `reference` was used for
+/// another credit (another account, asset or amount) answered 200 `"duplicate": true`, echoing
+/// the new terms although nothing of them was credited. It is `-1164` and credits nothing; the
+/// first credit's own retry is still its duplicate.
+#[tokio::test]
+async fn a_credit_reference_retried_with_other_terms_is_refused_and_credits_nothing() {
+    let (h, core) = Harness::lossy();
+    let (a, a_key) = h.trader("0", "0").await;
+    let (b, b_key) = h.trader("0", "0").await;
+    core.lose_next(1);
+    let first = format!("account={a}&asset=USD&amount=25&reference=wire-7");
+    let r = h
+        .signed("POST", "/mapi/v1/admin/credit", &first, &h.admin)
+        .await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    for changed in [
+        format!("account={b}&asset=USD&amount=25&reference=wire-7"),
+        format!("account={a}&asset=USD&amount=30&reference=wire-7"),
+        format!("account={a}&asset=BTC&amount=25&reference=wire-7"),
+    ] {
+        let r = h
+            .signed("POST", "/mapi/v1/admin/credit", &changed, &h.admin)
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, -1164),
+            "{changed}: {}",
+            r.json
+        );
+    }
+    let again = h
+        .ok("POST", "/mapi/v1/admin/credit", &first, &h.admin)
+        .await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(h.balance(&a_key, "USD").await.0, "25.00000000");
+    assert_eq!(h.balance(&a_key, "BTC").await.0, "0.00000000");
+    assert_eq!(h.balance(&b_key, "USD").await.0, "0.00000000");
+}
+
 /// An engine with a bug on demand: the next applied command's first balance event shows one
 /// unit more than the engine holds (money from nowhere, as a settlement bug would make it).
 struct Buggy {

@@ -258,6 +258,18 @@ pub struct TransferTerms {
     pub amount: Amount,
 }
 
+/// What a credit under an idempotency key credited: the same key again with other terms is
+/// [`RejectCode::CreditKeyReused`], never a duplicate of the first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct CreditTerms {
+    /// Beneficiary.
+    pub account: AccountId,
+    /// Asset.
+    pub asset: AssetId,
+    /// Amount credited.
+    pub amount: Amount,
+}
+
 #[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
 struct Account {
     open_orders: u32,
@@ -334,7 +346,9 @@ pub struct Engine {
     ledger: Ledger,
     markets: Vec<Market>,
     client_ids: FxHashMap<(AccountId, ClientOrderId), (MarketId, OrderId)>,
-    credit_keys: FxHashSet<IdempotencyKey>,
+    /// Every credit key with the terms of its credit (`None` for a key restored from a snapshot
+    /// older than format 6: any retry under it is a duplicate, as before).
+    credit_keys: FxHashMap<IdempotencyKey, Option<CreditTerms>>,
     /// Every transfer key with the terms of its transfer (`None` for a key restored from a
     /// snapshot older than format 6: any retry under it is a duplicate, as before).
     transfer_keys: FxHashMap<IdempotencyKey, Option<TransferTerms>>,
@@ -516,7 +530,7 @@ impl Engine {
             accounts: Vec::new(),
             markets,
             client_ids: FxHashMap::default(),
-            credit_keys: FxHashSet::default(),
+            credit_keys: FxHashMap::default(),
             transfer_keys: FxHashMap::default(),
             withdrawals: FxHashMap::default(),
             expiries: BinaryHeap::new(),
@@ -752,7 +766,7 @@ impl Engine {
             Command::CreditStatus { key } => {
                 out.push(Event::CreditStatus {
                     key,
-                    credited: self.credit_keys.contains(&key),
+                    credited: self.credit_keys.contains_key(&key),
                 });
                 return Ok(());
             }
@@ -1179,7 +1193,15 @@ impl Engine {
                 if amount.is_zero() {
                     return Err(RejectCode::ZeroQuantity);
                 }
-                if self.credit_keys.contains(&key) {
+                let terms = CreditTerms {
+                    account,
+                    asset,
+                    amount,
+                };
+                if let Some(known) = self.credit_keys.get(&key) {
+                    if known.is_some_and(|t| t != terms) {
+                        return Err(RejectCode::CreditKeyReused);
+                    }
                     return Ok(Accept {
                         duplicate: true,
                         ..Accept::default()
@@ -1192,7 +1214,7 @@ impl Engine {
                 {
                     return Err(RejectCode::InvalidAmount);
                 }
-                self.credit_keys.insert(key);
+                self.credit_keys.insert(key, Some(terms));
                 self.ledger.totals[asset.0 as usize].credited += u128::from(amount.0);
                 self.ledger.add_available(account, asset, amount.0);
                 out.push(Event::Credited {
@@ -3083,6 +3105,9 @@ pub struct EngineSnapshot {
     /// The terms of the transfer keys applied since format 6, sorted by key (each one of
     /// `transfer_keys`; keys from older snapshots have none).
     pub transfer_terms: Vec<(IdempotencyKey, TransferTerms)>,
+    /// The terms of the credit keys applied since format 6, sorted by key (each one of
+    /// `credit_keys`; keys from older snapshots have none).
+    pub credit_terms: Vec<(IdempotencyKey, CreditTerms)>,
 }
 
 impl EngineSnapshot {
@@ -3095,9 +3120,10 @@ impl EngineSnapshot {
     /// The postcard bytes that turn a format-3 payload (before per-order quote filled) into a
     /// format-4 one: no order quotes (orders resting then count only their later fills).
     pub const V3_TO_V4_TRAILER: [u8; 1] = [0];
-    /// The postcard bytes that turn a format-4/5 payload (before transfer terms) into a format-6
-    /// one: no terms (a retry under those keys stays a duplicate whatever its terms).
-    pub const V5_TO_V6_TRAILER: [u8; 1] = [0];
+    /// The postcard bytes that turn a format-4/5 payload (before transfer and credit terms) into
+    /// a format-6 one: no terms of either (a retry under those keys stays a duplicate whatever
+    /// its terms).
+    pub const V5_TO_V6_TRAILER: [u8; 2] = [0, 0];
 }
 
 /// A snapshot that does not describe a valid engine.
@@ -3154,8 +3180,14 @@ impl Engine {
                 }
             })
             .collect();
-        let mut credit_keys: Vec<_> = self.credit_keys.iter().copied().collect();
+        let mut credit_keys: Vec<_> = self.credit_keys.keys().copied().collect();
         credit_keys.sort_unstable();
+        let mut credit_terms: Vec<_> = self
+            .credit_keys
+            .iter()
+            .filter_map(|(k, t)| Some((*k, (*t)?)))
+            .collect();
+        credit_terms.sort_unstable_by_key(|(k, _)| *k);
         let mut transfer_keys: Vec<_> = self.transfer_keys.keys().copied().collect();
         transfer_keys.sort_unstable();
         let mut transfer_terms: Vec<_> = self
@@ -3187,6 +3219,7 @@ impl Engine {
                 order_quotes
             },
             transfer_terms,
+            credit_terms,
         }
     }
 
@@ -3299,7 +3332,19 @@ impl Engine {
                 "quote of an order not in the book",
             ));
         }
-        e.credit_keys = s.credit_keys.into_iter().collect();
+        e.credit_keys = s.credit_keys.into_iter().map(|k| (k, None)).collect();
+        if s.credit_terms.windows(2).any(|w| w[0].0 >= w[1].0)
+            || s.credit_terms
+                .iter()
+                .any(|(k, _)| !e.credit_keys.contains_key(k))
+        {
+            return Err(SnapshotError::Inconsistent(
+                "credit terms unsorted or of an unknown key",
+            ));
+        }
+        for (k, t) in s.credit_terms {
+            e.credit_keys.insert(k, Some(t));
+        }
         e.transfer_keys = s.transfer_keys.into_iter().map(|k| (k, None)).collect();
         if s.transfer_terms.windows(2).any(|w| w[0].0 >= w[1].0)
             || s.transfer_terms

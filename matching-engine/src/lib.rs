@@ -35,8 +35,8 @@ pub use command::{
 };
 pub use config::{AssetConfig, EngineConfig, Limits, MarketConfig};
 pub use engine::{
-    Engine, EngineSnapshot, OrderList, OrderMeta, OrderView, OtoList, OtoOutcome, Pending,
-    TransferTerms, Withdrawal, WithdrawalState, FEE_ACCOUNT,
+    CreditTerms, Engine, EngineSnapshot, OrderList, OrderMeta, OrderView, OtoList, OtoOutcome,
+    Pending, TransferTerms, Withdrawal, WithdrawalState, FEE_ACCOUNT,
 };
 pub use event::{DoneReason, Event, OrderInfo};
 pub use reject::RejectCode;

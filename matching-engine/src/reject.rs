@@ -62,6 +62,9 @@ pub enum RejectCode {
     /// A transfer's idempotency key was used by a transfer with other terms (recipient, asset or
     /// amount): nothing moved.
     TransferKeyReused = 25,
+    /// A credit's idempotency key was used by a credit with other terms (account, asset or
+    /// amount): nothing credited.
+    CreditKeyReused = 26,
 }
 
 impl RejectCode {
@@ -98,6 +101,7 @@ impl RejectCode {
             RejectCode::InvalidAmend => "order cannot be amended this way",
             RejectCode::FeeAccount => "the fee account cannot do this",
             RejectCode::TransferKeyReused => "idempotency key already used for another transfer",
+            RejectCode::CreditKeyReused => "idempotency key already used for another credit",
         }
     }
 }

@@ -1083,6 +1083,25 @@ fn credit_is_idempotent_by_key() {
     assert_eq!(h.e.seq(), seq, "a duplicate is not a new state");
     assert_eq!(h.bal(a, BASE), (500, 0));
     assert_eq!(h.e.asset_totals(BASE).credited, 500);
+    // The key names that credit: the same key with other terms (account, asset, amount) is
+    // refused and credits nothing (it was a duplicate, answered as if those terms were done).
+    let other = h.account(0, 0);
+    for (account, asset, amount) in [(a, BASE, 501), (other, BASE, 500), (a, QUOTE, 500)] {
+        assert_eq!(
+            h.cmd(Command::Credit {
+                account,
+                asset,
+                amount: Amount(amount),
+                key,
+            })
+            .unwrap_err(),
+            RejectCode::CreditKeyReused
+        );
+    }
+    assert_eq!(h.bal(a, BASE), (500, 0));
+    assert_eq!(h.bal(a, QUOTE), (0, 0));
+    assert_eq!(h.bal(other, BASE), (0, 0));
+    assert_eq!(h.e.asset_totals(BASE).credited, 500);
     for (name, cmd, code) in [
         (
             "zero",
@@ -2192,6 +2211,24 @@ fn oco_survives_a_snapshot_round_trip_and_replays_identically() {
     assert!(Engine::from_snapshot(bad).is_err());
 }
 
+/// The trailing bytes of `e`'s snapshot that format 6 added: its transfer and credit terms.
+fn terms_suffix(e: &Engine) -> Vec<u8> {
+    let s = e.snapshot();
+    [
+        postcard::to_stdvec(&s.transfer_terms).unwrap(),
+        postcard::to_stdvec(&s.credit_terms).unwrap(),
+    ]
+    .concat()
+}
+
+/// `e`'s snapshot without format 6's terms, encoded: the state an older format restores.
+fn without_terms(e: &Engine) -> Vec<u8> {
+    let mut s = e.snapshot();
+    s.transfer_terms.clear();
+    s.credit_terms.clear();
+    postcard::to_stdvec(&s).unwrap()
+}
+
 #[test]
 fn a_format_1_snapshot_without_lists_still_loads() {
     use matching_engine::snapshot::{read_snapshot, snapshot_file_name, write_snapshot};
@@ -2202,13 +2239,13 @@ fn a_format_1_snapshot_without_lists_still_loads() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_snapshot(dir.path(), &h.e).unwrap();
     // Rewrite it as format 1: without the three trailing list fields (and format 4's order
-    // quotes and format 6's transfer terms, none here).
+    // quotes, none here, and format 6's terms of the accounts' credits).
     let bytes = std::fs::read(&path).unwrap();
     let trailer = [
         &EngineSnapshot::V1_TO_V2_TRAILER[..],
         &EngineSnapshot::V2_TO_V3_TRAILER[..],
         &EngineSnapshot::V3_TO_V4_TRAILER[..],
-        &EngineSnapshot::V5_TO_V6_TRAILER[..],
+        &terms_suffix(&h.e),
     ]
     .concat();
     let payload = &bytes[60..bytes.len() - trailer.len()];
@@ -2221,18 +2258,19 @@ fn a_format_1_snapshot_without_lists_still_loads() {
     v1.extend_from_slice(payload);
     std::fs::write(dir.path().join(snapshot_file_name(h.e.seq())), &v1).unwrap();
     let e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
-    assert_eq!(e.state_hash(), h.e.state_hash());
+    assert_eq!(without_terms(&e), without_terms(&h.e));
+    assert!(e.snapshot().credit_terms.is_empty());
     // An unknown future version is refused.
     v1[8..12].copy_from_slice(&(matching_engine::snapshot::SNAPSHOT_VERSION + 1).to_le_bytes());
     std::fs::write(&path, &v1).unwrap();
     assert!(read_snapshot::<Engine>(&path, h.e.seq()).is_err());
 }
 
-/// A transfer key's terms survive a snapshot (format 6): after a restore the same key with other
-/// terms is still refused, with the same terms still a duplicate. A format-5 snapshot (no
-/// terms) loads, and its keys answer any retry as a duplicate, as that build did.
+/// Transfer and credit keys' terms survive a snapshot (format 6): after a restore the same key
+/// with other terms is still refused. A format-5 snapshot (no terms) loads, and its keys answer
+/// any retry as a duplicate, as that build did.
 #[test]
-fn transfer_terms_survive_a_snapshot_and_a_format_5_snapshot_loads_without_them() {
+fn transfer_and_credit_terms_survive_a_snapshot_and_a_format_5_snapshot_loads_without_them() {
     use matching_engine::snapshot::{read_snapshot, snapshot_file_name, write_snapshot};
     let mut h = H::new();
     let a = h.account(0, 1_000);
@@ -2246,6 +2284,14 @@ fn transfer_terms_survive_a_snapshot_and_a_format_5_snapshot_loads_without_them(
         key,
     };
     h.cmd(t(400)).unwrap();
+    let ckey = h.key();
+    let c = |amount| Command::Credit {
+        account: b,
+        asset: QUOTE,
+        amount: Amount(amount),
+        key: ckey,
+    };
+    h.cmd(c(5)).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = write_snapshot(dir.path(), &h.e).unwrap();
     let mut e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
@@ -2255,11 +2301,15 @@ fn transfer_terms_survive_a_snapshot_and_a_format_5_snapshot_loads_without_them(
         e.apply(&t(401), Timestamp(h.now + 1), &mut out),
         Err(RejectCode::TransferKeyReused)
     );
+    assert_eq!(
+        e.apply(&c(6), Timestamp(h.now + 1), &mut out),
+        Err(RejectCode::CreditKeyReused)
+    );
     // Format 5: the same payload without the trailing terms.
     let snap = h.e.snapshot();
     assert_eq!(snap.transfer_terms.len(), 1);
     let bytes = std::fs::read(&path).unwrap();
-    let terms = postcard::to_stdvec(&snap.transfer_terms).unwrap();
+    let terms = terms_suffix(&h.e);
     assert_eq!(&bytes[bytes.len() - terms.len()..], &terms[..]);
     let payload = &bytes[60..bytes.len() - terms.len()];
     let mut v5 = bytes[..60].to_vec();
@@ -2274,21 +2324,27 @@ fn transfer_terms_survive_a_snapshot_and_a_format_5_snapshot_loads_without_them(
     std::fs::write(dir.path().join(snapshot_file_name(h.e.seq())), &v5).unwrap();
     let mut e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
     assert!(e.snapshot().transfer_terms.is_empty());
-    let ev = {
+    assert!(e.snapshot().credit_terms.is_empty());
+    for cmd in [t(401), c(6)] {
         let mut out = Vec::new();
-        e.apply(&t(401), Timestamp(h.now + 1), &mut out).unwrap();
-        out
-    };
-    assert!(matches!(
-        ev[0],
-        Event::Accepted {
-            duplicate: true,
-            ..
-        }
-    ));
+        e.apply(&cmd, Timestamp(h.now + 1), &mut out).unwrap();
+        assert!(
+            matches!(
+                out[0],
+                Event::Accepted {
+                    duplicate: true,
+                    ..
+                }
+            ),
+            "{cmd:?}: {out:?}"
+        );
+    }
     // Terms of a key the snapshot does not hold are refused as inconsistent.
     let mut bad = h.e.snapshot();
     bad.transfer_keys.clear();
+    assert!(Engine::from_snapshot(bad).is_err());
+    let mut bad = h.e.snapshot();
+    bad.credit_keys.clear();
     assert!(Engine::from_snapshot(bad).is_err());
 }
 
@@ -2791,12 +2847,12 @@ fn a_format_2_snapshot_without_oto_lists_still_loads() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_snapshot(dir.path(), &h.e).unwrap();
     // Rewrite it as format 2: without the trailing OTO list field (and format 4's order
-    // quotes and format 6's transfer terms, none here).
+    // quotes, none here, and format 6's terms of the accounts' credits).
     let bytes = std::fs::read(&path).unwrap();
     let trailer = &[
         &EngineSnapshot::V2_TO_V3_TRAILER[..],
         &EngineSnapshot::V3_TO_V4_TRAILER[..],
-        &EngineSnapshot::V5_TO_V6_TRAILER[..],
+        &terms_suffix(&h.e),
     ]
     .concat()[..];
     assert_eq!(&bytes[bytes.len() - trailer.len()..], trailer);
@@ -2809,7 +2865,7 @@ fn a_format_2_snapshot_without_oto_lists_still_loads() {
     v2.extend_from_slice(payload);
     std::fs::write(dir.path().join(snapshot_file_name(h.e.seq())), &v2).unwrap();
     let e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
-    assert_eq!(e.state_hash(), h.e.state_hash());
+    assert_eq!(without_terms(&e), without_terms(&h.e));
     assert_eq!(e.snapshot().lists.len(), 1);
 }
 

@@ -57,7 +57,7 @@ use matching_engine::{
     TimeInForce, Timestamp, WithdrawalId, WithdrawalState,
 };
 use proptest::prelude::*;
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::BTreeMap;
 
 const M: MarketId = MarketId(0);
 const BASE: u16 = 0;
@@ -296,7 +296,8 @@ struct Reference {
     withdrawals: BTreeMap<u64, (u32, u16, u64, u64, WState)>,
     next_order_id: u64,
     next_prio: u64,
-    credit_keys: BTreeSet<[u8; 36]>,
+    /// key -> (account, asset, amount) of the credit made under it.
+    credit_keys: BTreeMap<[u8; 36], (u32, u16, u64)>,
     /// key -> (from, to, asset, amount) of the transfer made under it.
     transfer_keys: BTreeMap<[u8; 36], (u32, u32, u16, u64)>,
     now: u64,
@@ -981,7 +982,7 @@ impl Reference {
             );
         }
         if let Command::CreditStatus { key } = *cmd {
-            let credited = self.credit_keys.contains(&key.0);
+            let credited = self.credit_keys.contains_key(&key.0);
             return (
                 Vec::new(),
                 Ok((
@@ -1024,9 +1025,15 @@ impl Reference {
                 if amount.0 == 0 {
                     return Err(RejectCode::ZeroQuantity);
                 }
-                if !self.credit_keys.insert(key.0) {
+                if let Some(c) = self.credit_keys.get(&key.0) {
+                    // "the same key again with other terms is CreditKeyReused"
+                    if *c != (account.0, asset.0, amount.0) {
+                        return Err(RejectCode::CreditKeyReused);
+                    }
                     return Ok((true, evs));
                 }
+                self.credit_keys
+                    .insert(key.0, (account.0, asset.0, amount.0));
                 self.add_avail(account.0, asset.0, i128::from(amount.0));
             }
             Command::Transfer {

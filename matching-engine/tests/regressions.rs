@@ -135,13 +135,21 @@ fn rejected_or_duplicate_command_does_not_move_the_clock() {
     let now = r.e.now();
     let (res, _) = r.apply(limit(1, Side::Buy, 0, 1));
     assert_eq!(res, Err(RejectCode::PriceOffTick));
-    // A duplicate credit (key 1 was used) is accepted and changes nothing either.
+    // A duplicate credit (key 1 credited 100 BASE to account 1) is accepted and changes
+    // nothing either; the same key with other terms is refused and changes nothing.
     r.ok(Command::Credit {
+        account: AccountId(1),
+        asset: BASE,
+        amount: Amount(100),
+        key: IdempotencyKey([1; 36]),
+    });
+    let (res, _) = r.apply(Command::Credit {
         account: AccountId(1),
         asset: BASE,
         amount: Amount(5),
         key: IdempotencyKey([1; 36]),
     });
+    assert_eq!(res, Err(RejectCode::CreditKeyReused));
     assert_eq!(r.e.now(), now);
     assert_eq!(r.e.state_hash(), before);
 }

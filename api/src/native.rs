@@ -218,6 +218,7 @@ pub fn revoke_own_key(
         tracing::error!(error = %e, "revoking an API key failed");
         ApiError::internal()
     })?;
+    crate::ws::forget_listen_keys_of(st, target);
     st.audit_by(
         actor,
         by,

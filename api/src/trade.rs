@@ -540,7 +540,8 @@ fn err_json(e: &ApiError) -> Value {
 
 /// `POST /api/v3/order/cancelReplace` (ccxt's `editOrder`): cancels an order, then places a
 /// new one (two engine commands; `STOP_ON_FAILURE` skips the new order when the cancel fails,
-/// `ALLOW_FAILURE` places it anyway).
+/// `ALLOW_FAILURE` places it anyway). A half whose outcome is unknown makes the answer `-1007`
+/// (503; `data` names that half `UNKNOWN`), never `-2021`/`-2022`.
 pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let mode = p.req("cancelReplaceMode")?;
@@ -582,6 +583,34 @@ pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Resp
     } else {
         None
     };
+    // A half whose outcome is unknown (`-1007`: it may have been applied) makes the whole
+    // answer unknown, never a failure: a client told that its replacement failed places it
+    // again, one told that its cancel failed believes the order still works.
+    let half = |r: Option<&Result<Value, ApiError>>| match r {
+        None => ("NOT_ATTEMPTED", Value::Null),
+        Some(Ok(v)) => ("SUCCESS", v.clone()),
+        Some(Err(e)) if e.code == -1007 => ("UNKNOWN", err_json(e)),
+        Some(Err(e)) => ("FAILURE", err_json(e)),
+    };
+    let ((cr, cv), (nr, nv)) = (half(Some(&cancelled)), half(placed.as_ref()));
+    if cr == "UNKNOWN" || nr == "UNKNOWN" {
+        let e = ApiError::outcome_unknown();
+        let mut res = ok_json(
+            &ctx,
+            json!({
+                "code": e.code,
+                "msg": e.msg,
+                "data": {
+                    "cancelResult": cr,
+                    "newOrderResult": nr,
+                    "cancelResponse": cv,
+                    "newOrderResponse": nv,
+                },
+            }),
+        );
+        *res.status_mut() = e.status;
+        return Ok(with_order_count(res, orders));
+    }
     let (status, body) = match (&cancelled, &placed) {
         (Ok(c), Some(Ok(n))) => {
             return Ok(with_order_count(
@@ -623,30 +652,19 @@ pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Resp
                 },
             }),
         ),
-        (c, n) => {
-            let (cr, cv) = match c {
-                Ok(v) => ("SUCCESS", v.clone()),
-                Err(e) => ("FAILURE", err_json(e)),
-            };
-            let (nr, nv) = match n {
-                Some(Ok(v)) => ("SUCCESS", v.clone()),
-                Some(Err(e)) => ("FAILURE", err_json(e)),
-                None => ("NOT_ATTEMPTED", Value::Null),
-            };
-            (
-                axum::http::StatusCode::CONFLICT,
-                json!({
-                    "code": -2021,
-                    "msg": "Order cancel-replace partially failed.",
-                    "data": {
-                        "cancelResult": cr,
-                        "newOrderResult": nr,
-                        "cancelResponse": cv,
-                        "newOrderResponse": nv,
-                    },
-                }),
-            )
-        }
+        _ => (
+            axum::http::StatusCode::CONFLICT,
+            json!({
+                "code": -2021,
+                "msg": "Order cancel-replace partially failed.",
+                "data": {
+                    "cancelResult": cr,
+                    "newOrderResult": nr,
+                    "cancelResponse": cv,
+                    "newOrderResponse": nv,
+                },
+            }),
+        ),
     };
     let mut res = ok_json(&ctx, body);
     *res.status_mut() = status;

@@ -480,9 +480,10 @@ async fn cancel(
     st: &AppState,
     account: u32,
     m: &MarketSpec,
-    r: OrderRef,
+    named: Named,
     cancel_client: &str,
 ) -> Result<Value, ApiError> {
+    let r = named.r;
     let mut before = lookup(st, account, r)?;
     // A client order id held by a finished order may have been reused by a newer order the
     // read models have not applied yet (the engine cancels that one): wait for them as for an
@@ -493,6 +494,14 @@ async fn cancel(
             return Err(ApiError::busy());
         }
         before = lookup(st, account, r)?;
+    }
+    // An id sent with another order's client order id names no order: refused, nothing sent.
+    // The read models hold every order the engine applied before the wait above, and an
+    // order's client order id never changes.
+    if named.check.is_some() && !before.as_ref().is_some_and(|o| named.matches(o)) {
+        return Err(ApiError::cancel_rejected(
+            matching_engine::RejectCode::UnknownOrder,
+        ));
     }
     let reply = st
         .submit(Command::Cancel {
@@ -550,20 +559,7 @@ pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Resp
         "ALLOW_FAILURE" => true,
         _ => return Err(ApiError::invalid_value("cancelReplaceMode")),
     };
-    let id = p.opt_u64("cancelOrderId")?;
-    let orig = p.opt("cancelOrigClientOrderId")?;
-    let r = match (id, orig) {
-        (Some(id), _) => OrderRef::Id(OrderId(id)),
-        (None, Some(c)) => OrderRef::Client(ClientOrderId::new(&c).map_err(|_| {
-            ApiError::illegal("cancelOrigClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$")
-        })?),
-        (None, None) => {
-            return Err(ApiError::bad(
-                -1102,
-                "Param 'cancelOrigClientOrderId' or 'cancelOrderId' must be sent, but both were empty/null!",
-            ))
-        }
-    };
+    let r = Named::read(&mut p, "cancelOrderId", "cancelOrigClientOrderId")?;
     let cancel_client = match p.opt("cancelNewClientOrderId")? {
         Some(c) => {
             ClientOrderId::new(&c).map_err(|_| {
@@ -679,20 +675,56 @@ pub async fn test_order(State(st): State<AppState>, req: Req) -> Result<Response
     Ok(ok_json(&ctx, json!({})))
 }
 
-/// Reads `orderId` / `origClientOrderId`.
-fn order_ref(p: &mut Params) -> Result<OrderRef, ApiError> {
-    let id = p.opt_u64("orderId")?;
-    let client = p.opt("origClientOrderId")?;
-    match (id, client) {
-        (Some(id), _) => Ok(OrderRef::Id(OrderId(id))),
-        (None, Some(c)) => ClientOrderId::new(&c)
-            .map(OrderRef::Client)
-            .map_err(|_| ApiError::illegal("origClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$")),
-        (None, None) => Err(ApiError::bad(
-            -1102,
-            "Param 'origClientOrderId' or 'orderId' must be sent, but both were empty/null!",
-        )),
+/// An order named by a request: by id or by client order id; with both, the id names it and
+/// the client order id must be that order's (Binance: "the orderId is searched first, then the
+/// origClientOrderId from that result is checked against that order"), else the request is
+/// refused as for an unknown order.
+#[derive(Debug, Clone, Copy)]
+struct Named {
+    r: OrderRef,
+    /// The client order id sent with an `orderId`, to check against the order found.
+    check: Option<ClientOrderId>,
+}
+
+impl Named {
+    /// Reads `<id_name>` / `<client_name>` (`orderId` / `origClientOrderId`).
+    fn read(p: &mut Params, id_name: &str, client_name: &str) -> Result<Self, ApiError> {
+        let id = p.opt_u64(id_name)?;
+        let client = p
+            .opt(client_name)?
+            .map(|c| {
+                ClientOrderId::new(&c)
+                    .map_err(|_| ApiError::illegal(client_name, "^[a-zA-Z0-9-_.:/]{1,36}$"))
+            })
+            .transpose()?;
+        match (id, client) {
+            (Some(id), check) => Ok(Self {
+                r: OrderRef::Id(OrderId(id)),
+                check,
+            }),
+            (None, Some(c)) => Ok(Self {
+                r: OrderRef::Client(c),
+                check: None,
+            }),
+            (None, None) => Err(ApiError::bad(
+                -1102,
+                format!(
+                    "Param '{client_name}' or '{id_name}' must be sent, but both were empty/null!"
+                ),
+            )),
+        }
     }
+
+    /// True unless a client order id was sent with the id and `o` has another (an order's client
+    /// order id never changes, so the read models' record is enough to tell).
+    fn matches(&self, o: &OrderRec) -> bool {
+        self.check.is_none_or(|c| o.client_id == c.as_str())
+    }
+}
+
+/// Reads `orderId` / `origClientOrderId`.
+fn order_ref(p: &mut Params) -> Result<Named, ApiError> {
+    Named::read(p, "orderId", "origClientOrderId")
 }
 
 fn lookup(st: &AppState, account: u32, r: OrderRef) -> Result<Option<OrderRec>, ApiError> {
@@ -711,8 +743,8 @@ pub async fn get_order(State(st): State<AppState>, req: Req) -> Result<Response,
     let r = order_ref(&mut p)?;
     p.finish()?;
     let m = st.markets().by_symbol(&sym)?;
-    let o = lookup(&st, key.account, r)?
-        .filter(|o| o.market == m.id.0)
+    let o = lookup(&st, key.account, r.r)?
+        .filter(|o| o.market == m.id.0 && r.matches(o))
         .ok_or_else(ApiError::no_such_order)?;
     Ok(ok_json(&ctx, order_json(m, &o)))
 }
@@ -795,7 +827,8 @@ pub async fn amend_keep_priority(
 ) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let sym = p.req("symbol")?;
-    let r = order_ref(&mut p)?;
+    let named = order_ref(&mut p)?;
+    let r = named.r;
     let new_client = p.opt("newClientOrderId")?;
     let new_qty = p.req("newQty")?;
     p.finish()?;
@@ -823,7 +856,7 @@ pub async fn amend_keep_priority(
         }
         let o = current
             .as_ref()
-            .filter(|o| o.market == m.id.0 && o.is_open())
+            .filter(|o| o.market == m.id.0 && o.is_open() && named.matches(o))
             .ok_or_else(|| ApiError::bad(-2013, "Order does not exist."))?;
         if let Some(c) = &new_client {
             if *c != o.client_id {

@@ -2403,3 +2403,118 @@ async fn otoco_lists_place_cancel_and_refuse_over_rest() {
         .unwrap()
         .is_empty());
 }
+
+/// Defect: an order named by both `orderId` and a client order id that is not that order's was
+/// served as the `orderId` alone: the cancel cancelled it, the query described it, the
+/// cancel-replace replaced it and the amend amended it. Binance checks the client order id
+/// against the order found by id and refuses a mismatch ("If both conditions are not met the
+/// request will be rejected"); so does this API now (`-2011` for a cancel, `-2013` for a
+/// query or an amend), nothing changed.
+#[tokio::test]
+async fn an_order_id_with_another_orders_client_id_is_refused() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "0").await;
+    let place = |client: &'static str| {
+        let h = &h;
+        let k = &k;
+        async move {
+            h.ok(
+                "POST",
+                "/api/v3/order",
+                &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=31000&newClientOrderId={client}"),
+                k,
+            )
+            .await["orderId"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let a = place("a").await;
+    place("b").await;
+    let r = h
+        .signed(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=b"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2013),
+        "{}",
+        r.json
+    );
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=b"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2011),
+        "{}",
+        r.json
+    );
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=b&newQty=0.005"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2013),
+        "{}",
+        r.json
+    );
+    let r = h
+        .signed(
+            "POST",
+            "/api/v3/order/cancelReplace",
+            &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.02&price=32000&cancelReplaceMode=STOP_ON_FAILURE&cancelOrderId={a}&cancelOrigClientOrderId=b"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2022),
+        "{}",
+        r.json
+    );
+    assert_eq!(
+        r.json["data"]["cancelResponse"]["code"], -2011,
+        "{}",
+        r.json
+    );
+    // Nothing changed: both orders are open, `a` as placed.
+    let open = h.ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &k).await;
+    assert_eq!(open.as_array().unwrap().len(), 2, "{open}");
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=a"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (o["status"].as_str(), o["origQty"].as_str()),
+        (Some("NEW"), Some("0.01000000"))
+    );
+    // Both naming the same order: served.
+    let c = h
+        .ok(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=a"),
+            &k,
+        )
+        .await;
+    assert_eq!(c["status"], "CANCELED");
+}

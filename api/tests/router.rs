@@ -2518,3 +2518,66 @@ async fn an_order_id_with_another_orders_client_id_is_refused() {
         .await;
     assert_eq!(c["status"], "CANCELED");
 }
+
+/// Defect: an order list named by both `orderListId` and another list's client id was served
+/// as the id alone (the cancel cancelled it). Binance: "the orderListId is searched first, then
+/// the listClientOrderId from that result is checked against that order. If both conditions
+/// are not met the request will be rejected." Now `-2011`, nothing changed.
+#[tokio::test]
+async fn an_order_list_id_with_another_lists_client_id_is_refused() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "0").await;
+    let mut ids = Vec::new();
+    for name in ["L1", "L2"] {
+        let r = h
+            .ok(
+                "POST",
+                "/api/v3/orderList/oco",
+                &format!("symbol=BTCUSD&side=SELL&quantity=0.01&listClientOrderId={name}&aboveType=LIMIT_MAKER&abovePrice=31000&belowType=STOP_LOSS&belowStopPrice=29000"),
+                &k,
+            )
+            .await;
+        ids.push(r["orderListId"].as_u64().unwrap());
+    }
+    let l1 = ids[0];
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/orderList",
+            &format!("symbol=BTCUSD&orderListId={l1}&listClientOrderId=L2"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2011),
+        "{}",
+        r.json
+    );
+    let r = h
+        .signed(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={l1}&origClientOrderId=L2"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2011),
+        "{}",
+        r.json
+    );
+    let open = h.ok("GET", "/api/v3/openOrderList", "", &k).await;
+    assert_eq!(open.as_array().unwrap().len(), 2, "{open}");
+    // Both naming the same list: served.
+    let c = h
+        .ok(
+            "DELETE",
+            "/api/v3/orderList",
+            &format!("symbol=BTCUSD&orderListId={l1}&listClientOrderId=L1"),
+            &k,
+        )
+        .await;
+    assert_eq!(c["listOrderStatus"], "ALL_DONE", "{c}");
+}

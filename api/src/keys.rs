@@ -143,6 +143,10 @@ fn keyed(secret: &[u8]) -> HmacSha256 {
     HmacSha256::new_from_slice(secret).expect("hmac takes any key length")
 }
 
+/// The most live API keys one account holds (Binance: "Each account can create up to 30 API
+/// Keys"). [`KeyStore::create`] refuses one more ([`KeyError::TooMany`]).
+pub const MAX_KEYS_PER_ACCOUNT: usize = 30;
+
 /// A key-store failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -156,6 +160,14 @@ pub enum KeyError {
     /// No randomness.
     #[error("no randomness available")]
     Random,
+    /// The account already holds [`MAX_KEYS_PER_ACCOUNT`] live keys.
+    #[error("account {account} already holds {max} api keys")]
+    TooMany {
+        /// The account.
+        account: u32,
+        /// [`MAX_KEYS_PER_ACCOUNT`].
+        max: usize,
+    },
 }
 
 /// All live keys (in memory, backed by SQLite).
@@ -165,6 +177,9 @@ pub struct KeyStore {
     /// SHA-256 of each live key's Greenfield token → the key's id (lookup only; the token itself
     /// is derived again and compared in constant time, see [`KeyStore::by_greenfield_token`]).
     tokens: RwLock<HashMap<[u8; 32], String>>,
+    /// Held while a key is created: the count of an account's keys and the insertion of one
+    /// more are one step (two creations at once cannot both take the last place).
+    creating: std::sync::Mutex<()>,
 }
 
 /// The domain label of Greenfield tokens: `hex(HMAC-SHA256(master, GREENFIELD_TOKEN_DOMAIN ||
@@ -220,6 +235,7 @@ impl KeyStore {
             master,
             keys: RwLock::new(HashMap::new()),
             tokens: RwLock::new(HashMap::new()),
+            creating: std::sync::Mutex::new(()),
         };
         for row in store.keys()? {
             ks.insert_row(row);
@@ -299,7 +315,8 @@ impl KeyStore {
             .insert(row.api_key, Arc::new(k));
     }
 
-    /// Creates a key; returns it and its secret (the only time the secret is shown).
+    /// Creates a key; returns it and its secret (the only time the secret is shown). An account
+    /// holding [`MAX_KEYS_PER_ACCOUNT`] live keys gets no more ([`KeyError::TooMany`]).
     pub fn create(
         &self,
         store: &Store,
@@ -308,6 +325,20 @@ impl KeyStore {
         label: &str,
         now_ms: u64,
     ) -> Result<(Arc<ApiKey>, String), KeyError> {
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|k| k.account == account)
+            .count();
+        if held >= MAX_KEYS_PER_ACCOUNT {
+            return Err(KeyError::TooMany {
+                account,
+                max: MAX_KEYS_PER_ACCOUNT,
+            });
+        }
         let api_key = hex::encode(random_bytes::<32>()?);
         let row = KeyRow {
             api_key: api_key.clone(),

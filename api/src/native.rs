@@ -134,9 +134,15 @@ pub fn create_key(
     let (k, secret) =
         st.0.keys
             .create(&st.0.store, account, perms, label, crate::core::now_ms())
-            .map_err(|e| {
-                tracing::error!(error = %e, "creating an API key failed");
-                ApiError::internal()
+            .map_err(|e| match e {
+                crate::keys::KeyError::TooMany { max, .. } => ApiError::bad(
+                    -2010,
+                    format!("Too many API keys; an account holds at most {max}."),
+                ),
+                e => {
+                    tracing::error!(error = %e, "creating an API key failed");
+                    ApiError::internal()
+                }
             })?;
     let mut v = key_json(&k);
     st.audit_by(actor, by, "key.create", v.clone())?;

@@ -2581,3 +2581,41 @@ async fn an_order_list_id_with_another_lists_client_id_is_refused() {
         .await;
     assert_eq!(c["listOrderStatus"], "ALL_DONE", "{c}");
 }
+
+/// Defect: an account could create API keys without a bound: a `keys` key minted one per
+/// request, each a database row, an in-memory entry and an audit record, and `GET
+/// /mapi/v1/apiKey` listed them all. An account holds at most 30 live keys (Binance's bound);
+/// one more is `400 -2010`, nothing created; revoking one frees its place.
+#[tokio::test]
+async fn an_account_holds_at_most_30_api_keys() {
+    let h = Harness::new();
+    let (_, k) = h.trader_with("0", "0", "read,keys").await;
+    let mut made = Vec::new();
+    for _ in 1..api::keys::MAX_KEYS_PER_ACCOUNT {
+        let r = h
+            .ok("POST", "/mapi/v1/apiKey", "permissions=read&label=x", &k)
+            .await;
+        made.push(r["apiKey"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(api::keys::MAX_KEYS_PER_ACCOUNT, 30);
+    let r = h
+        .signed("POST", "/mapi/v1/apiKey", "permissions=read&label=x", &k)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2010),
+        "{}",
+        r.json
+    );
+    let listed = h.ok("GET", "/mapi/v1/apiKey", "", &k).await;
+    assert_eq!(listed.as_array().unwrap().len(), 30);
+    h.ok(
+        "DELETE",
+        "/mapi/v1/apiKey",
+        &format!("apiKey={}", made[0]),
+        &k,
+    )
+    .await;
+    h.ok("POST", "/mapi/v1/apiKey", "permissions=read&label=x", &k)
+        .await;
+}

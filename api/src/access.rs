@@ -832,7 +832,19 @@ pub fn router(tables: &[&'static [Route]], only: Option<Listener>) -> Router<App
         let entry: &'static Route = route;
         r = r.route(route.path, (route.handler)().layer(axum::Extension(entry)));
     }
-    r
+    r.route_layer(axum::middleware::from_fn(record_route))
+}
+
+/// Records the matched route's template (`/ws/{streams}`) as the request log span's `route`
+/// ([`crate::app`]'s request ids): never the path itself, whose segments may be credentials.
+async fn record_route(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(p) = req.extensions().get::<axum::extract::MatchedPath>() {
+        tracing::Span::current().record("route", p.as_str());
+    }
+    next.run(req).await
 }
 
 /// Where the client address comes from behind a reverse proxy.

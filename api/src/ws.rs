@@ -965,6 +965,12 @@ pub async fn listen_key_new(State(st): State<AppState>, req: Req) -> Result<Resp
     });
     l.expires_ms = now + ttl;
     l.held_by(&key.api_key);
+    // Revoked while this request ran (after the revocation's `forget_listen_keys_of`, which
+    // waits for this lock): the listenKey it was handed ends as if it had been revoked after.
+    if st.0.keys.get(&key.api_key).is_none() {
+        lk.remove(&k);
+        return Err(ApiError::key_rejected());
+    }
     Ok(ok_json(&ctx, json!({ "listenKey": k })))
 }
 
@@ -981,6 +987,11 @@ fn touch(st: &AppState, req: &Req, remove: bool) -> Result<Response, ApiError> {
             } else {
                 l.expires_ms = now + st.0.cfg.listen_key_ttl_ms;
                 l.held_by(&key.api_key);
+                // As in `listen_key_new`: a key revoked meanwhile ends what it kept alive.
+                if st.0.keys.get(&key.api_key).is_none() {
+                    lk.remove(&k);
+                    return Err(ApiError::key_rejected());
+                }
             }
             Ok(ok_json(&ctx, json!({})))
         }

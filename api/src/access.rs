@@ -832,7 +832,19 @@ pub fn router(tables: &[&'static [Route]], only: Option<Listener>) -> Router<App
         let entry: &'static Route = route;
         r = r.route(route.path, (route.handler)().layer(axum::Extension(entry)));
     }
-    r
+    r.route_layer(axum::middleware::from_fn(record_route))
+}
+
+/// Records the matched route's template (`/ws/{streams}`) as the request log span's `route`
+/// ([`crate::app`]'s request ids): never the path itself, whose segments may be credentials.
+async fn record_route(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(p) = req.extensions().get::<axum::extract::MatchedPath>() {
+        tracing::Span::current().record("route", p.as_str());
+    }
+    next.run(req).await
 }
 
 /// Where the client address comes from behind a reverse proxy.
@@ -849,6 +861,11 @@ pub struct TrustedProxy {
 /// proxy, the last address in the proxy's header (a proxy appends the address it saw, so earlier
 /// entries are the client's claims). A header from anyone else is ignored; a trusted proxy's
 /// request without a readable header counts as the proxy's own. `local` without a socket.
+///
+/// A client is counted as [`crate::app::client_key`] counts its connections: an IPv4 address,
+/// or the /64 of an IPv6 address (`2001:db8:1:2::/64`; one host is given a whole /64, and a
+/// budget per address would be a fresh budget per request); an IPv4-mapped address is the IPv4
+/// address.
 pub fn client_ip(
     peer: Option<IpAddr>,
     headers: &axum::http::HeaderMap,
@@ -863,7 +880,10 @@ pub fn client_ip(
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.rsplit(',').next())
         .and_then(|v| v.trim().parse::<IpAddr>().ok());
-    forwarded.unwrap_or(peer).to_string()
+    match crate::app::client_key(forwarded.unwrap_or(peer)) {
+        ip @ IpAddr::V4(_) => ip.to_string(),
+        ip @ IpAddr::V6(_) => format!("{ip}/64"),
+    }
 }
 
 #[cfg(test)]
@@ -916,5 +936,16 @@ mod tests {
         let mut bad = axum::http::HeaderMap::new();
         bad.insert("x-forwarded-for", "not-an-ip".parse().unwrap());
         assert_eq!(client_ip(from_proxy, &bad, Some(&proxy)), "10.0.0.2");
+        // A forwarded IPv6 client is its /64; an IPv4-mapped one its IPv4 address.
+        let mut v6 = axum::http::HeaderMap::new();
+        v6.insert("x-forwarded-for", "2001:db8:1:2:3:4:5:6".parse().unwrap());
+        assert_eq!(
+            client_ip(from_proxy, &v6, Some(&proxy)),
+            "2001:db8:1:2::/64"
+        );
+        assert_eq!(
+            client_ip(Some("::ffff:192.0.2.1".parse().unwrap()), &h, None),
+            "192.0.2.1"
+        );
     }
 }

@@ -25,9 +25,16 @@ pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(
 
 async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) -> Response {
     let id = REQUEST_ID.fetch_add(1, Ordering::Relaxed);
-    // The path only: query strings carry signatures and account data. The fields are recorded
-    // when the span is made (nothing copied when no subscriber wants it).
-    let span = tracing::info_span!("request", id, method = %req.method(), path = %req.uri().path());
+    // Neither the query string (signatures, account data) nor the path: a path's segments may
+    // be credentials (`/ws/<listenKey>`, `/pos/{token}`, `/pp/{pullPaymentId}`). The matched
+    // route's template (`route`) is recorded by the router ([`crate::access::router`]); a path
+    // no route serves has none.
+    let span = tracing::info_span!(
+        "request",
+        id,
+        method = %req.method(),
+        route = tracing::field::Empty
+    );
     req.extensions_mut().insert(RequestId(id));
     let t0 = Instant::now();
     let run = tracing::Instrument::instrument(next.run(req), span.clone());

@@ -234,12 +234,20 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// A key store failure: logged, answered `-1000` (never with the key's secret: a
-/// [`crate::keys::KeyError`] holds none).
+/// A key store failure: too many keys is `-2010`; anything else is logged and answered `-1000`
+/// (never with the key's secret: a [`crate::keys::KeyError`] holds none).
 impl From<crate::keys::KeyError> for ApiError {
     fn from(e: crate::keys::KeyError) -> Self {
-        tracing::error!(error = %e, "API key storage failed");
-        Self::internal()
+        match e {
+            crate::keys::KeyError::TooMany { max, .. } => Self::bad(
+                -2010,
+                format!("Too many API keys; an account holds at most {max}."),
+            ),
+            e => {
+                tracing::error!(error = %e, "API key storage failed");
+                Self::internal()
+            }
+        }
     }
 }
 

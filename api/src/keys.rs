@@ -143,6 +143,10 @@ fn keyed(secret: &[u8]) -> HmacSha256 {
     HmacSha256::new_from_slice(secret).expect("hmac takes any key length")
 }
 
+/// The most live API keys one account holds (Binance: "Each account can create up to 30 API
+/// Keys"). [`KeyStore::create`] refuses one more ([`KeyError::TooMany`]).
+pub const MAX_KEYS_PER_ACCOUNT: usize = 30;
+
 /// A key-store failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -156,6 +160,14 @@ pub enum KeyError {
     /// No randomness.
     #[error("no randomness available")]
     Random,
+    /// The account already holds [`MAX_KEYS_PER_ACCOUNT`] live keys.
+    #[error("account {account} already holds {max} api keys")]
+    TooMany {
+        /// The account.
+        account: u32,
+        /// [`MAX_KEYS_PER_ACCOUNT`].
+        max: usize,
+    },
 }
 
 /// All live keys (in memory, backed by SQLite).
@@ -165,6 +177,9 @@ pub struct KeyStore {
     /// SHA-256 of each live key's Greenfield token → the key's id (lookup only; the token itself
     /// is derived again and compared in constant time, see [`KeyStore::by_greenfield_token`]).
     tokens: RwLock<HashMap<[u8; 32], String>>,
+    /// Held while a key is created: the count of an account's keys and the insertion of one
+    /// more are one step (two creations at once cannot both take the last place).
+    creating: std::sync::Mutex<()>,
 }
 
 /// The domain label of Greenfield tokens: `hex(HMAC-SHA256(master, GREENFIELD_TOKEN_DOMAIN ||
@@ -220,6 +235,7 @@ impl KeyStore {
             master,
             keys: RwLock::new(HashMap::new()),
             tokens: RwLock::new(HashMap::new()),
+            creating: std::sync::Mutex::new(()),
         };
         for row in store.keys()? {
             ks.insert_row(row);
@@ -304,7 +320,8 @@ impl KeyStore {
     /// [`crate::native::create_key`]) and a `record` that fails makes nothing, so that no key
     /// exists without its record. The record comes first, the store second: a store that fails
     /// after it leaves a record of a key that was not made (and a `-1000` answer, which is then
-    /// the truth), never a key without a record.
+    /// the truth), never a key without a record. An account holding [`MAX_KEYS_PER_ACCOUNT`] live keys gets no more
+    /// ([`KeyError::TooMany`]).
     pub fn create<E: From<KeyError>>(
         &self,
         store: &Store,
@@ -314,6 +331,21 @@ impl KeyStore {
         now_ms: u64,
         record: impl FnOnce(&KeyRow) -> Result<(), E>,
     ) -> Result<(Arc<ApiKey>, String), E> {
+        let _one_at_a_time = self.creating.lock().unwrap_or_else(|e| e.into_inner());
+        let held = self
+            .keys
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .filter(|k| k.account == account)
+            .count();
+        if held >= MAX_KEYS_PER_ACCOUNT {
+            return Err(KeyError::TooMany {
+                account,
+                max: MAX_KEYS_PER_ACCOUNT,
+            }
+            .into());
+        }
         let api_key = hex::encode(random_bytes::<32>()?);
         let row = KeyRow {
             api_key: api_key.clone(),

@@ -232,6 +232,7 @@ pub fn revoke_own_key(
         tracing::error!(error = %e, "revoking an API key failed");
         ApiError::internal()
     })?;
+    crate::ws::forget_listen_keys_of(st, target);
     // Revoked whatever the log says: a revocation is never held back, and once done it is
     // answered as done (a failed entry is in the server log).
     st.audit_done_by(

@@ -532,7 +532,8 @@ pub async fn new_otoco(State(st): State<AppState>, req: Req) -> Result<Response,
     .await
 }
 
-/// Reads `orderListId` or the client id parameter `client_param`.
+/// Reads `orderListId` or the client id parameter `client_param` (with both, the list of that
+/// id only if it carries that client id).
 fn find_list(
     st: &AppState,
     account: u32,
@@ -543,7 +544,11 @@ fn find_list(
     let client = p.opt(client_param)?;
     let rm = st.read_model();
     match (id, client) {
-        (Some(id), _) => Ok(rm.order_list(account, id)),
+        // Both: the list found by id must carry that client id (Binance: "the orderListId is
+        // searched first, then the listClientOrderId from that result is checked against that
+        // order"); another list's is no list.
+        (Some(id), Some(c)) => Ok(rm.order_list(account, id).filter(|l| l.client_id == c)),
+        (Some(id), None) => Ok(rm.order_list(account, id)),
         (None, Some(c)) => Ok(rm.order_list_by_client(account, &c)),
         (None, None) => Err(ApiError::bad(
             -1102,

@@ -156,7 +156,7 @@ pub(crate) struct Inner {
     /// WebSocket and SSE stream caps and connection attempts ([`crate::ratelimit::StreamLimits`]).
     pub streams: crate::ratelimit::StreamLimits,
     pub address_limiter: Limiter,
-    pub listen_keys: RwLock<HashMap<String, (u32, u64)>>,
+    pub listen_keys: RwLock<HashMap<String, crate::ws::ListenKey>>,
     pub metrics: Metrics,
     pub cfg: ApiConfig,
     pub data_dir: PathBuf,

@@ -480,9 +480,10 @@ async fn cancel(
     st: &AppState,
     account: u32,
     m: &MarketSpec,
-    r: OrderRef,
+    named: Named,
     cancel_client: &str,
 ) -> Result<Value, ApiError> {
+    let r = named.r;
     let mut before = lookup(st, account, r)?;
     // A client order id held by a finished order may have been reused by a newer order the
     // read models have not applied yet (the engine cancels that one): wait for them as for an
@@ -493,6 +494,14 @@ async fn cancel(
             return Err(ApiError::busy());
         }
         before = lookup(st, account, r)?;
+    }
+    // An id sent with another order's client order id names no order: refused, nothing sent.
+    // The read models hold every order the engine applied before the wait above, and an
+    // order's client order id never changes.
+    if named.check.is_some() && !before.as_ref().is_some_and(|o| named.matches(o)) {
+        return Err(ApiError::cancel_rejected(
+            matching_engine::RejectCode::UnknownOrder,
+        ));
     }
     let reply = st
         .submit(Command::Cancel {
@@ -540,7 +549,8 @@ fn err_json(e: &ApiError) -> Value {
 
 /// `POST /api/v3/order/cancelReplace` (ccxt's `editOrder`): cancels an order, then places a
 /// new one (two engine commands; `STOP_ON_FAILURE` skips the new order when the cancel fails,
-/// `ALLOW_FAILURE` places it anyway).
+/// `ALLOW_FAILURE` places it anyway). A half whose outcome is unknown makes the answer `-1007`
+/// (503; `data` names that half `UNKNOWN`), never `-2021`/`-2022`.
 pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let mode = p.req("cancelReplaceMode")?;
@@ -549,20 +559,7 @@ pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Resp
         "ALLOW_FAILURE" => true,
         _ => return Err(ApiError::invalid_value("cancelReplaceMode")),
     };
-    let id = p.opt_u64("cancelOrderId")?;
-    let orig = p.opt("cancelOrigClientOrderId")?;
-    let r = match (id, orig) {
-        (Some(id), _) => OrderRef::Id(OrderId(id)),
-        (None, Some(c)) => OrderRef::Client(ClientOrderId::new(&c).map_err(|_| {
-            ApiError::illegal("cancelOrigClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$")
-        })?),
-        (None, None) => {
-            return Err(ApiError::bad(
-                -1102,
-                "Param 'cancelOrigClientOrderId' or 'cancelOrderId' must be sent, but both were empty/null!",
-            ))
-        }
-    };
+    let r = Named::read(&mut p, "cancelOrderId", "cancelOrigClientOrderId")?;
     let cancel_client = match p.opt("cancelNewClientOrderId")? {
         Some(c) => {
             ClientOrderId::new(&c).map_err(|_| {
@@ -582,6 +579,34 @@ pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Resp
     } else {
         None
     };
+    // A half whose outcome is unknown (`-1007`: it may have been applied) makes the whole
+    // answer unknown, never a failure: a client told that its replacement failed places it
+    // again, one told that its cancel failed believes the order still works.
+    let half = |r: Option<&Result<Value, ApiError>>| match r {
+        None => ("NOT_ATTEMPTED", Value::Null),
+        Some(Ok(v)) => ("SUCCESS", v.clone()),
+        Some(Err(e)) if e.code == -1007 => ("UNKNOWN", err_json(e)),
+        Some(Err(e)) => ("FAILURE", err_json(e)),
+    };
+    let ((cr, cv), (nr, nv)) = (half(Some(&cancelled)), half(placed.as_ref()));
+    if cr == "UNKNOWN" || nr == "UNKNOWN" {
+        let e = ApiError::outcome_unknown();
+        let mut res = ok_json(
+            &ctx,
+            json!({
+                "code": e.code,
+                "msg": e.msg,
+                "data": {
+                    "cancelResult": cr,
+                    "newOrderResult": nr,
+                    "cancelResponse": cv,
+                    "newOrderResponse": nv,
+                },
+            }),
+        );
+        *res.status_mut() = e.status;
+        return Ok(with_order_count(res, orders));
+    }
     let (status, body) = match (&cancelled, &placed) {
         (Ok(c), Some(Ok(n))) => {
             return Ok(with_order_count(
@@ -623,30 +648,19 @@ pub async fn cancel_replace(State(st): State<AppState>, req: Req) -> Result<Resp
                 },
             }),
         ),
-        (c, n) => {
-            let (cr, cv) = match c {
-                Ok(v) => ("SUCCESS", v.clone()),
-                Err(e) => ("FAILURE", err_json(e)),
-            };
-            let (nr, nv) = match n {
-                Some(Ok(v)) => ("SUCCESS", v.clone()),
-                Some(Err(e)) => ("FAILURE", err_json(e)),
-                None => ("NOT_ATTEMPTED", Value::Null),
-            };
-            (
-                axum::http::StatusCode::CONFLICT,
-                json!({
-                    "code": -2021,
-                    "msg": "Order cancel-replace partially failed.",
-                    "data": {
-                        "cancelResult": cr,
-                        "newOrderResult": nr,
-                        "cancelResponse": cv,
-                        "newOrderResponse": nv,
-                    },
-                }),
-            )
-        }
+        _ => (
+            axum::http::StatusCode::CONFLICT,
+            json!({
+                "code": -2021,
+                "msg": "Order cancel-replace partially failed.",
+                "data": {
+                    "cancelResult": cr,
+                    "newOrderResult": nr,
+                    "cancelResponse": cv,
+                    "newOrderResponse": nv,
+                },
+            }),
+        ),
     };
     let mut res = ok_json(&ctx, body);
     *res.status_mut() = status;
@@ -661,20 +675,56 @@ pub async fn test_order(State(st): State<AppState>, req: Req) -> Result<Response
     Ok(ok_json(&ctx, json!({})))
 }
 
-/// Reads `orderId` / `origClientOrderId`.
-fn order_ref(p: &mut Params) -> Result<OrderRef, ApiError> {
-    let id = p.opt_u64("orderId")?;
-    let client = p.opt("origClientOrderId")?;
-    match (id, client) {
-        (Some(id), _) => Ok(OrderRef::Id(OrderId(id))),
-        (None, Some(c)) => ClientOrderId::new(&c)
-            .map(OrderRef::Client)
-            .map_err(|_| ApiError::illegal("origClientOrderId", "^[a-zA-Z0-9-_.:/]{1,36}$")),
-        (None, None) => Err(ApiError::bad(
-            -1102,
-            "Param 'origClientOrderId' or 'orderId' must be sent, but both were empty/null!",
-        )),
+/// An order named by a request: by id or by client order id; with both, the id names it and
+/// the client order id must be that order's (Binance: "the orderId is searched first, then the
+/// origClientOrderId from that result is checked against that order"), else the request is
+/// refused as for an unknown order.
+#[derive(Debug, Clone, Copy)]
+struct Named {
+    r: OrderRef,
+    /// The client order id sent with an `orderId`, to check against the order found.
+    check: Option<ClientOrderId>,
+}
+
+impl Named {
+    /// Reads `<id_name>` / `<client_name>` (`orderId` / `origClientOrderId`).
+    fn read(p: &mut Params, id_name: &str, client_name: &str) -> Result<Self, ApiError> {
+        let id = p.opt_u64(id_name)?;
+        let client = p
+            .opt(client_name)?
+            .map(|c| {
+                ClientOrderId::new(&c)
+                    .map_err(|_| ApiError::illegal(client_name, "^[a-zA-Z0-9-_.:/]{1,36}$"))
+            })
+            .transpose()?;
+        match (id, client) {
+            (Some(id), check) => Ok(Self {
+                r: OrderRef::Id(OrderId(id)),
+                check,
+            }),
+            (None, Some(c)) => Ok(Self {
+                r: OrderRef::Client(c),
+                check: None,
+            }),
+            (None, None) => Err(ApiError::bad(
+                -1102,
+                format!(
+                    "Param '{client_name}' or '{id_name}' must be sent, but both were empty/null!"
+                ),
+            )),
+        }
     }
+
+    /// True unless a client order id was sent with the id and `o` has another (an order's client
+    /// order id never changes, so the read models' record is enough to tell).
+    fn matches(&self, o: &OrderRec) -> bool {
+        self.check.is_none_or(|c| o.client_id == c.as_str())
+    }
+}
+
+/// Reads `orderId` / `origClientOrderId`.
+fn order_ref(p: &mut Params) -> Result<Named, ApiError> {
+    Named::read(p, "orderId", "origClientOrderId")
 }
 
 fn lookup(st: &AppState, account: u32, r: OrderRef) -> Result<Option<OrderRec>, ApiError> {
@@ -693,8 +743,8 @@ pub async fn get_order(State(st): State<AppState>, req: Req) -> Result<Response,
     let r = order_ref(&mut p)?;
     p.finish()?;
     let m = st.markets().by_symbol(&sym)?;
-    let o = lookup(&st, key.account, r)?
-        .filter(|o| o.market == m.id.0)
+    let o = lookup(&st, key.account, r.r)?
+        .filter(|o| o.market == m.id.0 && r.matches(o))
         .ok_or_else(ApiError::no_such_order)?;
     Ok(ok_json(&ctx, order_json(m, &o)))
 }
@@ -777,7 +827,8 @@ pub async fn amend_keep_priority(
 ) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let sym = p.req("symbol")?;
-    let r = order_ref(&mut p)?;
+    let named = order_ref(&mut p)?;
+    let r = named.r;
     let new_client = p.opt("newClientOrderId")?;
     let new_qty = p.req("newQty")?;
     p.finish()?;
@@ -805,7 +856,7 @@ pub async fn amend_keep_priority(
         }
         let o = current
             .as_ref()
-            .filter(|o| o.market == m.id.0 && o.is_open())
+            .filter(|o| o.market == m.id.0 && o.is_open() && named.matches(o))
             .ok_or_else(|| ApiError::bad(-2013, "Order does not exist."))?;
         if let Some(c) = &new_client {
             if *c != o.client_id {

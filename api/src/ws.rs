@@ -235,9 +235,9 @@ fn parse_stream(st: &AppState, name: &str) -> Option<Stream> {
         StreamName::AllTickers { mini } => return Some(Stream::AllTickers { mini }),
         StreamName::ListenKey(name) => {
             let lk = st.0.listen_keys.read().unwrap_or_else(|e| e.into_inner());
-            let (account, exp) = *lk.get(name)?;
-            return (exp > crate::core::now_ms()).then(|| Stream::User {
-                account,
+            let l = lk.get(name)?;
+            return (l.expires_ms > crate::core::now_ms()).then(|| Stream::User {
+                account: l.account,
                 listen_key: name.to_owned(),
             });
         }
@@ -822,7 +822,7 @@ async fn streams(
                             }
                             Stream::User { listen_key, .. } => {
                                 let lk = st.0.listen_keys.read().unwrap_or_else(|e| e.into_inner());
-                                if lk.get(listen_key).is_none_or(|(_, exp)| *exp <= now) {
+                                if lk.get(listen_key).is_none_or(|l| l.expires_ms <= now) {
                                     expired.push(name.clone());
                                     out.push(Message::Text(frame(combined, name, &json!({
                                         "e": "listenKeyExpired", "E": now, "listenKey": listen_key,
@@ -901,6 +901,37 @@ fn kline_event(
     .to_string()
 }
 
+/// A live listenKey: its account, when it expires, and the API keys it was handed to or kept
+/// alive by. Revoking one of those keys ends it ([`forget_listen_keys_of`]): a revoked key
+/// reads nothing more, as on the WebSocket API.
+#[derive(Debug, Clone)]
+pub struct ListenKey {
+    /// The account whose user data it streams.
+    pub account: u32,
+    /// When it expires (ms), unless kept alive.
+    pub expires_ms: u64,
+    /// The API keys (public ids) that created, were handed or kept alive this listenKey: at
+    /// most the account's live keys (a revoked one ends it).
+    pub holders: Vec<String>,
+}
+
+impl ListenKey {
+    fn held_by(&mut self, api_key: &str) {
+        if !self.holders.iter().any(|h| h == api_key) {
+            self.holders.push(api_key.to_owned());
+        }
+    }
+}
+
+/// Ends every listenKey that `api_key` created, was handed or kept alive (the key was revoked):
+/// its open streams get `listenKeyExpired` at their next tick, and the account's other keys are
+/// handed a new listenKey. Without this, whoever held the revoked key went on reading the
+/// account's stream while another key of the account kept the shared listenKey alive.
+pub fn forget_listen_keys_of(st: &AppState, api_key: &str) {
+    let mut lk = st.0.listen_keys.write().unwrap_or_else(|e| e.into_inner());
+    lk.retain(|_, l| !l.holders.iter().any(|h| h == api_key));
+}
+
 fn new_listen_key() -> Result<String, ApiError> {
     crate::keys::random_bytes::<30>()
         .map(hex::encode)
@@ -918,16 +949,28 @@ pub async fn listen_key_new(State(st): State<AppState>, req: Req) -> Result<Resp
     let now = crate::core::now_ms();
     let ttl = st.0.cfg.listen_key_ttl_ms;
     let mut lk = st.0.listen_keys.write().unwrap_or_else(|e| e.into_inner());
-    lk.retain(|_, (_, exp)| *exp > now);
+    lk.retain(|_, l| l.expires_ms > now);
     let existing = lk
         .iter()
-        .find(|(_, (a, _))| *a == key.account)
+        .find(|(_, l)| l.account == key.account)
         .map(|(k, _)| k.clone());
     let k = match existing {
         Some(k) => k,
         None => new_listen_key()?,
     };
-    lk.insert(k.clone(), (key.account, now + ttl));
+    let l = lk.entry(k.clone()).or_insert_with(|| ListenKey {
+        account: key.account,
+        expires_ms: 0,
+        holders: Vec::new(),
+    });
+    l.expires_ms = now + ttl;
+    l.held_by(&key.api_key);
+    // Revoked while this request ran (after the revocation's `forget_listen_keys_of`, which
+    // waits for this lock): the listenKey it was handed ends as if it had been revoked after.
+    if st.0.keys.get(&key.api_key).is_none() {
+        lk.remove(&k);
+        return Err(ApiError::key_rejected());
+    }
     Ok(ok_json(&ctx, json!({ "listenKey": k })))
 }
 
@@ -938,11 +981,17 @@ fn touch(st: &AppState, req: &Req, remove: bool) -> Result<Response, ApiError> {
     let now = crate::core::now_ms();
     let mut lk = st.0.listen_keys.write().unwrap_or_else(|e| e.into_inner());
     match lk.get_mut(&k) {
-        Some((a, exp)) if *a == key.account && *exp > now => {
+        Some(l) if l.account == key.account && l.expires_ms > now => {
             if remove {
                 lk.remove(&k);
             } else {
-                *exp = now + st.0.cfg.listen_key_ttl_ms;
+                l.expires_ms = now + st.0.cfg.listen_key_ttl_ms;
+                l.held_by(&key.api_key);
+                // As in `listen_key_new`: a key revoked meanwhile ends what it kept alive.
+                if st.0.keys.get(&key.api_key).is_none() {
+                    lk.remove(&k);
+                    return Err(ApiError::key_rejected());
+                }
             }
             Ok(ok_json(&ctx, json!({})))
         }

@@ -276,3 +276,110 @@ async fn money_from_nowhere_trips_the_circuit_breaker_and_only_cancels_pass() {
         .await;
     assert_eq!(c["status"], "CANCELED");
 }
+
+/// A resting sell of 0.01 BTC at 31000 with client order id `old`; its order id.
+async fn resting_sell(h: &Harness, k: &(String, String)) -> u64 {
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=31000&newClientOrderId=old",
+        k,
+    )
+    .await["orderId"]
+        .as_u64()
+        .unwrap()
+}
+
+/// Defect: a cancel-replace whose new order was placed but whose reply was lost answered
+/// `409 -2021` with `newOrderResult: FAILURE`: a client re-places the replacement and has two
+/// orders (a filled market replacement frees its client order id, so even the same id does not
+/// stop the second). Either half unknown makes the answer `-1007` (503), as a single order's
+/// is; the data says which half is unknown, and the replacement is found by its client id.
+#[tokio::test]
+async fn a_cancel_replace_whose_new_orders_reply_is_lost_answers_1007() {
+    let (h, core) = Harness::lossy();
+    let (_, k) = h.trader("1", "0").await;
+    let id = resting_sell(&h, &k).await;
+    // The cancel's reply arrives; the new order's is lost.
+    core.lose_after(1, 1);
+    let r = h
+        .signed(
+            "POST",
+            "/api/v3/order/cancelReplace",
+            &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.02&price=32000&cancelReplaceMode=STOP_ON_FAILURE&cancelOrderId={id}&newClientOrderId=new"),
+            &k,
+        )
+        .await;
+    assert_eq!(core.lost.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, -1007),
+        "{}",
+        r.json
+    );
+    assert_eq!(
+        (
+            r.json["data"]["cancelResult"].as_str(),
+            r.json["data"]["newOrderResult"].as_str()
+        ),
+        (Some("SUCCESS"), Some("UNKNOWN")),
+        "{}",
+        r.json
+    );
+    let o = eventually(
+        &h,
+        "/api/v3/order",
+        "symbol=BTCUSD&origClientOrderId=new",
+        &k,
+        |r| r.status == StatusCode::OK,
+    )
+    .await;
+    assert_eq!(
+        (o["status"].as_str(), o["origQty"].as_str()),
+        (Some("NEW"), Some("0.02000000"))
+    );
+}
+
+/// Defect: a `STOP_ON_FAILURE` cancel-replace whose cancel was applied but whose reply was lost
+/// answered `400 -2022` with `cancelResult: FAILURE`: the client is told its order still works
+/// while it is cancelled. Now `-1007` (503), the new order not attempted.
+#[tokio::test]
+async fn a_cancel_replace_whose_cancels_reply_is_lost_answers_1007() {
+    let (h, core) = Harness::lossy();
+    let (_, k) = h.trader("1", "0").await;
+    let id = resting_sell(&h, &k).await;
+    core.lose_next(1);
+    let r = h
+        .signed(
+            "POST",
+            "/api/v3/order/cancelReplace",
+            &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.02&price=32000&cancelReplaceMode=STOP_ON_FAILURE&cancelOrderId={id}&newClientOrderId=new"),
+            &k,
+        )
+        .await;
+    assert_eq!(core.lost.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::SERVICE_UNAVAILABLE, -1007),
+        "{}",
+        r.json
+    );
+    assert_eq!(
+        (
+            r.json["data"]["cancelResult"].as_str(),
+            r.json["data"]["newOrderResult"].as_str()
+        ),
+        (Some("UNKNOWN"), Some("NOT_ATTEMPTED")),
+        "{}",
+        r.json
+    );
+    let o = eventually(
+        &h,
+        "/api/v3/order",
+        &format!("symbol=BTCUSD&orderId={id}"),
+        &k,
+        |r| r.json["status"] == "CANCELED",
+    )
+    .await;
+    assert_eq!(o["clientOrderId"].as_str(), Some("old"));
+}

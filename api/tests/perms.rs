@@ -151,3 +151,38 @@ async fn without_a_trusted_proxy_forwarding_headers_are_ignored() {
         StatusCode::TOO_MANY_REQUESTS
     );
 }
+
+/// Defect: the request-weight limit (and every other count by client address: WebSocket
+/// streams and connection attempts, the dashboard's login throttle) was keyed by the full IPv6
+/// address, so a client rotated its source address inside its /64 (what one host is given)
+/// for a fresh budget at each request. A client is now its /64, as the connection cap already
+/// counted it, and an IPv4-mapped IPv6 address is its IPv4 address.
+#[tokio::test]
+async fn an_ipv6_client_is_its_64_for_rate_limits() {
+    let h = Harness::with_config(ApiConfig {
+        ip_weight_per_min: 2,
+        ..ApiConfig::default()
+    });
+    assert_eq!(ping_from(&h, "[2001:db8:1:2::1]", "").await, StatusCode::OK);
+    assert_eq!(ping_from(&h, "[2001:db8:1:2::2]", "").await, StatusCode::OK);
+    assert_eq!(
+        ping_from(&h, "[2001:db8:1:2:ffff::3]", "").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "a third address of the same /64 has no budget of its own"
+    );
+    assert_eq!(
+        ping_from(&h, "[2001:db8:1:3::1]", "").await,
+        StatusCode::OK,
+        "another /64 is another client"
+    );
+    assert_eq!(ping_from(&h, "192.0.2.1", "").await, StatusCode::OK);
+    assert_eq!(
+        ping_from(&h, "[::ffff:192.0.2.1]", "").await,
+        StatusCode::OK
+    );
+    assert_eq!(
+        ping_from(&h, "192.0.2.1", "").await,
+        StatusCode::TOO_MANY_REQUESTS,
+        "an IPv4-mapped address is its IPv4 address"
+    );
+}

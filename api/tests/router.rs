@@ -2403,3 +2403,261 @@ async fn otoco_lists_place_cancel_and_refuse_over_rest() {
         .unwrap()
         .is_empty());
 }
+
+/// Defect: an order named by both `orderId` and a client order id that is not that order's was
+/// served as the `orderId` alone: the cancel cancelled it, the query described it, the
+/// cancel-replace replaced it and the amend amended it. Binance checks the client order id
+/// against the order found by id and refuses a mismatch ("If both conditions are not met the
+/// request will be rejected"); so does this API now (`-2011` for a cancel, `-2013` for a
+/// query or an amend), nothing changed.
+#[tokio::test]
+async fn an_order_id_with_another_orders_client_id_is_refused() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "0").await;
+    let place = |client: &'static str| {
+        let h = &h;
+        let k = &k;
+        async move {
+            h.ok(
+                "POST",
+                "/api/v3/order",
+                &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=31000&newClientOrderId={client}"),
+                k,
+            )
+            .await["orderId"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    let a = place("a").await;
+    place("b").await;
+    let r = h
+        .signed(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=b"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2013),
+        "{}",
+        r.json
+    );
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=b"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2011),
+        "{}",
+        r.json
+    );
+    let r = h
+        .signed(
+            "PUT",
+            "/api/v3/order/amend/keepPriority",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=b&newQty=0.005"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2013),
+        "{}",
+        r.json
+    );
+    let r = h
+        .signed(
+            "POST",
+            "/api/v3/order/cancelReplace",
+            &format!("symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.02&price=32000&cancelReplaceMode=STOP_ON_FAILURE&cancelOrderId={a}&cancelOrigClientOrderId=b"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2022),
+        "{}",
+        r.json
+    );
+    assert_eq!(
+        r.json["data"]["cancelResponse"]["code"], -2011,
+        "{}",
+        r.json
+    );
+    // Nothing changed: both orders are open, `a` as placed.
+    let open = h.ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &k).await;
+    assert_eq!(open.as_array().unwrap().len(), 2, "{open}");
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=a"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (o["status"].as_str(), o["origQty"].as_str()),
+        (Some("NEW"), Some("0.01000000"))
+    );
+    // Both naming the same order: served.
+    let c = h
+        .ok(
+            "DELETE",
+            "/api/v3/order",
+            &format!("symbol=BTCUSD&orderId={a}&origClientOrderId=a"),
+            &k,
+        )
+        .await;
+    assert_eq!(c["status"], "CANCELED");
+}
+
+/// Defect: an order list named by both `orderListId` and another list's client id was served
+/// as the id alone (the cancel cancelled it). Binance: "the orderListId is searched first, then
+/// the listClientOrderId from that result is checked against that order. If both conditions
+/// are not met the request will be rejected." Now `-2011`, nothing changed.
+#[tokio::test]
+async fn an_order_list_id_with_another_lists_client_id_is_refused() {
+    let h = Harness::new();
+    let (_, k) = h.trader("1", "0").await;
+    let mut ids = Vec::new();
+    for name in ["L1", "L2"] {
+        let r = h
+            .ok(
+                "POST",
+                "/api/v3/orderList/oco",
+                &format!("symbol=BTCUSD&side=SELL&quantity=0.01&listClientOrderId={name}&aboveType=LIMIT_MAKER&abovePrice=31000&belowType=STOP_LOSS&belowStopPrice=29000"),
+                &k,
+            )
+            .await;
+        ids.push(r["orderListId"].as_u64().unwrap());
+    }
+    let l1 = ids[0];
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/orderList",
+            &format!("symbol=BTCUSD&orderListId={l1}&listClientOrderId=L2"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2011),
+        "{}",
+        r.json
+    );
+    let r = h
+        .signed(
+            "GET",
+            "/api/v3/orderList",
+            &format!("orderListId={l1}&origClientOrderId=L2"),
+            &k,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2011),
+        "{}",
+        r.json
+    );
+    let open = h.ok("GET", "/api/v3/openOrderList", "", &k).await;
+    assert_eq!(open.as_array().unwrap().len(), 2, "{open}");
+    // Both naming the same list: served.
+    let c = h
+        .ok(
+            "DELETE",
+            "/api/v3/orderList",
+            &format!("symbol=BTCUSD&orderListId={l1}&listClientOrderId=L1"),
+            &k,
+        )
+        .await;
+    assert_eq!(c["listOrderStatus"], "ALL_DONE", "{c}");
+}
+
+/// Defect: an account could create API keys without a bound: a `keys` key minted one per
+/// request, each a database row, an in-memory entry and an audit record, and `GET
+/// /mapi/v1/apiKey` listed them all. An account holds at most 30 live keys (Binance's bound);
+/// one more is `400 -2010`, nothing created; revoking one frees its place.
+#[tokio::test]
+async fn an_account_holds_at_most_30_api_keys() {
+    let h = Harness::new();
+    let (_, k) = h.trader_with("0", "0", "read,keys").await;
+    let mut made = Vec::new();
+    for _ in 1..api::keys::MAX_KEYS_PER_ACCOUNT {
+        let r = h
+            .ok("POST", "/mapi/v1/apiKey", "permissions=read&label=x", &k)
+            .await;
+        made.push(r["apiKey"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(api::keys::MAX_KEYS_PER_ACCOUNT, 30);
+    let r = h
+        .signed("POST", "/mapi/v1/apiKey", "permissions=read&label=x", &k)
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2010),
+        "{}",
+        r.json
+    );
+    let listed = h.ok("GET", "/mapi/v1/apiKey", "", &k).await;
+    assert_eq!(listed.as_array().unwrap().len(), 30);
+    h.ok(
+        "DELETE",
+        "/mapi/v1/apiKey",
+        &format!("apiKey={}", made[0]),
+        &k,
+    )
+    .await;
+    h.ok("POST", "/mapi/v1/apiKey", "permissions=read&label=x", &k)
+        .await;
+}
+
+/// A log sink for one test: everything the subscriber writes, kept.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Defect: every request's log span carried its raw path, and paths carry credentials: a
+/// listenKey (`/ws/<listenKey>` streams the account's orders and balances to whoever holds
+/// it), a point-of-sale token, a pull payment's id. At `debug` each request's `done` line wrote
+/// them to the log (and at any level, whatever a handler logged in its span). The span names
+/// the matched route's template instead (`/ws/{streams}`).
+#[tokio::test]
+async fn request_logs_name_the_route_never_a_credential_in_the_path() {
+    let sink = Captured::default();
+    let writer = sink.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    let h = Harness::new();
+    let (_, k) = h.trader("0", "0").await;
+    let r = h
+        .raw("POST", "/api/v3/userDataStream", "", Some(&k.0))
+        .await;
+    let lk = r.json["listenKey"].as_str().unwrap().to_owned();
+    // Not an upgrade: refused, but served (and logged) by the stream route.
+    h.get(&format!("/ws/{lk}")).await;
+    let logs = String::from_utf8(sink.0.lock().unwrap().clone()).unwrap();
+    assert!(logs.contains("/ws/{streams}"), "{logs}");
+    assert!(!logs.contains(&lk), "the listenKey was logged: {logs}");
+}

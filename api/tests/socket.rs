@@ -961,3 +961,63 @@ async fn oto_list_status_on_the_user_data_stream() {
     );
     let _ = stop.send(());
 }
+
+/// Defect: a listenKey outlived the API key that obtained it. After the key was revoked, its
+/// open `/ws/<listenKey>` stream went on receiving the account's order and balance events, and
+/// another key of the account asking for a listenKey was handed the same one and extended it,
+/// so the revoked key's holder could read the account for as long as the owner's own client
+/// kept its stream alive. The WebSocket API ends a revoked key's subscription
+/// (`wsapi.rs`: `a_revoked_keys_user_data_subscription_ends`); a listenKey that a revoked key
+/// was handed now ends the same way (`listenKeyExpired`), and the account's other keys get a
+/// new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_keys_listen_key_ends() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (account, revoked) = h.trader_with("1", "0", "read,trade,keys").await;
+    let k = h
+        .ok(
+            "POST",
+            "/mapi/v1/admin/apiKey",
+            &format!("account={account}&permissions=read&label=owner"),
+            &h.admin,
+        )
+        .await;
+    let owner = k["apiKey"].as_str().unwrap().to_owned();
+    let (_, lk) = http(addr, "POST", "/api/v3/userDataStream", "", Some(&revoked.0)).await;
+    let lk = lk["listenKey"].as_str().unwrap().to_owned();
+    let (mut user, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/{lk}"))
+        .await
+        .unwrap();
+    // The account's other key is handed the account's live listenKey (Binance's rule).
+    let (_, again) = http(addr, "POST", "/api/v3/userDataStream", "", Some(&owner)).await;
+    assert_eq!(again["listenKey"].as_str(), Some(lk.as_str()));
+    let r = h
+        .signed(
+            "DELETE",
+            "/mapi/v1/apiKey",
+            &format!("apiKey={}", revoked.0),
+            &revoked,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    // The open stream ends at once, not when the listenKey would have expired.
+    let m = next_json(&mut user).await;
+    assert_eq!(
+        (m["e"].as_str(), m["listenKey"].as_str()),
+        (Some("listenKeyExpired"), Some(lk.as_str())),
+        "{m}"
+    );
+    // The listenKey is gone: keeping it alive is refused, and the owner's key gets a new one.
+    let q = format!("listenKey={lk}");
+    let (status, body) = http(addr, "PUT", "/api/v3/userDataStream", &q, Some(&owner)).await;
+    assert_eq!(
+        (status, body["code"].as_i64()),
+        (400, Some(-1125)),
+        "{body}"
+    );
+    let (_, fresh) = http(addr, "POST", "/api/v3/userDataStream", "", Some(&owner)).await;
+    let fresh = fresh["listenKey"].as_str().unwrap();
+    assert_ne!(fresh, lk);
+    let _ = stop.send(());
+}

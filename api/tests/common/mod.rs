@@ -23,6 +23,8 @@ use tower::ServiceExt;
 /// (answering "stopped": the caller cannot tell whether the command was applied).
 pub struct Lossy {
     inner: LocalCore,
+    /// Applied commands' replies still to pass before losing any.
+    pub keep: AtomicUsize,
     /// Replies still to lose.
     pub lose: AtomicUsize,
     /// Replies lost so far.
@@ -32,6 +34,12 @@ pub struct Lossy {
 impl Lossy {
     /// Loses the replies of the next `n` applied commands.
     pub fn lose_next(&self, n: usize) {
+        self.lose_after(0, n);
+    }
+
+    /// Passes the replies of the next `keep` applied commands, then loses the next `n`.
+    pub fn lose_after(&self, keep: usize, n: usize) {
+        self.keep.store(keep, Ordering::SeqCst);
         self.lose.store(n, Ordering::SeqCst);
     }
 }
@@ -40,7 +48,13 @@ impl ExchangeCore for Lossy {
     fn submit(&self, cmd: Command) -> BoxFuture<'_, Result<Reply, CoreError>> {
         Box::pin(async move {
             let reply = self.inner.submit(cmd).await?;
+            let kept = reply.result.is_ok()
+                && self
+                    .keep
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok();
             let lose = reply.result.is_ok()
+                && !kept
                 && self
                     .lose
                     .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -120,6 +134,7 @@ impl Harness {
         let engine = matching_engine::Engine::new(EngineConfig::default()).unwrap();
         let core = Arc::new(Lossy {
             inner: LocalCore::spawn(engine, sink, 65_536).unwrap(),
+            keep: AtomicUsize::new(0),
             lose: AtomicUsize::new(0),
             lost: AtomicUsize::new(0),
         });

@@ -731,6 +731,20 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                             closed_by_peer(&mut socket).await;
                             break;
                         }
+                        // A JSON API: a binary frame is no request, and one that cost no
+                        // weight would let a client keep the server reading for free. Closed
+                        // as RFC 6455's "unsupported data" (1003).
+                        Message::Binary(_) => {
+                            let _ = tokio::time::timeout(
+                                Duration::from_secs(1),
+                                socket.send(Message::Close(Some(axum::extract::ws::CloseFrame {
+                                    code: 1003,
+                                    reason: "binary frames are not supported: send JSON text frames".into(),
+                                }))),
+                            )
+                            .await;
+                            break;
+                        }
                         _ => {}
                     }
                 }

@@ -740,3 +740,27 @@ async fn a_revoked_keys_user_data_subscription_ends() {
     }
     let _ = stop.send(());
 }
+
+/// Review finding: binary frames were read and ignored without any charge (and kept the
+/// connection alive), so a client could keep the server reading for free. A binary frame
+/// closes the connection with 1003 (unsupported data); text requests are unaffected.
+#[tokio::test]
+async fn a_binary_frame_closes_the_connection_with_1003() {
+    let h = Harness::new();
+    let (addr, _stop) = start(&h).await;
+    let mut ws = Ws::connect(addr).await;
+    let pong = ws.call("ping", json!({})).await;
+    assert_eq!(pong["status"], 200, "{pong}");
+    ws.s.send(Message::Binary(vec![1, 2, 3].into()))
+        .await
+        .unwrap();
+    let m = tokio::time::timeout(Duration::from_secs(5), ws.s.next())
+        .await
+        .expect("an answer within 5 s");
+    match m {
+        Some(Ok(Message::Close(Some(f)))) => {
+            assert_eq!(u16::from(f.code), 1003, "{f:?}")
+        }
+        other => panic!("expected a close frame, got {other:?}"),
+    }
+}

@@ -247,6 +247,20 @@ impl OrderRec {
     }
 }
 
+/// Which trades a history query wants: ids from `from_id`, times `start_ms..=end_ms`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct TradeWindow {
+    /// The first trade id.
+    pub from_id: Option<u64>,
+    /// The earliest time.
+    pub start_ms: Option<u64>,
+    /// The latest time.
+    pub end_ms: Option<u64>,
+}
+
+/// The account's trades read per page by [`ReadModel::order_trades`].
+pub const ORDER_TRADES_PAGE: u32 = 1_000;
+
 /// A trade.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TradeRec {
@@ -1183,6 +1197,64 @@ impl ReadModel {
                 take_limit(all.into_values().collect(), from_id.is_some(), limit)
             },
         )
+    }
+
+    /// The trades of order `order_id` of `account` in `market` in the window (ids from
+    /// `from_id`, times `start_ms..=end_ms`), oldest first, at most `limit` (`myTrades?orderId`). They lie between the order's creation
+    /// and its last update (a trade's time never decreases with its id; an open order's next
+    /// fills are later still), so the account's trades of that window are read in pages of
+    /// [`ORDER_TRADES_PAGE`], however many the account made since: an old order of a busy account
+    /// is found (it was looked for among the account's latest 100,000 trades only, and got `[]`).
+    pub fn order_trades(
+        &self,
+        account: u32,
+        market: u16,
+        order_id: u64,
+        TradeWindow {
+            from_id,
+            start_ms,
+            end_ms,
+        }: TradeWindow,
+        limit: u32,
+    ) -> Result<Vec<TradeRec>, crate::store::StoreError> {
+        let Some(o) = self.find_order(account, order_id)? else {
+            return Ok(Vec::new());
+        };
+        if o.market != market {
+            return Ok(Vec::new());
+        }
+        let lo = start_ms.map_or(o.time_ms, |s| s.max(o.time_ms));
+        let last = if o.is_open() { u64::MAX } else { o.update_ms };
+        let hi = end_ms.map_or(last, |e| e.min(last));
+        let mut out = Vec::new();
+        if lo > hi {
+            return Ok(out);
+        }
+        let mut from = from_id.unwrap_or(0);
+        loop {
+            let page = self.trades_history(
+                account,
+                market,
+                Some(from),
+                Some(lo),
+                Some(hi),
+                ORDER_TRADES_PAGE,
+            )?;
+            let n = page.len();
+            for t in page {
+                from = t.id + 1;
+                if (t.maker_account == account && t.maker_order == order_id)
+                    || (t.taker_account == account && t.taker_order == order_id)
+                {
+                    out.push(t);
+                }
+            }
+            if n < ORDER_TRADES_PAGE as usize || out.len() >= limit as usize {
+                break;
+            }
+        }
+        out.truncate(limit as usize);
+        Ok(out)
     }
 
     /// Trades of a market from `from_id` on (`historicalTrades`), oldest first.

@@ -1093,17 +1093,20 @@ pub async fn my_trades(State(st): State<AppState>, req: Req) -> Result<Response,
     p.finish()?;
     let m = st.markets().by_symbol(&sym)?;
     let acct = key.account;
-    let rows = st
-        .read_model()
-        .trades_history(
-            acct,
-            m.id.0,
-            from,
-            s,
-            e,
-            if order.is_some() { 100_000 } else { limit },
-        )
-        .map_err(internal)?;
+    let rm = st.read_model();
+    let rows = match order {
+        // Its own trades only, found however old the order is.
+        Some(o) => {
+            let window = crate::readmodel::TradeWindow {
+                from_id: from,
+                start_ms: s,
+                end_ms: e,
+            };
+            rm.order_trades(acct, m.id.0, o, window, limit)
+        }
+        None => rm.trades_history(acct, m.id.0, from, s, e, limit),
+    }
+    .map_err(internal)?;
     let mut v = Vec::new();
     for t in &rows {
         for (maker, oid) in [(true, t.maker_order), (false, t.taker_order)] {

@@ -2619,3 +2619,82 @@ async fn an_account_holds_at_most_30_api_keys() {
     h.ok("POST", "/mapi/v1/apiKey", "permissions=read&label=x", &k)
         .await;
 }
+
+/// Review finding: `myTrades?orderId=` looked for the order's trades among the account's latest
+/// 100,000 only, so an older order of a busy account (a market maker's, asked for its fills the
+/// next day) answered `[]`. The order's trades are now read from its own time window, however
+/// many trades the account made since.
+#[tokio::test]
+async fn my_trades_of_an_old_order_of_a_busy_account_are_found() {
+    let h = Harness::new();
+    let (seller_acct, seller) = h.trader("1", "0").await;
+    let (buyer_acct, buyer) = h.trader("0", "100000").await;
+    let sell = h
+        .ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000",
+            &seller,
+        )
+        .await;
+    let sell_id = sell["orderId"].as_u64().unwrap();
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price=30000",
+        &buyer,
+    )
+    .await;
+    let mine = h
+        .ok(
+            "GET",
+            "/api/v3/myTrades",
+            &format!("symbol=BTCUSD&orderId={sell_id}"),
+            &seller,
+        )
+        .await;
+    assert_eq!(mine.as_array().unwrap().len(), 1, "{mine}");
+    let (trade_id, time) = (
+        mine[0]["id"].as_u64().unwrap(),
+        mine[0]["time"].as_u64().unwrap(),
+    );
+    // Later: 100,001 more trades of the seller's account (written to the history as the
+    // read models would, with later ids and times, other orders).
+    let store = &h.state.read_model().store;
+    let mut conn = store.connect().unwrap();
+    let later: Vec<api::readmodel::TradeRec> = (1..=100_001u64)
+        .map(|i| api::readmodel::TradeRec {
+            id: trade_id + i,
+            market: 0,
+            price: 3_000_000,
+            qty: 1,
+            quote: 3,
+            taker_side: matching_engine::Side::Buy,
+            maker_order: 1_000_000 + 2 * i,
+            taker_order: 1_000_001 + 2 * i,
+            maker_account: seller_acct,
+            taker_account: buyer_acct,
+            maker_fee: 0,
+            taker_fee: 0,
+            time_ms: time + i,
+        })
+        .collect();
+    api::store::Store::write_history(&mut conn, std::iter::empty(), &later, 0).unwrap();
+    let again = h
+        .ok(
+            "GET",
+            "/api/v3/myTrades",
+            &format!("symbol=BTCUSD&orderId={sell_id}"),
+            &seller,
+        )
+        .await;
+    assert_eq!(
+        again, mine,
+        "the order's trade after 100,001 newer trades of its account"
+    );
+    // And the latest trades are still the latest.
+    let latest = h
+        .ok("GET", "/api/v3/myTrades", "symbol=BTCUSD&limit=1", &seller)
+        .await;
+    assert_eq!(latest[0]["id"], trade_id + 100_001, "{latest}");
+}

@@ -78,6 +78,13 @@ fn to_sql(v: u64) -> i64 {
     v as i64
 }
 
+/// A query's bound (an id or time a client sent): no stored id or time reaches `i64::MAX`, so
+/// a larger bound is that one. Bit for bit it would turn negative (a `fromId` or `startTime`
+/// of 2^63 or more read everything from the start; such an `endTime`, nothing).
+fn bound(v: u64) -> i64 {
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
 impl Store {
     /// Opens (or creates) the database at `path`.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
@@ -282,9 +289,9 @@ impl Store {
                     params![
                         account,
                         market,
-                        to_sql(from_id.unwrap_or(0)),
-                        start_ms.map_or(0, to_sql),
-                        end_ms.map_or(i64::MAX, to_sql),
+                        bound(from_id.unwrap_or(0)),
+                        start_ms.map_or(0, bound),
+                        end_ms.map_or(i64::MAX, bound),
                         limit
                     ],
                     |r| r.get::<_, Vec<u8>>(0),
@@ -329,7 +336,7 @@ impl Store {
                 let mut st = c.prepare_cached(
                     "SELECT data FROM trades WHERE market=?1 AND trade_id>=?2 ORDER BY trade_id ASC LIMIT ?3",
                 )?;
-                let rows = st.query_map(params![market, to_sql(from_id), limit], |r| {
+                let rows = st.query_map(params![market, bound(from_id), limit], |r| {
                     r.get::<_, Vec<u8>>(0)
                 })?;
                 rows.collect::<rusqlite::Result<Vec<Vec<u8>>>>()
@@ -373,7 +380,7 @@ impl Store {
         );
         let mut v: Vec<TradeRec> = self
             .with(|c| {
-                let mut lo = to_sql(from_id.unwrap_or(0));
+                let mut lo = bound(from_id.unwrap_or(0));
                 let mut hi = i64::MAX;
                 if let Some(s) = start_ms {
                     match trade_id_at_or_after(c, s)? {
@@ -393,8 +400,8 @@ impl Store {
                         market,
                         lo,
                         hi,
-                        start_ms.map_or(0, to_sql),
-                        end_ms.map_or(i64::MAX, to_sql),
+                        start_ms.map_or(0, bound),
+                        end_ms.map_or(i64::MAX, bound),
                         limit
                     ],
                     |r| r.get::<_, Vec<u8>>(1),
@@ -632,6 +639,89 @@ mod tests {
             assert_eq!(
                 got, want,
                 "account {account} market {market} from {from:?} start {start:?} end {end:?} limit {limit}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Defect: a client's `fromId`, `orderId` (as `allOrders`' start), `startTime` or `endTime`
+    /// of 2^63 or more was bound bit for bit as a negative i64, so `myTrades`, `allOrders` and
+    /// `historicalTrades` read everything from the start (ids, start times) or nothing (end
+    /// times). Such a bound is the largest one now: nothing from it, everything up to it.
+    #[test]
+    fn history_bounds_beyond_i64_are_the_largest_not_negative() {
+        let dir = std::env::temp_dir().join(format!(
+            "mediator-store-bounds-{}-{}",
+            std::process::id(),
+            crate::core::wall_clock_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("api.sqlite")).unwrap();
+        let info = OrderInfo {
+            order: OrderId(7),
+            account: AccountId(3),
+            market: MarketId(0),
+            side: Side::Sell,
+            client_id: Some(ClientOrderId::new("c").unwrap()),
+        };
+        let t = OrderType::Limit {
+            price: Price(100),
+            qty: Qty(2),
+        };
+        let order = OrderRec::placed(info, &t, TimeInForce::Gtc, false, StpMode::None, 5);
+        let trade = TradeRec {
+            id: 1,
+            market: 0,
+            price: 100,
+            qty: 1,
+            quote: 100,
+            taker_side: Side::Buy,
+            maker_order: 7,
+            taker_order: 8,
+            maker_account: 3,
+            taker_account: 4,
+            maker_fee: 0,
+            taker_fee: 0,
+            time_ms: 6,
+        };
+        let mut conn = store.connect().unwrap();
+        Store::write_history(&mut conn, [&order], std::slice::from_ref(&trade), 1).unwrap();
+        let huge = [1u64 << 63, u64::MAX - 1, u64::MAX];
+        for big in huge {
+            assert_eq!(
+                store.trades(3, 0, Some(big), None, None, 10).unwrap(),
+                vec![],
+                "fromId {big}"
+            );
+            assert_eq!(
+                store.trades(3, 0, None, Some(big), None, 10).unwrap(),
+                vec![],
+                "startTime {big}"
+            );
+            assert_eq!(
+                store.trades(3, 0, None, None, Some(big), 10).unwrap(),
+                vec![trade.clone()],
+                "endTime {big}"
+            );
+            assert_eq!(
+                store.orders(3, 0, Some(big), None, None, 10).unwrap(),
+                vec![],
+                "orderId {big}"
+            );
+            assert_eq!(
+                store.orders(3, 0, None, Some(big), None, 10).unwrap(),
+                vec![],
+                "startTime {big}"
+            );
+            assert_eq!(
+                store.orders(3, 0, None, None, Some(big), 10).unwrap(),
+                vec![order.clone()],
+                "endTime {big}"
+            );
+            assert_eq!(
+                store.market_trades_from(0, big, 10).unwrap(),
+                vec![],
+                "fromId {big}"
             );
         }
         let _ = std::fs::remove_dir_all(&dir);

@@ -471,22 +471,58 @@ mod tests {
         StpMode, TimeInForce,
     };
 
-    /// Order rows written before `OrderRec::list_id` existed still decode (with no list), and
-    /// rows with a list keep it.
-    #[test]
-    fn an_order_row_from_before_lists_decodes_without_a_list() {
+    /// A store in a new temporary directory (removed by the caller).
+    fn temp_store(tag: &str) -> (std::path::PathBuf, Store) {
+        let dir = std::env::temp_dir().join(format!(
+            "mediator-store-{tag}-{}-{}",
+            std::process::id(),
+            crate::core::wall_clock_nanos()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let store = Store::open(&dir.join("api.sqlite")).unwrap();
+        (dir, store)
+    }
+
+    /// Order 7 of account 3 in market 0: a limit of 2 at 100, placed at time 5.
+    fn sample_order(side: Side, client: &str) -> OrderRec {
         let info = OrderInfo {
             order: OrderId(7),
             account: AccountId(3),
             market: MarketId(0),
-            side: Side::Sell,
-            client_id: Some(ClientOrderId::new("c").unwrap()),
+            side,
+            client_id: Some(ClientOrderId::new(client).unwrap()),
         };
         let t = OrderType::Limit {
             price: Price(100),
             qty: Qty(2),
         };
-        let mut rec = OrderRec::placed(info, &t, TimeInForce::Gtc, false, StpMode::None, 5);
+        OrderRec::placed(info, &t, TimeInForce::Gtc, false, StpMode::None, 5)
+    }
+
+    /// Trade 1: order 7 of account 3 (maker) with order 8 of account 4, at time 6.
+    fn sample_trade() -> TradeRec {
+        TradeRec {
+            id: 1,
+            market: 0,
+            price: 100,
+            qty: 1,
+            quote: 100,
+            taker_side: Side::Sell,
+            maker_order: 7,
+            taker_order: 8,
+            maker_account: 3,
+            taker_account: 4,
+            maker_fee: 0,
+            taker_fee: 0,
+            time_ms: 6,
+        }
+    }
+
+    /// Order rows written before `OrderRec::list_id` existed still decode (with no list), and
+    /// rows with a list keep it.
+    #[test]
+    fn an_order_row_from_before_lists_decodes_without_a_list() {
+        let mut rec = sample_order(Side::Sell, "c");
         let bytes = postcard::to_allocvec(&rec).unwrap();
         // The old encoding: everything but the last field (`None` is one zero byte).
         assert_eq!(bytes.last(), Some(&0));
@@ -503,40 +539,9 @@ mod tests {
     /// list, it is the new row once; a trade written twice is one trade.
     #[test]
     fn history_rows_written_again_replace_the_rows_before() {
-        let dir = std::env::temp_dir().join(format!(
-            "mediator-store-upsert-{}-{}",
-            std::process::id(),
-            crate::core::wall_clock_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir.join("api.sqlite")).unwrap();
-        let info = OrderInfo {
-            order: OrderId(7),
-            account: AccountId(3),
-            market: MarketId(0),
-            side: Side::Buy,
-            client_id: Some(ClientOrderId::new("first").unwrap()),
-        };
-        let t = OrderType::Limit {
-            price: Price(100),
-            qty: Qty(2),
-        };
-        let placed = OrderRec::placed(info, &t, TimeInForce::Gtc, false, StpMode::None, 5);
-        let trade = TradeRec {
-            id: 1,
-            market: 0,
-            price: 100,
-            qty: 1,
-            quote: 100,
-            taker_side: Side::Sell,
-            maker_order: 7,
-            taker_order: 8,
-            maker_account: 3,
-            taker_account: 4,
-            maker_fee: 0,
-            taker_fee: 0,
-            time_ms: 6,
-        };
+        let (dir, store) = temp_store("upsert");
+        let placed = sample_order(Side::Buy, "first");
+        let trade = sample_trade();
         let mut conn = store.connect().unwrap();
         Store::write_history(&mut conn, [&placed], std::slice::from_ref(&trade), 1).unwrap();
         let mut filled = placed.clone();
@@ -572,13 +577,7 @@ mod tests {
     /// runs of equal times and gaps in the ids, against many windows, `fromId`s and limits.
     #[test]
     fn account_trades_match_a_plain_filter_of_every_row() {
-        let dir = std::env::temp_dir().join(format!(
-            "mediator-store-trades-{}-{}",
-            std::process::id(),
-            crate::core::wall_clock_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir.join("api.sqlite")).unwrap();
+        let (dir, store) = temp_store("trades");
         let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut rnd = |n: u64| {
             x ^= x << 13;
@@ -650,40 +649,9 @@ mod tests {
     /// times). Such a bound is the largest one now: nothing from it, everything up to it.
     #[test]
     fn history_bounds_beyond_i64_are_the_largest_not_negative() {
-        let dir = std::env::temp_dir().join(format!(
-            "mediator-store-bounds-{}-{}",
-            std::process::id(),
-            crate::core::wall_clock_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let store = Store::open(&dir.join("api.sqlite")).unwrap();
-        let info = OrderInfo {
-            order: OrderId(7),
-            account: AccountId(3),
-            market: MarketId(0),
-            side: Side::Sell,
-            client_id: Some(ClientOrderId::new("c").unwrap()),
-        };
-        let t = OrderType::Limit {
-            price: Price(100),
-            qty: Qty(2),
-        };
-        let order = OrderRec::placed(info, &t, TimeInForce::Gtc, false, StpMode::None, 5);
-        let trade = TradeRec {
-            id: 1,
-            market: 0,
-            price: 100,
-            qty: 1,
-            quote: 100,
-            taker_side: Side::Buy,
-            maker_order: 7,
-            taker_order: 8,
-            maker_account: 3,
-            taker_account: 4,
-            maker_fee: 0,
-            taker_fee: 0,
-            time_ms: 6,
-        };
+        let (dir, store) = temp_store("bounds");
+        let order = sample_order(Side::Sell, "c");
+        let trade = sample_trade();
         let mut conn = store.connect().unwrap();
         Store::write_history(&mut conn, [&order], std::slice::from_ref(&trade), 1).unwrap();
         let huge = [1u64 << 63, u64::MAX - 1, u64::MAX];

@@ -3180,22 +3180,8 @@ impl Engine {
                 }
             })
             .collect();
-        let mut credit_keys: Vec<_> = self.credit_keys.keys().copied().collect();
-        credit_keys.sort_unstable();
-        let mut credit_terms: Vec<_> = self
-            .credit_keys
-            .iter()
-            .filter_map(|(k, t)| Some((*k, (*t)?)))
-            .collect();
-        credit_terms.sort_unstable_by_key(|(k, _)| *k);
-        let mut transfer_keys: Vec<_> = self.transfer_keys.keys().copied().collect();
-        transfer_keys.sort_unstable();
-        let mut transfer_terms: Vec<_> = self
-            .transfer_keys
-            .iter()
-            .filter_map(|(k, t)| Some((*k, (*t)?)))
-            .collect();
-        transfer_terms.sort_unstable_by_key(|(k, _)| *k);
+        let (credit_keys, credit_terms) = keys_and_terms(&self.credit_keys);
+        let (transfer_keys, transfer_terms) = keys_and_terms(&self.transfer_keys);
         let mut withdrawals: Vec<_> = self.withdrawals.iter().map(|(k, v)| (*k, *v)).collect();
         withdrawals.sort_unstable_by_key(|(k, _)| *k);
         EngineSnapshot {
@@ -3332,32 +3318,12 @@ impl Engine {
                 "quote of an order not in the book",
             ));
         }
-        e.credit_keys = s.credit_keys.into_iter().map(|k| (k, None)).collect();
-        if s.credit_terms.windows(2).any(|w| w[0].0 >= w[1].0)
-            || s.credit_terms
-                .iter()
-                .any(|(k, _)| !e.credit_keys.contains_key(k))
-        {
-            return Err(SnapshotError::Inconsistent(
-                "credit terms unsorted or of an unknown key",
-            ));
-        }
-        for (k, t) in s.credit_terms {
-            e.credit_keys.insert(k, Some(t));
-        }
-        e.transfer_keys = s.transfer_keys.into_iter().map(|k| (k, None)).collect();
-        if s.transfer_terms.windows(2).any(|w| w[0].0 >= w[1].0)
-            || s.transfer_terms
-                .iter()
-                .any(|(k, _)| !e.transfer_keys.contains_key(k))
-        {
-            return Err(SnapshotError::Inconsistent(
-                "transfer terms unsorted or of an unknown key",
-            ));
-        }
-        for (k, t) in s.transfer_terms {
-            e.transfer_keys.insert(k, Some(t));
-        }
+        e.credit_keys = keys_with_terms(s.credit_keys, s.credit_terms).ok_or(
+            SnapshotError::Inconsistent("credit terms unsorted or of an unknown key"),
+        )?;
+        e.transfer_keys = keys_with_terms(s.transfer_keys, s.transfer_terms).ok_or(
+            SnapshotError::Inconsistent("transfer terms unsorted or of an unknown key"),
+        )?;
         e.withdrawals = s.withdrawals.into_iter().collect();
         e.next_list_id = s.next_list_id;
         for l in s.lists {
@@ -3401,6 +3367,34 @@ impl Engine {
         let bytes = postcard::to_stdvec(&self.snapshot()).expect("snapshot encodes");
         Sha256::digest(&bytes).into()
     }
+}
+
+/// An idempotency key map as a snapshot holds it: every key, sorted, and the terms of those
+/// that have them (format 6 on), sorted by key.
+fn keys_and_terms<T: Copy>(
+    map: &FxHashMap<IdempotencyKey, Option<T>>,
+) -> (Vec<IdempotencyKey>, Vec<(IdempotencyKey, T)>) {
+    let mut keys: Vec<_> = map.keys().copied().collect();
+    keys.sort_unstable();
+    let mut terms: Vec<_> = map.iter().filter_map(|(k, t)| Some((*k, (*t)?))).collect();
+    terms.sort_unstable_by_key(|(k, _)| *k);
+    (keys, terms)
+}
+
+/// The map [`keys_and_terms`] came from; `None` when the terms are unsorted or name a key
+/// that is not there.
+fn keys_with_terms<T>(
+    keys: Vec<IdempotencyKey>,
+    terms: Vec<(IdempotencyKey, T)>,
+) -> Option<FxHashMap<IdempotencyKey, Option<T>>> {
+    let mut map: FxHashMap<_, Option<T>> = keys.into_iter().map(|k| (k, None)).collect();
+    if terms.windows(2).any(|w| w[0].0 >= w[1].0) {
+        return None;
+    }
+    for (k, t) in terms {
+        *map.get_mut(&k)? = Some(t);
+    }
+    Some(map)
 }
 
 impl crate::StateMachine for Engine {

@@ -1200,11 +1200,13 @@ impl ReadModel {
     }
 
     /// The trades of order `order_id` of `account` in `market` in the window (ids from
-    /// `from_id`, times `start_ms..=end_ms`), oldest first, at most `limit` (`myTrades?orderId`). They lie between the order's creation
-    /// and its last update (a trade's time never decreases with its id; an open order's next
-    /// fills are later still), so the account's trades of that window are read in pages of
-    /// [`ORDER_TRADES_PAGE`], however many the account made since: an old order of a busy account
-    /// is found (it was looked for among the account's latest 100,000 trades only, and got `[]`).
+    /// `from_id`, times `start_ms..=end_ms`), oldest first, at most `limit` (`myTrades?orderId`).
+    /// They lie between the order's creation and its last update (a trade's time never decreases
+    /// with its id, and each fill sets the order's update time to its own), so the account's
+    /// trades of that window are read in pages of [`ORDER_TRADES_PAGE`], however many the account
+    /// made since: an old order of a busy account is found (it was looked for among the
+    /// account's latest 100,000 trades only, and got `[]`). An open order's window ends at its
+    /// last fill, not now: the work is the account's trades during the order's life.
     pub fn order_trades(
         &self,
         account: u32,
@@ -1224,7 +1226,13 @@ impl ReadModel {
             return Ok(Vec::new());
         }
         let lo = start_ms.map_or(o.time_ms, |s| s.max(o.time_ms));
-        let last = if o.is_open() { u64::MAX } else { o.update_ms };
+        // Every fill sets the order's `update_ms` to the trade's own time, open or not; an
+        // order rebuilt after a history gap has none (0) until its next event.
+        let last = if o.update_ms == 0 {
+            u64::MAX
+        } else {
+            o.update_ms
+        };
         let hi = end_ms.map_or(last, |e| e.min(last));
         let mut out = Vec::new();
         if lo > hi {

@@ -267,7 +267,9 @@ impl Store {
     }
 
     /// Orders of an account in a market: ids from `from_id` (or the latest `limit` ones), time
-    /// range, oldest first.
+    /// range (creation time), oldest first. The time bounds become id bounds first
+    /// ([`id_at_or_after`]), so an `endTime` in the past does not read the account's newer
+    /// orders one by one.
     pub fn orders(
         &self,
         account: u32,
@@ -278,21 +280,25 @@ impl Store {
         limit: u32,
     ) -> Result<Vec<OrderRec>, StoreError> {
         let (sql, asc) = if from_id.is_some() {
-            ("SELECT data FROM orders WHERE account=?1 AND market=?2 AND order_id>=?3 AND time_ms>=?4 AND time_ms<=?5 ORDER BY order_id ASC LIMIT ?6", true)
+            ("SELECT data FROM orders WHERE account=?1 AND market=?2 AND order_id>=?3 AND order_id<=?7 AND time_ms>=?4 AND time_ms<=?5 ORDER BY order_id ASC LIMIT ?6", true)
         } else {
-            ("SELECT data FROM orders WHERE account=?1 AND market=?2 AND order_id>=?3 AND time_ms>=?4 AND time_ms<=?5 ORDER BY order_id DESC LIMIT ?6", false)
+            ("SELECT data FROM orders WHERE account=?1 AND market=?2 AND order_id>=?3 AND order_id<=?7 AND time_ms>=?4 AND time_ms<=?5 ORDER BY order_id DESC LIMIT ?6", false)
         };
         let mut v: Vec<OrderRec> = self
             .with(|c| {
+                let Some((lo, hi)) = id_bounds(c, Timed::Orders, from_id, start_ms, end_ms)? else {
+                    return Ok(Vec::new());
+                };
                 let mut st = c.prepare_cached(sql)?;
                 let rows = st.query_map(
                     params![
                         account,
                         market,
-                        bound(from_id.unwrap_or(0)),
+                        lo,
                         start_ms.map_or(0, bound),
                         end_ms.map_or(i64::MAX, bound),
-                        limit
+                        limit,
+                        hi
                     ],
                     |r| r.get::<_, Vec<u8>>(0),
                 )?;
@@ -353,7 +359,7 @@ impl Store {
     /// merged: a single `maker_account = ? OR taker_account = ?` made SQLite collect every trade
     /// of the account and sort them for each query (for an account with a million trades, a
     /// million rows read to answer 500). The time bounds become id bounds first
-    /// ([`trade_id_at_or_after`]: a trade's time never decreases with its id, the engine's clock
+    /// ([`id_at_or_after`]: a trade's time never decreases with its id, the engine's clock
     /// never going back), so a window in the past is found without reading what came after it.
     pub fn trades(
         &self,
@@ -380,19 +386,9 @@ impl Store {
         );
         let mut v: Vec<TradeRec> = self
             .with(|c| {
-                let mut lo = bound(from_id.unwrap_or(0));
-                let mut hi = i64::MAX;
-                if let Some(s) = start_ms {
-                    match trade_id_at_or_after(c, s)? {
-                        Some(id) => lo = lo.max(id),
-                        None => return Ok(Vec::new()),
-                    }
-                }
-                if let Some(e) = end_ms.and_then(|e| e.checked_add(1)) {
-                    if let Some(id) = trade_id_at_or_after(c, e)? {
-                        hi = id - 1;
-                    }
-                }
+                let Some((lo, hi)) = id_bounds(c, Timed::Trades, from_id, start_ms, end_ms)? else {
+                    return Ok(Vec::new());
+                };
                 let mut st = c.prepare_cached(&sql)?;
                 let rows = st.query_map(
                     params![
@@ -418,39 +414,82 @@ impl Store {
     }
 }
 
-/// The first stored trade id whose time is `ms` or later (`None`: no trade that late), by a
-/// binary search over ids: a trade's time never decreases with its id (the engine's clock never
-/// goes back; replays use the journaled times). O(log n) look-ups of the id's primary key.
-fn trade_id_at_or_after(c: &Connection, ms: u64) -> rusqlite::Result<Option<i64>> {
+/// The tables whose rows' times never decrease with their ids (the engine's clock never goes
+/// back; replays use the journaled times), so that a time bound becomes an id bound.
+#[derive(Clone, Copy)]
+enum Timed {
+    /// Trades by `trade_id`.
+    Trades,
+    /// Orders by `order_id`, creation time. An open order rebuilt after a history gap has no
+    /// known time (0) and is skipped: it is placed in time by its id.
+    Orders,
+}
+
+/// The first stored id of `table` whose time is `ms` or later (`None`: no row that late), by a
+/// binary search over ids. O(log n) look-ups of the primary key. (The smallest and largest
+/// ids are two subqueries: SQLite reads `min(x), max(x)` in one `SELECT` by scanning the table,
+/// and each alone from the end of the key.)
+fn id_at_or_after(c: &Connection, table: Timed, ms: u64) -> rusqlite::Result<Option<i64>> {
+    let (range, next) = match table {
+        Timed::Trades => (
+            "SELECT (SELECT min(trade_id) FROM trades), (SELECT max(trade_id) FROM trades)",
+            "SELECT trade_id, time_ms FROM trades WHERE trade_id >= ?1 ORDER BY trade_id LIMIT 1",
+        ),
+        Timed::Orders => (
+            "SELECT (SELECT min(order_id) FROM orders), (SELECT max(order_id) FROM orders)",
+            "SELECT order_id, time_ms FROM orders WHERE order_id >= ?1 AND time_ms > 0 \
+             ORDER BY order_id LIMIT 1",
+        ),
+    };
     let (lo, hi): (Option<i64>, Option<i64>) =
-        c.query_row("SELECT min(trade_id), max(trade_id) FROM trades", [], |r| {
-            Ok((r.get(0)?, r.get(1)?))
-        })?;
+        c.query_row(range, [], |r| Ok((r.get(0)?, r.get(1)?)))?;
     let (Some(mut lo), Some(mut hi)) = (lo, hi) else {
         return Ok(None);
     };
-    let mut next = c.prepare_cached(
-        "SELECT trade_id, time_ms FROM trades WHERE trade_id >= ?1 ORDER BY trade_id LIMIT 1",
-    )?;
+    let mut next = c.prepare_cached(next)?;
     let mut found = None;
     while lo <= hi {
         let mid = lo + (hi - lo) / 2;
-        // Some: `mid <= hi`, the largest id.
-        let Some((id, t)) = next
+        match next
             .query_row([mid], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
             .optional()?
-        else {
-            break;
-        };
-        if t as u64 >= ms {
+        {
             // The answer is `id` or an id below `mid` (none lies in `mid..id`).
-            found = Some(id);
-            hi = mid - 1;
-        } else {
-            lo = id + 1;
+            Some((id, t)) if t as u64 >= ms => {
+                found = Some(id);
+                hi = mid - 1;
+            }
+            Some((id, _)) => lo = id + 1,
+            // No row of known time from `mid` on: the answer, if any, lies below.
+            None => hi = mid - 1,
         }
     }
     Ok(found)
+}
+
+/// The id bounds `[lo, hi]` of rows of `table` from `from_id` within the time bounds (`None`:
+/// no row can match).
+fn id_bounds(
+    c: &Connection,
+    table: Timed,
+    from_id: Option<u64>,
+    start_ms: Option<u64>,
+    end_ms: Option<u64>,
+) -> rusqlite::Result<Option<(i64, i64)>> {
+    let mut lo = bound(from_id.unwrap_or(0));
+    let mut hi = i64::MAX;
+    if let Some(s) = start_ms {
+        match id_at_or_after(c, table, s)? {
+            Some(id) => lo = lo.max(id),
+            None => return Ok(None),
+        }
+    }
+    if let Some(e) = end_ms.and_then(|e| e.checked_add(1)) {
+        if let Some(id) = id_at_or_after(c, table, e)? {
+            hi = id - 1;
+        }
+    }
+    Ok(Some((lo, hi)))
 }
 
 /// An order row: written by this version, or before `OrderRec::list_id` existed (its
@@ -640,6 +679,157 @@ mod tests {
                 "account {account} market {market} from {from:?} start {start:?} end {end:?} limit {limit}"
             );
         }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Defect: `allOrders` with an `endTime` (and no `orderId`) read every newer order of the
+    /// account in that market before reaching the window (one index ordered by id, the time
+    /// checked row by row): an account with millions of orders made each such request read them
+    /// all. The time bounds become id bounds first, as for trades; this counts SQLite's
+    /// virtual-machine steps (its progress handler, every 100), which do not depend on timing.
+    #[test]
+    fn orders_before_an_end_time_are_found_without_reading_the_newer_ones() {
+        let (dir, store) = temp_store("orders-end");
+        let rows: Vec<OrderRec> = (1..=20_000u64)
+            .map(|i| {
+                let mut o = sample_order(if i % 2 == 0 { Side::Buy } else { Side::Sell }, "c");
+                o.id = i;
+                o.client_id = format!("c{i}");
+                o.time_ms = 1_000 + i;
+                o
+            })
+            .collect();
+        let mut conn = store.connect().unwrap();
+        Store::write_history(&mut conn, &rows, &[], 1).unwrap();
+        let steps = count_steps(&store);
+        let got = store.orders(3, 0, None, None, Some(1_100), 10).unwrap();
+        let ids: Vec<u64> = got.iter().map(|o| o.id).collect();
+        assert_eq!(ids, (91..=100).collect::<Vec<u64>>());
+        let hundreds = steps.load(std::sync::atomic::Ordering::Relaxed);
+        // ~10 rows and a binary search over 20,000 ids, not 19,900 rows.
+        assert!(
+            hundreds < 100,
+            "{hundreds} hundred SQLite steps to find 10 orders"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// `allOrders`' query against a plain filter of every row, over seeded random orders: the
+    /// id bounds found by binary search select exactly the rows of the time window. One row in
+    /// twenty has no known time (0: an open order rebuilt after a history gap), which the
+    /// search skips: such a row is within an `endTime` if an order of known time at or before
+    /// it is (it is placed in time by its id), and never within a `startTime`.
+    #[test]
+    fn account_orders_match_a_plain_filter_of_every_row() {
+        let (dir, store) = temp_store("orders");
+        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
+        let mut rnd = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let (mut id, mut time) = (0u64, 100u64);
+        let mut all = Vec::new();
+        for _ in 0..3_000 {
+            id += 1 + rnd(3);
+            time += rnd(3);
+            let mut o = sample_order(Side::Buy, "c");
+            o.id = id;
+            o.account = rnd(5) as u32;
+            o.market = rnd(2) as u16;
+            o.client_id = format!("c{id}");
+            o.time_ms = if rnd(20) == 0 { 0 } else { time };
+            all.push(o);
+        }
+        let mut conn = store.connect().unwrap();
+        Store::write_history(&mut conn, &all, &[], 1).unwrap();
+        // The first id whose known time is `ms` or later, by a walk over every row.
+        let first_at = |ms: u64| {
+            all.iter()
+                .find(|o| o.time_ms != 0 && o.time_ms >= ms)
+                .map(|o| o.id)
+        };
+        for _ in 0..400 {
+            let account = rnd(6) as u32;
+            let market = rnd(2) as u16;
+            let from = (rnd(3) == 0).then(|| rnd(id + 10));
+            let start = (rnd(2) == 0).then(|| 95 + rnd(time - 90));
+            let end = (rnd(2) == 0).then(|| 95 + rnd(time - 90));
+            let limit = 1 + rnd(40) as u32;
+            let below = end.map(|e| first_at(e + 1).unwrap_or(u64::MAX));
+            let mut want: Vec<OrderRec> = all
+                .iter()
+                .filter(|o| {
+                    o.account == account
+                        && o.market == market
+                        && from.is_none_or(|f| o.id >= f)
+                        && start.is_none_or(|s| o.time_ms >= s)
+                        && end.is_none_or(|e| o.time_ms <= e)
+                        && below.is_none_or(|b| o.id < b)
+                })
+                .cloned()
+                .collect();
+            if from.is_some() {
+                want.truncate(limit as usize);
+            } else {
+                want = want.split_off(want.len().saturating_sub(limit as usize));
+            }
+            let got = store
+                .orders(account, market, from, start, end, limit)
+                .unwrap();
+            assert_eq!(
+                got, want,
+                "account {account} market {market} from {from:?} start {start:?} end {end:?} limit {limit}"
+            );
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A counter of SQLite's virtual-machine steps (in hundreds) on the connection `store`
+    /// hands out next: steps do not depend on timing.
+    fn count_steps(store: &Store) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        let steps = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counted = store.connect().unwrap();
+        let s = steps.clone();
+        counted.progress_handler(
+            100,
+            Some(move || {
+                s.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                false
+            }),
+        );
+        store.pool.lock().unwrap().push(counted);
+        steps
+    }
+
+    /// Defect: `myTrades` with a time bound looked up the smallest and largest trade ids with
+    /// `SELECT min(trade_id), max(trade_id)`, which SQLite answers by reading the whole table
+    /// (each alone is read from the end of the key): every such request read every trade of
+    /// every account.
+    #[test]
+    fn trades_in_a_time_window_are_found_without_reading_the_table() {
+        let (dir, store) = temp_store("trades-window");
+        let rows: Vec<TradeRec> = (1..=20_000u64)
+            .map(|i| TradeRec {
+                id: i,
+                time_ms: 1_000 + i,
+                ..sample_trade()
+            })
+            .collect();
+        let mut conn = store.connect().unwrap();
+        Store::write_history(&mut conn, std::iter::empty(), &rows, 1).unwrap();
+        let steps = count_steps(&store);
+        let got = store
+            .trades(3, 0, None, Some(1_091), Some(1_100), 100)
+            .unwrap();
+        let ids: Vec<u64> = got.iter().map(|t| t.id).collect();
+        assert_eq!(ids, (91..=100).collect::<Vec<u64>>());
+        let hundreds = steps.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(
+            hundreds < 100,
+            "{hundreds} hundred SQLite steps to find 10 trades"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 

@@ -29,6 +29,23 @@ pub struct Reply {
     pub seq: u64,
 }
 
+impl Reply {
+    /// The sequence number that names what the command did: its own, or for a duplicate
+    /// transfer the one of the command that applied it (a retry answers the transfer's own
+    /// id), when the engine knows it.
+    pub fn applied_seq(&self) -> u64 {
+        self.events
+            .iter()
+            .find_map(|e| match e {
+                Event::Accepted {
+                    original: Some(s), ..
+                } => Some(*s),
+                _ => None,
+            })
+            .unwrap_or(self.seq)
+    }
+}
+
 /// What became of one submitted command: the three answers of a boundary that can lose its
 /// reply (plus "not taken"). **Contract:** `Applied` and `Rejected` are certain; `Busy` means the
 /// command never entered the engine's queue (nothing changed, safe to retry); `Unknown` means the

@@ -87,7 +87,7 @@ pub async fn transfer(State(st): State<AppState>, req: Req) -> Result<Response, 
     Ok(ok_json(
         &ctx,
         json!({
-            "tranId": reply.seq,
+            "tranId": reply.applied_seq(),
             "clientTranId": tran,
             "fromAccount": key.account,
             "toAccount": to.0,

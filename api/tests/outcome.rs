@@ -122,6 +122,26 @@ async fn a_clienttranid_retried_with_other_terms_is_refused_and_moves_nothing() 
     assert_eq!(h.balance(&other_key, "USD").await.0, "0.00000000");
 }
 
+/// Defect: a transfer's retry (the same `clientTranId`, e.g. after a lost reply) answered
+/// `"duplicate": true` with a `tranId` of its own (the engine's latest sequence number), not the
+/// transfer's: one transfer, two ids for a client that saw both answers. The engine keeps the
+/// sequence number of each transfer key (snapshot format 7), and a retry answers it.
+#[tokio::test]
+async fn a_transfers_retry_answers_the_transfers_own_tran_id() {
+    let (h, _core) = Harness::lossy();
+    let (_, from) = h.trader_with("0", "1000", "read,trade,transfer").await;
+    let (to, _) = h.trader("0", "0").await;
+    let first = format!("toAccount={to}&asset=USD&amount=250&clientTranId=rent-3");
+    let done = h.ok("POST", "/mapi/v1/transfer", &first, &from).await;
+    assert_eq!(done["duplicate"], false, "{done}");
+    let other = format!("toAccount={to}&asset=USD&amount=5&clientTranId=rent-4");
+    let later = h.ok("POST", "/mapi/v1/transfer", &other, &from).await;
+    assert_ne!(later["tranId"], done["tranId"], "{later}");
+    let again = h.ok("POST", "/mapi/v1/transfer", &first, &from).await;
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["tranId"], done["tranId"], "{again}");
+}
+
 /// Defect (same class as the transfer's): an operator credit whose `reference` was used for
 /// another credit (another account, asset or amount) answered 200 `"duplicate": true`, echoing
 /// the new terms although nothing of them was credited. It is `-1164` and credits nothing; the

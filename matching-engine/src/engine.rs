@@ -258,6 +258,14 @@ pub struct TransferTerms {
     pub amount: Amount,
 }
 
+/// A transfer key as the engine keeps it: the terms it moved and the sequence number of the
+/// command that moved them (`None`: restored from a snapshot older than format 7).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct KnownTransfer {
+    terms: TransferTerms,
+    seq: Option<u64>,
+}
+
 /// What a credit under an idempotency key credited: the same key again with other terms is
 /// [`RejectCode::CreditKeyReused`], never a duplicate of the first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -332,6 +340,7 @@ struct Accept {
     order: Option<OrderId>,
     account: Option<AccountId>,
     duplicate: bool,
+    original: Option<u64>,
 }
 
 /// The matching engine and ledger. See the [crate docs](crate).
@@ -349,9 +358,10 @@ pub struct Engine {
     /// Every credit key with the terms of its credit (`None` for a key restored from a snapshot
     /// older than format 6: any retry under it is a duplicate, as before).
     credit_keys: FxHashMap<IdempotencyKey, Option<CreditTerms>>,
-    /// Every transfer key with the terms of its transfer (`None` for a key restored from a
-    /// snapshot older than format 6: any retry under it is a duplicate, as before).
-    transfer_keys: FxHashMap<IdempotencyKey, Option<TransferTerms>>,
+    /// Every transfer key with the terms and sequence number of its transfer (`None` for a key
+    /// restored from a snapshot older than format 6: any retry under it is a duplicate, as
+    /// before).
+    transfer_keys: FxHashMap<IdempotencyKey, Option<KnownTransfer>>,
     withdrawals: FxHashMap<WithdrawalId, Withdrawal>,
     /// GTD expiries `(time, order, market)`; entries of orders that left are skipped when popped.
     expiries: BinaryHeap<Reverse<(u64, u64, u16)>>,
@@ -786,6 +796,7 @@ impl Engine {
             order: None,
             account: None,
             duplicate: false,
+            original: None,
         });
         let result = self.execute(cmd, out);
         match result {
@@ -804,6 +815,7 @@ impl Engine {
                             order: None,
                             account: acc.account,
                             duplicate: true,
+                            original: acc.original,
                         };
                         return Ok(());
                     }
@@ -815,6 +827,7 @@ impl Engine {
                     order: acc.order,
                     account: acc.account,
                     duplicate: acc.duplicate,
+                    original: acc.original,
                 };
                 self.flush(out);
                 Ok(())
@@ -1329,18 +1342,22 @@ impl Engine {
                     amount,
                 };
                 if let Some(known) = self.transfer_keys.get(&key) {
-                    if known.is_some_and(|t| t != terms) {
+                    if known.is_some_and(|k| k.terms != terms) {
                         return Err(RejectCode::TransferKeyReused);
                     }
                     return Ok(Accept {
                         duplicate: true,
+                        original: known.and_then(|k| k.seq),
                         ..Accept::default()
                     });
                 }
                 if self.ledger.get(from, asset).available < amount.0 {
                     return Err(RejectCode::InsufficientBalance);
                 }
-                self.transfer_keys.insert(key, Some(terms));
+                // This command's sequence number once accepted (`apply` moves `seq` after).
+                let seq = Some(self.seq + 1);
+                self.transfer_keys
+                    .insert(key, Some(KnownTransfer { terms, seq }));
                 self.ledger.take_available(from, asset, amount.0);
                 self.ledger.add_available(to, asset, amount.0);
                 out.push(Event::Transferred {
@@ -3108,6 +3125,10 @@ pub struct EngineSnapshot {
     /// The terms of the credit keys applied since format 6, sorted by key (each one of
     /// `credit_keys`; keys from older snapshots have none).
     pub credit_terms: Vec<(IdempotencyKey, CreditTerms)>,
+    /// The sequence number of each transfer applied since format 7, sorted by key (each one a
+    /// key of `transfer_terms`; keys from older snapshots have none, and their retries answer
+    /// no original).
+    pub transfer_seqs: Vec<(IdempotencyKey, u64)>,
 }
 
 impl EngineSnapshot {
@@ -3124,6 +3145,9 @@ impl EngineSnapshot {
     /// a format-6 one: no terms of either (a retry under those keys stays a duplicate whatever
     /// its terms).
     pub const V5_TO_V6_TRAILER: [u8; 2] = [0, 0];
+    /// The postcard bytes that turn a format-6 payload (before transfers' sequence numbers)
+    /// into a format-7 one: none.
+    pub const V6_TO_V7_TRAILER: [u8; 1] = [0];
 }
 
 /// A snapshot that does not describe a valid engine.
@@ -3180,8 +3204,14 @@ impl Engine {
                 }
             })
             .collect();
-        let (credit_keys, credit_terms) = keys_and_terms(&self.credit_keys);
-        let (transfer_keys, transfer_terms) = keys_and_terms(&self.transfer_keys);
+        let (credit_keys, credit_terms) = keys_and_terms(&self.credit_keys, |t| t);
+        let (transfer_keys, transfer_terms) = keys_and_terms(&self.transfer_keys, |k| k.terms);
+        let mut transfer_seqs: Vec<_> = self
+            .transfer_keys
+            .iter()
+            .filter_map(|(key, k)| Some((*key, (*k)?.seq?)))
+            .collect();
+        transfer_seqs.sort_unstable_by_key(|(key, _)| *key);
         let mut withdrawals: Vec<_> = self.withdrawals.iter().map(|(k, v)| (*k, *v)).collect();
         withdrawals.sort_unstable_by_key(|(k, _)| *k);
         EngineSnapshot {
@@ -3206,6 +3236,7 @@ impl Engine {
             },
             transfer_terms,
             credit_terms,
+            transfer_seqs,
         }
     }
 
@@ -3321,9 +3352,28 @@ impl Engine {
         e.credit_keys = keys_with_terms(s.credit_keys, s.credit_terms).ok_or(
             SnapshotError::Inconsistent("credit terms unsorted or of an unknown key"),
         )?;
-        e.transfer_keys = keys_with_terms(s.transfer_keys, s.transfer_terms).ok_or(
+        let transfers = keys_with_terms(s.transfer_keys, s.transfer_terms).ok_or(
             SnapshotError::Inconsistent("transfer terms unsorted or of an unknown key"),
         )?;
+        e.transfer_keys = transfers
+            .into_iter()
+            .map(|(key, t)| (key, t.map(|terms| KnownTransfer { terms, seq: None })))
+            .collect();
+        if s.transfer_seqs.windows(2).any(|w| w[0].0 >= w[1].0) {
+            return Err(SnapshotError::Inconsistent(
+                "transfer sequence numbers unsorted",
+            ));
+        }
+        for (key, seq) in s.transfer_seqs {
+            match e.transfer_keys.get_mut(&key) {
+                Some(Some(k)) if seq != 0 && seq <= s.seq => k.seq = Some(seq),
+                _ => {
+                    return Err(SnapshotError::Inconsistent(
+                        "transfer sequence number of an unknown key or out of range",
+                    ))
+                }
+            }
+        }
         e.withdrawals = s.withdrawals.into_iter().collect();
         e.next_list_id = s.next_list_id;
         for l in s.lists {
@@ -3369,14 +3419,18 @@ impl Engine {
     }
 }
 
-/// An idempotency key map as a snapshot holds it: every key, sorted, and the terms of those
-/// that have them (format 6 on), sorted by key.
-fn keys_and_terms<T: Copy>(
-    map: &FxHashMap<IdempotencyKey, Option<T>>,
+/// An idempotency key map as a snapshot holds it: every key, sorted, and the terms (`terms` of
+/// the map's value) of those that have them (format 6 on), sorted by key.
+fn keys_and_terms<V: Copy, T>(
+    map: &FxHashMap<IdempotencyKey, Option<V>>,
+    terms: impl Fn(V) -> T,
 ) -> (Vec<IdempotencyKey>, Vec<(IdempotencyKey, T)>) {
     let mut keys: Vec<_> = map.keys().copied().collect();
     keys.sort_unstable();
-    let mut terms: Vec<_> = map.iter().filter_map(|(k, t)| Some((*k, (*t)?))).collect();
+    let mut terms: Vec<_> = map
+        .iter()
+        .filter_map(|(k, v)| Some((*k, terms((*v)?))))
+        .collect();
     terms.sort_unstable_by_key(|(k, _)| *k);
     (keys, terms)
 }
@@ -3423,32 +3477,38 @@ impl crate::StateMachine for Engine {
         Engine::state_hash(self)
     }
     fn upgrade_snapshot_payload(version: u32, payload: &mut Vec<u8>) -> bool {
-        match version {
-            1 => {
-                payload.extend_from_slice(&EngineSnapshot::V1_TO_V2_TRAILER);
-                payload.extend_from_slice(&EngineSnapshot::V2_TO_V3_TRAILER);
-                payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
-                payload.extend_from_slice(&EngineSnapshot::V5_TO_V6_TRAILER);
-                true
-            }
-            2 => {
-                payload.extend_from_slice(&EngineSnapshot::V2_TO_V3_TRAILER);
-                payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
-                payload.extend_from_slice(&EngineSnapshot::V5_TO_V6_TRAILER);
-                true
-            }
-            3 => {
-                payload.extend_from_slice(&EngineSnapshot::V3_TO_V4_TRAILER);
-                payload.extend_from_slice(&EngineSnapshot::V5_TO_V6_TRAILER);
-                true
-            }
+        // Each older payload lacks the trailing fields of the formats after it.
+        let trailers: &[&[u8]] = match version {
+            1 => &[
+                &EngineSnapshot::V1_TO_V2_TRAILER,
+                &EngineSnapshot::V2_TO_V3_TRAILER,
+                &EngineSnapshot::V3_TO_V4_TRAILER,
+                &EngineSnapshot::V5_TO_V6_TRAILER,
+                &EngineSnapshot::V6_TO_V7_TRAILER,
+            ],
+            2 => &[
+                &EngineSnapshot::V2_TO_V3_TRAILER,
+                &EngineSnapshot::V3_TO_V4_TRAILER,
+                &EngineSnapshot::V5_TO_V6_TRAILER,
+                &EngineSnapshot::V6_TO_V7_TRAILER,
+            ],
+            3 => &[
+                &EngineSnapshot::V3_TO_V4_TRAILER,
+                &EngineSnapshot::V5_TO_V6_TRAILER,
+                &EngineSnapshot::V6_TO_V7_TRAILER,
+            ],
             // Format 5 changed the header's checksum only: its payload is format 4's.
-            4 | 5 => {
-                payload.extend_from_slice(&EngineSnapshot::V5_TO_V6_TRAILER);
-                true
-            }
-            _ => false,
+            4 | 5 => &[
+                &EngineSnapshot::V5_TO_V6_TRAILER,
+                &EngineSnapshot::V6_TO_V7_TRAILER,
+            ],
+            6 => &[&EngineSnapshot::V6_TO_V7_TRAILER],
+            _ => return false,
+        };
+        for t in trailers {
+            payload.extend_from_slice(t);
         }
+        true
     }
     fn validate(&self) -> Result<(), crate::RestoreError> {
         Engine::validate(self).map_err(Into::into)

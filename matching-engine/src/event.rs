@@ -59,6 +59,10 @@ pub enum Event {
         account: Option<AccountId>,
         /// True when an idempotent command had been applied already (and changed nothing now).
         duplicate: bool,
+        /// For a duplicate transfer: the sequence number of the command that applied it, so that
+        /// a retry answers the transfer's own id (`None` for other commands, and for a transfer
+        /// key restored from a snapshot older than format 7).
+        original: Option<u64>,
     },
     /// The command was rejected and changed nothing: its only event (after the events of GTD
     /// orders that expired at its time, if any).

@@ -39,8 +39,8 @@ pub const SNAPSHOT_MAGIC: [u8; 8] = *b"MEDSNAP1";
 /// [`StateMachine::upgrade_snapshot_payload`] knows them (the engine: version 1, before order
 /// lists; version 2, before OTO/OTOCO lists; version 3, before each resting order's quote
 /// filled; version 4, whose checksum did not cover the header; version 5, before transfer
-/// terms).
-pub const SNAPSHOT_VERSION: u32 = 6;
+/// terms; version 6, before transfers' sequence numbers).
+pub const SNAPSHOT_VERSION: u32 = 7;
 /// Length of the snapshot header in bytes.
 pub const SNAPSHOT_HEADER_BYTES: usize = 60;
 

@@ -2211,22 +2211,102 @@ fn oco_survives_a_snapshot_round_trip_and_replays_identically() {
     assert!(Engine::from_snapshot(bad).is_err());
 }
 
-/// The trailing bytes of `e`'s snapshot that format 6 added: its transfer and credit terms.
+/// The trailing bytes of `e`'s snapshot that formats 6 and 7 added: its transfer and credit
+/// terms, and its transfers' sequence numbers.
 fn terms_suffix(e: &Engine) -> Vec<u8> {
     let s = e.snapshot();
     [
         postcard::to_stdvec(&s.transfer_terms).unwrap(),
         postcard::to_stdvec(&s.credit_terms).unwrap(),
+        postcard::to_stdvec(&s.transfer_seqs).unwrap(),
     ]
     .concat()
 }
 
-/// `e`'s snapshot without format 6's terms, encoded: the state an older format restores.
+/// `e`'s snapshot without formats 6's and 7's terms and sequence numbers, encoded: the state
+/// an older format restores.
 fn without_terms(e: &Engine) -> Vec<u8> {
     let mut s = e.snapshot();
     s.transfer_terms.clear();
     s.credit_terms.clear();
+    s.transfer_seqs.clear();
     postcard::to_stdvec(&s).unwrap()
+}
+
+/// `bytes`, a snapshot file, rewritten as format `version` with the last `cut` payload bytes
+/// left out (the fields that format added), its checksum as format 5 on computes it.
+fn restamped(bytes: &[u8], version: u32, cut: usize) -> Vec<u8> {
+    use sha2::Digest;
+    let payload = &bytes[60..bytes.len() - cut];
+    let mut out = bytes[..60].to_vec();
+    out[8..12].copy_from_slice(&version.to_le_bytes());
+    out[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
+    let mut sum = sha2::Sha256::new();
+    sum.update(&out[..28]);
+    sum.update(payload);
+    out[28..60].copy_from_slice(&sum.finalize());
+    out.extend_from_slice(payload);
+    out
+}
+
+/// A transfer's retry answers the transfer's own sequence number (`original`), also after a
+/// snapshot (format 7). A format-6 snapshot (no sequence numbers) loads, and its keys' retries
+/// are still duplicates, with no original.
+#[test]
+fn a_transfers_sequence_number_survives_a_snapshot_and_a_format_6_snapshot_loads_without_it() {
+    use matching_engine::snapshot::{read_snapshot, snapshot_file_name, write_snapshot};
+    let mut h = H::new();
+    let a = h.account(0, 1_000);
+    let b = h.account(0, 0);
+    let key = h.key();
+    let t = Command::Transfer {
+        from: a,
+        to: b,
+        asset: QUOTE,
+        amount: Amount(400),
+        key,
+    };
+    let ev = h.cmd(t.clone()).unwrap();
+    let Event::Accepted { seq: first, .. } = ev[0] else {
+        panic!("{ev:?}")
+    };
+    h.account(0, 5);
+    let retry = |e: &mut Engine, now| {
+        let mut out = Vec::new();
+        e.apply(&t, Timestamp(now), &mut out).unwrap();
+        match out[0] {
+            Event::Accepted {
+                duplicate: true,
+                original,
+                ..
+            } => original,
+            _ => panic!("{out:?}"),
+        }
+    };
+    assert_eq!(retry(&mut h.e, h.now + 1), Some(first));
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_snapshot(dir.path(), &h.e).unwrap();
+    let mut e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
+    assert_eq!(e.state_hash(), h.e.state_hash());
+    assert_eq!(retry(&mut e, h.now + 1), Some(first));
+    // Format 6: the same payload without the trailing sequence numbers.
+    assert_eq!(h.e.snapshot().transfer_seqs, vec![(key, first)]);
+    let bytes = std::fs::read(&path).unwrap();
+    let seqs = postcard::to_stdvec(&h.e.snapshot().transfer_seqs).unwrap();
+    assert_eq!(&bytes[bytes.len() - seqs.len()..], &seqs[..]);
+    let v6 = restamped(&bytes, 6, seqs.len());
+    std::fs::write(dir.path().join(snapshot_file_name(h.e.seq())), &v6).unwrap();
+    let mut e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
+    assert!(e.snapshot().transfer_seqs.is_empty());
+    assert_eq!(e.snapshot().transfer_terms, h.e.snapshot().transfer_terms);
+    assert_eq!(retry(&mut e, h.now + 1), None);
+    // A sequence number of a key without terms, or beyond the snapshot's, is refused.
+    let mut bad = h.e.snapshot();
+    bad.transfer_terms.clear();
+    assert!(Engine::from_snapshot(bad).is_err());
+    let mut bad = h.e.snapshot();
+    bad.transfer_seqs[0].1 = bad.seq + 1;
+    assert!(Engine::from_snapshot(bad).is_err());
 }
 
 #[test]
@@ -2305,22 +2385,13 @@ fn transfer_and_credit_terms_survive_a_snapshot_and_a_format_5_snapshot_loads_wi
         e.apply(&c(6), Timestamp(h.now + 1), &mut out),
         Err(RejectCode::CreditKeyReused)
     );
-    // Format 5: the same payload without the trailing terms.
+    // Format 5: the same payload without the trailing terms (and format 7's sequence numbers).
     let snap = h.e.snapshot();
     assert_eq!(snap.transfer_terms.len(), 1);
     let bytes = std::fs::read(&path).unwrap();
     let terms = terms_suffix(&h.e);
     assert_eq!(&bytes[bytes.len() - terms.len()..], &terms[..]);
-    let payload = &bytes[60..bytes.len() - terms.len()];
-    let mut v5 = bytes[..60].to_vec();
-    v5[8..12].copy_from_slice(&5u32.to_le_bytes());
-    v5[20..28].copy_from_slice(&(payload.len() as u64).to_le_bytes());
-    use sha2::Digest;
-    let mut sum = sha2::Sha256::new();
-    sum.update(&v5[..28]);
-    sum.update(payload);
-    v5[28..60].copy_from_slice(&sum.finalize());
-    v5.extend_from_slice(payload);
+    let v5 = restamped(&bytes, 5, terms.len());
     std::fs::write(dir.path().join(snapshot_file_name(h.e.seq())), &v5).unwrap();
     let mut e: Engine = read_snapshot(&path, h.e.seq()).unwrap();
     assert!(e.snapshot().transfer_terms.is_empty());

@@ -2418,6 +2418,14 @@ fn arb_command() -> impl Strategy<Value = Command> {
         1 => (arb_account(), arb_account(), arb_asset(), arb_amount(), 0u8..6).prop_map(
             |(from, to, asset, amount, k)| Command::Transfer { from, to, asset, amount, key: key(k) }
         ),
+        // The same transfers again and again: once applied, their retries are duplicates.
+        1 => (1u32..=2, 0u8..2).prop_map(|(from, k)| Command::Transfer {
+            from: AccountId(from),
+            to: AccountId(3 - from),
+            asset: AssetId(u16::from(k)),
+            amount: Amount(1),
+            key: key(100 + k),
+        }),
         1 => Just(Command::CreateAccount),
         1 => Just(Command::Tick),
         1 => (arb_account(), arb_asset(), arb_amount(), 0u64..=50, 1u64..=6).prop_map(
@@ -2588,6 +2596,8 @@ fn check_against_reference(ops: &[Op], fees: (u16, u16)) -> Result<(), TestCaseE
     let mut e = Engine::new(config(fees)).unwrap();
     let mut r = Reference::new(fees);
     let mut out = Vec::new();
+    // Each transfer key's sequence number when it was applied: a retry names it.
+    let mut transfer_seqs = std::collections::HashMap::new();
     for (i, op) in ops.iter().enumerate() {
         let cmd = &resolve(op, &e, now_of(i));
         out.clear();
@@ -2604,6 +2614,29 @@ fn check_against_reference(ops: &[Op], fees: (u16, u16)) -> Result<(), TestCaseE
                 let want_evs: Vec<Ev> = expired.iter().chain(evs).cloned().collect();
                 prop_assert_eq!(gdup, *dup, "step {}: duplicate flag of {:?}", i, cmd);
                 prop_assert_eq!(&gevs, &want_evs, "step {}: events of {:?}", i, cmd);
+                let accepted = out.iter().find_map(|ev| match *ev {
+                    Event::Accepted { seq, original, .. } => Some((seq, original)),
+                    _ => None,
+                });
+                match (cmd, *dup, accepted) {
+                    (Command::Transfer { key, .. }, false, Some((seq, original))) => {
+                        prop_assert_eq!(original, None, "step {}", i);
+                        transfer_seqs.insert(*key, seq);
+                    }
+                    (Command::Transfer { key, .. }, true, Some((_, original))) => prop_assert_eq!(
+                        original,
+                        transfer_seqs.get(key).copied(),
+                        "step {}: the original of {:?}",
+                        i,
+                        cmd
+                    ),
+                    (Command::Transfer { .. }, _, None) => {
+                        prop_assert!(false, "step {}: {:?} accepted without Accepted", i, cmd)
+                    }
+                    (_, _, acc) => {
+                        prop_assert_eq!(acc.and_then(|a| a.1), None, "step {}: {:?}", i, cmd)
+                    }
+                }
             }
             _ => prop_assert!(
                 false,

@@ -72,7 +72,7 @@ pub fn pay_command(st: &AppState, intent: &PayIntent, merchant: u32) -> Result<C
 /// caller must not cancel what it reserved.
 pub(crate) async fn transfer(st: &AppState, cmd: Command, resolving: bool) -> Moved {
     match st.submit_outcome(cmd).await {
-        Outcome::Applied(reply) => Moved::Done(format!("transfer:{}", reply.seq)),
+        Outcome::Applied(reply) => Moved::Done(format!("transfer:{}", reply.applied_seq())),
         Outcome::Rejected(matching_engine::RejectCode::EngineBusy) if resolving => Moved::Unknown,
         Outcome::Rejected(code) => Moved::Refused(ApiError::command_rejected(code)),
         Outcome::Busy | Outcome::Halted if resolving => Moved::Unknown,

@@ -2138,8 +2138,13 @@ pub async fn create_pull_payment(
         .ok_or_else(|| invalid("amount", "amount is missing"))?;
     let amount = api::decimal::parse_units(&amount, api::capital::BTC_DECIMALS)
         .ok()
-        .filter(|a| *a > 0)
-        .ok_or_else(|| invalid("amount", "more than zero, 8 decimals at most"))?;
+        .filter(|a| (1..=model::MAX_AMOUNT_SAT).contains(a))
+        .ok_or_else(|| {
+            invalid(
+                "amount",
+                "more than zero, at most 21000000, 8 decimals at most",
+            )
+        })?;
     let p = PullPayment {
         id: r::random_id()?,
         merchant: key.account,

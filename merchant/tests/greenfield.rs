@@ -1550,3 +1550,71 @@ async fn a_filtered_invoice_list_pages_over_the_matching_invoices_not_the_newest
         vec![lapsed, settled]
     );
 }
+
+#[tokio::test]
+async fn amounts_above_all_bitcoin_are_refused_with_422_and_create_nothing() {
+    // A pull payment of 2^63 satoshis or more answered 500 (the database refused the number
+    // after the checks passed); one of 21,000,001 BTC, or an invoice of 2^64 - 1 satoshis,
+    // was created. More than 21,000,000 BTC is a validation error, as a zero amount is.
+    let g = setup().await;
+    let s = g.store();
+    for amount in [
+        "92233720368.54775808",
+        "184467440737.09551615",
+        "21000000.00000001",
+    ] {
+        let r = call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{s}/pull-payments"),
+            Some(&g.token),
+            Some(json!({"name": "Too much", "amount": amount, "currency": "BTC"})),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "pull payment {amount}: {}",
+            r.json
+        );
+        assert_eq!(r.json[0]["path"], "amount");
+        let r = call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{s}/invoices"),
+            Some(&g.token),
+            Some(json!({"amount": amount, "currency": "BTC"})),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invoice {amount}: {}",
+            r.json
+        );
+        assert_eq!(r.json[0]["path"], "amount");
+    }
+    let pps = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{s}/pull-payments"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "pull payments",
+    );
+    assert_eq!(pps, json!([]));
+    assert_eq!(invoice_ids(&g, "").await, Vec::<String>::new());
+    // All of it is still an amount.
+    let r = call(
+        &g.h,
+        "POST",
+        &format!("/api/v1/stores/{s}/pull-payments"),
+        Some(&g.token),
+        Some(json!({"amount": "21000000", "currency": "BTC"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+}

@@ -1004,7 +1004,12 @@ fn date_secs(d: &str, end: bool) -> Option<u64> {
         it.next()?.parse::<i64>().ok()?,
         it.next()?.parse::<i64>().ok()?,
     );
-    if it.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) || y < 1970 {
+    // Four-digit years, as the date input sends (a larger one would overflow the day count).
+    if it.next().is_some()
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || !(1970..=9999).contains(&y)
+    {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).

@@ -123,7 +123,8 @@ fn dummy_phc() -> &'static str {
 // ---- operator commands (admin API) ----
 
 /// `POST /mapi/v1/admin/dashboardPassword` (ADMIN): `account`, `password` (12 to 128
-/// characters). Replaces the store's password and logs out its sessions.
+/// characters). Replaces the store's password, logs out its sessions and voids its unused login
+/// links.
 pub async fn admin_set_password(
     State(st): State<AppState>,
     req: api::state::Req,
@@ -156,6 +157,12 @@ pub async fn admin_set_password(
         .map_err(db_error)?;
         tx.execute(
             "DELETE FROM dashboard_session WHERE merchant = ?1",
+            params![account],
+        )
+        .map_err(db_error)?;
+        // A login link issued before, not used yet, would log in past the change.
+        tx.execute(
+            "DELETE FROM dashboard_link WHERE merchant = ?1 AND used_ms IS NULL",
             params![account],
         )
         .map_err(db_error)?;

@@ -1366,6 +1366,10 @@ async fn an_old_orders_invoice_is_found_by_its_order_id() {
     let found = found.as_array().unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0]["id"], old["id"]);
+    // An order id sent twice is one filter: each invoice once (and one look-up).
+    let twice = invoice_ids(&g, "orderId=wc-old&orderId=wc-old&orderId=wc-3").await;
+    assert_eq!(twice.len(), 2, "{twice:?}");
+    assert!(twice.contains(&old["id"].as_str().unwrap().to_owned()));
     // The newest page still pages: take 5 of the 111.
     let page = ok(
         call(&g.h, "GET", &format!("{path}?take=5"), Some(&g.token), None).await,

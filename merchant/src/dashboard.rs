@@ -123,7 +123,8 @@ fn dummy_phc() -> &'static str {
 // ---- operator commands (admin API) ----
 
 /// `POST /mapi/v1/admin/dashboardPassword` (ADMIN): `account`, `password` (12 to 128
-/// characters). Replaces the store's password and logs out its sessions.
+/// characters). Replaces the store's password, logs out its sessions and voids its unused login
+/// links.
 pub async fn admin_set_password(
     State(st): State<AppState>,
     req: api::state::Req,
@@ -156,6 +157,12 @@ pub async fn admin_set_password(
         .map_err(db_error)?;
         tx.execute(
             "DELETE FROM dashboard_session WHERE merchant = ?1",
+            params![account],
+        )
+        .map_err(db_error)?;
+        // A login link issued before, not used yet, would log in past the change.
+        tx.execute(
+            "DELETE FROM dashboard_link WHERE merchant = ?1 AND used_ms IS NULL",
             params![account],
         )
         .map_err(db_error)?;
@@ -1004,7 +1011,12 @@ fn date_secs(d: &str, end: bool) -> Option<u64> {
         it.next()?.parse::<i64>().ok()?,
         it.next()?.parse::<i64>().ok()?,
     );
-    if it.next().is_some() || !(1..=12).contains(&m) || !(1..=31).contains(&day) || y < 1970 {
+    // Four-digit years, as the date input sends (a larger one would overflow the day count).
+    if it.next().is_some()
+        || !(1..=12).contains(&m)
+        || !(1..=31).contains(&day)
+        || !(1970..=9999).contains(&y)
+    {
         return None;
     }
     // Days from civil (Howard Hinnant's algorithm).

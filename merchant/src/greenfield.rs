@@ -1009,7 +1009,11 @@ pub async fn list_invoices(
         match k.as_str() {
             "status" => statuses
                 .push(Status::parse(&v).ok_or_else(|| invalid("status", "an invoice status"))?),
-            "orderId" => orders.push(v.clone()),
+            // Once each: a repeated order id is one look-up, and its invoices listed once; the
+            // first MAX_LIST are looked up.
+            "orderId" if orders.len() < r::MAX_LIST as usize && !orders.contains(&v) => {
+                orders.push(v.clone())
+            }
             "startDate" => start = num("startDate")?.saturating_mul(1000),
             "endDate" => end = num("endDate")?.saturating_mul(1000).saturating_add(999),
             "skip" => {
@@ -1028,14 +1032,48 @@ pub async fn list_invoices(
     let account = key.account;
     let want = skip.saturating_add(take).min(10 * r::MAX_LIST);
     let by_order = orders.clone();
+    // The stored statuses that may show as a wanted one: a `New` invoice shows `Expired` once
+    // its time is up, before the monitor stores it so (nothing else changes by time alone).
+    let mut stored = statuses.clone();
+    if stored.contains(&Status::Expired) && !stored.contains(&Status::New) {
+        stored.push(Status::New);
+    }
+    let now = now_ms();
+    let shown =
+        move |rec: &Record| statuses.is_empty() || statuses.contains(&rec.inv.derive(now).status);
+    let shown_db = shown.clone();
     let rows = with_db(&st, move |c| {
         // By order id: looked up directly (however old the invoice), not filtered out of the
         // newest page.
         let recs = if by_order.is_empty() {
-            store::list(c, account, None, start, end, want).map_err(db_error)?
+            // The filters choose what `skip` and `take` count: pages of matching invoices
+            // until `want` are found (the few whose status changed by time alone are left
+            // out here, so a page may need a next one).
+            let mut recs: Vec<Record> = Vec::new();
+            let mut after: Option<(u64, String)> = None;
+            loop {
+                let page = store::list_page(
+                    c,
+                    account,
+                    &stored,
+                    !archived,
+                    start,
+                    end,
+                    after.as_ref().map(|(ms, id)| (*ms, id.as_str())),
+                    want,
+                )
+                .map_err(db_error)?;
+                let full = page.len() == want as usize;
+                after = page.last().map(|r| (r.inv.created_ms, r.inv.id.clone()));
+                recs.extend(page.into_iter().filter(&shown_db));
+                if !full || recs.len() >= want as usize {
+                    break;
+                }
+            }
+            recs
         } else {
             let mut recs = Vec::new();
-            for o in by_order.iter().take(r::MAX_LIST as usize) {
+            for o in &by_order {
                 recs.extend(
                     store::list_by_order(c, account, o, start, end, want).map_err(db_error)?,
                 );
@@ -1051,12 +1089,11 @@ pub async fn list_invoices(
         Ok(out)
     })
     .await?;
-    let now = now_ms();
     let v: Vec<Value> = rows
         .iter()
         .filter(|(rec, e)| {
             (archived || !e.archived)
-                && (statuses.is_empty() || statuses.contains(&rec.inv.derive(now).status))
+                && shown(rec)
                 && (orders.is_empty() || rec.order_id.as_ref().is_some_and(|o| orders.contains(o)))
         })
         .skip(skip as usize)
@@ -2105,8 +2142,13 @@ pub async fn create_pull_payment(
         .ok_or_else(|| invalid("amount", "amount is missing"))?;
     let amount = api::decimal::parse_units(&amount, api::capital::BTC_DECIMALS)
         .ok()
-        .filter(|a| *a > 0)
-        .ok_or_else(|| invalid("amount", "more than zero, 8 decimals at most"))?;
+        .filter(|a| (1..=model::MAX_AMOUNT_SAT).contains(a))
+        .ok_or_else(|| {
+            invalid(
+                "amount",
+                "more than zero, at most 21000000, 8 decimals at most",
+            )
+        })?;
     let p = PullPayment {
         id: r::random_id()?,
         merchant: key.account,

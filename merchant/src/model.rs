@@ -31,6 +31,10 @@ use super::webhook::EventType;
 pub const SPEED_POLICIES: [u32; 4] = [0, 1, 2, 6];
 /// Basis points in a whole.
 pub const BPS: u64 = 10_000;
+/// The most any amount may be, satoshis: every bitcoin there will be (21,000,000 BTC). An
+/// invoice or pull payment above it is refused (it could never be paid, and it would not fit
+/// the database's signed 64-bit integers near `u64::MAX`).
+pub const MAX_AMOUNT_SAT: u64 = 21_000_000 * 100_000_000;
 
 /// An invoice's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]

@@ -49,6 +49,10 @@ pub(crate) fn unknown_currency() -> ApiError {
 fn zero_amount() -> ApiError {
     ApiError::bad(-1153, "Amount must be more than zero.")
 }
+/// `-1013`: an amount above [`model::MAX_AMOUNT_SAT`] (21,000,000 BTC).
+pub(crate) fn too_much() -> ApiError {
+    ApiError::filter("amount above 21000000 BTC")
+}
 fn bad_expiry() -> ApiError {
     ApiError::bad(-1154, "expiryMinutes must be 1..=10080.")
 }
@@ -412,10 +416,17 @@ pub(crate) async fn amount_in(
         return Err(zero_amount());
     }
     if currency == "BTC" {
-        return Ok((units, None));
+        return if units > model::MAX_AMOUNT_SAT {
+            Err(too_much())
+        } else {
+            Ok((units, None))
+        };
     }
     let (rate, _) = current_rate(st, currency).await?;
     let sat = model::quote_to_sat(units, rate).ok_or_else(|| ApiError::invalid_value("amount"))?;
+    if sat > model::MAX_AMOUNT_SAT {
+        return Err(too_much());
+    }
     Ok((
         sat,
         Some(Quote {

@@ -1,7 +1,8 @@
 //! Where a webhook may be sent: a merchant's URL is resolved and every address it resolves to is
 //! checked before the server connects to it, so a merchant cannot aim the dispatcher at the
 //! server's own network (loopback, private, link-local, unique-local, CGNAT, multicast,
-//! unspecified, reserved, and the IPv4-mapped / IPv4-compatible / NAT64 forms of them).
+//! unspecified, reserved, and the IPv4-mapped / IPv4-compatible / NAT64 forms of them, and the
+//! local-use NAT64 prefix `64:ff9b:1::/48` whole).
 //!
 //! * The URL is parsed by the WHATWG rules ([`reqwest::Url`]), which also read the decimal, hex
 //!   and octal IPv4 spellings (`http://2130706433/`, `http://0x7f.1/`, `http://017700000001/`)
@@ -212,6 +213,10 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
         || (s[0] == 0x2001 && s[1] == 0x0db8) // documentation
         || (s[0] == 0x2001 && s[1] < 0x0200) // IETF protocol assignments (Teredo, ORCHID...)
         || s[0] == 0x0100 && s[1..4] == [0, 0, 0] // discard-only 100::/64
+        // Local-use NAT64 64:ff9b:1::/48 (RFC 8215, not globally reachable): a translator on
+        // the server's own network, to whatever IPv4 address it embeds (where, depends on
+        // the prefix length the operator chose).
+        || s[..3] == [0x64, 0xff9b, 0x0001]
 }
 
 #[cfg(test)]
@@ -253,6 +258,8 @@ mod tests {
             "http://[::ffff:7f00:1]/",
             "http://[::127.0.0.1]/",
             "http://[64:ff9b::a9fe:a9fe]/",
+            "http://[64:ff9b:1::a00:1]/",
+            "http://[64:ff9b:1:fffe::7f00:1]/",
             "http://[2002:7f00:1::]/",
             "http://2130706433/",
             "http://0x7f.1/",

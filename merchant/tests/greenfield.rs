@@ -1366,6 +1366,10 @@ async fn an_old_orders_invoice_is_found_by_its_order_id() {
     let found = found.as_array().unwrap();
     assert_eq!(found.len(), 1, "{found:?}");
     assert_eq!(found[0]["id"], old["id"]);
+    // An order id sent twice is one filter: each invoice once (and one look-up).
+    let twice = invoice_ids(&g, "orderId=wc-old&orderId=wc-old&orderId=wc-3").await;
+    assert_eq!(twice.len(), 2, "{twice:?}");
+    assert!(twice.contains(&old["id"].as_str().unwrap().to_owned()));
     // The newest page still pages: take 5 of the 111.
     let page = ok(
         call(&g.h, "GET", &format!("{path}?take=5"), Some(&g.token), None).await,
@@ -1427,4 +1431,194 @@ async fn a_payout_key_taken_by_another_address_is_not_done() {
         )
         .unwrap();
     assert_eq!(state, "unknown");
+}
+
+/// The ids `GET /api/v1/stores/{store}/invoices?<q>` answers, in its order.
+async fn invoice_ids(g: &G, q: &str) -> Vec<String> {
+    let uri = format!("/api/v1/stores/{}/invoices?{q}", g.store());
+    let v = ok(call(&g.h, "GET", &uri, Some(&g.token), None).await, q);
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_filtered_invoice_list_pages_over_the_matching_invoices_not_the_newest_ones() {
+    // A shop plugin asks for its settled invoices, or the next page: the filters (status,
+    // archived) choose the invoices that `skip` and `take` count, as BTCPay's list does, not
+    // the newest `skip + take` invoices of every kind.
+    let g = setup().await;
+    let s = g.store();
+    // Oldest first: settled, archived, new.
+    let settled = g
+        .new_invoice(json!({"amount": "0.001", "currency": "BTC"}))
+        .await;
+    let settled = settled["id"].as_str().unwrap().to_owned();
+    let r = call(
+        &g.h,
+        "POST",
+        &format!("/api/v1/stores/{s}/invoices/{settled}/status"),
+        Some(&g.token),
+        Some(json!({"status": "Settled"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let archived = g
+        .new_invoice(json!({"amount": "0.002", "currency": "BTC"}))
+        .await;
+    let archived = archived["id"].as_str().unwrap().to_owned();
+    let r = call(
+        &g.h,
+        "DELETE",
+        &format!("/api/v1/stores/{s}/invoices/{archived}"),
+        Some(&g.token),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let new = g
+        .new_invoice(json!({"amount": "0.003", "currency": "BTC"}))
+        .await;
+    let new = new["id"].as_str().unwrap().to_owned();
+    // One second apart, in that order (created in the same millisecond, the order would be
+    // the ids').
+    {
+        let db = g.h.state.merchant().db.lock().unwrap();
+        let now = i64::try_from(common::now_ms()).unwrap();
+        for (age_s, id) in [(3, &settled), (2, &archived), (1, &new)] {
+            db.execute(
+                "UPDATE invoice SET created_ms = ?1 WHERE id = ?2",
+                rusqlite::params![now - age_s * 1000, id],
+            )
+            .unwrap();
+        }
+    }
+
+    assert_eq!(
+        invoice_ids(&g, "status=Settled&take=1").await,
+        vec![settled.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "status=Settled").await,
+        vec![settled.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "status=New&status=Settled&skip=1&take=1").await,
+        vec![settled.clone()]
+    );
+    assert_eq!(invoice_ids(&g, "take=1").await, vec![new.clone()]);
+    assert_eq!(
+        invoice_ids(&g, "skip=1&take=1").await,
+        vec![settled.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "").await,
+        vec![new.clone(), settled.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "includeArchived=true&skip=1&take=1").await,
+        vec![archived.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "status=Expired").await,
+        Vec::<String>::new()
+    );
+
+    // An invoice whose time ran out shows `Expired` before the monitor stores it so: listed as
+    // expired, not as new.
+    let lapsed = g
+        .new_invoice(json!({"amount": "0.004", "currency": "BTC"}))
+        .await;
+    let lapsed = lapsed["id"].as_str().unwrap().to_owned();
+    {
+        let db = g.h.state.merchant().db.lock().unwrap();
+        let now = i64::try_from(common::now_ms()).unwrap();
+        db.execute(
+            "UPDATE invoice SET created_ms = ?1, expires_ms = ?1 WHERE id = ?2",
+            rusqlite::params![now - 500, lapsed],
+        )
+        .unwrap();
+    }
+    assert_eq!(
+        invoice_ids(&g, "status=Expired").await,
+        vec![lapsed.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "status=New&take=1").await,
+        vec![new.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "status=Expired&status=Settled").await,
+        vec![lapsed, settled]
+    );
+}
+
+#[tokio::test]
+async fn amounts_above_all_bitcoin_are_refused_with_422_and_create_nothing() {
+    // A pull payment of 2^63 satoshis or more answered 500 (the database refused the number
+    // after the checks passed); one of 21,000,001 BTC, or an invoice of 2^64 - 1 satoshis,
+    // was created. More than 21,000,000 BTC is a validation error, as a zero amount is.
+    let g = setup().await;
+    let s = g.store();
+    for amount in [
+        "92233720368.54775808",
+        "184467440737.09551615",
+        "21000000.00000001",
+    ] {
+        let r = call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{s}/pull-payments"),
+            Some(&g.token),
+            Some(json!({"name": "Too much", "amount": amount, "currency": "BTC"})),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "pull payment {amount}: {}",
+            r.json
+        );
+        assert_eq!(r.json[0]["path"], "amount");
+        let r = call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{s}/invoices"),
+            Some(&g.token),
+            Some(json!({"amount": amount, "currency": "BTC"})),
+        )
+        .await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invoice {amount}: {}",
+            r.json
+        );
+        assert_eq!(r.json[0]["path"], "amount");
+    }
+    let pps = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{s}/pull-payments"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "pull payments",
+    );
+    assert_eq!(pps, json!([]));
+    assert_eq!(invoice_ids(&g, "").await, Vec::<String>::new());
+    // All of it is still an amount.
+    let r = call(
+        &g.h,
+        "POST",
+        &format!("/api/v1/stores/{s}/pull-payments"),
+        Some(&g.token),
+        Some(json!({"amount": "21000000", "currency": "BTC"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
 }

@@ -611,19 +611,23 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// A seeded xorshift generator: `rnd(n)` is below `n`.
+    fn xorshift(mut x: u64) -> impl FnMut(u64) -> u64 {
+        move |n| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        }
+    }
+
     /// `trades` (two index scans merged, time bounds turned into id bounds) answers what a
     /// plain filter of every row answers: seeded histories with self-trades, several markets,
     /// runs of equal times and gaps in the ids, against many windows, `fromId`s and limits.
     #[test]
     fn account_trades_match_a_plain_filter_of_every_row() {
         let (dir, store) = temp_store("trades");
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut rnd = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rnd = xorshift(0x9e37_79b9_7f4a_7c15);
         let (mut id, mut time) = (0u64, 100u64);
         let mut all = Vec::new();
         for _ in 0..3_000 {
@@ -722,13 +726,7 @@ mod tests {
     #[test]
     fn account_orders_match_a_plain_filter_of_every_row() {
         let (dir, store) = temp_store("orders");
-        let mut x: u64 = 0x2545_f491_4f6c_dd1d;
-        let mut rnd = |n: u64| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x % n
-        };
+        let mut rnd = xorshift(0x2545_f491_4f6c_dd1d);
         let (mut id, mut time) = (0u64, 100u64);
         let mut all = Vec::new();
         for _ in 0..3_000 {

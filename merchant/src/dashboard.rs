@@ -4,7 +4,10 @@
 //!   stored as an Argon2id PHC string) or a one-time login link (`mediator dashboard link`:
 //!   32 random bytes, stored as their SHA-256, single use, [`LINK_TTL_MS`]). Attempts are
 //!   rate-limited per client IP and per store ([`LOGINS_PER_MIN`]); a failure never says which
-//!   part was wrong.
+//!   part was wrong. A browser that logged in to a store gets a device cookie ([`DEVICE_COOKIE`],
+//!   OWASP's "device cookies": random, stored as its SHA-256, [`DEVICE_TTL_MS`], at most
+//!   [`DEVICES_PER_STORE`] per store): its password attempts count against that device instead
+//!   of the store's budget, so wrong passwords sent by someone else do not lock the owner out.
 //! * **Sessions.** A random id (32 bytes) in the cookie [`COOKIE`] (`HttpOnly; SameSite=Strict;
 //!   Path=/`, `Secure` unless `public_url` is plain `http://`), stored server-side as its SHA-256
 //!   with an expiry ([`SESSION_TTL_MS`]); logout deletes it; a new password deletes all of the
@@ -48,8 +51,15 @@ pub const COOKIE: &str = "mediator_dashboard";
 pub const SESSION_TTL_MS: u64 = 8 * 3_600_000;
 /// How long a one-time login link is valid.
 pub const LINK_TTL_MS: u64 = 15 * 60_000;
-/// Login attempts per minute per client IP, and per store.
+/// Login attempts per minute per client IP, and per store (per device for a browser with a
+/// device cookie of the store).
 pub const LOGINS_PER_MIN: u64 = 10;
+/// The cookie of a browser that logged in to a store before (sent to the login form only).
+pub const DEVICE_COOKIE: &str = "mediator_device";
+/// How long a device cookie is honoured (180 days).
+pub const DEVICE_TTL_MS: u64 = 180 * 24 * 3_600_000;
+/// The newest device cookies kept per store; older ones become browsers never seen.
+pub const DEVICES_PER_STORE: i64 = 20;
 /// Password length bounds (characters).
 pub const PASSWORD_LEN: std::ops::RangeInclusive<usize> = 12..=128;
 /// The largest form body accepted.
@@ -72,7 +82,9 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
             hash TEXT PRIMARY KEY, merchant INTEGER NOT NULL, csrf TEXT NOT NULL,
             created_ms INTEGER NOT NULL, expires_ms INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS dashboard_flash (
-            session TEXT PRIMARY KEY, msg TEXT NOT NULL, created_ms INTEGER NOT NULL);",
+            session TEXT PRIMARY KEY, msg TEXT NOT NULL, created_ms INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS dashboard_device (
+            hash TEXT PRIMARY KEY, merchant INTEGER NOT NULL, created_ms INTEGER NOT NULL);",
     )
 }
 
@@ -123,8 +135,8 @@ fn dummy_phc() -> &'static str {
 // ---- operator commands (admin API) ----
 
 /// `POST /mapi/v1/admin/dashboardPassword` (ADMIN): `account`, `password` (12 to 128
-/// characters). Replaces the store's password, logs out its sessions and voids its unused login
-/// links.
+/// characters). Replaces the store's password, logs out its sessions, voids its unused login
+/// links and forgets its device cookies.
 pub async fn admin_set_password(
     State(st): State<AppState>,
     req: api::state::Req,
@@ -163,6 +175,13 @@ pub async fn admin_set_password(
         // A login link issued before, not used yet, would log in past the change.
         tx.execute(
             "DELETE FROM dashboard_link WHERE merchant = ?1 AND used_ms IS NULL",
+            params![account],
+        )
+        .map_err(db_error)?;
+        // And the browsers that logged in before (a new password is often a suspected
+        // compromise): each logs in once more within the store's budget.
+        tx.execute(
+            "DELETE FROM dashboard_device WHERE merchant = ?1",
             params![account],
         )
         .map_err(db_error)?;
@@ -282,15 +301,45 @@ impl IntoResponse for Refusal {
 }
 
 fn cookie_value(headers: &HeaderMap) -> Option<String> {
+    cookie_named(headers, COOKIE)
+}
+
+/// The value of cookie `name` if it is one of ours (64 hex digits).
+fn cookie_named(headers: &HeaderMap, name: &str) -> Option<String> {
     headers
         .get_all(header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .find(|(k, _)| *k == COOKIE)
+        .find(|(k, _)| *k == name)
         .map(|(_, v)| v.to_owned())
         .filter(|v| v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()))
+}
+
+/// The hash of the request's device cookie if the server issued it to a browser that logged in
+/// to `account` and it has not expired.
+async fn known_device(
+    st: &AppState,
+    headers: &HeaderMap,
+    account: u32,
+) -> Result<Option<String>, ApiError> {
+    let Some(id) = cookie_named(headers, DEVICE_COOKIE) else {
+        return Ok(None);
+    };
+    let hash = sha256_hex(&id);
+    let since = now_ms().saturating_sub(DEVICE_TTL_MS);
+    with_db(st, move |c| {
+        c.query_row(
+            "SELECT 1 FROM dashboard_device WHERE hash = ?1 AND merchant = ?2 AND created_ms > ?3",
+            params![hash, account, since],
+            |_| Ok(()),
+        )
+        .optional()
+        .map(|found| found.map(|()| hash))
+        .map_err(db_error)
+    })
+    .await
 }
 
 impl FromRequestParts<AppState> for Session {
@@ -776,7 +825,17 @@ async fn try_login(
         let store_key = store
             .parse::<u32>()
             .map_or_else(|_| format!("text:{store}"), |a| a.to_string());
-        if limited(&format!("store:{store_key}")) {
+        // A browser that logged in to this store before spends its own budget: wrong
+        // passwords from anyone else cannot lock it out.
+        let device = match store.parse::<u32>() {
+            Ok(a) => known_device(st, headers, a).await?,
+            Err(_) => None,
+        };
+        let budget = match &device {
+            Some(hash) => format!("device:{hash}"),
+            None => format!("store:{store_key}"),
+        };
+        if limited(&budget) {
             return Err(Refusal::Page(
                 StatusCode::TOO_MANY_REQUESTS,
                 "Too many login attempts; wait a minute and try again.".into(),
@@ -813,7 +872,32 @@ async fn try_login(
     let csrf = random_hex()?;
     let hash = sha256_hex(&id);
     let now = now_ms();
+    // A device cookie for a browser that has none of this store yet.
+    let device = match known_device(st, headers, account).await? {
+        Some(_) => None,
+        None => Some(random_hex()?),
+    };
+    let device_hash = device.as_deref().map(sha256_hex);
     with_db(st, move |c| {
+        if let Some(d) = device_hash {
+            c.execute(
+                "INSERT INTO dashboard_device (hash, merchant, created_ms) VALUES (?1, ?2, ?3)",
+                params![d, account, now],
+            )
+            .map_err(db_error)?;
+            // The newest few per store, none expired.
+            c.execute(
+                "DELETE FROM dashboard_device WHERE created_ms <= ?1 OR (merchant = ?2 AND hash NOT IN
+                   (SELECT hash FROM dashboard_device WHERE merchant = ?2
+                    ORDER BY created_ms DESC, hash LIMIT ?3))",
+                params![
+                    now.saturating_sub(DEVICE_TTL_MS),
+                    account,
+                    DEVICES_PER_STORE
+                ],
+            )
+            .map_err(db_error)?;
+        }
         c.execute(
             "DELETE FROM dashboard_session WHERE expires_ms <= ?1",
             params![now],
@@ -839,7 +923,17 @@ async fn try_login(
         secure_attr(st)
     );
     if let Ok(v) = HeaderValue::from_str(&cookie) {
-        r.headers_mut().insert(header::SET_COOKIE, v);
+        r.headers_mut().append(header::SET_COOKIE, v);
+    }
+    if let Some(d) = device {
+        let cookie = format!(
+            "{DEVICE_COOKIE}={d}; Path=/dashboard/login; HttpOnly; SameSite=Strict; Max-Age={}{}",
+            DEVICE_TTL_MS / 1000,
+            secure_attr(st)
+        );
+        if let Ok(v) = HeaderValue::from_str(&cookie) {
+            r.headers_mut().append(header::SET_COOKIE, v);
+        }
     }
     Ok(r)
 }

@@ -42,9 +42,18 @@ impl Page {
     }
     /// The session id the answer sets, if any.
     fn cookie(&self) -> Option<String> {
-        let c = self.headers.get("set-cookie")?.to_str().ok()?;
-        let v = c.strip_prefix("mediator_dashboard=")?.split(';').next()?;
-        (!v.is_empty()).then(|| v.to_owned())
+        self.set_cookie("mediator_dashboard")
+    }
+    /// The value the answer sets for cookie `name`, if any.
+    fn set_cookie(&self, name: &str) -> Option<String> {
+        self.headers
+            .get_all("set-cookie")
+            .iter()
+            .filter_map(|c| c.to_str().ok())
+            .filter_map(|c| c.strip_prefix(name)?.strip_prefix('='))
+            .filter_map(|c| c.split(';').next())
+            .find(|v| !v.is_empty())
+            .map(str::to_owned)
     }
 }
 
@@ -628,6 +637,83 @@ async fn csrf_refusals_change_nothing() {
     .await;
     assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
     assert_eq!(store_name(&d.h, d.account), "Renamed shop");
+}
+
+/// A password login from client address `ip` (a connection's peer), with the cookies given.
+async fn login_from(
+    h: &Harness,
+    ip: &str,
+    account: u32,
+    password: &str,
+    device: Option<&str>,
+) -> Page {
+    let store = account.to_string();
+    let body = format!("store={}&password={}", enc(&store), enc(password));
+    let mut b = Request::builder()
+        .method("POST")
+        .uri("/dashboard/login")
+        .header("host", "shop.test")
+        .header("content-type", "application/x-www-form-urlencoded")
+        .extension(axum::extract::ConnectInfo(api::state::PeerAddr(
+            format!("{ip}:50000").parse().unwrap(),
+        )));
+    if let Some(d) = device {
+        b = b.header("cookie", format!("mediator_device={d}"));
+    }
+    let res = h
+        .router
+        .clone()
+        .oneshot(b.body(Body::from(body)).unwrap())
+        .await
+        .unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let bytes = res.into_body().collect().await.unwrap().to_bytes();
+    Page {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+/// Defect (lock-out): the per-store login budget (10 attempts a minute) was spent by anyone who
+/// named the store, so an attacker sending wrong passwords from elsewhere kept the owner from
+/// logging in at all, for as long as the attacker went on. A browser that logged in before
+/// carries a device cookie (OWASP's "device cookies"): its attempts count against that device,
+/// not against the store's budget, which still holds for browsers never seen.
+#[tokio::test]
+async fn wrong_passwords_from_elsewhere_do_not_lock_the_owner_out() {
+    let d = setup().await;
+    let first = login_from(&d.h, "127.0.0.2", d.account, PASSWORD, None).await;
+    assert_eq!(first.status, StatusCode::SEE_OTHER, "{}", first.body);
+    let device = first.set_cookie("mediator_device");
+    // An attacker spends the store's budget from another address.
+    let mut limited = false;
+    for _ in 0..12 {
+        let p = login_from(&d.h, "127.0.0.3", d.account, "not the password!", None).await;
+        limited |= p.status == StatusCode::TOO_MANY_REQUESTS;
+    }
+    assert!(limited, "12 wrong passwords in a minute were all tried");
+    // A browser never seen before waits: the store's budget still guards the password.
+    let p = login_from(&d.h, "127.0.0.4", d.account, PASSWORD, None).await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS);
+    // A device cookie of this store, but not one the server issued, is a browser never seen.
+    let forged = "ab".repeat(32);
+    let p = login_from(&d.h, "127.0.0.4", d.account, PASSWORD, Some(&forged)).await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS);
+    // The owner's browser logs in.
+    let p = login_from(&d.h, "127.0.0.2", d.account, PASSWORD, device.as_deref()).await;
+    assert_eq!(
+        p.status,
+        StatusCode::SEE_OTHER,
+        "device cookie {device:?}: {}",
+        p.body
+    );
+    assert!(p.cookie().is_some());
+    // A new password (often a suspected compromise) forgets the store's devices.
+    set_password(&d.h, d.account, PASSWORD).await;
+    let p = login_from(&d.h, "127.0.0.2", d.account, PASSWORD, device.as_deref()).await;
+    assert_eq!(p.status, StatusCode::TOO_MANY_REQUESTS);
 }
 
 #[tokio::test]

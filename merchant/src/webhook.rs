@@ -52,8 +52,10 @@ pub const EVENT_HEADER: &str = "Mediator-Event";
 /// The `User-Agent` of every delivery.
 pub const USER_AGENT: &str = concat!("Mediator-Webhooks/", env!("CARGO_PKG_VERSION"));
 
-/// Deliveries in flight at once, over all merchants.
-pub const MAX_IN_FLIGHT: usize = 8;
+/// Deliveries in flight at once, over all merchants: enough that merchants whose endpoints hang
+/// (each holds [`MAX_IN_FLIGHT_PER_MERCHANT`] until the attempt's timeout) leave slots for the
+/// others: 64 of them would be needed to hold up the rest. Each slot is one outbound request.
+pub const MAX_IN_FLIGHT: usize = 128;
 /// Deliveries in flight at once to one merchant, so one slow endpoint cannot hold every slot.
 pub const MAX_IN_FLIGHT_PER_MERCHANT: usize = 2;
 /// The longest signature header [`verify`] reads.

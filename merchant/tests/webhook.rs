@@ -570,6 +570,58 @@ async fn a_slow_merchant_does_not_hold_up_another() {
     d.shutdown().await;
 }
 
+/// Defect: eight deliveries were in flight at most, two per merchant, so four merchants whose
+/// endpoints hang (a server that accepts and never answers, an address that drops packets)
+/// held every slot until their timeouts, and every other merchant's webhooks waited behind
+/// them, again after each timeout. The slots now number [`webhook::MAX_IN_FLIGHT`] (128).
+#[tokio::test(flavor = "multi_thread")]
+async fn four_slow_merchants_do_not_hold_up_a_fifth() {
+    let server = Server::start(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let db = open_db(&dir.path().join("merchant.sqlite"));
+    let endpoints = Endpoints::with(5, &format!("{}/fast", server.url));
+    for m in 1..=4 {
+        endpoints.set(m, &format!("{}/slow", server.url));
+    }
+    let policy = RetryPolicy {
+        timeout: Duration::from_secs(120),
+        ..fast_policy()
+    };
+    let d = private_dispatcher(db.clone(), endpoints, policy);
+    for m in 1..=4 {
+        for i in 0..3 {
+            enqueue(&db, m, &format!("slow-{m}-{i}"), EventType::InvoiceCreated);
+        }
+    }
+    d.wake();
+    wait_until("every slow merchant's requests are held", || {
+        server
+            .received()
+            .iter()
+            .filter(|r| r.path == "/slow")
+            .count()
+            >= 4 * webhook::MAX_IN_FLIGHT_PER_MERCHANT
+    })
+    .await;
+    enqueue(&db, 5, "fast", EventType::InvoiceCreated);
+    d.wake();
+    wait_status(&db, 5, "fast", DeliveryStatus::Delivered).await;
+    let gate = server.state.clone();
+    let releaser = tokio::spawn(async move {
+        loop {
+            gate.gate.notify_waiters();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+    for m in 1..=4 {
+        for i in 0..3 {
+            wait_status(&db, m, &format!("slow-{m}-{i}"), DeliveryStatus::Delivered).await;
+        }
+    }
+    releaser.abort();
+    d.shutdown().await;
+}
+
 /// Regression (issue 8 §3): the dispatcher delivered to any address, and the log showed the
 /// connect error chain (an internal port scanner). By default an internal target is refused
 /// before any connection: nothing arrives, and the log says only `address not allowed`.

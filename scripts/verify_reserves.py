@@ -197,11 +197,18 @@ def check_node(doc, inputs, rpc):
         if r["confirmations"] == 0 or created > height:
             raise Fail("utxo_after_block", "%s:%d was created after the stated block" % (txid, vout))
     h = height + 1
+    # A gone UTXO whose transaction is in a block after the stated one did not exist at it,
+    # even though it is found spent after it.
+    gone_txids = {txid for txid, _ in gone}
+    made_after = set()
     while gone and h <= min(tip, height + MAX_SCAN_BLOCKS):
         block = rpc("getblock", rpc("getblockhash", h), 3)
+        made_after.update(t["txid"] for t in block["tx"] if t["txid"] in gone_txids)
         for t in block["tx"]:
             for vin in t["vin"]:
                 key = (vin.get("txid"), vin.get("vout"))
+                if key in gone and key[0] in made_after:
+                    raise Fail("utxo_after_block", "%s:%d was created after the stated block" % key)
                 if key in gone:
                     value, spk = gone.pop(key)
                     p = vin.get("prevout") or {}

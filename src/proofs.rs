@@ -415,6 +415,7 @@ struct Block3 {
 }
 #[derive(serde::Deserialize)]
 struct Tx3 {
+    txid: wallet::bitcoin::Txid,
     vin: Vec<Vin3>,
 }
 #[derive(serde::Deserialize)]
@@ -439,8 +440,9 @@ struct Spk3 {
 /// height, the network is the node's, and each UTXO (value and script as the PSBT claims) was
 /// unspent at that block ([`UtxoStatus`]). `gettxout` answers for the tip only, so a UTXO gone
 /// at the tip is looked for in the blocks after the stated one (at most [`MAX_SCAN_BLOCKS`]):
-/// found spent there, it was unspent at the block; not found, it was spent at or before the
-/// block (or never existed): the proof fails.
+/// found spent there and not created there, it was unspent at the block; created there, it did
+/// not exist at the block; not found, it was spent at or before the block (or never existed):
+/// the proof fails.
 fn check_against_node(
     doc: &reserves::por::ProofDocument,
     report: &reserves::por::DocumentReport,
@@ -448,7 +450,7 @@ fn check_against_node(
     cookie: &Path,
 ) -> Result<Vec<UtxoStatus>, Fail> {
     use bdk_bitcoind_rpc::bitcoincore_rpc::{Auth, Client, RpcApi};
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     let node = |e: bdk_bitcoind_rpc::bitcoincore_rpc::Error| ("node", e.to_string());
     let client = Client::new(url, Auth::CookieFile(cookie.to_owned())).map_err(node)?;
     let info = client.get_blockchain_info().map_err(node)?;
@@ -516,6 +518,11 @@ fn check_against_node(
         }
     }
     if !gone.is_empty() {
+        // A gone UTXO's transaction mined after the stated block: it did not exist at the block,
+        // even though it is found spent after it (coins moved after the block and counted in
+        // both places, say).
+        let gone_txids: HashSet<wallet::bitcoin::Txid> = gone.keys().map(|op| op.txid).collect();
+        let mut made_after = HashSet::new();
         let last = tip.min(doc.block_height.saturating_add(MAX_SCAN_BLOCKS));
         for h in doc.block_height.saturating_add(1)..=last {
             if gone.is_empty() {
@@ -528,11 +535,26 @@ fn check_against_node(
                     &[serde_json::json!(hash.to_string()), serde_json::json!(3)],
                 )
                 .map_err(node)?;
+            // A block lists a transaction before any of its spends.
+            for tx in &block.tx {
+                if gone_txids.contains(&tx.txid) {
+                    made_after.insert(tx.txid);
+                }
+            }
             for vin in block.tx.iter().flat_map(|t| &t.vin) {
                 let (Some(txid), Some(vout)) = (vin.txid, vin.vout) else {
                     continue; // coinbase
                 };
                 let op = wallet::bitcoin::OutPoint { txid, vout };
+                if made_after.contains(&txid) && gone.contains_key(&op) {
+                    return Err((
+                        "utxo_after_block",
+                        format!(
+                            "{op} was created after the stated block {} (and spent since)",
+                            doc.block_height
+                        ),
+                    ));
+                }
                 if let Some(i) = gone.remove(&op) {
                     let claimed = &report.checked.inputs[i].1;
                     let matches = vin.prevout.as_ref().is_some_and(|p| {

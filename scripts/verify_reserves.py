@@ -320,7 +320,8 @@ def cmd_audit(args):
         lines.pop()
     elif lines:
         raise Fail("torn", "the last line has no newline")
-    prev, seq, hashes, breaks, acknowledged = b"\x00" * 32, 0, [], [], set()
+    # acknowledged: break line -> the line of the first override naming it.
+    prev, seq, hashes, breaks, acknowledged = b"\x00" * 32, 0, [], [], {}
     open_intents = {}
     for n, line in enumerate(lines, start=1):
         try:
@@ -334,7 +335,9 @@ def cmd_audit(args):
                 if str(e.get("action", "")).endswith(".intent"):
                     open_intents[e.get("seq")] = e.get("action")
             if isinstance(e, dict) and e.get("action") == "audit.override":
-                acknowledged.update((e.get("params") or {}).get("break_lines") or [])
+                for b in (e.get("params") or {}).get("break_lines") or []:
+                    if isinstance(b, int) and b < n:
+                        acknowledged.setdefault(b, n)
             seq = e["seq"] if isinstance(e, dict) and isinstance(e.get("seq"), int) else seq
         except (ValueError, TypeError):
             ok = False
@@ -349,6 +352,12 @@ def cmd_audit(args):
         head = hex32(field(read_json(proof), "audit_head", str), "audit_head")
         if head != b"\x00" * 32 and head not in hashes:
             raise Fail("head_missing", "no line of the log hashes to the audit head of %s" % proof)
+        # The history the proof saw: up to its head, with the overrides made before it only.
+        at = hashes.index(head) + 1 if head in hashes else 0
+        seen = [b for b in breaks if b <= at and acknowledged.get(b, at + 1) > at]
+        if seen:
+            raise Fail("broken_chain", "the chain breaks at line(s) %s before the audit head of %s "
+                       "(line %d), acknowledged only after it: rewritten after the proof" % (seen, proof, at))
     print("OK: %d entries, head %s; intents without outcome: %s" % (
         len(lines), prev.hex(), ", ".join("%s (%s)" % kv for kv in sorted(open_intents.items())) or "none"))
 

@@ -188,10 +188,26 @@ pub fn audit_verify(
         let d = reserves::por::ProofDocument::from_json(&text)
             .map_err(|e| anyhow::anyhow!("{}: {} ({})", doc.display(), e, e.code()))?;
         match head_line(&path, &d.audit_head)? {
-            Some(line) => println!(
-                "{}: its audit head is line {line} of the log",
-                doc.display()
-            ),
+            Some((line, end)) => {
+                // The history the proof saw: the chain up to its head, overrides after the head
+                // not counted (a break they acknowledge was made after the proof).
+                let f = std::fs::File::open(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let seen = auditlog::verify(std::io::BufReader::new(std::io::Read::take(f, end)))
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if let Some(b) = seen.unacknowledged().next() {
+                    bail!(
+                        "{}: the chain breaks before the proof's audit head (line {line}), at {b}, \
+                         acknowledged only after the proof if at all (broken_chain): the history \
+                         the proof saw was rewritten",
+                        doc.display()
+                    );
+                }
+                println!(
+                    "{}: its audit head is line {line} of the log",
+                    doc.display()
+                )
+            }
             None => bail!(
                 "{}: the log has no line hashing to the proof's audit head {} (head_missing): \
                  the history the proof saw was rewritten or cut",
@@ -209,16 +225,18 @@ pub fn audit_verify(
     Ok(())
 }
 
-/// The 1-based line of the log whose SHA-256 is `head` (hex), if any.
-fn head_line(path: &Path, head: &str) -> anyhow::Result<Option<u64>> {
+/// The 1-based line of the log whose SHA-256 is `head` (hex), if any, and the byte offset just
+/// past it (its newline included).
+fn head_line(path: &Path, head: &str) -> anyhow::Result<Option<(u64, u64)>> {
     use std::io::BufRead as _;
     let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut n = 0u64;
+    let (mut n, mut end) = (0u64, 0u64);
     for line in std::io::BufReader::new(f).split(b'\n') {
         let line = line.with_context(|| format!("reading {}", path.display()))?;
         n += 1;
+        end += line.len() as u64 + 1;
         if hex::encode(auditlog::line_hash(&line)) == head {
-            return Ok(Some(n));
+            return Ok(Some((n, end)));
         }
     }
     Ok(None)

@@ -328,3 +328,120 @@ fn serve_refuses_a_broken_audit_chain_and_the_override_is_logged() {
     let o = mediator(dir.path(), &["audit", "tail"]);
     assert!(text(&o).contains("audit.override"), "{}", text(&o));
 }
+
+/// `scripts/verify_reserves.py` (the independent verifier) with `args`.
+fn python(args: &[&str]) -> Output {
+    Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/verify_reserves.py"
+        ))
+        .args(args)
+        .output()
+        .expect("run python3 scripts/verify_reserves.py")
+}
+
+/// A proof document naming `head` as its audit head (the rest is not read by `audit verify`).
+fn proof_naming(dir: &Path, head: &[u8; 32]) -> std::path::PathBuf {
+    let doc = serde_json::json!({
+        "version": 1, "network": "regtest", "message": "m", "block_hash": "00".repeat(32),
+        "block_height": 1, "psbt": "", "reserves_sat": 0, "liabilities_proof_id": 1,
+        "liabilities": {}, "audit_head": hex::encode(head), "created": 0,
+    });
+    let p = dir.join("por.json");
+    std::fs::write(&p, doc.to_string()).unwrap();
+    p
+}
+
+/// The history a published proof saw (the chain up to its audit head) cannot be rewritten
+/// afterwards and passed off with an override: a break before the head acknowledged only by an
+/// override after it fails `audit verify --proof`, with both verifiers. An override the proof
+/// itself saw (before its head) is part of that history and passes.
+#[test]
+fn audit_verify_refuses_history_before_a_proofs_head_rewritten_and_overridden_after_it() {
+    let credit = |log: &AuditLog, account: u64| {
+        log.append(
+            10 + account,
+            "admin",
+            "credit",
+            serde_json::json!({ "account": account }),
+        )
+        .unwrap()
+        .1
+    };
+    let check = |name: &str, data_dir: &Path, proof: &Path, want: Option<&str>| {
+        let log = data_dir.join("api").join("audit.log");
+        let p = proof.to_str().unwrap();
+        let rust = mediator(data_dir, &["audit", "verify", "--proof", p]);
+        let py = python(&["audit", log.to_str().unwrap(), "--proof", p]);
+        for (who, o) in [("rust", rust), ("python", py)] {
+            let out = text(&o);
+            assert!(
+                !out.contains("panicked") && !out.contains("Traceback"),
+                "{name} ({who}): {out}"
+            );
+            match want {
+                None => assert!(o.status.success(), "{name} ({who}) refused: {out}"),
+                Some(code) => {
+                    assert_eq!(o.status.code(), Some(2), "{name} ({who}) accepted: {out}");
+                    assert!(out.contains(code), "{name} ({who}): expected {code}: {out}");
+                }
+            }
+        }
+    };
+
+    // Rewritten after the proof.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    let head = {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        credit(&log, 0);
+        credit(&log, 1);
+        let head = credit(&log, 2);
+        credit(&log, 3);
+        head
+    };
+    let proof = proof_naming(dir.path(), &head);
+    check("honest", dir.path(), &proof, None);
+    let rewritten = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"account\":1", "\"account\":9");
+    std::fs::write(&path, rewritten).unwrap();
+    AuditLog::open(&path, true, "operator", 99).unwrap();
+    let o = mediator(dir.path(), &["audit", "verify"]);
+    assert!(
+        o.status.success() && text(&o).contains("acknowledged by an operator override"),
+        "without a proof the override acknowledges the break: {}",
+        text(&o)
+    );
+    check(
+        "rewritten before the head, overridden after it",
+        dir.path(),
+        &proof,
+        Some("broken_chain"),
+    );
+
+    // Overridden before the proof: the history the proof saw, unchanged since.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        credit(&log, 0);
+        credit(&log, 1);
+        credit(&log, 2);
+    }
+    let rewritten = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"account\":1", "\"account\":9");
+    std::fs::write(&path, rewritten).unwrap();
+    let head = {
+        let log = AuditLog::open(&path, true, "operator", 99).unwrap();
+        let head = credit(&log, 4);
+        credit(&log, 5);
+        head
+    };
+    let proof = proof_naming(dir.path(), &head);
+    check("overridden before the proof", dir.path(), &proof, None);
+}

@@ -444,4 +444,34 @@ fn audit_verify_refuses_history_before_a_proofs_head_rewritten_and_overridden_af
     };
     let proof = proof_naming(dir.path(), &head);
     check("overridden before the proof", dir.path(), &proof, None);
+
+    // An override naming a line after itself (planted in advance) acknowledges nothing.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    let head = {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        credit(&log, 0);
+        log.append(
+            11,
+            "operator",
+            reserves::auditlog::OVERRIDE_ACTION,
+            serde_json::json!({ "break_lines": [4] }),
+        )
+        .unwrap();
+        credit(&log, 1);
+        credit(&log, 3);
+        credit(&log, 4)
+    };
+    let rewritten = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"account\":1", "\"account\":9");
+    std::fs::write(&path, rewritten).unwrap();
+    let proof = proof_naming(dir.path(), &head);
+    check(
+        "an override planted before the break it names",
+        dir.path(),
+        &proof,
+        Some("broken_chain"),
+    );
 }

@@ -183,9 +183,9 @@ def check_node(doc, inputs, rpc):
         at = None
     if at != doc["block_hash"]:
         raise Fail("block_not_in_chain", "block %d is not %s in the node's chain" % (height, doc["block_hash"]))
-    tip = rpc("getblockcount")
     gone = {}
     later = 0
+    heights = {}  # the height of each block gettxout answered at (a block may arrive meanwhile)
     for txid, vout, value, spk in inputs:
         r = rpc("gettxout", txid, vout, False)
         if r is None:
@@ -193,9 +193,13 @@ def check_node(doc, inputs, rpc):
             continue
         if sats(r["value"]) != value or bytes.fromhex(r["scriptPubKey"]["hex"]) != spk:
             raise Fail("utxo_mismatch", "%s:%d is not the output the PSBT signs for" % (txid, vout))
-        created = tip - r["confirmations"] + 1
+        best = r["bestblock"]
+        if best not in heights:
+            heights[best] = rpc("getblockheader", best, True)["height"]
+        created = heights[best] - r["confirmations"] + 1
         if r["confirmations"] == 0 or created > height:
             raise Fail("utxo_after_block", "%s:%d was created after the stated block" % (txid, vout))
+    tip = rpc("getblockcount")
     h = height + 1
     # A gone UTXO whose transaction is in a block after the stated one did not exist at it,
     # even though it is found spent after it.

@@ -428,6 +428,10 @@ fn check_reserves(
 }
 
 #[derive(serde::Deserialize)]
+struct Header {
+    height: u32,
+}
+#[derive(serde::Deserialize)]
 struct Block3 {
     tx: Vec<Tx3>,
 }
@@ -498,15 +502,33 @@ fn check_against_node(
             ),
         ));
     }
-    let tip = u32::try_from(client.get_block_count().map_err(node)?).unwrap_or(u32::MAX);
     let mut statuses: Vec<Option<UtxoStatus>> = vec![None; report.checked.inputs.len()];
     let mut gone: HashMap<wallet::bitcoin::OutPoint, usize> = HashMap::new();
+    // The height of each block `gettxout` answered at: its `confirmations` count from there,
+    // not from a tip read before (a block may arrive in between).
+    let mut heights: HashMap<wallet::bitcoin::BlockHash, u32> = HashMap::new();
     for (i, (op, claimed)) in report.checked.inputs.iter().enumerate() {
         match client
             .get_tx_out(&op.txid, op.vout, Some(false))
             .map_err(node)?
         {
             Some(r) => {
+                let tip = match heights.get(&r.bestblock) {
+                    Some(&h) => h,
+                    None => {
+                        let h: Header = client
+                            .call(
+                                "getblockheader",
+                                &[
+                                    serde_json::json!(r.bestblock.to_string()),
+                                    serde_json::json!(true),
+                                ],
+                            )
+                            .map_err(node)?;
+                        heights.insert(r.bestblock, h.height);
+                        h.height
+                    }
+                };
                 if r.value != claimed.value
                     || r.script_pub_key.hex != claimed.script_pubkey.as_bytes()
                 {
@@ -536,6 +558,7 @@ fn check_against_node(
         }
     }
     if !gone.is_empty() {
+        let tip = u32::try_from(client.get_block_count().map_err(node)?).unwrap_or(u32::MAX);
         // A gone UTXO's transaction mined after the stated block: it did not exist at the block,
         // even though it is found spent after it (coins moved after the block and counted in
         // both places, say).

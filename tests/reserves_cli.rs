@@ -475,3 +475,169 @@ fn audit_verify_refuses_history_before_a_proofs_head_rewritten_and_overridden_af
         Some("broken_chain"),
     );
 }
+
+/// A fake bitcoind on loopback, for fault injection: answers each JSON-RPC call of the
+/// verifiers with `answer(method, params)`. One thread; connections served in turn, each until
+/// the client closes it.
+fn fake_node(
+    answer: impl Fn(&str, &[serde_json::Value]) -> serde_json::Value + Send + 'static,
+) -> String {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            'requests: loop {
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break 'requests;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                }
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let params = req["params"].as_array().cloned().unwrap_or_default();
+                let result = answer(req["method"].as_str().unwrap(), &params);
+                let reply = serde_json::json!({ "result": result, "error": null, "id": req["id"] })
+                    .to_string();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    reply.len()
+                );
+                if conn
+                    .write_all(head.as_bytes())
+                    .and_then(|()| conn.write_all(reply.as_bytes()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    });
+    url
+}
+
+/// The block hash the fake node gives height `h`.
+fn fake_hash(h: u64) -> String {
+    format!("{h:064x}")
+}
+
+/// `reserves verify --rpc` when a block arrives while it asks the node: the tip it read first
+/// is not the block `gettxout` answers at, so `confirmations` counted from that tip makes a
+/// UTXO created in the block after the stated one look created at it. The fake node's tip is
+/// 101 when asked, and 102 when it answers `gettxout` for the proof's only UTXO: created at 101
+/// (2 confirmations at 102), after the stated block 100. Both verifiers refuse it
+/// (`utxo_after_block`).
+#[test]
+fn a_block_arriving_during_reserves_verify_does_not_pass_a_younger_utxo() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use wallet::bitcoin::hashes::Hash as _;
+    use wallet::bitcoin::secp256k1::{Message, Secp256k1, SecretKey};
+    use wallet::bitcoin::sighash::{EcdsaSighashType, SighashCache};
+    use wallet::bitcoin::{
+        Address, Amount, CompressedPublicKey, Network, OutPoint, TxOut, Txid, Witness,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A signed proof over one UTXO of our key at block 100 (the fake node vouches for it).
+    let secp = Secp256k1::new();
+    let sk = SecretKey::from_slice(&[5; 32]).unwrap();
+    let spk = Address::p2wpkh(&CompressedPublicKey(sk.public_key(&secp)), Network::Regtest)
+        .script_pubkey();
+    let utxo = TxOut {
+        value: Amount::from_sat(100_000_000),
+        script_pubkey: spk.clone(),
+    };
+    let op = OutPoint {
+        txid: Txid::from_byte_array([0x11; 32]),
+        vout: 0,
+    };
+    let message = "Operator reserves at block 100";
+    let input = wallet::bitcoin::psbt::Input {
+        witness_utxo: Some(utxo.clone()),
+        ..Default::default()
+    };
+    let mut psbt = reserves::por::proof_psbt(message, vec![(op, input)]).unwrap();
+    let sighash = SighashCache::new(&psbt.unsigned_tx)
+        .p2wpkh_signature_hash(1, &spk, utxo.value, EcdsaSighashType::All)
+        .unwrap();
+    let sig = wallet::bitcoin::ecdsa::Signature {
+        signature: secp.sign_ecdsa(&Message::from_digest(sighash.to_byte_array()), &sk),
+        sighash_type: EcdsaSighashType::All,
+    };
+    psbt.inputs[1].final_script_witness = Some(Witness::p2wpkh(&sig, &sk.public_key(&secp)));
+    let doc = serde_json::json!({
+        "version": 1, "network": "regtest", "message": message,
+        "block_hash": fake_hash(100), "block_height": 100,
+        "psbt": reserves::por::psbt_base64(&psbt.serialize()), "reserves_sat": 100_000_000,
+        "liabilities_proof_id": 1,
+        "liabilities": { "BTC": { "root": "00".repeat(32), "total": "0", "leaves": 1 } },
+        "audit_head": "00".repeat(32), "created": 0,
+    });
+    let file = dir.path().join("por.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let cookie = dir.path().join(".cookie");
+    std::fs::write(&cookie, "__cookie__:x").unwrap();
+
+    let run = |who: &str| {
+        let tip = Arc::new(AtomicU64::new(101));
+        let t = tip.clone();
+        let spk_hex = hex::encode(spk.as_bytes());
+        let url = fake_node(move |method, params| match method {
+            "getblockchaininfo" => serde_json::json!({
+                "chain": "regtest", "blocks": t.load(Ordering::SeqCst),
+                "headers": t.load(Ordering::SeqCst),
+                "bestblockhash": fake_hash(t.load(Ordering::SeqCst)), "difficulty": 1.0,
+                "mediantime": 0, "verificationprogress": 1.0, "initialblockdownload": false,
+                "chainwork": "00", "size_on_disk": 0, "pruned": false, "warnings": "",
+            }),
+            "getnetworkinfo" => serde_json::json!({ "version": 280000 }),
+            "getblockcount" => serde_json::json!(t.load(Ordering::SeqCst)),
+            "getblockhash" => serde_json::json!(fake_hash(params[0].as_u64().unwrap())),
+            "getblockheader" => {
+                let h = u64::from_str_radix(params[0].as_str().unwrap(), 16).unwrap();
+                serde_json::json!({ "hash": fake_hash(h), "height": h })
+            }
+            "gettxout" => {
+                // Block 102 arrives now; the UTXO was created in block 101.
+                t.store(102, Ordering::SeqCst);
+                serde_json::json!({
+                    "bestblock": fake_hash(102), "confirmations": 2, "value": 1.0,
+                    "scriptPubKey": { "asm": "", "hex": spk_hex, "type": "witness_v0_keyhash" },
+                    "coinbase": false,
+                })
+            }
+            other => panic!("the fake node does not answer {other}"),
+        });
+        let (f, c) = (file.to_str().unwrap(), cookie.to_str().unwrap());
+        let o = if who == "rust" {
+            mediator(
+                dir.path(),
+                &["reserves", "verify", f, "--rpc", &url, "--cookie", c],
+            )
+        } else {
+            python(&["por", f, "--rpc", &url, "--cookie", c])
+        };
+        let out = text(&o);
+        assert!(
+            !out.contains("panicked") && !out.contains("Traceback"),
+            "{who}: {out}"
+        );
+        assert_eq!(o.status.code(), Some(2), "({who}) accepted: {out}");
+        assert!(out.contains("(utxo_after_block)"), "{who}: {out}");
+    };
+    run("rust");
+    run("python");
+}

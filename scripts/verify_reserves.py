@@ -305,8 +305,10 @@ def cmd_inclusion(args):
         raise Fail("total_mismatch", "the path does not sum to the total")
     if args.against:
         doc = read_json(args.against)
-        l = doc.get("liabilities", {}).get(p["asset"]) if isinstance(doc, dict) else None
-        if doc.get("liabilities_proof_id") != p.get("proof_id") or not l or l.get("root", "").lower() != root.hex() or l.get("total") != str(total):
+        ls = doc.get("liabilities") if isinstance(doc, dict) else None
+        l = ls.get(p["asset"]) if isinstance(ls, dict) else None
+        if (not isinstance(l, dict) or doc.get("liabilities_proof_id") != p.get("proof_id")
+                or str(l.get("root", "")).lower() != root.hex() or l.get("total") != str(total)):
             raise Fail("not_published", "the proof of reserves does not publish this root and total")
     print("OK: balance %d of %s of account %d included, root %s total %d" % (balance, p["asset"], account, root.hex(), total))
 
@@ -331,15 +333,17 @@ def cmd_audit(args):
         try:
             e = json.loads(line)
             ok = isinstance(e, dict) and e.get("seq") == seq + 1 and bytes.fromhex(e.get("prev", "")) == prev
+            params = e.get("params") if isinstance(e, dict) else None
+            params = params if isinstance(params, dict) else {}
             if isinstance(e, dict):
                 # An intent entry "<action>.intent" stays open until an entry names it in
                 # params.intent (docs/audit-log.md).
-                closes = (e.get("params") or {}).get("intent") if isinstance(e.get("params"), dict) else None
+                closes = params.get("intent")
                 open_intents.pop(closes, None)
                 if str(e.get("action", "")).endswith(".intent"):
                     open_intents[e.get("seq")] = e.get("action")
             if isinstance(e, dict) and e.get("action") == "audit.override":
-                for b in (e.get("params") or {}).get("break_lines") or []:
+                for b in params.get("break_lines") or []:
                     if isinstance(b, int) and b < n:
                         acknowledged.setdefault(b, n)
             seq = e["seq"] if isinstance(e, dict) and isinstance(e.get("seq"), int) else seq

@@ -641,3 +641,58 @@ fn a_block_arriving_during_reserves_verify_does_not_pass_a_younger_utxo() {
     run("rust");
     run("python");
 }
+
+/// The independent verifier answers hostile documents with a verdict or a clear error (exit 2
+/// and a code), never a traceback: a proof of reserves for `inclusion --against` that is not an
+/// object or whose liabilities are not, and an audit entry whose params are not an object.
+#[test]
+fn the_python_verifier_answers_hostile_documents_without_a_traceback() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tree::build(&[9; 32], 4, "BTC", &[(5, 1_000)]).unwrap();
+    let mine = dir.path().join("mine.json");
+    std::fs::write(&mine, t.prove(5, None).unwrap().to_json().to_string()).unwrap();
+    let against = dir.path().join("por.json");
+    for (name, doc) in [
+        ("a list", "[]"),
+        (
+            "liabilities a list",
+            r#"{"liabilities_proof_id": 4, "liabilities": []}"#,
+        ),
+        (
+            "liabilities.BTC a string",
+            r#"{"liabilities_proof_id": 4, "liabilities": {"BTC": "x"}}"#,
+        ),
+    ] {
+        std::fs::write(&against, doc).unwrap();
+        let o = python(&[
+            "inclusion",
+            mine.to_str().unwrap(),
+            "--account",
+            "5",
+            "--against",
+            against.to_str().unwrap(),
+        ]);
+        let out = text(&o);
+        assert!(!out.contains("Traceback"), "{name}: {out}");
+        assert_eq!(o.status.code(), Some(2), "{name} accepted: {out}");
+        assert!(out.contains("(not_published)"), "{name}: {out}");
+    }
+
+    let log = dir.path().join("audit.log");
+    {
+        let l = AuditLog::open(&log, false, "system", 1).unwrap();
+        l.append(
+            2,
+            "operator",
+            reserves::auditlog::OVERRIDE_ACTION,
+            serde_json::json!(["not", "an", "object"]),
+        )
+        .unwrap();
+        l.append(3, "admin", "credit", serde_json::json!(7))
+            .unwrap();
+    }
+    let o = python(&["audit", log.to_str().unwrap()]);
+    let out = text(&o);
+    assert!(!out.contains("Traceback"), "{out}");
+    assert!(o.status.success(), "a valid chain: {out}");
+}

@@ -272,8 +272,19 @@ def node_hash(lh, ls, rh, rs):
     return hashlib.sha256(b"mediator-liability-node" + lh + ls.to_bytes(8, "big") + rh + rs.to_bytes(8, "big")).digest()
 
 
+PROOF_FIELDS = {"version", "proof_id", "account", "asset", "balance", "nonce", "index", "path", "root",
+                "total", "audit_head", "created_ms"}
+
+
 def cmd_inclusion(args):
     p = read_json(args.file)
+    # A field this verifier does not check is an error, not silently ignored.
+    if isinstance(p, dict) and set(p) - PROOF_FIELDS:
+        raise Fail("malformed", "unknown field(s) %s" % sorted(set(p) - PROOF_FIELDS))
+    steps = p.get("path") if isinstance(p, dict) else None
+    for sib in steps if isinstance(steps, list) else []:
+        if isinstance(sib, dict) and set(sib) - {"hash", "sum"}:
+            raise Fail("malformed", "unknown field(s) %s in a path step" % sorted(set(sib) - {"hash", "sum"}))
     if field(p, "version", int) != 2:
         raise Fail("version", "unsupported proof version")
     account = field(p, "account", int)

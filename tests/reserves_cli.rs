@@ -696,3 +696,40 @@ fn the_python_verifier_answers_hostile_documents_without_a_traceback() {
     assert!(!out.contains("Traceback"), "{out}");
     assert!(o.status.success(), "a valid chain: {out}");
 }
+
+/// `verify_reserves.py inclusion` refuses a field it does not check (docs/liabilities-proof.md:
+/// unknown fields are an error), as the Rust verifier and the page do.
+#[test]
+fn the_python_inclusion_verifier_refuses_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tree::build(&[9; 32], 4, "BTC", &[(1, 50_000), (5, 1_000)]).unwrap();
+    let good = t.prove(5, None).unwrap().to_json();
+    let file = dir.path().join("mine.json");
+    let mut unit = good.clone();
+    unit["unit"] = serde_json::json!("mBTC");
+    let mut note = good.clone();
+    note["path"][0]["note"] = serde_json::json!("x");
+    for (name, v, want) in [
+        ("honest", good, None),
+        ("an unknown field", unit, Some("(malformed)")),
+        ("an unknown field in a path step", note, Some("(malformed)")),
+    ] {
+        std::fs::write(&file, v.to_string()).unwrap();
+        let f = file.to_str().unwrap();
+        let rust = mediator(
+            dir.path(),
+            &["reserves", "verify-inclusion", f, "--account", "5"],
+        );
+        let py = python(&["inclusion", f, "--account", "5"]);
+        for (who, o) in [("rust", rust), ("python", py)] {
+            let out = text(&o);
+            match want {
+                None => assert!(o.status.success(), "{name} ({who}): {out}"),
+                Some(code) => {
+                    assert_eq!(o.status.code(), Some(2), "{name} ({who}) accepted: {out}");
+                    assert!(out.contains(code), "{name} ({who}): {out}");
+                }
+            }
+        }
+    }
+}

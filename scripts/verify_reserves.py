@@ -183,9 +183,9 @@ def check_node(doc, inputs, rpc):
         at = None
     if at != doc["block_hash"]:
         raise Fail("block_not_in_chain", "block %d is not %s in the node's chain" % (height, doc["block_hash"]))
-    tip = rpc("getblockcount")
     gone = {}
     later = 0
+    heights = {}  # the height of each block gettxout answered at (a block may arrive meanwhile)
     for txid, vout, value, spk in inputs:
         r = rpc("gettxout", txid, vout, False)
         if r is None:
@@ -193,15 +193,26 @@ def check_node(doc, inputs, rpc):
             continue
         if sats(r["value"]) != value or bytes.fromhex(r["scriptPubKey"]["hex"]) != spk:
             raise Fail("utxo_mismatch", "%s:%d is not the output the PSBT signs for" % (txid, vout))
-        created = tip - r["confirmations"] + 1
+        best = r["bestblock"]
+        if best not in heights:
+            heights[best] = rpc("getblockheader", best, True)["height"]
+        created = heights[best] - r["confirmations"] + 1
         if r["confirmations"] == 0 or created > height:
             raise Fail("utxo_after_block", "%s:%d was created after the stated block" % (txid, vout))
+    tip = rpc("getblockcount")
     h = height + 1
+    # A gone UTXO whose transaction is in a block after the stated one did not exist at it,
+    # even though it is found spent after it.
+    gone_txids = {txid for txid, _ in gone}
+    made_after = set()
     while gone and h <= min(tip, height + MAX_SCAN_BLOCKS):
         block = rpc("getblock", rpc("getblockhash", h), 3)
+        made_after.update(t["txid"] for t in block["tx"] if t["txid"] in gone_txids)
         for t in block["tx"]:
             for vin in t["vin"]:
                 key = (vin.get("txid"), vin.get("vout"))
+                if key in gone and key[0] in made_after:
+                    raise Fail("utxo_after_block", "%s:%d was created after the stated block" % key)
                 if key in gone:
                     value, spk = gone.pop(key)
                     p = vin.get("prevout") or {}
@@ -261,8 +272,19 @@ def node_hash(lh, ls, rh, rs):
     return hashlib.sha256(b"mediator-liability-node" + lh + ls.to_bytes(8, "big") + rh + rs.to_bytes(8, "big")).digest()
 
 
+PROOF_FIELDS = {"version", "proof_id", "account", "asset", "balance", "nonce", "index", "path", "root",
+                "total", "audit_head", "created_ms"}
+
+
 def cmd_inclusion(args):
     p = read_json(args.file)
+    # A field this verifier does not check is an error, not silently ignored.
+    if isinstance(p, dict) and set(p) - PROOF_FIELDS:
+        raise Fail("malformed", "unknown field(s) %s" % sorted(set(p) - PROOF_FIELDS))
+    steps = p.get("path") if isinstance(p, dict) else None
+    for sib in steps if isinstance(steps, list) else []:
+        if isinstance(sib, dict) and set(sib) - {"hash", "sum"}:
+            raise Fail("malformed", "unknown field(s) %s in a path step" % sorted(set(sib) - {"hash", "sum"}))
     if field(p, "version", int) != 2:
         raise Fail("version", "unsupported proof version")
     account = field(p, "account", int)
@@ -294,8 +316,10 @@ def cmd_inclusion(args):
         raise Fail("total_mismatch", "the path does not sum to the total")
     if args.against:
         doc = read_json(args.against)
-        l = doc.get("liabilities", {}).get(p["asset"]) if isinstance(doc, dict) else None
-        if doc.get("liabilities_proof_id") != p.get("proof_id") or not l or l.get("root", "").lower() != root.hex() or l.get("total") != str(total):
+        ls = doc.get("liabilities") if isinstance(doc, dict) else None
+        l = ls.get(p["asset"]) if isinstance(ls, dict) else None
+        if (not isinstance(l, dict) or doc.get("liabilities_proof_id") != p.get("proof_id")
+                or str(l.get("root", "")).lower() != root.hex() or l.get("total") != str(total)):
             raise Fail("not_published", "the proof of reserves does not publish this root and total")
     print("OK: balance %d of %s of account %d included, root %s total %d" % (balance, p["asset"], account, root.hex(), total))
 
@@ -313,21 +337,26 @@ def cmd_audit(args):
         lines.pop()
     elif lines:
         raise Fail("torn", "the last line has no newline")
-    prev, seq, hashes, breaks, acknowledged = b"\x00" * 32, 0, [], [], set()
+    # acknowledged: break line -> the line of the first override naming it.
+    prev, seq, hashes, breaks, acknowledged = b"\x00" * 32, 0, [], [], {}
     open_intents = {}
     for n, line in enumerate(lines, start=1):
         try:
             e = json.loads(line)
             ok = isinstance(e, dict) and e.get("seq") == seq + 1 and bytes.fromhex(e.get("prev", "")) == prev
+            params = e.get("params") if isinstance(e, dict) else None
+            params = params if isinstance(params, dict) else {}
             if isinstance(e, dict):
                 # An intent entry "<action>.intent" stays open until an entry names it in
                 # params.intent (docs/audit-log.md).
-                closes = (e.get("params") or {}).get("intent") if isinstance(e.get("params"), dict) else None
+                closes = params.get("intent")
                 open_intents.pop(closes, None)
                 if str(e.get("action", "")).endswith(".intent"):
                     open_intents[e.get("seq")] = e.get("action")
             if isinstance(e, dict) and e.get("action") == "audit.override":
-                acknowledged.update((e.get("params") or {}).get("break_lines") or [])
+                for b in params.get("break_lines") or []:
+                    if isinstance(b, int) and b < n:
+                        acknowledged.setdefault(b, n)
             seq = e["seq"] if isinstance(e, dict) and isinstance(e.get("seq"), int) else seq
         except (ValueError, TypeError):
             ok = False
@@ -342,6 +371,12 @@ def cmd_audit(args):
         head = hex32(field(read_json(proof), "audit_head", str), "audit_head")
         if head != b"\x00" * 32 and head not in hashes:
             raise Fail("head_missing", "no line of the log hashes to the audit head of %s" % proof)
+        # The history the proof saw: up to its head, with the overrides made before it only.
+        at = hashes.index(head) + 1 if head in hashes else 0
+        seen = [b for b in breaks if b <= at and acknowledged.get(b, at + 1) > at]
+        if seen:
+            raise Fail("broken_chain", "the chain breaks at line(s) %s before the audit head of %s "
+                       "(line %d), acknowledged only after it: rewritten after the proof" % (seen, proof, at))
     print("OK: %d entries, head %s; intents without outcome: %s" % (
         len(lines), prev.hex(), ", ".join("%s (%s)" % kv for kv in sorted(open_intents.items())) or "none"))
 

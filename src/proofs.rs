@@ -188,10 +188,26 @@ pub fn audit_verify(
         let d = reserves::por::ProofDocument::from_json(&text)
             .map_err(|e| anyhow::anyhow!("{}: {} ({})", doc.display(), e, e.code()))?;
         match head_line(&path, &d.audit_head)? {
-            Some(line) => println!(
-                "{}: its audit head is line {line} of the log",
-                doc.display()
-            ),
+            Some((line, end)) => {
+                // The history the proof saw: the chain up to its head, overrides after the head
+                // not counted (a break they acknowledge was made after the proof).
+                let f = std::fs::File::open(&path)
+                    .with_context(|| format!("reading {}", path.display()))?;
+                let seen = auditlog::verify(std::io::BufReader::new(std::io::Read::take(f, end)))
+                    .with_context(|| format!("reading {}", path.display()))?;
+                if let Some(b) = seen.unacknowledged().next() {
+                    bail!(
+                        "{}: the chain breaks before the proof's audit head (line {line}), at {b}, \
+                         acknowledged only after the proof if at all (broken_chain): the history \
+                         the proof saw was rewritten",
+                        doc.display()
+                    );
+                }
+                println!(
+                    "{}: its audit head is line {line} of the log",
+                    doc.display()
+                )
+            }
             None => bail!(
                 "{}: the log has no line hashing to the proof's audit head {} (head_missing): \
                  the history the proof saw was rewritten or cut",
@@ -209,16 +225,18 @@ pub fn audit_verify(
     Ok(())
 }
 
-/// The 1-based line of the log whose SHA-256 is `head` (hex), if any.
-fn head_line(path: &Path, head: &str) -> anyhow::Result<Option<u64>> {
+/// The 1-based line of the log whose SHA-256 is `head` (hex), if any, and the byte offset just
+/// past it (its newline included).
+fn head_line(path: &Path, head: &str) -> anyhow::Result<Option<(u64, u64)>> {
     use std::io::BufRead as _;
     let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut n = 0u64;
+    let (mut n, mut end) = (0u64, 0u64);
     for line in std::io::BufReader::new(f).split(b'\n') {
         let line = line.with_context(|| format!("reading {}", path.display()))?;
         n += 1;
+        end += line.len() as u64 + 1;
         if hex::encode(auditlog::line_hash(&line)) == head {
-            return Ok(Some(n));
+            return Ok(Some((n, end)));
         }
     }
     Ok(None)
@@ -410,11 +428,16 @@ fn check_reserves(
 }
 
 #[derive(serde::Deserialize)]
+struct Header {
+    height: u32,
+}
+#[derive(serde::Deserialize)]
 struct Block3 {
     tx: Vec<Tx3>,
 }
 #[derive(serde::Deserialize)]
 struct Tx3 {
+    txid: wallet::bitcoin::Txid,
     vin: Vec<Vin3>,
 }
 #[derive(serde::Deserialize)]
@@ -439,8 +462,9 @@ struct Spk3 {
 /// height, the network is the node's, and each UTXO (value and script as the PSBT claims) was
 /// unspent at that block ([`UtxoStatus`]). `gettxout` answers for the tip only, so a UTXO gone
 /// at the tip is looked for in the blocks after the stated one (at most [`MAX_SCAN_BLOCKS`]):
-/// found spent there, it was unspent at the block; not found, it was spent at or before the
-/// block (or never existed): the proof fails.
+/// found spent there and not created there, it was unspent at the block; created there, it did
+/// not exist at the block; not found, it was spent at or before the block (or never existed):
+/// the proof fails.
 fn check_against_node(
     doc: &reserves::por::ProofDocument,
     report: &reserves::por::DocumentReport,
@@ -448,7 +472,7 @@ fn check_against_node(
     cookie: &Path,
 ) -> Result<Vec<UtxoStatus>, Fail> {
     use bdk_bitcoind_rpc::bitcoincore_rpc::{Auth, Client, RpcApi};
-    use std::collections::HashMap;
+    use std::collections::{HashMap, HashSet};
     let node = |e: bdk_bitcoind_rpc::bitcoincore_rpc::Error| ("node", e.to_string());
     let client = Client::new(url, Auth::CookieFile(cookie.to_owned())).map_err(node)?;
     let info = client.get_blockchain_info().map_err(node)?;
@@ -478,15 +502,33 @@ fn check_against_node(
             ),
         ));
     }
-    let tip = u32::try_from(client.get_block_count().map_err(node)?).unwrap_or(u32::MAX);
     let mut statuses: Vec<Option<UtxoStatus>> = vec![None; report.checked.inputs.len()];
     let mut gone: HashMap<wallet::bitcoin::OutPoint, usize> = HashMap::new();
+    // The height of each block `gettxout` answered at: its `confirmations` count from there,
+    // not from a tip read before (a block may arrive in between).
+    let mut heights: HashMap<wallet::bitcoin::BlockHash, u32> = HashMap::new();
     for (i, (op, claimed)) in report.checked.inputs.iter().enumerate() {
         match client
             .get_tx_out(&op.txid, op.vout, Some(false))
             .map_err(node)?
         {
             Some(r) => {
+                let tip = match heights.get(&r.bestblock) {
+                    Some(&h) => h,
+                    None => {
+                        let h: Header = client
+                            .call(
+                                "getblockheader",
+                                &[
+                                    serde_json::json!(r.bestblock.to_string()),
+                                    serde_json::json!(true),
+                                ],
+                            )
+                            .map_err(node)?;
+                        heights.insert(r.bestblock, h.height);
+                        h.height
+                    }
+                };
                 if r.value != claimed.value
                     || r.script_pub_key.hex != claimed.script_pubkey.as_bytes()
                 {
@@ -516,6 +558,12 @@ fn check_against_node(
         }
     }
     if !gone.is_empty() {
+        let tip = u32::try_from(client.get_block_count().map_err(node)?).unwrap_or(u32::MAX);
+        // A gone UTXO's transaction mined after the stated block: it did not exist at the block,
+        // even though it is found spent after it (coins moved after the block and counted in
+        // both places, say).
+        let gone_txids: HashSet<wallet::bitcoin::Txid> = gone.keys().map(|op| op.txid).collect();
+        let mut made_after = HashSet::new();
         let last = tip.min(doc.block_height.saturating_add(MAX_SCAN_BLOCKS));
         for h in doc.block_height.saturating_add(1)..=last {
             if gone.is_empty() {
@@ -528,11 +576,26 @@ fn check_against_node(
                     &[serde_json::json!(hash.to_string()), serde_json::json!(3)],
                 )
                 .map_err(node)?;
+            // A block lists a transaction before any of its spends.
+            for tx in &block.tx {
+                if gone_txids.contains(&tx.txid) {
+                    made_after.insert(tx.txid);
+                }
+            }
             for vin in block.tx.iter().flat_map(|t| &t.vin) {
                 let (Some(txid), Some(vout)) = (vin.txid, vin.vout) else {
                     continue; // coinbase
                 };
                 let op = wallet::bitcoin::OutPoint { txid, vout };
+                if made_after.contains(&txid) && gone.contains_key(&op) {
+                    return Err((
+                        "utxo_after_block",
+                        format!(
+                            "{op} was created after the stated block {} (and spent since)",
+                            doc.block_height
+                        ),
+                    ));
+                }
                 if let Some(i) = gone.remove(&op) {
                     let claimed = &report.checked.inputs[i].1;
                     let matches = vin.prevout.as_ref().is_some_and(|p| {

@@ -328,3 +328,408 @@ fn serve_refuses_a_broken_audit_chain_and_the_override_is_logged() {
     let o = mediator(dir.path(), &["audit", "tail"]);
     assert!(text(&o).contains("audit.override"), "{}", text(&o));
 }
+
+/// `scripts/verify_reserves.py` (the independent verifier) with `args`.
+fn python(args: &[&str]) -> Output {
+    Command::new("python3")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/verify_reserves.py"
+        ))
+        .args(args)
+        .output()
+        .expect("run python3 scripts/verify_reserves.py")
+}
+
+/// A proof document naming `head` as its audit head (the rest is not read by `audit verify`).
+fn proof_naming(dir: &Path, head: &[u8; 32]) -> std::path::PathBuf {
+    let doc = serde_json::json!({
+        "version": 1, "network": "regtest", "message": "m", "block_hash": "00".repeat(32),
+        "block_height": 1, "psbt": "", "reserves_sat": 0, "liabilities_proof_id": 1,
+        "liabilities": {}, "audit_head": hex::encode(head), "created": 0,
+    });
+    let p = dir.join("por.json");
+    std::fs::write(&p, doc.to_string()).unwrap();
+    p
+}
+
+/// The history a published proof saw (the chain up to its audit head) cannot be rewritten
+/// afterwards and passed off with an override: a break before the head acknowledged only by an
+/// override after it fails `audit verify --proof`, with both verifiers. An override the proof
+/// itself saw (before its head) is part of that history and passes.
+#[test]
+fn audit_verify_refuses_history_before_a_proofs_head_rewritten_and_overridden_after_it() {
+    let credit = |log: &AuditLog, account: u64| {
+        log.append(
+            10 + account,
+            "admin",
+            "credit",
+            serde_json::json!({ "account": account }),
+        )
+        .unwrap()
+        .1
+    };
+    let check = |name: &str, data_dir: &Path, proof: &Path, want: Option<&str>| {
+        let log = data_dir.join("api").join("audit.log");
+        let p = proof.to_str().unwrap();
+        let rust = mediator(data_dir, &["audit", "verify", "--proof", p]);
+        let py = python(&["audit", log.to_str().unwrap(), "--proof", p]);
+        for (who, o) in [("rust", rust), ("python", py)] {
+            let out = text(&o);
+            assert!(
+                !out.contains("panicked") && !out.contains("Traceback"),
+                "{name} ({who}): {out}"
+            );
+            match want {
+                None => assert!(o.status.success(), "{name} ({who}) refused: {out}"),
+                Some(code) => {
+                    assert_eq!(o.status.code(), Some(2), "{name} ({who}) accepted: {out}");
+                    assert!(out.contains(code), "{name} ({who}): expected {code}: {out}");
+                }
+            }
+        }
+    };
+
+    // Rewritten after the proof.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    let head = {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        credit(&log, 0);
+        credit(&log, 1);
+        let head = credit(&log, 2);
+        credit(&log, 3);
+        head
+    };
+    let proof = proof_naming(dir.path(), &head);
+    check("honest", dir.path(), &proof, None);
+    let rewritten = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"account\":1", "\"account\":9");
+    std::fs::write(&path, rewritten).unwrap();
+    AuditLog::open(&path, true, "operator", 99).unwrap();
+    let o = mediator(dir.path(), &["audit", "verify"]);
+    assert!(
+        o.status.success() && text(&o).contains("acknowledged by an operator override"),
+        "without a proof the override acknowledges the break: {}",
+        text(&o)
+    );
+    check(
+        "rewritten before the head, overridden after it",
+        dir.path(),
+        &proof,
+        Some("broken_chain"),
+    );
+
+    // Overridden before the proof: the history the proof saw, unchanged since.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        credit(&log, 0);
+        credit(&log, 1);
+        credit(&log, 2);
+    }
+    let rewritten = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"account\":1", "\"account\":9");
+    std::fs::write(&path, rewritten).unwrap();
+    let head = {
+        let log = AuditLog::open(&path, true, "operator", 99).unwrap();
+        let head = credit(&log, 4);
+        credit(&log, 5);
+        head
+    };
+    let proof = proof_naming(dir.path(), &head);
+    check("overridden before the proof", dir.path(), &proof, None);
+
+    // An override naming a line after itself (planted in advance) acknowledges nothing.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(dir.path().join("api")).unwrap();
+    let path = dir.path().join("api").join("audit.log");
+    let head = {
+        let log = AuditLog::open(&path, false, "system", 1).unwrap();
+        credit(&log, 0);
+        log.append(
+            11,
+            "operator",
+            reserves::auditlog::OVERRIDE_ACTION,
+            serde_json::json!({ "break_lines": [4] }),
+        )
+        .unwrap();
+        credit(&log, 1);
+        credit(&log, 3);
+        credit(&log, 4)
+    };
+    let rewritten = std::fs::read_to_string(&path)
+        .unwrap()
+        .replace("\"account\":1", "\"account\":9");
+    std::fs::write(&path, rewritten).unwrap();
+    let proof = proof_naming(dir.path(), &head);
+    check(
+        "an override planted before the break it names",
+        dir.path(),
+        &proof,
+        Some("broken_chain"),
+    );
+}
+
+/// A fake bitcoind on loopback, for fault injection: answers each JSON-RPC call of the
+/// verifiers with `answer(method, params)`. One thread; connections served in turn, each until
+/// the client closes it.
+fn fake_node(
+    answer: impl Fn(&str, &[serde_json::Value]) -> serde_json::Value + Send + 'static,
+) -> String {
+    use std::io::{BufRead as _, Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut reader = std::io::BufReader::new(conn.try_clone().unwrap());
+            'requests: loop {
+                let mut len = 0usize;
+                loop {
+                    let mut line = String::new();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        break 'requests;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    if let Some((k, v)) = line.split_once(':') {
+                        if k.eq_ignore_ascii_case("content-length") {
+                            len = v.trim().parse().unwrap();
+                        }
+                    }
+                }
+                let mut body = vec![0; len];
+                reader.read_exact(&mut body).unwrap();
+                let req: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                let params = req["params"].as_array().cloned().unwrap_or_default();
+                let result = answer(req["method"].as_str().unwrap(), &params);
+                let reply = serde_json::json!({ "result": result, "error": null, "id": req["id"] })
+                    .to_string();
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+                    reply.len()
+                );
+                if conn
+                    .write_all(head.as_bytes())
+                    .and_then(|()| conn.write_all(reply.as_bytes()))
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        }
+    });
+    url
+}
+
+/// The block hash the fake node gives height `h`.
+fn fake_hash(h: u64) -> String {
+    format!("{h:064x}")
+}
+
+/// `reserves verify --rpc` when a block arrives while it asks the node: the tip it read first
+/// is not the block `gettxout` answers at, so `confirmations` counted from that tip makes a
+/// UTXO created in the block after the stated one look created at it. The fake node's tip is
+/// 101 when asked, and 102 when it answers `gettxout` for the proof's only UTXO: created at 101
+/// (2 confirmations at 102), after the stated block 100. Both verifiers refuse it
+/// (`utxo_after_block`).
+#[test]
+fn a_block_arriving_during_reserves_verify_does_not_pass_a_younger_utxo() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+    use wallet::bitcoin::hashes::Hash as _;
+    use wallet::bitcoin::secp256k1::{Message, Secp256k1, SecretKey};
+    use wallet::bitcoin::sighash::{EcdsaSighashType, SighashCache};
+    use wallet::bitcoin::{
+        Address, Amount, CompressedPublicKey, Network, OutPoint, TxOut, Txid, Witness,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // A signed proof over one UTXO of our key at block 100 (the fake node vouches for it).
+    let secp = Secp256k1::new();
+    let sk = SecretKey::from_slice(&[5; 32]).unwrap();
+    let spk = Address::p2wpkh(&CompressedPublicKey(sk.public_key(&secp)), Network::Regtest)
+        .script_pubkey();
+    let utxo = TxOut {
+        value: Amount::from_sat(100_000_000),
+        script_pubkey: spk.clone(),
+    };
+    let op = OutPoint {
+        txid: Txid::from_byte_array([0x11; 32]),
+        vout: 0,
+    };
+    let message = "Operator reserves at block 100";
+    let input = wallet::bitcoin::psbt::Input {
+        witness_utxo: Some(utxo.clone()),
+        ..Default::default()
+    };
+    let mut psbt = reserves::por::proof_psbt(message, vec![(op, input)]).unwrap();
+    let sighash = SighashCache::new(&psbt.unsigned_tx)
+        .p2wpkh_signature_hash(1, &spk, utxo.value, EcdsaSighashType::All)
+        .unwrap();
+    let sig = wallet::bitcoin::ecdsa::Signature {
+        signature: secp.sign_ecdsa(&Message::from_digest(sighash.to_byte_array()), &sk),
+        sighash_type: EcdsaSighashType::All,
+    };
+    psbt.inputs[1].final_script_witness = Some(Witness::p2wpkh(&sig, &sk.public_key(&secp)));
+    let doc = serde_json::json!({
+        "version": 1, "network": "regtest", "message": message,
+        "block_hash": fake_hash(100), "block_height": 100,
+        "psbt": reserves::por::psbt_base64(&psbt.serialize()), "reserves_sat": 100_000_000,
+        "liabilities_proof_id": 1,
+        "liabilities": { "BTC": { "root": "00".repeat(32), "total": "0", "leaves": 1 } },
+        "audit_head": "00".repeat(32), "created": 0,
+    });
+    let file = dir.path().join("por.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let cookie = dir.path().join(".cookie");
+    std::fs::write(&cookie, "__cookie__:x").unwrap();
+
+    let run = |who: &str| {
+        let tip = Arc::new(AtomicU64::new(101));
+        let t = tip.clone();
+        let spk_hex = hex::encode(spk.as_bytes());
+        let url = fake_node(move |method, params| match method {
+            "getblockchaininfo" => serde_json::json!({
+                "chain": "regtest", "blocks": t.load(Ordering::SeqCst),
+                "headers": t.load(Ordering::SeqCst),
+                "bestblockhash": fake_hash(t.load(Ordering::SeqCst)), "difficulty": 1.0,
+                "mediantime": 0, "verificationprogress": 1.0, "initialblockdownload": false,
+                "chainwork": "00", "size_on_disk": 0, "pruned": false, "warnings": "",
+            }),
+            "getnetworkinfo" => serde_json::json!({ "version": 280000 }),
+            "getblockcount" => serde_json::json!(t.load(Ordering::SeqCst)),
+            "getblockhash" => serde_json::json!(fake_hash(params[0].as_u64().unwrap())),
+            "getblockheader" => {
+                let h = u64::from_str_radix(params[0].as_str().unwrap(), 16).unwrap();
+                serde_json::json!({ "hash": fake_hash(h), "height": h })
+            }
+            "gettxout" => {
+                // Block 102 arrives now; the UTXO was created in block 101.
+                t.store(102, Ordering::SeqCst);
+                serde_json::json!({
+                    "bestblock": fake_hash(102), "confirmations": 2, "value": 1.0,
+                    "scriptPubKey": { "asm": "", "hex": spk_hex, "type": "witness_v0_keyhash" },
+                    "coinbase": false,
+                })
+            }
+            other => panic!("the fake node does not answer {other}"),
+        });
+        let (f, c) = (file.to_str().unwrap(), cookie.to_str().unwrap());
+        let o = if who == "rust" {
+            mediator(
+                dir.path(),
+                &["reserves", "verify", f, "--rpc", &url, "--cookie", c],
+            )
+        } else {
+            python(&["por", f, "--rpc", &url, "--cookie", c])
+        };
+        let out = text(&o);
+        assert!(
+            !out.contains("panicked") && !out.contains("Traceback"),
+            "{who}: {out}"
+        );
+        assert_eq!(o.status.code(), Some(2), "({who}) accepted: {out}");
+        assert!(out.contains("(utxo_after_block)"), "{who}: {out}");
+    };
+    run("rust");
+    run("python");
+}
+
+/// The independent verifier answers hostile documents with a verdict or a clear error (exit 2
+/// and a code), never a traceback: a proof of reserves for `inclusion --against` that is not an
+/// object or whose liabilities are not, and an audit entry whose params are not an object.
+#[test]
+fn the_python_verifier_answers_hostile_documents_without_a_traceback() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tree::build(&[9; 32], 4, "BTC", &[(5, 1_000)]).unwrap();
+    let mine = dir.path().join("mine.json");
+    std::fs::write(&mine, t.prove(5, None).unwrap().to_json().to_string()).unwrap();
+    let against = dir.path().join("por.json");
+    for (name, doc) in [
+        ("a list", "[]"),
+        (
+            "liabilities a list",
+            r#"{"liabilities_proof_id": 4, "liabilities": []}"#,
+        ),
+        (
+            "liabilities.BTC a string",
+            r#"{"liabilities_proof_id": 4, "liabilities": {"BTC": "x"}}"#,
+        ),
+    ] {
+        std::fs::write(&against, doc).unwrap();
+        let o = python(&[
+            "inclusion",
+            mine.to_str().unwrap(),
+            "--account",
+            "5",
+            "--against",
+            against.to_str().unwrap(),
+        ]);
+        let out = text(&o);
+        assert!(!out.contains("Traceback"), "{name}: {out}");
+        assert_eq!(o.status.code(), Some(2), "{name} accepted: {out}");
+        assert!(out.contains("(not_published)"), "{name}: {out}");
+    }
+
+    let log = dir.path().join("audit.log");
+    {
+        let l = AuditLog::open(&log, false, "system", 1).unwrap();
+        l.append(
+            2,
+            "operator",
+            reserves::auditlog::OVERRIDE_ACTION,
+            serde_json::json!(["not", "an", "object"]),
+        )
+        .unwrap();
+        l.append(3, "admin", "credit", serde_json::json!(7))
+            .unwrap();
+    }
+    let o = python(&["audit", log.to_str().unwrap()]);
+    let out = text(&o);
+    assert!(!out.contains("Traceback"), "{out}");
+    assert!(o.status.success(), "a valid chain: {out}");
+}
+
+/// `verify_reserves.py inclusion` refuses a field it does not check (docs/liabilities-proof.md:
+/// unknown fields are an error), as the Rust verifier and the page do.
+#[test]
+fn the_python_inclusion_verifier_refuses_unknown_fields() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tree::build(&[9; 32], 4, "BTC", &[(1, 50_000), (5, 1_000)]).unwrap();
+    let good = t.prove(5, None).unwrap().to_json();
+    let file = dir.path().join("mine.json");
+    let mut unit = good.clone();
+    unit["unit"] = serde_json::json!("mBTC");
+    let mut note = good.clone();
+    note["path"][0]["note"] = serde_json::json!("x");
+    for (name, v, want) in [
+        ("honest", good, None),
+        ("an unknown field", unit, Some("(malformed)")),
+        ("an unknown field in a path step", note, Some("(malformed)")),
+    ] {
+        std::fs::write(&file, v.to_string()).unwrap();
+        let f = file.to_str().unwrap();
+        let rust = mediator(
+            dir.path(),
+            &["reserves", "verify-inclusion", f, "--account", "5"],
+        );
+        let py = python(&["inclusion", f, "--account", "5"]);
+        for (who, o) in [("rust", rust), ("python", py)] {
+            let out = text(&o);
+            match want {
+                None => assert!(o.status.success(), "{name} ({who}): {out}"),
+                Some(code) => {
+                    assert_eq!(o.status.code(), Some(2), "{name} ({who}) accepted: {out}");
+                    assert!(out.contains(code), "{name} ({who}): {out}");
+                }
+            }
+        }
+    }
+}

@@ -506,3 +506,158 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
     );
     assert!(!a2.is_empty());
 }
+
+/// Signs input `i` of `tx`, spending the P2WPKH `utxo` of `sk` (SIGHASH_ALL): its witness.
+fn p2wpkh_witness(
+    secp: &wallet::bitcoin::secp256k1::Secp256k1<wallet::bitcoin::secp256k1::All>,
+    sk: &wallet::bitcoin::secp256k1::SecretKey,
+    tx: &wallet::bitcoin::Transaction,
+    i: usize,
+    utxo: &TxOut,
+) -> wallet::bitcoin::Witness {
+    use wallet::bitcoin::hashes::Hash as _;
+    use wallet::bitcoin::sighash::{EcdsaSighashType, SighashCache};
+    let sighash = SighashCache::new(tx)
+        .p2wpkh_signature_hash(i, &utxo.script_pubkey, utxo.value, EcdsaSighashType::All)
+        .unwrap();
+    let msg = wallet::bitcoin::secp256k1::Message::from_digest(sighash.to_byte_array());
+    let sig = wallet::bitcoin::ecdsa::Signature {
+        signature: secp.sign_ecdsa(&msg, sk),
+        sighash_type: EcdsaSighashType::All,
+    };
+    wallet::bitcoin::Witness::p2wpkh(&sig, &sk.public_key(secp))
+}
+
+/// A cheating operator's proof at block B that counts the same coins twice: UTXO X (unspent at
+/// B) and UTXO Y, the same coins moved to Y in the block after B. Once Y is spent too, neither
+/// is in the UTXO set at the tip, and both are found spent after B: that alone must not pass
+/// for "unspent at B", Y did not exist at B. Both verifiers refuse it (`utxo_after_block`); the
+/// proof of X alone still verifies.
+#[test]
+fn a_utxo_created_after_the_stated_block_and_spent_since_is_refused() {
+    use bdk_bitcoind_rpc::bitcoincore_rpc::RpcApi;
+    use wallet::bitcoin::secp256k1::{Secp256k1, SecretKey};
+    use wallet::bitcoin::{
+        absolute, transaction, Address, CompressedPublicKey, Network, OutPoint, Sequence,
+        Transaction, TxIn, Witness,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let files = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), free_port());
+    let rpc = s.rpc();
+    let url = std::fs::read_to_string(dir.path().join("bitcoind/mediator-rpc-url")).unwrap();
+    let cookie = dir.path().join("bitcoind/regtest/.cookie");
+    let v = Verifiers {
+        data_dir: dir.path().to_owned(),
+        rpc: vec![
+            "--rpc".into(),
+            url.trim().to_owned(),
+            "--cookie".into(),
+            cookie.to_str().unwrap().to_owned(),
+        ],
+    };
+    // The operator's own key (not custody's: the verifiers need only the chain).
+    let secp = Secp256k1::new();
+    let sk = SecretKey::from_slice(&[7; 32]).unwrap();
+    let ours = Address::p2wpkh(&CompressedPublicKey(sk.public_key(&secp)), Network::Regtest);
+    let elsewhere = Address::p2wsh(
+        &ScriptBuf::from_bytes(vec![0x51, 0x51, 0x87]),
+        Network::Regtest,
+    );
+    // Moves `from` (ours) to `to` in a block of its own; answers the new UTXO.
+    let spend = |from: &(OutPoint, TxOut), to: &Address| -> (OutPoint, TxOut) {
+        let mut tx = Transaction {
+            version: transaction::Version::TWO,
+            lock_time: absolute::LockTime::ZERO,
+            input: vec![TxIn {
+                previous_output: from.0,
+                script_sig: ScriptBuf::new(),
+                sequence: Sequence::MAX,
+                witness: Witness::new(),
+            }],
+            output: vec![TxOut {
+                value: from.1.value - Amount::from_sat(1_000),
+                script_pubkey: to.script_pubkey(),
+            }],
+        };
+        tx.input[0].witness = p2wpkh_witness(&secp, &sk, &tx, 0, &from.1);
+        let txid = rpc.send_raw_transaction(&tx).unwrap();
+        rpc.generate_to_address(1, &elsewhere).unwrap();
+        (
+            OutPoint { txid, vout: 0 },
+            tx.output.into_iter().next().unwrap(),
+        )
+    };
+
+    // X: a coinbase of ours, mature 100 blocks later. B: the tip then.
+    let mined = rpc.generate_to_address(1, &ours).unwrap();
+    let coinbase = rpc.get_block(&mined[0]).unwrap().txdata.remove(0);
+    let vout = coinbase
+        .output
+        .iter()
+        .position(|o| o.script_pubkey == ours.script_pubkey())
+        .unwrap();
+    let x = (
+        OutPoint {
+            txid: coinbase.compute_txid(),
+            vout: vout as u32,
+        },
+        coinbase.output[vout].clone(),
+    );
+    rpc.generate_to_address(100, &elsewhere).unwrap();
+    let b = rpc.get_block_count().unwrap();
+    let b_hash = rpc.get_block_hash(b).unwrap();
+    // Y: X's coins, moved in block B + 1.
+    let y = spend(&x, &ours);
+
+    let document = |name: &str, utxos: &[&(OutPoint, TxOut)]| -> PathBuf {
+        let message = format!("Operator reserves at block {b}, {name}");
+        let inputs = utxos
+            .iter()
+            .map(|(op, out)| {
+                let input = wallet::bitcoin::psbt::Input {
+                    witness_utxo: Some(out.clone()),
+                    ..Default::default()
+                };
+                (*op, input)
+            })
+            .collect();
+        let mut psbt = reserves::por::proof_psbt(&message, inputs).unwrap();
+        for (i, (_, out)) in utxos.iter().enumerate() {
+            let w = p2wpkh_witness(&secp, &sk, &psbt.unsigned_tx, i + 1, out);
+            psbt.inputs[i + 1].final_script_witness = Some(w);
+        }
+        let reserves_sat: u64 = utxos.iter().map(|(_, o)| o.value.to_sat()).sum();
+        let doc = serde_json::json!({
+            "version": 1,
+            "network": "regtest",
+            "message": message,
+            "block_hash": b_hash.to_string(),
+            "block_height": b,
+            "psbt": reserves::por::psbt_base64(&psbt.serialize()),
+            "reserves_sat": reserves_sat,
+            "liabilities_proof_id": 1,
+            "liabilities": { "BTC": { "root": "00".repeat(32), "total": "0", "leaves": 1 } },
+            "audit_head": "00".repeat(32),
+            "created": 0,
+        });
+        write(files.path(), &name.replace(' ', "_"), &doc)
+    };
+    let twice = document("X and Y", &[&x, &y]);
+    let only_x = document("X alone", &[&x]);
+
+    // Y unspent at the tip: its creation height shows it is younger than B.
+    v.por(
+        "Y unspent, created after B",
+        &twice,
+        Some("utxo_after_block"),
+    );
+    // Y spent too: still younger than B.
+    spend(&y, &elsewhere);
+    v.por(
+        "Y created after B and spent since",
+        &twice,
+        Some("utxo_after_block"),
+    );
+    v.por("X alone, spent after B", &only_x, None);
+}

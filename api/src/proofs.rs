@@ -125,6 +125,32 @@ impl Proofs {
                 document TEXT NOT NULL
             );",
         )?;
+        // The log must still hold the audit heads of the latest publications: a log cut back
+        // before one (its tail removed) is a valid chain, yet it lost entries a published proof
+        // commits to. Refused like a broken chain; the override names the heads it gives up.
+        let published = published_heads(&db)?;
+        let missing = reserves::auditlog::missing_heads(&data_dir.join(AUDIT_FILE), &published)
+            .map_err(|e| SetupError::Audit(format!("audit log: {e}")))?;
+        if !missing.is_empty() {
+            let hexes: Vec<String> = missing.iter().map(hex::encode).collect();
+            if !audit_override {
+                return Err(SetupError::Audit(format!(
+                    "audit log {} no longer holds the audit head {} of a published proof: it was \
+                     cut or rewritten after the proof; run `mediator audit verify --proof` with \
+                     the proof to see it; to start anyway (the override is logged), pass \
+                     --audit-override",
+                    data_dir.join(AUDIT_FILE).display(),
+                    hexes.join(", ")
+                )));
+            }
+            log.append(
+                now,
+                "operator",
+                reserves::auditlog::OVERRIDE_ACTION,
+                json!({ "break_lines": [], reserves::auditlog::MISSING_HEADS_KEY: hexes }),
+            )
+            .map_err(|e| SetupError::Audit(e.to_string()))?;
+        }
         let p = Proofs {
             log,
             db: Mutex::new(db),
@@ -258,6 +284,36 @@ impl Proofs {
     pub fn snapshot_loads(&self) -> u64 {
         self.snapshot_loads.load(Ordering::Relaxed)
     }
+}
+
+/// The audit heads named by the latest liabilities publication and the latest proof of
+/// reserves in `db` (what a log must still hold).
+fn published_heads(db: &Connection) -> Result<Vec<[u8; 32]>, SetupError> {
+    let liabilities: Option<String> = db
+        .query_row(
+            "SELECT audit_head FROM liabilities ORDER BY proof_id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let document: Option<String> = db
+        .query_row(
+            "SELECT document FROM reserves_proofs ORDER BY id DESC LIMIT 1",
+            [],
+            |r| r.get(0),
+        )
+        .optional()?;
+    let reserves = document.and_then(|d| {
+        serde_json::from_str::<Value>(&d)
+            .ok()
+            .and_then(|v| v["audit_head"].as_str().map(str::to_owned))
+    });
+    Ok([liabilities, reserves]
+        .iter()
+        .flatten()
+        .filter_map(|h| hex_head(h))
+        .filter(|h| *h != [0; 32])
+        .collect())
 }
 
 /// The nonce secret: `HMAC(master, "reserves/liabilities-nonce")` (ADR 0005), never stored.

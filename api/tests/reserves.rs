@@ -202,6 +202,77 @@ fn start_up_refuses_a_broken_audit_chain_unless_overridden_and_logs_the_override
     assert_eq!(ov.params["break_lines"], serde_json::json!([3]));
 }
 
+fn fast() -> api::ApiConfig {
+    api::ApiConfig {
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        ..api::ApiConfig::default()
+    }
+}
+
+/// A log cut back before the audit head of a proof the server published (its last entries
+/// removed: a valid, shorter chain) is refused at start-up like a broken chain, since the
+/// server holds the proofs and their heads; with the override it starts, the override names the
+/// missing head, and later starts accept that acknowledged loss.
+#[tokio::test]
+async fn start_up_refuses_a_log_cut_before_a_published_proofs_head_unless_overridden() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_owned();
+    let h = Harness::in_dir(dir, fast());
+    h.trader("0", "5.00").await;
+    let published = h
+        .ok("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
+        .await;
+    let head = published["auditHead"].as_str().unwrap().to_owned();
+    assert!(h.state.read_model().wait_persisted().await);
+    std::mem::forget(h.dir);
+    drop(h.router);
+    drop(h.state);
+
+    let log = path.join(api::proofs::AUDIT_FILE);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| hex::encode(auditlog::line_hash(l.as_bytes())) == head)
+        .expect("the published head is a line of the log");
+    let cut: String = lines[..at].iter().map(|l| format!("{l}\n")).collect();
+    std::fs::write(&log, &cut).unwrap();
+    assert!(
+        auditlog::verify_file(&log).unwrap().ok(),
+        "a log cut at the tail is a valid chain"
+    );
+
+    let err = api::open_local(&path, EngineConfig::default(), fast())
+        .expect_err("a log without a published proof's head must refuse start-up");
+    let msg = err.to_string();
+    assert!(
+        msg.contains(&head) && msg.contains("--audit-override"),
+        "{msg}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap(),
+        cut,
+        "refusal changes nothing"
+    );
+
+    let overridden = api::ApiConfig {
+        audit_override: true,
+        ..fast()
+    };
+    drop(api::open_local(&path, EngineConfig::default(), overridden).unwrap());
+    let entries = auditlog::tail(&log, usize::MAX).unwrap();
+    let ov = entries
+        .iter()
+        .find(|e| e.action == auditlog::OVERRIDE_ACTION)
+        .expect("the override is logged");
+    assert_eq!(ov.actor, "operator");
+    assert_eq!(ov.params["missing_heads"], serde_json::json!([head]));
+    // Acknowledged once, in the chain: the next start needs no override.
+    drop(api::open_local(&path, EngineConfig::default(), fast()).unwrap());
+    assert!(auditlog::verify_file(&log).unwrap().ok());
+}
+
 #[tokio::test]
 async fn the_verification_page_is_self_contained_with_a_hashed_script() {
     let h = Harness::new();

@@ -74,6 +74,12 @@ fn cases() -> Vec<(&'static str, String, u32)> {
         }),
         ("account not a u32", edit(&|v| v["account"] = json!(-1))),
         ("truncated", good.to_string()[..40].to_owned()),
+        // A field no verifier checks (a unit, say) is refused, not silently ignored.
+        ("an unknown field", edit(&|v| v["unit"] = json!("mBTC"))),
+        (
+            "an unknown field in a path step",
+            edit(&|v| v["path"][0]["note"] = json!("x")),
+        ),
     ];
     let mut out: Vec<_> = cases.into_iter().map(|(n, t)| (n, t, MINE)).collect();
     out.push(("honest, a balance above 2^53", big, 6));

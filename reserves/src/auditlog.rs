@@ -350,6 +350,66 @@ pub fn verify_file(path: &Path) -> io::Result<VerifyReport> {
     }
 }
 
+/// The `params` key of an `audit.override` entry that acknowledges published audit heads the
+/// log no longer holds (hex strings): see [`missing_heads`].
+pub const MISSING_HEADS_KEY: &str = "missing_heads";
+
+/// Which of `heads` the log at `path` does not hold: no line hashes to it and no
+/// `audit.override` entry names it under [`MISSING_HEADS_KEY`]. A head a published proof names
+/// and the log lacks means the log was cut back (or rewritten) after that proof: a shorter log
+/// is a valid chain, so [`verify`] cannot see it. One pass; lines are bounded by [`MAX_LINE`]
+/// (a longer one is skipped: it is no entry). A missing file holds nothing.
+pub fn missing_heads(path: &Path, heads: &[Hash]) -> io::Result<Vec<Hash>> {
+    let mut left: Vec<Hash> = heads.to_vec();
+    left.sort_unstable();
+    left.dedup();
+    let mut r = match File::open(path) {
+        Ok(f) => BufReader::with_capacity(1 << 16, f),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(left),
+        Err(e) => return Err(e),
+    };
+    let mut buf = Vec::with_capacity(512);
+    while !left.is_empty() {
+        buf.clear();
+        let n = r
+            .by_ref()
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if buf.last() == Some(&b'\n') {
+            buf.pop();
+        } else if buf.len() > MAX_LINE {
+            loop {
+                buf.clear();
+                let m = r
+                    .by_ref()
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut buf)?;
+                if m == 0 || buf.last() == Some(&b'\n') {
+                    break;
+                }
+            }
+            continue;
+        }
+        let h = line_hash(&buf);
+        left.retain(|x| *x != h);
+        if let Ok(e) = serde_json::from_slice::<LineHead>(&buf) {
+            if e.action == OVERRIDE_ACTION {
+                if let Some(named) = e.params.get(MISSING_HEADS_KEY).and_then(|v| v.as_array()) {
+                    left.retain(|x| {
+                        !named
+                            .iter()
+                            .any(|v| v.as_str().is_some_and(|s| hex_eq(s, x)))
+                    });
+                }
+            }
+        }
+    }
+    Ok(left)
+}
+
 /// The last `n` entries that parse (lines that do not are skipped; `verify` reports them).
 pub fn tail(path: &Path, n: usize) -> io::Result<Vec<Entry>> {
     let f = match File::open(path) {

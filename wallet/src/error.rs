@@ -85,6 +85,9 @@ pub enum SyncError {
     /// Persisting the wallet failed.
     #[error("persisting wallet: {0}")]
     Persist(#[from] rusqlite::Error),
+    /// The service's tables failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// [`CustodyService::new_deposit_address`](crate::CustodyService::new_deposit_address) failed.

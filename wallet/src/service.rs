@@ -1005,7 +1005,10 @@ impl CustodyService {
     /// persists it. On an RPC error the connection is dropped and made again on the next call.
     pub fn sync_once(&mut self, now: Timestamp) -> Result<SyncReport, SyncError> {
         let mut report = SyncReport::default();
-        let result = self.sync_inner(now, &mut report);
+        let mut result = self.sync_inner(now, &mut report);
+        if result.is_ok() {
+            result = self.keep_batches_in_view(now);
+        }
         // Persist what was applied even when the node went away half-way.
         self.wallet.persist(&mut self.db)?;
         match result {
@@ -1052,6 +1055,49 @@ impl CustodyService {
         report.evicted = mempool.evicted.len();
         wallet.apply_evicted_txs(mempool.evicted);
         wallet.apply_unconfirmed_txs(mempool.update);
+        Ok(())
+    }
+
+    /// Puts back in the wallet's view the newest transaction of every batch in flight that has
+    /// no version there: one the node does not have (it refused it, or dropped it from its
+    /// mempool) is reported as evicted by the first mempool sync of a connection that expected
+    /// it (every restart and reconnection), and one recorded just before a crash may never have
+    /// reached the wallet. We keep broadcasting it, so its inputs are spent for us until a
+    /// version confirms (as a wallet keeps its own unconfirmed transaction's inputs spent until
+    /// it is abandoned): otherwise the next batch spends them, the two conflict, and once that
+    /// one confirms this batch never can (its withdrawals stay held and batched for good), and
+    /// it cannot be fee-bumped either (the wallet no longer has it). A version that lost to a
+    /// confirmed conflict is not put back (it was not evicted: the wallet leaves it out).
+    fn keep_batches_in_view(&mut self, now: Timestamp) -> Result<(), SyncError> {
+        for batch in store::inflight_batches(&self.db)? {
+            let txs = store::batch_txs(&self.db, batch)?;
+            if txs.iter().any(|t| self.wallet.get_tx(t.txid).is_some()) {
+                continue;
+            }
+            let Some(latest) = txs.last() else { continue };
+            let graph = self.wallet.tx_graph();
+            let evicted = match graph.get_tx_node(latest.txid) {
+                None => true,
+                Some(node) => graph
+                    .get_last_evicted(latest.txid)
+                    .is_some_and(|e| node.last_seen.is_none_or(|s| e >= s)),
+            };
+            if !evicted {
+                continue;
+            }
+            let tx: Transaction = encode::deserialize(&latest.raw).map_err(|e| {
+                SyncError::Store(crate::StoreError::Corrupt(format!(
+                    "stored batch transaction {}: {e}",
+                    latest.txid
+                )))
+            })?;
+            let seen = graph
+                .get_last_evicted(latest.txid)
+                .map_or(0, |e| e.saturating_add(1))
+                .max(self.last_seen_floor(&txs, now));
+            tracing::warn!(batch, txid = %latest.txid, "batch transaction not in the node's mempool; kept as pending (its coins stay spent) and broadcast again");
+            self.wallet.apply_unconfirmed_txs([(tx, seen)]);
+        }
         Ok(())
     }
 

@@ -881,3 +881,91 @@ fn a_fee_bump_never_spends_a_deposit_below_the_credit_threshold() {
     );
     assert_eq!(svc.batch_txids(batch.id).unwrap().len(), 1);
 }
+
+/// Defect: a batch the node refused (its fee below the node's floor) was dropped from the
+/// wallet's view after a restart (the new connection's first mempool sync reports every
+/// unconfirmed transaction the node does not have as evicted), so its coins looked unspent and
+/// the next batch spent them: the two batches conflict, and once the later one confirms the
+/// refused one can never confirm (its withdrawals stay held and batched for good).
+#[test]
+fn a_refused_batch_keeps_its_coins_across_a_restart() {
+    // The node refuses anything below 1.5 sat/vB; custody's fallback rate is 1 sat/vB.
+    let mut w = World::with_node(support::TestNode::start_with(&["-minrelaytxfee=0.000015"]));
+    let mut c = config(&w);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(1);
+    let (mut svc, alice) = funded(&w, c.clone(), 1_000_000);
+    let mut receiver = Customer::new(19);
+    svc.request_withdrawal(
+        request(alice, &receiver.address(), 100_000, "first"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let first = r.batch.expect("first batch");
+    assert!(w.node.mempool().is_empty(), "the node refused the batch");
+    let refused = svc.batches().unwrap();
+    assert_eq!(refused[0].refusals, 1, "{refused:?}");
+    let spent: Vec<_> = svc
+        .transaction(first.txid)
+        .unwrap()
+        .0
+        .input
+        .iter()
+        .map(|i| i.previous_output)
+        .collect();
+
+    // Restart (the fee market moved: the new rate passes the floor).
+    drop(svc);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(3);
+    let mut svc = w.open(c);
+    svc.step(w.clock.now()).unwrap();
+    let second = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 200_000, "second"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    for txid in r.batch.iter().flat_map(|b| svc.batch_txids(b.id).unwrap()) {
+        let (tx, _) = svc.transaction(txid).unwrap();
+        for input in &tx.input {
+            assert!(
+                !spent.contains(&input.previous_output),
+                "batch {txid} spends {} of the refused batch {}",
+                input.previous_output,
+                first.txid
+            );
+        }
+    }
+    // The only coin is the refused batch's: the second request waits for it.
+    assert_eq!(
+        svc.withdrawal(second.id).unwrap().unwrap().status,
+        WithdrawalStatus::Pending
+    );
+    // The operator bumps the refused batch over the floor (once its rebroadcast backoff
+    // passed): it is paid, and then the second.
+    let bumped = svc
+        .bump_fee(
+            first.id,
+            FeeRate::from_sat_per_vb_u32(3),
+            w.clock.advance(Duration::from_secs(120)),
+        )
+        .expect("the refused batch can be bumped after the restart");
+    assert_eq!(w.node.mempool(), vec![bumped]);
+    let mut batches = Vec::new();
+    for _ in 0..3 {
+        w.node.mine(1);
+        let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+        batches.extend(r.batch.map(|b| b.withdrawals));
+    }
+    assert_eq!(batches, vec![vec![second.id]], "the second batch, once");
+    for id in first.withdrawals.iter().chain([&second.id]) {
+        assert_eq!(
+            svc.withdrawal(*id).unwrap().unwrap().status,
+            WithdrawalStatus::Completed
+        );
+    }
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 300_000);
+    assert_conserved(&w, &svc);
+}

@@ -47,6 +47,13 @@ impl TestNode {
         Self::with_conf(&conf(None))
     }
 
+    /// A node started with `args` after `-regtest` (e.g. a relay fee floor).
+    pub fn start_with(args: &[&'static str]) -> Self {
+        let mut c = conf(None);
+        c.args.extend_from_slice(args);
+        Self::with_conf(&c)
+    }
+
     /// A node whose data directory survives it (for restarts).
     pub fn start_in(dir: &Path) -> Self {
         Self::with_conf(&conf(Some(dir.to_owned())))
@@ -349,12 +356,17 @@ pub struct World {
 
 impl World {
     pub fn new() -> Self {
+        Self::with_node(TestNode::start())
+    }
+
+    /// A world around a node started by the caller (e.g. [`TestNode::start_with`]).
+    pub fn with_node(node: TestNode) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("wallet=info")
             .try_init();
         Self {
-            node: TestNode::start(),
+            node,
             ledger: Arc::new(EngineLedger::default()),
             dir: tempfile::tempdir().unwrap(),
             clock: Clock::new(),

@@ -2039,6 +2039,8 @@ impl CustodyService {
             },
             now.as_millis(),
         )?;
+        // Sent now, even when an earlier version was refused and waits out its backoff.
+        store::batch_retry_now(&self.db, batch)?;
         tracing::info!(batch, %replaced, %txid, %fee, "batch fee bumped");
         self.broadcast_pending(now)?;
         Ok(txid)

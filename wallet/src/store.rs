@@ -716,6 +716,16 @@ pub(crate) fn batch_refused(
     })
 }
 
+/// A new version of a batch (a fee bump) is tried at once: the backoff was the old version's.
+/// The refusal count stays until the node accepts a version.
+pub(crate) fn batch_retry_now(db: &Connection, batch: u64) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE mediator_batch SET retry_after_ms = 0 WHERE id = ?1",
+        [to_i64(batch)],
+    )?;
+    Ok(())
+}
+
 /// A batch row: id, status (`inflight`, `confirmed`, `alarm`), created, confirmed txid,
 /// broadcast state.
 pub(crate) struct BatchRow {

@@ -942,14 +942,9 @@ fn a_refused_batch_keeps_its_coins_across_a_restart() {
         svc.withdrawal(second.id).unwrap().unwrap().status,
         WithdrawalStatus::Pending
     );
-    // The operator bumps the refused batch over the floor (once its rebroadcast backoff
-    // passed): it is paid, and then the second.
+    // The operator bumps the refused batch over the floor: it is paid, and then the second.
     let bumped = svc
-        .bump_fee(
-            first.id,
-            FeeRate::from_sat_per_vb_u32(3),
-            w.clock.advance(Duration::from_secs(120)),
-        )
+        .bump_fee(first.id, FeeRate::from_sat_per_vb_u32(3), w.clock.now())
         .expect("the refused batch can be bumped after the restart");
     assert_eq!(w.node.mempool(), vec![bumped]);
     let mut batches = Vec::new();
@@ -967,5 +962,39 @@ fn a_refused_batch_keeps_its_coins_across_a_restart() {
     }
     receiver.sync(&w.node);
     assert_eq!(receiver.balance(), 300_000);
+    assert_conserved(&w, &svc);
+}
+
+/// Defect: a fee bump of a batch the node had refused was recorded and answered with its txid,
+/// but not broadcast until the refused version's rebroadcast backoff passed (up to an hour):
+/// the operator, told by the `batch_refused` alarm to bump it, saw it done and nothing sent.
+#[test]
+fn a_fee_bump_of_a_refused_batch_is_broadcast_at_once() {
+    let mut w = World::with_node(support::TestNode::start_with(&["-minrelaytxfee=0.000015"]));
+    let mut c = config(&w);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(1);
+    let (mut svc, alice) = funded(&w, c, 1_000_000);
+    let mut receiver = Customer::new(20);
+    svc.request_withdrawal(
+        request(alice, &receiver.address(), 100_000, "refused"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("batch");
+    assert!(w.node.mempool().is_empty(), "the node refused the batch");
+    let bumped = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(3), w.clock.now())
+        .unwrap();
+    assert_eq!(w.node.mempool(), vec![bumped], "the bump is sent when made");
+    assert_eq!(svc.batches().unwrap()[0].refusals, 0);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        svc.withdrawal(batch.withdrawals[0]).unwrap().unwrap().status,
+        WithdrawalStatus::Completed
+    );
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 100_000);
     assert_conserved(&w, &svc);
 }

@@ -2087,8 +2087,24 @@ impl CustodyService {
         for batch in store::inflight_batches(&self.db)? {
             for t in store::batch_txs(&self.db, batch)? {
                 if let Some(w) = self.wallet.get_tx(t.txid) {
-                    let (sent, received) = self.wallet.sent_and_received(&w.tx_node.tx);
-                    in_flight += sent.to_sat().saturating_sub(received.to_sat());
+                    // What left the wallet's coins for good: all but the change. An output to
+                    // one of our deposit addresses (a withdrawal to a customer of ours) is in
+                    // flight too: it is an uncredited deposit, taken off the assets above,
+                    // until it is credited.
+                    let (sent, _) = self.wallet.sent_and_received(&w.tx_node.tx);
+                    let change: u64 = w
+                        .tx_node
+                        .tx
+                        .output
+                        .iter()
+                        .filter(|o| {
+                            self.wallet
+                                .derivation_of_spk(o.script_pubkey.clone())
+                                .is_some_and(|(k, _)| k == KeychainKind::Internal)
+                        })
+                        .map(|o| o.value.to_sat())
+                        .sum();
+                    in_flight += sent.to_sat().saturating_sub(change);
                 }
             }
         }

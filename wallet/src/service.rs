@@ -38,6 +38,9 @@ pub const DATABASE_FILE: &str = "wallet.sqlite";
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 /// RPC error codes of bitcoind (`src/rpc/protocol.h`).
 const RPC_VERIFY_ALREADY_IN_CHAIN: i32 = -27;
+/// Completed batches watched for a reorg that takes their transaction out of the chain (the
+/// newest ones: a reorg deeper than this many batches is not looked for).
+const REORG_WATCHED_BATCHES: u32 = 100;
 /// Confirmations before a coinbase output can be spent (consensus).
 const COINBASE_MATURITY: u32 = 100;
 
@@ -1068,13 +1071,27 @@ impl CustodyService {
     /// one confirms this batch never can (its withdrawals stay held and batched for good), and
     /// it cannot be fee-bumped either (the wallet no longer has it). A version that lost to a
     /// confirmed conflict is not put back (it was not evicted: the wallet leaves it out).
+    ///
+    /// The same for a completed batch whose confirmed transaction a reorg took out of the chain
+    /// ([`reorged_batches`](Self::reorged_batches)): the ledger paid its withdrawals, so that
+    /// transaction is kept and broadcast again until it confirms.
     fn keep_batches_in_view(&mut self, now: Timestamp) -> Result<(), SyncError> {
+        let mut kept = Vec::new();
         for batch in store::inflight_batches(&self.db)? {
             let txs = store::batch_txs(&self.db, batch)?;
             if txs.iter().any(|t| self.wallet.get_tx(t.txid).is_some()) {
                 continue;
             }
-            let Some(latest) = txs.last() else { continue };
+            if let Some(latest) = txs.last().cloned() {
+                kept.push((batch, txs, latest));
+            }
+        }
+        kept.extend(self.reorged_batches()?);
+        for (batch, txs, latest) in kept {
+            if self.wallet.get_tx(latest.txid).is_some() {
+                continue;
+            }
+            let latest = &latest;
             let graph = self.wallet.tx_graph();
             let evicted = match graph.get_tx_node(latest.txid) {
                 None => true,
@@ -1099,6 +1116,31 @@ impl CustodyService {
             self.wallet.apply_unconfirmed_txs([(tx, seen)]);
         }
         Ok(())
+    }
+
+    /// Completed batches (of the newest [`REORG_WATCHED_BATCHES`]) none of whose versions is
+    /// confirmed in the wallet's view: a reorg took the confirmed one out of the chain. Each with
+    /// its versions and the one that confirmed (the ledger completed its withdrawals with that
+    /// version's fee: it is the one broadcast again).
+    fn reorged_batches(&self) -> Result<Vec<(u64, Vec<BatchTx>, BatchTx)>, crate::StoreError> {
+        let tip = self.tip_height();
+        let mut out = Vec::new();
+        for (batch, confirmed) in store::recent_completed_batches(&self.db, REORG_WATCHED_BATCHES)?
+        {
+            let txs = store::batch_txs(&self.db, batch)?;
+            let in_chain = txs.iter().any(|t| {
+                self.wallet
+                    .get_tx(t.txid)
+                    .is_some_and(|w| confirmations(&w.chain_position, tip) > 0)
+            });
+            if in_chain {
+                continue;
+            }
+            if let Some(paid) = txs.iter().find(|t| t.txid == confirmed).cloned() {
+                out.push((batch, txs, paid));
+            }
+        }
+        Ok(out)
     }
 
     // -----------------------------------------------------------------------------------------
@@ -1823,6 +1865,38 @@ impl CustodyService {
                             &format!("bitcoind refused it {refusals} times: {msg}; bump its fee or investigate"),
                         )?;
                     }
+                    continue;
+                }
+                Err(e) => {
+                    let msg = rpc_err(e);
+                    self.disconnect(&msg);
+                    return Err(BatchError::Rpc(msg));
+                }
+            }
+            let seen = self.last_seen_floor(&txs, now);
+            self.wallet.apply_unconfirmed_txs([(tx, seen)]);
+        }
+        // Completed batches whose transaction a reorg took out of the chain: the ledger paid
+        // them, so the same transaction goes out again until it confirms (never a new one).
+        for (batch, txs, paid) in self.reorged_batches()? {
+            let tx: Transaction = encode::deserialize(&paid.raw)
+                .map_err(|e| BatchError::Build(format!("stored batch transaction: {e}")))?;
+            let rpc = self.connect().map_err(BatchError::Rpc)?;
+            match rpc.client.send_raw_transaction(&tx) {
+                Ok(_) => {
+                    sent += 1;
+                    tracing::warn!(batch, txid = %paid.txid, "completed batch left the chain in a reorg; broadcast again");
+                }
+                Err(e) if rpc_code(&e) == Some(RPC_VERIFY_ALREADY_IN_CHAIN) => {}
+                Err(e) if rpc_code(&e).is_some() => {
+                    self.alarm(
+                        "batch_reorged",
+                        &format!("batch {batch}"),
+                        &format!(
+                            "completed, then {} left the chain in a reorg, and bitcoind refuses it: {e}",
+                            paid.txid
+                        ),
+                    )?;
                     continue;
                 }
                 Err(e) => {

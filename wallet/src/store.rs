@@ -771,6 +771,27 @@ pub(crate) fn all_batches(db: &Connection) -> Result<Vec<BatchRow>, StoreError> 
     Ok(out)
 }
 
+/// The newest `limit` completed batches (status `confirmed` or `alarm`) with the transaction
+/// that confirmed, newest first.
+pub(crate) fn recent_completed_batches(
+    db: &Connection,
+    limit: u32,
+) -> Result<Vec<(u64, Txid)>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT id, confirmed_txid FROM mediator_batch
+         WHERE status != 'inflight' AND confirmed_txid IS NOT NULL ORDER BY id DESC LIMIT ?1",
+    )?;
+    let rows = st.query_map([limit], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, confirmed) = row?;
+        out.push((to_u64(id)?, txid(&confirmed)?));
+    }
+    Ok(out)
+}
+
 /// A withdrawal request as recorded before its hold (status `new`).
 pub(crate) struct NewWithdrawal<'a> {
     pub account: AccountId,

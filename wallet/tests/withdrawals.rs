@@ -1025,3 +1025,93 @@ fn a_withdrawal_to_our_own_deposit_address_reconciles_while_in_flight() {
     assert_eq!(w.ledger.btc(alice), (1_000_000 - 300_000 - FLAT_FEE, 0));
     assert_conserved(&w, &svc);
 }
+
+/// Defect: a completed withdrawal whose confirmed transaction a reorg took out of the chain
+/// was never broadcast again (its batch was no longer in flight). When the node then lost it
+/// (a restart with an empty mempool), the wallet saw the coins it spent as unspent and the
+/// next batch spent them: the withdrawal stayed "completed" in the ledger, paid by a
+/// transaction that can never confirm.
+#[test]
+fn a_completed_batch_reorged_out_and_dropped_by_the_node_is_broadcast_again() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("wallet=info")
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let mut node = support::TestNode::start_in(&node_dir);
+    let ledger = std::sync::Arc::new(support::EngineLedger::default());
+    let mut clock = support::Clock::new();
+    let mut c = CustodyConfig::new(
+        bdk_wallet::bitcoin::Network::Regtest,
+        dir.path().join("custody"),
+        node.rpc_config(),
+    );
+    c.withdrawal.flat_fee = Amount(FLAT_FEE);
+    c.withdrawal.min_amount = Amount(1_000);
+    c.batch.interval = Duration::from_secs(60);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let alice = ledger.create_account();
+    let addr = svc.new_deposit_address(alice, clock.now()).unwrap();
+    let mut customer = Customer::new(22);
+    customer.fund(&node, 1);
+    customer.pay(&node, &[(&addr, 1_000_000)]);
+    node.mine(1);
+    svc.step(clock.now()).unwrap();
+    let mut receiver = Customer::new(23);
+    let to = receiver.address();
+    let first = svc
+        .request_withdrawal(request(alice, &to, 300_000, "first"), clock.now())
+        .unwrap();
+    let batch = svc
+        .step(clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    node.mine(1);
+    let r = svc.step(clock.now()).unwrap();
+    assert_eq!(r.withdrawals.completed.len(), 1, "completed at 1 confirmation");
+
+    // The block is reorged out (its transaction goes back to the node's mempool), then the
+    // node restarts with an empty mempool.
+    node.invalidate_tip();
+    node.mine_empty(1);
+    svc.step(clock.now()).unwrap();
+    assert_eq!(svc.transaction(batch.txid).unwrap().1, 0, "unconfirmed again");
+    assert_eq!(
+        svc.withdrawal(first.id).unwrap().unwrap().status,
+        WithdrawalStatus::Completed,
+        "the ledger's completion stands"
+    );
+    let port = node.node.params.rpc_socket.port();
+    node.node.stop().unwrap();
+    drop(node);
+    let back = support::ManualNode::start_with(&node_dir, port, &["-persistmempool=0"]);
+    assert!(back.rpc.get_raw_mempool().unwrap().is_empty());
+    let second = svc
+        .request_withdrawal(request(alice, &to, 200_000, "second"), clock.now())
+        .unwrap();
+    let mut paid_again = false;
+    for _ in 0..3 {
+        // The first step after the restart may fail on the old connection.
+        let _ = svc.step(clock.advance(Duration::from_secs(61)));
+        paid_again |= back.rpc.get_raw_mempool().unwrap().contains(&batch.txid);
+    }
+    assert!(paid_again, "the completed withdrawal's transaction is broadcast again");
+    let burn = Customer::new(250).address();
+    for _ in 0..3 {
+        back.rpc.generate_to_address(1, &burn).unwrap();
+        svc.step(clock.advance(Duration::from_secs(61))).unwrap();
+    }
+    for id in [first.id, second.id] {
+        assert_eq!(
+            svc.withdrawal(id).unwrap().unwrap().status,
+            WithdrawalStatus::Completed
+        );
+    }
+    let (tx, confirmations) = svc.transaction(batch.txid).unwrap();
+    assert!(confirmations > 0, "{tx:?}");
+    let r = svc.reconcile().unwrap();
+    assert_eq!(r.surplus_sat, 0, "{r:?}");
+    assert_eq!(ledger.btc(alice), (1_000_000 - 500_000 - 2 * FLAT_FEE, 0));
+}

@@ -417,10 +417,17 @@ pub struct ManualNode {
 
 impl ManualNode {
     pub fn start(datadir: &Path, rpc_port: u16) -> Self {
+        Self::start_with(datadir, rpc_port, &[])
+    }
+
+    /// [`start`](Self::start) with more arguments (e.g. `-persistmempool=0`: a node that comes
+    /// back with an empty mempool).
+    pub fn start_with(datadir: &Path, rpc_port: u16, args: &[&str]) -> Self {
         let mut child = std::process::Command::new(bitcoind_exe())
             .arg(format!("-datadir={}", datadir.display()))
             .arg(format!("-rpcport={rpc_port}"))
             .args(["-regtest", "-listen=0"])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("spawn bitcoind");

@@ -296,12 +296,10 @@ impl Custody for WalletCustody {
         Ok(deposits
             .into_iter()
             .map(|d| {
+                // From any transaction the wallet saw: a dropped deposit keeps its address.
                 let address = s
-                    .transaction(d.outpoint.txid)
-                    .and_then(|(tx, _)| {
-                        let out = tx.output.get(d.outpoint.vout as usize)?;
-                        Address::from_script(&out.script_pubkey, self.network).ok()
-                    })
+                    .output(d.outpoint)
+                    .and_then(|out| Address::from_script(&out.script_pubkey, self.network).ok())
                     .map(|a| a.to_string())
                     .unwrap_or_default();
                 DepositInfo {
@@ -314,6 +312,7 @@ impl Custody for WalletCustody {
                         DepositStatus::Pending => DepositState::Pending,
                         DepositStatus::Credited => DepositState::Credited,
                         DepositStatus::Reorged => DepositState::Reorged,
+                        DepositStatus::Dropped => DepositState::Dropped,
                         _ => DepositState::Pending,
                     },
                     confirmations: d.confirmations,

@@ -12,8 +12,9 @@
 //!   fractional digits (no floats).
 //!
 //! Status numbers, as Binance documents them:
-//! * deposits: `Pending` → 0 (pending), `Credited` → 1 (success), `Reorged` → 7 (Binance's
-//!   "wrong deposit": credited, then removed from the chain by a reorg);
+//! * deposits: `Pending` → 0 (pending), `Credited` → 1 (success), `Reorged` and `Dropped` → 7
+//!   (Binance's "wrong deposit": credited, then removed from the chain by a reorg; or replaced
+//!   in the mempool, never credited);
 //! * withdrawals: `AwaitingApproval` → 2 (awaiting approval), `Pending` and `Processing` → 4
 //!   (processing), `Completed` → 6 (completed), `Released` → 5 (failure; `info` holds the
 //!   reason).
@@ -182,7 +183,7 @@ pub fn deposit_status(s: DepositState) -> u8 {
     match s {
         DepositState::Pending => 0,
         DepositState::Credited => 1,
-        DepositState::Reorged => 7,
+        DepositState::Reorged | DepositState::Dropped => 7,
     }
 }
 

@@ -18,6 +18,9 @@ pub enum DepositState {
     Credited,
     /// Credited, then removed from the chain by a reorg; the account is flagged.
     Reorged,
+    /// Seen, never credited, and its transaction left the mempool unconfirmed (replaced by a
+    /// fee bump, or double-spent): not a payment on its way. Pending again if it comes back.
+    Dropped,
 }
 
 /// A deposit.

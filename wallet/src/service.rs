@@ -930,20 +930,32 @@ impl CustodyService {
             if account.is_some_and(|a| a != d.account) {
                 continue;
             }
-            let confirmations = self
-                .wallet
-                .get_tx(d.outpoint.txid)
+            let in_view = self.wallet.get_tx(d.outpoint.txid);
+            let confirmations = in_view
+                .as_ref()
                 .map_or(0, |t| confirmations(&t.chain_position, tip));
+            // A pending deposit whose transaction left the mempool unconfirmed (replaced by a
+            // fee bump, double-spent) is not a payment on its way: never shown as one.
+            let status = match d.status {
+                DepositStatus::Pending if in_view.is_none() => DepositStatus::Dropped,
+                s => s,
+            };
             out.push(DepositView {
                 account: d.account,
                 outpoint: d.outpoint,
                 amount: d.amount,
-                status: d.status,
+                status,
                 confirmations,
                 first_seen_ms: d.first_seen_ms,
             });
         }
         Ok(out)
+    }
+
+    /// An output of any transaction the wallet has seen, in its view or not (a deposit that was
+    /// replaced still has its address).
+    pub fn output(&self, outpoint: OutPoint) -> Option<bitcoin::TxOut> {
+        self.wallet.tx_graph().get_txout(outpoint).cloned()
     }
 
     /// Clears an account's flags (an operator reviewed it): it may withdraw again.

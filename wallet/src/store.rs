@@ -269,6 +269,11 @@ pub enum DepositStatus {
     Credited,
     /// Credited, then a reorg took it out of the chain: reported, account flagged.
     Reorged,
+    /// Seen, never credited, and its transaction is no longer in the mempool nor the chain
+    /// (replaced, e.g. a fee bump of the payer, or double-spent). A view of a `pending` row
+    /// ([`CustodyService::deposits`](crate::CustodyService::deposits)), never stored: pending
+    /// again if the transaction comes back.
+    Dropped,
 }
 
 impl DepositStatus {
@@ -278,6 +283,7 @@ impl DepositStatus {
             DepositStatus::Crediting => "crediting",
             DepositStatus::Credited => "credited",
             DepositStatus::Reorged => "reorged",
+            DepositStatus::Dropped => "dropped",
         }
     }
     fn parse(s: &str) -> Result<Self, StoreError> {

@@ -2068,7 +2068,8 @@ impl CustodyService {
 
     /// Replaces a stuck batch's newest transaction with one paying `fee_rate` (RBF): same
     /// withdrawal outputs, less change. The fee may not pass the batch's flat fees. The replacement
-    /// is recorded before it is broadcast.
+    /// is recorded before it is broadcast; once recorded the answer is `Ok` (a failed broadcast
+    /// is retried by every step).
     pub fn bump_fee(
         &mut self,
         batch: u64,
@@ -2115,6 +2116,9 @@ impl CustodyService {
         }
         let (tx, fee) = self.sign(psbt)?;
         let txid = tx.compute_txid();
+        // Sent now, even when an earlier version was refused and waits out its backoff (before
+        // the record: nothing after it may fail).
+        store::batch_retry_now(&self.db, batch)?;
         store::insert_batch_tx(
             &self.db,
             batch,
@@ -2125,10 +2129,12 @@ impl CustodyService {
             },
             now.as_millis(),
         )?;
-        // Sent now, even when an earlier version was refused and waits out its backoff.
-        store::batch_retry_now(&self.db, batch)?;
         tracing::info!(batch, %replaced, %txid, %fee, "batch fee bumped");
-        self.broadcast_pending(now)?;
+        // Recorded: the bump is done. Its broadcast is tried now and, failing (bitcoind away),
+        // by every step, as a new batch's is; an error here would invite a retry of a done bump.
+        if let Err(e) = self.broadcast_pending(now) {
+            tracing::warn!(batch, %txid, error = %e, "fee bump recorded; broadcast at the next step");
+        }
         Ok(txid)
     }
 

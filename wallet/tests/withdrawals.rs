@@ -1115,3 +1115,65 @@ fn a_completed_batch_reorged_out_and_dropped_by_the_node_is_broadcast_again() {
     assert_eq!(r.surplus_sat, 0, "{r:?}");
     assert_eq!(ledger.btc(alice), (1_000_000 - 500_000 - 2 * FLAT_FEE, 0));
 }
+
+/// Defect: a fee bump recorded while bitcoind could not be reached answered an error (the API's
+/// `-1000`; "nothing changed", said `BumpError`), yet the replacement was stored and went out
+/// at the next step; a retry then failed (the wallet had no such transaction to replace). The
+/// bump is done once recorded: its broadcast is the loop's, as a new batch's is.
+#[test]
+fn a_fee_bump_recorded_while_bitcoind_is_away_is_done_and_sent_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let mut node = support::TestNode::start_in(&node_dir);
+    let ledger = std::sync::Arc::new(support::EngineLedger::default());
+    let mut clock = support::Clock::new();
+    let mut c = CustodyConfig::new(
+        bdk_wallet::bitcoin::Network::Regtest,
+        dir.path().join("custody"),
+        node.rpc_config(),
+    );
+    c.withdrawal.flat_fee = Amount(FLAT_FEE);
+    c.withdrawal.min_amount = Amount(1_000);
+    c.batch.interval = Duration::from_secs(60);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let alice = ledger.create_account();
+    let addr = svc.new_deposit_address(alice, clock.now()).unwrap();
+    let mut customer = Customer::new(25);
+    customer.fund(&node, 1);
+    customer.pay(&node, &[(&addr, 1_000_000)]);
+    node.mine(1);
+    svc.step(clock.now()).unwrap();
+    let mut receiver = Customer::new(26);
+    let w = svc
+        .request_withdrawal(request(alice, &receiver.address(), 300_000, "bump"), clock.now())
+        .unwrap();
+    let batch = svc
+        .step(clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+
+    let port = node.node.params.rpc_socket.port();
+    node.node.stop().unwrap();
+    drop(node);
+    let bumped = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(5), clock.now())
+        .expect("the bump is recorded: done, sent when bitcoind is back");
+    assert_eq!(svc.batch_txids(batch.id).unwrap(), vec![batch.txid, bumped]);
+
+    let back = support::ManualNode::start(&node_dir, port);
+    for _ in 0..2 {
+        let _ = svc.step(clock.advance(Duration::from_secs(1)));
+    }
+    assert_eq!(back.rpc.get_raw_mempool().unwrap(), vec![bumped]);
+    back.rpc
+        .generate_to_address(1, &Customer::new(250).address())
+        .unwrap();
+    svc.step(clock.now()).unwrap();
+    assert_eq!(
+        svc.withdrawal(w.id).unwrap().unwrap().status,
+        WithdrawalStatus::Completed
+    );
+    let r = svc.reconcile().unwrap();
+    assert_eq!(r.surplus_sat, 0, "{r:?}");
+}

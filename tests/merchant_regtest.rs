@@ -223,9 +223,11 @@ fn a_payment_replaced_in_the_mempool_counts_once() {
             .iter()
             .any(|p| p["outpoint"].as_str().is_some_and(|o| o.starts_with(&txid)))
     });
-    let v = env.m.wait_invoice(&iid, "the replaced payment dropped", |v| {
-        payments(v).iter().any(|p| p["reorged"] == true) || v["status"] != "New"
-    });
+    let v = env
+        .m
+        .wait_invoice(&iid, "the replaced payment dropped", |v| {
+            payments(v).iter().any(|p| p["reorged"] == true) || v["status"] != "New"
+        });
     assert_invoice(&env, &v, "New", &["PaidPartial"], 50_000, 50_000);
     env.mine(1);
     env.m.wait_btc(50_000);

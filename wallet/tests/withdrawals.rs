@@ -991,7 +991,10 @@ fn a_fee_bump_of_a_refused_batch_is_broadcast_at_once() {
     w.node.mine(1);
     svc.step(w.clock.now()).unwrap();
     assert_eq!(
-        svc.withdrawal(batch.withdrawals[0]).unwrap().unwrap().status,
+        svc.withdrawal(batch.withdrawals[0])
+            .unwrap()
+            .unwrap()
+            .status,
         WithdrawalStatus::Completed
     );
     receiver.sync(&w.node);
@@ -1070,14 +1073,22 @@ fn a_completed_batch_reorged_out_and_dropped_by_the_node_is_broadcast_again() {
         .expect("batch");
     node.mine(1);
     let r = svc.step(clock.now()).unwrap();
-    assert_eq!(r.withdrawals.completed.len(), 1, "completed at 1 confirmation");
+    assert_eq!(
+        r.withdrawals.completed.len(),
+        1,
+        "completed at 1 confirmation"
+    );
 
     // The block is reorged out (its transaction goes back to the node's mempool), then the
     // node restarts with an empty mempool.
     node.invalidate_tip();
     node.mine_empty(1);
     svc.step(clock.now()).unwrap();
-    assert_eq!(svc.transaction(batch.txid).unwrap().1, 0, "unconfirmed again");
+    assert_eq!(
+        svc.transaction(batch.txid).unwrap().1,
+        0,
+        "unconfirmed again"
+    );
     assert_eq!(
         svc.withdrawal(first.id).unwrap().unwrap().status,
         WithdrawalStatus::Completed,
@@ -1097,7 +1108,10 @@ fn a_completed_batch_reorged_out_and_dropped_by_the_node_is_broadcast_again() {
         let _ = svc.step(clock.advance(Duration::from_secs(61)));
         paid_again |= back.rpc.get_raw_mempool().unwrap().contains(&batch.txid);
     }
-    assert!(paid_again, "the completed withdrawal's transaction is broadcast again");
+    assert!(
+        paid_again,
+        "the completed withdrawal's transaction is broadcast again"
+    );
     let burn = Customer::new(250).address();
     for _ in 0..3 {
         back.rpc.generate_to_address(1, &burn).unwrap();
@@ -1145,7 +1159,10 @@ fn a_fee_bump_recorded_while_bitcoind_is_away_is_done_and_sent_later() {
     svc.step(clock.now()).unwrap();
     let mut receiver = Customer::new(26);
     let w = svc
-        .request_withdrawal(request(alice, &receiver.address(), 300_000, "bump"), clock.now())
+        .request_withdrawal(
+            request(alice, &receiver.address(), 300_000, "bump"),
+            clock.now(),
+        )
         .unwrap();
     let batch = svc
         .step(clock.advance(Duration::from_secs(61)))

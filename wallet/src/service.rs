@@ -842,6 +842,23 @@ impl CustodyService {
             .map(|t| (t.tx_node.tx.clone(), confirmations(&t.chain_position, tip)))
     }
 
+    /// The confirmations (0: unconfirmed) of those of `txids` that are in the wallet's canonical
+    /// view, in one pass over it. `Wallet::get_tx` canonicalises the whole transaction graph at
+    /// each call: one call per deposit or batch made every step quadratic in the wallet's
+    /// history (measured, debug build: 1,000 look-ups in a 1,000-transaction wallet 11 s,
+    /// 4,000 in 4,000 193 s), under the custody lock.
+    fn in_view(&self, txids: &HashSet<Txid>) -> HashMap<Txid, u32> {
+        if txids.is_empty() {
+            return HashMap::new();
+        }
+        let tip = self.tip_height();
+        self.wallet
+            .transactions()
+            .filter(|t| txids.contains(&t.tx_node.txid))
+            .map(|t| (t.tx_node.txid, confirmations(&t.chain_position, tip)))
+            .collect()
+    }
+
     // -----------------------------------------------------------------------------------------
     // Deposit addresses
 
@@ -924,16 +941,15 @@ impl CustodyService {
     /// The deposits of `account` (all accounts with `None`) that the service has seen, with their
     /// confirmations now: pending ones (mempool or below the threshold), credited and reorged.
     pub fn deposits(&self, account: Option<AccountId>) -> Result<Vec<DepositView>, DepositError> {
-        let tip = self.tip_height();
-        let mut out = Vec::new();
-        for d in store::deposits(&self.db)? {
-            if account.is_some_and(|a| a != d.account) {
-                continue;
-            }
-            let in_view = self.wallet.get_tx(d.outpoint.txid);
-            let confirmations = in_view
-                .as_ref()
-                .map_or(0, |t| confirmations(&t.chain_position, tip));
+        let rows: Vec<_> = store::deposits(&self.db)?
+            .into_iter()
+            .filter(|d| account.is_none_or(|a| a == d.account))
+            .collect();
+        let view = self.in_view(&rows.iter().map(|d| d.outpoint.txid).collect());
+        let mut out = Vec::with_capacity(rows.len());
+        for d in rows {
+            let in_view = view.get(&d.outpoint.txid).copied();
+            let confirmations = in_view.unwrap_or(0);
             // A pending deposit whose transaction left the mempool unconfirmed (replaced by a
             // fee bump, double-spent) is not a payment on its way: never shown as one.
             let status = match d.status {
@@ -1088,21 +1104,33 @@ impl CustodyService {
     /// ([`reorged_batches`](Self::reorged_batches)): the ledger paid its withdrawals, so that
     /// transaction is kept and broadcast again until it confirms.
     fn keep_batches_in_view(&mut self, now: Timestamp) -> Result<(), SyncError> {
-        let mut kept = Vec::new();
+        let mut inflight = Vec::new();
         for batch in store::inflight_batches(&self.db)? {
-            let txs = store::batch_txs(&self.db, batch)?;
-            if txs.iter().any(|t| self.wallet.get_tx(t.txid).is_some()) {
+            inflight.push((batch, store::batch_txs(&self.db, batch)?));
+        }
+        let view = self.in_view(
+            &inflight
+                .iter()
+                .flat_map(|(_, txs)| txs.iter().map(|t| t.txid))
+                .collect(),
+        );
+        let mut kept = Vec::new();
+        for (batch, txs) in inflight {
+            if txs.iter().any(|t| view.contains_key(&t.txid)) {
                 continue;
             }
             if let Some(latest) = txs.last().cloned() {
                 kept.push((batch, txs, latest));
             }
         }
-        kept.extend(self.reorged_batches()?);
+        let reorged = self.reorged_batches()?;
+        let reorged_view = self.in_view(&reorged.iter().map(|(_, _, paid)| paid.txid).collect());
+        kept.extend(
+            reorged
+                .into_iter()
+                .filter(|(_, _, paid)| !reorged_view.contains_key(&paid.txid)),
+        );
         for (batch, txs, latest) in kept {
-            if self.wallet.get_tx(latest.txid).is_some() {
-                continue;
-            }
             let latest = &latest;
             let graph = self.wallet.tx_graph();
             let evicted = match graph.get_tx_node(latest.txid) {
@@ -1135,16 +1163,22 @@ impl CustodyService {
     /// its versions and the one that confirmed (the ledger completed its withdrawals with that
     /// version's fee: it is the one broadcast again).
     fn reorged_batches(&self) -> Result<Vec<(u64, Vec<BatchTx>, BatchTx)>, crate::StoreError> {
-        let tip = self.tip_height();
-        let mut out = Vec::new();
+        let mut batches = Vec::new();
         for (batch, confirmed) in store::recent_completed_batches(&self.db, REORG_WATCHED_BATCHES)?
         {
-            let txs = store::batch_txs(&self.db, batch)?;
-            let in_chain = txs.iter().any(|t| {
-                self.wallet
-                    .get_tx(t.txid)
-                    .is_some_and(|w| confirmations(&w.chain_position, tip) > 0)
-            });
+            batches.push((batch, confirmed, store::batch_txs(&self.db, batch)?));
+        }
+        let view = self.in_view(
+            &batches
+                .iter()
+                .flat_map(|(_, _, txs)| txs.iter().map(|t| t.txid))
+                .collect(),
+        );
+        let mut out = Vec::new();
+        for (batch, confirmed, txs) in batches {
+            let in_chain = txs
+                .iter()
+                .any(|t| view.get(&t.txid).is_some_and(|c| *c > 0));
             if in_chain {
                 continue;
             }
@@ -1226,8 +1260,9 @@ impl CustodyService {
             // before (a reorg of those blocks would take it back for good).
             let coinbase = self
                 .wallet
+                .tx_graph()
                 .get_tx(out.outpoint.txid)
-                .is_some_and(|t| t.tx_node.tx.is_coinbase());
+                .is_some_and(|t| t.is_coinbase());
             let needed = if coinbase {
                 required.max(COINBASE_MATURITY)
             } else {
@@ -1831,14 +1866,20 @@ impl CustodyService {
     /// it). Returns how many were sent.
     pub fn broadcast_pending(&mut self, now: Timestamp) -> Result<usize, BatchError> {
         let mut sent = 0;
+        let mut inflight = Vec::new();
         for batch in store::inflight_batches(&self.db)? {
-            let txs = store::batch_txs(&self.db, batch)?;
-            let tip = self.tip_height();
-            let confirmed = txs.iter().any(|t| {
-                self.wallet
-                    .get_tx(t.txid)
-                    .is_some_and(|w| confirmations(&w.chain_position, tip) > 0)
-            });
+            inflight.push((batch, store::batch_txs(&self.db, batch)?));
+        }
+        let view = self.in_view(
+            &inflight
+                .iter()
+                .flat_map(|(_, txs)| txs.iter().map(|t| t.txid))
+                .collect(),
+        );
+        for (batch, txs) in inflight {
+            let confirmed = txs
+                .iter()
+                .any(|t| view.get(&t.txid).is_some_and(|c| *c > 0));
             let Some(latest) = txs.last() else { continue };
             if confirmed {
                 continue;
@@ -1949,15 +1990,22 @@ impl CustodyService {
     pub fn process_withdrawals(&mut self, now: Timestamp) -> Result<WithdrawalReport, BatchError> {
         self.last_now_ms = self.last_now_ms.max(now.as_millis());
         let mut report = WithdrawalReport::default();
-        let tip = self.tip_height();
         let required = self.config.withdrawal_confirmations.max(1);
+        let mut inflight = Vec::new();
         for batch in store::inflight_batches(&self.db)? {
-            let txs = store::batch_txs(&self.db, batch)?;
-            let Some(paid) = txs.iter().find(|t| {
-                self.wallet
-                    .get_tx(t.txid)
-                    .is_some_and(|w| confirmations(&w.chain_position, tip) >= required)
-            }) else {
+            inflight.push((batch, store::batch_txs(&self.db, batch)?));
+        }
+        let view = self.in_view(
+            &inflight
+                .iter()
+                .flat_map(|(_, txs)| txs.iter().map(|t| t.txid))
+                .collect(),
+        );
+        for (batch, txs) in inflight {
+            let Some(paid) = txs
+                .iter()
+                .find(|t| view.get(&t.txid).is_some_and(|c| *c >= required))
+            else {
                 continue;
             };
             let ws = store::withdrawals_of_batch(&self.db, batch)?;
@@ -2176,29 +2224,37 @@ impl CustodyService {
             .map(|o| o.txout.value.to_sat())
             .sum();
         let mut in_flight: u64 = 0;
+        let mut txids = HashSet::new();
         for batch in store::inflight_batches(&self.db)? {
-            for t in store::batch_txs(&self.db, batch)? {
-                if let Some(w) = self.wallet.get_tx(t.txid) {
-                    // What left the wallet's coins for good: all but the change. An output to
-                    // one of our deposit addresses (a withdrawal to a customer of ours) is in
-                    // flight too: it is an uncredited deposit, taken off the assets above,
-                    // until it is credited.
-                    let (sent, _) = self.wallet.sent_and_received(&w.tx_node.tx);
-                    let change: u64 = w
-                        .tx_node
-                        .tx
-                        .output
-                        .iter()
-                        .filter(|o| {
-                            self.wallet
-                                .derivation_of_spk(o.script_pubkey.clone())
-                                .is_some_and(|(k, _)| k == KeychainKind::Internal)
-                        })
-                        .map(|o| o.value.to_sat())
-                        .sum();
-                    in_flight += sent.to_sat().saturating_sub(change);
-                }
+            txids.extend(
+                store::batch_txs(&self.db, batch)?
+                    .into_iter()
+                    .map(|t| t.txid),
+            );
+        }
+        let view = self.in_view(&txids);
+        for txid in txids {
+            if !view.contains_key(&txid) {
+                continue;
             }
+            let Some(tx) = self.wallet.tx_graph().get_tx(txid) else {
+                continue;
+            };
+            // What left the wallet's coins for good: all but the change. An output to one of our
+            // deposit addresses (a withdrawal to a customer of ours) is in flight too: it is an
+            // uncredited deposit, taken off the assets above, until it is credited.
+            let (sent, _) = self.wallet.sent_and_received(&tx);
+            let change: u64 = tx
+                .output
+                .iter()
+                .filter(|o| {
+                    self.wallet
+                        .derivation_of_spk(o.script_pubkey.clone())
+                        .is_some_and(|(k, _)| k == KeychainKind::Internal)
+                })
+                .map(|o| o.value.to_sat())
+                .sum();
+            in_flight += sent.to_sat().saturating_sub(change);
         }
         let fee_income: u64 = store::all_withdrawals(&self.db)?
             .iter()
@@ -2270,11 +2326,11 @@ impl CustodyService {
                 });
             }
         }
-        let tip = self.tip_height();
         let batches: HashMap<u64, Option<Txid>> = store::all_batches(&self.db)?
             .into_iter()
             .map(|b| (b.id, b.confirmed_txid))
             .collect();
+        let view = self.in_view(&batches.values().flatten().copied().collect());
         for w in store::withdrawals_in(&self.db, WithdrawalStatus::Completed)? {
             let subject = format!("withdrawal {}", w.id);
             let script = Address::<NetworkUnchecked>::from_str(&w.address)
@@ -2282,12 +2338,14 @@ impl CustodyService {
                 .and_then(|a| a.require_network(self.config.network).ok())
                 .map(|a| a.script_pubkey());
             let txid = w.batch_id.and_then(|b| batches.get(&b).copied().flatten());
-            let paid = txid.and_then(|t| self.wallet.get_tx(t)).is_some_and(|t| {
-                confirmations(&t.chain_position, tip) > 0
-                    && t.tx_node.tx.output.iter().any(|o| {
+            let paid = txid
+                .filter(|t| view.get(t).is_some_and(|c| *c > 0))
+                .and_then(|t| self.wallet.tx_graph().get_tx(t))
+                .is_some_and(|tx| {
+                    tx.output.iter().any(|o| {
                         Some(&o.script_pubkey) == script.as_ref() && sats(o.value) == w.amount
                     })
-            });
+                });
             if !paid {
                 found.push(RecordMismatch {
                     kind: "withdrawal_not_confirmed",

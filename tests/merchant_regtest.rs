@@ -218,7 +218,7 @@ fn a_payment_replaced_in_the_mempool_counts_once() {
         .wait_invoice(&iid, "a payment", |v| !payments(v).is_empty());
     let replacement = env.payer.bump(&env.rpc, &first);
     let txid = replacement.compute_txid().to_string();
-    let v = env.m.wait_invoice(&iid, "the replacement", |v| {
+    env.m.wait_invoice(&iid, "the replacement", |v| {
         payments(v)
             .iter()
             .any(|p| p["outpoint"].as_str().is_some_and(|o| o.starts_with(&txid)))

@@ -2106,6 +2106,23 @@ impl CustodyService {
         Ok(store::inflight_batches(&self.db)?)
     }
 
+    /// The transaction that pays a batch's withdrawals, as their holders should see it: the
+    /// version that confirmed once the batch completed (a fee bump may have lost to the
+    /// original), else the newest version (the one broadcast).
+    pub fn batch_payment_txid(&self, batch: u64) -> Result<Option<Txid>, BatchError> {
+        if let Some(confirmed) = store::batch_confirmed_txid(&self.db, batch)? {
+            return Ok(Some(confirmed));
+        }
+        Ok(store::batch_txs(&self.db, batch)?.last().map(|t| t.txid))
+    }
+
+    /// The confirmations (0: unconfirmed) of those of `txids` in the wallet's view, in one pass
+    /// over it (for listings: one [`transaction`](Self::transaction) per row would walk the
+    /// wallet's whole history each time).
+    pub fn confirmations_of(&self, txids: &HashSet<Txid>) -> HashMap<Txid, u32> {
+        self.in_view(txids)
+    }
+
     /// The transactions of a batch: the original first, then its fee bumps.
     pub fn batch_txids(&self, batch: u64) -> Result<Vec<Txid>, BatchError> {
         Ok(store::batch_txs(&self.db, batch)?

@@ -777,6 +777,21 @@ pub(crate) fn all_batches(db: &Connection) -> Result<Vec<BatchRow>, StoreError> 
     Ok(out)
 }
 
+/// The transaction that confirmed a completed batch (`None`: in flight, or no such batch).
+pub(crate) fn batch_confirmed_txid(
+    db: &Connection,
+    batch: u64,
+) -> Result<Option<Txid>, StoreError> {
+    let t: Option<Option<String>> = db
+        .query_row(
+            "SELECT confirmed_txid FROM mediator_batch WHERE id = ?1",
+            [to_i64(batch)],
+            |r| r.get(0),
+        )
+        .optional()?;
+    t.flatten().as_deref().map(txid).transpose()
+}
+
 /// The newest `limit` completed batches (status `confirmed` or `alarm`) with the transaction
 /// that confirmed, newest first.
 pub(crate) fn recent_completed_batches(

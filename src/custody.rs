@@ -158,7 +158,9 @@ fn internal(e: impl std::fmt::Display) -> CustodyError {
 /// Binance's codes for the custody refusals: -4026-ish are withdrawal rules; -1102 / -1100 input.
 fn withdrawal_error(e: WithdrawalError) -> CustodyError {
     let code = match &e {
-        WithdrawalError::MalformedAddress { .. } | WithdrawalError::WrongNetwork { .. } => -4007,
+        WithdrawalError::MalformedAddress { .. }
+        | WithdrawalError::WrongNetwork { .. }
+        | WithdrawalError::OwnAddress { .. } => -4007,
         WithdrawalError::Dust { .. } | WithdrawalError::BelowMinimum { .. } => -4022,
         WithdrawalError::DailyLimit { .. } => -4025,
         WithdrawalError::DenyListed { .. } => -4008,

@@ -1455,6 +1455,17 @@ impl CustodyService {
                 address: address.to_string(),
             });
         }
+        // Our change: paid there, it would stay ours and be no one's. (A deposit or invoice
+        // address of ours is a destination: the payment is credited to its account.)
+        if self
+            .wallet
+            .derivation_of_spk(script.clone())
+            .is_some_and(|(k, _)| k == KeychainKind::Internal)
+        {
+            return Err(WithdrawalError::OwnAddress {
+                address: address.to_string(),
+            });
+        }
         let dust_limit = sats(script.minimal_non_dust());
         if req.amount < dust_limit {
             return Err(WithdrawalError::Dust {

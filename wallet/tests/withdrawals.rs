@@ -1194,3 +1194,39 @@ fn a_fee_bump_recorded_while_bitcoind_is_away_is_done_and_sent_later() {
     let r = svc.reconcile().unwrap();
     assert_eq!(r.surplus_sat, 0, "{r:?}");
 }
+
+/// Defect: a withdrawal to one of custody's own change addresses (visible on chain in any
+/// batch) was accepted and paid: the money stayed in the wallet, belonging to no account (a
+/// reconciliation surplus), and the user's withdrawal showed completed. It is refused, with
+/// nothing held; a deposit address (another account's) stays a valid destination.
+#[test]
+fn a_withdrawal_to_our_own_change_address_is_refused() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 1_000_000);
+    let mut receiver = Customer::new(27);
+    let to = receiver.address();
+    svc.request_withdrawal(request(alice, &to, 100_000, "out"), w.clock.now())
+        .unwrap();
+    let batch = svc
+        .step(w.clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    let tx = mempool_tx(&w, &svc, batch.id);
+    let change = tx
+        .output
+        .iter()
+        .find(|o| o.script_pubkey != to.script_pubkey())
+        .map(|o| {
+            Address::from_script(&o.script_pubkey, bdk_wallet::bitcoin::Network::Regtest).unwrap()
+        })
+        .expect("a change output");
+    let before = w.ledger.btc(alice);
+    let r = svc.request_withdrawal(request(alice, &change, 50_000, "to-change"), w.clock.now());
+    assert!(
+        matches!(r, Err(WithdrawalError::OwnAddress { .. })),
+        "{r:?}"
+    );
+    assert_eq!(w.ledger.btc(alice), before, "nothing held");
+    assert!(svc.withdrawal_by_key(alice, "to-change").unwrap().is_none());
+}

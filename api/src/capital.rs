@@ -89,6 +89,23 @@ where
         .map_err(custody_error)
 }
 
+/// Refuses (`400`, `-4032`, as custody refuses its withdrawals) when custody flagged `account`
+/// for review (a credited deposit left the chain): its funds may not leave it by any path the
+/// holder asks for (an internal transfer included) until an operator clears the flag. Without
+/// custody there are no flags.
+pub async fn refuse_flagged(st: &AppState, account: u32) -> Result<(), ApiError> {
+    if st.0.custody.get().is_none() {
+        return Ok(());
+    }
+    if call(st, move |c| c.is_flagged(account)).await? {
+        return Err(ApiError::bad(
+            -4032,
+            "The account is flagged for review and cannot move funds out until an operator clears it.",
+        ));
+    }
+    Ok(())
+}
+
 /// `coin` (required) must be `BTC`.
 fn coin_param(p: &mut Params) -> Result<(), ApiError> {
     if p.req("coin")? != COIN {

@@ -321,6 +321,15 @@ pub trait Custody: Send + Sync + 'static {
     fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
         Err(CustodyError::not_supported())
     }
+    /// Whether `account` is flagged for review (its funds may not leave it). A custody that
+    /// keeps no flags ([`flagged_accounts`](Self::flagged_accounts) not supported) flags none.
+    fn is_flagged(&self, account: u32) -> Result<bool, CustodyError> {
+        match self.flagged_accounts() {
+            Ok(v) => Ok(v.iter().any(|f| f.account == account)),
+            Err(e) if e == CustodyError::not_supported() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
     /// Clears an account's flag: it may withdraw again.
     fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
         let _ = account;

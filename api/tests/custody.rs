@@ -1844,3 +1844,48 @@ async fn lightning_deposit_invoices_are_limited_per_account() {
     let (_, other) = s.h.trader("0", "0").await;
     assert_eq!(invoice(&other).await.status, StatusCode::OK);
 }
+
+/// Defect: an account custody flagged (a credited deposit left the chain: its BTC may not
+/// exist) could not withdraw, but moved its funds to another account with an internal transfer,
+/// and that account withdrew them. A flagged account's transfers are refused as its
+/// withdrawals are (`-4032`), nothing moved, until an operator clears the flag.
+#[tokio::test]
+async fn a_flagged_account_cannot_move_its_funds_out_by_transfer() {
+    let s = setup(true).await;
+    // The fake custody flags account 7.
+    let (acct, key) = loop {
+        let (a, k) = s.h.trader_with("1", "1000", "read,trade,transfer").await;
+        assert!(a <= 7, "account 7 was skipped");
+        if a == 7 {
+            break (a, k);
+        }
+    };
+    let (other, other_key) = s.h.trader("0", "0").await;
+    for asset in ["BTC", "USD"] {
+        let r =
+            s.h.signed(
+                "POST",
+                "/mapi/v1/transfer",
+                &format!("toAccount={other}&asset={asset}&amount=0.5&clientTranId=out-{asset}"),
+                &key,
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, -4032),
+            "{asset}: {}",
+            r.json
+        );
+    }
+    assert_eq!(s.h.balance(&key, "BTC").await.0, "1.00000000");
+    assert_eq!(s.h.balance(&other_key, "BTC").await.0, "0.00000000");
+    // Another account is not flagged: its transfer goes through.
+    let (_, free) = s.h.trader_with("1", "0", "read,trade,transfer").await;
+    s.h.ok(
+        "POST",
+        "/mapi/v1/transfer",
+        &format!("toAccount={acct}&asset=BTC&amount=0.5&clientTranId=in"),
+        &free,
+    )
+    .await;
+}

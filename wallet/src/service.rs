@@ -2165,7 +2165,15 @@ impl CustodyService {
                 .map(|w| w.fee.0)
                 .sum(),
         );
-        let replaced = latest.txid;
+        // The newest version the wallet has (in its view: the one the node has): a version the
+        // node refused never reached the wallet, and BDK can only replace what it knows.
+        let view = self.in_view(&txs.iter().map(|t| t.txid).collect());
+        let replaced = txs
+            .iter()
+            .rev()
+            .find(|t| view.contains_key(&t.txid))
+            .unwrap_or(latest)
+            .txid;
         let psbt = {
             let mut builder =
                 self.wallet

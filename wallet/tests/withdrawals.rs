@@ -1230,3 +1230,66 @@ fn a_withdrawal_to_our_own_change_address_is_refused() {
     assert_eq!(w.ledger.btc(alice), before, "nothing held");
     assert!(svc.withdrawal_by_key(alice, "to-change").unwrap().is_none());
 }
+
+/// Defect: once the node refused a fee bump (here: below its incremental relay fee), the batch
+/// could never be bumped again: every later bump tried to replace the refused version, which
+/// the wallet never had ("transaction not found"), while the original stayed in the mempool.
+/// A bump replaces the newest version the wallet has.
+#[test]
+fn a_batch_whose_bump_the_node_refused_can_be_bumped_again() {
+    // Replacements must pay 3 sat/vB more than what they replace (and 3 sat/vB is the floor).
+    let mut w = World::with_node(support::TestNode::start_with(&[
+        "-incrementalrelayfee=0.00003",
+    ]));
+    let mut c = config(&w);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(5);
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(c);
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(29);
+    customer.fund(&w.node, 1);
+    customer.pay_at(
+        &w.node,
+        &[(&addr, 1_000_000)],
+        FeeRate::from_sat_per_vb_u32(5),
+    );
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(w.ledger.btc(alice), (1_000_000, 0));
+    let mut receiver = Customer::new(28);
+    svc.request_withdrawal(
+        request(alice, &receiver.address(), 100_000, "bumped"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let batch = svc
+        .step(w.clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    assert_eq!(w.node.mempool(), vec![batch.txid]);
+    let refused = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(7), w.clock.now())
+        .unwrap();
+    assert_eq!(
+        w.node.mempool(),
+        vec![batch.txid],
+        "the node refused {refused}"
+    );
+    let bumped = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(30), w.clock.now())
+        .expect("a second bump replaces the version the node has");
+    assert_eq!(w.node.mempool(), vec![bumped]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        svc.withdrawal(batch.withdrawals[0])
+            .unwrap()
+            .unwrap()
+            .status,
+        WithdrawalStatus::Completed
+    );
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 100_000);
+    assert_conserved(&w, &svc);
+}

@@ -180,11 +180,21 @@ impl Customer {
 
     /// Pays `outputs` in one transaction, broadcast with `sendrawtransaction`.
     pub fn pay(&mut self, node: &TestNode, outputs: &[(&Address, u64)]) -> Transaction {
+        self.pay_at(node, outputs, FeeRate::from_sat_per_vb_u32(2))
+    }
+
+    /// [`pay`](Self::pay) at `rate`.
+    pub fn pay_at(
+        &mut self,
+        node: &TestNode,
+        outputs: &[(&Address, u64)],
+        rate: FeeRate,
+    ) -> Transaction {
         let mut b = self.wallet.build_tx();
         for (a, sat) in outputs {
             b.add_recipient(a.script_pubkey(), BtcAmount::from_sat(*sat));
         }
-        b.fee_rate(FeeRate::from_sat_per_vb_u32(2));
+        b.fee_rate(rate);
         let mut psbt = b.finish().unwrap();
         psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
         assert!(self

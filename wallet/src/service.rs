@@ -1949,7 +1949,8 @@ impl CustodyService {
             match rpc.client.send_raw_transaction(&tx) {
                 Ok(_) => {
                     sent += 1;
-                    tracing::warn!(batch, txid = %paid.txid, "completed batch left the chain in a reorg; broadcast again");
+                    // Every step until it confirms again (the node answers "in the mempool").
+                    tracing::debug!(batch, txid = %paid.txid, "completed batch left the chain in a reorg; broadcast again");
                 }
                 Err(e) if rpc_code(&e) == Some(RPC_VERIFY_ALREADY_IN_CHAIN) => {}
                 Err(e) if rpc_code(&e).is_some() => {

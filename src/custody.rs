@@ -17,7 +17,7 @@ use matching_engine::{
     AccountId, Amount, Command, Event, IdempotencyKey, RejectCode, Withdrawal, WithdrawalId,
 };
 use std::sync::{Arc, Mutex, MutexGuard};
-use wallet::bitcoin::{Address, FeeRate, Network, ScriptBuf};
+use wallet::bitcoin::{Address, FeeRate, Network, ScriptBuf, Txid};
 use wallet::{
     system_now, BumpError, CustodyService, DepositStatus, LedgerError, WithdrawalError,
     WithdrawalRequest, WithdrawalStatus, WithdrawalView,
@@ -158,7 +158,9 @@ fn internal(e: impl std::fmt::Display) -> CustodyError {
 /// Binance's codes for the custody refusals: -4026-ish are withdrawal rules; -1102 / -1100 input.
 fn withdrawal_error(e: WithdrawalError) -> CustodyError {
     let code = match &e {
-        WithdrawalError::MalformedAddress { .. } | WithdrawalError::WrongNetwork { .. } => -4007,
+        WithdrawalError::MalformedAddress { .. }
+        | WithdrawalError::WrongNetwork { .. }
+        | WithdrawalError::OwnAddress { .. } => -4007,
         WithdrawalError::Dust { .. } | WithdrawalError::BelowMinimum { .. } => -4022,
         WithdrawalError::DailyLimit { .. } => -4025,
         WithdrawalError::DenyListed { .. } => -4008,
@@ -221,11 +223,38 @@ impl WalletCustody {
     }
 
     fn withdrawal_info(&self, s: &CustodyService, w: &WithdrawalView) -> WithdrawalInfo {
-        let txid = w
-            .batch_id
-            .and_then(|b| s.batch_txids(b).ok())
-            .and_then(|v| v.last().copied());
-        let confirmations = txid.and_then(|t| s.transaction(t)).map_or(0, |(_, c)| c);
+        self.withdrawal_infos(s, std::slice::from_ref(w))
+            .pop()
+            .expect("one withdrawal in, one out")
+    }
+
+    /// The API's view of `ws`: each with the transaction that pays it (the confirmed version of
+    /// its batch once completed, never a fee bump that lost to it) and its confirmations, read
+    /// in one pass over the wallet.
+    fn withdrawal_infos(&self, s: &CustodyService, ws: &[WithdrawalView]) -> Vec<WithdrawalInfo> {
+        let txids: Vec<Option<Txid>> = ws
+            .iter()
+            .map(|w| {
+                w.batch_id
+                    .and_then(|b| s.batch_payment_txid(b).ok().flatten())
+            })
+            .collect();
+        let confirmations = s.confirmations_of(&txids.iter().flatten().copied().collect());
+        ws.iter()
+            .zip(txids)
+            .map(|(w, txid)| self.withdrawal_row(w, txid, &confirmations))
+            .collect()
+    }
+
+    fn withdrawal_row(
+        &self,
+        w: &WithdrawalView,
+        txid: Option<Txid>,
+        confirmations: &std::collections::HashMap<Txid, u32>,
+    ) -> WithdrawalInfo {
+        let confirmations = txid
+            .and_then(|t| confirmations.get(&t).copied())
+            .unwrap_or(0);
         WithdrawalInfo {
             id: w.id.0,
             account: w.account.0,
@@ -296,12 +325,10 @@ impl Custody for WalletCustody {
         Ok(deposits
             .into_iter()
             .map(|d| {
+                // From any transaction the wallet saw: a dropped deposit keeps its address.
                 let address = s
-                    .transaction(d.outpoint.txid)
-                    .and_then(|(tx, _)| {
-                        let out = tx.output.get(d.outpoint.vout as usize)?;
-                        Address::from_script(&out.script_pubkey, self.network).ok()
-                    })
+                    .output(d.outpoint)
+                    .and_then(|out| Address::from_script(&out.script_pubkey, self.network).ok())
                     .map(|a| a.to_string())
                     .unwrap_or_default();
                 DepositInfo {
@@ -314,6 +341,7 @@ impl Custody for WalletCustody {
                         DepositStatus::Pending => DepositState::Pending,
                         DepositStatus::Credited => DepositState::Credited,
                         DepositStatus::Reorged => DepositState::Reorged,
+                        DepositStatus::Dropped => DepositState::Dropped,
                         _ => DepositState::Pending,
                     },
                     confirmations: d.confirmations,
@@ -363,7 +391,7 @@ impl Custody for WalletCustody {
             None => s.withdrawals(),
         }
         .map_err(withdrawal_error)?;
-        Ok(ws.iter().map(|w| self.withdrawal_info(&s, w)).collect())
+        Ok(self.withdrawal_infos(&s, &ws))
     }
 
     fn withdrawal_by_key(

@@ -203,6 +203,41 @@ fn partial_payment_then_top_up_settles() {
     env.m.wait_btc(100_000);
 }
 
+/// Defect: a payment the payer replaced in the mempool (a fee bump, RBF) counted twice: custody
+/// kept the replaced one `pending` for ever beside its replacement, and a half payment showed
+/// the invoice paid in full (`Processing`). The replaced one is no payment (`reorged` in the
+/// invoice's payments); the replacement counts once.
+#[test]
+fn a_payment_replaced_in_the_mempool_counts_once() {
+    let mut env = Env::start(9, &[("speedPolicy", "1")]);
+    let inv = env.m.invoice("0.001", &[]);
+    let iid = id(&inv);
+    let address = inv["address"].as_str().unwrap().to_owned();
+    let first = env.payer.pay(&env.rpc, &address, 50_000);
+    env.m
+        .wait_invoice(&iid, "a payment", |v| !payments(v).is_empty());
+    let replacement = env.payer.bump(&env.rpc, &first);
+    let txid = replacement.compute_txid().to_string();
+    env.m.wait_invoice(&iid, "the replacement", |v| {
+        payments(v)
+            .iter()
+            .any(|p| p["outpoint"].as_str().is_some_and(|o| o.starts_with(&txid)))
+    });
+    let v = env
+        .m
+        .wait_invoice(&iid, "the replaced payment dropped", |v| {
+            payments(v).iter().any(|p| p["reorged"] == true) || v["status"] != "New"
+        });
+    assert_invoice(&env, &v, "New", &["PaidPartial"], 50_000, 50_000);
+    env.mine(1);
+    env.m.wait_btc(50_000);
+    let v = env.m.wait_invoice(&iid, "1 confirmation", |v| {
+        payments(v).iter().any(|p| p["confirmations"] == 1)
+    });
+    assert_invoice(&env, &v, "New", &["PaidPartial"], 50_000, 50_000);
+    assert_eq!(env.m.btc(), (50_000, 0));
+}
+
 #[test]
 fn two_payments_adding_up_settle() {
     let mut env = Env::start(3, &[("speedPolicy", "1")]);

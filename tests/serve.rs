@@ -656,3 +656,77 @@ fn sigkill_under_crossing_load_keeps_the_history_complete() {
     );
     assert!(s.terminate().success());
 }
+
+/// Defect: a withdrawal whose batch was fee-bumped, but whose original transaction is the one
+/// that confirmed (a miner had it), showed the bump's txid in its history, with 0
+/// confirmations: a transaction that is in no block, for a withdrawal shown completed.
+#[test]
+fn a_withdrawal_paid_by_the_original_of_a_bumped_batch_shows_that_transaction() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Server::start(dir.path(), free_port());
+    let a = s.admin(&["account", "create"])["account"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let k = s.admin(&[
+        "apikey",
+        "create",
+        "--account",
+        &a,
+        "--permissions",
+        "read,withdraw",
+    ]);
+    let c = client(&s, &k);
+    let funded = s.admin(&["regtest", "fund", &a])["amount_sat"]
+        .as_u64()
+        .unwrap();
+    wait_until("the deposit credit", 60, || balance(&c, "BTC").0 == funded);
+    let dest = wallet::bitcoin::Address::p2wsh(
+        &wallet::bitcoin::ScriptBuf::from_bytes(vec![0x51, 0x51, 0x87]),
+        wallet::bitcoin::Network::Regtest,
+    )
+    .to_string();
+    let w = call(
+        &c,
+        "POST",
+        "/sapi/v1/capital/withdraw/apply",
+        &[
+            ("coin", "BTC"),
+            ("address", &dest),
+            ("amount", "0.5"),
+            ("withdrawOrderId", "w-bump"),
+        ],
+    );
+    let id = w["id"].as_str().unwrap().to_owned();
+    let rpc = s.rpc();
+    wait_until("the batch in the mempool", 60, || {
+        !rpc.get_raw_mempool().unwrap().is_empty()
+    });
+    let original = rpc.get_raw_mempool().unwrap()[0];
+    let raw = rpc.get_raw_transaction_hex(&original, None).unwrap();
+    s.admin(&["withdrawal", "bump", &id, "--fee-rate", "20"]);
+    wait_until("the bump replaces it", 30, || {
+        let m = rpc.get_raw_mempool().unwrap();
+        !m.is_empty() && !m.contains(&original)
+    });
+    // A miner had the original: it confirms, and the bump is gone.
+    let _: Value = rpc
+        .call(
+            "generateblock",
+            &[dest.clone().into(), serde_json::json!([raw])],
+        )
+        .unwrap();
+    let entry = || {
+        call(&c, "GET", "/sapi/v1/capital/withdraw/history", &[])
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["id"] == id.as_str())
+            .cloned()
+            .unwrap()
+    };
+    wait_until("the withdrawal to complete", 60, || entry()["status"] == 6);
+    let x = entry();
+    assert_eq!(x["txId"], original.to_string(), "{x}");
+    assert_eq!(x["confirmNo"], 1, "{x}");
+}

@@ -12,8 +12,9 @@
 //!   fractional digits (no floats).
 //!
 //! Status numbers, as Binance documents them:
-//! * deposits: `Pending` → 0 (pending), `Credited` → 1 (success), `Reorged` → 7 (Binance's
-//!   "wrong deposit": credited, then removed from the chain by a reorg);
+//! * deposits: `Pending` → 0 (pending), `Credited` → 1 (success), `Reorged` and `Dropped` → 7
+//!   (Binance's "wrong deposit": credited, then removed from the chain by a reorg; or replaced
+//!   in the mempool, never credited);
 //! * withdrawals: `AwaitingApproval` → 2 (awaiting approval), `Pending` and `Processing` → 4
 //!   (processing), `Completed` → 6 (completed), `Released` → 5 (failure; `info` holds the
 //!   reason).
@@ -86,6 +87,23 @@ where
             ApiError::internal()
         })?
         .map_err(custody_error)
+}
+
+/// Refuses (`400`, `-4032`, as custody refuses its withdrawals) when custody flagged `account`
+/// for review (a credited deposit left the chain): its funds may not leave it by any path the
+/// holder asks for (an internal transfer included) until an operator clears the flag. Without
+/// custody there are no flags.
+pub async fn refuse_flagged(st: &AppState, account: u32) -> Result<(), ApiError> {
+    if st.0.custody.get().is_none() {
+        return Ok(());
+    }
+    if call(st, move |c| c.is_flagged(account)).await? {
+        return Err(ApiError::bad(
+            -4032,
+            "The account is flagged for review and cannot move funds out until an operator clears it.",
+        ));
+    }
+    Ok(())
 }
 
 /// `coin` (required) must be `BTC`.
@@ -182,7 +200,7 @@ pub fn deposit_status(s: DepositState) -> u8 {
     match s {
         DepositState::Pending => 0,
         DepositState::Credited => 1,
-        DepositState::Reorged => 7,
+        DepositState::Reorged | DepositState::Dropped => 7,
     }
 }
 

@@ -18,6 +18,9 @@ pub enum DepositState {
     Credited,
     /// Credited, then removed from the chain by a reorg; the account is flagged.
     Reorged,
+    /// Seen, never credited, and its transaction left the mempool unconfirmed (replaced by a
+    /// fee bump, or double-spent): not a payment on its way. Pending again if it comes back.
+    Dropped,
 }
 
 /// A deposit.
@@ -317,6 +320,15 @@ pub trait Custody: Send + Sync + 'static {
     /// Accounts flagged for review.
     fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
         Err(CustodyError::not_supported())
+    }
+    /// Whether `account` is flagged for review (its funds may not leave it). A custody that
+    /// keeps no flags ([`flagged_accounts`](Self::flagged_accounts) not supported) flags none.
+    fn is_flagged(&self, account: u32) -> Result<bool, CustodyError> {
+        match self.flagged_accounts() {
+            Ok(v) => Ok(v.iter().any(|f| f.account == account)),
+            Err(e) if e == CustodyError::not_supported() => Ok(false),
+            Err(e) => Err(e),
+        }
     }
     /// Clears an account's flag: it may withdraw again.
     fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {

@@ -71,6 +71,8 @@ pub async fn transfer(State(st): State<AppState>, req: Req) -> Result<Response, 
     let tran = reference(&mut p, "clientTranId")?;
     p.finish()?;
     crate::policy::check(&st, key.account, crate::policy::Destination::Account(to.0)).await?;
+    // A flagged account's funds may be a deposit the chain took back: they stay until reviewed.
+    crate::capital::refuse_flagged(&st, key.account).await?;
     let k = IdempotencyKey::reference(&format!("transfer/{}/{tran}", key.account));
     let reply = st
         .submit(Command::Transfer {

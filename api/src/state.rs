@@ -73,6 +73,9 @@ pub struct ApiConfig {
     /// New deposit addresses (`POST /mapi/v1/capital/deposit/address`) per account per hour
     /// (`429`, `-1003`): each one is a wallet address to watch forever.
     pub deposit_addresses_per_hour: u64,
+    /// Lightning deposit invoices (`POST /mapi/v1/lightning/invoice`) per account per hour
+    /// (`429`, `-1003`): each one is an invoice the node keeps and custody sweeps, for good.
+    pub lightning_invoices_per_hour: u64,
     /// The checkout and point-of-sale pages' CSP `frame-ancestors`: who may embed them
     /// (`'self'`; a shop embedding its checkout adds its origin, `'self' https://shop.example`).
     pub frame_ancestors: String,
@@ -105,6 +108,7 @@ impl Default for ApiConfig {
             ws_max_message_bytes: 64 * 1024,
             ws_api_max_in_flight: 64,
             deposit_addresses_per_hour: 20,
+            lightning_invoices_per_hour: 60,
             frame_ancestors: "'self'".to_owned(),
             trusted_proxy: None,
             audit_override: false,
@@ -156,6 +160,8 @@ pub(crate) struct Inner {
     /// WebSocket and SSE stream caps and connection attempts ([`crate::ratelimit::StreamLimits`]).
     pub streams: crate::ratelimit::StreamLimits,
     pub address_limiter: Limiter,
+    /// Lightning deposit invoices per account per hour ([`ApiConfig::lightning_invoices_per_hour`]).
+    pub ln_invoice_limiter: Limiter,
     pub listen_keys: RwLock<HashMap<String, crate::ws::ListenKey>>,
     pub metrics: Metrics,
     pub cfg: ApiConfig,
@@ -263,6 +269,10 @@ impl PendingApi {
             order_limiter: Limiter::with_window(self.cfg.orders_per_10s, 10_000),
             streams: crate::ratelimit::StreamLimits::new(&self.cfg),
             address_limiter: Limiter::with_window(self.cfg.deposit_addresses_per_hour, 3_600_000),
+            ln_invoice_limiter: Limiter::with_window(
+                self.cfg.lightning_invoices_per_hour,
+                3_600_000,
+            ),
             listen_keys: RwLock::new(HashMap::new()),
             metrics: Metrics::default(),
             cfg: self.cfg,

@@ -1676,10 +1676,17 @@ struct FakeLn {
 impl api::lightning::Lightning for FakeLn {
     fn deposit_invoice(
         &self,
-        _: u32,
-        _: u64,
+        account: u32,
+        amount_sat: u64,
     ) -> Result<api::lightning::LnInvoiceInfo, CustodyError> {
-        Err(CustodyError::internal("not in this test"))
+        let mut calls = self.calls.lock().unwrap();
+        calls.push(format!("deposit_invoice({account},{amount_sat})"));
+        Ok(api::lightning::LnInvoiceInfo {
+            invoice: format!("lnbcrt{}", calls.len()),
+            payment_hash: format!("{:064x}", calls.len()),
+            amount_sat,
+            expires_ms: 0,
+        })
     }
     fn merchant_invoice(
         &self,
@@ -1798,4 +1805,87 @@ async fn a_new_deposit_address_is_answered_even_if_its_audit_entry_cannot_be_wri
         .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.json);
     assert_eq!(r.json["address"], format!("bcrt1q{}new", s.acct));
+}
+
+/// Defect: Lightning deposit invoices had no cap but the request weight (600 a minute per key):
+/// each is an invoice the node keeps and a row custody sweeps, for good. They count per account
+/// per hour like new deposit addresses (`429`, `-1003`).
+#[tokio::test]
+async fn lightning_deposit_invoices_are_limited_per_account() {
+    let s = setup(true).await;
+    let ln = Arc::new(FakeLn::default());
+    assert!(s.h.state.set_lightning(ln.clone()).is_ok());
+    let limit = 60; // ApiConfig::default().lightning_invoices_per_hour
+    let invoice = |key| {
+        let h = &s.h;
+        async move {
+            h.signed("POST", "/mapi/v1/lightning/invoice", "amount=0.001", key)
+                .await
+        }
+    };
+    for i in 0..limit {
+        let r = invoice(&s.trader).await;
+        assert_eq!(r.status, StatusCode::OK, "#{i}: {}", r.json);
+    }
+    let r = invoice(&s.trader).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, -1003),
+        "{}",
+        r.json
+    );
+    assert!(r.headers.contains_key("retry-after"));
+    assert_eq!(
+        ln.calls.lock().unwrap().len(),
+        limit,
+        "no invoice after the limit"
+    );
+    // Another account has its own budget.
+    let (_, other) = s.h.trader("0", "0").await;
+    assert_eq!(invoice(&other).await.status, StatusCode::OK);
+}
+
+/// Defect: an account custody flagged (a credited deposit left the chain: its BTC may not
+/// exist) could not withdraw, but moved its funds to another account with an internal transfer,
+/// and that account withdrew them. A flagged account's transfers are refused as its
+/// withdrawals are (`-4032`), nothing moved, until an operator clears the flag.
+#[tokio::test]
+async fn a_flagged_account_cannot_move_its_funds_out_by_transfer() {
+    let s = setup(true).await;
+    // The fake custody flags account 7.
+    let (acct, key) = loop {
+        let (a, k) = s.h.trader_with("1", "1000", "read,trade,transfer").await;
+        assert!(a <= 7, "account 7 was skipped");
+        if a == 7 {
+            break (a, k);
+        }
+    };
+    let (other, other_key) = s.h.trader("0", "0").await;
+    for asset in ["BTC", "USD"] {
+        let r =
+            s.h.signed(
+                "POST",
+                "/mapi/v1/transfer",
+                &format!("toAccount={other}&asset={asset}&amount=0.5&clientTranId=out-{asset}"),
+                &key,
+            )
+            .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, -4032),
+            "{asset}: {}",
+            r.json
+        );
+    }
+    assert_eq!(s.h.balance(&key, "BTC").await.0, "1.00000000");
+    assert_eq!(s.h.balance(&other_key, "BTC").await.0, "0.00000000");
+    // Another account is not flagged: its transfer goes through.
+    let (_, free) = s.h.trader_with("1", "0", "read,trade,transfer").await;
+    s.h.ok(
+        "POST",
+        "/mapi/v1/transfer",
+        &format!("toAccount={acct}&asset=BTC&amount=0.5&clientTranId=in"),
+        &free,
+    )
+    .await;
 }

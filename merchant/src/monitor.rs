@@ -145,7 +145,8 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
                     amount_sat: d.amount_sat,
                     confirmations: d.confirmations,
                     credited: d.state == DepositState::Credited,
-                    reorged: d.state == DepositState::Reorged,
+                    // Gone from the chain, or replaced in the mempool: not a payment.
+                    reorged: matches!(d.state, DepositState::Reorged | DepositState::Dropped),
                     seen_ms: d.seen_ms,
                 });
             }

@@ -1106,6 +1106,8 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
         api::policy::Destination::Account(rec.inv.merchant),
     )
     .await?;
+    // A flagged payer's funds (maybe a deposit the chain took back) stay until reviewed.
+    api::capital::refuse_flagged(st, payer).await?;
     let intent = store::PayIntent {
         pid: format!("pay/{}/{payer}/{due}", rec.inv.id),
         invoice_id: rec.inv.id.clone(),

@@ -1604,3 +1604,32 @@ async fn checkout_and_pos_pages_send_security_headers() {
         assert!(script.contains(&want), "{path}: {csp}");
     }
 }
+
+/// Defect: an account custody flagged (a credited deposit left the chain) could not withdraw or
+/// transfer, but paid a merchant invoice from its balance: the money moved to the merchant,
+/// who could withdraw it. Refused as its withdrawals are (`-4032`), nothing written or moved.
+#[tokio::test]
+async fn a_flagged_account_cannot_pay_an_invoice_from_its_balance() {
+    let m = setup().await;
+    let (payer_account, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
+    m.fake.flagged.lock().unwrap().push(payer_account);
+    let inv = m.invoice("amount=0.00123").await;
+    let id = s(&inv, "id");
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/pay",
+            &format!("invoiceId={id}"),
+            &payer,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -4032),
+        "{}",
+        r.json
+    );
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "1.00000000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00000000");
+    assert_eq!(s(&m.get(&id).await, "status"), "New");
+}

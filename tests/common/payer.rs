@@ -103,4 +103,22 @@ impl Payer {
         self.wallet.apply_unconfirmed_txs([(tx.clone(), 0)]);
         tx
     }
+
+    /// Replaces an unconfirmed payment of this wallet by one paying 10 sat/vB (RBF: same
+    /// outputs, less change), broadcast to the node's mempool.
+    pub fn bump(&mut self, rpc: &Client, tx: &Transaction) -> Transaction {
+        let mut b = self.wallet.build_fee_bump(tx.compute_txid()).unwrap();
+        b.fee_rate(FeeRate::from_sat_per_vb_u32(10));
+        let mut psbt = b.finish().unwrap();
+        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
+        assert!(self
+            .wallet
+            .finalize_psbt(&mut psbt, SignOptions::default())
+            .unwrap());
+        let tx = psbt.extract_tx().unwrap();
+        rpc.send_raw_transaction(&tx)
+            .expect("sendrawtransaction (replacement)");
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
+        tx
+    }
 }

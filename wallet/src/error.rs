@@ -85,6 +85,9 @@ pub enum SyncError {
     /// Persisting the wallet failed.
     #[error("persisting wallet: {0}")]
     Persist(#[from] rusqlite::Error),
+    /// The service's tables failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// [`CustodyService::new_deposit_address`](crate::CustodyService::new_deposit_address) failed.
@@ -230,6 +233,13 @@ pub enum WithdrawalError {
         /// The approval threshold.
         threshold: Amount,
     },
+    /// The address is one of custody's own change addresses: paid there, the money would stay
+    /// in the wallet and belong to no account.
+    #[error("address {address} belongs to this exchange's wallet; it is not a destination")]
+    OwnAddress {
+        /// As given.
+        address: String,
+    },
 }
 
 impl WithdrawalError {
@@ -256,6 +266,7 @@ impl WithdrawalError {
             WithdrawalError::NotFlagged(_) => 18,
             WithdrawalError::UnknownAlarm(_) => 19,
             WithdrawalError::ApprovalRequired { .. } => 20,
+            WithdrawalError::OwnAddress { .. } => 21,
         }
     }
 }

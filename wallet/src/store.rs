@@ -269,6 +269,11 @@ pub enum DepositStatus {
     Credited,
     /// Credited, then a reorg took it out of the chain: reported, account flagged.
     Reorged,
+    /// Seen, never credited, and its transaction is no longer in the mempool nor the chain
+    /// (replaced, e.g. a fee bump of the payer, or double-spent). A view of a `pending` row
+    /// ([`CustodyService::deposits`](crate::CustodyService::deposits)), never stored: pending
+    /// again if the transaction comes back.
+    Dropped,
 }
 
 impl DepositStatus {
@@ -278,6 +283,7 @@ impl DepositStatus {
             DepositStatus::Crediting => "crediting",
             DepositStatus::Credited => "credited",
             DepositStatus::Reorged => "reorged",
+            DepositStatus::Dropped => "dropped",
         }
     }
     fn parse(s: &str) -> Result<Self, StoreError> {
@@ -716,6 +722,16 @@ pub(crate) fn batch_refused(
     })
 }
 
+/// A new version of a batch (a fee bump) is tried at once: the backoff was the old version's.
+/// The refusal count stays until the node accepts a version.
+pub(crate) fn batch_retry_now(db: &Connection, batch: u64) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE mediator_batch SET retry_after_ms = 0 WHERE id = ?1",
+        [to_i64(batch)],
+    )?;
+    Ok(())
+}
+
 /// A batch row: id, status (`inflight`, `confirmed`, `alarm`), created, confirmed txid,
 /// broadcast state.
 pub(crate) struct BatchRow {
@@ -757,6 +773,42 @@ pub(crate) fn all_batches(db: &Connection) -> Result<Vec<BatchRow>, StoreError> 
                 retry_after_ms: to_u64(after)?,
             },
         });
+    }
+    Ok(out)
+}
+
+/// The transaction that confirmed a completed batch (`None`: in flight, or no such batch).
+pub(crate) fn batch_confirmed_txid(
+    db: &Connection,
+    batch: u64,
+) -> Result<Option<Txid>, StoreError> {
+    let t: Option<Option<String>> = db
+        .query_row(
+            "SELECT confirmed_txid FROM mediator_batch WHERE id = ?1",
+            [to_i64(batch)],
+            |r| r.get(0),
+        )
+        .optional()?;
+    t.flatten().as_deref().map(txid).transpose()
+}
+
+/// The newest `limit` completed batches (status `confirmed` or `alarm`) with the transaction
+/// that confirmed, newest first.
+pub(crate) fn recent_completed_batches(
+    db: &Connection,
+    limit: u32,
+) -> Result<Vec<(u64, Txid)>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT id, confirmed_txid FROM mediator_batch
+         WHERE status != 'inflight' AND confirmed_txid IS NOT NULL ORDER BY id DESC LIMIT ?1",
+    )?;
+    let rows = st.query_map([limit], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (id, confirmed) = row?;
+        out.push((to_u64(id)?, txid(&confirmed)?));
     }
     Ok(out)
 }

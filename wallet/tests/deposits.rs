@@ -368,3 +368,55 @@ fn a_deposit_credited_with_a_lost_answer_then_reorged_flags_the_account() {
     assert_eq!(r.deposits.reconfirmed.len(), 1);
     assert_eq!(w.ledger.btc(alice), (500_000, 0));
 }
+
+/// Defect: a deposit seen in the mempool and then replaced (the payer bumped its fee: RBF)
+/// stayed `pending` for ever beside its replacement, so the account's deposit history showed
+/// the payment twice and a merchant invoice counted it twice (paid in full, or overpaid, by
+/// one payment). The replaced one is `dropped` (never credited); the replacement is credited
+/// once.
+#[test]
+fn a_deposit_replaced_in_the_mempool_is_dropped_not_pending_for_ever() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(24);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    svc.step(w.clock.now()).unwrap();
+    let replacement = customer.bump(
+        &w.node,
+        first.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(10),
+    );
+    assert_eq!(w.node.mempool(), vec![replacement.compute_txid()]);
+    svc.step(w.clock.now()).unwrap();
+    let status = |svc: &wallet::CustodyService| {
+        let mut v: Vec<_> = svc
+            .deposits(Some(alice))
+            .unwrap()
+            .into_iter()
+            .map(|d| (d.outpoint.txid, d.status))
+            .collect();
+        v.sort_by_key(|(txid, _)| *txid);
+        v
+    };
+    let mut expected = vec![
+        (first.compute_txid(), DepositStatus::Dropped),
+        (replacement.compute_txid(), DepositStatus::Pending),
+    ];
+    expected.sort_by_key(|(txid, _)| *txid);
+    assert_eq!(status(&svc), expected);
+
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (400_000, 0));
+    let mut expected = vec![
+        (first.compute_txid(), DepositStatus::Dropped),
+        (replacement.compute_txid(), DepositStatus::Credited),
+    ];
+    expected.sort_by_key(|(txid, _)| *txid);
+    assert_eq!(status(&svc), expected);
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+}

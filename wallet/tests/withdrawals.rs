@@ -881,3 +881,415 @@ fn a_fee_bump_never_spends_a_deposit_below_the_credit_threshold() {
     );
     assert_eq!(svc.batch_txids(batch.id).unwrap().len(), 1);
 }
+
+/// Defect: a batch the node refused (its fee below the node's floor) was dropped from the
+/// wallet's view after a restart (the new connection's first mempool sync reports every
+/// unconfirmed transaction the node does not have as evicted), so its coins looked unspent and
+/// the next batch spent them: the two batches conflict, and once the later one confirms the
+/// refused one can never confirm (its withdrawals stay held and batched for good).
+#[test]
+fn a_refused_batch_keeps_its_coins_across_a_restart() {
+    // The node refuses anything below 1.5 sat/vB; custody's fallback rate is 1 sat/vB.
+    let mut w = World::with_node(support::TestNode::start_with(&["-minrelaytxfee=0.000015"]));
+    let mut c = config(&w);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(1);
+    let (mut svc, alice) = funded(&w, c.clone(), 1_000_000);
+    let mut receiver = Customer::new(19);
+    svc.request_withdrawal(
+        request(alice, &receiver.address(), 100_000, "first"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let first = r.batch.expect("first batch");
+    assert!(w.node.mempool().is_empty(), "the node refused the batch");
+    let refused = svc.batches().unwrap();
+    assert_eq!(refused[0].refusals, 1, "{refused:?}");
+    let spent: Vec<_> = svc
+        .transaction(first.txid)
+        .unwrap()
+        .0
+        .input
+        .iter()
+        .map(|i| i.previous_output)
+        .collect();
+
+    // Restart (the fee market moved: the new rate passes the floor).
+    drop(svc);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(3);
+    let mut svc = w.open(c);
+    svc.step(w.clock.now()).unwrap();
+    let second = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 200_000, "second"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    for txid in r.batch.iter().flat_map(|b| svc.batch_txids(b.id).unwrap()) {
+        let (tx, _) = svc.transaction(txid).unwrap();
+        for input in &tx.input {
+            assert!(
+                !spent.contains(&input.previous_output),
+                "batch {txid} spends {} of the refused batch {}",
+                input.previous_output,
+                first.txid
+            );
+        }
+    }
+    // The only coin is the refused batch's: the second request waits for it.
+    assert_eq!(
+        svc.withdrawal(second.id).unwrap().unwrap().status,
+        WithdrawalStatus::Pending
+    );
+    // The operator bumps the refused batch over the floor: it is paid, and then the second.
+    let bumped = svc
+        .bump_fee(first.id, FeeRate::from_sat_per_vb_u32(3), w.clock.now())
+        .expect("the refused batch can be bumped after the restart");
+    assert_eq!(w.node.mempool(), vec![bumped]);
+    let mut batches = Vec::new();
+    for _ in 0..3 {
+        w.node.mine(1);
+        let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+        batches.extend(r.batch.map(|b| b.withdrawals));
+    }
+    assert_eq!(batches, vec![vec![second.id]], "the second batch, once");
+    for id in first.withdrawals.iter().chain([&second.id]) {
+        assert_eq!(
+            svc.withdrawal(*id).unwrap().unwrap().status,
+            WithdrawalStatus::Completed
+        );
+    }
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 300_000);
+    assert_conserved(&w, &svc);
+}
+
+/// Defect: a fee bump of a batch the node had refused was recorded and answered with its txid,
+/// but not broadcast until the refused version's rebroadcast backoff passed (up to an hour):
+/// the operator, told by the `batch_refused` alarm to bump it, saw it done and nothing sent.
+#[test]
+fn a_fee_bump_of_a_refused_batch_is_broadcast_at_once() {
+    let mut w = World::with_node(support::TestNode::start_with(&["-minrelaytxfee=0.000015"]));
+    let mut c = config(&w);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(1);
+    let (mut svc, alice) = funded(&w, c, 1_000_000);
+    let mut receiver = Customer::new(20);
+    svc.request_withdrawal(
+        request(alice, &receiver.address(), 100_000, "refused"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("batch");
+    assert!(w.node.mempool().is_empty(), "the node refused the batch");
+    let bumped = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(3), w.clock.now())
+        .unwrap();
+    assert_eq!(w.node.mempool(), vec![bumped], "the bump is sent when made");
+    assert_eq!(svc.batches().unwrap()[0].refusals, 0);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        svc.withdrawal(batch.withdrawals[0])
+            .unwrap()
+            .unwrap()
+            .status,
+        WithdrawalStatus::Completed
+    );
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 100_000);
+    assert_conserved(&w, &svc);
+}
+
+/// Defect: a withdrawal to one of custody's own deposit addresses (another account's, here)
+/// showed as a reconciliation shortfall of its amount while its batch was in flight: the
+/// batch's output to that address counted as received by the wallet (not in flight) and,
+/// being an uncredited deposit, was also taken off the assets, while the ledger still held
+/// the withdrawal.
+#[test]
+fn a_withdrawal_to_our_own_deposit_address_reconciles_while_in_flight() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 1_000_000);
+    let bob = w.ledger.create_account();
+    let bobs = svc.new_deposit_address(bob, w.clock.now()).unwrap();
+    svc.request_withdrawal(request(alice, &bobs, 300_000, "to-bob"), w.clock.now())
+        .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("batch");
+    assert_eq!(w.node.mempool(), vec![batch.txid]);
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+    assert_conserved(&w, &svc);
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.withdrawals.completed.len(), 1);
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(bob), (300_000, 0));
+    assert_eq!(w.ledger.btc(alice), (1_000_000 - 300_000 - FLAT_FEE, 0));
+    assert_conserved(&w, &svc);
+}
+
+/// Defect: a completed withdrawal whose confirmed transaction a reorg took out of the chain
+/// was never broadcast again (its batch was no longer in flight). When the node then lost it
+/// (a restart with an empty mempool), the wallet saw the coins it spent as unspent and the
+/// next batch spent them: the withdrawal stayed "completed" in the ledger, paid by a
+/// transaction that can never confirm.
+#[test]
+fn a_completed_batch_reorged_out_and_dropped_by_the_node_is_broadcast_again() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("wallet=info")
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let mut node = support::TestNode::start_in(&node_dir);
+    let ledger = std::sync::Arc::new(support::EngineLedger::default());
+    let mut clock = support::Clock::new();
+    let mut c = CustodyConfig::new(
+        bdk_wallet::bitcoin::Network::Regtest,
+        dir.path().join("custody"),
+        node.rpc_config(),
+    );
+    c.withdrawal.flat_fee = Amount(FLAT_FEE);
+    c.withdrawal.min_amount = Amount(1_000);
+    c.batch.interval = Duration::from_secs(60);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let alice = ledger.create_account();
+    let addr = svc.new_deposit_address(alice, clock.now()).unwrap();
+    let mut customer = Customer::new(22);
+    customer.fund(&node, 1);
+    customer.pay(&node, &[(&addr, 1_000_000)]);
+    node.mine(1);
+    svc.step(clock.now()).unwrap();
+    let mut receiver = Customer::new(23);
+    let to = receiver.address();
+    let first = svc
+        .request_withdrawal(request(alice, &to, 300_000, "first"), clock.now())
+        .unwrap();
+    let batch = svc
+        .step(clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    node.mine(1);
+    let r = svc.step(clock.now()).unwrap();
+    assert_eq!(
+        r.withdrawals.completed.len(),
+        1,
+        "completed at 1 confirmation"
+    );
+
+    // The block is reorged out (its transaction goes back to the node's mempool), then the
+    // node restarts with an empty mempool.
+    node.invalidate_tip();
+    node.mine_empty(1);
+    svc.step(clock.now()).unwrap();
+    assert_eq!(
+        svc.transaction(batch.txid).unwrap().1,
+        0,
+        "unconfirmed again"
+    );
+    assert_eq!(
+        svc.withdrawal(first.id).unwrap().unwrap().status,
+        WithdrawalStatus::Completed,
+        "the ledger's completion stands"
+    );
+    let port = node.node.params.rpc_socket.port();
+    node.node.stop().unwrap();
+    drop(node);
+    let back = support::ManualNode::start_with(&node_dir, port, &["-persistmempool=0"]);
+    assert!(back.rpc.get_raw_mempool().unwrap().is_empty());
+    let second = svc
+        .request_withdrawal(request(alice, &to, 200_000, "second"), clock.now())
+        .unwrap();
+    let mut paid_again = false;
+    for _ in 0..3 {
+        // The first step after the restart may fail on the old connection.
+        let _ = svc.step(clock.advance(Duration::from_secs(61)));
+        paid_again |= back.rpc.get_raw_mempool().unwrap().contains(&batch.txid);
+    }
+    assert!(
+        paid_again,
+        "the completed withdrawal's transaction is broadcast again"
+    );
+    let burn = Customer::new(250).address();
+    for _ in 0..3 {
+        back.rpc.generate_to_address(1, &burn).unwrap();
+        svc.step(clock.advance(Duration::from_secs(61))).unwrap();
+    }
+    for id in [first.id, second.id] {
+        assert_eq!(
+            svc.withdrawal(id).unwrap().unwrap().status,
+            WithdrawalStatus::Completed
+        );
+    }
+    let (tx, confirmations) = svc.transaction(batch.txid).unwrap();
+    assert!(confirmations > 0, "{tx:?}");
+    let r = svc.reconcile().unwrap();
+    assert_eq!(r.surplus_sat, 0, "{r:?}");
+    assert_eq!(ledger.btc(alice), (1_000_000 - 500_000 - 2 * FLAT_FEE, 0));
+}
+
+/// Defect: a fee bump recorded while bitcoind could not be reached answered an error (the API's
+/// `-1000`; "nothing changed", said `BumpError`), yet the replacement was stored and went out
+/// at the next step; a retry then failed (the wallet had no such transaction to replace). The
+/// bump is done once recorded: its broadcast is the loop's, as a new batch's is.
+#[test]
+fn a_fee_bump_recorded_while_bitcoind_is_away_is_done_and_sent_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let mut node = support::TestNode::start_in(&node_dir);
+    let ledger = std::sync::Arc::new(support::EngineLedger::default());
+    let mut clock = support::Clock::new();
+    let mut c = CustodyConfig::new(
+        bdk_wallet::bitcoin::Network::Regtest,
+        dir.path().join("custody"),
+        node.rpc_config(),
+    );
+    c.withdrawal.flat_fee = Amount(FLAT_FEE);
+    c.withdrawal.min_amount = Amount(1_000);
+    c.batch.interval = Duration::from_secs(60);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let alice = ledger.create_account();
+    let addr = svc.new_deposit_address(alice, clock.now()).unwrap();
+    let mut customer = Customer::new(25);
+    customer.fund(&node, 1);
+    customer.pay(&node, &[(&addr, 1_000_000)]);
+    node.mine(1);
+    svc.step(clock.now()).unwrap();
+    let mut receiver = Customer::new(26);
+    let w = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 300_000, "bump"),
+            clock.now(),
+        )
+        .unwrap();
+    let batch = svc
+        .step(clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+
+    let port = node.node.params.rpc_socket.port();
+    node.node.stop().unwrap();
+    drop(node);
+    let bumped = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(5), clock.now())
+        .expect("the bump is recorded: done, sent when bitcoind is back");
+    assert_eq!(svc.batch_txids(batch.id).unwrap(), vec![batch.txid, bumped]);
+
+    let back = support::ManualNode::start(&node_dir, port);
+    for _ in 0..2 {
+        let _ = svc.step(clock.advance(Duration::from_secs(1)));
+    }
+    assert_eq!(back.rpc.get_raw_mempool().unwrap(), vec![bumped]);
+    back.rpc
+        .generate_to_address(1, &Customer::new(250).address())
+        .unwrap();
+    svc.step(clock.now()).unwrap();
+    assert_eq!(
+        svc.withdrawal(w.id).unwrap().unwrap().status,
+        WithdrawalStatus::Completed
+    );
+    let r = svc.reconcile().unwrap();
+    assert_eq!(r.surplus_sat, 0, "{r:?}");
+}
+
+/// Defect: a withdrawal to one of custody's own change addresses (visible on chain in any
+/// batch) was accepted and paid: the money stayed in the wallet, belonging to no account (a
+/// reconciliation surplus), and the user's withdrawal showed completed. It is refused, with
+/// nothing held; a deposit address (another account's) stays a valid destination.
+#[test]
+fn a_withdrawal_to_our_own_change_address_is_refused() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 1_000_000);
+    let mut receiver = Customer::new(27);
+    let to = receiver.address();
+    svc.request_withdrawal(request(alice, &to, 100_000, "out"), w.clock.now())
+        .unwrap();
+    let batch = svc
+        .step(w.clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    let tx = mempool_tx(&w, &svc, batch.id);
+    let change = tx
+        .output
+        .iter()
+        .find(|o| o.script_pubkey != to.script_pubkey())
+        .map(|o| {
+            Address::from_script(&o.script_pubkey, bdk_wallet::bitcoin::Network::Regtest).unwrap()
+        })
+        .expect("a change output");
+    let before = w.ledger.btc(alice);
+    let r = svc.request_withdrawal(request(alice, &change, 50_000, "to-change"), w.clock.now());
+    assert!(
+        matches!(r, Err(WithdrawalError::OwnAddress { .. })),
+        "{r:?}"
+    );
+    assert_eq!(w.ledger.btc(alice), before, "nothing held");
+    assert!(svc.withdrawal_by_key(alice, "to-change").unwrap().is_none());
+}
+
+/// Defect: once the node refused a fee bump (here: below its incremental relay fee), the batch
+/// could never be bumped again: every later bump tried to replace the refused version, which
+/// the wallet never had ("transaction not found"), while the original stayed in the mempool.
+/// A bump replaces the newest version the wallet has.
+#[test]
+fn a_batch_whose_bump_the_node_refused_can_be_bumped_again() {
+    // Replacements must pay 3 sat/vB more than what they replace (and 3 sat/vB is the floor).
+    let mut w = World::with_node(support::TestNode::start_with(&[
+        "-incrementalrelayfee=0.00003",
+    ]));
+    let mut c = config(&w);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(5);
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(c);
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(29);
+    customer.fund(&w.node, 1);
+    customer.pay_at(
+        &w.node,
+        &[(&addr, 1_000_000)],
+        FeeRate::from_sat_per_vb_u32(5),
+    );
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(w.ledger.btc(alice), (1_000_000, 0));
+    let mut receiver = Customer::new(28);
+    svc.request_withdrawal(
+        request(alice, &receiver.address(), 100_000, "bumped"),
+        w.clock.now(),
+    )
+    .unwrap();
+    let batch = svc
+        .step(w.clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    assert_eq!(w.node.mempool(), vec![batch.txid]);
+    let refused = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(7), w.clock.now())
+        .unwrap();
+    assert_eq!(
+        w.node.mempool(),
+        vec![batch.txid],
+        "the node refused {refused}"
+    );
+    let bumped = svc
+        .bump_fee(batch.id, FeeRate::from_sat_per_vb_u32(30), w.clock.now())
+        .expect("a second bump replaces the version the node has");
+    assert_eq!(w.node.mempool(), vec![bumped]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        svc.withdrawal(batch.withdrawals[0])
+            .unwrap()
+            .unwrap()
+            .status,
+        WithdrawalStatus::Completed
+    );
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 100_000);
+    assert_conserved(&w, &svc);
+}

@@ -1,8 +1,8 @@
 //! A scripted [`Custody`] for merchant tests.
 
 use api::custody::{
-    Custody, CustodyError, DepositInfo, DepositState, ReconcileInfo, WithdrawalInfo,
-    WithdrawalState,
+    Custody, CustodyError, DepositInfo, DepositState, FlaggedAccount, ReconcileInfo,
+    WithdrawalInfo, WithdrawalState,
 };
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
@@ -28,6 +28,8 @@ pub struct Fake {
     /// Key look-ups still to answer with the withdrawal and then forget it (as the wallet frees
     /// the key of a `new` row whose ledger hold was refused, between two calls of a caller).
     pub free_after_lookup: AtomicUsize,
+    /// Accounts flagged for review ([`Custody::flagged_accounts`]).
+    pub flagged: Mutex<Vec<u32>>,
 }
 
 impl Fake {
@@ -55,6 +57,18 @@ impl Fake {
 }
 
 impl Custody for Fake {
+    fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
+        Ok(self
+            .flagged
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|&account| FlaggedAccount {
+                account,
+                reason: "reorg".into(),
+            })
+            .collect())
+    }
     fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError> {
         assert!(new, "each invoice needs its own address");
         let mut n = self.addresses.lock().unwrap();

@@ -47,6 +47,13 @@ impl TestNode {
         Self::with_conf(&conf(None))
     }
 
+    /// A node started with `args` after `-regtest` (e.g. a relay fee floor).
+    pub fn start_with(args: &[&'static str]) -> Self {
+        let mut c = conf(None);
+        c.args.extend_from_slice(args);
+        Self::with_conf(&c)
+    }
+
     /// A node whose data directory survives it (for restarts).
     pub fn start_in(dir: &Path) -> Self {
         Self::with_conf(&conf(Some(dir.to_owned())))
@@ -173,11 +180,21 @@ impl Customer {
 
     /// Pays `outputs` in one transaction, broadcast with `sendrawtransaction`.
     pub fn pay(&mut self, node: &TestNode, outputs: &[(&Address, u64)]) -> Transaction {
+        self.pay_at(node, outputs, FeeRate::from_sat_per_vb_u32(2))
+    }
+
+    /// [`pay`](Self::pay) at `rate`.
+    pub fn pay_at(
+        &mut self,
+        node: &TestNode,
+        outputs: &[(&Address, u64)],
+        rate: FeeRate,
+    ) -> Transaction {
         let mut b = self.wallet.build_tx();
         for (a, sat) in outputs {
             b.add_recipient(a.script_pubkey(), BtcAmount::from_sat(*sat));
         }
-        b.fee_rate(FeeRate::from_sat_per_vb_u32(2));
+        b.fee_rate(rate);
         let mut psbt = b.finish().unwrap();
         psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
         assert!(self
@@ -189,6 +206,24 @@ impl Customer {
             .send_raw_transaction(&tx)
             .expect("sendrawtransaction");
         self.wallet.apply_unconfirmed_txs([(tx.clone(), 0)]);
+        tx
+    }
+
+    /// Replaces an unconfirmed payment of this wallet by one paying `rate` (RBF), broadcast.
+    pub fn bump(&mut self, node: &TestNode, txid: Txid, rate: FeeRate) -> Transaction {
+        let mut b = self.wallet.build_fee_bump(txid).expect("fee bump");
+        b.fee_rate(rate);
+        let mut psbt = b.finish().unwrap();
+        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
+        assert!(self
+            .wallet
+            .finalize_psbt(&mut psbt, SignOptions::default())
+            .unwrap());
+        let tx = psbt.extract_tx().unwrap();
+        node.rpc
+            .send_raw_transaction(&tx)
+            .expect("sendrawtransaction (replacement)");
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
         tx
     }
 
@@ -349,12 +384,17 @@ pub struct World {
 
 impl World {
     pub fn new() -> Self {
+        Self::with_node(TestNode::start())
+    }
+
+    /// A world around a node started by the caller (e.g. [`TestNode::start_with`]).
+    pub fn with_node(node: TestNode) -> Self {
         let _ = tracing_subscriber::fmt()
             .with_test_writer()
             .with_env_filter("wallet=info")
             .try_init();
         Self {
-            node: TestNode::start(),
+            node,
             ledger: Arc::new(EngineLedger::default()),
             dir: tempfile::tempdir().unwrap(),
             clock: Clock::new(),
@@ -405,10 +445,17 @@ pub struct ManualNode {
 
 impl ManualNode {
     pub fn start(datadir: &Path, rpc_port: u16) -> Self {
+        Self::start_with(datadir, rpc_port, &[])
+    }
+
+    /// [`start`](Self::start) with more arguments (e.g. `-persistmempool=0`: a node that comes
+    /// back with an empty mempool).
+    pub fn start_with(datadir: &Path, rpc_port: u16, args: &[&str]) -> Self {
         let mut child = std::process::Command::new(bitcoind_exe())
             .arg(format!("-datadir={}", datadir.display()))
             .arg(format!("-rpcport={rpc_port}"))
             .args(["-regtest", "-listen=0"])
+            .args(args)
             .stdout(std::process::Stdio::null())
             .spawn()
             .expect("spawn bitcoind");

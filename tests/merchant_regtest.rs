@@ -395,6 +395,12 @@ fn webhooks_are_signed_retried_and_survive_a_restart() {
 
     let inv = env.m.invoice("0.001", &[("orderId", "W-1")]);
     let iid = id(&inv);
+    // The request answered 500 is the creation's: paid only after it, so that the payment's
+    // delivery does not race it to the receiver (it did once under load).
+    assert!(
+        wait_until(60, || !hooks.hooks().is_empty()),
+        "no webhook request"
+    );
     env.pay(&inv, 100_000);
     env.m
         .wait_invoice(&iid, "Processing", |v| v["status"] == "Processing");

@@ -48,7 +48,7 @@ pub enum NodeError {
 }
 
 /// Knobs of [`start_node`].
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct NodeConfig {
     /// Markets and assets.
     pub engine: EngineConfig,
@@ -56,8 +56,27 @@ pub struct NodeConfig {
     pub api: ApiConfig,
     /// Snapshots.
     pub store: StoreConfig,
-    /// The sequencer.
+    /// The sequencer. Its queue is where the API's commands wait for the engine (full: the
+    /// API answers busy); by default [`API_QUEUE`].
     pub sequencer: SequencerConfig,
+}
+
+/// The sequencer's queue capacity under the API: what a burst of requests may queue before
+/// the API answers busy (about a second of orders at full rate).
+pub const API_QUEUE: usize = 65_536;
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            engine: EngineConfig::default(),
+            api: ApiConfig::default(),
+            store: StoreConfig::default(),
+            sequencer: SequencerConfig {
+                queue_capacity: API_QUEUE,
+                ..SequencerConfig::default()
+            },
+        }
+    }
 }
 
 /// Opens the API in `data_dir/api`, recovers the engine from `data_dir/journal` through the
@@ -106,7 +125,7 @@ pub fn start_node_with(
     recovered.store.retain_from(rm.history_floor());
     let recovery = recovered.report.clone();
     let sequencer = Sequencer::durable(recovered, SystemClock, cfg.sequencer)?;
-    let core = SequencerCore::start(sequencer.handle(), cfg.engine, sink, 65_536, 1 << 16)?;
+    let core = SequencerCore::start(sequencer.handle(), cfg.engine, sink, 1 << 16)?;
     let state = pending.start(wrap(Arc::new(core)));
     let admin_key = state.ensure_admin_key()?;
     Ok(Node {

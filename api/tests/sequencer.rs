@@ -272,11 +272,12 @@ async fn trading_through_the_sequencer_survives_a_restart() {
     s.node.shutdown().unwrap();
 }
 
-/// The submitter thread keeps each reply with its own command when the engine's in-flight limit
-/// (2 here, 600 commands queued) makes it wait for replies before it can submit more: accepted
-/// and rejected commands alternate, so a reply given to the wrong handler shows.
+/// Each handler gets its own command's reply with 600 in flight at once (each submission
+/// carries its own reply function into the engine's queue; the engine's per-producer in-flight
+/// limit, 2 here, does not apply to them): accepted and rejected commands alternate, so a reply
+/// given to the wrong handler shows.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn each_command_gets_its_own_reply_through_the_in_flight_limit() {
+async fn each_command_gets_its_own_reply_with_many_in_flight() {
     use matching_engine::Command;
     let dir = tempfile::tempdir().unwrap();
     let cfg = api::NodeConfig {

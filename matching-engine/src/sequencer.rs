@@ -34,6 +34,12 @@
 //! fan-out publishes, one allocation per batch) and the command's range in it. So steady state
 //! allocates once per batch, never per command.
 //!
+//! [`SequencerHandle::submit_with`] is the other way in, for callers that cannot own a producer
+//! (async tasks on a pool of threads): the submission carries a boxed function instead of a
+//! reply box (one allocation per command), which the engine thread calls with the reply. The
+//! API uses it so that no thread stands between its handlers and the engine: a command waiting
+//! for the current group commit is already in the queue when the commit ends.
+//!
 //! # Snapshots
 //!
 //! In durable mode the engine thread takes a snapshot between two batches when
@@ -288,10 +294,40 @@ impl<E> ReplyBox<E> {
     }
 }
 
+/// A function that takes one reply ([`SequencerHandle::submit_with`]).
+type ReplyFn<E> = Box<dyn FnOnce(Reply<E>) + Send>;
+
+/// Where a submission's reply goes.
+enum ReplyTo<E> {
+    /// A [`Producer`]'s reply box: pushed to, and its producer woken once per commit.
+    Producer(Arc<ReplyBox<E>>),
+    /// Called with the reply on the thread that answers (the engine's, or whoever drains the
+    /// queue after it stopped).
+    Call(ReplyFn<E>),
+}
+
+impl<E> ReplyTo<E> {
+    /// Hands over the reply (a producer's box is woken: for one reply, not a batch of them).
+    fn deliver(self, reply: Reply<E>) {
+        match self {
+            ReplyTo::Producer(b) => b.push(reply),
+            ReplyTo::Call(f) => call(f, reply),
+        }
+    }
+}
+
+/// Calls a reply function; a panic in it is caught and logged, so that a caller's bug cannot
+/// stop the engine thread (the function's reply is then lost to its caller alone).
+fn call<E>(f: ReplyFn<E>, reply: Reply<E>) {
+    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || f(reply))).is_err() {
+        tracing::error!("a reply function panicked; the engine goes on");
+    }
+}
+
 struct Submission<S: StateMachine> {
     cmd: S::Command,
     ticket: Ticket,
-    reply_to: Arc<ReplyBox<S::Event>>,
+    reply_to: ReplyTo<S::Event>,
 }
 
 struct Shared<S: StateMachine> {
@@ -315,7 +351,7 @@ impl<S: StateMachine> Shared<S> {
     fn drain_stranded(&self) {
         debug_assert!(self.exited.load(SeqCst));
         while let Some(sub) = self.queue.pop() {
-            sub.reply_to.push(Reply {
+            sub.reply_to.deliver(Reply {
                 ticket: sub.ticket,
                 outcome: Outcome::NotApplied,
             });
@@ -356,6 +392,46 @@ impl<S: StateMachine> SequencerHandle<S> {
             in_flight: 0,
             next_ticket: 0,
         }
+    }
+
+    /// Submits `cmd` without blocking and without a [`Producer`]: `reply` is called exactly
+    /// once with its [`Reply`] (whose ticket is 0), on the engine thread after the commit (or on
+    /// the thread that answers the queue after the engine stopped). For callers that cannot own
+    /// a producer, such as async tasks: each submission goes straight into the engine's queue
+    /// and its answer straight back, with no thread between. `reply` must be quick and must
+    /// not block: the engine thread waits for it (hand the reply over, e.g. to a channel). A
+    /// panic in it is caught and logged. An error means `cmd` was not taken, changed nothing,
+    /// and `reply` is dropped uncalled. No in-flight limit applies: the queue's capacity bounds
+    /// these submissions ([`SubmitError::Busy`] when full).
+    pub fn submit_with(
+        &self,
+        cmd: S::Command,
+        reply: impl FnOnce(Reply<S::Event>) + Send + 'static,
+    ) -> Result<(), SubmitError> {
+        let shared = &*self.shared;
+        if shared.closing.load(SeqCst) {
+            return Err(SubmitError::Stopped);
+        }
+        let submission = Submission {
+            cmd,
+            ticket: Ticket(0),
+            reply_to: ReplyTo::Call(Box::new(reply)),
+        };
+        if shared.queue.push(submission).is_err() {
+            return Err(SubmitError::Busy);
+        }
+        shared.engine.wake();
+        fence(SeqCst);
+        // As in `Producer::try_submit`: a taken submission always gets its reply.
+        if shared.exited.load(SeqCst) {
+            shared.drain_stranded();
+        }
+        Ok(())
+    }
+
+    /// Commands waiting in the engine's queue.
+    pub fn queue_len(&self) -> usize {
+        self.shared.queue.len()
     }
 
     /// Subscribes an event consumer with room for `capacity` batches (see [`crate::fanout`]).
@@ -436,7 +512,7 @@ impl<S: StateMachine> Producer<S> {
         let submission = Submission {
             cmd,
             ticket,
-            reply_to: Arc::clone(&self.replies),
+            reply_to: ReplyTo::Producer(Arc::clone(&self.replies)),
         };
         if shared.queue.push(submission).is_err() {
             return Err(SubmitError::Busy);
@@ -648,7 +724,7 @@ impl<E> Drop for WakeOnDrop<E> {
 
 /// A command applied in the current batch, waiting for the commit to be answered.
 struct Pending<E> {
-    reply_to: Arc<ReplyBox<E>>,
+    reply_to: ReplyTo<E>,
     ticket: Ticket,
     outcome: PendingOutcome,
 }
@@ -683,7 +759,7 @@ impl<S: StateMachine> Drop for Outbox<S> {
                 }
                 PendingOutcome::Rejected(code) => Outcome::Rejected(code),
             };
-            p.reply_to.push(Reply {
+            p.reply_to.deliver(Reply {
                 ticket: p.ticket,
                 outcome,
             });
@@ -829,8 +905,10 @@ impl<S: StateMachine, C: Clock> Engine<S, C> {
         // guard wakes them even if this loop panics.
         let mut to_wake = WakeOnDrop(std::mem::take(&mut self.to_wake));
         for p in &self.outbox.pending {
-            if !to_wake.0.iter().any(|b| Arc::ptr_eq(b, &p.reply_to)) {
-                to_wake.0.push(Arc::clone(&p.reply_to));
+            if let ReplyTo::Producer(b) = &p.reply_to {
+                if !to_wake.0.iter().any(|w| Arc::ptr_eq(w, b)) {
+                    to_wake.0.push(Arc::clone(b));
+                }
             }
         }
         for p in self.outbox.pending.drain(..) {
@@ -846,10 +924,14 @@ impl<S: StateMachine, C: Clock> Engine<S, C> {
                 PendingOutcome::Rejected(code) => Outcome::Rejected(code),
                 PendingOutcome::Applying => unreachable!("every command is applied before commit"),
             };
-            p.reply_to.push_quietly(Reply {
+            let reply = Reply {
                 ticket: p.ticket,
                 outcome,
-            });
+            };
+            match p.reply_to {
+                ReplyTo::Producer(b) => b.push_quietly(reply),
+                ReplyTo::Call(f) => call(f, reply),
+            }
         }
         to_wake.wake_all();
         self.to_wake = std::mem::take(&mut to_wake.0);

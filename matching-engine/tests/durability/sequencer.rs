@@ -129,6 +129,68 @@ fn hammer(seq: &Sequencer<Bank>, p: u32) -> Tally {
     tally
 }
 
+/// [`hammer`] through [`SequencerHandle::submit_with`](matching_engine::sequencer::SequencerHandle::submit_with):
+/// no producer, each reply handed to a function, which passes it to this thread.
+fn hammer_with_functions(seq: &Sequencer<Bank>, p: u32) -> Tally {
+    let handle = seq.handle().clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut tally = Tally::default();
+    let mut taken = 0u64;
+    let mut n = 1;
+    while n <= PER_PRODUCER {
+        let tx = tx.clone();
+        match handle.submit_with(command(p, n), move |r| tx.send((n, r)).unwrap()) {
+            Ok(()) => {
+                taken += 1;
+                n += 1;
+            }
+            Err(SubmitError::Busy) => {
+                tally.busy += 1;
+                std::thread::yield_now();
+            }
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    drop(tx);
+    let mut answered = vec![false; PER_PRODUCER as usize + 1];
+    let mut last_seq = 0;
+    // Every function is called once and then dropped: the channel ends after the last one.
+    for (n, reply) in rx {
+        assert!(
+            !std::mem::replace(&mut answered[n as usize], true),
+            "{n} answered twice"
+        );
+        assert_eq!(reply.ticket, Ticket(0));
+        match reply.outcome {
+            Outcome::Accepted { seq, events } => {
+                assert_ne!(n % 5, 0, "only deposits are accepted");
+                assert!(seq > last_seq, "applied and answered in submission order");
+                last_seq = seq;
+                match events[..] {
+                    [BankEvent::Deposited {
+                        seq: event_seq,
+                        account,
+                        ..
+                    }] => assert_eq!((event_seq, account), (seq, p)),
+                    ref other => panic!("unexpected events {other:?}"),
+                }
+                tally.accepted += 1;
+            }
+            Outcome::Rejected(code) => {
+                assert_eq!((n % 5, code), (0, RejectCode::InsufficientBalance));
+                tally.rejected += 1;
+            }
+            other => panic!("unexpected outcome {other:?}"),
+        }
+    }
+    assert_eq!(
+        tally.accepted + tally.rejected,
+        taken,
+        "every submission answered"
+    );
+    tally
+}
+
 fn check_final_state(bank: &Bank, tallies: &[Tally]) {
     assert_eq!(bank.disorder(), 0);
     let deposits: u64 = (1..=PER_PRODUCER).filter(|n| n % 5 != 0).sum();
@@ -185,6 +247,60 @@ fn producers_hammer_a_durable_sequencer() {
     let recovered = open(dir.path(), config);
     assert_eq!(recovered.state.state_hash(), bank.state_hash());
     assert!(recovered.report.snapshot_seq.is_some());
+}
+
+/// Producers and reply functions side by side on a durable sequencer: each function's
+/// submission is answered once, in order, with its own outcome.
+#[test]
+fn reply_functions_and_producers_hammer_a_durable_sequencer() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = Sequencer::durable(open(dir.path(), StoreConfig::default()), clock(), SMALL).unwrap();
+    let tallies: Vec<Tally> = std::thread::scope(|s| {
+        let seq = &seq;
+        let threads: Vec<_> = (0..PRODUCERS)
+            .map(|p| {
+                s.spawn(move || {
+                    if p % 2 == 0 {
+                        hammer_with_functions(seq, p)
+                    } else {
+                        hammer(seq, p)
+                    }
+                })
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let metrics = seq.handle().metrics();
+    let bank = seq.shutdown().unwrap();
+    check_final_state(&bank, &tallies);
+    assert_eq!(metrics.applied, u64::from(PRODUCERS) * PER_PRODUCER);
+    let recovered = open(dir.path(), StoreConfig::default());
+    assert_eq!(recovered.state.state_hash(), bank.state_hash());
+}
+
+/// A reply function that panics loses only its own answer: the engine goes on.
+#[test]
+fn a_panicking_reply_function_does_not_stop_the_engine() {
+    let seq = Sequencer::volatile(Bank::new(4, 4), clock(), SequencerConfig::default()).unwrap();
+    seq.handle()
+        .submit_with(command(1, 1), |_| panic!("a caller's bug"))
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    seq.handle()
+        .submit_with(command(1, 2), move |r| tx.send(r).unwrap())
+        .unwrap();
+    let reply = rx.recv().unwrap();
+    assert!(
+        matches!(reply.outcome, Outcome::Accepted { seq: 2, .. }),
+        "{reply:?}"
+    );
+    let mut producer = seq.producer();
+    assert!(matches!(
+        producer.submit_wait(command(1, 3)).unwrap().outcome,
+        Outcome::Accepted { seq: 3, .. }
+    ));
+    let bank = seq.shutdown().unwrap();
+    assert_eq!(bank.seq(), 3);
 }
 
 #[test]
@@ -347,6 +463,67 @@ fn a_panicking_state_machine_still_answers_every_submission() {
     assert!(matches!(seq.shutdown(), Err(SequencerError::Panicked)));
 }
 
+/// The journal fails under reply functions: each taken one is called exactly once, the failed
+/// command's with `Indeterminate`, and only commands before it were accepted.
+#[test]
+fn a_journal_failure_answers_every_reply_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let seq = Sequencer::durable(
+        open(dir.path(), StoreConfig::default()),
+        clock(),
+        SequencerConfig::default(),
+    )
+    .unwrap();
+    let handle = seq.handle().clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut taken = Vec::new();
+    for n in 1..=200 {
+        let cmd = if n == 100 {
+            BankCmd::Unjournalable {
+                producer: 0,
+                n,
+                poison: (),
+            }
+        } else {
+            command(0, n)
+        };
+        let tx = tx.clone();
+        match handle.submit_with(cmd, move |r| tx.send((n, r.outcome)).unwrap()) {
+            Ok(()) => taken.push(n),
+            Err(SubmitError::Stopped) => break,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+    drop(tx);
+    let answers: Vec<(u64, Outcome<BankEvent>)> = rx.into_iter().collect();
+    let mut answered: Vec<u64> = answers.iter().map(|a| a.0).collect();
+    answered.sort_unstable();
+    assert_eq!(
+        answered, taken,
+        "each taken submission answered exactly once"
+    );
+    let mut accepted = 0;
+    for (n, outcome) in &answers {
+        match outcome {
+            Outcome::Accepted { .. } => {
+                assert!(*n < 100, "nothing after the failure is applied");
+                accepted += 1;
+            }
+            Outcome::Indeterminate => {}
+            Outcome::Rejected(_) | Outcome::NotApplied => assert_ne!(*n, 100),
+        }
+    }
+    assert!(
+        answers
+            .iter()
+            .any(|(n, o)| *n == 100 && matches!(o, Outcome::Indeterminate)),
+        "the failed command is indeterminate"
+    );
+    assert!(seq.shutdown().is_err());
+    let recovered = open(dir.path(), StoreConfig::default());
+    assert_eq!(recovered.state.seq(), accepted);
+}
+
 #[test]
 fn a_journal_failure_stops_the_engine_and_answers_everyone() {
     let dir = tempfile::tempdir().unwrap();
@@ -397,6 +574,10 @@ fn a_journal_failure_stops_the_engine_and_answers_everyone() {
     assert!(poison_answered, "the failed command is indeterminate");
     assert_eq!(
         producer.try_submit(command(0, 41)).err(),
+        Some(SubmitError::Stopped)
+    );
+    assert_eq!(
+        seq.handle().submit_with(command(0, 42), |_| {}).err(),
         Some(SubmitError::Stopped)
     );
     assert!(matches!(

@@ -40,6 +40,9 @@ pub struct Store {
     pool: Mutex<Vec<Connection>>,
 }
 
+/// Rows between two calls of [`Store::write_history_with`]'s `every` (~0.3 ms of SQLite work).
+pub const HISTORY_CHUNK: usize = 128;
+
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS api_keys(
   api_key TEXT PRIMARY KEY, account INTEGER NOT NULL, perms INTEGER NOT NULL,
@@ -167,6 +170,25 @@ impl Store {
         trades: &[TradeRec],
         seq: u64,
     ) -> Result<(), StoreError> {
+        Self::write_history_with(conn, orders, trades, seq, &mut || {})
+    }
+
+    /// [`write_history`](Self::write_history), calling `every` after each
+    /// [`HISTORY_CHUNK`] rows (the history thread checks there whether it fell behind).
+    pub fn write_history_with<'a>(
+        conn: &mut Connection,
+        orders: impl IntoIterator<Item = &'a OrderRec>,
+        trades: &[TradeRec],
+        seq: u64,
+        every: &mut dyn FnMut(),
+    ) -> Result<(), StoreError> {
+        let mut written = 0usize;
+        let mut count = || {
+            written += 1;
+            if written % HISTORY_CHUNK == 0 {
+                every();
+            }
+        };
         let tx = conn.transaction()?;
         tx.execute(
             "INSERT INTO meta(name, value) VALUES ('history_seq', ?1) ON CONFLICT(name) DO UPDATE SET value = max(value, excluded.value)",
@@ -199,6 +221,7 @@ impl Store {
                     to_sql(r.time_ms),
                     &data[..]
                 ])?;
+                count();
             }
             // A trade never changes; a replay writes it again as it was. Its indexed columns
             // are left out of the `SET` for the same reason as the orders'.
@@ -217,6 +240,7 @@ impl Store {
                     to_sql(r.time_ms),
                     &data[..]
                 ])?;
+                count();
             }
         }
         tx.commit()?;

@@ -13,6 +13,14 @@
 //!
 //! [`short_slice`] asks for [`SLICE_NANOS`] for the calling thread; it is a hint, so callers log
 //! a failure and go on.
+//!
+//! The other way round, [`set_background`] moves a thread whose work can wait (the read models'
+//! SQLite history writer) to `SCHED_IDLE`: it runs when a core would otherwise idle, a wake-up
+//! of any other thread preempts it at once, and under full load it still gets a sliver of the
+//! CPU (weight 3 against a normal thread's 1024), so it is never stopped outright. Going *to*
+//! `SCHED_IDLE` needs no privilege, coming *back* does (`CAP_SYS_NICE`, or an `RLIMIT_NICE` of
+//! 20): a thread that falls behind must be able to come back, so callers first ask
+//! [`background_is_reversible`], which tries both in a throwaway thread, once.
 
 use std::io;
 
@@ -43,6 +51,38 @@ pub fn request_short_slice_once(thread: &str) {
     if !ASKED.with(|a| a.replace(true)) {
         request_short_slice(thread);
     }
+}
+
+/// Moves the calling thread to the background (`on`: policy `SCHED_IDLE`) or back to the
+/// foreground (`SCHED_OTHER`), keeping its nice value; either way with the default time slice.
+/// Coming back needs a privilege (see the crate documentation and
+/// [`background_is_reversible`]). `Ok` on other systems than Linux (nothing to do).
+pub fn set_background(on: bool) -> io::Result<()> {
+    imp::set_background(on)
+}
+
+/// Whether the calling thread runs in the background (`SCHED_IDLE`); `false` on other systems.
+pub fn in_background() -> io::Result<bool> {
+    imp::in_background()
+}
+
+/// Whether a thread of this process can go to the background and come back: tried once, in a
+/// throwaway thread (a thread that went and could not come back would stay there), and
+/// remembered.
+pub fn background_is_reversible() -> bool {
+    static REVERSIBLE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *REVERSIBLE.get_or_init(|| {
+        std::thread::Builder::new()
+            .name("sched-probe".into())
+            .spawn(|| {
+                set_background(true).is_ok()
+                    && set_background(false).is_ok()
+                    && matches!(in_background(), Ok(false))
+            })
+            .ok()
+            .and_then(|t| t.join().ok())
+            .unwrap_or(false)
+    })
 }
 
 /// The calling thread's time slice as the kernel reports it, in nanoseconds (Linux), `None`
@@ -108,6 +148,11 @@ mod imp {
         // threads) start with the default slice, not this one: the hint is for this thread.
         attr.sched_flags = SCHED_FLAG_RESET_ON_FORK;
         attr.sched_runtime = super::SLICE_NANOS;
+        set(&attr)
+    }
+
+    /// `sched_setattr` for the calling thread.
+    fn set(attr: &SchedAttr) -> io::Result<()> {
         // SAFETY: `attr` is a valid `struct sched_attr` of `SIZE` bytes that outlives the call;
         // the kernel only reads it; pid 0 is the calling thread; the call's `flags` argument
         // must be 0 (`sched_flags` inside `attr` is another field).
@@ -116,7 +161,7 @@ mod imp {
             libc::syscall(
                 libc::SYS_sched_setattr,
                 0 as libc::pid_t,
-                &attr as *const SchedAttr,
+                attr as *const SchedAttr,
                 0 as libc::c_uint,
             )
         };
@@ -130,6 +175,32 @@ mod imp {
     pub(super) fn current_slice() -> io::Result<Option<u64>> {
         Ok(Some(get()?.sched_runtime))
     }
+
+    /// Sets the calling thread's policy (`SCHED_IDLE` or `SCHED_OTHER`), keeping its nice value,
+    /// with the default slice (`sched_runtime` 0).
+    pub(super) fn set_background(on: bool) -> io::Result<()> {
+        let mut attr = get()?;
+        let policy = if on {
+            libc::SCHED_IDLE
+        } else {
+            libc::SCHED_OTHER
+        } as u32;
+        let fair = [libc::SCHED_OTHER as u32, libc::SCHED_IDLE as u32];
+        if !fair.contains(&attr.sched_policy) {
+            // A real-time, deadline or batch thread: someone chose that; leave it.
+            return Ok(());
+        }
+        attr.size = SIZE;
+        attr.sched_policy = policy;
+        attr.sched_flags = SCHED_FLAG_RESET_ON_FORK;
+        attr.sched_priority = 0;
+        attr.sched_runtime = 0;
+        set(&attr)
+    }
+
+    pub(super) fn in_background() -> io::Result<bool> {
+        Ok(get()?.sched_policy == libc::SCHED_IDLE as u32)
+    }
 }
 
 #[cfg(not(target_os = "linux"))]
@@ -142,6 +213,14 @@ mod imp {
 
     pub(super) fn current_slice() -> io::Result<Option<u64>> {
         Ok(None)
+    }
+
+    pub(super) fn set_background(_on: bool) -> io::Result<()> {
+        Ok(())
+    }
+
+    pub(super) fn in_background() -> io::Result<bool> {
+        Ok(false)
     }
 }
 
@@ -189,5 +268,38 @@ mod tests {
             asked.unwrap();
             assert_eq!((before, after), (None, None));
         }
+    }
+
+    #[test]
+    fn a_thread_goes_to_the_background_and_back_when_the_process_may() {
+        let reversible = background_is_reversible();
+        let (went, there, back, here) = std::thread::spawn(|| {
+            let went = set_background(true);
+            let there = in_background();
+            let back = set_background(false);
+            let here = in_background();
+            (went, there, back, here)
+        })
+        .join()
+        .unwrap();
+        if !cfg!(target_os = "linux") {
+            assert!(reversible);
+            assert!(!there.unwrap() && !here.unwrap());
+            return;
+        }
+        match went {
+            // A sandbox without the call (ENOSYS, EPERM): nothing moved, nothing reversible.
+            Err(e) if matches!(e.raw_os_error(), Some(38) | Some(1)) => {
+                assert!(!reversible);
+                return;
+            }
+            r => r.unwrap(),
+        }
+        assert!(there.unwrap(), "SCHED_IDLE after going to the background");
+        // Coming back needs CAP_SYS_NICE (or RLIMIT_NICE 20): the probe says the same.
+        assert_eq!(back.is_ok(), reversible, "{back:?}");
+        assert_eq!(here.unwrap(), !reversible);
+        // The probe ran in a thread of its own: this one is where it was.
+        assert!(!in_background().unwrap());
     }
 }

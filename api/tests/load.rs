@@ -8,7 +8,9 @@
 //! (self-trades allowed) so that books stay small. A REST connection has one request in flight
 //! (HTTP/1.1); a WebSocket connection keeps `LOAD_WS_WINDOW` (default 1) in flight. The load
 //! generator shares the machine's cores with the server. `LOAD_CONNECTIONS` (64),
-//! `LOAD_SECONDS` (10 per phase), `LOAD_ONLY` (`rest` or `ws`).
+//! `LOAD_SECONDS` (10 per phase), `LOAD_ONLY` (`rest` or `ws`), `LOAD_API_DIR` (a directory
+//! for the API's SQLite history, e.g. on another disk or `/dev/shm`; default: beside the
+//! journal).
 //!
 //! `LOAD_WORKERS` sets the runtime's worker threads (default: one per core, as `mediator
 //! serve`). Each phase prints orders/s, p50/p99 and the process's CPU time (user + system, what
@@ -101,6 +103,14 @@ async fn measure() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
     let dir = tempfile::tempdir().unwrap();
+    // `LOAD_API_DIR`: the API's directory (its SQLite history) on another file system, as an
+    // operator with a second disk would put it (a symbolic link `<data_dir>/api`), the journal
+    // staying in the temporary directory.
+    let api_dir = std::env::var_os("LOAD_API_DIR").map(|d| {
+        let api = tempfile::tempdir_in(d).unwrap();
+        std::os::unix::fs::symlink(api.path(), dir.path().join("api")).unwrap();
+        api
+    });
     let node = api::start_node(
         dir.path(),
         api::NodeConfig {
@@ -223,6 +233,7 @@ async fn measure() {
     let _ = server.await;
     drop(state);
     node.shutdown().unwrap();
+    drop(api_dir);
 }
 
 /// Prints the engine's group commits in a phase: how many, and commands per commit.

@@ -106,6 +106,117 @@ pub async fn refuse_flagged(st: &AppState, account: u32) -> Result<(), ApiError>
     Ok(())
 }
 
+/// How long the order path trusts its copy of custody's flagged accounts before it asks again.
+pub const FLAG_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The accounts custody flagged, as the order path reads them: an order must not wait for
+/// custody (its lock is held through a chain sync), so placements read a copy that is refreshed
+/// in the background once it is [`FLAG_REFRESH`] old; only the first look-up waits for custody.
+/// A flag reaches the order path within about a second of custody setting it; clearing one
+/// (`admin_clear_flag`) drops the copy, so the next look-up reads custody again.
+#[derive(Debug, Default)]
+pub struct FlagCache {
+    /// When the copy was read, and the accounts.
+    copy: std::sync::RwLock<Option<(std::time::Instant, Arc<std::collections::HashSet<u32>>)>>,
+    /// A background refresh is under way.
+    refreshing: std::sync::atomic::AtomicBool,
+}
+
+/// Reads custody's flagged accounts into the cache, and cancels the open orders of each account
+/// it had not seen flagged (orders placed before the flag would otherwise still sell the
+/// account's funds when they fill; every account after a start or a clear, harmlessly).
+async fn refresh_flags(st: &AppState) -> Result<Arc<std::collections::HashSet<u32>>, ApiError> {
+    let v = call(st, |c| c.flagged_accounts()).await?;
+    let set: Arc<std::collections::HashSet<u32>> = Arc::new(v.iter().map(|f| f.account).collect());
+    let before =
+        st.0.flags
+            .copy
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .replace((std::time::Instant::now(), set.clone()));
+    let new: Vec<u32> = set
+        .iter()
+        .copied()
+        .filter(|a| before.as_ref().is_none_or(|(_, b)| !b.contains(a)))
+        .collect();
+    if !new.is_empty() {
+        let st = st.clone();
+        tokio::spawn(async move {
+            for account in new {
+                let cmd = matching_engine::Command::CancelAll {
+                    account: matching_engine::AccountId(account),
+                    market: None,
+                };
+                let outcome = st.submit_outcome(cmd).await;
+                tracing::warn!(
+                    account,
+                    ?outcome,
+                    "flagged account: its open orders cancelled"
+                );
+            }
+        });
+    }
+    Ok(set)
+}
+
+/// Whether `account` may not place orders: custody flagged it (see [`FlagCache`]). Without
+/// custody there are no flags. If custody cannot be asked and no copy was ever read, the account
+/// is let through (logged): flags are rare, and custody refuses a flagged account's withdrawals
+/// itself.
+/// (A boxed future: it may spawn [`AppState::submit_outcome`], which calls it back.)
+pub fn flagged_for_orders(
+    st: &AppState,
+    account: u32,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
+    Box::pin(async move {
+        if st.0.custody.get().is_none() {
+            return false;
+        }
+        let copy =
+            st.0.flags
+                .copy
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+        match copy {
+            Some((at, set)) => {
+                use std::sync::atomic::Ordering;
+                let flags = &st.0.flags;
+                if at.elapsed() >= FLAG_REFRESH
+                    && flags
+                        .refreshing
+                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+                        .is_ok()
+                {
+                    let st = st.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = refresh_flags(&st).await {
+                            tracing::warn!(
+                                code = e.code,
+                                "reading flagged accounts failed; the last copy stays"
+                            );
+                        }
+                        st.0.flags.refreshing.store(false, Ordering::Release);
+                    });
+                }
+                set.contains(&account)
+            }
+            // The first look-up waits for custody (concurrent first look-ups each ask).
+            None => match refresh_flags(st).await {
+                Ok(set) => set.contains(&account),
+                Err(e) => {
+                    tracing::error!(
+                        code = e.code,
+                        account,
+                        "reading flagged accounts failed; the order goes through"
+                    );
+                    false
+                }
+            },
+        }
+    })
+}
+
 /// `coin` (required) must be `BTC`.
 fn coin_param(p: &mut Params) -> Result<(), ApiError> {
     if p.req("coin")? != COIN {
@@ -633,6 +744,8 @@ pub async fn admin_clear_flag(State(st): State<AppState>, req: Req) -> Result<Re
         |_| Ok(json!({ "account": account })),
     )
     .await?;
+    // The order path's copy is dropped: its next look-up reads custody again.
+    *st.0.flags.copy.write().unwrap_or_else(|e| e.into_inner()) = None;
     Ok(ok_json(
         &ctx,
         json!({ "account": account, "cleared": true }),

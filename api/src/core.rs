@@ -68,6 +68,10 @@ pub enum Outcome {
     /// ([`crate::audit`]; commands that move money wait for an operator), or the read models
     /// lost events (every command waits for a restart). Nothing changed.
     Halted,
+    /// Refused because custody flagged the account for review (a credited deposit left the
+    /// chain): it takes on no new exposure (orders, order lists, amends) until an operator
+    /// clears the flag; cancels pass. Nothing changed.
+    Restricted,
 }
 
 /// Why a command got no reply.

@@ -51,6 +51,17 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// `-2010` with 400, Binance's answer for a restricted account: custody flagged the account
+    /// for review (a credited deposit left the chain), so it places no orders until an operator
+    /// clears it; its cancels pass.
+    pub fn account_restricted() -> Self {
+        Self {
+            status: StatusCode::BAD_REQUEST,
+            code: -2010,
+            msg: "This action is disabled on this account.".into(),
+            retry_after: None,
+        }
+    }
     /// `-1000` with 503: the ledger auditor tripped the circuit breaker; only cancels pass.
     pub fn halted() -> Self {
         Self {

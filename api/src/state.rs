@@ -175,6 +175,8 @@ pub(crate) struct Inner {
     pub lightning: std::sync::OnceLock<crate::lightning::Handle>,
     /// The withdrawal policy, installed at start-up ([`AppState::set_withdrawal_policy`]).
     pub withdrawal_policy: std::sync::OnceLock<crate::policy::Handle>,
+    /// The accounts custody flagged, as the order path reads them ([`crate::capital::FlagCache`]).
+    pub flags: crate::capital::FlagCache,
     /// The products composed over this shell (e.g. merchant payments), each attached once at
     /// start-up ([`AppState::attach`]).
     pub extensions: Extensions,
@@ -283,6 +285,7 @@ impl PendingApi {
             custody: std::sync::OnceLock::new(),
             lightning: std::sync::OnceLock::new(),
             withdrawal_policy: std::sync::OnceLock::new(),
+            flags: crate::capital::FlagCache::default(),
             extensions: Extensions::default(),
             proofs: self.proofs,
         }))
@@ -456,6 +459,7 @@ impl AppState {
             Outcome::Busy => Err(ApiError::busy()),
             Outcome::Unknown => Err(ApiError::outcome_unknown()),
             Outcome::Halted => Err(ApiError::halted()),
+            Outcome::Restricted => Err(ApiError::account_restricted()),
         }
     }
 
@@ -504,6 +508,11 @@ impl AppState {
         if self.0.rm.broken.load(Ordering::Relaxed) {
             tracing::error!("read models lost events: refusing commands until a restart");
             return Outcome::Halted;
+        }
+        if let Some(account) = exposure_of(&cmd) {
+            if crate::capital::flagged_for_orders(self, account).await {
+                return Outcome::Restricted;
+            }
         }
         let t0 = Instant::now();
         let reply = match self.0.core.submit(cmd).await {
@@ -579,6 +588,21 @@ pub fn client_id(seed: u64, n: u64, now_ms: u64) -> String {
 /// True for the commands the circuit breaker stops: everything that can move money or take
 /// on new exposure. Cancels, releases of held withdrawals, account creation, the clock and the
 /// read-only queries pass, and so do keep-priority amends (they only lower a quantity).
+/// The account a command would give new exposure (an order, an order list, an amend that may
+/// raise a price or quantity): what a flagged account may not do. Transfers are refused where
+/// they are asked for (`capital::refuse_flagged`), not here: a transfer's retry is how a caller
+/// learns its outcome, and only the engine knows whether its key was applied.
+fn exposure_of(cmd: &Command) -> Option<u32> {
+    match cmd {
+        Command::NewOrder(o) => Some(o.account.0),
+        Command::NewOco(l) => Some(l.legs[0].account.0),
+        Command::NewOto(l) => Some(l.working.account.0),
+        Command::NewOtoco(l) => Some(l.working.account.0),
+        Command::Amend { account, .. } => Some(account.0),
+        _ => None,
+    }
+}
+
 fn moves_money(cmd: &Command) -> bool {
     !matches!(
         cmd,

@@ -161,10 +161,15 @@ impl Custody for Fake {
     }
     fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
         self.log("flagged_accounts()".into())?;
-        Ok(vec![FlaggedAccount {
-            account: 7,
-            reason: "reorg".into(),
-        }])
+        // Account 7 is flagged until a clear.
+        Ok(if self.calls().iter().any(|c| c == "clear_flag(7)") {
+            Vec::new()
+        } else {
+            vec![FlaggedAccount {
+                account: 7,
+                reason: "reorg".into(),
+            }]
+        })
     }
     fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
         self.log(format!("clear_flag({account})"))
@@ -1888,4 +1893,86 @@ async fn a_flagged_account_cannot_move_its_funds_out_by_transfer() {
         &free,
     )
     .await;
+}
+
+/// Defect: an account custody flagged (a credited deposit left the chain: its BTC may not exist)
+/// could not withdraw or transfer, but could sell that BTC on the book: the buyer, any other
+/// account, then withdrew it. A flagged account places no orders or order lists (`400`,
+/// `-2010`, Binance's "This action is disabled on this account."), nothing held, until an
+/// operator clears the flag; other accounts trade as before.
+#[tokio::test]
+async fn a_flagged_account_cannot_sell_its_funds_on_the_book() {
+    let s = setup(true).await;
+    // The fake custody flags account 7.
+    let key = loop {
+        let (a, k) = s.h.trader_with("1", "1000", "read,trade").await;
+        assert!(a <= 7, "account 7 was skipped");
+        if a == 7 {
+            break k;
+        }
+    };
+    let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.5&price=20000";
+    let oco = "symbol=BTCUSD&side=SELL&quantity=0.5&aboveType=LIMIT_MAKER&abovePrice=22000&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900&belowTimeInForce=GTC";
+    for (path, params) in [("/api/v3/order", sell), ("/api/v3/orderList/oco", oco)] {
+        let r = s.h.signed("POST", path, params, &key).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, -2010),
+            "{path}: {}",
+            r.json
+        );
+        assert_eq!(r.json["msg"], "This action is disabled on this account.");
+    }
+    let open =
+        s.h.ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &key)
+            .await;
+    assert_eq!(open, json!([]), "nothing placed");
+    assert_eq!(
+        s.h.balance(&key, "BTC").await,
+        ("1.00000000".into(), "0.00000000".into())
+    );
+    // Another account trades as before.
+    let (_, free) = s.h.trader_with("1", "1000", "read,trade").await;
+    s.h.ok("POST", "/api/v3/order", sell, &free).await;
+    // Cleared by an operator: account 7 trades again.
+    s.h.ok(
+        "POST",
+        "/mapi/v1/admin/accounts/clearFlag",
+        "account=7",
+        &s.h.admin,
+    )
+    .await;
+    let r = s.h.ok("POST", "/api/v3/order", sell, &key).await;
+    assert_eq!(r["status"], "NEW", "{r}");
+    // Flagged again (the fake forgets the clear) with that order resting: once the order
+    // path's copy of the flags is a second old, a look-up (any account's order) reads custody
+    // again, and the newly flagged account's open orders are cancelled.
+    s.fake.clear();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let open =
+            s.h.ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &key)
+                .await;
+        if open == json!([]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the resting order of the flagged account stayed: {open}"
+        );
+        let probe = "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.001&price=1000";
+        s.h.ok("POST", "/api/v3/order", probe, &free).await;
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        s.h.balance(&key, "BTC").await,
+        ("1.00000000".into(), "0.00000000".into())
+    );
+    let r = s.h.signed("POST", "/api/v3/order", sell, &key).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2010),
+        "{}",
+        r.json
+    );
 }

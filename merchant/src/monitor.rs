@@ -407,6 +407,14 @@ async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool
             save(state, rec, name).await?;
             return Ok(false);
         }
+        Outcome::Restricted => {
+            // Custody flagged the merchant's account: nothing was sold; try again once an
+            // operator clears it (the invoice says why meanwhile).
+            rec.conv.client_id = None;
+            rec.conv.error = Some("the account is flagged for review".to_owned());
+            save(state, rec, name).await?;
+            return Ok(false);
+        }
         Outcome::Rejected(code) => {
             rec.conv.client_id = None;
             rec.conv.state = ConvState::Failed;

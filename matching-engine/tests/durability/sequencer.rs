@@ -30,6 +30,16 @@ fn clock() -> StepClock {
     }
 }
 
+/// A durable sequencer with the default configuration on the store in `dir`.
+fn durable_default(dir: &Path) -> Sequencer<Bank> {
+    Sequencer::durable(
+        open(dir, StoreConfig::default()),
+        clock(),
+        SequencerConfig::default(),
+    )
+    .unwrap()
+}
+
 fn open(dir: &Path, config: StoreConfig) -> Recovered<Bank> {
     Store::open(dir, config, || {
         Bank::new(PRODUCERS as usize, PRODUCERS as usize)
@@ -65,6 +75,38 @@ struct Tally {
     busy: u64,
 }
 
+/// Checks the outcome of producer `p`'s command `n`: a deposit is accepted after every earlier
+/// one of `p` (`last_seq`) with its one event, an overdraft rejected.
+fn check_outcome(
+    p: u32,
+    n: u64,
+    outcome: Outcome<BankEvent>,
+    last_seq: &mut u64,
+    tally: &mut Tally,
+) {
+    match outcome {
+        Outcome::Accepted { seq, events } => {
+            assert_ne!(n % 5, 0, "only deposits are accepted");
+            assert!(seq > *last_seq, "a producer's commands apply in its order");
+            *last_seq = seq;
+            match events[..] {
+                [BankEvent::Deposited {
+                    seq: event_seq,
+                    account,
+                    ..
+                }] => assert_eq!((event_seq, account), (seq, p)),
+                ref other => panic!("unexpected events {other:?}"),
+            }
+            tally.accepted += 1;
+        }
+        Outcome::Rejected(code) => {
+            assert_eq!((n % 5, code), (0, RejectCode::InsufficientBalance));
+            tally.rejected += 1;
+        }
+        other => panic!("unexpected outcome {other:?}"),
+    }
+}
+
 /// Submits `command(p, 1..=PER_PRODUCER)`, pipelining, retrying busy answers, and checks each
 /// reply against its submission.
 fn hammer(seq: &Sequencer<Bank>, p: u32) -> Tally {
@@ -78,27 +120,7 @@ fn hammer(seq: &Sequencer<Bank>, p: u32) -> Tally {
                      tally: &mut Tally| {
         let (ticket, n) = waiting.pop_front().expect("a reply answers a submission");
         assert_eq!(reply.ticket, ticket, "replies come in submission order");
-        match reply.outcome {
-            Outcome::Accepted { seq, events } => {
-                assert_ne!(n % 5, 0, "only deposits are accepted");
-                assert!(seq > last_seq, "a producer's commands apply in its order");
-                last_seq = seq;
-                match events[..] {
-                    [BankEvent::Deposited {
-                        seq: event_seq,
-                        account,
-                        ..
-                    }] => assert_eq!((event_seq, account), (seq, p)),
-                    ref other => panic!("unexpected events {other:?}"),
-                }
-                tally.accepted += 1;
-            }
-            Outcome::Rejected(code) => {
-                assert_eq!((n % 5, code), (0, RejectCode::InsufficientBalance));
-                tally.rejected += 1;
-            }
-            other => panic!("unexpected outcome {other:?}"),
-        }
+        check_outcome(p, n, reply.outcome, &mut last_seq, tally);
     };
     let mut n = 1;
     while n <= PER_PRODUCER {
@@ -161,27 +183,7 @@ fn hammer_with_functions(seq: &Sequencer<Bank>, p: u32) -> Tally {
             "{n} answered twice"
         );
         assert_eq!(reply.ticket, Ticket(0));
-        match reply.outcome {
-            Outcome::Accepted { seq, events } => {
-                assert_ne!(n % 5, 0, "only deposits are accepted");
-                assert!(seq > last_seq, "applied and answered in submission order");
-                last_seq = seq;
-                match events[..] {
-                    [BankEvent::Deposited {
-                        seq: event_seq,
-                        account,
-                        ..
-                    }] => assert_eq!((event_seq, account), (seq, p)),
-                    ref other => panic!("unexpected events {other:?}"),
-                }
-                tally.accepted += 1;
-            }
-            Outcome::Rejected(code) => {
-                assert_eq!((n % 5, code), (0, RejectCode::InsufficientBalance));
-                tally.rejected += 1;
-            }
-            other => panic!("unexpected outcome {other:?}"),
-        }
+        check_outcome(p, n, reply.outcome, &mut last_seq, &mut tally);
     }
     assert_eq!(
         tally.accepted + tally.rejected,
@@ -331,12 +333,7 @@ fn journaled(dir: &Path) -> u64 {
 #[test]
 fn a_reply_is_sent_only_after_its_record_is_written() {
     let dir = tempfile::tempdir().unwrap();
-    let seq = Sequencer::durable(
-        open(dir.path(), StoreConfig::default()),
-        clock(),
-        SequencerConfig::default(),
-    )
-    .unwrap();
+    let seq = durable_default(dir.path());
     let mut producer = seq.producer();
     for n in 1..=200 {
         let reply = producer.submit_wait(command(0, n)).unwrap();
@@ -468,12 +465,7 @@ fn a_panicking_state_machine_still_answers_every_submission() {
 #[test]
 fn a_journal_failure_answers_every_reply_function() {
     let dir = tempfile::tempdir().unwrap();
-    let seq = Sequencer::durable(
-        open(dir.path(), StoreConfig::default()),
-        clock(),
-        SequencerConfig::default(),
-    )
-    .unwrap();
+    let seq = durable_default(dir.path());
     let handle = seq.handle().clone();
     let (tx, rx) = std::sync::mpsc::channel();
     let mut taken = Vec::new();
@@ -527,12 +519,7 @@ fn a_journal_failure_answers_every_reply_function() {
 #[test]
 fn a_journal_failure_stops_the_engine_and_answers_everyone() {
     let dir = tempfile::tempdir().unwrap();
-    let seq = Sequencer::durable(
-        open(dir.path(), StoreConfig::default()),
-        clock(),
-        SequencerConfig::default(),
-    )
-    .unwrap();
+    let seq = durable_default(dir.path());
     let mut producer = seq.producer();
     for n in 1..=4 {
         producer.submit_wait(command(0, n)).unwrap();

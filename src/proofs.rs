@@ -226,20 +226,14 @@ pub fn audit_verify(
 }
 
 /// The 1-based line of the log whose SHA-256 is `head` (hex), if any, and the byte offset just
-/// past it (its newline included).
+/// past it (its newline included): [`auditlog::head_line`] (lines bounded by its `MAX_LINE`).
 fn head_line(path: &Path, head: &str) -> anyhow::Result<Option<(u64, u64)>> {
-    use std::io::BufRead as _;
-    let f = std::fs::File::open(path).with_context(|| format!("reading {}", path.display()))?;
-    let (mut n, mut end) = (0u64, 0u64);
-    for line in std::io::BufReader::new(f).split(b'\n') {
-        let line = line.with_context(|| format!("reading {}", path.display()))?;
-        n += 1;
-        end += line.len() as u64 + 1;
-        if hex::encode(auditlog::line_hash(&line)) == head {
-            return Ok(Some((n, end)));
-        }
+    let mut h = [0u8; 32];
+    if hex::decode_to_slice(head, &mut h).is_err() {
+        // Not a SHA-256 in hex: no line hashes to it.
+        return Ok(None);
     }
-    Ok(None)
+    auditlog::head_line(path, &h).with_context(|| format!("reading {}", path.display()))
 }
 
 /// `mediator audit tail`.

@@ -370,28 +370,11 @@ pub fn missing_heads(path: &Path, heads: &[Hash]) -> io::Result<Vec<Hash>> {
     };
     let mut buf = Vec::with_capacity(512);
     while !left.is_empty() {
-        buf.clear();
-        let n = r
-            .by_ref()
-            .take(MAX_LINE as u64 + 1)
-            .read_until(b'\n', &mut buf)?;
-        if n == 0 {
-            break;
-        }
-        if buf.last() == Some(&b'\n') {
-            buf.pop();
-        } else if buf.len() > MAX_LINE {
-            loop {
-                buf.clear();
-                let m = r
-                    .by_ref()
-                    .take(MAX_LINE as u64)
-                    .read_until(b'\n', &mut buf)?;
-                if m == 0 || buf.last() == Some(&b'\n') {
-                    break;
-                }
-            }
-            continue;
+        match read_line(&mut r, &mut buf)? {
+            None => break,
+            // A longer line is no entry; a torn last line is checked like any other.
+            Some((_, Line::TooLong)) => continue,
+            Some((_, Line::Complete | Line::Torn)) => {}
         }
         let h = line_hash(&buf);
         left.retain(|x| *x != h);
@@ -410,17 +393,74 @@ pub fn missing_heads(path: &Path, heads: &[Hash]) -> io::Result<Vec<Hash>> {
     Ok(left)
 }
 
+/// How a line read by [`read_line`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Line {
+    /// With its newline (dropped from the buffer).
+    Complete,
+    /// Longer than [`MAX_LINE`]: read to its end, its first bytes kept.
+    TooLong,
+    /// The file's last bytes, with no newline after them.
+    Torn,
+}
+
+/// Reads the next line of `r` into `buf` (cleared first; without its newline), keeping at most
+/// [`MAX_LINE`] + 1 bytes of it: a damaged or hostile file cannot make a reader allocate
+/// without bound. The bytes the line took in the file (its newline included), and how it ended;
+/// `None` at the end of the file.
+fn read_line<R: BufRead>(r: &mut R, buf: &mut Vec<u8>) -> io::Result<Option<(u64, Line)>> {
+    buf.clear();
+    let n = r
+        .by_ref()
+        .take(MAX_LINE as u64 + 1)
+        .read_until(b'\n', buf)? as u64;
+    if n == 0 {
+        return Ok(None);
+    }
+    if buf.last() == Some(&b'\n') {
+        buf.pop();
+        return Ok(Some((n, Line::Complete)));
+    }
+    if buf.len() <= MAX_LINE {
+        return Ok(Some((n, Line::Torn)));
+    }
+    // Skip the rest of the long line in the reader's own buffer: no allocation.
+    let mut taken = n;
+    loop {
+        let avail = r.fill_buf()?;
+        if avail.is_empty() {
+            return Ok(Some((taken, Line::TooLong)));
+        }
+        match avail.iter().position(|b| *b == b'\n') {
+            Some(i) => {
+                r.consume(i + 1);
+                return Ok(Some((taken + i as u64 + 1, Line::TooLong)));
+            }
+            None => {
+                let len = avail.len();
+                r.consume(len);
+                taken += len as u64;
+            }
+        }
+    }
+}
+
 /// The last `n` entries that parse (lines that do not are skipped; `verify` reports them).
+/// Lines are bounded by [`MAX_LINE`] (a longer one is no entry).
 pub fn tail(path: &Path, n: usize) -> io::Result<Vec<Entry>> {
     let f = match File::open(path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         Err(e) => return Err(e),
     };
+    let mut r = BufReader::with_capacity(1 << 16, f);
     let mut out = std::collections::VecDeque::with_capacity(n.min(4096));
-    for line in BufReader::new(f).split(b'\n') {
-        let line = line?;
-        if let Ok(e) = serde_json::from_slice::<Entry>(&line) {
+    let mut buf = Vec::with_capacity(512);
+    while let Some((_, end)) = read_line(&mut r, &mut buf)? {
+        if end == Line::TooLong {
+            continue;
+        }
+        if let Ok(e) = serde_json::from_slice::<Entry>(&buf) {
             if out.len() == n {
                 out.pop_front();
             }
@@ -430,6 +470,23 @@ pub fn tail(path: &Path, n: usize) -> io::Result<Vec<Entry>> {
         }
     }
     Ok(out.into())
+}
+
+/// The 1-based line of the log at `path` whose SHA-256 is `head`, if any, and the byte offset
+/// just past it (its newline included): where a published proof's audit head is.
+pub fn head_line(path: &Path, head: &Hash) -> io::Result<Option<(u64, u64)>> {
+    let mut r = BufReader::with_capacity(1 << 16, File::open(path)?);
+    let (mut n, mut end) = (0u64, 0u64);
+    let mut buf = Vec::with_capacity(512);
+    while let Some((taken, kind)) = read_line(&mut r, &mut buf)? {
+        n += 1;
+        end += taken;
+        // A head is a whole entry: never a torn or over-long line.
+        if kind == Line::Complete && line_hash(&buf) == *head {
+            return Ok(Some((n, end)));
+        }
+    }
+    Ok(None)
 }
 
 /// Why the log could not be opened or appended to.

@@ -1035,7 +1035,9 @@ impl ReadModel {
     /// overdue: checked every [`crate::store::HISTORY_CHUNK`] rows, and a background thread
     /// still gets a sliver of a busy CPU, so it always gets there), and before it takes the
     /// read models' write lock (a preempted background holder would stall the applier and every
-    /// reader).
+    /// reader). SQLite's own write lock is held in the background through the commit: under a
+    /// fully busy CPU another writer of the API's database (a key change) may wait for it, up to
+    /// its busy timeout (5 s), and then fail having changed nothing.
     fn persist_loop(
         &self,
         mut conn: rusqlite::Connection,

@@ -163,56 +163,64 @@ async fn refresh_flags(st: &AppState) -> Result<Arc<std::collections::HashSet<u3
 /// custody there are no flags. If custody cannot be asked and no copy was ever read, the account
 /// is let through (logged): flags are rare, and custody refuses a flagged account's withdrawals
 /// itself.
-/// (A boxed future: it may spawn [`AppState::submit_outcome`], which calls it back.)
-pub fn flagged_for_orders(
+pub async fn flagged_for_orders(st: &AppState, account: u32) -> bool {
+    match flagged_by_copy(st, account) {
+        Some(flagged) => flagged,
+        None => first_look_up(st, account).await,
+    }
+}
+
+/// The order path's answer from its copy, without waiting (`None`: no copy yet). A copy
+/// [`FLAG_REFRESH`] old is still used, and one background refresh is started.
+fn flagged_by_copy(st: &AppState, account: u32) -> Option<bool> {
+    use std::sync::atomic::Ordering;
+    if st.0.custody.get().is_none() {
+        return Some(false);
+    }
+    let flags = &st.0.flags;
+    let (stale, flagged) = {
+        let copy = flags.copy.read().unwrap_or_else(|e| e.into_inner());
+        let (at, set) = copy.as_ref()?;
+        (at.elapsed() >= FLAG_REFRESH, set.contains(&account))
+    };
+    if stale
+        && flags
+            .refreshing
+            .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    {
+        let st = st.clone();
+        tokio::spawn(async move {
+            if let Err(e) = refresh_flags(&st).await {
+                tracing::warn!(
+                    code = e.code,
+                    "reading flagged accounts failed; the last copy stays"
+                );
+            }
+            st.0.flags.refreshing.store(false, Ordering::Release);
+        });
+    }
+    Some(flagged)
+}
+
+/// The first look-up waits for custody (concurrent first look-ups each ask). A boxed future:
+/// reading the flags may cancel orders through [`AppState::submit_outcome`], which calls
+/// [`flagged_for_orders`].
+fn first_look_up(
     st: &AppState,
     account: u32,
 ) -> std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send + '_>> {
     Box::pin(async move {
-        if st.0.custody.get().is_none() {
-            return false;
-        }
-        let copy =
-            st.0.flags
-                .copy
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
-        match copy {
-            Some((at, set)) => {
-                use std::sync::atomic::Ordering;
-                let flags = &st.0.flags;
-                if at.elapsed() >= FLAG_REFRESH
-                    && flags
-                        .refreshing
-                        .compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire)
-                        .is_ok()
-                {
-                    let st = st.clone();
-                    tokio::spawn(async move {
-                        if let Err(e) = refresh_flags(&st).await {
-                            tracing::warn!(
-                                code = e.code,
-                                "reading flagged accounts failed; the last copy stays"
-                            );
-                        }
-                        st.0.flags.refreshing.store(false, Ordering::Release);
-                    });
-                }
-                set.contains(&account)
+        match refresh_flags(st).await {
+            Ok(set) => set.contains(&account),
+            Err(e) => {
+                tracing::error!(
+                    code = e.code,
+                    account,
+                    "reading flagged accounts failed; the order goes through"
+                );
+                false
             }
-            // The first look-up waits for custody (concurrent first look-ups each ask).
-            None => match refresh_flags(st).await {
-                Ok(set) => set.contains(&account),
-                Err(e) => {
-                    tracing::error!(
-                        code = e.code,
-                        account,
-                        "reading flagged accounts failed; the order goes through"
-                    );
-                    false
-                }
-            },
         }
     })
 }
@@ -436,7 +444,17 @@ pub async fn new_deposit_address(
 
 /// Counts one new deposit address of `account` against its hourly limit (`429`, `-1003`).
 fn charge_new_address(st: &AppState, account: u32) -> Result<(), ApiError> {
-    let limiter = &st.0.address_limiter;
+    charge_per_account_hour(st, &st.0.address_limiter, account, "new deposit addresses")
+}
+
+/// Counts one `what` (something custody keeps for good: a deposit address, a Lightning invoice)
+/// of `account` against `limiter`, its hourly limit (`429`, `-1003`, with `Retry-After`).
+pub(crate) fn charge_per_account_hour(
+    st: &AppState,
+    limiter: &crate::ratelimit::Limiter,
+    account: u32,
+    what: &str,
+) -> Result<(), ApiError> {
     match limiter.charge(&account.to_string(), 1, crate::core::now_ms()) {
         crate::ratelimit::Charge::Ok(_) => Ok(()),
         crate::ratelimit::Charge::Limited { retry_after, .. } => {
@@ -447,7 +465,7 @@ fn charge_new_address(st: &AppState, account: u32) -> Result<(), ApiError> {
                 status: StatusCode::TOO_MANY_REQUESTS,
                 code: -1003,
                 msg: format!(
-                    "Too many new deposit addresses; current limit is {} per account per HOUR.",
+                    "Too many {what}; current limit is {} per account per HOUR.",
                     limiter.limit()
                 )
                 .into(),

@@ -230,25 +230,12 @@ pub async fn invoice(State(st): State<AppState>, req: Req) -> Result<Response, A
 /// Counts one deposit invoice of `account` against its hourly limit (`429`, `-1003`), as a new
 /// deposit address is counted: each is kept by the node and swept by custody for good.
 fn charge_invoice(st: &AppState, account: u32) -> Result<(), ApiError> {
-    let limiter = &st.0.ln_invoice_limiter;
-    match limiter.charge(&account.to_string(), 1, crate::core::now_ms()) {
-        crate::ratelimit::Charge::Ok(_) => Ok(()),
-        crate::ratelimit::Charge::Limited { retry_after, .. } => {
-            st.0.metrics
-                .rate_limited
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Err(ApiError {
-                status: StatusCode::TOO_MANY_REQUESTS,
-                code: -1003,
-                msg: format!(
-                    "Too many Lightning invoices; current limit is {} per account per HOUR.",
-                    limiter.limit()
-                )
-                .into(),
-                retry_after: Some(retry_after),
-            })
-        }
-    }
+    crate::capital::charge_per_account_hour(
+        st,
+        &st.0.ln_invoice_limiter,
+        account,
+        "Lightning invoices",
+    )
 }
 
 /// `POST /mapi/v1/lightning/pay` (WITHDRAW): `invoice` (BOLT11 with an amount) → the withdrawal,

@@ -61,19 +61,26 @@ fn duplicate(events: &[Event]) -> bool {
 /// `POST /mapi/v1/transfer` (TRANSFER, not TRADE: funds leave the account): moves `amount` of `asset` to `toAccount` at once.
 /// Idempotent by `clientTranId` (per sending account): the same id with other terms is `-1164`
 /// (the engine's `TransferKeyReused`), nothing moved. The withdrawal policy is asked first
-/// ([`crate::policy`], destination the other account: `403`, `-4038`, nothing submitted). The
-/// engine answers a transfer key only by applying it, so a retry of a transfer made before the
-/// policy refused it is refused too (its first answer stands).
+/// ([`crate::policy`], destination the other account: `403`, `-4038`, nothing submitted), and a
+/// flagged account is refused (`-4032`, [`crate::capital::refuse_flagged`]). Both rules can
+/// change after a transfer was applied, and a retry is how a client whose answer was lost learns
+/// the outcome: before a refusal stands, the engine is asked whether the key was applied
+/// ([`Command::TransferStatus`]), and a retry of an applied transfer is answered with its
+/// outcome (its `tranId`, `duplicate`), never with "refused".
 pub async fn transfer(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let to = account_param(&mut p, "toAccount")?;
     let (asset, decimals, amount) = asset_amount(&st, &mut p)?;
     let tran = reference(&mut p, "clientTranId")?;
     p.finish()?;
-    crate::policy::check(&st, key.account, crate::policy::Destination::Account(to.0)).await?;
-    // A flagged account's funds may be a deposit the chain took back: they stay until reviewed.
-    crate::capital::refuse_flagged(&st, key.account).await?;
     let k = IdempotencyKey::reference(&format!("transfer/{}/{tran}", key.account));
+    if let Err(refused) = transfer_rules(&st, key.account, to.0).await {
+        if !transfer_applied(&st, k).await? {
+            return Err(refused);
+        }
+        // Applied before the rule refused: the engine answers the retry (a duplicate with the
+        // transfer's own `tranId`, or `-1164` for other terms); nothing moves.
+    }
     let reply = st
         .submit(Command::Transfer {
             from: AccountId(key.account),
@@ -98,6 +105,32 @@ pub async fn transfer(State(st): State<AppState>, req: Req) -> Result<Response, 
             "duplicate": duplicate(&reply.events),
         }),
     ))
+}
+
+/// The rules a new transfer from `from` to `to` must pass: the withdrawal policy, and no flag
+/// (a flagged account's funds may be a deposit the chain took back: they stay until reviewed).
+async fn transfer_rules(st: &AppState, from: u32, to: u32) -> Result<(), ApiError> {
+    crate::policy::check(st, from, crate::policy::Destination::Account(to)).await?;
+    crate::capital::refuse_flagged(st, from).await
+}
+
+/// Whether the engine applied a transfer under `key` (a read-only query, never journaled).
+async fn transfer_applied(st: &AppState, key: IdempotencyKey) -> Result<bool, ApiError> {
+    let reply = st.submit(Command::TransferStatus { key }).await?;
+    reply
+        .events
+        .iter()
+        .find_map(|e| match e {
+            Event::TransferStatus {
+                key: k,
+                transferred,
+            } if *k == key => Some(*transferred),
+            _ => None,
+        })
+        .ok_or_else(|| {
+            tracing::error!("the engine did not answer a transfer query");
+            ApiError::internal()
+        })
 }
 
 fn key_json(k: &crate::keys::ApiKey) -> serde_json::Value {

@@ -2402,7 +2402,8 @@ fn apply_events(
             | Event::WithdrawalReleased { .. }
             | Event::WithdrawalCompleted { .. }
             | Event::WithdrawalStatus { .. }
-            | Event::CreditStatus { .. } => {}
+            | Event::CreditStatus { .. }
+            | Event::TransferStatus { .. } => {}
             Event::OrderListNew { list, .. } if st.lists.contains_key(&list.0) => {
                 // The pending pair of an OTOCO placed as an OCO: the list goes on.
             }

@@ -590,8 +590,8 @@ pub fn client_id(seed: u64, n: u64, now_ms: u64) -> String {
 /// read-only queries pass, and so do keep-priority amends (they only lower a quantity).
 /// The account a command would give new exposure (an order, an order list, an amend that may
 /// raise a price or quantity): what a flagged account may not do. Transfers are refused where
-/// they are asked for (`capital::refuse_flagged`), not here: a transfer's retry is how a caller
-/// learns its outcome, and only the engine knows whether its key was applied.
+/// they are asked for (`native::transfer`), not here: a transfer's retry is how a caller
+/// learns its outcome, so the refusal stands only after the engine said the key was not applied.
 fn exposure_of(cmd: &Command) -> Option<u32> {
     match cmd {
         Command::NewOrder(o) => Some(o.account.0),
@@ -615,6 +615,7 @@ fn moves_money(cmd: &Command) -> bool {
             | Command::Tick
             | Command::WithdrawalStatus { .. }
             | Command::CreditStatus { .. }
+            | Command::TransferStatus { .. }
     )
 }
 

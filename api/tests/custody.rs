@@ -1895,6 +1895,72 @@ async fn a_flagged_account_cannot_move_its_funds_out_by_transfer() {
     .await;
 }
 
+/// Defect: a transfer's retry is how a client whose answer was lost learns the outcome, but an
+/// account flagged after the transfer was applied had its retry answered `-4032` ("refused"),
+/// a wrong guess: the money had moved. A retry of an applied key is answered with the transfer's
+/// own outcome (its `tranId`, `duplicate`), flagged or not; a new transfer is still refused.
+#[tokio::test]
+async fn a_transfer_retry_after_a_flag_answers_the_transfers_outcome() {
+    let s = setup(true).await;
+    let (acct, key) = loop {
+        let (a, k) = s.h.trader_with("1", "1000", "read,trade,transfer").await;
+        assert!(a <= 7, "account 7 was skipped");
+        if a == 7 {
+            break (a, k);
+        }
+    };
+    assert_eq!(acct, 7);
+    let (other, other_key) = s.h.trader("0", "0").await;
+    // Not flagged yet (cleared); the transfer is applied and its answer "lost".
+    s.h.ok(
+        "POST",
+        "/mapi/v1/admin/accounts/clearFlag",
+        "account=7",
+        &s.h.admin,
+    )
+    .await;
+    let params = format!("toAccount={other}&asset=BTC&amount=0.25&clientTranId=lost");
+    let first = s.h.ok("POST", "/mapi/v1/transfer", &params, &key).await;
+    assert_eq!(first["duplicate"], false, "{first}");
+    // Flagged again (the fake forgets the clear) before the client retries.
+    s.fake.clear();
+    let retry = s.h.ok("POST", "/mapi/v1/transfer", &params, &key).await;
+    assert_eq!(retry["tranId"], first["tranId"], "{retry}");
+    assert_eq!(retry["duplicate"], true, "{retry}");
+    // The same key with other terms is still the engine's answer, nothing moved.
+    let r =
+        s.h.signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={other}&asset=BTC&amount=0.5&clientTranId=lost"),
+            &key,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -1164),
+        "{}",
+        r.json
+    );
+    // A new transfer from the flagged account is refused.
+    let r =
+        s.h.signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={other}&asset=BTC&amount=0.25&clientTranId=new"),
+            &key,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -4032),
+        "{}",
+        r.json
+    );
+    assert_eq!(s.h.balance(&key, "BTC").await.0, "0.75000000");
+    assert_eq!(s.h.balance(&other_key, "BTC").await.0, "0.25000000");
+}
+
 /// Defect: an account custody flagged (a credited deposit left the chain: its BTC may not exist)
 /// could not withdraw or transfer, but could sell that BTC on the book: the buyer, any other
 /// account, then withdrew it. A flagged account places no orders or order lists (`400`,

@@ -372,6 +372,15 @@ pub enum Command {
         /// New total quantity (filled included), below the current one.
         new_qty: Qty,
     },
+    /// A read-only query like [`Command::CreditStatus`]: whether a transfer with this key was
+    /// applied, answered by one [`Event::TransferStatus`](crate::Event). The gateway asks it
+    /// before refusing a transfer on a rule that may have changed since (a flag, a withdrawal
+    /// policy): a retry of an applied transfer is answered with its outcome, never "refused".
+    /// Appended last (never journaled, but the encoding of the others stays as it was).
+    TransferStatus {
+        /// The transfer's idempotency key.
+        key: IdempotencyKey,
+    },
 }
 
 impl Command {

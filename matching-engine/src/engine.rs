@@ -756,7 +756,8 @@ impl Engine {
     /// changes nothing, except that GTD orders whose time has come at `now` expire first, whatever
     /// the command: a driver journals a command whenever [`Engine::seq`] advanced.
     ///
-    /// A query ([`Command::WithdrawalStatus`], [`Command::CreditStatus`]) is the exception: its only event is its answer, and
+    /// A query ([`Command::WithdrawalStatus`], [`Command::CreditStatus`],
+    /// [`Command::TransferStatus`]) is the exception: its only event is its answer, and
     /// it changes nothing at all (no time, no expiries, no `seq`), so it is never journaled.
     pub fn apply(
         &mut self,
@@ -777,6 +778,13 @@ impl Engine {
                 out.push(Event::CreditStatus {
                     key,
                     credited: self.credit_keys.contains_key(&key),
+                });
+                return Ok(());
+            }
+            Command::TransferStatus { key } => {
+                out.push(Event::TransferStatus {
+                    key,
+                    transferred: self.transfer_keys.contains_key(&key),
                 });
                 return Ok(());
             }
@@ -1313,7 +1321,9 @@ impl Engine {
                 });
                 Ok(Accept::default())
             }
-            Command::WithdrawalStatus { .. } | Command::CreditStatus { .. } => {
+            Command::WithdrawalStatus { .. }
+            | Command::CreditStatus { .. }
+            | Command::TransferStatus { .. } => {
                 unreachable!("queries are answered by apply")
             }
             Command::Transfer {

@@ -248,6 +248,13 @@ pub enum Event {
         /// True when a credit with this key was applied.
         credited: bool,
     },
+    /// The answer to [`Command::TransferStatus`](crate::Command::TransferStatus).
+    TransferStatus {
+        /// The key asked about.
+        key: IdempotencyKey,
+        /// True when a transfer with this key was applied.
+        transferred: bool,
+    },
     /// An order list (OCO) was placed: its legs follow as [`Event::OrderNew`]s (Binance's
     /// `listStatusType` `EXEC_STARTED`).
     OrderListNew {

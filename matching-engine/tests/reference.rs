@@ -169,6 +169,11 @@ enum Ev {
         key: [u8; 36],
         credited: bool,
     },
+    /// The answer to a transfer query.
+    TransferStatus {
+        key: [u8; 36],
+        transferred: bool,
+    },
     /// The answer to a withdrawal query: (account, asset, amount, fee, state), or none.
     WithdrawalStatus {
         id: u64,
@@ -994,6 +999,19 @@ impl Reference {
                 )),
             );
         }
+        if let Command::TransferStatus { key } = *cmd {
+            let transferred = self.transfer_keys.contains_key(&key.0);
+            return (
+                Vec::new(),
+                Ok((
+                    false,
+                    vec![Ev::TransferStatus {
+                        key: key.0,
+                        transferred,
+                    }],
+                )),
+            );
+        }
         self.now = self.now.max(now);
         let mut expired = Vec::new();
         self.expire_due(&mut expired);
@@ -1214,7 +1232,9 @@ impl Reference {
                 self.withdrawals.get_mut(&id.0).unwrap().4 = WState::Completed;
             }
             Command::Tick => {}
-            Command::WithdrawalStatus { .. } | Command::CreditStatus { .. } => {
+            Command::WithdrawalStatus { .. }
+            | Command::CreditStatus { .. }
+            | Command::TransferStatus { .. } => {
                 unreachable!("queries are answered by apply")
             }
         }
@@ -2059,6 +2079,10 @@ fn engine_evs(events: &[Event]) -> (bool, Vec<Ev>) {
                 key: key.0,
                 credited,
             }),
+            Event::TransferStatus { key, transferred } => v.push(Ev::TransferStatus {
+                key: key.0,
+                transferred,
+            }),
             Event::WithdrawalStatus { id, withdrawal } => v.push(Ev::WithdrawalStatus {
                 id: id.0,
                 record: withdrawal.map(|w| {
@@ -2440,6 +2464,8 @@ fn arb_command() -> impl Strategy<Value = Command> {
         1 => (1u64..=7).prop_map(|id| Command::WithdrawRelease { id: WithdrawalId(id) }),
         1 => (1u64..=7).prop_map(|id| Command::WithdrawalStatus { id: WithdrawalId(id) }),
         1 => (0u8..6).prop_map(|k| Command::CreditStatus { key: key(k) }),
+        // The random transfers' keys and the repeated ones' (100, 101).
+        1 => prop_oneof![0u8..6, 100u8..102].prop_map(|k| Command::TransferStatus { key: key(k) }),
         1 => (1u64..=7, 0u64..=60).prop_map(|(id, fee)| Command::WithdrawComplete {
             id: WithdrawalId(id),
             network_fee: Amount(fee),
@@ -2724,12 +2750,17 @@ proptest! {
                 prop_assert_eq!(e.state_hash(), before, "step {}: duplicate {:?}", i, cmd);
                 prop_assert_eq!(e.seq(), seq);
             }
-            if let Command::WithdrawalStatus { .. } | Command::CreditStatus { .. } = cmd {
+            if let Command::WithdrawalStatus { .. }
+            | Command::CreditStatus { .. }
+            | Command::TransferStatus { .. } = cmd
+            {
                 // A query changes nothing, not even time: same hash, same seq, one answer.
                 prop_assert!(result.is_ok());
                 let answered = matches!(
                     out.as_slice(),
-                    [Event::WithdrawalStatus { .. } | Event::CreditStatus { .. }]
+                    [Event::WithdrawalStatus { .. }
+                        | Event::CreditStatus { .. }
+                        | Event::TransferStatus { .. }]
                 );
                 prop_assert!(answered, "step {}: events of a query: {:?}", i, out);
                 prop_assert_eq!(e.state_hash(), before, "step {}: query {:?}", i, cmd);

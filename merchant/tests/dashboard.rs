@@ -2482,6 +2482,42 @@ async fn a_listed_store_refuses_transfers_out_and_lightning_payments() {
     assert_eq!(*ln.paid.lock().unwrap(), vec![other]);
 }
 
+/// Defect: a transfer applied before the store turned its list on, whose answer was lost, was
+/// answered `-4038` on its retry: the client learned "refused" for money that had moved. The
+/// retry is answered with the transfer's outcome (its `tranId`, `duplicate`); a new transfer
+/// out is refused as before.
+#[tokio::test]
+async fn a_transfer_retry_after_the_list_is_on_answers_the_transfers_outcome() {
+    let d = setup().await;
+    let key =
+        d.h.state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("read,transfer").unwrap(),
+                "before the list",
+            )
+            .unwrap();
+    let (other, other_key, _, _) = other_store_invoice(&d).await;
+    let params = format!("toAccount={other}&asset=BTC&amount=0.01&clientTranId=before");
+    let first = d.h.ok("POST", "/mapi/v1/transfer", &params, &key).await;
+    assert_eq!(first["duplicate"], false, "{first}");
+    turn_list_on(&d);
+    let retry = d.h.ok("POST", "/mapi/v1/transfer", &params, &key).await;
+    assert_eq!(retry["tranId"], first["tranId"], "{retry}");
+    assert_eq!(retry["duplicate"], true, "{retry}");
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/transfer",
+            &format!("toAccount={other}&asset=BTC&amount=0.01&clientTranId=after"),
+            &key,
+        )
+        .await;
+    assert_list_refusal(&r, "address_list_on");
+    assert_eq!(d.h.balance(&key, "BTC").await.0, "0.24000000");
+    assert_eq!(d.h.balance(&other_key, "BTC").await.0, "0.51000000");
+}
+
 /// Review finding (HIGH): the store's Greenfield token made before the list was on (and the
 /// claim link of a pull payment made then) paid any address: a payout claim, a new pull
 /// payment, a refund. While the list is on, a claim goes only to a usable listed address

@@ -236,6 +236,18 @@ impl Lightning for LnApi {
             .map(|w| payment_info(&w)))
     }
 
+    fn payment_of_invoice(
+        &self,
+        account: u32,
+        invoice: &str,
+    ) -> Result<Option<LnPaymentInfo>, CustodyError> {
+        Ok(self
+            .0
+            .withdrawal_of_invoice(AccountId(account), invoice)
+            .map_err(internal)?
+            .map(|w| payment_info(&w)))
+    }
+
     fn settled(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
         Some(self.0.settled())
     }

@@ -133,6 +133,13 @@ pub trait Lightning: Send + Sync + std::fmt::Debug {
     fn pay(&self, account: u32, invoice: &str) -> Result<LnPaymentInfo, CustodyError>;
     /// A withdrawal of `account` by id.
     fn payment(&self, account: u32, id: u64) -> Result<Option<LnPaymentInfo>, CustodyError>;
+    /// The withdrawal of `account` paying `invoice` that [`pay`](Self::pay) would answer a retry
+    /// with (not refused or released), if any.
+    fn payment_of_invoice(
+        &self,
+        account: u32,
+        invoice: &str,
+    ) -> Result<Option<LnPaymentInfo>, CustodyError>;
     /// Changes (its value is a counter) whenever a withdrawal may have become final: `pay`
     /// waits on it asynchronously, holding no thread, and looks its withdrawal up again at each
     /// change, for at most [`PAY_WAIT`]. `None` (the default): `pay` answers at once.
@@ -241,7 +248,9 @@ fn charge_invoice(st: &AppState, account: u32) -> Result<(), ApiError> {
 /// `POST /mapi/v1/lightning/pay` (WITHDRAW): `invoice` (BOLT11 with an amount) → the withdrawal,
 /// after its outcome or after [`PAY_WAIT`] (`pending`; ask `GET /mapi/v1/lightning/pay?id=`).
 /// The withdrawal policy is asked before the node ([`crate::policy`]: `403`, `-4038`, nothing
-/// held).
+/// held). The same account paying the same invoice again is a retry (its answer was lost): it is
+/// answered with its withdrawal, and a policy turned on since does not turn that answer into a
+/// refusal (the node is asked for the invoice's withdrawal before the refusal stands).
 pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let invoice = p.req("invoice")?;
@@ -251,7 +260,15 @@ pub async fn pay(State(st): State<AppState>, req: Req) -> Result<Response, ApiEr
     p.finish()?;
     let account = key.account;
     lightning(&st)?;
-    crate::policy::check(&st, account, crate::policy::Destination::Lightning).await?;
+    if let Err(refused) =
+        crate::policy::check(&st, account, crate::policy::Destination::Lightning).await
+    {
+        let w = call(&st, move |l| l.payment_of_invoice(account, &invoice))
+            .await?
+            .ok_or(refused)?;
+        let w = wait_outcome(lightning(&st)?, w, tokio::time::sleep(PAY_WAIT)).await?;
+        return Ok(ok_json(&ctx, payment_json(&w)));
+    }
     let w = call(&st, move |l| l.pay(account, &invoice)).await?;
     let w = wait_outcome(lightning(&st)?, w, tokio::time::sleep(PAY_WAIT)).await?;
     Ok(ok_json(&ctx, payment_json(&w)))
@@ -446,6 +463,13 @@ mod tests {
         fn payment(&self, _: u32, id: u64) -> Result<Option<LnPaymentInfo>, CustodyError> {
             self.lookups.send_modify(|n| *n += 1);
             Ok(Some(pending(id)))
+        }
+        fn payment_of_invoice(
+            &self,
+            _: u32,
+            _: &str,
+        ) -> Result<Option<LnPaymentInfo>, CustodyError> {
+            Ok(None)
         }
         fn settled(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
             Some(self.settled.subscribe())

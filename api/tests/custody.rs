@@ -1715,6 +1715,13 @@ impl api::lightning::Lightning for FakeLn {
     ) -> Result<Option<api::lightning::LnPaymentInfo>, CustodyError> {
         Ok(None)
     }
+    fn payment_of_invoice(
+        &self,
+        _: u32,
+        _: &str,
+    ) -> Result<Option<api::lightning::LnPaymentInfo>, CustodyError> {
+        Ok(None)
+    }
     fn channels(&self) -> Result<Vec<api::lightning::LnChannelInfo>, CustodyError> {
         Ok(Vec::new())
     }

@@ -653,6 +653,26 @@ impl<L: Ledger> LightningService<L> {
         self.lock().withdrawal(id)
     }
 
+    /// The withdrawal of `account` paying `bolt11`, if it has one that is not refused or
+    /// released: what [`pay`](Self::pay) answers a retry with. A gateway asks it before a
+    /// refusal by a rule that may have changed since the first attempt (a withdrawal policy),
+    /// so that a client resolving a lost answer learns the payment, never "refused". A string
+    /// that is no invoice has none.
+    pub fn withdrawal_of_invoice(
+        &self,
+        account: AccountId,
+        bolt11: &str,
+    ) -> Result<Option<LnWithdrawal>, StoreError> {
+        let Ok(invoice) = Bolt11Invoice::from_str(bolt11.trim()) else {
+            return Ok(None);
+        };
+        let hash = invoice.payment_hash().to_byte_array();
+        Ok(self
+            .lock()
+            .live_withdrawal_by_hash(&hash)?
+            .filter(|w| w.account == account.0))
+    }
+
     /// Submits the completion or release a `completing` / `releasing` row is waiting for, and
     /// records it. `true` when the row reached its final state now.
     fn finish(&self, store: &Store, w: &LnWithdrawal) -> bool {

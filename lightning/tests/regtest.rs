@@ -720,6 +720,24 @@ fn a_crash_between_send_and_result_is_resolved_by_payment_hash_and_paid_once() {
     let again = w.m().pay(carol, &out.to_string(), now_ms()).unwrap();
     assert_eq!(again.status, LnWithdrawalStatus::Completed);
     assert_eq!(w.ledger.btc(carol), (100_000 - 20_050, 0));
+    // What a gateway asks before a refusal by a rule changed since: the same withdrawal, for
+    // its account only.
+    let found = w
+        .m()
+        .withdrawal_of_invoice(carol, &out.to_string())
+        .unwrap();
+    assert_eq!(found.map(|f| f.id), Some(wd.id));
+    let other = w.ledger.create_account();
+    assert!(w
+        .m()
+        .withdrawal_of_invoice(other, &out.to_string())
+        .unwrap()
+        .is_none());
+    assert!(w
+        .m()
+        .withdrawal_of_invoice(carol, "lnbcrt1xyz")
+        .unwrap()
+        .is_none());
 
     // An expired deposit invoice: the customer's node refuses to pay it, nothing is credited,
     // nothing is lost (reopened with 1-second invoices).

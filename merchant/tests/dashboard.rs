@@ -2518,6 +2518,54 @@ async fn a_transfer_retry_after_the_list_is_on_answers_the_transfers_outcome() {
     assert_eq!(d.h.balance(&other_key, "BTC").await.0, "0.51000000");
 }
 
+/// Defect: a Lightning payment made before the store turned its list on, whose answer was lost,
+/// was answered `-4038` on its retry (the same invoice): the client learned "refused" for a
+/// payment that was sent. The retry is answered with the payment; nothing is paid twice, and a
+/// new invoice is refused as before.
+#[tokio::test]
+async fn a_lightning_retry_after_the_list_is_on_answers_the_payment() {
+    let d = setup().await;
+    let key =
+        d.h.state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("read,withdraw").unwrap(),
+                "before the list",
+            )
+            .unwrap();
+    let ln = Arc::new(RecordingLn::default());
+    assert!(d.h.state.set_lightning(ln.clone()).is_ok());
+    let first =
+        d.h.ok(
+            "POST",
+            "/mapi/v1/lightning/pay",
+            "invoice=lnbcrt10u1pbefore",
+            &key,
+        )
+        .await;
+    turn_list_on(&d);
+    let retry =
+        d.h.ok(
+            "POST",
+            "/mapi/v1/lightning/pay",
+            "invoice=lnbcrt10u1pbefore",
+            &key,
+        )
+        .await;
+    assert_eq!(retry["id"], first["id"], "{retry}");
+    assert_eq!(retry["status"], first["status"], "{retry}");
+    let r =
+        d.h.signed(
+            "POST",
+            "/mapi/v1/lightning/pay",
+            "invoice=lnbcrt10u1pafter",
+            &key,
+        )
+        .await;
+    assert_list_refusal(&r, "address_list_on");
+    assert_eq!(*ln.paid.lock().unwrap(), vec![d.account], "paid once");
+}
+
 /// Review finding (HIGH): the store's Greenfield token made before the list was on (and the
 /// claim link of a pull payment made then) paid any address: a payout claim, a new pull
 /// payment, a refund. While the list is on, a claim goes only to a usable listed address
@@ -2653,10 +2701,26 @@ async fn a_store_without_a_list_withdraws_and_transfers_as_before() {
     assert_eq!(r.status, StatusCode::OK, "{}", r.json);
 }
 
-/// A Lightning node that records which accounts it was asked to pay for (and pays).
+/// A Lightning node that records which accounts it was asked to pay for (and pays), and
+/// answers a retry (the same account and invoice) with the payment it made.
 #[derive(Debug, Default)]
 struct RecordingLn {
     paid: std::sync::Mutex<Vec<u32>>,
+    invoices: std::sync::Mutex<Vec<(u32, String)>>,
+}
+
+impl RecordingLn {
+    fn info(id: u64, account: u32) -> api::lightning::LnPaymentInfo {
+        api::lightning::LnPaymentInfo {
+            id,
+            account,
+            payment_hash: "00".repeat(32),
+            amount_sat: 1_000,
+            fee_sat: 0,
+            state: api::lightning::LnPaymentState::Completed,
+            reason: None,
+        }
+    }
 }
 
 impl api::lightning::Lightning for RecordingLn {
@@ -2685,18 +2749,15 @@ impl api::lightning::Lightning for RecordingLn {
     fn pay(
         &self,
         account: u32,
-        _: &str,
+        invoice: &str,
     ) -> Result<api::lightning::LnPaymentInfo, api::custody::CustodyError> {
+        if let Some(w) = self.payment_of_invoice(account, invoice)? {
+            return Ok(w);
+        }
         self.paid.lock().unwrap().push(account);
-        Ok(api::lightning::LnPaymentInfo {
-            id: 1,
-            account,
-            payment_hash: "00".repeat(32),
-            amount_sat: 1_000,
-            fee_sat: 0,
-            state: api::lightning::LnPaymentState::Completed,
-            reason: None,
-        })
+        let mut invoices = self.invoices.lock().unwrap();
+        invoices.push((account, invoice.to_owned()));
+        Ok(Self::info(invoices.len() as u64, account))
     }
     fn payment(
         &self,
@@ -2704,6 +2765,19 @@ impl api::lightning::Lightning for RecordingLn {
         _: u64,
     ) -> Result<Option<api::lightning::LnPaymentInfo>, api::custody::CustodyError> {
         Ok(None)
+    }
+    fn payment_of_invoice(
+        &self,
+        account: u32,
+        invoice: &str,
+    ) -> Result<Option<api::lightning::LnPaymentInfo>, api::custody::CustodyError> {
+        Ok(self
+            .invoices
+            .lock()
+            .unwrap()
+            .iter()
+            .position(|(a, i)| *a == account && i == invoice)
+            .map(|n| Self::info(n as u64 + 1, account)))
     }
     fn channels(&self) -> Result<Vec<api::lightning::LnChannelInfo>, api::custody::CustodyError> {
         Ok(Vec::new())

@@ -36,8 +36,17 @@ async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) ->
         route = tracing::field::Empty
     );
     req.extensions_mut().insert(RequestId(id));
+    req.extensions_mut().insert(Arrived(crate::core::now_ms()));
     let t0 = Instant::now();
-    let run = tracing::Instrument::instrument(next.run(req), span.clone());
+    // Behind every order answered so far, except a new order (it reads no read model).
+    let fenced = !(req.method() == axum::http::Method::POST && req.uri().path() == NEW_ORDER_PATH);
+    let run = async {
+        if fenced {
+            st.fence().await;
+        }
+        next.run(req).await
+    };
+    let run = tracing::Instrument::instrument(run, span.clone());
     let mut res = match tokio::time::timeout(REQUEST_TIMEOUT, run).await {
         Ok(res) => res,
         Err(_) => {
@@ -58,6 +67,15 @@ async fn request_id(State(st): State<AppState>, mut req: Request, next: Next) ->
         .insert("x-request-id", HeaderValue::from(id));
     res
 }
+
+/// `POST` on this path places an order: the one request not fenced behind the orders answered
+/// ahead of the read models ([`AppState::fence`]).
+pub const NEW_ORDER_PATH: &str = "/api/v3/order";
+
+/// When a request arrived (ms since the epoch), before it waited for anything
+/// ([`crate::state::Req::arrived_ms`]).
+#[derive(Debug, Clone, Copy)]
+pub struct Arrived(pub u64);
 
 /// A request's id (also in its `x-request-id` response header and its log span).
 #[derive(Debug, Clone, Copy)]

@@ -711,6 +711,9 @@ pub struct ReadModel {
     /// The last engine `seq` whose history rows are committed to SQLite (see
     /// [`ReadModel::history_floor`]).
     history_floor: Arc<AtomicU64>,
+    /// The highest `seq` answered to a client before the read models held it
+    /// ([`ReadModel::answered_ahead`]): what [`ReadModel::fence`] waits for.
+    answered: AtomicU64,
 }
 
 /// History rows of one group of batches, for the persister.
@@ -851,6 +854,7 @@ impl ReadModel {
             halted: Arc::default(),
             engine_invalid: std::sync::OnceLock::new(),
             history_floor: Arc::default(),
+            answered: AtomicU64::new(0),
         }
     }
 
@@ -902,6 +906,23 @@ impl ReadModel {
     /// The last applied sequence number.
     pub fn applied(&self) -> u64 {
         *self.applied.borrow()
+    }
+
+    /// Notes that the command of sequence number `seq` was answered before the read models
+    /// applied it (a new order: [`crate::state::AppState::submit_ahead`]). Called before the
+    /// answer leaves, so any request that starts after the client read it is fenced behind it.
+    pub fn answered_ahead(&self, seq: u64) {
+        self.answered
+            .fetch_max(seq, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Waits until the read models hold every command answered so far (see
+    /// [`ReadModel::answered_ahead`]): a request that reads them runs this first, so that a
+    /// client sees its own answered orders (or 5 seconds pass, or the read models lost events:
+    /// then false). Costs two loads when they are caught up, which is almost always.
+    pub async fn fence(&self) -> bool {
+        let seq = self.answered.load(std::sync::atomic::Ordering::Acquire);
+        self.wait_for(seq).await
     }
 
     /// Waits until batches up to `seq` are applied (or 5 seconds pass: then false).
@@ -1159,8 +1180,12 @@ impl ReadModel {
         }
     }
 
-    /// Waits until everything applied so far is in SQLite (or 5 seconds pass: then false).
+    /// Waits until everything applied or answered so far is in SQLite (or 5 seconds pass, for
+    /// either wait: then false).
     pub async fn wait_persisted(&self) -> bool {
+        if !self.fence().await {
+            return false;
+        }
         let target = self.applied();
         let mut rx = self.persisted.subscribe();
         let r = tokio::time::timeout(

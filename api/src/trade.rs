@@ -379,9 +379,10 @@ pub(crate) fn after_events(mut o: OrderRec, events: &[Event], ms: u64) -> OrderR
     o
 }
 
-/// Places a parsed order; the Binance answer for its response type.
+/// Places a parsed order; the Binance answer for its response type, built from the order's own
+/// events: it does not wait for the read models ([`AppState::submit_ahead`]).
 async fn place(st: &AppState, parsed: &Parsed) -> Result<Value, ApiError> {
-    let reply = st.submit(Command::NewOrder(parsed.order)).await?;
+    let reply = st.submit_ahead(Command::NewOrder(parsed.order)).await?;
     if let Err(code) = reply.result {
         return Err(ApiError::new_order_rejected(code));
     }

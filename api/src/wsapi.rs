@@ -483,6 +483,7 @@ fn to_req(
         route: Some(route),
         ws: Some(call),
         params: Some(parsed),
+        arrived_ms: crate::core::now_ms(),
     })
 }
 
@@ -548,7 +549,16 @@ async fn call(
     };
     let t0 = std::time::Instant::now();
     let span = tracing::info_span!("ws_api_request", method = method.name);
-    let run = tracing::Instrument::instrument((method.handler)(st.clone(), req), span.clone());
+    // Behind every order answered so far, as REST requests are ([`crate::app`]), except a new
+    // order.
+    let fenced = !(route.method == "POST" && route.path == crate::app::NEW_ORDER_PATH);
+    let run = async {
+        if fenced {
+            st.fence().await;
+        }
+        (method.handler)(st.clone(), req).await
+    };
+    let run = tracing::Instrument::instrument(run, span.clone());
     let res = match tokio::time::timeout(crate::app::REQUEST_TIMEOUT, run).await {
         Ok(Ok(res)) => res,
         Ok(Err(e)) => e.into_response(),

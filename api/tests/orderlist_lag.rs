@@ -3,6 +3,7 @@
 //! made deterministic by a core that holds its event batches back from the read models until told.
 
 mod common;
+mod wsclient;
 
 use api::core::BoxFuture;
 use api::{ApiConfig, CoreError, EventBatch, EventSink, ExchangeCore, Reply};
@@ -828,4 +829,79 @@ async fn a_keep_priority_amend_by_a_reused_client_order_id_amends_the_newer_orde
         )
         .await;
     assert_eq!(o["origQty"], "0.00400000", "{o}");
+}
+
+/// A new order is answered from its own events without waiting for the read models
+/// (`AppState::submit_ahead`); a request that reads them afterwards waits for them first
+/// (`AppState::fence`), so a client sees the order it was just answered. The read models are
+/// held back while the order is placed and let go from another thread a moment after the query
+/// was sent: a query that did not wait would answer without the order (if the machine stalls
+/// longer than that moment, the query waits for nothing and the test passes without testing).
+#[tokio::test]
+async fn a_query_after_an_answered_order_sees_it_while_the_read_model_lags() {
+    let (h, gate) = gated();
+    let (_, key) = h.trader("1", "0").await;
+    gate.pause();
+    let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1&price=30000";
+    let placed = h.ok("POST", "/api/v3/order", sell, &key).await;
+    assert_eq!(placed["status"], "NEW", "{placed}");
+    assert!(
+        !gate.held.lock().unwrap().is_empty(),
+        "the read models were not held back"
+    );
+    let g = gate.clone();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        g.resume();
+    });
+    let open = h
+        .ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &key)
+        .await;
+    release.join().unwrap();
+    let ids: Vec<&Value> = open
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| &o["orderId"])
+        .collect();
+    assert_eq!(ids, [&placed["orderId"]], "{open}");
+}
+
+/// The same over the WebSocket API: `order.place` is answered without waiting for the read
+/// models, and `openOrders.status` on the same connection waits for them first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_query_after_an_answered_order_sees_it_while_the_read_model_lags() {
+    let (h, gate) = gated();
+    let (_, key) = h.trader("1", "0").await;
+    let (addr, _stop) = wsclient::start(&h).await;
+    let mut ws = wsclient::Ws::connect(addr).await;
+    gate.pause();
+    let sell = serde_json::json!({"symbol": "BTCUSD", "side": "SELL", "type": "LIMIT",
+        "timeInForce": "GTC", "quantity": "0.1", "price": "30000"});
+    let placed = ws.ok("order.place", sell, &key).await;
+    assert_eq!(placed["status"], "NEW", "{placed}");
+    assert!(
+        !gate.held.lock().unwrap().is_empty(),
+        "the read models were not held back"
+    );
+    let g = gate.clone();
+    let release = std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        g.resume();
+    });
+    let open = ws
+        .ok(
+            "openOrders.status",
+            serde_json::json!({"symbol": "BTCUSD"}),
+            &key,
+        )
+        .await;
+    release.join().unwrap();
+    let ids: Vec<&Value> = open
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|o| &o["orderId"])
+        .collect();
+    assert_eq!(ids, [&placed["orderId"]], "{open}");
 }

@@ -191,6 +191,8 @@ fn the_shell_does_not_name_the_merchant_crate() {
 
 /// Everything a refused request could have changed.
 async fn fingerprint(h: &Harness, observer: &(String, String)) -> String {
+    // Behind every order answered ahead of the read models, as a request would be.
+    h.state.fence().await;
     let rm = format!("{:?}", {
         let s = h.state.read_model().read();
         let mut b: Vec<_> = s.balances.iter().map(|(a, v)| (*a, v.clone())).collect();

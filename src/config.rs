@@ -24,6 +24,7 @@
 //! batch_interval_secs = 10
 //! batch_max_requests = 100
 //! fallback_fee_rate_sat_vb = 2
+//! shortfall_tolerance_sat = 0      # no batch while the ledger owes more than the wallet by more
 //!
 //! [limits]                         # connection and stream limits (api/README.md, "Limits")
 //! max_connections = 4096
@@ -113,6 +114,9 @@ pub struct CustodyKnobs {
     pub batch_max_requests: Option<usize>,
     /// Fee rate when the node has no estimate.
     pub fallback_fee_rate_sat_vb: Option<u32>,
+    /// No withdrawal batch while the ledger owes more than custody holds by more than this
+    /// (`wallet::BatchPolicy::shortfall_tolerance`) [default: 0].
+    pub shortfall_tolerance_sat: Option<u64>,
 }
 
 /// `[lightning]`: the Lightning node (`lightning/`, README.md "Lightning"). Unset keys keep
@@ -664,6 +668,7 @@ impl ServeConfig {
                 batch_interval_secs: c.batch_interval_secs.or(f.batch_interval_secs),
                 batch_max_requests: c.batch_max_requests.or(f.batch_max_requests),
                 fallback_fee_rate_sat_vb: c.fallback_fee_rate_sat_vb.or(f.fallback_fee_rate_sat_vb),
+                shortfall_tolerance_sat: c.shortfall_tolerance_sat.or(f.shortfall_tolerance_sat),
             },
         })
     }

@@ -95,6 +95,13 @@ impl wallet::Ledger for EngineLedger {
     }
 
     fn btc_liabilities(&self) -> Amount {
+        // The read models hold every command the engine applied before this call (the credits
+        // and completions custody just submitted included): a lagging read would show a
+        // completed withdrawal still held, a shortfall that is not there, and hold payouts
+        // back (`BatchPolicy::shortfall_tolerance`). Not in time: what they hold.
+        if !self.rt.block_on(self.state.sync_read_model()) {
+            tracing::warn!("read models behind the engine: liabilities as they hold them");
+        }
         let rm = self.state.read_model().read();
         Amount(
             rm.balances

@@ -307,6 +307,9 @@ fn custody_config(cfg: &ServeConfig, rpc: RpcConfig) -> CustodyConfig {
     if let Some(v) = k.fallback_fee_rate_sat_vb {
         c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(v);
     }
+    if let Some(v) = k.shortfall_tolerance_sat {
+        c.batch.shortfall_tolerance = matching_engine::Amount(v);
+    }
     c
 }
 

@@ -90,6 +90,11 @@ pub struct BatchPolicy {
     pub confirmation_target: u16,
     /// Fee rate used when the node has no estimate (as on regtest).
     pub fallback_fee_rate: FeeRate,
+    /// No batch is made while the ledger owes more than the wallet holds by more than this (a
+    /// reconciliation shortfall, [`Reconciliation`](crate::Reconciliation)): requests wait,
+    /// held in the ledger, under the alarm `reconciliation_shortfall`. 0 by default: any
+    /// shortfall holds payouts back until it is covered, or accepted with a larger tolerance.
+    pub shortfall_tolerance: Amount,
 }
 
 impl Default for BatchPolicy {
@@ -99,6 +104,7 @@ impl Default for BatchPolicy {
             max_requests: 100,
             confirmation_target: 6,
             fallback_fee_rate: FeeRate::from_sat_per_vb_u32(2),
+            shortfall_tolerance: Amount(0),
         }
     }
 }

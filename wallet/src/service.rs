@@ -1727,6 +1727,30 @@ impl CustodyService {
         if !due {
             return Ok(None);
         }
+        // No payout while the wallet cannot cover what the ledger owes (beyond the tolerance):
+        // paying first come, first served out of what is left would hand the shortfall to the
+        // customers who ask last. The requests wait, held in the ledger; the batch is made at
+        // the first step the shortfall is covered (or accepted with a larger tolerance).
+        let rec = self.reconcile()?;
+        let tolerance = self.config.batch.shortfall_tolerance.0;
+        if i128::from(rec.surplus_sat) < -i128::from(tolerance) {
+            let short = rec.surplus_sat.unsigned_abs();
+            self.alarm(
+                "reconciliation_shortfall",
+                "custody",
+                &format!(
+                    "the wallet holds {short} sat less than the ledger owes (tolerance {tolerance} \
+                     sat): no withdrawal batch is made until it is covered"
+                ),
+            )?;
+            tracing::warn!(
+                short_sat = short,
+                tolerance_sat = tolerance,
+                pending = pending.len(),
+                "withdrawal batch held back: reconciliation shortfall"
+            );
+            return Ok(None);
+        }
         let mut batch = Vec::new();
         let mut outputs = Vec::new();
         for w in pending.into_iter().take(max) {

@@ -254,11 +254,15 @@ async fn money_from_nowhere_trips_the_circuit_breaker_and_only_cancels_pass() {
     let (to, _) = h.trader("0", "0").await;
     let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1&price=60000";
     let first = h.ok("POST", "/api/v3/order", sell, &a).await;
+    h.state.fence().await;
     assert!(h.state.halted().is_none());
     // The bug strikes on this order's settlement events.
     core.corrupt_next
         .store(true, std::sync::atomic::Ordering::SeqCst);
     h.ok("POST", "/api/v3/order", sell, &a).await;
+    // A new order is answered before the read models (and their auditor) apply it; whatever
+    // reads after it waits for them, as the next request would.
+    h.state.fence().await;
     let v = h.state.halted().expect("the auditor trips the breaker");
     assert_eq!(v.asset, 0);
     assert_eq!(v.balances, v.supply as u128 + 1);

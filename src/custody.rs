@@ -186,6 +186,7 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::NotAwaitingApproval(_) => -4031,
         WithdrawalError::LedgerMismatch(_) => -4026,
         WithdrawalError::AccountFlagged(_) => -4032,
+        WithdrawalError::PayoutsHeld { .. } => -4039,
         WithdrawalError::NotFlagged(_) => -4033,
         WithdrawalError::UnknownAlarm(_) => -4036,
         WithdrawalError::ApprovalRequired { .. } => -4037,

@@ -212,6 +212,13 @@ pub enum WithdrawalError {
     /// operator clears it.
     #[error("account {0} is flagged for review and cannot withdraw")]
     AccountFlagged(AccountId),
+    /// Payouts are held back: the last reconciliation showed the ledger owing more than custody
+    /// holds by more than the tolerance (`BatchPolicy::shortfall_tolerance`).
+    #[error("withdrawals are paused: custody holds {short} sat less than it owes")]
+    PayoutsHeld {
+        /// The shortfall, in sat.
+        short: Amount,
+    },
     /// The account has no flag to clear.
     #[error("account {0} is not flagged")]
     NotFlagged(AccountId),
@@ -267,6 +274,7 @@ impl WithdrawalError {
             WithdrawalError::UnknownAlarm(_) => 19,
             WithdrawalError::ApprovalRequired { .. } => 20,
             WithdrawalError::OwnAddress { .. } => 21,
+            WithdrawalError::PayoutsHeld { .. } => 22,
         }
     }
 }

@@ -269,6 +269,10 @@ pub struct CustodyService {
     other_assets: Option<Arc<dyn OtherAssets>>,
     /// The last reconciliation recorded there: (shortfall, surplus), recorded again on change.
     last_reconciliation: Option<(bool, i64)>,
+    /// The shortfall above the tolerance at the last reconciliation (`step`, or a due batch), in
+    /// sat: payouts are held back while it is `Some` (batches, and Lightning payments through
+    /// [`check_outflow`](Self::check_outflow)). `None` until the first reconciliation.
+    payouts_held: Option<u64>,
 }
 
 /// Where custody records its own automatic decisions: a withdrawal approved by policy
@@ -447,6 +451,7 @@ impl CustodyService {
             decisions: None,
             other_assets: None,
             last_reconciliation: None,
+            payouts_held: None,
         };
         service.recover_withdrawals()?;
         Ok(service)
@@ -560,6 +565,13 @@ impl CustodyService {
     ) -> Result<(), WithdrawalError> {
         if store::flagged(&self.db)?.iter().any(|(a, _)| *a == account) {
             return Err(WithdrawalError::AccountFlagged(account));
+        }
+        // Paid at once, unlike a batch: refused while payouts are held back (a shortfall at the
+        // last reconciliation, at most one step old).
+        if let Some(short) = self.payouts_held {
+            return Err(WithdrawalError::PayoutsHeld {
+                short: Amount(short),
+            });
         }
         let policy = &self.config.withdrawal;
         let onchain = store::withdrawn_since(&self.db, account, now_ms.saturating_sub(DAY_MS))?;
@@ -1733,8 +1745,7 @@ impl CustodyService {
         // the first step the shortfall is covered (or accepted with a larger tolerance).
         let rec = self.reconcile()?;
         let tolerance = self.config.batch.shortfall_tolerance.0;
-        if i128::from(rec.surplus_sat) < -i128::from(tolerance) {
-            let short = rec.surplus_sat.unsigned_abs();
+        if let Some(short) = self.note_shortfall(&rec) {
             self.alarm(
                 "reconciliation_shortfall",
                 "custody",
@@ -2250,6 +2261,15 @@ impl CustodyService {
     // -----------------------------------------------------------------------------------------
     // Reconciliation and the whole step
 
+    /// Records whether `rec` holds payouts back (a shortfall above the tolerance) and returns
+    /// that shortfall in sat.
+    fn note_shortfall(&mut self, rec: &Reconciliation) -> Option<u64> {
+        let tolerance = i128::from(self.config.batch.shortfall_tolerance.0);
+        self.payouts_held =
+            (i128::from(rec.surplus_sat) < -tolerance).then(|| rec.surplus_sat.unsigned_abs());
+        self.payouts_held
+    }
+
     /// Wallet assets against ledger liabilities. A shortfall is logged as an error.
     pub fn reconcile(&self) -> Result<Reconciliation, BatchError> {
         let other = self.other_assets.as_ref().map_or(0, |o| o.sats());
@@ -2448,6 +2468,7 @@ impl CustodyService {
         let withdrawals = self.process_withdrawals(now)?;
         let batch = self.run_batcher(now)?;
         let reconciliation = self.reconcile()?;
+        self.note_shortfall(&reconciliation);
         let now_rec = (reconciliation.shortfall, reconciliation.surplus_sat);
         if self.decisions.is_some() && self.last_reconciliation != Some(now_rec) {
             let r = &reconciliation;

@@ -475,6 +475,13 @@ fn a_shortfall_holds_withdrawal_batches_back() {
         "{alarms:?}"
     );
     assert!(alarms[0].message.contains("1234 sat"), "{alarms:?}");
+    // Money out at once (a Lightning payment asks this) is refused too.
+    assert!(matches!(
+        svc.check_outflow(alice, Amount(1_000), Amount(0), w.clock.now().as_millis()),
+        Err(WithdrawalError::PayoutsHeld {
+            short: Amount(1_234)
+        })
+    ));
     // Still short at the next step: still no batch, and one alarm, not one per step.
     let r = svc.step(w.clock.advance(Duration::from_secs(5))).unwrap();
     assert!(r.batch.is_none());
@@ -489,6 +496,9 @@ fn a_shortfall_holds_withdrawal_batches_back() {
         r.batch.is_some(),
         "the batch was not made once the shortfall was accepted"
     );
+    assert!(svc
+        .check_outflow(alice, Amount(1_000), Amount(0), w.clock.now().as_millis())
+        .is_ok());
 }
 
 #[test]

@@ -97,6 +97,12 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
     let mut service = CustodyService::open(custody_cfg.clone(), ledger.clone())
         .map_err(|e| anyhow!("custody service: {e}"))?;
     service.set_decision_log(Arc::new(crate::custody::AuditDecisions(node.state.clone())));
+    // A flag reaches the order path at once (the account's orders cancelled), not at the next
+    // refresh of its copy.
+    let (flags_to, flags_rt) = (node.state.clone(), rt.handle().clone());
+    service.set_flag_hook(Arc::new(move |account| {
+        api::capital::note_flagged(&flags_to, account.0, &flags_rt)
+    }));
     let service = Arc::new(Mutex::new(service));
     let client = Arc::new(rpc_client(&rpc)?);
     let custody = Arc::new(WalletCustody::new(service.clone(), client, cfg.network));

@@ -112,7 +112,8 @@ pub const FLAG_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 /// The accounts custody flagged, as the order path reads them: an order must not wait for
 /// custody (its lock is held through a chain sync), so placements read a copy that is refreshed
 /// in the background once it is [`FLAG_REFRESH`] old; only the first look-up waits for custody.
-/// A flag reaches the order path within about a second of custody setting it; clearing one
+/// A flag custody sets reaches the copy at once through custody's flag hook ([`note_flagged`],
+/// wired by `mediator serve`), else within about a second of an order looking; clearing one
 /// (`admin_clear_flag`) drops the copy, so the next look-up reads custody again.
 #[derive(Debug, Default)]
 pub struct FlagCache {
@@ -120,6 +121,48 @@ pub struct FlagCache {
     copy: std::sync::RwLock<Option<(std::time::Instant, Arc<std::collections::HashSet<u32>>)>>,
     /// A background refresh is under way.
     refreshing: std::sync::atomic::AtomicBool,
+}
+
+/// Custody flagged `account` just now (its flag hook, `wallet::FlagHook`, in `mediator serve`):
+/// the order path's copy takes it at once, not at its next refresh, and the account's open
+/// orders are cancelled (on `rt`). Without a copy yet there is nothing to add to: the first
+/// look-up reads custody, and cancels. Never waits (the hook runs under custody's lock).
+pub fn note_flagged(st: &AppState, account: u32, rt: &tokio::runtime::Handle) {
+    {
+        let mut copy = st.0.flags.copy.write().unwrap_or_else(|e| e.into_inner());
+        let Some((_, set)) = copy.as_mut() else {
+            return;
+        };
+        if set.contains(&account) {
+            return;
+        }
+        let mut next = (**set).clone();
+        next.insert(account);
+        *set = Arc::new(next);
+    }
+    cancel_orders_of(st, vec![account], rt);
+}
+
+/// Cancels the open orders of newly flagged `accounts` in the background.
+fn cancel_orders_of(st: &AppState, accounts: Vec<u32>, rt: &tokio::runtime::Handle) {
+    if accounts.is_empty() {
+        return;
+    }
+    let st = st.clone();
+    rt.spawn(async move {
+        for account in accounts {
+            let cmd = matching_engine::Command::CancelAll {
+                account: matching_engine::AccountId(account),
+                market: None,
+            };
+            let outcome = st.submit_outcome(cmd).await;
+            tracing::warn!(
+                account,
+                ?outcome,
+                "flagged account: its open orders cancelled"
+            );
+        }
+    });
 }
 
 /// Reads custody's flagged accounts into the cache, and cancels the open orders of each account
@@ -139,23 +182,7 @@ async fn refresh_flags(st: &AppState) -> Result<Arc<std::collections::HashSet<u3
         .copied()
         .filter(|a| before.as_ref().is_none_or(|(_, b)| !b.contains(a)))
         .collect();
-    if !new.is_empty() {
-        let st = st.clone();
-        tokio::spawn(async move {
-            for account in new {
-                let cmd = matching_engine::Command::CancelAll {
-                    account: matching_engine::AccountId(account),
-                    market: None,
-                };
-                let outcome = st.submit_outcome(cmd).await;
-                tracing::warn!(
-                    account,
-                    ?outcome,
-                    "flagged account: its open orders cancelled"
-                );
-            }
-        });
-    }
+    cancel_orders_of(st, new, &tokio::runtime::Handle::current());
     Ok(set)
 }
 

@@ -1968,6 +1968,58 @@ async fn a_transfer_retry_after_a_flag_answers_the_transfers_outcome() {
     assert_eq!(s.h.balance(&other_key, "BTC").await.0, "0.25000000");
 }
 
+/// Custody's flag hook (`capital::note_flagged`, which `mediator serve` hands to the custody
+/// service): a flag custody reports reaches the order path at once, not at the next refresh of
+/// the order path's copy (up to a second later, and only once an order looks), and the account's
+/// open orders are cancelled.
+#[tokio::test]
+async fn a_flag_custody_reports_stops_the_accounts_orders_at_once() {
+    let s = setup(true).await;
+    let key = loop {
+        let (a, k) = s.h.trader_with("1", "1000", "read,trade").await;
+        assert!(a <= 7, "account 7 was skipped");
+        if a == 7 {
+            break k;
+        }
+    };
+    s.h.ok(
+        "POST",
+        "/mapi/v1/admin/accounts/clearFlag",
+        "account=7",
+        &s.h.admin,
+    )
+    .await;
+    let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1&price=20000";
+    s.h.ok("POST", "/api/v3/order", sell, &key).await;
+    // Custody flags account 7 again (the fake forgets the clear). The order path's copy, just
+    // read, does not know yet: an order goes through.
+    s.fake.clear();
+    s.h.ok("POST", "/api/v3/order", sell, &key).await;
+    // Told by the hook: refused at once, and the open orders go.
+    api::capital::note_flagged(&s.h.state, 7, &tokio::runtime::Handle::current());
+    let r = s.h.signed("POST", "/api/v3/order", sell, &key).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2010),
+        "{}",
+        r.json
+    );
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let open =
+            s.h.ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &key)
+                .await;
+        if open == json!([]) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the flagged account's orders were not cancelled: {open}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// Defect: an account custody flagged (a credited deposit left the chain: its BTC may not exist)
 /// could not withdraw or transfer, but could sell that BTC on the book: the buyer, any other
 /// account, then withdrew it. A flagged account places no orders or order lists (`400`,

@@ -43,8 +43,8 @@ pub use ledger::{Ledger, LedgerError};
 pub use runner::{system_now, Runner};
 pub use service::{
     BatchInfo, BatchView, CustodyService, DecisionLog, DepositEvent, DepositReport, DepositView,
-    OtherAssets, Reconciliation, RecordMismatch, RecordsReport, ReservesProof, StepReport,
-    SyncReport, WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
+    FlagHook, OtherAssets, Reconciliation, RecordMismatch, RecordsReport, ReservesProof,
+    StepReport, SyncReport, WithdrawalReport, WithdrawalRequest, DATABASE_FILE,
 };
 pub use store::{Alarm, DepositStatus, WithdrawalStatus, WithdrawalView};
 

@@ -172,6 +172,11 @@ pub struct StepReport {
     pub unresolved_withdrawals: usize,
 }
 
+/// Told of an account custody just flagged (a credited deposit left the chain), right after the
+/// flag is recorded, on the custody thread and under the service's lock: it must not wait, and
+/// must not call back into the service.
+pub type FlagHook = Arc<dyn Fn(AccountId) + Send + Sync>;
+
 /// Wallet assets against ledger liabilities, in sats. Metrics-friendly: plain numbers.
 ///
 /// `adjusted_assets = wallet_confirmed + wallet_pending - uncredited_deposits + withdrawals_in_flight`
@@ -266,6 +271,8 @@ pub struct CustodyService {
     last_now_ms: u64,
     /// Where the service's own automatic decisions are recorded (the server's audit log).
     decisions: Option<Arc<dyn DecisionLog>>,
+    /// Told of each account flagged, right after the flag is recorded ([`FlagHook`]).
+    flag_hook: Option<FlagHook>,
     other_assets: Option<Arc<dyn OtherAssets>>,
     /// The last reconciliation recorded there: (shortfall, surplus), recorded again on change.
     last_reconciliation: Option<(bool, i64)>,
@@ -449,6 +456,7 @@ impl CustodyService {
             key,
             last_now_ms: 0,
             decisions: None,
+            flag_hook: None,
             other_assets: None,
             last_reconciliation: None,
             payouts_held: None,
@@ -548,6 +556,12 @@ impl CustodyService {
     /// Sets where automatic decisions are recorded ([`DecisionLog`]).
     pub fn set_decision_log(&mut self, log: Arc<dyn DecisionLog>) {
         self.decisions = Some(log);
+    }
+
+    /// Sets who is told of each account flagged ([`FlagHook`]): the order path, which must stop
+    /// the account's trading at once rather than at its next look at the flags.
+    pub fn set_flag_hook(&mut self, hook: FlagHook) {
+        self.flag_hook = Some(hook);
     }
 
     /// The rules money out by another path (Lightning) obeys as on-chain withdrawals do: a
@@ -1405,6 +1419,9 @@ impl CustodyService {
             event.outpoint, event.amount
         );
         store::flag_account(&self.db, event.account, &reason, now.as_millis())?;
+        if let Some(hook) = &self.flag_hook {
+            hook(event.account);
+        }
         self.decide(
             "custody.account.flag",
             &[

@@ -2,6 +2,7 @@
 
 mod support;
 
+use std::sync::Arc;
 use support::{Customer, World};
 use wallet::DepositStatus;
 
@@ -140,7 +141,11 @@ fn reorg_before_threshold_delays_credit_and_reorg_after_credit_flags_account() {
     assert_eq!(r.deposits.credited.len(), 1);
     assert_eq!(w.ledger.btc(alice), (500_000, 0));
 
-    // A reorg that takes the credited deposit out of the chain: reported, account flagged.
+    // A reorg that takes the credited deposit out of the chain: reported, account flagged, and
+    // the flag hook (the order path, in `mediator serve`) told at once.
+    let told = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = told.clone();
+    svc.set_flag_hook(Arc::new(move |a| t.lock().unwrap().push(a)));
     w.node.invalidate_tip();
     w.node.invalidate_tip();
     assert!(w.node.mempool().contains(&txid));
@@ -151,6 +156,7 @@ fn reorg_before_threshold_delays_credit_and_reorg_after_credit_flags_account() {
     let flagged = svc.flagged_accounts().unwrap();
     assert_eq!(flagged.len(), 1);
     assert_eq!(flagged[0].0, alice);
+    assert_eq!(*told.lock().unwrap(), [alice]);
     assert_eq!(
         w.ledger.btc(alice),
         (500_000, 0),

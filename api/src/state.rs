@@ -616,9 +616,6 @@ pub fn client_id(seed: u64, n: u64, now_ms: u64) -> String {
     s
 }
 
-/// True for the commands the circuit breaker stops: everything that can move money or take
-/// on new exposure. Cancels, releases of held withdrawals, account creation, the clock and the
-/// read-only queries pass, and so do keep-priority amends (they only lower a quantity).
 /// The account a command would give new exposure (an order, an order list, an amend that may
 /// raise a price or quantity): what a flagged account may not do. Transfers are refused where
 /// they are asked for (`native::transfer`), not here: a transfer's retry is how a caller
@@ -634,6 +631,9 @@ fn exposure_of(cmd: &Command) -> Option<u32> {
     }
 }
 
+/// True for the commands the circuit breaker stops: everything that can move money or take
+/// on new exposure. Cancels, releases of held withdrawals, account creation, the clock and the
+/// read-only queries pass, and so do keep-priority amends (they only lower a quantity).
 fn moves_money(cmd: &Command) -> bool {
     !matches!(
         cmd,

@@ -142,11 +142,13 @@ impl LightningBalances for crate::lightning::Service {
     }
 }
 
-/// All of the node's money: on-chain, its side of the channels and closing sweeps.
+/// All of the node's money: on-chain, its side of the channels and closing sweeps, and its
+/// withdrawals in flight.
 fn ln_total(b: &lightning_custody::LnBalances) -> u64 {
     b.onchain_sat
         .saturating_add(b.channels_sat)
         .saturating_add(b.pending_close_sat)
+        .saturating_add(b.withdrawals_in_flight_sat)
 }
 
 impl std::fmt::Debug for WalletCustody {
@@ -591,7 +593,10 @@ impl Custody for WalletCustody {
             wallet_confirmed_sat: r.wallet_confirmed.0,
             wallet_pending_sat: r.wallet_pending.0,
             uncredited_deposits_sat: r.uncredited_deposits.0,
-            withdrawals_in_flight_sat: r.withdrawals_in_flight.0,
+            withdrawals_in_flight_sat: r
+                .withdrawals_in_flight
+                .0
+                .saturating_add(ln.map_or(0, |b| b.withdrawals_in_flight_sat)),
             ledger_liabilities_sat: r.ledger_liabilities.0,
             fee_income_sat: r.fee_income.0,
             lightning_onchain_sat: ln_onchain,
@@ -818,6 +823,7 @@ mod tests {
                 channels_sat: 100 * n,
                 pending_close_sat: 10 * n,
                 anchor_reserve_sat: 0,
+                withdrawals_in_flight_sat: 5 * n,
             }
         }
     }

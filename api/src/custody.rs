@@ -98,7 +98,8 @@ pub struct ReconcileInfo {
     pub wallet_pending_sat: u64,
     /// Deposits in the wallet not yet credited.
     pub uncredited_deposits_sat: u64,
-    /// Withdrawals that left the wallet but are not completed in the ledger.
+    /// Withdrawals that left the wallet (on-chain batches) or may be on their way (Lightning
+    /// payments not final) but are not completed in the ledger.
     pub withdrawals_in_flight_sat: u64,
     /// All BTC balances in the ledger (held included).
     pub ledger_liabilities_sat: u64,

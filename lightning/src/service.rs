@@ -2,7 +2,7 @@
 
 use crate::config::LightningConfig;
 use crate::error::{InvoiceError, OpenError, OperatorError, PayError};
-use crate::store::{LnDeposit, LnWithdrawal, LnWithdrawalStatus as S, Store, StoreError};
+use crate::store::{LnDeposit, LnWithdrawal, LnWithdrawalStatus as S, Reader, Store, StoreError};
 use crate::{deposit_key, engine_withdrawal_id, seed};
 use ldk_node::bitcoin::hashes::Hash;
 use ldk_node::bitcoin::secp256k1::PublicKey;
@@ -43,6 +43,11 @@ pub struct LnBalances {
     pub pending_close_sat: u64,
     /// Part of `onchain_sat` kept as the anchor channels' reserve.
     pub anchor_reserve_sat: u64,
+    /// Amount plus fee of the withdrawals not final yet (held in the ledger; their payment may
+    /// be on its way, out of `channels_sat`): ours until they complete, as an on-chain batch in
+    /// flight is. Counted so that a payment in flight (its routing fee is capped at its fee) is
+    /// never a shortfall. Read from the store after the node's balances.
+    pub withdrawals_in_flight_sat: u64,
 }
 
 impl LnBalances {
@@ -50,7 +55,8 @@ impl LnBalances {
     pub fn total_sat(&self) -> Option<u64> {
         self.onchain_sat
             .checked_add(self.channels_sat)?
-            .checked_add(self.pending_close_sat)
+            .checked_add(self.pending_close_sat)?
+            .checked_add(self.withdrawals_in_flight_sat)
     }
 }
 
@@ -79,6 +85,9 @@ pub struct ChannelView {
 pub struct LightningService<L: Ledger> {
     node: Node,
     store: Mutex<Store>,
+    /// The store read without its lock (see [`Reader`]): the withdrawals in flight that
+    /// [`balances`](Self::balances) counts, under custody's lock.
+    reader: Mutex<Reader>,
     ledger: L,
     cfg: LightningConfig,
     policy: std::sync::OnceLock<std::sync::Arc<dyn PayPolicy>>,
@@ -198,10 +207,12 @@ impl<L: Ledger> LightningService<L> {
             source,
         })?;
         let store = Store::open(&cfg.data_dir)?;
+        let reader = Reader::open(&cfg.data_dir)?;
         tracing::info!(node_id = %node.node_id(), listen = %cfg.listen, "lightning node started");
         Ok(Self {
             node,
             store: Mutex::new(store),
+            reader: Mutex::new(reader),
             ledger,
             cfg,
             policy: std::sync::OnceLock::new(),
@@ -1042,11 +1053,22 @@ impl<L: Ledger> LightningService<L> {
                 } => *amount_satoshis,
             })
             .fold(0u64, u64::saturating_add);
+        // After the node's balances: a withdrawal that becomes final in between was completed
+        // (or released) in the ledger first, so it is counted on one side at most as it should.
+        let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
+        let withdrawals_in_flight_sat = match reader.withdrawals_in_flight_sat() {
+            Ok(sat) => sat,
+            Err(e) => {
+                tracing::error!(error = %e, "reading the withdrawals in flight");
+                0
+            }
+        };
         LnBalances {
             onchain_sat: b.total_onchain_balance_sats,
             channels_sat: b.total_lightning_balance_sats,
             pending_close_sat,
             anchor_reserve_sat: b.total_anchor_channels_reserve_sats,
+            withdrawals_in_flight_sat,
         }
     }
 

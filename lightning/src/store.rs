@@ -170,6 +170,37 @@ fn deposit_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LnDeposit> {
     })
 }
 
+/// A read-only connection beside the store's own: in WAL mode it reads the last commit without
+/// the store's lock. For readings taken under another lock: custody's reconciliation holds
+/// custody's lock, while a payment takes the store's lock first and then asks custody
+/// ([`crate::PayPolicy`]); taking the store's lock there would invert that order.
+pub(crate) struct Reader {
+    db: Connection,
+}
+
+impl Reader {
+    /// Opens the store's database (which [`Store::open`] created) read-only.
+    pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
+        let db = Connection::open_with_flags(
+            dir.join(DATABASE_FILE),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY | rusqlite::OpenFlags::SQLITE_OPEN_NO_MUTEX,
+        )?;
+        db.busy_timeout(std::time::Duration::from_secs(5))?;
+        Ok(Self { db })
+    }
+
+    /// Amount plus fee of the withdrawals not final yet (held in the ledger; maybe on their way).
+    pub(crate) fn withdrawals_in_flight_sat(&self) -> Result<u64, StoreError> {
+        let sum: i64 = self.db.query_row(
+            "SELECT COALESCE(SUM(amount_sat + fee_sat), 0) FROM ln_withdrawals \
+             WHERE status NOT IN ('refused', 'completed', 'released')",
+            [],
+            |r| r.get(0),
+        )?;
+        Ok(u64_of(sum))
+    }
+}
+
 impl Store {
     pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = Connection::open(dir.join(DATABASE_FILE))?;

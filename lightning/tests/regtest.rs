@@ -698,6 +698,9 @@ fn a_crash_between_send_and_result_is_resolved_by_payment_hash_and_paid_once() {
         w.m().withdrawal(wd.id).unwrap().unwrap().status,
         LnWithdrawalStatus::Sending
     );
+    // Held in the ledger and maybe out of the channel: custody counts it as in flight (never a
+    // shortfall while it is on its way).
+    assert_eq!(w.m().balances().withdrawals_in_flight_sat, 20_050);
     // Resolved by payment hash alone (the node's events are not looked at).
     wait_until("withdrawal resolved", Duration::from_secs(60), || {
         w.m().resolve_pending().unwrap();
@@ -716,6 +719,7 @@ fn a_crash_between_send_and_result_is_resolved_by_payment_hash_and_paid_once() {
         .collect();
     assert_eq!(inbound.len(), 1);
     assert_eq!(w.ledger.btc(carol), (100_000 - 20_050, 0));
+    assert_eq!(w.m().balances().withdrawals_in_flight_sat, 0, "completed");
     // Paying it again after the restart answers the one withdrawal; nothing is paid twice.
     let again = w.m().pay(carol, &out.to_string(), now_ms()).unwrap();
     assert_eq!(again.status, LnWithdrawalStatus::Completed);

@@ -276,10 +276,14 @@ pub struct CustodyService {
     other_assets: Option<Arc<dyn OtherAssets>>,
     /// The last reconciliation recorded there: (shortfall, surplus), recorded again on change.
     last_reconciliation: Option<(bool, i64)>,
-    /// The shortfall above the tolerance at the last reconciliation (`step`, or a due batch), in
-    /// sat: payouts are held back while it is `Some` (batches, and Lightning payments through
-    /// [`check_outflow`](Self::check_outflow)). `None` until the first reconciliation.
+    /// The shortfall above the tolerance found by the last two steps' reconciliations in a row
+    /// (the smaller), in sat: money out at once (a Lightning payment, through
+    /// [`check_outflow`](Self::check_outflow)) is refused while it is `Some`. Two in a row, so
+    /// that a reading between a payment's two sides (a Lightning deposit credited a moment
+    /// before the channel shows it) refuses nothing. Batches look for themselves when due.
     payouts_held: Option<u64>,
+    /// The shortfall above the tolerance at the last step's reconciliation.
+    last_short: Option<u64>,
 }
 
 /// Where custody records its own automatic decisions: a withdrawal approved by policy
@@ -460,6 +464,7 @@ impl CustodyService {
             other_assets: None,
             last_reconciliation: None,
             payouts_held: None,
+            last_short: None,
         };
         service.recover_withdrawals()?;
         Ok(service)
@@ -581,7 +586,7 @@ impl CustodyService {
             return Err(WithdrawalError::AccountFlagged(account));
         }
         // Paid at once, unlike a batch: refused while payouts are held back (a shortfall at the
-        // last reconciliation, at most one step old).
+        // last two steps' reconciliations).
         if let Some(short) = self.payouts_held {
             return Err(WithdrawalError::PayoutsHeld {
                 short: Amount(short),
@@ -1762,7 +1767,7 @@ impl CustodyService {
         // the first step the shortfall is covered (or accepted with a larger tolerance).
         let rec = self.reconcile()?;
         let tolerance = self.config.batch.shortfall_tolerance.0;
-        if let Some(short) = self.note_shortfall(&rec) {
+        if let Some(short) = self.short_beyond_tolerance(&rec) {
             self.alarm(
                 "reconciliation_shortfall",
                 "custody",
@@ -2278,13 +2283,21 @@ impl CustodyService {
     // -----------------------------------------------------------------------------------------
     // Reconciliation and the whole step
 
-    /// Records whether `rec` holds payouts back (a shortfall above the tolerance) and returns
-    /// that shortfall in sat.
-    fn note_shortfall(&mut self, rec: &Reconciliation) -> Option<u64> {
+    /// The shortfall `rec` shows above the tolerance, in sat.
+    fn short_beyond_tolerance(&self, rec: &Reconciliation) -> Option<u64> {
         let tolerance = i128::from(self.config.batch.shortfall_tolerance.0);
-        self.payouts_held =
-            (i128::from(rec.surplus_sat) < -tolerance).then(|| rec.surplus_sat.unsigned_abs());
-        self.payouts_held
+        (i128::from(rec.surplus_sat) < -tolerance).then(|| rec.surplus_sat.unsigned_abs())
+    }
+
+    /// Records a step's reconciliation: payouts are held back once two in a row show a
+    /// shortfall above the tolerance ([`CustodyService::check_outflow`]).
+    fn note_shortfall(&mut self, rec: &Reconciliation) {
+        let short = self.short_beyond_tolerance(rec);
+        self.payouts_held = match (self.last_short, short) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            _ => None,
+        };
+        self.last_short = short;
     }
 
     /// Wallet assets against ledger liabilities. A shortfall is logged as an error.

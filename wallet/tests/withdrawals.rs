@@ -457,6 +457,12 @@ fn a_shortfall_holds_withdrawal_batches_back() {
             key: matching_engine::units::IdempotencyKey::reference("phantom"),
         })
         .unwrap();
+    // One reading: money out at once (a Lightning payment asks this) waits for a second one in
+    // a row (a reading between a payment's two sides is no shortfall).
+    svc.step(w.clock.now()).unwrap();
+    assert!(svc
+        .check_outflow(alice, Amount(1_000), Amount(0), w.clock.now().as_millis())
+        .is_ok());
     let mut receiver = Customer::new(15);
     let to = receiver.address();
     let v = svc
@@ -475,23 +481,17 @@ fn a_shortfall_holds_withdrawal_batches_back() {
         "{alarms:?}"
     );
     assert!(alarms[0].message.contains("1234 sat"), "{alarms:?}");
-    // Money out at once (a Lightning payment asks this) waits for a second reading in a row (a
-    // reading between a payment's two sides is not a shortfall)...
-    let now_ms = w.clock.now().as_millis();
-    assert!(svc
-        .check_outflow(alice, Amount(1_000), Amount(0), now_ms)
-        .is_ok());
-    // ...still short at the next step: still no batch, one alarm (not one per step), and money
-    // out at once is refused too.
-    let r = svc.step(w.clock.advance(Duration::from_secs(5))).unwrap();
-    assert!(r.batch.is_none());
-    assert_eq!(svc.alarms(false).unwrap().len(), 1);
+    // Two readings in a row: money out at once is refused too.
     assert!(matches!(
         svc.check_outflow(alice, Amount(1_000), Amount(0), w.clock.now().as_millis()),
         Err(WithdrawalError::PayoutsHeld {
             short: Amount(1_234)
         })
     ));
+    // Still short at the next step: still no batch, and one alarm, not one per step.
+    let r = svc.step(w.clock.advance(Duration::from_secs(5))).unwrap();
+    assert!(r.batch.is_none());
+    assert_eq!(svc.alarms(false).unwrap().len(), 1);
     drop(svc);
     // The operator accepts the loss: a tolerance that covers it.
     let mut c = config(&w);

@@ -831,6 +831,19 @@ async fn a_keep_priority_amend_by_a_reused_client_order_id_amends_the_newer_orde
     assert_eq!(o["origQty"], "0.00400000", "{o}");
 }
 
+/// Lets the read models go (checked held back first) from another thread a moment from now.
+fn release_soon(gate: &Arc<Gate>) -> std::thread::JoinHandle<()> {
+    assert!(
+        !gate.held.lock().unwrap().is_empty(),
+        "the read models were not held back"
+    );
+    let g = gate.clone();
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        g.resume();
+    })
+}
+
 /// A new order is answered from its own events without waiting for the read models
 /// (`AppState::submit_ahead`); a request that reads them afterwards waits for them first
 /// (`AppState::fence`), so a client sees the order it was just answered. The read models are
@@ -845,15 +858,7 @@ async fn a_query_after_an_answered_order_sees_it_while_the_read_model_lags() {
     let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1&price=30000";
     let placed = h.ok("POST", "/api/v3/order", sell, &key).await;
     assert_eq!(placed["status"], "NEW", "{placed}");
-    assert!(
-        !gate.held.lock().unwrap().is_empty(),
-        "the read models were not held back"
-    );
-    let g = gate.clone();
-    let release = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        g.resume();
-    });
+    let release = release_soon(&gate);
     let open = h
         .ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &key)
         .await;
@@ -880,15 +885,7 @@ async fn a_websocket_query_after_an_answered_order_sees_it_while_the_read_model_
         "timeInForce": "GTC", "quantity": "0.1", "price": "30000"});
     let placed = ws.ok("order.place", sell, &key).await;
     assert_eq!(placed["status"], "NEW", "{placed}");
-    assert!(
-        !gate.held.lock().unwrap().is_empty(),
-        "the read models were not held back"
-    );
-    let g = gate.clone();
-    let release = std::thread::spawn(move || {
-        std::thread::sleep(std::time::Duration::from_millis(300));
-        g.resume();
-    });
+    let release = release_soon(&gate);
     let open = ws
         .ok(
             "openOrders.status",

@@ -2235,16 +2235,20 @@ const IN_DELAY: &str = "bcrt1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf
 /// delay and a second ago.
 async fn listed_store() -> (D, (String, String)) {
     let d = setup().await;
-    let key =
-        d.h.state
-            .create_key(
-                d.account,
-                api::keys::Perms::parse("read,withdraw,transfer,merchant").unwrap(),
-                "before the list",
-            )
-            .unwrap();
+    let key = store_key(&d, "read,withdraw,transfer,merchant");
     turn_list_on(&d);
     (d, key)
+}
+
+/// A key of the store with `perms`, made before any list is on.
+fn store_key(d: &D, perms: &str) -> (String, String) {
+    d.h.state
+        .create_key(
+            d.account,
+            api::keys::Perms::parse(perms).unwrap(),
+            "before the list",
+        )
+        .unwrap()
 }
 
 fn turn_list_on(d: &D) {
@@ -2330,14 +2334,7 @@ async fn gf_raw(
 async fn the_signed_withdraw_apply_follows_the_store_list() {
     let d = setup().await;
     let count = || d.fake.withdrawals.lock().unwrap().len();
-    let key =
-        d.h.state
-            .create_key(
-                d.account,
-                api::keys::Perms::parse("read,withdraw").unwrap(),
-                "before the list",
-            )
-            .unwrap();
+    let key = store_key(&d, "read,withdraw");
     let apply = |address: &str, id: &str| {
         format!("coin=BTC&address={address}&amount=0.01&withdrawOrderId={id}")
     };
@@ -2386,14 +2383,7 @@ async fn the_signed_withdraw_apply_follows_the_store_list() {
 async fn a_refused_withdrawal_whose_key_is_taken_never_reaches_custody() {
     let d = setup().await;
     let count = || d.fake.withdrawals.lock().unwrap().len();
-    let key =
-        d.h.state
-            .create_key(
-                d.account,
-                api::keys::Perms::parse("read,withdraw").unwrap(),
-                "before the list",
-            )
-            .unwrap();
+    let key = store_key(&d, "read,withdraw");
     let path = "/sapi/v1/capital/withdraw/apply";
     let body = format!("coin=BTC&address={OTHER}&amount=0.01&withdrawOrderId=before-1");
     let r = d.h.signed("POST", path, &body, &key).await;
@@ -2489,14 +2479,7 @@ async fn a_listed_store_refuses_transfers_out_and_lightning_payments() {
 #[tokio::test]
 async fn a_transfer_retry_after_the_list_is_on_answers_the_transfers_outcome() {
     let d = setup().await;
-    let key =
-        d.h.state
-            .create_key(
-                d.account,
-                api::keys::Perms::parse("read,transfer").unwrap(),
-                "before the list",
-            )
-            .unwrap();
+    let key = store_key(&d, "read,transfer");
     let (other, other_key, _, _) = other_store_invoice(&d).await;
     let params = format!("toAccount={other}&asset=BTC&amount=0.01&clientTranId=before");
     let first = d.h.ok("POST", "/mapi/v1/transfer", &params, &key).await;
@@ -2525,14 +2508,7 @@ async fn a_transfer_retry_after_the_list_is_on_answers_the_transfers_outcome() {
 #[tokio::test]
 async fn a_lightning_retry_after_the_list_is_on_answers_the_payment() {
     let d = setup().await;
-    let key =
-        d.h.state
-            .create_key(
-                d.account,
-                api::keys::Perms::parse("read,withdraw").unwrap(),
-                "before the list",
-            )
-            .unwrap();
+    let key = store_key(&d, "read,withdraw");
     let ln = Arc::new(RecordingLn::default());
     assert!(d.h.state.set_lightning(ln.clone()).is_ok());
     let first =
@@ -2577,14 +2553,7 @@ async fn greenfield_claims_pull_payments_and_refunds_follow_the_store_list() {
     let d = setup().await;
     let count = || d.fake.withdrawals.lock().unwrap().len();
     let inv = paid_invoice(&d).await;
-    let key =
-        d.h.state
-            .create_key(
-                d.account,
-                api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
-                "before the list",
-            )
-            .unwrap();
+    let key = store_key(&d, "read,merchant,withdraw");
     let pps = format!("/api/v1/stores/{}/pull-payments", d.account);
     let pp = gf(
         &d.h,

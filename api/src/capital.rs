@@ -121,13 +121,26 @@ pub struct FlagCache {
     copy: std::sync::RwLock<Option<(std::time::Instant, Arc<std::collections::HashSet<u32>>)>>,
     /// A background refresh is under way.
     refreshing: std::sync::atomic::AtomicBool,
+    /// The accounts custody's hook told of ([`note_flagged`]), with when: a reading of custody
+    /// that began before a flag comes back without it, and must not drop it from the copy.
+    /// Entries are forgotten once [`NOTED_KEPT`] old (every reading since has the flag).
+    noted: std::sync::Mutex<Vec<(std::time::Instant, u32)>>,
 }
+
+/// How long a flag told by custody's hook is added to the readings of custody that began before
+/// it: longer than any reading takes (custody answers within its lock, or fails).
+const NOTED_KEPT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Custody flagged `account` just now (its flag hook, `wallet::FlagHook`, in `mediator serve`):
 /// the order path's copy takes it at once, not at its next refresh, and the account's open
 /// orders are cancelled (on `rt`). Without a copy yet there is nothing to add to: the first
 /// look-up reads custody, and cancels. Never waits (the hook runs under custody's lock).
 pub fn note_flagged(st: &AppState, account: u32, rt: &tokio::runtime::Handle) {
+    {
+        let mut noted = st.0.flags.noted.lock().unwrap_or_else(|e| e.into_inner());
+        noted.retain(|(at, _)| at.elapsed() < NOTED_KEPT);
+        noted.push((std::time::Instant::now(), account));
+    }
     {
         let mut copy = st.0.flags.copy.write().unwrap_or_else(|e| e.into_inner());
         let Some((_, set)) = copy.as_mut() else {
@@ -169,8 +182,20 @@ fn cancel_orders_of(st: &AppState, accounts: Vec<u32>, rt: &tokio::runtime::Hand
 /// it had not seen flagged (orders placed before the flag would otherwise still sell the
 /// account's funds when they fill; every account after a start or a clear, harmlessly).
 async fn refresh_flags(st: &AppState) -> Result<Arc<std::collections::HashSet<u32>>, ApiError> {
+    let began = std::time::Instant::now();
     let v = call(st, |c| c.flagged_accounts()).await?;
-    let set: Arc<std::collections::HashSet<u32>> = Arc::new(v.iter().map(|f| f.account).collect());
+    let mut set: std::collections::HashSet<u32> = v.iter().map(|f| f.account).collect();
+    // Flags custody told of after this reading began: it may have been taken before them.
+    set.extend(
+        st.0.flags
+            .noted
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .filter(|(at, _)| *at >= began)
+            .map(|(_, a)| *a),
+    );
+    let set = Arc::new(set);
     let before =
         st.0.flags
             .copy

@@ -18,6 +18,8 @@ struct Fake {
     deposits: Mutex<Vec<DepositInfo>>,
     withdrawals: Mutex<Vec<WithdrawalInfo>>,
     fail: Mutex<Option<CustodyError>>,
+    /// Runs once, right after the next reading of the flagged accounts was taken.
+    after_flag_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Fake {
@@ -162,14 +164,18 @@ impl Custody for Fake {
     fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
         self.log("flagged_accounts()".into())?;
         // Account 7 is flagged until a clear.
-        Ok(if self.calls().iter().any(|c| c == "clear_flag(7)") {
+        let flagged = if self.calls().iter().any(|c| c == "clear_flag(7)") {
             Vec::new()
         } else {
             vec![FlaggedAccount {
                 account: 7,
                 reason: "reorg".into(),
             }]
-        })
+        };
+        if let Some(after) = self.after_flag_read.lock().unwrap().take() {
+            after();
+        }
+        Ok(flagged)
     }
     fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
         self.log(format!("clear_flag({account})"))
@@ -2018,6 +2024,49 @@ async fn a_flag_custody_reports_stops_the_accounts_orders_at_once() {
         );
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
+}
+
+/// Review finding: a reading of custody's flags taken just before custody flagged an account
+/// (and told the order path through its hook) replaced the order path's copy when it came back,
+/// so the hook's flag was lost until the next refresh and the account could still sell. A flag
+/// told after a reading began is kept over that reading.
+#[tokio::test]
+async fn a_flag_told_while_the_flags_are_read_is_kept() {
+    let s = setup(true).await;
+    let key = loop {
+        let (a, k) = s.h.trader_with("1", "1000", "read,trade").await;
+        assert!(a <= 7, "account 7 was skipped");
+        if a == 7 {
+            break k;
+        }
+    };
+    // Cleared (the order path drops its copy): the next order reads custody again.
+    s.h.ok(
+        "POST",
+        "/mapi/v1/admin/accounts/clearFlag",
+        "account=7",
+        &s.h.admin,
+    )
+    .await;
+    // Right after that reading is taken, custody flags account 7 again and tells the hook.
+    let (st, fake, rt) = (
+        s.h.state.clone(),
+        s.fake.clone(),
+        tokio::runtime::Handle::current(),
+    );
+    *s.fake.after_flag_read.lock().unwrap() = Some(Box::new(move || {
+        fake.clear();
+        api::capital::note_flagged(&st, 7, &rt);
+    }));
+    let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1&price=20000";
+    let r = s.h.signed("POST", "/api/v3/order", sell, &key).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2010),
+        "{}",
+        r.json
+    );
+    assert!(s.fake.after_flag_read.lock().unwrap().is_none(), "not read");
 }
 
 /// Defect: an account custody flagged (a credited deposit left the chain: its BTC may not exist)

@@ -919,7 +919,8 @@ impl ReadModel {
     /// Waits until the read models hold every command answered so far (see
     /// [`ReadModel::answered_ahead`]): a request that reads them runs this first, so that a
     /// client sees its own answered orders (or 5 seconds pass, or the read models lost events:
-    /// then false). Costs two loads when they are caught up, which is almost always.
+    /// then false). When they are caught up, which is almost always, it reads two counters and
+    /// returns.
     pub async fn fence(&self) -> bool {
         let seq = self.answered.load(std::sync::atomic::Ordering::Acquire);
         self.wait_for(seq).await

@@ -3,7 +3,7 @@
 use crate::config::{CustodyConfig, RpcAuth};
 use crate::error::{
     BatchError, BumpError, DepositAddressError, DepositError, OpenError, ProveError, StepError,
-    SyncError, WithdrawalError,
+    StoreError, SyncError, WithdrawalError,
 };
 use crate::keys;
 use crate::ledger::{Ledger, LedgerError};
@@ -281,8 +281,11 @@ pub struct CustodyService {
     /// [`check_outflow`](Self::check_outflow)) is refused while it is `Some`. Two in a row, so
     /// that a reading between a payment's two sides (a Lightning deposit credited a moment
     /// before the channel shows it) refuses nothing. Batches look for themselves when due.
+    /// Kept with custody's records (`mediator_shortfall`), so that a restart goes on where the
+    /// last step left off.
     payouts_held: Option<u64>,
-    /// The shortfall above the tolerance at the last step's reconciliation.
+    /// The shortfall above the tolerance at the last step's reconciliation (kept like
+    /// `payouts_held`).
     last_short: Option<u64>,
 }
 
@@ -450,6 +453,12 @@ impl CustodyService {
             Some(path) => load_deny_list(path, config.network)?,
             None => HashSet::new(),
         };
+        // The last step's readings, under the tolerance configured now (an operator who accepts
+        // a shortfall with a larger one restarts: its payouts go at once).
+        let (last_short, payouts_held) = store::shortfall_readings(&db)?;
+        let tolerance = config.batch.shortfall_tolerance.0;
+        let last_short = last_short.filter(|s| *s > tolerance);
+        let payouts_held = payouts_held.filter(|s| *s > tolerance);
         let mut service = Self {
             config,
             ledger,
@@ -463,8 +472,8 @@ impl CustodyService {
             flag_hook: None,
             other_assets: None,
             last_reconciliation: None,
-            payouts_held: None,
-            last_short: None,
+            payouts_held,
+            last_short,
         };
         service.recover_withdrawals()?;
         Ok(service)
@@ -2294,14 +2303,20 @@ impl CustodyService {
     }
 
     /// Records a step's reconciliation: payouts are held back once two in a row show a
-    /// shortfall above the tolerance ([`CustodyService::check_outflow`]).
-    fn note_shortfall(&mut self, rec: &Reconciliation) {
+    /// shortfall above the tolerance ([`CustodyService::check_outflow`]). Durable before the
+    /// readings change here (a restart reads them back).
+    fn note_shortfall(&mut self, rec: &Reconciliation) -> Result<(), StoreError> {
         let short = self.short_beyond_tolerance(rec);
-        self.payouts_held = match (self.last_short, short) {
+        let held = match (self.last_short, short) {
             (Some(a), Some(b)) => Some(a.min(b)),
             _ => None,
         };
+        if (short, held) != (self.last_short, self.payouts_held) {
+            store::set_shortfall_readings(&self.db, short, held)?;
+        }
+        self.payouts_held = held;
         self.last_short = short;
+        Ok(())
     }
 
     /// Wallet assets against ledger liabilities. A shortfall is logged as an error.
@@ -2502,7 +2517,8 @@ impl CustodyService {
         let withdrawals = self.process_withdrawals(now)?;
         let batch = self.run_batcher(now)?;
         let reconciliation = self.reconcile()?;
-        self.note_shortfall(&reconciliation);
+        self.note_shortfall(&reconciliation)
+            .map_err(BatchError::from)?;
         let now_rec = (reconciliation.shortfall, reconciliation.surplus_sat);
         if self.decisions.is_some() && self.last_reconciliation != Some(now_rec) {
             let r = &reconciliation;

@@ -60,6 +60,13 @@ CREATE TABLE IF NOT EXISTS mediator_batch (
     created_ms INTEGER NOT NULL,
     confirmed_txid TEXT
 );
+-- The shortfalls (sat, above the tolerance then) custody's last step found and holds payouts
+-- back for (`CustodyService::check_outflow`): one row, so that a restart goes on holding them.
+CREATE TABLE IF NOT EXISTS mediator_shortfall (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    last_short_sat INTEGER,
+    held_sat INTEGER
+);
 CREATE TABLE IF NOT EXISTS mediator_batch_tx (
     txid TEXT PRIMARY KEY,
     batch_id INTEGER NOT NULL,
@@ -1040,6 +1047,37 @@ pub struct Alarm {
     pub at_ms: u64,
     /// When an operator cleared it.
     pub cleared_ms: Option<u64>,
+}
+
+/// The shortfall the last step's reconciliation found and the one payouts are held back for
+/// (both `None` when none was recorded).
+pub(crate) fn shortfall_readings(
+    db: &Connection,
+) -> Result<(Option<u64>, Option<u64>), StoreError> {
+    let row = db
+        .query_row(
+            "SELECT last_short_sat, held_sat FROM mediator_shortfall WHERE id = 1",
+            [],
+            |r| Ok((r.get::<_, Option<i64>>(0)?, r.get::<_, Option<i64>>(1)?)),
+        )
+        .optional()?;
+    let sat = |v: Option<i64>| v.map(|v| v.max(0).unsigned_abs());
+    Ok(row.map_or((None, None), |(last, held)| (sat(last), sat(held))))
+}
+
+/// Records the readings [`shortfall_readings`] returns.
+pub(crate) fn set_shortfall_readings(
+    db: &Connection,
+    last_short: Option<u64>,
+    held: Option<u64>,
+) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO mediator_shortfall (id, last_short_sat, held_sat) VALUES (1, ?1, ?2)
+         ON CONFLICT(id) DO UPDATE SET last_short_sat = excluded.last_short_sat,
+             held_sat = excluded.held_sat",
+        params![last_short.map(to_i64), held.map(to_i64)],
+    )?;
+    Ok(())
 }
 
 /// Raises an alarm unless the same kind and subject is raised and not cleared. True when new.

@@ -507,6 +507,61 @@ fn a_shortfall_holds_withdrawal_batches_back() {
         .is_ok());
 }
 
+/// Defect: payouts held back by a shortfall were let go by a restart. The hold lived in the
+/// service's memory only, so a restarted custody paid Lightning withdrawals (`check_outflow`)
+/// until two of its own steps had found the shortfall again (two poll intervals, and forever
+/// while bitcoind was away and no step completed). The readings are kept with custody's
+/// records: a restart goes on where the last step left off, under the tolerance configured now.
+#[test]
+fn payouts_held_by_a_shortfall_stay_held_across_a_restart() {
+    let mut w = World::new();
+    let (mut svc, alice) = funded(&w, config(&w), 400_000);
+    w.ledger
+        .raw(matching_engine::Command::Credit {
+            account: alice,
+            asset: matching_engine::config::BTC,
+            amount: Amount(1_234),
+            key: matching_engine::units::IdempotencyKey::reference("phantom"),
+        })
+        .unwrap();
+    // Time does not matter to the hold: the daily limit is far away.
+    let outflow = |svc: &CustodyService| svc.check_outflow(alice, Amount(1_000), Amount(0), 1_000);
+    // One reading before the restart, one after: two in a row, held.
+    svc.step(w.clock.now()).unwrap();
+    assert!(outflow(&svc).is_ok());
+    drop(svc);
+    let mut svc = w.open(config(&w));
+    assert!(outflow(&svc).is_ok(), "held on one reading");
+    svc.step(w.clock.advance(Duration::from_secs(5))).unwrap();
+    assert!(matches!(
+        outflow(&svc),
+        Err(WithdrawalError::PayoutsHeld {
+            short: Amount(1_234)
+        })
+    ));
+    // Held, then restarted: still held before any step of the new process.
+    drop(svc);
+    let mut svc = w.open(config(&w));
+    assert!(
+        matches!(
+            outflow(&svc),
+            Err(WithdrawalError::PayoutsHeld {
+                short: Amount(1_234)
+            })
+        ),
+        "a restart let held payouts go: {:?}",
+        outflow(&svc)
+    );
+    svc.step(w.clock.advance(Duration::from_secs(5))).unwrap();
+    assert!(outflow(&svc).is_err());
+    // Restarted with the shortfall accepted (a tolerance that covers it): let go at once.
+    drop(svc);
+    let mut c = config(&w);
+    c.batch.shortfall_tolerance = Amount(1_234);
+    let svc = w.open(c);
+    assert!(outflow(&svc).is_ok());
+}
+
 #[test]
 fn batch_fee_is_capped_at_the_flat_fees_and_refused_below_the_relay_minimum() {
     let mut w = World::new();

@@ -2,7 +2,9 @@
 
 use crate::config::LightningConfig;
 use crate::error::{InvoiceError, OpenError, OperatorError, PayError};
-use crate::store::{LnDeposit, LnWithdrawal, LnWithdrawalStatus as S, Reader, Store, StoreError};
+use crate::store::{
+    LnDeposit, LnWithdrawal, LnWithdrawalStatus as S, NewWithdrawal, Reader, Store, StoreError,
+};
 use crate::{deposit_key, engine_withdrawal_id, seed};
 use ldk_node::bitcoin::hashes::Hash;
 use ldk_node::bitcoin::secp256k1::PublicKey;
@@ -11,7 +13,7 @@ use ldk_node::lightning::ln::msgs::SocketAddress;
 use ldk_node::lightning::routing::router::RouteParametersConfig;
 use ldk_node::lightning_invoice::{Bolt11Invoice, Bolt11InvoiceDescription, Currency, Description};
 use ldk_node::lightning_types::payment::PaymentHash;
-use ldk_node::payment::{PaymentDirection, PaymentStatus};
+use ldk_node::payment::{PaymentDetails, PaymentDirection, PaymentStatus};
 use ldk_node::{Builder, Event, Node, NodeError, PendingSweepBalance, UserChannelId};
 use matching_engine::config::BTC;
 use matching_engine::{AccountId, Amount, Command, RejectCode, WithdrawalState};
@@ -43,9 +45,9 @@ pub struct LnBalances {
     pub pending_close_sat: u64,
     /// Part of `onchain_sat` kept as the anchor channels' reserve.
     pub anchor_reserve_sat: u64,
-    /// Amount plus fee of the withdrawals not final yet (held in the ledger; their payment may
-    /// be on its way, out of `channels_sat`): ours until they complete, as an on-chain batch in
-    /// flight is. Counted so that a payment in flight (its routing fee is capped at its fee) is
+    /// Amount plus fee of the withdrawals whose payment may be on its way, out of
+    /// `channels_sat` (`sending`, `completing`; held in the ledger): ours until they complete,
+    /// as an on-chain batch in flight is. Counted so that a payment in flight (its routing fee is capped at its fee) is
     /// never a shortfall. Read from the store after the node's balances.
     pub withdrawals_in_flight_sat: u64,
 }
@@ -142,6 +144,44 @@ impl<L: Ledger> std::fmt::Debug for LightningService<L> {
 
 fn hash_bytes(h: &PaymentHash) -> [u8; 32] {
     h.0
+}
+
+/// [`LightningService::outcome`] of a withdrawal sent after an attempt that failed with its
+/// record last updated at `prior_failed_s` (`None`: the first attempt), from the node's
+/// `record` of the invoice.
+fn outcome_of(prior_failed_s: Option<u64>, record: Option<&PaymentDetails>) -> Outcome {
+    match record {
+        None => Outcome::Unrecorded,
+        Some(p) if p.direction != PaymentDirection::Outbound => Outcome::NotOurs,
+        Some(p) => match p.status {
+            PaymentStatus::Pending => Outcome::Pending,
+            PaymentStatus::Succeeded => Outcome::Succeeded {
+                fee_paid_msat: p.fee_paid_msat,
+            },
+            PaymentStatus::Failed
+                if prior_failed_s.is_some_and(|t| p.latest_update_timestamp <= t) =>
+            {
+                Outcome::Unrecorded
+            }
+            PaymentStatus::Failed => Outcome::Failed,
+        },
+    }
+}
+
+/// What the node's payment store says of one withdrawal's attempt
+/// ([`LightningService::outcome`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Outcome {
+    /// No record of this attempt (none at all, or an earlier attempt's failure).
+    Unrecorded,
+    /// An inbound payment under this hash: not a withdrawal's.
+    NotOurs,
+    Pending,
+    Succeeded {
+        fee_paid_msat: Option<u64>,
+    },
+    /// This attempt failed: nothing is in flight.
+    Failed,
 }
 
 fn ceil_sat(msat: u64) -> u64 {
@@ -547,9 +587,15 @@ impl<L: Ledger> LightningService<L> {
                 Err(PayError::AlreadyPaid)
             };
         }
-        if node_payment.is_some_and(|p| p.status != PaymentStatus::Failed) {
+        if node_payment
+            .as_ref()
+            .is_some_and(|p| p.status != PaymentStatus::Failed)
+        {
             return Err(PayError::AlreadyPaid);
         }
+        // Paid again after a failed attempt: the node's record is that attempt's until the new
+        // one's replaces it ([`Self::outcome`]).
+        let prior_failed_s = node_payment.map(|p| p.latest_update_timestamp);
         if !self.ledger.account_exists(account) {
             return Err(PayError::UnknownAccount);
         }
@@ -575,14 +621,15 @@ impl<L: Ledger> LightningService<L> {
 
         // 1. The row, then the hold.
         let id = store
-            .insert_withdrawal(
-                account.0,
-                &hash,
-                &invoice.to_string(),
-                amount.0,
-                fee.0,
-                now_ms,
-            )?
+            .insert_withdrawal(&NewWithdrawal {
+                account: account.0,
+                payment_hash: &hash,
+                bolt11: &invoice.to_string(),
+                amount_sat: amount.0,
+                fee_sat: fee.0,
+                created_ms: now_ms,
+                prior_failed_s,
+            })?
             .ok_or(PayError::AlreadyPaid)?;
         let wid = engine_withdrawal_id(id);
         let hold = Command::WithdrawHold {
@@ -754,29 +801,28 @@ impl<L: Ledger> LightningService<L> {
                 store.transition(w.id, S::Held, S::Releasing, None, Some("not sent"))?;
             }
             S::Sending => {
-                let pid = ldk_node::lightning::ln::channelmanager::PaymentId(w.payment_hash);
-                match self.node.payment(&pid) {
-                    Some(p) if p.direction == PaymentDirection::Outbound => match p.status {
-                        PaymentStatus::Succeeded => {
-                            let fee = self.routing_fee_sat(w, p.fee_paid_msat);
-                            store.transition(w.id, S::Sending, S::Completing, Some(fee), None)?;
-                        }
-                        PaymentStatus::Failed => {
-                            store.transition(
-                                w.id,
-                                S::Sending,
-                                S::Releasing,
-                                None,
-                                Some("payment failed"),
-                            )?;
-                        }
-                        PaymentStatus::Pending => {}
-                    },
-                    Some(_) => {}
-                    None => {
-                        // The node has no record: the send never reached it (a stop between
-                        // `sending` and the call). Send again under the same payment id, which
-                        // the node refuses if it had sent it after all.
+                match self.outcome(w) {
+                    Outcome::Succeeded { fee_paid_msat } => {
+                        let fee = self.routing_fee_sat(w, fee_paid_msat);
+                        store.transition(w.id, S::Sending, S::Completing, Some(fee), None)?;
+                    }
+                    Outcome::Failed => {
+                        store.transition(
+                            w.id,
+                            S::Sending,
+                            S::Releasing,
+                            None,
+                            Some("payment failed"),
+                        )?;
+                    }
+                    Outcome::Pending | Outcome::NotOurs => {}
+                    Outcome::Unrecorded => {
+                        // The node has no record of this attempt: the send never reached it (a
+                        // stop between `sending` and the call), or reached the channel manager
+                        // and not the node's store (a stop in between: the record is still an
+                        // earlier attempt's). Send again under the same payment id, which the
+                        // node refuses (`DuplicatePayment`) while that attempt is in flight or
+                        // just finished, so nothing goes twice.
                         if let Ok(inv) = Bolt11Invoice::from_str(&w.bolt11) {
                             let params = RouteParametersConfig {
                                 max_total_routing_fee_msat: Some(w.fee_sat.saturating_mul(1000)),
@@ -800,6 +846,18 @@ impl<L: Ledger> LightningService<L> {
             _ => {}
         }
         Ok(())
+    }
+
+    /// What the node's payment store says of this withdrawal's attempt. The node keeps one
+    /// record per invoice (the payment id is the payment hash), and an invoice whose attempt
+    /// failed may be paid again: until the record changes after the new attempt's send, a
+    /// record marked failed no later than `prior_failed_s` is the earlier attempt's and says
+    /// nothing of this one (`Unrecorded`). Without this, the earlier attempt's failure (its
+    /// event still queued, or the record a stop left behind) released a new attempt that was
+    /// still on its way, and its success then paid the invoice out of released funds.
+    fn outcome(&self, w: &LnWithdrawal) -> Outcome {
+        let pid = ldk_node::lightning::ln::channelmanager::PaymentId(w.payment_hash);
+        outcome_of(w.prior_failed_s, self.node.payment(&pid).as_ref())
     }
 
     fn routing_fee_sat(&self, w: &LnWithdrawal, fee_paid_msat: Option<u64>) -> u64 {
@@ -843,21 +901,30 @@ impl<L: Ledger> LightningService<L> {
                     payment_hash,
                     fee_paid_msat,
                     ..
-                } => {
-                    if let Some(w) = store.live_withdrawal_by_hash(&hash_bytes(payment_hash))? {
-                        if w.status == S::Sending {
-                            let fee = self.routing_fee_sat(&w, *fee_paid_msat);
-                            store.transition(w.id, S::Sending, S::Completing, Some(fee), None)?;
-                        }
+                } => match store.live_withdrawal_by_hash(&hash_bytes(payment_hash))? {
+                    Some(w) if w.status == S::Sending => {
+                        let fee = self.routing_fee_sat(&w, *fee_paid_msat);
+                        store.transition(w.id, S::Sending, S::Completing, Some(fee), None)?;
                     }
-                }
+                    Some(_) => {}
+                    // Paid, and no withdrawal of ours may be paying it: money left that the
+                    // ledger released (or never held).
+                    None => self.alarm(
+                        "lightning_payment_without_withdrawal",
+                        &format!("lightning payment {}", hex::encode(payment_hash.0)),
+                        "the node paid an invoice no unfinished or completed withdrawal holds",
+                    ),
+                },
+                // Released only if the node's record says this attempt failed: the event may be
+                // an earlier attempt's, queued before the invoice was paid again
+                // ([`Self::outcome`]); `resolve` below settles the rest.
                 Event::PaymentFailed {
                     payment_hash: Some(payment_hash),
                     reason,
                     ..
                 } => {
                     if let Some(w) = store.live_withdrawal_by_hash(&hash_bytes(payment_hash))? {
-                        if w.status == S::Sending {
+                        if w.status == S::Sending && self.outcome(&w) == Outcome::Failed {
                             let why = format!("payment failed: {reason:?}");
                             store.transition(w.id, S::Sending, S::Releasing, None, Some(&why))?;
                         }
@@ -1079,5 +1146,66 @@ impl<L: Ledger> LightningService<L> {
             .new_address()
             .map(|a| a.to_string())
             .map_err(OperatorError::Node)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ldk_node::lightning::ln::channelmanager::PaymentId;
+    use ldk_node::payment::PaymentKind;
+
+    fn record(status: PaymentStatus, at_s: u64) -> PaymentDetails {
+        PaymentDetails {
+            id: PaymentId([9; 32]),
+            kind: PaymentKind::Bolt11 {
+                hash: PaymentHash([9; 32]),
+                preimage: None,
+                secret: None,
+            },
+            amount_msat: Some(1_000_000),
+            fee_paid_msat: Some(2_000),
+            direction: PaymentDirection::Outbound,
+            status,
+            latest_update_timestamp: at_s,
+        }
+    }
+
+    /// A second attempt at an invoice whose first failed at second 100: the node's failed
+    /// record is the first attempt's until it was updated after it (the second attempt's own
+    /// record was never written: a stop between the node's send and its store); only a later
+    /// failure releases. Success and pending are always this attempt's (an invoice is paid
+    /// again only after a failure). A first attempt takes the record as it is.
+    #[test]
+    fn a_failed_record_no_newer_than_the_earlier_attempt_says_nothing_of_a_later_one() {
+        use PaymentStatus::*;
+        let r = |status, at| Some(record(status, at));
+        assert_eq!(
+            outcome_of(Some(100), r(Failed, 100).as_ref()),
+            Outcome::Unrecorded
+        );
+        assert_eq!(
+            outcome_of(Some(100), r(Failed, 99).as_ref()),
+            Outcome::Unrecorded
+        );
+        assert_eq!(
+            outcome_of(Some(100), r(Failed, 101).as_ref()),
+            Outcome::Failed
+        );
+        assert_eq!(outcome_of(None, r(Failed, 5).as_ref()), Outcome::Failed);
+        assert_eq!(
+            outcome_of(Some(100), r(Pending, 100).as_ref()),
+            Outcome::Pending
+        );
+        assert_eq!(
+            outcome_of(Some(100), r(Succeeded, 100).as_ref()),
+            Outcome::Succeeded {
+                fee_paid_msat: Some(2_000)
+            }
+        );
+        assert_eq!(outcome_of(Some(100), None), Outcome::Unrecorded);
+        let mut inbound = record(Succeeded, 200);
+        inbound.direction = PaymentDirection::Inbound;
+        assert_eq!(outcome_of(None, Some(&inbound)), Outcome::NotOurs);
     }
 }

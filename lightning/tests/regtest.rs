@@ -782,6 +782,93 @@ fn a_crash_between_send_and_result_is_resolved_by_payment_hash_and_paid_once() {
     assert_eq!(w.ledger.btc(carol), before);
 }
 
+/// Defect (money): the node keeps one payment record per invoice, and an invoice whose attempt
+/// failed may be paid again. The failure event of the first attempt, queued after a
+/// resolution by payment hash had already released it, was applied to whichever withdrawal of
+/// that invoice was live: the second attempt, still on its way. Its hold was released, then the
+/// payee claimed it: the account was paid and never debited (a payee who fails its own HTLCs
+/// controls that timing). A failure is applied only when the node's record says this attempt
+/// failed. Failed on the old code (the second attempt was `released` while its HTLC was held).
+#[test]
+fn an_earlier_attempts_failure_does_not_release_a_payment_sent_again() {
+    use lightning_custody::ldk_node::bitcoin::hashes::sha256;
+    use lightning_custody::ldk_node::lightning_types::payment::{PaymentHash, PaymentPreimage};
+    let w = World::new();
+    let dave = w.ledger.create_account();
+    w.deposit(dave, 100_000);
+    assert_eq!(w.ledger.btc(dave), (100_000, 0));
+
+    // The customer's invoice, settled by hand: it fails or claims each attempt when it likes.
+    let preimage = [0x5au8; 32];
+    let hash = PaymentHash(sha256::Hash::hash(&preimage).to_byte_array());
+    let inv = w
+        .customer
+        .bolt11_payment()
+        .receive_for_hash(
+            10_000_000,
+            &Bolt11InvoiceDescription::Direct(Description::new("held".into()).unwrap()),
+            3600,
+            hash,
+        )
+        .unwrap();
+    let claimable = |what: &str| {
+        wait_event(
+            &w.customer,
+            what,
+            |e| matches!(e, Event::PaymentClaimable { payment_hash, .. } if *payment_hash == hash),
+        )
+    };
+
+    // 1. The first attempt; the customer fails it. The node records the failure before it
+    // queues the event: a resolution by payment hash (no events) releases the hold first.
+    let first = w.m().pay(dave, &inv.to_string(), now_ms()).unwrap();
+    claimable("the first attempt");
+    w.customer.bolt11_payment().fail_for_hash(hash).unwrap();
+    let pid = PaymentId(hash.0);
+    wait_until("the first attempt failed", Duration::from_secs(60), || {
+        w.m().node().payment(&pid).map(|p| p.status) == Some(PaymentStatus::Failed)
+    });
+    w.m().resolve_pending().unwrap();
+    assert_eq!(
+        w.m().withdrawal(first.id).unwrap().unwrap().status,
+        LnWithdrawalStatus::Released
+    );
+    assert_eq!(w.ledger.btc(dave), (100_000, 0));
+
+    // 2. Paid again; the customer holds this attempt's HTLC.
+    let second = w.m().pay(dave, &inv.to_string(), now_ms()).unwrap();
+    assert_ne!(second.id, first.id);
+    assert_eq!(second.status, LnWithdrawalStatus::Sending);
+    assert_eq!(w.ledger.btc(dave), (100_000 - 10_050, 10_050));
+    claimable("the second attempt");
+
+    // 3. A step handles the first attempt's failure event: the second attempt is on its way.
+    w.m().step(now_ms()).unwrap();
+    assert_eq!(
+        w.m().withdrawal(second.id).unwrap().unwrap().status,
+        LnWithdrawalStatus::Sending,
+        "an earlier attempt's failure released a payment still on its way"
+    );
+    assert_eq!(w.ledger.btc(dave), (100_000 - 10_050, 10_050));
+
+    // 4. The customer claims it: paid once, debited once.
+    w.customer
+        .bolt11_payment()
+        .claim_for_hash(hash, 10_000_000, PaymentPreimage(preimage))
+        .unwrap();
+    w.step_until("the second attempt completed", |w| {
+        w.m().withdrawal(second.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
+    });
+    assert_eq!(w.ledger.btc(dave), (100_000 - 10_050, 0));
+    assert_eq!(
+        w.ledger
+            .record(engine_withdrawal_id(second.id))
+            .unwrap()
+            .state,
+        WithdrawalState::Completed
+    );
+}
+
 /// Defect (money): a deposit paid while the ledger refused credits (the circuit breaker open)
 /// was retried only until an hour after its invoice's expiry; after that the paid invoice was
 /// never credited. A payment the node received is recorded as received and retried until it is

@@ -2086,6 +2086,8 @@ pub async fn refund(
             ),
         ));
     }
+    // Its claims would move a flagged store's funds out: none is handed out until reviewed.
+    api::capital::refuse_flagged(&st, key.account).await?;
     let p = PullPayment {
         id: r::random_id()?,
         merchant: key.account,
@@ -2149,6 +2151,8 @@ pub async fn create_pull_payment(
                 "more than zero, at most 21000000, 8 decimals at most",
             )
         })?;
+    // Its claims would move a flagged store's funds out: none is handed out until reviewed.
+    api::capital::refuse_flagged(&st, key.account).await?;
     let p = PullPayment {
         id: r::random_id()?,
         merchant: key.account,
@@ -2628,6 +2632,10 @@ async fn claim_and_pay(
     let now = now_ms();
     let pp2 = pp.clone();
     let id = r::random_id()?;
+    // A flagged store's funds (maybe a deposit the chain took back) stay until reviewed.
+    // Custody is asked here (it cannot be asked inside the transaction); the answer refuses a
+    // new claim only, after the key's look-up, so a claim made before the flag is answered.
+    let flag = api::capital::refuse_flagged(st, pp.merchant).await;
     // Check the limit and reserve, in one transaction (the database serializes claims).
     let reserved = with_db(st, move |c| {
         let tx = c.transaction().map_err(db_error)?;
@@ -2645,6 +2653,7 @@ async fn claim_and_pay(
                 return Ok(if same { Reserved::Existing(p) } else { Reserved::KeyReused });
             }
         }
+        flag?;
         // A new claim moves the store's money out: the store's list decides where to (after
         // the key's look-up above, so a claim made before the list was on is still answered).
         let to = match account_of(&destination) {

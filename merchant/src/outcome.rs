@@ -3,7 +3,9 @@
 //! A balance payment (`invoice/pay`) and a refund each move money through a boundary that can
 //! lose its answer: the engine (a transfer) or custody (a withdrawal). Each is written down
 //! *before* it is executed, under an idempotency key derived from what is written:
-//! * a balance payment as a [`store::PayIntent`] (key `merchant/pay/<invoice>/<payer>/<due>`),
+//! * a balance payment as a [`store::PayIntent`] (key `merchant/pay/<invoice>/<payer>/<due>/<n>`,
+//!   `n` the payer's payments already recorded on the invoice: a second payment of the same
+//!   amount due, after a chain payment left the chain, has a key of its own),
 //! * a refund as a reserved [`store::Refund`] (key `merchant/refund/<invoice>/<n>` for a
 //!   transfer, `refund-<invoice>-<n>` for a custody withdrawal; `n` is never reused).
 //!

@@ -1108,8 +1108,20 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
     .await?;
     // A flagged payer's funds (maybe a deposit the chain took back) stay until reviewed.
     api::capital::refuse_flagged(st, payer).await?;
+    // One id (and engine key) per payment of this payer on this invoice: the same payer may be
+    // asked the same amount due again (a chain payment that made the invoice paid left the
+    // chain), and that payment must not reuse the first one's key (the engine would answer it
+    // as a duplicate, and nothing would move). `n` counts this payer's payments recorded here:
+    // a retry after a lost answer either completes the intent above or, the payment recorded,
+    // finds nothing due; only a payment recorded since gives a new id.
+    let n = rec
+        .inv
+        .payments
+        .iter()
+        .filter(|p| p.source == model::Source::Balance { payer })
+        .count();
     let intent = store::PayIntent {
-        pid: format!("pay/{}/{payer}/{due}", rec.inv.id),
+        pid: format!("pay/{}/{payer}/{due}/{n}", rec.inv.id),
         invoice_id: rec.inv.id.clone(),
         payer,
         amount_sat: due,
@@ -1230,6 +1242,10 @@ pub(crate) async fn refund_invoice(
     let _guard = st.merchant().invoice_lock.lock().await;
     let now = now_ms();
     let merchant = ask.merchant;
+    // A flagged merchant's funds (maybe a deposit the chain took back) stay until reviewed.
+    // Custody is asked here (it cannot be asked inside the transaction); the answer refuses a
+    // new refund only, after the key's look-up, so a refund asked before the flag is answered.
+    let flag = api::capital::refuse_flagged(st, merchant).await;
     // Check and reserve in one transaction.
     let reserved = with_db(st, move |c| {
         let (mut rec, name) = match load_with_name(c, &ask.id)? {
@@ -1250,6 +1266,7 @@ pub(crate) async fn refund_invoice(
                 return Ok(Reserved::Existing(rec, name, r));
             }
         }
+        flag?;
         // A new refund moves the store's money out: its list decides where to (after the
         // key's look-up above, so a refund requested before the list was on is answered).
         let to = match (&ask.address, ask.to_account) {

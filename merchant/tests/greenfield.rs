@@ -1622,3 +1622,146 @@ async fn amounts_above_all_bitcoin_are_refused_with_422_and_create_nothing() {
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.json);
 }
+
+/// Defect: a merchant account custody flagged (a credited deposit left the chain) still paid
+/// its pull payments' claims to exchange accounts (engine transfers out of its balance): it could
+/// make a pull payment of its whole balance and claim it to a second account. A new claim, and
+/// a new pull payment or refund, of a flagged store is refused (`400`, `mediatorCode` `-4032`),
+/// nothing reserved or moved; a claim made before the flag is still answered by its key.
+#[tokio::test]
+async fn a_flagged_merchant_pays_no_pull_payment_claim() {
+    let h = Harness::new();
+    let fake = Arc::new(Fake::default());
+    h.state.set_custody(fake.clone()).ok().unwrap();
+    let (merchant, merchant_key) = h.trader("0.01", "0").await;
+    let (customer, customer_key) = h.trader("0", "0").await;
+    let k = h
+        .state
+        .create_key(
+            merchant,
+            api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+            "gf",
+        )
+        .unwrap();
+    let token = h.state.greenfield_token(&k.0);
+    let post = |uri: String, body: Value| {
+        let (h, token) = (&h, token.clone());
+        async move { call(h, "POST", &uri, Some(&token), Some(body)).await }
+    };
+    // A settled invoice (refundable) and its refund, and a store pull payment, before the flag.
+    let inv = ok(
+        post(
+            format!("/api/v1/stores/{merchant}/invoices"),
+            json!({"amount": "0.001"}),
+        )
+        .await,
+        "invoice",
+    );
+    let inv_id = inv["id"].as_str().unwrap().to_owned();
+    let pm = ok(
+        call(
+            &h,
+            "GET",
+            &format!("/api/v1/stores/{merchant}/invoices/{inv_id}/payment-methods"),
+            Some(&token),
+            None,
+        )
+        .await,
+        "payment methods",
+    );
+    let now = common::now_ms();
+    fake.pay(
+        merchant,
+        pm[0]["destination"].as_str().unwrap(),
+        1,
+        100_000,
+        1,
+        now,
+    );
+    tick(&h.state, now + 1).await.unwrap();
+    let refund_uri = format!("/api/v1/stores/{merchant}/invoices/{inv_id}/refund");
+    let refund_pp = ok(
+        post(refund_uri.clone(), json!({"refundVariant": "RateThen"})).await,
+        "refund",
+    );
+    let pp_uri = format!("/api/v1/stores/{merchant}/pull-payments");
+    let pp = ok(
+        post(
+            pp_uri.clone(),
+            json!({"name": "Cashback", "amount": "0.001"}),
+        )
+        .await,
+        "pull payment",
+    );
+    let payouts = |pp: &Value| {
+        format!(
+            "/api/v1/pull-payments/{}/payouts",
+            pp["id"].as_str().unwrap()
+        )
+    };
+    let to_customer = |amount: &str| {
+        json!({"destination": format!("account:{customer}"), "amount": amount}).to_string()
+    };
+    let first = ok(
+        raw(
+            &h,
+            "POST",
+            &payouts(&pp),
+            None,
+            to_customer("0.0004"),
+            &[("Idempotency-Key", "c1")],
+        )
+        .await,
+        "claim",
+    );
+    fake.flagged.lock().unwrap().push(merchant);
+    // The claim made before the flag: answered, not refused, not paid twice.
+    let again = ok(
+        raw(
+            &h,
+            "POST",
+            &payouts(&pp),
+            None,
+            to_customer("0.0004"),
+            &[("Idempotency-Key", "c1")],
+        )
+        .await,
+        "again",
+    );
+    assert_eq!(
+        (&first["id"], &again["state"]),
+        (&again["id"], &json!("Completed"))
+    );
+    // New claims of both pull payments: refused, nothing reserved.
+    for (what, pp, amount) in [("store", &pp, "0.0006"), ("refund", &refund_pp, "0.001")] {
+        let r = raw(&h, "POST", &payouts(pp), None, to_customer(amount), &[]).await;
+        assert_eq!(
+            (r.status, &r.json["mediatorCode"]),
+            (StatusCode::BAD_REQUEST, &json!(-4032)),
+            "{what}: {}",
+            r.json
+        );
+        let left = ok(
+            call(&h, "GET", &payouts(pp).replace("/payouts", ""), None, None).await,
+            "pp",
+        );
+        assert_eq!(left["remainingAmount"], amount, "{what}");
+    }
+    // Nor does it hand out new pull payments or refunds while flagged.
+    for (uri, body) in [
+        (pp_uri, json!({"name": "More", "amount": "0.001"})),
+        (refund_uri, json!({"refundVariant": "RateThen"})),
+    ] {
+        let r = post(uri.clone(), body).await;
+        assert_eq!(
+            (r.status, &r.json["mediatorCode"]),
+            (StatusCode::BAD_REQUEST, &json!(-4032)),
+            "{uri}: {}",
+            r.json
+        );
+    }
+    assert!(h.state.sync_read_model().await);
+    assert_eq!(h.balance(&customer_key, "BTC").await.0, "0.00040000");
+    assert_eq!(h.balance(&merchant_key, "BTC").await.0, "0.00960000");
+    assert!(fake.withdrawals.lock().unwrap().is_empty());
+}

@@ -1633,3 +1633,128 @@ async fn a_flagged_account_cannot_pay_an_invoice_from_its_balance() {
     assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00000000");
     assert_eq!(s(&m.get(&id).await, "status"), "New");
 }
+
+/// Defect: a merchant account custody flagged (a credited deposit left the chain) still sent
+/// refunds out on its own request, to an account (an engine transfer) or an address: the flag
+/// held its withdrawals and transfers but not the money its refunds moved. A new refund is
+/// refused (`-4032`), nothing reserved or moved; a refund asked before the flag is still
+/// answered by its idempotency key.
+#[tokio::test]
+async fn a_flagged_merchant_cannot_refund() {
+    let m = setup().await;
+    let (payer_id, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
+    let inv = m.invoice("amount=0.00123").await;
+    let id = s(&inv, "id");
+    m.h.ok(
+        "POST",
+        "/mapi/v1/merchant/invoice/pay",
+        &format!("invoiceId={id}"),
+        &payer,
+    )
+    .await;
+    let first_params =
+        format!("invoiceId={id}&amount=0.0001&toAccount={payer_id}&idempotencyKey=rf-1");
+    let first =
+        m.h.ok(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &first_params,
+            &m.key,
+        )
+        .await;
+    m.fake.flagged.lock().unwrap().push(m.account);
+    // The refund asked before the flag: answered, not refused, not paid twice.
+    let again =
+        m.h.ok(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &first_params,
+            &m.key,
+        )
+        .await;
+    assert_eq!(
+        (s(&again, "n"), s(&again, "reference")),
+        (s(&first, "n"), s(&first, "reference"))
+    );
+    // New refunds: to an account, and to an address.
+    for (params, key) in [
+        (
+            format!("invoiceId={id}&amount=0.0001&toAccount={payer_id}&idempotencyKey=rf-2"),
+            &m.key,
+        ),
+        (
+            format!("invoiceId={id}&amount=0.0001&address=bcrt1qcustomer"),
+            &m.wkey,
+        ),
+    ] {
+        let r =
+            m.h.signed("POST", "/mapi/v1/merchant/invoice/refund", &params, key)
+                .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, -4032),
+            "{params}: {}",
+            r.json
+        );
+    }
+    assert!(m.h.state.sync_read_model().await);
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99887000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00113000");
+    assert!(m.fake.withdrawals.lock().unwrap().is_empty());
+    let v = m.get(&id).await;
+    assert_eq!(s(&v, "refundedBtc"), "0.0001");
+    assert_eq!(v["refunds"].as_array().unwrap().len(), 1, "{v}");
+}
+
+/// Defect: a balance payment's id (and its engine key) was `pay/<invoice>/<payer>/<due>`, so a
+/// payer asked the same amount due a second time on one invoice (a chain payment that had
+/// made the invoice paid left the chain, and it went back to `New` with the same due) sent the
+/// first payment's key again: the engine answered it as a duplicate, the invoice recorded
+/// nothing new, and the payer got `200` and the old `tranId` while nothing moved.
+#[tokio::test]
+async fn a_balance_payment_asked_again_after_a_chain_payment_left_pays_again() {
+    let m = setup().await;
+    let now = common::now_ms();
+    let (_, payer) = m.h.trader_with("1", "0", "read,trade,transfer").await;
+    let inv = m.invoice("amount=0.001").await;
+    let (id, addr) = (s(&inv, "id"), s(&inv, "address"));
+    let params = format!("invoiceId={id}");
+    m.fake.pay(m.account, &addr, 7, 50_000, 0, now);
+    m.tick(now + 1).await;
+    assert_eq!(s(&m.get(&id).await, "dueBtc"), "0.0005");
+    let first =
+        m.h.ok("POST", "/mapi/v1/merchant/invoice/pay", &params, &payer)
+            .await;
+    assert_eq!(s(&first, "status"), "Processing", "{first}");
+    // The chain payment is dropped: the invoice is due the same 0.0005 again.
+    for d in m.fake.deposits.lock().unwrap().iter_mut() {
+        d.state = api::custody::DepositState::Dropped;
+    }
+    m.tick(now + 2).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "status"), s(&v, "dueBtc")),
+        ("New".into(), "0.0005".into()),
+        "{v}"
+    );
+    let second =
+        m.h.ok("POST", "/mapi/v1/merchant/invoice/pay", &params, &payer)
+            .await;
+    assert_eq!(s(&second, "paidFromBalanceBtc"), "0.0005");
+    assert_ne!(s(&second, "tranId"), s(&first, "tranId"));
+    assert!(m.h.state.sync_read_model().await);
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99900000");
+    assert_eq!(m.h.balance(&m.key, "BTC").await.0, "0.00100000");
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "status"), s(&v, "paidBtc"), s(&v, "dueBtc")),
+        ("Settled".into(), "0.001".into(), "0".into()),
+        "{v}"
+    );
+    // Asked once more: nothing is due, nothing moves.
+    let r =
+        m.h.signed("POST", "/mapi/v1/merchant/invoice/pay", &params, &payer)
+            .await;
+    assert_eq!(r.code(), -1155, "{}", r.json);
+    assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99900000");
+}

@@ -143,7 +143,12 @@ fn key_json(k: &crate::keys::ApiKey) -> serde_json::Value {
     })
 }
 
-/// `GET /mapi/v1/apiKey` (KEYS): the account's keys (never secrets).
+/// `GET /mapi/v1/apiKey` (KEYS): the account's keys (never secrets). The id of a key with a
+/// permission the caller lacks is shown masked (`masked_key_id`): a key's id is enough to open
+/// its user data stream (`POST /api/v3/userDataStream` asks for the id alone, as Binance's
+/// does), so listing it in full let a key holding `keys` alone read the account's orders and
+/// balances through a `read` key's stream. A caller sees in full the keys it could have made
+/// itself (at most its own permissions, as `POST /mapi/v1/apiKey`).
 pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, p, ctx) = st.signed(&req)?;
     p.finish()?;
@@ -151,9 +156,21 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
         st.0.keys
             .of_account(key.account)
             .iter()
-            .map(|k| key_json(k))
+            .map(|k| {
+                let mut v = key_json(k);
+                if k.perms.0 & !key.perms.0 != 0 {
+                    v["apiKey"] = json!(masked_key_id(&k.api_key));
+                }
+                v
+            })
             .collect();
     Ok(ok_json(&ctx, serde_json::Value::Array(v)))
+}
+
+/// A key id shown to a caller who may not use it: its first 8 characters and `...` (enough to
+/// tell keys apart; the rest, 56 hex digits, is not guessable).
+fn masked_key_id(id: &str) -> String {
+    format!("{}...", id.get(..8).unwrap_or_default())
 }
 
 /// The public fields of a key, as answered and as audited (never the secret).

@@ -53,6 +53,68 @@ async fn read_key_cannot_list_mint_or_revoke_keys() {
     h.ok("GET", "/api/v3/account", "", &trader).await;
 }
 
+/// Defect: `GET /mapi/v1/apiKey` listed every key's id in full, and a key's id alone opens its
+/// user data stream (`POST /api/v3/userDataStream`, as Binance's: no signature). A key holding
+/// `keys` alone read a `read` key's id and through it the account's orders and balances. Ids of
+/// keys with a permission the caller lacks are listed masked; those it could have made itself
+/// (at most its own permissions) in full. Failed on the old code (the read key's id in full).
+#[tokio::test]
+async fn a_keys_only_key_cannot_learn_a_wider_keys_id() {
+    let h = Harness::new();
+    let (acct, trader) = h.trader("0", "0").await; // read,trade
+    let manager = h.state.create_key(acct, Perms::KEYS, "manager").unwrap();
+    let reader = h.state.create_key(acct, Perms::READ, "viewer").unwrap();
+    let master = h
+        .state
+        .create_key(
+            acct,
+            Perms::READ.with(Perms::TRADE).with(Perms::KEYS),
+            "master",
+        )
+        .unwrap();
+    let payer = h
+        .state
+        .create_key(acct, Perms::READ.with(Perms::WITHDRAW), "payer")
+        .unwrap();
+    let listed_by = |key: &(String, String)| {
+        let key = key.clone();
+        let h = &h;
+        async move {
+            let listed = h.ok("GET", "/mapi/v1/apiKey", "", &key).await;
+            let ids: Vec<String> = listed
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|k| k["apiKey"].as_str().unwrap().to_owned())
+                .collect();
+            assert_eq!(ids.len(), 5, "{listed}");
+            ids
+        }
+    };
+    let masked = |id: &str| format!("{}...", &id[..8]);
+
+    let ids = listed_by(&manager).await;
+    assert!(ids.contains(&manager.0), "its own id in full: {ids:?}");
+    for wider in [&reader.0, &trader.0, &master.0, &payer.0] {
+        assert!(!ids.contains(wider), "a wider key's id in full: {ids:?}");
+        assert!(ids.contains(&masked(wider)), "listed masked: {ids:?}");
+    }
+    // What it learned opens no stream.
+    for id in ids.iter().filter(|id| **id != manager.0) {
+        let r = h.raw("POST", "/api/v3/userDataStream", "", Some(id)).await;
+        assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
+        assert!([-2014, -2015].contains(&r.code()), "{}", r.json);
+        assert!(r.json.get("listenKey").is_none(), "{}", r.json);
+    }
+
+    // A key with read, trade and keys sees in full the keys it could have made.
+    let ids = listed_by(&master).await;
+    for narrower in [&reader.0, &trader.0, &manager.0, &master.0] {
+        assert!(ids.contains(narrower), "{ids:?}");
+    }
+    assert!(ids.contains(&masked(&payer.0)), "{ids:?}");
+}
+
 #[tokio::test]
 async fn bad_signatures_do_not_spend_the_keys_rate_limit() {
     let h = Harness::with_config(ApiConfig {

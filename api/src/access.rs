@@ -857,10 +857,35 @@ pub struct TrustedProxy {
     pub addresses: Vec<IpAddr>,
 }
 
+impl TrustedProxy {
+    /// Whether a connection from `peer` is one of the proxies. Both sides are compared
+    /// canonical (`IpAddr::to_canonical`): on a `[::]` listener an IPv4 proxy's peer address is
+    /// `::ffff:10.0.0.2`, which is the configured `10.0.0.2`.
+    pub fn is_proxy(&self, peer: IpAddr) -> bool {
+        let peer = peer.to_canonical();
+        self.addresses.iter().any(|a| a.to_canonical() == peer)
+    }
+
+    /// The address the proxy saw, from `headers`: the last comma-separated entry of the
+    /// header's last line, trimmed. A proxy appends its entry (or its own line, HAProxy's
+    /// `option forwardfor`) after whatever the client sent, so only the last entry is the
+    /// proxy's word; `None` when it is not an address (then nothing in the header is believed).
+    fn forwarded(&self, headers: &axum::http::HeaderMap) -> Option<IpAddr> {
+        let line = headers.get_all(self.header.as_str()).iter().next_back()?;
+        let entry = line.to_str().ok()?.rsplit(',').next()?;
+        entry
+            .trim()
+            .parse::<IpAddr>()
+            .ok()
+            .map(|ip| ip.to_canonical())
+    }
+}
+
 /// The client's address for rate limits and logs: the peer's, or, when the peer is a trusted
-/// proxy, the last address in the proxy's header (a proxy appends the address it saw, so earlier
-/// entries are the client's claims). A header from anyone else is ignored; a trusted proxy's
-/// request without a readable header counts as the proxy's own. `local` without a socket.
+/// proxy ([`TrustedProxy::is_proxy`]), the last address of the header's last line (a proxy
+/// appends the address it saw, as an entry or as a line of its own, so everything before it is
+/// the client's claim). A header from anyone else is ignored; a trusted proxy's request whose
+/// last entry is missing or not an address counts as the proxy's own. `local` without a socket.
 ///
 /// A client is counted as [`crate::app::client_key`] counts its connections: an IPv4 address,
 /// or the /64 of an IPv6 address (`2001:db8:1:2::/64`; one host is given a whole /64, and a
@@ -874,12 +899,10 @@ pub fn client_ip(
     let Some(peer) = peer else {
         return "local".to_owned();
     };
+    let peer = peer.to_canonical();
     let forwarded = proxy
-        .filter(|p| p.addresses.contains(&peer))
-        .and_then(|p| headers.get(p.header.as_str()))
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.rsplit(',').next())
-        .and_then(|v| v.trim().parse::<IpAddr>().ok());
+        .filter(|p| p.is_proxy(peer))
+        .and_then(|p| p.forwarded(headers));
     match crate::app::client_key(forwarded.unwrap_or(peer)) {
         ip @ IpAddr::V4(_) => ip.to_string(),
         ip @ IpAddr::V6(_) => format!("{ip}/64"),
@@ -947,5 +970,56 @@ mod tests {
             client_ip(Some("::ffff:192.0.2.1".parse().unwrap()), &h, None),
             "192.0.2.1"
         );
+    }
+
+    /// Defect: the client address was read from the header's first line only
+    /// (`headers.get`), so behind a proxy that appends its own line after the client's
+    /// (HAProxy's `option forwardfor`) a client chose its address by sending the header itself;
+    /// and a last entry that is not an address fell back to an earlier, client-written one.
+    #[test]
+    fn forwarded_address_is_the_last_entry_of_the_last_header_line() {
+        let proxy = TrustedProxy {
+            header: "X-Forwarded-For".into(),
+            addresses: vec!["10.0.0.2".parse().unwrap()],
+        };
+        let from_proxy = Some("10.0.0.2".parse().unwrap());
+        let mut h = axum::http::HeaderMap::new();
+        // The client's own line, then the proxy's.
+        h.append("x-forwarded-for", "6.6.6.6, 7.7.7.7".parse().unwrap());
+        h.append("x-forwarded-for", " 203.0.113.7 ".parse().unwrap());
+        assert_eq!(client_ip(from_proxy, &h, Some(&proxy)), "203.0.113.7");
+        // An unreadable last entry is the proxy's own address, never an earlier entry.
+        let mut bad = axum::http::HeaderMap::new();
+        bad.append("x-forwarded-for", "198.51.100.9".parse().unwrap());
+        bad.append("x-forwarded-for", "198.51.100.10, unknown".parse().unwrap());
+        assert_eq!(client_ip(from_proxy, &bad, Some(&proxy)), "10.0.0.2");
+        let mut empty = axum::http::HeaderMap::new();
+        empty.append("x-forwarded-for", "198.51.100.9".parse().unwrap());
+        empty.append("x-forwarded-for", "".parse().unwrap());
+        assert_eq!(client_ip(from_proxy, &empty, Some(&proxy)), "10.0.0.2");
+    }
+
+    /// Defect: the peer was compared raw with the proxy's configured addresses, so on a `[::]`
+    /// listener an IPv4 proxy (peer `::ffff:10.0.0.2`) never matched `10.0.0.2`: its header
+    /// was ignored and every client behind it counted as the proxy.
+    #[test]
+    fn an_ipv4_mapped_proxy_peer_is_the_configured_ipv4_proxy() {
+        let mut h = axum::http::HeaderMap::new();
+        h.insert("x-forwarded-for", "::ffff:203.0.113.7".parse().unwrap());
+        let v4 = TrustedProxy {
+            header: "x-forwarded-for".into(),
+            addresses: vec!["10.0.0.2".parse().unwrap()],
+        };
+        let mapped_peer = Some("::ffff:10.0.0.2".parse().unwrap());
+        assert_eq!(client_ip(mapped_peer, &h, Some(&v4)), "203.0.113.7");
+        // Configured in its mapped form, a proxy seen on an IPv4 listener is it too.
+        let mapped = TrustedProxy {
+            header: "x-forwarded-for".into(),
+            addresses: vec!["::ffff:10.0.0.2".parse().unwrap()],
+        };
+        let v4_peer = Some("10.0.0.2".parse().unwrap());
+        assert_eq!(client_ip(v4_peer, &h, Some(&mapped)), "203.0.113.7");
+        assert!(v4.is_proxy("::ffff:10.0.0.2".parse().unwrap()));
+        assert!(!v4.is_proxy("::ffff:10.0.0.3".parse().unwrap()));
     }
 }

@@ -200,13 +200,14 @@ fn set_send_buffer(
 
 /// An accepted connection: notes when a byte last moved (the idle timeout) and holds the
 /// connection's places, one of the server's `max_connections` and one of its client address's
-/// `max_connections_per_ip`, until it is dropped; after a WebSocket upgrade the WebSocket holds it.
+/// `max_connections_per_ip` (none for the trusted proxy's connections), until it is dropped;
+/// after a WebSocket upgrade the WebSocket holds it.
 #[derive(Debug)]
 struct ConnStream {
     stream: tokio::net::TcpStream,
     last_active: Arc<AtomicU64>,
     _permit: tokio::sync::OwnedSemaphorePermit,
-    _slot: crate::ratelimit::Slot<std::net::IpAddr>,
+    _slot: Option<crate::ratelimit::Slot<std::net::IpAddr>>,
 }
 
 impl tokio::io::AsyncRead for ConnStream {
@@ -300,7 +301,10 @@ pub async fn serve(
 /// [`ApiConfig`]; refusals and timeouts are counted on `/metrics`:
 /// at most `max_connections` at once (further connections wait in the kernel's backlog), at most
 /// `max_connections_per_ip` per client address ([`client_key`]; one more is answered `429`
-/// `-1034` and closed), `header_read_timeout_ms` for each request head (hyper's timer, which
+/// `-1034` and closed; a connection from the trusted proxy, [`crate::access::TrustedProxy`],
+/// is not counted per address: every client behind it shares its address, and the stream caps
+/// and rate limits count each forwarded address), `header_read_timeout_ms` for each request
+/// head (hyper's timer, which
 /// starts when the connection is ready for a request, so it also closes idle keep-alive
 /// connections), and `idle_timeout_ms` without a byte moving either way. Handlers see the peer
 /// as `ConnectInfo<PeerAddr>` ([`ClientIp`]).
@@ -341,7 +345,17 @@ pub async fn serve_router(
             },
             () = &mut shutdown => break,
         };
-        let Some(slot) = per_ip.try_acquire(client_key(peer.ip())) else {
+        let from_proxy = cfg
+            .trusted_proxy
+            .as_ref()
+            .is_some_and(|p| p.is_proxy(peer.ip()));
+        // The proxy's clients all share its address: they are counted per forwarded address by
+        // the stream caps and rate limits, and together by `max_connections`.
+        let slot = if from_proxy {
+            None
+        } else if let Some(slot) = per_ip.try_acquire(client_key(peer.ip())) {
+            Some(slot)
+        } else {
             tracing::debug!(peer = %peer.ip(), "connection refused: too many from its address");
             state
                 .0

@@ -7,17 +7,44 @@
 use crate::error::ApiError;
 use axum::http::StatusCode;
 use std::collections::HashMap;
-use std::hash::Hash;
+use std::hash::{BuildHasher, Hash};
 use std::sync::{Arc, Mutex};
 
 const SHARDS: usize = 16;
+
+/// The most clients one shard of a [`Limiter`] counts: 7/8 of 32,768, what a map of 32,768
+/// buckets holds without growing, so a limiter holds at most 458,752 clients (about 35 MB at
+/// most, an IPv6 /64 being the longest key).
+///
+/// A shard full of clients charged in the current window refuses a client it does not count
+/// yet (`Limited`, used 0, until the window ends) rather than dropping one it counts. Dropping
+/// a counted client would hand it a fresh budget: an attacker spraying new addresses could
+/// reset the heaviest clients' counts, itself included, and the limits would fail open exactly
+/// under a flood. Refused instead, the clients already counted (the traders at work) keep
+/// being served and counted exactly; only addresses new in a window where this many distinct
+/// ones were already seen wait for the next window (at most a minute for the IP limit), a flood
+/// for the network's edge to filter. Keys and accounts are charged only after a signature
+/// verified, so they never come near the cap. Shards are picked by a hash seeded per limiter,
+/// so no one can aim its addresses at one shard.
+pub const MAX_KEYS_PER_SHARD: usize = 28_672;
 
 /// Weight counters for one kind of client (IPs, or keys).
 #[derive(Debug)]
 pub struct Limiter {
     limit: u64,
     window_ms: u64,
-    shards: Vec<Mutex<HashMap<String, (u64, u64)>>>,
+    max_keys_per_shard: usize,
+    hasher: std::collections::hash_map::RandomState,
+    shards: Vec<Mutex<Shard>>,
+}
+
+/// One shard's clients: client → (window, weight used in it).
+#[derive(Debug, Default)]
+struct Shard {
+    counts: HashMap<String, (u64, u64)>,
+    /// The window the shard was last pruned in: a full shard prunes its older windows' clients
+    /// at most once a window, so the scan costs at most one step per client it let in.
+    pruned: Option<u64>,
 }
 
 /// The outcome of charging weight.
@@ -27,7 +54,7 @@ pub enum Charge {
     Ok(u64),
     /// Refused; seconds until the window ends.
     Limited {
-        /// Weight used.
+        /// Weight used (0 for a client refused because its shard was full).
         used: u64,
         /// Seconds to wait.
         retry_after: u64,
@@ -45,8 +72,17 @@ impl Limiter {
         Self {
             limit,
             window_ms: window_ms.max(1),
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            max_keys_per_shard: MAX_KEYS_PER_SHARD,
+            hasher: std::collections::hash_map::RandomState::new(),
+            shards: (0..SHARDS).map(|_| Mutex::new(Shard::default())).collect(),
         }
+    }
+
+    /// The same limiter counting at most `n` clients per shard (tests; the default is
+    /// [`MAX_KEYS_PER_SHARD`]).
+    pub fn with_max_keys_per_shard(mut self, n: usize) -> Self {
+        self.max_keys_per_shard = n.max(1);
+        self
     }
 
     /// The limit.
@@ -54,31 +90,50 @@ impl Limiter {
         self.limit
     }
 
+    /// Clients held now, over all shards (counted ones and older windows' not yet pruned).
+    pub fn clients(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.lock().unwrap_or_else(|e| e.into_inner()).counts.len())
+            .sum()
+    }
+
     /// Adds `weight` for `client` at `now_ms`.
     pub fn charge(&self, client: &str, weight: u64, now_ms: u64) -> Charge {
         let window = now_ms / self.window_ms;
-        let shard = client.bytes().fold(0usize, |h, b| {
-            h.wrapping_mul(31).wrapping_add(usize::from(b))
-        }) % SHARDS;
-        let mut m = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
-        if m.len() > 100_000 {
-            m.retain(|_, (w, _)| *w == window);
-        }
+        let retry_after = || {
+            (self.window_ms - now_ms % self.window_ms)
+                .div_ceil(1000)
+                .max(1)
+        };
+        let shard = usize::try_from(self.hasher.hash_one(client) % SHARDS as u64).unwrap_or(0);
+        let mut guard = self.shards[shard].lock().unwrap_or_else(|e| e.into_inner());
+        let s = &mut *guard;
         // No allocation for a client already counted (the common case).
-        if !m.contains_key(client) {
-            m.insert(client.to_owned(), (window, 0));
+        if !s.counts.contains_key(client) {
+            if s.counts.len() >= self.max_keys_per_shard && s.pruned != Some(window) {
+                s.counts.retain(|_, (w, _)| *w == window);
+                s.pruned = Some(window);
+            }
+            if s.counts.len() >= self.max_keys_per_shard {
+                return Charge::Limited {
+                    used: 0,
+                    retry_after: retry_after(),
+                };
+            }
+            s.counts.insert(client.to_owned(), (window, 0));
         }
-        let Some(e) = m.get_mut(client) else {
+        debug_assert!(s.counts.len() <= self.max_keys_per_shard);
+        let Some(e) = s.counts.get_mut(client) else {
             return Charge::Ok(0);
         };
         if e.0 != window {
             *e = (window, 0);
         }
         if e.1 + weight > self.limit {
-            let retry = (self.window_ms - now_ms % self.window_ms).div_ceil(1000);
             return Charge::Limited {
                 used: e.1,
-                retry_after: retry.max(1),
+                retry_after: retry_after(),
             };
         }
         e.1 += weight;
@@ -272,6 +327,53 @@ mod tests {
             }
         );
         assert_eq!(o.charge("7", 1, 20_000), Charge::Ok(1));
+    }
+
+    /// Defect: a shard that held more than 100,000 clients all charged in the current window
+    /// kept every one (the clean-up removed only older windows) and scanned them all again on
+    /// every charge, under the shard's lock: a flood of new addresses grew the map without
+    /// bound and made every request's charge a full scan. Now a shard holds at most its cap;
+    /// once full in the current window a new client is refused until the window ends, and the
+    /// clients already counted keep being counted.
+    #[test]
+    fn a_flood_of_new_clients_leaves_the_map_bounded_and_counted_clients_counted() {
+        let cap = 4;
+        let l = Limiter::new(10).with_max_keys_per_shard(cap);
+        let bound = SHARDS * cap;
+        let mut counted = Vec::new();
+        let mut refused = 0;
+        for i in 0..2_000 {
+            let client = format!("198.51.{}.{}", i / 256, i % 256);
+            match l.charge(&client, 1, 1_000) {
+                Charge::Ok(1) => counted.push(client),
+                Charge::Limited {
+                    used: 0,
+                    retry_after: 59,
+                } => refused += 1,
+                other => panic!("{client}: {other:?}"),
+            }
+            assert!(l.clients() <= bound, "{} keys after {i}", l.clients());
+        }
+        assert!(!counted.is_empty() && counted.len() <= bound);
+        assert_eq!(counted.len() + refused, 2_000);
+        // Every client counted before the flood is still counted, up to its limit.
+        for c in &counted {
+            assert_eq!(l.charge(c, 9, 2_000), Charge::Ok(10), "{c}");
+            assert!(matches!(
+                l.charge(c, 1, 2_000),
+                Charge::Limited { used: 10, .. }
+            ));
+        }
+        // The next window makes room: the old window's clients are pruned, new ones counted.
+        let mut later = 0;
+        for i in 0..2_000 {
+            let client = format!("203.0.{}.{}", i / 256, i % 256);
+            if l.charge(&client, 1, 61_000) == Charge::Ok(1) {
+                later += 1;
+            }
+            assert!(l.clients() <= bound, "{} keys after {i}", l.clients());
+        }
+        assert!(later > 0);
     }
 
     #[test]

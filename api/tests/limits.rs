@@ -232,6 +232,63 @@ async fn one_address_holding_idle_and_half_sent_connections_does_not_lock_out_an
     let _ = stop.send(());
 }
 
+/// Three connections from `from` held open at once, then one request on each (the forwarded
+/// client `203.0.113.<i>`): the statuses. A connection the server refused at once answered
+/// `429`; one closed with no answer read (reset by the request written after the refusal)
+/// counts as refused too.
+async fn three_held_connections(from: Ipv4Addr, addr: SocketAddr) -> Vec<u16> {
+    let mut held = Vec::new();
+    for _ in 0..3 {
+        held.push(connect_from(from, addr).await);
+    }
+    // The last first: the earlier two, accepted before it, still hold their places while it is
+    // judged (a finished request would give its place back).
+    let mut statuses = Vec::new();
+    for (i, mut s) in held.into_iter().enumerate().rev() {
+        let req = format!(
+            "GET /api/v3/ping HTTP/1.1\r\nHost: {addr}\r\nX-Forwarded-For: 203.0.113.{i}\r\nConnection: close\r\n\r\n"
+        );
+        let _ = s.write_all(req.as_bytes()).await;
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(EVENTUALLY, s.read_to_end(&mut buf)).await;
+        let text = String::from_utf8_lossy(&buf);
+        statuses.push(text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(429));
+    }
+    statuses.reverse();
+    statuses
+}
+
+/// Defect: the per-address connection cap counted the TCP peer, so behind the trusted proxy
+/// every client shared the proxy's address and the per-address cap became a global one (one
+/// client holding `max_connections_per_ip` WebSockets through the proxy locked everyone out).
+/// The proxy's connections are not counted per address (the global cap still holds them, and
+/// the stream caps and rate limits count each forwarded address); without a trusted proxy the
+/// third connection from one address is refused as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_trusted_proxys_connections_are_not_capped_per_address() {
+    let proxied = Harness::with_config(ApiConfig {
+        max_connections_per_ip: 2,
+        trusted_proxy: Some(api::access::TrustedProxy {
+            header: "x-forwarded-for".into(),
+            addresses: vec![A.into()],
+        }),
+        ..open_config()
+    });
+    let (addr, stop) = start(&proxied).await;
+    assert_eq!(three_held_connections(A, addr).await, [200, 200, 200]);
+    // Another address is still capped.
+    assert_eq!(three_held_connections(B, addr).await, [200, 200, 429]);
+    let _ = stop.send(());
+
+    let direct = Harness::with_config(ApiConfig {
+        max_connections_per_ip: 2,
+        ..open_config()
+    });
+    let (addr, stop) = start(&direct).await;
+    assert_eq!(three_held_connections(A, addr).await, [200, 200, 429]);
+    let _ = stop.send(());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_half_sent_and_kept_alive_connections_are_closed_after_the_header_timeout() {
     let h = Harness::with_config(ApiConfig {

@@ -2432,7 +2432,13 @@ pub async fn resolve_all(st: &AppState) -> Result<usize, ApiError> {
 /// opened the database: a crash) up to date: an invoice refund's from its refund row (which the
 /// monitor resolves), a store payout's by asking custody about its key (or repeating its
 /// transfer).
+///
+/// One resolution at a time (`payout_lock`, held from reading the payouts to writing their
+/// answers): two at once could each repeat a payout, one refused (the store's balance short
+/// then) and one paid, and the refusal written last made a paid payout `cancelled` and its
+/// amount claimable again. In turn, the second reads what the first wrote.
 async fn resolve_payouts(st: &AppState, pp: &PullPayment) -> Result<(), GfError> {
+    let _turn = st.merchant().payout_lock.lock().await;
     let pp2 = pp.clone();
     let open = with_db(st, move |c| {
         let ps = payouts(c, &pp2.id).map_err(db_error)?;

@@ -112,6 +112,10 @@ pub struct Merchant {
     /// Serializes the read-check-change of invoices by handlers (pay, refund, invalid) and the
     /// monitor, so two of them never act on the same stale state.
     pub invoice_lock: tokio::sync::Mutex<()>,
+    /// Serializes the resolution of Greenfield payouts whose outcome is unknown (the payout
+    /// list, a repeated claim and the monitor each resolve them), so one never writes its answer
+    /// over a later one's. Taken after `invoice_lock` when both are held, never before it.
+    pub payout_lock: tokio::sync::Mutex<()>,
     /// `redeliver` calls per merchant (set up on first use from [`MerchantConfig`]).
     pub redeliveries: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// Dashboard login attempts per client IP and per store ([`dashboard`]).
@@ -142,6 +146,7 @@ impl Merchant {
             enqueued: tokio::sync::Notify::new(),
             kick: tokio::sync::Notify::new(),
             invoice_lock: tokio::sync::Mutex::new(()),
+            payout_lock: tokio::sync::Mutex::new(()),
             redeliveries: std::sync::OnceLock::new(),
             logins: std::sync::OnceLock::new(),
             step_ups: std::sync::OnceLock::new(),

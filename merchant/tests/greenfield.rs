@@ -1765,3 +1765,81 @@ async fn a_flagged_merchant_pays_no_pull_payment_claim() {
     assert_eq!(h.balance(&merchant_key, "BTC").await.0, "0.00960000");
     assert!(fake.withdrawals.lock().unwrap().is_empty());
 }
+
+/// Review finding: a store payout whose outcome is unknown was resolved by whoever looked first
+/// (the payout list, a repeated claim, the monitor), each on its own: one resolution's custody
+/// request was refused (the store's balance short then), another's paid (the balance back),
+/// and the refused one, answering last, wrote `cancelled` over `done`: the payout showed
+/// cancelled while its withdrawal went out, and its amount could be claimed again. Resolutions
+/// take turns now, each reading the payout's state after the one before wrote it.
+#[tokio::test]
+async fn two_resolutions_of_one_unknown_payout_take_turns() {
+    let g = setup().await;
+    let pp = g.prize().await;
+    let pp_id = pp["id"].as_str().unwrap().to_owned();
+    let payouts = format!("/api/v1/pull-payments/{pp_id}/payouts");
+    // Custody fails before recording anything: the payout's outcome is unknown.
+    g.fake.fail.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = raw(
+        &g.h,
+        "POST",
+        &payouts,
+        None,
+        json!({"destination": "bcrt1qwinner"}).to_string(),
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.json);
+    assert!(g.fake.withdrawals.lock().unwrap().is_empty());
+    // The first resolution's request is refused, and held before its answer.
+    let (here_tx, here) = std::sync::mpsc::channel();
+    let (release, release_rx) = std::sync::mpsc::channel();
+    *g.fake.hold_next.lock().unwrap() = Some((here_tx, release_rx));
+    g.fake.refuse.store(1, std::sync::atomic::Ordering::SeqCst);
+    let list = |router: axum::Router, uri: String| async move {
+        router
+            .oneshot(Request::get(uri).body(Body::empty()).unwrap())
+            .await
+            .unwrap()
+            .status()
+    };
+    let first = tokio::spawn(list(g.h.router.clone(), payouts.clone()));
+    tokio::task::spawn_blocking(move || here.recv())
+        .await
+        .unwrap()
+        .expect("the first resolution reaches custody");
+    // A second resolution meanwhile: custody would pay it. It either waits for the first (its
+    // turn comes after the release below) or, resolving on its own, is done within the wait.
+    let mut second = tokio::spawn(list(g.h.router.clone(), payouts.clone()));
+    let early = tokio::time::timeout(std::time::Duration::from_secs(3), &mut second).await;
+    release.send(()).unwrap();
+    assert_eq!(first.await.unwrap(), StatusCode::OK);
+    let second = match early {
+        Ok(done) => done.unwrap(),
+        Err(_) => second.await.unwrap(),
+    };
+    assert_eq!(second, StatusCode::OK);
+    // The payout's state and custody agree: cancelled exactly when nothing went out, and the
+    // pull payment's remaining amount counts what went out.
+    let sent = g
+        .fake
+        .withdrawals
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|w| w.idempotency_key == format!("pp-{pp_id}-1"))
+        .count();
+    let shown = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    let state = shown[0]["state"].as_str().unwrap().to_owned();
+    assert_eq!(
+        (state == "Cancelled", sent),
+        (sent == 0, sent.min(1)),
+        "payout {state} with {sent} withdrawal(s)"
+    );
+    let left = ok(
+        call(&g.h, "GET", &payouts.replace("/payouts", ""), None, None).await,
+        "pp",
+    );
+    let remaining = if sent == 0 { "0.0005" } else { "0" };
+    assert_eq!(left["remainingAmount"], remaining, "{state}");
+}

@@ -30,6 +30,13 @@ pub struct Fake {
     pub free_after_lookup: AtomicUsize,
     /// Accounts flagged for review ([`Custody::flagged_accounts`]).
     pub flagged: Mutex<Vec<u32>>,
+    /// Withdrawal requests still to answer with an internal error before recording anything
+    /// (custody failed first: the caller cannot tell, and nothing exists).
+    pub fail: AtomicUsize,
+    /// The next withdrawal request, once it knows its answer, tells the first channel it is
+    /// here and waits on the second before answering (a caller held between its question and
+    /// its answer, while others go on).
+    pub hold_next: Mutex<Option<(std::sync::mpsc::Sender<()>, std::sync::mpsc::Receiver<()>)>>,
 }
 
 impl Fake {
@@ -86,8 +93,18 @@ impl Custody for Fake {
         amount_sat: u64,
         idempotency_key: &str,
     ) -> Result<WithdrawalInfo, CustodyError> {
-        if take(&self.refuse) {
+        let refuse = take(&self.refuse);
+        // Taken out first: the guard is dropped before the wait, so others are not held.
+        let held = self.hold_next.lock().unwrap().take();
+        if let Some((here, release)) = held {
+            let _ = here.send(());
+            let _ = release.recv();
+        }
+        if refuse {
             return Err(CustodyError::bad_request(-4026, "insufficient balance"));
+        }
+        if take(&self.fail) {
+            return Err(CustodyError::internal("custody failed"));
         }
         let mut ws = self.withdrawals.lock().unwrap();
         // Keys are unique per account, as in the wallet.

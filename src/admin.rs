@@ -97,6 +97,13 @@ pub fn apikey_create(
     Ok(())
 }
 
+/// `mediator apikey revoke --api-key K`: any account's key, on the admin listener.
+pub fn apikey_revoke(a: &Admin, api_key: &str) -> anyhow::Result<()> {
+    let v = a.call("DELETE", "/mapi/v1/admin/apiKey", &[("apiKey", api_key)])?;
+    a.print(&v, |_| format!("revoked api key {api_key}"));
+    Ok(())
+}
+
 /// `mediator dashboard password --account A` (the password on stdin's first line).
 pub fn dashboard_password(a: &Admin, account: u32) -> anyhow::Result<()> {
     let mut line = String::new();

@@ -282,6 +282,13 @@ enum ApikeyCmd {
         #[arg(long)]
         label: Option<String>,
     },
+    /// Revokes any account's API key (e.g. one its owner reported stolen): its requests and
+    /// user data streams stop at once.
+    Revoke {
+        /// The key's id (`apiKey`).
+        #[arg(long)]
+        api_key: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -498,6 +505,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     label,
                 },
         } => admin::apikey_create(&admin()?, account, &permissions, label.as_deref()),
+        Cmd::Apikey {
+            cmd: ApikeyCmd::Revoke { api_key },
+        } => admin::apikey_revoke(&admin()?, &api_key),
         Cmd::Dashboard {
             cmd: DashboardCmd::Password { account },
         } => admin::dashboard_password(&admin()?, account),

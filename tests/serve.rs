@@ -111,6 +111,31 @@ fn fund_trade_withdraw_end_to_end_on_regtest() {
         "read,trade,withdraw",
     ]);
     let (c1, c2) = (client(&s, &k1), client(&s, &k2));
+    // The operator revokes a key (one reported stolen, say): its requests stop at once.
+    let k3 = s.admin(&[
+        "apikey",
+        "create",
+        "--account",
+        &a1,
+        "--permissions",
+        "read",
+    ]);
+    let c3 = client(&s, &k3);
+    assert_eq!(balance(&c3, "BTC"), (0, 0));
+    s.admin(&[
+        "apikey",
+        "revoke",
+        "--api-key",
+        k3["apiKey"].as_str().unwrap(),
+    ]);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    match rt.block_on(c3.signed("GET", "/api/v3/account", &[])) {
+        Err(api::client::ClientError::Api { status, .. }) => assert_eq!(status, 401),
+        other => panic!("a revoked key was answered: {other:?}"),
+    }
 
     // Fund account 1 with BTC by mining to its deposit address; credit account 2 with USD.
     let funded = s.admin(&["regtest", "fund", &a1])["amount_sat"]

@@ -583,6 +583,14 @@ pub static ROUTES: &[Route] = {
             n::admin_create_key
         ),
         route!(
+            "DELETE",
+            "/mapi/v1/admin/apiKey",
+            Signed(ADM),
+            Some(1),
+            A,
+            n::admin_revoke_key
+        ),
+        route!(
             "POST",
             "/mapi/v1/admin/credit",
             Signed(ADM),

@@ -263,8 +263,10 @@ pub async fn revoke_key(State(st): State<AppState>, req: Req) -> Result<Response
     Ok(ok_json(&ctx, json!({})))
 }
 
-/// Revokes `target` if it is `owner`'s account's key (or `owner` is an admin key); `-2008`
-/// otherwise. Audited (`key.revoke`) as `actor`, `by` naming the credential that asked.
+/// Revokes `target` if it is `owner`'s account's key; `-2008` otherwise (also when `owner`
+/// holds `admin`: the operator revokes other accounts' keys on the admin listener only,
+/// [`admin_revoke_key`]). Audited (`key.revoke`) as `actor`, `by` naming the credential that
+/// asked.
 pub fn revoke_own_key(
     st: &AppState,
     owner: &crate::keys::ApiKey,
@@ -272,10 +274,32 @@ pub fn revoke_own_key(
     actor: &str,
     by: &str,
 ) -> Result<(), ApiError> {
+    revoke_key_of(st, Some(owner.account), target, actor, by)
+}
+
+/// `DELETE /mapi/v1/admin/apiKey` (ADMIN): revokes any account's key (`apiKey`), e.g. one its
+/// owner reported stolen; `-2008` for a key that is not live. Audited (`key.revoke`) as
+/// `admin`.
+pub async fn admin_revoke_key(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
+    let (by, mut p, ctx) = st.signed(&req)?;
+    let target = p.req("apiKey")?;
+    p.finish()?;
+    revoke_key_of(&st, None, &target, "admin", &by.api_key)?;
+    Ok(ok_json(&ctx, json!({})))
+}
+
+/// Revokes `target` if it is live and of `account` (any account: `None`); `-2008` otherwise.
+fn revoke_key_of(
+    st: &AppState,
+    account: Option<u32>,
+    target: &str,
+    actor: &str,
+    by: &str,
+) -> Result<(), ApiError> {
     let Some(account) =
         st.0.keys
             .get(target)
-            .filter(|k| k.account == owner.account || owner.perms.has(Perms::ADMIN))
+            .filter(|k| account.is_none_or(|a| k.account == a))
             .map(|k| k.account)
     else {
         return Err(ApiError::bad(-2008, "Invalid Api-Key ID."));

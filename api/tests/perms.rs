@@ -248,3 +248,76 @@ async fn an_ipv6_client_is_its_64_for_rate_limits() {
         "an IPv4-mapped address is its IPv4 address"
     );
 }
+
+/// Defect: `DELETE /mapi/v1/apiKey` (public listener, `keys`) revoked a key of any account when
+/// the caller also held `admin`: operator power on the public address, where the admin listener
+/// is meant to be the only place for it. The public route revokes the caller's own account's
+/// keys only; the operator revokes any account's key on the admin listener
+/// (`DELETE /mapi/v1/admin/apiKey`, audited). Failed on the old code (the other account's key
+/// revoked through the public route).
+#[tokio::test]
+async fn an_admin_key_revokes_other_accounts_keys_only_on_the_admin_listener() {
+    let h = Harness::new();
+    let (ops_acct, _) = h.trader("0", "0").await;
+    let (_, victim) = h.trader("0", "100").await;
+    let ops = h
+        .state
+        .create_key(ops_acct, Perms::ADMIN.with(Perms::KEYS), "ops")
+        .unwrap();
+    let r = h
+        .signed(
+            "DELETE",
+            "/mapi/v1/apiKey",
+            &format!("apiKey={}", victim.0),
+            &ops,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2008),
+        "{}",
+        r.json
+    );
+    h.ok("GET", "/api/v3/account", "", &victim).await;
+
+    // On the admin listener's route, the operator's key revokes it (and says so in the log).
+    let r = h
+        .signed(
+            "DELETE",
+            "/mapi/v1/admin/apiKey",
+            &format!("apiKey={}", victim.0),
+            &h.admin,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let r = h.signed("GET", "/api/v3/account", "", &victim).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
+    // An unknown or already revoked key: -2008, nothing else changes.
+    let r = h
+        .signed(
+            "DELETE",
+            "/mapi/v1/admin/apiKey",
+            &format!("apiKey={}", victim.0),
+            &h.admin,
+        )
+        .await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::BAD_REQUEST, -2008),
+        "{}",
+        r.json
+    );
+    // The admin route is the admin permission's: a keys key of the same account is refused.
+    let (acct, own) = h.trader("0", "0").await;
+    let manager = h.state.create_key(acct, Perms::KEYS, "manager").unwrap();
+    let r = h
+        .signed(
+            "DELETE",
+            "/mapi/v1/admin/apiKey",
+            &format!("apiKey={}", own.0),
+            &manager,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
+    h.ok("GET", "/api/v3/account", "", &own).await;
+}

@@ -189,9 +189,24 @@ fn ceil_sat(msat: u64) -> u64 {
 }
 
 /// How long after its expiry [`LightningService::step`] still looks an open deposit up in the
-/// node's payment store (a payment claimed just before the expiry whose event was lost);
-/// [`LightningService::resolve_pending`] (start-up) looks at all of them.
-pub const OPEN_DEPOSIT_GRACE_MS: u64 = 3_600_000;
+/// node's payment store (a payment whose event was lost); [`LightningService::resolve_pending`]
+/// (start-up) looks at all of them. The node takes a payment up to two hours past an invoice's
+/// expiry (LDK's margin, counted in block-header time, which may run up to two hours ahead of
+/// the clock), so six hours.
+pub const OPEN_DEPOSIT_GRACE_MS: u64 = 6 * 3_600_000;
+
+/// What [`LightningService::credit`] made of a received payment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Receipt {
+    /// Credited now.
+    Credited,
+    /// Nothing left that the node's event is needed for: credited before, recorded as received
+    /// (retried from our store), or not ours to credit (an alarm said so).
+    Kept,
+    /// Nothing of ours records it (the store could not be read or written): the event that
+    /// brought it must not be acknowledged.
+    Unrecorded,
+}
 
 /// The longest BOLT11 description (the tagged field holds 639 bytes).
 pub const MAX_DESCRIPTION_BYTES: usize = 639;
@@ -355,8 +370,8 @@ impl<L: Ledger> LightningService<L> {
 
     /// A merchant invoice's BOLT11 part: an invoice for `amount` to the merchant's `account`,
     /// expiring after `expiry_secs` (the caller passes what is left of the merchant invoice's
-    /// lifetime, rounded down, so the node refuses a payment after the merchant invoice
-    /// expired), with `description` (cut to BOLT11's 639 bytes). It is stored and credited
+    /// lifetime, rounded down; the node still takes a payment up to about two hours past it,
+    /// LDK's margin, which the merchant records as late), with `description` (cut to BOLT11's 639 bytes). It is stored and credited
     /// exactly like a deposit invoice (`Credit` keyed by [`deposit_key`], once). The user
     /// deposit bounds do not apply (the merchant sets the amount); liquidity does.
     pub fn merchant_invoice(
@@ -442,10 +457,10 @@ impl<L: Ledger> LightningService<L> {
         self.lock().deposit(payment_hash)
     }
 
-    /// Credits a received payment to its deposit invoice's account, once. `true` when credited
-    /// now. A payment to a hash we have no deposit for is logged (the node's balance grew; it
-    /// shows as a reconciliation surplus), never credited to anyone.
-    fn credit(&self, store: &Store, hash: &[u8; 32], amount_msat: u64) -> bool {
+    /// Credits a received payment to its deposit invoice's account, once ([`Receipt`]). A
+    /// payment to a hash we have no deposit for is logged (the node's balance grew; it shows as
+    /// a reconciliation surplus), never credited to anyone.
+    fn credit(&self, store: &Store, hash: &[u8; 32], amount_msat: u64) -> Receipt {
         let d = match store.deposit(hash) {
             Ok(Some(d)) => d,
             Ok(None) => {
@@ -457,27 +472,31 @@ impl<L: Ledger> LightningService<L> {
                          (a reconciliation surplus)"
                     ),
                 );
-                return false;
+                return Receipt::Kept;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "lightning store");
-                return false;
+                return Receipt::Unrecorded;
             }
         };
         if d.credited_sat.is_some() {
-            return false;
+            return Receipt::Kept;
         }
         // What arrived, in whole satoshis (an overpayment is credited; a fraction stays with us).
         let sat = amount_msat / 1000;
         if sat == 0 {
-            return false;
+            return Receipt::Kept;
         }
         // Received, durably, before the ledger is asked: a credit the ledger refuses (the
         // breaker open) or does not answer is retried at every step until it is applied,
         // however long after the invoice's expiry (`received_uncredited`).
-        if let Err(e) = store.mark_received(hash, amount_msat) {
-            tracing::warn!(error = %e, "lightning store (received; the sweep finds it again)");
-        }
+        let recorded = match store.mark_received(hash, amount_msat) {
+            Ok(()) => Receipt::Kept,
+            Err(e) => {
+                tracing::warn!(error = %e, "lightning store (received; its event is kept)");
+                Receipt::Unrecorded
+            }
+        };
         let cmd = Command::Credit {
             account: AccountId(d.account),
             asset: BTC,
@@ -487,15 +506,15 @@ impl<L: Ledger> LightningService<L> {
         // Idempotent by key: an unknown answer is resolved by the same credit next step.
         match self.ledger.submit(cmd) {
             Ok(()) => match store.mark_credited(hash, sat) {
-                Ok(()) => true,
+                Ok(()) => Receipt::Credited,
                 Err(e) => {
                     tracing::warn!(error = %e, "lightning store (credit is applied; retried)");
-                    false
+                    recorded
                 }
             },
             Err(e) => {
                 tracing::warn!(error = %e, payment_hash = %hex::encode(hash), "lightning credit");
-                false
+                recorded
             }
         }
     }
@@ -893,8 +912,18 @@ impl<L: Ledger> LightningService<L> {
                     ..
                 } => {
                     let h = hash_bytes(payment_hash);
-                    if self.credit(&store, &h, *amount_msat) {
-                        report.credited.push(h);
+                    match self.credit(&store, &h, *amount_msat) {
+                        Receipt::Credited => report.credited.push(h),
+                        Receipt::Kept => {}
+                        // Nothing of ours holds the receipt: the node keeps the event and
+                        // delivers it again (the sweep looks at recent invoices only).
+                        Receipt::Unrecorded => {
+                            tracing::warn!(
+                                payment_hash = %hex::encode(h),
+                                "lightning payment received, not recorded yet; its event is kept"
+                            );
+                            break;
+                        }
                     }
                 }
                 Event::PaymentSuccessful {
@@ -958,8 +987,8 @@ impl<L: Ledger> LightningService<L> {
         drop(store);
         // Every open deposit through the node's payment store (a lost event) only every
         // `OPEN_DEPOSIT_SWEEP_MS`, and only those expired at most `OPEN_DEPOSIT_GRACE_MS` ago
-        // (the node refuses a payment after the expiry; every merchant invoice leaves one open
-        // row behind). Received-but-uncredited deposits and unfinished withdrawals: every step.
+        // (the node refuses a payment that long after the expiry; every merchant invoice leaves
+        // one open row behind). Received-but-uncredited deposits and unfinished withdrawals: every step.
         let sweep = now_ms >= self.next_sweep_ms.load(Ordering::Relaxed);
         let more = if sweep {
             self.next_sweep_ms.store(
@@ -999,7 +1028,7 @@ impl<L: Ledger> LightningService<L> {
 
     fn retry_received(&self, store: &Store, report: &mut StepReport) -> Result<(), StoreError> {
         for (hash, msat) in store.received_uncredited()? {
-            if self.credit(store, &hash, msat) {
+            if self.credit(store, &hash, msat) == Receipt::Credited {
                 report.credited.push(hash);
             }
         }
@@ -1043,7 +1072,7 @@ impl<L: Ledger> LightningService<L> {
                 if p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded
                 {
                     if let Some(msat) = p.amount_msat {
-                        if self.credit(&store, &d.payment_hash, msat) {
+                        if self.credit(&store, &d.payment_hash, msat) == Receipt::Credited {
                             report.credited.push(d.payment_hash);
                         }
                     }

@@ -349,6 +349,25 @@ impl World {
         });
     }
 
+    /// Waits, without stepping, until the node's next event is the receipt of `hash` (earlier
+    /// events, the setup's, are acknowledged here): the node marks a payment received before
+    /// it queues the event, so a test that steps right after seeing the payment may step
+    /// before the event exists.
+    fn wait_for_received_event(&self, hash: [u8; 32]) {
+        wait_until(
+            "the payment's event",
+            Duration::from_secs(60),
+            || match self.m().node().next_event() {
+                Some(Event::PaymentReceived { payment_hash, .. }) if payment_hash.0 == hash => true,
+                Some(_) => {
+                    self.m().node().event_handled().unwrap();
+                    false
+                }
+                None => false,
+            },
+        );
+    }
+
     /// A customer invoice for `sat`.
     fn customer_invoice(&self, sat: u64, expiry_secs: u32) -> Bolt11Invoice {
         self.customer
@@ -885,12 +904,11 @@ fn a_deposit_paid_while_credits_are_refused_is_credited_whenever_they_resume() {
     let inv = Bolt11Invoice::from_str(&d.bolt11).unwrap();
     w.customer.bolt11_payment().send(&inv, None).unwrap();
     let pid = PaymentId(d.payment_hash);
-    w.step_until("the node received the payment", |w| {
-        w.m().node().payment(&pid).is_some_and(|p| {
-            p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded
-        })
-    });
-    // More steps: the event is handled, the credit refused each time.
+    w.wait_for_received_event(d.payment_hash);
+    assert!(w.m().node().payment(&pid).is_some_and(|p| {
+        p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded
+    }));
+    // Steps: the event is handled, the credit refused each time.
     for _ in 0..3 {
         w.m().step(now_ms()).unwrap();
     }
@@ -920,6 +938,63 @@ fn a_deposit_paid_while_credits_are_refused_is_credited_whenever_they_resume() {
     w.m().step(later + 2_000).unwrap();
     w.m().resolve_pending().unwrap();
     assert_eq!(w.ledger.btc(erin), (6_000, 0));
+}
+
+/// Review finding: a received payment's event was acknowledged even when nothing of ours
+/// recorded the receipt (the store's write of `received_msat` failed and the ledger refused
+/// the credit): only the sweep could find it again, and the sweep looks at deposits expired at
+/// most `OPEN_DEPOSIT_GRACE_MS` ago, while the node takes a payment up to two hours past the
+/// expiry (LDK's own margin) and the ledger may refuse credits for longer. The event is
+/// acknowledged only once the receipt is durable; until then the node delivers it again.
+/// Failed on the old code (not credited once the store and the ledger were back).
+#[test]
+fn a_received_payment_is_acknowledged_only_once_the_receipt_is_recorded() {
+    let w = World::new();
+    let frank = w.ledger.create_account();
+    w.ledger
+        .credits_halted
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    // The store cannot record the receipt (a full disk, say) while the ledger refuses.
+    let db = rusqlite::Connection::open(
+        w.data
+            .path()
+            .join("lightning")
+            .join(lightning_custody::DATABASE_FILE),
+    )
+    .unwrap();
+    db.busy_timeout(Duration::from_secs(5)).unwrap();
+    db.execute_batch(
+        "CREATE TRIGGER no_receipt BEFORE UPDATE OF received_msat ON ln_deposits \
+         BEGIN SELECT RAISE(ABORT, 'injected: disk full'); END;",
+    )
+    .unwrap();
+    let t0 = now_ms();
+    let d = w.m().deposit_invoice(frank, Amount(7_000), t0).unwrap();
+    let inv = Bolt11Invoice::from_str(&d.bolt11).unwrap();
+    w.customer.bolt11_payment().send(&inv, None).unwrap();
+    // The event is there before the service steps: each step below handles it, and neither
+    // the store nor the ledger takes it.
+    w.wait_for_received_event(d.payment_hash);
+    for _ in 0..3 {
+        w.m().step(now_ms()).unwrap();
+    }
+    assert_eq!(w.ledger.btc(frank), (0, 0));
+    // Both come back long after the invoice expired, beyond any sweep's window.
+    db.execute_batch("DROP TRIGGER no_receipt;").unwrap();
+    w.ledger
+        .credits_halted
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let later = d.expires_ms + 30 * 3_600_000;
+    w.m().step(later).unwrap();
+    assert_eq!(
+        w.ledger.btc(frank),
+        (7_000, 0),
+        "credited from the event kept for it"
+    );
+    // Never twice.
+    w.m().step(later + 1_000).unwrap();
+    w.m().resolve_pending().unwrap();
+    assert_eq!(w.ledger.btc(frank), (7_000, 0));
 }
 
 /// Custody's rules as `mediator serve` sets them, faked: account `flagged` is refused (-4032), and

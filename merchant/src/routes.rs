@@ -486,7 +486,8 @@ pub const LN_DESCRIPTION_MAX_BYTES: usize = 200;
 /// The BOLT11 part of a new invoice, or why there is none. Never an error: without a node, or
 /// without the inbound liquidity, the invoice is on chain only and says so
 /// (`lightningUnavailable`). The BOLT11 expiry is what is left until `expires_ms`, rounded
-/// down, so the node refuses a payment once the merchant invoice has expired.
+/// down (the node still takes a payment up to about two hours past it, LDK's margin: recorded
+/// as `PaidLate`).
 async fn lightning_part(
     st: &AppState,
     merchant: u32,

@@ -219,6 +219,16 @@ impl Lightning for LnApi {
             }))
     }
 
+    fn credited_after(&self, after: u64, limit: u32) -> Result<Vec<(u64, String)>, CustodyError> {
+        Ok(self
+            .0
+            .credited_after(after, limit)
+            .map_err(internal)?
+            .into_iter()
+            .map(|(seq, h)| (seq, hex::encode(h)))
+            .collect())
+    }
+
     fn pay(&self, account: u32, invoice: &str) -> Result<LnPaymentInfo, CustodyError> {
         let w = self
             .0

@@ -129,6 +129,11 @@ pub trait Lightning: Send + Sync + std::fmt::Debug {
     ) -> Result<LnInvoiceInfo, CustodyError>;
     /// What was received for an invoice of ours (payment hash, hex), once it is credited.
     fn received(&self, payment_hash: &str) -> Result<Option<LnReceived>, CustodyError>;
+    /// Invoices of ours credited after position `after` (0: from the first), in the order the
+    /// credits were applied, at most `limit`: `(position, payment hash as hex)`. A reader that
+    /// keeps the last position it handled sees every credit once, however late it came (the
+    /// merchant's monitor records BOLT11 payments on their invoices this way).
+    fn credited_after(&self, after: u64, limit: u32) -> Result<Vec<(u64, String)>, CustodyError>;
     /// Holds amount + fee of `account` and pays `invoice`.
     fn pay(&self, account: u32, invoice: &str) -> Result<LnPaymentInfo, CustodyError>;
     /// A withdrawal of `account` by id.
@@ -456,6 +461,9 @@ mod tests {
         }
         fn received(&self, _: &str) -> Result<Option<LnReceived>, CustodyError> {
             Ok(None)
+        }
+        fn credited_after(&self, _: u64, _: u32) -> Result<Vec<(u64, String)>, CustodyError> {
+            Ok(Vec::new())
         }
         fn pay(&self, _: u32, _: &str) -> Result<LnPaymentInfo, CustodyError> {
             Err(refused())

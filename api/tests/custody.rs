@@ -1711,6 +1711,9 @@ impl api::lightning::Lightning for FakeLn {
     fn received(&self, _: &str) -> Result<Option<api::lightning::LnReceived>, CustodyError> {
         Ok(None)
     }
+    fn credited_after(&self, _: u64, _: u32) -> Result<Vec<(u64, String)>, CustodyError> {
+        Ok(Vec::new())
+    }
     fn pay(&self, _: u32, _: &str) -> Result<api::lightning::LnPaymentInfo, CustodyError> {
         Err(CustodyError::internal("not in this test"))
     }

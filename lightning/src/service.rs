@@ -519,6 +519,17 @@ impl<L: Ledger> LightningService<L> {
         }
     }
 
+    /// Invoices of ours credited after position `after` (0: from the first), in the order the
+    /// credits were applied, at most `limit`: `(position, payment hash)`. A reader that keeps
+    /// the last position it handled sees every credit once, however late it came.
+    pub fn credited_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        self.lock().credited_after(after, limit)
+    }
+
     /// What the node received for an invoice of ours, once credited: `(satoshis credited,
     /// when the node recorded the payment, ms since the epoch)`. `None` until credited (or for
     /// a hash that is not ours).

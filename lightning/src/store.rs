@@ -273,9 +273,21 @@ impl Store {
         if !has_prior {
             db.execute_batch("ALTER TABLE ln_withdrawals ADD COLUMN prior_failed_s INTEGER;")?;
         }
+        // The order credits were applied in (1, 2, ...; `credited_after`): how others (the
+        // merchant's monitor) follow every credit, however late it came.
+        let has_seq: bool = db.query_row(
+            "SELECT COUNT(*) FROM pragma_table_info('ln_deposits') WHERE name = 'credited_seq'",
+            [],
+            |r| r.get::<_, i64>(0).map(|n| n > 0),
+        )?;
+        if !has_seq {
+            db.execute_batch("ALTER TABLE ln_deposits ADD COLUMN credited_seq INTEGER;")?;
+        }
         db.execute_batch(
             "CREATE INDEX IF NOT EXISTS ln_deposits_received ON ln_deposits(payment_hash)
-                WHERE credited_sat IS NULL AND received_msat IS NOT NULL;",
+                WHERE credited_sat IS NULL AND received_msat IS NOT NULL;
+             CREATE UNIQUE INDEX IF NOT EXISTS ln_deposits_credited_seq
+                ON ln_deposits(credited_seq) WHERE credited_seq IS NOT NULL;",
         )?;
         Ok(Self { db })
     }
@@ -340,13 +352,32 @@ impl Store {
         Ok(())
     }
 
+    /// Records a deposit's credit as applied, numbered after every credit before it.
     pub(crate) fn mark_credited(&self, hash: &[u8; 32], sat: u64) -> Result<(), StoreError> {
         self.db.execute(
-            "UPDATE ln_deposits SET credited_sat = ?2 WHERE payment_hash = ?1 \
-             AND credited_sat IS NULL",
+            "UPDATE ln_deposits SET credited_sat = ?2, credited_seq = \
+               (SELECT COALESCE(MAX(credited_seq), 0) + 1 FROM ln_deposits) \
+             WHERE payment_hash = ?1 AND credited_sat IS NULL",
             params![&hash[..], i64_of(sat)?],
         )?;
         Ok(())
+    }
+
+    /// Deposits credited after position `after` (0: from the first), in the order their credits
+    /// were applied, at most `limit`: `(position, payment hash)`.
+    pub(crate) fn credited_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, [u8; 32])>, StoreError> {
+        let mut st = self.db.prepare_cached(
+            "SELECT credited_seq, payment_hash FROM ln_deposits \
+             WHERE credited_seq > ?1 ORDER BY credited_seq LIMIT ?2",
+        )?;
+        let rows = st.query_map(params![i64_of(after)?, limit], |r| {
+            Ok((u64_of(r.get(0)?), hash_of(r.get(1)?)?))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     /// Satoshis an account sent or is sending over Lightning since `since_ms` (refused and
@@ -492,6 +523,41 @@ mod tests {
         row(7, &[New, Held, Sending, Releasing, Released]);
         row(8, &[New, Refused]);
         assert_eq!(reader.withdrawals_in_flight_sat().unwrap(), 3_010 + 4_010);
+    }
+
+    /// Credits are numbered in the order they were applied, once each (a repeated mark changes
+    /// nothing), and listed after a position in that order.
+    #[test]
+    fn credits_are_listed_in_the_order_they_were_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        for n in 1u8..=4 {
+            s.insert_deposit(&LnDeposit {
+                payment_hash: [n; 32],
+                account: 1,
+                amount_sat: 100,
+                bolt11: "lnbcrt1".into(),
+                created_ms: 0,
+                expires_ms: u64::from(n),
+                credited_sat: None,
+            })
+            .unwrap();
+        }
+        for n in [3u8, 1, 3, 4] {
+            s.mark_credited(&[n; 32], 100).unwrap();
+        }
+        let listed = |after, limit| -> Vec<(u64, u8)> {
+            s.credited_after(after, limit)
+                .unwrap()
+                .into_iter()
+                .map(|(seq, h)| (seq, h[0]))
+                .collect()
+        };
+        assert_eq!(listed(0, 10), [(1, 3), (2, 1), (3, 4)]);
+        assert_eq!(listed(1, 1), [(2, 1)]);
+        assert_eq!(listed(3, 10), []);
+        s.mark_credited(&[2; 32], 100).unwrap();
+        assert_eq!(listed(3, 10), [(4, 2)]);
     }
 
     /// The loop's scan of open deposits is bounded by their expiry (every merchant invoice

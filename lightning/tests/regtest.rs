@@ -995,6 +995,16 @@ fn a_received_payment_is_acknowledged_only_once_the_receipt_is_recorded() {
     w.m().step(later + 1_000).unwrap();
     w.m().resolve_pending().unwrap();
     assert_eq!(w.ledger.btc(frank), (7_000, 0));
+    // Listed among the credits once, after every credit applied before it.
+    let credits = w.m().credited_after(0, 1_000).unwrap();
+    let ours: Vec<u64> = credits
+        .iter()
+        .filter(|(_, h)| *h == d.payment_hash)
+        .map(|(seq, _)| *seq)
+        .collect();
+    assert_eq!(ours.len(), 1, "{credits:?}");
+    assert_eq!(ours[0], credits.last().unwrap().0);
+    assert!(w.m().credited_after(ours[0], 1_000).unwrap().is_empty());
 }
 
 /// Custody's rules as `mediator serve` sets them, faked: account `flagged` is refused (-4032), and

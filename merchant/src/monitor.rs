@@ -32,9 +32,14 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long after its expiry an invoice's BOLT11 part is still looked for: the node refuses a
-/// payment after the expiry, so only a credit delayed by a restart can arrive later.
+/// How long after its expiry an invoice's BOLT11 part is still looked for by expiry (a payment
+/// credited later is found through the node's credits: [`LN_CREDITS_PER_TICK`]).
 pub const LN_LOOKBACK_MS: u64 = 24 * 3_600_000;
+/// The most of the node's credits read per tick, in the order they were applied, after the last
+/// one handled (`monitor_cursor` `ln_credits`): every BOLT11 payment is recorded on its
+/// invoice, however late the ledger took its credit.
+pub const LN_CREDITS_PER_TICK: u32 = 1_000;
+const LN_CREDITS: &str = "ln_credits";
 /// The most invoices with an open BOLT11 part looked at per tick: half of them the newest
 /// (latest expiry: the ones being paid now), half the next page of a scan that goes on from tick
 /// to tick towards older ones and starts again from the newest at the end, so every open part is
@@ -112,6 +117,83 @@ pub fn spawn(state: AppState, poll: Duration, dispatcher: Option<Dispatcher>) ->
     MonitorHandle { stop, task }
 }
 
+/// Records a BOLT11 payment on invoice `id` (once: a payment already there changes nothing).
+async fn record_lightning(
+    state: &AppState,
+    id: String,
+    payment: Payment,
+    now_ms: u64,
+    report: &mut TickReport,
+) -> Result<(), ApiError> {
+    let Some((rec, name)) = load(state, id).await? else {
+        return Ok(());
+    };
+    let mut next = rec.clone();
+    let events = next.inv.observe(&[payment], now_ms);
+    if next != rec {
+        report.changed += 1;
+        report.events += events.len();
+        commit(state, next, events, name).await?;
+    }
+    Ok(())
+}
+
+/// The node's credits applied since the last one handled, in order: each one of an invoice's
+/// BOLT11 part not yet recorded is recorded, then the cursor moves past it. A credit whose
+/// amount the node cannot tell yet stops the reading (read again next tick).
+async fn lightning_credits(
+    state: &AppState,
+    ln: api::lightning::Handle,
+    now_ms: u64,
+    report: &mut TickReport,
+) -> Result<(), ApiError> {
+    let after = with_db(state, |c| store::cursor(c, LN_CREDITS).map_err(db)).await?;
+    let ln2 = ln.clone();
+    let credits =
+        tokio::task::spawn_blocking(move || ln2.credited_after(after, LN_CREDITS_PER_TICK))
+            .await
+            .map_err(|_| ApiError::internal())?;
+    let credits = match credits {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(error = %e.msg, "lightning credits not read; next tick");
+            return Ok(());
+        }
+    };
+    for (position, hash) in credits {
+        let h = hash.clone();
+        let id = with_db(state, move |c| {
+            store::lightning_unpaid_by_hash(c, &h).map_err(db)
+        })
+        .await?;
+        if let Some(id) = id {
+            let (ln2, h) = (ln.clone(), hash.clone());
+            let got = tokio::task::spawn_blocking(move || ln2.received(&h))
+                .await
+                .map_err(|_| ApiError::internal())?;
+            match got {
+                Ok(Some(r)) => {
+                    let payment = Payment::lightning(&hash, r.amount_sat, r.time_ms);
+                    record_lightning(state, id, payment, now_ms, report).await?;
+                }
+                Ok(None) => {
+                    tracing::warn!(payment_hash = %hash, "a credit the node listed has no receipt yet");
+                    return Ok(());
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.msg, "lightning received");
+                    return Ok(());
+                }
+            }
+        }
+        with_db(state, move |c| {
+            store::set_cursor(c, LN_CREDITS, position).map_err(db)
+        })
+        .await?;
+    }
+    Ok(())
+}
+
 /// One pass at `now_ms` (also called directly by tests).
 pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError> {
     let mut report = TickReport::default();
@@ -171,6 +253,7 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
     }
     // 1b. Lightning payments: BOLT11 parts the node's service has credited to the merchant.
     if let Some(ln) = state.lightning() {
+        lightning_credits(state, ln.clone(), now_ms, &mut report).await?;
         let since = now_ms.saturating_sub(LN_LOOKBACK_MS);
         let after = state
             .merchant()
@@ -228,16 +311,7 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
             .await
             .map_err(|_| ApiError::internal())?;
             for (id, payment) in found {
-                let Some((rec, name)) = load(state, id).await? else {
-                    continue;
-                };
-                let mut next = rec.clone();
-                let events = next.inv.observe(&[payment], now_ms);
-                if next != rec {
-                    report.changed += 1;
-                    report.events += events.len();
-                    commit(state, next, events, name).await?;
-                }
+                record_lightning(state, id, payment, now_ms, &mut report).await?;
             }
         }
     }

@@ -65,7 +65,12 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
         )?;
     }
     conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS invoice_ln ON invoice (expires_ms) WHERE ln_hash IS NOT NULL",
+        "CREATE INDEX IF NOT EXISTS invoice_ln ON invoice (expires_ms) WHERE ln_hash IS NOT NULL;
+         CREATE INDEX IF NOT EXISTS invoice_ln_hash ON invoice (ln_hash) WHERE ln_hash IS NOT NULL;
+         CREATE TABLE IF NOT EXISTS monitor_cursor (
+            name TEXT PRIMARY KEY,
+            position INTEGER NOT NULL
+         );",
     )?;
     webhook::init_schema(&conn)?;
     super::dashboard::init_schema(&conn)?;
@@ -387,11 +392,51 @@ pub fn by_address(conn: &Connection, address: &str) -> rusqlite::Result<Option<S
     .optional()
 }
 
+/// The invoice whose BOLT11 part has `payment_hash` (hex), if it is not yet paid over
+/// Lightning.
+pub fn lightning_unpaid_by_hash(
+    conn: &Connection,
+    payment_hash: &str,
+) -> rusqlite::Result<Option<String>> {
+    conn.query_row(
+        "SELECT id FROM invoice WHERE ln_hash = ?1
+           AND NOT EXISTS (SELECT 1 FROM invoice_payment p
+                           WHERE p.invoice_id = invoice.id AND p.pid = 'ln:' || invoice.ln_hash)",
+        [payment_hash],
+        |r| r.get(0),
+    )
+    .optional()
+}
+
+/// Where the monitor's reading of a feed (`name`) got to: the last position it handled (0:
+/// none yet).
+pub fn cursor(conn: &Connection, name: &str) -> rusqlite::Result<u64> {
+    let at: Option<i64> = conn
+        .query_row(
+            "SELECT position FROM monitor_cursor WHERE name = ?1",
+            [name],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(at.map_or(0, |p| u64::try_from(p).unwrap_or(0)))
+}
+
+/// Moves the monitor's reading of `name` to `position` (never back).
+pub fn set_cursor(conn: &Connection, name: &str, position: u64) -> rusqlite::Result<()> {
+    let position = i64::try_from(position)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    conn.execute(
+        "INSERT INTO monitor_cursor (name, position) VALUES (?1, ?2)
+         ON CONFLICT (name) DO UPDATE SET position = MAX(position, excluded.position)",
+        params![name, position],
+    )?;
+    Ok(())
+}
+
 /// Invoices with a BOLT11 part not yet paid over Lightning, expiring after `since_ms`, newest
 /// (latest expiry) first, at most `limit`: `(invoice id, payment hash)`; the first page of
-/// [`lightning_unpaid_after`]. The node refuses a payment after the
-/// BOLT11 expiry (never later than the invoice's), so a payment can only be missing here for an
-/// invoice that expired recently (its credit waited for a restart).
+/// [`lightning_unpaid_after`]. A payment credited later than this window looks is found through
+/// the node's credits ([`lightning_unpaid_by_hash`]).
 pub fn lightning_unpaid(
     conn: &Connection,
     since_ms: u64,

@@ -2715,6 +2715,13 @@ impl api::lightning::Lightning for RecordingLn {
     ) -> Result<Option<api::lightning::LnReceived>, api::custody::CustodyError> {
         Ok(None)
     }
+    fn credited_after(
+        &self,
+        _: u64,
+        _: u32,
+    ) -> Result<Vec<(u64, String)>, api::custody::CustodyError> {
+        Ok(Vec::new())
+    }
     fn pay(
         &self,
         account: u32,

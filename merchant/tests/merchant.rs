@@ -1758,3 +1758,148 @@ async fn a_balance_payment_asked_again_after_a_chain_payment_left_pays_again() {
     assert_eq!(r.code(), -1155, "{}", r.json);
     assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99900000");
 }
+
+/// A Lightning node whose one merchant invoice (`LateLn::HASH`) is paid on time and credited
+/// when the test says so (the ledger held the credit back until then).
+#[derive(Debug, Default)]
+struct LateLn {
+    /// When the node recorded the payment (ms), set once the credit was applied.
+    credited_at: std::sync::Mutex<Option<u64>>,
+}
+
+impl LateLn {
+    const HASH: &'static str = "7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a7a";
+}
+
+fn not_here<T>() -> Result<T, api::custody::CustodyError> {
+    Err(api::custody::CustodyError::internal("not in this test"))
+}
+
+impl api::lightning::Lightning for LateLn {
+    fn deposit_invoice(
+        &self,
+        _: u32,
+        _: u64,
+    ) -> Result<api::lightning::LnInvoiceInfo, api::custody::CustodyError> {
+        not_here()
+    }
+    fn merchant_invoice(
+        &self,
+        _: u32,
+        amount_sat: u64,
+        _: &str,
+        expiry_secs: u32,
+    ) -> Result<api::lightning::LnInvoiceInfo, api::custody::CustodyError> {
+        Ok(api::lightning::LnInvoiceInfo {
+            invoice: "lnbcrt1late".into(),
+            payment_hash: Self::HASH.into(),
+            amount_sat,
+            expires_ms: common::now_ms() + u64::from(expiry_secs) * 1000,
+        })
+    }
+    fn received(
+        &self,
+        hash: &str,
+    ) -> Result<Option<api::lightning::LnReceived>, api::custody::CustodyError> {
+        let at = *self.credited_at.lock().unwrap();
+        Ok(at
+            .filter(|_| hash == Self::HASH)
+            .map(|time_ms| api::lightning::LnReceived {
+                amount_sat: 100_000,
+                time_ms,
+            }))
+    }
+    fn credited_after(
+        &self,
+        after: u64,
+        limit: u32,
+    ) -> Result<Vec<(u64, String)>, api::custody::CustodyError> {
+        // Once credited: position 1 this invoice's credit, 2 a user deposit's (no invoice).
+        let credits = match *self.credited_at.lock().unwrap() {
+            Some(_) => vec![(1, Self::HASH.to_owned()), (2, "11".repeat(32))],
+            None => Vec::new(),
+        };
+        Ok(credits
+            .into_iter()
+            .filter(|(seq, _)| *seq > after)
+            .take(limit as usize)
+            .collect())
+    }
+    fn pay(
+        &self,
+        _: u32,
+        _: &str,
+    ) -> Result<api::lightning::LnPaymentInfo, api::custody::CustodyError> {
+        not_here()
+    }
+    fn payment(
+        &self,
+        _: u32,
+        _: u64,
+    ) -> Result<Option<api::lightning::LnPaymentInfo>, api::custody::CustodyError> {
+        not_here()
+    }
+    fn payment_of_invoice(
+        &self,
+        _: u32,
+        _: &str,
+    ) -> Result<Option<api::lightning::LnPaymentInfo>, api::custody::CustodyError> {
+        not_here()
+    }
+    fn channels(&self) -> Result<Vec<api::lightning::LnChannelInfo>, api::custody::CustodyError> {
+        not_here()
+    }
+    fn balance(&self) -> Result<api::lightning::LnBalanceInfo, api::custody::CustodyError> {
+        not_here()
+    }
+    fn open_channel(&self, _: &str, _: u64) -> Result<String, api::custody::CustodyError> {
+        not_here()
+    }
+    fn close_channel(&self, _: &str) -> Result<(), api::custody::CustodyError> {
+        not_here()
+    }
+    fn onchain_address(&self) -> Result<String, api::custody::CustodyError> {
+        not_here()
+    }
+}
+
+/// Review finding: the monitor looked for a BOLT11 part's payment only while its invoice had
+/// expired at most `LN_LOOKBACK_MS` (24 h) ago, on the belief that only a restart delays a
+/// credit. The Lightning service retries a credit the ledger refuses for as long as it takes:
+/// a payment made on time and credited a day later was never recorded on its invoice (the
+/// merchant's balance held the money; the invoice stayed unpaid, sent no webhook and could not
+/// be refunded). The monitor now follows the node's credits in the order they were applied.
+#[tokio::test]
+async fn a_lightning_payment_credited_days_late_is_recorded_on_its_invoice() {
+    let m = setup().await;
+    let ln = Arc::new(LateLn::default());
+    assert!(m.h.state.set_lightning(ln.clone()).is_ok());
+    let now = common::now_ms();
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    assert_eq!(inv["lightning"]["paymentHash"], LateLn::HASH, "{inv}");
+    m.tick(now + 1).await;
+    assert_eq!(s(&m.get(&id).await, "paidBtc"), "0");
+    // Paid a minute in; the ledger takes the credit two days after the invoice expired.
+    let expires = inv["expireTime"].as_u64().unwrap();
+    *ln.credited_at.lock().unwrap() = Some(now + 60_000);
+    let later = expires + 2 * merchant::monitor::LN_LOOKBACK_MS;
+    m.tick(later).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (s(&v, "paidBtc"), s(&v, "status")),
+        ("0.001".into(), "Settled".into()),
+        "{v}"
+    );
+    assert!(
+        m.events(&id)
+            .contains(&"invoice.payment_received".to_owned()),
+        "{:?}",
+        m.events(&id)
+    );
+    // Recorded once: more ticks change nothing.
+    m.tick(later + 1).await;
+    m.tick(later + 2).await;
+    let again = m.get(&id).await;
+    assert_eq!(again["payments"].as_array().unwrap().len(), 1, "{again}");
+}

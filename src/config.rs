@@ -43,6 +43,7 @@
 //! [merchant]                       # api/README.md, "Webhooks" and "Merchant payments"
 //! allow_private_webhooks = false   # true: webhooks may go to internal addresses (own network, tests)
 //! redeliveries_per_min = 10        # webhook redeliver calls per merchant per minute
+//! lightning_parts_per_hour = 600   # BOLT11 parts a store's invoices get an hour (then on chain only)
 //! price_max_trade_age_ms = 300000  # a USD invoice needs a trade (two accounts) this recent
 //! price_max_spread_bps = 200       # ... a book no wider than this ...
 //! price_min_depth_sat = 1000000    # ... holding this much a side within that band
@@ -328,6 +329,10 @@ pub struct MerchantKnobs {
     /// [default: 86400000, 24 h].
     #[arg(long, env = "MEDIATOR_WITHDRAW_ADDRESS_DELAY_MS")]
     pub withdraw_address_delay_ms: Option<u64>,
+    /// BOLT11 parts a store's invoices get an hour; past it, invoices are on chain only
+    /// (each part is an invoice the node keeps for good) [default: 600].
+    #[arg(long, env = "MEDIATOR_LIGHTNING_PARTS_PER_HOUR")]
+    pub lightning_parts_per_hour: Option<u64>,
 }
 
 impl MerchantKnobs {
@@ -352,6 +357,9 @@ impl MerchantKnobs {
             withdraw_address_delay_ms: self
                 .withdraw_address_delay_ms
                 .or(under.withdraw_address_delay_ms),
+            lightning_parts_per_hour: self
+                .lightning_parts_per_hour
+                .or(under.lightning_parts_per_hour),
         }
     }
 
@@ -360,6 +368,9 @@ impl MerchantKnobs {
     fn check(&self) -> anyhow::Result<()> {
         if self.redeliveries_per_min == Some(0) {
             bail!("merchant.redeliveries_per_min must be at least 1");
+        }
+        if self.lightning_parts_per_hour == Some(0) {
+            bail!("merchant.lightning_parts_per_hour must be at least 1");
         }
         if self.price_max_trade_age_ms == Some(0) {
             bail!("merchant.price_max_trade_age_ms must be at least 1");
@@ -425,6 +436,9 @@ impl MerchantKnobs {
         m.withdraw_address_delay_ms = self
             .withdraw_address_delay_ms
             .unwrap_or(m.withdraw_address_delay_ms);
+        m.lightning_parts_per_hour = self
+            .lightning_parts_per_hour
+            .unwrap_or(m.lightning_parts_per_hour);
         if let Some(f) = &self.price_index_file {
             p.index = Some(merchant::price::IndexSource::File(f.clone()));
         }
@@ -772,7 +786,7 @@ mod tests {
         );
         assert_eq!(m.price, merchant::price::PriceLimits::default());
         let file: FileConfig = toml::from_str(
-            "[merchant]\nallow_private_webhooks = true\nprice_max_spread_bps = 50\nprice_index_file = \"/x/btcusd.txt\"\nredeliveries_per_min = 3\nprice_index_cache_ms = 500\nprice_index_max_age_ms = 60000\nwithdraw_address_delay_ms = 3600000\n",
+            "[merchant]\nallow_private_webhooks = true\nprice_max_spread_bps = 50\nprice_index_file = \"/x/btcusd.txt\"\nredeliveries_per_min = 3\nprice_index_cache_ms = 500\nprice_index_max_age_ms = 60000\nwithdraw_address_delay_ms = 3600000\nlightning_parts_per_hour = 50\n",
         )
         .unwrap();
         let over = FileConfig {
@@ -794,6 +808,7 @@ mod tests {
         assert_eq!(m.price.index_cache_ms, 250, "flags over the file");
         assert_eq!(m.price.index_max_age_ms, 60_000, "from the file");
         assert_eq!(m.withdraw_address_delay_ms, 3_600_000, "from the file");
+        assert_eq!(m.lightning_parts_per_hour, 50, "from the file");
         assert_eq!(
             m.price.index,
             Some(merchant::price::IndexSource::File("/x/btcusd.txt".into()))
@@ -890,6 +905,10 @@ mod tests {
             (
                 "[merchant]\nredeliveries_per_min = 0\n",
                 "redeliveries_per_min",
+            ),
+            (
+                "[merchant]\nlightning_parts_per_hour = 0\n",
+                "lightning_parts_per_hour",
             ),
             (
                 "[merchant]\nconversion_slippage_bps = 10000\n",

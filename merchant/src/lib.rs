@@ -74,6 +74,9 @@ pub struct MerchantConfig {
     /// How long after it was added an address on a store's withdrawal allow-list becomes
     /// usable (and the list stays on after its last removal), ms ([`allowlist`]).
     pub withdraw_address_delay_ms: u64,
+    /// BOLT11 parts a store's invoices get per hour; past it, invoices are on chain only
+    /// (`lightningUnavailable` says why): each part is an invoice the node keeps for good.
+    pub lightning_parts_per_hour: u64,
 }
 
 impl Default for MerchantConfig {
@@ -83,6 +86,7 @@ impl Default for MerchantConfig {
             redeliveries_per_min: 10,
             price: price::PriceLimits::default(),
             withdraw_address_delay_ms: allowlist::DEFAULT_DELAY_MS,
+            lightning_parts_per_hour: 600,
         }
     }
 }
@@ -116,6 +120,9 @@ pub struct Merchant {
     /// list, a repeated claim and the monitor each resolve them), so one never writes its answer
     /// over a later one's. Taken after `invoice_lock` when both are held, never before it.
     pub payout_lock: tokio::sync::Mutex<()>,
+    /// BOLT11 parts made per store, an hour's window (set up on first use from
+    /// [`MerchantConfig::lightning_parts_per_hour`]).
+    pub ln_parts: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// `redeliver` calls per merchant (set up on first use from [`MerchantConfig`]).
     pub redeliveries: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// Dashboard login attempts per client IP and per store ([`dashboard`]).
@@ -147,6 +154,7 @@ impl Merchant {
             kick: tokio::sync::Notify::new(),
             invoice_lock: tokio::sync::Mutex::new(()),
             payout_lock: tokio::sync::Mutex::new(()),
+            ln_parts: std::sync::OnceLock::new(),
             redeliveries: std::sync::OnceLock::new(),
             logins: std::sync::OnceLock::new(),
             step_ups: std::sync::OnceLock::new(),

@@ -501,6 +501,26 @@ async fn lightning_part(
             Some("Lightning is not running on this server.".into()),
         );
     };
+    // Each part is an invoice the node keeps for good (and sweeps until it expires): a store's
+    // public point-of-sale page must not make them without bound.
+    let m = st.merchant();
+    let parts = m.ln_parts.get_or_init(|| {
+        api::ratelimit::Limiter::with_window(m.cfg.lightning_parts_per_hour, 3_600_000)
+    });
+    if let api::ratelimit::Charge::Limited { .. } = parts.charge(&merchant.to_string(), 1, now_ms())
+    {
+        tracing::info!(
+            merchant,
+            "invoice without lightning: the hour's BOLT11 parts are made"
+        );
+        return (
+            None,
+            Some(
+                "This store made as many Lightning invoices as it may this hour; pay on chain."
+                    .into(),
+            ),
+        );
+    }
     let secs = expires_ms.saturating_sub(now_ms()) / 1000;
     let secs = u32::try_from(secs).unwrap_or(u32::MAX);
     let made = tokio::task::spawn_blocking(move || {

@@ -1903,3 +1903,47 @@ async fn a_lightning_payment_credited_days_late_is_recorded_on_its_invoice() {
     let again = m.get(&id).await;
     assert_eq!(again["payments"].as_array().unwrap().len(), 1, "{again}");
 }
+
+/// Review finding: BOLT11 parts had no bound but the caller's request weight. Anyone with a
+/// store's point-of-sale link (a public page) could make invoices in a loop, each a BOLT11
+/// the node keeps for good and the Lightning service sweeps until it expires (up to a week).
+/// A store makes at most `lightning_parts_per_hour` BOLT11 parts an hour; invoices past that
+/// are on chain only and say why (`lightningUnavailable`). Failed on the old code (every
+/// invoice had its BOLT11 part).
+#[tokio::test]
+async fn a_store_makes_a_bounded_number_of_bolt11_parts_an_hour() {
+    let h = Harness::new();
+    let cap = merchant::MerchantConfig::default().lightning_parts_per_hour;
+    let m = setup_on(h).await;
+    let ln = Arc::new(LateLn::default());
+    assert!(m.h.state.set_lightning(ln.clone()).is_ok());
+    let mut with_part = 0;
+    for n in 0..=cap {
+        let inv = m.invoice(&format!("amount=0.0001&orderId={n}")).await;
+        if inv["lightning"].is_null() {
+            assert!(
+                inv["lightningUnavailable"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("hour")),
+                "{inv}"
+            );
+        } else {
+            with_part += 1;
+        }
+    }
+    assert_eq!(with_part, cap);
+    // Another store is not held back by this one's.
+    let (other, _) = m.h.trader("0", "0").await;
+    let k =
+        m.h.state
+            .create_key(
+                other,
+                api::keys::Perms::parse("read,merchant").unwrap(),
+                "b",
+            )
+            .unwrap();
+    let inv =
+        m.h.ok("POST", "/mapi/v1/merchant/invoice", "amount=0.0001", &k)
+            .await;
+    assert_eq!(inv["lightning"]["paymentHash"], LateLn::HASH, "{inv}");
+}

@@ -6,9 +6,9 @@
 
 use api::core::Outcome;
 use api::custody::{
-    AlarmInfo, BatchSummary, Custody, CustodyError, DepositInfo, DepositState, FlaggedAccount,
-    ReconcileInfo, RecordMismatchInfo, RecordsInfo, ReservesProofInfo, WithdrawalInfo,
-    WithdrawalState,
+    AlarmInfo, BatchSummary, Custody, CustodyError, DepositAddress, DepositInfo, DepositState,
+    FlaggedAccount, ReconcileInfo, RecordMismatchInfo, RecordsInfo, ReservesProofInfo,
+    WithdrawalInfo, WithdrawalState,
 };
 use api::AppState;
 use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
@@ -306,18 +306,26 @@ fn throwaway(network: Network) -> Address {
 }
 
 impl Custody for WalletCustody {
-    fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError> {
+    fn deposit_address(&self, account: u32, new: bool) -> Result<DepositAddress, CustodyError> {
         let mut s = self.lock();
         let account = AccountId(account);
         if !new {
             match s.deposit_addresses(account) {
-                Ok(v) if !v.is_empty() => return Ok(v[v.len() - 1].clone()),
+                Ok(v) if !v.is_empty() => {
+                    return Ok(DepositAddress {
+                        address: v[v.len() - 1].clone(),
+                        made: false,
+                    })
+                }
                 Ok(_) => {}
                 Err(e) => return Err(deposit_address_error(e)),
             }
         }
         s.new_deposit_address(account, system_now())
-            .map(|a| a.to_string())
+            .map(|a| DepositAddress {
+                address: a.to_string(),
+                made: true,
+            })
             .map_err(deposit_address_error)
     }
 
@@ -618,7 +626,7 @@ impl Custody for WalletCustody {
 
     fn regtest_fund(&self, account: u32) -> Result<u64, CustodyError> {
         self.ensure_regtest()?;
-        let address = self.deposit_address(account, false)?;
+        let address = self.deposit_address(account, false)?.address;
         let address: Address = address
             .parse::<Address<_>>()
             .map_err(internal)?

@@ -465,7 +465,16 @@ pub async fn deposit_address(State(st): State<AppState>, req: Req) -> Result<Res
     p.finish()?;
     let account = key.account;
     let a = call(&st, move |c| c.deposit_address(account, false)).await?;
-    Ok(ok_json(&ctx, address_json(a)))
+    // The account's first address is made on first use: audited like a new one.
+    if a.made {
+        st.audit_done_by(
+            &format!("account:{account}"),
+            &key.api_key,
+            "deposit.address.new",
+            json!({ "account": account, "address": &a.address }),
+        );
+    }
+    Ok(ok_json(&ctx, address_json(a.address)))
 }
 
 /// `POST /mapi/v1/capital/deposit/address` (READ): a new deposit address (old ones keep
@@ -482,7 +491,9 @@ pub async fn new_deposit_address(
     custody(&st)?;
     let account = key.account;
     charge_new_address(&st, account)?;
-    let a = call(&st, move |c| c.deposit_address(account, true)).await?;
+    let a = call(&st, move |c| c.deposit_address(account, true))
+        .await?
+        .address;
     // The wallet watches the address now: answered even if its entry cannot be written (a
     // `-1000` would make the client ask for yet another one).
     st.audit_done_by(
@@ -695,15 +706,19 @@ pub async fn admin_deposit_address(
     let new = bool_param(&mut p, "new")?;
     p.finish()?;
     let a = call(&st, move |c| c.deposit_address(account, new)).await?;
-    if new {
+    // A new one, or the account's first, made on first use.
+    if a.made {
         st.audit_done_by(
             "admin",
             &key.api_key,
             "deposit.address.new",
-            json!({ "account": account, "address": &a }),
+            json!({ "account": account, "address": &a.address }),
         );
     }
-    Ok(ok_json(&ctx, json!({"account": account, "address": a})))
+    Ok(ok_json(
+        &ctx,
+        json!({"account": account, "address": a.address}),
+    ))
 }
 
 /// `GET /mapi/v1/admin/withdrawals` (ADMIN): withdrawals of one account or all.

@@ -273,16 +273,26 @@ impl std::fmt::Debug for dyn Custody {
     }
 }
 
+/// A deposit address, and whether the call that answered it made it (an address the wallet
+/// watches for good: the caller audits it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DepositAddress {
+    /// The address.
+    pub address: String,
+    /// Made by this call (a new one, or the account's first, made on first use).
+    pub made: bool,
+}
+
 /// The custody service as the API sees it.
 pub trait Custody: Send + Sync + 'static {
     /// The account's current deposit address (made on first use), or a new one when `new`;
     /// old addresses keep working.
-    fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError>;
+    fn deposit_address(&self, account: u32, new: bool) -> Result<DepositAddress, CustodyError>;
     /// A new address for one merchant invoice of `account`: payments to it are credited to the
     /// account like deposits, but it is never returned by [`deposit_address`](Self::deposit_address).
     /// The default hands out a new deposit address (for custody that has no such distinction).
     fn invoice_address(&self, account: u32) -> Result<String, CustodyError> {
-        self.deposit_address(account, true)
+        self.deposit_address(account, true).map(|a| a.address)
     }
     /// Deposits, of one account or all.
     fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError>;

@@ -3,8 +3,8 @@
 mod common;
 
 use api::custody::{
-    AlarmInfo, BatchSummary, Custody, CustodyError, DepositInfo, DepositState, FlaggedAccount,
-    ReconcileInfo, RecordsInfo, WithdrawalInfo, WithdrawalState,
+    AlarmInfo, BatchSummary, Custody, CustodyError, DepositAddress, DepositInfo, DepositState,
+    FlaggedAccount, ReconcileInfo, RecordsInfo, WithdrawalInfo, WithdrawalState,
 };
 use api::keys::Perms;
 use axum::http::StatusCode;
@@ -20,6 +20,8 @@ struct Fake {
     fail: Mutex<Option<CustodyError>>,
     /// Runs once, right after the next reading of the flagged accounts was taken.
     after_flag_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
+    /// Accounts that have a deposit address (the first is made on first use, as the wallet's).
+    addressed: Mutex<std::collections::BTreeSet<u32>>,
 }
 
 impl Fake {
@@ -55,12 +57,13 @@ fn withdrawal(id: u64, account: u32, state: WithdrawalState, created_ms: u64) ->
 }
 
 impl Custody for Fake {
-    fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError> {
+    fn deposit_address(&self, account: u32, new: bool) -> Result<DepositAddress, CustodyError> {
         self.log(format!("deposit_address({account},{new})"))?;
-        Ok(format!(
-            "bcrt1q{account}{}",
-            if new { "new" } else { "cur" }
-        ))
+        let made = self.addressed.lock().unwrap().insert(account) || new;
+        Ok(DepositAddress {
+            address: format!("bcrt1q{account}{}", if new { "new" } else { "cur" }),
+            made,
+        })
     }
     fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError> {
         self.log(format!("deposits({account:?})"))?;
@@ -1642,6 +1645,56 @@ async fn a_new_deposit_address_is_one_audit_entry_naming_who_asked() {
             "a key secret is in the audit log"
         );
     }
+}
+
+/// Review finding: an account's first deposit address is made on first use, by
+/// `GET /sapi/v1/capital/deposit/address` (a `read` key) or the admin's `new=false`, and that
+/// left no audit entry (only `new=true` wrote one): every address the wallet watches for good
+/// is one entry naming who asked. Failed on the old code (no entry).
+#[tokio::test]
+async fn a_deposit_address_made_on_first_use_is_audited() {
+    let s = setup(true).await;
+    let base = audit_seq(&s.h);
+    let a =
+        s.h.ok(
+            "GET",
+            "/sapi/v1/capital/deposit/address",
+            "coin=BTC",
+            &s.trader,
+        )
+        .await;
+    let (found, _) = audited_after(&s.h, base, "deposit.address.new");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].actor, format!("account:{}", s.acct));
+    assert_eq!(found[0].params["address"], a["address"]);
+    assert_eq!(found[0].params["by"], s.trader.0.as_str());
+    // Asked again: the same address, nothing made, nothing logged.
+    let base = audit_seq(&s.h);
+    s.h.ok(
+        "GET",
+        "/sapi/v1/capital/deposit/address",
+        "coin=BTC",
+        &s.trader,
+    )
+    .await;
+    assert!(audited_after(&s.h, base, "deposit.address.new")
+        .0
+        .is_empty());
+    // The admin's current address of an account that had none makes one too.
+    let (other, _) = s.h.trader("0", "0").await;
+    let base = audit_seq(&s.h);
+    let a =
+        s.h.ok(
+            "POST",
+            "/mapi/v1/admin/depositAddress",
+            &format!("account={other}&new=false"),
+            &s.h.admin,
+        )
+        .await;
+    let (found, _) = audited_after(&s.h, base, "deposit.address.new");
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].actor, "admin");
+    assert_eq!(found[0].params["address"], a["address"]);
 }
 
 /// Review finding: `regtest/mine` left no audit entry. It is one entry `regtest.mine` with the

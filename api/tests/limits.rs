@@ -381,9 +381,16 @@ async fn stalled_request_bodies_are_closed_after_the_idle_timeout() {
 struct Addresses(std::sync::atomic::AtomicU32);
 
 impl Custody for Addresses {
-    fn deposit_address(&self, account: u32, _: bool) -> Result<String, CustodyError> {
+    fn deposit_address(
+        &self,
+        account: u32,
+        _: bool,
+    ) -> Result<api::custody::DepositAddress, CustodyError> {
         let n = self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        Ok(format!("bcrt1q{account}x{n}"))
+        Ok(api::custody::DepositAddress {
+            address: format!("bcrt1q{account}x{n}"),
+            made: true,
+        })
     }
     fn deposits(&self, _: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError> {
         Ok(Vec::new())

@@ -363,7 +363,9 @@ impl World {
 
 impl SimCustody {
     fn deposit_address_for(&self, account: u32) -> String {
-        api::custody::Custody::deposit_address(self, account, true).unwrap()
+        api::custody::Custody::deposit_address(self, account, true)
+            .unwrap()
+            .address
     }
 }
 

@@ -76,11 +76,18 @@ impl Custody for Fake {
             })
             .collect())
     }
-    fn deposit_address(&self, account: u32, new: bool) -> Result<String, CustodyError> {
+    fn deposit_address(
+        &self,
+        account: u32,
+        new: bool,
+    ) -> Result<api::custody::DepositAddress, CustodyError> {
         assert!(new, "each invoice needs its own address");
         let mut n = self.addresses.lock().unwrap();
         *n += 1;
-        Ok(format!("bcrt1q{account}x{n}"))
+        Ok(api::custody::DepositAddress {
+            address: format!("bcrt1q{account}x{n}"),
+            made: true,
+        })
     }
     fn deposits(&self, account: Option<u32>) -> Result<Vec<DepositInfo>, CustodyError> {
         assert_eq!(account, None);

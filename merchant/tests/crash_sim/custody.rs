@@ -742,13 +742,16 @@ impl SimCustody {
 }
 
 impl Custody for SimCustody {
-    fn deposit_address(&self, account: u32, _new: bool) -> R<String> {
+    fn deposit_address(&self, account: u32, _new: bool) -> R<api::custody::DepositAddress> {
         let mut r = self.r.lock().unwrap();
         r.last_addr += 1;
         let a = format!("bcrt1qsim{account}x{}", r.last_addr);
         r.addrs.insert(a.clone(), account);
         self.save(&r)?;
-        Ok(a)
+        Ok(api::custody::DepositAddress {
+            address: a,
+            made: true,
+        })
     }
 
     fn deposits(&self, account: Option<u32>) -> R<Vec<DepositInfo>> {

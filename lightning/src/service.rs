@@ -464,12 +464,21 @@ impl<L: Ledger> LightningService<L> {
         let d = match store.deposit(hash) {
             Ok(Some(d)) => d,
             Ok(None) => {
+                // One open alarm for all of them (a subject per payment let anyone with a route
+                // to the node add an alarm row per 1-sat keysend); each is in the log.
+                tracing::error!(
+                    payment_hash = %hex::encode(hash),
+                    amount_msat,
+                    "lightning payment for no deposit invoice; credited to nobody"
+                );
                 self.alarm(
                     "lightning_payment_unknown",
-                    &format!("lightning payment {}", hex::encode(hash)),
+                    "lightning payments for no invoice of ours",
                     &format!(
-                        "{amount_msat} msat received for no deposit invoice; credited to nobody \
-                         (a reconciliation surplus)"
+                        "{amount_msat} msat received for payment {} and no deposit invoice; \
+                         credited to nobody (a reconciliation surplus); later ones while this \
+                         alarm is open are in the log (payment_hash)",
+                        hex::encode(hash)
                     ),
                 );
                 return Receipt::Kept;

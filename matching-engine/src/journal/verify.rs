@@ -5,7 +5,9 @@
 //! header whose length fits, whose seq is not below the lost one, and whose checksum matches):
 //!
 //! * in a segment other than the last one, everything was fsynced before the next segment was
-//!   started, so any defect is [`SegmentStatus::Damaged`];
+//!   started, so any defect is [`SegmentStatus::Damaged`]; likewise a defect before the first
+//!   seq of a later segment that is empty (a snapshot's rotation creates segment S+1 only after
+//!   every record up to S was synced: an empty segment's name is proof enough);
 //! * in the last segment (version 2), an intact record whose group commit started *after* the
 //!   lost record proves the lost record's group was fsynced and acknowledged: damaged. Intact
 //!   records of the lost record's own group (the last, unacknowledged one: a torn write can leave
@@ -202,6 +204,10 @@ fn check_segment(
             };
             let acknowledged = match version {
                 _ if !is_last => true,
+                // A later segment, even an empty one, starts after this defect: a rotation
+                // creates segment S+1 only after every record up to S was synced (and so
+                // acknowledged), so what is lost here was acknowledged.
+                _ if next_first.is_some_and(|n| first_lost_seq < n) => true,
                 Some(RecordVersion::V2) => after.later_group,
                 _ => after.intact > 0,
             };

@@ -706,3 +706,49 @@ fn a_rotation_trims_the_old_segment_to_its_records() {
     let r = Store::open(dir.path(), PREALLOCATED, genesis).unwrap();
     assert_eq!(r.state.state_hash(), hash);
 }
+
+/// Review finding: a segment followed only by an empty one (what a snapshot's rotation leaves,
+/// at every clean stop) counted as the last, so damage in its last group was taken for a torn
+/// tail and cut with a warning. The empty segment's name proves otherwise: a rotation creates
+/// segment S+1 only after every record up to S was synced and acknowledged. Damage before a
+/// later segment's first sequence number is refused, the directory left as it was. Failed on
+/// the old code (reported as a torn tail, recovered without the last records).
+#[test]
+fn damage_before_an_empty_later_segment_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let Recovered {
+        mut state,
+        mut store,
+        ..
+    } = Store::open(dir.path(), PREALLOCATED, genesis).expect("opens");
+    let mut events = Vec::new();
+    for (i, cmd) in workload(12, 0).iter().enumerate() {
+        let now = Timestamp(1_000 + i as u64);
+        if state.apply(cmd, now, &mut events).is_ok() {
+            store.append(state.seq(), now, cmd).unwrap();
+            store.sync().unwrap();
+        }
+    }
+    let last = state.seq();
+    store.snapshot(&state).unwrap();
+    drop(store);
+    // The disk damages the old segment's last record; the next segment is empty.
+    let old = dir.path().join(segment_file_name(1));
+    let mut bytes = std::fs::read(&old).unwrap();
+    let at = bytes.len() - 3;
+    bytes[at] ^= 0x5A;
+    std::fs::write(&old, &bytes).unwrap();
+    let check = check_journal(dir.path()).unwrap();
+    assert_eq!(check.segments[1].status, SegmentStatus::Empty);
+    let d = check
+        .damage()
+        .unwrap_or_else(|| panic!("damage before a later segment: {check:?}"))
+        .clone();
+    assert_eq!((d.first_lost_seq, d.last_lost_seq), (last, last));
+    match Store::open(dir.path(), PREALLOCATED, genesis) {
+        Err(RecoveryError::Damaged(refused)) => assert_eq!(refused, d),
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    assert_eq!(std::fs::read(&old).unwrap(), bytes, "nothing was changed");
+    assert!(dir.path().join(segment_file_name(last + 1)).exists());
+}

@@ -295,14 +295,6 @@ pub enum BatchError {
     /// Signing failed or left inputs unsigned.
     #[error("signing the batch transaction: {0}")]
     Sign(String),
-    /// The withdrawals' flat fees do not pay even the minimum relay fee of the batch.
-    #[error("flat fees {budget} sat do not pay the minimum network fee {needed} sat")]
-    FeeBudgetTooLow {
-        /// Sum of the flat fees.
-        budget: Amount,
-        /// Fee at 1 sat/vB.
-        needed: Amount,
-    },
     /// The ledger refused a completion.
     #[error("ledger rejected completion of withdrawal {id}: {code}")]
     CompleteRejected {

@@ -36,6 +36,23 @@ use std::sync::Arc;
 /// The database file's name in the data directory.
 pub const DATABASE_FILE: &str = "wallet.sqlite";
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
+/// Bitcoin Core's largest standard transaction (`MAX_STANDARD_TX_WEIGHT`): a heavier batch would
+/// be refused by every node, for good.
+const MAX_BATCH_WEIGHT: Weight = Weight::from_wu(400_000);
+/// The most batch builds one step tries ([`CustodyService::build_batch`]); the rest wait.
+const BATCH_ATTEMPTS: usize = 16;
+
+/// One try at a batch.
+enum Attempt {
+    /// Signed and recorded.
+    Built(BatchInfo),
+    /// No relayable transaction pays `kept` (those of the try the wallet could fund) within
+    /// their flat fees: `why`. Nothing recorded.
+    Unpayable {
+        kept: Vec<WithdrawalView>,
+        why: String,
+    },
+}
 /// RPC error codes of bitcoind (`src/rpc/protocol.h`).
 const RPC_VERIFY_ALREADY_IN_CHAIN: i32 = -27;
 /// Completed batches watched for a reorg that takes their transaction out of the chain (the
@@ -1691,11 +1708,29 @@ impl CustodyService {
         outputs: &[(ScriptBuf, bitcoin::Amount)],
         fee: Result<FeeRate, bitcoin::Amount>,
     ) -> Result<Psbt, BatchError> {
+        self.build_psbt_from(outputs, fee, None)
+    }
+
+    /// [`build_psbt`](Self::build_psbt), spending exactly `inputs` when given (a capped fee is
+    /// the same transaction at a lower fee: with an absolute fee BDK selects coins at a zero
+    /// fee rate, and a new selection could be far heavier than the one the cap was checked on).
+    fn build_psbt_from(
+        &mut self,
+        outputs: &[(ScriptBuf, bitcoin::Amount)],
+        fee: Result<FeeRate, bitcoin::Amount>,
+        inputs: Option<&[OutPoint]>,
+    ) -> Result<Psbt, BatchError> {
         let min_confs = self.config.deposit_confirmations.max(1);
         let mut builder = self.wallet.build_tx();
         builder.set_recipients(outputs.to_vec());
         // Pending deposits are not ours to spend yet: only coins with the deposit confirmations.
         builder.exclude_below_confirmations(min_confs);
+        if let Some(inputs) = inputs {
+            builder
+                .add_utxos(inputs)
+                .map_err(|e| BatchError::Build(e.to_string()))?;
+            builder.manually_selected_only();
+        }
         match fee {
             Ok(rate) => builder.fee_rate(rate),
             Err(abs) => builder.fee_absolute(abs),
@@ -1828,10 +1863,67 @@ impl CustodyService {
             return Ok(None);
         }
         let rate = self.fee_rate()?;
+        // The oldest requests first. A set no relayable transaction pays within its flat fees is
+        // halved (older half kept); a single request that cannot be paid so is put off like one
+        // the wallet cannot fund, and the rest are tried together: no request holds the others
+        // back. At most `BATCH_ATTEMPTS` builds a step.
+        let mut queue: Vec<(WithdrawalView, (ScriptBuf, bitcoin::Amount))> =
+            batch.into_iter().zip(outputs).collect();
+        let mut size = queue.len();
+        for _ in 0..BATCH_ATTEMPTS {
+            if queue.is_empty() {
+                return Ok(None);
+            }
+            let take = size.clamp(1, queue.len());
+            let (b, o): (Vec<_>, Vec<_>) = queue[..take].iter().cloned().unzip();
+            match self.try_batch(b, o, rate, now)? {
+                Attempt::Built(info) => return Ok(Some(info)),
+                Attempt::Unpayable { kept, why } => {
+                    // Those the wallet could not fund were put off already.
+                    let kept_ids: HashSet<WithdrawalId> = kept.iter().map(|w| w.id).collect();
+                    let tail = queue.split_off(take);
+                    queue.retain(|(w, _)| kept_ids.contains(&w.id));
+                    if queue.len() <= 1 {
+                        if let Some((w, _)) = queue.first() {
+                            self.defer_unfundable(w, &why, now)?;
+                        }
+                        queue = tail;
+                        size = queue.len();
+                    } else {
+                        size = queue.len() / 2;
+                        queue.extend(tail);
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+
+    /// Builds, signs and records one batch of `batch` (paying `outputs`), or says why no
+    /// relayable transaction pays it within its flat fees ([`Attempt::Unpayable`], nothing
+    /// recorded).
+    fn try_batch(
+        &mut self,
+        batch: Vec<WithdrawalView>,
+        outputs: Vec<(ScriptBuf, bitcoin::Amount)>,
+        rate: FeeRate,
+        now: Timestamp,
+    ) -> Result<Attempt, BatchError> {
         let Some((batch, outputs, psbt)) = self.fundable(batch, outputs, rate, now)? else {
-            return Ok(None); // none can be funded now: each was put off
+            // None can be funded now: each was put off.
+            return Ok(Attempt::Unpayable {
+                kept: Vec::new(),
+                why: String::new(),
+            });
         };
         let budget = Amount(batch.iter().map(|w| w.fee.0).sum());
+        let unpayable = |why: String| {
+            tracing::warn!(withdrawals = batch.len(), %why, "batch not made");
+            Ok(Attempt::Unpayable {
+                kept: batch.clone(),
+                why,
+            })
+        };
         let mut psbt = psbt;
         let fee = sats(psbt.fee().map_err(|e| BatchError::Build(e.to_string()))?);
         if fee > budget {
@@ -1839,19 +1931,45 @@ impl CustodyService {
             let weight = psbt.unsigned_tx.weight() + Weight::from_wu(batch_witness_wu(&psbt));
             let needed = sats(FeeRate::BROADCAST_MIN * weight);
             if budget < needed {
-                tracing::error!(%budget, %needed, "flat fees cannot pay the minimum network fee");
-                return Err(BatchError::FeeBudgetTooLow { budget, needed });
+                return unpayable(format!(
+                    "the flat fees ({budget} sat) cannot pay the minimum network fee ({needed} sat)"
+                ));
             }
             tracing::warn!(%fee, %budget, "batch fee capped at the flat fees");
-            psbt = self.build_psbt(&outputs, Err(bitcoin::Amount::from_sat(budget.0)))?;
+            let inputs: Vec<OutPoint> = psbt
+                .unsigned_tx
+                .input
+                .iter()
+                .map(|i| i.previous_output)
+                .collect();
+            psbt = self.build_psbt_from(
+                &outputs,
+                Err(bitcoin::Amount::from_sat(budget.0)),
+                Some(&inputs),
+            )?;
         }
         let (tx, fee) = self.sign(psbt)?;
         if fee > budget {
             // BDK gave a change output below dust to the miners: the fee cannot be split within
-            // the flat fees. Nothing is recorded; the withdrawals wait for more coins or requests.
-            return Err(BatchError::Build(format!(
+            // the flat fees. Nothing is recorded.
+            return unpayable(format!(
                 "fee {fee} sat passes the flat fees {budget} sat (change would be dust)"
-            )));
+            ));
+        }
+        // What the node would refuse for good is never recorded (a recorded batch holds its
+        // withdrawals until it confirms).
+        let weight = tx.weight();
+        if weight > MAX_BATCH_WEIGHT {
+            return unpayable(format!(
+                "{} WU, above the standard transaction weight",
+                weight.to_wu()
+            ));
+        }
+        let min_fee = sats(FeeRate::BROADCAST_MIN * weight);
+        if fee < min_fee {
+            return unpayable(format!(
+                "fee {fee} sat below the minimum relay fee {min_fee} sat"
+            ));
         }
         let txid = tx.compute_txid();
         let ids: Vec<WithdrawalId> = batch.iter().map(|w| w.id).collect();
@@ -1866,7 +1984,7 @@ impl CustodyService {
             .apply_unconfirmed_txs([(tx, now.as_millis() / 1000)]);
         self.wallet.persist(&mut self.db)?;
         tracing::info!(batch = id, %txid, %fee, withdrawals = ids.len(), "batch signed and recorded");
-        Ok(Some(BatchInfo {
+        Ok(Attempt::Built(BatchInfo {
             id,
             txid,
             fee,

@@ -599,7 +599,7 @@ fn batch_fee_is_capped_at_the_flat_fees_and_refused_below_the_relay_minimum() {
     assert_conserved(&w, &svc);
     drop(svc);
 
-    // A flat fee that cannot pay even 1 sat/vB: the batch is refused, the request waits.
+    // A flat fee that cannot pay even 1 sat/vB: no batch, the request waits (put off).
     let mut c = config(&w);
     c.withdrawal.flat_fee = Amount(50);
     let mut svc = w.open(c);
@@ -609,13 +609,10 @@ fn batch_fee_is_capped_at_the_flat_fees_and_refused_below_the_relay_minimum() {
             w.clock.now(),
         )
         .unwrap();
-    let err = svc
+    let none = svc
         .build_batch(w.clock.advance(Duration::from_secs(61)))
-        .unwrap_err();
-    assert!(
-        matches!(err, wallet::BatchError::FeeBudgetTooLow { .. }),
-        "{err}"
-    );
+        .unwrap();
+    assert!(none.is_none(), "{none:?}");
     assert_eq!(
         svc.withdrawal(v.id).unwrap().unwrap().status,
         WithdrawalStatus::Pending
@@ -1419,5 +1416,78 @@ fn a_batch_whose_bump_the_node_refused_can_be_bumped_again() {
     );
     receiver.sync(&w.node);
     assert_eq!(receiver.balance(), 100_000);
+    assert_conserved(&w, &svc);
+}
+
+/// Review finding: a request whose coins cost more to spend than the flat fees of its batch can
+/// pay at 1 sat/vB (here the oldest, needing some 40 small coins) failed the whole batch
+/// (`FeeBudgetTooLow`) at every step, and being the oldest it led every batch: no withdrawal
+/// went out, and no alarm said which one. Such a request is put off with a backoff (and alarmed
+/// from its third time) like one the wallet cannot fund; the others are batched at once. Failed
+/// on the old code (`step` answered `FeeBudgetTooLow`).
+#[test]
+fn a_request_the_flat_fees_cannot_pay_holds_no_other_back() {
+    let mut w = World::new();
+    let mut c = config(&w);
+    c.withdrawal.flat_fee = Amount(500);
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(50); // no estimate on regtest
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(c);
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(23);
+    customer.fund(&w.node, 1);
+    let outputs: Vec<(&Address, u64)> = (0..50).map(|_| (&addr, 10_000)).collect();
+    customer.pay(&w.node, &outputs);
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 50);
+    let mut receiver = Customer::new(24);
+    let big = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 250_000, "big"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let small = svc
+        .request_withdrawal(
+            request(alice, &receiver.address(), 5_000, "small"),
+            w.clock.now(),
+        )
+        .unwrap();
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("the small request is paid");
+    assert_eq!(batch.withdrawals, [small.id]);
+    let tx = mempool_tx(&w, &svc, batch.id);
+    assert!(
+        batch.fee.0 * 4 >= tx.weight().to_wu(),
+        "at least 1 sat/vB: {} sat for {} WU",
+        batch.fee.0,
+        tx.weight().to_wu()
+    );
+    assert_eq!(
+        svc.withdrawal(big.id).unwrap().unwrap().status,
+        WithdrawalStatus::Pending
+    );
+    // Once that batch confirms, it comes back at each backoff and fails alone; from the third
+    // time an operator is told.
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    for _ in 0..6 {
+        svc.step(w.clock.advance(Duration::from_secs(60 * 60)))
+            .unwrap();
+    }
+    assert!(
+        svc.alarms(false)
+            .unwrap()
+            .iter()
+            .any(|a| a.kind == "withdrawal_unfundable"
+                && a.subject == format!("withdrawal {}", big.id)),
+        "{:?}",
+        svc.alarms(false).unwrap()
+    );
+    assert_eq!(
+        svc.withdrawal(big.id).unwrap().unwrap().status,
+        WithdrawalStatus::Pending
+    );
     assert_conserved(&w, &svc);
 }

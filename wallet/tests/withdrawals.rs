@@ -1491,3 +1491,43 @@ fn a_request_the_flat_fees_cannot_pay_holds_no_other_back() {
     );
     assert_conserved(&w, &svc);
 }
+
+/// Review finding: nothing bounded a batch's weight. Fifty requests that together need some
+/// 1,500 of the wallet's small coins made a transaction above the standard 400,000 WU: signed,
+/// recorded, refused by the node for good, its withdrawals held until an operator found a way
+/// out. A signed batch is recorded only if the node would relay it; a heavier set is halved
+/// (oldest kept). Failed on the old code (a 50-request batch above 400,000 WU, not in the
+/// mempool).
+#[test]
+fn a_batch_is_never_heavier_than_the_node_relays() {
+    let mut w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(config(&w));
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(25);
+    customer.fund(&w.node, 1);
+    let outputs: Vec<(&Address, u64)> = (0..1_600).map(|_| (&addr, 20_000)).collect();
+    customer.pay(&w.node, &outputs);
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1_600);
+    let mut receiver = Customer::new(26);
+    for i in 0..50 {
+        svc.request_withdrawal(
+            request(alice, &receiver.address(), 600_000, &format!("heavy{i}")),
+            w.clock.now(),
+        )
+        .unwrap();
+    }
+    let r = svc.step(w.clock.advance(Duration::from_secs(61))).unwrap();
+    let batch = r.batch.expect("a batch");
+    let tx = mempool_tx(&w, &svc, batch.id);
+    assert!(
+        tx.weight().to_wu() <= 400_000,
+        "{} WU for {} withdrawals",
+        tx.weight().to_wu(),
+        batch.withdrawals.len()
+    );
+    assert!(batch.withdrawals.len() < 50);
+    assert_conserved(&w, &svc);
+}

@@ -61,7 +61,8 @@ pub enum Greenfield {
     ModifyInvoices,
     /// `btcpay.store.webhooks.canmodifywebhooks`: **merchant**.
     ModifyWebhooks,
-    /// `btcpay.store.canmanagepullpayments` (list them): **merchant**.
+    /// `btcpay.store.canmanagepullpayments` (list them): **merchant** + **withdraw**, because a
+    /// pull payment's id is the right to claim it to any address.
     ManagePullPayments,
     /// `btcpay.store.cancreatepullpayments` and `...cancreatenonapprovedpullpayments`
     /// (refunds, pull payments): **merchant** + **withdraw**, because whoever holds the pull
@@ -102,7 +103,9 @@ impl Greenfield {
     pub const fn perms(self) -> Perms {
         match self {
             Greenfield::Any => Perms::NONE,
-            Greenfield::CreatePullPayments => Perms::MERCHANT.with(Perms::WITHDRAW),
+            Greenfield::ManagePullPayments | Greenfield::CreatePullPayments => {
+                Perms::MERCHANT.with(Perms::WITHDRAW)
+            }
             _ => Perms::MERCHANT,
         }
     }

@@ -1366,13 +1366,13 @@ pub async fn invoice(
         b.push_str("</div>");
     }
     b.push_str("</section><section><h2>Refunds</h2>");
-    for (pp, sat) in &refunds {
+    // A claim link pays whoever holds it: shown once, by the message after the refund was made
+    // (with the password), never again here (a session alone is no right to move money).
+    for (_, sat) in &refunds {
         let _ = write!(
             b,
-            "<p>{} BTC · claim page <a href=\"{base}/pp/{pp}\">{base}/pp/{pp}</a></p>",
+            "<p>{} BTC · its claim link was shown when the refund was made</p>",
             api::decimal::format_units(*sat, 8),
-            base = esc(base),
-            pp = esc(pp)
         );
     }
     let _ = write!(
@@ -1477,16 +1477,19 @@ pub async fn refunds(State(st): State<AppState>, s: Session) -> Result<Response,
     if list.is_empty() {
         b.push_str("<li class=muted>No refunds or pull payments yet.</li>");
     }
+    // No claim links (they pay whoever holds them; shown once, when made).
     for p in &list {
         let _ = write!(
             b,
-            "<li><b>{} BTC</b> · {}<br><a href=\"{link}\">{link}</a></li>",
+            "<li><b>{} BTC</b> · {}</li>",
             esc(&txt(&p["amount"])),
             esc(&txt(&p["name"])),
-            link = esc(&txt(&p["viewLink"]))
         );
     }
-    b.push_str("</ul><p class=muted>Create a refund from an invoice's page.</p>");
+    b.push_str(
+        "</ul><p class=muted>Create a refund from an invoice's page; its claim link is shown \
+         once, then.</p>",
+    );
     Ok(page(
         StatusCode::OK,
         "Refunds and pull payments",

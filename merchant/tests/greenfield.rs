@@ -1843,3 +1843,24 @@ async fn two_resolutions_of_one_unknown_payout_take_turns() {
     let remaining = if sent == 0 { "0.0005" } else { "0" };
     assert_eq!(left["remainingAmount"], remaining, "{state}");
 }
+
+/// Review finding: listing a store's pull payments needed `merchant` alone, and a pull
+/// payment's id is the right to claim it to any address: a shop plugin's `merchant` token could
+/// list them and claim what remains (money out is never `merchant` alone). Listing them needs
+/// `withdraw` too. Failed on the old code (200 with the ids).
+#[tokio::test]
+async fn a_merchant_only_token_cannot_list_pull_payment_ids() {
+    let g = setup().await;
+    let pp = g.prize().await;
+    let uri = format!("/api/v1/stores/{}/pull-payments", g.store());
+    let r = call(&g.h, "GET", &uri, Some(&g.merchant_token), None).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+    assert_eq!(
+        r.json["missingPermission"],
+        "btcpay.store.canmanagepullpayments"
+    );
+    assert!(!r.json.to_string().contains(pp["id"].as_str().unwrap()));
+    // With withdraw, the store's own list.
+    let listed = ok(call(&g.h, "GET", &uri, Some(&g.token), None).await, "list");
+    assert_eq!(listed[0]["id"], pp["id"]);
+}

@@ -428,9 +428,12 @@ async fn connection(
         tower::ServiceExt::oneshot(router.clone(), req)
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
+    // Heads capped like bodies (hyper's default buffer holds about 408 KiB per connection).
     builder
         .timer(hyper_util::rt::TokioTimer::new())
         .header_read_timeout(t.header_read)
+        .max_buf_size(state.0.cfg.max_header_bytes.max(8_192))
+        .max_headers(100)
         .keep_alive(true);
     let conn = builder
         .serve_connection(hyper_util::rt::TokioIo::new(io), svc)

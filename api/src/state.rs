@@ -34,6 +34,9 @@ pub struct ApiConfig {
     pub orders_per_10s: u64,
     /// Largest request body in bytes.
     pub max_body_bytes: usize,
+    /// Largest request head (request line and headers) in bytes; at least 8,192 (hyper's
+    /// floor). A longer one is answered 431 and the connection closed.
+    pub max_header_bytes: usize,
     /// Most concurrent connections (HTTP and WebSocket).
     pub max_connections: usize,
     /// Lifetime of a listenKey without keep-alive, in ms.
@@ -94,6 +97,7 @@ impl Default for ApiConfig {
             key_weight_per_min: 6_000,
             orders_per_10s: 100,
             max_body_bytes: 64 * 1024,
+            max_header_bytes: 16 * 1024,
             max_connections: 4_096,
             listen_key_ttl_ms: 60 * 60 * 1000,
             ws_queue: crate::readmodel::WS_QUEUE,

@@ -793,3 +793,44 @@ async fn ws_api_allows_one_subscription_per_account() {
     }
     let _ = stop.send(());
 }
+
+/// Review finding: request heads were not capped below hyper's default buffer (about 408 KiB),
+/// six times the body cap, so each of an address's connections could hold that much while its
+/// head never ended. A head is at most `max_header_bytes` (16 KiB); a longer one is answered
+/// 431 and the connection closed. Failed on the old code (a 64 KB header answered 200).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_heads_are_capped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let h = Harness::with_config(open_config());
+    let (addr, _stop) = start(&h).await;
+    let from = Ipv4Addr::new(127, 0, 0, 1);
+    let mut s = connect_from(from, addr).await;
+    let pad = "a".repeat(64 * 1024);
+    let req = format!(
+        "GET /api/v3/ping HTTP/1.1\r\nHost: {addr}\r\nX-Pad: {pad}\r\nConnection: close\r\n\r\n"
+    );
+    // The server may stop reading (and close) before the whole head is written.
+    let _ = s.write_all(req.as_bytes()).await;
+    let mut buf = Vec::new();
+    let _ = tokio::time::timeout(EVENTUALLY, s.read_to_end(&mut buf)).await;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 431"),
+        "a 64 KB head was answered: {}",
+        text.lines().next().unwrap_or("")
+    );
+    // A head within the cap is served.
+    let mut s = connect_from(from, addr).await;
+    let pad = "a".repeat(8 * 1024);
+    let req = format!(
+        "GET /api/v3/ping HTTP/1.1\r\nHost: {addr}\r\nX-Pad: {pad}\r\nConnection: close\r\n\r\n"
+    );
+    s.write_all(req.as_bytes()).await.unwrap();
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&buf).starts_with("HTTP/1.1 200"),
+        "{}",
+        String::from_utf8_lossy(&buf)
+    );
+}

@@ -1672,6 +1672,16 @@ async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Res
         format!("step-up:session:{}", s.hash),
         format!("step-up:store:{}", s.account),
     );
+    // The store's step-ups take turns from the check below to the count of a failure.
+    let turn = st
+        .merchant()
+        .step_up_turns
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .entry(s.account)
+        .or_default()
+        .clone();
+    let _turn = turn.lock().await;
     // Weight 0 reads the count without adding to it.
     let used = |key: &str| match limiter.charge(key, 0, now_ms()) {
         api::ratelimit::Charge::Ok(used) | api::ratelimit::Charge::Limited { used, .. } => used,

@@ -129,6 +129,9 @@ pub struct Merchant {
     pub logins: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// Failed dashboard step-up passwords per session and per store ([`dashboard`]).
     pub step_ups: std::sync::OnceLock<api::ratelimit::Limiter>,
+    /// One step-up at a time per store, from the check of its failure counts to the count of
+    /// its failure (else guesses sent together all pass the check at zero).
+    pub step_up_turns: Mutex<std::collections::HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
     /// The external index price, read at most once per `index_cache_ms` ([`price`]).
     pub price_index: price::IndexCache,
     /// Where the monitor's scan of unpaid BOLT11 parts goes on (`(expires_ms, id)` of the last
@@ -158,6 +161,7 @@ impl Merchant {
             redeliveries: std::sync::OnceLock::new(),
             logins: std::sync::OnceLock::new(),
             step_ups: std::sync::OnceLock::new(),
+            step_up_turns: Mutex::new(std::collections::HashMap::new()),
             price_index: price::IndexCache::default(),
             ln_scan_after: std::sync::Mutex::new(None),
         })

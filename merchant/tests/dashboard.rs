@@ -2969,3 +2969,38 @@ async fn a_date_filter_with_a_huge_year_is_ignored_not_an_overflow() {
     }
     assert!(inv["id"].is_string());
 }
+
+/// Review finding: the password step-up read its failure counts, verified the password (Argon2,
+/// on the blocking pool) and only then counted a failure, so requests sent together all passed
+/// the check at zero: a stolen cookie tried as many passwords at once as the connection allowed,
+/// where 10 a minute were promised. A store's step-ups take turns from the check to the count.
+/// Failed on the old code (all 30 answered 401).
+#[tokio::test]
+async fn password_guesses_sent_at_once_are_counted_each() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let form = withdraw_form(&d.h, &id).await;
+    let guesses: Vec<String> = (0..30).map(|i| format!("guess number {i}")).collect();
+    let pages = futures_util::future::join_all(
+        guesses
+            .iter()
+            .map(|g| withdraw(&d.h, &id, &form, ADDRESS, "0.01", g)),
+    )
+    .await;
+    let tried = pages
+        .iter()
+        .filter(|p| p.status == StatusCode::UNAUTHORIZED)
+        .count();
+    let refused = pages
+        .iter()
+        .filter(|p| p.status == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    assert_eq!(
+        (tried as u64, refused as u64),
+        (
+            merchant::dashboard::LOGINS_PER_MIN,
+            30 - merchant::dashboard::LOGINS_PER_MIN
+        )
+    );
+    assert!(d.fake.withdrawals.lock().unwrap().is_empty());
+}

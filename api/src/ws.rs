@@ -683,7 +683,11 @@ async fn streams(
     combined: bool,
 ) {
     let mut mrx = st.0.rm.market_tx.subscribe();
-    let mut urx = st.0.rm.user_tx.subscribe();
+    // User events only while the connection has a user data stream: a market socket neither
+    // makes the read model build every account's events nor is cut off for lagging behind them.
+    let wants_user =
+        |subs: &[(String, Stream)]| subs.iter().any(|(_, s)| matches!(s, Stream::User { .. }));
+    let mut urx = wants_user(&subs).then(|| st.0.rm.user_tx.subscribe());
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
     let mut alive = Alive::new(crate::core::now_ms());
@@ -703,6 +707,11 @@ async fn streams(
                 }
                 Some(Ok(Message::Text(t))) => {
                     let answer = control(st, &mut subs, t.as_str());
+                    match (wants_user(&subs), urx.is_some()) {
+                        (true, false) => urx = Some(st.0.rm.user_tx.subscribe()),
+                        (false, true) => urx = None,
+                        _ => {}
+                    }
                     if send(socket, answer).await != Sent::Done {
                         break;
                     }
@@ -720,8 +729,9 @@ async fn streams(
                     break;
                 }
             },
-            r = urx.recv() => {
-                let d = drain(&mut urx, r, |u| queue_user(&subs, combined, u, &mut out));
+            r = async { urx.as_mut()?.recv().await.into() }, if urx.is_some() => {
+                let (Some(r), Some(rx)) = (r, urx.as_mut()) else { continue };
+                let d = drain(rx, r, |u| queue_user(&subs, combined, u, &mut out));
                 if !flush(st, socket, &mut out, d).await {
                     break;
                 }
@@ -834,6 +844,9 @@ async fn streams(
                     }
                 }
                 subs.retain(|(n, _)| !expired.contains(n));
+                if urx.is_some() && !wants_user(&subs) {
+                    urx = None;
+                }
                 if !flush(st, socket, &mut out, Drained::Open).await {
                     break;
                 }

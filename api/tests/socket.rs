@@ -1021,3 +1021,44 @@ async fn a_revoked_keys_listen_key_ends() {
     assert_ne!(fresh, lk);
     let _ = stop.send(());
 }
+
+/// Review finding: every market-data WebSocket subscribed to every account's user events:
+/// one anonymous `/ws/<s>@trade` socket made the read model build each account's execution
+/// reports, woke every market socket on them, and cut a market-only client off as "slow" when
+/// other accounts' events overflowed its queue. A socket listens to user events only while it
+/// has a user data stream. Failed on the old code (one receiver per market socket).
+#[tokio::test]
+async fn a_market_socket_does_not_listen_to_user_events() {
+    let h = Harness::new();
+    let (addr, _stop) = start(&h).await;
+    let (_, seller) = h.trader("1", "0").await;
+    let receivers = || h.state.read_model().user_tx.receiver_count();
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/btcusd@trade"))
+        .await
+        .unwrap();
+    let ask = |ws_id: u32, method: &str, param: &str| {
+        Message::Text(
+            format!(r#"{{"method":"{method}","params":["{param}"],"id":{ws_id}}}"#).into(),
+        )
+    };
+    // Answered: the connection's loop runs.
+    ws.send(ask(1, "SUBSCRIBE", "btcusd@depth")).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["id"], 1);
+    assert_eq!(receivers(), 0, "a market socket listens to user events");
+    // With a user data stream it does, and stops when the stream is gone.
+    let (_, lk) = http(addr, "POST", "/api/v3/userDataStream", "", Some(&seller.0)).await;
+    let lk = lk["listenKey"].as_str().unwrap().to_owned();
+    ws.send(ask(2, "SUBSCRIBE", &lk)).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["id"], 2);
+    assert_eq!(receivers(), 1);
+    ws.send(ask(3, "UNSUBSCRIBE", &lk)).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["id"], 3);
+    assert_eq!(receivers(), 0);
+    // A socket opened on the listen key listens from the start.
+    let (mut user, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws/{lk}"))
+        .await
+        .unwrap();
+    user.send(ask(4, "LIST_SUBSCRIPTIONS", "")).await.unwrap();
+    let _ = next_json(&mut user).await;
+    assert_eq!(receivers(), 1);
+}

@@ -584,10 +584,19 @@ pub async fn put_store(
 ) -> GfResult {
     let key = auth(&st, &req, Some(&store_path))?;
     let b = req.json()?;
-    let mut s = settings_of(&st, key.account).await?;
-    apply_store_body(&st, &mut s, &b)?;
-    let s2 = s.clone();
-    with_db(&st, move |c| store::put_settings(c, &s2).map_err(db_error)).await?;
+    // Read, change and write in one go: the row also holds what other requests change on their
+    // own (the webhook secret's version, the point of sale's token), and a write of a copy read
+    // before one of them would undo it.
+    let (st2, account) = (st.clone(), key.account);
+    let s = with_db(&st, move |c| {
+        let mut s = store::settings_or_default(c, account).map_err(db_error)?;
+        if let Err(e) = apply_store_body(&st2, &mut s, &b) {
+            return Ok(Err(e));
+        }
+        store::put_settings(c, &s).map_err(db_error)?;
+        Ok(Ok(s))
+    })
+    .await??;
     ok(store_json(&s))
 }
 

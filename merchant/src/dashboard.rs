@@ -1288,12 +1288,6 @@ pub async fn invoice(
         Ok((d, r))
     })
     .await?;
-    let base = st
-        .cfg()
-        .public_url
-        .as_deref()
-        .unwrap_or("")
-        .trim_end_matches('/');
     let mut b = flash(&q);
     b.push_str(&take_flash(&st, &s).await?);
     let _ = write!(

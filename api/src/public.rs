@@ -151,17 +151,18 @@ pub fn depth_json(m: &MarketSpec, s: &MarketState, n: usize) -> Value {
 
 /// `GET /api/v3/depth`.
 pub async fn depth(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (mut p, _) = st.public(&req, 0)?;
+    // 1 before the parameters are read (a request that fails them costs that), the rest after.
+    let (mut p, _) = st.public(&req, 1)?;
     let sym = p.req("symbol")?;
     let limit = p.limit(100, 5000)?;
     p.finish()?;
-    let weight = match limit {
+    let weight: u64 = match limit {
         0..=100 => 5,
         101..=500 => 25,
         501..=1000 => 50,
         _ => 250,
     };
-    let (_, ctx) = st.public(&req, weight)?;
+    let (_, ctx) = st.public(&req, weight.saturating_sub(1))?;
     let m = st.markets().by_symbol(&sym)?;
     let rm = st.read_model().read();
     Ok(ok_json(
@@ -405,6 +406,13 @@ pub fn ticker(m: &MarketSpec, s: &MarketState, now: u64, mini: bool) -> Value {
     v
 }
 
+/// Charges 1 of a request's weight before its parameters are read (the rest once they say how
+/// much), so a request that fails them costs that much too, as Binance charges it; an address
+/// past its limit is refused here.
+fn charged_1(st: &AppState, req: &Req) -> Result<Params, ApiError> {
+    Ok(st.public(req, 1)?.0)
+}
+
 fn single_or_list(
     st: &AppState,
     req: &Req,
@@ -417,7 +425,8 @@ fn single_or_list(
     let list = p.opt("symbols")?;
     p.finish()?;
     let single = sym.is_some();
-    let (_, ctx) = st.public(req, if single { w_one } else { w_all })?;
+    // The caller charged 1 before reading the parameters ([`charged_1`]).
+    let (_, ctx) = st.public(req, if single { w_one } else { w_all }.saturating_sub(1))?;
     let sel = resolve(st, sym, list)?;
     let rm = st.read_model().read();
     let one = |m: &MarketSpec| f(m, &rm.markets[usize::from(m.id.0)]);
@@ -431,7 +440,7 @@ fn single_or_list(
 
 /// `GET /api/v3/ticker/24hr`.
 pub async fn ticker_24hr(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let mut p = req.params()?;
+    let mut p = charged_1(&st, &req)?;
     let mini = p
         .opt("type")?
         .map(|t| match t.as_str() {
@@ -448,7 +457,7 @@ pub async fn ticker_24hr(State(st): State<AppState>, req: Req) -> Result<Respons
 
 /// `GET /api/v3/ticker/price`.
 pub async fn ticker_price(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (v, ctx) = single_or_list(&st, &req, req.params()?, 2, 4, |m, s| {
+    let (v, ctx) = single_or_list(&st, &req, charged_1(&st, &req)?, 2, 4, |m, s| {
         json!({
             "symbol": m.symbol,
             "price": m.fmt_price(Price(s.trades.back().map_or(0, |t| t.price))),
@@ -459,7 +468,7 @@ pub async fn ticker_price(State(st): State<AppState>, req: Req) -> Result<Respon
 
 /// `GET /api/v3/ticker/bookTicker`.
 pub async fn book_ticker(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (v, ctx) = single_or_list(&st, &req, req.params()?, 2, 4, |m, s| {
+    let (v, ctx) = single_or_list(&st, &req, charged_1(&st, &req)?, 2, 4, |m, s| {
         let (bid, ask) = s.best();
         json!({
             "symbol": m.symbol,
@@ -537,7 +546,7 @@ pub fn window_ms(s: &str) -> Option<u64> {
 
 /// `GET /api/v3/ticker`: rolling-window statistics (`windowSize`, default `1d`; `type`).
 pub async fn ticker_window(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let mut p = req.params()?;
+    let mut p = charged_1(&st, &req)?;
     let (ms, single, weight) = windowed_selection(&st, &mut p)?;
     let window = match p.opt("windowSize")? {
         Some(w) => window_ms(&w).ok_or_else(|| ApiError::invalid_value("windowSize"))?,
@@ -545,7 +554,7 @@ pub async fn ticker_window(State(st): State<AppState>, req: Req) -> Result<Respo
     };
     let mini = mini_param(&mut p)?;
     p.finish()?;
-    let (_, ctx) = st.public(&req, weight)?;
+    let (_, ctx) = st.public(&req, weight.saturating_sub(1))?;
     let now = crate::core::now_ms();
     let v = windowed_answer(&st, &ms, single, now.saturating_sub(window), now, mini);
     Ok(ok_json(&ctx, v))
@@ -584,7 +593,7 @@ pub async fn ticker_trading_day(
     State(st): State<AppState>,
     req: Req,
 ) -> Result<Response, ApiError> {
-    let mut p = req.params()?;
+    let mut p = charged_1(&st, &req)?;
     let (ms, single, weight) = windowed_selection(&st, &mut p)?;
     let tz = match p.opt("timeZone")? {
         Some(z) => time_zone_minutes(&z).ok_or_else(|| ApiError::invalid_value("timeZone"))?,
@@ -592,7 +601,7 @@ pub async fn ticker_trading_day(
     };
     let mini = mini_param(&mut p)?;
     p.finish()?;
-    let (_, ctx) = st.public(&req, weight)?;
+    let (_, ctx) = st.public(&req, weight.saturating_sub(1))?;
     let now = crate::core::now_ms();
     let v = windowed_answer(&st, &ms, single, trading_day_start(now, tz), now, mini);
     Ok(ok_json(&ctx, v))

@@ -321,3 +321,46 @@ async fn an_admin_key_revokes_other_accounts_keys_only_on_the_admin_listener() {
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
     h.ok("GET", "/api/v3/account", "", &own).await;
 }
+
+/// Review finding: public requests whose weight depends on their parameters were charged only
+/// after those parameters were read, so one that failed validation cost nothing, even from an
+/// address past its limit: a client could send bad `depth` or `ticker` requests for ever and
+/// never see a 429. Each such request costs 1 before its parameters are read (the rest of its
+/// weight after), and an address past its limit is refused first. Failed on the old code (400
+/// -1104 answered past the limit).
+#[tokio::test]
+async fn requests_that_fail_validation_are_charged_too() {
+    let h = Harness::with_config(ApiConfig {
+        ip_weight_per_min: 10,
+        key_weight_per_min: 1_000_000,
+        orders_per_10s: 1_000_000,
+        ..ApiConfig::default()
+    });
+    let bad = [
+        "/api/v3/depth?symbol=BTCUSD&x=1",
+        "/api/v3/ticker/24hr?symbol=BTCUSD&x=1",
+        "/api/v3/ticker/price?symbol=BTCUSD&x=1",
+        "/api/v3/ticker/bookTicker?symbol=BTCUSD&x=1",
+        "/api/v3/ticker?symbol=BTCUSD&x=1",
+        "/api/v3/ticker/tradingDay?symbol=BTCUSD&x=1",
+    ];
+    let mut answers = Vec::new();
+    for _ in 0..3 {
+        for uri in bad {
+            let r = h.get(uri).await;
+            answers.push((uri, r.status, r.code()));
+        }
+    }
+    let refused = answers
+        .iter()
+        .filter(|(_, s, _)| *s == StatusCode::TOO_MANY_REQUESTS)
+        .count();
+    // Ten fit in the minute's weight; the other eight are refused.
+    assert_eq!(refused, 8, "{answers:?}");
+    assert!(
+        answers[..10]
+            .iter()
+            .all(|(_, s, c)| *s == StatusCode::BAD_REQUEST && *c == -1104),
+        "{answers:?}"
+    );
+}

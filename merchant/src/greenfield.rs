@@ -2338,15 +2338,16 @@ fn payout_json(p: &Payout, withdrawal: Option<&api::custody::WithdrawalInfo>) ->
 }
 
 /// Custody's withdrawals of `merchant` under `keys` (its payouts' keys, for their states), each
-/// looked up by its key: one pull payment's payouts, at most [`MAX_PAYOUTS`] look-ups, never a
-/// list of custody's withdrawals (these endpoints are public). A key custody cannot answer is
-/// left out (the payout shows without its proof).
+/// looked up by its key: one pull payment's payouts, at most two look-ups each (a store
+/// payout's key and the one an older build used), never a list of custody's withdrawals (these
+/// endpoints are public). A key custody cannot answer is left out (the payout shows without its
+/// proof).
 async fn withdrawals_by_key(
     st: &AppState,
     merchant: u32,
     keys: Vec<String>,
 ) -> std::collections::HashMap<String, api::custody::WithdrawalInfo> {
-    debug_assert!(keys.len() <= usize::try_from(MAX_PAYOUTS).unwrap_or(usize::MAX));
+    debug_assert!(keys.len() <= 2 * usize::try_from(MAX_PAYOUTS).unwrap_or(usize::MAX / 2));
     let Some(c) = st.custody() else {
         return Default::default();
     };
@@ -2362,20 +2363,42 @@ async fn withdrawals_by_key(
     .unwrap_or_default()
 }
 
-/// The custody key of a payout: its invoice refund's (`refund-<invoice>-<n>`) or its own.
-fn payout_key(conn: &Connection, pp: &PullPayment, p: &Payout) -> rusqlite::Result<Option<String>> {
+/// The custody keys a payout's withdrawal may have, the one it is paid under first: its invoice
+/// refund's (`refund-<invoice>-<n>`), or its own and the one an older build used.
+fn payout_key(conn: &Connection, pp: &PullPayment, p: &Payout) -> rusqlite::Result<Vec<String>> {
     match &pp.invoice_id {
         Some(iid) => Ok(store::refund_by_key(conn, iid, &refund_key(p))?
-            .map(|r| super::outcome::refund_withdrawal_key(&r))),
-        None => Ok(Some(store_payout_key(p))),
+            .map(|r| super::outcome::refund_withdrawal_key(&r))
+            .into_iter()
+            .collect()),
+        None => Ok(vec![store_payout_key(p), legacy_store_payout_key(p)]),
     }
+}
+
+/// The withdrawal of the first of `keys` custody has.
+fn first_of<'a>(
+    keys: &[String],
+    ws: &'a std::collections::HashMap<String, api::custody::WithdrawalInfo>,
+) -> Option<&'a api::custody::WithdrawalInfo> {
+    keys.iter().find_map(|k| ws.get(k))
 }
 
 fn refund_key(p: &Payout) -> String {
     format!("pp/{}/{}", p.pp_id, p.n)
 }
 
+/// A store payout's custody key: `pp-<32 hex of SHA-256 of the pull payment's id>-<n>`. Never
+/// the id itself: a store's `read` key sees its withdrawals' keys (`withdrawOrderId`), and the
+/// id is the right to claim what remains.
 fn store_payout_key(p: &Payout) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("mediator/store-payout/v1/{}", p.pp_id).as_bytes());
+    format!("pp-{}-{}", &hex::encode(h)[..32], p.n)
+}
+
+/// The key an older build paid a store payout under (`pp-<pull payment id>-<n>`): looked up, to
+/// resolve a payout it left unknown, never used for a new request.
+fn legacy_store_payout_key(p: &Payout) -> String {
     format!("pp-{}-{}", p.pp_id, p.n)
 }
 
@@ -2399,11 +2422,11 @@ pub async fn list_payouts(
         Ok(out)
     })
     .await?;
-    let keys = rows.iter().filter_map(|(_, k)| k.clone()).collect();
+    let keys = rows.iter().flat_map(|(_, k)| k.iter().cloned()).collect();
     let ws = withdrawals_by_key(&st, pp.merchant, keys).await;
     ok(Value::Array(
         rows.iter()
-            .map(|(p, k)| payout_json(p, k.as_ref().and_then(|k| ws.get(k))))
+            .map(|(p, k)| payout_json(p, first_of(k, &ws)))
             .collect(),
     ))
 }
@@ -2532,13 +2555,31 @@ async fn store_transfer(
 }
 
 /// A store pull payment's payout: a custody withdrawal from the merchant's account under the
-/// key `pp-<pull payment>-<n>` (`ask_first`: look for custody's record before requesting).
+/// key [`store_payout_key`] (`ask_first`: look for custody's record, under that key or the one an
+/// older build used, before requesting).
 async fn execute_store_payout(
     st: &AppState,
     pp: &PullPayment,
     p: &Payout,
     ask_first: bool,
 ) -> super::outcome::Moved {
+    use super::outcome::Moved;
+    if ask_first {
+        // An older build's request under the old key is this payout's too.
+        let legacy = super::outcome::custody_record_of(
+            st.custody(),
+            pp.merchant,
+            legacy_store_payout_key(p),
+            p.destination.clone(),
+            p.amount_sat,
+        )
+        .await;
+        match legacy {
+            Ok(Some(w)) => return Moved::Done(format!("withdrawal:{}", w.id)),
+            Ok(None) => {}
+            Err(()) => return Moved::Unknown,
+        }
+    }
     super::outcome::custody_withdrawal(
         st.custody(),
         pp.merchant,
@@ -2805,8 +2846,8 @@ async fn claim_and_pay(
             let pp2 = pp.clone();
             let p2 = p.clone();
             let k = with_db(st, move |c| payout_key(c, &pp2, &p2).map_err(db_error)).await?;
-            let ws = withdrawals_by_key(st, pp.merchant, k.iter().cloned().collect()).await;
-            ok(payout_json(&p, k.as_ref().and_then(|k| ws.get(k))))
+            let ws = withdrawals_by_key(st, pp.merchant, k.clone()).await;
+            ok(payout_json(&p, first_of(&k, &ws)))
         }
         Err(e) if e.code == -1007 => Err(gf_err(
             StatusCode::SERVICE_UNAVAILABLE,

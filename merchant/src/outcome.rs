@@ -187,6 +187,25 @@ fn custody_record(
     }
 }
 
+/// Custody's record of the withdrawal under `key` ([`custody_record`]), asked on the blocking
+/// pool: `Err` when custody is absent or could not answer, or the record is a conflict.
+pub(crate) async fn custody_record_of(
+    custody: Option<Arc<dyn Custody>>,
+    merchant: u32,
+    key: String,
+    address: String,
+    amount_sat: u64,
+) -> Result<Option<WithdrawalInfo>, ()> {
+    let Some(c) = custody else {
+        return Err(());
+    };
+    tokio::task::spawn_blocking(move || {
+        custody_record(c.as_ref(), merchant, &key, &address, amount_sat)
+    })
+    .await
+    .unwrap_or(Err(()))
+}
+
 /// The one way merchant payments move money out through custody (refunds to an address and
 /// store pull-payment payouts): a withdrawal of `amount_sat` from `merchant` to `address` under
 /// the idempotency `key`. `ask_first`: look for custody's record of the key before requesting

@@ -108,6 +108,13 @@ async fn raw(
     }
 }
 
+/// A store payout's custody key: `pp-<32 hex of SHA-256 of the pull payment's id>-<n>`.
+fn store_key(pp_id: &str, n: u32) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("mediator/store-payout/v1/{pp_id}").as_bytes());
+    format!("pp-{}-{n}", &hex::encode(h)[..32])
+}
+
 fn ok(r: Resp, what: &str) -> Value {
     assert_eq!(r.status, StatusCode::OK, "{what}: {}", r.json);
     r.json
@@ -1041,7 +1048,7 @@ async fn a_claim_whose_custody_answer_is_lost_stays_reserved_and_pays_once() {
     assert_eq!(ws.len(), 1);
     assert_eq!(
         ws[0].idempotency_key,
-        format!("pp-{}-2", pp["id"].as_str().unwrap())
+        store_key(pp["id"].as_str().unwrap(), 2)
     );
     let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
     assert_eq!(list.as_array().unwrap().len(), 2);
@@ -1074,7 +1081,7 @@ async fn payout_states_look_each_key_up_and_never_list_custodys_withdrawals() {
             address: "bcrt1qsomeoneelse".into(),
             amount_sat: 20_000,
             fee_sat: 0,
-            idempotency_key: format!("pp-{pp_id}-1"),
+            idempotency_key: store_key(&pp_id, 1),
             state: api::custody::WithdrawalState::Completed,
             reason: None,
             created_ms: 0,
@@ -1099,7 +1106,7 @@ async fn payout_states_look_each_key_up_and_never_list_custodys_withdrawals() {
         let mut ws = g.fake.withdrawals.lock().unwrap();
         let w = ws
             .iter_mut()
-            .find(|w| w.account == g.account && w.idempotency_key == format!("pp-{pp_id}-1"))
+            .find(|w| w.account == g.account && w.idempotency_key == store_key(&pp_id, 1))
             .expect("the store's withdrawal under the payout's key");
         w.state = api::custody::WithdrawalState::Completed;
         w.txid = Some("ab".repeat(32));
@@ -1321,7 +1328,7 @@ async fn a_refund_claim_whose_answer_is_lost_is_resolved_by_the_monitor_and_a_cr
     let ws = g.fake.withdrawals.lock().unwrap().clone();
     assert_eq!(
         ws.iter()
-            .filter(|w| w.idempotency_key == format!("pp-{sid}-1"))
+            .filter(|w| w.idempotency_key == store_key(&sid, 1))
             .count(),
         1
     );
@@ -1401,7 +1408,7 @@ async fn a_payout_key_taken_by_another_address_is_not_done() {
             address: "bcrt1qthestoresown".into(),
             amount_sat: 20_000,
             fee_sat: 0,
-            idempotency_key: format!("pp-{pp_id}-1"),
+            idempotency_key: store_key(&pp_id, 1),
             state: api::custody::WithdrawalState::Completed,
             reason: None,
             created_ms: 0,
@@ -1827,7 +1834,7 @@ async fn two_resolutions_of_one_unknown_payout_take_turns() {
         .lock()
         .unwrap()
         .iter()
-        .filter(|w| w.idempotency_key == format!("pp-{pp_id}-1"))
+        .filter(|w| w.idempotency_key == store_key(&pp_id, 1))
         .count();
     let shown = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
     let state = shown[0]["state"].as_str().unwrap().to_owned();
@@ -1863,4 +1870,64 @@ async fn a_merchant_only_token_cannot_list_pull_payment_ids() {
     // With withdraw, the store's own list.
     let listed = ok(call(&g.h, "GET", &uri, Some(&g.token), None).await, "list");
     assert_eq!(listed[0]["id"], pp["id"]);
+}
+
+/// Review finding: a store payout's custody key was `pp-<pull payment id>-<n>`, and a store's
+/// `read` key sees its withdrawals' keys (`withdrawOrderId` in `withdraw/history`): the pull
+/// payment's id, which is the right to claim what remains to any address. The key names the
+/// pull payment by a hash of its id now; a payout an older build recorded under the old key is
+/// still found by it (never paid twice). Failed on the old code (the key held the id).
+#[tokio::test]
+async fn a_payouts_custody_key_does_not_reveal_its_pull_payment() {
+    let g = setup().await;
+    let pp = g.prize().await;
+    let pp_id = pp["id"].as_str().unwrap().to_owned();
+    let payouts = format!("/api/v1/pull-payments/{pp_id}/payouts");
+    let claim = |dest: &'static str, amount: &'static str| {
+        raw(
+            &g.h,
+            "POST",
+            &payouts,
+            None,
+            json!({"destination": dest, "amount": amount}).to_string(),
+            &[],
+        )
+    };
+    let r = claim("bcrt1qwinner", "0.0001").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let keys: Vec<String> = g
+        .fake
+        .withdrawals
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|w| w.idempotency_key.clone())
+        .collect();
+    assert_eq!(keys.len(), 1);
+    assert!(!keys[0].contains(&pp_id), "{keys:?}");
+    // What a read key of the store sees.
+    let read =
+        g.h.state
+            .create_key(g.account, api::keys::Perms::READ, "books")
+            .unwrap();
+    let history =
+        g.h.ok("GET", "/sapi/v1/capital/withdraw/history", "", &read)
+            .await;
+    assert!(!history.to_string().contains(&pp_id), "{history}");
+
+    // A payout an older build sent under `pp-<id>-<n>`, its answer lost: found by that key.
+    g.fake.fail.store(1, std::sync::atomic::Ordering::SeqCst);
+    let r = claim("bcrt1qsecond", "0.0001").await;
+    assert_eq!(r.status, StatusCode::SERVICE_UNAVAILABLE, "{}", r.json);
+    {
+        let mut ws = g.fake.withdrawals.lock().unwrap();
+        let mut old = ws[0].clone();
+        old.id = 777;
+        old.address = "bcrt1qsecond".into();
+        old.idempotency_key = format!("pp-{pp_id}-2");
+        ws.push(old);
+    }
+    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(list[1]["state"], "AwaitingPayment", "{list}");
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 2, "paid once");
 }

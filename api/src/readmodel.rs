@@ -465,6 +465,9 @@ pub struct State {
     pub lists: BTreeMap<u64, ListRec>,
     /// Done list ids, oldest first (for the bound).
     pub done_lists: VecDeque<u64>,
+    /// The ids in [`State::lists`] of each account: an account's look-ups read its own lists
+    /// only (not up to [`MAX_DONE_LISTS`] of everyone's).
+    pub lists_by_account: HashMap<u32, BTreeSet<u64>>,
     /// The pending orders (`PENDING_NEW`) of live OTO/OTOCO lists, by id: not open, not in the
     /// book, in the history store with that status.
     pub pending: BTreeMap<u64, OrderRec>,
@@ -1519,7 +1522,7 @@ impl ReadModel {
                         }
                     }
                 }
-                st.lists.insert(rec.id, rec);
+                add_list(st, rec);
             }
             // OTO/OTOCO lists waiting for their working order: the pending orders' rows are
             // in the history store (PENDING_NEW). A row missing there (a gap in the history:
@@ -1556,7 +1559,7 @@ impl ReadModel {
                     done: false,
                     time_ms: st.open.get(&l.working.0).map_or(0, |o| o.time_ms),
                 };
-                st.lists.insert(rec.id, rec);
+                add_list(st, rec);
             }
         }
         for (i, spec) in self.markets.markets.iter().enumerate() {
@@ -1635,20 +1638,25 @@ impl ReadModel {
 
     /// The latest order list of an account with this `listClientOrderId`.
     pub fn order_list_by_client(&self, account: u32, client: &str) -> Option<ListRec> {
-        self.read()
-            .lists
-            .values()
+        let st = self.read();
+        st.lists_by_account
+            .get(&account)?
+            .iter()
             .rev()
-            .find(|l| l.account == account && l.client_id == client)
+            .filter_map(|id| st.lists.get(id))
+            .find(|l| l.client_id == client)
             .cloned()
     }
 
     /// The order lists of an account by id: the live ones, or all still in memory.
     pub fn order_lists(&self, account: u32, live_only: bool) -> Vec<ListRec> {
-        self.read()
-            .lists
-            .values()
-            .filter(|l| l.account == account && !(live_only && l.done))
+        let st = self.read();
+        st.lists_by_account
+            .get(&account)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| st.lists.get(id))
+            .filter(|l| !(live_only && l.done))
             .cloned()
             .collect()
     }
@@ -2112,6 +2120,15 @@ fn add_trade(m: &mut MarketState, t: &TradeRec) {
     }
 }
 
+/// Keeps an order list (and its place in its account's index).
+fn add_list(st: &mut State, rec: ListRec) {
+    st.lists_by_account
+        .entry(rec.account)
+        .or_default()
+        .insert(rec.id);
+    st.lists.insert(rec.id, rec);
+}
+
 /// An order list is done (`ALL_DONE`): its status goes out, and it is kept among the last
 /// [`MAX_DONE_LISTS`] done ones.
 fn list_done(st: &mut State, markets: &Markets, list: u64, ms: u64, out: &mut Out) {
@@ -2128,7 +2145,14 @@ fn list_done(st: &mut State, markets: &Markets, list: u64, ms: u64, out: &mut Ou
         st.done_lists.push_back(list);
         while st.done_lists.len() > MAX_DONE_LISTS {
             if let Some(old) = st.done_lists.pop_front() {
-                st.lists.remove(&old);
+                if let Some(l) = st.lists.remove(&old) {
+                    if let Some(ids) = st.lists_by_account.get_mut(&l.account) {
+                        ids.remove(&old);
+                        if ids.is_empty() {
+                            st.lists_by_account.remove(&l.account);
+                        }
+                    }
+                }
             }
         }
     }
@@ -2450,7 +2474,7 @@ fn apply_events(
                     done: false,
                     time_ms: ms,
                 };
-                st.lists.insert(rec.id, rec);
+                add_list(st, rec);
             }
             Event::OrderListDone { list, .. } => list_done(st, markets, list.0, ms, out),
             Event::OtoNew {
@@ -2475,7 +2499,7 @@ fn apply_events(
                     done: false,
                     time_ms: ms,
                 };
-                st.lists.insert(rec.id, rec);
+                add_list(st, rec);
             }
             Event::OrderPending { order, new } => {
                 // It follows its list's OtoNew, and the working order's OrderNew follows it.

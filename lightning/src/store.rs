@@ -283,6 +283,16 @@ impl Store {
         if !has_seq {
             db.execute_batch("ALTER TABLE ln_deposits ADD COLUMN credited_seq INTEGER;")?;
         }
+        // Credits recorded before the numbering, numbered in the order they were written (once:
+        // after that every credit gets its number as it is recorded).
+        db.execute_batch(
+            "WITH o AS (
+                SELECT rowid AS r, ROW_NUMBER() OVER (ORDER BY rowid)
+                    + (SELECT COALESCE(MAX(credited_seq), 0) FROM ln_deposits) AS n
+                FROM ln_deposits WHERE credited_sat IS NOT NULL AND credited_seq IS NULL)
+             UPDATE ln_deposits SET credited_seq = (SELECT n FROM o WHERE o.r = ln_deposits.rowid)
+             WHERE rowid IN (SELECT r FROM o);",
+        )?;
         db.execute_batch(
             "CREATE INDEX IF NOT EXISTS ln_deposits_received ON ln_deposits(payment_hash)
                 WHERE credited_sat IS NULL AND received_msat IS NOT NULL;
@@ -558,6 +568,22 @@ mod tests {
         assert_eq!(listed(3, 10), []);
         s.mark_credited(&[2; 32], 100).unwrap();
         assert_eq!(listed(3, 10), [(4, 2)]);
+        // A database from before the numbering: its credits are numbered on opening, in the
+        // order they were written, after any already numbered.
+        s.db.execute(
+            "UPDATE ln_deposits SET credited_seq = NULL WHERE payment_hash IN (?1, ?2)",
+            params![&[1u8; 32][..], &[3u8; 32][..]],
+        )
+        .unwrap();
+        drop(s);
+        let s = Store::open(dir.path()).unwrap();
+        let listed: Vec<(u64, u8)> = s
+            .credited_after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, h)| (seq, h[0]))
+            .collect();
+        assert_eq!(listed, [(3, 4), (4, 2), (5, 1), (6, 3)]);
     }
 
     /// The loop's scan of open deposits is bounded by their expiry (every merchant invoice

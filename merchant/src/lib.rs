@@ -134,9 +134,6 @@ pub struct Merchant {
     pub step_up_turns: Mutex<std::collections::HashMap<u32, Arc<tokio::sync::Mutex<()>>>>,
     /// The external index price, read at most once per `index_cache_ms` ([`price`]).
     pub price_index: price::IndexCache,
-    /// Where the monitor's scan of unpaid BOLT11 parts goes on (`(expires_ms, id)` of the last
-    /// row looked at; `None`: from the newest again).
-    pub ln_scan_after: std::sync::Mutex<Option<(u64, String)>>,
 }
 
 impl std::fmt::Debug for Merchant {
@@ -163,7 +160,6 @@ impl Merchant {
             step_ups: std::sync::OnceLock::new(),
             step_up_turns: Mutex::new(std::collections::HashMap::new()),
             price_index: price::IndexCache::default(),
-            ln_scan_after: std::sync::Mutex::new(None),
         })
     }
 

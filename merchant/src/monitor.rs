@@ -32,19 +32,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// How long after its expiry an invoice's BOLT11 part is still looked for by expiry (a payment
-/// credited later is found through the node's credits: [`LN_CREDITS_PER_TICK`]).
-pub const LN_LOOKBACK_MS: u64 = 24 * 3_600_000;
 /// The most of the node's credits read per tick, in the order they were applied, after the last
 /// one handled (`monitor_cursor` `ln_credits`): every BOLT11 payment is recorded on its
 /// invoice, however late the ledger took its credit.
 pub const LN_CREDITS_PER_TICK: u32 = 1_000;
 const LN_CREDITS: &str = "ln_credits";
-/// The most invoices with an open BOLT11 part looked at per tick: half of them the newest
-/// (latest expiry: the ones being paid now), half the next page of a scan that goes on from tick
-/// to tick towards older ones and starts again from the newest at the end, so every open part is
-/// looked at within ⌈open / (LN_SCAN_MAX / 2)⌉ ticks and none starves.
-pub const LN_SCAN_MAX: u32 = 10_000;
 
 /// What one tick did.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -160,6 +152,8 @@ async fn lightning_credits(
             return Ok(());
         }
     };
+    // The cursor moves once, past the last credit handled (handling one again changes nothing).
+    let mut handled = after;
     for (position, hash) in credits {
         let h = hash.clone();
         let id = with_db(state, move |c| {
@@ -178,16 +172,19 @@ async fn lightning_credits(
                 }
                 Ok(None) => {
                     tracing::warn!(payment_hash = %hash, "a credit the node listed has no receipt yet");
-                    return Ok(());
+                    break;
                 }
                 Err(e) => {
                     tracing::warn!(error = %e.msg, "lightning received");
-                    return Ok(());
+                    break;
                 }
             }
         }
+        handled = position;
+    }
+    if handled > after {
         with_db(state, move |c| {
-            store::set_cursor(c, LN_CREDITS, position).map_err(db)
+            store::set_cursor(c, LN_CREDITS, handled).map_err(db)
         })
         .await?;
     }
@@ -251,69 +248,10 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
             }
         }
     }
-    // 1b. Lightning payments: BOLT11 parts the node's service has credited to the merchant.
+    // 1b. Lightning payments: BOLT11 parts the node's service has credited to the merchant,
+    // from its credits in the order they were applied (every one, however late).
     if let Some(ln) = state.lightning() {
-        lightning_credits(state, ln.clone(), now_ms, &mut report).await?;
-        let since = now_ms.saturating_sub(LN_LOOKBACK_MS);
-        let after = state
-            .merchant()
-            .ln_scan_after
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let (open, next) = with_db(state, move |c| {
-            let half = LN_SCAN_MAX / 2;
-            let newest = store::lightning_unpaid_after(c, since, None, half).map_err(db)?;
-            // The rotating page goes on after the newest ones (they were just looked at).
-            let from = match &after {
-                Some((ms, id)) => Some((*ms, id.as_str())),
-                None => newest.last().map(|(ms, id, _)| (*ms, id.as_str())),
-            };
-            let page = if newest.len() < half as usize && after.is_none() {
-                Vec::new() // all of them fit in the first half
-            } else {
-                store::lightning_unpaid_after(c, since, from, half).map_err(db)?
-            };
-            let next = if page.len() < half as usize {
-                None
-            } else {
-                page.last().map(|(ms, id, _)| (*ms, id.clone()))
-            };
-            let mut seen = std::collections::HashSet::with_capacity(newest.len() + page.len());
-            let open: Vec<(String, String)> = newest
-                .into_iter()
-                .chain(page)
-                .filter(|(_, id, _)| seen.insert(id.clone()))
-                .map(|(_, id, hash)| (id, hash))
-                .collect();
-            Ok((open, next))
-        })
-        .await?;
-        *state
-            .merchant()
-            .ln_scan_after
-            .lock()
-            .unwrap_or_else(|e| e.into_inner()) = next;
-        if !open.is_empty() {
-            let found = tokio::task::spawn_blocking(move || {
-                let mut found = Vec::new();
-                for (id, hash) in open {
-                    match ln.received(&hash) {
-                        Ok(Some(r)) => {
-                            found.push((id, Payment::lightning(&hash, r.amount_sat, r.time_ms)))
-                        }
-                        Ok(None) => {}
-                        Err(e) => tracing::warn!(error = %e.msg, "lightning received"),
-                    }
-                }
-                found
-            })
-            .await
-            .map_err(|_| ApiError::internal())?;
-            for (id, payment) in found {
-                record_lightning(state, id, payment, now_ms, &mut report).await?;
-            }
-        }
+        lightning_credits(state, ln, now_ms, &mut report).await?;
     }
     // 2. Expiry.
     let due = with_db(state, move |c| store::due_for_expiry(c, now_ms).map_err(db)).await?;

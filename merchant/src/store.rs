@@ -65,7 +65,7 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
         )?;
     }
     conn.execute_batch(
-        "CREATE INDEX IF NOT EXISTS invoice_ln ON invoice (expires_ms) WHERE ln_hash IS NOT NULL;
+        "DROP INDEX IF EXISTS invoice_ln;
          CREATE INDEX IF NOT EXISTS invoice_ln_hash ON invoice (ln_hash) WHERE ln_hash IS NOT NULL;
          CREATE TABLE IF NOT EXISTS monitor_cursor (
             name TEXT PRIMARY KEY,
@@ -431,47 +431,6 @@ pub fn set_cursor(conn: &Connection, name: &str, position: u64) -> rusqlite::Res
         params![name, position],
     )?;
     Ok(())
-}
-
-/// Invoices with a BOLT11 part not yet paid over Lightning, expiring after `since_ms`, newest
-/// (latest expiry) first, at most `limit`: `(invoice id, payment hash)`; the first page of
-/// [`lightning_unpaid_after`]. A payment credited later than this window looks is found through
-/// the node's credits ([`lightning_unpaid_by_hash`]).
-pub fn lightning_unpaid(
-    conn: &Connection,
-    since_ms: u64,
-    limit: u32,
-) -> rusqlite::Result<Vec<(String, String)>> {
-    Ok(lightning_unpaid_after(conn, since_ms, None, limit)?
-        .into_iter()
-        .map(|(_, id, hash)| (id, hash))
-        .collect())
-}
-
-/// A page of the scan of unpaid BOLT11 parts expiring after `since_ms`, newest (latest expiry)
-/// first: the rows after `after` (the `(expires_ms, id)` of the previous page's last row; `None`:
-/// from the newest), at most `limit`, as `(expires_ms, id, payment hash)`.
-pub fn lightning_unpaid_after(
-    conn: &Connection,
-    since_ms: u64,
-    after: Option<(u64, &str)>,
-    limit: u32,
-) -> rusqlite::Result<Vec<(u64, String, String)>> {
-    let mut s = conn.prepare_cached(
-        "SELECT expires_ms, id, ln_hash FROM invoice WHERE ln_hash IS NOT NULL AND expires_ms > ?1
-           AND (?2 IS NULL OR expires_ms < ?2 OR (expires_ms = ?2 AND id < ?3))
-           AND NOT EXISTS (SELECT 1 FROM invoice_payment p
-                           WHERE p.invoice_id = invoice.id AND p.pid = 'ln:' || invoice.ln_hash)
-         ORDER BY expires_ms DESC, id DESC LIMIT ?4",
-    )?;
-    let (after_ms, after_id) = match after {
-        Some((ms, id)) => (Some(ms as i64), id),
-        None => (None, ""),
-    };
-    let rows = s.query_map(params![since_ms as i64, after_ms, after_id, limit], |r| {
-        Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
-    })?;
-    rows.collect()
 }
 
 /// Inserts a new invoice (no payments yet).
@@ -1009,7 +968,7 @@ mod tests {
 
     /// The BOLT11 part and a Lightning payment survive a round trip; the unified URI carries
     /// `lightning=` only while nothing is paid; a Lightning payment settles under speed policy 6
-    /// and leaves the list of unpaid BOLT11 parts; the same payment observed again adds nothing.
+    /// and is no longer found as an unpaid BOLT11 part; the same payment observed again adds nothing.
     #[test]
     fn lightning_part_round_trip_unified_uri_and_settlement() {
         let dir = tempfile::tempdir().unwrap();
@@ -1033,10 +992,13 @@ mod tests {
             "bitcoin:bcrt1qother?amount=0.001&label=Shop"
         );
         assert_eq!(
-            lightning_unpaid(&c, 0, 10).unwrap(),
-            vec![("i1".to_owned(), hash.clone())]
+            lightning_unpaid_by_hash(&c, &hash).unwrap().as_deref(),
+            Some("i1")
         );
-        assert!(lightning_unpaid(&c, 901_000, 10).unwrap().is_empty());
+        assert_eq!(
+            lightning_unpaid_by_hash(&c, &"cd".repeat(32)).unwrap(),
+            None
+        );
 
         let p = Payment::lightning(&hash, 100_000, 5_000);
         let events = rec.inv.observe(std::slice::from_ref(&p), 6_000);
@@ -1060,43 +1022,6 @@ mod tests {
         );
         assert_eq!(loaded.inv.status, Status::Settled);
         assert!(!super::super::routes::bip21(&loaded).contains("lightning="));
-        assert!(lightning_unpaid(&c, 0, 10).unwrap().is_empty());
-    }
-
-    /// Defect: the monitor's scan took the 10,000 unpaid BOLT11 parts with the oldest expiry, so
-    /// once there were more the newest invoices (the ones customers are paying now) were never
-    /// looked at. The scan starts with the newest (latest expiry) and pages on towards older ones.
-    #[test]
-    fn the_lightning_scan_starts_with_the_newest_invoices() {
-        let dir = tempfile::tempdir().unwrap();
-        let c = open(&dir.path().join("m.sqlite")).unwrap();
-        for (n, expires_ms) in [(1u8, 10_000u64), (2, 20_000), (3, 30_000)] {
-            let mut r = record(
-                &format!("i{n}"),
-                &format!("bcrt1q{n}"),
-                Some(LnPart {
-                    bolt11: format!("lnbcrt{n}"),
-                    payment_hash: format!("{n:02x}").repeat(32),
-                }),
-            );
-            r.inv.expires_ms = expires_ms;
-            insert(&c, &r).unwrap();
-        }
-        let ids = |v: Vec<(String, String)>| v.into_iter().map(|(id, _)| id).collect::<Vec<_>>();
-        assert_eq!(ids(lightning_unpaid(&c, 0, 2).unwrap()), ["i3", "i2"]);
-        // Paged on: every part is reached, newest to oldest, each once.
-        let mut all = Vec::new();
-        let mut after: Option<(u64, String)> = None;
-        loop {
-            let page =
-                lightning_unpaid_after(&c, 0, after.as_ref().map(|(m, i)| (*m, i.as_str())), 1)
-                    .unwrap();
-            let Some(last) = page.last() else { break };
-            after = Some((last.0, last.1.clone()));
-            all.extend(page.into_iter().map(|(_, id, _)| id));
-        }
-        assert_eq!(all, ["i3", "i2", "i1"]);
-        // Bounded by the expiry, as before.
-        assert_eq!(ids(lightning_unpaid(&c, 15_000, 10).unwrap()), ["i3", "i2"]);
+        assert_eq!(lightning_unpaid_by_hash(&c, &hash).unwrap(), None);
     }
 }

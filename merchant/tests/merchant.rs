@@ -1864,11 +1864,12 @@ impl api::lightning::Lightning for LateLn {
 }
 
 /// Review finding: the monitor looked for a BOLT11 part's payment only while its invoice had
-/// expired at most `LN_LOOKBACK_MS` (24 h) ago, on the belief that only a restart delays a
+/// expired at most 24 hours ago, on the belief that only a restart delays a
 /// credit. The Lightning service retries a credit the ledger refuses for as long as it takes:
 /// a payment made on time and credited a day later was never recorded on its invoice (the
 /// merchant's balance held the money; the invoice stayed unpaid, sent no webhook and could not
-/// be refunded). The monitor now follows the node's credits in the order they were applied.
+/// be refunded). The monitor now follows the node's credits in the order they were applied
+/// (and nothing else: a scan of recent invoices asked the node about each one at every tick).
 #[tokio::test]
 async fn a_lightning_payment_credited_days_late_is_recorded_on_its_invoice() {
     let m = setup().await;
@@ -1883,7 +1884,7 @@ async fn a_lightning_payment_credited_days_late_is_recorded_on_its_invoice() {
     // Paid a minute in; the ledger takes the credit two days after the invoice expired.
     let expires = inv["expireTime"].as_u64().unwrap();
     *ln.credited_at.lock().unwrap() = Some(now + 60_000);
-    let later = expires + 2 * merchant::monitor::LN_LOOKBACK_MS;
+    let later = expires + 2 * 24 * 3_600_000;
     m.tick(later).await;
     let v = m.get(&id).await;
     assert_eq!(

@@ -98,7 +98,9 @@ impl Limiter {
             .sum()
     }
 
-    /// Adds `weight` for `client` at `now_ms`.
+    /// Adds `weight` for `client` at `now_ms`. Weight 0 is a look at the count: refused (with
+    /// the count) once nothing more fits, so a request charged only after its parameters are
+    /// read is refused first at the limit.
     pub fn charge(&self, client: &str, weight: u64, now_ms: u64) -> Charge {
         let window = now_ms / self.window_ms;
         let retry_after = || {
@@ -130,7 +132,7 @@ impl Limiter {
         if e.0 != window {
             *e = (window, 0);
         }
-        if e.1 + weight > self.limit {
+        if e.1 + weight.max(1) > self.limit {
             return Charge::Limited {
                 used: e.1,
                 retry_after: retry_after(),

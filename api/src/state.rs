@@ -830,17 +830,7 @@ impl AppState {
 
     /// Charges weight to a client IP.
     pub fn charge_ip_addr(&self, ip: &str, weight: u64) -> Result<Ctx, ApiError> {
-        let now = crate::core::now_ms();
-        match self.0.ip_limiter.charge(ip, weight, now) {
-            // Nothing charged (a look before the weight is known): an address at its limit is
-            // refused all the same.
-            Charge::Ok(used) if weight == 0 && used >= self.0.ip_limiter.limit() => {
-                self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);
-                Err(ApiError::rate_limited(
-                    self.0.ip_limiter.limit(),
-                    (60_000 - now % 60_000).div_ceil(1000).max(1),
-                ))
-            }
+        match self.0.ip_limiter.charge(ip, weight, crate::core::now_ms()) {
             Charge::Ok(used) => Ok(Ctx { used }),
             Charge::Limited { retry_after, .. } => {
                 self.0.metrics.rate_limited.fetch_add(1, Ordering::Relaxed);

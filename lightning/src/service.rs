@@ -371,8 +371,8 @@ impl<L: Ledger> LightningService<L> {
     /// A merchant invoice's BOLT11 part: an invoice for `amount` to the merchant's `account`,
     /// expiring after `expiry_secs` (the caller passes what is left of the merchant invoice's
     /// lifetime, rounded down; the node still takes a payment up to about two hours past it,
-    /// LDK's margin, which the merchant records as late), with `description` (cut to BOLT11's 639 bytes). It is stored and credited
-    /// exactly like a deposit invoice (`Credit` keyed by [`deposit_key`], once). The user
+    /// LDK's margin, which the merchant records as late), with `description` (cut to BOLT11's
+    /// 639 bytes). It is stored and credited exactly like a deposit invoice (`Credit` keyed by [`deposit_key`], once). The user
     /// deposit bounds do not apply (the merchant sets the amount); liquidity does.
     pub fn merchant_invoice(
         &self,
@@ -1008,7 +1008,8 @@ impl<L: Ledger> LightningService<L> {
         // Every open deposit through the node's payment store (a lost event) only every
         // `OPEN_DEPOSIT_SWEEP_MS`, and only those expired at most `OPEN_DEPOSIT_GRACE_MS` ago
         // (the node refuses a payment that long after the expiry; every merchant invoice leaves
-        // one open row behind). Received-but-uncredited deposits and unfinished withdrawals: every step.
+        // one open row behind). Received-but-uncredited deposits and unfinished withdrawals:
+        // every step.
         let sweep = now_ms >= self.next_sweep_ms.load(Ordering::Relaxed);
         let more = if sweep {
             self.next_sweep_ms.store(

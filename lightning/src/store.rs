@@ -221,6 +221,19 @@ impl Reader {
     }
 }
 
+/// Adds an `INTEGER` column that a database from an older build lacks.
+fn add_column(db: &Connection, table: &str, column: &str) -> Result<(), StoreError> {
+    let has: bool = db.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info(?1) WHERE name = ?2",
+        params![table, column],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has {
+        db.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} INTEGER;"))?;
+    }
+    Ok(())
+}
+
 impl Store {
     pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
         let db = Connection::open(dir.join(DATABASE_FILE))?;
@@ -257,32 +270,11 @@ impl Store {
         )?;
         // Received by the node, not credited yet (the ledger refused or did not answer): kept
         // until credited, however long that takes (`received_uncredited`).
-        let has_received: bool = db.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('ln_deposits') WHERE name = 'received_msat'",
-            [],
-            |r| r.get::<_, i64>(0).map(|n| n > 0),
-        )?;
-        if !has_received {
-            db.execute_batch("ALTER TABLE ln_deposits ADD COLUMN received_msat INTEGER;")?;
-        }
-        let has_prior: bool = db.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('ln_withdrawals') WHERE name = 'prior_failed_s'",
-            [],
-            |r| r.get::<_, i64>(0).map(|n| n > 0),
-        )?;
-        if !has_prior {
-            db.execute_batch("ALTER TABLE ln_withdrawals ADD COLUMN prior_failed_s INTEGER;")?;
-        }
+        add_column(&db, "ln_deposits", "received_msat")?;
+        add_column(&db, "ln_withdrawals", "prior_failed_s")?;
         // The order credits were applied in (1, 2, ...; `credited_after`): how others (the
         // merchant's monitor) follow every credit, however late it came.
-        let has_seq: bool = db.query_row(
-            "SELECT COUNT(*) FROM pragma_table_info('ln_deposits') WHERE name = 'credited_seq'",
-            [],
-            |r| r.get::<_, i64>(0).map(|n| n > 0),
-        )?;
-        if !has_seq {
-            db.execute_batch("ALTER TABLE ln_deposits ADD COLUMN credited_seq INTEGER;")?;
-        }
+        add_column(&db, "ln_deposits", "credited_seq")?;
         // Credits recorded before the numbering, numbered in the order they were written (once:
         // after that every credit gets its number as it is recorded).
         db.execute_batch(
@@ -533,6 +525,42 @@ mod tests {
         row(7, &[New, Held, Sending, Releasing, Released]);
         row(8, &[New, Refused]);
         assert_eq!(reader.withdrawals_in_flight_sat().unwrap(), 3_010 + 4_010);
+    }
+
+    /// A database from a build before `received_msat`, `prior_failed_s` and `credited_seq` opens
+    /// with them added, its credits numbered in the order they were written.
+    #[test]
+    fn an_older_database_gets_the_new_columns() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Connection::open(dir.path().join(DATABASE_FILE)).unwrap();
+            db.execute_batch(
+                "CREATE TABLE ln_deposits (payment_hash BLOB PRIMARY KEY, account INTEGER NOT NULL,
+                    amount_sat INTEGER NOT NULL, bolt11 TEXT NOT NULL, created_ms INTEGER NOT NULL,
+                    expires_ms INTEGER NOT NULL, credited_sat INTEGER);
+                 CREATE TABLE ln_withdrawals (id INTEGER PRIMARY KEY AUTOINCREMENT,
+                    account INTEGER NOT NULL, payment_hash BLOB NOT NULL, bolt11 TEXT NOT NULL,
+                    amount_sat INTEGER NOT NULL, fee_sat INTEGER NOT NULL, status TEXT NOT NULL,
+                    routing_fee_sat INTEGER, reason TEXT, created_ms INTEGER NOT NULL);
+                 INSERT INTO ln_deposits VALUES (x'0202020202020202020202020202020202020202020202020202020202020202', 1, 5, 'lnbcrt1', 0, 9, 5);
+                 INSERT INTO ln_deposits VALUES (x'0101010101010101010101010101010101010101010101010101010101010101', 1, 5, 'lnbcrt1', 0, 9, 5);
+                 INSERT INTO ln_deposits VALUES (x'0303030303030303030303030303030303030303030303030303030303030303', 1, 5, 'lnbcrt1', 0, 9, NULL);",
+            )
+            .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let listed: Vec<(u64, u8)> = s
+            .credited_after(0, 10)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, h)| (seq, h[0]))
+            .collect();
+        assert_eq!(listed, [(1, 2), (2, 1)]);
+        s.mark_received(&[3; 32], 5_000).unwrap();
+        s.mark_credited(&[3; 32], 5).unwrap();
+        assert_eq!(s.credited_after(2, 10).unwrap(), [(3, [3; 32])]);
+        let id = s.insert_withdrawal(&new_row(&[4; 32], 1_000, 5)).unwrap();
+        assert!(id.is_some());
     }
 
     /// Credits are numbered in the order they were applied, once each (a repeated mark changes

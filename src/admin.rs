@@ -352,7 +352,15 @@ pub fn flagged(a: &Admin) -> anyhow::Result<()> {
             return "no flagged accounts".into();
         }
         rows.iter()
-            .map(|f| format!("account {}: {}", s(&f["account"]), s(&f["reason"])))
+            .map(|f| {
+                let debt = f["debt_sat"].as_u64().unwrap_or(0);
+                let owes = if debt > 0 {
+                    format!(" (owes {debt} sat, paid first by its next deposits)")
+                } else {
+                    String::new()
+                };
+                format!("account {}: {}{owes}", s(&f["account"]), s(&f["reason"]))
+            })
             .collect::<Vec<_>>()
             .join("\n")
     });

@@ -115,6 +115,21 @@ impl wallet::Ledger for EngineLedger {
     fn account_exists(&self, account: AccountId) -> bool {
         self.state.read_model().read().accounts.contains(&account.0)
     }
+
+    fn btc_available(&self, account: AccountId) -> Result<Amount, LedgerError> {
+        // Only from read models that hold every command applied before this call: a stale
+        // reading would take back less than the account has (a debt that is not owed).
+        if !self.rt.block_on(self.state.sync_read_model()) {
+            return Err(LedgerError::Unknown);
+        }
+        let rm = self.state.read_model().read();
+        Ok(Amount(
+            rm.balances
+                .get(&account.0)
+                .and_then(|v| v.get(BTC.0 as usize))
+                .map_or(0, |&(available, _)| available),
+        ))
+    }
 }
 
 /// Custody for the API, over the wallet's service (behind a mutex: custody is not on the order
@@ -360,6 +375,10 @@ impl Custody for WalletCustody {
                         DepositStatus::Credited => DepositState::Credited,
                         DepositStatus::Reorged => DepositState::Reorged,
                         DepositStatus::Dropped => DepositState::Dropped,
+                        DepositStatus::Reversing | DepositStatus::Reversed => {
+                            DepositState::Reversed
+                        }
+                        // Crediting, crediting again: credited once the answer is known.
                         _ => DepositState::Pending,
                     },
                     confirmations: d.confirmations,
@@ -479,14 +498,16 @@ impl Custody for WalletCustody {
     }
 
     fn flagged_accounts(&self) -> Result<Vec<FlaggedAccount>, CustodyError> {
-        Ok(self
-            .lock()
-            .flagged_accounts()
+        let s = self.lock();
+        let debts: std::collections::HashMap<AccountId, Amount> =
+            s.debts().map_err(internal)?.into_iter().collect();
+        Ok(s.flagged_accounts()
             .map_err(internal)?
             .into_iter()
             .map(|(a, reason)| FlaggedAccount {
                 account: a.0,
                 reason,
+                debt_sat: debts.get(&a).map_or(0, |d| d.0),
             })
             .collect())
     }

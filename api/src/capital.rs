@@ -371,7 +371,7 @@ pub fn deposit_status(s: DepositState) -> u8 {
     match s {
         DepositState::Pending => 0,
         DepositState::Credited => 1,
-        DepositState::Reorged | DepositState::Dropped => 7,
+        DepositState::Reorged | DepositState::Reversed | DepositState::Dropped => 7,
     }
 }
 

@@ -18,6 +18,9 @@ pub enum DepositState {
     Credited,
     /// Credited, then removed from the chain by a reorg; the account is flagged.
     Reorged,
+    /// Credited, then double-spent: the credit was taken back from the account (what its
+    /// balance held; the rest is its debt, paid by its next deposits).
+    Reversed,
     /// Seen, never credited, and its transaction left the mempool unconfirmed (replaced by a
     /// fee bump, or double-spent): not a payment on its way. Pending again if it comes back.
     Dropped,
@@ -126,6 +129,9 @@ pub struct FlaggedAccount {
     pub account: u32,
     /// Why.
     pub reason: String,
+    /// What the account owes custody (sat): reversals of double-spent deposits its balance
+    /// could not cover, less what its later deposits paid. Its next deposits pay it first.
+    pub debt_sat: u64,
 }
 
 /// A withdrawal batch, for operators.

@@ -173,6 +173,7 @@ impl Custody for Fake {
             vec![FlaggedAccount {
                 account: 7,
                 reason: "reorg".into(),
+                debt_sat: 1_500,
             }]
         };
         if let Some(after) = self.after_flag_read.lock().unwrap().take() {
@@ -1179,7 +1180,10 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
     let r =
         s.h.ok("GET", "/mapi/v1/admin/accounts/flagged", "", a)
             .await;
-    assert_eq!(r, json!([{"account": 7, "reason": "reorg"}]));
+    assert_eq!(
+        r,
+        json!([{"account": 7, "reason": "reorg", "debt_sat": 1_500}])
+    );
     let r =
         s.h.ok("POST", "/mapi/v1/admin/accounts/clearFlag", "account=7", a)
             .await;

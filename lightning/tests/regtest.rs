@@ -128,6 +128,12 @@ impl Ledger for EngineLedger {
             .as_ref()
             .is_some_and(|(e, _)| e.account_exists(account))
     }
+    fn btc_available(&self, account: AccountId) -> Result<Amount, LedgerError> {
+        let g = self.engine.lock().unwrap();
+        let (e, _) = g.as_ref().ok_or(LedgerError::Unknown)?;
+        let (available, _) = e.balance(account, BTC).unwrap_or_default();
+        Ok(available)
+    }
 }
 
 // ---- the world ----------------------------------------------------------------------------

@@ -225,7 +225,10 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
                     confirmations: d.confirmations,
                     credited: d.state == DepositState::Credited,
                     // Gone from the chain, or replaced in the mempool: not a payment.
-                    reorged: matches!(d.state, DepositState::Reorged | DepositState::Dropped),
+                    reorged: matches!(
+                        d.state,
+                        DepositState::Reorged | DepositState::Reversed | DepositState::Dropped
+                    ),
                     seen_ms: d.seen_ms,
                 });
             }

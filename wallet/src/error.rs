@@ -112,6 +112,10 @@ pub enum DepositError {
     /// The service's tables failed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An account's debt would overflow (not possible with bitcoin amounts; refused, not
+    /// wrapped).
+    #[error("amount overflow")]
+    Overflow,
 }
 
 /// A withdrawal request was refused. Nothing changed in ledger or wallet. Each variant has a

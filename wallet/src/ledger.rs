@@ -25,7 +25,8 @@ pub enum LedgerError {
 /// **Contract.** [`submit`](Ledger::submit) answers one of three: `Ok` once the command is applied
 /// and durable (journaled); `Err(Rejected)` when it changed nothing; `Err(Unknown)` when it may or
 /// may not have been applied. The service only submits `Credit`, `WithdrawHold`,
-/// `WithdrawRelease` and `WithdrawComplete`, and relies on:
+/// `WithdrawRelease` and `WithdrawComplete` (a deposit's reversal is a hold with no fee completed
+/// at once), and relies on:
 /// * `Credit` is idempotent by key: a repeated key is accepted (as a duplicate) and changes nothing,
 ///   so an unknown credit is resolved by crediting again;
 /// * `WithdrawHold` with an id that exists is rejected with [`RejectCode::DuplicateWithdrawal`],
@@ -44,6 +45,9 @@ pub trait Ledger: Send + Sync {
     fn credited(&self, key: IdempotencyKey) -> Result<bool, LedgerError>;
     /// Sum of all BTC balances in sats, available and held, the fee account included.
     fn btc_liabilities(&self) -> Amount;
+    /// The account's available BTC, reflecting every command the ledger answered before it
+    /// (`Unknown` when that cannot be promised). Read-only (a reversal takes at most this).
+    fn btc_available(&self, account: AccountId) -> Result<Amount, LedgerError>;
     /// True when the account exists.
     fn account_exists(&self, account: AccountId) -> bool;
 }
@@ -60,6 +64,9 @@ impl<T: Ledger + ?Sized> Ledger for std::sync::Arc<T> {
     }
     fn btc_liabilities(&self) -> Amount {
         (**self).btc_liabilities()
+    }
+    fn btc_available(&self, account: AccountId) -> Result<Amount, LedgerError> {
+        (**self).btc_available(account)
     }
     fn account_exists(&self, account: AccountId) -> bool {
         (**self).account_exists(account)

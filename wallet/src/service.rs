@@ -102,10 +102,28 @@ pub struct DepositReport {
     pub reorged: Vec<DepositEvent>,
     /// Reorged deposits that are confirmed again (no second credit).
     pub reconfirmed: Vec<DepositEvent>,
+    /// Credited deposits whose transaction was double-spent, taken back from their accounts
+    /// now (what the balance held; the rest is the account's debt).
+    pub reversed: Vec<DepositEvent>,
+    /// Reversed deposits confirmed again and credited again now.
+    pub recredited: Vec<DepositEvent>,
+    /// Debts collected from accounts' balances now (what a reversal could not take then).
+    pub collected: Vec<(AccountId, Amount)>,
     /// Credits the ledger refused (tried again next time).
     pub rejected: Vec<(DepositEvent, RejectCode)>,
     /// Credits whose outcome is unknown (asked again next time; the credit is idempotent).
     pub unresolved: Vec<DepositEvent>,
+}
+
+/// Where taking an amount back from an account's balance is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum TakeBack {
+    /// Held and completed: the amount left the balance.
+    Done,
+    /// An answer is unknown: asked again next step.
+    Waiting,
+    /// The hold was refused: nothing held, nothing taken.
+    Refused,
 }
 
 /// What [`CustodyService::sync_once`] did.
@@ -1044,6 +1062,12 @@ impl CustodyService {
         Ok(())
     }
 
+    /// What accounts owe custody: reversals of double-spent deposits their balances could not
+    /// cover, less what their later deposits paid. By account; accounts that owe nothing left out.
+    pub fn debts(&self) -> Result<Vec<(AccountId, Amount)>, DepositError> {
+        Ok(store::debts(&self.db)?)
+    }
+
     /// Accounts flagged for review (not cleared), with the reason (a credited deposit that a reorg removed).
     pub fn flagged_accounts(&self) -> Result<Vec<(AccountId, String)>, DepositError> {
         Ok(store::flagged(&self.db)?)
@@ -1278,9 +1302,9 @@ impl CustodyService {
         let required = self.config.deposit_confirmations.max(1);
         let accounts: HashMap<u32, AccountId> =
             store::deposit_indexes(&self.db)?.into_iter().collect();
-        let known: HashMap<OutPoint, DepositStatus> = store::deposits(&self.db)?
+        let known: HashMap<OutPoint, store::DepositRow> = store::deposits(&self.db)?
             .into_iter()
-            .map(|d| (d.outpoint, d.status))
+            .map(|d| (d.outpoint, d))
             .collect();
         let mut present = HashSet::new();
         let mut report = DepositReport::default();
@@ -1298,8 +1322,8 @@ impl CustodyService {
                 confirmations: confirmations(&out.chain_position, tip),
             };
             present.insert(out.outpoint);
-            let status = match known.get(&out.outpoint) {
-                Some(s) => *s,
+            let (status, netted) = match known.get(&out.outpoint) {
+                Some(d) => (d.status, d.netted),
                 None => {
                     store::insert_deposit(
                         &self.db,
@@ -1310,7 +1334,7 @@ impl CustodyService {
                     )?;
                     tracing::info!(%account, outpoint = %out.outpoint, amount = %event.amount, "deposit seen");
                     report.seen.push(event);
-                    DepositStatus::Pending
+                    (DepositStatus::Pending, Amount::ZERO)
                 }
             };
             // A coinbase output can be spent only after COINBASE_MATURITY blocks: not credited
@@ -1333,17 +1357,21 @@ impl CustodyService {
                         out.outpoint.txid.to_byte_array(),
                         out.outpoint.vout,
                     );
-                    let credit = Command::Credit {
-                        account,
-                        asset: BTC,
-                        amount: event.amount,
-                        key,
-                    };
                     // The intent first, committed: if the answer is lost or the process stops
                     // before the credit is recorded, the deposit is known to be maybe credited,
                     // and is resolved by asking the ledger even if a reorg then takes it out of
-                    // the chain (a pending deposit is never asked about).
+                    // the chain (a pending deposit is never asked about). With it, the part
+                    // that pays the account's debt (a reversal its balance could not cover).
+                    let mut netted = netted;
                     if status == DepositStatus::Pending {
+                        netted = self.uncollected_debt(account)?.min(event.amount);
+                        if !netted.is_zero() {
+                            let debt = store::debt_of(&self.db, account)?;
+                            store::set_debt(&self.db, account, Amount(debt.0 - netted.0))?;
+                            store::set_deposit_netted(&self.db, out.outpoint, netted)?;
+                            tracing::warn!(%account, outpoint = %out.outpoint, %netted,
+                                "deposit pays the account's debt first");
+                        }
                         store::set_deposit_status(
                             &self.db,
                             out.outpoint,
@@ -1353,6 +1381,19 @@ impl CustodyService {
                     self.db
                         .execute_batch("COMMIT; BEGIN IMMEDIATE")
                         .map_err(|e| DepositError::Store(crate::StoreError::Sqlite(e)))?;
+                    let to_credit = Amount(event.amount.0 - netted.0);
+                    if to_credit.is_zero() {
+                        // All of it paid the debt: nothing to ask the ledger.
+                        store::set_deposit_status(&self.db, out.outpoint, DepositStatus::Credited)?;
+                        report.credited.push(event);
+                        continue;
+                    }
+                    let credit = Command::Credit {
+                        account,
+                        asset: BTC,
+                        amount: to_credit,
+                        key,
+                    };
                     // Credit is idempotent by key: only an applied (or duplicate) answer marks
                     // the deposit credited; refused, it is pending again; unknown, it stays
                     // `crediting` and is asked again at the next step.
@@ -1367,11 +1408,7 @@ impl CustodyService {
                             report.credited.push(event);
                         }
                         Err(LedgerError::Rejected(code)) => {
-                            store::set_deposit_status(
-                                &self.db,
-                                out.outpoint,
-                                DepositStatus::Pending,
-                            )?;
+                            self.uncredit(account, out.outpoint, netted)?;
                             tracing::error!(%account, outpoint = %out.outpoint, %code, "ledger refused a deposit credit");
                             report.rejected.push((event, code));
                         }
@@ -1392,6 +1429,17 @@ impl CustodyService {
                     tracing::warn!(%account, outpoint = %out.outpoint, "reorged deposit confirmed again; not credited twice");
                     report.reconfirmed.push(event);
                 }
+                // A reversal goes on to its end whatever the chain does meanwhile (a deposit
+                // confirmed again after it is credited again).
+                DepositStatus::Reversing => self.go_on_reversing(event, now, &mut report)?,
+                DepositStatus::Reversed if event.confirmations >= needed => {
+                    let d = &known[&out.outpoint];
+                    self.recredit(d, event, &mut report)?;
+                }
+                DepositStatus::Recrediting => {
+                    let d = &known[&out.outpoint];
+                    self.submit_recredit(d, event, &mut report)?;
+                }
                 _ => {}
             }
         }
@@ -1407,16 +1455,343 @@ impl CustodyService {
                 amount: d.amount,
                 confirmations: 0,
             };
+            // Out of the wallet's view: a conflicting transaction replaced it (double-spent),
+            // so a credit of it is taken back.
             match d.status {
                 DepositStatus::Credited => {
                     self.deposit_reorged(event, now)?;
                     report.reorged.push(event);
+                    self.start_reversal(event, now, &mut report)?;
                 }
+                DepositStatus::Reorged => self.start_reversal(event, now, &mut report)?,
+                DepositStatus::Reversing => self.go_on_reversing(event, now, &mut report)?,
+                DepositStatus::Recrediting => self.submit_recredit(&d, event, &mut report)?,
                 DepositStatus::Crediting => self.resolve_crediting(event, now, &mut report)?,
                 _ => {}
             }
         }
+        self.collect_debts(now, &mut report)?;
         Ok(report)
+    }
+
+    /// A credit certainly not applied: the deposit is pending again, and the part of it that
+    /// was to pay the account's debt is owed again.
+    fn uncredit(
+        &self,
+        account: AccountId,
+        outpoint: OutPoint,
+        netted: Amount,
+    ) -> Result<(), DepositError> {
+        if !netted.is_zero() {
+            let debt = store::debt_of(&self.db, account)?;
+            let back = debt.checked_add(netted).ok_or(DepositError::Overflow)?;
+            store::set_debt(&self.db, account, back)?;
+            store::set_deposit_netted(&self.db, outpoint, Amount::ZERO)?;
+        }
+        store::set_deposit_status(&self.db, outpoint, DepositStatus::Pending)?;
+        Ok(())
+    }
+
+    /// Starts taking back a credited deposit whose transaction was double-spent: as much of its
+    /// amount as the account has available (a hold, then its completion, with no fee), the rest
+    /// as the account's debt. The reversal's row is committed before the hold is asked.
+    fn start_reversal(
+        &mut self,
+        event: DepositEvent,
+        now: Timestamp,
+        report: &mut DepositReport,
+    ) -> Result<(), DepositError> {
+        let available = match self.ledger.btc_available(event.account) {
+            Ok(a) => a,
+            Err(_) => {
+                report.unresolved.push(event);
+                return Ok(());
+            }
+        };
+        let take = available.min(event.amount);
+        if take.is_zero() {
+            return self.finish_reversal(event, Amount::ZERO, report);
+        }
+        store::insert_reversal(
+            &self.db,
+            Some(event.outpoint),
+            event.account,
+            take,
+            now.as_millis(),
+        )?;
+        store::set_deposit_status(&self.db, event.outpoint, DepositStatus::Reversing)?;
+        self.db
+            .execute_batch("COMMIT; BEGIN IMMEDIATE")
+            .map_err(|e| DepositError::Store(crate::StoreError::Sqlite(e)))?;
+        self.go_on_reversing(event, now, report)
+    }
+
+    /// Moves a reversal on from where its row says it is.
+    fn go_on_reversing(
+        &mut self,
+        event: DepositEvent,
+        now: Timestamp,
+        report: &mut DepositReport,
+    ) -> Result<(), DepositError> {
+        let Some(row) = store::open_reversal(&self.db, event.outpoint)? else {
+            // No reversal in progress (cannot happen: the row and the status are written in one
+            // transaction): start again.
+            store::set_deposit_status(&self.db, event.outpoint, DepositStatus::Reorged)?;
+            return self.start_reversal(event, now, report);
+        };
+        let subject = format!("deposit {}", event.outpoint);
+        match self.take_back(&row, event.account, &subject)? {
+            TakeBack::Done => self.finish_reversal(event, row.amount, report),
+            TakeBack::Waiting => {
+                report.unresolved.push(event);
+                Ok(())
+            }
+            TakeBack::Refused => {
+                // Started again, from what is available then, at the next step.
+                store::set_deposit_status(&self.db, event.outpoint, DepositStatus::Reorged)?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Takes `row.amount` out of `account`'s balance: a hold with no fee, then its completion,
+    /// from where the row says it is. An unknown answer is resolved by asking the engine about
+    /// the row's id, never assumed; `Done` marks the row done.
+    fn take_back(
+        &mut self,
+        row: &store::ReversalRow,
+        account: AccountId,
+        subject: &str,
+    ) -> Result<TakeBack, DepositError> {
+        let id = crate::reversal_id(row.id);
+        if row.state == store::ReversalState::Holding {
+            let hold = Command::WithdrawHold {
+                account,
+                asset: BTC,
+                amount: row.amount,
+                fee: Amount::ZERO,
+                id,
+            };
+            match self.ledger.submit(hold) {
+                Ok(()) => {}
+                Err(LedgerError::Rejected(RejectCode::DuplicateWithdrawal)) => {
+                    match self.ledger.withdrawal(id) {
+                        Ok(Some(w))
+                            if w.account == account
+                                && w.amount == row.amount
+                                && w.fee.is_zero()
+                                && w.state != WithdrawalState::Released =>
+                        {
+                            if w.state == WithdrawalState::Completed {
+                                store::set_reversal_state(&self.db, row.id, "done")?;
+                                return Ok(TakeBack::Done);
+                            }
+                        }
+                        Ok(other) => {
+                            self.alarm(
+                                "reversal_mismatch",
+                                subject,
+                                &format!("the ledger's record of {} is {other:?}", id.0),
+                            )?;
+                            return Ok(TakeBack::Waiting);
+                        }
+                        Err(_) => return Ok(TakeBack::Waiting),
+                    }
+                }
+                Err(LedgerError::Rejected(code)) => {
+                    // Nothing held (the balance moved, or the engine was busy).
+                    tracing::warn!(%account, subject, %code, "reversal hold refused; tried again next step");
+                    store::set_reversal_state(&self.db, row.id, "refused")?;
+                    return Ok(TakeBack::Refused);
+                }
+                Err(LedgerError::Unknown) => return Ok(TakeBack::Waiting),
+            }
+            store::set_reversal_state(&self.db, row.id, "held")?;
+        }
+        let complete = Command::WithdrawComplete {
+            id,
+            network_fee: Amount::ZERO,
+        };
+        let done = match self.ledger.submit(complete) {
+            Ok(()) => true,
+            Err(LedgerError::Rejected(RejectCode::UnknownWithdrawal)) => {
+                match self.ledger.withdrawal(id) {
+                    Ok(Some(w)) if w.state == WithdrawalState::Completed => true,
+                    Ok(other) => {
+                        self.alarm(
+                            "reversal_mismatch",
+                            subject,
+                            &format!("held here; the ledger's record of {} is {other:?}", id.0),
+                        )?;
+                        false
+                    }
+                    Err(_) => false,
+                }
+            }
+            Err(_) => false,
+        };
+        if done {
+            store::set_reversal_state(&self.db, row.id, "done")?;
+            Ok(TakeBack::Done)
+        } else {
+            Ok(TakeBack::Waiting)
+        }
+    }
+
+    /// What `account` owes beyond a collection in progress (which will pay its part).
+    fn uncollected_debt(&self, account: AccountId) -> Result<Amount, DepositError> {
+        let debt = store::debt_of(&self.db, account)?;
+        let collecting = store::open_collection(&self.db, account)?.map_or(0, |r| r.amount.0);
+        Ok(Amount(debt.0.saturating_sub(collecting)))
+    }
+
+    /// Collects accounts' debts from what their balances hold now (the orders a flag cancelled
+    /// after the reversal, transfers received since), one hold-and-complete per account at a
+    /// time, the row committed before the hold is asked.
+    fn collect_debts(
+        &mut self,
+        now: Timestamp,
+        report: &mut DepositReport,
+    ) -> Result<(), DepositError> {
+        for (account, debt) in store::debts(&self.db)? {
+            let row = match store::open_collection(&self.db, account)? {
+                Some(row) => row,
+                None => {
+                    let Ok(available) = self.ledger.btc_available(account) else {
+                        continue;
+                    };
+                    let take = available.min(debt);
+                    if take.is_zero() {
+                        continue;
+                    }
+                    let id =
+                        store::insert_reversal(&self.db, None, account, take, now.as_millis())?;
+                    self.db
+                        .execute_batch("COMMIT; BEGIN IMMEDIATE")
+                        .map_err(|e| DepositError::Store(crate::StoreError::Sqlite(e)))?;
+                    store::ReversalRow {
+                        id,
+                        amount: take,
+                        state: store::ReversalState::Holding,
+                    }
+                }
+            };
+            let subject = format!("debt of account {account}");
+            if self.take_back(&row, account, &subject)? == TakeBack::Done {
+                let debt = store::debt_of(&self.db, account)?;
+                store::set_debt(
+                    &self.db,
+                    account,
+                    Amount(debt.0.saturating_sub(row.amount.0)),
+                )?;
+                tracing::warn!(%account, amount = %row.amount, "debt collected from the balance");
+                self.decide(
+                    "custody.debt.collect",
+                    &[
+                        ("account", account.to_string()),
+                        ("amount_sat", row.amount.0.to_string()),
+                    ],
+                );
+                report.collected.push((account, row.amount));
+            }
+        }
+        Ok(())
+    }
+
+    /// A reversal done: `taken` left the balance, the rest of the deposit is the account's debt.
+    fn finish_reversal(
+        &mut self,
+        event: DepositEvent,
+        taken: Amount,
+        report: &mut DepositReport,
+    ) -> Result<(), DepositError> {
+        let owed = Amount(event.amount.0 - taken.0);
+        if !owed.is_zero() {
+            let debt = store::debt_of(&self.db, event.account)?;
+            let debt = debt.checked_add(owed).ok_or(DepositError::Overflow)?;
+            store::set_debt(&self.db, event.account, debt)?;
+        }
+        store::set_deposit_reversed(&self.db, event.outpoint, taken)?;
+        tracing::error!(account = %event.account, outpoint = %event.outpoint, amount = %event.amount,
+            %taken, %owed, "credited deposit double-spent: credit taken back");
+        self.decide(
+            "custody.deposit.reverse",
+            &[
+                ("account", event.account.to_string()),
+                ("outpoint", event.outpoint.to_string()),
+                ("amount_sat", event.amount.0.to_string()),
+                ("taken_sat", taken.0.to_string()),
+                ("debt_sat", owed.0.to_string()),
+            ],
+        );
+        report.reversed.push(event);
+        Ok(())
+    }
+
+    /// A reversed deposit confirmed again: the account gets its amount back, first as the
+    /// part of its own reversal it still owes (cancelled), the rest credited again.
+    fn recredit(
+        &mut self,
+        d: &store::DepositRow,
+        event: DepositEvent,
+        report: &mut DepositReport,
+    ) -> Result<(), DepositError> {
+        let debt = store::debt_of(&self.db, d.account)?;
+        let cancelled = self
+            .uncollected_debt(d.account)?
+            .min(Amount(d.amount.0 - d.reversed.0.min(d.amount.0)));
+        store::set_debt(&self.db, d.account, Amount(debt.0 - cancelled.0))?;
+        let give = Amount(d.amount.0 - cancelled.0);
+        if give.is_zero() {
+            store::set_deposit_status(&self.db, d.outpoint, DepositStatus::Credited)?;
+            report.recredited.push(event);
+            return Ok(());
+        }
+        store::set_deposit_recrediting(&self.db, d.outpoint, give)?;
+        self.db
+            .execute_batch("COMMIT; BEGIN IMMEDIATE")
+            .map_err(|e| DepositError::Store(crate::StoreError::Sqlite(e)))?;
+        let d = store::DepositRow {
+            recredit: give,
+            ..d.clone()
+        };
+        self.submit_recredit(&d, event, report)
+    }
+
+    /// Asks for a reversed deposit's credit again (idempotent by its key); refused, the deposit
+    /// is reversed again and what it cancelled of the debt is owed again.
+    fn submit_recredit(
+        &mut self,
+        d: &store::DepositRow,
+        event: DepositEvent,
+        report: &mut DepositReport,
+    ) -> Result<(), DepositError> {
+        let credit = Command::Credit {
+            account: d.account,
+            asset: BTC,
+            amount: d.recredit,
+            key: crate::recredit_key(d.outpoint, d.reversals),
+        };
+        match self.ledger.submit(credit) {
+            Ok(()) => {
+                store::set_deposit_status(&self.db, d.outpoint, DepositStatus::Credited)?;
+                tracing::warn!(account = %d.account, outpoint = %d.outpoint, amount = %d.recredit,
+                    "reversed deposit confirmed again: credited again");
+                report.recredited.push(event);
+            }
+            Err(LedgerError::Rejected(code)) => {
+                let cancelled = Amount(d.amount.0 - d.recredit.0.min(d.amount.0));
+                let debt = store::debt_of(&self.db, d.account)?;
+                let debt = debt.checked_add(cancelled).ok_or(DepositError::Overflow)?;
+                store::set_debt(&self.db, d.account, debt)?;
+                store::set_deposit_status(&self.db, d.outpoint, DepositStatus::Reversed)?;
+                tracing::error!(account = %d.account, outpoint = %d.outpoint, %code,
+                    "ledger refused a credit again; tried again next step");
+                report.rejected.push((event, code));
+            }
+            Err(LedgerError::Unknown) => report.unresolved.push(event),
+        }
+        Ok(())
     }
 
     /// A deposit whose credit has no known answer and that is no longer confirmed enough to be
@@ -1436,7 +1811,11 @@ impl CustodyService {
                 report.reorged.push(event);
             }
             Ok(false) => {
-                store::set_deposit_status(&self.db, event.outpoint, DepositStatus::Pending)?;
+                let netted = store::deposits(&self.db)?
+                    .into_iter()
+                    .find(|d| d.outpoint == event.outpoint)
+                    .map_or(Amount::ZERO, |d| d.netted);
+                self.uncredit(event.account, event.outpoint, netted)?;
             }
             Err(_) => report.unresolved.push(event),
         }
@@ -2459,7 +2838,12 @@ impl CustodyService {
             .collect();
         let credited: HashSet<OutPoint> = store::deposits(&self.db)?
             .into_iter()
-            .filter(|d| matches!(d.status, DepositStatus::Credited | DepositStatus::Reorged))
+            .filter(|d| {
+                matches!(
+                    d.status,
+                    DepositStatus::Credited | DepositStatus::Reorged | DepositStatus::Recrediting
+                )
+            })
             .map(|d| d.outpoint)
             .collect();
         let uncredited: u64 = self
@@ -2553,7 +2937,16 @@ impl CustodyService {
                 continue;
             };
             report.deposits_checked += 1;
-            let here = matches!(d.status, DepositStatus::Credited | DepositStatus::Reorged);
+            // Credited under its own key unless all of it paid the account's debt; a reversal
+            // or a credit again leaves that first credit in place.
+            let here = matches!(
+                d.status,
+                DepositStatus::Credited
+                    | DepositStatus::Reorged
+                    | DepositStatus::Reversing
+                    | DepositStatus::Reversed
+                    | DepositStatus::Recrediting
+            ) && d.netted < d.amount;
             if here && !in_ledger {
                 found.push(RecordMismatch {
                     kind: "deposit_missing_in_ledger",

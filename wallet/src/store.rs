@@ -74,6 +74,26 @@ CREATE TABLE IF NOT EXISTS mediator_batch_tx (
     fee_sat INTEGER NOT NULL,
     created_ms INTEGER NOT NULL
 );
+-- Reversals of credited deposits whose transaction was double-spent (`deposit`, the deposit's
+-- outpoint) and collections of an account's debt from its balance (`debt`, no outpoint): the
+-- row first (its id is the engine withdrawal id's low bits), then the hold of `amount_sat`, then
+-- its completion.
+CREATE TABLE IF NOT EXISTS mediator_reversal (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    kind TEXT NOT NULL,
+    txid TEXT,
+    vout INTEGER,
+    account INTEGER NOT NULL,
+    amount_sat INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    created_ms INTEGER NOT NULL
+);
+-- What an account owes custody: reversed credits its balance could not cover, less what its
+-- later deposits paid.
+CREATE TABLE IF NOT EXISTS mediator_debt (
+    account INTEGER PRIMARY KEY,
+    sat INTEGER NOT NULL CHECK (sat >= 0)
+);
 ";
 
 /// The withdrawal table of databases made before ids came from AUTOINCREMENT and keys were per
@@ -134,6 +154,29 @@ pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
         // in rows written before it was recorded.
         ("mediator_withdrawal", "other_used_sat", "INTEGER"),
         ("mediator_batch", "refusals", "INTEGER NOT NULL DEFAULT 0"),
+        // Reversals ([`DepositStatus::Reversed`]): the part of a deposit that paid its
+        // account's debt instead of being credited, the part of a reversal taken from the
+        // balance, how many times it was reversed, and what a credit again is for.
+        (
+            "mediator_deposit",
+            "netted_sat",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "mediator_deposit",
+            "reversed_sat",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "mediator_deposit",
+            "reversals",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "mediator_deposit",
+            "recredit_sat",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
         ("mediator_batch", "last_error", "TEXT"),
         (
             "mediator_batch",
@@ -276,6 +319,14 @@ pub enum DepositStatus {
     Credited,
     /// Credited, then a reorg took it out of the chain: reported, account flagged.
     Reorged,
+    /// Credited, and its transaction was double-spent: being taken back from the account (the
+    /// reversal's ledger hold and completion asked for, answers maybe lost).
+    Reversing,
+    /// Credited, its transaction double-spent, and taken back: what the balance held then, the
+    /// rest as the account's debt.
+    Reversed,
+    /// Reversed, then confirmed again: credited again (`recredit_sat`, the answer maybe lost).
+    Recrediting,
     /// Seen, never credited, and its transaction is no longer in the mempool nor the chain
     /// (replaced, e.g. a fee bump of the payer, or double-spent). A view of a `pending` row
     /// ([`CustodyService::deposits`](crate::CustodyService::deposits)), never stored: pending
@@ -290,6 +341,9 @@ impl DepositStatus {
             DepositStatus::Crediting => "crediting",
             DepositStatus::Credited => "credited",
             DepositStatus::Reorged => "reorged",
+            DepositStatus::Reversing => "reversing",
+            DepositStatus::Reversed => "reversed",
+            DepositStatus::Recrediting => "recrediting",
             DepositStatus::Dropped => "dropped",
         }
     }
@@ -299,6 +353,9 @@ impl DepositStatus {
             "crediting" => Ok(DepositStatus::Crediting),
             "credited" => Ok(DepositStatus::Credited),
             "reorged" => Ok(DepositStatus::Reorged),
+            "reversing" => Ok(DepositStatus::Reversing),
+            "reversed" => Ok(DepositStatus::Reversed),
+            "recrediting" => Ok(DepositStatus::Recrediting),
             _ => Err(corrupt("deposit status")),
         }
     }
@@ -312,6 +369,14 @@ pub(crate) struct DepositRow {
     pub amount: Amount,
     pub status: DepositStatus,
     pub first_seen_ms: u64,
+    /// The part that paid the account's debt instead of being credited.
+    pub netted: Amount,
+    /// Times reversed.
+    pub reversals: u32,
+    /// The part of its last reversal taken from the balance (the rest became debt).
+    pub reversed: Amount,
+    /// What its credit again is for (`recrediting`).
+    pub recredit: Amount,
 }
 
 /// Inserts a new pending deposit (no-op when known).
@@ -343,25 +408,220 @@ pub(crate) fn set_deposit_status(
     Ok(())
 }
 
+/// Sets the part of a deposit that pays its account's debt (with the `crediting` intent).
+pub(crate) fn set_deposit_netted(
+    db: &Connection,
+    outpoint: OutPoint,
+    netted: Amount,
+) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE mediator_deposit SET netted_sat = ?3 WHERE txid = ?1 AND vout = ?2",
+        params![outpoint.txid.to_string(), outpoint.vout, to_i64(netted.0)],
+    )?;
+    Ok(())
+}
+
+/// Records a finished reversal: `reversed` taken from the balance, one more reversal.
+pub(crate) fn set_deposit_reversed(
+    db: &Connection,
+    outpoint: OutPoint,
+    reversed: Amount,
+) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE mediator_deposit SET status = 'reversed', reversed_sat = ?3,
+                reversals = reversals + 1
+         WHERE txid = ?1 AND vout = ?2",
+        params![outpoint.txid.to_string(), outpoint.vout, to_i64(reversed.0)],
+    )?;
+    Ok(())
+}
+
+/// Records the intent to credit a reversed deposit again with `amount`.
+pub(crate) fn set_deposit_recrediting(
+    db: &Connection,
+    outpoint: OutPoint,
+    amount: Amount,
+) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE mediator_deposit SET status = 'recrediting', recredit_sat = ?3
+         WHERE txid = ?1 AND vout = ?2",
+        params![outpoint.txid.to_string(), outpoint.vout, to_i64(amount.0)],
+    )?;
+    Ok(())
+}
+
+/// What `account` owes custody.
+pub(crate) fn debt_of(db: &Connection, account: AccountId) -> Result<Amount, StoreError> {
+    let sat: Option<i64> = db
+        .query_row(
+            "SELECT sat FROM mediator_debt WHERE account = ?1",
+            params![account.0],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(Amount(to_u64(sat.unwrap_or(0))?))
+}
+
+/// Sets what `account` owes custody (a zero debt leaves no row).
+pub(crate) fn set_debt(db: &Connection, account: AccountId, sat: Amount) -> Result<(), StoreError> {
+    if sat.is_zero() {
+        db.execute(
+            "DELETE FROM mediator_debt WHERE account = ?1",
+            params![account.0],
+        )?;
+    } else {
+        db.execute(
+            "INSERT INTO mediator_debt (account, sat) VALUES (?1, ?2)
+             ON CONFLICT(account) DO UPDATE SET sat = excluded.sat",
+            params![account.0, to_i64(sat.0)],
+        )?;
+    }
+    Ok(())
+}
+
+/// Every account's debt, by account.
+pub(crate) fn debts(db: &Connection) -> Result<Vec<(AccountId, Amount)>, StoreError> {
+    let mut st = db.prepare("SELECT account, sat FROM mediator_debt ORDER BY account")?;
+    let rows = st.query_map([], |r| Ok((r.get::<_, u32>(0)?, r.get::<_, i64>(1)?)))?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (a, sat) = row?;
+        out.push((AccountId(a), Amount(to_u64(sat)?)));
+    }
+    Ok(out)
+}
+
+/// Where a reversal is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ReversalState {
+    /// Written; the hold asked for (answer maybe lost).
+    Holding,
+    /// Held; its completion asked for (answer maybe lost).
+    Held,
+}
+
+/// A reversal in progress.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ReversalRow {
+    pub id: u64,
+    pub amount: Amount,
+    pub state: ReversalState,
+}
+
+/// Writes a reversal of `amount` (state `holding`): of a deposit (`Some(outpoint)`) or a
+/// collection of the account's debt (`None`). Its id.
+pub(crate) fn insert_reversal(
+    db: &Connection,
+    outpoint: Option<OutPoint>,
+    account: AccountId,
+    amount: Amount,
+    now_ms: u64,
+) -> Result<u64, StoreError> {
+    db.execute(
+        "INSERT INTO mediator_reversal (kind, txid, vout, account, amount_sat, state, created_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, 'holding', ?6)",
+        params![
+            if outpoint.is_some() {
+                "deposit"
+            } else {
+                "debt"
+            },
+            outpoint.map(|o| o.txid.to_string()),
+            outpoint.map(|o| o.vout),
+            account.0,
+            to_i64(amount.0),
+            to_i64(now_ms)
+        ],
+    )?;
+    to_u64(db.last_insert_rowid())
+}
+
+/// The reversal of a deposit in progress (`holding` or `held`), if any.
+pub(crate) fn open_reversal(
+    db: &Connection,
+    outpoint: OutPoint,
+) -> Result<Option<ReversalRow>, StoreError> {
+    let row: Option<(i64, i64, String)> = db
+        .query_row(
+            "SELECT id, amount_sat, state FROM mediator_reversal
+             WHERE kind = 'deposit' AND txid = ?1 AND vout = ?2 AND state IN ('holding', 'held')",
+            params![outpoint.txid.to_string(), outpoint.vout],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    reversal_row(row)
+}
+
+/// The collection of an account's debt in progress (`holding` or `held`), if any.
+pub(crate) fn open_collection(
+    db: &Connection,
+    account: AccountId,
+) -> Result<Option<ReversalRow>, StoreError> {
+    let row: Option<(i64, i64, String)> = db
+        .query_row(
+            "SELECT id, amount_sat, state FROM mediator_reversal
+             WHERE kind = 'debt' AND account = ?1 AND state IN ('holding', 'held')",
+            params![account.0],
+            |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
+        )
+        .optional()?;
+    reversal_row(row)
+}
+
+fn reversal_row(row: Option<(i64, i64, String)>) -> Result<Option<ReversalRow>, StoreError> {
+    let Some((id, amount, state)) = row else {
+        return Ok(None);
+    };
+    let state = match state.as_str() {
+        "holding" => ReversalState::Holding,
+        "held" => ReversalState::Held,
+        _ => return Err(corrupt("reversal state")),
+    };
+    Ok(Some(ReversalRow {
+        id: to_u64(id)?,
+        amount: Amount(to_u64(amount)?),
+        state,
+    }))
+}
+
+/// Moves a reversal on: `held`, `done`, or `refused` (the hold was refused; nothing held).
+pub(crate) fn set_reversal_state(db: &Connection, id: u64, state: &str) -> Result<(), StoreError> {
+    db.execute(
+        "UPDATE mediator_reversal SET state = ?2 WHERE id = ?1",
+        params![to_i64(id), state],
+    )?;
+    Ok(())
+}
+
 /// All deposits.
 pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
     let mut st = db.prepare_cached(
-        "SELECT txid, vout, account, amount_sat, status, first_seen_ms FROM mediator_deposit
-         ORDER BY rowid",
+        "SELECT txid, vout, account, amount_sat, status, first_seen_ms, netted_sat, reversals,
+                reversed_sat, recredit_sat
+         FROM mediator_deposit ORDER BY rowid",
     )?;
     let rows = st.query_map([], |r| {
         Ok((
-            r.get::<_, String>(0)?,
-            r.get::<_, u32>(1)?,
-            r.get::<_, u32>(2)?,
-            r.get::<_, i64>(3)?,
-            r.get::<_, String>(4)?,
-            r.get::<_, i64>(5)?,
+            (
+                r.get::<_, String>(0)?,
+                r.get::<_, u32>(1)?,
+                r.get::<_, u32>(2)?,
+                r.get::<_, i64>(3)?,
+                r.get::<_, String>(4)?,
+                r.get::<_, i64>(5)?,
+            ),
+            (
+                r.get::<_, i64>(6)?,
+                r.get::<_, u32>(7)?,
+                r.get::<_, i64>(8)?,
+                r.get::<_, i64>(9)?,
+            ),
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (t, vout, account, amount, status, seen) = row?;
+        let ((t, vout, account, amount, status, seen), (netted, reversals, reversed, recredit)) =
+            row?;
         out.push(DepositRow {
             outpoint: OutPoint {
                 txid: txid(&t)?,
@@ -371,6 +631,10 @@ pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
             amount: Amount(to_u64(amount)?),
             status: DepositStatus::parse(&status)?,
             first_seen_ms: to_u64(seen)?,
+            netted: Amount(to_u64(netted)?),
+            reversals,
+            reversed: Amount(to_u64(reversed)?),
+            recredit: Amount(to_u64(recredit)?),
         });
     }
     Ok(out)

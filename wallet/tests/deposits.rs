@@ -2,6 +2,7 @@
 
 mod support;
 
+use bdk_bitcoind_rpc::bitcoincore_rpc::RpcApi;
 use std::sync::Arc;
 use support::{Customer, World};
 use wallet::DepositStatus;
@@ -425,4 +426,284 @@ fn a_deposit_replaced_in_the_mempool_is_dropped_not_pending_for_ever() {
     expected.sort_by_key(|(txid, _)| *txid);
     assert_eq!(status(&svc), expected);
     assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+}
+
+/// Defect: a credited deposit that a reorg took out of the chain, and that its payer then
+/// replaced (a fee bump paying the same address), was credited twice: the old credit stayed
+/// (the account flagged) and the replacement was credited too, so the ledger owed the account
+/// twice what custody held, and the reconciliation shortfall held every customer's payouts
+/// until an operator, with no way to take the first credit back, accepted it. A credited
+/// deposit whose transaction was double-spent is now reversed (`reversed`): its amount leaves
+/// the account's balance (a hold completed at once, engine id bit 61).
+#[test]
+fn a_credited_deposit_replaced_after_a_reorg_is_reversed_not_credited_twice() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(31);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (400_000, 0));
+
+    // The block goes away; the payer replaces the payment (same address, higher fee).
+    w.node.invalidate_tip();
+    assert!(w.node.mempool().contains(&first.compute_txid()));
+    let replacement = customer.bump(
+        &w.node,
+        first.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
+    );
+    assert_eq!(w.node.mempool(), vec![replacement.compute_txid()]);
+    w.node.mine_empty(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reorged.len(), 1, "{:?}", r.deposits);
+    assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
+    assert_eq!(w.ledger.btc(alice), (0, 0), "the first credit taken back");
+    assert_eq!(svc.flagged_accounts().unwrap()[0].0, alice);
+
+    // The replacement confirms: credited once, and the books balance.
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(
+        w.ledger.btc(alice),
+        (400_000, 0),
+        "credited once, not twice"
+    );
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+    assert!(!r.reconciliation.shortfall);
+    let status = |txid| {
+        svc.deposits(Some(alice))
+            .unwrap()
+            .into_iter()
+            .find(|d| d.outpoint.txid == txid)
+            .unwrap()
+            .status
+    };
+    assert_eq!(status(first.compute_txid()), DepositStatus::Reversed);
+    assert_eq!(status(replacement.compute_txid()), DepositStatus::Credited);
+    assert!(svc.reconcile_records().unwrap().mismatches.is_empty());
+    // Restarted, nothing moves again.
+    drop(svc);
+    let mut svc = w.open(w.config());
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.deposits.reversed.is_empty() && r.deposits.credited.is_empty());
+    assert_eq!(w.ledger.btc(alice), (400_000, 0));
+}
+
+/// The same, when the account already moved part of the first credit away (here to bob, before
+/// the reorg): what is left is taken back, the rest is the account's debt to custody, collected
+/// from what later reaches its balance, and the next deposit of the account pays the rest first. The ledger never owes more than custody
+/// holds once the debt is paid.
+#[test]
+fn a_reversal_larger_than_the_balance_leaves_a_debt_paid_by_the_next_deposit() {
+    use matching_engine::command::Command;
+    use matching_engine::units::{Amount, AssetId, IdempotencyKey};
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let bob = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(32);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    w.ledger
+        .raw(Command::Transfer {
+            from: alice,
+            to: bob,
+            asset: AssetId(0),
+            amount: Amount(150_000),
+            key: IdempotencyKey::reference("to-bob"),
+        })
+        .unwrap();
+
+    w.node.invalidate_tip();
+    customer.bump(
+        &w.node,
+        first.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
+    );
+    w.node.mine_empty(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
+    assert_eq!(w.ledger.btc(alice), (0, 0), "all that was left taken back");
+    assert_eq!(svc.debts().unwrap(), vec![(alice, Amount(150_000))]);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.deposits.collected.is_empty(), "nothing to collect");
+
+    // What reaches the account's balance later pays the debt: here 100,000 sat back from bob.
+    w.ledger
+        .raw(Command::Transfer {
+            from: bob,
+            to: alice,
+            asset: AssetId(0),
+            amount: Amount(100_000),
+            key: IdempotencyKey::reference("from-bob"),
+        })
+        .unwrap();
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.collected, vec![(alice, Amount(100_000))]);
+    assert_eq!(w.ledger.btc(alice), (0, 0));
+    assert_eq!(svc.debts().unwrap(), vec![(alice, Amount(50_000))]);
+
+    // The replacement pays the rest of the debt first: 50,000 of its 400,000 sat.
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (350_000, 0));
+    assert_eq!(w.ledger.btc(bob), (50_000, 0));
+    assert!(svc.debts().unwrap().is_empty());
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+    assert!(svc.reconcile_records().unwrap().mismatches.is_empty());
+}
+
+/// Mines one block holding `tx` (which may conflict with the mempool: the block wins).
+fn mine_tx(node: &support::TestNode, tx: &bdk_wallet::bitcoin::Transaction) {
+    let hex = bdk_wallet::bitcoin::consensus::encode::serialize_hex(tx);
+    let burn = Customer::new(251)
+        .wallet
+        .peek_address(bdk_wallet::KeychainKind::External, 0)
+        .address;
+    let _: serde_json::Value = node
+        .rpc
+        .call(
+            "generateblock",
+            &[burn.to_string().into(), serde_json::json!([hex])],
+        )
+        .expect("generateblock");
+}
+
+/// A reversed deposit whose own transaction is then confirmed after all (the block that wins
+/// holds it, not its replacement): the account gets its amount back, first as the debt its
+/// reversal left (cancelled), the rest credited again under a key of its own; the books
+/// balance and the replacement, now double-spent, is dropped.
+#[test]
+fn a_reversed_deposit_confirmed_again_is_credited_again_and_cancels_its_debt() {
+    use matching_engine::command::Command;
+    use matching_engine::units::{Amount, AssetId, IdempotencyKey};
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let bob = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(33);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    w.ledger
+        .raw(Command::Transfer {
+            from: alice,
+            to: bob,
+            asset: AssetId(0),
+            amount: Amount(150_000),
+            key: IdempotencyKey::reference("to-bob"),
+        })
+        .unwrap();
+    w.node.invalidate_tip();
+    let replacement = customer.bump(
+        &w.node,
+        first.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
+    );
+    w.node.mine_empty(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
+    assert_eq!(w.ledger.btc(alice), (0, 0));
+    assert_eq!(svc.debts().unwrap(), vec![(alice, Amount(150_000))]);
+
+    // The first payment is mined after all; its replacement can never confirm.
+    mine_tx(&w.node, &first);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.recredited.len(), 1, "{:?}", r.deposits);
+    assert!(r.deposits.credited.is_empty());
+    assert_eq!(
+        w.ledger.btc(alice),
+        (250_000, 0),
+        "400,000 less the 150,000 at bob's"
+    );
+    assert!(svc.debts().unwrap().is_empty());
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+    let status = |svc: &wallet::CustodyService, txid| {
+        svc.deposits(Some(alice))
+            .unwrap()
+            .into_iter()
+            .find(|d| d.outpoint.txid == txid)
+            .unwrap()
+            .status
+    };
+    assert_eq!(status(&svc, first.compute_txid()), DepositStatus::Credited);
+    assert_eq!(
+        status(&svc, replacement.compute_txid()),
+        DepositStatus::Dropped
+    );
+    assert!(svc.reconcile_records().unwrap().mismatches.is_empty());
+
+    // Steps after change nothing.
+    w.node.mine(2);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.deposits.recredited.is_empty() && r.deposits.credited.is_empty());
+    assert_eq!(w.ledger.btc(alice), (250_000, 0));
+}
+
+/// A reversal's hold and its completion each applied with the answer lost, and the service
+/// restarted between: the reversal is resolved by asking the engine about its id and happens
+/// once.
+#[test]
+fn a_reversal_whose_answers_are_lost_is_resolved_by_asking_and_happens_once() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(34);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    w.node.invalidate_tip();
+    customer.bump(
+        &w.node,
+        first.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
+    );
+    w.node.mine_empty(1);
+
+    w.ledger.fault_next(support::Fault::ApplyThenUnknown);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.deposits.reversed.is_empty());
+    assert_eq!(r.deposits.unresolved.len(), 1, "{:?}", r.deposits);
+    assert_eq!(w.ledger.btc(alice), (0, 400_000), "held, answer lost");
+    assert_eq!(
+        svc.deposits(Some(alice)).unwrap()[0].status,
+        DepositStatus::Reversing
+    );
+
+    drop(svc);
+    let mut svc = w.open(w.config());
+    // The hold again (a duplicate, the engine's record matches), then its completion, lost.
+    w.ledger.fault_next(support::Fault::Pass);
+    w.ledger.fault_next(support::Fault::ApplyThenUnknown);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.deposits.reversed.is_empty(), "{:?}", r.deposits);
+    assert_eq!(w.ledger.btc(alice), (0, 0), "completed, answer lost");
+
+    drop(svc);
+    let mut svc = w.open(w.config());
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
+    assert!(svc.debts().unwrap().is_empty());
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.deposits.reversed.is_empty());
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (400_000, 0));
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+    assert!(svc.reconcile_records().unwrap().mismatches.is_empty());
 }

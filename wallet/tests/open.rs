@@ -29,6 +29,12 @@ impl Ledger for NoLedger {
     fn account_exists(&self, a: matching_engine::units::AccountId) -> bool {
         a.0 == 1
     }
+    fn btc_available(
+        &self,
+        _: matching_engine::units::AccountId,
+    ) -> Result<matching_engine::units::Amount, wallet::LedgerError> {
+        Ok(matching_engine::units::Amount::ZERO)
+    }
 }
 
 fn config(network: Network, dir: &Path) -> CustodyConfig {

@@ -73,6 +73,7 @@ impl Custody for Fake {
             .map(|&account| FlaggedAccount {
                 account,
                 reason: "reorg".into(),
+                debt_sat: 0,
             })
             .collect())
     }

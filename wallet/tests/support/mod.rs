@@ -249,6 +249,8 @@ pub enum Fault {
     LoseUnknown,
     /// Not taken: `Rejected(EngineBusy)`.
     Busy,
+    /// Applied and answered truly (holds a place in the queue).
+    Pass,
 }
 
 impl Default for EngineLedger {
@@ -318,7 +320,7 @@ impl Ledger for EngineLedger {
     fn submit(&self, cmd: Command) -> Result<(), LedgerError> {
         let fault = self.faults.lock().unwrap().pop_front();
         match fault {
-            None => self.apply(cmd).0.map_err(LedgerError::Rejected),
+            None | Some(Fault::Pass) => self.apply(cmd).0.map_err(LedgerError::Rejected),
             Some(Fault::ApplyThenUnknown) => {
                 let _ = self.apply(cmd);
                 Err(LedgerError::Unknown)
@@ -354,6 +356,11 @@ impl Ledger for EngineLedger {
     }
     fn account_exists(&self, account: AccountId) -> bool {
         self.engine.lock().unwrap().0.account_exists(account)
+    }
+    fn btc_available(&self, account: AccountId) -> Result<Amount, LedgerError> {
+        let g = self.engine.lock().unwrap();
+        let (available, _) = g.0.balance(account, BTC).unwrap_or_default();
+        Ok(available)
     }
 }
 

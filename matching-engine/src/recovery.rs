@@ -47,7 +47,9 @@ use crate::journal::{
     check_journal, list_segments, sync_dir, Damage, JournalCheck, JournalError, JournalWriter,
     RecordVersion, SegmentReader, SegmentStatus, TailDefect,
 };
-use crate::snapshot::{list_snapshots, read_snapshot, write_snapshot, SnapshotError};
+use crate::snapshot::{
+    list_snapshot_leftovers, list_snapshots, read_snapshot, write_snapshot, SnapshotError,
+};
 use crate::units::Timestamp;
 use crate::{RejectCode, StateMachine};
 use std::io;
@@ -619,6 +621,23 @@ impl<S: StateMachine> Store<S> {
 
     fn prune(&mut self) -> Result<(), StoreError> {
         let snapshots = list_snapshots(&self.dir)?;
+        // Half-written snapshots no newer than the newest complete one: their writer (this
+        // store, the only one) stopped before the rename and will never finish them.
+        if let Some(&(newest, _)) = snapshots.last() {
+            let mut removed = false;
+            for (seq, path) in list_snapshot_leftovers(&self.dir)? {
+                if seq <= newest {
+                    std::fs::remove_file(&path).map_err(|source| StoreError::Prune {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    removed = true;
+                }
+            }
+            if removed {
+                sync_dir(&self.dir)?;
+            }
+        }
         let Some(mut keep_from) = snapshots.len().checked_sub(self.config.snapshots_kept) else {
             return Ok(());
         };

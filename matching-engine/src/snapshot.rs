@@ -22,7 +22,8 @@
 //!
 //! [`write_snapshot`] writes `snapshot-<seq>.bin.tmp`, fsyncs it, renames it to its final name and
 //! fsyncs the directory: when it returns `Ok` the snapshot is durable, and a crash at any point
-//! leaves either no snapshot file or a complete one (a stray `.tmp` is ignored and overwritten).
+//! leaves either no snapshot file or a complete one (a stray `.tmp` is ignored, and removed once a
+//! later snapshot is written: [`list_snapshot_leftovers`]).
 //! A snapshot that fails any check on reading (including [`StateMachine::restore`]'s check of the
 //! state's invariants) is skipped by recovery, which falls back to the previous one.
 
@@ -146,6 +147,24 @@ pub fn list_snapshots(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SnapshotError> 
     }
     snapshots.sort_unstable_by_key(|(seq, _)| *seq);
     Ok(snapshots)
+}
+
+/// Half-written snapshots in `dir` (`snapshot-<seq>.bin.tmp`, left by a write that stopped before
+/// its rename), as `(seq, path)`.
+pub fn list_snapshot_leftovers(dir: &Path) -> Result<Vec<(u64, PathBuf)>, SnapshotError> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
+        let entry = entry.map_err(io_err(dir))?;
+        if let Some(seq) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_suffix(".tmp"))
+            .and_then(parse_snapshot_file_name)
+        {
+            out.push((seq, entry.path()));
+        }
+    }
+    Ok(out)
 }
 
 /// Writes a snapshot of `state` into `dir` durably (see the module docs) and returns its path.

@@ -186,6 +186,8 @@ pub(crate) struct Inner {
     pub extensions: Extensions,
     /// The audit log and the liabilities proofs ([`crate::proofs`]).
     pub proofs: crate::proofs::Proofs,
+    /// Ticker and average-price stream events, made once a second for all subscribers.
+    pub stats: crate::ws::StatsCache,
 }
 
 impl std::fmt::Debug for dyn ExchangeCore {
@@ -292,6 +294,7 @@ impl PendingApi {
             flags: crate::capital::FlagCache::default(),
             extensions: Extensions::default(),
             proofs: self.proofs,
+            stats: crate::ws::StatsCache::default(),
         }))
     }
 }

@@ -767,7 +767,8 @@ async fn streams(
                                 if prev.is_none_or(|(t, seq)| now >= t + 1000 && seq != ms.depth_seq) {
                                     last.insert(name.clone(), (now, ms.depth_seq));
                                     let m = &st.markets().markets[*market];
-                                    out.push(Message::Text(frame(combined, name, &ticker_event(&ticker(m, ms, now, *mini), *mini, now)).into()));
+                                    let ev = st.0.stats.ticker(m, ms, *market, *mini, now);
+                                    out.push(Message::Text(frame(combined, name, &ev).into()));
                                 }
                             }
                             Stream::AllTickers { mini } => {
@@ -780,7 +781,7 @@ async fn streams(
                                     let key = format!("{name}#{i}");
                                     if last.get(&key).is_none_or(|(_, seq)| *seq != ms.depth_seq) {
                                         last.insert(key, (now, ms.depth_seq));
-                                        changed.push(ticker_event(&ticker(m, ms, now, *mini), *mini, now));
+                                        changed.push(st.0.stats.ticker(m, ms, i, *mini, now));
                                     }
                                 }
                                 last.insert(name.clone(), (now, 0));
@@ -796,7 +797,8 @@ async fn streams(
                                     continue;
                                 }
                                 let m = &st.markets().markets[*market];
-                                let (w, at) = average_price(m, ms, now);
+                                let avg_now = st.0.stats.average(m, ms, *market, now);
+                                let (w, at) = (avg_now.0.clone(), avg_now.1);
                                 if prev.is_none_or(|(_, pw, pt)| *pw != w || *pt != at) {
                                     let ev = json!({"e": "avgPrice", "E": now, "s": m.symbol, "i": "5m", "w": w, "T": at});
                                     out.push(Message::Text(frame(combined, name, &ev.to_string()).into()));
@@ -852,6 +854,76 @@ async fn streams(
                 }
             }
         }
+    }
+}
+
+/// A value and the second it was made in.
+type Made<T> = (u64, std::sync::Arc<T>);
+
+/// Ticker and average-price events, made at most once a second per market for every connection
+/// that streams them. Each connection made its own before: a 24 h ticker walks up to 1,500
+/// one-minute klines and an average price every kept trade, under the read models' lock, once a
+/// second per subscriber and market, so a thousand `!ticker@arr` sockets cost the read models'
+/// writer a thousand such walks a second for each market.
+#[derive(Debug, Default)]
+pub(crate) struct StatsCache {
+    /// `(market, mini)` → (the second it was made in, the event's JSON).
+    tickers: std::sync::Mutex<HashMap<(usize, bool), Made<str>>>,
+    /// market → (the second it was made in, `w`, `T`).
+    averages: std::sync::Mutex<HashMap<usize, Made<(String, u64)>>>,
+    /// Events made (not taken from the cache), for tests.
+    made: std::sync::atomic::AtomicU64,
+}
+
+impl StatsCache {
+    /// The `24hrTicker` (`mini` false) or `24hrMiniTicker` event of a market, as made in this
+    /// second (its `E` is when it was made).
+    fn ticker(
+        &self,
+        m: &crate::market::MarketSpec,
+        ms: &crate::readmodel::MarketState,
+        market: usize,
+        mini: bool,
+        now: u64,
+    ) -> std::sync::Arc<str> {
+        let second = now / 1000;
+        let mut c = self.tickers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, ev)) = c.get(&(market, mini)) {
+            if *at == second {
+                return ev.clone();
+            }
+        }
+        self.made.fetch_add(1, Ordering::Relaxed);
+        let ev: std::sync::Arc<str> = ticker_event(&ticker(m, ms, now, mini), mini, now).into();
+        c.insert((market, mini), (second, ev.clone()));
+        ev
+    }
+
+    /// A market's 5-minute average price and its last trade's time, as made in this second.
+    fn average(
+        &self,
+        m: &crate::market::MarketSpec,
+        ms: &crate::readmodel::MarketState,
+        market: usize,
+        now: u64,
+    ) -> std::sync::Arc<(String, u64)> {
+        let second = now / 1000;
+        let mut c = self.averages.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((at, v)) = c.get(&market) {
+            if *at == second {
+                return v.clone();
+            }
+        }
+        self.made.fetch_add(1, Ordering::Relaxed);
+        let v = std::sync::Arc::new(average_price(m, ms, now));
+        c.insert(market, (second, v.clone()));
+        v
+    }
+
+    /// Events made so far.
+    #[cfg(test)]
+    fn made(&self) -> u64 {
+        self.made.load(Ordering::Relaxed)
     }
 }
 
@@ -1023,4 +1095,45 @@ pub async fn listen_key_keepalive(
 /// `DELETE /api/v3/userDataStream`: closes a listenKey.
 pub async fn listen_key_close(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     touch(&st, &req, true)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Three subscribers of one market's ticker in the same second share one event (and its
+    /// `E`); the next second makes a new one. The average price likewise.
+    #[test]
+    fn ticker_and_average_events_are_made_once_a_second_for_all_subscribers() {
+        let dir = tempfile::tempdir().unwrap();
+        let st = crate::state::open_local(
+            dir.path(),
+            matching_engine::config::EngineConfig::default(),
+            crate::state::ApiConfig::default(),
+        )
+        .unwrap();
+        let rm = st.0.rm.read();
+        let (m, ms) = (&st.markets().markets[0], &rm.markets[0]);
+        let cache = &st.0.stats;
+        let now = 1_700_000_000_250;
+        let first = cache.ticker(m, ms, 0, false, now);
+        for later in [now + 100, now + 500, now + 749] {
+            assert!(std::sync::Arc::ptr_eq(
+                &first,
+                &cache.ticker(m, ms, 0, false, later)
+            ));
+        }
+        assert_eq!(cache.made(), 1);
+        let mini = cache.ticker(m, ms, 0, true, now);
+        assert!(mini.contains("24hrMiniTicker") && first.contains("24hrTicker"));
+        assert_eq!(cache.made(), 2, "the mini ticker is its own event");
+        let next = cache.ticker(m, ms, 0, false, now + 750);
+        assert_eq!(cache.made(), 3, "a new second, a new event");
+        assert!(next.contains(&format!("\"E\":{}", now + 750)), "{next}");
+
+        let a = cache.average(m, ms, 0, now);
+        assert!(std::sync::Arc::ptr_eq(
+            &a,
+            &cache.average(m, ms, 0, now + 10)
+        ));
+        assert_eq!(cache.made(), 4);
+    }
 }

@@ -205,6 +205,7 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::AccountFlagged(_) => -4032,
         WithdrawalError::PayoutsHeld { .. } => -4039,
         WithdrawalError::NotFlagged(_) => -4033,
+        WithdrawalError::InDebt { .. } => -4040,
         WithdrawalError::UnknownAlarm(_) => -4036,
         WithdrawalError::ApprovalRequired { .. } => -4037,
         // Maybe held: recorded and resolved by custody; the caller asks again (same key).

@@ -226,6 +226,17 @@ pub enum WithdrawalError {
     /// The account has no flag to clear.
     #[error("account {0} is not flagged")]
     NotFlagged(AccountId),
+    /// The account owes custody (a reversed deposit its balance did not cover): its flag stays
+    /// until its deposits or balance pay the debt.
+    #[error(
+        "account {account} owes {debt} sat (a reversed deposit); its flag stays until it is paid"
+    )]
+    InDebt {
+        /// The account.
+        account: AccountId,
+        /// What it owes, in sat.
+        debt: Amount,
+    },
     /// No alarm with this id is raised (not cleared).
     #[error("no alarm {0} to clear")]
     UnknownAlarm(u64),
@@ -279,6 +290,7 @@ impl WithdrawalError {
             WithdrawalError::ApprovalRequired { .. } => 20,
             WithdrawalError::OwnAddress { .. } => 21,
             WithdrawalError::PayoutsHeld { .. } => 22,
+            WithdrawalError::InDebt { .. } => 23,
         }
     }
 }

@@ -55,6 +55,8 @@ enum Attempt {
 }
 /// RPC error codes of bitcoind (`src/rpc/protocol.h`).
 const RPC_VERIFY_ALREADY_IN_CHAIN: i32 = -27;
+/// `getmempoolentry` of a transaction not in the mempool.
+const RPC_INVALID_ADDRESS_OR_KEY: i32 = -5;
 /// Completed batches watched for a reorg that takes their transaction out of the chain (the
 /// newest ones: a reorg deeper than this many batches is not looked for).
 const REORG_WATCHED_BATCHES: u32 = 100;
@@ -1055,6 +1057,10 @@ impl CustodyService {
         account: AccountId,
         now: Timestamp,
     ) -> Result<(), WithdrawalError> {
+        let debt = store::debt_of(&self.db, account)?;
+        if !debt.is_zero() {
+            return Err(WithdrawalError::InDebt { account, debt });
+        }
         if store::clear_flags(&self.db, account, now.as_millis())? == 0 {
             return Err(WithdrawalError::NotFlagged(account));
         }
@@ -1407,11 +1413,29 @@ impl CustodyService {
                             tracing::info!(%account, outpoint = %out.outpoint, amount = %event.amount, "deposit credited");
                             report.credited.push(event);
                         }
-                        Err(LedgerError::Rejected(code)) => {
-                            self.uncredit(account, out.outpoint, netted)?;
-                            tracing::error!(%account, outpoint = %out.outpoint, %code, "ledger refused a deposit credit");
-                            report.rejected.push((event, code));
+                        // Not taken now; an earlier try may have been applied: tried again
+                        // as it is (same key, same amount) next step.
+                        Err(LedgerError::Rejected(RejectCode::EngineBusy)) => {
+                            report.unresolved.push(event);
                         }
+                        // Refused; given up only once the ledger says no try was applied (a
+                        // netted credit's amount follows the debt, so a later try may differ).
+                        Err(LedgerError::Rejected(code)) => match self.ledger.credited(key) {
+                            Ok(true) => {
+                                store::set_deposit_status(
+                                    &self.db,
+                                    out.outpoint,
+                                    DepositStatus::Credited,
+                                )?;
+                                report.credited.push(event);
+                            }
+                            Ok(false) => {
+                                self.uncredit(account, out.outpoint, netted)?;
+                                tracing::error!(%account, outpoint = %out.outpoint, %code, "ledger refused a deposit credit");
+                                report.rejected.push((event, code));
+                            }
+                            Err(_) => report.unresolved.push(event),
+                        },
                         Err(_) => {
                             tracing::warn!(%account, outpoint = %out.outpoint, "deposit credit outcome unknown; asked again next step");
                             report.unresolved.push(event);
@@ -1455,15 +1479,19 @@ impl CustodyService {
                 amount: d.amount,
                 confirmations: 0,
             };
-            // Out of the wallet's view: a conflicting transaction replaced it (double-spent),
-            // so a credit of it is taken back.
+            // Out of the wallet's view: a credit of it is taken back once bitcoind shows a
+            // conflicting transaction replaced it (double-spent), not for an eviction alone.
             match d.status {
                 DepositStatus::Credited => {
                     self.deposit_reorged(event, now)?;
                     report.reorged.push(event);
-                    self.start_reversal(event, now, &mut report)?;
+                    if self.double_spent(d.outpoint) {
+                        self.start_reversal(event, now, &mut report)?;
+                    }
                 }
-                DepositStatus::Reorged => self.start_reversal(event, now, &mut report)?,
+                DepositStatus::Reorged if self.double_spent(d.outpoint) => {
+                    self.start_reversal(event, now, &mut report)?
+                }
                 DepositStatus::Reversing => self.go_on_reversing(event, now, &mut report)?,
                 DepositStatus::Recrediting => self.submit_recredit(&d, event, &mut report)?,
                 DepositStatus::Crediting => self.resolve_crediting(event, now, &mut report)?,
@@ -1510,7 +1538,7 @@ impl CustodyService {
         };
         let take = available.min(event.amount);
         if take.is_zero() {
-            return self.finish_reversal(event, Amount::ZERO, report);
+            return self.finish_reversal(event, Amount::ZERO, now, report);
         }
         store::insert_reversal(
             &self.db,
@@ -1541,7 +1569,7 @@ impl CustodyService {
         };
         let subject = format!("deposit {}", event.outpoint);
         match self.take_back(&row, event.account, &subject)? {
-            TakeBack::Done => self.finish_reversal(event, row.amount, report),
+            TakeBack::Done => self.finish_reversal(event, row.amount, now, report),
             TakeBack::Waiting => {
                 report.unresolved.push(event);
                 Ok(())
@@ -1598,12 +1626,30 @@ impl CustodyService {
                         Err(_) => return Ok(TakeBack::Waiting),
                     }
                 }
-                Err(LedgerError::Rejected(code)) => {
-                    // Nothing held (the balance moved, or the engine was busy).
-                    tracing::warn!(%account, subject, %code, "reversal hold refused; tried again next step");
-                    store::set_reversal_state(&self.db, row.id, "refused")?;
-                    return Ok(TakeBack::Refused);
-                }
+                // Not taken now: an earlier try of this hold may still have been applied (its
+                // answer lost, or the `held` mark rolled back by a stop), so the engine is asked
+                // before the row is given up.
+                Err(LedgerError::Rejected(RejectCode::EngineBusy)) => return Ok(TakeBack::Waiting),
+                Err(LedgerError::Rejected(code)) => match self.ledger.withdrawal(id) {
+                    Ok(None) => {
+                        // Nothing held (the balance moved): tried again from what is there.
+                        tracing::warn!(%account, subject, %code, "reversal hold refused; tried again next step");
+                        store::set_reversal_state(&self.db, row.id, "refused")?;
+                        return Ok(TakeBack::Refused);
+                    }
+                    Ok(Some(w)) => {
+                        self.alarm(
+                            "reversal_mismatch",
+                            subject,
+                            &format!(
+                                "hold refused ({code}); the ledger's record of {} is {w:?}",
+                                id.0
+                            ),
+                        )?;
+                        return Ok(TakeBack::Waiting);
+                    }
+                    Err(_) => return Ok(TakeBack::Waiting),
+                },
                 Err(LedgerError::Unknown) => return Ok(TakeBack::Waiting),
             }
             store::set_reversal_state(&self.db, row.id, "held")?;
@@ -1703,6 +1749,7 @@ impl CustodyService {
         &mut self,
         event: DepositEvent,
         taken: Amount,
+        now: Timestamp,
         report: &mut DepositReport,
     ) -> Result<(), DepositError> {
         let owed = Amount(event.amount.0 - taken.0);
@@ -1712,6 +1759,13 @@ impl CustodyService {
             store::set_debt(&self.db, event.account, debt)?;
         }
         store::set_deposit_reversed(&self.db, event.outpoint, taken)?;
+        // Flagged again (an operator may have cleared the reorg's flag meanwhile); the flag of
+        // an account that owes cannot be cleared until the debt is paid.
+        let reason = format!(
+            "credited deposit {} of {} sat double-spent: {} sat taken back, {} sat owed",
+            event.outpoint, event.amount, taken, owed
+        );
+        self.flag(event.account, &reason, now)?;
         tracing::error!(account = %event.account, outpoint = %event.outpoint, amount = %event.amount,
             %taken, %owed, "credited deposit double-spent: credit taken back");
         self.decide(
@@ -1779,7 +1833,26 @@ impl CustodyService {
                     "reversed deposit confirmed again: credited again");
                 report.recredited.push(event);
             }
+            Err(LedgerError::Rejected(RejectCode::EngineBusy)) | Err(LedgerError::Unknown) => {
+                report.unresolved.push(event)
+            }
             Err(LedgerError::Rejected(code)) => {
+                // Given up only once the ledger says no try of it was applied.
+                match self
+                    .ledger
+                    .credited(crate::recredit_key(d.outpoint, d.reversals))
+                {
+                    Ok(false) => {}
+                    Ok(true) => {
+                        store::set_deposit_status(&self.db, d.outpoint, DepositStatus::Credited)?;
+                        report.recredited.push(event);
+                        return Ok(());
+                    }
+                    Err(_) => {
+                        report.unresolved.push(event);
+                        return Ok(());
+                    }
+                }
                 let cancelled = Amount(d.amount.0 - d.recredit.0.min(d.amount.0));
                 let debt = store::debt_of(&self.db, d.account)?;
                 let debt = debt.checked_add(cancelled).ok_or(DepositError::Overflow)?;
@@ -1789,7 +1862,6 @@ impl CustodyService {
                     "ledger refused a credit again; tried again next step");
                 report.rejected.push((event, code));
             }
-            Err(LedgerError::Unknown) => report.unresolved.push(event),
         }
         Ok(())
     }
@@ -1828,20 +1900,64 @@ impl CustodyService {
             "credited deposit {} of {} sat left the chain in a reorg",
             event.outpoint, event.amount
         );
-        store::flag_account(&self.db, event.account, &reason, now.as_millis())?;
+        self.flag(event.account, &reason, now)?;
+        tracing::error!(account = %event.account, outpoint = %event.outpoint, amount = %event.amount,
+            "credited deposit removed by a reorg; account flagged");
+        Ok(())
+    }
+
+    /// Flags an account for an operator, and tells the order path at once.
+    fn flag(
+        &mut self,
+        account: AccountId,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), DepositError> {
+        store::flag_account(&self.db, account, reason, now.as_millis())?;
         if let Some(hook) = &self.flag_hook {
-            hook(event.account);
+            hook(account);
         }
         self.decide(
             "custody.account.flag",
             &[
-                ("account", event.account.to_string()),
-                ("reason", reason.clone()),
+                ("account", account.to_string()),
+                ("reason", reason.to_owned()),
             ],
         );
-        tracing::error!(account = %event.account, outpoint = %event.outpoint, amount = %event.amount,
-            "credited deposit removed by a reorg; account flagged");
         Ok(())
+    }
+
+    /// True when bitcoind shows that a deposit's transaction, out of the wallet's view, was
+    /// double-spent: it is not in the node's mempool, its own output is not unspent in the chain,
+    /// and an output it spends is spent by another transaction (in the chain or the mempool) or
+    /// gone. A transaction merely dropped from the view (the node's mempool restarted or expired
+    /// it) is not. No answer (bitcoind away): false, asked again next step.
+    fn double_spent(&mut self, outpoint: OutPoint) -> bool {
+        let Some(tx) = self.wallet.tx_graph().get_tx(outpoint.txid) else {
+            return false;
+        };
+        let Ok(rpc) = self.connect() else {
+            return false;
+        };
+        let client = rpc.client.clone();
+        match client.get_mempool_entry(&outpoint.txid) {
+            Ok(_) => return false,
+            Err(e) if rpc_code(&e) == Some(RPC_INVALID_ADDRESS_OR_KEY) => {}
+            Err(_) => return false,
+        }
+        match client.get_tx_out(&outpoint.txid, outpoint.vout, Some(true)) {
+            Ok(None) => {}
+            Ok(Some(_)) | Err(_) => return false,
+        }
+        for input in &tx.input {
+            let prev = input.previous_output;
+            match client.get_tx_out(&prev.txid, prev.vout, Some(true)) {
+                Ok(None) => return true,
+                Ok(Some(_)) => {}
+                Err(_) => return false,
+            }
+        }
+        false
     }
 
     // -----------------------------------------------------------------------------------------
@@ -2841,7 +2957,10 @@ impl CustodyService {
             .filter(|d| {
                 matches!(
                     d.status,
-                    DepositStatus::Credited | DepositStatus::Reorged | DepositStatus::Recrediting
+                    DepositStatus::Credited
+                        | DepositStatus::Reorged
+                        | DepositStatus::Reversing
+                        | DepositStatus::Recrediting
                 )
             })
             .map(|d| d.outpoint)

@@ -534,6 +534,16 @@ fn a_reversal_larger_than_the_balance_leaves_a_debt_paid_by_the_next_deposit() {
     assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
     assert_eq!(w.ledger.btc(alice), (0, 0), "all that was left taken back");
     assert_eq!(svc.debts().unwrap(), vec![(alice, Amount(150_000))]);
+    assert!(
+        matches!(
+            svc.clear_flag(alice, w.clock.now()),
+            Err(wallet::WithdrawalError::InDebt {
+                debt: Amount(150_000),
+                ..
+            })
+        ),
+        "an account that owes stays flagged"
+    );
     let r = svc.step(w.clock.now()).unwrap();
     assert!(r.deposits.collected.is_empty(), "nothing to collect");
 
@@ -706,4 +716,215 @@ fn a_reversal_whose_answers_are_lost_is_resolved_by_asking_and_happens_once() {
     assert_eq!(w.ledger.btc(alice), (400_000, 0));
     assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
     assert!(svc.reconcile_records().unwrap().mismatches.is_empty());
+}
+
+/// A double-spent deposit with its credit taken back from alice, then bob's 150,000 sat taken
+/// from her balance before the reorg: the reversal takes 250,000 and leaves a 150,000 debt.
+/// Returns the service, the accounts and the replacement (in the mempool).
+fn reversed_with_a_debt(
+    w: &World,
+    seed: u8,
+) -> (
+    wallet::CustodyService,
+    matching_engine::units::AccountId,
+    Customer,
+    bdk_wallet::bitcoin::Transaction,
+    bdk_wallet::bitcoin::Transaction,
+) {
+    use matching_engine::command::Command;
+    use matching_engine::units::{Amount, AssetId, IdempotencyKey};
+    let alice = w.ledger.create_account();
+    let bob = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(seed);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    w.ledger
+        .raw(Command::Transfer {
+            from: alice,
+            to: bob,
+            asset: AssetId(0),
+            amount: Amount(150_000),
+            key: IdempotencyKey::reference("to-bob"),
+        })
+        .unwrap();
+    w.node.invalidate_tip();
+    let replacement = customer.bump(
+        &w.node,
+        first.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
+    );
+    w.node.mine_empty(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
+    assert_eq!(svc.debts().unwrap(), vec![(alice, Amount(150_000))]);
+    (svc, alice, customer, first, replacement)
+}
+
+/// Found in review: a reversal's hold applied with its answer lost, then refused as busy when
+/// asked again, was given up as never held; the next step took back what was left beside the
+/// stranded hold and charged the rest as debt: the deposit taken twice. A busy refusal is now
+/// an unknown answer, and any other refusal is believed only once the engine has no record of
+/// the hold.
+#[test]
+fn a_reversal_hold_applied_with_its_answer_lost_then_refused_as_busy_is_taken_once() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(35);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    w.node.invalidate_tip();
+    customer.bump(
+        &w.node,
+        first.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
+    );
+    w.node.mine_empty(1);
+    w.ledger.fault_next(support::Fault::ApplyThenUnknown);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(w.ledger.btc(alice), (0, 400_000));
+    w.ledger.fault_next(support::Fault::Busy);
+    svc.step(w.clock.now()).unwrap();
+    for _ in 0..2 {
+        svc.step(w.clock.now()).unwrap();
+    }
+    assert_eq!(
+        w.ledger.btc(alice),
+        (0, 0),
+        "the hold completed, nothing stranded"
+    );
+    assert!(svc.debts().unwrap().is_empty(), "and no debt on top");
+    assert_eq!(
+        svc.deposits(Some(alice))
+            .unwrap()
+            .iter()
+            .filter(|d| d.status == DepositStatus::Reversed)
+            .count(),
+        1
+    );
+}
+
+/// Found in review: a credit that paid a debt first (400,000 sat, 150,000 of it to the debt),
+/// applied with its answer lost, then refused as busy: the refusal gave the 150,000 back to the
+/// debt, the debt was then collected from the 250,000 just credited, and every later try asked
+/// the full 400,000 under the key already used (`CreditKeyReused`), refused for ever: the
+/// deposit pending for ever and the debt paid twice. A busy refusal now leaves the credit as
+/// it was (asked again, same key and amount); another is believed once the key is not
+/// credited.
+#[test]
+fn a_netted_credit_applied_with_its_answer_lost_then_refused_as_busy_is_credited_once() {
+    let w = World::new();
+    let (mut svc, alice, _customer, _first, replacement) = reversed_with_a_debt(&w, 36);
+    w.node.mine(1);
+    w.ledger.fault_next(support::Fault::ApplyThenUnknown);
+    svc.step(w.clock.now()).unwrap();
+    w.ledger.fault_next(support::Fault::Busy);
+    svc.step(w.clock.now()).unwrap();
+    for _ in 0..2 {
+        svc.step(w.clock.now()).unwrap();
+    }
+    assert_eq!(w.ledger.btc(alice), (250_000, 0));
+    assert!(svc.debts().unwrap().is_empty());
+    let d = svc
+        .deposits(Some(alice))
+        .unwrap()
+        .into_iter()
+        .find(|d| d.outpoint.txid == replacement.compute_txid())
+        .unwrap();
+    assert_eq!(d.status, DepositStatus::Credited);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+}
+
+/// Found in review: the same for a reversed deposit credited again: a busy refusal after a lost
+/// answer put the cancelled debt back and the deposit back to `reversed`, the debt was collected
+/// from the credit already applied, and the next try asked another amount under the key used.
+#[test]
+fn a_credit_again_applied_with_its_answer_lost_then_refused_as_busy_is_credited_once() {
+    let w = World::new();
+    let (mut svc, alice, _customer, first, _replacement) = reversed_with_a_debt(&w, 37);
+    mine_tx(&w.node, &first);
+    w.ledger.fault_next(support::Fault::ApplyThenUnknown);
+    svc.step(w.clock.now()).unwrap();
+    w.ledger.fault_next(support::Fault::Busy);
+    svc.step(w.clock.now()).unwrap();
+    for _ in 0..2 {
+        svc.step(w.clock.now()).unwrap();
+    }
+    assert_eq!(w.ledger.btc(alice), (250_000, 0));
+    assert!(svc.debts().unwrap().is_empty());
+    let d = svc
+        .deposits(Some(alice))
+        .unwrap()
+        .into_iter()
+        .find(|d| d.outpoint.txid == first.compute_txid())
+        .unwrap();
+    assert_eq!(d.status, DepositStatus::Credited);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+}
+
+/// Found in review: a reorged deposit merely dropped by the node (restarted with an empty
+/// mempool, so the wallet's view lost it: no transaction conflicts with it) was reversed like a
+/// double-spent one. Only a deposit whose transaction bitcoind shows can no longer confirm (an
+/// output it spends is spent elsewhere) is reversed; this one waits, and is credited once when
+/// it confirms (here after its payer broadcast it again).
+#[test]
+fn a_reorged_deposit_the_node_dropped_is_not_reversed() {
+    let _ = tracing_subscriber::fmt()
+        .with_test_writer()
+        .with_env_filter("wallet=info")
+        .try_init();
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let mut node = support::TestNode::start_in(&node_dir);
+    let ledger = Arc::new(support::EngineLedger::default());
+    let clock = support::Clock::new();
+    let config = wallet::CustodyConfig::new(
+        bdk_wallet::bitcoin::Network::Regtest,
+        dir.path().join("custody"),
+        node.rpc_config(),
+    );
+    let mut svc = wallet::CustodyService::open(config, ledger.clone()).unwrap();
+    let alice = ledger.create_account();
+    let addr = svc.new_deposit_address(alice, clock.now()).unwrap();
+    let mut customer = Customer::new(38);
+    customer.fund(&node, 1);
+    let tx = customer.pay(&node, &[(&addr, 400_000)]);
+    node.mine(1);
+    svc.step(clock.now()).unwrap();
+    assert_eq!(ledger.btc(alice), (400_000, 0));
+    node.invalidate_tip();
+    node.mine_empty(1);
+    let r = svc.step(clock.now()).unwrap();
+    assert_eq!(r.deposits.reorged.len(), 1);
+
+    let port = node.node.params.rpc_socket.port();
+    node.node.stop().unwrap();
+    drop(node);
+    let back = support::ManualNode::start_with(&node_dir, port, &["-persistmempool=0"]);
+    assert!(back.rpc.get_raw_mempool().unwrap().is_empty());
+    for _ in 0..3 {
+        // The first step after the restart may fail on the old connection.
+        if let Ok(r) = svc.step(clock.now()) {
+            assert!(r.deposits.reversed.is_empty(), "{:?}", r.deposits);
+        }
+    }
+    assert_eq!(ledger.btc(alice), (400_000, 0), "not taken back");
+    assert!(svc.debts().unwrap().is_empty());
+
+    // Broadcast again and mined: confirmed again, not credited twice.
+    back.rpc.send_raw_transaction(&tx).unwrap();
+    let burn = Customer::new(250).address();
+    back.rpc.generate_to_address(1, &burn).unwrap();
+    let r = svc.step(clock.now()).unwrap();
+    assert_eq!(r.deposits.reconfirmed.len(), 1, "{:?}", r.deposits);
+    assert_eq!(ledger.btc(alice), (400_000, 0));
 }

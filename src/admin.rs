@@ -381,6 +381,24 @@ pub fn clear_flag(a: &Admin, account: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mediator account write-off-debt ID`.
+pub fn write_off_debt(a: &Admin, account: u32) -> anyhow::Result<()> {
+    let account = account.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/accounts/writeOffDebt",
+        &[("account", account.as_str())],
+    )?;
+    a.print(&v, |v| {
+        format!(
+            "account {}: {} sat written off",
+            s(&v["account"]),
+            s(&v["written_off_sat"])
+        )
+    });
+    Ok(())
+}
+
 /// `mediator batches`.
 pub fn batches(a: &Admin) -> anyhow::Result<()> {
     let v = a.call("GET", "/mapi/v1/admin/batches", &[])?;

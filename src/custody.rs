@@ -206,6 +206,7 @@ fn withdrawal_error(e: WithdrawalError) -> CustodyError {
         WithdrawalError::PayoutsHeld { .. } => -4039,
         WithdrawalError::NotFlagged(_) => -4033,
         WithdrawalError::InDebt { .. } => -4040,
+        WithdrawalError::NoDebt(_) => -4041,
         WithdrawalError::UnknownAlarm(_) => -4036,
         WithdrawalError::ApprovalRequired { .. } => -4037,
         // Maybe held: recorded and resolved by custody; the caller asks again (same key).
@@ -516,6 +517,13 @@ impl Custody for WalletCustody {
     fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
         self.lock()
             .clear_flag(AccountId(account), system_now())
+            .map_err(withdrawal_error)
+    }
+
+    fn write_off_debt(&self, account: u32) -> Result<u64, CustodyError> {
+        self.lock()
+            .write_off_debt(AccountId(account), system_now())
+            .map(|a| a.0)
             .map_err(withdrawal_error)
     }
 

@@ -265,6 +265,9 @@ enum AccountCmd {
     Create,
     /// Clears an account's flag after review: it may withdraw again.
     ClearFlag { id: u32 },
+    /// Writes off what the account owes custody (a reversed deposit its balance did not
+    /// cover): the exchange bears it, and the account's flag can then be cleared.
+    WriteOffDebt { id: u32 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -483,6 +486,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Cmd::Account {
             cmd: AccountCmd::ClearFlag { id },
         } => admin::clear_flag(&admin()?, id),
+        Cmd::Account {
+            cmd: AccountCmd::WriteOffDebt { id },
+        } => admin::write_off_debt(&admin()?, id),
         Cmd::Withdrawal {
             cmd: WithdrawalCmd::Reject { id, reason },
         } => admin::reject(&admin()?, id, &reason),

@@ -658,6 +658,14 @@ pub static ROUTES: &[Route] = {
             c::admin_clear_flag
         ),
         route!(
+            "POST",
+            "/mapi/v1/admin/accounts/writeOffDebt",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_write_off_debt
+        ),
+        route!(
             "GET",
             "/mapi/v1/admin/batches",
             Signed(ADM),

@@ -837,6 +837,34 @@ pub async fn admin_clear_flag(State(st): State<AppState>, req: Req) -> Result<Re
     ))
 }
 
+/// `POST /mapi/v1/admin/accounts/writeOffDebt` (ADMIN): writes an account's debt to custody off
+/// (what a reversed deposit left that its balance did not cover; the exchange bears it), so its
+/// flag can be cleared. Logged before (`account.write_off_debt.intent`) and after.
+pub async fn admin_write_off_debt(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let account = p
+        .opt_u64("account")?
+        .ok_or_else(|| ApiError::missing("account"))?;
+    let account = u32::try_from(account).map_err(|_| ApiError::invalid_value("account"))?;
+    p.finish()?;
+    custody(&st)?;
+    let sat = st
+        .audited(
+            "account.write_off_debt",
+            json!({ "account": account }),
+            call(&st, move |c| c.write_off_debt(account)),
+            |sat| Ok(json!({ "account": account, "written_off_sat": sat })),
+        )
+        .await?;
+    Ok(ok_json(
+        &ctx,
+        json!({ "account": account, "written_off_sat": sat }),
+    ))
+}
+
 /// `GET /mapi/v1/admin/batches` (ADMIN): withdrawal batches, newest first.
 pub async fn admin_batches(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, p, ctx) = st.signed(&req)?;

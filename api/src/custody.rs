@@ -352,6 +352,12 @@ pub trait Custody: Send + Sync + 'static {
         let _ = account;
         Err(CustodyError::not_supported())
     }
+    /// Writes an account's debt to custody off (the exchange bears it); what was written off,
+    /// in sat.
+    fn write_off_debt(&self, account: u32) -> Result<u64, CustodyError> {
+        let _ = account;
+        Err(CustodyError::not_supported())
+    }
     /// Withdrawal batches, newest first.
     fn batches(&self) -> Result<Vec<BatchSummary>, CustodyError> {
         Err(CustodyError::not_supported())

@@ -548,6 +548,13 @@ pub const OPS: &[Op] = &[
         &[("account", true)],
     ),
     (
+        "post",
+        "/mapi/v1/admin/accounts/writeOffDebt",
+        "Write an account's debt to custody off (the exchange bears it).",
+        "admin",
+        &[("account", true)],
+    ),
+    (
         "get",
         "/mapi/v1/admin/batches",
         "Withdrawal batches, newest first.",

@@ -184,6 +184,10 @@ impl Custody for Fake {
     fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
         self.log(format!("clear_flag({account})"))
     }
+    fn write_off_debt(&self, account: u32) -> Result<u64, CustodyError> {
+        self.log(format!("write_off_debt({account})"))?;
+        Ok(1_500)
+    }
     fn batches(&self) -> Result<Vec<BatchSummary>, CustodyError> {
         self.log("batches()".into())?;
         Ok(vec![batch(3)])
@@ -1188,6 +1192,15 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
         s.h.ok("POST", "/mapi/v1/admin/accounts/clearFlag", "account=7", a)
             .await;
     assert_eq!(r, json!({"account": 7, "cleared": true}));
+    let r =
+        s.h.ok(
+            "POST",
+            "/mapi/v1/admin/accounts/writeOffDebt",
+            "account=7",
+            a,
+        )
+        .await;
+    assert_eq!(r, json!({"account": 7, "written_off_sat": 1_500}));
     let r = s.h.ok("GET", "/mapi/v1/admin/batches", "", a).await;
     assert_eq!(r[0]["withdrawals"], json!([1, 2]));
     let r = s.h.ok("GET", "/mapi/v1/admin/alarms", "", a).await;
@@ -1207,6 +1220,7 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
             "bump_withdrawal(4,25)",
             "flagged_accounts()",
             "clear_flag(7)",
+            "write_off_debt(7)",
             "batches()",
             "alarms()",
             "reconcile_records()",
@@ -1219,6 +1233,7 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
         ("/mapi/v1/admin/withdrawals/bump", "post"),
         ("/mapi/v1/admin/accounts/flagged", "get"),
         ("/mapi/v1/admin/accounts/clearFlag", "post"),
+        ("/mapi/v1/admin/accounts/writeOffDebt", "post"),
         ("/mapi/v1/admin/batches", "get"),
         ("/mapi/v1/admin/alarms", "get"),
         ("/mapi/v1/admin/reconcile/records", "get"),

@@ -237,6 +237,10 @@ pub enum WithdrawalError {
         /// What it owes, in sat.
         debt: Amount,
     },
+    /// The account owes nothing that can be written off (a collection from its balance in
+    /// progress pays its part).
+    #[error("account {0} owes nothing to write off")]
+    NoDebt(AccountId),
     /// No alarm with this id is raised (not cleared).
     #[error("no alarm {0} to clear")]
     UnknownAlarm(u64),
@@ -291,6 +295,7 @@ impl WithdrawalError {
             WithdrawalError::OwnAddress { .. } => 21,
             WithdrawalError::PayoutsHeld { .. } => 22,
             WithdrawalError::InDebt { .. } => 23,
+            WithdrawalError::NoDebt(_) => 24,
         }
     }
 }

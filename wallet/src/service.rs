@@ -1068,6 +1068,33 @@ impl CustodyService {
         Ok(())
     }
 
+    /// Writes an account's debt off (an operator decided the exchange bears it): what it owed
+    /// beyond a collection in progress is forgotten, and its flag may then be cleared. Returns
+    /// what was written off. Recorded as `custody.debt.write_off`.
+    pub fn write_off_debt(
+        &mut self,
+        account: AccountId,
+        now: Timestamp,
+    ) -> Result<Amount, WithdrawalError> {
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
+        let debt = store::debt_of(&self.db, account)?;
+        let collecting = store::open_collection(&self.db, account)?.map_or(0, |r| r.amount.0);
+        let forgiven = Amount(debt.0.saturating_sub(collecting));
+        if forgiven.is_zero() {
+            return Err(WithdrawalError::NoDebt(account));
+        }
+        store::set_debt(&self.db, account, Amount(debt.0 - forgiven.0))?;
+        tracing::warn!(%account, %forgiven, "debt written off by an operator");
+        self.decide(
+            "custody.debt.write_off",
+            &[
+                ("account", account.to_string()),
+                ("amount_sat", forgiven.0.to_string()),
+            ],
+        );
+        Ok(forgiven)
+    }
+
     /// What accounts owe custody: reversals of double-spent deposits their balances could not
     /// cover, less what their later deposits paid. By account; accounts that owe nothing left out.
     pub fn debts(&self) -> Result<Vec<(AccountId, Amount)>, DepositError> {

@@ -928,3 +928,32 @@ fn a_reorged_deposit_the_node_dropped_is_not_reversed() {
     assert_eq!(r.deposits.reconfirmed.len(), 1, "{:?}", r.deposits);
     assert_eq!(ledger.btc(alice), (400_000, 0));
 }
+
+/// An operator writes a debt off (the exchange bears it): the account's flag can be cleared,
+/// its next deposit is credited in full, and the reconciliation shows the loss as the shortfall
+/// it is.
+#[test]
+fn a_debt_written_off_is_borne_by_the_exchange_and_frees_the_flag() {
+    use matching_engine::units::Amount;
+    let w = World::new();
+    let (mut svc, alice, _customer, _first, _replacement) = reversed_with_a_debt(&w, 39);
+    assert_eq!(
+        svc.write_off_debt(alice, w.clock.now()).unwrap(),
+        Amount(150_000)
+    );
+    assert!(svc.debts().unwrap().is_empty());
+    assert!(matches!(
+        svc.write_off_debt(alice, w.clock.now()),
+        Err(wallet::WithdrawalError::NoDebt(_))
+    ));
+    svc.clear_flag(alice, w.clock.now()).unwrap();
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (400_000, 0), "credited in full");
+    assert_eq!(
+        r.reconciliation.surplus_sat, -150_000,
+        "{:?}",
+        r.reconciliation
+    );
+}

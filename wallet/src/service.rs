@@ -1084,6 +1084,12 @@ impl CustodyService {
             return Err(WithdrawalError::NoDebt(account));
         }
         store::set_debt(&self.db, account, Amount(debt.0 - forgiven.0))?;
+        // Recovered from the reversed deposit if it is confirmed after all.
+        let written_off = store::written_off_of(&self.db, account)?;
+        let written_off = written_off
+            .checked_add(forgiven)
+            .ok_or_else(|| crate::StoreError::Corrupt("written-off total overflows".into()))?;
+        store::set_written_off(&self.db, account, written_off)?;
         tracing::warn!(%account, %forgiven, "debt written off by an operator");
         self.decide(
             "custody.debt.write_off",
@@ -1532,7 +1538,7 @@ impl CustodyService {
     /// A credit certainly not applied: the deposit is pending again, and the part of it that
     /// was to pay the account's debt is owed again.
     fn uncredit(
-        &self,
+        &mut self,
         account: AccountId,
         outpoint: OutPoint,
         netted: Amount,
@@ -1542,6 +1548,12 @@ impl CustodyService {
             let back = debt.checked_add(netted).ok_or(DepositError::Overflow)?;
             store::set_debt(&self.db, account, back)?;
             store::set_deposit_netted(&self.db, outpoint, Amount::ZERO)?;
+            let now = Timestamp::from_millis(self.last_now_ms);
+            self.ensure_flagged(
+                account,
+                "a deposit that was to pay the account's debt was not credited: it owes again",
+                now,
+            )?;
         }
         store::set_deposit_status(&self.db, outpoint, DepositStatus::Pending)?;
         Ok(())
@@ -1556,6 +1568,13 @@ impl CustodyService {
         now: Timestamp,
         report: &mut DepositReport,
     ) -> Result<(), DepositError> {
+        // Flagged first (an operator may have cleared the reorg's flag): no money out while
+        // the balance is read and taken.
+        let reason = format!(
+            "credited deposit {} of {} sat double-spent: being taken back",
+            event.outpoint, event.amount
+        );
+        self.ensure_flagged(event.account, &reason, now)?;
         let available = match self.ledger.btc_available(event.account) {
             Ok(a) => a,
             Err(_) => {
@@ -1792,7 +1811,7 @@ impl CustodyService {
             "credited deposit {} of {} sat double-spent: {} sat taken back, {} sat owed",
             event.outpoint, event.amount, taken, owed
         );
-        self.flag(event.account, &reason, now)?;
+        self.ensure_flagged(event.account, &reason, now)?;
         tracing::error!(account = %event.account, outpoint = %event.outpoint, amount = %event.amount,
             %taken, %owed, "credited deposit double-spent: credit taken back");
         self.decide(
@@ -1818,22 +1837,27 @@ impl CustodyService {
         report: &mut DepositReport,
     ) -> Result<(), DepositError> {
         let debt = store::debt_of(&self.db, d.account)?;
-        let cancelled = self
-            .uncollected_debt(d.account)?
-            .min(Amount(d.amount.0 - d.reversed.0.min(d.amount.0)));
+        // What its reversal left owing: cancelled where still owed, recovered where an operator
+        // wrote it off (the exchange bore it; the deposit is there after all).
+        let own = Amount(d.amount.0 - d.reversed.0.min(d.amount.0));
+        let cancelled = self.uncollected_debt(d.account)?.min(own);
         store::set_debt(&self.db, d.account, Amount(debt.0 - cancelled.0))?;
-        let give = Amount(d.amount.0 - cancelled.0);
+        let written_off = store::written_off_of(&self.db, d.account)?;
+        let recovered = written_off.min(Amount(own.0 - cancelled.0));
+        store::set_written_off(&self.db, d.account, Amount(written_off.0 - recovered.0))?;
+        let give = Amount(d.amount.0 - cancelled.0 - recovered.0);
         if give.is_zero() {
             store::set_deposit_status(&self.db, d.outpoint, DepositStatus::Credited)?;
             report.recredited.push(event);
             return Ok(());
         }
-        store::set_deposit_recrediting(&self.db, d.outpoint, give)?;
+        store::set_deposit_recrediting(&self.db, d.outpoint, give, recovered)?;
         self.db
             .execute_batch("COMMIT; BEGIN IMMEDIATE")
             .map_err(|e| DepositError::Store(crate::StoreError::Sqlite(e)))?;
         let d = store::DepositRow {
             recredit: give,
+            recovered,
             ..d.clone()
         };
         self.submit_recredit(&d, event, report)
@@ -1880,10 +1904,25 @@ impl CustodyService {
                         return Ok(());
                     }
                 }
-                let cancelled = Amount(d.amount.0 - d.recredit.0.min(d.amount.0));
+                let withheld = Amount(d.amount.0 - d.recredit.0.min(d.amount.0));
+                let recovered = d.recovered.min(withheld);
+                let cancelled = Amount(withheld.0 - recovered.0);
                 let debt = store::debt_of(&self.db, d.account)?;
                 let debt = debt.checked_add(cancelled).ok_or(DepositError::Overflow)?;
                 store::set_debt(&self.db, d.account, debt)?;
+                let written_off = store::written_off_of(&self.db, d.account)?;
+                let written_off = written_off
+                    .checked_add(recovered)
+                    .ok_or(DepositError::Overflow)?;
+                store::set_written_off(&self.db, d.account, written_off)?;
+                if !cancelled.is_zero() {
+                    let now = Timestamp::from_millis(self.last_now_ms);
+                    self.ensure_flagged(
+                        d.account,
+                        "a credit again refused: the account owes again",
+                        now,
+                    )?;
+                }
                 store::set_deposit_status(&self.db, d.outpoint, DepositStatus::Reversed)?;
                 tracing::error!(account = %d.account, outpoint = %d.outpoint, %code,
                     "ledger refused a credit again; tried again next step");
@@ -1933,6 +1972,19 @@ impl CustodyService {
         Ok(())
     }
 
+    /// Flags an account unless it already is (not cleared).
+    fn ensure_flagged(
+        &mut self,
+        account: AccountId,
+        reason: &str,
+        now: Timestamp,
+    ) -> Result<(), DepositError> {
+        if store::flagged(&self.db)?.iter().any(|(a, _)| *a == account) {
+            return Ok(());
+        }
+        self.flag(account, reason, now)
+    }
+
     /// Flags an account for an operator, and tells the order path at once.
     fn flag(
         &mut self,
@@ -1954,11 +2006,15 @@ impl CustodyService {
         Ok(())
     }
 
-    /// True when bitcoind shows that a deposit's transaction, out of the wallet's view, was
-    /// double-spent: it is not in the node's mempool, its own output is not unspent in the chain,
-    /// and an output it spends is spent by another transaction (in the chain or the mempool) or
-    /// gone. A transaction merely dropped from the view (the node's mempool restarted or expired
-    /// it) is not. No answer (bitcoind away): false, asked again next step.
+    /// True when bitcoind shows that a deposit's transaction, out of the wallet's view, can no
+    /// longer confirm as things stand: it is not in the node's mempool, its output is not
+    /// unspent in the chain, and the node would refuse it for missing inputs (an output it
+    /// spends is spent in the chain, or is not there) or an output it spends is spent by a
+    /// transaction in the mempool. A transaction merely dropped (the node's mempool restarted
+    /// or expired it) is accepted by the node, so it is not. One case reads as double-spent
+    /// without being one: its parent dropped as well; the credit again of a reversed deposit
+    /// confirmed after all makes that right. No answer (bitcoind away): false, asked again next
+    /// step.
     fn double_spent(&mut self, outpoint: OutPoint) -> bool {
         let Some(tx) = self.wallet.tx_graph().get_tx(outpoint.txid) else {
             return false;
@@ -1976,6 +2032,23 @@ impl CustodyService {
             Ok(None) => {}
             Ok(Some(_)) | Err(_) => return false,
         }
+        let verdict = match client.test_mempool_accept(&[tx.as_ref()]) {
+            Ok(v) => v,
+            Err(_) => return false,
+        };
+        let Some(verdict) = verdict.first() else {
+            return false;
+        };
+        if verdict.allowed {
+            return false;
+        }
+        match verdict.reject_reason.as_deref() {
+            Some("missing-inputs") => return true,
+            Some(r) if r.contains("already") => return false,
+            _ => {}
+        }
+        // Refused for another reason (e.g. as a replacement of a transaction in the mempool
+        // that spends the same output): an output it spends is spent there.
         for input in &tx.input {
             let prev = input.previous_output;
             match client.get_tx_out(&prev.txid, prev.vout, Some(true)) {

@@ -94,6 +94,12 @@ CREATE TABLE IF NOT EXISTS mediator_debt (
     account INTEGER PRIMARY KEY,
     sat INTEGER NOT NULL CHECK (sat >= 0)
 );
+-- What operators wrote off of accounts' debts and a deposit confirmed again has not yet
+-- recovered: taken from the deposit's credit again before the account sees it.
+CREATE TABLE IF NOT EXISTS mediator_written_off (
+    account INTEGER PRIMARY KEY,
+    sat INTEGER NOT NULL CHECK (sat >= 0)
+);
 ";
 
 /// The withdrawal table of databases made before ids came from AUTOINCREMENT and keys were per
@@ -175,6 +181,11 @@ pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
         (
             "mediator_deposit",
             "recredit_sat",
+            "INTEGER NOT NULL DEFAULT 0",
+        ),
+        (
+            "mediator_deposit",
+            "recovered_sat",
             "INTEGER NOT NULL DEFAULT 0",
         ),
         ("mediator_batch", "last_error", "TEXT"),
@@ -377,6 +388,8 @@ pub(crate) struct DepositRow {
     pub reversed: Amount,
     /// What its credit again is for (`recrediting`).
     pub recredit: Amount,
+    /// What its credit again took back of a written-off debt.
+    pub recovered: Amount,
 }
 
 /// Inserts a new pending deposit (no-op when known).
@@ -436,16 +449,49 @@ pub(crate) fn set_deposit_reversed(
     Ok(())
 }
 
-/// Records the intent to credit a reversed deposit again with `amount`.
+/// Records the intent to credit a reversed deposit again with `amount`, having taken
+/// `recovered` of a written-off debt.
 pub(crate) fn set_deposit_recrediting(
     db: &Connection,
     outpoint: OutPoint,
     amount: Amount,
+    recovered: Amount,
 ) -> Result<(), StoreError> {
     db.execute(
-        "UPDATE mediator_deposit SET status = 'recrediting', recredit_sat = ?3
+        "UPDATE mediator_deposit SET status = 'recrediting', recredit_sat = ?3, recovered_sat = ?4
          WHERE txid = ?1 AND vout = ?2",
-        params![outpoint.txid.to_string(), outpoint.vout, to_i64(amount.0)],
+        params![
+            outpoint.txid.to_string(),
+            outpoint.vout,
+            to_i64(amount.0),
+            to_i64(recovered.0)
+        ],
+    )?;
+    Ok(())
+}
+
+/// What operators wrote off of `account`'s debts, not yet recovered.
+pub(crate) fn written_off_of(db: &Connection, account: AccountId) -> Result<Amount, StoreError> {
+    let sat: Option<i64> = db
+        .query_row(
+            "SELECT sat FROM mediator_written_off WHERE account = ?1",
+            params![account.0],
+            |r| r.get(0),
+        )
+        .optional()?;
+    Ok(Amount(to_u64(sat.unwrap_or(0))?))
+}
+
+/// Sets what operators wrote off of `account`'s debts, not yet recovered.
+pub(crate) fn set_written_off(
+    db: &Connection,
+    account: AccountId,
+    sat: Amount,
+) -> Result<(), StoreError> {
+    db.execute(
+        "INSERT INTO mediator_written_off (account, sat) VALUES (?1, ?2)
+         ON CONFLICT(account) DO UPDATE SET sat = excluded.sat",
+        params![account.0, to_i64(sat.0)],
     )?;
     Ok(())
 }
@@ -597,7 +643,7 @@ pub(crate) fn set_reversal_state(db: &Connection, id: u64, state: &str) -> Resul
 pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
     let mut st = db.prepare_cached(
         "SELECT txid, vout, account, amount_sat, status, first_seen_ms, netted_sat, reversals,
-                reversed_sat, recredit_sat
+                reversed_sat, recredit_sat, recovered_sat
          FROM mediator_deposit ORDER BY rowid",
     )?;
     let rows = st.query_map([], |r| {
@@ -615,13 +661,16 @@ pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
                 r.get::<_, u32>(7)?,
                 r.get::<_, i64>(8)?,
                 r.get::<_, i64>(9)?,
+                r.get::<_, i64>(10)?,
             ),
         ))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let ((t, vout, account, amount, status, seen), (netted, reversals, reversed, recredit)) =
-            row?;
+        let (
+            (t, vout, account, amount, status, seen),
+            (netted, reversals, reversed, recredit, recovered),
+        ) = row?;
         out.push(DepositRow {
             outpoint: OutPoint {
                 txid: txid(&t)?,
@@ -635,6 +684,7 @@ pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
             reversals,
             reversed: Amount(to_u64(reversed)?),
             recredit: Amount(to_u64(recredit)?),
+            recovered: Amount(to_u64(recovered)?),
         });
     }
     Ok(out)

@@ -957,3 +957,27 @@ fn a_debt_written_off_is_borne_by_the_exchange_and_frees_the_flag() {
         r.reconciliation
     );
 }
+
+/// Found in review: a debt written off, then the reversed deposit confirmed after all: its
+/// credit again was the full amount, so the account was paid what the exchange had already
+/// borne. What was written off is now recovered from the credit again first.
+#[test]
+fn a_written_off_debt_is_recovered_when_the_reversed_deposit_confirms_after_all() {
+    use matching_engine::units::Amount;
+    let w = World::new();
+    let (mut svc, alice, _customer, first, _replacement) = reversed_with_a_debt(&w, 40);
+    assert_eq!(
+        svc.write_off_debt(alice, w.clock.now()).unwrap(),
+        Amount(150_000)
+    );
+    svc.clear_flag(alice, w.clock.now()).unwrap();
+    mine_tx(&w.node, &first);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.recredited.len(), 1, "{:?}", r.deposits);
+    assert_eq!(
+        w.ledger.btc(alice),
+        (250_000, 0),
+        "400,000 less the 150,000 the exchange bore"
+    );
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+}

@@ -114,6 +114,9 @@ pub trait AlarmSink: Send + Sync {
 /// (a payment whose event was lost); the node's events are handled at every step.
 pub const OPEN_DEPOSIT_SWEEP_MS: u64 = 10_000;
 
+/// Open deposits read per page of the sweep (the store's lock is held for one page's read).
+const SWEEP_PAGE: usize = 256;
+
 /// Custody's withdrawal rules that a Lightning withdrawal obeys too: the caller (`mediator
 /// serve`: the on-chain custody service) refuses a flagged account and counts Lightning amounts
 /// in the same 24-hour limit as on-chain ones. Without it, money out over Lightning would skip
@@ -1084,23 +1087,39 @@ impl<L: Ledger> LightningService<L> {
     /// `since_ms` only, and every deposit received but not credited yet whatever its expiry
     /// (all unfinished withdrawals).
     pub fn resolve_pending_since(&self, since_ms: u64) -> Result<StepReport, StoreError> {
-        let store = self.lock();
         let mut report = StepReport::default();
-        self.retry_received(&store, &mut report)?;
-        for d in store.open_deposits(since_ms)? {
-            let pid = ldk_node::lightning::ln::channelmanager::PaymentId(d.payment_hash);
-            if let Some(p) = self.node.payment(&pid) {
-                if p.direction == PaymentDirection::Inbound && p.status == PaymentStatus::Succeeded
+        self.retry_received(&self.lock(), &mut report)?;
+        // A page at a time, the store's lock taken for each page's read and each credit, not
+        // over the whole sweep (up to a week of unexpired merchant invoices): invoices made and
+        // payments sent meanwhile wait for a page, not for all of them.
+        let mut after = None;
+        loop {
+            let page = self
+                .lock()
+                .open_deposits_page(since_ms, after, SWEEP_PAGE)?;
+            for d in &page {
+                let pid = ldk_node::lightning::ln::channelmanager::PaymentId(d.payment_hash);
+                let Some(p) = self.node.payment(&pid) else {
+                    continue;
+                };
+                if p.direction != PaymentDirection::Inbound || p.status != PaymentStatus::Succeeded
                 {
-                    if let Some(msat) = p.amount_msat {
-                        if self.credit(&store, &d.payment_hash, msat) == Receipt::Credited {
-                            report.credited.push(d.payment_hash);
-                        }
+                    continue;
+                }
+                if let Some(msat) = p.amount_msat {
+                    if self.credit(&self.lock(), &d.payment_hash, msat) == Receipt::Credited {
+                        report.credited.push(d.payment_hash);
                     }
                 }
             }
+            match page.last() {
+                Some(last) if page.len() == SWEEP_PAGE => {
+                    after = Some((last.expires_ms, last.payment_hash));
+                }
+                _ => break,
+            }
         }
-        self.settle_withdrawals(&store, &mut report)?;
+        self.settle_withdrawals(&self.lock(), &mut report)?;
         Ok(report)
     }
 

@@ -322,14 +322,48 @@ impl Store {
             .optional()?)
     }
 
-    /// Deposit invoices not credited yet.
-    /// Deposits not credited yet that expire after `since_ms` (0: all of them).
+    /// Deposits not credited yet that expire after `since_ms` (0: all of them), read through
+    /// [`open_deposits_page`](Self::open_deposits_page) two at a time.
+    #[cfg(test)]
     pub(crate) fn open_deposits(&self, since_ms: u64) -> Result<Vec<LnDeposit>, StoreError> {
+        let mut all: Vec<LnDeposit> = Vec::new();
+        loop {
+            let after = all.last().map(|d| (d.expires_ms, d.payment_hash));
+            let page = self.open_deposits_page(since_ms, after, 2)?;
+            let done = page.len() < 2;
+            all.extend(page);
+            if done {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// One page of [`open_deposits`](Self::open_deposits), in (expiry, payment hash) order:
+    /// at most `limit` rows after `after` (`None`: from the start). The sweep reads them a page at
+    /// a time, so that the store's lock is never held over the whole of them.
+    pub(crate) fn open_deposits_page(
+        &self,
+        since_ms: u64,
+        after: Option<(u64, [u8; 32])>,
+        limit: usize,
+    ) -> Result<Vec<LnDeposit>, StoreError> {
+        // From the start, every row is past `since_ms` (so past `after_ms` = `since_ms`).
+        let (after_ms, after_hash) = after.unwrap_or((since_ms, [0u8; 32]));
         let mut st = self.db.prepare_cached(
             "SELECT payment_hash, account, amount_sat, bolt11, created_ms, expires_ms, \
-             credited_sat FROM ln_deposits WHERE credited_sat IS NULL AND expires_ms > ?1",
+             credited_sat FROM ln_deposits WHERE credited_sat IS NULL AND expires_ms > ?1 \
+             AND (expires_ms > ?2 OR (expires_ms = ?2 AND payment_hash > ?3)) \
+             ORDER BY expires_ms, payment_hash LIMIT ?4",
         )?;
-        let rows = st.query_map([i64_of(since_ms)?], deposit_row)?;
+        let rows = st.query_map(
+            params![
+                i64_of(since_ms)?,
+                i64_of(after_ms)?,
+                &after_hash[..],
+                i64_of(limit as u64)?
+            ],
+            deposit_row,
+        )?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
@@ -646,6 +680,49 @@ mod tests {
         assert_eq!(hashes(0), [1, 2]);
         assert_eq!(hashes(1_000), [2]);
         assert_eq!(hashes(5_000), Vec::<u8>::new());
+    }
+
+    /// The sweep's pages visit every open deposit once, in (expiry, hash) order, whatever the
+    /// page size and however many share an expiry.
+    #[test]
+    fn open_deposit_pages_visit_each_once_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let rows = [
+            (7u8, 2_000u64),
+            (2, 2_000),
+            (9, 2_000),
+            (4, 3_000),
+            (1, 1_000),
+            (5, 500),
+            (8, 3_000),
+        ];
+        for (n, expires_ms) in rows {
+            s.insert_deposit(&LnDeposit {
+                payment_hash: [n; 32],
+                account: 1,
+                amount_sat: 100,
+                bolt11: "lnbcrt1".into(),
+                created_ms: 0,
+                expires_ms,
+                credited_sat: None,
+            })
+            .unwrap();
+        }
+        s.mark_credited(&[8; 32], 100).unwrap();
+        for size in [1, 2, 3, 10] {
+            let mut seen = Vec::new();
+            let mut after = None;
+            loop {
+                let page = s.open_deposits_page(600, after, size).unwrap();
+                seen.extend(page.iter().map(|d| d.payment_hash[0]));
+                match page.last() {
+                    Some(l) if page.len() == size => after = Some((l.expires_ms, l.payment_hash)),
+                    _ => break,
+                }
+            }
+            assert_eq!(seen, [1, 2, 7, 9, 4], "page size {size}");
+        }
     }
 
     /// A deposit the node received stays listed for a credit retry until it is credited,

@@ -381,6 +381,24 @@ pub fn clear_flag(a: &Admin, account: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `mediator batch abandon ID`.
+pub fn abandon_batch(a: &Admin, id: u64) -> anyhow::Result<()> {
+    let id = id.to_string();
+    let v = a.call(
+        "POST",
+        "/mapi/v1/admin/batches/abandon",
+        &[("id", id.as_str())],
+    )?;
+    a.print(&v, |v| {
+        format!(
+            "batch {} abandoned; withdrawals {} go out in the next batch",
+            s(&v["id"]),
+            v["withdrawals"]
+        )
+    });
+    Ok(())
+}
+
 /// `mediator account write-off-debt ID`.
 pub fn write_off_debt(a: &Admin, account: u32) -> anyhow::Result<()> {
     let account = account.to_string();

@@ -520,6 +520,18 @@ impl Custody for WalletCustody {
             .map_err(withdrawal_error)
     }
 
+    fn abandon_batch(&self, batch: u64) -> Result<Vec<u64>, CustodyError> {
+        self.lock()
+            .abandon_batch(batch, system_now())
+            .map(|ids| ids.into_iter().map(|i| i.0).collect())
+            .map_err(|e| match e {
+                wallet::AbandonError::NotInFlight(_) | wallet::AbandonError::MayConfirm { .. } => {
+                    CustodyError::bad_request(-4042, e.to_string())
+                }
+                other => internal(other),
+            })
+    }
+
     fn write_off_debt(&self, account: u32) -> Result<u64, CustodyError> {
         self.lock()
             .write_off_debt(AccountId(account), system_now())

@@ -150,6 +150,11 @@ enum Cmd {
     },
     /// Withdrawal batches, newest first (status, transactions, fees, refusals).
     Batches,
+    /// One batch: abandon it when it can never confirm.
+    Batch {
+        #[command(subcommand)]
+        cmd: BatchCmd,
+    },
     /// Custody alarms not cleared (money that moved in one place and not the other).
     Alarms,
     /// One alarm: clear it once dealt with.
@@ -245,6 +250,14 @@ enum WithdrawalCmd {
         #[arg(long)]
         fee_rate: u64,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum BatchCmd {
+    /// Abandons a batch in flight that can never confirm (the node refuses every version for
+    /// missing inputs: one was double-spent): its withdrawals go out in the next batch, which
+    /// spends the abandoned one's unspent inputs.
+    Abandon { id: u64 },
 }
 
 #[derive(Debug, Subcommand)]
@@ -499,6 +512,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             cmd: AccountsCmd::Flagged,
         } => admin::flagged(&admin()?),
         Cmd::Batches => admin::batches(&admin()?),
+        Cmd::Batch {
+            cmd: BatchCmd::Abandon { id },
+        } => admin::abandon_batch(&admin()?, id),
         Cmd::Alarms => admin::alarms(&admin()?),
         Cmd::Alarm {
             cmd: AlarmCmd::Clear { id },

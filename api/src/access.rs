@@ -659,6 +659,14 @@ pub static ROUTES: &[Route] = {
         ),
         route!(
             "POST",
+            "/mapi/v1/admin/batches/abandon",
+            Signed(ADM),
+            Some(1),
+            A,
+            c::admin_abandon_batch
+        ),
+        route!(
+            "POST",
             "/mapi/v1/admin/accounts/writeOffDebt",
             Signed(ADM),
             Some(1),

@@ -837,6 +837,28 @@ pub async fn admin_clear_flag(State(st): State<AppState>, req: Req) -> Result<Re
     ))
 }
 
+/// `POST /mapi/v1/admin/batches/abandon` (ADMIN): abandons a batch in flight that can never
+/// confirm (every version refused by the node for missing inputs): its withdrawals go out in the
+/// next batch. Logged before (`batch.abandon.intent`) and after.
+pub async fn admin_abandon_batch(
+    State(st): State<AppState>,
+    req: Req,
+) -> Result<Response, ApiError> {
+    let (_, mut p, ctx) = st.signed(&req)?;
+    let id = p.opt_u64("id")?.ok_or_else(|| ApiError::missing("id"))?;
+    p.finish()?;
+    custody(&st)?;
+    let ids = st
+        .audited(
+            "batch.abandon",
+            json!({ "id": id }),
+            call(&st, move |c| c.abandon_batch(id)),
+            |ids| Ok(json!({ "id": id, "withdrawals": ids })),
+        )
+        .await?;
+    Ok(ok_json(&ctx, json!({ "id": id, "withdrawals": ids })))
+}
+
 /// `POST /mapi/v1/admin/accounts/writeOffDebt` (ADMIN): writes an account's debt to custody off
 /// (what a reversed deposit left that its balance did not cover; the exchange bears it), so its
 /// flag can be cleared. Logged before (`account.write_off_debt.intent`) and after.

@@ -352,6 +352,13 @@ pub trait Custody: Send + Sync + 'static {
         let _ = account;
         Err(CustodyError::not_supported())
     }
+    /// Abandons a batch in flight that can never confirm (its inputs double-spent): its
+    /// withdrawals go out in the next batch, which spends the abandoned one's unspent inputs.
+    /// The withdrawals put back.
+    fn abandon_batch(&self, batch: u64) -> Result<Vec<u64>, CustodyError> {
+        let _ = batch;
+        Err(CustodyError::not_supported())
+    }
     /// Writes an account's debt to custody off (the exchange bears it); what was written off,
     /// in sat.
     fn write_off_debt(&self, account: u32) -> Result<u64, CustodyError> {

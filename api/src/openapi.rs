@@ -549,6 +549,13 @@ pub const OPS: &[Op] = &[
     ),
     (
         "post",
+        "/mapi/v1/admin/batches/abandon",
+        "Abandon a batch in flight that can never confirm (inputs double-spent): its withdrawals go out in the next batch.",
+        "admin",
+        &[("id", true)],
+    ),
+    (
+        "post",
         "/mapi/v1/admin/accounts/writeOffDebt",
         "Write an account's debt to custody off (the exchange bears it).",
         "admin",

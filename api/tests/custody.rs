@@ -184,6 +184,10 @@ impl Custody for Fake {
     fn clear_flag(&self, account: u32) -> Result<(), CustodyError> {
         self.log(format!("clear_flag({account})"))
     }
+    fn abandon_batch(&self, batch: u64) -> Result<Vec<u64>, CustodyError> {
+        self.log(format!("abandon_batch({batch})"))?;
+        Ok(vec![1, 2])
+    }
     fn write_off_debt(&self, account: u32) -> Result<u64, CustodyError> {
         self.log(format!("write_off_debt({account})"))?;
         Ok(1_500)
@@ -1203,6 +1207,10 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
     assert_eq!(r, json!({"account": 7, "written_off_sat": 1_500}));
     let r = s.h.ok("GET", "/mapi/v1/admin/batches", "", a).await;
     assert_eq!(r[0]["withdrawals"], json!([1, 2]));
+    let r =
+        s.h.ok("POST", "/mapi/v1/admin/batches/abandon", "id=3", a)
+            .await;
+    assert_eq!(r, json!({"id": 3, "withdrawals": [1, 2]}));
     let r = s.h.ok("GET", "/mapi/v1/admin/alarms", "", a).await;
     assert_eq!(r[0]["kind"], "withdrawal_not_completed");
     let r =
@@ -1222,6 +1230,7 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
             "clear_flag(7)",
             "write_off_debt(7)",
             "batches()",
+            "abandon_batch(3)",
             "alarms()",
             "reconcile_records()",
             "clear_alarm(1)",
@@ -1235,6 +1244,7 @@ async fn operator_routes_reject_bump_flags_batches_alarms_records() {
         ("/mapi/v1/admin/accounts/clearFlag", "post"),
         ("/mapi/v1/admin/accounts/writeOffDebt", "post"),
         ("/mapi/v1/admin/batches", "get"),
+        ("/mapi/v1/admin/batches/abandon", "post"),
         ("/mapi/v1/admin/alarms", "get"),
         ("/mapi/v1/admin/reconcile/records", "get"),
         ("/mapi/v1/admin/alarms/clear", "post"),

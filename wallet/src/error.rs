@@ -372,6 +372,34 @@ impl From<StoreError> for BumpError {
     }
 }
 
+/// [`CustodyService::abandon_batch`](crate::CustodyService::abandon_batch) refused; nothing
+/// changed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AbandonError {
+    /// No such batch in flight.
+    #[error("no batch {0} in flight")]
+    NotInFlight(u64),
+    /// A version of the batch may still confirm (in the mempool, in the chain, or the node would
+    /// take it): bump its fee or wait instead.
+    #[error("batch {batch} may still confirm: {why}")]
+    MayConfirm {
+        /// The batch.
+        batch: u64,
+        /// Which version, and what the node says.
+        why: String,
+    },
+    /// The batch failed otherwise (bitcoind away, the tables).
+    #[error(transparent)]
+    Batch(#[from] BatchError),
+}
+
+impl From<StoreError> for AbandonError {
+    fn from(e: StoreError) -> Self {
+        AbandonError::Batch(BatchError::Store(e))
+    }
+}
+
 /// [`CustodyService::step`](crate::CustodyService::step) failed at one of its stages.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]

@@ -38,8 +38,8 @@ mod store;
 
 pub use config::{BatchPolicy, CustodyConfig, RpcAuth, RpcConfig, WithdrawalPolicy};
 pub use error::{
-    BatchError, BumpError, DepositAddressError, DepositError, OpenError, ProveError, StepError,
-    StoreError, SyncError, WithdrawalError,
+    AbandonError, BatchError, BumpError, DepositAddressError, DepositError, OpenError, ProveError,
+    StepError, StoreError, SyncError, WithdrawalError,
 };
 pub use keys::{KeyError, Passphrase};
 pub use ledger::{Ledger, LedgerError};

@@ -1,6 +1,7 @@
 //! The custody service: one wallet, one database, one bitcoind connection, step functions.
 
 use crate::config::{CustodyConfig, RpcAuth};
+use crate::error::AbandonError;
 use crate::error::{
     BatchError, BumpError, DepositAddressError, DepositError, OpenError, ProveError, StepError,
     StoreError, SyncError, WithdrawalError,
@@ -159,8 +160,9 @@ pub struct BatchInfo {
 pub struct BatchView {
     /// Batch id.
     pub id: u64,
-    /// `inflight`, `confirmed`, or `alarm` (confirmed, but some withdrawals did not complete in
-    /// the ledger: see the alarms).
+    /// `inflight`, `confirmed`, `alarm` (confirmed, but some withdrawals did not complete in
+    /// the ledger: see the alarms) or `abandoned` (could never confirm; its withdrawals went to
+    /// a later batch).
     pub status: String,
     /// When signed, ms since the epoch.
     pub created_ms: u64,
@@ -376,6 +378,19 @@ fn sats(a: bitcoin::Amount) -> Amount {
 
 fn rpc_err(e: bitcoincore_rpc::Error) -> String {
     e.to_string()
+}
+
+/// Whether `txid` is in bitcoind's mempool (`getmempoolentry`, its answer read as untyped JSON:
+/// the typed one expects fields newer nodes no longer send).
+fn in_mempool(client: &Client, txid: Txid) -> Result<bool, bitcoincore_rpc::Error> {
+    match client.call::<bitcoincore_rpc::jsonrpc::serde_json::Value>(
+        "getmempoolentry",
+        &[txid.to_string().into()],
+    ) {
+        Ok(_) => Ok(true),
+        Err(e) if rpc_code(&e) == Some(RPC_INVALID_ADDRESS_OR_KEY) => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 fn rpc_code(e: &bitcoincore_rpc::Error) -> Option<i32> {
@@ -2023,10 +2038,9 @@ impl CustodyService {
             return false;
         };
         let client = rpc.client.clone();
-        match client.get_mempool_entry(&outpoint.txid) {
-            Ok(_) => return false,
-            Err(e) if rpc_code(&e) == Some(RPC_INVALID_ADDRESS_OR_KEY) => {}
-            Err(_) => return false,
+        match in_mempool(&client, outpoint.txid) {
+            Ok(false) => {}
+            Ok(true) | Err(_) => return false,
         }
         match client.get_tx_out(&outpoint.txid, outpoint.vout, Some(true)) {
             Ok(None) => {}
@@ -2303,7 +2317,30 @@ impl CustodyService {
         outputs: &[(ScriptBuf, bitcoin::Amount)],
         fee: Result<FeeRate, bitcoin::Amount>,
     ) -> Result<Psbt, BatchError> {
-        self.build_psbt_from(outputs, fee, None)
+        // The inputs of abandoned batches still unspent are spent too (with whatever else coin
+        // selection takes): the abandoned batch can then never confirm beside this one.
+        let unspent: HashSet<OutPoint> = self.wallet.list_unspent().map(|o| o.outpoint).collect();
+        let must: Vec<OutPoint> = store::kill_inputs(&self.db)?
+            .into_iter()
+            .filter(|o| unspent.contains(o))
+            .collect();
+        if must.is_empty() {
+            return self.build_psbt_from(outputs, fee, None);
+        }
+        let mut builder = self.wallet.build_tx();
+        builder.set_recipients(outputs.to_vec());
+        builder.exclude_below_confirmations(self.config.deposit_confirmations.max(1));
+        builder
+            .add_utxos(&must)
+            .map_err(|e| BatchError::Build(e.to_string()))?;
+        match fee {
+            Ok(rate) => builder.fee_rate(rate),
+            Err(abs) => builder.fee_absolute(abs),
+        };
+        builder.finish().map_err(|e| match e {
+            CreateTxError::CoinSelection(e) => BatchError::InsufficientFunds(e.to_string()),
+            other => BatchError::Build(other.to_string()),
+        })
     }
 
     /// [`build_psbt`](Self::build_psbt), spending exactly `inputs` when given (a capped fee is
@@ -2356,6 +2393,105 @@ impl CustodyService {
             .extract_tx()
             .map_err(|e| BatchError::Build(e.to_string()))?;
         Ok((tx, sats(fee)))
+    }
+
+    /// Abandons a batch in flight that can never confirm as things stand (an operator's decision,
+    /// after `batch_refused`): every version of it is out of the chain and the node's mempool,
+    /// and the node refuses each for missing inputs (one was double-spent, e.g. a deposit a
+    /// reorg took away and its payer spent again). Its withdrawals are pending again (still
+    /// held) and go out in the next batch, which also spends every input of the abandoned one
+    /// that is still unspent, so that the two can never both confirm. Returns the withdrawals.
+    /// Recorded as `custody.batch.abandon`.
+    pub fn abandon_batch(
+        &mut self,
+        batch: u64,
+        now: Timestamp,
+    ) -> Result<Vec<WithdrawalId>, AbandonError> {
+        self.last_now_ms = self.last_now_ms.max(now.as_millis());
+        if !store::inflight_batches(&self.db)?.contains(&batch) {
+            return Err(AbandonError::NotInFlight(batch));
+        }
+        let txs = store::batch_txs(&self.db, batch)?;
+        let view = self.in_view(&txs.iter().map(|t| t.txid).collect());
+        let may = |why: String| AbandonError::MayConfirm { batch, why };
+        let mut inputs: Vec<OutPoint> = Vec::new();
+        let rpc = self
+            .connect()
+            .map_err(|e| AbandonError::Batch(BatchError::Rpc(e)))?;
+        let client = rpc.client.clone();
+        let rpc_fail = |e: bitcoincore_rpc::Error| AbandonError::Batch(BatchError::Rpc(rpc_err(e)));
+        for t in &txs {
+            if view.get(&t.txid).is_some_and(|c| *c > 0) {
+                return Err(may(format!("{} is confirmed", t.txid)));
+            }
+            if in_mempool(&client, t.txid).map_err(rpc_fail)? {
+                return Err(may(format!("{} is in the mempool", t.txid)));
+            }
+            let tx: Transaction = encode::deserialize(&t.raw)
+                .map_err(|e| BatchError::Build(format!("stored batch transaction: {e}")))?;
+            let verdict = client.test_mempool_accept(&[&tx]).map_err(rpc_fail)?;
+            match verdict.first() {
+                Some(v) if !v.allowed && v.reject_reason.as_deref() == Some("missing-inputs") => {}
+                Some(v) => {
+                    return Err(may(format!(
+                        "the node would {} {} ({})",
+                        if v.allowed { "take" } else { "refuse" },
+                        t.txid,
+                        v.reject_reason.as_deref().unwrap_or("accepted")
+                    )))
+                }
+                None => return Err(may(format!("no answer about {}", t.txid))),
+            }
+            for input in &tx.input {
+                let prev = input.previous_output;
+                if !inputs.contains(&prev)
+                    && client
+                        .get_tx_out(&prev.txid, prev.vout, Some(true))
+                        .map_err(rpc_fail)?
+                        .is_some()
+                {
+                    inputs.push(prev);
+                }
+            }
+        }
+        let Some(ids) = store::abandon_batch(&self.db, batch, &inputs)? else {
+            return Err(AbandonError::NotInFlight(batch));
+        };
+        // Out of the wallet's view: its inputs are ours to spend again (the next batch must).
+        let at = now.as_millis() / 1000;
+        self.wallet
+            .apply_evicted_txs(txs.iter().map(|t| (t.txid, at)));
+        self.wallet
+            .persist(&mut self.db)
+            .map_err(|e| AbandonError::Batch(BatchError::Persist(e)))?;
+        tracing::warn!(
+            batch,
+            withdrawals = ids.len(),
+            kill = inputs.len(),
+            "batch abandoned by an operator"
+        );
+        self.decide(
+            "custody.batch.abandon",
+            &[
+                ("batch", batch.to_string()),
+                (
+                    "withdrawals",
+                    ids.iter()
+                        .map(|i| i.0.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+                (
+                    "inputs_to_spend",
+                    inputs
+                        .iter()
+                        .map(|o| o.to_string())
+                        .collect::<Vec<_>>()
+                        .join(","),
+                ),
+            ],
+        );
+        Ok(ids)
     }
 
     /// Builds, signs and records a batch when one is due: the oldest pending request waited the
@@ -2709,7 +2845,7 @@ impl CustodyService {
                         self.alarm(
                             "batch_refused",
                             &format!("batch {batch}"),
-                            &format!("bitcoind refused it {refusals} times: {msg}; bump its fee or investigate"),
+                            &format!("bitcoind refused it {refusals} times: {msg}; bump its fee, or, if an input is missing (double-spent), abandon it (mediator batch abandon {batch})"),
                         )?;
                     }
                     continue;

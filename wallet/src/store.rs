@@ -188,6 +188,9 @@ pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
             "recovered_sat",
             "INTEGER NOT NULL DEFAULT 0",
         ),
+        // The still-unspent inputs of a batch an operator abandoned (outpoints, comma
+        // separated): the next batch spends them, so that the two can never both confirm.
+        ("mediator_batch", "kill_inputs", "TEXT"),
         ("mediator_batch", "last_error", "TEXT"),
         (
             "mediator_batch",
@@ -1284,6 +1287,62 @@ pub(crate) fn inflight_batches(db: &Connection) -> Result<Vec<u64>, StoreError> 
         db.prepare_cached("SELECT id FROM mediator_batch WHERE status = 'inflight' ORDER BY id")?;
     let rows = st.query_map([], |r| r.get::<_, i64>(0))?;
     rows.map(|r| to_u64(r?)).collect()
+}
+
+/// Abandons a batch in flight (one transaction): its status `abandoned`, the inputs the next
+/// batch must spend recorded, its withdrawals pending again (still held in the ledger). Returns
+/// them; `None` when the batch is not in flight.
+pub(crate) fn abandon_batch(
+    db: &Connection,
+    batch: u64,
+    kill: &[OutPoint],
+) -> Result<Option<Vec<WithdrawalId>>, StoreError> {
+    let tx = db.unchecked_transaction()?;
+    let kill = kill
+        .iter()
+        .map(|o| o.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    let n = tx.execute(
+        "UPDATE mediator_batch SET status = 'abandoned', kill_inputs = ?2
+         WHERE id = ?1 AND status = 'inflight'",
+        params![to_i64(batch), kill],
+    )?;
+    if n == 0 {
+        return Ok(None);
+    }
+    let ids: Vec<WithdrawalId> = {
+        let mut st = tx.prepare(
+            "SELECT id FROM mediator_withdrawal WHERE batch_id = ?1 AND status = 'batched'
+             ORDER BY id",
+        )?;
+        let rows = st.query_map(params![to_i64(batch)], |r| r.get::<_, i64>(0))?;
+        rows.map(|r| Ok(WithdrawalId(to_u64(r?)?)))
+            .collect::<Result<_, StoreError>>()?
+    };
+    tx.execute(
+        "UPDATE mediator_withdrawal SET status = 'pending', batch_id = NULL
+         WHERE batch_id = ?1 AND status = 'batched'",
+        params![to_i64(batch)],
+    )?;
+    tx.commit()?;
+    Ok(Some(ids))
+}
+
+/// The inputs abandoned batches left for the next batch to spend.
+pub(crate) fn kill_inputs(db: &Connection) -> Result<Vec<OutPoint>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT kill_inputs FROM mediator_batch
+         WHERE status = 'abandoned' AND kill_inputs IS NOT NULL AND kill_inputs != ''",
+    )?;
+    let rows = st.query_map([], |r| r.get::<_, String>(0))?;
+    let mut out = Vec::new();
+    for row in rows {
+        for o in row?.split(',') {
+            out.push(OutPoint::from_str(o).map_err(|_| corrupt("abandoned batch input"))?);
+        }
+    }
+    Ok(out)
 }
 
 /// The transactions of a batch, oldest (original) first.

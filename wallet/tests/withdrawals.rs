@@ -1531,3 +1531,105 @@ fn a_batch_is_never_heavier_than_the_node_relays() {
     assert!(batch.withdrawals.len() < 50);
     assert_conserved(&w, &svc);
 }
+
+/// A batch in flight that spends a deposit a reorg took away and its payer spent again can never
+/// confirm; its withdrawals stayed `batched` and held for ever (the node refuses it, a fee bump
+/// cannot be built, and a batched withdrawal cannot be rejected). An operator abandons it: its
+/// withdrawals go out in the next batch, which spends the abandoned batch's input that is still
+/// unspent, so that the two can never both confirm. A batch that may still confirm is not
+/// abandoned.
+#[test]
+fn a_batch_spending_a_double_spent_deposit_is_abandoned_and_paid_by_the_next() {
+    let mut w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(config(&w));
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(41);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 600_000)]);
+    w.node.mine(1);
+    let second = customer.pay(&w.node, &[(&addr, 600_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(w.ledger.btc(alice), (1_200_000, 0));
+    let mut receiver = Customer::new(42);
+    let to = receiver.address();
+    let wd = svc
+        .request_withdrawal(request(alice, &to, 1_000_000, "big"), w.clock.now())
+        .unwrap();
+    let batch = svc
+        .step(w.clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    let b_tx = mempool_tx(&w, &svc, batch.id);
+    let kept = svc
+        .deposits(Some(alice))
+        .unwrap()
+        .into_iter()
+        .find(|d| d.outpoint.txid == first.compute_txid())
+        .unwrap()
+        .outpoint;
+    let ins: Vec<_> = b_tx.input.iter().map(|i| i.previous_output).collect();
+    assert_eq!(ins.len(), 2, "both deposits spent: {ins:?}");
+    let r = svc.abandon_batch(batch.id, w.clock.now());
+    assert!(
+        matches!(r, Err(wallet::AbandonError::MayConfirm { .. })),
+        "a batch in the mempool is not abandoned: {r:?}"
+    );
+
+    // The second deposit's block goes away; its payer replaces it (the batch, its child, leaves
+    // the mempool), and the replacement is mined.
+    w.node.invalidate_tip();
+    customer.bump(
+        &w.node,
+        second.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
+    );
+    assert!(!w.node.mempool().contains(&b_tx.compute_txid()));
+    w.node.mine(1);
+    for _ in 0..2 {
+        svc.step(w.clock.advance(Duration::from_secs(1))).unwrap();
+    }
+    assert_eq!(
+        svc.withdrawal(wd.id).unwrap().unwrap().status,
+        WithdrawalStatus::Batched,
+        "stuck in a batch that cannot confirm"
+    );
+
+    let ids = svc.abandon_batch(batch.id, w.clock.now()).unwrap();
+    assert_eq!(ids, vec![wd.id]);
+    assert_eq!(
+        svc.withdrawal(wd.id).unwrap().unwrap().status,
+        WithdrawalStatus::Pending
+    );
+    assert!(matches!(
+        svc.abandon_batch(batch.id, w.clock.now()),
+        Err(wallet::AbandonError::NotInFlight(_))
+    ));
+    // The reorg flagged alice (her requests wait); her deposit's replacement paid the debt the
+    // reversal left, so an operator may clear her.
+    assert!(svc.debts().unwrap().is_empty());
+    svc.clear_flag(alice, w.clock.now()).unwrap();
+    let next = svc
+        .step(w.clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("the next batch");
+    let n_tx = mempool_tx(&w, &svc, next.id);
+    assert!(
+        n_tx.input.iter().any(|i| i.previous_output == kept),
+        "the abandoned batch's unspent input is spent: {:?}",
+        n_tx.input
+    );
+    w.node.mine(1);
+    let r = svc.step(w.clock.advance(Duration::from_secs(1))).unwrap();
+    assert_eq!(
+        svc.withdrawal(wd.id).unwrap().unwrap().status,
+        WithdrawalStatus::Completed,
+        "{r:?}"
+    );
+    receiver.sync(&w.node);
+    assert_eq!(receiver.balance(), 1_000_000, "paid once");
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+}

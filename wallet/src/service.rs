@@ -2414,6 +2414,17 @@ impl CustodyService {
         let txs = store::batch_txs(&self.db, batch)?;
         let view = self.in_view(&txs.iter().map(|t| t.txid).collect());
         let may = |why: String| AbandonError::MayConfirm { batch, why };
+        // A withdrawal of it already completed in the ledger (a version confirmed, then
+        // reorged) would stay completed and never paid: not abandoned.
+        if let Some(w) = store::withdrawals_of_batch(&self.db, batch)?
+            .into_iter()
+            .find(|w| w.status != WithdrawalStatus::Batched)
+        {
+            return Err(may(format!(
+                "withdrawal {} of it is {:?}: a version of it confirmed once",
+                w.id, w.status
+            )));
+        }
         let mut inputs: Vec<OutPoint> = Vec::new();
         let rpc = self
             .connect()
@@ -2442,11 +2453,13 @@ impl CustodyService {
                 }
                 None => return Err(may(format!("no answer about {}", t.txid))),
             }
+            // Its inputs still unspent in the chain (confirmed: a pending coin is never forced
+            // into a batch) are what the next batch spends so that the two conflict.
             for input in &tx.input {
                 let prev = input.previous_output;
                 if !inputs.contains(&prev)
                     && client
-                        .get_tx_out(&prev.txid, prev.vout, Some(true))
+                        .get_tx_out(&prev.txid, prev.vout, Some(false))
                         .map_err(rpc_fail)?
                         .is_some()
                 {
@@ -2454,16 +2467,38 @@ impl CustodyService {
                 }
             }
         }
+        // With none, nothing can make it conflict with the next batch: "missing inputs" is also
+        // the node's answer when a parent is merely unknown to it, and the batch would confirm
+        // beside the next one if that parent came back.
+        if inputs.is_empty() {
+            return Err(may(
+                "none of its inputs is still unspent in the chain: nothing can make it conflict \
+                 with the next batch"
+                    .into(),
+            ));
+        }
         let Some(ids) = store::abandon_batch(&self.db, batch, &inputs)? else {
             return Err(AbandonError::NotInFlight(batch));
         };
         // Out of the wallet's view: its inputs are ours to spend again (the next batch must).
-        let at = now.as_millis() / 1000;
-        self.wallet
-            .apply_evicted_txs(txs.iter().map(|t| (t.txid, at)));
-        self.wallet
-            .persist(&mut self.db)
-            .map_err(|e| AbandonError::Batch(BatchError::Persist(e)))?;
+        // Evicted after the last time it was seen (a batch kept in view was seen "later").
+        let graph = self.wallet.tx_graph();
+        let evictions: Vec<(Txid, u64)> = txs
+            .iter()
+            .map(|t| {
+                let seen = graph
+                    .get_tx_node(t.txid)
+                    .and_then(|n| n.last_seen)
+                    .unwrap_or(0);
+                (t.txid, (now.as_millis() / 1000).max(seen.saturating_add(1)))
+            })
+            .collect();
+        self.wallet.apply_evicted_txs(evictions);
+        // Recorded already: a failed write of the wallet is made good at the next sync (the
+        // emitter reports the batch evicted), not an error of the abandonment.
+        if let Err(e) = self.wallet.persist(&mut self.db) {
+            tracing::warn!(batch, error = %e, "persisting the wallet after abandoning a batch");
+        }
         tracing::warn!(
             batch,
             withdrawals = ids.len(),
@@ -2907,6 +2942,38 @@ impl CustodyService {
             }
         }
         seen
+    }
+
+    /// An abandoned batch that confirmed after all (a parent the node did not know came back,
+    /// and someone broadcast it before the next batch spent its inputs): its withdrawals were
+    /// paid by it, and are paid again by a later batch unless an operator stops it. Raised as
+    /// `abandoned_batch_confirmed` (once while uncleared); the newest 100 abandoned batches are
+    /// watched.
+    fn watch_abandoned(&mut self) -> Result<(), BatchError> {
+        let abandoned = store::abandoned_batches(&self.db, REORG_WATCHED_BATCHES)?;
+        if abandoned.is_empty() {
+            return Ok(());
+        }
+        let mut txs = Vec::new();
+        for (batch, withdrawals) in &abandoned {
+            for t in store::batch_txs(&self.db, *batch)? {
+                txs.push((*batch, withdrawals.clone(), t.txid));
+            }
+        }
+        let view = self.in_view(&txs.iter().map(|(_, _, t)| *t).collect());
+        for (batch, withdrawals, txid) in txs {
+            if view.get(&txid).is_some_and(|c| *c > 0) {
+                self.alarm(
+                    "abandoned_batch_confirmed",
+                    &format!("batch {batch}"),
+                    &format!(
+                        "abandoned, then {txid} confirmed: it paid withdrawals {withdrawals}; \
+                         the batch paying them again must not go out (or be recovered)"
+                    ),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// [`build_batch`](Self::build_batch) then [`broadcast_pending`](Self::broadcast_pending).
@@ -3381,6 +3448,7 @@ impl CustodyService {
         let sync = self.sync_once(now)?;
         let deposits = self.process_deposits(now)?;
         let withdrawals = self.process_withdrawals(now)?;
+        self.watch_abandoned()?;
         let batch = self.run_batcher(now)?;
         let reconciliation = self.reconcile()?;
         self.note_shortfall(&reconciliation)

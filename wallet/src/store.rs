@@ -191,6 +191,9 @@ pub(crate) fn init(db: &Connection) -> Result<(), StoreError> {
         // The still-unspent inputs of a batch an operator abandoned (outpoints, comma
         // separated): the next batch spends them, so that the two can never both confirm.
         ("mediator_batch", "kill_inputs", "TEXT"),
+        // The withdrawals an abandoned batch paid (comma separated ids): watched, in case it
+        // confirms after all.
+        ("mediator_batch", "abandoned_withdrawals", "TEXT"),
         ("mediator_batch", "last_error", "TEXT"),
         (
             "mediator_batch",
@@ -1325,8 +1328,37 @@ pub(crate) fn abandon_batch(
          WHERE batch_id = ?1 AND status = 'batched'",
         params![to_i64(batch)],
     )?;
+    tx.execute(
+        "UPDATE mediator_batch SET abandoned_withdrawals = ?2 WHERE id = ?1",
+        params![
+            to_i64(batch),
+            ids.iter()
+                .map(|i| i.0.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        ],
+    )?;
     tx.commit()?;
     Ok(Some(ids))
+}
+
+/// Abandoned batches (the newest `limit`), each with the withdrawals it paid.
+pub(crate) fn abandoned_batches(
+    db: &Connection,
+    limit: u32,
+) -> Result<Vec<(u64, String)>, StoreError> {
+    let mut st = db.prepare_cached(
+        "SELECT id, COALESCE(abandoned_withdrawals, '') FROM mediator_batch
+         WHERE status = 'abandoned' ORDER BY id DESC LIMIT ?1",
+    )?;
+    let rows = st.query_map(params![limit], |r| {
+        Ok((r.get::<_, i64>(0)?, r.get::<_, String>(1)?))
+    })?;
+    rows.map(|r| {
+        let (id, w) = r?;
+        Ok((to_u64(id)?, w))
+    })
+    .collect()
 }
 
 /// The inputs abandoned batches left for the next batch to spend.

@@ -1633,3 +1633,47 @@ fn a_batch_spending_a_double_spent_deposit_is_abandoned_and_paid_by_the_next() {
     assert_eq!(receiver.balance(), 1_000_000, "paid once");
     assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
 }
+
+/// Found in review: a batch whose only input was the double-spent deposit was abandoned with
+/// nothing to make it conflict with the next batch ("missing inputs" is also the node's answer
+/// when a parent is merely unknown to it, and the batch would confirm beside the next one if
+/// that parent came back). Not abandoned; the withdrawal stays batched.
+#[test]
+fn a_batch_with_no_input_left_to_spend_is_not_abandoned() {
+    let mut w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(config(&w));
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(43);
+    customer.fund(&w.node, 1);
+    let deposit = customer.pay(&w.node, &[(&addr, 600_000)]);
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    let to = Customer::new(44).address();
+    let wd = svc
+        .request_withdrawal(request(alice, &to, 300_000, "one"), w.clock.now())
+        .unwrap();
+    let batch = svc
+        .step(w.clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    assert_eq!(mempool_tx(&w, &svc, batch.id).input.len(), 1);
+    w.node.invalidate_tip();
+    customer.bump(
+        &w.node,
+        deposit.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
+    );
+    w.node.mine(1);
+    svc.step(w.clock.advance(Duration::from_secs(1))).unwrap();
+    let r = svc.abandon_batch(batch.id, w.clock.now());
+    assert!(
+        matches!(r, Err(wallet::AbandonError::MayConfirm { .. })),
+        "{r:?}"
+    );
+    assert_eq!(
+        svc.withdrawal(wd.id).unwrap().unwrap().status,
+        WithdrawalStatus::Batched
+    );
+}

@@ -265,6 +265,8 @@ pub struct RecordsReport {
     pub deposits_checked: usize,
     /// Completed withdrawals compared with the chain and the ledger.
     pub withdrawals_checked: usize,
+    /// Finished or refused reversals (and debt collections) compared with the ledger.
+    pub reversals_checked: usize,
     /// Ledger queries that got no answer (those records were not compared).
     pub unanswered: usize,
     /// Every mismatch, by id (each is also an alarm).
@@ -3385,6 +3387,69 @@ impl CustodyService {
                     detail: format!(
                         "credited in the ledger but pending here ({} sat to account {})",
                         d.amount, d.account
+                    ),
+                });
+            }
+        }
+        // A deposit credited again after its last reversal: its credit again is in the ledger.
+        for d in store::deposits(&self.db)? {
+            if d.reversals == 0 || d.status != DepositStatus::Credited || d.recredit.is_zero() {
+                continue;
+            }
+            match self
+                .ledger
+                .credited(crate::recredit_key(d.outpoint, d.reversals))
+            {
+                Err(_) => report.unanswered += 1,
+                Ok(true) => {}
+                Ok(false) => found.push(RecordMismatch {
+                    kind: "deposit_recredit_missing_in_ledger",
+                    subject: format!("deposit {}", d.outpoint),
+                    detail: format!(
+                        "credited again here ({} sat to account {}) but not in the ledger",
+                        d.recredit, d.account
+                    ),
+                }),
+            }
+        }
+        // Reversals and debt collections: a finished one completed in the ledger for the same
+        // account and amount; a refused one holding nothing there (a hold stranded by a refusal
+        // believed too early would be money taken from the account and never accounted for).
+        for (id, account, amount, state) in store::reversals(&self.db)? {
+            let wid = crate::reversal_id(id);
+            let expect_done = match state.as_str() {
+                "done" => true,
+                "refused" => false,
+                _ => continue,
+            };
+            let rec = match self.ledger.withdrawal(wid) {
+                Ok(r) => r,
+                Err(_) => {
+                    report.unanswered += 1;
+                    continue;
+                }
+            };
+            report.reversals_checked += 1;
+            let fine = match (&rec, expect_done) {
+                (Some(w), true) => {
+                    w.account == account
+                        && w.amount == amount
+                        && w.state == WithdrawalState::Completed
+                }
+                (None, false) => true,
+                _ => false,
+            };
+            if !fine {
+                found.push(RecordMismatch {
+                    kind: if expect_done {
+                        "reversal_ledger_mismatch"
+                    } else {
+                        "reversal_refused_but_held"
+                    },
+                    subject: format!("reversal {id}"),
+                    detail: format!(
+                        "{state} here ({amount} sat of account {account}); the ledger's record of {} is {rec:?}",
+                        wid.0
                     ),
                 });
             }

@@ -448,7 +448,7 @@ pub(crate) fn set_deposit_reversed(
 ) -> Result<(), StoreError> {
     db.execute(
         "UPDATE mediator_deposit SET status = 'reversed', reversed_sat = ?3,
-                reversals = reversals + 1
+                reversals = reversals + 1, recredit_sat = 0, recovered_sat = 0
          WHERE txid = ?1 AND vout = ?2",
         params![outpoint.txid.to_string(), outpoint.vout, to_i64(reversed.0)],
     )?;
@@ -634,6 +634,32 @@ fn reversal_row(row: Option<(i64, i64, String)>) -> Result<Option<ReversalRow>, 
         amount: Amount(to_u64(amount)?),
         state,
     }))
+}
+
+/// Every reversal and debt collection: (id, account, amount, state).
+pub(crate) fn reversals(
+    db: &Connection,
+) -> Result<Vec<(u64, AccountId, Amount, String)>, StoreError> {
+    let mut st =
+        db.prepare("SELECT id, account, amount_sat, state FROM mediator_reversal ORDER BY id")?;
+    let rows = st.query_map([], |r| {
+        Ok((
+            r.get::<_, i64>(0)?,
+            r.get::<_, u32>(1)?,
+            r.get::<_, i64>(2)?,
+            r.get::<_, String>(3)?,
+        ))
+    })?;
+    rows.map(|r| {
+        let (id, account, amount, state) = r?;
+        Ok((
+            to_u64(id)?,
+            AccountId(account),
+            Amount(to_u64(amount)?),
+            state,
+        ))
+    })
+    .collect()
 }
 
 /// Moves a reversal on: `held`, `done`, or `refused` (the hold was refused; nothing held).

@@ -981,3 +981,39 @@ fn a_written_off_debt_is_recovered_when_the_reversed_deposit_confirms_after_all(
     );
     assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
 }
+
+/// The records' reconciliation compares reversals with the ledger too: a finished reversal
+/// whose record differs from the ledger's, and a hold the ledger has for a reversal recorded as
+/// refused (a stranded hold: money taken from the account and accounted for nowhere), are each
+/// a mismatch and an alarm.
+#[test]
+fn records_reconciliation_compares_reversals_with_the_ledger() {
+    let w = World::new();
+    let (mut svc, _alice, _customer, _first, _replacement) = reversed_with_a_debt(&w, 45);
+    let r = svc.reconcile_records().unwrap();
+    assert_eq!(r.reversals_checked, 1);
+    assert!(r.mismatches.is_empty(), "{:?}", r.mismatches);
+    let db = bdk_wallet::rusqlite::Connection::open(
+        w.dir.path().join("custody").join(wallet::DATABASE_FILE),
+    )
+    .unwrap();
+    // The real row recorded refused (the ledger completed it), and a second row recorded done
+    // that the ledger never took.
+    db.execute_batch(
+        "INSERT INTO mediator_reversal (kind, txid, vout, account, amount_sat, state, created_ms)
+             SELECT kind, txid, vout, account, amount_sat + 1, 'done', created_ms
+             FROM mediator_reversal WHERE id = 1;
+         UPDATE mediator_reversal SET state = 'refused' WHERE id = 1;",
+    )
+    .unwrap();
+    drop(db);
+    let r = svc.reconcile_records().unwrap();
+    let mut kinds: Vec<&str> = r.mismatches.iter().map(|m| m.kind).collect();
+    kinds.sort();
+    assert_eq!(
+        kinds,
+        ["reversal_ledger_mismatch", "reversal_refused_but_held"],
+        "{:?}",
+        r.mismatches
+    );
+}

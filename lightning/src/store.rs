@@ -648,6 +648,20 @@ mod tests {
         assert_eq!(listed, [(3, 4), (4, 2), (5, 1), (6, 3)]);
     }
 
+    /// Records an open deposit of 100 sat, hash `[n; 32]`, expiring at `expires_ms`.
+    fn insert_open(s: &Store, n: u8, expires_ms: u64) {
+        s.insert_deposit(&LnDeposit {
+            payment_hash: [n; 32],
+            account: 1,
+            amount_sat: 100,
+            bolt11: "lnbcrt1".into(),
+            created_ms: 0,
+            expires_ms,
+            credited_sat: None,
+        })
+        .unwrap();
+    }
+
     /// The loop's scan of open deposits is bounded by their expiry (every merchant invoice
     /// leaves one behind); `since` 0 (start-up) sees them all; credited ones never.
     #[test]
@@ -655,16 +669,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         for (n, expires_ms) in [(1u8, 1_000u64), (2, 5_000), (3, 9_000)] {
-            s.insert_deposit(&LnDeposit {
-                payment_hash: [n; 32],
-                account: 1,
-                amount_sat: 100,
-                bolt11: "lnbcrt1".into(),
-                created_ms: 0,
-                expires_ms,
-                credited_sat: None,
-            })
-            .unwrap();
+            insert_open(&s, n, expires_ms);
         }
         s.mark_credited(&[3; 32], 100).unwrap();
         let hashes = |since| -> Vec<u8> {
@@ -698,16 +703,7 @@ mod tests {
             (8, 3_000),
         ];
         for (n, expires_ms) in rows {
-            s.insert_deposit(&LnDeposit {
-                payment_hash: [n; 32],
-                account: 1,
-                amount_sat: 100,
-                bolt11: "lnbcrt1".into(),
-                created_ms: 0,
-                expires_ms,
-                credited_sat: None,
-            })
-            .unwrap();
+            insert_open(&s, n, expires_ms);
         }
         s.mark_credited(&[8; 32], 100).unwrap();
         for size in [1, 2, 3, 10] {

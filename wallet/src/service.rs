@@ -2321,48 +2321,39 @@ impl CustodyService {
     ) -> Result<Psbt, BatchError> {
         // The inputs of abandoned batches still unspent are spent too (with whatever else coin
         // selection takes): the abandoned batch can then never confirm beside this one.
-        let unspent: HashSet<OutPoint> = self.wallet.list_unspent().map(|o| o.outpoint).collect();
-        let must: Vec<OutPoint> = store::kill_inputs(&self.db)?
-            .into_iter()
-            .filter(|o| unspent.contains(o))
-            .collect();
-        if must.is_empty() {
-            return self.build_psbt_from(outputs, fee, None);
-        }
-        let mut builder = self.wallet.build_tx();
-        builder.set_recipients(outputs.to_vec());
-        builder.exclude_below_confirmations(self.config.deposit_confirmations.max(1));
-        builder
-            .add_utxos(&must)
-            .map_err(|e| BatchError::Build(e.to_string()))?;
-        match fee {
-            Ok(rate) => builder.fee_rate(rate),
-            Err(abs) => builder.fee_absolute(abs),
+        let kill = store::kill_inputs(&self.db)?;
+        let must: Vec<OutPoint> = if kill.is_empty() {
+            Vec::new()
+        } else {
+            let unspent: HashSet<OutPoint> =
+                self.wallet.list_unspent().map(|o| o.outpoint).collect();
+            kill.into_iter().filter(|o| unspent.contains(o)).collect()
         };
-        builder.finish().map_err(|e| match e {
-            CreateTxError::CoinSelection(e) => BatchError::InsufficientFunds(e.to_string()),
-            other => BatchError::Build(other.to_string()),
-        })
+        self.build_psbt_from(outputs, fee, &must, false)
     }
 
-    /// [`build_psbt`](Self::build_psbt), spending exactly `inputs` when given (a capped fee is
-    /// the same transaction at a lower fee: with an absolute fee BDK selects coins at a zero
-    /// fee rate, and a new selection could be far heavier than the one the cap was checked on).
+    /// [`build_psbt`](Self::build_psbt), spending `inputs` and, unless `only`, whatever else
+    /// coin selection takes. `only` spends exactly `inputs` (a capped fee is the same
+    /// transaction at a lower fee: with an absolute fee BDK selects coins at a zero fee rate, and
+    /// a new selection could be far heavier than the one the cap was checked on).
     fn build_psbt_from(
         &mut self,
         outputs: &[(ScriptBuf, bitcoin::Amount)],
         fee: Result<FeeRate, bitcoin::Amount>,
-        inputs: Option<&[OutPoint]>,
+        inputs: &[OutPoint],
+        only: bool,
     ) -> Result<Psbt, BatchError> {
         let min_confs = self.config.deposit_confirmations.max(1);
         let mut builder = self.wallet.build_tx();
         builder.set_recipients(outputs.to_vec());
         // Pending deposits are not ours to spend yet: only coins with the deposit confirmations.
         builder.exclude_below_confirmations(min_confs);
-        if let Some(inputs) = inputs {
+        if !inputs.is_empty() {
             builder
                 .add_utxos(inputs)
                 .map_err(|e| BatchError::Build(e.to_string()))?;
+        }
+        if only {
             builder.manually_selected_only();
         }
         match fee {
@@ -2713,7 +2704,8 @@ impl CustodyService {
             psbt = self.build_psbt_from(
                 &outputs,
                 Err(bitcoin::Amount::from_sat(budget.0)),
-                Some(&inputs),
+                &inputs,
+                true,
             )?;
         }
         let (tx, fee) = self.sign(psbt)?;

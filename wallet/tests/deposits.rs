@@ -428,6 +428,49 @@ fn a_deposit_replaced_in_the_mempool_is_dropped_not_pending_for_ever() {
     assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
 }
 
+/// Alice's deposit of 400,000 sat, credited at one confirmation. Returns the service, alice,
+/// the payer and the deposit.
+fn credited_deposit(
+    w: &World,
+    seed: u8,
+) -> (
+    wallet::CustodyService,
+    matching_engine::units::AccountId,
+    Customer,
+    bdk_wallet::bitcoin::Transaction,
+) {
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(seed);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (400_000, 0));
+    (svc, alice, customer, first)
+}
+
+/// The deposit's block goes away and its payer replaces it (same address, higher fee); an empty
+/// block follows, the replacement stays in the mempool. Returns the replacement.
+fn replaced_after_reorg(
+    w: &World,
+    customer: &mut Customer,
+    first: &bdk_wallet::bitcoin::Transaction,
+) -> bdk_wallet::bitcoin::Transaction {
+    w.node.invalidate_tip();
+    assert!(w.node.mempool().contains(&first.compute_txid()));
+    let replacement = customer.bump(
+        &w.node,
+        first.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
+    );
+    assert_eq!(w.node.mempool(), vec![replacement.compute_txid()]);
+    w.node.mine_empty(1);
+    replacement
+}
+
 /// Defect: a credited deposit that a reorg took out of the chain, and that its payer then
 /// replaced (a fee bump paying the same address), was credited twice: the old credit stayed
 /// (the account flagged) and the replacement was credited too, so the ledger owed the account
@@ -438,27 +481,8 @@ fn a_deposit_replaced_in_the_mempool_is_dropped_not_pending_for_ever() {
 #[test]
 fn a_credited_deposit_replaced_after_a_reorg_is_reversed_not_credited_twice() {
     let w = World::new();
-    let alice = w.ledger.create_account();
-    let mut svc = w.open(w.config());
-    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
-    let mut customer = Customer::new(31);
-    customer.fund(&w.node, 1);
-    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
-    w.node.mine(1);
-    let r = svc.step(w.clock.now()).unwrap();
-    assert_eq!(r.deposits.credited.len(), 1);
-    assert_eq!(w.ledger.btc(alice), (400_000, 0));
-
-    // The block goes away; the payer replaces the payment (same address, higher fee).
-    w.node.invalidate_tip();
-    assert!(w.node.mempool().contains(&first.compute_txid()));
-    let replacement = customer.bump(
-        &w.node,
-        first.compute_txid(),
-        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
-    );
-    assert_eq!(w.node.mempool(), vec![replacement.compute_txid()]);
-    w.node.mine_empty(1);
+    let (mut svc, alice, mut customer, first) = credited_deposit(&w, 31);
+    let replacement = replaced_after_reorg(&w, &mut customer, &first);
     let r = svc.step(w.clock.now()).unwrap();
     assert_eq!(r.deposits.reorged.len(), 1, "{:?}", r.deposits);
     assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
@@ -504,36 +528,13 @@ fn a_reversal_larger_than_the_balance_leaves_a_debt_paid_by_the_next_deposit() {
     use matching_engine::command::Command;
     use matching_engine::units::{Amount, AssetId, IdempotencyKey};
     let w = World::new();
-    let alice = w.ledger.create_account();
-    let bob = w.ledger.create_account();
-    let mut svc = w.open(w.config());
-    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
-    let mut customer = Customer::new(32);
-    customer.fund(&w.node, 1);
-    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
-    w.node.mine(1);
-    svc.step(w.clock.now()).unwrap();
-    w.ledger
-        .raw(Command::Transfer {
-            from: alice,
-            to: bob,
-            asset: AssetId(0),
-            amount: Amount(150_000),
-            key: IdempotencyKey::reference("to-bob"),
-        })
-        .unwrap();
-
-    w.node.invalidate_tip();
-    customer.bump(
-        &w.node,
-        first.compute_txid(),
-        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
-    );
-    w.node.mine_empty(1);
-    let r = svc.step(w.clock.now()).unwrap();
-    assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
+    let Reversed {
+        mut svc,
+        alice,
+        bob,
+        ..
+    } = reversed_with_a_debt(&w, 32);
     assert_eq!(w.ledger.btc(alice), (0, 0), "all that was left taken back");
-    assert_eq!(svc.debts().unwrap(), vec![(alice, Amount(150_000))]);
     assert!(
         matches!(
             svc.clear_flag(alice, w.clock.now()),
@@ -595,38 +596,15 @@ fn mine_tx(node: &support::TestNode, tx: &bdk_wallet::bitcoin::Transaction) {
 /// balance and the replacement, now double-spent, is dropped.
 #[test]
 fn a_reversed_deposit_confirmed_again_is_credited_again_and_cancels_its_debt() {
-    use matching_engine::command::Command;
-    use matching_engine::units::{Amount, AssetId, IdempotencyKey};
     let w = World::new();
-    let alice = w.ledger.create_account();
-    let bob = w.ledger.create_account();
-    let mut svc = w.open(w.config());
-    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
-    let mut customer = Customer::new(33);
-    customer.fund(&w.node, 1);
-    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
-    w.node.mine(1);
-    svc.step(w.clock.now()).unwrap();
-    w.ledger
-        .raw(Command::Transfer {
-            from: alice,
-            to: bob,
-            asset: AssetId(0),
-            amount: Amount(150_000),
-            key: IdempotencyKey::reference("to-bob"),
-        })
-        .unwrap();
-    w.node.invalidate_tip();
-    let replacement = customer.bump(
-        &w.node,
-        first.compute_txid(),
-        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
-    );
-    w.node.mine_empty(1);
-    let r = svc.step(w.clock.now()).unwrap();
-    assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
+    let Reversed {
+        mut svc,
+        alice,
+        first,
+        replacement,
+        ..
+    } = reversed_with_a_debt(&w, 33);
     assert_eq!(w.ledger.btc(alice), (0, 0));
-    assert_eq!(svc.debts().unwrap(), vec![(alice, Amount(150_000))]);
 
     // The first payment is mined after all; its replacement can never confirm.
     mine_tx(&w.node, &first);
@@ -668,21 +646,8 @@ fn a_reversed_deposit_confirmed_again_is_credited_again_and_cancels_its_debt() {
 #[test]
 fn a_reversal_whose_answers_are_lost_is_resolved_by_asking_and_happens_once() {
     let w = World::new();
-    let alice = w.ledger.create_account();
-    let mut svc = w.open(w.config());
-    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
-    let mut customer = Customer::new(34);
-    customer.fund(&w.node, 1);
-    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
-    w.node.mine(1);
-    svc.step(w.clock.now()).unwrap();
-    w.node.invalidate_tip();
-    customer.bump(
-        &w.node,
-        first.compute_txid(),
-        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
-    );
-    w.node.mine_empty(1);
+    let (mut svc, alice, mut customer, first) = credited_deposit(&w, 34);
+    replaced_after_reorg(&w, &mut customer, &first);
 
     w.ledger.fault_next(support::Fault::ApplyThenUnknown);
     let r = svc.step(w.clock.now()).unwrap();
@@ -718,30 +683,22 @@ fn a_reversal_whose_answers_are_lost_is_resolved_by_asking_and_happens_once() {
     assert!(svc.reconcile_records().unwrap().mismatches.is_empty());
 }
 
-/// A double-spent deposit with its credit taken back from alice, then bob's 150,000 sat taken
-/// from her balance before the reorg: the reversal takes 250,000 and leaves a 150,000 debt.
-/// Returns the service, the accounts and the replacement (in the mempool).
-fn reversed_with_a_debt(
-    w: &World,
-    seed: u8,
-) -> (
-    wallet::CustodyService,
-    matching_engine::units::AccountId,
-    Customer,
-    bdk_wallet::bitcoin::Transaction,
-    bdk_wallet::bitcoin::Transaction,
-) {
+/// What the reversal tests start from.
+struct Reversed {
+    svc: wallet::CustodyService,
+    alice: matching_engine::units::AccountId,
+    bob: matching_engine::units::AccountId,
+    first: bdk_wallet::bitcoin::Transaction,
+    replacement: bdk_wallet::bitcoin::Transaction,
+}
+
+/// Alice's credited deposit, 150,000 sat of it moved to bob, then double-spent: the reversal
+/// takes the 250,000 left and leaves a 150,000 debt. The replacement is in the mempool.
+fn reversed_with_a_debt(w: &World, seed: u8) -> Reversed {
     use matching_engine::command::Command;
     use matching_engine::units::{Amount, AssetId, IdempotencyKey};
-    let alice = w.ledger.create_account();
+    let (mut svc, alice, mut customer, first) = credited_deposit(w, seed);
     let bob = w.ledger.create_account();
-    let mut svc = w.open(w.config());
-    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
-    let mut customer = Customer::new(seed);
-    customer.fund(&w.node, 1);
-    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
-    w.node.mine(1);
-    svc.step(w.clock.now()).unwrap();
     w.ledger
         .raw(Command::Transfer {
             from: alice,
@@ -751,17 +708,17 @@ fn reversed_with_a_debt(
             key: IdempotencyKey::reference("to-bob"),
         })
         .unwrap();
-    w.node.invalidate_tip();
-    let replacement = customer.bump(
-        &w.node,
-        first.compute_txid(),
-        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
-    );
-    w.node.mine_empty(1);
+    let replacement = replaced_after_reorg(w, &mut customer, &first);
     let r = svc.step(w.clock.now()).unwrap();
     assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
     assert_eq!(svc.debts().unwrap(), vec![(alice, Amount(150_000))]);
-    (svc, alice, customer, first, replacement)
+    Reversed {
+        svc,
+        alice,
+        bob,
+        first,
+        replacement,
+    }
 }
 
 /// Found in review: a reversal's hold applied with its answer lost, then refused as busy when
@@ -772,21 +729,8 @@ fn reversed_with_a_debt(
 #[test]
 fn a_reversal_hold_applied_with_its_answer_lost_then_refused_as_busy_is_taken_once() {
     let w = World::new();
-    let alice = w.ledger.create_account();
-    let mut svc = w.open(w.config());
-    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
-    let mut customer = Customer::new(35);
-    customer.fund(&w.node, 1);
-    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
-    w.node.mine(1);
-    svc.step(w.clock.now()).unwrap();
-    w.node.invalidate_tip();
-    customer.bump(
-        &w.node,
-        first.compute_txid(),
-        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(20),
-    );
-    w.node.mine_empty(1);
+    let (mut svc, alice, mut customer, first) = credited_deposit(&w, 35);
+    replaced_after_reorg(&w, &mut customer, &first);
     w.ledger.fault_next(support::Fault::ApplyThenUnknown);
     svc.step(w.clock.now()).unwrap();
     assert_eq!(w.ledger.btc(alice), (0, 400_000));
@@ -821,7 +765,12 @@ fn a_reversal_hold_applied_with_its_answer_lost_then_refused_as_busy_is_taken_on
 #[test]
 fn a_netted_credit_applied_with_its_answer_lost_then_refused_as_busy_is_credited_once() {
     let w = World::new();
-    let (mut svc, alice, _customer, _first, replacement) = reversed_with_a_debt(&w, 36);
+    let Reversed {
+        mut svc,
+        alice,
+        replacement,
+        ..
+    } = reversed_with_a_debt(&w, 36);
     w.node.mine(1);
     w.ledger.fault_next(support::Fault::ApplyThenUnknown);
     svc.step(w.clock.now()).unwrap();
@@ -849,7 +798,12 @@ fn a_netted_credit_applied_with_its_answer_lost_then_refused_as_busy_is_credited
 #[test]
 fn a_credit_again_applied_with_its_answer_lost_then_refused_as_busy_is_credited_once() {
     let w = World::new();
-    let (mut svc, alice, _customer, first, _replacement) = reversed_with_a_debt(&w, 37);
+    let Reversed {
+        mut svc,
+        alice,
+        first,
+        ..
+    } = reversed_with_a_debt(&w, 37);
     mine_tx(&w.node, &first);
     w.ledger.fault_next(support::Fault::ApplyThenUnknown);
     svc.step(w.clock.now()).unwrap();
@@ -936,7 +890,7 @@ fn a_reorged_deposit_the_node_dropped_is_not_reversed() {
 fn a_debt_written_off_is_borne_by_the_exchange_and_frees_the_flag() {
     use matching_engine::units::Amount;
     let w = World::new();
-    let (mut svc, alice, _customer, _first, _replacement) = reversed_with_a_debt(&w, 39);
+    let Reversed { mut svc, alice, .. } = reversed_with_a_debt(&w, 39);
     assert_eq!(
         svc.write_off_debt(alice, w.clock.now()).unwrap(),
         Amount(150_000)
@@ -965,7 +919,12 @@ fn a_debt_written_off_is_borne_by_the_exchange_and_frees_the_flag() {
 fn a_written_off_debt_is_recovered_when_the_reversed_deposit_confirms_after_all() {
     use matching_engine::units::Amount;
     let w = World::new();
-    let (mut svc, alice, _customer, first, _replacement) = reversed_with_a_debt(&w, 40);
+    let Reversed {
+        mut svc,
+        alice,
+        first,
+        ..
+    } = reversed_with_a_debt(&w, 40);
     assert_eq!(
         svc.write_off_debt(alice, w.clock.now()).unwrap(),
         Amount(150_000)
@@ -989,7 +948,7 @@ fn a_written_off_debt_is_recovered_when_the_reversed_deposit_confirms_after_all(
 #[test]
 fn records_reconciliation_compares_reversals_with_the_ledger() {
     let w = World::new();
-    let (mut svc, _alice, _customer, _first, _replacement) = reversed_with_a_debt(&w, 45);
+    let Reversed { mut svc, .. } = reversed_with_a_debt(&w, 45);
     let r = svc.reconcile_records().unwrap();
     assert_eq!(r.reversals_checked, 1);
     assert!(r.mismatches.is_empty(), "{:?}", r.mismatches);

@@ -47,12 +47,14 @@ impl Running {
     }
 }
 
-/// Opens and starts the node when `[lightning]` enables it (on regtest by default); `on_credit`
-/// is called after each loop step that credited a payment.
+/// Opens and starts the node when `[lightning]` enables it (on regtest by default); `attach`
+/// gets the service once open, before its first step (custody's rules and alarm sink);
+/// `on_credit` is called after each loop step that credited a payment.
 pub fn start(
     cfg: &ServeConfig,
     rpc: &RpcConfig,
     ledger: Arc<EngineLedger>,
+    attach: impl FnOnce(&Arc<Service>),
     on_credit: impl Fn() + Send + 'static,
 ) -> anyhow::Result<Option<Running>> {
     let k = &cfg.lightning;
@@ -97,6 +99,10 @@ pub fn start(
     }
     let started = std::time::Instant::now();
     let service = Arc::new(LightningService::open(c, ledger).context("lightning node")?);
+    // Custody's rules and alarm sink before the first step: what a previous run left in the
+    // node's event queue is handled (and acknowledged, never seen again) by that step, and an
+    // alarm it raises must reach the operator, not only the log.
+    attach(&service);
     // What a previous run left unfinished, before anyone can send.
     service
         .step(now_ms())

@@ -111,11 +111,14 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         .map_err(|_| anyhow!("custody attached twice"))?;
     // The Lightning node (on regtest by default), on the same bitcoind and ledger.
     let kick = node.state.clone();
-    let lightning = crate::lightning::start(&cfg, &rpc, ledger.clone(), move || {
+    let attach = {
+        let custody = custody.clone();
+        move |ln: &Arc<crate::lightning::Service>| custody.set_lightning(ln.clone())
+    };
+    let lightning = crate::lightning::start(&cfg, &rpc, ledger.clone(), attach, move || {
         merchant::of(&kick).kick.notify_one()
     })?;
     if let Some(ln) = &lightning {
-        custody.set_lightning(ln.service.clone());
         node.state
             .set_lightning(Arc::new(crate::lightning::LnApi(ln.service.clone())))
             .map_err(|_| anyhow!("lightning attached twice"))?;

@@ -582,6 +582,20 @@ impl<L: Ledger> LightningService<L> {
                 found: format!("{:?}", invoice.currency()),
             });
         }
+        let hash = invoice.payment_hash().to_byte_array();
+        let store = self.lock();
+        // The same account paying the same invoice again is a retry (its reply was lost): it
+        // gets its withdrawal back, with its id and state, and nothing is sent twice. Asked
+        // before every check that can change between the two calls (the invoice's expiry, the
+        // limits): a retry after them is answered with what the first call did, not refused as
+        // if nothing had happened.
+        if let Some(w) = store.live_withdrawal_by_hash(&hash)? {
+            return if w.account == account.0 {
+                Ok(w)
+            } else {
+                Err(PayError::AlreadyPaid)
+            };
+        }
         if invoice.would_expire(Duration::from_millis(now_ms)) {
             return Err(PayError::Expired);
         }
@@ -605,7 +619,6 @@ impl<L: Ledger> LightningService<L> {
         if invoice.recover_payee_pub_key() == self.node.node_id() {
             return Err(PayError::OwnInvoice);
         }
-        let hash = invoice.payment_hash().to_byte_array();
         let fee = self.cfg.withdrawal_fee;
         let fee_msat = fee.0.checked_mul(1000).ok_or(PayError::AboveMaximum {
             amount_sat: amount.0,
@@ -616,19 +629,9 @@ impl<L: Ledger> LightningService<L> {
             max_sat: self.cfg.max_withdrawal.0,
         })?;
 
-        let store = self.lock();
         let node_payment = self
             .node
             .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash));
-        // The same account paying the same invoice again is a retry (its reply was lost): it
-        // gets its withdrawal back, with its id and state, and nothing is sent twice.
-        if let Some(w) = store.live_withdrawal_by_hash(&hash)? {
-            return if w.account == account.0 {
-                Ok(w)
-            } else {
-                Err(PayError::AlreadyPaid)
-            };
-        }
         if node_payment
             .as_ref()
             .is_some_and(|p| p.status != PaymentStatus::Failed)

@@ -696,6 +696,38 @@ fn no_route_and_customer_offline_release_the_hold_exactly() {
     assert_eq!(w.ledger.btc(bob), (100_000 - 10_050 - 3_050, 0));
 }
 
+/// Defect: a payment retried after its invoice expired (its first reply lost) was refused
+/// `Expired` (`-4603`, "nothing changed") although the first call had paid it: the client, told
+/// nothing was paid, would pay the payee again some other way. The retry is now looked up before
+/// any check that can change between the two calls and answers the first call's withdrawal.
+#[test]
+fn a_payment_retried_after_its_invoice_expired_gets_its_withdrawal_back() {
+    let w = World::new();
+    let carol = w.ledger.create_account();
+    w.deposit(carol, 100_000);
+    let out = w.customer_invoice(20_000, 60);
+    let wd = w.m().pay(carol, &out.to_string(), now_ms()).unwrap();
+    w.step_until("the withdrawal completed", |w| {
+        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
+    });
+    let later = now_ms() + 3_600_000;
+    let again = w.m().pay(carol, &out.to_string(), later).unwrap();
+    assert_eq!(
+        (again.id, again.status),
+        (wd.id, LnWithdrawalStatus::Completed)
+    );
+    // Another account's try is still refused, and nobody paid twice.
+    let dave = w.ledger.create_account();
+    w.deposit(dave, 100_000);
+    assert!(matches!(
+        w.m().pay(dave, &out.to_string(), later),
+        Err(PayError::AlreadyPaid)
+    ));
+    assert_eq!(w.customer_received(&out), Some(20_000_000));
+    assert_eq!(w.ledger.btc(carol), (100_000 - 20_050, 0));
+    assert_eq!(w.ledger.btc(dave), (100_000, 0));
+}
+
 /// The server stops between handing a withdrawal to the node and learning its result; after a
 /// restart over the same data the service resolves it by payment hash: completed once, the
 /// customer paid once, the account debited amount + fee once. Then an expired deposit invoice:

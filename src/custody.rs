@@ -291,10 +291,11 @@ impl WalletCustody {
             idempotency_key: w.idempotency_key.clone(),
             state: match w.status {
                 WithdrawalStatus::AwaitingApproval => WithdrawalState::AwaitingApproval,
-                // `new` and `releasing`: the ledger's answer is being resolved; funds are held.
-                WithdrawalStatus::New | WithdrawalStatus::Pending | WithdrawalStatus::Releasing => {
-                    WithdrawalState::Pending
-                }
+                // `new`: the hold's answer is being resolved; it may still be refused and the
+                // row removed (a caller must not take it for a withdrawal that will be paid).
+                WithdrawalStatus::New => WithdrawalState::Unresolved,
+                // `releasing`: held until the release's answer is known.
+                WithdrawalStatus::Pending | WithdrawalStatus::Releasing => WithdrawalState::Pending,
                 WithdrawalStatus::Batched => WithdrawalState::Processing,
                 WithdrawalStatus::Completed => WithdrawalState::Completed,
                 WithdrawalStatus::Released => WithdrawalState::Released,

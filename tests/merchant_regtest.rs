@@ -606,3 +606,78 @@ fn refund_part_of_a_settled_invoice_to_the_payer() {
         1
     );
 }
+
+/// Defect: a settled invoice whose payment a reorg took out of the chain, and whose payer then
+/// spent the same coins to itself, stayed `Settled`: custody took the credit back from the
+/// merchant (the deposit `reversed`) and nothing told the merchant, who would ship an order
+/// nobody paid for. It becomes `Invalid` with the `Reversed` mark and an `invoice.invalid`
+/// webhook; Greenfield shows additional status `Invalid` (not `Marked`: no merchant did it).
+#[test]
+fn a_settled_invoice_whose_payment_is_taken_back_after_a_reorg_becomes_invalid() {
+    let hooks = HookServer::start(0);
+    let mut env = Env::start(10, &[("speedPolicy", "1")]);
+    env.m.store(&[("webhookUrl", &hooks.url())]);
+    let inv = env.m.invoice("0.001", &[]);
+    let iid = id(&inv);
+    let address = inv["address"].as_str().unwrap().to_owned();
+    let payment = env.payer.pay(&env.rpc, &address, 100_000);
+    env.mine(1);
+    env.m
+        .wait_invoice(&iid, "Settled", |v| v["status"] == "Settled");
+    env.m.wait_btc(100_000);
+
+    // The block that confirmed it goes; the payer spends the same coins to itself, and that
+    // double spend confirms.
+    let tip = env.rpc.get_best_block_hash().unwrap();
+    env.rpc.invalidate_block(&tip).unwrap();
+    env.payer.take_back(&env.rpc, &payment, &address);
+    env.mine(2);
+    let v = env
+        .m
+        .wait_invoice(&iid, "Invalid", |v| v["status"] == "Invalid");
+    assert_invoice(&env, &v, "Invalid", &["Reversed"], 0, 100_000);
+    assert!(payments(&v).iter().all(|p| p["reorged"] == true), "{v:#}");
+    env.m.wait_btc(0);
+    assert_eq!(env.m.btc(), (0, 0), "the credit taken back");
+
+    let mut log = Vec::new();
+    let ok = wait_until(60, || {
+        log = env.m.deliveries(&iid);
+        log.iter()
+            .any(|d| d["type"] == "invoice.invalid" && d["status"] == "delivered")
+    });
+    assert!(ok, "deliveries: {log:#?}");
+    assert_eq!(
+        types(&log),
+        [
+            "invoice.created",
+            "invoice.payment_received",
+            "invoice.processing",
+            "invoice.settled",
+            "invoice.invalid"
+        ]
+    );
+    let did = log[4]["deliveryId"].as_str().unwrap();
+    let body = hooks.delivered(did)[0].json();
+    assert_eq!(body["invoice"]["status"], "Invalid");
+
+    // A shop plugin reading it through Greenfield sees why.
+    let token = env.s().admin(&[
+        "apikey",
+        "create",
+        "--account",
+        &env.m.account.to_string(),
+        "--permissions",
+        "read,merchant",
+    ])["greenfieldToken"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let path = format!("/api/v1/stores/{}/invoices/{iid}", env.m.account);
+    let g = common::greenfield::ok(
+        common::greenfield::http(env.s().addr, "GET", &path, Some(&token), None),
+        "greenfield invoice",
+    );
+    assert_eq!(g["status"], "Invalid", "{g:#}");
+    assert_eq!(g["additionalStatus"], "Invalid", "{g:#}");
+}

@@ -15,9 +15,9 @@
 //! * deposits: `Pending` → 0 (pending), `Credited` → 1 (success), `Reorged` and `Dropped` → 7
 //!   (Binance's "wrong deposit": credited, then removed from the chain by a reorg; or replaced
 //!   in the mempool, never credited);
-//! * withdrawals: `AwaitingApproval` → 2 (awaiting approval), `Pending` and `Processing` → 4
-//!   (processing), `Completed` → 6 (completed), `Released` → 5 (failure; `info` holds the
-//!   reason).
+//! * withdrawals: `AwaitingApproval` → 2 (awaiting approval), `Unresolved`, `Pending` and
+//!   `Processing` → 4 (processing), `Completed` → 6 (completed), `Released` → 5 (failure;
+//!   `info` holds the reason).
 
 use crate::custody::{
     Custody, CustodyError, DepositInfo, DepositState, WithdrawalInfo, WithdrawalState,
@@ -379,7 +379,7 @@ pub fn deposit_status(s: DepositState) -> u8 {
 pub fn withdraw_status(s: WithdrawalState) -> u8 {
     match s {
         WithdrawalState::AwaitingApproval => 2,
-        WithdrawalState::Pending | WithdrawalState::Processing => 4,
+        WithdrawalState::Unresolved | WithdrawalState::Pending | WithdrawalState::Processing => 4,
         WithdrawalState::Completed => 6,
         WithdrawalState::Released => 5,
     }

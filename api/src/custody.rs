@@ -53,6 +53,10 @@ pub struct DepositInfo {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum WithdrawalState {
+    /// Recorded, its ledger hold not known yet (the engine's answer was lost or not given):
+    /// it may still be refused, and the record then removed (its key free again). Not a
+    /// withdrawal that will be paid until it leaves this state.
+    Unresolved,
     /// Held, waiting for an operator's approval.
     AwaitingApproval,
     /// Held, waiting for the next batch.

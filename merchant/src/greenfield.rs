@@ -100,7 +100,25 @@ static OPENED_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
 /// Creates the Greenfield tables if they do not exist (idempotent).
 pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     OPENED_MS.get_or_init(api::core::now_ms);
-    conn.execute_batch(SCHEMA)
+    conn.execute_batch(SCHEMA)?;
+    // Databases from before payouts were followed until custody paid them or gave them back.
+    let has_final: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('gf_payout') WHERE name = 'final'")?
+        .exists([])?;
+    if !has_final {
+        conn.execute_batch("ALTER TABLE gf_payout ADD COLUMN final INTEGER NOT NULL DEFAULT 0")?;
+    }
+    // Databases from before pull payments kept their claim window.
+    let has_window: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('gf_pull_payment') WHERE name = 'expires_ms'")?
+        .exists([])?;
+    if !has_window {
+        conn.execute_batch(
+            "ALTER TABLE gf_pull_payment ADD COLUMN starts_ms INTEGER;
+             ALTER TABLE gf_pull_payment ADD COLUMN expires_ms INTEGER;",
+        )?;
+    }
+    Ok(())
 }
 
 // ---- errors ----
@@ -697,8 +715,11 @@ fn metadata_of(rec: &Record) -> Map<String, Value> {
 
 fn additional_status(rec: &Record) -> &'static str {
     let m = rec.inv.marks;
-    // Marked settled, or marked invalid (the only way an invoice becomes Invalid here).
-    if m.has(Marks::MARKED) || rec.inv.status == Status::Invalid {
+    // Settled, then payments it counted were reversed (double-spent): BTCPay's `Invalid`, an
+    // invoice whose payments failed. Otherwise marked settled, or marked invalid.
+    if m.has(Marks::REVERSED) {
+        "Invalid"
+    } else if m.has(Marks::MARKED) || rec.inv.status == Status::Invalid {
         "Marked"
     } else if m.has(Marks::PAID_LATE) {
         "PaidLate"
@@ -1447,7 +1468,8 @@ fn event_body(
             b["manuallyMarked"] = json!(marks.contains(&"Marked"));
         }
         "InvoiceExpired" => b["partiallyPaid"] = json!(marks.contains(&"PaidPartial")),
-        "InvoiceInvalid" => b["manuallyMarked"] = json!(true),
+        // Not marked by the merchant: its payments were reversed (double-spent).
+        "InvoiceInvalid" => b["manuallyMarked"] = json!(!marks.contains(&"Reversed")),
         _ => {}
     }
     b
@@ -1889,10 +1911,14 @@ pub struct PullPayment {
     pub created_ms: u64,
     /// Archived.
     pub archived: bool,
+    /// Claims accepted from, ms (`None`: from its creation).
+    pub starts_ms: Option<u64>,
+    /// Claims accepted until, ms (`None`: for good).
+    pub expires_ms: Option<u64>,
 }
 
-const PP_COLS: &str =
-    "id, merchant, invoice_id, name, description, amount_sat, created_ms, archived";
+const PP_COLS: &str = "id, merchant, invoice_id, name, description, amount_sat, created_ms, \
+     archived, starts_ms, expires_ms";
 
 fn pp_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PullPayment> {
     Ok(PullPayment {
@@ -1904,6 +1930,8 @@ fn pp_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PullPayment> {
         amount_sat: r.get(5)?,
         created_ms: r.get(6)?,
         archived: r.get(7)?,
+        starts_ms: r.get(8)?,
+        expires_ms: r.get(9)?,
     })
 }
 
@@ -1919,7 +1947,8 @@ fn load_pp(conn: &Connection, id: &str) -> rusqlite::Result<Option<PullPayment>>
 fn insert_pp(conn: &Connection, p: &PullPayment) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO gf_pull_payment (id, merchant, invoice_id, name, description, amount_sat,
-           currency, amount_display, created_ms, archived) VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'BTC', ?7, ?8, 0)",
+           currency, amount_display, created_ms, archived, starts_ms, expires_ms)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'BTC', ?7, ?8, 0, ?9, ?10)",
         params![
             p.id,
             p.merchant,
@@ -1928,7 +1957,9 @@ fn insert_pp(conn: &Connection, p: &PullPayment) -> rusqlite::Result<()> {
             p.description,
             p.amount_sat,
             r::btc(p.amount_sat),
-            p.created_ms
+            p.created_ms,
+            p.starts_ms,
+            p.expires_ms
         ],
     )?;
     Ok(())
@@ -1946,8 +1977,8 @@ fn pp_json(st: &AppState, p: &PullPayment) -> Value {
         "autoApproveClaims": true,
         "archived": p.archived,
         "viewLink": format!("{}/pp/{}", public_url(st), p.id),
-        "startsAt": p.created_ms / 1000,
-        "expiresAt": null,
+        "startsAt": p.starts_ms.unwrap_or(p.created_ms) / 1000,
+        "expiresAt": p.expires_ms.map(|t| t / 1000),
     })
 }
 
@@ -2106,6 +2137,8 @@ pub async fn refund(
         amount_sat: amount,
         created_ms: now_ms(),
         archived: false,
+        starts_ms: None,
+        expires_ms: None,
     };
     insert_pp_while_list_off(&st, p.clone(), "a refund (its claim names any address)").await?;
     ok(pp_json(&st, &p))
@@ -2160,6 +2193,7 @@ pub async fn create_pull_payment(
                 "more than zero, at most 21000000, 8 decimals at most",
             )
         })?;
+    let (starts_ms, expires_ms) = claim_window(&b)?;
     // Its claims would move a flagged store's funds out: none is handed out until reviewed.
     api::capital::refuse_flagged(&st, key.account).await?;
     let p = PullPayment {
@@ -2171,6 +2205,8 @@ pub async fn create_pull_payment(
         amount_sat: amount,
         created_ms: now_ms(),
         archived: false,
+        starts_ms,
+        expires_ms,
     };
     insert_pp_while_list_off(
         &st,
@@ -2179,6 +2215,41 @@ pub async fn create_pull_payment(
     )
     .await?;
     ok(pp_json(&st, &p))
+}
+
+/// A new pull payment's claim window from `startsAt` and `expiresAt` (unix seconds, or null:
+/// from now, for good), and its `autoApproveClaims` (only `true` or absent: a claim here is paid
+/// when it is made, so a store asking for manual approval is refused rather than ignored).
+fn claim_window(b: &Map<String, Value>) -> Result<(Option<u64>, Option<u64>), GfError> {
+    // At most year 9999: every instant in ms fits the database's signed integers.
+    const MAX_SECS: u64 = 253_402_300_799;
+    let secs = |name: &str| -> Result<Option<u64>, GfError> {
+        match b.get(name).filter(|v| !v.is_null()) {
+            None => Ok(None),
+            Some(v) => v
+                .as_u64()
+                .filter(|s| *s <= MAX_SECS)
+                .map(|s| Some(s * 1000))
+                .ok_or_else(|| invalid(name, "unix time in seconds")),
+        }
+    };
+    let (starts, expires) = (secs("startsAt")?, secs("expiresAt")?);
+    if let (Some(e), s) = (expires, starts.unwrap_or_else(now_ms)) {
+        if e <= s {
+            return Err(invalid("expiresAt", "expiresAt must be after startsAt"));
+        }
+    }
+    match b.get("autoApproveClaims") {
+        None | Some(Value::Null) | Some(Value::Bool(true)) => {}
+        Some(Value::Bool(false)) => {
+            return Err(invalid(
+                "autoApproveClaims",
+                "claims are paid when they are made: manual approval is not offered",
+            ))
+        }
+        Some(_) => return Err(invalid("autoApproveClaims", "a boolean")),
+    }
+    Ok((starts, expires))
 }
 
 /// `GET /api/v1/stores/{storeId}/pull-payments` (`includeArchived`), newest first.
@@ -2460,6 +2531,101 @@ pub async fn resolve_all(st: &AppState) -> Result<usize, ApiError> {
     Ok(pps.len())
 }
 
+/// Follows payouts paid out through custody (`done`, to an address) until custody pays them or
+/// gives them back (at most 256 a call, oldest first; run by every monitor tick after
+/// [`super::outcome::follow_refunds`]): paid → nothing more to follow; given back (the
+/// withdrawal released) → `cancelled`, so that its amount can be claimed again. Before, it
+/// stayed `done` and counted against the pull payment's limit for good while nobody was paid.
+/// A store payout asks custody about its key; an invoice refund's payout follows its refund.
+/// Returns how many were given back.
+pub async fn follow_payouts(st: &AppState) -> Result<usize, ApiError> {
+    use super::outcome::{custody_record_of, followed, Followed};
+    let _turn = st.merchant().payout_lock.lock().await;
+    let open = with_db(st, move |c| {
+        let cols = PAYOUT_COLS
+            .split(", ")
+            .map(|c| format!("p.{c}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut stmt = c
+            .prepare_cached(&format!(
+                "SELECT {cols}, pp.merchant, pp.invoice_id FROM gf_payout p
+                 JOIN gf_pull_payment pp ON pp.id = p.pp_id
+                 WHERE p.state = 'done' AND p.final = 0 AND p.destination NOT LIKE 'account:%'
+                 ORDER BY p.created_ms, p.n LIMIT 256"
+            ))
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok((
+                    payout_row(r)?,
+                    r.get::<_, u32>(9)?,
+                    r.get::<_, Option<String>>(10)?,
+                ))
+            })
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        Ok(rows)
+    })
+    .await?;
+    let mut given_back = 0;
+    for (p, merchant, invoice_id) in open {
+        let end = match invoice_id {
+            Some(iid) => {
+                let key = refund_key(&p);
+                let state = with_db(st, move |c| {
+                    store::refund_state_by_key(c, &iid, &key).map_err(db_error)
+                })
+                .await?;
+                match state {
+                    Some((s, _)) if s == "cancelled" => Some(Followed::GivenBack),
+                    Some((s, true)) if s == "done" => Some(Followed::Paid),
+                    _ => None,
+                }
+            }
+            None => {
+                let mut found = None;
+                for key in [store_payout_key(&p), legacy_store_payout_key(&p)] {
+                    let rec = custody_record_of(
+                        st.custody(),
+                        merchant,
+                        key,
+                        p.destination.clone(),
+                        p.amount_sat,
+                    )
+                    .await;
+                    if let Ok(Some(w)) = rec {
+                        found = followed(w.state);
+                        break;
+                    }
+                }
+                found
+            }
+        };
+        let Some(end) = end else {
+            continue;
+        };
+        let state = if end == Followed::GivenBack {
+            tracing::warn!(payout = %p.id, "payout released by custody: given back");
+            given_back += 1;
+            "cancelled"
+        } else {
+            "done"
+        };
+        with_db(st, move |c| {
+            c.execute(
+                "UPDATE gf_payout SET state = ?3, final = 1
+                 WHERE pp_id = ?1 AND n = ?2 AND state = 'done'",
+                params![p.pp_id, p.n, state],
+            )
+            .map_err(db_error)
+        })
+        .await?;
+    }
+    Ok(given_back)
+}
+
 /// Brings payouts whose outcome is not known (`unknown`, or `pending` from before this process
 /// opened the database: a crash) up to date: an invoice refund's from its refund row (which the
 /// monitor resolves), a store payout's by asking custody about its key (or repeating its
@@ -2575,7 +2741,7 @@ async fn execute_store_payout(
         )
         .await;
         match legacy {
-            Ok(Some(w)) => return Moved::Done(format!("withdrawal:{}", w.id)),
+            Ok(Some(w)) => return super::outcome::done_or_unknown(&w),
             Ok(None) => {}
             Err(()) => return Moved::Unknown,
         }
@@ -2612,6 +2778,21 @@ pub async fn claim(
             StatusCode::BAD_REQUEST,
             "archived",
             "The pull payment is archived",
+        ));
+    }
+    let now = now_ms();
+    if pp.starts_ms.is_some_and(|s| now < s) {
+        return Err(gf_err(
+            StatusCode::BAD_REQUEST,
+            "not-started",
+            "The pull payment has not started yet",
+        ));
+    }
+    if pp.expires_ms.is_some_and(|e| now >= e) {
+        return Err(gf_err(
+            StatusCode::BAD_REQUEST,
+            "expired",
+            "The pull payment has expired",
         ));
     }
     let b = req.json()?;
@@ -2871,4 +3052,22 @@ pub async fn claim_page(
 ) -> GfResult {
     public_pp(&st, &ip, id).await?;
     Ok(r::html(&st, super::pages::CLAIM_HTML))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `InvoiceInvalid` says whether the merchant did it: `manuallyMarked` is false for an
+    /// invoice whose payments custody reversed (BTCPay: "received payments which could not
+    /// confirm"), true for one the merchant marked.
+    #[test]
+    fn an_invalid_event_says_whether_the_merchant_marked_it() {
+        for (marks, manual) in [(json!([]), true), (json!(["Reversed"]), false)] {
+            let invoice = json!({"id": "i", "merchant": 7, "marks": marks, "status": "Invalid"});
+            let b = event_body("d", "h", "InvoiceInvalid", &invoice, None, 1_000);
+            assert_eq!(b["type"], "InvoiceInvalid");
+            assert_eq!(b["manuallyMarked"], manual, "{b}");
+        }
+    }
 }

@@ -16,8 +16,14 @@
 //!   paid > due); 0 < paid < threshold → `PaidPartial` (status `New`, or `Expired` after expiry).
 //! * `Processing` → `Settled` once the on-time payments with at least the speed policy's
 //!   confirmations (0, 1, 2 or 6; balance payments are final) reach the threshold. Policy 0
-//!   settles at once. `Settled` is final: a reorg afterwards does not unsettle it (custody flags
-//!   the account; the merchant was paid in the ledger).
+//!   settles at once. `Settled` is final, with one exception: a reorg afterwards does not
+//!   unsettle it (custody flags the account; the merchant was paid in the ledger), but a payment
+//!   custody **reversed** (its transaction double-spent after it was credited: the credit taken
+//!   back from the merchant) no longer counts, and a settled invoice left paid below the
+//!   threshold by reversals becomes `Invalid` with the `Reversed` mark (`InvoiceInvalid`), so
+//!   that the merchant does not ship an order nobody paid for. It stays `Invalid` (final) if the
+//!   reversed payment confirms after all and custody credits it again: the merchant decides
+//!   (mark it settled, or refund).
 //! * A chain payment removed by a reorg before settlement no longer counts (`Processing` may fall
 //!   back to `New`/`Expired`; no event exists for that).
 //! * `Invalid` is set by the merchant, from `New` or `Expired` only: a `Processing` invoice was
@@ -90,6 +96,11 @@ impl Marks {
     pub const PAID_LATE: Marks = Marks(4);
     /// The merchant marked it (Greenfield `POST .../status` with `Settled`); kept by [`Invoice::derive`].
     pub const MARKED: Marks = Marks(8);
+    /// Settled, then invalid: custody reversed payments it counted (double-spent after they
+    /// were credited); kept by [`Invoice::derive`].
+    pub const REVERSED: Marks = Marks(16);
+    /// The marks [`Invoice::derive`] keeps: facts, not functions of the payments.
+    const KEPT: Marks = Marks(Self::MARKED.0 | Self::REVERSED.0);
 
     /// True when every bit of `m` is set.
     pub fn has(self, m: Marks) -> bool {
@@ -103,6 +114,7 @@ impl Marks {
             (Marks::PAID_OVER, "PaidOver"),
             (Marks::PAID_LATE, "PaidLate"),
             (Marks::MARKED, "Marked"),
+            (Marks::REVERSED, "Reversed"),
         ]
         .into_iter()
         .filter(|(m, _)| self.has(*m))
@@ -150,8 +162,11 @@ pub struct Payment {
     pub confirmations: u32,
     /// Credited to the merchant's account (balance payments: always).
     pub credited: bool,
-    /// Removed from the chain by a reorg.
+    /// Removed from the chain by a reorg (or replaced, or reversed): not a payment.
     pub reorged: bool,
+    /// Reversed by custody: double-spent after it was credited, the credit taken back (implies
+    /// `reorged`).
+    pub reversed: bool,
     /// First seen, ms since the epoch.
     pub seen_ms: u64,
 }
@@ -166,6 +181,7 @@ impl Payment {
             confirmations: u32::MAX,
             credited: true,
             reorged: false,
+            reversed: false,
             seen_ms: now_ms,
         }
     }
@@ -181,6 +197,7 @@ impl Payment {
             confirmations: u32::MAX,
             credited: true,
             reorged: false,
+            reversed: false,
             seen_ms: time_ms,
         }
     }
@@ -253,7 +270,7 @@ pub struct Invoice {
     pub status: Status,
     /// Marks.
     pub marks: Marks,
-    /// When the merchant marked it invalid.
+    /// When it became invalid: marked by the merchant, or settled and then reversed.
     pub invalid_ms: Option<u64>,
     /// Payments, in the order seen.
     pub payments: Vec<Payment>,
@@ -318,7 +335,7 @@ impl Invoice {
 
     /// Status and marks at `now_ms`, from the payments (see the module rules).
     pub fn derive(&self, now_ms: u64) -> Derived {
-        let mut marks = Marks(self.marks.0 & Marks::MARKED.0);
+        let mut marks = Marks(self.marks.0 & Marks::KEPT.0);
         let (mut paid, mut confirmed) = (0u64, 0u64);
         for p in self.payments.iter().filter(|p| !p.reorged) {
             if self.on_time(p) {
@@ -337,13 +354,19 @@ impl Invoice {
         if paid > self.amount_sat {
             marks.0 |= Marks::PAID_OVER.0;
         }
+        // What was refunded pays for nothing: an `Expired` invoice refunded, then paid up by a
+        // payment that came back to the chain, is not paid.
+        let (net_paid, net_confirmed) = (
+            paid.saturating_sub(self.refunded_sat),
+            confirmed.saturating_sub(self.refunded_sat),
+        );
         let status = if self.status == Status::Settled {
             Status::Settled
         } else if self.invalid_ms.is_some() {
             Status::Invalid
-        } else if paid >= threshold && confirmed >= threshold {
+        } else if net_paid >= threshold && net_confirmed >= threshold {
             Status::Settled
-        } else if paid >= threshold {
+        } else if net_paid >= threshold {
             Status::Processing
         } else if now_ms >= self.expires_ms {
             Status::Expired
@@ -369,6 +392,7 @@ impl Invoice {
                     p.confirmations = o.confirmations;
                     p.credited = o.credited;
                     p.reorged = o.reorged;
+                    p.reversed = o.reversed;
                 }
                 None => {
                     self.payments.push(o.clone());
@@ -379,6 +403,16 @@ impl Invoice {
             }
         }
         let before = self.status;
+        if before == Status::Settled
+            && !self.marks.has(Marks::MARKED)
+            && self.payments.iter().any(|p| p.reversed)
+            && self.derive(now_ms).paid_sat < self.threshold_sat()
+        {
+            // Custody took back what settled it: no longer paid (see the module rules).
+            self.status = Status::Invalid;
+            self.invalid_ms = Some(now_ms);
+            self.marks.0 |= Marks::REVERSED.0;
+        }
         let d = self.derive(now_ms);
         self.status = d.status;
         self.marks = d.marks;
@@ -474,11 +508,42 @@ mod tests {
             confirmations: conf,
             credited: conf >= 1,
             reorged: false,
+            reversed: false,
             seen_ms: seen,
         }
     }
 
+    fn reversed(p: Payment) -> Payment {
+        Payment {
+            reorged: true,
+            reversed: true,
+            credited: false,
+            ..p
+        }
+    }
+
     use EventType as E;
+
+    /// Defect: an `Expired` invoice with a credited payment and one the mempool dropped was
+    /// refunded the credited one; the dropped one came back and confirmed, and the invoice
+    /// settled (`invoice.settled`) though half of what settled it had been refunded: the
+    /// merchant would ship for half the price. What was refunded no longer counts as paid.
+    #[test]
+    fn a_refunded_expired_invoice_does_not_settle_when_a_dropped_payment_returns() {
+        let mut i = inv(1000, 1, 0);
+        let got = i.observe(&[chain(1, 500, 1, 10), chain(2, 500, 0, 11)], 20);
+        assert_eq!(i.status, Status::Processing, "{got:?}");
+        let dropped = Payment {
+            reorged: true,
+            ..chain(2, 500, 0, 11)
+        };
+        assert_eq!(i.observe(&[dropped], 1_500), vec![E::InvoiceExpired]);
+        assert_eq!(i.refundable_sat(), Ok(500));
+        i.refunded_sat = 500;
+        let got = i.observe(&[chain(2, 500, 1, 11)], 1_600);
+        assert_eq!((i.status, got), (Status::Expired, vec![]));
+        assert_eq!(i.derive(1_600).paid_sat, 1000, "both payments still shown");
+    }
 
     #[test]
     fn mark_settled_is_final_keeps_its_mark_and_credits_nothing() {
@@ -705,6 +770,100 @@ mod tests {
                         }],
                         30,
                         Status::New,
+                        0,
+                        vec![],
+                    ),
+                ],
+            ),
+            (
+                "a reorg after settlement keeps it settled",
+                1,
+                0,
+                vec![
+                    (
+                        vec![chain(1, 1000, 1, 10)],
+                        20,
+                        Status::Settled,
+                        0,
+                        vec![E::PaymentReceived, E::InvoiceProcessing, E::InvoiceSettled],
+                    ),
+                    (
+                        vec![Payment {
+                            reorged: true,
+                            ..chain(1, 1000, 0, 10)
+                        }],
+                        30,
+                        Status::Settled,
+                        0,
+                        vec![],
+                    ),
+                ],
+            ),
+            (
+                "a reversal after settlement invalidates, for good",
+                1,
+                0,
+                vec![
+                    (
+                        vec![chain(1, 1000, 1, 10)],
+                        20,
+                        Status::Settled,
+                        0,
+                        vec![E::PaymentReceived, E::InvoiceProcessing, E::InvoiceSettled],
+                    ),
+                    (
+                        vec![reversed(chain(1, 1000, 0, 10))],
+                        30,
+                        Status::Invalid,
+                        16,
+                        vec![E::InvoiceInvalid],
+                    ),
+                    // Confirmed after all and credited again: still invalid.
+                    (vec![chain(1, 1000, 1, 10)], 40, Status::Invalid, 16, vec![]),
+                ],
+            ),
+            (
+                "a reversal whose replacement pays the invoice keeps it settled",
+                1,
+                0,
+                vec![
+                    (
+                        vec![chain(1, 1000, 1, 10)],
+                        20,
+                        Status::Settled,
+                        0,
+                        vec![E::PaymentReceived, E::InvoiceProcessing, E::InvoiceSettled],
+                    ),
+                    (
+                        vec![reversed(chain(1, 1000, 0, 10)), chain(2, 1000, 1, 25)],
+                        30,
+                        Status::Settled,
+                        0,
+                        vec![E::PaymentReceived],
+                    ),
+                ],
+            ),
+            (
+                "a reversal of an overpayment's part that leaves it paid keeps it settled",
+                1,
+                0,
+                vec![
+                    (
+                        vec![chain(1, 1000, 1, 10), chain(2, 300, 1, 11)],
+                        20,
+                        Status::Settled,
+                        2,
+                        vec![
+                            E::PaymentReceived,
+                            E::PaymentReceived,
+                            E::InvoiceProcessing,
+                            E::InvoiceSettled,
+                        ],
+                    ),
+                    (
+                        vec![reversed(chain(2, 300, 0, 11))],
+                        30,
+                        Status::Settled,
                         0,
                         vec![],
                     ),

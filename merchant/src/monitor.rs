@@ -201,6 +201,9 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
     report.events += resolved.payments + resolved.refunds_done;
     // Greenfield payouts whose outcome is unknown follow (super::greenfield::resolve_all).
     super::greenfield::resolve_all(state).await?;
+    // Refunds and payouts custody took, until it pays them or gives them back.
+    super::outcome::follow_refunds(state).await?;
+    super::greenfield::follow_payouts(state).await?;
     // 1. Payments from custody.
     if let Some(custody) = state.custody() {
         let deposits = tokio::task::spawn_blocking(move || custody.deposits(None))
@@ -229,6 +232,8 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
                         d.state,
                         DepositState::Reorged | DepositState::Reversed | DepositState::Dropped
                     ),
+                    // Double-spent after it was credited: custody took the credit back.
+                    reversed: d.state == DepositState::Reversed,
                     seen_ms: d.seen_ms,
                 });
             }

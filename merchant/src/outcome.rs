@@ -22,7 +22,9 @@ use super::store::{self, PayIntent, Record, Refund};
 use crate::MerchantState as _;
 use api::capital::custody_error;
 use api::core::Outcome;
-use api::custody::{Custody, CustodyError, WithdrawalInfo, DUPLICATE_WITHDRAWAL_KEY};
+use api::custody::{
+    Custody, CustodyError, WithdrawalInfo, WithdrawalState, DUPLICATE_WITHDRAWAL_KEY,
+};
 use api::error::ApiError;
 use api::AppState;
 use matching_engine::{AccountId, Amount, Command, IdempotencyKey};
@@ -187,6 +189,18 @@ fn custody_record(
     }
 }
 
+/// What custody's record of a withdrawal says of the movement: done once custody holds the
+/// amount, unknown while its hold is unresolved (custody may still be refused the hold and
+/// remove the record: a refund taken for done then would never be paid, its amount reserved for
+/// good).
+pub(crate) fn done_or_unknown(w: &WithdrawalInfo) -> Moved {
+    if w.state == WithdrawalState::Unresolved {
+        Moved::Unknown
+    } else {
+        Moved::Done(format!("withdrawal:{}", w.id))
+    }
+}
+
 /// Custody's record of the withdrawal under `key` ([`custody_record`]), asked on the blocking
 /// pool: `Err` when custody is absent or could not answer, or the record is a conflict.
 pub(crate) async fn custody_record_of(
@@ -230,18 +244,18 @@ pub(crate) async fn custody_withdrawal(
     let task = tokio::task::spawn_blocking(move || {
         if ask_first {
             match custody_record(c.as_ref(), merchant, &key, &address, amount_sat) {
-                Ok(Some(w)) => return Moved::Done(format!("withdrawal:{}", w.id)),
+                Ok(Some(w)) => return done_or_unknown(&w),
                 Ok(None) => {}
                 Err(()) => return Moved::Unknown,
             }
         }
         match c.request_withdrawal(merchant, &address, amount_sat, &key) {
-            Ok(w) => Moved::Done(format!("withdrawal:{}", w.id)),
+            Ok(w) => done_or_unknown(&w),
             Err(e) if custody_unknown(&e) => Moved::Unknown,
             // The key is taken: by this payout's own earlier attempt, or not at all.
             Err(e) if e.code == DUPLICATE_WITHDRAWAL_KEY => {
                 match custody_record(c.as_ref(), merchant, &key, &address, amount_sat) {
-                    Ok(Some(w)) => Moved::Done(format!("withdrawal:{}", w.id)),
+                    Ok(Some(w)) => done_or_unknown(&w),
                     _ => Moved::Unknown,
                 }
             }
@@ -317,6 +331,63 @@ pub async fn settle_refund(
         }
     }
     Ok(())
+}
+
+/// Where a withdrawal custody took stands for whoever reserved its amount.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Followed {
+    /// Paid and confirmed: nothing more to follow.
+    Paid,
+    /// Released (an operator rejected it, or its address was refused): the amount is back in
+    /// the merchant's balance, and the reservation must be given back too.
+    GivenBack,
+}
+
+/// What a withdrawal's state says of its end ([`Followed`]), if it has one yet.
+pub(crate) fn followed(state: WithdrawalState) -> Option<Followed> {
+    match state {
+        WithdrawalState::Completed => Some(Followed::Paid),
+        WithdrawalState::Released => Some(Followed::GivenBack),
+        WithdrawalState::Unresolved
+        | WithdrawalState::AwaitingApproval
+        | WithdrawalState::Pending
+        | WithdrawalState::Processing => None,
+    }
+}
+
+/// Follows refunds to an address that custody took (`done`) until it pays or gives them back
+/// (at most 256 a call, oldest first; run by every monitor tick). A refund whose withdrawal
+/// custody released is `cancelled` and its amount no longer counts as refunded, so that the
+/// merchant can refund it again; before, it stayed `done` and reserved for good while the
+/// customer got nothing. Returns how many were given back.
+pub async fn follow_refunds(st: &AppState) -> Result<usize, ApiError> {
+    let Some(custody) = st.custody() else {
+        return Ok(0);
+    };
+    let open = with_db(st, |c| store::refunds_to_follow(c, 256).map_err(db)).await?;
+    let mut given_back = 0;
+    for (r, merchant) in open {
+        let Some(address) = r.to_address.clone() else {
+            continue;
+        };
+        let key = refund_withdrawal_key(&r);
+        let found =
+            custody_record_of(Some(custody.clone()), merchant, key, address, r.amount_sat).await;
+        let Some(end) = found.ok().flatten().and_then(|w| followed(w.state)) else {
+            continue;
+        };
+        let back = end == Followed::GivenBack;
+        if back {
+            tracing::warn!(invoice = %r.invoice_id, n = r.n, "refund released by custody: given back");
+            given_back += 1;
+        }
+        let (iid, n) = (r.invoice_id.clone(), r.n);
+        with_db(st, move |c| {
+            store::refund_followed(c, &iid, n, back).map_err(db)
+        })
+        .await?;
+    }
+    Ok(given_back)
 }
 
 /// What [`resolve`] did.

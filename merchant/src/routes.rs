@@ -270,6 +270,7 @@ pub fn merchant_json(st: &AppState, rec: &Record, store_name: &str, now_ms: u64)
                     "confirmations": if p.is_off_chain() { Value::Null } else { Value::from(p.confirmations) },
                     "credited": p.credited,
                     "reorged": p.reorged,
+                    "reversed": p.reversed,
                     "late": !i.on_time(p),
                     "time": p.seen_ms,
                 })

@@ -64,6 +64,25 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
              ALTER TABLE invoice ADD COLUMN ln_note TEXT;",
         )?;
     }
+    // Databases from before refunds to an address were followed until custody paid them or
+    // gave them back.
+    let has_final: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('invoice_refund') WHERE name = 'final'")?
+        .exists([])?;
+    if !has_final {
+        conn.execute_batch(
+            "ALTER TABLE invoice_refund ADD COLUMN final INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    // Databases from before custody could reverse a payment.
+    let has_reversed: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('invoice_payment') WHERE name = 'reversed'")?
+        .exists([])?;
+    if !has_reversed {
+        conn.execute_batch(
+            "ALTER TABLE invoice_payment ADD COLUMN reversed INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
     conn.execute_batch(
         "DROP INDEX IF EXISTS invoice_ln;
          CREATE INDEX IF NOT EXISTS invoice_ln_hash ON invoice (ln_hash) WHERE ln_hash IS NOT NULL;
@@ -328,7 +347,7 @@ fn record_row(r: &Row<'_>) -> rusqlite::Result<Record> {
 
 fn payments(conn: &Connection, id: &str) -> rusqlite::Result<Vec<Payment>> {
     let mut s = conn.prepare_cached(
-        "SELECT pid, payer, amount_sat, confirmations, credited, reorged, seen_ms
+        "SELECT pid, payer, amount_sat, confirmations, credited, reorged, seen_ms, reversed
          FROM invoice_payment WHERE invoice_id = ?1 ORDER BY n",
     )?;
     let rows = s.query_map([id], |r| {
@@ -349,6 +368,7 @@ fn payments(conn: &Connection, id: &str) -> rusqlite::Result<Vec<Payment>> {
             confirmations: r.get(3)?,
             credited: r.get(4)?,
             reorged: r.get(5)?,
+            reversed: r.get(7)?,
             seen_ms: r.get::<_, i64>(6)? as u64,
         })
     })?;
@@ -504,9 +524,10 @@ pub fn save(conn: &Connection, rec: &Record) -> rusqlite::Result<()> {
     }
     let mut s = conn.prepare_cached(
         "INSERT INTO invoice_payment (invoice_id, pid, payer, amount_sat, confirmations,
-            credited, reorged, seen_ms, n) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+            credited, reorged, seen_ms, n, reversed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
          ON CONFLICT (invoice_id, pid) DO UPDATE SET confirmations = excluded.confirmations,
-            credited = excluded.credited, reorged = excluded.reorged",
+            credited = excluded.credited, reorged = excluded.reorged,
+            reversed = excluded.reversed",
     )?;
     for (n, p) in i.payments.iter().enumerate() {
         let payer = match p.source {
@@ -522,7 +543,8 @@ pub fn save(conn: &Connection, rec: &Record) -> rusqlite::Result<()> {
             p.credited,
             p.reorged,
             p.seen_ms as i64,
-            n as i64
+            n as i64,
+            p.reversed
         ])?;
     }
     Ok(())
@@ -893,6 +915,74 @@ pub fn cancel_refund(conn: &mut Connection, invoice_id: &str, n: u32) -> rusqlit
         params![invoice_id, amount],
     )?;
     tx.commit()
+}
+
+/// Refunds to an address that custody took (`done`) and has neither paid nor given back yet,
+/// oldest first, at most `limit`, each with its merchant.
+pub fn refunds_to_follow(conn: &Connection, limit: u32) -> rusqlite::Result<Vec<(Refund, u32)>> {
+    let cols = REFUND_COLUMNS
+        .split(", ")
+        .map(|c| format!("r.{c}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let mut s = conn.prepare_cached(&format!(
+        "SELECT {cols}, i.merchant FROM invoice_refund r JOIN invoice i ON i.id = r.invoice_id
+         WHERE r.state = 'done' AND r.final = 0 AND r.to_address IS NOT NULL
+         ORDER BY r.created_ms, r.n LIMIT ?1"
+    ))?;
+    let rows = s.query_map([limit], |r| Ok((refund_row(r)?, r.get(9)?)))?;
+    rows.collect()
+}
+
+/// A followed refund's end: paid (`given_back` false: nothing more to follow), or given back by
+/// custody (the withdrawal released: the row `cancelled` and its amount no longer refunded, in
+/// one transaction, so that it can be refunded again). Only a `done` row changes.
+pub fn refund_followed(
+    conn: &mut Connection,
+    invoice_id: &str,
+    n: u32,
+    given_back: bool,
+) -> rusqlite::Result<()> {
+    let tx = conn.transaction()?;
+    if given_back {
+        let amount: Option<i64> = tx
+            .query_row(
+                "UPDATE invoice_refund SET state = 'cancelled', final = 1
+                 WHERE invoice_id = ?1 AND n = ?2 AND state = 'done' RETURNING amount_sat",
+                params![invoice_id, n],
+                |r| r.get(0),
+            )
+            .optional()?;
+        if let Some(amount) = amount {
+            tx.execute(
+                "UPDATE invoice SET refunded_sat = refunded_sat - ?2 WHERE id = ?1",
+                params![invoice_id, amount],
+            )?;
+        }
+    } else {
+        tx.execute(
+            "UPDATE invoice_refund SET final = 1
+             WHERE invoice_id = ?1 AND n = ?2 AND state = 'done'",
+            params![invoice_id, n],
+        )?;
+    }
+    tx.commit()
+}
+
+/// The state of the newest refund of an invoice under the merchant's key `key`, cancelled ones
+/// too, and whether it was followed to its end: `(state, final)`.
+pub fn refund_state_by_key(
+    conn: &Connection,
+    invoice_id: &str,
+    key: &str,
+) -> rusqlite::Result<Option<(String, bool)>> {
+    conn.query_row(
+        "SELECT state, final FROM invoice_refund WHERE invoice_id = ?1 AND idem_key = ?2
+         ORDER BY n DESC LIMIT 1",
+        params![invoice_id, key],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )
+    .optional()
 }
 
 /// Marks a refund done and enqueues `invoice.refunded`, in one transaction.

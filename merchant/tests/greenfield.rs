@@ -1058,6 +1058,125 @@ async fn a_claim_whose_custody_answer_is_lost_stays_reserved_and_pays_once() {
     );
 }
 
+/// Review finding: a pull payment's `startsAt`, `expiresAt` and `autoApproveClaims` were
+/// ignored: a store asking for a link that expires, or for claims it approves by hand, got one
+/// that paid anyone at once and for good. The window is kept and enforced (`not-started`,
+/// `expired`, BTCPay's claim errors); manual approval, which is not offered, is refused.
+#[tokio::test]
+async fn a_pull_payments_claim_window_is_kept_and_manual_approval_refused() {
+    let g = setup().await;
+    let uri = format!("/api/v1/stores/{}/pull-payments", g.store());
+    let now = common::now_ms() / 1000;
+    let create = |body: Value| {
+        let (h, uri, token) = (&g.h, uri.clone(), g.token.clone());
+        async move { call(h, "POST", &uri, Some(&token), Some(body)).await }
+    };
+    let base = json!({"name": "Prize", "amount": "0.0005", "currency": "BTC"});
+    let with = |extra: Value| {
+        let mut b = base.clone();
+        b.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        b
+    };
+    let claim = |pp: &Value| {
+        let payouts = format!(
+            "/api/v1/pull-payments/{}/payouts",
+            pp["id"].as_str().unwrap()
+        );
+        let h = &g.h;
+        async move {
+            let body = json!({"destination": "bcrt1qwinner", "amount": "0.0001"}).to_string();
+            raw(h, "POST", &payouts, None, body, &[]).await
+        }
+    };
+    let later = ok(create(with(json!({"startsAt": now + 3600}))).await, "later");
+    assert_eq!(later["startsAt"], now + 3600);
+    let r = claim(&later).await;
+    assert_eq!(
+        (r.status, r.json["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("not-started")),
+        "{}",
+        r.json
+    );
+    let over = ok(
+        create(with(
+            json!({"startsAt": now - 7200, "expiresAt": now - 3600}),
+        ))
+        .await,
+        "over",
+    );
+    assert_eq!(over["expiresAt"], now - 3600);
+    let r = claim(&over).await;
+    assert_eq!(
+        (r.status, r.json["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("expired")),
+        "{}",
+        r.json
+    );
+    assert!(
+        g.fake.withdrawals.lock().unwrap().is_empty(),
+        "nothing paid"
+    );
+    // Open now, until an hour from now: paid.
+    let open = ok(
+        create(with(
+            json!({"expiresAt": now + 3600, "autoApproveClaims": true}),
+        ))
+        .await,
+        "open",
+    );
+    assert_eq!(claim(&open).await.status, StatusCode::OK);
+    for bad in [
+        json!({"autoApproveClaims": false}),
+        json!({"expiresAt": now - 1}),
+        json!({"startsAt": now + 10, "expiresAt": now + 5}),
+        json!({"expiresAt": "tomorrow"}),
+    ] {
+        let r = create(with(bad.clone())).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{bad}: {}",
+            r.json
+        );
+    }
+}
+
+/// Review finding (MEDIUM-HIGH): a store payout whose withdrawal custody released (an
+/// operator rejected it, or its address was refused) showed `Cancelled` but still counted
+/// against the pull payment's limit: nothing left to claim, and the winner never paid. The
+/// monitor follows payouts until custody pays or releases them; a released one is `cancelled`
+/// and its amount can be claimed again.
+#[tokio::test]
+async fn a_payout_custody_released_can_be_claimed_again() {
+    let g = setup().await;
+    let pp = g.prize().await;
+    let pp_uri = format!("/api/v1/pull-payments/{}", pp["id"].as_str().unwrap());
+    let payouts = format!("{pp_uri}/payouts");
+    let claim = |dest: &'static str| {
+        let (h, payouts) = (&g.h, payouts.clone());
+        async move {
+            let body = json!({"destination": dest, "amount": "0.0005"}).to_string();
+            raw(h, "POST", &payouts, None, body, &[]).await
+        }
+    };
+    let r = claim("bcrt1qwinner").await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let left = || async { ok(call(&g.h, "GET", &pp_uri, None, None).await, "pp") };
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    assert_eq!(left().await["remainingAmount"], "0");
+    g.fake.withdrawals.lock().unwrap()[0].state = api::custody::WithdrawalState::Released;
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    assert_eq!(left().await["remainingAmount"], "0.0005");
+    let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(list[0]["state"], "Cancelled", "{list:#}");
+    let r = claim("bcrt1qwinner").await;
+    assert_eq!(r.status, StatusCode::OK, "claimed again: {}", r.json);
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 2);
+    assert_eq!(left().await["remainingAmount"], "0");
+}
+
 /// Review finding: the public payout endpoints (`GET .../payouts` and a claim, no auth) found
 /// their payouts' withdrawals by listing every withdrawal custody holds (under its lock) and
 /// filtering: anyone could make the server read them all, as often as the rate limit allows.

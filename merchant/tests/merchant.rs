@@ -1304,6 +1304,106 @@ async fn a_refund_to_an_address_whose_custody_answer_is_lost_pays_once() {
     assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.0005");
 }
 
+/// Review finding (HIGH): a refund whose custody withdrawal was recorded with its ledger hold
+/// unresolved (the wallet's `new` row, which custody removes when the hold is then refused,
+/// e.g. the merchant's balance spent meanwhile) was taken for done: `invoice.refunded` sent,
+/// the amount reserved, and nothing ever paid once custody removed the row. It stays `unknown`
+/// until custody holds the amount; a row custody removed is requested again under its key.
+#[tokio::test]
+async fn a_refund_whose_custody_hold_is_unresolved_is_not_done_until_held() {
+    let m = setup().await;
+    let now = common::now_ms();
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
+    m.tick(now + 1).await;
+    m.fake.lose.store(1, Ordering::SeqCst);
+    m.fake.unresolved.store(1, Ordering::SeqCst);
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0004&address=bcrt1qdest"),
+            &m.wkey,
+        )
+        .await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    // The monitor finds the row unresolved; custody then removes it (its hold refused).
+    m.fake.free_after_lookup.store(1, Ordering::SeqCst);
+    m.tick(now + 2).await;
+    let v = m.get(&id).await;
+    assert_eq!(s(&v["refunds"][0], "state"), "unknown", "{v:#}");
+    assert!(!m.events(&id).iter().any(|e| e == "invoice.refunded"));
+    assert!(m.fake.withdrawals.lock().unwrap().is_empty());
+    // Nothing under the key now: requested again, held this time, done once.
+    m.tick(now + 3).await;
+    let v = m.get(&id).await;
+    assert_eq!(
+        (
+            s(&v["refunds"][0], "state"),
+            s(&v["refunds"][0], "reference")
+        ),
+        ("done".into(), "withdrawal:100".into())
+    );
+    let ws = m.fake.withdrawals.lock().unwrap().clone();
+    assert_eq!(ws.len(), 1);
+    assert_eq!(ws[0].idempotency_key, format!("refund-{id}-1"));
+    assert_eq!(s(&v, "refundedBtc"), "0.0004");
+    let refunded = m.events(&id);
+    assert_eq!(
+        refunded.iter().filter(|e| *e == "invoice.refunded").count(),
+        1
+    );
+}
+
+/// Review finding (MEDIUM-HIGH): a refund to an address whose withdrawal custody later
+/// released (an operator rejected it, or its address was refused) stayed `done`, its amount
+/// reserved for good: the money was back in the merchant's balance, the customer got nothing,
+/// and a new refund of it was refused (`-1156`). The monitor follows such refunds until custody
+/// pays or releases them; a released one is given back (`cancelled`) and can be refunded again.
+#[tokio::test]
+async fn a_refund_custody_released_is_given_back_and_can_be_refunded_again() {
+    let m = setup().await;
+    let now = common::now_ms();
+    let inv = m.invoice("amount=0.001").await;
+    let id = s(&inv, "id");
+    m.fake
+        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
+    m.tick(now + 1).await;
+    let refund = |amount: &'static str| {
+        let (m, id) = (&m, id.clone());
+        async move {
+            m.h.signed(
+                "POST",
+                "/mapi/v1/merchant/invoice/refund",
+                &format!("invoiceId={id}&amount={amount}&address=bcrt1qdest"),
+                &m.wkey,
+            )
+            .await
+        }
+    };
+    let r = refund("0.001").await;
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+    // Still on its way: followed, nothing changes.
+    m.tick(now + 2).await;
+    assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.001");
+    m.fake.withdrawals.lock().unwrap()[0].state = api::custody::WithdrawalState::Released;
+    m.tick(now + 3).await;
+    let v = m.get(&id).await;
+    assert_eq!(s(&v, "refundedBtc"), "0", "{v:#}");
+    let again = refund("0.001").await;
+    assert_eq!(again.status, axum::http::StatusCode::OK, "{}", again.json);
+    assert_eq!(s(&again.json, "reference"), "withdrawal:101");
+    // Paid: followed to its end, and never given back after.
+    m.fake.withdrawals.lock().unwrap()[1].state = api::custody::WithdrawalState::Completed;
+    m.tick(now + 4).await;
+    m.fake.withdrawals.lock().unwrap()[1].state = api::custody::WithdrawalState::Released;
+    m.tick(now + 5).await;
+    assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.001");
+    assert_eq!(refund("0.0001").await.code(), -1156);
+}
+
 /// Review finding: custody's withdrawal under a refund's key (`refund-<invoice>-<n>`, a
 /// predictable key) counted as the refund's when account and amount matched, whatever its
 /// address: a holder of a `withdraw` key could take the key first, to its own address, and the

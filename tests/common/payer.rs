@@ -121,4 +121,33 @@ impl Payer {
         self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
         tx
     }
+
+    /// A double spend of an unconfirmed payment of this wallet: the same inputs at 10 sat/vB,
+    /// the output that paid `address` paying this wallet instead (what a payer does to take a
+    /// payment back once a reorg put it out of the chain), broadcast to the node's mempool.
+    pub fn take_back(&mut self, rpc: &Client, tx: &Transaction, address: &str) -> Transaction {
+        let paid = parse_address(address).script_pubkey();
+        let mine = self.receive_address().script_pubkey();
+        let mut b = self.wallet.build_fee_bump(tx.compute_txid()).unwrap();
+        b.fee_rate(FeeRate::from_sat_per_vb_u32(10));
+        let mut psbt = b.finish().unwrap();
+        let i = psbt
+            .unsigned_tx
+            .output
+            .iter()
+            .position(|o| o.script_pubkey == paid)
+            .expect("the payment's output");
+        psbt.unsigned_tx.output[i].script_pubkey = mine;
+        psbt.outputs[i] = Default::default();
+        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
+        assert!(self
+            .wallet
+            .finalize_psbt(&mut psbt, SignOptions::default())
+            .unwrap());
+        let tx = psbt.extract_tx().unwrap();
+        rpc.send_raw_transaction(&tx)
+            .expect("sendrawtransaction (double spend)");
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
+        tx
+    }
 }

@@ -28,6 +28,9 @@ pub struct Fake {
     /// Key look-ups still to answer with the withdrawal and then forget it (as the wallet frees
     /// the key of a `new` row whose ledger hold was refused, between two calls of a caller).
     pub free_after_lookup: AtomicUsize,
+    /// Withdrawals still to record `Unresolved` (the wallet's `new` row: its ledger hold not
+    /// known yet), until a test moves them on.
+    pub unresolved: AtomicUsize,
     /// Accounts flagged for review ([`Custody::flagged_accounts`]).
     pub flagged: Mutex<Vec<u32>>,
     /// Withdrawal requests still to answer with an internal error before recording anything
@@ -129,7 +132,11 @@ impl Custody for Fake {
             amount_sat,
             fee_sat: 0,
             idempotency_key: idempotency_key.into(),
-            state: WithdrawalState::Pending,
+            state: if take(&self.unresolved) {
+                WithdrawalState::Unresolved
+            } else {
+                WithdrawalState::Pending
+            },
             reason: None,
             created_ms: 0,
             txid: None,

@@ -728,7 +728,9 @@ impl SimCustody {
             fee_sat: FLAT_FEE,
             idempotency_key: w.key.clone(),
             state: match w.status {
-                WStatus::New | WStatus::Pending | WStatus::Releasing => WState::Pending,
+                // As the wallet's custody answers: a `new` row's hold is not known yet.
+                WStatus::New => WState::Unresolved,
+                WStatus::Pending | WStatus::Releasing => WState::Pending,
                 WStatus::Batched(_) => WState::Processing,
                 WStatus::Completed => WState::Completed,
                 WStatus::Released => WState::Released,

@@ -251,13 +251,19 @@ def cmd_por(args):
     owed = int(liabilities["BTC"]["total"])
     if total < owed:
         raise Fail("below_liabilities", "reserves %d sat are below the BTC liabilities %d sat" % (total, owed))
-    binds = doc["message"] == default_message(doc)
+    # The signatures cover the message only: it must name this document's block, roots, totals
+    # and audit head (an operator's note may follow), or they say nothing of them.
+    binding = default_message(doc)
+    rest = doc["message"][len(binding):] if doc["message"].startswith(binding) else None
+    if rest is None or not (rest == "" or rest.startswith("; note: ")):
+        raise Fail("message_not_binding",
+                   "the signed message does not name this document's block, liabilities and audit head")
     node = None
     if args.rpc:
         later = check_node(doc, inputs, Rpc(args.rpc, args.cookie))
         node = "every UTXO unspent at block %d (%d spent since)" % (doc["block_height"], later)
-    print("OK: %d sat in %d UTXOs >= BTC liabilities %d sat at block %d; message binds: %s; node: %s"
-          % (total, len(inputs), owed, doc["block_height"], binds, node or "NOT CHECKED"))
+    print("OK: %d sat in %d UTXOs >= BTC liabilities %d sat at block %d; message binds: True; node: %s"
+          % (total, len(inputs), owed, doc["block_height"], node or "NOT CHECKED"))
 
 
 # ----- inclusion proofs -----

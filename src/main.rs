@@ -182,7 +182,8 @@ enum ReservesCmd {
     /// Publishes a BIP-127 proof of reserves over the custody wallet's UTXOs at the tip, with
     /// a fresh liabilities proof (running server); --json prints the document.
     Prove {
-        /// The message (default: one naming the block, the liabilities roots, the audit head).
+        /// A note after the signed message (which names the block, the liabilities roots and
+        /// totals, and the audit head), at most 1,024 bytes.
         #[arg(long)]
         message: Option<String>,
     },

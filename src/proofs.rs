@@ -263,7 +263,7 @@ pub fn audit_tail(data_dir: &Path, n: usize, json: bool) -> anyhow::Result<()> {
 
 // ----- the BIP-127 proof of reserves (docs/proof-of-reserves.md) -----
 
-/// `mediator reserves prove [--message TEXT]`: the running server publishes a liabilities proof
+/// `mediator reserves prove [--message NOTE]`: the running server publishes a liabilities proof
 /// and a proof of reserves; prints the document (`--json`) or a summary.
 pub fn prove(a: &crate::admin::Admin, message: Option<&str>) -> anyhow::Result<()> {
     let params: Vec<(&str, &str)> = message.map(|m| ("message", m)).into_iter().collect();
@@ -335,12 +335,6 @@ pub fn verify_reserves(
                     report["block_height"],
                     report["block_hash"].as_str().unwrap_or("")
                 );
-                if report["message_binds"] == false {
-                    println!(
-                        "WARNING: custom message: it does not name the block, the liabilities \
-                         roots and the audit head"
-                    );
-                }
                 match report["node"].as_str() {
                     Some(n) => println!("node: {n}"),
                     None => println!(

@@ -564,7 +564,16 @@ fn a_block_arriving_during_reserves_verify_does_not_pass_a_younger_utxo() {
         txid: Txid::from_byte_array([0x11; 32]),
         vout: 0,
     };
-    let message = "Operator reserves at block 100";
+    let liabilities = std::collections::BTreeMap::from([(
+        "BTC".to_owned(),
+        reserves::por::AssetLiabilities {
+            root: "00".repeat(32),
+            total: "0".into(),
+            leaves: 1,
+        },
+    )]);
+    let message =
+        &reserves::por::default_message(100, &fake_hash(100), 1, &liabilities, &"00".repeat(32));
     let input = wallet::bitcoin::psbt::Input {
         witness_utxo: Some(utxo.clone()),
         ..Default::default()

@@ -251,15 +251,20 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
         "{log_text}"
     );
 
-    // A second proof with a custom message (binds only itself), then coins move: a withdrawal
-    // spends wallet UTXOs in a block after both proofs.
+    // A second proof with an operator's note after the binding message, then coins move: a
+    // withdrawal spends wallet UTXOs in a block after both proofs.
     let custom = s.admin(&[
         "reserves",
         "prove",
         "--message",
         "Mediator audit 2026-11, custom",
     ]);
-    assert_eq!(custom["message"], "Mediator audit 2026-11, custom");
+    let note = custom["message"].as_str().unwrap();
+    assert!(
+        note.starts_with("Mediator reserves at block ")
+            && note.ends_with("; note: Mediator audit 2026-11, custom"),
+        "{note}"
+    );
     let list = http_get(s.addr, "/mapi/v1/reserves/proofs");
     let list: Value = serde_json::from_str(list.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(
@@ -317,7 +322,11 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
     ]);
     assert!(text(&o).contains("(1 spent since)"), "{}", text(&o));
 
-    // A UTXO spent at the stated block: the custom proof restated at the tip.
+    // Review finding (HIGH): an old proof (or another operator's) restated at the tip, or with
+    // other liabilities, passed both verifiers: the signatures cover the message only, and a
+    // message that did not name the block, roots and audit head was only a warning. Refused now
+    // (`message_not_binding`). (A UTXO spent at the stated block: see
+    // `a_utxo_created_after_the_stated_block_and_spent_since_is_refused`.)
     let rpc = s.rpc();
     use bdk_bitcoind_rpc::bitcoincore_rpc::RpcApi;
     let tip = rpc.get_block_count().unwrap();
@@ -327,9 +336,18 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
     let custom_file = write(files.path(), "custom", &custom);
     v.por("custom message, honest", &custom_file, None);
     v.por(
-        "a UTXO spent at the stated block",
+        "an old proof restated at the tip",
         &write(files.path(), "spent", &spent),
-        Some("spent_at_block"),
+        Some("message_not_binding"),
+    );
+    let other = reserves::liabilities::Tree::build(&[2; 32], 1, "BTC", &[(2, 1)]).unwrap();
+    let mut swapped = honest.clone();
+    swapped["liabilities"]["BTC"]["root"] = Value::from(hex::encode(other.root().hash));
+    swapped["liabilities"]["BTC"]["total"] = Value::from(other.root().sum.to_string());
+    v.por(
+        "another tree under the same signatures",
+        &write(files.path(), "swapped", &swapped),
+        Some("message_not_binding"),
     );
 
     // A signature over another message: the custom proof's signatures under the honest message.
@@ -606,12 +624,23 @@ fn a_utxo_created_after_the_stated_block_and_spent_since_is_refused() {
     );
     rpc.generate_to_address(100, &elsewhere).unwrap();
     let b = rpc.get_block_count().unwrap();
-    let b_hash = rpc.get_block_hash(b).unwrap();
     // Y: X's coins, moved in block B + 1.
     let y = spend(&x, &ours);
 
-    let document = |name: &str, utxos: &[&(OutPoint, TxOut)]| -> PathBuf {
-        let message = format!("Operator reserves at block {b}, {name}");
+    // A document at `block` over `utxos`, its message binding the block (a note names it).
+    let document_at = |block: u64, name: &str, utxos: &[&(OutPoint, TxOut)]| -> PathBuf {
+        let hash = rpc.get_block_hash(block).unwrap().to_string();
+        let liabilities = std::collections::BTreeMap::from([(
+            "BTC".to_owned(),
+            reserves::por::AssetLiabilities {
+                root: "00".repeat(32),
+                total: "0".into(),
+                leaves: 1,
+            },
+        )]);
+        let binding =
+            reserves::por::default_message(block as u32, &hash, 1, &liabilities, &"00".repeat(32));
+        let message = reserves::por::message_with_note(binding, Some(name));
         let inputs = utxos
             .iter()
             .map(|(op, out)| {
@@ -632,8 +661,8 @@ fn a_utxo_created_after_the_stated_block_and_spent_since_is_refused() {
             "version": 1,
             "network": "regtest",
             "message": message,
-            "block_hash": b_hash.to_string(),
-            "block_height": b,
+            "block_hash": hash,
+            "block_height": block,
             "psbt": reserves::por::psbt_base64(&psbt.serialize()),
             "reserves_sat": reserves_sat,
             "liabilities_proof_id": 1,
@@ -643,6 +672,7 @@ fn a_utxo_created_after_the_stated_block_and_spent_since_is_refused() {
         });
         write(files.path(), &name.replace(' ', "_"), &doc)
     };
+    let document = |name: &str, utxos: &[&(OutPoint, TxOut)]| document_at(b, name, utxos);
     let twice = document("X and Y", &[&x, &y]);
     let only_x = document("X alone", &[&x]);
 
@@ -660,4 +690,11 @@ fn a_utxo_created_after_the_stated_block_and_spent_since_is_refused() {
         Some("utxo_after_block"),
     );
     v.por("X alone, spent after B", &only_x, None);
+    // X named at a block after it was spent: not unspent there.
+    let tip = rpc.get_block_count().unwrap();
+    v.por(
+        "X at a block after its spend",
+        &document_at(tip, "X later", &[&x]),
+        Some("spent_at_block"),
+    );
 }

@@ -694,17 +694,18 @@ pub async fn verify_page(State(st): State<AppState>) -> Response {
 
 // ----- the BIP-127 proof of reserves (docs/proof-of-reserves.md) -----
 
-/// `POST /mapi/v1/admin/reserves/prove` (ADMIN), `message` optional: publishes a liabilities
-/// proof over every balance now, then has custody sign a BIP-127 proof of reserves over its
-/// UTXOs at the node's tip whose message (by default) names that block, every liabilities root
-/// and the audit head; stores the proof document (all of them are kept), logs
-/// `reserves.prove.publish` and answers the document.
+/// `POST /mapi/v1/admin/reserves/prove` (ADMIN), `message` optional (a note of at most
+/// [`reserves::por::MAX_NOTE`] bytes): publishes a liabilities proof over every balance now,
+/// then has custody sign a BIP-127 proof of reserves over its UTXOs at the node's tip whose
+/// message names that block, every liabilities root and the audit head, followed by the note
+/// if any (`; note: ...`; verifiers refuse a message that does not bind); stores the proof
+/// document (all of them are kept), logs `reserves.prove.publish` and answers the document.
 pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (_, mut p, ctx) = st.signed(&req)?;
     let custom = p.opt("message")?;
     p.finish()?;
     if let Some(m) = &custom {
-        if m.is_empty() || m.len() > reserves::por::MAX_MESSAGE {
+        if m.is_empty() || m.len() > reserves::por::MAX_NOTE {
             return Err(ApiError::invalid_value("message"));
         }
     }
@@ -769,9 +770,10 @@ async fn prove_and_store(
 ) -> Result<(u64, reserves::por::ProofDocument, Value, String), ApiError> {
     let (l2, h2) = (liabilities.clone(), audit_head.clone());
     let proof = crate::capital::call(st, move |c| {
-        c.prove_reserves(&move |height: u32, hash: &str| match &custom {
-            Some(m) => m.clone(),
-            None => reserves::por::default_message(height, hash, liabilities_proof_id, &l2, &h2),
+        c.prove_reserves(&move |height: u32, hash: &str| {
+            let binding =
+                reserves::por::default_message(height, hash, liabilities_proof_id, &l2, &h2);
+            reserves::por::message_with_note(binding, custom.as_deref())
         })
     })
     .await?;

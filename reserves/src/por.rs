@@ -106,6 +106,11 @@ pub enum PorError {
         /// BTC liabilities total.
         liabilities: u64,
     },
+    /// The signed message does not name the document's block, liabilities roots and totals and
+    /// audit head ([`default_message`], optionally followed by a note): the signatures would
+    /// not cover what the document states (another operator's proof, an old one restated).
+    #[error("the signed message does not name this document's block, liabilities and audit head")]
+    MessageNotBinding,
     /// No reserve input at all (nothing to prove), when building.
     #[error("no confirmed UTXO to prove")]
     NoUtxos,
@@ -131,9 +136,26 @@ impl PorError {
             PorError::Signature { .. } => "bad_signature",
             PorError::ReservesMismatch { .. } => "reserves_mismatch",
             PorError::BelowLiabilities { .. } => "below_liabilities",
+            PorError::MessageNotBinding => "message_not_binding",
             PorError::NoUtxos => "no_utxos",
             PorError::Overflow => "overflow",
         }
+    }
+}
+
+/// The longest operator's note, bytes: the binding message before it stays far within
+/// [`MAX_MESSAGE`].
+pub const MAX_NOTE: usize = 1024;
+
+/// What separates an operator's note from the binding message: `<default message>; note: <note>`.
+pub const NOTE_SEPARATOR: &str = "; note: ";
+
+/// The message of a proof over `binding` ([`default_message`]) with an operator's `note`, if
+/// any: the note follows the binding part, which every verifier requires.
+pub fn message_with_note(binding: String, note: Option<&str>) -> String {
+    match note {
+        Some(n) => format!("{binding}{NOTE_SEPARATOR}{n}"),
+        None => binding,
     }
 }
 
@@ -491,17 +513,21 @@ impl ProofDocument {
         Psbt::deserialize(&bytes).map_err(|e| PorError::MalformedPsbt(e.to_string()))
     }
 
-    /// True when the message is [`default_message`] of this document's fields (it binds the
-    /// block, the liabilities and the audit head); a custom message binds only itself.
+    /// True when the message is [`default_message`] of this document's fields, alone or
+    /// followed by an operator's note ([`message_with_note`]): it binds the block, the
+    /// liabilities and the audit head. Required by [`verify_document`].
     pub fn message_binds(&self) -> bool {
-        self.message
-            == default_message(
-                self.block_height,
-                &self.block_hash,
-                self.liabilities_proof_id,
-                &self.liabilities,
-                &self.audit_head,
-            )
+        let binding = default_message(
+            self.block_height,
+            &self.block_hash,
+            self.liabilities_proof_id,
+            &self.liabilities,
+            &self.audit_head,
+        );
+        match self.message.strip_prefix(&binding) {
+            Some(rest) => rest.is_empty() || rest.starts_with(NOTE_SEPARATOR),
+            None => false,
+        }
     }
 
     /// The BTC liabilities total.
@@ -582,11 +608,17 @@ pub fn verify_document(
             liabilities: btc_liabilities,
         });
     }
+    // The signatures cover the message only: unless it names this document's block, roots,
+    // totals and audit head, they say nothing of them (another operator's proof, or an old
+    // one, could be restated with any liabilities).
+    if !doc.message_binds() {
+        return Err(PorError::MessageNotBinding);
+    }
     Ok(DocumentReport {
         checked,
         network,
         block_hash,
-        message_binds: doc.message_binds(),
+        message_binds: true,
         btc_liabilities,
     })
 }

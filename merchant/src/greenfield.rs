@@ -106,7 +106,10 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
         .prepare("SELECT 1 FROM pragma_table_info('gf_payout') WHERE name = 'final'")?
         .exists([])?;
     if !has_final {
-        conn.execute_batch("ALTER TABLE gf_payout ADD COLUMN final INTEGER NOT NULL DEFAULT 0")?;
+        conn.execute_batch(
+            "ALTER TABLE gf_payout ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE gf_payout ADD COLUMN checked_ms INTEGER NOT NULL DEFAULT 0;",
+        )?;
     }
     // Databases from before pull payments kept their claim window.
     let has_window: bool = conn
@@ -717,9 +720,11 @@ fn additional_status(rec: &Record) -> &'static str {
     let m = rec.inv.marks;
     // Settled, then payments it counted were reversed (double-spent): BTCPay's `Invalid`, an
     // invoice whose payments failed. Otherwise marked settled, or marked invalid.
-    if m.has(Marks::REVERSED) {
+    if m.has(Marks::MARKED) {
+        "Marked"
+    } else if m.has(Marks::REVERSED) {
         "Invalid"
-    } else if m.has(Marks::MARKED) || rec.inv.status == Status::Invalid {
+    } else if rec.inv.status == Status::Invalid {
         "Marked"
     } else if m.has(Marks::PAID_LATE) {
         "PaidLate"
@@ -2532,11 +2537,12 @@ pub async fn resolve_all(st: &AppState) -> Result<usize, ApiError> {
 }
 
 /// Follows payouts paid out through custody (`done`, to an address) until custody pays them or
-/// gives them back (at most 256 a call, oldest first; run by every monitor tick after
+/// gives them back (run by every monitor tick after
 /// [`super::outcome::follow_refunds`]): paid → nothing more to follow; given back (the
 /// withdrawal released) → `cancelled`, so that its amount can be claimed again. Before, it
 /// stayed `done` and counted against the pull payment's limit for good while nobody was paid.
 /// A store payout asks custody about its key; an invoice refund's payout follows its refund.
+/// At most [`super::outcome::FOLLOW_PER_TICK`] a call, those looked at longest ago first.
 /// Returns how many were given back.
 pub async fn follow_payouts(st: &AppState) -> Result<usize, ApiError> {
     use super::outcome::{custody_record_of, followed, Followed};
@@ -2552,11 +2558,11 @@ pub async fn follow_payouts(st: &AppState) -> Result<usize, ApiError> {
                 "SELECT {cols}, pp.merchant, pp.invoice_id FROM gf_payout p
                  JOIN gf_pull_payment pp ON pp.id = p.pp_id
                  WHERE p.state = 'done' AND p.final = 0 AND p.destination NOT LIKE 'account:%'
-                 ORDER BY p.created_ms, p.n LIMIT 256"
+                 ORDER BY p.checked_ms, p.created_ms, p.n LIMIT ?1"
             ))
             .map_err(db_error)?;
         let rows = stmt
-            .query_map([], |r| {
+            .query_map([super::outcome::FOLLOW_PER_TICK], |r| {
                 Ok((
                     payout_row(r)?,
                     r.get::<_, u32>(9)?,
@@ -2585,9 +2591,10 @@ pub async fn follow_payouts(st: &AppState) -> Result<usize, ApiError> {
                 }
             }
             None => {
-                let mut found = None;
+                // Custody's record under the key, or the one an older build used.
+                let mut found = Ok(None);
                 for key in [store_payout_key(&p), legacy_store_payout_key(&p)] {
-                    let rec = custody_record_of(
+                    found = custody_record_of(
                         st.custody(),
                         merchant,
                         key,
@@ -2595,15 +2602,34 @@ pub async fn follow_payouts(st: &AppState) -> Result<usize, ApiError> {
                         p.amount_sat,
                     )
                     .await;
-                    if let Ok(Some(w)) = rec {
-                        found = followed(w.state);
+                    if !matches!(found, Ok(None)) {
                         break;
                     }
                 }
-                found
+                match found {
+                    Ok(Some(w)) => followed(w.state),
+                    // No withdrawal under its keys: only one an older build took for done
+                    // while its hold was unresolved, and custody removed (never paid). Not
+                    // given back blindly: left claimed for the operator, no longer followed.
+                    Ok(None) => {
+                        tracing::error!(payout = %p.id, "a done payout has no custody withdrawal; left claimed");
+                        Some(Followed::Paid)
+                    }
+                    Err(()) => None,
+                }
             }
         };
         let Some(end) = end else {
+            // Not at its end yet: the others come first next time (oldest look first).
+            let (pp_id, n, now) = (p.pp_id.clone(), p.n, now_ms());
+            with_db(st, move |c| {
+                c.execute(
+                    "UPDATE gf_payout SET checked_ms = ?3 WHERE pp_id = ?1 AND n = ?2",
+                    params![pp_id, n, now as i64],
+                )
+                .map_err(db_error)
+            })
+            .await?;
             continue;
         };
         let state = if end == Followed::GivenBack {
@@ -2780,21 +2806,6 @@ pub async fn claim(
             "The pull payment is archived",
         ));
     }
-    let now = now_ms();
-    if pp.starts_ms.is_some_and(|s| now < s) {
-        return Err(gf_err(
-            StatusCode::BAD_REQUEST,
-            "not-started",
-            "The pull payment has not started yet",
-        ));
-    }
-    if pp.expires_ms.is_some_and(|e| now >= e) {
-        return Err(gf_err(
-            StatusCode::BAD_REQUEST,
-            "expired",
-            "The pull payment has expired",
-        ));
-    }
     let b = req.json()?;
     payout_method_ok(&b, &["payoutMethodId", "paymentMethod"])?;
     let destination = b
@@ -2855,6 +2866,8 @@ enum Reserved {
     OverLimit(u64),
     TooMany,
     KeyReused,
+    /// Outside the pull payment's claim window (`not-started` or `expired`, and why).
+    Closed(&'static str, &'static str),
     /// The store's withdrawal address list refused the destination: nothing reserved.
     Refused(crate::allowlist::AllowListError),
 }
@@ -2889,6 +2902,14 @@ async fn claim_and_pay(
                 let same = p.destination == destination && amount.is_none_or(|a| a == p.amount_sat);
                 return Ok(if same { Reserved::Existing(p) } else { Reserved::KeyReused });
             }
+        }
+        // The claim window, after the key's look-up: a claim repeated after the expiry (its
+        // first answer lost) is answered with its payout, not told nothing was claimed.
+        if pp2.starts_ms.is_some_and(|s| now < s) {
+            return Ok(Reserved::Closed("not-started", "The pull payment has not started yet"));
+        }
+        if pp2.expires_ms.is_some_and(|e| now >= e) {
+            return Ok(Reserved::Closed("expired", "The pull payment has expired"));
         }
         flag?;
         // A new claim moves the store's money out: the store's list decides where to (after
@@ -2968,6 +2989,9 @@ async fn claim_and_pay(
                 "amount",
                 format!("at most {MAX_PAYOUTS} payouts per pull payment"),
             ))
+        }
+        Reserved::Closed(code, message) => {
+            return Err(gf_err(StatusCode::BAD_REQUEST, code, message));
         }
         Reserved::KeyReused => {
             return Err(invalid(

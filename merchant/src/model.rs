@@ -328,6 +328,36 @@ impl Invoice {
             .sum()
     }
 
+    /// The part of `refunded_sat` that late payments do not account for: refunds are drawn on
+    /// late payments first (they never paid for the invoice), then on on-time ones.
+    fn refunded_on_time_sat(&self) -> u64 {
+        let late: u64 = self
+            .payments
+            .iter()
+            .filter(|p| !p.reorged && !self.on_time(p))
+            .map(|p| p.amount_sat)
+            .sum();
+        self.refunded_sat.saturating_sub(late)
+    }
+
+    /// True when custody reversed on-time payments (double-spent after they were credited) and
+    /// what is left of them, refunds taken off, no longer pays for the invoice. A payment merely
+    /// reorged still counts here: a reorg does not unsettle (see the module rules).
+    fn reversed_below_threshold(&self) -> bool {
+        let on_time = |p: &&Payment| self.on_time(p);
+        if !self.payments.iter().filter(on_time).any(|p| p.reversed) {
+            return false;
+        }
+        let kept: u64 = self
+            .payments
+            .iter()
+            .filter(on_time)
+            .filter(|p| !p.reversed)
+            .map(|p| p.amount_sat)
+            .sum();
+        kept.saturating_sub(self.refunded_on_time_sat()) < self.threshold_sat()
+    }
+
     /// Satoshis still to pay for the invoice to count as paid in full (0 when paid).
     pub fn due_sat(&self) -> u64 {
         self.amount_sat.saturating_sub(self.derive(0).paid_sat)
@@ -356,9 +386,10 @@ impl Invoice {
         }
         // What was refunded pays for nothing: an `Expired` invoice refunded, then paid up by a
         // payment that came back to the chain, is not paid.
+        let refunded = self.refunded_on_time_sat();
         let (net_paid, net_confirmed) = (
-            paid.saturating_sub(self.refunded_sat),
-            confirmed.saturating_sub(self.refunded_sat),
+            paid.saturating_sub(refunded),
+            confirmed.saturating_sub(refunded),
         );
         let status = if self.status == Status::Settled {
             Status::Settled
@@ -405,8 +436,7 @@ impl Invoice {
         let before = self.status;
         if before == Status::Settled
             && !self.marks.has(Marks::MARKED)
-            && self.payments.iter().any(|p| p.reversed)
-            && self.derive(now_ms).paid_sat < self.threshold_sat()
+            && self.reversed_below_threshold()
         {
             // Custody took back what settled it: no longer paid (see the module rules).
             self.status = Status::Invalid;
@@ -543,6 +573,51 @@ mod tests {
         let got = i.observe(&[chain(2, 500, 1, 11)], 1_600);
         assert_eq!((i.status, got), (Status::Expired, vec![]));
         assert_eq!(i.derive(1_600).paid_sat, 1000, "both payments still shown");
+    }
+
+    /// Review finding: refunds were all taken off the on-time payments, late ones' too: an
+    /// invoice whose on-time payment was dropped (so it expired), paid late in full and refunded
+    /// that late payment, did not settle when the on-time payment came back and confirmed,
+    /// though the customer had paid in full and on time. Refunds are drawn on late payments
+    /// first.
+    #[test]
+    fn a_refunded_late_payment_does_not_keep_an_on_time_payment_from_settling() {
+        let mut i = inv(1000, 1, 0);
+        i.observe(&[chain(1, 1000, 0, 10)], 20);
+        let dropped = Payment {
+            reorged: true,
+            ..chain(1, 1000, 0, 10)
+        };
+        assert_eq!(i.observe(&[dropped], 1_500), vec![E::InvoiceExpired]);
+        i.observe(&[chain(2, 1000, 1, 1_600)], 1_700);
+        assert_eq!(i.status, Status::Expired);
+        i.refunded_sat = 1000;
+        let got = i.observe(&[chain(1, 1000, 1, 10)], 1_800);
+        assert_eq!(
+            (i.status, got),
+            (
+                Status::Settled,
+                vec![E::InvoiceProcessing, E::InvoiceSettled]
+            )
+        );
+    }
+
+    /// Review finding: a settled invoice whose on-time payments were reversed was judged on
+    /// what was left before refunds: overpaid 2,000 on 1,000, 1,000 refunded, then 1,000
+    /// reversed: nothing kept net, yet it stayed `Settled`. Without the refund, it would stay.
+    #[test]
+    fn a_reversal_counts_refunds_against_what_is_left() {
+        for (refunded, status, events) in [
+            (0, Status::Settled, vec![]),
+            (1000, Status::Invalid, vec![E::InvoiceInvalid]),
+        ] {
+            let mut i = inv(1000, 1, 0);
+            i.observe(&[chain(1, 1000, 1, 10), chain(2, 1000, 1, 11)], 20);
+            assert_eq!(i.status, Status::Settled);
+            i.refunded_sat = refunded;
+            let got = i.observe(&[reversed(chain(2, 1000, 0, 11))], 30);
+            assert_eq!((i.status, got), (status, events), "refunded {refunded}");
+        }
     }
 
     #[test]
@@ -820,6 +895,64 @@ mod tests {
                     ),
                     // Confirmed after all and credited again: still invalid.
                     (vec![chain(1, 1000, 1, 10)], 40, Status::Invalid, 16, vec![]),
+                ],
+            ),
+            (
+                "a reversal while the payment that settled it is only reorged keeps it settled",
+                1,
+                0,
+                vec![
+                    (
+                        vec![chain(1, 1000, 1, 10), chain(2, 300, 1, 11)],
+                        20,
+                        Status::Settled,
+                        2,
+                        vec![
+                            E::PaymentReceived,
+                            E::PaymentReceived,
+                            E::InvoiceProcessing,
+                            E::InvoiceSettled,
+                        ],
+                    ),
+                    (
+                        vec![
+                            Payment {
+                                reorged: true,
+                                ..chain(1, 1000, 0, 10)
+                            },
+                            reversed(chain(2, 300, 0, 11)),
+                        ],
+                        30,
+                        Status::Settled,
+                        0,
+                        vec![],
+                    ),
+                ],
+            ),
+            (
+                "a reversal of a late payment keeps it settled",
+                1,
+                0,
+                vec![
+                    (
+                        vec![chain(1, 1000, 1, 10), chain(2, 300, 1, 2_000)],
+                        2_100,
+                        Status::Settled,
+                        4,
+                        vec![
+                            E::PaymentReceived,
+                            E::PaymentReceived,
+                            E::InvoiceProcessing,
+                            E::InvoiceSettled,
+                        ],
+                    ),
+                    (
+                        vec![reversed(chain(2, 300, 0, 2_000))],
+                        2_200,
+                        Status::Settled,
+                        0,
+                        vec![],
+                    ),
                 ],
             ),
             (

@@ -192,12 +192,20 @@ fn custody_record(
 /// What custody's record of a withdrawal says of the movement: done once custody holds the
 /// amount, unknown while its hold is unresolved (custody may still be refused the hold and
 /// remove the record: a refund taken for done then would never be paid, its amount reserved for
-/// good).
+/// good), refused when custody already released it (nothing will be paid: the reservation is
+/// given back, and no `invoice.refunded` is sent for it).
 pub(crate) fn done_or_unknown(w: &WithdrawalInfo) -> Moved {
-    if w.state == WithdrawalState::Unresolved {
-        Moved::Unknown
-    } else {
-        Moved::Done(format!("withdrawal:{}", w.id))
+    match w.state {
+        WithdrawalState::Unresolved => Moved::Unknown,
+        WithdrawalState::Released => Moved::Refused(ApiError::bad(
+            -4043,
+            format!(
+                "custody released withdrawal {}: {}",
+                w.id,
+                w.reason.as_deref().unwrap_or("no reason given")
+            ),
+        )),
+        _ => Moved::Done(format!("withdrawal:{}", w.id)),
     }
 }
 
@@ -333,6 +341,10 @@ pub async fn settle_refund(
     Ok(())
 }
 
+/// How many paid-out refunds (and payouts) one monitor tick looks at, those looked at longest
+/// ago first: rows that wait long (an approval, coins) never keep the others from being seen.
+pub(crate) const FOLLOW_PER_TICK: u32 = 64;
+
 /// Where a withdrawal custody took stands for whoever reserved its amount.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Followed {
@@ -356,32 +368,53 @@ pub(crate) fn followed(state: WithdrawalState) -> Option<Followed> {
 }
 
 /// Follows refunds to an address that custody took (`done`) until it pays or gives them back
-/// (at most 256 a call, oldest first; run by every monitor tick). A refund whose withdrawal
-/// custody released is `cancelled` and its amount no longer counts as refunded, so that the
-/// merchant can refund it again; before, it stayed `done` and reserved for good while the
-/// customer got nothing. Returns how many were given back.
+/// (at most [`FOLLOW_PER_TICK`] a call, those looked at longest ago first; run by every
+/// monitor tick). A refund whose withdrawal custody released is `cancelled` and its amount no
+/// longer counts as refunded, so that the merchant can refund it again; before, it stayed
+/// `done` and reserved for good while the customer got nothing. Returns how many were given
+/// back.
 pub async fn follow_refunds(st: &AppState) -> Result<usize, ApiError> {
     let Some(custody) = st.custody() else {
         return Ok(0);
     };
-    let open = with_db(st, |c| store::refunds_to_follow(c, 256).map_err(db)).await?;
+    let now = api::core::now_ms();
+    let open = with_db(st, |c| {
+        store::refunds_to_follow(c, FOLLOW_PER_TICK).map_err(db)
+    })
+    .await?;
     let mut given_back = 0;
     for (r, merchant) in open {
         let Some(address) = r.to_address.clone() else {
             continue;
         };
+        let (iid, n) = (r.invoice_id.clone(), r.n);
         let key = refund_withdrawal_key(&r);
         let found =
             custody_record_of(Some(custody.clone()), merchant, key, address, r.amount_sat).await;
-        let Some(end) = found.ok().flatten().and_then(|w| followed(w.state)) else {
+        let end = match found {
+            Ok(Some(w)) => followed(w.state),
+            // No withdrawal under its key: only a row an older build took for done while its
+            // hold was unresolved, and custody removed (never paid). Not given back blindly:
+            // left reserved for the operator, no longer followed.
+            Ok(None) => {
+                tracing::error!(invoice = %iid, n, "a done refund has no custody withdrawal; left reserved");
+                Some(Followed::Paid)
+            }
+            Err(()) => None,
+        };
+        let Some(end) = end else {
+            // Not at its end yet: the others come first next time (oldest look first).
+            with_db(st, move |c| {
+                store::refund_checked(c, &iid, n, now).map_err(db)
+            })
+            .await?;
             continue;
         };
         let back = end == Followed::GivenBack;
         if back {
-            tracing::warn!(invoice = %r.invoice_id, n = r.n, "refund released by custody: given back");
+            tracing::warn!(invoice = %iid, n, "refund released by custody: given back");
             given_back += 1;
         }
-        let (iid, n) = (r.invoice_id.clone(), r.n);
         with_db(st, move |c| {
             store::refund_followed(c, &iid, n, back).map_err(db)
         })

@@ -71,7 +71,8 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
         .exists([])?;
     if !has_final {
         conn.execute_batch(
-            "ALTER TABLE invoice_refund ADD COLUMN final INTEGER NOT NULL DEFAULT 0",
+            "ALTER TABLE invoice_refund ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
+             ALTER TABLE invoice_refund ADD COLUMN checked_ms INTEGER NOT NULL DEFAULT 0;",
         )?;
     }
     // Databases from before custody could reverse a payment.
@@ -918,7 +919,7 @@ pub fn cancel_refund(conn: &mut Connection, invoice_id: &str, n: u32) -> rusqlit
 }
 
 /// Refunds to an address that custody took (`done`) and has neither paid nor given back yet,
-/// oldest first, at most `limit`, each with its merchant.
+/// those looked at longest ago first, at most `limit`, each with its merchant.
 pub fn refunds_to_follow(conn: &Connection, limit: u32) -> rusqlite::Result<Vec<(Refund, u32)>> {
     let cols = REFUND_COLUMNS
         .split(", ")
@@ -928,10 +929,24 @@ pub fn refunds_to_follow(conn: &Connection, limit: u32) -> rusqlite::Result<Vec<
     let mut s = conn.prepare_cached(&format!(
         "SELECT {cols}, i.merchant FROM invoice_refund r JOIN invoice i ON i.id = r.invoice_id
          WHERE r.state = 'done' AND r.final = 0 AND r.to_address IS NOT NULL
-         ORDER BY r.created_ms, r.n LIMIT ?1"
+         ORDER BY r.checked_ms, r.created_ms, r.n LIMIT ?1"
     ))?;
     let rows = s.query_map([limit], |r| Ok((refund_row(r)?, r.get(9)?)))?;
     rows.collect()
+}
+
+/// Notes when a followed refund was last looked at (it was not at its end).
+pub fn refund_checked(
+    conn: &Connection,
+    invoice_id: &str,
+    n: u32,
+    now_ms: u64,
+) -> rusqlite::Result<()> {
+    conn.execute(
+        "UPDATE invoice_refund SET checked_ms = ?3 WHERE invoice_id = ?1 AND n = ?2",
+        params![invoice_id, n, now_ms as i64],
+    )?;
+    Ok(())
 }
 
 /// A followed refund's end: paid (`given_back` false: nothing more to follow), or given back by

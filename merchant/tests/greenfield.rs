@@ -1127,6 +1127,34 @@ async fn a_pull_payments_claim_window_is_kept_and_manual_approval_refused() {
         "open",
     );
     assert_eq!(claim(&open).await.status, StatusCode::OK);
+    // A claim repeated after the expiry (its first answer lost) is answered with its payout;
+    // a new one is refused.
+    let payouts = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        open["id"].as_str().unwrap()
+    );
+    let keyed = json!({"destination": "bcrt1qwinner", "amount": "0.0001"}).to_string();
+    let key = [("Idempotency-Key", "k1")];
+    let first = raw(&g.h, "POST", &payouts, None, keyed.clone(), &key).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    g.h.state
+        .merchant()
+        .db
+        .lock()
+        .unwrap()
+        .execute(
+            "UPDATE gf_pull_payment SET expires_ms = 1000 WHERE id = ?1",
+            [open["id"].as_str().unwrap()],
+        )
+        .unwrap();
+    let again = raw(&g.h, "POST", &payouts, None, keyed, &key).await;
+    assert_eq!(
+        (again.status, &again.json["id"]),
+        (StatusCode::OK, &first.json["id"]),
+        "{}",
+        again.json
+    );
+    assert_eq!(claim(&open).await.json["code"], "expired");
     for bad in [
         json!({"autoApproveClaims": false}),
         json!({"expiresAt": now - 1}),

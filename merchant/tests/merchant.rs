@@ -1355,6 +1355,34 @@ async fn a_refund_whose_custody_hold_is_unresolved_is_not_done_until_held() {
         refunded.iter().filter(|e| *e == "invoice.refunded").count(),
         1
     );
+    // Custody answering the request itself with a row still unresolved: unknown, not done.
+    m.fake.unresolved.store(1, Ordering::SeqCst);
+    let r =
+        m.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice/refund",
+            &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
+            &m.wkey,
+        )
+        .await;
+    assert_eq!(r.code(), -1007, "{}", r.json);
+    m.tick(now + 4).await;
+    let v = m.get(&id).await;
+    assert_eq!(s(&v["refunds"][1], "state"), "unknown", "{v:#}");
+    // Released by custody before anyone learned the outcome: refused, given back.
+    m.fake.withdrawals.lock().unwrap()[1].state = api::custody::WithdrawalState::Released;
+    m.tick(now + 5).await;
+    let v = m.get(&id).await;
+    assert_eq!(v["refunds"].as_array().unwrap().len(), 1, "{v:#}");
+    assert_eq!(s(&v, "refundedBtc"), "0.0004");
+    assert_eq!(
+        m.events(&id)
+            .iter()
+            .filter(|e| *e == "invoice.refunded")
+            .count(),
+        1,
+        "no invoice.refunded for a refund never paid"
+    );
 }
 
 /// Review finding (MEDIUM-HIGH): a refund to an address whose withdrawal custody later

@@ -402,7 +402,9 @@ impl SimCustody {
                             self.save(&r)?;
                         }
                         Outcome::Rejected(RejectCode::InsufficientBalance) => {
-                            r.wds.get_mut(&id).unwrap().status = WStatus::Released;
+                            // Certainly not held: the row goes, as the wallet deletes it (its
+                            // key free again): never a release a caller could take for one.
+                            r.wds.remove(&id);
                             self.save(&r)?;
                         }
                         _ => {}

@@ -237,6 +237,31 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
         &["inclusion", m, "--account", &a1, "--against", h],
         None,
     );
+    // Review finding: a liabilities proof published after the proof of reserves replaced the
+    // tree `my-proof` answered from, so no user could get a proof in the tree the signed
+    // document names (`--against` it failed `not_published`, for an honest operator too).
+    // `my-proof` answers from the tree the latest proof of reserves names; `proofId` asks for
+    // another publication.
+    let later = s.admin(&["reserves", "publish-liabilities"]);
+    let later_id = later["proofId"].as_u64().unwrap();
+    assert!(later_id > honest["liabilities_proof_id"].as_u64().unwrap());
+    let again = call(
+        &c1,
+        "GET",
+        "/mapi/v1/reserves/my-proof",
+        &[("asset", "BTC")],
+    );
+    assert_eq!(
+        again, mine,
+        "the proof in the tree the signed document names"
+    );
+    let newer = call(
+        &c1,
+        "GET",
+        "/mapi/v1/reserves/my-proof",
+        &[("asset", "BTC"), ("proofId", &later_id.to_string())],
+    );
+    assert_eq!(newer["proof_id"].as_u64(), Some(later_id), "{newer}");
     let log = dir.path().join("api/audit.log");
     let lg = log.to_str().unwrap();
     v.both(

@@ -627,9 +627,10 @@ pub const OPS: &[Op] = &[
     (
         "get",
         "/mapi/v1/reserves/my-proof",
-        "Your inclusion proof in the latest liabilities proof (docs/liabilities-proof.md).",
+        "Your inclusion proof in the liabilities proof the latest proof of reserves names (or \
+         `proofId`; the latest while there is no proof of reserves) (docs/liabilities-proof.md).",
         "read",
-        &[("asset", true)],
+        &[("asset", true), ("proofId", false)],
     ),
     (
         "post",

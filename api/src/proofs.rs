@@ -81,7 +81,12 @@ pub struct Proofs {
     db: Mutex<Connection>,
     secret: [u8; 32],
     latest: Mutex<Cache>,
-    /// How many times the stored snapshot was read and rebuilt (once per start at most).
+    /// The one older publication asked for last (`my-proof` by `proofId`, or the one the latest
+    /// proof of reserves names), kept so that its trees are not rebuilt per request.
+    other: Mutex<Option<Arc<Published>>>,
+    /// The liabilities publication the latest proof of reserves names (`None`: no proof yet).
+    por_liabilities: Mutex<Option<u64>>,
+    /// How many times a stored snapshot was read and rebuilt.
     snapshot_loads: AtomicU64,
 }
 
@@ -151,11 +156,20 @@ impl Proofs {
             )
             .map_err(|e| SetupError::Audit(e.to_string()))?;
         }
+        let por_liabilities: Option<i64> = db
+            .query_row(
+                "SELECT liabilities_proof_id FROM reserves_proofs ORDER BY id DESC LIMIT 1",
+                [],
+                |r| r.get(0),
+            )
+            .optional()?;
         let p = Proofs {
             log,
             db: Mutex::new(db),
             secret: nonce_secret,
             latest: Mutex::new(Cache::Unloaded),
+            other: Mutex::new(None),
+            por_liabilities: Mutex::new(por_liabilities.map(|id| id as u64)),
             snapshot_loads: AtomicU64::new(0),
         };
         let open_intents: Vec<u64> = p
@@ -209,22 +223,58 @@ impl Proofs {
         if let Cache::Loaded(l) = &*cache {
             return Ok(l.clone());
         }
-        let loaded = self.load_latest()?;
+        let loaded = self.load(None)?;
         *cache = Cache::Loaded(loaded.clone());
         Ok(loaded)
     }
 
-    /// Reads the latest publication's snapshot and rebuilds its trees; checks the rebuilt roots
-    /// against the published ones.
-    fn load_latest(&self) -> Result<Latest, ApiError> {
+    /// Publication `id`: the latest's copy in memory when it is that one, else the older one
+    /// kept last, else read and rebuilt (blocking) and kept in its place.
+    fn publication(&self, id: u64) -> Result<Latest, ApiError> {
+        if let Latest::Ready(l) = self.latest()? {
+            if l.id == id {
+                return Ok(Latest::Ready(l));
+            }
+        }
+        let mut other = self.other.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = other.as_ref().filter(|p| p.id == id) {
+            return Ok(Latest::Ready(p.clone()));
+        }
+        let loaded = self.load(Some(id))?;
+        if let Latest::Ready(p) = &loaded {
+            *other = Some(p.clone());
+        }
+        Ok(loaded)
+    }
+
+    /// The liabilities publication the latest proof of reserves names, if there is one.
+    fn por_liabilities(&self) -> Option<u64> {
+        *self
+            .por_liabilities
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Reads publication `id` (the latest with `None`), rebuilds its trees from its snapshot and
+    /// checks the rebuilt roots against the published ones.
+    fn load(&self, id: Option<u64>) -> Result<Latest, ApiError> {
         let row: Option<(i64, i64, String, String, String)> = {
             let db = self.db.lock().unwrap_or_else(|e| e.into_inner());
-            db.query_row(
-                "SELECT proof_id, created_ms, audit_head, roots, snapshot FROM liabilities \
-                 ORDER BY proof_id DESC LIMIT 1",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?)),
-            )
+            let cols = "proof_id, created_ms, audit_head, roots, snapshot";
+            let get =
+                |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?));
+            match id {
+                Some(id) => db.query_row(
+                    &format!("SELECT {cols} FROM liabilities WHERE proof_id = ?1"),
+                    [i64::try_from(id).map_err(|_| ApiError::invalid_value("proofId"))?],
+                    get,
+                ),
+                None => db.query_row(
+                    &format!("SELECT {cols} FROM liabilities ORDER BY proof_id DESC LIMIT 1"),
+                    [],
+                    get,
+                ),
+            }
             .optional()
             .map_err(internal)?
         };
@@ -254,7 +304,7 @@ impl Proofs {
             tracing::warn!(
                 proof_id = id,
                 "the latest liabilities proof does not rebuild to its published roots (an older \
-                 format, or another master key): not answered until a new one is published"
+                 format, or another master key): not answered"
             );
             return Ok(Latest::Stale(id));
         }
@@ -622,37 +672,50 @@ fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Va
     st.audit_close(&intent, stored, |b| Ok(b.clone()))
 }
 
-/// `GET /mapi/v1/reserves/my-proof?asset=BTC` (READ): the caller's inclusion proof in the latest
-/// published liabilities proof.
+/// `GET /mapi/v1/reserves/my-proof?asset=BTC[&proofId=N]` (READ): the caller's inclusion proof
+/// in liabilities publication `proofId`; by default the one the latest proof of reserves names
+/// (the tree its signatures bind, which `verify-inclusion --against` checks), or the latest
+/// publication while no proof of reserves exists.
 pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let asset = p.req("asset")?;
+    let wanted = p.opt_u64("proofId")?;
     p.finish()?;
-    // From memory; only the first request after start loads it (off the async threads).
-    let latest = match st.0.proofs.cached() {
+    let wanted = wanted.or_else(|| st.0.proofs.por_liabilities());
+    // From memory; only the first request after start (or for another publication) loads it,
+    // off the async threads.
+    let cached = match wanted {
+        None => st.0.proofs.cached(),
+        Some(_) => None,
+    };
+    let latest = match cached {
         Some(l) => l,
         None => {
             let st2 = st.clone();
-            tokio::task::spawn_blocking(move || st2.0.proofs.latest())
-                .await
-                .map_err(internal)??
+            tokio::task::spawn_blocking(move || match wanted {
+                Some(id) => st2.0.proofs.publication(id),
+                None => st2.0.proofs.latest(),
+            })
+            .await
+            .map_err(internal)??
         }
     };
-    let published =
-        match latest {
-            Latest::Ready(p) => p,
-            Latest::None => {
-                return Err(ApiError::bad(
-                    -1130,
-                    "No liabilities proof has been published yet.",
-                ))
-            }
-            Latest::Stale(_) => return Err(ApiError::bad(
+    let published = match latest {
+        Latest::Ready(p) => p,
+        Latest::None => {
+            return Err(ApiError::bad(
                 -1130,
-                "The latest liabilities proof was published in an older format; a new one must \
-                 be published.",
-            )),
-        };
+                "No such liabilities proof has been published.",
+            ))
+        }
+        Latest::Stale(_) => {
+            return Err(ApiError::bad(
+                -1130,
+                "That liabilities proof was published in an older format; a new one must be \
+                 published.",
+            ))
+        }
+    };
     let id = published.id;
     let Some(tree) = published.trees.iter().find(|t| t.asset() == asset) else {
         return Err(ApiError::invalid_value("asset"));
@@ -660,7 +723,7 @@ pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, 
     let Some(proof) = tree.prove(key.account, published.audit_head) else {
         return Err(ApiError::bad(
             -1130,
-            "This account had no balance of this asset in the latest liabilities proof.",
+            "This account had no balance of this asset in that liabilities proof.",
         ));
     };
     let proof = liabilities::InclusionProof {
@@ -836,6 +899,12 @@ fn store_document(
     )
     .map_err(internal)?;
     let id = db.last_insert_rowid() as u64;
+    drop(db);
+    *st.0
+        .proofs
+        .por_liabilities
+        .lock()
+        .unwrap_or_else(|e| e.into_inner()) = Some(doc.liabilities_proof_id);
     Ok((id, doc))
 }
 

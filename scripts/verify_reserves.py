@@ -127,6 +127,9 @@ def check_psbt(doc):
         if w is None or len(w.items) != 2:
             raise Fail("bad_signature", "input %d has no P2WPKH witness" % i)
         sig, pub = w.items
+        # P2WPKH takes a compressed key only (BIP-143); the Rust verifier refuses others too.
+        if len(pub) != 33 or pub[0] not in (2, 3):
+            raise Fail("bad_signature", "input %d: not a compressed public key" % i)
         if hashlib.new("ripemd160", hashlib.sha256(pub).digest()).digest() != spk[2:]:
             raise Fail("bad_signature", "input %d: the key is not the UTXO's" % i)
         if not sig or sig[-1] != SIGHASH_ALL:

@@ -742,3 +742,74 @@ fn the_python_inclusion_verifier_refuses_unknown_fields() {
         }
     }
 }
+
+/// Review finding: the Python verifier accepted a P2WPKH reserve input whose witness carries an
+/// uncompressed public key (65 bytes; P2WPKH takes compressed keys only, and the Rust verifier
+/// refuses it): the two verifiers disagreed on the same document. Both say `bad_signature`.
+#[test]
+fn both_verifiers_refuse_an_uncompressed_key_in_a_reserve_input() {
+    use wallet::bitcoin::hashes::{hash160, Hash as _};
+    use wallet::bitcoin::secp256k1::{Message, Secp256k1, SecretKey};
+    use wallet::bitcoin::sighash::{EcdsaSighashType, SighashCache};
+    use wallet::bitcoin::{Amount, OutPoint, ScriptBuf, TxOut, Txid, WPubkeyHash, Witness};
+    let dir = tempfile::tempdir().unwrap();
+    let secp = Secp256k1::new();
+    let sk = SecretKey::from_slice(&[6; 32]).unwrap();
+    let uncompressed = sk.public_key(&secp).serialize_uncompressed();
+    let spk = ScriptBuf::new_p2wpkh(&WPubkeyHash::from_byte_array(
+        hash160::Hash::hash(&uncompressed).to_byte_array(),
+    ));
+    let utxo = TxOut {
+        value: Amount::from_sat(100_000_000),
+        script_pubkey: spk.clone(),
+    };
+    let liabilities = std::collections::BTreeMap::from([(
+        "BTC".to_owned(),
+        reserves::por::AssetLiabilities {
+            root: "00".repeat(32),
+            total: "0".into(),
+            leaves: 1,
+        },
+    )]);
+    let message =
+        &reserves::por::default_message(100, &fake_hash(100), 1, &liabilities, &"00".repeat(32));
+    let input = wallet::bitcoin::psbt::Input {
+        witness_utxo: Some(utxo.clone()),
+        ..Default::default()
+    };
+    let op = OutPoint {
+        txid: Txid::from_byte_array([0x22; 32]),
+        vout: 0,
+    };
+    let mut psbt = reserves::por::proof_psbt(message, vec![(op, input)]).unwrap();
+    let sighash = SighashCache::new(&psbt.unsigned_tx)
+        .p2wpkh_signature_hash(1, &spk, utxo.value, EcdsaSighashType::All)
+        .unwrap();
+    let sig = secp.sign_ecdsa(&Message::from_digest(sighash.to_byte_array()), &sk);
+    let mut der = sig.serialize_der().to_vec();
+    der.push(0x01);
+    psbt.inputs[1].final_script_witness = Some(Witness::from_slice(&[der, uncompressed.to_vec()]));
+    let doc = serde_json::json!({
+        "version": 1, "network": "regtest", "message": message,
+        "block_hash": fake_hash(100), "block_height": 100,
+        "psbt": reserves::por::psbt_base64(&psbt.serialize()), "reserves_sat": 100_000_000,
+        "liabilities_proof_id": 1,
+        "liabilities": { "BTC": { "root": "00".repeat(32), "total": "0", "leaves": 1 } },
+        "audit_head": "00".repeat(32), "created": 0,
+    });
+    let file = dir.path().join("por.json");
+    std::fs::write(&file, doc.to_string()).unwrap();
+    let f = file.to_str().unwrap();
+    for (who, o) in [
+        ("rust", mediator(dir.path(), &["reserves", "verify", f])),
+        ("python", python(&["por", f])),
+    ] {
+        let out = text(&o);
+        assert!(
+            !out.contains("panicked") && !out.contains("Traceback"),
+            "{who}: {out}"
+        );
+        assert_eq!(o.status.code(), Some(2), "({who}) accepted: {out}");
+        assert!(out.contains("(bad_signature)"), "{who}: {out}");
+    }
+}

@@ -3235,16 +3235,11 @@ impl CustodyService {
         self.reconcile_counting(Amount(other))
     }
 
-    /// [`reconcile`](Self::reconcile) with `other_assets` as custody's money outside this
-    /// wallet, instead of asking the [`OtherAssets`] set: for a caller that reports a breakdown
-    /// of the same figure (the Lightning node's balances move with every payment; two readings
-    /// would mix two moments in one report).
-    pub fn reconcile_counting(&self, other_assets: Amount) -> Result<Reconciliation, BatchError> {
-        let other = other_assets.0;
-        let balance = self.wallet.balance();
-        let wallet_confirmed = sats(balance.confirmed);
-        let wallet_pending =
-            sats(balance.trusted_pending + balance.untrusted_pending + balance.immature);
+    /// The wallet's unspent outputs on customers' deposit addresses that no balance counts yet
+    /// (not credited: too few confirmations, below the minimum, or not seen by a step yet):
+    /// custody holds them, but no liability stands for them, so neither the reconciliation
+    /// nor the proof of reserves counts them.
+    fn uncredited_deposits(&self) -> Result<HashSet<OutPoint>, StoreError> {
         let accounts: HashSet<u32> = store::deposit_indexes(&self.db)?
             .into_iter()
             .map(|(i, _)| i)
@@ -3262,13 +3257,32 @@ impl CustodyService {
             })
             .map(|d| d.outpoint)
             .collect();
-        let uncredited: u64 = self
+        Ok(self
             .wallet
             .list_unspent()
             .filter(|o| {
                 o.keychain == KeychainKind::External && accounts.contains(&o.derivation_index)
             })
             .filter(|o| !credited.contains(&o.outpoint))
+            .map(|o| o.outpoint)
+            .collect())
+    }
+
+    /// [`reconcile`](Self::reconcile) with `other_assets` as custody's money outside this
+    /// wallet, instead of asking the [`OtherAssets`] set: for a caller that reports a breakdown
+    /// of the same figure (the Lightning node's balances move with every payment; two readings
+    /// would mix two moments in one report).
+    pub fn reconcile_counting(&self, other_assets: Amount) -> Result<Reconciliation, BatchError> {
+        let other = other_assets.0;
+        let balance = self.wallet.balance();
+        let wallet_confirmed = sats(balance.confirmed);
+        let wallet_pending =
+            sats(balance.trusted_pending + balance.untrusted_pending + balance.immature);
+        let uncredited_outpoints = self.uncredited_deposits()?;
+        let uncredited: u64 = self
+            .wallet
+            .list_unspent()
+            .filter(|o| uncredited_outpoints.contains(&o.outpoint))
             .map(|o| o.txout.value.to_sat())
             .sum();
         let mut in_flight: u64 = 0;
@@ -3565,15 +3579,20 @@ pub struct ReservesProof {
 impl CustodyService {
     /// Builds and signs a BIP-127 proof of reserves (`reserves::por`) for `message` over every
     /// UTXO the wallet holds confirmed at or below its tip (outputs spent by a transaction of the
-    /// wallet's, even unconfirmed, are left out). Each reserve input is signed `SIGHASH_ALL`
+    /// wallet's, even unconfirmed, are left out, and so are deposits no balance counts yet: the
+    /// liabilities do not stand for them). Each reserve input is signed `SIGHASH_ALL`
     /// here, with the key that never leaves this crate; the result is checked by
     /// `reserves::por::verify_psbt` before it is returned. Changes nothing and persists nothing.
     pub fn prove_reserves(&self, message: &str) -> Result<ReservesProof, ProveError> {
         let tip = self.wallet.latest_checkpoint();
         let (block_height, block_hash) = (tip.height(), tip.hash());
+        let uncredited = self
+            .uncredited_deposits()
+            .map_err(|e| ProveError::Build(e.to_string()))?;
         let mut utxos: Vec<_> = self
             .wallet
             .list_unspent()
+            .filter(|u| !uncredited.contains(&u.outpoint))
             .filter(|u| match u.chain_position {
                 ChainPosition::Confirmed { anchor, .. } => anchor.block_id.height <= block_height,
                 ChainPosition::Unconfirmed { .. } => false,

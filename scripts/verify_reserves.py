@@ -244,6 +244,9 @@ def cmd_por(args):
     hex32(field(doc, "audit_head", str), "audit_head")
     liabilities = field(doc, "liabilities", dict)
     for asset, l in liabilities.items():
+        # An asset symbol, and nothing that could read as another part of the signed message.
+        if not (1 <= len(asset) <= 16 and all(c.isascii() and (c.isalnum() or c in "-_") for c in asset)):
+            raise Fail("malformed", "liabilities key %r is not an asset symbol" % asset)
         hex32(field(l, "root", str), "liabilities.%s.root" % asset)
         u64(field(l, "total", str), "liabilities.%s.total" % asset)
     if "BTC" not in liabilities:

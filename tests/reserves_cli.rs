@@ -813,3 +813,42 @@ fn both_verifiers_refuse_an_uncompressed_key_in_a_reserve_input() {
         assert!(out.contains("(bad_signature)"), "{who}: {out}");
     }
 }
+
+/// Review finding: a liabilities key was not checked to be an asset symbol, so a key holding
+/// `; audit head <hex>; note: ...` made a second document produce the very message one
+/// signature covers, naming another audit head. Both verifiers refuse such a key (`malformed`),
+/// before anything else is looked at.
+#[test]
+fn both_verifiers_refuse_a_liabilities_key_that_is_no_asset_symbol() {
+    let dir = tempfile::tempdir().unwrap();
+    let zeros = "00".repeat(32);
+    for key in [
+        format!("USDT {zeros} 0; audit head {zeros}; note: x"),
+        "BT C".to_owned(),
+        "A,B".to_owned(),
+        "X".repeat(17),
+    ] {
+        let doc = serde_json::json!({
+            "version": 1, "network": "regtest", "message": "m",
+            "block_hash": fake_hash(100), "block_height": 100, "psbt": "",
+            "reserves_sat": 0, "liabilities_proof_id": 1,
+            "liabilities": {
+                "BTC": { "root": zeros, "total": "0", "leaves": 1 },
+                key.clone(): { "root": zeros, "total": "0", "leaves": 1 },
+            },
+            "audit_head": zeros, "created": 0,
+        });
+        let file = dir.path().join("por.json");
+        std::fs::write(&file, doc.to_string()).unwrap();
+        let f = file.to_str().unwrap();
+        for (who, o) in [
+            ("rust", mediator(dir.path(), &["reserves", "verify", f])),
+            ("python", python(&["por", f])),
+        ] {
+            let out = text(&o);
+            assert!(!out.contains("Traceback"), "{who}: {out}");
+            assert_eq!(o.status.code(), Some(2), "({who}) accepted {key:?}: {out}");
+            assert!(out.contains("(malformed)"), "{who} {key:?}: {out}");
+        }
+    }
+}

@@ -409,7 +409,8 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
         Some("bad_outputs"),
     );
 
-    // Reserves below the liabilities (the custom message does not bind the totals).
+    // Reserves below the liabilities (a total changed: found below them before the message is
+    // found not to bind it).
     let mut below = custom.clone();
     let more = custom["reserves_sat"].as_u64().unwrap() + 1;
     below["liabilities"]["BTC"]["total"] = Value::from(more.to_string());

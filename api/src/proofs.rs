@@ -17,10 +17,12 @@
 //!   the audit head between a `reserves.liabilities.publish.intent` and a
 //!   `reserves.liabilities.publish` entry, each with the roots and the
 //!   [`reserves::liabilities::commitment`]. `GET /mapi/v1/reserves/my-proof?asset=BTC` answers the
-//!   caller's inclusion proof in the latest one **from memory**: each publication replaces the
-//!   in-memory trees, and after a start the latest is read and rebuilt once (checked against
+//!   caller's inclusion proof in the one the latest proof of reserves names (or the latest, or
+//!   `proofId`) **from memory**: each publication replaces the in-memory trees of the latest,
+//!   and a publication that is not in memory is read and rebuilt once and kept (checked against
 //!   its published roots; a publication whose roots do not rebuild, e.g. an older format, is not
-//!   answered). A request never reads the stored snapshot. The nonces come from a secret derived from the
+//!   answered): the signed one, and the one last asked for by `proofId` (such rebuilds at most
+//!   one every 10 s, server-wide). The nonces come from a secret derived from the
 //!   API master key (`HMAC(master, "reserves/liabilities-nonce")`, ADR 0005), never stored.
 
 use crate::error::ApiError;
@@ -43,6 +45,13 @@ pub const PROOFS_DB: &str = "reserves.sqlite";
 
 /// The browser page that verifies a pasted inclusion proof (`GET /reserves/verify`).
 pub const VERIFY_HTML: &str = include_str!("proofs/verify.html");
+
+/// How often `my-proof` may rebuild a publication asked for by `proofId` that is not in memory,
+/// server-wide.
+const ASKED_REBUILD_EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// A publication kept in memory other than the latest: its id and what was loaded.
+type Kept = (u64, Latest);
 
 /// The latest publication in memory: what `my-proof` answers from.
 #[derive(Debug)]
@@ -81,9 +90,12 @@ pub struct Proofs {
     db: Mutex<Connection>,
     secret: [u8; 32],
     latest: Mutex<Cache>,
-    /// The one older publication asked for last (`my-proof` by `proofId`, or the one the latest
-    /// proof of reserves names), kept so that its trees are not rebuilt per request.
-    other: Mutex<Option<Arc<Published>>>,
+    /// The publication the latest proof of reserves names, when it is not the latest (what
+    /// `my-proof` answers by default), kept so that its trees are not rebuilt per request.
+    signed: Mutex<Option<Kept>>,
+    /// The one other publication asked for last by `proofId`, and when such a one was last
+    /// rebuilt: at most one every [`ASKED_REBUILD_EVERY`], server-wide.
+    asked: Mutex<(Option<Kept>, Option<std::time::Instant>)>,
     /// The liabilities publication the latest proof of reserves names (`None`: no proof yet).
     por_liabilities: Mutex<Option<u64>>,
     /// How many times a stored snapshot was read and rebuilt.
@@ -168,7 +180,8 @@ impl Proofs {
             db: Mutex::new(db),
             secret: nonce_secret,
             latest: Mutex::new(Cache::Unloaded),
-            other: Mutex::new(None),
+            signed: Mutex::new(None),
+            asked: Mutex::new((None, None)),
             por_liabilities: Mutex::new(por_liabilities.map(|id| id as u64)),
             snapshot_loads: AtomicU64::new(0),
         };
@@ -228,22 +241,43 @@ impl Proofs {
         Ok(loaded)
     }
 
-    /// Publication `id`: the latest's copy in memory when it is that one, else the older one
-    /// kept last, else read and rebuilt (blocking) and kept in its place.
-    fn publication(&self, id: u64) -> Result<Latest, ApiError> {
+    /// Publication `id` (blocking): the copy in memory when one is kept (the latest, the one
+    /// the latest proof of reserves names, the one asked for last), else read and rebuilt and
+    /// kept: as the signed one when `signed`, else as the one asked for, at most one such
+    /// rebuild every [`ASKED_REBUILD_EVERY`] server-wide (busy otherwise: a rebuild reads a
+    /// whole snapshot, and any `read` key may ask for any publication). Unready answers (none,
+    /// an older format) are kept too.
+    fn publication(&self, id: u64, signed: bool) -> Result<Latest, ApiError> {
         if let Latest::Ready(l) = self.latest()? {
             if l.id == id {
                 return Ok(Latest::Ready(l));
             }
         }
-        let mut other = self.other.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = other.as_ref().filter(|p| p.id == id) {
-            return Ok(Latest::Ready(p.clone()));
+        let kept = |slot: &Option<Kept>| {
+            slot.as_ref()
+                .filter(|(k, _)| *k == id)
+                .map(|(_, l)| l.clone())
+        };
+        let mut sig = self.signed.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = kept(&sig) {
+            return Ok(l);
         }
+        if signed {
+            let loaded = self.load(Some(id))?;
+            *sig = Some((id, loaded.clone()));
+            return Ok(loaded);
+        }
+        drop(sig);
+        let mut asked = self.asked.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = kept(&asked.0) {
+            return Ok(l);
+        }
+        if asked.1.is_some_and(|t| t.elapsed() < ASKED_REBUILD_EVERY) {
+            return Err(ApiError::busy());
+        }
+        asked.1 = Some(std::time::Instant::now());
         let loaded = self.load(Some(id))?;
-        if let Latest::Ready(p) = &loaded {
-            *other = Some(p.clone());
-        }
+        asked.0 = Some((id, loaded.clone()));
         Ok(loaded)
     }
 
@@ -541,8 +575,9 @@ impl AppState {
         self.0.proofs.log.head()
     }
 
-    /// How many times `reserves.sqlite`'s latest liabilities snapshot was read since start (at
-    /// most once: `my-proof` answers from memory, each publication replaces it there).
+    /// How many times a liabilities snapshot of `reserves.sqlite` was read since start (the
+    /// latest at most once: `my-proof` answers from memory, each publication replaces it there;
+    /// another publication once while it stays the one kept).
     pub fn liabilities_snapshot_loads(&self) -> u64 {
         self.0.proofs.snapshot_loads()
     }
@@ -681,6 +716,7 @@ pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, 
     let asset = p.req("asset")?;
     let wanted = p.opt_u64("proofId")?;
     p.finish()?;
+    let asked = wanted.is_some();
     let wanted = wanted.or_else(|| st.0.proofs.por_liabilities());
     // From memory; only the first request after start (or for another publication) loads it,
     // off the async threads.
@@ -693,7 +729,7 @@ pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, 
         None => {
             let st2 = st.clone();
             tokio::task::spawn_blocking(move || match wanted {
-                Some(id) => st2.0.proofs.publication(id),
+                Some(id) => st2.0.proofs.publication(id, !asked),
                 None => st2.0.proofs.latest(),
             })
             .await
@@ -899,12 +935,13 @@ fn store_document(
     )
     .map_err(internal)?;
     let id = db.last_insert_rowid() as u64;
-    drop(db);
+    // Under the database's lock: two proofs at once set it in the order they were stored.
     *st.0
         .proofs
         .por_liabilities
         .lock()
         .unwrap_or_else(|e| e.into_inner()) = Some(doc.liabilities_proof_id);
+    drop(db);
     Ok((id, doc))
 }
 

@@ -320,7 +320,7 @@ async fn proof_of_reserves_routes_refuse_cleanly_and_change_nothing() {
         assert_eq!(r.status, StatusCode::BAD_REQUEST, "{bad}: {}", r.json);
     }
     // A message out of bounds is refused before anything is published.
-    let long = "m".repeat(reserves::por::MAX_MESSAGE + 1);
+    let long = "m".repeat(reserves::por::MAX_NOTE + 1);
     let before = std::fs::read(h.dir.path().join(api::proofs::AUDIT_FILE)).unwrap();
     for m in [String::new(), long] {
         let r = h
@@ -765,4 +765,55 @@ async fn a_revocation_or_account_whose_audit_entry_cannot_be_written_is_answered
         "{}",
         r.json
     );
+}
+
+/// Review finding: any `read` key could make the server rebuild whole liabilities trees on
+/// every `my-proof` request by asking for two older publications in turn (`proofId`), each
+/// evicting the other. A publication asked for that is not in memory is rebuilt at most once
+/// every 10 s server-wide (`503 -1008` meanwhile); the one kept is answered from memory.
+#[tokio::test]
+async fn older_publications_asked_for_in_turn_are_not_rebuilt_per_request() {
+    let h = Harness::with_config(api::ApiConfig {
+        ip_weight_per_min: 1_000_000,
+        key_weight_per_min: 1_000_000,
+        ..api::ApiConfig::default()
+    });
+    let (_, key) = h.trader("0", "42.00").await;
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        let p = h
+            .ok("POST", "/mapi/v1/admin/reserves/liabilities", "", &h.admin)
+            .await;
+        ids.push(p["proofId"].as_u64().unwrap());
+    }
+    let ask = |id: u64| {
+        let (h, key) = (&h, key.clone());
+        async move {
+            h.signed(
+                "GET",
+                "/mapi/v1/reserves/my-proof",
+                &format!("asset=USD&proofId={id}"),
+                &key,
+            )
+            .await
+        }
+    };
+    let first = ask(ids[0]).await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.json);
+    assert_eq!(first.json["proof_id"], ids[0]);
+    let loads = h.state.liabilities_snapshot_loads();
+    for _ in 0..5 {
+        let other = ask(ids[1]).await;
+        assert_eq!(other.code(), -1008, "{}", other.json);
+        let again = ask(ids[0]).await;
+        assert_eq!((again.status, &again.json), (StatusCode::OK, &first.json));
+    }
+    assert_eq!(
+        h.state.liabilities_snapshot_loads(),
+        loads,
+        "no rebuild per request"
+    );
+    // The latest is always in memory.
+    let latest = ask(ids[2]).await;
+    assert_eq!(latest.json["proof_id"], ids[2]);
 }

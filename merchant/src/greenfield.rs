@@ -106,9 +106,14 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
         .prepare("SELECT 1 FROM pragma_table_info('gf_payout') WHERE name = 'final'")?
         .exists([])?;
     if !has_final {
+        conn.execute_batch("ALTER TABLE gf_payout ADD COLUMN final INTEGER NOT NULL DEFAULT 0")?;
+    }
+    let has_checked: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('gf_payout') WHERE name = 'checked_ms'")?
+        .exists([])?;
+    if !has_checked {
         conn.execute_batch(
-            "ALTER TABLE gf_payout ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
-             ALTER TABLE gf_payout ADD COLUMN checked_ms INTEGER NOT NULL DEFAULT 0;",
+            "ALTER TABLE gf_payout ADD COLUMN checked_ms INTEGER NOT NULL DEFAULT 0",
         )?;
     }
     // Databases from before pull payments kept their claim window.

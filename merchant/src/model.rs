@@ -167,6 +167,8 @@ pub struct Payment {
     /// Reversed by custody: double-spent after it was credited, the credit taken back (implies
     /// `reorged`).
     pub reversed: bool,
+    /// Replaced in the mempool before any credit (implies `reorged`): never paid anything.
+    pub dropped: bool,
     /// First seen, ms since the epoch.
     pub seen_ms: u64,
 }
@@ -182,6 +184,7 @@ impl Payment {
             credited: true,
             reorged: false,
             reversed: false,
+            dropped: false,
             seen_ms: now_ms,
         }
     }
@@ -198,6 +201,7 @@ impl Payment {
             credited: true,
             reorged: false,
             reversed: false,
+            dropped: false,
             seen_ms: time_ms,
         }
     }
@@ -342,7 +346,8 @@ impl Invoice {
 
     /// True when custody reversed on-time payments (double-spent after they were credited) and
     /// what is left of them, refunds taken off, no longer pays for the invoice. A payment merely
-    /// reorged still counts here: a reorg does not unsettle (see the module rules).
+    /// reorged still counts here (a reorg does not unsettle: see the module rules); one dropped
+    /// from the mempool before any credit does not.
     fn reversed_below_threshold(&self) -> bool {
         let on_time = |p: &&Payment| self.on_time(p);
         if !self.payments.iter().filter(on_time).any(|p| p.reversed) {
@@ -352,7 +357,7 @@ impl Invoice {
             .payments
             .iter()
             .filter(on_time)
-            .filter(|p| !p.reversed)
+            .filter(|p| !p.reversed && !p.dropped)
             .map(|p| p.amount_sat)
             .sum();
         kept.saturating_sub(self.refunded_on_time_sat()) < self.threshold_sat()
@@ -424,6 +429,7 @@ impl Invoice {
                     p.credited = o.credited;
                     p.reorged = o.reorged;
                     p.reversed = o.reversed;
+                    p.dropped = o.dropped;
                 }
                 None => {
                     self.payments.push(o.clone());
@@ -539,6 +545,7 @@ mod tests {
             credited: conf >= 1,
             reorged: false,
             reversed: false,
+            dropped: false,
             seen_ms: seen,
         }
     }
@@ -926,6 +933,39 @@ mod tests {
                         Status::Settled,
                         0,
                         vec![],
+                    ),
+                ],
+            ),
+            (
+                "a reversal with the rest dropped from the mempool invalidates",
+                1,
+                0,
+                vec![
+                    (
+                        vec![chain(1, 1000, 1, 10), chain(2, 1000, 0, 11)],
+                        20,
+                        Status::Settled,
+                        2,
+                        vec![
+                            E::PaymentReceived,
+                            E::PaymentReceived,
+                            E::InvoiceProcessing,
+                            E::InvoiceSettled,
+                        ],
+                    ),
+                    (
+                        vec![
+                            reversed(chain(1, 1000, 0, 10)),
+                            Payment {
+                                reorged: true,
+                                dropped: true,
+                                ..chain(2, 1000, 0, 11)
+                            },
+                        ],
+                        30,
+                        Status::Invalid,
+                        16,
+                        vec![E::InvoiceInvalid],
                     ),
                 ],
             ),

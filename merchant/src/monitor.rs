@@ -234,6 +234,8 @@ pub async fn tick(state: &AppState, now_ms: u64) -> Result<TickReport, ApiError>
                     ),
                     // Double-spent after it was credited: custody took the credit back.
                     reversed: d.state == DepositState::Reversed,
+                    // Replaced in the mempool before any credit.
+                    dropped: d.state == DepositState::Dropped,
                     seen_ms: d.seen_ms,
                 });
             }

@@ -71,8 +71,15 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
         .exists([])?;
     if !has_final {
         conn.execute_batch(
-            "ALTER TABLE invoice_refund ADD COLUMN final INTEGER NOT NULL DEFAULT 0;
-             ALTER TABLE invoice_refund ADD COLUMN checked_ms INTEGER NOT NULL DEFAULT 0;",
+            "ALTER TABLE invoice_refund ADD COLUMN final INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    let has_checked: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('invoice_refund') WHERE name = 'checked_ms'")?
+        .exists([])?;
+    if !has_checked {
+        conn.execute_batch(
+            "ALTER TABLE invoice_refund ADD COLUMN checked_ms INTEGER NOT NULL DEFAULT 0",
         )?;
     }
     // Databases from before custody could reverse a payment.
@@ -82,6 +89,14 @@ pub fn open(path: &std::path::Path) -> rusqlite::Result<Connection> {
     if !has_reversed {
         conn.execute_batch(
             "ALTER TABLE invoice_payment ADD COLUMN reversed INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    let has_dropped: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('invoice_payment') WHERE name = 'dropped'")?
+        .exists([])?;
+    if !has_dropped {
+        conn.execute_batch(
+            "ALTER TABLE invoice_payment ADD COLUMN dropped INTEGER NOT NULL DEFAULT 0",
         )?;
     }
     conn.execute_batch(
@@ -348,8 +363,8 @@ fn record_row(r: &Row<'_>) -> rusqlite::Result<Record> {
 
 fn payments(conn: &Connection, id: &str) -> rusqlite::Result<Vec<Payment>> {
     let mut s = conn.prepare_cached(
-        "SELECT pid, payer, amount_sat, confirmations, credited, reorged, seen_ms, reversed
-         FROM invoice_payment WHERE invoice_id = ?1 ORDER BY n",
+        "SELECT pid, payer, amount_sat, confirmations, credited, reorged, seen_ms, reversed,
+            dropped FROM invoice_payment WHERE invoice_id = ?1 ORDER BY n",
     )?;
     let rows = s.query_map([id], |r| {
         let pid: String = r.get(0)?;
@@ -370,6 +385,7 @@ fn payments(conn: &Connection, id: &str) -> rusqlite::Result<Vec<Payment>> {
             credited: r.get(4)?,
             reorged: r.get(5)?,
             reversed: r.get(7)?,
+            dropped: r.get(8)?,
             seen_ms: r.get::<_, i64>(6)? as u64,
         })
     })?;
@@ -525,10 +541,11 @@ pub fn save(conn: &Connection, rec: &Record) -> rusqlite::Result<()> {
     }
     let mut s = conn.prepare_cached(
         "INSERT INTO invoice_payment (invoice_id, pid, payer, amount_sat, confirmations,
-            credited, reorged, seen_ms, n, reversed) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)
+            credited, reorged, seen_ms, n, reversed, dropped)
+            VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)
          ON CONFLICT (invoice_id, pid) DO UPDATE SET confirmations = excluded.confirmations,
             credited = excluded.credited, reorged = excluded.reorged,
-            reversed = excluded.reversed",
+            reversed = excluded.reversed, dropped = excluded.dropped",
     )?;
     for (n, p) in i.payments.iter().enumerate() {
         let payer = match p.source {
@@ -545,7 +562,8 @@ pub fn save(conn: &Connection, rec: &Record) -> rusqlite::Result<()> {
             p.reorged,
             p.seen_ms as i64,
             n as i64,
-            p.reversed
+            p.reversed,
+            p.dropped
         ])?;
     }
     Ok(())
@@ -1033,6 +1051,27 @@ pub fn finish_refund(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding (HIGH): a database that had the `final` columns (one build) but not
+    /// `checked_ms` (the next) never got `checked_ms`, since both were added under the check
+    /// for `final`; every monitor tick then failed on the missing column and no invoice
+    /// settled. Each column is checked on its own.
+    #[test]
+    fn a_database_with_final_but_no_checked_ms_gets_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.sqlite");
+        drop(open(&path).unwrap());
+        {
+            let c = Connection::open(&path).unwrap();
+            for t in ["invoice_refund", "gf_payout"] {
+                c.execute_batch(&format!("ALTER TABLE {t} DROP COLUMN checked_ms"))
+                    .unwrap();
+            }
+        }
+        let c = open(&path).unwrap();
+        assert!(refunds_to_follow(&c, 1).unwrap().is_empty());
+        c.prepare("SELECT checked_ms FROM gf_payout").unwrap();
+    }
 
     fn record(id: &str, address: &str, lightning: Option<LnPart>) -> Record {
         Record {

@@ -143,6 +143,15 @@ fn asset_ok(asset: &str) -> bool {
     !asset.is_empty() && asset.len() <= MAX_ASSET_LEN && !asset.as_bytes().contains(&0)
 }
 
+/// An asset symbol a proof of reserves may name: one the trees take, of printable ASCII
+/// letters, digits, `-` and `_` only (nothing that reads as another part of the signed message).
+pub fn asset_symbol_ok(asset: &str) -> bool {
+    asset_ok(asset)
+        && asset
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
 /// A built tree for one asset: every level, leaves first, and where each account's leaf is.
 #[derive(Debug, Clone)]
 pub struct Tree {

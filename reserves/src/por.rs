@@ -581,6 +581,13 @@ pub fn verify_document(
         .parse()
         .map_err(|_| PorError::Malformed("block_hash is not 64 hex digits".into()))?;
     for (asset, l) in &doc.liabilities {
+        // An asset symbol as the liabilities trees take it, and nothing that could read as
+        // another part of the binding message (a space, `,` or `;`).
+        if !crate::liabilities::asset_symbol_ok(asset) {
+            return Err(PorError::Malformed(format!(
+                "liabilities key {asset:?} is not an asset symbol"
+            )));
+        }
         let mut h = [0u8; 32];
         hex::decode_to_slice(&l.root, &mut h).map_err(|_| {
             PorError::Malformed(format!("liabilities.{asset}.root is not 64 hex digits"))

@@ -272,12 +272,22 @@ impl Proofs {
         if let Some(l) = kept(&asked.0) {
             return Ok(l);
         }
-        if asked.1.is_some_and(|t| t.elapsed() < ASKED_REBUILD_EVERY) {
-            return Err(ApiError::busy());
+        if let Some(left) = asked
+            .1
+            .and_then(|t| ASKED_REBUILD_EVERY.checked_sub(t.elapsed()))
+        {
+            return Err(ApiError {
+                retry_after: Some(left.as_secs().max(1)),
+                ..ApiError::busy()
+            });
         }
-        asked.1 = Some(std::time::Instant::now());
         let loaded = self.load(Some(id))?;
-        asked.0 = Some((id, loaded.clone()));
+        // Only a snapshot actually read and rebuilt spends the window and takes the slot: an
+        // id that was never published costs nothing and evicts nothing.
+        if !matches!(loaded, Latest::None) {
+            asked.1 = Some(std::time::Instant::now());
+            asked.0 = Some((id, loaded.clone()));
+        }
         Ok(loaded)
     }
 
@@ -714,10 +724,12 @@ fn publish(st: &AppState, snapshot: Vec<(String, Vec<(u32, u64)>)>) -> Result<Va
 pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
     let (key, mut p, ctx) = st.signed(&req)?;
     let asset = p.req("asset")?;
-    let wanted = p.opt_u64("proofId")?;
+    let asked = p.opt_u64("proofId")?;
     p.finish()?;
-    let asked = wanted.is_some();
-    let wanted = wanted.or_else(|| st.0.proofs.por_liabilities());
+    // The signed publication is kept as such, whether asked for by its id or by default.
+    let signed_id = st.0.proofs.por_liabilities();
+    let wanted = asked.or(signed_id);
+    let signed = wanted.is_some() && wanted == signed_id;
     // From memory; only the first request after start (or for another publication) loads it,
     // off the async threads.
     let cached = match wanted {
@@ -729,7 +741,7 @@ pub async fn my_proof(State(st): State<AppState>, req: Req) -> Result<Response, 
         None => {
             let st2 = st.clone();
             tokio::task::spawn_blocking(move || match wanted {
-                Some(id) => st2.0.proofs.publication(id, !asked),
+                Some(id) => st2.0.proofs.publication(id, signed),
                 None => st2.0.proofs.latest(),
             })
             .await

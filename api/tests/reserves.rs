@@ -798,6 +798,10 @@ async fn older_publications_asked_for_in_turn_are_not_rebuilt_per_request() {
             .await
         }
     };
+    // An id never published costs nothing: refused as unknown, it neither spends the window
+    // nor takes the slot.
+    let none = ask(ids[2] + 1_000).await;
+    assert_eq!(none.code(), -1130, "{}", none.json);
     let first = ask(ids[0]).await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.json);
     assert_eq!(first.json["proof_id"], ids[0]);
@@ -805,6 +809,12 @@ async fn older_publications_asked_for_in_turn_are_not_rebuilt_per_request() {
     for _ in 0..5 {
         let other = ask(ids[1]).await;
         assert_eq!(other.code(), -1008, "{}", other.json);
+        let wait: u64 = other.headers["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=10).contains(&wait), "Retry-After {wait}");
         let again = ask(ids[0]).await;
         assert_eq!((again.status, &again.json), (StatusCode::OK, &first.json));
     }

@@ -1111,6 +1111,23 @@ async fn pay_invoice(st: &AppState, payer: u32, id: String) -> Result<Value, Api
             outcome::Moved::Unknown => Err(ApiError::outcome_unknown()),
         };
     }
+    // Another account's payment of this invoice whose outcome is not known yet may have paid
+    // it: a second payer is refused until the monitor (or that payer's retry) resolves it, or
+    // the invoice could be paid twice.
+    let other = with_db(st, {
+        let id = rec.inv.id.clone();
+        move |c| store::other_pay_intent(c, &id, payer).map_err(db_error)
+    })
+    .await?;
+    if other {
+        return Err(ApiError {
+            status: axum::http::StatusCode::CONFLICT,
+            ..ApiError::bad(
+                -1165,
+                "Another account's payment of this invoice is being resolved; try again shortly.",
+            )
+        });
+    }
     match rec.inv.derive(now).status {
         Status::New => {}
         Status::Expired => return Err(expired()),

@@ -878,6 +878,16 @@ pub fn delete_pay_intent(conn: &Connection, pid: &str) -> rusqlite::Result<()> {
 }
 
 /// Every unresolved intent, oldest first.
+/// True when another payer than `payer` has a payment of the invoice whose outcome is not known
+/// yet (an intent still recorded).
+pub fn other_pay_intent(conn: &Connection, invoice_id: &str, payer: u32) -> rusqlite::Result<bool> {
+    conn.prepare_cached(
+        "SELECT 1 FROM invoice_pay_intent WHERE invoice_id = ?1 AND payer != ?2 LIMIT 1",
+    )?
+    .exists(params![invoice_id, payer])
+}
+
+/// Every recorded intent, oldest first.
 pub fn pay_intents(conn: &Connection) -> rusqlite::Result<Vec<PayIntent>> {
     let mut s = conn.prepare_cached(
         "SELECT pid, invoice_id, payer, amount_sat, created_ms FROM invoice_pay_intent

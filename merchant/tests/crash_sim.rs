@@ -789,7 +789,7 @@ fn step(w: &mut World) {
                 &format!("invoiceId={invoice}"),
                 &key,
             ) {
-                expect(w, "pay", &r, &[0, -1007, -1155, -2010]);
+                expect(w, "pay", &r, &[0, -1007, -1155, -1165, -2010]);
                 if r.code() == 0 {
                     w.paid.push(invoice.clone());
                     w.acked.push(Ack::Pay { invoice, payer });

@@ -237,7 +237,7 @@ async fn step(w: &mut World) {
             let r =
                 w.h.signed("POST", "/mapi/v1/merchant/invoice/pay", &params, &key)
                     .await;
-            expect_one_of(w, "pay", &r, &[0, -1007, -1155, -2010]);
+            expect_one_of(w, "pay", &r, &[0, -1007, -1155, -1165, -2010]);
         }
         // A chain payment (unconfirmed or confirmed) of an invoice, or its confirmation.
         57..=66 if !w.invoices.is_empty() && w.next_tx < 250 => {

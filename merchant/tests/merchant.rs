@@ -1080,6 +1080,46 @@ async fn a_balance_payment_whose_reply_is_lost_is_recorded_once_by_the_monitor()
     assert_eq!(m.h.balance(&payer, "BTC").await.0, "0.99877000");
 }
 
+/// Review finding: while one payer's balance payment had an unknown outcome (its answer lost,
+/// the transfer applied), a second account could pay the invoice in full too: paid twice. A
+/// second payer is refused (`409 -1165`, nothing moved) until the first one is resolved.
+#[tokio::test]
+async fn a_second_payer_waits_while_the_first_payment_is_in_doubt() {
+    let (h, core) = Harness::lossy();
+    let m = setup_on(h).await;
+    let (_, first) = m.h.trader_with("1", "0", "read,trade,transfer").await;
+    let (_, second) = m.h.trader_with("1", "0", "read,trade,transfer").await;
+    let inv = m.invoice("amount=0.00123").await;
+    let id = s(&inv, "id");
+    let pay = |key: &(String, String)| {
+        let (m, id, key) = (&m, id.clone(), key.clone());
+        async move {
+            m.h.signed(
+                "POST",
+                "/mapi/v1/merchant/invoice/pay",
+                &format!("invoiceId={id}"),
+                &key,
+            )
+            .await
+        }
+    };
+    core.lose_next(1);
+    assert_eq!(pay(&first).await.code(), -1007);
+    let r = pay(&second).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (axum::http::StatusCode::CONFLICT, -1165),
+        "{}",
+        r.json
+    );
+    assert_eq!(m.h.balance(&second, "BTC").await.0, "1.00000000");
+    // Resolved: the first paid it; the second is told it is paid, and nothing moved twice.
+    m.tick(common::now_ms()).await;
+    assert_eq!(pay(&second).await.code(), -1155);
+    assert_eq!(m.h.balance(&first, "BTC").await.0, "0.99877000");
+    assert_eq!(m.h.balance(&second, "BTC").await.0, "1.00000000");
+}
+
 /// A balance payment's retry after an unknown outcome completes that payment, even when the
 /// amount due changed in between (a chain payment arrived while the monitor could not learn the
 /// first one's outcome): it must not send a second transfer of the new amount due, which paid

@@ -534,6 +534,21 @@ fn fake_hash(h: u64) -> String {
     format!("{h:064x}")
 }
 
+/// The binding message of a document at block `height` (hash [`fake_hash`]) whose only
+/// liabilities are BTC, root and audit head all zeros, total 0, liabilities proof 1.
+fn zero_liabilities_message(height: u32) -> String {
+    let liabilities = std::collections::BTreeMap::from([(
+        "BTC".to_owned(),
+        reserves::por::AssetLiabilities {
+            root: "00".repeat(32),
+            total: "0".into(),
+            leaves: 1,
+        },
+    )]);
+    let hash = fake_hash(u64::from(height));
+    reserves::por::default_message(height, &hash, 1, &liabilities, &"00".repeat(32))
+}
+
 /// `reserves verify --rpc` when a block arrives while it asks the node: the tip it read first
 /// is not the block `gettxout` answers at, so `confirmations` counted from that tip makes a
 /// UTXO created in the block after the stated one look created at it. The fake node's tip is
@@ -564,16 +579,7 @@ fn a_block_arriving_during_reserves_verify_does_not_pass_a_younger_utxo() {
         txid: Txid::from_byte_array([0x11; 32]),
         vout: 0,
     };
-    let liabilities = std::collections::BTreeMap::from([(
-        "BTC".to_owned(),
-        reserves::por::AssetLiabilities {
-            root: "00".repeat(32),
-            total: "0".into(),
-            leaves: 1,
-        },
-    )]);
-    let message =
-        &reserves::por::default_message(100, &fake_hash(100), 1, &liabilities, &"00".repeat(32));
+    let message = &zero_liabilities_message(100);
     let input = wallet::bitcoin::psbt::Input {
         witness_utxo: Some(utxo.clone()),
         ..Default::default()
@@ -763,16 +769,7 @@ fn both_verifiers_refuse_an_uncompressed_key_in_a_reserve_input() {
         value: Amount::from_sat(100_000_000),
         script_pubkey: spk.clone(),
     };
-    let liabilities = std::collections::BTreeMap::from([(
-        "BTC".to_owned(),
-        reserves::por::AssetLiabilities {
-            root: "00".repeat(32),
-            total: "0".into(),
-            leaves: 1,
-        },
-    )]);
-    let message =
-        &reserves::por::default_message(100, &fake_hash(100), 1, &liabilities, &"00".repeat(32));
+    let message = &zero_liabilities_message(100);
     let input = wallet::bitcoin::psbt::Input {
         witness_utxo: Some(utxo.clone()),
         ..Default::default()

@@ -604,32 +604,24 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(dir.path()).unwrap();
         for n in 1u8..=4 {
-            s.insert_deposit(&LnDeposit {
-                payment_hash: [n; 32],
-                account: 1,
-                amount_sat: 100,
-                bolt11: "lnbcrt1".into(),
-                created_ms: 0,
-                expires_ms: u64::from(n),
-                credited_sat: None,
-            })
-            .unwrap();
+            insert_open(&s, n, u64::from(n));
         }
         for n in [3u8, 1, 3, 4] {
             s.mark_credited(&[n; 32], 100).unwrap();
         }
-        let listed = |after, limit| -> Vec<(u64, u8)> {
+        let listed = |s: &Store, after, limit| -> Vec<(u64, u8)> {
             s.credited_after(after, limit)
                 .unwrap()
                 .into_iter()
                 .map(|(seq, h)| (seq, h[0]))
                 .collect()
         };
-        assert_eq!(listed(0, 10), [(1, 3), (2, 1), (3, 4)]);
-        assert_eq!(listed(1, 1), [(2, 1)]);
-        assert_eq!(listed(3, 10), []);
+        let listed_now = |after, limit| listed(&s, after, limit);
+        assert_eq!(listed_now(0, 10), [(1, 3), (2, 1), (3, 4)]);
+        assert_eq!(listed_now(1, 1), [(2, 1)]);
+        assert_eq!(listed_now(3, 10), []);
         s.mark_credited(&[2; 32], 100).unwrap();
-        assert_eq!(listed(3, 10), [(4, 2)]);
+        assert_eq!(listed_now(3, 10), [(4, 2)]);
         // A database from before the numbering: its credits are numbered on opening, in the
         // order they were written, after any already numbered.
         s.db.execute(
@@ -639,13 +631,7 @@ mod tests {
         .unwrap();
         drop(s);
         let s = Store::open(dir.path()).unwrap();
-        let listed: Vec<(u64, u8)> = s
-            .credited_after(0, 10)
-            .unwrap()
-            .into_iter()
-            .map(|(seq, h)| (seq, h[0]))
-            .collect();
-        assert_eq!(listed, [(3, 4), (4, 2), (5, 1), (6, 3)]);
+        assert_eq!(listed(&s, 0, 10), [(3, 4), (4, 2), (5, 1), (6, 3)]);
     }
 
     /// Records an open deposit of 100 sat, hash `[n; 32]`, expiring at `expires_ms`.

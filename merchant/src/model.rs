@@ -550,6 +550,17 @@ mod tests {
         }
     }
 
+    /// A step where `payments`, all new, settle the invoice at `now` (one `PaymentReceived` each).
+    fn settled_by(
+        payments: Vec<Payment>,
+        now: u64,
+        marks: u8,
+    ) -> (Vec<Payment>, u64, Status, u8, Vec<EventType>) {
+        let mut events = vec![EventType::PaymentReceived; payments.len()];
+        events.extend([EventType::InvoiceProcessing, EventType::InvoiceSettled]);
+        (payments, now, Status::Settled, marks, events)
+    }
+
     fn reversed(p: Payment) -> Payment {
         Payment {
             reorged: true,
@@ -862,13 +873,7 @@ mod tests {
                 1,
                 0,
                 vec![
-                    (
-                        vec![chain(1, 1000, 1, 10)],
-                        20,
-                        Status::Settled,
-                        0,
-                        vec![E::PaymentReceived, E::InvoiceProcessing, E::InvoiceSettled],
-                    ),
+                    settled_by(vec![chain(1, 1000, 1, 10)], 20, 0),
                     (
                         vec![Payment {
                             reorged: true,
@@ -886,13 +891,7 @@ mod tests {
                 1,
                 0,
                 vec![
-                    (
-                        vec![chain(1, 1000, 1, 10)],
-                        20,
-                        Status::Settled,
-                        0,
-                        vec![E::PaymentReceived, E::InvoiceProcessing, E::InvoiceSettled],
-                    ),
+                    settled_by(vec![chain(1, 1000, 1, 10)], 20, 0),
                     (
                         vec![reversed(chain(1, 1000, 0, 10))],
                         30,
@@ -909,18 +908,7 @@ mod tests {
                 1,
                 0,
                 vec![
-                    (
-                        vec![chain(1, 1000, 1, 10), chain(2, 300, 1, 11)],
-                        20,
-                        Status::Settled,
-                        2,
-                        vec![
-                            E::PaymentReceived,
-                            E::PaymentReceived,
-                            E::InvoiceProcessing,
-                            E::InvoiceSettled,
-                        ],
-                    ),
+                    settled_by(vec![chain(1, 1000, 1, 10), chain(2, 300, 1, 11)], 20, 2),
                     (
                         vec![
                             Payment {
@@ -941,18 +929,7 @@ mod tests {
                 1,
                 0,
                 vec![
-                    (
-                        vec![chain(1, 1000, 1, 10), chain(2, 1000, 0, 11)],
-                        20,
-                        Status::Settled,
-                        2,
-                        vec![
-                            E::PaymentReceived,
-                            E::PaymentReceived,
-                            E::InvoiceProcessing,
-                            E::InvoiceSettled,
-                        ],
-                    ),
+                    settled_by(vec![chain(1, 1000, 1, 10), chain(2, 1000, 0, 11)], 20, 2),
                     (
                         vec![
                             reversed(chain(1, 1000, 0, 10)),
@@ -974,17 +951,10 @@ mod tests {
                 1,
                 0,
                 vec![
-                    (
+                    settled_by(
                         vec![chain(1, 1000, 1, 10), chain(2, 300, 1, 2_000)],
                         2_100,
-                        Status::Settled,
                         4,
-                        vec![
-                            E::PaymentReceived,
-                            E::PaymentReceived,
-                            E::InvoiceProcessing,
-                            E::InvoiceSettled,
-                        ],
                     ),
                     (
                         vec![reversed(chain(2, 300, 0, 2_000))],
@@ -1000,13 +970,7 @@ mod tests {
                 1,
                 0,
                 vec![
-                    (
-                        vec![chain(1, 1000, 1, 10)],
-                        20,
-                        Status::Settled,
-                        0,
-                        vec![E::PaymentReceived, E::InvoiceProcessing, E::InvoiceSettled],
-                    ),
+                    settled_by(vec![chain(1, 1000, 1, 10)], 20, 0),
                     (
                         vec![reversed(chain(1, 1000, 0, 10)), chain(2, 1000, 1, 25)],
                         30,
@@ -1021,18 +985,7 @@ mod tests {
                 1,
                 0,
                 vec![
-                    (
-                        vec![chain(1, 1000, 1, 10), chain(2, 300, 1, 11)],
-                        20,
-                        Status::Settled,
-                        2,
-                        vec![
-                            E::PaymentReceived,
-                            E::PaymentReceived,
-                            E::InvoiceProcessing,
-                            E::InvoiceSettled,
-                        ],
-                    ),
+                    settled_by(vec![chain(1, 1000, 1, 10), chain(2, 300, 1, 11)], 20, 2),
                     (
                         vec![reversed(chain(2, 300, 0, 11))],
                         30,

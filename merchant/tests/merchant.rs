@@ -89,6 +89,33 @@ impl M {
             .map(|d| d.event.as_str().to_owned())
             .collect()
     }
+    /// An invoice of 0.001 BTC paid in full by a confirmed chain payment, seen by a tick at
+    /// `now + 1`: its id.
+    async fn paid_invoice(&self, now: u64) -> String {
+        let inv = self.invoice("amount=0.001").await;
+        self.fake
+            .pay(self.account, &s(&inv, "address"), 1, 100_000, 1, now);
+        self.tick(now + 1).await;
+        s(&inv, "id")
+    }
+    /// A refund of `amount` BTC of invoice `id` to an address (custody's withdrawal path).
+    async fn refund_to_address(&self, id: &str, amount: &str) -> common::Resp {
+        self.h
+            .signed(
+                "POST",
+                "/mapi/v1/merchant/invoice/refund",
+                &format!("invoiceId={id}&amount={amount}&address=bcrt1qdest"),
+                &self.wkey,
+            )
+            .await
+    }
+    /// How many `invoice.refunded` webhooks invoice `id` has.
+    fn refunded_events(&self, id: &str) -> usize {
+        self.events(id)
+            .iter()
+            .filter(|e| *e == "invoice.refunded")
+            .count()
+    }
     fn count(&self) -> usize {
         let db = self.h.state.merchant().db.lock().unwrap();
         store::list(&db, self.account, None, 0, u64::MAX, 1000)
@@ -1295,20 +1322,9 @@ async fn a_refund_whose_reply_is_lost_stays_reserved_and_its_retry_pays_once() {
 async fn a_refund_to_an_address_whose_custody_answer_is_lost_pays_once() {
     let m = setup().await;
     let now = common::now_ms();
-    let inv = m.invoice("amount=0.001").await;
-    let id = s(&inv, "id");
-    m.fake
-        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
-    m.tick(now + 1).await;
+    let id = m.paid_invoice(now).await;
     m.fake.lose.store(1, Ordering::SeqCst);
-    let r =
-        m.h.signed(
-            "POST",
-            "/mapi/v1/merchant/invoice/refund",
-            &format!("invoiceId={id}&amount=0.0004&address=bcrt1qdest"),
-            &m.wkey,
-        )
-        .await;
+    let r = m.refund_to_address(&id, "0.0004").await;
     assert_eq!(r.code(), -1007, "{}", r.json);
     assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.0004");
     // The monitor finds custody's withdrawal by the refund's key: done, not paid again.
@@ -1322,13 +1338,8 @@ async fn a_refund_to_an_address_whose_custody_answer_is_lost_pays_once() {
         ("done".into(), "withdrawal:100".into())
     );
     // A new refund gets a new number (and key): never the lost one's.
-    m.h.ok(
-        "POST",
-        "/mapi/v1/merchant/invoice/refund",
-        &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
-        &m.wkey,
-    )
-    .await;
+    let r = m.refund_to_address(&id, "0.0001").await;
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
     let ws = m.fake.withdrawals.lock().unwrap().clone();
     let keys: Vec<_> = ws
         .iter()
@@ -1353,28 +1364,17 @@ async fn a_refund_to_an_address_whose_custody_answer_is_lost_pays_once() {
 async fn a_refund_whose_custody_hold_is_unresolved_is_not_done_until_held() {
     let m = setup().await;
     let now = common::now_ms();
-    let inv = m.invoice("amount=0.001").await;
-    let id = s(&inv, "id");
-    m.fake
-        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
-    m.tick(now + 1).await;
+    let id = m.paid_invoice(now).await;
     m.fake.lose.store(1, Ordering::SeqCst);
     m.fake.unresolved.store(1, Ordering::SeqCst);
-    let r =
-        m.h.signed(
-            "POST",
-            "/mapi/v1/merchant/invoice/refund",
-            &format!("invoiceId={id}&amount=0.0004&address=bcrt1qdest"),
-            &m.wkey,
-        )
-        .await;
+    let r = m.refund_to_address(&id, "0.0004").await;
     assert_eq!(r.code(), -1007, "{}", r.json);
     // The monitor finds the row unresolved; custody then removes it (its hold refused).
     m.fake.free_after_lookup.store(1, Ordering::SeqCst);
     m.tick(now + 2).await;
     let v = m.get(&id).await;
     assert_eq!(s(&v["refunds"][0], "state"), "unknown", "{v:#}");
-    assert!(!m.events(&id).iter().any(|e| e == "invoice.refunded"));
+    assert_eq!(m.refunded_events(&id), 0);
     assert!(m.fake.withdrawals.lock().unwrap().is_empty());
     // Nothing under the key now: requested again, held this time, done once.
     m.tick(now + 3).await;
@@ -1390,21 +1390,10 @@ async fn a_refund_whose_custody_hold_is_unresolved_is_not_done_until_held() {
     assert_eq!(ws.len(), 1);
     assert_eq!(ws[0].idempotency_key, format!("refund-{id}-1"));
     assert_eq!(s(&v, "refundedBtc"), "0.0004");
-    let refunded = m.events(&id);
-    assert_eq!(
-        refunded.iter().filter(|e| *e == "invoice.refunded").count(),
-        1
-    );
+    assert_eq!(m.refunded_events(&id), 1);
     // Custody answering the request itself with a row still unresolved: unknown, not done.
     m.fake.unresolved.store(1, Ordering::SeqCst);
-    let r =
-        m.h.signed(
-            "POST",
-            "/mapi/v1/merchant/invoice/refund",
-            &format!("invoiceId={id}&amount=0.0001&address=bcrt1qdest"),
-            &m.wkey,
-        )
-        .await;
+    let r = m.refund_to_address(&id, "0.0001").await;
     assert_eq!(r.code(), -1007, "{}", r.json);
     m.tick(now + 4).await;
     let v = m.get(&id).await;
@@ -1416,10 +1405,7 @@ async fn a_refund_whose_custody_hold_is_unresolved_is_not_done_until_held() {
     assert_eq!(v["refunds"].as_array().unwrap().len(), 1, "{v:#}");
     assert_eq!(s(&v, "refundedBtc"), "0.0004");
     assert_eq!(
-        m.events(&id)
-            .iter()
-            .filter(|e| *e == "invoice.refunded")
-            .count(),
+        m.refunded_events(&id),
         1,
         "no invoice.refunded for a refund never paid"
     );
@@ -1434,24 +1420,8 @@ async fn a_refund_whose_custody_hold_is_unresolved_is_not_done_until_held() {
 async fn a_refund_custody_released_is_given_back_and_can_be_refunded_again() {
     let m = setup().await;
     let now = common::now_ms();
-    let inv = m.invoice("amount=0.001").await;
-    let id = s(&inv, "id");
-    m.fake
-        .pay(m.account, &s(&inv, "address"), 1, 100_000, 1, now);
-    m.tick(now + 1).await;
-    let refund = |amount: &'static str| {
-        let (m, id) = (&m, id.clone());
-        async move {
-            m.h.signed(
-                "POST",
-                "/mapi/v1/merchant/invoice/refund",
-                &format!("invoiceId={id}&amount={amount}&address=bcrt1qdest"),
-                &m.wkey,
-            )
-            .await
-        }
-    };
-    let r = refund("0.001").await;
+    let id = m.paid_invoice(now).await;
+    let r = m.refund_to_address(&id, "0.001").await;
     assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
     // Still on its way: followed, nothing changes.
     m.tick(now + 2).await;
@@ -1460,7 +1430,7 @@ async fn a_refund_custody_released_is_given_back_and_can_be_refunded_again() {
     m.tick(now + 3).await;
     let v = m.get(&id).await;
     assert_eq!(s(&v, "refundedBtc"), "0", "{v:#}");
-    let again = refund("0.001").await;
+    let again = m.refund_to_address(&id, "0.001").await;
     assert_eq!(again.status, axum::http::StatusCode::OK, "{}", again.json);
     assert_eq!(s(&again.json, "reference"), "withdrawal:101");
     // Paid: followed to its end, and never given back after.
@@ -1469,7 +1439,7 @@ async fn a_refund_custody_released_is_given_back_and_can_be_refunded_again() {
     m.fake.withdrawals.lock().unwrap()[1].state = api::custody::WithdrawalState::Released;
     m.tick(now + 5).await;
     assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.001");
-    assert_eq!(refund("0.0001").await.code(), -1156);
+    assert_eq!(m.refund_to_address(&id, "0.0001").await.code(), -1156);
 }
 
 /// Review finding: custody's withdrawal under a refund's key (`refund-<invoice>-<n>`, a

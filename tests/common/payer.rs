@@ -5,7 +5,7 @@ use bdk_bitcoind_rpc::bitcoincore_rpc::{Client, RpcApi};
 use bdk_bitcoind_rpc::Emitter;
 use bdk_wallet::bitcoin::bip32::Xpriv;
 use bdk_wallet::bitcoin::secp256k1::Secp256k1;
-use bdk_wallet::bitcoin::{Address, Amount, FeeRate, Network, ScriptBuf, Transaction};
+use bdk_wallet::bitcoin::{Address, Amount, FeeRate, Network, Psbt, ScriptBuf, Transaction};
 use bdk_wallet::template::Bip84;
 use bdk_wallet::{KeychainKind, SignOptions, Wallet};
 use std::sync::Arc;
@@ -92,34 +92,15 @@ impl Payer {
         let mut b = self.wallet.build_tx();
         b.add_recipient(to.script_pubkey(), Amount::from_sat(sat));
         b.fee_rate(FeeRate::from_sat_per_vb_u32(2));
-        let mut psbt = b.finish().unwrap();
-        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
-        assert!(self
-            .wallet
-            .finalize_psbt(&mut psbt, SignOptions::default())
-            .unwrap());
-        let tx = psbt.extract_tx().unwrap();
-        rpc.send_raw_transaction(&tx).expect("sendrawtransaction");
-        self.wallet.apply_unconfirmed_txs([(tx.clone(), 0)]);
-        tx
+        let psbt = b.finish().unwrap();
+        self.sign_and_send(rpc, psbt, 0, "sendrawtransaction")
     }
 
     /// Replaces an unconfirmed payment of this wallet by one paying 10 sat/vB (RBF: same
     /// outputs, less change), broadcast to the node's mempool.
     pub fn bump(&mut self, rpc: &Client, tx: &Transaction) -> Transaction {
-        let mut b = self.wallet.build_fee_bump(tx.compute_txid()).unwrap();
-        b.fee_rate(FeeRate::from_sat_per_vb_u32(10));
-        let mut psbt = b.finish().unwrap();
-        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
-        assert!(self
-            .wallet
-            .finalize_psbt(&mut psbt, SignOptions::default())
-            .unwrap());
-        let tx = psbt.extract_tx().unwrap();
-        rpc.send_raw_transaction(&tx)
-            .expect("sendrawtransaction (replacement)");
-        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
-        tx
+        let psbt = self.bump_psbt(tx);
+        self.sign_and_send(rpc, psbt, 1, "sendrawtransaction (replacement)")
     }
 
     /// A double spend of an unconfirmed payment of this wallet: the same inputs at 10 sat/vB,
@@ -128,9 +109,7 @@ impl Payer {
     pub fn take_back(&mut self, rpc: &Client, tx: &Transaction, address: &str) -> Transaction {
         let paid = parse_address(address).script_pubkey();
         let mine = self.receive_address().script_pubkey();
-        let mut b = self.wallet.build_fee_bump(tx.compute_txid()).unwrap();
-        b.fee_rate(FeeRate::from_sat_per_vb_u32(10));
-        let mut psbt = b.finish().unwrap();
+        let mut psbt = self.bump_psbt(tx);
         let i = psbt
             .unsigned_tx
             .output
@@ -139,15 +118,33 @@ impl Payer {
             .expect("the payment's output");
         psbt.unsigned_tx.output[i].script_pubkey = mine;
         psbt.outputs[i] = Default::default();
+        self.sign_and_send(rpc, psbt, 1, "sendrawtransaction (double spend)")
+    }
+
+    /// The unsigned RBF replacement of `tx` at 10 sat/vB.
+    fn bump_psbt(&mut self, tx: &Transaction) -> Psbt {
+        let mut b = self.wallet.build_fee_bump(tx.compute_txid()).unwrap();
+        b.fee_rate(FeeRate::from_sat_per_vb_u32(10));
+        b.finish().unwrap()
+    }
+
+    /// Signs and finalizes `psbt`, broadcasts it and records it as unconfirmed (seen at
+    /// `seen`, so that a replacement outranks what it replaces).
+    fn sign_and_send(
+        &mut self,
+        rpc: &Client,
+        mut psbt: Psbt,
+        seen: u64,
+        what: &str,
+    ) -> Transaction {
         psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
         assert!(self
             .wallet
             .finalize_psbt(&mut psbt, SignOptions::default())
             .unwrap());
         let tx = psbt.extract_tx().unwrap();
-        rpc.send_raw_transaction(&tx)
-            .expect("sendrawtransaction (double spend)");
-        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
+        rpc.send_raw_transaction(&tx).expect(what);
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), seen)]);
         tx
     }
 }

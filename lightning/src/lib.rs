@@ -48,7 +48,7 @@ pub use config::{ChainRpc, LightningConfig};
 pub use error::{InvoiceError, OpenError, OperatorError, PayError};
 pub use runner::{now_ms, Runner};
 pub use service::{
-    AlarmSink, ChannelView, LightningService, LnBalances, PayPolicy, StepReport,
+    AlarmSink, ChannelView, LightningService, LnBalances, PayPolicy, StepReport, IN_DOUBT_BLOCKS,
     MAX_DESCRIPTION_BYTES, OPEN_DEPOSIT_GRACE_MS, OPEN_DEPOSIT_SWEEP_MS,
 };
 pub use store::{LnDeposit, LnWithdrawal, LnWithdrawalStatus, StoreError, DATABASE_FILE};

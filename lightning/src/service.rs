@@ -133,6 +133,13 @@ pub trait PayPolicy: Send + Sync {
     ) -> Result<(), (i32, String)>;
 }
 
+/// How many blocks a withdrawal in doubt stays held after the height it was found at
+/// ([`LightningService::resolve_unrecorded`]): the longest CLTV delta a route of ours may have
+/// (LDK's default cap, which `pay` keeps) and a day of blocks for a timeout transaction to
+/// confirm if the channel had to close. Past it no HTLC of the send can be claimed.
+pub const IN_DOUBT_BLOCKS: u32 =
+    ldk_node::lightning::routing::router::DEFAULT_MAX_TOTAL_CLTV_EXPIRY_DELTA + 144;
+
 /// 24 hours, the withdrawal limit's window.
 const DAY_MS: u64 = 24 * 60 * 60 * 1000;
 
@@ -845,50 +852,82 @@ impl<L: Ledger> LightningService<L> {
             S::Held => {
                 store.transition(w.id, S::Held, S::Releasing, None, Some("not sent"))?;
             }
-            S::Sending => {
-                match self.outcome(w) {
-                    Outcome::Succeeded { fee_paid_msat } => {
-                        let fee = self.routing_fee_sat(w, fee_paid_msat);
-                        store.transition(w.id, S::Sending, S::Completing, Some(fee), None)?;
-                    }
-                    Outcome::Failed => {
-                        store.transition(
-                            w.id,
-                            S::Sending,
-                            S::Releasing,
-                            None,
-                            Some("payment failed"),
-                        )?;
-                    }
-                    Outcome::Pending | Outcome::NotOurs => {}
-                    Outcome::Unrecorded => {
-                        // The node has no record of this attempt: the send never reached it (a
-                        // stop between `sending` and the call), or reached the channel manager
-                        // and not the node's store (a stop in between: the record is still an
-                        // earlier attempt's). Send again under the same payment id, which the
-                        // node refuses (`DuplicatePayment`) while that attempt is in flight or
-                        // just finished, so nothing goes twice.
-                        if let Ok(inv) = Bolt11Invoice::from_str(&w.bolt11) {
-                            let params = RouteParametersConfig {
-                                max_total_routing_fee_msat: Some(w.fee_sat.saturating_mul(1000)),
-                                ..Default::default()
-                            };
-                            if let Err(NodeError::PaymentSendingFailed) =
-                                self.node.bolt11_payment().send(&inv, Some(params))
-                            {
-                                store.transition(
-                                    w.id,
-                                    S::Sending,
-                                    S::Releasing,
-                                    None,
-                                    Some("no route"),
-                                )?;
-                            }
-                        }
-                    }
+            S::Sending => match self.outcome(w) {
+                Outcome::Succeeded { fee_paid_msat } => {
+                    let fee = self.routing_fee_sat(w, fee_paid_msat);
+                    store.transition(w.id, S::Sending, S::Completing, Some(fee), None)?;
                 }
-            }
+                Outcome::Failed => {
+                    store.transition(
+                        w.id,
+                        S::Sending,
+                        S::Releasing,
+                        None,
+                        Some("payment failed"),
+                    )?;
+                }
+                Outcome::Pending | Outcome::NotOurs => {}
+                Outcome::Unrecorded => self.resolve_unrecorded(store, w)?,
+            },
             _ => {}
+        }
+        Ok(())
+    }
+
+    /// A `sending` withdrawal the node has no record of ([`Outcome::Unrecorded`]).
+    ///
+    /// The send never reached the node (a stop between `sending` and the call), or reached
+    /// LDK's channel manager and not ldk-node's store (a stop in between, or a failed write of
+    /// the record: the record is missing, or still an earlier attempt's). It is sent again
+    /// under the same payment id, which LDK refuses (`DuplicatePayment`) while the first send
+    /// is in flight or just finished, so nothing goes twice. But LDK looks for a route before
+    /// it looks for a duplicate: with the invoice expired, or the channel's liquidity taken by
+    /// the first send's HTLC, the second send fails "no route" whether or not the first one is
+    /// on its way. Releasing then let a first HTLC still held by the payee be claimed later:
+    /// the payee paid, the account not debited. So such a withdrawal is *in doubt*: it stays
+    /// `sending` (held, counted in flight) with an alarm, is not sent again, completes or is
+    /// released when the node reports how the payment ended (the record it made of the failed
+    /// second send is taken as an earlier attempt's, see [`Self::outcome`]), and is released
+    /// once no HTLC of the first send can be claimed any more ([`IN_DOUBT_BLOCKS`] after the
+    /// height it was found at, at or after that send's height).
+    fn resolve_unrecorded(&self, store: &Store, w: &LnWithdrawal) -> Result<(), StoreError> {
+        let height = self.node.status().current_best_block.height;
+        if let Some(until) = w.doubt_until_height {
+            if height >= until {
+                store.transition(
+                    w.id,
+                    S::Sending,
+                    S::Releasing,
+                    None,
+                    Some("in doubt: no record of the payment, and its HTLCs' time has run out"),
+                )?;
+            }
+            return Ok(());
+        }
+        let Ok(inv) = Bolt11Invoice::from_str(&w.bolt11) else {
+            return Ok(());
+        };
+        let params = RouteParametersConfig {
+            max_total_routing_fee_msat: Some(w.fee_sat.saturating_mul(1000)),
+            ..Default::default()
+        };
+        if let Err(NodeError::PaymentSendingFailed) =
+            self.node.bolt11_payment().send(&inv, Some(params))
+        {
+            let pid = ldk_node::lightning::ln::channelmanager::PaymentId(w.payment_hash);
+            let record_s = self.node.payment(&pid).map(|p| p.latest_update_timestamp);
+            let until = height.saturating_add(IN_DOUBT_BLOCKS);
+            if store.mark_in_doubt(w.id, until, record_s)? {
+                self.alarm(
+                    "lightning_withdrawal_in_doubt",
+                    &format!("lightning withdrawal {}", w.id),
+                    &format!(
+                        "the node has no record of the payment and refused to send it again \
+                         (no route): an HTLC of the first send may still be claimed, so the \
+                         hold stays until the node reports the payment's end or block {until}"
+                    ),
+                );
+            }
         }
         Ok(())
     }

@@ -95,6 +95,12 @@ pub struct LnWithdrawal {
     /// until the record changes it may still be the earlier attempt's (see
     /// `LightningService::outcome`).
     pub prior_failed_s: Option<u64>,
+    /// Set when the payment's outcome is in doubt: the node had no record of it after a
+    /// restart, and sending it again under the same id failed, which does not tell whether the
+    /// first send reached LDK's channel manager (see `LightningService::resolve`). The block
+    /// height from which no HTLC of the first send can be claimed any more: the row stays
+    /// `sending` until then, unless the node reports how the payment ended.
+    pub doubt_until_height: Option<u32>,
 }
 
 /// A withdrawal to store ([`Store::insert_withdrawal`]; the fields of [`LnWithdrawal`]).
@@ -150,7 +156,8 @@ fn hash_of(v: Vec<u8>) -> rusqlite::Result<[u8; 32]> {
 }
 
 const WITHDRAWAL_COLUMNS: &str = "id, account, payment_hash, bolt11, amount_sat, fee_sat, status, \
-                                  routing_fee_sat, reason, created_ms, prior_failed_s";
+                                  routing_fee_sat, reason, created_ms, prior_failed_s, \
+                                  doubt_until_height";
 
 fn withdrawal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LnWithdrawal> {
     let status: String = r.get(6)?;
@@ -172,6 +179,7 @@ fn withdrawal_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<LnWithdrawal> {
         reason: r.get(8)?,
         created_ms: u64_of(r.get(9)?),
         prior_failed_s: r.get::<_, Option<i64>>(10)?.map(u64_of),
+        doubt_until_height: r.get(11)?,
     })
 }
 
@@ -272,6 +280,7 @@ impl Store {
         // until credited, however long that takes (`received_uncredited`).
         add_column(&db, "ln_deposits", "received_msat")?;
         add_column(&db, "ln_withdrawals", "prior_failed_s")?;
+        add_column(&db, "ln_withdrawals", "doubt_until_height")?;
         // The order credits were applied in (1, 2, ...; `credited_after`): how others (the
         // merchant's monitor) follow every credit, however late it came.
         add_column(&db, "ln_deposits", "credited_seq")?;
@@ -496,6 +505,26 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    /// Marks a `sending` withdrawal in doubt until block `until_height`, the node's record of
+    /// the invoice (if any) then updated at `record_s` (it becomes the row's `prior_failed_s`:
+    /// a failure recorded no later than that is not this payment's end). False when the row is
+    /// not `sending` or is in doubt already (nothing changed).
+    pub(crate) fn mark_in_doubt(
+        &self,
+        id: u64,
+        until_height: u32,
+        record_s: Option<u64>,
+    ) -> Result<bool, StoreError> {
+        let record_s = record_s.map(i64_of).transpose()?;
+        let n = self.db.execute(
+            "UPDATE ln_withdrawals SET doubt_until_height = ?2, \
+             prior_failed_s = COALESCE(?3, prior_failed_s) \
+             WHERE id = ?1 AND status = 'sending' AND doubt_until_height IS NULL",
+            params![i64_of(id)?, until_height, record_s],
+        )?;
+        Ok(n == 1)
+    }
+
     /// Moves a withdrawal from `from` to `to`; false when it was not in `from` (nothing changed).
     pub(crate) fn transition(
         &self,
@@ -594,7 +623,47 @@ mod tests {
         s.mark_credited(&[3; 32], 5).unwrap();
         assert_eq!(s.credited_after(2, 10).unwrap(), [(3, [3; 32])]);
         let id = s.insert_withdrawal(&new_row(&[4; 32], 1_000, 5)).unwrap();
-        assert!(id.is_some());
+        let w = s.withdrawal(id.unwrap()).unwrap().unwrap();
+        assert_eq!((w.prior_failed_s, w.doubt_until_height), (None, None));
+    }
+
+    /// Only a `sending` row is marked in doubt, once: the first mark's deadline and record time
+    /// stay (a later resolution must not push the deadline on, nor make an earlier record
+    /// read as this payment's end).
+    #[test]
+    fn a_sending_withdrawal_is_marked_in_doubt_once() {
+        use LnWithdrawalStatus::*;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let id = s
+            .insert_withdrawal(&new_row(&[1; 32], 1_000, 5))
+            .unwrap()
+            .unwrap();
+        assert!(!s.mark_in_doubt(id, 900, Some(70)).unwrap(), "new");
+        assert!(s.transition(id, New, Held, None, None).unwrap());
+        assert!(!s.mark_in_doubt(id, 900, Some(70)).unwrap(), "held");
+        assert!(s.transition(id, Held, Sending, None, None).unwrap());
+        assert!(s.mark_in_doubt(id, 900, Some(70)).unwrap());
+        assert!(!s.mark_in_doubt(id, 2_000, Some(80)).unwrap(), "again");
+        let w = s.withdrawal(id).unwrap().unwrap();
+        assert_eq!(
+            (w.doubt_until_height, w.prior_failed_s),
+            (Some(900), Some(70))
+        );
+        // No record of the invoice at all: the earlier record time (if any) stays.
+        let other = s.insert_withdrawal(&NewWithdrawal {
+            prior_failed_s: Some(40),
+            ..new_row(&[2; 32], 1_000, 5)
+        });
+        let other = other.unwrap().unwrap();
+        assert!(s.transition(other, New, Held, None, None).unwrap());
+        assert!(s.transition(other, Held, Sending, None, None).unwrap());
+        assert!(s.mark_in_doubt(other, 900, None).unwrap());
+        let w = s.withdrawal(other).unwrap().unwrap();
+        assert_eq!(
+            (w.doubt_until_height, w.prior_failed_s),
+            (Some(900), Some(40))
+        );
     }
 
     /// Credits are numbered in the order they were applied, once each (a repeated mark changes

@@ -16,7 +16,8 @@ use lightning_custody::ldk_node::lightning_invoice::{
 use lightning_custody::ldk_node::payment::{PaymentDirection, PaymentStatus};
 use lightning_custody::ldk_node::{Builder, Event, Node};
 use lightning_custody::{
-    engine_withdrawal_id, ChainRpc, LightningConfig, LightningService, LnWithdrawalStatus, PayError,
+    engine_withdrawal_id, ChainRpc, LightningConfig, LightningService, LnWithdrawalStatus,
+    PayError, IN_DOUBT_BLOCKS,
 };
 use matching_engine::config::BTC;
 use matching_engine::{
@@ -923,6 +924,185 @@ fn an_earlier_attempts_failure_does_not_release_a_payment_sent_again() {
             .unwrap()
             .state,
         WithdrawalState::Completed
+    );
+}
+
+/// A withdrawal of `account` paying an invoice the customer settles by hand (its HTLC held),
+/// then the node stopped and its record of the payment deleted, as if the stop had come between
+/// LDK taking the payment and ldk-node's write of the record; restarted (alarms attached) once
+/// the invoice expired, so that sending it again is refused. Returns the withdrawal, the
+/// invoice's hash and preimage, and the alarms.
+fn held_payment_without_record(
+    w: &mut World,
+    account: AccountId,
+    secret: u8,
+) -> (
+    lightning_custody::LnWithdrawal,
+    lightning_custody::ldk_node::lightning_types::payment::PaymentHash,
+    [u8; 32],
+    Arc<FakeAlarms>,
+) {
+    use lightning_custody::ldk_node::bitcoin::hashes::sha256;
+    use lightning_custody::ldk_node::lightning_types::payment::PaymentHash;
+    let preimage = [secret; 32];
+    let hash = PaymentHash(sha256::Hash::hash(&preimage).to_byte_array());
+    let inv = w
+        .customer
+        .bolt11_payment()
+        .receive_for_hash(
+            10_000_000,
+            &Bolt11InvoiceDescription::Direct(Description::new("held".into()).unwrap()),
+            5,
+            hash,
+        )
+        .unwrap();
+    let wd = w.m().pay(account, &inv.to_string(), now_ms()).unwrap();
+    assert_eq!(wd.status, LnWithdrawalStatus::Sending);
+    wait_event(
+        &w.customer,
+        "the customer holds the HTLC",
+        |e| matches!(e, Event::PaymentClaimable { payment_hash, .. } if *payment_hash == hash),
+    );
+
+    let m = w.mediator.take().unwrap();
+    m.stop();
+    drop(m);
+    let kv = rusqlite::Connection::open(
+        w.data
+            .path()
+            .join("lightning")
+            .join("ldk")
+            .join("ldk_node_data.sqlite"),
+    )
+    .unwrap();
+    let deleted = kv
+        .execute(
+            "DELETE FROM ldk_node_data WHERE primary_namespace = 'payments' AND key = ?1",
+            [hex::encode(hash.0)],
+        )
+        .unwrap();
+    assert_eq!(deleted, 1, "the node's record of the payment");
+    drop(kv);
+    wait_until("the invoice expired", Duration::from_secs(30), || {
+        inv.is_expired()
+    });
+
+    let m =
+        LightningService::open(mediator_config(&w.chain, w.data.path()), w.ledger.clone()).unwrap();
+    let alarms = Arc::new(FakeAlarms::default());
+    assert!(m.set_alarms(alarms.clone()));
+    w.mediator = Some(m);
+    (wd, hash, preimage, alarms)
+}
+
+/// Resolves and steps a few times: a withdrawal in doubt stays `sending`, however often the
+/// loop looks, with one alarm.
+fn stays_in_doubt(w: &World, id: u64, alarms: &FakeAlarms) {
+    for _ in 0..5 {
+        w.m().resolve_pending().unwrap();
+        w.m().step(now_ms()).unwrap();
+    }
+    assert_eq!(
+        w.m().withdrawal(id).unwrap().unwrap().status,
+        LnWithdrawalStatus::Sending,
+        "released while its HTLC may still be claimed"
+    );
+    let subject = format!("lightning withdrawal {id}");
+    let raised = alarms
+        .0
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(k, s)| k == "lightning_withdrawal_in_doubt" && *s == subject)
+        .count();
+    assert_eq!(raised, 1, "{:?}", alarms.0.lock().unwrap());
+}
+
+/// Defect (money): a withdrawal whose send reached LDK's channel manager but not ldk-node's
+/// payment store (a stop in between, or a failed write of the record) has no record after a
+/// restart, so it is sent again under the same payment id. LDK looks for a route before it
+/// looks for a duplicate: with the invoice expired (or the channel's liquidity taken by the
+/// first HTLC) the second send failed "no route" and the hold was released, while the first
+/// HTLC, held by the payee, could still be claimed: the payee was paid and the account never
+/// debited. Such a withdrawal now stays `sending`, in doubt and with an alarm, until the node
+/// reports how the payment ended or its HTLCs' time has run out. Failed on the old code (the
+/// withdrawal was `released` while its HTLC was held).
+#[test]
+fn a_payment_whose_node_record_is_lost_stays_held_until_its_htlc_settles() {
+    use lightning_custody::ldk_node::lightning_types::payment::PaymentPreimage;
+    let mut w = World::new();
+    let erin = w.ledger.create_account();
+    w.deposit(erin, 100_000);
+    let (wd, hash, preimage, alarms) = held_payment_without_record(&mut w, erin, 0x6b);
+    stays_in_doubt(&w, wd.id, &alarms);
+    assert_eq!(w.ledger.btc(erin), (100_000 - 10_050, 10_050));
+
+    // The customer claims the HTLC: completed, the account debited once.
+    w.customer
+        .bolt11_payment()
+        .claim_for_hash(hash, 10_000_000, PaymentPreimage(preimage))
+        .unwrap();
+    w.step_until("the withdrawal completed", |w| {
+        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
+    });
+    assert_eq!(w.ledger.btc(erin), (100_000 - 10_050, 0));
+    assert_eq!(
+        w.ledger.record(engine_withdrawal_id(wd.id)).unwrap().state,
+        WithdrawalState::Completed
+    );
+}
+
+/// A withdrawal in doubt whose HTLC the payee failed stays held (the node's failure record
+/// cannot be told from the one the refused second send left), and is released once the chain
+/// has passed the height after which no HTLC of the first send can be claimed
+/// (`IN_DOUBT_BLOCKS`): the account gets its money back, and the customer was never paid.
+#[test]
+fn a_payment_in_doubt_is_released_once_its_htlcs_time_has_run_out() {
+    let mut w = World::new();
+    let fay = w.ledger.create_account();
+    w.deposit(fay, 100_000);
+    let (wd, hash, _preimage, alarms) = held_payment_without_record(&mut w, fay, 0x6c);
+    stays_in_doubt(&w, wd.id, &alarms);
+    // The customer fails the HTLC; the node reports the payment failed (the event is left
+    // queued for the steps below to handle; earlier ones are acknowledged here).
+    w.customer.bolt11_payment().fail_for_hash(hash).unwrap();
+    wait_until(
+        "the node's payment failure event",
+        Duration::from_secs(60),
+        || match w.m().node().next_event() {
+            Some(Event::PaymentFailed {
+                payment_hash: Some(h),
+                ..
+            }) if h == hash => true,
+            Some(_) => {
+                w.m().node().event_handled().unwrap();
+                false
+            }
+            None => false,
+        },
+    );
+    stays_in_doubt(&w, wd.id, &alarms);
+    assert_eq!(w.ledger.btc(fay), (100_000 - 10_050, 10_050));
+
+    let height = w.chain.rpc.get_block_count().unwrap();
+    w.chain.mine(u64::from(IN_DOUBT_BLOCKS) + 1);
+    w.step_until("the withdrawal released", |w| {
+        let _ = w.m().node().sync_wallets();
+        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Released
+    });
+    assert!(w.chain.rpc.get_block_count().unwrap() > height + u64::from(IN_DOUBT_BLOCKS));
+    assert_eq!(w.ledger.btc(fay), (100_000, 0));
+    assert_eq!(
+        w.ledger.record(engine_withdrawal_id(wd.id)).unwrap().state,
+        WithdrawalState::Released
+    );
+    while let Some(_e) = w.customer.next_event() {
+        w.customer.event_handled().unwrap();
+    }
+    assert_eq!(
+        w.customer.payment(&PaymentId(hash.0)).map(|p| p.status),
+        Some(PaymentStatus::Failed),
+        "the customer was not paid"
     );
 }
 

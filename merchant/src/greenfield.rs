@@ -1331,7 +1331,7 @@ fn btcpay_events(e: EventType) -> &'static [&'static str] {
         EventType::InvoiceSettled => &["InvoicePaymentSettled", "InvoiceSettled"],
         EventType::InvoiceExpired => &["InvoiceExpired"],
         EventType::InvoiceInvalid => &["InvoiceInvalid"],
-        EventType::InvoiceRefunded => &[],
+        EventType::InvoiceRefunded | EventType::InvoiceRefundCancelled => &[],
     }
 }
 

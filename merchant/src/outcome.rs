@@ -415,10 +415,20 @@ pub async fn follow_refunds(st: &AppState) -> Result<usize, ApiError> {
             tracing::warn!(invoice = %iid, n, "refund released by custody: given back");
             given_back += 1;
         }
-        with_db(st, move |c| {
+        let st2 = st.clone();
+        let announced = with_db(st, move |c| {
+            let render =
+                |rec: &Record, name: &str| super::routes::merchant_json(&st2, rec, name, now);
+            let back = back.then_some(store::GivenBack {
+                render: &render,
+                now_ms: now,
+            });
             store::refund_followed(c, &iid, n, back).map_err(db)
         })
         .await?;
+        if announced {
+            st.merchant().enqueued.notify_one();
+        }
     }
     Ok(given_back)
 }

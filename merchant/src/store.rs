@@ -984,10 +984,11 @@ pub fn refund_followed(
     conn: &mut Connection,
     invoice_id: &str,
     n: u32,
-    given_back: bool,
-) -> rusqlite::Result<()> {
+    given_back: Option<GivenBack<'_>>,
+) -> rusqlite::Result<bool> {
     let tx = conn.transaction()?;
-    if given_back {
+    let mut announced = false;
+    if let Some(back) = given_back {
         let amount: Option<i64> = tx
             .query_row(
                 "UPDATE invoice_refund SET state = 'cancelled', final = 1
@@ -1001,6 +1002,21 @@ pub fn refund_followed(
                 "UPDATE invoice SET refunded_sat = refunded_sat - ?2 WHERE id = ?1",
                 params![invoice_id, amount],
             )?;
+            // The merchant was told `invoice.refunded`: tell it the refund was given back, with
+            // the invoice as it is now (in this transaction: once, with the change).
+            if let Some(rec) = load(&tx, invoice_id)? {
+                let name = settings_or_default(&tx, rec.inv.merchant)?.name;
+                let body = (back.render)(&rec, &name);
+                webhook::enqueue(
+                    &tx,
+                    rec.inv.merchant,
+                    invoice_id,
+                    EventType::InvoiceRefundCancelled,
+                    &body,
+                    back.now_ms,
+                )?;
+                announced = true;
+            }
         }
     } else {
         tx.execute(
@@ -1009,7 +1025,25 @@ pub fn refund_followed(
             params![invoice_id, n],
         )?;
     }
-    tx.commit()
+    tx.commit()?;
+    Ok(announced)
+}
+
+/// How [`refund_followed`] announces a given-back refund: the invoice's webhook body (the
+/// merchant's view of the record, given the store's name) and the time.
+pub struct GivenBack<'a> {
+    /// Renders the invoice as the merchant API shows it.
+    pub render: &'a dyn Fn(&Record, &str) -> serde_json::Value,
+    /// Now, ms.
+    pub now_ms: u64,
+}
+
+impl std::fmt::Debug for GivenBack<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GivenBack")
+            .field("now_ms", &self.now_ms)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The state of the newest refund of an invoice under the merchant's key `key`, cancelled ones

@@ -236,11 +236,16 @@ pub enum EventType {
     /// `invoice.refunded`
     #[serde(rename = "invoice.refunded")]
     InvoiceRefunded,
+    /// `invoice.refund_cancelled`: a refund announced by `invoice.refunded` was given back
+    /// (custody released its withdrawal: the customer got nothing, and the amount may be
+    /// refunded again).
+    #[serde(rename = "invoice.refund_cancelled")]
+    InvoiceRefundCancelled,
 }
 
 impl EventType {
     /// Every event type.
-    pub const ALL: [EventType; 7] = [
+    pub const ALL: [EventType; 8] = [
         EventType::InvoiceCreated,
         EventType::PaymentReceived,
         EventType::InvoiceProcessing,
@@ -248,6 +253,7 @@ impl EventType {
         EventType::InvoiceExpired,
         EventType::InvoiceInvalid,
         EventType::InvoiceRefunded,
+        EventType::InvoiceRefundCancelled,
     ];
 
     /// The wire name.
@@ -260,6 +266,7 @@ impl EventType {
             EventType::InvoiceExpired => "invoice.expired",
             EventType::InvoiceInvalid => "invoice.invalid",
             EventType::InvoiceRefunded => "invoice.refunded",
+            EventType::InvoiceRefundCancelled => "invoice.refund_cancelled",
         }
     }
 

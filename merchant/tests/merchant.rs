@@ -1430,6 +1430,10 @@ async fn a_refund_custody_released_is_given_back_and_can_be_refunded_again() {
     m.tick(now + 3).await;
     let v = m.get(&id).await;
     assert_eq!(s(&v, "refundedBtc"), "0", "{v:#}");
+    // The merchant, told `invoice.refunded` when custody took the refund, is told it was given
+    // back (once, however often the monitor looks), with the invoice as it is now.
+    m.tick(now + 3).await;
+    assert_eq!(cancelled_refund_bodies(&m, &id), ["0"]);
     let again = m.refund_to_address(&id, "0.001").await;
     assert_eq!(again.status, axum::http::StatusCode::OK, "{}", again.json);
     assert_eq!(s(&again.json, "reference"), "withdrawal:101");
@@ -1440,6 +1444,29 @@ async fn a_refund_custody_released_is_given_back_and_can_be_refunded_again() {
     m.tick(now + 5).await;
     assert_eq!(s(&m.get(&id).await, "refundedBtc"), "0.001");
     assert_eq!(m.refund_to_address(&id, "0.0001").await.code(), -1156);
+}
+
+/// The `refundedBtc` of each `invoice.refund_cancelled` webhook body of invoice `id`, in order.
+fn cancelled_refund_bodies(m: &M, id: &str) -> Vec<String> {
+    let db = m.h.state.merchant().db.lock().unwrap();
+    let mut st = db
+        .prepare(
+            "SELECT body FROM webhook_deliveries WHERE invoice_id = ?1 \
+             AND hook IS NULL AND event = 'invoice.refund_cancelled' ORDER BY created_ms, rowid",
+        )
+        .unwrap();
+    let bodies = st
+        .query_map([id], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|b| serde_json::from_slice::<Value>(&b.unwrap()).unwrap())
+        .collect::<Vec<_>>();
+    bodies
+        .iter()
+        .map(|b| {
+            assert_eq!(b["type"], "invoice.refund_cancelled", "{b}");
+            s(&b["invoice"], "refundedBtc")
+        })
+        .collect()
 }
 
 /// Review finding: custody's withdrawal under a refund's key (`refund-<invoice>-<n>`, a

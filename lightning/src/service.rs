@@ -98,6 +98,9 @@ pub struct LightningService<L: Ledger> {
     next_sweep_ms: AtomicU64,
     /// Bumped (and waiters woken) whenever a withdrawal reaches a final state in `step`.
     settled: tokio::sync::watch::Sender<u64>,
+    /// When this service started, seconds since the epoch: a withdrawal in doubt is released
+    /// by height only once the node has followed the chain since then.
+    started_s: u64,
 }
 
 /// Where the service's alarms go (money that moved in one place and not the other): in
@@ -133,10 +136,11 @@ pub trait PayPolicy: Send + Sync {
     ) -> Result<(), (i32, String)>;
 }
 
-/// How many blocks a withdrawal in doubt stays held after the height it was found at
+/// How many blocks a withdrawal in doubt stays held at least after the height it was found at
 /// ([`LightningService::resolve_unrecorded`]): the longest CLTV delta a route of ours may have
-/// (LDK's default cap, which `pay` keeps) and a day of blocks for a timeout transaction to
-/// confirm if the channel had to close. Past it no HTLC of the send can be claimed.
+/// (LDK's default cap, which `pay` keeps; it includes the payee's final delta), and a day of
+/// blocks for a timeout transaction to confirm if the channel had to close. A closed channel's
+/// balance that still names the payment keeps it held past that.
 pub const IN_DOUBT_BLOCKS: u32 =
     ldk_node::lightning::routing::router::DEFAULT_MAX_TOTAL_CLTV_EXPIRY_DELTA + 144;
 
@@ -158,8 +162,14 @@ fn hash_bytes(h: &PaymentHash) -> [u8; 32] {
 
 /// [`LightningService::outcome`] of a withdrawal sent after an attempt that failed with its
 /// record last updated at `prior_failed_s` (`None`: the first attempt), from the node's
-/// `record` of the invoice.
-fn outcome_of(prior_failed_s: Option<u64>, record: Option<&PaymentDetails>) -> Outcome {
+/// `record` of the invoice. A withdrawal `in_doubt` (see
+/// [`LightningService::resolve_unrecorded`]) takes no failed record for its end: it may be the
+/// one the refused second send left, while the first send is still on its way.
+fn outcome_of(
+    prior_failed_s: Option<u64>,
+    in_doubt: bool,
+    record: Option<&PaymentDetails>,
+) -> Outcome {
     match record {
         None => Outcome::Unrecorded,
         Some(p) if p.direction != PaymentDirection::Outbound => Outcome::NotOurs,
@@ -169,7 +179,7 @@ fn outcome_of(prior_failed_s: Option<u64>, record: Option<&PaymentDetails>) -> O
                 fee_paid_msat: p.fee_paid_msat,
             },
             PaymentStatus::Failed
-                if prior_failed_s.is_some_and(|t| p.latest_update_timestamp <= t) =>
+                if in_doubt || prior_failed_s.is_some_and(|t| p.latest_update_timestamp <= t) =>
             {
                 Outcome::Unrecorded
             }
@@ -284,6 +294,7 @@ impl<L: Ledger> LightningService<L> {
             alarms: std::sync::OnceLock::new(),
             next_sweep_ms: AtomicU64::new(0),
             settled: tokio::sync::watch::channel(0).0,
+            started_s: crate::runner::now_ms() / 1000,
         })
     }
 
@@ -880,20 +891,31 @@ impl<L: Ledger> LightningService<L> {
     /// LDK's channel manager and not ldk-node's store (a stop in between, or a failed write of
     /// the record: the record is missing, or still an earlier attempt's). It is sent again
     /// under the same payment id, which LDK refuses (`DuplicatePayment`) while the first send
-    /// is in flight or just finished, so nothing goes twice. But LDK looks for a route before
-    /// it looks for a duplicate: with the invoice expired, or the channel's liquidity taken by
-    /// the first send's HTLC, the second send fails "no route" whether or not the first one is
-    /// on its way. Releasing then let a first HTLC still held by the payee be claimed later:
-    /// the payee paid, the account not debited. So such a withdrawal is *in doubt*: it stays
-    /// `sending` (held, counted in flight) with an alarm, is not sent again, completes or is
-    /// released when the node reports how the payment ended (the record it made of the failed
-    /// second send is taken as an earlier attempt's, see [`Self::outcome`]), and is released
-    /// once no HTLC of the first send can be claimed any more ([`IN_DOUBT_BLOCKS`] after the
-    /// height it was found at, at or after that send's height).
+    /// is in flight or just finished, so nothing goes twice. But LDK looks for a route (and at
+    /// the invoice's expiry) before it looks for a duplicate: with the invoice expired, or the
+    /// channel's liquidity taken by the first send's HTLC, the second send is refused
+    /// (`PaymentSendingFailed`) whether or not the first one is on its way. Releasing then let
+    /// a first HTLC still held by the payee be claimed later: the payee paid, the account not
+    /// debited. So such a withdrawal is *in doubt*: it stays `sending` (held, counted in
+    /// flight) with an alarm and is not sent again; it completes when the node reports it paid,
+    /// and is released once the chain is [`IN_DOUBT_BLOCKS`] past the height it was found at
+    /// (at or after the first send's), the node has followed the chain since this service
+    /// started, and no closed channel's balance still names its payment hash. A failed record
+    /// does not end it ([`outcome_of`]): it cannot be told from the one the refused second
+    /// send left.
+    ///
+    /// The mark is written before the second send (and taken off when the send is not
+    /// refused), so that a stop, or a failed write, after a refused send never finds that
+    /// send's failed record and releases. Nothing is sent while no channel is usable (just
+    /// after a start, before the peers reconnect): the send would be refused for that alone.
     fn resolve_unrecorded(&self, store: &Store, w: &LnWithdrawal) -> Result<(), StoreError> {
-        let height = self.node.status().current_best_block.height;
+        let status = self.node.status();
+        let height = status.current_best_block.height;
         if let Some(until) = w.doubt_until_height {
-            if height >= until {
+            let followed = status
+                .latest_lightning_wallet_sync_timestamp
+                .is_some_and(|t| t >= self.started_s);
+            if height >= until && followed && !self.htlc_on_chain(&w.payment_hash) {
                 store.transition(
                     w.id,
                     S::Sending,
@@ -904,32 +926,54 @@ impl<L: Ledger> LightningService<L> {
             }
             return Ok(());
         }
+        if !self.node.list_channels().iter().any(|c| c.is_usable) {
+            return Ok(());
+        }
         let Ok(inv) = Bolt11Invoice::from_str(&w.bolt11) else {
             return Ok(());
         };
+        let until = height.saturating_add(IN_DOUBT_BLOCKS);
+        if !store.mark_in_doubt(w.id, until)? {
+            return Ok(());
+        }
         let params = RouteParametersConfig {
             max_total_routing_fee_msat: Some(w.fee_sat.saturating_mul(1000)),
             ..Default::default()
         };
-        if let Err(NodeError::PaymentSendingFailed) =
-            self.node.bolt11_payment().send(&inv, Some(params))
-        {
-            let pid = ldk_node::lightning::ln::channelmanager::PaymentId(w.payment_hash);
-            let record_s = self.node.payment(&pid).map(|p| p.latest_update_timestamp);
-            let until = height.saturating_add(IN_DOUBT_BLOCKS);
-            if store.mark_in_doubt(w.id, until, record_s)? {
-                self.alarm(
-                    "lightning_withdrawal_in_doubt",
-                    &format!("lightning withdrawal {}", w.id),
-                    &format!(
-                        "the node has no record of the payment and refused to send it again \
-                         (no route): an HTLC of the first send may still be claimed, so the \
-                         hold stays until the node reports the payment's end or block {until}"
-                    ),
-                );
+        match self.node.bolt11_payment().send(&inv, Some(params)) {
+            Err(e @ NodeError::PaymentSendingFailed) => self.alarm(
+                "lightning_withdrawal_in_doubt",
+                &format!("lightning withdrawal {}", w.id),
+                &format!(
+                    "the node has no record of the payment and refused to send it again ({e}: \
+                     no route, or the invoice expired): an HTLC of the first send may still be \
+                     claimed, so the hold stays until the node reports it paid or block {until}"
+                ),
+            ),
+            // Sent now, or LDK has the first send in flight (`DuplicatePayment`), or nothing
+            // happened (the node stopping): not in doubt. The record or the node's events
+            // resolve it, or a later step asks again.
+            _ => {
+                store.clear_doubt(w.id)?;
             }
         }
         Ok(())
+    }
+
+    /// Whether a closed channel's balance still names `hash` (an HTLC of ours or theirs that a
+    /// transaction on chain may still claim).
+    fn htlc_on_chain(&self, hash: &[u8; 32]) -> bool {
+        use ldk_node::LightningBalance as B;
+        self.node
+            .list_balances()
+            .lightning_balances
+            .iter()
+            .any(|b| match b {
+                B::ContentiousClaimable { payment_hash, .. }
+                | B::MaybeTimeoutClaimableHTLC { payment_hash, .. }
+                | B::MaybePreimageClaimableHTLC { payment_hash, .. } => payment_hash.0 == *hash,
+                _ => false,
+            })
     }
 
     /// What the node's payment store says of this withdrawal's attempt. The node keeps one
@@ -941,7 +985,11 @@ impl<L: Ledger> LightningService<L> {
     /// still on its way, and its success then paid the invoice out of released funds.
     fn outcome(&self, w: &LnWithdrawal) -> Outcome {
         let pid = ldk_node::lightning::ln::channelmanager::PaymentId(w.payment_hash);
-        outcome_of(w.prior_failed_s, self.node.payment(&pid).as_ref())
+        outcome_of(
+            w.prior_failed_s,
+            w.doubt_until_height.is_some(),
+            self.node.payment(&pid).as_ref(),
+        )
     }
 
     fn routing_fee_sat(&self, w: &LnWithdrawal, fee_paid_msat: Option<u64>) -> u64 {
@@ -1292,31 +1340,60 @@ mod tests {
         use PaymentStatus::*;
         let r = |status, at| Some(record(status, at));
         assert_eq!(
-            outcome_of(Some(100), r(Failed, 100).as_ref()),
+            outcome_of(Some(100), false, r(Failed, 100).as_ref()),
             Outcome::Unrecorded
         );
         assert_eq!(
-            outcome_of(Some(100), r(Failed, 99).as_ref()),
+            outcome_of(Some(100), false, r(Failed, 99).as_ref()),
             Outcome::Unrecorded
         );
         assert_eq!(
-            outcome_of(Some(100), r(Failed, 101).as_ref()),
+            outcome_of(Some(100), false, r(Failed, 101).as_ref()),
             Outcome::Failed
         );
-        assert_eq!(outcome_of(None, r(Failed, 5).as_ref()), Outcome::Failed);
         assert_eq!(
-            outcome_of(Some(100), r(Pending, 100).as_ref()),
+            outcome_of(None, false, r(Failed, 5).as_ref()),
+            Outcome::Failed
+        );
+        assert_eq!(
+            outcome_of(Some(100), false, r(Pending, 100).as_ref()),
             Outcome::Pending
         );
         assert_eq!(
-            outcome_of(Some(100), r(Succeeded, 100).as_ref()),
+            outcome_of(Some(100), false, r(Succeeded, 100).as_ref()),
             Outcome::Succeeded {
                 fee_paid_msat: Some(2_000)
             }
         );
-        assert_eq!(outcome_of(Some(100), None), Outcome::Unrecorded);
+        assert_eq!(outcome_of(Some(100), false, None), Outcome::Unrecorded);
         let mut inbound = record(Succeeded, 200);
         inbound.direction = PaymentDirection::Inbound;
-        assert_eq!(outcome_of(None, Some(&inbound)), Outcome::NotOurs);
+        assert_eq!(outcome_of(None, false, Some(&inbound)), Outcome::NotOurs);
+    }
+
+    /// A withdrawal in doubt takes no failed record for its end, however new (the refused
+    /// second send leaves one, and a stop may come before anything else is written): only a
+    /// success ends it, or the deadline.
+    #[test]
+    fn a_withdrawal_in_doubt_takes_no_failed_record_for_its_end() {
+        use PaymentStatus::*;
+        let r = |status, at| Some(record(status, at));
+        for prior in [None, Some(100)] {
+            assert_eq!(
+                outcome_of(prior, true, r(Failed, 500).as_ref()),
+                Outcome::Unrecorded
+            );
+            assert_eq!(
+                outcome_of(prior, true, r(Succeeded, 500).as_ref()),
+                Outcome::Succeeded {
+                    fee_paid_msat: Some(2_000)
+                }
+            );
+            assert_eq!(
+                outcome_of(prior, true, r(Pending, 500).as_ref()),
+                Outcome::Pending
+            );
+            assert_eq!(outcome_of(prior, true, None), Outcome::Unrecorded);
+        }
     }
 }

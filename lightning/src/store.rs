@@ -505,24 +505,24 @@ impl Store {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    /// Marks a `sending` withdrawal in doubt until block `until_height`, the node's record of
-    /// the invoice (if any) then updated at `record_s` (it becomes the row's `prior_failed_s`:
-    /// a failure recorded no later than that is not this payment's end). False when the row is
-    /// not `sending` or is in doubt already (nothing changed).
-    pub(crate) fn mark_in_doubt(
-        &self,
-        id: u64,
-        until_height: u32,
-        record_s: Option<u64>,
-    ) -> Result<bool, StoreError> {
-        let record_s = record_s.map(i64_of).transpose()?;
+    /// Marks a `sending` withdrawal in doubt until block `until_height`. False when the row is
+    /// not `sending` or is in doubt already (nothing changed: a mark's deadline never moves).
+    pub(crate) fn mark_in_doubt(&self, id: u64, until_height: u32) -> Result<bool, StoreError> {
         let n = self.db.execute(
-            "UPDATE ln_withdrawals SET doubt_until_height = ?2, \
-             prior_failed_s = COALESCE(?3, prior_failed_s) \
+            "UPDATE ln_withdrawals SET doubt_until_height = ?2 \
              WHERE id = ?1 AND status = 'sending' AND doubt_until_height IS NULL",
-            params![i64_of(id)?, until_height, record_s],
+            params![i64_of(id)?, until_height],
         )?;
         Ok(n == 1)
+    }
+
+    /// Takes the in-doubt mark off (the second send was not refused).
+    pub(crate) fn clear_doubt(&self, id: u64) -> Result<(), StoreError> {
+        self.db.execute(
+            "UPDATE ln_withdrawals SET doubt_until_height = NULL WHERE id = ?1",
+            params![i64_of(id)?],
+        )?;
+        Ok(())
     }
 
     /// Moves a withdrawal from `from` to `to`; false when it was not in `from` (nothing changed).
@@ -627,9 +627,8 @@ mod tests {
         assert_eq!((w.prior_failed_s, w.doubt_until_height), (None, None));
     }
 
-    /// Only a `sending` row is marked in doubt, once: the first mark's deadline and record time
-    /// stay (a later resolution must not push the deadline on, nor make an earlier record
-    /// read as this payment's end).
+    /// Only a `sending` row is marked in doubt, once: the first mark's deadline stays (a later
+    /// resolution must not push it on); a cleared mark may be set again.
     #[test]
     fn a_sending_withdrawal_is_marked_in_doubt_once() {
         use LnWithdrawalStatus::*;
@@ -639,31 +638,19 @@ mod tests {
             .insert_withdrawal(&new_row(&[1; 32], 1_000, 5))
             .unwrap()
             .unwrap();
-        assert!(!s.mark_in_doubt(id, 900, Some(70)).unwrap(), "new");
+        let until = |s: &Store| s.withdrawal(id).unwrap().unwrap().doubt_until_height;
+        assert!(!s.mark_in_doubt(id, 900).unwrap(), "new");
         assert!(s.transition(id, New, Held, None, None).unwrap());
-        assert!(!s.mark_in_doubt(id, 900, Some(70)).unwrap(), "held");
+        assert!(!s.mark_in_doubt(id, 900).unwrap(), "held");
+        assert_eq!(until(&s), None);
         assert!(s.transition(id, Held, Sending, None, None).unwrap());
-        assert!(s.mark_in_doubt(id, 900, Some(70)).unwrap());
-        assert!(!s.mark_in_doubt(id, 2_000, Some(80)).unwrap(), "again");
-        let w = s.withdrawal(id).unwrap().unwrap();
-        assert_eq!(
-            (w.doubt_until_height, w.prior_failed_s),
-            (Some(900), Some(70))
-        );
-        // No record of the invoice at all: the earlier record time (if any) stays.
-        let other = s.insert_withdrawal(&NewWithdrawal {
-            prior_failed_s: Some(40),
-            ..new_row(&[2; 32], 1_000, 5)
-        });
-        let other = other.unwrap().unwrap();
-        assert!(s.transition(other, New, Held, None, None).unwrap());
-        assert!(s.transition(other, Held, Sending, None, None).unwrap());
-        assert!(s.mark_in_doubt(other, 900, None).unwrap());
-        let w = s.withdrawal(other).unwrap().unwrap();
-        assert_eq!(
-            (w.doubt_until_height, w.prior_failed_s),
-            (Some(900), Some(40))
-        );
+        assert!(s.mark_in_doubt(id, 900).unwrap());
+        assert!(!s.mark_in_doubt(id, 2_000).unwrap(), "again");
+        assert_eq!(until(&s), Some(900));
+        s.clear_doubt(id).unwrap();
+        assert_eq!(until(&s), None);
+        assert!(s.mark_in_doubt(id, 2_000).unwrap());
+        assert_eq!(until(&s), Some(2_000));
     }
 
     /// Credits are numbered in the order they were applied, once each (a repeated mark changes

@@ -929,13 +929,15 @@ fn an_earlier_attempts_failure_does_not_release_a_payment_sent_again() {
 
 /// A withdrawal of `account` paying an invoice the customer settles by hand (its HTLC held),
 /// then the node stopped and its record of the payment deleted, as if the stop had come between
-/// LDK taking the payment and ldk-node's write of the record; restarted (alarms attached) once
-/// the invoice expired, so that sending it again is refused. Returns the withdrawal, the
-/// invoice's hash and preimage, and the alarms.
+/// LDK taking the payment and ldk-node's write of the record; restarted (alarms attached),
+/// once the invoice expired if `expire` (so that sending it again is refused), else at once
+/// (the invoice valid for an hour). Returns the withdrawal, the invoice's hash and preimage,
+/// and the alarms.
 fn held_payment_without_record(
     w: &mut World,
     account: AccountId,
     secret: u8,
+    expire: bool,
 ) -> (
     lightning_custody::LnWithdrawal,
     lightning_custody::ldk_node::lightning_types::payment::PaymentHash,
@@ -952,7 +954,7 @@ fn held_payment_without_record(
         .receive_for_hash(
             10_000_000,
             &Bolt11InvoiceDescription::Direct(Description::new("held".into()).unwrap()),
-            5,
+            if expire { 5 } else { 3600 },
             hash,
         )
         .unwrap();
@@ -983,15 +985,22 @@ fn held_payment_without_record(
         .unwrap();
     assert_eq!(deleted, 1, "the node's record of the payment");
     drop(kv);
-    wait_until("the invoice expired", Duration::from_secs(30), || {
-        inv.is_expired()
-    });
+    if expire {
+        wait_until("the invoice expired", Duration::from_secs(30), || {
+            inv.is_expired()
+        });
+    }
 
     let m =
         LightningService::open(mediator_config(&w.chain, w.data.path()), w.ledger.clone()).unwrap();
     let alarms = Arc::new(FakeAlarms::default());
     assert!(m.set_alarms(alarms.clone()));
     w.mediator = Some(m);
+    // Nothing is sent again before the channels are usable (the peers reconnected).
+    w.step_until("channels usable after the restart", |w| {
+        let ch = w.m().channels();
+        !ch.is_empty() && ch.iter().all(|c| c.usable)
+    });
     (wd, hash, preimage, alarms)
 }
 
@@ -1033,7 +1042,7 @@ fn a_payment_whose_node_record_is_lost_stays_held_until_its_htlc_settles() {
     let mut w = World::new();
     let erin = w.ledger.create_account();
     w.deposit(erin, 100_000);
-    let (wd, hash, preimage, alarms) = held_payment_without_record(&mut w, erin, 0x6b);
+    let (wd, hash, preimage, alarms) = held_payment_without_record(&mut w, erin, 0x6b, true);
     stays_in_doubt(&w, wd.id, &alarms);
     assert_eq!(w.ledger.btc(erin), (100_000 - 10_050, 10_050));
 
@@ -1052,6 +1061,74 @@ fn a_payment_whose_node_record_is_lost_stays_held_until_its_htlc_settles() {
     );
 }
 
+/// The same lost record with the invoice still valid. While the customer is offline (no
+/// channel usable) nothing is sent again: the send would be refused for that alone, and the
+/// withdrawal held in doubt for nothing (review finding: so it was, right after a start).
+/// Once the customer is back, it is sent again, LDK finds a route and refuses the duplicate
+/// (the first send is in flight): nothing goes twice, nothing is in doubt, no alarm; the
+/// payee's claim completes it.
+#[test]
+fn a_payment_whose_node_record_is_lost_while_its_invoice_is_valid_is_not_in_doubt() {
+    use lightning_custody::ldk_node::lightning_types::payment::PaymentPreimage;
+    let mut w = World::new();
+    let gus = w.ledger.create_account();
+    w.deposit(gus, 100_000);
+    let (wd, hash, preimage, alarms) = held_payment_without_record(&mut w, gus, 0x6d, false);
+    w.customer.stop().unwrap();
+    w.step_until("no channel usable", |w| {
+        w.m().channels().iter().all(|c| !c.usable)
+    });
+    for _ in 0..5 {
+        w.m().resolve_pending().unwrap();
+        w.m().step(now_ms()).unwrap();
+    }
+    let row = w.m().withdrawal(wd.id).unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.doubt_until_height),
+        (LnWithdrawalStatus::Sending, None),
+        "held in doubt for want of a channel"
+    );
+    w.customer.start().unwrap();
+    let m_addr = w.m().node().listening_addresses().unwrap()[0].clone();
+    w.customer
+        .connect(w.m().node().node_id(), m_addr, true)
+        .unwrap();
+    w.step_until("channels usable again", |w| {
+        let ch = w.m().channels();
+        !ch.is_empty() && ch.iter().all(|c| c.usable)
+    });
+    for _ in 0..5 {
+        w.m().resolve_pending().unwrap();
+        w.m().step(now_ms()).unwrap();
+    }
+    let row = w.m().withdrawal(wd.id).unwrap().unwrap();
+    assert_eq!(
+        (row.status, row.doubt_until_height),
+        (LnWithdrawalStatus::Sending, None)
+    );
+    assert!(
+        alarms.0.lock().unwrap().is_empty(),
+        "{:?}",
+        alarms.0.lock().unwrap()
+    );
+    assert_eq!(w.ledger.btc(gus), (100_000 - 10_050, 10_050));
+    w.customer
+        .bolt11_payment()
+        .claim_for_hash(hash, 10_000_000, PaymentPreimage(preimage))
+        .unwrap();
+    w.step_until("the withdrawal completed", |w| {
+        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
+    });
+    assert_eq!(w.ledger.btc(gus), (100_000 - 10_050, 0));
+    let inbound = w
+        .customer
+        .list_payments()
+        .into_iter()
+        .filter(|p| p.direction == PaymentDirection::Inbound && p.amount_msat == Some(10_000_000))
+        .count();
+    assert_eq!(inbound, 1, "paid once");
+}
+
 /// A withdrawal in doubt whose HTLC the payee failed stays held (the node's failure record
 /// cannot be told from the one the refused second send left), and is released once the chain
 /// has passed the height after which no HTLC of the first send can be claimed
@@ -1061,7 +1138,7 @@ fn a_payment_in_doubt_is_released_once_its_htlcs_time_has_run_out() {
     let mut w = World::new();
     let fay = w.ledger.create_account();
     w.deposit(fay, 100_000);
-    let (wd, hash, _preimage, alarms) = held_payment_without_record(&mut w, fay, 0x6c);
+    let (wd, hash, _preimage, alarms) = held_payment_without_record(&mut w, fay, 0x6c, true);
     stays_in_doubt(&w, wd.id, &alarms);
     // The customer fails the HTLC; the node reports the payment failed (the event is left
     // queued for the steps below to handle; earlier ones are acknowledged here).
@@ -1084,13 +1161,27 @@ fn a_payment_in_doubt_is_released_once_its_htlcs_time_has_run_out() {
     stays_in_doubt(&w, wd.id, &alarms);
     assert_eq!(w.ledger.btc(fay), (100_000 - 10_050, 10_050));
 
+    // Held up to the block before its deadline (the node synced to it), released at it.
+    let until = w.m().withdrawal(wd.id).unwrap().unwrap().doubt_until_height;
+    let until = u64::from(until.expect("in doubt"));
     let height = w.chain.rpc.get_block_count().unwrap();
-    w.chain.mine(u64::from(IN_DOUBT_BLOCKS) + 1);
+    assert!(
+        until >= height + u64::from(IN_DOUBT_BLOCKS),
+        "{until} {height}"
+    );
+    w.chain.mine(until - 1 - height);
+    w.step_until("the node at the block before the deadline", |w| {
+        w.m().node().sync_wallets().unwrap();
+        u64::from(w.m().node().status().current_best_block.height) == until - 1
+    });
+    stays_in_doubt(&w, wd.id, &alarms);
+    w.chain.mine(1);
     w.step_until("the withdrawal released", |w| {
         let _ = w.m().node().sync_wallets();
         w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Released
     });
-    assert!(w.chain.rpc.get_block_count().unwrap() > height + u64::from(IN_DOUBT_BLOCKS));
+    let reason = w.m().withdrawal(wd.id).unwrap().unwrap().reason.unwrap();
+    assert!(reason.starts_with("in doubt"), "{reason}");
     assert_eq!(w.ledger.btc(fay), (100_000, 0));
     assert_eq!(
         w.ledger.record(engine_withdrawal_id(wd.id)).unwrap().state,

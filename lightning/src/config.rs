@@ -91,6 +91,11 @@ pub struct LightningConfig {
     pub max_deposit: Amount,
     /// Deposit invoices' expiry, seconds.
     pub invoice_expiry_secs: u32,
+    /// How long after the start a withdrawal the node has no record of waits for every ready
+    /// channel to be usable (the peers reconnected) before it is sent again, or, with no
+    /// channel usable, held in doubt without a send (see
+    /// `LightningService::resolve_unrecorded`), seconds.
+    pub reconnect_grace_secs: u64,
 }
 
 impl LightningConfig {
@@ -109,6 +114,7 @@ impl LightningConfig {
             min_deposit: Amount(1),
             max_deposit: Amount(4_000_000),
             invoice_expiry_secs: 3_600,
+            reconnect_grace_secs: 600,
         }
     }
 }

@@ -139,8 +139,8 @@ pub trait PayPolicy: Send + Sync {
 /// How many blocks a withdrawal in doubt stays held at least after the height it was found at
 /// ([`LightningService::resolve_unrecorded`]): the longest CLTV delta a route of ours may have
 /// (LDK's default cap, which `pay` keeps; it includes the payee's final delta), and a day of
-/// blocks for a timeout transaction to confirm if the channel had to close. A closed channel's
-/// balance that still names the payment keeps it held past that.
+/// blocks for a timeout transaction to confirm if the channel had to close. A channel balance
+/// that still names the payment keeps it held past that.
 pub const IN_DOUBT_BLOCKS: u32 =
     ldk_node::lightning::routing::router::DEFAULT_MAX_TOTAL_CLTV_EXPIRY_DELTA + 144;
 
@@ -889,25 +889,30 @@ impl<L: Ledger> LightningService<L> {
     ///
     /// The send never reached the node (a stop between `sending` and the call), or reached
     /// LDK's channel manager and not ldk-node's store (a stop in between, or a failed write of
-    /// the record: the record is missing, or still an earlier attempt's). It is sent again
-    /// under the same payment id, which LDK refuses (`DuplicatePayment`) while the first send
-    /// is in flight or just finished, so nothing goes twice. But LDK looks for a route (and at
-    /// the invoice's expiry) before it looks for a duplicate: with the invoice expired, or the
-    /// channel's liquidity taken by the first send's HTLC, the second send is refused
-    /// (`PaymentSendingFailed`) whether or not the first one is on its way. Releasing then let
-    /// a first HTLC still held by the payee be claimed later: the payee paid, the account not
-    /// debited. So such a withdrawal is *in doubt*: it stays `sending` (held, counted in
-    /// flight) with an alarm and is not sent again; it completes when the node reports it paid,
-    /// and is released once the chain is [`IN_DOUBT_BLOCKS`] past the height it was found at
-    /// (at or after the first send's), the node has followed the chain since this service
-    /// started, and no closed channel's balance still names its payment hash. A failed record
-    /// does not end it ([`outcome_of`]): it cannot be told from the one the refused second
-    /// send left.
+    /// the record: the record is missing, or still an earlier attempt's). Nothing tells the two
+    /// apart, and either answer to a second send under the same payment id leaves it open:
+    /// - refused (`PaymentSendingFailed`): LDK looks for a route and at the invoice's expiry
+    ///   before it looks for a duplicate, so with the invoice expired, or the channel's
+    ///   liquidity taken by the first send's HTLC, it is refused whether or not the first send
+    ///   is on its way. Releasing then let a first HTLC still held by the payee be claimed
+    ///   later: the payee paid, the account not debited.
+    /// - accepted (`Ok`, a new payment), or a duplicate (`DuplicatePayment`, the first send in
+    ///   flight): LDK forgets a payment when it queues its failure, before ldk-node handles
+    ///   that event, which then marks *any* record of the id failed. A second send accepted in
+    ///   between would be released by the first send's failure while its own HTLC is on its
+    ///   way (and sending again after each duplicate answer opens that window).
     ///
-    /// The mark is written before the second send (and taken off when the send is not
-    /// refused), so that a stop, or a failed write, after a refused send never finds that
-    /// send's failed record and releases. Nothing is sent while no channel is usable (just
-    /// after a start, before the peers reconnect): the send would be refused for that alone.
+    /// So the withdrawal is sent again once at most and is *in doubt* from then on: it stays
+    /// `sending` (held, counted in flight) with an alarm; it completes when the node reports it
+    /// paid (a failed record does not end it, [`outcome_of`]), and is released once the chain
+    /// is [`IN_DOUBT_BLOCKS`] past the height it was found at (at or after the first send's),
+    /// the node has followed the chain since this service started, and no channel balance
+    /// names its payment hash. The mark is written before the send, so that a stop or a failed
+    /// write after it changes nothing; it is taken off only when the node did not run (nothing
+    /// sent). The send waits for every ready channel to be usable (just after a start the peers
+    /// are still reconnecting, and a send refused for that alone would hold the withdrawal for
+    /// nothing), at most [`LightningConfig::reconnect_grace_secs`] after the start; with no
+    /// channel usable then, the withdrawal is held in doubt without a send.
     fn resolve_unrecorded(&self, store: &Store, w: &LnWithdrawal) -> Result<(), StoreError> {
         let status = self.node.status();
         let height = status.current_best_block.height;
@@ -915,7 +920,7 @@ impl<L: Ledger> LightningService<L> {
             let followed = status
                 .latest_lightning_wallet_sync_timestamp
                 .is_some_and(|t| t >= self.started_s);
-            if height >= until && followed && !self.htlc_on_chain(&w.payment_hash) {
+            if height >= until && followed && !self.htlc_in_balances(&w.payment_hash) {
                 store.transition(
                     w.id,
                     S::Sending,
@@ -926,43 +931,56 @@ impl<L: Ledger> LightningService<L> {
             }
             return Ok(());
         }
-        if !self.node.list_channels().iter().any(|c| c.is_usable) {
+        let channels = self.node.list_channels();
+        let ready = channels.iter().filter(|c| c.is_channel_ready);
+        let all_usable = ready.clone().count() > 0 && ready.clone().all(|c| c.is_usable);
+        let any_usable = channels.iter().any(|c| c.is_usable);
+        let grace_over = crate::runner::now_ms() / 1000
+            >= self.started_s.saturating_add(self.cfg.reconnect_grace_secs);
+        if !all_usable && !grace_over {
             return Ok(());
         }
-        let Ok(inv) = Bolt11Invoice::from_str(&w.bolt11) else {
-            return Ok(());
-        };
         let until = height.saturating_add(IN_DOUBT_BLOCKS);
         if !store.mark_in_doubt(w.id, until)? {
             return Ok(());
         }
-        let params = RouteParametersConfig {
-            max_total_routing_fee_msat: Some(w.fee_sat.saturating_mul(1000)),
-            ..Default::default()
-        };
-        match self.node.bolt11_payment().send(&inv, Some(params)) {
-            Err(e @ NodeError::PaymentSendingFailed) => self.alarm(
-                "lightning_withdrawal_in_doubt",
-                &format!("lightning withdrawal {}", w.id),
-                &format!(
-                    "the node has no record of the payment and refused to send it again ({e}: \
-                     no route, or the invoice expired): an HTLC of the first send may still be \
-                     claimed, so the hold stays until the node reports it paid or block {until}"
-                ),
-            ),
-            // Sent now, or LDK has the first send in flight (`DuplicatePayment`), or nothing
-            // happened (the node stopping): not in doubt. The record or the node's events
-            // resolve it, or a later step asks again.
-            _ => {
-                store.clear_doubt(w.id)?;
+        let sent = match Bolt11Invoice::from_str(&w.bolt11) {
+            Ok(inv) if any_usable => {
+                let params = RouteParametersConfig {
+                    max_total_routing_fee_msat: Some(w.fee_sat.saturating_mul(1000)),
+                    ..Default::default()
+                };
+                Some(self.node.bolt11_payment().send(&inv, Some(params)))
             }
-        }
+            _ => None,
+        };
+        let answer = match &sent {
+            // The node was not running: nothing was sent, and nothing is in doubt yet.
+            Some(Err(NodeError::NotRunning)) => {
+                store.clear_doubt(w.id)?;
+                return Ok(());
+            }
+            Some(Ok(_)) => {
+                "sent again under the same id, the node took it as a new payment".to_owned()
+            }
+            Some(Err(e)) => format!("sent again under the same id, the node answered: {e}"),
+            None => "not sent again: no channel is usable".to_owned(),
+        };
+        self.alarm(
+            "lightning_withdrawal_in_doubt",
+            &format!("lightning withdrawal {}", w.id),
+            &format!(
+                "the node has no record of the payment ({answer}). An HTLC of the first send \
+                 may still be claimed, so the hold stays until the node reports it paid or \
+                 block {until}"
+            ),
+        );
         Ok(())
     }
 
-    /// Whether a closed channel's balance still names `hash` (an HTLC of ours or theirs that a
-    /// transaction on chain may still claim).
-    fn htlc_on_chain(&self, hash: &[u8; 32]) -> bool {
+    /// Whether a channel's balance still names `hash` (an HTLC of ours or theirs, in a channel
+    /// open or closed, that a transaction on chain may still claim).
+    fn htlc_in_balances(&self, hash: &[u8; 32]) -> bool {
         use ldk_node::LightningBalance as B;
         self.node
             .list_balances()

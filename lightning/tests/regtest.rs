@@ -929,15 +929,18 @@ fn an_earlier_attempts_failure_does_not_release_a_payment_sent_again() {
 
 /// A withdrawal of `account` paying an invoice the customer settles by hand (its HTLC held),
 /// then the node stopped and its record of the payment deleted, as if the stop had come between
-/// LDK taking the payment and ldk-node's write of the record; restarted (alarms attached),
-/// once the invoice expired if `expire` (so that sending it again is refused), else at once
-/// (the invoice valid for an hour). Returns the withdrawal, the invoice's hash and preimage,
-/// and the alarms.
+/// LDK taking the payment and ldk-node's write of the record; the customer stopped too if
+/// `customer_offline`; restarted (alarms attached, `reconnect_grace_secs` as given), once the
+/// invoice expired if `expire` (so that sending it again is refused), else at once (the
+/// invoice valid for an hour). Returns the withdrawal, the invoice's hash and preimage, and the
+/// alarms.
 fn held_payment_without_record(
     w: &mut World,
     account: AccountId,
     secret: u8,
     expire: bool,
+    customer_offline: bool,
+    reconnect_grace_secs: u64,
 ) -> (
     lightning_custody::LnWithdrawal,
     lightning_custody::ldk_node::lightning_types::payment::PaymentHash,
@@ -990,18 +993,38 @@ fn held_payment_without_record(
             inv.is_expired()
         });
     }
+    if customer_offline {
+        w.customer.stop().unwrap();
+    }
 
-    let m =
-        LightningService::open(mediator_config(&w.chain, w.data.path()), w.ledger.clone()).unwrap();
+    let mut cfg = mediator_config(&w.chain, w.data.path());
+    cfg.reconnect_grace_secs = reconnect_grace_secs;
+    let m = LightningService::open(cfg, w.ledger.clone()).unwrap();
     let alarms = Arc::new(FakeAlarms::default());
     assert!(m.set_alarms(alarms.clone()));
     w.mediator = Some(m);
-    // Nothing is sent again before the channels are usable (the peers reconnected).
-    w.step_until("channels usable after the restart", |w| {
+    if !customer_offline {
+        channels_usable(w);
+    }
+    (wd, hash, preimage, alarms)
+}
+
+/// Steps until both channels are usable (the peers reconnected).
+fn channels_usable(w: &World) {
+    w.step_until("channels usable", |w| {
         let ch = w.m().channels();
         !ch.is_empty() && ch.iter().all(|c| c.usable)
     });
-    (wd, hash, preimage, alarms)
+}
+
+/// The customer back online and connected to Mediator, the channels usable.
+fn customer_back(w: &World) {
+    w.customer.start().unwrap();
+    let m_addr = w.m().node().listening_addresses().unwrap()[0].clone();
+    w.customer
+        .connect(w.m().node().node_id(), m_addr, true)
+        .unwrap();
+    channels_usable(w);
 }
 
 /// Resolves and steps a few times: a withdrawal in doubt stays `sending`, however often the
@@ -1042,7 +1065,8 @@ fn a_payment_whose_node_record_is_lost_stays_held_until_its_htlc_settles() {
     let mut w = World::new();
     let erin = w.ledger.create_account();
     w.deposit(erin, 100_000);
-    let (wd, hash, preimage, alarms) = held_payment_without_record(&mut w, erin, 0x6b, true);
+    let (wd, hash, preimage, alarms) =
+        held_payment_without_record(&mut w, erin, 0x6b, true, false, 600);
     stays_in_doubt(&w, wd.id, &alarms);
     assert_eq!(w.ledger.btc(erin), (100_000 - 10_050, 10_050));
 
@@ -1061,23 +1085,21 @@ fn a_payment_whose_node_record_is_lost_stays_held_until_its_htlc_settles() {
     );
 }
 
-/// The same lost record with the invoice still valid. While the customer is offline (no
-/// channel usable) nothing is sent again: the send would be refused for that alone, and the
-/// withdrawal held in doubt for nothing (review finding: so it was, right after a start).
-/// Once the customer is back, it is sent again, LDK finds a route and refuses the duplicate
-/// (the first send is in flight): nothing goes twice, nothing is in doubt, no alarm; the
-/// payee's claim completes it.
+/// The same lost record with the invoice still valid, the customer offline at the restart.
+/// Nothing is sent again while no channel is usable (review finding: right after a start the
+/// send was refused for want of a channel, and the withdrawal held in doubt for nothing). Once
+/// the customer is back it is sent again, once: LDK finds a route and refuses the duplicate
+/// (the first send is in flight). It is in doubt all the same (a first send that fails could
+/// make LDK take a later send as new, and ldk-node then marks that one failed), and the
+/// payee's claim completes it: paid once, debited once.
 #[test]
-fn a_payment_whose_node_record_is_lost_while_its_invoice_is_valid_is_not_in_doubt() {
+fn a_payment_whose_node_record_is_lost_is_sent_again_once_its_channels_are_back() {
     use lightning_custody::ldk_node::lightning_types::payment::PaymentPreimage;
     let mut w = World::new();
     let gus = w.ledger.create_account();
     w.deposit(gus, 100_000);
-    let (wd, hash, preimage, alarms) = held_payment_without_record(&mut w, gus, 0x6d, false);
-    w.customer.stop().unwrap();
-    w.step_until("no channel usable", |w| {
-        w.m().channels().iter().all(|c| !c.usable)
-    });
+    let (wd, hash, preimage, alarms) =
+        held_payment_without_record(&mut w, gus, 0x6d, false, true, 600);
     for _ in 0..5 {
         w.m().resolve_pending().unwrap();
         w.m().step(now_ms()).unwrap();
@@ -1088,29 +1110,13 @@ fn a_payment_whose_node_record_is_lost_while_its_invoice_is_valid_is_not_in_doub
         (LnWithdrawalStatus::Sending, None),
         "held in doubt for want of a channel"
     );
-    w.customer.start().unwrap();
-    let m_addr = w.m().node().listening_addresses().unwrap()[0].clone();
-    w.customer
-        .connect(w.m().node().node_id(), m_addr, true)
-        .unwrap();
-    w.step_until("channels usable again", |w| {
-        let ch = w.m().channels();
-        !ch.is_empty() && ch.iter().all(|c| c.usable)
-    });
-    for _ in 0..5 {
-        w.m().resolve_pending().unwrap();
-        w.m().step(now_ms()).unwrap();
-    }
-    let row = w.m().withdrawal(wd.id).unwrap().unwrap();
-    assert_eq!(
-        (row.status, row.doubt_until_height),
-        (LnWithdrawalStatus::Sending, None)
-    );
     assert!(
         alarms.0.lock().unwrap().is_empty(),
         "{:?}",
         alarms.0.lock().unwrap()
     );
+    customer_back(&w);
+    stays_in_doubt(&w, wd.id, &alarms);
     assert_eq!(w.ledger.btc(gus), (100_000 - 10_050, 10_050));
     w.customer
         .bolt11_payment()
@@ -1129,6 +1135,40 @@ fn a_payment_whose_node_record_is_lost_while_its_invoice_is_valid_is_not_in_doub
     assert_eq!(inbound, 1, "paid once");
 }
 
+/// With no channel usable once the reconnection grace is over (here 0 s: the peer gone), the
+/// withdrawal is held in doubt without a send, with the alarm, rather than waiting for a
+/// channel without a word; the payee's claim, once it is back, completes it.
+#[test]
+fn a_payment_whose_node_record_is_lost_with_no_channel_back_is_held_in_doubt() {
+    use lightning_custody::ldk_node::lightning_types::payment::PaymentPreimage;
+    let mut w = World::new();
+    let hal = w.ledger.create_account();
+    w.deposit(hal, 100_000);
+    let (wd, hash, preimage, alarms) =
+        held_payment_without_record(&mut w, hal, 0x6e, false, true, 0);
+    assert!(w.m().channels().iter().all(|c| !c.usable));
+    stays_in_doubt(&w, wd.id, &alarms);
+    assert!(
+        w.m()
+            .withdrawal(wd.id)
+            .unwrap()
+            .unwrap()
+            .doubt_until_height
+            .is_some(),
+        "marked"
+    );
+    assert_eq!(w.ledger.btc(hal), (100_000 - 10_050, 10_050));
+    customer_back(&w);
+    w.customer
+        .bolt11_payment()
+        .claim_for_hash(hash, 10_000_000, PaymentPreimage(preimage))
+        .unwrap();
+    w.step_until("the withdrawal completed", |w| {
+        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
+    });
+    assert_eq!(w.ledger.btc(hal), (100_000 - 10_050, 0));
+}
+
 /// A withdrawal in doubt whose HTLC the payee failed stays held (the node's failure record
 /// cannot be told from the one the refused second send left), and is released once the chain
 /// has passed the height after which no HTLC of the first send can be claimed
@@ -1138,7 +1178,8 @@ fn a_payment_in_doubt_is_released_once_its_htlcs_time_has_run_out() {
     let mut w = World::new();
     let fay = w.ledger.create_account();
     w.deposit(fay, 100_000);
-    let (wd, hash, _preimage, alarms) = held_payment_without_record(&mut w, fay, 0x6c, true);
+    let (wd, hash, _preimage, alarms) =
+        held_payment_without_record(&mut w, fay, 0x6c, true, false, 600);
     stays_in_doubt(&w, wd.id, &alarms);
     // The customer fails the HTLC; the node reports the payment failed (the event is left
     // queued for the steps below to handle; earlier ones are acknowledged here).

@@ -14,12 +14,62 @@
 //! * `allow_private` (`merchant.allow_private_webhooks`, `MEDIATOR_ALLOW_PRIVATE_WEBHOOKS=1`; off
 //!   by default) lets a shop's own network and tests through; the address is still pinned.
 //!
+//! * The server's code calls [`check_bounded`], never [`check`] on a blocking thread of its
+//!   own: the system resolver blocks a thread for as long as a DNS server takes to answer, and a
+//!   merchant who names hosts on a server that answers late (one new name per request, so no
+//!   cache helps) would otherwise hold the runtime's whole blocking pool (merchant database,
+//!   custody) with a few hundred settings requests. At most [`MAX_LOOKUPS`] checks run at
+//!   once, process-wide, and a check that waits [`LOOKUP_TIMEOUT`] for its slot and answer is
+//!   "does not resolve".
+//!
 //! **Invariant:** with `allow_private` off, no delivery opens a connection to an address that
 //! [`is_internal`] calls internal.
 
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
+
+/// Checks (and so resolver look-ups, each holding a blocking thread) in flight at once,
+/// process-wide ([`check_bounded`]).
+pub const MAX_LOOKUPS: usize = 16;
+
+/// How long [`check_bounded`] waits for a slot and the answer before it calls the host
+/// unresolved.
+pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// [`check`] on the blocking pool, at most [`MAX_LOOKUPS`] at once process-wide (the slot held
+/// until the look-up returns, however long after the caller gave up), within
+/// [`LOOKUP_TIMEOUT`] (then [`TargetError::Unresolved`]).
+pub async fn check_bounded(url: String, policy: TargetPolicy) -> Result<Target, TargetError> {
+    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
+    let slots = SLOTS
+        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)))
+        .clone();
+    check_within(url, policy, slots, LOOKUP_TIMEOUT).await
+}
+
+async fn check_within(
+    url: String,
+    policy: TargetPolicy,
+    slots: Arc<tokio::sync::Semaphore>,
+    limit: std::time::Duration,
+) -> Result<Target, TargetError> {
+    let work = async move {
+        let slot = slots
+            .acquire_owned()
+            .await
+            .map_err(|_| TargetError::Unresolved)?;
+        tokio::task::spawn_blocking(move || {
+            let _slot = slot;
+            check(&url, &policy)
+        })
+        .await
+        .unwrap_or(Err(TargetError::Unresolved))
+    };
+    tokio::time::timeout(limit, work)
+        .await
+        .unwrap_or(Err(TargetError::Unresolved))
+}
 
 /// Resolves a host name to addresses (blocking; called on the blocking pool). Tests pass a
 /// table so nothing leaves the machine.
@@ -222,6 +272,64 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Review finding: the settings and Greenfield webhook routes resolved a merchant's URL on a
+    /// blocking thread each, with no bound: host names on a DNS server that answers late held
+    /// the runtime's whole blocking pool. At most the slots' number of look-ups run at once;
+    /// the others give up as "does not resolve" when the time is up; once the slow look-ups
+    /// return, checks go through again.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn look_ups_in_flight_are_bounded_and_late_ones_give_up() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (now, peak, open) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let (n, p, o) = (now.clone(), peak.clone(), open.clone());
+        let policy = TargetPolicy::default().with_resolver(Arc::new(move |_: &str, port| {
+            let in_flight = n.fetch_add(1, Ordering::SeqCst) + 1;
+            p.fetch_max(in_flight, Ordering::SeqCst);
+            // A DNS server that answers only when the test lets it (10 s at most).
+            for _ in 0..1_000 {
+                if o.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            n.fetch_sub(1, Ordering::SeqCst);
+            Ok(vec![SocketAddr::new(
+                "93.184.216.34".parse().unwrap(),
+                port,
+            )])
+        }));
+        let slots = Arc::new(tokio::sync::Semaphore::new(2));
+        let limit = std::time::Duration::from_millis(500);
+        let calls: Vec<_> = (0..6)
+            .map(|i| {
+                tokio::spawn(check_within(
+                    format!("https://slow{i}.example/"),
+                    policy.clone(),
+                    slots.clone(),
+                    limit,
+                ))
+            })
+            .collect();
+        for c in calls {
+            assert!(matches!(c.await.unwrap(), Err(TargetError::Unresolved)));
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 2, "look-ups at once");
+        open.store(true, Ordering::SeqCst);
+        let t = check_within(
+            "https://fast.example/".into(),
+            policy,
+            slots,
+            std::time::Duration::from_secs(10),
+        )
+        .await
+        .unwrap();
+        assert_eq!(t.addrs, vec!["93.184.216.34:443".parse().unwrap()]);
+    }
 
     fn table(host: &'static str, ip: &'static str) -> TargetPolicy {
         TargetPolicy::default().with_resolver(Arc::new(move |h: &str, port| {

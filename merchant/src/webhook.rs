@@ -1098,9 +1098,7 @@ async fn attempt(
             error: "no webhook endpoint configured".to_owned(),
         },
         Some((url, secret)) => {
-            let checked = tokio::task::spawn_blocking(move || super::target::check(&url, &targets))
-                .await
-                .unwrap_or(Err(super::target::TargetError::Unresolved));
+            let checked = super::target::check_bounded(url, (*targets).clone()).await;
             match checked {
                 Err(e) => Outcome::Retry {
                     http_status: None,

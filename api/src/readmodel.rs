@@ -1132,17 +1132,12 @@ impl ReadModel {
                 // `api/tests/load.rs`: 7.0-8.0 µs before, 5.8-6.4 µs after).
                 let mut sorted: Vec<&OrderRec> = orders.values().collect();
                 sorted.sort_unstable_by_key(|o| o.id);
-                let written = Store::write_history_with(
-                    &mut conn,
-                    sorted,
-                    &trades,
-                    seq,
-                    &mut || {
+                let written =
+                    Store::write_history_with(&mut conn, sorted, &trades, seq, &mut || {
                         if priority.background && behind(since) {
                             priority.set(false);
                         }
-                    },
-                );
+                    });
                 // The read models' write lock, below, is never held in the background: a
                 // preempted holder would keep the applier and every reader waiting.
                 priority.set(false);

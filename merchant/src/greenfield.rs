@@ -126,6 +126,16 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
              ALTER TABLE gf_pull_payment ADD COLUMN expires_ms INTEGER;",
         )?;
     }
+    // Databases from before a pull payment's claims to exchange accounts needed its creator's
+    // `transfer` permission: their pull payments pay addresses only.
+    let has_accounts_ok: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('gf_pull_payment') WHERE name = 'accounts_ok'")?
+        .exists([])?;
+    if !has_accounts_ok {
+        conn.execute_batch(
+            "ALTER TABLE gf_pull_payment ADD COLUMN accounts_ok INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
     Ok(())
 }
 
@@ -1602,9 +1612,7 @@ async fn check_url(st: &AppState, url: &str) -> Result<(), GfError> {
         return Err(invalid("url", "an http(s) URL of at most 512 characters"));
     }
     let (u, targets) = (url.to_owned(), st.merchant().cfg.webhook_targets.clone());
-    let checked = tokio::task::spawn_blocking(move || super::target::check(&u, &targets))
-        .await
-        .map_err(|_| ApiError::internal())?;
+    let checked = super::target::check_bounded(u, targets).await;
     match checked {
         Ok(_) => Ok(()),
         Err(super::target::TargetError::BadUrl) => {
@@ -1925,10 +1933,15 @@ pub struct PullPayment {
     pub starts_ms: Option<u64>,
     /// Claims accepted until, ms (`None`: for good).
     pub expires_ms: Option<u64>,
+    /// Its claims may name an exchange account (`account:<n>`, paid by an engine transfer, not
+    /// through custody's limits and approvals): only when the key that made it held the
+    /// `transfer` permission, as a transfer itself needs. A refund's pull payment pays an
+    /// account only if that account paid the invoice from its balance (as a signed refund).
+    pub accounts_ok: bool,
 }
 
 const PP_COLS: &str = "id, merchant, invoice_id, name, description, amount_sat, created_ms, \
-     archived, starts_ms, expires_ms";
+     archived, starts_ms, expires_ms, accounts_ok";
 
 fn pp_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PullPayment> {
     Ok(PullPayment {
@@ -1942,6 +1955,7 @@ fn pp_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PullPayment> {
         archived: r.get(7)?,
         starts_ms: r.get(8)?,
         expires_ms: r.get(9)?,
+        accounts_ok: r.get(10)?,
     })
 }
 
@@ -1957,8 +1971,8 @@ fn load_pp(conn: &Connection, id: &str) -> rusqlite::Result<Option<PullPayment>>
 fn insert_pp(conn: &Connection, p: &PullPayment) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO gf_pull_payment (id, merchant, invoice_id, name, description, amount_sat,
-           currency, amount_display, created_ms, archived, starts_ms, expires_ms)
-           VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'BTC', ?7, ?8, 0, ?9, ?10)",
+           currency, amount_display, created_ms, archived, starts_ms, expires_ms, accounts_ok)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'BTC', ?7, ?8, 0, ?9, ?10, ?11)",
         params![
             p.id,
             p.merchant,
@@ -1969,7 +1983,8 @@ fn insert_pp(conn: &Connection, p: &PullPayment) -> rusqlite::Result<()> {
             r::btc(p.amount_sat),
             p.created_ms,
             p.starts_ms,
-            p.expires_ms
+            p.expires_ms,
+            p.accounts_ok
         ],
     )?;
     Ok(())
@@ -2149,6 +2164,7 @@ pub async fn refund(
         archived: false,
         starts_ms: None,
         expires_ms: None,
+        accounts_ok: false,
     };
     insert_pp_while_list_off(&st, p.clone(), "a refund (its claim names any address)").await?;
     ok(pp_json(&st, &p))
@@ -2217,6 +2233,7 @@ pub async fn create_pull_payment(
         archived: false,
         starts_ms,
         expires_ms,
+        accounts_ok: key.perms.has(api::keys::Perms::TRANSFER),
     };
     insert_pp_while_list_off(
         &st,
@@ -2926,6 +2943,15 @@ async fn claim_and_pay(
         if let Err(e) = crate::allowlist::check_destination(&tx, pp2.merchant, &to, now) {
             return Ok(Reserved::Refused(e));
         }
+        // An exchange account is paid by an engine transfer: only from a pull payment made by a
+        // key that may transfer (a refund's checks its payer when it is paid).
+        if pp2.invoice_id.is_none() && !pp2.accounts_ok && account_of(&destination).is_some() {
+            return Ok(Reserved::Closed(
+                "account-not-allowed",
+                "This pull payment pays Bitcoin addresses only: paying an exchange account takes \
+                 a pull payment made by a key with the transfer permission",
+            ));
+        }
         let claimed = claimed_sat(&tx, &pp2.id).map_err(db_error)?;
         let remaining = pp2.amount_sat.saturating_sub(claimed);
         let amount = amount.unwrap_or(remaining);
@@ -3018,8 +3044,9 @@ async fn claim_and_pay(
                 amount: p.amount_sat,
                 address: account.is_none().then(|| p.destination.clone()),
                 to_account: account,
+                // An account only if it paid the invoice from its balance, as a signed refund:
+                // the claim's link is no `transfer` permission.
                 idem: Some(refund_key(&p)),
-                any_account: true,
             };
             match r::refund_invoice(st, ask, custody).await {
                 Ok(v) => Moved::Done(v["reference"].as_str().unwrap_or("").to_owned()),

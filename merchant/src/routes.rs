@@ -810,9 +810,7 @@ pub(crate) async fn update_store(
         }
         // Resolved and checked now, and again before every delivery (super::target).
         let (u, targets) = (u.clone(), st.merchant().cfg.webhook_targets.clone());
-        let checked = tokio::task::spawn_blocking(move || super::target::check(&u, &targets))
-            .await
-            .map_err(|_| ApiError::internal())?;
+        let checked = super::target::check_bounded(u, targets).await;
         match checked {
             Ok(_) => {}
             Err(super::target::TargetError::BadUrl) => {
@@ -1248,7 +1246,6 @@ pub async fn refund(State(st): State<AppState>, req: Req) -> Result<Response, Ap
         address,
         to_account,
         idem,
-        any_account: false,
     };
     let st2 = st.clone();
     let v = outcome::to_completion(async move { refund_invoice(&st2, ask, custody).await }).await?;
@@ -1260,11 +1257,10 @@ pub(crate) struct RefundAsk {
     pub(crate) id: String,
     pub(crate) amount: u64,
     pub(crate) address: Option<String>,
+    /// Sent to an account only if that account paid the invoice from its balance (a refund
+    /// is no transfer to whomever: that takes the `transfer` permission).
     pub(crate) to_account: Option<u32>,
     pub(crate) idem: Option<String>,
-    /// `to_account` may be any account, not only one that paid from its balance: a pull
-    /// payment's claim (the merchant gave the link; its holder chooses where the money goes).
-    pub(crate) any_account: bool,
 }
 
 /// A refund not yet reserved, or the live one under the merchant's idempotency key.
@@ -1323,7 +1319,7 @@ pub(crate) async fn refund_invoice(
             return Err(refund_too_large());
         }
         let done = store::refunds(c, &rec.inv.id).map_err(db_error)?;
-        if let Some(acct) = ask.to_account.filter(|_| !ask.any_account) {
+        if let Some(acct) = ask.to_account {
             let paid: u64 = rec
                 .inv
                 .payments

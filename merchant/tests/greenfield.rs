@@ -1281,11 +1281,12 @@ async fn a_claim_to_an_exchange_account_is_one_engine_transfer_paid_once() {
     // A merchant with 0.01 BTC on the exchange, and a customer with an account.
     let (merchant, merchant_key) = h.trader("0.01", "0").await;
     let (customer, customer_key) = h.trader("0", "0").await;
+    // The key may transfer: its pull payment may pay exchange accounts.
     let k = h
         .state
         .create_key(
             merchant,
-            api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+            api::keys::Perms::parse("read,merchant,withdraw,transfer").unwrap(),
             "gf",
         )
         .unwrap();
@@ -1361,6 +1362,121 @@ async fn a_claim_to_an_exchange_account_is_one_engine_transfer_paid_once() {
         "pp",
     );
     assert_eq!(left["remainingAmount"], "0.0006");
+}
+
+/// Review finding (money): a pull payment's claim to `account:N` is an engine transfer. A holder
+/// of a `read,merchant,withdraw` token (a shop plugin's) could make a pull payment of the whole
+/// balance and claim it to any exchange account at once: no `transfer` permission, none of
+/// custody's limits or approvals (the same amount withdrawn would wait for the operator). A
+/// refund's pull payment did the same through the refund path. Now only a pull payment made by
+/// a key holding `transfer` pays an account (`400 account-not-allowed`, nothing reserved, a
+/// Bitcoin address still paid), and a refund's pays an account only if it paid the invoice
+/// from its balance (refused, nothing moved). Both claims were paid before.
+#[tokio::test]
+async fn account_claims_need_a_transfer_key_and_refund_claims_go_to_a_balance_payer() {
+    let h = Harness::new();
+    let fake = Arc::new(Fake::default());
+    h.state.set_custody(fake.clone()).ok().unwrap();
+    // A merchant with 0.01 BTC on the exchange and a shop plugin's token (no `transfer`).
+    let (merchant, merchant_key) = h.trader("0.01", "0").await;
+    let (other, other_key) = h.trader("0", "0").await;
+    let k = h
+        .state
+        .create_key(
+            merchant,
+            api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+            "gf",
+        )
+        .unwrap();
+    let token = h.state.greenfield_token(&k.0);
+    let h = &h;
+    let claim = |pp: &Value, destination: String| {
+        let uri = format!(
+            "/api/v1/pull-payments/{}/payouts",
+            pp["id"].as_str().unwrap()
+        );
+        let body = json!({"destination": destination, "amount": "0.0002"}).to_string();
+        async move { raw(h, "POST", &uri, None, body, &[]).await }
+    };
+    let remaining = |pp: &Value| {
+        let uri = format!("/api/v1/pull-payments/{}", pp["id"].as_str().unwrap());
+        async move { ok(call(h, "GET", &uri, None, None).await, "pp")["remainingAmount"].clone() }
+    };
+
+    // A store pull payment made with that token.
+    let pp = ok(
+        call(
+            h,
+            "POST",
+            &format!("/api/v1/stores/{merchant}/pull-payments"),
+            Some(&token),
+            Some(json!({"name": "Cashback", "amount": "0.0005"})),
+        )
+        .await,
+        "pull payment",
+    );
+    let r = claim(&pp, format!("account:{other}")).await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.json);
+    assert_eq!(r.json["code"], "account-not-allowed", "{}", r.json);
+    assert_eq!(remaining(&pp).await, "0.0005");
+    let r = claim(&pp, "bcrt1qcustomer".into()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+
+    // A refund's pull payment of an invoice paid on chain: the other account never paid it.
+    let inv = ok(
+        call(
+            h,
+            "POST",
+            &format!("/api/v1/stores/{merchant}/invoices"),
+            Some(&token),
+            Some(json!({"amount": "0.001"})),
+        )
+        .await,
+        "invoice",
+    );
+    let inv_id = inv["id"].as_str().unwrap().to_owned();
+    let pm = ok(
+        call(
+            h,
+            "GET",
+            &format!("/api/v1/stores/{merchant}/invoices/{inv_id}/payment-methods"),
+            Some(&token),
+            None,
+        )
+        .await,
+        "payment methods",
+    );
+    let now = common::now_ms();
+    fake.pay(
+        merchant,
+        pm[0]["destination"].as_str().unwrap(),
+        1,
+        100_000,
+        1,
+        now,
+    );
+    tick(&h.state, now + 1).await.unwrap();
+    let refund = ok(
+        call(
+            h,
+            "POST",
+            &format!("/api/v1/stores/{merchant}/invoices/{inv_id}/refund"),
+            Some(&token),
+            Some(json!({"refundVariant": "RateThen"})),
+        )
+        .await,
+        "refund",
+    );
+    let r = claim(&refund, format!("account:{other}")).await;
+    assert_ne!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(remaining(&refund).await, "0.001");
+    let r = claim(&refund, "bcrt1qcustomer".into()).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    // Nothing reached the other account; the store paid the two address claims only (through
+    // custody).
+    assert_eq!(h.balance(&other_key, "BTC").await.0, "0.00000000");
+    assert_eq!(fake.withdrawals.lock().unwrap().len(), 2);
+    let _ = merchant_key;
 }
 
 #[tokio::test]
@@ -1793,7 +1909,7 @@ async fn a_flagged_merchant_pays_no_pull_payment_claim() {
         .state
         .create_key(
             merchant,
-            api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+            api::keys::Perms::parse("read,merchant,withdraw,transfer").unwrap(),
             "gf",
         )
         .unwrap();

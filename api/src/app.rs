@@ -201,13 +201,127 @@ fn set_send_buffer(
 /// An accepted connection: notes when a byte last moved (the idle timeout) and holds the
 /// connection's places, one of the server's `max_connections` and one of its client address's
 /// `max_connections_per_ip` (none for the trusted proxy's connections), until it is dropped;
-/// after a WebSocket upgrade the WebSocket holds it.
+/// after a WebSocket upgrade the WebSocket holds it. Once shed ([`Live::shed_one`]) it reads
+/// as closed and refuses writes, so that whichever task owns it (hyper's, or a WebSocket's)
+/// ends and drops it.
 #[derive(Debug)]
 struct ConnStream {
     stream: tokio::net::TcpStream,
     last_active: Arc<AtomicU64>,
+    shed: Arc<Shed>,
+    _registered: Registered,
     _permit: tokio::sync::OwnedSemaphorePermit,
     _slot: Option<crate::ratelimit::Slot<std::net::IpAddr>>,
+}
+
+/// A connection's shed signal: set once, waking whatever waits to read or write on it.
+#[derive(Debug, Default)]
+struct Shed {
+    on: std::sync::atomic::AtomicBool,
+    read: futures_util::task::AtomicWaker,
+    write: futures_util::task::AtomicWaker,
+}
+
+impl Shed {
+    fn trigger(&self) {
+        self.on.store(true, Ordering::Release);
+        self.read.wake();
+        self.write.wake();
+    }
+    fn is_on(&self) -> bool {
+        self.on.load(Ordering::Acquire)
+    }
+}
+
+/// One open connection as the accept loop sees it.
+#[derive(Debug)]
+struct LiveConn {
+    /// Its client address's key ([`client_key`]; `None`: the trusted proxy's).
+    key: Option<std::net::IpAddr>,
+    last_active: Arc<AtomicU64>,
+    shed: Arc<Shed>,
+}
+
+/// The open connections of one listener: what a full pool sheds from.
+///
+/// Each address's cap (`max_connections_per_ip`) leaves the pool to a few addresses together
+/// (16 of 256 fill 4,096), and a full pool made every other client wait in the kernel's
+/// backlog. So when no place is left, the accept loop sheds one connection: the least recently
+/// active of those of the address holding the most (an idle keep-alive, a half-sent request or a
+/// quiet WebSocket alike), and the new client gets its place. An address with a few
+/// connections is never shed while another holds more.
+#[derive(Debug, Default)]
+struct Live {
+    next: AtomicU64,
+    conns: std::sync::Mutex<std::collections::HashMap<u64, LiveConn>>,
+}
+
+/// A connection's entry in [`Live`], removed when the connection is dropped.
+#[derive(Debug)]
+struct Registered {
+    live: Arc<Live>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.live
+            .conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.id);
+    }
+}
+
+impl Live {
+    fn register(
+        self: &Arc<Self>,
+        key: Option<std::net::IpAddr>,
+        last_active: Arc<AtomicU64>,
+    ) -> (Registered, Arc<Shed>) {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let shed = Arc::new(Shed::default());
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
+            id,
+            LiveConn {
+                key,
+                last_active,
+                shed: shed.clone(),
+            },
+        );
+        (
+            Registered {
+                live: self.clone(),
+                id,
+            },
+            shed,
+        )
+    }
+
+    /// Sheds the least recently active connection of the address holding the most (ties: the
+    /// least recently active of theirs); false when there is none left to shed.
+    fn shed_one(&self) -> bool {
+        let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+        let mut held: std::collections::HashMap<Option<std::net::IpAddr>, usize> =
+            std::collections::HashMap::new();
+        for c in conns.values().filter(|c| !c.shed.is_on()) {
+            *held.entry(c.key).or_default() += 1;
+        }
+        let Some(&most) = held.values().max() else {
+            return false;
+        };
+        let victim = conns
+            .values()
+            .filter(|c| !c.shed.is_on() && held.get(&c.key) == Some(&most))
+            .min_by_key(|c| c.last_active.load(Ordering::Relaxed));
+        match victim {
+            Some(c) => {
+                c.shed.trigger();
+                true
+            }
+            None => false,
+        }
+    }
 }
 
 impl tokio::io::AsyncRead for ConnStream {
@@ -216,8 +330,20 @@ impl tokio::io::AsyncRead for ConnStream {
         cx: &mut std::task::Context<'_>,
         buf: &mut tokio::io::ReadBuf<'_>,
     ) -> std::task::Poll<std::io::Result<()>> {
+        if self.shed.is_on() {
+            // End of stream: the owner closes the connection.
+            return std::task::Poll::Ready(Ok(()));
+        }
         let before = buf.filled().len();
         let r = std::pin::Pin::new(&mut self.stream).poll_read(cx, buf);
+        if r.is_pending() {
+            // Waiting: a shed wakes this read. Looked at again after the registration, for a
+            // shed that came between the first look and it.
+            self.shed.read.register(cx.waker());
+            if self.shed.is_on() {
+                return std::task::Poll::Ready(Ok(()));
+            }
+        }
         if buf.filled().len() > before {
             self.last_active.store(mono_ms(), Ordering::Relaxed);
         }
@@ -226,6 +352,28 @@ impl tokio::io::AsyncRead for ConnStream {
 }
 
 impl ConnStream {
+    /// The error a write answers once the connection is shed.
+    fn shed_error() -> std::io::Error {
+        std::io::Error::new(std::io::ErrorKind::ConnectionAborted, "connection shed")
+    }
+
+    /// A write's answer, `r` from the socket: a pending write waits for the shed too (as
+    /// `poll_read`).
+    fn after_write(
+        &self,
+        cx: &std::task::Context<'_>,
+        r: std::task::Poll<std::io::Result<usize>>,
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        if r.is_pending() {
+            self.shed.write.register(cx.waker());
+            if self.shed.is_on() {
+                return std::task::Poll::Ready(Err(Self::shed_error()));
+            }
+        }
+        self.wrote(&r);
+        r
+    }
+
     fn wrote(&self, r: &std::task::Poll<std::io::Result<usize>>) {
         if matches!(r, std::task::Poll::Ready(Ok(n)) if *n > 0) {
             self.last_active.store(mono_ms(), Ordering::Relaxed);
@@ -239,18 +387,22 @@ impl tokio::io::AsyncWrite for ConnStream {
         cx: &mut std::task::Context<'_>,
         buf: &[u8],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.shed.is_on() {
+            return std::task::Poll::Ready(Err(Self::shed_error()));
+        }
         let r = std::pin::Pin::new(&mut self.stream).poll_write(cx, buf);
-        self.wrote(&r);
-        r
+        self.after_write(cx, r)
     }
     fn poll_write_vectored(
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
         bufs: &[std::io::IoSlice<'_>],
     ) -> std::task::Poll<std::io::Result<usize>> {
+        if self.shed.is_on() {
+            return std::task::Poll::Ready(Err(Self::shed_error()));
+        }
         let r = std::pin::Pin::new(&mut self.stream).poll_write_vectored(cx, bufs);
-        self.wrote(&r);
-        r
+        self.after_write(cx, r)
     }
     fn is_write_vectored(&self) -> bool {
         self.stream.is_write_vectored()
@@ -299,7 +451,8 @@ pub async fn serve(
 /// resolves, then finishes in-flight requests (waiting at most the request timeout and 5 s:
 /// an SSE stream would never finish). Connection limits and timeouts come from `state`'s
 /// [`ApiConfig`]; refusals and timeouts are counted on `/metrics`:
-/// at most `max_connections` at once (further connections wait in the kernel's backlog), at most
+/// at most `max_connections` at once (with all of them open, one is shed for the next: see
+/// [`Live`]), at most
 /// `max_connections_per_ip` per client address ([`client_key`]; one more is answered `429`
 /// `-1034` and closed; a connection from the trusted proxy, [`crate::access::TrustedProxy`],
 /// is not counted per address: every client behind it shares its address, and the stream caps
@@ -316,6 +469,7 @@ pub async fn serve_router(
 ) -> std::io::Result<()> {
     let cfg = &state.0.cfg;
     let permits = Arc::new(tokio::sync::Semaphore::new(cfg.max_connections));
+    let live = Arc::new(Live::default());
     let per_ip = crate::ratelimit::Slots::new(cfg.max_connections_per_ip);
     let timeouts = ConnTimeouts {
         header_read: std::time::Duration::from_millis(cfg.header_read_timeout_ms.max(1)),
@@ -327,12 +481,26 @@ pub async fn serve_router(
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
-        let permit = tokio::select! {
-            p = permits.clone().acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = &mut shutdown => break,
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(tokio::sync::TryAcquireError::Closed) => break,
+            // Every place taken: one is shed ([`Live`]) and the next client gets it.
+            Err(tokio::sync::TryAcquireError::NoPermits) => {
+                if live.shed_one() {
+                    state
+                        .0
+                        .metrics
+                        .connections_shed
+                        .fetch_add(1, Ordering::Relaxed);
+                }
+                tokio::select! {
+                    p = permits.clone().acquire_owned() => match p {
+                        Ok(p) => p,
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
         };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -376,9 +544,14 @@ pub async fn serve_router(
                 }
             },
         };
+        let last_active = Arc::new(AtomicU64::new(mono_ms()));
+        let key = slot.as_ref().map(|_| client_key(peer.ip()));
+        let (registered, shed) = live.register(key, last_active.clone());
         let io = ConnStream {
             stream,
-            last_active: Arc::new(AtomicU64::new(mono_ms())),
+            last_active,
+            shed,
+            _registered: registered,
             _permit: permit,
             _slot: slot,
         };

@@ -79,6 +79,9 @@ pub struct Metrics {
     pub connections_refused: AtomicU64,
     /// Connections closed by the header-read or the idle timeout.
     pub connections_timed_out: AtomicU64,
+    /// Connections shed to make room while every place was taken (see
+    /// [`crate::app::serve_router`]).
+    pub connections_shed: AtomicU64,
     /// Gauges set by other parts of the server (wallet sync height, reconciliation gap, ...).
     pub external: std::sync::RwLock<std::collections::BTreeMap<&'static str, (&'static str, i64)>>,
 }
@@ -181,6 +184,13 @@ pub async fn metrics(State(st): State<AppState>) -> Response {
         "counter",
         "Connections refused: their client address was at max_connections_per_ip.",
         m.connections_refused.load(Ordering::Relaxed),
+    );
+    line(
+        "mediator_connections_shed_total",
+        "counter",
+        "Connections closed to make room for a new one while max_connections were open: the \
+         least recently active of the client address holding the most.",
+        m.connections_shed.load(Ordering::Relaxed),
     );
     line(
         "mediator_connections_timed_out_total",

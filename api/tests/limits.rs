@@ -232,6 +232,87 @@ async fn one_address_holding_idle_and_half_sent_connections_does_not_lock_out_an
     let _ = stop.send(());
 }
 
+/// Review finding (HIGH): the server's whole connection pool (`max_connections`) could be filled
+/// by a few addresses, each within its own cap (`max_connections_per_ip`): 16 addresses of 256
+/// idle connections (or WebSockets) filled the 4,096, and every other client then waited in the
+/// kernel's backlog. With the pool full, a new connection now sheds the least recently active
+/// connection of the address holding the most (an HTTP connection or a WebSocket alike), so a
+/// newcomer is served; the sheds are counted. Here two addresses fill a pool of 8 (4 idle HTTP
+/// connections, 4 WebSockets); a third still trades. It waited for ever before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn addresses_filling_the_whole_pool_do_not_lock_out_another() {
+    let h = Harness::with_config(ApiConfig {
+        max_connections: 8,
+        max_connections_per_ip: 4,
+        ..open_config()
+    });
+    let (addr, stop) = start(&h).await;
+    let (_, trader) = h.trader("0", "100000").await;
+    let mut idle = Vec::new();
+    for _ in 0..4 {
+        idle.push(connect_from(A, addr).await);
+    }
+    let mut sockets = Vec::new();
+    for _ in 0..4 {
+        sockets.push(
+            ws_from(B, addr, "/ws/btcusd@trade")
+                .await
+                .expect("a WebSocket"),
+        );
+    }
+    let (status, o) = tokio::time::timeout(
+        EVENTUALLY,
+        signed_from(C, addr, "/api/v3/order", ORDER, &trader),
+    )
+    .await
+    .expect("127.0.0.3 is locked out while the pool is full");
+    assert_eq!(status, 200, "{o}");
+    let (status, _) = tokio::time::timeout(
+        EVENTUALLY,
+        http_from(C, addr, "GET", "/api/v3/ping", "", None),
+    )
+    .await
+    .expect("a second request");
+    assert_eq!(status, 200);
+    // Shed from the holders: the least recently active first (the oldest idle connection).
+    assert!(closed_by_server(&mut idle[0]).await, "not shed");
+    assert!(
+        metric(C, addr, "mediator_connections_shed_total").await >= Some(2),
+        "sheds are counted"
+    );
+    let _ = stop.send(());
+}
+
+/// A pool full of one address's WebSockets: a newcomer's connection sheds one of them (the
+/// WebSocket's task sees its connection end and closes), and the newcomer is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_pool_sheds_a_websocket_too() {
+    let h = Harness::with_config(ApiConfig {
+        max_connections: 4,
+        max_connections_per_ip: 4,
+        ..open_config()
+    });
+    let (addr, stop) = start(&h).await;
+    let mut sockets = Vec::new();
+    for _ in 0..4 {
+        sockets.push(
+            ws_from(B, addr, "/ws/btcusd@trade")
+                .await
+                .expect("a WebSocket"),
+        );
+    }
+    let (status, _) = tokio::time::timeout(
+        EVENTUALLY,
+        http_from(C, addr, "GET", "/api/v3/ping", "", None),
+    )
+    .await
+    .expect("127.0.0.3 is locked out while the pool is full");
+    assert_eq!(status, 200);
+    // The first WebSocket (the least recently active) was shed.
+    let _ = close_of(&mut sockets[0]).await;
+    let _ = stop.send(());
+}
+
 /// Three connections from `from` held open at once, then one request on each (the forwarded
 /// client `203.0.113.<i>`): the statuses. A connection the server refused at once answered
 /// `429`; one closed with no answer read (reset by the request written after the refusal)

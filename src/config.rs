@@ -44,6 +44,7 @@
 //! allow_private_webhooks = false   # true: webhooks may go to internal addresses (own network, tests)
 //! redeliveries_per_min = 10        # webhook redeliver calls per merchant per minute
 //! lightning_parts_per_hour = 600   # BOLT11 parts a store's invoices get an hour (then on chain only)
+//! pos_invoices_per_hour = 600      # invoices a store's point-of-sale page makes an hour (then 429)
 //! price_max_trade_age_ms = 300000  # a USD invoice needs a trade (two accounts) this recent
 //! price_max_spread_bps = 200       # ... a book no wider than this ...
 //! price_min_depth_sat = 1000000    # ... holding this much a side within that band
@@ -333,6 +334,10 @@ pub struct MerchantKnobs {
     /// (each part is an invoice the node keeps for good) [default: 600].
     #[arg(long, env = "MEDIATOR_LIGHTNING_PARTS_PER_HOUR")]
     pub lightning_parts_per_hour: Option<u64>,
+    /// Invoices a store's point-of-sale page makes an hour; past it `429` (each is a wallet
+    /// address watched for good) [default: 600].
+    #[arg(long, env = "MEDIATOR_POS_INVOICES_PER_HOUR")]
+    pub pos_invoices_per_hour: Option<u64>,
 }
 
 impl MerchantKnobs {
@@ -360,6 +365,7 @@ impl MerchantKnobs {
             lightning_parts_per_hour: self
                 .lightning_parts_per_hour
                 .or(under.lightning_parts_per_hour),
+            pos_invoices_per_hour: self.pos_invoices_per_hour.or(under.pos_invoices_per_hour),
         }
     }
 
@@ -371,6 +377,9 @@ impl MerchantKnobs {
         }
         if self.lightning_parts_per_hour == Some(0) {
             bail!("merchant.lightning_parts_per_hour must be at least 1");
+        }
+        if self.pos_invoices_per_hour == Some(0) {
+            bail!("merchant.pos_invoices_per_hour must be at least 1");
         }
         if self.price_max_trade_age_ms == Some(0) {
             bail!("merchant.price_max_trade_age_ms must be at least 1");
@@ -439,6 +448,9 @@ impl MerchantKnobs {
         m.lightning_parts_per_hour = self
             .lightning_parts_per_hour
             .unwrap_or(m.lightning_parts_per_hour);
+        m.pos_invoices_per_hour = self
+            .pos_invoices_per_hour
+            .unwrap_or(m.pos_invoices_per_hour);
         if let Some(f) = &self.price_index_file {
             p.index = Some(merchant::price::IndexSource::File(f.clone()));
         }

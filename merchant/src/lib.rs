@@ -77,6 +77,10 @@ pub struct MerchantConfig {
     /// BOLT11 parts a store's invoices get per hour; past it, invoices are on chain only
     /// (`lightningUnavailable` says why): each part is an invoice the node keeps for good.
     pub lightning_parts_per_hour: u64,
+    /// Invoices a store's point-of-sale page (`POST /pos/{token}/invoice`, public to whoever
+    /// has the link) makes per hour; past it `429` `-1003`: each is a wallet address custody
+    /// reveals and watches for good, a webhook per hook, and a BOLT11 part of the store's hour.
+    pub pos_invoices_per_hour: u64,
 }
 
 impl Default for MerchantConfig {
@@ -87,6 +91,7 @@ impl Default for MerchantConfig {
             price: price::PriceLimits::default(),
             withdraw_address_delay_ms: allowlist::DEFAULT_DELAY_MS,
             lightning_parts_per_hour: 600,
+            pos_invoices_per_hour: 600,
         }
     }
 }
@@ -123,6 +128,9 @@ pub struct Merchant {
     /// BOLT11 parts made per store, an hour's window (set up on first use from
     /// [`MerchantConfig::lightning_parts_per_hour`]).
     pub ln_parts: std::sync::OnceLock<api::ratelimit::Limiter>,
+    /// Point-of-sale invoices per store, an hour's window (set up on first use from
+    /// [`MerchantConfig::pos_invoices_per_hour`]).
+    pub pos_invoices: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// `redeliver` calls per merchant (set up on first use from [`MerchantConfig`]).
     pub redeliveries: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// Dashboard login attempts per client IP and per store ([`dashboard`]).
@@ -155,6 +163,7 @@ impl Merchant {
             invoice_lock: tokio::sync::Mutex::new(()),
             payout_lock: tokio::sync::Mutex::new(()),
             ln_parts: std::sync::OnceLock::new(),
+            pos_invoices: std::sync::OnceLock::new(),
             redeliveries: std::sync::OnceLock::new(),
             logins: std::sync::OnceLock::new(),
             step_ups: std::sync::OnceLock::new(),

@@ -1673,6 +1673,26 @@ pub async fn pos_invoice(
 ) -> Result<Response, ApiError> {
     let s = pos_store(&st, &ip, token).await?;
     st.charge_ip_addr(&ip, 10)?;
+    // Per store too (the link is public to whoever has it, from any number of addresses):
+    // each invoice is a wallet address custody watches for good.
+    let m = st.merchant();
+    let made = m.pos_invoices.get_or_init(|| {
+        api::ratelimit::Limiter::with_window(m.cfg.pos_invoices_per_hour, 3_600_000)
+    });
+    if let api::ratelimit::Charge::Limited { retry_after, .. } =
+        made.charge(&s.account.to_string(), 1, now_ms())
+    {
+        return Err(ApiError {
+            status: StatusCode::TOO_MANY_REQUESTS,
+            code: -1003,
+            msg: format!(
+                "This point of sale made as many invoices as it may this hour ({}).",
+                made.limit()
+            )
+            .into(),
+            retry_after: Some(retry_after),
+        });
+    }
     let v: Value = serde_json::from_slice(&body)
         .map_err(|_| ApiError::bad(-1100, "Body must be JSON {\"amount\":\"12.50\"}."))?;
     let amount = v["amount"]

@@ -1032,6 +1032,59 @@ async fn invalid_and_store_settings() {
     );
 }
 
+/// Review finding: a store's point-of-sale link is public to whoever has it, and each invoice
+/// it makes is a wallet address custody reveals and watches for good (plus a webhook per hook
+/// and a BOLT11 part of the store's hour): a loop of `POST /pos/{token}/invoice` from many
+/// addresses made them without bound. A store's point of sale makes at most
+/// `pos_invoices_per_hour` (`429` `-1003` past it, with `Retry-After`, no address taken);
+/// another store's is not held back, nor the store's signed API. Failed on the old code (the
+/// fourth invoice was made).
+#[tokio::test]
+async fn a_point_of_sale_makes_a_bounded_number_of_invoices_an_hour() {
+    let h = Harness::with_merchant(
+        common::base::Harness::new(),
+        merchant::MerchantConfig {
+            pos_invoices_per_hour: 3,
+            ..common::test_merchant_config()
+        },
+    );
+    let m = setup_on(h).await;
+    let st =
+        m.h.ok("POST", "/mapi/v1/merchant/store", "posEnabled=true", &m.key)
+            .await;
+    let pos = s(&st, "posUrl");
+    let make = |pos: String| {
+        let h = &m.h;
+        async move {
+            h.raw(
+                "POST",
+                &format!("{pos}/invoice"),
+                r#"{"amount":"0.0002"}"#,
+                None,
+            )
+            .await
+        }
+    };
+    for _ in 0..3 {
+        assert_eq!(make(pos.clone()).await.status, StatusCode::CREATED);
+    }
+    let addresses = *m.fake.addresses.lock().unwrap();
+    let r = make(pos.clone()).await;
+    assert_eq!(
+        (r.status, r.code()),
+        (StatusCode::TOO_MANY_REQUESTS, -1003),
+        "{}",
+        r.json
+    );
+    assert_eq!(
+        *m.fake.addresses.lock().unwrap(),
+        addresses,
+        "an address was taken"
+    );
+    // The store's signed API still makes invoices.
+    m.invoice("amount=0.0001").await;
+}
+
 #[tokio::test]
 async fn openapi_lists_every_merchant_route() {
     let h = Harness::new();

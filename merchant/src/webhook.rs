@@ -380,7 +380,9 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     }
     conn.execute_batch(
         "CREATE INDEX IF NOT EXISTS webhook_deliveries_by_hook
-           ON webhook_deliveries(hook, created_ms) WHERE hook IS NOT NULL",
+           ON webhook_deliveries(hook, created_ms) WHERE hook IS NOT NULL;
+         CREATE INDEX IF NOT EXISTS webhook_deliveries_merchant_due
+           ON webhook_deliveries(status, merchant, next_attempt_ms, created_ms);",
     )?;
     // [`enqueue`] also fans out to the Greenfield webhooks: their tables come with the outbox.
     super::greenfield::init_schema(conn)
@@ -726,30 +728,64 @@ struct Due {
     hook: Option<String>,
 }
 
-/// Due deliveries (at most [`MAX_IN_FLIGHT_PER_MERCHANT`] per merchant, oldest due first) and the
-/// earliest time a not yet due one becomes due.
+/// The first merchant after `?1` with a pending delivery, and that merchant's earliest
+/// `next_attempt_ms` (one seek of `webhook_deliveries_merchant_due`).
+const NEXT_PENDING_MERCHANT: &str = "SELECT merchant, next_attempt_ms FROM webhook_deliveries
+   INDEXED BY webhook_deliveries_merchant_due
+   WHERE status = 'pending' AND merchant > ?1 ORDER BY merchant, next_attempt_ms LIMIT 1";
+
+/// A merchant's due deliveries, oldest due first, at most `?3` (one range of the same index).
+const DUE_OF_MERCHANT: &str = "SELECT id, merchant, event, body, hook, next_attempt_ms
+   FROM webhook_deliveries INDEXED BY webhook_deliveries_merchant_due
+   WHERE status = 'pending' AND merchant = ?1 AND next_attempt_ms <= ?2
+   ORDER BY next_attempt_ms, created_ms LIMIT ?3";
+
+/// Due deliveries (at most [`MAX_IN_FLIGHT_PER_MERCHANT`] per merchant, oldest due first, at
+/// most 1,024) and the earliest time a not yet due one becomes due.
+///
+/// Merchant by merchant through `webhook_deliveries_merchant_due` (`status, merchant,
+/// next_attempt_ms, created_ms`): two seeks per merchant with pending deliveries, however many
+/// each has. It was one query that numbered every due delivery per merchant (a window over all
+/// of them, bodies included) to keep two each, under the merchant database's lock, on every
+/// wake: a merchant whose endpoint drops packets piles up due deliveries (invoices at a request
+/// weight each, up to 21 deliveries an invoice) and each scan read them all, stalling every
+/// store's requests.
 fn scan(conn: &Connection, now_ms: u64) -> rusqlite::Result<(Vec<Due>, Option<u64>)> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT id, merchant, event, body, hook FROM (
-           SELECT id, merchant, event, body, hook, next_attempt_ms, ROW_NUMBER() OVER
-             (PARTITION BY merchant ORDER BY next_attempt_ms, created_ms) AS rn
-           FROM webhook_deliveries WHERE status = 'pending' AND next_attempt_ms <= ?1)
-         WHERE rn <= ?2 ORDER BY next_attempt_ms LIMIT 1024",
-    )?;
-    let due = stmt
-        .query_map(
-            params![ms_to_sql(now_ms), MAX_IN_FLIGHT_PER_MERCHANT as i64],
+    let mut next_merchant = conn.prepare_cached(NEXT_PENDING_MERCHANT)?;
+    let mut due_of = conn.prepare_cached(DUE_OF_MERCHANT)?;
+    let now = ms_to_sql(now_ms);
+    let mut due: Vec<(i64, Due)> = Vec::new();
+    let mut after: i64 = -1;
+    while let Some((merchant, first)) = next_merchant
+        .query_row([after], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
+        .optional()?
+    {
+        after = merchant;
+        if first > now {
+            continue;
+        }
+        let rows = due_of.query_map(
+            params![merchant, now, MAX_IN_FLIGHT_PER_MERCHANT as i64],
             |r| {
-                Ok(Due {
-                    id: r.get(0)?,
-                    merchant: r.get(1)?,
-                    event: r.get(2)?,
-                    body: r.get(3)?,
-                    hook: r.get(4)?,
-                })
+                Ok((
+                    r.get::<_, i64>(5)?,
+                    Due {
+                        id: r.get(0)?,
+                        merchant: r.get(1)?,
+                        event: r.get(2)?,
+                        body: r.get(3)?,
+                        hook: r.get(4)?,
+                    },
+                ))
             },
-        )?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
+        )?;
+        for row in rows {
+            due.push(row?);
+        }
+    }
+    due.sort_by_key(|(at, _)| *at);
+    due.truncate(1024);
+    let due: Vec<Due> = due.into_iter().map(|(_, d)| d).collect();
     let next: Option<i64> = conn.query_row(
         "SELECT MIN(next_attempt_ms) FROM webhook_deliveries
          WHERE status = 'pending' AND next_attempt_ms > ?1",
@@ -1511,5 +1547,36 @@ mod tests {
             "a leased delivery is not due"
         );
         assert_eq!(next, Some(1_000));
+    }
+
+    /// Review finding: the scan numbered every due delivery per merchant (a window over all of
+    /// them, bodies included) under the merchant database's lock on every wake, so one
+    /// merchant's pile of undeliverable webhooks stalled every store. It now goes merchant by
+    /// merchant through `webhook_deliveries_merchant_due` (`INDEXED BY`: a query that could not
+    /// use it would not even prepare), reading at most two deliveries of each: SQLite's own count
+    /// of the rows its statements stepped through stays far below the pile.
+    #[test]
+    fn a_merchants_pile_of_due_deliveries_is_not_read_by_every_scan() {
+        let c = db();
+        let inv = serde_json::json!({});
+        for _ in 0..5_000 {
+            enqueue(&c, 1, "a", EventType::InvoiceCreated, &inv, 10).expect("enqueue");
+        }
+        let other = enqueue(&c, 2, "b", EventType::InvoiceCreated, &inv, 20).expect("enqueue");
+        let (due, _) = scan(&c, 100).expect("scan");
+        assert_eq!(due.len(), MAX_IN_FLIGHT_PER_MERCHANT + 1);
+        assert!(due.iter().any(|d| d.id == other));
+        let mut steps = 0;
+        for sql in [NEXT_PENDING_MERCHANT, DUE_OF_MERCHANT] {
+            let st = c.prepare_cached(sql).expect("cached");
+            steps += st.get_status(rusqlite::StatementStatus::VmStep);
+            assert_eq!(
+                st.get_status(rusqlite::StatementStatus::FullscanStep),
+                0,
+                "{sql}"
+            );
+            assert_eq!(st.get_status(rusqlite::StatementStatus::Sort), 0, "{sql}");
+        }
+        assert!(steps < 1_000, "{steps} steps for 5,001 pending deliveries");
     }
 }

@@ -210,21 +210,52 @@ struct ConnStream {
     last_active: Arc<AtomicU64>,
     shed: Arc<Shed>,
     _registered: Registered,
-    _permit: tokio::sync::OwnedSemaphorePermit,
     _slot: Option<crate::ratelimit::Slot<std::net::IpAddr>>,
 }
 
-/// A connection's shed signal: set once, waking whatever waits to read or write on it.
-#[derive(Debug, Default)]
+/// A connection's shed signal (set once, waking whatever waits to read or write on it), its
+/// place in the pool (given back the moment it is shed: the newcomer takes it at once, whether
+/// or not the owner has noticed yet), and its HTTP requests in progress (a connection with one
+/// is never shed: its answer would be lost with an action perhaps applied).
+#[derive(Debug)]
 struct Shed {
     on: std::sync::atomic::AtomicBool,
     read: futures_util::task::AtomicWaker,
     write: futures_util::task::AtomicWaker,
+    permit: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
+    busy: std::sync::atomic::AtomicU32,
+}
+
+/// Counts one HTTP request in progress on its connection while it lives (the response future).
+struct Busy(Arc<Shed>);
+
+impl Busy {
+    fn new(shed: &Arc<Shed>) -> Self {
+        shed.busy.fetch_add(1, Ordering::AcqRel);
+        Self(shed.clone())
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Shed {
+    fn new(permit: tokio::sync::OwnedSemaphorePermit) -> Self {
+        Self {
+            on: std::sync::atomic::AtomicBool::new(false),
+            read: futures_util::task::AtomicWaker::new(),
+            write: futures_util::task::AtomicWaker::new(),
+            permit: std::sync::Mutex::new(Some(permit)),
+            busy: std::sync::atomic::AtomicU32::new(0),
+        }
+    }
+
     fn trigger(&self) {
         self.on.store(true, Ordering::Release);
+        drop(self.permit.lock().unwrap_or_else(|e| e.into_inner()).take());
         self.read.wake();
         self.write.wake();
     }
@@ -242,14 +273,22 @@ struct LiveConn {
     shed: Arc<Shed>,
 }
 
+impl LiveConn {
+    /// Whether it may be shed: not shed already, no HTTP request in progress.
+    fn sheddable(&self) -> bool {
+        !self.shed.is_on() && self.shed.busy.load(Ordering::Acquire) == 0
+    }
+}
+
 /// The open connections of one listener: what a full pool sheds from.
 ///
 /// Each address's cap (`max_connections_per_ip`) leaves the pool to a few addresses together
 /// (16 of 256 fill 4,096), and a full pool made every other client wait in the kernel's
-/// backlog. So when no place is left, the accept loop sheds one connection: the least recently
-/// active of those of the address holding the most (an idle keep-alive, a half-sent request or a
-/// quiet WebSocket alike), and the new client gets its place. An address with a few
-/// connections is never shed while another holds more.
+/// backlog. So when no place is left for a connection just accepted, one is shed: the least
+/// recently active of those of the address holding the most (an idle keep-alive, a half-sent
+/// request or a quiet WebSocket alike; ties: the oldest), never one with an HTTP request in
+/// progress; its place goes to the new client at once. An address with a few connections is
+/// never shed while another holds more.
 #[derive(Debug, Default)]
 struct Live {
     next: AtomicU64,
@@ -278,9 +317,10 @@ impl Live {
         self: &Arc<Self>,
         key: Option<std::net::IpAddr>,
         last_active: Arc<AtomicU64>,
+        permit: tokio::sync::OwnedSemaphorePermit,
     ) -> (Registered, Arc<Shed>) {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
-        let shed = Arc::new(Shed::default());
+        let shed = Arc::new(Shed::new(permit));
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).insert(
             id,
             LiveConn {
@@ -298,22 +338,23 @@ impl Live {
         )
     }
 
-    /// Sheds the least recently active connection of the address holding the most (ties: the
-    /// least recently active of theirs); false when there is none left to shed.
+    /// Sheds the least recently active idle connection of the address holding the most idle
+    /// ones (ties: the oldest connection); false when there is none to shed.
     fn shed_one(&self) -> bool {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let mut held: std::collections::HashMap<Option<std::net::IpAddr>, usize> =
             std::collections::HashMap::new();
-        for c in conns.values().filter(|c| !c.shed.is_on()) {
+        for c in conns.values().filter(|c| c.sheddable()) {
             *held.entry(c.key).or_default() += 1;
         }
         let Some(&most) = held.values().max() else {
             return false;
         };
         let victim = conns
-            .values()
-            .filter(|c| !c.shed.is_on() && held.get(&c.key) == Some(&most))
-            .min_by_key(|c| c.last_active.load(Ordering::Relaxed));
+            .iter()
+            .filter(|(_, c)| c.sheddable() && held.get(&c.key) == Some(&most))
+            .min_by_key(|(id, c)| (c.last_active.load(Ordering::Relaxed), **id))
+            .map(|(_, c)| c);
         match victim {
             Some(c) => {
                 c.shed.trigger();
@@ -481,27 +522,6 @@ pub async fn serve_router(
     let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(1);
     tokio::pin!(shutdown);
     loop {
-        let permit = match permits.clone().try_acquire_owned() {
-            Ok(p) => p,
-            Err(tokio::sync::TryAcquireError::Closed) => break,
-            // Every place taken: one is shed ([`Live`]) and the next client gets it.
-            Err(tokio::sync::TryAcquireError::NoPermits) => {
-                if live.shed_one() {
-                    state
-                        .0
-                        .metrics
-                        .connections_shed
-                        .fetch_add(1, Ordering::Relaxed);
-                }
-                tokio::select! {
-                    p = permits.clone().acquire_owned() => match p {
-                        Ok(p) => p,
-                        Err(_) => break,
-                    },
-                    () = &mut shutdown => break,
-                }
-            }
-        };
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
                 Ok(x) => x,
@@ -512,6 +532,32 @@ pub async fn serve_router(
                 }
             },
             () = &mut shutdown => break,
+        };
+        // A place in the pool. Every one taken: one connection is shed ([`Live`]), its place
+        // given back at once; none to shed (every one busy): the new one waits for a place, a
+        // look each second.
+        let permit = loop {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => break Some(p),
+                Err(tokio::sync::TryAcquireError::Closed) => break None,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {}
+            }
+            if live.shed_one() {
+                state
+                    .0
+                    .metrics
+                    .connections_shed
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            tokio::select! {
+                p = permits.clone().acquire_owned() => break p.ok(),
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                () = &mut shutdown => break None,
+            }
+        };
+        let Some(permit) = permit else {
+            break;
         };
         let from_proxy = cfg
             .trusted_proxy
@@ -546,13 +592,12 @@ pub async fn serve_router(
         };
         let last_active = Arc::new(AtomicU64::new(mono_ms()));
         let key = slot.as_ref().map(|_| client_key(peer.ip()));
-        let (registered, shed) = live.register(key, last_active.clone());
+        let (registered, shed) = live.register(key, last_active.clone(), permit);
         let io = ConnStream {
             stream,
             last_active,
             shed,
             _registered: registered,
-            _permit: permit,
             _slot: slot,
         };
         tokio::spawn(connection(
@@ -596,9 +641,17 @@ async fn connection(
     _done: tokio::sync::mpsc::Sender<()>,
 ) {
     let last_active = io.last_active.clone();
+    let shed = io.shed.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
-        tower::ServiceExt::oneshot(router.clone(), req)
+        // In progress until the response is made (or the request dropped): not shed meanwhile.
+        let busy = Busy::new(&shed);
+        let answer = tower::ServiceExt::oneshot(router.clone(), req);
+        async move {
+            let r = answer.await;
+            drop(busy);
+            r
+        }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();
     // Heads capped like bodies (hyper's default buffer holds about 408 KiB per connection).

@@ -1122,14 +1122,31 @@ pub async fn list_invoices(
             }
             recs
         } else {
-            let mut recs = Vec::new();
+            // The newest `want` shown ones across the order ids, kept as each order id's are
+            // read: never more than twice `want` in memory (it was every invoice of up to 1,000
+            // order ids, `want` each, before `skip` and `take` were applied).
+            let mut out: Vec<(Record, Extra)> = Vec::new();
             for o in &by_order {
-                recs.extend(
-                    store::list_by_order(c, account, o, start, end, want).map_err(db_error)?,
-                );
+                for rec in
+                    store::list_by_order(c, account, o, start, end, want).map_err(db_error)?
+                {
+                    if !shown_db(&rec) {
+                        continue;
+                    }
+                    let e = extra(c, &rec.inv.id).map_err(db_error)?;
+                    if archived || !e.archived {
+                        out.push((rec, e));
+                    }
+                }
+                out.sort_by(|(a, _), (b, _)| {
+                    b.inv
+                        .created_ms
+                        .cmp(&a.inv.created_ms)
+                        .then_with(|| a.inv.id.cmp(&b.inv.id))
+                });
+                out.truncate(want as usize);
             }
-            recs.sort_by_key(|r| std::cmp::Reverse(r.inv.created_ms));
-            recs
+            return Ok(out);
         };
         let mut out = Vec::new();
         for rec in recs {

@@ -1646,6 +1646,23 @@ async fn an_old_orders_invoice_is_found_by_its_order_id() {
         "a page",
     );
     assert_eq!(page.as_array().unwrap().len(), 5);
+    // Several order ids page together, newest first (each order id's invoices merged as they
+    // are read, only the page's worth kept).
+    // (Invoices made within one millisecond may come in either order: the pages are checked
+    // together.)
+    let first = invoice_ids(&g, "orderId=wc-old&orderId=wc-3&orderId=wc-7&take=2").await;
+    let next = invoice_ids(&g, "orderId=wc-old&orderId=wc-3&orderId=wc-7&skip=2&take=2").await;
+    assert_eq!((first.len(), next.len()), (2, 1), "{first:?} {next:?}");
+    let mut all: Vec<String> = first.into_iter().chain(next).collect();
+    all.sort();
+    let mut want: Vec<String> = [
+        invoice_ids(&g, "orderId=wc-7").await,
+        invoice_ids(&g, "orderId=wc-3").await,
+        vec![old["id"].as_str().unwrap().to_owned()],
+    ]
+    .concat();
+    want.sort();
+    assert_eq!(all, want);
 }
 
 /// Review finding: custody's withdrawal under a payout's key counted as the payout's when its

@@ -1621,7 +1621,7 @@ fn hook_body(b: &Map<String, Value>, h: &mut Hook, creating: bool) -> Result<(),
 
 /// Checks a webhook URL as the store's own webhook URL is checked (resolved now, and again
 /// before every delivery: [`super::target`]).
-async fn check_url(st: &AppState, url: &str) -> Result<(), GfError> {
+async fn check_url(st: &AppState, merchant: u32, url: &str) -> Result<(), GfError> {
     let ok = (url.starts_with("https://") || url.starts_with("http://"))
         && url.len() <= 512
         && !url.chars().any(|c| c.is_control() || c.is_whitespace());
@@ -1629,9 +1629,16 @@ async fn check_url(st: &AppState, url: &str) -> Result<(), GfError> {
         return Err(invalid("url", "an http(s) URL of at most 512 characters"));
     }
     let (u, targets) = (url.to_owned(), st.merchant().cfg.webhook_targets.clone());
-    let checked = super::target::check_bounded(u, targets).await;
+    let checked =
+        super::target::check_bounded(u, targets, super::target::Purpose::Settings { merchant })
+            .await;
     match checked {
         Ok(_) => Ok(()),
+        Err(super::target::TargetError::Busy) => Err(gf_err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "Too many webhook URL checks at once; try again shortly",
+        )),
         Err(super::target::TargetError::BadUrl) => {
             Err(invalid("url", "an http(s) URL of at most 512 characters"))
         }
@@ -1674,7 +1681,7 @@ pub async fn create_webhook(
         events: vec![],
     };
     hook_body(&b, &mut h, true)?;
-    check_url(&st, &h.url).await?;
+    check_url(&st, key.account, &h.url).await?;
     let a = key.account;
     let (id, url, events) = (h.id.clone(), h.url.clone(), h.events.join(","));
     let (en, ar, ev) = (h.enabled, h.auto_redelivery, h.everything);
@@ -1734,7 +1741,7 @@ pub async fn update_webhook(
     let b = req.json()?;
     let mut h = own_hook(&st, key.account, id).await?;
     hook_body(&b, &mut h, false)?;
-    check_url(&st, &h.url).await?;
+    check_url(&st, key.account, &h.url).await?;
     let a = key.account;
     let (id, url, events) = (h.id.clone(), h.url.clone(), h.events.join(","));
     let (en, ar, ev) = (h.enabled, h.auto_redelivery, h.everything);

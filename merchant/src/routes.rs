@@ -810,9 +810,15 @@ pub(crate) async fn update_store(
         }
         // Resolved and checked now, and again before every delivery (super::target).
         let (u, targets) = (u.clone(), st.merchant().cfg.webhook_targets.clone());
-        let checked = super::target::check_bounded(u, targets).await;
+        let checked = super::target::check_bounded(
+            u,
+            targets,
+            super::target::Purpose::Settings { merchant: account },
+        )
+        .await;
         match checked {
             Ok(_) => {}
+            Err(super::target::TargetError::Busy) => return Err(ApiError::busy()),
             Err(super::target::TargetError::BadUrl) => {
                 return Err(bad_settings(
                     "webhookUrl must be an http(s) URL of at most 512 characters.",

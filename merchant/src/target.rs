@@ -18,9 +18,12 @@
 //!   own: the system resolver blocks a thread for as long as a DNS server takes to answer, and a
 //!   merchant who names hosts on a server that answers late (one new name per request, so no
 //!   cache helps) would otherwise hold the runtime's whole blocking pool (merchant database,
-//!   custody) with a few hundred settings requests. At most [`MAX_LOOKUPS`] checks run at
-//!   once, process-wide, and a check that waits [`LOOKUP_TIMEOUT`] for its slot and answer is
-//!   "does not resolve".
+//!   custody) with a few hundred settings requests. Deliveries and URLs being set have
+//!   budgets of their own, so that neither can take the other's ([`Purpose`]): at most
+//!   [`MAX_DELIVERY_LOOKUPS`] for deliveries (a delivery that waits [`LOOKUP_TIMEOUT`] for its
+//!   slot and answer is "does not resolve", retried on the outbox's schedule), and at most
+//!   [`MAX_SETTINGS_LOOKUPS`] for URLs being set, one per merchant, answered at once when there
+//!   is no slot ([`TargetError::Busy`]).
 //!
 //! **Invariant:** with `allow_private` off, no delivery opens a connection to an address that
 //! [`is_internal`] calls internal.
@@ -29,46 +32,123 @@ use std::fmt;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, ToSocketAddrs};
 use std::sync::Arc;
 
-/// Checks (and so resolver look-ups, each holding a blocking thread) in flight at once,
-/// process-wide ([`check_bounded`]).
-pub const MAX_LOOKUPS: usize = 16;
+/// Delivery checks (and so resolver look-ups, each holding a blocking thread) in flight at
+/// once, process-wide ([`check_bounded`]); a merchant has at most two deliveries in flight.
+pub const MAX_DELIVERY_LOOKUPS: usize = 32;
+
+/// Checks of URLs being set (store settings, Greenfield webhooks) in flight at once,
+/// process-wide, and at most one per merchant ([`check_bounded`]).
+pub const MAX_SETTINGS_LOOKUPS: usize = 16;
 
 /// How long [`check_bounded`] waits for a slot and the answer before it calls the host
 /// unresolved.
 pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// [`check`] on the blocking pool, at most [`MAX_LOOKUPS`] at once process-wide (the slot held
-/// until the look-up returns, however long after the caller gave up), within
-/// [`LOOKUP_TIMEOUT`] (then [`TargetError::Unresolved`]).
-pub async fn check_bounded(url: String, policy: TargetPolicy) -> Result<Target, TargetError> {
-    static SLOTS: std::sync::OnceLock<Arc<tokio::sync::Semaphore>> = std::sync::OnceLock::new();
-    let slots = SLOTS
-        .get_or_init(|| Arc::new(tokio::sync::Semaphore::new(MAX_LOOKUPS)))
-        .clone();
-    check_within(url, policy, slots, LOOKUP_TIMEOUT).await
+/// What a check is for: each has its own budget of look-ups ([`check_bounded`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// A delivery's check before it connects.
+    Delivery,
+    /// A URL a merchant is setting.
+    Settings {
+        /// The merchant setting it.
+        merchant: u32,
+    },
+}
+
+/// The look-up budgets ([`check_bounded`]).
+#[derive(Debug)]
+struct Budgets {
+    delivery: Arc<tokio::sync::Semaphore>,
+    settings: Arc<tokio::sync::Semaphore>,
+    /// Merchants with a settings check in flight.
+    merchants: Arc<std::sync::Mutex<std::collections::HashSet<u32>>>,
+}
+
+impl Budgets {
+    fn new(delivery: usize, settings: usize) -> Self {
+        Self {
+            delivery: Arc::new(tokio::sync::Semaphore::new(delivery)),
+            settings: Arc::new(tokio::sync::Semaphore::new(settings)),
+            merchants: Arc::default(),
+        }
+    }
+}
+
+/// A merchant's settings check in flight, until the look-up returns.
+struct MerchantCheck {
+    merchants: Arc<std::sync::Mutex<std::collections::HashSet<u32>>>,
+    merchant: u32,
+}
+
+impl Drop for MerchantCheck {
+    fn drop(&mut self) {
+        self.merchants
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&self.merchant);
+    }
+}
+
+/// [`check`] on the blocking pool within a budget: a slot of the purpose's (and for a URL being
+/// set, the merchant's one), held until the look-up returns, however long after the caller gave
+/// up. A delivery waits at most [`LOOKUP_TIMEOUT`] for its slot and as long for the answer (then
+/// [`TargetError::Unresolved`]); a URL being set gets no slot to wait for: none free, or the
+/// merchant's in use, is [`TargetError::Busy`] at once.
+pub async fn check_bounded(
+    url: String,
+    policy: TargetPolicy,
+    purpose: Purpose,
+) -> Result<Target, TargetError> {
+    static BUDGETS: std::sync::OnceLock<Budgets> = std::sync::OnceLock::new();
+    let budgets = BUDGETS.get_or_init(|| Budgets::new(MAX_DELIVERY_LOOKUPS, MAX_SETTINGS_LOOKUPS));
+    check_within(url, policy, purpose, budgets, LOOKUP_TIMEOUT).await
 }
 
 async fn check_within(
     url: String,
     policy: TargetPolicy,
-    slots: Arc<tokio::sync::Semaphore>,
+    purpose: Purpose,
+    budgets: &Budgets,
     limit: std::time::Duration,
 ) -> Result<Target, TargetError> {
-    let work = async move {
-        let slot = slots
-            .acquire_owned()
-            .await
-            .map_err(|_| TargetError::Unresolved)?;
-        tokio::task::spawn_blocking(move || {
-            let _slot = slot;
-            check(&url, &policy)
-        })
-        .await
-        .unwrap_or(Err(TargetError::Unresolved))
+    let held: Box<dyn Send> = match purpose {
+        Purpose::Delivery => {
+            let slots = budgets.delivery.clone();
+            match tokio::time::timeout(limit, slots.acquire_owned()).await {
+                Ok(Ok(slot)) => Box::new(slot),
+                _ => return Err(TargetError::Unresolved),
+            }
+        }
+        Purpose::Settings { merchant } => {
+            if !budgets
+                .merchants
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .insert(merchant)
+            {
+                return Err(TargetError::Busy);
+            }
+            let mine = MerchantCheck {
+                merchants: budgets.merchants.clone(),
+                merchant,
+            };
+            let slot = budgets
+                .settings
+                .clone()
+                .try_acquire_owned()
+                .map_err(|_| TargetError::Busy)?;
+            Box::new((slot, mine))
+        }
     };
-    tokio::time::timeout(limit, work)
-        .await
-        .unwrap_or(Err(TargetError::Unresolved))
+    let work = tokio::task::spawn_blocking(move || {
+        let _held = held;
+        check(&url, &policy)
+    });
+    match tokio::time::timeout(limit, work).await {
+        Ok(Ok(r)) => r,
+        _ => Err(TargetError::Unresolved),
+    }
 }
 
 /// Resolves a host name to addresses (blocking; called on the blocking pool). Tests pass a
@@ -152,6 +232,10 @@ pub enum TargetError {
     /// The host is, or resolves to, an internal address.
     #[error("address not allowed")]
     Internal,
+    /// Too many checks of URLs being set at once (the merchant's, or everyone's): nothing was
+    /// looked up; asked again later it is.
+    #[error("too many checks at once")]
+    Busy,
 }
 
 /// A checked target: the URL, its host as written (for the HTTP `Host` header and TLS), and
@@ -273,62 +357,139 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
 mod tests {
     use super::*;
 
+    /// A resolver that answers only once `open` is set (10 s at most), counting the look-ups
+    /// in flight (`now`) and their most (`peak`).
+    fn slow_resolver(
+        now: Arc<std::sync::atomic::AtomicUsize>,
+        peak: Arc<std::sync::atomic::AtomicUsize>,
+        open: Arc<std::sync::atomic::AtomicBool>,
+    ) -> TargetPolicy {
+        use std::sync::atomic::Ordering;
+        TargetPolicy::default().with_resolver(Arc::new(move |_: &str, port| {
+            let in_flight = now.fetch_add(1, Ordering::SeqCst) + 1;
+            peak.fetch_max(in_flight, Ordering::SeqCst);
+            for _ in 0..1_000 {
+                if open.load(Ordering::SeqCst) {
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            now.fetch_sub(1, Ordering::SeqCst);
+            Ok(vec![SocketAddr::new(
+                "93.184.216.34".parse().unwrap(),
+                port,
+            )])
+        }))
+    }
+
     /// Review finding: the settings and Greenfield webhook routes resolved a merchant's URL on a
     /// blocking thread each, with no bound: host names on a DNS server that answers late held
-    /// the runtime's whole blocking pool. At most the slots' number of look-ups run at once;
-    /// the others give up as "does not resolve" when the time is up; once the slow look-ups
-    /// return, checks go through again.
+    /// the runtime's whole blocking pool. Deliveries: at most their budget of look-ups at once,
+    /// the others giving up as "does not resolve" when the time is up; once the slow look-ups
+    /// return, checks go through again. A second review: with one budget for both, a merchant
+    /// setting URLs on a slow DNS server starved every store's deliveries; they are apart now.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn look_ups_in_flight_are_bounded_and_late_ones_give_up() {
+    async fn delivery_look_ups_are_bounded_and_late_ones_give_up() {
         use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
         let (now, peak, open) = (
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicUsize::new(0)),
             Arc::new(AtomicBool::new(false)),
         );
-        let (n, p, o) = (now.clone(), peak.clone(), open.clone());
-        let policy = TargetPolicy::default().with_resolver(Arc::new(move |_: &str, port| {
-            let in_flight = n.fetch_add(1, Ordering::SeqCst) + 1;
-            p.fetch_max(in_flight, Ordering::SeqCst);
-            // A DNS server that answers only when the test lets it (10 s at most).
-            for _ in 0..1_000 {
-                if o.load(Ordering::SeqCst) {
-                    break;
-                }
-                std::thread::sleep(std::time::Duration::from_millis(10));
-            }
-            n.fetch_sub(1, Ordering::SeqCst);
-            Ok(vec![SocketAddr::new(
-                "93.184.216.34".parse().unwrap(),
-                port,
-            )])
-        }));
-        let slots = Arc::new(tokio::sync::Semaphore::new(2));
+        let policy = slow_resolver(now.clone(), peak.clone(), open.clone());
+        let budgets = Arc::new(Budgets::new(2, 2));
         let limit = std::time::Duration::from_millis(500);
         let calls: Vec<_> = (0..6)
             .map(|i| {
-                tokio::spawn(check_within(
-                    format!("https://slow{i}.example/"),
-                    policy.clone(),
-                    slots.clone(),
-                    limit,
-                ))
+                let (p, b) = (policy.clone(), budgets.clone());
+                tokio::spawn(async move {
+                    check_within(
+                        format!("https://slow{i}.example/"),
+                        p,
+                        Purpose::Delivery,
+                        &b,
+                        limit,
+                    )
+                    .await
+                })
             })
             .collect();
         for c in calls {
             assert!(matches!(c.await.unwrap(), Err(TargetError::Unresolved)));
         }
         assert_eq!(peak.load(Ordering::SeqCst), 2, "look-ups at once");
+        // The settings budget is untouched by the deliveries' (its look-up is in flight too).
+        let p2 = policy.clone();
+        let b2 = budgets.clone();
+        let setting = tokio::spawn(async move {
+            check_within(
+                "https://mine.example/".into(),
+                p2,
+                Purpose::Settings { merchant: 7 },
+                &b2,
+                std::time::Duration::from_secs(10),
+            )
+            .await
+        });
+        while now.load(Ordering::SeqCst) < 3 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         open.store(true, Ordering::SeqCst);
+        assert!(setting.await.unwrap().is_ok());
         let t = check_within(
             "https://fast.example/".into(),
             policy,
-            slots,
+            Purpose::Delivery,
+            &budgets,
             std::time::Duration::from_secs(10),
         )
         .await
         .unwrap();
         assert_eq!(t.addrs, vec!["93.184.216.34:443".parse().unwrap()]);
+    }
+
+    /// URLs being set: one check per merchant at once, and none waits for a slot (`Busy` at
+    /// once, nothing looked up); another merchant is not held back by the first's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn settings_look_ups_are_one_per_merchant_and_never_wait() {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (now, peak, open) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let policy = slow_resolver(now.clone(), peak.clone(), open.clone());
+        let budgets = Arc::new(Budgets::new(2, 2));
+        let start = |merchant: u32| {
+            let (p, b) = (policy.clone(), budgets.clone());
+            tokio::spawn(async move {
+                check_within(
+                    format!("https://m{merchant}.example/"),
+                    p,
+                    Purpose::Settings { merchant },
+                    &b,
+                    std::time::Duration::from_secs(10),
+                )
+                .await
+            })
+        };
+        let first = start(1);
+        while now.load(Ordering::SeqCst) < 1 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        assert!(matches!(start(1).await.unwrap(), Err(TargetError::Busy)));
+        let second = start(2);
+        while now.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        // Both slots taken: a third merchant is answered at once.
+        assert!(matches!(start(3).await.unwrap(), Err(TargetError::Busy)));
+        assert_eq!(peak.load(Ordering::SeqCst), 2);
+        open.store(true, Ordering::SeqCst);
+        assert!(first.await.unwrap().is_ok());
+        assert!(second.await.unwrap().is_ok());
+        // Their slots and the merchants' places are given back.
+        assert!(start(1).await.unwrap().is_ok());
     }
 
     fn table(host: &'static str, ip: &'static str) -> TargetPolicy {

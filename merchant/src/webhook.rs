@@ -1134,7 +1134,12 @@ async fn attempt(
             error: "no webhook endpoint configured".to_owned(),
         },
         Some((url, secret)) => {
-            let checked = super::target::check_bounded(url, (*targets).clone()).await;
+            let checked = super::target::check_bounded(
+                url,
+                (*targets).clone(),
+                super::target::Purpose::Delivery,
+            )
+            .await;
             match checked {
                 Err(e) => Outcome::Retry {
                     http_status: None,

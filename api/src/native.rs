@@ -169,7 +169,7 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
 
 /// A key id shown to a caller who may not use it: its first 8 characters and `...` (enough to
 /// tell keys apart; the rest, 56 hex digits, is not guessable).
-fn masked_key_id(id: &str) -> String {
+pub fn masked_key_id(id: &str) -> String {
     format!("{}...", id.get(..8).unwrap_or_default())
 }
 

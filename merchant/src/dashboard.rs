@@ -1953,17 +1953,32 @@ pub async fn tokens(
         b.push_str("<li class=muted>No API keys.</li>");
     }
     for k in &keys {
-        let _ = write!(
-            b,
-            "<li><b>{}</b> · {}<br><span class=addr>{}</span>\
-             <form method=post action=\"/dashboard/tokens/revoke\">{}\
-             <input type=hidden name=apiKey value=\"{}\"><button class=danger>Revoke</button></form></li>",
-            esc(if k.label.is_empty() { "(no label)" } else { &k.label }),
-            esc(&k.perms.names().join(", ")),
-            esc(&k.api_key),
-            csrf_field(&s),
-            esc(&k.api_key)
-        );
+        let label = esc(if k.label.is_empty() {
+            "(no label)"
+        } else {
+            &k.label
+        });
+        let perms = esc(&k.perms.names().join(", "));
+        if TOKEN_PERMS.has(k.perms) {
+            let _ = write!(
+                b,
+                "<li><b>{label}</b> · {perms}<br><span class=addr>{}</span>\
+                 <form method=post action=\"/dashboard/tokens/revoke\">{}\
+                 <input type=hidden name=apiKey value=\"{}\"><button class=danger>Revoke</button></form></li>",
+                esc(&k.api_key),
+                csrf_field(&s),
+                esc(&k.api_key)
+            );
+        } else {
+            // A key with more than the dashboard grants (a trading bot's): its id opens its
+            // user data stream, so it is not shown, and it is managed with a `keys` key.
+            let _ = write!(
+                b,
+                "<li><b>{label}</b> · {perms}<br><span class=addr>{}</span>\
+                 <span class=muted>managed with an API key holding the keys permission</span></li>",
+                esc(&api::native::masked_key_id(&k.api_key))
+            );
+        }
     }
     let _ = write!(
         b,
@@ -2042,6 +2057,17 @@ pub async fn revoke_token(
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
     let target = form.text("apiKey").to_owned();
+    // Only the kind of key the dashboard makes: a session is no `keys` permission.
+    if st
+        .keys()
+        .get(&target)
+        .is_some_and(|k| k.account == s.account && !TOKEN_PERMS.has(k.perms))
+    {
+        return Err(Refusal::Page(
+            StatusCode::FORBIDDEN,
+            "This key has permissions the dashboard does not grant; revoke it with an API key holding the keys permission.".into(),
+        ));
+    }
     api::native::revoke_own_key(&st, &s.principal(), &target, &s.actor(), &s.audit_id())?;
     Ok(redirect(&format!(
         "/dashboard/tokens?done={}",

@@ -1743,6 +1743,46 @@ async fn dashboard_password_and_link_are_audit_entries_without_secrets() {
 /// logged as the account's own key (`account:N`). Both are entries by `dashboard:<account>`
 /// with `by` = `session:` and the first 16 hex digits of the session's stored hash; the
 /// session cookie, the token's secret and its Greenfield token are not in the log.
+/// Review finding: the dashboard's tokens page listed every key of the account in full, a
+/// trading bot's too, and let a session (even one from a one-time link, without the password)
+/// revoke any of them. A key id alone opens its user data stream, and a session holds
+/// `read,merchant,withdraw` at most. Keys with a permission the dashboard does not grant are
+/// shown masked, with no revoke button, and a revoke of one is refused (`403`, the key still
+/// works); the dashboard's own tokens are listed and revoked as before.
+#[tokio::test]
+async fn the_dashboard_neither_shows_nor_revokes_keys_beyond_its_permissions() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let (bot, _) =
+        d.h.state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("read,trade").unwrap(),
+                "bot",
+            )
+            .unwrap();
+    let listed = get(&d.h, "/dashboard/tokens", &id).await;
+    assert!(listed.body.contains("bot"), "{}", listed.body);
+    assert!(
+        !listed.body.contains(&bot),
+        "the bot's key id is shown in full"
+    );
+    assert!(listed.body.contains(&format!("{}...", &bot[..8])));
+    let r = post(
+        &d.h,
+        "/dashboard/tokens/revoke",
+        &id,
+        "/dashboard/tokens",
+        &[("apiKey", &bot)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert!(
+        d.h.state.keys().get(&bot).is_some(),
+        "the bot's key was revoked"
+    );
+}
+
 #[tokio::test]
 async fn dashboard_tokens_are_audit_entries_naming_the_session() {
     let d = setup().await;

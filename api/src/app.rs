@@ -226,8 +226,27 @@ struct Shed {
     busy: std::sync::atomic::AtomicU32,
 }
 
-/// Counts one HTTP request in progress on its connection while it lives (the response future).
+/// Counts one request in progress on its connection while it lives (an HTTP request's response
+/// future; a WebSocket API connection's requests, [`ConnInProgress`]).
+#[derive(Debug)]
 struct Busy(Arc<Shed>);
+
+/// The connection a request came on (a request extension, when served by [`serve_router`]): a
+/// handler that keeps the connection (the WebSocket API) marks it busy while it has requests in
+/// progress, so that it is not shed then ([`Live`]).
+#[derive(Debug, Clone)]
+pub struct ConnInProgress(Arc<Shed>);
+
+impl ConnInProgress {
+    /// Busy until the guard is dropped.
+    pub fn enter(&self) -> InProgress {
+        InProgress(Busy::new(&self.0))
+    }
+}
+
+/// A request in progress on a connection ([`ConnInProgress::enter`]).
+#[derive(Debug)]
+pub struct InProgress(#[allow(dead_code)] Busy);
 
 impl Busy {
     fn new(shed: &Arc<Shed>) -> Self {
@@ -644,6 +663,7 @@ async fn connection(
     let shed = io.shed.clone();
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
+        req.extensions_mut().insert(ConnInProgress(shed.clone()));
         // In progress until the response is made (or the request dropped): not shed meanwhile.
         let busy = Busy::new(&shed);
         let answer = tower::ServiceExt::oneshot(router.clone(), req);

@@ -214,13 +214,15 @@ impl WsApiCall {
 pub async fn ws_api(
     State(st): State<AppState>,
     ClientIp(ip): ClientIp,
+    conn: Option<axum::Extension<crate::app::ConnInProgress>>,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let guard = admit(&st, &ip)?;
+    let conn = conn.map(|axum::Extension(c)| c);
     Ok(limited(&st, ws)
         .on_upgrade(move |socket| async move {
             st.0.metrics.ws_connections.fetch_add(1, Ordering::Relaxed);
-            run_ws_api(&st, socket, &ip).await;
+            run_ws_api(&st, socket, &ip, conn).await;
             st.0.metrics.ws_connections.fetch_sub(1, Ordering::Relaxed);
             drop(guard);
         })
@@ -695,8 +697,16 @@ async fn write_all(socket: &mut WebSocket, out: &mut Vec<String>) -> bool {
     matches!(r, Ok(Ok(())))
 }
 
-async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
+async fn run_ws_api(
+    st: &AppState,
+    mut socket: WebSocket,
+    ip: &str,
+    conn: Option<crate::app::ConnInProgress>,
+) {
     let cap = st.0.cfg.ws_api_max_in_flight.max(1);
+    // Held while requests are in progress: the connection is not shed then (their answers
+    // would be lost with the actions perhaps applied).
+    let mut busy: Option<crate::app::InProgress> = None;
     // Subscribed to the user events only while a `userDataStream` subscription is active: a
     // connection that only trades neither pays for every account's events nor is cut off for
     // lagging behind events it never asked for.
@@ -708,6 +718,11 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
     let mut inflight: FuturesUnordered<Pending> = FuturesUnordered::new();
     let mut out: Vec<String> = Vec::new();
     loop {
+        if inflight.is_empty() {
+            busy = None;
+        } else if busy.is_none() {
+            busy = conn.as_ref().map(crate::app::ConnInProgress::enter);
+        }
         tokio::select! {
             Some(answer) = inflight.next(), if !inflight.is_empty() => {
                 out.push(answer);
@@ -725,6 +740,9 @@ async fn run_ws_api(st: &AppState, mut socket: WebSocket, ip: &str) {
                     match m {
                         Message::Text(t) => {
                             let answered = handle(st, ip, t.as_str(), &mut subs, &inflight);
+                            if !inflight.is_empty() && busy.is_none() {
+                                busy = conn.as_ref().map(crate::app::ConnInProgress::enter);
+                            }
                             match (subs.active.is_empty(), urx.is_some()) {
                                 (false, false) => urx = Some(st.0.rm.user_tx.subscribe()),
                                 (true, true) => urx = None,

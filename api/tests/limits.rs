@@ -336,6 +336,59 @@ async fn a_connection_with_a_request_in_progress_is_not_shed() {
     let _ = stop.send(());
 }
 
+/// The same for a WebSocket API connection: while one of its requests is in progress (here an
+/// order held by a slow engine) it is not shed, and the order's answer arrives once the engine
+/// answers; the newcomer sheds the idle connection instead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_websocket_api_connection_with_an_order_in_progress_is_not_shed() {
+    let (h, core) = Harness::lossy_with(ApiConfig {
+        max_connections: 2,
+        max_connections_per_ip: 2,
+        ..ApiConfig::default()
+    });
+    let (addr, stop) = start(&h).await;
+    let (_, trader) = h.trader("0", "100000").await;
+    let mut api = ws_from(A, addr, "/ws-api/v3").await.unwrap();
+    core.held.send_replace(true);
+    let ts = now_ms();
+    let payload = format!(
+        "apiKey={}&price=20000&quantity=0.001&side=BUY&symbol=BTCUSD&timeInForce=GTC&timestamp={ts}&type=LIMIT",
+        trader.0
+    );
+    let place = json!({
+        "id": 1,
+        "method": "order.place",
+        "params": {"symbol": "BTCUSD", "side": "BUY", "type": "LIMIT", "timeInForce": "GTC",
+            "quantity": "0.001", "price": "20000", "apiKey": trader.0, "timestamp": ts,
+            "signature": sign(&trader.1, &payload)},
+    });
+    api.send(Message::Text(place.to_string().into()))
+        .await
+        .unwrap();
+    // The order reaches the held engine before the idle connection opens.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut idle = connect_from(A, addr).await;
+    let (status, _) = tokio::time::timeout(
+        EVENTUALLY,
+        http_from(C, addr, "GET", "/api/v3/ping", "", None),
+    )
+    .await
+    .expect("127.0.0.3 is locked out while the pool is full");
+    assert_eq!(status, 200);
+    assert!(
+        closed_by_server(&mut idle).await,
+        "the idle one was not shed"
+    );
+    core.held.send_replace(false);
+    let answer = next_json(&mut api).await;
+    assert_eq!(
+        (answer["id"].as_u64(), answer["status"].as_u64()),
+        (Some(1), Some(200)),
+        "{answer}"
+    );
+    let _ = stop.send(());
+}
+
 /// A pool full of one address's WebSockets: a newcomer's connection sheds one of them (the
 /// WebSocket's task sees its connection end and closes), and the newcomer is served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -29,6 +29,9 @@ pub struct Lossy {
     pub lose: AtomicUsize,
     /// Replies lost so far.
     pub lost: AtomicUsize,
+    /// While true, commands wait before they are submitted (a slow engine: requests stay in
+    /// progress until it is set back to false).
+    pub held: tokio::sync::watch::Sender<bool>,
 }
 
 impl Lossy {
@@ -47,6 +50,8 @@ impl Lossy {
 impl ExchangeCore for Lossy {
     fn submit(&self, cmd: Command) -> BoxFuture<'_, Result<Reply, CoreError>> {
         Box::pin(async move {
+            let mut held = self.held.subscribe();
+            let _ = held.wait_for(|h| !*h).await;
             let reply = self.inner.submit(cmd).await?;
             let kept = reply.result.is_ok()
                 && self
@@ -123,12 +128,17 @@ impl Harness {
     /// An API over a core that can lose replies ([`Lossy`]): the commands whose replies are lost
     /// are applied all the same (outcome *unknown* to the caller).
     pub fn lossy() -> (Self, Arc<Lossy>) {
+        Self::lossy_with(ApiConfig::default())
+    }
+
+    /// [`Harness::lossy`] with `cfg` (its rate limits opened).
+    pub fn lossy_with(cfg: ApiConfig) -> (Self, Arc<Lossy>) {
         let dir = tempfile::tempdir().unwrap();
         let cfg = ApiConfig {
             orders_per_10s: 1_000_000,
             ip_weight_per_min: 1_000_000,
             key_weight_per_min: 1_000_000,
-            ..ApiConfig::default()
+            ..cfg
         };
         let (pending, sink) = api::app::open(dir.path(), &EngineConfig::default(), cfg).unwrap();
         let engine = matching_engine::Engine::new(EngineConfig::default()).unwrap();
@@ -137,6 +147,7 @@ impl Harness {
             keep: AtomicUsize::new(0),
             lose: AtomicUsize::new(0),
             lost: AtomicUsize::new(0),
+            held: tokio::sync::watch::channel(false).0,
         });
         let state = pending.start(core.clone());
         (Self::over(dir, state), core)

@@ -69,6 +69,11 @@ impl Harness {
         (Self::with_merchant(h, test_merchant_config()), core)
     }
 
+    pub fn lossy_with(cfg: ApiConfig) -> (Self, Arc<Lossy>) {
+        let (h, core) = base::Harness::lossy_with(cfg);
+        (Self::with_merchant(h, test_merchant_config()), core)
+    }
+
     pub fn over(dir: tempfile::TempDir, state: AppState) -> Self {
         Self::with_merchant(base::Harness::over(dir, state), test_merchant_config())
     }

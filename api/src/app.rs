@@ -237,6 +237,71 @@ struct Busy(Arc<Shed>);
 #[derive(Debug, Clone)]
 pub struct ConnInProgress(Arc<Shed>);
 
+/// A request body that marks its connection busy once it has all arrived ([`connection`]).
+struct BusyAtEnd {
+    inner: hyper::body::Incoming,
+    shed: Arc<Shed>,
+    held: Arc<std::sync::Mutex<Option<Busy>>>,
+}
+
+impl hyper::body::Body for BusyAtEnd {
+    type Data = hyper::body::Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if matches!(r, std::task::Poll::Ready(None)) {
+            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+            if held.is_none() {
+                *held = Some(Busy::new(&self.shed));
+            }
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A response body that frees its connection's busy mark at its first frame or its end (or
+/// when dropped) ([`connection`]).
+struct FreeAtFirstFrame {
+    inner: axum::body::Body,
+    held: Arc<std::sync::Mutex<Option<Busy>>>,
+}
+
+impl hyper::body::Body for FreeAtFirstFrame {
+    type Data = hyper::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
+        if r.is_ready() {
+            drop(self.held.lock().unwrap_or_else(|e| e.into_inner()).take());
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 impl ConnInProgress {
     /// Busy until the guard is dropped.
     pub fn enter(&self) -> InProgress {
@@ -552,32 +617,6 @@ pub async fn serve_router(
             },
             () = &mut shutdown => break,
         };
-        // A place in the pool. Every one taken: one connection is shed ([`Live`]), its place
-        // given back at once; none to shed (every one busy): the new one waits for a place, a
-        // look each second.
-        let permit = loop {
-            match permits.clone().try_acquire_owned() {
-                Ok(p) => break Some(p),
-                Err(tokio::sync::TryAcquireError::Closed) => break None,
-                Err(tokio::sync::TryAcquireError::NoPermits) => {}
-            }
-            if live.shed_one() {
-                state
-                    .0
-                    .metrics
-                    .connections_shed
-                    .fetch_add(1, Ordering::Relaxed);
-                continue;
-            }
-            tokio::select! {
-                p = permits.clone().acquire_owned() => break p.ok(),
-                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                () = &mut shutdown => break None,
-            }
-        };
-        let Some(permit) = permit else {
-            break;
-        };
         let from_proxy = cfg
             .trusted_proxy
             .as_ref()
@@ -608,6 +647,33 @@ pub async fn serve_router(
                     continue;
                 }
             },
+        };
+        // A place in the pool, once the connection passed its address's cap (a refused one
+        // sheds nobody). Every one taken: one connection is shed ([`Live`]), its place
+        // given back at once; none to shed (every one busy): the new one waits for a place, a
+        // look each second.
+        let permit = loop {
+            match permits.clone().try_acquire_owned() {
+                Ok(p) => break Some(p),
+                Err(tokio::sync::TryAcquireError::Closed) => break None,
+                Err(tokio::sync::TryAcquireError::NoPermits) => {}
+            }
+            if live.shed_one() {
+                state
+                    .0
+                    .metrics
+                    .connections_shed
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            tokio::select! {
+                p = permits.clone().acquire_owned() => break p.ok(),
+                () = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                () = &mut shutdown => break None,
+            }
+        };
+        let Some(permit) = permit else {
+            break;
         };
         let last_active = Arc::new(AtomicU64::new(mono_ms()));
         let key = slot.as_ref().map(|_| client_key(peer.ip()));
@@ -664,13 +730,33 @@ async fn connection(
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
         req.extensions_mut().insert(ConnInProgress(shed.clone()));
-        // In progress until the response is made (or the request dropped): not shed meanwhile.
-        let busy = Busy::new(&shed);
-        let answer = tower::ServiceExt::oneshot(router.clone(), req);
+        let (shed, router) = (shed.clone(), router.clone());
         async move {
-            let r = answer.await;
-            drop(busy);
-            r
+            // A request read from a connection already shed (pipelined behind the last
+            // answer): not served, its answer could not be written.
+            if shed.is_on() {
+                let mut r = axum::response::Response::new(axum::body::Body::empty());
+                *r.status_mut() = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                return Ok(r);
+            }
+            // In progress (not shed) from the end of the request's body, when the work is ours
+            // (a body still arriving is the client's: a trickled one must not keep a
+            // connection from being shed), to the answer's first frame (a JSON answer whole;
+            // a stream's first event).
+            let held = Arc::new(std::sync::Mutex::new(None));
+            if hyper::body::Body::is_end_stream(req.body()) {
+                *held.lock().unwrap_or_else(|e| e.into_inner()) = Some(Busy::new(&shed));
+            }
+            let (h2, s2) = (held.clone(), shed.clone());
+            let req = req.map(move |b| {
+                axum::body::Body::new(BusyAtEnd {
+                    inner: b,
+                    shed: s2,
+                    held: h2,
+                })
+            });
+            let answer = tower::ServiceExt::oneshot(router, req).await;
+            answer.map(|r| r.map(|b| axum::body::Body::new(FreeAtFirstFrame { inner: b, held })))
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();

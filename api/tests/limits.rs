@@ -285,29 +285,22 @@ async fn addresses_filling_the_whole_pool_do_not_lock_out_another() {
 
 /// Review finding: a connection with a request in progress looked idle while its handler
 /// worked (no byte moved), and shedding it lost the answer to an action perhaps applied. A
-/// connection with a request in progress is never shed: here the older connection is in the
-/// middle of sending an order's body, the newer one idle; the newcomer sheds the idle one, and
-/// the order, once its body is complete, is answered.
+/// connection whose request has all arrived and is being answered is never shed: here the
+/// older connection's order waits for a held engine, the newer one is idle; the newcomer
+/// sheds the idle one, and the order is answered once the engine is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_with_a_request_in_progress_is_not_shed() {
-    let h = Harness::with_config(ApiConfig {
+    let (h, core) = Harness::lossy_with(ApiConfig {
         max_connections: 2,
         max_connections_per_ip: 2,
-        ..open_config()
+        ..ApiConfig::default()
     });
     let (addr, stop) = start(&h).await;
     let (_, trader) = h.trader("0", "100000").await;
-    let q = format!("{ORDER}&timestamp={}", now_ms());
-    let body = format!("{q}&signature={}", sign(&trader.1, &q));
-    let mut busy = connect_from(A, addr).await;
-    let head = format!(
-        "POST /api/v3/order HTTP/1.1\r\nHost: x\r\nX-MBX-APIKEY: {}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
-        trader.0,
-        body.len()
-    );
-    busy.write_all(head.as_bytes()).await.unwrap();
-    busy.write_all(&body.as_bytes()[..10]).await.unwrap();
-    // The handler has the request (its body on its way) before the idle one connects.
+    core.held.send_replace(true);
+    let order =
+        tokio::spawn(async move { signed_from(A, addr, "/api/v3/order", ORDER, &trader).await });
+    // The order reaches the held engine before the idle connection opens.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut idle = connect_from(A, addr).await;
     let (status, _) = tokio::time::timeout(
@@ -321,18 +314,48 @@ async fn a_connection_with_a_request_in_progress_is_not_shed() {
         closed_by_server(&mut idle).await,
         "the idle one was not shed"
     );
-    busy.write_all(&body.as_bytes()[10..]).await.unwrap();
-    let mut answer = Vec::new();
-    let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&answer).contains("orderId") {
-        let n = tokio::time::timeout(EVENTUALLY, busy.read(&mut buf))
-            .await
-            .expect("the order's answer")
-            .unwrap();
-        assert!(n > 0, "shed: {}", String::from_utf8_lossy(&answer));
-        answer.extend_from_slice(&buf[..n]);
+    core.held.send_replace(false);
+    let (status, o) = tokio::time::timeout(EVENTUALLY, order)
+        .await
+        .expect("the order's answer")
+        .unwrap();
+    assert_eq!(status, 200, "{o}");
+    let _ = stop.send(());
+}
+
+/// Review finding (HIGH): a connection counted as busy from the moment its request head was
+/// read, so connections trickling their bodies (a byte every few seconds, a new request as
+/// soon as one ends) could never be shed, and a full pool of them locked everyone else out
+/// again. A body still arriving is no work of the server's: such a connection is shed like an
+/// idle one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_trickling_their_bodies_are_shed() {
+    let h = Harness::with_config(ApiConfig {
+        max_connections: 2,
+        max_connections_per_ip: 2,
+        ..open_config()
+    });
+    let (addr, stop) = start(&h).await;
+    let (_, trader) = h.trader("0", "100000").await;
+    let mut trickling = Vec::new();
+    for _ in 0..2 {
+        let mut s = connect_from(A, addr).await;
+        let head = format!(
+            "POST /api/v3/order HTTP/1.1\r\nHost: x\r\nX-MBX-APIKEY: {}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: 1000\r\n\r\nsymbol=",
+            trader.0
+        );
+        s.write_all(head.as_bytes()).await.unwrap();
+        trickling.push(s);
     }
-    assert!(String::from_utf8_lossy(&answer).starts_with("HTTP/1.1 200"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let (status, _) = tokio::time::timeout(
+        EVENTUALLY,
+        http_from(C, addr, "GET", "/api/v3/ping", "", None),
+    )
+    .await
+    .expect("127.0.0.3 is locked out by connections trickling their bodies");
+    assert_eq!(status, 200);
+    assert!(closed_by_server(&mut trickling[0]).await, "not shed");
     let _ = stop.send(());
 }
 

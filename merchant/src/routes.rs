@@ -1679,8 +1679,23 @@ pub async fn pos_invoice(
 ) -> Result<Response, ApiError> {
     let s = pos_store(&st, &ip, token).await?;
     st.charge_ip_addr(&ip, 10)?;
+    let v: Value = serde_json::from_slice(&body)
+        .map_err(|_| ApiError::bad(-1100, "Body must be JSON {\"amount\":\"12.50\"}."))?;
+    let amount = v["amount"]
+        .as_str()
+        .ok_or_else(|| ApiError::missing("amount"))?
+        .to_owned();
+    // The precision /info announced (the signed API takes the ledger's).
+    if api::decimal::parse_units(&amount, pos_decimals(&st, &s.currency))
+        == Err(api::decimal::DecimalError::TooPrecise)
+    {
+        return Err(ApiError::precision("amount"));
+    }
     // Per store too (the link is public to whoever has it, from any number of addresses):
-    // each invoice is a wallet address custody watches for good.
+    // each invoice is a wallet address custody watches for good. Charged for a well-formed
+    // request only (the amount checked first, as the invoice will check it): malformed ones
+    // must not close the store's point of sale.
+    amount_in(&st, &s.currency, &amount).await?;
     let m = st.merchant();
     let made = m.pos_invoices.get_or_init(|| {
         api::ratelimit::Limiter::with_window(m.cfg.pos_invoices_per_hour, 3_600_000)
@@ -1698,18 +1713,6 @@ pub async fn pos_invoice(
             .into(),
             retry_after: Some(retry_after),
         });
-    }
-    let v: Value = serde_json::from_slice(&body)
-        .map_err(|_| ApiError::bad(-1100, "Body must be JSON {\"amount\":\"12.50\"}."))?;
-    let amount = v["amount"]
-        .as_str()
-        .ok_or_else(|| ApiError::missing("amount"))?
-        .to_owned();
-    // The precision /info announced (the signed API takes the ledger's).
-    if api::decimal::parse_units(&amount, pos_decimals(&st, &s.currency))
-        == Err(api::decimal::DecimalError::TooPrecise)
-    {
-        return Err(ApiError::precision("amount"));
     }
     let rec = new_invoice(
         &st,

@@ -20,8 +20,9 @@
 //!   cache helps) would otherwise hold the runtime's whole blocking pool (merchant database,
 //!   custody) with a few hundred settings requests. Deliveries and URLs being set have
 //!   budgets of their own, so that neither can take the other's ([`Purpose`]): at most
-//!   [`MAX_DELIVERY_LOOKUPS`] for deliveries (a delivery that waits [`LOOKUP_TIMEOUT`] for its
-//!   slot and answer is "does not resolve", retried on the outbox's schedule), and at most
+//!   [`MAX_DELIVERY_LOOKUPS`] for deliveries, [`MAX_DELIVERY_LOOKUPS_PER_MERCHANT`] of them a
+//!   merchant's (a delivery that finds none, or waits [`LOOKUP_TIMEOUT`] for its slot and
+//!   answer, is "does not resolve", retried on the outbox's schedule), and at most
 //!   [`MAX_SETTINGS_LOOKUPS`] for URLs being set, one per merchant, answered at once when there
 //!   is no slot ([`TargetError::Busy`]).
 //!
@@ -44,11 +45,19 @@ pub const MAX_SETTINGS_LOOKUPS: usize = 16;
 /// unresolved.
 pub const LOOKUP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
+/// Look-ups a merchant's deliveries hold at once (a look-up's slot is held until it returns,
+/// however long after its delivery gave up: without this, a merchant whose DNS never answers
+/// would take more slots with every retry).
+pub const MAX_DELIVERY_LOOKUPS_PER_MERCHANT: usize = 2;
+
 /// What a check is for: each has its own budget of look-ups ([`check_bounded`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Purpose {
     /// A delivery's check before it connects.
-    Delivery,
+    Delivery {
+        /// The merchant it is for.
+        merchant: u32,
+    },
     /// A URL a merchant is setting.
     Settings {
         /// The merchant setting it.
@@ -63,6 +72,8 @@ struct Budgets {
     settings: Arc<tokio::sync::Semaphore>,
     /// Merchants with a settings check in flight.
     merchants: Arc<std::sync::Mutex<std::collections::HashSet<u32>>>,
+    /// Look-ups held by each merchant's deliveries.
+    deliveries: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
 }
 
 impl Budgets {
@@ -71,6 +82,7 @@ impl Budgets {
             delivery: Arc::new(tokio::sync::Semaphore::new(delivery)),
             settings: Arc::new(tokio::sync::Semaphore::new(settings)),
             merchants: Arc::default(),
+            deliveries: Arc::default(),
         }
     }
 }
@@ -87,6 +99,24 @@ impl Drop for MerchantCheck {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(&self.merchant);
+    }
+}
+
+/// A merchant's delivery look-up held, until it returns.
+struct DeliveryLookUp {
+    deliveries: Arc<std::sync::Mutex<std::collections::HashMap<u32, usize>>>,
+    merchant: u32,
+}
+
+impl Drop for DeliveryLookUp {
+    fn drop(&mut self) {
+        let mut held = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = held.get_mut(&self.merchant) {
+            *n -= 1;
+            if *n == 0 {
+                held.remove(&self.merchant);
+            }
+        }
     }
 }
 
@@ -113,10 +143,22 @@ async fn check_within(
     limit: std::time::Duration,
 ) -> Result<Target, TargetError> {
     let held: Box<dyn Send> = match purpose {
-        Purpose::Delivery => {
+        Purpose::Delivery { merchant } => {
+            {
+                let mut held = budgets.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+                let n = held.entry(merchant).or_default();
+                if *n >= MAX_DELIVERY_LOOKUPS_PER_MERCHANT {
+                    return Err(TargetError::Unresolved);
+                }
+                *n += 1;
+            }
+            let mine = DeliveryLookUp {
+                deliveries: budgets.deliveries.clone(),
+                merchant,
+            };
             let slots = budgets.delivery.clone();
             match tokio::time::timeout(limit, slots.acquire_owned()).await {
-                Ok(Ok(slot)) => Box::new(slot),
+                Ok(Ok(slot)) => Box::new((slot, mine)),
                 _ => return Err(TargetError::Unresolved),
             }
         }
@@ -397,27 +439,43 @@ mod tests {
             Arc::new(AtomicBool::new(false)),
         );
         let policy = slow_resolver(now.clone(), peak.clone(), open.clone());
-        let budgets = Arc::new(Budgets::new(2, 2));
+        let budgets = Arc::new(Budgets::new(3, 2));
         let limit = std::time::Duration::from_millis(500);
-        let calls: Vec<_> = (0..6)
-            .map(|i| {
-                let (p, b) = (policy.clone(), budgets.clone());
-                tokio::spawn(async move {
-                    check_within(
-                        format!("https://slow{i}.example/"),
-                        p,
-                        Purpose::Delivery,
-                        &b,
-                        limit,
-                    )
-                    .await
-                })
+        let check = |merchant: u32| {
+            let (p, b) = (policy.clone(), budgets.clone());
+            tokio::spawn(async move {
+                check_within(
+                    format!("https://slow{merchant}.example/"),
+                    p,
+                    Purpose::Delivery { merchant },
+                    &b,
+                    limit,
+                )
+                .await
             })
-            .collect();
-        for c in calls {
-            assert!(matches!(c.await.unwrap(), Err(TargetError::Unresolved)));
+        };
+        // Merchant 1 holds two look-ups; its third is refused at once, not queued.
+        let (a, b) = (check(1), check(1));
+        while now.load(Ordering::SeqCst) < 2 {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
-        assert_eq!(peak.load(Ordering::SeqCst), 2, "look-ups at once");
+        assert!(matches!(
+            check(1).await.unwrap(),
+            Err(TargetError::Unresolved)
+        ));
+        // Two other merchants: one gets the last slot, the other waits and gives up.
+        let (c, d) = (check(2), check(3));
+        for call in [a, b, c, d] {
+            assert!(matches!(call.await.unwrap(), Err(TargetError::Unresolved)));
+        }
+        assert_eq!(peak.load(Ordering::SeqCst), 3, "look-ups at once");
+        // Given up by their deliveries, the slow look-ups still hold their slots and merchant 1
+        // its two places until they return: a retry does not take more.
+        assert!(matches!(
+            check(1).await.unwrap(),
+            Err(TargetError::Unresolved)
+        ));
+        assert_eq!(peak.load(Ordering::SeqCst), 3);
         // The settings budget is untouched by the deliveries' (its look-up is in flight too).
         let p2 = policy.clone();
         let b2 = budgets.clone();
@@ -431,15 +489,24 @@ mod tests {
             )
             .await
         });
-        while now.load(Ordering::SeqCst) < 3 {
+        while now.load(Ordering::SeqCst) < 4 {
             tokio::time::sleep(std::time::Duration::from_millis(10)).await;
         }
         open.store(true, Ordering::SeqCst);
         assert!(setting.await.unwrap().is_ok());
+        // Once the slow look-ups returned, merchant 1's places are free again.
+        while !budgets
+            .deliveries
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_empty()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let t = check_within(
             "https://fast.example/".into(),
             policy,
-            Purpose::Delivery,
+            Purpose::Delivery { merchant: 1 },
             &budgets,
             std::time::Duration::from_secs(10),
         )

@@ -1137,7 +1137,7 @@ async fn attempt(
             let checked = super::target::check_bounded(
                 url,
                 (*targets).clone(),
-                super::target::Purpose::Delivery,
+                super::target::Purpose::Delivery { merchant },
             )
             .await;
             match checked {

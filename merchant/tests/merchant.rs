@@ -1065,6 +1065,13 @@ async fn a_point_of_sale_makes_a_bounded_number_of_invoices_an_hour() {
             .await
         }
     };
+    // Malformed requests do not count (they would close the point of sale for the hour).
+    for _ in 0..5 {
+        let bad =
+            m.h.raw("POST", &format!("{pos}/invoice"), r#"{"amount":"0"}"#, None)
+                .await;
+        assert_eq!(bad.code(), -1153);
+    }
     for _ in 0..3 {
         assert_eq!(make(pos.clone()).await.status, StatusCode::CREATED);
     }

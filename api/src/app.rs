@@ -219,11 +219,19 @@ struct ConnStream {
 /// is never shed: its answer would be lost with an action perhaps applied).
 #[derive(Debug)]
 struct Shed {
+    /// Set once, under `state`'s lock (read without it on every poll).
     on: std::sync::atomic::AtomicBool,
     read: futures_util::task::AtomicWaker,
     write: futures_util::task::AtomicWaker,
-    permit: std::sync::Mutex<Option<tokio::sync::OwnedSemaphorePermit>>,
-    busy: std::sync::atomic::AtomicU32,
+    /// The requests in progress and the place: a shed and a request's start are decided under
+    /// this one lock, so that neither slips in between the other's look and change.
+    state: std::sync::Mutex<ShedState>,
+}
+
+#[derive(Debug)]
+struct ShedState {
+    busy: u32,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Counts one request in progress on its connection while it lives (an HTTP request's response
@@ -237,14 +245,15 @@ struct Busy(Arc<Shed>);
 #[derive(Debug, Clone)]
 pub struct ConnInProgress(Arc<Shed>);
 
-/// A request body that marks its connection busy once it has all arrived ([`connection`]).
-struct BusyAtEnd {
-    inner: hyper::body::Incoming,
-    shed: Arc<Shed>,
-    held: Arc<std::sync::Mutex<Option<Busy>>>,
+/// A request body read ahead by [`connection`]: the frames already read, then the rest (when
+/// the read stopped short: over the size limit, or a failed read, which the handler then meets
+/// as it would have).
+struct ReadAhead {
+    read: std::collections::VecDeque<hyper::body::Frame<hyper::body::Bytes>>,
+    rest: Option<hyper::body::Incoming>,
 }
 
-impl hyper::body::Body for BusyAtEnd {
+impl hyper::body::Body for ReadAhead {
     type Data = hyper::body::Bytes;
     type Error = hyper::Error;
 
@@ -252,22 +261,17 @@ impl hyper::body::Body for BusyAtEnd {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
-        let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
-        if matches!(r, std::task::Poll::Ready(None)) {
-            let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-            if held.is_none() {
-                *held = Some(Busy::new(&self.shed));
-            }
+        if let Some(f) = self.read.pop_front() {
+            return std::task::Poll::Ready(Some(Ok(f)));
         }
-        r
+        match self.rest.as_mut() {
+            Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
+            None => std::task::Poll::Ready(None),
+        }
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> hyper::body::SizeHint {
-        self.inner.size_hint()
+        self.read.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
 }
 
@@ -275,7 +279,7 @@ impl hyper::body::Body for BusyAtEnd {
 /// when dropped) ([`connection`]).
 struct FreeAtFirstFrame {
     inner: axum::body::Body,
-    held: Arc<std::sync::Mutex<Option<Busy>>>,
+    held: Option<Busy>,
 }
 
 impl hyper::body::Body for FreeAtFirstFrame {
@@ -288,7 +292,7 @@ impl hyper::body::Body for FreeAtFirstFrame {
     ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
         let r = std::pin::Pin::new(&mut self.inner).poll_frame(cx);
         if r.is_ready() {
-            drop(self.held.lock().unwrap_or_else(|e| e.into_inner()).take());
+            self.held = None;
         }
         r
     }
@@ -303,9 +307,9 @@ impl hyper::body::Body for FreeAtFirstFrame {
 }
 
 impl ConnInProgress {
-    /// Busy until the guard is dropped.
-    pub fn enter(&self) -> InProgress {
-        InProgress(Busy::new(&self.0))
+    /// Busy until the guard is dropped; `None` once the connection is shed (it is closing).
+    pub fn enter(&self) -> Option<InProgress> {
+        Busy::enter(&self.0).map(InProgress)
     }
 }
 
@@ -314,15 +318,21 @@ impl ConnInProgress {
 pub struct InProgress(#[allow(dead_code)] Busy);
 
 impl Busy {
-    fn new(shed: &Arc<Shed>) -> Self {
-        shed.busy.fetch_add(1, Ordering::AcqRel);
-        Self(shed.clone())
+    /// A request in progress from now, unless the connection is shed already.
+    fn enter(shed: &Arc<Shed>) -> Option<Self> {
+        let mut st = shed.state.lock().unwrap_or_else(|e| e.into_inner());
+        if shed.is_on() {
+            return None;
+        }
+        st.busy += 1;
+        Some(Self(shed.clone()))
     }
 }
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Ordering::AcqRel);
+        let mut st = self.0.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.busy = st.busy.saturating_sub(1);
     }
 }
 
@@ -332,16 +342,33 @@ impl Shed {
             on: std::sync::atomic::AtomicBool::new(false),
             read: futures_util::task::AtomicWaker::new(),
             write: futures_util::task::AtomicWaker::new(),
-            permit: std::sync::Mutex::new(Some(permit)),
-            busy: std::sync::atomic::AtomicU32::new(0),
+            state: std::sync::Mutex::new(ShedState {
+                busy: 0,
+                permit: Some(permit),
+            }),
         }
     }
 
-    fn trigger(&self) {
-        self.on.store(true, Ordering::Release);
-        drop(self.permit.lock().unwrap_or_else(|e| e.into_inner()).take());
+    /// Sheds the connection unless it is shed already or has a request in progress (decided
+    /// under the lock a request's start takes): true when it was shed now.
+    fn trigger(&self) -> bool {
+        let permit = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if self.is_on() || st.busy > 0 {
+                return false;
+            }
+            self.on.store(true, Ordering::Release);
+            st.permit.take()
+        };
+        drop(permit);
         self.read.wake();
         self.write.wake();
+        true
+    }
+
+    /// Not shed and no request in progress (a look: [`Shed::trigger`] decides).
+    fn sheddable(&self) -> bool {
+        !self.is_on() && self.state.lock().unwrap_or_else(|e| e.into_inner()).busy == 0
     }
     fn is_on(&self) -> bool {
         self.on.load(Ordering::Acquire)
@@ -360,7 +387,7 @@ struct LiveConn {
 impl LiveConn {
     /// Whether it may be shed: not shed already, no HTTP request in progress.
     fn sheddable(&self) -> bool {
-        !self.shed.is_on() && self.shed.busy.load(Ordering::Acquire) == 0
+        self.shed.sheddable()
     }
 }
 
@@ -434,18 +461,14 @@ impl Live {
         let Some(&most) = held.values().max() else {
             return false;
         };
-        let victim = conns
+        let mut victims: Vec<(u64, u64, &LiveConn)> = conns
             .iter()
             .filter(|(_, c)| c.sheddable() && held.get(&c.key) == Some(&most))
-            .min_by_key(|(id, c)| (c.last_active.load(Ordering::Relaxed), **id))
-            .map(|(_, c)| c);
-        match victim {
-            Some(c) => {
-                c.shed.trigger();
-                true
-            }
-            None => false,
-        }
+            .map(|(id, c)| (c.last_active.load(Ordering::Relaxed), *id, c))
+            .collect();
+        victims.sort_unstable_by_key(|&(at, id, _)| (at, id));
+        // A request may start between the look and the shed: the next one then.
+        victims.into_iter().any(|(_, _, c)| c.shed.trigger())
     }
 }
 
@@ -727,36 +750,64 @@ async fn connection(
 ) {
     let last_active = io.last_active.clone();
     let shed = io.shed.clone();
+    let body_limit = state.0.cfg.max_body_bytes;
     let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
         req.extensions_mut().insert(ConnectInfo(PeerAddr(peer)));
         req.extensions_mut().insert(ConnInProgress(shed.clone()));
         let (shed, router) = (shed.clone(), router.clone());
         async move {
-            // A request read from a connection already shed (pipelined behind the last
-            // answer): not served, its answer could not be written.
-            if shed.is_on() {
-                let mut r = axum::response::Response::new(axum::body::Body::empty());
-                *r.status_mut() = axum::http::StatusCode::SERVICE_UNAVAILABLE;
-                return Ok(r);
-            }
-            // In progress (not shed) from the end of the request's body, when the work is ours
-            // (a body still arriving is the client's: a trickled one must not keep a
-            // connection from being shed), to the answer's first frame (a JSON answer whole;
-            // a stream's first event).
-            let held = Arc::new(std::sync::Mutex::new(None));
-            if hyper::body::Body::is_end_stream(req.body()) {
-                *held.lock().unwrap_or_else(|e| e.into_inner()) = Some(Busy::new(&shed));
-            }
-            let (h2, s2) = (held.clone(), shed.clone());
-            let req = req.map(move |b| {
-                axum::body::Body::new(BusyAtEnd {
-                    inner: b,
-                    shed: s2,
-                    held: h2,
+            // The body read here first, up to the size limit: the request is in progress (its
+            // connection not shed) from the moment it has all arrived, whatever the handler
+            // does before it reads it (a body still arriving is the client's, and a trickled one
+            // must not keep a connection from being shed), to its answer's first frame (a JSON
+            // answer whole; a stream's first event).
+            let (parts, mut body) = req.into_parts();
+            let mut read = std::collections::VecDeque::new();
+            let (mut len, mut complete) = (0usize, false);
+            loop {
+                let next = std::future::poll_fn(|cx| {
+                    hyper::body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
                 })
-            });
+                .await;
+                match next {
+                    None => {
+                        complete = true;
+                        break;
+                    }
+                    Some(Ok(f)) => {
+                        len += f.data_ref().map_or(0, |d| d.len());
+                        read.push_back(f);
+                        if len > body_limit {
+                            break;
+                        }
+                    }
+                    Some(Err(_)) => break,
+                }
+            }
+            let busy = if complete {
+                // Shed meanwhile (a request read behind the last answer): not served, its
+                // answer could not be written.
+                let Some(b) = Busy::enter(&shed) else {
+                    let mut r = axum::response::Response::new(axum::body::Body::empty());
+                    *r.status_mut() = axum::http::StatusCode::SERVICE_UNAVAILABLE;
+                    return Ok(r);
+                };
+                Some(b)
+            } else {
+                None
+            };
+            let rest = (!complete).then_some(body);
+            let req =
+                hyper::Request::from_parts(parts, axum::body::Body::new(ReadAhead { read, rest }));
             let answer = tower::ServiceExt::oneshot(router, req).await;
-            answer.map(|r| r.map(|b| axum::body::Body::new(FreeAtFirstFrame { inner: b, held })))
+            answer.map(|r| {
+                r.map(|b| {
+                    axum::body::Body::new(FreeAtFirstFrame {
+                        inner: b,
+                        held: busy,
+                    })
+                })
+            })
         }
     });
     let mut builder = hyper::server::conn::http1::Builder::new();

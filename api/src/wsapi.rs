@@ -721,7 +721,7 @@ async fn run_ws_api(
         if inflight.is_empty() {
             busy = None;
         } else if busy.is_none() {
-            busy = conn.as_ref().map(crate::app::ConnInProgress::enter);
+            busy = conn.as_ref().and_then(crate::app::ConnInProgress::enter);
         }
         tokio::select! {
             Some(answer) = inflight.next(), if !inflight.is_empty() => {
@@ -739,9 +739,19 @@ async fn run_ws_api(
                     alive.touch();
                     match m {
                         Message::Text(t) => {
+                            // In progress before it is handled (a shed decided in between would
+                            // lose its answer), until answered; a connection already shed
+                            // serves nothing more.
+                            let entered = match &conn {
+                                Some(c) => match c.enter() {
+                                    Some(g) => Some(g),
+                                    None => break,
+                                },
+                                None => None,
+                            };
                             let answered = handle(st, ip, t.as_str(), &mut subs, &inflight);
                             if !inflight.is_empty() && busy.is_none() {
-                                busy = conn.as_ref().map(crate::app::ConnInProgress::enter);
+                                busy = entered;
                             }
                             match (subs.active.is_empty(), urx.is_some()) {
                                 (false, false) => urx = Some(st.0.rm.user_tx.subscribe()),

@@ -245,12 +245,14 @@ struct Busy(Arc<Shed>);
 #[derive(Debug, Clone)]
 pub struct ConnInProgress(Arc<Shed>);
 
-/// A request body read ahead by [`connection`]: the frames already read, then the rest (when
-/// the read stopped short: over the size limit, or a failed read, which the handler then meets
-/// as it would have).
+/// A request body read ahead by [`connection`]: the frames already read, then the rest when
+/// the read stopped over the size limit, or the read's error when it failed (kept for the
+/// handler: hyper's body reads as ended after an error, and the handler would take the part
+/// read for the whole).
 struct ReadAhead {
     read: std::collections::VecDeque<hyper::body::Frame<hyper::body::Bytes>>,
     rest: Option<hyper::body::Incoming>,
+    failed: Option<hyper::Error>,
 }
 
 impl hyper::body::Body for ReadAhead {
@@ -264,6 +266,9 @@ impl hyper::body::Body for ReadAhead {
         if let Some(f) = self.read.pop_front() {
             return std::task::Poll::Ready(Some(Ok(f)));
         }
+        if let Some(e) = self.failed.take() {
+            return std::task::Poll::Ready(Some(Err(e)));
+        }
         match self.rest.as_mut() {
             Some(rest) => std::pin::Pin::new(rest).poll_frame(cx),
             None => std::task::Poll::Ready(None),
@@ -271,7 +276,9 @@ impl hyper::body::Body for ReadAhead {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.read.is_empty() && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
+        self.read.is_empty()
+            && self.failed.is_none()
+            && self.rest.as_ref().is_none_or(|r| r.is_end_stream())
     }
 }
 
@@ -761,28 +768,37 @@ async fn connection(
             // does before it reads it (a body still arriving is the client's, and a trickled one
             // must not keep a connection from being shed), to its answer's first frame (a JSON
             // answer whole; a stream's first event).
+            // Within the request timeout, as when the handler read it.
             let (parts, mut body) = req.into_parts();
             let mut read = std::collections::VecDeque::new();
-            let (mut len, mut complete) = (0usize, false);
-            loop {
-                let next = std::future::poll_fn(|cx| {
-                    hyper::body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
-                })
-                .await;
-                match next {
-                    None => {
-                        complete = true;
-                        break;
-                    }
-                    Some(Ok(f)) => {
-                        len += f.data_ref().map_or(0, |d| d.len());
-                        read.push_back(f);
-                        if len > body_limit {
+            let (mut len, mut complete, mut failed) = (0usize, false, None);
+            let ahead = async {
+                loop {
+                    let next = std::future::poll_fn(|cx| {
+                        hyper::body::Body::poll_frame(std::pin::Pin::new(&mut body), cx)
+                    })
+                    .await;
+                    match next {
+                        None => {
+                            complete = true;
+                            break;
+                        }
+                        Some(Ok(f)) => {
+                            len += f.data_ref().map_or(0, |d| d.len());
+                            read.push_back(f);
+                            if len > body_limit {
+                                break;
+                            }
+                        }
+                        Some(Err(e)) => {
+                            failed = Some(e);
                             break;
                         }
                     }
-                    Some(Err(_)) => break,
                 }
+            };
+            if tokio::time::timeout(REQUEST_TIMEOUT, ahead).await.is_err() {
+                return Ok(ApiError::outcome_unknown().into_response());
             }
             let busy = if complete {
                 // Shed meanwhile (a request read behind the last answer): not served, its
@@ -796,9 +812,11 @@ async fn connection(
             } else {
                 None
             };
-            let rest = (!complete).then_some(body);
-            let req =
-                hyper::Request::from_parts(parts, axum::body::Body::new(ReadAhead { read, rest }));
+            let rest = (!complete && failed.is_none()).then_some(body);
+            let req = hyper::Request::from_parts(
+                parts,
+                axum::body::Body::new(ReadAhead { read, rest, failed }),
+            );
             let answer = tower::ServiceExt::oneshot(router, req).await;
             answer.map(|r| {
                 r.map(|b| {

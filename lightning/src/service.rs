@@ -944,6 +944,18 @@ impl<L: Ledger> LightningService<L> {
         if !store.mark_in_doubt(w.id, until)? {
             return Ok(());
         }
+        // Raised before the send: a stop right after it must not leave the hold unexplained
+        // (a withdrawal in doubt is never looked at again until its deadline).
+        let subject = format!("lightning withdrawal {}", w.id);
+        self.alarm(
+            "lightning_withdrawal_in_doubt",
+            &subject,
+            &format!(
+                "the node has no record of the payment; it is sent again under the same id once \
+                 (if a channel is usable). An HTLC of the first send may still be claimed, so \
+                 the hold stays until the node reports it paid or block {until}"
+            ),
+        );
         let sent = match Bolt11Invoice::from_str(&w.bolt11) {
             Ok(inv) if any_usable => {
                 let params = RouteParametersConfig {
@@ -954,27 +966,13 @@ impl<L: Ledger> LightningService<L> {
             }
             _ => None,
         };
-        let answer = match &sent {
+        match &sent {
             // The node was not running: nothing was sent, and nothing is in doubt yet.
-            Some(Err(NodeError::NotRunning)) => {
-                store.clear_doubt(w.id)?;
-                return Ok(());
-            }
-            Some(Ok(_)) => {
-                "sent again under the same id, the node took it as a new payment".to_owned()
-            }
-            Some(Err(e)) => format!("sent again under the same id, the node answered: {e}"),
-            None => "not sent again: no channel is usable".to_owned(),
-        };
-        self.alarm(
-            "lightning_withdrawal_in_doubt",
-            &format!("lightning withdrawal {}", w.id),
-            &format!(
-                "the node has no record of the payment ({answer}). An HTLC of the first send \
-                 may still be claimed, so the hold stays until the node reports it paid or \
-                 block {until}"
-            ),
-        );
+            Some(Err(NodeError::NotRunning)) => store.clear_doubt(w.id)?,
+            Some(Ok(_)) => tracing::warn!(%subject, "in doubt: sent again, taken as a new payment"),
+            Some(Err(e)) => tracing::warn!(%subject, error = %e, "in doubt: sent again, refused"),
+            None => tracing::warn!(%subject, "in doubt: not sent again, no channel is usable"),
+        }
         Ok(())
     }
 

@@ -215,8 +215,8 @@ struct ConnStream {
 
 /// A connection's shed signal (set once, waking whatever waits to read or write on it), its
 /// place in the pool (given back the moment it is shed: the newcomer takes it at once, whether
-/// or not the owner has noticed yet), and its HTTP requests in progress (a connection with one
-/// is never shed: its answer would be lost with an action perhaps applied).
+/// or not the owner has noticed yet), and its requests in progress (a connection with one is
+/// never shed: its answer would be lost with an action perhaps applied).
 #[derive(Debug)]
 struct Shed {
     /// Set once, under `state`'s lock (read without it on every poll).
@@ -391,21 +391,14 @@ struct LiveConn {
     shed: Arc<Shed>,
 }
 
-impl LiveConn {
-    /// Whether it may be shed: not shed already, no HTTP request in progress.
-    fn sheddable(&self) -> bool {
-        self.shed.sheddable()
-    }
-}
-
 /// The open connections of one listener: what a full pool sheds from.
 ///
 /// Each address's cap (`max_connections_per_ip`) leaves the pool to a few addresses together
 /// (16 of 256 fill 4,096), and a full pool made every other client wait in the kernel's
 /// backlog. So when no place is left for a connection just accepted, one is shed: the least
 /// recently active of those of the address holding the most (an idle keep-alive, a half-sent
-/// request or a quiet WebSocket alike; ties: the oldest), never one with an HTTP request in
-/// progress; its place goes to the new client at once. An address with a few connections is
+/// request or a quiet WebSocket alike; ties: the oldest), never one with a request in progress
+/// (HTTP, or the WebSocket API's: [`ConnInProgress`]); its place goes to the new client at once. An address with a few connections is
 /// never shed while another holds more.
 #[derive(Debug, Default)]
 struct Live {
@@ -462,7 +455,7 @@ impl Live {
         let conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
         let mut held: std::collections::HashMap<Option<std::net::IpAddr>, usize> =
             std::collections::HashMap::new();
-        for c in conns.values().filter(|c| c.sheddable()) {
+        for c in conns.values().filter(|c| c.shed.sheddable()) {
             *held.entry(c.key).or_default() += 1;
         }
         let Some(&most) = held.values().max() else {
@@ -470,7 +463,7 @@ impl Live {
         };
         let mut victims: Vec<(u64, u64, &LiveConn)> = conns
             .iter()
-            .filter(|(_, c)| c.sheddable() && held.get(&c.key) == Some(&most))
+            .filter(|(_, c)| c.shed.sheddable() && held.get(&c.key) == Some(&most))
             .map(|(id, c)| (c.last_active.load(Ordering::Relaxed), *id, c))
             .collect();
         victims.sort_unstable_by_key(|&(at, id, _)| (at, id));

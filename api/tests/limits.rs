@@ -97,6 +97,18 @@ async fn closed_by_server(s: &mut TcpStream) -> bool {
     }
 }
 
+/// A newcomer from 127.0.0.3 while the pool is full: its ping is answered (within
+/// `EVENTUALLY`, else `locked` is the panic's word for why).
+async fn newcomer_is_served(addr: SocketAddr, locked: &str) {
+    let (status, _) = tokio::time::timeout(
+        EVENTUALLY,
+        http_from(C, addr, "GET", "/api/v3/ping", "", None),
+    )
+    .await
+    .unwrap_or_else(|_| panic!("127.0.0.3 is locked out {locked}"));
+    assert_eq!(status, 200);
+}
+
 /// The value of one line of `/metrics` (`name value`).
 async fn metric(from: Ipv4Addr, addr: SocketAddr, name: &str) -> Option<u64> {
     let (_, m) = http_from(from, addr, "GET", "/metrics", "", None).await;
@@ -267,13 +279,7 @@ async fn addresses_filling_the_whole_pool_do_not_lock_out_another() {
     .await
     .expect("127.0.0.3 is locked out while the pool is full");
     assert_eq!(status, 200, "{o}");
-    let (status, _) = tokio::time::timeout(
-        EVENTUALLY,
-        http_from(C, addr, "GET", "/api/v3/ping", "", None),
-    )
-    .await
-    .expect("a second request");
-    assert_eq!(status, 200);
+    newcomer_is_served(addr, "for a second request").await;
     // Shed from the holders: the least recently active first (the oldest idle connection).
     assert!(closed_by_server(&mut idle[0]).await, "not shed");
     assert!(
@@ -303,13 +309,7 @@ async fn a_connection_with_a_request_in_progress_is_not_shed() {
     // The order reaches the held engine before the idle connection opens.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut idle = connect_from(A, addr).await;
-    let (status, _) = tokio::time::timeout(
-        EVENTUALLY,
-        http_from(C, addr, "GET", "/api/v3/ping", "", None),
-    )
-    .await
-    .expect("127.0.0.3 is locked out while the pool is full");
-    assert_eq!(status, 200);
+    newcomer_is_served(addr, "while the pool is full").await;
     assert!(
         closed_by_server(&mut idle).await,
         "the idle one was not shed"
@@ -348,13 +348,7 @@ async fn connections_trickling_their_bodies_are_shed() {
         trickling.push(s);
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let (status, _) = tokio::time::timeout(
-        EVENTUALLY,
-        http_from(C, addr, "GET", "/api/v3/ping", "", None),
-    )
-    .await
-    .expect("127.0.0.3 is locked out by connections trickling their bodies");
-    assert_eq!(status, 200);
+    newcomer_is_served(addr, "by connections trickling their bodies").await;
     assert!(closed_by_server(&mut trickling[0]).await, "not shed");
     let _ = stop.send(());
 }
@@ -430,13 +424,7 @@ async fn a_websocket_api_connection_with_an_order_in_progress_is_not_shed() {
     // The order reaches the held engine before the idle connection opens.
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut idle = connect_from(A, addr).await;
-    let (status, _) = tokio::time::timeout(
-        EVENTUALLY,
-        http_from(C, addr, "GET", "/api/v3/ping", "", None),
-    )
-    .await
-    .expect("127.0.0.3 is locked out while the pool is full");
-    assert_eq!(status, 200);
+    newcomer_is_served(addr, "while the pool is full").await;
     assert!(
         closed_by_server(&mut idle).await,
         "the idle one was not shed"
@@ -469,13 +457,7 @@ async fn a_full_pool_sheds_a_websocket_too() {
                 .expect("a WebSocket"),
         );
     }
-    let (status, _) = tokio::time::timeout(
-        EVENTUALLY,
-        http_from(C, addr, "GET", "/api/v3/ping", "", None),
-    )
-    .await
-    .expect("127.0.0.3 is locked out while the pool is full");
-    assert_eq!(status, 200);
+    newcomer_is_served(addr, "while the pool is full").await;
     // The first WebSocket (the least recently active) was shed.
     let _ = close_of(&mut sockets[0]).await;
     let _ = stop.send(());

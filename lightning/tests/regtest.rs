@@ -1027,6 +1027,30 @@ fn customer_back(w: &World) {
     channels_usable(w);
 }
 
+/// The customer claims the held HTLC of withdrawal `wd`: completed, `account` debited once
+/// (10,050 sat held, then spent).
+fn claimed_and_completed(
+    w: &World,
+    account: AccountId,
+    wd: u64,
+    hash: lightning_custody::ldk_node::lightning_types::payment::PaymentHash,
+    preimage: [u8; 32],
+) {
+    use lightning_custody::ldk_node::lightning_types::payment::PaymentPreimage;
+    w.customer
+        .bolt11_payment()
+        .claim_for_hash(hash, 10_000_000, PaymentPreimage(preimage))
+        .unwrap();
+    w.step_until("the withdrawal completed", |w| {
+        w.m().withdrawal(wd).unwrap().unwrap().status == LnWithdrawalStatus::Completed
+    });
+    assert_eq!(w.ledger.btc(account), (100_000 - 10_050, 0));
+    assert_eq!(
+        w.ledger.record(engine_withdrawal_id(wd)).unwrap().state,
+        WithdrawalState::Completed
+    );
+}
+
 /// Resolves and steps a few times: a withdrawal in doubt stays `sending`, however often the
 /// loop looks, with one alarm.
 fn stays_in_doubt(w: &World, id: u64, alarms: &FakeAlarms) {
@@ -1061,7 +1085,6 @@ fn stays_in_doubt(w: &World, id: u64, alarms: &FakeAlarms) {
 /// withdrawal was `released` while its HTLC was held).
 #[test]
 fn a_payment_whose_node_record_is_lost_stays_held_until_its_htlc_settles() {
-    use lightning_custody::ldk_node::lightning_types::payment::PaymentPreimage;
     let mut w = World::new();
     let erin = w.ledger.create_account();
     w.deposit(erin, 100_000);
@@ -1070,19 +1093,7 @@ fn a_payment_whose_node_record_is_lost_stays_held_until_its_htlc_settles() {
     stays_in_doubt(&w, wd.id, &alarms);
     assert_eq!(w.ledger.btc(erin), (100_000 - 10_050, 10_050));
 
-    // The customer claims the HTLC: completed, the account debited once.
-    w.customer
-        .bolt11_payment()
-        .claim_for_hash(hash, 10_000_000, PaymentPreimage(preimage))
-        .unwrap();
-    w.step_until("the withdrawal completed", |w| {
-        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
-    });
-    assert_eq!(w.ledger.btc(erin), (100_000 - 10_050, 0));
-    assert_eq!(
-        w.ledger.record(engine_withdrawal_id(wd.id)).unwrap().state,
-        WithdrawalState::Completed
-    );
+    claimed_and_completed(&w, erin, wd.id, hash, preimage);
 }
 
 /// The same lost record with the invoice still valid, the customer offline at the restart.
@@ -1094,7 +1105,6 @@ fn a_payment_whose_node_record_is_lost_stays_held_until_its_htlc_settles() {
 /// payee's claim completes it: paid once, debited once.
 #[test]
 fn a_payment_whose_node_record_is_lost_is_sent_again_once_its_channels_are_back() {
-    use lightning_custody::ldk_node::lightning_types::payment::PaymentPreimage;
     let mut w = World::new();
     let gus = w.ledger.create_account();
     w.deposit(gus, 100_000);
@@ -1118,14 +1128,7 @@ fn a_payment_whose_node_record_is_lost_is_sent_again_once_its_channels_are_back(
     customer_back(&w);
     stays_in_doubt(&w, wd.id, &alarms);
     assert_eq!(w.ledger.btc(gus), (100_000 - 10_050, 10_050));
-    w.customer
-        .bolt11_payment()
-        .claim_for_hash(hash, 10_000_000, PaymentPreimage(preimage))
-        .unwrap();
-    w.step_until("the withdrawal completed", |w| {
-        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
-    });
-    assert_eq!(w.ledger.btc(gus), (100_000 - 10_050, 0));
+    claimed_and_completed(&w, gus, wd.id, hash, preimage);
     let inbound = w
         .customer
         .list_payments()
@@ -1140,7 +1143,6 @@ fn a_payment_whose_node_record_is_lost_is_sent_again_once_its_channels_are_back(
 /// channel without a word; the payee's claim, once it is back, completes it.
 #[test]
 fn a_payment_whose_node_record_is_lost_with_no_channel_back_is_held_in_doubt() {
-    use lightning_custody::ldk_node::lightning_types::payment::PaymentPreimage;
     let mut w = World::new();
     let hal = w.ledger.create_account();
     w.deposit(hal, 100_000);
@@ -1159,14 +1161,7 @@ fn a_payment_whose_node_record_is_lost_with_no_channel_back_is_held_in_doubt() {
     );
     assert_eq!(w.ledger.btc(hal), (100_000 - 10_050, 10_050));
     customer_back(&w);
-    w.customer
-        .bolt11_payment()
-        .claim_for_hash(hash, 10_000_000, PaymentPreimage(preimage))
-        .unwrap();
-    w.step_until("the withdrawal completed", |w| {
-        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
-    });
-    assert_eq!(w.ledger.btc(hal), (100_000 - 10_050, 0));
+    claimed_and_completed(&w, hal, wd.id, hash, preimage);
 }
 
 /// A withdrawal in doubt whose HTLC the payee failed stays held (the node's failure record

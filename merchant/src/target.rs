@@ -399,15 +399,24 @@ fn is_internal_v6(ip: Ipv6Addr) -> bool {
 mod tests {
     use super::*;
 
-    /// A resolver that answers only once `open` is set (10 s at most), counting the look-ups
-    /// in flight (`now`) and their most (`peak`).
-    fn slow_resolver(
-        now: Arc<std::sync::atomic::AtomicUsize>,
-        peak: Arc<std::sync::atomic::AtomicUsize>,
-        open: Arc<std::sync::atomic::AtomicBool>,
-    ) -> TargetPolicy {
-        use std::sync::atomic::Ordering;
-        TargetPolicy::default().with_resolver(Arc::new(move |_: &str, port| {
+    /// The counters of [`slow_resolver`]: look-ups in flight (`now`), their most (`peak`), and
+    /// whether the DNS server answers (`open`).
+    type Counters = (
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicUsize>,
+        Arc<std::sync::atomic::AtomicBool>,
+    );
+
+    /// A resolver that answers only once `open` is set (10 s at most), and its counters.
+    fn slow_resolver() -> (TargetPolicy, Counters) {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        let (now, peak, open) = (
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicUsize::new(0)),
+            Arc::new(AtomicBool::new(false)),
+        );
+        let counters = (now.clone(), peak.clone(), open.clone());
+        let policy = TargetPolicy::default().with_resolver(Arc::new(move |_: &str, port| {
             let in_flight = now.fetch_add(1, Ordering::SeqCst) + 1;
             peak.fetch_max(in_flight, Ordering::SeqCst);
             for _ in 0..1_000 {
@@ -421,7 +430,8 @@ mod tests {
                 "93.184.216.34".parse().unwrap(),
                 port,
             )])
-        }))
+        }));
+        (policy, counters)
     }
 
     /// Review finding: the settings and Greenfield webhook routes resolved a merchant's URL on a
@@ -432,13 +442,8 @@ mod tests {
     /// setting URLs on a slow DNS server starved every store's deliveries; they are apart now.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn delivery_look_ups_are_bounded_and_late_ones_give_up() {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let (now, peak, open) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let policy = slow_resolver(now.clone(), peak.clone(), open.clone());
+        use std::sync::atomic::Ordering;
+        let (policy, (now, peak, open)) = slow_resolver();
         let budgets = Arc::new(Budgets::new(3, 2));
         let limit = std::time::Duration::from_millis(500);
         let check = |merchant: u32| {
@@ -519,13 +524,8 @@ mod tests {
     /// once, nothing looked up); another merchant is not held back by the first's.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn settings_look_ups_are_one_per_merchant_and_never_wait() {
-        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-        let (now, peak, open) = (
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicUsize::new(0)),
-            Arc::new(AtomicBool::new(false)),
-        );
-        let policy = slow_resolver(now.clone(), peak.clone(), open.clone());
+        use std::sync::atomic::Ordering;
+        let (policy, (now, peak, open)) = slow_resolver();
         let budgets = Arc::new(Budgets::new(2, 2));
         let start = |merchant: u32| {
             let (p, b) = (policy.clone(), budgets.clone());

@@ -1273,24 +1273,37 @@ async fn payout_states_look_each_key_up_and_never_list_custodys_withdrawals() {
     );
 }
 
-#[tokio::test]
-async fn a_claim_to_an_exchange_account_is_one_engine_transfer_paid_once() {
+/// A merchant with 0.01 BTC on the exchange and a Greenfield token of `perms`, and a second
+/// account: the harness, custody's fake, the merchant and its key, the other account and its
+/// key, the token.
+async fn store_and_other(
+    perms: &str,
+) -> (
+    Harness,
+    Arc<Fake>,
+    (u32, (String, String)),
+    (u32, (String, String)),
+    String,
+) {
     let h = Harness::new();
     let fake = Arc::new(Fake::default());
     h.state.set_custody(fake.clone()).ok().unwrap();
-    // A merchant with 0.01 BTC on the exchange, and a customer with an account.
-    let (merchant, merchant_key) = h.trader("0.01", "0").await;
-    let (customer, customer_key) = h.trader("0", "0").await;
-    // The key may transfer: its pull payment may pay exchange accounts.
+    let merchant = h.trader("0.01", "0").await;
+    let other = h.trader("0", "0").await;
     let k = h
         .state
-        .create_key(
-            merchant,
-            api::keys::Perms::parse("read,merchant,withdraw,transfer").unwrap(),
-            "gf",
-        )
+        .create_key(merchant.0, api::keys::Perms::parse(perms).unwrap(), "gf")
         .unwrap();
     let token = h.state.greenfield_token(&k.0);
+    (h, fake, merchant, other, token)
+}
+
+#[tokio::test]
+async fn a_claim_to_an_exchange_account_is_one_engine_transfer_paid_once() {
+    // A merchant with 0.01 BTC and a customer with an account. The key may transfer: its pull
+    // payment may pay exchange accounts.
+    let (h, fake, (merchant, merchant_key), (customer, customer_key), token) =
+        store_and_other("read,merchant,withdraw,transfer").await;
     let pp = ok(
         call(
             &h,
@@ -1374,21 +1387,9 @@ async fn a_claim_to_an_exchange_account_is_one_engine_transfer_paid_once() {
 /// from its balance (refused, nothing moved). Both claims were paid before.
 #[tokio::test]
 async fn account_claims_need_a_transfer_key_and_refund_claims_go_to_a_balance_payer() {
-    let h = Harness::new();
-    let fake = Arc::new(Fake::default());
-    h.state.set_custody(fake.clone()).ok().unwrap();
-    // A merchant with 0.01 BTC on the exchange and a shop plugin's token (no `transfer`).
-    let (merchant, merchant_key) = h.trader("0.01", "0").await;
-    let (other, other_key) = h.trader("0", "0").await;
-    let k = h
-        .state
-        .create_key(
-            merchant,
-            api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
-            "gf",
-        )
-        .unwrap();
-    let token = h.state.greenfield_token(&k.0);
+    // A shop plugin's token (no `transfer`).
+    let (h, fake, (merchant, _), (other, other_key), token) =
+        store_and_other("read,merchant,withdraw").await;
     let h = &h;
     let claim = |pp: &Value, destination: String| {
         let uri = format!(
@@ -1476,7 +1477,6 @@ async fn account_claims_need_a_transfer_key_and_refund_claims_go_to_a_balance_pa
     // custody).
     assert_eq!(h.balance(&other_key, "BTC").await.0, "0.00000000");
     assert_eq!(fake.withdrawals.lock().unwrap().len(), 2);
-    let _ = merchant_key;
 }
 
 #[tokio::test]
@@ -1917,20 +1917,8 @@ async fn amounts_above_all_bitcoin_are_refused_with_422_and_create_nothing() {
 /// nothing reserved or moved; a claim made before the flag is still answered by its key.
 #[tokio::test]
 async fn a_flagged_merchant_pays_no_pull_payment_claim() {
-    let h = Harness::new();
-    let fake = Arc::new(Fake::default());
-    h.state.set_custody(fake.clone()).ok().unwrap();
-    let (merchant, merchant_key) = h.trader("0.01", "0").await;
-    let (customer, customer_key) = h.trader("0", "0").await;
-    let k = h
-        .state
-        .create_key(
-            merchant,
-            api::keys::Perms::parse("read,merchant,withdraw,transfer").unwrap(),
-            "gf",
-        )
-        .unwrap();
-    let token = h.state.greenfield_token(&k.0);
+    let (h, fake, (merchant, merchant_key), (customer, customer_key), token) =
+        store_and_other("read,merchant,withdraw,transfer").await;
     let post = |uri: String, body: Value| {
         let (h, token) = (&h, token.clone());
         async move { call(h, "POST", &uri, Some(&token), Some(body)).await }

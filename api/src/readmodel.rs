@@ -1126,18 +1126,18 @@ impl ReadModel {
                 // A small write (a light load) stays in the foreground: it is quick, and a
                 // reader waiting for it (`wait_persisted`) should not wait for idle cores.
                 priority.set(rows >= BACKGROUND_ROWS && !behind(since));
-                // In id order, not the map's: the rowids then land at the end of the table's
-                // B-tree and each account's keys at the end of its run in `orders_by_account`,
-                // not on pages all over them (the history thread's CPU per order in
-                // `api/tests/load.rs`: 7.0-8.0 µs before, 5.8-6.4 µs after).
-                let mut sorted: Vec<&OrderRec> = orders.values().collect();
-                sorted.sort_unstable_by_key(|o| o.id);
-                let written =
-                    Store::write_history_with(&mut conn, sorted, &trades, seq, &mut || {
+                // The store sorts the orders by id (its chunks are in id order).
+                let written = Store::write_history_with(
+                    &mut conn,
+                    orders.values(),
+                    &trades,
+                    seq,
+                    &mut || {
                         if priority.background && behind(since) {
                             priority.set(false);
                         }
-                    });
+                    },
+                );
                 // The read models' write lock, below, is never held in the background: a
                 // preempted holder would keep the applier and every reader waiting.
                 priority.set(false);

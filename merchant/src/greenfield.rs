@@ -1124,18 +1124,36 @@ pub async fn list_invoices(
         } else {
             // The newest `want` shown ones across the order ids, kept as each order id's are
             // read: never more than twice `want` in memory (it was every invoice of up to 1,000
-            // order ids, `want` each, before `skip` and `take` were applied).
+            // order ids, `want` each, before `skip` and `take` were applied). Each order id's
+            // are read in pages with the filters in the query, as above, until `want` of them
+            // show (filtered after a `LIMIT`, an order's settled invoice behind newer unpaid
+            // ones was missed).
             let mut out: Vec<(Record, Extra)> = Vec::new();
             for o in &by_order {
-                for rec in
-                    store::list_by_order(c, account, o, start, end, want).map_err(db_error)?
-                {
-                    if !shown_db(&rec) {
-                        continue;
-                    }
-                    let e = extra(c, &rec.inv.id).map_err(db_error)?;
-                    if archived || !e.archived {
+                let mut found = 0usize;
+                let mut after: Option<(u64, String)> = None;
+                loop {
+                    let page = store::list_page_by_order(
+                        c,
+                        account,
+                        o,
+                        &stored,
+                        !archived,
+                        start,
+                        end,
+                        after.as_ref().map(|(ms, id)| (*ms, id.as_str())),
+                        want,
+                    )
+                    .map_err(db_error)?;
+                    let full = page.len() == want as usize;
+                    after = page.last().map(|r| (r.inv.created_ms, r.inv.id.clone()));
+                    for rec in page.into_iter().filter(&shown_db) {
+                        let e = extra(c, &rec.inv.id).map_err(db_error)?;
                         out.push((rec, e));
+                        found += 1;
+                    }
+                    if !full || found >= want as usize {
+                        break;
                     }
                 }
                 out.sort_by(|(a, _), (b, _)| {

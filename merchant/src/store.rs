@@ -615,6 +615,15 @@ pub fn list(
     rows.into_iter().map(|r| with_payments(conn, r)).collect()
 }
 
+/// `,New,Settled,`: one parameter for any number of statuses (`,` for any).
+fn status_list(statuses: &[Status]) -> String {
+    statuses.iter().fold(String::from(","), |mut s, st| {
+        s.push_str(st.as_str());
+        s.push(',');
+        s
+    })
+}
+
 /// One page of a merchant's invoices for a filtered list, newest first (`created_ms`, then
 /// id): created in `[start_ms, end_ms]`, with a stored status in `statuses` (any when empty),
 /// not archived by Greenfield (`gf_invoice.archived`) when `hide_archived`, and after `after`
@@ -631,12 +640,7 @@ pub fn list_page(
     after: Option<(u64, &str)>,
     limit: u32,
 ) -> rusqlite::Result<Vec<Record>> {
-    // `,New,Settled,`: one parameter for any number of statuses.
-    let wanted: String = statuses.iter().fold(String::from(","), |mut s, st| {
-        s.push_str(st.as_str());
-        s.push(',');
-        s
-    });
+    let wanted = status_list(statuses);
     let mut s = conn.prepare_cached(&format!(
         "SELECT {INVOICE_COLS} FROM invoice WHERE merchant = ?1 AND created_ms BETWEEN ?2 AND ?3
          AND (?4 = ',' OR instr(?4, ',' || status || ',') > 0)
@@ -664,28 +668,45 @@ pub fn list_page(
     rows.into_iter().map(|r| with_payments(conn, r)).collect()
 }
 
-/// A merchant's invoices with order id `order_id` created in `[start_ms, end_ms]`, newest first
-/// (a shop plugin finds its order's invoice this way, however old).
-pub fn list_by_order(
+/// One page of a merchant's invoices with order id `order_id` (a shop plugin finds its order's
+/// invoice this way, however old), with [`list_page`]'s filters and order: the filters run in
+/// the query, so a page holds `limit` matching invoices whenever that many exist (they ran
+/// after the `LIMIT`, and an order's settled invoice behind newer unpaid ones was missed).
+#[allow(clippy::too_many_arguments)]
+pub fn list_page_by_order(
     conn: &Connection,
     merchant: u32,
     order_id: &str,
+    statuses: &[Status],
+    hide_archived: bool,
     start_ms: u64,
     end_ms: u64,
+    after: Option<(u64, &str)>,
     limit: u32,
 ) -> rusqlite::Result<Vec<Record>> {
+    let wanted = status_list(statuses);
     let mut s = conn.prepare_cached(&format!(
-        "SELECT {INVOICE_COLS} FROM invoice WHERE merchant = ?1 AND order_id = ?2
-         AND created_ms BETWEEN ?3 AND ?4 ORDER BY created_ms DESC, id LIMIT ?5"
+        "SELECT {INVOICE_COLS} FROM invoice WHERE merchant = ?1 AND order_id = ?9
+         AND created_ms BETWEEN ?2 AND ?3
+         AND (?4 = ',' OR instr(?4, ',' || status || ',') > 0)
+         AND (NOT ?5 OR NOT EXISTS (SELECT 1 FROM gf_invoice g
+                                    WHERE g.invoice_id = invoice.id AND g.archived = 1))
+         AND (?6 IS NULL OR created_ms < ?6 OR (created_ms = ?6 AND id > ?7))
+         ORDER BY created_ms DESC, id LIMIT ?8"
     ))?;
+    let clamp = |ms: u64| ms.min(i64::MAX as u64) as i64;
     let rows = s
         .query_map(
             params![
                 merchant,
-                order_id,
-                start_ms.min(i64::MAX as u64) as i64,
-                end_ms.min(i64::MAX as u64) as i64,
-                limit
+                clamp(start_ms),
+                clamp(end_ms),
+                wanted,
+                hide_archived,
+                after.map(|(ms, _)| clamp(ms)),
+                after.map(|(_, id)| id),
+                limit,
+                order_id
             ],
             record_row,
         )?

@@ -1842,6 +1842,91 @@ async fn a_filtered_invoice_list_pages_over_the_matching_invoices_not_the_newest
     );
 }
 
+/// Defect (review, session 15): with `orderId`, the newest `skip + take` invoices of each order
+/// id were read and only then filtered by status and archive, so a filter dropped invoices
+/// that `skip` and `take` should have counted: a plugin asking for an order's settled invoice
+/// with `take=1` got `[]` when a newer unpaid invoice of that order existed.
+#[tokio::test]
+async fn an_order_ids_invoices_are_filtered_before_skip_and_take_count_them() {
+    let g = setup().await;
+    let s = g.store();
+    let body = |amount: &str| json!({"amount": amount, "currency": "BTC", "metadata": {"orderId": "wc-9"}});
+    // Oldest first: settled, archived, new; and one of another order, newest of all.
+    let settled = g.new_invoice(body("0.001")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = call(
+        &g.h,
+        "POST",
+        &format!("/api/v1/stores/{s}/invoices/{settled}/status"),
+        Some(&g.token),
+        Some(json!({"status": "Settled"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let archived = g.new_invoice(body("0.002")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = call(
+        &g.h,
+        "DELETE",
+        &format!("/api/v1/stores/{s}/invoices/{archived}"),
+        Some(&g.token),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let new = g.new_invoice(body("0.003")).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other = g
+        .new_invoice(
+            json!({"amount": "0.004", "currency": "BTC", "metadata": {"orderId": "wc-10"}}),
+        )
+        .await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    {
+        let db = g.h.state.merchant().db.lock().unwrap();
+        let now = i64::try_from(common::now_ms()).unwrap();
+        for (age_s, id) in [(4, &settled), (3, &archived), (2, &new), (1, &other)] {
+            db.execute(
+                "UPDATE invoice SET created_ms = ?1 WHERE id = ?2",
+                rusqlite::params![now - age_s * 1000, id],
+            )
+            .unwrap();
+        }
+    }
+    assert_eq!(
+        invoice_ids(&g, "orderId=wc-9&status=Settled&take=1").await,
+        vec![settled.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "orderId=wc-9&take=1").await,
+        vec![new.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "orderId=wc-9&skip=1&take=1").await,
+        vec![settled.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "orderId=wc-9&includeArchived=true&skip=1&take=1").await,
+        vec![archived.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "orderId=wc-9&orderId=wc-10&status=New&skip=1&take=1").await,
+        vec![new.clone()]
+    );
+    assert_eq!(
+        invoice_ids(&g, "orderId=wc-9&orderId=wc-10").await,
+        vec![other, new, settled]
+    );
+}
+
 #[tokio::test]
 async fn amounts_above_all_bitcoin_are_refused_with_422_and_create_nothing() {
     // A pull payment of 2^63 satoshis or more answered 500 (the database refused the number

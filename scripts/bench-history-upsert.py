@@ -2,7 +2,8 @@
 """The cost of updating a history order row (api/src/store.rs, `Store::write_history`) with the
 indexed columns named in the upsert's SET and without them.
 
-The orders table and its two indexes as api/src/store.rs creates them, 200,000 rows, then 50,000
+The orders table and its two indexes as api/src/store.rs created them before the history
+moved into chunks (952f09c; the figures the README quotes are of that layout), 200,000 rows, then 50,000
 of them upserted again (a later fill or cancel of an order that rested) in one transaction, WAL
 and synchronous=NORMAL as the history's connection. Prints the best of three runs per variant, in
 µs per update (Python's sqlite3 module: its own overhead is in both figures).

@@ -590,8 +590,10 @@ fn id_at_or_after<T: Chunked>(
          AND first_id >= ?3 AND last_ms > 0 ORDER BY first_id LIMIT 1",
     ))?;
     let mut found = None;
+    // Checked steps: ids come from the database (a corrupt one must not loop or panic here).
     while lo <= hi {
-        let mid = lo + (hi - lo) / 2;
+        // In i128: `hi - lo` may not fit an i64.
+        let mid = i64::try_from((i128::from(lo) + i128::from(hi)) / 2).unwrap_or(lo);
         let probe = next
             .query_row(params![key, market, mid], |r| {
                 Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
@@ -601,11 +603,18 @@ fn id_at_or_after<T: Chunked>(
             // The answer is in this chunk or one below `mid` (none starts in `mid..first`).
             Some((first, last_ms)) if last_ms as u64 >= ms => {
                 found = Some(first);
-                hi = mid - 1;
+                let Some(h) = mid.checked_sub(1) else { break };
+                hi = h;
             }
-            Some((first, _)) => lo = first + 1,
+            Some((first, _)) => {
+                let Some(l) = first.checked_add(1) else { break };
+                lo = l;
+            }
             // No chunk of known time from `mid` on: the answer, if any, lies below.
-            None => hi = mid - 1,
+            None => {
+                let Some(h) = mid.checked_sub(1) else { break };
+                hi = h;
+            }
         }
     }
     let Some(first) = found else {
@@ -647,7 +656,7 @@ fn id_bounds(
     }
     if let Some(e) = end_ms.and_then(|e| e.checked_add(1)) {
         if let Some(id) = at(e)? {
-            hi = id - 1;
+            hi = id.saturating_sub(1);
         }
     }
     Ok((lo <= hi).then_some((lo, hi)))
@@ -749,7 +758,7 @@ impl<'c, T: Chunked> ChunkWalk<'c, T> {
                 })
                 .optional()?;
             at = Some(match holding {
-                Some((first, last)) if last >= lo => first - 1,
+                Some((first, last)) if last >= lo => first.saturating_sub(1),
                 _ => lo,
             });
         }
@@ -806,7 +815,11 @@ impl<'c, T: Chunked> ChunkWalk<'c, T> {
                      AND first_id <= ?3 ORDER BY first_id DESC LIMIT 1",
                 ))?
                 .query_row(
-                    params![self.key, self.market, self.at.map_or(self.hi, |k| k - 1)],
+                    params![
+                        self.key,
+                        self.market,
+                        self.at.map_or(self.hi, |k| k.saturating_sub(1))
+                    ],
                     get,
                 )
                 .optional()?
@@ -1133,6 +1146,14 @@ fn convert_rows(c: &mut Connection) -> rusqlite::Result<()> {
         "CREATE TABLE IF NOT EXISTS unconverted_rows(
            kind TEXT NOT NULL, id INTEGER NOT NULL, data BLOB NOT NULL);",
     )?;
+    // A record's bytes, whatever the column holds (a corrupt row is kept aside, not an error
+    // that would fail every start).
+    let bytes_of = |v: rusqlite::types::ValueRef<'_>| -> Vec<u8> {
+        match v {
+            rusqlite::types::ValueRef::Blob(b) | rusqlite::types::ValueRef::Text(b) => b.to_vec(),
+            _ => Vec::new(),
+        }
+    };
     let keep = |tx: &Connection, kind: &str, id: i64, bytes: &[u8]| {
         tx.execute(
             "INSERT INTO unconverted_rows(kind, id, data) VALUES (?1, ?2, ?3)",
@@ -1151,9 +1172,9 @@ fn convert_rows(c: &mut Connection) -> rusqlite::Result<()> {
         let mut rows = st.query([])?;
         while let Some(r) = rows.next()? {
             read += 1;
-            let (id, bytes) = (r.get::<_, i64>(0)?, r.get_ref(1)?.as_blob()?);
-            let Some(o) = decode_order(bytes) else {
-                keep(&tx, "order", id, bytes)?;
+            let (id, bytes) = (r.get::<_, i64>(0)?, bytes_of(r.get_ref(1)?));
+            let Some(o) = decode_order(&bytes) else {
+                keep(&tx, "order", id, &bytes)?;
                 kept += 1;
                 continue;
             };
@@ -1181,10 +1202,11 @@ fn convert_rows(c: &mut Connection) -> rusqlite::Result<()> {
     if trades {
         let chunked = max_id(&tx, "trade_max_id")?;
         let mut max = chunked;
-        // The market's copies, then the accounts' (a trade of an account with itself once).
+        // The market's copies (every row: one that does not decode is kept aside here), then
+        // the accounts' (a trade of an account with itself once). The key's market is the
+        // record's.
         let passes = [
-            "SELECT -1, market, trade_id, data FROM trades WHERE trade_id > ?1 \
-             ORDER BY market, trade_id",
+            "SELECT -1, market, trade_id, data FROM trades ORDER BY market, trade_id",
             "SELECT account, market, trade_id, data FROM (
                SELECT maker_account AS account, market, trade_id, data FROM trades
                UNION ALL
@@ -1196,25 +1218,35 @@ fn convert_rows(c: &mut Connection) -> rusqlite::Result<()> {
         for (pass, sql) in passes.iter().enumerate() {
             let mut chunker = Chunker::<TradeRec>::new(Table::Trades);
             let mut st = tx.prepare(sql)?;
-            let mut rows = st.query([from])?;
+            let mut rows = if pass == 0 {
+                st.query([])?
+            } else {
+                st.query([from])?
+            };
             while let Some(r) = rows.next()? {
-                let (key, market, id) = (
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, u16>(1)?,
-                    r.get::<_, i64>(2)?,
-                );
-                let bytes = r.get_ref(3)?.as_blob()?;
-                let Some(t) = decode::<TradeRec>(bytes) else {
+                let id = r.get::<_, i64>(2)?;
+                let bytes = bytes_of(r.get_ref(3)?);
+                if pass == 0 {
+                    read += 1;
+                }
+                let Some(t) = decode::<TradeRec>(&bytes) else {
                     if pass == 0 {
-                        keep(&tx, "trade", id, bytes)?;
+                        keep(&tx, "trade", id, &bytes)?;
                         kept += 1;
                     }
                     continue;
                 };
+                // Already in the chunks (a return to the version before and back).
+                if id <= from {
+                    continue;
+                }
+                let Ok(key) = r.get::<_, i64>(0) else {
+                    continue;
+                };
                 if pass == 0 {
-                    read += 1;
                     max = max.max(Some(t.id));
                 }
+                let market = t.market;
                 chunker.push(&tx, key, market, t)?;
             }
             chunker.flush(&tx)?;
@@ -1223,18 +1255,29 @@ fn convert_rows(c: &mut Connection) -> rusqlite::Result<()> {
             set_max_id(&tx, "trade_max_id", m)?;
         }
     }
-    // Dropping a table drops its indexes.
+    // Dropping a table drops its indexes. Rows an earlier conversion kept aside stay.
     tx.execute_batch("DROP TABLE IF EXISTS orders; DROP TABLE IF EXISTS trades;")?;
-    if kept == 0 {
-        tx.execute_batch("DROP TABLE IF EXISTS unconverted_rows")?;
+    let any_kept: bool =
+        tx.query_row("SELECT EXISTS(SELECT 1 FROM unconverted_rows)", [], |r| {
+            r.get(0)
+        })?;
+    if !any_kept {
+        tx.execute_batch("DROP TABLE unconverted_rows")?;
     }
     tx.commit()?;
-    tracing::info!(
-        rows = read,
-        undecodable = kept,
-        "history: order and trade rows converted into chunks (undecodable rows kept in \
-         unconverted_rows)"
-    );
+    if kept > 0 {
+        tracing::warn!(
+            rows = read,
+            undecodable = kept,
+            "history: order and trade rows converted into chunks; the undecodable ones are kept \
+             in the table unconverted_rows"
+        );
+    } else {
+        tracing::info!(
+            rows = read,
+            "history: order and trade rows converted into chunks"
+        );
+    }
     Ok(())
 }
 
@@ -1919,6 +1962,15 @@ mod tests {
             }
         }
         let store = Store::open(&path).unwrap();
+        let conn = store.connect().unwrap();
+        let kept: i64 = conn
+            .query_row("SELECT count(*) FROM unconverted_rows", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(
+            kept, 1,
+            "the first conversion's undecodable row is still kept"
+        );
+        drop(conn);
         assert_eq!(
             store.order(later.account, later.id).unwrap(),
             Some(later.clone())

@@ -2659,7 +2659,10 @@ async fn my_trades_of_an_old_order_of_a_busy_account_are_found() {
         mine[0]["time"].as_u64().unwrap(),
     );
     // Later: 100,001 more trades of the seller's account (written to the history as the
-    // read models would, with later ids and times, other orders).
+    // read models would, with later ids and times, other orders). After the history holds
+    // the first trade: the history is written in id order (a trade at or below the highest
+    // stored id is taken for one already stored).
+    assert!(h.state.read_model().wait_persisted().await);
     let store = &h.state.read_model().store;
     let mut conn = store.connect().unwrap();
     let later: Vec<api::readmodel::TradeRec> = (1..=100_001u64)

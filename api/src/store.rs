@@ -74,8 +74,7 @@ CREATE TABLE IF NOT EXISTS order_chunks(
   chunk INTEGER PRIMARY KEY, account INTEGER NOT NULL, market INTEGER NOT NULL,
   first_id INTEGER NOT NULL, last_id INTEGER NOT NULL, last_ms INTEGER NOT NULL,
   data BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS order_chunks_by_account
-  ON order_chunks(account, market, first_id, last_id, last_ms);
+CREATE INDEX IF NOT EXISTS order_chunks_by_account ON order_chunks(account, market, first_id);
 CREATE TABLE IF NOT EXISTS order_markets(
   account INTEGER NOT NULL, market INTEGER NOT NULL, PRIMARY KEY(account, market)) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS order_updates(
@@ -90,8 +89,7 @@ CREATE TABLE IF NOT EXISTS trade_chunks(
   chunk INTEGER PRIMARY KEY, account INTEGER NOT NULL, market INTEGER NOT NULL,
   first_id INTEGER NOT NULL, last_id INTEGER NOT NULL, last_ms INTEGER NOT NULL,
   data BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS trade_chunks_by_account
-  ON trade_chunks(account, market, first_id, last_id, last_ms);
+CREATE INDEX IF NOT EXISTS trade_chunks_by_account ON trade_chunks(account, market, first_id);
 ";
 
 fn open_conn(path: &Path) -> Result<Connection, StoreError> {
@@ -866,9 +864,10 @@ fn write_orders<'a>(
     rows.reverse();
     let max = max_id(tx, "order_max_id")?;
     let (updates, new) = rows.split_at(rows.partition_point(|o| max.is_some_and(|m| o.id <= m)));
+    let mut st = Stmts::new(tx)?;
     let mut data = Vec::with_capacity(256);
     for o in updates {
-        upsert_order(tx, o, &mut data)?;
+        upsert_order(&mut st, o, &mut data)?;
         count();
     }
     let Some(last) = new.last() else {
@@ -880,7 +879,7 @@ fn write_orders<'a>(
     new.sort_by_key(|o| (o.account, o.market));
     for group in new.chunk_by(|a, b| (a.account, a.market) == (b.account, b.market)) {
         for part in group.chunks(CHUNK_RECORDS) {
-            insert_order_chunk(tx, part, &mut data)?;
+            insert_order_chunk(&mut st, part, &mut data)?;
             for _ in part {
                 count();
             }
@@ -889,25 +888,57 @@ fn write_orders<'a>(
     set_max_id(tx, "order_max_id", last)
 }
 
+/// A history write's statements, prepared once per write: `prepare_cached` per row hashed its
+/// SQL and moved the statement out of the cache and back each time (for a write of one record
+/// per account, about a statement per record).
+struct Stmts<'t> {
+    order_chunk: rusqlite::CachedStatement<'t>,
+    trade_chunk: rusqlite::CachedStatement<'t>,
+    client: rusqlite::CachedStatement<'t>,
+    market: rusqlite::CachedStatement<'t>,
+    upsert: rusqlite::CachedStatement<'t>,
+}
+
+impl<'t> Stmts<'t> {
+    fn new(tx: &'t Connection) -> rusqlite::Result<Self> {
+        let chunk = |table: Table| {
+            tx.prepare_cached(&table.sql(
+                "INSERT INTO {t}(account, market, first_id, last_id, last_ms, data) \
+                 VALUES (?1,?2,?3,?4,?5,?6)",
+            ))
+        };
+        Ok(Self {
+            order_chunk: chunk(Table::Orders)?,
+            trade_chunk: chunk(Table::Trades)?,
+            client: tx.prepare_cached(
+                "INSERT OR IGNORE INTO order_clients(account, client_id, order_id) \
+                 VALUES (?1,?2,?3)",
+            )?,
+            market: tx.prepare_cached(
+                "INSERT OR IGNORE INTO order_markets(account, market) VALUES (?1,?2)",
+            )?,
+            // An order's account and market never change (its id is the engine's, given when
+            // it is placed), so an update leaves them out: SQLite rewrites the entries of every
+            // index over a column the `SET` names.
+            upsert: tx.prepare_cached(
+                "INSERT INTO order_updates(order_id, account, market, data) VALUES (?1,?2,?3,?4) \
+                 ON CONFLICT(order_id) DO UPDATE SET data = excluded.data",
+            )?,
+        })
+    }
+}
+
 /// Writes a later version of an order already in a chunk (or of one first written after a
 /// higher id: an order of a history gap) to `order_updates`.
-fn upsert_order(tx: &Connection, o: &OrderRec, data: &mut Vec<u8>) -> rusqlite::Result<()> {
+fn upsert_order(st: &mut Stmts<'_>, o: &OrderRec, data: &mut Vec<u8>) -> rusqlite::Result<()> {
     data.clear();
     *data = encode(o, std::mem::take(data))?;
-    // An order's account and market never change (its id is the engine's, given when it is
-    // placed), so an update leaves them out: SQLite rewrites the entries of every index over a
-    // column the `SET` names.
-    tx.prepare_cached(
-        "INSERT INTO order_updates(order_id, account, market, data) VALUES (?1,?2,?3,?4) \
-         ON CONFLICT(order_id) DO UPDATE SET data = excluded.data",
-    )?
-    .execute(params![to_sql(o.id), o.account, o.market, &data[..]])?;
+    st.upsert
+        .execute(params![to_sql(o.id), o.account, o.market, &data[..]])?;
     // The client id is written again: the entry a look-up starts from (the engine keeps one
     // per order today, and an order of a history gap has no chunk).
-    tx.prepare_cached(
-        "INSERT OR IGNORE INTO order_clients(account, client_id, order_id) VALUES (?1,?2,?3)",
-    )?
-    .execute(params![o.account, o.client_id, to_sql(o.id)])?;
+    st.client
+        .execute(params![o.account, o.client_id, to_sql(o.id)])?;
     Ok(())
 }
 
@@ -918,7 +949,7 @@ fn encode<T: serde::Serialize>(v: &T, buf: Vec<u8>) -> rusqlite::Result<Vec<u8>>
 
 /// Writes `part` (records of one key and market, ids ascending) as one chunk row of `table`.
 fn insert_chunk<T: Chunked>(
-    tx: &Connection,
+    st: &mut Stmts<'_>,
     table: Table,
     key: i64,
     market: u16,
@@ -935,7 +966,7 @@ fn insert_chunk<T: Chunked>(
     }
     let last_ms = part.iter().map(|o| o.time_ms()).max().unwrap_or(0);
     insert_frames(
-        tx,
+        st,
         table,
         key,
         market,
@@ -947,18 +978,18 @@ fn insert_chunk<T: Chunked>(
 /// Inserts one chunk row of `table` whose `data` (frames, ids ascending) spans `ids_ms`:
 /// its first and last id and its latest known time.
 fn insert_frames(
-    tx: &Connection,
+    st: &mut Stmts<'_>,
     table: Table,
     key: i64,
     market: u16,
     (first, last, last_ms): (u64, u64, u64),
     data: &[u8],
 ) -> rusqlite::Result<()> {
-    tx.prepare_cached(&table.sql(
-        "INSERT INTO {t}(account, market, first_id, last_id, last_ms, data) \
-         VALUES (?1,?2,?3,?4,?5,?6)",
-    ))?
-    .execute(params![
+    let ins = match table {
+        Table::Orders => &mut st.order_chunk,
+        Table::Trades => &mut st.trade_chunk,
+    };
+    ins.execute(params![
         key,
         market,
         to_sql(first),
@@ -972,7 +1003,7 @@ fn insert_frames(
 /// Writes `part` (orders of one account and market, ids ascending) as one chunk row, with its
 /// client ids and its market in the account's list.
 fn insert_order_chunk(
-    tx: &Connection,
+    st: &mut Stmts<'_>,
     part: &[&OrderRec],
     data: &mut Vec<u8>,
 ) -> rusqlite::Result<()> {
@@ -980,15 +1011,12 @@ fn insert_order_chunk(
         return Ok(());
     };
     let (account, market) = (first.account, first.market);
-    insert_chunk(tx, Table::Orders, i64::from(account), market, part, data)?;
-    let mut client = tx.prepare_cached(
-        "INSERT OR IGNORE INTO order_clients(account, client_id, order_id) VALUES (?1,?2,?3)",
-    )?;
+    insert_chunk(st, Table::Orders, i64::from(account), market, part, data)?;
     for o in part {
-        client.execute(params![o.account, o.client_id, to_sql(o.id)])?;
+        st.client
+            .execute(params![o.account, o.client_id, to_sql(o.id)])?;
     }
-    tx.prepare_cached("INSERT OR IGNORE INTO order_markets(account, market) VALUES (?1,?2)")?
-        .execute(params![account, market])?;
+    st.market.execute(params![account, market])?;
     Ok(())
 }
 
@@ -1048,6 +1076,7 @@ fn write_trades(
         }
     }
     copies.sort_by_key(|&(k, m, _)| (k, m));
+    let mut st = Stmts::new(tx)?;
     let mut data = Vec::with_capacity(CHUNK_RECORDS * 64);
     for group in copies.chunk_by(|a, b| (a.0, a.1) == (b.0, b.1)) {
         let (key, market) = (group[0].0, group[0].1);
@@ -1059,7 +1088,7 @@ fn write_trades(
             let (first, last) = (new[c[0].2], new[c[c.len() - 1].2]);
             let last_ms = c.iter().map(|&(_, _, i)| new[i].time_ms).max().unwrap_or(0);
             insert_frames(
-                tx,
+                &mut st,
                 Table::Trades,
                 key,
                 market,
@@ -1096,21 +1125,21 @@ impl<T: Chunked> Chunker<T> {
         }
     }
 
-    fn push(&mut self, tx: &Connection, key: i64, market: u16, rec: T) -> rusqlite::Result<()> {
+    fn push(&mut self, st: &mut Stmts<'_>, key: i64, market: u16, rec: T) -> rusqlite::Result<()> {
         if self.at != Some((key, market)) || self.pending.len() == CHUNK_RECORDS {
-            self.flush(tx)?;
+            self.flush(st)?;
             self.at = Some((key, market));
         }
         self.pending.push(rec);
         Ok(())
     }
 
-    fn flush(&mut self, tx: &Connection) -> rusqlite::Result<()> {
+    fn flush(&mut self, st: &mut Stmts<'_>) -> rusqlite::Result<()> {
         let Some((key, market)) = self.at else {
             return Ok(());
         };
         let part: Vec<&T> = self.pending.iter().collect();
-        insert_chunk(tx, self.table, key, market, &part, &mut self.data)?;
+        insert_chunk(st, self.table, key, market, &part, &mut self.data)?;
         self.pending.clear();
         Ok(())
     }
@@ -1167,6 +1196,7 @@ fn convert_rows(c: &mut Connection) -> rusqlite::Result<()> {
         let mut max = chunked;
         let mut chunker = Chunker::<OrderRec>::new(Table::Orders);
         let mut data = Vec::new();
+        let mut stmts = Stmts::new(&tx)?;
         let mut st =
             tx.prepare("SELECT order_id, data FROM orders ORDER BY account, market, order_id")?;
         let mut rows = st.query([])?;
@@ -1179,22 +1209,18 @@ fn convert_rows(c: &mut Connection) -> rusqlite::Result<()> {
                 continue;
             };
             if chunked.is_some_and(|m| o.id <= m) {
-                upsert_order(&tx, &o, &mut data)?;
+                upsert_order(&mut stmts, &o, &mut data)?;
                 continue;
             }
             max = max.max(Some(o.id));
             // The chunk's client ids and market, as a history write does.
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO order_clients(account, client_id, order_id) VALUES (?1,?2,?3)",
-            )?
-            .execute(params![o.account, o.client_id, to_sql(o.id)])?;
-            tx.prepare_cached(
-                "INSERT OR IGNORE INTO order_markets(account, market) VALUES (?1,?2)",
-            )?
-            .execute(params![o.account, o.market])?;
-            chunker.push(&tx, i64::from(o.account), o.market, o)?;
+            stmts
+                .client
+                .execute(params![o.account, o.client_id, to_sql(o.id)])?;
+            stmts.market.execute(params![o.account, o.market])?;
+            chunker.push(&mut stmts, i64::from(o.account), o.market, o)?;
         }
-        chunker.flush(&tx)?;
+        chunker.flush(&mut stmts)?;
         if let Some(m) = max {
             set_max_id(&tx, "order_max_id", m)?;
         }
@@ -1217,6 +1243,7 @@ fn convert_rows(c: &mut Connection) -> rusqlite::Result<()> {
         let from = chunked.map_or(-1, to_sql);
         for (pass, sql) in passes.iter().enumerate() {
             let mut chunker = Chunker::<TradeRec>::new(Table::Trades);
+            let mut stmts = Stmts::new(&tx)?;
             let mut st = tx.prepare(sql)?;
             let mut rows = if pass == 0 {
                 st.query([])?
@@ -1247,9 +1274,9 @@ fn convert_rows(c: &mut Connection) -> rusqlite::Result<()> {
                     max = max.max(Some(t.id));
                 }
                 let market = t.market;
-                chunker.push(&tx, key, market, t)?;
+                chunker.push(&mut stmts, key, market, t)?;
             }
-            chunker.flush(&tx)?;
+            chunker.flush(&mut stmts)?;
         }
         if let Some(m) = max {
             set_max_id(&tx, "trade_max_id", m)?;

@@ -90,6 +90,7 @@ fn commit(n: u64, accounts: u32) -> (Vec<OrderRec>, Vec<TradeRec>) {
     (orders, trades)
 }
 
+#[allow(clippy::float_arithmetic)] // times for the printout, not money
 fn run(name: &str, accounts: u32, timed: u64) {
     let dir = tempfile::Builder::new()
         .prefix("history-bench-")

@@ -1093,68 +1093,29 @@ pub async fn list_invoices(
         move |rec: &Record| statuses.is_empty() || statuses.contains(&rec.inv.derive(now).status);
     let shown_db = shown.clone();
     let rows = with_db(&st, move |c| {
-        // By order id: looked up directly (however old the invoice), not filtered out of the
-        // newest page.
+        // The filters choose what `skip` and `take` count: pages of matching invoices until
+        // `want` show. By order id: looked up directly (however old the invoice), not filtered
+        // out of the newest page.
+        let filter = |order_id| store::ListFilter {
+            order_id,
+            statuses: &stored,
+            hide_archived: !archived,
+            start_ms: start,
+            end_ms: end,
+        };
         let recs = if by_order.is_empty() {
-            // The filters choose what `skip` and `take` count: pages of matching invoices
-            // until `want` are found (the few whose status changed by time alone are left
-            // out here, so a page may need a next one).
-            let mut recs: Vec<Record> = Vec::new();
-            let mut after: Option<(u64, String)> = None;
-            loop {
-                let page = store::list_page(
-                    c,
-                    account,
-                    &stored,
-                    !archived,
-                    start,
-                    end,
-                    after.as_ref().map(|(ms, id)| (*ms, id.as_str())),
-                    want,
-                )
-                .map_err(db_error)?;
-                let full = page.len() == want as usize;
-                after = page.last().map(|r| (r.inv.created_ms, r.inv.id.clone()));
-                recs.extend(page.into_iter().filter(&shown_db));
-                if !full || recs.len() >= want as usize {
-                    break;
-                }
-            }
-            recs
+            store::list_kept(c, account, &filter(None), want, &shown_db).map_err(db_error)?
         } else {
             // The newest `want` shown ones across the order ids, kept as each order id's are
             // read: never more than twice `want` in memory (it was every invoice of up to 1,000
-            // order ids, `want` each, before `skip` and `take` were applied). Each order id's
-            // are read in pages with the filters in the query, as above, until `want` of them
-            // show (filtered after a `LIMIT`, an order's settled invoice behind newer unpaid
-            // ones was missed).
+            // order ids, `want` each, before `skip` and `take` were applied).
             let mut out: Vec<(Record, Extra)> = Vec::new();
             for o in &by_order {
-                let mut found = 0usize;
-                let mut after: Option<(u64, String)> = None;
-                loop {
-                    let page = store::list_page_by_order(
-                        c,
-                        account,
-                        o,
-                        &stored,
-                        !archived,
-                        start,
-                        end,
-                        after.as_ref().map(|(ms, id)| (*ms, id.as_str())),
-                        want,
-                    )
-                    .map_err(db_error)?;
-                    let full = page.len() == want as usize;
-                    after = page.last().map(|r| (r.inv.created_ms, r.inv.id.clone()));
-                    for rec in page.into_iter().filter(&shown_db) {
-                        let e = extra(c, &rec.inv.id).map_err(db_error)?;
-                        out.push((rec, e));
-                        found += 1;
-                    }
-                    if !full || found >= want as usize {
-                        break;
-                    }
+                for rec in store::list_kept(c, account, &filter(Some(o)), want, &shown_db)
+                    .map_err(db_error)?
+                {
+                    let e = extra(c, &rec.inv.id).map_err(db_error)?;
+                    out.push((rec, e));
                 }
                 out.sort_by(|(a, _), (b, _)| {
                     b.inv

@@ -624,94 +624,106 @@ fn status_list(statuses: &[Status]) -> String {
     })
 }
 
-/// One page of a merchant's invoices for a filtered list, newest first (`created_ms`, then
-/// id): created in `[start_ms, end_ms]`, with a stored status in `statuses` (any when empty),
-/// not archived by Greenfield (`gf_invoice.archived`) when `hide_archived`, and after `after`
-/// (the `(created_ms, id)` of the previous page's last invoice); at most `limit`. The filters
-/// run in the query, so a page holds `limit` matching invoices whenever that many exist.
-#[allow(clippy::too_many_arguments)]
-pub fn list_page(
-    conn: &Connection,
-    merchant: u32,
-    statuses: &[Status],
-    hide_archived: bool,
-    start_ms: u64,
-    end_ms: u64,
-    after: Option<(u64, &str)>,
-    limit: u32,
-) -> rusqlite::Result<Vec<Record>> {
-    let wanted = status_list(statuses);
-    let mut s = conn.prepare_cached(&format!(
-        "SELECT {INVOICE_COLS} FROM invoice WHERE merchant = ?1 AND created_ms BETWEEN ?2 AND ?3
-         AND (?4 = ',' OR instr(?4, ',' || status || ',') > 0)
-         AND (NOT ?5 OR NOT EXISTS (SELECT 1 FROM gf_invoice g
-                                    WHERE g.invoice_id = invoice.id AND g.archived = 1))
-         AND (?6 IS NULL OR created_ms < ?6 OR (created_ms = ?6 AND id > ?7))
-         ORDER BY created_ms DESC, id LIMIT ?8"
-    ))?;
-    let clamp = |ms: u64| ms.min(i64::MAX as u64) as i64;
-    let rows = s
-        .query_map(
-            params![
-                merchant,
-                clamp(start_ms),
-                clamp(end_ms),
-                wanted,
-                hide_archived,
-                after.map(|(ms, _)| clamp(ms)),
-                after.map(|(_, id)| id),
-                limit
-            ],
-            record_row,
-        )?
-        .collect::<rusqlite::Result<Vec<_>>>()?;
-    rows.into_iter().map(|r| with_payments(conn, r)).collect()
+/// A filtered invoice list's filters ([`list_page`]).
+#[derive(Debug, Clone, Copy)]
+pub struct ListFilter<'a> {
+    /// Only this order id's invoices (a shop plugin finds its order's invoice this way, however
+    /// old: the look-up uses the `(merchant, order_id)` index).
+    pub order_id: Option<&'a str>,
+    /// Stored statuses (any when empty).
+    pub statuses: &'a [Status],
+    /// Leave out those archived by Greenfield (`gf_invoice.archived`).
+    pub hide_archived: bool,
+    /// Created in `[start_ms, end_ms]`.
+    pub start_ms: u64,
+    /// See `start_ms`.
+    pub end_ms: u64,
 }
 
-/// One page of a merchant's invoices with order id `order_id` (a shop plugin finds its order's
-/// invoice this way, however old), with [`list_page`]'s filters and order: the filters run in
-/// the query, so a page holds `limit` matching invoices whenever that many exist (they ran
-/// after the `LIMIT`, and an order's settled invoice behind newer unpaid ones was missed).
-#[allow(clippy::too_many_arguments)]
-pub fn list_page_by_order(
-    conn: &Connection,
-    merchant: u32,
-    order_id: &str,
-    statuses: &[Status],
-    hide_archived: bool,
-    start_ms: u64,
-    end_ms: u64,
-    after: Option<(u64, &str)>,
-    limit: u32,
-) -> rusqlite::Result<Vec<Record>> {
-    let wanted = status_list(statuses);
-    let mut s = conn.prepare_cached(&format!(
-        "SELECT {INVOICE_COLS} FROM invoice WHERE merchant = ?1 AND order_id = ?9
+/// [`list_page`]'s statement, with or without an order id (`?9`).
+fn list_sql(by_order: bool) -> String {
+    // By order id, through `(merchant, order_id)`: left to itself the planner takes
+    // `invoice_merchant_created` for the time range and the order, and reads every invoice of
+    // the store to find one order's (the few found are sorted instead).
+    let (index, order) = if by_order {
+        ("INDEXED BY invoice_merchant_order", "AND order_id = ?9")
+    } else {
+        ("", "")
+    };
+    format!(
+        "SELECT {INVOICE_COLS} FROM invoice {index} WHERE merchant = ?1 {order}
          AND created_ms BETWEEN ?2 AND ?3
          AND (?4 = ',' OR instr(?4, ',' || status || ',') > 0)
          AND (NOT ?5 OR NOT EXISTS (SELECT 1 FROM gf_invoice g
                                     WHERE g.invoice_id = invoice.id AND g.archived = 1))
          AND (?6 IS NULL OR created_ms < ?6 OR (created_ms = ?6 AND id > ?7))
          ORDER BY created_ms DESC, id LIMIT ?8"
-    ))?;
+    )
+}
+
+/// One page of a merchant's invoices for a filtered list, newest first (`created_ms`, then
+/// id), after `after` (the `(created_ms, id)` of the previous page's last invoice); at most
+/// `limit`. The filters run in the query, so a page holds `limit` matching invoices whenever
+/// that many exist (filtered after a `LIMIT`, an order's settled invoice behind newer unpaid
+/// ones was missed).
+pub fn list_page(
+    conn: &Connection,
+    merchant: u32,
+    f: &ListFilter<'_>,
+    after: Option<(u64, &str)>,
+    limit: u32,
+) -> rusqlite::Result<Vec<Record>> {
+    let wanted = status_list(f.statuses);
+    let mut s = conn.prepare_cached(&list_sql(f.order_id.is_some()))?;
     let clamp = |ms: u64| ms.min(i64::MAX as u64) as i64;
+    let (start, end) = (clamp(f.start_ms), clamp(f.end_ms));
+    let (after_ms, after_id) = (after.map(|(ms, _)| clamp(ms)), after.map(|(_, id)| id));
+    let mut p: Vec<&dyn rusqlite::ToSql> = vec![
+        &merchant,
+        &start,
+        &end,
+        &wanted,
+        &f.hide_archived,
+        &after_ms,
+        &after_id,
+        &limit,
+    ];
+    if let Some(o) = &f.order_id {
+        p.push(o);
+    }
     let rows = s
-        .query_map(
-            params![
-                merchant,
-                clamp(start_ms),
-                clamp(end_ms),
-                wanted,
-                hide_archived,
-                after.map(|(ms, _)| clamp(ms)),
-                after.map(|(_, id)| id),
-                limit,
-                order_id
-            ],
-            record_row,
-        )?
+        .query_map(&p[..], record_row)?
         .collect::<rusqlite::Result<Vec<_>>>()?;
     rows.into_iter().map(|r| with_payments(conn, r)).collect()
+}
+
+/// The newest invoices of a filtered list that `keep` keeps, read a page of `want` at a time
+/// until `want` are kept or none are left (`keep` leaves out the few whose status changed by
+/// time alone, so a page may need a next one).
+pub fn list_kept(
+    conn: &Connection,
+    merchant: u32,
+    f: &ListFilter<'_>,
+    want: u32,
+    keep: impl Fn(&Record) -> bool,
+) -> rusqlite::Result<Vec<Record>> {
+    let mut recs: Vec<Record> = Vec::new();
+    let mut after: Option<(u64, String)> = None;
+    loop {
+        let page = list_page(
+            conn,
+            merchant,
+            f,
+            after.as_ref().map(|(ms, id)| (*ms, id.as_str())),
+            want,
+        )?;
+        let full = page.len() == want as usize;
+        after = page.last().map(|r| (r.inv.created_ms, r.inv.id.clone()));
+        recs.extend(page.into_iter().filter(|r| keep(r)));
+        if !full || recs.len() >= want as usize {
+            return Ok(recs);
+        }
+    }
 }
 
 /// Ids of invoices `New` with `expires_ms <= now_ms`.
@@ -1136,6 +1148,39 @@ mod tests {
         let c = open(&path).unwrap();
         assert!(refunds_to_follow(&c, 1).unwrap().is_empty());
         c.prepare("SELECT checked_ms FROM gf_payout").unwrap();
+    }
+
+    /// Defect (pre-existing, seen in this session's final read): a look-up of an order id's
+    /// invoices (`GET .../invoices?orderId=`, a shop plugin's) went through
+    /// `invoice_merchant_created`, the planner's choice for the `created_ms` range and order, so
+    /// it read every invoice of the store to find one order's. It goes through
+    /// `invoice_merchant_order` now: SQLite's count of the rows it stepped through stays near
+    /// the order's invoices, not the store's 5,000.
+    #[test]
+    fn an_order_ids_invoices_are_found_without_reading_the_store() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(&dir.path().join("m.sqlite")).unwrap();
+        for i in 0..5_000 {
+            let mut r = record(&format!("i{i}"), &format!("bcrt1q{i}"), None);
+            r.order_id = Some(format!("o{i}"));
+            r.inv.created_ms = 1_000 + i;
+            insert(&c, &r).unwrap();
+        }
+        let f = ListFilter {
+            order_id: Some("o42"),
+            statuses: &[],
+            hide_archived: true,
+            start_ms: 0,
+            end_ms: u64::MAX,
+        };
+        let found = list_page(&c, 7, &f, None, 10).unwrap();
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].inv.id, "i42");
+        let st = c
+            .prepare_cached(&list_sql(true))
+            .expect("the statement list_page ran");
+        let steps = st.get_status(rusqlite::StatementStatus::VmStep);
+        assert!(steps < 1_000, "{steps} steps for one order's invoice");
     }
 
     fn record(id: &str, address: &str, lightning: Option<LnPart>) -> Record {

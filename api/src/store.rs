@@ -1754,6 +1754,52 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
     }
 
+    /// The history tables of the version before chunks.
+    const OLD_TABLES: &str = "
+        CREATE TABLE IF NOT EXISTS orders(
+          order_id INTEGER PRIMARY KEY, account INTEGER NOT NULL, market INTEGER NOT NULL,
+          client_id TEXT NOT NULL, time_ms INTEGER NOT NULL, data BLOB NOT NULL);
+        CREATE INDEX IF NOT EXISTS orders_by_account ON orders(account, market, order_id);
+        CREATE INDEX IF NOT EXISTS orders_by_client ON orders(account, client_id);
+        CREATE TABLE IF NOT EXISTS trades(
+          trade_id INTEGER PRIMARY KEY, market INTEGER NOT NULL,
+          maker_account INTEGER NOT NULL, taker_account INTEGER NOT NULL,
+          time_ms INTEGER NOT NULL, data BLOB NOT NULL);
+        CREATE INDEX IF NOT EXISTS trades_by_maker ON trades(maker_account, market, trade_id);
+        CREATE INDEX IF NOT EXISTS trades_by_taker ON trades(taker_account, market, trade_id);";
+
+    /// Order `o`'s row in the version before chunks, its record `data`.
+    fn old_order_row(c: &Connection, o: &OrderRec, data: &[u8]) {
+        c.execute(
+            "INSERT INTO orders VALUES (?1,?2,?3,?4,?5,?6)",
+            params![
+                to_sql(o.id),
+                o.account,
+                o.market,
+                o.client_id,
+                to_sql(o.time_ms),
+                data
+            ],
+        )
+        .unwrap();
+    }
+
+    /// Trade `t`'s row in the version before chunks.
+    fn old_trade_row(c: &Connection, t: &TradeRec) {
+        c.execute(
+            "INSERT INTO trades VALUES (?1,?2,?3,?4,?5,?6)",
+            params![
+                to_sql(t.id),
+                t.market,
+                t.maker_account,
+                t.taker_account,
+                to_sql(t.time_ms),
+                postcard::to_allocvec(t).unwrap()
+            ],
+        )
+        .unwrap();
+    }
+
     /// A database written by the version before chunks (one `orders` and one `trades` row per
     /// record, two indexes each) is converted when it is opened: every order reads as it did,
     /// by id, by client id and in the account's list, every trade in its accounts' and its
@@ -1794,33 +1840,9 @@ mod tests {
             .collect();
         {
             let c = Connection::open(&path).unwrap();
-            c.execute_batch(
-                "CREATE TABLE orders(
-                  order_id INTEGER PRIMARY KEY, account INTEGER NOT NULL, market INTEGER NOT NULL,
-                  client_id TEXT NOT NULL, time_ms INTEGER NOT NULL, data BLOB NOT NULL);
-                 CREATE INDEX orders_by_account ON orders(account, market, order_id);
-                 CREATE INDEX orders_by_client ON orders(account, client_id);
-                 CREATE TABLE trades(
-                  trade_id INTEGER PRIMARY KEY, market INTEGER NOT NULL,
-                  maker_account INTEGER NOT NULL, taker_account INTEGER NOT NULL,
-                  time_ms INTEGER NOT NULL, data BLOB NOT NULL);
-                 CREATE INDEX trades_by_maker ON trades(maker_account, market, trade_id);
-                 CREATE INDEX trades_by_taker ON trades(taker_account, market, trade_id);",
-            )
-            .unwrap();
+            c.execute_batch(OLD_TABLES).unwrap();
             for t in &trades {
-                c.execute(
-                    "INSERT INTO trades VALUES (?1,?2,?3,?4,?5,?6)",
-                    params![
-                        to_sql(t.id),
-                        t.market,
-                        t.maker_account,
-                        t.taker_account,
-                        to_sql(t.time_ms),
-                        postcard::to_allocvec(t).unwrap()
-                    ],
-                )
-                .unwrap();
+                old_trade_row(&c, t);
             }
             for o in &rows {
                 let mut data = postcard::to_allocvec(o).unwrap();
@@ -1828,18 +1850,7 @@ mod tests {
                     // A row from before order lists (no `list_id` byte).
                     data.pop();
                 }
-                c.execute(
-                    "INSERT INTO orders VALUES (?1,?2,?3,?4,?5,?6)",
-                    params![
-                        to_sql(o.id),
-                        o.account,
-                        o.market,
-                        o.client_id,
-                        to_sql(o.time_ms),
-                        data
-                    ],
-                )
-                .unwrap();
+                old_order_row(&c, o, &data);
             }
         }
         {
@@ -1948,44 +1959,14 @@ mod tests {
             ..sample_trade()
         };
         {
+            // The version before makes its tables again (`IF NOT EXISTS`).
             let c = Connection::open(&path).unwrap();
-            c.execute_batch(
-                "CREATE TABLE orders(
-                  order_id INTEGER PRIMARY KEY, account INTEGER NOT NULL, market INTEGER NOT NULL,
-                  client_id TEXT NOT NULL, time_ms INTEGER NOT NULL, data BLOB NOT NULL);
-                 CREATE TABLE trades(
-                  trade_id INTEGER PRIMARY KEY, market INTEGER NOT NULL,
-                  maker_account INTEGER NOT NULL, taker_account INTEGER NOT NULL,
-                  time_ms INTEGER NOT NULL, data BLOB NOT NULL);",
-            )
-            .unwrap();
+            c.execute_batch(OLD_TABLES).unwrap();
             for o in [&later, &newer] {
-                c.execute(
-                    "INSERT INTO orders VALUES (?1,?2,?3,?4,?5,?6)",
-                    params![
-                        to_sql(o.id),
-                        o.account,
-                        o.market,
-                        o.client_id,
-                        to_sql(o.time_ms),
-                        postcard::to_allocvec(o).unwrap()
-                    ],
-                )
-                .unwrap();
+                old_order_row(&c, o, &postcard::to_allocvec(o).unwrap());
             }
             for t in [&trades[5], &new_trade] {
-                c.execute(
-                    "INSERT INTO trades VALUES (?1,?2,?3,?4,?5,?6)",
-                    params![
-                        to_sql(t.id),
-                        t.market,
-                        t.maker_account,
-                        t.taker_account,
-                        to_sql(t.time_ms),
-                        postcard::to_allocvec(t).unwrap()
-                    ],
-                )
-                .unwrap();
+                old_trade_row(&c, t);
             }
         }
         let store = Store::open(&path).unwrap();

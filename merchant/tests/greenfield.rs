@@ -124,6 +124,44 @@ impl G {
     fn store(&self) -> String {
         self.account.to_string()
     }
+    /// Three invoices with `metadata`, oldest first: one marked settled, one archived, one
+    /// new; their ids.
+    async fn settled_archived_new(&self, metadata: Value) -> [String; 3] {
+        let s = self.store();
+        let mut ids = Vec::new();
+        for (amount, then) in [
+            ("0.001", Some(("POST", "/status"))),
+            ("0.002", Some(("DELETE", ""))),
+            ("0.003", None),
+        ] {
+            let inv = self
+                .new_invoice(json!({"amount": amount, "currency": "BTC", "metadata": metadata}))
+                .await;
+            let id = inv["id"].as_str().unwrap().to_owned();
+            if let Some((method, tail)) = then {
+                let body = (method == "POST").then(|| json!({"status": "Settled"}));
+                let uri = format!("/api/v1/stores/{s}/invoices/{id}{tail}");
+                let r = call(&self.h, method, &uri, Some(&self.token), body).await;
+                assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+            }
+            ids.push(id);
+        }
+        [ids[0].clone(), ids[1].clone(), ids[2].clone()]
+    }
+    /// Sets the invoices' creation times one second apart, the first oldest and the last a
+    /// second ago (invoices created in the same millisecond would list in their ids' order).
+    fn backdate(&self, ids: &[&String]) {
+        let db = self.h.state.merchant().db.lock().unwrap();
+        let now = i64::try_from(common::now_ms()).unwrap();
+        for (i, id) in ids.iter().enumerate() {
+            let age_s = i64::try_from(ids.len() - i).unwrap();
+            db.execute(
+                "UPDATE invoice SET created_ms = ?1 WHERE id = ?2",
+                rusqlite::params![now - age_s * 1000, id],
+            )
+            .unwrap();
+        }
+    }
     async fn new_invoice(&self, body: Value) -> Value {
         let uri = format!("/api/v1/stores/{}/invoices", self.store());
         ok(
@@ -1737,51 +1775,9 @@ async fn a_filtered_invoice_list_pages_over_the_matching_invoices_not_the_newest
     // archived) choose the invoices that `skip` and `take` count, as BTCPay's list does, not
     // the newest `skip + take` invoices of every kind.
     let g = setup().await;
-    let s = g.store();
     // Oldest first: settled, archived, new.
-    let settled = g
-        .new_invoice(json!({"amount": "0.001", "currency": "BTC"}))
-        .await;
-    let settled = settled["id"].as_str().unwrap().to_owned();
-    let r = call(
-        &g.h,
-        "POST",
-        &format!("/api/v1/stores/{s}/invoices/{settled}/status"),
-        Some(&g.token),
-        Some(json!({"status": "Settled"})),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
-    let archived = g
-        .new_invoice(json!({"amount": "0.002", "currency": "BTC"}))
-        .await;
-    let archived = archived["id"].as_str().unwrap().to_owned();
-    let r = call(
-        &g.h,
-        "DELETE",
-        &format!("/api/v1/stores/{s}/invoices/{archived}"),
-        Some(&g.token),
-        None,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
-    let new = g
-        .new_invoice(json!({"amount": "0.003", "currency": "BTC"}))
-        .await;
-    let new = new["id"].as_str().unwrap().to_owned();
-    // One second apart, in that order (created in the same millisecond, the order would be
-    // the ids').
-    {
-        let db = g.h.state.merchant().db.lock().unwrap();
-        let now = i64::try_from(common::now_ms()).unwrap();
-        for (age_s, id) in [(3, &settled), (2, &archived), (1, &new)] {
-            db.execute(
-                "UPDATE invoice SET created_ms = ?1 WHERE id = ?2",
-                rusqlite::params![now - age_s * 1000, id],
-            )
-            .unwrap();
-        }
-    }
+    let [settled, archived, new] = g.settled_archived_new(json!({})).await;
+    g.backdate(&[&settled, &archived, &new]);
 
     assert_eq!(
         invoice_ids(&g, "status=Settled&take=1").await,
@@ -1849,39 +1845,8 @@ async fn a_filtered_invoice_list_pages_over_the_matching_invoices_not_the_newest
 #[tokio::test]
 async fn an_order_ids_invoices_are_filtered_before_skip_and_take_count_them() {
     let g = setup().await;
-    let s = g.store();
-    let body = |amount: &str| json!({"amount": amount, "currency": "BTC", "metadata": {"orderId": "wc-9"}});
     // Oldest first: settled, archived, new; and one of another order, newest of all.
-    let settled = g.new_invoice(body("0.001")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let r = call(
-        &g.h,
-        "POST",
-        &format!("/api/v1/stores/{s}/invoices/{settled}/status"),
-        Some(&g.token),
-        Some(json!({"status": "Settled"})),
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
-    let archived = g.new_invoice(body("0.002")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    let r = call(
-        &g.h,
-        "DELETE",
-        &format!("/api/v1/stores/{s}/invoices/{archived}"),
-        Some(&g.token),
-        None,
-    )
-    .await;
-    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
-    let new = g.new_invoice(body("0.003")).await["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let [settled, archived, new] = g.settled_archived_new(json!({"orderId": "wc-9"})).await;
     let other = g
         .new_invoice(
             json!({"amount": "0.004", "currency": "BTC", "metadata": {"orderId": "wc-10"}}),
@@ -1890,17 +1855,7 @@ async fn an_order_ids_invoices_are_filtered_before_skip_and_take_count_them() {
         .as_str()
         .unwrap()
         .to_owned();
-    {
-        let db = g.h.state.merchant().db.lock().unwrap();
-        let now = i64::try_from(common::now_ms()).unwrap();
-        for (age_s, id) in [(4, &settled), (3, &archived), (2, &new), (1, &other)] {
-            db.execute(
-                "UPDATE invoice SET created_ms = ?1 WHERE id = ?2",
-                rusqlite::params![now - age_s * 1000, id],
-            )
-            .unwrap();
-        }
-    }
+    g.backdate(&[&settled, &archived, &new, &other]);
     assert_eq!(
         invoice_ids(&g, "orderId=wc-9&status=Settled&take=1").await,
         vec![settled.clone()]

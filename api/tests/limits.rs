@@ -289,13 +289,16 @@ async fn addresses_filling_the_whole_pool_do_not_lock_out_another() {
     let _ = stop.send(());
 }
 
-/// Review finding: a connection with a request in progress looked idle while its handler
-/// worked (no byte moved), and shedding it lost the answer to an action perhaps applied. A
-/// connection whose request has all arrived and is being answered is never shed: here the
-/// older connection's order waits for a held engine, the newer one is idle; the newcomer
-/// sheds the idle one, and the order is answered once the engine is.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_connection_with_a_request_in_progress_is_not_shed() {
+/// A server whose pool holds two connections (both may come from one address) over an engine
+/// that can hold commands (`core.held`), and a funded trader: the harness, the engine, the
+/// address, the stop and the trader's key.
+async fn pool_of_two_with_a_held_engine() -> (
+    Harness,
+    std::sync::Arc<common::Lossy>,
+    SocketAddr,
+    tokio::sync::oneshot::Sender<()>,
+    (String, String),
+) {
     let (h, core) = Harness::lossy_with(ApiConfig {
         max_connections: 2,
         max_connections_per_ip: 2,
@@ -303,6 +306,17 @@ async fn a_connection_with_a_request_in_progress_is_not_shed() {
     });
     let (addr, stop) = start(&h).await;
     let (_, trader) = h.trader("0", "100000").await;
+    (h, core, addr, stop, trader)
+}
+
+/// Review finding: a connection with a request in progress looked idle while its handler
+/// worked (no byte moved), and shedding it lost the answer to an action perhaps applied. A
+/// connection whose request has all arrived and is being answered is never shed: here the
+/// older connection's order waits for a held engine, the newer one is idle; the newcomer
+/// sheds the idle one, and the order is answered once the engine is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_with_a_request_in_progress_is_not_shed() {
+    let (_h, core, addr, stop, trader) = pool_of_two_with_a_held_engine().await;
     core.held.send_replace(true);
     let order =
         tokio::spawn(async move { signed_from(A, addr, "/api/v3/order", ORDER, &trader).await });
@@ -397,13 +411,7 @@ async fn a_body_whose_read_failed_is_not_taken_for_the_part_read() {
 /// answers; the newcomer sheds the idle connection instead.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_websocket_api_connection_with_an_order_in_progress_is_not_shed() {
-    let (h, core) = Harness::lossy_with(ApiConfig {
-        max_connections: 2,
-        max_connections_per_ip: 2,
-        ..ApiConfig::default()
-    });
-    let (addr, stop) = start(&h).await;
-    let (_, trader) = h.trader("0", "100000").await;
+    let (_h, core, addr, stop, trader) = pool_of_two_with_a_held_engine().await;
     let mut api = ws_from(A, addr, "/ws-api/v3").await.unwrap();
     core.held.send_replace(true);
     let ts = now_ms();

@@ -117,8 +117,11 @@ pub const FLAG_REFRESH: std::time::Duration = std::time::Duration::from_secs(1);
 /// (`admin_clear_flag`) drops the copy, so the next look-up reads custody again.
 #[derive(Debug, Default)]
 pub struct FlagCache {
-    /// When the copy was read, and the accounts.
+    /// When the copy's reading of custody began, and the accounts.
     copy: std::sync::RwLock<Option<(std::time::Instant, Arc<std::collections::HashSet<u32>>)>>,
+    /// When an operator last cleared a flag (`admin_clear_flag`): a reading that began before
+    /// it may still hold the flag.
+    cleared: std::sync::Mutex<Option<std::time::Instant>>,
     /// A background refresh is under way.
     refreshing: std::sync::atomic::AtomicBool,
     /// The accounts custody's hook told of ([`note_flagged`]), with when: a reading of custody
@@ -196,12 +199,21 @@ async fn refresh_flags(st: &AppState) -> Result<Arc<std::collections::HashSet<u3
             .map(|(_, a)| *a),
     );
     let set = Arc::new(set);
-    let before =
-        st.0.flags
-            .copy
-            .write()
-            .unwrap_or_else(|e| e.into_inner())
-            .replace((std::time::Instant::now(), set.clone()));
+    let cleared = *st.0.flags.cleared.lock().unwrap_or_else(|e| e.into_inner());
+    let before = {
+        let mut copy = st.0.flags.copy.write().unwrap_or_else(|e| e.into_inner());
+        // A reading older than the copy's, or than an operator's clear, is dropped: readings
+        // overlap (the first look-ups, a background refresh), and an older one stored last
+        // put back a flag just cleared, or hid one set since; its cancel took orders the
+        // account placed after the clear.
+        if let Some((_, current)) = copy.as_ref().filter(|(at, _)| *at > began) {
+            return Ok(current.clone());
+        }
+        if cleared.is_some_and(|c| c > began) {
+            return Ok(set);
+        }
+        copy.replace((began, set.clone()))
+    };
     let new: Vec<u32> = set
         .iter()
         .copied()
@@ -829,7 +841,9 @@ pub async fn admin_clear_flag(State(st): State<AppState>, req: Req) -> Result<Re
         |_| Ok(json!({ "account": account })),
     )
     .await?;
-    // The order path's copy is dropped: its next look-up reads custody again.
+    // The order path's copy is dropped: its next look-up reads custody again; a reading that
+    // began before now is not stored.
+    *st.0.flags.cleared.lock().unwrap_or_else(|e| e.into_inner()) = Some(std::time::Instant::now());
     *st.0.flags.copy.write().unwrap_or_else(|e| e.into_inner()) = None;
     Ok(ok_json(
         &ctx,

@@ -43,37 +43,40 @@ pub enum Access {
     Session,
 }
 
-/// BTCPay's permission names, as Greenfield clients ask for them, each mapped onto the stored
-/// permission bits ([`Perms`]); `GET /api/v1/api-keys/current` lists those a key holds.
+/// BTCPay's permission names, as Greenfield clients ask for them: each is a store-permission
+/// bit of [`Perms`] (held by `merchant` keys and by keys made with BTCPay's names, see
+/// [`Perms::implied`]); `GET /api/v1/api-keys/current` lists those a key holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Greenfield {
     /// Any live token (server info, the key's own description).
     Any,
-    /// `btcpay.store.canviewstoresettings`: **merchant**.
+    /// `btcpay.store.canviewstoresettings`.
     ViewStoreSettings,
-    /// `btcpay.store.canmodifystoresettings`: **merchant**.
+    /// `btcpay.store.canmodifystoresettings`.
     ModifyStoreSettings,
-    /// `btcpay.store.canviewinvoices`: **merchant**.
+    /// `btcpay.store.canviewinvoices`.
     ViewInvoices,
-    /// `btcpay.store.cancreateinvoice`: **merchant**.
+    /// `btcpay.store.cancreateinvoice`.
     CreateInvoice,
-    /// `btcpay.store.canmodifyinvoices`: **merchant**.
+    /// `btcpay.store.canmodifyinvoices`.
     ModifyInvoices,
-    /// `btcpay.store.webhooks.canmodifywebhooks`: **merchant**.
+    /// `btcpay.store.webhooks.canmodifywebhooks`.
     ModifyWebhooks,
-    /// `btcpay.store.canmanagepullpayments` (list them): **merchant** + **withdraw**, because a
-    /// pull payment's id is the right to claim it to any address.
+    /// `btcpay.store.canmanagepullpayments` (list them), + **withdraw**, because a pull
+    /// payment's id is the right to claim it to any address.
     ManagePullPayments,
-    /// `btcpay.store.cancreatepullpayments` and `...cancreatenonapprovedpullpayments`
-    /// (refunds, pull payments): **merchant** + **withdraw**, because whoever holds the pull
-    /// payment's link sends its money to any address (ADR 0008: money out is never `merchant`
-    /// alone).
+    /// `btcpay.store.cancreatepullpayments`, + **withdraw**, because whoever holds the pull
+    /// payment's link sends its money to any address (ADR 0008: money out is never a store
+    /// permission alone).
     CreatePullPayments,
+    /// `btcpay.store.cancreatenonapprovedpullpayments` (refunds, which BTCPay's plugins ask
+    /// for), + **withdraw**, as [`Greenfield::CreatePullPayments`].
+    CreateNonApprovedPullPayments,
 }
 
 impl Greenfield {
     /// Every store permission, in the order `api-keys/current` lists them.
-    pub const STORE: [Greenfield; 8] = [
+    pub const STORE: [Greenfield; 9] = [
         Greenfield::ViewStoreSettings,
         Greenfield::ModifyStoreSettings,
         Greenfield::ViewInvoices,
@@ -82,6 +85,7 @@ impl Greenfield {
         Greenfield::ModifyWebhooks,
         Greenfield::ManagePullPayments,
         Greenfield::CreatePullPayments,
+        Greenfield::CreateNonApprovedPullPayments,
     ];
 
     /// BTCPay's name (`""` for [`Greenfield::Any`]).
@@ -96,6 +100,9 @@ impl Greenfield {
             Greenfield::ModifyWebhooks => "btcpay.store.webhooks.canmodifywebhooks",
             Greenfield::ManagePullPayments => "btcpay.store.canmanagepullpayments",
             Greenfield::CreatePullPayments => "btcpay.store.cancreatepullpayments",
+            Greenfield::CreateNonApprovedPullPayments => {
+                "btcpay.store.cancreatenonapprovedpullpayments"
+            }
         }
     }
 
@@ -103,10 +110,17 @@ impl Greenfield {
     pub const fn perms(self) -> Perms {
         match self {
             Greenfield::Any => Perms::NONE,
-            Greenfield::ManagePullPayments | Greenfield::CreatePullPayments => {
-                Perms::MERCHANT.with(Perms::WITHDRAW)
+            Greenfield::ViewStoreSettings => Perms::VIEW_STORE_SETTINGS,
+            Greenfield::ModifyStoreSettings => Perms::MODIFY_STORE_SETTINGS,
+            Greenfield::ViewInvoices => Perms::VIEW_INVOICES,
+            Greenfield::CreateInvoice => Perms::CREATE_INVOICE,
+            Greenfield::ModifyInvoices => Perms::MODIFY_INVOICES,
+            Greenfield::ModifyWebhooks => Perms::MODIFY_WEBHOOKS,
+            Greenfield::ManagePullPayments => Perms::MANAGE_PULL_PAYMENTS.with(Perms::WITHDRAW),
+            Greenfield::CreatePullPayments => Perms::CREATE_PULL_PAYMENTS.with(Perms::WITHDRAW),
+            Greenfield::CreateNonApprovedPullPayments => {
+                Perms::CREATE_NON_APPROVED_PULL_PAYMENTS.with(Perms::WITHDRAW)
             }
-            _ => Perms::MERCHANT,
         }
     }
 }

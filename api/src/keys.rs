@@ -17,9 +17,18 @@ use std::sync::{Arc, RwLock};
 
 type HmacSha256 = Hmac<Sha256>;
 
-/// Permission bits.
+/// Permission bits. The low byte is Mediator's own permissions; bits 8 and up are BTCPay
+/// Greenfield's store permissions, for keys that shop plugins hold (ADR 0016). The bits are
+/// stored in SQLite, so a bit's meaning never changes.
+///
+/// A set of bits *holds* more than it names ([`Perms::has`] reads it through
+/// [`Perms::implied`]): `merchant` holds every store permission (what a `merchant` key could do
+/// before store permissions existed), and a store permission holds the ones BTCPay puts under
+/// it (`canmodifystoresettings` holds all of them, `canmodifyinvoices` holds viewing and
+/// creating invoices, ...). Money out is never a store permission alone: the pull-payment
+/// routes also ask for `withdraw` (ADR 0008).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct Perms(pub u8);
+pub struct Perms(pub u32);
 
 impl Perms {
     /// No permission: any live key (e.g. `historicalTrades`).
@@ -30,7 +39,8 @@ impl Perms {
     pub const TRADE: Perms = Perms(2);
     /// Withdraw to a Bitcoin address (also: merchant refunds to an address).
     pub const WITHDRAW: Perms = Perms(4);
-    /// Receive merchant payments.
+    /// Receive merchant payments: the native merchant API, and every Greenfield store
+    /// permission.
     pub const MERCHANT: Perms = Perms(8);
     /// Operator: create accounts and keys, credit deposits.
     pub const ADMIN: Perms = Perms(16);
@@ -39,10 +49,30 @@ impl Perms {
     pub const TRANSFER: Perms = Perms(32);
     /// Manage the account's API keys: list, create, revoke.
     pub const KEYS: Perms = Perms(64);
+    /// `btcpay.store.canviewstoresettings` (holds viewing invoices).
+    pub const VIEW_STORE_SETTINGS: Perms = Perms(1 << 8);
+    /// `btcpay.store.canmodifystoresettings` (holds every store permission).
+    pub const MODIFY_STORE_SETTINGS: Perms = Perms(1 << 9);
+    /// `btcpay.store.canviewinvoices`.
+    pub const VIEW_INVOICES: Perms = Perms(1 << 10);
+    /// `btcpay.store.cancreateinvoice`.
+    pub const CREATE_INVOICE: Perms = Perms(1 << 11);
+    /// `btcpay.store.canmodifyinvoices` (holds viewing and creating invoices).
+    pub const MODIFY_INVOICES: Perms = Perms(1 << 12);
+    /// `btcpay.store.webhooks.canmodifywebhooks`.
+    pub const MODIFY_WEBHOOKS: Perms = Perms(1 << 13);
+    /// `btcpay.store.canmanagepullpayments` (holds creating them).
+    pub const MANAGE_PULL_PAYMENTS: Perms = Perms(1 << 14);
+    /// `btcpay.store.cancreatepullpayments` (holds creating non-approved ones).
+    pub const CREATE_PULL_PAYMENTS: Perms = Perms(1 << 15);
+    /// `btcpay.store.cancreatenonapprovedpullpayments` (refunds).
+    pub const CREATE_NON_APPROVED_PULL_PAYMENTS: Perms = Perms(1 << 16);
+    /// Every store permission.
+    pub const STORE: Perms = Perms(0x1ff << 8);
 
-    /// Every permission, by name (the names a key's `permissions` parameter takes; bits are
-    /// stored in SQLite, so a bit's meaning never changes).
-    pub const NAMES: [(&'static str, Perms); 7] = [
+    /// Every permission, by name (the names a key's `permissions` parameter takes): Mediator's
+    /// own, then BTCPay's store permissions.
+    pub const NAMES: [(&'static str, Perms); 16] = [
         ("read", Perms::READ),
         ("trade", Perms::TRADE),
         ("withdraw", Perms::WITHDRAW),
@@ -50,6 +80,33 @@ impl Perms {
         ("admin", Perms::ADMIN),
         ("transfer", Perms::TRANSFER),
         ("keys", Perms::KEYS),
+        (
+            "btcpay.store.canviewstoresettings",
+            Perms::VIEW_STORE_SETTINGS,
+        ),
+        (
+            "btcpay.store.canmodifystoresettings",
+            Perms::MODIFY_STORE_SETTINGS,
+        ),
+        ("btcpay.store.canviewinvoices", Perms::VIEW_INVOICES),
+        ("btcpay.store.cancreateinvoice", Perms::CREATE_INVOICE),
+        ("btcpay.store.canmodifyinvoices", Perms::MODIFY_INVOICES),
+        (
+            "btcpay.store.webhooks.canmodifywebhooks",
+            Perms::MODIFY_WEBHOOKS,
+        ),
+        (
+            "btcpay.store.canmanagepullpayments",
+            Perms::MANAGE_PULL_PAYMENTS,
+        ),
+        (
+            "btcpay.store.cancreatepullpayments",
+            Perms::CREATE_PULL_PAYMENTS,
+        ),
+        (
+            "btcpay.store.cancreatenonapprovedpullpayments",
+            Perms::CREATE_NON_APPROVED_PULL_PAYMENTS,
+        ),
     ];
 
     /// Both sets of bits.
@@ -57,14 +114,40 @@ impl Perms {
         Perms(self.0 | p.0)
     }
 
-    /// True when every bit of `p` is set.
-    pub fn has(self, p: Perms) -> bool {
-        self.0 & p.0 == p.0
+    /// The bits these hold: the named ones and those under them. `merchant` and
+    /// `canmodifystoresettings` hold every store permission; `canmanagepullpayments` holds
+    /// `cancreatepullpayments`, which holds `cancreatenonapprovedpullpayments`;
+    /// `canmodifyinvoices` holds `canviewinvoices` and `cancreateinvoice`;
+    /// `canviewstoresettings` holds `canviewinvoices` (BTCPay's hierarchy, for the permissions
+    /// that exist here).
+    pub const fn implied(self) -> Perms {
+        let mut b = self.0;
+        if b & (Perms::MERCHANT.0 | Perms::MODIFY_STORE_SETTINGS.0) != 0 {
+            b |= Perms::STORE.0;
+        }
+        if b & Perms::MANAGE_PULL_PAYMENTS.0 != 0 {
+            b |= Perms::CREATE_PULL_PAYMENTS.0;
+        }
+        if b & Perms::CREATE_PULL_PAYMENTS.0 != 0 {
+            b |= Perms::CREATE_NON_APPROVED_PULL_PAYMENTS.0;
+        }
+        if b & Perms::MODIFY_INVOICES.0 != 0 {
+            b |= Perms::VIEW_INVOICES.0 | Perms::CREATE_INVOICE.0;
+        }
+        if b & Perms::VIEW_STORE_SETTINGS.0 != 0 {
+            b |= Perms::VIEW_INVOICES.0;
+        }
+        Perms(b)
     }
 
-    /// Parses `read,trade,...`.
+    /// True when these hold every bit of `p` (see [`Perms::implied`]).
+    pub fn has(self, p: Perms) -> bool {
+        self.implied().0 & p.0 == p.0
+    }
+
+    /// Parses `read,trade,...` (and BTCPay's store permission names).
     pub fn parse(s: &str) -> Option<Perms> {
-        let mut bits = 0u8;
+        let mut bits = 0u32;
         for part in s.split(',') {
             let (_, p) = Self::NAMES.iter().find(|(n, _)| *n == part.trim())?;
             bits |= p.0;
@@ -72,11 +155,11 @@ impl Perms {
         Some(Perms(bits))
     }
 
-    /// Names of the set bits.
+    /// Names of the set bits (as granted, not those they hold).
     pub fn names(self) -> Vec<&'static str> {
         Self::NAMES
             .iter()
-            .filter(|(_, p)| self.has(*p))
+            .filter(|(_, p)| self.0 & p.0 == p.0)
             .map(|(n, _)| *n)
             .collect()
     }
@@ -436,7 +519,82 @@ mod tests {
         assert_eq!(Perms(17).names(), vec!["read", "admin"]);
         let all = Perms::parse("read,trade,withdraw,merchant,admin,transfer,keys").unwrap();
         assert_eq!(all, Perms(127));
-        assert_eq!(all.names().len(), Perms::NAMES.len());
+        assert_eq!(all.names().len(), 7);
+    }
+
+    #[test]
+    fn btcpay_store_permissions_hold_what_btcpay_puts_under_them() {
+        let p = |s: &str| Perms::parse(s).unwrap();
+        // Each store permission and what it holds, written out from BTCPay's policy map (its
+        // `PolicyHasChild` calls), for the permissions that exist here.
+        let table: [(&str, &[&str]); 9] = [
+            (
+                "btcpay.store.canviewstoresettings",
+                &["btcpay.store.canviewinvoices"],
+            ),
+            (
+                "btcpay.store.canmodifystoresettings",
+                &[
+                    "btcpay.store.canviewstoresettings",
+                    "btcpay.store.canviewinvoices",
+                    "btcpay.store.cancreateinvoice",
+                    "btcpay.store.canmodifyinvoices",
+                    "btcpay.store.webhooks.canmodifywebhooks",
+                    "btcpay.store.canmanagepullpayments",
+                    "btcpay.store.cancreatepullpayments",
+                    "btcpay.store.cancreatenonapprovedpullpayments",
+                ],
+            ),
+            ("btcpay.store.canviewinvoices", &[]),
+            ("btcpay.store.cancreateinvoice", &[]),
+            (
+                "btcpay.store.canmodifyinvoices",
+                &[
+                    "btcpay.store.canviewinvoices",
+                    "btcpay.store.cancreateinvoice",
+                ],
+            ),
+            ("btcpay.store.webhooks.canmodifywebhooks", &[]),
+            (
+                "btcpay.store.canmanagepullpayments",
+                &[
+                    "btcpay.store.cancreatepullpayments",
+                    "btcpay.store.cancreatenonapprovedpullpayments",
+                ],
+            ),
+            (
+                "btcpay.store.cancreatepullpayments",
+                &["btcpay.store.cancreatenonapprovedpullpayments"],
+            ),
+            ("btcpay.store.cancreatenonapprovedpullpayments", &[]),
+        ];
+        for (name, under) in table {
+            let held = p(name);
+            for (other, bits) in Perms::NAMES {
+                let expected = other == name || under.contains(&other);
+                assert_eq!(held.has(bits), expected, "{name} holds {other}");
+            }
+            assert_eq!(held.names(), vec![name]);
+        }
+        // `merchant` holds every store permission, none of them holds a Mediator permission,
+        // and the bits of keys made before store permissions existed mean what they meant.
+        for (name, bits) in Perms::NAMES {
+            let store = bits.0 & Perms::STORE.0 != 0;
+            assert_eq!(
+                Perms::MERCHANT.has(bits),
+                store || name == "merchant",
+                "{name}"
+            );
+            assert_eq!(
+                p("read,withdraw").has(bits),
+                matches!(name, "read" | "withdraw")
+            );
+        }
+        assert!(!Perms::STORE.has(Perms::MERCHANT) && !Perms::STORE.has(Perms::WITHDRAW));
+        assert_eq!(Perms::MERCHANT.names(), vec!["merchant"]);
+        assert_eq!(Perms(Perms::STORE.0).names().len(), 9);
+        assert!(Perms::parse("btcpay.store.canviewinvoices:1").is_none());
+        assert!(Perms::parse("btcpay.server.canmodifyserversettings").is_none());
     }
 
     #[test]
@@ -461,6 +619,10 @@ mod tests {
         let (k, secret) = ks
             .create(&store, 7, Perms::READ, "bot", 1, |_| Ok::<(), KeyError>(()))
             .unwrap();
+        let plugin = Perms::parse("btcpay.store.canmodifyinvoices,withdraw").unwrap();
+        let (p, _) = ks
+            .create(&store, 7, plugin, "shop", 1, |_| Ok::<(), KeyError>(()))
+            .unwrap();
         let sig = sign(&secret, "a=1&timestamp=5");
         assert!(k.verify(b"a=1&timestamp=5", &sig));
         assert!(!k.verify(b"a=2&timestamp=5", &sig));
@@ -469,6 +631,8 @@ mod tests {
         let raw = std::fs::read(dir.path().join("db.sqlite")).unwrap();
         assert!(!raw.windows(secret.len()).any(|w| w == secret.as_bytes()));
         let again = KeyStore::load(master, &store).unwrap();
+        // Store permissions (bits above the low byte) come back as they were stored.
+        assert_eq!(again.get(&p.api_key).unwrap().perms, plugin);
         assert!(again
             .get(&k.api_key)
             .unwrap()

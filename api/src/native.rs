@@ -158,7 +158,7 @@ pub async fn list_keys(State(st): State<AppState>, req: Req) -> Result<Response,
             .iter()
             .map(|k| {
                 let mut v = key_json(k);
-                if k.perms.0 & !key.perms.0 != 0 {
+                if !key.perms.has(k.perms) {
                     v["apiKey"] = json!(masked_key_id(&k.api_key));
                 }
                 v
@@ -232,7 +232,7 @@ pub async fn create_own_key(State(st): State<AppState>, req: Req) -> Result<Resp
     let perms = perms_param(&mut p)?;
     let label = label_param(&mut p)?;
     p.finish()?;
-    if perms.0 & !key.perms.0 != 0 {
+    if !key.perms.has(perms) {
         return Err(ApiError::key_rejected());
     }
     Ok(ok_json(

@@ -44,8 +44,8 @@ pub struct KeyRow {
     pub api_key: String,
     /// Its account.
     pub account: u32,
-    /// Permission bits.
-    pub perms: u8,
+    /// Permission bits ([`crate::keys::Perms`]).
+    pub perms: u32,
     /// A label.
     pub label: String,
     /// Creation time.

@@ -1989,12 +1989,37 @@ pub async fn tokens(
          <label class=check><input type=checkbox name=merchant value=1 checked> merchant \
          (invoices, webhooks, store)</label>\
          <label class=check><input type=checkbox name=withdraw value=1> withdraw (refunds, pull \
-         payments)</label></fieldset><label>Store password (needed for withdraw)<input \
+         payments)</label></fieldset>{}<label>Store password (needed for withdraw)<input \
          type=password name=password autocomplete=current-password></label>\
          <button>Create token</button></form>",
-        csrf_field(&s)
+        csrf_field(&s),
+        store_perm_boxes()
     );
     Ok(page(StatusCode::OK, "API tokens", Some(&s), &b))
+}
+
+/// BTCPay's store permissions, by name: a shop plugin's token may hold only those it asks for
+/// instead of `merchant` (which holds them all, and the native merchant API besides).
+fn store_perms() -> impl Iterator<Item = (&'static str, Perms)> {
+    Perms::NAMES
+        .into_iter()
+        .filter(|(_, p)| p.0 & Perms::STORE.0 != 0)
+}
+
+/// The token form's store-permission checkboxes (none checked).
+fn store_perm_boxes() -> String {
+    let mut b = String::from(
+        "<fieldset><legend>Or only these store permissions (BTCPay's names, for a shop plugin; \
+         leave merchant unchecked; the pull-payment ones also need withdraw)</legend>",
+    );
+    for (name, _) in store_perms() {
+        let _ = write!(
+            b,
+            "<label class=check><input type=checkbox name=\"{name}\" value=1> <code>{name}</code></label>"
+        );
+    }
+    b.push_str("</fieldset>");
+    b
 }
 
 /// `POST /dashboard/tokens`: a new key for the store's account; its secret and Greenfield
@@ -2006,11 +2031,12 @@ pub async fn create_token(
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
     let mut perms = Perms::NONE;
-    for (name, p) in [
+    let own = [
         ("read", Perms::READ),
         ("merchant", Perms::MERCHANT),
         ("withdraw", Perms::WITHDRAW),
-    ] {
+    ];
+    for (name, p) in own.into_iter().chain(store_perms()) {
         if form.get(name).is_some() {
             perms = perms.with(p);
         }

@@ -421,16 +421,7 @@ pub fn permissions_of(key: &ApiKey) -> Vec<String> {
     Greenfield::STORE
         .iter()
         .filter(|g| key.perms.has(g.perms()))
-        .flat_map(|g| {
-            let mut v = vec![format!("{}:{}", g.name(), store_id(key.account))];
-            if *g == Greenfield::CreatePullPayments {
-                v.push(format!(
-                    "btcpay.store.cancreatenonapprovedpullpayments:{}",
-                    store_id(key.account)
-                ));
-            }
-            v
-        })
+        .map(|g| format!("{}:{}", g.name(), store_id(key.account)))
         .collect()
 }
 

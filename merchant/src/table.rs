@@ -244,7 +244,7 @@ pub static ROUTES: &[Route] = {
         route!(
             "POST",
             "/api/v1/stores/{storeId}/invoices/{invoiceId}/refund",
-            Token(G::CreatePullPayments),
+            Token(G::CreateNonApprovedPullPayments),
             Some(1),
             P,
             gf::refund

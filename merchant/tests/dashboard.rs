@@ -1044,6 +1044,34 @@ async fn pages_show_the_stores_data_and_actions_use_the_greenfield_paths() {
         token_status(&d.h, &new_token).await,
         StatusCode::UNAUTHORIZED
     );
+    // A shop plugin's token with BTCPay's store permissions only (no `merchant`): it holds
+    // what it names, and the page offers each one.
+    assert!(listed
+        .body
+        .contains("name=\"btcpay.store.cancreateinvoice\""));
+    let created = post(
+        &d.h,
+        "/dashboard/tokens",
+        &id,
+        "/dashboard/tokens",
+        &[
+            ("label", "plugin"),
+            ("btcpay.store.canviewinvoices", "1"),
+            ("btcpay.store.cancreateinvoice", "1"),
+        ],
+    )
+    .await;
+    assert_eq!(created.status, StatusCode::OK, "{}", created.body);
+    let at = created.body.find("<code class=secret>").unwrap() + 19;
+    let plugin = created.body[at..at + created.body[at..].find('<').unwrap()].to_owned();
+    let current = gf(&d.h, "GET", "/api/v1/api-keys/current", &plugin, None).await;
+    assert_eq!(
+        current["permissions"],
+        json!([
+            format!("btcpay.store.canviewinvoices:{store}"),
+            format!("btcpay.store.cancreateinvoice:{store}")
+        ])
+    );
     // No permission or an unoffered one: refused.
     let r = post(
         &d.h,

@@ -338,7 +338,7 @@ async fn token_auth_permissions_and_store_scope_answer_as_btcpay_does() {
     .await;
     assert_eq!(
         r.json["missingPermission"],
-        "btcpay.store.cancreatepullpayments"
+        "btcpay.store.cancreatenonapprovedpullpayments"
     );
 
     // Server info and stores.
@@ -398,6 +398,256 @@ async fn token_auth_permissions_and_store_scope_answer_as_btcpay_does() {
         "payment methods",
     );
     assert_eq!(pm[0]["paymentMethodId"], "BTC-CHAIN");
+}
+
+/// The BTCPay permissions a token lists in `GET /api/v1/api-keys/current`, without the store.
+async fn listed_permissions(g: &G, token: &str) -> Vec<String> {
+    let cur = ok(
+        call(&g.h, "GET", "/api/v1/api-keys/current", Some(token), None).await,
+        "current",
+    );
+    let suffix = format!(":{}", g.store());
+    let mut v: Vec<String> = cur["permissions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let p = p.as_str().unwrap();
+            p.strip_suffix(&suffix).unwrap_or(p).to_owned()
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more() {
+    let g = setup().await;
+    let store = g.store();
+    // What WooCommerce's plugin asks for, minus the refunds: made with BTCPay's names.
+    let k =
+        g.h.ok(
+            "POST",
+            "/mapi/v1/admin/apiKey",
+            &format!(
+                "account={}&permissions=btcpay.store.canviewinvoices,btcpay.store.cancreateinvoice,\
+                 btcpay.store.webhooks.canmodifywebhooks&label=plugin",
+                g.account
+            ),
+            &g.h.admin,
+        )
+        .await;
+    assert_eq!(
+        k["permissions"],
+        json!([
+            "btcpay.store.canviewinvoices",
+            "btcpay.store.cancreateinvoice",
+            "btcpay.store.webhooks.canmodifywebhooks"
+        ])
+    );
+    let token = k["greenfieldToken"].as_str().unwrap().to_owned();
+    let secret = (
+        k["apiKey"].as_str().unwrap().to_owned(),
+        k["secretKey"].as_str().unwrap().to_owned(),
+    );
+    assert_eq!(
+        listed_permissions(&g, &token).await,
+        [
+            "btcpay.store.cancreateinvoice",
+            "btcpay.store.canviewinvoices",
+            "btcpay.store.webhooks.canmodifywebhooks"
+        ]
+    );
+    // What they name: create and read invoices, list webhooks.
+    let inv = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{store}/invoices"),
+            Some(&token),
+            Some(json!({"amount": "0.001", "currency": "BTC"})),
+        )
+        .await,
+        "create",
+    );
+    let id = inv["id"].as_str().unwrap().to_owned();
+    for path in [
+        format!("/api/v1/stores/{store}/invoices/{id}"),
+        format!("/api/v1/stores/{store}/invoices"),
+        format!("/api/v1/stores/{store}/webhooks"),
+    ] {
+        ok(call(&g.h, "GET", &path, Some(&token), None).await, &path);
+    }
+    // No more: modifying invoices, the store's settings, refunds, pull payments; nothing
+    // changed by the refused calls.
+    let before = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices/{id}"),
+            Some(&token),
+            None,
+        )
+        .await,
+        "before",
+    );
+    for (m, path, body, missing) in [
+        (
+            "POST",
+            format!("/api/v1/stores/{store}/invoices/{id}/status"),
+            json!({"status": "Settled"}),
+            "btcpay.store.canmodifyinvoices",
+        ),
+        (
+            "DELETE",
+            format!("/api/v1/stores/{store}/invoices/{id}"),
+            json!({}),
+            "btcpay.store.canmodifyinvoices",
+        ),
+        (
+            "GET",
+            format!("/api/v1/stores/{store}"),
+            json!({}),
+            "btcpay.store.canviewstoresettings",
+        ),
+        (
+            "PUT",
+            format!("/api/v1/stores/{store}"),
+            json!({"name": "taken over"}),
+            "btcpay.store.canmodifystoresettings",
+        ),
+        (
+            "POST",
+            format!("/api/v1/stores/{store}/invoices/{id}/refund"),
+            json!({"refundVariant": "RateThen"}),
+            "btcpay.store.cancreatenonapprovedpullpayments",
+        ),
+        (
+            "POST",
+            format!("/api/v1/stores/{store}/pull-payments"),
+            json!({"amount": "0.001", "currency": "BTC"}),
+            "btcpay.store.cancreatepullpayments",
+        ),
+    ] {
+        let r = call(&g.h, m, &path, Some(&token), Some(body)).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{m} {path}: {}", r.json);
+        assert_eq!(r.json["missingPermission"], missing, "{m} {path}");
+    }
+    let after = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/invoices/{id}"),
+            Some(&token),
+            None,
+        )
+        .await,
+        "after",
+    );
+    assert_eq!(after, before);
+    // Store permissions are not `merchant`: the native merchant API refuses the key.
+    let r =
+        g.h.signed(
+            "POST",
+            "/mapi/v1/merchant/invoice",
+            "amount=0.001&asset=BTC",
+            &secret,
+        )
+        .await;
+    assert_eq!(r.code(), -2015, "{}", r.json);
+
+    // BTCPay's hierarchy: `canmodifyinvoices` holds viewing and creating them, and
+    // `canmodifystoresettings` every store permission (the pull-payment ones still ask for
+    // `withdraw`).
+    let mk = |perms: &str| {
+        let created =
+            g.h.state
+                .create_key(g.account, api::keys::Perms::parse(perms).unwrap(), "gf")
+                .unwrap();
+        g.h.state.greenfield_token(&created.0)
+    };
+    assert_eq!(
+        listed_permissions(&g, &mk("btcpay.store.canmodifyinvoices")).await,
+        [
+            "btcpay.store.cancreateinvoice",
+            "btcpay.store.canmodifyinvoices",
+            "btcpay.store.canviewinvoices"
+        ]
+    );
+    let owner = mk("btcpay.store.canmodifystoresettings");
+    let listed = listed_permissions(&g, &owner).await;
+    assert_eq!(listed.len(), 6, "{listed:?}");
+    assert!(
+        !listed.iter().any(|p| p.contains("pullpayments")),
+        "{listed:?}"
+    );
+    ok(
+        call(
+            &g.h,
+            "PUT",
+            &format!("/api/v1/stores/{store}"),
+            Some(&owner),
+            Some(json!({"name": "Woo shop"})),
+        )
+        .await,
+        "owner",
+    );
+    assert_eq!(
+        listed_permissions(&g, &mk("btcpay.store.canmodifystoresettings,withdraw"))
+            .await
+            .len(),
+        9
+    );
+}
+
+#[tokio::test]
+async fn a_key_makes_store_permission_keys_only_within_what_it_holds() {
+    let g = setup().await;
+    let own = |perms: &str| {
+        g.h.state
+            .create_key(g.account, api::keys::Perms::parse(perms).unwrap(), "k")
+            .unwrap()
+    };
+    let narrow = own("keys,btcpay.store.canviewinvoices");
+    let wide = own("keys,merchant");
+    let make = |key: &(String, String), perms: &str| {
+        let key = key.clone();
+        let perms = perms.to_owned();
+        let h = &g.h;
+        async move {
+            h.signed(
+                "POST",
+                "/mapi/v1/apiKey",
+                &format!("permissions={perms}"),
+                &key,
+            )
+            .await
+        }
+    };
+    let keys_before = g.h.state.keys().of_account(g.account).len();
+    // Within: the same permission, or one `merchant` holds.
+    for (key, perms) in [
+        (&narrow, "btcpay.store.canviewinvoices"),
+        (&wide, "btcpay.store.canmodifyinvoices"),
+        (&wide, "btcpay.store.canmodifystoresettings"),
+    ] {
+        let r = make(key, perms).await;
+        assert_eq!(r.status, StatusCode::OK, "{perms}: {}", r.json);
+    }
+    // Beyond: a store permission the key does not hold, `merchant` from store permissions.
+    for (key, perms) in [
+        (&narrow, "btcpay.store.cancreateinvoice"),
+        (&narrow, "btcpay.store.canmodifyinvoices"),
+        (&narrow, "merchant"),
+        (&wide, "btcpay.store.cancreatepullpayments,withdraw"),
+    ] {
+        let r = make(key, perms).await;
+        assert_eq!(r.code(), -2015, "{perms}: {}", r.json);
+    }
+    assert_eq!(
+        g.h.state.keys().of_account(g.account).len(),
+        keys_before + 3
+    );
 }
 
 #[tokio::test]

@@ -37,7 +37,7 @@ use super::webhook::{self, EventType};
 use crate::MerchantState as _;
 use api::access::{Access, Greenfield};
 use api::error::ApiError;
-use api::keys::ApiKey;
+use api::keys::{ApiKey, Perms};
 use api::state::{AppState, ClientIp};
 use axum::extract::{FromRequest, FromRequestParts, Path, Request, State};
 use axum::http::{HeaderMap, StatusCode};
@@ -416,10 +416,16 @@ pub async fn current_key(State(st): State<AppState>, req: GfReq) -> GfResult {
     }))
 }
 
-/// BTCPay permission names a key holds, scoped to its store (`name:storeId`).
+/// BTCPay permission names of a key, scoped to its store (`name:storeId`), as BTCPay lists them:
+/// those it was made with, not those they hold besides (plugins compare the list with what they
+/// asked for: WooCommerce's refuses a key whose list has more). A `merchant` key, made with no
+/// BTCPay name, lists every store permission it holds. A name the key cannot use (a pull-payment
+/// one without `withdraw`) is not listed.
 pub fn permissions_of(key: &ApiKey) -> Vec<String> {
+    let merchant = key.perms.0 & Perms::MERCHANT.0 != 0;
     Greenfield::STORE
         .iter()
+        .filter(|g| merchant || key.perms.0 & g.perms().0 & Perms::STORE.0 != 0)
         .filter(|g| key.perms.has(g.perms()))
         .map(|g| format!("{}:{}", g.name(), store_id(key.account)))
         .collect()

@@ -403,3 +403,164 @@ fn a_shop_owner_logs_in_on_a_phone_redelivers_a_webhook_refunds_and_makes_a_toke
     }
     b.screenshot("dashboard-link-used.png").unwrap();
 }
+
+/// A shop's side of BTCPay's "authorize app" flow on a loopback port: `GET /` sends the
+/// browser to the authorization URL, `POST /callback` keeps the body it is sent.
+/// `authorize` builds the authorization URL from the shop's port (its callback's).
+fn shop(authorize: impl FnOnce(u16) -> String) -> (u16, std::sync::mpsc::Receiver<String>) {
+    use std::io::{BufRead, BufReader, Read};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let authorize = authorize(port);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let mut r = BufReader::new(conn.try_clone().unwrap());
+            let mut line = String::new();
+            if r.read_line(&mut line).is_err() {
+                continue;
+            }
+            let mut length = 0;
+            loop {
+                let mut h = String::new();
+                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+                    break;
+                }
+                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+                    length = v.trim().parse().unwrap_or(0);
+                }
+            }
+            let mut body = vec![0; length];
+            let _ = r.read_exact(&mut body);
+            let answer = if line.starts_with("POST /callback") {
+                let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nconnection: close\r\n\r\n\
+                 <h1>Shop connected</h1>"
+                    .to_owned()
+            } else {
+                format!(
+                    "HTTP/1.1 302 Found\r\nlocation: {authorize}\r\ncontent-length: 0\r\n\
+                     connection: close\r\n\r\n"
+                )
+            };
+            let _ = conn.write_all(answer.as_bytes());
+        }
+    });
+    (port, rx)
+}
+
+/// Percent-decodes a form value (`+` is a space).
+fn form_decode(s: &str) -> String {
+    let s = s.replace('+', " ");
+    let b = s.as_bytes();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16) {
+                out.push(v);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b[i]);
+        i += 1;
+    }
+    String::from_utf8(out).unwrap()
+}
+
+#[test]
+fn a_shop_plugin_connects_with_the_servers_url_through_the_authorize_page() {
+    if !browser::required() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let base = format!("http://127.0.0.1:{port}");
+    let server = Server::start_with(dir.path(), port, &["--public-url", &base]);
+    let s = &server;
+    let account = s.admin(&["account", "create"])["account"].as_u64().unwrap();
+    set_password(s, account);
+    // The plugin knows the server's URL and nothing else: it asks for WooCommerce's
+    // permissions and to be sent the key at its callback.
+    let (shop_port, posted) = shop(|p| {
+        format!(
+            "{base}/api-keys/authorize?applicationName=WooCommerce&strict=true&selectiveStores=true\
+             &redirect=http%3A%2F%2F127.0.0.1%3A{p}%2Fcallback\
+             &permissions=btcpay.store.canviewinvoices&permissions=btcpay.store.cancreateinvoice\
+             &permissions=btcpay.store.canviewstoresettings&permissions=btcpay.store.canmodifyinvoices"
+        )
+    });
+    let b = Browser::start(1280, 900).unwrap();
+    b.goto(&format!("http://127.0.0.1:{shop_port}/")).unwrap();
+    b.wait_for(
+        "the login page, which comes back to the request",
+        "return location.pathname === '/dashboard/login' && !!document.querySelector('input[name=next]');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.eval(&format!(
+        "document.querySelector('input[name=store]').value = '{account}'; \
+         document.querySelector('input[name=password]').value = '{PASSWORD}'; \
+         document.querySelector('form').submit(); return true;"
+    ))
+    .unwrap();
+    b.wait_for(
+        "the authorization page",
+        "return location.pathname === '/api-keys/authorize' && \
+                document.body.innerText.includes('WooCommerce asks for an API key');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.screenshot("authorize-app.png").unwrap();
+    b.eval(
+        "document.querySelector('form[action=\"/api-keys/authorize\"] button').click(); return true;",
+    )
+    .unwrap();
+    // The key goes back by itself (the page's script, allowed by its hash).
+    b.wait_for(
+        "the shop's callback page",
+        "return document.body.innerText.includes('Shop connected');",
+        DESCRIBE,
+    )
+    .unwrap();
+    let body = posted
+        .recv_timeout(Duration::from_secs(10))
+        .expect("the shop got the key");
+    let fields: Vec<(String, String)> = body
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (form_decode(k), form_decode(v)))
+        .collect();
+    let token = &fields.iter().find(|(k, _)| k == "apiKey").unwrap().1;
+    assert!(fields.contains(&("userId".to_owned(), account.to_string())));
+    let mut perms: Vec<&str> = fields
+        .iter()
+        .filter(|(k, _)| k == "permissions[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    perms.sort_unstable();
+    let want: Vec<String> = [
+        "btcpay.store.cancreateinvoice",
+        "btcpay.store.canmodifyinvoices",
+        "btcpay.store.canviewinvoices",
+        "btcpay.store.canviewstoresettings",
+    ]
+    .iter()
+    .map(|p| format!("{p}:{account}"))
+    .collect();
+    assert_eq!(perms, want);
+    // The key works as the plugin will use it.
+    let inv = ok(
+        http(
+            s.addr,
+            "POST",
+            &format!("/api/v1/stores/{account}/invoices"),
+            Some(token),
+            Some(&json!({"amount": "0.0001", "currency": "BTC"}).to_string()),
+        ),
+        "an invoice with the posted key",
+    );
+    assert_eq!(inv["status"], "New");
+}

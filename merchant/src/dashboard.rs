@@ -30,6 +30,8 @@
 //!   credential) is kept server-side for the session as a one-time message ([`put_flash`]) and
 //!   shown by the page the form redirects to; only harmless messages travel as `?done=`.
 
+pub mod authorize;
+
 use super::greenfield::{self as gf, GfReq, RawQuery};
 use super::routes::{db_error, with_db};
 use crate::MerchantState as _;
@@ -265,6 +267,8 @@ pub enum Refusal {
     LoggedOut {
         /// A GET request (redirect).
         get: bool,
+        /// Where the login sends the browser back to ([`authorize`]'s page only).
+        next: Option<String>,
     },
     /// A page with this status and message.
     Page(StatusCode, String),
@@ -280,8 +284,12 @@ impl From<ApiError> for Refusal {
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
         match self {
-            Refusal::LoggedOut { get: true } => redirect("/dashboard/login"),
-            Refusal::LoggedOut { get: false } => page(
+            Refusal::LoggedOut {
+                get: true,
+                next: Some(next),
+            } => redirect(&format!("/dashboard/login?next={}", pct(&next))),
+            Refusal::LoggedOut { get: true, .. } => redirect("/dashboard/login"),
+            Refusal::LoggedOut { get: false, .. } => page(
                 StatusCode::UNAUTHORIZED,
                 "Logged out",
                 None,
@@ -361,7 +369,17 @@ impl FromRequestParts<AppState> for Session {
             .unwrap_or(1);
         st.charge_ip_addr(&ip, weight)?;
         let get = parts.method == axum::http::Method::GET;
-        let id = cookie_value(&parts.headers).ok_or(Refusal::LoggedOut { get })?;
+        // An app's authorization request comes back to its page after the login.
+        let next = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_owned())
+            .filter(|p| get && safe_next(p).is_some());
+        let logged_out = || Refusal::LoggedOut {
+            get,
+            next: next.clone(),
+        };
+        let id = cookie_value(&parts.headers).ok_or_else(logged_out)?;
         let hash = sha256_hex(&id);
         let h2 = hash.clone();
         let now = now_ms();
@@ -398,9 +416,9 @@ impl FromRequestParts<AppState> for Session {
                     .map_err(db_error)
                 })
                 .await?;
-                Err(Refusal::LoggedOut { get })
+                Err(logged_out())
             }
-            None => Err(Refusal::LoggedOut { get }),
+            None => Err(logged_out()),
         }
     }
 }
@@ -705,28 +723,54 @@ async fn take_flash(st: &AppState, s: &Session) -> Result<String, Refusal> {
 
 // ---- login and logout ----
 
-fn login_form(link: Option<&str>, error: Option<&str>) -> String {
+/// `next` when it is a page the login may send the browser back to: an app's authorization
+/// request (`/api-keys/authorize?...`), a path on this server and nothing else.
+fn safe_next(next: &str) -> Option<&str> {
+    let rest = next.strip_prefix(authorize::PATH)?;
+    (rest.is_empty() || rest.starts_with('?'))
+        .then_some(next)
+        .filter(|n| n.len() <= 4096 && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\'))
+}
+
+fn login_form(link: Option<&str>, error: Option<&str>, next: Option<&str>) -> String {
     let mut b = String::new();
     if let Some(e) = error {
         let _ = write!(b, "<p class=err>{}</p>", esc(e));
     }
+    let next = next.and_then(safe_next);
+    if let Some(n) = next {
+        // The session cookie is `SameSite=Strict`: an app's link to the authorization page
+        // arrives without it, a click on this server's own link sends it.
+        let _ = write!(
+            b,
+            "<p>An application asks for an API key of your store. Log in to see what it asks \
+             for. <a href=\"{}\">Already logged in in this browser? Continue</a></p>",
+            esc(n)
+        );
+    }
+    let next_field = next
+        .map(|n| format!("<input type=hidden name=next value=\"{}\">", esc(n)))
+        .unwrap_or_default();
     match link {
         Some(token) => {
             let _ = write!(
                 b,
                 "<form method=post action=\"/dashboard/login\"><p>This one-time link logs you \
-                 in once.</p><input type=hidden name=link value=\"{}\">\
+                 in once.</p><input type=hidden name=link value=\"{}\">{next_field}\
                  <button>Log in</button></form>",
                 esc(token)
             );
         }
-        None => b.push_str(
-            "<form method=post action=\"/dashboard/login\">\
-             <label>Store id<input name=store inputmode=numeric autocomplete=username required></label>\
-             <label>Password<input name=password type=password autocomplete=current-password required></label>\
-             <button>Log in</button></form>\
-             <p class=muted>No password yet? Ask the operator for a one-time login link.</p>",
-        ),
+        None => {
+            let _ = write!(
+                b,
+                "<form method=post action=\"/dashboard/login\">{next_field}\
+                 <label>Store id<input name=store inputmode=numeric autocomplete=username required></label>\
+                 <label>Password<input name=password type=password autocomplete=current-password required></label>\
+                 <button>Log in</button></form>\
+                 <p class=muted>No password yet? Ask the operator for a one-time login link.</p>"
+            );
+        }
     }
     b
 }
@@ -734,18 +778,12 @@ fn login_form(link: Option<&str>, error: Option<&str>) -> String {
 /// `GET /dashboard/login` (`?link=<token>`: a button that spends the one-time link; opening
 /// the link changes nothing).
 pub async fn login_page(RawQuery(q): RawQuery) -> Response {
-    let link = q
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == "link")
-        .map(|(_, v)| v.to_owned());
+    let query = Form::parse(q.as_deref().unwrap_or("").as_bytes()).unwrap_or(Form(Vec::new()));
     page(
         StatusCode::OK,
         "Log in",
         None,
-        &login_form(link.as_deref(), None),
+        &login_form(query.get("link"), None, query.get("next")),
     )
 }
 
@@ -763,7 +801,7 @@ pub async fn login(
             "Log in",
             None,
             // A refused link is not offered again: the password form instead.
-            &login_form(None, Some(&msg)),
+            &login_form(None, Some(&msg), form.get("next")),
         ),
         Err(e) => e.into_response(),
     }
@@ -916,7 +954,7 @@ async fn try_login(
         .map_err(db_error)
     })
     .await?;
-    let mut r = redirect("/dashboard");
+    let mut r = redirect(form.get("next").and_then(safe_next).unwrap_or("/dashboard"));
     let cookie = format!(
         "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
         SESSION_TTL_MS / 1000,

@@ -440,6 +440,23 @@ pub static ROUTES: &[Route] = {
             P,
             d::revoke_token
         ),
+        // BTCPay's "authorize app" flow: a plugin's link to a key for the logged-in store.
+        route!(
+            "GET",
+            "/api-keys/authorize",
+            Session,
+            Some(1),
+            P,
+            d::authorize::authorize_page
+        ),
+        route!(
+            "POST",
+            "/api-keys/authorize",
+            Session,
+            Some(1),
+            P,
+            d::authorize::authorize
+        ),
         route!(
             "POST",
             "/dashboard/settings/pos",

@@ -3072,3 +3072,261 @@ async fn password_guesses_sent_at_once_are_counted_each() {
     );
     assert!(d.fake.withdrawals.lock().unwrap().is_empty());
 }
+
+/// The hidden fields and values of the first `<form>` of a page whose action is `action`.
+fn form_fields(body: &str, action: &str) -> Vec<(String, String)> {
+    let at = body
+        .find(&format!("action=\"{action}\""))
+        .unwrap_or_else(|| panic!("no form to {action} in {body}"));
+    let form = &body[at..at + body[at..].find("</form>").unwrap()];
+    form.split("<input type=hidden name=")
+        .skip(1)
+        .map(|f| {
+            let name = f[..f.find(' ').unwrap()].trim_matches('"').to_owned();
+            let v = &f[f.find("value=\"").unwrap() + 7..];
+            (name, v[..v.find('"').unwrap()].to_owned())
+        })
+        .collect()
+}
+
+fn keys_of(d: &D) -> usize {
+    d.h.state.keys().of_account(d.account).len()
+}
+
+/// What WooCommerce's plugin asks for (and one permission this server does not have).
+const WOO_ASKS: &str = "/api-keys/authorize?applicationName=WooCommerce%20shop\
+    &redirect=https%3A%2F%2Fshop.example%2Fwp-admin%2F%3Fbtcpay-settings-callback\
+    &permissions=btcpay.store.canviewinvoices&permissions=btcpay.store.cancreateinvoice\
+    &permissions=btcpay.store.canviewstoresettings&permissions=btcpay.store.canmodifyinvoices\
+    &permissions=btcpay.store.webhooks.canmodifywebhooks\
+    &permissions=btcpay.store.canviewpaymentrequests&strict=true&selectiveStores=true";
+
+#[tokio::test]
+async fn an_apps_authorization_request_makes_the_key_it_asked_for_and_posts_it_back() {
+    let d = setup().await;
+    let store = d.account.to_string();
+    // Logged out (the app's link arrives without the `SameSite=Strict` cookie): the login
+    // page, which comes back to the request.
+    let r = req(&d.h, "GET", WOO_ASKS, None, &[], &[]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER);
+    let login_page = r.location().to_owned();
+    assert!(login_page.starts_with("/dashboard/login?next=%2Fapi-keys%2Fauthorize%3F"));
+    let p = req(&d.h, "GET", &login_page, None, &[], &[]).await;
+    assert!(p.body.contains("Already logged in"), "{}", p.body);
+    let next = form_fields(&p.body, "/dashboard/login")
+        .into_iter()
+        .find(|(k, _)| k == "next")
+        .unwrap()
+        .1
+        .replace("&amp;", "&");
+    assert_eq!(next, WOO_ASKS);
+    let store_s = store.clone();
+    let r = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[("store", &store_s), ("password", PASSWORD), ("next", &next)],
+        &[],
+    )
+    .await;
+    assert_eq!((r.status, r.location()), (StatusCode::SEE_OTHER, WOO_ASKS));
+    let id = r.cookie().unwrap();
+
+    // The page: who asks, where the key goes, what it holds; opening it makes nothing.
+    let before = keys_of(&d);
+    let p = get(&d.h, WOO_ASKS, &id).await;
+    assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+    for s in [
+        "WooCommerce shop",
+        "https://shop.example",
+        "btcpay.store.canmodifyinvoices",
+        "Not available here, not granted: btcpay.store.canviewpaymentrequests",
+    ] {
+        assert!(p.body.contains(s), "{s}: {}", p.body);
+    }
+    assert!(
+        !p.body.contains("name=password"),
+        "no money out, no password"
+    );
+    assert_eq!(keys_of(&d), before);
+    let fields = form_fields(&p.body, "/api-keys/authorize");
+    let form: Vec<(&str, &str)> = fields
+        .iter()
+        .filter(|(k, _)| k != "csrf")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+
+    // Hostile posts make nothing: from another site, without the form token.
+    let csrf = p.csrf();
+    let mut cross = form.clone();
+    cross.push(("csrf", &csrf));
+    let r = req(
+        &d.h,
+        "POST",
+        "/api-keys/authorize",
+        Some(&id),
+        &cross,
+        &[("origin", "https://shop.example")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = req(&d.h, "POST", "/api-keys/authorize", Some(&id), &form, &[]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(keys_of(&d), before);
+
+    // Approved: one key, posted back as BTCPay posts it.
+    let r = post(&d.h, "/api-keys/authorize", &id, WOO_ASKS, &form).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(keys_of(&d), before + 1);
+    let back = "https://shop.example/wp-admin/?btcpay-settings-callback";
+    let sent = form_fields(&r.body, back);
+    let token = sent.iter().find(|(k, _)| k == "apiKey").unwrap().1.clone();
+    assert!(sent.contains(&("userId".into(), store.clone())));
+    let mut perms: Vec<&str> = sent
+        .iter()
+        .filter(|(k, _)| k == "permissions[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    perms.sort_unstable();
+    let woo = [
+        "btcpay.store.cancreateinvoice",
+        "btcpay.store.canmodifyinvoices",
+        "btcpay.store.canviewinvoices",
+        "btcpay.store.canviewstoresettings",
+        "btcpay.store.webhooks.canmodifywebhooks",
+    ];
+    let scoped: Vec<String> = woo.iter().map(|p| format!("{p}:{store}")).collect();
+    assert_eq!(perms, scoped);
+    // The page posts it by itself: its one script is allowed by hash, and forms may leave.
+    let csp = r.headers["content-security-policy"].to_str().unwrap();
+    assert!(csp.contains("script-src 'sha256-"), "{csp}");
+    assert!(!csp.contains("form-action"), "{csp}");
+    // The token is the key: it lists what was asked and can do that and no more.
+    let current = gf(&d.h, "GET", "/api/v1/api-keys/current", &token, None).await;
+    assert_eq!(current["label"], "WooCommerce shop");
+    let mut listed: Vec<String> = serde_json::from_value(current["permissions"].clone()).unwrap();
+    listed.sort();
+    assert_eq!(listed, scoped);
+    let inv = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/invoices"),
+        &token,
+        Some(json!({"amount": "0.001", "currency": "BTC"})),
+    )
+    .await;
+    assert!(inv["id"].is_string(), "{inv}");
+    let put = Request::builder()
+        .method("PUT")
+        .uri(format!("/api/v1/stores/{store}"))
+        .header("Authorization", format!("token {token}"))
+        .header("content-type", "application/json")
+        .body(Body::from(r#"{"name":"taken over"}"#))
+        .unwrap();
+    let refused = d.h.router.clone().oneshot(put).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+}
+
+#[tokio::test]
+async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_out() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let before = keys_of(&d);
+    // Redirects that are not plain http(s), or that would read as another host.
+    for redirect in [
+        "javascript%3Aalert(1)",
+        "https%3A%2F%2Fshop.example%40evil.example%2F",
+        "%2Frelative",
+        "ftp%3A%2F%2Fshop.example%2F",
+    ] {
+        let uri = format!(
+            "/api-keys/authorize?permissions=btcpay.store.canviewinvoices&redirect={redirect}"
+        );
+        let p = get(&d.h, &uri, &id).await;
+        assert_eq!(p.status, StatusCode::BAD_REQUEST, "{redirect}: {}", p.body);
+    }
+    // Nothing this server has, or another store's: no form.
+    let p = get(
+        &d.h,
+        "/api-keys/authorize?permissions=btcpay.server.canmodifyserversettings\
+         &permissions=btcpay.store.canviewinvoices:999",
+        &id,
+    )
+    .await;
+    assert!(p.body.contains("No key is made"), "{}", p.body);
+    assert!(!p.body.contains("action=\"/api-keys/authorize\""));
+    // The login sends the browser back to this page only, never elsewhere.
+    for next in [
+        "https%3A%2F%2Fevil.example%2F",
+        "%2F%2Fevil.example",
+        "%2Fdashboard%2Fwithdraw",
+        "%2Fapi-keys%2Fauthorizex",
+    ] {
+        let r = req(
+            &d.h,
+            "POST",
+            &format!("/dashboard/login?next={next}"),
+            None,
+            &[
+                ("store", &d.account.to_string()),
+                ("password", PASSWORD),
+                ("next", &next.replace("%2F", "/").replace("%3A", ":")),
+            ],
+            &[],
+        )
+        .await;
+        assert_eq!(r.location(), "/dashboard", "{next}");
+    }
+
+    // Refunds (money out): the key holds `withdraw`, so the store password is asked again.
+    let asks = "/api-keys/authorize?applicationName=Shop&redirect=https%3A%2F%2Fshop.example%2Fcb\
+                &permissions=btcpay.store.canviewinvoices\
+                &permissions=btcpay.store.cancreatenonapprovedpullpayments";
+    let p = get(&d.h, asks, &id).await;
+    assert!(p.body.contains("name=password"), "{}", p.body);
+    let fields = form_fields(&p.body, "/api-keys/authorize");
+    let mut form: Vec<(&str, &str)> = fields
+        .iter()
+        .filter(|(k, _)| k != "csrf")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert_eq!(keys_of(&d), before);
+    form.push(("password", PASSWORD));
+    let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let sent = form_fields(&r.body, "https://shop.example/cb");
+    assert!(sent.iter().any(|(k, v)| k == "permissions[]"
+        && v.starts_with("btcpay.store.cancreatenonapprovedpullpayments:")));
+    let token = &sent.iter().find(|(k, _)| k == "apiKey").unwrap().1;
+    let key =
+        d.h.state
+            .keys()
+            .by_greenfield_token(token)
+            .expect("the posted token is a key");
+    assert!(key.perms.has(api::keys::Perms::WITHDRAW));
+    assert!(!key.perms.has(api::keys::Perms::MERCHANT));
+
+    // Not strict: the owner grants what is ticked, no more.
+    let asks = "/api-keys/authorize?strict=false&permissions=btcpay.store.canviewinvoices\
+                &permissions=btcpay.store.webhooks.canmodifywebhooks";
+    let p = get(&d.h, asks, &id).await;
+    let fields = form_fields(&p.body, "/api-keys/authorize");
+    let mut form: Vec<(&str, &str)> = fields
+        .iter()
+        .filter(|(k, _)| k != "csrf")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    form.push(("grant", "btcpay.store.canviewinvoices"));
+    let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let at = r.body.find("<code class=secret>").unwrap() + 19;
+    let token = &r.body[at..at + r.body[at..].find('<').unwrap()];
+    let current = gf(&d.h, "GET", "/api/v1/api-keys/current", token, None).await;
+    assert_eq!(
+        current["permissions"],
+        json!([format!("btcpay.store.canviewinvoices:{}", d.account)])
+    );
+}

@@ -1,0 +1,356 @@
+//! BTCPay's "authorize app" flow (`/api-keys/authorize`): a shop plugin sends the store owner's
+//! browser to this server with the BTCPay permissions it wants; the owner, logged in to the
+//! dashboard, sees what is asked and where the key goes, and approves; the new key's Greenfield
+//! token goes back to the plugin by a form post, as BTCPay sends it (`apiKey`, `userId`,
+//! `permissions[]` as `name:storeId`). A plugin then needs nothing but this server's URL.
+//!
+//! * **Nothing happens on a GET.** The page shows the request; only its form, with the
+//!   session's CSRF token and a same-site `Origin`, makes a key.
+//! * **The owner sees where the key goes**: the redirect's origin, in the page's heading and on
+//!   the button. Only absolute `http`/`https` URLs without user info are accepted
+//!   (`https://shop.example@evil.example` would read as the shop).
+//! * **What is asked is what is granted**, as BTCPay's `strict` (the default): the key holds
+//!   exactly the BTCPay names asked for that exist here. With `strict=false` the owner may
+//!   leave some out. Names this server has no route for, or scoped to another store, are shown
+//!   as not granted; the plugin sees their absence in `permissions[]`.
+//! * **Money out needs the password** (ADR 0015): a pull-payment permission (refunds) makes a
+//!   key with `withdraw`, which the form grants only with the store password, and never while
+//!   the withdrawal address list is on, as the token page does.
+//! * Not done: `applicationIdentifier` (BTCPay offers an existing key of the same app again);
+//!   every approval makes a new key (at most [`api::keys::MAX_KEYS_PER_ACCOUNT`] per store).
+
+use super::{
+    bad, csrf_field, esc, page, refuse_while_list_on, step_up, Form, Refusal, Session, StepUp,
+};
+use crate::greenfield::{self as gf, RawQuery};
+use api::access::Greenfield;
+use api::keys::Perms;
+use api::state::AppState;
+use axum::extract::State;
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::Response;
+use reqwest::Url;
+use std::fmt::Write as _;
+
+/// The flow's path, as BTCPay serves it.
+pub const PATH: &str = "/api-keys/authorize";
+
+/// The most permission values one request may carry.
+const MAX_ASKED: usize = 32;
+
+/// An app's request, parsed from the page's query or its form (the same fields).
+struct Ask {
+    /// `applicationName`, as a key label (printable ASCII, at most 64).
+    app: String,
+    /// `redirect`: where the key is posted.
+    redirect: Option<Url>,
+    /// `strict` (default true): all asked permissions or none.
+    strict: bool,
+    /// The asked permissions that exist here, in BTCPay's order.
+    known: Vec<Greenfield>,
+    /// The asked values that do not (shown, not granted).
+    unknown: Vec<String>,
+}
+
+impl Ask {
+    fn parse(f: &Form, store: &str) -> Result<Ask, Refusal> {
+        let app: String = f
+            .text("applicationName")
+            .chars()
+            .filter(|c| c.is_ascii_graphic() || *c == ' ')
+            .take(64)
+            .collect();
+        let redirect = match f.text("redirect") {
+            "" => None,
+            r => Some(redirect_url(r)?),
+        };
+        let strict = !f.text("strict").eq_ignore_ascii_case("false");
+        let asked: Vec<&str> =
+            f.0.iter()
+                .filter(|(k, _)| k == "permissions" || k == "permissions[]")
+                .map(|(_, v)| v.trim())
+                .filter(|v| !v.is_empty())
+                .collect();
+        if asked.len() > MAX_ASKED || asked.iter().any(|v| v.len() > 128) {
+            return Err(bad("Too many or too long permissions asked for."));
+        }
+        let mut known = Vec::new();
+        let mut unknown = Vec::new();
+        for v in asked {
+            let (name, scope) = match v.split_once(':') {
+                Some((n, s)) => (n, Some(s)),
+                None => (v, None),
+            };
+            let found = Greenfield::STORE
+                .into_iter()
+                .find(|g| g.name().eq_ignore_ascii_case(name))
+                .filter(|_| scope.is_none_or(|s| s == store));
+            match found {
+                Some(g) if !known.contains(&g) => known.push(g),
+                Some(_) => {}
+                None => unknown.push(v.to_owned()),
+            }
+        }
+        known.sort_by_key(|g| Greenfield::STORE.iter().position(|x| x == g));
+        Ok(Ask {
+            app,
+            redirect,
+            strict,
+            known,
+            unknown,
+        })
+    }
+
+    /// The app's name as the page shows it.
+    fn who(&self) -> &str {
+        if self.app.is_empty() {
+            "An application"
+        } else {
+            &self.app
+        }
+    }
+}
+
+/// An absolute `http`/`https` URL with a host and no user info.
+fn redirect_url(r: &str) -> Result<Url, Refusal> {
+    let refused = || bad("The application's redirect is not an http(s) address; no key was made.");
+    if r.len() > 2048 {
+        return Err(refused());
+    }
+    let url = Url::parse(r).map_err(|_| refused())?;
+    let ok = matches!(url.scheme(), "http" | "https")
+        && url.host_str().is_some()
+        && url.username().is_empty()
+        && url.password().is_none();
+    if ok {
+        Ok(url)
+    } else {
+        Err(refused())
+    }
+}
+
+/// `scheme://host[:port]` of a URL: what the owner is shown.
+fn origin(url: &Url) -> String {
+    url.origin().ascii_serialization()
+}
+
+/// True when the permission is a pull-payment one (money out: needs `withdraw`).
+fn pays_out(g: Greenfield) -> bool {
+    g.perms().has(Perms::WITHDRAW)
+}
+
+/// The form's fields that carry the request from the page to its post.
+fn carried(a: &Ask) -> String {
+    let mut b = String::new();
+    for (k, v) in [
+        ("applicationName", a.app.as_str()),
+        ("redirect", a.redirect.as_ref().map_or("", Url::as_str)),
+        ("strict", if a.strict { "true" } else { "false" }),
+    ] {
+        let _ = write!(b, "<input type=hidden name={k} value=\"{}\">", esc(v));
+    }
+    for g in &a.known {
+        let _ = write!(
+            b,
+            "<input type=hidden name=permissions value=\"{}\">",
+            esc(g.name())
+        );
+    }
+    b
+}
+
+/// `GET /api-keys/authorize`: what the app asks for, where the key goes, and the form that
+/// approves it. Changes nothing.
+pub async fn authorize_page(
+    State(_st): State<AppState>,
+    s: Session,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Refusal> {
+    let f = Form::parse(q.as_deref().unwrap_or("").as_bytes())?;
+    let a = Ask::parse(&f, &s.store())?;
+    let mut b = String::new();
+    let dest = match &a.redirect {
+        Some(u) => format!("<b class=addr>{}</b>", esc(&origin(u))),
+        None => "this page (shown once)".to_owned(),
+    };
+    let _ = write!(
+        b,
+        "<p><b>{}</b> asks for an API key of store <b>{}</b>. The key will be sent to {dest}.</p>",
+        esc(a.who()),
+        esc(&s.store())
+    );
+    if a.known.is_empty() {
+        b.push_str(
+            "<p class=err>It asks for no permission this server has: the key could do nothing. \
+             No key is made.</p><p><a href=\"/dashboard\">Back to the dashboard</a></p>",
+        );
+        return Ok(page(
+            StatusCode::OK,
+            "Authorize an application",
+            Some(&s),
+            &b,
+        ));
+    }
+    let _ = write!(
+        b,
+        "<form method=post action=\"{}\">{}{}<fieldset><legend>Permissions</legend>",
+        super::authorize::PATH,
+        csrf_field(&s),
+        carried(&a)
+    );
+    for g in &a.known {
+        let extra = if pays_out(*g) {
+            " (money out: refunds and pull payments pay any address; needs the store password)"
+        } else {
+            ""
+        };
+        if a.strict {
+            let _ = write!(b, "<p><code>{}</code>{extra}</p>", esc(g.name()));
+        } else {
+            let _ = write!(
+                b,
+                "<label class=check><input type=checkbox name=grant value=\"{}\" checked> \
+                 <code>{}</code>{extra}</label>",
+                esc(g.name()),
+                esc(g.name())
+            );
+        }
+    }
+    b.push_str("</fieldset>");
+    if !a.unknown.is_empty() {
+        let _ = write!(
+            b,
+            "<p class=muted>Not available here, not granted: {}</p>",
+            esc(&a.unknown.join(", "))
+        );
+    }
+    if a.known.iter().any(|g| pays_out(*g)) {
+        b.push_str(
+            "<label>Store password (needed for refunds)<input type=password name=password \
+             autocomplete=current-password></label>",
+        );
+    }
+    let button = match &a.redirect {
+        Some(u) => format!("Authorize and send the key to {}", esc(&origin(u))),
+        None => "Authorize".to_owned(),
+    };
+    let _ = write!(
+        b,
+        "<button>{button}</button></form><p><a href=\"/dashboard\">Cancel</a></p>"
+    );
+    Ok(page(
+        StatusCode::OK,
+        "Authorize an application",
+        Some(&s),
+        &b,
+    ))
+}
+
+/// `POST /api-keys/authorize`: makes the key (audited `key.create`, as the token page) and
+/// sends its Greenfield token to the app's redirect by a form post (`apiKey`, `userId`,
+/// `permissions[]`), or shows it once.
+pub async fn authorize(
+    State(st): State<AppState>,
+    s: Session,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let a = Ask::parse(&form, &s.store())?;
+    let granted: Vec<Greenfield> = if a.strict {
+        a.known.clone()
+    } else {
+        let ticked: Vec<&str> = form
+            .0
+            .iter()
+            .filter(|(k, _)| k == "grant")
+            .map(|(_, v)| v.as_str())
+            .collect();
+        a.known
+            .iter()
+            .copied()
+            .filter(|g| ticked.contains(&g.name()))
+            .collect()
+    };
+    if granted.is_empty() {
+        return Err(bad("No permission was granted; no key was made."));
+    }
+    let mut perms = Perms::NONE;
+    for g in &granted {
+        perms = perms.with(g.perms());
+    }
+    if perms.has(Perms::WITHDRAW) {
+        step_up(&st, &s, form.text("password"), StepUp::WithdrawToken).await?;
+        refuse_while_list_on(
+            &st,
+            s.account,
+            "a key for refunds",
+            StepUp::WithdrawToken.nothing(),
+        )
+        .await?;
+    }
+    let label = if a.app.is_empty() {
+        "authorized app".to_owned()
+    } else {
+        a.app.clone()
+    };
+    let v = api::native::create_key(&st, &s.actor(), &s.audit_id(), s.account, perms, &label)?;
+    let token = super::txt(&v["greenfieldToken"]);
+    let key = st
+        .keys()
+        .get(&super::txt(&v["apiKey"]))
+        .ok_or_else(|| Refusal::from(api::error::ApiError::internal()))?;
+    let listed = gf::permissions_of(&key);
+    let Some(url) = &a.redirect else {
+        let b = format!(
+            "<p class=ok>Key created for {}. Copy its token now: it is not shown again.</p>\
+             <dl class=stack><dt>Greenfield token (<code>Authorization: token ...</code>)<dd>\
+             <code class=secret>{}</code><dt>Store id<dd><code>{}</code><dt>Permissions<dd>{}</dl>",
+            esc(a.who()),
+            esc(&token),
+            esc(&s.store()),
+            esc(&listed.join(", "))
+        );
+        return Ok(page(StatusCode::OK, "Application authorized", Some(&s), &b));
+    };
+    // BTCPay's post back: the token as `apiKey`, the store owner as `userId` (here the store's
+    // account), each permission as `name:storeId`.
+    let mut b = format!(
+        "<p class=ok>Key created for {}. Sending it to <b class=addr>{}</b>...</p>\
+         <form method=post action=\"{}\" id=back>\
+         <input type=hidden name=apiKey value=\"{}\"><input type=hidden name=userId value=\"{}\">",
+        esc(a.who()),
+        esc(&origin(url)),
+        esc(url.as_str()),
+        esc(&token),
+        esc(&s.store())
+    );
+    for p in &listed {
+        let _ = write!(
+            b,
+            "<input type=hidden name=\"permissions[]\" value=\"{}\">",
+            esc(p)
+        );
+    }
+    let _ = write!(
+        b,
+        "<button>Continue to {}</button></form><script>{SUBMIT}</script>",
+        esc(&origin(url))
+    );
+    let mut r = page(StatusCode::OK, "Application authorized", Some(&s), &b);
+    // The dashboard's policy allows forms to this server only and no script: this page posts
+    // to the app, by itself (the one script, by hash) or by its button. No `form-action`: a
+    // browser applies it to the app's own redirects after the post too (an `http` callback
+    // sending on to `https` would be blocked); the page holds no content but its own.
+    let csp = format!(
+        "default-src 'none'; style-src 'unsafe-inline'; script-src 'sha256-{}'; \
+         frame-ancestors 'none'; base-uri 'none'",
+        api::page::sha256_base64(SUBMIT.as_bytes())
+    );
+    if let Ok(v) = HeaderValue::from_str(&csp) {
+        r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
+    }
+    Ok(r)
+}
+
+/// The post-back page's one script: submits its form.
+const SUBMIT: &str = "document.getElementById('back').submit()";

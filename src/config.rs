@@ -30,6 +30,7 @@
 //! max_connections = 4096
 //! max_connections_per_ip = 256
 //! header_read_timeout_ms = 20000
+//! body_read_timeout_ms = 30000   # a request's body, once its head is read (408 -1001 after)
 //! idle_timeout_ms = 60000
 //! max_streams_per_ip = 128
 //! max_sse_per_invoice = 16
@@ -178,6 +179,9 @@ pub struct LimitKnobs {
     /// Milliseconds to send a complete request head, also the keep-alive idle time [default: 20000].
     #[arg(long, env = "MEDIATOR_HEADER_READ_TIMEOUT_MS")]
     pub header_read_timeout_ms: Option<u64>,
+    /// Milliseconds to send a request's whole body once its head is read [default: 30000].
+    #[arg(long, env = "MEDIATOR_BODY_READ_TIMEOUT_MS")]
+    pub body_read_timeout_ms: Option<u64>,
     /// Milliseconds without a byte either way before a connection is closed [default: 60000].
     #[arg(long, env = "MEDIATOR_IDLE_TIMEOUT_MS")]
     pub idle_timeout_ms: Option<u64>,
@@ -206,6 +210,7 @@ impl LimitKnobs {
             max_connections: self.max_connections.or(under.max_connections),
             max_connections_per_ip: self.max_connections_per_ip.or(under.max_connections_per_ip),
             header_read_timeout_ms: self.header_read_timeout_ms.or(under.header_read_timeout_ms),
+            body_read_timeout_ms: self.body_read_timeout_ms.or(under.body_read_timeout_ms),
             idle_timeout_ms: self.idle_timeout_ms.or(under.idle_timeout_ms),
             max_streams_per_ip: self.max_streams_per_ip.or(under.max_streams_per_ip),
             max_sse_per_invoice: self.max_sse_per_invoice.or(under.max_sse_per_invoice),
@@ -224,6 +229,7 @@ impl LimitKnobs {
                 self.max_connections_per_ip.map(|v| v as u64),
             ),
             ("header_read_timeout_ms", self.header_read_timeout_ms),
+            ("body_read_timeout_ms", self.body_read_timeout_ms),
             (
                 "max_streams_per_ip",
                 self.max_streams_per_ip.map(|v| v as u64),
@@ -259,6 +265,7 @@ impl LimitKnobs {
             max_connections,
             max_connections_per_ip,
             header_read_timeout_ms,
+            body_read_timeout_ms,
             idle_timeout_ms,
             max_streams_per_ip,
             max_sse_per_invoice,
@@ -269,6 +276,7 @@ impl LimitKnobs {
         api.max_connections = max_connections.unwrap_or(api.max_connections);
         api.max_connections_per_ip = max_connections_per_ip.unwrap_or(api.max_connections_per_ip);
         api.header_read_timeout_ms = header_read_timeout_ms.unwrap_or(api.header_read_timeout_ms);
+        api.body_read_timeout_ms = body_read_timeout_ms.unwrap_or(api.body_read_timeout_ms);
         api.idle_timeout_ms = idle_timeout_ms.unwrap_or(api.idle_timeout_ms);
         api.max_streams_per_ip = max_streams_per_ip.unwrap_or(api.max_streams_per_ip);
         api.max_sse_per_invoice = max_sse_per_invoice.unwrap_or(api.max_sse_per_invoice);

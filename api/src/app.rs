@@ -621,6 +621,7 @@ pub async fn serve_router(
     let per_ip = crate::ratelimit::Slots::new(cfg.max_connections_per_ip);
     let timeouts = ConnTimeouts {
         header_read: std::time::Duration::from_millis(cfg.header_read_timeout_ms.max(1)),
+        body_read: std::time::Duration::from_millis(cfg.body_read_timeout_ms.max(1)),
         idle_ms: cfg.idle_timeout_ms.max(1),
     };
     // Connection tasks watch `stop` and each hold a `done` sender: the loop below ends by
@@ -733,6 +734,7 @@ pub async fn serve_router(
 #[derive(Debug, Clone, Copy)]
 struct ConnTimeouts {
     header_read: std::time::Duration,
+    body_read: std::time::Duration,
     idle_ms: u64,
 }
 
@@ -761,7 +763,8 @@ async fn connection(
             // does before it reads it (a body still arriving is the client's, and a trickled one
             // must not keep a connection from being shed), to its answer's first frame (a JSON
             // answer whole; a stream's first event).
-            // Within the request timeout, as when the handler read it.
+            // Within `body_read_timeout_ms`: after it no handler has run, so the answer says
+            // nothing was done (`-1001`), and the connection closes (its body is unread).
             let (parts, mut body) = req.into_parts();
             let mut read = std::collections::VecDeque::new();
             let (mut len, mut complete, mut failed) = (0usize, false, None);
@@ -790,8 +793,13 @@ async fn connection(
                     }
                 }
             };
-            if tokio::time::timeout(REQUEST_TIMEOUT, ahead).await.is_err() {
-                return Ok(ApiError::outcome_unknown().into_response());
+            if tokio::time::timeout(t.body_read, ahead).await.is_err() {
+                let mut r = ApiError::body_timeout().into_response();
+                r.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    HeaderValue::from_static("close"),
+                );
+                return Ok(r);
             }
             let busy = if complete {
                 // Shed meanwhile (a request read behind the last answer): not served, its

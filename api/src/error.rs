@@ -51,6 +51,18 @@ impl ApiError {
             retry_after: None,
         }
     }
+    /// `-1001` with 408: the request's body did not arrive within `body_read_timeout_ms`. No
+    /// handler ran, so nothing was done and the request may be sent again as it was (unlike
+    /// [`ApiError::outcome_unknown`]).
+    pub fn body_timeout() -> Self {
+        Self {
+            status: StatusCode::REQUEST_TIMEOUT,
+            code: -1001,
+            msg: "The request body did not arrive in time; nothing was done. Please try again."
+                .into(),
+            retry_after: None,
+        }
+    }
     /// `-2010` with 400, Binance's answer for a restricted account: custody flagged the account
     /// for review (a credited deposit left the chain), so it places no orders until an operator
     /// clears it; its cancels pass.

@@ -57,6 +57,10 @@ pub struct ApiConfig {
     /// ready for it: after accept, and after each response on a kept-alive connection. Bounds
     /// unfinished headers (slowloris) and idle keep-alive connections alike.
     pub header_read_timeout_ms: u64,
+    /// Time a request has, once its head is read, to send its whole body (read ahead of the
+    /// handler, up to `max_body_bytes`). After it the request is answered `408` `-1001` and the
+    /// connection closed: no handler ran, so nothing was done.
+    pub body_read_timeout_ms: u64,
     /// A connection on which no byte moved either way for this long is closed: stalled request
     /// bodies, responses and SSE streams the client stopped reading. (A WebSocket has its own
     /// ping/pong and send timeout.)
@@ -105,6 +109,7 @@ impl Default for ApiConfig {
             public_url: None,
             max_connections_per_ip: 256,
             header_read_timeout_ms: 20_000,
+            body_read_timeout_ms: 30_000,
             idle_timeout_ms: 60_000,
             max_streams_per_ip: 128,
             max_sse_per_invoice: 16,

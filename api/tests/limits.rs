@@ -367,6 +367,61 @@ async fn connections_trickling_their_bodies_are_shed() {
     let _ = stop.send(());
 }
 
+/// Left by session 16: a body still arriving when the read-ahead's time ran out was answered
+/// `-1007` (outcome unknown), though no handler had run: a client following the contract had
+/// to look up an order that could not exist. It is `408` `-1001` now ("nothing was done"), the
+/// connection closes, and nothing is placed. The body here keeps trickling (the connection is
+/// never idle), a signed order the server would have placed had it all arrived.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_body_slower_than_its_timeout_is_answered_nothing_done() {
+    let h = Harness::with_config(ApiConfig {
+        body_read_timeout_ms: 400,
+        ..open_config()
+    });
+    let (addr, stop) = start(&h).await;
+    let (_, trader) = h.trader("0", "100000").await;
+    let q = format!("{ORDER}&timestamp={}", now_ms());
+    let body = format!("{q}&signature={}", sign(&trader.1, &q));
+    let head = format!(
+        "POST /api/v3/order HTTP/1.1\r\nHost: x\r\nX-MBX-APIKEY: {}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",
+        trader.0,
+        body.len()
+    );
+    let (mut r, mut w) = connect_from(A, addr).await.into_split();
+    w.write_all(head.as_bytes()).await.unwrap();
+    let trickle = tokio::spawn(async move {
+        for b in body.as_bytes() {
+            if w.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(40)).await;
+        }
+        w
+    });
+    let mut answer = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        match tokio::time::timeout(EVENTUALLY, r.read(&mut buf)).await {
+            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => break,
+            Ok(Ok(n)) => answer.extend_from_slice(&buf[..n]),
+        }
+    }
+    trickle.abort();
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert!(answer.contains("\"code\":-1001"), "{answer}");
+    // Had it all arrived, the order would have been placed; nothing was.
+    let open = h
+        .ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &trader)
+        .await;
+    assert_eq!(open.as_array().map(Vec::len), Some(0), "{open}");
+    let _ = stop.send(());
+}
+
 /// Review finding (money): the server reads a request's body ahead of its handler, and a read
 /// that failed part way (a malformed chunk after a complete signed form) reached the handler as
 /// a complete, shorter body: hyper's body reads as ended after an error. The order was placed

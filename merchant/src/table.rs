@@ -443,6 +443,14 @@ pub static ROUTES: &[Route] = {
         // BTCPay's "authorize app" flow: a plugin's link to a key for the logged-in store.
         route!(
             "GET",
+            "/api-keys/authorize/",
+            Public,
+            Some(1),
+            P,
+            d::authorize::with_slash
+        ),
+        route!(
+            "GET",
             "/api-keys/authorize",
             Session,
             Some(1),

@@ -3309,6 +3309,25 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
     assert!(key.perms.has(api::keys::Perms::WITHDRAW));
     assert!(!key.perms.has(api::keys::Perms::MERCHANT));
 
+    // Plugins' other spellings: the path with a slash (a redirect with the query), and PHP's
+    // `permissions[0]=...` fields.
+    let r = req(
+        &d.h,
+        "GET",
+        "/api-keys/authorize/?permissions%5B0%5D=btcpay.store.canviewinvoices&applicationName=X",
+        None,
+        &[],
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::PERMANENT_REDIRECT);
+    let p = get(&d.h, r.location(), &id).await;
+    assert!(
+        p.body.contains("<code>btcpay.store.canviewinvoices</code>"),
+        "{}",
+        p.body
+    );
+
     // Not strict: the owner grants what is ticked, no more.
     let asks = "/api-keys/authorize?strict=false&permissions=btcpay.store.canviewinvoices\
                 &permissions=btcpay.store.webhooks.canmodifywebhooks";

@@ -28,7 +28,7 @@ use api::keys::Perms;
 use api::state::AppState;
 use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
-use axum::response::Response;
+use axum::response::{IntoResponse, Response};
 use reqwest::Url;
 use std::fmt::Write as _;
 
@@ -67,7 +67,7 @@ impl Ask {
         let strict = !f.text("strict").eq_ignore_ascii_case("false");
         let asked: Vec<&str> =
             f.0.iter()
-                .filter(|(k, _)| k == "permissions" || k == "permissions[]")
+                .filter(|(k, _)| is_permissions(k))
                 .map(|(_, v)| v.trim())
                 .filter(|v| !v.is_empty())
                 .collect();
@@ -109,6 +109,30 @@ impl Ask {
             &self.app
         }
     }
+}
+
+/// A `permissions` field as clients send them: repeated `permissions` (BTCPay's own clients),
+/// `permissions[]`, or `permissions[0]`, `permissions[1]`, ... (PHP's `http_build_query`).
+fn is_permissions(key: &str) -> bool {
+    key == "permissions"
+        || key
+            .strip_prefix("permissions[")
+            .and_then(|k| k.strip_suffix(']'))
+            .is_some_and(|i| i.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// `GET /api-keys/authorize/` (plugins write the path with a slash, which BTCPay serves too):
+/// a redirect to [`PATH`] with the same query.
+pub async fn with_slash(RawQuery(q): RawQuery) -> Response {
+    let to = match q {
+        Some(q) if !q.is_empty() => format!("{PATH}?{q}"),
+        _ => PATH.to_owned(),
+    };
+    let mut r = StatusCode::PERMANENT_REDIRECT.into_response();
+    if let Ok(v) = HeaderValue::from_str(&to) {
+        r.headers_mut().insert(header::LOCATION, v);
+    }
+    r
 }
 
 /// An absolute `http`/`https` URL with a host and no user info.

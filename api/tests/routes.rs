@@ -290,6 +290,14 @@ async fn every_route_with_every_permission_set_is_allowed_or_refused_unchanged()
             }
             Access::Key(p) => (p, false),
             Access::Signed(p) => (p, true),
+            // A key revoking itself would end the probes' keys for the routes after it:
+            // `greenfield.rs a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more`
+            // runs it (any live key may).
+            Access::Token(_)
+                if route.method == "DELETE" && route.path == "/api/v1/api-keys/current" =>
+            {
+                continue
+            }
             Access::Token(g) => {
                 // Greenfield: the key's token, its own store; refused is 403
                 // missing-permission naming BTCPay's permission, with nothing changed.

@@ -416,6 +416,25 @@ pub async fn current_key(State(st): State<AppState>, req: GfReq) -> GfResult {
     }))
 }
 
+/// `DELETE /api/v1/api-keys/current`: the key revokes itself (a plugin disconnecting), as
+/// BTCPay's; audited `key.revoke` with the key as actor. Its token and secret stop working at
+/// once.
+pub async fn revoke_current_key(State(st): State<AppState>, req: GfReq) -> GfResult {
+    let key = auth(&st, &req, None)?;
+    if req.session.is_some() {
+        // A dashboard session is no key (its principal is in no key table).
+        return Err(missing_permission(Greenfield::Any));
+    }
+    api::native::revoke_own_key(
+        &st,
+        &key,
+        &key.api_key,
+        &format!("account:{}", key.account),
+        &key.api_key,
+    )?;
+    ok(json!({}))
+}
+
 /// BTCPay permission names of a key, scoped to its store (`name:storeId`), as BTCPay lists them:
 /// those it was made with, not those they hold besides (plugins compare the list with what they
 /// asked for: WooCommerce's refuses a key whose list has more). A `merchant` key, made with no

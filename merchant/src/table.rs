@@ -138,6 +138,14 @@ pub static ROUTES: &[Route] = {
             gf::current_key
         ),
         route!(
+            "DELETE",
+            "/api/v1/api-keys/current",
+            Token(G::Any),
+            Some(1),
+            P,
+            gf::revoke_current_key
+        ),
+        route!(
             "GET",
             "/api/v1/server/info",
             Token(G::Any),

@@ -620,6 +620,25 @@ async fn a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more()
         .await,
         "owner",
     );
+    // A plugin disconnecting revokes its own key (BTCPay's `DELETE api-keys/current`): the token
+    // stops working, other keys do not.
+    ok(
+        call(
+            &g.h,
+            "DELETE",
+            "/api/v1/api-keys/current",
+            Some(&modify),
+            None,
+        )
+        .await,
+        "revoke current",
+    );
+    let r = call(&g.h, "GET", "/api/v1/api-keys/current", Some(&modify), None).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
+    ok(
+        call(&g.h, "GET", "/api/v1/api-keys/current", Some(&owner), None).await,
+        "another key",
+    );
     // A `merchant` key lists every store permission it holds (9 with `withdraw`).
     assert_eq!(listed_permissions(&g, &g.token).await.len(), 9);
     assert_eq!(listed_permissions(&g, &g.merchant_token).await.len(), 6);

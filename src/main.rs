@@ -292,7 +292,8 @@ enum ApikeyCmd {
         #[arg(long)]
         account: u32,
         /// Comma-separated: read, trade, transfer, withdraw, keys, merchant, admin (trade keeps
-        /// funds in the account; transfer and withdraw move them out; keys manages keys).
+        /// funds in the account; transfer and withdraw move them out; keys manages keys), and
+        /// BTCPay's store permissions for shop plugins (btcpay.store.canviewinvoices, ...).
         #[arg(long, default_value = "read,trade")]
         permissions: String,
         /// A label.

@@ -404,50 +404,74 @@ fn a_shop_owner_logs_in_on_a_phone_redelivers_a_webhook_refunds_and_makes_a_toke
     b.screenshot("dashboard-link-used.png").unwrap();
 }
 
-/// A shop's side of BTCPay's "authorize app" flow on a loopback port: `GET /` sends the
-/// browser to the authorization URL, `POST /callback` keeps the body it is sent.
+/// A shop's side of BTCPay's "authorize app" flow on 127.0.0.2 (another site than the server's
+/// 127.0.0.1, as a real shop is): `GET /` is a page linking to the authorization URL,
+/// `POST /callback` keeps the body it is sent. Each connection has its own thread and a read
+/// timeout, so an idle or speculative browser connection holds nothing up.
 /// `authorize` builds the authorization URL from the shop's port (its callback's).
 fn shop(authorize: impl FnOnce(u16) -> String) -> (u16, std::sync::mpsc::Receiver<String>) {
-    use std::io::{BufRead, BufReader, Read};
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
     let port = listener.local_addr().unwrap().port();
-    let authorize = authorize(port);
+    let authorize = std::sync::Arc::new(authorize(port));
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for conn in listener.incoming() {
-            let Ok(mut conn) = conn else { return };
-            let mut r = BufReader::new(conn.try_clone().unwrap());
-            let mut line = String::new();
-            if r.read_line(&mut line).is_err() {
-                continue;
-            }
-            let mut length = 0;
-            loop {
-                let mut h = String::new();
-                if r.read_line(&mut h).is_err() || h.trim().is_empty() {
-                    break;
-                }
-                if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
-                    length = v.trim().parse().unwrap_or(0);
-                }
-            }
-            let mut body = vec![0; length];
-            let _ = r.read_exact(&mut body);
-            let answer = if line.starts_with("POST /callback") {
-                let _ = tx.send(String::from_utf8_lossy(&body).into_owned());
-                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nconnection: close\r\n\r\n\
-                 <h1>Shop connected</h1>"
-                    .to_owned()
-            } else {
-                format!(
-                    "HTTP/1.1 302 Found\r\nlocation: {authorize}\r\ncontent-length: 0\r\n\
-                     connection: close\r\n\r\n"
-                )
-            };
-            let _ = conn.write_all(answer.as_bytes());
+            let Ok(conn) = conn else { return };
+            let (tx, authorize) = (tx.clone(), authorize.clone());
+            std::thread::spawn(move || shop_answer(conn, &authorize, &tx));
         }
     });
     (port, rx)
+}
+
+fn shop_answer(
+    mut conn: std::net::TcpStream,
+    authorize: &str,
+    posted: &std::sync::mpsc::Sender<String>,
+) {
+    use std::io::{BufRead, BufReader, Read};
+    let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+    let Ok(read) = conn.try_clone() else { return };
+    let mut r = BufReader::new(read);
+    let mut line = String::new();
+    if r.read_line(&mut line).is_err() || line.is_empty() {
+        return;
+    }
+    let mut length = 0;
+    loop {
+        let mut h = String::new();
+        if r.read_line(&mut h).is_err() || h.trim().is_empty() {
+            break;
+        }
+        if let Some(v) = h.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    if r.read_exact(&mut body).is_err() {
+        return;
+    }
+    let answer = if line.starts_with("POST /callback") {
+        let _ = posted.send(String::from_utf8_lossy(&body).into_owned());
+        "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\nconnection: close\r\n\r\n\
+         <h1>Shop connected</h1>"
+            .to_owned()
+    } else if line.starts_with("GET / ") {
+        // The plugin's "Generate API key" button: a link the owner clicks (a navigation the
+        // shop's page starts, so the browser treats it as cross-site).
+        let page = format!(
+            "<!doctype html><a id=generate href=\"{}\">Generate API key</a>",
+            authorize.replace('&', "&amp;")
+        );
+        format!(
+            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
+             connection: close\r\n\r\n{page}",
+            page.len()
+        )
+    } else {
+        "HTTP/1.1 404 Not Found\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".to_owned()
+    };
+    let _ = conn.write_all(answer.as_bytes());
 }
 
 /// Percent-decodes a form value (`+` is a space).
@@ -487,24 +511,56 @@ fn a_shop_plugin_connects_with_the_servers_url_through_the_authorize_page() {
     let (shop_port, posted) = shop(|p| {
         format!(
             "{base}/api-keys/authorize?applicationName=WooCommerce&strict=true&selectiveStores=true\
-             &redirect=http%3A%2F%2F127.0.0.1%3A{p}%2Fcallback\
+             &redirect=http%3A%2F%2F127.0.0.2%3A{p}%2Fcallback\
              &permissions=btcpay.store.canviewinvoices&permissions=btcpay.store.cancreateinvoice\
              &permissions=btcpay.store.canviewstoresettings&permissions=btcpay.store.canmodifyinvoices"
         )
     });
     let b = Browser::start(1280, 900).unwrap();
-    b.goto(&format!("http://127.0.0.1:{shop_port}/")).unwrap();
+    let log_in = || {
+        b.eval(&format!(
+            "document.querySelector('input[name=store]').value = '{account}'; \
+             document.querySelector('input[name=password]').value = '{PASSWORD}'; \
+             document.querySelector('form').submit(); return true;"
+        ))
+        .unwrap();
+    };
+    // The owner is logged in to the dashboard already.
+    b.goto(&format!("{base}/dashboard")).unwrap();
+    b.wait_for(
+        "the login form",
+        "return location.pathname === '/dashboard/login';",
+        DESCRIBE,
+    )
+    .unwrap();
+    log_in();
+    b.wait_for(
+        "the store's home page",
+        "return location.pathname === '/dashboard';",
+        DESCRIBE,
+    )
+    .unwrap();
+    // The plugin's button: from the shop's site the `SameSite=Strict` session cookie is not
+    // sent, so the login page comes, with this server's own link back to the request, which
+    // sends it.
+    b.goto(&format!("http://127.0.0.2:{shop_port}/")).unwrap();
+    b.wait_for(
+        "the shop's settings page",
+        "return !!document.getElementById('generate');",
+        DESCRIBE,
+    )
+    .unwrap();
+    b.eval("document.getElementById('generate').click(); return true;")
+        .unwrap();
     b.wait_for(
         "the login page, which comes back to the request",
         "return location.pathname === '/dashboard/login' && !!document.querySelector('input[name=next]');",
         DESCRIBE,
     )
     .unwrap();
-    b.eval(&format!(
-        "document.querySelector('input[name=store]').value = '{account}'; \
-         document.querySelector('input[name=password]').value = '{PASSWORD}'; \
-         document.querySelector('form').submit(); return true;"
-    ))
+    b.eval(
+        "Array.from(document.querySelectorAll('a')).find(a => a.textContent.includes('Continue')).click(); return true;",
+    )
     .unwrap();
     b.wait_for(
         "the authorization page",

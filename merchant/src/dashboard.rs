@@ -729,7 +729,7 @@ fn safe_next(next: &str) -> Option<&str> {
     let rest = next.strip_prefix(authorize::PATH)?;
     (rest.is_empty() || rest.starts_with('?'))
         .then_some(next)
-        .filter(|n| n.len() <= 4096 && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\'))
+        .filter(|n| n.len() <= 8192 && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\'))
 }
 
 fn login_form(link: Option<&str>, error: Option<&str>, next: Option<&str>) -> String {

@@ -3093,12 +3093,14 @@ fn keys_of(d: &D) -> usize {
     d.h.state.keys().of_account(d.account).len()
 }
 
-/// What WooCommerce's plugin asks for (and one permission this server does not have).
+/// What WooCommerce's plugin asks for (its four required permissions, its optional webhooks
+/// and refunds, `strict=true`), and one permission this server does not have.
 const WOO_ASKS: &str = "/api-keys/authorize?applicationName=WooCommerce%20shop\
     &redirect=https%3A%2F%2Fshop.example%2Fwp-admin%2F%3Fbtcpay-settings-callback\
     &permissions=btcpay.store.canviewinvoices&permissions=btcpay.store.cancreateinvoice\
     &permissions=btcpay.store.canviewstoresettings&permissions=btcpay.store.canmodifyinvoices\
     &permissions=btcpay.store.webhooks.canmodifywebhooks\
+    &permissions=btcpay.store.cancreatenonapprovedpullpayments\
     &permissions=btcpay.store.canviewpaymentrequests&strict=true&selectiveStores=true";
 
 #[tokio::test]
@@ -3145,9 +3147,12 @@ async fn an_apps_authorization_request_makes_the_key_it_asked_for_and_posts_it_b
     ] {
         assert!(p.body.contains(s), "{s}: {}", p.body);
     }
+    // Refunds are offered, not granted: money out is the owner's tick, with the password.
+    assert!(p.body.contains("name=refunds"), "{}", p.body);
+    assert!(!p.body.contains("name=refunds value=1 checked"));
     assert!(
-        !p.body.contains("name=password"),
-        "no money out, no password"
+        !p.body.contains("plain http"),
+        "an https shop gets no warning"
     );
     assert_eq!(keys_of(&d), before);
     let fields = form_fields(&p.body, "/api-keys/authorize");
@@ -3175,7 +3180,7 @@ async fn an_apps_authorization_request_makes_the_key_it_asked_for_and_posts_it_b
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
     assert_eq!(keys_of(&d), before);
 
-    // Approved: one key, posted back as BTCPay posts it.
+    // Approved without refunds: one key, no password asked, posted back as BTCPay posts it.
     let r = post(&d.h, "/api-keys/authorize", &id, WOO_ASKS, &form).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(keys_of(&d), before + 1);
@@ -3279,25 +3284,28 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
         assert_eq!(r.location(), "/dashboard", "{next}");
     }
 
-    // Refunds (money out): the key holds `withdraw`, so the store password is asked again.
-    let asks = "/api-keys/authorize?applicationName=Shop&redirect=https%3A%2F%2Fshop.example%2Fcb\
+    // Refunds (money out): ticked, the key holds `withdraw`, so the store password is asked
+    // again; a plain-http shop elsewhere than loopback is warned about.
+    let asks = "/api-keys/authorize?applicationName=Shop&redirect=http%3A%2F%2Fshop.example%2Fcb\
                 &permissions=btcpay.store.canviewinvoices\
                 &permissions=btcpay.store.cancreatenonapprovedpullpayments";
     let p = get(&d.h, asks, &id).await;
     assert!(p.body.contains("name=password"), "{}", p.body);
+    assert!(p.body.contains("plain http"), "{}", p.body);
     let fields = form_fields(&p.body, "/api-keys/authorize");
     let mut form: Vec<(&str, &str)> = fields
         .iter()
         .filter(|(k, _)| k != "csrf")
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
+    form.push(("refunds", "1"));
     let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
     assert_eq!(keys_of(&d), before);
     form.push(("password", PASSWORD));
     let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
-    let sent = form_fields(&r.body, "https://shop.example/cb");
+    let sent = form_fields(&r.body, "http://shop.example/cb");
     assert!(sent.iter().any(|(k, v)| k == "permissions[]"
         && v.starts_with("btcpay.store.cancreatenonapprovedpullpayments:")));
     let token = &sent.iter().find(|(k, _)| k == "apiKey").unwrap().1;
@@ -3308,6 +3316,44 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
             .expect("the posted token is a key");
     assert!(key.perms.has(api::keys::Perms::WITHDRAW));
     assert!(!key.perms.has(api::keys::Perms::MERCHANT));
+    // The same request with refunds left out: no password, no `withdraw`, no refund
+    // permission (even asked for under `strict`).
+    let form: Vec<(&str, &str)> = fields
+        .iter()
+        .filter(|(k, _)| k != "csrf")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let sent = form_fields(&r.body, "http://shop.example/cb");
+    let perms: Vec<&str> = sent
+        .iter()
+        .filter(|(k, _)| k == "permissions[]")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert_eq!(
+        perms,
+        [format!("btcpay.store.canviewinvoices:{}", d.account)]
+    );
+    let token = &sent.iter().find(|(k, _)| k == "apiKey").unwrap().1;
+    let key = d.h.state.keys().by_greenfield_token(token).unwrap();
+    assert!(!key.perms.has(api::keys::Perms::WITHDRAW));
+    // `canmodifystoresettings` pays out with `withdraw` only when refunds are ticked.
+    let asks = "/api-keys/authorize?permissions=btcpay.store.canmodifystoresettings";
+    let p = get(&d.h, asks, &id).await;
+    assert!(p.body.contains("name=refunds"), "{}", p.body);
+    let fields = form_fields(&p.body, "/api-keys/authorize");
+    let form: Vec<(&str, &str)> = fields
+        .iter()
+        .filter(|(k, _)| k != "csrf")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let at = r.body.find("<code class=secret>").unwrap() + 19;
+    let token = &r.body[at..at + r.body[at..].find('<').unwrap()];
+    let key = d.h.state.keys().by_greenfield_token(token).unwrap();
+    assert!(!key.perms.has(api::keys::Perms::WITHDRAW));
 
     // Plugins' other spellings: the path with a slash (a redirect with the query), and PHP's
     // `permissions[0]=...` fields.
@@ -3339,6 +3385,8 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
         .map(|(k, v)| (k.as_str(), v.as_str()))
         .collect();
     form.push(("grant", "btcpay.store.canviewinvoices"));
+    // A grant of what was not asked for is not granted.
+    form.push(("grant", "btcpay.store.canmodifystoresettings"));
     let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let at = r.body.find("<code class=secret>").unwrap() + 19;

@@ -424,7 +424,7 @@ async fn listed_permissions(g: &G, token: &str) -> Vec<String> {
 async fn a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more() {
     let g = setup().await;
     let store = g.store();
-    // What WooCommerce's plugin asks for, minus the refunds: made with BTCPay's names.
+    // A plugin's key made with BTCPay's names: invoices and webhooks only.
     let k =
         g.h.ok(
             "POST",
@@ -692,6 +692,25 @@ async fn a_key_makes_store_permission_keys_only_within_what_it_holds() {
         g.h.state.keys().of_account(g.account).len(),
         keys_before + 3
     );
+    // Listing: the narrow key sees in full only the ids of keys it holds every permission of
+    // (a key's id opens its user data stream); the `merchant` one and the wide one are masked.
+    let (same, _) = own("btcpay.store.canviewinvoices");
+    let listed = g.h.ok("GET", "/mapi/v1/apiKey", "", &narrow).await;
+    let shown = |id: &str| {
+        listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|k| k["apiKey"].as_str() == Some(id))
+    };
+    let merchant_key =
+        g.h.state
+            .keys()
+            .by_greenfield_token(&g.merchant_token)
+            .unwrap();
+    assert!(shown(&same), "{listed}");
+    assert!(!shown(&wide.0), "{listed}");
+    assert!(!shown(&merchant_key.api_key), "{listed}");
 }
 
 #[tokio::test]

@@ -13,9 +13,15 @@
 //!   exactly the BTCPay names asked for that exist here. With `strict=false` the owner may
 //!   leave some out. Names this server has no route for, or scoped to another store, are shown
 //!   as not granted; the plugin sees their absence in `permissions[]`.
-//! * **Money out needs the password** (ADR 0015): a pull-payment permission (refunds) makes a
-//!   key with `withdraw`, which the form grants only with the store password, and never while
-//!   the withdrawal address list is on, as the token page does.
+//! * **Money out is the owner's explicit choice** (ADR 0015): refunds and pull payments pay any
+//!   address, so the pull-payment permissions (and `withdraw`, which they and
+//!   `canmodifystoresettings` need for it) are granted only when the owner ticks "also allow
+//!   refunds", even under `strict` (WooCommerce asks for refunds as an option, with
+//!   `strict=true`), and only with the store password, never while the withdrawal address list
+//!   is on, as the token page does. Unticked, the app gets the rest and sees in `permissions[]`
+//!   that refunds were left out.
+//! * **A plain `http` redirect** to a host other than loopback is allowed (shops on a local
+//!   network) but the page warns that the key travels unencrypted.
 //! * Not done: `applicationIdentifier` (BTCPay offers an existing key of the same app again);
 //!   every approval makes a new key (at most [`api::keys::MAX_KEYS_PER_ACCOUNT`] per store).
 
@@ -163,6 +169,26 @@ fn pays_out(g: Greenfield) -> bool {
     g.perms().has(Perms::WITHDRAW)
 }
 
+/// True when the permission would pay out with `withdraw` beside it: a pull-payment one, or one
+/// that holds them (`canmodifystoresettings`).
+fn could_pay_out(g: Greenfield) -> bool {
+    let pull = Perms::MANAGE_PULL_PAYMENTS
+        .with(Perms::CREATE_PULL_PAYMENTS)
+        .with(Perms::CREATE_NON_APPROVED_PULL_PAYMENTS);
+    Perms(g.perms().0 & Perms::STORE.0).implied().0 & pull.0 != 0
+}
+
+/// True for a redirect whose token would cross a network unencrypted.
+fn cleartext(url: &Url) -> bool {
+    let host = url.host_str().unwrap_or("");
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    let loopback = host.eq_ignore_ascii_case("localhost")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback());
+    url.scheme() == "http" && !loopback
+}
+
 /// The form's fields that carry the request from the page to its post.
 fn carried(a: &Ask) -> String {
     let mut b = String::new();
@@ -224,7 +250,7 @@ pub async fn authorize_page(
     );
     for g in &a.known {
         let extra = if pays_out(*g) {
-            " (money out: refunds and pull payments pay any address; needs the store password)"
+            " (only if refunds are allowed below)"
         } else {
             ""
         };
@@ -248,10 +274,19 @@ pub async fn authorize_page(
             esc(&a.unknown.join(", "))
         );
     }
-    if a.known.iter().any(|g| pays_out(*g)) {
+    if a.known.iter().any(|g| could_pay_out(*g)) {
         b.push_str(
-            "<label>Store password (needed for refunds)<input type=password name=password \
-             autocomplete=current-password></label>",
+            "<fieldset><legend>Refunds</legend><label class=check><input type=checkbox \
+             name=refunds value=1> Also allow refunds and pull payments: money out, paid to \
+             any address whoever holds a refund's link gives</label>\
+             <label>Store password (needed only with refunds)<input type=password \
+             name=password autocomplete=current-password></label></fieldset>",
+        );
+    }
+    if a.redirect.as_ref().is_some_and(cleartext) {
+        b.push_str(
+            "<p class=err>The application's address is plain http: the key will cross the \
+             network unencrypted. Authorize only on a network you trust.</p>",
         );
     }
     let button = match &a.redirect {
@@ -295,12 +330,21 @@ pub async fn authorize(
             .filter(|g| ticked.contains(&g.name()))
             .collect()
     };
+    // Money out only when the owner ticked it, even under `strict`.
+    let refunds = form.get("refunds").is_some();
+    let granted: Vec<Greenfield> = granted
+        .into_iter()
+        .filter(|g| refunds || !pays_out(*g))
+        .collect();
     if granted.is_empty() {
         return Err(bad("No permission was granted; no key was made."));
     }
     let mut perms = Perms::NONE;
     for g in &granted {
-        perms = perms.with(g.perms());
+        perms = perms.with(Perms(g.perms().0 & Perms::STORE.0));
+    }
+    if refunds && granted.iter().any(|g| could_pay_out(*g)) {
+        perms = perms.with(Perms::WITHDRAW);
     }
     if perms.has(Perms::WITHDRAW) {
         step_up(&st, &s, form.text("password"), StepUp::WithdrawToken).await?;

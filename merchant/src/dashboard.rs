@@ -105,7 +105,7 @@ fn random_hex() -> Result<String, ApiError> {
 }
 
 /// Equal in constant time (for equal lengths; a length difference is not secret).
-fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
@@ -1266,6 +1266,21 @@ pub async fn invoices(
     }
     b.push_str("</ul>");
     Ok(page(StatusCode::OK, "Invoices", Some(&s), &b))
+}
+
+/// `GET /invoices/{id}` (BTCPay's path of the owner's invoice page, which shop plugins link
+/// from their orders): a redirect to the dashboard's page of the invoice. Changes nothing.
+pub async fn invoice_link(Path(id): Path<String>) -> Response {
+    let plain = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if plain {
+        redirect(&format!("/dashboard/invoices/{id}"))
+    } else {
+        StatusCode::NOT_FOUND.into_response()
+    }
 }
 
 /// `GET /dashboard/invoices/{id}`: the invoice, its payments, webhook deliveries (redeliver),

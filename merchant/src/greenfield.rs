@@ -64,12 +64,33 @@ pub const BTC_LN: &str = "BTC-LN";
 /// The 1.x name of [`BTC_LN`] (the `paymentMethod` field).
 pub const BTC_LN_LEGACY: &str = "BTC-LightningNetwork";
 
+/// A payment method a client names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Method {
+    /// On chain.
+    Chain,
+    /// Lightning.
+    Ln,
+}
+
+/// The payment method a client's id names, as BTCPay parses it: case-insensitive, `-` or `_`
+/// between the currency and the type (WooCommerce's plugin sends `BTC_CHAIN`, `BTC_LN`), the
+/// 1.x names (`BTC-OnChain`, `BTC-LightningNetwork`) and the bare `BTC` too.
+fn method_of(m: &str) -> Option<Method> {
+    let m = m.to_ascii_uppercase().replace('_', "-");
+    match m.as_str() {
+        "BTC-CHAIN" | "BTC" | "BTC-ONCHAIN" => Some(Method::Chain),
+        "BTC-LN" | "BTC-LIGHTNINGNETWORK" => Some(Method::Ln),
+        _ => None,
+    }
+}
+
 /// A payment method an invoice may ask for: on chain always, Lightning while the node runs.
 fn method_ok(m: &str, lightning: bool) -> bool {
-    match m {
-        "BTC-CHAIN" | "BTC" | "BTC-OnChain" => true,
-        "BTC-LN" | "BTC-LightningNetwork" => lightning,
-        _ => false,
+    match method_of(m) {
+        Some(Method::Chain) => true,
+        Some(Method::Ln) => lightning,
+        None => false,
     }
 }
 
@@ -853,16 +874,33 @@ fn decimal_of(v: &Value) -> Option<String> {
     }
 }
 
-/// The checkout options a client may set, validated, as stored.
+/// An invoice's `checkout`, read.
+struct Checkout {
+    /// The options a client may set, validated, as stored.
+    options: Map<String, Value>,
+    /// `expirationMinutes`.
+    expiry: Option<u64>,
+    /// `paymentMethods` leaves Lightning out: the invoice gets no BOLT11 part and lists only
+    /// `BTC-CHAIN`, as asked (WooCommerce's plugin invalidates an invoice whose methods differ
+    /// from its gateway's).
+    on_chain_only: bool,
+}
+
+/// Reads an invoice's `checkout` (store settings it overrides go into `s`).
 fn checkout_options(
     b: &Map<String, Value>,
     s: &mut StoreSettings,
     lightning: bool,
-) -> Result<(Map<String, Value>, Option<u64>), GfError> {
+) -> Result<Checkout, GfError> {
     let mut out = Map::new();
     let mut expiry = None;
+    let mut on_chain_only = false;
     let Some(c) = b.get("checkout").filter(|v| !v.is_null()) else {
-        return Ok((out, expiry));
+        return Ok(Checkout {
+            options: out,
+            expiry,
+            on_chain_only,
+        });
     };
     let c = c
         .as_object()
@@ -900,6 +938,10 @@ fn checkout_options(
                 },
             ));
         }
+        on_chain_only = v.as_array().is_some_and(|a| {
+            !a.iter()
+                .any(|m| m.as_str().and_then(method_of) == Some(Method::Ln))
+        });
     }
     if let Some(v) = c.get("redirectURL").filter(|v| !v.is_null()) {
         let u = v.as_str().unwrap_or("");
@@ -929,7 +971,11 @@ fn checkout_options(
             json!(l.ok_or_else(|| invalid("checkout.defaultLanguage", "a language tag"))?),
         );
     }
-    Ok((out, expiry))
+    Ok(Checkout {
+        options: out,
+        expiry,
+        on_chain_only,
+    })
 }
 
 /// Metadata as stored (a JSON object) and the order id it names.
@@ -987,8 +1033,12 @@ pub async fn create_invoice(
         None => None,
     };
     let (metadata, order_id) = metadata_param(&b)?;
-    let (checkout, expiry) = checkout_options(&b, &mut settings, st.lightning().is_some())?;
-    let checkout = serde_json::to_string(&checkout).map_err(|_| ApiError::internal())?;
+    let Checkout {
+        options,
+        expiry,
+        on_chain_only,
+    } = checkout_options(&b, &mut settings, st.lightning().is_some())?;
+    let checkout = serde_json::to_string(&options).map_err(|_| ApiError::internal())?;
     let rec = r::new_invoice(
         &st,
         &settings,
@@ -1001,6 +1051,7 @@ pub async fn create_invoice(
             expiry_min: expiry,
             metadata_max: MAX_METADATA,
             greenfield_checkout: Some(checkout),
+            on_chain_only,
             ..NewInvoice::default()
         },
     )
@@ -1564,8 +1615,18 @@ pub fn enqueue_hooks(
     Ok(())
 }
 
-fn hook_body(b: &Map<String, Value>, h: &mut Hook, creating: bool) -> Result<(), GfError> {
-    if b.get("secret").is_some_and(|s| !s.is_null() && s != "") {
+/// A webhook's fields from a create (`secret`: `None`) or update body. Its `secret` is derived,
+/// never chosen: a body may only repeat the one the webhook has (WooCommerce's plugin sends the
+/// secret it keeps with an update), compared in constant time.
+fn hook_body(b: &Map<String, Value>, h: &mut Hook, secret: Option<&str>) -> Result<(), GfError> {
+    let creating = secret.is_none();
+    let sent = b
+        .get("secret")
+        .filter(|s| !s.is_null() && *s != "")
+        .map(|s| s.as_str().unwrap_or_default());
+    let repeated =
+        |s: &str| secret.is_some_and(|k| crate::dashboard::ct_eq(s.as_bytes(), k.as_bytes()));
+    if sent.is_some_and(|s| !repeated(s)) {
         return Err(invalid(
             "secret",
             "Mediator derives webhook secrets (never stored): leave secret out and read it from the answer",
@@ -1675,7 +1736,7 @@ pub async fn create_webhook(
         everything: true,
         events: vec![],
     };
-    hook_body(&b, &mut h, true)?;
+    hook_body(&b, &mut h, None)?;
     check_url(&st, key.account, &h.url).await?;
     let a = key.account;
     let (id, url, events) = (h.id.clone(), h.url.clone(), h.events.join(","));
@@ -1735,7 +1796,8 @@ pub async fn update_webhook(
     let key = auth(&st, &req, Some(&store_path))?;
     let b = req.json()?;
     let mut h = own_hook(&st, key.account, id).await?;
-    hook_body(&b, &mut h, false)?;
+    let secret = hook_secret(&st, key.account, &h.id);
+    hook_body(&b, &mut h, Some(&secret))?;
     check_url(&st, key.account, &h.url).await?;
     let a = key.account;
     let (id, url, events) = (h.id.clone(), h.url.clone(), h.events.join(","));
@@ -2042,11 +2104,16 @@ fn text_field(b: &Map<String, Value>, name: &str, max: usize) -> Result<Option<S
 fn payout_method_ok(b: &Map<String, Value>, names: &[&str]) -> Result<(), GfError> {
     for n in names {
         if let Some(v) = b.get(*n).filter(|v| !v.is_null()) {
+            // Claims are paid on chain: a list naming it is taken (Lightning beside it, as
+            // WooCommerce's plugin sends for a store with Lightning, is not offered for claims
+            // and is left out of the answer's `payoutMethods`).
             let ok = match v {
-                Value::String(s) => matches!(s.as_str(), "BTC-CHAIN" | "BTC" | "BTC-OnChain"),
-                Value::Array(a) => a
-                    .iter()
-                    .all(|m| matches!(m.as_str(), Some("BTC-CHAIN" | "BTC" | "BTC-OnChain"))),
+                Value::String(s) => method_of(s) == Some(Method::Chain),
+                Value::Array(a) => {
+                    let methods: Vec<Option<Method>> =
+                        a.iter().map(|m| m.as_str().and_then(method_of)).collect();
+                    methods.iter().all(Option::is_some) && methods.contains(&Some(Method::Chain))
+                }
                 _ => false,
             };
             if !ok {

@@ -454,6 +454,8 @@ pub(crate) struct NewInvoice {
     pub(crate) metadata_max: usize,
     /// A Greenfield invoice's checkout options (JSON), stored with it in one transaction.
     pub(crate) greenfield_checkout: Option<String>,
+    /// No Lightning part (the client's `paymentMethods` left it out).
+    pub(crate) on_chain_only: bool,
 }
 
 pub(crate) fn random_id() -> Result<String, ApiError> {
@@ -598,14 +600,18 @@ pub(crate) async fn new_invoice(
     let now = now_ms();
     let id = random_id()?;
     let expires_ms = now + expiry * 60_000;
-    let (lightning, lightning_note) = lightning_part(
-        st,
-        merchant,
-        amount_sat,
-        ln_description(&settings.name, req.order_id.as_deref(), &id),
-        expires_ms,
-    )
-    .await;
+    let (lightning, lightning_note) = if req.on_chain_only {
+        (None, None)
+    } else {
+        lightning_part(
+            st,
+            merchant,
+            amount_sat,
+            ln_description(&settings.name, req.order_id.as_deref(), &id),
+            expires_ms,
+        )
+        .await
+    };
     let label = req.label.or_else(|| Some(settings.name.clone()));
     let message = req
         .message

@@ -398,6 +398,8 @@ pub static ROUTES: &[Route] = {
             P,
             d::invoice
         ),
+        // BTCPay's invoice page for the store owner, where plugins link their orders.
+        route!("GET", "/invoices/{id}", Public, Some(1), P, d::invoice_link),
         route!(
             "POST",
             "/dashboard/invoices/{id}/redeliver",

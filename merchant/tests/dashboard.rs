@@ -3355,6 +3355,15 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
     let key = d.h.state.keys().by_greenfield_token(token).unwrap();
     assert!(!key.perms.has(api::keys::Perms::WITHDRAW));
 
+    // BTCPay's owner invoice page, where plugins link their orders: the dashboard's.
+    let r = req(&d.h, "GET", "/invoices/0123abcd", None, &[], &[]).await;
+    assert_eq!(
+        (r.status, r.location()),
+        (StatusCode::SEE_OTHER, "/dashboard/invoices/0123abcd")
+    );
+    let r = req(&d.h, "GET", "/invoices/a%0D%0Ab", None, &[], &[]).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND);
+
     // Plugins' other spellings: the path with a slash (a redirect with the query), and PHP's
     // `permissions[0]=...` fields.
     let r = req(

@@ -947,6 +947,21 @@ async fn webhooks_get_btcpay_events_filtered_and_the_legacy_outbox_keeps_its_own
             r.json
         );
     }
+    // An update may repeat the webhook's own secret (WooCommerce's plugin sends the one it
+    // keeps), not choose another.
+    let secret = all["secret"].as_str().unwrap().to_owned();
+    let one = format!("{hooks}/{all_id}");
+    let repeated = json!({"url": "https://shop.example/btcpay", "secret": secret});
+    ok(
+        call(&g.h, "PUT", &one, Some(&g.token), Some(repeated)).await,
+        "an update repeating the secret",
+    );
+    let mut other = secret.clone().into_bytes();
+    other[0] = if other[0] == b'0' { b'1' } else { b'0' };
+    let chosen =
+        json!({"url": "https://shop.example/btcpay", "secret": String::from_utf8(other).unwrap()});
+    let r = call(&g.h, "PUT", &one, Some(&g.token), Some(chosen)).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
     let listed = ok(
         call(&g.h, "GET", &hooks, Some(&g.token), None).await,
         "list",
@@ -1441,6 +1456,14 @@ async fn a_pull_payments_claim_window_is_kept_and_manual_approval_refused() {
             raw(h, "POST", &payouts, None, body, &[]).await
         }
     };
+    // Payout methods as WooCommerce's plugin spells them (`_`, Lightning beside on chain for a
+    // store with Lightning): taken, claims are paid on chain; without on chain: refused.
+    ok(
+        create(with(json!({"payoutMethods": ["BTC_CHAIN", "BTC_LN"]}))).await,
+        "BTCPay's spellings",
+    );
+    let r = create(with(json!({"payoutMethods": ["BTC_LN"]}))).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
     let later = ok(create(with(json!({"startsAt": now + 3600}))).await, "later");
     assert_eq!(later["startsAt"], now + 3600);
     let r = claim(&later).await;

@@ -2173,3 +2173,74 @@ async fn a_store_makes_a_bounded_number_of_bolt11_parts_an_hour() {
             .await;
     assert_eq!(inv["lightning"]["paymentHash"], LateLn::HASH, "{inv}");
 }
+
+/// From the audit against WooCommerce's plugin: it names payment methods with `_`
+/// (`BTC_CHAIN`, `BTC_LN`, as BTCPay parses them) and, for a gateway without Lightning, asks for
+/// on chain only; an invoice listing Lightning anyway is one it marks invalid when the customer
+/// comes back. `BTC_CHAIN` was refused (422), so no invoice could be made. Now: taken, and an
+/// invoice asking on chain only has no BOLT11 part and lists `BTC-CHAIN` only.
+#[tokio::test]
+async fn a_greenfield_invoice_takes_btcpay_method_spellings_and_leaves_lightning_out_when_asked() {
+    use serde_json::json;
+    use tower::ServiceExt as _;
+    let m = setup().await;
+    let ln = Arc::new(LateLn::default());
+    assert!(m.h.state.set_lightning(ln.clone()).is_ok());
+    let created =
+        m.h.state
+            .create_key(
+                m.account,
+                api::keys::Perms::parse("btcpay.store.cancreateinvoice").unwrap(),
+                "woo",
+            )
+            .unwrap();
+    let token = m.h.state.greenfield_token(&created.0);
+    let create = |methods: Option<serde_json::Value>| {
+        let mut body = json!({"amount": "0.001", "currency": "BTC"});
+        if let Some(methods) = methods {
+            body["checkout"] = json!({ "paymentMethods": methods });
+        }
+        let req = axum::http::Request::builder()
+            .method("POST")
+            .uri(format!("/api/v1/stores/{}/invoices", m.account))
+            .header("Authorization", format!("token {token}"))
+            .header("content-type", "application/json")
+            .body(axum::body::Body::from(body.to_string()))
+            .unwrap();
+        let router = m.h.router.clone();
+        async move {
+            let res = router.oneshot(req).await.unwrap();
+            let status = res.status();
+            let bytes = http_body_util::BodyExt::collect(res.into_body())
+                .await
+                .unwrap()
+                .to_bytes();
+            (
+                status,
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap(),
+            )
+        }
+    };
+    for (asked, listed) in [
+        (None, json!(["BTC-CHAIN", "BTC-LN"])),
+        (
+            Some(json!(["BTC_CHAIN", "BTC_LN"])),
+            json!(["BTC-CHAIN", "BTC-LN"]),
+        ),
+        (Some(json!(["btc-chain"])), json!(["BTC-CHAIN"])),
+        (Some(json!(["BTC_CHAIN"])), json!(["BTC-CHAIN"])),
+    ] {
+        let (status, inv) = create(asked.clone()).await;
+        assert_eq!(status, axum::http::StatusCode::OK, "{asked:?}: {inv}");
+        assert_eq!(
+            inv["checkout"]["paymentMethods"], listed,
+            "{asked:?}: {inv}"
+        );
+    }
+    let (status, inv) = create(Some(json!(["BTC_DOGE"]))).await;
+    assert_eq!(
+        status,
+        axum::http::StatusCode::UNPROCESSABLE_ENTITY,
+        "{inv}"
+    );
+}

@@ -253,6 +253,16 @@ impl LimitKnobs {
         if self.idle_timeout_ms.is_some_and(|v| v <= request_ms) {
             bail!("limits.idle_timeout_ms must be more than the request timeout ({request_ms} ms)");
         }
+        // A body that stops must get its `408` before the idle check closes the connection
+        // without an answer.
+        let defaults = api::ApiConfig::default();
+        let body = self
+            .body_read_timeout_ms
+            .unwrap_or(defaults.body_read_timeout_ms);
+        let idle = self.idle_timeout_ms.unwrap_or(defaults.idle_timeout_ms);
+        if body >= idle {
+            bail!("limits.body_read_timeout_ms ({body}) must be less than limits.idle_timeout_ms ({idle})");
+        }
         if self.ws_max_message_bytes.is_some_and(|v| v < 1024) {
             bail!("limits.ws_max_message_bytes must be at least 1024");
         }
@@ -908,6 +918,15 @@ mod tests {
                 "max_connections_per_ip",
             ),
             ("[limits]\nidle_timeout_ms = 1000\n", "idle_timeout_ms"),
+            // A stopped body must get its 408 before the idle check closes it unanswered.
+            (
+                "[limits]\nbody_read_timeout_ms = 60000\n",
+                "body_read_timeout_ms",
+            ),
+            (
+                "[limits]\nbody_read_timeout_ms = 40000\nidle_timeout_ms = 35000\n",
+                "body_read_timeout_ms",
+            ),
             (
                 "[limits]\nws_max_message_bytes = 10\n",
                 "ws_max_message_bytes",

@@ -722,9 +722,9 @@ pub async fn serve_router(
     drop(listener);
     let _ = stop_tx.send(true);
     drop(done_tx);
-    // In-flight requests finish within the request timeout; a stream (SSE) never does, so the
-    // wait is bounded.
-    let grace = REQUEST_TIMEOUT + std::time::Duration::from_secs(5);
+    // In-flight requests finish within their body's and the request's timeouts; a stream (SSE)
+    // never does, so the wait is bounded.
+    let grace = timeouts.body_read + REQUEST_TIMEOUT + std::time::Duration::from_secs(5);
     if tokio::time::timeout(grace, done_rx.recv()).await.is_err() {
         tracing::warn!("connections still open after the shutdown grace period; closing them");
     }

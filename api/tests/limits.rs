@@ -380,7 +380,8 @@ async fn a_body_slower_than_its_timeout_is_answered_nothing_done() {
     });
     let (addr, stop) = start(&h).await;
     let (_, trader) = h.trader("0", "100000").await;
-    let q = format!("{ORDER}&timestamp={}", now_ms());
+    // A receive window longer than the trickle, so the order is one the server would place.
+    let q = format!("{ORDER}&recvWindow=60000&timestamp={}", now_ms());
     let body = format!("{q}&signature={}", sign(&trader.1, &q));
     let head = format!(
         "POST /api/v3/order HTTP/1.1\r\nHost: x\r\nX-MBX-APIKEY: {}\r\nContent-Type: application/x-www-form-urlencoded\r\nContent-Length: {}\r\n\r\n",

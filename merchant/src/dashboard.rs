@@ -723,13 +723,25 @@ async fn take_flash(st: &AppState, s: &Session) -> Result<String, Refusal> {
 
 // ---- login and logout ----
 
-/// `next` when it is a page the login may send the browser back to: an app's authorization
-/// request (`/api-keys/authorize?...`), a path on this server and nothing else.
+/// `next` when it is a page the login may send the browser back to, pages that change nothing
+/// and that other sites link to: an app's authorization request (`/api-keys/authorize?...`)
+/// and an invoice's page (`/dashboard/invoices/<id>`, where shop plugins' order links lead).
+/// A path on this server and nothing else; at most 4 KiB, so the login's URL with it
+/// percent-encoded stays under the head limit.
 fn safe_next(next: &str) -> Option<&str> {
-    let rest = next.strip_prefix(authorize::PATH)?;
-    (rest.is_empty() || rest.starts_with('?'))
-        .then_some(next)
-        .filter(|n| n.len() <= 8192 && n.bytes().all(|b| b.is_ascii_graphic() && b != b'\\'))
+    let plain = next.len() <= 4096 && next.bytes().all(|b| b.is_ascii_graphic() && b != b'\\');
+    let authorize = next
+        .strip_prefix(authorize::PATH)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('?'));
+    let invoice = next
+        .strip_prefix("/dashboard/invoices/")
+        .is_some_and(|id| !id.is_empty() && id.len() <= 64 && id.bytes().all(plain_id_byte));
+    (plain && (authorize || invoice)).then_some(next)
+}
+
+/// A byte of an id the dashboard puts in a path (`[A-Za-z0-9_-]`).
+fn plain_id_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'-' || b == b'_'
 }
 
 fn login_form(link: Option<&str>, error: Option<&str>, next: Option<&str>) -> String {
@@ -743,8 +755,12 @@ fn login_form(link: Option<&str>, error: Option<&str>, next: Option<&str>) -> St
         // arrives without it, a click on this server's own link sends it.
         let _ = write!(
             b,
-            "<p>An application asks for an API key of your store. Log in to see what it asks \
-             for. <a href=\"{}\">Already logged in in this browser? Continue</a></p>",
+            "<p>{} <a href=\"{}\">Already logged in in this browser? Continue</a></p>",
+            if n.starts_with(authorize::PATH) {
+                "An application asks for an API key of your store. Log in to see what it asks for."
+            } else {
+                "Log in to see this invoice."
+            },
             esc(n)
         );
     }
@@ -1271,11 +1287,7 @@ pub async fn invoices(
 /// `GET /invoices/{id}` (BTCPay's path of the owner's invoice page, which shop plugins link
 /// from their orders): a redirect to the dashboard's page of the invoice. Changes nothing.
 pub async fn invoice_link(Path(id): Path<String>) -> Response {
-    let plain = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    let plain = !id.is_empty() && id.len() <= 64 && id.bytes().all(plain_id_byte);
     if plain {
         redirect(&format!("/dashboard/invoices/{id}"))
     } else {

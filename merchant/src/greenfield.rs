@@ -2112,7 +2112,10 @@ fn payout_method_ok(b: &Map<String, Value>, names: &[&str]) -> Result<(), GfErro
                 Value::Array(a) => {
                     let methods: Vec<Option<Method>> =
                         a.iter().map(|m| m.as_str().and_then(method_of)).collect();
-                    methods.iter().all(Option::is_some) && methods.contains(&Some(Method::Chain))
+                    // Empty: no restriction, as before.
+                    methods.is_empty()
+                        || (methods.iter().all(Option::is_some)
+                            && methods.contains(&Some(Method::Chain)))
                 }
                 _ => false,
             };

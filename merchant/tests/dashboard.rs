@@ -3354,6 +3354,18 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
     let token = &r.body[at..at + r.body[at..].find('<').unwrap()];
     let key = d.h.state.keys().by_greenfield_token(token).unwrap();
     assert!(!key.perms.has(api::keys::Perms::WITHDRAW));
+    // Ticked, with the password: it may pay out.
+    let mut form = form.clone();
+    form.extend([("refunds", "1"), ("password", PASSWORD)]);
+    let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    let at = r.body.find("<code class=secret>").unwrap() + 19;
+    let token = &r.body[at..at + r.body[at..].find('<').unwrap()];
+    let key = d.h.state.keys().by_greenfield_token(token).unwrap();
+    assert!(key.perms.has(api::keys::Perms::WITHDRAW));
+    assert!(key
+        .perms
+        .has(api::keys::Perms::CREATE_NON_APPROVED_PULL_PAYMENTS));
 
     // BTCPay's owner invoice page, where plugins link their orders: the dashboard's.
     let r = req(&d.h, "GET", "/invoices/0123abcd", None, &[], &[]).await;
@@ -3363,6 +3375,30 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
     );
     let r = req(&d.h, "GET", "/invoices/a%0D%0Ab", None, &[], &[]).await;
     assert_eq!(r.status, StatusCode::NOT_FOUND);
+    // Reached from the shop's site the session cookie is not sent: the login page comes back
+    // to the invoice (and offers this server's own link to it).
+    let r = req(&d.h, "GET", "/dashboard/invoices/0123abcd", None, &[], &[]).await;
+    assert_eq!(
+        r.location(),
+        "/dashboard/login?next=%2Fdashboard%2Finvoices%2F0123abcd"
+    );
+    let p = req(&d.h, "GET", r.location(), None, &[], &[]).await;
+    assert!(p.body.contains("Log in to see this invoice."), "{}", p.body);
+    let store = d.account.to_string();
+    let r = req(
+        &d.h,
+        "POST",
+        "/dashboard/login",
+        None,
+        &[
+            ("store", &store),
+            ("password", PASSWORD),
+            ("next", "/dashboard/invoices/0123abcd"),
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(r.location(), "/dashboard/invoices/0123abcd");
 
     // Plugins' other spellings: the path with a slash (a redirect with the query), and PHP's
     // `permissions[0]=...` fields.

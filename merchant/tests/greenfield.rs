@@ -622,6 +622,13 @@ async fn a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more()
     );
     // A plugin disconnecting revokes its own key (BTCPay's `DELETE api-keys/current`): the token
     // stops working, other keys do not.
+    let modify_id =
+        g.h.state
+            .keys()
+            .by_greenfield_token(&modify)
+            .unwrap()
+            .api_key
+            .clone();
     ok(
         call(
             &g.h,
@@ -633,6 +640,13 @@ async fn a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more()
         .await,
         "revoke current",
     );
+    // Audited: the revocation names the key, the token is not in the log.
+    let log = std::fs::read_to_string(g.h.dir.path().join(api::proofs::AUDIT_FILE)).unwrap();
+    let entry = log
+        .lines()
+        .find(|l| l.contains("key.revoke") && l.contains(&modify_id))
+        .unwrap_or_else(|| panic!("no key.revoke entry for {modify_id}: {log}"));
+    assert!(!log.contains(&modify), "{entry}");
     let r = call(&g.h, "GET", "/api/v1/api-keys/current", Some(&modify), None).await;
     assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.json);
     ok(

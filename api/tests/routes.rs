@@ -274,11 +274,14 @@ async fn every_route_with_every_permission_set_is_allowed_or_refused_unchanged()
                 let what = format!("{} {uri}: {}", route.method, res.status());
                 if route.method == "GET" {
                     assert_eq!(res.status(), StatusCode::SEE_OTHER, "{what}");
-                    // The app authorization page comes back to itself after the login.
-                    let login = if route.path == "/api-keys/authorize" {
-                        "/dashboard/login?next=%2Fapi-keys%2Fauthorize"
-                    } else {
-                        "/dashboard/login"
+                    // The pages other sites link to (an app's authorization, an invoice's
+                    // page) come back to themselves after the login.
+                    let login = match route.path {
+                        "/api-keys/authorize" => "/dashboard/login?next=%2Fapi-keys%2Fauthorize",
+                        "/dashboard/invoices/{id}" => {
+                            "/dashboard/login?next=%2Fdashboard%2Finvoices%2Fabc"
+                        }
+                        _ => "/dashboard/login",
                     };
                     assert_eq!(res.headers()["location"], login, "{what}");
                 } else {

@@ -86,6 +86,8 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
          CREATE TABLE IF NOT EXISTS dashboard_flash (
             session TEXT PRIMARY KEY, msg TEXT NOT NULL, created_ms INTEGER NOT NULL);
          CREATE TABLE IF NOT EXISTS dashboard_device (
+            hash TEXT PRIMARY KEY, merchant INTEGER NOT NULL, created_ms INTEGER NOT NULL);
+         CREATE TABLE IF NOT EXISTS dashboard_once (
             hash TEXT PRIMARY KEY, merchant INTEGER NOT NULL, created_ms INTEGER NOT NULL);",
     )
 }

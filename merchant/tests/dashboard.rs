@@ -3184,6 +3184,10 @@ async fn an_apps_authorization_request_makes_the_key_it_asked_for_and_posts_it_b
     let r = post(&d.h, "/api-keys/authorize", &id, WOO_ASKS, &form).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(keys_of(&d), before + 1);
+    // The same form posted again (back, reload, a double click): no second key.
+    let again = post(&d.h, "/api-keys/authorize", &id, WOO_ASKS, &form).await;
+    assert_eq!(again.status, StatusCode::CONFLICT, "{}", again.body);
+    assert_eq!(keys_of(&d), before + 1);
     let back = "https://shop.example/wp-admin/?btcpay-settings-callback";
     let sent = form_fields(&r.body, back);
     let token = sent.iter().find(|(k, _)| k == "apiKey").unwrap().1.clone();
@@ -3316,8 +3320,9 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
             .expect("the posted token is a key");
     assert!(key.perms.has(api::keys::Perms::WITHDRAW));
     assert!(!key.perms.has(api::keys::Perms::MERCHANT));
-    // The same request with refunds left out: no password, no `withdraw`, no refund
-    // permission (even asked for under `strict`).
+    // The same request with refunds left out (the page opened again: a form makes one key):
+    // no password, no `withdraw`, no refund permission (even asked for under `strict`).
+    let fields = form_fields(&get(&d.h, asks, &id).await.body, "/api-keys/authorize");
     let form: Vec<(&str, &str)> = fields
         .iter()
         .filter(|(k, _)| k != "csrf")
@@ -3354,8 +3359,13 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
     let token = &r.body[at..at + r.body[at..].find('<').unwrap()];
     let key = d.h.state.keys().by_greenfield_token(token).unwrap();
     assert!(!key.perms.has(api::keys::Perms::WITHDRAW));
-    // Ticked, with the password: it may pay out.
-    let mut form = form.clone();
+    // Ticked, with the password (the page opened again): it may pay out.
+    let fields = form_fields(&get(&d.h, asks, &id).await.body, "/api-keys/authorize");
+    let mut form: Vec<(&str, &str)> = fields
+        .iter()
+        .filter(|(k, _)| k != "csrf")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
     form.extend([("refunds", "1"), ("password", PASSWORD)]);
     let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);

@@ -22,13 +22,19 @@
 //!   that refunds were left out.
 //! * **A plain `http` redirect** to a host other than loopback is allowed (shops on a local
 //!   network) but the page warns that the key travels unencrypted.
+//! * **One key per page shown.** The form carries a random one-time token (`once`), spent (its
+//!   SHA-256 in `dashboard_once`) in the step that makes the key, after the password check: the
+//!   form posted again (back, reload, a double click) makes no second key. A spent token whose
+//!   key could not be made (the store's 30 keys) needs the page opened again.
 //! * Not done: `applicationIdentifier` (BTCPay offers an existing key of the same app again);
 //!   every approval makes a new key (at most [`api::keys::MAX_KEYS_PER_ACCOUNT`] per store).
 
 use super::{
-    bad, csrf_field, esc, page, refuse_while_list_on, step_up, Form, Refusal, Session, StepUp,
+    bad, csrf_field, esc, now_ms, page, random_hex, refuse_while_list_on, sha256_hex, step_up,
+    Form, Refusal, Session, StepUp,
 };
 use crate::greenfield::{self as gf, RawQuery};
+use crate::routes::{db_error, with_db};
 use api::access::Greenfield;
 use api::keys::Perms;
 use api::state::AppState;
@@ -36,6 +42,7 @@ use axum::extract::State;
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use reqwest::Url;
+use rusqlite::params;
 use std::fmt::Write as _;
 
 /// The flow's path, as BTCPay serves it.
@@ -241,9 +248,11 @@ pub async fn authorize_page(
             &b,
         ));
     }
+    let once = random_hex()?;
     let _ = write!(
         b,
-        "<form method=post action=\"{}\">{}{}<fieldset><legend>Permissions</legend>",
+        "<form method=post action=\"{}\">{}{}<input type=hidden name=once value=\"{once}\">\
+         <fieldset><legend>Permissions</legend>",
         super::authorize::PATH,
         csrf_field(&s),
         carried(&a)
@@ -356,6 +365,7 @@ pub async fn authorize(
         )
         .await?;
     }
+    spend_once(&st, &s, form.text("once")).await?;
     let label = if a.app.is_empty() {
         "authorized app".to_owned()
     } else {
@@ -418,6 +428,44 @@ pub async fn authorize(
         r.headers_mut().insert(header::CONTENT_SECURITY_POLICY, v);
     }
     Ok(r)
+}
+
+/// How long spent one-time tokens are kept (a page older than this, posted, makes a key again).
+const ONCE_KEPT_MS: u64 = 7 * 24 * 3_600_000;
+
+/// Spends the form's one-time token: refused when it is missing or was spent before (this page
+/// made its key already).
+async fn spend_once(st: &AppState, s: &Session, once: &str) -> Result<(), Refusal> {
+    if once.len() != 64 || !once.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(bad(
+            "This form is incomplete; open the application's link again. No key was made.",
+        ));
+    }
+    let (hash, account, now) = (sha256_hex(once), s.account, now_ms());
+    let fresh = with_db(st, move |c| {
+        c.execute(
+            "DELETE FROM dashboard_once WHERE created_ms < ?1",
+            params![now.saturating_sub(ONCE_KEPT_MS)],
+        )
+        .map_err(db_error)?;
+        c.execute(
+            "INSERT INTO dashboard_once (hash, merchant, created_ms) VALUES (?1, ?2, ?3)
+             ON CONFLICT(hash) DO NOTHING",
+            params![hash, account, now],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    if fresh == 1 {
+        Ok(())
+    } else {
+        Err(Refusal::Page(
+            StatusCode::CONFLICT,
+            "This authorization was posted before and made its key then; no second key was made. \
+             To connect again, start from the application."
+                .into(),
+        ))
+    }
 }
 
 /// The post-back page's one script: submits its form.

@@ -3429,6 +3429,34 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
         p.body
     );
 
+    // At the store's 30 keys no key is made, and the page's one-time token is given back: the
+    // same form makes its key once one is revoked.
+    let asks = "/api-keys/authorize?permissions=btcpay.store.canviewinvoices";
+    let fields = form_fields(&get(&d.h, asks, &id).await.body, "/api-keys/authorize");
+    let form: Vec<(&str, &str)> = fields
+        .iter()
+        .filter(|(k, _)| k != "csrf")
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .collect();
+    while keys_of(&d) < api::keys::MAX_KEYS_PER_ACCOUNT {
+        d.h.state
+            .create_key(d.account, api::keys::Perms::READ, "fill")
+            .unwrap();
+    }
+    let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
+    assert!(r.status.is_client_error(), "{}: {}", r.status, r.body);
+    assert_eq!(keys_of(&d), api::keys::MAX_KEYS_PER_ACCOUNT);
+    let victim = d.h.state.keys().of_account(d.account).pop().unwrap();
+    api::native::revoke_own_key(&d.h.state, &victim, &victim.api_key, "test", "test").unwrap();
+    let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+    assert_eq!(keys_of(&d), api::keys::MAX_KEYS_PER_ACCOUNT);
+    for k in d.h.state.keys().of_account(d.account) {
+        if k.label == "fill" {
+            api::native::revoke_own_key(&d.h.state, &k, &k.api_key, "test", "test").unwrap();
+        }
+    }
+
     // Not strict: the owner grants what is ticked, no more.
     let asks = "/api-keys/authorize?strict=false&permissions=btcpay.store.canviewinvoices\
                 &permissions=btcpay.store.webhooks.canmodifywebhooks";

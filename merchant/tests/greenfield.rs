@@ -1476,6 +1476,10 @@ async fn a_pull_payments_claim_window_is_kept_and_manual_approval_refused() {
         create(with(json!({"payoutMethods": ["BTC_CHAIN", "BTC_LN"]}))).await,
         "BTCPay's spellings",
     );
+    ok(
+        create(with(json!({"payoutMethods": []}))).await,
+        "no restriction",
+    );
     let r = create(with(json!({"payoutMethods": ["BTC_LN"]}))).await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
     let later = ok(create(with(json!({"startsAt": now + 3600}))).await, "later");

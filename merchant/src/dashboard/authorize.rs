@@ -365,13 +365,22 @@ pub async fn authorize(
         )
         .await?;
     }
-    spend_once(&st, &s, form.text("once")).await?;
+    let once = spend_once(&st, &s, form.text("once")).await?;
     let label = if a.app.is_empty() {
         "authorized app".to_owned()
     } else {
         a.app.clone()
     };
-    let v = api::native::create_key(&st, &s.actor(), &s.audit_id(), s.account, perms, &label)?;
+    let v = match api::native::create_key(&st, &s.actor(), &s.audit_id(), s.account, perms, &label)
+    {
+        Ok(v) => v,
+        Err(e) => {
+            // No key was made (the store's 30 keys, a failed write): the page may be posted
+            // again.
+            unspend_once(&st, once).await;
+            return Err(e.into());
+        }
+    };
     let token = super::txt(&v["greenfieldToken"]);
     let key = st
         .keys()
@@ -430,41 +439,63 @@ pub async fn authorize(
     Ok(r)
 }
 
-/// How long spent one-time tokens are kept (a page older than this, posted, makes a key again).
-const ONCE_KEPT_MS: u64 = 7 * 24 * 3_600_000;
+/// How long spent one-time tokens are kept: a session's life, after which the page's form is
+/// refused anyway (its CSRF token died with the session).
+const ONCE_KEPT_MS: u64 = super::SESSION_TTL_MS;
 
-/// Spends the form's one-time token: refused when it is missing or was spent before (this page
-/// made its key already).
-async fn spend_once(st: &AppState, s: &Session, once: &str) -> Result<(), Refusal> {
+/// Spent one-time tokens kept per store at most (the newest), so a session posting forms of
+/// its own making cannot grow the table without bound.
+const ONCE_PER_STORE: i64 = 256;
+
+/// Spends the form's one-time token (answers the hash spent): refused when it is missing or
+/// was spent before (this page made its key already).
+async fn spend_once(st: &AppState, s: &Session, once: &str) -> Result<String, Refusal> {
     if once.len() != 64 || !once.bytes().all(|b| b.is_ascii_hexdigit()) {
         return Err(bad(
             "This form is incomplete; open the application's link again. No key was made.",
         ));
     }
     let (hash, account, now) = (sha256_hex(once), s.account, now_ms());
+    let h2 = hash.clone();
     let fresh = with_db(st, move |c| {
         c.execute(
-            "DELETE FROM dashboard_once WHERE created_ms < ?1",
-            params![now.saturating_sub(ONCE_KEPT_MS)],
+            "DELETE FROM dashboard_once WHERE created_ms < ?1 OR (merchant = ?2 AND hash NOT IN
+               (SELECT hash FROM dashboard_once WHERE merchant = ?2
+                ORDER BY created_ms DESC, hash LIMIT ?3))",
+            params![now.saturating_sub(ONCE_KEPT_MS), account, ONCE_PER_STORE],
         )
         .map_err(db_error)?;
         c.execute(
             "INSERT INTO dashboard_once (hash, merchant, created_ms) VALUES (?1, ?2, ?3)
              ON CONFLICT(hash) DO NOTHING",
-            params![hash, account, now],
+            params![h2, account, now],
         )
         .map_err(db_error)
     })
     .await?;
     if fresh == 1 {
-        Ok(())
+        Ok(hash)
     } else {
         Err(Refusal::Page(
             StatusCode::CONFLICT,
             "This authorization was posted before and made its key then; no second key was made. \
-             To connect again, start from the application."
+             If the application did not get it (a double click shows this page instead), revoke \
+             it on the API tokens page and start again from the application."
                 .into(),
         ))
+    }
+}
+
+/// Gives a spent token back (its key could not be made). A failure only leaves the page
+/// refused: it is logged.
+async fn unspend_once(st: &AppState, hash: String) {
+    let r = with_db(st, move |c| {
+        c.execute("DELETE FROM dashboard_once WHERE hash = ?1", params![hash])
+            .map_err(db_error)
+    })
+    .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e.msg, "a one-time form token could not be given back");
     }
 }
 

@@ -62,15 +62,18 @@ pub enum Greenfield {
     ModifyInvoices,
     /// `btcpay.store.webhooks.canmodifywebhooks`.
     ModifyWebhooks,
-    /// `btcpay.store.canmanagepullpayments` (list them), + **withdraw**, because a pull
-    /// payment's id is the right to claim it to any address.
+    /// `btcpay.store.canmanagepullpayments` (list them, list and approve or cancel their
+    /// payouts), + **withdraw**, because a pull payment's id is the right to claim it to any
+    /// address and an approval pays a claim out.
     ManagePullPayments,
     /// `btcpay.store.cancreatepullpayments`, + **withdraw**, because whoever holds the pull
     /// payment's link sends its money to any address (ADR 0008: money out is never a store
     /// permission alone).
     CreatePullPayments,
     /// `btcpay.store.cancreatenonapprovedpullpayments` (refunds, which BTCPay's plugins ask
-    /// for), + **withdraw**, as [`Greenfield::CreatePullPayments`].
+    /// for): pull payments whose claims wait for the store's approval. No **withdraw**: nothing
+    /// leaves the store until an approval, which needs [`Greenfield::ManagePullPayments`] (or
+    /// the dashboard and its password).
     CreateNonApprovedPullPayments,
 }
 
@@ -118,9 +121,7 @@ impl Greenfield {
             Greenfield::ModifyWebhooks => Perms::MODIFY_WEBHOOKS,
             Greenfield::ManagePullPayments => Perms::MANAGE_PULL_PAYMENTS.with(Perms::WITHDRAW),
             Greenfield::CreatePullPayments => Perms::CREATE_PULL_PAYMENTS.with(Perms::WITHDRAW),
-            Greenfield::CreateNonApprovedPullPayments => {
-                Perms::CREATE_NON_APPROVED_PULL_PAYMENTS.with(Perms::WITHDRAW)
-            }
+            Greenfield::CreateNonApprovedPullPayments => Perms::CREATE_NON_APPROVED_PULL_PAYMENTS,
         }
     }
 }

@@ -1524,8 +1524,21 @@ pub async fn refund(
     Ok(redirect(&format!("/dashboard/invoices/{}", pct(&id))))
 }
 
-/// `GET /dashboard/refunds`: the store's pull payments (refunds and others).
-pub async fn refunds(State(st): State<AppState>, s: Session) -> Result<Response, Refusal> {
+/// `GET /dashboard/refunds`: the payouts waiting for the owner's approval (claims on refunds
+/// and pull payments made by a shop plugin's `cancreatenonapprovedpullpayments` token: approve,
+/// with the password, or cancel), then the store's pull payments.
+pub async fn refunds(
+    State(st): State<AppState>,
+    s: Session,
+    RawQuery(q): RawQuery,
+) -> Result<Response, Refusal> {
+    let payouts = call(gf::store_payouts(
+        State(st.clone()),
+        Path(s.store()),
+        RawQuery(None),
+        s.gf(json!({})),
+    ))
+    .await?;
     let v = call(gf::list_pull_payments(
         State(st.clone()),
         Path(s.store()),
@@ -1533,7 +1546,35 @@ pub async fn refunds(State(st): State<AppState>, s: Session) -> Result<Response,
         s.gf(json!({})),
     ))
     .await?;
-    let mut b = String::from("<ul class=cards>");
+    let mut b = flash(&q);
+    b.push_str(&take_flash(&st, &s).await?);
+    b.push_str("<section><h2>Payouts awaiting your approval</h2>");
+    let waiting: Vec<&Value> = payouts
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|p| p["state"] == "AwaitingApproval")
+        .collect();
+    if waiting.is_empty() {
+        b.push_str("<p class=muted>None.</p>");
+    }
+    for p in waiting {
+        let id = pct(&txt(&p["id"]));
+        let _ = write!(
+            b,
+            "<div class=row><span><b>{} BTC</b> to <span class=addr>{}</span> · claimed {}</span>\
+             <form method=post action=\"/dashboard/payouts/{id}/approve\">{csrf}\
+             <input type=password name=password placeholder=\"store password\" \
+             autocomplete=current-password required><button>Approve and pay</button></form>\
+             <form method=post action=\"/dashboard/payouts/{id}/cancel\">{csrf}\
+             <button>Cancel</button></form></div>",
+            esc(&txt(&p["payoutAmount"])),
+            esc(&txt(&p["destination"])),
+            time_str(p["date"].as_u64().unwrap_or(0)),
+            csrf = csrf_field(&s),
+        );
+    }
+    b.push_str("</section><section><h2>Refunds and pull payments</h2><ul class=cards>");
     let list = v.as_array().cloned().unwrap_or_default();
     if list.is_empty() {
         b.push_str("<li class=muted>No refunds or pull payments yet.</li>");
@@ -1542,14 +1583,19 @@ pub async fn refunds(State(st): State<AppState>, s: Session) -> Result<Response,
     for p in &list {
         let _ = write!(
             b,
-            "<li><b>{} BTC</b> · {}</li>",
+            "<li><b>{} BTC</b> · {}{}</li>",
             esc(&txt(&p["amount"])),
             esc(&txt(&p["name"])),
+            if p["autoApproveClaims"] == false {
+                " · claims wait for your approval"
+            } else {
+                ""
+            }
         );
     }
     b.push_str(
         "</ul><p class=muted>Create a refund from an invoice's page; its claim link is shown \
-         once, then.</p>",
+         once, then.</p></section>",
     );
     Ok(page(
         StatusCode::OK,
@@ -1557,6 +1603,56 @@ pub async fn refunds(State(st): State<AppState>, s: Session) -> Result<Response,
         Some(&s),
         &b,
     ))
+}
+
+/// `POST /dashboard/payouts/{id}/approve`: `password` (step-up) — Greenfield's approval of a
+/// payout awaiting it ([`gf::approve_payout`]): the claim is paid to the address its claimant
+/// gave, so it needs the store's password again, as a withdrawal.
+pub async fn approve_payout(
+    State(st): State<AppState>,
+    s: Session,
+    Path(id): Path<String>,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    step_up(&st, &s, form.text("password"), StepUp::Payout).await?;
+    let p = call(gf::approve_payout(
+        State(st.clone()),
+        Path((s.store(), id)),
+        s.gf(json!({"revision": 0})),
+    ))
+    .await?;
+    put_flash(
+        &st,
+        &s,
+        format!(
+            "Payout of {} BTC to {} approved: {}.",
+            txt(&p["payoutAmount"]),
+            txt(&p["destination"]),
+            txt(&p["state"])
+        ),
+    )
+    .await?;
+    Ok(redirect("/dashboard/refunds"))
+}
+
+/// `POST /dashboard/payouts/{id}/cancel`: cancels a payout awaiting approval (its amount may be
+/// claimed again).
+pub async fn cancel_payout(
+    State(st): State<AppState>,
+    s: Session,
+    Path(id): Path<String>,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    call(gf::cancel_payout(
+        State(st.clone()),
+        Path((s.store(), id)),
+        s.gf(json!({})),
+    ))
+    .await?;
+    put_flash(&st, &s, "Payout cancelled.".to_owned()).await?;
+    Ok(redirect("/dashboard/refunds"))
 }
 
 /// `GET /dashboard/settings`: the store settings form.
@@ -1691,6 +1787,8 @@ enum StepUp {
     Refund,
     /// A change to the withdrawal address allow-list ([`crate::allowlist`]).
     AddressList,
+    /// Approving a payout (paid to the address its claimant gave).
+    Payout,
 }
 
 impl StepUp {
@@ -1700,6 +1798,7 @@ impl StepUp {
             Self::WithdrawToken => "token with withdraw",
             Self::Refund => "refund",
             Self::AddressList => "change to the withdrawal addresses",
+            Self::Payout => "payout approval",
         }
     }
     fn nothing(self) -> &'static str {
@@ -1708,6 +1807,7 @@ impl StepUp {
             Self::WithdrawToken => "No token was created.",
             Self::Refund => "No refund was created.",
             Self::AddressList => "The list was not changed.",
+            Self::Payout => "Nothing was paid.",
         }
     }
 }

@@ -52,8 +52,14 @@ pub const MAX_BODY: usize = 64 * 1024;
 pub const MAX_METADATA: usize = 32 * 1024;
 /// Webhooks per store.
 pub const MAX_WEBHOOKS: i64 = 20;
+/// The BTCPay Server release whose Greenfield API this one follows, answered as `server/info`'s
+/// `version`.
+pub const BTCPAY_API_VERSION: &str = "2.0.0";
 /// Payouts per pull payment.
 pub const MAX_PAYOUTS: i64 = 100;
+/// A payout's state while it waits, reserved, for the store's approval (a pull payment without
+/// `autoApproveClaims`).
+const AWAITING: &str = "awaiting";
 /// A claim's destination that is an exchange account: `account:<number>`.
 pub const ACCOUNT_PREFIX: &str = "account:";
 /// The one payment method: Bitcoin on chain.
@@ -155,6 +161,16 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     if !has_accounts_ok {
         conn.execute_batch(
             "ALTER TABLE gf_pull_payment ADD COLUMN accounts_ok INTEGER NOT NULL DEFAULT 0",
+        )?;
+    }
+    // Databases from before claims could wait for the store's approval: every pull payment
+    // paid its claims when they were made.
+    let has_auto: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('gf_pull_payment') WHERE name = 'auto_approve'")?
+        .exists([])?;
+    if !has_auto {
+        conn.execute_batch(
+            "ALTER TABLE gf_pull_payment ADD COLUMN auto_approve INTEGER NOT NULL DEFAULT 1",
         )?;
     }
     Ok(())
@@ -481,7 +497,12 @@ pub async fn server_info(State(st): State<AppState>, req: GfReq) -> GfResult {
         vec![BTC_CHAIN]
     };
     ok(json!({
-        "version": env!("CARGO_PKG_VERSION"),
+        // The BTCPay API level this server speaks (2.0's payment and payout method ids), which
+        // clients compare with the release that brought what they use: WooCommerce's plugin
+        // offers refunds from 1.7.6 on (`cancreatenonapprovedpullpayments`). Mediator's own
+        // version is `mediatorVersion`.
+        "version": BTCPAY_API_VERSION,
+        "mediatorVersion": env!("CARGO_PKG_VERSION"),
         "onion": null,
         "supportedPaymentMethods": methods,
         "fullySynched": custody,
@@ -2019,10 +2040,13 @@ pub struct PullPayment {
     /// `transfer` permission, as a transfer itself needs. A refund's pull payment pays an
     /// account only if that account paid the invoice from its balance (as a signed refund).
     pub accounts_ok: bool,
+    /// Its claims are paid when made (`autoApproveClaims`); otherwise each waits, reserved, in
+    /// `awaiting` until the store approves it (then paid) or cancels it (then given back).
+    pub auto_approve: bool,
 }
 
 const PP_COLS: &str = "id, merchant, invoice_id, name, description, amount_sat, created_ms, \
-     archived, starts_ms, expires_ms, accounts_ok";
+     archived, starts_ms, expires_ms, accounts_ok, auto_approve";
 
 fn pp_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PullPayment> {
     Ok(PullPayment {
@@ -2037,6 +2061,7 @@ fn pp_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PullPayment> {
         starts_ms: r.get(8)?,
         expires_ms: r.get(9)?,
         accounts_ok: r.get(10)?,
+        auto_approve: r.get(11)?,
     })
 }
 
@@ -2052,8 +2077,9 @@ fn load_pp(conn: &Connection, id: &str) -> rusqlite::Result<Option<PullPayment>>
 fn insert_pp(conn: &Connection, p: &PullPayment) -> rusqlite::Result<()> {
     conn.execute(
         "INSERT INTO gf_pull_payment (id, merchant, invoice_id, name, description, amount_sat,
-           currency, amount_display, created_ms, archived, starts_ms, expires_ms, accounts_ok)
-           VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'BTC', ?7, ?8, 0, ?9, ?10, ?11)",
+           currency, amount_display, created_ms, archived, starts_ms, expires_ms, accounts_ok,
+           auto_approve)
+           VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'BTC', ?7, ?8, 0, ?9, ?10, ?11, ?12)",
         params![
             p.id,
             p.merchant,
@@ -2065,7 +2091,8 @@ fn insert_pp(conn: &Connection, p: &PullPayment) -> rusqlite::Result<()> {
             p.created_ms,
             p.starts_ms,
             p.expires_ms,
-            p.accounts_ok
+            p.accounts_ok,
+            p.auto_approve
         ],
     )?;
     Ok(())
@@ -2080,7 +2107,7 @@ fn pp_json(st: &AppState, p: &PullPayment) -> Value {
         "amount": r::btc(p.amount_sat),
         "period": null,
         "BOLT11Expiration": "30",
-        "autoApproveClaims": true,
+        "autoApproveClaims": p.auto_approve,
         "archived": p.archived,
         "viewLink": format!("{}/pp/{}", public_url(st), p.id),
         "startsAt": p.starts_ms.unwrap_or(p.created_ms) / 1000,
@@ -2254,6 +2281,10 @@ pub async fn refund(
         starts_ms: None,
         expires_ms: None,
         accounts_ok: false,
+        // As BTCPay: its claims are paid when made only if the key may create pull payments
+        // that pay out (`cancreatepullpayments`, here with `withdraw`); a shop plugin's
+        // `cancreatenonapprovedpullpayments` key makes one whose claims wait for the store.
+        auto_approve: key.perms.has(Greenfield::CreatePullPayments.perms()),
     };
     insert_pp_while_list_off(&st, p.clone(), "a refund (its claim names any address)").await?;
     ok(pp_json(&st, &p))
@@ -2280,7 +2311,10 @@ async fn insert_pp_while_list_off(
 }
 
 /// `POST /api/v1/stores/{storeId}/pull-payments`: `name`, `description`, `amount`, `currency`
-/// (`BTC`), `payoutMethods` (`BTC-CHAIN`).
+/// (`BTC`, `SATS`, or the exchange's quote currency, converted to BTC now at the reference
+/// price), `payoutMethods` (`BTC-CHAIN`), `startsAt`, `expiresAt`, `autoApproveClaims` (default
+/// `false`, as BTCPay: each claim waits for the store's approval; `true` needs
+/// `cancreatepullpayments` with `withdraw`, else `403 missing-permission`).
 pub async fn create_pull_payment(
     State(st): State<AppState>,
     Path(store_path): Path<String>,
@@ -2291,24 +2325,27 @@ pub async fn create_pull_payment(
     payout_method_ok(&b, &["payoutMethods", "paymentMethods"])?;
     let name = text_field(&b, "name", 128)?;
     let description = text_field(&b, "description", 1024)?;
-    let currency = b.get("currency").and_then(Value::as_str).unwrap_or("BTC");
-    if !currency.eq_ignore_ascii_case("BTC") {
-        return Err(invalid("currency", "only BTC pull payments are offered"));
+    let (starts_ms, expires_ms) = claim_window(&b)?;
+    let auto_approve = auto_approve_of(&b)?;
+    if auto_approve && !key.perms.has(Greenfield::CreatePullPayments.perms()) {
+        return Err(missing_permission(Greenfield::CreatePullPayments));
     }
+    let currency = b
+        .get("currency")
+        .filter(|v| !v.is_null())
+        .map(|v| {
+            v.as_str()
+                .ok_or_else(|| invalid("currency", "a currency code"))
+        })
+        .transpose()?
+        .unwrap_or("BTC")
+        .trim()
+        .to_ascii_uppercase();
     let amount = b
         .get("amount")
         .and_then(decimal_of)
         .ok_or_else(|| invalid("amount", "amount is missing"))?;
-    let amount = api::decimal::parse_units(&amount, api::capital::BTC_DECIMALS)
-        .ok()
-        .filter(|a| (1..=model::MAX_AMOUNT_SAT).contains(a))
-        .ok_or_else(|| {
-            invalid(
-                "amount",
-                "more than zero, at most 21000000, 8 decimals at most",
-            )
-        })?;
-    let (starts_ms, expires_ms) = claim_window(&b)?;
+    let amount = pull_payment_sat(&st, &currency, &amount).await?;
     // Its claims would move a flagged store's funds out: none is handed out until reviewed.
     api::capital::refuse_flagged(&st, key.account).await?;
     let p = PullPayment {
@@ -2323,6 +2360,7 @@ pub async fn create_pull_payment(
         starts_ms,
         expires_ms,
         accounts_ok: key.perms.has(api::keys::Perms::TRANSFER),
+        auto_approve,
     };
     insert_pp_while_list_off(
         &st,
@@ -2333,9 +2371,39 @@ pub async fn create_pull_payment(
     ok(pp_json(&st, &p))
 }
 
+/// A new pull payment's limit in satoshis: `amount` in `currency` (`BTC`, `SATS`, or the quote
+/// currency at today's reference price: the pull payment is in BTC from then on, so a claim
+/// later is paid the BTC fixed now, whatever the price does meanwhile).
+async fn pull_payment_sat(st: &AppState, currency: &str, amount: &str) -> Result<u64, GfError> {
+    let range = || {
+        invalid(
+            "amount",
+            "more than zero, at most 21000000 BTC, 8 decimals at most",
+        )
+    };
+    match currency {
+        "BTC" => api::decimal::parse_units(amount, api::capital::BTC_DECIMALS)
+            .ok()
+            .filter(|a| (1..=model::MAX_AMOUNT_SAT).contains(a))
+            .ok_or_else(range),
+        "SATS" => api::decimal::parse_units(amount, 0)
+            .ok()
+            .filter(|a| (1..=model::MAX_AMOUNT_SAT).contains(a))
+            .ok_or_else(|| invalid("amount", "a whole number of satoshis, more than zero")),
+        _ => r::amount_in(st, currency, amount)
+            .await
+            .map(|(sat, _)| sat)
+            .map_err(|e| match e.code {
+                -1152 => invalid("currency", "BTC, SATS or the exchange's quote currency"),
+                // No reference price now: BTCPay's "rate-unavailable".
+                -1157 => GfError::from(e),
+                _ => invalid("amount", e.msg.to_string()),
+            }),
+    }
+}
+
 /// A new pull payment's claim window from `startsAt` and `expiresAt` (unix seconds, or null:
-/// from now, for good), and its `autoApproveClaims` (only `true` or absent: a claim here is paid
-/// when it is made, so a store asking for manual approval is refused rather than ignored).
+/// from now, for good).
 fn claim_window(b: &Map<String, Value>) -> Result<(Option<u64>, Option<u64>), GfError> {
     // At most year 9999: every instant in ms fits the database's signed integers.
     const MAX_SECS: u64 = 253_402_300_799;
@@ -2355,17 +2423,17 @@ fn claim_window(b: &Map<String, Value>) -> Result<(Option<u64>, Option<u64>), Gf
             return Err(invalid("expiresAt", "expiresAt must be after startsAt"));
         }
     }
-    match b.get("autoApproveClaims") {
-        None | Some(Value::Null) | Some(Value::Bool(true)) => {}
-        Some(Value::Bool(false)) => {
-            return Err(invalid(
-                "autoApproveClaims",
-                "claims are paid when they are made: manual approval is not offered",
-            ))
-        }
-        Some(_) => return Err(invalid("autoApproveClaims", "a boolean")),
-    }
     Ok((starts, expires))
+}
+
+/// `autoApproveClaims`: absent or null is `false`, as BTCPay's default (claims wait for the
+/// store's approval).
+fn auto_approve_of(b: &Map<String, Value>) -> Result<bool, GfError> {
+    match b.get("autoApproveClaims") {
+        None | Some(Value::Null) => Ok(false),
+        Some(Value::Bool(a)) => Ok(*a),
+        Some(_) => Err(invalid("autoApproveClaims", "a boolean")),
+    }
 }
 
 /// `GET /api/v1/stores/{storeId}/pull-payments` (`includeArchived`), newest first.
@@ -2495,6 +2563,7 @@ fn payout_json(p: &Payout, withdrawal: Option<&api::custody::WithdrawalInfo>) ->
         withdrawal.filter(|w| crate::allowlist::same_address(&w.address, &p.destination));
     let state = match (p.state.as_str(), withdrawal.map(|w| w.state)) {
         ("cancelled", _) => "Cancelled",
+        (AWAITING, _) => "AwaitingApproval",
         // An engine transfer to an exchange account is final when done.
         ("done", _) if p.destination.starts_with(ACCOUNT_PREFIX) => "Completed",
         ("done", Some(W::Released)) => "Cancelled",
@@ -3063,15 +3132,16 @@ async fn claim_and_pay(
             id,
             destination,
             amount_sat: amount,
-            state: "pending".into(),
+            // Reserved either way; paid now, or when the store approves it.
+            state: if pp2.auto_approve { "pending" } else { AWAITING }.into(),
             reference: None,
             claim_key,
             created_ms: now,
         };
         tx.execute(
             "INSERT INTO gf_payout (pp_id, n, id, destination, amount_sat, state, claim_key, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, 'pending', ?6, ?7)",
-            params![p.pp_id, p.n, p.id, p.destination, p.amount_sat, p.claim_key, p.created_ms],
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            params![p.pp_id, p.n, p.id, p.destination, p.amount_sat, p.state, p.claim_key, p.created_ms],
         )
         .map_err(db_error)?;
         tx.commit().map_err(db_error)?;
@@ -3121,10 +3191,20 @@ async fn claim_and_pay(
         }
         Reserved::Refused(e) => return Err(list_refused(e)),
     };
-    // Pay it.
+    if p.state == AWAITING {
+        // Reserved; paid when the store approves it.
+        return ok(payout_json(&p, None));
+    }
+    let moved = pay_payout(st, &pp, &p).await;
+    record_payout(st, &pp, p, moved).await
+}
+
+/// Pays a reserved payout (`pending`): through the invoice's refund path for a refund's pull
+/// payment, by an engine transfer to an exchange account, or by a custody withdrawal.
+async fn pay_payout(st: &AppState, pp: &PullPayment, p: &Payout) -> super::outcome::Moved {
     use super::outcome::Moved;
-    let account = to_account(&p);
-    let moved = match &pp.invoice_id {
+    let account = to_account(p);
+    match &pp.invoice_id {
         Some(iid) => {
             let custody = st.custody();
             let ask = r::RefundAsk {
@@ -3135,7 +3215,7 @@ async fn claim_and_pay(
                 to_account: account,
                 // An account only if it paid the invoice from its balance, as a signed refund:
                 // the claim's link is no `transfer` permission.
-                idem: Some(refund_key(&p)),
+                idem: Some(refund_key(p)),
             };
             match r::refund_invoice(st, ask, custody).await {
                 Ok(v) => Moved::Done(v["reference"].as_str().unwrap_or("").to_owned()),
@@ -3147,10 +3227,21 @@ async fn claim_and_pay(
             }
         }
         None => match account {
-            Some(to) => store_transfer(st, &pp, &p, to, false).await,
-            None => execute_store_payout(st, &pp, &p, false).await,
+            Some(to) => store_transfer(st, pp, p, to, false).await,
+            None => execute_store_payout(st, pp, p, false).await,
         },
-    };
+    }
+}
+
+/// Records what paying a payout did (`done`, `cancelled`: the reservation given back, or
+/// `unknown`: kept, resolved by its key) and answers it.
+async fn record_payout(
+    st: &AppState,
+    pp: &PullPayment,
+    p: Payout,
+    moved: super::outcome::Moved,
+) -> GfResult {
+    use super::outcome::Moved;
     let (state, reference, answer) = match moved {
         Moved::Done(reference) => ("done", Some(reference), Ok(())),
         Moved::Refused(e) => ("cancelled", None, Err(e)),
@@ -3187,6 +3278,225 @@ async fn claim_and_pay(
             retry_after: None,
         }),
     }
+}
+
+// ---- the store's payouts: approval ----
+
+fn payout_not_found() -> GfError {
+    gf_err(
+        StatusCode::NOT_FOUND,
+        "payout-not-found",
+        "The payout was not found",
+    )
+}
+
+fn invalid_state() -> GfError {
+    gf_err(
+        StatusCode::BAD_REQUEST,
+        "invalid-state",
+        "The payout is not awaiting approval",
+    )
+}
+
+/// One of `merchant`'s payouts by its id, with its pull payment (another store's, or none:
+/// `404 payout-not-found`, as BTCPay answers).
+async fn store_payout_of(
+    st: &AppState,
+    merchant: u32,
+    id: String,
+) -> Result<(PullPayment, Payout), GfError> {
+    if !r::valid_public_id(&id) {
+        return Err(payout_not_found());
+    }
+    with_db(st, move |c| {
+        let p = c
+            .query_row(
+                &format!("SELECT {PAYOUT_COLS} FROM gf_payout WHERE id = ?1"),
+                [&id],
+                payout_row,
+            )
+            .optional()
+            .map_err(db_error)?;
+        let Some(p) = p else { return Ok(None) };
+        let pp = load_pp(c, &p.pp_id).map_err(db_error)?;
+        Ok(pp.filter(|pp| pp.merchant == merchant).map(|pp| (pp, p)))
+    })
+    .await?
+    .ok_or_else(payout_not_found)
+}
+
+/// Payouts with their custody withdrawals' states (none looked up for one still awaiting
+/// approval or cancelled before it was paid: it has none).
+async fn payouts_json(
+    st: &AppState,
+    merchant: u32,
+    rows: Vec<(PullPayment, Payout)>,
+) -> Result<Vec<Value>, GfError> {
+    let keyed = with_db(st, move |c| {
+        let mut out = Vec::new();
+        for (pp, p) in rows {
+            let k = if p.state == AWAITING || (p.state == "cancelled" && p.reference.is_none()) {
+                Vec::new()
+            } else {
+                payout_key(c, &pp, &p).map_err(db_error)?
+            };
+            out.push((p, k));
+        }
+        Ok(out)
+    })
+    .await?;
+    let keys = keyed.iter().flat_map(|(_, k)| k.iter().cloned()).collect();
+    let ws = withdrawals_by_key(st, merchant, keys).await;
+    Ok(keyed
+        .iter()
+        .map(|(p, k)| payout_json(p, first_of(k, &ws)))
+        .collect())
+}
+
+/// `GET /api/v1/stores/{storeId}/payouts` (`includeCancelled`, default false): the store's
+/// payouts, newest first, at most [`MAX_PAYOUTS`] (those awaiting approval among them).
+pub async fn store_payouts(
+    State(st): State<AppState>,
+    Path(store_path): Path<String>,
+    RawQuery(q): RawQuery,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let cancelled = query_pairs(q.as_deref())
+        .iter()
+        .any(|(k, v)| k == "includeCancelled" && v == "true");
+    let merchant = key.account;
+    let rows = with_db(&st, move |c| {
+        let mut stmt = c
+            .prepare(&format!(
+                "SELECT {PAYOUT_COLS} FROM gf_payout
+                 WHERE pp_id IN (SELECT id FROM gf_pull_payment WHERE merchant = ?1)
+                   AND (?2 OR state != 'cancelled')
+                 ORDER BY created_ms DESC, n DESC LIMIT ?3"
+            ))
+            .map_err(db_error)?;
+        let ps = stmt
+            .query_map(params![merchant, cancelled, MAX_PAYOUTS], payout_row)
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        let mut pps: std::collections::HashMap<String, PullPayment> = Default::default();
+        let mut out = Vec::new();
+        for p in ps {
+            if !pps.contains_key(&p.pp_id) {
+                if let Some(pp) = load_pp(c, &p.pp_id).map_err(db_error)? {
+                    pps.insert(pp.id.clone(), pp);
+                }
+            }
+            if let Some(pp) = pps.get(&p.pp_id) {
+                out.push((pp.clone(), p));
+            }
+        }
+        Ok(out)
+    })
+    .await?;
+    ok(Value::Array(payouts_json(&st, merchant, rows).await?))
+}
+
+/// `GET /api/v1/stores/{storeId}/payouts/{payoutId}`.
+pub async fn store_payout(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let row = store_payout_of(&st, key.account, id).await?;
+    let v = payouts_json(&st, key.account, vec![row]).await?;
+    ok(v.into_iter().next().unwrap_or(Value::Null))
+}
+
+/// `POST /api/v1/stores/{storeId}/payouts/{payoutId}`: approves a payout awaiting approval
+/// (`revision`, required: `0`, the only revision here; `rateRule` is not used, the pull payment
+/// being in BTC) and pays it as an approved claim is paid. It leaves `awaiting` in one statement
+/// (two approvals never both pay) and is paid under the payout lock (the monitor does not
+/// resolve it meanwhile); a crash between the two leaves it `pending`, resolved by its key as a
+/// claim's. Not awaiting approval: `400 invalid-state`. Runs to completion if the client goes.
+pub async fn approve_payout(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let b = req.json()?;
+    let revision = b
+        .get("revision")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| invalid("revision", "The `revision` property is required"))?;
+    if b.get("rateRule")
+        .is_some_and(|v| !v.is_null() && !v.is_string())
+    {
+        return Err(invalid("rateRule", "a string"));
+    }
+    let (pp, p) = store_payout_of(&st, key.account, id).await?;
+    if p.state != AWAITING {
+        return Err(invalid_state());
+    }
+    if revision != 0 {
+        return Err(gf_err(
+            StatusCode::BAD_REQUEST,
+            "old-revision",
+            "The payout's revision is 0",
+        ));
+    }
+    // A flagged store's funds stay until reviewed.
+    api::capital::refuse_flagged(&st, key.account).await?;
+    let st2 = st.clone();
+    tokio::spawn(async move {
+        let _turn = st2.merchant().payout_lock.lock().await;
+        let (pid, n) = (p.pp_id.clone(), p.n);
+        let taken = with_db(&st2, move |c| {
+            c.execute(
+                "UPDATE gf_payout SET state = 'pending' WHERE pp_id = ?1 AND n = ?2 AND state = ?3",
+                params![pid, n, AWAITING],
+            )
+            .map_err(db_error)
+        })
+        .await?;
+        if taken != 1 {
+            return Err(invalid_state());
+        }
+        let p = Payout {
+            state: "pending".into(),
+            ..p
+        };
+        let moved = pay_payout(&st2, &pp, &p).await;
+        record_payout(&st2, &pp, p, moved).await
+    })
+    .await
+    .unwrap_or_else(|e| {
+        tracing::error!(error = %e, "payout approval task failed");
+        Err(ApiError::internal().into())
+    })
+}
+
+/// `DELETE /api/v1/stores/{storeId}/payouts/{payoutId}`: cancels a payout awaiting approval; its
+/// amount may be claimed again. One already approved (paid, being paid) is not cancelled here:
+/// `400 invalid-state` (custody's operators may still reject its withdrawal, which the monitor
+/// then shows as `Cancelled`).
+pub async fn cancel_payout(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    let (_, p) = store_payout_of(&st, key.account, id).await?;
+    let changed = with_db(&st, move |c| {
+        c.execute(
+            "UPDATE gf_payout SET state = 'cancelled' WHERE pp_id = ?1 AND n = ?2 AND state = ?3",
+            params![p.pp_id, p.n, AWAITING],
+        )
+        .map_err(db_error)
+    })
+    .await?;
+    if changed != 1 {
+        return Err(invalid_state());
+    }
+    ok(json!({}))
 }
 
 /// `GET /pp/{pullPaymentId}`: the claim page (self-contained: no external asset).

@@ -324,10 +324,42 @@ pub static ROUTES: &[Route] = {
         route!(
             "POST",
             "/api/v1/stores/{storeId}/pull-payments",
-            Token(G::CreatePullPayments),
+            Token(G::CreateNonApprovedPullPayments),
             Some(1),
             P,
             gf::create_pull_payment
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/payouts",
+            Token(G::ManagePullPayments),
+            Some(5),
+            P,
+            gf::store_payouts
+        ),
+        route!(
+            "GET",
+            "/api/v1/stores/{storeId}/payouts/{payoutId}",
+            Token(G::ManagePullPayments),
+            Some(1),
+            P,
+            gf::store_payout
+        ),
+        route!(
+            "POST",
+            "/api/v1/stores/{storeId}/payouts/{payoutId}",
+            Token(G::ManagePullPayments),
+            Some(1),
+            P,
+            gf::approve_payout
+        ),
+        route!(
+            "DELETE",
+            "/api/v1/stores/{storeId}/payouts/{payoutId}",
+            Token(G::ManagePullPayments),
+            Some(1),
+            P,
+            gf::cancel_payout
         ),
         route!(
             "GET",
@@ -417,6 +449,22 @@ pub static ROUTES: &[Route] = {
             d::refund
         ),
         route!("GET", "/dashboard/refunds", Session, Some(1), P, d::refunds),
+        route!(
+            "POST",
+            "/dashboard/payouts/{id}/approve",
+            Session,
+            Some(1),
+            P,
+            d::approve_payout
+        ),
+        route!(
+            "POST",
+            "/dashboard/payouts/{id}/cancel",
+            Session,
+            Some(1),
+            P,
+            d::cancel_payout
+        ),
         route!(
             "GET",
             "/dashboard/settings",

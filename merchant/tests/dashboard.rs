@@ -2641,7 +2641,7 @@ async fn greenfield_claims_pull_payments_and_refunds_follow_the_store_list() {
         "POST",
         &pps,
         &d.token,
-        Some(json!({"name": "before", "amount": "0.01"})),
+        Some(json!({"name": "before", "amount": "0.01", "autoApproveClaims": true})),
     )
     .await;
     let claim = format!(
@@ -3147,9 +3147,16 @@ async fn an_apps_authorization_request_makes_the_key_it_asked_for_and_posts_it_b
     ] {
         assert!(p.body.contains(s), "{s}: {}", p.body);
     }
-    // Refunds are offered, not granted: money out is the owner's tick, with the password.
-    assert!(p.body.contains("name=refunds"), "{}", p.body);
-    assert!(!p.body.contains("name=refunds value=1 checked"));
+    // Its refunds wait for the owner's approval: granted as asked, no password, no "also allow
+    // refunds" (nothing asked pays out by itself).
+    assert!(
+        p.body
+            .contains("refunds whose claims wait for your approval"),
+        "{}",
+        p.body
+    );
+    assert!(!p.body.contains("name=refunds"), "{}", p.body);
+    assert!(!p.body.contains("name=password"), "{}", p.body);
     assert!(
         !p.body.contains("plain http"),
         "an https shop gets no warning"
@@ -3180,7 +3187,7 @@ async fn an_apps_authorization_request_makes_the_key_it_asked_for_and_posts_it_b
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
     assert_eq!(keys_of(&d), before);
 
-    // Approved without refunds: one key, no password asked, posted back as BTCPay posts it.
+    // Approved: one key, no password asked, posted back as BTCPay posts it.
     let r = post(&d.h, "/api-keys/authorize", &id, WOO_ASKS, &form).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     assert_eq!(keys_of(&d), before + 1);
@@ -3200,6 +3207,7 @@ async fn an_apps_authorization_request_makes_the_key_it_asked_for_and_posts_it_b
     perms.sort_unstable();
     let woo = [
         "btcpay.store.cancreateinvoice",
+        "btcpay.store.cancreatenonapprovedpullpayments",
         "btcpay.store.canmodifyinvoices",
         "btcpay.store.canviewinvoices",
         "btcpay.store.canviewstoresettings",
@@ -3234,6 +3242,21 @@ async fn an_apps_authorization_request_makes_the_key_it_asked_for_and_posts_it_b
         .body(Body::from(r#"{"name":"taken over"}"#))
         .unwrap();
     let refused = d.h.router.clone().oneshot(put).await.unwrap();
+    assert_eq!(refused.status(), StatusCode::FORBIDDEN);
+    // Its refunds' claims wait: a pull payment paid when claimed is refused, and the key holds
+    // no withdraw.
+    let key = d.h.state.keys().by_greenfield_token(&token).unwrap();
+    assert!(!key.perms.has(api::keys::Perms::WITHDRAW));
+    let pp = Request::builder()
+        .method("POST")
+        .uri(format!("/api/v1/stores/{store}/pull-payments"))
+        .header("Authorization", format!("token {token}"))
+        .header("content-type", "application/json")
+        .body(Body::from(
+            r#"{"amount":"0.001","currency":"BTC","autoApproveClaims":true}"#,
+        ))
+        .unwrap();
+    let refused = d.h.router.clone().oneshot(pp).await.unwrap();
     assert_eq!(refused.status(), StatusCode::FORBIDDEN);
 }
 
@@ -3288,11 +3311,11 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
         assert_eq!(r.location(), "/dashboard", "{next}");
     }
 
-    // Refunds (money out): ticked, the key holds `withdraw`, so the store password is asked
-    // again; a plain-http shop elsewhere than loopback is warned about.
+    // Pull payments paid when claimed (money out): ticked, the key holds `withdraw`, so the
+    // store password is asked again; a plain-http shop elsewhere than loopback is warned about.
     let asks = "/api-keys/authorize?applicationName=Shop&redirect=http%3A%2F%2Fshop.example%2Fcb\
                 &permissions=btcpay.store.canviewinvoices\
-                &permissions=btcpay.store.cancreatenonapprovedpullpayments";
+                &permissions=btcpay.store.cancreatepullpayments";
     let p = get(&d.h, asks, &id).await;
     assert!(p.body.contains("name=password"), "{}", p.body);
     assert!(p.body.contains("plain http"), "{}", p.body);
@@ -3310,8 +3333,11 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
     let r = post(&d.h, "/api-keys/authorize", &id, asks, &form).await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.body);
     let sent = form_fields(&r.body, "http://shop.example/cb");
-    assert!(sent.iter().any(|(k, v)| k == "permissions[]"
-        && v.starts_with("btcpay.store.cancreatenonapprovedpullpayments:")));
+    assert!(
+        sent.iter()
+            .any(|(k, v)| k == "permissions[]"
+                && v.starts_with("btcpay.store.cancreatepullpayments:"))
+    );
     let token = &sent.iter().find(|(k, _)| k == "apiKey").unwrap().1;
     let key =
         d.h.state
@@ -3479,4 +3505,133 @@ async fn an_apps_authorization_request_is_refused_where_it_could_mislead_or_pay_
         current["permissions"],
         json!([format!("btcpay.store.canviewinvoices:{}", d.account)])
     );
+}
+
+/// A claim on a pull payment that waits for approval (a shop plugin's refund) is approved on
+/// the refunds page with the store password (a wrong one pays nothing), or cancelled there;
+/// the page lists what waits, each payout paid once.
+#[tokio::test]
+async fn the_owner_approves_a_waiting_payout_with_the_password_or_cancels_it() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let store = d.account.to_string();
+    let plugin = {
+        let created = d
+            .h
+            .state
+            .create_key(
+                d.account,
+                api::keys::Perms::parse("btcpay.store.cancreatenonapprovedpullpayments").unwrap(),
+                "woocommerce",
+            )
+            .unwrap();
+        d.h.state.greenfield_token(&created.0)
+    };
+    let pp = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/pull-payments"),
+        &plugin,
+        Some(json!({"name": "Refund 42", "amount": "0.001", "currency": "BTC", "autoApproveClaims": false})),
+    )
+    .await;
+    let claims = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
+    let claim = |dest: &'static str| {
+        let (h, claims) = (&d.h, claims.clone());
+        async move {
+            let body = json!({"destination": dest, "amount": "0.0004"});
+            let r = h
+                .router
+                .clone()
+                .oneshot(
+                    Request::builder()
+                        .method("POST")
+                        .uri(&claims)
+                        .header("content-type", "application/json")
+                        .body(Body::from(body.to_string()))
+                        .unwrap(),
+                )
+                .await
+                .unwrap();
+            let bytes = r.into_body().collect().await.unwrap().to_bytes();
+            serde_json::from_slice::<Value>(&bytes).unwrap()
+        }
+    };
+    let first = claim("bcrt1qfirst").await;
+    let second = claim("bcrt1qsecond").await;
+    assert_eq!(first["state"], "AwaitingApproval", "{first}");
+    let page = get(&d.h, "/dashboard/refunds", &id).await;
+    for s in [
+        "bcrt1qfirst",
+        "bcrt1qsecond",
+        "Approve and pay",
+        "claims wait for your approval",
+    ] {
+        assert!(page.body.contains(s), "{s}: {}", page.body);
+    }
+    let approve = format!(
+        "/dashboard/payouts/{}/approve",
+        first["id"].as_str().unwrap()
+    );
+    let r = post(
+        &d.h,
+        &approve,
+        &id,
+        "/dashboard/refunds",
+        &[("password", "not the password")],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert!(d.fake.withdrawals.lock().unwrap().is_empty());
+    let r = post(
+        &d.h,
+        &approve,
+        &id,
+        "/dashboard/refunds",
+        &[("password", PASSWORD)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let shown = get(&d.h, r.location(), &id).await;
+    assert!(shown.body.contains("approved"), "{}", shown.body);
+    {
+        let ws = d.fake.withdrawals.lock().unwrap();
+        assert_eq!(ws.len(), 1);
+        assert_eq!(
+            (ws[0].address.as_str(), ws[0].amount_sat),
+            ("bcrt1qfirst", 40_000)
+        );
+    }
+    // Approved again (a resent form): nothing more is paid.
+    let r = post(
+        &d.h,
+        &approve,
+        &id,
+        "/dashboard/refunds",
+        &[("password", PASSWORD)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::BAD_REQUEST, "{}", r.body);
+    let cancel = format!(
+        "/dashboard/payouts/{}/cancel",
+        second["id"].as_str().unwrap()
+    );
+    let r = post(&d.h, &cancel, &id, "/dashboard/refunds", &[]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let page = get(&d.h, "/dashboard/refunds", &id).await;
+    assert!(!page.body.contains("bcrt1qsecond"), "{}", page.body);
+    assert!(!page.body.contains("Approve and pay"), "{}", page.body);
+    assert_eq!(d.fake.withdrawals.lock().unwrap().len(), 1);
+    let left = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/pull-payments/{}", pp["id"].as_str().unwrap()),
+        &d.token,
+        None,
+    )
+    .await;
+    assert_eq!(left["remainingAmount"], "0.0006");
 }

@@ -172,7 +172,7 @@ impl G {
     /// A store pull payment of 0.0005 BTC ("Prize") to an address.
     async fn prize(&self) -> Value {
         let uri = format!("/api/v1/stores/{}/pull-payments", self.store());
-        let body = json!({"name": "Prize", "amount": "0.0005", "currency": "BTC", "payoutMethods": ["BTC-CHAIN"]});
+        let body = json!({"name": "Prize", "amount": "0.0005", "currency": "BTC", "payoutMethods": ["BTC-CHAIN"], "autoApproveClaims": true});
         ok(
             call(&self.h, "POST", &uri, Some(&self.token), Some(body)).await,
             "pull payment",
@@ -327,12 +327,21 @@ async fn token_auth_permissions_and_store_scope_answer_as_btcpay_does() {
     }
     assert_eq!(*g.fake.addresses.lock().unwrap(), before);
 
-    // A refund needs withdraw too (money leaves through the pull payment).
+    // A refund needs no withdraw: its claims wait for the store's approval (which does).
     let r = call(
         &g.h,
         "POST",
         &format!("/api/v1/stores/{store}/invoices/abc/refund"),
         Some(&g.merchant_token),
+        Some(json!({"refundVariant": "RateThen"})),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.json);
+    let r = call(
+        &g.h,
+        "POST",
+        &format!("/api/v1/stores/{store}/invoices/abc/refund"),
+        Some(&g.read_token),
         Some(json!({"refundVariant": "RateThen"})),
     )
     .await;
@@ -525,8 +534,8 @@ async fn a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more()
         (
             "POST",
             format!("/api/v1/stores/{store}/pull-payments"),
-            json!({"amount": "0.001", "currency": "BTC"}),
-            "btcpay.store.cancreatepullpayments",
+            json!({"amount": "0.001", "currency": "BTC", "autoApproveClaims": true}),
+            "btcpay.store.cancreatenonapprovedpullpayments",
         ),
     ] {
         let r = call(&g.h, m, &path, Some(&token), Some(body)).await;
@@ -596,13 +605,17 @@ async fn a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more()
         listed_permissions(&g, &mk(&format!("{},withdraw", woo.join(",")))).await,
         woo
     );
-    // A pull-payment permission without `withdraw` cannot be used, so it is not listed.
+    // WooCommerce's refund permission needs no `withdraw` (its claims wait for the store's
+    // approval), so it is listed without; one that pays out cannot be used without it, so it
+    // is not listed.
+    assert_eq!(listed_permissions(&g, &mk(&woo.join(","))).await, woo);
     assert_eq!(
-        listed_permissions(&g, &mk(&woo.join(","))).await,
-        woo.iter()
-            .filter(|p| !p.contains("pullpayments"))
-            .copied()
-            .collect::<Vec<_>>()
+        listed_permissions(
+            &g,
+            &mk("btcpay.store.canviewinvoices,btcpay.store.cancreatepullpayments")
+        )
+        .await,
+        ["btcpay.store.canviewinvoices"]
     );
     let owner = mk("btcpay.store.canmodifystoresettings");
     assert_eq!(
@@ -653,9 +666,10 @@ async fn a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more()
         call(&g.h, "GET", "/api/v1/api-keys/current", Some(&owner), None).await,
         "another key",
     );
-    // A `merchant` key lists every store permission it holds (9 with `withdraw`).
+    // A `merchant` key lists every store permission it holds (9 with `withdraw`; without it,
+    // all but the two pull-payment ones that pay out).
     assert_eq!(listed_permissions(&g, &g.token).await.len(), 9);
-    assert_eq!(listed_permissions(&g, &g.merchant_token).await.len(), 6);
+    assert_eq!(listed_permissions(&g, &g.merchant_token).await.len(), 7);
 }
 
 #[tokio::test]
@@ -1441,9 +1455,10 @@ async fn a_claim_whose_custody_answer_is_lost_stays_reserved_and_pays_once() {
 /// Review finding: a pull payment's `startsAt`, `expiresAt` and `autoApproveClaims` were
 /// ignored: a store asking for a link that expires, or for claims it approves by hand, got one
 /// that paid anyone at once and for good. The window is kept and enforced (`not-started`,
-/// `expired`, BTCPay's claim errors); manual approval, which is not offered, is refused.
+/// `expired`, BTCPay's claim errors); manual approval is kept too (see
+/// `a_shop_plugins_refund_waits_for_the_stores_approval_and_is_paid_once`).
 #[tokio::test]
-async fn a_pull_payments_claim_window_is_kept_and_manual_approval_refused() {
+async fn a_pull_payments_claim_window_is_kept() {
     let g = setup().await;
     let uri = format!("/api/v1/stores/{}/pull-payments", g.store());
     let now = common::now_ms() / 1000;
@@ -1548,7 +1563,7 @@ async fn a_pull_payments_claim_window_is_kept_and_manual_approval_refused() {
     );
     assert_eq!(claim(&open).await.json["code"], "expired");
     for bad in [
-        json!({"autoApproveClaims": false}),
+        json!({"autoApproveClaims": "yes"}),
         json!({"expiresAt": now - 1}),
         json!({"startsAt": now + 10, "expiresAt": now + 5}),
         json!({"expiresAt": "tomorrow"}),
@@ -1702,7 +1717,7 @@ async fn a_claim_to_an_exchange_account_is_one_engine_transfer_paid_once() {
             "POST",
             &format!("/api/v1/stores/{merchant}/pull-payments"),
             Some(&token),
-            Some(json!({"name": "Cashback", "amount": "0.001"})),
+            Some(json!({"name": "Cashback", "amount": "0.001", "autoApproveClaims": true})),
         )
         .await,
         "pull payment",
@@ -1803,7 +1818,7 @@ async fn account_claims_need_a_transfer_key_and_refund_claims_go_to_a_balance_pa
             "POST",
             &format!("/api/v1/stores/{merchant}/pull-payments"),
             Some(&token),
-            Some(json!({"name": "Cashback", "amount": "0.0005"})),
+            Some(json!({"name": "Cashback", "amount": "0.0005", "autoApproveClaims": true})),
         )
         .await,
         "pull payment",
@@ -1941,7 +1956,7 @@ async fn a_refund_claim_whose_answer_is_lost_is_resolved_by_the_monitor_and_a_cr
             "POST",
             &format!("/api/v1/stores/{store}/pull-payments"),
             Some(&g.token),
-            Some(json!({"amount": "0.0001"})),
+            Some(json!({"amount": "0.0001", "autoApproveClaims": true})),
         )
         .await,
         "store pp",
@@ -2253,7 +2268,7 @@ async fn amounts_above_all_bitcoin_are_refused_with_422_and_create_nothing() {
             "POST",
             &format!("/api/v1/stores/{s}/pull-payments"),
             Some(&g.token),
-            Some(json!({"name": "Too much", "amount": amount, "currency": "BTC"})),
+            Some(json!({"name": "Too much", "amount": amount, "currency": "BTC", "autoApproveClaims": true})),
         )
         .await;
         assert_eq!(
@@ -2298,7 +2313,7 @@ async fn amounts_above_all_bitcoin_are_refused_with_422_and_create_nothing() {
         "POST",
         &format!("/api/v1/stores/{s}/pull-payments"),
         Some(&g.token),
-        Some(json!({"amount": "21000000", "currency": "BTC"})),
+        Some(json!({"amount": "21000000", "currency": "BTC", "autoApproveClaims": true})),
     )
     .await;
     assert_eq!(r.status, StatusCode::OK, "{}", r.json);
@@ -2357,7 +2372,7 @@ async fn a_flagged_merchant_pays_no_pull_payment_claim() {
     let pp = ok(
         post(
             pp_uri.clone(),
-            json!({"name": "Cashback", "amount": "0.001"}),
+            json!({"name": "Cashback", "amount": "0.001", "autoApproveClaims": true}),
         )
         .await,
         "pull payment",
@@ -2592,4 +2607,373 @@ async fn a_payouts_custody_key_does_not_reveal_its_pull_payment() {
     let list = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
     assert_eq!(list[1]["state"], "AwaitingPayment", "{list}");
     assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 2, "paid once");
+}
+
+/// A limit order of `qty` BTC at `price` from a fresh trader.
+async fn place(h: &Harness, side: &str, price: &str, qty: &str) {
+    let (_, k) = h.trader("10", "10000000").await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        &format!(
+            "symbol=BTCUSD&side={side}&type=LIMIT&timeInForce=GTC&quantity={qty}&price={price}"
+        ),
+        &k,
+    )
+    .await;
+}
+
+/// WooCommerce's refund button (plugin 2.x through BTCPay's PHP client): `server/info`'s
+/// `version` at least 1.7.6, a token holding `cancreatenonapprovedpullpayments` (no
+/// `withdraw`), and `POST .../pull-payments` with `autoApproveClaims: false` and every other
+/// field `null`. Before, the version was Mediator's 0.1.0 (the plugin refused to refund), the
+/// permission needed `withdraw`, and manual approval was refused (422). Now the customer's
+/// claim waits, reserved, until the store approves it (paid once, whatever the races) or
+/// cancels it (claimable again); nothing leaves the store before.
+#[tokio::test]
+async fn a_shop_plugins_refund_waits_for_the_stores_approval_and_is_paid_once() {
+    let g = setup().await;
+    let store = g.store();
+    let plugin = {
+        let created =
+            g.h.state
+                .create_key(
+                    g.account,
+                    api::keys::Perms::parse(
+                        "btcpay.store.canviewinvoices,btcpay.store.cancreateinvoice,\
+                     btcpay.store.cancreatenonapprovedpullpayments",
+                    )
+                    .unwrap(),
+                    "woocommerce",
+                )
+                .unwrap();
+        g.h.state.greenfield_token(&created.0)
+    };
+    // The plugin's two checks.
+    let info = ok(
+        call(&g.h, "GET", "/api/v1/server/info", Some(&plugin), None).await,
+        "server info",
+    );
+    let version: Vec<u64> = info["version"]
+        .as_str()
+        .unwrap()
+        .split('.')
+        .map(|n| n.parse().unwrap())
+        .collect();
+    assert!(version >= vec![1, 7, 6], "{info}");
+    assert_eq!(info["mediatorVersion"], env!("CARGO_PKG_VERSION"));
+    let current = ok(
+        call(&g.h, "GET", "/api/v1/api-keys/current", Some(&plugin), None).await,
+        "current key",
+    );
+    let refund_perm = format!("btcpay.store.cancreatenonapprovedpullpayments:{store}");
+    assert!(
+        current["permissions"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(refund_perm)),
+        "{current}"
+    );
+    // The PHP client's body.
+    let pps = format!("/api/v1/stores/{store}/pull-payments");
+    let body = |auto: bool| {
+        json!({
+            "name": "Refund for order no.: 42 reason: broken", "description": null,
+            "amount": "0.0005", "currency": "BTC", "period": null, "BOLT11Expiration": null,
+            "autoApproveClaims": auto, "startsAt": null, "expiresAt": null,
+            "paymentMethods": ["BTC_CHAIN", "BTC_LN"], "payoutMethods": ["BTC_CHAIN", "BTC_LN"]
+        })
+    };
+    let pp = ok(
+        call(&g.h, "POST", &pps, Some(&plugin), Some(body(false))).await,
+        "the plugin's refund",
+    );
+    assert_eq!(pp["autoApproveClaims"], false);
+    assert!(pp["viewLink"]
+        .as_str()
+        .unwrap()
+        .ends_with(pp["id"].as_str().unwrap()));
+    // Claims paid when made need `cancreatepullpayments` (with withdraw); listing the store's
+    // pull payments or payouts needs `canmanagepullpayments`.
+    let r = call(&g.h, "POST", &pps, Some(&plugin), Some(body(true))).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+    assert_eq!(
+        r.json["missingPermission"],
+        "btcpay.store.cancreatepullpayments"
+    );
+    let store_payouts = format!("/api/v1/stores/{store}/payouts");
+    for uri in [&pps, &store_payouts] {
+        let r = call(&g.h, "GET", uri, Some(&plugin), None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{uri}: {}", r.json);
+    }
+    // The customer claims: reserved, waiting, nothing sent.
+    let pp_uri = format!("/api/v1/pull-payments/{}", pp["id"].as_str().unwrap());
+    let payouts = format!("{pp_uri}/payouts");
+    let claim = |dest: &'static str, amount: &'static str| {
+        let (h, payouts) = (&g.h, payouts.clone());
+        async move {
+            let body =
+                json!({"destination": dest, "amount": amount, "payoutMethodId": "BTC-CHAIN"});
+            raw(h, "POST", &payouts, None, body.to_string(), &[]).await
+        }
+    };
+    let first = ok(claim("bcrt1qcustomer", "0.0003").await, "claim");
+    assert_eq!(first["state"], "AwaitingApproval", "{first}");
+    let r = claim("bcrt1qgreedy", "0.0003").await;
+    assert_eq!(
+        r.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "over the limit: {}",
+        r.json
+    );
+    let second = ok(claim("bcrt1qother", "0.0002").await, "claim");
+    let remaining = || async {
+        ok(call(&g.h, "GET", &pp_uri, None, None).await, "pp")["remainingAmount"].clone()
+    };
+    assert_eq!(remaining().await, "0");
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    assert!(
+        g.fake.withdrawals.lock().unwrap().is_empty(),
+        "nothing paid before approval"
+    );
+    let listed = ok(
+        call(&g.h, "GET", &store_payouts, Some(&g.token), None).await,
+        "store payouts",
+    );
+    let states: Vec<&Value> = listed
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| &p["state"])
+        .collect();
+    assert_eq!(states, [&json!("AwaitingApproval"); 2], "{listed}");
+    // Approval: `revision` required; `canmanagepullpayments` with withdraw; another store's
+    // key does not find it.
+    let approve = |token: String, id: Value, body: Value| {
+        let (h, store) = (&g.h, store.clone());
+        async move {
+            let uri = format!("/api/v1/stores/{store}/payouts/{}", id.as_str().unwrap());
+            call(h, "POST", &uri, Some(&token), Some(body)).await
+        }
+    };
+    let r = approve(g.token.clone(), first["id"].clone(), json!({})).await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
+    let r = approve(
+        g.merchant_token.clone(),
+        first["id"].clone(),
+        json!({"revision": 0}),
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+    let (other, _) = g.h.trader("0", "0").await;
+    let other_token = {
+        let created =
+            g.h.state
+                .create_key(
+                    other,
+                    api::keys::Perms::parse("read,merchant,withdraw").unwrap(),
+                    "x",
+                )
+                .unwrap();
+        g.h.state.greenfield_token(&created.0)
+    };
+    let uri = format!(
+        "/api/v1/stores/{other}/payouts/{}",
+        first["id"].as_str().unwrap()
+    );
+    let r = call(
+        &g.h,
+        "POST",
+        &uri,
+        Some(&other_token),
+        Some(json!({"revision": 0})),
+    )
+    .await;
+    assert_eq!(
+        (r.status, r.json["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("payout-not-found")),
+        "{}",
+        r.json
+    );
+    let r = call(&g.h, "DELETE", &uri, Some(&other_token), None).await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.json);
+    assert!(g.fake.withdrawals.lock().unwrap().is_empty());
+    // Two approvals at once: one pays, the other finds it no longer waiting.
+    let body = json!({"revision": 0, "rateRule": null});
+    let (a, b) = tokio::join!(
+        approve(g.token.clone(), first["id"].clone(), body.clone()),
+        approve(g.token.clone(), first["id"].clone(), body.clone())
+    );
+    let mut statuses = [a.status, b.status];
+    statuses.sort();
+    assert_eq!(
+        statuses,
+        [StatusCode::OK, StatusCode::BAD_REQUEST],
+        "{} / {}",
+        a.json,
+        b.json
+    );
+    let paid = if a.status == StatusCode::OK { &a } else { &b };
+    let refused = if a.status == StatusCode::OK { &b } else { &a };
+    assert_eq!(refused.json["code"], "invalid-state");
+    assert_ne!(paid.json["state"], "AwaitingApproval", "{}", paid.json);
+    {
+        let ws = g.fake.withdrawals.lock().unwrap();
+        assert_eq!(ws.len(), 1, "paid once");
+        assert_eq!(
+            (ws[0].address.as_str(), ws[0].amount_sat),
+            ("bcrt1qcustomer", 30_000)
+        );
+    }
+    let r = approve(g.token.clone(), first["id"].clone(), body.clone()).await;
+    assert_eq!(r.json["code"], "invalid-state", "{}", r.json);
+    // The other claim is cancelled: its amount may be claimed again; a paid one is not
+    // cancelled.
+    let cancel = |id: &Value| {
+        let uri = format!("/api/v1/stores/{store}/payouts/{}", id.as_str().unwrap());
+        let (h, token) = (&g.h, g.token.clone());
+        async move { call(h, "DELETE", &uri, Some(&token), None).await }
+    };
+    ok(cancel(&second["id"]).await, "cancel");
+    assert_eq!(cancel(&second["id"]).await.json["code"], "invalid-state");
+    assert_eq!(cancel(&first["id"]).await.json["code"], "invalid-state");
+    assert_eq!(remaining().await, "0.0002");
+    let all = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("{store_payouts}?includeCancelled=true"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "all payouts",
+    );
+    let one = |id: &Value| {
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| &p["id"] == id)
+            .cloned()
+            .unwrap()
+    };
+    assert_eq!(one(&second["id"])["state"], "Cancelled");
+    assert_ne!(one(&first["id"])["state"], "AwaitingApproval");
+    let visible = ok(
+        call(&g.h, "GET", &store_payouts, Some(&g.token), None).await,
+        "payouts",
+    );
+    assert_eq!(
+        visible.as_array().unwrap().len(),
+        1,
+        "cancelled ones hidden: {visible}"
+    );
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1);
+}
+
+/// A pull payment in the exchange's quote currency (WooCommerce refunds in the shop's
+/// currency) or in `SATS` is converted to BTC when it is made, at the reference price; without
+/// a price it is refused, as is a currency this exchange does not quote.
+#[tokio::test]
+async fn a_pull_payment_in_the_quote_currency_is_converted_when_made() {
+    let g = setup().await;
+    let pps = format!("/api/v1/stores/{}/pull-payments", g.store());
+    let create = |currency: &str, amount: &str| {
+        let body = json!({"name": "Refund", "amount": amount, "currency": currency});
+        let (h, pps, token) = (&g.h, pps.clone(), g.token.clone());
+        async move { call(h, "POST", &pps, Some(&token), Some(body)).await }
+    };
+    let r = create("USD", "25.00").await;
+    assert_ne!(r.status, StatusCode::OK, "no price yet: {}", r.json);
+    let r = create("EUR", "25.00").await;
+    assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
+    assert_eq!(r.json[0]["path"], "currency");
+    place(&g.h, "SELL", "50000", "1").await;
+    place(&g.h, "BUY", "49900", "1").await;
+    place(&g.h, "BUY", "50000", "0.001").await;
+    let pp = ok(create("usd", "25.00").await, "USD");
+    assert_eq!(pp["currency"], "BTC");
+    let sat = api::decimal::parse_units(pp["amount"].as_str().unwrap(), 8).unwrap();
+    // 25 USD at 49,900–50,000 USD per BTC.
+    assert!((50_000..=50_101).contains(&sat), "{pp}");
+    let pp = ok(create("SATS", "12345").await, "SATS");
+    assert_eq!(pp["amount"], "0.00012345");
+    for (currency, amount) in [("SATS", "1.5"), ("SATS", "0"), ("BTC", "0")] {
+        let r = create(currency, amount).await;
+        assert_eq!(
+            r.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{currency} {amount}: {}",
+            r.json
+        );
+    }
+}
+
+/// An approval whose payment got no answer (custody recorded the withdrawal, the reply was
+/// lost): `503 outcome-unknown`, the payout stays reserved, is not approved twice, and the
+/// monitor resolves it by its key: paid once. A payout a crash left between its approval and
+/// its payment (`pending`, made before the restart) is resolved the same way.
+#[tokio::test]
+async fn an_approval_whose_payment_is_unanswered_is_resolved_by_its_key_and_paid_once() {
+    use std::sync::atomic::Ordering;
+    let g = setup().await;
+    let store = g.store();
+    let pp = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{store}/pull-payments"),
+            Some(&g.token),
+            Some(json!({"amount": "0.001", "currency": "BTC", "autoApproveClaims": false})),
+        )
+        .await,
+        "pull payment",
+    );
+    let payouts = format!("/api/v1/pull-payments/{}/payouts", pp["id"].as_str().unwrap());
+    let claim = |dest: &'static str| {
+        let (h, payouts) = (&g.h, payouts.clone());
+        async move {
+            let body = json!({"destination": dest, "amount": "0.0004"}).to_string();
+            ok(raw(h, "POST", &payouts, None, body, &[]).await, "claim")
+        }
+    };
+    let lost = claim("bcrt1qlost").await;
+    let approve = |p: &Value| {
+        let uri = format!("/api/v1/stores/{store}/payouts/{}", p["id"].as_str().unwrap());
+        let (h, token) = (&g.h, g.token.clone());
+        async move { call(h, "POST", &uri, Some(&token), Some(json!({"revision": 0}))).await }
+    };
+    g.fake.lose.store(1, Ordering::SeqCst);
+    let r = approve(&lost).await;
+    assert_eq!(
+        (r.status, r.json["code"].as_str()),
+        (StatusCode::SERVICE_UNAVAILABLE, Some("outcome-unknown")),
+        "{}",
+        r.json
+    );
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1, "recorded, answer lost");
+    assert_eq!(approve(&lost).await.json["code"], "invalid-state");
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    let listed = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert_eq!(listed[0]["state"], "AwaitingPayment", "{listed}");
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1, "paid once");
+    // A crash after the approval took the payout, before it was paid: `pending`, from before
+    // this process opened the database.
+    let crashed = claim("bcrt1qcrashed").await;
+    g.h.state
+        .merchant()
+        .db
+        .lock()
+        .unwrap()
+        .execute(
+            "UPDATE gf_payout SET state = 'pending', created_ms = 1 WHERE id = ?1",
+            [crashed["id"].as_str().unwrap()],
+        )
+        .unwrap();
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    let ws = g.fake.withdrawals.lock().unwrap().clone();
+    assert_eq!(ws.len(), 2, "the approved payout is paid after the restart");
+    assert_eq!((ws[1].address.as_str(), ws[1].amount_sat), ("bcrt1qcrashed", 40_000));
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 2, "and once");
 }

@@ -13,13 +13,15 @@
 //!   exactly the BTCPay names asked for that exist here. With `strict=false` the owner may
 //!   leave some out. Names this server has no route for, or scoped to another store, are shown
 //!   as not granted; the plugin sees their absence in `permissions[]`.
-//! * **Money out is the owner's explicit choice** (ADR 0015): refunds and pull payments pay any
-//!   address, so the pull-payment permissions (and `withdraw`, which they and
+//! * **Money out is the owner's explicit choice** (ADR 0015): pull payments whose claims are
+//!   paid when made pay any address, so the permissions that make or pay them
+//!   (`cancreatepullpayments`, `canmanagepullpayments`, and `withdraw`, which they and
 //!   `canmodifystoresettings` need for it) are granted only when the owner ticks "also allow
-//!   refunds", even under `strict` (WooCommerce asks for refunds as an option, with
-//!   `strict=true`), and only with the store password, never while the withdrawal address list
-//!   is on, as the token page does. Unticked, the app gets the rest and sees in `permissions[]`
-//!   that refunds were left out.
+//!   refunds", even under `strict`, and only with the store password, never while the
+//!   withdrawal address list is on, as the token page does. Unticked, the app gets the rest and
+//!   sees in `permissions[]` what was left out. `cancreatenonapprovedpullpayments` (what
+//!   WooCommerce asks for its refund button) is granted as asked: its refunds' claims wait for
+//!   the owner's approval on the dashboard, with the password.
 //! * **A plain `http` redirect** to a host other than loopback is allowed (shops on a local
 //!   network) but the page warns that the key travels unencrypted.
 //! * **One key per page shown.** The form carries a random one-time token (`once`), spent (its
@@ -171,17 +173,16 @@ fn origin(url: &Url) -> String {
     url.origin().ascii_serialization()
 }
 
-/// True when the permission is a pull-payment one (money out: needs `withdraw`).
+/// True when the permission is a pull-payment one that pays out (needs `withdraw`): not
+/// `cancreatenonapprovedpullpayments`, whose claims wait for the owner's approval.
 fn pays_out(g: Greenfield) -> bool {
     g.perms().has(Perms::WITHDRAW)
 }
 
-/// True when the permission would pay out with `withdraw` beside it: a pull-payment one, or one
-/// that holds them (`canmodifystoresettings`).
+/// True when the permission would pay out with `withdraw` beside it: a pull-payment one that
+/// pays out, or one that holds them (`canmodifystoresettings`).
 fn could_pay_out(g: Greenfield) -> bool {
-    let pull = Perms::MANAGE_PULL_PAYMENTS
-        .with(Perms::CREATE_PULL_PAYMENTS)
-        .with(Perms::CREATE_NON_APPROVED_PULL_PAYMENTS);
+    let pull = Perms::MANAGE_PULL_PAYMENTS.with(Perms::CREATE_PULL_PAYMENTS);
     Perms(g.perms().0 & Perms::STORE.0).implied().0 & pull.0 != 0
 }
 
@@ -260,6 +261,8 @@ pub async fn authorize_page(
     for g in &a.known {
         let extra = if pays_out(*g) {
             " (only if refunds are allowed below)"
+        } else if *g == Greenfield::CreateNonApprovedPullPayments {
+            " (refunds whose claims wait for your approval on the dashboard)"
         } else {
             ""
         };

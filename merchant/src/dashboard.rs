@@ -1525,20 +1525,11 @@ pub async fn refund(
 }
 
 /// `GET /dashboard/refunds`: the payouts waiting for the owner's approval (claims on refunds
-/// and pull payments made by a shop plugin's `cancreatenonapprovedpullpayments` token: approve,
-/// with the password, or cancel), then the store's pull payments.
-pub async fn refunds(
-    State(st): State<AppState>,
-    s: Session,
-    RawQuery(q): RawQuery,
-) -> Result<Response, Refusal> {
-    let payouts = call(gf::store_payouts(
-        State(st.clone()),
-        Path(s.store()),
-        RawQuery(None),
-        s.gf(json!({})),
-    ))
-    .await?;
+/// and pull payments made by a shop plugin's `cancreatenonapprovedpullpayments` token), each
+/// with its pull payment's name, description, limit and invoice, to approve (with the
+/// password) or cancel; then the store's pull payments.
+pub async fn refunds(State(st): State<AppState>, s: Session) -> Result<Response, Refusal> {
+    let waiting = gf::awaiting_payouts(&st, s.account).await?;
     let v = call(gf::list_pull_payments(
         State(st.clone()),
         Path(s.store()),
@@ -1546,31 +1537,42 @@ pub async fn refunds(
         s.gf(json!({})),
     ))
     .await?;
-    let mut b = flash(&q);
-    b.push_str(&take_flash(&st, &s).await?);
+    // Only the server's own messages here (never one from the URL: the password is typed on
+    // this page).
+    let mut b = take_flash(&st, &s).await?;
     b.push_str("<section><h2>Payouts awaiting your approval</h2>");
-    let waiting: Vec<&Value> = payouts
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|p| p["state"] == "AwaitingApproval")
-        .collect();
     if waiting.is_empty() {
         b.push_str("<p class=muted>None.</p>");
     }
-    for p in waiting {
-        let id = pct(&txt(&p["id"]));
+    for p in &waiting {
+        let id = pct(&p.id);
+        let what = match &p.invoice_id {
+            Some(i) => format!(
+                "refund of invoice <a href=\"/dashboard/invoices/{}\">{}</a>",
+                pct(i),
+                esc(i)
+            ),
+            None => "pull payment".to_owned(),
+        };
         let _ = write!(
             b,
-            "<div class=row><span><b>{} BTC</b> to <span class=addr>{}</span> · claimed {}</span>\
+            "<div class=row><span><b>{} BTC</b> to <span class=addr>{}</span> · claimed {}<br>\
+             {what} “{}” (up to {} BTC){}</span>\
              <form method=post action=\"/dashboard/payouts/{id}/approve\">{csrf}\
              <input type=password name=password placeholder=\"store password\" \
              autocomplete=current-password required><button>Approve and pay</button></form>\
              <form method=post action=\"/dashboard/payouts/{id}/cancel\">{csrf}\
              <button>Cancel</button></form></div>",
-            esc(&txt(&p["payoutAmount"])),
-            esc(&txt(&p["destination"])),
-            time_str(p["date"].as_u64().unwrap_or(0)),
+            crate::routes::btc(p.amount_sat),
+            esc(&p.destination),
+            time_str(p.created_ms / 1000),
+            esc(&p.name),
+            crate::routes::btc(p.limit_sat),
+            if p.description.is_empty() {
+                String::new()
+            } else {
+                format!("<br><span class=muted>{}</span>", esc(&p.description))
+            },
             csrf = csrf_field(&s),
         );
     }

@@ -57,6 +57,9 @@ pub const MAX_WEBHOOKS: i64 = 20;
 pub const BTCPAY_API_VERSION: &str = "2.0.0";
 /// Payouts per pull payment.
 pub const MAX_PAYOUTS: i64 = 100;
+/// The longest pull payment (or refund) name, bytes: WooCommerce's plugin names its refunds
+/// "Refund for order no.: <n> reason: <the reason typed in the shop>".
+const MAX_NAME: usize = 512;
 /// A payout's state while it waits, reserved, for the store's approval (a pull payment without
 /// `autoApproveClaims`).
 const AWAITING: &str = "awaiting";
@@ -164,7 +167,13 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
         )?;
     }
     // Databases from before claims could wait for the store's approval: every pull payment
-    // paid its claims when they were made.
+    // paid its claims when they were made, and no payout was approved.
+    let has_approved: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info('gf_payout') WHERE name = 'approved_ms'")?
+        .exists([])?;
+    if !has_approved {
+        conn.execute_batch("ALTER TABLE gf_payout ADD COLUMN approved_ms INTEGER")?;
+    }
     let has_auto: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('gf_pull_payment') WHERE name = 'auto_approve'")?
         .exists([])?;
@@ -2174,7 +2183,7 @@ pub async fn refund(
     let key = auth(&st, &req, Some(&store_path))?;
     let b = req.json()?;
     payout_method_ok(&b, &["payoutMethodId", "paymentMethod"])?;
-    let name = text_field(&b, "name", 128)?;
+    let name = text_field(&b, "name", MAX_NAME)?;
     let description = text_field(&b, "description", 1024)?;
     let variant = b
         .get("refundVariant")
@@ -2323,7 +2332,7 @@ pub async fn create_pull_payment(
     let key = auth(&st, &req, Some(&store_path))?;
     let b = req.json()?;
     payout_method_ok(&b, &["payoutMethods", "paymentMethods"])?;
-    let name = text_field(&b, "name", 128)?;
+    let name = text_field(&b, "name", MAX_NAME)?;
     let description = text_field(&b, "description", 1024)?;
     let (starts_ms, expires_ms) = claim_window(&b)?;
     let auto_approve = auto_approve_of(&b)?;
@@ -2504,10 +2513,14 @@ struct Payout {
     reference: Option<String>,
     claim_key: Option<String>,
     created_ms: u64,
+    /// When the store approved it (a claim that waited for approval), ms.
+    approved_ms: Option<u64>,
 }
 
 const PAYOUT_COLS: &str =
-    "pp_id, n, id, destination, amount_sat, state, reference, claim_key, created_ms";
+    "pp_id, n, id, destination, amount_sat, state, reference, claim_key, created_ms, approved_ms";
+/// How many columns [`PAYOUT_COLS`] names (a query selecting more reads them from here on).
+const PAYOUT_NCOLS: usize = 10;
 
 fn payout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Payout> {
     Ok(Payout {
@@ -2520,6 +2533,7 @@ fn payout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Payout> {
         reference: r.get(6)?,
         claim_key: r.get(7)?,
         created_ms: r.get(8)?,
+        approved_ms: r.get(PAYOUT_NCOLS - 1)?,
     })
 }
 
@@ -2697,7 +2711,8 @@ pub async fn resolve_all(st: &AppState) -> Result<usize, ApiError> {
             .prepare(&format!(
                 "SELECT {PP_COLS} FROM gf_pull_payment WHERE id IN (
                    SELECT DISTINCT pp_id FROM gf_payout
-                   WHERE state = 'unknown' OR (state = 'pending' AND created_ms < ?1) LIMIT 100)"
+                   WHERE state = 'unknown'
+                      OR (state = 'pending' AND COALESCE(approved_ms, created_ms) < ?1) LIMIT 100)"
             ))
             .map_err(db_error)?;
         let rows = stmt
@@ -2745,8 +2760,8 @@ pub async fn follow_payouts(st: &AppState) -> Result<usize, ApiError> {
             .query_map([super::outcome::FOLLOW_PER_TICK], |r| {
                 Ok((
                     payout_row(r)?,
-                    r.get::<_, u32>(9)?,
-                    r.get::<_, Option<String>>(10)?,
+                    r.get::<_, u32>(PAYOUT_NCOLS)?,
+                    r.get::<_, Option<String>>(PAYOUT_NCOLS + 1)?,
                 ))
             })
             .map_err(db_error)?
@@ -2848,8 +2863,12 @@ async fn resolve_payouts(st: &AppState, pp: &PullPayment) -> Result<(), GfError>
         let ps = payouts(c, &pp2.id).map_err(db_error)?;
         let mut out = Vec::new();
         let opened = OPENED_MS.get().copied().unwrap_or(0);
-        let open =
-            |p: &Payout| p.state == "unknown" || (p.state == "pending" && p.created_ms < opened);
+        // `pending` since before this process opened the database: left by a crash between the
+        // reservation (or the approval) and the payment; one of this process is being paid.
+        let open = |p: &Payout| {
+            p.state == "unknown"
+                || (p.state == "pending" && p.approved_ms.unwrap_or(p.created_ms) < opened)
+        };
         for p in ps.into_iter().filter(open) {
             let refund = match &pp2.invoice_id {
                 Some(iid) => store::refund_by_key(c, iid, &refund_key(&p)).map_err(db_error)?,
@@ -3137,6 +3156,7 @@ async fn claim_and_pay(
             reference: None,
             claim_key,
             created_ms: now,
+            approved_ms: None,
         };
         tx.execute(
             "INSERT INTO gf_payout (pp_id, n, id, destination, amount_sat, state, claim_key, created_ms)
@@ -3398,6 +3418,61 @@ pub async fn store_payouts(
     ok(Value::Array(payouts_json(&st, merchant, rows).await?))
 }
 
+/// A payout waiting for the store's approval, with what the owner needs to judge it.
+#[derive(Debug, Clone)]
+pub struct Awaiting {
+    /// The payout's id.
+    pub id: String,
+    /// Where it would be paid.
+    pub destination: String,
+    /// Satoshis.
+    pub amount_sat: u64,
+    /// Claimed, ms.
+    pub created_ms: u64,
+    /// Its pull payment's name and description.
+    pub name: String,
+    /// Its pull payment's description.
+    pub description: String,
+    /// The invoice it refunds, if any.
+    pub invoice_id: Option<String>,
+    /// Its pull payment's limit, satoshis.
+    pub limit_sat: u64,
+}
+
+/// Every payout of `merchant` waiting for approval, oldest first (at most 1,000: each is a
+/// claim reserved on a pull payment of at most [`MAX_PAYOUTS`] claims).
+pub async fn awaiting_payouts(st: &AppState, merchant: u32) -> Result<Vec<Awaiting>, ApiError> {
+    with_db(st, move |c| {
+        let mut stmt = c
+            .prepare(
+                "SELECT p.id, p.destination, p.amount_sat, p.created_ms, pp.name, pp.description,
+                        pp.invoice_id, pp.amount_sat
+                 FROM gf_payout p JOIN gf_pull_payment pp ON pp.id = p.pp_id
+                 WHERE pp.merchant = ?1 AND p.state = ?2
+                 ORDER BY p.created_ms, p.n LIMIT 1000",
+            )
+            .map_err(db_error)?;
+        let rows = stmt
+            .query_map(params![merchant, AWAITING], |r| {
+                Ok(Awaiting {
+                    id: r.get(0)?,
+                    destination: r.get(1)?,
+                    amount_sat: r.get(2)?,
+                    created_ms: r.get(3)?,
+                    name: r.get(4)?,
+                    description: r.get(5)?,
+                    invoice_id: r.get(6)?,
+                    limit_sat: r.get(7)?,
+                })
+            })
+            .map_err(db_error)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .map_err(db_error)?;
+        Ok(rows)
+    })
+    .await
+}
+
 /// `GET /api/v1/stores/{storeId}/payouts/{payoutId}`.
 pub async fn store_payout(
     State(st): State<AppState>,
@@ -3413,9 +3488,11 @@ pub async fn store_payout(
 /// `POST /api/v1/stores/{storeId}/payouts/{payoutId}`: approves a payout awaiting approval
 /// (`revision`, required: `0`, the only revision here; `rateRule` is not used, the pull payment
 /// being in BTC) and pays it as an approved claim is paid. It leaves `awaiting` in one statement
-/// (two approvals never both pay) and is paid under the payout lock (the monitor does not
-/// resolve it meanwhile); a crash between the two leaves it `pending`, resolved by its key as a
-/// claim's. Not awaiting approval: `400 invalid-state`. Runs to completion if the client goes.
+/// that stamps `approved_ms` (two approvals never both pay; the monitor resolves a `pending`
+/// payout only if it was approved, or claimed, before this process opened the database, so it
+/// never pays one an approval is paying); a crash between the two leaves it `pending`,
+/// resolved by its key after the restart as a claim's. Not awaiting approval: `400
+/// invalid-state`. Runs to completion if the client goes.
 pub async fn approve_payout(
     State(st): State<AppState>,
     Path((store_path, id)): Path<(String, String)>,
@@ -3447,12 +3524,15 @@ pub async fn approve_payout(
     api::capital::refuse_flagged(&st, key.account).await?;
     let st2 = st.clone();
     tokio::spawn(async move {
-        let _turn = st2.merchant().payout_lock.lock().await;
-        let (pid, n) = (p.pp_id.clone(), p.n);
+        // No lock held while paying (a refund's payment takes `invoice_lock`, which the monitor
+        // holds while it waits for `payout_lock`): the monitor leaves a `pending` payout alone
+        // unless it was approved before this process opened the database.
+        let (pid, n, now) = (p.pp_id.clone(), p.n, now_ms());
         let taken = with_db(&st2, move |c| {
             c.execute(
-                "UPDATE gf_payout SET state = 'pending' WHERE pp_id = ?1 AND n = ?2 AND state = ?3",
-                params![pid, n, AWAITING],
+                "UPDATE gf_payout SET state = 'pending', approved_ms = ?4
+                 WHERE pp_id = ?1 AND n = ?2 AND state = ?3",
+                params![pid, n, AWAITING, now],
             )
             .map_err(db_error)
         })
@@ -3462,6 +3542,7 @@ pub async fn approve_payout(
         }
         let p = Payout {
             state: "pending".into(),
+            approved_ms: Some(now),
             ..p
         };
         let moved = pay_payout(&st2, &pp, &p).await;
@@ -3496,7 +3577,8 @@ pub async fn cancel_payout(
     if changed != 1 {
         return Err(invalid_state());
     }
-    ok(json!({}))
+    // BTCPay answers 200 with no body.
+    Ok(StatusCode::OK.into_response())
 }
 
 /// `GET /pp/{pullPaymentId}`: the claim page (self-contained: no external asset).
@@ -3516,6 +3598,11 @@ mod tests {
     /// `InvoiceInvalid` says whether the merchant did it: `manuallyMarked` is false for an
     /// invoice whose payments custody reversed (BTCPay: "received payments which could not
     /// confirm"), true for one the merchant marked.
+    #[test]
+    fn payout_ncols_counts_payout_cols() {
+        assert_eq!(PAYOUT_COLS.split(", ").count(), PAYOUT_NCOLS);
+    }
+
     #[test]
     fn an_invalid_event_says_whether_the_merchant_marked_it() {
         for (marks, manual) in [(json!([]), true), (json!(["Reversed"]), false)] {

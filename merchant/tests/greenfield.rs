@@ -2929,7 +2929,10 @@ async fn an_approval_whose_payment_is_unanswered_is_resolved_by_its_key_and_paid
         .await,
         "pull payment",
     );
-    let payouts = format!("/api/v1/pull-payments/{}/payouts", pp["id"].as_str().unwrap());
+    let payouts = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
     let claim = |dest: &'static str| {
         let (h, payouts) = (&g.h, payouts.clone());
         async move {
@@ -2939,7 +2942,10 @@ async fn an_approval_whose_payment_is_unanswered_is_resolved_by_its_key_and_paid
     };
     let lost = claim("bcrt1qlost").await;
     let approve = |p: &Value| {
-        let uri = format!("/api/v1/stores/{store}/payouts/{}", p["id"].as_str().unwrap());
+        let uri = format!(
+            "/api/v1/stores/{store}/payouts/{}",
+            p["id"].as_str().unwrap()
+        );
         let (h, token) = (&g.h, g.token.clone());
         async move { call(h, "POST", &uri, Some(&token), Some(json!({"revision": 0}))).await }
     };
@@ -2951,7 +2957,11 @@ async fn an_approval_whose_payment_is_unanswered_is_resolved_by_its_key_and_paid
         "{}",
         r.json
     );
-    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1, "recorded, answer lost");
+    assert_eq!(
+        g.fake.withdrawals.lock().unwrap().len(),
+        1,
+        "recorded, answer lost"
+    );
     assert_eq!(approve(&lost).await.json["code"], "invalid-state");
     tick(&g.h.state, common::now_ms()).await.unwrap();
     let listed = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
@@ -2973,7 +2983,88 @@ async fn an_approval_whose_payment_is_unanswered_is_resolved_by_its_key_and_paid
     tick(&g.h.state, common::now_ms()).await.unwrap();
     let ws = g.fake.withdrawals.lock().unwrap().clone();
     assert_eq!(ws.len(), 2, "the approved payout is paid after the restart");
-    assert_eq!((ws[1].address.as_str(), ws[1].amount_sat), ("bcrt1qcrashed", 40_000));
+    assert_eq!(
+        (ws[1].address.as_str(), ws[1].amount_sat),
+        ("bcrt1qcrashed", 40_000)
+    );
     tick(&g.h.state, common::now_ms()).await.unwrap();
     assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 2, "and once");
+}
+
+/// Review finding (critical): an approval held `payout_lock` while it paid, and a refund's
+/// payment waits for `invoice_lock`, which the monitor holds through its tick while it waits
+/// for `payout_lock` (`follow_payouts`): an approval during a tick stopped both for good (no
+/// deposit credited, no refund resolved). The approval holds no lock while it pays now: with
+/// `invoice_lock` held (a tick under way) and the approval waiting for it, `payout_lock` is
+/// free, and the approval completes once the tick lets go.
+#[tokio::test]
+async fn approving_a_refunds_payout_during_a_monitor_tick_does_not_deadlock() {
+    let g = setup().await;
+    let store = g.store();
+    let inv = g.new_invoice(json!({"amount": "0.001"})).await;
+    let iid = inv["id"].as_str().unwrap().to_owned();
+    g.pay(&inv, 1, 100_000).await;
+    // Made by a key without withdraw: its claims wait.
+    let pp = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{store}/invoices/{iid}/refund"),
+            Some(&g.merchant_token),
+            Some(json!({"refundVariant": "RateThen"})),
+        )
+        .await,
+        "refund",
+    );
+    assert_eq!(pp["autoApproveClaims"], false, "{pp}");
+    let body = json!({"destination": "bcrt1qcustomer", "amount": "0.0004"}).to_string();
+    let payouts = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
+    let claimed = ok(raw(&g.h, "POST", &payouts, None, body, &[]).await, "claim");
+    let payout_id = claimed["id"].as_str().unwrap().to_owned();
+    let m = g.h.state.merchant();
+    let tick_under_way = m.invoice_lock.lock().await;
+    let approval = {
+        let (router, token) = (g.h.router.clone(), g.token.clone());
+        let uri = format!("/api/v1/stores/{store}/payouts/{payout_id}");
+        tokio::spawn(async move {
+            let req = Request::builder()
+                .method("POST")
+                .uri(uri)
+                .header("Authorization", format!("token {token}"))
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"revision":0}"#))
+                .unwrap();
+            router.oneshot(req).await.unwrap().status()
+        })
+    };
+    // The approval took the payout and now waits for the invoice (the tick's lock).
+    let state = || {
+        m.db.lock()
+            .unwrap()
+            .query_row(
+                "SELECT state FROM gf_payout WHERE id = ?1",
+                [&payout_id],
+                |r| r.get::<_, String>(0),
+            )
+            .unwrap()
+    };
+    while state() == "awaiting" {
+        tokio::task::yield_now().await;
+    }
+    tokio::task::yield_now().await;
+    assert!(
+        m.payout_lock.try_lock().is_ok(),
+        "the tick could go on to follow_payouts"
+    );
+    drop(tick_under_way);
+    assert_eq!(approval.await.unwrap(), StatusCode::OK);
+    let ws = g.fake.withdrawals.lock().unwrap().clone();
+    assert_eq!(ws.len(), 1);
+    assert_eq!(
+        (ws[0].address.as_str(), ws[0].amount_sat),
+        ("bcrt1qcustomer", 40_000)
+    );
 }

@@ -7,6 +7,8 @@
 //!   Processing and, one block later, Settled, without a reload;
 //! * point of sale: the cashier types an amount on the keypad, charges, the customer pays the
 //!   address the page shows, and the page turns paid.
+//! * modal checkout: a shop's page on another site opens the invoice over itself with
+//!   `/modal/btcpay.js` and hears `loaded`, `New`, `Processing` and `Settled` from the frame.
 //!
 //! Screenshots go to `$MEDIATOR_ARTIFACTS` (else the test target's temp dir); their paths are
 //! printed. Needs bitcoind (`BITCOIND_EXE`) and Chromium (`scripts/install-browser.sh`, or
@@ -458,4 +460,127 @@ fn http(s: &Server, method: &str, path: &str, body: &str, status: u16) -> String
         "{method} {path}: {head}\n{body}"
     );
     body.to_owned()
+}
+
+/// A shop's page on 127.0.0.2 (another site than the server's), as WooCommerce's modal checkout
+/// writes it: loads `/modal/btcpay.js` from the server, opens the invoice with
+/// `btcpay.showInvoice` and keeps the frame's messages.
+fn modal_shop(server: std::net::SocketAddr, invoice_id: &str) -> u16 {
+    use std::io::{BufRead, BufReader};
+    let listener = std::net::TcpListener::bind("127.0.0.2:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let page = format!(
+        "<!doctype html><title>Shop</title><p>Your order</p>\
+         <script src=\"http://{server}/modal/btcpay.js\"></script>\
+         <script>window.msgs = []; window.left = 0;\
+         btcpay.setApiUrlPrefix('http://{server}');\
+         btcpay.onModalReceiveMessage(function (e) {{ window.msgs.push(e.data); }});\
+         btcpay.onModalWillLeave(function () {{ window.left += 1; }});\
+         btcpay.showInvoice('{invoice_id}');</script>"
+    );
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { return };
+            let page = page.clone();
+            std::thread::spawn(move || {
+                let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+                let Ok(read) = conn.try_clone() else { return };
+                let mut r = BufReader::new(read);
+                let mut line = String::new();
+                loop {
+                    line.clear();
+                    if r.read_line(&mut line).is_err() || line.trim().is_empty() {
+                        break;
+                    }
+                }
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{page}",
+                    page.len()
+                );
+                let _ = std::io::Write::write_all(&mut conn, answer.as_bytes());
+            });
+        }
+    });
+    port
+}
+
+/// WooCommerce's modal checkout: the shop's page (another site) opens the checkout over itself
+/// with `/modal/btcpay.js`; the framed page (`view=modal`, which any site may frame) tells the
+/// shop "loaded" and each status, `New`, then `Processing` and `Settled` as the customer pays,
+/// without a reload; a message the shop's own page forges is not taken for the frame's.
+#[test]
+fn modal_checkout_opens_over_a_shops_page_and_tells_it_the_invoice_is_paid() {
+    if !browser::required() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let server = Server::start(dir.path(), free_port());
+    let s = &server;
+    let (m, _) = merchant(s, "Modal Shop", &[]);
+    let invoice = m.call(
+        "POST",
+        "/mapi/v1/merchant/invoice",
+        &[("amount", "0.0003"), ("currency", "BTC"), ("orderId", "77")],
+    );
+    let id = invoice["id"].as_str().unwrap().to_owned();
+    let shop = modal_shop(s.addr, &id);
+    let b = Browser::start(1280, 900).unwrap();
+    const SHOP: &str = "return {msgs: window.msgs, left: window.left, \
+        frames: document.querySelectorAll('iframe[name=btcpay]').length};";
+    b.goto(&format!("http://127.0.0.2:{shop}/")).unwrap();
+    let told = |status: &str| {
+        format!(
+            "return (window.msgs || []).some(function (m) {{ \
+               return m && m.invoiceId === '{id}' && m.status === '{status}'; }});"
+        )
+    };
+    b.wait_for(
+        "the frame's loaded message",
+        "return (window.msgs || []).indexOf('loaded') >= 0;",
+        SHOP,
+    )
+    .unwrap();
+    b.wait_for("the New invoice", &told("New"), SHOP).unwrap();
+    b.screenshot("modal-checkout-new.png").unwrap();
+    // A "close" posted by the shop's page itself is not the frame's.
+    // Its listener runs after btcpay.js's (added later), so once it has seen the message,
+    // btcpay.js has too.
+    b.eval(
+        "window.addEventListener('message', function (e) { \
+           if (e.data === 'close' && e.source === window) window.forged = true; }); \
+         window.postMessage('close', '*'); return true;",
+    )
+    .unwrap();
+    b.wait_for(
+        "the forged message handled",
+        "return window.forged === true;",
+        SHOP,
+    )
+    .unwrap();
+    let shown = b.eval(SHOP).unwrap();
+    assert_eq!(shown["frames"], 1, "{shown}");
+    assert_eq!(shown["left"], 0, "{shown}");
+    // The customer pays: seen in the mempool, then one block.
+    let mut payer = Payer::new(11);
+    let rpc = s.rpc();
+    payer.fund(&rpc);
+    payer.pay(&rpc, invoice["address"].as_str().unwrap(), sats("0.0003"));
+    b.wait_for_within(CHAIN, "Processing", &told("Processing"), SHOP)
+        .unwrap();
+    s.admin(&["regtest", "mine", "1"]);
+    b.wait_for_within(CHAIN, "Settled", &told("Settled"), SHOP)
+        .unwrap();
+    b.screenshot("modal-checkout-settled.png").unwrap();
+    // The shop closes it.
+    b.eval("btcpay.hideFrame(); return true;").unwrap();
+    let shown = b.eval(SHOP).unwrap();
+    assert_eq!(
+        (shown["frames"].clone(), shown["left"].clone()),
+        (json!(0), json!(1)),
+        "{shown}"
+    );
+    drop(b);
+    let status = server.terminate();
+    assert!(status.success(), "clean shutdown: {status}");
 }

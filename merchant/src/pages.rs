@@ -6,6 +6,10 @@
 /// status updated live from `GET /i/{id}/events` (polling `GET /i/{id}/status` as a fallback).
 pub const CHECKOUT_HTML: &str = include_str!("pages/checkout.html");
 
+/// Served at `GET /modal/btcpay.js`: BTCPay's modal checkout interface (`window.btcpay`), which
+/// opens `GET /i/{id}?view=modal` in a frame over a shop's page and passes its messages on.
+pub const MODAL_JS: &str = include_str!("pages/btcpay.js");
+
 /// Served at `GET /pos/{token}`: an amount keypad in the store's currency (`GET /pos/{token}/info`
 /// gives its decimals); "Charge" creates an invoice with `POST /pos/{token}/invoice` and shows its
 /// QR code and live status, then "New sale".

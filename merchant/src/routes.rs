@@ -1466,7 +1466,12 @@ pub async fn redeliver(State(st): State<AppState>, req: Req) -> Result<Response,
 /// A page with its security headers: CSP (see [`super::pages::content_security_policy`]),
 /// `nosniff`, no referrer (the path holds the invoice id or point-of-sale token).
 pub(crate) fn html(st: &AppState, body: &'static str) -> Response {
-    let csp = super::pages::content_security_policy(body, &st.cfg().frame_ancestors);
+    html_framed(body, &st.cfg().frame_ancestors)
+}
+
+/// [`html`] with the embedding allowed to `frame_ancestors`.
+fn html_framed(body: &'static str, frame_ancestors: &str) -> Response {
+    let csp = super::pages::content_security_policy(body, frame_ancestors);
     let mut r = (
         [
             (header::CONTENT_TYPE, "text/html; charset=utf-8"),
@@ -1507,13 +1512,45 @@ async fn public_invoice(st: &AppState, ip: &str, id: String) -> Result<(Record, 
         .ok_or_else(unknown_invoice)
 }
 
-/// `GET /i/{id}`: the checkout page.
+/// `GET /i/{id}`: the checkout page. With `view=modal` (BTCPay's modal checkout, opened over a
+/// shop's page by `/modal/btcpay.js`) any site may frame it, as BTCPay's checkout: the page
+/// changes nothing (it shows an invoice, copies its address, opens a wallet), and the framing
+/// site knows the invoice it asked for; without, embedding follows `frame_ancestors`.
 pub async fn checkout_page(
+    ClientIp(ip): ClientIp,
+    State(st): State<AppState>,
+    axum::extract::RawQuery(q): axum::extract::RawQuery,
+) -> Result<Response, ApiError> {
+    st.charge_ip_addr(&ip, 1)?;
+    let modal = q
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .any(|kv| kv == "view=modal");
+    Ok(if modal {
+        html_framed(super::pages::CHECKOUT_HTML, "*")
+    } else {
+        html(&st, super::pages::CHECKOUT_HTML)
+    })
+}
+
+/// `GET /modal/btcpay.js`: the modal checkout's script, with BTCPay's `window.btcpay` interface
+/// (`showInvoice`, `onModalReceiveMessage`, `hideFrame`, ...), for shop plugins that open the
+/// checkout over their own page.
+pub async fn modal_js(
     ClientIp(ip): ClientIp,
     State(st): State<AppState>,
 ) -> Result<Response, ApiError> {
     st.charge_ip_addr(&ip, 1)?;
-    Ok(html(&st, super::pages::CHECKOUT_HTML))
+    Ok((
+        [
+            (header::CONTENT_TYPE, "text/javascript; charset=utf-8"),
+            (header::CACHE_CONTROL, "public, max-age=3600"),
+            (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        ],
+        super::pages::MODAL_JS,
+    )
+        .into_response())
 }
 
 /// `GET /i/{id}/status`: the PublicInvoice JSON.

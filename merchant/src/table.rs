@@ -114,6 +114,7 @@ pub static ROUTES: &[Route] = {
             m::redeliver
         ),
         route!("GET", "/i/{id}", Public, None, P, m::checkout_page),
+        route!("GET", "/modal/btcpay.js", Public, None, P, m::modal_js),
         route!("GET", "/i/{id}/status", Public, None, P, m::public_status),
         route!("GET", "/i/{id}/events", Public, None, P, m::public_events),
         route!("GET", "/i/{id}/qr.png", Public, None, P, m::qr_png),

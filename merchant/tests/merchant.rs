@@ -1827,6 +1827,43 @@ async fn checkout_and_pos_pages_send_security_headers() {
         use sha2::Digest as _;
         let want = base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(body));
         assert!(script.contains(&want), "{path}: {csp}");
+    } // BTCPay's modal checkout: the page in `view=modal` may be framed by the shop's site (it
+      // changes nothing), the plain page and the point of sale still by `frame_ancestors` only;
+      // the script that opens it is served to any site.
+    let modal = m.h.get(&format!("/i/{}?view=modal", s(&inv, "id"))).await;
+    let csp = modal.headers["content-security-policy"].to_str().unwrap();
+    assert_eq!(
+        csp_directive(csp, "frame-ancestors").as_deref(),
+        Some("*"),
+        "{csp}"
+    );
+    assert_eq!(
+        csp_directive(csp, "default-src").as_deref(),
+        Some("'none'"),
+        "{csp}"
+    );
+    let not_modal = m.h.get(&format!("/i/{}?view=modalx", s(&inv, "id"))).await;
+    let csp = not_modal.headers["content-security-policy"]
+        .to_str()
+        .unwrap();
+    assert_eq!(
+        csp_directive(csp, "frame-ancestors").as_deref(),
+        Some("'self'"),
+        "{csp}"
+    );
+    let js = m.h.get("/modal/btcpay.js").await;
+    assert_eq!(js.status, StatusCode::OK);
+    assert_eq!(js.headers["content-type"], "text/javascript; charset=utf-8");
+    assert_eq!(js.headers["x-content-type-options"], "nosniff");
+    let body = js.json.as_str().unwrap();
+    for api in [
+        "showInvoice",
+        "onModalReceiveMessage",
+        "hideFrame",
+        "setApiUrlPrefix",
+        "?view=modal",
+    ] {
+        assert!(body.contains(api), "{api}");
     }
 }
 

@@ -472,8 +472,9 @@ fn modal_shop(server: std::net::SocketAddr, invoice_id: &str) -> u16 {
     let page = format!(
         "<!doctype html><title>Shop</title><p>Your order</p>\
          <script src=\"http://{server}/modal/btcpay.js\"></script>\
-         <script>window.msgs = []; window.left = 0;\
+         <script>window.msgs = []; window.left = 0; window.stale = 0;\
          btcpay.setApiUrlPrefix('http://{server}');\
+         btcpay.onModalReceiveMessage(function () {{ window.stale += 1; }});\
          btcpay.onModalReceiveMessage(function (e) {{ window.msgs.push(e.data); }});\
          btcpay.onModalWillLeave(function () {{ window.left += 1; }});\
          btcpay.showInvoice('{invoice_id}');</script>"
@@ -526,7 +527,7 @@ fn modal_checkout_opens_over_a_shops_page_and_tells_it_the_invoice_is_paid() {
     let id = invoice["id"].as_str().unwrap().to_owned();
     let shop = modal_shop(s.addr, &id);
     let b = Browser::start(1280, 900).unwrap();
-    const SHOP: &str = "return {msgs: window.msgs, left: window.left, \
+    const SHOP: &str = "return {msgs: window.msgs, left: window.left, stale: window.stale, \
         frames: document.querySelectorAll('iframe[name=btcpay]').length};";
     b.goto(&format!("http://127.0.0.2:{shop}/")).unwrap();
     let told = |status: &str| {
@@ -580,6 +581,8 @@ fn modal_checkout_opens_over_a_shops_page_and_tells_it_the_invoice_is_paid() {
         (json!(0), json!(1)),
         "{shown}"
     );
+    // A handler registered again replaces the one before (as BTCPay's setters do).
+    assert_eq!(shown["stale"], 0, "{shown}");
     drop(b);
     let status = server.terminate();
     assert!(status.success(), "clean shutdown: {status}");

@@ -123,13 +123,25 @@ CREATE TABLE IF NOT EXISTS gf_payout (
   created_ms INTEGER NOT NULL, PRIMARY KEY (pp_id, n), UNIQUE (pp_id, claim_key));
 ";
 
-/// When this process opened the database: a payout still `pending` from before then was left by
-/// a crash (no claim of this process is handling it) and is resolved like an `unknown` one.
-static OPENED_MS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+/// This process's run: random, written on each payout this process reserves (a claim) or
+/// approves. A `pending` payout of another run (or of none: written by an older build) was left
+/// by a crash and is resolved by its key; one of this run is being paid here and is left alone.
+/// Unlike a comparison of times, a clock that steps back cannot make the monitor take a
+/// payout an approval is paying (and give its reservation back meanwhile).
+static RUN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
+/// [`RUN`], set when the schema is opened.
+fn run_id() -> &'static str {
+    RUN.get_or_init(|| match api::keys::random_bytes::<8>() {
+        Ok(b) => hex::encode(b),
+        // No randomness: the time this process opened the database is unique enough.
+        Err(_) => format!("t{}", api::core::now_ms()),
+    })
+}
 
 /// Creates the Greenfield tables if they do not exist (idempotent).
 pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
-    OPENED_MS.get_or_init(api::core::now_ms);
+    run_id();
     conn.execute_batch(SCHEMA)?;
     // Databases from before payouts were followed until custody paid them or gave them back.
     let has_final: bool = conn
@@ -172,7 +184,10 @@ pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
         .prepare("SELECT 1 FROM pragma_table_info('gf_payout') WHERE name = 'approved_ms'")?
         .exists([])?;
     if !has_approved {
-        conn.execute_batch("ALTER TABLE gf_payout ADD COLUMN approved_ms INTEGER")?;
+        conn.execute_batch(
+            "ALTER TABLE gf_payout ADD COLUMN approved_ms INTEGER;
+             ALTER TABLE gf_payout ADD COLUMN run TEXT;",
+        )?;
     }
     let has_auto: bool = conn
         .prepare("SELECT 1 FROM pragma_table_info('gf_pull_payment') WHERE name = 'auto_approve'")?
@@ -2513,12 +2528,19 @@ struct Payout {
     reference: Option<String>,
     claim_key: Option<String>,
     created_ms: u64,
-    /// When the store approved it (a claim that waited for approval), ms.
-    approved_ms: Option<u64>,
+    /// The run ([`RUN`]) that reserved or approved it last (`None`: an older build).
+    run: Option<String>,
 }
 
-const PAYOUT_COLS: &str =
-    "pp_id, n, id, destination, amount_sat, state, reference, claim_key, created_ms, approved_ms";
+impl Payout {
+    /// Left `pending` by a crash of another run (no task of this process is paying it).
+    fn left_pending(&self) -> bool {
+        self.state == "pending" && self.run.as_deref() != Some(run_id())
+    }
+}
+
+const PAYOUT_COLS: &str = "pp_id, n, id, destination, amount_sat, state, reference, claim_key, \
+     created_ms, run";
 /// How many columns [`PAYOUT_COLS`] names (a query selecting more reads them from here on).
 const PAYOUT_NCOLS: usize = 10;
 
@@ -2533,7 +2555,7 @@ fn payout_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Payout> {
         reference: r.get(6)?,
         claim_key: r.get(7)?,
         created_ms: r.get(8)?,
-        approved_ms: r.get(PAYOUT_NCOLS - 1)?,
+        run: r.get(9)?,
     })
 }
 
@@ -2705,18 +2727,17 @@ pub async fn list_payouts(
 /// each monitor tick, after the invoice refunds were resolved); at most 100 pull payments a
 /// tick. Answers how many pull payments it looked at.
 pub async fn resolve_all(st: &AppState) -> Result<usize, ApiError> {
-    let opened = OPENED_MS.get().copied().unwrap_or(0);
     let pps = with_db(st, move |c| {
         let mut stmt = c
             .prepare(&format!(
                 "SELECT {PP_COLS} FROM gf_pull_payment WHERE id IN (
                    SELECT DISTINCT pp_id FROM gf_payout
                    WHERE state = 'unknown'
-                      OR (state = 'pending' AND COALESCE(approved_ms, created_ms) < ?1) LIMIT 100)"
+                      OR (state = 'pending' AND (run IS NULL OR run != ?1)) LIMIT 100)"
             ))
             .map_err(db_error)?;
         let rows = stmt
-            .query_map([i64::try_from(opened).unwrap_or(i64::MAX)], pp_row)
+            .query_map([run_id()], pp_row)
             .map_err(db_error)?
             .collect::<rusqlite::Result<Vec<_>>>()
             .map_err(db_error)?;
@@ -2862,13 +2883,9 @@ async fn resolve_payouts(st: &AppState, pp: &PullPayment) -> Result<(), GfError>
     let open = with_db(st, move |c| {
         let ps = payouts(c, &pp2.id).map_err(db_error)?;
         let mut out = Vec::new();
-        let opened = OPENED_MS.get().copied().unwrap_or(0);
-        // `pending` since before this process opened the database: left by a crash between the
-        // reservation (or the approval) and the payment; one of this process is being paid.
-        let open = |p: &Payout| {
-            p.state == "unknown"
-                || (p.state == "pending" && p.approved_ms.unwrap_or(p.created_ms) < opened)
-        };
+        // `pending` of another run: left by a crash between the reservation (or the approval)
+        // and the payment; one of this run is being paid.
+        let open = |p: &Payout| p.state == "unknown" || p.left_pending();
         for p in ps.into_iter().filter(open) {
             let refund = match &pp2.invoice_id {
                 Some(iid) => store::refund_by_key(c, iid, &refund_key(&p)).map_err(db_error)?,
@@ -3156,12 +3173,14 @@ async fn claim_and_pay(
             reference: None,
             claim_key,
             created_ms: now,
-            approved_ms: None,
+            run: Some(run_id().to_owned()),
         };
         tx.execute(
-            "INSERT INTO gf_payout (pp_id, n, id, destination, amount_sat, state, claim_key, created_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            params![p.pp_id, p.n, p.id, p.destination, p.amount_sat, p.state, p.claim_key, p.created_ms],
+            "INSERT INTO gf_payout (pp_id, n, id, destination, amount_sat, state, claim_key, created_ms,
+               run)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![p.pp_id, p.n, p.id, p.destination, p.amount_sat, p.state, p.claim_key, p.created_ms,
+                    p.run],
         )
         .map_err(db_error)?;
         tx.commit().map_err(db_error)?;
@@ -3488,11 +3507,11 @@ pub async fn store_payout(
 /// `POST /api/v1/stores/{storeId}/payouts/{payoutId}`: approves a payout awaiting approval
 /// (`revision`, required: `0`, the only revision here; `rateRule` is not used, the pull payment
 /// being in BTC) and pays it as an approved claim is paid. It leaves `awaiting` in one statement
-/// that stamps `approved_ms` (two approvals never both pay; the monitor resolves a `pending`
-/// payout only if it was approved, or claimed, before this process opened the database, so it
-/// never pays one an approval is paying); a crash between the two leaves it `pending`,
-/// resolved by its key after the restart as a claim's. Not awaiting approval: `400
-/// invalid-state`. Runs to completion if the client goes.
+/// that stamps `approved_ms` and this process's [`RUN`] (two approvals never both pay; the
+/// monitor resolves a `pending` payout only of another run, so it never pays one an approval
+/// is paying); a crash between the two leaves it `pending`, resolved by its key after the
+/// restart as a claim's. Not awaiting approval: `400 invalid-state`. Runs to completion if the
+/// client goes.
 pub async fn approve_payout(
     State(st): State<AppState>,
     Path((store_path, id)): Path<(String, String)>,
@@ -3525,14 +3544,14 @@ pub async fn approve_payout(
     let st2 = st.clone();
     tokio::spawn(async move {
         // No lock held while paying (a refund's payment takes `invoice_lock`, which the monitor
-        // holds while it waits for `payout_lock`): the monitor leaves a `pending` payout alone
-        // unless it was approved before this process opened the database.
+        // holds while it waits for `payout_lock`): the monitor leaves a `pending` payout of this
+        // run alone.
         let (pid, n, now) = (p.pp_id.clone(), p.n, now_ms());
         let taken = with_db(&st2, move |c| {
             c.execute(
-                "UPDATE gf_payout SET state = 'pending', approved_ms = ?4
+                "UPDATE gf_payout SET state = 'pending', approved_ms = ?4, run = ?5
                  WHERE pp_id = ?1 AND n = ?2 AND state = ?3",
-                params![pid, n, AWAITING, now],
+                params![pid, n, AWAITING, now, run_id()],
             )
             .map_err(db_error)
         })
@@ -3542,7 +3561,7 @@ pub async fn approve_payout(
         }
         let p = Payout {
             state: "pending".into(),
-            approved_ms: Some(now),
+            run: Some(run_id().to_owned()),
             ..p
         };
         let moved = pay_payout(&st2, &pp, &p).await;

@@ -2967,8 +2967,8 @@ async fn an_approval_whose_payment_is_unanswered_is_resolved_by_its_key_and_paid
     let listed = ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
     assert_eq!(listed[0]["state"], "AwaitingPayment", "{listed}");
     assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1, "paid once");
-    // A crash after the approval took the payout, before it was paid: `pending`, from before
-    // this process opened the database.
+    // A crash after the approval took the payout, before it was paid: `pending`, of an earlier
+    // run (process).
     let crashed = claim("bcrt1qcrashed").await;
     g.h.state
         .merchant()
@@ -2976,7 +2976,7 @@ async fn an_approval_whose_payment_is_unanswered_is_resolved_by_its_key_and_paid
         .lock()
         .unwrap()
         .execute(
-            "UPDATE gf_payout SET state = 'pending', created_ms = 1 WHERE id = ?1",
+            "UPDATE gf_payout SET state = 'pending', run = 'an earlier run' WHERE id = ?1",
             [crashed["id"].as_str().unwrap()],
         )
         .unwrap();
@@ -3067,4 +3067,61 @@ async fn approving_a_refunds_payout_during_a_monitor_tick_does_not_deadlock() {
         (ws[0].address.as_str(), ws[0].amount_sat),
         ("bcrt1qcustomer", 40_000)
     );
+}
+
+/// Review finding (low): whether a `pending` payout was left by a crash was decided by
+/// comparing its times with when this process opened the database, so a clock that stepped
+/// back made the monitor pay (or give back) a payout this process was still paying. The run
+/// that reserved or approved it decides now: one of this run, whatever its times, is left alone.
+#[tokio::test]
+async fn a_payout_this_process_is_paying_is_left_alone_whatever_the_clock_says() {
+    let g = setup().await;
+    let pp = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{}/pull-payments", g.store()),
+            Some(&g.token),
+            Some(json!({"amount": "0.001", "currency": "BTC"})),
+        )
+        .await,
+        "pull payment",
+    );
+    let payouts = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
+    let body = json!({"destination": "bcrt1qpaying", "amount": "0.0004"}).to_string();
+    let p = ok(raw(&g.h, "POST", &payouts, None, body, &[]).await, "claim");
+    // As an approval of this process leaves it while it pays, with times from before the
+    // process started (a clock stepped back).
+    g.h.state
+        .merchant()
+        .db
+        .lock()
+        .unwrap()
+        .execute(
+            "UPDATE gf_payout SET state = 'pending', created_ms = 1, approved_ms = 1 WHERE id = ?1",
+            [p["id"].as_str().unwrap()],
+        )
+        .unwrap();
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    ok(call(&g.h, "GET", &payouts, None, None).await, "payouts");
+    assert!(
+        g.fake.withdrawals.lock().unwrap().is_empty(),
+        "the monitor paid a payout this process is paying"
+    );
+    let state: String =
+        g.h.state
+            .merchant()
+            .db
+            .lock()
+            .unwrap()
+            .query_row(
+                "SELECT state FROM gf_payout WHERE id = ?1",
+                [p["id"].as_str().unwrap()],
+                |r| r.get(0),
+            )
+            .unwrap();
+    assert_eq!(state, "pending");
 }

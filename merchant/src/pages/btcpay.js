@@ -9,7 +9,9 @@
  *   btcpay.hideFrame() / showFrame()    closes / shows the frame
  *   btcpay.onModalWillEnter(f) / onModalWillLeave(f)
  *
- * Only messages from the frame this script opened, from the server's origin, are passed on.
+ * Each `on...` call replaces the callback before it, as BTCPay's does (a shop that opens the
+ * modal again registers again). Only messages from the frame this script opened, from the
+ * origin it was opened at, are passed on.
  */
 (function () {
   "use strict";
@@ -20,13 +22,12 @@
   } catch (e) {
     origin = "";
   }
-  var frame = null;
-  var received = [], entering = [], leaving = [];
+  var frame = null, frameOrigin = "";
+  var received = null, entering = null, leaving = null;
 
-  function each(list, arg) {
-    list.slice().forEach(function (f) {
-      try { f(arg); } catch (e) { setTimeout(function () { throw e; }); }
-    });
+  function run(f, arg) {
+    if (typeof f !== "function") return;
+    try { f(arg); } catch (e) { setTimeout(function () { throw e; }); }
   }
 
   function setApiUrlPrefix(url) {
@@ -36,7 +37,7 @@
   function showFrame() {
     if (!frame) return;
     frame.style.display = "block";
-    each(entering);
+    run(entering);
   }
 
   function hideFrame() {
@@ -44,7 +45,7 @@
     var f = frame;
     frame = null;
     if (f.parentNode) f.parentNode.removeChild(f);
-    each(leaving);
+    run(leaving);
   }
 
   function showInvoice(invoiceId) {
@@ -57,14 +58,15 @@
       "z-index:2147483647;background:rgba(0,0,0,0.55);display:block;";
     f.src = origin + "/i/" + encodeURIComponent(String(invoiceId)) + "?view=modal";
     frame = f;
+    frameOrigin = origin;
     document.body.appendChild(f);
-    each(entering);
+    run(entering);
   }
 
   window.addEventListener("message", function (event) {
-    if (!frame || event.source !== frame.contentWindow || event.origin !== origin) return;
+    if (!frame || event.source !== frame.contentWindow || event.origin !== frameOrigin) return;
     if (event.data === "close") hideFrame();
-    each(received, event);
+    run(received, event);
   });
 
   window.btcpay = {
@@ -74,8 +76,8 @@
     appendAndShowInvoiceId: showInvoice,
     showFrame: showFrame,
     hideFrame: hideFrame,
-    onModalReceiveMessage: function (f) { if (typeof f === "function") received.push(f); },
-    onModalWillEnter: function (f) { if (typeof f === "function") entering.push(f); },
-    onModalWillLeave: function (f) { if (typeof f === "function") leaving.push(f); }
+    onModalReceiveMessage: function (f) { received = f; },
+    onModalWillEnter: function (f) { entering = f; },
+    onModalWillLeave: function (f) { leaving = f; }
   };
 })();

@@ -1060,7 +1060,19 @@ pub async fn home(
         .as_deref()
         .unwrap_or("")
         .trim_end_matches('/');
+    let waiting = gf::awaiting_payouts(&st, account).await?;
     let mut b = flash(&q);
+    // Claims that wait for the owner (a shop plugin's refunds): said first, since nobody is paid
+    // until the owner acts.
+    if !waiting.is_empty() {
+        let _ = write!(
+            b,
+            "<p class=err><a href=\"/dashboard/refunds\">{} payout{} await{} your approval</a>.</p>",
+            waiting.len(),
+            if waiting.len() == 1 { "" } else { "s" },
+            if waiting.len() == 1 { "s" } else { "" },
+        );
+    }
     let _ = write!(
         b,
         "<section><h2>{}</h2><p>Store id <code>{}</code> · currency {}</p>",

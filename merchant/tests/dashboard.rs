@@ -3560,9 +3560,18 @@ async fn the_owner_approves_a_waiting_payout_with_the_password_or_cancels_it() {
             serde_json::from_slice::<Value>(&bytes).unwrap()
         }
     };
+    let home = get(&d.h, "/dashboard", &id).await;
+    assert!(!home.body.contains("await"), "{}", home.body);
     let first = claim("bcrt1qfirst").await;
     let second = claim("bcrt1qsecond").await;
     assert_eq!(first["state"], "AwaitingApproval", "{first}");
+    // The home page says so first.
+    let home = get(&d.h, "/dashboard", &id).await;
+    assert!(
+        home.body.contains("2 payouts await your approval"),
+        "{}",
+        home.body
+    );
     let page = get(&d.h, "/dashboard/refunds", &id).await;
     for s in [
         "bcrt1qfirst",

@@ -1060,17 +1060,17 @@ pub async fn home(
         .as_deref()
         .unwrap_or("")
         .trim_end_matches('/');
-    let waiting = gf::awaiting_payouts(&st, account).await?;
+    let waiting = gf::awaiting_count(&st, account).await?;
     let mut b = flash(&q);
     // Claims that wait for the owner (a shop plugin's refunds): said first, since nobody is paid
     // until the owner acts.
-    if !waiting.is_empty() {
+    if waiting > 0 {
         let _ = write!(
             b,
-            "<p class=err><a href=\"/dashboard/refunds\">{} payout{} await{} your approval</a>.</p>",
-            waiting.len(),
-            if waiting.len() == 1 { "" } else { "s" },
-            if waiting.len() == 1 { "s" } else { "" },
+            "<p class=err><a href=\"/dashboard/refunds\">{waiting} payout{} await{} your \
+             approval</a>.</p>",
+            if waiting == 1 { "" } else { "s" },
+            if waiting == 1 { "s" } else { "" },
         );
     }
     let _ = write!(

@@ -139,64 +139,50 @@ fn run_id() -> &'static str {
     })
 }
 
+/// Adds `column` (`decl`: its type and default) to `table` unless a database from before has it.
+fn add_column(conn: &Connection, table: &str, column: &str, decl: &str) -> rusqlite::Result<()> {
+    let has: bool = conn
+        .prepare("SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2")?
+        .exists([table, column])?;
+    if !has {
+        conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))?;
+    }
+    Ok(())
+}
+
 /// Creates the Greenfield tables if they do not exist (idempotent).
 pub fn init_schema(conn: &Connection) -> rusqlite::Result<()> {
     run_id();
     conn.execute_batch(SCHEMA)?;
     // Databases from before payouts were followed until custody paid them or gave them back.
-    let has_final: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('gf_payout') WHERE name = 'final'")?
-        .exists([])?;
-    if !has_final {
-        conn.execute_batch("ALTER TABLE gf_payout ADD COLUMN final INTEGER NOT NULL DEFAULT 0")?;
-    }
-    let has_checked: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('gf_payout') WHERE name = 'checked_ms'")?
-        .exists([])?;
-    if !has_checked {
-        conn.execute_batch(
-            "ALTER TABLE gf_payout ADD COLUMN checked_ms INTEGER NOT NULL DEFAULT 0",
-        )?;
-    }
+    add_column(conn, "gf_payout", "final", "INTEGER NOT NULL DEFAULT 0")?;
+    add_column(
+        conn,
+        "gf_payout",
+        "checked_ms",
+        "INTEGER NOT NULL DEFAULT 0",
+    )?;
     // Databases from before pull payments kept their claim window.
-    let has_window: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('gf_pull_payment') WHERE name = 'expires_ms'")?
-        .exists([])?;
-    if !has_window {
-        conn.execute_batch(
-            "ALTER TABLE gf_pull_payment ADD COLUMN starts_ms INTEGER;
-             ALTER TABLE gf_pull_payment ADD COLUMN expires_ms INTEGER;",
-        )?;
-    }
+    add_column(conn, "gf_pull_payment", "starts_ms", "INTEGER")?;
+    add_column(conn, "gf_pull_payment", "expires_ms", "INTEGER")?;
     // Databases from before a pull payment's claims to exchange accounts needed its creator's
     // `transfer` permission: their pull payments pay addresses only.
-    let has_accounts_ok: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('gf_pull_payment') WHERE name = 'accounts_ok'")?
-        .exists([])?;
-    if !has_accounts_ok {
-        conn.execute_batch(
-            "ALTER TABLE gf_pull_payment ADD COLUMN accounts_ok INTEGER NOT NULL DEFAULT 0",
-        )?;
-    }
+    add_column(
+        conn,
+        "gf_pull_payment",
+        "accounts_ok",
+        "INTEGER NOT NULL DEFAULT 0",
+    )?;
     // Databases from before claims could wait for the store's approval: every pull payment
-    // paid its claims when they were made, and no payout was approved.
-    let has_approved: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('gf_payout') WHERE name = 'approved_ms'")?
-        .exists([])?;
-    if !has_approved {
-        conn.execute_batch(
-            "ALTER TABLE gf_payout ADD COLUMN approved_ms INTEGER;
-             ALTER TABLE gf_payout ADD COLUMN run TEXT;",
-        )?;
-    }
-    let has_auto: bool = conn
-        .prepare("SELECT 1 FROM pragma_table_info('gf_pull_payment') WHERE name = 'auto_approve'")?
-        .exists([])?;
-    if !has_auto {
-        conn.execute_batch(
-            "ALTER TABLE gf_pull_payment ADD COLUMN auto_approve INTEGER NOT NULL DEFAULT 1",
-        )?;
-    }
+    // paid its claims when they were made; their payouts name no run (any `pending` one was
+    // left by a process before this one).
+    add_column(
+        conn,
+        "gf_pull_payment",
+        "auto_approve",
+        "INTEGER NOT NULL DEFAULT 1",
+    )?;
+    add_column(conn, "gf_payout", "run", "TEXT")?;
     Ok(())
 }
 
@@ -3308,8 +3294,9 @@ async fn record_payout(
         Err(e) if e.code == -1007 => Err(gf_err(
             StatusCode::SERVICE_UNAVAILABLE,
             "outcome-unknown",
-            "The payout was sent for payment but no answer came back; it stays reserved. \
-             Repeat the claim with the same Idempotency-Key, or list the payouts, to learn its outcome",
+            "The payout was sent for payment but no answer came back; it stays reserved and is \
+             resolved by its key. List the payouts (or repeat the claim with the same \
+             Idempotency-Key) to learn its outcome",
         )),
         Err(e) => Err(GfError {
             status: StatusCode::BAD_REQUEST,
@@ -3448,7 +3435,7 @@ pub struct Awaiting {
     pub amount_sat: u64,
     /// Claimed, ms.
     pub created_ms: u64,
-    /// Its pull payment's name and description.
+    /// Its pull payment's name.
     pub name: String,
     /// Its pull payment's description.
     pub description: String,
@@ -3492,6 +3479,20 @@ pub async fn awaiting_payouts(st: &AppState, merchant: u32) -> Result<Vec<Awaiti
     .await
 }
 
+/// How many payouts of `merchant` wait for approval.
+pub async fn awaiting_count(st: &AppState, merchant: u32) -> Result<u64, ApiError> {
+    with_db(st, move |c| {
+        c.query_row(
+            "SELECT count(*) FROM gf_payout p JOIN gf_pull_payment pp ON pp.id = p.pp_id
+             WHERE pp.merchant = ?1 AND p.state = ?2",
+            params![merchant, AWAITING],
+            |r| r.get(0),
+        )
+        .map_err(db_error)
+    })
+    .await
+}
+
 /// `GET /api/v1/stores/{storeId}/payouts/{payoutId}`.
 pub async fn store_payout(
     State(st): State<AppState>,
@@ -3507,7 +3508,7 @@ pub async fn store_payout(
 /// `POST /api/v1/stores/{storeId}/payouts/{payoutId}`: approves a payout awaiting approval
 /// (`revision`, required: `0`, the only revision here; `rateRule` is not used, the pull payment
 /// being in BTC) and pays it as an approved claim is paid. It leaves `awaiting` in one statement
-/// that stamps `approved_ms` and this process's [`RUN`] (two approvals never both pay; the
+/// that stamps this process's [`RUN`] (two approvals never both pay; the
 /// monitor resolves a `pending` payout only of another run, so it never pays one an approval
 /// is paying); a crash between the two leaves it `pending`, resolved by its key after the
 /// restart as a claim's. Not awaiting approval: `400 invalid-state`. Runs to completion if the
@@ -3546,12 +3547,12 @@ pub async fn approve_payout(
         // No lock held while paying (a refund's payment takes `invoice_lock`, which the monitor
         // holds while it waits for `payout_lock`): the monitor leaves a `pending` payout of this
         // run alone.
-        let (pid, n, now) = (p.pp_id.clone(), p.n, now_ms());
+        let (pid, n) = (p.pp_id.clone(), p.n);
         let taken = with_db(&st2, move |c| {
             c.execute(
-                "UPDATE gf_payout SET state = 'pending', approved_ms = ?4, run = ?5
+                "UPDATE gf_payout SET state = 'pending', run = ?4
                  WHERE pp_id = ?1 AND n = ?2 AND state = ?3",
-                params![pid, n, AWAITING, now, run_id()],
+                params![pid, n, AWAITING, run_id()],
             )
             .map_err(db_error)
         })
@@ -3618,11 +3619,6 @@ mod tests {
     /// invoice whose payments custody reversed (BTCPay: "received payments which could not
     /// confirm"), true for one the merchant marked.
     #[test]
-    fn payout_ncols_counts_payout_cols() {
-        assert_eq!(PAYOUT_COLS.split(", ").count(), PAYOUT_NCOLS);
-    }
-
-    #[test]
     fn an_invalid_event_says_whether_the_merchant_marked_it() {
         for (marks, manual) in [(json!([]), true), (json!(["Reversed"]), false)] {
             let invoice = json!({"id": "i", "merchant": 7, "marks": marks, "status": "Invalid"});
@@ -3630,5 +3626,10 @@ mod tests {
             assert_eq!(b["type"], "InvoiceInvalid");
             assert_eq!(b["manuallyMarked"], manual, "{b}");
         }
+    }
+
+    #[test]
+    fn payout_ncols_counts_payout_cols() {
+        assert_eq!(PAYOUT_COLS.split(", ").count(), PAYOUT_NCOLS);
     }
 }

@@ -2609,20 +2609,6 @@ async fn a_payouts_custody_key_does_not_reveal_its_pull_payment() {
     assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 2, "paid once");
 }
 
-/// A limit order of `qty` BTC at `price` from a fresh trader.
-async fn place(h: &Harness, side: &str, price: &str, qty: &str) {
-    let (_, k) = h.trader("10", "10000000").await;
-    h.ok(
-        "POST",
-        "/api/v3/order",
-        &format!(
-            "symbol=BTCUSD&side={side}&type=LIMIT&timeInForce=GTC&quantity={qty}&price={price}"
-        ),
-        &k,
-    )
-    .await;
-}
-
 /// WooCommerce's refund button (plugin 2.x through BTCPay's PHP client): `server/info`'s
 /// `version` at least 1.7.6, a token holding `cancreatenonapprovedpullpayments` (no
 /// `withdraw`), and `POST .../pull-payments` with `autoApproveClaims: false` and every other
@@ -2888,9 +2874,7 @@ async fn a_pull_payment_in_the_quote_currency_is_converted_when_made() {
     let r = create("EUR", "25.00").await;
     assert_eq!(r.status, StatusCode::UNPROCESSABLE_ENTITY, "{}", r.json);
     assert_eq!(r.json[0]["path"], "currency");
-    place(&g.h, "SELL", "50000", "1").await;
-    place(&g.h, "BUY", "49900", "1").await;
-    place(&g.h, "BUY", "50000", "0.001").await;
+    common::market(&g.h, "49900", "50000", "1").await;
     let pp = ok(create("usd", "25.00").await, "USD");
     assert_eq!(pp["currency"], "BTC");
     let sat = api::decimal::parse_units(pp["amount"].as_str().unwrap(), 8).unwrap();
@@ -3101,7 +3085,7 @@ async fn a_payout_this_process_is_paying_is_left_alone_whatever_the_clock_says()
         .lock()
         .unwrap()
         .execute(
-            "UPDATE gf_payout SET state = 'pending', created_ms = 1, approved_ms = 1 WHERE id = ?1",
+            "UPDATE gf_payout SET state = 'pending', created_ms = 1 WHERE id = ?1",
             [p["id"].as_str().unwrap()],
         )
         .unwrap();

@@ -7,7 +7,7 @@ use merchant::MerchantState as _;
 
 use axum::http::StatusCode;
 use common::custody::Fake;
-use common::Harness;
+use common::{market, place, Harness};
 use merchant::monitor::tick;
 use merchant::{store, webhook};
 use serde_json::Value;
@@ -470,29 +470,6 @@ async fn idempotency_key_returns_the_same_invoice() {
     assert_ne!(s(&a, "id"), s(&c, "id"));
     assert_ne!(s(&a, "address"), s(&c, "address"));
     assert_eq!(m.count(), 2);
-}
-
-/// Places a limit order of `qty` BTC at `price` from a fresh trader (enough of both assets).
-async fn place(h: &Harness, side: &str, price: &str, qty: &str) -> Key {
-    let (_, k) = h.trader("10", "10000000").await;
-    h.ok(
-        "POST",
-        "/api/v3/order",
-        &format!(
-            "symbol=BTCUSD&side={side}&type=LIMIT&timeInForce=GTC&quantity={qty}&price={price}"
-        ),
-        &k,
-    )
-    .await;
-    k
-}
-
-/// A market a reference price can come from: `depth` BTC bid at `bid` and asked at `ask` (new
-/// traders), and a trade of 0.001 BTC at `ask` between two different accounts.
-async fn market(h: &Harness, bid: &str, ask: &str, depth: &str) {
-    place(h, "SELL", ask, depth).await;
-    place(h, "BUY", bid, depth).await;
-    place(h, "BUY", ask, "0.001").await;
 }
 
 #[tokio::test]

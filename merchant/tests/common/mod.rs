@@ -85,3 +85,27 @@ impl Harness {
         Self(h)
     }
 }
+
+/// Places a limit order of `qty` BTC at `price` on BTCUSD from a fresh trader (enough of both
+/// assets); its key.
+pub async fn place(h: &Harness, side: &str, price: &str, qty: &str) -> (String, String) {
+    let (_, k) = h.trader("10", "10000000").await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        &format!(
+            "symbol=BTCUSD&side={side}&type=LIMIT&timeInForce=GTC&quantity={qty}&price={price}"
+        ),
+        &k,
+    )
+    .await;
+    k
+}
+
+/// A market a reference price can come from: `depth` BTC bid at `bid` and asked at `ask` (new
+/// traders), and a trade of 0.001 BTC at `ask` between two different accounts.
+pub async fn market(h: &Harness, bid: &str, ask: &str, depth: &str) {
+    place(h, "SELL", ask, depth).await;
+    place(h, "BUY", bid, depth).await;
+    place(h, "BUY", ask, "0.001").await;
+}

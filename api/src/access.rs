@@ -62,9 +62,9 @@ pub enum Greenfield {
     ModifyInvoices,
     /// `btcpay.store.webhooks.canmodifywebhooks`.
     ModifyWebhooks,
-    /// `btcpay.store.canmanagepullpayments` (list them, list and approve or cancel their
-    /// payouts), + **withdraw**, because a pull payment's id is the right to claim it to any
-    /// address and an approval pays a claim out.
+    /// `btcpay.store.canmanagepullpayments` (create and archive them; approve or cancel their
+    /// payouts, as in BTCPay 1.x), + **withdraw**, because a pull payment's id is the right to
+    /// claim it to any address and an approval pays a claim out.
     ManagePullPayments,
     /// `btcpay.store.cancreatepullpayments`, + **withdraw**, because whoever holds the pull
     /// payment's link sends its money to any address (ADR 0008: money out is never a store
@@ -75,11 +75,22 @@ pub enum Greenfield {
     /// leaves the store until an approval, which needs [`Greenfield::ManagePullPayments`] (or
     /// the dashboard and its password).
     CreateNonApprovedPullPayments,
+    /// `btcpay.store.canviewpullpayments` (list them), + **withdraw**: the list holds their
+    /// ids, and an id whose claims are paid when made sends the store's money to any address.
+    ViewPullPayments,
+    /// `btcpay.store.canarchivepullpayments`: archive one, which takes no more claims and
+    /// cancels those waiting for approval. No **withdraw**: it only stops money going out.
+    ArchivePullPayments,
+    /// `btcpay.store.canmanagepayouts` (approve or cancel a payout), + **withdraw**: an
+    /// approval pays a claim out.
+    ManagePayouts,
+    /// `btcpay.store.canviewpayouts` (list payouts: destinations, amounts, states).
+    ViewPayouts,
 }
 
 impl Greenfield {
     /// Every store permission, in the order `api-keys/current` lists them.
-    pub const STORE: [Greenfield; 9] = [
+    pub const STORE: [Greenfield; 13] = [
         Greenfield::ViewStoreSettings,
         Greenfield::ModifyStoreSettings,
         Greenfield::ViewInvoices,
@@ -89,6 +100,10 @@ impl Greenfield {
         Greenfield::ManagePullPayments,
         Greenfield::CreatePullPayments,
         Greenfield::CreateNonApprovedPullPayments,
+        Greenfield::ViewPullPayments,
+        Greenfield::ArchivePullPayments,
+        Greenfield::ManagePayouts,
+        Greenfield::ViewPayouts,
     ];
 
     /// BTCPay's name (`""` for [`Greenfield::Any`]).
@@ -106,6 +121,10 @@ impl Greenfield {
             Greenfield::CreateNonApprovedPullPayments => {
                 "btcpay.store.cancreatenonapprovedpullpayments"
             }
+            Greenfield::ViewPullPayments => "btcpay.store.canviewpullpayments",
+            Greenfield::ArchivePullPayments => "btcpay.store.canarchivepullpayments",
+            Greenfield::ManagePayouts => "btcpay.store.canmanagepayouts",
+            Greenfield::ViewPayouts => "btcpay.store.canviewpayouts",
         }
     }
 
@@ -122,6 +141,10 @@ impl Greenfield {
             Greenfield::ManagePullPayments => Perms::MANAGE_PULL_PAYMENTS.with(Perms::WITHDRAW),
             Greenfield::CreatePullPayments => Perms::CREATE_PULL_PAYMENTS.with(Perms::WITHDRAW),
             Greenfield::CreateNonApprovedPullPayments => Perms::CREATE_NON_APPROVED_PULL_PAYMENTS,
+            Greenfield::ViewPullPayments => Perms::VIEW_PULL_PAYMENTS.with(Perms::WITHDRAW),
+            Greenfield::ArchivePullPayments => Perms::ARCHIVE_PULL_PAYMENTS,
+            Greenfield::ManagePayouts => Perms::MANAGE_PAYOUTS.with(Perms::WITHDRAW),
+            Greenfield::ViewPayouts => Perms::VIEW_PAYOUTS,
         }
     }
 }

@@ -65,14 +65,22 @@ impl Perms {
     pub const MANAGE_PULL_PAYMENTS: Perms = Perms(1 << 14);
     /// `btcpay.store.cancreatepullpayments` (holds creating non-approved ones).
     pub const CREATE_PULL_PAYMENTS: Perms = Perms(1 << 15);
-    /// `btcpay.store.cancreatenonapprovedpullpayments` (refunds).
+    /// `btcpay.store.cancreatenonapprovedpullpayments` (refunds; holds viewing pull payments).
     pub const CREATE_NON_APPROVED_PULL_PAYMENTS: Perms = Perms(1 << 16);
+    /// `btcpay.store.canviewpullpayments` (BTCPay 2.x).
+    pub const VIEW_PULL_PAYMENTS: Perms = Perms(1 << 17);
+    /// `btcpay.store.canarchivepullpayments` (BTCPay 2.x).
+    pub const ARCHIVE_PULL_PAYMENTS: Perms = Perms(1 << 18);
+    /// `btcpay.store.canmanagepayouts` (BTCPay 2.x; holds viewing payouts).
+    pub const MANAGE_PAYOUTS: Perms = Perms(1 << 19);
+    /// `btcpay.store.canviewpayouts` (BTCPay 2.x).
+    pub const VIEW_PAYOUTS: Perms = Perms(1 << 20);
     /// Every store permission.
-    pub const STORE: Perms = Perms(0x1ff << 8);
+    pub const STORE: Perms = Perms(0x1fff << 8);
 
     /// Every permission, by name (the names a key's `permissions` parameter takes): Mediator's
     /// own, then BTCPay's store permissions.
-    pub const NAMES: [(&'static str, Perms); 16] = [
+    pub const NAMES: [(&'static str, Perms); 20] = [
         ("read", Perms::READ),
         ("trade", Perms::TRADE),
         ("withdraw", Perms::WITHDRAW),
@@ -107,6 +115,16 @@ impl Perms {
             "btcpay.store.cancreatenonapprovedpullpayments",
             Perms::CREATE_NON_APPROVED_PULL_PAYMENTS,
         ),
+        (
+            "btcpay.store.canviewpullpayments",
+            Perms::VIEW_PULL_PAYMENTS,
+        ),
+        (
+            "btcpay.store.canarchivepullpayments",
+            Perms::ARCHIVE_PULL_PAYMENTS,
+        ),
+        ("btcpay.store.canmanagepayouts", Perms::MANAGE_PAYOUTS),
+        ("btcpay.store.canviewpayouts", Perms::VIEW_PAYOUTS),
     ];
 
     /// Both sets of bits.
@@ -114,28 +132,40 @@ impl Perms {
         Perms(self.0 | p.0)
     }
 
-    /// The bits these hold: the named ones and those under them. `merchant` and
-    /// `canmodifystoresettings` hold every store permission; `canmanagepullpayments` holds
-    /// `cancreatepullpayments`, which holds `cancreatenonapprovedpullpayments`;
+    /// The bits these hold: the named ones and those under them, BTCPay 2.x's hierarchy for the
+    /// permissions that exist here. `merchant` and `canmodifystoresettings` hold every store
+    /// permission; `canmanagepullpayments` holds `cancreatepullpayments` (which holds
+    /// `cancreatenonapprovedpullpayments`, which holds `canviewpullpayments`) and
+    /// `canarchivepullpayments`; `canmanagepayouts` holds `canviewpayouts`;
     /// `canmodifyinvoices` holds `canviewinvoices` and `cancreateinvoice`;
-    /// `canviewstoresettings` holds `canviewinvoices` (BTCPay's hierarchy, for the permissions
-    /// that exist here).
+    /// `canviewstoresettings` holds `canviewinvoices`, `canviewpullpayments` and
+    /// `canviewpayouts`. One addition, BTCPay 1.x's meaning: `canmanagepullpayments` also holds
+    /// `canmanagepayouts` (before 2.0 it was the name that approved and cancelled payouts, and
+    /// keys made here with it did).
     pub const fn implied(self) -> Perms {
         let mut b = self.0;
         if b & (Perms::MERCHANT.0 | Perms::MODIFY_STORE_SETTINGS.0) != 0 {
             b |= Perms::STORE.0;
         }
         if b & Perms::MANAGE_PULL_PAYMENTS.0 != 0 {
-            b |= Perms::CREATE_PULL_PAYMENTS.0;
+            b |= Perms::CREATE_PULL_PAYMENTS.0
+                | Perms::ARCHIVE_PULL_PAYMENTS.0
+                | Perms::MANAGE_PAYOUTS.0;
         }
         if b & Perms::CREATE_PULL_PAYMENTS.0 != 0 {
             b |= Perms::CREATE_NON_APPROVED_PULL_PAYMENTS.0;
+        }
+        if b & Perms::CREATE_NON_APPROVED_PULL_PAYMENTS.0 != 0 {
+            b |= Perms::VIEW_PULL_PAYMENTS.0;
+        }
+        if b & Perms::MANAGE_PAYOUTS.0 != 0 {
+            b |= Perms::VIEW_PAYOUTS.0;
         }
         if b & Perms::MODIFY_INVOICES.0 != 0 {
             b |= Perms::VIEW_INVOICES.0 | Perms::CREATE_INVOICE.0;
         }
         if b & Perms::VIEW_STORE_SETTINGS.0 != 0 {
-            b |= Perms::VIEW_INVOICES.0;
+            b |= Perms::VIEW_INVOICES.0 | Perms::VIEW_PULL_PAYMENTS.0 | Perms::VIEW_PAYOUTS.0;
         }
         Perms(b)
     }
@@ -527,10 +557,14 @@ mod tests {
         let p = |s: &str| Perms::parse(s).unwrap();
         // Each store permission and what it holds, written out from BTCPay's policy map (its
         // `PolicyHasChild` calls), for the permissions that exist here.
-        let table: [(&str, &[&str]); 9] = [
+        let table: [(&str, &[&str]); 13] = [
             (
                 "btcpay.store.canviewstoresettings",
-                &["btcpay.store.canviewinvoices"],
+                &[
+                    "btcpay.store.canviewinvoices",
+                    "btcpay.store.canviewpullpayments",
+                    "btcpay.store.canviewpayouts",
+                ],
             ),
             (
                 "btcpay.store.canmodifystoresettings",
@@ -543,6 +577,10 @@ mod tests {
                     "btcpay.store.canmanagepullpayments",
                     "btcpay.store.cancreatepullpayments",
                     "btcpay.store.cancreatenonapprovedpullpayments",
+                    "btcpay.store.canviewpullpayments",
+                    "btcpay.store.canarchivepullpayments",
+                    "btcpay.store.canmanagepayouts",
+                    "btcpay.store.canviewpayouts",
                 ],
             ),
             ("btcpay.store.canviewinvoices", &[]),
@@ -555,18 +593,37 @@ mod tests {
                 ],
             ),
             ("btcpay.store.webhooks.canmodifywebhooks", &[]),
+            // BTCPay 2.x puts only creating and archiving under it; approving and cancelling
+            // payouts is what the name meant in 1.x (and for keys made here with it).
             (
                 "btcpay.store.canmanagepullpayments",
                 &[
                     "btcpay.store.cancreatepullpayments",
                     "btcpay.store.cancreatenonapprovedpullpayments",
+                    "btcpay.store.canviewpullpayments",
+                    "btcpay.store.canarchivepullpayments",
+                    "btcpay.store.canmanagepayouts",
+                    "btcpay.store.canviewpayouts",
                 ],
             ),
             (
                 "btcpay.store.cancreatepullpayments",
-                &["btcpay.store.cancreatenonapprovedpullpayments"],
+                &[
+                    "btcpay.store.cancreatenonapprovedpullpayments",
+                    "btcpay.store.canviewpullpayments",
+                ],
             ),
-            ("btcpay.store.cancreatenonapprovedpullpayments", &[]),
+            (
+                "btcpay.store.cancreatenonapprovedpullpayments",
+                &["btcpay.store.canviewpullpayments"],
+            ),
+            ("btcpay.store.canviewpullpayments", &[]),
+            ("btcpay.store.canarchivepullpayments", &[]),
+            (
+                "btcpay.store.canmanagepayouts",
+                &["btcpay.store.canviewpayouts"],
+            ),
+            ("btcpay.store.canviewpayouts", &[]),
         ];
         for (name, under) in table {
             let held = p(name);
@@ -592,7 +649,7 @@ mod tests {
         }
         assert!(!Perms::STORE.has(Perms::MERCHANT) && !Perms::STORE.has(Perms::WITHDRAW));
         assert_eq!(Perms::MERCHANT.names(), vec!["merchant"]);
-        assert_eq!(Perms(Perms::STORE.0).names().len(), 9);
+        assert_eq!(Perms(Perms::STORE.0).names().len(), 13);
         assert!(Perms::parse("btcpay.store.canviewinvoices:1").is_none());
         assert!(Perms::parse("btcpay.server.canmodifyserversettings").is_none());
     }

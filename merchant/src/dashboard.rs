@@ -2191,7 +2191,7 @@ fn store_perms() -> impl Iterator<Item = (&'static str, Perms)> {
 fn store_perm_boxes() -> String {
     let mut b = String::from(
         "<fieldset><legend>Or only these store permissions (BTCPay's names, for a shop plugin; \
-         leave merchant unchecked; the pull-payment ones also need withdraw)</legend>",
+         leave merchant unchecked; those that list pull payments or pay out also need withdraw)</legend>",
     );
     for (name, _) in store_perms() {
         let _ = write!(

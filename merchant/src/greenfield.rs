@@ -3001,13 +3001,6 @@ pub async fn claim(
 ) -> GfResult {
     st.charge_ip_addr(&ip, 9)?;
     let pp = public_pp(&st, &ip, id).await?;
-    if pp.archived {
-        return Err(gf_err(
-            StatusCode::BAD_REQUEST,
-            "archived",
-            "The pull payment is archived",
-        ));
-    }
     let b = req.json()?;
     payout_method_ok(&b, &["payoutMethodId", "paymentMethod"])?;
     let destination = b
@@ -3104,6 +3097,19 @@ async fn claim_and_pay(
                 let same = p.destination == destination && amount.is_none_or(|a| a == p.amount_sat);
                 return Ok(if same { Reserved::Existing(p) } else { Reserved::KeyReused });
             }
+        }
+        // Archived, read in this transaction (an archive between the page's look-up and here
+        // takes no claim), after the key's look-up: a claim repeated after the archive (its
+        // first answer lost) is answered with its payout, as after the expiry below.
+        let archived: bool = tx
+            .query_row(
+                "SELECT archived FROM gf_pull_payment WHERE id = ?1",
+                [&pp2.id],
+                |r| r.get(0),
+            )
+            .map_err(db_error)?;
+        if archived {
+            return Ok(Reserved::Closed("archived", "The pull payment is archived"));
         }
         // The claim window, after the key's look-up: a claim repeated after the expiry (its
         // first answer lost) is answered with its payout, not told nothing was claimed.
@@ -3598,6 +3604,48 @@ pub async fn cancel_payout(
         return Err(invalid_state());
     }
     // BTCPay answers 200 with no body.
+    Ok(StatusCode::OK.into_response())
+}
+
+/// `DELETE /api/v1/stores/{storeId}/pull-payments/{pullPaymentId}`: archives a pull payment
+/// (a refund's link sent to the wrong customer, a leaked link). In one transaction with the
+/// claims: it takes no claim after this, and its claims waiting for the store's approval are
+/// cancelled. A payout being paid or paid stays as it is. Archiving twice answers 200 again;
+/// another store's id answers 404. A claim repeated with its `Idempotency-Key` is still
+/// answered with its payout.
+pub async fn archive_pull_payment(
+    State(st): State<AppState>,
+    Path((store_path, id)): Path<(String, String)>,
+    req: GfReq,
+) -> GfResult {
+    let key = auth(&st, &req, Some(&store_path))?;
+    if !r::valid_public_id(&id) {
+        return Err(pp_not_found());
+    }
+    let merchant = key.account;
+    let found = with_db(&st, move |c| {
+        let tx = c.transaction().map_err(db_error)?;
+        let n = tx
+            .execute(
+                "UPDATE gf_pull_payment SET archived = 1 WHERE id = ?1 AND merchant = ?2",
+                params![id, merchant],
+            )
+            .map_err(db_error)?;
+        if n == 0 {
+            return Ok(false);
+        }
+        tx.execute(
+            "UPDATE gf_payout SET state = 'cancelled' WHERE pp_id = ?1 AND state = ?2",
+            params![id, AWAITING],
+        )
+        .map_err(db_error)?;
+        tx.commit().map_err(db_error)?;
+        Ok(true)
+    })
+    .await?;
+    if !found {
+        return Err(pp_not_found());
+    }
     Ok(StatusCode::OK.into_response())
 }
 

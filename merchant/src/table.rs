@@ -317,7 +317,7 @@ pub static ROUTES: &[Route] = {
         route!(
             "GET",
             "/api/v1/stores/{storeId}/pull-payments",
-            Token(G::ManagePullPayments),
+            Token(G::ViewPullPayments),
             Some(5),
             P,
             gf::list_pull_payments
@@ -331,9 +331,17 @@ pub static ROUTES: &[Route] = {
             gf::create_pull_payment
         ),
         route!(
+            "DELETE",
+            "/api/v1/stores/{storeId}/pull-payments/{pullPaymentId}",
+            Token(G::ArchivePullPayments),
+            Some(1),
+            P,
+            gf::archive_pull_payment
+        ),
+        route!(
             "GET",
             "/api/v1/stores/{storeId}/payouts",
-            Token(G::ManagePullPayments),
+            Token(G::ViewPayouts),
             Some(5),
             P,
             gf::store_payouts
@@ -341,7 +349,7 @@ pub static ROUTES: &[Route] = {
         route!(
             "GET",
             "/api/v1/stores/{storeId}/payouts/{payoutId}",
-            Token(G::ManagePullPayments),
+            Token(G::ViewPayouts),
             Some(1),
             P,
             gf::store_payout
@@ -349,7 +357,7 @@ pub static ROUTES: &[Route] = {
         route!(
             "POST",
             "/api/v1/stores/{storeId}/payouts/{payoutId}",
-            Token(G::ManagePullPayments),
+            Token(G::ManagePayouts),
             Some(1),
             P,
             gf::approve_payout
@@ -357,7 +365,7 @@ pub static ROUTES: &[Route] = {
         route!(
             "DELETE",
             "/api/v1/stores/{storeId}/payouts/{payoutId}",
-            Token(G::ManagePullPayments),
+            Token(G::ManagePayouts),
             Some(1),
             P,
             gf::cancel_payout

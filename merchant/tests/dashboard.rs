@@ -3644,3 +3644,55 @@ async fn the_owner_approves_a_waiting_payout_with_the_password_or_cancels_it() {
     .await;
     assert_eq!(left["remainingAmount"], "0.0006");
 }
+
+/// A client written for BTCPay 2.x asks for its payout names: viewing payouts and archiving
+/// pull payments are granted as asked; approving payouts pays out, so it is granted only when
+/// the owner ticks refunds and gives the password. Failed on the old code: the three names were
+/// "not available here" and the key could do nothing with payouts.
+#[tokio::test]
+async fn an_app_asking_for_btcpay_2_payout_permissions_gets_them_and_pays_out_only_if_ticked() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let asks = "/api-keys/authorize?applicationName=Payouts\
+                &permissions=btcpay.store.canviewpayouts\
+                &permissions=btcpay.store.canmanagepayouts\
+                &permissions=btcpay.store.canarchivepullpayments";
+    let made = |refunds: bool| {
+        let (h, id) = (&d.h, id.clone());
+        async move {
+            let p = get(h, asks, &id).await;
+            assert_eq!(p.status, StatusCode::OK, "{}", p.body);
+            assert!(!p.body.contains("Not available here"), "{}", p.body);
+            assert!(p.body.contains("name=refunds"), "{}", p.body);
+            let fields = form_fields(&p.body, "/api-keys/authorize");
+            let mut form: Vec<(&str, &str)> = fields
+                .iter()
+                .filter(|(k, _)| k != "csrf")
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            if refunds {
+                form.extend([("refunds", "1"), ("password", PASSWORD)]);
+            }
+            let r = post(h, "/api-keys/authorize", &id, asks, &form).await;
+            assert_eq!(r.status, StatusCode::OK, "{}", r.body);
+            let at = r.body.find("<code class=secret>").unwrap() + 19;
+            let token = r.body[at..at + r.body[at..].find('<').unwrap()].to_owned();
+            h.state.keys().by_greenfield_token(&token).unwrap()
+        }
+    };
+    use api::keys::Perms;
+    let key = made(false).await;
+    assert!(key
+        .perms
+        .has(Perms::VIEW_PAYOUTS.with(Perms::ARCHIVE_PULL_PAYMENTS)));
+    assert!(!key.perms.has(Perms::MANAGE_PAYOUTS));
+    assert!(!key.perms.has(Perms::WITHDRAW));
+    let key = made(true).await;
+    assert!(key.perms.has(
+        Perms::MANAGE_PAYOUTS
+            .with(Perms::WITHDRAW)
+            .with(Perms::VIEW_PAYOUTS)
+            .with(Perms::ARCHIVE_PULL_PAYMENTS)
+    ));
+    assert!(!key.perms.has(Perms::MERCHANT));
+}

@@ -666,10 +666,19 @@ async fn a_token_with_btcpay_store_permissions_does_what_they_name_and_no_more()
         call(&g.h, "GET", "/api/v1/api-keys/current", Some(&owner), None).await,
         "another key",
     );
-    // A `merchant` key lists every store permission it holds (9 with `withdraw`; without it,
-    // all but the two pull-payment ones that pay out).
-    assert_eq!(listed_permissions(&g, &g.token).await.len(), 9);
-    assert_eq!(listed_permissions(&g, &g.merchant_token).await.len(), 7);
+    // A `merchant` key lists every store permission it holds (13 with `withdraw`; without it,
+    // all but the four that pay out or list pull payments' ids).
+    assert_eq!(listed_permissions(&g, &g.token).await.len(), 13);
+    let without: Vec<String> = listed_permissions(&g, &g.merchant_token).await;
+    assert_eq!(without.len(), 9, "{without:?}");
+    for name in [
+        "btcpay.store.canmanagepullpayments",
+        "btcpay.store.cancreatepullpayments",
+        "btcpay.store.canviewpullpayments",
+        "btcpay.store.canmanagepayouts",
+    ] {
+        assert!(!without.iter().any(|n| n == name), "{name}");
+    }
 }
 
 #[tokio::test]
@@ -2541,7 +2550,7 @@ async fn a_merchant_only_token_cannot_list_pull_payment_ids() {
     assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
     assert_eq!(
         r.json["missingPermission"],
-        "btcpay.store.canmanagepullpayments"
+        "btcpay.store.canviewpullpayments"
     );
     assert!(!r.json.to_string().contains(pp["id"].as_str().unwrap()));
     // With withdraw, the store's own list.
@@ -3108,4 +3117,301 @@ async fn a_payout_this_process_is_paying_is_left_alone_whatever_the_clock_says()
             )
             .unwrap();
     assert_eq!(state, "pending");
+}
+
+/// A Greenfield token for `perms` on the store's account.
+fn token_of(g: &G, perms: &str) -> String {
+    let created =
+        g.h.state
+            .create_key(g.account, api::keys::Perms::parse(perms).unwrap(), "gf")
+            .unwrap();
+    g.h.state.greenfield_token(&created.0)
+}
+
+/// BTCPay 2.x split payouts from pull payments: `canviewpayouts` lists payouts,
+/// `canmanagepayouts` approves and cancels them, `canviewpullpayments` lists pull payments and
+/// `canarchivepullpayments` archives one. A client written for 2.x asks for those names; 1.x's
+/// `canmanagepullpayments` keeps approving, as it did. What pays out, or lists the ids that
+/// do, also needs `withdraw`. Failed on the old code: the 2.x names were unknown (no key could
+/// hold them) and every payout route asked for `canmanagepullpayments`.
+#[tokio::test]
+async fn btcpay_2_payout_permissions_do_what_they_name_and_no_more() {
+    let g = setup().await;
+    let store = g.store();
+    let view_payouts = token_of(&g, "btcpay.store.canviewpayouts");
+    let manage_payouts = token_of(&g, "btcpay.store.canmanagepayouts");
+    let manage_payouts_w = token_of(&g, "btcpay.store.canmanagepayouts,withdraw");
+    let view_pps = token_of(&g, "btcpay.store.canviewpullpayments");
+    let view_pps_w = token_of(&g, "btcpay.store.canviewpullpayments,withdraw");
+    let old_manage = token_of(&g, "btcpay.store.canmanagepullpayments,withdraw");
+    let view_settings = token_of(&g, "btcpay.store.canviewstoresettings");
+    // A refund whose claims wait, and two claims.
+    let pps = format!("/api/v1/stores/{store}/pull-payments");
+    let body = json!({"name": "Refund", "amount": "0.0005", "currency": "BTC",
+                      "payoutMethods": ["BTC-CHAIN"], "autoApproveClaims": false});
+    let pp = ok(
+        call(&g.h, "POST", &pps, Some(&g.token), Some(body)).await,
+        "pp",
+    );
+    let payouts = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
+    let claim = |dest: &'static str| {
+        let (h, payouts) = (&g.h, payouts.clone());
+        async move {
+            let body =
+                json!({"destination": dest, "amount": "0.0001", "payoutMethodId": "BTC-CHAIN"});
+            ok(
+                raw(h, "POST", &payouts, None, body.to_string(), &[]).await,
+                "claim",
+            )
+        }
+    };
+    let first = claim("bcrt1qfirst").await;
+    let second = claim("bcrt1qsecond").await;
+    let third = claim("bcrt1qthird").await;
+    // Listing payouts: `canviewpayouts`, or what holds it; nothing else.
+    let store_payouts = format!("/api/v1/stores/{store}/payouts");
+    let one_payout = format!("{store_payouts}/{}", first["id"].as_str().unwrap());
+    for t in [&view_payouts, &manage_payouts, &view_settings, &old_manage] {
+        let listed = ok(
+            call(&g.h, "GET", &store_payouts, Some(t), None).await,
+            "list",
+        );
+        assert_eq!(listed.as_array().unwrap().len(), 3, "{listed}");
+        let p = ok(call(&g.h, "GET", &one_payout, Some(t), None).await, "one");
+        assert_eq!(p["id"], first["id"]);
+    }
+    for t in [&view_pps_w, &g.read_token] {
+        let r = call(&g.h, "GET", &store_payouts, Some(t), None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+        assert_eq!(r.json["missingPermission"], "btcpay.store.canviewpayouts");
+    }
+    // Approving: `canmanagepayouts` with withdraw; viewing or managing without withdraw is
+    // refused and pays nothing.
+    let approve = |token: &String, id: &Value| {
+        let uri = format!("{store_payouts}/{}", id.as_str().unwrap());
+        let (h, token) = (&g.h, token.clone());
+        async move { call(h, "POST", &uri, Some(&token), Some(json!({"revision": 0}))).await }
+    };
+    for t in [&view_payouts, &manage_payouts, &view_settings] {
+        let r = approve(t, &first["id"]).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+        assert_eq!(r.json["missingPermission"], "btcpay.store.canmanagepayouts");
+        let uri = format!("{store_payouts}/{}", second["id"].as_str().unwrap());
+        let r = call(&g.h, "DELETE", &uri, Some(t), None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+    }
+    assert!(g.fake.withdrawals.lock().unwrap().is_empty());
+    let paid = ok(approve(&manage_payouts_w, &first["id"]).await, "approve");
+    assert_ne!(paid["state"], "AwaitingApproval", "{paid}");
+    // 1.x's name approves as it did.
+    ok(approve(&old_manage, &second["id"]).await, "approve (1.x)");
+    {
+        let ws = g.fake.withdrawals.lock().unwrap();
+        let mut to: Vec<&str> = ws.iter().map(|w| w.address.as_str()).collect();
+        to.sort();
+        assert_eq!(to, ["bcrt1qfirst", "bcrt1qsecond"]);
+    }
+    // Cancelling with `canmanagepayouts` + withdraw.
+    let uri = format!("{store_payouts}/{}", third["id"].as_str().unwrap());
+    ok(
+        call(&g.h, "DELETE", &uri, Some(&manage_payouts_w), None).await,
+        "cancel",
+    );
+    // Listing pull payments (their ids claim them): `canviewpullpayments` + withdraw.
+    let listed = ok(
+        call(&g.h, "GET", &pps, Some(&view_pps_w), None).await,
+        "pps",
+    );
+    assert_eq!(listed[0]["id"], pp["id"]);
+    for (t, missing) in [
+        (&view_pps, "btcpay.store.canviewpullpayments"),
+        (&view_payouts, "btcpay.store.canviewpullpayments"),
+        (&view_settings, "btcpay.store.canviewpullpayments"),
+    ] {
+        let r = call(&g.h, "GET", &pps, Some(t), None).await;
+        assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+        assert_eq!(r.json["missingPermission"], missing);
+        assert!(!r.json.to_string().contains(pp["id"].as_str().unwrap()));
+    }
+    // `api-keys/current` lists what each was made with, the ones it can use.
+    for (t, names) in [
+        (&view_payouts, vec!["btcpay.store.canviewpayouts"]),
+        (&manage_payouts_w, vec!["btcpay.store.canmanagepayouts"]),
+        (&manage_payouts, vec![]),
+        (&view_pps_w, vec!["btcpay.store.canviewpullpayments"]),
+    ] {
+        assert_eq!(listed_permissions(&g, t).await, names);
+    }
+}
+
+/// `DELETE /api/v1/stores/{storeId}/pull-payments/{id}` archives a pull payment (a refund's
+/// link sent to the wrong customer, a leaked one): no claim after it, its claims waiting for
+/// approval cancelled, a paid one left as it is, a keyed claim repeated after it still
+/// answered with its payout. `canarchivepullpayments` needs no withdraw (it only stops money);
+/// another store's id is not found. Failed on the old code: the route did not exist and
+/// nothing could archive a pull payment.
+#[tokio::test]
+async fn an_archived_pull_payment_takes_no_claim_and_its_waiting_ones_are_cancelled() {
+    let g = setup().await;
+    let store = g.store();
+    let archiver = token_of(&g, "btcpay.store.canarchivepullpayments");
+    // Paid when claimed: a keyed claim is paid; then a refund with a waiting claim.
+    let prize = g.prize().await;
+    let prize_id = prize["id"].as_str().unwrap().to_owned();
+    let claim = |pp: &str, dest: &'static str, key: Option<&'static str>| {
+        let (h, uri) = (&g.h, format!("/api/v1/pull-payments/{pp}/payouts"));
+        async move {
+            let body =
+                json!({"destination": dest, "amount": "0.0001", "payoutMethodId": "BTC-CHAIN"});
+            let headers: Vec<(&str, &str)> =
+                key.map(|k| ("Idempotency-Key", k)).into_iter().collect();
+            raw(h, "POST", &uri, None, body.to_string(), &headers).await
+        }
+    };
+    let paid = ok(claim(&prize_id, "bcrt1qpaid", Some("k1")).await, "claim");
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1);
+    let pps = format!("/api/v1/stores/{store}/pull-payments");
+    let body = json!({"name": "Refund", "amount": "0.0005", "currency": "BTC",
+                      "payoutMethods": ["BTC-CHAIN"], "autoApproveClaims": false});
+    let refund = ok(
+        call(&g.h, "POST", &pps, Some(&g.token), Some(body)).await,
+        "refund",
+    );
+    let refund_id = refund["id"].as_str().unwrap().to_owned();
+    let waiting = ok(claim(&refund_id, "bcrt1qwait", None).await, "claim");
+    assert_eq!(waiting["state"], "AwaitingApproval");
+    // Who may archive: not a key without the permission; not another store's key.
+    let archive = |token: &String, store: &str, id: &str| {
+        let uri = format!("/api/v1/stores/{store}/pull-payments/{id}");
+        let (h, token) = (&g.h, token.clone());
+        async move { call(h, "DELETE", &uri, Some(&token), None).await }
+    };
+    let r = archive(&g.merchant_token.clone(), &store, &prize_id).await;
+    // `merchant` holds every store permission: archiving needs no withdraw.
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let r = archive(&g.read_token.clone(), &store, &refund_id).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.json);
+    assert_eq!(
+        r.json["missingPermission"],
+        "btcpay.store.canarchivepullpayments"
+    );
+    let (other, _) = g.h.trader("0", "0").await;
+    let other_token = {
+        let created =
+            g.h.state
+                .create_key(
+                    other,
+                    api::keys::Perms::parse("read,merchant").unwrap(),
+                    "x",
+                )
+                .unwrap();
+        g.h.state.greenfield_token(&created.0)
+    };
+    let r = archive(&other_token, &other.to_string(), &refund_id).await;
+    assert_eq!(
+        (r.status, r.json["code"].as_str()),
+        (StatusCode::NOT_FOUND, Some("pullpayment-not-found")),
+        "{}",
+        r.json
+    );
+    let r = archive(&archiver, &store, "nosuchpullpayment").await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.json);
+    // The refund is still open: the other store's call changed nothing.
+    let pp = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/pull-payments/{refund_id}"),
+            None,
+            None,
+        )
+        .await,
+        "pp",
+    );
+    assert_eq!(pp["archived"], false);
+    ok(archive(&archiver, &store, &refund_id).await, "archive");
+    ok(
+        archive(&archiver, &store, &refund_id).await,
+        "archive again",
+    );
+    // Archived: shown so, no new claim on either; the waiting claim is cancelled, the paid
+    // one is not, and a repeat of the keyed claim is answered with its payout.
+    for id in [&prize_id, &refund_id] {
+        let pp = ok(
+            call(
+                &g.h,
+                "GET",
+                &format!("/api/v1/pull-payments/{id}"),
+                None,
+                None,
+            )
+            .await,
+            "pp",
+        );
+        assert_eq!(pp["archived"], true, "{pp}");
+        let r = claim(id, "bcrt1qlate", None).await;
+        assert_eq!(
+            (r.status, r.json["code"].as_str()),
+            (StatusCode::BAD_REQUEST, Some("archived")),
+            "{}",
+            r.json
+        );
+    }
+    let again = ok(claim(&prize_id, "bcrt1qpaid", Some("k1")).await, "repeat");
+    assert_eq!(again["id"], paid["id"]);
+    let all = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{store}/payouts?includeCancelled=true"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "payouts",
+    );
+    let state = |id: &Value| {
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|p| &p["id"] == id)
+            .map(|p| p["state"].clone())
+            .unwrap()
+    };
+    assert_eq!(state(&waiting["id"]), "Cancelled");
+    assert_ne!(state(&paid["id"]), "Cancelled");
+    // The cancelled claim cannot be approved; nothing more was paid.
+    let uri = format!(
+        "/api/v1/stores/{store}/payouts/{}",
+        waiting["id"].as_str().unwrap()
+    );
+    let r = call(
+        &g.h,
+        "POST",
+        &uri,
+        Some(&g.token),
+        Some(json!({"revision": 0})),
+    )
+    .await;
+    assert_eq!(r.json["code"], "invalid-state", "{}", r.json);
+    tick(&g.h.state, common::now_ms()).await.unwrap();
+    assert_eq!(g.fake.withdrawals.lock().unwrap().len(), 1);
+    // Listed only with includeArchived.
+    let listed = ok(call(&g.h, "GET", &pps, Some(&g.token), None).await, "list");
+    assert!(listed.as_array().unwrap().is_empty(), "{listed}");
+    let listed = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("{pps}?includeArchived=true"),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "list",
+    );
+    assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
 }

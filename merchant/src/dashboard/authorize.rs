@@ -14,9 +14,10 @@
 //!   leave some out. Names this server has no route for, or scoped to another store, are shown
 //!   as not granted; the plugin sees their absence in `permissions[]`.
 //! * **Money out is the owner's explicit choice** (ADR 0015): pull payments whose claims are
-//!   paid when made pay any address, so the permissions that make or pay them
-//!   (`cancreatepullpayments`, `canmanagepullpayments`, and `withdraw`, which they and
-//!   `canmodifystoresettings` need for it) are granted only when the owner ticks "also allow
+//!   paid when made pay any address, so the permissions that make, list or pay them
+//!   (`cancreatepullpayments`, `canmanagepullpayments`, `canviewpullpayments`,
+//!   `canmanagepayouts`, and `withdraw`, which they and `canmodifystoresettings` need for it)
+//!   are granted only when the owner ticks "also allow
 //!   refunds", even under `strict`, and only with the store password, never while the
 //!   withdrawal address list is on, as the token page does. Unticked, the app gets the rest and
 //!   sees in `permissions[]` what was left out. `cancreatenonapprovedpullpayments` (what
@@ -179,11 +180,14 @@ fn pays_out(g: Greenfield) -> bool {
     g.perms().has(Perms::WITHDRAW)
 }
 
-/// True when the permission would pay out with `withdraw` beside it: a pull-payment one that
-/// pays out, or one that holds them (`canmodifystoresettings`).
+/// True when the permission would pay out with `withdraw` beside it: a pull-payment or payout
+/// one that pays out (or lists pull payments' ids), or one that holds them
+/// (`canmodifystoresettings`).
 fn could_pay_out(g: Greenfield) -> bool {
-    let pull = Perms::MANAGE_PULL_PAYMENTS.with(Perms::CREATE_PULL_PAYMENTS);
-    Perms(g.perms().0 & Perms::STORE.0).implied().0 & pull.0 != 0
+    let out = Perms::MANAGE_PULL_PAYMENTS
+        .with(Perms::CREATE_PULL_PAYMENTS)
+        .with(Perms::MANAGE_PAYOUTS);
+    pays_out(g) || Perms(g.perms().0 & Perms::STORE.0).implied().0 & out.0 != 0
 }
 
 /// True for a redirect whose token would cross a network unencrypted.

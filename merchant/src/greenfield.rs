@@ -3553,16 +3553,30 @@ pub async fn approve_payout(
         // No lock held while paying (a refund's payment takes `invoice_lock`, which the monitor
         // holds while it waits for `payout_lock`): the monitor leaves a `pending` payout of this
         // run alone.
-        let (pid, n) = (p.pp_id.clone(), p.n);
+        let (pid, n, merchant) = (p.pp_id.clone(), p.n, pp.merchant);
+        let to = match account_of(&p.destination) {
+            Some(a) => api::policy::Destination::Account(a),
+            None => api::policy::Destination::Address(p.destination.clone()),
+        };
         let taken = with_db(&st2, move |c| {
-            c.execute(
-                "UPDATE gf_payout SET state = 'pending', run = ?4
-                 WHERE pp_id = ?1 AND n = ?2 AND state = ?3",
-                params![pid, n, AWAITING, run_id()],
-            )
-            .map_err(db_error)
+            let tx = c.transaction().map_err(db_error)?;
+            // The store's list as it is now, not as it was when the claim was made: an
+            // approval moves the money (the list may have been turned on or tightened since).
+            if let Err(e) = crate::allowlist::check_destination(&tx, merchant, &to, now_ms()) {
+                return Ok(Err(e));
+            }
+            let n = tx
+                .execute(
+                    "UPDATE gf_payout SET state = 'pending', run = ?4
+                     WHERE pp_id = ?1 AND n = ?2 AND state = ?3",
+                    params![pid, n, AWAITING, run_id()],
+                )
+                .map_err(db_error)?;
+            tx.commit().map_err(db_error)?;
+            Ok(Ok(n))
         })
-        .await?;
+        .await?
+        .map_err(list_refused)?;
         if taken != 1 {
             return Err(invalid_state());
         }

@@ -3696,3 +3696,107 @@ async fn an_app_asking_for_btcpay_2_payout_permissions_gets_them_and_pays_out_on
     ));
     assert!(!key.perms.has(Perms::MERCHANT));
 }
+
+/// Review finding: a claim waiting for approval was checked against the store's withdrawal
+/// list when it was made only; the list turned on (or tightened) before the approval did not
+/// stop it, and the approval paid an address the list refuses (or transferred to another
+/// account). The approval asks the list as it is now, in the transaction that takes the
+/// payout: refused, nothing sent and the payout still waits (the owner may cancel it). Failed
+/// on the old code: 200 and a withdrawal to the unlisted address.
+#[tokio::test]
+async fn approving_a_waiting_payout_asks_the_store_list_as_it_is_now() {
+    let d = setup().await;
+    let count = || d.fake.withdrawals.lock().unwrap().len();
+    let pps = format!("/api/v1/stores/{}/pull-payments", d.account);
+    // Made by a key that may transfer: its claims may name an exchange account.
+    let transfer_token = {
+        let created =
+            d.h.state
+                .create_key(
+                    d.account,
+                    api::keys::Perms::parse("read,merchant,withdraw,transfer").unwrap(),
+                    "t",
+                )
+                .unwrap();
+        d.h.state.greenfield_token(&created.0)
+    };
+    let pp = gf(
+        &d.h,
+        "POST",
+        &pps,
+        &transfer_token,
+        Some(json!({"name": "refund", "amount": "0.01", "autoApproveClaims": false})),
+    )
+    .await;
+    let claim = format!(
+        "/api/v1/pull-payments/{}/payouts",
+        pp["id"].as_str().unwrap()
+    );
+    let mut waiting = Vec::new();
+    for destination in [OTHER, "account:1", LISTED] {
+        let (status, body) = gf_raw(
+            &d.h,
+            "POST",
+            &claim,
+            None,
+            json!({"destination": destination, "amount": "0.001", "payoutMethodId": "BTC-CHAIN"}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::OK, "{destination}: {body}");
+        assert_eq!(body["state"], "AwaitingApproval", "{body}");
+        waiting.push(body["id"].as_str().unwrap().to_owned());
+    }
+    turn_list_on(&d);
+    let approve_uri = |id: &str| format!("/api/v1/stores/{}/payouts/{id}", d.account);
+    for (id, code) in [
+        (&waiting[0], "address_not_listed"),
+        (&waiting[1], "address_list_on"),
+    ] {
+        let (status, body) = gf_raw(
+            &d.h,
+            "POST",
+            &approve_uri(id),
+            Some(&d.token),
+            json!({"revision": 0}),
+        )
+        .await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(body["code"], code, "{body}");
+        let p = gf(&d.h, "GET", &approve_uri(id), &d.token, None).await;
+        assert_eq!(p["state"], "AwaitingApproval", "{p}");
+    }
+    // The dashboard's approval, with the password: refused the same way.
+    let id = session(&d).await;
+    let r = post(
+        &d.h,
+        &format!("/dashboard/payouts/{}/approve", waiting[0]),
+        &id,
+        "/dashboard/refunds",
+        &[("password", PASSWORD)],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    assert_eq!(count(), 0, "sent to an address the list refuses");
+    // To the usable listed address: paid.
+    let (status, body) = gf_raw(
+        &d.h,
+        "POST",
+        &approve_uri(&waiting[2]),
+        Some(&d.token),
+        json!({"revision": 0}),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(count(), 1);
+    assert_eq!(d.fake.withdrawals.lock().unwrap()[0].address, LISTED);
+    // The refused ones may still be cancelled.
+    let (status, _) = gf_raw(
+        &d.h,
+        "DELETE",
+        &approve_uri(&waiting[0]),
+        Some(&d.token),
+        Value::Null,
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+}

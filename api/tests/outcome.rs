@@ -407,3 +407,68 @@ async fn a_cancel_replace_whose_cancels_reply_is_lost_answers_1007() {
     .await;
     assert_eq!(o["clientOrderId"].as_str(), Some("old"));
 }
+
+/// Review finding: `listClientOrderId` was not an idempotency key. An order list whose reply
+/// was lost (`-1007`) and that the client sent again (its legs' client ids generated afresh)
+/// was placed twice: two live lists, twice the hold, and the list's client id found only the
+/// newer. The engine refuses a list whose client id a live list of the account holds
+/// (`-2010`, as Binance until that list is over), so the retry places nothing. Failed on the
+/// old code: the retry answered 200 and twice the BTC was held. Once the list is over, the id
+/// may be used again.
+#[tokio::test]
+async fn an_order_list_whose_reply_is_lost_is_not_placed_again_by_its_retry() {
+    let (h, core) = Harness::lossy();
+    let (_, k) = h.trader("1", "50000").await;
+    let lists = [
+        (
+            "/api/v3/orderList/oco",
+            "symbol=BTCUSD&side=SELL&quantity=0.25&listClientOrderId=L1&aboveType=LIMIT_MAKER&abovePrice=22000&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900&belowTimeInForce=GTC",
+        ),
+        (
+            "/api/v3/orderList/oto",
+            "symbol=BTCUSD&listClientOrderId=L2&workingType=LIMIT&workingSide=SELL&workingPrice=23000&workingQuantity=0.25&workingTimeInForce=GTC&pendingType=LIMIT&pendingSide=BUY&pendingPrice=18000&pendingQuantity=0.25&pendingTimeInForce=GTC",
+        ),
+        (
+            "/api/v3/orderList/otoco",
+            "symbol=BTCUSD&listClientOrderId=L3&workingType=LIMIT_MAKER&workingSide=SELL&workingPrice=24000&workingQuantity=0.25&pendingSide=BUY&pendingQuantity=0.25&pendingAboveType=STOP_LOSS&pendingAboveStopPrice=30000&pendingBelowType=LIMIT_MAKER&pendingBelowPrice=17000",
+        ),
+    ];
+    for (n, (path, params)) in lists.iter().enumerate() {
+        core.lose_next(1);
+        let r = h.signed("POST", path, params, &k).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::SERVICE_UNAVAILABLE, -1007),
+            "{path}: {}",
+            r.json
+        );
+        let r = h.signed("POST", path, params, &k).await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, -2010),
+            "{path} retried: {}",
+            r.json
+        );
+        // One live list per request so far, each holding its 0.25 BTC once.
+        let open = eventually(&h, "/api/v3/openOrderList", "", &k, |r| {
+            r.json.as_array().is_some_and(|a| a.len() == n + 1)
+        })
+        .await;
+        assert_eq!(open.as_array().unwrap().len(), n + 1, "{open}");
+        let locked = ["0.25000000", "0.50000000", "0.75000000"][n];
+        assert_eq!(h.balance(&k, "BTC").await.1, locked, "{path}");
+    }
+    // Over (cancelled), the id may name a new list.
+    let r = h
+        .signed(
+            "DELETE",
+            "/api/v3/orderList",
+            "symbol=BTCUSD&listClientOrderId=L1",
+            &k,
+        )
+        .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    let r = h.signed("POST", lists[0].0, lists[0].1, &k).await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert_eq!(h.balance(&k, "BTC").await.1, "0.75000000");
+}

@@ -372,6 +372,11 @@ pub struct Engine {
     lists: BTreeMap<ListId, OrderList>,
     /// The list of each leg of a live list.
     list_of: FxHashMap<OrderId, ListId>,
+    /// The live list (OCO, OTO or OTOCO) holding each account's list client id: a new list
+    /// with one of them is refused ([`RejectCode::DuplicateClientId`]), as Binance accepts a
+    /// `listClientOrderId` again only once its list is over. A list repeated after its answer
+    /// was lost is not placed twice.
+    list_cids: FxHashMap<(AccountId, ClientOrderId), ListId>,
     /// List legs that traded as makers during the current taker's match: their lists end once
     /// the match is over.
     list_fills: Vec<OrderId>,
@@ -549,6 +554,7 @@ impl Engine {
             next_list_id: 1,
             lists: BTreeMap::new(),
             list_of: FxHashMap::default(),
+            list_cids: FxHashMap::default(),
             list_fills: Vec::new(),
             otos: BTreeMap::new(),
             pending_of: FxHashMap::default(),
@@ -996,6 +1002,29 @@ impl Engine {
     fn validate_lists(&self) -> Result<(), &'static str> {
         if self.list_of.len() != 2 * self.lists.len() + self.otos.len() {
             return Err("list leg index");
+        }
+        for (&(account, c), id) in &self.list_cids {
+            let holds = |a: AccountId, cid: Option<ClientOrderId>| a == account && cid == Some(c);
+            let live = self
+                .lists
+                .get(id)
+                .is_some_and(|l| holds(l.account, l.client_id))
+                || self
+                    .otos
+                    .get(id)
+                    .is_some_and(|l| holds(l.account, l.client_id));
+            if !live {
+                return Err("list client id index");
+            }
+        }
+        let with_cid = (self
+            .lists
+            .values()
+            .filter(|l| l.client_id.is_some())
+            .count())
+            + self.otos.values().filter(|l| l.client_id.is_some()).count();
+        if self.list_cids.len() > with_cid {
+            return Err("list client id index");
         }
         self.validate_otos()?;
         for (&id, l) in &self.lists {
@@ -2526,6 +2555,9 @@ impl Engine {
                 return Err(RejectCode::DuplicateClientId);
             }
         }
+        if self.list_cid_taken(account, l.list_client_id) {
+            return Err(RejectCode::DuplicateClientId);
+        }
         if self.accounts[account.0 as usize].open_orders + 2
             > self.config.limits.max_open_orders_per_account
         {
@@ -2617,6 +2649,7 @@ impl Engine {
         );
         self.list_of.insert(ids[0], list);
         self.list_of.insert(ids[1], list);
+        self.take_list_cid(account, l.list_client_id, list);
         Ok(Accept {
             order: Some(ids[0]),
             ..Accept::default()
@@ -2629,6 +2662,7 @@ impl Engine {
         let Some(l) = self.lists.remove(&list) else {
             return;
         };
+        self.free_list_cid(l.account, l.client_id, list);
         for leg in l.legs {
             self.list_of.remove(&leg);
         }
@@ -2770,6 +2804,9 @@ impl Engine {
                 return Err(RejectCode::DuplicateClientId);
             }
         }
+        if self.list_cid_taken(account, client_id) {
+            return Err(RejectCode::DuplicateClientId);
+        }
         let n = pending.orders().count() as u64;
         if u64::from(self.accounts[account.0 as usize].open_orders) + 1 + n
             > u64::from(self.config.limits.max_open_orders_per_account)
@@ -2816,6 +2853,7 @@ impl Engine {
         // (a triggered stop taking it) must see the list.
         self.next_list_id += 1;
         self.otos.insert(list, l);
+        self.take_list_cid(account, client_id, list);
         self.list_of.insert(wid, list);
         for (id, o) in pending.orders() {
             self.pending_of.insert(id, list);
@@ -2827,6 +2865,7 @@ impl Engine {
             // Nothing was placed: undo the registration.
             self.next_list_id -= 1;
             self.otos.remove(&list);
+            self.free_list_cid(account, client_id, list);
             self.list_of.remove(&wid);
             for (id, o) in pending.orders() {
                 self.pending_of.remove(&id);
@@ -2864,6 +2903,28 @@ impl Engine {
         })
     }
 
+    /// True when a live list of `account` holds the list client id `c`.
+    fn list_cid_taken(&self, account: AccountId, c: Option<ClientOrderId>) -> bool {
+        c.is_some_and(|c| self.list_cids.contains_key(&(account, c)))
+    }
+
+    /// Records that the live list `list` holds its client id.
+    fn take_list_cid(&mut self, account: AccountId, c: Option<ClientOrderId>, list: ListId) {
+        if let Some(c) = c {
+            self.list_cids.insert((account, c), list);
+        }
+    }
+
+    /// Frees a list's client id when the list is over (only if it is the list holding it: a
+    /// snapshot from before the rule may hold two live lists with one client id).
+    fn free_list_cid(&mut self, account: AccountId, c: Option<ClientOrderId>, list: ListId) {
+        if let Some(c) = c {
+            if self.list_cids.get(&(account, c)) == Some(&list) {
+                self.list_cids.remove(&(account, c));
+            }
+        }
+    }
+
     /// Forgets a list's pending orders (their ids and reserved client ids).
     fn forget_pending(&mut self, l: &OtoList) {
         for (id, o) in l.pending.orders() {
@@ -2882,6 +2943,7 @@ impl Engine {
         let Some(l) = self.otos.remove(&list) else {
             return;
         };
+        self.free_list_cid(l.account, l.client_id, list);
         self.list_of.remove(&l.working);
         self.forget_pending(&l);
         out.push(Event::OtoDone {
@@ -2907,6 +2969,8 @@ impl Engine {
             let Some(l) = self.otos.remove(&list) else {
                 continue;
             };
+            // An OTOCO's pair is placed as an OCO under the same list and client id.
+            self.free_list_cid(l.account, l.client_id, list);
             self.forget_pending(&l);
             let saved = (self.next_order_id, self.next_list_id);
             let at = out.len();
@@ -3415,6 +3479,16 @@ impl Engine {
                         return Err(SnapshotError::Inconsistent("client order id reused"));
                     }
                 }
+            }
+        }
+        // Derived: which live list holds each list client id (the first by id, should a
+        // snapshot from before the rule hold two).
+        let held: Vec<_> = (e.lists.values().map(|l| (l.account, l.client_id, l.id)))
+            .chain(e.otos.values().map(|l| (l.account, l.client_id, l.id)))
+            .collect();
+        for (account, c, id) in held {
+            if let Some(c) = c {
+                e.list_cids.entry((account, c)).or_insert(id);
             }
         }
         e.validate().map_err(SnapshotError::Inconsistent)?;

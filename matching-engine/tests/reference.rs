@@ -265,8 +265,10 @@ struct Taker {
 #[derive(Clone, Debug)]
 struct RList {
     id: u64,
+    account: u32,
     legs: [u64; 2],
     holder: usize,
+    client: Option<ClientOrderId>,
 }
 
 /// A live OTO/OTOCO list in its pending phase.
@@ -658,6 +660,9 @@ impl Reference {
                 return Err(RejectCode::DuplicateClientId);
             }
         }
+        if self.list_client_taken(a, l.list_client_id) {
+            return Err(RejectCode::DuplicateClientId);
+        }
         if self.open_count(a) + 2 > MAX_OPEN_PER_ACCOUNT {
             return Err(RejectCode::AccountOrderLimit);
         }
@@ -721,13 +726,28 @@ impl Reference {
         }
         self.lists.push(RList {
             id: list,
+            account: a,
             legs: ids,
             holder,
+            client: l.list_client_id,
         });
         Ok(())
     }
 
     /// A client id a pending order of a live OTO/OTOCO list has taken.
+    /// A live list (OCO, or OTO/OTOCO in its pending phase) of `a` has the list client id
+    /// `c`: Binance accepts it again only once that list is over.
+    fn list_client_taken(&self, a: u32, c: Option<ClientOrderId>) -> bool {
+        let Some(c) = c else { return false };
+        self.lists
+            .iter()
+            .any(|l| l.account == a && l.client == Some(c))
+            || self
+                .otos
+                .iter()
+                .any(|l| l.account == a && l.client == Some(c))
+    }
+
     fn reserved(&self, a: u32, c: ClientOrderId) -> bool {
         self.otos
             .iter()
@@ -859,6 +879,9 @@ impl Reference {
             if cids[..i].contains(c) || taken {
                 return Err(RejectCode::DuplicateClientId);
             }
+        }
+        if self.list_client_taken(a, client) {
+            return Err(RejectCode::DuplicateClientId);
         }
         if self.open_count(a) + 1 + pending.len() > MAX_OPEN_PER_ACCOUNT {
             return Err(RejectCode::AccountOrderLimit);
@@ -2152,6 +2175,10 @@ fn arb_client() -> impl Strategy<Value = Option<ClientOrderId>> {
     prop_oneof![4 => Just(None), 1 => Just(Some(cid("a"))), 1 => Just(Some(cid("b")))]
 }
 
+fn arb_list_client() -> impl Strategy<Value = Option<ClientOrderId>> {
+    prop_oneof![2 => Just(None), 1 => Just(Some(cid("a"))), 1 => Just(Some(cid("L")))]
+}
+
 fn arb_tif() -> impl Strategy<Value = TimeInForce> {
     prop_oneof![
         8 => Just(TimeInForce::Gtc),
@@ -2407,9 +2434,20 @@ fn arb_otoco() -> impl Strategy<Value = NewOtoco> {
 fn arb_command() -> impl Strategy<Value = Command> {
     prop_oneof![
         12 => arb_new_order().prop_map(Command::NewOrder),
-        3 => arb_oco().prop_map(|l| Command::NewOco(Box::new(l))),
-        3 => arb_oto().prop_map(|l| Command::NewOto(Box::new(l))),
-        2 => arb_otoco().prop_map(|l| Command::NewOtoco(Box::new(l))),
+        // List client ids from a small set (shared with the orders' own: separate namespaces),
+        // so that a list sometimes repeats a live list's.
+        3 => (arb_oco(), arb_list_client()).prop_map(|(mut l, c)| {
+            l.list_client_id = c;
+            Command::NewOco(Box::new(l))
+        }),
+        3 => (arb_oto(), arb_list_client()).prop_map(|(mut l, c)| {
+            l.list_client_id = c;
+            Command::NewOto(Box::new(l))
+        }),
+        2 => (arb_otoco(), arb_list_client()).prop_map(|(mut l, c)| {
+            l.list_client_id = c;
+            Command::NewOtoco(Box::new(l))
+        }),
         3 => (arb_account(), arb_market(), arb_ref())
             .prop_map(|(account, market, order)| Command::Cancel { account, market, order }),
         1 => (arb_account(), prop::option::of(arb_market()))

@@ -128,6 +128,12 @@ pub struct FlagCache {
     /// that began before a flag comes back without it, and must not drop it from the copy.
     /// Entries are forgotten once [`NOTED_KEPT`] old (every reading since has the flag).
     noted: std::sync::Mutex<Vec<(std::time::Instant, u32)>>,
+    /// Cancels of newly flagged accounts' orders not yet applied ([`cancel_orders_of`]): every
+    /// order waits for them ([`flagged_for_orders`]), so an order arriving just after a flag
+    /// cannot trade against the flagged account's resting orders first.
+    cancels: std::sync::atomic::AtomicUsize,
+    /// Woken when [`FlagCache::cancels`] falls to zero.
+    cancelled: tokio::sync::Notify,
 }
 
 /// How long a flag told by custody's hook is added to the readings of custody that began before
@@ -135,9 +141,10 @@ pub struct FlagCache {
 const NOTED_KEPT: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Custody flagged `account` just now (its flag hook, `wallet::FlagHook`, in `mediator serve`):
-/// the order path's copy takes it at once, not at its next refresh, and the account's open
-/// orders are cancelled (on `rt`). Without a copy yet there is nothing to add to: the first
-/// look-up reads custody, and cancels. Never waits (the hook runs under custody's lock).
+/// the order path's copy takes it at once, not at its next refresh (without a copy yet, the
+/// first look-up reads custody), and the account's open orders are cancelled (on `rt`), copy or
+/// not: a flag custody told of while the order path had no copy (after a start, after any
+/// clear) left them on the book. Never waits (the hook runs under custody's lock).
 pub fn note_flagged(st: &AppState, account: u32, rt: &tokio::runtime::Handle) {
     {
         let mut noted = st.0.flags.noted.lock().unwrap_or_else(|e| e.into_inner());
@@ -146,40 +153,108 @@ pub fn note_flagged(st: &AppState, account: u32, rt: &tokio::runtime::Handle) {
     }
     {
         let mut copy = st.0.flags.copy.write().unwrap_or_else(|e| e.into_inner());
-        let Some((_, set)) = copy.as_mut() else {
-            return;
-        };
-        if set.contains(&account) {
-            return;
+        if let Some((_, set)) = copy.as_mut() {
+            if !set.contains(&account) {
+                let mut next = (**set).clone();
+                next.insert(account);
+                *set = Arc::new(next);
+            }
         }
-        let mut next = (**set).clone();
-        next.insert(account);
-        *set = Arc::new(next);
     }
-    cancel_orders_of(st, vec![account], rt);
+    let st2 = st.clone();
+    let pending = CancelsPending::new(st);
+    rt.spawn(async move {
+        cancel_orders(&st2, &[account]).await;
+        drop(pending);
+    });
 }
 
-/// Cancels the open orders of newly flagged `accounts` in the background.
-fn cancel_orders_of(st: &AppState, accounts: Vec<u32>, rt: &tokio::runtime::Handle) {
-    if accounts.is_empty() {
-        return;
+/// One cancel of flagged accounts' orders under way ([`FlagCache::cancels`]); dropped when it
+/// is over, applied or given up.
+struct CancelsPending(AppState);
+
+impl CancelsPending {
+    fn new(st: &AppState) -> Self {
+        st.0.flags
+            .cancels
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        CancelsPending(st.clone())
     }
-    let st = st.clone();
-    rt.spawn(async move {
-        for account in accounts {
+}
+
+impl Drop for CancelsPending {
+    fn drop(&mut self) {
+        let flags = &self.0 .0.flags;
+        if flags
+            .cancels
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel)
+            == 1
+        {
+            flags.cancelled.notify_waiters();
+        }
+    }
+}
+
+/// How many times a flagged account's cancel is sent when the engine is busy or does not
+/// answer, 100 ms apart (a repeated cancel-all is harmless).
+const CANCEL_TRIES: u32 = 50;
+
+/// Cancels the open orders of newly flagged `accounts`, each until the engine applied it (or
+/// refused it: nothing open), sent again while it is busy or does not answer; given up after
+/// [`CANCEL_TRIES`] (logged as an error for the operator).
+async fn cancel_orders(st: &AppState, accounts: &[u32]) {
+    for &account in accounts {
+        let mut tries = 0;
+        loop {
+            tries += 1;
             let cmd = matching_engine::Command::CancelAll {
                 account: matching_engine::AccountId(account),
                 market: None,
             };
             let outcome = st.submit_outcome(cmd).await;
-            tracing::warn!(
-                account,
-                ?outcome,
-                "flagged account: its open orders cancelled"
-            );
+            match outcome {
+                crate::core::Outcome::Applied(_) | crate::core::Outcome::Rejected(_) => {
+                    tracing::warn!(account, "flagged account: its open orders cancelled");
+                    break;
+                }
+                other if tries >= CANCEL_TRIES => {
+                    tracing::error!(
+                        account,
+                        outcome = ?other,
+                        "flagged account: its open orders could not be cancelled; cancel them"
+                    );
+                    break;
+                }
+                _ => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+            }
         }
-    });
+    }
 }
+
+/// Waits (at most [`CANCEL_WAIT`]) for the cancels of flagged accounts' orders under way: an
+/// order must not trade against them first. One atomic read when there are none.
+async fn wait_for_cancels(st: &AppState) {
+    use std::sync::atomic::Ordering;
+    let flags = &st.0.flags;
+    if flags.cancels.load(Ordering::Acquire) == 0 {
+        return;
+    }
+    let wait = async {
+        loop {
+            let woken = flags.cancelled.notified();
+            if flags.cancels.load(Ordering::Acquire) == 0 {
+                return;
+            }
+            woken.await;
+        }
+    };
+    if tokio::time::timeout(CANCEL_WAIT, wait).await.is_err() {
+        tracing::error!("flagged accounts' cancels still under way; the order goes on");
+    }
+}
+
+/// The longest an order waits for flagged accounts' cancels ([`wait_for_cancels`]).
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Reads custody's flagged accounts into the cache, and cancels the open orders of each account
 /// it had not seen flagged (orders placed before the flag would otherwise still sell the
@@ -219,7 +294,12 @@ async fn refresh_flags(st: &AppState) -> Result<Arc<std::collections::HashSet<u3
         .copied()
         .filter(|a| before.as_ref().is_none_or(|(_, b)| !b.contains(a)))
         .collect();
-    cancel_orders_of(st, new, &tokio::runtime::Handle::current());
+    if !new.is_empty() {
+        // Before this reading's caller goes on: the order that found the flag must not trade
+        // against the account's resting orders ahead of their cancel.
+        let _pending = CancelsPending::new(st);
+        cancel_orders(st, &new).await;
+    }
     Ok(set)
 }
 
@@ -228,10 +308,12 @@ async fn refresh_flags(st: &AppState) -> Result<Arc<std::collections::HashSet<u3
 /// is let through (logged): flags are rare, and custody refuses a flagged account's withdrawals
 /// itself.
 pub async fn flagged_for_orders(st: &AppState, account: u32) -> bool {
-    match flagged_by_copy(st, account) {
+    let flagged = match flagged_by_copy(st, account) {
         Some(flagged) => flagged,
         None => first_look_up(st, account).await,
-    }
+    };
+    wait_for_cancels(st).await;
+    flagged
 }
 
 /// The order path's answer from its copy, without waiting (`None`: no copy yet). A copy

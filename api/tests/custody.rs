@@ -2111,6 +2111,55 @@ async fn a_flag_custody_reports_stops_the_accounts_orders_at_once() {
     }
 }
 
+/// Review finding: custody's hook cancelled a newly flagged account's resting orders only when
+/// the order path held a copy of the flags; with none (after a start, after any clear) it
+/// returned first, and the next order's first look-up spawned the cancel and then submitted
+/// itself ahead of it, so another account's crossing order bought the flagged account's BTC
+/// (which the buyer can withdraw). The hook now always cancels, a reading that finds new flags
+/// cancels before its caller goes on, and every order waits for cancels under way. Failed on
+/// the old code: the buy filled against the flagged account's sell.
+#[tokio::test]
+async fn a_flagged_accounts_resting_sell_does_not_fill_after_a_clear_dropped_the_copy() {
+    let s = setup(true).await;
+    let key = loop {
+        let (a, k) = s.h.trader_with("1", "1000", "read,trade").await;
+        assert!(a <= 7, "account 7 was skipped");
+        if a == 7 {
+            break k;
+        }
+    };
+    let (_, buyer) = s.h.trader_with("0", "10000", "read,trade").await;
+    let clear = || async {
+        s.h.ok(
+            "POST",
+            "/mapi/v1/admin/accounts/clearFlag",
+            "account=7",
+            &s.h.admin,
+        )
+        .await
+    };
+    clear().await;
+    let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1&price=20000";
+    s.h.ok("POST", "/api/v3/order", sell, &key).await;
+    // Another clear (of the same account; any account's drops the copy), then custody flags it
+    // again and tells the hook while the order path has no copy.
+    clear().await;
+    s.fake.clear();
+    api::capital::note_flagged(&s.h.state, 7, &tokio::runtime::Handle::current());
+    let buy = "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.1&price=20000";
+    let o = s.h.ok("POST", "/api/v3/order", buy, &buyer).await;
+    assert_eq!(o["status"], "NEW", "bought from a flagged account: {o}");
+    assert_eq!(
+        s.h.balance(&key, "BTC").await,
+        ("1.00000000".to_owned(), "0.00000000".to_owned())
+    );
+    assert_eq!(
+        s.h.ok("GET", "/api/v3/openOrders", "symbol=BTCUSD", &key)
+            .await,
+        json!([])
+    );
+}
+
 /// Review finding: a reading of custody's flags taken just before custody flagged an account
 /// (and told the order path through its hook) replaced the order path's copy when it came back,
 /// so the hook's flag was lost until the next refresh and the account could still sell. A flag

@@ -1598,6 +1598,7 @@ pub fn enqueue_hooks(
     invoice_id: &str,
     event: EventType,
     invoice: &Value,
+    payment_from_end: usize,
     now_ms: u64,
 ) -> rusqlite::Result<()> {
     let names = btcpay_events(event);
@@ -1618,7 +1619,12 @@ pub fn enqueue_hooks(
                 continue;
             }
             let per_payment: Vec<Option<&Value>> = match *name {
-                "InvoiceReceivedPayment" => vec![payments.last()],
+                "InvoiceReceivedPayment" => {
+                    vec![payments
+                        .len()
+                        .checked_sub(payment_from_end)
+                        .and_then(|i| payments.get(i))]
+                }
                 "InvoicePaymentSettled" => payments
                     .iter()
                     .filter(|p| p["late"] != true)

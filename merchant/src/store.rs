@@ -580,8 +580,19 @@ pub fn commit_transition(
 ) -> rusqlite::Result<()> {
     let tx = conn.transaction()?;
     save(&tx, rec)?;
+    // The k-th of n `PaymentReceived` is about the k-th of the n payments this transition
+    // appended (the last n shown).
+    let mut received = events
+        .iter()
+        .filter(|e| **e == EventType::PaymentReceived)
+        .count();
     for e in events {
-        webhook::enqueue(&tx, rec.inv.merchant, &rec.inv.id, *e, invoice_json, now_ms)?;
+        let from_end = received.max(1);
+        if *e == EventType::PaymentReceived {
+            received -= 1;
+        }
+        let (m, id) = (rec.inv.merchant, &rec.inv.id);
+        webhook::enqueue_nth(&tx, m, id, *e, invoice_json, from_end, now_ms)?;
     }
     tx.commit()
 }

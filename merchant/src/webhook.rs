@@ -479,6 +479,22 @@ pub fn enqueue(
     invoice: &serde_json::Value,
     now_ms: u64,
 ) -> rusqlite::Result<String> {
+    enqueue_nth(conn, merchant, invoice_id, event, invoice, 1, now_ms)
+}
+
+/// [`enqueue`] of one of a transition's `PaymentReceived` events: the payment it is about is
+/// `from_end` from the end of the invoice's payments (1: the last). A transition with several
+/// new payments raises one event each, in order, with the same final invoice; each Greenfield
+/// `InvoiceReceivedPayment` names its own payment.
+pub fn enqueue_nth(
+    conn: &Connection,
+    merchant: u32,
+    invoice_id: &str,
+    event: EventType,
+    invoice: &serde_json::Value,
+    from_end: usize,
+    now_ms: u64,
+) -> rusqlite::Result<String> {
     let id = new_delivery_id()?;
     let body = serde_json::to_vec(&Body {
         delivery_id: &id,
@@ -500,7 +516,7 @@ pub fn enqueue(
         ],
     )?;
     // The same change, to the store's Greenfield webhooks that asked for it (same transaction).
-    super::greenfield::enqueue_hooks(conn, merchant, invoice_id, event, invoice, now_ms)?;
+    super::greenfield::enqueue_hooks(conn, merchant, invoice_id, event, invoice, from_end, now_ms)?;
     Ok(id)
 }
 

@@ -3415,3 +3415,67 @@ async fn an_archived_pull_payment_takes_no_claim_and_its_waiting_ones_are_cancel
     );
     assert_eq!(listed.as_array().unwrap().len(), 2, "{listed}");
 }
+
+/// Review finding: two payments to one invoice first seen in the same monitor tick (a partial
+/// payment and its top-up, or the monitor catching up after a restart) raised two
+/// `InvoiceReceivedPayment` webhooks that both named the second payment; the first was never
+/// reported and a shop plugin recorded one payment twice. Each now names its own, in order.
+/// Failed on the old code: both carried the second payment's id and value.
+#[tokio::test]
+async fn two_payments_seen_in_one_tick_are_each_reported_by_their_own_webhook() {
+    let g = setup().await;
+    let hook = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{}/webhooks", g.store()),
+            Some(&g.token),
+            Some(json!({"url": "https://shop.example/btcpay"})),
+        )
+        .await,
+        "create webhook",
+    );
+    let hook_id = hook["id"].as_str().unwrap().to_owned();
+    let inv = g
+        .new_invoice(json!({"amount": "0.001", "currency": "BTC"}))
+        .await;
+    let pm = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!(
+                "/api/v1/stores/{}/invoices/{}/payment-methods",
+                g.store(),
+                inv["id"].as_str().unwrap()
+            ),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "payment methods",
+    );
+    let address = pm[0]["destination"].as_str().unwrap().to_owned();
+    let now = common::now_ms();
+    g.fake.pay(g.account, &address, 1, 40_000, 1, now);
+    g.fake.pay(g.account, &address, 2, 60_000, 1, now);
+    tick(&g.h.state, now + 1).await.unwrap();
+    let received: Vec<Value> = g
+        .deliveries(&hook_id)
+        .into_iter()
+        .filter(|(e, _)| e == "InvoiceReceivedPayment")
+        .map(|(_, b)| b["payment"].clone())
+        .collect();
+    assert_eq!(received.len(), 2, "{received:?}");
+    assert_ne!(received[0]["id"], received[1]["id"], "{received:?}");
+    let values: Vec<&str> = received
+        .iter()
+        .map(|p| p["value"].as_str().unwrap())
+        .collect();
+    assert_eq!(values, ["0.0004", "0.0006"], "{received:?}");
+    let ids: Vec<String> = received
+        .iter()
+        .map(|p| p["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(ids[0].starts_with(&"01".repeat(32)), "{ids:?}");
+    assert!(ids[1].starts_with(&"02".repeat(32)), "{ids:?}");
+}

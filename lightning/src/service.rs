@@ -9,12 +9,15 @@ use crate::{deposit_key, engine_withdrawal_id, seed};
 use ldk_node::bitcoin::hashes::Hash;
 use ldk_node::bitcoin::secp256k1::PublicKey;
 use ldk_node::config::Config;
+use ldk_node::lightning::chain::channelmonitor::BalanceSource;
 use ldk_node::lightning::ln::msgs::SocketAddress;
 use ldk_node::lightning::routing::router::RouteParametersConfig;
 use ldk_node::lightning_invoice::{Bolt11Invoice, Bolt11InvoiceDescription, Currency, Description};
 use ldk_node::lightning_types::payment::PaymentHash;
 use ldk_node::payment::{PaymentDetails, PaymentDirection, PaymentStatus};
-use ldk_node::{Builder, Event, Node, NodeError, PendingSweepBalance, UserChannelId};
+use ldk_node::{
+    Builder, Event, LightningBalance, Node, NodeError, PendingSweepBalance, UserChannelId,
+};
 use matching_engine::config::BTC;
 use matching_engine::{AccountId, Amount, Command, RejectCode, WithdrawalState};
 use std::str::FromStr;
@@ -39,9 +42,16 @@ pub struct StepReport {
 pub struct LnBalances {
     /// The node's on-chain wallet (provable on chain like the custody wallet's).
     pub onchain_sat: u64,
-    /// Our side of the channels (claimable on close; not provable by BIP-127).
+    /// Our side of the channels (claimable on close; not provable by BIP-127), without what a
+    /// close already paid to the node's wallet, which `onchain_sat` counts from the mempool on:
+    /// a cooperative close (its balance before and after the closing transaction confirms)
+    /// and a channel no longer open whose closing transaction is not yet in a block. A
+    /// force-closed channel's commitment in the mempool is then counted nowhere until it
+    /// confirms: assets are understated for a block or so (a shortfall shown, the safe side),
+    /// never counted twice.
     pub channels_sat: u64,
-    /// Funds from closed channels still being swept on chain.
+    /// Funds from closed channels the node will sweep to its wallet and has not broadcast
+    /// yet. A sweep broadcast or confirmed pays the wallet, which counts it (not here too).
     pub pending_close_sat: u64,
     /// Part of `onchain_sat` kept as the anchor channels' reserve.
     pub anchor_reserve_sat: u64,
@@ -1279,20 +1289,43 @@ impl<L: Ledger> LightningService<L> {
 
     /// The node's balances.
     pub fn balances(&self) -> LnBalances {
+        let open: std::collections::HashSet<_> = self
+            .node
+            .list_channels()
+            .into_iter()
+            .map(|c| c.channel_id)
+            .collect();
         let b = self.node.list_balances();
+        // Money a close paid to the node's wallet stays in LDK's balances (until 6
+        // confirmations) and the sweeper's (until about four weeks): counted once, in the
+        // wallet (review: a closed channel's balance was counted twice, hiding a shortfall of
+        // that size).
+        let in_wallet = b
+            .lightning_balances
+            .iter()
+            .map(|l| match l {
+                LightningBalance::ClaimableOnChannelClose {
+                    channel_id,
+                    amount_satoshis,
+                    ..
+                } if !open.contains(channel_id) => *amount_satoshis,
+                LightningBalance::ClaimableAwaitingConfirmations {
+                    amount_satoshis,
+                    source: BalanceSource::CoopClose,
+                    ..
+                } => *amount_satoshis,
+                _ => 0,
+            })
+            .fold(0u64, u64::saturating_add);
         let pending_close_sat = b
             .pending_balances_from_channel_closures
             .iter()
             .map(|p| match p {
                 PendingSweepBalance::PendingBroadcast {
                     amount_satoshis, ..
-                }
-                | PendingSweepBalance::BroadcastAwaitingConfirmation {
-                    amount_satoshis, ..
-                }
-                | PendingSweepBalance::AwaitingThresholdConfirmations {
-                    amount_satoshis, ..
                 } => *amount_satoshis,
+                PendingSweepBalance::BroadcastAwaitingConfirmation { .. }
+                | PendingSweepBalance::AwaitingThresholdConfirmations { .. } => 0,
             })
             .fold(0u64, u64::saturating_add);
         // After the node's balances: a withdrawal that becomes final in between was completed
@@ -1307,7 +1340,7 @@ impl<L: Ledger> LightningService<L> {
         };
         LnBalances {
             onchain_sat: b.total_onchain_balance_sats,
-            channels_sat: b.total_lightning_balance_sats,
+            channels_sat: b.total_lightning_balance_sats.saturating_sub(in_wallet),
             pending_close_sat,
             anchor_reserve_sat: b.total_anchor_channels_reserve_sats,
             withdrawals_in_flight_sat,

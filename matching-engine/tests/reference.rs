@@ -2175,10 +2175,6 @@ fn arb_client() -> impl Strategy<Value = Option<ClientOrderId>> {
     prop_oneof![4 => Just(None), 1 => Just(Some(cid("a"))), 1 => Just(Some(cid("b")))]
 }
 
-fn arb_list_client() -> impl Strategy<Value = Option<ClientOrderId>> {
-    prop_oneof![2 => Just(None), 1 => Just(Some(cid("a"))), 1 => Just(Some(cid("L")))]
-}
-
 fn arb_tif() -> impl Strategy<Value = TimeInForce> {
     prop_oneof![
         8 => Just(TimeInForce::Gtc),
@@ -2355,7 +2351,14 @@ fn arb_oco() -> impl Strategy<Value = NewOco> {
                 }
                 NewOco {
                     legs,
-                    list_client_id: None,
+                    // From a small set shared with the legs' own (separate namespaces): a
+                    // list often repeats a live list's client id.
+                    list_client_id: match lo % 4 {
+                        0 => None,
+                        1 => Some(cid("a")),
+                        2 => Some(cid("L")),
+                        _ => c0,
+                    },
                 }
             },
         )
@@ -2405,7 +2408,11 @@ fn arb_oto() -> impl Strategy<Value = NewOto> {
                         client_id,
                     },
                     pending,
-                    list_client_id: None,
+                    list_client_id: match twist % 3 {
+                        0 => None,
+                        1 => Some(cid("L")),
+                        _ => client_id,
+                    },
                 }
             },
         )
@@ -2426,7 +2433,7 @@ fn arb_otoco() -> impl Strategy<Value = NewOtoco> {
                 client_id,
             },
             pending: oco.legs,
-            list_client_id: None,
+            list_client_id: oco.list_client_id.or(client_id),
         },
     )
 }
@@ -2434,20 +2441,9 @@ fn arb_otoco() -> impl Strategy<Value = NewOtoco> {
 fn arb_command() -> impl Strategy<Value = Command> {
     prop_oneof![
         12 => arb_new_order().prop_map(Command::NewOrder),
-        // List client ids from a small set (shared with the orders' own: separate namespaces),
-        // so that a list sometimes repeats a live list's.
-        3 => (arb_oco(), arb_list_client()).prop_map(|(mut l, c)| {
-            l.list_client_id = c;
-            Command::NewOco(Box::new(l))
-        }),
-        3 => (arb_oto(), arb_list_client()).prop_map(|(mut l, c)| {
-            l.list_client_id = c;
-            Command::NewOto(Box::new(l))
-        }),
-        2 => (arb_otoco(), arb_list_client()).prop_map(|(mut l, c)| {
-            l.list_client_id = c;
-            Command::NewOtoco(Box::new(l))
-        }),
+        3 => arb_oco().prop_map(|l| Command::NewOco(Box::new(l))),
+        3 => arb_oto().prop_map(|l| Command::NewOto(Box::new(l))),
+        2 => arb_otoco().prop_map(|l| Command::NewOtoco(Box::new(l))),
         3 => (arb_account(), arb_market(), arb_ref())
             .prop_map(|(account, market, order)| Command::Cancel { account, market, order }),
         1 => (arb_account(), prop::option::of(arb_market()))

@@ -1950,8 +1950,10 @@ impl CustodyService {
     }
 
     /// A deposit whose credit has no known answer and that is no longer confirmed enough to be
-    /// credited: if the ledger applied the credit, it is a credited deposit a reorg took away
-    /// (reorged, account flagged); if not, it is pending again; no answer, asked next step.
+    /// credited: if the ledger applied the credit, it is a credited deposit, which a reorg took
+    /// away if it is out of the chain (reorged, account flagged) and is credited as any other
+    /// if it is still in a block (a credited deposit at that depth is not flagged either); if
+    /// not applied, it is pending again; no answer, asked next step.
     fn resolve_crediting(
         &mut self,
         event: DepositEvent,
@@ -1961,6 +1963,12 @@ impl CustodyService {
         let key =
             IdempotencyKey::outpoint(event.outpoint.txid.to_byte_array(), event.outpoint.vout);
         match self.ledger.credited(key) {
+            Ok(true) if event.confirmations > 0 => {
+                store::set_deposit_status(&self.db, event.outpoint, DepositStatus::Credited)?;
+                tracing::warn!(account = %event.account, outpoint = %event.outpoint,
+                    "a credit whose answer was lost was applied; the deposit is still in a block");
+                report.credited.push(event);
+            }
             Ok(true) => {
                 self.deposit_reorged(event, now)?;
                 report.reorged.push(event);

@@ -376,6 +376,62 @@ fn a_deposit_credited_with_a_lost_answer_then_reorged_flags_the_account() {
     assert_eq!(w.ledger.btc(alice), (500_000, 0));
 }
 
+/// Review finding: a deposit whose credit answer was lost (`crediting`) and that a reorg took
+/// below the confirmation threshold (3), but not out of the chain, was taken for one that left it:
+/// marked `reorged` and its account flagged ("left the chain"), though a deposit credited
+/// normally at the same depth stays credited. Found credited by its key while still in a block,
+/// it is `credited`, no flag; a later reorg that takes it out flags it as any credited deposit.
+/// Failed on the old code: the account was flagged.
+#[test]
+fn a_maybe_credited_deposit_still_in_a_block_below_the_threshold_is_credited_not_flagged() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut config = w.config();
+    config.deposit_confirmations = 3;
+    let mut svc = w.open(config);
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(5);
+    customer.fund(&w.node, 1);
+    let tx = customer.pay(&w.node, &[(&addr, 500_000)]);
+    let txid = tx.compute_txid();
+    w.node.mine(3);
+    svc.sync_once(w.clock.now()).unwrap();
+    w.ledger.fault_next(support::Fault::ApplyThenUnknown);
+    let r = svc.process_deposits(w.clock.now()).unwrap();
+    assert_eq!(r.unresolved.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (500_000, 0), "the ledger applied it");
+
+    // Two blocks go away and one comes: the deposit has two confirmations of three, still in
+    // the chain.
+    w.node.invalidate_tip();
+    w.node.invalidate_tip();
+    // To another address than the blocks taken away (an identical block would be invalid).
+    let elsewhere = customer.address();
+    w.node.mine_to(1, &elsewhere);
+    assert!(!w.node.mempool().contains(&txid));
+    svc.sync_once(w.clock.now()).unwrap();
+    let r = svc.process_deposits(w.clock.now()).unwrap();
+    assert_eq!(r.credited.len(), 1, "{r:?}");
+    assert_eq!(r.credited[0].confirmations, 2, "{r:?}");
+    assert!(
+        svc.flagged_accounts().unwrap().is_empty(),
+        "flagged for a deposit still in the chain"
+    );
+    assert_eq!(
+        svc.deposits(None).unwrap()[0].status,
+        DepositStatus::Credited
+    );
+    assert_eq!(w.ledger.btc(alice), (500_000, 0), "credited once");
+    // Taken out of the chain by a deeper reorg: flagged, as any credited deposit.
+    w.node.invalidate_tip();
+    w.node.invalidate_tip();
+    assert!(w.node.mempool().contains(&txid));
+    w.node.mine_empty(3);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reorged.len(), 1, "{:?}", r.deposits);
+    assert_eq!(svc.flagged_accounts().unwrap().len(), 1);
+}
+
 /// Defect: a deposit seen in the mempool and then replaced (the payer bumped its fee: RBF)
 /// stayed `pending` for ever beside its replacement, so the account's deposit history showed
 /// the payment twice and a merchant invoice counted it twice (paid in full, or overpaid, by

@@ -611,6 +611,7 @@ impl<L: Ledger> LightningService<L> {
             });
         }
         let hash = invoice.payment_hash().to_byte_array();
+        self.wait_past_a_failure(hash);
         let store = self.lock();
         // The same account paying the same invoice again is a retry (its reply was lost): it
         // gets its withdrawal back, with its id and state, and nothing is sent twice. Asked
@@ -1285,6 +1286,30 @@ impl<L: Ledger> LightningService<L> {
                 outbound: c.is_outbound,
             })
             .collect()
+    }
+
+    /// Waits (at most a second, before any lock) until the node's clock is past the second of
+    /// an earlier failed attempt at the invoice `hash`. ldk-node stamps its payment records in
+    /// whole seconds, and a new attempt is told from the earlier one by a later stamp
+    /// ([`outcome_of`]): an attempt sent and failed again within the earlier failure's second
+    /// read as no record of its own, and was held in doubt for about eight days and sent again
+    /// (review). Only a retry of a payment that just failed waits.
+    fn wait_past_a_failure(&self, hash: [u8; 32]) {
+        let Some(failed_s) = self
+            .node
+            .payment(&ldk_node::lightning::ln::channelmanager::PaymentId(hash))
+            .filter(|p| p.status == PaymentStatus::Failed)
+            .map(|p| p.latest_update_timestamp)
+        else {
+            return;
+        };
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        let next = Duration::from_secs(failed_s.saturating_add(1));
+        if let Some(wait) = next.checked_sub(now) {
+            std::thread::sleep(wait.min(Duration::from_millis(1100)));
+        }
     }
 
     /// The node's balances.

@@ -1631,3 +1631,54 @@ fn a_cooperatively_closed_channels_money_is_counted_once() {
         );
     }
 }
+
+/// Review finding: ldk-node stamps its payment records in whole seconds, and an attempt sent
+/// after a failed one is told from it by a later stamp. A retry that failed again within the
+/// second of the earlier failure read as an attempt with no record: held in doubt (about eight
+/// days, an alarm) and sent again unasked, instead of released. A retry now waits until the
+/// node's clock is past that second. Each round pays, the customer fails the payment at once,
+/// and the next round pays again straight away. Failed on the old code: a round within the
+/// same second never released its withdrawal.
+#[test]
+fn a_payment_failing_again_within_the_second_of_its_earlier_failure_is_released() {
+    use lightning_custody::ldk_node::bitcoin::hashes::sha256;
+    use lightning_custody::ldk_node::lightning_types::payment::PaymentHash;
+    let w = World::new();
+    let erin = w.ledger.create_account();
+    w.deposit(erin, 100_000);
+    let preimage = [0x6bu8; 32];
+    let hash = PaymentHash(sha256::Hash::hash(&preimage).to_byte_array());
+    let inv = w
+        .customer
+        .bolt11_payment()
+        .receive_for_hash(
+            10_000_000,
+            &Bolt11InvoiceDescription::Direct(Description::new("refused".into()).unwrap()),
+            3600,
+            hash,
+        )
+        .unwrap();
+    let pid = PaymentId(hash.0);
+    for round in 0..4 {
+        let p = w.m().pay(erin, &inv.to_string(), now_ms()).unwrap();
+        assert_eq!(p.status, LnWithdrawalStatus::Sending, "round {round}");
+        wait_event(
+            &w.customer,
+            "the attempt",
+            |e| matches!(e, Event::PaymentClaimable { payment_hash, .. } if *payment_hash == hash),
+        );
+        w.customer.bolt11_payment().fail_for_hash(hash).unwrap();
+        wait_until("the attempt failed", Duration::from_secs(60), || {
+            w.m().node().payment(&pid).map(|p| p.status) == Some(PaymentStatus::Failed)
+        });
+        w.step_until("the attempt released", |w| {
+            let s = w.m().withdrawal(p.id).unwrap().unwrap();
+            assert!(
+                s.doubt_until_height.is_none(),
+                "round {round}: held in doubt"
+            );
+            s.status == LnWithdrawalStatus::Released
+        });
+        assert_eq!(w.ledger.btc(erin), (100_000, 0), "round {round}");
+    }
+}

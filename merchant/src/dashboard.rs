@@ -1593,18 +1593,21 @@ pub async fn refunds(State(st): State<AppState>, s: Session) -> Result<Response,
     if list.is_empty() {
         b.push_str("<li class=muted>No refunds or pull payments yet.</li>");
     }
-    // No claim links (they pay whoever holds them; shown once, when made).
+    // No claim links (they pay whoever holds them; shown once, when made): each is archived
+    // by a handle, a hash of its id.
     for p in &list {
         let _ = write!(
             b,
-            "<li><b>{} BTC</b> · {}{}</li>",
+            "<li><b>{} BTC</b> · {}{}             <form method=post action=\"/dashboard/pull-payments/{}/archive\">{}             <button>Archive: no more claims</button></form></li>",
             esc(&txt(&p["amount"])),
             esc(&txt(&p["name"])),
             if p["autoApproveClaims"] == false {
                 " · claims wait for your approval"
             } else {
                 ""
-            }
+            },
+            pp_handle(&txt(&p["id"])),
+            csrf_field(&s),
         );
     }
     b.push_str(
@@ -1644,6 +1647,58 @@ pub async fn approve_payout(
             txt(&p["payoutAmount"]),
             txt(&p["destination"]),
             txt(&p["state"])
+        ),
+    )
+    .await?;
+    Ok(redirect("/dashboard/refunds"))
+}
+
+/// A pull payment's handle on the dashboard: the first 32 hex digits of the SHA-256 of its id
+/// (the id is the right to claim it, and is never put on a page after it was shown once).
+fn pp_handle(id: &str) -> String {
+    sha256_hex(&format!("mediator/dashboard-pull-payment/v1/{id}"))[..32].to_owned()
+}
+
+/// `POST /dashboard/pull-payments/{handle}/archive`: archives a pull payment of the store
+/// ([`gf::archive_pull_payment`]: no claim after it, its claims waiting for approval cancelled).
+/// No password: it only stops money going out. An unknown handle: 404, nothing changed.
+pub async fn archive_pull_payment(
+    State(st): State<AppState>,
+    s: Session,
+    Path(handle): Path<String>,
+    form: Form,
+) -> Result<Response, Refusal> {
+    s.check_form(&st, &form)?;
+    let v = call(gf::list_pull_payments(
+        State(st.clone()),
+        Path(s.store()),
+        RawQuery(None),
+        s.gf(json!({})),
+    ))
+    .await?;
+    let Some(p) = v
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| pp_handle(&txt(&p["id"])) == handle)
+    else {
+        return Err(Refusal::Page(
+            StatusCode::NOT_FOUND,
+            "No such pull payment.".into(),
+        ));
+    };
+    call(gf::archive_pull_payment(
+        State(st.clone()),
+        Path((s.store(), txt(&p["id"]))),
+        s.gf(json!({})),
+    ))
+    .await?;
+    put_flash(
+        &st,
+        &s,
+        format!(
+            "Pull payment “{}” archived: it takes no more claims; its claims waiting for your              approval are cancelled.",
+            txt(&p["name"])
         ),
     )
     .await?;

@@ -475,6 +475,14 @@ pub static ROUTES: &[Route] = {
             d::cancel_payout
         ),
         route!(
+            "POST",
+            "/dashboard/pull-payments/{handle}/archive",
+            Session,
+            Some(1),
+            P,
+            d::archive_pull_payment
+        ),
+        route!(
             "GET",
             "/dashboard/settings",
             Session,

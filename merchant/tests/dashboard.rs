@@ -3800,3 +3800,87 @@ async fn approving_a_waiting_payout_asks_the_store_list_as_it_is_now() {
     .await;
     assert_eq!(status, StatusCode::OK);
 }
+
+/// The owner archives a pull payment from the refunds page (a refund's link sent to the wrong
+/// customer, a leaked one): no claim after it, its claims waiting for approval cancelled. The
+/// page names each by a hash of its id, never the id (the right to claim it); another store's
+/// handle, an unknown one or a form without the session's token changes nothing.
+#[tokio::test]
+async fn the_owner_archives_a_pull_payment_from_the_refunds_page() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let pp = gf(
+        &d.h,
+        "POST",
+        &format!("/api/v1/stores/{}/pull-payments", d.account),
+        &d.token,
+        Some(json!({"name": "Refund 7", "amount": "0.001", "autoApproveClaims": false})),
+    )
+    .await;
+    let pp_id = pp["id"].as_str().unwrap().to_owned();
+    let claims = format!("/api/v1/pull-payments/{pp_id}/payouts");
+    let claim = |dest: &'static str| {
+        let (h, claims) = (&d.h, claims.clone());
+        async move {
+            gf_raw(
+                h,
+                "POST",
+                &claims,
+                None,
+                json!({"destination": dest, "amount": "0.0002"}),
+            )
+            .await
+        }
+    };
+    let (status, waiting) = claim("bcrt1qwaiting").await;
+    assert_eq!(status, StatusCode::OK, "{waiting}");
+    let page = get(&d.h, "/dashboard/refunds", &id).await;
+    assert!(!page.body.contains(&pp_id), "the claim id on the page");
+    let at = page.body.find("/dashboard/pull-payments/").unwrap();
+    let action = page.body[at..at + page.body[at..].find('"').unwrap()].to_owned();
+    assert!(action.ends_with("/archive"), "{action}");
+    // Without the session's token, or an unknown handle: nothing changes.
+    let r = req(&d.h, "POST", &action, Some(&id), &[], &[]).await;
+    assert_eq!(r.status, StatusCode::FORBIDDEN, "{}", r.body);
+    let r = post(
+        &d.h,
+        &format!("/dashboard/pull-payments/{}/archive", "0".repeat(32)),
+        &id,
+        "/dashboard/refunds",
+        &[],
+    )
+    .await;
+    assert_eq!(r.status, StatusCode::NOT_FOUND, "{}", r.body);
+    let (status, _) = claim("bcrt1qstillopen").await;
+    assert_eq!(status, StatusCode::OK, "still open");
+    // Archived from the page.
+    let r = post(&d.h, &action, &id, "/dashboard/refunds", &[]).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    let shown = get(&d.h, r.location(), &id).await;
+    assert!(shown.body.contains("archived"), "{}", shown.body);
+    let (status, body) = claim("bcrt1qlate").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("archived")),
+        "{body}"
+    );
+    let payouts = gf(
+        &d.h,
+        "GET",
+        &format!("/api/v1/stores/{}/payouts?includeCancelled=true", d.account),
+        &d.token,
+        None,
+    )
+    .await;
+    let states: Vec<&str> = payouts
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["Cancelled", "Cancelled"], "{payouts}");
+    assert!(d.fake.withdrawals.lock().unwrap().is_empty());
+    // Gone from the page's list (archived ones are not listed).
+    let page = get(&d.h, "/dashboard/refunds", &id).await;
+    assert!(!page.body.contains(&action), "{}", page.body);
+}

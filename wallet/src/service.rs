@@ -384,6 +384,23 @@ fn rpc_err(e: bitcoincore_rpc::Error) -> String {
 
 /// Whether `txid` is in bitcoind's mempool (`getmempoolentry`, its answer read as untyped JSON:
 /// the typed one expects fields newer nodes no longer send).
+/// Sends the newest of a batch's older versions (all but the last) the node takes; `None` if it
+/// takes none. An older version already in the chain is not sent (the next sync sees it
+/// confirmed). No answer from the node: [`BatchError::Rpc`].
+fn send_older_version(client: &Client, txs: &[BatchTx]) -> Result<Option<Transaction>, BatchError> {
+    for t in txs[..txs.len().saturating_sub(1)].iter().rev() {
+        let tx: Transaction = encode::deserialize(&t.raw)
+            .map_err(|e| BatchError::Build(format!("stored batch transaction: {e}")))?;
+        match client.send_raw_transaction(&tx) {
+            Ok(_) => return Ok(Some(tx)),
+            Err(e) if rpc_code(&e) == Some(RPC_VERIFY_ALREADY_IN_CHAIN) => return Ok(None),
+            Err(e) if rpc_code(&e).is_some() => continue,
+            Err(e) => return Err(BatchError::Rpc(rpc_err(e))),
+        }
+    }
+    Ok(None)
+}
+
 fn in_mempool(client: &Client, txid: Txid) -> Result<bool, bitcoincore_rpc::Error> {
     match client.call::<bitcoincore_rpc::jsonrpc::serde_json::Value>(
         "getmempoolentry",
@@ -2867,6 +2884,32 @@ impl CustodyService {
                 }
                 Err(e) if rpc_code(&e) == Some(RPC_VERIFY_ALREADY_IN_CHAIN) => {}
                 Err(e) if rpc_code(&e).is_some() => {
+                    // An older version the node takes keeps the batch in flight (a refused
+                    // bump, or one whose added coin a later batch spent, while the first
+                    // version is still good): sent instead, and not a refusal. Counted as
+                    // refused, the batch let the next one be built and spend the bump's added
+                    // coin; once the node lost the first version, only the refused bump was
+                    // sent again, then invalid, and the batch could be neither paid, bumped
+                    // nor abandoned.
+                    let older = match send_older_version(&rpc.client, &txs) {
+                        Ok(older) => older,
+                        Err(BatchError::Rpc(msg)) => {
+                            self.disconnect(&msg);
+                            return Err(BatchError::Rpc(msg));
+                        }
+                        Err(other) => return Err(other),
+                    };
+                    if let Some(older) = older {
+                        sent += 1;
+                        if state.refusals > 0 {
+                            store::batch_refused(&self.db, batch, None, 0)?;
+                        }
+                        tracing::warn!(batch, refused = %latest.txid, sent = %older.compute_txid(), error = %e,
+                            "bitcoind refused the batch's newest version; an earlier one went out");
+                        let seen = self.last_seen_floor(&txs, now).saturating_add(1);
+                        self.wallet.apply_unconfirmed_txs([(older, seen)]);
+                        continue;
+                    }
                     let msg = e.to_string();
                     let backoff = 10_000u64
                         .saturating_mul(1u64 << state.refusals.min(20))

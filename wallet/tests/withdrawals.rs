@@ -1677,3 +1677,129 @@ fn a_batch_with_no_input_left_to_spend_is_not_abandoned() {
         WithdrawalStatus::Batched
     );
 }
+
+/// Review finding: a fee bump the node refused (here: below its incremental relay fee) that had
+/// to add a coin left its batch counted as refused, so the next batch was built and could spend
+/// that coin; once it confirmed and the node lost the first version (a restart with an empty
+/// mempool), only the refused bump was ever sent again, now invalid (its added coin spent),
+/// and the batch could be neither paid, bumped nor abandoned: its withdrawals held for good.
+/// A version the node refuses now falls back to the newest older version it takes, which keeps
+/// the batch in flight. Failed on the old code: the first withdrawal never completed.
+#[test]
+fn a_batch_whose_bump_was_refused_is_paid_by_its_earlier_version() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    // Replacements must pay 10 sat/vB more than what they replace.
+    let relay = "-incrementalrelayfee=0.0001";
+    let mut node = support::TestNode::start_in_with(&node_dir, &[relay]);
+    let ledger = std::sync::Arc::new(support::EngineLedger::default());
+    let mut clock = support::Clock::new();
+    let mut c = CustodyConfig::new(
+        bdk_wallet::bitcoin::Network::Regtest,
+        dir.path().join("custody"),
+        node.rpc_config(),
+    );
+    c.withdrawal.flat_fee = Amount(FLAT_FEE);
+    c.withdrawal.min_amount = Amount(1_000);
+    c.batch.interval = Duration::from_secs(60);
+    // The increment is also the node's relay floor here.
+    c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(12);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let alice = ledger.create_account();
+    let carol = ledger.create_account();
+    let mut customer = Customer::new(31);
+    customer.fund(&node, 1);
+    // Carol's coin pays Alice's withdrawal with no change (the coin selection's exact match),
+    // so a bump must add Alice's coin.
+    let a_addr = svc.new_deposit_address(alice, clock.now()).unwrap();
+    let c_addr = svc.new_deposit_address(carol, clock.now()).unwrap();
+    customer.pay_at(
+        &node,
+        &[(&a_addr, 1_000_000), (&c_addr, 301_400)],
+        FeeRate::from_sat_per_vb_u32(20),
+    );
+    node.mine(1);
+    svc.step(clock.now()).unwrap();
+    assert_eq!(ledger.btc(alice), (1_000_000, 0));
+    assert_eq!(ledger.btc(carol), (301_400, 0));
+    let to = Customer::new(32).address();
+    let first = svc
+        .request_withdrawal(request(alice, &to, 300_000, "first"), clock.now())
+        .unwrap();
+    let a = svc
+        .step(clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    let v1 = svc.transaction(a.txid).unwrap().0;
+    assert_eq!(
+        v1.input.len(),
+        1,
+        "the premise: one coin, no change: {v1:?}"
+    );
+    assert_eq!(
+        v1.output.len(),
+        1,
+        "the premise: one coin, no change: {v1:?}"
+    );
+    // The bump adds Alice's coin; the node refuses it (below its increment).
+    let refused = svc
+        .bump_fee(a.id, FeeRate::from_sat_per_vb_u32(14), clock.now())
+        .unwrap();
+    assert_eq!(node.mempool(), vec![a.txid], "the node refused {refused}");
+    let v2 = svc.transaction(refused).map(|t| t.0);
+    if let Some(v2) = &v2 {
+        assert_eq!(
+            v2.input.len(),
+            2,
+            "the premise: the bump adds a coin: {v2:?}"
+        );
+    }
+    // Carol withdraws. Were batch A counted as refused, this batch would be built now and
+    // spend Alice's coin: it is mined alone.
+    let second = svc
+        .request_withdrawal(request(carol, &to, 200_000, "second"), clock.now())
+        .unwrap();
+    if let Some(b) = svc
+        .step(clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+    {
+        let tx = svc.transaction(b.txid).unwrap().0;
+        let hex = bdk_wallet::bitcoin::consensus::encode::serialize_hex(tx.as_ref());
+        let burn = Customer::new(253).address();
+        let _: serde_json::Value = node
+            .rpc
+            .call(
+                "generateblock",
+                &[burn.to_string().into(), serde_json::json!([hex])],
+            )
+            .expect("generateblock");
+        svc.step(clock.now()).unwrap();
+    }
+    // The node restarts with an empty mempool: the first version is gone.
+    let port = node.node.params.rpc_socket.port();
+    node.node.stop().unwrap();
+    drop(node);
+    let back = support::ManualNode::start_with(&node_dir, port, &["-persistmempool=0", relay]);
+    assert!(back.rpc.get_raw_mempool().unwrap().is_empty());
+    let burn = Customer::new(252).address();
+    for _ in 0..6 {
+        // The first step after the restart may fail on the old connection.
+        let _ = svc.step(clock.advance(Duration::from_secs(61)));
+        back.rpc.generate_to_address(1, &burn).unwrap();
+    }
+    let _ = svc.step(clock.advance(Duration::from_secs(61)));
+    for (id, what) in [
+        (first.id, "the bumped batch's"),
+        (second.id, "the next one's"),
+    ] {
+        assert_eq!(
+            svc.withdrawal(id).unwrap().unwrap().status,
+            WithdrawalStatus::Completed,
+            "{what} withdrawal"
+        );
+    }
+    assert_eq!(ledger.btc(alice), (1_000_000 - 300_000 - FLAT_FEE, 0));
+    assert_eq!(ledger.btc(carol), (301_400 - 200_000 - FLAT_FEE, 0));
+}

@@ -59,6 +59,13 @@ impl TestNode {
         Self::with_conf(&conf(Some(dir.to_owned())))
     }
 
+    /// [`start_in`](Self::start_in) with `args` after `-regtest`.
+    pub fn start_in_with(dir: &Path, args: &[&'static str]) -> Self {
+        let mut c = conf(Some(dir.to_owned()));
+        c.args.extend_from_slice(args);
+        Self::with_conf(&c)
+    }
+
     fn with_conf(conf: &corepc_node::Conf) -> Self {
         let node = corepc_node::Node::with_conf(bitcoind_exe(), conf).expect("start bitcoind");
         let rpc = Client::new(

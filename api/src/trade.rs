@@ -930,8 +930,13 @@ pub async fn amend_keep_priority(
 
 /// `GET /api/v3/openOrders`.
 pub async fn open_orders(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (mut p0, _) = st.public(&req, 0)?;
-    let weight = if p0.opt("symbol")?.is_some() { 6 } else { 80 };
+    // The weight is chosen without validating anything (a request that fails validation is
+    // charged too: reading `symbol` first answered an empty one `-1105` at no cost, an
+    // unmetered loop on the WebSocket API); `signed_weighted` charges, then checks.
+    let weight = match req.params() {
+        Ok(p) if p.has("symbol") => 6,
+        _ => 80,
+    };
     let (key, mut p, ctx) = st.signed_weighted(&req, weight)?;
     let sym = p.opt("symbol")?;
     p.finish()?;

@@ -674,9 +674,20 @@ fn handle(
             }
         }
         Some("userDataStream.unsubscribe") => {
-            match params.get("subscriptionId").and_then(Value::as_u64) {
-                Some(sid) => subs.active.retain(|(s, _, _)| *s != sid),
+            // Absent: every subscription ends. Present, it must be a subscription id: a
+            // string or a negative one ended them all, answered 200 (review).
+            match params.get("subscriptionId").map(Value::as_u64) {
                 None => subs.active.clear(),
+                Some(Some(sid)) => subs.active.retain(|(s, _, _)| *s != sid),
+                Some(None) => {
+                    return Some(ws_error(
+                        &id,
+                        &ApiError::bad(
+                            -1100,
+                            "Illegal characters found in parameter 'subscriptionId'; legal range is '^[0-9]{1,20}$'.",
+                        ),
+                    ))
+                }
             }
             json!({"id": id, "status": 200, "result": {}}).to_string()
         }

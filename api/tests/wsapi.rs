@@ -674,3 +674,98 @@ async fn a_binary_frame_closes_the_connection_with_1003() {
         other => panic!("expected a close frame, got {other:?}"),
     }
 }
+
+/// Review finding: `openOrders.status` (and `GET /api/v3/openOrders`) read `symbol` to pick its
+/// weight before anything was charged, so an empty one was answered `-1105` at no cost: the one
+/// request on the WebSocket API a client could send without end, never reaching `-1003`. The
+/// weight is chosen without validating; the request is charged, then refused (failed on the old
+/// code: every answer was `-1105`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_orders_request_that_fails_validation_is_charged_too() {
+    let h = Harness::with_config(ApiConfig {
+        ip_weight_per_min: 100,
+        key_weight_per_min: 1_000_000,
+        ..ApiConfig::default()
+    });
+    let (addr, stop) = start(&h).await;
+    let mut ws = Ws::connect(addr).await;
+    let mut answers = Vec::new();
+    for _ in 0..40 {
+        let a = ws.call("openOrders.status", json!({"symbol": ""})).await;
+        let limited = a["status"] == 429;
+        answers.push((a["status"].as_u64(), code(&a)));
+        if limited {
+            break;
+        }
+    }
+    assert_eq!(
+        answers.first(),
+        Some(&(Some(401), -2014)),
+        "refused (charged first, then no key): {answers:?}"
+    );
+    assert_eq!(
+        answers.last(),
+        Some(&(Some(429), -1003)),
+        "each one was charged: {answers:?}"
+    );
+    let _ = stop.send(());
+}
+
+/// Review finding: `userDataStream.unsubscribe` with a `subscriptionId` that is not one (a
+/// string, a negative number) ended every subscription of the connection and answered 200, so
+/// a client unsubscribing one account by a string id lost all its streams without a word.
+/// Absent, every subscription ends; present and malformed, `-1100` and nothing ends (failed on
+/// the old code: 200, and no event came).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unsubscribe_with_a_malformed_id_is_refused_and_ends_nothing() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, key) = h.trader("10", "1000000").await;
+    let mut ws = Ws::connect(addr).await;
+    let sub = ws
+        .signed("userDataStream.subscribe.signature", json!({}), &key)
+        .await;
+    assert_eq!(sub["status"], 200, "{sub}");
+    let sid = sub["result"]["subscriptionId"].clone();
+    for bad in [json!("0"), json!(-1), json!(1.5), json!(null)] {
+        let a = ws
+            .call(
+                "userDataStream.unsubscribe",
+                json!({ "subscriptionId": bad }),
+            )
+            .await;
+        assert_eq!(
+            (a["status"].as_u64(), code(&a)),
+            (Some(400), -1100),
+            "{bad}: {a}"
+        );
+    }
+    let r = h
+        .signed(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=45000",
+            &key,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.json);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let m = tokio::time::timeout_at(deadline, ws.s.next())
+            .await
+            .expect("the order's executionReport within 10 s: still subscribed")
+            .expect("open")
+            .expect("no error");
+        if let Message::Text(t) = m {
+            let v: Value = serde_json::from_str(t.as_str()).unwrap();
+            if v["event"]["e"] == "executionReport" {
+                assert_eq!(v["subscriptionId"], sid, "{v}");
+                break;
+            }
+        }
+    }
+    // Absent: every subscription ends.
+    let a = ws.call("userDataStream.unsubscribe", json!({})).await;
+    assert_eq!(a["status"], 200, "{a}");
+    let _ = stop.send(());
+}

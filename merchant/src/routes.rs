@@ -557,14 +557,67 @@ async fn lightning_part(
     }
 }
 
+/// The terms a request asked for, to tell a retry of it (answered with the invoice it made)
+/// from another request under the same idempotency key (refused): what it left out (the store's
+/// defaults) matches anything.
+#[derive(Clone)]
+struct Terms {
+    amount: String,
+    currency: Option<String>,
+    order_id: Option<String>,
+    metadata: Option<String>,
+    expiry_min: Option<u64>,
+    label: Option<String>,
+    message: Option<String>,
+}
+
+impl Terms {
+    fn of(req: &NewInvoice) -> Self {
+        Self {
+            amount: req.amount.clone(),
+            currency: req.currency.clone(),
+            order_id: req.order_id.clone(),
+            metadata: req.metadata.clone(),
+            expiry_min: req.expiry_min,
+            label: req.label.clone(),
+            message: req.message.clone(),
+        }
+    }
+
+    fn made(&self, rec: &Record) -> bool {
+        let given =
+            |asked: &Option<String>, stored: &Option<String>| asked.is_none() || asked == stored;
+        rec.inv.amount_asked == self.amount
+            && self
+                .currency
+                .as_ref()
+                .is_none_or(|c| c.eq_ignore_ascii_case(&rec.inv.currency))
+            && rec.order_id == self.order_id
+            && rec.metadata == self.metadata
+            && self.expiry_min.is_none_or(|m| {
+                rec.inv.expires_ms.saturating_sub(rec.inv.created_ms) == m.saturating_mul(60_000)
+            })
+            && given(&self.label, &rec.label)
+            && given(&self.message, &rec.message)
+    }
+}
+
+/// `400 -1164`: the idempotency key names an invoice made with other terms (a changed cart
+/// sent under the order's key must not be answered with the old amount's invoice).
+fn key_reused() -> ApiError {
+    ApiError::bad(-1164, "idempotencyKey was used for another invoice.")
+}
+
 /// Validates, gets a fresh address from custody, stores the invoice and its `invoice.created`
-/// webhook in one transaction. The same idempotency key returns the existing invoice.
+/// webhook in one transaction. The same idempotency key with the same terms returns the
+/// existing invoice; with other terms it is refused ([`key_reused`]).
 pub(crate) async fn new_invoice(
     st: &AppState,
     settings: &StoreSettings,
     req: NewInvoice,
 ) -> Result<Record, ApiError> {
     let merchant = settings.account;
+    let terms = Terms::of(&req);
     if let Some(k) = req.idem_key.clone() {
         let found = with_db(st, move |c| {
             let id = store::by_idem(c, merchant, &k).map_err(db_error)?;
@@ -573,6 +626,9 @@ pub(crate) async fn new_invoice(
         })
         .await?;
         if let Some(Some(rec)) = found {
+            if !terms.made(&rec) {
+                return Err(key_reused());
+            }
             return Ok(rec);
         }
     }
@@ -670,9 +726,14 @@ pub(crate) async fn new_invoice(
                 let id = store::by_idem(c, merchant, rec2.idem_key.as_deref().unwrap_or(""))
                     .map_err(db_error)?
                     .ok_or_else(ApiError::internal)?;
-                return store::load(c, &id)
+                let won = store::load(c, &id)
                     .map_err(db_error)?
-                    .ok_or_else(ApiError::internal);
+                    .ok_or_else(ApiError::internal)?;
+                return if terms.made(&won) {
+                    Ok(won)
+                } else {
+                    Err(key_reused())
+                };
             }
             Err(e) => return Err(db_error(e)),
         }

@@ -459,13 +459,40 @@ async fn no_custody_is_a_clear_503() {
     );
 }
 
+/// Review finding: the same key with other terms (a shop using its order number as the key,
+/// the cart changed from 0.01 to 0.02 BTC) answered the earlier invoice, `200`, for the old
+/// amount: a client that did not compare showed it and the order was paid for half. A retry
+/// (the same terms; what it left out matches the store's defaults) gets the invoice it made;
+/// other terms are refused `-1164` and make nothing (failed on the old code: 200).
 #[tokio::test]
-async fn idempotency_key_returns_the_same_invoice() {
+async fn idempotency_key_returns_the_same_invoice_and_refuses_other_terms() {
     let m = setup().await;
-    let a = m.invoice("amount=0.01&idempotencyKey=order-7").await;
-    let b = m.invoice("amount=0.02&idempotencyKey=order-7").await;
+    let a = m
+        .invoice("amount=0.01&idempotencyKey=order-7&orderId=7&expiryMinutes=30")
+        .await;
+    let b = m
+        .invoice("amount=0.01&idempotencyKey=order-7&orderId=7&expiryMinutes=30")
+        .await;
     assert_eq!(s(&a, "id"), s(&b, "id"));
     assert_eq!(s(&b, "amountBtc"), "0.01");
+    for other in [
+        "amount=0.02&idempotencyKey=order-7&orderId=7&expiryMinutes=30",
+        "amount=0.01&idempotencyKey=order-7&orderId=8&expiryMinutes=30",
+        "amount=0.01&idempotencyKey=order-7&orderId=7&expiryMinutes=31",
+        "amount=0.01&idempotencyKey=order-7&orderId=7&expiryMinutes=30&currency=USD",
+        "amount=0.01&idempotencyKey=order-7&orderId=7&expiryMinutes=30&metadata=%7B%7D",
+    ] {
+        let r =
+            m.h.signed("POST", "/mapi/v1/merchant/invoice", other, &m.key)
+                .await;
+        assert_eq!(
+            (r.status, r.code()),
+            (StatusCode::BAD_REQUEST, -1164),
+            "{other}: {}",
+            r.json
+        );
+    }
+    assert_eq!(m.count(), 1, "nothing made");
     let c = m.invoice("amount=0.01&idempotencyKey=order-8").await;
     assert_ne!(s(&a, "id"), s(&c, "id"));
     assert_ne!(s(&a, "address"), s(&c, "address"));

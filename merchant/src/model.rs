@@ -19,8 +19,10 @@
 //!   settles at once. `Settled` is final, with one exception: a reorg afterwards does not
 //!   unsettle it (custody flags the account; the merchant was paid in the ledger), but a payment
 //!   custody **reversed** (its transaction double-spent after it was credited: the credit taken
-//!   back from the merchant) no longer counts, and a settled invoice left paid below the
-//!   threshold by reversals becomes `Invalid` with the `Reversed` mark (`InvoiceInvalid`), so
+//!   back from the merchant) or one **dropped** (replaced in the mempool, or reorged and
+//!   double-spent, before custody credited it: the merchant was never paid; a 0-confirmation
+//!   settlement's double spend) no longer counts, and a settled invoice left paid below the
+//!   threshold by them becomes `Invalid` with the `Reversed` mark (`InvoiceInvalid`), so
 //!   that the merchant does not ship an order nobody paid for. It stays `Invalid` (final) if the
 //!   reversed payment confirms after all and custody credits it again: the merchant decides
 //!   (mark it settled, or refund).
@@ -344,13 +346,18 @@ impl Invoice {
         self.refunded_sat.saturating_sub(late)
     }
 
-    /// True when custody reversed on-time payments (double-spent after they were credited) and
+    /// True when on-time payments were taken back (reversed by custody: double-spent after
+    /// they were credited) or never paid anything (dropped: replaced before any credit) and
     /// what is left of them, refunds taken off, no longer pays for the invoice. A payment merely
-    /// reorged still counts here (a reorg does not unsettle: see the module rules); one dropped
-    /// from the mempool before any credit does not.
+    /// reorged still counts here (a reorg does not unsettle: see the module rules).
     fn reversed_below_threshold(&self) -> bool {
         let on_time = |p: &&Payment| self.on_time(p);
-        if !self.payments.iter().filter(on_time).any(|p| p.reversed) {
+        if !self
+            .payments
+            .iter()
+            .filter(on_time)
+            .any(|p| p.reversed || p.dropped)
+        {
             return false;
         }
         let kept: u64 = self
@@ -939,6 +946,103 @@ mod tests {
                                 ..chain(2, 1000, 0, 11)
                             },
                         ],
+                        30,
+                        Status::Invalid,
+                        16,
+                        vec![E::InvoiceInvalid],
+                    ),
+                ],
+            ),
+            // Review finding: a payment dropped before custody credited it (a 0-confirmation
+            // settlement double-spent, a reorg's replacement) left the invoice `Settled` for
+            // money the merchant never received; only reversals (credited first) counted.
+            (
+                "a payment that settled it at 0 confirmations, then dropped, invalidates",
+                0,
+                0,
+                vec![
+                    settled_by(vec![chain(1, 1000, 0, 10)], 20, 0),
+                    (
+                        vec![Payment {
+                            reorged: true,
+                            dropped: true,
+                            ..chain(1, 1000, 0, 10)
+                        }],
+                        30,
+                        Status::Invalid,
+                        16,
+                        vec![E::InvoiceInvalid],
+                    ),
+                ],
+            ),
+            (
+                "half from a balance, half on chain at 0 confirmations, the chain half dropped",
+                0,
+                0,
+                vec![
+                    settled_by(
+                        vec![
+                            Payment::balance("b1".into(), 9, 500, 10),
+                            chain(1, 500, 0, 11),
+                        ],
+                        20,
+                        0,
+                    ),
+                    (
+                        vec![Payment {
+                            reorged: true,
+                            dropped: true,
+                            ..chain(1, 500, 0, 11)
+                        }],
+                        30,
+                        Status::Invalid,
+                        16 | 1,
+                        vec![E::InvoiceInvalid],
+                    ),
+                ],
+            ),
+            (
+                "a dropped payment whose replacement pays the invoice in time keeps it settled",
+                0,
+                0,
+                vec![
+                    settled_by(vec![chain(1, 1000, 0, 10)], 20, 0),
+                    (
+                        vec![
+                            Payment {
+                                reorged: true,
+                                dropped: true,
+                                ..chain(1, 1000, 0, 10)
+                            },
+                            chain(2, 1000, 0, 25),
+                        ],
+                        30,
+                        Status::Settled,
+                        0,
+                        vec![E::PaymentReceived],
+                    ),
+                ],
+            ),
+            (
+                "a payment settled at 1 confirmation, reorged and dropped uncredited, invalidates",
+                1,
+                0,
+                vec![
+                    settled_by(
+                        vec![Payment {
+                            credited: false,
+                            ..chain(1, 1000, 1, 10)
+                        }],
+                        20,
+                        0,
+                    ),
+                    (
+                        vec![Payment {
+                            reorged: true,
+                            dropped: true,
+                            credited: false,
+                            ..chain(1, 1000, 0, 10)
+                        }],
                         30,
                         Status::Invalid,
                         16,

@@ -16,6 +16,7 @@ import base64
 import hashlib
 import hmac
 import json
+import re
 import sys
 import urllib.request
 from decimal import Decimal
@@ -68,7 +69,9 @@ def hex32(s, name):
 
 
 def u64(s, name):
-    if not isinstance(s, str) or not s.isdigit() or len(s) > 20 or int(s) >= 1 << 64:
+    # ASCII digits only: str.isdigit() also takes other scripts' digits and superscripts (int()
+    # then reads the first, raises on the second), which the Rust verifier refuses.
+    if not isinstance(s, str) or not re.fullmatch(r"[0-9]{1,20}", s) or int(s) >= 1 << 64:
         raise Fail("bad_amount", "%s is not a decimal u64" % name)
     return int(s)
 

@@ -749,6 +749,39 @@ fn the_python_inclusion_verifier_refuses_unknown_fields() {
     }
 }
 
+/// Review finding: the Python verifier read amounts with `str.isdigit()`, true for other
+/// scripts' digits and for superscripts: `"١٥٠"` was read as 150 (the Rust verifier refuses it:
+/// the two disagreed on one document) and `"²"` ended in a traceback (exit 1) instead of a
+/// clear refusal. Both answer `bad_amount` (exit 2) now.
+#[test]
+fn both_verifiers_refuse_an_amount_written_in_other_digits() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = Tree::build(&[9; 32], 4, "BTC", &[(1, 50_000), (5, 150)]).unwrap();
+    let good = t.prove(5, None).unwrap().to_json();
+    let file = dir.path().join("mine.json");
+    for digits in [
+        "\u{661}\u{665}\u{660}",
+        "\u{b2}",
+        "\u{ff11}\u{ff15}\u{ff10}",
+    ] {
+        let mut v = good.clone();
+        v["balance"] = serde_json::json!(digits);
+        std::fs::write(&file, v.to_string()).unwrap();
+        let f = file.to_str().unwrap();
+        let rust = mediator(
+            dir.path(),
+            &["reserves", "verify-inclusion", f, "--account", "5"],
+        );
+        let py = python(&["inclusion", f, "--account", "5"]);
+        for (who, o) in [("rust", rust), ("python", py)] {
+            let out = text(&o);
+            assert!(!out.contains("Traceback"), "{digits} ({who}): {out}");
+            assert_eq!(o.status.code(), Some(2), "{digits} ({who}): {out}");
+            assert!(out.contains("(bad_amount)"), "{digits} ({who}): {out}");
+        }
+    }
+}
+
 /// Review finding: the Python verifier accepted a P2WPKH reserve input whose witness carries an
 /// uncompressed public key (65 bytes; P2WPKH takes compressed keys only, and the Rust verifier
 /// refuses it): the two verifiers disagreed on the same document. Both say `bad_signature`.

@@ -598,15 +598,33 @@ impl Custody for WalletCustody {
 
     fn prove_reserves(
         &self,
-        message: &(dyn Fn(u32, &str) -> String + Sync),
+        message: &(dyn Fn(u32, &str) -> Result<String, CustodyError> + Sync),
     ) -> Result<ReservesProofInfo, CustodyError> {
+        // Held from before the caller's liabilities snapshot (taken in `message`) until the
+        // UTXOs are listed: the step loop credits and completes under this lock, so both
+        // sides of the proof are one moment.
         let mut s = self.lock();
+        let now = system_now();
         // At the node's tip: sync first (the step loop may be a poll interval behind).
-        s.sync_once(system_now()).map_err(|e| {
+        s.sync_once(now).map_err(|e| {
             tracing::warn!(error = %e, "proof of reserves: sync failed");
             CustodyError::unknown(format!("cannot reach bitcoind: {e}"))
         })?;
-        let text = message(s.tip_height(), &s.tip_hash().to_string());
+        // A batch paid at the tip is completed now: its holds leave the liabilities as its
+        // coins left the UTXO set. One still short of its confirmations (or of its ledger
+        // answer) makes the two sides disagree: refused until it completes.
+        s.process_withdrawals(now).map_err(internal)?;
+        if let Some((batch, txid)) = s.confirming_batch().map_err(internal)? {
+            return Err(CustodyError::bad_request(
+                -1130,
+                format!(
+                    "withdrawal batch {batch} ({txid}) is in a block but not completed yet: \
+                     its coins are spent while its withdrawals are still owed; prove again \
+                     once it completes"
+                ),
+            ));
+        }
+        let text = message(s.tip_height(), &s.tip_hash().to_string())?;
         let p = s.prove_reserves(&text).map_err(|e| match e {
             wallet::ProveError::NoUtxos => CustodyError::bad_request(-1130, e.to_string()),
             wallet::ProveError::Proof(ref p) if p.code() == "bad_message" => {

@@ -389,12 +389,17 @@ pub trait Custody: Send + Sync + 'static {
     }
     /// The flat withdrawal fee and the minimum amount, satoshis.
     fn withdrawal_terms(&self) -> (u64, u64);
-    /// Syncs to the node's tip and signs a BIP-127 proof of reserves over every confirmed UTXO
-    /// there; `message(height, block_hash_hex)` gives the message for that block (the caller
-    /// names the block in it). The wallet's keys sign; nothing is changed.
+    /// Syncs to the node's tip, completes the withdrawals paid there, and signs a BIP-127 proof
+    /// of reserves over the UTXO set at that block; `message(height, block_hash_hex)` gives
+    /// the message for that block (the caller names the block in it). `message` is called
+    /// under custody's lock, after the sync and before the UTXOs are listed, with nothing
+    /// crediting a deposit or completing a withdrawal until the proof is signed: the caller
+    /// takes its liabilities snapshot inside it, so both sides are one moment (a deposit
+    /// credited in between would count as reserves with no liability standing for it). Its
+    /// error is returned as is, nothing signed. The wallet's keys sign; nothing else changes.
     fn prove_reserves(
         &self,
-        message: &(dyn Fn(u32, &str) -> String + Sync),
+        message: &(dyn Fn(u32, &str) -> Result<String, CustodyError> + Sync),
     ) -> Result<ReservesProofInfo, CustodyError> {
         let _ = message;
         Err(CustodyError::not_supported())

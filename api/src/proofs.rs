@@ -824,35 +824,81 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
         // Nothing published, nothing announced: custody cannot sign.
         return Err(crate::capital::unavailable());
     }
-    let snapshot = balances_snapshot(&st)?;
-    let st2 = st.clone();
-    let published = tokio::task::spawn_blocking(move || publish(&st2, snapshot))
-        .await
-        .map_err(internal)??;
-    let liabilities_proof_id = published["proofId"]
-        .as_u64()
-        .ok_or_else(ApiError::internal)?;
-    let mut liabilities = std::collections::BTreeMap::new();
-    for a in published["assets"].as_array().into_iter().flatten() {
-        liabilities.insert(
-            a["asset"].as_str().unwrap_or_default().to_owned(),
-            reserves::por::AssetLiabilities {
-                root: a["root"].as_str().unwrap_or_default().to_owned(),
-                total: a["total"].as_str().unwrap_or_default().to_owned(),
-                leaves: a["leaves"].as_u64().unwrap_or_default(),
-            },
-        );
-    }
-    // Announced before custody signs and the document is stored; the proof names the head
-    // right after this intent (which follows the liabilities publication).
-    let intent = st.audit_intent(
-        "reserves.prove.publish",
-        json!({ "liabilities_proof_id": liabilities_proof_id, "message": &custom }),
-    )?;
-    let audit_head = hex::encode(intent.head);
-    let result = prove_and_store(&st, custom, liabilities_proof_id, liabilities, audit_head).await;
+    // The liabilities are published and the intent announced inside custody's call, under its
+    // lock, after it synced and completed what the tip paid and before it lists the UTXOs
+    // (`Custody::prove_reserves`): both sides of the proof are one moment. Taken before that
+    // call, a deposit credited meanwhile counted as reserves with no liability standing for it.
+    let taken: Arc<Mutex<Option<Taken>>> = Arc::default();
+    let (st2, taken2) = (st.clone(), taken.clone());
+    let handle = tokio::runtime::Handle::current();
+    let proof = crate::capital::call(&st, move |c| {
+        c.prove_reserves(&|height: u32, hash: &str| {
+            // Every command the engine applied so far, the credits custody just made included.
+            if !handle.block_on(st2.sync_read_model()) {
+                return Err(as_custody(ApiError::busy()));
+            }
+            let snapshot = balances_snapshot(&st2).map_err(as_custody)?;
+            let published = publish(&st2, snapshot).map_err(as_custody)?;
+            let liabilities_proof_id = published["proofId"]
+                .as_u64()
+                .ok_or_else(|| as_custody(ApiError::internal()))?;
+            let mut liabilities = std::collections::BTreeMap::new();
+            for a in published["assets"].as_array().into_iter().flatten() {
+                liabilities.insert(
+                    a["asset"].as_str().unwrap_or_default().to_owned(),
+                    reserves::por::AssetLiabilities {
+                        root: a["root"].as_str().unwrap_or_default().to_owned(),
+                        total: a["total"].as_str().unwrap_or_default().to_owned(),
+                        leaves: a["leaves"].as_u64().unwrap_or_default(),
+                    },
+                );
+            }
+            // Announced before custody signs and the document is stored; the proof names the
+            // head right after this intent (which follows the liabilities publication).
+            let intent = st2
+                .audit_intent(
+                    "reserves.prove.publish",
+                    json!({ "liabilities_proof_id": liabilities_proof_id, "message": &custom }),
+                )
+                .map_err(as_custody)?;
+            let audit_head = hex::encode(intent.head);
+            let binding = reserves::por::default_message(
+                height,
+                hash,
+                liabilities_proof_id,
+                &liabilities,
+                &audit_head,
+            );
+            let text = reserves::por::message_with_note(binding, custom.as_deref());
+            *taken2.lock().unwrap_or_else(|e| e.into_inner()) = Some(Taken {
+                intent,
+                liabilities_proof_id,
+                liabilities,
+                audit_head,
+            });
+            Ok(text)
+        })
+    })
+    .await;
+    let Some(t) = taken.lock().unwrap_or_else(|e| e.into_inner()).take() else {
+        // Nothing announced: custody refused before asking, or the publication failed.
+        return Err(proof.err().unwrap_or_else(ApiError::internal));
+    };
+    let result = match proof {
+        Ok(proof) => {
+            store_proof(
+                &st,
+                proof,
+                t.liabilities_proof_id,
+                t.liabilities,
+                t.audit_head,
+            )
+            .await
+        }
+        Err(e) => Err(e),
+    };
     // Signed and stored: answered as published even if its outcome entry is lost.
-    let (id, doc, _, _) = st.audit_close(&intent, result, |(id, doc, utxos, psbt_sha256)| {
+    let (id, doc, _, _) = st.audit_close(&t.intent, result, |(id, doc, utxos, psbt_sha256)| {
         Ok(json!({
             "id": id,
             "block_height": doc.block_height,
@@ -870,24 +916,33 @@ pub async fn admin_prove(State(st): State<AppState>, req: Req) -> Result<Respons
     Ok(ok_json(&ctx, v))
 }
 
-/// Custody signs the proof of reserves, the document is built and stored: (its id, the
-/// document, the number of UTXOs, the PSBT's SHA-256).
-async fn prove_and_store(
+/// What [`admin_prove`] took under custody's lock: the intent it announced and the liabilities
+/// publication the message names.
+struct Taken {
+    intent: Intent,
+    liabilities_proof_id: u64,
+    liabilities: std::collections::BTreeMap<String, reserves::por::AssetLiabilities>,
+    audit_head: String,
+}
+
+/// An API error carried through custody's call (a failure inside its `message`) and back.
+fn as_custody(e: ApiError) -> crate::custody::CustodyError {
+    crate::custody::CustodyError {
+        code: e.code,
+        status: e.status.as_u16(),
+        msg: e.msg.into_owned(),
+    }
+}
+
+/// The document of the proof custody signed is built and stored: (its id, the document, the
+/// number of UTXOs, the PSBT's SHA-256).
+async fn store_proof(
     st: &AppState,
-    custom: Option<String>,
+    proof: crate::custody::ReservesProofInfo,
     liabilities_proof_id: u64,
     liabilities: std::collections::BTreeMap<String, reserves::por::AssetLiabilities>,
     audit_head: String,
 ) -> Result<(u64, reserves::por::ProofDocument, Value, String), ApiError> {
-    let (l2, h2) = (liabilities.clone(), audit_head.clone());
-    let proof = crate::capital::call(st, move |c| {
-        c.prove_reserves(&move |height: u32, hash: &str| {
-            let binding =
-                reserves::por::default_message(height, hash, liabilities_proof_id, &l2, &h2);
-            reserves::por::message_with_note(binding, custom.as_deref())
-        })
-    })
-    .await?;
     // The Lightning node's balances, reported apart and unproven (a failure leaves them out).
     let lightning_unproven = match st.0.lightning.get().cloned() {
         Some(ln) => tokio::task::spawn_blocking(move || ln.balance())

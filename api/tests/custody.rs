@@ -22,6 +22,9 @@ struct Fake {
     after_flag_read: Mutex<Option<Box<dyn FnOnce() + Send>>>,
     /// Accounts that have a deposit address (the first is made on first use, as the wallet's).
     addressed: Mutex<std::collections::BTreeSet<u32>>,
+    /// Runs once inside the next `prove_reserves`, before it asks for the message (the wallet
+    /// syncs and completes there, with its lock held).
+    in_prove: Mutex<Option<Box<dyn FnOnce() + Send>>>,
 }
 
 impl Fake {
@@ -211,13 +214,18 @@ impl Custody for Fake {
     }
     fn prove_reserves(
         &self,
-        message: &(dyn Fn(u32, &str) -> String + Sync),
+        message: &(dyn Fn(u32, &str) -> Result<String, CustodyError> + Sync),
     ) -> Result<api::custody::ReservesProofInfo, CustodyError> {
         self.log("prove_reserves()".into())?;
+        if let Some(f) = self.in_prove.lock().unwrap().take() {
+            f();
+        }
         let hash = "cd".repeat(32);
+        let message = message(321, &hash)?;
+        self.log("prove_reserves: signed".into())?;
         Ok(api::custody::ReservesProofInfo {
             network: "regtest".into(),
-            message: message(321, &hash),
+            message,
             block_hash: hash,
             block_height: 321,
             psbt: b"psbt\xff".to_vec(),
@@ -1543,6 +1551,52 @@ async fn a_refusal_is_answered_as_itself_when_its_outcome_cannot_be_logged() {
     assert_eq!(report.open_intents.len(), 1, "{:?}", report.open_intents);
 }
 
+/// Regression (review): the proof of reserves took its liabilities snapshot before asking
+/// custody, which then waited for its lock behind a step that credited a deposit: the coin was
+/// listed as reserves while no balance in the published trees stood for it, so a real
+/// shortfall of that size passed `reserves_sat >= total`. The snapshot is taken inside
+/// custody's call now, under its lock, after what custody did there (failed on the old code:
+/// the BTC total was 0).
+#[tokio::test]
+async fn a_deposit_credited_while_the_proof_waits_for_custody_is_in_its_liabilities() {
+    let s = setup(true).await;
+    let state = s.h.state.clone();
+    let acct = s.acct;
+    let handle = tokio::runtime::Handle::current();
+    *s.fake.in_prove.lock().unwrap() = Some(Box::new(move || {
+        let asset = state.markets().asset("BTC").unwrap().id;
+        let reply = handle
+            .block_on(state.submit(matching_engine::Command::Credit {
+                account: matching_engine::AccountId(acct),
+                asset,
+                amount: matching_engine::Amount(150_000_000),
+                key: matching_engine::IdempotencyKey::reference("late-deposit"),
+            }))
+            .unwrap();
+        assert_eq!(reply.result, Ok(()));
+    }));
+    let r =
+        s.h.signed("POST", "/mapi/v1/admin/reserves/prove", "", &s.h.admin)
+            .await;
+    assert_eq!(r.status, StatusCode::OK, "{}", r.json);
+    assert!(s.fake.in_prove.lock().unwrap().is_none(), "the hook ran");
+    assert_eq!(
+        r.json["liabilities"]["BTC"]["total"], "150000000",
+        "{}",
+        r.json
+    );
+    // The account finds its balance in the publication the proof names.
+    let v =
+        s.h.ok(
+            "GET",
+            "/mapi/v1/reserves/my-proof",
+            &format!("asset=BTC&proofId={}", r.json["liabilities_proof_id"]),
+            &s.trader,
+        )
+        .await;
+    assert_eq!(v["balance"], "150000000", "{v}");
+}
+
 /// Regression: the proof-of-reserves publication closed its intent with `?`, so an outcome
 /// entry that could not be written AFTER custody signed and the document was stored answered
 /// `-1000`, inviting the admin to publish again (k = 3 failed on the old code). Appends: the
@@ -1556,7 +1610,7 @@ async fn a_reserves_proof_is_answered_as_published_when_its_outcome_cannot_be_lo
         let r =
             s.h.signed("POST", "/mapi/v1/admin/reserves/prove", "", &s.h.admin)
                 .await;
-        let signed = s.fake.calls().iter().any(|c| c == "prove_reserves()");
+        let signed = s.fake.calls().iter().any(|c| c == "prove_reserves: signed");
         let latest = s.h.get("/mapi/v1/reserves/latest").await;
         let stored = latest.status == StatusCode::OK;
         let (entries, report) = audit_log(&s.h);

@@ -3295,7 +3295,21 @@ impl CustodyService {
             .into_iter()
             .map(|(i, _)| i)
             .collect();
-        let credited: HashSet<OutPoint> = store::deposits(&self.db)?
+        let credited = self.credited_deposits()?;
+        Ok(self
+            .wallet
+            .list_unspent()
+            .filter(|o| {
+                o.keychain == KeychainKind::External && accounts.contains(&o.derivation_index)
+            })
+            .filter(|o| !credited.contains(&o.outpoint))
+            .map(|o| o.outpoint)
+            .collect())
+    }
+
+    /// The deposits a balance counts (credited, or taken back and not yet given again).
+    fn credited_deposits(&self) -> Result<HashSet<OutPoint>, StoreError> {
+        Ok(store::deposits(&self.db)?
             .into_iter()
             .filter(|d| {
                 matches!(
@@ -3307,15 +3321,6 @@ impl CustodyService {
                 )
             })
             .map(|d| d.outpoint)
-            .collect();
-        Ok(self
-            .wallet
-            .list_unspent()
-            .filter(|o| {
-                o.keychain == KeychainKind::External && accounts.contains(&o.derivation_index)
-            })
-            .filter(|o| !credited.contains(&o.outpoint))
-            .map(|o| o.outpoint)
             .collect())
     }
 
@@ -3628,25 +3633,75 @@ pub struct ReservesProof {
 }
 
 impl CustodyService {
-    /// Builds and signs a BIP-127 proof of reserves (`reserves::por`) for `message` over every
-    /// UTXO the wallet holds confirmed at or below its tip (outputs spent by a transaction of the
-    /// wallet's, even unconfirmed, are left out, and so are deposits no balance counts yet: the
-    /// liabilities do not stand for them). Each reserve input is signed `SIGHASH_ALL`
-    /// here, with the key that never leaves this crate; the result is checked by
+    /// A withdrawal batch in a block at the tip but not completed yet (fewer confirmations
+    /// than `withdrawal_confirmations`, or its ledger answer still unresolved): (batch id, the
+    /// paying txid). Its coins are gone at the tip while its withdrawals' holds are still
+    /// liabilities, so no proof of reserves can be consistent until it completes.
+    pub fn confirming_batch(&self) -> Result<Option<(u64, Txid)>, StoreError> {
+        let mut inflight = Vec::new();
+        for batch in store::inflight_batches(&self.db)? {
+            inflight.push((batch, store::batch_txs(&self.db, batch)?));
+        }
+        let view = self.in_view(
+            &inflight
+                .iter()
+                .flat_map(|(_, txs)| txs.iter().map(|t| t.txid))
+                .collect(),
+        );
+        Ok(inflight.into_iter().find_map(|(batch, txs)| {
+            txs.iter()
+                .find(|t| view.get(&t.txid).is_some_and(|c| *c > 0))
+                .map(|t| (batch, t.txid))
+        }))
+    }
+
+    /// Builds and signs a BIP-127 proof of reserves (`reserves::por`) for `message` over the
+    /// wallet's UTXO set at its tip: every output confirmed at or below the tip that no
+    /// transaction confirmed there spends. An output spent only by an unconfirmed transaction
+    /// of ours (a withdrawal batch in the mempool) is still unspent at that block and is
+    /// counted, as its withdrawals' holds are still liabilities until the batch confirms and
+    /// completes; that batch's change is not (it is in no block). Deposits no balance counts
+    /// yet are left out: the liabilities do not stand for them. Each reserve input is signed
+    /// `SIGHASH_ALL` here, with the key that never leaves this crate; the result is checked by
     /// `reserves::por::verify_psbt` before it is returned. Changes nothing and persists nothing.
     pub fn prove_reserves(&self, message: &str) -> Result<ReservesProof, ProveError> {
         let tip = self.wallet.latest_checkpoint();
         let (block_height, block_hash) = (tip.height(), tip.hash());
-        let uncredited = self
-            .uncredited_deposits()
-            .map_err(|e| ProveError::Build(e.to_string()))?;
+        let build = |e: StoreError| ProveError::Build(e.to_string());
+        let accounts: HashSet<u32> = store::deposit_indexes(&self.db)
+            .map_err(build)?
+            .into_iter()
+            .map(|(i, _)| i)
+            .collect();
+        let credited = self.credited_deposits().map_err(build)?;
+        let confirmed: HashSet<Txid> = self
+            .wallet
+            .transactions()
+            .filter(|t| match t.chain_position {
+                ChainPosition::Confirmed { anchor, .. } => anchor.block_id.height <= block_height,
+                ChainPosition::Unconfirmed { .. } => false,
+            })
+            .map(|t| t.tx_node.txid)
+            .collect();
+        let graph = self.wallet.tx_graph();
         let mut utxos: Vec<_> = self
             .wallet
-            .list_unspent()
-            .filter(|u| !uncredited.contains(&u.outpoint))
+            .list_output()
             .filter(|u| match u.chain_position {
                 ChainPosition::Confirmed { anchor, .. } => anchor.block_id.height <= block_height,
                 ChainPosition::Unconfirmed { .. } => false,
+            })
+            .filter(|u| {
+                !u.is_spent
+                    || !graph
+                        .outspends(u.outpoint)
+                        .iter()
+                        .any(|t| confirmed.contains(t))
+            })
+            .filter(|u| {
+                let deposit =
+                    u.keychain == KeychainKind::External && accounts.contains(&u.derivation_index);
+                !deposit || credited.contains(&u.outpoint)
             })
             .collect();
         if utxos.is_empty() {

@@ -757,8 +757,8 @@ impl CustodyService {
     /// Gets the hold of a `new` withdrawal settled: asks the ledger for its record first (an
     /// earlier hold may have been applied), and asks for the hold only when there is none.
     /// `Ok` when held (the row moves on); `Err(LedgerUnknown)` when the ledger did not answer
-    /// (the row stays `new`); any other error when certainly not held (the row is deleted: its
-    /// id is never handed out again).
+    /// or did not take the command (busy; the row stays `new`); any other error when the
+    /// ledger refused the hold (the row is deleted: its id is never handed out again).
     fn settle_hold(
         &mut self,
         w: &WithdrawalView,
@@ -780,6 +780,12 @@ impl CustodyService {
                     Ok(Some(rec)) => self.hold_found(w, &rec, other_used),
                     _ => Err(WithdrawalError::LedgerUnknown(w.id)),
                 }
+            }
+            // Not taken now (the queue full, the engine halted): no refusal of the hold. The
+            // row stays `new`, tried again at the next step; its caller was told the outcome
+            // is unknown and custody resolves it.
+            Err(LedgerError::Rejected(RejectCode::EngineBusy)) => {
+                Err(WithdrawalError::LedgerUnknown(w.id))
             }
             Err(LedgerError::Rejected(code)) => {
                 store::delete_new_withdrawal(&self.db, w.id)?;

@@ -194,6 +194,59 @@ fn unresolved_releases_and_holds_are_resolved_by_the_loop() {
     assert!(svc.alarms(false).unwrap().is_empty());
 }
 
+/// Regression (review): a request answered *unknown* (`-1007`: "custody resolves it") was
+/// deleted when the step resolving it found the engine busy (its queue full, or halted): a
+/// command not taken was read as the ledger refusing the hold, and the request the history had
+/// shown as processing vanished with no record. Not taken now is tried again at the next step,
+/// as the deposits' credits are (failed on the old code: the row was gone).
+#[test]
+fn a_withdrawal_whose_hold_finds_the_engine_busy_is_tried_again_not_dropped() {
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(EngineLedger::default());
+    let alice = funded(&ledger, 100_000, "a");
+    let mut svc = CustodyService::open(config(dir.path()), ledger.clone()).unwrap();
+    ledger.fault_next(Fault::LoseUnknown);
+    ledger.fail_lookups(true);
+    let r = svc.request_withdrawal(request(alice, 10_000, "k"), now());
+    assert!(matches!(r, Err(WithdrawalError::LedgerUnknown(_))), "{r:?}");
+    ledger.fail_lookups(false);
+    let row = |svc: &CustodyService| {
+        svc.withdrawals()
+            .unwrap()
+            .into_iter()
+            .find(|w| w.idempotency_key == "k")
+            .map(|w| w.status)
+    };
+    // The step asks the ledger (no record) and holds again into a busy engine: kept.
+    ledger.fault_next(Fault::Busy);
+    assert_eq!(
+        svc.resolve_withdrawals().unwrap(),
+        1,
+        "not taken: unresolved"
+    );
+    assert_eq!(
+        row(&svc),
+        Some(WithdrawalStatus::New),
+        "kept, to be tried again"
+    );
+    assert_eq!(ledger.btc(alice), (100_000, 0), "nothing held yet");
+    assert_eq!(svc.resolve_withdrawals().unwrap(), 0);
+    assert_eq!(row(&svc), Some(WithdrawalStatus::Pending));
+    assert_eq!(ledger.btc(alice), (89_000, 11_000), "held exactly once");
+    // A first request into a busy engine is answered busy at once and leaves no row.
+    ledger.fault_next(Fault::Busy);
+    let busy = svc.request_withdrawal(request(alice, 10_000, "k2"), now());
+    assert!(
+        matches!(busy, Err(WithdrawalError::LedgerRejected(_))),
+        "{busy:?}"
+    );
+    assert!(svc
+        .withdrawals()
+        .unwrap()
+        .iter()
+        .all(|w| w.idempotency_key != "k2"));
+}
+
 /// The id conflict of `a_duplicate_withdrawal_counts_only_when_the_ledger_record_matches` is an
 /// alarm the operator sees, raised once.
 #[test]

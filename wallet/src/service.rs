@@ -1058,10 +1058,10 @@ impl CustodyService {
     /// The deposits of `account` (all accounts with `None`) that the service has seen, with their
     /// confirmations now: pending ones (mempool or below the threshold), credited and reorged.
     pub fn deposits(&self, account: Option<AccountId>) -> Result<Vec<DepositView>, DepositError> {
-        let rows: Vec<_> = store::deposits(&self.db)?
-            .into_iter()
-            .filter(|d| account.is_none_or(|a| a == d.account))
-            .collect();
+        let rows = match account {
+            Some(a) => store::deposits_of_account(&self.db, a)?,
+            None => store::deposits(&self.db)?,
+        };
         let view = self.in_view(&rows.iter().map(|d| d.outpoint.txid).collect());
         let mut out = Vec::with_capacity(rows.len());
         for d in rows {

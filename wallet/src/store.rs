@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS mediator_deposit (
     first_seen_ms INTEGER NOT NULL,
     PRIMARY KEY (txid, vout)
 );
+CREATE INDEX IF NOT EXISTS mediator_deposit_account ON mediator_deposit(account);
 CREATE TABLE IF NOT EXISTS mediator_flagged_account (
     account INTEGER NOT NULL,
     reason TEXT NOT NULL,
@@ -671,14 +672,32 @@ pub(crate) fn set_reversal_state(db: &Connection, id: u64, state: &str) -> Resul
     Ok(())
 }
 
-/// All deposits.
+/// All deposits, oldest first.
 pub(crate) fn deposits(db: &Connection) -> Result<Vec<DepositRow>, StoreError> {
-    let mut st = db.prepare_cached(
-        "SELECT txid, vout, account, amount_sat, status, first_seen_ms, netted_sat, reversals,
-                reversed_sat, recredit_sat, recovered_sat
-         FROM mediator_deposit ORDER BY rowid",
-    )?;
-    let rows = st.query_map([], |r| {
+    query_deposits(db, "", [])
+}
+
+/// One account's deposits, oldest first, read through the index on account (a user's history
+/// reads that account's rows only, not every account's: it runs under custody's lock).
+pub(crate) fn deposits_of_account(
+    db: &Connection,
+    account: AccountId,
+) -> Result<Vec<DepositRow>, StoreError> {
+    query_deposits(db, "WHERE account = ?1", [account.0])
+}
+
+/// The columns [`query_deposits`] reads.
+const DEPOSIT_COLS: &str = "txid, vout, account, amount_sat, status, first_seen_ms, netted_sat, \
+     reversals, reversed_sat, recredit_sat, recovered_sat";
+
+fn query_deposits(
+    db: &Connection,
+    where_: &str,
+    p: impl rusqlite::Params,
+) -> Result<Vec<DepositRow>, StoreError> {
+    let sql = format!("SELECT {DEPOSIT_COLS} FROM mediator_deposit {where_} ORDER BY rowid");
+    let mut st = db.prepare_cached(&sql)?;
+    let rows = st.query_map(p, |r| {
         Ok((
             (
                 r.get::<_, String>(0)?,
@@ -1582,6 +1601,47 @@ mod tests {
             created_ms: 2,
             other_used: Amount(other_used),
         }
+    }
+
+    /// Review finding: a user's deposit history read every account's rows and filtered them
+    /// in Rust, under custody's lock, at weight 1: one key polling it on a large wallet held
+    /// the lock that crediting, withdrawals and transfers wait for. It reads through the
+    /// index on account now (on a database made before the index too).
+    #[test]
+    fn one_accounts_deposits_are_read_through_the_account_index() {
+        let db = Connection::open_in_memory().unwrap();
+        init(&db).unwrap();
+        db.execute_batch("DROP INDEX mediator_deposit_account")
+            .unwrap();
+        init(&db).unwrap(); // an older database gets the index
+        for i in 0..6u32 {
+            let txid = Txid::from_str(&format!("{:064x}", i + 1)).unwrap();
+            let op = OutPoint { txid, vout: i };
+            insert_deposit(&db, op, AccountId(1 + i % 2), Amount(100 + u64::from(i)), 5).unwrap();
+        }
+        let mine = deposits_of_account(&db, AccountId(2)).unwrap();
+        assert_eq!(
+            mine.iter().map(|d| d.amount.0).collect::<Vec<_>>(),
+            [101, 103, 105],
+            "that account's, oldest first"
+        );
+        assert_eq!(deposits(&db).unwrap().len(), 6);
+        let plan: Vec<String> = db
+            .prepare(&format!(
+                "EXPLAIN QUERY PLAN SELECT {DEPOSIT_COLS} FROM mediator_deposit \
+                 WHERE account = ?1 ORDER BY rowid"
+            ))
+            .unwrap()
+            .query_map([2], |r| r.get::<_, String>(3))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert!(
+            plan.iter()
+                .any(|p| p.contains("USING INDEX mediator_deposit_account")),
+            "{plan:?}"
+        );
+        assert!(!plan.iter().any(|p| p.starts_with("SCAN")), "{plan:?}");
     }
 
     #[test]

@@ -17,8 +17,9 @@
 //!
 //! A connection serves up to [`crate::ApiConfig::ws_api_max_in_flight`] requests at once and
 //! answers each when it is done (answers carry the request's `id` and may come out of order);
-//! with that many in flight it stops reading the socket until one finishes (backpressure, no
-//! buffering). Messages are at most [`crate::ApiConfig::ws_max_message_bytes`]; a connection
+//! with that many in flight it stops reading the socket until one finishes (backpressure), and
+//! it runs no further request while [`FLUSH_BYTES`] of answers wait to be written (a client
+//! that does not read holds no more than that). Messages are at most [`crate::ApiConfig::ws_max_message_bytes`]; a connection
 //! that answers no ping for 60 s is closed; connections count against the IP's stream cap and
 //! its connection attempts ([`crate::ws`]). There is no per-connection message rate: the IP's
 //! and key's request weight limit requests, as on Binance's WebSocket API.
@@ -49,6 +50,11 @@ pub const MAX_WS_API_SUBSCRIPTION_IDS: u64 = 65_535;
 /// Weight of a message that is not a method of [`METHODS`] (malformed, unknown, the
 /// `userDataStream` requests), charged to the IP.
 pub const OTHER_WEIGHT: u64 = 2;
+/// Most answer bytes one connection gathers for a flush. Requests in flight are run as they
+/// are polled, so those not gathered yet are not run (nor charged) until the client has read
+/// what is being written: a client that pipelines large queries (`klines`, `depth`) and never
+/// reads holds about this much, plus one answer, not every answer of its in-flight cap.
+pub const FLUSH_BYTES: usize = 256 * 1024;
 
 /// A REST handler called directly with a built [`Req`] (no HTTP request, router or
 /// middleware in between).
@@ -736,9 +742,14 @@ async fn run_ws_api(
         }
         tokio::select! {
             Some(answer) = inflight.next(), if !inflight.is_empty() => {
+                let mut bytes = answer.len();
                 out.push(answer);
-                // Whatever else is done goes out with the same flush.
-                while let Some(Some(a)) = inflight.next().now_or_never() {
+                // Whatever else is done goes out with the same flush, up to FLUSH_BYTES.
+                while bytes < FLUSH_BYTES {
+                    let Some(Some(a)) = inflight.next().now_or_never() else {
+                        break;
+                    };
+                    bytes += a.len();
                     out.push(a);
                 }
                 if !write_all(&mut socket, &mut out).await {

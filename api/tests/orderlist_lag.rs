@@ -8,6 +8,7 @@ mod wsclient;
 use api::core::BoxFuture;
 use api::{ApiConfig, CoreError, EventBatch, EventSink, ExchangeCore, Reply};
 use common::Harness;
+use futures_util::SinkExt as _;
 use matching_engine::{Command, Engine, EngineConfig, Timestamp};
 use serde_json::Value;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -99,12 +100,17 @@ impl ExchangeCore for Gate {
 }
 
 fn gated() -> (Harness, Arc<Gate>) {
+    gated_with(ApiConfig::default())
+}
+
+/// [`gated`] with `cfg` (its rate limits lifted).
+fn gated_with(cfg: ApiConfig) -> (Harness, Arc<Gate>) {
     let dir = tempfile::tempdir().unwrap();
     let cfg = ApiConfig {
         orders_per_10s: 1_000_000,
         ip_weight_per_min: 1_000_000,
         key_weight_per_min: 1_000_000,
-        ..ApiConfig::default()
+        ..cfg
     };
     let config = EngineConfig::default();
     let (pending, sink) = api::app::open(dir.path(), &config, cfg).unwrap();
@@ -901,4 +907,90 @@ async fn a_websocket_query_after_an_answered_order_sees_it_while_the_read_model_
         .map(|o| &o["orderId"])
         .collect();
     assert_eq!(ids, [&placed["orderId"]], "{open}");
+}
+
+/// Review finding: a connection gathered every answer that was done for one flush, and running
+/// them was what made them done, so a client that pipelined its in-flight cap of large queries
+/// (`depth`, `klines`) and never read had the server build and hold all of them (about 8 MB a
+/// connection, hundreds of MB an address) for the send timeout. At most `FLUSH_BYTES` of
+/// answers are gathered now; the rest are not run (nor charged) until the client reads. Counted
+/// by the weight charged while the client reads nothing (failed on the old code: all 64 ran).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_gets_no_more_answers_built_than_one_flush_holds() {
+    let (h, gate) = gated_with(ApiConfig {
+        // What the kernel holds for a reader that does not read, bounded (as deployed).
+        socket_send_buffer: Some(16 * 1024),
+        ..ApiConfig::default()
+    });
+    let (addr, stop) = wsclient::start(&h).await;
+    // A thousand ask levels, from ten accounts (each is held to MAX_NUM_ORDERS).
+    let mut keys = Vec::new();
+    for _ in 0..10 {
+        keys.push(h.trader("10", "0").await.1);
+    }
+    for i in 0..1000u64 {
+        let key = &keys[i as usize % 10];
+        let r = h
+            .signed(
+                "POST",
+                "/api/v3/order",
+                &format!(
+                    "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price={}",
+                    40_000 + i
+                ),
+                key,
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.json);
+    }
+    let count = |a: &Value| a["rateLimits"][0]["count"].as_u64().unwrap();
+    let mut watcher = wsclient::Ws::connect(addr).await;
+    let before = count(&watcher.call("ping", serde_json::json!({})).await);
+    let one = watcher
+        .call(
+            "depth",
+            serde_json::json!({"symbol": "BTCUSD", "limit": 1000}),
+        )
+        .await;
+    assert_eq!(one["result"]["asks"].as_array().map(Vec::len), Some(1000));
+    let weight = count(&one) - before;
+    let answer = one.to_string().len();
+    assert!(
+        weight >= 5 && answer * 64 > 4 * api::wsapi::FLUSH_BYTES,
+        "{weight} {answer}"
+    );
+
+    // An order answered while the read models lag: the queries after it wait for them (the
+    // fence), so all 64 are read and in flight when the read models catch up.
+    gate.pause();
+    let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=50000";
+    h.ok("POST", "/api/v3/order", sell, &keys[0]).await;
+    // A client with a tiny receive window that sends 64 depth queries and reads nothing.
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.set_recv_buffer_size(4096).unwrap();
+    let stream = sock.connect(addr).await.unwrap();
+    let (mut silent, _) = tokio_tungstenite::client_async(format!("ws://{addr}/ws-api/v3"), stream)
+        .await
+        .unwrap();
+    for i in 0..64 {
+        let q = serde_json::json!({"id": i, "method": "depth", "params": {"symbol": "BTCUSD", "limit": 1000}});
+        silent
+            .send(tokio_tungstenite::tungstenite::Message::Text(
+                q.to_string().into(),
+            ))
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    gate.resume();
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let after = count(&watcher.call("ping", serde_json::json!({})).await);
+    let ran = (after - count(&one)) / weight;
+    assert!(ran >= 1, "the silent client's queries ran at all: {ran}");
+    assert!(
+        ran <= 32,
+        "{ran} of 64 answers built for a client that reads nothing ({answer} bytes each)"
+    );
+    drop(silent);
+    let _ = stop.send(());
 }

@@ -6,7 +6,8 @@
 //! events of the transition, in order.
 //!
 //! Rules (modelled on BTCPay Server's Greenfield invoices, with these decisions):
-//! * **On time** means first seen (custody's `seen_ms`, not when the monitor noticed it) before
+//! * **On time** means first seen (custody's `seen_ms`: when its step first saw the output, or
+//!   its block's time when first seen in a block; not when the monitor noticed it) before
 //!   the expiry and before the invoice was marked invalid. Only on-time payments count towards
 //!   the status; a payment seen later is recorded, marks the invoice `PaidLate` and changes
 //!   nothing else. Custody credits every payment to the merchant's account anyway: none is lost,

@@ -1404,13 +1404,17 @@ impl CustodyService {
             let (status, netted) = match known.get(&out.outpoint) {
                 Some(d) => (d.status, d.netted),
                 None => {
-                    store::insert_deposit(
-                        &self.db,
-                        out.outpoint,
-                        account,
-                        event.amount,
-                        now.as_millis(),
-                    )?;
+                    // First seen: now, or its block's time if it is first seen in a block
+                    // (custody or its node was away when it was paid): an invoice paid on
+                    // time is not paid late because custody looked late (review). Never later
+                    // than now (a block's time may run up to two hours ahead).
+                    let seen = match out.chain_position {
+                        ChainPosition::Confirmed { anchor, .. } => now
+                            .as_millis()
+                            .min(anchor.confirmation_time.saturating_mul(1000)),
+                        ChainPosition::Unconfirmed { .. } => now.as_millis(),
+                    };
+                    store::insert_deposit(&self.db, out.outpoint, account, event.amount, seen)?;
                     tracing::info!(%account, outpoint = %out.outpoint, amount = %event.amount, "deposit seen");
                     report.seen.push(event);
                     (DepositStatus::Pending, Amount::ZERO)

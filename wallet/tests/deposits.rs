@@ -1032,3 +1032,38 @@ fn records_reconciliation_compares_reversals_with_the_ledger() {
         r.mismatches
     );
 }
+
+/// Review finding: a deposit's first-seen time was when custody's step first looked, so a
+/// payment mined while custody (or its node) was away was dated after its block: an invoice
+/// paid on time and mined before its expiry was `PaidLate` once custody came back after the
+/// expiry. An output first seen in a block is dated by that block's time (never after now)
+/// (failed on the old code: dated an hour after its block).
+#[test]
+fn a_deposit_first_seen_in_a_block_is_dated_by_the_block_not_by_when_custody_looked() {
+    let mut w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(7);
+    customer.fund(&w.node, 1);
+    customer.pay(&w.node, &[(&addr, 40_000)]);
+    let hash = w.node.mine(1)[0];
+    let block_ms = w.node.rpc.get_block_header_info(&hash).unwrap().time as u64 * 1000;
+    // Custody comes back an hour later.
+    let now = w.clock.advance(std::time::Duration::from_secs(3600));
+    svc.step(now).unwrap();
+    let d = svc.deposits(Some(alice)).unwrap();
+    assert_eq!(d.len(), 1);
+    assert!(
+        d[0].first_seen_ms <= block_ms,
+        "dated {} ms after its block",
+        d[0].first_seen_ms - block_ms
+    );
+    // One first seen in the mempool is dated when it was seen.
+    let later = w.clock.advance(std::time::Duration::from_secs(60));
+    customer.sync(&w.node);
+    customer.pay(&w.node, &[(&addr, 30_000)]);
+    svc.step(later).unwrap();
+    let d = svc.deposits(Some(alice)).unwrap();
+    assert_eq!(d[1].first_seen_ms, later.as_millis());
+}

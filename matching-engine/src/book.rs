@@ -93,12 +93,21 @@ fn new_page() -> Box<Page> {
     })
 }
 
-/// Price levels addressed by price, with a hierarchical occupancy bitmap.
+/// Emptied pages a book keeps for reuse: a price flapping at the edge of an otherwise empty
+/// page does not allocate each time, and the memory stays bounded.
+const SPARE_PAGES: usize = 4;
+
+/// Price levels addressed by price, with a hierarchical occupancy bitmap. A page exists while
+/// one of its levels holds an order (made when the first arrives, released when the last
+/// leaves): memory follows the orders resting, not every price ever used (orders placed and
+/// cancelled at prices 4,096 apart kept a 64 KiB page each, for good).
 #[derive(Debug)]
 struct Levels {
     pages: Vec<Option<Box<Page>>>,
     /// Upper layers of the bitmap, dense: `upper[0]` has one bit per bottom-layer word.
     upper: Vec<Vec<u64>>,
+    /// Released pages, every level empty and every bit clear, at most [`SPARE_PAGES`].
+    spare: Vec<Box<Page>>,
 }
 
 impl Levels {
@@ -118,6 +127,7 @@ impl Levels {
         Self {
             pages: (0..pages).map(|_| None).collect(),
             upper,
+            spare: Vec::new(),
         }
     }
 
@@ -131,11 +141,11 @@ impl Levels {
 
     #[inline]
     fn level_mut(&mut self, price: u64) -> &mut Level {
-        let page = &mut self.pages[(price >> PAGE_SHIFT) as usize];
-        if page.is_none() {
-            *page = Some(new_page());
+        let i = (price >> PAGE_SHIFT) as usize;
+        if self.pages[i].is_none() {
+            self.pages[i] = Some(self.spare.pop().unwrap_or_else(new_page));
         }
-        match page {
+        match &mut self.pages[i] {
             Some(p) => &mut p.levels[price as usize & (PAGE_LEVELS - 1)],
             None => unreachable!("made above"),
         }
@@ -204,6 +214,15 @@ impl Levels {
         *word &= !(1 << (price & 63));
         if *word != 0 {
             return;
+        }
+        // Its last occupied level emptied: the page goes (its levels are all empty, as an
+        // emptied level is reset by `unlink`), kept for reuse while there are few spares.
+        if page.words.iter().all(|&x| x == 0) {
+            if let Some(p) = self.pages[w / PAGE_WORDS].take() {
+                if self.spare.len() < SPARE_PAGES {
+                    self.spare.push(p);
+                }
+            }
         }
         let mut i = w;
         for layer in &mut self.upper {
@@ -756,6 +775,42 @@ mod tests {
         l.clear(4095);
         assert_eq!(l.next_ge(65), Some(70_000));
         assert_eq!(l.prev_le(69_999), Some(64));
+    }
+
+    /// Review finding: a page of levels, once made, was never released, so orders placed and
+    /// cancelled at prices 4,096 apart (a cheap bid far below the market, an ask far above)
+    /// kept a 64 KiB page each: with the default price range about 16 GB an account could make
+    /// the engine allocate, an order at a time. A page goes when its last order leaves; a few
+    /// are kept for reuse (failed on the old code: 1,000 pages kept by an empty book).
+    #[test]
+    fn pages_of_emptied_levels_are_released() {
+        let mut b: Book<()> = Book::new(Price(1_000_000_000), 16);
+        let pages = |b: &Book<()>| b.levels.pages.iter().filter(|p| p.is_some()).count();
+        for k in 0..1_000u64 {
+            let s = b
+                .insert(OrderId(k + 1), Side::Buy, Price(1 + k * 4096), Qty(1), ())
+                .unwrap();
+            b.remove(s);
+        }
+        assert!(b.is_empty());
+        assert_eq!(pages(&b), 0, "an empty book keeps no page");
+        assert!(b.levels.spare.len() <= SPARE_PAGES);
+        // A page with orders at two prices stays while either rests, and a reused page is
+        // empty: the book finds exactly what rests.
+        let a = b
+            .insert(OrderId(5_001), Side::Sell, Price(8_193), Qty(2), ())
+            .unwrap();
+        b.insert(OrderId(5_002), Side::Sell, Price(8_200), Qty(3), ())
+            .unwrap();
+        b.remove(a);
+        assert_eq!(pages(&b), 1);
+        assert_eq!(b.best_ask(), Some(Price(8_200)));
+        assert_eq!(b.level_qty(Price(8_193)), Qty(0));
+        assert_eq!(b.level_qty(Price(8_200)), Qty(3));
+        b.check_invariants();
+        b.cancel(OrderId(5_002)).unwrap();
+        assert_eq!((pages(&b), b.best_ask()), (0, None));
+        b.check_invariants();
     }
 
     #[test]

@@ -95,8 +95,9 @@ pub enum PayError {
     /// The account's available balance is below amount + fee.
     #[error("insufficient balance")]
     InsufficientBalance,
-    /// The node's channels cannot send amount + fee.
-    #[error("insufficient outbound liquidity: can send {can_msat} msat, need {need_msat} msat")]
+    /// The node's channels cannot send amount + fee. The message says no figure: the caller is
+    /// any user with a withdraw key, and the node's capacity is the operator's (logged instead).
+    #[error("insufficient outbound liquidity for this amount")]
     InsufficientLiquidity {
         /// What the ready channels can send now.
         can_msat: u64,
@@ -179,8 +180,9 @@ pub enum InvoiceError {
         /// Maximum.
         max_sat: u64,
     },
-    /// The node's channels cannot receive this much.
-    #[error("insufficient inbound liquidity: can receive {can_msat} msat, need {need_msat} msat")]
+    /// The node's channels cannot receive this much. The message says no figure: the caller is
+    /// any user with a read key, and the node's capacity is the operator's (logged instead).
+    #[error("insufficient inbound liquidity for this amount")]
     InsufficientInboundLiquidity {
         /// What the ready channels can receive now.
         can_msat: u64,
@@ -228,4 +230,33 @@ pub enum OperatorError {
     /// The node refused.
     #[error("lightning node: {0}")]
     Node(ldk_node::NodeError),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{InvoiceError, PayError};
+
+    /// Review finding: the liquidity refusals told any user the node's exact capacity ("can
+    /// receive 1234567 msat"), so asking for an invoice above it (a read key) or paying one (a
+    /// withdraw key) tracked the exchange's channels in real time. The codes stay; the figures
+    /// are logged, not answered.
+    #[test]
+    fn liquidity_refusals_do_not_tell_the_nodes_capacity() {
+        let out = PayError::InsufficientLiquidity {
+            can_msat: 1_234_567,
+            need_msat: 9_876_543,
+        };
+        let inb = InvoiceError::InsufficientInboundLiquidity {
+            can_msat: 1_234_567,
+            need_msat: 9_876_543,
+        };
+        for (code, text) in [(out.code(), out.to_string()), (inb.code(), inb.to_string())] {
+            assert!(code == -4609 || code == -4611, "{code}");
+            assert!(text.contains("liquidity"), "{text}");
+            assert!(
+                !text.contains("1234567") && !text.contains("9876543"),
+                "{text}"
+            );
+        }
+    }
 }

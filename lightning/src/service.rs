@@ -451,6 +451,7 @@ impl<L: Ledger> LightningService<L> {
             .map(|c| c.inbound_capacity_msat)
             .fold(0u64, u64::saturating_add);
         if can_msat < need_msat {
+            tracing::info!(can_msat, need_msat, "invoice refused: inbound liquidity");
             return Err(InvoiceError::InsufficientInboundLiquidity {
                 can_msat,
                 need_msat,
@@ -687,6 +688,11 @@ impl<L: Ledger> LightningService<L> {
             .map(|c| c.outbound_capacity_msat)
             .fold(0u64, u64::saturating_add);
         if can_msat < need_msat {
+            tracing::info!(
+                can_msat,
+                need_msat,
+                "withdrawal refused: outbound liquidity"
+            );
             return Err(PayError::InsufficientLiquidity {
                 can_msat,
                 need_msat,
@@ -763,6 +769,16 @@ impl<L: Ledger> LightningService<L> {
                 } else {
                     PayError::MalformedInvoice
                 });
+            }
+            // The node is not running (stopping for a shutdown while this pay waited): ldk-node
+            // answers so before it touches its store or channels, so nothing was sent, as
+            // `resolve_unrecorded` reads it too. Released at once and answered busy, never held
+            // in doubt (for days, then sent again unasked) (review).
+            Err(NodeError::NotRunning) => {
+                store.transition(id, S::Sending, S::Releasing, None, Some("node not running"))?;
+                let w = store.withdrawal(id)?.expect("the row exists");
+                self.finish(&store, &w);
+                return Err(PayError::Busy);
             }
             // Maybe sent: stays `sending`, resolved by payment hash (and sent again under the
             // same payment id if the node has no record of it), so the outcome is unknown to

@@ -1682,3 +1682,25 @@ fn a_payment_failing_again_within_the_second_of_its_earlier_failure_is_released(
         assert_eq!(w.ledger.btc(erin), (100_000, 0), "round {round}");
     }
 }
+
+/// Review finding: a payment whose send the node refused because it was not running (stopped
+/// for a shutdown while the request waited) was read as maybe sent: `-1007`, the hold kept, and
+/// after a restart held in doubt for about eight days (sent again unasked, or never), though
+/// ldk-node answers `NotRunning` before it touches anything. Released at once and answered busy
+/// (failed on the old code: Unknown, and the hold kept).
+#[test]
+fn a_payment_refused_because_the_node_is_stopped_is_released_not_held_in_doubt() {
+    let mut w = World::new();
+    let carol = w.ledger.create_account();
+    w.deposit(carol, 100_000);
+    let out = w.customer_invoice(20_000, 3600);
+    w.m().stop();
+    let e = w.m().pay(carol, &out.to_string(), now_ms()).unwrap_err();
+    assert!(matches!(e, PayError::Busy), "{e:?}");
+    assert_eq!(w.ledger.btc(carol), (100_000, 0), "nothing held");
+    let live = w
+        .m()
+        .withdrawal_of_invoice(carol, &out.to_string())
+        .unwrap();
+    assert!(live.is_none(), "released, no payment on its way: {live:?}");
+}

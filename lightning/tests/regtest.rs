@@ -1690,7 +1690,7 @@ fn a_payment_failing_again_within_the_second_of_its_earlier_failure_is_released(
 /// (failed on the old code: Unknown, and the hold kept).
 #[test]
 fn a_payment_refused_because_the_node_is_stopped_is_released_not_held_in_doubt() {
-    let mut w = World::new();
+    let w = World::new();
     let carol = w.ledger.create_account();
     w.deposit(carol, 100_000);
     let out = w.customer_invoice(20_000, 3600);

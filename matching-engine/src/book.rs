@@ -106,7 +106,9 @@ struct Levels {
     pages: Vec<Option<Box<Page>>>,
     /// Upper layers of the bitmap, dense: `upper[0]` has one bit per bottom-layer word.
     upper: Vec<Vec<u64>>,
-    /// Released pages, every level empty and every bit clear, at most [`SPARE_PAGES`].
+    /// Released pages, every level empty and every bit clear, at most [`SPARE_PAGES`]. Boxed:
+    /// a page moves between here and `pages` without being copied or allocated again.
+    #[allow(clippy::vec_box)]
     spare: Vec<Box<Page>>,
 }
 

@@ -78,6 +78,9 @@ struct Page {
     /// `PAGE_LEVELS` levels, allocated on the heap directly (never built on the stack); a fixed
     /// size, so indexing by the low bits of a price needs no bounds check.
     levels: Box<[Level; PAGE_LEVELS]>,
+    /// The next released page, while this one is kept for reuse ([`Levels::spare`]): a list
+    /// through the pages themselves, so releasing and reusing allocate nothing.
+    next_spare: Option<Box<Page>>,
 }
 
 /// A new empty page. Out of line and cold: pages are made once per 4,096 prices.
@@ -90,26 +93,34 @@ fn new_page() -> Box<Page> {
             .into_boxed_slice()
             .try_into()
             .expect("PAGE_LEVELS levels"),
+        next_spare: None,
     })
 }
 
-/// Emptied pages a book keeps for reuse: a price flapping at the edge of an otherwise empty
-/// page does not allocate each time, and the memory stays bounded.
-const SPARE_PAGES: usize = 4;
-
-/// Price levels addressed by price, with a hierarchical occupancy bitmap. A page exists while
-/// one of its levels holds an order (made when the first arrives, released when the last
-/// leaves): memory follows the orders resting, not every price ever used (orders placed and
-/// cancelled at prices 4,096 apart kept a 64 KiB page each, for good).
+/// Price levels addressed by price, with a hierarchical occupancy bitmap. A page is in place
+/// while one of its levels holds an order (taken when the first arrives, released to the spare
+/// list when the last leaves, reused for any price): the pages a book holds are the most it had
+/// occupied at once, bounded by the orders that rested at once, not every price ever used
+/// (orders placed and cancelled at prices 4,096 apart kept a 64 KiB page each, for good). After
+/// warm-up nothing is allocated.
 #[derive(Debug)]
 struct Levels {
     pages: Vec<Option<Box<Page>>>,
     /// Upper layers of the bitmap, dense: `upper[0]` has one bit per bottom-layer word.
     upper: Vec<Vec<u64>>,
-    /// Released pages, every level empty and every bit clear, at most [`SPARE_PAGES`]. Boxed:
-    /// a page moves between here and `pages` without being copied or allocated again.
-    #[allow(clippy::vec_box)]
-    spare: Vec<Box<Page>>,
+    /// Released pages, every level empty and every bit clear, linked by `next_spare`.
+    spare: Option<Box<Page>>,
+}
+
+impl Drop for Levels {
+    /// The spare list is unlinked a page at a time: dropped as it is, a long list would recurse
+    /// once per page.
+    fn drop(&mut self) {
+        let mut next = self.spare.take();
+        while let Some(mut p) = next {
+            next = p.next_spare.take();
+        }
+    }
 }
 
 impl Levels {
@@ -129,7 +140,7 @@ impl Levels {
         Self {
             pages: (0..pages).map(|_| None).collect(),
             upper,
-            spare: Vec::new(),
+            spare: None,
         }
     }
 
@@ -145,7 +156,14 @@ impl Levels {
     fn level_mut(&mut self, price: u64) -> &mut Level {
         let i = (price >> PAGE_SHIFT) as usize;
         if self.pages[i].is_none() {
-            self.pages[i] = Some(self.spare.pop().unwrap_or_else(new_page));
+            let page = match self.spare.take() {
+                Some(mut p) => {
+                    self.spare = p.next_spare.take();
+                    p
+                }
+                None => new_page(),
+            };
+            self.pages[i] = Some(page);
         }
         match &mut self.pages[i] {
             Some(p) => &mut p.levels[price as usize & (PAGE_LEVELS - 1)],
@@ -217,13 +235,12 @@ impl Levels {
         if *word != 0 {
             return;
         }
-        // Its last occupied level emptied: the page goes (its levels are all empty, as an
-        // emptied level is reset by `unlink`), kept for reuse while there are few spares.
+        // Its last occupied level emptied: the page goes to the spare list (its levels are all
+        // empty, as `unlink` leaves an emptied level).
         if page.words.iter().all(|&x| x == 0) {
-            if let Some(p) = self.pages[w / PAGE_WORDS].take() {
-                if self.spare.len() < SPARE_PAGES {
-                    self.spare.push(p);
-                }
+            if let Some(mut p) = self.pages[w / PAGE_WORDS].take() {
+                p.next_spare = self.spare.take();
+                self.spare = Some(p);
             }
         }
         let mut i = w;
@@ -795,8 +812,14 @@ mod tests {
             b.remove(s);
         }
         assert!(b.is_empty());
-        assert_eq!(pages(&b), 0, "an empty book keeps no page");
-        assert!(b.levels.spare.len() <= SPARE_PAGES);
+        assert_eq!(pages(&b), 0, "an empty book keeps no page in place");
+        let mut spare = 0;
+        let mut next = &b.levels.spare;
+        while let Some(p) = next {
+            spare += 1;
+            next = &p.next_spare;
+        }
+        assert_eq!(spare, 1, "one page held: the most in place at once");
         // A page with orders at two prices stays while either rests, and a reused page is
         // empty: the book finds exactly what rests.
         let a = b

@@ -668,30 +668,21 @@ fn no_route_and_customer_offline_release_the_hold_exactly() {
     assert_eq!(w.ledger.btc(bob), (100_000 - 10_050, 0));
     assert_eq!(w.customer_received(&out), Some(10_000_000));
 
-    // Defect (an outcome reported wrongly): the node fails the send call with an error that
-    // does not say nothing left (here: stopped under the service). The row stays `sending`,
-    // resolved by payment hash, and may well be paid: that is `-1007`, never `-1000` (which
-    // told the client the withdrawal failed, and then it was paid).
+    // The node stopped under the service: ldk-node refuses the send before it touches anything
+    // (`NotRunning`), so nothing left: released at once, `-1008` (it was read as maybe sent,
+    // `-1007`, and held in doubt). Paid once when asked again with the node back.
     let maybe = w.customer_invoice(3_000, 3600);
     w.m().node().stop().unwrap();
     let e = w.m().pay(bob, &maybe.to_string(), now_ms()).unwrap_err();
-    assert_eq!(e.code(), -1007, "{e:?}");
-    let PayError::Unknown { id } = e else {
-        panic!("{e:?}")
-    };
-    assert_eq!(
-        w.m().withdrawal(id).unwrap().unwrap().status,
-        LnWithdrawalStatus::Sending
-    );
-    assert_eq!(w.ledger.btc(bob), (100_000 - 10_050 - 3_050, 3_050));
+    assert_eq!(e.code(), -1008, "{e:?}");
+    assert_eq!(w.ledger.btc(bob), (100_000 - 10_050, 0));
     w.m().node().start().unwrap();
-    // Stepped only once the channel is back (a step before that resends with no route and
-    // releases the hold, as it should).
     wait_until("channels usable again", Duration::from_secs(60), || {
         w.m().channels().iter().all(|c| c.usable)
     });
-    w.step_until("the maybe-sent withdrawal resolved", |w| {
-        w.m().withdrawal(id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
+    let wd = w.m().pay(bob, &maybe.to_string(), now_ms()).unwrap();
+    w.step_until("the withdrawal asked again completed", |w| {
+        w.m().withdrawal(wd.id).unwrap().unwrap().status == LnWithdrawalStatus::Completed
     });
     assert_eq!(w.customer_received(&maybe), Some(3_000_000), "paid once");
     assert_eq!(w.ledger.btc(bob), (100_000 - 10_050 - 3_050, 0));

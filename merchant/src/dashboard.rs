@@ -523,6 +523,14 @@ impl Form {
     fn text(&self, name: &str) -> &str {
         self.get(name).map(str::trim).unwrap_or("")
     }
+
+    /// The `password` field as typed, never trimmed: a password is compared exactly as it was
+    /// set, by the login, the withdrawal and every step-up alike (a trimmed step-up refused a
+    /// password with a space at an end that the login took, and counted the owner's own
+    /// retries towards the limit that locks withdrawals too).
+    fn password(&self) -> &str {
+        self.get("password").unwrap_or("")
+    }
 }
 
 impl<S: Send + Sync> axum::extract::FromRequest<S> for Form {
@@ -1503,7 +1511,7 @@ pub async fn refund(
     form: Form,
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
-    step_up(&st, &s, form.text("password"), StepUp::Refund).await?;
+    step_up(&st, &s, form.password(), StepUp::Refund).await?;
     // Its claim link pays any address: none while the withdrawal address list is on.
     refuse_while_list_on(&st, s.account, "a refund", StepUp::Refund.nothing()).await?;
     let mut body = Map::new();
@@ -1632,7 +1640,7 @@ pub async fn approve_payout(
     form: Form,
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
-    step_up(&st, &s, form.text("password"), StepUp::Payout).await?;
+    step_up(&st, &s, form.password(), StepUp::Payout).await?;
     let p = call(gf::approve_payout(
         State(st.clone()),
         Path((s.store(), id)),
@@ -2283,7 +2291,7 @@ pub async fn create_token(
     // A `withdraw` token moves money (refunds and pull payments to any address): like a
     // withdrawal, it needs the store password again, not the session alone (ADR 0015).
     if perms.has(Perms::WITHDRAW) {
-        step_up(&st, &s, form.text("password"), StepUp::WithdrawToken).await?;
+        step_up(&st, &s, form.password(), StepUp::WithdrawToken).await?;
         // Its signed API never consults the withdrawal address list: none while it is on.
         refuse_while_list_on(
             &st,
@@ -2444,7 +2452,7 @@ pub async fn add_address(
              not changed.",
         ));
     }
-    step_up(&st, &s, form.text("password"), StepUp::AddressList).await?;
+    step_up(&st, &s, form.password(), StepUp::AddressList).await?;
     let (account, now) = (s.account, now_ms());
     let delay = st.merchant().cfg.withdraw_address_delay_ms;
     // The audit entry is appended before the addition is committed (the operator relies on
@@ -2482,7 +2490,7 @@ pub async fn remove_address(
 ) -> Result<Response, Refusal> {
     s.check_form(&st, &form)?;
     let address = form.text("address").to_owned();
-    step_up(&st, &s, form.text("password"), StepUp::AddressList).await?;
+    step_up(&st, &s, form.password(), StepUp::AddressList).await?;
     let (account, now) = (s.account, now_ms());
     let delay = st.merchant().cfg.withdraw_address_delay_ms;
     // As for an addition: the audit entry first, then the commit; a failed append removes

@@ -3884,3 +3884,42 @@ async fn the_owner_archives_a_pull_payment_from_the_refunds_page() {
     let page = get(&d.h, "/dashboard/refunds", &id).await;
     assert!(!page.body.contains(&action), "{}", page.body);
 }
+
+/// Review finding: the step-ups (refund, payout approval, a withdraw token, the address list,
+/// an app's refunds) trimmed the password, while the login and the withdrawal took it as
+/// typed: a password set with a space at an end logged in, and then every step-up answered
+/// "Wrong password", its failures counting towards the limit that locks withdrawals too. It is
+/// compared as typed everywhere (failed on the old code: 401 for the withdraw token).
+#[tokio::test]
+async fn a_password_with_spaces_at_its_ends_is_the_same_password_for_every_check() {
+    let d = setup().await;
+    let pw = " correct horse battery staple ";
+    set_password(&d.h, d.account, pw).await;
+    let p = login(&d.h, d.account, pw).await;
+    assert_eq!(p.status, StatusCode::SEE_OTHER, "{}", p.body);
+    let id = p.cookie().expect("a session cookie");
+    let token = |label: &'static str, password: &'static str| {
+        let (h, id) = (&d.h, id.clone());
+        async move {
+            post(
+                h,
+                "/dashboard/tokens",
+                &id,
+                "/dashboard/tokens",
+                &[
+                    ("label", label),
+                    ("read", "1"),
+                    ("withdraw", "1"),
+                    ("password", password),
+                ],
+            )
+            .await
+        }
+    };
+    let made = token("refunds", pw).await;
+    assert_eq!(made.status, StatusCode::OK, "{}", made.body);
+    assert!(made.body.contains("<code class=secret>"), "{}", made.body);
+    // Trimmed, it is not the password.
+    let r = token("other", pw.trim()).await;
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+}

@@ -363,7 +363,7 @@ pub async fn authorize(
         perms = perms.with(Perms::WITHDRAW);
     }
     if perms.has(Perms::WITHDRAW) {
-        step_up(&st, &s, form.text("password"), StepUp::WithdrawToken).await?;
+        step_up(&st, &s, form.password(), StepUp::WithdrawToken).await?;
         refuse_while_list_on(
             &st,
             s.account,

@@ -2680,6 +2680,14 @@ fn store_payout_key(p: &Payout) -> String {
     format!("pp-{}-{}", &hex::encode(h)[..32], p.n)
 }
 
+/// What a log line names a pull payment by: 16 hex of a SHA-256 of its id. Never the id: it is
+/// the right to claim what remains, and logs are read by more people than the store's owner.
+fn log_handle(id: &str) -> String {
+    use sha2::Digest;
+    let h = sha2::Sha256::digest(format!("mediator/log-pull-payment/v1/{id}").as_bytes());
+    hex::encode(h)[..16].to_owned()
+}
+
 /// The key an older build paid a store payout under (`pp-<pull payment id>-<n>`): looked up, to
 /// resolve a payout it left unknown, never used for a new request.
 fn legacy_store_payout_key(p: &Payout) -> String {
@@ -2738,7 +2746,12 @@ pub async fn resolve_all(st: &AppState) -> Result<usize, ApiError> {
     .await?;
     for pp in &pps {
         if let Err(e) = resolve_payouts(st, pp).await {
-            tracing::warn!(pull_payment = %pp.id, status = %e.status, "payouts not resolved yet");
+            // Never the id itself: it is the right to claim (ADR 0016); a hash names it.
+            tracing::warn!(
+                pull_payment = %log_handle(&pp.id),
+                status = %e.status,
+                "payouts not resolved yet"
+            );
         }
     }
     Ok(pps.len())

@@ -49,6 +49,21 @@ fn btc_free(c: &Client) -> u64 {
     i.parse::<u64>().unwrap() * 100_000_000 + f[..8].parse::<u64>().unwrap()
 }
 
+/// A new account with a key of `perms`, funded by a coinbase and credited: (its id, a client).
+fn funded_account(s: &Server, perms: &str) -> (String, Client) {
+    let a = s.admin(&["account", "create"])["account"]
+        .as_u64()
+        .unwrap()
+        .to_string();
+    let k = s.admin(&["apikey", "create", "--account", &a, "--permissions", perms]);
+    let c = client(s, &k);
+    let funded = s.admin(&["regtest", "fund", &a])["amount_sat"]
+        .as_u64()
+        .unwrap();
+    wait_until("the deposit credit", 90, || btc_free(&c) == funded);
+    (a, c)
+}
+
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(secs);
     while !f() {
@@ -74,6 +89,21 @@ struct Verifiers {
 }
 
 impl Verifiers {
+    /// Both verifiers, asking the node of the server whose data directory is `data_dir`.
+    fn of(data_dir: &Path) -> Self {
+        let url = std::fs::read_to_string(data_dir.join("bitcoind/mediator-rpc-url")).unwrap();
+        let cookie = data_dir.join("bitcoind/regtest/.cookie");
+        Verifiers {
+            data_dir: data_dir.to_owned(),
+            rpc: vec![
+                "--rpc".into(),
+                url.trim().to_owned(),
+                "--cookie".into(),
+                cookie.to_str().unwrap().to_owned(),
+            ],
+        }
+    }
+
     fn rust(&self, args: &[&str]) -> Output {
         Command::new(env!("CARGO_BIN_EXE_mediator"))
             .arg("--data-dir")
@@ -153,33 +183,9 @@ fn proof_of_reserves_both_verifiers_catch_every_dishonest_variant() {
     let dir = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path(), free_port());
-    let account = |perms: &str| {
-        let a = s.admin(&["account", "create"])["account"]
-            .as_u64()
-            .unwrap()
-            .to_string();
-        let k = s.admin(&["apikey", "create", "--account", &a, "--permissions", perms]);
-        (a, client(&s, &k))
-    };
-    let (a1, c1) = account("read,withdraw");
-    let (a2, c2) = account("read");
-    for (a, c) in [(&a1, &c1), (&a2, &c2)] {
-        let funded = s.admin(&["regtest", "fund", a])["amount_sat"]
-            .as_u64()
-            .unwrap();
-        wait_until("the deposit credit", 90, || btc_free(c) == funded);
-    }
-    let url = std::fs::read_to_string(dir.path().join("bitcoind/mediator-rpc-url")).unwrap();
-    let cookie = dir.path().join("bitcoind/regtest/.cookie");
-    let v = Verifiers {
-        data_dir: dir.path().to_owned(),
-        rpc: vec![
-            "--rpc".into(),
-            url.trim().to_owned(),
-            "--cookie".into(),
-            cookie.to_str().unwrap().to_owned(),
-        ],
-    };
+    let (a1, c1) = funded_account(&s, "read,withdraw");
+    let (a2, _) = funded_account(&s, "read");
+    let v = Verifiers::of(dir.path());
 
     // The honest proof (default message), published and public.
     let honest = s.admin(&["reserves", "prove"]);
@@ -589,17 +595,7 @@ fn a_utxo_created_after_the_stated_block_and_spent_since_is_refused() {
     let files = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path(), free_port());
     let rpc = s.rpc();
-    let url = std::fs::read_to_string(dir.path().join("bitcoind/mediator-rpc-url")).unwrap();
-    let cookie = dir.path().join("bitcoind/regtest/.cookie");
-    let v = Verifiers {
-        data_dir: dir.path().to_owned(),
-        rpc: vec![
-            "--rpc".into(),
-            url.trim().to_owned(),
-            "--cookie".into(),
-            cookie.to_str().unwrap().to_owned(),
-        ],
-    };
+    let v = Verifiers::of(dir.path());
     // The operator's own key (not custody's: the verifiers need only the chain).
     let secp = Secp256k1::new();
     let sk = SecretKey::from_slice(&[7; 32]).unwrap();
@@ -737,38 +733,16 @@ fn a_proof_taken_while_a_withdrawal_is_in_the_mempool_or_just_mined_verifies() {
     let dir = tempfile::tempdir().unwrap();
     let files = tempfile::tempdir().unwrap();
     let s = Server::start(dir.path(), free_port());
-    let mut clients = Vec::new();
-    for perms in ["read,withdraw", "read"] {
-        let a = s.admin(&["account", "create"])["account"]
-            .as_u64()
-            .unwrap()
-            .to_string();
-        let k = s.admin(&["apikey", "create", "--account", &a, "--permissions", perms]);
-        let c = client(&s, &k);
-        let funded = s.admin(&["regtest", "fund", &a])["amount_sat"]
-            .as_u64()
-            .unwrap();
-        wait_until("the deposit credit", 90, || btc_free(&c) == funded);
-        clients.push(c);
-    }
-    let url = std::fs::read_to_string(dir.path().join("bitcoind/mediator-rpc-url")).unwrap();
-    let cookie = dir.path().join("bitcoind/regtest/.cookie");
-    let v = Verifiers {
-        data_dir: dir.path().to_owned(),
-        rpc: vec![
-            "--rpc".into(),
-            url.trim().to_owned(),
-            "--cookie".into(),
-            cookie.to_str().unwrap().to_owned(),
-        ],
-    };
+    let (_, c1) = funded_account(&s, "read,withdraw");
+    funded_account(&s, "read");
+    let v = Verifiers::of(dir.path());
     let dest = wallet::bitcoin::Address::p2wsh(
         &ScriptBuf::from_bytes(vec![0x51, 0x51, 0x87]),
         wallet::bitcoin::Network::Regtest,
     )
     .to_string();
     let w = call(
-        &clients[0],
+        &c1,
         "POST",
         "/sapi/v1/capital/withdraw/apply",
         &[
@@ -789,9 +763,7 @@ fn a_proof_taken_while_a_withdrawal_is_in_the_mempool_or_just_mined_verifies() {
             .unwrap()
     };
     wait_until("the withdrawal's batch to be broadcast", 90, || {
-        status(&clients[0])["txId"]
-            .as_str()
-            .is_some_and(|t| !t.is_empty())
+        status(&c1)["txId"].as_str().is_some_and(|t| !t.is_empty())
     });
     let check = |name: &str, doc: &Value| {
         let total: u64 = doc["liabilities"]["BTC"]["total"]
@@ -807,12 +779,12 @@ fn a_proof_taken_while_a_withdrawal_is_in_the_mempool_or_just_mined_verifies() {
     };
     // In the mempool: still held, its coins still unspent at the tip's block.
     let in_mempool = s.admin(&["reserves", "prove"]);
-    assert_ne!(status(&clients[0])["status"], 6, "not completed yet");
+    assert_ne!(status(&c1)["status"], 6, "not completed yet");
     check("batch in the mempool", &in_mempool);
     // Mined: the proof completes it first, whatever the step loop has done meanwhile.
     s.admin(&["regtest", "mine", "1"]);
     let mined = s.admin(&["reserves", "prove"]);
     assert!(mined["block_height"].as_u64() > in_mempool["block_height"].as_u64());
     check("batch just mined", &mined);
-    assert_eq!(status(&clients[0])["status"], 6, "completed");
+    assert_eq!(status(&c1)["status"], 6, "completed");
 }

@@ -307,6 +307,18 @@ async fn setup(attach: bool) -> Setup {
     }
 }
 
+/// A key of account 7, the one the fake custody flags, with 1 BTC and 1,000 USD (the accounts
+/// before it made on the way).
+async fn flagged_trader(s: &Setup, perms: &str) -> (String, String) {
+    loop {
+        let (a, k) = s.h.trader_with("1", "1000", perms).await;
+        assert!(a <= 7, "account 7 was skipped");
+        if a == 7 {
+            return k;
+        }
+    }
+}
+
 #[tokio::test]
 async fn without_custody_every_endpoint_answers_503_minus_1001() {
     let s = setup(false).await;
@@ -2010,13 +2022,7 @@ async fn lightning_deposit_invoices_are_limited_per_account() {
 async fn a_flagged_account_cannot_move_its_funds_out_by_transfer() {
     let s = setup(true).await;
     // The fake custody flags account 7.
-    let (acct, key) = loop {
-        let (a, k) = s.h.trader_with("1", "1000", "read,trade,transfer").await;
-        assert!(a <= 7, "account 7 was skipped");
-        if a == 7 {
-            break (a, k);
-        }
-    };
+    let (acct, key) = (7, flagged_trader(&s, "read,trade,transfer").await);
     let (other, other_key) = s.h.trader("0", "0").await;
     for asset in ["BTC", "USD"] {
         let r =
@@ -2054,13 +2060,7 @@ async fn a_flagged_account_cannot_move_its_funds_out_by_transfer() {
 #[tokio::test]
 async fn a_transfer_retry_after_a_flag_answers_the_transfers_outcome() {
     let s = setup(true).await;
-    let (acct, key) = loop {
-        let (a, k) = s.h.trader_with("1", "1000", "read,trade,transfer").await;
-        assert!(a <= 7, "account 7 was skipped");
-        if a == 7 {
-            break (a, k);
-        }
-    };
+    let (acct, key) = (7, flagged_trader(&s, "read,trade,transfer").await);
     assert_eq!(acct, 7);
     let (other, other_key) = s.h.trader("0", "0").await;
     // Not flagged yet (cleared); the transfer is applied and its answer "lost".
@@ -2120,13 +2120,7 @@ async fn a_transfer_retry_after_a_flag_answers_the_transfers_outcome() {
 #[tokio::test]
 async fn a_flag_custody_reports_stops_the_accounts_orders_at_once() {
     let s = setup(true).await;
-    let key = loop {
-        let (a, k) = s.h.trader_with("1", "1000", "read,trade").await;
-        assert!(a <= 7, "account 7 was skipped");
-        if a == 7 {
-            break k;
-        }
-    };
+    let key = flagged_trader(&s, "read,trade").await;
     s.h.ok(
         "POST",
         "/mapi/v1/admin/accounts/clearFlag",
@@ -2175,13 +2169,7 @@ async fn a_flag_custody_reports_stops_the_accounts_orders_at_once() {
 #[tokio::test]
 async fn a_flagged_accounts_resting_sell_does_not_fill_after_a_clear_dropped_the_copy() {
     let s = setup(true).await;
-    let key = loop {
-        let (a, k) = s.h.trader_with("1", "1000", "read,trade").await;
-        assert!(a <= 7, "account 7 was skipped");
-        if a == 7 {
-            break k;
-        }
-    };
+    let key = flagged_trader(&s, "read,trade").await;
     let (_, buyer) = s.h.trader_with("0", "10000", "read,trade").await;
     let clear = || async {
         s.h.ok(
@@ -2221,13 +2209,7 @@ async fn a_flagged_accounts_resting_sell_does_not_fill_after_a_clear_dropped_the
 #[tokio::test]
 async fn a_flag_told_while_the_flags_are_read_is_kept() {
     let s = setup(true).await;
-    let key = loop {
-        let (a, k) = s.h.trader_with("1", "1000", "read,trade").await;
-        assert!(a <= 7, "account 7 was skipped");
-        if a == 7 {
-            break k;
-        }
-    };
+    let key = flagged_trader(&s, "read,trade").await;
     // Cleared (the order path drops its copy): the next order reads custody again.
     s.h.ok(
         "POST",
@@ -2266,13 +2248,7 @@ async fn a_flag_told_while_the_flags_are_read_is_kept() {
 async fn a_flagged_account_cannot_sell_its_funds_on_the_book() {
     let s = setup(true).await;
     // The fake custody flags account 7.
-    let key = loop {
-        let (a, k) = s.h.trader_with("1", "1000", "read,trade").await;
-        assert!(a <= 7, "account 7 was skipped");
-        if a == 7 {
-            break k;
-        }
-    };
+    let key = flagged_trader(&s, "read,trade").await;
     let sell = "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.5&price=20000";
     let oco = "symbol=BTCUSD&side=SELL&quantity=0.5&aboveType=LIMIT_MAKER&abovePrice=22000&belowType=STOP_LOSS_LIMIT&belowStopPrice=19000&belowPrice=18900&belowTimeInForce=GTC";
     for (path, params) in [("/api/v3/order", sell), ("/api/v3/orderList/oco", oco)] {

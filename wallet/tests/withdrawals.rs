@@ -1170,14 +1170,7 @@ fn a_completed_batch_reorged_out_and_dropped_by_the_node_is_broadcast_again() {
     let mut node = support::TestNode::start_in(&node_dir);
     let ledger = std::sync::Arc::new(support::EngineLedger::default());
     let mut clock = support::Clock::new();
-    let mut c = CustodyConfig::new(
-        bdk_wallet::bitcoin::Network::Regtest,
-        dir.path().join("custody"),
-        node.rpc_config(),
-    );
-    c.withdrawal.flat_fee = Amount(FLAT_FEE);
-    c.withdrawal.min_amount = Amount(1_000);
-    c.batch.interval = Duration::from_secs(60);
+    let c = away_config(dir.path(), &node);
     let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
     let alice = ledger.create_account();
     let addr = svc.new_deposit_address(alice, clock.now()).unwrap();
@@ -1266,14 +1259,7 @@ fn a_fee_bump_recorded_while_bitcoind_is_away_is_done_and_sent_later() {
     let mut node = support::TestNode::start_in(&node_dir);
     let ledger = std::sync::Arc::new(support::EngineLedger::default());
     let mut clock = support::Clock::new();
-    let mut c = CustodyConfig::new(
-        bdk_wallet::bitcoin::Network::Regtest,
-        dir.path().join("custody"),
-        node.rpc_config(),
-    );
-    c.withdrawal.flat_fee = Amount(FLAT_FEE);
-    c.withdrawal.min_amount = Amount(1_000);
-    c.batch.interval = Duration::from_secs(60);
+    let c = away_config(dir.path(), &node);
     let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
     let alice = ledger.create_account();
     let addr = svc.new_deposit_address(alice, clock.now()).unwrap();
@@ -1694,14 +1680,7 @@ fn a_batch_whose_bump_was_refused_is_paid_by_its_earlier_version() {
     let mut node = support::TestNode::start_in_with(&node_dir, &[relay]);
     let ledger = std::sync::Arc::new(support::EngineLedger::default());
     let mut clock = support::Clock::new();
-    let mut c = CustodyConfig::new(
-        bdk_wallet::bitcoin::Network::Regtest,
-        dir.path().join("custody"),
-        node.rpc_config(),
-    );
-    c.withdrawal.flat_fee = Amount(FLAT_FEE);
-    c.withdrawal.min_amount = Amount(1_000);
-    c.batch.interval = Duration::from_secs(60);
+    let mut c = away_config(dir.path(), &node);
     // The increment is also the node's relay floor here.
     c.batch.fallback_fee_rate = FeeRate::from_sat_per_vb_u32(12);
     let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
@@ -1802,4 +1781,18 @@ fn a_batch_whose_bump_was_refused_is_paid_by_its_earlier_version() {
     }
     assert_eq!(ledger.btc(alice), (1_000_000 - 300_000 - FLAT_FEE, 0));
     assert_eq!(ledger.btc(carol), (301_400 - 200_000 - FLAT_FEE, 0));
+}
+
+/// Custody over `node` in `dir/custody` for the tests whose node goes away and comes back:
+/// the flat fee, a 1,000 sat minimum, a batch a minute.
+fn away_config(dir: &std::path::Path, node: &support::TestNode) -> CustodyConfig {
+    let mut c = CustodyConfig::new(
+        bdk_wallet::bitcoin::Network::Regtest,
+        dir.join("custody"),
+        node.rpc_config(),
+    );
+    c.withdrawal.flat_fee = Amount(FLAT_FEE);
+    c.withdrawal.min_amount = Amount(1_000);
+    c.batch.interval = Duration::from_secs(60);
+    c
 }

@@ -1663,7 +1663,7 @@ pub async fn approve_payout(
 
 /// A pull payment's handle on the dashboard: the first 32 hex digits of the SHA-256 of its id
 /// (the id is the right to claim it, and is never put on a page after it was shown once).
-fn pp_handle(id: &str) -> String {
+pub(crate) fn pp_handle(id: &str) -> String {
     sha256_hex(&format!("mediator/dashboard-pull-payment/v1/{id}"))[..32].to_owned()
 }
 

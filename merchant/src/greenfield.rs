@@ -2680,14 +2680,6 @@ fn store_payout_key(p: &Payout) -> String {
     format!("pp-{}-{}", &hex::encode(h)[..32], p.n)
 }
 
-/// What a log line names a pull payment by: 16 hex of a SHA-256 of its id. Never the id: it is
-/// the right to claim what remains, and logs are read by more people than the store's owner.
-fn log_handle(id: &str) -> String {
-    use sha2::Digest;
-    let h = sha2::Sha256::digest(format!("mediator/log-pull-payment/v1/{id}").as_bytes());
-    hex::encode(h)[..16].to_owned()
-}
-
 /// The key an older build paid a store payout under (`pp-<pull payment id>-<n>`): looked up, to
 /// resolve a payout it left unknown, never used for a new request.
 fn legacy_store_payout_key(p: &Payout) -> String {
@@ -2746,9 +2738,10 @@ pub async fn resolve_all(st: &AppState) -> Result<usize, ApiError> {
     .await?;
     for pp in &pps {
         if let Err(e) = resolve_payouts(st, pp).await {
-            // Never the id itself: it is the right to claim (ADR 0016); a hash names it.
+            // Never the id itself: it is the right to claim (ADR 0016). Named by the handle
+            // the owner's refunds page shows.
             tracing::warn!(
-                pull_payment = %log_handle(&pp.id),
+                pull_payment = %super::dashboard::pp_handle(&pp.id),
                 status = %e.status,
                 "payouts not resolved yet"
             );

@@ -374,6 +374,9 @@ fn confirmations(pos: &ChainPosition<ConfirmationBlockTime>, tip: u32) -> u32 {
     }
 }
 
+/// A batch in flight: its id and its versions, oldest first.
+type Inflight = (u64, Vec<store::BatchTx>);
+
 fn sats(a: bitcoin::Amount) -> Amount {
     Amount(a.to_sat())
 }
@@ -964,6 +967,22 @@ impl CustodyService {
     /// each call: one call per deposit or batch made every step quadratic in the wallet's
     /// history (measured, debug build: 1,000 look-ups in a 1,000-transaction wallet 11 s,
     /// 4,000 in 4,000 193 s), under the custody lock.
+    /// The batches in flight with their versions, and the confirmations of every version the
+    /// wallet has in view (one canonicalization for all).
+    fn inflight_in_view(&self) -> Result<(Vec<Inflight>, HashMap<Txid, u32>), StoreError> {
+        let mut inflight = Vec::new();
+        for batch in store::inflight_batches(&self.db)? {
+            inflight.push((batch, store::batch_txs(&self.db, batch)?));
+        }
+        let view = self.in_view(
+            &inflight
+                .iter()
+                .flat_map(|(_, txs)| txs.iter().map(|t| t.txid))
+                .collect(),
+        );
+        Ok((inflight, view))
+    }
+
     fn in_view(&self, txids: &HashSet<Txid>) -> HashMap<Txid, u32> {
         if txids.is_empty() {
             return HashMap::new();
@@ -1264,16 +1283,7 @@ impl CustodyService {
     /// ([`reorged_batches`](Self::reorged_batches)): the ledger paid its withdrawals, so that
     /// transaction is kept and broadcast again until it confirms.
     fn keep_batches_in_view(&mut self, now: Timestamp) -> Result<(), SyncError> {
-        let mut inflight = Vec::new();
-        for batch in store::inflight_batches(&self.db)? {
-            inflight.push((batch, store::batch_txs(&self.db, batch)?));
-        }
-        let view = self.in_view(
-            &inflight
-                .iter()
-                .flat_map(|(_, txs)| txs.iter().map(|t| t.txid))
-                .collect(),
-        );
+        let (inflight, view) = self.inflight_in_view()?;
         let mut kept = Vec::new();
         for (batch, txs) in inflight {
             if txs.iter().any(|t| view.contains_key(&t.txid)) {
@@ -2860,16 +2870,7 @@ impl CustodyService {
     /// it). Returns how many were sent.
     pub fn broadcast_pending(&mut self, now: Timestamp) -> Result<usize, BatchError> {
         let mut sent = 0;
-        let mut inflight = Vec::new();
-        for batch in store::inflight_batches(&self.db)? {
-            inflight.push((batch, store::batch_txs(&self.db, batch)?));
-        }
-        let view = self.in_view(
-            &inflight
-                .iter()
-                .flat_map(|(_, txs)| txs.iter().map(|t| t.txid))
-                .collect(),
-        );
+        let (inflight, view) = self.inflight_in_view()?;
         for (batch, txs) in inflight {
             let confirmed = txs
                 .iter()
@@ -3044,16 +3045,7 @@ impl CustodyService {
         self.last_now_ms = self.last_now_ms.max(now.as_millis());
         let mut report = WithdrawalReport::default();
         let required = self.config.withdrawal_confirmations.max(1);
-        let mut inflight = Vec::new();
-        for batch in store::inflight_batches(&self.db)? {
-            inflight.push((batch, store::batch_txs(&self.db, batch)?));
-        }
-        let view = self.in_view(
-            &inflight
-                .iter()
-                .flat_map(|(_, txs)| txs.iter().map(|t| t.txid))
-                .collect(),
-        );
+        let (inflight, view) = self.inflight_in_view()?;
         for (batch, txs) in inflight {
             let Some(paid) = txs
                 .iter()
@@ -3648,16 +3640,7 @@ impl CustodyService {
     /// paying txid). Its coins are gone at the tip while its withdrawals' holds are still
     /// liabilities, so no proof of reserves can be consistent until it completes.
     pub fn confirming_batch(&self) -> Result<Option<(u64, Txid)>, StoreError> {
-        let mut inflight = Vec::new();
-        for batch in store::inflight_batches(&self.db)? {
-            inflight.push((batch, store::batch_txs(&self.db, batch)?));
-        }
-        let view = self.in_view(
-            &inflight
-                .iter()
-                .flat_map(|(_, txs)| txs.iter().map(|t| t.txid))
-                .collect(),
-        );
+        let (inflight, view) = self.inflight_in_view()?;
         Ok(inflight.into_iter().find_map(|(batch, txs)| {
             txs.iter()
                 .find(|t| view.get(&t.txid).is_some_and(|c| *c > 0))

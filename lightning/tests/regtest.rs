@@ -1012,9 +1012,17 @@ fn channels_usable(w: &World) {
 fn customer_back(w: &World) {
     w.customer.start().unwrap();
     let m_addr = w.m().node().listening_addresses().unwrap()[0].clone();
-    w.customer
-        .connect(w.m().node().node_id(), m_addr, true)
-        .unwrap();
+    // A node just started may refuse the first connection (its listener not up yet: a CI run
+    // failed with ConnectionFailed here); tried again for a while.
+    let mut tries = 0;
+    while let Err(e) = w
+        .customer
+        .connect(w.m().node().node_id(), m_addr.clone(), true)
+    {
+        tries += 1;
+        assert!(tries < 40, "cannot connect to Mediator's node: {e:?}");
+        std::thread::sleep(Duration::from_millis(250));
+    }
     channels_usable(w);
 }
 

@@ -31,6 +31,7 @@
 //!   shown by the page the form redirects to; only harmless messages travel as `?done=`.
 
 pub mod authorize;
+pub mod passwords;
 
 use super::greenfield::{self as gf, GfReq, RawQuery};
 use super::routes::{db_error, with_db};
@@ -41,6 +42,7 @@ use api::state::{AppState, ClientIp};
 use axum::extract::{FromRequestParts, Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use passwords::{dummy_phc, hash_password, verify_password};
 use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Map, Value};
 use sha2::{Digest, Sha256};
@@ -111,31 +113,6 @@ pub(crate) fn ct_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-fn hash_password(password: &str) -> Result<String, ApiError> {
-    use argon2::password_hash::{PasswordHasher, SaltString};
-    let salt_bytes = api::keys::random_bytes::<16>().map_err(|_| ApiError::internal())?;
-    let salt = SaltString::encode_b64(&salt_bytes).map_err(|_| ApiError::internal())?;
-    argon2::Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|_| ApiError::internal())
-}
-
-fn verify_password(password: &str, phc: &str) -> bool {
-    use argon2::password_hash::{PasswordHash, PasswordVerifier};
-    PasswordHash::new(phc).is_ok_and(|h| {
-        argon2::Argon2::default()
-            .verify_password(password.as_bytes(), &h)
-            .is_ok()
-    })
-}
-
-/// A stored hash to verify against when the store has none, so an unknown store costs the same.
-fn dummy_phc() -> &'static str {
-    static D: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    D.get_or_init(|| hash_password("no store has this password").unwrap_or_default())
-}
-
 // ---- operator commands (admin API) ----
 
 /// `POST /mapi/v1/admin/dashboardPassword` (ADMIN): `account`, `password` (12 to 128
@@ -152,9 +129,12 @@ pub async fn admin_set_password(
     if !PASSWORD_LEN.contains(&password.chars().count()) {
         return Err(ApiError::illegal("password", "12 to 128 characters"));
     }
-    let phc = tokio::task::spawn_blocking(move || hash_password(&password))
+    let phc = st
+        .merchant()
+        .passwords
+        .run(move || hash_password(&password))
         .await
-        .map_err(|_| ApiError::internal())??;
+        .map_err(|passwords::Busy| ApiError::busy())??;
     // Who and which store, never the password (nor its hash); recorded before it is set, and
     // a failed entry sets nothing (a password grants access: none without its record).
     st.audit_by(
@@ -865,22 +845,32 @@ async fn try_login(
             "Too many login attempts; wait a minute and try again.".into(),
         ));
     }
-    let account = if let Some(token) = form.get("link").filter(|t| !t.is_empty()) {
+    // The store and its password hash as the login saw it (`None`: no password): the session
+    // is written only while the hash is still that one (below).
+    let (account, seen) = if let Some(token) = form.get("link").filter(|t| !t.is_empty()) {
         let hash = sha256_hex(token.trim());
         let now = now_ms();
         // Spent in the same statement that checks it: used twice, only one wins.
-        let account = with_db(st, move |c| {
-            c.query_row(
-                "UPDATE dashboard_link SET used_ms = ?2
-                 WHERE hash = ?1 AND used_ms IS NULL AND expires_ms > ?2 RETURNING merchant",
-                params![hash, now],
-                |r| r.get::<_, u32>(0),
-            )
-            .optional()
-            .map_err(db_error)
+        let found = with_db(st, move |c| {
+            let tx = c.transaction().map_err(db_error)?;
+            let account = tx
+                .query_row(
+                    "UPDATE dashboard_link SET used_ms = ?2
+                     WHERE hash = ?1 AND used_ms IS NULL AND expires_ms > ?2 RETURNING merchant",
+                    params![hash, now],
+                    |r| r.get::<_, u32>(0),
+                )
+                .optional()
+                .map_err(db_error)?;
+            let found = match account {
+                Some(a) => Some((a, stored_phc(&tx, a)?)),
+                None => None,
+            };
+            tx.commit().map_err(db_error)?;
+            Ok(found)
         })
         .await?;
-        account.ok_or_else(|| Refusal::Page(StatusCode::UNAUTHORIZED, LINK_FAILED.into()))?
+        found.ok_or_else(|| Refusal::Page(StatusCode::UNAUTHORIZED, LINK_FAILED.into()))?
     } else {
         let fail = || Refusal::Page(StatusCode::UNAUTHORIZED, LOGIN_FAILED.into());
         let store = form.text("store").to_owned();
@@ -908,27 +898,24 @@ async fn try_login(
         let password = form.get("password").unwrap_or("").to_owned();
         let account = store.parse::<u32>().ok();
         let phc = match account {
-            Some(a) => {
-                with_db(st, move |c| {
-                    c.query_row(
-                        "SELECT phc FROM dashboard_password WHERE merchant = ?1",
-                        params![a],
-                        |r| r.get::<_, String>(0),
-                    )
-                    .optional()
-                    .map_err(db_error)
-                })
-                .await?
-            }
+            Some(a) => with_db(st, move |c| stored_phc(c, a)).await?,
             None => None,
         };
-        let known = phc.is_some();
-        let phc = phc.unwrap_or_else(|| dummy_phc().to_owned());
-        let good = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+        let seen = phc.clone();
+        let good = st
+            .merchant()
+            .passwords
+            .run(move || {
+                let against = match &phc {
+                    Some(p) => p.as_str(),
+                    None => dummy_phc(),
+                };
+                verify_password(&password, against)
+            })
             .await
-            .map_err(|_| Refusal::from(ApiError::internal()))?;
+            .map_err(|passwords::Busy| busy_checking())?;
         match account {
-            Some(a) if good && known => a,
+            Some(a) if good && seen.is_some() => (a, seen),
             _ => return Err(fail()),
         }
     };
@@ -942,15 +929,49 @@ async fn try_login(
         None => Some(random_hex()?),
     };
     let device_hash = device.as_deref().map(sha256_hex);
-    with_db(st, move |c| {
+    let opened = with_db(st, move |c| {
+        let tx = c.transaction().map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM dashboard_session WHERE expires_ms <= ?1",
+            params![now],
+        )
+        .map_err(db_error)?;
+        tx.execute(
+            "DELETE FROM dashboard_flash WHERE session NOT IN (SELECT hash FROM dashboard_session)",
+            [],
+        )
+        .map_err(db_error)?;
+        // Only while the store's password is the one the login checked: a change in between
+        // (which logs out the store's sessions in its own transaction) must not be outlived by
+        // a session it could not see yet. The hash has a fresh salt each time, so setting the
+        // same password again is a change too.
+        let opened = tx
+            .execute(
+                "INSERT INTO dashboard_session (hash, merchant, csrf, created_ms, expires_ms)
+                 SELECT ?1, ?2, ?3, ?4, ?5
+                 WHERE (SELECT phc FROM dashboard_password WHERE merchant = ?2) IS ?6",
+                params![
+                    hash,
+                    account,
+                    csrf,
+                    now,
+                    now.saturating_add(SESSION_TTL_MS),
+                    seen
+                ],
+            )
+            .map_err(db_error)?
+            == 1;
+        if !opened {
+            return Ok(false);
+        }
         if let Some(d) = device_hash {
-            c.execute(
+            tx.execute(
                 "INSERT INTO dashboard_device (hash, merchant, created_ms) VALUES (?1, ?2, ?3)",
                 params![d, account, now],
             )
             .map_err(db_error)?;
             // The newest few per store, none expired.
-            c.execute(
+            tx.execute(
                 "DELETE FROM dashboard_device WHERE created_ms <= ?1 OR (merchant = ?2 AND hash NOT IN
                    (SELECT hash FROM dashboard_device WHERE merchant = ?2
                     ORDER BY created_ms DESC, hash LIMIT ?3))",
@@ -962,24 +983,17 @@ async fn try_login(
             )
             .map_err(db_error)?;
         }
-        c.execute(
-            "DELETE FROM dashboard_session WHERE expires_ms <= ?1",
-            params![now],
-        )
-        .map_err(db_error)?;
-        c.execute(
-            "DELETE FROM dashboard_flash WHERE session NOT IN (SELECT hash FROM dashboard_session)",
-            [],
-        )
-        .map_err(db_error)?;
-        c.execute(
-            "INSERT INTO dashboard_session (hash, merchant, csrf, created_ms, expires_ms)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-            params![hash, account, csrf, now, now.saturating_add(SESSION_TTL_MS)],
-        )
-        .map_err(db_error)
+        tx.commit().map_err(db_error)?;
+        Ok(true)
     })
     .await?;
+    if !opened {
+        return Err(Refusal::Page(
+            StatusCode::UNAUTHORIZED,
+            "The store's password changed while you were logging in; log in with the new one."
+                .into(),
+        ));
+    }
     let mut r = redirect(form.get("next").and_then(safe_next).unwrap_or("/dashboard"));
     let cookie = format!(
         "{COOKIE}={id}; Path=/; HttpOnly; SameSite=Strict; Max-Age={}{}",
@@ -1000,6 +1014,26 @@ async fn try_login(
         }
     }
     Ok(r)
+}
+
+/// The store's password hash, if it has a password.
+fn stored_phc(c: &Connection, account: u32) -> Result<Option<String>, ApiError> {
+    c.query_row(
+        "SELECT phc FROM dashboard_password WHERE merchant = ?1",
+        params![account],
+        |r| r.get::<_, String>(0),
+    )
+    .optional()
+    .map_err(db_error)
+}
+
+/// A login refused because no password check was free in time ([`passwords::PASSWORD_WAIT`]):
+/// nothing was checked or counted.
+fn busy_checking() -> Refusal {
+    Refusal::Page(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "The server is busy checking passwords; try again in a moment.".into(),
+    )
 }
 
 /// `; Secure` unless the server is configured to be reached over plain HTTP (`public_url`
@@ -1934,16 +1968,7 @@ async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Res
         ));
     }
     let account = s.account;
-    let phc = with_db(st, move |c| {
-        c.query_row(
-            "SELECT phc FROM dashboard_password WHERE merchant = ?1",
-            params![account],
-            |r| r.get::<_, String>(0),
-        )
-        .optional()
-        .map_err(db_error)
-    })
-    .await?;
+    let phc = with_db(st, move |c| stored_phc(c, account)).await?;
     let Some(phc) = phc else {
         return Err(Refusal::Page(
             StatusCode::FORBIDDEN,
@@ -1956,9 +1981,20 @@ async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Res
         ));
     };
     let password = password.to_owned();
-    let good = tokio::task::spawn_blocking(move || verify_password(&password, &phc))
+    let good = st
+        .merchant()
+        .passwords
+        .run(move || verify_password(&password, &phc))
         .await
-        .map_err(|_| Refusal::from(ApiError::internal()))?;
+        .map_err(|passwords::Busy| {
+            Refusal::Page(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "The server is busy checking passwords; try again in a moment. {}",
+                    act.nothing()
+                ),
+            )
+        })?;
     if !good {
         let now = now_ms();
         limiter.charge(&by_session, 1, now);

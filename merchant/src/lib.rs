@@ -135,6 +135,9 @@ pub struct Merchant {
     pub redeliveries: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// Dashboard login attempts per client IP and per store ([`dashboard`]).
     pub logins: std::sync::OnceLock<api::ratelimit::Limiter>,
+    /// The dashboard's Argon2 runs, a few at a time process-wide
+    /// ([`dashboard::passwords`]).
+    pub passwords: dashboard::passwords::PasswordWork,
     /// Failed dashboard step-up passwords per session and per store ([`dashboard`]).
     pub step_ups: std::sync::OnceLock<api::ratelimit::Limiter>,
     /// One step-up at a time per store, from the check of its failure counts to the count of
@@ -166,6 +169,7 @@ impl Merchant {
             pos_invoices: std::sync::OnceLock::new(),
             redeliveries: std::sync::OnceLock::new(),
             logins: std::sync::OnceLock::new(),
+            passwords: dashboard::passwords::PasswordWork::default(),
             step_ups: std::sync::OnceLock::new(),
             step_up_turns: Mutex::new(std::collections::HashMap::new()),
             price_index: price::IndexCache::default(),

@@ -3439,7 +3439,23 @@ pub async fn store_payouts(
         Ok(out)
     })
     .await?;
-    ok(Value::Array(payouts_json(&st, merchant, rows).await?))
+    let listed = payouts_json(&st, merchant, rows).await?;
+    ok(Value::Array(pp_ids_for(&key, listed)))
+}
+
+/// Payouts as a store key may see them: a pull payment's id is the right to claim what remains
+/// of it (`POST /api/v1/pull-payments/{id}/payouts` pays any address), so it is shown only to a
+/// key that holds `withdraw`, as listing the pull payments needs (`canviewpullpayments`). A key
+/// that views payouts without it (`canviewpayouts`, `canviewstoresettings`) sees `null` there.
+fn pp_ids_for(key: &ApiKey, mut payouts: Vec<Value>) -> Vec<Value> {
+    if !key.perms.has(Perms::WITHDRAW) {
+        for p in &mut payouts {
+            if let Some(id) = p.get_mut("pullPaymentId") {
+                *id = Value::Null;
+            }
+        }
+    }
+    payouts
 }
 
 /// A payout waiting for the store's approval, with what the owner needs to judge it.
@@ -3520,7 +3536,10 @@ pub async fn store_payout(
     let key = auth(&st, &req, Some(&store_path))?;
     let row = store_payout_of(&st, key.account, id).await?;
     let v = payouts_json(&st, key.account, vec![row]).await?;
-    ok(v.into_iter().next().unwrap_or(Value::Null))
+    ok(pp_ids_for(&key, v)
+        .into_iter()
+        .next()
+        .unwrap_or(Value::Null))
 }
 
 /// `POST /api/v1/stores/{storeId}/payouts/{payoutId}`: approves a payout awaiting approval

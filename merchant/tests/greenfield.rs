@@ -3134,6 +3134,69 @@ fn token_of(g: &G, perms: &str) -> String {
 /// `canmanagepullpayments` keeps approving, as it did. What pays out, or lists the ids that
 /// do, also needs `withdraw`. Failed on the old code: the 2.x names were unknown (no key could
 /// hold them) and every payout route asked for `canmanagepullpayments`.
+/// Defect (money out): a store's payout list showed each payout's `pullPaymentId` to any key
+/// that views payouts (`canviewpayouts`, or `canviewstoresettings`, which holds it), and a pull
+/// payment's id is the right to claim what remains of it: such a key, which may not list pull
+/// payments (`canviewpullpayments` needs `withdraw`), read the id of an auto-approved refund
+/// and claimed its rest to its own address, paid at once. The id is now `null` for a key
+/// without `withdraw`.
+#[tokio::test]
+async fn a_payout_list_shows_pull_payment_ids_only_to_keys_that_hold_withdraw() {
+    let g = setup().await;
+    let store = g.store();
+    let pps = format!("/api/v1/stores/{store}/pull-payments");
+    let body = json!({"name": "Refund", "amount": "0.001", "currency": "BTC",
+                      "payoutMethods": ["BTC-CHAIN"], "autoApproveClaims": true});
+    let pp = ok(
+        call(&g.h, "POST", &pps, Some(&g.token), Some(body)).await,
+        "pp",
+    );
+    let pp_id = pp["id"].as_str().unwrap().to_owned();
+    let claim = json!({"destination": "bcrt1qcustomer", "amount": "0.0001",
+                       "payoutMethodId": "BTC-CHAIN"});
+    let claimed = ok(
+        raw(
+            &g.h,
+            "POST",
+            &format!("/api/v1/pull-payments/{pp_id}/payouts"),
+            None,
+            claim.to_string(),
+            &[],
+        )
+        .await,
+        "claim",
+    );
+    let store_payouts = format!("/api/v1/stores/{store}/payouts");
+    let one = format!("{store_payouts}/{}", claimed["id"].as_str().unwrap());
+    for perms in [
+        "btcpay.store.canviewpayouts",
+        "btcpay.store.canviewstoresettings",
+    ] {
+        let t = token_of(&g, perms);
+        let listed = ok(
+            call(&g.h, "GET", &store_payouts, Some(&t), None).await,
+            "list",
+        );
+        assert_eq!(listed.as_array().unwrap().len(), 1, "{listed}");
+        assert_eq!(listed[0]["id"], claimed["id"]);
+        assert_eq!(listed[0]["pullPaymentId"], Value::Null, "{perms}: {listed}");
+        let p = ok(call(&g.h, "GET", &one, Some(&t), None).await, "one");
+        assert_eq!(p["pullPaymentId"], Value::Null, "{perms}: {p}");
+        assert!(!listed.to_string().contains(&pp_id), "{perms}: {listed}");
+    }
+    // A key that holds `withdraw` (and may list the pull payments) sees it.
+    let t = token_of(&g, "btcpay.store.canviewpayouts,withdraw");
+    let listed = ok(
+        call(&g.h, "GET", &store_payouts, Some(&t), None).await,
+        "list",
+    );
+    assert_eq!(listed[0]["pullPaymentId"], pp_id.as_str());
+    // Only the customer was paid.
+    let ws = g.fake.withdrawals.lock().unwrap();
+    let to: Vec<&str> = ws.iter().map(|w| w.address.as_str()).collect();
+    assert_eq!(to, ["bcrt1qcustomer"]);
+}
+
 #[tokio::test]
 async fn btcpay_2_payout_permissions_do_what_they_name_and_no_more() {
     let g = setup().await;

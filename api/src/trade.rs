@@ -511,11 +511,19 @@ async fn cancel(
             order: r,
         })
         .await?;
+    // The order the engine cancelled is the one it names in its answer: the pending order of
+    // an OTO list is cancelled by cancelling the list's working order, whose `OrderDone` is
+    // then the only one among the events (review: the answer described the working order).
     if let Err(code) = reply.result {
         return Err(ApiError::cancel_rejected(code));
     }
-    let id = *done_ids(&reply.events)
-        .first()
+    let named = reply.events.iter().find_map(|e| match e {
+        Event::Accepted { order, .. } => *order,
+        _ => None,
+    });
+    let id = named
+        .map(|o| o.0)
+        .or_else(|| done_ids(&reply.events).first().copied())
         .ok_or_else(ApiError::internal)?;
     // The order as the read models hold it now (they may not have applied the cancel yet), or
     // as they held it before the cancel, with the cancel's outcome from its own events.

@@ -2114,6 +2114,58 @@ async fn oco_input_is_validated_and_refusals_change_nothing() {
         .unwrap()
         .is_empty());
 }
+/// Defect (review): cancelling an OTO list's pending order (which cancels the list through its
+/// working order, as Binance does) answered with the working order's report: its id, side and
+/// price, so a client matching answers by `orderId` marked the wrong order cancelled. The answer
+/// is now the named order's, `CANCELED`, in its list.
+#[tokio::test]
+async fn cancelling_an_oto_lists_pending_order_answers_about_that_order() {
+    let h = Harness::new();
+    let (_, t) = h.trader("0", "100000").await;
+    for by_client_id in [false, true] {
+        let oto = format!("symbol=BTCUSD&workingType=LIMIT&workingSide=BUY&workingPrice=20000&workingQuantity=0.01&workingTimeInForce=GTC&pendingType=LIMIT_MAKER&pendingSide=SELL&pendingPrice=22000&pendingQuantity=0.01&pendingClientOrderId=tp{by_client_id}");
+        let r = h.ok("POST", "/api/v3/orderList/oto", &oto, &t).await;
+        let list = r["orderListId"].as_u64().unwrap();
+        let working = r["orderReports"][0]["orderId"].as_u64().unwrap();
+        let pending = r["orderReports"][1]["orderId"].as_u64().unwrap();
+        let named = if by_client_id {
+            format!("symbol=BTCUSD&origClientOrderId=tp{by_client_id}")
+        } else {
+            format!("symbol=BTCUSD&orderId={pending}")
+        };
+        let c = h.ok("DELETE", "/api/v3/order", &named, &t).await;
+        assert_eq!(
+            (
+                c["orderId"].as_u64(),
+                c["side"].as_str(),
+                c["status"].as_str(),
+                c["orderListId"].as_u64(),
+                c["price"].as_str()
+            ),
+            (
+                Some(pending),
+                Some("SELL"),
+                Some("CANCELED"),
+                Some(list),
+                Some("22000.00000000")
+            ),
+            "{c}"
+        );
+        assert_eq!(c["origClientOrderId"], format!("tp{by_client_id}").as_str());
+        // The list went with it: the working order is cancelled too, nothing stays open.
+        let w = h
+            .ok(
+                "GET",
+                "/api/v3/order",
+                &format!("symbol=BTCUSD&orderId={working}"),
+                &t,
+            )
+            .await;
+        assert_eq!(w["status"], "CANCELED", "{w}");
+        let open = h.ok("GET", "/api/v3/openOrders", "", &t).await;
+        assert_eq!(open.as_array().unwrap().len(), 0, "{open}");
+    }
+}
 
 /// Issue 9: OTO lists over REST in Binance's shapes: the pending order answers PENDING_NEW and
 /// holds nothing until the working order has filled completely, then it is placed (NEW) and

@@ -987,16 +987,30 @@ pub async fn cancel_open_orders(
         return Err(ApiError::bad(-2011, "Unknown order sent."));
     }
     let ms = accepted_ms(&reply.events);
+    // Each report from the order as the read models hold it with the cancel's outcome from its
+    // own events (they may not have applied the cancel yet, and `submit` answers after 5 s
+    // without them). An order they do not hold yet (placed just before, answered ahead of
+    // them) is waited for; not in time, the answer is `-1007`, never a list without it: the
+    // orders were cancelled (review: a lagging read model made a done cancel read `NEW`, and
+    // left out an order it did not hold, `[]` answering "nothing cancelled").
     let mut v = Vec::with_capacity(ids.len());
     for id in ids {
-        if let Some(o) = st
+        let mut o = st
             .read_model()
             .find_order(key.account, id)
-            .map_err(internal)?
-        {
-            let c = st.gen_client_id();
-            v.push(cancel_json(m, &o, &c, ms));
+            .map_err(internal)?;
+        if o.is_none() {
+            if !st.read_model().wait_for(reply.seq).await {
+                return Err(ApiError::outcome_unknown());
+            }
+            o = st
+                .read_model()
+                .find_order(key.account, id)
+                .map_err(internal)?;
         }
+        let o = o.ok_or_else(ApiError::outcome_unknown)?;
+        let c = st.gen_client_id();
+        v.push(cancel_json(m, &after_events(o, &reply.events, ms), &c, ms));
     }
     Ok(ok_json(&ctx, Value::Array(v)))
 }

@@ -994,3 +994,90 @@ async fn a_client_that_does_not_read_gets_no_more_answers_built_than_one_flush_h
     drop(silent);
     let _ = stop.send(());
 }
+
+/// The `(orderId, status)` of each report in a `DELETE /api/v3/openOrders` answer.
+fn cancelled(r: &Value) -> Vec<(u64, String)> {
+    r.as_array()
+        .unwrap()
+        .iter()
+        .map(|o| {
+            (
+                o["orderId"].as_u64().unwrap(),
+                o["status"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// Defect (review): `DELETE /api/v3/openOrders` (and `openOrders.cancelAll`) built its reports
+/// by reading the read models after the engine had cancelled. With them behind, every order it
+/// cancelled read `NEW`, and an order they did not hold yet (answered ahead of them) was left
+/// out: `[]` when it was the only one, "nothing cancelled" for a done cancel. The reports now
+/// take the cancel's outcome from its own events, and an order the read models do not hold
+/// makes the answer `-1007` (outcome unknown to this answer), never a list without it.
+#[tokio::test]
+async fn cancelling_all_open_orders_answers_from_the_engine_while_the_read_model_lags() {
+    let (h, gate) = gated();
+    let (_, t) = h.trader("0", "100000").await;
+    let place = |price: &str| {
+        let (h, t, price) = (&h, &t, price.to_owned());
+        async move {
+            h.ok(
+                "POST",
+                "/api/v3/order",
+                &format!(
+                    "symbol=BTCUSD&side=BUY&type=LIMIT&timeInForce=GTC&quantity=0.01&price={price}"
+                ),
+                t,
+            )
+            .await["orderId"]
+                .as_u64()
+                .unwrap()
+        }
+    };
+    // Held by the read models, which then stop applying.
+    let a = place("19000").await;
+    gate.pause();
+    let r = h
+        .signed("DELETE", "/api/v3/openOrders", "symbol=BTCUSD", &t)
+        .await;
+    assert_eq!(r.status, axum::http::StatusCode::OK, "{}", r.json);
+    assert_eq!(
+        cancelled(&r.json),
+        [(a, "CANCELED".to_owned())],
+        "{}",
+        r.json
+    );
+    gate.resume();
+
+    // One held, one placed while they lag (answered ahead of them).
+    let b = place("18000").await;
+    gate.pause();
+    let c = place("17000").await;
+    let r = h
+        .signed("DELETE", "/api/v3/openOrders", "symbol=BTCUSD", &t)
+        .await;
+    assert_eq!(
+        (r.status, r.json["code"].as_i64()),
+        (axum::http::StatusCode::SERVICE_UNAVAILABLE, Some(-1007)),
+        "{}",
+        r.json
+    );
+    gate.resume();
+    // Both were cancelled (once the read models have applied what the gate held).
+    for id in [b, c] {
+        let q = format!("symbol=BTCUSD&orderId={id}");
+        let get = || h.ok("GET", "/api/v3/order", &q, &t);
+        let mut o = get().await;
+        for _ in 0..200 {
+            if o["status"] == "CANCELED" {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+            o = get().await;
+        }
+        assert_eq!(o["status"], "CANCELED", "{o}");
+    }
+    let open = h.ok("GET", "/api/v3/openOrders", "", &t).await;
+    assert_eq!(open.as_array().unwrap().len(), 0, "{open}");
+}

@@ -1628,6 +1628,7 @@ pub fn enqueue_hooks(
                 "InvoicePaymentSettled" => payments
                     .iter()
                     .filter(|p| p["late"] != true)
+                    .take(crate::model::MAX_PAYMENT_EVENTS)
                     .map(Some)
                     .collect(),
                 _ => vec![None],

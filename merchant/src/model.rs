@@ -44,6 +44,14 @@ pub const BPS: u64 = 10_000;
 /// invoice or pull payment above it is refused (it could never be paid, and it would not fit
 /// the database's signed 64-bit integers near `u64::MAX`).
 pub const MAX_AMOUNT_SAT: u64 = 21_000_000 * 100_000_000;
+/// The most `PaymentReceived` events an invoice raises (and Greenfield
+/// `InvoicePaymentSettled` deliveries per webhook at its settlement). A payer can split a
+/// payment into thousands of outputs, and each event's webhook body carries the invoice with
+/// every payment: without a bound the outbox grew with the square of the payments (3,000
+/// outputs, ~2 GB in one transaction). Later payments still count in the invoice's amounts,
+/// status and payment list; in a transition that reaches the bound, its latest ones are the
+/// ones reported.
+pub const MAX_PAYMENT_EVENTS: usize = 32;
 
 /// An invoice's status.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -426,10 +434,17 @@ impl Invoice {
 
     /// Merges `observed` payments (new ones appended; known ones get their confirmations, credit
     /// and reorg state updated), recomputes status and marks at `now_ms`, and returns the events
-    /// of the transition in order (one `PaymentReceived` per new payment, then the status
+    /// of the transition in order (one `PaymentReceived` per new payment up to [`MAX_PAYMENT_EVENTS`] an invoice, then the status
     /// events). An empty `observed` just advances time (expiry).
     pub fn observe(&mut self, observed: &[Payment], now_ms: u64) -> Vec<EventType> {
         let mut events = Vec::new();
+        let reported = self
+            .payments
+            .iter()
+            .filter(|p| !p.reorged)
+            .count()
+            .min(MAX_PAYMENT_EVENTS);
+        let mut appended = 0usize;
         for o in observed {
             match self.payments.iter_mut().find(|p| p.id == o.id) {
                 Some(p) => {
@@ -442,11 +457,15 @@ impl Invoice {
                 None => {
                     self.payments.push(o.clone());
                     if !o.reorged {
-                        events.push(EventType::PaymentReceived);
+                        appended += 1;
                     }
                 }
             }
         }
+        // One per new payment, up to the bound; the webhook of the k-th of n is about the k-th
+        // of this transition's last n payments (`store::commit_transition`).
+        let report = appended.min(MAX_PAYMENT_EVENTS - reported);
+        events.extend(std::iter::repeat_n(EventType::PaymentReceived, report));
         let before = self.status;
         if before == Status::Settled
             && !self.marks.has(Marks::MARKED)

@@ -3542,3 +3542,110 @@ async fn two_payments_seen_in_one_tick_are_each_reported_by_their_own_webhook() 
     assert!(ids[0].starts_with(&"01".repeat(32)), "{ids:?}");
     assert!(ids[1].starts_with(&"02".repeat(32)), "{ids:?}");
 }
+
+/// Defect (review, outbox growth): every new payment raised a `PaymentReceived` event, each
+/// enqueued with the whole invoice (every payment) for the store and an `InvoiceReceivedPayment`
+/// per Greenfield webhook, and settlement one `InvoicePaymentSettled` per payment per webhook:
+/// a payer splitting a payment into thousands of outputs made the outbox grow with the square
+/// of their number (3,000 outputs: ~2 GB in one transaction, the merchant database locked
+/// meanwhile). An invoice now raises at most `MAX_PAYMENT_EVENTS` of each; every payment still
+/// counts in its amounts, status and payment list.
+#[tokio::test]
+async fn an_invoice_paid_by_hundreds_of_outputs_enqueues_a_bounded_number_of_webhooks() {
+    use merchant::model::MAX_PAYMENT_EVENTS;
+    let g = setup().await;
+    let hook = ok(
+        call(
+            &g.h,
+            "POST",
+            &format!("/api/v1/stores/{}/webhooks", g.store()),
+            Some(&g.token),
+            Some(json!({"url": "https://shop.example/btcpay"})),
+        )
+        .await,
+        "create webhook",
+    );
+    let hook_id = hook["id"].as_str().unwrap().to_owned();
+    let inv = g
+        .new_invoice(json!({"amount": "0.003", "currency": "BTC"}))
+        .await;
+    let iid = inv["id"].as_str().unwrap().to_owned();
+    let pm = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!(
+                "/api/v1/stores/{}/invoices/{iid}/payment-methods",
+                g.store()
+            ),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "payment methods",
+    );
+    let address = pm[0]["destination"].as_str().unwrap().to_owned();
+    let now = common::now_ms();
+    // One transaction of 300 outputs of 1,000 sat, unconfirmed, then confirmed.
+    let outputs = |conf: u32| {
+        (0..300u32)
+            .map(|vout| api::custody::DepositInfo {
+                account: g.account,
+                txid: "ab".repeat(32),
+                vout,
+                amount_sat: 1_000,
+                address: address.clone(),
+                state: if conf >= 1 {
+                    api::custody::DepositState::Credited
+                } else {
+                    api::custody::DepositState::Pending
+                },
+                confirmations: conf,
+                required_confirmations: 1,
+                seen_ms: now,
+            })
+            .collect::<Vec<_>>()
+    };
+    *g.fake.deposits.lock().unwrap() = outputs(0);
+    tick(&g.h.state, now + 1).await.unwrap();
+    *g.fake.deposits.lock().unwrap() = outputs(1);
+    tick(&g.h.state, now + 2).await.unwrap();
+    // Every payment counts.
+    let v = ok(
+        call(
+            &g.h,
+            "GET",
+            &format!("/api/v1/stores/{}/invoices/{iid}", g.store()),
+            Some(&g.token),
+            None,
+        )
+        .await,
+        "invoice",
+    );
+    assert_eq!(v["status"], "Settled", "{v}");
+    let count = |event: &str| {
+        g.deliveries(&hook_id)
+            .iter()
+            .filter(|(e, _)| e == event)
+            .count()
+    };
+    assert_eq!(count("InvoiceReceivedPayment"), MAX_PAYMENT_EVENTS);
+    assert_eq!(count("InvoicePaymentSettled"), MAX_PAYMENT_EVENTS);
+    assert_eq!(count("InvoiceSettled"), 1);
+    let db = g.h.state.merchant().db.lock().unwrap();
+    let (native, bytes): (i64, i64) = db
+        .query_row(
+            "SELECT count(*), coalesce(sum(length(body)), 0) FROM webhook_deliveries
+             WHERE invoice_id = ?1 AND hook IS NULL",
+            [&iid],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert!(
+        usize::try_from(native).unwrap() <= MAX_PAYMENT_EVENTS + 3,
+        "{native} store deliveries"
+    );
+    assert!(native > 0);
+    // Each carries the 300 payments (~100 KB); 300 of them would be ~30 MB.
+    assert!(bytes < 8_000_000, "{bytes} bytes of store deliveries");
+}

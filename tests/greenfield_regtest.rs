@@ -344,7 +344,11 @@ fn woocommerce_flow_pays_settles_signs_webhooks_and_refunds_through_a_pull_payme
     let to = customer.receive_address();
     let payouts = format!("/api/v1/pull-payments/{pp_id}/payouts");
     let (st, v) = http(addr, "POST", &payouts, None, Some(&json!({"destination": to.to_string(), "amount": "0.00030001", "payoutMethodId": "BTC-CHAIN"}).to_string()));
-    assert_eq!(st, 422, "a claim over the limit: {v}");
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("overdraft")),
+        "a claim over the limit: {v}"
+    );
     let payout = ok(
         http(
             addr,
@@ -359,14 +363,18 @@ fn woocommerce_flow_pays_settles_signs_webhooks_and_refunds_through_a_pull_payme
     );
     assert_eq!(payout["payoutAmount"], "0.0003");
     assert_eq!(payout["destination"], json!(to.to_string()));
-    let (st, _) = http(
+    let (st, v) = http(
         addr,
         "POST",
         &payouts,
         None,
         Some(&json!({"destination": to.to_string(), "amount": "0.00000001"}).to_string()),
     );
-    assert_eq!(st, 422, "nothing remains");
+    assert_eq!(
+        (st, v["code"].as_str()),
+        (400, Some("overdraft")),
+        "nothing remains: {v}"
+    );
     // Batched, broadcast, mined: the customer has it; the payout is Completed.
     let state = || {
         ok(http(addr, "GET", &payouts, None, None), "payouts")[0]["state"]

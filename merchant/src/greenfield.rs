@@ -1412,11 +1412,16 @@ pub async fn mark_status(
     } else {
         rec.inv.mark_invalid(now)
     };
+    // BTCPay answers a refused marking as a validation error on `status` (422), as
+    // `MarkInvoiceStatus` does (review: this was a 400 `invalid-state`).
     let more = more.map_err(|model::TransitionError::WrongStatus(s)| {
-        gf_err(
-            StatusCode::BAD_REQUEST,
-            "invalid-state",
-            format!("Cannot mark a {} invoice {want}", s.as_str()),
+        invalid(
+            "status",
+            format!(
+                "Status can only be marked to invalid or settled within certain conditions: \
+                 a {} invoice cannot be marked {want}",
+                s.as_str()
+            ),
         )
     })?;
     events.extend(more);
@@ -3209,11 +3214,14 @@ async fn claim_and_pay(
             return ok(payout_json(&now_p, None));
         }
         Reserved::Existing(p) => return ok(payout_json(&p, None)),
+        // BTCPay's `overdraft` (400), as its `HandleClaimResult` answers it; a shop's client
+        // tells it from a malformed amount (422) by the code (review: this was a 422).
         Reserved::OverLimit(remaining) => {
-            return Err(invalid(
-                "amount",
+            return Err(gf_err(
+                StatusCode::BAD_REQUEST,
+                "overdraft",
                 format!(
-                    "more than the {} BTC that remain to claim",
+                    "The payout amount is more than the {} BTC that remain to claim",
                     r::btc(remaining)
                 ),
             ))

@@ -32,8 +32,8 @@ pub const MAX_IN_PER_SEC: u32 = 5;
 /// Request weight of a WebSocket connection (as Binance's WebSocket API charges its connection).
 pub const CONNECT_WEIGHT: u64 = 2;
 pub use crate::wsapi::{
-    parse_api_request, ws_api, ws_api_signed_payload, ws_api_time, ApiRequest,
-    MAX_WS_API_SUBSCRIPTIONS, MAX_WS_API_SUBSCRIPTION_IDS,
+    parse_api_request, ws_api, ws_api_signed_payload, ApiRequest, MAX_WS_API_SUBSCRIPTIONS,
+    MAX_WS_API_SUBSCRIPTION_IDS,
 };
 /// The server pings this often...
 const PING_EVERY_MS: u64 = 20_000;

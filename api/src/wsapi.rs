@@ -321,26 +321,6 @@ pub fn parse_api_request(text: &str) -> Result<ApiRequest, ApiError> {
     })
 }
 
-/// A signed WebSocket API request's `timestamp` (`-1102` when missing or not an unsigned integer)
-/// and `recvWindow` (`-1130` when sent and not an unsigned integer).
-pub fn ws_api_time(
-    params: &serde_json::Map<String, Value>,
-) -> Result<(u64, Option<u64>), ApiError> {
-    let int = |v: &Value| {
-        v.as_u64()
-            .or_else(|| v.as_str().and_then(|s| s.parse().ok()))
-    };
-    let ts = params
-        .get("timestamp")
-        .and_then(int)
-        .ok_or_else(|| ApiError::missing("timestamp"))?;
-    let recv = match params.get("recvWindow") {
-        None => None,
-        Some(v) => Some(int(v).ok_or_else(|| ApiError::invalid_value("recvWindow"))?),
-    };
-    Ok((ts, recv))
-}
-
 /// The bytes a signed WebSocket API request's HMAC covers, and its `signature`: every other
 /// parameter as `name=value`, sorted by name, joined with `&` (a value that is not a string,
 /// number or boolean: `-1130`; no string `signature`: `-1102`).
@@ -622,8 +602,12 @@ fn ws_signed(
         .and_then(Value::as_str)
         .ok_or_else(|| ApiError::missing("apiKey"))?;
     let key = st.find_key(api_key)?;
-    let (ts, recv) = ws_api_time(params)?;
+    // `timestamp` and `recvWindow` read as a REST request's and every routed method's are
+    // (`crate::params::signed_params`: `-1102`, `-1100`), and nothing else sent (`-1104`)
+    // (review: this read them with its own, looser rules, `+` signs and all).
+    let (mut p, ts, recv) = crate::params::signed_params(params_of(params.clone())?)?;
     st.check_time(ts, recv)?;
+    p.req("signature")?;
     let (payload, sig) = ws_api_signed_payload(params)?;
     if !key.verify(payload.as_bytes(), sig)
         && !form_encoded(params).is_some_and(|p| key.verify(p.as_bytes(), sig))
@@ -634,6 +618,7 @@ fn ws_signed(
     if !key.perms.has(Perms::READ) {
         return Err(ApiError::key_rejected());
     }
+    p.finish()?;
     Ok(key)
 }
 

@@ -769,3 +769,83 @@ async fn an_unsubscribe_with_a_malformed_id_is_refused_and_ends_nothing() {
     assert_eq!(a["status"], 200, "{a}");
     let _ = stop.send(());
 }
+
+/// `params` signed as sent: `apiKey` added, `timestamp` and everything else as given (no
+/// `timestamp` of now put in).
+fn signed_as_is(params: Value, key: &Key) -> Value {
+    let mut p = params.as_object().cloned().unwrap_or_default();
+    p.insert("apiKey".into(), json!(key.0));
+    let mut pairs: Vec<(String, String)> = p
+        .iter()
+        .map(|(k, v)| {
+            let s = match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            (k.clone(), s)
+        })
+        .collect();
+    pairs.sort();
+    let payload: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    p.insert(
+        "signature".into(),
+        json!(api::keys::sign(&key.1, &payload.join("&"))),
+    );
+    Value::Object(p)
+}
+
+/// Defect (review): `userDataStream.subscribe.signature` read `timestamp` and `recvWindow` with
+/// its own rules, not REST's (and every routed method's): a `recvWindow` of `abc`, `-1` or
+/// `5000.5` answered `-1130` (REST: `-1100`), a
+/// `timestamp` of `+<ms>` was taken (REST: `-1102`), and a parameter it does not take was
+/// ignored (REST: `-1104`). The same bad input now gets the same code, and subscribes nothing.
+#[tokio::test]
+async fn user_data_subscribe_reads_its_parameters_as_rest_does() {
+    let h = Harness::new();
+    let (addr, stop) = start(&h).await;
+    let (_, key) = h.trader("0", "0").await;
+    let mut ws = Ws::connect(addr).await;
+    let now = common::now_ms();
+    let code = |a: &Value| a["error"]["code"].as_i64();
+    for bad in ["abc", "-1", "5000.5"] {
+        let a = ws
+            .call(
+                "userDataStream.subscribe.signature",
+                signed_as_is(json!({"timestamp": now, "recvWindow": bad}), &key),
+            )
+            .await;
+        assert_eq!(code(&a), Some(-1100), "recvWindow {bad}: {a}");
+    }
+    let a = ws
+        .call(
+            "userDataStream.subscribe.signature",
+            signed_as_is(json!({"timestamp": format!("+{now}")}), &key),
+        )
+        .await;
+    assert_eq!(code(&a), Some(-1102), "{a}");
+    let a = ws
+        .call(
+            "userDataStream.subscribe.signature",
+            signed_as_is(json!({"timestamp": now, "foo": "x"}), &key),
+        )
+        .await;
+    assert_eq!(code(&a), Some(-1104), "{a}");
+    // As REST answers the same parameters.
+    let r = h
+        .signed("GET", "/api/v3/account", "recvWindow=abc", &key)
+        .await;
+    assert_eq!(r.json["code"], -1100, "{}", r.json);
+    // Nothing was subscribed; a well-formed request still is.
+    let a = ws
+        .call(
+            "userDataStream.subscribe.signature",
+            signed_as_is(json!({"timestamp": now, "recvWindow": "5000"}), &key),
+        )
+        .await;
+    assert_eq!(a["status"], 200, "{a}");
+    assert_eq!(
+        a["result"]["subscriptionId"], 0,
+        "the first subscription: {a}"
+    );
+    let _ = stop.send(());
+}

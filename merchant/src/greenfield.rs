@@ -1178,8 +1178,15 @@ pub async fn list_invoices(
         }
     }
     let account = key.account;
-    let want = skip.saturating_add(take).min(10 * r::MAX_LIST);
-    let by_order = orders.clone();
+    // Nothing past the first 10,000 matching invoices is listed (a page that far in would read
+    // the whole list for each request).
+    let want = skip.saturating_add(take).min(10 * r::MAX_LIST) as usize;
+    let skip = skip as usize;
+    let take = want.saturating_sub(skip);
+    if take == 0 {
+        return ok(Value::Array(Vec::new()));
+    }
+    let by_order = orders;
     // The stored statuses that may show as a wanted one: a `New` invoice shows `Expired` once
     // its time is up, before the monitor stores it so (nothing else changes by time alone).
     let mut stored = statuses.clone();
@@ -1189,11 +1196,9 @@ pub async fn list_invoices(
     let now = now_ms();
     let shown =
         move |rec: &Record| statuses.is_empty() || statuses.contains(&rec.inv.derive(now).status);
-    let shown_db = shown.clone();
+    // The filters choose what `skip` and `take` count. At most `take` records and one page of
+    // the list are held (review: up to `skip + take`, 10,000, were).
     let rows = with_db(&st, move |c| {
-        // The filters choose what `skip` and `take` count: pages of matching invoices until
-        // `want` show. By order id: looked up directly (however old the invoice), not filtered
-        // out of the newest page.
         let filter = |order_id| store::ListFilter {
             order_id,
             statuses: &stored,
@@ -1201,31 +1206,41 @@ pub async fn list_invoices(
             start_ms: start,
             end_ms: end,
         };
-        let recs = if by_order.is_empty() {
-            store::list_kept(c, account, &filter(None), want, &shown_db).map_err(db_error)?
-        } else {
-            // The newest `want` shown ones across the order ids, kept as each order id's are
-            // read: never more than twice `want` in memory (it was every invoice of up to 1,000
-            // order ids, `want` each, before `skip` and `take` were applied).
-            let mut out: Vec<(Record, Extra)> = Vec::new();
-            for o in &by_order {
-                for rec in store::list_kept(c, account, &filter(Some(o)), want, &shown_db)
-                    .map_err(db_error)?
-                {
-                    let e = extra(c, &rec.inv.id).map_err(db_error)?;
-                    out.push((rec, e));
+        let mut recs: Vec<Record> = Vec::with_capacity(take.min(r::MAX_LIST as usize));
+        if by_order.is_empty() {
+            let mut skipped = 0usize;
+            store::visit_kept(c, account, &filter(None), &shown, |rec| {
+                if skipped < skip {
+                    skipped += 1;
+                } else {
+                    recs.push(rec);
                 }
-                out.sort_by(|(a, _), (b, _)| {
-                    b.inv
-                        .created_ms
-                        .cmp(&a.inv.created_ms)
-                        .then_with(|| a.inv.id.cmp(&b.inv.id))
-                });
-                out.truncate(want as usize);
+                recs.len() < take
+            })
+            .map_err(db_error)?;
+        } else {
+            // By order id: each looked up directly (however old the invoice), not filtered out
+            // of the newest page. First the newest `skip + take` across the order ids by
+            // (created, id) alone, kept as each order id's are read; then those asked for.
+            let mut keys: Vec<(u64, String)> = Vec::new();
+            for o in &by_order {
+                let mut n = 0usize;
+                store::visit_kept(c, account, &filter(Some(o)), &shown, |rec| {
+                    keys.push((rec.inv.created_ms, rec.inv.id));
+                    n += 1;
+                    n < want
+                })
+                .map_err(db_error)?;
+                keys.sort_by(|a, b| b.0.cmp(&a.0).then_with(|| a.1.cmp(&b.1)));
+                keys.truncate(want);
             }
-            return Ok(out);
-        };
-        let mut out = Vec::new();
+            for (_, id) in keys.into_iter().skip(skip).take(take) {
+                if let Some(rec) = store::load(c, &id).map_err(db_error)? {
+                    recs.push(rec);
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(recs.len());
         for rec in recs {
             let e = extra(c, &rec.inv.id).map_err(db_error)?;
             out.push((rec, e));
@@ -1235,13 +1250,6 @@ pub async fn list_invoices(
     .await?;
     let v: Vec<Value> = rows
         .iter()
-        .filter(|(rec, e)| {
-            (archived || !e.archived)
-                && shown(rec)
-                && (orders.is_empty() || rec.order_id.as_ref().is_some_and(|o| orders.contains(o)))
-        })
-        .skip(skip as usize)
-        .take(take as usize)
         .map(|(rec, e)| invoice_json(&st, rec, e, now))
         .collect();
     ok(Value::Array(v))

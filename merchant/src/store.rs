@@ -708,17 +708,22 @@ pub fn list_page(
     rows.into_iter().map(|r| with_payments(conn, r)).collect()
 }
 
-/// The newest invoices of a filtered list that `keep` keeps, read a page of `want` at a time
-/// until `want` are kept or none are left (`keep` leaves out the few whose status changed by
-/// time alone, so a page may need a next one).
-pub fn list_kept(
+/// Invoices read at a time by [`visit_kept`]: a page holds at most this many records (each
+/// with up to 32 KiB of metadata and its payments).
+pub const LIST_PAGE: u32 = 100;
+
+/// Visits a filtered list's invoices that `keep` keeps, newest first, a page of [`LIST_PAGE`]
+/// at a time, until `visit` answers false or none are left (`keep` leaves out the few whose
+/// status changed by time alone). Only one page is held at a time: a caller keeps what it
+/// needs (review: the list was read into memory up to `skip + take`, 10,000 records of up to
+/// 32 KiB each, before the page asked for was cut from it).
+pub fn visit_kept(
     conn: &Connection,
     merchant: u32,
     f: &ListFilter<'_>,
-    want: u32,
     keep: impl Fn(&Record) -> bool,
-) -> rusqlite::Result<Vec<Record>> {
-    let mut recs: Vec<Record> = Vec::new();
+    mut visit: impl FnMut(Record) -> bool,
+) -> rusqlite::Result<()> {
     let mut after: Option<(u64, String)> = None;
     loop {
         let page = list_page(
@@ -726,13 +731,17 @@ pub fn list_kept(
             merchant,
             f,
             after.as_ref().map(|(ms, id)| (*ms, id.as_str())),
-            want,
+            LIST_PAGE,
         )?;
-        let full = page.len() == want as usize;
+        let full = page.len() == LIST_PAGE as usize;
         after = page.last().map(|r| (r.inv.created_ms, r.inv.id.clone()));
-        recs.extend(page.into_iter().filter(|r| keep(r)));
-        if !full || recs.len() >= want as usize {
-            return Ok(recs);
+        for r in page {
+            if keep(&r) && !visit(r) {
+                return Ok(());
+            }
+        }
+        if !full {
+            return Ok(());
         }
     }
 }

@@ -1386,6 +1386,47 @@ impl CustodyService {
         }
     }
 
+    /// When the transaction `txid` replaced (double-spent) transactions whose deposits to
+    /// `output`'s address are known and add up to at least what `txid` pays that address (all
+    /// its outputs to it together: a replacement that splits or raises the payment is new, not
+    /// the old one): the earliest time one of those was first seen. `None` otherwise.
+    fn replaced_payment_seen(
+        &self,
+        output: &bdk_wallet::bitcoin::TxOut,
+        txid: bdk_wallet::bitcoin::Txid,
+        known: &HashMap<OutPoint, store::DepositRow>,
+    ) -> Option<u64> {
+        let graph = self.wallet.tx_graph();
+        let tx = graph.get_tx(txid)?;
+        let (mut paid, mut earliest) = (0u64, None::<u64>);
+        let mut replaced: Vec<_> = graph.direct_conflicts(&tx).map(|(_, t)| t).collect();
+        replaced.sort_unstable();
+        replaced.dedup();
+        for old in replaced {
+            let Some(old_tx) = graph.get_tx(old) else {
+                continue;
+            };
+            for (vout, o) in old_tx.output.iter().enumerate() {
+                if o.script_pubkey != output.script_pubkey {
+                    continue;
+                }
+                let Ok(vout) = u32::try_from(vout) else {
+                    continue;
+                };
+                if let Some(d) = known.get(&OutPoint { txid: old, vout }) {
+                    paid = paid.saturating_add(d.amount.0);
+                    earliest = Some(earliest.map_or(d.first_seen_ms, |e| e.min(d.first_seen_ms)));
+                }
+            }
+        }
+        let pays: u64 = tx
+            .output
+            .iter()
+            .filter(|o| o.script_pubkey == output.script_pubkey)
+            .fold(0u64, |sum, o| sum.saturating_add(o.value.to_sat()));
+        earliest.filter(|_| paid >= pays)
+    }
+
     fn process_deposits_inner(&mut self, now: Timestamp) -> Result<DepositReport, DepositError> {
         let tip = self.tip_height();
         let required = self.config.deposit_confirmations.max(1);
@@ -1424,6 +1465,14 @@ impl CustodyService {
                             .min(anchor.confirmation_time.saturating_mul(1000)),
                         ChainPosition::Unconfirmed { .. } => now.as_millis(),
                     };
+                    // A replacement (RBF) of a payment seen earlier is that payment, seen when
+                    // it was: a fee bump after an invoice's expiry does not make an on-time
+                    // payment late. Only when what the replaced transactions paid this address
+                    // covers the new amount: a payer cannot announce a token payment on time
+                    // and raise it at leisure to the price of then.
+                    let seen = self
+                        .replaced_payment_seen(&out.txout, out.outpoint.txid, &known)
+                        .map_or(seen, |earlier| earlier.min(seen));
                     store::insert_deposit(&self.db, out.outpoint, account, event.amount, seen)?;
                     tracing::info!(%account, outpoint = %out.outpoint, amount = %event.amount, "deposit seen");
                     report.seen.push(event);

@@ -484,6 +484,72 @@ fn a_deposit_replaced_in_the_mempool_is_dropped_not_pending_for_ever() {
     assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
 }
 
+/// Defect: a payment replaced by its payer (a fee bump, RBF) after some time was a new deposit
+/// seen when the replacement was: a merchant invoice paid on time became paid late when the
+/// customer bumped the fee after its expiry. A replacement now keeps the first-seen time of
+/// the payment it replaced, as long as it pays the address no more than that one did (a
+/// replacement that raises the payment is new: a payer cannot announce a token payment on time
+/// and raise it later at the old price).
+#[test]
+fn a_fee_bumped_deposit_keeps_when_it_was_first_seen_unless_it_pays_more() {
+    let mut w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let raised_addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(25);
+    customer.fund(&w.node, 2);
+    let seen = |svc: &wallet::CustodyService, txid| {
+        svc.deposits(Some(alice))
+            .unwrap()
+            .into_iter()
+            .filter(|d| d.outpoint.txid == txid)
+            .map(|d| d.first_seen_ms)
+            .collect::<Vec<_>>()
+    };
+    // A payment seen at t0; its fee bump two hours later.
+    let t0 = w.clock.now();
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    svc.step(t0).unwrap();
+    assert_eq!(seen(&svc, first.compute_txid()), [t0.as_millis()]);
+    let t1 = w.clock.advance(std::time::Duration::from_secs(7_200));
+    let bumped = customer.bump(
+        &w.node,
+        first.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(10),
+    );
+    svc.step(t1).unwrap();
+    assert_eq!(
+        seen(&svc, bumped.compute_txid()),
+        [t0.as_millis()],
+        "the replacement is the payment seen at t0"
+    );
+
+    // A payment of 100,000 sat replaced, two hours later, by one that adds 300,000 more to the
+    // same address: seen when the replacement was.
+    let t2 = w.clock.advance(std::time::Duration::from_secs(60));
+    let small = customer.pay(&w.node, &[(&raised_addr, 100_000)]);
+    svc.step(t2).unwrap();
+    let t3 = w.clock.advance(std::time::Duration::from_secs(7_200));
+    let raised = customer.bump_adding(
+        &w.node,
+        small.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(10),
+        &raised_addr,
+        300_000,
+    );
+    svc.step(t3).unwrap();
+    assert_eq!(
+        seen(&svc, raised.compute_txid()),
+        [t3.as_millis(), t3.as_millis()],
+        "a replacement that pays more is a new payment"
+    );
+    // Both replacements are credited once mined; the replaced ones never.
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(w.ledger.btc(alice), (800_000, 0));
+}
+
 /// Alice's deposit of 400,000 sat, credited at one confirmation. Returns the service, alice,
 /// the payer and the deposit.
 fn credited_deposit(

@@ -234,6 +234,33 @@ impl Customer {
         tx
     }
 
+    /// Replaces an unconfirmed payment of this wallet by one paying `rate` that also pays
+    /// `extra` sats more to `to` (a second output), broadcast.
+    pub fn bump_adding(
+        &mut self,
+        node: &TestNode,
+        txid: Txid,
+        rate: FeeRate,
+        to: &Address,
+        extra: u64,
+    ) -> Transaction {
+        let mut b = self.wallet.build_fee_bump(txid).expect("fee bump");
+        b.fee_rate(rate);
+        b.add_recipient(to.script_pubkey(), BtcAmount::from_sat(extra));
+        let mut psbt = b.finish().unwrap();
+        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
+        assert!(self
+            .wallet
+            .finalize_psbt(&mut psbt, SignOptions::default())
+            .unwrap());
+        let tx = psbt.extract_tx().unwrap();
+        node.rpc
+            .send_raw_transaction(&tx)
+            .expect("sendrawtransaction (replacement)");
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
+        tx
+    }
+
     /// Confirmed plus pending balance, sats.
     pub fn balance(&self) -> u64 {
         self.wallet.balance().total().to_sat()

@@ -1662,18 +1662,22 @@ impl ReadModel {
             .collect()
     }
 
-    /// An order by client id: an open one first, else the latest in history.
+    /// An order by client id, in `market` when given (Binance scopes a client order id to its
+    /// symbol: the same id may name a newer order in another market): an open one first, else
+    /// the latest in history.
     pub fn find_order_by_client(
         &self,
         account: u32,
+        market: Option<u16>,
         client: &str,
     ) -> Result<Option<OrderRec>, crate::store::StoreError> {
+        let named = |o: &OrderRec| o.client_id == client && market.is_none_or(|m| o.market == m);
         {
             let st = self.read();
             if let Some(ids) = st.open_by_account.get(&account) {
                 for id in ids.iter().rev() {
                     if let Some(o) = st.open.get(id) {
-                        if o.client_id == client {
+                        if named(o) {
                             return Ok(Some(o.clone()));
                         }
                     }
@@ -1682,7 +1686,7 @@ impl ReadModel {
             if let Some(o) = st
                 .pending
                 .values()
-                .find(|o| o.account == account && o.client_id == client)
+                .find(|o| o.account == account && named(o))
             {
                 return Ok(Some(o.clone()));
             }
@@ -1690,13 +1694,13 @@ impl ReadModel {
                 .unpersisted
                 .orders_of(account)
                 .rev()
-                .find(|o| o.client_id == client)
+                .find(|o| named(o))
                 .cloned();
             if latest.is_some() {
                 return Ok(latest);
             }
         }
-        self.store.order_by_client(account, client)
+        self.store.order_by_client(account, market, client)
     }
 }
 
@@ -2870,7 +2874,7 @@ mod tests {
                     .trades_history(account, 0, None, None, None, 100_000)
                     .unwrap();
                 assert_eq!(got, trades, "{when}: account {account} trades");
-                let got = rm.find_order_by_client(account, "c5").unwrap();
+                let got = rm.find_order_by_client(account, None, "c5").unwrap();
                 assert_eq!(got, by_client, "{when}: account {account} by client id");
             }
             // A market's trades from an id (`historicalTrades`): what a scan of every row finds.

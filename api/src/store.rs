@@ -256,6 +256,7 @@ impl Store {
     pub fn order_by_client(
         &self,
         account: u32,
+        market: Option<u16>,
         client: &str,
     ) -> Result<Option<OrderRec>, StoreError> {
         self.with(|c| {
@@ -269,7 +270,7 @@ impl Store {
             while let Some(r) = ids.next()? {
                 let id = r.get::<_, i64>(0)? as u64;
                 if let Some(o) = order_in(c, account, id)? {
-                    if o.client_id == client {
+                    if o.client_id == client && market.is_none_or(|m| o.market == m) {
                         return Ok(Some(o));
                     }
                 }
@@ -1431,10 +1432,10 @@ mod tests {
 
         assert_eq!(store.order(3, 7).unwrap(), Some(filled.clone()));
         assert_eq!(
-            store.order_by_client(3, "second").unwrap(),
+            store.order_by_client(3, None, "second").unwrap(),
             Some(filled.clone())
         );
-        assert_eq!(store.order_by_client(3, "first").unwrap(), None);
+        assert_eq!(store.order_by_client(3, None, "first").unwrap(), None);
         assert_eq!(
             store.orders(3, 0, None, None, None, 10).unwrap(),
             vec![filled]
@@ -1656,7 +1657,7 @@ mod tests {
             assert_eq!(store.order(o.account + 1, o.id).unwrap(), None);
             assert_eq!(
                 store
-                    .order_by_client(o.account, &o.client_id)
+                    .order_by_client(o.account, None, &o.client_id)
                     .unwrap()
                     .as_ref(),
                 Some(o)
@@ -1897,7 +1898,7 @@ mod tests {
             assert_eq!(store.order(o.account, o.id).unwrap().as_ref(), Some(o));
             assert_eq!(
                 store
-                    .order_by_client(o.account, &o.client_id)
+                    .order_by_client(o.account, None, &o.client_id)
                     .unwrap()
                     .as_ref(),
                 Some(o)
@@ -1927,7 +1928,7 @@ mod tests {
         Store::write_history(&mut conn, [&again, &new], &[], 9).unwrap();
         assert_eq!(store.order(again.account, again.id).unwrap(), Some(again));
         assert_eq!(
-            store.order_by_client(new.account, "new").unwrap(),
+            store.order_by_client(new.account, None, "new").unwrap(),
             Some(new)
         );
         let updates: i64 = conn
@@ -1984,7 +1985,7 @@ mod tests {
             Some(later.clone())
         );
         assert_eq!(
-            store.order_by_client(newer.account, "newer").unwrap(),
+            store.order_by_client(newer.account, None, "newer").unwrap(),
             Some(newer.clone())
         );
         let listed = store

@@ -485,7 +485,7 @@ async fn cancel(
     cancel_client: &str,
 ) -> Result<Value, ApiError> {
     let r = named.r;
-    let mut before = lookup(st, account, r)?;
+    let mut before = lookup(st, account, m, r)?;
     // A client order id held by a finished order may have been reused by a newer order the
     // read models have not applied yet (the engine cancels that one): wait for them as for an
     // order they do not hold.
@@ -494,7 +494,7 @@ async fn cancel(
         if !st.sync_read_model().await {
             return Err(ApiError::busy());
         }
-        before = lookup(st, account, r)?;
+        before = lookup(st, account, m, r)?;
     }
     // An id sent with another order's client order id names no order: refused, nothing sent.
     // The read models hold every order the engine applied before the wait above, and an
@@ -736,11 +736,17 @@ fn order_ref(p: &mut Params) -> Result<Named, ApiError> {
     Named::read(p, "orderId", "origClientOrderId")
 }
 
-fn lookup(st: &AppState, account: u32, r: OrderRef) -> Result<Option<OrderRec>, ApiError> {
+/// The order `r` names in market `m` (a client order id is looked up in that market).
+fn lookup(
+    st: &AppState,
+    account: u32,
+    m: &MarketSpec,
+    r: OrderRef,
+) -> Result<Option<OrderRec>, ApiError> {
     let rm = st.read_model();
     match r {
         OrderRef::Id(id) => rm.find_order(account, id.0),
-        OrderRef::Client(c) => rm.find_order_by_client(account, c.as_str()),
+        OrderRef::Client(c) => rm.find_order_by_client(account, Some(m.id.0), c.as_str()),
     }
     .map_err(internal)
 }
@@ -752,7 +758,7 @@ pub async fn get_order(State(st): State<AppState>, req: Req) -> Result<Response,
     let r = order_ref(&mut p)?;
     p.finish()?;
     let m = st.markets().by_symbol(&sym)?;
-    let o = lookup(&st, key.account, r.r)?
+    let o = lookup(&st, key.account, m, r.r)?
         .filter(|o| o.market == m.id.0 && r.matches(o))
         .ok_or_else(ApiError::no_such_order)?;
     Ok(ok_json(&ctx, order_json(m, &o)))
@@ -853,7 +859,7 @@ pub async fn amend_keep_priority(
         o.as_ref()
             .is_some_and(|o| o.market == m.id.0 && o.is_open() && qty.0 < o.orig_qty)
     };
-    let mut current = lookup(&st, key.account, r)?;
+    let mut current = lookup(&st, key.account, m, r)?;
     let mut synced = false;
     let reply = loop {
         if !usable(&current) && !synced {
@@ -861,7 +867,7 @@ pub async fn amend_keep_priority(
                 return Err(ApiError::busy());
             }
             synced = true;
-            current = lookup(&st, key.account, r)?;
+            current = lookup(&st, key.account, m, r)?;
         }
         let o = current
             .as_ref()

@@ -2753,3 +2753,73 @@ async fn my_trades_of_an_old_order_of_a_busy_account_are_found() {
         .await;
     assert_eq!(latest[0]["id"], trade_id + 100_001, "{latest}");
 }
+
+/// Defect (review): a client order id was looked up across every market, then kept only in
+/// the symbol asked for. Binance scopes a client order id to its symbol, so the same id may be
+/// reused in another market: `GET /api/v3/order` (and `order.status`) by `origClientOrderId`
+/// found the newer order of the other market and answered `-2013` for an order that exists.
+#[tokio::test]
+async fn a_client_order_id_reused_in_another_market_still_names_its_own_order() {
+    use matching_engine::config::{AssetConfig, EngineConfig};
+    let mut engine = EngineConfig::default();
+    engine.assets.push(AssetConfig {
+        symbol: "EUR".into(),
+        decimals: 8,
+    });
+    let mut eur = engine.markets[0].clone();
+    eur.symbol = "BTCEUR".into();
+    eur.quote = matching_engine::units::AssetId(2);
+    engine.markets.push(eur);
+    let dir = tempfile::tempdir().unwrap();
+    let state = api::open_local(
+        dir.path(),
+        engine,
+        api::ApiConfig {
+            orders_per_10s: 1_000_000,
+            ip_weight_per_min: 1_000_000,
+            key_weight_per_min: 1_000_000,
+            ..api::ApiConfig::default()
+        },
+    )
+    .unwrap();
+    let h = Harness::over(dir, state);
+    let (_, t) = h.trader("1", "0").await;
+    let sell = |symbol: &str| {
+        format!("symbol={symbol}&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.01&price=90000&newClientOrderId=mine")
+    };
+    let usd = h.ok("POST", "/api/v3/order", &sell("BTCUSD"), &t).await;
+    let usd_id = usd["orderId"].as_u64().unwrap();
+    h.ok(
+        "DELETE",
+        "/api/v3/order",
+        &format!("symbol=BTCUSD&orderId={usd_id}"),
+        &t,
+    )
+    .await;
+    // The same client order id, in the other market, open.
+    let eur = h.ok("POST", "/api/v3/order", &sell("BTCEUR"), &t).await;
+    assert_ne!(eur["orderId"], usd["orderId"]);
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            "symbol=BTCUSD&origClientOrderId=mine",
+            &t,
+        )
+        .await;
+    assert_eq!(
+        (o["orderId"].as_u64(), o["status"].as_str()),
+        (Some(usd_id), Some("CANCELED")),
+        "{o}"
+    );
+    let o = h
+        .ok(
+            "GET",
+            "/api/v3/order",
+            "symbol=BTCEUR&origClientOrderId=mine",
+            &t,
+        )
+        .await;
+    assert_eq!(o["orderId"], eur["orderId"], "{o}");
+    assert_eq!(o["status"], "NEW");
+}

@@ -346,7 +346,7 @@ async fn convert(state: &AppState, mut rec: Record, name: String) -> Result<bool
         }
         let found = state
             .read_model()
-            .find_order_by_client(merchant, &cid)
+            .find_order_by_client(merchant, Some(m.id.0), &cid)
             .map_err(|e| {
                 tracing::error!(error = %e, "order history failed");
                 ApiError::internal()

@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 /// The longest BOLT11 invoice accepted (BOLT11 has no hard limit; real ones are < 1,000 chars).
-pub const MAX_INVOICE_LEN: usize = 2_048;
+pub const MAX_INVOICE_LEN: usize = crate::params::MAX_INVOICE_VALUE_LEN;
 /// How long `pay` waits for the payment's outcome before it answers `pending`.
 pub const PAY_WAIT: Duration = Duration::from_secs(10);
 

@@ -328,6 +328,24 @@ pub struct CustodyService {
     /// The shortfall above the tolerance at the last step's reconciliation (kept like
     /// `payouts_held`).
     last_short: Option<u64>,
+    /// Counts the changes of the wallet's transactions or their places (a block, the mempool,
+    /// a broadcast, an eviction): with the tip and the number of transactions, the key of
+    /// `history_view`.
+    view_changes: u64,
+    /// The wallet's view (txid → confirmations) last built for the history queries
+    /// ([`deposits`](Self::deposits), [`confirmations_of`](Self::confirmations_of)), and its
+    /// key. Building it reads every transaction the wallet ever saw against the chain, under
+    /// custody's lock: without it a client reading its history a hundred times a second (weight
+    /// 1 each) kept every withdrawal and deposit waiting (review).
+    history_view: std::sync::Mutex<Option<HistoryView>>,
+}
+
+/// A built [`CustodyService::history_view`]: what it was built from, and the view.
+#[derive(Debug)]
+struct HistoryView {
+    key: (bitcoin::BlockHash, usize, u64),
+    view: Arc<HashMap<Txid, u32>>,
+    builds: u64,
 }
 
 /// Where custody records its own automatic decisions: a withdrawal approved by policy
@@ -548,6 +566,8 @@ impl CustodyService {
             last_reconciliation: None,
             payouts_held,
             last_short,
+            view_changes: 0,
+            history_view: std::sync::Mutex::new(None),
         };
         service.recover_withdrawals()?;
         Ok(service)
@@ -983,6 +1003,54 @@ impl CustodyService {
         Ok((inflight, view))
     }
 
+    /// [`in_view`](Self::in_view) for the read-only history queries: from the view last built
+    /// for them while the chain's tip, the wallet's transactions and `view_changes` are what
+    /// they were (every change of the wallet's view moves one of them), else built anew.
+    fn history_in_view(&self, txids: &HashSet<Txid>) -> HashMap<Txid, u32> {
+        if txids.is_empty() {
+            return HashMap::new();
+        }
+        let key = (
+            self.wallet.latest_checkpoint().hash(),
+            self.wallet.tx_graph().full_txs().count(),
+            self.view_changes,
+        );
+        let mut cached = self.history_view.lock().unwrap_or_else(|e| e.into_inner());
+        let view = match cached.as_ref() {
+            Some(h) if h.key == key => Arc::clone(&h.view),
+            _ => {
+                let tip = self.tip_height();
+                let view: Arc<HashMap<Txid, u32>> = Arc::new(
+                    self.wallet
+                        .transactions()
+                        .map(|t| (t.tx_node.txid, confirmations(&t.chain_position, tip)))
+                        .collect(),
+                );
+                let builds = cached.as_ref().map_or(0, |h| h.builds) + 1;
+                *cached = Some(HistoryView {
+                    key,
+                    view: Arc::clone(&view),
+                    builds,
+                });
+                view
+            }
+        };
+        drop(cached);
+        txids
+            .iter()
+            .filter_map(|t| view.get(t).map(|c| (*t, *c)))
+            .collect()
+    }
+
+    /// How many times the history queries' view was built (for tests and metrics).
+    pub fn history_view_builds(&self) -> u64 {
+        self.history_view
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+            .map_or(0, |h| h.builds)
+    }
+
     fn in_view(&self, txids: &HashSet<Txid>) -> HashMap<Txid, u32> {
         if txids.is_empty() {
             return HashMap::new();
@@ -1081,7 +1149,7 @@ impl CustodyService {
             Some(a) => store::deposits_of_account(&self.db, a)?,
             None => store::deposits(&self.db)?,
         };
-        let view = self.in_view(&rows.iter().map(|d| d.outpoint.txid).collect());
+        let view = self.history_in_view(&rows.iter().map(|d| d.outpoint.txid).collect());
         let mut out = Vec::with_capacity(rows.len());
         for d in rows {
             let in_view = view.get(&d.outpoint.txid).copied();
@@ -1237,7 +1305,11 @@ impl CustodyService {
     fn sync_inner(&mut self, now: Timestamp, report: &mut SyncReport) -> Result<(), SyncError> {
         self.connect().map_err(SyncError::Rpc)?;
         let Self {
-            rpc, wallet, db, ..
+            rpc,
+            wallet,
+            db,
+            view_changes,
+            ..
         } = self;
         let Some(rpc) = rpc.as_mut() else {
             return Err(SyncError::Rpc("not connected".into()));
@@ -1265,6 +1337,7 @@ impl CustodyService {
         report.evicted = mempool.evicted.len();
         wallet.apply_evicted_txs(mempool.evicted);
         wallet.apply_unconfirmed_txs(mempool.update);
+        *view_changes = view_changes.wrapping_add(1);
         Ok(())
     }
 
@@ -1324,6 +1397,7 @@ impl CustodyService {
                 .max(self.last_seen_floor(&txs, now));
             tracing::warn!(batch, txid = %latest.txid, "batch transaction not in the node's mempool; kept as pending (its coins stay spent) and broadcast again");
             self.wallet.apply_unconfirmed_txs([(tx, seen)]);
+            self.view_changes = self.view_changes.wrapping_add(1);
         }
         Ok(())
     }
@@ -2581,6 +2655,7 @@ impl CustodyService {
             })
             .collect();
         self.wallet.apply_evicted_txs(evictions);
+        self.view_changes = self.view_changes.wrapping_add(1);
         // Recorded already: a failed write of the wallet is made good at the next sync (the
         // emitter reports the batch evicted), not an error of the abandonment.
         if let Err(e) = self.wallet.persist(&mut self.db) {
@@ -2836,6 +2911,7 @@ impl CustodyService {
         // Durable now; the wallet sees its inputs spent (and its change) from here on.
         self.wallet
             .apply_unconfirmed_txs([(tx, now.as_millis() / 1000)]);
+        self.view_changes = self.view_changes.wrapping_add(1);
         self.wallet.persist(&mut self.db)?;
         tracing::info!(batch = id, %txid, %fee, withdrawals = ids.len(), "batch signed and recorded");
         Ok(Attempt::Built(BatchInfo {
@@ -2968,6 +3044,7 @@ impl CustodyService {
                             "bitcoind refused the batch's newest version; an earlier one went out");
                         let seen = self.last_seen_floor(&txs, now).saturating_add(1);
                         self.wallet.apply_unconfirmed_txs([(older, seen)]);
+                        self.view_changes = self.view_changes.wrapping_add(1);
                         continue;
                     }
                     let msg = e.to_string();
@@ -2998,6 +3075,7 @@ impl CustodyService {
             }
             let seen = self.last_seen_floor(&txs, now);
             self.wallet.apply_unconfirmed_txs([(tx, seen)]);
+            self.view_changes = self.view_changes.wrapping_add(1);
         }
         // Completed batches whose transaction a reorg took out of the chain: the ledger paid
         // them, so the same transaction goes out again until it confirms (never a new one).
@@ -3031,6 +3109,7 @@ impl CustodyService {
             }
             let seen = self.last_seen_floor(&txs, now);
             self.wallet.apply_unconfirmed_txs([(tx, seen)]);
+            self.view_changes = self.view_changes.wrapping_add(1);
         }
         self.wallet.persist(&mut self.db)?;
         Ok(sent)
@@ -3214,7 +3293,7 @@ impl CustodyService {
     /// over it (for listings: one [`transaction`](Self::transaction) per row would walk the
     /// wallet's whole history each time).
     pub fn confirmations_of(&self, txids: &HashSet<Txid>) -> HashMap<Txid, u32> {
-        self.in_view(txids)
+        self.history_in_view(txids)
     }
 
     /// The transactions of a batch: the original first, then its fee bumps.

@@ -550,6 +550,77 @@ fn a_fee_bumped_deposit_keeps_when_it_was_first_seen_unless_it_pays_more() {
     assert_eq!(w.ledger.btc(alice), (800_000, 0));
 }
 
+/// Defect (review, availability): every deposit history read (`GET
+/// /sapi/v1/capital/deposit/hisrec`, weight 1) and withdrawal history read built the wallet's
+/// view of every transaction it ever saw against the chain, under custody's lock: a client
+/// reading a hundred times a second kept every withdrawal, deposit address and step waiting.
+/// The view is now built once per change of the wallet (a block, the mempool, a broadcast) and
+/// shared by the reads until the next; what they show is as fresh as before.
+#[test]
+fn history_reads_build_the_wallets_view_once_per_change() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(26);
+    customer.fund(&w.node, 1);
+    let first = customer.pay(&w.node, &[(&addr, 100_000)]);
+    svc.step(w.clock.now()).unwrap();
+    let builds = svc.history_view_builds();
+    for _ in 0..50 {
+        let d = svc.deposits(Some(alice)).unwrap();
+        assert_eq!(d.len(), 1);
+        assert_eq!(
+            (d[0].status, d[0].confirmations),
+            (DepositStatus::Pending, 0)
+        );
+        let c = svc.confirmations_of(&[first.compute_txid()].into_iter().collect());
+        assert_eq!(c.get(&first.compute_txid()), Some(&0));
+    }
+    assert!(
+        svc.history_view_builds() <= builds + 1,
+        "{} builds for 100 reads of an unchanged wallet",
+        svc.history_view_builds() - builds
+    );
+    // A block: the next read shows it.
+    w.node.mine(1);
+    svc.step(w.clock.now()).unwrap();
+    let d = svc.deposits(Some(alice)).unwrap();
+    assert_eq!(
+        (d[0].status, d[0].confirmations),
+        (DepositStatus::Credited, 1)
+    );
+    // A payment seen in the mempool: shown pending (never dropped by an older view); its
+    // replacement: the replaced one dropped.
+    let second = customer.pay(&w.node, &[(&addr, 50_000)]);
+    svc.step(w.clock.now()).unwrap();
+    let status = |svc: &wallet::CustodyService, txid| {
+        svc.deposits(Some(alice))
+            .unwrap()
+            .into_iter()
+            .find(|d| d.outpoint.txid == txid)
+            .map(|d| d.status)
+    };
+    assert_eq!(
+        status(&svc, second.compute_txid()),
+        Some(DepositStatus::Pending)
+    );
+    let bumped = customer.bump(
+        &w.node,
+        second.compute_txid(),
+        bdk_wallet::bitcoin::FeeRate::from_sat_per_vb_u32(10),
+    );
+    svc.step(w.clock.now()).unwrap();
+    assert_eq!(
+        status(&svc, second.compute_txid()),
+        Some(DepositStatus::Dropped)
+    );
+    assert_eq!(
+        status(&svc, bumped.compute_txid()),
+        Some(DepositStatus::Pending)
+    );
+}
+
 /// Alice's deposit of 400,000 sat, credited at one confirmation. Returns the service, alice,
 /// the payer and the deposit.
 fn credited_deposit(
@@ -639,6 +710,46 @@ fn a_credited_deposit_replaced_after_a_reorg_is_reversed_not_credited_twice() {
     let r = svc.step(w.clock.now()).unwrap();
     assert!(r.deposits.reversed.is_empty() && r.deposits.credited.is_empty());
     assert_eq!(w.ledger.btc(alice), (400_000, 0));
+}
+
+/// The attack a reversal exists for, as a review feared it slipped through: a credited
+/// deposit (seen in the mempool first) whose block a competing chain replaced, that chain
+/// already holding a double spend paying the payer itself, so the node never has our
+/// transaction back in its mempool and the double spend is nothing to our wallet. The review
+/// read BDK as keeping such a transaction in the wallet's view for good (unconfirmed, never
+/// evicted), where no step would ask about it. It does not: the transaction leaves the view,
+/// the step asks the node, and the credit is taken back at once.
+#[test]
+fn a_credited_deposit_double_spent_to_the_payer_in_a_competing_chain_is_taken_back() {
+    let w = World::new();
+    let alice = w.ledger.create_account();
+    let mut svc = w.open(w.config());
+    let addr = svc.new_deposit_address(alice, w.clock.now()).unwrap();
+    let mut customer = Customer::new(60);
+    customer.fund(&w.node, 1);
+    // Seen in the mempool first (as most deposits are), then credited at one confirmation.
+    let first = customer.pay(&w.node, &[(&addr, 400_000)]);
+    svc.step(w.clock.now()).unwrap();
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.credited.len(), 1);
+    assert_eq!(w.ledger.btc(alice), (400_000, 0));
+    // The competing chain: no step of ours sees the deposit back in the mempool.
+    w.node.invalidate_tip();
+    customer.take_back(&w.node, &first, &addr);
+    w.node.mine(1);
+    let r = svc.step(w.clock.now()).unwrap();
+    assert_eq!(r.deposits.reversed.len(), 1, "{:?}", r.deposits);
+    assert_eq!(w.ledger.btc(alice), (0, 0), "the credit taken back");
+    assert_eq!(svc.flagged_accounts().unwrap()[0].0, alice);
+    let d = svc.deposits(Some(alice)).unwrap();
+    assert_eq!(d[0].status, DepositStatus::Reversed, "{d:?}");
+    assert_eq!(r.reconciliation.surplus_sat, 0, "{:?}", r.reconciliation);
+    assert!(!r.reconciliation.shortfall, "{:?}", r.reconciliation);
+    // Later steps change nothing more.
+    let r = svc.step(w.clock.now()).unwrap();
+    assert!(r.deposits.reversed.is_empty(), "{:?}", r.deposits);
+    assert_eq!(w.ledger.btc(alice), (0, 0));
 }
 
 /// The same, when the account already moved part of the first credit away (here to bob, before

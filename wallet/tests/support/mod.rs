@@ -261,6 +261,38 @@ impl Customer {
         tx
     }
 
+    /// Double-spends an unconfirmed payment of this wallet (RBF) with one paying this wallet
+    /// what `tx` paid `to`: the payment taken back. Broadcast.
+    pub fn take_back(&mut self, node: &TestNode, tx: &Transaction, to: &Address) -> Transaction {
+        let paid = to.script_pubkey();
+        let mine = self.address().script_pubkey();
+        let mut b = self
+            .wallet
+            .build_fee_bump(tx.compute_txid())
+            .expect("fee bump");
+        b.fee_rate(FeeRate::from_sat_per_vb_u32(20));
+        let mut psbt = b.finish().unwrap();
+        let i = psbt
+            .unsigned_tx
+            .output
+            .iter()
+            .position(|o| o.script_pubkey == paid)
+            .expect("the payment's output");
+        psbt.unsigned_tx.output[i].script_pubkey = mine;
+        psbt.outputs[i] = Default::default();
+        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
+        assert!(self
+            .wallet
+            .finalize_psbt(&mut psbt, SignOptions::default())
+            .unwrap());
+        let tx = psbt.extract_tx().unwrap();
+        node.rpc
+            .send_raw_transaction(&tx)
+            .expect("sendrawtransaction (double spend)");
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
+        tx
+    }
+
     /// Confirmed plus pending balance, sats.
     pub fn balance(&self) -> u64 {
         self.wallet.balance().total().to_sat()

@@ -2706,6 +2706,13 @@ impl CustodyService {
                 return Ok(None);
             }
         }
+        // The withdrawals of an abandoned batch back in the wallet's view (its parent and itself
+        // broadcast again: both were public) wait: the inputs it was abandoned with count as
+        // spent by it, so the next batch could not be made to conflict with it, and would pay
+        // them a second time (review). An operator decides; the alarm says why.
+        let Some(held) = self.abandoned_back()? else {
+            return Ok(None);
+        };
         // Requests of an account flagged after they were made wait until it is cleared.
         let flagged: HashSet<AccountId> = store::flagged(&self.db)?
             .into_iter()
@@ -2717,6 +2724,7 @@ impl CustodyService {
             store::withdrawals_in(&self.db, WithdrawalStatus::Pending)?
                 .into_iter()
                 .filter(|w| !flagged.contains(&w.account))
+                .filter(|w| !held.contains(&w.id))
                 .filter(|w| {
                     deferred
                         .get(&w.id)
@@ -3158,6 +3166,47 @@ impl CustodyService {
             }
         }
         Ok(())
+    }
+
+    /// The withdrawals of the abandoned batches (the newest 100 watched) with a version in the
+    /// wallet's view, confirmed or not, each raised as `abandoned_batch_back` (once while
+    /// uncleared); `None` when such a batch's withdrawals cannot be read (then none may go).
+    fn abandoned_back(&mut self) -> Result<Option<HashSet<WithdrawalId>>, BatchError> {
+        let abandoned = store::abandoned_batches(&self.db, REORG_WATCHED_BATCHES)?;
+        let mut held = HashSet::new();
+        if abandoned.is_empty() {
+            return Ok(Some(held));
+        }
+        let mut txs = Vec::new();
+        for (batch, withdrawals) in &abandoned {
+            for t in store::batch_txs(&self.db, *batch)? {
+                txs.push((*batch, withdrawals.clone(), t.txid));
+            }
+        }
+        let view = self.in_view(&txs.iter().map(|(_, _, t)| *t).collect());
+        let mut readable = true;
+        for (batch, withdrawals, txid) in txs {
+            if !view.contains_key(&txid) {
+                continue;
+            }
+            self.alarm(
+                "abandoned_batch_back",
+                &format!("batch {batch}"),
+                &format!(
+                    "abandoned, then {txid} came back (broadcast again): it pays withdrawals \
+                     {withdrawals}, which wait while it may confirm"
+                ),
+            )?;
+            for w in withdrawals.split(',') {
+                match w.trim().parse::<u64>() {
+                    Ok(id) => {
+                        held.insert(WithdrawalId(id));
+                    }
+                    Err(_) => readable = false,
+                }
+            }
+        }
+        Ok(readable.then_some(held))
     }
 
     /// [`build_batch`](Self::build_batch) then [`broadcast_pending`](Self::broadcast_pending).

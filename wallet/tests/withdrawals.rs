@@ -1796,3 +1796,106 @@ fn away_config(dir: &std::path::Path, node: &support::TestNode) -> CustodyConfig
     c.batch.interval = Duration::from_secs(60);
     c
 }
+
+/// Review finding: an abandoned batch could come back. Its deposit was not double-spent but
+/// merely gone (its block reorged out, then the node restarted with an empty mempool), so the
+/// batch was refused for missing inputs and an operator abandoned it: its withdrawal went back
+/// to pending, and its input still unspent was left for the next batch to spend, so that the
+/// two conflict. But both transactions were public: broadcast again (the deposit, then the
+/// batch) before the next batch was built, the abandoned batch was back in the wallet's view,
+/// its input counted as spent, and the next batch paid the same withdrawal again from other
+/// coins without conflicting with it (held only by the shortfall gate, which an operator
+/// accepting the reorg's shortfall had opened). Batching now waits while an abandoned batch is
+/// in the wallet's view, with an alarm: the withdrawal is paid once.
+#[test]
+fn an_abandoned_batch_broadcast_again_is_not_paid_twice() {
+    let dir = tempfile::tempdir().unwrap();
+    let node_dir = dir.path().join("node");
+    let mut node = support::TestNode::start_in(&node_dir);
+    let ledger = std::sync::Arc::new(support::EngineLedger::default());
+    let mut clock = support::Clock::new();
+    let mut c = away_config(dir.path(), &node);
+    // The operator accepted the reorg's shortfall.
+    c.batch.shortfall_tolerance = Amount(10 * 100_000_000);
+    let mut svc = CustodyService::open(c, ledger.clone()).unwrap();
+    let alice = ledger.create_account();
+    let addr = svc.new_deposit_address(alice, clock.now()).unwrap();
+    let mut customer = Customer::new(47);
+    customer.fund(&node, 1);
+    let mut other = Customer::new(49);
+    other.fund(&node, 1);
+    customer.pay(&node, &[(&addr, 600_000)]);
+    node.mine(1);
+    let gone = customer.pay(&node, &[(&addr, 600_000)]);
+    node.mine(1);
+    svc.step(clock.now()).unwrap();
+    assert_eq!(ledger.btc(alice), (1_200_000, 0));
+    let to = Customer::new(48).address();
+    let wd = svc
+        .request_withdrawal(request(alice, &to, 1_000_000, "big"), clock.now())
+        .unwrap();
+    let b1 = svc
+        .step(clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("batch");
+    let b1_tx = svc.transaction(b1.txid).unwrap().0.as_ref().clone();
+    assert_eq!(b1_tx.input.len(), 2, "both deposits spent");
+    // The block of `gone` goes away; alice's next coins are mined in its place; the node
+    // restarts with an empty mempool: `gone` and the batch are merely gone, not double-spent.
+    node.invalidate_tip();
+    let more = other.pay(&node, &[(&addr, 700_000), (&addr, 700_000)]);
+    let hex = bdk_wallet::bitcoin::consensus::encode::serialize_hex(&more);
+    let burn = Customer::new(249).address();
+    let _: serde_json::Value = node
+        .rpc
+        .call(
+            "generateblock",
+            &[burn.to_string().into(), serde_json::json!([hex])],
+        )
+        .expect("generateblock");
+    let port = node.node.params.rpc_socket.port();
+    node.node.stop().unwrap();
+    drop(node);
+    let back = support::ManualNode::start_with(&node_dir, port, &["-persistmempool=0"]);
+    assert!(back.rpc.get_raw_mempool().unwrap().is_empty());
+    for _ in 0..3 {
+        // The first step after the restart may fail on the old connection.
+        let _ = svc.step(clock.advance(Duration::from_secs(1)));
+    }
+    assert_eq!(svc.abandon_batch(b1.id, clock.now()).unwrap(), vec![wd.id]);
+    // Whoever kept them broadcasts the deposit and the abandoned batch again.
+    back.rpc.send_raw_transaction(&gone).unwrap();
+    back.rpc.send_raw_transaction(&b1_tx).unwrap();
+    // An operator cleared the reorg's flag.
+    let _ = svc.step(clock.advance(Duration::from_secs(1)));
+    svc.clear_flag(alice, clock.now()).unwrap();
+    let mut batches = Vec::new();
+    for _ in 0..3 {
+        let r = svc.step(clock.advance(Duration::from_secs(61))).unwrap();
+        batches.extend(r.batch);
+    }
+    assert!(
+        batches.is_empty(),
+        "a second batch paying the abandoned batch's withdrawal: {batches:?}"
+    );
+    let alarms = svc.alarms(false).unwrap();
+    assert!(
+        alarms.iter().any(|a| a.kind == "abandoned_batch_back"),
+        "{alarms:?}"
+    );
+    // Only its withdrawals wait: another goes out.
+    let next = svc
+        .request_withdrawal(request(alice, &to, 500_000, "next"), clock.now())
+        .unwrap();
+    let b2 = svc
+        .step(clock.advance(Duration::from_secs(61)))
+        .unwrap()
+        .batch
+        .expect("a batch for the other withdrawal");
+    assert_eq!(b2.withdrawals, vec![next.id]);
+    assert_eq!(
+        svc.withdrawal(wd.id).unwrap().unwrap().status,
+        WithdrawalStatus::Pending
+    );
+}

@@ -1981,6 +1981,7 @@ async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Res
         ));
     };
     let password = password.to_owned();
+    let checked = phc.clone();
     let good = st
         .merchant()
         .passwords
@@ -2002,6 +2003,33 @@ async fn step_up(st: &AppState, s: &Session, password: &str, act: StepUp) -> Res
         return Err(Refusal::Page(
             StatusCode::UNAUTHORIZED,
             format!("Wrong password. {}", act.nothing()),
+        ));
+    }
+    // The password may have changed while it was checked (a change logs out every session of
+    // the store): the step-up stands only if the store's hash is still the one checked and
+    // the session still open (review: a session that knew the old password finished its
+    // withdrawal after the owner had changed it to shut that session out).
+    let session = s.hash.clone();
+    let still = with_db(st, move |c| {
+        let open = c
+            .query_row(
+                "SELECT 1 FROM dashboard_session WHERE hash = ?1",
+                params![session],
+                |_| Ok(()),
+            )
+            .optional()
+            .map_err(db_error)?
+            .is_some();
+        Ok(open && stored_phc(c, account)?.as_deref() == Some(checked.as_str()))
+    })
+    .await?;
+    if !still {
+        return Err(Refusal::Page(
+            StatusCode::UNAUTHORIZED,
+            format!(
+                "The store's password changed meanwhile; log in again. {}",
+                act.nothing()
+            ),
         ));
     }
     Ok(())

@@ -814,6 +814,58 @@ async fn a_login_under_way_when_the_password_changes_opens_no_session() {
     assert_eq!(p.status, StatusCode::UNAUTHORIZED);
 }
 
+/// Defect (review): a step-up (here a withdrawal) read the store's password hash, checked it,
+/// and acted. A password change committed meanwhile (which logs out every session of the
+/// store, often to shut out one that knows the old password) did not stop it: the withdrawal
+/// went out after the change. The step-up now stands only if the hash is still the one checked
+/// and its session still open; otherwise nothing is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_up_under_way_when_the_password_changes_sends_nothing() {
+    use merchant::dashboard::passwords::PASSWORD_WORK_AT_ONCE;
+    let d = setup().await;
+    let (other, _) = d.h.trader("0", "0").await;
+    set_password(&d.h, other, "another password, twelve+").await;
+    let id = session(&d).await;
+    let form = withdraw_form(&d.h, &id).await;
+    let passwords = &d.h.state.merchant().passwords;
+    let held = passwords
+        .turns()
+        .acquire_many_owned(u32::try_from(PASSWORD_WORK_AT_ONCE).unwrap())
+        .await
+        .unwrap();
+    let change = async {
+        while passwords.waiting() == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+        // What `admin/dashboardPassword` commits, in one transaction.
+        {
+            let mut db = d.h.state.merchant().db.lock().unwrap();
+            let tx = db.transaction().unwrap();
+            tx.execute(
+                "UPDATE dashboard_password SET phc =
+                   (SELECT phc FROM dashboard_password WHERE merchant = ?2)
+                 WHERE merchant = ?1",
+                rusqlite::params![d.account, other],
+            )
+            .unwrap();
+            tx.execute(
+                "DELETE FROM dashboard_session WHERE merchant = ?1",
+                rusqlite::params![d.account],
+            )
+            .unwrap();
+            tx.commit().unwrap();
+        }
+        drop(held);
+    };
+    let (r, ()) = tokio::join!(
+        withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD),
+        change
+    );
+    assert_eq!(r.status, StatusCode::UNAUTHORIZED, "{}", r.body);
+    assert!(r.body.contains("Nothing was sent"), "{}", r.body);
+    assert!(d.fake.withdrawals.lock().unwrap().is_empty());
+}
+
 #[tokio::test]
 async fn logins_are_rate_limited_per_store() {
     let d = setup().await;

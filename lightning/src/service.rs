@@ -1372,13 +1372,39 @@ impl<L: Ledger> LightningService<L> {
         // After the node's balances: a withdrawal that becomes final in between was completed
         // (or released) in the ledger first, so it is counted on one side at most as it should.
         let reader = self.reader.lock().unwrap_or_else(|e| e.into_inner());
-        let withdrawals_in_flight_sat = match reader.withdrawals_in_flight_sat() {
-            Ok(sat) => sat,
+        let in_flight = match reader.withdrawals_in_flight() {
+            Ok(f) => f,
             Err(e) => {
                 tracing::error!(error = %e, "reading the withdrawals in flight");
-                0
+                crate::store::InFlight::default()
             }
         };
+        drop(reader);
+        // A withdrawal in doubt counts only while the node shows its money out of the
+        // channels: a record of it pending or paid (its send again), or an HTLC under its hash
+        // (the first send's). Otherwise its money is in the channels' balance, and counting it
+        // too hid a shortfall of its size for up to IN_DOUBT_BLOCKS (review).
+        let out_of_channels = |hash: &[u8; 32]| {
+            let pid = ldk_node::lightning::ln::channelmanager::PaymentId(*hash);
+            let recorded_out = self.node.payment(&pid).is_some_and(|p| {
+                p.direction == PaymentDirection::Outbound
+                    && matches!(p.status, PaymentStatus::Pending | PaymentStatus::Succeeded)
+            });
+            recorded_out
+                || b.lightning_balances.iter().any(|l| match l {
+                    LightningBalance::ContentiousClaimable { payment_hash, .. }
+                    | LightningBalance::MaybeTimeoutClaimableHTLC { payment_hash, .. }
+                    | LightningBalance::MaybePreimageClaimableHTLC { payment_hash, .. } => {
+                        payment_hash.0 == *hash
+                    }
+                    _ => false,
+                })
+        };
+        let withdrawals_in_flight_sat = in_flight
+            .in_doubt
+            .iter()
+            .filter(|(hash, _)| out_of_channels(hash))
+            .fold(in_flight.sure_sat, |sum, (_, sat)| sum.saturating_add(*sat));
         LnBalances {
             onchain_sat: b.total_onchain_balance_sats,
             channels_sat: b.total_lightning_balance_sats.saturating_sub(in_wallet),

@@ -203,6 +203,15 @@ pub(crate) struct Reader {
     db: Connection,
 }
 
+/// The withdrawals that may have left the channels ([`Reader::withdrawals_in_flight`]).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub(crate) struct InFlight {
+    /// Amount plus fee of those out for sure (`sending` not in doubt, `completing`).
+    pub sure_sat: u64,
+    /// `(payment hash, amount plus fee)` of those in doubt.
+    pub in_doubt: Vec<([u8; 32], u64)>,
+}
+
 impl Reader {
     /// Opens the store's database (which [`Store::open`] created) read-only.
     pub(crate) fn open(dir: &Path) -> Result<Self, StoreError> {
@@ -217,15 +226,33 @@ impl Reader {
     /// Amount plus fee of the withdrawals that may have left the channels and are still held
     /// in the ledger (`sending`, `completing`). Not those never sent (`new`, `held`) nor those
     /// that failed (`releasing`): their money is still in the channels' balance, and counting
-    /// it twice hid a shortfall of that size while they waited.
-    pub(crate) fn withdrawals_in_flight_sat(&self) -> Result<u64, StoreError> {
+    /// it twice hid a shortfall of that size while they waited. A `sending` one in doubt (the
+    /// node lost its record) is listed apart, with its payment hash: most often its money
+    /// never left or came back, so the caller counts it only when the node shows it out
+    /// ([`crate::LightningService::balances`]).
+    pub(crate) fn withdrawals_in_flight(&self) -> Result<InFlight, StoreError> {
         let sum: i64 = self.db.query_row(
             "SELECT COALESCE(SUM(amount_sat + fee_sat), 0) FROM ln_withdrawals \
-             WHERE status IN ('sending', 'completing')",
+             WHERE status = 'completing' OR (status = 'sending' AND doubt_until_height IS NULL)",
             [],
             |r| r.get(0),
         )?;
-        Ok(u64_of(sum))
+        let mut st = self.db.prepare_cached(
+            "SELECT payment_hash, amount_sat + fee_sat FROM ln_withdrawals \
+             WHERE status = 'sending' AND doubt_until_height IS NOT NULL",
+        )?;
+        let in_doubt = st
+            .query_map([], |r| {
+                Ok((
+                    hash_of(r.get::<_, Vec<u8>>(0)?)?,
+                    u64_of(r.get::<_, i64>(1)?),
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(InFlight {
+            sure_sat: u64_of(sum),
+            in_doubt,
+        })
     }
 }
 
@@ -587,7 +614,47 @@ mod tests {
         row(6, &[New, Held, Sending, Completing, Completed]);
         row(7, &[New, Held, Sending, Releasing, Released]);
         row(8, &[New, Refused]);
-        assert_eq!(reader.withdrawals_in_flight_sat().unwrap(), 3_010 + 4_010);
+        assert_eq!(
+            reader.withdrawals_in_flight().unwrap(),
+            InFlight {
+                sure_sat: 3_010 + 4_010,
+                in_doubt: Vec::new()
+            }
+        );
+    }
+
+    /// Defect (review): a withdrawal in doubt (the node lost its record; sent again once, or
+    /// not at all with no channel usable) counted in flight for as long as it stayed in doubt
+    /// (up to 1,152 blocks), while in the usual cases its money never left the channels or came
+    /// back: the reconciliation counted it twice and a shortfall of that size read as none. It
+    /// is now listed apart, for the service to count only when the node shows it out.
+    #[test]
+    fn a_withdrawal_in_doubt_is_not_counted_in_flight_for_sure() {
+        use LnWithdrawalStatus::*;
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let reader = Reader::open(dir.path()).unwrap();
+        let mut ids = Vec::new();
+        for n in [1u8, 2] {
+            let id = s
+                .insert_withdrawal(&new_row(&[n; 32], 1_000 * u64::from(n), 5))
+                .unwrap()
+                .unwrap();
+            assert!(s.transition(id, New, Held, None, None).unwrap());
+            assert!(s.transition(id, Held, Sending, None, None).unwrap());
+            ids.push(id);
+        }
+        assert!(s.mark_in_doubt(ids[1], 900).unwrap());
+        assert_eq!(
+            reader.withdrawals_in_flight().unwrap(),
+            InFlight {
+                sure_sat: 1_010,
+                in_doubt: vec![([2; 32], 2_010)]
+            }
+        );
+        // Its mark taken off (the node did not run: nothing sent), it is in flight again.
+        s.clear_doubt(ids[1]).unwrap();
+        assert_eq!(reader.withdrawals_in_flight().unwrap().sure_sat, 3_020);
     }
 
     /// A database from a build before `received_msat`, `prior_failed_s` and `credited_seq` opens

@@ -530,7 +530,10 @@ fn windowed_answer(
 /// A rolling window's length: `1m`..`59m`, `1h`..`23h`, `1d`..`7d` (Binance's `windowSize`).
 pub fn window_ms(s: &str) -> Option<u64> {
     let split = s.len().checked_sub(1)?;
-    let (n, unit) = s.split_at(split);
+    // Not `split_at`: the byte before the last is not a character boundary in `1é` (review:
+    // such a `windowSize` panicked the handler, and on the WebSocket API took the connection
+    // down with every answer in flight).
+    let (n, unit) = s.split_at_checked(split)?;
     if n.is_empty() || n.len() > 2 || !n.bytes().all(|b| b.is_ascii_digit()) || n.starts_with('0') {
         return None;
     }

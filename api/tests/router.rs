@@ -1712,6 +1712,10 @@ fn window_sizes_and_time_zones_parse_as_binance_documents() {
         ("", None),
         ("m", None),
         ("100m", None),
+        // Review: a multibyte last character panicked (a byte index inside it).
+        ("1é", None),
+        ("é", None),
+        ("1日", None),
     ];
     for (s, want) in cases {
         assert_eq!(window_ms(s), want, "{s}");

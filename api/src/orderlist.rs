@@ -656,18 +656,9 @@ pub async fn all_lists(State(st): State<AppState>, req: Req) -> Result<Response,
         return Err(ApiError::bad_combination());
     }
     let markets = st.markets();
-    let mut lists = st.read_model().order_lists(key.account, false);
-    lists.retain(|l| {
-        from_id.is_none_or(|f| l.id >= f)
-            && start.is_none_or(|s| l.time_ms >= s)
-            && end.is_none_or(|e| l.time_ms <= e)
-    });
-    if from_id.is_some() {
-        lists.truncate(limit);
-    } else {
-        let skip = lists.len().saturating_sub(limit);
-        lists.drain(..skip);
-    }
+    let lists = st
+        .read_model()
+        .order_lists_page(key.account, from_id, (start, end), limit);
     let v: Vec<Value> = lists
         .iter()
         .map(|l| list_json(&markets.markets[usize::from(l.market)], l))

@@ -1662,6 +1662,47 @@ impl ReadModel {
             .collect()
     }
 
+    /// A page of an account's order lists (`GET /api/v3/allOrderList`), oldest first: from
+    /// list id `from_id` on, or else the newest `limit` created in `[start, end]`. Only the
+    /// `limit` answered are copied (review: every list of the account, up to 100,000, was
+    /// copied under the read lock before the page was cut from them).
+    pub fn order_lists_page(
+        &self,
+        account: u32,
+        from_id: Option<u64>,
+        (start, end): (Option<u64>, Option<u64>),
+        limit: usize,
+    ) -> Vec<ListRec> {
+        let st = self.read();
+        let Some(ids) = st.lists_by_account.get(&account) else {
+            return Vec::new();
+        };
+        let in_time = |l: &&ListRec| {
+            start.is_none_or(|s| l.time_ms >= s) && end.is_none_or(|e| l.time_ms <= e)
+        };
+        match from_id {
+            Some(f) => ids
+                .range(f..)
+                .filter_map(|id| st.lists.get(id))
+                .filter(in_time)
+                .take(limit)
+                .cloned()
+                .collect(),
+            None => {
+                let mut page: Vec<ListRec> = ids
+                    .iter()
+                    .rev()
+                    .filter_map(|id| st.lists.get(id))
+                    .filter(in_time)
+                    .take(limit)
+                    .cloned()
+                    .collect();
+                page.reverse();
+                page
+            }
+        }
+    }
+
     /// An order by client id, in `market` when given (Binance scopes a client order id to its
     /// symbol: the same id may name a newer order in another market): an open one first, else
     /// the latest in history.

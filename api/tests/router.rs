@@ -2827,3 +2827,57 @@ async fn a_client_order_id_reused_in_another_market_still_names_its_own_order() 
     assert_eq!(o["orderId"], eur["orderId"], "{o}");
     assert_eq!(o["status"], "NEW");
 }
+
+/// `GET /api/v3/allOrderList` pages as Binance documents: the newest `limit` (oldest first),
+/// or from `fromId` on, or the newest `limit` of a time window. (Review: it copied every list
+/// of the account before cutting the page; it now copies only the lists it answers. This test
+/// holds its answers to what they were.)
+#[tokio::test]
+async fn all_order_lists_page_by_from_id_limit_and_time() {
+    let h = Harness::new();
+    let (_, t) = h.trader("0", "100000").await;
+    let mut ids = Vec::new();
+    for i in 0..5u32 {
+        let oto = format!("symbol=BTCUSD&workingType=LIMIT&workingSide=BUY&workingPrice={}&workingQuantity=0.01&workingTimeInForce=GTC&pendingType=LIMIT_MAKER&pendingSide=SELL&pendingPrice=22000&pendingQuantity=0.01", 19_000 + i);
+        let r = h.ok("POST", "/api/v3/orderList/oto", &oto, &t).await;
+        ids.push(r["orderListId"].as_u64().unwrap());
+    }
+    let listed = |q: String| {
+        let (h, t) = (&h, &t);
+        async move {
+            h.ok("GET", "/api/v3/allOrderList", &q, t)
+                .await
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|l| l["orderListId"].as_u64().unwrap())
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(listed(String::new()).await, ids);
+    assert_eq!(listed("limit=2".into()).await, ids[3..]);
+    assert_eq!(
+        listed(format!("fromId={}&limit=2", ids[1])).await,
+        ids[1..3]
+    );
+    assert_eq!(
+        listed(format!("fromId={}", ids[4] + 1)).await,
+        Vec::<u64>::new()
+    );
+    let all = h.ok("GET", "/api/v3/allOrderList", "", &t).await;
+    let time = |i: usize| all[i]["transactionTime"].as_u64().unwrap();
+    let window = listed(format!(
+        "startTime={}&endTime={}&limit=1000",
+        time(1),
+        time(3)
+    ))
+    .await;
+    assert!(
+        window.contains(&ids[1]) && window.contains(&ids[3]),
+        "{window:?}"
+    );
+    assert!(
+        !window.contains(&ids[0]) || time(0) == time(1),
+        "{window:?}"
+    );
+}

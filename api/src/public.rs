@@ -3,7 +3,7 @@
 use crate::error::ApiError;
 use crate::market::MarketSpec;
 use crate::params::Params;
-use crate::readmodel::{interval_index, Kline, MarketState, INTERVALS};
+use crate::readmodel::{interval_index, Kline, MarketState, TradeRec, INTERVALS};
 use crate::state::{ok_json, AppState, Ctx, Req};
 use axum::extract::State;
 use axum::response::Response;
@@ -245,25 +245,54 @@ pub async fn agg_trades(State(st): State<AppState>, req: Req) -> Result<Response
         }
     }
     let m = st.markets().by_symbol(&sym)?;
-    let rm = st.read_model().read();
-    let sel: Vec<_> = rm.markets[usize::from(m.id.0)]
-        .trades
-        .iter()
-        .filter(|t| {
-            from.is_none_or(|f| t.id >= f)
-                && start.is_none_or(|s| t.time_ms >= s)
-                && end.is_none_or(|e| t.time_ms <= e)
-        })
-        .collect();
-    let bounded = from.is_some() || start.is_some();
-    let skip = if bounded {
-        0
-    } else {
-        sel.len().saturating_sub(limit)
+    let in_window = |t: &TradeRec| {
+        from.is_none_or(|f| t.id >= f)
+            && start.is_none_or(|s| t.time_ms >= s)
+            && end.is_none_or(|e| t.time_ms <= e)
+    };
+    // From `fromId`, or from the first trade at `startTime`: the whole history (SQLite and
+    // memory), not only the last trades kept in memory (review: an older `fromId` answered
+    // from the oldest trade in memory, an older window `[]`, so a client paging through the
+    // history, as ccxt's `fetchTrades(since)` does, lost trades without knowing).
+    let first = match (from, start) {
+        (Some(f), _) => Some(f),
+        (None, Some(s)) => st
+            .read_model()
+            .market_trade_at_or_after(m.id.0, s)
+            .map_err(|e| {
+                tracing::error!(error = %e, "trade history failed");
+                ApiError::internal()
+            })?
+            .or(Some(u64::MAX)),
+        (None, None) => None,
+    };
+    let sel: Vec<TradeRec> = match first {
+        Some(u64::MAX) => Vec::new(),
+        Some(f) => st
+            .read_model()
+            .market_trades_from(m.id.0, f, u32::try_from(limit).unwrap_or(u32::MAX))
+            .map_err(|e| {
+                tracing::error!(error = %e, "trade history failed");
+                ApiError::internal()
+            })?
+            .into_iter()
+            .filter(|t| in_window(t))
+            .collect(),
+        // The newest, up to `endTime` when sent: from memory (which holds the newest).
+        None => {
+            let rm = st.read_model().read();
+            let sel: Vec<TradeRec> = rm.markets[usize::from(m.id.0)]
+                .trades
+                .iter()
+                .filter(|t| in_window(t))
+                .cloned()
+                .collect();
+            let skip = sel.len().saturating_sub(limit);
+            sel.into_iter().skip(skip).collect()
+        }
     };
     let v: Vec<Value> = sel
-        .into_iter()
-        .skip(skip)
+        .iter()
         .take(limit)
         .map(|t| {
             json!({

@@ -1400,6 +1400,30 @@ impl ReadModel {
         )
     }
 
+    /// The id of the first trade of a market at `ms` or later, in SQLite or in memory (`None`:
+    /// none that late).
+    pub fn market_trade_at_or_after(
+        &self,
+        market: u16,
+        ms: u64,
+    ) -> Result<Option<u64>, crate::store::StoreError> {
+        self.merged(
+            || self.store.market_trade_at_or_after(market, ms),
+            |st, stored| {
+                let waiting = st
+                    .unpersisted
+                    .trades_from(0)
+                    .filter(|t| t.market == market && t.time_ms >= ms)
+                    .map(|t| t.id)
+                    .min();
+                match (stored, waiting) {
+                    (Some(a), Some(b)) => Some(a.min(b)),
+                    (a, b) => a.or(b),
+                }
+            },
+        )
+    }
+
     /// Seeds the in-memory models from a recovered engine (balances, open orders, books, depth
     /// sequences) and the public trade history from SQLite, and reports in `history_gap` the
     /// commands the SQLite history misses. Call before the first batch. Start-up uses

@@ -401,6 +401,21 @@ impl Store {
         })
     }
 
+    /// The id of the first trade of a market at `ms` or later (`None`: none that late), found
+    /// by [`id_at_or_after`] over the market's chunks.
+    pub fn market_trade_at_or_after(
+        &self,
+        market: u16,
+        ms: u64,
+    ) -> Result<Option<u64>, StoreError> {
+        self.with(|c| {
+            Ok(
+                id_at_or_after::<TradeRec>(c, Table::Trades, MARKET, market, ms)?
+                    .and_then(|id| u64::try_from(id).ok()),
+            )
+        })
+    }
+
     /// Trades of an account in a market, oldest first: ids from `from_id` (ascending from
     /// there), or the latest `limit` ones; `start_ms..=end_ms` bounds their time. The
     /// account's own chunks (a trade is in its maker's and its taker's, once for a trade of

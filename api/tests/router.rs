@@ -2881,3 +2881,65 @@ async fn all_order_lists_page_by_from_id_limit_and_time() {
         "{window:?}"
     );
 }
+
+/// Defect (review): `GET /api/v3/aggTrades` read only the last 1,000 trades the read models keep
+/// in memory: a `fromId` older than those answered from the oldest of them, and a `startTime`
+/// window older than them `[]`, so a client paging through the history (ccxt's
+/// `fetchTrades(since)` sends `startTime`) lost trades without knowing. It reads the whole
+/// history now, as `historicalTrades` does.
+#[tokio::test]
+async fn agg_trades_reach_past_the_trades_kept_in_memory() {
+    let h = Harness::new();
+    let (_, seller) = h.trader("1", "0").await;
+    let (_, buyer) = h.trader("0", "5000").await;
+    h.ok(
+        "POST",
+        "/api/v3/order",
+        "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity=0.1001&price=20000",
+        &seller,
+    )
+    .await;
+    for _ in 0..1_001 {
+        h.ok(
+            "POST",
+            "/api/v3/order",
+            "symbol=BTCUSD&side=BUY&type=MARKET&quantity=0.0001",
+            &buyer,
+        )
+        .await;
+    }
+    let first = h
+        .raw(
+            "GET",
+            "/api/v3/historicalTrades?symbol=BTCUSD&fromId=0&limit=1",
+            "",
+            Some(&buyer.0),
+        )
+        .await
+        .json;
+    let t0 = first[0]["id"].as_u64().unwrap();
+    let time0 = first[0]["time"].as_u64().unwrap();
+    let ids = |v: &Value| {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["a"].as_u64().unwrap())
+            .collect::<Vec<_>>()
+    };
+    let r = h
+        .get(&format!(
+            "/api/v3/aggTrades?symbol=BTCUSD&fromId={t0}&limit=5"
+        ))
+        .await;
+    assert_eq!(ids(&r.json), (t0..t0 + 5).collect::<Vec<_>>(), "{}", r.json);
+    let r = h
+        .get(&format!(
+            "/api/v3/aggTrades?symbol=BTCUSD&startTime={time0}&endTime={}&limit=3",
+            time0 + 3_600_000
+        ))
+        .await;
+    assert_eq!(ids(&r.json)[0], t0, "{}", r.json);
+    // The newest, as before.
+    let r = h.get("/api/v3/aggTrades?symbol=BTCUSD&limit=2").await;
+    assert_eq!(ids(&r.json), [t0 + 999, t0 + 1_000], "{}", r.json);
+}

@@ -28,7 +28,8 @@
 //!   twice, or again after a lost answer, requests one withdrawal and shows it.
 //! * **Secrets stay out of URLs.** A message that holds one (a refund's claim link, a bearer
 //!   credential) is kept server-side for the session as a one-time message ([`put_flash`]) and
-//!   shown by the page the form redirects to; only harmless messages travel as `?done=`.
+//!   shown by the page the form redirects to. So is every other message a form's answer
+//!   shows: a page never shows text from its URL as the server's.
 
 pub mod authorize;
 pub mod passwords;
@@ -664,16 +665,13 @@ fn csrf_field(s: &Session) -> String {
     format!("<input type=hidden name=csrf value=\"{}\">", esc(&s.csrf))
 }
 
-fn flash(q: &Option<String>) -> String {
-    let msg = q
-        .as_deref()
-        .unwrap_or("")
-        .split('&')
-        .filter_map(|p| p.split_once('='))
-        .find(|(k, _)| *k == "done")
-        .and_then(|(_, v)| api::params::percent_decode(v));
-    msg.map(|m| format!("<p class=ok>{}</p>", esc(&m)))
-        .unwrap_or_default()
+/// Redirects to `path`, the page then showing `msg` once: kept server-side for the session
+/// ([`put_flash`]), never in the URL, so that a page shows only the server's own messages
+/// (review: `?done=` text from any link was shown as the server's own message above the
+/// password fields of the withdrawal, token and address forms).
+async fn done(st: &AppState, s: &Session, path: &str, msg: String) -> Result<Response, Refusal> {
+    put_flash(st, s, msg).await?;
+    Ok(redirect(path))
 }
 
 /// Keeps a one-time message for the session, server-side: for what must not travel in a URL
@@ -1080,11 +1078,7 @@ pub async fn logout(
 // ---- pages ----
 
 /// `GET /dashboard`: the store, its point-of-sale link, balances and withdrawals (read-only).
-pub async fn home(
-    State(st): State<AppState>,
-    s: Session,
-    RawQuery(q): RawQuery,
-) -> Result<Response, Refusal> {
+pub async fn home(State(st): State<AppState>, s: Session) -> Result<Response, Refusal> {
     let store = call(gf::get_store(
         State(st.clone()),
         Path(s.store()),
@@ -1103,7 +1097,7 @@ pub async fn home(
         .unwrap_or("")
         .trim_end_matches('/');
     let waiting = gf::awaiting_count(&st, account).await?;
-    let mut b = flash(&q);
+    let mut b = take_flash(&st, &s).await?;
     // Claims that wait for the owner (a shop plugin's refunds): said first, since nobody is paid
     // until the owner acts.
     if waiting > 0 {
@@ -1357,7 +1351,6 @@ pub async fn invoice(
     State(st): State<AppState>,
     s: Session,
     Path(id): Path<String>,
-    RawQuery(q): RawQuery,
 ) -> Result<Response, Refusal> {
     let inv = call(gf::get_invoice(
         State(st.clone()),
@@ -1409,8 +1402,7 @@ pub async fn invoice(
         Ok((d, r))
     })
     .await?;
-    let mut b = flash(&q);
-    b.push_str(&take_flash(&st, &s).await?);
+    let mut b = take_flash(&st, &s).await?;
     let _ = write!(
         b,
         "<section><p><span class=\"badge {}\">{}</span> {}</p><dl>\
@@ -1528,11 +1520,13 @@ pub async fn redeliver(
         s.gf(json!({})),
     ))
     .await?;
-    Ok(redirect(&format!(
-        "/dashboard/invoices/{}?done={}",
-        pct(&id),
-        pct("Redelivery queued.")
-    )))
+    done(
+        &st,
+        &s,
+        &format!("/dashboard/invoices/{}", pct(&id)),
+        "Redelivery queued.".into(),
+    )
+    .await
 }
 
 /// `POST /dashboard/invoices/{id}/refund`: `variant`, `amount`, `currency`, `password` (step-up)
@@ -1767,18 +1761,14 @@ pub async fn cancel_payout(
 }
 
 /// `GET /dashboard/settings`: the store settings form.
-pub async fn settings(
-    State(st): State<AppState>,
-    s: Session,
-    RawQuery(q): RawQuery,
-) -> Result<Response, Refusal> {
+pub async fn settings(State(st): State<AppState>, s: Session) -> Result<Response, Refusal> {
     let v = call(gf::get_store(
         State(st.clone()),
         Path(s.store()),
         s.gf(json!({})),
     ))
     .await?;
-    let mut b = flash(&q);
+    let mut b = take_flash(&st, &s).await?;
     let _ = write!(
         b,
         "<form method=post action=\"/dashboard/settings\">{}\
@@ -1875,7 +1865,7 @@ pub async fn save_pos(
     } else {
         "Point of sale turned off."
     };
-    Ok(redirect(&format!("/dashboard/settings?done={}", pct(msg))))
+    done(&st, &s, "/dashboard/settings", msg.into()).await
 }
 
 /// The prefix of the idempotency keys (`withdrawOrderId`) of dashboard withdrawal forms.
@@ -2086,7 +2076,7 @@ pub async fn withdraw(
             )
         })?;
     if let Some(answer) = sent_before {
-        return answer;
+        return done(&st, &s, "/dashboard", answer?).await;
     }
     // The store's allow-list, when it has one (only a listed address past its delay), is
     // asked by `apply_withdrawal` itself, as for the signed API (`403`, `-4038`, the list's code).
@@ -2098,7 +2088,7 @@ pub async fn withdraw(
             Err(e) if e.code == api::custody::DUPLICATE_WITHDRAWAL_KEY => {
                 // Taken between the look-up above and this request: answered the same way.
                 match already_sent(&st, account, &key, &address, amount).await? {
-                    Some(answer) => return answer,
+                    Some(answer) => return done(&st, &s, "/dashboard", answer?).await,
                     None => return Err(Refusal::Page(
                         StatusCode::CONFLICT,
                         "This form was already used for another withdrawal; reload the page to \
@@ -2138,27 +2128,26 @@ pub async fn withdraw(
                 ))
             }
         };
-    Ok(redirect(&format!(
-        "/dashboard?done={}",
-        pct(&format!(
-            "Withdrawal {} of {} BTC requested ({:?}).",
-            w.id,
-            api::decimal::format_units(w.amount_sat, 8),
-            w.state
-        ))
-    )))
+    let msg = format!(
+        "Withdrawal {} of {} BTC requested ({:?}).",
+        w.id,
+        api::decimal::format_units(w.amount_sat, 8),
+        w.state
+    );
+    done(&st, &s, "/dashboard", msg).await
 }
 
 /// The answer to a withdrawal form whose key this account already used, if it did: its
 /// withdrawal when address and amount match ("already requested": one withdrawal however often
-/// the form is sent), `409` when they do not (nothing sent). `None`: the key is unused.
+/// the form is sent; the message to show), `409` when they do not (nothing sent). `None`: the
+/// key is unused.
 async fn already_sent(
     st: &AppState,
     account: u32,
     key: &str,
     address: &str,
     amount: u64,
-) -> Result<Option<Result<Response, Refusal>>, ApiError> {
+) -> Result<Option<Result<String, Refusal>>, ApiError> {
     let k = key.to_owned();
     let found = api::capital::call(st, move |c| c.withdrawal_by_key(account, &k)).await?;
     Ok(match found {
@@ -2169,14 +2158,11 @@ async fn already_sent(
                 && crate::allowlist::same_address(&w.address, address)
                 && w.amount_sat == amount =>
         {
-            Some(Ok(redirect(&format!(
-                "/dashboard?done={}",
-                pct(&format!(
-                    "This form already requested withdrawal {} of {} BTC; it is not sent twice.",
-                    w.id,
-                    api::decimal::format_units(w.amount_sat, 8)
-                ))
-            ))))
+            Some(Ok(format!(
+                "This form already requested withdrawal {} of {} BTC; it is not sent twice.",
+                w.id,
+                api::decimal::format_units(w.amount_sat, 8)
+            )))
         }
         Some(_) => Some(Err(Refusal::Page(
             StatusCode::CONFLICT,
@@ -2242,19 +2228,12 @@ pub async fn save_settings(
         s.gf(body),
     ))
     .await?;
-    Ok(redirect(&format!(
-        "/dashboard/settings?done={}",
-        pct("Settings saved.")
-    )))
+    done(&st, &s, "/dashboard/settings", "Settings saved.".into()).await
 }
 
 /// `GET /dashboard/tokens`: the store's API keys (never secrets) and the create form.
-pub async fn tokens(
-    State(st): State<AppState>,
-    s: Session,
-    RawQuery(q): RawQuery,
-) -> Result<Response, Refusal> {
-    let mut b = flash(&q);
+pub async fn tokens(State(st): State<AppState>, s: Session) -> Result<Response, Refusal> {
+    let mut b = take_flash(&st, &s).await?;
     b.push_str("<ul class=cards>");
     let keys = st.keys().of_account(s.account);
     if keys.is_empty() {
@@ -2403,10 +2382,7 @@ pub async fn revoke_token(
         ));
     }
     api::native::revoke_own_key(&st, &s.principal(), &target, &s.actor(), &s.audit_id())?;
-    Ok(redirect(&format!(
-        "/dashboard/tokens?done={}",
-        pct("Token revoked.")
-    )))
+    done(&st, &s, "/dashboard/tokens", "Token revoked.".into()).await
 }
 
 // ---- the withdrawal address allow-list (crate::allowlist, ADR 0015 addendum) ----
@@ -2449,11 +2425,7 @@ fn db_error_of(e: crate::allowlist::AllowListError) -> ApiError {
 
 /// `GET /dashboard/addresses`: the store's withdrawal address allow-list, the add form and a
 /// remove form per address (both need the store password).
-pub async fn addresses(
-    State(st): State<AppState>,
-    s: Session,
-    RawQuery(q): RawQuery,
-) -> Result<Response, Refusal> {
+pub async fn addresses(State(st): State<AppState>, s: Session) -> Result<Response, Refusal> {
     let (account, now) = (s.account, now_ms());
     let (listed, on) = with_db(&st, move |c| {
         let l = crate::allowlist::list(c, account).map_err(db_error)?;
@@ -2462,7 +2434,7 @@ pub async fn addresses(
     })
     .await?;
     let delay = delay_str(st.merchant().cfg.withdraw_address_delay_ms);
-    let mut b = flash(&q);
+    let mut b = take_flash(&st, &s).await?;
     let _ = write!(
         b,
         "<p>Once this list has an address, withdrawals from the dashboard go only to the          addresses on it. A new address can be used {delay} after it is added; a removed one          at once, and the list stays on for {delay} after its last removal. Adding or removing          an address needs the store password.</p><p><b>{}</b></p><ul class=cards>",
@@ -2534,14 +2506,12 @@ pub async fn add_address(
     })
     .await?
     .map_err(|e| list_refusal(e, "The list was not changed."))?;
-    Ok(redirect(&format!(
-        "/dashboard/addresses?done={}",
-        pct(&format!(
-            "Address {} added; usable from {} UTC.",
-            added.address,
-            time_str(added.active_ms / 1000)
-        ))
-    )))
+    let msg = format!(
+        "Address {} added; usable from {} UTC.",
+        added.address,
+        time_str(added.active_ms / 1000)
+    );
+    done(&st, &s, "/dashboard/addresses", msg).await
 }
 
 /// `POST /dashboard/addresses/remove`: `address`, `password` (step-up). Removes the address
@@ -2578,8 +2548,5 @@ pub async fn remove_address(
             "That address is not on the list. The list was not changed.".into(),
         ));
     }
-    Ok(redirect(&format!(
-        "/dashboard/addresses?done={}",
-        pct("Address removed.")
-    )))
+    done(&st, &s, "/dashboard/addresses", "Address removed.".into()).await
 }

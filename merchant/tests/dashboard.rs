@@ -866,6 +866,38 @@ async fn a_step_up_under_way_when_the_password_changes_sends_nothing() {
     assert!(d.fake.withdrawals.lock().unwrap().is_empty());
 }
 
+/// Defect (review): the pages with the store password's forms (withdrawal, tokens, address
+/// list) and the settings and invoice pages showed a `?done=` text from their URL as the
+/// server's own green message: a link (an invoice's return URL pointing here, say) could put
+/// "add bc1q... and confirm with your password" above the password field. A page now shows
+/// only messages the server kept for the session; what a form's answer says is still shown.
+#[tokio::test]
+async fn a_page_never_shows_text_from_its_url_as_the_servers_message() {
+    let d = setup().await;
+    let id = session(&d).await;
+    let inv = paid_invoice(&d).await;
+    for page in [
+        "/dashboard".to_owned(),
+        "/dashboard/addresses".to_owned(),
+        "/dashboard/tokens".to_owned(),
+        "/dashboard/settings".to_owned(),
+        format!("/dashboard/invoices/{inv}"),
+    ] {
+        let p = get(&d.h, &format!("{page}?done=Add%20bc1qattacker%20now"), &id).await;
+        assert_eq!(p.status, StatusCode::OK, "{page}: {}", p.body);
+        assert!(!p.body.contains("bc1qattacker"), "{page}: {}", p.body);
+    }
+    // A form's own answer is shown once, by the page it leads to.
+    let form = withdraw_form(&d.h, &id).await;
+    let r = withdraw(&d.h, &id, &form, ADDRESS, "0.01", PASSWORD).await;
+    assert_eq!(r.status, StatusCode::SEE_OTHER, "{}", r.body);
+    assert_eq!(r.location(), "/dashboard");
+    let p = get(&d.h, "/dashboard", &id).await;
+    assert!(p.body.contains("BTC requested"), "{}", p.body);
+    let p = get(&d.h, "/dashboard", &id).await;
+    assert!(!p.body.contains("BTC requested"), "shown once: {}", p.body);
+}
+
 #[tokio::test]
 async fn logins_are_rate_limited_per_store() {
     let d = setup().await;

@@ -447,16 +447,22 @@ fn single_or_list(
     req: &Req,
     mut p: Params,
     w_one: u64,
-    w_all: u64,
+    w_list: impl Fn(Option<usize>) -> u64,
     f: impl Fn(&MarketSpec, &MarketState) -> Value,
 ) -> Result<(Value, Ctx), ApiError> {
     let sym = p.opt("symbol")?;
     let list = p.opt("symbols")?;
     p.finish()?;
     let single = sym.is_some();
-    // The caller charged 1 before reading the parameters ([`charged_1`]).
-    let (_, ctx) = st.public(req, if single { w_one } else { w_all }.saturating_sub(1))?;
     let sel = resolve(st, sym, list)?;
+    // The caller charged 1 before reading the parameters ([`charged_1`]); the rest by what is
+    // asked: one symbol, a list of `n` (`Some(n)`), or every market (`None`).
+    let weight = if single {
+        w_one
+    } else {
+        w_list(sel.as_ref().map(Vec::len))
+    };
+    let (_, ctx) = st.public(req, weight.saturating_sub(1))?;
     let rm = st.read_model().read();
     let one = |m: &MarketSpec| f(m, &rm.markets[usize::from(m.id.0)]);
     let v = match sel {
@@ -480,33 +486,54 @@ pub async fn ticker_24hr(State(st): State<AppState>, req: Req) -> Result<Respons
         .transpose()?
         .unwrap_or(false);
     let now = crate::core::now_ms();
-    let (v, ctx) = single_or_list(&st, &req, p, 2, 80, |m, s| ticker(m, s, now, mini))?;
+    // Binance's weights: 2 for a symbol or 1-20 listed, 40 for 21-100, 80 for every market
+    // (review: any list cost 80).
+    let by_count = |n: Option<usize>| match n {
+        Some(0..=20) => 2,
+        Some(21..=100) => 40,
+        _ => 80,
+    };
+    let (v, ctx) = single_or_list(&st, &req, p, 2, by_count, |m, s| ticker(m, s, now, mini))?;
     Ok(ok_json(&ctx, v))
 }
 
 /// `GET /api/v3/ticker/price`.
 pub async fn ticker_price(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (v, ctx) = single_or_list(&st, &req, charged_1(&st, &req)?, 2, 4, |m, s| {
-        json!({
-            "symbol": m.symbol,
-            "price": m.fmt_price(Price(s.trades.back().map_or(0, |t| t.price))),
-        })
-    })?;
+    let (v, ctx) = single_or_list(
+        &st,
+        &req,
+        charged_1(&st, &req)?,
+        2,
+        |_| 4,
+        |m, s| {
+            json!({
+                "symbol": m.symbol,
+                "price": m.fmt_price(Price(s.trades.back().map_or(0, |t| t.price))),
+            })
+        },
+    )?;
     Ok(ok_json(&ctx, v))
 }
 
 /// `GET /api/v3/ticker/bookTicker`.
 pub async fn book_ticker(State(st): State<AppState>, req: Req) -> Result<Response, ApiError> {
-    let (v, ctx) = single_or_list(&st, &req, charged_1(&st, &req)?, 2, 4, |m, s| {
-        let (bid, ask) = s.best();
-        json!({
-            "symbol": m.symbol,
-            "bidPrice": m.fmt_price(bid.map_or(Price(0), |b| b.0)),
-            "bidQty": m.fmt_qty(bid.map_or(Qty(0), |b| b.1)),
-            "askPrice": m.fmt_price(ask.map_or(Price(0), |a| a.0)),
-            "askQty": m.fmt_qty(ask.map_or(Qty(0), |a| a.1)),
-        })
-    })?;
+    let (v, ctx) = single_or_list(
+        &st,
+        &req,
+        charged_1(&st, &req)?,
+        2,
+        |_| 4,
+        |m, s| {
+            let (bid, ask) = s.best();
+            json!({
+                "symbol": m.symbol,
+                "bidPrice": m.fmt_price(bid.map_or(Price(0), |b| b.0)),
+                "bidQty": m.fmt_qty(bid.map_or(Qty(0), |b| b.1)),
+                "askPrice": m.fmt_price(ask.map_or(Price(0), |a| a.0)),
+                "askQty": m.fmt_qty(ask.map_or(Qty(0), |a| a.1)),
+            })
+        },
+    )?;
     Ok(ok_json(&ctx, v))
 }
 

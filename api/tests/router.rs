@@ -2943,3 +2943,30 @@ async fn agg_trades_reach_past_the_trades_kept_in_memory() {
     let r = h.get("/api/v3/aggTrades?symbol=BTCUSD&limit=2").await;
     assert_eq!(ids(&r.json), [t0 + 999, t0 + 1_000], "{}", r.json);
 }
+
+/// Defect (review): `GET /api/v3/ticker/24hr` with any `symbols` list cost 80, Binance's weight
+/// for every market; Binance charges 2 for 1-20 symbols and 40 for 21-100. A bot asking for
+/// its few markets spent its budget forty times faster than on Binance.
+#[tokio::test]
+async fn ticker_24hr_costs_what_binance_charges_for_the_symbols_asked() {
+    let h = Harness::new();
+    let used = |r: &common::Resp| -> u64 {
+        r.headers["x-mbx-used-weight-1m"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    let mut before = 0;
+    for (q, weight) in [
+        ("symbol=BTCUSD", 2),
+        ("symbols=%5B%22BTCUSD%22%5D", 2),
+        ("", 80),
+    ] {
+        let r = h.get(&format!("/api/v3/ticker/24hr?{q}")).await;
+        assert_eq!(r.status, StatusCode::OK, "{q}: {}", r.json);
+        let now = used(&r);
+        assert_eq!(now - before, weight, "{q}");
+        before = now;
+    }
+}

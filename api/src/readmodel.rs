@@ -1345,6 +1345,15 @@ impl ReadModel {
         if lo > hi {
             return Ok(out);
         }
+        // The whole of the order's life asked for: the reading stops once its fills add up to
+        // what it executed (none: nothing to read). Before, an order with no fill, or with
+        // its fills early in a long life, had every trade of the account since read, page by
+        // page, at weight 20 (review).
+        let whole_life = from_id.is_none() && start_ms.is_none() && end_ms.is_none();
+        if whole_life && o.executed == 0 {
+            return Ok(out);
+        }
+        let mut found_qty = 0u64;
         let mut from = from_id.unwrap_or(0);
         loop {
             let page = self.trades_history(
@@ -1361,10 +1370,14 @@ impl ReadModel {
                 if (t.maker_account == account && t.maker_order == order_id)
                     || (t.taker_account == account && t.taker_order == order_id)
                 {
+                    found_qty = found_qty.saturating_add(t.qty);
                     out.push(t);
                 }
             }
-            if n < ORDER_TRADES_PAGE as usize || out.len() >= limit as usize {
+            if n < ORDER_TRADES_PAGE as usize
+                || out.len() >= limit as usize
+                || (whole_life && found_qty >= o.executed)
+            {
                 break;
             }
         }

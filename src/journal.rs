@@ -63,6 +63,8 @@ pub fn verify(data_dir: &Path, json: bool) -> anyhow::Result<()> {
 
 /// `mediator journal repair --truncate-at SEGMENT:OFFSET [--confirm-data-loss]`.
 pub fn repair(data_dir: &Path, truncate_at: &str, confirm: bool) -> anyhow::Result<()> {
+    // Never beside a running server (which writes the journal), nor another repair.
+    let _lock = crate::datadir::lock(data_dir, "journal repair")?;
     let dir = journal_dir(data_dir);
     let (segment, offset) = parse_cut(truncate_at)?;
     let check = check_journal(&dir).with_context(|| format!("reading {}", dir.display()))?;

@@ -8,6 +8,7 @@ mod admin;
 mod bitcoind;
 mod config;
 mod custody;
+mod datadir;
 mod journal;
 mod lightning;
 mod proofs;

@@ -30,6 +30,8 @@ pub fn run(cfg: ServeConfig) -> anyhow::Result<()> {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&cfg.data_dir, std::fs::Permissions::from_mode(0o700))?;
     }
+    // Before anything in the directory is opened, held until this returns.
+    let _lock = crate::datadir::lock(&cfg.data_dir, "serve")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // The workers answer requests: a short slice lets a woken one in sooner (`sched_hint`).

@@ -882,3 +882,72 @@ fn both_verifiers_refuse_a_liabilities_key_that_is_no_asset_symbol() {
         }
     }
 }
+
+/// Defect (review): nothing kept a second process off a data directory in use. A second
+/// `serve` (a restart overlapping the old process, a copied configuration) appended to the
+/// live audit log and cut the live journal back to what it had read, both of which the running
+/// server went on writing: acknowledged commands lost, and a log refusing the next start.
+/// `serve` and `journal repair` now take the directory's lock before they open anything; a
+/// second one is refused at once (exit 2) having created nothing.
+#[test]
+fn a_data_directory_in_use_is_refused_before_anything_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    // Another process holds the directory (as a running `serve` does).
+    let held = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.path().join("mediator.lock"))
+        .unwrap();
+    fs4::FileExt::try_lock(&held).unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_mediator"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(SERVE)
+        .env_remove("MEDIATOR_CONFIG")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("serve ran beside the directory's holder");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert_eq!(status.code(), Some(2), "{err}");
+    assert!(err.contains("in use by another mediator process"), "{err}");
+    let made: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(made, ["mediator.lock"], "nothing else created");
+    let o = mediator(
+        dir.path(),
+        &[
+            "journal",
+            "repair",
+            "--truncate-at",
+            "1:0",
+            "--confirm-data-loss",
+        ],
+    );
+    assert_eq!(o.status.code(), Some(2), "{}", text(&o));
+    assert!(
+        text(&o).contains("in use by another mediator process"),
+        "{}",
+        text(&o)
+    );
+    // Let go, and it is the directory's again.
+    drop(held);
+    let o = mediator(dir.path(), &["journal", "repair", "--truncate-at", "1:0"]);
+    assert!(!text(&o).contains("in use"), "{}", text(&o));
+}

@@ -277,10 +277,12 @@ pub fn verify<R: BufRead>(mut r: R) -> io::Result<VerifyReport> {
                 acknowledged: false,
             }),
             Ok(e) => {
-                let expected = rep.last_seq + 1;
-                let kind = if e.seq != expected {
+                // Checked: a line at `u64::MAX` has no next (review: the sum overflowed, a
+                // panic in a debug build and a wrap to 0 in a release one).
+                let expected = rep.last_seq.checked_add(1);
+                let kind = if expected != Some(e.seq) {
                     Some(BreakKind::SeqGap {
-                        expected,
+                        expected: expected.unwrap_or(u64::MAX),
                         found: e.seq,
                     })
                 } else if !hex_eq(&e.prev, &prev_hash) {
@@ -683,8 +685,14 @@ impl AuditLog {
             }
             *left -= 1;
         }
+        let Some(seq) = g.last_seq.checked_add(1) else {
+            return Err(AuditError::Io {
+                path: self.path.clone(),
+                source: io::Error::other("the audit log's sequence numbers are used up"),
+            });
+        };
         let entry = Entry {
-            seq: g.last_seq + 1,
+            seq,
             time: now_ms,
             actor: actor.to_owned(),
             action: action.to_owned(),

@@ -234,6 +234,22 @@ fn verify_never_panics_on_junk() {
     assert!(!r.ok());
 }
 
+/// Defect (review): a line at sequence number `u64::MAX` followed by any other made the
+/// verifier add one to it: a panic in a debug build ("attempt to add with overflow"), and in a
+/// release build a wrap to 0 that let a following `seq: 0` pass as in order. It is a break.
+#[test]
+fn a_sequence_number_at_its_maximum_is_a_break_not_an_overflow() {
+    let l1 = auditlog::entry_line(u64::MAX, 1, "a", "b", json!({}), &[0; 32]);
+    let l2 = auditlog::entry_line(0, 2, "a", "b", json!({}), &auditlog::line_hash(&l1));
+    let mut bytes = l1.clone();
+    bytes.push(b'\n');
+    bytes.extend_from_slice(&l2);
+    bytes.push(b'\n');
+    let r = auditlog::verify(&bytes[..]).unwrap();
+    assert!(!r.ok());
+    assert!(r.breaks.iter().any(|b| b.line == 2), "{:?}", r.breaks);
+}
+
 #[test]
 fn oversized_params_are_summarized_so_every_line_stays_readable() {
     let dir = tempfile::tempdir().unwrap();

@@ -4,8 +4,8 @@
 #![no_main]
 
 use api::ws::{
-    parse_api_request, parse_control, parse_stream_name, ws_api_signed_payload, ws_api_time,
-    Control, MarketStream, StreamName,
+    parse_api_request, parse_control, parse_stream_name, ws_api_signed_payload, Control,
+    MarketStream, StreamName,
 };
 use libfuzzer_sys::fuzz_target;
 use serde_json::Value;
@@ -77,7 +77,6 @@ fuzz_target!(|data: &[u8]| {
         }
         Ok(req) => {
             assert!(json.is_some());
-            let _ = ws_api_time(&req.params);
             if let Ok((payload, sig)) = ws_api_signed_payload(&req.params) {
                 assert_eq!(
                     req.params.get("signature").and_then(Value::as_str),

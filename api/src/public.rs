@@ -308,22 +308,29 @@ pub async fn agg_trades(State(st): State<AppState>, req: Req) -> Result<Response
 /// The volume-weighted price of the last 5 minutes of trades (the last trade's price when there
 /// were none) and the last trade's time: `avgPrice` and the `@avgPrice` stream.
 pub fn average_price(m: &MarketSpec, ms: &MarketState, now: u64) -> (String, u64) {
-    let recent: Vec<_> = ms
-        .trades
+    // Every trade of the last five minutes, by second (a trade in the second that began five
+    // minutes ago counts whole).
+    let (quote, lots) = ms
+        .avg_window
         .iter()
-        .filter(|t| t.time_ms + 300_000 >= now)
-        .collect();
+        .filter(|(sec, _, _)| (sec + 1) * 1000 + crate::readmodel::AVG_WINDOW_SECS * 1000 > now)
+        .fold((0u128, 0u128), |(q, l), (_, dq, dl)| {
+            (q.saturating_add(*dq), l.saturating_add(*dl))
+        });
     let qd = u32::from(m.quote.decimals);
-    let price = if recent.is_empty() {
+    let price = if lots == 0 {
         m.fmt_price(Price(ms.trades.back().map_or(0, |t| t.price)))
     } else {
-        let quote: i128 = recent.iter().map(|t| i128::from(t.quote)).sum();
-        let base: i128 = recent
-            .iter()
-            .map(|t| i128::from(t.qty) * i128::from(m.cfg.lot_size))
-            .sum();
+        let quote = i128::try_from(quote).unwrap_or(i128::MAX);
+        let base = i128::try_from(lots)
+            .unwrap_or(i128::MAX)
+            .saturating_mul(i128::from(m.cfg.lot_size));
         let whole = 10i128.pow(u32::from(m.base.decimals));
-        ratio(quote * whole, base * 10i128.pow(qd), qd)
+        ratio(
+            quote.saturating_mul(whole),
+            base.saturating_mul(10i128.pow(qd)),
+            qd,
+        )
     };
     (price, ms.trades.back().map_or(0, |t| t.time_ms))
 }

@@ -425,6 +425,10 @@ pub struct MarketState {
     pub trades: VecDeque<TradeRec>,
     /// Klines per interval, oldest first.
     pub klines: Vec<VecDeque<Kline>>,
+    /// The last five minutes' trades by second, oldest first: `(second, quote, lots)`, for
+    /// `avgPrice` (review: it averaged only the trades kept in `trades`, the last 1,000, so a
+    /// market trading more than that in five minutes showed the average of a shorter window).
+    pub avg_window: VecDeque<(u64, u128, u128)>,
 }
 
 impl MarketState {
@@ -2201,7 +2205,27 @@ fn add_trade(m: &mut MarketState, t: &TradeRec) {
     if m.trades.len() > TRADES_KEPT {
         m.trades.pop_front();
     }
+    let sec = t.time_ms / 1000;
+    match m.avg_window.back_mut() {
+        Some((s, quote, lots)) if *s == sec => {
+            *quote += u128::from(t.quote);
+            *lots += u128::from(t.qty);
+        }
+        _ => m
+            .avg_window
+            .push_back((sec, u128::from(t.quote), u128::from(t.qty))),
+    }
+    while m
+        .avg_window
+        .front()
+        .is_some_and(|(s, _, _)| s + AVG_WINDOW_SECS < sec)
+    {
+        m.avg_window.pop_front();
+    }
 }
+
+/// `avgPrice`'s window, in seconds.
+pub const AVG_WINDOW_SECS: u64 = 300;
 
 /// Keeps an order list (and its place in its account's index).
 fn add_list(st: &mut State, rec: ListRec) {

@@ -2970,3 +2970,39 @@ async fn ticker_24hr_costs_what_binance_charges_for_the_symbols_asked() {
         before = now;
     }
 }
+
+/// Defect (review): `avgPrice` averaged only the trades kept in memory (the last 1,000), so a
+/// market trading more than that in five minutes showed the average of a shorter window. It
+/// averages every trade of the last five minutes now: 600 at 20,000 and 1,000 at 30,000 (the
+/// same size each) average 26,250, not 30,000.
+#[tokio::test]
+async fn avg_price_covers_every_trade_of_the_last_five_minutes() {
+    let h = Harness::new();
+    let (_, seller) = h.trader("1", "0").await;
+    let (_, buyer) = h.trader("0", "5000").await;
+    for (price, n) in [("20000", 600u32), ("30000", 1_000)] {
+        // n lots of 0.0001 BTC.
+        let qty = format!("0.{n:04}");
+        h.ok(
+            "POST",
+            "/api/v3/order",
+            &format!(
+                "symbol=BTCUSD&side=SELL&type=LIMIT&timeInForce=GTC&quantity={qty}&price={price}"
+            ),
+            &seller,
+        )
+        .await;
+        for _ in 0..n {
+            h.ok(
+                "POST",
+                "/api/v3/order",
+                "symbol=BTCUSD&side=BUY&type=MARKET&quantity=0.0001",
+                &buyer,
+            )
+            .await;
+        }
+    }
+    let avg = h.get("/api/v3/avgPrice?symbol=BTCUSD").await.json;
+    let price = avg["price"].as_str().unwrap();
+    assert!(price.starts_with("26250."), "{avg}");
+}

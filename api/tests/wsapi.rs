@@ -770,30 +770,6 @@ async fn an_unsubscribe_with_a_malformed_id_is_refused_and_ends_nothing() {
     let _ = stop.send(());
 }
 
-/// `params` signed as sent: `apiKey` added, `timestamp` and everything else as given (no
-/// `timestamp` of now put in).
-fn signed_as_is(params: Value, key: &Key) -> Value {
-    let mut p = params.as_object().cloned().unwrap_or_default();
-    p.insert("apiKey".into(), json!(key.0));
-    let mut pairs: Vec<(String, String)> = p
-        .iter()
-        .map(|(k, v)| {
-            let s = match v {
-                Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            (k.clone(), s)
-        })
-        .collect();
-    pairs.sort();
-    let payload: Vec<String> = pairs.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    p.insert(
-        "signature".into(),
-        json!(api::keys::sign(&key.1, &payload.join("&"))),
-    );
-    Value::Object(p)
-}
-
 /// Defect (review): `userDataStream.subscribe.signature` read `timestamp` and `recvWindow` with
 /// its own rules, not REST's (and every routed method's): a `recvWindow` of `abc`, `-1` or
 /// `5000.5` answered `-1130` (REST: `-1100`), a
@@ -811,7 +787,7 @@ async fn user_data_subscribe_reads_its_parameters_as_rest_does() {
         let a = ws
             .call(
                 "userDataStream.subscribe.signature",
-                signed_as_is(json!({"timestamp": now, "recvWindow": bad}), &key),
+                wsclient::signed_as_is(json!({"timestamp": now, "recvWindow": bad}), &key, &key.1),
             )
             .await;
         assert_eq!(code(&a), Some(-1100), "recvWindow {bad}: {a}");
@@ -819,14 +795,14 @@ async fn user_data_subscribe_reads_its_parameters_as_rest_does() {
     let a = ws
         .call(
             "userDataStream.subscribe.signature",
-            signed_as_is(json!({"timestamp": format!("+{now}")}), &key),
+            wsclient::signed_as_is(json!({"timestamp": format!("+{now}")}), &key, &key.1),
         )
         .await;
     assert_eq!(code(&a), Some(-1102), "{a}");
     let a = ws
         .call(
             "userDataStream.subscribe.signature",
-            signed_as_is(json!({"timestamp": now, "foo": "x"}), &key),
+            wsclient::signed_as_is(json!({"timestamp": now, "foo": "x"}), &key, &key.1),
         )
         .await;
     assert_eq!(code(&a), Some(-1104), "{a}");
@@ -839,7 +815,11 @@ async fn user_data_subscribe_reads_its_parameters_as_rest_does() {
     let a = ws
         .call(
             "userDataStream.subscribe.signature",
-            signed_as_is(json!({"timestamp": now, "recvWindow": "5000"}), &key),
+            wsclient::signed_as_is(
+                json!({"timestamp": now, "recvWindow": "5000"}),
+                &key,
+                &key.1,
+            ),
         )
         .await;
     assert_eq!(a["status"], 200, "{a}");

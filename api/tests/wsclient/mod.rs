@@ -34,8 +34,14 @@ pub struct Ws {
 /// over the parameters sorted by name).
 pub fn signed(params: Value, key: &Key, secret: &str) -> Value {
     let mut p: Map<String, Value> = params.as_object().cloned().unwrap_or_default();
-    p.insert("apiKey".into(), json!(key.0));
     p.insert("timestamp".into(), json!(now_ms()));
+    signed_as_is(Value::Object(p), key, secret)
+}
+
+/// `params` with `apiKey` and the signature, everything else (`timestamp` included) as given.
+pub fn signed_as_is(params: Value, key: &Key, secret: &str) -> Value {
+    let mut p: Map<String, Value> = params.as_object().cloned().unwrap_or_default();
+    p.insert("apiKey".into(), json!(key.0));
     let mut pairs: Vec<(String, String)> = p
         .iter()
         .map(|(k, v)| {

@@ -202,36 +202,16 @@ impl Customer {
             b.add_recipient(a.script_pubkey(), BtcAmount::from_sat(*sat));
         }
         b.fee_rate(rate);
-        let mut psbt = b.finish().unwrap();
-        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
-        assert!(self
-            .wallet
-            .finalize_psbt(&mut psbt, SignOptions::default())
-            .unwrap());
-        let tx = psbt.extract_tx().unwrap();
-        node.rpc
-            .send_raw_transaction(&tx)
-            .expect("sendrawtransaction");
-        self.wallet.apply_unconfirmed_txs([(tx.clone(), 0)]);
-        tx
+        let psbt = b.finish().unwrap();
+        self.sign_and_send(node, psbt, 0, "sendrawtransaction")
     }
 
     /// Replaces an unconfirmed payment of this wallet by one paying `rate` (RBF), broadcast.
     pub fn bump(&mut self, node: &TestNode, txid: Txid, rate: FeeRate) -> Transaction {
         let mut b = self.wallet.build_fee_bump(txid).expect("fee bump");
         b.fee_rate(rate);
-        let mut psbt = b.finish().unwrap();
-        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
-        assert!(self
-            .wallet
-            .finalize_psbt(&mut psbt, SignOptions::default())
-            .unwrap());
-        let tx = psbt.extract_tx().unwrap();
-        node.rpc
-            .send_raw_transaction(&tx)
-            .expect("sendrawtransaction (replacement)");
-        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
-        tx
+        let psbt = b.finish().unwrap();
+        self.sign_and_send(node, psbt, 1, "sendrawtransaction (replacement)")
     }
 
     /// Replaces an unconfirmed payment of this wallet by one paying `rate` that also pays
@@ -247,18 +227,8 @@ impl Customer {
         let mut b = self.wallet.build_fee_bump(txid).expect("fee bump");
         b.fee_rate(rate);
         b.add_recipient(to.script_pubkey(), BtcAmount::from_sat(extra));
-        let mut psbt = b.finish().unwrap();
-        psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
-        assert!(self
-            .wallet
-            .finalize_psbt(&mut psbt, SignOptions::default())
-            .unwrap());
-        let tx = psbt.extract_tx().unwrap();
-        node.rpc
-            .send_raw_transaction(&tx)
-            .expect("sendrawtransaction (replacement)");
-        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
-        tx
+        let psbt = b.finish().unwrap();
+        self.sign_and_send(node, psbt, 1, "sendrawtransaction (replacement)")
     }
 
     /// Double-spends an unconfirmed payment of this wallet (RBF) with one paying this wallet
@@ -280,16 +250,26 @@ impl Customer {
             .expect("the payment's output");
         psbt.unsigned_tx.output[i].script_pubkey = mine;
         psbt.outputs[i] = Default::default();
+        self.sign_and_send(node, psbt, 1, "sendrawtransaction (double spend)")
+    }
+
+    /// Signs and finalizes `psbt`, broadcasts it and records it as unconfirmed, seen at `seen`
+    /// (a replacement at 1, so that it outranks what it replaces).
+    fn sign_and_send(
+        &mut self,
+        node: &TestNode,
+        mut psbt: bdk_wallet::bitcoin::Psbt,
+        seen: u64,
+        what: &str,
+    ) -> Transaction {
         psbt.sign(&self.xprv, &Secp256k1::new()).unwrap();
         assert!(self
             .wallet
             .finalize_psbt(&mut psbt, SignOptions::default())
             .unwrap());
         let tx = psbt.extract_tx().unwrap();
-        node.rpc
-            .send_raw_transaction(&tx)
-            .expect("sendrawtransaction (double spend)");
-        self.wallet.apply_unconfirmed_txs([(tx.clone(), 1)]);
+        node.rpc.send_raw_transaction(&tx).expect(what);
+        self.wallet.apply_unconfirmed_txs([(tx.clone(), seen)]);
         tx
     }
 
